@@ -1,0 +1,359 @@
+"""One training loop for both TDC stages (base model on all t; group models on their own t), on accelerate.
+
+Every step draws its batch, timesteps and noise from a generator seeded by (seed, step, process), so a run
+resumed from a checkpoint continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .flops import count_flops
+from .models import as_denoiser, check_denoiser
+from .schedule import training_target
+from .serialization import atomic_dir, atomic_write_text, save_model
+
+CHECKPOINT_DIR = "checkpoint"
+FINAL_DIR = "final"
+LOG_FILE = "log.jsonl"
+SUMMARY_FILE = "train.json"
+LOSS_BUCKETS = 10
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run.
+
+    steps: optimizer steps in total (a resumed run counts the steps already done).
+    batch_size: images per step over all processes.
+    lr: peak AdamW learning rate; warmup_steps of linear warm-up, then `lr_schedule` ("cosine" or "constant").
+    ema_decay: decay of the exponential moving average of the weights (None: no EMA). The EMA weights are
+        what `final/` holds when enabled.
+    grad_clip: max gradient norm (0: no clipping).
+    mixed_precision: "no", "fp16" or "bf16" (accelerate's setting).
+    checkpoint_every: write a resumable checkpoint every N steps (and at the end).
+    log_every: log mean loss (overall and per timestep bucket) every N steps.
+    mix_fraction: with a timestep subset, this fraction of every batch draws t from ALL timesteps instead.
+    distill_weight: with a teacher, loss = (1 - w) * data loss + w * MSE to the teacher's output.
+    """
+
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"
+    ema_decay: float | None = 0.999
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+    mix_fraction: float = 0.0
+    distill_weight: float = 0.0
+
+    def validate(self) -> None:
+        checks = [
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (0 < self.lr < 1, f"learning rate must be in (0, 1), got {self.lr} (typical: 1e-4 to 2e-3)"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.lr_schedule in ("cosine", "constant"), f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}"),
+            (self.ema_decay is None or 0 < self.ema_decay < 1, f"ema_decay must be in (0, 1) or None, got {self.ema_decay}"),
+            (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
+            (self.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (0 <= self.mix_fraction <= 1, f"mix_fraction must be in [0, 1], got {self.mix_fraction}"),
+            (0 <= self.distill_weight <= 1, f"distill_weight must be in [0, 1], got {self.distill_weight}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run left behind and what it cost."""
+
+    out_dir: Path
+    steps: int
+    final_loss: float
+    flops_per_step: int
+    train_flops: int
+    resumed_from: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _lr_factor(config: TrainConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _fingerprint(config: TrainConfig, timesteps: torch.Tensor, num_images: int, teacher: bool) -> str:
+    """Identifies the run so a checkpoint is never resumed under different settings."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every", "log_every")}
+    settings.update(num_images=num_images, teacher=teacher, timesteps=hashlib.sha256(timesteps.numpy().tobytes()).hexdigest())
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    # Stored as safetensors + JSON so that resuming never unpickles anything.
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _save_checkpoint(out_dir: Path, step: int, fingerprint: str, model, optimizer, ema) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_dir(out_dir / CHECKPOINT_DIR) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        opt_tensors, opt_meta = _flatten_optimizer_state(optimizer.state_dict())
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        meta = {"step": step, "fingerprint": fingerprint, "optimizer": opt_meta}
+        if ema is not None:
+            save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, tmp / "ema.safetensors")
+            meta["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+        (tmp / "state.json").write_text(json.dumps(meta))
+
+
+def _load_checkpoint(out_dir: Path, fingerprint: str, model, optimizer, ema) -> int:
+    from safetensors.torch import load_file
+
+    ckpt = out_dir / CHECKPOINT_DIR
+    try:
+        meta = json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"checkpoint {ckpt} is unreadable ({err}); delete it to start this stage over") from err
+    if meta["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"the checkpoint in {ckpt} was written with different training settings; "
+            "use a new output directory, or delete it to start over"
+        )
+    model.load_state_dict(load_file(ckpt / "model.safetensors"))
+    optimizer.load_state_dict(_unflatten_optimizer_state(load_file(ckpt / "optimizer.safetensors"), meta["optimizer"]))
+    if ema is not None:
+        shadow = load_file(ckpt / "ema.safetensors")
+        ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    return int(meta["step"])
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines a crashed run wrote after its last checkpoint."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def train(
+    model: nn.Module,
+    images: torch.Tensor,
+    scheduler,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    timesteps: torch.Tensor | None = None,
+    teacher: nn.Module | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    description: str = "train",
+) -> TrainResult:
+    """Train a denoiser with the standard diffusion loss and return what it cost.
+
+    model: the denoiser (diffusers UNet2DModel, a pruned copy, or any `model(x, t)`); trained in place.
+    images: training images, float NCHW in [-1, 1].
+    scheduler: the training noise schedule (diffusers DDPMScheduler); its prediction type sets the target.
+    config: TrainConfig.
+    out_dir: where `checkpoint/`, `final/` (weights to use: EMA when enabled), `log.jsonl` and `train.json` go.
+    timesteps: the timesteps to draw t from (stage 2: one group's); None means all T.
+    teacher: a frozen denoiser to distil from (stage 2 option), weighted by config.distill_weight.
+    resume: continue from `out_dir/checkpoint` when it exists (and do nothing when `final/` is complete).
+    """
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    config.validate()
+    out_dir = Path(out_dir)
+    num_train = scheduler.config.num_train_timesteps
+    all_t = torch.arange(num_train)
+    timesteps = all_t if timesteps is None else torch.as_tensor(timesteps, dtype=torch.long).flatten()
+    if timesteps.numel() == 0 or timesteps.min() < 0 or timesteps.max() >= num_train:
+        raise ValueError(f"timesteps must be a non-empty subset of 0..{num_train - 1}")
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"training images must be a non-empty NCHW tensor, got shape {tuple(images.shape)}")
+    if teacher is None and config.distill_weight > 0:
+        raise ValueError("distill_weight > 0 needs a teacher model")
+
+    check_denoiser(model, tuple(images.shape[1:]))
+    denoiser = as_denoiser(model)
+    flops_forward = count_flops(denoiser, tuple(images.shape[1:]))
+    teacher_flops = count_flops(as_denoiser(teacher), tuple(images.shape[1:])) if teacher is not None else 0
+    # Forward + backward = 3 x forward; a teacher only runs forward.
+    flops_per_step = config.batch_size * (3 * flops_forward + teacher_flops)
+    fingerprint = _fingerprint(config, timesteps, len(images), teacher is not None)
+
+    summary_path = out_dir / SUMMARY_FILE
+    if resume and (out_dir / FINAL_DIR).exists() and summary_path.exists():
+        done = json.loads(summary_path.read_text())
+        if done.get("fingerprint") == fingerprint and done.get("steps") == config.steps:
+            from .serialization import load_model
+
+            as_denoiser(model).model.load_state_dict(load_model(out_dir / FINAL_DIR).state_dict())
+            return TrainResult(out_dir, config.steps, done["final_loss"], flops_per_step, done["train_flops"], config.steps)
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} training processes")
+    local_batch = config.batch_size // world
+
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    ema = EMAModel(denoiser.parameters(), decay=config.ema_decay) if config.ema_decay else None
+    start = 0
+    if resume and (out_dir / CHECKPOINT_DIR).exists():
+        start = _load_checkpoint(out_dir, fingerprint, denoiser, optimizer, ema)
+        if accelerator.is_main_process:
+            _truncate_log(out_dir / LOG_FILE, start)
+    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)
+    if teacher is not None:
+        teacher = as_denoiser(teacher).to(accelerator.device).eval().requires_grad_(False)
+
+    device = accelerator.device
+    data = images.to(device)
+    alphas = scheduler.alphas_cumprod.to(device)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    log = open(out_dir / LOG_FILE, "a") if accelerator.is_main_process else None
+    bar = tqdm(total=config.steps, initial=start, desc=description, disable=not (progress and accelerator.is_main_process))
+    window_loss, window_buckets, loss_value = [], [[] for _ in range(LOSS_BUCKETS)], float("nan")
+
+    last_checkpoint = start
+    denoiser.train()
+    for step in range(start, config.steps):
+        g = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 7919 + rank)
+        torch.manual_seed(config.seed * 1_000_003 + step * 7919 + rank)  # dropout, if the model has any
+        x0 = data[torch.randint(len(data), (local_batch,), generator=g).to(device)]
+        t = timesteps[torch.randint(len(timesteps), (local_batch,), generator=g)]
+        if config.mix_fraction > 0 and len(timesteps) < num_train:
+            outside = torch.rand(local_batch, generator=g) < config.mix_fraction
+            t = torch.where(outside, torch.randint(num_train, (local_batch,), generator=g), t)
+        t = t.to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _lr_factor(config, step)
+
+        with accelerator.autocast():
+            prediction = denoiser(x_t, t).float()
+        per_sample = (prediction - training_target(scheduler, x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
+        loss = per_sample.mean()
+        if teacher is not None and config.distill_weight > 0:
+            with torch.no_grad():
+                target = teacher(x_t, t).float()
+            loss = (1 - config.distill_weight) * loss + config.distill_weight * (prediction - target).pow(2).mean()
+
+        loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+        if not math.isfinite(loss_value):
+            bar.close()
+            if log:
+                log.close()
+            raise TrainingDiverged(
+                f"loss became {loss_value} at step {step + 1}; the last good checkpoint is kept in "
+                f"{out_dir / CHECKPOINT_DIR} (step {last_checkpoint}). "
+                "Lower the learning rate or enable grad_clip, then rerun"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if config.grad_clip:
+            accelerator.clip_grad_norm_(denoiser.parameters(), config.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.step(denoiser.parameters())
+
+        window_loss.append(loss_value)
+        for bucket, value in zip((t * LOSS_BUCKETS // num_train).tolist(), per_sample.detach().tolist()):
+            window_buckets[bucket].append(value)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        done = step + 1
+        if log and (done % config.log_every == 0 or done == config.steps):
+            record = {
+                "step": done,
+                "loss": sum(window_loss) / len(window_loss),
+                "lr": optimizer.param_groups[0]["lr"],
+                "loss_by_t_bucket": [sum(b) / len(b) if b else None for b in window_buckets],
+            }
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            window_loss, window_buckets = [], [[] for _ in range(LOSS_BUCKETS)]
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                _save_checkpoint(out_dir, done, fingerprint, accelerator.unwrap_model(denoiser), optimizer, ema)
+            last_checkpoint = done
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    trained = accelerator.unwrap_model(denoiser)
+    if ema is not None:
+        ema.copy_to(trained.parameters())
+    trained.eval()
+    train_flops = flops_per_step * config.steps
+    if accelerator.is_main_process:
+        log.close()
+        save_model(trained.model, out_dir / FINAL_DIR)
+        atomic_write_text(
+            summary_path,
+            json.dumps(
+                {
+                    "steps": config.steps,
+                    "fingerprint": fingerprint,
+                    "final_loss": loss_value,
+                    "flops_per_forward": flops_forward,
+                    "flops_per_step": flops_per_step,
+                    "train_flops": train_flops,
+                    "flops_convention": "2 x multiply-accumulates; forward + backward = 3 x forward",
+                    "config": asdict(config),
+                    "num_timesteps": int(timesteps.numel()),
+                    "processes": world,
+                },
+                indent=2,
+            ),
+        )
+    accelerator.wait_for_everyone()
+    return TrainResult(out_dir, config.steps, loss_value, flops_per_step, train_flops, start)

@@ -1,0 +1,113 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tdcdiff.train import TrainConfig, TrainingDiverged, train
+
+FAST = dict(batch_size=32, lr=2e-3, warmup_steps=2, log_every=5, checkpoint_every=5)
+
+
+def test_a_few_steps_lower_the_loss(tmp_path, digits, scheduler, tiny_unet):
+    result = train(tiny_unet, digits.images, scheduler, TrainConfig(steps=60, ema_decay=None, **FAST), tmp_path, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.6 * log[0]["loss"]
+    assert len(log[0]["loss_by_t_bucket"]) == 10
+    assert result.train_flops == result.flops_per_step * 60 > 0
+    assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, digits, scheduler):
+    from tdcdiff.models import build_unet
+
+    config = TrainConfig(steps=12, ema_decay=0.9, **FAST)
+    torch.manual_seed(0)
+    straight = build_unet("digits-8")
+    train(straight, digits.images, scheduler, config, tmp_path / "a", progress=False)
+
+    torch.manual_seed(0)
+    crashing = build_unet("digits-8")
+    calls = []
+
+    def crash_at_step_8(module, args):
+        calls.append(1)
+        if len(calls) > 8:  # the first call is the shape check, then one per step
+            raise KeyboardInterrupt
+
+    hook = crashing.register_forward_pre_hook(crash_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train(crashing, digits.images, scheduler, config, tmp_path / "b", progress=False)
+    hook.remove()
+    assert not (tmp_path / "b" / "final").exists()
+    torch.manual_seed(123)  # a fresh process would start with other weights: resume must not depend on them
+    resumed = build_unet("digits-8")
+    result = train(resumed, digits.images, scheduler, config, tmp_path / "b", progress=False)
+    assert result.resumed_from == 5
+    a, b = load_file(tmp_path / "a" / "final" / "model.safetensors"), load_file(tmp_path / "b" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    steps_logged = [json.loads(l)["step"] for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps_logged == [5, 10, 12]
+
+
+def test_timestep_subset_and_changed_settings(tmp_path, digits, scheduler, tiny_unet):
+    subset = torch.arange(0, 100)
+    train(tiny_unet, digits.images, scheduler, TrainConfig(steps=5, **FAST), tmp_path, timesteps=subset, progress=False)
+    log = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert log["loss_by_t_bucket"][0] is not None and all(v is None for v in log["loss_by_t_bucket"][1:])
+    with pytest.raises(ValueError, match="different training settings"):
+        train(tiny_unet, digits.images, scheduler, TrainConfig(steps=10, **{**FAST, "lr": 1e-3}), tmp_path, timesteps=subset, progress=False)
+
+
+def test_nan_loss_stops_and_names_the_step(tmp_path, digits, scheduler, tiny_unet):
+    images = digits.images.clone()
+    images[:] = float("nan")
+    with pytest.raises(TrainingDiverged, match="step 1"):
+        train(tiny_unet, images, scheduler, TrainConfig(steps=5, **FAST), tmp_path, progress=False)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"steps": 0}, "steps"), ({"lr": 5.0}, "learning rate"), ({"lr": 0}, "learning rate"),
+     ({"ema_decay": 1.5}, "ema_decay"), ({"mix_fraction": 2}, "mix_fraction"), ({"mixed_precision": "fp8"}, "mixed_precision")],
+)
+def test_bad_settings_are_named(change, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**change).validate()
+
+
+TWO_PROCESS_SCRIPT = """
+import sys, torch
+from tdcdiff.data import load_dataset
+from tdcdiff.models import build_unet
+from tdcdiff.schedule import make_scheduler
+from tdcdiff.train import TrainConfig, train
+torch.manual_seed(0)
+result = train(build_unet("digits-8"), load_dataset("digits").images, make_scheduler(1000),
+               TrainConfig(steps=4, batch_size=16, warmup_steps=1, checkpoint_every=2, log_every=2), sys.argv[1], progress=False)
+"""
+
+
+def test_two_process_accelerate_run(tmp_path):
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:  # torchrun's --master_port 0 hangs: pick a free port ourselves
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), str(script), str(tmp_path / "run")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 4
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
