@@ -1,0 +1,1 @@
+"""Proxy-based pruning: structural surgery, candidate proposers, the proxy score and the memory bank."""

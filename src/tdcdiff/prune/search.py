@@ -1,0 +1,235 @@
+"""Proxy-based pruning as multi-round decision making: propose -> repair to budget -> prune -> score -> remember.
+
+Each round the proposer sees the memory bank of every candidate so far (unless memory is off, the
+ablation), proposes decisions, and each is repaired to the FLOPs budget by real structural pruning,
+scored by the proxy and recorded. After the last round the best-scoring pruned model wins.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..flops import _CUSTOM, count_flops
+from ..models import as_denoiser
+from .memory import Entry, MemoryBank
+from .proposers import PROPOSERS, Decision, Proposer, SearchContext, get_proposer
+from .proxy import SPACES, Proxy, Scorer
+from .surgery import IMPORTANCES, BudgetError, fit_to_budget, prunable_units, uniform_decision
+
+log = logging.getLogger("tdcdiff")
+
+
+@dataclass
+class SearchConfig:
+    """Settings of one pruning search.
+
+    rounds: proposal rounds (R in the paper).
+    candidates_per_round: decisions asked of the proposer each round.
+    proposer: "evolution" (default, offline), "uniform" (the Diff-Pruning-style baseline) or "llm".
+    memory: show the proposer the memory bank of past candidates (False: the no-memory ablation).
+    importance: which channels go within a layer: "magnitude" or "taylor" (gradients on the group's timesteps).
+    proxy_space, proxy_finetune_steps: what the Proxy passed to `search` must be built with
+        (`Proxy(..., space=proxy_space, finetune_steps=proxy_finetune_steps)`); checked, not applied.
+    tolerance: the measured FLOPs of every candidate must be within this fraction of the budget.
+    seed: seed of the proposer's randomness (and of Taylor calibration).
+    """
+
+    rounds: int = 4
+    candidates_per_round: int = 4
+    proposer: str = "evolution"
+    memory: bool = True
+    importance: str = "magnitude"
+    proxy_space: str = "relative"
+    proxy_finetune_steps: int = 0
+    tolerance: float = 0.03
+    seed: int = 0
+
+    def validate(self) -> None:
+        checks = [
+            (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
+            (self.candidates_per_round >= 1, f"candidates_per_round must be >= 1, got {self.candidates_per_round}"),
+            (self.proposer in PROPOSERS, f"unknown proposer {self.proposer!r}; choose one of {PROPOSERS}"),
+            (self.importance in IMPORTANCES, f"unknown importance {self.importance!r}; choose one of {IMPORTANCES}"),
+            (self.proxy_space in SPACES, f"unknown proxy_space {self.proxy_space!r}; choose one of {SPACES}"),
+            (self.proxy_finetune_steps >= 0, f"proxy_finetune_steps must be >= 0, got {self.proxy_finetune_steps}"),
+            (0 < self.tolerance < 1, f"tolerance must be in (0, 1), got {self.tolerance} (typical: 0.03)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class SearchResult:
+    """The winner of a search.
+
+    model: the pruned model (a structurally smaller copy of the base); decision: its repaired decision;
+    flops: its measured FLOPs; score: its proxy score (1.0 = the base); memory: every candidate evaluated;
+    budget: the FLOPs budget searched for.
+    """
+
+    model: nn.Module
+    decision: Decision
+    flops: int
+    score: float
+    memory: MemoryBank
+    budget: int
+
+
+def _key(decision: Decision) -> tuple:
+    return tuple(sorted((unit, round(float(ratio), 3)) for unit, ratio in decision.items()))
+
+
+def _architecture(model: nn.Module) -> tuple:
+    # Pruning keeps whole channels per norm group, so nearby ratios often give the very same model; the
+    # same decision (to 3 decimals) always does. Equal layer shapes = equal pruned model = equal score.
+    return tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
+
+
+def _check_proxy(proxy: Scorer, config: SearchConfig) -> None:
+    if config.importance == "taylor" and not hasattr(proxy, "calibration"):
+        raise ValueError("importance='taylor' needs a Proxy: its images and timesteps calibrate the importance")
+    # The config is what gets logged with the run, so it must describe the proxy actually used.
+    if isinstance(proxy, Proxy) and (proxy.space, proxy.finetune_steps) != (config.proxy_space, config.proxy_finetune_steps):
+        raise ValueError(
+            f"the proxy scores in space {proxy.space!r} after {proxy.finetune_steps} fine-tuning steps but the config "
+            f"says {config.proxy_space!r} and {config.proxy_finetune_steps}; build the Proxy from the config's settings"
+        )
+
+
+@torch.no_grad()
+def describe_units(base: nn.Module, units, sample_shape: tuple[int, ...]) -> dict[str, dict]:
+    """Per unit: its widest layer's output channels and its layers' share of the base's FLOPs (for the LLM prompt).
+
+    base: the unpruned model; units: its surgery.Unit objects; sample_shape: (C, H, W) of one sample.
+    """
+    denoiser = as_denoiser(base)
+    x = torch.zeros((1, *sample_shape))
+    counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM)
+    with counter:
+        denoiser(x, torch.full((1,), 500, dtype=torch.long))
+    flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    total = flops.get("Global", 0) or 1
+    info = {}
+    for unit in units:  # unit.modules are conv/linear layers, named relative to the wrapped network
+        layers = [denoiser.model.get_submodule(name) for name in unit.modules]
+        info[unit.name] = {
+            "channels": max(getattr(m, "out_channels", getattr(m, "out_features", 0)) for m in layers),
+            "flops_share": round(sum(flops.get(f"Denoiser.model.{name}", 0) for name in unit.modules) / total, 3),
+        }
+    return info
+
+
+def search(
+    base: nn.Module,
+    budget_flops: int,
+    sample_shape: tuple[int, ...],
+    proxy: Scorer,
+    config: SearchConfig,
+    *,
+    proposer: Proposer | None = None,
+    progress: bool = True,
+    log_path: str | Path | None = None,
+) -> SearchResult:
+    """Find a pruned model of `base` within the FLOPs budget that the proxy scores best.
+
+    base: the unpruned model (diffusers UNet2DModel); never modified.
+    budget_flops: FLOPs (2 x MACs, one sample) the pruned model may use; >= the base's returns an unpruned copy.
+    sample_shape: (C, H, W) of one sample, for measuring FLOPs.
+    proxy: scores a pruned model (lower is better); a Proxy must match config.proxy_space / proxy_finetune_steps.
+    config: SearchConfig.
+    proposer: a proposer object to use instead of `config.proposer` (e.g. an LLMProposer with settings).
+    progress: show a progress bar over candidates.
+    log_path: append one JSON line per evaluated candidate to this file.
+
+    A proposal already tried is skipped, and so is one whose repaired model has the same layer widths as
+    a model already scored (always so for the same repaired decision to 3 decimals); a round that brings
+    nothing new ends the search early. Same seed, same result.
+    """
+    from tqdm.auto import tqdm
+
+    config.validate()
+    _check_proxy(proxy, config)
+    if budget_flops <= 0:
+        raise ValueError(f"budget_flops must be > 0, got {budget_flops}")
+    sample_shape = tuple(sample_shape)
+    units = prunable_units(base)
+    memory = MemoryBank(enabled=config.memory)
+    base_flops = count_flops(base, sample_shape)
+    if budget_flops >= base_flops:
+        return SearchResult(copy.deepcopy(base), uniform_decision(units, 0.0), base_flops, 1.0, memory, budget_flops)
+
+    proposer = proposer or get_proposer(config.proposer)
+    if hasattr(proposer, "set_context"):
+        proposer.set_context(SearchContext(budget_flops / base_flops, describe_units(base, units, sample_shape)))
+    calibration = proxy.calibration(config.seed) if config.importance == "taylor" else None
+    proposed, evaluated = set(), set()
+
+    def evaluate(decision: Decision, round_: int):
+        """Repair, prune and score one proposal: (entry, fit), or None when it is a repeat."""
+        if _key(decision) in proposed:
+            return None
+        proposed.add(_key(decision))
+        try:
+            fit = fit_to_budget(
+                base, decision, budget_flops, sample_shape, tolerance=config.tolerance,
+                importance=config.importance, calibration=calibration,
+            )
+        except BudgetError as err:
+            return Entry(round_, dict(decision), 0, budget_flops, None, proposer.name, f"not fitted: {err}"), None
+        if _architecture(fit.model) in evaluated:  # another proposal repaired to the same model
+            return None
+        evaluated.add(_architecture(fit.model))
+        score = float(proxy.score(fit.model))
+        note = f"repair scale {fit.scale:.3f}"
+        if not math.isfinite(score):
+            score, note = None, f"{note}; proxy score was {score}"
+        return Entry(round_, dict(fit.decision), fit.flops, budget_flops, score, proposer.name, note), fit
+
+    names = [u.name for u in units]
+    rng = random.Random(config.seed)
+    n = config.candidates_per_round
+    best, best_score = None, math.inf
+    log_file = open(log_path, "w") if log_path else None  # a restarted search starts its log over
+    bar = tqdm(total=config.rounds * n, desc="prune search", disable=not progress)
+    try:
+        for round_ in range(config.rounds):
+            new = 0
+            for decision in proposer.propose(names, memory.view(), n, rng)[:n]:
+                bar.update(1)
+                outcome = evaluate(decision, round_)
+                if outcome is None:
+                    continue
+                entry, fit = outcome
+                memory.add(entry)
+                new += 1
+                if log_file:
+                    log_file.write(json.dumps(asdict(entry)) + "\n")
+                    log_file.flush()
+                if entry.ok and entry.score < best_score:
+                    best, best_score = fit, entry.score
+                    bar.set_postfix(best=f"{best_score:.4f}")
+            if not new:
+                # Nothing left to try (e.g. the uniform proposer after its one candidate): stop, don't idle.
+                log.info("prune search: %s proposed nothing new in round %d; stopping", proposer.name, round_)
+                break
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+    if best is None:
+        raise BudgetError(
+            f"none of the {len(memory)} candidates could be pruned to the budget of {budget_flops} FLOPs "
+            f"({budget_flops / base_flops:.3f} of the base) with a finite proxy score"
+        )
+    return SearchResult(best.model, best.decision, best.flops, best_score, memory, budget_flops)

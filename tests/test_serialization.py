@@ -1,0 +1,126 @@
+"""Saving and loading pruned models without pickle; atomic writes."""
+
+import json
+
+import pytest
+import torch
+from test_surgery import TinyTimeNet
+from torch import nn
+
+from tdcdiff.models import Denoiser, as_denoiser, build_unet
+from tdcdiff.prune.surgery import prunable_units, prune
+from tdcdiff.serialization import (
+    ARCHITECTURE_FILE,
+    WEIGHTS_FILE,
+    architecture_of,
+    atomic_dir,
+    atomic_write_text,
+    load_model,
+    save_model,
+)
+
+DIGITS = (1, 8, 8)
+
+
+def pruned(model: nn.Module) -> nn.Module:
+    """A model pruned unevenly, so every unit has its own widths."""
+    names = [u.name for u in prunable_units(model)]
+    return prune(model, {name: 0.15 * (i % 4) for i, name in enumerate(names)}, DIGITS)
+
+
+def outputs(model: nn.Module) -> torch.Tensor:
+    x = torch.randn(3, *DIGITS, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return as_denoiser(model)(x, torch.tensor([0, 500, 999]))
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_pruned_unet_round_trip(tmp_path, attention):
+    torch.manual_seed(0)
+    model = pruned(build_unet("digits-8", attention=attention)).eval()
+    info = save_model(model, tmp_path / "m", extra={"group": 2})
+
+    loaded = load_model(tmp_path / "m")
+
+    assert type(loaded) is type(model)
+    assert (outputs(loaded) - outputs(model)).abs().max() < 1e-5
+    saved = json.loads((tmp_path / "m" / ARCHITECTURE_FILE).read_text())
+    assert saved == info and saved["class"] == "diffusers.UNet2DModel" and saved["extra"] == {"group": 2}
+    assert not any(key.startswith("_") for key in saved["config"])
+    assert saved["config"]["block_out_channels"] == [32, 64]  # the unpruned architecture
+    assert saved["weights"]["bytes"] == (tmp_path / "m" / WEIGHTS_FILE).stat().st_size
+
+
+def test_user_net_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = pruned(Denoiser(TinyTimeNet())).eval()
+    assert architecture_of(model) == {
+        "class": "test_surgery.TinyTimeNet", "kwargs": {"channels": 1, "width": 16}, "wrapped": "Denoiser",
+    }
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert isinstance(loaded, Denoiser) and isinstance(loaded.model, TinyTimeNet)
+    assert (outputs(loaded) - outputs(model)).abs().max() < 1e-5
+
+
+def test_user_net_without_init_kwargs_is_refused(tmp_path):
+    model = TinyTimeNet()
+    del model.tdcdiff_init_kwargs
+    with pytest.raises(ValueError, match="tdcdiff_init_kwargs"):
+        save_model(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_truncated_weights_are_reported(tmp_path):
+    save_model(build_unet("digits-8"), tmp_path / "m")
+    weights = tmp_path / "m" / WEIGHTS_FILE
+    data = weights.read_bytes()
+    weights.write_bytes(data[:1000])
+    with pytest.raises(ValueError, match=f"{WEIGHTS_FILE} is truncated or corrupted: expected {len(data)} bytes"):
+        load_model(tmp_path / "m")
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ValueError, match="sha256"):
+        load_model(tmp_path / "m")
+
+
+def test_missing_or_invalid_architecture_is_reported(tmp_path):
+    save_model(build_unet("digits-8"), tmp_path / "m")
+    architecture = tmp_path / "m" / ARCHITECTURE_FILE
+    architecture.write_text("{not json")
+    with pytest.raises(ValueError, match="architecture.json is not valid JSON"):
+        load_model(tmp_path / "m")
+    architecture.unlink()
+    with pytest.raises(FileNotFoundError, match="architecture.json is missing"):
+        load_model(tmp_path / "m")
+
+
+def test_save_replaces_an_existing_directory(tmp_path):
+    save_model(build_unet("digits-8"), tmp_path / "m")
+    (tmp_path / "m" / "stale.txt").write_text("old")
+    torch.manual_seed(0)
+    model = pruned(build_unet("digits-8")).eval()
+    save_model(model, tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [ARCHITECTURE_FILE, WEIGHTS_FILE]
+    assert (outputs(load_model(tmp_path / "m")) - outputs(model)).abs().max() < 1e-5
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_atomic_dir_leaves_nothing_when_the_body_raises(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("previous")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "half.txt").write_text("partial")
+            raise RuntimeError("interrupted")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    with atomic_dir(tmp_path / "new" / "nested") as tmp:
+        (tmp / "a.txt").write_text("done")
+    assert (tmp_path / "new" / "nested" / "a.txt").read_text() == "done"
+
+
+def test_atomic_write_text(tmp_path):
+    atomic_write_text(tmp_path / "sub" / "plan.json", "{}")
+    atomic_write_text(tmp_path / "sub" / "plan.json", '{"a": 1}')
+    assert (tmp_path / "sub" / "plan.json").read_text() == '{"a": 1}'
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["plan.json"]
