@@ -1,0 +1,211 @@
+"""Split the T training timesteps into N contiguous groups (adjacent timesteps are the most similar tasks)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .schedule import snr_db
+
+STRATEGIES = ("snr", "uniform", "loss")
+
+
+@dataclass(frozen=True)
+class Group:
+    """Timesteps [start, end) of one group and the SNR range they span."""
+
+    index: int
+    start: int
+    end: int
+    snr_db_start: float
+    snr_db_end: float
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Grouping:
+    """N contiguous groups covering 0..T-1; `boundaries` are the N+1 edges (0 first, T last)."""
+
+    strategy: str
+    num_train_timesteps: int
+    boundaries: list[int]
+    groups: list[Group]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def group_of(self, t: torch.Tensor) -> torch.Tensor:
+        """Index of the group holding each timestep in t."""
+        edges = torch.as_tensor(self.boundaries[1:-1], device=t.device)
+        return torch.bucketize(t, edges, right=True)
+
+    def timesteps(self, index: int) -> torch.Tensor:
+        group = self.groups[index]
+        return torch.arange(group.start, group.end)
+
+    def to_dict(self) -> dict:
+        return {
+            "strategy": self.strategy,
+            "num_train_timesteps": self.num_train_timesteps,
+            "boundaries": self.boundaries,
+            "groups": [asdict(g) | {"size": g.size} for g in self.groups],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Grouping:
+        groups = [Group(**{k: v for k, v in g.items() if k != "size"}) for g in data["groups"]]
+        return cls(data["strategy"], data["num_train_timesteps"], list(data["boundaries"]), groups)
+
+
+def _enforce_min_size(boundaries: list[int], min_size: int) -> list[int]:
+    b = list(boundaries)
+    for i in range(1, len(b) - 1):
+        b[i] = max(b[i], b[i - 1] + min_size)
+    for i in range(len(b) - 2, 0, -1):
+        b[i] = min(b[i], b[i + 1] - min_size)
+    return b
+
+
+def _snr_boundaries(levels_db: np.ndarray, num_groups: int) -> list[int]:
+    # SNR-dB falls monotonically with t: cut where it crosses equally spaced levels.
+    targets = np.linspace(levels_db[0], levels_db[-1], num_groups + 1)[1:-1]
+    inner = [int(np.searchsorted(-levels_db, -target)) for target in targets]
+    return [0, *inner, len(levels_db)]
+
+
+def _loss_boundaries(loss_per_t: np.ndarray, num_groups: int, min_size: int) -> list[int]:
+    """Optimal contiguous segmentation minimising within-group variance of log-loss (dynamic programming)."""
+    values = np.log(np.maximum(loss_per_t, 1e-12))
+    size = len(values)
+    prefix = np.concatenate([[0.0], np.cumsum(values)])
+    prefix_sq = np.concatenate([[0.0], np.cumsum(values**2)])
+
+    def cost(start, end):  # vectorised over `start`
+        n = end - start
+        s = prefix[end] - prefix[start]
+        return prefix_sq[end] - prefix_sq[start] - s * s / n
+
+    best = np.full((num_groups + 1, size + 1), np.inf)
+    cut = np.zeros((num_groups + 1, size + 1), dtype=int)
+    best[0, 0] = 0.0
+    for g in range(1, num_groups + 1):
+        for end in range(g * min_size, size + 1):
+            starts = np.arange((g - 1) * min_size, end - min_size + 1)
+            total = best[g - 1, starts] + cost(starts, end)
+            j = int(np.argmin(total))
+            best[g, end], cut[g, end] = total[j], starts[j]
+    boundaries = [size]
+    for g in range(num_groups, 0, -1):
+        boundaries.append(int(cut[g, boundaries[-1]]))
+    return boundaries[::-1]
+
+
+def make_groups(
+    strategy: str,
+    num_groups: int,
+    scheduler,
+    *,
+    min_size: int | None = None,
+    loss_per_t: np.ndarray | None = None,
+) -> Grouping:
+    """Split timesteps 0..T-1 into `num_groups` contiguous groups.
+
+    strategy: "snr" (equal width in SNR-dB), "uniform" (equal counts) or "loss" (dynamic programming on the
+        base model's per-timestep loss, so timesteps within a group behave alike; needs loss_per_t).
+    num_groups: N, between 1 and T.
+    scheduler: the training noise schedule (gives T and the SNR curve).
+    min_size: the fewest timesteps a group may have (default T // (4N)), so the cosine schedule's extreme
+        tail does not leave near-empty groups.
+    loss_per_t: array of T per-timestep losses, for strategy "loss" (see `per_timestep_loss`).
+    """
+    num_train = scheduler.config.num_train_timesteps
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown grouping strategy {strategy!r}; choose one of {STRATEGIES}")
+    if not 1 <= num_groups <= num_train:
+        raise ValueError(f"number of groups N must be between 1 and T={num_train}, got {num_groups}")
+    min_size = max(1, num_train // (4 * num_groups)) if min_size is None else min_size
+    if min_size < 1 or min_size * num_groups > num_train:
+        raise ValueError(
+            f"min_size {min_size} x {num_groups} groups exceeds T={num_train}; lower min_size or the number of groups"
+        )
+    levels = snr_db(scheduler, torch.arange(num_train)).numpy()
+    if strategy == "uniform":
+        boundaries = [round(i * num_train / num_groups) for i in range(num_groups + 1)]
+    elif strategy == "snr":
+        boundaries = _snr_boundaries(levels, num_groups)
+    else:
+        if loss_per_t is None or len(loss_per_t) != num_train:
+            raise ValueError(f"strategy 'loss' needs loss_per_t with one value per timestep (T={num_train})")
+        boundaries = _loss_boundaries(np.asarray(loss_per_t, dtype=np.float64), num_groups, min_size)
+    boundaries = _enforce_min_size(boundaries, min_size)
+    groups = [
+        Group(i, s, e, float(levels[s]), float(levels[e - 1])) for i, (s, e) in enumerate(zip(boundaries, boundaries[1:]))
+    ]
+    return Grouping(strategy, num_train, boundaries, groups)
+
+
+@torch.no_grad()
+def per_timestep_loss(
+    model,
+    images: torch.Tensor,
+    scheduler,
+    *,
+    num_points: int = 100,
+    images_per_point: int = 64,
+    seed: int = 0,
+) -> np.ndarray:
+    """The model's denoising loss at every timestep 0..T-1 (measured at `num_points` evenly spaced t on a
+    fixed held-out batch with fixed noise, interpolated in log space in between).
+    """
+    from .models import as_denoiser
+    from .schedule import training_target
+
+    denoiser = as_denoiser(model).eval()
+    num_train = scheduler.config.num_train_timesteps
+    points = np.unique(np.linspace(0, num_train - 1, min(num_points, num_train)).round().astype(int))
+    g = torch.Generator().manual_seed(seed)
+    x0 = images[torch.randperm(len(images), generator=g)[:images_per_point]]
+    noise = torch.randn(x0.shape, generator=g)
+    losses = []
+    for t_value in points:
+        t = torch.full((len(x0),), int(t_value), dtype=torch.long)
+        a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        losses.append((denoiser(x_t, t) - training_target(scheduler, x0, noise, t)).pow(2).mean().item())
+    return np.exp(np.interp(np.arange(num_train), points, np.log(np.maximum(losses, 1e-12))))
+
+
+def plot_grouping(grouping: Grouping, scheduler, path: str | Path, *, budgets: list[float] | None = None) -> Path:
+    """PNG of SNR-dB over t with the group boundaries drawn (and each group's FLOPs budget, if given)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .serialization import atomic_write_bytes
+
+    t = np.arange(grouping.num_train_timesteps)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(t, snr_db(scheduler, torch.as_tensor(t)).numpy(), color="black", lw=1.5, label="SNR (dB)")
+    for edge in grouping.boundaries[1:-1]:
+        ax.axvline(edge, color="tab:red", ls="--", lw=1)
+    for g in grouping.groups:
+        label = f"G{g.index}" + (f"\n{budgets[g.index]:.0%} F" if budgets else "")
+        ax.text((g.start + g.end) / 2, ax.get_ylim()[1], label, ha="center", va="top", fontsize=8)
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("SNR (dB)")
+    ax.set_title(f"{len(grouping)} groups, strategy '{grouping.strategy}'")
+    fig.tight_layout()
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)

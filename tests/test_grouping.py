@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import torch
+
+from tdcdiff.budget import Plan, budget_fractions, difficulty_ranks, make_plan
+from tdcdiff.grouping import STRATEGIES, Grouping, make_groups, plot_grouping
+from tdcdiff.schedule import make_scheduler, snr_db
+
+
+def loss_curve(T):
+    # a curve with a sharp change at 600 so the DP has something to find
+    t = np.arange(T)
+    return np.where(t < 600, 0.02 + 0.0001 * t, 0.5)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("n", [1, 3, 4, 7])
+def test_groups_are_contiguous_cover_all_t_and_respect_min_size(schedule, strategy, n):
+    scheduler = make_scheduler(1000, schedule)
+    grouping = make_groups(strategy, n, scheduler, loss_per_t=loss_curve(1000))
+    assert len(grouping) == n
+    assert grouping.boundaries[0] == 0 and grouping.boundaries[-1] == 1000
+    assert all(b < c for b, c in zip(grouping.boundaries, grouping.boundaries[1:]))
+    assert all(g.size >= 1000 // (4 * n) for g in grouping.groups)
+    assert [g.start for g in grouping.groups[1:]] == [g.end for g in grouping.groups[:-1]]
+    t = torch.arange(1000)
+    assigned = grouping.group_of(t)
+    for g in grouping.groups:
+        assert bool((assigned[g.start : g.end] == g.index).all())
+
+
+def test_snr_groups_have_equal_snr_width_on_linear_schedule():
+    scheduler = make_scheduler(1000, "linear")
+    grouping = make_groups("snr", 4, scheduler, min_size=1)
+    levels = snr_db(scheduler, torch.arange(1000)).numpy()
+    widths = [levels[g.start] - levels[g.end - 1] for g in grouping.groups]
+    assert max(widths) - min(widths) < 0.1 * (levels[0] - levels[-1])
+
+
+def test_cosine_tail_gets_min_size():
+    scheduler = make_scheduler(1000, "squaredcos_cap_v2")
+    grouping = make_groups("snr", 8, scheduler, min_size=50)
+    assert min(g.size for g in grouping.groups) >= 50
+
+
+def test_loss_strategy_cuts_where_the_loss_changes():
+    grouping = make_groups("loss", 2, make_scheduler(1000), loss_per_t=loss_curve(1000))
+    assert grouping.boundaries == [0, 600, 1000]
+
+
+def test_grouping_round_trip_and_plot(tmp_path):
+    scheduler = make_scheduler(1000)
+    grouping = make_groups("snr", 4, scheduler)
+    assert Grouping.from_dict(grouping.to_dict()) == grouping
+    path = plot_grouping(grouping, scheduler, tmp_path / "g.png", budgets=[0.6, 0.7, 0.9, 1.0])
+    assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("strategy, n, message", [("equal", 4, "unknown grouping strategy"), ("snr", 0, "between 1 and T"),
+                                                  ("snr", 1001, "between 1 and T"), ("loss", 4, "needs loss_per_t")])
+def test_bad_grouping_settings(strategy, n, message):
+    with pytest.raises(ValueError, match=message):
+        make_groups(strategy, n, make_scheduler(1000))
+
+
+def test_budget_formula_against_hand_values():
+    # N=4, k=0.5: i/4 + (4-i)/4 * 0.5 -> 0.625, 0.75, 0.875, 1.0
+    assert budget_fractions(4, 0.5) == pytest.approx([0.625, 0.75, 0.875, 1.0])
+    # N=2, k=0.2: 0.5 + 0.5*0.2 = 0.6, then 1.0
+    assert budget_fractions(2, 0.2) == pytest.approx([0.6, 1.0])
+    assert budget_fractions(3, 1.0) == pytest.approx([1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("n, k, message", [(4, 0.0, "k must be in"), (4, 1.5, "k must be in"), (0, 0.5, "N must be")])
+def test_bad_budget_settings(n, k, message):
+    with pytest.raises(ValueError, match=message):
+        budget_fractions(n, k)
+
+
+def test_orderings_and_plan_mean():
+    assert difficulty_ranks("snr-low-hard", 3) == [1, 2, 3]
+    assert difficulty_ranks("snr-high-hard", 3) == [3, 2, 1]
+    assert difficulty_ranks("measured", 3, [0.5, 0.1, 0.9]) == [2, 1, 3]
+    with pytest.raises(ValueError, match="unknown difficulty ordering"):
+        difficulty_ranks("random", 3)
+    grouping = make_groups("uniform", 4, make_scheduler(1000))
+    plan = make_plan(grouping, k=0.5, ordering="snr-low-hard", base_flops=1000, sample_shape=(1, 8, 8))
+    assert plan.budgets == [625, 750, 875, 1000]
+    assert plan.mean_fraction == pytest.approx((0.625 + 0.75 + 0.875 + 1.0) / 4)
+    assert Plan.from_dict(plan.to_dict()).budgets == plan.budgets
