@@ -112,3 +112,18 @@ def as_denoiser(model: nn.Module) -> Denoiser:
     if isinstance(model, Denoiser) or getattr(model, "is_denoiser", False):
         return model
     return Denoiser(model)
+
+
+def check_denoiser(model: nn.Module, sample_shape: tuple[int, int, int]) -> None:
+    """Fail early, with the fix, when a model cannot denoise images of this shape."""
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is not None and first_conv.in_channels != sample_shape[0]:
+        raise ValueError(
+            f"the model takes {first_conv.in_channels}-channel images but the data has {sample_shape[0]} channels; "
+            f"load the data with channels={first_conv.in_channels} (--channels) or build the model with "
+            f"in_channels={sample_shape[0]}"
+        )
+    param = next(model.parameters(), None)
+    x = torch.zeros((1, *sample_shape), device=param.device if param is not None else "cpu")
+    with torch.no_grad():
+        as_denoiser(model)(x, torch.zeros(1, dtype=torch.long, device=x.device))

@@ -1,0 +1,239 @@
+"""`tdcdiff`: a thin command line over tdcdiff.run.Run. Heavy libraries are imported inside commands so
+that `--help` stays fast."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="TDC training with proxy-based pruning: a right-sized diffusion denoiser for each group of timesteps.\n\n"
+    "Start with `tdcdiff run` (the whole method on scikit-learn digits, a few minutes on a laptop CPU).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RunDir = Annotated[Path, typer.Option("--out", "--run", "-o", help="Run directory: every stage reads and writes here.")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML, TOML or JSON file of settings (flags override it).")]
+Data = Annotated[Optional[str], typer.Option(help="Training data: 'digits' (built in), an IDX file, an image folder or .zip, or 'hf:<name>'.")]
+ImageSize = Annotated[Optional[int], typer.Option("--image-size", help="Resize images to this size (square).")]
+Channels = Annotated[Optional[int], typer.Option(help="1 = grayscale, 3 = RGB.")]
+Limit = Annotated[Optional[int], typer.Option(help="Use at most this many images (a seeded subset).")]
+Model = Annotated[Optional[str], typer.Option(help="UNet preset: digits-8, gray-28, gray-32, rgb-32 (default: by image size).")]
+Attention = Annotated[Optional[bool], typer.Option("--attention/--no-attention", help="Self-attention at the lowest resolution.")]
+Timesteps = Annotated[Optional[int], typer.Option("--timesteps", help="T, the number of training timesteps.")]
+Schedule = Annotated[Optional[str], typer.Option("--schedule", help="Beta schedule: linear, scaled_linear, squaredcos_cap_v2 (cosine).")]
+Prediction = Annotated[Optional[str], typer.Option("--prediction", help="What the denoiser predicts: epsilon, v_prediction, sample.")]
+BaseSteps = Annotated[Optional[int], typer.Option("--base-steps", help="Stage-1 training steps.")]
+BaseLr = Annotated[Optional[float], typer.Option("--base-lr", help="Stage-1 peak learning rate.")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Training batch size (both stages).")]
+Groups = Annotated[Optional[int], typer.Option("--groups", "-n", help="N, the number of timestep groups.")]
+Grouping = Annotated[Optional[str], typer.Option(help="How to split timesteps: snr, uniform, loss.")]
+K = Annotated[Optional[float], typer.Option("-k", "--k", help="0 < k <= 1: the easiest group gets (1/N + (N-1)/N k) of the base FLOPs.")]
+Ordering = Annotated[Optional[str], typer.Option(help="Which groups are hard: measured, snr-high-hard, snr-low-hard.")]
+Proposer = Annotated[Optional[str], typer.Option(help="Pruning proposer: evolution, uniform, llm.")]
+Rounds = Annotated[Optional[int], typer.Option(help="Search rounds per group.")]
+Candidates = Annotated[Optional[int], typer.Option(help="Candidates proposed per round.")]
+Memory = Annotated[Optional[bool], typer.Option("--memory/--no-memory", help="Show the proposer the memory bank of past candidates.")]
+Importance = Annotated[Optional[str], typer.Option(help="Channel importance within a layer: magnitude, taylor.")]
+FtSteps = Annotated[Optional[int], typer.Option("--finetune-steps", help="Stage-2 steps PER GROUP.")]
+FtLr = Annotated[Optional[float], typer.Option("--finetune-lr", help="Stage-2 peak learning rate.")]
+Mix = Annotated[Optional[float], typer.Option("--mix", help="Fraction of each stage-2 batch drawn from all timesteps (0: group only, as in the paper).")]
+Distill = Annotated[Optional[float], typer.Option("--distill", help="Weight of distillation from the base model in stage 2 (0: none).")]
+Sampler = Annotated[Optional[str], typer.Option(help="Sampler: ddpm, ddim, dpm-solver++.")]
+SampleSteps = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps.")]
+NumSamples = Annotated[Optional[int], typer.Option("--num", help="Number of images to sample.")]
+Seed = Annotated[Optional[int], typer.Option(help="Seed of the whole run.")]
+Group = Annotated[Optional[int], typer.Option("--group", "-g", help="Run only this group (0-based), e.g. one job per group.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+_SETTINGS = {
+    "data": "data", "image_size": "image_size", "channels": "channels", "limit": "limit", "model": "model",
+    "attention": "attention", "timesteps": "num_train_timesteps", "schedule": "beta_schedule",
+    "prediction": "prediction_type", "base_steps": "base.steps", "base_lr": "base.lr", "groups": "groups",
+    "grouping": "grouping", "k": "k", "ordering": "ordering", "proposer": "search.proposer",
+    "rounds": "search.rounds", "candidates": "search.candidates_per_round", "memory": "search.memory",
+    "importance": "search.importance", "finetune_steps": "finetune.steps", "finetune_lr": "finetune.lr",
+    "mix": "finetune.mix_fraction", "distill": "finetune.distill_weight", "sampler": "sampler",
+    "sample_steps": "sample_steps", "num_samples": "num_samples", "seed": "seed",
+    "batch_size": ("base.batch_size", "finetune.batch_size"),
+}
+
+
+def _open_run(out: Path, config_file: Path | None, progress: bool, **flags):
+    """Settings from the config file, then the flags given, on top of the run's saved or default config."""
+    from .run import Run, load_config_file
+
+    overrides = {}
+    if config_file is not None:
+        for key, value in load_config_file(config_file).items():
+            if isinstance(value, dict):
+                overrides.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                overrides[key] = value
+    for name, value in flags.items():
+        if value is not None:
+            targets = _SETTINGS[name]
+            overrides.update({t: value for t in (targets if isinstance(targets, tuple) else (targets,))})
+    return Run(out, overrides=overrides, progress=progress)
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+_USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+@app.command("run")
+def run_command(
+    out: RunDir = Path("runs/digits"), config: ConfigFile = None, data: Data = None, image_size: ImageSize = None,
+    channels: Channels = None, limit: Limit = None, model: Model = None, attention: Attention = None,
+    timesteps: Timesteps = None, schedule: Schedule = None, prediction: Prediction = None,
+    base_steps: BaseSteps = None, base_lr: BaseLr = None, batch_size: BatchSize = None, groups: Groups = None,
+    grouping: Grouping = None, k: K = None, ordering: Ordering = None, proposer: Proposer = None,
+    rounds: Rounds = None, candidates: Candidates = None, memory: Memory = None, importance: Importance = None,
+    finetune_steps: FtSteps = None, finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None,
+    sampler: Sampler = None, sample_steps: SampleSteps = None, num_samples: NumSamples = None, seed: Seed = None,
+    quiet: Quiet = False,
+):
+    """The whole method: train base -> plan -> prune -> fine-tune -> bundle -> samples -> report.
+
+    With no arguments it runs on scikit-learn's digits into runs/digits. Stages that already finished are
+    skipped, so rerunning the same command after a crash continues where it stopped.
+    """
+    flags = {k_: v for k_, v in locals().items() if k_ in _SETTINGS}
+    try:
+        run = _open_run(out, config, not quiet, **flags)
+        result = run.run_all()
+    except _USER_ERRORS as err:
+        _fail(err)
+    typer.echo(f"bundle:  {result['bundle']}")
+    for grid in result["samples"]:
+        typer.echo(f"samples: {grid}")
+    if result.get("report"):
+        typer.echo(f"report:  {result['report']}")
+
+
+@app.command("train-base")
+def train_base_command(
+    out: RunDir = Path("runs/digits"), config: ConfigFile = None, data: Data = None, image_size: ImageSize = None,
+    channels: Channels = None, limit: Limit = None, model: Model = None, attention: Attention = None,
+    timesteps: Timesteps = None, schedule: Schedule = None, prediction: Prediction = None,
+    base_steps: BaseSteps = None, base_lr: BaseLr = None, batch_size: BatchSize = None, seed: Seed = None,
+    quiet: Quiet = False,
+):
+    """Stage 1: train one denoiser on all timesteps (resumes from the run's last checkpoint)."""
+    flags = {k_: v for k_, v in locals().items() if k_ in _SETTINGS}
+    try:
+        result = _open_run(out, config, not quiet, **flags).train_base()
+    except _USER_ERRORS as err:
+        _fail(err)
+    typer.echo(f"base model: {result.out_dir / 'final'} ({result.steps} steps, final loss {result.final_loss:.4f})")
+
+
+@app.command("plan")
+def plan_command(
+    out: RunDir = Path("runs/digits"), groups: Groups = None, grouping: Grouping = None, k: K = None,
+    ordering: Ordering = None, quiet: Quiet = False,
+):
+    """Group the timesteps and assign FLOPs budgets (needs a trained base in the run directory)."""
+    try:
+        plan = _open_run(out, None, not quiet, groups=groups, grouping=grouping, k=k, ordering=ordering).plan()
+    except _USER_ERRORS as err:
+        _fail(err)
+    typer.echo(f"{'group':>5} {'timesteps':>11} {'SNR dB':>15} {'rank':>4} {'budget':>7}")
+    for g, rank, fraction in zip(plan.grouping.groups, plan.ranks, plan.fractions):
+        typer.echo(f"{g.index:>5} {g.start:>5}-{g.end - 1:<5} {g.snr_db_start:>7.1f}..{g.snr_db_end:<6.1f} {rank:>4} {fraction:>7.1%}")
+    typer.echo(f"mean sampling cost (timestep-weighted): {plan.mean_fraction:.1%} of the base's {plan.base_flops / 1e6:.1f} MFLOPs")
+    typer.echo(f"plan: {out / 'plan' / 'plan.json'}  plot: {out / 'plan' / 'grouping.png'}")
+
+
+@app.command("prune")
+def prune_command(
+    out: RunDir = Path("runs/digits"), group: Group = None, proposer: Proposer = None, rounds: Rounds = None,
+    candidates: Candidates = None, memory: Memory = None, importance: Importance = None, quiet: Quiet = False,
+):
+    """Proxy-based pruning: derive each group's model from the base under its FLOPs budget."""
+    try:
+        run = _open_run(out, None, not quiet, proposer=proposer, rounds=rounds, candidates=candidates,
+                        memory=memory, importance=importance)
+        summaries = run.prune(group)
+    except _USER_ERRORS as err:
+        _fail(err)
+    typer.echo(f"{'group':>5} {'budget MFLOPs':>14} {'measured':>9} {'error':>7} {'proxy':>7}")
+    for s in summaries:
+        typer.echo(f"{s['group']:>5} {s['budget'] / 1e6:>14.2f} {s['flops'] / 1e6:>9.2f} "
+                   f"{s['flops'] / s['budget'] - 1:>+7.1%} {s['proxy_score']:>7.3f}")
+    typer.echo(f"pruned models, search logs and memory banks: {out / 'prune'}")
+
+
+@app.command("finetune")
+def finetune_command(
+    out: RunDir = Path("runs/digits"), group: Group = None, finetune_steps: FtSteps = None,
+    finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None, quiet: Quiet = False,
+):
+    """Stage 2: fine-tune each group's pruned model on its timesteps (--group i runs one group alone)."""
+    try:
+        run = _open_run(out, None, not quiet, finetune_steps=finetune_steps, finetune_lr=finetune_lr, mix=mix, distill=distill)
+        results = run.finetune(group)
+    except _USER_ERRORS as err:
+        _fail(err)
+    for r in results:
+        typer.echo(f"{r.out_dir}: {r.steps} steps, final loss {r.final_loss:.4f}, {r.train_flops / 1e12:.2f} TFLOPs")
+
+
+@app.command("bundle")
+def bundle_command(out: RunDir = Path("runs/digits")):
+    """Write the deployable bundle (router + experts + schedule) of a fine-tuned run."""
+    try:
+        path = _open_run(out, None, False).export_bundle()
+    except _USER_ERRORS as err:
+        _fail(err)
+    typer.echo(f"bundle: {path}  (load with tdcdiff.load_bundle)")
+
+
+@app.command("sample")
+def sample_command(
+    out: RunDir = Path("runs/digits"),
+    bundle: Annotated[Optional[Path], typer.Option(help="Sample from this bundle instead of the run's base model.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", help="PNG file for the grid.")] = None,
+    sampler: Sampler = None, sample_steps: SampleSteps = None, num_samples: NumSamples = None, seed: Seed = None,
+    quiet: Quiet = False,
+):
+    """Write a grid of samples from a bundle (--bundle) or from the run's base model."""
+    from .pipeline import sample, save_grid
+
+    try:
+        if bundle is not None:
+            from .bundle import load_bundle
+
+            loaded = load_bundle(bundle)
+            model, scheduler, shape = loaded.router, loaded.scheduler, loaded.sample_shape
+            default_output = bundle / "samples.png"
+        else:
+            run = _open_run(out, None, not quiet)
+            model, scheduler, shape = run.base_model(), run.scheduler, run.sample_shape
+            default_output = out / "samples" / "base.png"
+        result = sample(
+            model, scheduler, sample_shape=shape, sampler=sampler or "ddim", steps=sample_steps or 50,
+            num_images=num_samples or 64, seed=seed or 0, progress=not quiet,
+        )
+    except _USER_ERRORS as err:
+        _fail(err)
+    path = save_grid(result.images, output or default_output)
+    flops = f", {model.trajectory_flops(result.timesteps) / 1e6:.1f} MFLOPs per image" if bundle is not None else ""
+    typer.echo(f"samples: {path} ({len(result.images)} images, {result.sampler} {result.steps} steps, seed {result.seed}{flops})")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app(prog_name="tdcdiff")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

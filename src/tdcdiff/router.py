@@ -1,0 +1,61 @@
+"""The router: one denoiser made of per-group experts, each called only for the timesteps of its group."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .grouping import Grouping
+from .models import as_denoiser
+
+
+class Router(nn.Module):
+    """Calls, for each (x, t), the expert of the group that holds t.
+
+    experts: one denoiser per group, in group (timestep) order.
+    grouping: the timestep groups the experts were specialised on.
+    expert_flops: FLOPs of one forward pass of each expert (batch 1), for exact trajectory accounting.
+
+    A batch whose items have different t is split by group and put back in order. `samples_routed[i]`
+    counts the samples expert i has processed since the last `reset_counts()`.
+    """
+
+    is_denoiser = True
+
+    def __init__(self, experts: list[nn.Module], grouping: Grouping, expert_flops: list[int] | None = None):
+        super().__init__()
+        if len(experts) != len(grouping):
+            raise ValueError(f"{len(experts)} experts for {len(grouping)} groups; give one expert per group")
+        self.experts = nn.ModuleList(as_denoiser(e) for e in experts)
+        self.grouping = grouping
+        self.expert_flops = list(expert_flops) if expert_flops is not None else None
+        self.register_buffer("_edges", torch.tensor(grouping.boundaries[1:-1], dtype=torch.long), persistent=False)
+        self.samples_routed = [0] * len(experts)
+
+    def reset_counts(self) -> None:
+        self.samples_routed = [0] * len(self.experts)
+
+    def group_of(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.bucketize(t, self._edges.to(t.device), right=True)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        groups = self.group_of(t)
+        first = int(groups[0])
+        if bool((groups == first).all()):  # the sampling loop's case: one t for the whole batch
+            self.samples_routed[first] += x.shape[0]
+            return self.experts[first](x, t)
+        out = torch.empty_like(x)
+        for g in groups.unique().tolist():
+            mask = groups == g
+            self.samples_routed[g] += int(mask.sum())
+            out[mask] = self.experts[g](x[mask], t[mask]).to(out.dtype)
+        return out
+
+    def trajectory_flops(self, timesteps: list[int]) -> int:
+        """FLOPs one image costs along a sampling trajectory: the sum over the steps actually taken."""
+        if self.expert_flops is None:
+            raise ValueError("this router was built without expert_flops; pass them to count trajectory FLOPs")
+        groups = self.group_of(torch.as_tensor(timesteps, dtype=torch.long))
+        return int(sum(self.expert_flops[g] for g in groups.tolist()))

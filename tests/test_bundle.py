@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+
+from tdcdiff.bundle import BundleError, load_bundle, save_bundle
+from tdcdiff.flops import count_flops
+from tdcdiff.grouping import make_groups
+from tdcdiff.models import build_unet
+from tdcdiff.pipeline import sample
+from tdcdiff.prune.surgery import fit_to_budget, prunable_units, uniform_decision
+from tdcdiff.schedule import make_scheduler
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    base = build_unet("digits-8")
+    full = count_flops(base, (1, 8, 8))
+    small = fit_to_budget(base, uniform_decision(prunable_units(base), 0.3), int(0.6 * full), (1, 8, 8)).model
+    scheduler = make_scheduler(1000)
+    grouping = make_groups("uniform", 2, scheduler)
+    experts = [small, base]
+    path = tmp_path_factory.mktemp("b") / "bundle"
+    save_bundle(path, experts, grouping, scheduler, sample_shape=(1, 8, 8),
+                expert_flops=[count_flops(e, (1, 8, 8)) for e in experts], base_flops=full, provenance={"data": "test"})
+    return path, experts, scheduler
+
+
+def test_save_load_sample_gives_identical_images(bundle_dir):
+    from tdcdiff.router import Router
+
+    path, experts, scheduler = bundle_dir
+    bundle = load_bundle(path)
+    original = Router(experts, bundle.router.grouping)
+    a = sample(original, scheduler, sample_shape=(1, 8, 8), steps=6, num_images=4, seed=3, progress=False)
+    b = sample(bundle.router, bundle.scheduler, sample_shape=bundle.sample_shape, steps=6, num_images=4, seed=3, progress=False)
+    torch.testing.assert_close(a.images, b.images, rtol=0, atol=1e-5)
+    assert bundle.manifest["expert_flops"][0] < bundle.manifest["base_flops"]
+    images = bundle.pipeline()(batch_size=2, num_inference_steps=3, output_type="np", progress=False).images
+    assert images.shape == (2, 8, 8, 1)
+
+
+def copy_bundle(path, tmp_path):
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(path, target)
+    return target
+
+
+def test_truncated_weights_are_named(bundle_dir, tmp_path):
+    target = copy_bundle(bundle_dir[0], tmp_path)
+    weights = target / "expert_0" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(BundleError, match=r"expert_0/model.safetensors is truncated or corrupted: expected \d+ bytes, found 100"):
+        load_bundle(target)
+
+
+def test_flipped_byte_is_detected(bundle_dir, tmp_path):
+    target = copy_bundle(bundle_dir[0], tmp_path)
+    weights = target / "expert_1" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="cannot load expert 1.*sha256 does not match"):
+        load_bundle(target)
+
+
+def test_missing_manifest_and_missing_file(bundle_dir, tmp_path):
+    target = copy_bundle(bundle_dir[0], tmp_path)
+    (target / "expert_1" / "model.safetensors").unlink()
+    with pytest.raises(BundleError, match="is missing; copy the whole bundle"):
+        load_bundle(target)
+    (target / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="manifest.json is missing"):
+        load_bundle(target)
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_wrong_format_version(bundle_dir, tmp_path):
+    target = copy_bundle(bundle_dir[0], tmp_path)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["format"] = "tdcdiff-bundle/99"
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format 'tdcdiff-bundle/99', this tdcdiff reads 'tdcdiff-bundle/1'"):
+        load_bundle(target)
+
+
+def test_shape_mismatch_is_reported(bundle_dir, tmp_path):
+    """Weights of another architecture in place of an expert's (checksums updated) fail by name."""
+    import hashlib
+
+    target = copy_bundle(bundle_dir[0], tmp_path)
+    arch = json.loads((target / "expert_1" / "architecture.json").read_text())
+    arch["config"]["layers_per_block"] = 2
+    (target / "expert_1" / "architecture.json").write_text(json.dumps(arch))
+    manifest = json.loads((target / "manifest.json").read_text())
+    for name in manifest["files"]:
+        data = (target / name).read_bytes()
+        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="cannot load expert 1"):
+        load_bundle(target)

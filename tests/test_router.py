@@ -1,0 +1,65 @@
+import pytest
+import torch
+from torch import nn
+
+from tdcdiff.grouping import make_groups
+from tdcdiff.pipeline import SAMPLERS, sample
+from tdcdiff.router import Router
+from tdcdiff.schedule import make_scheduler
+
+
+class Recording(nn.Module):
+    """A denoiser that adds a group-specific constant and records the timesteps it saw."""
+
+    def __init__(self, offset):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+        self.offset = offset
+        self.seen = []
+
+    def forward(self, x, t):
+        self.seen.extend(t.tolist())
+        return x * self.scale + self.offset + t.view(-1, 1, 1, 1) * 1e-4
+
+
+@pytest.fixture()
+def routed():
+    grouping = make_groups("uniform", 3, make_scheduler(1000))
+    experts = [Recording(float(i)) for i in range(3)]
+    return Router(experts, grouping, expert_flops=[10, 20, 30]), experts, grouping
+
+
+def test_router_equals_the_selected_expert(routed):
+    router, experts, grouping = routed
+    x = torch.randn(4, 1, 8, 8)
+    t = torch.full((4,), 500)
+    assert torch.equal(router(x, t), experts[1](x, t))
+    mixed_t = torch.tensor([10, 990, 500, 20, 700])
+    x = torch.randn(5, 1, 8, 8)
+    out = router(x, mixed_t)
+    for i, ti in enumerate(mixed_t):
+        g = int(grouping.group_of(ti.view(1)))
+        assert torch.equal(out[i : i + 1], experts[g](x[i : i + 1], ti.view(1)))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_routed_sampling_calls_each_expert_only_for_its_timesteps(routed, sampler):
+    router, experts, grouping = routed
+    result = sample(router, make_scheduler(1000), sample_shape=(1, 8, 8), sampler=sampler, steps=10, num_images=2, progress=False)
+    for expert, group in zip(experts, grouping.groups):
+        assert expert.seen, "every group is visited by a 10-step trajectory"
+        assert all(group.start <= t < group.end for t in expert.seen)
+    assert sum(router.samples_routed) == 2 * 10
+    expected = sum([10, 20, 30][int(grouping.group_of(torch.tensor([t])))] for t in result.timesteps)
+    assert router.trajectory_flops(result.timesteps) == expected
+
+
+def test_router_rejects_a_scheduler_with_other_T(routed):
+    router, _, _ = routed
+    with pytest.raises(ValueError, match="T=500 training timesteps but the router's groups cover T=1000"):
+        sample(router, make_scheduler(500), sample_shape=(1, 8, 8), steps=5, progress=False)
+
+
+def test_one_expert_per_group():
+    with pytest.raises(ValueError, match="2 experts for 3 groups"):
+        Router([Recording(0), Recording(1)], make_groups("uniform", 3, make_scheduler(1000)))

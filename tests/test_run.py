@@ -1,0 +1,81 @@
+"""The stages over a run directory, end to end on digits at toy sizes."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tdcdiff.run import Run, RunConfig, SearchSettings
+from tdcdiff.train import TrainConfig
+
+
+def tiny_config(**changes) -> RunConfig:
+    config = RunConfig(
+        base=TrainConfig(steps=40, batch_size=32, lr=2e-3, warmup_steps=2, checkpoint_every=20, log_every=10),
+        groups=2,
+        k=0.4,
+        search=SearchSettings(rounds=1, candidates_per_round=2),
+        finetune=TrainConfig(steps=6, batch_size=32, lr=5e-4, warmup_steps=1, checkpoint_every=3, log_every=3),
+        sample_steps=4,
+        num_samples=8,
+    )
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = Run(tmp_path_factory.mktemp("run") / "digits", tiny_config(), progress=False)
+    return run, run.run_all()
+
+
+def test_run_all_produces_a_cheaper_bundle(finished_run):
+    from tdcdiff.bundle import load_bundle
+
+    run, result = finished_run
+    bundle = load_bundle(result["bundle"])
+    plan = result["plan"]
+    timesteps = list(range(999, -1, -1))  # every training step: the timestep-weighted mean
+    per_image = bundle.router.trajectory_flops(timesteps) / len(timesteps)
+    assert per_image / plan.base_flops == pytest.approx(plan.mean_fraction, rel=0.03)
+    assert plan.mean_fraction < 1
+    for path in result["samples"]:
+        assert path.exists()
+    flops = run.training_flops()
+    assert flops["stage1"] > 0 and len(flops["stage2_per_group"]) == 2
+
+
+def test_rerun_skips_finished_stages(finished_run):
+    run, _ = finished_run
+    before = (run.dir / "bundle" / "manifest.json").stat().st_mtime_ns
+    again = Run(run.dir, tiny_config(), progress=False).run_all()
+    assert (run.dir / "bundle" / "manifest.json").stat().st_mtime_ns == before
+    assert again["bundle"] == run.dir / "bundle"
+
+
+def test_changed_setting_of_a_finished_stage_is_refused(finished_run):
+    run, _ = finished_run
+    with pytest.raises(ValueError, match="setting 'k' differs"):
+        Run(run.dir, overrides={"k": 0.9})
+    # a setting of a stage not run yet may change (sampling happens on demand)
+    assert Run(run.dir, overrides={"num_samples": 4}).config.num_samples == 4
+
+
+def test_group_runs_are_independent(finished_run, tmp_path):
+    """Fine-tuning groups one at a time in separate runs gives what the all-groups run gave."""
+    import shutil
+
+    run, _ = finished_run
+    other = tmp_path / "split"
+    shutil.copytree(run.dir, other, ignore=shutil.ignore_patterns("finetune", "bundle", "samples"))
+    for group in (1, 0):
+        Run(other, progress=False).finetune(group=group)
+    for group in (0, 1):
+        a = load_file(run.dir / "finetune" / f"group_{group}" / "final" / "model.safetensors")
+        b = load_file(other / "finetune" / f"group_{group}" / "final" / "model.safetensors")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="--group must be between 0 and 1"):
+        Run(other, progress=False).finetune(group=2)
