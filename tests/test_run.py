@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tdcdiff.run import Run, RunConfig, SearchSettings
+from tdcdiff.prune.search import SearchConfig
+from tdcdiff.run import Run, RunConfig
 from tdcdiff.train import TrainConfig
 
 
@@ -15,7 +16,7 @@ def tiny_config(**changes) -> RunConfig:
         base=TrainConfig(steps=40, batch_size=32, lr=2e-3, warmup_steps=2, checkpoint_every=20, log_every=10),
         groups=2,
         k=0.4,
-        search=SearchSettings(rounds=1, candidates_per_round=2),
+        search=SearchConfig(rounds=1, candidates_per_round=2),
         finetune=TrainConfig(steps=6, batch_size=32, lr=5e-4, warmup_steps=1, checkpoint_every=3, log_every=3),
         sample_steps=4,
         num_samples=8,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,24 +26,12 @@ from .data import ImageDataset, load_dataset
 from .flops import count_flops
 from .grouping import make_groups, per_timestep_loss, plot_grouping
 from .models import build_unet, preset_for
+from .prune.search import SearchConfig
 from .schedule import make_scheduler
 from .serialization import atomic_write_text, load_model, save_model
 from .train import FINAL_DIR, TrainConfig, train
 
 log = logging.getLogger("tdcdiff")
-
-
-@dataclass
-class SearchSettings:
-    """Proxy-based pruning search settings (see prune.search.SearchConfig)."""
-
-    proposer: str = "evolution"
-    rounds: int = 3
-    candidates_per_round: int = 4
-    memory: bool = True
-    importance: str = "magnitude"
-    proxy_space: str = "relative"
-    proxy_finetune_steps: int = 0
 
 
 @dataclass
@@ -72,7 +60,7 @@ class RunConfig:
     grouping: str = "snr"
     k: float = 0.5
     ordering: str = "measured"
-    search: SearchSettings = field(default_factory=SearchSettings)
+    search: SearchConfig = field(default_factory=SearchConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, lr=5e-4, warmup_steps=20, checkpoint_every=200))
     sampler: str = "ddim"
     sample_steps: int = 50
@@ -82,6 +70,30 @@ class RunConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def validate(self) -> None:
+        """Check every setting up front, so a bad one fails before hours of training, not after."""
+        from .budget import ORDERINGS, budget_fractions
+        from .grouping import STRATEGIES
+        from .pipeline import SAMPLERS
+
+        make_scheduler(self.num_train_timesteps, self.beta_schedule, self.prediction_type)
+        self.base.validate()
+        self.finetune.validate()
+        budget_fractions(self.groups, self.k)
+        self.search.validate()
+        checks = [
+            (self.groups <= self.num_train_timesteps, f"number of groups N={self.groups} exceeds T={self.num_train_timesteps}"),
+            (self.grouping in STRATEGIES, f"unknown grouping strategy {self.grouping!r}; choose one of {STRATEGIES}"),
+            (self.ordering in ORDERINGS, f"unknown difficulty ordering {self.ordering!r}; choose one of {ORDERINGS}"),
+            (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}"),
+            (1 <= self.sample_steps <= self.num_train_timesteps,
+             f"sampling steps must be between 1 and T={self.num_train_timesteps}, got {self.sample_steps}"),
+            (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
         """Build from a (possibly partial, possibly nested) dict, as read from a YAML/TOML/JSON file."""
@@ -90,15 +102,29 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(known)}")
         values = dict(data)
-        for name, kind in (("base", TrainConfig), ("finetune", TrainConfig), ("search", SearchSettings)):
-            if name in values and isinstance(values[name], dict):
-                default = getattr(cls(), name)
-                allowed = {f.name for f in fields(kind)}
-                bad = sorted(set(values[name]) - allowed)
+        defaults = cls()
+        for name, value in values.items():
+            default = getattr(defaults, name)
+            if isinstance(value, dict) and is_dataclass(default):
+                allowed = {f.name for f in fields(default)}
+                bad = sorted(set(value) - allowed)
                 if bad:
                     raise ValueError(f"unknown keys {bad} in config section '{name}'; valid: {sorted(allowed)}")
-                values[name] = kind(**{**asdict(default), **values[name]})
+                merged = asdict(default) | {k: _coerce(f"{name}.{k}", v, getattr(default, k)) for k, v in value.items()}
+                values[name] = type(default)(**merged)
+            else:
+                values[name] = _coerce(name, value, default)
         return cls(**values)
+
+
+def _coerce(key: str, value, default):
+    """Numbers written as strings (YAML reads 1e-3 as a string) become numbers."""
+    if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return type(default)(float(value)) if isinstance(default, float) else int(value)
+        except ValueError:
+            raise ValueError(f"setting '{key}' must be a number, got {value!r}") from None
+    return value
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -163,6 +189,7 @@ class Run:
         saved_path = self.dir / "config.json"
         saved = RunConfig.from_dict(json.loads(saved_path.read_text())) if saved_path.exists() else None
         config = apply_overrides(config or saved or RunConfig(), overrides or {})
+        config.validate()
         if saved is not None:
             old, new = saved.to_dict(), config.to_dict()
             for key in sorted(k for k in new if new[k] != old[k]):
@@ -216,6 +243,7 @@ class Run:
         self._save_config()
         c = self.config
         preset = c.model or preset_for(self.data.image_size, self.data.channels)
+        torch.manual_seed(c.seed)  # the initial weights are part of what the seed fixes
         model = build_unet(
             preset, attention=c.attention, sample_size=self.data.image_size, in_channels=self.data.channels,
             num_train_timesteps=c.num_train_timesteps,
@@ -252,7 +280,7 @@ class Run:
     def prune(self, group: int | None = None) -> list[dict]:
         """Proxy-based pruning: one pruned model per group, meeting its budget. Returns per-group summaries."""
         from .prune.proxy import Proxy, ProxyBatch
-        from .prune.search import SearchConfig, search
+        from .prune.search import search
 
         plan = self.plan()
         self._save_config()
@@ -270,7 +298,7 @@ class Run:
                 continue
             batch = ProxyBatch.make(held_out, plan.grouping.timesteps(i), scheduler, seed=c.seed + i)
             proxy = Proxy(base, batch, scheduler, space=c.search.proxy_space, finetune_steps=c.search.proxy_finetune_steps)
-            settings = SearchConfig(**asdict(c.search), seed=c.seed + i)
+            settings = replace(c.search, seed=c.seed + i)
             result = search(
                 base, plan.budgets[i], self.sample_shape, proxy, settings,
                 progress=self.progress, log_path=self.dir / "prune" / f"search_{i}.jsonl",

@@ -10,6 +10,7 @@ cannot (a pruned UNet's config still states the unpruned widths) and needs neith
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import json
@@ -42,6 +43,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _disk_full_names(path: Path) -> Iterator[None]:
+    # A bare "[Errno 28] No space left on device" does not say what was being written.
+    try:
+        yield
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on device while writing {path}; nothing was half-written there. "
+                "Free some space (or choose another output directory) and rerun: finished stages are kept",
+            ) from err
+        raise
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file so that readers see either the old content or the new one, never a partial file.
 
@@ -51,7 +67,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with _disk_full_names(path), os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -79,13 +95,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        yield tmp
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                with open(os.path.join(root, name), "rb") as f:
-                    os.fsync(f.fileno())
-            _fsync_dir(Path(root))
-        _replace(tmp, path)
+        with _disk_full_names(path):
+            yield tmp
+            for root, _, files in os.walk(tmp):
+                for name in files:
+                    with open(os.path.join(root, name), "rb") as f:
+                        os.fsync(f.fileno())
+                _fsync_dir(Path(root))
+            _replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -184,7 +201,8 @@ def save_model(model: nn.Module, directory: str | Path, *, extra: dict | None = 
     with atomic_dir(directory) as tmp:
         weights = tmp / WEIGHTS_FILE
         save_file(tensors, weights)
-        description["weights"] = {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size, "sha256": sha256_file(weights)}
+        size, digest = weights.stat().st_size, sha256_file(weights)
+        description["weights"] = {"file": WEIGHTS_FILE, "bytes": size, "sha256": digest}
         (tmp / ARCHITECTURE_FILE).write_text(json.dumps(description, indent=2))
     return description
 
