@@ -62,7 +62,7 @@ def test_model_whose_output_shape_differs_from_its_input(scheduler):
         def forward(self, x, t):
             return x.mean(dim=1, keepdim=True).repeat(1, 2, 1, 1)
 
-    with pytest.raises(ValueError, match=r"denoiser output has shape \(1, 2, 8, 8\) but its input has shape \(1, 1, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"denoiser output has shape \(64, 2, 8, 8\) but its input has shape \(64, 1, 8, 8\)"):
         sample(Squash(), scheduler, sample_shape=(1, 8, 8), steps=2, progress=False)
 
 

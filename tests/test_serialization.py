@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_surgery import TinyTimeNet
+from test_surgery import TinyTimeNet, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 from torch import nn
 
 from tdcdiff.models import Denoiser, as_denoiser, build_unet

@@ -52,9 +52,18 @@ class TinyTimeNet(nn.Module):
 
 MODELS = {
     "unet": lambda: build_unet("digits-8"),
-    "unet-attention": lambda: build_unet("digits-8", attention=True),
-    "user-net": lambda: Denoiser(TinyTimeNet()),
+    "wrapped-unet-attention": lambda: Denoiser(build_unet("digits-8", attention=True)),
+    "user-net": TinyTimeNet,
 }
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and two were ~20x slower when another process was busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make(kind: str) -> nn.Module:
@@ -177,7 +186,8 @@ def test_bad_decisions_are_rejected():
 
 
 def test_each_unit_ratio_sets_its_own_widths():
-    base = make("unet-attention")
+    torch.manual_seed(0)
+    base = build_unet("digits-8", attention=True)
     pruned = prune(base, {"mid_block": 0.5}, DIGITS)
     mid, base_mid = pruned.mid_block, base.mid_block
     assert mid.resnets[0].conv1.out_channels == base_mid.resnets[0].conv1.out_channels // 2
@@ -185,7 +195,4 @@ def test_each_unit_ratio_sets_its_own_widths():
     assert mid.attentions[0].heads == base_mid.attentions[0].heads  # heads are shortened, not removed
     # The residual stream through the mid block follows down_blocks.1, which is not pruned.
     assert mid.resnets[0].conv2.out_channels == base_mid.resnets[0].conv2.out_channels
-    assert all(
-        a.shape == b.shape
-        for a, b in zip(pruned.down_blocks.parameters(), base.down_blocks.parameters())
-    )
+    assert all(a.shape == b.shape for a, b in zip(pruned.down_blocks.parameters(), base.down_blocks.parameters()))

@@ -479,11 +479,15 @@ class _BudgetSearch:
         def config(name: str, ratio: float) -> tuple[int, ...]:
             return tuple(_kept_slots(ratio, g.slots) for g in self.plan.groups if g.unit == name)
 
-        # Start from the levels with the same pruned shapes as the closest trial.
-        index = {
-            name: [config(name, r) for r in lv].index(config(name, self.best.get(name, 0.0)))
-            for name, lv in levels.items()
-        }
+        def nearest(name: str) -> int:
+            """The level with the closest trial's pruned shapes (nearest, should a ratio sit on a cut)."""
+            now = config(name, self.best[name])
+            return min(
+                range(len(levels[name])),
+                key=lambda i: sum(abs(a - b) for a, b in zip(config(name, levels[name][i]), now)),
+            )
+
+        index = {name: nearest(name) for name in levels}
 
         def measure(moves: dict[str, int]) -> int | None:
             """FLOPs with some units moved by some levels (None if a move leaves the range)."""
