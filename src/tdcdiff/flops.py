@@ -16,13 +16,7 @@ _CUSTOM = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flas
 
 
 @torch.no_grad()
-def count_flops(model: torch.nn.Module, sample_shape: tuple[int, ...], timestep: int = 500) -> int:
-    """FLOPs (2 x MACs) of one forward pass of a denoiser on ONE sample.
-
-    model: anything called as model(x, t) (a diffusers UNet2DModel or a tdcdiff Denoiser).
-    sample_shape: (C, H, W) of one sample; the count is for batch 1.
-    timestep: the timestep fed to the model (FLOPs do not depend on it for standard UNets).
-    """
+def _count(model: torch.nn.Module, sample_shape: tuple[int, ...], timestep: int) -> FlopCounterMode:
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     x = torch.zeros((1, *sample_shape), device=device)
@@ -30,4 +24,20 @@ def count_flops(model: torch.nn.Module, sample_shape: tuple[int, ...], timestep:
     counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM)
     with counter:
         model(x, t)
-    return int(counter.get_total_flops())
+    return counter
+
+
+def count_flops(model: torch.nn.Module, sample_shape: tuple[int, ...], timestep: int = 500) -> int:
+    """FLOPs (2 x MACs) of one forward pass of a denoiser on ONE sample.
+
+    model: anything called as model(x, t) (a diffusers UNet2DModel or a tdcdiff Denoiser).
+    sample_shape: (C, H, W) of one sample; the count is for batch 1.
+    timestep: the timestep fed to the model (FLOPs do not depend on it for standard UNets).
+    """
+    return int(_count(model, sample_shape, timestep).get_total_flops())
+
+
+def flops_by_module(model: torch.nn.Module, sample_shape: tuple[int, ...], timestep: int = 500) -> dict[str, int]:
+    """FLOPs of one forward pass at batch 1 per module, keyed by qualified name as FlopCounterMode gives it
+    ("Global" for the total, "<ClassName>.<path>" for submodules)."""
+    return {name: int(sum(ops.values())) for name, ops in _count(model, sample_shape, timestep).get_flop_counts().items()}

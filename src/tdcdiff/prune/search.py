@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from ..flops import _CUSTOM, count_flops
+from ..flops import count_flops, flops_by_module
 from ..models import as_denoiser
 from .memory import Entry, MemoryBank
 from .proposers import PROPOSERS, Decision, Proposer, SearchContext, get_proposer
@@ -114,11 +113,7 @@ def describe_units(base: nn.Module, units, sample_shape: tuple[int, ...]) -> dic
     base: the unpruned model; units: its surgery.Unit objects; sample_shape: (C, H, W) of one sample.
     """
     denoiser = as_denoiser(base)
-    x = torch.zeros((1, *sample_shape))
-    counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM)
-    with counter:
-        denoiser(x, torch.full((1,), 500, dtype=torch.long))
-    flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    flops = flops_by_module(denoiser, sample_shape)
     total = flops.get("Global", 0) or 1
     info = {}
     for unit in units:  # unit.modules are conv/linear layers, named relative to the wrapped network
