@@ -23,3 +23,34 @@ def scheduler():
     from tdcdiff.schedule import make_scheduler
 
     return make_scheduler(1000)
+
+
+def tiny_config(**changes):
+    """A RunConfig for the whole method at toy sizes (seconds on 2 cores)."""
+    from tdcdiff.prune.search import SearchConfig
+    from tdcdiff.run import RunConfig
+    from tdcdiff.train import TrainConfig
+
+    config = RunConfig(
+        base=TrainConfig(steps=40, batch_size=32, lr=2e-3, warmup_steps=2, checkpoint_every=20, log_every=10),
+        groups=2,
+        k=0.4,
+        search=SearchConfig(rounds=1, candidates_per_round=2),
+        finetune=TrainConfig(steps=6, batch_size=32, lr=5e-4, warmup_steps=1, checkpoint_every=3, log_every=3),
+        sample_steps=4,
+        num_samples=8,
+        eval_samples=32,
+        eval_seeds=1,
+    )
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """One finished tiny TDC run on digits, shared by the tests that only read it: (Run, run_all() result)."""
+    from tdcdiff.run import Run
+
+    run = Run(tmp_path_factory.mktemp("run") / "digits", tiny_config(), progress=False)
+    return run, run.run_all()

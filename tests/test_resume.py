@@ -20,6 +20,8 @@ search: {rounds: 1, candidates_per_round: 2}
 finetune: {steps: 40, batch_size: 32, lr: 0.0005, warmup_steps: 1, checkpoint_every: 10, log_every: 10}
 sample_steps: 4
 num_samples: 8
+eval_samples: 32
+eval_seeds: 1
 """
 
 

@@ -6,30 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tdcdiff.prune.search import SearchConfig
-from tdcdiff.run import Run, RunConfig
-from tdcdiff.train import TrainConfig
-
-
-def tiny_config(**changes) -> RunConfig:
-    config = RunConfig(
-        base=TrainConfig(steps=40, batch_size=32, lr=2e-3, warmup_steps=2, checkpoint_every=20, log_every=10),
-        groups=2,
-        k=0.4,
-        search=SearchConfig(rounds=1, candidates_per_round=2),
-        finetune=TrainConfig(steps=6, batch_size=32, lr=5e-4, warmup_steps=1, checkpoint_every=3, log_every=3),
-        sample_steps=4,
-        num_samples=8,
-    )
-    for key, value in changes.items():
-        setattr(config, key, value)
-    return config
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    run = Run(tmp_path_factory.mktemp("run") / "digits", tiny_config(), progress=False)
-    return run, run.run_all()
+from conftest import tiny_config
+from tdcdiff.run import Run
 
 
 def test_run_all_produces_a_cheaper_bundle(finished_run):

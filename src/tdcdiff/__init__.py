@@ -11,7 +11,8 @@ _LAZY = {
     "load_bundle": "bundle", "save_bundle": "bundle", "Router": "router", "TDCPipeline": "pipeline",
     "sample": "pipeline", "Run": "run", "RunConfig": "run", "TrainConfig": "train", "train": "train",
     "load_dataset": "data", "build_unet": "models", "make_scheduler": "schedule", "count_flops": "flops",
-    "make_groups": "grouping", "make_plan": "budget",
+    "make_groups": "grouping", "make_plan": "budget", "evaluate": "evaluate", "ModelEntry": "evaluate",
+    "write_report": "report", "report_for_run": "report",
 }
 
 

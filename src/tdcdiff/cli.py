@@ -231,6 +231,23 @@ def sample_command(
     typer.echo(f"samples: {path} ({len(result.images)} images, {result.sampler} {result.steps} steps, seed {result.seed}{flops})")
 
 
+@app.command("report")
+def report_command(
+    out: RunDir = Path("runs/digits"),
+    seeds: Annotated[Optional[list[int]], typer.Option("--seed", help="Sampling seed (repeat for several).")] = None,
+    num_samples: NumSamples = None, sampler: Sampler = None, sample_steps: SampleSteps = None, quiet: Quiet = False,
+):
+    """FID/KID, FLOPs, time, memory and training compute of the run's base vs its TDC bundle, as report.html."""
+    from .report import report_for_run
+
+    try:
+        path = report_for_run(out, seeds=tuple(seeds or (0, 1)), num_samples=num_samples or 512,
+                              sampler=sampler, steps=sample_steps, progress=not quiet)
+    except _USER_ERRORS as err:
+        _fail(err)
+    typer.echo(f"report: {path}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="tdcdiff")
 

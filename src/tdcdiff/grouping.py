@@ -188,8 +188,6 @@ def plot_grouping(grouping: Grouping, scheduler, path: str | Path, *, budgets: l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .serialization import atomic_write_bytes
-
     t = np.arange(grouping.num_train_timesteps)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(t, snr_db(scheduler, torch.as_tensor(t)).numpy(), color="black", lw=1.5, label="SNR (dB)")
@@ -202,10 +200,6 @@ def plot_grouping(grouping: Grouping, scheduler, path: str | Path, *, budgets: l
     ax.set_ylabel("SNR (dB)")
     ax.set_title(f"{len(grouping)} groups, strategy '{grouping.strategy}'")
     fig.tight_layout()
-    import io
+    from .report import save_figure
 
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buffer.getvalue())
-    return Path(path)
+    return save_figure(fig, path)

@@ -43,7 +43,9 @@ class RunConfig:
     num_train_timesteps, beta_schedule, prediction_type: the noise schedule.
     base: stage-1 training. groups, grouping, k, ordering: timestep groups and FLOPs budgets.
     search: the pruning search. finetune: stage-2 training of EACH group (steps are per group).
-    sampler, sample_steps, num_samples: the sample grid written at the end. seed: the run's seed.
+    sampler, sample_steps, num_samples: the sample grid written at the end (and the report's sampler).
+    eval_samples, eval_seeds: images per sampling seed and number of seeds behind the report's FID/KID.
+    seed: the run's seed.
     """
 
     data: str = "digits"
@@ -65,6 +67,8 @@ class RunConfig:
     sampler: str = "ddim"
     sample_steps: int = 50
     num_samples: int = 64
+    eval_samples: int = 512
+    eval_seeds: int = 2
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -89,6 +93,8 @@ class RunConfig:
             (1 <= self.sample_steps <= self.num_train_timesteps,
              f"sampling steps must be between 1 and T={self.num_train_timesteps}, got {self.sample_steps}"),
             (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
+            (self.eval_samples >= 2, f"eval_samples must be >= 2 (FID needs two images), got {self.eval_samples}"),
+            (self.eval_seeds >= 1, f"eval_seeds must be >= 1, got {self.eval_seeds}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -381,6 +387,7 @@ class Run:
     def run_all(self) -> dict:
         """Every stage in order, skipping those already done. Returns where the results are."""
         from .bundle import load_bundle
+        from .report import report_for_run
 
         self.train_base()
         plan = self.plan()
@@ -390,7 +397,9 @@ class Run:
         bundle = load_bundle(bundle_path)
         base_grid = self.sample_grid("base", self.base_model())
         tdc_grid = self.sample_grid("tdc", bundle.router)
-        return {"bundle": bundle_path, "samples": [base_grid, tdc_grid], "plan": plan}
+        c = self.config
+        report = report_for_run(self.dir, seeds=tuple(range(c.eval_seeds)), num_samples=c.eval_samples, progress=self.progress)
+        return {"bundle": bundle_path, "samples": [base_grid, tdc_grid], "plan": plan, "report": report}
 
     @staticmethod
     def _groups(plan: Plan, group: int | None) -> range:

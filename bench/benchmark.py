@@ -1,0 +1,319 @@
+"""Benchmark: the single model, uniform pruning and TDC, trained with the same total compute (FLOPs).
+
+    python bench/benchmark.py --data digits --seeds 0 1 2 --out runs/bench-digits
+    python bench/benchmark.py --data mnist   --seeds 0 1 2 --out runs/bench-mnist
+    python bench/benchmark.py --data cifar10 [--gpu] --seeds 0 1 2 --out runs/bench-cifar10
+    python bench/benchmark.py --quick --out /tmp/bench        # seconds; what CI runs
+
+Per seed, in out/seed_<s>/:
+  tdc/      a full TDC run (tdcdiff.run.Run; paper form: stage 2 on the group's timesteps only, no distillation)
+  single/   the stage-1 base trained further by as many FLOPs as TDC's stage 2 costs
+  uniform/  the base pruned with one global ratio to TDC's mean sampling FLOPs, fine-tuned on all timesteps
+            for the FLOPs of TDC's stage 2
+  tdc-options/  (with --mix/--distill) TDC with those stage-2 options, its step count cut to the same compute
+So every arm has had stage 1 plus the same extra compute. The pooled comparison goes to out/report.html
+and out/results.json. Every stage resumes, so rerunning the same command continues an interrupted benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+DEFAULT_DATA = {
+    "mnist": SHARED_DATA / "mnist" / "t10k-images-idx3-ubyte.gz",
+    "cifar10": SHARED_DATA / "cifar10" / "cifar10-train-jpeg.zip",
+    "cifar10-reference": SHARED_DATA / "cifar10" / "cifar10-test-jpeg.zip",
+}
+
+
+@dataclass
+class Setting:
+    """What one data set's benchmark runs.
+
+    run: RunConfig settings as dotted keys (tdcdiff.run.apply_overrides). reference: load_dataset arguments
+    of the FID reference set ("spec" plus size/channels/limit). num_samples: images per model for FID.
+    timing_batches, timing_repeats: see tdcdiff.evaluate.evaluate.
+    """
+
+    run: dict
+    reference: dict
+    num_samples: int = 1024
+    timing_batches: tuple[int, ...] = (1, 64)
+    timing_repeats: int = 3
+    notes: list[str] = field(default_factory=list)
+
+
+def make_setting(data: str, data_path: Path | None, reference_path: Path | None, gpu: bool, quick: bool) -> Setting:
+    """The benchmark setting of a data set; `quick` shrinks everything to a seconds-long smoke run."""
+    if data == "digits":
+        setting = Setting({"data": "digits"}, {"spec": "digits"},
+                          notes=["reference = the 1,797 digits the models are trained on (the only set there is)"])
+    elif data == "mnist":
+        path = str(data_path or DEFAULT_DATA["mnist"])
+        setting = Setting({"data": path, "base.steps": 4000}, {"spec": path},
+                          notes=["MNIST's 10k test split is both training data and FID reference (the only split here)"])
+    elif gpu:
+        train, test = str(data_path or DEFAULT_DATA["cifar10"]), str(reference_path or DEFAULT_DATA["cifar10-reference"])
+        setting = Setting({"data": train, "attention": True, "base.steps": 40000, "base.lr": 2e-4,
+                           "base.checkpoint_every": 2000, "finetune.steps": 4000, "finetune.lr": 1e-4},
+                          {"spec": test}, num_samples=10000, timing_batches=(1, 64, 256))
+    else:
+        train, test = str(data_path or DEFAULT_DATA["cifar10"]), str(reference_path or DEFAULT_DATA["cifar10-reference"])
+        setting = Setting({"data": train, "image_size": 16, "limit": 5000, "base.steps": 3000, "finetune.steps": 300},
+                          {"spec": test, "size": 16, "limit": 2000},
+                          notes=["reduced CPU setting: 5,000 training images at 16x16, reference 2,000 test images"])
+    if quick:
+        setting.run.update({"base.steps": 30, "base.batch_size": 32, "base.warmup_steps": 5, "finetune.steps": 10,
+                            "finetune.batch_size": 32, "finetune.warmup_steps": 2, "groups": 2,
+                            "search.rounds": 1, "search.candidates_per_round": 2, "sample_steps": 5,
+                            "num_samples": 16})
+        if data != "digits":
+            setting.run.update({"limit": 256, "image_size": 16})
+            setting.reference.update({"limit": 256, "size": 16})
+        setting = replace(setting, num_samples=32, timing_batches=(1, 8), timing_repeats=1,
+                          notes=setting.notes + ["--quick: a smoke test, the numbers mean nothing"])
+    return setting
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _load(path: Path):
+    from tdcdiff.serialization import load_model
+
+    return load_model(path)
+
+
+def tdc_arm(run_dir: Path, config, one_stage: bool, progress: bool):
+    """Run TDC; with one_stage, re-initialise the pruned group models and give stage 2 stage 1's compute too."""
+    from tdcdiff.run import Run
+
+    paper_steps = config.finetune.steps
+    saved = run_dir / "config.json"
+    if one_stage and saved.exists():  # resuming: the raised stage-2 step count is part of the saved settings
+        steps = json.loads(saved.read_text())["finetune"]["steps"]
+        config = replace(config, finetune=replace(config.finetune, steps=steps))
+    run = Run(run_dir, config, progress=progress)
+    _say(f"  TDC: stage 1, plan, pruning search -> {run_dir}")
+    run.train_base()
+    run.plan()
+    summaries = run.prune()
+    if one_stage:
+        reinitialise_pruned(run_dir, len(summaries), run.config.seed)
+        per_step = run.config.finetune.batch_size * 3 * sum(s["flops"] for s in summaries)
+        steps = paper_steps + round(run.training_flops()["stage1"] / per_step)
+        if steps != run.config.finetune.steps:
+            _say(f"  one-stage: group models re-initialised; stage 2 raised to {steps} steps per group")
+            run = Run(run_dir, overrides={"finetune.steps": steps}, progress=progress)
+    _say("  TDC: stage 2 (fine-tune each group), bundle")
+    run.finetune()
+    run.export_bundle()
+    return run
+
+
+def reinitialise_pruned(run_dir: Path, groups: int, seed: int) -> None:
+    """Give each pruned group model fresh random weights at its pruned shape (the one-stage ablation)."""
+    import torch
+
+    from tdcdiff.serialization import atomic_write_text, save_model
+
+    marker = run_dir / "prune" / "reinitialised.json"
+    if marker.exists():
+        return
+    for i in range(groups):
+        model = _load(run_dir / "prune" / f"group_{i}")
+        torch.manual_seed(seed * 100 + i)
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        save_model(model, run_dir / "prune" / f"group_{i}")
+    atomic_write_text(marker, json.dumps({"reason": "--one-stage: weights re-initialised before stage 2"}))
+
+
+def options_arm(tdc_run, run_dir: Path, mix: float, distill: float, progress: bool):
+    """TDC with stage-2 options, sharing the paper-form run's base, plan and pruned models; same compute."""
+    from tdcdiff.run import Run
+
+    for part in ("config.json", "base", "plan", "prune"):
+        source, target = tdc_run.dir / part, run_dir / part
+        if not target.exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
+    c = tdc_run.config
+    pruned = sum(json.loads(p.read_text())["flops"] for p in sorted((tdc_run.dir / "prune").glob("summary_*.json")))
+    base_flops = json.loads((tdc_run.dir / "plan" / "plan.json").read_text())["base_flops"]
+    # Distillation adds one teacher forward per step: fewer steps keep stage 2's FLOPs equal.
+    teacher = c.groups * base_flops if distill > 0 else 0
+    steps = max(1, round(c.finetune.steps * 3 * pruned / (3 * pruned + teacher)))
+    run = Run(run_dir, overrides={"finetune.mix_fraction": mix, "finetune.distill_weight": distill,
+                                  "finetune.steps": steps}, progress=progress)
+    _say(f"  TDC + options (mix {mix}, distill {distill}): stage 2, {steps} steps per group -> {run_dir}")
+    run.finetune()
+    run.export_bundle()
+    return run
+
+
+def train_further(model, run, extra_flops: int, out_dir: Path, description: str, progress: bool):
+    """Train `model` on all timesteps for `extra_flops` (stage-2 settings); returns (TrainResult, model)."""
+    from tdcdiff.flops import count_flops
+    from tdcdiff.train import FINAL_DIR, train
+
+    c = run.config
+    per_step = c.finetune.batch_size * 3 * count_flops(model, run.sample_shape)
+    config = replace(c.finetune, steps=max(1, round(extra_flops / per_step)), mix_fraction=0.0, distill_weight=0.0,
+                     seed=c.seed * 100)
+    _say(f"  {description}: {config.steps} steps on all timesteps -> {out_dir}")
+    train_images, _ = run.split()
+    result = train(model, train_images, run.scheduler, config, out_dir, progress=progress, description=description)
+    return result, _load(out_dir / FINAL_DIR)
+
+
+def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
+    """All arms for one seed, evaluated side by side; returns the evaluate() dict."""
+    from tdcdiff.budget import Plan
+    from tdcdiff.bundle import load_bundle
+    from tdcdiff.evaluate import ModelEntry, evaluate
+    from tdcdiff.prune.surgery import fit_to_budget, prunable_units, uniform_decision
+    from tdcdiff.run import RunConfig, apply_overrides
+
+    seed_dir = out / f"seed_{seed}"
+    overrides = {**setting.run, "seed": seed, "finetune.mix_fraction": 0.0, "finetune.distill_weight": 0.0}
+    for key, value in (("k", args.k), ("groups", args.groups), ("grouping", args.grouping),
+                       ("ordering", args.ordering), ("search.proposer", args.proposer), ("search.memory", args.memory),
+                       ("sampler", args.sampler), ("sample_steps", args.sample_steps)):
+        if value is not None:
+            overrides[key] = value
+    config = apply_overrides(RunConfig(), overrides)
+    progress = not args.quiet
+
+    _say(f"[seed {seed}]")
+    tdc = tdc_arm(seed_dir / "tdc", config, args.one_stage, progress)
+    compute = tdc.training_flops()
+    stage1 = compute["stage1"]
+    # One-stage group models never used the base's weights: their compute is stage 2 alone.
+    tdc_flops = compute["total"] - (stage1 if args.one_stage else 0)
+    extra = tdc_flops - stage1
+    plan = Plan.load(tdc.dir / "plan" / "plan.json")
+    c = tdc.config
+
+    single, single_model = train_further(tdc.base_model(), tdc, extra, seed_dir / "single", "single model", progress)
+
+    base = tdc.base_model()
+    # fit_to_budget keeps only the ratios' relative sizes: equal ratios scale as one global ratio.
+    fit = fit_to_budget(base, uniform_decision(prunable_units(base), 0.5), round(plan.mean_fraction * plan.base_flops),
+                        tdc.sample_shape)
+    uniform, uniform_model = train_further(fit.model, tdc, extra, seed_dir / "uniform", "uniform-pruned", progress)
+    ratios = sorted({round(r, 3) for r in fit.decision.values()})
+    ratio_note = (f"one global ratio {ratios[0]}" if len(ratios) == 1 else
+                  f"ratios {ratios} (GroupNorm steps: the global ratio was repaired per unit to meet the budget)")
+
+    form = "one-stage (group models trained from scratch at their pruned shapes)" if args.one_stage else "paper form"
+    entries = [
+        ModelEntry("single model", single_model, stage1 + single.train_flops,
+                   notes=f"stage-1 base ({c.base.steps} steps) + {single.steps} more steps on all timesteps"),
+        ModelEntry("uniform-pruned", uniform_model, stage1 + uniform.train_flops,
+                   notes=f"base pruned to {fit.flops / plan.base_flops:.1%} of its FLOPs ({ratio_note}, magnitude "
+                         f"importance), then {uniform.steps} steps on all timesteps"),
+        ModelEntry("TDC (one-stage)" if args.one_stage else "TDC", load_bundle(tdc.dir / "bundle").router, tdc_flops,
+                   notes=f"{form}: {c.groups} groups ('{c.grouping}', k={c.k}, ordering '{c.ordering}', proposer "
+                         f"'{c.search.proposer}', memory {'on' if c.search.memory else 'off'}), {c.finetune.steps} "
+                         "stage-2 steps per group on its own timesteps"),
+    ]
+    if args.mix or args.distill:
+        variant = options_arm(tdc, seed_dir / "tdc-options", args.mix or 0.0, args.distill or 0.0, progress)
+        v = variant.training_flops()
+        entries.append(ModelEntry(f"TDC (mix {args.mix or 0}, distill {args.distill or 0})",
+                                  load_bundle(variant.dir / "bundle").router,
+                                  v["total"] - (stage1 if args.one_stage else 0),
+                                  notes=f"as TDC, stage 2 with {variant.config.finetune.steps} steps per group, "
+                                        f"mix fraction {args.mix or 0}, distillation weight {args.distill or 0}"))
+
+    _say(f"  evaluating {', '.join(e.name for e in entries)}")
+    images, labels, name = reference
+    return evaluate(entries, tdc.scheduler, images, labels, sample_shape=tdc.sample_shape, sampler=c.sampler,
+                    steps=c.sample_steps, num_samples=setting.num_samples, seeds=(seed,),
+                    feature_cache_dir=args.feature_cache, reference_name=name,
+                    timing_batches=setting.timing_batches, timing_repeats=setting.timing_repeats,
+                    grid_dir=seed_dir / "grids", progress=progress)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", choices=("digits", "mnist", "cifar10"), default="digits", help="data set to benchmark")
+    p.add_argument("--data-path", type=Path, help="override the training data file (mnist: IDX images; cifar10: zip)")
+    p.add_argument("--reference-path", type=Path, help="override cifar10's FID reference set (default: the test zip)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one independent run per seed")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench-<data>)")
+    p.add_argument("--quick", action="store_true", help="tiny steps and few samples: a seconds-long smoke run")
+    p.add_argument("--gpu", action="store_true", help="cifar10 only: the larger setting (full data, 32x32, attention)")
+    p.add_argument("--k", type=float, help="budget slope k (0 < k <= 1)")
+    p.add_argument("--groups", "-n", type=int, help="N, number of timestep groups")
+    p.add_argument("--grouping", choices=("snr", "uniform", "loss"), help="how timesteps are grouped")
+    p.add_argument("--ordering", choices=("measured", "snr-high-hard", "snr-low-hard"), help="which groups are hard")
+    p.add_argument("--proposer", choices=("evolution", "uniform", "llm"), help="pruning proposer")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None, help="proposer memory bank")
+    p.add_argument("--one-stage", action="store_true",
+                   help="ablation: group models trained from scratch at their pruned shapes (stage 2 also gets stage 1's compute)")
+    p.add_argument("--mix", type=float, help="also run TDC with this stage-2 mix fraction of all-timestep samples")
+    p.add_argument("--distill", type=float, help="also run TDC with this stage-2 distillation weight")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm-solver++"), help="sampler for FID and timing")
+    p.add_argument("--sample-steps", type=int, help="sampling steps for FID and timing")
+    p.add_argument("--feature-cache", type=Path, help="FID feature-classifier cache (default: ~/.cache/tdcdiff/features)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (stage lines are still printed)")
+    args = p.parse_args(argv)
+    if args.gpu and args.data != "cifar10":
+        p.error("--gpu selects the larger cifar10 setting; use it with --data cifar10")
+    args.out = args.out or Path("runs") / f"bench-{args.data}{'-gpu' if args.gpu else ''}{'-quick' if args.quick else ''}"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    from tdcdiff.data import load_dataset
+    from tdcdiff.evaluate import pool
+    from tdcdiff.report import format_table, verdicts, write_report
+
+    setting = make_setting(args.data, args.data_path, args.reference_path, args.gpu, args.quick)
+    ref = dict(setting.reference)
+    spec = ref.pop("spec")
+    ref_data = load_dataset(spec, **ref)
+    reference = (ref_data.images, ref_data.labels, Path(spec).name)
+    _say(f"benchmark {args.data}: seeds {args.seeds}, reference '{Path(spec).name}' ({len(ref_data)} images) -> {args.out}")
+
+    evaluations = [run_seed(args, setting, seed, reference, args.out) for seed in args.seeds]
+    results = pool(evaluations, [f"seed {s}" for s in args.seeds])
+    results["context"] = [
+        "The claim under test (arXiv 2312.13307): TDC gets better FID than the single model with about 20% fewer "
+        "sampling FLOPs and no more training compute.",
+        "Every arm had the same training compute (the training ratio column): the single and uniform models "
+        "continue from TDC's stage-1 base for the FLOPs of TDC's stage 2. The pruning search's proxy forward "
+        "passes are not counted. " + " ".join(setting.notes),
+    ]
+    results["bench"] = {
+        "data": args.data, "gpu": args.gpu, "quick": args.quick, "seeds": args.seeds,
+        "run_settings": setting.run, "reference": setting.reference, "notes": setting.notes,
+        "one_stage": args.one_stage, "mix": args.mix, "distill": args.distill,
+        "command": " ".join(["python", "bench/benchmark.py", *(argv if argv is not None else sys.argv[1:])]),
+        "equal_compute": "every arm: stage 1 + the FLOPs of TDC's stage 2 (pruning-search proxy forwards not counted)",
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    page = write_report(args.out, results, run_dir=args.out / f"seed_{args.seeds[0]}" / "tdc")
+    _say("\n" + format_table(results))
+    for sentence in verdicts(results):
+        _say(f"- {sentence}")
+    _say(f"\nreport: {page}\nresults: {args.out / 'results.json'}  ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Measure a set of models side by side: FID/KID, sampling FLOPs, sampling time, memory, training compute.
+
+Every number in the result states how it was measured (see DESIGN.md, "Evaluation protocol"): the sampler
+and step count, the sample count and seeds, the feature network and reference set, the FLOPs convention
+(2 x multiply-accumulates), and for times and memory the method. Times are ratios against the first model,
+measured interleaved in the same process, because the machines this runs on are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+FLOPS_CONVENTION = "FLOPs = 2 x multiply-accumulates"
+FORMAT = "tdcdiff-evaluation/1"
+
+
+@dataclass
+class ModelEntry:
+    """One model to evaluate.
+
+    name: shown in tables and plots, e.g. "single model", "uniform-pruned", "TDC".
+    denoiser: anything called as model(x, t): a diffusers UNet2DModel, a pruned copy, or a tdcdiff Router.
+    train_flops: the total training compute that produced it (FLOPs, forward + backward = 3 x forward).
+    flops_per_image: how to count sampling FLOPs: an int is the FLOPs of one forward pass (multiplied by
+        the steps taken); a callable gets the list of timesteps the sampler visited and returns the FLOPs of
+        one image along them; None measures it (Router.trajectory_flops for a router, else count_flops x steps).
+    notes: one line on how the model was made, shown in the report.
+    """
+
+    name: str
+    denoiser: nn.Module
+    train_flops: int
+    flops_per_image: Callable[[list[int]], int] | int | None = None
+    notes: str = ""
+
+
+def default_cache_dir() -> Path:
+    """Where feature networks are cached: $TDCDIFF_CACHE, else $XDG_CACHE_HOME/tdcdiff, else ~/.cache/tdcdiff."""
+    if os.environ.get("TDCDIFF_CACHE"):
+        return Path(os.environ["TDCDIFF_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tdcdiff"
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a model name ("TDC (mix 0.5)" -> "tdc-mix-0-5")."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
+
+
+def trajectory_flops(entry: ModelEntry, timesteps: list[int], sample_shape: tuple[int, int, int]) -> int:
+    """FLOPs of one image along the visited timesteps, as ModelEntry.flops_per_image says to count them."""
+    from .flops import count_flops
+
+    how = entry.flops_per_image
+    if callable(how):
+        return int(how(timesteps))
+    if isinstance(how, int):
+        return how * len(timesteps)
+    if hasattr(entry.denoiser, "trajectory_flops"):
+        return entry.denoiser.trajectory_flops(timesteps)
+    return count_flops(entry.denoiser, sample_shape) * len(timesteps)
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+@torch.no_grad()
+def _peak_forward_bytes(model: nn.Module, timesteps: list[int], sample_shape, batch: int, device) -> int:
+    """Peak tensor bytes allocated during one forward at `batch`, max over the distinct experts visited."""
+    grouping = getattr(model, "grouping", None)
+    if grouping is not None:  # one forward per expert the trajectory uses is enough: they run one at a time
+        groups = grouping.group_of(torch.as_tensor(timesteps))
+        probes = [timesteps[int((groups == g).nonzero()[0])] for g in groups.unique().tolist()]
+    else:
+        probes = timesteps[:1]
+    x = torch.randn((batch, *sample_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    peak = 0
+    for t_value in probes:
+        t = torch.full((batch,), t_value, dtype=torch.long, device=device)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            model(x, t)
+            peak = max(peak, torch.cuda.max_memory_allocated(device) - before)
+            continue
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            model(x, t)
+        # Each op's own allocations minus frees, in start order: the running sum is the live tensor bytes.
+        live = 0
+        for _, delta in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()):
+            live += delta
+            peak = max(peak, live)
+    return peak
+
+
+def _time_sampling(models: list[nn.Module], scheduler, *, sample_shape, sampler, steps, batch, repeats) -> list[float]:
+    """Median seconds of one full sampling run at `batch`, per model, with the models' runs interleaved."""
+    from .pipeline import sample
+
+    times: list[list[float]] = [[] for _ in models]
+    for repeat in range(repeats + 1):
+        for i, model in enumerate(models):
+            start = time.perf_counter()
+            sample(model, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps, num_images=batch,
+                   batch_size=batch, seed=repeat, progress=False)
+            if repeat:  # the first round warms up caches and allocators; it is not counted
+                times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def evaluate(
+    entries: list[ModelEntry],
+    scheduler,
+    reference_images: torch.Tensor,
+    reference_labels: torch.Tensor,
+    *,
+    sample_shape: tuple[int, int, int],
+    sampler: str = "ddim",
+    steps: int = 50,
+    num_samples: int = 512,
+    seeds: tuple[int, ...] = (0,),
+    feature_cache_dir: str | Path | None = None,
+    reference_name: str = "reference",
+    feature_net: nn.Module | None = None,
+    timing_batches: tuple[int, ...] = (1, 64),
+    timing_repeats: int = 3,
+    grid_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict:
+    """Measure every model under one protocol; returns a JSON-able dict (see `report.write_report`).
+
+    entries: the models; the FIRST is the reference that ratios (FLOPs, time, training compute) are taken to.
+    scheduler: the training noise schedule all models share.
+    reference_images, reference_labels: the real images FID/KID compare against (NCHW in [-1, 1]) and their
+        labels (the default feature network is a classifier trained on them; -1 = unlabeled).
+    sample_shape: (C, H, W) of one image. sampler, steps: how images are generated ("ddpm", "ddim",
+        "dpm-solver++"). num_samples: images per model and seed. seeds: sampling seeds (FID mean and sd
+        are over them).
+    feature_cache_dir: where the feature classifier is cached (default: `default_cache_dir()/features`).
+    reference_name: short name of the data set (names the feature classifier and the reference set).
+    feature_net: a feature network to use instead of the classifier, e.g. metrics.inception_feature_extractor.
+    timing_batches: batch sizes at which a full sampling run is timed. timing_repeats: timed runs per model
+        and batch (after one warm-up), interleaved across models; the median is reported.
+    grid_dir: if given, a grid of each model's first-seed samples is written there as samples_<name>.png.
+    device: where sampling runs (default: CUDA when available, else CPU); models are moved there.
+    progress: print one line per measurement.
+    """
+    from .metrics import compute_fid, feature_net_for, summarize_seeds
+    from .pipeline import sample, save_grid
+
+    if not entries:
+        raise ValueError("evaluate needs at least one ModelEntry")
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}")
+    if not seeds:
+        raise ValueError("evaluate needs at least one sampling seed")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    say = print if progress else (lambda *a, **k: None)
+    sample_shape = tuple(sample_shape)
+    if feature_net is None:
+        feature_net = feature_net_for(reference_images, reference_labels,
+                                      cache_dir=Path(feature_cache_dir or default_cache_dir() / "features"),
+                                      name=reference_name)
+    models = [e.denoiser.to(device).eval() for e in entries]
+
+    records = []
+    for entry, model in zip(entries, models):
+        fids, flops = [], []
+        for seed in seeds:
+            start = time.perf_counter()
+            result = sample(model, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
+                            num_images=num_samples, seed=seed, device=device, progress=False)
+            fid = compute_fid(result.images, reference_images, feature_net, sampler=sampler, steps=steps,
+                              seed=seed, reference_name=reference_name)
+            say(f"  {entry.name}: seed {seed}: FID {fid.fid:.2f}, KID {fid.kid_mean:.4f} "
+                f"({time.perf_counter() - start:.1f} s)")
+            fids.append(fid)
+            flops.append(trajectory_flops(entry, result.timesteps, sample_shape))
+            if grid_dir is not None and seed == seeds[0]:
+                grid = save_grid(result.images[:64], Path(grid_dir) / f"samples_{slug(entry.name)}.png")
+        summary = summarize_seeds(fids)
+        peak = _peak_forward_bytes(model, result.timesteps, sample_shape, max(timing_batches), device)
+        records.append({
+            "name": entry.name,
+            "notes": entry.notes,
+            "fid": {"mean": summary["fid_mean"], "sd": summary["fid_sd"], "per_seed": [f.to_dict() for f in fids]},
+            "kid": {"mean": summary["kid_mean"], "sd": summary["kid_sd"]},
+            "sampling_flops": {"per_image": statistics.fmean(flops), "steps": steps},
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "memory": {"weights_bytes": _weight_bytes(model), "peak_activation_bytes": peak,
+                       "total_bytes": _weight_bytes(model) + peak},
+            "train_flops": int(entry.train_flops),
+            "sample_grid": str(grid) if grid_dir is not None else None,
+        })
+
+    timing = {}
+    for batch in timing_batches:
+        say(f"  timing sampling at batch {batch} ({timing_repeats} interleaved repeats)")
+        timing[batch] = _time_sampling(models, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
+                                       batch=batch, repeats=timing_repeats)
+    first = records[0]
+    for i, record in enumerate(records):
+        record["sampling_flops"]["ratio"] = record["sampling_flops"]["per_image"] / first["sampling_flops"]["per_image"]
+        record["train_flops_ratio"] = record["train_flops"] / first["train_flops"] if first["train_flops"] else None
+        record["time"] = {f"batch_{b}": {"median_s": t[i], "ratio": t[i] / t[0]} for b, t in timing.items()}
+
+    return {
+        "format": FORMAT,
+        "protocol": {
+            "sampler": sampler,
+            "steps": steps,
+            "num_samples": num_samples,
+            "seeds": list(seeds),
+            "feature_net": getattr(feature_net, "description", type(feature_net).__name__),
+            "reference": {"name": reference_name, "count": len(reference_images)},
+            "fid": "torchmetrics FrechetInceptionDistance / KernelInceptionDistance on the feature net's "
+                   "features; mean and sample sd over the seeds",
+            "flops": f"{FLOPS_CONVENTION}; per image, summed over the sampling steps actually taken "
+                     "(a router counts the expert it calls at each step)",
+            "time": f"wall-clock of one full {sampler}-{steps} sampling run at each batch size, median of "
+                    f"{timing_repeats} runs interleaved across models after one warm-up; ratios are to "
+                    f"'{first['name']}' measured in the same process",
+            "memory": "weights: parameter + buffer bytes of every loaded expert; peak activations: "
+                      + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                         "torch.profiler (profile_memory=True), running sum of CPU tensor allocations minus frees")
+                      + f" during one forward at batch {max(timing_batches)}, max over the experts visited",
+            "train_flops": f"{FLOPS_CONVENTION}; forward + backward = 3 x forward, x batch x steps, from the "
+                           "training runs' own records",
+            "ratios_to": first["name"],
+            "device": str(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, "
+                                                               f"{torch.get_num_threads()} threads)",
+            "torch": torch.__version__,
+        },
+        "models": records,
+    }
+
+
+def pool(evaluations: list[dict], labels: list[str] | None = None) -> dict:
+    """Combine evaluations of the same models from independent runs (e.g. one training seed each).
+
+    FID and KID are pooled over every (run, sampling seed) pair, so their sd includes run-to-run variation;
+    the other numbers are averaged over runs. evaluations: `evaluate` results with the same model names in
+    the same order, under one protocol. labels: one name per run (e.g. "seed 0"), kept with the per-run data.
+    """
+    from .metrics import FidResult, summarize_seeds
+
+    if not evaluations:
+        raise ValueError("pool needs at least one evaluation")
+    names = [m["name"] for m in evaluations[0]["models"]]
+    for other in evaluations[1:]:
+        if [m["name"] for m in other["models"]] != names:
+            raise ValueError(f"evaluations compare different models: {names} vs {[m['name'] for m in other['models']]}")
+    labels = labels or [f"run {i}" for i in range(len(evaluations))]
+    models = []
+    for i, name in enumerate(names):
+        runs = [e["models"][i] for e in evaluations]
+        fids = [FidResult(**f) for r in runs for f in r["fid"]["per_seed"]]
+        summary = summarize_seeds(fids)
+        models.append({
+            **_mean_tree(runs),
+            "name": name,
+            "notes": runs[0]["notes"],
+            "fid": {"mean": summary["fid_mean"], "sd": summary["fid_sd"], "per_seed": [f.to_dict() for f in fids]},
+            "kid": {"mean": summary["kid_mean"], "sd": summary["kid_sd"]},
+            "sample_grid": runs[0]["sample_grid"],
+        })
+    protocol = dict(evaluations[0]["protocol"])
+    protocol["runs"] = labels
+    protocol["seeds"] = [f["seed"] for f in models[0]["fid"]["per_seed"]]
+    protocol["fid"] += f"; pooled over {len(evaluations)} independent runs ({', '.join(labels)})"
+    return {"format": FORMAT, "protocol": protocol, "models": models,
+            "per_run": [{"label": label, **e} for label, e in zip(labels, evaluations)]}
+
+
+def _mean_tree(trees: list):
+    """Average numeric leaves of same-shaped dicts; equal or non-numeric leaves are kept from the first."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: _mean_tree([t[k] for t in trees]) for k in first}
+    numeric = all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in trees)
+    return statistics.fmean(trees) if numeric and len(set(trees)) > 1 else first

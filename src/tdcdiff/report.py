@@ -1,0 +1,360 @@
+"""The evidence page: a side-by-side table, plots and plain-language verdicts from `evaluate` results.
+
+    out_dir/
+      report.html        one self-contained page; images by relative path
+      results.json       the measurements (evaluate's dict) plus the figure files
+      *.png              plots and sample grids
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import shutil
+from pathlib import Path
+
+from .evaluate import slug
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG atomically (readers never see half a file) and close it.
+
+    fig: the matplotlib Figure. path: the PNG to write. dpi: resolution.
+    """
+    import matplotlib.pyplot as plt
+
+    from .serialization import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never open a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# -- numbers as text ---------------------------------------------------------------------------------
+def _pm(stats: dict, digits: int) -> str:
+    return f"{stats['mean']:.{digits}f} ± {stats['sd']:.{digits}f}"
+
+
+def _times(model: dict) -> str:
+    return " / ".join(f"{t['ratio']:.2f}x" for t in model["time"].values())
+
+
+def _ratio(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _si(flops: float) -> str:
+    """FLOPs with an SI prefix, e.g. 1.23 GFLOPs."""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(flops) >= scale:
+            return f"{flops / scale:.3g} {prefix}FLOPs"
+    return f"{flops:.3g} FLOPs"
+
+
+def table_rows(results: dict) -> list[dict[str, str]]:
+    """One dict of formatted cells per model (the columns of both the HTML and the console table)."""
+    batches = " / ".join(key.removeprefix("batch_") for key in results["models"][0]["time"])
+    rows = []
+    for m in results["models"]:
+        memory = m["memory"]
+        rows.append({
+            "model": m["name"],
+            "FID (mean ± sd)": _pm(m["fid"], 2),
+            "KID (mean ± sd)": _pm(m["kid"], 4),
+            "sampling FLOPs / image": _si(m["sampling_flops"]["per_image"]),
+            "FLOPs ratio": f"{m['sampling_flops']['ratio']:.2f}x",
+            f"time ratio (batch {batches})": _times(m),
+            "peak memory MB (weights + activations)": f"{memory['weights_bytes'] / 2**20:.2f} + "
+                                                      f"{memory['peak_activation_bytes'] / 2**20:.2f}",
+            "training compute": _si(m["train_flops"]),
+            "training ratio": _ratio(m["train_flops_ratio"]),
+        })
+    return rows
+
+
+def format_table(results: dict) -> str:
+    """The side-by-side table as aligned plain text (for the console)."""
+    rows = table_rows(results)
+    columns = list(rows[0])
+    widths = [max(len(c), *(len(r[c]) for r in rows)) for c in columns]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(r[c].ljust(w) for c, w in zip(columns, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def protocol_line(results: dict) -> str:
+    """One sentence naming everything a FID number depends on."""
+    p = results["protocol"]
+    runs = f" over {len(p['runs'])} independent runs: {', '.join(p['runs'])}" if p.get("runs") else ""
+    return (f"FID/KID on {p['num_samples']} samples per model and seed (sampling seeds {p['seeds']}{runs}), "
+            f"{p['sampler'].upper()} {p['steps']} steps, features: {p['feature_net']}, reference: "
+            f"'{p['reference']['name']}' ({p['reference']['count']} images). {p['flops'].split(';')[0]}. "
+            f"Ratios are to '{p['ratios_to']}'.")
+
+
+def verdicts(results: dict) -> list[str]:
+    """A plain-language sentence for every pair of models (later vs earlier in the table).
+
+    A FID gap counts as real only when it is larger than the seed spread (metrics.is_tie); with one seed
+    there is no spread, and the sentence says the gap is untested.
+    """
+    from .metrics import is_tie
+
+    models = results["models"]
+    sentences = []
+    for i, a in enumerate(models):
+        for b in models[i + 1 :]:
+            gap = b["fid"]["mean"] - a["fid"]["mean"]
+            spread = max(a["fid"]["sd"], b["fid"]["sd"])
+            count = len(b["fid"]["per_seed"])
+            scores = f"FID {_pm(b['fid'], 2)} vs {_pm(a['fid'], 2)} over {count} seed(s)"
+            if count < 2:
+                quality = (f"{b['name']} scores {abs(gap):.2f} FID {'lower' if gap < 0 else 'higher'} ({scores}), "
+                           "but with one seed there is no spread to judge that gap against: it is untested")
+            elif is_tie(b["fid"]["mean"], b["fid"]["sd"], a["fid"]["mean"], a["fid"]["sd"]):
+                quality = f"a tie ({scores}: the gap {abs(gap):.2f} is within the seed spread {spread:.2f})"
+            else:
+                better = "better" if gap < 0 else "worse"
+                quality = (f"{b['name']} is {better} ({scores}: the gap {abs(gap):.2f} exceeds the seed "
+                           f"spread {spread:.2f})")
+            cost = (f"it uses {b['sampling_flops']['per_image'] / a['sampling_flops']['per_image']:.2f}x the "
+                    f"sampling FLOPs, "
+                    + ", ".join(f"{b['time'][k]['ratio'] / a['time'][k]['ratio']:.2f}x the time at "
+                                f"{k.replace('_', ' ')}" for k in b["time"])
+                    + (f" and {b['train_flops'] / a['train_flops']:.2f}x the training compute"
+                       if a["train_flops"] else ""))
+            sentences.append(f"{b['name']} vs {a['name']}: {quality}; {cost}.")
+    return sentences
+
+
+# -- plots -------------------------------------------------------------------------------------------
+def plot_fid_vs_flops(results: dict, path: str | Path) -> Path:
+    """Scatter of FID (mean, error bar = sd over seeds) against mean sampling FLOPs per image."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [m["sampling_flops"]["per_image"] / 1e6 for m in results["models"]]
+    for x, m in zip(xs, results["models"]):
+        ax.errorbar(x, m["fid"]["mean"], yerr=m["fid"]["sd"], fmt="o", capsize=4, label=m["name"])
+    ax.set_xlim(0, 1.08 * max(xs))  # from zero, so a 20% saving looks like one
+    ax.set_xlabel("sampling MFLOPs per image (2 x MACs)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title("quality against sampling cost")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_budgets(plan: dict, manifest: dict, path: str | Path) -> Path:
+    """Bar chart per group: the planned FLOPs budget and the measured FLOPs of its expert, as fractions of F."""
+    import numpy as np
+
+    plt = _pyplot()
+    base = plan["base_flops"]
+    budgets = np.array(plan["budgets"]) / base
+    measured = np.array(manifest["expert_flops"]) / base
+    x = np.arange(len(budgets))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(x - 0.2, budgets, 0.4, label="budget")
+    ax.bar(x + 0.2, measured, 0.4, label="measured")
+    for i, (b, m) in enumerate(zip(budgets, measured)):
+        ax.text(i + 0.2, m, f"{m / b - 1:+.1%}", ha="center", va="bottom", fontsize=8)
+    groups = plan["grouping"]["groups"]
+    ax.set_xticks(x, [f"G{g['index']}\nt {g['start']}-{g['end'] - 1}" for g in groups], fontsize=8)
+    ax.set_ylabel("FLOPs / base FLOPs")
+    ax.set_title(f"FLOPs per group (k={plan['k']}, ordering '{plan['ordering']}')")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_loss_per_t(curves: dict, boundaries: list[int], path: str | Path) -> Path:
+    """Per-timestep denoising loss of each model (log scale) and each curve relative to the first.
+
+    curves: name -> array of T losses (grouping.per_timestep_loss); boundaries: group edges to draw.
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    (ref_name, ref), *_ = curves.items()
+    for name, loss in curves.items():
+        top.plot(loss, label=name, lw=1.2)
+        if name != ref_name:
+            bottom.plot(np.asarray(loss) / ref, label=f"{name} / {ref_name}", lw=1.2)
+    bottom.axhline(1.0, color="gray", lw=0.8)
+    for ax in (top, bottom):
+        for edge in boundaries[1:-1]:
+            ax.axvline(edge, color="tab:red", ls="--", lw=0.8)
+    top.set_yscale("log")
+    top.set_ylabel("denoising loss")
+    top.legend(fontsize=8)
+    bottom.set_ylabel("relative")
+    bottom.set_xlabel("timestep t")
+    bottom.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _run_figures(run_dir: Path, out_dir: Path) -> list[tuple[str, str]]:
+    """The figures only a run directory can give: grouping, budgets, per-timestep loss. (file, caption)."""
+    from .bundle import load_bundle
+    from .grouping import Grouping, per_timestep_loss, plot_grouping
+    from .run import Run
+
+    plan = json.loads((run_dir / "plan" / "plan.json").read_text())
+    bundle = load_bundle(run_dir / "bundle")
+    run = Run(run_dir, progress=False)
+    grouping = Grouping.from_dict(plan["grouping"])
+    plot_grouping(grouping, run.scheduler, out_dir / "grouping.png", budgets=plan["fractions"])
+    plot_budgets(plan, bundle.manifest, out_dir / "budgets.png")
+    _, held_out = run.split()
+    # 40 timesteps x 32 images: a visual, paired (same images and noise for both models), so a few seconds do.
+    curves = {name: per_timestep_loss(model, held_out, run.scheduler, num_points=40, images_per_point=32,
+                                      seed=run.config.seed)
+              for name, model in (("base (stage 1)", run.base_model()), ("TDC (routed group models)", bundle.router))}
+    plot_loss_per_t(curves, grouping.boundaries, out_dir / "loss_per_t.png")
+    return [
+        ("grouping.png", f"SNR (dB) over the timesteps t, with the {len(grouping)} group boundaries "
+                         f"('{grouping.strategy}' grouping) and each group's FLOPs budget as a fraction of the "
+                         "base model's FLOPs F."),
+        ("budgets.png", "Each group's planned FLOPs budget and the measured FLOPs of its pruned expert "
+                        "(2 x MACs, one forward), as fractions of F; the label is the measured error."),
+        ("loss_per_t.png", "Denoising loss at every timestep on the run's held-out images with fixed noise: "
+                           "the stage-1 base against the routed group models (each t uses its group's "
+                           "expert). Below 1 in the lower panel means the group model is better there."),
+    ]
+
+
+# -- the page ----------------------------------------------------------------------------------------
+def write_report(out_dir: str | Path, results: dict, *, run_dir: str | Path | None = None) -> Path:
+    """Write report.html, results.json and the PNG plots into out_dir; returns the path of report.html.
+
+    out_dir: the report folder (created). results: an `evaluate` (or `evaluate.pool`) dict; each model's
+    `sample_grid`, if any, is copied in; an optional "context" list of sentences is shown under the protocol
+    (what the comparison can and cannot show). run_dir: a finished TDC run directory; adds the grouping,
+    budget and per-timestep-loss plots of that run.
+    """
+    from .serialization import atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = [("fid_vs_flops.png", "FID (dot: mean, bar: sd over seeds) against the mean sampling FLOPs per "
+                                    "image along the trajectory. Lower-left is better.")]
+    plot_fid_vs_flops(results, out_dir / figures[0][0])
+    if run_dir is not None:
+        figures += _run_figures(Path(run_dir), out_dir)
+    grids = {}  # model name -> its sample grid, copied next to the page
+    for m in results["models"]:
+        if m.get("sample_grid"):
+            grids[m["name"]] = name = f"samples_{slug(m['name'])}.png"
+            if Path(m["sample_grid"]).resolve() != (out_dir / name).resolve():
+                shutil.copyfile(m["sample_grid"], out_dir / name)
+            figures.append((name, f"Samples of {m['name']} (first sampling seed)."))
+
+    p = results["protocol"]
+    rows = table_rows(results)
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r.values()) + "</tr>" for r in rows)
+    notes = "".join(f"<li><b>{html.escape(m['name'])}</b>: {html.escape(m['notes'] or '')}</li>" for m in results["models"])
+    method = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</dd>"
+                     for k, v in p.items())
+    plots = "".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(f)}"><figcaption>{html.escape(c)}'
+                    "</figcaption></figure>" for f, c in figures)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>tdcdiff report: {html.escape(p['reference']['name'])}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; line-height: 1.4; }}
+table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #bbb; padding: 4px 8px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }} figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
+figcaption {{ font-size: 0.9em; color: #333; }} dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.5em 1em; }}
+</style></head><body>
+<h1>tdcdiff: {html.escape(" vs ".join(m["name"] for m in results["models"]))} on {html.escape(p['reference']['name'])}</h1>
+<p><b>Protocol.</b> {html.escape(protocol_line(results))}</p>
+{"".join(f"<p>{html.escape(line)}</p>" for line in results.get("context", []))}
+<h2>Side by side</h2>
+<table><tr>{header}</tr>{body}</table>
+<ul>{notes}</ul>
+<h2>Verdicts</h2>
+<ul>{"".join(f"<li>{html.escape(v)}</li>" for v in verdicts(results))}</ul>
+<p>A FID gap counts only when it exceeds the larger seed-to-seed standard deviation of the two models.
+Times are measured, not derived from FLOPs: small networks on CPUs speed up much less than their FLOPs fall.</p>
+<h2>Plots</h2>
+{plots}
+<h2>How each number was measured</h2>
+<dl>{method}</dl>
+</body></html>
+"""
+    written = {**results, "models": [{**m, "sample_grid": grids.get(m["name"])} for m in results["models"]],
+               "figures": dict(figures)}
+    atomic_write_text(out_dir / "results.json", json.dumps(written, indent=2, default=str))
+    atomic_write_text(out_dir / "report.html", page)
+    return out_dir / "report.html"
+
+
+def report_for_run(
+    run_dir: str | Path,
+    *,
+    seeds: tuple[int, ...] = (0, 1),
+    num_samples: int = 512,
+    sampler: str | None = None,
+    steps: int | None = None,
+    feature_cache_dir: str | Path | None = None,
+    timing_batches: tuple[int, ...] = (1, 64),
+    timing_repeats: int = 3,
+    progress: bool = True,
+) -> Path:
+    """The report of one finished TDC run: its stage-1 base against its TDC bundle, in run_dir/report/.
+
+    No controls are trained here (for those, see bench/benchmark.py): the base had less training compute
+    than TDC, so this shows what TDC changed, not whether it beats equal-compute alternatives.
+    run_dir: the run directory. seeds: sampling seeds; two give the seed spread the verdict needs, at the cost of
+        one seed of 1024 (about 25 s for the default digits run on 2 CPU cores). num_samples: images per model
+        and seed.
+    sampler, steps: default to the run's sampling settings. feature_cache_dir: where the FID feature
+    classifier is cached (default: evaluate.default_cache_dir()). timing_batches, timing_repeats: see
+    evaluate.evaluate. progress: print one line per measurement. Returns the path of report.html.
+    """
+    from .bundle import load_bundle
+    from .evaluate import ModelEntry, evaluate
+    from .run import Run
+
+    run_dir = Path(run_dir)
+    run = Run(run_dir, progress=progress)
+    c = run.config
+    bundle = load_bundle(run_dir / "bundle")
+    compute = run.training_flops()
+    entries = [
+        ModelEntry("base (stage 1)", run.base_model(), compute["stage1"],
+                   notes=f"the run's stage-1 model: {c.base.steps} steps on all timesteps"),
+        ModelEntry("TDC", bundle.router, compute["total"],
+                   notes=f"{c.groups} group models pruned from the base (k={c.k}, '{c.grouping}' grouping, "
+                         f"'{c.ordering}' ordering, proposer '{c.search.proposer}'), each fine-tuned "
+                         f"{c.finetune.steps} steps; training compute includes stage 1"),
+    ]
+    data = run.data
+    results = evaluate(
+        entries, run.scheduler, data.images, data.labels, sample_shape=run.sample_shape,
+        sampler=sampler or c.sampler, steps=steps or c.sample_steps, num_samples=num_samples, seeds=tuple(seeds),
+        feature_cache_dir=feature_cache_dir, reference_name=Path(c.data).name,
+        timing_batches=tuple(timing_batches), timing_repeats=timing_repeats, grid_dir=run_dir / "report",
+        progress=progress,
+    )
+    results["context"] = [
+        "This compares a run's own stage-1 base with its TDC bundle. The base had less training compute than "
+        "TDC (stage 1 only), so a better TDC FID here does not show that TDC beats a model trained with the same "
+        "budget; bench/benchmark.py runs those equal-compute controls (single model, uniform pruning).",
+    ]
+    return write_report(run_dir / "report", results, run_dir=run_dir)
