@@ -215,7 +215,7 @@ def sample_command(
 
             loaded = load_bundle(bundle)
             model, scheduler, shape = loaded.router, loaded.scheduler, loaded.sample_shape
-            default_output = bundle / "samples.png"
+            default_output = Path("samples.png")  # never inside the bundle: its manifest lists every file
         else:
             run = _open_run(out, None, not quiet)
             model, scheduler, shape = run.base_model(), run.scheduler, run.sample_shape
