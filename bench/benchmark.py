@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 DEFAULT_DATA = {
@@ -268,8 +270,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm-solver++"), help="sampler for FID and timing")
     p.add_argument("--sample-steps", type=int, help="sampling steps for FID and timing")
     p.add_argument("--feature-cache", type=Path, help="FID feature-classifier cache (default: ~/.cache/tdcdiff/features)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a RunConfig setting of the data set's setting, e.g. --set image_size=16 "
+                        "--set base.steps=2000 (repeatable; image_size also resizes the FID reference)")
+    p.add_argument("--fid-samples", type=int, help="generated images per model and seed for FID (default: the setting's)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (stage lines are still printed)")
     args = p.parse_args(argv)
+    for item in args.overrides:
+        if "=" not in item:
+            p.error(f"--set takes KEY=VALUE, got {item!r}")
     if args.gpu and args.data != "cifar10":
         p.error("--gpu selects the larger cifar10 setting; use it with --data cifar10")
     args.out = args.out or Path("runs") / f"bench-{args.data}{'-gpu' if args.gpu else ''}{'-quick' if args.quick else ''}"
@@ -284,6 +293,12 @@ def main(argv=None) -> int:
     from tdcdiff.report import format_table, verdicts, write_report
 
     setting = make_setting(args.data, args.data_path, args.reference_path, args.gpu, args.quick)
+    for key, value in (item.split("=", 1) for item in args.overrides):
+        setting.run[key] = yaml.safe_load(value)  # numbers, booleans and strings as a config file would read them
+        if key == "image_size":
+            setting.reference["size"] = setting.run[key]
+    if args.fid_samples:
+        setting = replace(setting, num_samples=args.fid_samples)
     ref = dict(setting.reference)
     spec = ref.pop("spec")
     ref_data = load_dataset(spec, **ref)

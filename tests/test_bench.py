@@ -16,11 +16,12 @@ def test_quick_benchmark_on_digits(tmp_path):
     out = tmp_path / "bench"
     env = {**os.environ, "TDCDIFF_CACHE": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, str(REPO / "bench" / "benchmark.py"), "--data", "digits", "--quick",
-                           "--quiet", "--seeds", "0", "--out", str(out)],
+                           "--quiet", "--seeds", "0", "--out", str(out), "--set", "k=0.6"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     results = json.loads((out / "results.json").read_text())
+    assert results["bench"]["run_settings"]["k"] == 0.6
     names = [m["name"] for m in results["models"]]
     assert names == ["single model", "uniform-pruned", "TDC"]
     compute = {m["name"]: m["train_flops"] for m in results["models"]}
