@@ -144,12 +144,16 @@ def reinitialise_pruned(run_dir: Path, groups: int, seed: int) -> None:
 def options_arm(tdc_run, run_dir: Path, mix: float, distill: float, progress: bool):
     """TDC with stage-2 options, sharing the paper-form run's base, plan and pruned models; same compute."""
     from tdcdiff.run import Run
+    from tdcdiff.serialization import atomic_dir, atomic_write_bytes
 
     for part in ("config.json", "base", "plan", "prune"):
         source, target = tdc_run.dir / part, run_dir / part
-        if not target.exists():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
+        if not target.exists():  # copied atomically, so an interrupted copy is redone, never half-trusted
+            if source.is_dir():
+                with atomic_dir(target) as tmp:
+                    shutil.copytree(source, tmp, dirs_exist_ok=True)
+            else:
+                atomic_write_bytes(target, source.read_bytes())
     c = tdc_run.config
     pruned = sum(json.loads(p.read_text())["flops"] for p in sorted((tdc_run.dir / "prune").glob("summary_*.json")))
     base_flops = json.loads((tdc_run.dir / "plan" / "plan.json").read_text())["base_flops"]

@@ -55,6 +55,13 @@ def test_bad_config_files(tmp_path, content, suffix, message):
     assert result.exit_code == 2 and re.search(message, result.output), result.output
 
 
+def test_llm_proposer_without_endpoint_fails_before_training(tmp_path):
+    unset = {name: None for name in ("TDCDIFF_LLM_BASE_URL", "OPENAI_BASE_URL", "TDCDIFF_LLM_MODEL")}
+    result = CliRunner().invoke(app, ["run", "--proposer", "llm", "--out", str(tmp_path / "run")], env=unset)
+    assert result.exit_code == 2 and "TDCDIFF_LLM_BASE_URL" in result.output, result.output
+    assert not (tmp_path / "run" / "base").exists()
+
+
 def test_model_whose_output_shape_differs_from_its_input(scheduler):
     from tdcdiff.pipeline import sample
 

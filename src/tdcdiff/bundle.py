@@ -5,8 +5,8 @@
       expert_0/          architecture.json (plain data) + model.safetensors, one directory per group
       ...
 
-Nothing is unpickled on load: weights are safetensors, architectures JSON; every file's presence and size
-are checked against the manifest, and each weights file's sha256 as it is read.
+Nothing is unpickled on load: weights are safetensors, architectures JSON; every file's presence, size and
+sha256 are checked against the manifest (the weights' as they are read).
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def save_bundle(
 
 
 def read_manifest(path: str | Path) -> dict:
-    """The bundle's manifest, after checking its format and every file's presence and size (load_model checks
-    each weights file's sha256 as it reads it)."""
+    """The bundle's manifest, after checking its format, every file's presence and size, and the sha256 of
+    every file but the weights (load_model checks those as it reads them)."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not path.is_dir():
@@ -97,6 +97,9 @@ def read_manifest(path: str | Path) -> dict:
         size = file.stat().st_size
         if size != expected["bytes"]:
             raise BundleError(f"bundle file {file} is truncated or corrupted: expected {expected['bytes']} bytes, found {size}")
+        # Weights are hashed by load_model as it reads them; the small files are hashed here.
+        if file.suffix != ".safetensors" and sha256_file(file) != expected["sha256"]:
+            raise BundleError(f"bundle file {file} is corrupted: its sha256 does not match the manifest")
     return manifest
 
 

@@ -85,6 +85,10 @@ class RunConfig:
         self.finetune.validate()
         budget_fractions(self.groups, self.k)
         self.search.validate()
+        if self.search.proposer == "llm":
+            from .prune.proposers import get_proposer
+
+            get_proposer("llm")  # endpoint and model come from the environment: check them before training
         checks = [
             (self.groups <= self.num_train_timesteps, f"number of groups N={self.groups} exceeds T={self.num_train_timesteps}"),
             (self.grouping in STRATEGIES, f"unknown grouping strategy {self.grouping!r}; choose one of {STRATEGIES}"),
@@ -164,7 +168,8 @@ _STAGE_OF_SETTING = {
     "search": "prune",
     "finetune": "finetune",
 }
-_STAGE_OUTPUT = {"base": "base", "plan": "plan/plan.json", "prune": "prune", "finetune": "finetune"}
+# Stage outputs in pipeline order: redoing one stage makes every later output stale.
+_STAGE_OUTPUT = {"base": "base", "plan": "plan", "prune": "prune", "finetune": "finetune", "bundle": "bundle"}
 
 
 def apply_overrides(config: RunConfig, overrides: dict) -> RunConfig:
@@ -198,13 +203,18 @@ class Run:
         config.validate()
         if saved is not None:
             old, new = saved.to_dict(), config.to_dict()
+            stages = list(_STAGE_OUTPUT)
             for key in sorted(k for k in new if new[k] != old[k]):
                 stage = _STAGE_OF_SETTING.get(key)
-                if stage and (self.dir / _STAGE_OUTPUT[stage]).exists():
+                if stage is None:
+                    continue
+                stale = [self.dir / _STAGE_OUTPUT[s] for s in stages[stages.index(stage):]]
+                stale = [str(path) for path in stale if path.exists()]
+                if stale:
                     raise ValueError(
                         f"setting '{key}' differs from the one {self.dir} was run with ({old[key]!r} -> {new[key]!r}) "
                         f"and stage '{stage}' has already run; use a new output directory, or delete "
-                        f"{self.dir / _STAGE_OUTPUT[stage]} to redo that stage"
+                        f"{' '.join(stale)} to redo it and the stages after it"
                     )
         self.config = config
         self._data: ImageDataset | None = None
@@ -255,7 +265,8 @@ class Run:
             num_train_timesteps=c.num_train_timesteps,
         )
         train_images, _ = self.split()
-        return train(model, train_images, self.scheduler, c.base, self.dir / "base", progress=self.progress, description="stage 1: base")
+        config = replace(c.base, seed=c.seed * 100)  # stage 2 of group i uses c.seed * 100 + i + 1
+        return train(model, train_images, self.scheduler, config, self.dir / "base", progress=self.progress, description="stage 1: base")
 
     def plan(self) -> Plan:
         """Group the timesteps and give each group its FLOPs budget."""
@@ -293,17 +304,25 @@ class Run:
         c = self.config
         base = self.base_model()
         scheduler = self.scheduler
-        _, held_out = self.split()
+        train_images, held_out = self.split()
         (self.dir / "prune").mkdir(parents=True, exist_ok=True)
         summaries = []
         for i in self._groups(plan, group):
             out = self.dir / "prune" / f"group_{i}"
             summary_path = self.dir / "prune" / f"summary_{i}.json"
             if summary_path.exists() and out.exists():
-                summaries.append(json.loads(summary_path.read_text()))
+                summary = json.loads(summary_path.read_text())
+                if summary["budget"] != plan.budgets[i]:
+                    raise ValueError(
+                        f"{out} was pruned for a budget of {summary['budget']} FLOPs but the plan now says "
+                        f"{plan.budgets[i]}; delete {self.dir / 'prune'} (and the stages after it) to prune again"
+                    )
+                summaries.append(summary)
                 continue
             batch = ProxyBatch.make(held_out, plan.grouping.timesteps(i), scheduler, seed=c.seed + i)
-            proxy = Proxy(base, batch, scheduler, space=c.search.proxy_space, finetune_steps=c.search.proxy_finetune_steps)
+            # Proxy fine-tuning and Taylor calibration draw from the training split; scoring uses the held-out batch.
+            proxy = Proxy(base, batch, scheduler, space=c.search.proxy_space, finetune_steps=c.search.proxy_finetune_steps,
+                          train_images=train_images)
             settings = replace(c.search, seed=c.seed + i)
             result = search(
                 base, plan.budgets[i], self.sample_shape, proxy, settings,
@@ -333,7 +352,7 @@ class Run:
             if not pruned_dir.exists():
                 raise FileNotFoundError(f"no pruned model for group {i} at {pruned_dir}; run `tdcdiff prune` first")
             model = load_model(pruned_dir)
-            config = TrainConfig(**{**asdict(c.finetune), "seed": c.seed * 100 + i + 1})
+            config = replace(c.finetune, seed=c.seed * 100 + i + 1)
             results.append(
                 train(
                     model, train_images, self.scheduler, config, self.dir / "finetune" / f"group_{i}",
@@ -369,7 +388,7 @@ class Run:
         def recorded(path: Path) -> int:
             return json.loads((path / "train.json").read_text())["train_flops"] if (path / "train.json").exists() else 0
 
-        stage2 = [recorded(p) for p in sorted((self.dir / "finetune").glob("group_*"))]
+        stage2 = [recorded(self.dir / "finetune" / f"group_{i}") for i in range(len(self.plan().grouping))]
         stage1 = recorded(self.dir / "base")
         return {"stage1": stage1, "stage2_per_group": stage2, "total": stage1 + sum(stage2),
                 "convention": "FLOPs = 2 x MACs; forward + backward = 3 x forward, x batch x steps"}

@@ -106,10 +106,14 @@ def _lr_factor(config: TrainConfig, step: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _fingerprint(config: TrainConfig, timesteps: torch.Tensor, num_images: int, teacher: bool) -> str:
-    """Identifies the run so a checkpoint is never resumed under different settings."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every", "log_every")}
-    settings.update(num_images=num_images, teacher=teacher, timesteps=hashlib.sha256(timesteps.numpy().tobytes()).hexdigest())
+def _fingerprint(config: TrainConfig, timesteps: torch.Tensor, num_images: int, teacher: bool, model: nn.Module) -> str:
+    """Identifies the run so a checkpoint is never resumed under different settings or for another architecture.
+
+    `steps` is part of it: the learning-rate schedule depends on it, so a longer run is a different run.
+    """
+    settings = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "log_every")}
+    settings.update(num_images=num_images, teacher=teacher, timesteps=hashlib.sha256(timesteps.numpy().tobytes()).hexdigest(),
+                    shapes=[[name, list(p.shape)] for name, p in model.state_dict().items()])
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -133,21 +137,21 @@ def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> 
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _save_checkpoint(out_dir: Path, step: int, fingerprint: str, model, optimizer, ema) -> None:
+def _save_checkpoint(out_dir: Path, step: int, loss: float, fingerprint: str, model, optimizer, ema) -> None:
     from safetensors.torch import save_file
 
     with atomic_dir(out_dir / CHECKPOINT_DIR) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         opt_tensors, opt_meta = _flatten_optimizer_state(optimizer.state_dict())
         save_file(opt_tensors, tmp / "optimizer.safetensors")
-        meta = {"step": step, "fingerprint": fingerprint, "optimizer": opt_meta}
+        meta = {"step": step, "loss": loss, "fingerprint": fingerprint, "optimizer": opt_meta}
         if ema is not None:
             save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, tmp / "ema.safetensors")
             meta["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
         (tmp / "state.json").write_text(json.dumps(meta))
 
 
-def _load_checkpoint(out_dir: Path, fingerprint: str, model, optimizer, ema) -> int:
+def _load_checkpoint(out_dir: Path, fingerprint: str, model, optimizer, ema) -> tuple[int, float]:
     from safetensors.torch import load_file
 
     ckpt = out_dir / CHECKPOINT_DIR
@@ -165,7 +169,7 @@ def _load_checkpoint(out_dir: Path, fingerprint: str, model, optimizer, ema) -> 
     if ema is not None:
         shadow = load_file(ckpt / "ema.safetensors")
         ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
-    return int(meta["step"])
+    return int(meta["step"]), float(meta["loss"])
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
@@ -222,12 +226,12 @@ def train(
     teacher_flops = count_flops(as_denoiser(teacher), tuple(images.shape[1:])) if teacher is not None else 0
     # Forward + backward = 3 x forward; a teacher only runs forward.
     flops_per_step = config.batch_size * (3 * flops_forward + teacher_flops)
-    fingerprint = _fingerprint(config, timesteps, len(images), teacher is not None)
+    fingerprint = _fingerprint(config, timesteps, len(images), teacher is not None, denoiser)
 
     summary_path = out_dir / SUMMARY_FILE
     if resume and (out_dir / FINAL_DIR).exists() and summary_path.exists():
         done = json.loads(summary_path.read_text())
-        if done.get("fingerprint") == fingerprint and done.get("steps") == config.steps:
+        if done.get("fingerprint") == fingerprint:
             from .serialization import load_model
 
             as_denoiser(model).model.load_state_dict(load_model(out_dir / FINAL_DIR).state_dict())
@@ -241,11 +245,11 @@ def train(
 
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = EMAModel(denoiser.parameters(), decay=config.ema_decay) if config.ema_decay else None
-    start = 0
+    start, loss_value = 0, float("nan")
     if resume and (out_dir / CHECKPOINT_DIR).exists():
-        start = _load_checkpoint(out_dir, fingerprint, denoiser, optimizer, ema)
-        if accelerator.is_main_process:
-            _truncate_log(out_dir / LOG_FILE, start)
+        start, loss_value = _load_checkpoint(out_dir, fingerprint, denoiser, optimizer, ema)
+    if accelerator.is_main_process:
+        _truncate_log(out_dir / LOG_FILE, start)  # a crashed run may have logged past its last checkpoint
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     if ema is not None:
         ema.to(accelerator.device)
@@ -259,7 +263,7 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
     log = open(out_dir / LOG_FILE, "a") if accelerator.is_main_process else None
     bar = tqdm(total=config.steps, initial=start, desc=description, disable=not (progress and accelerator.is_main_process))
-    window_loss, window_buckets, loss_value = [], [[] for _ in range(LOSS_BUCKETS)], float("nan")
+    window_loss, window_buckets = [], [[] for _ in range(LOSS_BUCKETS)]
 
     last_checkpoint = start
     denoiser.train()
@@ -324,7 +328,7 @@ def train(
         if done % config.checkpoint_every == 0 or done == config.steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                _save_checkpoint(out_dir, done, fingerprint, accelerator.unwrap_model(denoiser), optimizer, ema)
+                _save_checkpoint(out_dir, done, loss_value, fingerprint, accelerator.unwrap_model(denoiser), optimizer, ema)
             last_checkpoint = done
     bar.close()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -75,12 +74,10 @@ class MemoryBank:
 
     def save(self, path: str | Path) -> Path:
         """Write the bank as JSON atomically (a reader never sees a half-written file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
-        return path
+        from ..serialization import atomic_write_text
+
+        atomic_write_text(path, self.to_json())
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "MemoryBank":
