@@ -116,8 +116,7 @@ def run_command(
     typer.echo(f"bundle:  {result['bundle']}")
     for grid in result["samples"]:
         typer.echo(f"samples: {grid}")
-    if result.get("report"):
-        typer.echo(f"report:  {result['report']}")
+    typer.echo(f"report:  {result['report']}")
 
 
 @app.command("train-base")
