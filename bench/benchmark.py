@@ -4,6 +4,7 @@
     python bench/benchmark.py --data mnist   --seeds 0 1 2 --out runs/bench-mnist
     python bench/benchmark.py --data cifar10 [--gpu] --seeds 0 1 2 --out runs/bench-cifar10
     python bench/benchmark.py --quick --out /tmp/bench        # seconds; what CI runs
+    python bench/benchmark.py --data digits --seeds 0 1 2 --k 1 --base-from runs/bench-digits --out runs/ablate-k1
 
 Per seed, in out/seed_<s>/:
   tdc/      a full TDC run (tdcdiff.run.Run; paper form: stage 2 on the group's timesteps only, no distillation)
@@ -141,19 +142,44 @@ def reinitialise_pruned(run_dir: Path, groups: int, seed: int) -> None:
     atomic_write_text(marker, json.dumps({"reason": "--one-stage: weights re-initialised before stage 2"}))
 
 
-def options_arm(tdc_run, run_dir: Path, mix: float, distill: float, progress: bool):
-    """TDC with stage-2 options, sharing the paper-form run's base, plan and pruned models; same compute."""
-    from tdcdiff.run import Run
+def copy_stages(source_run: Path, target_run: Path, parts: tuple[str, ...]) -> None:
+    """Copy finished stage outputs of one run directory into another that has not made them yet."""
     from tdcdiff.serialization import atomic_dir, atomic_write_bytes
 
-    for part in ("config.json", "base", "plan", "prune"):
-        source, target = tdc_run.dir / part, run_dir / part
+    for part in parts:
+        source, target = source_run / part, target_run / part
         if not target.exists():  # copied atomically, so an interrupted copy is redone, never half-trusted
             if source.is_dir():
                 with atomic_dir(target) as tmp:
                     shutil.copytree(source, tmp, dirs_exist_ok=True)
             else:
                 atomic_write_bytes(target, source.read_bytes())
+
+
+def reuse_base(source_run: Path, target_run: Path, config) -> None:
+    """Start target_run from source_run's trained stage-1 base, so an ablation redoes only the later stages."""
+    from tdcdiff.run import RunConfig, stage_settings
+    from tdcdiff.train import FINAL_DIR
+
+    if (target_run / "base").exists():
+        return
+    if not (source_run / "base" / FINAL_DIR).exists():
+        raise SystemExit(f"--base-from: no finished stage-1 base at {source_run / 'base'}; "
+                         "run the benchmark there first with the same seeds")
+    theirs = stage_settings(RunConfig.from_dict(json.loads((source_run / "config.json").read_text())), "base")
+    ours = stage_settings(config, "base")
+    differ = [f"{key}: {theirs[key]!r} there, {ours[key]!r} here" for key in ours if ours[key] != theirs[key]]
+    if differ:
+        raise SystemExit(f"--base-from: {source_run} trained its base with other stage-1 settings ({'; '.join(differ)}); "
+                         "use the same --data/--set stage-1 settings, or drop --base-from")
+    copy_stages(source_run, target_run, ("config.json", "base"))
+
+
+def options_arm(tdc_run, run_dir: Path, mix: float, distill: float, progress: bool):
+    """TDC with stage-2 options, sharing the paper-form run's base, plan and pruned models; same compute."""
+    from tdcdiff.run import Run
+
+    copy_stages(tdc_run.dir, run_dir, ("config.json", "base", "plan", "prune"))
     c = tdc_run.config
     pruned = sum(json.loads(p.read_text())["flops"] for p in sorted((tdc_run.dir / "prune").glob("summary_*.json")))
     base_flops = json.loads((tdc_run.dir / "plan" / "plan.json").read_text())["base_flops"]
@@ -202,6 +228,8 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
     progress = not args.quiet
 
     _say(f"[seed {seed}]")
+    if args.base_from:
+        reuse_base(args.base_from / f"seed_{seed}" / "tdc", seed_dir / "tdc", config)
     tdc = tdc_arm(seed_dir / "tdc", config, args.one_stage, progress)
     compute = tdc.training_flops()
     stage1 = compute["stage1"]
@@ -259,6 +287,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-path", type=Path, help="override cifar10's FID reference set (default: the test zip)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one independent run per seed")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench-<data>)")
+    p.add_argument("--base-from", type=Path, metavar="BENCH_DIR",
+                   help="reuse the stage-1 bases of an earlier benchmark output (same data, stage-1 settings and "
+                        "seeds): an ablation of later stages then skips stage 1")
     p.add_argument("--quick", action="store_true", help="tiny steps and few samples: a seconds-long smoke run")
     p.add_argument("--gpu", action="store_true", help="cifar10 only: the larger setting (full data, 32x32, attention)")
     p.add_argument("--k", type=float, help="budget slope k (0 < k <= 1)")
@@ -321,7 +352,7 @@ def main(argv=None) -> int:
     results["bench"] = {
         "data": args.data, "gpu": args.gpu, "quick": args.quick, "seeds": args.seeds,
         "run_settings": setting.run, "reference": setting.reference, "notes": setting.notes,
-        "one_stage": args.one_stage, "mix": args.mix, "distill": args.distill,
+        "base_from": str(args.base_from) if args.base_from else None, "one_stage": args.one_stage, "mix": args.mix, "distill": args.distill,
         "command": " ".join(["python", "bench/benchmark.py", *(argv if argv is not None else sys.argv[1:])]),
         "equal_compute": "every arm: stage 1 + the FLOPs of TDC's stage 2 (pruning-search proxy forwards not counted)",
         "wall_seconds": round(time.perf_counter() - started, 1),

@@ -11,15 +11,25 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_quick_benchmark_on_digits(tmp_path):
-    out = tmp_path / "bench"
-    env = {**os.environ, "TDCDIFF_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "benchmark.py"), "--data", "digits", "--quick",
-                           "--quiet", "--seeds", "0", "--out", str(out), "--set", "k=0.6"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def bench(*args, cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TDCDIFF_CACHE": str(cache)}
+    return subprocess.run([sys.executable, str(REPO / "bench" / "benchmark.py"), "--data", "digits", "--quick",
+                           "--quiet", "--seeds", "0", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
 
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    out = root / "bench"
+    done = bench("--out", out, "--set", "k=0.6", cache=root / "cache")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, done, root / "cache"
+
+
+@pytest.mark.slow
+def test_quick_benchmark_on_digits(quick_bench):
+    out, done, _ = quick_bench
     results = json.loads((out / "results.json").read_text())
     assert results["bench"]["run_settings"]["k"] == 0.6
     names = [m["name"] for m in results["models"]]
@@ -31,3 +41,28 @@ def test_quick_benchmark_on_digits(tmp_path):
     assert flops["TDC"] < 1 and flops["uniform-pruned"] < 1
     assert (out / "report.html").exists() and (out / "seed_0" / "tdc" / "bundle" / "manifest.json").exists()
     assert "single model" in done.stdout and "TDC vs single model" in done.stdout
+
+
+@pytest.mark.slow
+def test_ablation_reuses_the_stage1_base(quick_bench, tmp_path):
+    source, _, cache = quick_bench
+    out = tmp_path / "ablation"
+    done = bench("--out", out, "--set", "k=0.9", "--base-from", source, cache=cache)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    base = "seed_0/tdc/base/final/model.safetensors"
+    assert (out / base).read_bytes() == (source / base).read_bytes()
+    # Not retrained: the copied log is the source's, byte for byte.
+    assert (out / "seed_0/tdc/base/log.jsonl").read_bytes() == (source / "seed_0/tdc/base/log.jsonl").read_bytes()
+    plans = [json.loads((d / "seed_0/tdc/plan/plan.json").read_text()) for d in (source, out)]
+    assert plans[0]["fractions"] != plans[1]["fractions"]
+    assert json.loads((out / "results.json").read_text())["bench"]["base_from"] == str(source)
+
+
+@pytest.mark.slow
+def test_base_from_refuses_other_stage1_settings(quick_bench, tmp_path):
+    source, _, cache = quick_bench
+    done = bench("--out", tmp_path / "ablation", "--set", "base.steps=31", "--base-from", source, cache=cache)
+    assert done.returncode != 0
+    assert "--base-from" in done.stderr and "base" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "ablation" / "seed_0" / "tdc" / "base").exists()

@@ -172,6 +172,11 @@ _STAGE_OF_SETTING = {
 _STAGE_OUTPUT = {"base": "base", "plan": "plan", "prune": "prune", "finetune": "finetune", "bundle": "bundle"}
 
 
+def stage_settings(config: RunConfig, stage: str) -> dict:
+    """The settings that shape `stage`'s output, e.g. stage "base": data, model, schedule, stage-1 training, seed."""
+    return {k: v for k, v in config.to_dict().items() if _STAGE_OF_SETTING.get(k) == stage}
+
+
 def apply_overrides(config: RunConfig, overrides: dict) -> RunConfig:
     """A copy of config with dotted-key overrides applied, e.g. {"k": 0.3, "base.steps": 500}."""
     data = config.to_dict()
