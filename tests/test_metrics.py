@@ -5,7 +5,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from tdcdiff.metrics import (FeatureNet, FidResult, compute_fid, feature_net_for, inception_feature_extractor,
-                             is_tie, summarize_seeds)
+                             paired_gap, summarize_seeds)
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +89,13 @@ def test_summarize_seeds():
         summarize_seeds([_result(3.0, 0.0, 0), _result(3.0, 0.0, 1, sampler="DDPM")])
 
 
-def test_is_tie():
-    assert is_tie(5.0, 1.0, 5.9, 0.5)
-    assert not is_tie(5.0, 1.0, 6.5, 0.5)
-    assert is_tie(5.0, 0.2, 5.5, 0.6)  # the larger spread decides
-    assert is_tie(5.0, 0.0, 5.0, 0.0) and not is_tie(5.0, 0.0, 5.1, 0.0)
+def test_paired_gap():
+    # b is lower in every pair by about 1: real, although the scores' own spread (base-to-base) is far larger
+    gap = paired_gap([5.0, 9.0, 2.0], [4.0, 8.2, 0.9])
+    assert gap["mean"] == pytest.approx(-0.9667, abs=1e-3) and gap["b_lower"] == 3 and not gap["tie"]
+    assert paired_gap([5.0, 9.0, 2.0], [6.0, 8.0, 2.1])["tie"]  # the gaps disagree in sign
+    with pytest.raises(ValueError, match="two equally long lists"):
+        paired_gap([1.0], [2.0])
 
 
 def test_bad_inputs(digits, trained, tmp_path):

@@ -102,3 +102,4 @@ def test_evaluate_and_pool(digits, scheduler, feature_cache):
     assert "plain" in format_table(pooled).splitlines()[2]
     (sentence,) = verdicts(pooled)
     assert sentence.startswith("routed vs plain:") and "0.67x the sampling FLOPs" in sentence
+    assert "per seed" in sentence and " of 2" in sentence  # the two seeds are compared pairwise

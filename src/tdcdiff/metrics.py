@@ -285,10 +285,15 @@ def summarize_seeds(results: list[FidResult]) -> dict:
             "count": len(results), "seeds": [r.seed for r in results], "protocol": protocols.pop()}
 
 
-def is_tie(a_mean: float, a_sd: float, b_mean: float, b_sd: float) -> bool:
-    """Whether two seed-averaged scores are a tie.
+def paired_gap(a: list[float], b: list[float]) -> dict:
+    """Per-pair differences b - a of scores measured in pairs (same training run and sampling seed).
 
-    Rule: a tie when |a_mean - b_mean| <= max(a_sd, b_sd), i.e. the gap is within the larger
-    seed-to-seed spread. Deliberately coarse: with a few seeds, smaller gaps are not significant.
+    Pairing cancels what both members share (the stage-1 base of a benchmark seed, the sampling noise), so the
+    spread of the differences is the right yardstick for the gap. Returns mean and sample sd of the differences,
+    the differences, and how many pairs have b lower. Tie rule: |mean| <= sd; deliberately coarse, since with a few seeds smaller gaps are not significant.
     """
-    return abs(a_mean - b_mean) <= max(a_sd, b_sd)
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired_gap needs two equally long lists of at least 2 scores, got {len(a)} and {len(b)}")
+    diffs = [y - x for x, y in zip(a, b)]
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    return {"mean": mean, "sd": sd, "diffs": diffs, "b_lower": sum(d < 0 for d in diffs), "tie": abs(mean) <= sd}

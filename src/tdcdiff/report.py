@@ -108,28 +108,33 @@ def protocol_line(results: dict) -> str:
 def verdicts(results: dict) -> list[str]:
     """A plain-language sentence for every pair of models (later vs earlier in the table).
 
-    A FID gap counts as real only when it is larger than the seed spread (metrics.is_tie); with one seed
-    there is no spread, and the sentence says the gap is untested.
+    FID scores come in pairs: the i-th score of every model shares the training run (a benchmark seed's
+    stage-1 base) and the sampling seed. A gap counts as real only when the mean per-pair difference exceeds
+    the sd of those differences (metrics.paired_gap); with one score each there is no spread, and the
+    sentence says the gap is untested.
     """
-    from .metrics import is_tie
+    from .metrics import paired_gap
 
     models = results["models"]
     sentences = []
     for i, a in enumerate(models):
         for b in models[i + 1 :]:
-            gap = b["fid"]["mean"] - a["fid"]["mean"]
-            spread = max(a["fid"]["sd"], b["fid"]["sd"])
-            count = len(b["fid"]["per_seed"])
-            scores = f"FID {_pm(b['fid'], 2)} vs {_pm(a['fid'], 2)} over {count} seed(s)"
-            if count < 2:
+            a_scores = [s["fid"] for s in a["fid"]["per_seed"]]
+            b_scores = [s["fid"] for s in b["fid"]["per_seed"]]
+            scores = f"FID {_pm(b['fid'], 2)} vs {_pm(a['fid'], 2)} over {len(b_scores)} seed(s)"
+            if len(b_scores) < 2 or len(a_scores) != len(b_scores):
+                gap = b["fid"]["mean"] - a["fid"]["mean"]
                 quality = (f"{b['name']} scores {abs(gap):.2f} FID {'lower' if gap < 0 else 'higher'} ({scores}), "
-                           "but with one seed there is no spread to judge that gap against: it is untested")
-            elif is_tie(b["fid"]["mean"], b["fid"]["sd"], a["fid"]["mean"], a["fid"]["sd"]):
-                quality = f"a tie ({scores}: the gap {abs(gap):.2f} is within the seed spread {spread:.2f})"
+                           "but without paired seeds there is no spread to judge that gap against: it is untested")
             else:
-                better = "better" if gap < 0 else "worse"
-                quality = (f"{b['name']} is {better} ({scores}: the gap {abs(gap):.2f} exceeds the seed "
-                           f"spread {spread:.2f})")
+                pair = paired_gap(a_scores, b_scores)
+                detail = (f"{scores}; per seed {', '.join(f'{d:+.2f}' for d in pair['diffs'])}, mean "
+                          f"{pair['mean']:+.2f} ± {pair['sd']:.2f}; lower in {pair['b_lower']} of {len(b_scores)}")
+                if pair["tie"]:
+                    quality = f"a tie ({detail}: the mean gap is within the spread of the per-seed gaps)"
+                else:
+                    better = "better" if pair["mean"] < 0 else "worse"
+                    quality = f"{b['name']} is {better} ({detail}: the mean gap exceeds the spread of the per-seed gaps)"
             cost = (f"it uses {b['sampling_flops']['per_image'] / a['sampling_flops']['per_image']:.2f}x the "
                     f"sampling FLOPs, "
                     + ", ".join(f"{b['time'][k]['ratio'] / a['time'][k]['ratio']:.2f}x the time at "
