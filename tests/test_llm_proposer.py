@@ -4,7 +4,6 @@ import json
 import logging
 import random
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -98,7 +97,7 @@ def test_good_answer_is_used_and_request_carries_budget_memory_and_key(serve):
 
     assert decisions[0] == {"down_blocks.0": 0.1, "down_blocks.1": 0.0, "mid_block": 0.0, "up_blocks.0": 0.0, "up_blocks.1": 0.5}
     assert decisions[1] == {u: 0.3 for u in UNITS}
-    assert proposer.fallbacks == 0
+    assert proposer.fallbacks == 0 and proposer.last_source == "llm"
     (request,) = server.requests
     assert request["path"] == "/v1/chat/completions"
     assert request["headers"]["Authorization"] == f"Bearer {KEY}"
@@ -126,20 +125,18 @@ def test_garbage_answers_are_retried_then_fall_back_to_evolution(serve, caplog):
         decisions = proposer.propose(UNITS, MEMORY, 3, random.Random(7))
 
     assert len(server.requests) == 3  # 1 try + 2 retries
-    assert proposer.fallbacks == 1
+    assert proposer.fallbacks == 1 and proposer.last_source == "evolution (llm fallback)"
     assert decisions == EvolutionProposer().propose(UNITS, MEMORY, 3, random.Random(7))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "falling back to evolution" in warnings[0] and "HTTPError" in warnings[0]
     assert "unknown units ['conv_out']" in caplog.text and "mid_block=1.5" in caplog.text
 
 
-def test_timeout_falls_back_quickly(serve, caplog):
+def test_timeout_falls_back(serve, caplog):
     server = serve("sleep")
     proposer = proposer_for(server, timeout=0.5, retries=1)
-    start = time.perf_counter()
     with caplog.at_level(logging.WARNING, logger="tdcdiff"):
         decisions = proposer.propose(UNITS, [], 2, random.Random(0))
-    assert time.perf_counter() - start < 3
     assert len(server.requests) == 2 and proposer.fallbacks == 1
     assert decisions == EvolutionProposer().propose(UNITS, [], 2, random.Random(0))
     assert "timed out" in caplog.text and "falling back" in caplog.text

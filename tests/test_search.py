@@ -262,3 +262,21 @@ def test_llm_proposer_gets_the_task_context(base, budget, proxy, monkeypatch):
     assert len(prompts) == 2  # round 1 repeated round 0's answer: nothing new, so the search stopped
     assert "FLOPs budget is 0.600 of the unpruned" in prompts[0] and "up_blocks.0 (channels=64, flops_share=0.39)" in prompts[0]
     assert "(no candidates evaluated yet)" in prompts[0] and f"{result.score:.4f}" in prompts[1]
+
+
+def test_llm_fallback_rounds_are_labelled_in_the_memory_bank(base, budget, proxy, monkeypatch):
+    answers = iter([json.dumps({"decisions": [{"down_blocks.0": 0.4, "up_blocks.1": 0.2}]})])
+
+    def answer(self, messages):  # one good answer, then the endpoint is gone
+        try:
+            return next(answers)
+        except StopIteration:
+            raise OSError("connection refused") from None
+
+    monkeypatch.setattr(LLMProposer, "_ask", answer)
+    proposer = LLMProposer("http://127.0.0.1:9/v1", "test-model", "sk-unused", retries=0,
+                            fallback=EvolutionProposer(sigma=0.3))  # big steps: children that repair to new shapes
+    result = search(base, budget, SHAPE, proxy, SearchConfig(rounds=3, candidates_per_round=4), proposer=proposer, progress=False)
+    sources = [(e.round, e.proposer) for e in result.memory.entries]
+    assert sources[0] == (0, "llm") and sources[1:] and {s for r, s in sources[1:]} == {"evolution (llm fallback)"}
+    assert proposer.fallbacks == 2

@@ -59,7 +59,8 @@ class LLMProposer:
     fallback: the proposer used for a round when every try failed (default EvolutionProposer());
         None raises LLMProposerError instead.
 
-    `fallbacks` counts the rounds that fell back.
+    `fallbacks` counts the rounds that fell back; `last_source` labels the last round's entries in the
+    memory bank ("llm", or e.g. "evolution (llm fallback)").
     """
 
     name = "llm"
@@ -90,6 +91,7 @@ class LLMProposer:
         self.max_memory_entries, self.fallback = max_memory_entries, fallback
         self.context: SearchContext | None = None
         self.fallbacks = 0
+        self.last_source = self.name
 
     def __repr__(self) -> str:
         return f"LLMProposer(base_url={self.base_url!r}, model={self.model!r})"  # never the key
@@ -107,7 +109,9 @@ class LLMProposer:
         tries = 1 + self.retries
         for attempt in range(tries):
             try:
-                return parse_decisions(self._ask(messages), units)[:n]
+                decisions = parse_decisions(self._ask(messages), units)[:n]
+                self.last_source = self.name
+                return decisions
             except (OSError, ValueError, http.client.HTTPException) as err:  # URLError, HTTPError, timeouts: OSError
                 reason = self._redact(f"{type(err).__name__}: {err}")
                 log.info("llm proposer: try %d of %d gave no usable answer (%s)", attempt + 1, tries, reason)
@@ -116,6 +120,7 @@ class LLMProposer:
         if self.fallback is None:
             raise LLMProposerError(f"the llm proposer at {self.base_url} gave no usable answer in {tries} tries ({reason})")
         self.fallbacks += 1
+        self.last_source = f"{self.fallback.name} (llm fallback)"
         log.warning(
             "llm proposer: no usable answer from %s in %d tries (last: %s); falling back to %s for this round",
             self.base_url, tries, reason, self.fallback.name,

@@ -31,7 +31,8 @@ class Proposer(Protocol):
     """Suggests decisions. `name` labels its entries in the memory bank.
 
     A proposer may also define `set_context(context: SearchContext)`, which the search calls once
-    before the first round.
+    before the first round, and `last_source`, a label for the last round's entries when it is not `name`
+    (the LLM proposer's rounds that fell back to another proposer).
     """
 
     name: str

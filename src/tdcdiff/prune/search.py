@@ -170,7 +170,7 @@ def search(
     calibration = proxy.calibration(config.seed) if config.importance == "taylor" else None
     proposed, evaluated = set(), set()
 
-    def evaluate(decision: Decision, round_: int):
+    def evaluate(decision: Decision, round_: int, source: str):
         """Repair, prune and score one proposal: (entry, fit), or None when it is a repeat."""
         if _key(decision) in proposed:
             return None
@@ -181,7 +181,7 @@ def search(
                 importance=config.importance, calibration=calibration,
             )
         except BudgetError as err:
-            return Entry(round_, dict(decision), 0, budget_flops, None, proposer.name, f"not fitted: {err}"), None
+            return Entry(round_, dict(decision), 0, budget_flops, None, source, f"not fitted: {err}"), None
         if _architecture(fit.model) in evaluated:  # another proposal repaired to the same model
             return None
         evaluated.add(_architecture(fit.model))
@@ -189,7 +189,7 @@ def search(
         note = f"repair scale {fit.scale:.3f}"
         if not math.isfinite(score):
             score, note = None, f"{note}; proxy score was {score}"
-        return Entry(round_, dict(fit.decision), fit.flops, budget_flops, score, proposer.name, note), fit
+        return Entry(round_, dict(fit.decision), fit.flops, budget_flops, score, source, note), fit
 
     names = [u.name for u in units]
     rng = random.Random(config.seed)
@@ -200,9 +200,11 @@ def search(
     try:
         for round_ in range(config.rounds):
             new = 0
-            for decision in proposer.propose(names, memory.view(), n, rng)[:n]:
+            decisions = proposer.propose(names, memory.view(), n, rng)[:n]
+            source = getattr(proposer, "last_source", proposer.name)
+            for decision in decisions:
                 bar.update(1)
-                outcome = evaluate(decision, round_)
+                outcome = evaluate(decision, round_, source)
                 if outcome is None:
                     continue
                 entry, fit = outcome
