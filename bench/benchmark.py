@@ -280,7 +280,8 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
                     steps=c.sample_steps, num_samples=setting.num_samples, seeds=(seed,),
                     feature_cache_dir=args.feature_cache, reference_name=name,
                     timing_batches=setting.timing_batches, timing_repeats=setting.timing_repeats,
-                    grid_dir=seed_dir / "grids", progress=progress)
+                    grid_dir=seed_dir / "grids", held_out=tdc.split()[1],
+                    loss_bands=[(g.start, g.end) for g in plan.grouping.groups], progress=progress)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -328,7 +329,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     from tdcdiff.data import load_dataset
     from tdcdiff.evaluate import pool
-    from tdcdiff.report import format_table, verdicts, write_report
+    from tdcdiff.report import format_table, loss_rows, verdicts, write_report
 
     setting = make_setting(args.data, args.data_path, args.reference_path, args.gpu, args.quick)
     for key, value in (item.split("=", 1) for item in args.overrides):
@@ -351,6 +352,8 @@ def main(argv=None) -> int:
         "Every arm had the same training compute (the training ratio column): the single and uniform models "
         "continue from TDC's stage-1 base for the FLOPs of TDC's stage 2. The pruning search's proxy forward "
         "passes are not counted. " + " ".join(setting.notes),
+        "Held-out loss: the images every arm's training left out (10%, at most 512); the pruning search scored its "
+        "candidate shapes on them before stage 2, so TDC's and only TDC's model choice has seen them.",
     ]
     results["bench"] = {
         "data": args.data, "gpu": args.gpu, "quick": args.quick, "seeds": args.seeds,
@@ -362,6 +365,8 @@ def main(argv=None) -> int:
     }
     page = write_report(args.out, results, run_dir=args.out / f"seed_{args.seeds[0]}" / "tdc")
     _say("\n" + format_table(results))
+    _say("\nheld-out denoising loss per TDC group (ratio to the single model):\n"
+         + format_table(results, loss_rows(results)))
     for sentence in verdicts(results):
         _say(f"- {sentence}")
     _say(f"\nreport: {page}\nresults: {args.out / 'results.json'}  ({time.perf_counter() - started:.0f} s)")

@@ -41,6 +41,9 @@ def test_quick_benchmark_on_digits(quick_bench):
     assert flops["TDC"] < 1 and flops["uniform-pruned"] < 1
     assert (out / "report.html").exists() and (out / "seed_0" / "tdc" / "bundle" / "manifest.json").exists()
     assert "single model" in done.stdout and "TDC vs single model" in done.stdout
+    assert "held-out denoising loss" in done.stdout
+    for model in results["models"]:  # overall and per group (2 groups)
+        assert len(model["held_out_loss"]) == 3 and "t 0-" in str(list(model["held_out_loss"]))
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from torch import nn
 
 from tdcdiff.evaluate import ModelEntry, evaluate, pool, trajectory_flops
 from tdcdiff.grouping import make_groups
-from tdcdiff.report import format_table, report_for_run, verdicts
+from tdcdiff.report import format_table, loss_rows, report_for_run, verdicts
 from tdcdiff.router import Router
 
 
@@ -30,7 +30,7 @@ def test_report_page_states_the_protocol(report):
     assert path.name == "report.html" and path.parent.name == "report"
     page = path.read_text()
     for part in ("FID", "digits classifier", "64-d", "DDIM 4 steps", "32 samples", "2 x multiply-accumulates",
-                 "base (stage 1)", "TDC", "Verdicts"):
+                 "base (stage 1)", "TDC", "Verdicts", "Held-out denoising loss"):
         assert part in page, part
 
 
@@ -47,6 +47,10 @@ def test_results_compare_base_and_tdc(report):
         assert model["memory"]["weights_bytes"] > 0 and model["memory"]["peak_activation_bytes"] > 0
     assert tdc["memory"]["weights_bytes"] > base["memory"]["weights_bytes"]  # every expert is loaded
     assert results["protocol"]["reference"] == {"name": "digits", "count": 1797}
+    # held-out loss per group: the base is the yardstick (ratio 1), and the bands are the run's groups
+    bands = [k for k in tdc["held_out_loss"] if k != "all"]
+    assert len(bands) == 2 and bands[0].startswith("t 0-") and bands[-1].endswith("-999")
+    assert all(v > 0 for v in tdc["held_out_loss"].values())
 
 
 def test_every_referenced_png_exists(report):
@@ -86,7 +90,8 @@ def test_evaluate_and_pool(digits, scheduler, feature_cache):
     entries = [ModelEntry("plain", Constant(0), 10, flops_per_image=300), ModelEntry("routed", router, 20)]
     runs = [evaluate(entries, scheduler, digits.images, digits.labels, sample_shape=(1, 8, 8), steps=4,
                      num_samples=16, seeds=(seed,), feature_cache_dir=feature_cache, reference_name="digits",
-                     timing_batches=(1, 2), timing_repeats=1, progress=False) for seed in (0, 1)]
+                     timing_batches=(1, 2), timing_repeats=1, held_out=digits.images[:32],
+                     loss_bands=[(0, 500), (500, 1000)], progress=False) for seed in (0, 1)]
     first = runs[0]["models"]
     # DDIM-4 visits 751, 501, 251, 1: two steps in each group
     assert first[1]["sampling_flops"]["per_image"] == 2 * 100 + 2 * 300
@@ -100,6 +105,10 @@ def test_evaluate_and_pool(digits, scheduler, feature_cache):
     assert pooled["models"][0]["fid"]["sd"] > 0 and len(pooled["per_run"]) == 2
     assert "2 independent runs" in pooled["protocol"]["fid"]
     assert "plain" in format_table(pooled).splitlines()[2]
+    # Constant(0.2) predicts 0.2 everywhere: worse than Constant(0) at every t (the target is unit noise)
+    loss = pooled["models"][1]["held_out_loss"]
+    assert set(loss) == {"all", "t 0-499", "t 500-999"} and loss["all"] > pooled["models"][0]["held_out_loss"]["all"]
+    assert loss_rows(pooled)[0]["t 0-499"].endswith("(1.00x)")
     (sentence,) = verdicts(pooled)
     assert sentence.startswith("routed vs plain:") and "0.67x the sampling FLOPs" in sentence
     assert "per seed" in sentence and " of 2" in sentence  # the two seeds are compared pairwise

@@ -121,6 +121,18 @@ def _time_sampling(models: list[nn.Module], scheduler, *, sample_shape, sampler,
     return [statistics.median(t) for t in times]
 
 
+def held_out_loss(model, images: torch.Tensor, scheduler, bands: list[tuple[int, int]], *, seed: int = 0) -> dict:
+    """Denoising loss on images the model never trained on: the mean over all timesteps and over each band.
+
+    bands: [start, end) timestep ranges, e.g. the TDC groups; each gets a key "t start-(end-1)". The loss is
+    grouping.per_timestep_loss (100 evenly spaced t, up to 256 images, fixed noise from `seed`).
+    """
+    from .grouping import per_timestep_loss
+
+    loss = per_timestep_loss(model, images, scheduler, images_per_point=min(len(images), 256), seed=seed)
+    return {"all": float(loss.mean()), **{f"t {a}-{b - 1}": float(loss[a:b].mean()) for a, b in bands}}
+
+
 def evaluate(
     entries: list[ModelEntry],
     scheduler,
@@ -138,6 +150,8 @@ def evaluate(
     timing_batches: tuple[int, ...] = (1, 64),
     timing_repeats: int = 3,
     grid_dir: str | Path | None = None,
+    held_out: torch.Tensor | None = None,
+    loss_bands: list[tuple[int, int]] = (),
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict:
@@ -156,6 +170,8 @@ def evaluate(
     timing_batches: batch sizes at which a full sampling run is timed. timing_repeats: timed runs per model
         and batch (after one warm-up), interleaved across models; the median is reported.
     grid_dir: if given, a grid of each model's first-seed samples is written there as samples_<name>.png.
+    held_out: images none of the models trained on; if given, each model's denoising loss on them is measured
+        (`held_out_loss`), overall and per timestep band in loss_bands ([start, end) pairs, e.g. the TDC groups).
     device: where sampling runs (default: CUDA when available, else CPU); models are moved there.
     progress: print one line per measurement.
     """
@@ -207,6 +223,8 @@ def evaluate(
             "train_flops": int(entry.train_flops),
             "sample_grid": str(grid) if grid_dir is not None else None,
         })
+        if held_out is not None:
+            records[-1]["held_out_loss"] = held_out_loss(model, held_out.to(device), scheduler, list(loss_bands))
 
     timing = {}
     for batch in timing_batches:
@@ -245,6 +263,10 @@ def evaluate(
             "device": str(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, "
                                                                f"{torch.get_num_threads()} threads)",
             "torch": torch.__version__,
+            **({"held_out_loss": f"mean squared error of the training target on {min(len(held_out), 256)} held-out "
+                                 "images no model trained on, at 100 evenly spaced timesteps (interpolated between), "
+                                 "fixed noise; averaged over all timesteps and over each band"}
+               if held_out is not None else {}),
         },
         "models": records,
     }

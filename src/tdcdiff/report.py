@@ -84,9 +84,20 @@ def table_rows(results: dict) -> list[dict[str, str]]:
     return rows
 
 
-def format_table(results: dict) -> str:
-    """The side-by-side table as aligned plain text (for the console)."""
-    rows = table_rows(results)
+def loss_rows(results: dict) -> list[dict[str, str]]:
+    """Held-out denoising loss per model and timestep band, as "value (ratio to the first model)" cells;
+    empty when the results have no held-out loss."""
+    models = results["models"]
+    if "held_out_loss" not in models[0]:
+        return []
+    first = models[0]["held_out_loss"]
+    return [{"model": m["name"], **{band: f"{value:.4f} ({value / first[band]:.2f}x)"
+                                    for band, value in m["held_out_loss"].items()}} for m in models]
+
+
+def format_table(results: dict, rows: list[dict[str, str]] | None = None) -> str:
+    """The side-by-side table (or other rows, e.g. loss_rows) as aligned plain text (for the console)."""
+    rows = rows or table_rows(results)
     columns = list(rows[0])
     widths = [max(len(c), *(len(r[c]) for r in rows)) for c in columns]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
@@ -125,7 +136,7 @@ def verdicts(results: dict) -> list[str]:
             if len(b_scores) < 2 or len(a_scores) != len(b_scores):
                 gap = b["fid"]["mean"] - a["fid"]["mean"]
                 quality = (f"{b['name']} scores {abs(gap):.2f} FID {'lower' if gap < 0 else 'higher'} ({scores}), "
-                           "but without paired seeds there is no spread to judge that gap against: it is untested")
+                           "but with fewer than two paired seeds there is no spread to judge that gap against: it is untested")
             else:
                 pair = paired_gap(a_scores, b_scores)
                 detail = (f"{scores}; per seed {', '.join(f'{d:+.2f}' for d in pair['diffs'])}, mean "
@@ -244,6 +255,12 @@ def _run_figures(run_dir: Path, out_dir: Path) -> list[tuple[str, str]]:
 
 
 # -- the page ----------------------------------------------------------------------------------------
+def _html_table(rows: list[dict[str, str]]) -> str:
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r.values()) + "</tr>" for r in rows)
+    return f"<table><tr>{header}</tr>{body}</table>"
+
+
 def write_report(out_dir: str | Path, results: dict, *, run_dir: str | Path | None = None) -> Path:
     """Write report.html, results.json and the PNG plots into out_dir; returns the path of report.html.
 
@@ -270,9 +287,11 @@ def write_report(out_dir: str | Path, results: dict, *, run_dir: str | Path | No
             figures.append((name, f"Samples of {m['name']} (first sampling seed)."))
 
     p = results["protocol"]
-    rows = table_rows(results)
-    header = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r.values()) + "</tr>" for r in rows)
+    table = _html_table(table_rows(results))
+    losses = loss_rows(results)
+    loss_section = (f"<h2>Held-out denoising loss</h2><p>{html.escape(p['held_out_loss'])}. In brackets: the ratio "
+                    f"to {html.escape(results['models'][0]['name'])}; below 1 is better. Unlike FID this shows "
+                    f"where along t a model gains or loses.</p>{_html_table(losses)}") if losses else ""
     notes = "".join(f"<li><b>{html.escape(m['name'])}</b>: {html.escape(m['notes'] or '')}</li>" for m in results["models"])
     method = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</dd>"
                      for k, v in p.items())
@@ -290,12 +309,14 @@ figcaption {{ font-size: 0.9em; color: #333; }} dt {{ font-weight: bold; }} dd {
 <p><b>Protocol.</b> {html.escape(protocol_line(results))}</p>
 {"".join(f"<p>{html.escape(line)}</p>" for line in results.get("context", []))}
 <h2>Side by side</h2>
-<table><tr>{header}</tr>{body}</table>
+{table}
 <ul>{notes}</ul>
 <h2>Verdicts</h2>
 <ul>{"".join(f"<li>{html.escape(v)}</li>" for v in verdicts(results))}</ul>
-<p>A FID gap counts only when it exceeds the larger seed-to-seed standard deviation of the two models.
+<p>Two models are compared seed by seed (the i-th FID of each shares its training run and sampling seed); a gap
+counts only when the mean per-seed gap exceeds the standard deviation of the per-seed gaps.
 Times are measured, not derived from FLOPs: small networks on CPUs speed up much less than their FLOPs fall.</p>
+{loss_section}
 <h2>Plots</h2>
 {plots}
 <h2>How each number was measured</h2>
@@ -355,6 +376,7 @@ def report_for_run(
         sampler=sampler or c.sampler, steps=steps or c.sample_steps, num_samples=num_samples, seeds=tuple(seeds),
         feature_cache_dir=feature_cache_dir, reference_name=Path(c.data).name,
         timing_batches=tuple(timing_batches), timing_repeats=timing_repeats, grid_dir=run_dir / "report",
+        held_out=run.split()[1], loss_bands=[(g.start, g.end) for g in bundle.router.grouping.groups],
         progress=progress,
     )
     results["context"] = [
