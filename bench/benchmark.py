@@ -159,23 +159,26 @@ def copy_stages(source_run: Path, target_run: Path, parts: tuple[str, ...]) -> N
                 atomic_write_bytes(target, source.read_bytes())
 
 
-def reuse_base(source_run: Path, target_run: Path, config) -> None:
-    """Start target_run from source_run's trained stage-1 base, so an ablation redoes only the later stages."""
+def base_source_problem(source_run: Path, config) -> str | None:
+    """Why source_run's stage-1 base cannot stand in for one trained with `config` (None when it can)."""
     from tdcdiff.run import RunConfig, stage_settings
     from tdcdiff.train import FINAL_DIR
 
-    if (target_run / "base").exists():
-        return
     if not (source_run / "base" / FINAL_DIR).exists():
-        raise SystemExit(f"--base-from: no finished stage-1 base at {source_run / 'base'}; "
-                         "run the benchmark there first with the same seeds")
-    theirs = stage_settings(RunConfig.from_dict(json.loads((source_run / "config.json").read_text())), "base")
-    ours = stage_settings(config, "base")
+        return f"no finished stage-1 base at {source_run / 'base'}"
+    try:
+        saved = RunConfig.from_dict(json.loads((source_run / "config.json").read_text()))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        return f"{source_run / 'config.json'} is unreadable ({type(err).__name__}: {err})"
+    theirs, ours = stage_settings(saved, "base"), stage_settings(config, "base")
     differ = [f"{key}: {theirs[key]!r} there, {ours[key]!r} here" for key in ours if ours[key] != theirs[key]]
-    if differ:
-        raise SystemExit(f"--base-from: {source_run} trained its base with other stage-1 settings ({'; '.join(differ)}); "
-                         "use the same --data/--set stage-1 settings, or drop --base-from")
-    copy_stages(source_run, target_run, ("config.json", "base"))
+    return f"{source_run} trained its base with other stage-1 settings ({'; '.join(differ)})" if differ else None
+
+
+def reuse_base(source_run: Path, target_run: Path) -> None:
+    """Start target_run from source_run's trained stage-1 base (checked by base_source_problem)."""
+    if not (target_run / "base").exists():
+        copy_stages(source_run, target_run, ("config.json", "base"))
 
 
 def options_arm(tdc_run, run_dir: Path, mix: float, distill: float, progress: bool):
@@ -212,27 +215,32 @@ def train_further(model, run, extra_flops: int, out_dir: Path, description: str,
     return result, _load(out_dir / FINAL_DIR)
 
 
-def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
-    """All arms for one seed, evaluated side by side; returns the evaluate() dict."""
-    from tdcdiff.budget import Plan
-    from tdcdiff.bundle import load_bundle
-    from tdcdiff.evaluate import ModelEntry, evaluate
-    from tdcdiff.prune.surgery import fit_to_budget, prunable_units, uniform_decision
+def seed_config(args, setting: Setting, seed: int):
+    """The RunConfig of one seed's TDC run: the setting plus the ablation flags."""
     from tdcdiff.run import RunConfig, apply_overrides
 
-    seed_dir = out / f"seed_{seed}"
     overrides = {**setting.run, "seed": seed, "finetune.mix_fraction": 0.0, "finetune.distill_weight": 0.0}
     for key, value in (("k", args.k), ("groups", args.groups), ("grouping", args.grouping),
                        ("ordering", args.ordering), ("search.proposer", args.proposer), ("search.memory", args.memory),
                        ("sampler", args.sampler), ("sample_steps", args.sample_steps)):
         if value is not None:
             overrides[key] = value
-    config = apply_overrides(RunConfig(), overrides)
+    return apply_overrides(RunConfig(), overrides)
+
+
+def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
+    """All arms for one seed, evaluated side by side; returns the evaluate() dict."""
+    from tdcdiff.budget import Plan
+    from tdcdiff.bundle import load_bundle
+    from tdcdiff.evaluate import ModelEntry, evaluate
+    from tdcdiff.prune.surgery import fit_to_budget, prunable_units, uniform_decision
+    seed_dir = out / f"seed_{seed}"
+    config = seed_config(args, setting, seed)
     progress = not args.quiet
 
     _say(f"[seed {seed}]")
     if args.base_from:
-        reuse_base(args.base_from / f"seed_{seed}" / "tdc", seed_dir / "tdc", config)
+        reuse_base(args.base_from / f"seed_{seed}" / "tdc", seed_dir / "tdc")
     tdc = tdc_arm(seed_dir / "tdc", config, args.one_stage, progress)
     compute = tdc.training_flops()
     stage1 = compute["stage1"]
@@ -280,8 +288,8 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
                     steps=c.sample_steps, num_samples=setting.num_samples, seeds=(seed,),
                     feature_cache_dir=args.feature_cache, reference_name=name,
                     timing_batches=setting.timing_batches, timing_repeats=setting.timing_repeats,
-                    grid_dir=seed_dir / "grids", held_out=tdc.split()[1],
-                    loss_bands=[(g.start, g.end) for g in plan.grouping.groups], progress=progress)
+                    grid_dir=seed_dir / "grids", held_out=tdc.split()[1], loss_grouping=plan.grouping,
+                    progress=progress)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -338,6 +346,13 @@ def main(argv=None) -> int:
             setting.reference["size"] = setting.run[key]
     if args.fid_samples:
         setting = replace(setting, num_samples=args.fid_samples)
+    if args.base_from:  # before any work: a bad source must not surface after hours of training
+        problems = [problem for seed in args.seeds
+                    if (problem := base_source_problem(args.base_from / f"seed_{seed}" / "tdc",
+                                                       seed_config(args, setting, seed)))]
+        if problems:
+            raise SystemExit("--base-from: " + "; ".join(problems) + ". Run the benchmark there first with the same "
+                             "--data, stage-1 --set values and seeds, or drop --base-from")
     ref = dict(setting.reference)
     spec = ref.pop("spec")
     ref_data = load_dataset(spec, **ref)
@@ -352,8 +367,9 @@ def main(argv=None) -> int:
         "Every arm had the same training compute (the training ratio column): the single and uniform models "
         "continue from TDC's stage-1 base for the FLOPs of TDC's stage 2. The pruning search's proxy forward "
         "passes are not counted. " + " ".join(setting.notes),
-        "Held-out loss: the images every arm's training left out (10%, at most 512); the pruning search scored its "
-        "candidate shapes on them before stage 2, so TDC's and only TDC's model choice has seen them.",
+        "Held-out loss: the images every arm's training left out (10%, at most 512). TDC's choices (the measured "
+        "difficulty ordering, a loss-based grouping, the pruning search's scores) were made on them, so they are "
+        "not fully unseen by TDC; no arm's weights were trained on them.",
     ]
     results["bench"] = {
         "data": args.data, "gpu": args.gpu, "quick": args.quick, "seeds": args.seeds,

@@ -91,9 +91,12 @@ def test_summarize_seeds():
 
 def test_paired_gap():
     # b is lower in every pair by about 1: real, although the scores' own spread (base-to-base) is far larger
-    gap = paired_gap([5.0, 9.0, 2.0], [4.0, 8.2, 0.9])
-    assert gap["mean"] == pytest.approx(-0.9667, abs=1e-3) and gap["b_lower"] == 3 and not gap["tie"]
+    gap = paired_gap([5.0, 9.0, 2.0], [4.0, 8.1, 0.9])
+    assert gap["mean"] == pytest.approx(-1.0) and gap["b_lower"] == 3 and not gap["tie"]
+    low, high = gap["interval"]
+    assert high < 0 and (high - low) / 2 == pytest.approx(4.303 * gap["sd"] / 3**0.5, rel=1e-3)  # t(0.975, 2 df)
     assert paired_gap([5.0, 9.0, 2.0], [6.0, 8.0, 2.1])["tie"]  # the gaps disagree in sign
+    assert paired_gap([5.0, 9.0, 2.0], [4.0, 8.5, 0.5])["tie"]  # same sign, but too spread for 3 pairs
     with pytest.raises(ValueError, match="two equally long lists"):
         paired_gap([1.0], [2.0])
 

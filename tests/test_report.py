@@ -48,8 +48,9 @@ def test_results_compare_base_and_tdc(report):
     assert tdc["memory"]["weights_bytes"] > base["memory"]["weights_bytes"]  # every expert is loaded
     assert results["protocol"]["reference"] == {"name": "digits", "count": 1797}
     # held-out loss per group: the base is the yardstick (ratio 1), and the bands are the run's groups
-    bands = [k for k in tdc["held_out_loss"] if k != "all"]
-    assert len(bands) == 2 and bands[0].startswith("t 0-") and bands[-1].endswith("-999")
+    assert list(tdc["held_out_loss"]) == ["all", "group 0", "group 1"]
+    ranges = results["protocol"]["held_out_loss_groups"]
+    assert len(ranges) == 2 and ranges[0].startswith("t 0-") and ranges[-1].endswith("-999")
     assert all(v > 0 for v in tdc["held_out_loss"].values())
 
 
@@ -91,7 +92,7 @@ def test_evaluate_and_pool(digits, scheduler, feature_cache):
     runs = [evaluate(entries, scheduler, digits.images, digits.labels, sample_shape=(1, 8, 8), steps=4,
                      num_samples=16, seeds=(seed,), feature_cache_dir=feature_cache, reference_name="digits",
                      timing_batches=(1, 2), timing_repeats=1, held_out=digits.images[:32],
-                     loss_bands=[(0, 500), (500, 1000)], progress=False) for seed in (0, 1)]
+                     loss_grouping=grouping, progress=False) for seed in (0, 1)]
     first = runs[0]["models"]
     # DDIM-4 visits 751, 501, 251, 1: two steps in each group
     assert first[1]["sampling_flops"]["per_image"] == 2 * 100 + 2 * 300
@@ -107,8 +108,8 @@ def test_evaluate_and_pool(digits, scheduler, feature_cache):
     assert "plain" in format_table(pooled).splitlines()[2]
     # Constant(0.2) predicts 0.2 everywhere: worse than Constant(0) at every t (the target is unit noise)
     loss = pooled["models"][1]["held_out_loss"]
-    assert set(loss) == {"all", "t 0-499", "t 500-999"} and loss["all"] > pooled["models"][0]["held_out_loss"]["all"]
-    assert loss_rows(pooled)[0]["t 0-499"].endswith("(1.00x)")
+    assert set(loss) == {"all", "group 0", "group 1"} and loss["all"] > pooled["models"][0]["held_out_loss"]["all"]
+    assert loss_rows(pooled)[0]["group 0 (t 0-499)"].endswith("(1.00x)")
     (sentence,) = verdicts(pooled)
     assert sentence.startswith("routed vs plain:") and "0.67x the sampling FLOPs" in sentence
-    assert "per seed" in sentence and " of 2" in sentence  # the two seeds are compared pairwise
+    assert "per-seed gaps" in sentence and "routed lower in" in sentence and "95% interval" in sentence

@@ -121,16 +121,19 @@ def _time_sampling(models: list[nn.Module], scheduler, *, sample_shape, sampler,
     return [statistics.median(t) for t in times]
 
 
-def held_out_loss(model, images: torch.Tensor, scheduler, bands: list[tuple[int, int]], *, seed: int = 0) -> dict:
-    """Denoising loss on images the model never trained on: the mean over all timesteps and over each band.
+HELD_OUT_IMAGES = 256  # images per timestep in the held-out loss
 
-    bands: [start, end) timestep ranges, e.g. the TDC groups; each gets a key "t start-(end-1)". The loss is
-    grouping.per_timestep_loss (100 evenly spaced t, up to 256 images, fixed noise from `seed`).
+
+def held_out_loss(model, images: torch.Tensor, scheduler, grouping=None, *, seed: int = 0) -> dict:
+    """Denoising loss on images the model never trained on: the mean over all timesteps ("all") and over
+    each group of a grouping.Grouping ("group i"), from grouping.per_timestep_loss (100 evenly spaced t,
+    HELD_OUT_IMAGES images, fixed noise from `seed`).
     """
     from .grouping import per_timestep_loss
 
-    loss = per_timestep_loss(model, images, scheduler, images_per_point=min(len(images), 256), seed=seed)
-    return {"all": float(loss.mean()), **{f"t {a}-{b - 1}": float(loss[a:b].mean()) for a, b in bands}}
+    loss = per_timestep_loss(model, images, scheduler, images_per_point=HELD_OUT_IMAGES, seed=seed)
+    groups = grouping.groups if grouping is not None else []
+    return {"all": float(loss.mean()), **{f"group {g.index}": float(loss[g.start:g.end].mean()) for g in groups}}
 
 
 def evaluate(
@@ -151,7 +154,7 @@ def evaluate(
     timing_repeats: int = 3,
     grid_dir: str | Path | None = None,
     held_out: torch.Tensor | None = None,
-    loss_bands: list[tuple[int, int]] = (),
+    loss_grouping=None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict:
@@ -171,7 +174,7 @@ def evaluate(
         and batch (after one warm-up), interleaved across models; the median is reported.
     grid_dir: if given, a grid of each model's first-seed samples is written there as samples_<name>.png.
     held_out: images none of the models trained on; if given, each model's denoising loss on them is measured
-        (`held_out_loss`), overall and per timestep band in loss_bands ([start, end) pairs, e.g. the TDC groups).
+        (`held_out_loss`), overall and per group of loss_grouping (a grouping.Grouping, e.g. the TDC run's).
     device: where sampling runs (default: CUDA when available, else CPU); models are moved there.
     progress: print one line per measurement.
     """
@@ -224,7 +227,7 @@ def evaluate(
             "sample_grid": str(grid) if grid_dir is not None else None,
         })
         if held_out is not None:
-            records[-1]["held_out_loss"] = held_out_loss(model, held_out.to(device), scheduler, list(loss_bands))
+            records[-1]["held_out_loss"] = held_out_loss(model, held_out.to(device), scheduler, loss_grouping)
 
     timing = {}
     for batch in timing_batches:
@@ -263,9 +266,11 @@ def evaluate(
             "device": str(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, "
                                                                f"{torch.get_num_threads()} threads)",
             "torch": torch.__version__,
-            **({"held_out_loss": f"mean squared error of the training target on {min(len(held_out), 256)} held-out "
-                                 "images no model trained on, at 100 evenly spaced timesteps (interpolated between), "
-                                 "fixed noise; averaged over all timesteps and over each band"}
+            **({"held_out_loss": f"mean squared error of the training target on {min(len(held_out), HELD_OUT_IMAGES)} "
+                                 "held-out images no model trained on, at 100 evenly spaced timesteps (interpolated "
+                                 "between), fixed noise; averaged over all timesteps and over each group",
+                "held_out_loss_groups": [f"t {g.start}-{g.end - 1}" for g in loss_grouping.groups]
+                                        if loss_grouping is not None else []}
                if held_out is not None else {}),
         },
         "models": records,
@@ -302,6 +307,8 @@ def pool(evaluations: list[dict], labels: list[str] | None = None) -> dict:
             "sample_grid": runs[0]["sample_grid"],
         })
     protocol = dict(evaluations[0]["protocol"])
+    if len({str(e["protocol"].get("held_out_loss_groups")) for e in evaluations}) > 1:
+        protocol["held_out_loss_groups"] = None  # e.g. loss-based grouping: each run cut t differently
     protocol["runs"] = labels
     protocol["seeds"] = [f["seed"] for f in models[0]["fid"]["per_seed"]]
     protocol["fid"] += f"; pooled over {len(evaluations)} independent runs ({', '.join(labels)})"

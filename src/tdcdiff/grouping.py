@@ -171,11 +171,12 @@ def per_timestep_loss(
     points = np.unique(np.linspace(0, num_train - 1, min(num_points, num_train)).round().astype(int))
     g = torch.Generator().manual_seed(seed)
     x0 = images[torch.randperm(len(images), generator=g)[:images_per_point]]
-    noise = torch.randn(x0.shape, generator=g)
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)  # drawn on the CPU: the same noise on any device
     losses = []
     for t_value in points:
         t = torch.full((len(x0),), int(t_value), dtype=torch.long)
-        a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1).to(x0.device)
+        t = t.to(x0.device)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         losses.append((denoiser(x_t, t) - training_target(scheduler, x0, noise, t)).pow(2).mean().item())
     return np.exp(np.interp(np.arange(num_train), points, np.log(np.maximum(losses, 1e-12))))

@@ -85,19 +85,25 @@ def table_rows(results: dict) -> list[dict[str, str]]:
 
 
 def loss_rows(results: dict) -> list[dict[str, str]]:
-    """Held-out denoising loss per model and timestep band, as "value (ratio to the first model)" cells;
+    """Held-out denoising loss per model, overall and per group, as "value (ratio to the first model)" cells;
     empty when the results have no held-out loss."""
     models = results["models"]
     if "held_out_loss" not in models[0]:
         return []
+    ranges = results["protocol"].get("held_out_loss_groups") or []
     first = models[0]["held_out_loss"]
-    return [{"model": m["name"], **{band: f"{value:.4f} ({value / first[band]:.2f}x)"
-                                    for band, value in m["held_out_loss"].items()}} for m in models]
+
+    def column(key: str) -> str:
+        index = int(key.removeprefix("group ")) if key.startswith("group ") else None
+        return f"{key} ({ranges[index]})" if index is not None and index < len(ranges) else key
+
+    return [{"model": m["name"], **{column(key): f"{value:.4f} ({value / first[key]:.2f}x)"
+                                    for key, value in m["held_out_loss"].items()}} for m in models]
 
 
 def format_table(results: dict, rows: list[dict[str, str]] | None = None) -> str:
     """The side-by-side table (or other rows, e.g. loss_rows) as aligned plain text (for the console)."""
-    rows = rows or table_rows(results)
+    rows = table_rows(results) if rows is None else rows
     columns = list(rows[0])
     widths = [max(len(c), *(len(r[c]) for r in rows)) for c in columns]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
@@ -120,9 +126,9 @@ def verdicts(results: dict) -> list[str]:
     """A plain-language sentence for every pair of models (later vs earlier in the table).
 
     FID scores come in pairs: the i-th score of every model shares the training run (a benchmark seed's
-    stage-1 base) and the sampling seed. A gap counts as real only when the mean per-pair difference exceeds
-    the sd of those differences (metrics.paired_gap); with one score each there is no spread, and the
-    sentence says the gap is untested.
+    stage-1 base) and the sampling seed. A gap counts as real only when the 95% interval of the mean paired
+    difference excludes 0 (metrics.paired_gap); with one score each there is no spread, and the sentence says
+    the gap is untested.
     """
     from .metrics import paired_gap
 
@@ -133,19 +139,24 @@ def verdicts(results: dict) -> list[str]:
             a_scores = [s["fid"] for s in a["fid"]["per_seed"]]
             b_scores = [s["fid"] for s in b["fid"]["per_seed"]]
             scores = f"FID {_pm(b['fid'], 2)} vs {_pm(a['fid'], 2)} over {len(b_scores)} seed(s)"
-            if len(b_scores) < 2 or len(a_scores) != len(b_scores):
+            if len(a_scores) != len(b_scores):
+                quality = (f"not compared ({scores}): the two have different numbers of seeds, so their scores "
+                           "cannot be paired")
+            elif len(b_scores) < 2:
                 gap = b["fid"]["mean"] - a["fid"]["mean"]
                 quality = (f"{b['name']} scores {abs(gap):.2f} FID {'lower' if gap < 0 else 'higher'} ({scores}), "
-                           "but with fewer than two paired seeds there is no spread to judge that gap against: it is untested")
+                           "but with one seed there is no spread to judge that gap against: it is untested")
             else:
                 pair = paired_gap(a_scores, b_scores)
-                detail = (f"{scores}; per seed {', '.join(f'{d:+.2f}' for d in pair['diffs'])}, mean "
-                          f"{pair['mean']:+.2f} ± {pair['sd']:.2f}; lower in {pair['b_lower']} of {len(b_scores)}")
+                low, high = pair["interval"]
+                detail = (f"{scores}; per-seed gaps {', '.join(f'{d:+.2f}' for d in pair['diffs'])}: mean "
+                          f"{pair['mean']:+.2f}, {pair['confidence']:.0%} interval [{low:+.2f}, {high:+.2f}]; "
+                          f"{b['name']} lower in {pair['b_lower']} of {len(b_scores)}")
                 if pair["tie"]:
-                    quality = f"a tie ({detail}: the mean gap is within the spread of the per-seed gaps)"
+                    quality = f"a tie ({detail}: the interval includes 0)"
                 else:
                     better = "better" if pair["mean"] < 0 else "worse"
-                    quality = f"{b['name']} is {better} ({detail}: the mean gap exceeds the spread of the per-seed gaps)"
+                    quality = f"{b['name']} is {better} ({detail}: the interval excludes 0)"
             cost = (f"it uses {b['sampling_flops']['per_image'] / a['sampling_flops']['per_image']:.2f}x the "
                     f"sampling FLOPs, "
                     + ", ".join(f"{b['time'][k]['ratio'] / a['time'][k]['ratio']:.2f}x the time at "
@@ -314,7 +325,8 @@ figcaption {{ font-size: 0.9em; color: #333; }} dt {{ font-weight: bold; }} dd {
 <h2>Verdicts</h2>
 <ul>{"".join(f"<li>{html.escape(v)}</li>" for v in verdicts(results))}</ul>
 <p>Two models are compared seed by seed (the i-th FID of each shares its training run and sampling seed); a gap
-counts only when the mean per-seed gap exceeds the standard deviation of the per-seed gaps.
+counts only when the 95% interval of the mean per-seed gap (paired t-test) excludes 0. Where the seeds are
+sampling seeds of one training run, a real gap says nothing about run-to-run variation.
 Times are measured, not derived from FLOPs: small networks on CPUs speed up much less than their FLOPs fall.</p>
 {loss_section}
 <h2>Plots</h2>
@@ -376,7 +388,7 @@ def report_for_run(
         sampler=sampler or c.sampler, steps=steps or c.sample_steps, num_samples=num_samples, seeds=tuple(seeds),
         feature_cache_dir=feature_cache_dir, reference_name=Path(c.data).name,
         timing_batches=tuple(timing_batches), timing_repeats=timing_repeats, grid_dir=run_dir / "report",
-        held_out=run.split()[1], loss_bands=[(g.start, g.end) for g in bundle.router.grouping.groups],
+        held_out=run.split()[1], loss_grouping=bundle.router.grouping,
         progress=progress,
     )
     results["context"] = [
