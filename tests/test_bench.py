@@ -72,3 +72,20 @@ def test_base_from_refuses_other_stage1_settings_or_missing_seeds_before_any_wor
         assert done.returncode != 0
         assert "--base-from" in done.stderr and problem in done.stderr and "Traceback" not in done.stderr
         assert not (out / "seed_0").exists()  # seed 1's problem stopped the run before seed 0 started
+
+
+def test_base_from_names_an_unreadable_config(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "bench" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "benchmark", benchmark)  # dataclasses look their module up there
+    spec.loader.exec_module(benchmark)
+    from tdcdiff.run import RunConfig
+    from tdcdiff.train import FINAL_DIR
+
+    source = tmp_path / "seed_0" / "tdc"
+    (source / "base" / FINAL_DIR).mkdir(parents=True)
+    (source / "config.json").write_text("{not json")
+    problem = benchmark.base_source_problem(source, RunConfig())
+    assert "config.json is unreadable (JSONDecodeError" in problem
