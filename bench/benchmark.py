@@ -215,6 +215,24 @@ def train_further(model, run, extra_flops: int, out_dir: Path, description: str,
     return result, _load(out_dir / FINAL_DIR)
 
 
+def swapped_expert_entries(router, single_model, sample_shape, train_flops: int) -> list:
+    """TDC with one group's expert replaced by the single model, for each group: which expert costs FID?"""
+    from tdcdiff.evaluate import ModelEntry
+    from tdcdiff.flops import count_flops
+    from tdcdiff.router import Router
+
+    single_flops = count_flops(single_model, sample_shape)
+    entries = []
+    for g, group in enumerate(router.grouping.groups):
+        experts = [single_model if i == g else expert for i, expert in enumerate(router.experts)]
+        flops = [single_flops if i == g else f for i, f in enumerate(router.expert_flops)]
+        entries.append(ModelEntry(
+            f"TDC, single model at group {g}", Router(experts, router.grouping, flops), train_flops,
+            notes=f"diagnostic: TDC's experts, but t {group.start}-{group.end - 1} sampled by the single model "
+                  "(its training compute is not a method's: shown as TDC's)"))
+    return entries
+
+
 def seed_config(args, setting: Setting, seed: int):
     """The RunConfig of one seed's TDC run: the setting plus the ablation flags."""
     from tdcdiff.run import RunConfig, apply_overrides
@@ -262,13 +280,14 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
                   f"ratios {ratios} (GroupNorm steps: the global ratio was repaired per unit to meet the budget)")
 
     form = "one-stage (group models trained from scratch at their pruned shapes)" if args.one_stage else "paper form"
+    tdc_router = load_bundle(tdc.dir / "bundle").router
     entries = [
         ModelEntry("single model", single_model, stage1 + single.train_flops,
                    notes=f"stage-1 base ({c.base.steps} steps) + {single.steps} more steps on all timesteps"),
         ModelEntry("uniform-pruned", uniform_model, stage1 + uniform.train_flops,
                    notes=f"base pruned to {fit.flops / plan.base_flops:.1%} of its FLOPs ({ratio_note}, magnitude "
                          f"importance), then {uniform.steps} steps on all timesteps"),
-        ModelEntry("TDC (one-stage)" if args.one_stage else "TDC", load_bundle(tdc.dir / "bundle").router, tdc_flops,
+        ModelEntry("TDC (one-stage)" if args.one_stage else "TDC", tdc_router, tdc_flops,
                    notes=f"{form}: {c.groups} groups ('{c.grouping}', k={c.k}, ordering '{c.ordering}', proposer "
                          f"'{c.search.proposer}', memory {'on' if c.search.memory else 'off'}), {c.finetune.steps} "
                          "stage-2 steps per group on its own timesteps"),
@@ -281,6 +300,9 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
                                   v["total"] - (stage1 if args.one_stage else 0),
                                   notes=f"as TDC, stage 2 with {variant.config.finetune.steps} steps per group, "
                                         f"mix fraction {args.mix or 0}, distillation weight {args.distill or 0}"))
+
+    if args.swap_experts:
+        entries += swapped_expert_entries(tdc_router, single_model, tdc.sample_shape, tdc_flops)
 
     _say(f"  evaluating {', '.join(e.name for e in entries)}")
     images, labels, name = reference
@@ -314,6 +336,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ablation: group models trained from scratch at their pruned shapes (stage 2 also gets stage 1's compute)")
     p.add_argument("--mix", type=float, help="also run TDC with this stage-2 mix fraction of all-timestep samples")
     p.add_argument("--distill", type=float, help="also run TDC with this stage-2 distillation weight")
+    p.add_argument("--swap-experts", action="store_true",
+                   help="diagnostic: also evaluate TDC with each group's expert replaced by the single model, one "
+                        "group at a time (which expert costs or gains FID)")
     p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm-solver++"), help="sampler for FID and timing")
     p.add_argument("--sample-steps", type=int, help="sampling steps for FID and timing")
     p.add_argument("--feature-cache", type=Path, help="FID feature-classifier cache (default: ~/.cache/tdcdiff/features)")
@@ -374,7 +399,8 @@ def main(argv=None) -> int:
     results["bench"] = {
         "data": args.data, "gpu": args.gpu, "quick": args.quick, "seeds": args.seeds,
         "run_settings": setting.run, "reference": setting.reference, "notes": setting.notes,
-        "base_from": str(args.base_from) if args.base_from else None, "one_stage": args.one_stage, "mix": args.mix, "distill": args.distill,
+        "base_from": str(args.base_from) if args.base_from else None, "one_stage": args.one_stage,
+        "swap_experts": args.swap_experts, "mix": args.mix, "distill": args.distill,
         "command": " ".join(["python", "bench/benchmark.py", *(argv if argv is not None else sys.argv[1:])]),
         "equal_compute": "every arm: stage 1 + the FLOPs of TDC's stage 2 (pruning-search proxy forwards not counted)",
         "wall_seconds": round(time.perf_counter() - started, 1),

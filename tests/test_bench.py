@@ -50,7 +50,7 @@ def test_quick_benchmark_on_digits(quick_bench):
 def test_ablation_reuses_the_stage1_base(quick_bench, tmp_path):
     source, _, cache = quick_bench
     out = tmp_path / "ablation"
-    done = bench("--out", out, "--set", "k=0.9", "--base-from", source, cache=cache)
+    done = bench("--out", out, "--set", "k=0.9", "--base-from", source, "--swap-experts", cache=cache)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     base = "seed_0/tdc/base/final/model.safetensors"
@@ -59,7 +59,14 @@ def test_ablation_reuses_the_stage1_base(quick_bench, tmp_path):
     assert (out / "seed_0/tdc/base/log.jsonl").read_bytes() == (source / "seed_0/tdc/base/log.jsonl").read_bytes()
     plans = [json.loads((d / "seed_0/tdc/plan/plan.json").read_text()) for d in (source, out)]
     assert plans[0]["fractions"] != plans[1]["fractions"]
-    assert json.loads((out / "results.json").read_text())["bench"]["base_from"] == str(source)
+    results = json.loads((out / "results.json").read_text())
+    assert results["bench"]["base_from"] == str(source)
+    # --swap-experts: TDC with one group's expert replaced by the single model, per group
+    models = {m["name"]: m for m in results["models"]}
+    assert list(models)[3:] == ["TDC, single model at group 0", "TDC, single model at group 1"]
+    swapped = [models[f"TDC, single model at group {g}"]["sampling_flops"]["ratio"] for g in (0, 1)]
+    tdc = models["TDC"]["sampling_flops"]["ratio"]
+    assert all(tdc <= f <= 1.0 for f in swapped) and max(swapped) > tdc  # the hardest group is full-size already
 
 
 @pytest.mark.slow
