@@ -252,6 +252,7 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
     from tdcdiff.bundle import load_bundle
     from tdcdiff.evaluate import ModelEntry, evaluate
     from tdcdiff.prune.surgery import fit_to_budget, prunable_units, uniform_decision
+
     seed_dir = out / f"seed_{seed}"
     config = seed_config(args, setting, seed)
     progress = not args.quiet

@@ -90,14 +90,10 @@ def loss_rows(results: dict) -> list[dict[str, str]]:
     models = results["models"]
     if "held_out_loss" not in models[0]:
         return []
-    ranges = results["protocol"].get("held_out_loss_groups") or []
+    ranges = results["protocol"].get("held_out_loss_groups") or []  # None when the runs' groups differ
+    column = {f"group {i}": f"group {i} ({r})" for i, r in enumerate(ranges)}
     first = models[0]["held_out_loss"]
-
-    def column(key: str) -> str:
-        index = int(key.removeprefix("group ")) if key.startswith("group ") else None
-        return f"{key} ({ranges[index]})" if index is not None and index < len(ranges) else key
-
-    return [{"model": m["name"], **{column(key): f"{value:.4f} ({value / first[key]:.2f}x)"
+    return [{"model": m["name"], **{column.get(key, key): f"{value:.4f} ({value / first[key]:.2f}x)"
                                     for key, value in m["held_out_loss"].items()}} for m in models]
 
 
