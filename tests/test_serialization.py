@@ -51,13 +51,27 @@ def test_pruned_unet_round_trip(tmp_path, attention):
     assert saved["weights"]["bytes"] == (tmp_path / "m" / WEIGHTS_FILE).stat().st_size
 
 
-def test_user_net_round_trip(tmp_path):
+@pytest.fixture()
+def registry(monkeypatch):
+    """An empty class registry for one test (registrations do not leak into other tests)."""
+    from tdcdiff import serialization
+
+    monkeypatch.setattr(serialization, "_REGISTERED", {})
+
+
+def test_user_net_round_trip(tmp_path, registry):
     torch.manual_seed(0)
     model = pruned(Denoiser(TinyTimeNet())).eval()
     assert architecture_of(model) == {
         "class": "test_surgery.TinyTimeNet", "kwargs": {"channels": 1, "width": 16}, "wrapped": "Denoiser",
     }
     save_model(model, tmp_path / "m")
+    with pytest.raises(ValueError, match=r"names class 'test_surgery.TinyTimeNet', which tdcdiff does not rebuild.*"
+                                         r"call `tdcdiff.register_model_class\(TinyTimeNet\)`"):
+        load_model(tmp_path / "m")
+    import tdcdiff
+
+    assert tdcdiff.register_model_class(TinyTimeNet) is TinyTimeNet
     loaded = load_model(tmp_path / "m")
     assert isinstance(loaded, Denoiser) and isinstance(loaded.model, TinyTimeNet)
     assert (outputs(loaded) - outputs(model)).abs().max() < 1e-5
