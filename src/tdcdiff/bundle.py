@@ -197,7 +197,8 @@ def _build_scheduler(config: dict, where: Path):
         if key in settings and settings[key] not in choices:
             raise BundleError(f"{where}: 'scheduler.{key}' must be one of {choices}, got {settings[key]!r}; {REEXPORT}")
     try:
-        scheduler = cls.from_config(config)
+        # Without the bookkeeping keys save_bundle adds, the rebuilt config equals the saved one exactly.
+        scheduler = cls.from_config({k: v for k, v in config.items() if k not in ("_class_name", "_diffusers_version")})
     except Exception as err:  # any failure of an allowlisted diffusers class on these settings
         raise BundleError(f"{where}: 'scheduler' cannot be built ({type(err).__name__}: {err}); {REEXPORT}") from None
     rebuilt = {k: _json_safe(v) for k, v in dict(scheduler.config).items() if not k.startswith("_")}
