@@ -79,8 +79,9 @@ def save_bundle(
     scheduler is rebuilt on load). sample_shape: (C, H, W).
     expert_flops: measured FLOPs per expert forward (batch 1); base_flops: the unpruned model's.
     budgets: the planned FLOPs budget per group. provenance: data, steps, seeds... (free-form JSON).
-    expert_training: per expert, a JSON record of how it was trained, stating at least its
-    "prediction_type" (checked against the scheduler on load); default: the scheduler's settings.
+    expert_training: per expert, a JSON record of how it was trained (e.g. its train.json summary); its
+    "prediction_type", "beta_schedule" and "num_train_timesteps" default to the scheduler's, and the
+    prediction type is checked against the scheduler on load.
     Raises ValueError (BundleError) when the pieces do not fit together (counts, shapes, prediction types).
     """
     path = Path(path)
@@ -88,9 +89,11 @@ def save_bundle(
         raise BundleError(f"cannot bundle a {class_path(type(scheduler))}: the scheduler must be a diffusers scheduler")
     config = {k: _json_safe(v) for k, v in dict(scheduler.config).items()}
     config = {"_class_name": type(scheduler).__name__, "_diffusers_version": _diffusers_version(), **config}
-    if expert_training is None:
-        trained = {k: config.get(k) for k in ("prediction_type", "beta_schedule", "num_train_timesteps")}
-        expert_training = [{**trained, "timesteps": [g.start, g.end]} for g in grouping.groups]
+    trained = {k: config.get(k) for k in ("prediction_type", "beta_schedule", "num_train_timesteps")}
+    records = expert_training if expert_training is not None else [{} for _ in grouping.groups]
+    if len(records) != len(grouping) or not all(isinstance(r, dict) for r in records):
+        raise BundleError(f"expert_training must hold one record (a dict) per group, {len(grouping)} in all")
+    expert_training = [{**trained, "timesteps": [g.start, g.end], **r} for g, r in zip(grouping.groups, records)]
     with atomic_dir(path) as tmp:
         files = {}
         for i, expert in enumerate(experts):

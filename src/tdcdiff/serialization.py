@@ -370,8 +370,8 @@ def check_arguments(cls: type, arguments: object, what: str, *, check_types: boo
                  else (int, float) if isinstance(default, float) else (str,) if isinstance(default, str)
                  else (list, tuple) if isinstance(default, (list, tuple)) else (object,))
         if not isinstance(value, kinds) or (isinstance(value, bool) and not isinstance(default, bool)):
-            raise ValueError(f"{what}: {name} argument {key!r} must be a {kinds[0].__name__} like its default "
-                             f"{default!r}, got {value!r}; the file was edited or corrupted: re-export it")
+            raise ValueError(f"{what}: {name} argument {key!r} must be of type {kinds[0].__name__} (its default is "
+                             f"{default!r}), got {value!r}; the file was edited or corrupted: re-export it")
     return arguments
 
 
