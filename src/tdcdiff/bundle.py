@@ -315,27 +315,32 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu") -> Bund
             f"T={grouping.num_train_timesteps}"
         )
     _check_prediction_types(manifest, scheduler, where)
-    experts, weights = [], set()
+    described = []  # (architecture, weights file) per expert: all read and checked before building any
     for i in range(len(grouping)):
-        source = path / f"expert_{i}" / ARCHITECTURE_FILE
         name = f"expert_{i}/{ARCHITECTURE_FILE}"
         try:
-            description = read_architecture(_read_checked(located[name], files[name], path / name), source)
-            weights_name = f"expert_{i}/{description['weights']['file']}"
-            entry = files.get(weights_name)
-            if entry is None or entry["sha256"] != description["weights"]["sha256"]:
-                raise BundleError(f"{source} names weights {description['weights']['file']!r} that the manifest's "
-                                  f"'files' does not list with the same sha256; {REEXPORT}")
-            data = read_regular_file(located[weights_name], entry["bytes"], "copy the whole bundle directory")
-            expert = build_model(description, data, source, path / weights_name)  # checks the sha256
-        except (ValueError, RuntimeError, OSError) as err:
+            description = read_architecture(_read_checked(located[name], files[name], path / name), path / name)
+        except (ValueError, OSError) as err:
+            raise BundleError(f"cannot load expert {i} of bundle {path}: {err}") from None
+        weights_name = f"expert_{i}/{description['weights']['file']}"
+        entry = files.get(weights_name)
+        if entry is None or entry["sha256"] != description["weights"]["sha256"]:
+            raise BundleError(f"{path / name} names weights {description['weights']['file']!r} that the manifest's "
+                              f"'files' does not list with the same sha256; {REEXPORT}")
+        described.append((description, weights_name))
+    used = {f"expert_{i}/{ARCHITECTURE_FILE}" for i in range(len(grouping))} | {w for _, w in described}
+    for name in sorted(files.keys() - used):  # any other listed file is checked too
+        if sha256_file(located[name]) != files[name]["sha256"]:
+            raise BundleError(f"bundle file {path / name} is corrupted: its sha256 does not match the manifest")
+    experts = []
+    for i, (description, weights_name) in enumerate(described):
+        try:
+            data = read_regular_file(located[weights_name], files[weights_name]["bytes"], "copy the whole bundle directory")
+            expert = build_model(description, data, path / f"expert_{i}" / ARCHITECTURE_FILE, path / weights_name)
+        except (ValueError, RuntimeError, OSError) as err:  # build_model checks the weights' sha256
             raise BundleError(f"cannot load expert {i} of bundle {path}: {err}") from err
         _check_input(expert, i, manifest["sample_shape"], f"{where}: ")
         experts.append(expert)
-        weights.update({name, weights_name})
-    for name in sorted(files.keys() - weights):  # any other listed file is checked too
-        if sha256_file(located[name]) != files[name]["sha256"]:
-            raise BundleError(f"bundle file {path / name} is corrupted: its sha256 does not match the manifest")
     router = Router(experts, grouping, manifest["expert_flops"]).to(device).eval()
     return Bundle(router, scheduler, manifest)
 

@@ -353,7 +353,7 @@ def check_arguments(cls: type, arguments: object, what: str, *, check_types: boo
     name = cls.__name__
     if not isinstance(arguments, dict):
         raise ValueError(f"{what} must be a mapping of {name}'s constructor arguments, got {type(arguments).__name__}")
-    params = [p for p in list(inspect.signature(cls.__init__).parameters.values())[1:]]
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
     named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     unknown = sorted(set(arguments) - set(named))
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
