@@ -84,7 +84,7 @@ def test_wrong_format_version(bundle_dir, tmp_path):
     manifest = json.loads((target / "manifest.json").read_text())
     manifest["format"] = "tdcdiff-bundle/99"
     (target / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="format 'tdcdiff-bundle/99', this tdcdiff reads 'tdcdiff-bundle/1'"):
+    with pytest.raises(BundleError, match="format 'tdcdiff-bundle/99', this tdcdiff reads 'tdcdiff-bundle/2'"):
         load_bundle(target)
 
 

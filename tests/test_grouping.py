@@ -89,3 +89,25 @@ def test_orderings_and_plan_mean():
     assert plan.budgets == [625, 750, 875, 1000]
     assert plan.mean_fraction == pytest.approx((0.625 + 0.75 + 0.875 + 1.0) / 4)
     assert Plan.from_dict(plan.to_dict()).budgets == plan.budgets
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"boundaries": [1000, 500, 0]}, r"'grouping.boundaries' must be integers rising strictly from 0 to T=1000"),
+        ({"boundaries": [0, 200, 400, 600, 800, 1000]}, r"'grouping.groups' must hold one entry .* \(5 groups\)"),
+        ({"boundaries": [0, 500, 999]}, r"rising strictly from 0 to T=1000 .*got \[0, 500, 999\]"),
+        ({"boundaries": [0, 500.0, 1000]}, "'grouping.boundaries' must be integers"),
+        ({"num_train_timesteps": "1000"}, r"'grouping.num_train_timesteps' must be a positive integer T, got '1000'"),
+        ({"groups": None}, "'grouping.groups' must hold one entry"),
+        ({"strategy": 3}, "'grouping.strategy' must be a string"),
+    ],
+)
+def test_from_dict_refuses_inconsistent_groups(scheduler, change, message):
+    """Group data read from files (bundles, plans) is validated; a good one round-trips."""
+    data = make_groups("uniform", 2, scheduler).to_dict()
+    assert Grouping.from_dict(data) == make_groups("uniform", 2, scheduler)
+    with pytest.raises(ValueError, match=message):
+        Grouping.from_dict({**data, **change})
+    with pytest.raises(ValueError, match="'grouping' must be a mapping, got list"):
+        Grouping.from_dict([])

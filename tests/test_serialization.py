@@ -51,13 +51,27 @@ def test_pruned_unet_round_trip(tmp_path, attention):
     assert saved["weights"]["bytes"] == (tmp_path / "m" / WEIGHTS_FILE).stat().st_size
 
 
-def test_user_net_round_trip(tmp_path):
+@pytest.fixture()
+def registry(monkeypatch):
+    """An empty class registry for one test (registrations do not leak into other tests)."""
+    from tdcdiff import serialization
+
+    monkeypatch.setattr(serialization, "_REGISTERED", {})
+
+
+def test_user_net_round_trip(tmp_path, registry):
     torch.manual_seed(0)
     model = pruned(Denoiser(TinyTimeNet())).eval()
     assert architecture_of(model) == {
         "class": "test_surgery.TinyTimeNet", "kwargs": {"channels": 1, "width": 16}, "wrapped": "Denoiser",
     }
     save_model(model, tmp_path / "m")
+    with pytest.raises(ValueError, match=r"names class 'test_surgery.TinyTimeNet', which tdcdiff does not rebuild.*"
+                                         r"call `tdcdiff.register_model_class\(TinyTimeNet\)`"):
+        load_model(tmp_path / "m")
+    import tdcdiff
+
+    assert tdcdiff.register_model_class(TinyTimeNet) is TinyTimeNet
     loaded = load_model(tmp_path / "m")
     assert isinstance(loaded, Denoiser) and isinstance(loaded.model, TinyTimeNet)
     assert (outputs(loaded) - outputs(model)).abs().max() < 1e-5
@@ -124,3 +138,27 @@ def test_atomic_write_text(tmp_path):
     atomic_write_text(tmp_path / "sub" / "plan.json", '{"a": 1}')
     assert (tmp_path / "sub" / "plan.json").read_text() == '{"a": 1}'
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["plan.json"]
+
+
+def test_load_model_never_imports_what_the_file_names(tmp_path):
+    """A saved model outside a bundle gets the same allowlist and containment checks."""
+    save_model(build_unet("digits-8"), tmp_path / "m")
+    architecture = tmp_path / "m" / ARCHITECTURE_FILE
+    description = json.loads(architecture.read_text())
+    marker = tmp_path / "marker"
+    architecture.write_text(json.dumps({**description, "class": "subprocess.Popen", "kwargs": {"args": ["touch", str(marker)]}}))
+    with pytest.raises(ValueError, match=r"names class 'subprocess.Popen', which tdcdiff does not rebuild"):
+        load_model(tmp_path / "m")
+    assert not marker.exists()
+    (tmp_path / "outside.safetensors").write_bytes((tmp_path / "m" / WEIGHTS_FILE).read_bytes())
+    for name, message in [("../outside.safetensors", "not a plain relative path"), (str(tmp_path / "outside.safetensors"), "not a plain relative path")]:
+        architecture.write_text(json.dumps({**description, "weights": {**description["weights"], "file": name}}))
+        with pytest.raises(ValueError, match=f"'weights.file' names .*{message}"):
+            load_model(tmp_path / "m")
+    (tmp_path / "m" / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    architecture.write_text(json.dumps({**description, "weights": {**description["weights"], "file": "link.safetensors"}}))
+    with pytest.raises(ValueError, match="'weights.file' names 'link.safetensors', which leads outside"):
+        load_model(tmp_path / "m")
+    architecture.write_text(json.dumps({**description, "weights": {**description["weights"], "sha256": "x"}}))
+    with pytest.raises(ValueError, match=r"does not describe a weights file \('weights': \{file, bytes, sha256\}\)"):
+        load_model(tmp_path / "m")

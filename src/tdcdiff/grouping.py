@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,8 +60,39 @@ class Grouping:
 
     @classmethod
     def from_dict(cls, data: dict) -> Grouping:
-        groups = [Group(**{k: v for k, v in g.items() if k != "size"}) for g in data["groups"]]
-        return cls(data["strategy"], data["num_train_timesteps"], list(data["boundaries"]), groups)
+        """Inverse of to_dict, for files from outside: raises ValueError naming the key (e.g.
+        'grouping.boundaries') unless the data describe N >= 1 contiguous groups, boundaries rising strictly
+        from 0 to T, and one group entry per pair of boundaries.
+        """
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not isinstance(data, dict):
+            raise ValueError(f"'grouping' must be a mapping, got {type(data).__name__}")
+        num_train, edges = data.get("num_train_timesteps"), data.get("boundaries")
+        if not is_int(num_train) or num_train < 1:
+            raise ValueError(f"'grouping.num_train_timesteps' must be a positive integer T, got {num_train!r}")
+        if (not isinstance(edges, list) or len(edges) < 2 or not all(map(is_int, edges)) or edges[0] != 0
+                or edges[-1] != num_train or any(a >= b for a, b in zip(edges, edges[1:]))):
+            raise ValueError(
+                f"'grouping.boundaries' must be integers rising strictly from 0 to T={num_train} (the N+1 edges "
+                f"of N groups), got {str(edges)[:200]}"
+            )
+        if not isinstance(data.get("strategy"), str):
+            raise ValueError(f"'grouping.strategy' must be a string, got {data.get('strategy')!r}")
+        entries = data.get("groups")
+        fields = [f.name for f in dataclasses.fields(Group)]
+        expected = [(i, s, e) for i, (s, e) in enumerate(zip(edges, edges[1:]))]
+        if (not isinstance(entries, list) or not all(isinstance(g, dict) and set(fields) <= g.keys() for g in entries)
+                or [(g["index"], g["start"], g["end"]) for g in entries] != expected
+                or not all(is_int(g[k]) for g in entries for k in ("index", "start", "end"))
+                or not all(isinstance(g[k], (int, float)) for g in entries for k in ("snr_db_start", "snr_db_end"))):
+            raise ValueError(
+                f"'grouping.groups' must hold one entry {{{', '.join(fields)}}} per group, with index, start and "
+                f"end following 'grouping.boundaries' ({len(expected)} groups)"
+            )
+        groups = [Group(**{k: g[k] for k in fields}) for g in entries]
+        return cls(data["strategy"], num_train, list(edges), groups)
 
 
 def _enforce_min_size(boundaries: list[int], min_size: int) -> list[int]:

@@ -374,17 +374,20 @@ class Run:
         if (out / "manifest.json").exists():
             return out
         plan = self.plan()
-        experts = []
+        experts, training = [], []
         for i in range(len(plan.grouping)):
             path = self.dir / "finetune" / f"group_{i}" / FINAL_DIR
             if not path.exists():
                 raise FileNotFoundError(f"group {i} is not fine-tuned yet ({path} missing); run `tdcdiff finetune`")
             experts.append(load_model(path))
+            summary = path.parent / "train.json"
+            summary = json.loads(summary.read_text()) if summary.exists() else {}
+            training.append({k: summary[k] for k in ("steps", "final_loss", "fingerprint") if k in summary})
         train_flops = self.training_flops()
         return save_bundle(
             out, experts, plan.grouping, self.scheduler, sample_shape=self.sample_shape,
             expert_flops=[count_flops(e, self.sample_shape) for e in experts], base_flops=plan.base_flops,
-            budgets=plan.budgets,
+            budgets=plan.budgets, expert_training=training,
             provenance={"data": self.data.describe(), "config": self.config.to_dict(), "training_flops": train_flops},
         )
 

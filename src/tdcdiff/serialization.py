@@ -5,6 +5,10 @@ weights file's size and sha256) and model.safetensors (the state dict). Loading 
 architecture, resizes every parameter and buffer to its saved shape, re-derives size attributes from the
 new shapes and loads the weights strictly. This works where diffusers' save_pretrained / from_pretrained
 cannot (a pruned UNet's config still states the unpruned widths) and needs neither torch.load nor pickle.
+
+Saved files are untrusted input: loading never imports what a file names. It rebuilds only diffusers' model
+classes (exported as `diffusers.<Name>`) and classes registered with `register_model_class`, with constructor
+arguments checked against the class's signature, and reads only files inside the saved model's directory.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import importlib
+import inspect
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import uuid
@@ -129,11 +134,13 @@ def _replace(new: Path, path: Path) -> None:
 
 
 def _json_safe(value):
-    """Config values as plain JSON (tuples become lists)."""
+    """Config values as plain JSON (tuples and arrays become lists)."""
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
+    if hasattr(value, "tolist"):  # numpy arrays and scalars (a scheduler's trained_betas)
+        return value.tolist()
     return value
 
 
@@ -142,19 +149,66 @@ def _is_diffusers_model(model: nn.Module) -> bool:
     return "diffusers" in sys.modules and isinstance(model, sys.modules["diffusers"].ModelMixin)
 
 
+# Classes a user allowed to be rebuilt from saved files, by the name they are saved under.
+_REGISTERED: dict[str, type] = {}
+
+
+def class_path(cls: type) -> str:
+    """The name a class is saved under: `module.QualName` (diffusers' exported classes: `diffusers.Name`)."""
+    diffusers = sys.modules.get("diffusers")
+    if diffusers is not None and cls.__module__.startswith("diffusers.") and getattr(diffusers, cls.__name__, None) is cls:
+        return f"diffusers.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_model_class(cls: type) -> type:
+    """Allow load_model and load_bundle to rebuild instances of `cls` (a torch.nn.Module subclass).
+
+    Saved models are untrusted input, so loading rebuilds only diffusers' model classes and the classes
+    registered here, matched by the import path they were saved under (`module.QualName`). Call it in your
+    own code, before loading, for each of your model classes you trust. Returns cls (usable as a class
+    decorator). Raises TypeError when cls is not an nn.Module subclass.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_model_class takes a torch.nn.Module subclass, got {cls!r}")
+    _REGISTERED[class_path(cls)] = cls
+    return cls
+
+
+def _importable_name(cls: type) -> str:
+    """class_path(cls), after checking that a loader in another process can import the class by it."""
+    name = class_path(cls)
+    if name.startswith("diffusers."):
+        return name
+    if cls.__module__ == "__main__":
+        raise ValueError(
+            f"cannot save a {cls.__qualname__} defined in the script being run (__main__): a saved model names "
+            "its class by import path, which __main__ is not in the process that loads it. Move the class into "
+            "a module (e.g. my_models.py next to the script), import it from there, and call "
+            f"tdcdiff.register_model_class({cls.__qualname__}) before loading"
+        )
+    if "." in cls.__qualname__ or getattr(sys.modules.get(cls.__module__), cls.__qualname__, None) is not cls:
+        raise ValueError(
+            f"cannot save a {name}: it cannot be imported by that name; define the class at the top level of "
+            f"module {cls.__module__}"
+        )
+    return name
+
+
 def architecture_of(model: nn.Module) -> dict:
     """Plain-JSON description from which load_model rebuilds the model's UNPRUNED architecture.
 
     model: a diffusers model (described by its config), a Denoiser wrapping a model (described as the
     wrapped model plus "wrapped": "Denoiser"), or any module with a `tdcdiff_init_kwargs` dict attribute
-    holding its constructor's keyword arguments.
+    holding its constructor's keyword arguments. The class is named by its import path (class_path).
+    Raises ValueError when the class cannot be imported by name (defined in __main__ or inside a function).
     """
     if isinstance(model, Denoiser):
         return {**architecture_of(model.model), "wrapped": "Denoiser"}
     cls = type(model)
     if _is_diffusers_model(model):
         config = {k: _json_safe(v) for k, v in dict(model.config).items() if not k.startswith("_")}
-        return {"class": f"diffusers.{cls.__name__}", "config": config}
+        return {"class": _importable_name(cls), "config": config}
     name = f"{cls.__module__}.{cls.__qualname__}"
     kwargs = getattr(model, "tdcdiff_init_kwargs", None)
     if not isinstance(kwargs, dict):
@@ -163,8 +217,7 @@ def architecture_of(model: nn.Module) -> dict:
             f"`model.tdcdiff_init_kwargs = {{...}}` (in its __init__, for example) to the keyword arguments "
             f"that rebuild its unpruned architecture as {cls.__qualname__}(**kwargs), with plain JSON values"
         )
-    if "." in cls.__qualname__:
-        raise ValueError(f"cannot save a {name}: define the class at the top level of an importable module")
+    name = _importable_name(cls)
     try:
         json.dumps(kwargs)
     except TypeError as err:
@@ -207,25 +260,141 @@ def save_model(model: nn.Module, directory: str | Path, *, extra: dict | None = 
     return description
 
 
+
+
+def resolve_inside(root: Path, name: object, what: str) -> Path:
+    """The path of `name` (a relative POSIX path from a saved file) inside directory `root`.
+
+    Raises ValueError, naming `what` (the file and key that named it), for anything that is not a plain
+    relative path, or that leads outside root (an absolute path, a `..` part, a symlink pointing out).
+    """
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or "\\" in name or "\0" in name or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(
+            f"{what} names {name!r}, which is not a plain relative path inside {root} (no absolute paths, `..`, "
+            "backslashes or empty parts); the file was edited or corrupted: re-export it"
+        )
+    base = root.resolve()
+    path = (base / name).resolve()
+    if not path.is_relative_to(base):
+        raise ValueError(
+            f"{what} names {name!r}, which leads outside {root} (to {path}); a saved file may only refer to files "
+            "inside its own directory: re-export it"
+        )
+    return path
+
+
+def read_regular_file(path: Path, expected_bytes: int, hint: str) -> bytes:
+    """The bytes of a regular file of `expected_bytes` bytes (read once; nothing more is read).
+
+    Raises FileNotFoundError when missing and ValueError when not a regular file or of another size; hint
+    (the fix) ends each message.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing; {hint}") from None
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+        raise ValueError(f"{path} is not a regular file; {hint}")
+    size = info.st_size
+    if size == expected_bytes:
+        with open(path, "rb") as f:
+            data = f.read(expected_bytes + 1)  # one byte more: a file that grew since is caught too
+        size = len(data)
+    if size != expected_bytes:
+        raise ValueError(f"{path} is truncated or corrupted: expected {expected_bytes} bytes, found {size}; {hint}")
+    return data
+
+
+def _diffusers_export(name: str, base: str) -> type | None:
+    """diffusers.<name> when it is a subclass of diffusers.<base>, else None; nothing but diffusers is imported."""
+    if not name.isidentifier() or name.startswith("_"):
+        return None
+    import diffusers
+
+    try:
+        cls = getattr(diffusers, name, None)
+    except Exception:  # diffusers' lazy import of an export whose optional dependency is missing
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, getattr(diffusers, base)) else None
+
+
+def allowed_class(name: object, base: str, what: str) -> type:
+    """The class saved as `name`, when it may be rebuilt: a `diffusers.<Name>` subclass of diffusers.<base>
+    ("ModelMixin" or "SchedulerMixin"), or (for models) a class given to register_model_class.
+
+    Raises ValueError naming the class, `what` (the file and key) and how to allow it.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} must name a class as 'module.Class', got {name!r}; the file was edited or corrupted")
+    if base == "ModelMixin" and name in _REGISTERED:
+        return _REGISTERED[name]
+    prefix, _, attr = name.partition(".")
+    cls = _diffusers_export(attr, base) if prefix == "diffusers" else None
+    if cls is not None:
+        return cls
+    if base != "ModelMixin":
+        raise ValueError(f"{what} names {name!r}, which is not a diffusers scheduler class (diffusers.<Name>); "
+                         "the file was edited or corrupted")
+    short = name.rpartition(".")[2]
+    raise ValueError(
+        f"{what} names class {name!r}, which tdcdiff does not rebuild: saved files are untrusted, so only "
+        f"diffusers model classes and registered classes are. If you trust this file and {name} is your model "
+        f"class, call `tdcdiff.register_model_class({short})` (after importing it) before loading"
+    )
+
+
+def check_arguments(cls: type, arguments: object, what: str, *, check_types: bool = False) -> dict:
+    """Constructor arguments checked against the signature of cls.__init__: a mapping holding every required
+    parameter and only known ones (any, when __init__ takes **kwargs). check_types: also require each value
+    to be None or of its default's kind (bool, number, string, list), for config classes whose constructors
+    accept garbage silently (diffusers schedulers). Returns the arguments; raises ValueError naming `what`.
+    """
+    name = cls.__name__
+    if not isinstance(arguments, dict):
+        raise ValueError(f"{what} must be a mapping of {name}'s constructor arguments, got {type(arguments).__name__}")
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
+    named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(arguments) - set(named))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
+        raise ValueError(f"{what}: {name} takes no argument(s) {unknown}; its arguments are {sorted(named)}. "
+                         "The file was edited or written by another version: re-export it")
+    missing = sorted(k for k, p in named.items() if p.default is p.empty and k not in arguments)
+    if missing:
+        raise ValueError(f"{what}: {name} needs the argument(s) {missing}; the file is incomplete: re-export it")
+    for key, value in arguments.items() if check_types else ():
+        default = named[key].default if key in named else None
+        if value is None or default is None or default is inspect.Parameter.empty:
+            continue
+        kinds = ((bool,) if isinstance(default, bool) else (int,) if isinstance(default, int)
+                 else (int, float) if isinstance(default, float) else (str,) if isinstance(default, str)
+                 else (list, tuple) if isinstance(default, (list, tuple)) else (object,))
+        if not isinstance(value, kinds) or (isinstance(value, bool) and not isinstance(default, bool)):
+            raise ValueError(f"{what}: {name} argument {key!r} must be of type {kinds[0].__name__} (its default is "
+                             f"{default!r}), got {value!r}; the file was edited or corrupted: re-export it")
+    return arguments
+
+
 def _rebuild(description: dict, source: Path) -> nn.Module:
     """A fresh, unpruned model from an architecture description (source: its file, for messages)."""
-    name = description.get("class")
-    if not isinstance(name, str) or "." not in name:
-        raise ValueError(f"{source}: 'class' must name the model class, got {name!r}")
-    module_name, _, class_name = name.rpartition(".")
+    cls = allowed_class(description.get("class"), "ModelMixin", f"{source} 'class'")
+    wrapped = description.get("wrapped")
+    if wrapped not in (None, "Denoiser"):
+        raise ValueError(f"{source}: 'wrapped' must be 'Denoiser' or absent, got {wrapped!r}; re-save the model")
+    diffusers = sys.modules.get("diffusers")
+    is_config = diffusers is not None and issubclass(cls, diffusers.ModelMixin)
+    key = "config" if is_config else "kwargs"
+    arguments = check_arguments(cls, description.get(key), f"{source} {key!r}")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"{source}: cannot import {name} ({err}); its module must be importable") from None
-    if module_name == "diffusers":
-        model = cls.from_config(description["config"])
-    else:
-        model = cls(**description.get("kwargs", {}))
-    return Denoiser(model) if description.get("wrapped") == "Denoiser" else model
+        model = cls.from_config(arguments) if is_config else cls(**arguments)
+    except Exception as err:  # any failure of an allowlisted constructor on the saved arguments
+        raise ValueError(f"{source}: cannot build {cls.__name__} from its saved {key!r} ({type(err).__name__}: "
+                         f"{err}); re-save the model") from err
+    return Denoiser(model) if wrapped == "Denoiser" else model
 
 
 def _resize_to(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Give every parameter and buffer of the model the shape it has in a saved state dict."""
+    """Give every parameter and buffer of the model the shape and dtype it has in a saved state dict."""
     for key, saved in state.items():
         owner_name, _, leaf = key.rpartition(".")
         try:
@@ -235,57 +404,88 @@ def _resize_to(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -
         current = getattr(owner, leaf, None)
         if not isinstance(current, torch.Tensor):
             raise ValueError(f"{source}: saved tensor {key!r} has no counterpart in the rebuilt model")
-        if current.shape == saved.shape:
+        if current.is_floating_point() != saved.is_floating_point():
+            raise ValueError(f"{source}: saved tensor {key!r} is {saved.dtype}, the model's is {current.dtype}")
+        if current.shape == saved.shape and current.dtype == saved.dtype:
             continue
         if current.dim() != saved.dim():
             raise ValueError(
                 f"{source}: cannot resize {key!r} from {tuple(current.shape)} to the saved {tuple(saved.shape)}"
             )
-        new = torch.empty(saved.shape, dtype=current.dtype, device=current.device)
+        new = torch.empty(saved.shape, dtype=saved.dtype, device=current.device)
         setattr(owner, leaf, nn.Parameter(new, current.requires_grad) if isinstance(current, nn.Parameter) else new)
+
+
+def read_architecture(data: bytes, source: Path) -> dict:
+    """The architecture description in an architecture.json file's bytes, with its "weights" entry checked.
+
+    Raises ValueError naming source for invalid JSON or a missing or malformed weights entry.
+    """
+    try:
+        description = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{source} is not valid JSON ({err}); re-run the stage that wrote it") from None
+    weights = description.get("weights") if isinstance(description, dict) else None
+    if (not isinstance(weights, dict) or not isinstance(weights.get("file"), str)
+            or not _is_size(weights.get("bytes")) or not is_sha256(weights.get("sha256"))):
+        raise ValueError(f"{source} does not describe a weights file ('weights': {{file, bytes, sha256}}); "
+                         "re-run the stage that wrote it")
+    return description
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_sha256(value: object) -> bool:
+    """Whether value is a sha256 hex digest (64 lowercase hex digits)."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def build_model(description: dict, data: bytes, source: Path, weights_path: Path) -> nn.Module:
+    """The model (in eval mode, in its saved dtype) from a description (read_architecture) and the bytes of its
+    weights file (weights_path, for messages), after checking their sha256 against the description.
+
+    Raises ValueError naming the file for anything that does not match.
+    """
+    if hashlib.sha256(data).hexdigest() != description["weights"]["sha256"]:
+        raise ValueError(f"{weights_path} is corrupted: its sha256 does not match {source}; re-run the stage that wrote it")
+    from .prune.surgery import sync_module_attributes  # imports torch-pruning: only when loading
+
+    try:
+        state = load_safetensors(data)
+    except Exception as err:  # safetensors' own error type for a malformed header
+        raise ValueError(f"{weights_path} is not a valid safetensors file ({err}); re-run the stage that wrote it") from None
+    model = _rebuild(description, source)
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) == 1 and dtypes != {torch.get_default_dtype()}:  # keep the saved precision, buffers included
+        model.to(dtypes.pop())
+    _resize_to(model, state, source)
+    sync_module_attributes(model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{weights_path} does not fit the architecture in {source}: {err}") from None
+    return model.eval()
 
 
 def load_model(directory: str | Path) -> nn.Module:
     """Load a model written by save_model (in eval mode), checking the weights file's size and sha256.
 
-    directory: the saved model's directory. Raises FileNotFoundError for missing files and ValueError for
-    corrupt or mismatching ones, naming the file.
+    directory: the saved model's directory. Its class must be allowed (see allowed_class and
+    register_model_class). Raises FileNotFoundError for missing files and ValueError for corrupt,
+    mismatching or disallowed ones, naming the file.
     """
     directory = Path(directory)
     source = directory / ARCHITECTURE_FILE
     try:
-        description = json.loads(source.read_text())
-    except FileNotFoundError:
+        text = source.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(
             f"{source} is missing: {directory} is not a complete saved model; re-run the stage that wrote it"
         ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{source} is not valid JSON ({err}); re-run the stage that wrote it") from None
-    weights = description.get("weights") if isinstance(description, dict) else None
-    if not isinstance(weights, dict) or not {"file", "bytes", "sha256"} <= weights.keys():
-        raise ValueError(f"{source} does not describe a weights file; re-run the stage that wrote it")
-    path = directory / weights["file"]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; re-run the stage that wrote it")
-    data = path.read_bytes()
-    if len(data) != weights["bytes"]:
-        raise ValueError(
-            f"{path} is truncated or corrupted: expected {weights['bytes']} bytes, found {len(data)}; "
-            "re-run the stage that wrote it"
-        )
-    if hashlib.sha256(data).hexdigest() != weights["sha256"]:
-        raise ValueError(f"{path} is corrupted: its sha256 does not match {source}; re-run the stage that wrote it")
-    from .prune.surgery import sync_module_attributes  # imports torch-pruning: only when loading
-
-    state = load_safetensors(data)
-    model = _rebuild(description, source)
-    _resize_to(model, state, source)
-    sync_module_attributes(model)
-    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
-    if len(dtypes) == 1 and dtypes != {torch.get_default_dtype()}:  # keep the saved precision
-        model.to(dtypes.pop())
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{path} does not fit the architecture in {source}: {err}") from None
-    return model.eval()
+    description = read_architecture(text, source)
+    weights = description["weights"]
+    path = resolve_inside(directory, weights["file"], f"{source} 'weights.file'")
+    data = read_regular_file(path, weights["bytes"], "re-run the stage that wrote it")
+    return build_model(description, data, source, path)
