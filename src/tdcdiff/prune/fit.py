@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..flops import count_flops
+from ..models import as_denoiser
 from .engine import Calibration, Plan, check_importance, kept_slots, one_thread, plan_for, prune_kept
 from .units import MAX_RATIO, Decision, check_decision, network
 
@@ -59,7 +60,7 @@ class _BudgetSearch:
         kept = self.plan.kept(decision)
         if kept not in self.measured:
             model = prune_kept(self.base, self.plan, kept, self.sample_shape, "position", None)
-            self.measured[kept] = count_flops(model, self.sample_shape)
+            self.measured[kept] = count_flops(as_denoiser(model), self.sample_shape)
         flops = self.measured[kept]
         if self.best is None or self.error(flops) < self.error(self.best_flops):
             self.best, self.best_flops = decision, flops
@@ -178,25 +179,30 @@ def fit_to_budget(
     importance: str = "magnitude",
     calibration: Calibration | None = None,
     max_iter: int = 12,
+    units=None,
+    ignored_layers=(),
+    num_heads: dict[str, int] | None = None,
 ) -> FitResult:
     """Repair a proposed decision so the pruned model's measured FLOPs land within tolerance of a budget.
 
-    base, sample_shape, importance, calibration: as for prune().
+    base, sample_shape, importance, calibration, units, ignored_layers, num_heads: as for engine.prune().
     decision: proposed ratios per unit; only their relative sizes matter (all zero or empty: uniform).
         They are scaled by a common factor found by bisection (clamped to [0, 0.95]); if no scale lands
         within tolerance (GroupNorm makes FLOPs a step function of the scale), single units are then
         moved one channel level at a time toward the budget.
-    budget_flops: target FLOPs of one forward at batch 1 (count_flops). tolerance: allowed relative error.
+    budget_flops: target FLOPs of one forward at batch 1 (count_flops; a learned variance's channels count
+        too). tolerance: allowed relative error.
     max_iter: bisection steps.
-    Raises BudgetError when no reachable pruning is within tolerance.
+    Raises BudgetError when no reachable pruning is within tolerance, PruningError (engine) when the
+    architecture cannot be pruned as planned.
     """
     check_importance(importance, calibration)
     if budget_flops <= 0:
         raise ValueError(f"budget_flops must be positive, got {budget_flops}")
     sample_shape = tuple(sample_shape)
-    plan = plan_for(network(base), sample_shape)
+    plan = plan_for(network(base), sample_shape, units=units, ignored_layers=ignored_layers, num_heads=num_heads)
     check_decision(decision, plan.units, math.inf)
-    base_flops = count_flops(base, sample_shape)
+    base_flops = count_flops(as_denoiser(base), sample_shape)
     if budget_flops >= base_flops * (1 - tolerance / 2):
         return FitResult(copy.deepcopy(base), {u.name: 0.0 for u in plan.units}, base_flops, budget_flops, 0.0)
     if not plan.groups:
@@ -219,6 +225,6 @@ def fit_to_budget(
             "lower N) or allow a larger tolerance."
         )
     model = prune_kept(base, plan, plan.kept(search.best), sample_shape, importance, calibration)
-    return FitResult(model, search.best, count_flops(model, sample_shape), budget_flops, scale)
+    return FitResult(model, search.best, count_flops(as_denoiser(model), sample_shape), budget_flops, scale)
 
 
