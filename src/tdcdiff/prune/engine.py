@@ -346,13 +346,14 @@ def check_importance(importance: str, calibration: Calibration | None) -> None:
         raise ValueError("importance='taylor' needs calibration=Calibration(images, scheduler, timesteps)")
 
 
-def _named(plan: Plan, layers: list[str], err: Exception) -> PruningError:
-    """err, raised while pruning or running these layers, as an error naming their unit and the fix."""
-    unit = next((u for layer in layers if (u := plan.unit_of(layer))), None)
-    where = f"unit {unit!r}" if unit else "the model"
+def _named(plan: Plan, layer: str, err: Exception) -> PruningError:
+    """err, raised while pruning or running a layer, as an error naming its unit, the layer and the fix."""
+    unit = plan.unit_of(layer)
+    keep = layer.rpartition(".")[0] or layer  # the module holding the layer: ignoring it keeps its widths
     return PruningError(
-        f"cannot prune {where}: layer {layers[0]!r} fails ({str(err).splitlines()[0]}); keep it whole with "
-        f"ignored_layers=[{layers[0]!r}], or declare units= without it"
+        f"cannot prune {f'unit {unit!r}' if unit else 'the model'}: layer {layer!r} fails after pruning "
+        f"({str(err).splitlines()[0]}); keep its widths with ignored_layers=[{keep!r}] (and leave its unit out "
+        "of the decision if nothing else in it is prunable)"
     )
 
 
@@ -422,7 +423,7 @@ def _check_runs(plan: Plan, net: nn.Module, inputs) -> None:
         with torch.no_grad():
             _forward(net, inputs)
     except RuntimeError as err:
-        raise _named(plan, entered[-1:] or ["?"], err) from None
+        raise _named(plan, entered[-1] if entered else "?", err) from None
     finally:
         for hook in hooks:
             hook.remove()
@@ -466,7 +467,7 @@ def prune_kept(
                 else:
                     _remove_heads(net, g, k, importance)
             except (RuntimeError, IndexError, ValueError) as err:
-                raise _named(plan, [g.root], err) from None
+                raise _named(plan, g.root, err) from None
     sync_module_attributes(net, head_dims)
     for p in pruned.parameters():
         p.grad = None
