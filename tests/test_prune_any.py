@@ -201,3 +201,22 @@ def test_an_unappliable_decision_names_the_unit_and_layer():
         prune(FixedWidthNet(), {"stem": 0.5, "block": 0.5}, SHAPE)
     pruned = prune(FixedWidthNet(), {"stem": 0.5}, SHAPE, ignored_layers=["block"])  # the fix the message gives
     assert pruned.stem.out_channels == 8 and pruned.block[0].out_channels == 32
+
+
+class ParamCount:
+    """A proxy that prefers the pruned model with the most parameters left (no data needed)."""
+
+    def score(self, model: nn.Module) -> float:
+        return 1.0 / sum(p.numel() for p in model.parameters())
+
+
+def test_search_takes_the_decision_space_from_its_config():
+    from tdcdiff.prune.search import SearchConfig, search
+
+    dit = make("dit")
+    budget = int(0.7 * count_flops(Denoiser(dit), SHAPE))
+    config = SearchConfig(rounds=1, candidates_per_round=2, ignored_layers=["blocks.1"])
+    result = search(Denoiser(dit), budget, SHAPE, ParamCount(), config, progress=False)
+    assert set(result.decision) == {"blocks.0.attn.heads", "blocks.0.mlp"}
+    assert abs(result.flops - budget) <= 0.03 * budget
+    assert [p.shape for p in result.model.model.blocks[1].parameters()] == [p.shape for p in dit.blocks[1].parameters()]

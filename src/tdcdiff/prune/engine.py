@@ -363,44 +363,39 @@ def _importance(scorer, group) -> torch.Tensor:
     return _ByPosition()(group) if imp is None else imp
 
 
-def _remove_channels(graph, net: nn.Module, group: _Group, kept: int, scorer) -> None:
-    """Cut a group to `kept` channels per norm group: the same positions in every norm group, chosen by
-    importance averaged over the norm groups (as torch-pruning's BasePruner does)."""
+def _channels_to_drop(graph, net: nn.Module, group: _Group, kept: int, scorer) -> list[int]:
+    """Root channels that cut a group to `kept` per norm group: the same positions in every norm group, the
+    least important averaged over the norm groups (as torch-pruning's BasePruner does)."""
     root = net.get_submodule(group.root)
-    prune_out = graph.get_pruner_of_module(root).prune_out_channels
     rows = group.channels // group.slots
-    imp = _importance(scorer, graph.get_pruning_group(root, prune_out, list(range(group.channels))))
-    drop = torch.argsort(imp.view(rows, group.slots).mean(0))[: group.slots - kept].tolist()
-    graph.get_pruning_group(root, prune_out, sorted(r * group.slots + d for r in range(rows) for d in drop)).prune()
+    full = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, list(range(group.channels)))
+    drop = torch.argsort(_importance(scorer, full).view(rows, group.slots).mean(0))[: group.slots - kept].tolist()
+    return sorted(r * group.slots + d for r in range(rows) for d in drop)
 
 
-def _head_importance(net: nn.Module, group: _Group, importance: str) -> torch.Tensor:
-    """One score per head (higher: keep): the summed magnitude, or |weight x gradient|, of its rows in the q/k/v
-    projections and its columns in the next layer; by position (the last heads go first) for FLOPs trials."""
+def _heads_to_drop(net: nn.Module, group: _Group, kept: int, importance: str) -> list[int]:
+    """The least important heads: by the summed squared weights (or |weight x gradient|) of their rows in the
+    q/k/v projections and their columns in the next layer; by position (the last go first) for FLOPs trials."""
     if importance == "position":
-        return torch.arange(group.slots, 0, -1, dtype=torch.float32)
-    dim = group.channels // group.slots
+        return list(range(kept, group.slots))
 
-    def score(w: torch.Tensor) -> torch.Tensor:
-        return (w * w.grad).abs() if importance == "taylor" and w.grad is not None else w.pow(2)
+    def score(layer: nn.Module) -> torch.Tensor:  # per weight entry
+        w, grad = layer.weight.detach(), layer.weight.grad
+        return (w * grad).abs() if importance == "taylor" and grad is not None else w.pow(2)
 
-    into = net.get_submodule(group.heads_into).weight
-    scores = score(into.detach() if importance != "taylor" else into).detach().movedim(1, 0).flatten(1).sum(1)
-    total = scores.view(group.slots, dim).sum(1)
+    into = score(net.get_submodule(group.heads_into)).movedim(1, 0).flatten(1).sum(1)
+    total = into.view(group.slots, -1).sum(1)
     for name, heads in group.head_channels:
-        layer = net.get_submodule(name).weight
-        rows = score(layer.detach() if importance != "taylor" else layer).detach().flatten(1).sum(1)
+        rows = score(net.get_submodule(name)).flatten(1).sum(1)
         total = total + torch.stack([rows[list(head)].sum() for head in heads])
-    return total
+    return torch.argsort(total)[: group.slots - kept].tolist()
 
 
-def _remove_heads(net: nn.Module, group: _Group, kept: int, importance: str) -> None:
-    """Remove the least important whole heads of an attention group: their channels in each q/k/v projection
-    and where their outputs enter the next layer (head after head)."""
-    drop = torch.argsort(_head_importance(net, group, importance))[: group.slots - kept].tolist()
+def _drop_heads(net: nn.Module, group: _Group, drop: list[int]) -> None:
+    """Remove whole heads: their channels in each q/k/v projection and where their outputs enter the next
+    layer (head after head)."""
     dim = group.channels // group.slots
-    into = net.get_submodule(group.heads_into)
-    _prune_layer(into, sorted(h * dim + i for h in drop for i in range(dim)), out=False)
+    _prune_layer(net.get_submodule(group.heads_into), sorted(h * dim + i for h in drop for i in range(dim)), out=False)
     for name, heads in group.head_channels:
         _prune_layer(net.get_submodule(name), sorted(c for h in drop for c in heads[h]), out=True)
 
@@ -460,12 +455,19 @@ def prune_kept(
         else:
             scorer = _ByPosition()
         graph, _ = _trace(net, sample_shape)
-        for g, k in cuts:  # disjoint channel sets: each is cut in its own root's index space
+        # Everything is ranked on the unpruned copy first (as BasePruner does), then cut: the groups are
+        # disjoint channel sets, each indexed in its own root's channels.
+        drops = [
+            _channels_to_drop(graph, net, g, k, scorer) if g.heads_into is None else _heads_to_drop(net, g, k, importance)
+            for g, k in cuts
+        ]
+        for (g, _), drop in zip(cuts, drops):
             try:
                 if g.heads_into is None:
-                    _remove_channels(graph, net, g, k, scorer)
+                    root = net.get_submodule(g.root)
+                    graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, drop).prune()
                 else:
-                    _remove_heads(net, g, k, importance)
+                    _drop_heads(net, g, drop)
             except (RuntimeError, IndexError, ValueError) as err:
                 raise _named(plan, g.root, err) from None
     sync_module_attributes(net, head_dims)
