@@ -1,17 +1,19 @@
-"""The pruning engine: torch-pruning applied to a decision (prune/units.py) so the network really shrinks.
+"""The pruning engine: a decision (prune/units.py) applied with torch-pruning, so the network really shrinks.
 
-torch-pruning's dependency graph removes whole channels (and attention head dimensions), so the result is
-really smaller, not masked.
+torch-pruning's dependency graph finds which channels are coupled, and removes whole channels, so the result
+is really smaller, not masked.
 
 Coupled channels: residual streams and skip connections tie the output channels of layers in several units
 together, and torch-pruning removes such a coupled set (a "group") as one. Each group follows the ratio of
-ONE unit: the unit of the first layer, in forward order, that produces those channels. So a down block's
-ratio also sets the width of the skip it sends to the up path, and the mid block's residual width follows
-the last down block (the mid block's own ratio sets its inner widths).
+ONE unit: the unit of the first layer, in forward order, that produces those channels, and is cut in that
+layer's channel order. So a down block's ratio also sets the width of the skip it sends to the up path, and
+the mid block's residual width follows the last down block (the mid block's own ratio sets its inner widths).
 
-GroupNorm removes channels evenly from every norm group (attention: every head), so a group with g norm
-groups of s channels can only keep s, s-1, ..., 1 channels per norm group: a ratio r keeps
-round(s * (1 - r)) of them, at least one.
+GroupNorm (and any subclass) removes channels evenly from every norm group, so a group with g norm groups
+of s channels can only keep s, s-1, ..., 1 channels per norm group: a ratio r keeps round(s * (1 - r)) of
+them, at least one. Attention loses whole heads (a ratio r keeps round(h * (1 - r)) of h heads, each keeping
+its dimension): which q/k/v channels make up each head is measured from gradients, not taken from
+torch-pruning's index mapping through the attention kernel's reshapes, which is unreliable there.
 """
 
 from __future__ import annotations

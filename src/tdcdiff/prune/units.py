@@ -93,13 +93,13 @@ def _transformer_units(net: nn.Module) -> dict[str, list[str]]:
 def _discover(net: nn.Module) -> tuple[dict[str, list[str]], set[str]]:
     """Units (name -> layers) of a net and the layers outside every unit that may still follow one (a UNet's
     stem takes the width of the first block); every other layer outside the units keeps its width."""
-    if _module_list(net, "down_blocks") and _module_list(net, "up_blocks"):  # diffusers UNet
-        names = _module_list(net, "down_blocks") + ["mid_block"] * (getattr(net, "mid_block", None) is not None)
-        return {n: _layers(net, n) for n in names + _module_list(net, "up_blocks")}, set(_layers(net, "conv_in")) \
-            if isinstance(getattr(net, "conv_in", None), nn.Module) else set()
-    if _module_list(net, "input_blocks") and _module_list(net, "output_blocks"):  # ADM / IDDPM / LDM UNet
-        names = _module_list(net, "input_blocks") + ["middle_block"] * isinstance(getattr(net, "middle_block", None), nn.Module)
-        return {n: _layers(net, n) for n in names + _module_list(net, "output_blocks")}, set()
+    for down, mid, up, stem in (("down_blocks", "mid_block", "up_blocks", "conv_in"),  # diffusers UNet
+                                ("input_blocks", "middle_block", "output_blocks", None)):  # ADM / IDDPM / LDM
+        if _module_list(net, down) and _module_list(net, up):
+            middle = [mid] if isinstance(getattr(net, mid, None), nn.Module) else []
+            names = _module_list(net, down) + middle + _module_list(net, up)
+            follow = _layers(net, stem) if stem and isinstance(getattr(net, stem, None), nn.Module) else []
+            return {n: _layers(net, n) for n in names}, set(follow)
     transformer = _transformer_units(net)
     if transformer:
         return transformer, set()
