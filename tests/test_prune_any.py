@@ -156,6 +156,35 @@ def test_half_of_8_heads_leaves_4_whole_heads(kind):
         assert torch.allclose(pruned(x, t), masked(x, t), atol=1e-5)
 
 
+class HeadDimAttention(DiTAttention):
+    """Attention that stores its head dimension instead of a head count (which it derives from qkv)."""
+
+    def __init__(self, dim: int, head_dim: int):
+        super().__init__(dim, dim // head_dim)
+        del self.num_heads
+        self.head_dim = head_dim
+
+    def forward(self, x):
+        self.num_heads = self.qkv.out_features // (3 * self.head_dim)
+        try:
+            return super().forward(x)
+        finally:
+            del self.num_heads
+
+
+def test_declared_heads():
+    torch.manual_seed(0)
+    base = AttentionNet("dit").eval()
+    base.attn = HeadDimAttention(64, 8)
+    units = {"heads": ["attn"]}
+    assert attention_heads(base.attn) is None  # nothing to read the heads from: declared below
+    pruned = prune(base, {"heads": 0.5}, SHAPE, units=units, num_heads={"attn": 8})
+    assert pruned.attn.qkv.out_features == 3 * 4 * 8 and pruned.attn.proj.in_features == 32
+    assert pruned(torch.randn(2, *SHAPE), torch.tensor([1, 2])).shape == (2, *SHAPE)
+    with pytest.raises(ValueError, match="num_heads names \\['nothing'\\], which the model does not have"):
+        prune(base, {"heads": 0.5}, SHAPE, units=units, num_heads={"nothing": 8})
+
+
 def test_declared_units_and_ignored_layers():
     dit = make("dit")
     units = prunable_units(dit, units={"attention": ["blocks.0.attn", "blocks.1.attn"], "mlps": ["blocks.0.mlp", "blocks.1.mlp"]})
