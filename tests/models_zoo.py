@@ -7,6 +7,7 @@
 - TinyDiT: a DiT-style transformer: patchify conv, blocks of multi-head attention (one qkv linear) + MLP with
   adaLN-zero modulation from the time + class embedding, unpatchify.
 - class_conditional_unet(): a diffusers UNet2DModel with attention and `num_class_embeds`.
+- diffusers_dit(): a diffusers DiTTransformer2DModel with class labels and a learned variance.
 
 Every class sets `tdcdiff_init_kwargs`, so tdcdiff.serialization can save and rebuild it.
 """
@@ -218,4 +219,15 @@ def class_conditional_unet(num_classes: int = 10):
         sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8, attention_head_dim=8, num_class_embeds=num_classes,
+    )
+
+
+def diffusers_dit(num_classes: int = 10):
+    """A diffusers DiTTransformer2DModel for 1x8x8 images: 2 blocks of 4 heads of dimension 16, class labels,
+    learned variance (2 output channels)."""
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(
+        num_attention_heads=4, attention_head_dim=16, in_channels=1, out_channels=2, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=num_classes, norm_num_groups=1,
     )

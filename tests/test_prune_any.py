@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from models_zoo import AdmUNet, AttentionBlock, DiTAttention, TinyDiT, class_conditional_unet
+from models_zoo import AdmUNet, AttentionBlock, DiTAttention, TinyDiT, class_conditional_unet, diffusers_dit
 from torch import nn
 
 from tdcdiff.flops import count_flops
@@ -15,10 +15,11 @@ from tdcdiff.prune.fit import fit_to_budget
 from tdcdiff.prune.units import attention_heads, prunable_units
 
 SHAPE = (1, 8, 8)
-KINDS = {"adm": AdmUNet, "dit": TinyDiT, "diffusers-class": class_conditional_unet}
+KINDS = {"adm": AdmUNet, "dit": TinyDiT, "diffusers-class": class_conditional_unet, "diffusers-dit": diffusers_dit}
 # Layers every block reads, or that make the output: never in a unit.
 SHARED = {"adm": ("time_embed", "label_emb", "out."), "dit": ("x_embedder", "t_embedder", "y_embedder", "final_"),
-          "diffusers-class": ("time_embedding", "class_embedding", "conv_out")}
+          "diffusers-class": ("time_embedding", "class_embedding", "conv_out"),
+          "diffusers-dit": ("pos_embed", "proj_out_", "transformer_blocks.0.norm1.emb", "transformer_blocks.1.norm1.emb")}
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +56,7 @@ def test_units_of_each_kind():
     assert names["adm"] == [f"input_blocks.{i}" for i in range(4)] + ["middle_block"] + [f"output_blocks.{i}" for i in range(4)]
     assert names["dit"] == ["blocks.0.attn.heads", "blocks.0.mlp", "blocks.1.attn.heads", "blocks.1.mlp"]
     assert names["diffusers-class"] == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
+    assert names["diffusers-dit"] == [f"transformer_blocks.{i}.{u}" for i in range(2) for u in ("attn1.heads", "mlp")]
     for kind in KINDS:
         layers = [layer for u in prunable_units(make(kind)) for layer in u.modules]
         assert not [layer for layer in layers if layer.startswith(SHARED[kind])], kind

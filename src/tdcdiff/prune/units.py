@@ -70,7 +70,8 @@ def _module_list(net: nn.Module, name: str) -> list[str]:
 
 def _transformer_units(net: nn.Module) -> dict[str, list[str]]:
     """Two kinds of units per transformer block (a ModuleList entry holding attention and other layers):
-    "<attention>.heads" (its heads) and "<block>.mlp" (every other layer of the block, e.g. its MLP)."""
+    "<attention>.heads" (its heads) and "<block>.mlp" (every other layer of the block, e.g. its MLP, except
+    a time / class embedding inside the block, as in diffusers' AdaLayerNormZero)."""
     for list_name, blocks in net.named_modules():
         if not isinstance(blocks, nn.ModuleList) or not len(blocks):
             continue
@@ -79,7 +80,8 @@ def _transformer_units(net: nn.Module) -> dict[str, list[str]]:
             name = f"{list_name}.{i}"
             attentions = [f"{name}.{a}" if a else name for a, m in block.named_modules() if attention_heads(m)]
             attentions = [a for a in attentions if a != name]
-            rest = [layer for layer in _layers(net, name) if not any(_inside(layer, a) for a in attentions)]
+            rest = [layer for layer in _layers(net, name) if not any(_inside(layer, a) for a in attentions)
+                    and not any(CONDITIONING.search(part) for part in layer[len(name):].split("."))]
             if not attentions or not rest:
                 break
             found.update({f"{a}.heads": _layers(net, a) for a in attentions})
