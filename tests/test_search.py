@@ -9,12 +9,12 @@ import torch
 
 from tdcdiff.flops import count_flops
 from tdcdiff.models import build_unet
+from tdcdiff.prune.fit import fit_to_budget
 from tdcdiff.prune.llm import LLMProposer
 from tdcdiff.prune.memory import Entry, MemoryBank
-from tdcdiff.prune.proposers import EvolutionProposer, UniformProposer, get_proposer
+from tdcdiff.prune.proposers import EvolutionProposer, UniformProposer
 from tdcdiff.prune.proxy import Proxy, ProxyBatch, finetune
-from tdcdiff.prune.search import SearchConfig, search
-from tdcdiff.prune.surgery import fit_to_budget
+from tdcdiff.prune.search import SearchConfig, get_proposer, search
 
 SHAPE = (1, 8, 8)
 GROUP = range(250, 500)
@@ -229,6 +229,9 @@ def test_budget_at_or_above_the_base_returns_an_unpruned_copy(base, proxy):
         ({"proxy_finetune_steps": -2}, "proxy_finetune_steps must be >= 0"),
         ({"tolerance": 0}, r"tolerance must be in \(0, 1\), got 0"),
         ({"proxy_space": "x0"}, "build the Proxy from the config's settings"),
+        ({"units": {"a": "down_blocks.0"}}, "units must map unit names to lists of module names"),
+        ({"ignored_layers": "conv_in"}, "ignored_layers must be a list of module names"),
+        ({"num_heads": {"mid_block.attentions.0": 0}}, "num_heads must map attention module names to positive"),
     ],
 )
 def test_invalid_config_is_named(base, budget, proxy, change, message):

@@ -450,7 +450,7 @@ def build_model(description: dict, data: bytes, source: Path, weights_path: Path
     """
     if hashlib.sha256(data).hexdigest() != description["weights"]["sha256"]:
         raise ValueError(f"{weights_path} is corrupted: its sha256 does not match {source}; re-run the stage that wrote it")
-    from .prune.surgery import sync_module_attributes  # imports torch-pruning: only when loading
+    from .prune.engine import sync_module_attributes  # imports torch-pruning: only when loading
 
     try:
         state = load_safetensors(data)

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,11 +21,28 @@ from torch import nn
 from ..flops import count_flops, flops_by_module
 from ..models import as_denoiser
 from .memory import Entry, MemoryBank
-from .proposers import PROPOSERS, Decision, Proposer, SearchContext, get_proposer
+from .llm import LLMProposer
+from .proposers import Decision, EvolutionProposer, Proposer, SearchContext, UniformProposer
 from .proxy import SPACES, Proxy, Scorer
-from .surgery import IMPORTANCES, BudgetError, fit_to_budget, prunable_units, uniform_decision
+from .engine import IMPORTANCES
+from .fit import BudgetError, fit_to_budget
+from .units import prunable_units, uniform_decision
 
 log = logging.getLogger("tdcdiff")
+
+
+PROPOSERS = {"evolution": EvolutionProposer, "uniform": UniformProposer, "llm": LLMProposer}
+
+
+def get_proposer(name: str, **kwargs) -> Proposer:
+    """A proposer by name.
+
+    name: "evolution" (default offline), "uniform" (baseline) or "llm" (OpenAI-compatible chat API).
+    kwargs: passed to the proposer's constructor.
+    """
+    if name not in PROPOSERS:
+        raise ValueError(f"unknown proposer {name!r}; choose one of {tuple(PROPOSERS)}")
+    return PROPOSERS[name](**kwargs)
 
 
 @dataclass
@@ -41,6 +58,10 @@ class SearchConfig:
         (`Proxy(..., space=proxy_space, finetune_steps=proxy_finetune_steps)`); checked, not applied.
     tolerance: the measured FLOPs of every candidate must be within this fraction of the budget.
     seed: seed of the proposer's randomness (and of Taylor calibration).
+    units: the decision space declared instead of found: unit name -> list of module names (see
+        units.prunable_units; a callable works with prune / fit_to_budget directly).
+    ignored_layers: module names whose layers keep their widths.
+    num_heads: attention module name -> heads, for attention whose heads the module does not reveal.
     """
 
     rounds: int = 4
@@ -52,16 +73,27 @@ class SearchConfig:
     proxy_finetune_steps: int = 0
     tolerance: float = 0.03
     seed: int = 0
+    units: dict[str, list[str]] | None = None
+    ignored_layers: list[str] = field(default_factory=list)
+    num_heads: dict[str, int] | None = None
 
     def validate(self) -> None:
         checks = [
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
             (self.candidates_per_round >= 1, f"candidates_per_round must be >= 1, got {self.candidates_per_round}"),
-            (self.proposer in PROPOSERS, f"unknown proposer {self.proposer!r}; choose one of {PROPOSERS}"),
+            (self.proposer in PROPOSERS, f"unknown proposer {self.proposer!r}; choose one of {tuple(PROPOSERS)}"),
             (self.importance in IMPORTANCES, f"unknown importance {self.importance!r}; choose one of {IMPORTANCES}"),
             (self.proxy_space in SPACES, f"unknown proxy_space {self.proxy_space!r}; choose one of {SPACES}"),
             (self.proxy_finetune_steps >= 0, f"proxy_finetune_steps must be >= 0, got {self.proxy_finetune_steps}"),
             (0 < self.tolerance < 1, f"tolerance must be in (0, 1), got {self.tolerance} (typical: 0.03)"),
+            (self.units is None or (isinstance(self.units, dict) and all(
+                isinstance(v, list) and all(isinstance(m, str) for m in v) for v in self.units.values())),
+             f"units must map unit names to lists of module names, got {self.units!r}"),
+            (isinstance(self.ignored_layers, list) and all(isinstance(m, str) for m in self.ignored_layers),
+             f"ignored_layers must be a list of module names, got {self.ignored_layers!r}"),
+            (self.num_heads is None or (isinstance(self.num_heads, dict) and all(
+                isinstance(n, int) and n > 0 for n in self.num_heads.values())),
+             f"num_heads must map attention module names to positive head counts, got {self.num_heads!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -110,7 +142,7 @@ def _check_proxy(proxy: Scorer, config: SearchConfig) -> None:
 def describe_units(base: nn.Module, units, sample_shape: tuple[int, ...]) -> dict[str, dict]:
     """Per unit: its widest layer's output channels and its layers' share of the base's FLOPs (for the LLM prompt).
 
-    base: the unpruned model; units: its surgery.Unit objects; sample_shape: (C, H, W) of one sample.
+    base: the unpruned model; units: its units.Unit objects; sample_shape: (C, H, W) of one sample.
     """
     denoiser = as_denoiser(base)
     flops = flops_by_module(denoiser, sample_shape)
@@ -158,9 +190,9 @@ def search(
     if budget_flops <= 0:
         raise ValueError(f"budget_flops must be > 0, got {budget_flops}")
     sample_shape = tuple(sample_shape)
-    units = prunable_units(base)
+    units = prunable_units(base, units=config.units, ignored_layers=config.ignored_layers)
     memory = MemoryBank(enabled=config.memory)
-    base_flops = count_flops(base, sample_shape)
+    base_flops = count_flops(as_denoiser(base), sample_shape)
     if budget_flops >= base_flops:
         return SearchResult(copy.deepcopy(base), uniform_decision(units, 0.0), base_flops, 1.0, memory, budget_flops)
 
@@ -178,7 +210,8 @@ def search(
         try:
             fit = fit_to_budget(
                 base, decision, budget_flops, sample_shape, tolerance=config.tolerance,
-                importance=config.importance, calibration=calibration,
+                importance=config.importance, calibration=calibration, units=config.units,
+                ignored_layers=config.ignored_layers, num_heads=config.num_heads,
             )
         except BudgetError as err:
             return Entry(round_, dict(decision), 0, budget_flops, None, source, f"not fitted: {err}"), None
