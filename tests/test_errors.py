@@ -184,6 +184,8 @@ def test_full_disk_at_a_training_checkpoint_names_it(tmp_path, monkeypatch):
     import safetensors.torch
     from safetensors import SafetensorError
 
+    import tdcdiff.serialization  # noqa: F401  (binds the real save_file, for final/, before the patch)
+
     def no_space(tensors, path, *args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
@@ -196,9 +198,20 @@ def test_full_disk_at_a_training_checkpoint_names_it(tmp_path, monkeypatch):
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["log.jsonl"]
 
 
+def test_diverged_training_is_one_line(tmp_path, monkeypatch):
+    from tdcdiff import train
+
+    monkeypatch.setattr(train, "training_target", lambda scheduler, x0, noise, t: torch.full_like(x0, float("nan")))
+    result = _train_one_step(tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert re.fullmatch(r"error: loss became nan at step 1; the last good checkpoint is kept in .*checkpoint \(step 0\)\. "
+                        r"Lower the learning rate or enable grad_clip, then rerun\n", result.output), result.output
+
+
 def test_damaged_checkpoint_names_the_file_and_the_fix(tmp_path):
     out = tmp_path / "run"
-    assert _train_one_step(out).exit_code == 0
+    first = _train_one_step(out)
+    assert first.exit_code == 0, first.output
     base = out / "base"
     shutil.rmtree(base / "final")  # as if killed after the checkpoint
     (base / "train.json").unlink()

@@ -19,7 +19,6 @@ app = typer.Typer(
 )
 
 
-
 def _fail(err: Exception | str) -> None:
     if isinstance(err, OSError) and err.filename:  # not "[Errno 13] ...": say what to check
         err = f"{err.strerror}: {err.filename}; check that path and its permissions, or choose another"
@@ -47,6 +46,17 @@ def _check_writable(path: Path, option: str, *, directory: bool) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {path} cannot be written: {existing} is read-only (read-only file system or "
                          f"no permission); choose another {option}")
+
+
+def _check_options(seeds=(), **least: tuple[int | None, int]) -> None:
+    """Refuse counts below their minimum (least={"--num": (value, minimum)}) and seeds out of range."""
+    from .run import check_seed
+
+    for option, (value, minimum) in least.items():
+        if value is not None and value < minimum:
+            raise ValueError(f"{option} must be >= {minimum}, got {value}")
+    for seed in seeds:
+        check_seed("--seed", seed)
 
 
 RunDir = Annotated[Path, typer.Option("--out", "--run", "-o", parser=_run_dir, metavar="DIR",
@@ -97,11 +107,13 @@ _SETTINGS = {
 }
 
 
-def _open_run(out: Path, config_file: Path | None, progress: bool, **flags):
-    """Settings from the config file, then the flags given, on top of the run's saved or default config."""
+def _open_run(out: Path, config_file: Path | None, progress: bool, *, writes: bool = True, **flags):
+    """Settings from the config file, then the flags given, on top of the run's saved or default config.
+    writes: the command writes into the run directory (checked before any work)."""
     from .run import Run, load_config_file
 
-    _check_writable(out, "--out", directory=True)
+    if writes:
+        _check_writable(out, "--out", directory=True)
     overrides = {}
     if config_file is not None:
         for key, value in load_config_file(config_file).items():
@@ -240,13 +252,9 @@ def sample_command(
     <run>/samples/base.png.
     """
     from .pipeline import sample, save_grid
-    from .run import check_seed
 
     try:
-        for option, value in (("--steps", sample_steps), ("--num", num_samples)):
-            if value is not None and value < 1:
-                raise ValueError(f"{option} must be >= 1, got {value}")
-        check_seed("--seed", 0 if seed is None else seed)
+        _check_options(() if seed is None else (seed,), **{"--steps": (sample_steps, 1), "--num": (num_samples, 1)})
         if output is not None:
             _check_writable(output, "--output", directory=False)
         if bundle is not None:
@@ -256,7 +264,7 @@ def sample_command(
             model, scheduler, shape = loaded.router, loaded.scheduler, loaded.sample_shape
             default_output = Path("samples.png")  # never inside the bundle: its manifest lists every file
         else:
-            run = _open_run(out, None, not quiet)
+            run = _open_run(out, None, not quiet, writes=output is None)
             model, scheduler, shape = run.base_model(), run.scheduler, run.sample_shape
             default_output = out / "samples" / "base.png"
         steps = min(50, scheduler.config.num_train_timesteps) if sample_steps is None else sample_steps
@@ -280,14 +288,9 @@ def report_command(
 ):
     """FID/KID, FLOPs, time, memory and training compute of the run's base vs its TDC bundle, as report.html."""
     from .report import report_for_run
-    from .run import check_seed
 
     try:
-        for option, value, least in (("--steps", sample_steps, 1), ("--num", num_samples, 2)):
-            if value is not None and value < least:
-                raise ValueError(f"{option} must be >= {least}, got {value}")
-        for seed in seeds or ():
-            check_seed("--seed", seed)
+        _check_options(seeds or (), **{"--steps": (sample_steps, 1), "--num": (num_samples, 2)})
         _check_writable(out, "--out", directory=True)
         path = report_for_run(out, seeds=tuple(seeds or (0, 1)), num_samples=512 if num_samples is None else num_samples,
                               sampler=sampler, steps=sample_steps, progress=not quiet)

@@ -27,8 +27,8 @@ SUMMARY_FILE = "train.json"
 LOSS_BUCKETS = 10
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
+class TrainingDiverged(RuntimeError, ValueError):
+    """The loss became NaN or inf; the last good checkpoint is kept. A ValueError too: the fix is a setting."""
 
 
 @dataclass
