@@ -90,10 +90,12 @@ class RunConfig:
 
         self.from_dict(self.to_dict())  # the types, for a config built in code
         check_seed("seed", self.seed)
+        if self.num_train_timesteps > MAX_TIMESTEPS:  # before the schedule allocates T entries
+            raise ValueError(f"num_train_timesteps (--timesteps) must be at most {MAX_TIMESTEPS}, got "
+                             f"{self.num_train_timesteps} (typical: 1000)")
         make_scheduler(self.num_train_timesteps, self.beta_schedule, self.prediction_type)
         self.base.validate()
         self.finetune.validate()
-        budget_fractions(self.groups, self.k)
         self.search.validate()
         if self.search.proposer == "llm":
             from .prune.proposers import get_proposer
@@ -118,6 +120,7 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        budget_fractions(self.groups, self.k)  # after N <= T: it allocates per group
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
@@ -150,7 +153,7 @@ def _typed(key: str, value, hint, default):
         valid = sorted(f.name for f in fields(hint))
         if not isinstance(value, dict):
             what = f"config section '{key}'" if key else "a config"
-            raise ValueError(f"{what} must be a mapping of settings ({', '.join(valid)}), got {value!r}")
+            raise ValueError(f"{what} must be a mapping of settings ({', '.join(valid)}), got {_shown(value)}")
         unknown = sorted(set(value) - set(valid))
         if unknown and not key:
             raise ValueError(f"unknown config keys {unknown}; valid keys: {valid}")
@@ -169,7 +172,11 @@ def _typed(key: str, value, hint, default):
         if isinstance(number, int) or isinstance(number, float) and number.is_integer():
             return int(number)
     wanted = _DESCRIBE[hint] + (" or null" if type(None) in args else "")
-    raise ValueError(f"setting '{key}' must be {wanted}, got {'null' if value is None else repr(value)}")
+    raise ValueError(f"setting '{key}' must be {wanted}, got {_shown(value)}")
+
+
+def _shown(value) -> str:
+    return "null" if value is None else repr(value)  # as a config file spells it
 
 
 def _number(value) -> int | float | None:
@@ -184,6 +191,7 @@ def _number(value) -> int | float | None:
     return None
 
 
+MAX_TIMESTEPS = 1_000_000  # far beyond any schedule in use, and well inside memory
 SEED_LIMIT = 2**32  # the range every seeded library here accepts (numpy's legacy seeding is the narrowest)
 
 
