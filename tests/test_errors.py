@@ -201,6 +201,26 @@ def test_full_disk_at_a_training_checkpoint_names_it(tmp_path, monkeypatch):
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["log.jsonl"]
 
 
+@pytest.mark.parametrize("count, size, message", [
+    (3, 7, "images of size 7 do not fit the UNet preset 'digits-8'"),
+    (3, 1, "images of size 1 do not fit the UNet preset 'digits-8': .* resize them to 2 "),
+    (1, 8, r"the data \(.*imgs\.zip\) has 1 image, too few: .* give at least 2 images"),
+])
+def test_image_files_the_run_cannot_train_on(tmp_path, count, size, message):
+    import zipfile
+
+    from PIL import Image
+
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as archive:
+        for i in range(count):
+            image = tmp_path / f"{i}.png"
+            Image.new("L", (size, size), color=40 * i).save(image)
+            archive.write(image, image.name)
+    result = CliRunner().invoke(app, ["run", "--data", str(tmp_path / "imgs.zip"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and re.search(message, result.output), result.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_diverged_training_is_one_line(tmp_path, monkeypatch):
     from tdcdiff import train
 
