@@ -255,25 +255,24 @@ def sample_command(
 
     try:
         _check_options(() if seed is None else (seed,), **{"--steps": (sample_steps, 1), "--num": (num_samples, 1)})
-        if output is not None:
-            _check_writable(output, "--output", directory=False)
+        # A bundle's default is never inside the bundle: its manifest lists every file.
+        output = output or (Path("samples.png") if bundle is not None else out / "samples" / "base.png")
+        _check_writable(output, "--output", directory=False)
         if bundle is not None:
             from .bundle import load_bundle
 
             loaded = load_bundle(bundle)
             model, scheduler, shape = loaded.router, loaded.scheduler, loaded.sample_shape
-            default_output = Path("samples.png")  # never inside the bundle: its manifest lists every file
         else:
-            run = _open_run(out, None, not quiet, writes=output is None)
+            run = _open_run(out, None, not quiet, writes=False)
             model, scheduler, shape = run.base_model(), run.scheduler, run.sample_shape
-            default_output = out / "samples" / "base.png"
         steps = min(50, scheduler.config.num_train_timesteps) if sample_steps is None else sample_steps
         result = sample(
             model, scheduler, sample_shape=shape, sampler=sampler or "ddim", steps=steps,
             num_images=64 if num_samples is None else num_samples, seed=0 if seed is None else seed,
             progress=not quiet,
         )
-        path = save_grid(result.images, output or default_output)
+        path = save_grid(result.images, output)
     except _USER_ERRORS as err:
         _fail(err)
     flops = f", {model.trajectory_flops(result.timesteps) / 1e6:.1f} MFLOPs per image" if bundle is not None else ""
