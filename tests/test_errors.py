@@ -76,7 +76,7 @@ CONFIG_CASES = [
     ("number for a section", "base: 5\n", ".yaml", r"config section 'base' must be a mapping of settings \(batch_size, .*\), got 5"),
     ("key inside a plain setting", "k:\n  x: 1\n", ".yaml", "unknown setting 'k.x': 'k' is a single setting, not a section"),
     ("text for a bool", "search:\n  memory: 'yes'\n", ".yaml", "setting 'search.memory' must be true or false, got 'yes'"),
-    ("null where allowed", "base:\n  ema_decay: x\n", ".yaml", "setting 'base.ema_decay' must be a number or null, got 'x'"),
+    ("text where null is allowed", "base:\n  ema_decay: x\n", ".yaml", "setting 'base.ema_decay' must be a number or null, got 'x'"),
     ("malformed YAML", "k: [\n", ".yaml", r"config file .*config\.yaml is not valid YAML \(.*line 2.*\); fix it and rerun"),
     ("malformed JSON", '{"k": \n', ".json", r"config file .*config\.json is not valid JSON \(Expecting value: line 2 column 1 .*\); fix it"),
     ("malformed TOML", "k = \n", ".toml", r"config file .*config\.toml is not valid TOML \(.*line 1.*\); fix it"),

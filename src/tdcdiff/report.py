@@ -365,8 +365,10 @@ def _check_bundle_is_the_runs(run, bundle) -> None:
     made_with = provenance.get("config") if isinstance(provenance, dict) else None
     if isinstance(made_with, dict):
         theirs = flat(made_with)
-        ours = flat({k: v for stage in ("base", "plan", "prune", "finetune") for k, v in stage_settings(run.config, stage).items()})
-        found += [f"setting '{k}' {theirs[k]!r} (the run's: {v!r})" for k, v in ours.items() if k in theirs and theirs[k] != v]
+        ours = flat({k: v for stage in ("base", "plan", "prune", "finetune")
+                     for k, v in stage_settings(run.config, stage).items()})
+        found += [f"setting '{k}' {theirs[k]!r} (the run's: {v!r})"
+                  for k, v in ours.items() if k in theirs and theirs[k] != v]
     if found:
         path = run.dir / "bundle"
         raise ValueError(
