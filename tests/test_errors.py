@@ -2,6 +2,7 @@
 
 import errno
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ CLI_CASES = [
     ("k above one", ["run", "--k", "1.5"], r"k must be in \(0, 1\]"),
     ("no groups", ["run", "--groups", "0"], "number of groups N must be >= 1"),
     ("more groups than timesteps", ["run", "--groups", "2000"], "N=2000 exceeds T=1000"),
+    ("ten billion groups", ["run", "--groups", "10000000000"], "N=10000000000 exceeds T=1000"),
+    ("ten billion timesteps", ["run", "--timesteps", "10000000000"],
+     r"num_train_timesteps \(--timesteps\) must be at most 1000000, got 10000000000 \(typical: 1000\)"),
     ("zero sampling steps", ["run", "--steps", "0"], "sampling steps must be between 1 and T=1000"),
     ("learning rate too large", ["run", "--base-lr", "5"], r"learning rate must be in \(0, 1\)"),
     ("unknown sampler", ["run", "--sampler", "euler"], "unknown sampler 'euler'"),
@@ -31,6 +35,21 @@ CLI_CASES = [
     ("missing config file", ["run", "--config", "/no/such.yaml"], "config file /no/such.yaml does not exist"),
     ("plan before training", ["plan"], "no trained base model at"),
     ("missing bundle", ["sample", "--bundle", "/no/such/bundle"], "no bundle at /no/such/bundle"),
+    ("image size the UNet cannot halve", ["run", "--image-size", "7"],
+     r"images of size 7 do not fit the UNet preset 'digits-8': its 2 levels need a size divisible by 2; resize them to 6 or 8"),
+    ("one-pixel images", ["run", "--image-size", "1"], "resize them to 2 [(]--image-size"),
+    ("size off a 3-level preset", ["run", "--image-size", "10"], "'gray-32': its 3 levels need a size divisible by 4; resize them to 8 or 12"),
+    ("negative seed", ["run", "--seed", "-1"], r"seed must be between 0 and 4294967295 \(2\*\*32 - 1\), got -1"),
+    ("huge seed", ["run", "--seed", str(2**32)], "seed must be between 0 and 4294967295"),
+    ("too few images", ["run", "--limit", "1"],
+     r"the data \(digits\) has 1 image, too few: 10% \(at least 1\) is held out .* give at least 2 images"),
+    ("sampling steps above a small T", ["run", "--timesteps", "10", "--steps", "50"],
+     r"sampling steps must be between 1 and T=10, got 50 \(--steps, sample_steps; unset: min\(50, T\)\)"),
+    ("zero steps when sampling", ["sample", "--bundle", "/no/such/bundle", "--steps", "0"], "--steps must be >= 1, got 0"),
+    ("zero images when sampling", ["sample", "--bundle", "/no/such/bundle", "--num", "0"], "--num must be >= 1, got 0"),
+    ("negative seed when sampling", ["sample", "--bundle", "/no/such/bundle", "--seed", "-1"], "--seed must be between 0 and"),
+    ("sample output is a directory", ["sample", "--bundle", "/no/such/bundle", "--output", "/"], "--output / is a directory, not a file"),
+    ("one image in the report", ["report", "--num", "1"], "--num must be >= 2, got 1"),
 ]
 
 
@@ -43,16 +62,189 @@ def test_cli_rejects_bad_input_with_a_clear_message(name, args, message, tmp_pat
     assert not (tmp_path / "run" / "base" / "final").exists()
 
 
-@pytest.mark.parametrize(
-    "content, suffix, message",
-    [("bogus: 1\n", ".yaml", r"unknown config keys \['bogus'\]"), ("base:\n  nonsense: 3\n", ".yaml", "unknown keys .* in config section 'base'"),
-     ("k = 0.3\n", ".ini", r"must end in \.yaml, \.yml, \.toml or \.json"), ("base:\n  lr: fast\n", ".yaml", "'base.lr' must be a number")],
-)
-def test_bad_config_files(tmp_path, content, suffix, message):
+CONFIG_CASES = [
+    ("unknown config key", "bogus: 1\n", ".yaml", r"unknown config keys \['bogus'\]"),
+    ("unknown section key", "base:\n  nonsense: 3\n", ".yaml", "unknown keys .* in config section 'base'"),
+    ("unknown section", "bogus:\n  x: 3\n", ".yaml", r"unknown config keys \['bogus'\]"),
+    ("config file type", "k = 0.3\n", ".ini", r"must end in \.yaml, \.yml, \.toml or \.json"),
+    ("non-numeric setting", "base:\n  lr: fast\n", ".yaml", "setting 'base.lr' must be a number, got 'fast'"),
+    ("list for a number", "groups: [1, 2]\n", ".yaml", r"setting 'groups' must be an integer, got \[1, 2\]"),
+    ("fraction for an integer", "groups: 2.5\n", ".yaml", "setting 'groups' must be an integer, got 2.5"),
+    ("null for a number", "k: null\n", ".yaml", "setting 'k' must be a number, got null"),
+    ("bool for a number", "k: true\n", ".yaml", "setting 'k' must be a number, got True"),
+    ("fraction for the seed", "seed: 1.5\n", ".yaml", "setting 'seed' must be an integer, got 1.5"),
+    ("number for a section", "base: 5\n", ".yaml", r"config section 'base' must be a mapping of settings \(batch_size, .*\), got 5"),
+    ("key inside a plain setting", "k:\n  x: 1\n", ".yaml", "unknown setting 'k.x': 'k' is a single setting, not a section"),
+    ("text for a bool", "search:\n  memory: 'yes'\n", ".yaml", "setting 'search.memory' must be true or false, got 'yes'"),
+    ("text where null is allowed", "base:\n  ema_decay: x\n", ".yaml", "setting 'base.ema_decay' must be a number or null, got 'x'"),
+    ("malformed YAML", "k: [\n", ".yaml", r"config file .*config\.yaml is not valid YAML \(.*line 2.*\); fix it and rerun"),
+    ("malformed JSON", '{"k": \n', ".json", r"config file .*config\.json is not valid JSON \(Expecting value: line 2 column 1 .*\); fix it"),
+    ("malformed TOML", "k = \n", ".toml", r"config file .*config\.toml is not valid TOML \(.*line 1.*\); fix it"),
+    ("config not a mapping", "- 1\n", ".yaml", r"config file .*config\.yaml must hold a mapping of settings, got list"),
+    ("stage precisions differ", "finetune:\n  mixed_precision: bf16\n", ".yaml",
+     "base.mixed_precision 'no' and finetune.mixed_precision 'bf16' differ, but accelerate keeps one precision per "
+     r"process \(stage 2 would fail after stage 1\); set both to the same value"),
+]
+
+
+@pytest.mark.parametrize("name, content, suffix, message", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_files(tmp_path, name, content, suffix, message):
     path = tmp_path / f"config{suffix}"
     path.write_text(content)
     result = CliRunner().invoke(app, ["run", "--config", str(path), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and re.search(message, result.output), result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_values_are_typed_where_they_are_read():
+    """The values a setting takes: integral floats and numbers written as text are numbers; None where declared."""
+    from tdcdiff.run import RunConfig
+
+    config = RunConfig.from_dict({"groups": 2.0, "k": "0.3", "base": {"lr": "1e-3", "steps": "1e3", "ema_decay": None}})
+    assert (config.groups, config.k, config.base.lr, config.base.steps, config.base.ema_decay) == (2, 0.3, 1e-3, 1000, None)
+    assert type(config.groups) is int and type(config.k) is float
+    with pytest.raises(ValueError, match="setting 'k' must be a number, got True"):
+        RunConfig(k=True).validate()  # a config built in code is checked by validate()
+    with pytest.raises(ValueError, match="a config must be a mapping of settings"):
+        RunConfig.from_dict([1])
+
+
+def test_sampling_steps_follow_a_small_T_unless_set():
+    from tdcdiff.run import RunConfig
+
+    small = RunConfig(num_train_timesteps=10)
+    small.validate()  # train-base --timesteps 10 needs no --steps
+    assert (small.sampling_steps, RunConfig().sampling_steps, RunConfig(sample_steps=7).sampling_steps) == (10, 50, 7)
+
+
+def test_config_option_naming_a_directory(tmp_path):
+    result = CliRunner().invoke(app, ["run", "--config", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert f"config file {tmp_path} is a directory; pass the settings file itself" in result.output
+
+
+def test_damaged_run_config_names_the_file(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"k": 0.4, "gro')
+    result = CliRunner().invoke(app, ["plan", "--out", str(run)])
+    assert result.exit_code == 2, result.output
+    assert re.search(rf"{run / 'config.json'} is damaged \(Unterminated string .*\); restore it, or delete it and rerun", result.output)
+    (run / "config.json").write_text('{"k": "high"}')
+    result = CliRunner().invoke(app, ["plan", "--out", str(run)])
+    assert f"{run / 'config.json'} is damaged (setting 'k' must be a number, got 'high')" in result.output
+
+
+@pytest.mark.parametrize("out, message", [
+    ("", "--out is empty; give the run directory"),
+    ("a_file", "--out {tmp}/a_file is a file, not a directory; choose another --out"),
+    ("a_file/run", "--out {tmp}/a_file/run cannot be created: {tmp}/a_file is a file; choose another --out"),
+])
+def test_unusable_run_directory(tmp_path, monkeypatch, out, message):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run", "--out", out and str(tmp_path / out)])
+    assert result.exit_code == 2, result.output
+    assert message.format(tmp=tmp_path) in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_read_only_outputs_are_refused_before_work(tmp_path, monkeypatch):
+    from tdcdiff import cli
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = cli.os.access
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) != read_only and real_access(path, mode))
+    result = CliRunner().invoke(app, ["run", "--out", str(read_only / "run")])
+    assert result.exit_code == 2, result.output
+    assert f"--out {read_only}/run cannot be written: {read_only} is read-only (read-only file system or no permission)" in result.output
+    result = CliRunner().invoke(app, ["sample", "--bundle", "/no/such/bundle", "--output", str(read_only / "grid.png")])
+    assert result.exit_code == 2 and f"--output {read_only}/grid.png cannot be written" in result.output, result.output
+    assert list(read_only.iterdir()) == []
+
+
+def test_operating_system_errors_are_one_line(tmp_path, monkeypatch):
+    from tdcdiff import run
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "config.json"))
+
+    monkeypatch.setattr(run, "atomic_write_text", refuse)
+    result = CliRunner().invoke(app, ["train-base", "--out", str(tmp_path / "run"), "--limit", "20"])
+    assert result.exit_code == 2, result.output
+    assert result.output == f"error: Permission denied: {tmp_path}/run/config.json; check that path and its permissions, or choose another\n"
+
+
+def _train_one_step(out):
+    return CliRunner().invoke(app, ["train-base", "--out", str(out), "--limit", "20", "--base-steps", "1",
+                                    "--batch-size", "4", "-q"])
+
+
+def test_full_disk_at_a_training_checkpoint_names_it(tmp_path, monkeypatch):
+    """safetensors reports a full disk as SafetensorError, not OSError: it gets the same message."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    import tdcdiff.serialization  # noqa: F401  (binds the real save_file, for final/, before the patch)
+
+    def no_space(tensors, path, *args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    result = _train_one_step(tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    checkpoint = tmp_path / "run" / "base" / "checkpoint"
+    assert re.fullmatch(rf"error: no space left on device while writing {checkpoint}; nothing was half-written "
+                        r"there\. Free some space .* and rerun: finished stages are kept\n", result.output), result.output
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["log.jsonl"]
+
+
+@pytest.mark.parametrize("count, size, message", [
+    (3, 7, "images of size 7 do not fit the UNet preset 'digits-8'"),
+    (3, 1, "images of size 1 do not fit the UNet preset 'digits-8': .* resize them to 2 "),
+    (1, 8, r"the data \(.*imgs\.zip\) has 1 image, too few: .* give at least 2 images"),
+])
+def test_image_files_the_run_cannot_train_on(tmp_path, count, size, message):
+    import zipfile
+
+    from PIL import Image
+
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as archive:
+        for i in range(count):
+            image = tmp_path / f"{i}.png"
+            Image.new("L", (size, size), color=40 * i).save(image)
+            archive.write(image, image.name)
+    result = CliRunner().invoke(app, ["run", "--data", str(tmp_path / "imgs.zip"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and re.search(message, result.output), result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_diverged_training_is_one_line(tmp_path, monkeypatch):
+    from tdcdiff import train
+
+    monkeypatch.setattr(train, "training_target", lambda scheduler, x0, noise, t: torch.full_like(x0, float("nan")))
+    result = _train_one_step(tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert re.fullmatch(r"error: loss became nan at step 1; the last good checkpoint is kept in .*checkpoint \(step 0\)\. "
+                        r"Lower the learning rate or enable grad_clip, then rerun\n", result.output), result.output
+
+
+def test_damaged_checkpoint_names_the_file_and_the_fix(tmp_path):
+    out = tmp_path / "run"
+    first = _train_one_step(out)
+    assert first.exit_code == 0, first.output
+    base = out / "base"
+    shutil.rmtree(base / "final")  # as if killed after the checkpoint
+    (base / "train.json").unlink()
+    (base / "checkpoint" / "state.json").write_text('{"step": 1, "fing')
+    result = _train_one_step(out)
+    assert result.exit_code == 2, result.output
+    assert re.fullmatch(rf"error: checkpoint {base / 'checkpoint'} is unreadable \(JSONDecodeError: .*\); delete "
+                        rf"{base / 'checkpoint'} to start this stage over\n", result.output), result.output
+    (base / "checkpoint" / "state.json").write_text('["not", "an", "object"]')
+    assert "is unreadable (TypeError" in _train_one_step(out).output
 
 
 def test_llm_proposer_without_endpoint_fails_before_training(tmp_path):
@@ -96,9 +288,23 @@ def test_full_disk_names_the_file_and_leaves_nothing_half_written(tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
+def test_fid_refuses_images_outside_its_range(digits):
+    from tdcdiff.metrics import FeatureNet, compute_fid
+
+    net = FeatureNet(1, 8, 10)
+    images = digits.images[:8]
+    pixels = ((images + 1) * 127.5).round()
+    with pytest.raises(ValueError, match=r"generated images have dtype torch.uint8; expected float images in \[-1, 1\] "
+                                         r"\(convert uint8 pixels with x.float\(\) / 127.5 - 1\)"):
+        compute_fid(pixels.to(torch.uint8), images, net)
+    with pytest.raises(ValueError, match=r"reference images have values in \[0, 255\]; expected \[-1, 1\]"):
+        compute_fid(images, pixels, net)
+    compute_fid(images * (1 + 1e-4), images, net)  # rounding slack is fine
+
+
 def test_every_case_is_in_the_catalogue():
     text = DOC.read_text()
-    for name, _, _ in CLI_CASES:
+    for name, *_ in CLI_CASES + CONFIG_CASES:
         assert f"| {name} |" in text, f"docs/errors.md lacks '{name}'"
 
 

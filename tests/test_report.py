@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -30,8 +31,25 @@ def test_report_page_states_the_protocol(report):
     assert path.name == "report.html" and path.parent.name == "report"
     page = path.read_text()
     for part in ("FID", "digits classifier", "64-d", "DDIM 4 steps", "32 samples", "2 x multiply-accumulates",
-                 "base (stage 1)", "TDC", "Verdicts", "Held-out denoising loss"):
+                 "base (stage 1)", "TDC", "Verdicts", "Held-out denoising loss",
+                 "KID is the unbiased estimate of the squared kernel distance between the feature distributions: it "
+                 "can come out slightly negative"):
         assert part in page, part
+
+
+@pytest.mark.parametrize("setting, value, found", [("k", 0.9, "setting 'k' 0.4 (the run's: 0.9)"),
+                                                   ("groups", 3, "setting 'groups' 2 (the run's: 3)")])
+def test_a_bundle_made_with_other_settings_is_refused_before_sampling(finished_run, tmp_path, setting, value, found):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0].dir, run_dir, ignore=shutil.ignore_patterns("report"))
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, setting: value}))
+    with pytest.raises(ValueError) as err:
+        report_for_run(run_dir, num_samples=4, progress=False)
+    assert str(err.value) == (f"{run_dir / 'bundle'} was not made by this run: its {found}. Delete {run_dir / 'bundle'} and "
+                              f"rerun `tdcdiff bundle --out {run_dir}` to rebuild it from this run, or report on the run "
+                              "that made it")
+    assert not (run_dir / "report").exists()
 
 
 def test_results_compare_base_and_tdc(report):

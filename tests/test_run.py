@@ -60,3 +60,18 @@ def test_group_runs_are_independent(finished_run, tmp_path):
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     with pytest.raises(ValueError, match="--group must be between 0 and 1"):
         Run(other, progress=False).finetune(group=2)
+
+
+def test_sample_command_takes_the_values_given(finished_run, tmp_path):
+    """--steps / --num / --seed are used as given (never replaced by defaults); unset steps are min(50, T)."""
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    run, result = finished_run
+    given = CliRunner().invoke(app, ["sample", "--bundle", str(result["bundle"]), "--steps", "3", "--num", "4",
+                                     "--seed", "0", "--output", str(tmp_path / "tdc.png"), "-q"])
+    assert given.exit_code == 0 and "(4 images, ddim 3 steps, seed 0," in given.output, given.output
+    default = CliRunner().invoke(app, ["sample", "--out", str(run.dir), "--num", "2", "--output", str(tmp_path / "base.png"), "-q"])
+    assert default.exit_code == 0 and "(2 images, ddim 50 steps, seed 0)" in default.output, default.output
+    assert (tmp_path / "tdc.png").is_file() and (tmp_path / "base.png").is_file()

@@ -3,6 +3,7 @@ that `--help` stays fast."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,7 +18,49 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-RunDir = Annotated[Path, typer.Option("--out", "--run", "-o", help="Run directory: every stage reads and writes here.")]
+
+def _fail(err: Exception | str) -> None:
+    if isinstance(err, OSError) and err.filename:  # not "[Errno 13] ...": say what to check
+        err = f"{err.strerror}: {err.filename}; check that path and its permissions, or choose another"
+    elif isinstance(err, OSError):
+        err = err.strerror or err
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _run_dir(value) -> Path:
+    # typer would turn "" into Path("."), the current directory: refuse it while the raw text is at hand.
+    if not str(value).strip():
+        _fail("--out is empty; give the run directory, e.g. --out runs/digits")
+    return Path(value)
+
+
+def _check_writable(path: Path, option: str, *, directory: bool) -> None:
+    """Refuse, before any work, an output path that is the wrong kind of file or cannot be written."""
+    if path.is_dir() != directory and path.exists():
+        kind = "a file, not a directory" if directory else "a directory, not a file"
+        raise ValueError(f"{option} {path} is {kind}; choose another {option}")
+    existing = next(p for p in (path if directory else path.parent, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path} cannot be created: {existing} is a file; choose another {option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path} cannot be written: {existing} is read-only (read-only file system or "
+                         f"no permission); choose another {option}")
+
+
+def _check_options(seeds=(), **least: tuple[int | None, int]) -> None:
+    """Refuse counts below their minimum (least={"--num": (value, minimum)}) and seeds out of range."""
+    from .run import check_seed
+
+    for option, (value, minimum) in least.items():
+        if value is not None and value < minimum:
+            raise ValueError(f"{option} must be >= {minimum}, got {value}")
+    for seed in seeds:
+        check_seed("--seed", seed)
+
+
+RunDir = Annotated[Path, typer.Option("--out", "--run", "-o", parser=_run_dir, metavar="DIR",
+                                      help="Run directory: every stage reads and writes here.")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML, TOML or JSON file of settings (flags override it).")]
 Data = Annotated[Optional[str], typer.Option(help="Training data: 'digits' (built in), an IDX file, an image folder or .zip, or 'hf:<name>'.")]
 ImageSize = Annotated[Optional[int], typer.Option("--image-size", help="Resize images to this size (square).")]
@@ -64,10 +107,13 @@ _SETTINGS = {
 }
 
 
-def _open_run(out: Path, config_file: Path | None, progress: bool, **flags):
-    """Settings from the config file, then the flags given, on top of the run's saved or default config."""
+def _open_run(out: Path, config_file: Path | None, progress: bool, *, writes: bool = True, **flags):
+    """Settings from the config file, then the flags given, on top of the run's saved or default config.
+    writes: the command writes into the run directory (checked before any work)."""
     from .run import Run, load_config_file
 
+    if writes:
+        _check_writable(out, "--out", directory=True)
     overrides = {}
     if config_file is not None:
         for key, value in load_config_file(config_file).items():
@@ -82,12 +128,7 @@ def _open_run(out: Path, config_file: Path | None, progress: bool, **flags):
     return Run(out, overrides=overrides, progress=progress)
 
 
-def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-_USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+_USER_ERRORS = (ValueError, OSError, KeyError)  # OSError: disk full, read-only, permissions (named by the message)
 
 
 @app.command("run")
@@ -205,27 +246,35 @@ def sample_command(
     sampler: Sampler = None, sample_steps: SampleSteps = None, num_samples: NumSamples = None, seed: Seed = None,
     quiet: Quiet = False,
 ):
-    """Write a grid of samples from a bundle (--bundle) or from the run's base model."""
+    """Write a grid of samples from a bundle (--bundle) or from the run's base model.
+
+    Defaults: ddim, min(50, T) steps, 64 images, seed 0, written to samples.png (a bundle) or
+    <run>/samples/base.png.
+    """
     from .pipeline import sample, save_grid
 
     try:
+        _check_options(() if seed is None else (seed,), **{"--steps": (sample_steps, 1), "--num": (num_samples, 1)})
+        # A bundle's default is never inside the bundle: its manifest lists every file.
+        output = output or (Path("samples.png") if bundle is not None else out / "samples" / "base.png")
+        _check_writable(output, "--output", directory=False)
         if bundle is not None:
             from .bundle import load_bundle
 
             loaded = load_bundle(bundle)
             model, scheduler, shape = loaded.router, loaded.scheduler, loaded.sample_shape
-            default_output = Path("samples.png")  # never inside the bundle: its manifest lists every file
         else:
-            run = _open_run(out, None, not quiet)
+            run = _open_run(out, None, not quiet, writes=False)
             model, scheduler, shape = run.base_model(), run.scheduler, run.sample_shape
-            default_output = out / "samples" / "base.png"
+        steps = min(50, scheduler.config.num_train_timesteps) if sample_steps is None else sample_steps
         result = sample(
-            model, scheduler, sample_shape=shape, sampler=sampler or "ddim", steps=sample_steps or 50,
-            num_images=num_samples or 64, seed=seed or 0, progress=not quiet,
+            model, scheduler, sample_shape=shape, sampler=sampler or "ddim", steps=steps,
+            num_images=64 if num_samples is None else num_samples, seed=0 if seed is None else seed,
+            progress=not quiet,
         )
+        path = save_grid(result.images, output)
     except _USER_ERRORS as err:
         _fail(err)
-    path = save_grid(result.images, output or default_output)
     flops = f", {model.trajectory_flops(result.timesteps) / 1e6:.1f} MFLOPs per image" if bundle is not None else ""
     typer.echo(f"samples: {path} ({len(result.images)} images, {result.sampler} {result.steps} steps, seed {result.seed}{flops})")
 
@@ -240,7 +289,9 @@ def report_command(
     from .report import report_for_run
 
     try:
-        path = report_for_run(out, seeds=tuple(seeds or (0, 1)), num_samples=num_samples or 512,
+        _check_options(seeds or (), **{"--steps": (sample_steps, 1), "--num": (num_samples, 2)})
+        _check_writable(out, "--out", directory=True)
+        path = report_for_run(out, seeds=tuple(seeds or (0, 1)), num_samples=512 if num_samples is None else num_samples,
                               sampler=sampler, steps=sample_steps, progress=not quiet)
     except _USER_ERRORS as err:
         _fail(err)

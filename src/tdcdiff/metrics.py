@@ -215,6 +215,9 @@ class _Precomputed(nn.Module):
         return x
 
 
+RANGE_TOLERANCE = 1e-3  # rounding slack beyond [-1, 1]; 0..255 or 0..1 pixels are far outside it
+
+
 def _check_images(x, what: str, image_shape) -> None:
     if not torch.is_tensor(x) or x.ndim != 4:
         raise ValueError(f"{what} images must be a float NCHW tensor, got {getattr(x, 'shape', type(x))}")
@@ -225,8 +228,15 @@ def _check_images(x, what: str, image_shape) -> None:
                          f"expects {tuple(image_shape)}")
     if image_shape is None and x.shape[1] not in (1, 3):
         raise ValueError(f"{what} images have {x.shape[1]} channels; expected 1 or 3")
+    if not x.is_floating_point():
+        raise ValueError(f"{what} images have dtype {x.dtype}; expected float images in [-1, 1] "
+                         "(convert uint8 pixels with x.float() / 127.5 - 1)")
     if not torch.isfinite(x).all():
         raise ValueError(f"{what} images contain NaN or infinite values")
+    low, high = float(x.min()), float(x.max())
+    if low < -1 - RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+        raise ValueError(f"{what} images have values in [{low:g}, {high:g}]; expected [-1, 1] "
+                         "(0..255 pixels: x / 127.5 - 1; 0..1 pixels: x * 2 - 1)")
 
 
 def compute_fid(generated: torch.Tensor, reference: torch.Tensor, feature_net: nn.Module, *, sampler: str = "",
@@ -234,7 +244,8 @@ def compute_fid(generated: torch.Tensor, reference: torch.Tensor, feature_net: n
                 kid_subset_size: int | None = None) -> FidResult:
     """FID and KID (torchmetrics) between generated and reference images.
 
-    generated / reference: float (N, C, H, W) in [-1, 1]; feature_net: a `FeatureNet` or
+    generated / reference: float (N, C, H, W) in [-1, 1] (ValueError for another dtype or range, naming
+    what was given); feature_net: a `FeatureNet` or
     `InceptionFeatures`; sampler / steps / seed: how `generated` was sampled (recorded, and seed also
     fixes KID's subset draws); reference_name: name of the reference set; batch_size: feature batch;
     kid_subset_size: KID subset size, default min(n_generated, n_reference, 1000).

@@ -40,8 +40,9 @@ def build_unet(
 
     preset: one of PRESETS ("digits-8", "gray-28", "gray-32", "rgb-32").
     attention: put self-attention in the lowest-resolution down/up blocks and the mid block.
-    sample_size, in_channels: override the preset's image size / channel count.
+    sample_size, in_channels: override the preset's image size (int, or (height, width)) / channel count.
     num_train_timesteps: stored in the model config for provenance only.
+    Raises ValueError for an unknown preset or an image size the UNet cannot halve at every level.
     """
     from diffusers import UNet2DModel
 
@@ -49,6 +50,15 @@ def build_unet(
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
     levels = len(p.block_out_channels)
+    factor = 2 ** (levels - 1)  # each level but the last halves the image; the up path must meet the same sizes
+    for size in (sample_size,) if isinstance(sample_size, int) else sample_size or ():
+        if size % factor:
+            lower, upper = size - size % factor, size - size % factor + factor
+            sizes = f"{lower} or {upper}" if lower else f"{upper}"
+            raise ValueError(
+                f"images of size {size} do not fit the UNet preset {preset!r}: its {levels} levels need a size "
+                f"divisible by {factor}; resize them to {sizes} (--image-size, image_size)"
+            )
     down = ["DownBlock2D"] * levels
     up = ["UpBlock2D"] * levels
     if attention:

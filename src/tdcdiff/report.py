@@ -38,6 +38,11 @@ def _si(flops: float) -> str:
     return f"{flops:.3g} FLOPs"
 
 
+KID_NOTE = ("KID is the unbiased estimate of the squared kernel distance between the feature distributions: it "
+            "can come out slightly negative, and a value near 0 (negative ones included) means the generated "
+            "and reference images are indistinguishable at this sample size.")
+
+
 def table_rows(results: dict) -> list[dict[str, str]]:
     """One dict of formatted cells per model (the columns of both the HTML and the console table)."""
     batches = " / ".join(key.removeprefix("batch_") for key in results["models"][0]["time"])
@@ -292,6 +297,7 @@ figcaption {{ font-size: 0.9em; color: #333; }} dt {{ font-weight: bold; }} dd {
 {"".join(f"<p>{html.escape(line)}</p>" for line in results.get("context", []))}
 <h2>Side by side</h2>
 {table}
+<p>{html.escape(KID_NOTE)}</p>
 <ul>{notes}</ul>
 <h2>Verdicts</h2>
 <ul>{"".join(f"<li>{html.escape(v)}</li>" for v in verdicts(results))}</ul>
@@ -311,6 +317,40 @@ Times are measured, not derived from FLOPs: small networks on CPUs speed up much
     atomic_write_text(out_dir / "results.json", json.dumps(written, indent=2, default=str))
     atomic_write_text(out_dir / "report.html", page)
     return out_dir / "report.html"
+
+
+def _check_bundle_is_the_runs(run, bundle) -> None:
+    """Refuse, before any sampling, a bundle that another run (or other settings) made: its groups, image shape
+    or recorded settings differ from the run's."""
+    from .run import stage_settings
+
+    def flat(settings: dict, prefix: str = "") -> dict:  # {"base": {"steps": 3}} -> {"base.steps": 3}
+        out = {}
+        for key, value in settings.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return out
+
+    found = []
+    plan = run.plan()
+    if list(bundle.router.grouping.boundaries) != list(plan.grouping.boundaries):
+        found.append(f"group edges {list(bundle.router.grouping.boundaries)} (the run's plan: {plan.grouping.boundaries})")
+    if tuple(bundle.sample_shape) != tuple(run.sample_shape):
+        found.append(f"image shape {tuple(bundle.sample_shape)} (the run's data: {tuple(run.sample_shape)})")
+    provenance = bundle.manifest.get("provenance")
+    made_with = provenance.get("config") if isinstance(provenance, dict) else None
+    if isinstance(made_with, dict):
+        theirs = flat(made_with)
+        ours = flat({k: v for stage in ("base", "plan", "prune", "finetune")
+                     for k, v in stage_settings(run.config, stage).items()})
+        found += [f"setting '{k}' {theirs[k]!r} (the run's: {v!r})"
+                  for k, v in ours.items() if k in theirs and theirs[k] != v]
+    if found:
+        path = run.dir / "bundle"
+        raise ValueError(
+            f"{path} was not made by this run: its {'; '.join(found[:4])}{' ...' if len(found) > 4 else ''}. Delete "
+            f"{path} and rerun `tdcdiff bundle --out {run.dir}` to rebuild it from this run, or report on the run "
+            "that made it"
+        )
 
 
 def report_for_run(
@@ -344,6 +384,7 @@ def report_for_run(
     run = Run(run_dir, progress=progress)
     c = run.config
     bundle = load_bundle(run_dir / "bundle")
+    _check_bundle_is_the_runs(run, bundle)
     compute = run.training_flops()
     entries = [
         ModelEntry("base (stage 1)", run.base_model(), compute["stage1"],
@@ -356,7 +397,8 @@ def report_for_run(
     data = run.data
     results = evaluate(
         entries, run.scheduler, data.images, data.labels, sample_shape=run.sample_shape,
-        sampler=sampler or c.sampler, steps=steps or c.sample_steps, num_samples=num_samples, seeds=tuple(seeds),
+        sampler=sampler or c.sampler, steps=c.sampling_steps if steps is None else steps, num_samples=num_samples,
+        seeds=tuple(seeds),
         feature_cache_dir=feature_cache_dir, reference_name=Path(c.data).name,
         timing_batches=tuple(timing_batches), timing_repeats=timing_repeats, grid_dir=run_dir / "report",
         held_out=run.split()[1], loss_grouping=bundle.router.grouping,

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
@@ -43,9 +45,10 @@ class RunConfig:
     num_train_timesteps, beta_schedule, prediction_type: the noise schedule.
     base: stage-1 training. groups, grouping, k, ordering: timestep groups and FLOPs budgets.
     search: the pruning search. finetune: stage-2 training of EACH group (steps are per group).
-    sampler, sample_steps, num_samples: the sample grid written at the end (and the report's sampler).
+    sampler, sample_steps, num_samples: the sample grid written at the end (and the report's sampler);
+        sample_steps None means min(50, T) (`sampling_steps`).
     eval_samples, eval_seeds: images per sampling seed and number of seeds behind the report's FID/KID.
-    seed: the run's seed.
+    seed: the run's seed, 0 <= seed < 2**32.
     """
 
     data: str = "digits"
@@ -65,7 +68,7 @@ class RunConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, lr=5e-4, warmup_steps=20, checkpoint_every=200))
     sampler: str = "ddim"
-    sample_steps: int = 50
+    sample_steps: int | None = None
     num_samples: int = 64
     eval_samples: int = 512
     eval_seeds: int = 2
@@ -74,16 +77,25 @@ class RunConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def sampling_steps(self) -> int:
+        """sample_steps, or min(50, T) when it is not set."""
+        return min(50, self.num_train_timesteps) if self.sample_steps is None else self.sample_steps
+
     def validate(self) -> None:
         """Check every setting up front, so a bad one fails before hours of training, not after."""
         from .budget import ORDERINGS, budget_fractions
         from .grouping import STRATEGIES
         from .pipeline import SAMPLERS
 
+        self.from_dict(self.to_dict())  # the types, for a config built in code
+        check_seed("seed", self.seed)
+        if self.num_train_timesteps > MAX_TIMESTEPS:  # before the schedule allocates T entries
+            raise ValueError(f"num_train_timesteps (--timesteps) must be at most {MAX_TIMESTEPS}, got "
+                             f"{self.num_train_timesteps} (typical: 1000)")
         make_scheduler(self.num_train_timesteps, self.beta_schedule, self.prediction_type)
         self.base.validate()
         self.finetune.validate()
-        budget_fractions(self.groups, self.k)
         self.search.validate()
         if self.search.proposer == "llm":
             from .prune.search import get_proposer
@@ -94,67 +106,123 @@ class RunConfig:
             (self.grouping in STRATEGIES, f"unknown grouping strategy {self.grouping!r}; choose one of {STRATEGIES}"),
             (self.ordering in ORDERINGS, f"unknown difficulty ordering {self.ordering!r}; choose one of {ORDERINGS}"),
             (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}"),
-            (1 <= self.sample_steps <= self.num_train_timesteps,
-             f"sampling steps must be between 1 and T={self.num_train_timesteps}, got {self.sample_steps}"),
+            (1 <= self.sampling_steps <= self.num_train_timesteps,
+             f"sampling steps must be between 1 and T={self.num_train_timesteps}, got {self.sample_steps} "
+             "(--steps, sample_steps; unset: min(50, T))"),
             (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
             (self.eval_samples >= 2, f"eval_samples must be >= 2 (FID needs two images), got {self.eval_samples}"),
             (self.eval_seeds >= 1, f"eval_seeds must be >= 1, got {self.eval_seeds}"),
+            (self.base.mixed_precision == self.finetune.mixed_precision,
+             f"base.mixed_precision {self.base.mixed_precision!r} and finetune.mixed_precision "
+             f"{self.finetune.mixed_precision!r} differ, but accelerate keeps one precision per process (stage 2 "
+             "would fail after stage 1); set both to the same value"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        budget_fractions(self.groups, self.k)  # after N <= T: it allocates per group
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
-        """Build from a (possibly partial, possibly nested) dict, as read from a YAML/TOML/JSON file."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        """Build from a (possibly partial, possibly nested) dict, as read from a YAML/TOML/JSON file.
+
+        Every value is checked against its field's declared type (see _typed); raises ValueError naming the
+        setting otherwise.
+        """
+        return _typed("", data, cls, cls())
+
+
+_DESCRIBE = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _typed(key: str, value, hint, default):
+    """`value` checked against the declared type `hint` of setting `key` ("" for the whole config).
+
+    Numbers written as strings (YAML reads 1e-3 as a string) become numbers, integers are fine where a float
+    is declared and integral floats where an int is; bools are not numbers, and None is taken only where the
+    type allows it. A dataclass type takes a mapping of its fields, merged over `default` (an instance).
+    """
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # only `X | None` is declared
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        valid = sorted(f.name for f in fields(hint))
+        if not isinstance(value, dict):
+            what = f"config section '{key}'" if key else "a config"
+            raise ValueError(f"{what} must be a mapping of settings ({', '.join(valid)}), got {_shown(value)}")
+        unknown = sorted(set(value) - set(valid))
+        if unknown and not key:
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {valid}")
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(known)}")
-        values = dict(data)
-        defaults = cls()
-        for name, value in values.items():
-            default = getattr(defaults, name)
-            if isinstance(value, dict) and is_dataclass(default):
-                allowed = {f.name for f in fields(default)}
-                bad = sorted(set(value) - allowed)
-                if bad:
-                    raise ValueError(f"unknown keys {bad} in config section '{name}'; valid: {sorted(allowed)}")
-                merged = asdict(default) | {k: _coerce(f"{name}.{k}", v, getattr(default, k)) for k, v in value.items()}
-                values[name] = type(default)(**merged)
-            else:
-                values[name] = _coerce(name, value, default)
-        return cls(**values)
+            raise ValueError(f"unknown keys {unknown} in config section '{key}'; valid: {valid}")
+        hints = typing.get_type_hints(hint)
+        prefix = f"{key}." if key else ""
+        return replace(default, **{k: _typed(prefix + k, v, hints[k], getattr(default, k)) for k, v in value.items()})
+    if hint in (bool, str):
+        if isinstance(value, hint):
+            return value
+    elif not isinstance(value, bool):  # int or float: bools are not numbers
+        number = _number(value)
+        if number is not None and hint is float:
+            return float(number)
+        if isinstance(number, int) or isinstance(number, float) and number.is_integer():
+            return int(number)
+    wanted = _DESCRIBE[hint] + (" or null" if type(None) in args else "")
+    raise ValueError(f"setting '{key}' must be {wanted}, got {_shown(value)}")
 
 
-def _coerce(key: str, value, default):
-    """Numbers written as strings (YAML reads 1e-3 as a string) become numbers."""
-    if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+def _shown(value) -> str:
+    return "null" if value is None else repr(value)  # as a config file spells it
+
+
+def _number(value) -> int | float | None:
+    """A number, or a number written as text (YAML reads 1e-3 as a string); None for anything else."""
+    if isinstance(value, (int, float)):
+        return value
+    for parse in (int, float) if isinstance(value, str) else ():
         try:
-            return type(default)(float(value)) if isinstance(default, float) else int(value)
+            return parse(value)
         except ValueError:
-            raise ValueError(f"setting '{key}' must be a number, got {value!r}") from None
-    return value
+            pass
+    return None
+
+
+MAX_TIMESTEPS = 1_000_000  # far beyond any schedule in use, and well inside memory
+SEED_LIMIT = 2**32  # the range every seeded library here accepts (numpy's legacy seeding is the narrowest)
+
+
+def check_seed(name: str, seed: int) -> None:
+    """Raise ValueError unless 0 <= seed < 2**32 (`name`: the option or setting, for the message)."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name} must be between 0 and {SEED_LIMIT - 1} (2**32 - 1), got {seed}")
 
 
 def load_config_file(path: str | Path) -> dict:
-    """Read a YAML, TOML or JSON config file into a dict."""
+    """Read a YAML, TOML or JSON config file into a dict; ValueError / FileNotFoundError name the file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    elif path.suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(text)
-    elif path.suffix == ".json":
-        data = json.loads(text)
-    else:
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a directory; pass the settings file itself (.yaml, .yml, .toml or .json)")
+    formats = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".json": "JSON"}
+    if path.suffix not in formats:
         raise ValueError(f"config file {path} must end in .yaml, .yml, .toml or .json")
+    import tomllib
+
+    import yaml
+
+    parse = {"YAML": yaml.safe_load, "TOML": tomllib.loads, "JSON": json.loads}[formats[path.suffix]]
+    try:
+        data = parse(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError
+        reason = " ".join(str(err).split())  # YAML's messages span lines
+        raise ValueError(f"config file {path} is not valid {formats[path.suffix]} ({reason}); fix it and rerun") from None
+    if data is None:  # an empty YAML file
+        data = {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
     return data
@@ -182,11 +250,26 @@ def apply_overrides(config: RunConfig, overrides: dict) -> RunConfig:
     data = config.to_dict()
     for key, value in overrides.items():
         section, _, name = key.partition(".")
-        if name:
-            data[section][name] = value
-        else:
+        if not name:
             data[section] = value
+        elif isinstance(data.get(section), dict):
+            data[section][name] = value
+        elif section in data:  # `base: 5` given too: its own error names it; else `k.x` where k has no keys
+            RunConfig.from_dict(data)
+            raise ValueError(f"unknown setting '{key}': '{section}' is a single setting, not a section")
+        else:
+            RunConfig.from_dict({section: {}})  # names the unknown key and the valid ones
     return RunConfig.from_dict(data)
+
+
+def _load_saved_config(path: Path) -> RunConfig:
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, a bad value
+        raise ValueError(
+            f"{path} is damaged ({err}); restore it, or delete it and rerun with the settings the run was made "
+            "with (or use a new output directory)"
+        ) from None
 
 
 class Run:
@@ -203,7 +286,7 @@ class Run:
         self.dir = Path(run_dir)
         self.progress = progress
         saved_path = self.dir / "config.json"
-        saved = RunConfig.from_dict(json.loads(saved_path.read_text())) if saved_path.exists() else None
+        saved = _load_saved_config(saved_path) if saved_path.exists() else None
         config = apply_overrides(config or saved or RunConfig(), overrides or {})
         config.validate()
         if saved is not None:
@@ -235,6 +318,11 @@ class Run:
     def split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(train images, held-out images): a fixed seeded 10% (at most 512) is held out for proxies."""
         images = self.data.images
+        if len(images) < 2:
+            raise ValueError(
+                f"the data ({self.config.data}) has {len(images)} image, too few: 10% (at least 1) is held out for "
+                "the pruning proxies and at least 1 is needed for training; give at least 2 images (raise --limit)"
+            )
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.config.seed))
         held = max(1, min(512, len(images) // 10))
         return images[order[held:]], images[order[:held]]
@@ -261,15 +349,16 @@ class Run:
     # -- stages ------------------------------------------------------------------------------
     def train_base(self):
         """Stage 1: one denoiser on all timesteps."""
-        self._save_config()
         c = self.config
         preset = c.model or preset_for(self.data.image_size, self.data.channels)
+        height, width = self.data.images.shape[2:]
         torch.manual_seed(c.seed)  # the initial weights are part of what the seed fixes
         model = build_unet(
-            preset, attention=c.attention, sample_size=self.data.image_size, in_channels=self.data.channels,
-            num_train_timesteps=c.num_train_timesteps,
+            preset, attention=c.attention, sample_size=height if height == width else (height, width),
+            in_channels=self.data.channels, num_train_timesteps=c.num_train_timesteps,
         )
         train_images, _ = self.split()
+        self._save_config()  # after the checks above: a refused run leaves nothing behind
         config = replace(c.base, seed=c.seed * 100)  # stage 2 of group i uses c.seed * 100 + i + 1
         return train(model, train_images, self.scheduler, config, self.dir / "base", progress=self.progress, description="stage 1: base")
 
@@ -406,7 +495,7 @@ class Run:
 
         c = self.config
         result = sample(
-            model, self.scheduler, sample_shape=self.sample_shape, sampler=c.sampler, steps=c.sample_steps,
+            model, self.scheduler, sample_shape=self.sample_shape, sampler=c.sampler, steps=c.sampling_steps,
             num_images=c.num_samples, seed=c.seed if seed is None else seed, progress=self.progress,
         )
         return save_grid(result.images, self.dir / "samples" / f"{name}.png")

@@ -19,6 +19,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -28,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
@@ -50,11 +52,14 @@ def _fsync_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def _disk_full_names(path: Path) -> Iterator[None]:
-    # A bare "[Errno 28] No space left on device" does not say what was being written.
+    # A bare "[Errno 28] No space left on device" does not say what was being written. safetensors' writer
+    # reports the same as SafetensorError("Error while serializing: I/O error: ... (os error 28)").
     try:
         yield
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
+    except (OSError, SafetensorError) as err:
+        rust = re.search(r"\(os error (\d+)\)", str(err))
+        code = err.errno if isinstance(err, OSError) else rust and int(rust.group(1))
+        if code == errno.ENOSPC:
             raise OSError(
                 errno.ENOSPC,
                 f"no space left on device while writing {path}; nothing was half-written there. "

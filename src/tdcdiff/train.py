@@ -27,8 +27,8 @@ SUMMARY_FILE = "train.json"
 LOSS_BUCKETS = 10
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
+class TrainingDiverged(RuntimeError, ValueError):
+    """The loss became NaN or inf; the last good checkpoint is kept. A ValueError too: the fix is a setting."""
 
 
 @dataclass
@@ -152,24 +152,33 @@ def _save_checkpoint(out_dir: Path, step: int, loss: float, fingerprint: str, mo
 
 
 def _load_checkpoint(out_dir: Path, fingerprint: str, model, optimizer, ema) -> tuple[int, float]:
+    """Restore a checkpoint; returns (step, loss). ValueError, naming the fix, when it is damaged or another run's."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     ckpt = out_dir / CHECKPOINT_DIR
     try:
         meta = json.loads((ckpt / "state.json").read_text())
-    except (OSError, ValueError) as err:
-        raise RuntimeError(f"checkpoint {ckpt} is unreadable ({err}); delete it to start this stage over") from err
-    if meta["fingerprint"] != fingerprint:
+        saved_fingerprint = meta["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable, not JSON, not the expected object
+        raise ValueError(f"checkpoint {ckpt} is unreadable ({type(err).__name__}: {err}); delete {ckpt} to start "
+                         "this stage over") from None
+    if saved_fingerprint != fingerprint:
         raise ValueError(
             f"the checkpoint in {ckpt} was written with different training settings; "
             "use a new output directory, or delete it to start over"
         )
-    model.load_state_dict(load_file(ckpt / "model.safetensors"))
-    optimizer.load_state_dict(_unflatten_optimizer_state(load_file(ckpt / "optimizer.safetensors"), meta["optimizer"]))
-    if ema is not None:
-        shadow = load_file(ckpt / "ema.safetensors")
-        ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
-    return int(meta["step"]), float(meta["loss"])
+    try:
+        model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        optimizer.load_state_dict(_unflatten_optimizer_state(load_file(ckpt / "optimizer.safetensors"), meta["optimizer"]))
+        if ema is not None:
+            shadow = load_file(ckpt / "ema.safetensors")
+            ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+        return int(meta["step"]), float(meta["loss"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
+        reason = " ".join(str(err).split())  # load_state_dict's messages span lines
+        raise ValueError(f"checkpoint {ckpt} is damaged ({type(err).__name__}: {reason}); delete {ckpt} to start "
+                         "this stage over") from None
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
