@@ -162,6 +162,14 @@ def _typed(key: str, value, hint, default):
         hints = typing.get_type_hints(hint)
         prefix = f"{key}." if key else ""
         return replace(default, **{k: _typed(prefix + k, v, hints[k], getattr(default, k)) for k, v in value.items()})
+    origin, items = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list and isinstance(value, (list, tuple)):
+        return [_typed(f"{key}[{i}]", v, items[0], None) for i, v in enumerate(value)]
+    if origin is dict and isinstance(value, dict):
+        return {_typed(f"{key} key", k, items[0], None): _typed(f"{key}.{k}", v, items[1], None) for k, v in value.items()}
+    if origin in (list, dict):
+        wanted = "a list" if origin is list else "a mapping"
+        raise ValueError(f"setting '{key}' must be {wanted}{' or null' if type(None) in args else ''}, got {_shown(value)}")
     if hint in (bool, str):
         if isinstance(value, hint):
             return value
