@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import io
 import json
@@ -338,6 +339,19 @@ Times are measured, not derived from FLOPs: small networks on CPUs speed up much
     return out_dir / "report.html"
 
 
+def _holding_the_run_lock(function):
+    # report_for_run writes run_dir/report/: it runs holding the run directory's lock (see run.lock_run_dir).
+    @functools.wraps(function)
+    def locked(run_dir, **kwargs):
+        from .run import lock_run_dir
+
+        with lock_run_dir(run_dir):
+            return function(run_dir, **kwargs)
+
+    return locked
+
+
+@_holding_the_run_lock
 def report_for_run(
     run_dir: str | Path,
     *,
@@ -363,35 +377,25 @@ def report_for_run(
     A report made from the same bundle, base weights and settings (report/inputs.json records them) is kept
     as it is; delete report/ to measure again. Holds the run directory's lock (see run.lock_run_dir).
     """
-    from .run import Run
-
-    run = Run(Path(run_dir), progress=progress)
-    with run.lock():
-        return _report_for_run(run, seeds=seeds, num_samples=num_samples, sampler=sampler, steps=steps,
-                               feature_cache_dir=feature_cache_dir, timing_batches=timing_batches,
-                               timing_repeats=timing_repeats, progress=progress)
-
-
-def _report_for_run(run, *, seeds, num_samples, sampler, steps, feature_cache_dir, timing_batches, timing_repeats,
-                    progress) -> Path:
     from .bundle import MANIFEST, load_bundle
     from .evaluate import ModelEntry, evaluate
-    from .run import record_inputs, up_to_date
+    from .run import Run, record_inputs, up_to_date
     from .serialization import ARCHITECTURE_FILE, sha256_file
     from .train import FINAL_DIR
 
-    run_dir, c = run.dir, run.config
-    out_dir = run_dir / "report"
+    run_dir = Path(run_dir)
+    run = Run(run_dir, progress=progress)
+    c = run.config
     bundle = load_bundle(run_dir / "bundle")
     inputs = {
         "bundle_sha256": sha256_file(run_dir / "bundle" / MANIFEST),
         "base_sha256": sha256_file(run_dir / "base" / FINAL_DIR / ARCHITECTURE_FILE),
         "config": {k: v for k, v in c.to_dict().items() if k != "num_samples"},  # the sample grid's size only
-        "seeds": list(seeds), "num_samples": num_samples, "sampler": sampler or c.sampler,
-        "steps": steps or c.sample_steps, "timing_batches": list(timing_batches), "timing_repeats": timing_repeats,
+        "seeds": list(seeds), "num_samples": num_samples, "sampler": sampler, "steps": steps,
+        "timing_batches": list(timing_batches), "timing_repeats": timing_repeats,
     }
-    outputs = [out_dir / "report.html", out_dir / "results.json"]
-    if up_to_date(out_dir / "inputs.json", inputs, outputs):
+    outputs = [run_dir / "report" / name for name in ("report.html", "results.json")]
+    if up_to_date(run_dir / "report" / "inputs.json", inputs, outputs):
         return outputs[0]
     compute = run.training_flops()
     entries = [
@@ -405,9 +409,9 @@ def _report_for_run(run, *, seeds, num_samples, sampler, steps, feature_cache_di
     data = run.data
     results = evaluate(
         entries, run.scheduler, data.images, data.labels, sample_shape=run.sample_shape,
-        sampler=inputs["sampler"], steps=inputs["steps"], num_samples=num_samples, seeds=tuple(seeds),
+        sampler=sampler or c.sampler, steps=steps or c.sample_steps, num_samples=num_samples, seeds=tuple(seeds),
         feature_cache_dir=feature_cache_dir, reference_name=Path(c.data).name,
-        timing_batches=tuple(timing_batches), timing_repeats=timing_repeats, grid_dir=out_dir,
+        timing_batches=tuple(timing_batches), timing_repeats=timing_repeats, grid_dir=run_dir / "report",
         held_out=run.split()[1], loss_grouping=bundle.router.grouping,
         progress=progress,
     )
@@ -416,6 +420,6 @@ def _report_for_run(run, *, seeds, num_samples, sampler, steps, feature_cache_di
         "TDC (stage 1 only), so a better TDC FID here does not show that TDC beats a model trained with the same "
         "budget; bench/benchmark.py runs those equal-compute controls (single model, uniform pruning).",
     ]
-    write_report(out_dir, results, run_dir=run_dir)
-    record_inputs(out_dir / "inputs.json", inputs, outputs)
+    write_report(run_dir / "report", results, run_dir=run_dir)
+    record_inputs(run_dir / "report" / "inputs.json", inputs, outputs)
     return outputs[0]
