@@ -78,6 +78,18 @@ def test_the_lock_is_free_once_its_holder_ends(held):
         assert (run_dir / OWNER_FILE).read_text().startswith(f'{{"pid": {os.getpid()},')
 
 
+def test_settings_are_checked_again_once_the_lock_is_held(finished_run, tmp_path):
+    """A writer opened before another one planned with other settings does not take that plan as its own."""
+    run, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run.dir, copy, ignore=shutil.ignore_patterns("plan", "prune", "finetune", "bundle", "samples",
+                                                                 "report"))
+    late = Run(copy, overrides={"k": 0.9}, progress=False)  # opened while no plan exists: k may still change
+    Run(copy, progress=False).plan()  # meanwhile another writer plans with the saved k=0.4
+    with pytest.raises(ValueError, match=r"setting 'k' differs from the one .* \(0.4 -> 0.9\) and stage 'plan' has"):
+        late.plan()
+
+
 def test_lock_is_reentrant_in_one_process_and_leaves_nothing_behind(tmp_path):
     run_dir = tmp_path / "run"
     with lock_run_dir(run_dir), lock_run_dir(run_dir):  # run_all -> report_for_run takes it again

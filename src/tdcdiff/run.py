@@ -362,9 +362,16 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.dir / "config.json", json.dumps(self.config.to_dict(), indent=2))
 
-    def lock(self) -> contextlib.AbstractContextManager:
-        """The run directory's lock (see lock_run_dir): every method that writes here holds it."""
-        return lock_run_dir(self.dir)
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory's lock (see lock_run_dir): every method that writes here does.
+
+        Once it is held, the settings are checked against the saved ones again: another process may have run
+        a stage with other settings between this Run's opening and now.
+        """
+        with lock_run_dir(self.dir):
+            Run(self.dir, self.config)  # raises as __init__ does for a changed setting of a finished stage
+            yield
 
     # -- stages ------------------------------------------------------------------------------
     @_writes
