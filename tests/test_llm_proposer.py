@@ -84,7 +84,7 @@ def serve(monkeypatch):
 
 
 def proposer_for(server, **kwargs) -> LLMProposer:
-    kwargs = {"timeout": 5.0, "backoff": 0.01, **kwargs}
+    kwargs = {"timeout": 120.0, "backoff": 0.01, **kwargs}  # generous: a loaded machine may answer slowly
     proposer = LLMProposer(server.url, "test-model", KEY, **kwargs)
     proposer.set_context(SearchContext(0.6, {u: {"channels": 32, "flops_share": 0.2} for u in UNITS}))
     return proposer

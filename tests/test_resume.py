@@ -30,7 +30,7 @@ def cli(*args):
 
 
 def run_to_end(args, cwd):
-    proc = subprocess.run(cli(*args), capture_output=True, text=True, cwd=cwd, timeout=900)
+    proc = subprocess.run(cli(*args), capture_output=True, text=True, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

@@ -96,6 +96,10 @@ def _peak_forward_bytes(model: nn.Module, timesteps: list[int], sample_shape, ba
             continue
         from torch.profiler import ProfilerActivity, profile
 
+        # Kineto, behind torch.profiler, prints "USDT: ... profiler_start/stop" to stderr at its highest level
+        # (5); 6 silences it. It reads the variable once, at the process's first profile, so a level the user
+        # set, or one fixed by an earlier profile, stays.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             model(x, t)
         # Each op's own allocations minus frees, in start order: the running sum is the live tensor bytes.

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import shutil
@@ -353,6 +354,19 @@ def _check_bundle_is_the_runs(run, bundle) -> None:
         )
 
 
+def _holding_the_run_lock(function):
+    # report_for_run writes run_dir/report/: it runs holding the run directory's lock (see run.lock_run_dir).
+    @functools.wraps(function)
+    def locked(run_dir, **kwargs):
+        from .run import lock_run_dir
+
+        with lock_run_dir(run_dir):
+            return function(run_dir, **kwargs)
+
+    return locked
+
+
+@_holding_the_run_lock
 def report_for_run(
     run_dir: str | Path,
     *,
@@ -375,16 +389,30 @@ def report_for_run(
     sampler, steps: default to the run's sampling settings. feature_cache_dir: where the FID feature
     classifier is cached (default: evaluate.default_cache_dir()). timing_batches, timing_repeats: see
     evaluate.evaluate. progress: print one line per measurement. Returns the path of report.html.
+    A report made from the same bundle, base weights and settings (report/inputs.json records them) is kept
+    as it is; delete report/ to measure again. Holds the run directory's lock (see run.lock_run_dir).
     """
-    from .bundle import load_bundle
+    from .bundle import MANIFEST, load_bundle
     from .evaluate import ModelEntry, evaluate
-    from .run import Run
+    from .run import Run, record_inputs, up_to_date
+    from .serialization import ARCHITECTURE_FILE, sha256_file
+    from .train import FINAL_DIR
 
     run_dir = Path(run_dir)
     run = Run(run_dir, progress=progress)
     c = run.config
     bundle = load_bundle(run_dir / "bundle")
     _check_bundle_is_the_runs(run, bundle)
+    inputs = {
+        "bundle_sha256": sha256_file(run_dir / "bundle" / MANIFEST),
+        "base_sha256": sha256_file(run_dir / "base" / FINAL_DIR / ARCHITECTURE_FILE),
+        "config": {k: v for k, v in c.to_dict().items() if k != "num_samples"},  # the sample grid's size only
+        "seeds": list(seeds), "num_samples": num_samples, "sampler": sampler, "steps": steps,
+        "timing_batches": list(timing_batches), "timing_repeats": timing_repeats,
+    }
+    outputs = [run_dir / "report" / name for name in ("report.html", "results.json")]
+    if up_to_date(run_dir / "report" / "inputs.json", inputs, outputs):
+        return outputs[0]
     compute = run.training_flops()
     entries = [
         ModelEntry("base (stage 1)", run.base_model(), compute["stage1"],
@@ -409,4 +437,6 @@ def report_for_run(
         "TDC (stage 1 only), so a better TDC FID here does not show that TDC beats a model trained with the same "
         "budget; bench/benchmark.py runs those equal-compute controls (single model, uniform pruning).",
     ]
-    return write_report(run_dir / "report", results, run_dir=run_dir)
+    write_report(run_dir / "report", results, run_dir=run_dir)
+    record_inputs(run_dir / "report" / "inputs.json", inputs, outputs)
+    return outputs[0]

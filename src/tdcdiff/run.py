@@ -7,17 +7,33 @@
       prune/group_i/       the pruned model of group i; prune/memory_i.json, prune/search_i.jsonl
       finetune/group_i/    stage 2 of group i (train.py layout)
       bundle/              the deliverable (see bundle.py)
-      samples/             sample grids
+      samples/             sample grids, each with NAME.inputs.json: what it was sampled from and how
+      report/              report.html (see report.py) and inputs.json
+      .tdcdiff.lock        held by the one process writing here; .tdcdiff.lock.owner says which
 
-Each stage skips itself when its output exists, so rerunning after a crash continues where it stopped.
+Each stage skips itself when its output exists, so rerunning after a crash continues where it stopped; sample
+grids and the report are redone only when what they were made from (weights, settings) changed.
+
+One process at a time writes a run directory: every stage (`--group` jobs included) and `tdcdiff report` take
+the directory's lock, and a second writer is refused at once, naming the holder; stage-2 groups of one run
+directory therefore run one after another. Taking the lock also removes the temporaries a killed writer left
+behind (see serialization.remove_stale_temporaries). `tdcdiff sample` without --bundle only reads the base
+and replaces samples/base.png atomically: it takes no lock, and a grid it replaced is redrawn by the next run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
+import os
+import socket
+import sys
+import time
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
@@ -30,7 +46,8 @@ from .grouping import make_groups, per_timestep_loss, plot_grouping
 from .models import build_unet, preset_for
 from .prune.search import SearchConfig
 from .schedule import make_scheduler
-from .serialization import atomic_write_text, load_model, save_model
+from .serialization import (ARCHITECTURE_FILE, atomic_write_text, load_model, remove_stale_temporaries, save_model,
+                            sha256_file)
 from .train import FINAL_DIR, TrainConfig, train
 
 log = logging.getLogger("tdcdiff")
@@ -278,6 +295,91 @@ def _load_saved_config(path: Path) -> RunConfig:
             f"{path} is damaged ({err}); restore it, or delete it and rerun with the settings the run was made "
             "with (or use a new output directory)"
         ) from None
+LOCK_FILE = ".tdcdiff.lock"
+OWNER_FILE = ".tdcdiff.lock.owner"
+
+
+class RunDirectoryBusy(ValueError):
+    """Another process is writing the run directory."""
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str | Path) -> Iterator[None]:
+    """Hold run_dir's lock for the block (created if missing); reentrant within a thread of one process.
+
+    The outermost hold records this process in .tdcdiff.lock.owner and removes stale temporaries (no other
+    writer can be active then). Raises RunDirectoryBusy at once, naming the holder, if another process (or
+    thread) holds it: waiting silently behind a run of hours would look like a hang.
+    """
+    from filelock import FileLock, Timeout
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # One instance per path in this process: nested stages (run_all -> report) re-enter it instead of blocking.
+    lock = FileLock(run_dir.resolve() / LOCK_FILE, is_singleton=True)
+    outermost = not lock.is_locked
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        raise RunDirectoryBusy(
+            f"run directory {run_dir} is in use by {_holder(run_dir)}; wait for it to finish, or use another "
+            "output directory (--out). One process at a time writes a run directory"
+        ) from None
+    owner = run_dir / OWNER_FILE
+    try:
+        if outermost:
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            atomic_write_text(owner, json.dumps(holder))
+            for path in remove_stale_temporaries(run_dir):
+                log.info("removed %s, left behind by an interrupted writer", path)
+        yield
+    finally:
+        if outermost:
+            owner.unlink(missing_ok=True)
+        lock.release()
+
+
+def _holder(run_dir: Path) -> str:
+    try:
+        owner = json.loads((run_dir / OWNER_FILE).read_text())
+        return f"process {owner['pid']} on {owner['host']} (`{owner['command']}`, since {owner['since']})"
+    except (OSError, ValueError, KeyError, TypeError):  # the holder has not written it yet, or it is not ours
+        return "another process"
+
+
+def _writes(method):
+    """A stage method writes the run directory: it runs holding the directory's lock."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock():
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+def up_to_date(record: Path, inputs: dict, outputs: list[Path]) -> bool:
+    """Whether `outputs` were made from `inputs`, as `record` (written by record_inputs) says, and are unchanged since.
+
+    If not, the record is deleted first, so that a crash while the outputs are rewritten cannot leave a
+    matching record beside stale outputs.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        saved = json.loads(record.read_text())
+        if saved == {"inputs": json.loads(json.dumps(inputs)), "outputs": _hashes(outputs)}:
+            return True
+    record.unlink(missing_ok=True)
+    return False
+
+
+def record_inputs(record: Path, inputs: dict, outputs: list[Path]) -> None:
+    """Write beside freshly made `outputs` what they were made from (see up_to_date)."""
+    atomic_write_text(record, json.dumps({"inputs": inputs, "outputs": _hashes(outputs)}, indent=2))
+
+
+def _hashes(outputs: list[Path]) -> dict:
+    # An output rewritten by something else (e.g. `tdcdiff sample`) no longer matches its record.
+    return {path.name: sha256_file(path) for path in outputs}
 
 
 class Run:
@@ -354,7 +456,19 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.dir / "config.json", json.dumps(self.config.to_dict(), indent=2))
 
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory's lock (see lock_run_dir): every method that writes here does.
+
+        Once it is held, the settings are checked against the saved ones again: another process may have run
+        a stage with other settings between this Run's opening and now.
+        """
+        with lock_run_dir(self.dir):
+            Run(self.dir, self.config)  # raises as __init__ does for a changed setting of a finished stage
+            yield
+
     # -- stages ------------------------------------------------------------------------------
+    @_writes
     def train_base(self):
         """Stage 1: one denoiser on all timesteps."""
         c = self.config
@@ -370,6 +484,7 @@ class Run:
         config = replace(c.base, seed=c.seed * 100)  # stage 2 of group i uses c.seed * 100 + i + 1
         return train(model, train_images, self.scheduler, config, self.dir / "base", progress=self.progress, description="stage 1: base")
 
+    @_writes
     def plan(self) -> Plan:
         """Group the timesteps and give each group its FLOPs budget."""
         path = self.dir / "plan" / "plan.json"
@@ -396,6 +511,7 @@ class Run:
         plan.save(path)
         return plan
 
+    @_writes
     def prune(self, group: int | None = None) -> list[dict]:
         """Proxy-based pruning: one pruned model per group, meeting its budget. Returns per-group summaries."""
         from .prune.proxy import Proxy, ProxyBatch
@@ -441,6 +557,7 @@ class Run:
             summaries.append(summary)
         return summaries
 
+    @_writes
     def finetune(self, group: int | None = None):
         """Stage 2: fine-tune each group's pruned model on its own timesteps (plus the configured mix)."""
         plan = self.plan()
@@ -464,6 +581,7 @@ class Run:
             )
         return results
 
+    @_writes
     def export_bundle(self) -> Path:
         from .bundle import save_bundle
 
@@ -498,19 +616,42 @@ class Run:
         return {"stage1": stage1, "stage2_per_group": stage2, "total": stage1 + sum(stage2),
                 "convention": "FLOPs = 2 x MACs; forward + backward = 3 x forward, x batch x steps"}
 
-    def sample_grid(self, name: str, model, *, seed: int | None = None) -> Path:
+    @_writes
+    def sample_grid(self, name: str, model, *, seed: int | None = None, source: Path | None = None) -> Path:
+        """samples/NAME.png: a grid of the run's sampling settings (sampler, sample_steps, num_samples) from model.
+
+        source: the file that pins the model's weights (a saved model's architecture.json, which holds its
+        weights' sha256, or a bundle's manifest.json). With it, an existing grid made from the same weights and
+        settings is kept (samples/NAME.inputs.json records them); without it, the grid is always redrawn.
+        """
         from .pipeline import sample, save_grid
 
         c = self.config
+        path = self.dir / "samples" / f"{name}.png"
+        record = path.with_suffix(".inputs.json")
+        inputs = {
+            "model_sha256": sha256_file(source) if source is not None else None,
+            "sampler": c.sampler, "steps": c.sample_steps, "num_images": c.num_samples,
+            "seed": c.seed if seed is None else seed, "sample_shape": self.sample_shape,
+            "schedule": [c.num_train_timesteps, c.beta_schedule, c.prediction_type],
+        }
+        if source is not None and up_to_date(record, inputs, [path]):
+            return path
         result = sample(
             model, self.scheduler, sample_shape=self.sample_shape, sampler=c.sampler, steps=c.sampling_steps,
             num_images=c.num_samples, seed=c.seed if seed is None else seed, progress=self.progress,
+            model, self.scheduler, sample_shape=self.sample_shape, sampler=c.sampler, steps=c.sample_steps,
+            num_images=c.num_samples, seed=inputs["seed"], progress=self.progress,
         )
-        return save_grid(result.images, self.dir / "samples" / f"{name}.png")
+        save_grid(result.images, path)
+        if source is not None:
+            record_inputs(record, inputs, [path])
+        return path
 
+    @_writes
     def run_all(self) -> dict:
         """Every stage in order, skipping those already done. Returns where the results are."""
-        from .bundle import load_bundle
+        from .bundle import MANIFEST, load_bundle
         from .report import report_for_run
 
         self.train_base()
@@ -519,8 +660,9 @@ class Run:
         self.finetune()
         bundle_path = self.export_bundle()
         bundle = load_bundle(bundle_path)
-        base_grid = self.sample_grid("base", self.base_model())
-        tdc_grid = self.sample_grid("tdc", bundle.router)
+        base_grid = self.sample_grid("base", self.base_model(),
+                                     source=self.dir / "base" / FINAL_DIR / ARCHITECTURE_FILE)
+        tdc_grid = self.sample_grid("tdc", bundle.router, source=bundle_path / MANIFEST)
         c = self.config
         report = report_for_run(self.dir, seeds=tuple(range(c.eval_seeds)), num_samples=c.eval_samples, progress=self.progress)
         return {"bundle": bundle_path, "samples": [base_grid, tdc_grid], "plan": plan, "report": report}

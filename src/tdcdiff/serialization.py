@@ -68,15 +68,32 @@ def _disk_full_names(path: Path) -> Iterator[None]:
         raise
 
 
+# The temporaries below, by name: ".NAME.<random>.tmp" files, ".NAME.tmp-<random>" folders and ".NAME.old-<hex>"
+# entries moved aside. A kill leaves them behind; remove_stale_temporaries matches exactly these names.
+_TEMPORARY = re.compile(r"\..+\.(?:[a-z0-9_]+\.tmp|tmp-[a-z0-9_]+|old-[0-9a-f]{32})")
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS allows (another thread may create files)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file so that readers see either the old content or the new one, never a partial file.
 
-    path: the target file (parent directories are created). data: its new content.
+    path: the target file (parent directories are created); it gets the usual permissions, 0o666 less the
+    umask (mkstemp alone would make it 0o600). data: its new content.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with _disk_full_names(path), os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -100,6 +117,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
     Yields the temporary directory to write into. On success its files are fsynced and it is renamed to
     `path` (an existing `path` is replaced); if the block raises, it is removed and `path` is untouched.
+    Every folder and file in it gets the usual permissions, 0o777 / 0o666 less the umask: mkdtemp makes
+    the folder 0o700, and safetensors writes its files 0o600, which would keep others from reading a bundle.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,10 +126,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         with _disk_full_names(path):
             yield tmp
+            umask = _umask()
             for root, _, files in os.walk(tmp):
                 for name in files:
                     with open(os.path.join(root, name), "rb") as f:
+                        os.fchmod(f.fileno(), 0o666 & ~umask)
                         os.fsync(f.fileno())
+                os.chmod(root, 0o777 & ~umask)
                 _fsync_dir(Path(root))
             _replace(tmp, path)
     except BaseException:
@@ -136,6 +158,26 @@ def _replace(new: Path, path: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink()
+
+
+def remove_stale_temporaries(root: str | Path) -> list[Path]:
+    """Delete what atomic_write_bytes, atomic_dir and _replace leave behind when killed, anywhere under root.
+
+    Only call this while no other process can be writing under root (e.g. holding its lock): a live writer's
+    temporaries look the same. Returns the removed paths.
+    """
+    removed = []
+    for parent, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            if _TEMPORARY.fullmatch(name):
+                path = Path(parent, name)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+        dirs[:] = [d for d in dirs if not _TEMPORARY.fullmatch(d)]
+    return removed
 
 
 def _json_safe(value):

@@ -1,0 +1,250 @@
+"""Files on disk: one writer per run directory, no stale temporaries, the umask respected, no profiler noise,
+and finished sample grids and reports kept when nothing they were made from changed."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import tiny_config
+from tdcdiff.run import LOCK_FILE, OWNER_FILE, Run, RunDirectoryBusy, lock_run_dir
+from tdcdiff.serialization import atomic_dir, atomic_write_bytes, remove_stale_temporaries
+
+HOLDER = textwrap.dedent("""
+    import sys
+    from tdcdiff.run import lock_run_dir
+
+    with lock_run_dir(sys.argv[1]):
+        print("locked", flush=True)
+        sys.stdin.readline()  # hold the lock until the test closes our stdin
+""")
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+@pytest.fixture()
+def held(tmp_path):
+    """Another process holding tmp_path/run's lock: yields (run_dir, its pid, a function that ends it)."""
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=_env())
+
+    def end():
+        holder.stdin.close()
+        holder.wait()
+
+    try:
+        assert holder.stdout.readline() == "locked\n"  # waits until the lock is held, however slow the machine
+        yield run_dir, holder.pid, end
+    finally:
+        if holder.poll() is None:
+            end()
+
+
+def test_second_writer_is_refused_at_once_naming_the_holder(held):
+    run_dir, pid, _ = held
+    run = Run(run_dir, tiny_config(), progress=False)  # opening a run directory only reads it
+    with pytest.raises(RunDirectoryBusy, match=rf"run directory {run_dir} is in use by process {pid} on .*; wait for "
+                                               r"it to finish, or use another output directory \(--out\)"):
+        run.train_base()
+    with pytest.raises(RunDirectoryBusy, match=f"process {pid}"):
+        run.plan()
+    assert not (run_dir / "config.json").exists() and not (run_dir / "base").exists()
+
+
+def test_cli_second_writer_exits_2_with_one_line(held):
+    run_dir, pid, _ = held
+    done = subprocess.run([sys.executable, "-m", "tdcdiff.cli", "plan", "--out", str(run_dir), "--k", "0.9", "-q"],
+                          capture_output=True, text=True, env=_env())
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: run directory {run_dir} is in use by process {pid}")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_lock_is_free_once_its_holder_ends(held):
+    run_dir, _, end = held
+    with pytest.raises(RunDirectoryBusy):
+        with lock_run_dir(run_dir):
+            pass
+    end()
+    with lock_run_dir(run_dir):
+        assert (run_dir / OWNER_FILE).read_text().startswith(f'{{"pid": {os.getpid()},')
+
+
+def test_settings_are_checked_again_once_the_lock_is_held(finished_run, tmp_path):
+    """A writer opened before another one planned with other settings does not take that plan as its own."""
+    run, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run.dir, copy, ignore=shutil.ignore_patterns("plan", "prune", "finetune", "bundle", "samples",
+                                                                 "report"))
+    late = Run(copy, overrides={"k": 0.9}, progress=False)  # opened while no plan exists: k may still change
+    Run(copy, progress=False).plan()  # meanwhile another writer plans with the saved k=0.4
+    with pytest.raises(ValueError, match=r"setting 'k' differs from the one .* \(0.4 -> 0.9\) and stage 'plan' has"):
+        late.plan()
+
+
+def test_lock_is_reentrant_in_one_process_and_leaves_nothing_behind(tmp_path):
+    run_dir = tmp_path / "run"
+    with lock_run_dir(run_dir), lock_run_dir(run_dir):  # run_all -> report_for_run takes it again
+        assert (run_dir / OWNER_FILE).read_text().startswith(f'{{"pid": {os.getpid()},')
+    assert [p.name for p in run_dir.iterdir() if p.name != LOCK_FILE] == []
+
+
+def test_stale_temporaries_are_removed_when_a_stage_starts(finished_run, tmp_path):
+    run, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run.dir, copy)
+    outputs = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    folders = [copy / ".bundle.tmp-abc123_x",  # atomic_dir killed while writing the bundle
+               copy / "finetune" / "group_0" / ".checkpoint.tmp-k9zz_q1w",
+               copy / "base" / f".final.old-{'0a' * 16}"]  # _replace killed after moving the old copy aside
+    for folder in folders:
+        (folder / "expert_0").mkdir(parents=True)
+        (folder / "expert_0" / "model.safetensors").write_bytes(b"half")
+    files = [copy / "prune" / ".summary_0.json.x1y2z3ab.tmp", copy / "report" / ".report.html.q_8v0w2e.tmp"]
+    for file in files:
+        file.write_bytes(b"half")
+    keep = [copy / ".hidden.tmp.notes", copy / "notes.tmp", copy / "samples" / "my.old-copy", copy / ".tmp-x"]
+    for file in keep:
+        file.write_text("mine")
+
+    assert Run(copy, progress=False).export_bundle() == copy / "bundle"  # a stage with nothing left to do
+
+    assert [p for p in folders + files if p.exists()] == []
+    assert all(p.read_text() == "mine" for p in keep)
+    assert {p: p.read_bytes() for p in outputs} == outputs
+
+
+def test_remove_stale_temporaries_matches_what_killed_writers_leave(tmp_path, monkeypatch):
+    import tdcdiff.serialization as serialization
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real_rename, renames = os.rename, []
+
+    def rename_then_die(src, dst):  # _replace: the old copy is moved aside, then the kill comes
+        renames.append(src)
+        if len(renames) > 1:
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    (tmp_path / "model").mkdir()
+    monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)  # a killed process cleans nothing up
+    monkeypatch.setattr(os, "unlink", lambda *args, **kwargs: None)
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_bytes(tmp_path / "plan.json", b"{}")
+    with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "bundle") as tmp:
+        (tmp / "manifest.json").write_text("{}")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "rename", rename_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        serialization._replace(tmp_path / "new", tmp_path / "model")
+    monkeypatch.undo()
+
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert [name.split(".")[1] for name in left] == ["bundle", "model", "plan"], left
+    assert sorted(p.name for p in remove_stale_temporaries(tmp_path)) == left
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
+                                                        (0o002, 0o664, 0o775)])
+def test_written_files_respect_the_umask(tmp_path, umask, file_mode, dir_mode):
+    from tdcdiff.models import build_unet
+    from tdcdiff.serialization import save_model
+
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "a" / "plan.json", b"{}")
+        save_model(build_unet("digits-8"), tmp_path / "model")
+    finally:
+        os.umask(old)
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "a" / "plan.json") == file_mode
+    assert mode(tmp_path / "model") == dir_mode
+    assert {mode(p) for p in (tmp_path / "model").iterdir()} == {file_mode}
+
+
+def test_memory_measurement_prints_no_profiler_lines(tmp_path):
+    """The CPU peak-memory probe (torch.profiler, behind every report) in a fresh process, as the CLI runs it."""
+    script = textwrap.dedent("""
+        import torch
+        from tdcdiff.evaluate import _peak_forward_bytes
+        from tdcdiff.models import build_unet
+
+        peak = _peak_forward_bytes(build_unet("digits-8"), [999, 500], (1, 8, 8), 2, "cpu")
+        print("peak", peak)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) > 0  # the measurement still works
+    assert "USDT" not in done.stdout + done.stderr and "profiler_st" not in done.stdout + done.stderr
+
+
+def test_memory_measurement_prints_no_profiler_lines_in_process(capfd):
+    from tdcdiff.evaluate import _peak_forward_bytes
+    from tdcdiff.models import build_unet
+
+    assert _peak_forward_bytes(build_unet("digits-8"), [999], (1, 8, 8), 2, "cpu") > 0
+    out, err = capfd.readouterr()
+    if os.environ.get("KINETO_LOG_LEVEL", "6") != "6":
+        pytest.skip("the user set KINETO_LOG_LEVEL")
+    assert "USDT" not in out + err
+
+
+def _stamps(paths):
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
+
+
+def test_rerun_keeps_up_to_date_grids_and_report_and_redoes_changed_ones(finished_run, tmp_path):
+    run, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run.dir, copy)
+    first = Run(copy, tiny_config(), progress=False).run_all()  # other tests may have remade the shared report
+    grids = [copy / "samples" / "base.png", copy / "samples" / "tdc.png"]
+    report = [copy / "report" / name for name in ("report.html", "results.json", "inputs.json")]
+    assert first["samples"] == grids and first["report"] == report[0]
+    before = _stamps(grids + report)
+
+    again = Run(copy, tiny_config(), progress=False).run_all()
+    assert _stamps(grids + report) == before  # not rewritten: same inode, same mtime
+    assert again["samples"] == grids and again["report"] == report[0] and again["bundle"] == copy / "bundle"
+
+    # the grids' size changed: they are redrawn; the report, not made from them, is kept
+    assert Run(copy, tiny_config(num_samples=4), progress=False).run_all()["samples"] == grids
+    assert all(_stamps([g])[g] != before[g] for g in grids)
+    assert '"num_images": 4' in (copy / "samples" / "base.inputs.json").read_text()
+    assert _stamps(report) == {p: before[p] for p in report}
+
+    # an output changed behind the record's back is remade
+    (copy / "report" / "results.json").write_text("{}")
+    Run(copy, tiny_config(num_samples=4), progress=False).run_all()
+    assert _stamps(report[:1]) != {report[0]: before[report[0]]}
+    assert json.loads((copy / "report" / "results.json").read_text())["models"][1]["name"] == "TDC"
+
+
+def test_grid_replaced_by_something_else_is_redrawn(finished_run, tmp_path):
+    """`tdcdiff sample` writes samples/base.png with its own settings: the record no longer matches it."""
+    from tdcdiff.serialization import ARCHITECTURE_FILE
+    from tdcdiff.train import FINAL_DIR
+
+    run, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run.dir, copy, ignore=shutil.ignore_patterns("report"))
+    grid = copy / "samples" / "base.png"
+    original = grid.read_bytes()
+    grid.write_bytes(b"another grid")
+    again = Run(copy, progress=False)
+    assert again.sample_grid("base", again.base_model(), source=copy / "base" / FINAL_DIR / ARCHITECTURE_FILE) == grid
+    assert grid.read_bytes() == original  # same weights, settings and seed: the same grid again
