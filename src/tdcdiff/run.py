@@ -631,7 +631,7 @@ class Run:
         record = path.with_suffix(".inputs.json")
         inputs = {
             "model_sha256": sha256_file(source) if source is not None else None,
-            "sampler": c.sampler, "steps": c.sample_steps, "num_images": c.num_samples,
+            "sampler": c.sampler, "steps": c.sampling_steps, "num_images": c.num_samples,
             "seed": c.seed if seed is None else seed, "sample_shape": self.sample_shape,
             "schedule": [c.num_train_timesteps, c.beta_schedule, c.prediction_type],
         }
@@ -639,8 +639,6 @@ class Run:
             return path
         result = sample(
             model, self.scheduler, sample_shape=self.sample_shape, sampler=c.sampler, steps=c.sampling_steps,
-            num_images=c.num_samples, seed=c.seed if seed is None else seed, progress=self.progress,
-            model, self.scheduler, sample_shape=self.sample_shape, sampler=c.sampler, steps=c.sample_steps,
             num_images=c.num_samples, seed=inputs["seed"], progress=self.progress,
         )
         save_grid(result.images, path)
