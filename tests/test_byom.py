@@ -42,3 +42,52 @@ def test_non_finite_from_the_start_does_not_blame_the_learning_rate(tmp_path, di
     with pytest.raises(TrainingDiverged, match="before any update of this run.*not a learning-rate problem") as err:
         train(model, digits.images, scheduler, TrainConfig(steps=2, **FAST), tmp_path, progress=False)
     assert "learning rate or" not in str(err.value)
+
+
+def _tiny_unet(**changes):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    settings = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                    norm_num_groups=8, add_attention=False)
+    return UNet2DModel(**(settings | changes))
+
+
+@pytest.fixture()
+def pipeline_dir(tmp_path):
+    """A diffusers pipeline directory as a user would have it: save_pretrained of a UNet2DModel + DDPMScheduler."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    DDPMPipeline(unet=_tiny_unet(), scheduler=scheduler).save_pretrained(tmp_path / "pipe")
+    return tmp_path / "pipe"
+
+
+def test_learned_variance_model_samples_with_every_sampler(scheduler):
+    model = _tiny_unet(out_channels=2)  # 2C outputs: prediction + variance (IDDPM-style)
+    for sampler in SAMPLERS:
+        images = sample(model, scheduler, sample_shape=(1, 8, 8), sampler=sampler, steps=5, num_images=3,
+                        progress=False).images
+        assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all(), sampler
+
+
+def test_ddpm_uses_the_learned_variance_half(scheduler):
+    """DDPM with a 2C model uses the variance half: changing only that half changes the DDPM samples, not DDIM's."""
+    model = _tiny_unet(out_channels=2)
+    other = _tiny_unet(out_channels=2)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other.conv_out.bias[1] += 1.0  # channel 1 is the variance half of a 1-channel model
+    runs = {}
+    for sampler in ("ddpm", "ddim"):
+        a, b = (sample(m, scheduler, sample_shape=(1, 8, 8), sampler=sampler, steps=5, num_images=2, progress=False).images
+                for m in (model, other))
+        runs[sampler] = (a - b).abs().max().item()
+    assert runs["ddim"] == 0 and runs["ddpm"] > 1e-4
+
+
+def test_learned_variance_trains_on_the_prediction_half(tmp_path, digits, scheduler):
+    result = train(_tiny_unet(out_channels=2), digits.images, scheduler, TrainConfig(steps=2, **FAST), tmp_path,
+                   progress=False)
+    assert math.isfinite(result.final_loss)

@@ -41,6 +41,7 @@ def save_bundle(
     base_flops: int,
     budgets: list[int] | None = None,
     provenance: dict | None = None,
+    conditioning: dict | None = None,
 ) -> Path:
     """Write a bundle atomically (a temporary directory renamed into place).
 
@@ -48,6 +49,8 @@ def save_bundle(
     scheduler: the training noise schedule (its config is stored). sample_shape: (C, H, W).
     expert_flops: measured FLOPs per expert forward (batch 1); base_flops: the unpruned model's.
     budgets: the planned FLOPs budget per group. provenance: data, steps, seeds... (free-form JSON).
+    conditioning: for class-conditional experts, {"num_class_embeds", "num_classes" (of the data),
+        "null_class" (the id for dropped labels, needed for guidance; None without label dropout)}.
     """
     path = Path(path)
     with atomic_dir(path) as tmp:
@@ -66,6 +69,7 @@ def save_bundle(
             "base_flops": base_flops,
             "flops_convention": "2 x multiply-accumulates, one forward pass, batch 1",
             "provenance": provenance or {},
+            "conditioning": conditioning,
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=list))
@@ -118,7 +122,12 @@ class Bundle:
     def pipeline(self):
         from .pipeline import TDCPipeline
 
-        return TDCPipeline(self.router, self.scheduler, self.sample_shape)
+        return TDCPipeline(self.router, self.scheduler, self.sample_shape, null_class=self.null_class)
+
+    @property
+    def null_class(self) -> int | None:
+        """The class id the experts were trained with for dropped labels (guidance needs it), or None."""
+        return (self.manifest.get("conditioning") or {}).get("null_class")
 
 
 def load_bundle(path: str | Path, *, device: str | torch.device = "cpu") -> Bundle:

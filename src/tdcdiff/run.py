@@ -25,7 +25,7 @@ from .budget import Plan, make_plan, measure_sensitivity
 from .data import ImageDataset, load_dataset
 from .flops import count_flops
 from .grouping import make_groups, per_timestep_loss, plot_grouping
-from .models import build_unet, preset_for
+from .models import build_unet, check_finite, num_class_embeds, preset_for
 from .prune.search import SearchConfig
 from .schedule import make_scheduler
 from .serialization import atomic_write_text, load_model, save_model
@@ -46,6 +46,11 @@ class RunConfig:
     sampler, sample_steps, num_samples: the sample grid written at the end (and the report's sampler).
     eval_samples, eval_seeds: images per sampling seed and number of seeds behind the report's FID/KID.
     seed: the run's seed.
+    base_model: start from a trained model instead of training stage 1: a diffusers model or pipeline directory,
+        a Hub name or `module:function` (see base_model.load_base_model). A pipeline's scheduler sets the noise
+        schedule. base_model_steps: continue training it this many stage-1 steps (0: use it as it is).
+    Class-conditional models: label dropout (for classifier-free guidance) is set in base/finetune
+    (`label_dropout`, `null_class`); stage 2 keeps stage 1's dropout unless finetune sets its own.
     """
 
     data: str = "digits"
@@ -70,6 +75,8 @@ class RunConfig:
     eval_samples: int = 512
     eval_seeds: int = 2
     seed: int = 0
+    base_model: str | None = None
+    base_model_steps: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +106,9 @@ class RunConfig:
             (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
             (self.eval_samples >= 2, f"eval_samples must be >= 2 (FID needs two images), got {self.eval_samples}"),
             (self.eval_seeds >= 1, f"eval_seeds must be >= 1, got {self.eval_seeds}"),
+            (self.base_model_steps >= 0, f"base_model_steps must be >= 0, got {self.base_model_steps}"),
+            (self.base_model is not None or self.base_model_steps == 0,
+             "base_model_steps continues a given model: set base_model (--base) too, or use base.steps"),
         ]
         for ok, message in checks:
             if not ok:
@@ -125,6 +135,37 @@ class RunConfig:
             else:
                 values[name] = _coerce(name, value, default)
         return cls(**values)
+
+
+SCHEDULER_FILE = "scheduler_config.json"
+
+
+def _with_pipeline_schedule(config: RunConfig) -> RunConfig:
+    """With a diffusers pipeline as base_model, the run's schedule settings are its scheduler's."""
+    if not config.base_model:
+        return config
+    path = Path(config.base_model).expanduser() / "scheduler" / SCHEDULER_FILE
+    if not (path.parent.parent / "model_index.json").exists() or not path.exists():
+        return config
+    from .schedule import BETA_SCHEDULES
+
+    try:
+        scheduler = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    changes = {"num_train_timesteps": scheduler.get("num_train_timesteps", config.num_train_timesteps),
+               "prediction_type": scheduler.get("prediction_type", config.prediction_type)}
+    if scheduler.get("beta_schedule") in BETA_SCHEDULES:
+        changes["beta_schedule"] = scheduler["beta_schedule"]
+    return replace(config, **changes)
+
+
+def _conditioning(model, data_classes: int | None, null_class: int | None) -> dict | None:
+    """What sampling a class-conditional bundle needs: class ids of the data and the null class (guidance)."""
+    classes = num_class_embeds(model)
+    if classes is None:
+        return None
+    return {"num_class_embeds": classes, "num_classes": data_classes, "null_class": null_class}
 
 
 def _coerce(key: str, value, default):
@@ -163,7 +204,7 @@ def load_config_file(path: str | Path) -> dict:
 # Which stage's output a setting shapes: changing it is refused once that stage has run.
 _STAGE_OF_SETTING = {
     **{k: "base" for k in ("data", "image_size", "channels", "limit", "model", "attention", "num_train_timesteps",
-                           "beta_schedule", "prediction_type", "base", "seed")},
+                           "beta_schedule", "prediction_type", "base", "seed", "base_model", "base_model_steps")},
     **{k: "plan" for k in ("groups", "grouping", "k", "ordering")},
     "search": "prune",
     "finetune": "finetune",
@@ -205,6 +246,7 @@ class Run:
         saved_path = self.dir / "config.json"
         saved = RunConfig.from_dict(json.loads(saved_path.read_text())) if saved_path.exists() else None
         config = apply_overrides(config or saved or RunConfig(), overrides or {})
+        config = _with_pipeline_schedule(config)
         config.validate()
         if saved is not None:
             old, new = saved.to_dict(), config.to_dict()
@@ -246,7 +288,36 @@ class Run:
     @property
     def scheduler(self):
         c = self.config
+        copied = self.dir / "base" / SCHEDULER_FILE  # a given pipeline's schedule, kept with the run
+        if copied.exists():
+            from .base_model import scheduler_from_config
+
+            return scheduler_from_config(json.loads(copied.read_text()))
         return make_scheduler(c.num_train_timesteps, c.beta_schedule, c.prediction_type)
+
+    def labels(self, model) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(train labels, held-out labels) in split() order for a class-conditional model; (None, None) else."""
+        if num_class_embeds(model) is None:
+            return None, None
+        labels = self.data.labels
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.config.seed))
+        held = max(1, min(512, len(labels) // 10))
+        return labels[order[held:]], labels[order[:held]]
+
+    def null_class(self, model) -> int | None:
+        """The class id that stands for "no label" when the run trains with label dropout, else None."""
+        c = self.config
+        classes = num_class_embeds(model)
+        if classes is None or not (c.base.label_dropout or c.finetune.label_dropout):
+            return None
+        explicit = c.finetune.null_class if c.finetune.null_class is not None else c.base.null_class
+        return classes - 1 if explicit is None else explicit
+
+    def sample_labels(self, model, num_images: int) -> torch.Tensor | None:
+        """Class-balanced labels (i % classes) for a class-conditional model's samples; None otherwise."""
+        from .evaluate import balanced_labels
+
+        return balanced_labels(model, num_images, self.data.num_classes)
 
     def base_model(self):
         path = self.dir / "base" / FINAL_DIR
@@ -260,9 +331,11 @@ class Run:
 
     # -- stages ------------------------------------------------------------------------------
     def train_base(self):
-        """Stage 1: one denoiser on all timesteps."""
+        """Stage 1: one denoiser on all timesteps (or the given trained model, see RunConfig.base_model)."""
         self._save_config()
         c = self.config
+        if c.base_model:
+            return self._import_base()
         preset = c.model or preset_for(self.data.image_size, self.data.channels)
         torch.manual_seed(c.seed)  # the initial weights are part of what the seed fixes
         model = build_unet(
@@ -271,7 +344,35 @@ class Run:
         )
         train_images, _ = self.split()
         config = replace(c.base, seed=c.seed * 100)  # stage 2 of group i uses c.seed * 100 + i + 1
-        return train(model, train_images, self.scheduler, config, self.dir / "base", progress=self.progress, description="stage 1: base")
+        return train(model, train_images, self.scheduler, config, self.dir / "base", labels=self.labels(model)[0],
+                     progress=self.progress, description="stage 1: base")
+
+    def _import_base(self):
+        """Stage 1 from a trained model: check it fits the data, save it as base/final (or continue training
+        it base_model_steps steps)."""
+        from .base_model import check_fits_data, load_base_model
+        from .train import TrainResult
+
+        c = self.config
+        out = self.dir / "base"
+        if (out / FINAL_DIR).exists() and not c.base_model_steps:
+            return TrainResult(out, 0, float("nan"), 0, 0)
+        loaded = load_base_model(c.base_model)
+        model, data = loaded.model, self.data
+        check_fits_data(model, c.base_model, channels=data.channels, image_size=data.image_size, data_name=c.data,
+                        num_classes=data.num_classes, null_class=self.null_class(model),
+                        num_train_timesteps=c.num_train_timesteps)
+        if loaded.scheduler_config is not None:
+            atomic_write_text(out / SCHEDULER_FILE, json.dumps(loaded.scheduler_config, indent=2))
+        train_images, _ = self.split()
+        train_labels, _ = self.labels(model)
+        check_finite(model, train_images, self.scheduler.alphas_cumprod, train_labels)
+        if c.base_model_steps:
+            config = replace(c.base, steps=c.base_model_steps, seed=c.seed * 100)
+            return train(model, train_images, self.scheduler, config, out, labels=train_labels, progress=self.progress,
+                         description="stage 1: continue the given model")
+        save_model(model, out / FINAL_DIR, extra={"source": loaded.source})
+        return TrainResult(out, 0, float("nan"), 0, 0)
 
     def plan(self) -> Plan:
         """Group the timesteps and give each group its FLOPs budget."""
@@ -283,13 +384,15 @@ class Run:
         base = self.base_model()
         scheduler = self.scheduler
         _, held_out = self.split()
+        _, held_labels = self.labels(base)
         loss_per_t = None
         if c.grouping == "loss":
-            loss_per_t = per_timestep_loss(base, held_out, scheduler, seed=c.seed)
+            loss_per_t = per_timestep_loss(base, held_out, scheduler, seed=c.seed, labels=held_labels)
         grouping = make_groups(c.grouping, c.groups, scheduler, loss_per_t=loss_per_t)
         sensitivity = None
         if c.ordering == "measured":
-            sensitivity = measure_sensitivity(base, held_out, scheduler, grouping, self.sample_shape, seed=c.seed)
+            sensitivity = measure_sensitivity(base, held_out, scheduler, grouping, self.sample_shape, seed=c.seed,
+                                              labels=held_labels)
         plan = make_plan(
             grouping, k=c.k, ordering=c.ordering, base_flops=count_flops(base, self.sample_shape),
             sample_shape=self.sample_shape, sensitivity=sensitivity,
@@ -310,6 +413,7 @@ class Run:
         base = self.base_model()
         scheduler = self.scheduler
         train_images, held_out = self.split()
+        train_labels, held_labels = self.labels(base)
         (self.dir / "prune").mkdir(parents=True, exist_ok=True)
         summaries = []
         for i in self._groups(plan, group):
@@ -324,10 +428,10 @@ class Run:
                     )
                 summaries.append(summary)
                 continue
-            batch = ProxyBatch.make(held_out, plan.grouping.timesteps(i), scheduler, seed=c.seed + i)
+            batch = ProxyBatch.make(held_out, plan.grouping.timesteps(i), scheduler, seed=c.seed + i, labels=held_labels)
             # Proxy fine-tuning and Taylor calibration draw from the training split; scoring uses the held-out batch.
             proxy = Proxy(base, batch, scheduler, space=c.search.proxy_space, finetune_steps=c.search.proxy_finetune_steps,
-                          train_images=train_images)
+                          train_images=train_images, train_labels=train_labels)
             settings = replace(c.search, seed=c.seed + i)
             result = search(
                 base, plan.budgets[i], self.sample_shape, proxy, settings,
@@ -357,11 +461,12 @@ class Run:
             if not pruned_dir.exists():
                 raise FileNotFoundError(f"no pruned model for group {i} at {pruned_dir}; run `tdcdiff prune` first")
             model = load_model(pruned_dir)
-            config = replace(c.finetune, seed=c.seed * 100 + i + 1)
+            config = replace(c.finetune, seed=c.seed * 100 + i + 1,
+                             label_dropout=c.finetune.label_dropout or c.base.label_dropout, null_class=self.null_class(model))
             results.append(
                 train(
                     model, train_images, self.scheduler, config, self.dir / "finetune" / f"group_{i}",
-                    timesteps=plan.grouping.timesteps(i), teacher=teacher, progress=self.progress,
+                    labels=self.labels(model)[0], timesteps=plan.grouping.timesteps(i), teacher=teacher, progress=self.progress,
                     description=f"stage 2: group {i}",
                 )
             )
@@ -386,6 +491,7 @@ class Run:
             expert_flops=[count_flops(e, self.sample_shape) for e in experts], base_flops=plan.base_flops,
             budgets=plan.budgets,
             provenance={"data": self.data.describe(), "config": self.config.to_dict(), "training_flops": train_flops},
+            conditioning=_conditioning(experts[0], self.data.num_classes, self.null_class(experts[0])),
         )
 
     def training_flops(self) -> dict:
@@ -405,6 +511,7 @@ class Run:
         result = sample(
             model, self.scheduler, sample_shape=self.sample_shape, sampler=c.sampler, steps=c.sample_steps,
             num_images=c.num_samples, seed=c.seed if seed is None else seed, progress=self.progress,
+            class_labels=self.sample_labels(model, c.num_samples),
         )
         return save_grid(result.images, self.dir / "samples" / f"{name}.png")
 
