@@ -91,3 +91,59 @@ def test_learned_variance_trains_on_the_prediction_half(tmp_path, digits, schedu
     result = train(_tiny_unet(out_channels=2), digits.images, scheduler, TrainConfig(steps=2, **FAST), tmp_path,
                    progress=False)
     assert math.isfinite(result.final_loss)
+
+
+def _tiny_config_file(tmp_path, **changes):
+    import json
+
+    from conftest import tiny_config
+
+    settings = tiny_config(**changes).to_dict()
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(settings))
+    return path
+
+
+def test_run_from_a_diffusers_pipeline_directory(tmp_path, pipeline_dir):
+    """`tdcdiff run --base DIR`: stage 1 skipped, the pipeline's scheduler (v-prediction, cosine, T=500) used
+    throughout, and the bundle samples identically after loading."""
+    from typer.testing import CliRunner
+
+    from tdcdiff.bundle import load_bundle
+    from tdcdiff.cli import app
+    from tdcdiff.serialization import load_model
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--base", str(pipeline_dir), "--config", str(_tiny_config_file(tmp_path)),
+                                      "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "base" / "train.json").exists()  # no stage-1 training
+    given = _tiny_unet()
+    base = load_model(out / "base" / "final")
+    for key, value in given.state_dict().items():
+        torch.testing.assert_close(base.state_dict()[key], value, rtol=0, atol=0)
+    bundle = load_bundle(out / "bundle")
+    config = bundle.scheduler.config
+    assert (config.prediction_type, config.num_train_timesteps, config.beta_schedule) == ("v_prediction", 500, "squaredcos_cap_v2")
+    first, again = (bundle.pipeline()(batch_size=4, num_inference_steps=5, output_type="pt", progress=False).images
+                    for _ in range(2))
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert torch.isfinite(first).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image-size", "16"], r"takes 8x8 images but the data 'digits' is 16x16; load it with --image-size 8"),
+    (["--channels", "3"], r"the model takes 1-channel images but the data has 3 channels"),
+])
+def test_data_that_does_not_fit_the_given_model_is_named_before_any_work(tmp_path, pipeline_dir, args, message):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--base", str(pipeline_dir), "--config", str(_tiny_config_file(tmp_path)),
+                                      "--out", str(out), "--quiet", *args])
+    assert result.exit_code == 2 and "error:" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert __import__("re").search(message, " ".join(result.output.split())), result.output
+    assert not (out / "base" / "final").exists()
