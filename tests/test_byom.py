@@ -147,3 +147,66 @@ def test_data_that_does_not_fit_the_given_model_is_named_before_any_work(tmp_pat
     assert len(result.output.strip().splitlines()) == 1
     assert __import__("re").search(message, " ".join(result.output.split())), result.output
     assert not (out / "base" / "final").exists()
+
+
+def _conditional_unet(num_class_embeds: int = 11):
+    """A class-conditional UNet2DModel with attention: 10 digit classes + the null class (id 10)."""
+    return _tiny_unet(num_class_embeds=num_class_embeds, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8)
+
+
+def test_class_conditional_model_with_label_dropout_through_every_stage(tmp_path):
+    from dataclasses import replace
+
+    from conftest import tiny_config
+    from tdcdiff.bundle import load_bundle
+    from tdcdiff.run import Run
+
+    _conditional_unet().save_pretrained(tmp_path / "model")
+    config = tiny_config(base_model_steps=20)
+    config.base = replace(config.base, label_dropout=0.2)
+    run = Run(tmp_path / "run", config, progress=False, base=tmp_path / "model")
+    run.train_base()
+    run.prune()
+    run.finetune()
+    bundle = load_bundle(run.export_bundle())
+    assert bundle.manifest["conditioning"] == {"num_class_embeds": 11, "num_classes": 10, "null_class": 10}
+    assert json_of(run.dir / "finetune" / "group_0" / "train.json")["null_class"] == 10
+    pipe = bundle.pipeline()
+    guided = pipe(batch_size=4, num_inference_steps=5, output_type="pt", progress=False, class_labels=[0, 1, 2, 3],
+                  guidance_scale=3.0).images
+    again = pipe(batch_size=4, num_inference_steps=5, output_type="pt", progress=False, class_labels=[0, 1, 2, 3],
+                 guidance_scale=3.0).images
+    plain = pipe(batch_size=4, num_inference_steps=5, output_type="pt", progress=False, class_labels=[0, 1, 2, 3]).images
+    assert torch.isfinite(guided).all()
+    torch.testing.assert_close(guided, again, rtol=0, atol=0)
+    assert (guided - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="the model is class-conditional .* pass class_labels"):
+        pipe(batch_size=2, num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"class labels must be in 0..10"):
+        pipe(batch_size=2, num_inference_steps=2, progress=False, class_labels=11)
+
+
+def json_of(path):
+    import json
+
+    return json.loads(path.read_text())
+
+
+def test_class_count_that_does_not_fit_the_model_is_named(tmp_path, digits, scheduler):
+    from dataclasses import replace
+
+    from conftest import tiny_config
+    from tdcdiff.run import Run
+
+    _conditional_unet(num_class_embeds=10).save_pretrained(tmp_path / "model")
+    config = tiny_config()
+    config.base = replace(config.base, label_dropout=0.1)  # id 9 becomes the null class: 9 ids left for 10 digits
+    with pytest.raises(ValueError, match=r"the data 'digits' has 10 classes but --base .* embeds 10 class ids "
+                                         r"\(id 9 is the null class\)"):
+        Run(tmp_path / "run", config, progress=False, base=tmp_path / "model").train_base()
+    with pytest.raises(ValueError, match=r"class-conditional \(10 class ids\) but the data has no labels"):
+        train(_conditional_unet(10), digits.images, scheduler, TrainConfig(steps=1, **FAST), tmp_path / "t", progress=False)
+    with pytest.raises(ValueError, match="guidance_scale != 1 needs null_class"):
+        sample(_conditional_unet(10), scheduler, sample_shape=(1, 8, 8), steps=2, num_images=2, class_labels=1,
+               guidance_scale=2.0, progress=False)

@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .models import as_denoiser
+
 FLOPS_CONVENTION = "FLOPs = 2 x multiply-accumulates"
 FORMAT = "tdcdiff-evaluation/1"
 
@@ -84,6 +86,7 @@ def _peak_forward_bytes(model: nn.Module, timesteps: list[int], sample_shape, ba
     else:
         probes = timesteps[:1]
     x = torch.randn((batch, *sample_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    model = as_denoiser(model)  # gives a class-conditional model a label
     peak = 0
     for t_value in probes:
         t = torch.full((batch,), t_value, dtype=torch.long, device=device)

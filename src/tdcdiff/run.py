@@ -237,15 +237,17 @@ class Run:
     config: the settings; None loads the directory's saved config.json (or the defaults for a new run).
     overrides: dotted-key settings applied on top, e.g. {"k": 0.3, "finetune.steps": 200}. Changing a setting
         of a stage that has already produced output is refused with a message naming it.
+    base: start from this trained model (sets RunConfig.base_model; see base_model.load_base_model).
     """
 
     def __init__(self, run_dir: str | Path, config: RunConfig | None = None, *, overrides: dict | None = None,
-                 progress: bool = True):
+                 progress: bool = True, base: str | None = None):
         self.dir = Path(run_dir)
         self.progress = progress
         saved_path = self.dir / "config.json"
         saved = RunConfig.from_dict(json.loads(saved_path.read_text())) if saved_path.exists() else None
-        config = apply_overrides(config or saved or RunConfig(), overrides or {})
+        overrides = dict(overrides or {}) | ({"base_model": str(base)} if base is not None else {})
+        config = apply_overrides(config or saved or RunConfig(), overrides)
         config = _with_pipeline_schedule(config)
         config.validate()
         if saved is not None:
