@@ -186,6 +186,15 @@ def test_class_conditional_model_with_label_dropout_through_every_stage(tmp_path
     with pytest.raises(ValueError, match=r"class labels must be in 0..10"):
         pipe(batch_size=2, num_inference_steps=2, progress=False, class_labels=11)
 
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    grid = tmp_path / "threes.png"
+    result = CliRunner().invoke(app, ["sample", "--bundle", str(run.dir / "bundle"), "--class", "3", "--guidance", "2",
+                                      "--num", "4", "--steps", "3", "--output", str(grid), "--quiet"])
+    assert result.exit_code == 0 and grid.exists(), result.output
+
 
 def json_of(path):
     import json
@@ -210,3 +219,42 @@ def test_class_count_that_does_not_fit_the_model_is_named(tmp_path, digits, sche
     with pytest.raises(ValueError, match="guidance_scale != 1 needs null_class"):
         sample(_conditional_unet(10), scheduler, sample_shape=(1, 8, 8), steps=2, num_images=2, class_labels=1,
                guidance_scale=2.0, progress=False)
+
+
+def log_time_net() -> nn.Module:
+    """`--base test_byom:log_time_net`: a user's function returning their own module."""
+    torch.manual_seed(0)
+    return LogTimeNet()
+
+
+def test_run_base_function_is_checked_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--base", "test_byom:log_time_net", "--config",
+                                      str(_tiny_config_file(tmp_path)), "--out", str(out), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "error: the model's output is not finite at t=0: a time embedding such as log(t)" in result.output
+    assert not (out / "base" / "final").exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d.mkdir(), r"config.json is missing"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')),
+     r"model class 'UNet2DConditionModel' is not one tdcdiff loads; supported: UNet2DModel, DiTTransformer2DModel"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text('{"_class_name": "UNet2DModel"}')),
+     r"has no .safetensors weights; tdcdiff never unpickles weights"),
+    (lambda d: (d.mkdir(), (d / "model_index.json").write_text('{"vae": ["diffusers", "AutoencoderKL"], '
+                                                              '"unet": ["diffusers", "UNet2DModel"]}')),
+     r"is a latent diffusion pipeline \(it has a VAE\)"),
+    (lambda d: None, r"is neither a diffusers model or pipeline directory, a module:function, nor a Hub name"),
+])
+def test_base_that_cannot_be_loaded_is_named(tmp_path, make, message):
+    from tdcdiff.base_model import BaseModelError, load_base_model
+
+    target = tmp_path / "given"
+    make(target)
+    with pytest.raises(BaseModelError, match=message):
+        load_base_model(str(target) if target.exists() else "./no/such/model")
