@@ -258,3 +258,20 @@ def test_base_that_cannot_be_loaded_is_named(tmp_path, make, message):
     make(target)
     with pytest.raises(BaseModelError, match=message):
         load_base_model(str(target) if target.exists() else "./no/such/model")
+
+
+def test_dit_with_learned_sigma_samples_guided_with_every_sampler(scheduler):
+    """A tiny DiTTransformer2DModel (adaLN-Zero, learned sigma): its null class is id num_embeds_ada_norm."""
+    from diffusers import DiTTransformer2DModel
+
+    from tdcdiff.models import num_class_embeds
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2,
+                                  num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                  norm_type="ada_norm_zero")
+    assert num_class_embeds(model) == 11
+    for sampler in SAMPLERS:
+        images = sample(model, scheduler, sample_shape=(1, 8, 8), sampler=sampler, steps=4, num_images=3,
+                        class_labels=[1, 2, 3], guidance_scale=2.0, null_class=10, progress=False).images
+        assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all(), sampler

@@ -72,6 +72,8 @@ def _open_run(out: Path, config_file: Path | None, progress: bool, **flags):
     """Settings from the config file, then the flags given, on top of the run's saved or default config."""
     from .run import Run, load_config_file
 
+    if flags.get("base") is not None:  # with --base, --base-steps continues training the given model
+        flags["base_model_steps"] = flags.pop("base_steps", None)
     overrides = {}
     if config_file is not None:
         for key, value in load_config_file(config_file).items():
@@ -113,8 +115,6 @@ def run_command(
     trained model instead of training one.
     """
     flags = {k_: v for k_, v in locals().items() if k_ in _SETTINGS}
-    if base is not None:  # --base-steps then continues the given model
-        flags["base_model_steps"] = flags.pop("base_steps")
     try:
         run = _open_run(out, config, not quiet, **flags)
         result = run.run_all()
@@ -132,9 +132,9 @@ def train_base_command(
     channels: Channels = None, limit: Limit = None, model: Model = None, attention: Attention = None,
     timesteps: Timesteps = None, schedule: Schedule = None, prediction: Prediction = None,
     base_steps: BaseSteps = None, base_lr: BaseLr = None, batch_size: BatchSize = None, seed: Seed = None,
-    quiet: Quiet = False,
+    base: BaseModelSpec = None, quiet: Quiet = False,
 ):
-    """Stage 1: train one denoiser on all timesteps (resumes from the run's last checkpoint)."""
+    """Stage 1: train one denoiser on all timesteps (resumes from the run's last checkpoint), or take --base."""
     flags = {k_: v for k_, v in locals().items() if k_ in _SETTINGS}
     try:
         result = _open_run(out, config, not quiet, **flags).train_base()

@@ -82,17 +82,19 @@ def preset_for(image_size: int, channels: int) -> str:
 def num_class_embeds(model: nn.Module) -> int | None:
     """Number of class ids a class-conditional model embeds (its null class included), or None.
 
-    Read from a diffusers config (UNet2DModel `num_class_embeds`, DiTTransformer2DModel `num_embeds_ada_norm`)
-    or from a `num_classes` attribute of any other module.
+    Read from a diffusers config (UNet2DModel `num_class_embeds`; DiTTransformer2DModel `num_embeds_ada_norm`
+    + 1, its null class) or from a `num_classes` attribute of any other module.
     """
     if getattr(model, "is_denoiser", False) and hasattr(model, "experts"):  # a Router: its experts share it
         model = model.experts[0]
     model = model.model if isinstance(model, Denoiser) else model
     config = getattr(model, "config", None)
-    for key in ("num_class_embeds", "num_embeds_ada_norm"):
-        value = getattr(config, key, None) if config is not None else None
-        if isinstance(value, int):
-            return value
+    value = getattr(config, "num_class_embeds", None) if config is not None else None
+    if isinstance(value, int):
+        return value
+    value = getattr(config, "norm_type", None) == "ada_norm_zero" and getattr(config, "num_embeds_ada_norm", None)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value + 1  # DiT's label table has one more row: id num_embeds_ada_norm is its null class
     value = getattr(model, "num_classes", None)
     return value if isinstance(value, int) else None
 
@@ -134,17 +136,6 @@ class Denoiser(nn.Module):
                 "(the prediction first)"
             )
         return out if with_variance else out[:, :channels]
-
-
-def learned_variance(model: nn.Module, sample_shape: tuple[int, int, int]) -> bool:
-    """Whether the model outputs 2C channels (prediction + learned variance) for C-channel input: one probe
-    forward of one zero image at t=0."""
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    x = torch.zeros((1, *sample_shape), device=device)
-    with torch.no_grad():
-        out = as_denoiser(model)(x, torch.zeros(1, dtype=torch.long, device=device), with_variance=True)
-    return out.shape[1] == 2 * sample_shape[0]
 
 
 def as_denoiser(model: nn.Module) -> Denoiser:
