@@ -146,7 +146,7 @@ def test_data_that_does_not_fit_the_given_model_is_named_before_any_work(tmp_pat
     assert result.exit_code == 2 and "error:" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert __import__("re").search(message, " ".join(result.output.split())), result.output
-    assert not (out / "base" / "final").exists()
+    assert not (out / "base").exists()  # so another --base may be given on the next try
 
 
 def _conditional_unet(num_class_embeds: int = 11):
@@ -237,7 +237,7 @@ def test_run_base_function_is_checked_before_any_work(tmp_path):
                                       str(_tiny_config_file(tmp_path)), "--out", str(out), "--quiet"])
     assert result.exit_code == 2, result.output
     assert "error: the model's output is not finite at t=0: a time embedding such as log(t)" in result.output
-    assert not (out / "base" / "final").exists()
+    assert not (out / "base").exists()  # so another --base may be given on the next try
 
 
 @pytest.mark.parametrize("make, message", [
@@ -275,3 +275,23 @@ def test_dit_with_learned_sigma_samples_guided_with_every_sampler(scheduler):
         images = sample(model, scheduler, sample_shape=(1, 8, 8), sampler=sampler, steps=4, num_images=3,
                         class_labels=[1, 2, 3], guidance_scale=2.0, null_class=10, progress=False).images
         assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all(), sampler
+
+
+def test_router_passes_class_labels_to_each_expert(scheduler):
+    from tdcdiff.grouping import make_groups
+    from tdcdiff.models import as_denoiser
+    from tdcdiff.router import Router
+
+    experts = [_conditional_unet(), _conditional_unet()]
+    with torch.no_grad():
+        experts[1].class_embedding.weight.mul_(2)  # experts that answer differently per class
+    router = Router(experts, make_groups("uniform", 2, scheduler)).eval()
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 900, 20, 950])
+    y = torch.tensor([1, 2, 3, 4])
+    with torch.no_grad():
+        routed = router(x, t, y)
+        by_hand = torch.cat([as_denoiser(experts[g])(x[i:i + 1], t[i:i + 1], y[i:i + 1]) for i, g in enumerate([0, 1, 0, 1])])
+        other_labels = router(x, t, y + 1)
+    torch.testing.assert_close(routed, by_hand)
+    assert (routed - other_labels).abs().max() > 1e-4

@@ -276,12 +276,16 @@ class Run:
             self._data = load_dataset(c.data, size=c.image_size, channels=c.channels, limit=c.limit, seed=c.seed)
         return self._data
 
+    def _split_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        count = len(self.data)
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.config.seed))
+        held = max(1, min(512, count // 10))
+        return order[held:], order[:held]
+
     def split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(train images, held-out images): a fixed seeded 10% (at most 512) is held out for proxies."""
-        images = self.data.images
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.config.seed))
-        held = max(1, min(512, len(images) // 10))
-        return images[order[held:]], images[order[:held]]
+        train, held = self._split_indices()
+        return self.data.images[train], self.data.images[held]
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -301,10 +305,8 @@ class Run:
         """(train labels, held-out labels) in split() order for a class-conditional model; (None, None) else."""
         if num_class_embeds(model) is None:
             return None, None
-        labels = self.data.labels
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.config.seed))
-        held = max(1, min(512, len(labels) // 10))
-        return labels[order[held:]], labels[order[:held]]
+        train, held = self._split_indices()
+        return self.data.labels[train], self.data.labels[held]
 
     def null_class(self, model) -> int | None:
         """The class id that stands for "no label" when the run trains with label dropout, else None."""
@@ -352,7 +354,7 @@ class Run:
     def _import_base(self):
         """Stage 1 from a trained model: check it fits the data, save it as base/final (or continue training
         it base_model_steps steps)."""
-        from .base_model import check_fits_data, load_base_model
+        from .base_model import check_fits_data, load_base_model, scheduler_from_config
         from .train import TrainResult
 
         c = self.config
@@ -364,11 +366,13 @@ class Run:
         check_fits_data(model, c.base_model, channels=data.channels, image_size=data.image_size, data_name=c.data,
                         num_classes=data.num_classes, null_class=self.null_class(model),
                         num_train_timesteps=c.num_train_timesteps)
-        if loaded.scheduler_config is not None:
-            atomic_write_text(out / SCHEDULER_FILE, json.dumps(loaded.scheduler_config, indent=2))
         train_images, _ = self.split()
         train_labels, _ = self.labels(model)
-        check_finite(model, train_images, self.scheduler.alphas_cumprod, train_labels)
+        config = loaded.scheduler_config
+        scheduler = scheduler_from_config(config) if config is not None else self.scheduler
+        check_finite(model, train_images, scheduler.alphas_cumprod, train_labels)
+        if config is not None:  # written only once the model passed: base/ existing marks stage 1 as started
+            atomic_write_text(out / SCHEDULER_FILE, json.dumps(config, indent=2))
         if c.base_model_steps:
             config = replace(c.base, steps=c.base_model_steps, seed=c.seed * 100)
             return train(model, train_images, self.scheduler, config, out, labels=train_labels, progress=self.progress,
