@@ -56,11 +56,13 @@ def _tiny_unet(**changes):
 
 @pytest.fixture()
 def pipeline_dir(tmp_path):
-    """A diffusers pipeline directory as a user would have it: save_pretrained of a UNet2DModel + DDPMScheduler."""
+    """A diffusers pipeline directory as a user would have it: save_pretrained of a UNet2DModel with a learned
+    variance (2 output channels for 1) + DDPMScheduler."""
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    scheduler = DDPMScheduler(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
-    DDPMPipeline(unet=_tiny_unet(), scheduler=scheduler).save_pretrained(tmp_path / "pipe")
+    scheduler = DDPMScheduler(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                              variance_type="learned_range")
+    DDPMPipeline(unet=_tiny_unet(out_channels=2), scheduler=scheduler).save_pretrained(tmp_path / "pipe")
     return tmp_path / "pipe"
 
 
@@ -105,8 +107,9 @@ def _tiny_config_file(tmp_path, **changes):
 
 
 def test_run_from_a_diffusers_pipeline_directory(tmp_path, pipeline_dir):
-    """`tdcdiff run --base DIR`: stage 1 skipped, the pipeline's scheduler (v-prediction, cosine, T=500) used
-    throughout, and the bundle samples identically after loading."""
+    """`tdcdiff run --base DIR`: stage 1 skipped, the pipeline's scheduler (v-prediction, cosine, T=500, learned
+    variance) used throughout, the variance half kept by pruning, and the bundle samples identically after
+    loading, with every sampler."""
     from typer.testing import CliRunner
 
     from tdcdiff.bundle import load_bundle
@@ -118,17 +121,20 @@ def test_run_from_a_diffusers_pipeline_directory(tmp_path, pipeline_dir):
                                       "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     assert not (out / "base" / "train.json").exists()  # no stage-1 training
-    given = _tiny_unet()
+    given = _tiny_unet(out_channels=2)
     base = load_model(out / "base" / "final")
     for key, value in given.state_dict().items():
         torch.testing.assert_close(base.state_dict()[key], value, rtol=0, atol=0)
     bundle = load_bundle(out / "bundle")
     config = bundle.scheduler.config
-    assert (config.prediction_type, config.num_train_timesteps, config.beta_schedule) == ("v_prediction", 500, "squaredcos_cap_v2")
-    first, again = (bundle.pipeline()(batch_size=4, num_inference_steps=5, output_type="pt", progress=False).images
-                    for _ in range(2))
-    torch.testing.assert_close(first, again, rtol=0, atol=0)
-    assert torch.isfinite(first).all()
+    assert (config.prediction_type, config.num_train_timesteps, config.beta_schedule, config.variance_type) == (
+        "v_prediction", 500, "squaredcos_cap_v2", "learned_range")
+    assert all(expert.model.conv_out.out_channels == 2 for expert in bundle.router.experts)
+    for sampler in SAMPLERS:
+        first, again = (bundle.pipeline()(batch_size=4, num_inference_steps=5, sampler=sampler, output_type="pt",
+                                          progress=False).images for _ in range(2))
+        torch.testing.assert_close(first, again, rtol=0, atol=0)
+        assert torch.isfinite(first).all(), sampler
 
 
 @pytest.mark.parametrize("args, message", [

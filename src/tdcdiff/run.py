@@ -28,7 +28,7 @@ from .grouping import make_groups, per_timestep_loss, plot_grouping
 from .models import build_unet, check_finite, num_class_embeds, preset_for
 from .prune.search import SearchConfig
 from .schedule import make_scheduler
-from .serialization import atomic_write_text, load_model, save_model
+from .serialization import architecture_of, atomic_write_text, load_model, save_model
 from .train import FINAL_DIR, TrainConfig, train
 
 log = logging.getLogger("tdcdiff")
@@ -368,14 +368,15 @@ class Run:
                         num_train_timesteps=c.num_train_timesteps)
         train_images, _ = self.split()
         train_labels, _ = self.labels(model)
-        config = loaded.scheduler_config
-        scheduler = scheduler_from_config(config) if config is not None else self.scheduler
+        given = loaded.scheduler_config
+        scheduler = scheduler_from_config(given) if given is not None else self.scheduler
         check_finite(model, train_images, scheduler.alphas_cumprod, train_labels)
-        if config is not None:  # written only once the model passed: base/ existing marks stage 1 as started
-            atomic_write_text(out / SCHEDULER_FILE, json.dumps(config, indent=2))
+        architecture_of(model)  # raises now, not after training, if the model cannot be saved
+        if given is not None:  # written only once the model passed: base/ existing marks stage 1 as started
+            atomic_write_text(out / SCHEDULER_FILE, json.dumps(given, indent=2))
         if c.base_model_steps:
             config = replace(c.base, steps=c.base_model_steps, seed=c.seed * 100)
-            return train(model, train_images, self.scheduler, config, out, labels=train_labels, progress=self.progress,
+            return train(model, train_images, scheduler, config, out, labels=train_labels, progress=self.progress,
                          description="stage 1: continue the given model")
         save_model(model, out / FINAL_DIR, extra={"source": loaded.source})
         return TrainResult(out, 0, float("nan"), 0, 0)
