@@ -33,11 +33,10 @@ def make_sampler(name: str, train_scheduler, *, learned_variance: bool = False):
 
     config = train_scheduler.config
     if name == "ddpm":
+        declared = config.get("variance_type") or "fixed_small"  # not every scheduler's config has one
         if not learned_variance:
-            fixed = config.variance_type if config.variance_type not in LEARNED_VARIANCES else "fixed_small"
-            return DDPMScheduler.from_config(config, variance_type=fixed)
-        learned = config.variance_type if config.variance_type in LEARNED_VARIANCES else "learned_range"
-        return DDPMScheduler.from_config(config, variance_type=learned)
+            return DDPMScheduler.from_config(config, variance_type="fixed_small" if declared in LEARNED_VARIANCES else declared)
+        return DDPMScheduler.from_config(config, variance_type=declared if declared in LEARNED_VARIANCES else "learned_range")
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     if name == "dpm-solver++":
@@ -172,7 +171,7 @@ def sample(
             model_input = scheduler.scale_model_input(x, t)
             out = _predict(denoiser, model_input, t, batch_labels, guidance_scale=guidance_scale,
                            null_class=null_class, with_variance=sampler == "ddpm")
-            if out.shape[1] != x.shape[1] and scheduler.config.variance_type not in LEARNED_VARIANCES:
+            if out.shape[1] != x.shape[1] and scheduler.config.get("variance_type") not in LEARNED_VARIANCES:
                 scheduler = make_sampler(sampler, train_scheduler, learned_variance=True)  # same timesteps
                 scheduler.set_timesteps(steps, device=device)
             x = scheduler.step(out, t, x, generator=generator).prev_sample
