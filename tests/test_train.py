@@ -66,10 +66,10 @@ def test_timestep_subset_and_changed_settings(tmp_path, digits, scheduler, tiny_
         train(tiny_unet, digits.images, scheduler, TrainConfig(steps=10, **{**FAST, "lr": 1e-3}), tmp_path, timesteps=subset, progress=False)
 
 
-def test_nan_loss_stops_and_names_the_step(tmp_path, digits, scheduler, tiny_unet):
+def test_nan_images_are_named_before_training(tmp_path, digits, scheduler, tiny_unet):
     images = digits.images.clone()
-    images[:] = float("nan")
-    with pytest.raises(TrainingDiverged, match="step 1"):
+    images[:3] = float("nan")
+    with pytest.raises(ValueError, match="3 of the 1797 training images hold NaN/inf"):
         train(tiny_unet, images, scheduler, TrainConfig(steps=5, **FAST), tmp_path, progress=False)
 
 

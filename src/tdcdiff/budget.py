@@ -60,6 +60,7 @@ def measure_sensitivity(
     trial_ratio: float = 0.3,
     batch_size: int = 128,
     seed: int = 0,
+    labels: torch.Tensor | None = None,
 ) -> list[float]:
     """Relative loss increase (pruned loss / base loss - 1) of each group under one uniform trial pruning.
 
@@ -73,7 +74,7 @@ def measure_sensitivity(
     pruned = prune(base, uniform_decision(prunable_units(base), trial_ratio), sample_shape)
     scores = []
     for i in range(len(grouping)):
-        batch = ProxyBatch.make(images, grouping.timesteps(i), scheduler, size=batch_size, seed=seed + i)
+        batch = ProxyBatch.make(images, grouping.timesteps(i), scheduler, size=batch_size, seed=seed + i, labels=labels)
         scores.append(Proxy(base, batch, scheduler).score(pruned) - 1.0)
     return scores
 

@@ -71,6 +71,7 @@ def save_bundle(
     budgets: list[int] | None = None,
     provenance: dict | None = None,
     expert_training: list[dict] | None = None,
+    conditioning: dict | None = None,
 ) -> Path:
     """Write a bundle atomically (a temporary directory renamed into place; nothing is left on failure).
 
@@ -82,6 +83,8 @@ def save_bundle(
     expert_training: per expert, a JSON record of how it was trained (e.g. its train.json summary); its
     "prediction_type", "beta_schedule" and "num_train_timesteps" default to the scheduler's, and the
     prediction type is checked against the scheduler on load.
+    conditioning: for class-conditional experts, {"num_class_embeds", "num_classes" (of the data),
+        "null_class" (the id for dropped labels, needed for guidance; None without label dropout)}.
     Raises ValueError (BundleError) when the pieces do not fit together (counts, shapes, prediction types).
     """
     path = Path(path)
@@ -112,6 +115,7 @@ def save_bundle(
             "base_flops": base_flops,
             "flops_convention": "2 x multiply-accumulates, one forward pass, batch 1",
             "provenance": provenance or {},
+            "conditioning": conditioning,
             "files": files,
         }
         _check_manifest(manifest, path / MANIFEST)  # the checks load_bundle makes, before anything is kept
@@ -293,7 +297,12 @@ class Bundle:
     def pipeline(self):
         from .pipeline import TDCPipeline
 
-        return TDCPipeline(self.router, self.scheduler, self.sample_shape)
+        return TDCPipeline(self.router, self.scheduler, self.sample_shape, null_class=self.null_class)
+
+    @property
+    def null_class(self) -> int | None:
+        """The class id the experts were trained with for dropped labels (guidance needs it), or None."""
+        return (self.manifest.get("conditioning") or {}).get("null_class")
 
 
 def load_bundle(path: str | Path, *, device: str | torch.device = "cpu") -> Bundle:

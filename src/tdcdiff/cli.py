@@ -92,6 +92,9 @@ SampleSteps = Annotated[Optional[int], typer.Option("--steps", help="Sampling st
 NumSamples = Annotated[Optional[int], typer.Option("--num", help="Number of images to sample.")]
 Seed = Annotated[Optional[int], typer.Option(help="Seed of the whole run.")]
 Group = Annotated[Optional[int], typer.Option("--group", "-g", help="Run only this group (0-based), e.g. one job per group.")]
+BaseModelSpec = Annotated[Optional[str], typer.Option(
+    "--base", help="Start from a trained model (skips stage 1): a diffusers model or pipeline directory, a Hub name, "
+    "or module:function returning an nn.Module. With it, --base-steps continues training it that many steps.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 _SETTINGS = {
@@ -103,7 +106,8 @@ _SETTINGS = {
     "importance": "search.importance", "finetune_steps": "finetune.steps", "finetune_lr": "finetune.lr",
     "mix": "finetune.mix_fraction", "distill": "finetune.distill_weight", "sampler": "sampler",
     "sample_steps": "sample_steps", "num_samples": "num_samples", "seed": "seed",
-    "batch_size": ("base.batch_size", "finetune.batch_size"),
+    "batch_size": ("base.batch_size", "finetune.batch_size"), "base": "base_model",
+    "base_model_steps": "base_model_steps",
 }
 
 
@@ -114,6 +118,8 @@ def _open_run(out: Path, config_file: Path | None, progress: bool, *, writes: bo
 
     if writes:
         _check_writable(out, "--out", directory=True)
+    if flags.get("base") is not None:  # with --base, --base-steps continues training the given model
+        flags["base_model_steps"] = flags.pop("base_steps", None)
     overrides = {}
     if config_file is not None:
         for key, value in load_config_file(config_file).items():
@@ -141,12 +147,13 @@ def run_command(
     rounds: Rounds = None, candidates: Candidates = None, memory: Memory = None, importance: Importance = None,
     finetune_steps: FtSteps = None, finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None,
     sampler: Sampler = None, sample_steps: SampleSteps = None, num_samples: NumSamples = None, seed: Seed = None,
-    quiet: Quiet = False,
+    base: BaseModelSpec = None, quiet: Quiet = False,
 ):
     """The whole method: train base -> plan -> prune -> fine-tune -> bundle -> samples -> report.
 
     With no arguments it runs on scikit-learn's digits into runs/digits. Stages that already finished are
-    skipped, so rerunning the same command after a crash continues where it stopped.
+    skipped, so rerunning the same command after a crash continues where it stopped. --base starts from a
+    trained model instead of training one.
     """
     flags = {k_: v for k_, v in locals().items() if k_ in _SETTINGS}
     try:
@@ -166,9 +173,9 @@ def train_base_command(
     channels: Channels = None, limit: Limit = None, model: Model = None, attention: Attention = None,
     timesteps: Timesteps = None, schedule: Schedule = None, prediction: Prediction = None,
     base_steps: BaseSteps = None, base_lr: BaseLr = None, batch_size: BatchSize = None, seed: Seed = None,
-    quiet: Quiet = False,
+    base: BaseModelSpec = None, quiet: Quiet = False,
 ):
-    """Stage 1: train one denoiser on all timesteps (resumes from the run's last checkpoint)."""
+    """Stage 1: train one denoiser on all timesteps (resumes from the run's last checkpoint), or take --base."""
     flags = {k_: v for k_, v in locals().items() if k_ in _SETTINGS}
     try:
         result = _open_run(out, config, not quiet, **flags).train_base()
@@ -244,13 +251,16 @@ def sample_command(
     bundle: Annotated[Optional[Path], typer.Option(help="Sample from this bundle instead of the run's base model.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", help="PNG file for the grid.")] = None,
     sampler: Sampler = None, sample_steps: SampleSteps = None, num_samples: NumSamples = None, seed: Seed = None,
+    class_id: Annotated[Optional[int], typer.Option("--class", help="Class id of every image (class-conditional models; default: all classes in turn).")] = None,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (1: none; needs a model trained with label dropout).")] = 1.0,
     quiet: Quiet = False,
 ):
     """Write a grid of samples from a bundle (--bundle) or from the run's base model.
 
     Defaults: ddim, min(50, T) steps, 64 images, seed 0, written to samples.png (a bundle) or
-    <run>/samples/base.png.
+    <run>/samples/base.png; class-conditional models: all classes in turn.
     """
+    from .evaluate import balanced_labels
     from .pipeline import sample, save_grid
 
     try:
@@ -263,14 +273,18 @@ def sample_command(
 
             loaded = load_bundle(bundle)
             model, scheduler, shape = loaded.router, loaded.scheduler, loaded.sample_shape
+            null_class, data_classes = loaded.null_class, (loaded.manifest.get("conditioning") or {}).get("num_classes")
         else:
             run = _open_run(out, None, not quiet, writes=False)
             model, scheduler, shape = run.base_model(), run.scheduler, run.sample_shape
+            null_class, data_classes = run.null_class(model), run.data.num_classes
         steps = min(50, scheduler.config.num_train_timesteps) if sample_steps is None else sample_steps
+        count = 64 if num_samples is None else num_samples
+        labels = class_id if class_id is not None else balanced_labels(model, count, data_classes)
         result = sample(
             model, scheduler, sample_shape=shape, sampler=sampler or "ddim", steps=steps,
-            num_images=64 if num_samples is None else num_samples, seed=0 if seed is None else seed,
-            progress=not quiet,
+            num_images=count, seed=0 if seed is None else seed, progress=not quiet, class_labels=labels,
+            guidance_scale=guidance, null_class=null_class,
         )
         path = save_grid(result.images, output)
     except _USER_ERRORS as err:

@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .models import as_denoiser
+
 FLOPS_CONVENTION = "FLOPs = 2 x multiply-accumulates"
 FORMAT = "tdcdiff-evaluation/1"
 
@@ -84,6 +86,7 @@ def _peak_forward_bytes(model: nn.Module, timesteps: list[int], sample_shape, ba
     else:
         probes = timesteps[:1]
     x = torch.randn((batch, *sample_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    model = as_denoiser(model)  # gives a class-conditional model a label
     peak = 0
     for t_value in probes:
         t = torch.full((batch,), t_value, dtype=torch.long, device=device)
@@ -110,7 +113,20 @@ def _peak_forward_bytes(model: nn.Module, timesteps: list[int], sample_shape, ba
     return peak
 
 
-def _time_sampling(models: list[nn.Module], scheduler, *, sample_shape, sampler, steps, batch, repeats) -> list[float]:
+def balanced_labels(model: nn.Module, num_images: int, num_classes: int | None) -> torch.Tensor | None:
+    """Class ids 0, 1, .., num_classes - 1, 0, 1, .. for `num_images` samples of a class-conditional model (so FID
+    compares against a class-balanced sample); None for an unconditional one."""
+    from .models import num_class_embeds
+
+    if num_class_embeds(model) is None:
+        return None
+    if num_classes is None:
+        raise ValueError("the model is class-conditional: give the data's num_classes to draw class-balanced samples")
+    return torch.arange(num_images) % num_classes
+
+
+def _time_sampling(models: list[nn.Module], scheduler, *, sample_shape, sampler, steps, batch, repeats,
+                   num_classes: int | None = None) -> list[float]:
     """Median seconds of one full sampling run at `batch`, per model, with the models' runs interleaved."""
     from .pipeline import sample
 
@@ -119,7 +135,8 @@ def _time_sampling(models: list[nn.Module], scheduler, *, sample_shape, sampler,
         for i, model in enumerate(models):
             start = time.perf_counter()
             sample(model, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps, num_images=batch,
-                   batch_size=batch, seed=repeat, progress=False)
+                   batch_size=batch, seed=repeat, progress=False,
+                   class_labels=balanced_labels(model, batch, num_classes))
             if repeat:  # the first round warms up caches and allocators; it is not counted
                 times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
@@ -128,14 +145,15 @@ def _time_sampling(models: list[nn.Module], scheduler, *, sample_shape, sampler,
 HELD_OUT_IMAGES = 256  # images per timestep in the held-out loss
 
 
-def held_out_loss(model, images: torch.Tensor, scheduler, grouping=None, *, seed: int = 0) -> dict:
+def held_out_loss(model, images: torch.Tensor, scheduler, grouping=None, *, seed: int = 0,
+                  labels: torch.Tensor | None = None) -> dict:
     """Denoising loss on images the model never trained on: the mean over all timesteps ("all") and over
     each group of a grouping.Grouping ("group i"), from grouping.per_timestep_loss (100 evenly spaced t,
-    HELD_OUT_IMAGES images, fixed noise from `seed`).
+    HELD_OUT_IMAGES images, fixed noise from `seed`). labels: the images' class ids (class-conditional models).
     """
     from .grouping import per_timestep_loss
 
-    loss = per_timestep_loss(model, images, scheduler, images_per_point=HELD_OUT_IMAGES, seed=seed)
+    loss = per_timestep_loss(model, images, scheduler, images_per_point=HELD_OUT_IMAGES, seed=seed, labels=labels)
     groups = grouping.groups if grouping is not None else []
     return {"all": float(loss.mean()), **{f"group {g.index}": float(loss[g.start:g.end].mean()) for g in groups}}
 
@@ -159,6 +177,8 @@ def evaluate(
     grid_dir: str | Path | None = None,
     held_out: torch.Tensor | None = None,
     loss_grouping=None,
+    num_classes: int | None = None,
+    held_out_labels: torch.Tensor | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict:
@@ -179,6 +199,8 @@ def evaluate(
     grid_dir: if given, a grid of each model's first-seed samples is written there as samples_<name>.png.
     held_out: images none of the models trained on; if given, each model's denoising loss on them is measured
         (`held_out_loss`), overall and per group of loss_grouping (a grouping.Grouping, e.g. the TDC run's).
+    num_classes, held_out_labels: for class-conditional models, the data's class count (samples are drawn
+        class-balanced: class i % num_classes for image i) and the held-out images' class ids.
     device: where sampling runs (default: CUDA when available, else CPU); models are moved there.
     progress: print one line per measurement.
     """
@@ -207,7 +229,8 @@ def evaluate(
         for seed in seeds:
             start = time.perf_counter()
             result = sample(model, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
-                            num_images=num_samples, seed=seed, device=device, progress=False)
+                            num_images=num_samples, seed=seed, device=device, progress=False,
+                            class_labels=balanced_labels(model, num_samples, num_classes))
             fid = compute_fid(result.images, reference_images, feature_net, sampler=sampler, steps=steps,
                               seed=seed, reference_name=reference_name)
             say(f"  {entry.name}: seed {seed}: FID {fid.fid:.2f}, KID {fid.kid_mean:.4f} "
@@ -231,13 +254,15 @@ def evaluate(
             "sample_grid": str(grid) if grid_dir is not None else None,
         })
         if held_out is not None:
-            records[-1]["held_out_loss"] = held_out_loss(model, held_out.to(device), scheduler, loss_grouping)
+            records[-1]["held_out_loss"] = held_out_loss(
+                model, held_out.to(device), scheduler, loss_grouping,
+                labels=None if held_out_labels is None else held_out_labels.to(device))
 
     timing = {}
     for batch in timing_batches:
         say(f"  timing sampling at batch {batch} ({timing_repeats} interleaved repeats)")
         timing[batch] = _time_sampling(models, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
-                                       batch=batch, repeats=timing_repeats)
+                                       batch=batch, repeats=timing_repeats, num_classes=num_classes)
     first = records[0]
     for i, record in enumerate(records):
         record["sampling_flops"]["ratio"] = record["sampling_flops"]["per_image"] / first["sampling_flops"]["per_image"]

@@ -191,9 +191,11 @@ def per_timestep_loss(
     num_points: int = 100,
     images_per_point: int = 64,
     seed: int = 0,
+    labels: torch.Tensor | None = None,
 ) -> np.ndarray:
     """The model's denoising loss at every timestep 0..T-1 (measured at `num_points` evenly spaced t on a
-    fixed held-out batch with fixed noise, interpolated in log space in between).
+    fixed held-out batch with fixed noise, interpolated in log space in between). labels: class ids of
+    `images` (class-conditional models).
     """
     from .models import as_denoiser
     from .schedule import training_target
@@ -202,7 +204,9 @@ def per_timestep_loss(
     num_train = scheduler.config.num_train_timesteps
     points = np.unique(np.linspace(0, num_train - 1, min(num_points, num_train)).round().astype(int))
     g = torch.Generator().manual_seed(seed)
-    x0 = images[torch.randperm(len(images), generator=g)[:images_per_point]]
+    picked = torch.randperm(len(images), generator=g)[:images_per_point]
+    x0 = images[picked]
+    y = None if labels is None else labels[picked].to(x0.device)
     noise = torch.randn(x0.shape, generator=g).to(x0.device)  # drawn on the CPU: the same noise on any device
     losses = []
     for t_value in points:
@@ -210,7 +214,7 @@ def per_timestep_loss(
         a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1).to(x0.device)
         t = t.to(x0.device)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        losses.append((denoiser(x_t, t) - training_target(scheduler, x0, noise, t)).pow(2).mean().item())
+        losses.append((denoiser(x_t, t, y) - training_target(scheduler, x0, noise, t)).pow(2).mean().item())
     return np.exp(np.interp(np.arange(num_train), points, np.log(np.maximum(losses, 1e-12))))
 
 

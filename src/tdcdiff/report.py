@@ -227,7 +227,7 @@ def _run_figures(run_dir: Path, out_dir: Path) -> list[tuple[str, str]]:
     _, held_out = run.split()
     # 40 timesteps x 32 images: a visual, paired (same images and noise for both models), so a few seconds do.
     curves = {name: per_timestep_loss(model, held_out, run.scheduler, num_points=40, images_per_point=32,
-                                      seed=run.config.seed)
+                                      seed=run.config.seed, labels=run.labels(model)[1])
               for name, model in (("base (stage 1)", run.base_model()), ("TDC (routed group models)", bundle.router))}
     plot_loss_per_t(curves, grouping.boundaries, out_dir / "loss_per_t.png")
     return [
@@ -430,6 +430,7 @@ def report_for_run(
         feature_cache_dir=feature_cache_dir, reference_name=Path(c.data).name,
         timing_batches=tuple(timing_batches), timing_repeats=timing_repeats, grid_dir=run_dir / "report",
         held_out=run.split()[1], loss_grouping=bundle.router.grouping,
+        num_classes=data.num_classes, held_out_labels=run.labels(bundle.router)[1],
         progress=progress,
     )
     results["context"] = [

@@ -38,19 +38,30 @@ class Router(nn.Module):
     def group_of(self, t: torch.Tensor) -> torch.Tensor:
         return torch.bucketize(t, self._edges.to(t.device), right=True)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None, *,
+                with_variance: bool = False) -> torch.Tensor:
+        """The experts' outputs for (x, t), each sample from the expert of its t's group.
+
+        class_labels: (N,) class ids, passed to the experts of a class-conditional model.
+        with_variance: return a learned-variance expert's full 2C-channel output (see models.Denoiser).
+        """
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         groups = self.group_of(t)
         first = int(groups[0])
         if bool((groups == first).all()):  # the sampling loop's case: one t for the whole batch
             self.samples_routed[first] += x.shape[0]
-            return self.experts[first](x, t)
-        out = torch.empty_like(x)
+            return self.experts[first](x, t, class_labels, with_variance=with_variance)
+        outputs = {}
         for g in groups.unique().tolist():
             mask = groups == g
             self.samples_routed[g] += int(mask.sum())
-            out[mask] = self.experts[g](x[mask], t[mask]).to(out.dtype)
+            labels = None if class_labels is None else class_labels[mask]
+            outputs[g] = (mask, self.experts[g](x[mask], t[mask], labels, with_variance=with_variance))
+        some = next(iter(outputs.values()))[1]
+        out = x.new_empty((x.shape[0], *some.shape[1:]))
+        for mask, value in outputs.values():
+            out[mask] = value.to(out.dtype)
         return out
 
     def trajectory_flops(self, timesteps: list[int]) -> int:

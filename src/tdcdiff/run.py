@@ -43,11 +43,11 @@ from .budget import Plan, make_plan, measure_sensitivity
 from .data import ImageDataset, load_dataset
 from .flops import count_flops
 from .grouping import make_groups, per_timestep_loss, plot_grouping
-from .models import build_unet, preset_for
+from .models import build_unet, check_finite, num_class_embeds, preset_for
 from .prune.search import SearchConfig
 from .schedule import make_scheduler
-from .serialization import (ARCHITECTURE_FILE, atomic_write_text, load_model, remove_stale_temporaries, save_model,
-                            sha256_file)
+from .serialization import (ARCHITECTURE_FILE, architecture_of, atomic_write_text, load_model,
+                            remove_stale_temporaries, save_model, sha256_file)
 from .train import FINAL_DIR, TrainConfig, train
 
 log = logging.getLogger("tdcdiff")
@@ -66,6 +66,11 @@ class RunConfig:
         sample_steps None means min(50, T) (`sampling_steps`).
     eval_samples, eval_seeds: images per sampling seed and number of seeds behind the report's FID/KID.
     seed: the run's seed, 0 <= seed < 2**32.
+    base_model: start from a trained model instead of training stage 1: a diffusers model or pipeline directory,
+        a Hub name or `module:function` (see base_model.load_base_model). A pipeline's scheduler sets the noise
+        schedule. base_model_steps: continue training it this many stage-1 steps (0: use it as it is).
+    Class-conditional models: label dropout (for classifier-free guidance) is set in base/finetune
+    (`label_dropout`, `null_class`); stage 2 keeps stage 1's dropout unless finetune sets its own.
     """
 
     data: str = "digits"
@@ -90,6 +95,8 @@ class RunConfig:
     eval_samples: int = 512
     eval_seeds: int = 2
     seed: int = 0
+    base_model: str | None = None
+    base_model_steps: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,6 +140,9 @@ class RunConfig:
              f"base.mixed_precision {self.base.mixed_precision!r} and finetune.mixed_precision "
              f"{self.finetune.mixed_precision!r} differ, but accelerate keeps one precision per process (stage 2 "
              "would fail after stage 1); set both to the same value"),
+            (self.base_model_steps >= 0, f"base_model_steps must be >= 0, got {self.base_model_steps}"),
+            (self.base_model is not None or self.base_model_steps == 0,
+             "base_model_steps continues a given model: set base_model (--base) too, or use base.steps"),
         ]
         for ok, message in checks:
             if not ok:
@@ -200,6 +210,37 @@ def _typed(key: str, value, hint, default):
     raise ValueError(f"setting '{key}' must be {wanted}, got {_shown(value)}")
 
 
+SCHEDULER_FILE = "scheduler_config.json"
+
+
+def _with_pipeline_schedule(config: RunConfig) -> RunConfig:
+    """With a diffusers pipeline as base_model, the run's schedule settings are its scheduler's."""
+    if not config.base_model:
+        return config
+    path = Path(config.base_model).expanduser() / "scheduler" / SCHEDULER_FILE
+    if not (path.parent.parent / "model_index.json").exists() or not path.exists():
+        return config
+    from .schedule import BETA_SCHEDULES
+
+    try:
+        scheduler = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    changes = {"num_train_timesteps": scheduler.get("num_train_timesteps", config.num_train_timesteps),
+               "prediction_type": scheduler.get("prediction_type", config.prediction_type)}
+    if scheduler.get("beta_schedule") in BETA_SCHEDULES:
+        changes["beta_schedule"] = scheduler["beta_schedule"]
+    return replace(config, **changes)
+
+
+def _conditioning(model, data_classes: int | None, null_class: int | None) -> dict | None:
+    """What sampling a class-conditional bundle needs: class ids of the data and the null class (guidance)."""
+    classes = num_class_embeds(model)
+    if classes is None:
+        return None
+    return {"num_class_embeds": classes, "num_classes": data_classes, "null_class": null_class}
+
+
 def _shown(value) -> str:
     return "null" if value is None else repr(value)  # as a config file spells it
 
@@ -256,7 +297,7 @@ def load_config_file(path: str | Path) -> dict:
 # Which stage's output a setting shapes: changing it is refused once that stage has run.
 _STAGE_OF_SETTING = {
     **{k: "base" for k in ("data", "image_size", "channels", "limit", "model", "attention", "num_train_timesteps",
-                           "beta_schedule", "prediction_type", "base", "seed")},
+                           "beta_schedule", "prediction_type", "base", "seed", "base_model", "base_model_steps")},
     **{k: "plan" for k in ("groups", "grouping", "k", "ordering")},
     "search": "prune",
     "finetune": "finetune",
@@ -389,15 +430,18 @@ class Run:
     config: the settings; None loads the directory's saved config.json (or the defaults for a new run).
     overrides: dotted-key settings applied on top, e.g. {"k": 0.3, "finetune.steps": 200}. Changing a setting
         of a stage that has already produced output is refused with a message naming it.
+    base: start from this trained model (sets RunConfig.base_model; see base_model.load_base_model).
     """
 
     def __init__(self, run_dir: str | Path, config: RunConfig | None = None, *, overrides: dict | None = None,
-                 progress: bool = True):
+                 progress: bool = True, base: str | None = None):
         self.dir = Path(run_dir)
         self.progress = progress
         saved_path = self.dir / "config.json"
         saved = _load_saved_config(saved_path) if saved_path.exists() else None
-        config = apply_overrides(config or saved or RunConfig(), overrides or {})
+        overrides = dict(overrides or {}) | ({"base_model": str(base)} if base is not None else {})
+        config = apply_overrides(config or saved or RunConfig(), overrides)
+        config = _with_pipeline_schedule(config)
         config.validate()
         if saved is not None:
             old, new = saved.to_dict(), config.to_dict()
@@ -425,17 +469,21 @@ class Run:
             self._data = load_dataset(c.data, size=c.image_size, channels=c.channels, limit=c.limit, seed=c.seed)
         return self._data
 
+    def _split_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        count = len(self.data)
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.config.seed))
+        held = max(1, min(512, count // 10))
+        return order[held:], order[:held]
+
     def split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(train images, held-out images): a fixed seeded 10% (at most 512) is held out for proxies."""
-        images = self.data.images
-        if len(images) < 2:
+        if len(self.data) < 2:
             raise ValueError(
-                f"the data ({self.config.data}) has {len(images)} image, too few: 10% (at least 1) is held out for "
+                f"the data ({self.config.data}) has {len(self.data)} image, too few: 10% (at least 1) is held out for "
                 "the pruning proxies and at least 1 is needed for training; give at least 2 images (raise --limit)"
             )
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.config.seed))
-        held = max(1, min(512, len(images) // 10))
-        return images[order[held:]], images[order[:held]]
+        train, held = self._split_indices()
+        return self.data.images[train], self.data.images[held]
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -444,7 +492,34 @@ class Run:
     @property
     def scheduler(self):
         c = self.config
+        copied = self.dir / "base" / SCHEDULER_FILE  # a given pipeline's schedule, kept with the run
+        if copied.exists():
+            from .base_model import scheduler_from_config
+
+            return scheduler_from_config(json.loads(copied.read_text()))
         return make_scheduler(c.num_train_timesteps, c.beta_schedule, c.prediction_type)
+
+    def labels(self, model) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(train labels, held-out labels) in split() order for a class-conditional model; (None, None) else."""
+        if num_class_embeds(model) is None:
+            return None, None
+        train, held = self._split_indices()
+        return self.data.labels[train], self.data.labels[held]
+
+    def null_class(self, model) -> int | None:
+        """The class id that stands for "no label" when the run trains with label dropout, else None."""
+        c = self.config
+        classes = num_class_embeds(model)
+        if classes is None or not (c.base.label_dropout or c.finetune.label_dropout):
+            return None
+        explicit = c.finetune.null_class if c.finetune.null_class is not None else c.base.null_class
+        return classes - 1 if explicit is None else explicit
+
+    def sample_labels(self, model, num_images: int) -> torch.Tensor | None:
+        """Class-balanced labels (i % classes) for a class-conditional model's samples; None otherwise."""
+        from .evaluate import balanced_labels
+
+        return balanced_labels(model, num_images, self.data.num_classes)
 
     def base_model(self):
         path = self.dir / "base" / FINAL_DIR
@@ -470,8 +545,10 @@ class Run:
     # -- stages ------------------------------------------------------------------------------
     @_writes
     def train_base(self):
-        """Stage 1: one denoiser on all timesteps."""
+        """Stage 1: one denoiser on all timesteps (or the given trained model, see RunConfig.base_model)."""
         c = self.config
+        if c.base_model:
+            return self._import_base()
         preset = c.model or preset_for(self.data.image_size, self.data.channels)
         height, width = self.data.images.shape[2:]
         torch.manual_seed(c.seed)  # the initial weights are part of what the seed fixes
@@ -482,7 +559,39 @@ class Run:
         train_images, _ = self.split()
         self._save_config()  # after the checks above: a refused run leaves nothing behind
         config = replace(c.base, seed=c.seed * 100)  # stage 2 of group i uses c.seed * 100 + i + 1
-        return train(model, train_images, self.scheduler, config, self.dir / "base", progress=self.progress, description="stage 1: base")
+        return train(model, train_images, self.scheduler, config, self.dir / "base", labels=self.labels(model)[0],
+                     progress=self.progress, description="stage 1: base")
+
+    def _import_base(self):
+        """Stage 1 from a trained model: check it fits the data, save it as base/final (or continue training
+        it base_model_steps steps)."""
+        from .base_model import check_fits_data, load_base_model, scheduler_from_config
+        from .train import TrainResult
+
+        c = self.config
+        out = self.dir / "base"
+        if (out / FINAL_DIR).exists() and not c.base_model_steps:
+            return TrainResult(out, 0, float("nan"), 0, 0)
+        loaded = load_base_model(c.base_model)
+        model, data = loaded.model, self.data
+        check_fits_data(model, c.base_model, channels=data.channels, image_size=data.image_size, data_name=c.data,
+                        num_classes=data.num_classes, null_class=self.null_class(model),
+                        num_train_timesteps=c.num_train_timesteps)
+        train_images, _ = self.split()
+        train_labels, _ = self.labels(model)
+        given = loaded.scheduler_config
+        scheduler = scheduler_from_config(given) if given is not None else self.scheduler
+        check_finite(model, train_images, scheduler.alphas_cumprod, train_labels)
+        architecture_of(model)  # raises now, not after training, if the model cannot be saved
+        self._save_config()  # after the checks above: a refused run leaves nothing behind
+        if given is not None:  # written only once the model passed: base/ existing marks stage 1 as started
+            atomic_write_text(out / SCHEDULER_FILE, json.dumps(given, indent=2))
+        if c.base_model_steps:
+            config = replace(c.base, steps=c.base_model_steps, seed=c.seed * 100)
+            return train(model, train_images, scheduler, config, out, labels=train_labels, progress=self.progress,
+                         description="stage 1: continue the given model")
+        save_model(model, out / FINAL_DIR, extra={"source": loaded.source})
+        return TrainResult(out, 0, float("nan"), 0, 0)
 
     @_writes
     def plan(self) -> Plan:
@@ -495,13 +604,15 @@ class Run:
         base = self.base_model()
         scheduler = self.scheduler
         _, held_out = self.split()
+        _, held_labels = self.labels(base)
         loss_per_t = None
         if c.grouping == "loss":
-            loss_per_t = per_timestep_loss(base, held_out, scheduler, seed=c.seed)
+            loss_per_t = per_timestep_loss(base, held_out, scheduler, seed=c.seed, labels=held_labels)
         grouping = make_groups(c.grouping, c.groups, scheduler, loss_per_t=loss_per_t)
         sensitivity = None
         if c.ordering == "measured":
-            sensitivity = measure_sensitivity(base, held_out, scheduler, grouping, self.sample_shape, seed=c.seed)
+            sensitivity = measure_sensitivity(base, held_out, scheduler, grouping, self.sample_shape, seed=c.seed,
+                                              labels=held_labels)
         plan = make_plan(
             grouping, k=c.k, ordering=c.ordering, base_flops=count_flops(base, self.sample_shape),
             sample_shape=self.sample_shape, sensitivity=sensitivity,
@@ -523,6 +634,7 @@ class Run:
         base = self.base_model()
         scheduler = self.scheduler
         train_images, held_out = self.split()
+        train_labels, held_labels = self.labels(base)
         (self.dir / "prune").mkdir(parents=True, exist_ok=True)
         summaries = []
         for i in self._groups(plan, group):
@@ -537,10 +649,10 @@ class Run:
                     )
                 summaries.append(summary)
                 continue
-            batch = ProxyBatch.make(held_out, plan.grouping.timesteps(i), scheduler, seed=c.seed + i)
+            batch = ProxyBatch.make(held_out, plan.grouping.timesteps(i), scheduler, seed=c.seed + i, labels=held_labels)
             # Proxy fine-tuning and Taylor calibration draw from the training split; scoring uses the held-out batch.
             proxy = Proxy(base, batch, scheduler, space=c.search.proxy_space, finetune_steps=c.search.proxy_finetune_steps,
-                          train_images=train_images)
+                          train_images=train_images, train_labels=train_labels)
             settings = replace(c.search, seed=c.seed + i)
             result = search(
                 base, plan.budgets[i], self.sample_shape, proxy, settings,
@@ -571,11 +683,12 @@ class Run:
             if not pruned_dir.exists():
                 raise FileNotFoundError(f"no pruned model for group {i} at {pruned_dir}; run `tdcdiff prune` first")
             model = load_model(pruned_dir)
-            config = replace(c.finetune, seed=c.seed * 100 + i + 1)
+            config = replace(c.finetune, seed=c.seed * 100 + i + 1,
+                             label_dropout=c.finetune.label_dropout or c.base.label_dropout, null_class=self.null_class(model))
             results.append(
                 train(
                     model, train_images, self.scheduler, config, self.dir / "finetune" / f"group_{i}",
-                    timesteps=plan.grouping.timesteps(i), teacher=teacher, progress=self.progress,
+                    labels=self.labels(model)[0], timesteps=plan.grouping.timesteps(i), teacher=teacher, progress=self.progress,
                     description=f"stage 2: group {i}",
                 )
             )
@@ -604,6 +717,7 @@ class Run:
             expert_flops=[count_flops(e, self.sample_shape) for e in experts], base_flops=plan.base_flops,
             budgets=plan.budgets, expert_training=training,
             provenance={"data": self.data.describe(), "config": self.config.to_dict(), "training_flops": train_flops},
+            conditioning=_conditioning(experts[0], self.data.num_classes, self.null_class(experts[0])),
         )
 
     def training_flops(self) -> dict:
@@ -640,6 +754,7 @@ class Run:
         result = sample(
             model, self.scheduler, sample_shape=self.sample_shape, sampler=c.sampler, steps=c.sampling_steps,
             num_images=c.num_samples, seed=inputs["seed"], progress=self.progress,
+            class_labels=self.sample_labels(model, c.num_samples),
         )
         save_grid(result.images, path)
         if source is not None:

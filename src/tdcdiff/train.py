@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .flops import count_flops
-from .models import as_denoiser, check_denoiser
+from .models import as_denoiser, check_denoiser, check_finite, num_class_embeds
 from .schedule import training_target
 from .serialization import atomic_dir, atomic_write_text, save_model
 
@@ -46,6 +46,12 @@ class TrainConfig:
     log_every: log mean loss (overall and per timestep bucket) every N steps.
     mix_fraction: with a timestep subset, this fraction of every batch draws t from ALL timesteps instead.
     distill_weight: with a teacher, loss = (1 - w) * data loss + w * MSE to the teacher's output.
+    label_dropout: for a class-conditional model, the probability that an image's label is replaced by the
+        null class (classifier-free guidance needs it > 0, typically 0.1).
+    null_class: the id of the null class (default: the model's last class id, num_class_embeds - 1).
+
+    A model with a learned variance (2C output channels) is trained on its first C channels only (the
+    prediction); its variance half gets no loss term (no VLB as in IDDPM).
     """
 
     steps: int = 2000
@@ -62,6 +68,8 @@ class TrainConfig:
     log_every: int = 50
     mix_fraction: float = 0.0
     distill_weight: float = 0.0
+    label_dropout: float = 0.0
+    null_class: int | None = None
 
     def validate(self) -> None:
         checks = [
@@ -78,6 +86,8 @@ class TrainConfig:
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (0 <= self.mix_fraction <= 1, f"mix_fraction must be in [0, 1], got {self.mix_fraction}"),
             (0 <= self.distill_weight <= 1, f"distill_weight must be in [0, 1], got {self.distill_weight}"),
+            (0 <= self.label_dropout < 1, f"label_dropout must be in [0, 1), got {self.label_dropout}"),
+            (self.null_class is None or self.null_class >= 0, f"null_class must be >= 0, got {self.null_class}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -189,6 +199,41 @@ def _truncate_log(path: Path, last_step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
+def conditioning(model: nn.Module, labels: torch.Tensor | None, num_images: int, config: TrainConfig,
+                 ) -> tuple[torch.Tensor | None, int | None]:
+    """(labels to train with, null class id) after checking the labels fit the model's class embedding.
+
+    An unconditional model gets (None, None) whatever the labels. Raises ValueError naming both sides when a
+    class-conditional model gets no labels, unlabeled images, or more classes than it embeds.
+    """
+    classes = num_class_embeds(model)
+    if classes is None:
+        if config.label_dropout > 0:
+            raise ValueError("label_dropout > 0 needs a class-conditional model (e.g. UNet2DModel num_class_embeds)")
+        return None, None
+    if labels is None:
+        raise ValueError(f"the model is class-conditional ({classes} class ids) but the data has no labels; "
+                         "use labelled data (class subfolders, IDX labels) or an unconditional model")
+    labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+    if len(labels) != num_images:
+        raise ValueError(f"{len(labels)} labels for {num_images} images; give one label per image")
+    null = None
+    if config.label_dropout > 0:
+        null = classes - 1 if config.null_class is None else config.null_class
+        if not 0 <= null < classes:
+            raise ValueError(f"null_class {null} is not one of the model's {classes} class ids (0..{classes - 1})")
+    if labels.min() < 0:
+        raise ValueError("some images have no label (-1) but the model is class-conditional; label every image")
+    usable = classes - (null is not None and null == classes - 1)
+    if labels.max() >= usable or (null is not None and bool((labels == null).any())):
+        raise ValueError(
+            f"the data has class labels 0..{labels.max().item()} but the model embeds {classes} class ids"
+            + (f" with id {null} kept for dropped labels" if null is not None else "")
+            + "; use a model with more class embeddings or data with fewer classes"
+        )
+    return labels, null
+
+
 def train(
     model: nn.Module,
     images: torch.Tensor,
@@ -196,6 +241,7 @@ def train(
     config: TrainConfig,
     out_dir: str | Path,
     *,
+    labels: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
     teacher: nn.Module | None = None,
     resume: bool = True,
@@ -206,6 +252,8 @@ def train(
 
     model: the denoiser (diffusers UNet2DModel, a pruned copy, or any `model(x, t)`); trained in place.
     images: training images, float NCHW in [-1, 1].
+    labels: (N,) class ids of the images, used when the model is class-conditional (see `conditioning`);
+        the null class used for label dropout is returned in TrainResult.extra["null_class"] and train.json.
     scheduler: the training noise schedule (diffusers DDPMScheduler); its prediction type sets the target.
     config: TrainConfig.
     out_dir: where `checkpoint/`, `final/` (weights to use: EMA when enabled), `log.jsonl` and `train.json` go.
@@ -230,6 +278,11 @@ def train(
         raise ValueError("distill_weight > 0 needs a teacher model")
 
     check_denoiser(model, tuple(images.shape[1:]))
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    if not finite.all():
+        raise ValueError(f"{int((~finite).sum())} of the {len(images)} training images hold NaN/inf; fix or drop them")
+    labels, null_class = conditioning(model, labels, len(images), config)
+    check_finite(model, images, scheduler.alphas_cumprod, labels)
     denoiser = as_denoiser(model)
     flops_forward = count_flops(denoiser, tuple(images.shape[1:]))
     teacher_flops = count_flops(as_denoiser(teacher), tuple(images.shape[1:])) if teacher is not None else 0
@@ -244,7 +297,8 @@ def train(
             from .serialization import load_model
 
             as_denoiser(model).model.load_state_dict(load_model(out_dir / FINAL_DIR).state_dict())
-            return TrainResult(out_dir, config.steps, done["final_loss"], flops_per_step, done["train_flops"], config.steps)
+            return TrainResult(out_dir, config.steps, done["final_loss"], flops_per_step, done["train_flops"], config.steps,
+                               {"null_class": done.get("null_class")})
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -267,6 +321,7 @@ def train(
 
     device = accelerator.device
     data = images.to(device)
+    data_labels = None if labels is None else labels.to(device)
     alphas = scheduler.alphas_cumprod.to(device)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -279,25 +334,30 @@ def train(
     for step in range(start, config.steps):
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 7919 + rank)
         torch.manual_seed(config.seed * 1_000_003 + step * 7919 + rank)  # dropout, if the model has any
-        x0 = data[torch.randint(len(data), (local_batch,), generator=g).to(device)]
+        picked = torch.randint(len(data), (local_batch,), generator=g).to(device)
+        x0 = data[picked]
         t = timesteps[torch.randint(len(timesteps), (local_batch,), generator=g)]
         if config.mix_fraction > 0 and len(timesteps) < num_train:
             outside = torch.rand(local_batch, generator=g) < config.mix_fraction
             t = torch.where(outside, torch.randint(num_train, (local_batch,), generator=g), t)
         t = t.to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
+        y = None if data_labels is None else data_labels[picked]
+        if null_class is not None:
+            dropped = (torch.rand(local_batch, generator=g) < config.label_dropout).to(device)
+            y = torch.where(dropped, torch.full_like(y, null_class), y)
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(config, step)
 
         with accelerator.autocast():
-            prediction = denoiser(x_t, t).float()
+            prediction = denoiser(x_t, t, y).float()
         per_sample = (prediction - training_target(scheduler, x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
         loss = per_sample.mean()
         if teacher is not None and config.distill_weight > 0:
             with torch.no_grad():
-                target = teacher(x_t, t).float()
+                target = teacher(x_t, t, y).float()
             loss = (1 - config.distill_weight) * loss + config.distill_weight * (prediction - target).pow(2).mean()
 
         loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
@@ -305,6 +365,11 @@ def train(
             bar.close()
             if log:
                 log.close()
+            if step == start and not torch.isfinite(prediction).all():
+                raise TrainingDiverged(
+                    f"the model's output is not finite at step {step + 1}, before any update of this run: the model "
+                    "itself produces NaN/inf on this batch (not a learning-rate problem); check its forward pass"
+                )
             raise TrainingDiverged(
                 f"loss became {loss_value} at step {step + 1}; the last good checkpoint is kept in "
                 f"{out_dir / CHECKPOINT_DIR} (step {last_checkpoint}). "
@@ -364,9 +429,10 @@ def train(
                     "config": asdict(config),
                     "num_timesteps": int(timesteps.numel()),
                     "processes": world,
+                    "null_class": null_class,
                 },
                 indent=2,
             ),
         )
     accelerator.wait_for_everyone()
-    return TrainResult(out_dir, config.steps, loss_value, flops_per_step, train_flops, start)
+    return TrainResult(out_dir, config.steps, loss_value, flops_per_step, train_flops, start, {"null_class": null_class})

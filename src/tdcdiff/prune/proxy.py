@@ -37,7 +37,7 @@ class ProxyBatch:
 
     images: (N, C, H, W) in [-1, 1]; timesteps: (N,) one timestep per image, drawn from group_timesteps;
     noise: (N, C, H, W) standard normal; group_timesteps: the group's timesteps (also used for fine-tuning);
-    seed: the seed everything was drawn from.
+    seed: the seed everything was drawn from; labels: (N,) class ids for a class-conditional model, or None.
     """
 
     images: torch.Tensor
@@ -45,9 +45,11 @@ class ProxyBatch:
     noise: torch.Tensor
     group_timesteps: torch.Tensor
     seed: int
+    labels: torch.Tensor | None = None
 
     @classmethod
-    def make(cls, images: torch.Tensor, timesteps, scheduler, *, size: int = 128, seed: int = 0) -> "ProxyBatch":
+    def make(cls, images: torch.Tensor, timesteps, scheduler, *, size: int = 128, seed: int = 0,
+             labels: torch.Tensor | None = None) -> "ProxyBatch":
         """Draw the batch.
 
         images: the pool to draw from, (N, C, H, W) in [-1, 1] (ideally images the models were not tuned on).
@@ -55,6 +57,7 @@ class ProxyBatch:
         scheduler: the training noise schedule; only used to check the timesteps' range.
         size: images in the batch; drawn without replacement when the pool is large enough.
         seed: seed for the images, timesteps and noise.
+        labels: (N,) class ids of `images` (for a class-conditional model), picked along with them.
         """
         group = torch.as_tensor(timesteps, dtype=torch.long).flatten()
         num_train = scheduler.config.num_train_timesteps
@@ -74,7 +77,8 @@ class ProxyBatch:
         strata = ((torch.arange(size) + torch.rand(size, generator=g)) * len(ordered) / size).long()
         t = ordered[strata.clamp(max=len(ordered) - 1)][torch.randperm(size, generator=g)]
         noise = torch.randn((size, *images.shape[1:]), generator=g)
-        return cls(images[picked].float().clone(), t, noise, group, seed)
+        picked_labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)[picked].clone()
+        return cls(images[picked].float().clone(), t, noise, group, seed, picked_labels)
 
 
 @torch.no_grad()
@@ -93,11 +97,12 @@ def denoising_loss(model: nn.Module, batch: ProxyBatch, scheduler, space: str = 
     param = next(denoiser.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     x0, noise, t = batch.images.to(device), batch.noise.to(device), batch.timesteps.to(device)
+    y = None if batch.labels is None else batch.labels.to(device)
     x_t = _noised(scheduler, x0, noise, t)
     was_training = denoiser.training
     denoiser.eval()
     try:
-        out = denoiser(x_t, t).float()
+        out = denoiser(x_t, t, y).float()
     finally:
         denoiser.train(was_training)
     if space == "x0":
@@ -115,6 +120,7 @@ def finetune(
     lr: float = 1e-3,
     batch_size: int = 64,
     seed: int = 0,
+    labels: torch.Tensor | None = None,
 ) -> nn.Module:
     """A plain AdamW loop with the standard diffusion loss, in memory (no checkpoints, no logs).
 
@@ -126,6 +132,7 @@ def finetune(
     lr: constant AdamW learning rate.
     batch_size: images per step.
     seed: seed of the images, timesteps and noise drawn at each step.
+    labels: (N,) class ids of `images`, for a class-conditional model.
     """
     denoiser = as_denoiser(model)
     group = torch.as_tensor(timesteps, dtype=torch.long).flatten()
@@ -136,10 +143,12 @@ def finetune(
     was_training = denoiser.training
     denoiser.train()
     for _ in range(steps):
-        x0 = images[torch.randint(len(images), (batch_size,), generator=g)].to(device)
+        picked = torch.randint(len(images), (batch_size,), generator=g)
+        x0 = images[picked].to(device)
         t = group[torch.randint(len(group), (batch_size,), generator=g)].to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
-        loss = (denoiser(_noised(scheduler, x0, noise, t), t) - training_target(scheduler, x0, noise, t)).pow(2).mean()
+        y = None if labels is None else labels[picked].to(device)
+        loss = (denoiser(_noised(scheduler, x0, noise, t), t, y) - training_target(scheduler, x0, noise, t)).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -159,6 +168,7 @@ class Proxy:
     finetune_lr: AdamW learning rate of that fine-tuning.
     finetune_batch_size: images per fine-tuning step.
     train_images: images for fine-tuning and for Taylor importance; default the batch's images.
+    train_labels: their class ids (class-conditional models); default the batch's labels.
     """
 
     def __init__(
@@ -172,6 +182,7 @@ class Proxy:
         finetune_lr: float = 5e-4,
         finetune_batch_size: int = 64,
         train_images: torch.Tensor | None = None,
+        train_labels: torch.Tensor | None = None,
     ):
         if space not in SPACES:
             raise ValueError(f"unknown proxy space {space!r}; choose one of {SPACES}")
@@ -180,6 +191,7 @@ class Proxy:
         self.batch, self.scheduler, self.space = batch, scheduler, space
         self.finetune_steps, self.finetune_lr, self.finetune_batch_size = finetune_steps, finetune_lr, finetune_batch_size
         self.train_images = batch.images if train_images is None else train_images
+        self.train_labels = batch.labels if train_images is None else train_labels
         self.base_loss = denoising_loss(base, batch, scheduler, space)
         if not self.base_loss > 0:
             raise ValueError(f"the base model's proxy loss is {self.base_loss}; a relative score needs a positive one")
@@ -191,6 +203,7 @@ class Proxy:
                 copy.deepcopy(model), self.train_images, self.scheduler, self.batch.group_timesteps,
                 steps=self.finetune_steps, lr=self.finetune_lr, batch_size=self.finetune_batch_size,
                 seed=self.batch.seed + 1,  # other noise than the held-out batch's
+                labels=self.train_labels,
             )
         return denoising_loss(model, self.batch, self.scheduler, self.space) / self.base_loss
 

@@ -1,0 +1,176 @@
+"""Start from a trained model: a diffusers model or pipeline directory, a Hub name, or `module:function`.
+
+Directories are untrusted input: only allowlisted diffusers model classes are ever built from them, weights
+are read as safetensors only (never pickle), and the scheduler comes from its JSON config.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .models import check_denoiser, num_class_embeds
+
+# The diffusers model classes a directory may name: denoisers called as model(x, t[, class_labels]).
+ALLOWED_MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
+DENOISER_KEYS = ("unet", "transformer")
+_FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class BaseModelError(ValueError):
+    """A --base that cannot be loaded or does not fit the data; the message names both and the fix."""
+
+
+@dataclass
+class BaseModel:
+    """A loaded trained denoiser. scheduler_config: the pipeline's noise schedule (plain JSON), or None when
+    the run's own schedule settings apply. source: what it was loaded from."""
+
+    model: nn.Module
+    scheduler_config: dict | None
+    source: str
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BaseModelError(f"{path} is missing; a diffusers directory needs it (write it with save_pretrained)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BaseModelError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise BaseModelError(f"{path} must hold a JSON object")
+    return data
+
+
+def _load_diffusers_model(directory: Path, class_name) -> nn.Module:
+    import diffusers
+
+    if class_name not in ALLOWED_MODEL_CLASSES:
+        raise BaseModelError(
+            f"{directory}: model class {class_name!r} is not one tdcdiff loads; supported: "
+            f"{', '.join(ALLOWED_MODEL_CLASSES)} (or pass a module:function returning your nn.Module)"
+        )
+    if not any(directory.glob("*.safetensors")):
+        raise BaseModelError(
+            f"{directory} has no .safetensors weights; tdcdiff never unpickles weights: save the model with "
+            "save_pretrained(..., safe_serialization=True)"
+        )
+    try:
+        return getattr(diffusers, class_name).from_pretrained(directory, use_safetensors=True).eval()
+    except (OSError, ValueError, RuntimeError) as err:
+        raise BaseModelError(f"cannot load {class_name} from {directory}: {err}") from None
+
+
+def _load_pipeline(directory: Path) -> BaseModel:
+    index = _read_json(directory / "model_index.json")
+    if "vae" in index and index["vae"] and index["vae"][0] is not None:
+        raise BaseModelError(
+            f"{directory} is a latent diffusion pipeline (it has a VAE); tdcdiff works in pixel space only for now: "
+            "pass a pixel-space pipeline or its denoiser's directory"
+        )
+    key = next((k for k in DENOISER_KEYS if isinstance(index.get(k), list) and len(index[k]) == 2), None)
+    if key is None:
+        raise BaseModelError(f"{directory / 'model_index.json'} names no denoiser: it needs a 'unet' or 'transformer' entry")
+    library, class_name = index[key]
+    if library != "diffusers":
+        raise BaseModelError(f"{directory}: the {key} comes from {library!r}; only diffusers model classes are loaded")
+    model = _load_diffusers_model(directory / key, class_name)
+    scheduler = _read_json(directory / "scheduler" / "scheduler_config.json")
+    if "num_train_timesteps" not in scheduler:
+        raise BaseModelError(f"{directory / 'scheduler' / 'scheduler_config.json'} has no num_train_timesteps")
+    return BaseModel(model, {k: v for k, v in scheduler.items() if not k.startswith("_")}, str(directory))
+
+
+def _call_function(spec: str) -> BaseModel:
+    module_name, _, function_name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as err:
+        raise BaseModelError(f"--base {spec}: cannot import {function_name} from {module_name} ({err}); "
+                             "make the module importable (e.g. on PYTHONPATH)") from None
+    model = function()
+    if not isinstance(model, nn.Module):
+        raise BaseModelError(f"--base {spec} returned a {type(model).__name__}, not a torch nn.Module")
+    return BaseModel(model.eval(), None, spec)
+
+
+def load_base_model(spec: str) -> BaseModel:
+    """Load a trained denoiser.
+
+    spec: a diffusers model directory (config.json naming one of ALLOWED_MODEL_CLASSES + safetensors
+        weights), a diffusers pipeline directory (model_index.json with a `unet` or `transformer` and a
+        `scheduler`, whose config then sets the noise schedule), `module:function` (called with no arguments,
+        must return an nn.Module), or a Hugging Face Hub name "org/name" (downloaded, then read as a directory).
+    Raises BaseModelError naming the problem and the fix.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "model_index.json").exists():
+            return _load_pipeline(path)
+        config = _read_json(path / "config.json")
+        return BaseModel(_load_diffusers_model(path, config.get("_class_name")), None, str(path))
+    if _FUNCTION_SPEC.match(spec):
+        return _call_function(spec)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not path.exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            local = snapshot_download(spec, allow_patterns=["*.json", "*.safetensors"])
+        except Exception as err:  # network, auth and missing-repo errors all mean: not loadable from the Hub
+            raise BaseModelError(f"--base {spec}: not a local directory, and the Hub download failed ({err})") from None
+        return load_base_model(local)
+    raise BaseModelError(
+        f"--base {spec!r} is neither a diffusers model or pipeline directory, a module:function, nor a Hub name "
+        "(org/name); fix the path"
+    )
+
+
+def _config_value(model: nn.Module, key: str):
+    config = getattr(model, "config", None)
+    return getattr(config, key, None) if config is not None else None
+
+
+def check_fits_data(model: nn.Module, source: str, *, channels: int, image_size: int, data_name: str,
+                    num_classes: int | None, null_class: int | None, num_train_timesteps: int) -> None:
+    """Raise BaseModelError (one line naming both sides and the fix) unless the model takes the data as it is:
+    channel count, image size (diffusers `sample_size`), timesteps, and class count vs the data's labels."""
+    try:
+        check_denoiser(model, (channels, image_size, image_size))
+    except ValueError as err:
+        raise BaseModelError(f"--base {source}: {err}") from None
+    size = _config_value(model, "sample_size")
+    if isinstance(size, (list, tuple)):
+        size = size[0] if len(set(size)) == 1 else tuple(size)
+    if isinstance(size, int) and size != image_size:
+        raise BaseModelError(f"--base {source} takes {size}x{size} images but the data {data_name!r} is "
+                             f"{image_size}x{image_size}; load it with --image-size {size}")
+    trained_t = _config_value(model, "num_train_timesteps")
+    if isinstance(trained_t, int) and trained_t != num_train_timesteps:
+        raise BaseModelError(f"--base {source} was trained with T={trained_t} timesteps but the run uses "
+                             f"T={num_train_timesteps}; set --timesteps {trained_t}")
+    classes = num_class_embeds(model)
+    if classes is None:
+        return
+    if not num_classes:
+        raise BaseModelError(f"--base {source} is class-conditional ({classes} class ids) but the data {data_name!r} "
+                             "has no labels; use labelled data (class subfolders, IDX labels) or an unconditional model")
+    usable = classes - (null_class == classes - 1)
+    if num_classes > usable:
+        raise BaseModelError(
+            f"the data {data_name!r} has {num_classes} classes but --base {source} embeds {classes} class ids"
+            + (f" (id {null_class} is the null class)" if null_class is not None else "")
+            + "; use data with fewer classes (or a model with more)"
+        )
+
+
+def scheduler_from_config(config: dict):
+    """The training DDPMScheduler of a pipeline's scheduler config (its betas, T, prediction and variance type)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(config)
