@@ -355,6 +355,7 @@ def lock_run_dir(run_dir: str | Path) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     # One instance per path in this process: nested stages (run_all -> report) re-enter it instead of blocking.
     lock = FileLock(run_dir.resolve() / LOCK_FILE, is_singleton=True)
@@ -375,6 +376,14 @@ def lock_run_dir(run_dir: str | Path) -> Iterator[None]:
             for path in remove_stale_temporaries(run_dir):
                 log.info("removed %s, left behind by an interrupted writer", path)
         yield
+    except BaseException:
+        if created:  # a run refused before its first write leaves no directory behind
+            lock.release()
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            owner.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only if nothing else was written
+        raise
     finally:
         if outermost:
             owner.unlink(missing_ok=True)
