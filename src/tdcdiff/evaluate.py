@@ -179,7 +179,7 @@ def evaluate(
     progress: print one line per measurement.
     """
     from .metrics import compute_fid, feature_net_for, summarize_seeds
-    from .pipeline import sample, save_grid
+    from .pipeline import TIMESTEP_SPACING, sample, save_grid
 
     if not entries:
         raise ValueError("evaluate needs at least one ModelEntry")
@@ -245,6 +245,7 @@ def evaluate(
         "protocol": {
             "sampler": sampler,
             "steps": steps,
+            "timestep_spacing": TIMESTEP_SPACING,
             "num_samples": num_samples,
             "seeds": list(seeds),
             "feature_net": getattr(feature_net, "description", type(feature_net).__name__),

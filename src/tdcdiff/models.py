@@ -83,7 +83,9 @@ class Denoiser(nn.Module):
     """Calls any module as `model(x, t)` and returns a plain tensor of x's shape.
 
     Accepts models that return a tensor, a diffusers output with `.sample`, or a tuple whose first
-    item is the prediction. Everything in tdcdiff calls denoisers through this.
+    item is the prediction. Everything in tdcdiff calls denoisers through this. x goes into the model in the
+    dtype of its floating-point weights (fp16/bf16 models work); the output comes back in x's dtype, so the
+    scheduler's arithmetic stays in float32.
     """
 
     def __init__(self, model: nn.Module):
@@ -93,7 +95,9 @@ class Denoiser(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        out = self.model(x, t)
+        weight = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        dtype = x.dtype if weight is None else weight.dtype
+        out = self.model(x.to(dtype), t)
         if hasattr(out, "sample"):
             out = out.sample
         elif isinstance(out, (tuple, list)):
@@ -104,7 +108,7 @@ class Denoiser(nn.Module):
                 f"denoiser output has shape {got} but its input has shape {tuple(x.shape)}; a denoiser "
                 "must map (x, t) to a tensor of x's shape (set out_channels = in_channels)"
             )
-        return out
+        return out.to(x.dtype)
 
 
 def as_denoiser(model: nn.Module) -> Denoiser:

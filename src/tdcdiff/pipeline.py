@@ -17,6 +17,10 @@ from torch import nn
 from .models import as_denoiser, check_denoiser
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+# "trailing": the first step is at t = T-1 and the steps are evenly spaced below it, for every step count
+# (diffusers' "leading" starts 1-step sampling at t=0; its "linspace" repeats a timestep at steps = T, which
+# makes DPM-Solver++ divide by a zero step size).
+TIMESTEP_SPACING = "trailing"
 
 
 def make_sampler(name: str, train_scheduler):
@@ -24,28 +28,34 @@ def make_sampler(name: str, train_scheduler):
 
     name: "ddpm", "ddim" or "dpm-solver++".
     train_scheduler: the DDPMScheduler the model was trained with.
+    Every sampler uses TIMESTEP_SPACING, whatever the training scheduler's config says.
     """
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     config = train_scheduler.config
     if name == "ddpm":
-        return DDPMScheduler.from_config(config)
+        return DDPMScheduler.from_config(config, timestep_spacing=TIMESTEP_SPACING)
     if name == "ddim":
-        return DDIMScheduler.from_config(config)
+        return DDIMScheduler.from_config(config, timestep_spacing=TIMESTEP_SPACING)
     if name == "dpm-solver++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++",
+                                                       timestep_spacing=TIMESTEP_SPACING)
     raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
 
 
 @dataclass
 class SampleResult:
-    """Images in [-1, 1] (NCHW) and the training timesteps the sampler visited, in order."""
+    """Images in [-1, 1] (NCHW, float32) and the training timesteps the sampler visited, in order.
+
+    timestep_spacing: how the steps were placed among the T training timesteps (diffusers' name).
+    """
 
     images: torch.Tensor
     timesteps: list[int]
     sampler: str
     steps: int
     seed: int
+    timestep_spacing: str = TIMESTEP_SPACING
 
 
 def _predict(denoiser: nn.Module, x: torch.Tensor, t: int) -> torch.Tensor:
@@ -111,7 +121,7 @@ def sample(
             bar.update(1)
         outputs.append(x.clamp(-1, 1).cpu())
     bar.close()
-    return SampleResult(torch.cat(outputs), visited, sampler, steps, seed)
+    return SampleResult(torch.cat(outputs), visited, sampler, steps, seed, scheduler.config.timestep_spacing)
 
 
 class TDCPipeline:
