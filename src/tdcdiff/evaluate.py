@@ -106,7 +106,7 @@ def _peak_forward_bytes(model: nn.Module, timesteps: list[int], sample_shape, ba
     return peak
 
 
-def _time_sampling(models: list[nn.Module], scheduler, *, sample_shape, sampler, steps, batch, repeats) -> list[float]:
+def _time_sampling(models: list, scheduler, *, sample_shape, sampler, steps, batch, repeats) -> list[float]:
     """Median seconds of one full sampling run at `batch`, per model, with the models' runs interleaved."""
     from .pipeline import sample
 
@@ -179,7 +179,7 @@ def evaluate(
     progress: print one line per measurement.
     """
     from .metrics import compute_fid, feature_net_for, summarize_seeds
-    from .pipeline import TIMESTEP_SPACING, sample, save_grid
+    from .pipeline import TIMESTEP_SPACING, SamplingModel, sample, save_grid
 
     if not entries:
         raise ValueError("evaluate needs at least one ModelEntry")
@@ -196,13 +196,14 @@ def evaluate(
                                       cache_dir=Path(feature_cache_dir or default_cache_dir() / "features"),
                                       name=reference_name)
     models = [e.denoiser.to(device).eval() for e in entries]
+    runners = [SamplingModel(m) for m in models]  # the default fast path, built once per model
 
     records = []
-    for entry, model in zip(entries, models):
+    for entry, model, runner in zip(entries, models, runners):
         fids, flops = [], []
         for seed in seeds:
             start = time.perf_counter()
-            result = sample(model, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
+            result = sample(runner, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
                             num_images=num_samples, seed=seed, device=device, progress=False)
             fid = compute_fid(result.images, reference_images, feature_net, sampler=sampler, steps=steps,
                               seed=seed, reference_name=reference_name)
@@ -232,7 +233,7 @@ def evaluate(
     timing = {}
     for batch in timing_batches:
         say(f"  timing sampling at batch {batch} ({timing_repeats} interleaved repeats)")
-        timing[batch] = _time_sampling(models, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
+        timing[batch] = _time_sampling(runners, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
                                        batch=batch, repeats=timing_repeats)
     first = records[0]
     for i, record in enumerate(records):
@@ -254,6 +255,7 @@ def evaluate(
                    "features; mean and sample sd over the seeds",
             "flops": f"{FLOPS_CONVENTION}; per image, summed over the sampling steps actually taken "
                      "(a router counts the expert it calls at each step)",
+            "sampling_path": " / ".join(dict.fromkeys(f"{r.compile} {r.precision}" for r in runners)),
             "time": f"wall-clock of one full {sampler}-{steps} sampling run at each batch size, median of "
                     f"{timing_repeats} runs interleaved across models after one warm-up; ratios are to "
                     f"'{first['name']}' measured in the same process",

@@ -1,12 +1,15 @@
 """Sampling with diffusers schedulers (DDPM, DDIM, DPM-Solver++), any step count, seeded and batched.
 
-The loop calls the denoiser in exactly one place (`_predict`), with the whole batch at one timestep;
-a Router passed as the denoiser is what sends each step to its group's model.
+The loop calls the denoiser in exactly one place (`SamplingModel.__call__`), with the whole batch at one
+timestep; for a Router it picks the step's expert from a table. `SamplingModel` is also the fast path:
+each expert (or the single model) traced and frozen with torch.jit, or torch.compile'd, optionally under
+bf16 autocast.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import as_denoiser, check_denoiser
+from .models import Denoiser, as_denoiser, check_denoiser
+from .router import Router
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 # "trailing": the first step is at t = T-1 and the steps are evenly spaced below it, for every step count
@@ -48,6 +52,7 @@ class SampleResult:
     """Images in [-1, 1] (NCHW, float32) and the training timesteps the sampler visited, in order.
 
     timestep_spacing: how the steps were placed among the T training timesteps (diffusers' name).
+    compile, precision: the path the model ran on (see SamplingModel).
     """
 
     images: torch.Tensor
@@ -56,10 +61,112 @@ class SampleResult:
     steps: int
     seed: int
     timestep_spacing: str = TIMESTEP_SPACING
+    compile: str = "none"
+    precision: str = "fp32"
 
 
-def _predict(denoiser: nn.Module, x: torch.Tensor, t: int) -> torch.Tensor:
-    return denoiser(x, torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device))
+COMPILE_MODES = ("auto", "none", "trace", "inductor")
+PRECISIONS = ("fp32", "bf16")
+EXACT_TOLERANCE = 1e-5  # a compiled graph whose output differs more from eager's is not used...
+BF16_TOLERANCE = 5e-2  # ...or this much under bf16 autocast, where op order alone moves outputs by ~1e-2
+
+
+def _is_diffusers_model(denoiser: nn.Module) -> bool:
+    from diffusers import ModelMixin
+
+    return isinstance(denoiser, Denoiser) and isinstance(denoiser.model, ModelMixin)
+
+
+class CompiledExpert(nn.Module):
+    """One denoiser run as a torch.jit.trace + freeze graph ("trace") or through torch.compile ("inductor").
+
+    A traced graph is built for each input shape, dtype, device and autocast state it meets, so any batch
+    size works. Each new graph is checked against the eager model on its first input; one that differs by
+    more than EXACT_TOLERANCE (BF16_TOLERANCE under autocast), or fails to build, is replaced by the eager
+    model, with a warning. Weights are frozen into a traced graph: build a new CompiledExpert after changing
+    them. `paths` names what the graphs built so far run on ({"trace"}, {"none"} after a fallback, or both).
+    """
+
+    is_denoiser = True
+
+    def __init__(self, denoiser: nn.Module, mode: str):
+        super().__init__()
+        self.denoiser = denoiser
+        self.mode = mode
+        self._graphs: dict = {}
+        self._compiled = None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        key = (x.shape, x.dtype, x.device, torch.is_autocast_enabled(x.device.type))
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = self._build(x, t)
+        return graph(x, t)
+
+    @property
+    def paths(self) -> set[str]:
+        return {"none" if graph is self.denoiser else self.mode for graph in self._graphs.values()} or {self.mode}
+
+    def _build(self, x: torch.Tensor, t: torch.Tensor):
+        try:
+            if self.mode == "trace":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape branches: one graph per shape
+                    warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript
+                    graph = torch.jit.freeze(torch.jit.trace(self.denoiser, (x, t), check_trace=False).eval())
+            else:
+                if self._compiled is None:
+                    self._compiled = torch.compile(self.denoiser, dynamic=False)
+                graph = self._compiled
+            got, want = graph(x, t), self.denoiser(x, t)
+            diff = float((got.float() - want.float()).abs().max())
+        except Exception as err:  # noqa: BLE001 - any model torch cannot compile still samples, eagerly
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        else:
+            if diff <= (BF16_TOLERANCE if torch.is_autocast_enabled(x.device.type) else EXACT_TOLERANCE):
+                return graph
+            reason = f"its output differs from the eager model's by {diff:.2g}"
+        warnings.warn(f"--compile {self.mode} is not used for {type(self.denoiser).__name__} at input shape "
+                      f"{tuple(x.shape)} ({reason}); sampling it eagerly", stacklevel=2)
+        return self.denoiser
+
+
+class SamplingModel:
+    """A denoiser or Router made ready for the sampling loop; `sample` builds one, or takes one built once.
+
+    model: a diffusers UNet2DModel, any denoiser `model(x, t)`, or a tdcdiff Router.
+    compile: "none" (eager), "trace" (torch.jit.trace + freeze per expert and input shape), "inductor"
+        (torch.compile) or "auto": trace every expert that is a diffusers model, others eager (an arbitrary
+        module may branch on its input's values, which a trace would freeze).
+    precision: "fp32", or "bf16" for bf16 autocast (faster at large batches on CPUs with bf16 units, slower
+        at batch 1; outputs change by about 1e-2, so never the default).
+    `compile`/`precision` say what runs ("trace", "none", or e.g. "trace+none" when experts differ or a graph
+    fell back to eager).
+    """
+
+    def __init__(self, model: nn.Module, compile: str = "auto", precision: str = "fp32"):
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {compile!r}; choose one of {COMPILE_MODES}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+        self.model = model
+        self.router = model if isinstance(model, Router) else None
+        experts = list(model.experts) if self.router is not None else [as_denoiser(model)]
+        modes = [("trace" if _is_diffusers_model(e) else "none") if compile == "auto" else compile for e in experts]
+        self.experts = [e.eval() if mode == "none" else CompiledExpert(e.eval(), mode) for e, mode in zip(experts, modes)]
+        self.precision = precision
+
+    @property
+    def compile(self) -> str:
+        paths = [p for e in self.experts for p in sorted(getattr(e, "paths", {"none"}), reverse=True)]
+        return "+".join(dict.fromkeys(paths))
+
+    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """The model's prediction for the batch x (N, C, H, W), all at training timestep t; float32."""
+        index = self.router.route(t, x.shape[0]) if self.router is not None else 0
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.experts[index](x, t_batch).float()
 
 
 @torch.no_grad()
@@ -75,16 +182,20 @@ def sample(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    compile: str = "auto",
+    precision: str = "fp32",
 ) -> SampleResult:
     """Generate images with a trained denoiser (or a Router of group models).
 
-    model: called as model(x, t); a diffusers UNet2DModel, any denoiser, or a tdcdiff Router.
+    model: called as model(x, t); a diffusers UNet2DModel, any denoiser, a tdcdiff Router, or a
+        SamplingModel built once from one of those (then compile and precision are its own).
     train_scheduler: the training schedule (gives betas, T and the prediction type).
     sample_shape: (C, H, W) of one image.
     sampler: "ddpm", "ddim" or "dpm-solver++".
     steps: number of sampling steps, 1..T.
     num_images, batch_size: how many images in total, and how many per forward pass.
     seed: the initial noise and every stochastic step are drawn from a generator seeded with it.
+    compile, precision: the sampling path (see SamplingModel); "auto"/"fp32" give eager-identical images.
     """
     from tqdm.auto import tqdm
 
@@ -93,6 +204,8 @@ def sample(
         raise ValueError(f"steps must be between 1 and the training schedule's T={num_train}, got {steps}")
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
+    runner = model if isinstance(model, SamplingModel) else None
+    model = runner.model if runner is not None else model
     grouping = getattr(model, "grouping", None)
     if grouping is not None and grouping.num_train_timesteps != num_train:
         raise ValueError(
@@ -101,9 +214,9 @@ def sample(
         )
     scheduler = make_sampler(sampler, train_scheduler)
     check_denoiser(model, sample_shape)
-    denoiser = as_denoiser(model).eval()
+    runner = runner or SamplingModel(model, compile, precision)
     if device is None:
-        param = next(denoiser.parameters(), None)
+        param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_images, *sample_shape), generator=generator)
@@ -114,27 +227,31 @@ def sample(
     for start in batches:
         scheduler.set_timesteps(steps, device=device)
         x = noise[start : start + batch_size].to(device) * scheduler.init_noise_sigma
-        visited = [int(t) for t in scheduler.timesteps]
-        for t in scheduler.timesteps:
+        visited = scheduler.timesteps.tolist()
+        for t in visited:  # plain ints: the schedulers index with them as with 0-d tensors, only faster
             model_input = scheduler.scale_model_input(x, t)
-            x = scheduler.step(_predict(denoiser, model_input, t), t, x, generator=generator).prev_sample
+            x = scheduler.step(runner(model_input, t), t, x, generator=generator).prev_sample
             bar.update(1)
         outputs.append(x.clamp(-1, 1).cpu())
     bar.close()
-    return SampleResult(torch.cat(outputs), visited, sampler, steps, seed, scheduler.config.timestep_spacing)
+    return SampleResult(torch.cat(outputs), visited, sampler, steps, seed, scheduler.config.timestep_spacing,
+                        runner.compile, runner.precision)
 
 
 class TDCPipeline:
     """A diffusers-style pipeline over a router (or any denoiser): `pipe(batch_size=16).images`.
 
     denoiser: the Router of a bundle, or any model(x, t). scheduler: the training schedule.
-    sample_shape: (C, H, W) of one image.
+    sample_shape: (C, H, W) of one image. compile, precision: the sampling path (see SamplingModel); it is
+    built on the first call and reused, so build a new pipeline after changing the weights.
     """
 
-    def __init__(self, denoiser: nn.Module, scheduler, sample_shape: tuple[int, int, int]):
+    def __init__(self, denoiser: nn.Module, scheduler, sample_shape: tuple[int, int, int], *,
+                 compile: str = "auto", precision: str = "fp32"):
         self.denoiser = denoiser
         self.scheduler = scheduler
         self.sample_shape = tuple(sample_shape)
+        self.runner = SamplingModel(denoiser, compile, precision)
 
     def __call__(
         self,
@@ -152,7 +269,7 @@ class TDCPipeline:
         from PIL import Image
 
         result = sample(
-            self.denoiser, self.scheduler, sample_shape=self.sample_shape, sampler=sampler,
+            self.runner, self.scheduler, sample_shape=self.sample_shape, sampler=sampler,
             steps=num_inference_steps, num_images=batch_size, batch_size=batch_size, seed=seed, progress=progress,
         )
         if output_type == "pt":
