@@ -29,7 +29,8 @@ def test_report_page_states_the_protocol(report):
     path, _ = report
     assert path.name == "report.html" and path.parent.name == "report"
     page = path.read_text()
-    for part in ("FID", "digits classifier", "64-d", "DDIM 4 steps (trailing spacing)", "32 samples", "2 x multiply-accumulates",
+    for part in ("FID", "digits classifier", "64-d", "DDIM 4 steps (trailing spacing)",
+                 "Sampling path (compile/precision): trace/fp32", "32 samples", "2 x multiply-accumulates",
                  "base (stage 1)", "TDC", "Verdicts", "Held-out denoising loss"):
         assert part in page, part
 

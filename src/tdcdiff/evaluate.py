@@ -255,7 +255,7 @@ def evaluate(
                    "features; mean and sample sd over the seeds",
             "flops": f"{FLOPS_CONVENTION}; per image, summed over the sampling steps actually taken "
                      "(a router counts the expert it calls at each step)",
-            "sampling_path": " / ".join(dict.fromkeys(f"{r.compile} {r.precision}" for r in runners)),
+            "sampling_path": " / ".join(dict.fromkeys(f"{r.compile}/{r.precision}" for r in runners)),
             "time": f"wall-clock of one full {sampler}-{steps} sampling run at each batch size, median of "
                     f"{timing_repeats} runs interleaved across models after one warm-up; ratios are to "
                     f"'{first['name']}' measured in the same process",
