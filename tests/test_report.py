@@ -30,7 +30,8 @@ def test_report_page_states_the_protocol(report):
     path, _ = report
     assert path.name == "report.html" and path.parent.name == "report"
     page = path.read_text()
-    for part in ("FID", "digits classifier", "64-d", "DDIM 4 steps", "32 samples", "2 x multiply-accumulates",
+    for part in ("FID", "digits classifier", "64-d", "DDIM 4 steps (trailing spacing)",
+                 "Sampling path (compile/precision): trace/fp32", "32 samples", "2 x multiply-accumulates",
                  "base (stage 1)", "TDC", "Verdicts", "Held-out denoising loss",
                  "KID is the unbiased estimate of the squared kernel distance between the feature distributions: it "
                  "can come out slightly negative"):
@@ -112,7 +113,7 @@ def test_evaluate_and_pool(digits, scheduler, feature_cache):
                      timing_batches=(1, 2), timing_repeats=1, held_out=digits.images[:32],
                      loss_grouping=grouping, progress=False) for seed in (0, 1)]
     first = runs[0]["models"]
-    # DDIM-4 visits 751, 501, 251, 1: two steps in each group
+    # DDIM-4 ("trailing") visits 999, 749, 499, 249: two steps in each group
     assert first[1]["sampling_flops"]["per_image"] == 2 * 100 + 2 * 300
     assert first[1]["sampling_flops"]["ratio"] == pytest.approx(800 / 1200)
     assert first[1]["train_flops_ratio"] == 2.0

@@ -125,9 +125,10 @@ def balanced_labels(model: nn.Module, num_images: int, num_classes: int | None) 
     return torch.arange(num_images) % num_classes
 
 
-def _time_sampling(models: list[nn.Module], scheduler, *, sample_shape, sampler, steps, batch, repeats,
+def _time_sampling(models: list, scheduler, *, sample_shape, sampler, steps, batch, repeats,
                    num_classes: int | None = None) -> list[float]:
-    """Median seconds of one full sampling run at `batch`, per model, with the models' runs interleaved."""
+    """Median seconds of one full sampling run at `batch`, per model (SamplingModel), with the models' runs
+    interleaved."""
     from .pipeline import sample
 
     times: list[list[float]] = [[] for _ in models]
@@ -136,7 +137,7 @@ def _time_sampling(models: list[nn.Module], scheduler, *, sample_shape, sampler,
             start = time.perf_counter()
             sample(model, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps, num_images=batch,
                    batch_size=batch, seed=repeat, progress=False,
-                   class_labels=balanced_labels(model, batch, num_classes))
+                   class_labels=balanced_labels(model.model, batch, num_classes))
             if repeat:  # the first round warms up caches and allocators; it is not counted
                 times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
@@ -205,7 +206,7 @@ def evaluate(
     progress: print one line per measurement.
     """
     from .metrics import compute_fid, feature_net_for, summarize_seeds
-    from .pipeline import sample, save_grid
+    from .pipeline import TIMESTEP_SPACING, SamplingModel, sample, save_grid
 
     if not entries:
         raise ValueError("evaluate needs at least one ModelEntry")
@@ -222,13 +223,14 @@ def evaluate(
                                       cache_dir=Path(feature_cache_dir or default_cache_dir() / "features"),
                                       name=reference_name)
     models = [e.denoiser.to(device).eval() for e in entries]
+    runners = [SamplingModel(m) for m in models]  # the default fast path, built once per model
 
     records = []
-    for entry, model in zip(entries, models):
+    for entry, model, runner in zip(entries, models, runners):
         fids, flops = [], []
         for seed in seeds:
             start = time.perf_counter()
-            result = sample(model, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
+            result = sample(runner, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
                             num_images=num_samples, seed=seed, device=device, progress=False,
                             class_labels=balanced_labels(model, num_samples, num_classes))
             fid = compute_fid(result.images, reference_images, feature_net, sampler=sampler, steps=steps,
@@ -261,7 +263,7 @@ def evaluate(
     timing = {}
     for batch in timing_batches:
         say(f"  timing sampling at batch {batch} ({timing_repeats} interleaved repeats)")
-        timing[batch] = _time_sampling(models, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
+        timing[batch] = _time_sampling(runners, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
                                        batch=batch, repeats=timing_repeats, num_classes=num_classes)
     first = records[0]
     for i, record in enumerate(records):
@@ -274,6 +276,7 @@ def evaluate(
         "protocol": {
             "sampler": sampler,
             "steps": steps,
+            "timestep_spacing": TIMESTEP_SPACING,
             "num_samples": num_samples,
             "seeds": list(seeds),
             "feature_net": getattr(feature_net, "description", type(feature_net).__name__),
@@ -282,6 +285,7 @@ def evaluate(
                    "features; mean and sample sd over the seeds",
             "flops": f"{FLOPS_CONVENTION}; per image, summed over the sampling steps actually taken "
                      "(a router counts the expert it calls at each step)",
+            "sampling_path": " / ".join(dict.fromkeys(f"{r.compile}/{r.precision}" for r in runners)),
             "time": f"wall-clock of one full {sampler}-{steps} sampling run at each batch size, median of "
                     f"{timing_repeats} runs interleaved across models after one warm-up; ratios are to "
                     f"'{first['name']}' measured in the same process",

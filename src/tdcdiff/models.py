@@ -113,7 +113,9 @@ class Denoiser(nn.Module):
     """Calls any module as `model(x, t)` (or `model(x, t, class_labels=y)`) and returns a plain tensor.
 
     Accepts models that return a tensor, a diffusers output with `.sample`, or a tuple whose first
-    item is the prediction. Everything in tdcdiff calls denoisers through this.
+    item is the prediction. Everything in tdcdiff calls denoisers through this. x goes into the model in the
+    dtype of its floating-point weights (fp16/bf16 models work); the output comes back in x's dtype, so the
+    scheduler's arithmetic stays in float32.
 
     A model may output 2C channels for C input channels (a learned variance, as in IDDPM/ADM): the first C
     are the prediction. forward returns only those unless `with_variance=True` (the DDPM sampler's case).
@@ -131,7 +133,9 @@ class Denoiser(nn.Module):
             t = t.expand(x.shape[0])
         if class_labels is None and num_class_embeds(self.model) is not None:
             class_labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        out = self.model(x, t) if class_labels is None else self.model(x, t, class_labels=class_labels)
+        weight = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        inputs = x if weight is None else x.to(weight.dtype)
+        out = self.model(inputs, t) if class_labels is None else self.model(inputs, t, class_labels=class_labels)
         if hasattr(out, "sample"):
             out = out.sample
         elif isinstance(out, (tuple, list)):
@@ -145,7 +149,7 @@ class Denoiser(nn.Module):
                 f"must map (x, t) to a tensor of x's shape, or with a learned variance to {2 * channels} channels "
                 "(the prediction first)"
             )
-        return out if with_variance else out[:, :channels]
+        return (out if with_variance else out[:, :channels]).to(x.dtype)
 
 
 def as_denoiser(model: nn.Module) -> Denoiser:

@@ -93,10 +93,12 @@ def protocol_line(results: dict) -> str:
     """One sentence naming everything a FID number depends on."""
     p = results["protocol"]
     runs = f" over {len(p['runs'])} independent runs: {', '.join(p['runs'])}" if p.get("runs") else ""
+    spacing = f" ({p['timestep_spacing']} spacing)" if p.get("timestep_spacing") else ""  # older results lack it
+    path = f" Sampling path (compile/precision): {p['sampling_path']}." if p.get("sampling_path") else ""
     return (f"FID/KID on {p['num_samples']} samples per model and seed (sampling seeds {p['seeds']}{runs}), "
-            f"{p['sampler'].upper()} {p['steps']} steps, features: {p['feature_net']}, reference: "
+            f"{p['sampler'].upper()} {p['steps']} steps{spacing}, features: {p['feature_net']}, reference: "
             f"'{p['reference']['name']}' ({p['reference']['count']} images). {p['flops'].split(';')[0]}. "
-            f"Ratios are to '{p['ratios_to']}'.")
+            f"Ratios are to '{p['ratios_to']}'.{path}")
 
 
 def verdicts(results: dict) -> list[str]:

@@ -17,7 +17,8 @@ class Router(nn.Module):
     expert_flops: FLOPs of one forward pass of each expert (batch 1), for exact trajectory accounting.
 
     A batch whose items have different t is split by group and put back in order. `samples_routed[i]`
-    counts the samples expert i has processed since the last `reset_counts()`.
+    counts the samples expert i has processed since the last `reset_counts()`. The sampling loop, whose
+    whole batch shares one t, asks `route(t, n)` for the expert instead (a table lookup, no tensor ops).
     """
 
     is_denoiser = True
@@ -30,7 +31,18 @@ class Router(nn.Module):
         self.grouping = grouping
         self.expert_flops = list(expert_flops) if expert_flops is not None else None
         self.register_buffer("_edges", torch.tensor(grouping.boundaries[1:-1], dtype=torch.long), persistent=False)
+        self._group_at = [g.index for g in grouping.groups for _ in range(g.start, g.end)]  # t -> group
         self.samples_routed = [0] * len(experts)
+
+    def route(self, t: int, count: int) -> int:
+        """The group (= expert index) holding training timestep t, counting `count` samples sent to it.
+
+        Raises IndexError for t outside 0..T-1."""
+        if not 0 <= t < len(self._group_at):
+            raise IndexError(f"timestep {t} is outside the router's 0..{len(self._group_at) - 1}")
+        group = self._group_at[t]
+        self.samples_routed[group] += count
+        return group
 
     def reset_counts(self) -> None:
         self.samples_routed = [0] * len(self.experts)
