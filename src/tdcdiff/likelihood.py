@@ -172,19 +172,14 @@ class Bound:
                 f"{'clipped to [-1, 1]' if self.clip else 'unclipped'}; ± is the standard error over images")
 
     def summary(self) -> dict:
-        """JSON-able means and standard errors over images (bits/dim): "total", "prior", "decoder", and
-        "groups" {"group i": ...}; total = prior + sum of the groups, image by image. Also the measurement's
-        "images", "strata", "exact", "variance", "seconds" and "method"."""
-        def stats(values: torch.Tensor) -> dict:
-            n = len(values)
-            se = float(values.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
-            return {"mean": float(values.mean()), "se": se}
-
+        """JSON-able means and standard errors over images (bits/dim): "total", "prior", "decoder", and with a
+        grouping "groups" {"group i": ...}; total = prior + sum of the groups, image by image. Also the
+        measurement's "images", "strata", "exact", "variance", "seconds" and "method"."""
         return {
-            "total": stats(self.total),
-            "prior": stats(self.prior),
-            "decoder": stats(self.decoder),
-            "groups": {f"group {g}": stats(self.groups[:, g]) for g in range(self.groups.shape[1])},
+            "total": _stats(self.total),
+            "prior": _stats(self.prior),
+            "decoder": _stats(self.decoder),
+            **({"groups": _group_stats(self.groups)} if self.grouping is not None else {}),
             "images": len(self.prior),
             "strata": self.strata,
             "exact": self.exact,
@@ -192,6 +187,28 @@ class Bound:
             "seconds": self.seconds,
             "method": self.method(),
         }
+
+    def difference(self, other: Bound) -> dict:
+        """This bound minus `other`'s, image by image: {"total": {"mean", "se"}, "groups": {"group i": ...}}
+        in bits/dim. Paired: measured with the same images and seed (hence the same t and noise), the
+        image-to-image variation cancels and the standard error is far below either bound's own.
+        Raises ValueError when the two were measured on other image counts, groups or strata.
+        """
+        if self.groups.shape != other.groups.shape or self.strata != other.strata:
+            raise ValueError(f"cannot pair bounds over {tuple(self.groups.shape)} images x groups and {self.strata} "
+                             f"strata with {tuple(other.groups.shape)} and {other.strata}; measure both with the "
+                             "same images, grouping, samples and seed")
+        return {"total": _stats(self.total - other.total), "groups": _group_stats(self.groups - other.groups)}
+
+
+def _stats(values: torch.Tensor) -> dict:
+    """Mean and its standard error (sample sd / sqrt(n); NaN for one value) of a 1-D tensor."""
+    se = float(values.std(unbiased=True)) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return {"mean": float(values.mean()), "se": se}
+
+
+def _group_stats(groups: torch.Tensor) -> dict:
+    return {f"group {g}": _stats(groups[:, g]) for g in range(groups.shape[1])}
 
 
 def timestep_strata(scheduler, samples: int | None, cuts: list[int] = ()) -> list[int]:
