@@ -178,3 +178,19 @@ def test_bad_input_is_rejected_with_the_fix(cosine50, change, message):
     args = dict(images=gaussian_images(2), samples=4, variance="fixed_small", grouping=None) | change
     with pytest.raises(ValueError, match=message):
         nll_bound(GaussianDenoiser(cosine50), args.pop("images"), cosine50, **args)
+
+
+def test_paired_differences_cancel_image_to_image_variation(cosine50):
+    images = gaussian_images(64)
+    exact = nll_bound(GaussianDenoiser(cosine50), images, cosine50, samples=16)
+    biased = nll_bound(GaussianDenoiser(cosine50, bias=0.01), images, cosine50, samples=16)
+    difference = biased.difference(exact)["total"]
+    per_image = biased.total - exact.total
+    assert difference["mean"] == pytest.approx(float(per_image.mean()))
+    assert difference["se"] == pytest.approx(float(per_image.std()) / 8)
+    # A small bias: the images' own spread (most of each bound's SE) cancels in the pairs.
+    assert difference["mean"] > 3 * difference["se"] and difference["se"] < exact.summary()["total"]["se"] / 3
+    other = nll_bound(GaussianDenoiser(cosine50), images[:16], cosine50, grouping=make_groups("uniform", 2, cosine50),
+                      samples=4)
+    with pytest.raises(ValueError, match=r"cannot pair bounds over \(16, 2\) images x groups and 5 strata with \(64, 1\) and 12"):
+        other.difference(exact)

@@ -289,7 +289,7 @@ def evaluate(
                                         if loss_grouping is not None else []}
                if held_out is not None else {}),
             **({"held_out_bpd": bounds[0].method() + "; the same images, timesteps and noise for every model, so "
-                                "'vs_first' (the paired difference to the first model) has a far smaller SE"}
+                                "'vs_first' (the paired difference to the first model) usually has a smaller SE"}
                if bounds else {}),
         },
         "models": records,

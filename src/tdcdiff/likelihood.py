@@ -191,7 +191,8 @@ class Bound:
     def difference(self, other: Bound) -> dict:
         """This bound minus `other`'s, image by image: {"total": {"mean", "se"}, "groups": {"group i": ...}}
         in bits/dim. Paired: measured with the same images and seed (hence the same t and noise), the
-        image-to-image variation cancels and the standard error is far below either bound's own.
+        image-to-image variation cancels, so the standard error is usually well below either bound's own
+        (digits, a model after 600 vs 150 training steps, K=16: 0.023 against 0.052 and 0.063).
         Raises ValueError when the two were measured on other image counts, groups or strata.
         """
         if self.groups.shape != other.groups.shape or self.strata != other.strata:
