@@ -22,6 +22,12 @@ DDPMScheduler default, and the default here), or "fixed_large" = beta_t. Both us
 IDDPM does. IDDPM's headline numbers use a learned variance; a fixed variance still gives a valid (looser)
 upper bound. As in IDDPM's default, the model's x_0 prediction is clipped to [-1, 1] (the sampler does too).
 
+All T terms cost N x T model calls. `nll_bound(samples=K)` instead estimates sum_{t>=1} L_t without bias from
+about K timesteps per image, stratified in log-SNR (see `timestep_strata`); IDDPM's own alternative for
+training is importance sampling of t by the history of L_t, which an evaluation of a fixed model does not
+need. Every number comes with its standard error over images, and two models measured with the same images
+and seed can be compared image by image (`Bound.difference`).
+
 Images are first rounded to the 8-bit grid (k / 127.5 - 1), so the number bounds the NLL of 8-bit images
 and is comparable across data sets and with published bits/dim.
 """
