@@ -192,5 +192,5 @@ def test_paired_differences_cancel_image_to_image_variation(cosine50):
     assert difference["mean"] > 3 * difference["se"] and difference["se"] < exact.summary()["total"]["se"] / 3
     other = nll_bound(GaussianDenoiser(cosine50), images[:16], cosine50, grouping=make_groups("uniform", 2, cosine50),
                       samples=4)
-    with pytest.raises(ValueError, match=r"cannot pair bounds over \(16, 2\) images x groups and 5 strata with \(64, 1\) and 12"):
+    with pytest.raises(ValueError, match=r"\(16, 2\) images x groups and 5 strata with \(64, 1\) and 12"):
         other.difference(exact)

@@ -196,7 +196,8 @@ def _check_curves(curves: list[list[tuple[float, float]]], weights: list[float])
                 raise ValueError(f"group {g} has the point ({fraction}, {loss}); fractions must be in (0, 1] of the "
                                  "base's FLOPs and losses finite")
     if any(w < 0 for w in weights) or not math.isclose(sum(weights), 1.0, rel_tol=1e-9):
-        raise ValueError(f"group weights must be >= 0 and sum to 1 (each group's share of the timesteps), got {weights}")
+        raise ValueError(f"group weights must be >= 0 and sum to 1 (each group's share of the timesteps), "
+                         f"got {weights}")
 
 
 def allocate_from_curves(

@@ -301,8 +301,8 @@ def pool(evaluations: list[dict], labels: list[str] | None = None) -> dict:
 
     FID and KID are pooled over every (run, sampling seed) pair, so their sd includes run-to-run variation;
     the other numbers are averaged over runs, and the bits/dim bound's means (total, per group, paired
-    differences) also get "sd", their spread over runs. evaluations: `evaluate` results with the same model names in
-    the same order, under one protocol. labels: one name per run (e.g. "seed 0"), kept with the per-run data.
+    differences) also get "sd", their spread over runs. evaluations: `evaluate` results with the same model
+    names in the same order, under one protocol. labels: one name per run (e.g. "seed 0"), kept with the per-run data.
     """
     from .metrics import FidResult, summarize_seeds
 

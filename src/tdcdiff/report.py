@@ -82,7 +82,8 @@ def table_rows(results: dict) -> list[dict[str, str]]:
             "FID (mean ± sd)": _pm(m["fid"], 2),
             "KID (mean ± sd)": _pm(m["kid"], 4),
             **({"bits/dim (mean ± sd over runs)": _pm(bpd["total"], 3)} if bpd and spread else
-               {"bits/dim (± SE over images)": _pm({**bpd["total"], "sd": bpd["total"]["se"]}, 3)} if bpd else {}),
+               {"bits/dim (± SE over images)": f"{bpd['total']['mean']:.3f} ± {bpd['total']['se']:.3f}"}
+               if bpd else {}),
             "sampling FLOPs / image": _si(m["sampling_flops"]["per_image"]),
             "FLOPs ratio": f"{m['sampling_flops']['ratio']:.2f}x",
             f"time ratio (batch {batches})": _times(m),
