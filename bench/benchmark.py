@@ -364,7 +364,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     from tdcdiff.data import load_dataset
     from tdcdiff.evaluate import pool
-    from tdcdiff.report import format_table, loss_rows, verdicts, write_report
+    from tdcdiff.report import bpd_rows, format_table, loss_rows, verdicts, write_report
 
     setting = make_setting(args.data, args.data_path, args.reference_path, args.gpu, args.quick)
     for key, value in (item.split("=", 1) for item in args.overrides):
@@ -411,6 +411,8 @@ def main(argv=None) -> int:
     _say("\n" + format_table(results))
     _say("\nheld-out denoising loss per TDC group (ratio to the single model):\n"
          + format_table(results, loss_rows(results)))
+    _say("\nheld-out bits/dim bound per TDC group (± SE over images, sd over seeds):\n"
+         + format_table(results, bpd_rows(results)))
     for sentence in verdicts(results):
         _say(f"- {sentence}")
     _say(f"\nreport: {page}\nresults: {args.out / 'results.json'}  ({time.perf_counter() - started:.0f} s)")

@@ -42,9 +42,10 @@ def test_quick_benchmark_on_digits(quick_bench):
     assert flops["TDC"] < 1 and flops["uniform-pruned"] < 1
     assert (out / "report.html").exists() and (out / "seed_0" / "tdc" / "bundle" / "manifest.json").exists()
     assert "single model" in done.stdout and "TDC vs single model" in done.stdout
-    assert "held-out denoising loss" in done.stdout
+    assert "held-out denoising loss" in done.stdout and "held-out bits/dim bound" in done.stdout
     for model in results["models"]:
         assert list(model["held_out_loss"]) == ["all", "group 0", "group 1"]
+        assert list(model["held_out_bpd"]["groups"]) == ["group 0", "group 1"]
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from torch import nn
 
 from tdcdiff.evaluate import ModelEntry, evaluate, pool, trajectory_flops
 from tdcdiff.grouping import make_groups
-from tdcdiff.report import format_table, loss_rows, report_for_run, verdicts
+from tdcdiff.report import bpd_rows, format_table, loss_rows, report_for_run, table_rows, verdicts
 from tdcdiff.router import Router
 
 
@@ -32,7 +32,8 @@ def test_report_page_states_the_protocol(report):
     page = path.read_text()
     for part in ("FID", "digits classifier", "64-d", "DDIM 4 steps (trailing spacing)",
                  "Sampling path (compile/precision): trace/fp32", "32 samples", "2 x multiply-accumulates",
-                 "base (stage 1)", "TDC", "Verdicts", "Held-out denoising loss",
+                 "base (stage 1)", "TDC", "Verdicts", "Held-out denoising loss", "Held-out bits/dim",
+                 "IDDPM calc_bpd_loop", "fixed_small",
                  "KID is the unbiased estimate of the squared kernel distance between the feature distributions: it "
                  "can come out slightly negative"):
         assert part in page, part
@@ -71,6 +72,14 @@ def test_results_compare_base_and_tdc(report):
     ranges = results["protocol"]["held_out_loss_groups"]
     assert len(ranges) == 2 and ranges[0].startswith("t 0-") and ranges[-1].endswith("-999")
     assert all(v > 0 for v in tdc["held_out_loss"].values())
+    # the bits/dim bound: additive shares, paired to the base, on the held-out images
+    bpd = tdc["held_out_bpd"]
+    assert list(bpd["groups"]) == ["group 0", "group 1"] and 0 < bpd["total"]["se"] < bpd["total"]["mean"]
+    assert bpd["total"]["mean"] == pytest.approx(bpd["prior"]["mean"] + sum(g["mean"] for g in bpd["groups"].values()))
+    assert base["held_out_bpd"]["vs_first"]["total"] == {"mean": 0.0, "se": 0.0}
+    base_bpd = base["held_out_bpd"]["total"]["mean"]
+    assert bpd["vs_first"]["total"]["mean"] == pytest.approx(bpd["total"]["mean"] - base_bpd)
+    assert "held-out 8-bit images in bits/dim" in results["protocol"]["held_out_bpd"]
 
 
 def test_every_referenced_png_exists(report):
@@ -129,6 +138,16 @@ def test_evaluate_and_pool(digits, scheduler, feature_cache):
     loss = pooled["models"][1]["held_out_loss"]
     assert set(loss) == {"all", "group 0", "group 1"} and loss["all"] > pooled["models"][0]["held_out_loss"]["all"]
     assert loss_rows(pooled)[0]["group 0 (t 0-499)"].endswith("(1.00x)")
+    # bits/dim: the router differs from the plain model only on group 1 (t 500-999), with the same t and noise
+    bpd, plain_bpd = pooled["models"][1]["held_out_bpd"], pooled["models"][0]["held_out_bpd"]
+    assert bpd["vs_first"]["groups"]["group 0"]["mean"] == 0 and bpd["vs_first"]["groups"]["group 1"]["mean"] != 0
+    assert bpd["groups"]["group 0"] == plain_bpd["groups"]["group 0"]
+    assert bpd["vs_first"]["total"]["se"] < bpd["total"]["se"]  # pairing removes image-to-image variation
+    assert bpd["total"]["sd"] == 0  # the same models and images in both runs: no spread over runs
+    rows = bpd_rows(pooled)
+    assert rows[1]["group 1 (t 500-999)"].endswith("(sd 0.000)") and "minus plain (paired)" in rows[1]
+    assert table_rows(pooled)[0]["bits/dim (mean ± sd over runs)"].endswith("± 0.000")
+    assert "bits/dim (± SE over images)" in table_rows(runs[0])[0]
     (sentence,) = verdicts(pooled)
     assert sentence.startswith("routed vs plain:") and "0.67x the sampling FLOPs" in sentence
     assert "per-seed gaps" in sentence and "routed lower in" in sentence and "95% interval" in sentence

@@ -1,15 +1,19 @@
 """Progressive FLOPs allocation: harder timestep groups get bigger denoisers.
 
 Group of difficulty rank i (1 = easiest .. N = hardest) gets FLOPs_g(i) = (i/N + (N-i)/N * k) * F,
-with F the FLOPs of the base model's forward pass and 0 < k <= 1.
+with F the FLOPs of the base model's forward pass and 0 < k <= 1 (the paper's linear formula). The other way,
+`allocate_from_curves`, picks each group's size from measured quality-against-size curves (an exact
+multiple-choice knapsack).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .grouping import Grouping
@@ -169,3 +173,88 @@ def make_plan(
     ranks = difficulty_ranks(ordering, len(grouping), sensitivity)
     fractions = [fractions_by_rank[r - 1] for r in ranks]
     return Plan(grouping, k, ordering, base_flops, tuple(sample_shape), ranks, fractions, sensitivity, provenance or {})
+
+
+@dataclass
+class Allocation:
+    """Per group, the measured option chosen: `fractions` (FLOPs fraction of the base, group order), `option`
+    (its index in that group's curve), `loss` (the summed quality loss) and `mean_fraction` (timestep-weighted
+    mean fraction, what sampling costs on average)."""
+
+    fractions: list[float]
+    option: list[int]
+    loss: float
+    mean_fraction: float
+
+
+def _check_curves(curves: list[list[tuple[float, float]]], weights: list[float]) -> None:
+    if len(curves) != len(weights) or not curves:
+        raise ValueError(f"{len(curves)} quality curves for {len(weights)} group weights; give one curve per group")
+    for g, curve in enumerate(curves):
+        if not curve:
+            raise ValueError(f"group {g} has no measured (fraction, loss) points; measure at least one size")
+        for fraction, loss in curve:
+            if not 0 < fraction <= 1 or not math.isfinite(loss):
+                raise ValueError(f"group {g} has the point ({fraction}, {loss}); fractions must be in (0, 1] of the "
+                                 "base's FLOPs and losses finite")
+    if any(w < 0 for w in weights) or not math.isclose(sum(weights), 1.0, rel_tol=1e-9):
+        raise ValueError(f"group weights must be >= 0 and sum to 1 (each group's share of the timesteps), "
+                         f"got {weights}")
+
+
+def allocate_from_curves(
+    curves: list[list[tuple[float, float]]],
+    weights: list[float],
+    budget: float,
+) -> Allocation:
+    """Choose one measured size per group so that the summed quality loss is minimal within the budget.
+
+    curves: per group (timestep order), its measured points (fraction of the base FLOPs, quality loss), e.g. the
+        group's bits/dim share of an expert of that size minus the base's (likelihood.nll_bound: the shares
+        are additive, so the total loss is the sum over groups). Lower loss is better; any shape is allowed.
+    weights: each group's share of the T timesteps (group size / T; they sum to 1): a sampling trajectory
+        spends that share of its steps in the group.
+    budget: the largest allowed timestep-weighted mean fraction sum_g weights[g] x fraction[g], in (0, 1].
+
+    Exact (a multiple-choice knapsack): dynamic programming over the groups keeping every Pareto-optimal
+    (cost, loss) partial choice, since the remaining groups add to cost and loss independently of how the
+    earlier ones were chosen, a dominated partial choice can never complete to a better one. Costs stay
+    real-valued (no rounding to a grid); the number of kept states is at most the number of distinct costs.
+    Among equal losses the cheaper choice wins. The paper's linear formula (`budget_fractions`) is the
+    alternative that needs no curves; `curve_loss` prices any allocation on the same curves.
+    Raises ValueError for malformed curves or weights, or a budget below the cheapest choice (the message
+    gives the cheapest mean fraction reachable).
+    """
+    _check_curves(curves, weights)
+    cheapest = sum(w * min(f for f, _ in curve) for w, curve in zip(weights, curves))
+    if budget < cheapest - 1e-12:
+        raise ValueError(f"budget {budget} is below the cheapest mean fraction the measured sizes allow "
+                         f"({cheapest:.4f}); raise the budget or measure smaller sizes")
+    states: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())]
+    for weight, curve in zip(weights, curves):
+        grown = sorted((cost + weight * f, loss + q, choice + (i,))
+                       for cost, loss, choice in states for i, (f, q) in enumerate(curve)
+                       if cost + weight * f <= budget + 1e-12)
+        states = []
+        for state in grown:  # by cost: keep a state only if it beats every cheaper one
+            if not states or state[1] < states[-1][1]:
+                states.append(state)
+    cost, loss, choice = min(states, key=lambda s: (s[1], s[0]))
+    return Allocation([curves[g][i][0] for g, i in enumerate(choice)], list(choice), loss, cost)
+
+
+def curve_loss(curves: list[list[tuple[float, float]]], fractions: list[float]) -> float:
+    """The summed quality loss of an allocation (one FLOPs fraction per group) read off the measured curves,
+    interpolated linearly between measured points; e.g. the paper's `budget_fractions` in group order.
+    Raises ValueError for a fraction outside a group's measured range (extrapolation is a guess).
+    """
+    if len(fractions) != len(curves):
+        raise ValueError(f"{len(fractions)} fractions for {len(curves)} curves; give one per group")
+    total = 0.0
+    for g, (curve, fraction) in enumerate(zip(curves, fractions)):
+        xs, ys = zip(*sorted(curve))
+        if not xs[0] - 1e-12 <= fraction <= xs[-1] + 1e-12:
+            raise ValueError(f"group {g}: fraction {fraction:.4f} lies outside its measured sizes "
+                             f"[{xs[0]}, {xs[-1]}]; measure that size too")
+        total += float(np.interp(fraction, xs, ys))
+    return total

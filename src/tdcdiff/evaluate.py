@@ -143,7 +143,8 @@ def _time_sampling(models: list, scheduler, *, sample_shape, sampler, steps, bat
     return [statistics.median(t) for t in times]
 
 
-HELD_OUT_IMAGES = 256  # images per timestep in the held-out loss
+HELD_OUT_IMAGES = 256  # images per timestep in the held-out loss, and images in the bits/dim bound
+BPD_SAMPLES = 16  # timestep strata per image in the bits/dim estimate: SE ~0.05 bits on 256 digits images
 
 
 def held_out_loss(model, images: torch.Tensor, scheduler, grouping=None, *, seed: int = 0,
@@ -180,6 +181,8 @@ def evaluate(
     loss_grouping=None,
     num_classes: int | None = None,
     held_out_labels: torch.Tensor | None = None,
+    bpd_samples: int | None = BPD_SAMPLES,
+    bpd_variance: str = "fixed_small",
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict:
@@ -199,12 +202,18 @@ def evaluate(
         and batch (after one warm-up), interleaved across models; the median is reported.
     grid_dir: if given, a grid of each model's first-seed samples is written there as samples_<name>.png.
     held_out: images none of the models trained on; if given, each model's denoising loss on them is measured
-        (`held_out_loss`), overall and per group of loss_grouping (a grouping.Grouping, e.g. the TDC run's).
+        (`held_out_loss`), overall and per group of loss_grouping (a grouping.Grouping, e.g. the TDC run's),
+        and so is the variational bound on their NLL in bits/dim (likelihood.nll_bound on the first
+        HELD_OUT_IMAGES of them), in total and per group, with standard errors and each model's paired
+        difference to the first model.
     num_classes, held_out_labels: for class-conditional models, the data's class count (samples are drawn
         class-balanced: class i % num_classes for image i) and the held-out images' class ids.
+    bpd_samples: timestep strata per image in the bits/dim estimate (None: all T terms, N x T model calls).
+    bpd_variance: the reverse-step variance of the bound, "fixed_small" (beta_tilde_t) or "fixed_large" (beta_t).
     device: where sampling runs (default: CUDA when available, else CPU); models are moved there.
     progress: print one line per measurement.
     """
+    from .likelihood import nll_bound
     from .metrics import compute_fid, feature_net_for, summarize_seeds
     from .pipeline import TIMESTEP_SPACING, SamplingModel, sample, save_grid
 
@@ -225,7 +234,7 @@ def evaluate(
     models = [e.denoiser.to(device).eval() for e in entries]
     runners = [SamplingModel(m) for m in models]  # the default fast path, built once per model
 
-    records = []
+    records, bounds = [], []
     for entry, model, runner in zip(entries, models, runners):
         fids, flops = [], []
         for seed in seeds:
@@ -256,9 +265,17 @@ def evaluate(
             "sample_grid": str(grid) if grid_dir is not None else None,
         })
         if held_out is not None:
-            records[-1]["held_out_loss"] = held_out_loss(
-                model, held_out.to(device), scheduler, loss_grouping,
-                labels=None if held_out_labels is None else held_out_labels.to(device))
+            labels = None if held_out_labels is None else held_out_labels.to(device)
+            records[-1]["held_out_loss"] = held_out_loss(model, held_out.to(device), scheduler, loss_grouping,
+                                                         labels=labels)
+            bounds.append(nll_bound(model, held_out[:HELD_OUT_IMAGES].to(device), scheduler, grouping=loss_grouping,
+                                    samples=bpd_samples, variance=bpd_variance,
+                                    labels=None if labels is None else labels[:HELD_OUT_IMAGES]))
+            bpd = bounds[-1].summary()
+            say(f"  {entry.name}: held-out bound {bpd['total']['mean']:.4f} ± {bpd['total']['se']:.4f} bits/dim "
+                f"({bpd['seconds']:.1f} s)")
+            records[-1]["held_out_bpd"] = {key: bpd[key] for key in ("total", "prior", "decoder", "groups", "seconds")
+                                           if key in bpd} | {"vs_first": bounds[-1].difference(bounds[0])}
 
     timing = {}
     for batch in timing_batches:
@@ -305,6 +322,9 @@ def evaluate(
                 "held_out_loss_groups": [f"t {g.start}-{g.end - 1}" for g in loss_grouping.groups]
                                         if loss_grouping is not None else []}
                if held_out is not None else {}),
+            **({"held_out_bpd": bounds[0].method() + "; the same images, timesteps and noise for every model, so "
+                                "'vs_first' (the paired difference to the first model) usually has a smaller SE"}
+               if bounds else {}),
         },
         "models": records,
     }
@@ -314,8 +334,9 @@ def pool(evaluations: list[dict], labels: list[str] | None = None) -> dict:
     """Combine evaluations of the same models from independent runs (e.g. one training seed each).
 
     FID and KID are pooled over every (run, sampling seed) pair, so their sd includes run-to-run variation;
-    the other numbers are averaged over runs. evaluations: `evaluate` results with the same model names in
-    the same order, under one protocol. labels: one name per run (e.g. "seed 0"), kept with the per-run data.
+    the other numbers are averaged over runs, and the bits/dim bound's means (total, per group, paired
+    differences) also get "sd", their spread over runs. evaluations: `evaluate` results with the same model
+    names in the same order, under one protocol. labels: one name per run (e.g. "seed 0"), kept with the per-run data.
     """
     from .metrics import FidResult, summarize_seeds
 
@@ -339,6 +360,8 @@ def pool(evaluations: list[dict], labels: list[str] | None = None) -> dict:
             "kid": {"mean": summary["kid_mean"], "sd": summary["kid_sd"]},
             "sample_grid": runs[0]["sample_grid"],
         })
+        if "held_out_bpd" in runs[0] and len(runs) > 1:
+            _add_run_sd(models[-1]["held_out_bpd"], [r["held_out_bpd"] for r in runs])
     protocol = dict(evaluations[0]["protocol"])
     if len({str(e["protocol"].get("held_out_loss_groups")) for e in evaluations}) > 1:
         protocol["held_out_loss_groups"] = None  # e.g. loss-based grouping: each run cut t differently
@@ -347,6 +370,16 @@ def pool(evaluations: list[dict], labels: list[str] | None = None) -> dict:
     protocol["fid"] += f"; pooled over {len(evaluations)} independent runs ({', '.join(labels)})"
     return {"format": FORMAT, "protocol": protocol, "models": models,
             "per_run": [{"label": label, **e} for label, e in zip(labels, evaluations)]}
+
+
+def _add_run_sd(pooled: dict, runs: list[dict]) -> None:
+    """Give every {"mean", "se"} entry of a pooled tree the sd of its mean over the runs (seed-to-seed spread)."""
+    if "mean" in pooled and "se" in pooled:
+        pooled["sd"] = statistics.stdev(r["mean"] for r in runs)
+        return
+    for key, value in pooled.items():
+        if isinstance(value, dict):
+            _add_run_sd(value, [r[key] for r in runs])
 
 
 def _mean_tree(trees: list):

@@ -44,16 +44,27 @@ KID_NOTE = ("KID is the unbiased estimate of the squared kernel distance between
             "and reference images are indistinguishable at this sample size.")
 
 
+def _bpd(stats: dict, sign: str = "") -> str:
+    """A bits/dim cell: mean ± standard error over images, and the sd over runs when pooled."""
+    spread = f" (sd {stats['sd']:.3f})" if "sd" in stats else ""
+    return f"{stats['mean']:{sign}.3f} ± {stats['se']:.3f}{spread}"
+
+
 def table_rows(results: dict) -> list[dict[str, str]]:
     """One dict of formatted cells per model (the columns of both the HTML and the console table)."""
     batches = " / ".join(key.removeprefix("batch_") for key in results["models"][0]["time"])
+    spread = "sd" in results["models"][0].get("held_out_bpd", {}).get("total", {})  # pooled over several runs
     rows = []
     for m in results["models"]:
         memory = m["memory"]
+        bpd = m.get("held_out_bpd")
         rows.append({
             "model": m["name"],
             "FID (mean ± sd)": _pm(m["fid"], 2),
             "KID (mean ± sd)": _pm(m["kid"], 4),
+            **({"bits/dim (mean ± sd over runs)": _pm(bpd["total"], 3)} if bpd and spread else
+               {"bits/dim (± SE over images)": f"{bpd['total']['mean']:.3f} ± {bpd['total']['se']:.3f}"}
+               if bpd else {}),
             "sampling FLOPs / image": _si(m["sampling_flops"]["per_image"]),
             "FLOPs ratio": f"{m['sampling_flops']['ratio']:.2f}x",
             f"time ratio (batch {batches})": _times(m),
@@ -76,6 +87,28 @@ def loss_rows(results: dict) -> list[dict[str, str]]:
     first = models[0]["held_out_loss"]
     return [{"model": m["name"], **{column.get(key, key): f"{value:.4f} ({value / first[key]:.2f}x)"
                                     for key, value in m["held_out_loss"].items()}} for m in models]
+
+
+def bpd_rows(results: dict) -> list[dict[str, str]]:
+    """The held-out bits/dim bound per model: total, the paired difference to the first model, the prior and
+    each group's additive share, as "mean ± SE over images" cells (plus "(sd ...)" over runs when pooled);
+    empty when the results have no bound."""
+    models = results["models"]
+    if "held_out_bpd" not in models[0]:
+        return []
+    ranges = results["protocol"].get("held_out_loss_groups") or []
+    rows = []
+    for m in models:
+        bpd = m["held_out_bpd"]
+        rows.append({
+            "model": m["name"],
+            "total": _bpd(bpd["total"]),
+            f"minus {models[0]['name']} (paired)": _bpd(bpd["vs_first"]["total"], "+"),
+            "prior": _bpd(bpd["prior"]),
+            **{(f"{key} ({ranges[i]})" if i < len(ranges) else key): _bpd(value)
+               for i, (key, value) in enumerate(bpd.get("groups", {}).items())},
+        })
+    return rows
 
 
 def format_table(results: dict, rows: list[dict[str, str]] | None = None) -> str:
@@ -279,6 +312,11 @@ def write_report(out_dir: str | Path, results: dict, *, run_dir: str | Path | No
     p = results["protocol"]
     table = _html_table(table_rows(results))
     losses = loss_rows(results)
+    bpds = bpd_rows(results)
+    bpd_section = (f"<h2>Held-out bits/dim</h2><p>{html.escape(p['held_out_bpd'])}. Lower is better; the groups' "
+                   "shares and the prior add up to the total. ± is the standard error over images"
+                   + ("; (sd ...) is the spread of the mean over the independent runs" if "runs" in p else "")
+                   + f".</p>{_html_table(bpds)}") if bpds else ""
     loss_section = (f"<h2>Held-out denoising loss</h2><p>{html.escape(p['held_out_loss'])}. In brackets: the ratio "
                     f"to {html.escape(results['models'][0]['name'])}; below 1 is better. Unlike FID this shows "
                     f"where along t a model gains or loses.</p>{_html_table(losses)}") if losses else ""
@@ -308,6 +346,7 @@ figcaption {{ font-size: 0.9em; color: #333; }} dt {{ font-weight: bold; }} dd {
 counts only when the 95% interval of the mean per-seed gap (paired t-test) excludes 0. Where the seeds are
 sampling seeds of one training run, a real gap says nothing about run-to-run variation.
 Times are measured, not derived from FLOPs: small networks on CPUs speed up much less than their FLOPs fall.</p>
+{bpd_section}
 {loss_section}
 <h2>Plots</h2>
 {plots}

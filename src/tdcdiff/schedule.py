@@ -34,6 +34,12 @@ def make_scheduler(
     )
 
 
+def alphas_cumprod64(scheduler) -> torch.Tensor:
+    """(T,) float64 alpha_bar_t = prod_{s<=t} (1 - beta_s), exact where the scheduler's float32 copy rounds
+    1 - alpha_bar_t at small t (relative error ~1e-7 / beta_0)."""
+    return torch.cumprod(1 - scheduler.betas.to(torch.float64), 0)
+
+
 def _alpha_bar(scheduler, t) -> torch.Tensor:
     t = torch.as_tensor(t, dtype=torch.long)
     return scheduler.alphas_cumprod.to(torch.float64)[t]
@@ -62,7 +68,8 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
 
 def predict_x0(scheduler, x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The clean image implied by a model output; errors here are comparable across timesteps."""
-    a = scheduler.alphas_cumprod.to(x_t.device, x_t.dtype)[t].view(-1, 1, 1, 1)
+    abar = alphas_cumprod64(scheduler) if x_t.dtype == torch.float64 else scheduler.alphas_cumprod
+    a = abar.to(x_t.device, x_t.dtype)[t].view(-1, 1, 1, 1)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return (x_t - (1 - a).sqrt() * model_output) / a.sqrt()

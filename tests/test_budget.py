@@ -1,0 +1,98 @@
+"""Budget allocation from measured quality curves (budget.allocate_from_curves) against hand-made answers."""
+
+import itertools
+import random
+
+import pytest
+
+from tdcdiff.budget import allocate_from_curves, budget_fractions, curve_loss
+
+
+def brute_force(curves, weights, budget):
+    best = None
+    for choice in itertools.product(*(range(len(c)) for c in curves)):
+        cost = sum(w * curves[g][i][0] for g, (w, i) in enumerate(zip(weights, choice)))
+        loss = sum(curves[g][i][1] for g, i in enumerate(choice))
+        if cost <= budget + 1e-12 and (best is None or (loss, cost) < best[:2]):
+            best = (loss, cost, list(choice))
+    return best
+
+
+def test_the_budget_goes_where_it_buys_the_most_quality():
+    # Two halves of the timesteps; shrinking group 0 costs 1.0, shrinking group 1 only 0.1.
+    curves = [[(0.5, 1.0), (1.0, 0.0)], [(0.5, 0.1), (1.0, 0.0)]]
+    allocation = allocate_from_curves(curves, [0.5, 0.5], 0.75)
+    assert allocation.fractions == [1.0, 0.5] and allocation.loss == pytest.approx(0.1)
+    assert allocation.mean_fraction == pytest.approx(0.75) and allocation.option == [1, 0]
+    assert allocate_from_curves(curves, [0.5, 0.5], 1.0).fractions == [1.0, 1.0]
+
+
+def test_timestep_weights_set_what_a_size_costs():
+    # Same curves, but group 0 holds 90% of the timesteps: keeping it full costs 0.9 of the budget alone.
+    curves = [[(0.5, 1.0), (1.0, 0.0)], [(0.5, 0.8), (1.0, 0.0)]]
+    assert allocate_from_curves(curves, [0.5, 0.5], 0.75).fractions == [1.0, 0.5]
+    assert allocate_from_curves(curves, [0.9, 0.1], 0.75).fractions == [0.5, 1.0]
+
+
+def test_a_non_convex_curve_where_greedy_by_marginal_gain_fails():
+    # Group 0 gains nothing from 0.5 -> 0.75 but everything from 0.75 -> 1.0; a greedy that buys the best
+    # marginal gain per unit cost first spends on group 1 and then cannot afford group 0's jump.
+    curves = [[(0.5, 1.0), (0.75, 1.0), (1.0, 0.0)], [(0.5, 0.3), (1.0, 0.0)]]
+    allocation = allocate_from_curves(curves, [0.5, 0.5], 0.75)
+    assert allocation.fractions == [1.0, 0.5] and allocation.loss == pytest.approx(0.3)
+
+
+def test_equal_losses_take_the_cheaper_sizes():
+    curves = [[(0.4, 0.0), (0.8, 0.0)], [(0.5, 0.2), (1.0, 0.2)]]
+    allocation = allocate_from_curves(curves, [0.5, 0.5], 1.0)
+    assert allocation.fractions == [0.4, 0.5] and allocation.mean_fraction == pytest.approx(0.45)
+
+
+def test_matches_brute_force_on_random_curves():
+    rng = random.Random(0)
+    for _ in range(300):
+        groups = rng.randint(1, 4)
+        curves = [[(rng.choice([0.2, 0.3, 0.45, 0.6, 0.8, 1.0]), rng.random()) for _ in range(rng.randint(1, 4))]
+                  for _ in range(groups)]
+        raw = [rng.random() + 0.05 for _ in range(groups)]
+        weights = [w / sum(raw) for w in raw]
+        cheapest = sum(w * min(f for f, _ in c) for w, c in zip(weights, curves))
+        budget = rng.uniform(cheapest, 1.0)
+        loss, cost, choice = brute_force(curves, weights, budget)
+        allocation = allocate_from_curves(curves, weights, budget)
+        assert allocation.loss == pytest.approx(loss, abs=1e-12) and allocation.mean_fraction <= budget + 1e-12
+        assert allocation.mean_fraction == pytest.approx(cost, abs=1e-12)
+
+
+def test_never_worse_than_the_papers_formula_when_its_sizes_were_measured():
+    # Curves measured at the paper's sizes for N=4, k=0.5 (0.625 .. 1.0); its allocation gives difficulty rank
+    # i the i-th size. The knapsack at the same mean budget must do at least as well.
+    sizes = budget_fractions(4, 0.5)
+    curves = [[(f, loss) for f, loss in zip(sizes, row)]
+              for row in ([0.2, 0.05, 0.02, 0.0], [0.1, 0.05, 0.02, 0.0], [0.3, 0.1, 0.05, 0.0], [2.0, 1.0, 0.1, 0.0])]
+    weights = [0.1, 0.4, 0.3, 0.2]
+    paper = [sizes[3], sizes[0], sizes[1], sizes[2]]  # a ranking that calls group 0 hardest, group 1 easiest
+    budget = sum(w * f for w, f in zip(weights, paper))
+    assert curve_loss(curves, paper) == pytest.approx(0.0 + 0.1 + 0.1 + 0.1)
+    # Better: group 3 (the steep curve) full size, paid for by group 0 (flat) at 0.75: 0.05 + 0.1 + 0.1 + 0.
+    allocation = allocate_from_curves(curves, weights, budget)
+    assert allocation.fractions == [0.75, 0.625, 0.75, 1.0] and allocation.loss == pytest.approx(0.25)
+
+
+def test_curve_loss_interpolates_between_measured_sizes():
+    curves = [[(0.5, 1.0), (1.0, 0.0)], [(0.4, 0.4), (0.8, 0.0)]]
+    assert curve_loss(curves, [0.75, 0.6]) == pytest.approx(0.5 + 0.2)
+    with pytest.raises(ValueError, match="fraction 0.3000 lies outside its measured sizes"):
+        curve_loss(curves, [0.3, 0.6])
+
+
+@pytest.mark.parametrize("curves, weights, budget, message", [
+    ([[(0.5, 1.0)]], [1.0], 0.4, r"budget 0.4 is below the cheapest mean fraction the measured sizes allow \(0.5000\)"),
+    ([[(0.5, 1.0)], []], [0.5, 0.5], 1.0, "group 1 has no measured"),
+    ([[(1.5, 1.0)]], [1.0], 1.0, r"fractions must be in \(0, 1\]"),
+    ([[(0.5, 1.0)]], [0.5, 0.5], 1.0, "1 quality curves for 2 group weights"),
+    ([[(0.5, 1.0)], [(0.5, 1.0)]], [0.5, 0.6], 1.0, "sum to 1"),
+])
+def test_bad_curves_are_rejected_with_the_fix(curves, weights, budget, message):
+    with pytest.raises(ValueError, match=message):
+        allocate_from_curves(curves, weights, budget)
