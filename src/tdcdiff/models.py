@@ -133,7 +133,8 @@ class Denoiser(nn.Module):
             t = t.expand(x.shape[0])
         if class_labels is None and num_class_embeds(self.model) is not None:
             class_labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        weight = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        params = self.model.parameters() if isinstance(self.model, nn.Module) else ()  # a plain function: as is
+        weight = next((p for p in params if p.is_floating_point()), None)
         inputs = x if weight is None else x.to(weight.dtype)
         out = self.model(inputs, t) if class_labels is None else self.model(inputs, t, class_labels=class_labels)
         if hasattr(out, "sample"):
