@@ -28,9 +28,18 @@ def test_plan_lists_single_then_uniform_widths_then_the_tdc_grid():
     assert [c["index"] for c in plan] == list(range(11))
     assert [c["kind"] for c in plan] == ["single", "uniform", "uniform"] + ["tdc"] * 8
     assert plan[1]["fraction"] == 0.8 and plan[2]["name"] == "uniform 0.5"
-    assert {(c["k"], c["groups"], c["grouping"]) for c in plan[3:]} == {
-        (k, n, g) for k in (0.1, 0.5) for n in (2, 4) for g in ("snr", "uniform")}
+    assert [c["settings"] for c in plan[3:]] == [
+        {"k": k, "groups": n, "grouping": g} for g in ("snr", "uniform") for n in (2, 4) for k in (0.1, 0.5)]
     assert len({c["dir"] for c in plan}) == 11 and all(c["dir"].startswith("candidates/") for c in plan)
+
+
+def test_tdc_variants_cross_the_grid_with_run_settings():
+    from tdcdiff.tune import TuneConfig, plan_candidates
+
+    plan = plan_candidates(TuneConfig(widths=(), ks=(0.5,), groups=(2,),
+                                      tdc_variants=({}, {"finetune.mix_fraction": 0.2})))
+    assert [c["name"] for c in plan] == ["single", "TDC k=0.5 N=2 snr", "TDC k=0.5 N=2 snr mix_fraction=0.2"]
+    assert plan[2]["settings"] == {"k": 0.5, "groups": 2, "grouping": "snr", "finetune.mix_fraction": 0.2}
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -169,6 +178,7 @@ def test_outputs_table_plot_choice_and_cost(tuned):
         assert cost["phases"][0]["flops"] > 0  # stage 1 was trained here
         assert [t["batch"] for t in cost["throughput"]] == [1, 4, 64]
         assert (out / "cost.csv").read_text().startswith("phase,wall_s,cpu_s,flops,note")
+        assert (out / "return.csv").read_text().startswith("batch,base_images_per_s,chosen_images_per_s,speedup")
     else:
         assert "keep the base" in choice["reason"]
 
@@ -208,3 +218,15 @@ def test_cli_tune_bad_input_is_one_line(tmp_path):
     assert done.exit_code == 2 and "error: --width values must be in (0, 1)" in done.output
     done = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "t"), "--base-from", str(tmp_path / "none")])
     assert done.exit_code == 2 and "no finished stage-1 base there" in done.output
+
+
+def test_cli_tune_bad_variant_is_refused_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    for variant, message in (("mix", "--variant takes KEY=VALUE[,KEY=VALUE...], got 'mix'"),
+                             ("finetune.bogus=1", "unknown keys ['bogus'] in config section 'finetune'")):
+        done = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "t"), "--variant", variant])
+        assert done.exit_code == 2 and f"error: {message}" in done.output, done.output
+        assert not (tmp_path / "t" / "base" / "base").exists()

@@ -89,6 +89,16 @@ def _overrides(config_file: Path | None, **flags) -> dict:
     return overrides
 
 
+def _key_values(text: str) -> dict:
+    """'a.b=1,c=x' -> {"a.b": 1, "c": "x"} (values read as YAML scalars)."""
+    import yaml
+
+    pairs = [item.partition("=") for item in text.split(",")]
+    if not all(key and sep for key, sep, _ in pairs):
+        raise ValueError(f"--variant takes KEY=VALUE[,KEY=VALUE...], got {text!r}; e.g. finetune.mix_fraction=0.2")
+    return {key.strip(): yaml.safe_load(value) for key, _, value in pairs}
+
+
 def _fail(err: Exception) -> None:
     typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -266,6 +276,7 @@ def tune_command(
     k: Annotated[Optional[list[float]], typer.Option("-k", "--k", help="TDC budget slope k (repeat; default 0.1 0.3 0.5).")] = None,
     groups: Annotated[Optional[list[int]], typer.Option("--groups", "-n", help="TDC number of groups N (repeat; default 2 4).")] = None,
     grouping: Annotated[Optional[list[str]], typer.Option("--grouping", help="TDC grouping: snr, uniform, loss (repeat; default snr).")] = None,
+    variant: Annotated[Optional[list[str]], typer.Option("--variant", help="Also try every TDC grid point with these settings, KEY=VALUE[,KEY=VALUE] (repeat), e.g. finetune.mix_fraction=0.2.")] = None,
     candidate: Annotated[Optional[int], typer.Option("--candidate", help="Train only this candidate (0-based, see candidates.json), e.g. one job each.")] = None,
     finalists: Annotated[int, typer.Option(help="Candidates (best by the screening measure) that get paired-seed FID/KID.")] = 3,
     fid_seeds: Annotated[int, typer.Option("--fid-seeds", help="Sampling seeds for FID/KID (>= 2: the paired rule).")] = 3,
@@ -279,7 +290,7 @@ def tune_command(
 
     Every candidate (the base fine-tuned, uniform widths, TDC over k, N and grouping) gets the same training
     compute; all are screened on held-out images, the best few get paired-seed FID/KID. Writes frontier.png,
-    table.csv, results.json, cost.csv and chosen/ into the tune directory. Rerunning skips finished candidates.
+    table.csv, results.json, cost.csv, return.csv and chosen/ into the tune directory. Rerunning skips finished candidates.
     """
     from dataclasses import replace
 
@@ -292,6 +303,8 @@ def tune_command(
         if value:
             settings = replace(settings, **{name: tuple(value)})
     try:
+        if variant:
+            settings = replace(settings, tdc_variants=({}, *(_key_values(v) for v in variant)))
         tune = Tune(out, settings, overrides=_overrides(config, **flags), base_from=base_from, progress=not quiet)
         if candidate is not None:
             record = tune.run_candidate(candidate)
@@ -311,7 +324,7 @@ def tune_command(
         typer.echo("\n" + format_rows(phases) + "\n\n" + format_rows(returns))
         if results["cost"]["tuning_cost"] is not None:
             typer.echo(f"tuning cost at {price_per_hour:g} per hour: {results['cost']['tuning_cost']:.4f}")
-    typer.echo(f"\nfrontier: {out / 'frontier.png'}  table: {out / 'table.csv'}  cost: {out / 'cost.csv'}"
+    typer.echo(f"\nfrontier: {out / 'frontier.png'}  table: {out / 'table.csv'}  cost: {out / 'cost.csv'}, {out / 'return.csv'}"
                + (f"  chosen bundle: {out / 'chosen'}" if results["choice"]["name"] else ""))
 
 

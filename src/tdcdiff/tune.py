@@ -16,7 +16,7 @@ whose quality is tied with or better than the base's by the paired rule, or with
                            uniform; result.json when it has finished (its phases' time and FLOPs)
       screening.json       the screening measure per model; fid.json: the finalists' FID/KID per seed
       results.json, table.csv, frontier.png    the frontier: quality against sampling time and FLOPs
-      cost.json, cost.csv  what the chosen bundle cost and returns
+      cost.json, cost.csv, return.csv    what the chosen bundle cost and returns
       chosen/ + chosen.json    the chosen bundle (a copy) and which rule chose it
 
 A rerun skips finished candidates and cached measurements; `Tune.run_candidate(i)` (`tdcdiff tune
@@ -37,7 +37,6 @@ import torch
 from .evaluate import slug
 from .serialization import atomic_dir, atomic_write_text
 
-KINDS = ("single", "uniform", "tdc")
 PLAN_FORMAT = "tdcdiff-tune-plan/1"
 
 
@@ -75,6 +74,8 @@ class TuneConfig:
         stage-2 batch size): smaller candidates get proportionally more steps.
     widths: uniform-pruning levels, as fractions of the base's FLOPs (0 < w < 1).
     ks, groups, groupings: the TDC grid (budget slope k, number of groups N, grouping strategy).
+    tdc_variants: RunConfig dotted-key settings crossed with that grid, one TDC candidate each, e.g.
+        ({}, {"finetune.mix_fraction": 0.2}) tries every grid point with and without a stage-2 mix.
     finalists: how many candidates (best by the screening measure) get paired-seed FID/KID.
     fid_seeds, fid_samples: sampling seeds (at least 2, for the paired rule) and images per seed for FID/KID.
     batch: the user's sampling batch size: the frontier's time axis.
@@ -89,6 +90,7 @@ class TuneConfig:
     ks: tuple[float, ...] = (0.1, 0.3, 0.5)
     groups: tuple[int, ...] = (2, 4)
     groupings: tuple[str, ...] = ("snr",)
+    tdc_variants: tuple[dict, ...] = ({},)
     finalists: int = 3
     fid_seeds: int = 3
     fid_samples: int = 512
@@ -125,19 +127,23 @@ class TuneConfig:
     def plan_settings(self) -> dict:
         """The settings that decide the candidates and their training (a rerun must keep them)."""
         return {"tune_steps": self.tune_steps, "widths": list(self.widths), "ks": list(self.ks),
-                "groups": list(self.groups), "groupings": list(self.groupings)}
+                "groups": list(self.groups), "groupings": list(self.groupings),
+                "tdc_variants": [dict(v) for v in self.tdc_variants]}
 
 
 def plan_candidates(config: TuneConfig) -> list[dict]:
     """The candidates, in order: the base fine-tuned ("single"), each uniform width, each TDC setting.
 
     Returns dicts with index, name, kind ("single", "uniform", "tdc"), dir (relative to the tune directory)
-    and the kind's parameters (fraction; k, groups, grouping).
+    and the kind's parameters: fraction (uniform); settings, the TDC run's RunConfig overrides (tdc).
     """
     specs = [{"name": "single", "kind": "single"}]
     specs += [{"name": f"uniform {w:g}", "kind": "uniform", "fraction": w} for w in config.widths]
-    specs += [{"name": f"TDC k={k:g} N={n} {g}", "kind": "tdc", "k": k, "groups": n, "grouping": g}
-              for g in config.groupings for n in config.groups for k in config.ks]
+    for variant in config.tdc_variants:
+        suffix = "".join(f" {key.rpartition('.')[2]}={value}" for key, value in variant.items())
+        specs += [{"name": f"TDC k={k:g} N={n} {g}{suffix}", "kind": "tdc",
+                   "settings": {"k": k, "groups": n, "grouping": g, **variant}}
+                  for g in config.groupings for n in config.groups for k in config.ks]
     return [{"index": i, **s, "dir": f"candidates/{i:02d}-{slug(s['name'])}"} for i, s in enumerate(specs)]
 
 
@@ -211,7 +217,7 @@ class Tune:
 
     def __init__(self, tune_dir: str | Path, config: TuneConfig | None = None, *, run_config=None,
                  overrides: dict | None = None, base_from: str | Path | None = None, progress: bool = True):
-        from .run import Run, copy_stages
+        from .run import Run, apply_overrides, copy_stages
         from .train import FINAL_DIR
 
         self.dir = Path(tune_dir)
@@ -232,6 +238,9 @@ class Tune:
             raise ValueError(f"{self.dir} was tuned with other candidate settings ({'; '.join(differ)}); use a new "
                              f"--out, or delete {self.dir / 'tune.json'} and {self.dir / 'candidates'} to start over")
         self.candidates = plan_candidates(self.config)
+        for spec in self.candidates:  # a bad TDC setting must fail now, not after stage 1 and other candidates
+            if spec["kind"] == "tdc":
+                apply_overrides(self.base_run.config, spec["settings"]).validate()
 
     def say(self, message: str) -> None:
         if self.progress:
@@ -347,10 +356,10 @@ class Tune:
         """A TDC run directory sharing the base: plan + pruning search, then stage 2 cut to the budget."""
         from .run import Run, copy_stages
 
-        i, c = spec["index"], self.base_run.config
+        i = spec["index"]
         copy_stages(self.base_run.dir, out, ("config.json", "base"))
-        run = Run(out, overrides={"k": spec["k"], "groups": spec["groups"], "grouping": spec["grouping"]},
-                  progress=self.progress)
+        run = Run(out, overrides=spec["settings"], progress=self.progress)
+        c = run.config
         self.say(f"[{i}] {spec['name']}: plan and pruning search")
         start = _clock()
         summaries = run.prune()
@@ -512,7 +521,8 @@ class Tune:
 
     def cost(self, models: dict, chosen: dict) -> dict:
         """Cost and return of the chosen bundle: time and FLOPs per phase, throughput gained at batch 1 and 64,
-        payback in images, and with a price, the cost per 1,000 images before and after. Writes cost.json/.csv."""
+        payback in images, and with a price, the cost per 1,000 images before and after. Writes cost.json,
+        cost.csv (per phase) and return.csv (per batch size)."""
         phases = _read_json(self.dir / "phases.json", {})
         records = [r for s in self.candidates if (r := self.result(s["index"])) is not None and "failed" not in r]
         mine = next(r for r in records if r["name"] == chosen["name"])
@@ -558,15 +568,11 @@ class Tune:
         atomic_write_text(self.dir / "cost.json", json.dumps(cost, indent=2))
         import csv
 
-        with _AtomicText(self.dir / "cost.csv") as f:
-            writer = csv.DictWriter(f, fieldnames=["phase", "wall_s", "cpu_s", "flops", "note"])
-            writer.writeheader()
-            writer.writerows(rows)
-            f.write("\n")
-            keys = list(throughput[0])
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(throughput)
+        for name, table in (("cost.csv", rows), ("return.csv", throughput)):
+            with _AtomicText(self.dir / name) as f:
+                writer = csv.DictWriter(f, fieldnames=list(table[0]))
+                writer.writeheader()
+                writer.writerows(table)
         return cost
 
 
