@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -145,20 +144,6 @@ def reinitialise_pruned(run_dir: Path, groups: int, seed: int) -> None:
     atomic_write_text(marker, json.dumps({"reason": "--one-stage: weights re-initialised before stage 2"}))
 
 
-def copy_stages(source_run: Path, target_run: Path, parts: tuple[str, ...]) -> None:
-    """Copy finished stage outputs of one run directory into another that has not made them yet."""
-    from tdcdiff.serialization import atomic_dir, atomic_write_bytes
-
-    for part in parts:
-        source, target = source_run / part, target_run / part
-        if not target.exists():  # copied atomically, so an interrupted copy is redone, never half-trusted
-            if source.is_dir():
-                with atomic_dir(target) as tmp:
-                    shutil.copytree(source, tmp, dirs_exist_ok=True)
-            else:
-                atomic_write_bytes(target, source.read_bytes())
-
-
 def base_source_problem(source_run: Path, config) -> str | None:
     """Why source_run's stage-1 base cannot stand in for one trained with `config` (None when it can)."""
     from tdcdiff.run import RunConfig, stage_settings
@@ -177,13 +162,15 @@ def base_source_problem(source_run: Path, config) -> str | None:
 
 def reuse_base(source_run: Path, target_run: Path) -> None:
     """Start target_run from source_run's trained stage-1 base (checked by base_source_problem)."""
+    from tdcdiff.run import copy_stages
+
     if not (target_run / "base").exists():
         copy_stages(source_run, target_run, ("config.json", "base"))
 
 
 def options_arm(tdc_run, run_dir: Path, mix: float, distill: float, progress: bool):
     """TDC with stage-2 options, sharing the paper-form run's base, plan and pruned models; same compute."""
-    from tdcdiff.run import Run
+    from tdcdiff.run import Run, copy_stages
 
     copy_stages(tdc_run.dir, run_dir, ("config.json", "base", "plan", "prune"))
     c = tdc_run.config

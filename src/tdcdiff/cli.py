@@ -114,10 +114,17 @@ _SETTINGS = {
 def _open_run(out: Path, config_file: Path | None, progress: bool, *, writes: bool = True, **flags):
     """Settings from the config file, then the flags given, on top of the run's saved or default config.
     writes: the command writes into the run directory (checked before any work)."""
-    from .run import Run, load_config_file
+    from .run import Run
 
     if writes:
         _check_writable(out, "--out", directory=True)
+    return Run(out, overrides=_overrides(config_file, **flags), progress=progress)
+
+
+def _overrides(config_file: Path | None, **flags) -> dict:
+    """Dotted-key RunConfig settings from the config file, then the flags given (None: not given)."""
+    from .run import load_config_file
+
     if flags.get("base") is not None:  # with --base, --base-steps continues training the given model
         flags["base_model_steps"] = flags.pop("base_steps", None)
     overrides = {}
@@ -131,7 +138,17 @@ def _open_run(out: Path, config_file: Path | None, progress: bool, *, writes: bo
         if value is not None:
             targets = _SETTINGS[name]
             overrides.update({t: value for t in (targets if isinstance(targets, tuple) else (targets,))})
-    return Run(out, overrides=overrides, progress=progress)
+    return overrides
+
+
+def _key_values(text: str) -> dict:
+    """'a.b=1,c=x' -> {"a.b": 1, "c": "x"} (values read as YAML scalars)."""
+    import yaml
+
+    pairs = [item.partition("=") for item in text.split(",")]
+    if not all(key and sep for key, sep, _ in pairs):
+        raise ValueError(f"--variant takes KEY=VALUE[,KEY=VALUE...], got {text!r}; e.g. finetune.mix_fraction=0.2")
+    return {key.strip(): yaml.safe_load(value) for key, _, value in pairs}
 
 
 _USER_ERRORS = (ValueError, OSError, KeyError)  # OSError: disk full, read-only, permissions (named by the message)
@@ -318,6 +335,70 @@ def report_command(
     except _USER_ERRORS as err:
         _fail(err)
     typer.echo(f"report: {path}")
+
+
+@app.command("tune")
+def tune_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Tune directory: the plan, candidates, tables, plot and chosen bundle.")] = Path("runs/tune"),
+    base_from: Annotated[Optional[Path], typer.Option("--base-from", help="Start from this run directory's trained stage-1 base instead of training one.")] = None,
+    config: ConfigFile = None, data: Data = None, image_size: ImageSize = None, base_steps: BaseSteps = None,
+    batch_size: BatchSize = None, finetune_lr: FtLr = None, rounds: Rounds = None, candidates: Candidates = None,
+    sampler: Sampler = None, sample_steps: SampleSteps = None, seed: Seed = None,
+    tune_steps: Annotated[int, typer.Option("--tune-steps", help="Each candidate's training compute: this many stage-2 steps of the base model (FLOPs).")] = 1000,
+    width: Annotated[Optional[list[float]], typer.Option("--width", help="Uniform-pruning level, fraction of the base's FLOPs (repeat; default 0.8 0.6 0.4).")] = None,
+    k: Annotated[Optional[list[float]], typer.Option("-k", "--k", help="TDC budget slope k (repeat; default 0.1 0.3 0.5).")] = None,
+    groups: Annotated[Optional[list[int]], typer.Option("--groups", "-n", help="TDC number of groups N (repeat; default 2 4).")] = None,
+    grouping: Annotated[Optional[list[str]], typer.Option("--grouping", help="TDC grouping: snr, uniform, loss (repeat; default snr).")] = None,
+    variant: Annotated[Optional[list[str]], typer.Option("--variant", help="Also try every TDC grid point with these settings, KEY=VALUE[,KEY=VALUE] (repeat), e.g. finetune.mix_fraction=0.2.")] = None,
+    candidate: Annotated[Optional[int], typer.Option("--candidate", help="Train only this candidate (0-based, see candidates.json), e.g. one job each.")] = None,
+    finalists: Annotated[int, typer.Option(help="Candidates (best by the screening measure) that get paired-seed FID/KID.")] = 3,
+    fid_seeds: Annotated[int, typer.Option("--fid-seeds", help="Sampling seeds for FID/KID (>= 2: the paired rule).")] = 3,
+    fid_samples: Annotated[int, typer.Option("--fid-samples", help="Images per model and seed for FID/KID.")] = 512,
+    batch: Annotated[int, typer.Option("--batch", help="Your sampling batch size: the frontier's time axis.")] = 64,
+    max_quality_loss: Annotated[Optional[float], typer.Option("--max-quality-loss", help="Also accept a candidate at most this much worse than the base on the screening measure (relative, 0.02 = 2%).")] = None,
+    price_per_hour: Annotated[Optional[float], typer.Option("--price-per-hour", help="Machine price per hour: adds the cost per 1,000 images before and after.")] = None,
+    quiet: Quiet = False,
+):
+    """The quality-speed frontier of one base and the fastest candidate as good as it, with its cost and return.
+
+    Every candidate (the base fine-tuned, uniform widths, TDC over k, N and grouping) gets the same training
+    compute; all are screened on held-out images, the best few get paired-seed FID/KID. Writes frontier.png,
+    table.csv, results.json, cost.csv, return.csv and chosen/ into the tune directory. Rerunning skips finished candidates.
+    """
+    from dataclasses import replace
+
+    from .tune import TuneConfig, Tune, cost_rows, format_rows, table_rows
+
+    flags = {k_: v for k_, v in locals().items() if k_ in _SETTINGS and k_ not in ("k", "groups", "grouping")}
+    settings = TuneConfig(tune_steps=tune_steps, finalists=finalists, fid_seeds=fid_seeds, fid_samples=fid_samples,
+                          batch=batch, max_quality_loss=max_quality_loss, price_per_hour=price_per_hour)
+    for name, value in (("widths", width), ("ks", k), ("groups", groups), ("groupings", grouping)):
+        if value:
+            settings = replace(settings, **{name: tuple(value)})
+    try:
+        if variant:
+            settings = replace(settings, tdc_variants=({}, *(_key_values(v) for v in variant)))
+        tune = Tune(out, settings, overrides=_overrides(config, **flags), base_from=base_from, progress=not quiet)
+        if candidate is not None:
+            record = tune.run_candidate(candidate)
+            typer.echo(f"candidate {candidate} ({record['name']}): "
+                       + (f"failed: {record['failed']}" if "failed" in record else f"{out / record['dir']}"))
+            return
+        results = tune.run_all()
+    except _USER_ERRORS as err:
+        _fail(err)
+    typer.echo("\n" + format_rows(table_rows(results["rows"], results["choice"]["name"])))
+    for item in results["failed"]:
+        typer.echo(f"failed: {item['name']}: {item['failed']}")
+    typer.echo(f"screening: {results['screening_measure']['name']}; time: {results['time']}")
+    typer.echo(f"chosen: {results['choice']['name'] or 'none'}: {results['choice']['reason']}")
+    if "cost" in results:
+        phases, returns = cost_rows(results["cost"], price_per_hour is not None)
+        typer.echo("\n" + format_rows(phases) + "\n\n" + format_rows(returns))
+        if results["cost"]["tuning_cost"] is not None:
+            typer.echo(f"tuning cost at {price_per_hour:g} per hour: {results['cost']['tuning_cost']:.4f}")
+    typer.echo(f"\nfrontier: {out / 'frontier.png'}  table: {out / 'table.csv'}  cost: {out / 'cost.csv'}, {out / 'return.csv'}"
+               + (f"  chosen bundle: {out / 'chosen'}" if results["choice"]["name"] else ""))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -28,6 +28,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import time
@@ -46,8 +47,8 @@ from .grouping import make_groups, per_timestep_loss, plot_grouping
 from .models import build_unet, check_finite, num_class_embeds, preset_for
 from .prune.search import SearchConfig
 from .schedule import make_scheduler
-from .serialization import (ARCHITECTURE_FILE, architecture_of, atomic_write_text, load_model,
-                            remove_stale_temporaries, save_model, sha256_file)
+from .serialization import (ARCHITECTURE_FILE, architecture_of, atomic_dir, atomic_write_bytes, atomic_write_text,
+                            load_model, remove_stale_temporaries, save_model, sha256_file)
 from .train import FINAL_DIR, TrainConfig, train
 
 log = logging.getLogger("tdcdiff")
@@ -309,6 +310,22 @@ _STAGE_OUTPUT = {"base": "base", "plan": "plan", "prune": "prune", "finetune": "
 def stage_settings(config: RunConfig, stage: str) -> dict:
     """The settings that shape `stage`'s output, e.g. stage "base": data, model, schedule, stage-1 training, seed."""
     return {k: v for k, v in config.to_dict().items() if _STAGE_OF_SETTING.get(k) == stage}
+
+
+def copy_stages(source_run: str | Path, target_run: str | Path, parts: tuple[str, ...]) -> None:
+    """Copy finished stage outputs (e.g. "config.json", "base") of one run directory into another that lacks them.
+
+    Each part is copied atomically, so an interrupted copy is redone, never half-trusted; parts the target
+    already has are left alone.
+    """
+    for part in parts:
+        source, target = Path(source_run) / part, Path(target_run) / part
+        if not target.exists():
+            if source.is_dir():
+                with atomic_dir(target) as tmp:
+                    shutil.copytree(source, tmp, dirs_exist_ok=True)
+            else:
+                atomic_write_bytes(target, source.read_bytes())
 
 
 def apply_overrides(config: RunConfig, overrides: dict) -> RunConfig:

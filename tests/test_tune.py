@@ -1,0 +1,232 @@
+"""tdcdiff tune: the candidate plan, resuming, one candidate alone, the choice and the payback arithmetic, and one
+tiny end-to-end run on digits."""
+
+import json
+
+import pytest
+
+from conftest import tiny_config
+
+
+def tiny_tune(**changes):
+    from tdcdiff.tune import TuneConfig
+
+    settings = dict(tune_steps=4, widths=(0.6,), ks=(0.4,), groups=(2,), finalists=2, fid_seeds=2, fid_samples=16,
+                    batch=4, timing_repeats=1)
+    return TuneConfig(**{**settings, **changes})
+
+
+def gap(mean, low, high):
+    return {"mean": mean, "interval": [low, high], "confidence": 0.95, "tie": low <= 0 <= high}
+
+
+# -- the plan -------------------------------------------------------------------------------------------------
+def test_plan_lists_single_then_uniform_widths_then_the_tdc_grid():
+    from tdcdiff.tune import TuneConfig, plan_candidates
+
+    plan = plan_candidates(TuneConfig(widths=(0.8, 0.5), ks=(0.1, 0.5), groups=(2, 4), groupings=("snr", "uniform")))
+    assert [c["index"] for c in plan] == list(range(11))
+    assert [c["kind"] for c in plan] == ["single", "uniform", "uniform"] + ["tdc"] * 8
+    assert plan[1]["fraction"] == 0.8 and plan[2]["name"] == "uniform 0.5"
+    assert [c["settings"] for c in plan[3:]] == [
+        {"k": k, "groups": n, "grouping": g} for g in ("snr", "uniform") for n in (2, 4) for k in (0.1, 0.5)]
+    assert len({c["dir"] for c in plan}) == 11 and all(c["dir"].startswith("candidates/") for c in plan)
+
+
+def test_tdc_variants_cross_the_grid_with_run_settings():
+    from tdcdiff.tune import TuneConfig, plan_candidates
+
+    plan = plan_candidates(TuneConfig(widths=(), ks=(0.5,), groups=(2,),
+                                      tdc_variants=({}, {"finetune.mix_fraction": 0.2})))
+    assert [c["name"] for c in plan] == ["single", "TDC k=0.5 N=2 snr", "TDC k=0.5 N=2 snr mix_fraction=0.2"]
+    assert plan[2]["settings"] == {"k": 0.5, "groups": 2, "grouping": "snr", "finetune.mix_fraction": 0.2}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"widths": (1.2,)}, "--width values must be in (0, 1)"),
+    ({"ks": (0.0,)}, "k must be in (0, 1]"),
+    ({"fid_seeds": 1}, "--fid-seeds must be >= 2"),
+    ({"groupings": ("equal",)}, "unknown grouping in ['equal']"),
+    ({"max_quality_loss": -0.1}, "--max-quality-loss must be >= 0"),
+])
+def test_bad_settings_are_refused(changes, message):
+    from tdcdiff.tune import TuneConfig
+
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        TuneConfig(**changes).validate()
+
+
+# -- the choice -----------------------------------------------------------------------------------------------
+ROWS = [
+    {"name": "single", "time_s": 1.0, "quality_ratio": 0.95, "fid_gap": gap(-0.2, -0.5, 0.1)},
+    {"name": "uniform 0.6", "time_s": 0.7, "quality_ratio": 1.04, "fid_gap": gap(0.4, 0.1, 0.7)},  # really worse
+    {"name": "TDC k=0.3", "time_s": 0.8, "quality_ratio": 1.03, "fid_gap": gap(0.1, -0.3, 0.5)},  # tie
+    {"name": "uniform 0.4", "time_s": 0.5, "quality_ratio": 1.08, "fid_gap": None},
+    {"name": "TDC k=0.1", "time_s": 0.4, "quality_ratio": 1.01, "fid_gap": None, "failed": True},
+]
+
+
+def test_choice_is_the_fastest_tied_by_paired_fid_and_a_worse_fid_rules_a_candidate_out():
+    from tdcdiff.tune import choose
+
+    choice = choose(ROWS)
+    assert choice["name"] == "TDC k=0.3" and choice["rule"] == "paired FID"
+    assert "tied with the base's" in choice["reason"] and "[-0.300, +0.500]" in choice["reason"]
+    # Within 5% on screening, but paired FID says worse: still not chosen.
+    assert choose(ROWS, max_quality_loss=0.05)["name"] == "TDC k=0.3"
+
+
+def test_choice_by_max_quality_loss_and_when_nothing_qualifies():
+    from tdcdiff.tune import choose
+
+    choice = choose(ROWS, max_quality_loss=0.10)
+    assert choice["name"] == "uniform 0.4" and choice["rule"] == "max-quality-loss" and "+8.0%" in choice["reason"]
+    better = [{"name": "a", "time_s": 2.0, "quality_ratio": 0.9, "fid_gap": gap(-1.0, -1.5, -0.5)}]
+    assert "better than the base's" in choose(better)["reason"]
+    none = choose([ROWS[1], ROWS[3]])
+    assert none["name"] is None and none["rule"] is None and "keep the base" in none["reason"]
+
+
+def test_payback_and_cost_per_1000_arithmetic():
+    from tdcdiff.tune import cost_per_1000, payback_images
+
+    assert payback_images(600.0, 0.05, 0.03) == pytest.approx(30000)
+    assert payback_images(600.0, 0.03, 0.03) is None and payback_images(600.0, 0.03, 0.05) is None
+    assert cost_per_1000(0.036, 2.0) == pytest.approx(0.02)  # 36 s for 1,000 images at 2 per hour
+
+
+# -- the tune directory ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """One tiny finished tune: candidate 1 alone first, then everything (which must skip it)."""
+    import os
+
+    from tdcdiff.tune import Tune
+
+    root = tmp_path_factory.mktemp("tune")
+    os.environ["TDCDIFF_CACHE"] = str(root / "cache")
+    tune = Tune(root / "tune", tiny_tune(), run_config=tiny_config(), progress=False)
+    first = tune.run_candidate(1)
+    marker = (root / "tune" / first["dir"] / "result.json").stat().st_mtime_ns
+    results = tune.run_all()
+    return root / "tune", tune, first, marker, results
+
+
+@pytest.mark.slow
+def test_one_candidate_alone_then_the_rest(tuned):
+    out, tune, first, marker, _ = tuned
+    assert first["name"] == "uniform 0.6" and "failed" not in first
+    assert (out / first["dir"] / "result.json").stat().st_mtime_ns == marker  # not redone by run_all
+    plan = json.loads((out / "candidates.json").read_text())["candidates"]
+    assert [c["name"] for c in plan] == ["single", "uniform 0.6", "TDC k=0.4 N=2 snr"]
+    for c in plan:
+        record = json.loads((out / c["dir"] / "result.json").read_text())
+        assert (out / c["dir"] / "bundle" / "manifest.json").exists()
+        assert record["phases"]["stage2"]["flops"] == record["train_flops"] > 0
+    # Same compute: each candidate's training FLOPs are the budget, up to the rounding of the step count.
+    flops = [json.loads((out / c["dir"] / "result.json").read_text())["train_flops"] for c in plan]
+    budget = tune.budget_flops()
+    assert all(abs(f - budget) / budget < 0.5 for f in flops), (flops, budget)
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_candidates_and_measurements(tuned, capsys):
+    from tdcdiff.tune import Tune
+
+    out, *_ = tuned
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "candidates").glob("*/result.json")}
+    screening, fid = (out / "screening.json").read_text(), (out / "fid.json").read_text()
+    again = Tune(out, tiny_tune(), progress=True)
+    for spec in again.candidates:
+        again.run_candidate(spec["index"])
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 3
+    again.run_all()
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (out / "screening.json").read_text() == screening and (out / "fid.json").read_text() == fid
+
+
+@pytest.mark.slow
+def test_other_candidate_settings_or_a_bad_index_are_refused(tuned):
+    from tdcdiff.tune import Tune
+
+    out, tune, *_ = tuned
+    with pytest.raises(ValueError, match=r"other candidate settings \(widths: \[0.6\] there, \[0.5\] here\)"):
+        Tune(out, tiny_tune(widths=(0.5,)), progress=False)
+    with pytest.raises(ValueError, match="--candidate must be between 0 and 2"):
+        tune.run_candidate(3)
+
+
+@pytest.mark.slow
+def test_outputs_table_plot_choice_and_cost(tuned):
+    out, _, _, _, results = tuned
+    for name in ("results.json", "table.csv", "frontier.png", "screening.json", "fid.json", "candidates.json"):
+        assert (out / name).exists(), name
+    rows = {r["name"]: r for r in results["rows"]}
+    assert set(rows) == {"base", "single", "uniform 0.6", "TDC k=0.4 N=2 snr"}
+    assert rows["base"]["quality_ratio"] == 1.0 and rows["base"]["train_flops"] == 0
+    assert rows["uniform 0.6"]["flops_ratio"] < 0.7 and rows["TDC k=0.4 N=2 snr"]["flops_ratio"] < 1
+    assert len(results["finalists"]) == 2
+    finalists = [rows[n] for n in results["finalists"]]
+    assert all(len(r["fid"]) == 2 and r["fid_gap"] is not None for r in finalists)
+    assert all(rows[n]["fid_gap"] is None for n in rows if n not in results["finalists"])
+    choice = results["choice"]
+    if choice["name"] is not None:
+        assert (out / "chosen" / "manifest.json").exists()
+        assert json.loads((out / "chosen.json").read_text())["rule"] == choice["rule"]
+        cost = json.loads((out / "cost.json").read_text())
+        assert [p["phase"] for p in cost["phases"]][0] == "stage 1 (base)"
+        assert cost["phases"][0]["flops"] > 0  # stage 1 was trained here
+        assert [t["batch"] for t in cost["throughput"]] == [1, 4, 64]
+        assert (out / "cost.csv").read_text().startswith("phase,wall_s,cpu_s,flops,note")
+        assert (out / "return.csv").read_text().startswith("batch,base_images_per_s,chosen_images_per_s,speedup")
+    else:
+        assert "keep the base" in choice["reason"]
+
+
+@pytest.mark.slow
+def test_cli_tune_prints_the_table_and_the_cost(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+    from tdcdiff.run import Run
+
+    monkeypatch.setenv("TDCDIFF_CACHE", str(tmp_path / "cache"))
+    source = Run(tmp_path / "run", tiny_config(), progress=False)
+    source.train_base()
+    args = ["tune", "--out", str(tmp_path / "tune"), "--base-from", str(tmp_path / "run"), "--tune-steps", "3",
+            "--width", "0.6", "--k", "0.4", "--groups", "2", "--finalists", "3", "--fid-seeds", "2",
+            "--fid-samples", "16", "--batch", "2", "--max-quality-loss", "10", "--price-per-hour", "2", "-q"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert "FID - base (paired)" in done.output and "screening" in done.output
+    assert "chosen: " in done.output and (tmp_path / "tune" / "chosen" / "manifest.json").exists()
+    assert "not run here (the base was given)" in done.output and "cost / 1k images" in done.output
+    # --max-quality-loss 10 accepts anything that paired FID does not rule out: a choice always exists
+    assert "pays back after" in done.output
+
+    one = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "tune"), "--tune-steps", "3", "--width", "0.6",
+                                   "--k", "0.4", "--groups", "2", "--candidate", "0", "-q"])
+    assert one.exit_code == 0 and "finished earlier, skipped" not in one.output and "candidate 0 (single)" in one.output
+
+
+def test_cli_tune_bad_input_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    done = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "t"), "--width", "1.5"])
+    assert done.exit_code == 2 and "error: --width values must be in (0, 1)" in done.output
+    done = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "t"), "--base-from", str(tmp_path / "none")])
+    assert done.exit_code == 2 and "no finished stage-1 base there" in done.output
+
+
+def test_cli_tune_bad_variant_is_refused_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    for variant, message in (("mix", "--variant takes KEY=VALUE[,KEY=VALUE...], got 'mix'"),
+                             ("finetune.bogus=1", "unknown keys ['bogus'] in config section 'finetune'")):
+        done = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "t"), "--variant", variant])
+        assert done.exit_code == 2 and f"error: {message}" in done.output, done.output
+        assert not (tmp_path / "t" / "base" / "base").exists()
