@@ -154,7 +154,10 @@ def architecture_of(model: nn.Module) -> dict:
     cls = type(model)
     if _is_diffusers_model(model):
         config = {k: _json_safe(v) for k, v in dict(model.config).items() if not k.startswith("_")}
-        return {"class": f"diffusers.{cls.__name__}", "config": config}
+        description = {"class": f"diffusers.{cls.__name__}", "config": config}
+        if getattr(model, "tdcdiff_removed", None):  # depth-pruned layers (prune.depth): rebuilt, then removed
+            description["removed"] = list(model.tdcdiff_removed)
+        return description
     name = f"{cls.__module__}.{cls.__qualname__}"
     kwargs = getattr(model, "tdcdiff_init_kwargs", None)
     if not isinstance(kwargs, dict):
@@ -245,6 +248,18 @@ def _resize_to(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -
         setattr(owner, leaf, nn.Parameter(new, current.requires_grad) if isinstance(current, nn.Parameter) else new)
 
 
+def _remove_layers(model: nn.Module, removed, source: Path) -> None:
+    """Remove the depth-pruned layers listed under "removed" from a rebuilt base (see prune.depth)."""
+    from .prune.depth import remove
+
+    if not isinstance(removed, list) or not all(isinstance(name, str) for name in removed):
+        raise ValueError(f"{source}: 'removed' must be a list of layer names, got {removed!r}")
+    try:
+        remove(model, removed)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}; re-run the stage that wrote it") from None
+
+
 def load_model(directory: str | Path) -> nn.Module:
     """Load a model written by save_model (in eval mode), checking the weights file's size and sha256.
 
@@ -279,6 +294,8 @@ def load_model(directory: str | Path) -> nn.Module:
 
     state = load_safetensors(data)
     model = _rebuild(description, source)
+    if description.get("removed"):
+        _remove_layers(model, description["removed"], source)
     _resize_to(model, state, source)
     sync_module_attributes(model)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}

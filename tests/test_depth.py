@@ -1,0 +1,105 @@
+"""Depth pruning: which layers can go, and that a reduced UNet is the same network built with fewer layers."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from tdcdiff.models import Denoiser, build_unet
+from tdcdiff.prune.depth import Removed, depth_units, normalize, remove, removed_units
+
+RGB = (3, 32, 32)
+
+
+def unet(layers: int = 2, attention: bool = False):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=layers,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D" if attention else "DownBlock2D"),
+        up_block_types=("AttnUpBlock2D" if attention else "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, attention_head_dim=8, add_attention=attention,
+    ).eval()
+
+
+def run(model, x):
+    with torch.no_grad():
+        return Denoiser(model)(x, torch.tensor([10, 700]))
+
+
+def test_depth_units_of_the_presets():
+    assert depth_units(build_unet("digits-8")) == ["mid_block.resnets.0", "mid_block.resnets.1"]
+    names = depth_units(build_unet("rgb-32", attention=True))
+    assert "down_blocks.0.resnets.1" in names and "down_blocks.2.attentions.1" in names
+    assert "up_blocks.0.attentions.2" in names and "mid_block.attentions.0" in names
+    assert not any(n.startswith("up_blocks") and ".resnets." in n for n in names)  # tied to the down layers
+    assert depth_units(torch.nn.Conv2d(1, 1, 1)) == []
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_removing_a_layer_per_block_is_the_unet_with_fewer_layers(attention):
+    """The reduced UNet's weights load strictly into the same UNet built with one layer per block, and both
+    give the same output: skips, up-layer inputs and attention pairing are all consistent."""
+    base = unet(2, attention)
+    reduced = remove(Denoiser(copy.deepcopy(base)), [f"down_blocks.{i}.resnets.1" for i in range(3)])
+    reference = unet(1, attention)
+    reference.load_state_dict(reduced.model.state_dict(), strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(run(reduced.model, x), run(reference, x))
+    assert removed_units(reduced) == [f"down_blocks.{i}.resnets.1" for i in range(3)]
+    assert sum(p.numel() for p in reduced.parameters()) < sum(p.numel() for p in base.parameters())
+
+
+def test_removing_one_block_layer_keeps_other_blocks_and_runs():
+    base = unet(3, attention=True)
+    reduced = remove(copy.deepcopy(base), ["down_blocks.2.resnets.2", "down_blocks.2.resnets.1"])
+    assert len(reduced.down_blocks[2].resnets) == len(reduced.down_blocks[2].attentions) == 1
+    assert len(reduced.up_blocks[0].resnets) == len(reduced.up_blocks[0].attentions) == 2
+    assert len(reduced.up_blocks[1].resnets) == 4
+    assert run(reduced, torch.randn(2, 3, 16, 16)).shape == (2, 3, 16, 16)
+
+
+def test_attention_and_mid_layers_become_pass_throughs():
+    base = unet(1, attention=True)
+    units = ["mid_block.attentions.0", "up_blocks.0.attentions.1", "mid_block.resnets.1"]
+    reduced = remove(copy.deepcopy(base), units)
+    assert isinstance(reduced.mid_block.attentions[0], Removed) and isinstance(reduced.mid_block.resnets[1], Removed)
+    assert not any("mid_block.attentions" in k or "up_blocks.0.attentions.1" in k for k in reduced.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    assert run(reduced, x).shape == x.shape and not torch.equal(run(reduced, x), run(base, x))
+
+
+def test_bad_removals_name_the_problem():
+    with pytest.raises(ValueError, match="mid block would lose all"):
+        remove(unet(2), ["mid_block.resnets.0", "mid_block.resnets.1"])
+    with pytest.raises(ValueError, match=r"\['down_blocks.0.resnets.0', 'up_blocks.0.resnets.1'\] are not depth"):
+        remove(unet(2), ["up_blocks.0.resnets.1", "down_blocks.0.resnets.0"])
+    twice = remove(unet(2), ["mid_block.resnets.0"])
+    with pytest.raises(ValueError, match="already had layers removed"):
+        remove(twice, ["mid_block.resnets.1"])
+
+
+def test_normalize_rounds_flags_and_keeps_one_layer_per_block():
+    decision = {"down_blocks.0": 0.3, "down_blocks.0.resnets.1": 0.7, "mid_block.attentions.0": 0.2,
+                "mid_block.resnets.0": 0.9, "mid_block.resnets.1": 1.0}
+    assert normalize(decision) == {"down_blocks.0": 0.3, "down_blocks.0.resnets.1": 1.0, "mid_block.attentions.0": 0.0,
+                                   "mid_block.resnets.0": 0.0, "mid_block.resnets.1": 1.0}
+
+
+def test_saved_reduced_model_loads_without_pickle(tmp_path):
+    from tdcdiff.serialization import ARCHITECTURE_FILE, load_model, save_model
+
+    units = ["down_blocks.1.resnets.1", "mid_block.resnets.0", "up_blocks.0.attentions.2"]  # module order
+    reduced = remove(Denoiser(unet(2, attention=True)), units)
+    description = save_model(reduced, tmp_path / "m")
+    assert description["removed"] == units
+    loaded = load_model(tmp_path / "m")
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(run(loaded.model, x), run(reduced.model, x)) and removed_units(loaded) == units
+    path = tmp_path / "m" / ARCHITECTURE_FILE
+    for bad, message in ((["up_blocks.0.resnets.1"], "are not depth units"), ("x", "must be a list of layer names")):
+        path.write_text(json.dumps({**description, "removed": bad}))
+        with pytest.raises(ValueError, match=f"{ARCHITECTURE_FILE}: .*{message}"):
+            load_model(tmp_path / "m")
