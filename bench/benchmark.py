@@ -251,7 +251,8 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
     from tdcdiff.budget import Plan
     from tdcdiff.bundle import load_bundle
     from tdcdiff.evaluate import ModelEntry, evaluate
-    from tdcdiff.prune.surgery import fit_to_budget, prunable_units, uniform_decision
+    from tdcdiff.prune.fit import fit_to_budget
+    from tdcdiff.prune.units import prunable_units, uniform_decision
 
     seed_dir = out / f"seed_{seed}"
     config = seed_config(args, setting, seed)

@@ -8,7 +8,8 @@ from tdcdiff.flops import count_flops
 from tdcdiff.grouping import make_groups
 from tdcdiff.models import build_unet
 from tdcdiff.pipeline import sample
-from tdcdiff.prune.surgery import fit_to_budget, prunable_units, uniform_decision
+from tdcdiff.prune.fit import fit_to_budget
+from tdcdiff.prune.units import prunable_units, uniform_decision
 from tdcdiff.schedule import make_scheduler
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from tdcdiff.prune.llm import LLMProposer, LLMProposerError, parse_decisions
 from tdcdiff.prune.memory import Entry
-from tdcdiff.prune.proposers import EvolutionProposer, SearchContext, get_proposer
+from tdcdiff.prune.proposers import EvolutionProposer, SearchContext
+from tdcdiff.prune.search import get_proposer
 
 UNITS = ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
 KEY = "sk-test-SECRET-0123456789abcdef"

@@ -9,12 +9,12 @@ import torch
 
 from tdcdiff.flops import count_flops
 from tdcdiff.models import build_unet
+from tdcdiff.prune.fit import fit_to_budget
 from tdcdiff.prune.llm import LLMProposer
 from tdcdiff.prune.memory import Entry, MemoryBank
-from tdcdiff.prune.proposers import EvolutionProposer, UniformProposer, get_proposer
+from tdcdiff.prune.proposers import EvolutionProposer, UniformProposer
 from tdcdiff.prune.proxy import Proxy, ProxyBatch, finetune
-from tdcdiff.prune.search import SearchConfig, search
-from tdcdiff.prune.surgery import fit_to_budget
+from tdcdiff.prune.search import SearchConfig, get_proposer, search
 
 SHAPE = (1, 8, 8)
 GROUP = range(250, 500)

@@ -8,7 +8,8 @@ from test_surgery import TinyTimeNet, one_thread  # noqa: F401 (one_thread: an a
 from torch import nn
 
 from tdcdiff.models import Denoiser, as_denoiser, build_unet
-from tdcdiff.prune.surgery import prunable_units, prune
+from tdcdiff.prune.engine import prune
+from tdcdiff.prune.units import prunable_units
 from tdcdiff.serialization import (
     ARCHITECTURE_FILE,
     WEIGHTS_FILE,

@@ -67,7 +67,8 @@ def measure_sensitivity(
     by their loss scale instead of by how much pruning hurts them.
     """
     from .prune.proxy import Proxy, ProxyBatch
-    from .prune.surgery import prunable_units, prune, uniform_decision
+    from .prune.engine import prune
+    from .prune.units import prunable_units, uniform_decision
 
     pruned = prune(base, uniform_decision(prunable_units(base), trial_ratio), sample_shape)
     scores = []

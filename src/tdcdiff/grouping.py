@@ -184,11 +184,9 @@ def per_timestep_loss(
 
 def plot_grouping(grouping: Grouping, scheduler, path: str | Path, *, budgets: list[float] | None = None) -> Path:
     """PNG of SNR-dB over t with the group boundaries drawn (and each group's FLOPs budget, if given)."""
-    import matplotlib
+    from .plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     t = np.arange(grouping.num_train_timesteps)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(t, snr_db(scheduler, torch.as_tensor(t)).numpy(), color="black", lw=1.5, label="SNR (dB)")
@@ -201,6 +199,4 @@ def plot_grouping(grouping: Grouping, scheduler, path: str | Path, *, budgets: l
     ax.set_ylabel("SNR (dB)")
     ax.set_title(f"{len(grouping)} groups, strategy '{grouping.strategy}'")
     fig.tight_layout()
-    from .report import save_figure
-
     return save_figure(fig, path)

@@ -9,37 +9,12 @@
 from __future__ import annotations
 
 import html
-import io
 import json
 import shutil
 from pathlib import Path
 
 from .evaluate import slug
-
-
-def save_figure(fig, path: str | Path, *, dpi: int = 110) -> Path:
-    """Write a matplotlib figure as PNG atomically (readers never see half a file) and close it.
-
-    fig: the matplotlib Figure. path: the PNG to write. dpi: resolution.
-    """
-    import matplotlib.pyplot as plt
-
-    from .serialization import atomic_write_bytes
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buffer.getvalue())
-    return Path(path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never open a window
-    import matplotlib.pyplot as plt
-
-    return plt
+from .plots import pyplot, save_figure
 
 
 # -- numbers as text ---------------------------------------------------------------------------------
@@ -166,7 +141,7 @@ def verdicts(results: dict) -> list[str]:
 # -- plots -------------------------------------------------------------------------------------------
 def plot_fid_vs_flops(results: dict, path: str | Path) -> Path:
     """Scatter of FID (mean, error bar = sd over seeds) against mean sampling FLOPs per image."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [m["sampling_flops"]["per_image"] / 1e6 for m in results["models"]]
     for x, m in zip(xs, results["models"]):
@@ -184,7 +159,7 @@ def plot_budgets(plan: dict, manifest: dict, path: str | Path) -> Path:
     """Bar chart per group: the planned FLOPs budget and the measured FLOPs of its expert, as fractions of F."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     base = plan["base_flops"]
     budgets = np.array(plan["budgets"]) / base
     measured = np.array(manifest["expert_flops"]) / base
@@ -210,7 +185,7 @@ def plot_loss_per_t(curves: dict, boundaries: list[int], path: str | Path) -> Pa
     """
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     (ref_name, ref), *_ = curves.items()
     for name, loss in curves.items():

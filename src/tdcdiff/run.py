@@ -86,7 +86,7 @@ class RunConfig:
         budget_fractions(self.groups, self.k)
         self.search.validate()
         if self.search.proposer == "llm":
-            from .prune.proposers import get_proposer
+            from .prune.search import get_proposer
 
             get_proposer("llm")  # endpoint and model come from the environment: check them before training
         checks = [

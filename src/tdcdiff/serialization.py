@@ -290,7 +290,7 @@ def load_model(directory: str | Path) -> nn.Module:
         )
     if hashlib.sha256(data).hexdigest() != weights["sha256"]:
         raise ValueError(f"{path} is corrupted: its sha256 does not match {source}; re-run the stage that wrote it")
-    from .prune.surgery import sync_module_attributes  # imports torch-pruning: only when loading
+    from .prune.engine import sync_module_attributes  # imports torch-pruning: only when loading
 
     state = load_safetensors(data)
     model = _rebuild(description, source)

@@ -1,1 +1,2 @@
-"""Proxy-based pruning: structural surgery, candidate proposers, the proxy score and the memory bank."""
+"""Proxy-based pruning: the decision space (units), the pruning engine (torch-pruning), budget fitting (fit),
+candidate proposers, the proxy score and the memory bank."""

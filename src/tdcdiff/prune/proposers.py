@@ -109,23 +109,3 @@ class EvolutionProposer:
         for u in mutated:
             child[u] = min(self.max_ratio, max(0.0, child[u] + rng.gauss(0.0, self.sigma)))
         return {u: round(r, 3) for u, r in child.items()}
-
-
-PROPOSERS = ("evolution", "uniform", "llm")
-
-
-def get_proposer(name: str, **kwargs) -> Proposer:
-    """A proposer by name.
-
-    name: "evolution" (default offline), "uniform" (baseline) or "llm" (OpenAI-compatible chat API).
-    kwargs: passed to the proposer's constructor.
-    """
-    if name == "evolution":
-        return EvolutionProposer(**kwargs)
-    if name == "uniform":
-        return UniformProposer(**kwargs)
-    if name == "llm":
-        from .llm import LLMProposer
-
-        return LLMProposer(**kwargs)
-    raise ValueError(f"unknown proposer {name!r}; choose one of {PROPOSERS}")

@@ -195,7 +195,7 @@ class Proxy:
         return denoising_loss(model, self.batch, self.scheduler, self.space) / self.base_loss
 
     def calibration(self, seed: int = 0):
-        """A surgery.Calibration for Taylor importance on this group's timesteps."""
-        from .surgery import Calibration
+        """An engine.Calibration for Taylor importance on this group's timesteps."""
+        from .engine import Calibration
 
         return Calibration(images=self.train_images, scheduler=self.scheduler, timesteps=self.batch.group_timesteps, seed=seed)

@@ -21,11 +21,28 @@ from torch import nn
 from ..flops import count_flops, flops_by_module
 from ..models import as_denoiser
 from .memory import Entry, MemoryBank
-from .proposers import PROPOSERS, Decision, Proposer, SearchContext, get_proposer
+from .llm import LLMProposer
+from .proposers import Decision, EvolutionProposer, Proposer, SearchContext, UniformProposer
 from .proxy import SPACES, Proxy, Scorer
-from .surgery import IMPORTANCES, BudgetError, fit_to_budget, prunable_units, uniform_decision
+from .engine import IMPORTANCES
+from .fit import BudgetError, fit_to_budget
+from .units import prunable_units, uniform_decision
 
 log = logging.getLogger("tdcdiff")
+
+
+PROPOSERS = {"evolution": EvolutionProposer, "uniform": UniformProposer, "llm": LLMProposer}
+
+
+def get_proposer(name: str, **kwargs) -> Proposer:
+    """A proposer by name.
+
+    name: "evolution" (default offline), "uniform" (baseline) or "llm" (OpenAI-compatible chat API).
+    kwargs: passed to the proposer's constructor.
+    """
+    if name not in PROPOSERS:
+        raise ValueError(f"unknown proposer {name!r}; choose one of {tuple(PROPOSERS)}")
+    return PROPOSERS[name](**kwargs)
 
 
 @dataclass
@@ -57,7 +74,7 @@ class SearchConfig:
         checks = [
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
             (self.candidates_per_round >= 1, f"candidates_per_round must be >= 1, got {self.candidates_per_round}"),
-            (self.proposer in PROPOSERS, f"unknown proposer {self.proposer!r}; choose one of {PROPOSERS}"),
+            (self.proposer in PROPOSERS, f"unknown proposer {self.proposer!r}; choose one of {tuple(PROPOSERS)}"),
             (self.importance in IMPORTANCES, f"unknown importance {self.importance!r}; choose one of {IMPORTANCES}"),
             (self.proxy_space in SPACES, f"unknown proxy_space {self.proxy_space!r}; choose one of {SPACES}"),
             (self.proxy_finetune_steps >= 0, f"proxy_finetune_steps must be >= 0, got {self.proxy_finetune_steps}"),
@@ -110,7 +127,7 @@ def _check_proxy(proxy: Scorer, config: SearchConfig) -> None:
 def describe_units(base: nn.Module, units, sample_shape: tuple[int, ...]) -> dict[str, dict]:
     """Per unit: its widest layer's output channels and its layers' share of the base's FLOPs (for the LLM prompt).
 
-    base: the unpruned model; units: its surgery.Unit objects; sample_shape: (C, H, W) of one sample.
+    base: the unpruned model; units: its units.Unit objects; sample_shape: (C, H, W) of one sample.
     """
     denoiser = as_denoiser(base)
     flops = flops_by_module(denoiser, sample_shape)
