@@ -103,3 +103,40 @@ def test_saved_reduced_model_loads_without_pickle(tmp_path):
         path.write_text(json.dumps({**description, "removed": bad}))
         with pytest.raises(ValueError, match=f"{ARCHITECTURE_FILE}: .*{message}"):
             load_model(tmp_path / "m")
+
+
+def test_fit_keeps_removed_layers_and_fits_the_rest_by_width():
+    from tdcdiff.flops import count_flops
+    from tdcdiff.prune.engine import prune
+    from tdcdiff.prune.fit import fit_to_budget
+
+    base = unet(2, attention=True)
+    shape = (3, 16, 16)
+    full = count_flops(base, shape)
+    decision = {"down_blocks.0": 0.3, "up_blocks.2": 0.3, "down_blocks.0.resnets.1": 1.0, "mid_block.resnets.1": 1.0}
+    fit = fit_to_budget(base, decision, int(0.6 * full), shape)
+    assert abs(fit.flops / (0.6 * full) - 1) <= 0.03
+    assert removed_units(fit.model) == ["down_blocks.0.resnets.1", "mid_block.resnets.1"]
+    assert fit.decision["down_blocks.0.resnets.1"] == 1.0 and fit.decision["down_blocks.0"] > 0
+    again = prune(base, fit.decision, shape)  # the repaired decision rebuilds the same shapes
+    assert [p.shape for p in again.parameters()] == [p.shape for p in fit.model.parameters()]
+    # Removing down_blocks.0.resnets.1 alone gives 0.86 < 0.97: that removal is undone, last first, and width pruning fits.
+    near = fit_to_budget(base, {"mid_block.resnets.0": 1.0, "down_blocks.0.resnets.1": 1.0}, int(0.97 * full), shape)
+    assert near.decision["down_blocks.0.resnets.1"] == 0.0 and near.decision["mid_block.resnets.0"] == 1.0 and abs(near.flops / (0.97 * full) - 1) <= 0.03
+
+
+def test_time_budget_fits_the_latency_table_estimate():
+    """With a latency table the repair fits its estimate (a made-up table here: no timing in tests)."""
+    from tdcdiff.latency import LatencyTable
+    from tdcdiff.prune.engine import plan_for
+    from tdcdiff.prune.fit import fit_to_budget, unit_levels
+
+    base = unet(2)
+    shape = (3, 16, 16)
+    plan = plan_for(base, shape)
+    deltas = {u.name: {v: -0.2 * v for v in unit_levels(plan, u.name)[1:]} for u in plan.units}
+    deltas |= {name: {1.0: -0.1} for name in depth_units(base)}
+    table = LatencyTable("fake", 1.0, deltas)
+    fit = fit_to_budget(base, {"down_blocks.1.resnets.1": 1.0}, 0.6, shape, latency=table)
+    assert abs(fit.seconds - 0.6) <= 0.03 * 0.6 and removed_units(fit.model) == ["down_blocks.1.resnets.1"]
+    assert fit.seconds == pytest.approx(table.estimate(fit.decision), rel=0.02)

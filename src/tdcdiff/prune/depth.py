@@ -27,6 +27,8 @@ import re
 
 from torch import nn
 
+from .units import network
+
 REMOVED_ATTR = "tdcdiff_removed"
 _DOWN = re.compile(r"down_blocks\.(\d+)\.resnets\.(\d+)")
 
@@ -70,22 +72,31 @@ def is_depth_unit(name: str) -> bool:
     return ".resnets." in name or ".attentions." in name
 
 
-def normalize(decision: dict[str, float]) -> dict[str, float]:
+def normalize(decision: dict[str, float], net: nn.Module | None = None) -> dict[str, float]:
     """The decision with each depth unit's value 0.0 (keep) or 1.0 (remove, for values >= 0.5), and, when it
-    removes every mid-block ResNet layer it lists, the first of them kept. Width units are returned unchanged.
-    (Down blocks cannot lose all layers: their layer 0 is no depth unit.) Search decisions list every unit.
+    removes every mid-block ResNet layer of `net` (a UNet or a Denoiser; None: those the decision lists), the
+    first kept. Width units are returned unchanged. (Down blocks cannot lose all their layers: layer 0 is no
+    depth unit.)
     """
     out = {k: (float(v >= 0.5) if is_depth_unit(k) else v) for k, v in decision.items()}
-    mid = [n for n in out if n.startswith("mid_block.resnets.")]
-    if mid and all(out[n] for n in mid):
-        out[min(mid, key=lambda n: int(n.rsplit(".", 1)[1]))] = 0.0
+    names = depth_units(network(net)) if net is not None else list(out)
+    mid = [n for n in names if n.startswith("mid_block.resnets.")]
+    if mid and all(out.get(n) for n in mid):
+        out[mid[0]] = 0.0
     return out
+
+
+def split(decision: dict[str, float], net: nn.Module) -> tuple[dict[str, float], list[str]]:
+    """A mixed decision as (its width ratios, the depth units it removes, in the decision's order), normalized
+    for the network `net` (a UNet or a Denoiser)."""
+    decision = normalize(decision, net)
+    width = {k: v for k, v in decision.items() if not is_depth_unit(k)}
+    return width, [k for k, v in decision.items() if is_depth_unit(k) and v]
 
 
 def removed_units(model: nn.Module) -> list[str]:
     """The depth units removed from a network (or a Denoiser wrapping one), as remove() recorded them."""
-    net = getattr(model, "model", model)
-    return list(getattr(net, REMOVED_ATTR, []))
+    return list(getattr(network(model), REMOVED_ATTR, []))
 
 
 def _up_layers_to_remove(net: nn.Module, block: int, down_layers: list[int]) -> list[int]:
@@ -106,7 +117,7 @@ def remove(model: nn.Module, units: list[str]) -> nn.Module:
     Raises ValueError naming a unit that is not a depth unit of this model, when the model was already
     reduced, or when the mid block would lose all its ResNet layers.
     """
-    net = getattr(model, "model", model)
+    net = network(model)
     if getattr(net, REMOVED_ATTR, None):
         raise ValueError("this model already had layers removed: remove() takes the unreduced base")
     known = set(depth_units(net))
