@@ -233,7 +233,9 @@ def fit_to_budget(
     width, removed = depth.split(decision, base)
     check_decision(width, plan_for(network(base), sample_shape).units, math.inf)
     cost = _estimator(base, sample_shape, latency)
-    unit = "s" if latency is not None else " FLOPs"
+    def show(cost: float) -> str:
+        return f"{cost * 1000:.3f} ms" if latency is not None else f"{cost:,.0f} FLOPs"
+
     base_cost = cost(plan_for(network(base), sample_shape), {}, [])
     if budget_flops >= base_cost * (1 - tolerance / 2):
         full = plan_for(network(base), sample_shape)
@@ -248,7 +250,7 @@ def fit_to_budget(
     repaired_depth = {k: float(k in removed) for k in depth.normalize(decision, base) if depth.is_depth_unit(k)}
     if not plan.groups:
         raise BudgetError(
-            f"budget {budget_flops:,}{unit} is below the base model's {base_cost:,}{unit}, and this model has "
+            f"budget {show(budget_flops)} is below the base model's {show(base_cost)}, and this model has "
             "nothing prunable: use a budget of at least the base's"
         )
     search = _BudgetSearch(cost, plan, removed, budget_flops, tolerance)
@@ -263,8 +265,8 @@ def fit_to_budget(
             search.refine()
     if not search.fits():
         raise BudgetError(
-            f"cannot prune to {budget_flops:,}{unit} ({budget_flops / base_cost:.1%} of the base's "
-            f"{base_cost:,}{unit}) within {tolerance:.1%}: the closest reachable is {search.best_flops:,}{unit} "
+            f"cannot prune to {show(budget_flops)} ({budget_flops / base_cost:.1%} of the base's "
+            f"{show(base_cost)}) within {tolerance:.1%}: the closest reachable is {show(search.best_flops)} "
             f"({search.best_flops / base_cost:.1%}). Give the smallest group a larger budget (raise k or "
             "lower N) or allow a larger tolerance."
         )
