@@ -78,3 +78,33 @@ def test_measure_table_caches_and_measures_only_missing_levels(unets, tmp_path):
     assert built == ["u0.5", "u1"]
     assert set(again.deltas["u"]) == {0.5, 1.0} and again.base_seconds == table.base_seconds
     assert LatencyTable.from_json(files[0].read_text()) == again
+
+
+def test_run_prunes_to_time_budgets_and_records_flops_and_time(tmp_path, monkeypatch):
+    """--budget-unit time: budgets are fractions of the base's time from the cached latency table; every expert
+    records its FLOPs and its directly measured time; a changed unit is refused. (No timing value is asserted.)"""
+    from conftest import tiny_config
+
+    from tdcdiff.prune.depth import removed_units
+    from tdcdiff.run import Run
+    from tdcdiff.serialization import load_model
+
+    monkeypatch.setenv("TDCDIFF_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(budget_unit="time", latency_batch=4)
+    config.search.depth = True
+    run = Run(tmp_path / "run", config, progress=False)
+    run.train_base()
+    summaries = run.prune()
+    assert len(list((tmp_path / "cache" / "latency").glob("*.json"))) == 1
+    table = run.latency_table(run.base_model())
+    assert set(table.deltas) >= {"mid_block.resnets.0", "mid_block.resnets.1", "down_blocks.0"}
+    plan = run.plan()
+    for s, fraction in zip(summaries, plan.fractions):
+        assert s["budget_unit"] == "time" and s["budget"] == pytest.approx(fraction * table.base_seconds)
+        assert abs(s["estimated_time_ratio"] / fraction - 1) <= config.search.tolerance
+        assert s["time_ratio"] > 0 and 0 < s["flops_ratio"] <= 1 and s["latency_batch"] == 4
+        model = load_model(run.dir / "prune" / f"group_{s['group']}")
+        assert removed_units(model) == [u for u, v in s["decision"].items() if ".resnets." in u and v]
+    config.budget_unit = "flops"
+    with pytest.raises(ValueError, match="was pruned for a time budget of .* now says flops"):
+        Run(tmp_path / "run", config, progress=False).prune()
