@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from tdcdiff.prune.depth import depth_units, removed_units
     from tdcdiff.prune.fit import BudgetError, fit_to_budget, measure_latency_table
     from tdcdiff.prune.units import network, prunable_units
+    from tdcdiff.serialization import atomic_write_text
 
     torch.manual_seed(0)
     rows, started = [], time.time()
@@ -87,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                 m["time_ratio"] = r
                 rows.append(m)
             print(f"{name} batch {batch}: done ({time.time() - started:.0f} s)", file=sys.stderr)
+            # Written after every model and batch, so an interrupted benchmark keeps what it measured.
+            info = {"device": device_name("cpu"), "torch": torch.__version__, "seconds": time.time() - started,
+                    "rows": rows}
+            atomic_write_text(args.out / "latency.json", json.dumps(info, indent=1))
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    info = {"device": device_name("cpu"), "torch": torch.__version__, "seconds": time.time() - started, "rows": rows}
-    (args.out / "latency.json").write_text(json.dumps(info, indent=1))
     print(f"device {info['device']}, torch {info['torch']}, {info['seconds']:.0f} s")
     print("| model | batch | plan | flops: time / FLOPs | time-width: time / FLOPs (est.) | time-depth: time / FLOPs (est.) | layers removed (time-depth) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -30,7 +30,7 @@ def test_report_page_states_the_protocol(report):
     assert path.name == "report.html" and path.parent.name == "report"
     page = path.read_text()
     for part in ("FID", "digits classifier", "64-d", "DDIM 4 steps", "32 samples", "2 x multiply-accumulates",
-                 "base (stage 1)", "TDC", "Verdicts", "Held-out denoising loss"):
+                 "base (stage 1)", "TDC", "Verdicts", "Held-out denoising loss", "Pruned experts"):
         assert part in page, part
 
 
