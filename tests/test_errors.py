@@ -69,9 +69,9 @@ def test_model_whose_output_shape_differs_from_its_input(scheduler):
 
     class Squash(nn.Module):
         def forward(self, x, t):
-            return x.mean(dim=1, keepdim=True).repeat(1, 2, 1, 1)
+            return x.mean(dim=1, keepdim=True).repeat(1, 3, 1, 1)  # 2 x 1 channels would be a learned variance
 
-    with pytest.raises(ValueError, match=r"denoiser output has shape \(64, 2, 8, 8\) but its input has shape \(64, 1, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"denoiser output has shape \(64, 3, 8, 8\) but its input has shape \(64, 1, 8, 8\)"):
         sample(Squash(), scheduler, sample_shape=(1, 8, 8), steps=2, progress=False)
 
 

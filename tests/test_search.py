@@ -229,6 +229,9 @@ def test_budget_at_or_above_the_base_returns_an_unpruned_copy(base, proxy):
         ({"proxy_finetune_steps": -2}, "proxy_finetune_steps must be >= 0"),
         ({"tolerance": 0}, r"tolerance must be in \(0, 1\), got 0"),
         ({"proxy_space": "x0"}, "build the Proxy from the config's settings"),
+        ({"units": {"a": "down_blocks.0"}}, "units must map unit names to lists of module names"),
+        ({"ignored_layers": "conv_in"}, "ignored_layers must be a list of module names"),
+        ({"num_heads": {"mid_block.attentions.0": 0}}, "num_heads must map attention module names to positive"),
     ],
 )
 def test_invalid_config_is_named(base, budget, proxy, change, message):

@@ -79,32 +79,63 @@ def preset_for(image_size: int, channels: int) -> str:
     return "gray-28" if image_size == 28 else "gray-32"
 
 
+def num_class_embeds(model: nn.Module) -> int | None:
+    """Number of class ids a class-conditional model embeds (its null class included), or None.
+
+    Read from a diffusers config (UNet2DModel `num_class_embeds`; DiTTransformer2DModel `num_embeds_ada_norm`
+    + 1, its null class) or from a `num_classes` attribute of any other module.
+    """
+    if getattr(model, "is_denoiser", False) and hasattr(model, "experts"):  # a Router: its experts share it
+        model = model.experts[0]
+    model = model.model if isinstance(model, Denoiser) else model
+    config = getattr(model, "config", None)
+    value = getattr(config, "num_class_embeds", None) if config is not None else None
+    if isinstance(value, int):
+        return value
+    value = getattr(config, "norm_type", None) == "ada_norm_zero" and getattr(config, "num_embeds_ada_norm", None)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value + 1  # DiT's label table has one more row: id num_embeds_ada_norm is its null class
+    value = getattr(model, "num_classes", None)
+    return value if isinstance(value, int) else None
+
+
 class Denoiser(nn.Module):
-    """Calls any module as `model(x, t)` and returns a plain tensor of x's shape.
+    """Calls any module as `model(x, t)` (or `model(x, t, class_labels=y)`) and returns a plain tensor.
 
     Accepts models that return a tensor, a diffusers output with `.sample`, or a tuple whose first
     item is the prediction. Everything in tdcdiff calls denoisers through this.
+
+    A model may output 2C channels for C input channels (a learned variance, as in IDDPM/ADM): the first C
+    are the prediction. forward returns only those unless `with_variance=True` (the DDPM sampler's case).
+    class_labels: (N,) int64 class ids for a class-conditional model; None gives a conditional model class 0
+    (enough to count FLOPs or trace it; sampling and training always pass real labels).
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None, *,
+                with_variance: bool = False) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        out = self.model(x, t)
+        if class_labels is None and num_class_embeds(self.model) is not None:
+            class_labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        out = self.model(x, t) if class_labels is None else self.model(x, t, class_labels=class_labels)
         if hasattr(out, "sample"):
             out = out.sample
         elif isinstance(out, (tuple, list)):
             out = out[0]
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        channels = x.shape[1]
+        if not isinstance(out, torch.Tensor) or out.shape[1] not in (channels, 2 * channels) or out.shape[2:] != x.shape[2:] \
+                or out.shape[0] != x.shape[0]:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
                 f"denoiser output has shape {got} but its input has shape {tuple(x.shape)}; a denoiser "
-                "must map (x, t) to a tensor of x's shape (set out_channels = in_channels)"
+                f"must map (x, t) to a tensor of x's shape, or with a learned variance to {2 * channels} channels "
+                "(the prediction first)"
             )
-        return out
+        return out if with_variance else out[:, :channels]
 
 
 def as_denoiser(model: nn.Module) -> Denoiser:
@@ -125,4 +156,58 @@ def check_denoiser(model: nn.Module, sample_shape: tuple[int, int, int]) -> None
             f"the model takes {first_conv.in_channels}-channel images but the data has {sample_shape[0]} channels; "
             f"load the data with channels={first_conv.in_channels} (--channels) or build the model with "
             f"in_channels={sample_shape[0]}"
+        )
+
+
+class NonFiniteDenoiser(ValueError):
+    """The denoiser's output (or weights) hold NaN/inf before any training: the cause is the model, not the
+    learning rate."""
+
+
+@torch.no_grad()
+def check_finite(model: nn.Module, images: torch.Tensor, alphas_cumprod: torch.Tensor,
+                 labels: torch.Tensor | None = None, *, batch: int = 8) -> None:
+    """Raise NonFiniteDenoiser, naming the cause, unless the model's outputs are finite at t=0 and t=T-1 on
+    a few noised images of the data.
+
+    images: (N, C, H, W) in [-1, 1]; alphas_cumprod: (T,) of the training schedule; labels: (N,) class ids
+    for a class-conditional model.
+    """
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteDenoiser(f"the model's weights hold NaN/inf (in {', '.join(bad[:3])}); load or initialise "
+                                "finite weights")
+    denoiser = as_denoiser(model)
+    param = next(denoiser.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    x0 = images[:batch].to(device)
+    y = None if labels is None else labels[:batch].to(device)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    was_training = denoiser.training
+    denoiser.eval()
+    failed = []
+    try:
+        for t_value in (0, len(alphas_cumprod) - 1):
+            a = alphas_cumprod[t_value].to(device)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            t = torch.full((len(x0),), t_value, dtype=torch.long, device=device)
+            if not torch.isfinite(denoiser(x_t, t, y, with_variance=True)).all():
+                failed.append(t_value)
+    finally:
+        denoiser.train(was_training)
+    last = len(alphas_cumprod) - 1
+    if failed == [0]:
+        raise NonFiniteDenoiser(
+            "the model's output is not finite at t=0: a time embedding such as log(t) fails at t=0 (diffusion "
+            "timesteps are integers 0..T-1); make it finite there, e.g. embed t + 1 or use diffusers' Timesteps"
+        )
+    if failed == [last]:
+        raise NonFiniteDenoiser(
+            f"the model's output is not finite at t={last} (pure noise): its time embedding overflows for large t "
+            "or it has no normalisation; scale t (e.g. t / T) or check the embedding"
+        )
+    if failed:
+        raise NonFiniteDenoiser(
+            f"the model's output is not finite at t=0 and t={last} on a batch of the data: the model itself "
+            "produces NaN/inf (check its forward pass, e.g. a division or log of its input)"
         )

@@ -1,17 +1,19 @@
-"""The pruning engine: torch-pruning applied to a decision (prune/units.py) so the network really shrinks.
+"""The pruning engine: a decision (prune/units.py) applied with torch-pruning, so the network really shrinks.
 
-torch-pruning's dependency graph removes whole channels (and attention head dimensions), so the result is
-really smaller, not masked.
+torch-pruning's dependency graph finds which channels are coupled, and removes whole channels, so the result
+is really smaller, not masked.
 
 Coupled channels: residual streams and skip connections tie the output channels of layers in several units
 together, and torch-pruning removes such a coupled set (a "group") as one. Each group follows the ratio of
-ONE unit: the unit of the first layer, in forward order, that produces those channels. So a down block's
-ratio also sets the width of the skip it sends to the up path, and the mid block's residual width follows
-the last down block (the mid block's own ratio sets its inner widths).
+ONE unit: the unit of the first layer, in forward order, that produces those channels, and is cut in that
+layer's channel order. So a down block's ratio also sets the width of the skip it sends to the up path, and
+the mid block's residual width follows the last down block (the mid block's own ratio sets its inner widths).
 
-GroupNorm removes channels evenly from every norm group (attention: every head), so a group with g norm
-groups of s channels can only keep s, s-1, ..., 1 channels per norm group: a ratio r keeps
-round(s * (1 - r)) of them, at least one.
+GroupNorm (and any subclass) removes channels evenly from every norm group, so a group with g norm groups
+of s channels can only keep s, s-1, ..., 1 channels per norm group: a ratio r keeps round(s * (1 - r)) of
+them, at least one. Attention loses whole heads (a ratio r keeps round(h * (1 - r)) of h heads, each keeping
+its dimension): which q/k/v channels make up each head is measured from gradients, not taken from
+torch-pruning's index mapping through the attention kernel's reshapes, which is unreliable there.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import copy
 import math
 import sys
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -30,7 +33,18 @@ from torch import nn
 
 from ..models import Denoiser
 from . import depth
-from .units import LAYERS, MAX_RATIO, Decision, Unit, check_decision, ignored_names, network, prunable_units
+from .units import (
+    HEAD_ATTRIBUTES,
+    LAYERS,
+    MAX_RATIO,
+    Decision,
+    Unit,
+    attention_heads,
+    check_decision,
+    ignored_names,
+    network,
+    prunable_units,
+)
 
 IMPORTANCES = ("magnitude", "taylor")
 
@@ -62,11 +76,16 @@ def one_thread():
 
 
 def _forward(net: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return Denoiser(net)(*inputs)
+    # The full output: a learned variance's channels are output channels too, never pruned.
+    return Denoiser(net)(*inputs, with_variance=True)
+
+
+class PruningError(ValueError):
+    """A decision cannot be applied to this architecture; the message names the unit and the layer."""
 
 
 def kept_slots(ratio: float, slots: int) -> int:
-    """Channels kept per norm group (or head) when a ratio is applied to `slots` channels per group."""
+    """Channels kept per norm group (or heads kept) when a ratio is applied to `slots` of them."""
     return min(slots, max(1, math.floor(slots * (1.0 - ratio) + 0.5)))
 
 
@@ -75,13 +94,18 @@ class _Group:
     """One set of coupled channels that torch-pruning removes together.
 
     root: a conv/linear producing them (the key of pruning_ratio_dict). unit: whose ratio applies.
-    channels: how many. slots: channels per norm group / attention head (removal is even across those).
+    channels: how many. slots: channels per norm group (removal is even across norm groups), or for
+    attention the number of heads (whole heads are removed).
+    heads_into: for attention, the layer whose input channels are the heads' outputs, head after head.
+    head_channels: for attention, (q/k/v layer, the output channels of each head in it) for each projection.
     """
 
     root: str
     unit: str
     channels: int
     slots: int
+    heads_into: str | None = None
+    head_channels: tuple[tuple[str, tuple[tuple[int, ...], ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,26 +115,47 @@ class Plan:
     units: list[Unit]
     groups: tuple[_Group, ...]
     ignored: tuple[str, ...]
-    heads: tuple[tuple[str, int], ...]  # (q/k/v linear, number of heads)
 
     def kept(self, decision: Decision) -> tuple[int, ...]:
-        """Channels kept per norm group for each group: what determines the pruned shapes (and FLOPs)."""
+        """Channels kept per norm group (heads kept, for attention) of each group: what determines the pruned
+        shapes (and FLOPs)."""
         return tuple(kept_slots(decision.get(g.unit, 0.0), g.slots) for g in self.groups)
 
+    def unit_of(self, module: str) -> str | None:
+        """The unit holding a module (or, for a module in no unit's layer list, a sibling of it), or None."""
+        prefix = module
+        while prefix:
+            for u in self.units:
+                if any(layer == prefix or layer.startswith(prefix + ".") for layer in u.modules):
+                    return u.name
+            prefix = prefix.rpartition(".")[0]
+        return None
 
-def _attention_heads(net: nn.Module) -> dict[str, int]:
-    """q/k/v projections of diffusers attention layers -> number of heads (head dims are pruned evenly)."""
-    if "diffusers" not in sys.modules:  # a diffusers layer implies diffusers is imported
-        return {}
-    from diffusers.models.attention_processor import Attention
 
-    heads = {}
+def attention_layers(net: nn.Module, num_heads: dict[str, int] | None = None) -> dict[str, tuple[tuple[str, ...], int]]:
+    """Attention modules -> (their q/k/v projections: one fused `qkv` or `to_q`/`to_k`/`to_v`, number of heads).
+
+    Heads come from the module (units.attention_heads) or from num_heads (module name -> heads), which also
+    declares attention the module's attributes do not reveal. Raises ValueError for a declared module that
+    has no qkv / to_q layer.
+    """
+    num_heads = dict(num_heads or {})
+    found = {}
     for name, m in net.named_modules():
-        if isinstance(m, Attention):
-            for proj in ("to_q", "to_k", "to_v"):
-                if getattr(m, proj, None) is not None:
-                    heads[f"{name}.{proj}"] = m.heads
-    return heads
+        heads = num_heads.pop(name, None) or attention_heads(m)
+        if heads is None:
+            continue
+        if isinstance(getattr(m, "qkv", None), LAYERS):
+            found[name] = ((f"{name}.qkv",), int(heads))
+        elif isinstance(getattr(m, "to_q", None), nn.Linear):
+            found[name] = (tuple(f"{name}.{p}" for p in ("to_q", "to_k", "to_v") if getattr(m, p, None) is not None), int(heads))
+        else:
+            raise ValueError(f"num_heads names {name!r}, which has neither a fused `qkv` layer nor `to_q`/`to_k`/`to_v`; "
+                             "name the attention module that holds its q/k/v projections")
+    if num_heads:
+        raise ValueError(f"num_heads names {sorted(num_heads)}, which the model does not have; name attention modules "
+                         "as in named_modules() of the wrapped network")
+    return found
 
 
 def _example_inputs(net: nn.Module, sample_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,26 +164,20 @@ def _example_inputs(net: nn.Module, sample_shape: tuple[int, ...]) -> tuple[torc
     return x.to(param.device, param.dtype), torch.zeros(1, dtype=torch.long, device=param.device)
 
 
-def _channel_groups(graph, group, heads: dict[nn.Module, int]) -> int:
-    """Norm groups / heads the group's channels are split into (as torch-pruning's BasePruner counts them)."""
+def _channel_groups(graph, group) -> int:
+    """Norm groups the group's channels are split into (as torch-pruning's BasePruner counts them)."""
     n = 1
     for dep, _ in group:
         m, out = dep.target.module, graph.is_out_channel_pruning_fn(dep.handler)
-        if out and m in heads:
-            n = max(n, heads[m])
-        elif isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.out_channels:
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.out_channels:
             continue  # depthwise: channels map one to one
-        elif (fn := graph.get_pruner_of_module(m)) is not None:
+        if (fn := graph.get_pruner_of_module(m)) is not None:  # GroupNorm and its subclasses: num_groups
             n = max(n, fn.get_out_channel_groups(m) if out else fn.get_in_channel_groups(m))
     return n
 
 
-def _build_plan(net: nn.Module, sample_shape: tuple[int, ...]) -> Plan:
-    units = prunable_units(net)
-    unit_of = {layer: u.name for u in units for layer in u.modules}
-    ignored = ignored_names(net)
-    heads = _attention_heads(net)
-    name_of = {m: name for name, m in net.named_modules()}
+def _trace(net: nn.Module, sample_shape: tuple[int, ...]):
+    """torch-pruning's dependency graph of net, and the forward order of its conv/linear layers."""
     order: dict[nn.Module, int] = {}
 
     def record(module, args, output) -> None:  # must return None, or it replaces the output
@@ -147,7 +186,9 @@ def _build_plan(net: nn.Module, sample_shape: tuple[int, ...]) -> Plan:
     hooks = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, LAYERS)]
     modes = [m.training for m in net.modules()]
     try:
-        with torch.enable_grad():  # tracing follows grad_fn
+        with torch.enable_grad(), warnings.catch_warnings():  # tracing follows grad_fn
+            # Parameters used outside a layer (positional embeddings): their groups are never pruned (see plan).
+            warnings.filterwarnings("ignore", message=".*Unwrapped parameters.*")
             graph = tp.DependencyGraph().build_dependency(
                 net, example_inputs=_example_inputs(net, sample_shape), forward_fn=_forward
             )
@@ -156,37 +197,118 @@ def _build_plan(net: nn.Module, sample_shape: tuple[int, ...]) -> Plan:
             hook.remove()
         for m, mode in zip(net.modules(), modes):  # tracing switched the base to eval mode
             m.training = mode
-    head_of = {net.get_submodule(name): n for name, n in heads.items()}
+    return graph, order
+
+
+def _unclear_heads(unit: str, attention: str, n: int, why: str) -> PruningError:
+    return PruningError(
+        f"unit {unit!r}: cannot tell which channels belong to each of the {n} heads of attention {attention!r} "
+        f"({why}); keep it whole with ignored_layers=[{attention!r}], or declare its heads with "
+        f"num_heads={{{attention!r}: n}}"
+    )
+
+
+def _probe_heads(net: nn.Module, sample_shape: tuple[int, ...], groups: list[_Group], attention_of: dict[str, str]):
+    """Fill in which output channels of each q/k/v projection feed each head, from gradients: head h's output
+    (its slice of the next layer's input) depends only on head h's q, k and v channels. torch-pruning's own
+    index mapping through an attention kernel's reshapes is not reliable (it depends on coincidences of sizes)."""
+    if not groups:
+        return []
+    outputs, inputs = {}, {}
+    layers = {name for g in groups for name, _ in g.head_channels} | {g.heads_into for g in groups}
+    hooks = []
+    for name in layers:
+        m = net.get_submodule(name)
+        hooks.append(m.register_forward_hook(lambda m, a, out, name=name: outputs.setdefault(name, out)))
+        hooks.append(m.register_forward_pre_hook(lambda m, a, name=name: inputs.setdefault(name, a[0])))
+    modes = [m.training for m in net.modules()]
+    net.eval()
+    try:
+        with torch.enable_grad():
+            _forward(net, _example_inputs(net, sample_shape))
+            done = []
+            for g in groups:
+                into = net.get_submodule(g.heads_into)
+                x = inputs[g.heads_into]
+                dim = g.channels // g.slots
+                axis = 1 if isinstance(into, nn.modules.conv._ConvNd) else -1
+                per_layer = {name: [] for name, _ in g.head_channels}
+                for h in range(g.slots):
+                    names = list(per_layer)
+                    grads = torch.autograd.grad(x.narrow(axis, h * dim, dim).sum(), [outputs[n] for n in names],
+                                                retain_graph=True, allow_unused=True)
+                    for name, grad in zip(names, grads):
+                        layer = net.get_submodule(name)
+                        layer_axis = 1 if isinstance(layer, nn.modules.conv._ConvNd) else -1
+                        used = torch.zeros(outputs[name].shape[layer_axis], dtype=torch.bool) if grad is None else \
+                            grad.movedim(layer_axis, 0).flatten(1).ne(0).any(1).cpu()
+                        per_layer[name].append(tuple(used.nonzero().flatten().tolist()))
+                for name, heads in per_layer.items():
+                    flat = sorted(c for head in heads for c in head)
+                    if len({len(head) for head in heads}) != 1 or flat != list(range(len(flat))) or not heads[0]:
+                        raise _unclear_heads(g.unit, attention_of[name], g.slots, f"{name}: heads share or miss channels")
+                done.append(_Group(g.root, g.unit, g.channels, g.slots, g.heads_into,
+                                   tuple((name, tuple(heads)) for name, heads in per_layer.items())))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, mode in zip(net.modules(), modes):
+            m.training = mode
+    return done
+
+
+def _build_plan(net: nn.Module, sample_shape: tuple[int, ...], units: list[Unit], ignored: tuple[str, ...],
+                attention: dict[str, tuple[tuple[str, ...], int]]) -> Plan:
+    unit_of = {layer: u.name for u in units for layer in u.modules}
+    name_of = {m: name for name, m in net.named_modules()}
+    heads_of = {net.get_submodule(q): (name, n) for name, (qkv, n) in attention.items() for q in qkv}
+    graph, order = _trace(net, sample_shape)
     ignored_modules = [m for name in ignored for m in net.get_submodule(name).modules()]
-    groups = []
+    groups, heads = [], []
     for group in graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=LAYERS):
-        if any(
-            graph.is_out_channel_pruning_fn(dep.handler)
-            and (isinstance(dep.target.module, tp.ops._OutputOp) or not dep.target.outputs)
-            for dep, _ in group
-        ):
+        nodes = [dep.target for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
+        if any(isinstance(n.module, tp.ops._OutputOp) or not n.outputs for n in nodes):
             continue  # these are the output's channels, whichever layer produces them
-        producers = [
-            dep.target.module
-            for dep, _ in group
-            if graph.is_out_channel_pruning_fn(dep.handler) and name_of.get(dep.target.module) in unit_of
-        ]
+        if any(n.type == tp.ops.OPTYPE.PARAMETER for n in nodes):
+            continue  # added to a parameter every position reads (a positional embedding): keep whole
+        outs = [n.module for n in nodes]
+        producers = [m for m in outs if name_of.get(m) in unit_of]
         if not producers:
             continue
         root = min(producers, key=order.__getitem__)
-        channels = graph.get_out_channels(root)
-        slots = channels // _channel_groups(graph, group, head_of)
-        groups.append(_Group(name_of[root], unit_of[name_of[root]], channels, slots))
-    return Plan(units, tuple(groups), tuple(ignored), tuple(heads.items()))
+        unit = unit_of[name_of[root]]
+        qkv = [m for m in outs if m in heads_of]
+        if not qkv:
+            channels = graph.get_out_channels(root)
+            groups.append(_Group(name_of[root], unit, channels, channels // _channel_groups(graph, group)))
+            continue
+        attention_name, n = heads_of[qkv[0]]
+        into = [dep.target.module for dep, _ in group
+                if graph.is_in_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, LAYERS)]
+        if len(into) != 1 or graph.get_in_channels(into[0]) % n:
+            raise _unclear_heads(unit, attention_name, n, f"layers reading its heads: {[name_of[m] for m in into]}")
+        heads.append(_Group(name_of[root], unit, graph.get_in_channels(into[0]), n, name_of[into[0]],
+                            tuple((name_of[m], ()) for m in qkv)))
+    groups += _probe_heads(net, sample_shape, heads, {name: a for a, (qkv, _) in attention.items() for name in qkv})
+    return Plan(units, tuple(groups), ignored)
 
 
-# One plan per base network, rebuilt if its layer shapes or the sample shape change.
+# One plan per base network and decision space, rebuilt if its layer shapes or the sample shape change.
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def plan_for(net: nn.Module, sample_shape: tuple[int, ...]) -> Plan:
+def plan_for(net: nn.Module, sample_shape: tuple[int, ...], *, units=None, ignored_layers=(),
+             num_heads: dict[str, int] | None = None) -> Plan:
+    """The pruning plan of net (cached). units, ignored_layers: as for units.prunable_units; num_heads: as for
+    attention_layers."""
+    space = prunable_units(net, units=units, ignored_layers=ignored_layers)
+    ignored = tuple(ignored_names(net, space, ignored_layers))
+    attention = attention_layers(net, num_heads)
     key = (
         tuple(sample_shape),
+        tuple((u.name, tuple(u.modules)) for u in space),
+        ignored,
+        tuple(sorted(attention.items())),
         tuple(
             (name, type(m).__qualname__, tuple(tuple(p.shape) for p in m.parameters(recurse=False)))
             for name, m in net.named_modules()
@@ -194,7 +316,7 @@ def plan_for(net: nn.Module, sample_shape: tuple[int, ...]) -> Plan:
     )
     cached = _PLANS.get(net)
     if cached is None or cached[0] != key:
-        _PLANS[net] = cached = (key, _build_plan(net, tuple(sample_shape)))
+        _PLANS[net] = cached = (key, _build_plan(net, tuple(sample_shape), space, ignored, attention))
     return cached[1]
 
 
@@ -227,6 +349,84 @@ def check_importance(importance: str, calibration: Calibration | None) -> None:
         raise ValueError("importance='taylor' needs calibration=Calibration(images, scheduler, timesteps)")
 
 
+def _named(plan: Plan, layer: str, err: Exception) -> PruningError:
+    """err, raised while pruning or running a layer, as an error naming its unit, the layer and the fix."""
+    unit = plan.unit_of(layer)
+    keep = layer.rpartition(".")[0] or layer  # the module holding the layer: ignoring it keeps its widths
+    return PruningError(
+        f"cannot prune {f'unit {unit!r}' if unit else 'the model'}: layer {layer!r} fails after pruning "
+        f"({str(err).splitlines()[0]}); keep its widths with ignored_layers=[{keep!r}] (and leave its unit out "
+        "of the decision if nothing else in it is prunable)"
+    )
+
+
+def _importance(scorer, group) -> torch.Tensor:
+    """One score per channel of the group's root (higher: keep); by position when nothing can be scored."""
+    imp = scorer(group)
+    return _ByPosition()(group) if imp is None else imp
+
+
+def _channels_to_drop(graph, net: nn.Module, group: _Group, kept: int, scorer) -> list[int]:
+    """Root channels that cut a group to `kept` per norm group: the same positions in every norm group, the
+    least important averaged over the norm groups (as torch-pruning's BasePruner does)."""
+    root = net.get_submodule(group.root)
+    rows = group.channels // group.slots
+    full = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, list(range(group.channels)))
+    drop = torch.argsort(_importance(scorer, full).view(rows, group.slots).mean(0))[: group.slots - kept].tolist()
+    return sorted(r * group.slots + d for r in range(rows) for d in drop)
+
+
+def _heads_to_drop(net: nn.Module, group: _Group, kept: int, importance: str) -> list[int]:
+    """The least important heads: by the summed squared weights (or |weight x gradient|) of their rows in the
+    q/k/v projections and their columns in the next layer; by position (the last go first) for FLOPs trials."""
+    if importance == "position":
+        return list(range(kept, group.slots))
+
+    def score(layer: nn.Module) -> torch.Tensor:  # per weight entry
+        w, grad = layer.weight.detach(), layer.weight.grad
+        return (w * grad).abs() if importance == "taylor" and grad is not None else w.pow(2)
+
+    into = score(net.get_submodule(group.heads_into)).movedim(1, 0).flatten(1).sum(1)
+    total = into.view(group.slots, -1).sum(1)
+    for name, heads in group.head_channels:
+        rows = score(net.get_submodule(name)).flatten(1).sum(1)
+        total = total + torch.stack([rows[list(head)].sum() for head in heads])
+    return torch.argsort(total)[: group.slots - kept].tolist()
+
+
+def _drop_heads(net: nn.Module, group: _Group, drop: list[int]) -> None:
+    """Remove whole heads: their channels in each q/k/v projection and where their outputs enter the next
+    layer (head after head)."""
+    dim = group.channels // group.slots
+    _prune_layer(net.get_submodule(group.heads_into), sorted(h * dim + i for h in drop for i in range(dim)), out=False)
+    for name, heads in group.head_channels:
+        _prune_layer(net.get_submodule(name), sorted(c for h in drop for c in heads[h]), out=True)
+
+
+def _prune_layer(layer: nn.Module, idxs: list[int], *, out: bool) -> None:
+    conv = isinstance(layer, nn.modules.conv._ConvNd)
+    if out:
+        (tp.prune_conv_out_channels if conv else tp.prune_linear_out_channels)(layer, idxs)
+    else:
+        (tp.prune_conv_in_channels if conv else tp.prune_linear_in_channels)(layer, idxs)
+
+
+def _check_runs(plan: Plan, net: nn.Module, inputs) -> None:
+    """One forward of the pruned net; a failure names the layer that raised and its unit."""
+    name_of = {m: name for name, m in net.named_modules()}
+    entered: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: entered.append(name_of[m])) for m in net.modules()
+             if not list(m.children())]
+    try:
+        with torch.no_grad():
+            _forward(net, inputs)
+    except RuntimeError as err:
+        raise _named(plan, entered[-1] if entered else "?", err) from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def prune_kept(
     base: nn.Module,
     plan: Plan,
@@ -235,20 +435,20 @@ def prune_kept(
     importance: str,
     calibration: Calibration | None,
 ) -> nn.Module:
-    """A deep copy of base with each plan group cut to kept[i] channels per norm group.
+    """A deep copy of base with each plan group cut to kept[i] channels per norm group (heads, for attention).
 
     importance: one of IMPORTANCES, or "position" (first channels stay) for FLOPs trials.
+    Raises PruningError naming the unit and layer when torch-pruning or the pruned model fails.
     """
     pruned = copy.deepcopy(base)
     net = network(pruned)
-    # BasePruner keeps int(slots * (1 - r)) per norm group; + 0.5 keeps float error away from the edge.
-    ratios = {
-        net.get_submodule(g.root): 1.0 - (k + 0.5) / g.slots for g, k in zip(plan.groups, kept) if k < g.slots
-    }
-    if not ratios:
+    cuts = [(g, k) for g, k in zip(plan.groups, kept) if k < g.slots]
+    if not cuts:
         return pruned
+    head_dims = _head_dims(net)  # before pruning: heads keep their dimension
     modes = [m.training for m in pruned.modules()]
     net.eval()
+    inputs = _example_inputs(net, sample_shape)
     with torch.enable_grad():
         if importance == "taylor":
             _taylor_gradients(net, calibration)
@@ -257,23 +457,26 @@ def prune_kept(
             scorer = tp.importance.GroupMagnitudeImportance(p=2)
         else:
             scorer = _ByPosition()
-        pruner = tp.pruner.BasePruner(
-            net,
-            _example_inputs(net, sample_shape),
-            importance=scorer,
-            pruning_ratio=0.0,  # groups missing from pruning_ratio_dict stay whole
-            pruning_ratio_dict=ratios,
-            ignored_layers=[net.get_submodule(name) for name in plan.ignored],
-            # Fresh dicts: BasePruner fills these, and its defaults are shared between calls.
-            num_heads={net.get_submodule(name): n for name, n in plan.heads},
-            in_channel_groups={},
-            out_channel_groups={},
-            forward_fn=_forward,
-        )
-        pruner.step()
-    sync_module_attributes(net)
+        graph, _ = _trace(net, sample_shape)
+        # Everything is ranked on the unpruned copy first (as BasePruner does), then cut: the groups are
+        # disjoint channel sets, each indexed in its own root's channels.
+        drops = [
+            _channels_to_drop(graph, net, g, k, scorer) if g.heads_into is None else _heads_to_drop(net, g, k, importance)
+            for g, k in cuts
+        ]
+        for (g, _), drop in zip(cuts, drops):
+            try:
+                if g.heads_into is None:
+                    root = net.get_submodule(g.root)
+                    graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, drop).prune()
+                else:
+                    _drop_heads(net, g, drop)
+            except (RuntimeError, IndexError, ValueError) as err:
+                raise _named(plan, g.root, err) from None
+    sync_module_attributes(net, head_dims)
     for p in pruned.parameters():
         p.grad = None
+    _check_runs(plan, net, inputs)
     for m, mode in zip(pruned.modules(), modes):
         m.training = mode
     return pruned
@@ -287,21 +490,29 @@ def prune(
     *,
     importance: str = "magnitude",
     calibration: Calibration | None = None,
+    units=None,
+    ignored_layers=(),
+    num_heads: dict[str, int] | None = None,
 ) -> nn.Module:
     """A structurally pruned deep copy of base (base is left untouched).
 
-    base: a diffusers UNet2DModel, a tdcdiff Denoiser wrapping one, or any net called as model(x, t).
-    decision: unit name -> fraction of its channels to remove, in [0, 0.95]; missing units are not pruned.
-        Depth units (prune/depth.py) map to 1.0 (remove the layer) or 0.0 (keep it).
+    base: a diffusers UNet2DModel, a tdcdiff Denoiser wrapping one, or any net called as model(x, t) (and
+        class_labels=, for a class-conditional one).
+    decision: unit name -> fraction of its channels (of an attention unit: of its heads) to remove, in
+        [0, 0.95]; missing units are not pruned. Depth units (prune/depth.py) map to 1.0 (remove the layer)
+        or 0.0 (keep it).
     sample_shape: (C, H, W) of one sample, used to trace the network.
     importance: which channels go: "magnitude" (L2 norm of their weights) or "taylor" (|weight x gradient|
         of the denoising loss on `calibration`'s batch).
-    Returns a model of base's type mapping (x, t) to a tensor of x's shape.
+    units, ignored_layers: the decision space, as for units.prunable_units (default: found generically).
+    num_heads: attention module name -> heads, for attention whose heads the module does not reveal.
+    Returns a model of base's type with base's output shape (a learned variance included).
+    Raises PruningError (a ValueError) naming the unit and layer when the decision cannot be applied.
     """
     check_importance(importance, calibration)
     width, removed = depth.split(decision, base)
     base = reduced_base(base, removed)
-    plan = plan_for(network(base), tuple(sample_shape))
+    plan = plan_for(network(base), tuple(sample_shape), units=units, ignored_layers=ignored_layers, num_heads=num_heads)
     check_decision(width, plan.units, MAX_RATIO)
     return prune_kept(base, plan, plan.kept(width), tuple(sample_shape), importance, calibration)
 
@@ -324,13 +535,27 @@ def reduced_base(base: nn.Module, removed: list[str]) -> nn.Module:
     return cache[key]
 
 
-def sync_module_attributes(model: nn.Module) -> None:
+def _head_dims(model: nn.Module) -> dict[str, int]:
+    """Attention module -> head dimension, from its head count and its q/k/v size attributes (which pruning
+    with torch-pruning updates, but a model rebuilt unpruned for loading still holds)."""
+    dims = {}
+    for name, (qkv, heads) in attention_layers(model).items():
+        layer = model.get_submodule(qkv[0])
+        width = layer.out_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.out_features
+        dims[name] = width // (heads * (3 if len(qkv) == 1 else 1))
+    return dims
+
+
+def sync_module_attributes(model: nn.Module, head_dims: dict[str, int] | None = None) -> None:
     """Re-derive size attributes from current parameter shapes, after pruning or resizing layers.
 
-    Covers torch layers (Conv/Linear in/out sizes, norm widths) and the diffusers attributes that a forward
-    asserts on or reports: Upsample2D/Downsample2D channels, Attention dims, ResnetBlock2D channels.
-    Attention keeps its number of heads (pruning shortens each head instead).
+    Covers torch layers (Conv/Linear in/out sizes, norm widths), head counts of attention (diffusers
+    Attention `heads`, `inner_dim`; `heads` / `num_heads` / `n_heads` of custom attention and its children),
+    and the diffusers attributes that a forward asserts on or reports: Upsample2D/Downsample2D channels,
+    ResnetBlock2D channels. head_dims: attention module -> head dimension (default: from the size attributes
+    before they are re-derived, right for a model rebuilt unpruned and then resized).
     """
+    head_dims = _head_dims(model) if head_dims is None else head_dims
     for m in model.modules():
         if isinstance(m, nn.modules.conv._ConvNd):
             w = m.weight.shape
@@ -346,6 +571,8 @@ def sync_module_attributes(model: nn.Module) -> None:
             m.normalized_shape = tuple(m.weight.shape)
         elif isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None:
             m.num_features = m.running_mean.shape[0]
+    for name, dim in head_dims.items():
+        _set_heads(model.get_submodule(name), dim)
     if "diffusers" not in sys.modules:  # a diffusers layer implies diffusers is imported
         return
     from diffusers.models.attention_processor import Attention
@@ -364,3 +591,17 @@ def sync_module_attributes(model: nn.Module) -> None:
             m.query_dim, m.inner_dim = m.to_q.in_features, m.to_q.out_features
             m.inner_kv_dim = m.to_k.out_features if m.to_k is not None else m.inner_dim
             m.out_dim = m.to_out[0].out_features
+
+
+def _set_heads(attention: nn.Module, head_dim: int) -> None:
+    """Set an attention module's head count (and its children's, e.g. ADM's QKVAttention.n_heads) from the
+    size of its q/k/v projections."""
+    qkv = getattr(attention, "qkv", None)
+    heads = qkv.weight.shape[0] // (3 * head_dim) if isinstance(qkv, LAYERS) else attention.to_q.weight.shape[0] // head_dim
+    old = attention_heads(attention)
+    for m in attention.modules():
+        for attribute in HEAD_ATTRIBUTES:
+            if getattr(m, attribute, None) == old:
+                setattr(m, attribute, heads)
+    if hasattr(attention, "sliceable_head_dim"):  # diffusers Attention
+        attention.sliceable_head_dim = heads

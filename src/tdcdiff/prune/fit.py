@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..flops import count_flops
+from ..models import as_denoiser
 from . import depth
 from .engine import Calibration, Plan, check_importance, kept_slots, one_thread, plan_for, prune_kept, reduced_base
 from .units import MAX_RATIO, Decision, check_decision, network
@@ -54,17 +55,17 @@ def unit_levels(plan: Plan, unit: str) -> list[float]:
     return [0.0] + [(a + b) / 2 for a, b in zip(cuts, cuts[1:])] + [last]
 
 
-def _estimator(base: nn.Module, sample_shape, latency):
+def _estimator(base: nn.Module, sample_shape, latency, space: dict):
     """cost(plan, width decision, removed depth units): FLOPs measured on a trial model, or with a latency
     table its time estimate, each width ratio looked up as the full base's level with the same channels."""
     if latency is None:
 
         def flops(plan: Plan, width: Decision, removed: list[str]) -> float:
             trial = prune_kept(reduced_base(base, removed), plan, plan.kept(width), sample_shape, "position", None)
-            return count_flops(trial, sample_shape)
+            return count_flops(as_denoiser(trial), sample_shape)
 
         return flops
-    full = plan_for(network(base), sample_shape)
+    full = plan_for(network(base), sample_shape, **space)
     levels = {u.name: unit_levels(full, u.name) for u in full.units}
 
     def level(unit: str, ratio: float) -> float:
@@ -212,38 +213,45 @@ def fit_to_budget(
     importance: str = "magnitude",
     calibration: Calibration | None = None,
     max_iter: int = 12,
+    units=None,
+    ignored_layers=(),
+    num_heads: dict[str, int] | None = None,
     latency=None,
 ) -> FitResult:
     """Repair a proposed decision so the pruned model's cost lands within tolerance of a budget.
 
-    base, sample_shape, importance, calibration: as for prune().
+    base, sample_shape, importance, calibration, units, ignored_layers, num_heads: as for engine.prune().
     decision: proposed ratios per width unit; only their relative sizes matter (all zero or empty: uniform).
         They are scaled by a common factor found by bisection (clamped to [0, 0.95]); if no scale lands
         within tolerance (GroupNorm makes cost a step function of the scale), single units are then
         moved one channel level at a time toward the budget. Depth units (1.0 = remove): see the module doc.
-    budget_flops: target FLOPs of one forward at batch 1 (count_flops), or with `latency` target seconds of
-        one forward at the table's batch. tolerance: allowed relative error. max_iter: bisection steps.
+    budget_flops: target FLOPs of one forward at batch 1 (count_flops; a learned variance's channels count
+        too), or with `latency` target seconds of one forward at the table's batch. tolerance: allowed
+        relative error. max_iter: bisection steps.
     latency: a latency.LatencyTable of base (see measure_latency_table) to budget time instead of FLOPs.
-    Raises BudgetError when no reachable pruning is within tolerance.
+    Raises BudgetError when no reachable pruning is within tolerance, PruningError (engine) when the
+    architecture cannot be pruned as planned.
     """
     check_importance(importance, calibration)
     if budget_flops <= 0:
         raise ValueError(f"budget must be positive, got {budget_flops}")
     sample_shape = tuple(sample_shape)
+    space = {"units": units, "ignored_layers": ignored_layers, "num_heads": num_heads}
     width, removed = depth.split(decision, base)
-    check_decision(width, plan_for(network(base), sample_shape).units, math.inf)
-    cost = _estimator(base, sample_shape, latency)
+    full = plan_for(network(base), sample_shape, **space)
+    check_decision(width, full.units, math.inf)
+    cost = _estimator(base, sample_shape, latency, space)
+
     def show(cost: float) -> str:
         return f"{cost * 1000:.3f} ms" if latency is not None else f"{cost:,.0f} FLOPs"
 
-    base_cost = cost(plan_for(network(base), sample_shape), {}, [])
+    base_cost = cost(full, {}, [])
     if budget_flops >= base_cost * (1 - tolerance / 2):
-        full = plan_for(network(base), sample_shape)
-        return FitResult(copy.deepcopy(base), {u.name: 0.0 for u in full.units}, count_flops(base, sample_shape),
+        return FitResult(copy.deepcopy(base), {u.name: 0.0 for u in full.units}, count_flops(as_denoiser(base), sample_shape),
                          budget_flops, 0.0, base_cost if latency is not None else None)
     while True:  # undo removals, last first, while they alone undershoot the budget
         reduced = reduced_base(base, removed)
-        plan = plan_for(network(reduced), sample_shape)
+        plan = plan_for(network(reduced), sample_shape, **space)
         if not removed or cost(plan, {}, removed) >= budget_flops * (1 - tolerance):
             break
         removed = removed[:-1]
@@ -272,8 +280,8 @@ def fit_to_budget(
         )
     model = prune_kept(reduced, plan, plan.kept(search.best), sample_shape, importance, calibration)
     seconds = search.best_flops if latency is not None else None
-    return FitResult(model, {**search.best, **repaired_depth}, count_flops(model, sample_shape), budget_flops,
-                     scale, seconds)
+    return FitResult(model, {**search.best, **repaired_depth}, count_flops(as_denoiser(model), sample_shape),
+                     budget_flops, scale, seconds)
 
 
 def measure_latency_table(

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,6 +60,10 @@ class SearchConfig:
         (`Proxy(..., space=proxy_space, finetune_steps=proxy_finetune_steps)`); checked, not applied.
     tolerance: the measured FLOPs of every candidate must be within this fraction of the budget.
     seed: seed of the proposer's randomness (and of Taylor calibration).
+    units: the decision space declared instead of found: unit name -> list of module names (see
+        units.prunable_units; a callable works with prune / fit_to_budget directly).
+    ignored_layers: module names whose layers keep their widths.
+    num_heads: attention module name -> heads, for attention whose heads the module does not reveal.
     depth: decisions also keep or remove whole ResNet layers and attention blocks (prune/depth.py).
     """
 
@@ -72,6 +76,9 @@ class SearchConfig:
     proxy_finetune_steps: int = 0
     tolerance: float = 0.03
     seed: int = 0
+    units: dict[str, list[str]] | None = None
+    ignored_layers: list[str] = field(default_factory=list)
+    num_heads: dict[str, int] | None = None
     depth: bool = False
 
     def validate(self) -> None:
@@ -83,6 +90,14 @@ class SearchConfig:
             (self.proxy_space in SPACES, f"unknown proxy_space {self.proxy_space!r}; choose one of {SPACES}"),
             (self.proxy_finetune_steps >= 0, f"proxy_finetune_steps must be >= 0, got {self.proxy_finetune_steps}"),
             (0 < self.tolerance < 1, f"tolerance must be in (0, 1), got {self.tolerance} (typical: 0.03)"),
+            (self.units is None or (isinstance(self.units, dict) and all(
+                isinstance(v, list) and all(isinstance(m, str) for m in v) for v in self.units.values())),
+             f"units must map unit names to lists of module names, got {self.units!r}"),
+            (isinstance(self.ignored_layers, list) and all(isinstance(m, str) for m in self.ignored_layers),
+             f"ignored_layers must be a list of module names, got {self.ignored_layers!r}"),
+            (self.num_heads is None or (isinstance(self.num_heads, dict) and all(
+                isinstance(n, int) and n > 0 for n in self.num_heads.values())),
+             f"num_heads must map attention module names to positive head counts, got {self.num_heads!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -184,10 +199,13 @@ def search(
     if budget_flops <= 0:
         raise ValueError(f"budget_flops must be > 0, got {budget_flops}")
     sample_shape = tuple(sample_shape)
-    units = prunable_units(base)
+    units = prunable_units(base, units=config.units, ignored_layers=config.ignored_layers)
+    if config.depth and config.units is not None:
+        raise ValueError("depth pruning renumbers the layers a declared decision space names: use depth=False "
+                         "with units, or the found decision space (units=None) with depth")
     layers = depth_units(network(base)) if config.depth else []
     memory = MemoryBank(enabled=config.memory)
-    base_flops = count_flops(base, sample_shape)
+    base_flops = count_flops(as_denoiser(base), sample_shape)
     base_cost = latency.base_seconds if latency is not None else base_flops
     if budget_flops >= base_cost:
         return SearchResult(copy.deepcopy(base), uniform_decision(units, 0.0), base_flops, 1.0, memory, budget_flops,
@@ -212,7 +230,8 @@ def search(
         try:
             fit = fit_to_budget(
                 base, decision, budget_flops, sample_shape, tolerance=config.tolerance,
-                importance=config.importance, calibration=calibration, latency=latency,
+                importance=config.importance, calibration=calibration, units=config.units,
+                ignored_layers=config.ignored_layers, num_heads=config.num_heads, latency=latency,
             )
         except BudgetError as err:
             return Entry(round_, dict(decision), 0, budget_flops, None, source, f"not fitted: {err}"), None

@@ -1,13 +1,15 @@
 """The decision space of structural pruning: which units of a network get their own width ratio.
 
-A decision is one pruning ratio per unit: each down block, the mid block and each up block of a diffusers
-UNet, or each top-level child of any other `model(x, t)` network. What happens to the channels of a unit is
+A decision is one pruning ratio per unit: a block of a UNet, the heads or the MLP of a transformer block,
+a top-level child of another `model(x, t)` network, or units the user declares. What happens to the channels of a unit is
 the engine's business (prune/engine.py); fitting a decision to a FLOPs budget is prune/fit.py's.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import sys
 from dataclasses import dataclass
 
 from torch import nn
@@ -15,19 +17,20 @@ from torch import nn
 from ..models import Denoiser
 
 Decision = dict[str, float]
-"""Unit name -> pruning ratio in [0, MAX_RATIO] (fraction of that unit's channels removed)."""
+"""Unit name -> pruning ratio in [0, MAX_RATIO] (fraction of that unit's channels, or heads, removed)."""
 
 MAX_RATIO = 0.95
-# Read by every block of a diffusers UNet, so they belong to no unit and keep their width.
-NEVER_PRUNE = ("time_embedding", "time_proj", "class_embedding")
 LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+# Children of a net without recognised blocks that every block reads: conditioning, never a unit.
+CONDITIONING = re.compile(r"^(time|temb|t_emb|timestep|class|label|y_emb|cond|emb)", re.IGNORECASE)
+HEAD_ATTRIBUTES = ("heads", "num_heads", "n_heads")
 
 
 @dataclass
 class Unit:
     """One dimension of the decision space.
 
-    name: "down_blocks.0", "mid_block", "up_blocks.1", ... or a top-level child's name for other nets.
+    name: "down_blocks.0", "input_blocks.3", "blocks.1.attn.heads", "blocks.1.mlp", ... (see prunable_units).
     modules: qualified names (relative to the unwrapped network) of the conv/linear layers inside the unit
         whose output channels may be pruned.
     """
@@ -41,41 +44,123 @@ def network(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, Denoiser) else model
 
 
-def ignored_names(net: nn.Module) -> list[str]:
-    """Modules whose output channels are never pruned: time embeddings and the output layer."""
-    names = [name for name, _ in net.named_children() if name in NEVER_PRUNE]
+def attention_heads(module: nn.Module) -> int | None:
+    """The number of heads of an attention module: diffusers Attention (`heads`), or any module with an int
+    `heads` / `num_heads` / `n_heads` attribute and a fused `qkv` conv/linear child (ADM, DiT, timm); else None."""
+    diffusers = sys.modules.get("diffusers.models.attention_processor")  # loaded if the model uses it
+    if diffusers is not None and isinstance(module, diffusers.Attention):
+        return int(module.heads)
+    if isinstance(getattr(module, "qkv", None), LAYERS):
+        return next((int(n) for a in HEAD_ATTRIBUTES if isinstance(n := getattr(module, a, None), int)), None)
+    return None
+
+
+def _layers(net: nn.Module, prefix: str) -> list[str]:
+    return [name for name, m in net.get_submodule(prefix).named_modules(prefix=prefix) if isinstance(m, LAYERS)]
+
+
+def _inside(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _module_list(net: nn.Module, name: str) -> list[str]:
+    blocks = getattr(net, name, None)
+    return [f"{name}.{i}" for i in range(len(blocks))] if isinstance(blocks, nn.ModuleList) else []
+
+
+def _transformer_units(net: nn.Module) -> dict[str, list[str]]:
+    """Two kinds of units per transformer block (a ModuleList entry holding attention and other layers):
+    "<attention>.heads" (its heads) and "<block>.mlp" (every other layer of the block, e.g. its MLP)."""
+    for list_name, blocks in net.named_modules():
+        if not isinstance(blocks, nn.ModuleList) or not len(blocks):
+            continue
+        found = {}
+        for i, block in enumerate(blocks):
+            name = f"{list_name}.{i}"
+            attentions = [f"{name}.{a}" if a else name for a, m in block.named_modules() if attention_heads(m)]
+            attentions = [a for a in attentions if a != name]
+            rest = [layer for layer in _layers(net, name) if not any(_inside(layer, a) for a in attentions)]
+            if not attentions or not rest:
+                break
+            found.update({f"{a}.heads": _layers(net, a) for a in attentions})
+            found[f"{name}.mlp"] = rest
+        else:
+            if found:
+                return found
+    return {}
+
+
+def _discover(net: nn.Module) -> tuple[dict[str, list[str]], set[str]]:
+    """Units (name -> layers) of a net and the layers outside every unit that may still follow one (a UNet's
+    stem takes the width of the first block); every other layer outside the units keeps its width."""
+    for down, mid, up, stem in (("down_blocks", "mid_block", "up_blocks", "conv_in"),  # diffusers UNet
+                                ("input_blocks", "middle_block", "output_blocks", None)):  # ADM / IDDPM / LDM
+        if _module_list(net, down) and _module_list(net, up):
+            middle = [mid] if isinstance(getattr(net, mid, None), nn.Module) else []
+            names = _module_list(net, down) + middle + _module_list(net, up)
+            follow = _layers(net, stem) if stem and isinstance(getattr(net, stem, None), nn.Module) else []
+            return {n: _layers(net, n) for n in names}, set(follow)
+    transformer = _transformer_units(net)
+    if transformer:
+        return transformer, set()
+    children = [name for name, _ in net.named_children() if not CONDITIONING.search(name)]
+    return {name: _layers(net, name) for name in children}, set()
+
+
+def _declared(net: nn.Module, units) -> dict[str, list[str]]:
+    declared = units(net) if callable(units) else units
+    if not isinstance(declared, dict) or not declared:
+        raise ValueError("units= must be a non-empty dict of unit name -> list of module names (or a callable "
+                         "returning one), e.g. {'enc': ['blocks.0', 'blocks.1']}")
+    out = {}
+    for unit, modules in declared.items():
+        if isinstance(modules, str) or not modules:
+            raise ValueError(f"unit {unit!r}: give a non-empty list of module names, e.g. [{modules!r}]")
+        out[unit] = [layer for module in modules for layer in _layers(net, _submodule_name(net, module, unit))]
+    return out
+
+
+def _submodule_name(net: nn.Module, name: str, owner: str) -> str:
+    try:
+        net.get_submodule(name)
+    except AttributeError:
+        children = ", ".join(n for n, _ in net.named_children())
+        raise ValueError(f"{owner!r} names module {name!r}, which the model does not have; top-level modules: "
+                         f"{children} (names are relative to the wrapped network, as in named_modules())") from None
+    return name
+
+
+def ignored_names(net: nn.Module, units: list[Unit], ignored_layers=()) -> list[str]:
+    """Layers whose output channels are never pruned: the user's ignored_layers, every layer outside the units
+    (time and class embeddings, a transformer's patch embedding and final layers) except a UNet stem that
+    follows its first block, and the output layer (taken as the last layer registered; the engine also
+    protects whichever layers really produce the output)."""
+    _, follow = _discover(net)
+    inside = {layer for u in units for layer in u.modules}
     layers = [name for name, m in net.named_modules() if isinstance(m, LAYERS)]
-    # The prediction's channels must equal the input's. Taken here as the last layer registered; the
-    # traced plan also protects whichever layers really produce the output.
-    return names + layers[-1:]
+    user = [layer for i in ignored_layers for layer in _layers(net, _submodule_name(net, i, "ignored_layers"))]
+    outside = [layer for layer in layers if layer not in inside and layer not in follow]
+    return list(dict.fromkeys(user + outside + layers[-1:]))
 
 
-def prunable_units(model: nn.Module) -> list[Unit]:
+def prunable_units(model: nn.Module, *, units=None, ignored_layers=()) -> list[Unit]:
     """The decision space of a model (a diffusers UNet, a Denoiser wrapping one, or any model(x, t) net).
 
-    Diffusers UNets: "down_blocks.i", "mid_block", "up_blocks.i". Other nets: each top-level child holding
-    a conv/linear layer that may be pruned. Never pruned: time embeddings and the output layer.
+    Found generically: diffusers UNets give "down_blocks.i", "mid_block", "up_blocks.i"; ADM-style UNets
+    "input_blocks.i", "middle_block", "output_blocks.i"; transformers (a ModuleList of blocks holding attention
+    and an MLP) two units per block, "<attention>.heads" (whole heads) and "<block>.mlp" (everything else in
+    the block); other nets each top-level child except conditioning (names such as time_embed, label_emb).
+    units: declare the units instead: unit name -> list of module names (each contributes its conv/linear
+        layers), or a callable net -> such a dict. Names are relative to the wrapped network.
+    ignored_layers: module names whose layers are never pruned.
+    Layers outside every unit, and the output layer, keep their output channels.
+    Raises ValueError naming a module the model does not have.
     """
     net = network(model)
-    if isinstance(getattr(net, "down_blocks", None), nn.ModuleList) and isinstance(
-        getattr(net, "up_blocks", None), nn.ModuleList
-    ):
-        names = [f"down_blocks.{i}" for i in range(len(net.down_blocks))]
-        names += ["mid_block"] if getattr(net, "mid_block", None) is not None else []
-        names += [f"up_blocks.{i}" for i in range(len(net.up_blocks))]
-    else:
-        names = [name for name, _ in net.named_children()]
-    ignored = ignored_names(net)
-    units = []
-    for name in names:
-        layers = [
-            layer
-            for layer, m in net.get_submodule(name).named_modules(prefix=name)
-            if isinstance(m, LAYERS) and not any(layer == i or layer.startswith(i + ".") for i in ignored)
-        ]
-        if layers:
-            units.append(Unit(name, layers))
-    return units
+    found = _declared(net, units) if units is not None else _discover(net)[0]
+    ignored = set(ignored_names(net, [Unit(n, m) for n, m in found.items()], ignored_layers))
+    result = [Unit(name, [layer for layer in layers if layer not in ignored]) for name, layers in found.items()]
+    return [u for u in result if u.modules]
 
 
 def uniform_decision(units: list[Unit], ratio: float) -> Decision:

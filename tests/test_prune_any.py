@@ -1,0 +1,251 @@
+"""Pruning architectures written outside tdcdiff: an ADM-style UNet, a DiT-style transformer and a
+class-conditional diffusers UNet (tests/models_zoo.py), whole attention heads, declared units, named errors."""
+
+import copy
+
+import pytest
+import torch
+from models_zoo import AdmUNet, AttentionBlock, DiTAttention, TinyDiT, class_conditional_unet
+from torch import nn
+
+from tdcdiff.flops import count_flops
+from tdcdiff.models import Denoiser
+from tdcdiff.prune.engine import PruningError, prune
+from tdcdiff.prune.fit import fit_to_budget
+from tdcdiff.prune.units import attention_heads, prunable_units
+
+SHAPE = (1, 8, 8)
+KINDS = {"adm": AdmUNet, "dit": TinyDiT, "diffusers-class": class_conditional_unet}
+# Layers every block reads, or that make the output: never in a unit.
+SHARED = {"adm": ("time_embed", "label_emb", "out."), "dit": ("x_embedder", "t_embedder", "y_embedder", "final_"),
+          "diffusers-class": ("time_embedding", "class_embedding", "conv_out")}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    return KINDS[kind]().eval()
+
+
+def heads_of(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Attention module -> (heads, head dimension) from its layer shapes and its head-count attribute."""
+    found = {}
+    for name, m in model.named_modules():
+        if (n := attention_heads(m)) is not None:
+            qkv = m.qkv.weight.shape[0] // 3 if hasattr(m, "qkv") else m.to_q.weight.shape[0]
+            found[name] = (n, qkv // n)
+    return found
+
+
+def out_widths(model: nn.Module, prefixes: tuple[str, ...]) -> dict[str, int]:
+    """Output channels of the layers and embeddings under these prefixes."""
+    return {name: m.weight.shape[1 if isinstance(m, nn.Embedding) else 0] for name, m in model.named_modules()
+            if name.startswith(prefixes) and isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))}
+
+
+def test_units_of_each_kind():
+    names = {kind: [u.name for u in prunable_units(make(kind))] for kind in KINDS}
+    assert names["adm"] == [f"input_blocks.{i}" for i in range(4)] + ["middle_block"] + [f"output_blocks.{i}" for i in range(4)]
+    assert names["dit"] == ["blocks.0.attn.heads", "blocks.0.mlp", "blocks.1.attn.heads", "blocks.1.mlp"]
+    assert names["diffusers-class"] == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
+    for kind in KINDS:
+        layers = [layer for u in prunable_units(make(kind)) for layer in u.modules]
+        assert not [layer for layer in layers if layer.startswith(SHARED[kind])], kind
+    dit = {u.name: u.modules for u in prunable_units(make("dit"))}
+    assert dit["blocks.0.attn.heads"] == ["blocks.0.attn.qkv", "blocks.0.attn.proj"]
+    assert "blocks.0.mlp.0" in dit["blocks.0.mlp"]
+
+
+@pytest.mark.parametrize("fraction", [0.8, 0.6])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_fit_prune_and_run(kind, fraction):
+    base = make(kind)
+    denoiser = Denoiser(base)
+    base_flops = count_flops(denoiser, SHAPE)
+    budget = int(fraction * base_flops)
+
+    result = fit_to_budget(denoiser, {}, budget, SHAPE)
+
+    error = result.flops / budget - 1
+    print(f"FLOPs error {kind} at {fraction}: {error:+.2%}")
+    assert abs(error) <= 0.03, (kind, fraction, result.decision)
+    assert count_flops(result.model, SHAPE) == result.flops
+    pruned = result.model.model
+    assert type(pruned) is type(base)
+    # Runs with class labels, keeps the output shape (a learned variance's 2C channels included).
+    x, t, y = torch.randn(3, *SHAPE), torch.tensor([0, 500, 999]), torch.tensor([1, 4, 9])
+    with torch.no_grad():
+        out = result.model(x, t, y, with_variance=True)
+        full = Denoiser(base)(x, t, y, with_variance=True)
+    assert out.shape == full.shape and torch.isfinite(out).all()
+    # What every block reads keeps its width; attention loses whole heads only.
+    assert out_widths(base, SHARED[kind]) == out_widths(pruned, SHARED[kind])
+    base_heads, pruned_heads = heads_of(base), heads_of(pruned)
+    assert base_heads.keys() == pruned_heads.keys() and base_heads
+    assert all(pruned_heads[a][1] == base_heads[a][1] and pruned_heads[a][0] >= 1 for a in base_heads)
+    if fraction == 0.6:
+        assert any(pruned_heads[a][0] < base_heads[a][0] for a in base_heads), "no attention was pruned"
+
+
+def test_learned_variance_keeps_its_full_output():
+    base = make("adm")
+    assert base.out[-1].out_channels == 2 * SHAPE[0]
+    pruned = prune(Denoiser(base), {u.name: 0.5 for u in prunable_units(base)}, SHAPE).model
+    assert pruned.out[-1].out_channels == 2 * SHAPE[0]
+    # FLOPs count the variance half too: the Denoiser's slice to the prediction costs nothing.
+    assert count_flops(Denoiser(base), SHAPE) == count_flops(base, SHAPE)
+
+
+class AttentionNet(nn.Module):
+    """Stem -> one attention layer with 8 heads of dimension 8 (added to its input) -> output layer."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.stem = nn.Conv2d(1, 64, 3, padding=1)
+        if kind == "adm":
+            self.attn = AttentionBlock(64, 8)
+        elif kind == "dit":
+            self.attn = DiTAttention(64, 8)
+        else:
+            from diffusers.models.attention_processor import Attention
+
+            self.attn = Attention(64, heads=8, dim_head=8)
+        self.head = nn.Conv2d(64, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        h = self.stem(x)
+        if self.kind == "adm":
+            h = self.attn(h)
+        else:
+            tokens = h.flatten(2).transpose(1, 2)
+            h = h + self.attn(tokens).transpose(1, 2).reshape(h.shape)
+        return self.head(h)
+
+
+def _out_projection(net: AttentionNet) -> nn.Module:
+    return {"adm": lambda a: a.proj_out, "dit": lambda a: a.proj, "diffusers": lambda a: a.to_out[0]}[net.kind](net.attn)
+
+
+@pytest.mark.parametrize("kind", ["adm", "dit", "diffusers"])
+def test_half_of_8_heads_leaves_4_whole_heads(kind):
+    torch.manual_seed(0)
+    base = AttentionNet(kind).eval()
+    pruned = prune(base, {"heads": 0.5}, SHAPE, units={"heads": ["attn"]})
+
+    assert heads_of(pruned) == {"attn": (4, 8)}
+    assert _out_projection(pruned).weight.shape[1] == 32
+    # Exactly the base with the other 4 heads' outputs removed: find the kept heads by their weights.
+    kept_columns = _out_projection(pruned).weight.detach()
+    base_columns = _out_projection(base).weight.detach()
+    kept = [next(h for h in range(8) if torch.equal(base_columns[:, h * 8:(h + 1) * 8], kept_columns[:, k * 8:(k + 1) * 8]))
+            for k in range(4)]
+    masked = copy.deepcopy(base)
+    with torch.no_grad():
+        for h in set(range(8)) - set(kept):
+            _out_projection(masked).weight[:, h * 8:(h + 1) * 8] = 0
+    x, t = torch.randn(2, *SHAPE), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.allclose(pruned(x, t), masked(x, t), atol=1e-5)
+
+
+class HeadDimAttention(DiTAttention):
+    """Attention that stores its head dimension instead of a head count (which it derives from qkv)."""
+
+    def __init__(self, dim: int, head_dim: int):
+        super().__init__(dim, dim // head_dim)
+        del self.num_heads
+        self.head_dim = head_dim
+
+    def forward(self, x):
+        self.num_heads = self.qkv.out_features // (3 * self.head_dim)
+        try:
+            return super().forward(x)
+        finally:
+            del self.num_heads
+
+
+def test_declared_heads():
+    torch.manual_seed(0)
+    base = AttentionNet("dit").eval()
+    base.attn = HeadDimAttention(64, 8)
+    units = {"heads": ["attn"]}
+    assert attention_heads(base.attn) is None  # nothing to read the heads from: declared below
+    pruned = prune(base, {"heads": 0.5}, SHAPE, units=units, num_heads={"attn": 8})
+    assert pruned.attn.qkv.out_features == 3 * 4 * 8 and pruned.attn.proj.in_features == 32
+    assert pruned(torch.randn(2, *SHAPE), torch.tensor([1, 2])).shape == (2, *SHAPE)
+    with pytest.raises(ValueError, match="num_heads names \\['nothing'\\], which the model does not have"):
+        prune(base, {"heads": 0.5}, SHAPE, units=units, num_heads={"nothing": 8})
+
+
+def test_declared_units_and_ignored_layers():
+    dit = make("dit")
+    units = prunable_units(dit, units={"attention": ["blocks.0.attn", "blocks.1.attn"], "mlps": ["blocks.0.mlp", "blocks.1.mlp"]})
+    assert [u.name for u in units] == ["attention", "mlps"]
+    assert units[1].modules == ["blocks.0.mlp.0", "blocks.0.mlp.2", "blocks.1.mlp.0", "blocks.1.mlp.2"]
+    declared = prunable_units(dit, units=lambda net: {"first": ["blocks.0"]})
+    assert [u.name for u in declared] == ["first"]
+    assert [u.name for u in prunable_units(dit, ignored_layers=["blocks.1"])] == ["blocks.0.attn.heads", "blocks.0.mlp"]
+    # An ignored layer keeps its width even inside a pruned unit.
+    pruned = prune(dit, {"blocks.0.mlp": 0.5}, SHAPE, ignored_layers=["blocks.0.mlp.0"])
+    assert pruned.blocks[0].mlp[0].out_features == dit.blocks[0].mlp[0].out_features
+    with pytest.raises(ValueError, match="'blocks.9', which the model does not have"):
+        prunable_units(dit, ignored_layers=["blocks.9"])
+    with pytest.raises(ValueError, match="unit 'x'"):
+        prunable_units(dit, units={"x": "blocks.0"})
+
+
+class FixedWidth(nn.Module):
+    """A layer that hard-codes the width it reads, so pruning what feeds it breaks it."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], self.channels, x.shape[2] * x.shape[3]).reshape(x.shape)
+
+
+class FixedWidthNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), FixedWidth(32), nn.Conv2d(32, 16, 3, padding=1))
+        self.head = nn.Conv2d(16, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.head(self.block(self.stem(x)))
+
+
+def test_an_unappliable_decision_names_the_unit_and_layer():
+    torch.manual_seed(0)
+    with pytest.raises(PruningError, match=r"cannot prune unit 'block': layer 'block\.1' fails .*ignored_layers=\['block'\]"):
+        prune(FixedWidthNet(), {"stem": 0.5, "block": 0.5}, SHAPE)
+    pruned = prune(FixedWidthNet(), {"stem": 0.5}, SHAPE, ignored_layers=["block"])  # the fix the message gives
+    assert pruned.stem.out_channels == 8 and pruned.block[0].out_channels == 32
+
+
+class ParamCount:
+    """A proxy that prefers the pruned model with the most parameters left (no data needed)."""
+
+    def score(self, model: nn.Module) -> float:
+        return 1.0 / sum(p.numel() for p in model.parameters())
+
+
+def test_search_takes_the_decision_space_from_its_config():
+    from tdcdiff.prune.search import SearchConfig, search
+
+    dit = make("dit")
+    budget = int(0.7 * count_flops(Denoiser(dit), SHAPE))
+    config = SearchConfig(rounds=1, candidates_per_round=2, ignored_layers=["blocks.1"])
+    result = search(Denoiser(dit), budget, SHAPE, ParamCount(), config, progress=False)
+    assert set(result.decision) == {"blocks.0.attn.heads", "blocks.0.mlp"}
+    assert abs(result.flops - budget) <= 0.03 * budget
+    assert [p.shape for p in result.model.model.blocks[1].parameters()] == [p.shape for p in dit.blocks[1].parameters()]
