@@ -140,3 +140,15 @@ def test_time_budget_fits_the_latency_table_estimate():
     fit = fit_to_budget(base, {"down_blocks.1.resnets.1": 1.0}, 0.6, shape, latency=table)
     assert abs(fit.seconds - 0.6) <= 0.03 * 0.6 and removed_units(fit.model) == ["down_blocks.1.resnets.1"]
     assert fit.seconds == pytest.approx(table.estimate(fit.decision), rel=0.02)
+
+
+def test_depth_with_a_declared_decision_space_is_refused():
+    from tdcdiff.prune.search import SearchConfig, search
+
+    class Constant:
+        def score(self, model):
+            return 1.0
+
+    config = SearchConfig(depth=True, units={"a": ["down_blocks.0.resnets.0.conv1"]})
+    with pytest.raises(ValueError, match="depth pruning renumbers the layers a declared decision space names"):
+        search(unet(2), 1000, (3, 16, 16), Constant(), config, progress=False)
