@@ -74,7 +74,8 @@ def _estimator(base: nn.Module, sample_shape, latency, space: dict):
         return next((v for v in levels[unit] if [kept_slots(v, g.slots) for g in groups] == kept), ratio)
 
     def seconds(plan: Plan, width: Decision, removed: list[str]) -> float:
-        chosen = {u: level(u, r) for u, r in width.items() if u in levels}
+        # A unit the table lacks has no reachable level: its ratio changes nothing.
+        chosen = {u: level(u, r) for u, r in width.items() if u in levels and u in latency.deltas}
         return latency.estimate({**chosen, **dict.fromkeys(removed, 1.0)})
 
     return seconds
