@@ -277,6 +277,24 @@ def _run_figures(run_dir: Path, out_dir: Path) -> list[tuple[str, str]]:
     ]
 
 
+def expert_rows(run_dir: str | Path) -> list[dict[str, str]]:
+    """One row per pruned expert of a run (from prune/summary_<i>.json): its budget, its FLOPs and its forward
+    time measured side by side with the base, as fractions of the base's, and the layers it removed."""
+    rows = []
+    for path in sorted(Path(run_dir, "prune").glob("summary_*.json"), key=lambda p: int(p.stem.split("_")[1])):
+        s = json.loads(path.read_text())
+        if "time_ratio" not in s:  # pruned before times were recorded
+            continue
+        rows.append({
+            "group": str(s["group"]),
+            "budget": f"{s['fraction']:.1%} of {'time' if s['budget_unit'] == 'time' else 'FLOPs'}",
+            "FLOPs": f"{s['flops_ratio']:.1%}",
+            f"time (batch {s['latency_batch']})": f"{s['time_ratio']:.1%}",
+            "layers removed": str(sum(1 for k, v in s["decision"].items() if (".resnets." in k or ".attentions." in k) and v)),
+        })
+    return rows
+
+
 # -- the page ----------------------------------------------------------------------------------------
 def _html_table(rows: list[dict[str, str]]) -> str:
     header = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
@@ -311,6 +329,10 @@ def write_report(out_dir: str | Path, results: dict, *, run_dir: str | Path | No
 
     p = results["protocol"]
     table = _html_table(table_rows(results))
+    experts = expert_rows(run_dir) if run_dir is not None else []
+    expert_section = ("<h2>Pruned experts</h2><p>Each group's expert before fine-tuning: its budget, FLOPs and "
+                      "forward time measured directly (thread CPU time or CUDA events, interleaved with the base, "
+                      f"median ratio) as fractions of the base's.</p>{_html_table(experts)}") if experts else ""
     losses = loss_rows(results)
     bpds = bpd_rows(results)
     bpd_section = (f"<h2>Held-out bits/dim</h2><p>{html.escape(p['held_out_bpd'])}. Lower is better; the groups' "
@@ -346,6 +368,7 @@ figcaption {{ font-size: 0.9em; color: #333; }} dt {{ font-weight: bold; }} dd {
 counts only when the 95% interval of the mean per-seed gap (paired t-test) excludes 0. Where the seeds are
 sampling seeds of one training run, a real gap says nothing about run-to-run variation.
 Times are measured, not derived from FLOPs: small networks on CPUs speed up much less than their FLOPs fall.</p>
+{expert_section}
 {bpd_section}
 {loss_section}
 <h2>Plots</h2>

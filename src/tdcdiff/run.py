@@ -44,6 +44,7 @@ from .budget import Plan, make_plan, measure_sensitivity
 from .data import ImageDataset, load_dataset
 from .flops import count_flops
 from .grouping import make_groups, per_timestep_loss, plot_grouping
+from .latency import time_ratios
 from .models import build_unet, check_finite, num_class_embeds, preset_for
 from .prune.search import SearchConfig
 from .schedule import make_scheduler
@@ -53,6 +54,8 @@ from .train import FINAL_DIR, TrainConfig, train
 
 log = logging.getLogger("tdcdiff")
 
+BUDGET_UNITS = ("flops", "time")
+
 
 @dataclass
 class RunConfig:
@@ -61,7 +64,10 @@ class RunConfig:
     data: data spec ("digits", IDX file, image folder or zip, "hf:<name>"); image_size, channels, limit:
         resize / convert / subsample it. model: UNet preset (default: chosen from image size and channels).
     num_train_timesteps, beta_schedule, prediction_type: the noise schedule.
-    base: stage-1 training. groups, grouping, k, ordering: timestep groups and FLOPs budgets.
+    base: stage-1 training. groups, grouping, k, ordering: timestep groups and their budgets.
+    budget_unit: what a group's budget fraction is of: "flops" (the base's FLOPs) or "time" (the base's
+        forward time measured on this device at latency_batch samples, fitted from a cached per-unit latency
+        table). Every pruned expert's FLOPs and measured time are recorded either way.
     search: the pruning search. finetune: stage-2 training of EACH group (steps are per group).
     sampler, sample_steps, num_samples: the sample grid written at the end (and the report's sampler);
         sample_steps None means min(50, T) (`sampling_steps`).
@@ -88,6 +94,8 @@ class RunConfig:
     grouping: str = "snr"
     k: float = 0.5
     ordering: str = "measured"
+    budget_unit: str = "flops"
+    latency_batch: int = 64
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, lr=5e-4, warmup_steps=20, checkpoint_every=200))
     sampler: str = "ddim"
@@ -144,6 +152,8 @@ class RunConfig:
             (self.base_model_steps >= 0, f"base_model_steps must be >= 0, got {self.base_model_steps}"),
             (self.base_model is not None or self.base_model_steps == 0,
              "base_model_steps continues a given model: set base_model (--base) too, or use base.steps"),
+            (self.budget_unit in BUDGET_UNITS, f"unknown budget unit {self.budget_unit!r}; choose one of {BUDGET_UNITS}"),
+            (self.latency_batch >= 1, f"latency_batch must be >= 1, got {self.latency_batch}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -300,7 +310,7 @@ _STAGE_OF_SETTING = {
     **{k: "base" for k in ("data", "image_size", "channels", "limit", "model", "attention", "num_train_timesteps",
                            "beta_schedule", "prediction_type", "base", "seed", "base_model", "base_model_steps")},
     **{k: "plan" for k in ("groups", "grouping", "k", "ordering")},
-    "search": "prune",
+    **{k: "prune" for k in ("search", "budget_unit", "latency_batch")},
     "finetune": "finetune",
 }
 # Stage outputs in pipeline order: redoing one stage makes every later output stale.
@@ -668,10 +678,12 @@ class Run:
             summary_path = self.dir / "prune" / f"summary_{i}.json"
             if summary_path.exists() and out.exists():
                 summary = json.loads(summary_path.read_text())
-                if summary["budget"] != plan.budgets[i]:
+                was = (summary.get("budget_unit", "flops"), summary.get("fraction", summary["budget"] / plan.base_flops))
+                if was[0] != c.budget_unit or abs(was[1] - plan.fractions[i]) > 1e-9:
                     raise ValueError(
-                        f"{out} was pruned for a budget of {summary['budget']} FLOPs but the plan now says "
-                        f"{plan.budgets[i]}; delete {self.dir / 'prune'} (and the stages after it) to prune again"
+                        f"{out} was pruned for a {was[0]} budget of {was[1]:.4f} of the base but the plan now says "
+                        f"{c.budget_unit} {plan.fractions[i]:.4f}; delete {self.dir / 'prune'} (and the stages after "
+                        "it) to prune again"
                     )
                 summaries.append(summary)
                 continue
@@ -680,20 +692,35 @@ class Run:
             proxy = Proxy(base, batch, scheduler, space=c.search.proxy_space, finetune_steps=c.search.proxy_finetune_steps,
                           train_images=train_images, train_labels=train_labels)
             settings = replace(c.search, seed=c.seed + i)
+            table = self.latency_table(base) if c.budget_unit == "time" else None
+            budget = plan.fractions[i] * table.base_seconds if table is not None else plan.budgets[i]
             result = search(
-                base, plan.budgets[i], self.sample_shape, proxy, settings,
-                progress=self.progress, log_path=self.dir / "prune" / f"search_{i}.jsonl",
+                base, budget, self.sample_shape, proxy, settings,
+                progress=self.progress, log_path=self.dir / "prune" / f"search_{i}.jsonl", latency=table,
             )
             result.memory.save(self.dir / "prune" / f"memory_{i}.json")
             save_model(result.model, out)
+            # The table's estimate is not the expert's time: time it directly, side by side with the base.
+            time_ratio = time_ratios([base, result.model], self.sample_shape, c.latency_batch)[1]
             summary = {
-                "group": i, "budget": plan.budgets[i], "flops": result.flops, "decision": result.decision,
+                "group": i, "budget": budget, "budget_unit": c.budget_unit, "fraction": plan.fractions[i],
+                "flops": result.flops, "flops_ratio": result.flops / plan.base_flops,
+                "time_ratio": time_ratio, "latency_batch": c.latency_batch,
+                "estimated_time_ratio": result.seconds / table.base_seconds if table is not None else None,
+                "decision": result.decision,
                 "proxy_score": result.score, "proxy_space": c.search.proxy_space, "proposer": c.search.proposer,
                 "candidates": len(result.memory.entries),
             }
             atomic_write_text(summary_path, json.dumps(summary, indent=2))
             summaries.append(summary)
         return summaries
+
+    def latency_table(self, base):
+        """The base's per-unit latency table at latency_batch on this device (measured once, then cached)."""
+        from .prune.fit import measure_latency_table
+
+        return measure_latency_table(base, self.sample_shape, self.config.latency_batch,
+                                     depth_units=self.config.search.depth)
 
     @_writes
     def finetune(self, group: int | None = None):
