@@ -11,7 +11,6 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 from test_surgery import TinyTimeNet
-from torch import nn
 from typer.testing import CliRunner
 
 from tdcdiff import serialization
