@@ -363,6 +363,8 @@ def _load_saved_config(path: Path) -> RunConfig:
             f"{path} is damaged ({err}); restore it, or delete it and rerun with the settings the run was made "
             "with (or use a new output directory)"
         ) from None
+
+
 LOCK_FILE = ".tdcdiff.lock"
 OWNER_FILE = ".tdcdiff.lock.owner"
 
