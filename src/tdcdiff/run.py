@@ -674,7 +674,7 @@ class Run:
         train_images, held_out = self.split()
         train_labels, held_labels = self.labels(base)
         (self.dir / "prune").mkdir(parents=True, exist_ok=True)
-        summaries = []
+        summaries, table = [], None  # table: the base's latency table, looked up once for time budgets
         for i in self._groups(plan, group):
             out = self.dir / "prune" / f"group_{i}"
             summary_path = self.dir / "prune" / f"summary_{i}.json"
@@ -694,7 +694,8 @@ class Run:
             proxy = Proxy(base, batch, scheduler, space=c.search.proxy_space, finetune_steps=c.search.proxy_finetune_steps,
                           train_images=train_images, train_labels=train_labels)
             settings = replace(c.search, seed=c.seed + i)
-            table = self.latency_table(base) if c.budget_unit == "time" else None
+            if c.budget_unit == "time" and table is None:
+                table = self.latency_table(base)
             budget = plan.fractions[i] * table.base_seconds if table is not None else plan.budgets[i]
             result = search(
                 base, budget, self.sample_shape, proxy, settings,
