@@ -10,7 +10,8 @@ from torch import nn
 
 from tdcdiff.evaluate import ModelEntry, evaluate, pool, trajectory_flops
 from tdcdiff.grouping import make_groups
-from tdcdiff.report import bpd_rows, format_table, loss_rows, report_for_run, table_rows, verdicts
+from tdcdiff.report import bpd_rows, format_table, loss_rows, table_rows, verdicts
+from tdcdiff.run import report_for_run
 from tdcdiff.router import Router
 
 

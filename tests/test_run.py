@@ -1,7 +1,5 @@
 """The stages over a run directory, end to end on digits at toy sizes."""
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file

@@ -21,13 +21,7 @@ GROUP = range(250, 500)
 UNITS = ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two intra-op threads on a shared 2-core machine contend badly (50x slower forwards measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -346,7 +346,7 @@ def report_command(
     num_samples: NumSamples = None, sampler: Sampler = None, sample_steps: SampleSteps = None, quiet: Quiet = False,
 ):
     """FID/KID, FLOPs, time, memory and training compute of the run's base vs its TDC bundle, as report.html."""
-    from .report import report_for_run
+    from .run import report_for_run
 
     try:
         _check_options(seeds or (), **{"--steps": (sample_steps, 1), "--num": (num_samples, 2)})

@@ -477,14 +477,15 @@ def read_architecture(data: bytes, source: Path) -> dict:
         raise ValueError(f"{source} is not valid JSON ({err}); re-run the stage that wrote it") from None
     weights = description.get("weights") if isinstance(description, dict) else None
     if (not isinstance(weights, dict) or not isinstance(weights.get("file"), str)
-            or not _is_size(weights.get("bytes")) or not is_sha256(weights.get("sha256"))):
+            or not is_count(weights.get("bytes")) or not is_sha256(weights.get("sha256"))):
         raise ValueError(f"{source} does not describe a weights file ('weights': {{file, bytes, sha256}}); "
                          "re-run the stage that wrote it")
     return description
 
 
-def _is_size(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def is_count(value: object, minimum: int = 0) -> bool:
+    """Whether value is an integer (not a bool) >= minimum, e.g. a byte or FLOPs count from a saved file."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def is_sha256(value: object) -> bool:
