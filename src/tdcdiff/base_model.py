@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from .models import check_denoiser, num_class_embeds
+from .serialization import register_model_class
 
 # The diffusers model classes a directory may name: denoisers called as model(x, t[, class_labels]).
 ALLOWED_MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
@@ -97,7 +98,29 @@ def _call_function(spec: str) -> BaseModel:
     model = function()
     if not isinstance(model, nn.Module):
         raise BaseModelError(f"--base {spec} returned a {type(model).__name__}, not a torch nn.Module")
+    _TRUSTED[spec] = type(model)
+    register_model_class(type(model))  # the user chose to run this code: its class may be rebuilt by this process
     return BaseModel(model.eval(), None, spec)
+
+
+# module:function specs already called in this process -> the class of the model each returned.
+_TRUSTED: dict[str, type] = {}
+
+
+def trust_function_class(spec: str | None) -> None:
+    """Allow this process to rebuild the class of the model `module:function` returns (register_model_class),
+    calling the function once per process to learn it; nothing for any other kind of spec.
+
+    A run started from a user's function saves and reloads that model in every stage, possibly in a new
+    process (`tdcdiff prune --out DIR`): the user trusted the function's code when naming it, so its class is
+    trusted for that run. Loading a bundle elsewhere still needs tdcdiff.register_model_class.
+    """
+    if not spec or not _FUNCTION_SPEC.match(spec) or Path(spec).expanduser().is_dir():
+        return
+    if spec in _TRUSTED:
+        register_model_class(_TRUSTED[spec])
+    else:
+        _call_function(spec)
 
 
 def load_base_model(spec: str) -> BaseModel:

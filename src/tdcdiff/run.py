@@ -496,6 +496,10 @@ class Run:
                     )
         self.config = config
         self._data: ImageDataset | None = None
+        if config.base_model:  # the run saves and reloads a user's model class in every stage
+            from .base_model import trust_function_class
+
+            trust_function_class(config.base_model)
 
     # -- shared pieces ------------------------------------------------------------------------
     @property

@@ -1,0 +1,74 @@
+"""Bring your own model, end to end per kind (tests/models_zoo.py): `Run(..., base="module:function")` ->
+plan -> prune (every expert within 3% of its FLOPs budget) -> fine-tune -> bundle -> load -> the loaded
+bundle samples exactly as the router of the fine-tuned models does, for one seed."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from tdcdiff.bundle import load_bundle
+from tdcdiff.flops import count_flops
+from tdcdiff.models import as_denoiser
+from tdcdiff.pipeline import SAMPLERS, sample
+from tdcdiff.router import Router
+from tdcdiff.serialization import _REGISTERED, class_path, load_model
+
+# module:function as a user passes it: the function returns the model.
+KINDS = {"adm": "models_zoo:AdmUNet", "dit": "models_zoo:TinyDiT",
+         "diffusers-class-attention": "models_zoo:class_conditional_unet"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_each_kind_runs_every_stage_and_its_bundle_samples_identically(tmp_path, kind):
+    from tdcdiff.run import Run
+
+    run = Run(tmp_path / "run", tiny_config(groups=3), progress=False, base=KINDS[kind])  # budgets 0.6, 0.8, 1.0
+    run.train_base()
+    plan = run.plan()
+    summaries = run.prune()
+    errors = [s["flops"] / s["budget"] - 1 for s in summaries]
+    print(f"{kind}: FLOPs error per expert {[f'{e:+.2%}' for e in errors]}")
+    assert len(summaries) == len(plan.budgets) and all(abs(e) <= 0.03 for e in errors), errors
+    run.finetune()
+    bundle = load_bundle(run.export_bundle())
+
+    experts = [load_model(run.dir / "finetune" / f"group_{i}" / "final") for i in range(len(plan.budgets))]
+    assert [count_flops(e, run.sample_shape) for e in experts] == [s["flops"] for s in summaries]
+    assert bundle.manifest["expert_flops"] == [s["flops"] for s in summaries]
+    assert type(as_denoiser(bundle.router.experts[0]).model) is type(experts[0])
+    in_memory = Router(experts, plan.grouping).eval()
+    labels = torch.tensor([0, 3, 7, 9])  # every kind here is class-conditional
+    for sampler in SAMPLERS:
+        a, b = (sample(router, run.scheduler, sample_shape=run.sample_shape, sampler=sampler, steps=4, num_images=4,
+                       seed=5, class_labels=labels, progress=False).images for router in (in_memory, bundle.router))
+        assert torch.isfinite(a).all() and torch.equal(a, b), sampler
+
+
+def test_a_function_base_registers_its_class_for_the_run_only(tmp_path):
+    """Run registers the class the user's function returns (its code was trusted by naming it); loading a
+    bundle of that class in a process that did not register it is refused, naming the fix."""
+    from models_zoo import TinyDiT
+
+    from tdcdiff.run import Run
+
+    name = class_path(TinyDiT)
+    _REGISTERED.pop(name, None)
+    run = Run(tmp_path / "run", tiny_config(), progress=False, base="models_zoo:TinyDiT")
+    assert _REGISTERED[name] is TinyDiT
+    run.train_base()
+    assert type(run.base_model()) is TinyDiT
+    _REGISTERED.pop(name)  # as in a fresh process
+    with pytest.raises(ValueError, match=r"call `tdcdiff\.register_model_class\(TinyDiT\)`"):
+        load_model(run.dir / "base" / "final")
+    import tdcdiff
+
+    tdcdiff.register_model_class(TinyDiT)
+    assert type(load_model(run.dir / "base" / "final")) is TinyDiT
