@@ -72,3 +72,65 @@ def test_a_function_base_registers_its_class_for_the_run_only(tmp_path):
 
     tdcdiff.register_model_class(TinyDiT)
     assert type(load_model(run.dir / "base" / "final")) is TinyDiT
+
+
+@pytest.fixture()
+def latent_pipeline_dir(tmp_path):
+    """A latent diffusion pipeline directory written with save_pretrained: a tiny AutoencoderKL (1-channel 8x8
+    images <-> 2-channel 8x8 latents), a class-conditional UNet2DModel on its latents and a DDPMScheduler."""
+    import json
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    directory = tmp_path / "latent-pipe"
+    AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), latent_channels=2, layers_per_block=1,
+                  norm_num_groups=4, sample_size=8, scaling_factor=0.5).save_pretrained(directory / "vae")
+    UNet2DModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=(16, 32), layers_per_block=1,
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                norm_num_groups=8, attention_head_dim=8, num_class_embeds=10).save_pretrained(directory / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(directory / "scheduler")
+    (directory / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}))
+    return directory
+
+
+def test_latent_diffusion_pipeline_runs_in_latent_space_and_its_bundle_decodes(tmp_path, latent_pipeline_dir):
+    from safetensors.torch import load_file
+
+    from tdcdiff.latent import Decoder, encode
+    from tdcdiff.run import Run
+
+    run = Run(tmp_path / "run", tiny_config(groups=3), progress=False, base=latent_pipeline_dir)
+    run.train_base()
+    # The data encoded once, scaled by the VAE's scaling_factor, cached in the run directory.
+    cached = load_file(run.dir / "latents" / "latents.safetensors")["latents"]
+    assert cached.shape == (len(run.pixels), 2, 8, 8) and run.sample_shape == (2, 8, 8)
+    torch.testing.assert_close(cached, encode(run.vae, run.pixels.images), rtol=0, atol=0)
+    assert not torch.equal(cached, encode(run.vae, run.pixels.images) / 0.5)  # the factor was applied
+    plan = run.plan()
+    summaries = run.prune()
+    errors = [s["flops"] / s["budget"] - 1 for s in summaries]
+    print(f"latent: FLOPs error per expert {[f'{e:+.2%}' for e in errors]}")
+    assert all(abs(e) <= 0.03 for e in errors), errors
+    run.finetune()
+    bundle = load_bundle(run.export_bundle())
+    assert bundle.manifest["latent"] == {"vae": "vae", "scaling_factor": 0.5}
+    assert bundle.sample_shape == (2, 8, 8) and type(bundle.vae).__name__ == "AutoencoderKL"
+    for key, value in run.vae.state_dict().items():
+        assert torch.equal(bundle.vae.state_dict()[key], value), key
+
+    experts = [load_model(run.dir / "finetune" / f"group_{i}" / "final") for i in range(len(plan.budgets))]
+    in_memory = Router(experts, plan.grouping).eval()
+    labels = [0, 3, 7, 9]
+    expected = sample(in_memory, run.scheduler, sample_shape=(2, 8, 8), steps=4, num_images=4, seed=5,
+                      class_labels=labels, decode=Decoder(run.vae), progress=False).images
+    images = bundle.pipeline()(batch_size=4, num_inference_steps=4, seed=5, class_labels=labels, output_type="pt",
+                               progress=False).images
+    assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
+    assert torch.equal(images, expected)
+    grid = run.sample_grid("tdc", bundle.router)
+    from PIL import Image
+
+    assert Image.open(grid).size == Image.open(run.sample_grid("base", run.base_model())).size

@@ -35,6 +35,7 @@ class BaseModel:
     model: nn.Module
     scheduler_config: dict | None
     source: str
+    vae: nn.Module | None = None  # a latent diffusion pipeline's VAE: the model works on its latents
 
 
 def _read_json(path: Path) -> dict:
@@ -70,11 +71,9 @@ def _load_diffusers_model(directory: Path, class_name) -> nn.Module:
 
 def _load_pipeline(directory: Path) -> BaseModel:
     index = _read_json(directory / "model_index.json")
-    if "vae" in index and index["vae"] and index["vae"][0] is not None:
-        raise BaseModelError(
-            f"{directory} is a latent diffusion pipeline (it has a VAE); tdcdiff works in pixel space only for now: "
-            "pass a pixel-space pipeline or its denoiser's directory"
-        )
+    vae = None
+    if isinstance(index.get("vae"), list) and index["vae"] and index["vae"][0] is not None:
+        vae = _load_vae(directory, index["vae"])
     key = next((k for k in DENOISER_KEYS if isinstance(index.get(k), list) and len(index[k]) == 2), None)
     if key is None:
         raise BaseModelError(f"{directory / 'model_index.json'} names no denoiser: it needs a 'unet' or 'transformer' entry")
@@ -85,7 +84,25 @@ def _load_pipeline(directory: Path) -> BaseModel:
     scheduler = _read_json(directory / "scheduler" / "scheduler_config.json")
     if "num_train_timesteps" not in scheduler:
         raise BaseModelError(f"{directory / 'scheduler' / 'scheduler_config.json'} has no num_train_timesteps")
-    return BaseModel(model, {k: v for k, v in scheduler.items() if not k.startswith("_")}, str(directory))
+    return BaseModel(model, {k: v for k, v in scheduler.items() if not k.startswith("_")}, str(directory), vae)
+
+
+def _load_vae(directory: Path, entry: list) -> nn.Module:
+    """A latent diffusion pipeline's VAE: an allowlisted diffusers class with safetensors weights."""
+    import diffusers
+
+    from .latent import VAE_CLASSES
+
+    if len(entry) != 2 or entry[0] != "diffusers" or entry[1] not in VAE_CLASSES:
+        raise BaseModelError(f"{directory / 'model_index.json'}: the vae {entry!r} is not one tdcdiff loads; supported: "
+                             f"{', '.join(f'diffusers {name}' for name in VAE_CLASSES)}")
+    if not any((directory / "vae").glob("*.safetensors")):
+        raise BaseModelError(f"{directory / 'vae'} has no .safetensors weights; tdcdiff never unpickles weights: save "
+                             "the VAE with save_pretrained(..., safe_serialization=True)")
+    try:
+        return getattr(diffusers, entry[1]).from_pretrained(directory / "vae", use_safetensors=True).eval()
+    except (OSError, ValueError, RuntimeError) as err:
+        raise BaseModelError(f"cannot load {entry[1]} from {directory / 'vae'}: {err}") from None
 
 
 def _call_function(spec: str) -> BaseModel:
@@ -128,7 +145,8 @@ def load_base_model(spec: str) -> BaseModel:
 
     spec: a diffusers model directory (config.json naming one of ALLOWED_MODEL_CLASSES + safetensors
         weights), a diffusers pipeline directory (model_index.json with a `unet` or `transformer` and a
-        `scheduler`, whose config then sets the noise schedule), `module:function` (called with no arguments,
+        `scheduler`, whose config then sets the noise schedule; a `vae` (AutoencoderKL) in it makes it latent
+        diffusion: BaseModel.vae), `module:function` (called with no arguments,
         must return an nn.Module), or a Hugging Face Hub name "org/name" (downloaded, then read as a directory).
     Raises BaseModelError naming the problem and the fix.
     """

@@ -486,14 +486,14 @@ def report_for_run(
                          f"'{c.ordering}' ordering, proposer '{c.search.proposer}'), each fine-tuned "
                          f"{c.finetune.steps} steps; training compute includes stage 1"),
     ]
-    data = run.data
+    data = run.pixels  # FID compares images, also in latent diffusion (samples are decoded)
     results = evaluate(
-        entries, run.scheduler, data.images, data.labels, sample_shape=run.sample_shape,
+        entries, run.scheduler, data.images, data.labels, sample_shape=run.sample_shape, decode=run.decode,
         sampler=sampler or c.sampler, steps=c.sampling_steps if steps is None else steps, num_samples=num_samples,
         seeds=tuple(seeds),
         feature_cache_dir=feature_cache_dir, reference_name=Path(c.data).name,
         timing_batches=tuple(timing_batches), timing_repeats=timing_repeats, grid_dir=run_dir / "report",
-        held_out=run.split()[1], loss_grouping=bundle.router.grouping,
+        held_out=run.split()[1], loss_grouping=bundle.router.grouping,  # latents in latent diffusion
         num_classes=data.num_classes, held_out_labels=run.labels(bundle.router)[1],
         progress=progress,
     )
