@@ -5,6 +5,7 @@ bundle samples exactly as the router of the fine-tuned models does, for one seed
 import pytest
 import torch
 from conftest import tiny_config
+from models_zoo import ddpm_pipeline, latent_pipeline
 
 from tdcdiff.bundle import load_bundle
 from tdcdiff.flops import count_flops
@@ -13,9 +14,9 @@ from tdcdiff.pipeline import SAMPLERS, sample
 from tdcdiff.router import Router
 from tdcdiff.serialization import _REGISTERED, class_path, load_model
 
-# module:function as a user passes it: the function returns the model.
+# module:function as a user passes it (the function returns the model), or a pipeline directory written here.
 KINDS = {"adm": "models_zoo:AdmUNet", "dit": "models_zoo:TinyDiT",
-         "diffusers-class-attention": "models_zoo:class_conditional_unet"}
+         "diffusers-class-attention": "models_zoo:class_conditional_unet", "diffusers-pipeline": ddpm_pipeline}
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +31,8 @@ def one_thread():
 def test_each_kind_runs_every_stage_and_its_bundle_samples_identically(tmp_path, kind):
     from tdcdiff.run import Run
 
-    run = Run(tmp_path / "run", tiny_config(groups=3), progress=False, base=KINDS[kind])  # budgets 0.6, 0.8, 1.0
+    base = KINDS[kind] if isinstance(KINDS[kind], str) else KINDS[kind](tmp_path / "pipe")
+    run = Run(tmp_path / "run", tiny_config(groups=3), progress=False, base=base)  # budgets 0.6, 0.8, 1.0
     run.train_base()
     plan = run.plan()
     summaries = run.prune()
@@ -45,7 +47,7 @@ def test_each_kind_runs_every_stage_and_its_bundle_samples_identically(tmp_path,
     assert bundle.manifest["expert_flops"] == [s["flops"] for s in summaries]
     assert type(as_denoiser(bundle.router.experts[0]).model) is type(experts[0])
     in_memory = Router(experts, plan.grouping).eval()
-    labels = torch.tensor([0, 3, 7, 9])  # every kind here is class-conditional
+    labels = torch.tensor([0, 3, 7, 9]) if run.labels(experts[0])[0] is not None else None
     for sampler in SAMPLERS:
         a, b = (sample(router, run.scheduler, sample_shape=run.sample_shape, sampler=sampler, steps=4, num_images=4,
                        seed=5, class_labels=labels, progress=False).images for router in (in_memory, bundle.router))
@@ -74,35 +76,13 @@ def test_a_function_base_registers_its_class_for_the_run_only(tmp_path):
     assert type(load_model(run.dir / "base" / "final")) is TinyDiT
 
 
-@pytest.fixture()
-def latent_pipeline_dir(tmp_path):
-    """A latent diffusion pipeline directory written with save_pretrained: a tiny AutoencoderKL (1-channel 8x8
-    images <-> 2-channel 8x8 latents), a class-conditional UNet2DModel on its latents and a DDPMScheduler."""
-    import json
-
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
-
-    torch.manual_seed(0)
-    directory = tmp_path / "latent-pipe"
-    AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), latent_channels=2, layers_per_block=1,
-                  norm_num_groups=4, sample_size=8, scaling_factor=0.5).save_pretrained(directory / "vae")
-    UNet2DModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=(16, 32), layers_per_block=1,
-                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                norm_num_groups=8, attention_head_dim=8, num_class_embeds=10).save_pretrained(directory / "unet")
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(directory / "scheduler")
-    (directory / "model_index.json").write_text(json.dumps({
-        "_class_name": "DiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"],
-        "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}))
-    return directory
-
-
-def test_latent_diffusion_pipeline_runs_in_latent_space_and_its_bundle_decodes(tmp_path, latent_pipeline_dir):
+def test_latent_diffusion_pipeline_runs_in_latent_space_and_its_bundle_decodes(tmp_path):
     from safetensors.torch import load_file
 
     from tdcdiff.latent import Decoder, encode
     from tdcdiff.run import Run
 
-    run = Run(tmp_path / "run", tiny_config(groups=3), progress=False, base=latent_pipeline_dir)
+    run = Run(tmp_path / "run", tiny_config(groups=3), progress=False, base=latent_pipeline(tmp_path / "pipe"))
     run.train_base()
     # The data encoded once, scaled by the VAE's scaling_factor, cached in the run directory.
     cached = load_file(run.dir / "latents" / "latents.safetensors")["latents"]
@@ -134,3 +114,20 @@ def test_latent_diffusion_pipeline_runs_in_latent_space_and_its_bundle_decodes(t
     from PIL import Image
 
     assert Image.open(grid).size == Image.open(run.sample_grid("base", run.base_model())).size
+
+    # A bundle is untrusted: its VAE must be an allowlisted VAE class, even with consistent hashes.
+    import json
+    import shutil
+
+    from tdcdiff.bundle import BundleError
+    from tdcdiff.serialization import sha256_file
+
+    tampered = shutil.copytree(run.dir / "bundle", tmp_path / "tampered")
+    architecture = tampered / "vae" / "architecture.json"
+    architecture.write_text(architecture.read_text().replace('"diffusers.AutoencoderKL"', '"diffusers.UNet2DModel"'))
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    manifest["files"]["vae/architecture.json"] = {"bytes": architecture.stat().st_size, "sha256": sha256_file(architecture)}
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"names class 'diffusers.UNet2DModel'; a bundle's VAE must be one of "
+                                          r"diffusers.AutoencoderKL"):
+        load_bundle(tampered)
