@@ -254,7 +254,7 @@ def test_run_base_function_is_checked_before_any_work(tmp_path):
      r"has no .safetensors weights; tdcdiff never unpickles weights"),
     (lambda d: (d.mkdir(), (d / "model_index.json").write_text('{"vae": ["diffusers", "AutoencoderTiny"], '
                                                               '"unet": ["diffusers", "UNet2DModel"]}')),
-     r"the vae \['diffusers', 'AutoencoderTiny'\] is not one tdcdiff loads; supported: diffusers AutoencoderKL"),
+     r"vae: model class 'AutoencoderTiny' is not one tdcdiff loads; supported: AutoencoderKL$"),
     (lambda d: (d.mkdir(), (d / "model_index.json").write_text('{"vae": ["diffusers", "AutoencoderKL"], '
                                                               '"unet": ["diffusers", "UNet2DModel"]}')),
      r"vae has no .safetensors weights; tdcdiff never unpickles weights"),

@@ -50,14 +50,14 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _load_diffusers_model(directory: Path, class_name) -> nn.Module:
+def _load_diffusers_model(directory: Path, class_name, allowed: tuple[str, ...] = ALLOWED_MODEL_CLASSES,
+                          alternative: str = " (or pass a module:function returning your nn.Module)") -> nn.Module:
+    """A diffusers model of one of the `allowed` classes, from a save_pretrained directory (safetensors only)."""
     import diffusers
 
-    if class_name not in ALLOWED_MODEL_CLASSES:
-        raise BaseModelError(
-            f"{directory}: model class {class_name!r} is not one tdcdiff loads; supported: "
-            f"{', '.join(ALLOWED_MODEL_CLASSES)} (or pass a module:function returning your nn.Module)"
-        )
+    if class_name not in allowed:
+        raise BaseModelError(f"{directory}: model class {class_name!r} is not one tdcdiff loads; supported: "
+                             f"{', '.join(allowed)}{alternative}")
     if not any(directory.glob("*.safetensors")):
         raise BaseModelError(
             f"{directory} has no .safetensors weights; tdcdiff never unpickles weights: save the model with "
@@ -89,20 +89,12 @@ def _load_pipeline(directory: Path) -> BaseModel:
 
 def _load_vae(directory: Path, entry: list) -> nn.Module:
     """A latent diffusion pipeline's VAE: an allowlisted diffusers class with safetensors weights."""
-    import diffusers
-
     from .latent import VAE_CLASSES
 
-    if len(entry) != 2 or entry[0] != "diffusers" or entry[1] not in VAE_CLASSES:
-        raise BaseModelError(f"{directory / 'model_index.json'}: the vae {entry!r} is not one tdcdiff loads; supported: "
-                             f"{', '.join(f'diffusers {name}' for name in VAE_CLASSES)}")
-    if not any((directory / "vae").glob("*.safetensors")):
-        raise BaseModelError(f"{directory / 'vae'} has no .safetensors weights; tdcdiff never unpickles weights: save "
-                             "the VAE with save_pretrained(..., safe_serialization=True)")
-    try:
-        return getattr(diffusers, entry[1]).from_pretrained(directory / "vae", use_safetensors=True).eval()
-    except (OSError, ValueError, RuntimeError) as err:
-        raise BaseModelError(f"cannot load {entry[1]} from {directory / 'vae'}: {err}") from None
+    if len(entry) != 2 or entry[0] != "diffusers":
+        raise BaseModelError(f"{directory / 'model_index.json'}: the vae {entry!r} is not one tdcdiff loads; "
+                             f"supported: {', '.join(f'diffusers {name}' for name in VAE_CLASSES)}")
+    return _load_diffusers_model(directory / "vae", entry[1], VAE_CLASSES, alternative="")
 
 
 def _call_function(spec: str) -> BaseModel:

@@ -549,13 +549,15 @@ class Run:
         path = self.dir / "latents" / "latents.safetensors"
         vae_file = self.dir / "base" / VAE_DIR / ARCHITECTURE_FILE
         inputs = {"vae_sha256": sha256_file(vae_file) if vae_file.exists() else None, "data": pixels.describe()}
-        if inputs["vae_sha256"] and up_to_date(path.with_suffix(".inputs.json"), inputs, [path]):
+        record = path.with_suffix(".inputs.json")
+        cached = inputs["vae_sha256"] is not None and up_to_date(record, inputs, [path])
+        if cached and self._latent_images is None:
             self._latent_images = load(path.read_bytes())["latents"]
         if self._latent_images is None:
             self._latent_images = encode(self.vae, pixels.images)
-        if inputs["vae_sha256"] and not path.exists():
+        if inputs["vae_sha256"] is not None and not cached:
             atomic_write_bytes(path, save({"latents": self._latent_images}))
-            record_inputs(path.with_suffix(".inputs.json"), inputs, [path])
+            record_inputs(record, inputs, [path])
         return ImageDataset(self._latent_images, pixels.labels, name=pixels.name, num_classes=pixels.num_classes,
                             classes=pixels.classes)
 
