@@ -8,6 +8,8 @@
   adaLN-zero modulation from the time + class embedding, unpatchify.
 - class_conditional_unet(): a diffusers UNet2DModel with attention and `num_class_embeds`.
 - diffusers_dit(): a diffusers DiTTransformer2DModel with class labels and a learned variance.
+- ddpm_pipeline(dir), latent_pipeline(dir): pipeline directories written with save_pretrained (the latter with a
+  tiny AutoencoderKL: latent diffusion).
 
 Every class sets `tdcdiff_init_kwargs`, so tdcdiff.serialization can save and rebuild it.
 """
@@ -231,3 +233,41 @@ def diffusers_dit(num_classes: int = 10):
         num_attention_heads=4, attention_head_dim=16, in_channels=1, out_channels=2, num_layers=2, sample_size=8,
         patch_size=2, num_embeds_ada_norm=num_classes, norm_num_groups=1,
     )
+
+
+def ddpm_pipeline(directory):
+    """Write a diffusers pipeline directory with save_pretrained: a UNet2DModel with a learned variance (2 output
+    channels for 1) + DDPMScheduler (v-prediction, cosine, T=500). Returns the directory."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=2, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, add_attention=False)
+    scheduler = DDPMScheduler(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                              variance_type="learned_range")
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(directory)
+    return directory
+
+
+def latent_pipeline(directory):
+    """Write a latent diffusion pipeline directory with save_pretrained: a tiny AutoencoderKL (1-channel 8x8
+    images <-> 2-channel 8x8 latents, scaling_factor 0.5), a class-conditional UNet2DModel with attention on its
+    latents and a DDPMScheduler, named in model_index.json. Returns the directory."""
+    import json
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+
+    directory = Path(directory)
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), latent_channels=2, layers_per_block=1,
+                  norm_num_groups=4, sample_size=8, scaling_factor=0.5).save_pretrained(directory / "vae")
+    UNet2DModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=(16, 32), layers_per_block=1,
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                norm_num_groups=8, attention_head_dim=8, num_class_embeds=10).save_pretrained(directory / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(directory / "scheduler")
+    (directory / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}))
+    return directory

@@ -252,9 +252,12 @@ def test_run_base_function_is_checked_before_any_work(tmp_path):
      r"model class 'UNet2DConditionModel' is not one tdcdiff loads; supported: UNet2DModel, DiTTransformer2DModel"),
     (lambda d: (d.mkdir(), (d / "config.json").write_text('{"_class_name": "UNet2DModel"}')),
      r"has no .safetensors weights; tdcdiff never unpickles weights"),
+    (lambda d: (d.mkdir(), (d / "model_index.json").write_text('{"vae": ["diffusers", "AutoencoderTiny"], '
+                                                              '"unet": ["diffusers", "UNet2DModel"]}')),
+     r"vae: model class 'AutoencoderTiny' is not one tdcdiff loads; supported: AutoencoderKL$"),
     (lambda d: (d.mkdir(), (d / "model_index.json").write_text('{"vae": ["diffusers", "AutoencoderKL"], '
                                                               '"unet": ["diffusers", "UNet2DModel"]}')),
-     r"is a latent diffusion pipeline \(it has a VAE\)"),
+     r"vae has no .safetensors weights; tdcdiff never unpickles weights"),
     (lambda d: None, r"is neither a diffusers model or pipeline directory, a module:function, nor a Hub name"),
 ])
 def test_base_that_cannot_be_loaded_is_named(tmp_path, make, message):

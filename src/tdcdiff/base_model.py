@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from .models import check_denoiser, num_class_embeds
+from .serialization import register_model_class
 
 # The diffusers model classes a directory may name: denoisers called as model(x, t[, class_labels]).
 ALLOWED_MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
@@ -34,6 +35,7 @@ class BaseModel:
     model: nn.Module
     scheduler_config: dict | None
     source: str
+    vae: nn.Module | None = None  # a latent diffusion pipeline's VAE: the model works on its latents
 
 
 def _read_json(path: Path) -> dict:
@@ -48,14 +50,14 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _load_diffusers_model(directory: Path, class_name) -> nn.Module:
+def _load_diffusers_model(directory: Path, class_name, allowed: tuple[str, ...] = ALLOWED_MODEL_CLASSES,
+                          alternative: str = " (or pass a module:function returning your nn.Module)") -> nn.Module:
+    """A diffusers model of one of the `allowed` classes, from a save_pretrained directory (safetensors only)."""
     import diffusers
 
-    if class_name not in ALLOWED_MODEL_CLASSES:
-        raise BaseModelError(
-            f"{directory}: model class {class_name!r} is not one tdcdiff loads; supported: "
-            f"{', '.join(ALLOWED_MODEL_CLASSES)} (or pass a module:function returning your nn.Module)"
-        )
+    if class_name not in allowed:
+        raise BaseModelError(f"{directory}: model class {class_name!r} is not one tdcdiff loads; supported: "
+                             f"{', '.join(allowed)}{alternative}")
     if not any(directory.glob("*.safetensors")):
         raise BaseModelError(
             f"{directory} has no .safetensors weights; tdcdiff never unpickles weights: save the model with "
@@ -69,11 +71,9 @@ def _load_diffusers_model(directory: Path, class_name) -> nn.Module:
 
 def _load_pipeline(directory: Path) -> BaseModel:
     index = _read_json(directory / "model_index.json")
-    if "vae" in index and index["vae"] and index["vae"][0] is not None:
-        raise BaseModelError(
-            f"{directory} is a latent diffusion pipeline (it has a VAE); tdcdiff works in pixel space only for now: "
-            "pass a pixel-space pipeline or its denoiser's directory"
-        )
+    vae = None
+    if isinstance(index.get("vae"), list) and index["vae"] and index["vae"][0] is not None:
+        vae = _load_vae(directory, index["vae"])
     key = next((k for k in DENOISER_KEYS if isinstance(index.get(k), list) and len(index[k]) == 2), None)
     if key is None:
         raise BaseModelError(f"{directory / 'model_index.json'} names no denoiser: it needs a 'unet' or 'transformer' entry")
@@ -84,7 +84,17 @@ def _load_pipeline(directory: Path) -> BaseModel:
     scheduler = _read_json(directory / "scheduler" / "scheduler_config.json")
     if "num_train_timesteps" not in scheduler:
         raise BaseModelError(f"{directory / 'scheduler' / 'scheduler_config.json'} has no num_train_timesteps")
-    return BaseModel(model, {k: v for k, v in scheduler.items() if not k.startswith("_")}, str(directory))
+    return BaseModel(model, {k: v for k, v in scheduler.items() if not k.startswith("_")}, str(directory), vae)
+
+
+def _load_vae(directory: Path, entry: list) -> nn.Module:
+    """A latent diffusion pipeline's VAE: an allowlisted diffusers class with safetensors weights."""
+    from .latent import VAE_CLASSES
+
+    if len(entry) != 2 or entry[0] != "diffusers":
+        raise BaseModelError(f"{directory / 'model_index.json'}: the vae {entry!r} is not one tdcdiff loads; "
+                             f"supported: {', '.join(f'diffusers {name}' for name in VAE_CLASSES)}")
+    return _load_diffusers_model(directory / "vae", entry[1], VAE_CLASSES, alternative="")
 
 
 def _call_function(spec: str) -> BaseModel:
@@ -97,7 +107,29 @@ def _call_function(spec: str) -> BaseModel:
     model = function()
     if not isinstance(model, nn.Module):
         raise BaseModelError(f"--base {spec} returned a {type(model).__name__}, not a torch nn.Module")
+    _TRUSTED[spec] = type(model)
+    register_model_class(type(model))  # the user chose to run this code: its class may be rebuilt by this process
     return BaseModel(model.eval(), None, spec)
+
+
+# module:function specs already called in this process -> the class of the model each returned.
+_TRUSTED: dict[str, type] = {}
+
+
+def trust_function_class(spec: str | None) -> None:
+    """Allow this process to rebuild the class of the model `module:function` returns (register_model_class),
+    calling the function once per process to learn it; nothing for any other kind of spec.
+
+    A run started from a user's function saves and reloads that model in every stage, possibly in a new
+    process (`tdcdiff prune --out DIR`): the user trusted the function's code when naming it, so its class is
+    trusted for that run. Loading a bundle elsewhere still needs tdcdiff.register_model_class.
+    """
+    if not spec or not _FUNCTION_SPEC.match(spec) or Path(spec).expanduser().is_dir():
+        return
+    if spec in _TRUSTED:
+        register_model_class(_TRUSTED[spec])
+    else:
+        _call_function(spec)
 
 
 def load_base_model(spec: str) -> BaseModel:
@@ -105,7 +137,8 @@ def load_base_model(spec: str) -> BaseModel:
 
     spec: a diffusers model directory (config.json naming one of ALLOWED_MODEL_CLASSES + safetensors
         weights), a diffusers pipeline directory (model_index.json with a `unet` or `transformer` and a
-        `scheduler`, whose config then sets the noise schedule), `module:function` (called with no arguments,
+        `scheduler`, whose config then sets the noise schedule; a `vae` (AutoencoderKL) in it makes it latent
+        diffusion: BaseModel.vae), `module:function` (called with no arguments,
         must return an nn.Module), or a Hugging Face Hub name "org/name" (downloaded, then read as a directory).
     Raises BaseModelError naming the problem and the fix.
     """

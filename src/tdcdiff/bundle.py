@@ -5,6 +5,7 @@
                          provenance, and the size and sha256 of every file
       expert_0/          architecture.json (plain data) + model.safetensors, one directory per group
       ...
+      vae/               latent diffusion only: the VAE the experts' latents come from (same layout)
 
 A bundle is untrusted input. Loading validates the whole manifest before building anything, reads only files
 the manifest lists inside the bundle directory (each once, its size and sha256 checked), rebuilds only
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from .grouping import Grouping
+from .latent import VAE_CLASSES
 from .models import Denoiser
 from .router import Router
 from .schedule import PREDICTION_TYPES
@@ -56,6 +58,9 @@ _SCHEDULER_CHOICES = {
 }
 
 
+_VAE_NAMES = tuple(f"diffusers.{name}" for name in VAE_CLASSES)
+
+
 class BundleError(ValueError):
     """A bundle directory is missing, incomplete, corrupted, tampered with or of another format version."""
 
@@ -73,6 +78,7 @@ def save_bundle(
     provenance: dict | None = None,
     expert_training: list[dict] | None = None,
     conditioning: dict | None = None,
+    vae: nn.Module | None = None,
 ) -> Path:
     """Write a bundle atomically (a temporary directory renamed into place; nothing is left on failure).
 
@@ -86,6 +92,8 @@ def save_bundle(
     prediction type is checked against the scheduler on load.
     conditioning: for class-conditional experts, {"num_class_embeds", "num_classes" (of the data),
         "null_class" (the id for dropped labels, needed for guidance; None without label dropout)}.
+    vae: for latent diffusion, the VAE (a diffusers AutoencoderKL) whose scaled latents the experts denoise
+        (sample_shape is the latents' shape); it is stored in the bundle, so the bundle decodes on its own.
     Raises ValueError (BundleError) when the pieces do not fit together (counts, shapes, prediction types).
     """
     path = Path(path)
@@ -105,6 +113,14 @@ def save_bundle(
             save_model(expert, tmp / f"expert_{i}")
             for file in sorted((tmp / f"expert_{i}").iterdir()):
                 files[f"expert_{i}/{file.name}"] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+        latent = None
+        if vae is not None:
+            if class_path(type(vae)) not in _VAE_NAMES:
+                raise BundleError(f"cannot bundle a {class_path(type(vae))} as the VAE; supported: {', '.join(_VAE_NAMES)}")
+            save_model(vae, tmp / "vae")
+            for file in sorted((tmp / "vae").iterdir()):
+                files[f"vae/{file.name}"] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+            latent = {"vae": "vae", "scaling_factor": vae.config.get("scaling_factor")}
         manifest = {
             "format": FORMAT,
             "scheduler": config,
@@ -117,6 +133,7 @@ def save_bundle(
             "flops_convention": "2 x multiply-accumulates, one forward pass, batch 1",
             "provenance": provenance or {},
             "conditioning": conditioning,
+            "latent": latent,
             "files": files,
         }
         _check_manifest(manifest, path / MANIFEST)  # the checks load_bundle makes, before anything is kept
@@ -281,11 +298,13 @@ def _read_manifest_json(path: Path) -> object:
 
 @dataclass
 class Bundle:
-    """A loaded bundle: the router (a denoiser), the training schedule and the manifest."""
+    """A loaded bundle: the router (a denoiser), the training schedule and the manifest; for latent diffusion
+    the VAE whose latents the router denoises (its pipeline decodes them), else None."""
 
     router: Router
     scheduler: object
     manifest: dict
+    vae: nn.Module | None = None
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -294,7 +313,7 @@ class Bundle:
     def pipeline(self):
         from .pipeline import TDCPipeline
 
-        return TDCPipeline(self.router, self.scheduler, self.sample_shape, null_class=self.null_class)
+        return TDCPipeline(self.router, self.scheduler, self.sample_shape, null_class=self.null_class, vae=self.vae)
 
     @property
     def null_class(self) -> int | None:
@@ -348,7 +367,28 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu") -> Bund
         _check_input(expert, i, manifest["sample_shape"], f"{where}: ")
         experts.append(expert)
     router = Router(experts, grouping, manifest["expert_flops"]).to(device).eval()
-    return Bundle(router, scheduler, manifest)
+    vae = _load_vae(path, manifest, located) if manifest.get("latent") is not None else None
+    return Bundle(router, scheduler, manifest, vae.to(device) if vae is not None else None)
+
+
+def _load_vae(path: Path, manifest: dict, located: dict[str, Path]) -> nn.Module:
+    """A latent bundle's VAE (vae/ in the bundle): only an allowlisted diffusers VAE class is rebuilt."""
+    files, name = manifest["files"], f"vae/{ARCHITECTURE_FILE}"
+    if not isinstance(manifest["latent"], dict) or manifest["latent"].get("vae") != "vae" or name not in files:
+        raise BundleError(f"{path / MANIFEST}: 'latent' must be {{\"vae\": \"vae\", ...}} with the files of "
+                          f"vae/ listed in 'files'; {REEXPORT}")
+    try:
+        description = read_architecture(_read_checked(located[name], files[name], path / name), path / name)
+        if description.get("class") not in _VAE_NAMES:
+            raise ValueError(f"{path / name} names class {description.get('class')!r}; a bundle's VAE must be one of "
+                             f"{', '.join(_VAE_NAMES)}")
+        weights = f"vae/{description['weights']['file']}"
+        if weights not in files:
+            raise ValueError(f"{path / name} names weights that the manifest's 'files' does not list")
+        data = read_regular_file(located[weights], files[weights]["bytes"], "copy the whole bundle directory")
+        return build_model(description, data, path / name, path / weights)
+    except (ValueError, RuntimeError, OSError) as err:
+        raise BundleError(f"cannot load the VAE of bundle {path}: {err}; {REEXPORT}") from None
 
 
 def _read_checked(file: Path, entry: dict, shown: Path) -> bytes:

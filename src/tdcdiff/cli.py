@@ -315,10 +315,11 @@ def sample_command(
 
             loaded = load_bundle(bundle)
             model, scheduler, shape = loaded.router, loaded.scheduler, loaded.sample_shape
+            decode = loaded.pipeline().decode
             null_class, data_classes = loaded.null_class, (loaded.manifest.get("conditioning") or {}).get("num_classes")
         else:
             run = _open_run(out, None, not quiet, writes=False)
-            model, scheduler, shape = run.base_model(), run.scheduler, run.sample_shape
+            model, scheduler, shape, decode = run.base_model(), run.scheduler, run.sample_shape, run.decode
             null_class, data_classes = run.null_class(model), run.data.num_classes
         steps = min(50, scheduler.config.num_train_timesteps) if sample_steps is None else sample_steps
         count = 64 if num_samples is None else num_samples
@@ -327,7 +328,7 @@ def sample_command(
         result = sample(
             model, scheduler, sample_shape=shape, sampler=sampler or "ddim", steps=steps,
             num_images=count, seed=0 if seed is None else seed, progress=not quiet, class_labels=labels,
-            guidance_scale=guidance, null_class=null_class, compile=compile, precision=precision,
+            guidance_scale=guidance, null_class=null_class, compile=compile, precision=precision, decode=decode,
         )
         seconds = time.perf_counter() - start
         path = save_grid(result.images, output)

@@ -188,6 +188,7 @@ def evaluate(
     bpd_variance: str = "fixed_small",
     device: str | torch.device | None = None,
     progress: bool = True,
+    decode=None,
 ) -> dict:
     """Measure every model under one protocol; returns a JSON-able dict (see `report.write_report`).
 
@@ -215,6 +216,8 @@ def evaluate(
     bpd_variance: the reverse-step variance of the bound, "fixed_small" (beta_tilde_t) or "fixed_large" (beta_t).
     device: where sampling runs (default: CUDA when available, else CPU); models are moved there.
     progress: print one line per measurement.
+    decode: latent diffusion: latents (sample_shape) -> images (latent.Decoder), applied before FID and grids
+        (reference_images are images); timing measures the denoising only (the decoder is the same for all).
     """
     from .likelihood import nll_bound
     from .metrics import compute_fid, feature_net_for, summarize_seeds
@@ -244,7 +247,7 @@ def evaluate(
             start = time.perf_counter()
             result = sample(runner, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
                             num_images=num_samples, seed=seed, device=device, progress=False,
-                            class_labels=balanced_labels(model, num_samples, num_classes))
+                            class_labels=balanced_labels(model, num_samples, num_classes), decode=decode)
             fid = compute_fid(result.images, reference_images, feature_net, sampler=sampler, steps=steps,
                               seed=seed, reference_name=reference_name)
             say(f"  {entry.name}: seed {seed}: FID {fid.fid:.2f}, KID {fid.kid_mean:.4f} "

@@ -269,6 +269,7 @@ def sample(
     null_class: int | None = None,
     compile: str = "auto",
     precision: str = "fp32",
+    decode=None,
 ) -> SampleResult:
     """Generate images with a trained denoiser (or a Router of group models).
 
@@ -286,6 +287,8 @@ def sample(
     A model that outputs 2C channels (learned variance) gives DDPM its variance half; DDIM and DPM-Solver
     use only the first C channels.
     compile, precision: the sampling path (see SamplingModel); "auto"/"fp32" give eager-identical images.
+    decode: for latent diffusion, maps the final latents (sample_shape) to images in [-1, 1] (latent.Decoder);
+        the images are then decoded, and the latents are not clamped.
     """
     from tqdm.auto import tqdm
 
@@ -329,7 +332,7 @@ def sample(
                 scheduler.set_timesteps(steps, device=device)
             x = scheduler.step(out, t, x, generator=generator).prev_sample
             bar.update(1)
-        outputs.append(x.clamp(-1, 1).cpu())
+        outputs.append(decode(x) if decode is not None else x.clamp(-1, 1).cpu())
     bar.close()
     return SampleResult(torch.cat(outputs), visited, sampler, steps, seed, scheduler.config.timestep_spacing,
                         runner.compile, runner.precision)
@@ -342,10 +345,14 @@ class TDCPipeline:
     sample_shape: (C, H, W) of one image. null_class: the class id a class-conditional model was trained
     with for dropped labels (needed for guidance). compile, precision: the sampling path (see SamplingModel);
     it is built here, once, and reused by every call, so build a new pipeline after changing the weights.
+    vae: for latent diffusion, the VAE whose latents (sample_shape) the denoiser works on; images are decoded.
     """
 
     def __init__(self, denoiser: nn.Module, scheduler, sample_shape: tuple[int, int, int], *,
-                 null_class: int | None = None, compile: str = "auto", precision: str = "fp32"):
+                 null_class: int | None = None, compile: str = "auto", precision: str = "fp32", vae=None):
+        from .latent import Decoder
+
+        self.decode = Decoder(vae) if vae is not None else None
         self.denoiser = denoiser
         self.scheduler = scheduler
         self.sample_shape = tuple(sample_shape)
@@ -373,7 +380,7 @@ class TDCPipeline:
         result = sample(
             self.runner, self.scheduler, sample_shape=self.sample_shape, sampler=sampler,
             steps=num_inference_steps, num_images=batch_size, batch_size=batch_size, seed=seed, progress=progress,
-            class_labels=class_labels, guidance_scale=guidance_scale, null_class=self.null_class,
+            class_labels=class_labels, guidance_scale=guidance_scale, null_class=self.null_class, decode=self.decode,
         )
         if output_type == "pt":
             return ImagePipelineOutput(images=result.images)

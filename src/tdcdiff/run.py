@@ -2,7 +2,9 @@
 
     run_dir/
       config.json          the RunConfig that made it
-      base/                stage 1 (train.py layout: checkpoint/, final/, log.jsonl, train.json)
+      base/                stage 1 (train.py layout: checkpoint/, final/, log.jsonl, train.json); a given
+                           pipeline's scheduler_config.json and VAE (vae/: latent diffusion)
+      latents/             latent diffusion: the data encoded once by the VAE (every stage trains on these)
       plan/                plan.json, grouping.png
       prune/group_i/       the pruned model of group i; prune/memory_i.json, prune/search_i.jsonl
       finetune/group_i/    stage 2 of group i (train.py layout)
@@ -222,6 +224,7 @@ def _typed(key: str, value, hint, default):
 
 
 SCHEDULER_FILE = "scheduler_config.json"
+VAE_DIR = "vae"  # base/vae: latent diffusion's VAE, saved from the base pipeline
 
 
 def _with_pipeline_schedule(config: RunConfig) -> RunConfig:
@@ -498,14 +501,67 @@ class Run:
                     )
         self.config = config
         self._data: ImageDataset | None = None
+        self._pixels: ImageDataset | None = None
+        self._vae = None  # None: not looked up yet; False: pixel space
+        self._latent_images: torch.Tensor | None = None
+        if config.base_model:  # the run saves and reloads a user's model class in every stage
+            from .base_model import trust_function_class
+
+            trust_function_class(config.base_model)
 
     # -- shared pieces ------------------------------------------------------------------------
     @property
-    def data(self) -> ImageDataset:
-        if self._data is None:
+    def pixels(self) -> ImageDataset:
+        """The data set as images (what FID compares against, also in latent diffusion)."""
+        if self._pixels is None:
             c = self.config
-            self._data = load_dataset(c.data, size=c.image_size, channels=c.channels, limit=c.limit, seed=c.seed)
+            self._pixels = load_dataset(c.data, size=c.image_size, channels=c.channels, limit=c.limit, seed=c.seed)
+        return self._pixels
+
+    @property
+    def data(self) -> ImageDataset:
+        """What every stage trains and measures on: the images, or for latent diffusion their latents."""
+        if self._data is None:
+            self._data = self.pixels if self.vae is None else self._latents()
         return self._data
+
+    @property
+    def vae(self):
+        """Latent diffusion's VAE (saved as base/vae when the base pipeline has one), or None."""
+        if self._vae is None:
+            path = self.dir / "base" / VAE_DIR
+            self._vae = load_model(path) if (path / ARCHITECTURE_FILE).exists() else False
+        return self._vae or None
+
+    @property
+    def decode(self):
+        """Latents -> images (latent.Decoder) for latent diffusion, else None (samples are images already)."""
+        from .latent import Decoder
+
+        return Decoder(self.vae) if self.vae is not None else None
+
+    def _latents(self) -> ImageDataset:
+        """The data's scaled latents, encoded once and cached as latents/latents.safetensors (with the VAE's and
+        the data's record beside it) once the VAE is part of the run."""
+        from safetensors.torch import load, save
+
+        from .latent import encode
+
+        pixels = self.pixels
+        path = self.dir / "latents" / "latents.safetensors"
+        vae_file = self.dir / "base" / VAE_DIR / ARCHITECTURE_FILE
+        inputs = {"vae_sha256": sha256_file(vae_file) if vae_file.exists() else None, "data": pixels.describe()}
+        record = path.with_suffix(".inputs.json")
+        cached = inputs["vae_sha256"] is not None and up_to_date(record, inputs, [path])
+        if cached and self._latent_images is None:
+            self._latent_images = load(path.read_bytes())["latents"]
+        if self._latent_images is None:
+            self._latent_images = encode(self.vae, pixels.images)
+        if inputs["vae_sha256"] is not None and not cached:
+            atomic_write_bytes(path, save({"latents": self._latent_images}))
+            record_inputs(record, inputs, [path])
+        return ImageDataset(self._latent_images, pixels.labels, name=pixels.name, num_classes=pixels.num_classes,
+                            classes=pixels.classes)
 
     def _split_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         count = len(self.data)
@@ -611,6 +667,8 @@ class Run:
         if (out / FINAL_DIR).exists() and not c.base_model_steps:
             return TrainResult(out, 0, float("nan"), 0, 0)
         loaded = load_base_model(c.base_model)
+        if loaded.vae is not None:  # latent diffusion: the checks below and every stage see latents
+            self._vae, self._data = loaded.vae, None
         model, data = loaded.model, self.data
         check_fits_data(model, c.base_model, channels=data.channels, image_size=data.image_size, data_name=c.data,
                         num_classes=data.num_classes, null_class=self.null_class(model),
@@ -624,6 +682,9 @@ class Run:
         self._save_config()  # after the checks above: a refused run leaves nothing behind
         if given is not None:  # written only once the model passed: base/ existing marks stage 1 as started
             atomic_write_text(out / SCHEDULER_FILE, json.dumps(given, indent=2))
+        if loaded.vae is not None:
+            save_model(loaded.vae, out / VAE_DIR)
+            self._data = self._latents()  # cached on disk now that the VAE is the run's
         if c.base_model_steps:
             config = replace(c.base, steps=c.base_model_steps, seed=c.seed * 100)
             return train(model, train_images, scheduler, config, out, labels=train_labels, progress=self.progress,
@@ -774,6 +835,7 @@ class Run:
             budgets=plan.budgets, expert_training=training,
             provenance={"data": self.data.describe(), "config": self.config.to_dict(), "training_flops": train_flops},
             conditioning=_conditioning(experts[0], self.data.num_classes, self.null_class(experts[0])),
+            vae=self.vae,
         )
 
     def training_flops(self) -> dict:
@@ -810,7 +872,7 @@ class Run:
         result = sample(
             model, self.scheduler, sample_shape=self.sample_shape, sampler=c.sampler, steps=c.sampling_steps,
             num_images=c.num_samples, seed=inputs["seed"], progress=self.progress,
-            class_labels=self.sample_labels(model, c.num_samples),
+            class_labels=self.sample_labels(model, c.num_samples), decode=self.decode,
         )
         save_grid(result.images, path)
         if source is not None:
@@ -972,14 +1034,14 @@ def report_for_run(
                              f"'{c.ordering}' ordering, proposer '{c.search.proposer}'), each fine-tuned "
                              f"{c.finetune.steps} steps; training compute includes stage 1"),
         ]
-        data = run.data
+        data = run.pixels  # FID compares images, also in latent diffusion (samples are decoded)
         results = evaluate(
-            entries, run.scheduler, data.images, data.labels, sample_shape=run.sample_shape,
+            entries, run.scheduler, data.images, data.labels, sample_shape=run.sample_shape, decode=run.decode,
             sampler=sampler or c.sampler, steps=c.sampling_steps if steps is None else steps, num_samples=num_samples,
             seeds=tuple(seeds),
             feature_cache_dir=feature_cache_dir, reference_name=Path(c.data).name,
             timing_batches=tuple(timing_batches), timing_repeats=timing_repeats, grid_dir=run_dir / "report",
-            held_out=run.split()[1], loss_grouping=bundle.router.grouping,
+            held_out=run.split()[1], loss_grouping=bundle.router.grouping,  # latents in latent diffusion
             num_classes=data.num_classes, held_out_labels=run.labels(bundle.router)[1],
             progress=progress,
         )
