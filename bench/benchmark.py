@@ -351,7 +351,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     from tdcdiff.data import load_dataset
     from tdcdiff.evaluate import pool
-    from tdcdiff.report import bpd_rows, format_table, loss_rows, verdicts, write_report
+    from tdcdiff.report import bpd_rows, format_table, loss_rows, verdicts
+    from tdcdiff.run import write_run_report
 
     setting = make_setting(args.data, args.data_path, args.reference_path, args.gpu, args.quick)
     for key, value in (item.split("=", 1) for item in args.overrides):
@@ -394,7 +395,7 @@ def main(argv=None) -> int:
         "equal_compute": "every arm: stage 1 + the FLOPs of TDC's stage 2 (pruning-search proxy forwards not counted)",
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    page = write_report(args.out, results, run_dir=args.out / f"seed_{args.seeds[0]}" / "tdc")
+    page = write_run_report(args.out, results, args.out / f"seed_{args.seeds[0]}" / "tdc")
     _say("\n" + format_table(results))
     _say("\nheld-out denoising loss per TDC group (ratio to the single model):\n"
          + format_table(results, loss_rows(results)))

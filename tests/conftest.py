@@ -18,6 +18,16 @@ def tiny_unet():
     return build_unet("digits-8")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: as fast, and two threads contend badly on a shared
+    2-core machine (20-50x slower forwards measured). Use: pytestmark = pytest.mark.usefixtures("one_thread")."""
+    from tdcdiff.prune.engine import one_thread
+
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def scheduler():
     from tdcdiff.schedule import make_scheduler

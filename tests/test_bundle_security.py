@@ -11,7 +11,6 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 from test_surgery import TinyTimeNet
-from torch import nn
 from typer.testing import CliRunner
 
 from tdcdiff import serialization
@@ -26,12 +25,7 @@ from tdcdiff.schedule import make_scheduler
 SHAPE = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture()

@@ -8,7 +8,6 @@ from tdcdiff.grouping import make_groups
 from tdcdiff.models import build_unet
 from tdcdiff.pipeline import SAMPLERS, SamplingModel, TDCPipeline, sample
 from tdcdiff.router import Router
-from tdcdiff.schedule import make_scheduler
 
 
 def tiny_router(scheduler):

@@ -190,3 +190,11 @@ def test_parse_decisions(text, expected):
 def test_parse_decisions_rejects(text):
     with pytest.raises(ValueError):
         parse_decisions(text, ["a", "mid_block"])
+
+
+def test_layer_units_must_be_0_or_1():
+    from tdcdiff.prune.llm import parse_decisions
+
+    units = ["mid_block", "mid_block.resnets.1"]
+    text = '{"decisions": [{"mid_block": 0.4, "mid_block.resnets.1": 1}, {"mid_block.resnets.1": 0.5}]}'
+    assert parse_decisions(text, units) == [{"mid_block": 0.4, "mid_block.resnets.1": 1.0}]

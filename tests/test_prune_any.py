@@ -22,12 +22,7 @@ SHARED = {"adm": ("time_embed", "label_emb", "out."), "dit": ("x_embedder", "t_e
           "diffusers-dit": ("pos_embed", "proj_out_", "transformer_blocks.0.norm1.emb", "transformer_blocks.1.norm1.emb")}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def make(kind: str) -> nn.Module:

@@ -10,7 +10,8 @@ from torch import nn
 
 from tdcdiff.evaluate import ModelEntry, evaluate, pool, trajectory_flops
 from tdcdiff.grouping import make_groups
-from tdcdiff.report import bpd_rows, format_table, loss_rows, report_for_run, table_rows, verdicts
+from tdcdiff.report import bpd_rows, format_table, loss_rows, table_rows, verdicts
+from tdcdiff.run import report_for_run
 from tdcdiff.router import Router
 
 
@@ -33,7 +34,7 @@ def test_report_page_states_the_protocol(report):
     for part in ("FID", "digits classifier", "64-d", "DDIM 4 steps (trailing spacing)",
                  "Sampling path (compile/precision): trace/fp32", "32 samples", "2 x multiply-accumulates",
                  "base (stage 1)", "TDC", "Verdicts", "Held-out denoising loss", "Held-out bits/dim",
-                 "IDDPM calc_bpd_loop", "fixed_small",
+                 "IDDPM calc_bpd_loop", "fixed_small", "Pruned experts",
                  "KID is the unbiased estimate of the squared kernel distance between the feature distributions: it "
                  "can come out slightly negative"):
         assert part in page, part

@@ -1,7 +1,5 @@
 """The stages over a run directory, end to end on digits at toy sizes."""
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -71,7 +69,7 @@ def test_sample_command_takes_the_values_given(finished_run, tmp_path):
     run, result = finished_run
     given = CliRunner().invoke(app, ["sample", "--bundle", str(result["bundle"]), "--steps", "3", "--num", "4",
                                      "--seed", "0", "--output", str(tmp_path / "tdc.png"), "-q"])
-    assert given.exit_code == 0 and "(4 images, ddim 3 steps, seed 0," in given.output, given.output
+    assert given.exit_code == 0 and "(4 images, ddim 3 steps (trailing spacing), seed 0," in given.output, given.output
     default = CliRunner().invoke(app, ["sample", "--out", str(run.dir), "--num", "2", "--output", str(tmp_path / "base.png"), "-q"])
-    assert default.exit_code == 0 and "(2 images, ddim 50 steps, seed 0)" in default.output, default.output
+    assert default.exit_code == 0 and "(2 images, ddim 50 steps (trailing spacing), seed 0;" in default.output, default.output
     assert (tmp_path / "tdc.png").is_file() and (tmp_path / "base.png").is_file()

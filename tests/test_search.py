@@ -21,13 +21,7 @@ GROUP = range(250, 500)
 UNITS = ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two intra-op threads on a shared 2-core machine contend badly (50x slower forwards measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +277,32 @@ def test_llm_fallback_rounds_are_labelled_in_the_memory_bank(base, budget, proxy
     sources = [(e.round, e.proposer) for e in result.memory.entries]
     assert sources[0] == (0, "llm") and sources[1:] and {s for r, s in sources[1:]} == {"evolution (llm fallback)"}
     assert proposer.fallbacks == 2
+
+
+def test_search_with_depth_proposes_and_remembers_layer_units(base, proxy, budget):
+    """With depth on, the evolution proposer's decisions also keep/remove layers (0/1), the repair keeps them
+    0/1, and the winner's removed layers are gone from its modules."""
+    from tdcdiff.prune.depth import removed_units
+
+    result = search(base, budget, SHAPE, proxy, SearchConfig(rounds=2, candidates_per_round=4, depth=True), progress=False)
+    layers = ["mid_block.resnets.0", "mid_block.resnets.1"]
+    for entry in result.memory.entries:
+        assert set(layers) <= set(entry.decision) and {entry.decision[u] for u in layers} <= {0.0, 1.0}
+        assert not all(entry.decision[u] for u in layers)  # the mid block keeps a layer
+    assert any(e.decision["mid_block.resnets.0"] or e.decision["mid_block.resnets.1"] for e in result.memory.entries)
+    assert removed_units(result.model) == [u for u in layers if result.decision[u]]
+    assert "layer units: 1=removed" in result.memory.summary_for_prompt()
+
+
+def test_proposers_treat_layer_units_as_flags():
+    units = ["down_blocks.0", "mid_block", "mid_block.resnets.1", "up_blocks.0.attentions.0"]
+    assert UniformProposer(ratio=0.4).propose(units, [], 3, random.Random(0)) == [
+        {"down_blocks.0": 0.4, "mid_block": 0.4, "mid_block.resnets.1": 0.0, "up_blocks.0.attentions.0": 0.0}
+    ]
+    evolution = EvolutionProposer(mutate_prob=1.0, init_remove=1.0)
+    first = evolution.propose(units, [], 3, random.Random(0))
+    assert [[d[u] for u in units[2:]] for d in first] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]  # uniform, randoms
+    parent = Entry(0, {"down_blocks.0": 0.3, "mid_block": 0.3, "mid_block.resnets.1": 1.0,
+                       "up_blocks.0.attentions.0": 0.0}, 1, 1, 0.5, "evolution")
+    child = evolution.propose(units, [parent], 1, random.Random(0))[0]
+    assert (child["mid_block.resnets.1"], child["up_blocks.0.attentions.0"]) == (0.0, 1.0)  # every unit mutated

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_surgery import TinyTimeNet, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+from test_surgery import TinyTimeNet
 from torch import nn
 
 from tdcdiff.models import Denoiser, as_denoiser, build_unet
@@ -19,6 +19,9 @@ from tdcdiff.serialization import (
     load_model,
     save_model,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
 
 DIGITS = (1, 8, 8)
 

@@ -3,13 +3,12 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tdcdiff.train import TrainConfig, TrainingDiverged, train
+from tdcdiff.train import TrainConfig, train
 
 FAST = dict(batch_size=32, lr=2e-3, warmup_steps=2, log_every=5, checkpoint_every=5)
 

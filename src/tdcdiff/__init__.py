@@ -12,7 +12,7 @@ _LAZY = {
     "sample": "pipeline", "Run": "run", "RunConfig": "run", "TrainConfig": "train", "train": "train",
     "load_dataset": "data", "build_unet": "models", "make_scheduler": "schedule", "count_flops": "flops",
     "make_groups": "grouping", "make_plan": "budget", "evaluate": "evaluate", "ModelEntry": "evaluate",
-    "write_report": "report", "report_for_run": "report", "register_model_class": "serialization",
+    "write_report": "report", "report_for_run": "run", "register_model_class": "serialization",
 }
 
 

@@ -35,6 +35,7 @@ from .serialization import (
     build_model,
     check_arguments,
     class_path,
+    is_count,
     is_sha256,
     read_architecture,
     read_regular_file,
@@ -130,10 +131,6 @@ def _diffusers_version() -> str:
     return diffusers.__version__
 
 
-def _is_count(value: object, minimum: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
 def _check_manifest(manifest: object, where: Path) -> Grouping:
     """Validate a manifest's structure (nothing read or built yet); returns its grouping."""
 
@@ -151,7 +148,7 @@ def _check_manifest(manifest: object, where: Path) -> Grouping:
     if not isinstance(files, dict) or not files:
         fail(f"'files' must map each file's path to {{bytes, sha256}}, got {type(files).__name__}; {REEXPORT}")
     for name, entry in files.items():
-        if (not isinstance(entry, dict) or set(entry) != {"bytes", "sha256"} or not _is_count(entry["bytes"])
+        if (not isinstance(entry, dict) or set(entry) != {"bytes", "sha256"} or not is_count(entry["bytes"])
                 or not is_sha256(entry["sha256"])):
             fail(f"'files' entry {name!r} must be {{\"bytes\": <integer>, \"sha256\": <64 hex digits>}}, "
                  f"got {str(entry)[:120]}; {REEXPORT}")
@@ -167,10 +164,10 @@ def _check_manifest(manifest: object, where: Path) -> Grouping:
              f"exactly one expert directory with an {ARCHITECTURE_FILE} per group (expert_0 to expert_{n - 1}): "
              f"{REEXPORT}")
     flops = manifest["expert_flops"]
-    if not isinstance(flops, list) or len(flops) != n or not all(map(_is_count, flops)):
+    if not isinstance(flops, list) or len(flops) != n or not all(map(is_count, flops)):
         fail(f"'expert_flops' must hold one FLOPs count (an integer >= 0) per group, {n} in all, got "
              f"{str(flops)[:120]}; {REEXPORT}")
-    if not _is_count(manifest["base_flops"]):
+    if not is_count(manifest["base_flops"]):
         fail(f"'base_flops' must be an integer >= 0, got {manifest['base_flops']!r}; {REEXPORT}")
     budgets = manifest.get("budgets")
     if budgets is not None and (not isinstance(budgets, list) or len(budgets) != n
@@ -182,7 +179,7 @@ def _check_manifest(manifest: object, where: Path) -> Grouping:
         fail(f"'expert_training' must hold one record per group, {n} in all, each stating the expert's "
              f"'prediction_type' (one of {PREDICTION_TYPES}); {REEXPORT}")
     shape = manifest["sample_shape"]
-    if not isinstance(shape, list) or len(shape) != 3 or not all(_is_count(s, 1) for s in shape):
+    if not isinstance(shape, list) or len(shape) != 3 or not all(is_count(s, 1) for s in shape):
         fail(f"'sample_shape' must be [channels, height, width], 3 positive integers, got {shape!r}; {REEXPORT}")
     if not isinstance(manifest["scheduler"], dict):
         fail(f"'scheduler' must be a diffusers scheduler config (a JSON object); {REEXPORT}")

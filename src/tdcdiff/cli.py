@@ -82,6 +82,9 @@ Proposer = Annotated[Optional[str], typer.Option(help="Pruning proposer: evoluti
 Rounds = Annotated[Optional[int], typer.Option(help="Search rounds per group.")]
 Candidates = Annotated[Optional[int], typer.Option(help="Candidates proposed per round.")]
 Memory = Annotated[Optional[bool], typer.Option("--memory/--no-memory", help="Show the proposer the memory bank of past candidates.")]
+BudgetUnit = Annotated[Optional[str], typer.Option("--budget-unit", help="What group budgets are fractions of: flops, or time (the base's forward time measured here at --latency-batch).")]
+LatencyBatch = Annotated[Optional[int], typer.Option("--latency-batch", help="Batch size at which forward time is measured (time budgets and every expert's timing).")]
+Depth = Annotated[Optional[bool], typer.Option("--depth/--no-depth", help="Let pruning also remove whole ResNet layers and attention blocks.")]
 Importance = Annotated[Optional[str], typer.Option(help="Channel importance within a layer: magnitude, taylor.")]
 FtSteps = Annotated[Optional[int], typer.Option("--finetune-steps", help="Stage-2 steps PER GROUP.")]
 FtLr = Annotated[Optional[float], typer.Option("--finetune-lr", help="Stage-2 peak learning rate.")]
@@ -103,7 +106,8 @@ _SETTINGS = {
     "prediction": "prediction_type", "base_steps": "base.steps", "base_lr": "base.lr", "groups": "groups",
     "grouping": "grouping", "k": "k", "ordering": "ordering", "proposer": "search.proposer",
     "rounds": "search.rounds", "candidates": "search.candidates_per_round", "memory": "search.memory",
-    "importance": "search.importance", "finetune_steps": "finetune.steps", "finetune_lr": "finetune.lr",
+    "importance": "search.importance", "budget_unit": "budget_unit", "latency_batch": "latency_batch",
+    "depth": "search.depth", "finetune_steps": "finetune.steps", "finetune_lr": "finetune.lr",
     "mix": "finetune.mix_fraction", "distill": "finetune.distill_weight", "sampler": "sampler",
     "sample_steps": "sample_steps", "num_samples": "num_samples", "seed": "seed",
     "batch_size": ("base.batch_size", "finetune.batch_size"), "base": "base_model",
@@ -162,7 +166,7 @@ def run_command(
     base_steps: BaseSteps = None, base_lr: BaseLr = None, batch_size: BatchSize = None, groups: Groups = None,
     grouping: Grouping = None, k: K = None, ordering: Ordering = None, proposer: Proposer = None,
     rounds: Rounds = None, candidates: Candidates = None, memory: Memory = None, importance: Importance = None,
-    finetune_steps: FtSteps = None, finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None,
+    budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None, depth: Depth = None, finetune_steps: FtSteps = None, finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None,
     sampler: Sampler = None, sample_steps: SampleSteps = None, num_samples: NumSamples = None, seed: Seed = None,
     base: BaseModelSpec = None, quiet: Quiet = False,
 ):
@@ -204,36 +208,53 @@ def train_base_command(
 @app.command("plan")
 def plan_command(
     out: RunDir = Path("runs/digits"), groups: Groups = None, grouping: Grouping = None, k: K = None,
-    ordering: Ordering = None, quiet: Quiet = False,
+    ordering: Ordering = None, budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None,
+    depth: Depth = None, quiet: Quiet = False,
 ):
-    """Group the timesteps and assign FLOPs budgets (needs a trained base in the run directory)."""
+    """Group the timesteps and assign budgets (needs a trained base in the run directory)."""
     try:
-        plan = _open_run(out, None, not quiet, groups=groups, grouping=grouping, k=k, ordering=ordering).plan()
+        run = _open_run(out, None, not quiet, groups=groups, grouping=grouping, k=k, ordering=ordering,
+                        budget_unit=budget_unit, latency_batch=latency_batch, depth=depth)
+        plan = run.plan()
+        timed = run.config.budget_unit == "time"
+        base_ms = run.latency_table(run.base_model()).base_seconds * 1000 if timed else None
     except _USER_ERRORS as err:
         _fail(err)
-    typer.echo(f"{'group':>5} {'timesteps':>11} {'SNR dB':>15} {'rank':>4} {'budget':>7}")
+    batch = run.config.latency_batch
+    typer.echo(f"{'group':>5} {'timesteps':>11} {'SNR dB':>15} {'rank':>4} {'budget':>7} {'MFLOPs':>8}"
+               + (f" {'ms @b' + str(batch):>9}" if timed else ""))
     for g, rank, fraction in zip(plan.grouping.groups, plan.ranks, plan.fractions):
-        typer.echo(f"{g.index:>5} {g.start:>5}-{g.end - 1:<5} {g.snr_db_start:>7.1f}..{g.snr_db_end:<6.1f} {rank:>4} {fraction:>7.1%}")
-    typer.echo(f"mean sampling cost (timestep-weighted): {plan.mean_fraction:.1%} of the base's {plan.base_flops / 1e6:.1f} MFLOPs")
+        typer.echo(f"{g.index:>5} {g.start:>5}-{g.end - 1:<5} {g.snr_db_start:>7.1f}..{g.snr_db_end:<6.1f} {rank:>4} "
+                   f"{fraction:>7.1%} {fraction * plan.base_flops / 1e6:>8.2f}"
+                   + (f" {fraction * base_ms:>9.2f}" if timed else ""))
+    unit = (f"forward time ({base_ms:.2f} ms at batch {batch} on this device)" if timed
+            else f"{plan.base_flops / 1e6:.1f} MFLOPs")
+    typer.echo(f"mean sampling cost (timestep-weighted): {plan.mean_fraction:.1%} of the base's {unit}")
     typer.echo(f"plan: {out / 'plan' / 'plan.json'}  plot: {out / 'plan' / 'grouping.png'}")
 
 
 @app.command("prune")
 def prune_command(
     out: RunDir = Path("runs/digits"), group: Group = None, proposer: Proposer = None, rounds: Rounds = None,
-    candidates: Candidates = None, memory: Memory = None, importance: Importance = None, quiet: Quiet = False,
+    candidates: Candidates = None, memory: Memory = None, importance: Importance = None,
+    budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None, depth: Depth = None, quiet: Quiet = False,
 ):
-    """Proxy-based pruning: derive each group's model from the base under its FLOPs budget."""
+    """Proxy-based pruning: derive each group's model from the base under its budget (FLOPs or time)."""
     try:
         run = _open_run(out, None, not quiet, proposer=proposer, rounds=rounds, candidates=candidates,
-                        memory=memory, importance=importance)
+                        memory=memory, importance=importance, budget_unit=budget_unit, latency_batch=latency_batch,
+                        depth=depth)
         summaries = run.prune(group)
     except _USER_ERRORS as err:
         _fail(err)
-    typer.echo(f"{'group':>5} {'budget MFLOPs':>14} {'measured':>9} {'error':>7} {'proxy':>7}")
+    typer.echo(f"{'group':>5} {'unit':>5} {'budget':>7} {'FLOPs':>7} {'time':>7} {'@batch':>6} {'error':>7} {'proxy':>7}")
     for s in summaries:
-        typer.echo(f"{s['group']:>5} {s['budget'] / 1e6:>14.2f} {s['flops'] / 1e6:>9.2f} "
-                   f"{s['flops'] / s['budget'] - 1:>+7.1%} {s['proxy_score']:>7.3f}")
+        unit = s.get("budget_unit", "flops")
+        got = s["time_ratio"] if unit == "time" else s["flops_ratio"]
+        time_ratio = f"{s['time_ratio']:>7.1%}" if s.get("time_ratio") is not None else f"{'-':>7}"
+        typer.echo(f"{s['group']:>5} {unit:>5} {s['fraction']:>7.1%} {s['flops_ratio']:>7.1%} {time_ratio} "
+                   f"{s.get('latency_batch', '-'):>6} {got / s['fraction'] - 1:>+7.1%} {s['proxy_score']:>7.3f}")
+    typer.echo("budget, FLOPs and time (measured directly, side by side with the base) are fractions of the base's")
     typer.echo(f"pruned models, search logs and memory banks: {out / 'prune'}")
 
 
@@ -325,7 +346,7 @@ def report_command(
     num_samples: NumSamples = None, sampler: Sampler = None, sample_steps: SampleSteps = None, quiet: Quiet = False,
 ):
     """FID/KID, FLOPs, time, memory and training compute of the run's base vs its TDC bundle, as report.html."""
-    from .report import report_for_run
+    from .run import report_for_run
 
     try:
         _check_options(seeds or (), **{"--steps": (sample_steps, 1), "--num": (num_samples, 2)})

@@ -341,7 +341,7 @@ class TDCPipeline:
     denoiser: the Router of a bundle, or any model(x, t). scheduler: the training schedule.
     sample_shape: (C, H, W) of one image. null_class: the class id a class-conditional model was trained
     with for dropped labels (needed for guidance). compile, precision: the sampling path (see SamplingModel);
-    it is built on the first call and reused, so build a new pipeline after changing the weights.
+    it is built here, once, and reused by every call, so build a new pipeline after changing the weights.
     """
 
     def __init__(self, denoiser: nn.Module, scheduler, sample_shape: tuple[int, int, int], *,

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import functools
 import html
 import json
 import shutil
@@ -247,34 +246,22 @@ def plot_loss_per_t(curves: dict, boundaries: list[int], path: str | Path) -> Pa
     return save_figure(fig, path)
 
 
-def _run_figures(run_dir: Path, out_dir: Path) -> list[tuple[str, str]]:
-    """The figures only a run directory can give: grouping, budgets, per-timestep loss. (file, caption)."""
-    from .bundle import load_bundle
-    from .grouping import Grouping, per_timestep_loss, plot_grouping
-    from .run import Run
-
-    plan = json.loads((run_dir / "plan" / "plan.json").read_text())
-    bundle = load_bundle(run_dir / "bundle")
-    run = Run(run_dir, progress=False)
-    grouping = Grouping.from_dict(plan["grouping"])
-    plot_grouping(grouping, run.scheduler, out_dir / "grouping.png", budgets=plan["fractions"])
-    plot_budgets(plan, bundle.manifest, out_dir / "budgets.png")
-    _, held_out = run.split()
-    # 40 timesteps x 32 images: a visual, paired (same images and noise for both models), so a few seconds do.
-    curves = {name: per_timestep_loss(model, held_out, run.scheduler, num_points=40, images_per_point=32,
-                                      seed=run.config.seed, labels=run.labels(model)[1])
-              for name, model in (("base (stage 1)", run.base_model()), ("TDC (routed group models)", bundle.router))}
-    plot_loss_per_t(curves, grouping.boundaries, out_dir / "loss_per_t.png")
-    return [
-        ("grouping.png", f"SNR (dB) over the timesteps t, with the {len(grouping)} group boundaries "
-                         f"('{grouping.strategy}' grouping) and each group's FLOPs budget as a fraction of the "
-                         "base model's FLOPs F."),
-        ("budgets.png", "Each group's planned FLOPs budget and the measured FLOPs of its pruned expert "
-                        "(2 x MACs, one forward), as fractions of F; the label is the measured error."),
-        ("loss_per_t.png", "Denoising loss at every timestep on the run's held-out images with fixed noise: "
-                           "the stage-1 base against the routed group models (each t uses its group's "
-                           "expert). Below 1 in the lower panel means the group model is better there."),
-    ]
+def expert_rows(run_dir: str | Path) -> list[dict[str, str]]:
+    """One row per pruned expert of a run (from prune/summary_<i>.json): its budget, its FLOPs and its forward
+    time measured side by side with the base, as fractions of the base's, and the layers it removed."""
+    rows = []
+    for path in sorted(Path(run_dir, "prune").glob("summary_*.json"), key=lambda p: int(p.stem.split("_")[1])):
+        s = json.loads(path.read_text())
+        if "time_ratio" not in s:  # pruned before times were recorded
+            continue
+        rows.append({
+            "group": str(s["group"]),
+            "budget": f"{s['fraction']:.1%} of {'time' if s['budget_unit'] == 'time' else 'FLOPs'}",
+            "FLOPs": f"{s['flops_ratio']:.1%}",
+            f"time (batch {s['latency_batch']})": f"{s['time_ratio']:.1%}",
+            "layers removed": str(sum(1 for k, v in s["decision"].items() if (".resnets." in k or ".attentions." in k) and v)),
+        })
+    return rows
 
 
 # -- the page ----------------------------------------------------------------------------------------
@@ -284,33 +271,36 @@ def _html_table(rows: list[dict[str, str]]) -> str:
     return f"<table><tr>{header}</tr>{body}</table>"
 
 
-def write_report(out_dir: str | Path, results: dict, *, run_dir: str | Path | None = None) -> Path:
+def write_report(out_dir: str | Path, results: dict, *, figures: list[tuple[str, str]] = (),
+                 experts: list[dict[str, str]] = ()) -> Path:
     """Write report.html, results.json and the PNG plots into out_dir; returns the path of report.html.
 
     out_dir: the report folder (created). results: an `evaluate` (or `evaluate.pool`) dict; each model's
     `sample_grid`, if any, is copied in; an optional "context" list of sentences is shown under the protocol
-    (what the comparison can and cannot show). run_dir: a finished TDC run directory; adds the grouping,
-    budget and per-timestep-loss plots of that run.
+    (what the comparison can and cannot show). figures: more (file, caption) pairs already drawn into out_dir,
+    shown after the FID plot (a run's: run.run_figures). experts: rows of the pruned-experts table
+    (expert_rows). run.write_run_report gives both for a finished TDC run directory.
     """
     from .serialization import atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = [("fid_vs_flops.png", "FID (dot: mean, bar: sd over seeds) against the mean sampling FLOPs per "
-                                    "image along the trajectory. Lower-left is better.")]
-    plot_fid_vs_flops(results, out_dir / figures[0][0])
-    if run_dir is not None:
-        figures += _run_figures(Path(run_dir), out_dir)
+    shown = [("fid_vs_flops.png", "FID (dot: mean, bar: sd over seeds) against the mean sampling FLOPs per "
+                                  "image along the trajectory. Lower-left is better."), *figures]
+    plot_fid_vs_flops(results, out_dir / shown[0][0])
     grids = {}  # model name -> its sample grid, copied next to the page
     for m in results["models"]:
         if m.get("sample_grid"):
             grids[m["name"]] = name = f"samples_{slug(m['name'])}.png"
             if Path(m["sample_grid"]).resolve() != (out_dir / name).resolve():
                 shutil.copyfile(m["sample_grid"], out_dir / name)
-            figures.append((name, f"Samples of {m['name']} (first sampling seed)."))
+            shown.append((name, f"Samples of {m['name']} (first sampling seed)."))
 
     p = results["protocol"]
     table = _html_table(table_rows(results))
+    expert_section = ("<h2>Pruned experts</h2><p>Each group's expert before fine-tuning: its budget, FLOPs and "
+                      "forward time measured directly (thread CPU time or CUDA events, interleaved with the base, "
+                      f"median ratio) as fractions of the base's.</p>{_html_table(experts)}") if experts else ""
     losses = loss_rows(results)
     bpds = bpd_rows(results)
     bpd_section = (f"<h2>Held-out bits/dim</h2><p>{html.escape(p['held_out_bpd'])}. Lower is better; the groups' "
@@ -324,7 +314,7 @@ def write_report(out_dir: str | Path, results: dict, *, run_dir: str | Path | No
     method = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</dd>"
                      for k, v in p.items())
     plots = "".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(f)}"><figcaption>{html.escape(c)}'
-                    "</figcaption></figure>" for f, c in figures)
+                    "</figcaption></figure>" for f, c in shown)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>tdcdiff report: {html.escape(p['reference']['name'])}</title>
 <style>
@@ -346,6 +336,7 @@ figcaption {{ font-size: 0.9em; color: #333; }} dt {{ font-weight: bold; }} dd {
 counts only when the 95% interval of the mean per-seed gap (paired t-test) excludes 0. Where the seeds are
 sampling seeds of one training run, a real gap says nothing about run-to-run variation.
 Times are measured, not derived from FLOPs: small networks on CPUs speed up much less than their FLOPs fall.</p>
+{expert_section}
 {bpd_section}
 {loss_section}
 <h2>Plots</h2>
@@ -355,130 +346,7 @@ Times are measured, not derived from FLOPs: small networks on CPUs speed up much
 </body></html>
 """
     written = {**results, "models": [{**m, "sample_grid": grids.get(m["name"])} for m in results["models"]],
-               "figures": dict(figures)}
+               "figures": dict(shown)}
     atomic_write_text(out_dir / "results.json", json.dumps(written, indent=2, default=str))
     atomic_write_text(out_dir / "report.html", page)
     return out_dir / "report.html"
-
-
-def _check_bundle_is_the_runs(run, bundle) -> None:
-    """Refuse, before any sampling, a bundle that another run (or other settings) made: its groups, image shape
-    or recorded settings differ from the run's."""
-    from .run import stage_settings
-
-    def flat(settings: dict, prefix: str = "") -> dict:  # {"base": {"steps": 3}} -> {"base.steps": 3}
-        out = {}
-        for key, value in settings.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-        return out
-
-    found = []
-    plan = run.plan()
-    if list(bundle.router.grouping.boundaries) != list(plan.grouping.boundaries):
-        found.append(f"group edges {list(bundle.router.grouping.boundaries)} (the run's plan: {plan.grouping.boundaries})")
-    if tuple(bundle.sample_shape) != tuple(run.sample_shape):
-        found.append(f"image shape {tuple(bundle.sample_shape)} (the run's data: {tuple(run.sample_shape)})")
-    provenance = bundle.manifest.get("provenance")
-    made_with = provenance.get("config") if isinstance(provenance, dict) else None
-    if isinstance(made_with, dict):
-        theirs = flat(made_with)
-        ours = flat({k: v for stage in ("base", "plan", "prune", "finetune")
-                     for k, v in stage_settings(run.config, stage).items()})
-        found += [f"setting '{k}' {theirs[k]!r} (the run's: {v!r})"
-                  for k, v in ours.items() if k in theirs and theirs[k] != v]
-    if found:
-        path = run.dir / "bundle"
-        raise ValueError(
-            f"{path} was not made by this run: its {'; '.join(found[:4])}{' ...' if len(found) > 4 else ''}. Delete "
-            f"{path} and rerun `tdcdiff bundle --out {run.dir}` to rebuild it from this run, or report on the run "
-            "that made it"
-        )
-
-
-def _holding_the_run_lock(function):
-    # report_for_run writes run_dir/report/: it runs holding the run directory's lock (see run.lock_run_dir).
-    @functools.wraps(function)
-    def locked(run_dir, **kwargs):
-        from .run import lock_run_dir
-
-        with lock_run_dir(run_dir):
-            return function(run_dir, **kwargs)
-
-    return locked
-
-
-@_holding_the_run_lock
-def report_for_run(
-    run_dir: str | Path,
-    *,
-    seeds: tuple[int, ...] = (0, 1),
-    num_samples: int = 512,
-    sampler: str | None = None,
-    steps: int | None = None,
-    feature_cache_dir: str | Path | None = None,
-    timing_batches: tuple[int, ...] = (1, 64),
-    timing_repeats: int = 3,
-    progress: bool = True,
-) -> Path:
-    """The report of one finished TDC run: its stage-1 base against its TDC bundle, in run_dir/report/.
-
-    No controls are trained here (for those, see bench/benchmark.py): the base had less training compute
-    than TDC, so this shows what TDC changed, not whether it beats equal-compute alternatives.
-    run_dir: the run directory. seeds: sampling seeds; two give the seed spread the verdict needs, at the cost of
-        one seed of 1024 (about 25 s for the default digits run on 2 CPU cores). num_samples: images per model
-        and seed.
-    sampler, steps: default to the run's sampling settings. feature_cache_dir: where the FID feature
-    classifier is cached (default: evaluate.default_cache_dir()). timing_batches, timing_repeats: see
-    evaluate.evaluate. progress: print one line per measurement. Returns the path of report.html.
-    A report made from the same bundle, base weights and settings (report/inputs.json records them) is kept
-    as it is; delete report/ to measure again. Holds the run directory's lock (see run.lock_run_dir).
-    """
-    from .bundle import MANIFEST, load_bundle
-    from .evaluate import ModelEntry, evaluate
-    from .run import Run, record_inputs, up_to_date
-    from .serialization import ARCHITECTURE_FILE, sha256_file
-    from .train import FINAL_DIR
-
-    run_dir = Path(run_dir)
-    run = Run(run_dir, progress=progress)
-    c = run.config
-    bundle = load_bundle(run_dir / "bundle")
-    _check_bundle_is_the_runs(run, bundle)
-    inputs = {
-        "bundle_sha256": sha256_file(run_dir / "bundle" / MANIFEST),
-        "base_sha256": sha256_file(run_dir / "base" / FINAL_DIR / ARCHITECTURE_FILE),
-        "config": {k: v for k, v in c.to_dict().items() if k != "num_samples"},  # the sample grid's size only
-        "seeds": list(seeds), "num_samples": num_samples, "sampler": sampler, "steps": steps,
-        "timing_batches": list(timing_batches), "timing_repeats": timing_repeats,
-    }
-    outputs = [run_dir / "report" / name for name in ("report.html", "results.json")]
-    if up_to_date(run_dir / "report" / "inputs.json", inputs, outputs):
-        return outputs[0]
-    compute = run.training_flops()
-    entries = [
-        ModelEntry("base (stage 1)", run.base_model(), compute["stage1"],
-                   notes=f"the run's stage-1 model: {c.base.steps} steps on all timesteps"),
-        ModelEntry("TDC", bundle.router, compute["total"],
-                   notes=f"{c.groups} group models pruned from the base (k={c.k}, '{c.grouping}' grouping, "
-                         f"'{c.ordering}' ordering, proposer '{c.search.proposer}'), each fine-tuned "
-                         f"{c.finetune.steps} steps; training compute includes stage 1"),
-    ]
-    data = run.data
-    results = evaluate(
-        entries, run.scheduler, data.images, data.labels, sample_shape=run.sample_shape,
-        sampler=sampler or c.sampler, steps=c.sampling_steps if steps is None else steps, num_samples=num_samples,
-        seeds=tuple(seeds),
-        feature_cache_dir=feature_cache_dir, reference_name=Path(c.data).name,
-        timing_batches=tuple(timing_batches), timing_repeats=timing_repeats, grid_dir=run_dir / "report",
-        held_out=run.split()[1], loss_grouping=bundle.router.grouping,
-        num_classes=data.num_classes, held_out_labels=run.labels(bundle.router)[1],
-        progress=progress,
-    )
-    results["context"] = [
-        "This compares a run's own stage-1 base with its TDC bundle. The base had less training compute than "
-        "TDC (stage 1 only), so a better TDC FID here does not show that TDC beats a model trained with the same "
-        "budget; bench/benchmark.py runs those equal-compute controls (single model, uniform pruning).",
-    ]
-    write_report(run_dir / "report", results, run_dir=run_dir)
-    record_inputs(run_dir / "report" / "inputs.json", inputs, outputs)
-    return outputs[0]

@@ -44,6 +44,7 @@ from .budget import Plan, make_plan, measure_sensitivity
 from .data import ImageDataset, load_dataset
 from .flops import count_flops
 from .grouping import make_groups, per_timestep_loss, plot_grouping
+from .latency import time_ratios
 from .models import build_unet, check_finite, num_class_embeds, preset_for
 from .prune.search import SearchConfig
 from .schedule import make_scheduler
@@ -53,6 +54,8 @@ from .train import FINAL_DIR, TrainConfig, train
 
 log = logging.getLogger("tdcdiff")
 
+BUDGET_UNITS = ("flops", "time")
+
 
 @dataclass
 class RunConfig:
@@ -61,7 +64,10 @@ class RunConfig:
     data: data spec ("digits", IDX file, image folder or zip, "hf:<name>"); image_size, channels, limit:
         resize / convert / subsample it. model: UNet preset (default: chosen from image size and channels).
     num_train_timesteps, beta_schedule, prediction_type: the noise schedule.
-    base: stage-1 training. groups, grouping, k, ordering: timestep groups and FLOPs budgets.
+    base: stage-1 training. groups, grouping, k, ordering: timestep groups and their budgets.
+    budget_unit: what a group's budget fraction is of: "flops" (the base's FLOPs) or "time" (the base's
+        forward time measured on this device at latency_batch samples, fitted from a cached per-unit latency
+        table). Every pruned expert's FLOPs and measured time are recorded either way.
     search: the pruning search. finetune: stage-2 training of EACH group (steps are per group).
     sampler, sample_steps, num_samples: the sample grid written at the end (and the report's sampler);
         sample_steps None means min(50, T) (`sampling_steps`).
@@ -88,6 +94,8 @@ class RunConfig:
     grouping: str = "snr"
     k: float = 0.5
     ordering: str = "measured"
+    budget_unit: str = "flops"
+    latency_batch: int = 64
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, lr=5e-4, warmup_steps=20, checkpoint_every=200))
     sampler: str = "ddim"
@@ -144,6 +152,8 @@ class RunConfig:
             (self.base_model_steps >= 0, f"base_model_steps must be >= 0, got {self.base_model_steps}"),
             (self.base_model is not None or self.base_model_steps == 0,
              "base_model_steps continues a given model: set base_model (--base) too, or use base.steps"),
+            (self.budget_unit in BUDGET_UNITS, f"unknown budget unit {self.budget_unit!r}; choose one of {BUDGET_UNITS}"),
+            (self.latency_batch >= 1, f"latency_batch must be >= 1, got {self.latency_batch}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -314,7 +324,7 @@ _STAGE_OF_SETTING = {
     **{k: "base" for k in ("data", "image_size", "channels", "limit", "model", "attention", "num_train_timesteps",
                            "beta_schedule", "prediction_type", "base", "seed", "base_model", "base_model_steps")},
     **{k: "plan" for k in ("groups", "grouping", "k", "ordering")},
-    "search": "prune",
+    **{k: "prune" for k in ("search", "budget_unit", "latency_batch")},
     "finetune": "finetune",
 }
 # Stage outputs in pipeline order: redoing one stage makes every later output stale.
@@ -367,6 +377,8 @@ def _load_saved_config(path: Path) -> RunConfig:
             f"{path} is damaged ({err}); restore it, or delete it and rerun with the settings the run was made "
             "with (or use a new output directory)"
         ) from None
+
+
 LOCK_FILE = ".tdcdiff.lock"
 OWNER_FILE = ".tdcdiff.lock.owner"
 
@@ -685,16 +697,18 @@ class Run:
         train_images, held_out = self.split()
         train_labels, held_labels = self.labels(base)
         (self.dir / "prune").mkdir(parents=True, exist_ok=True)
-        summaries = []
+        summaries, table = [], None  # table: the base's latency table, looked up once for time budgets
         for i in self._groups(plan, group):
             out = self.dir / "prune" / f"group_{i}"
             summary_path = self.dir / "prune" / f"summary_{i}.json"
             if summary_path.exists() and out.exists():
                 summary = json.loads(summary_path.read_text())
-                if summary["budget"] != plan.budgets[i]:
+                was = (summary.get("budget_unit", "flops"), summary.get("fraction", summary["budget"] / plan.base_flops))
+                if was[0] != c.budget_unit or abs(was[1] - plan.fractions[i]) > 1e-9:
                     raise ValueError(
-                        f"{out} was pruned for a budget of {summary['budget']} FLOPs but the plan now says "
-                        f"{plan.budgets[i]}; delete {self.dir / 'prune'} (and the stages after it) to prune again"
+                        f"{out} was pruned for a {was[0]} budget of {was[1]:.4f} of the base but the plan now says "
+                        f"{c.budget_unit} {plan.fractions[i]:.4f}; delete {self.dir / 'prune'} (and the stages after "
+                        "it) to prune again"
                     )
                 summaries.append(summary)
                 continue
@@ -703,20 +717,36 @@ class Run:
             proxy = Proxy(base, batch, scheduler, space=c.search.proxy_space, finetune_steps=c.search.proxy_finetune_steps,
                           train_images=train_images, train_labels=train_labels)
             settings = replace(c.search, seed=c.seed + i)
+            if c.budget_unit == "time" and table is None:
+                table = self.latency_table(base)
+            budget = plan.fractions[i] * table.base_seconds if table is not None else plan.budgets[i]
             result = search(
-                base, plan.budgets[i], self.sample_shape, proxy, settings,
-                progress=self.progress, log_path=self.dir / "prune" / f"search_{i}.jsonl",
+                base, budget, self.sample_shape, proxy, settings,
+                progress=self.progress, log_path=self.dir / "prune" / f"search_{i}.jsonl", latency=table,
             )
             result.memory.save(self.dir / "prune" / f"memory_{i}.json")
             save_model(result.model, out)
+            # The table's estimate is not the expert's time: time it directly, side by side with the base.
+            time_ratio = time_ratios([base, result.model], self.sample_shape, c.latency_batch)[1]
             summary = {
-                "group": i, "budget": plan.budgets[i], "flops": result.flops, "decision": result.decision,
+                "group": i, "budget": budget, "budget_unit": c.budget_unit, "fraction": plan.fractions[i],
+                "flops": result.flops, "flops_ratio": result.flops / plan.base_flops,
+                "time_ratio": time_ratio, "latency_batch": c.latency_batch,
+                "estimated_time_ratio": result.seconds / table.base_seconds if table is not None else None,
+                "decision": result.decision,
                 "proxy_score": result.score, "proxy_space": c.search.proxy_space, "proposer": c.search.proposer,
                 "candidates": len(result.memory.entries),
             }
             atomic_write_text(summary_path, json.dumps(summary, indent=2))
             summaries.append(summary)
         return summaries
+
+    def latency_table(self, base):
+        """The base's per-unit latency table at latency_batch on this device (measured once, then cached)."""
+        from .prune.fit import measure_latency_table
+
+        return measure_latency_table(base, self.sample_shape, self.config.latency_batch,
+                                     depth_units=self.config.search.depth)
 
     @_writes
     def finetune(self, group: int | None = None):
@@ -814,7 +844,6 @@ class Run:
     def run_all(self) -> dict:
         """Every stage in order, skipping those already done. Returns where the results are."""
         from .bundle import MANIFEST, load_bundle
-        from .report import report_for_run
 
         self._report_follows = True  # train_base checks, with its own checks, that the report's FID can run
         self.train_base()
@@ -838,3 +867,151 @@ class Run:
         if not 0 <= group < n:
             raise ValueError(f"--group must be between 0 and {n - 1} (the plan has {n} groups), got {group}")
         return range(group, group + 1)
+
+
+# -- a run's report (report.py draws the page; what needs a Run is here) -----------------------------
+def run_figures(run_dir: str | Path, out_dir: str | Path) -> list[tuple[str, str]]:
+    """Draw into out_dir the figures only a finished TDC run directory can give: grouping, budgets and
+    per-timestep loss; returns their (file, caption) pairs, for report.write_report."""
+    from .bundle import load_bundle
+    from .grouping import Grouping
+    from .report import plot_budgets, plot_loss_per_t
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    plan = json.loads((run_dir / "plan" / "plan.json").read_text())
+    bundle = load_bundle(run_dir / "bundle")
+    run = Run(run_dir, progress=False)
+    grouping = Grouping.from_dict(plan["grouping"])
+    plot_grouping(grouping, run.scheduler, out_dir / "grouping.png", budgets=plan["fractions"])
+    plot_budgets(plan, bundle.manifest, out_dir / "budgets.png")
+    _, held_out = run.split()
+    # 40 timesteps x 32 images: a visual, paired (same images and noise for both models), so a few seconds do.
+    curves = {name: per_timestep_loss(model, held_out, run.scheduler, num_points=40, images_per_point=32,
+                                      seed=run.config.seed, labels=run.labels(model)[1])
+              for name, model in (("base (stage 1)", run.base_model()), ("TDC (routed group models)", bundle.router))}
+    plot_loss_per_t(curves, grouping.boundaries, out_dir / "loss_per_t.png")
+    return [
+        ("grouping.png", f"SNR (dB) over the timesteps t, with the {len(grouping)} group boundaries "
+                         f"('{grouping.strategy}' grouping) and each group's FLOPs budget as a fraction of the "
+                         "base model's FLOPs F."),
+        ("budgets.png", "Each group's planned FLOPs budget and the measured FLOPs of its pruned expert "
+                        "(2 x MACs, one forward), as fractions of F; the label is the measured error."),
+        ("loss_per_t.png", "Denoising loss at every timestep on the run's held-out images with fixed noise: "
+                           "the stage-1 base against the routed group models (each t uses its group's "
+                           "expert). Below 1 in the lower panel means the group model is better there."),
+    ]
+
+
+def write_run_report(out_dir: str | Path, results: dict, run_dir: str | Path) -> Path:
+    """report.write_report with a finished TDC run directory's figures (run_figures) and pruned-experts table
+    (report.expert_rows); returns the path of report.html."""
+    from .report import expert_rows, write_report
+
+    return write_report(out_dir, results, figures=run_figures(run_dir, out_dir), experts=expert_rows(run_dir))
+
+
+def _check_bundle_is_the_runs(run, bundle) -> None:
+    """Refuse, before any sampling, a bundle that another run (or other settings) made: its groups, image shape
+    or recorded settings differ from the run's."""
+
+    def flat(settings: dict, prefix: str = "") -> dict:  # {"base": {"steps": 3}} -> {"base.steps": 3}
+        out = {}
+        for key, value in settings.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return out
+
+    found = []
+    plan = run.plan()
+    if list(bundle.router.grouping.boundaries) != list(plan.grouping.boundaries):
+        found.append(f"group edges {list(bundle.router.grouping.boundaries)} (the run's plan: {plan.grouping.boundaries})")
+    if tuple(bundle.sample_shape) != tuple(run.sample_shape):
+        found.append(f"image shape {tuple(bundle.sample_shape)} (the run's data: {tuple(run.sample_shape)})")
+    provenance = bundle.manifest.get("provenance")
+    made_with = provenance.get("config") if isinstance(provenance, dict) else None
+    if isinstance(made_with, dict):
+        theirs = flat(made_with)
+        ours = flat({k: v for stage in ("base", "plan", "prune", "finetune")
+                     for k, v in stage_settings(run.config, stage).items()})
+        found += [f"setting '{k}' {theirs[k]!r} (the run's: {v!r})"
+                  for k, v in ours.items() if k in theirs and theirs[k] != v]
+    if found:
+        path = run.dir / "bundle"
+        raise ValueError(
+            f"{path} was not made by this run: its {'; '.join(found[:4])}{' ...' if len(found) > 4 else ''}. Delete "
+            f"{path} and rerun `tdcdiff bundle --out {run.dir}` to rebuild it from this run, or report on the run "
+            "that made it"
+        )
+
+
+def report_for_run(
+    run_dir: str | Path,
+    *,
+    seeds: tuple[int, ...] = (0, 1),
+    num_samples: int = 512,
+    sampler: str | None = None,
+    steps: int | None = None,
+    feature_cache_dir: str | Path | None = None,
+    timing_batches: tuple[int, ...] = (1, 64),
+    timing_repeats: int = 3,
+    progress: bool = True,
+) -> Path:
+    """The report of one finished TDC run: its stage-1 base against its TDC bundle, in run_dir/report/.
+
+    No controls are trained here (for those, see bench/benchmark.py): the base had less training compute
+    than TDC, so this shows what TDC changed, not whether it beats equal-compute alternatives.
+    run_dir: the run directory. seeds: sampling seeds; two give the seed spread the verdict needs, at the cost of
+        one seed of 1024 (about 25 s for the default digits run on 2 CPU cores). num_samples: images per model
+        and seed.
+    sampler, steps: default to the run's sampling settings. feature_cache_dir: where the FID feature
+    classifier is cached (default: evaluate.default_cache_dir()). timing_batches, timing_repeats: see
+    evaluate.evaluate. progress: print one line per measurement. Returns the path of report.html.
+    A report made from the same bundle, base weights and settings (report/inputs.json records them) is kept
+    as it is; delete report/ to measure again. Holds the run directory's lock (see run.lock_run_dir).
+    """
+    from .bundle import MANIFEST, load_bundle
+    from .evaluate import ModelEntry, evaluate
+
+    run_dir = Path(run_dir)
+    with lock_run_dir(run_dir):  # it writes run_dir/report/
+        run = Run(run_dir, progress=progress)
+        c = run.config
+        bundle = load_bundle(run_dir / "bundle")
+        _check_bundle_is_the_runs(run, bundle)
+        inputs = {
+            "bundle_sha256": sha256_file(run_dir / "bundle" / MANIFEST),
+            "base_sha256": sha256_file(run_dir / "base" / FINAL_DIR / ARCHITECTURE_FILE),
+            "config": {k: v for k, v in c.to_dict().items() if k != "num_samples"},  # the sample grid's size only
+            "seeds": list(seeds), "num_samples": num_samples, "sampler": sampler, "steps": steps,
+            "timing_batches": list(timing_batches), "timing_repeats": timing_repeats,
+        }
+        outputs = [run_dir / "report" / name for name in ("report.html", "results.json")]
+        if up_to_date(run_dir / "report" / "inputs.json", inputs, outputs):
+            return outputs[0]
+        compute = run.training_flops()
+        entries = [
+            ModelEntry("base (stage 1)", run.base_model(), compute["stage1"],
+                       notes=f"the run's stage-1 model: {c.base.steps} steps on all timesteps"),
+            ModelEntry("TDC", bundle.router, compute["total"],
+                       notes=f"{c.groups} group models pruned from the base (k={c.k}, '{c.grouping}' grouping, "
+                             f"'{c.ordering}' ordering, proposer '{c.search.proposer}'), each fine-tuned "
+                             f"{c.finetune.steps} steps; training compute includes stage 1"),
+        ]
+        data = run.data
+        results = evaluate(
+            entries, run.scheduler, data.images, data.labels, sample_shape=run.sample_shape,
+            sampler=sampler or c.sampler, steps=c.sampling_steps if steps is None else steps, num_samples=num_samples,
+            seeds=tuple(seeds),
+            feature_cache_dir=feature_cache_dir, reference_name=Path(c.data).name,
+            timing_batches=tuple(timing_batches), timing_repeats=timing_repeats, grid_dir=run_dir / "report",
+            held_out=run.split()[1], loss_grouping=bundle.router.grouping,
+            num_classes=data.num_classes, held_out_labels=run.labels(bundle.router)[1],
+            progress=progress,
+        )
+        results["context"] = [
+            "This compares a run's own stage-1 base with its TDC bundle. The base had less training compute than "
+            "TDC (stage 1 only), so a better TDC FID here does not show that TDC beats a model trained with the same "
+            "budget; bench/benchmark.py runs those equal-compute controls (single model, uniform pruning).",
+        ]
+        write_run_report(run_dir / "report", results, run_dir)
+        record_inputs(run_dir / "report" / "inputs.json", inputs, outputs)
+        return outputs[0]

@@ -255,7 +255,10 @@ def architecture_of(model: nn.Module) -> dict:
     cls = type(model)
     if _is_diffusers_model(model):
         config = {k: _json_safe(v) for k, v in dict(model.config).items() if not k.startswith("_")}
-        return {"class": _importable_name(cls), "config": config}
+        description = {"class": _importable_name(cls), "config": config}
+        if getattr(model, "tdcdiff_removed", None):  # depth-pruned layers (prune.depth): rebuilt, then removed
+            description["removed"] = list(model.tdcdiff_removed)
+        return description
     name = f"{cls.__module__}.{cls.__qualname__}"
     kwargs = getattr(model, "tdcdiff_init_kwargs", None)
     if not isinstance(kwargs, dict):
@@ -474,14 +477,15 @@ def read_architecture(data: bytes, source: Path) -> dict:
         raise ValueError(f"{source} is not valid JSON ({err}); re-run the stage that wrote it") from None
     weights = description.get("weights") if isinstance(description, dict) else None
     if (not isinstance(weights, dict) or not isinstance(weights.get("file"), str)
-            or not _is_size(weights.get("bytes")) or not is_sha256(weights.get("sha256"))):
+            or not is_count(weights.get("bytes")) or not is_sha256(weights.get("sha256"))):
         raise ValueError(f"{source} does not describe a weights file ('weights': {{file, bytes, sha256}}); "
                          "re-run the stage that wrote it")
     return description
 
 
-def _is_size(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def is_count(value: object, minimum: int = 0) -> bool:
+    """Whether value is an integer (not a bool) >= minimum, e.g. a byte or FLOPs count from a saved file."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def is_sha256(value: object) -> bool:
@@ -504,6 +508,8 @@ def build_model(description: dict, data: bytes, source: Path, weights_path: Path
     except Exception as err:  # safetensors' own error type for a malformed header
         raise ValueError(f"{weights_path} is not a valid safetensors file ({err}); re-run the stage that wrote it") from None
     model = _rebuild(description, source)
+    if description.get("removed"):
+        _remove_layers(model, description["removed"], source)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1 and dtypes != {torch.get_default_dtype()}:  # keep the saved precision, buffers included
         model.to(dtypes.pop())
@@ -514,6 +520,18 @@ def build_model(description: dict, data: bytes, source: Path, weights_path: Path
     except RuntimeError as err:
         raise ValueError(f"{weights_path} does not fit the architecture in {source}: {err}") from None
     return model.eval()
+
+
+def _remove_layers(model: nn.Module, removed, source: Path) -> None:
+    """Remove the depth-pruned layers listed under "removed" from a rebuilt base (see prune.depth)."""
+    from .prune.depth import remove
+
+    if not isinstance(removed, list) or not all(isinstance(name, str) for name in removed):
+        raise ValueError(f"{source}: 'removed' must be a list of layer names, got {removed!r}")
+    try:
+        remove(model, removed)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}; re-run the stage that wrote it") from None
 
 
 def load_model(directory: str | Path) -> nn.Module:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -287,9 +287,9 @@ class Tune:
     def run_candidate(self, index: int) -> dict:
         """Train candidate `index` (skipped when finished); returns its result.json record.
 
-        A candidate whose FLOPs budget cannot be reached (prune.surgery.BudgetError) is recorded as failed.
+        A candidate whose FLOPs budget cannot be reached (prune.fit.BudgetError) is recorded as failed.
         """
-        from .prune.surgery import BudgetError
+        from .prune.fit import BudgetError
 
         if not 0 <= index < len(self.candidates):
             raise ValueError(f"--candidate must be between 0 and {len(self.candidates) - 1} "
@@ -316,7 +316,8 @@ class Tune:
         from .bundle import save_bundle
         from .flops import count_flops
         from .grouping import make_groups
-        from .prune.surgery import fit_to_budget, prunable_units, uniform_decision
+        from .prune.fit import fit_to_budget
+        from .prune.units import prunable_units, uniform_decision
         from .serialization import load_model, save_model
         from .train import FINAL_DIR, train
 
@@ -668,9 +669,9 @@ def cost_rows(cost: dict, price: bool) -> tuple[list[dict[str, str]], list[dict[
 def plot_frontier(rows: list[dict], chosen: str | None, batch: int, measure: str, path: Path) -> Path:
     """Screening quality (relative to the base) against sampling time at `batch` and against sampling FLOPs,
     and the finalists' FID against time."""
-    from .report import _pyplot, save_figure
+    from .plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     styles = {"base": ("k", "*"), "single": ("tab:gray", "s"), "uniform": ("tab:blue", "o"), "tdc": ("tab:red", "^")}
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     panels = [(axes[0], "time_ratio", "quality_ratio", f"sampling time at batch {batch} / base's"),

@@ -32,6 +32,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..models import Denoiser
+from . import depth
 from .units import (
     HEAD_ATTRIBUTES,
     LAYERS,
@@ -498,7 +499,8 @@ def prune(
     base: a diffusers UNet2DModel, a tdcdiff Denoiser wrapping one, or any net called as model(x, t) (and
         class_labels=, for a class-conditional one).
     decision: unit name -> fraction of its channels (of an attention unit: of its heads) to remove, in
-        [0, 0.95]; missing units are not pruned.
+        [0, 0.95]; missing units are not pruned. Depth units (prune/depth.py) map to 1.0 (remove the layer)
+        or 0.0 (keep it).
     sample_shape: (C, H, W) of one sample, used to trace the network.
     importance: which channels go: "magnitude" (L2 norm of their weights) or "taylor" (|weight x gradient|
         of the denoising loss on `calibration`'s batch).
@@ -508,9 +510,29 @@ def prune(
     Raises PruningError (a ValueError) naming the unit and layer when the decision cannot be applied.
     """
     check_importance(importance, calibration)
+    width, removed = depth.split(decision, base)
+    base = reduced_base(base, removed)
     plan = plan_for(network(base), tuple(sample_shape), units=units, ignored_layers=ignored_layers, num_heads=num_heads)
-    check_decision(decision, plan.units, MAX_RATIO)
-    return prune_kept(base, plan, plan.kept(decision), tuple(sample_shape), importance, calibration)
+    check_decision(width, plan.units, MAX_RATIO)
+    return prune_kept(base, plan, plan.kept(width), tuple(sample_shape), importance, calibration)
+
+
+# Per base network: its copies with some depth units removed, so that each is traced (plan_for) only once.
+_REDUCED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def reduced_base(base: nn.Module, removed: list[str]) -> nn.Module:
+    """base with the depth units `removed` taken out (prune/depth.py): a cached copy, or base itself for [].
+
+    Never modify the result: later calls return the same object. Raises ValueError for unknown units.
+    """
+    if not removed:
+        return base
+    cache = _REDUCED.setdefault(base, {})
+    key = tuple(sorted(removed))
+    if key not in cache:
+        cache[key] = depth.remove(copy.deepcopy(base), list(removed))
+    return cache[key]
 
 
 def _head_dims(model: nn.Module) -> dict[str, int]:

@@ -1,4 +1,10 @@
-"""Budget fitting: repair a proposed decision so the pruned model's measured FLOPs meet a budget."""
+"""Budget fitting: repair a proposed decision so the pruned model meets a budget.
+
+The budget is in FLOPs (measured on each trial model), or in forward time estimated from a latency table
+(latency.LatencyTable: base time + per-unit changes; no trial model is built). Depth units of a decision
+(prune/depth.py) stay as proposed, except that removals are undone, last first, while the layers removed
+alone already undershoot the budget; the width ratios are then scaled to fit.
+"""
 
 from __future__ import annotations
 
@@ -10,31 +16,34 @@ from torch import nn
 
 from ..flops import count_flops
 from ..models import as_denoiser
-from .engine import Calibration, Plan, check_importance, kept_slots, one_thread, plan_for, prune_kept
+from . import depth
+from .engine import Calibration, Plan, check_importance, kept_slots, one_thread, plan_for, prune_kept, reduced_base
 from .units import MAX_RATIO, Decision, check_decision, network
 
 
 @dataclass
 class FitResult:
-    """A pruned model that fits a FLOPs budget.
+    """A pruned model that fits a budget.
 
-    model: the pruned deep copy. decision: the repaired decision actually applied (every unit).
-    flops: its measured FLOPs (count_flops, batch 1). budget: the target. scale: the common multiplier the
-    bisection applied to the proposed ratios (before any per-unit repair).
+    model: the pruned deep copy. decision: the repaired decision actually applied (every width unit, and
+    every depth unit the proposal named). flops: its measured FLOPs (count_flops, batch 1). budget: the
+    target (FLOPs, or seconds with a latency table). scale: the common multiplier the bisection applied to
+    the proposed ratios (before any per-unit repair). seconds: the table's time estimate (None without one).
     """
 
     model: nn.Module
     decision: Decision
     flops: int
-    budget: int
+    budget: float
     scale: float
+    seconds: float | None = None
 
 
 class BudgetError(ValueError):
-    """No decision reachable by pruning lands within tolerance of the FLOPs budget."""
+    """No decision reachable by pruning lands within tolerance of the budget."""
 
 
-def _unit_levels(plan: Plan, unit: str) -> list[float]:
+def unit_levels(plan: Plan, unit: str) -> list[float]:
     """One ratio per distinct channel configuration of a unit, ascending, each safely inside its interval."""
     slots = {g.slots for g in plan.groups if g.unit == unit}
     # Where round(s * (1 - r)) drops from j to j - 1 channels per norm group.
@@ -46,21 +55,47 @@ def _unit_levels(plan: Plan, unit: str) -> list[float]:
     return [0.0] + [(a + b) / 2 for a, b in zip(cuts, cuts[1:])] + [last]
 
 
-class _BudgetSearch:
-    """Measures the FLOPs of trial decisions (once per distinct pruned shape) and keeps the closest."""
+def _estimator(base: nn.Module, sample_shape, latency, space: dict):
+    """cost(plan, width decision, removed depth units): FLOPs measured on a trial model, or with a latency
+    table its time estimate, each width ratio looked up as the full base's level with the same channels."""
+    if latency is None:
 
-    def __init__(self, base, plan: Plan, sample_shape, budget: int, tolerance: float):
-        self.base, self.plan, self.sample_shape = base, plan, sample_shape
+        def flops(plan: Plan, width: Decision, removed: list[str]) -> float:
+            trial = prune_kept(reduced_base(base, removed), plan, plan.kept(width), sample_shape, "position", None)
+            return count_flops(as_denoiser(trial), sample_shape)
+
+        return flops
+    full = plan_for(network(base), sample_shape, **space)
+    levels = {u.name: unit_levels(full, u.name) for u in full.units}
+
+    def level(unit: str, ratio: float) -> float:
+        groups = [g for g in full.groups if g.unit == unit]
+        kept = [kept_slots(ratio, g.slots) for g in groups]
+        return next((v for v in levels[unit] if [kept_slots(v, g.slots) for g in groups] == kept), ratio)
+
+    def seconds(plan: Plan, width: Decision, removed: list[str]) -> float:
+        # A unit the table lacks has no reachable level: its ratio changes nothing.
+        chosen = {u: level(u, r) for u, r in width.items() if u in levels and u in latency.deltas}
+        return latency.estimate({**chosen, **dict.fromkeys(removed, 1.0)})
+
+    return seconds
+
+
+class _BudgetSearch:
+    """Measures the cost of trial width decisions (once per distinct pruned shape) and keeps the closest."""
+
+    def __init__(self, cost, plan: Plan, removed: list[str], budget: float, tolerance: float):
+        self.cost_of, self.plan, self.removed = cost, plan, removed
         self.budget, self.tolerance = budget, tolerance
-        self.measured: dict[tuple[int, ...], int] = {}
+        self.measured: dict[tuple[int, ...], float] = {}
         self.best: Decision | None = None
         self.best_flops = 0
 
-    def flops(self, decision: Decision) -> int:
+    def flops(self, decision: Decision) -> float:
+        """The decision's cost (FLOPs or estimated seconds; the name is historical)."""
         kept = self.plan.kept(decision)
         if kept not in self.measured:
-            model = prune_kept(self.base, self.plan, kept, self.sample_shape, "position", None)
-            self.measured[kept] = count_flops(as_denoiser(model), self.sample_shape)
+            self.measured[kept] = self.cost_of(self.plan, decision, self.removed)
         flops = self.measured[kept]
         if self.best is None or self.error(flops) < self.error(self.best_flops):
             self.best, self.best_flops = decision, flops
@@ -100,13 +135,13 @@ class _BudgetSearch:
         return best_scale
 
     def refine(self) -> None:
-        """Greedy repair from the closest trial, in channel levels of single units (see _unit_levels).
+        """Greedy repair from the closest trial, in channel levels of single units (see unit_levels).
 
         Moves one unit one level toward the budget while that gets closer. When stuck, measures every unit
         one and two levels either way and jumps to the combination whose summed FLOPs changes land closest
         to the budget with the fewest level changes. Stops within tolerance, or when nothing gets closer.
         """
-        levels = {u.name: _unit_levels(self.plan, u.name) for u in self.plan.units}
+        levels = {u.name: unit_levels(self.plan, u.name) for u in self.plan.units}
 
         def config(name: str, ratio: float) -> tuple[int, ...]:
             return tuple(kept_slots(ratio, g.slots) for g in self.plan.groups if g.unit == name)
@@ -149,14 +184,14 @@ class _BudgetSearch:
     def _combine(self, deltas: dict[str, dict[int, int]], start: int) -> dict[str, int] | None:
         """Level moves (unit -> levels) whose summed FLOPs changes, each measured alone from `start`, land
         closest to the budget; among those predicted well within tolerance, the fewest level changes."""
-        quantum = max(1, self.budget // 2000)  # merge near-equal sums to keep the search small
+        quantum = self.budget / 2000  # merge near-equal sums to keep the search small
         states = {0: (0, 0, {})}  # bucket of summed change -> (summed change, levels changed, moves)
         for name, options in deltas.items():
             merged = {}
             for change, cost, moves in states.values():
                 for step, delta in options.items():
                     item = (change + delta, cost + abs(step), {**moves, name: step} if step else moves)
-                    key = item[0] // quantum
+                    key = int(item[0] // quantum)
                     if key not in merged or item[1] < merged[key][1]:
                         merged[key] = item
             states = merged
@@ -172,7 +207,7 @@ class _BudgetSearch:
 def fit_to_budget(
     base: nn.Module,
     decision: Decision,
-    budget_flops: int,
+    budget_flops: float,
     sample_shape: tuple[int, int, int],
     *,
     tolerance: float = 0.03,
@@ -182,49 +217,104 @@ def fit_to_budget(
     units=None,
     ignored_layers=(),
     num_heads: dict[str, int] | None = None,
+    latency=None,
 ) -> FitResult:
-    """Repair a proposed decision so the pruned model's measured FLOPs land within tolerance of a budget.
+    """Repair a proposed decision so the pruned model's cost lands within tolerance of a budget.
 
     base, sample_shape, importance, calibration, units, ignored_layers, num_heads: as for engine.prune().
-    decision: proposed ratios per unit; only their relative sizes matter (all zero or empty: uniform).
+    decision: proposed ratios per width unit; only their relative sizes matter (all zero or empty: uniform).
         They are scaled by a common factor found by bisection (clamped to [0, 0.95]); if no scale lands
-        within tolerance (GroupNorm makes FLOPs a step function of the scale), single units are then
-        moved one channel level at a time toward the budget.
+        within tolerance (GroupNorm makes cost a step function of the scale), single units are then
+        moved one channel level at a time toward the budget. Depth units (1.0 = remove): see the module doc.
     budget_flops: target FLOPs of one forward at batch 1 (count_flops; a learned variance's channels count
-        too). tolerance: allowed relative error.
-    max_iter: bisection steps.
+        too), or with `latency` target seconds of one forward at the table's batch. tolerance: allowed
+        relative error. max_iter: bisection steps.
+    latency: a latency.LatencyTable of base (see measure_latency_table) to budget time instead of FLOPs.
     Raises BudgetError when no reachable pruning is within tolerance, PruningError (engine) when the
     architecture cannot be pruned as planned.
     """
     check_importance(importance, calibration)
     if budget_flops <= 0:
-        raise ValueError(f"budget_flops must be positive, got {budget_flops}")
+        raise ValueError(f"budget must be positive, got {budget_flops}")
     sample_shape = tuple(sample_shape)
-    plan = plan_for(network(base), sample_shape, units=units, ignored_layers=ignored_layers, num_heads=num_heads)
-    check_decision(decision, plan.units, math.inf)
-    base_flops = count_flops(as_denoiser(base), sample_shape)
-    if budget_flops >= base_flops * (1 - tolerance / 2):
-        return FitResult(copy.deepcopy(base), {u.name: 0.0 for u in plan.units}, base_flops, budget_flops, 0.0)
+    space = {"units": units, "ignored_layers": ignored_layers, "num_heads": num_heads}
+    width, removed = depth.split(decision, base)
+    full = plan_for(network(base), sample_shape, **space)
+    check_decision(width, full.units, math.inf)
+    cost = _estimator(base, sample_shape, latency, space)
+
+    def show(cost: float) -> str:
+        return f"{cost * 1000:.3f} ms" if latency is not None else f"{cost:,.0f} FLOPs"
+
+    base_cost = cost(full, {}, [])
+    if budget_flops >= base_cost * (1 - tolerance / 2):
+        return FitResult(copy.deepcopy(base), {u.name: 0.0 for u in full.units}, count_flops(as_denoiser(base), sample_shape),
+                         budget_flops, 0.0, base_cost if latency is not None else None)
+    while True:  # undo removals, last first, while they alone undershoot the budget
+        reduced = reduced_base(base, removed)
+        plan = plan_for(network(reduced), sample_shape, **space)
+        if not removed or cost(plan, {}, removed) >= budget_flops * (1 - tolerance):
+            break
+        removed = removed[:-1]
+    repaired_depth = {k: float(k in removed) for k in depth.normalize(decision, base) if depth.is_depth_unit(k)}
     if not plan.groups:
         raise BudgetError(
-            f"FLOPs budget {budget_flops:,} is below the base model's {base_flops:,}, and this model has "
-            "nothing prunable: use a budget of at least the base FLOPs"
+            f"budget {show(budget_flops)} is below the base model's {show(base_cost)}, and this model has "
+            "nothing prunable: use a budget of at least the base's"
         )
-    shape = {u.name: float(decision.get(u.name, 0.0)) for u in plan.units}
-    if not any(shape.values()):
-        shape = dict.fromkeys(shape, 1.0)
-    search = _BudgetSearch(base, plan, sample_shape, budget_flops, tolerance)
-    scale = search.bisect(shape, max_iter)
-    if not search.fits():
-        search.refine()
+    search = _BudgetSearch(cost, plan, removed, budget_flops, tolerance)
+    shape = {u.name: float(width.get(u.name, 0.0)) for u in plan.units}
+    if search.error(search.flops(dict.fromkeys(shape, 0.0))) <= tolerance:
+        scale = 0.0  # the removed layers alone meet the budget
+    else:
+        if not any(shape.values()):
+            shape = dict.fromkeys(shape, 1.0)
+        scale = search.bisect(shape, max_iter)
+        if not search.fits():
+            search.refine()
     if not search.fits():
         raise BudgetError(
-            f"cannot prune to {budget_flops:,} FLOPs ({budget_flops / base_flops:.1%} of the base's "
-            f"{base_flops:,}) within {tolerance:.1%}: the closest reachable is {search.best_flops:,} "
-            f"({search.best_flops / base_flops:.1%}). Give the smallest group a larger budget (raise k or "
+            f"cannot prune to {show(budget_flops)} ({budget_flops / base_cost:.1%} of the base's "
+            f"{show(base_cost)}) within {tolerance:.1%}: the closest reachable is {show(search.best_flops)} "
+            f"({search.best_flops / base_cost:.1%}). Give the smallest group a larger budget (raise k or "
             "lower N) or allow a larger tolerance."
         )
-    model = prune_kept(base, plan, plan.kept(search.best), sample_shape, importance, calibration)
-    return FitResult(model, search.best, count_flops(as_denoiser(model), sample_shape), budget_flops, scale)
+    model = prune_kept(reduced, plan, plan.kept(search.best), sample_shape, importance, calibration)
+    seconds = search.best_flops if latency is not None else None
+    return FitResult(model, {**search.best, **repaired_depth}, count_flops(as_denoiser(model), sample_shape),
+                     budget_flops, scale, seconds)
 
 
+def measure_latency_table(
+    base: nn.Module,
+    sample_shape: tuple[int, int, int],
+    batch: int,
+    *,
+    depth_units: bool = True,
+    max_levels: int = 6,
+    cache_dir=None,
+    progress=None,
+    **kwargs,
+):
+    """The latency.LatencyTable of base at a batch size: each width unit at up to max_levels of its channel
+    levels (evenly spread, always the last; others are interpolated) and, with depth_units, each depth unit
+    removed. Cached per device, batch, architecture and torch version (see latency.measure_table).
+    kwargs: repeats, warmup (as for latency.compare).
+    """
+    from ..latency import measure_table
+
+    sample_shape = tuple(sample_shape)
+    plan = plan_for(network(base), sample_shape)
+    variants = {}
+    for u in plan.units:
+        levels = unit_levels(plan, u.name)[1:]
+        if len(levels) > max_levels:
+            levels = [levels[round(i * (len(levels) - 1) / (max_levels - 1))] for i in range(max_levels)]
+        variants[u.name] = {
+            v: (lambda v=v, u=u.name: prune_kept(base, plan, plan.kept({u: v}), sample_shape, "position", None))
+            for v in levels
+        }
+    if depth_units:
+        for name in depth.depth_units(network(base)):
+            variants[name] = {1.0: lambda name=name: depth.remove(copy.deepcopy(base), [name])}
+    return measure_table(base, variants, sample_shape, batch, cache_dir=cache_dir, progress=progress, **kwargs)

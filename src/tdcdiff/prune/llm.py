@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 
+from .depth import is_depth_unit
 from .memory import Entry, MemoryBank
 from .proposers import Decision, EvolutionProposer, Proposer, SearchContext
 
@@ -29,7 +30,8 @@ _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 SYSTEM_PROMPT = (
     "You design structural pruning decisions for a diffusion model's denoiser (a UNet). A decision gives, "
     "for each prunable unit, the fraction of its channels to remove. Every decision is rescaled afterwards "
-    "to meet the FLOPs budget, so choose WHICH units to prune more or less. Candidates are scored by a proxy: "
+    "to meet the budget, so choose WHICH units to prune more or less. Layer units (names with .resnets. or "
+    ".attentions.) are whole layers: 1 removes the layer, 0 keeps it. Candidates are scored by a proxy: "
     "the denoising loss on one group of timesteps relative to the unpruned model (lower is better, 1.0 = "
     "no loss of quality). Answer with a JSON object only."
 )
@@ -132,7 +134,8 @@ class LLMProposer:
         info = self.context.unit_info if self.context else {}
         unit_lines = [f"- {u}" + (f" ({_facts(info[u])})" if info.get(u) else "") for u in units]
         budget = (
-            f"The FLOPs budget is {self.context.budget_fraction:.3f} of the unpruned model's FLOPs."
+            f"The {self.context.budget_unit} budget is {self.context.budget_fraction:.3f} of the unpruned model's "
+            f"{self.context.budget_unit}."
             if self.context else "The FLOPs budget is fixed; decisions are rescaled to meet it."
         )
         memory = MemoryBank(list(memory_view)).summary_for_prompt(self.max_memory_entries)
@@ -141,7 +144,8 @@ class LLMProposer:
             "Prunable units (in network order):", *unit_lines, "", budget, "",
             "Candidates evaluated so far (best first; decisions shown after rescaling to the budget):", memory, "",
             f"Propose {n} new, different decisions that you expect to score lower (better) than those above.",
-            f"Each ratio is a number in [0, {MAX_RATIO}]; units you leave out get 0 (not pruned).",
+            f"Each ratio is a number in [0, {MAX_RATIO}]; each layer unit is 0 (keep) or 1 (remove); units you "
+            "leave out get 0 (not pruned, kept).",
             f'Answer ONLY a JSON object of the form {json.dumps(example)} with {n} entries in "decisions".',
         ])
 
@@ -173,8 +177,8 @@ def parse_decisions(text: str, units: list[str]) -> list[Decision]:
 
     text: the answer: a JSON object {"decisions": [...]} or a bare list, possibly inside ```json fences
         or surrounded by prose.
-    units: the known unit names. A candidate is dropped when it names an unknown unit or has a ratio that
-        is not a number in [0, 0.95]; units it leaves out get 0.
+    units: the known unit names. A candidate is dropped when it names an unknown unit, has a ratio that is
+        not a number in [0, 0.95], or a layer unit that is not 0 or 1; units it leaves out get 0.
     """
     data = _extract_json(text)
     candidates = data.get("decisions") if isinstance(data, dict) else data
@@ -217,6 +221,10 @@ def _problem(candidate, units: list[str]) -> str | None:
     if unknown:
         return f"unknown units {unknown}"
     for unit, ratio in candidate.items():
+        if is_depth_unit(unit):
+            if isinstance(ratio, bool) or ratio not in (0, 1):
+                return f"{unit}={ratio!r} is a layer: 0 (keep) or 1 (remove)"
+            continue
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or not 0 <= ratio <= MAX_RATIO:
             return f"{unit}={ratio!r} is not a number in [0, {MAX_RATIO}]"
     return None

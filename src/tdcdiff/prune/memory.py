@@ -13,12 +13,14 @@ class Entry:
     """One evaluated candidate.
 
     round: search round it was proposed in (0-based).
-    decision: unit name -> ratio of channels removed, as repaired to the budget (as proposed when it failed).
+    decision: unit name -> ratio of channels removed, or for a layer (depth unit) 1.0 removed / 0.0 kept,
+        as repaired to the budget (as proposed when it failed).
     flops: measured FLOPs of the pruned model (0 when it could not be built).
-    budget: the FLOPs budget it was repaired to.
+    budget: the budget it was repaired to: FLOPs, or seconds when `seconds` is set.
     score: proxy score (lower is better, 1.0 = the base); None when the candidate could not be built.
     proposer: name of the proposer that suggested it.
     note: free text (e.g. the repair scale, or why it failed).
+    seconds: estimated forward seconds (time budgets), else None.
     """
 
     round: int
@@ -28,6 +30,12 @@ class Entry:
     score: float | None
     proposer: str
     note: str = ""
+    seconds: float | None = None
+
+    @property
+    def cost(self) -> float:
+        """What the budget is counted in: estimated seconds for time budgets, else FLOPs."""
+        return self.seconds if self.seconds is not None else self.flops
 
     @property
     def ok(self) -> bool:
@@ -89,10 +97,10 @@ class MemoryBank:
         then how many failed. Ratios are rounded to 2 decimals to keep the prompt short."""
         if not self.entries:
             return "(no candidates evaluated yet)"
-        lines = ["rank | round | proposer | FLOPs/budget | score | decision (unit=ratio removed)"]
+        lines = ["rank | round | proposer | cost/budget | score | decision (unit=ratio removed; layer units: 1=removed)"]
         for rank, e in enumerate(self.best(max_entries), 1):
             ratios = ", ".join(f"{unit}={ratio:.2f}" for unit, ratio in e.decision.items())
-            lines.append(f"{rank} | {e.round} | {e.proposer} | {e.flops / e.budget:.3f} | {e.score:.4f} | {ratios}")
+            lines.append(f"{rank} | {e.round} | {e.proposer} | {e.cost / e.budget:.3f} | {e.score:.4f} | {ratios}")
         scored = sum(e.ok for e in self.entries)
         if scored > max_entries:
             lines.append(f"({scored - max_entries} worse candidates not shown)")

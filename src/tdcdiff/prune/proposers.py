@@ -1,7 +1,9 @@
 """Proposers: each round, suggest candidate pruning decisions (unit name -> ratio of channels removed).
 
 Candidates need not meet the FLOPs budget: the search repairs each one by scaling its ratios, so a
-proposer chooses the SHAPE of a decision (which units lose more), not its overall size.
+proposer chooses the SHAPE of a decision (which units lose more), not its overall size. With depth pruning
+the units also include layers (prune/depth.py: names with ".resnets." or ".attentions."), each 1.0 (remove)
+or 0.0 (keep); the repair keeps those as proposed (undoing removals that alone undershoot the budget).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .depth import is_depth_unit
 from .memory import Entry, MemoryBank
 
 Decision = dict[str, float]
@@ -19,12 +22,14 @@ Decision = dict[str, float]
 class SearchContext:
     """What a proposer may want to know beyond the unit names (the LLM prompt uses it).
 
-    budget_fraction: the FLOPs budget as a fraction of the base model's FLOPs.
+    budget_fraction: the budget as a fraction of the base model's cost (its FLOPs, or its forward time).
     unit_info: unit name -> facts about it (e.g. {"channels": 64, "flops_share": 0.31}).
+    budget_unit: what the budget counts: "FLOPs" or "forward time".
     """
 
     budget_fraction: float
     unit_info: dict[str, dict] = field(default_factory=dict)
+    budget_unit: str = "FLOPs"
 
 
 class Proposer(Protocol):
@@ -43,8 +48,8 @@ class Proposer(Protocol):
 
 
 def uniform(units: list[str], ratio: float) -> Decision:
-    """The same ratio for every unit."""
-    return {u: ratio for u in units}
+    """The same ratio for every width unit; every layer (depth unit) kept."""
+    return {u: 0.0 if is_depth_unit(u) else ratio for u in units}
 
 
 @dataclass
@@ -71,7 +76,9 @@ class EvolutionProposer:
     With nothing scored in memory it proposes the uniform shape (so it never does worse than the
     uniform baseline) plus random per-unit ratio vectors. Afterwards it breeds children from the
     top_k best decisions in memory: uniform crossover of two parents (probability crossover_prob)
-    or a copy of one, then gaussian mutation of some units' ratios, clamped to [0, max_ratio].
+    or a copy of one, then gaussian mutation of some units' ratios, clamped to [0, max_ratio]; a mutated
+    layer (depth unit) flips between kept and removed. Random first-round candidates remove each layer
+    with probability init_remove.
 
     top_k: how many of the best decisions in memory are parents.
     sigma: standard deviation of a mutation.
@@ -80,6 +87,7 @@ class EvolutionProposer:
     init_ratio: the ratio of the uniform candidate in the first round.
     init_max: random first-round ratios are drawn uniformly from [0, init_max].
     max_ratio: upper clamp of mutated ratios.
+    init_remove: probability that a random first-round candidate removes a layer.
     """
 
     top_k: int = 4
@@ -89,12 +97,13 @@ class EvolutionProposer:
     init_ratio: float = 0.3
     init_max: float = 0.6
     max_ratio: float = 0.9
+    init_remove: float = 0.25
     name: str = "evolution"
 
     def propose(self, units: list[str], memory_view: list[Entry], n: int, rng: random.Random) -> list[Decision]:
         parents = [e.decision for e in MemoryBank(list(memory_view)).best(self.top_k)]
         if not parents:
-            randoms = [{u: round(rng.uniform(0, self.init_max), 3) for u in units} for _ in range(n - 1)]
+            randoms = [{u: self._random(u, rng) for u in units} for _ in range(n - 1)]
             return [uniform(units, self.init_ratio)] + randoms
         return [self._child(units, parents, rng) for _ in range(n)]
 
@@ -107,5 +116,13 @@ class EvolutionProposer:
             child = {u: parent.get(u, 0.0) for u in units}
         mutated = [u for u in units if rng.random() < self.mutate_prob] or [rng.choice(units)]
         for u in mutated:
-            child[u] = min(self.max_ratio, max(0.0, child[u] + rng.gauss(0.0, self.sigma)))
+            if is_depth_unit(u):
+                child[u] = 1.0 - float(child[u] >= 0.5)
+            else:
+                child[u] = min(self.max_ratio, max(0.0, child[u] + rng.gauss(0.0, self.sigma)))
         return {u: round(r, 3) for u, r in child.items()}
+
+    def _random(self, unit: str, rng: random.Random) -> float:
+        if is_depth_unit(unit):
+            return float(rng.random() < self.init_remove)
+        return round(rng.uniform(0, self.init_max), 3)

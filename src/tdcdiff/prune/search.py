@@ -1,8 +1,9 @@
 """Proxy-based pruning as multi-round decision making: propose -> repair to budget -> prune -> score -> remember.
 
 Each round the proposer sees the memory bank of every candidate so far (unless memory is off, the
-ablation), proposes decisions, and each is repaired to the FLOPs budget by real structural pruning,
-scored by the proxy and recorded. After the last round the best-scoring pruned model wins.
+ablation), proposes decisions, and each is repaired to the budget (FLOPs, or forward time estimated from a
+latency table) by real structural pruning, scored by the proxy and recorded. After the last round the
+best-scoring pruned model wins. With `depth` the decisions also keep or remove whole layers (prune/depth.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from .proposers import Decision, EvolutionProposer, Proposer, SearchContext, Uni
 from .proxy import SPACES, Proxy, Scorer
 from .engine import IMPORTANCES
 from .fit import BudgetError, fit_to_budget
-from .units import prunable_units, uniform_decision
+from .depth import depth_units
+from .units import network, prunable_units, uniform_decision
 
 log = logging.getLogger("tdcdiff")
 
@@ -62,6 +64,7 @@ class SearchConfig:
         units.prunable_units; a callable works with prune / fit_to_budget directly).
     ignored_layers: module names whose layers keep their widths.
     num_heads: attention module name -> heads, for attention whose heads the module does not reveal.
+    depth: decisions also keep or remove whole ResNet layers and attention blocks (prune/depth.py).
     """
 
     rounds: int = 4
@@ -76,6 +79,7 @@ class SearchConfig:
     units: dict[str, list[str]] | None = None
     ignored_layers: list[str] = field(default_factory=list)
     num_heads: dict[str, int] | None = None
+    depth: bool = False
 
     def validate(self) -> None:
         checks = [
@@ -106,7 +110,8 @@ class SearchResult:
 
     model: the pruned model (a structurally smaller copy of the base); decision: its repaired decision;
     flops: its measured FLOPs; score: its proxy score (1.0 = the base); memory: every candidate evaluated;
-    budget: the FLOPs budget searched for.
+    budget: the budget searched for (FLOPs, or seconds with a latency table); seconds: the table's estimate
+    of its forward time (None without a table).
     """
 
     model: nn.Module
@@ -114,7 +119,8 @@ class SearchResult:
     flops: int
     score: float
     memory: MemoryBank
-    budget: int
+    budget: float
+    seconds: float | None = None
 
 
 def _key(decision: Decision) -> tuple:
@@ -167,8 +173,9 @@ def search(
     proposer: Proposer | None = None,
     progress: bool = True,
     log_path: str | Path | None = None,
+    latency=None,
 ) -> SearchResult:
-    """Find a pruned model of `base` within the FLOPs budget that the proxy scores best.
+    """Find a pruned model of `base` within the budget that the proxy scores best.
 
     base: the unpruned model (diffusers UNet2DModel); never modified.
     budget_flops: FLOPs (2 x MACs, one sample) the pruned model may use; >= the base's returns an unpruned copy.
@@ -178,6 +185,8 @@ def search(
     proposer: a proposer object to use instead of `config.proposer` (e.g. an LLMProposer with settings).
     progress: show a progress bar over candidates.
     log_path: append one JSON line per evaluated candidate to this file.
+    latency: a latency.LatencyTable of base (prune.fit.measure_latency_table): budget_flops is then the
+        seconds of one forward at the table's batch, estimated from the table.
 
     A proposal already tried is skipped, and so is one whose repaired model has the same layer widths as
     a model already scored (always so for the same repaired decision to 3 decimals); a round that brings
@@ -191,14 +200,25 @@ def search(
         raise ValueError(f"budget_flops must be > 0, got {budget_flops}")
     sample_shape = tuple(sample_shape)
     units = prunable_units(base, units=config.units, ignored_layers=config.ignored_layers)
+    if config.depth and config.units is not None:
+        raise ValueError("depth pruning renumbers the layers a declared decision space names: use depth=False "
+                         "with units, or the found decision space (units=None) with depth")
+    layers = depth_units(network(base)) if config.depth else []
     memory = MemoryBank(enabled=config.memory)
     base_flops = count_flops(as_denoiser(base), sample_shape)
-    if budget_flops >= base_flops:
-        return SearchResult(copy.deepcopy(base), uniform_decision(units, 0.0), base_flops, 1.0, memory, budget_flops)
+    base_cost = latency.base_seconds if latency is not None else base_flops
+    if budget_flops >= base_cost:
+        return SearchResult(copy.deepcopy(base), uniform_decision(units, 0.0), base_flops, 1.0, memory, budget_flops,
+                            base_cost if latency is not None else None)
 
     proposer = proposer or get_proposer(config.proposer)
     if hasattr(proposer, "set_context"):
-        proposer.set_context(SearchContext(budget_flops / base_flops, describe_units(base, units, sample_shape)))
+        info = describe_units(base, units, sample_shape)
+        for name in layers:  # what removing one layer saves, where the latency table says
+            saved = -latency.delta(name, 1.0) / latency.base_seconds if latency is not None else None
+            info[name] = {"kind": "layer"} | ({"time_share": round(saved, 3)} if saved is not None else {})
+        unit = "forward time" if latency is not None else "FLOPs"
+        proposer.set_context(SearchContext(budget_flops / base_cost, info, unit))
     calibration = proxy.calibration(config.seed) if config.importance == "taylor" else None
     proposed, evaluated = set(), set()
 
@@ -211,7 +231,7 @@ def search(
             fit = fit_to_budget(
                 base, decision, budget_flops, sample_shape, tolerance=config.tolerance,
                 importance=config.importance, calibration=calibration, units=config.units,
-                ignored_layers=config.ignored_layers, num_heads=config.num_heads,
+                ignored_layers=config.ignored_layers, num_heads=config.num_heads, latency=latency,
             )
         except BudgetError as err:
             return Entry(round_, dict(decision), 0, budget_flops, None, source, f"not fitted: {err}"), None
@@ -222,9 +242,9 @@ def search(
         note = f"repair scale {fit.scale:.3f}"
         if not math.isfinite(score):
             score, note = None, f"{note}; proxy score was {score}"
-        return Entry(round_, dict(fit.decision), fit.flops, budget_flops, score, source, note), fit
+        return Entry(round_, dict(fit.decision), fit.flops, budget_flops, score, source, note, fit.seconds), fit
 
-    names = [u.name for u in units]
+    names = [u.name for u in units] + layers
     rng = random.Random(config.seed)
     n = config.candidates_per_round
     best, best_score = None, math.inf
@@ -259,7 +279,8 @@ def search(
             log_file.close()
     if best is None:
         raise BudgetError(
-            f"none of the {len(memory)} candidates could be pruned to the budget of {budget_flops} FLOPs "
-            f"({budget_flops / base_flops:.3f} of the base) with a finite proxy score"
+            f"none of the {len(memory)} candidates could be pruned to the budget of {budget_flops:.4g} "
+            f"{'seconds' if latency is not None else 'FLOPs'} ({budget_flops / base_cost:.3f} of the base) with a "
+            "finite proxy score"
         )
-    return SearchResult(best.model, best.decision, best.flops, best_score, memory, budget_flops)
+    return SearchResult(best.model, best.decision, best.flops, best_score, memory, budget_flops, best.seconds)

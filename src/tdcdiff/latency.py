@@ -1,0 +1,287 @@
+"""Measured forward time of denoisers on this device, and a per-unit latency table to budget pruning in time.
+
+How time is measured (the machine is often shared, so wall-clock time is unreliable): on CPU, thread CPU time
+(`time.thread_time`) of forwards run with ONE torch thread; on a GPU, CUDA events. Every model is warmed up
+first. Several models are compared side by side: repeats are interleaved (A B C, B C A, C A B, ...: the order
+rotates) and a ratio is the median of the per-repeat ratios, so load that changes during a run cancels out.
+
+The latency table holds, for each unit of a pruning decision space and each of its reachable levels (a width
+ratio, or 1.0 for a removed layer), the change of the base's forward time at a batch size. A decision's time
+is estimated as base time + the sum of its units' changes (interpolated between measured levels); the final
+pruned model is then timed directly, since the changes are not exactly additive. A table is measured once per
+(architecture, sample shape, device, batch, torch version) and cached as JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import as_denoiser
+
+TABLE_VERSION = 1
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def device_name(device: torch.device | str) -> str:
+    """A stable name of the device that times are measured on, e.g. "cpu:Intel(R) Xeon(R) ..." or "cuda:NVIDIA H200"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu:{line.split(':', 1)[1].strip()}"
+    return f"cpu:{platform.processor() or platform.machine()}"
+
+
+def architecture_hash(model: nn.Module, sample_shape: Sequence[int]) -> str:
+    """Hex digest of what a forward's time depends on: module types, parameter/buffer shapes, sample shape."""
+    parts = [list(sample_shape)]
+    for name, m in as_denoiser(model).named_modules():
+        shapes = [list(t.shape) for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
+        parts.append([name, type(m).__qualname__, shapes])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def cache_key(model: nn.Module, sample_shape: Sequence[int], batch: int, device: torch.device | str) -> str:
+    """The cache key of a latency table: architecture hash + device name + batch + torch version."""
+    arch = architecture_hash(model, sample_shape)
+    raw = f"{arch}|{device_name(device)}|{batch}|{torch.__version__}"
+    return f"{arch}-b{batch}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
+
+
+def default_cache_dir() -> Path:
+    """$TDCDIFF_CACHE/latency, else $XDG_CACHE_HOME/tdcdiff/latency, else ~/.cache/tdcdiff/latency."""
+    if os.environ.get("TDCDIFF_CACHE"):
+        return Path(os.environ["TDCDIFF_CACHE"]) / "latency"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tdcdiff" / "latency"
+
+
+@contextlib.contextmanager
+def _timing_threads(device: torch.device) -> Iterator[None]:
+    """One intra-op thread on CPU, so thread CPU time is the whole forward's cost."""
+    if device.type == "cuda":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _inputs(model: nn.Module, sample_shape: Sequence[int], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
+    x = torch.randn((batch, *sample_shape), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    return x, torch.full((batch,), 500, dtype=torch.long, device=device)
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
+    """A function (run, calls) -> seconds per call of `run`: thread CPU time on CPU, CUDA events on a GPU."""
+    if device.type == "cuda":
+
+        def cuda(run, calls: int) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                run()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000 / calls
+
+        return cuda
+
+    def cpu(run, calls: int) -> float:
+        start = time.thread_time()
+        for _ in range(calls):
+            run()
+        return (time.thread_time() - start) / calls
+
+    return cpu
+
+
+@torch.no_grad()
+def compare(
+    models: Sequence[nn.Module],
+    sample_shape: Sequence[int],
+    batch: int,
+    *,
+    repeats: int = 7,
+    warmup: int = 2,
+    min_seconds: float = 0.02,
+) -> list[list[float]]:
+    """Time one forward of each model side by side: seconds per forward, one list per model, one item per repeat.
+
+    models: denoisers called as model(x, t), all on the same device (moved nowhere; put in eval mode).
+    sample_shape: (C, H, W) of one sample. batch: samples per forward.
+    repeats: interleaved rounds; round r times the models in the order rotated by r. warmup: untimed forwards
+        of each model first. min_seconds: each timing repeats the forward enough times to last about this long
+        (calibrated on the first model), so that short forwards are not lost in timer resolution.
+    Raises ValueError for an empty list, batch < 1 or repeats < 1.
+    """
+    if not models:
+        raise ValueError("compare() needs at least one model")
+    if batch < 1 or repeats < 1:
+        raise ValueError(f"batch and repeats must be >= 1, got batch={batch}, repeats={repeats}")
+    denoisers = [as_denoiser(m).eval() for m in models]
+    device = device_of(denoisers[0])
+    timer = _timer(device)
+    runs = []
+    for d in denoisers:
+        x, t = _inputs(d, sample_shape, batch)
+        runs.append(lambda d=d, x=x, t=t: d(x, t))
+    with _timing_threads(device):
+        for run in runs:
+            for _ in range(warmup):
+                run()
+        calls = max(1, math.ceil(min_seconds / max(timer(runs[0], 1), 1e-6)))
+        times: list[list[float]] = [[] for _ in runs]
+        for r in range(repeats):
+            for i in [(r + j) % len(runs) for j in range(len(runs))]:
+                times[i].append(timer(runs[i], calls))
+    return times
+
+
+def forward_seconds(model: nn.Module, sample_shape: Sequence[int], batch: int, **kwargs) -> float:
+    """Median seconds of one forward of one model at a batch size (kwargs: as for compare())."""
+    return statistics.median(compare([model], sample_shape, batch, **kwargs)[0])
+
+
+def time_ratios(models: Sequence[nn.Module], sample_shape: Sequence[int], batch: int, **kwargs) -> list[float]:
+    """Each model's forward time as a fraction of the first model's: median of per-repeat ratios, measured
+    side by side (kwargs: as for compare()). The first ratio is 1.0."""
+    times = compare(models, sample_shape, batch, **kwargs)
+    return [statistics.median(a / b for a, b in zip(t, times[0])) for t in times]
+
+
+@dataclass
+class LatencyTable:
+    """Forward-time changes of pruning single units of a base model, at one batch size on one device.
+
+    key: cache_key() of the base. base_seconds: the base's median forward time.
+    deltas: unit name -> {level: change of forward time in seconds}; level 0.0 (unpruned) is implicitly 0.
+        Levels are width ratios (fraction of channels removed) or 1.0 for a removed layer.
+    meta: device, batch, torch version, sample shape (for people reading the file).
+    """
+
+    key: str
+    base_seconds: float
+    deltas: dict[str, dict[float, float]] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def delta(self, unit: str, level: float) -> float:
+        """Time change of one unit at a level, linear between measured levels (clamped at the ends).
+
+        Raises KeyError naming the unit when the table has no entry for it.
+        """
+        if level <= 0.0:
+            return 0.0
+        if unit not in self.deltas:
+            raise KeyError(f"the latency table has no entry for unit {unit!r}")
+        points = sorted({0.0: 0.0, **self.deltas[unit]}.items())
+        if level >= points[-1][0]:
+            return points[-1][1]
+        for (a, da), (b, db) in zip(points, points[1:]):
+            if a <= level <= b:
+                return da + (db - da) * (level - a) / (b - a)
+        return points[-1][1]
+
+    def estimate(self, decision: dict[str, float]) -> float:
+        """Estimated forward seconds of the base pruned by a decision: base + the sum of per-unit changes."""
+        return self.base_seconds + sum(self.delta(u, level) for u, level in decision.items() if level > 0)
+
+    def to_json(self) -> str:
+        deltas = {u: [[level, d] for level, d in sorted(v.items())] for u, v in self.deltas.items()}
+        return json.dumps(
+            {"version": TABLE_VERSION, "key": self.key, "base_seconds": self.base_seconds, "deltas": deltas,
+             "meta": self.meta},
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "LatencyTable":
+        """Rebuild a table written by to_json(). Raises ValueError for anything else."""
+        try:
+            data = json.loads(text)
+            if data.get("version") != TABLE_VERSION:
+                raise ValueError(f"version {data.get('version')!r}, expected {TABLE_VERSION}")
+            deltas = {
+                str(u): {float(level): float(d) for level, d in items} for u, items in data["deltas"].items()
+            }
+            return cls(str(data["key"]), float(data["base_seconds"]), deltas, dict(data.get("meta", {})))
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise ValueError(f"not a tdcdiff latency table ({err})") from None
+
+
+def measure_table(
+    base: nn.Module,
+    variants: dict[str, dict[float, Callable[[], nn.Module]]],
+    sample_shape: Sequence[int],
+    batch: int,
+    *,
+    cache_dir: str | Path | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> LatencyTable:
+    """The latency table of a base model, from the cache when there, measuring only what is missing.
+
+    base: the unpruned model. variants: unit -> {level: a function building the base pruned at that one unit
+        and level}; levels already in the cached table are not built. sample_shape: (C, H, W); batch: samples
+        per forward. cache_dir: where tables live (None: default_cache_dir()); the file is
+        <cache_key>.json, written atomically. repeats, warmup: as for compare(); each unit's levels are timed
+        side by side with the base, the change is (median ratio - 1) x base time.
+    progress: called with a line per unit measured.
+    """
+    from .serialization import atomic_write_text
+
+    device = device_of(base)
+    key = cache_key(base, sample_shape, batch, device)
+    path = Path(cache_dir or default_cache_dir()) / f"{key}.json"
+    table, changed = None, False
+    if path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            table = LatencyTable.from_json(path.read_text())
+    if table is None or table.key != key:
+        changed = True
+        table = LatencyTable(
+            key, forward_seconds(base, sample_shape, batch, repeats=repeats, warmup=warmup),
+            meta={"device": device_name(device), "batch": batch, "torch": torch.__version__,
+                  "sample_shape": list(sample_shape)},
+        )
+    for unit, levels in variants.items():
+        missing = [level for level in sorted(levels) if level > 0 and level not in table.deltas.get(unit, {})]
+        if not missing:
+            continue
+        ratios = time_ratios([base, *(levels[level]() for level in missing)], sample_shape, batch,
+                             repeats=repeats, warmup=warmup)
+        table.deltas.setdefault(unit, {}).update(
+            {level: (r - 1.0) * table.base_seconds for level, r in zip(missing, ratios[1:])}
+        )
+        changed = True
+        if progress:
+            progress(f"latency table: {unit} at {len(missing)} levels")
+    if changed:
+        atomic_write_text(path, table.to_json())
+    return table

@@ -1,0 +1,110 @@
+"""Latency measurement: cache keys, table round-trip and estimate, the measuring functions (never timing values)."""
+
+import pytest
+import torch
+
+from tdcdiff.latency import (
+    LatencyTable,
+    cache_key,
+    compare,
+    device_name,
+    forward_seconds,
+    measure_table,
+    time_ratios,
+)
+from tdcdiff.models import build_unet
+
+DIGITS = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def unets():
+    torch.manual_seed(0)
+    return build_unet("digits-8").eval(), build_unet("digits-8", attention=True).eval()
+
+
+def test_cache_key_names_architecture_batch_and_device(unets):
+    plain, attention = unets
+    key = cache_key(plain, DIGITS, 64, "cpu")
+    assert key == cache_key(build_unet("digits-8"), DIGITS, 64, "cpu")  # weights do not matter, shapes do
+    assert key != cache_key(attention, DIGITS, 64, "cpu")
+    assert key != cache_key(plain, DIGITS, 1, "cpu")
+    assert key != cache_key(plain, (1, 16, 16), 64, "cpu")
+    assert "-b64-" in key and device_name("cpu").startswith("cpu:")
+
+
+def test_table_round_trip_and_additive_estimate():
+    table = LatencyTable("k", 10.0, {"a": {0.5: -2.0, 1.0: -4.0}, "b": {1.0: -3.0}}, {"batch": 64})
+    again = LatencyTable.from_json(table.to_json())
+    assert again == table
+    assert again.estimate({}) == 10.0
+    assert again.estimate({"a": 0.5, "b": 1.0}) == pytest.approx(10.0 - 2.0 - 3.0)
+    assert again.estimate({"a": 0.25}) == pytest.approx(9.0)  # linear from the implicit 0 at level 0
+    assert again.estimate({"a": 0.75, "b": 0.0}) == pytest.approx(7.0)
+    with pytest.raises(KeyError, match="'c'"):
+        again.estimate({"c": 0.5})
+    with pytest.raises(ValueError, match="not a tdcdiff latency table"):
+        LatencyTable.from_json('{"version": 99}')
+
+
+def test_measuring_returns_positive_times_in_model_order(unets):
+    plain, attention = unets
+    times = compare([plain, attention], DIGITS, 2, repeats=3, warmup=1, min_seconds=0.0)
+    assert [len(t) for t in times] == [3, 3] and all(s > 0 for t in times for s in t)
+    assert forward_seconds(plain, DIGITS, 1, repeats=1, warmup=0) > 0
+    ratios = time_ratios([plain, attention], DIGITS, 1, repeats=2, warmup=0, min_seconds=0.0)
+    assert ratios[0] == 1.0 and ratios[1] > 0
+    with pytest.raises(ValueError, match="at least one model"):
+        compare([], DIGITS, 1)
+
+
+def test_measure_table_caches_and_measures_only_missing_levels(unets, tmp_path):
+    plain, _ = unets
+    built = []
+
+    def variant(name):
+        def build():
+            built.append(name)
+            return build_unet("digits-8").eval()
+
+        return build
+
+    table = measure_table(plain, {"u": {0.5: variant("u0.5")}}, DIGITS, 1, cache_dir=tmp_path, repeats=1, warmup=0)
+    files = list(tmp_path.glob("*.json"))
+    assert [f.name for f in files] == [f"{table.key}.json"] and table.base_seconds > 0
+    again = measure_table(
+        plain, {"u": {0.5: variant("again"), 1.0: variant("u1")}}, DIGITS, 1, cache_dir=tmp_path, repeats=1, warmup=0
+    )
+    assert built == ["u0.5", "u1"]
+    assert set(again.deltas["u"]) == {0.5, 1.0} and again.base_seconds == table.base_seconds
+    assert LatencyTable.from_json(files[0].read_text()) == again
+
+
+def test_run_prunes_to_time_budgets_and_records_flops_and_time(tmp_path, monkeypatch):
+    """--budget-unit time: budgets are fractions of the base's time from the cached latency table; every expert
+    records its FLOPs and its directly measured time; a changed unit is refused. (No timing value is asserted.)"""
+    from conftest import tiny_config
+
+    from tdcdiff.prune.depth import removed_units
+    from tdcdiff.run import Run
+    from tdcdiff.serialization import load_model
+
+    monkeypatch.setenv("TDCDIFF_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(budget_unit="time", latency_batch=4)
+    config.search.depth = True
+    run = Run(tmp_path / "run", config, progress=False)
+    run.train_base()
+    summaries = run.prune()
+    assert len(list((tmp_path / "cache" / "latency").glob("*.json"))) == 1
+    table = run.latency_table(run.base_model())
+    assert set(table.deltas) >= {"mid_block.resnets.0", "mid_block.resnets.1", "down_blocks.0"}
+    plan = run.plan()
+    for s, fraction in zip(summaries, plan.fractions):
+        assert s["budget_unit"] == "time" and s["budget"] == pytest.approx(fraction * table.base_seconds)
+        assert abs(s["estimated_time_ratio"] / fraction - 1) <= config.search.tolerance
+        assert s["time_ratio"] > 0 and 0 < s["flops_ratio"] <= 1 and s["latency_batch"] == 4
+        model = load_model(run.dir / "prune" / f"group_{s['group']}")
+        assert removed_units(model) == [u for u, v in s["decision"].items() if ".resnets." in u and v]
+    config.budget_unit = "flops"
+    with pytest.raises(ValueError, match="setting 'budget_unit' differs .*'time' -> 'flops'.* stage 'prune' has already run"):
+        Run(tmp_path / "run", config, progress=False).prune()
