@@ -399,3 +399,10 @@ def test_conditioning_of_a_conditional_bundle_is_checked(tmp_path):
     with pytest.raises(BundleError, match=r"'conditioning' must be null or \{\"num_class_embeds\": 11, \"num_classes\": null "
                                           r"or 1..11, \"null_class\": null or 0..10\} .*got .*'null_class': 'x'"):
         load_bundle(path)
+
+
+def test_sampling_more_images_than_memory_holds_is_one_line(good, tmp_path):
+    result = CliRunner().invoke(app, ["sample", "--bundle", str(good[0]), "--num", str(10**12), "--quiet",
+                                      "--output", str(tmp_path / "s.png")])
+    assert result.exit_code == 2, result.output
+    assert result.output == f"error: not enough memory to sample --num {10**12} images in one batch; lower --num\n"

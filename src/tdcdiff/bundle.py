@@ -244,8 +244,8 @@ def _check_input(expert: nn.Module, i: int, shape: list, where: str) -> None:
     config = getattr(model, "config", None)
     size = config.get("sample_size") if isinstance(config, dict) else None
     if size is not None:
-        size = [size, size] if _is_count(size, 1) else size
-        if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_count(s, 1) for s in size):
+        size = [size, size] if is_count(size, 1) else size
+        if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(is_count(s, 1) for s in size):
             raise BundleError(f"{where}expert {i}'s config has sample_size {config.get('sample_size')!r}; it must be "
                               f"a positive integer or [height, width]: {REEXPORT}")
         size = list(size)
@@ -371,9 +371,9 @@ def _check_conditioning(conditioning: object, classes: int | None, where: Path) 
                           f"embedding; set it to null or {REEXPORT}")
     ok = (isinstance(conditioning, dict) and set(conditioning) <= {"num_class_embeds", "num_classes", "null_class"}
           and conditioning.get("num_class_embeds") == classes
-          and (conditioning.get("num_classes") is None or _is_count(conditioning["num_classes"], 1)
+          and (conditioning.get("num_classes") is None or is_count(conditioning["num_classes"], 1)
                and conditioning["num_classes"] <= classes)
-          and (conditioning.get("null_class") is None or _is_count(conditioning["null_class"])
+          and (conditioning.get("null_class") is None or is_count(conditioning["null_class"])
                and conditioning["null_class"] < classes))
     if not ok:
         raise BundleError(f"{where}: 'conditioning' must be null or {{\"num_class_embeds\": {classes}, \"num_classes\": "
