@@ -52,6 +52,8 @@ CLI_CASES = [
     ("negative seed when sampling", ["sample", "--bundle", "/no/such/bundle", "--seed", "-1"], "--seed must be between 0 and"),
     ("sample output is a directory", ["sample", "--bundle", "/no/such/bundle", "--output", "/"], "--output / is a directory, not a file"),
     ("one image in the report", ["report", "--num", "1"], "--num must be >= 2, got 1"),
+    ("sample output not a PNG", ["sample", "--output", "samples.jpg"],
+     r"--output samples.jpg: sample grids are written as PNG; give a path ending in .png"),
 ]
 
 

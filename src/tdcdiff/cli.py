@@ -310,6 +310,8 @@ def sample_command(
         # A bundle's default is never inside the bundle: its manifest lists every file.
         output = output or (Path("samples.png") if bundle is not None else out / "samples" / "base.png")
         _check_writable(output, "--output", directory=False)
+        if output.suffix.lower() != ".png":  # save_grid writes PNG: o.jpg would be a PNG under another name
+            raise ValueError(f"--output {output}: sample grids are written as PNG; give a path ending in .png")
         if bundle is not None:
             from .bundle import load_bundle
 
