@@ -206,7 +206,8 @@ def set_groups(edges):
     (set_groups([0, 200, 400, 600, 800, 1000]), r"'grouping' has 5 groups but 'files' lists the expert directories \['expert_0', 'expert_1'\]"),
     (lambda m: m.update(expert_flops=[10]), r"'expert_flops' must hold one FLOPs count .* per group, 2 in all, got \[10\]"),
     (lambda m: m.update(expert_flops=[10, -1]), "'expert_flops' must hold one FLOPs count"),
-    (lambda m: m.update(budgets=[1]), "'budgets' must be null or one number per group"),
+    (lambda m: m.update(budgets=[1]), "'budgets' must be null or one finite number >= 0 per group"),
+    (lambda m: m.update(budgets=[float("nan"), 1.0]), r"'budgets' must be null or one finite number >= 0 per group, 2 in all, got \[nan"),
     (lambda m: m.update(sample_shape=[1, 8]), r"'sample_shape' must be \[channels, height, width\], 3 positive integers"),
     (lambda m: m.update(sample_shape=[1, 8, 0]), "'sample_shape' must be"),
     (lambda m: m.update(sample_shape=[1, 16, 16]), r"'sample_shape' is \[1, 16, 16\] but expert 0 was built for 8x8 inputs .*set 'sample_shape' to \[1, 8, 8\]"),
@@ -406,3 +407,12 @@ def test_sampling_more_images_than_memory_holds_is_one_line(good, tmp_path):
                                       "--output", str(tmp_path / "s.png")])
     assert result.exit_code == 2, result.output
     assert result.output == f"error: not enough memory to sample --num {10**12} images in one batch; lower --num\n"
+
+
+def test_weights_missing_a_tensor_the_config_adds_is_one_line(bundle):
+    edit_architecture(bundle, 0, lambda a: a["config"].update(num_class_embeds=10))
+    with pytest.raises(BundleError, match=r"model.safetensors does not fit the architecture in .*architecture.json: "
+                                          r"Error\(s\) in loading state_dict for UNet2DModel: Missing key\(s\) in "
+                                          r"state_dict: \"class_embedding.weight\"") as caught:
+        load_bundle(bundle)
+    assert "\n" not in str(caught.value)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,8 +172,10 @@ def _check_manifest(manifest: object, where: Path) -> Grouping:
         fail(f"'base_flops' must be an integer >= 0, got {manifest['base_flops']!r}; {REEXPORT}")
     budgets = manifest.get("budgets")
     if budgets is not None and (not isinstance(budgets, list) or len(budgets) != n
-                                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in budgets)):
-        fail(f"'budgets' must be null or one number per group, {n} in all, got {str(budgets)[:120]}; {REEXPORT}")
+                                or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                           and math.isfinite(b) and b >= 0 for b in budgets)):
+        fail(f"'budgets' must be null or one finite number >= 0 per group, {n} in all, got {str(budgets)[:120]}; "
+             f"{REEXPORT}")
     training = manifest["expert_training"]
     if (not isinstance(training, list) or len(training) != n
             or not all(isinstance(t, dict) and t.get("prediction_type") in PREDICTION_TYPES for t in training)):
