@@ -206,7 +206,8 @@ def set_groups(edges):
     (set_groups([0, 200, 400, 600, 800, 1000]), r"'grouping' has 5 groups but 'files' lists the expert directories \['expert_0', 'expert_1'\]"),
     (lambda m: m.update(expert_flops=[10]), r"'expert_flops' must hold one FLOPs count .* per group, 2 in all, got \[10\]"),
     (lambda m: m.update(expert_flops=[10, -1]), "'expert_flops' must hold one FLOPs count"),
-    (lambda m: m.update(budgets=[1]), "'budgets' must be null or one number per group"),
+    (lambda m: m.update(budgets=[1]), "'budgets' must be null or one finite number >= 0 per group"),
+    (lambda m: m.update(budgets=[float("nan"), 1.0]), r"'budgets' must be null or one finite number >= 0 per group, 2 in all, got \[nan"),
     (lambda m: m.update(sample_shape=[1, 8]), r"'sample_shape' must be \[channels, height, width\], 3 positive integers"),
     (lambda m: m.update(sample_shape=[1, 8, 0]), "'sample_shape' must be"),
     (lambda m: m.update(sample_shape=[1, 16, 16]), r"'sample_shape' is \[1, 16, 16\] but expert 0 was built for 8x8 inputs .*set 'sample_shape' to \[1, 8, 8\]"),
@@ -226,6 +227,10 @@ def set_groups(edges):
      r"'scheduler' settings \['beta_schedule'\] do not survive rebuilding DDPMScheduler"),
     (lambda m: m["scheduler"].update(num_train_timesteps=500), "scheduler T=500 but groups cover T=1000"),
     (lambda m: m.update(format="tdcdiff-bundle/1"), "has format 'tdcdiff-bundle/1', this tdcdiff reads 'tdcdiff-bundle/2'; re-export"),
+    (lambda m: m["scheduler"].update(trained_betas=[0.01] * 10, _use_default_values=[]),
+     r"'scheduler' has 10 noise levels \('trained_betas'\) for num_train_timesteps=1000; give one beta per timestep"),
+    (lambda m: m.update(conditioning=[1, 2]), r"'conditioning' is \[1, 2\] but the experts have no class embedding; set it to null"),
+    (lambda m: m.update(conditioning={"null_class": 5, "num_classes": 3}), "'conditioning' is .* but the experts have no class"),
 ])
 def test_an_inconsistent_manifest_is_refused_naming_the_key(bundle, change, message):
     edit_manifest(bundle, change)
@@ -347,3 +352,67 @@ def test_classes_that_cannot_be_imported_are_refused_at_save_time(tmp_path):
                                          r"that name; define the class at the top level of module test_bundle_security"):
         write_bundle(tmp_path / "bundle", [LocalNet().eval()])
     assert not (tmp_path / "bundle").exists()
+
+
+# -- an architecture that does not fit its weights fails on load, not in the middle of sampling -------------------
+def edit_weights(bundle, i, change):
+    from safetensors.torch import load_file, save_file
+
+    name = f"expert_{i}/model.safetensors"
+    state = load_file(str(bundle / name))
+    change(state)
+    save_file(state, str(bundle / name))
+    data = (bundle / name).read_bytes()
+    edit_architecture(bundle, i, lambda a: a["weights"].update(entry(data)))
+    edit_manifest(bundle, lambda m: m["files"].__setitem__(name, entry(data)))
+
+
+@pytest.mark.parametrize("change, message", [
+    # a config 32x wider than its weights: every tensor resized to the weights', but the time embedding is not
+    (lambda b: edit_architecture(b, 0, lambda a: a["config"].update(block_out_channels=[64, 128])),
+     r"cannot load expert 0 of bundle .*: it fails on a \[1, 8, 8\] input at t=0 \(RuntimeError: mat1 and mat2 .*"
+     r"its architecture.json and weights do not fit together"),
+    (lambda b: edit_weights(b, 1, lambda s: s.__setitem__("conv_in.weight", torch.zeros(32, 1, 3, 30))),
+     r"cannot load expert 1 of bundle .*: it fails on a \[1, 8, 8\] input at t=500 \(RuntimeError"),
+    (lambda b: edit_weights(b, 0, lambda s: s["conv_in.bias"].fill_(float("nan"))),
+     r"cannot load expert 0 of bundle .*: its weights hold NaN/inf \(in model.conv_in.bias\)"),
+    (lambda b: edit_architecture(b, 0, lambda a: a["config"].update(sample_size="8")),
+     r"expert 0's config has sample_size '8'; it must be a positive integer or \[height, width\]"),
+])
+def test_an_architecture_that_does_not_fit_its_weights_fails_on_load(bundle, tmp_path, change, message):
+    change(bundle)
+    with pytest.raises(BundleError, match=message) as caught:
+        load_bundle(bundle)
+    assert "\n" not in str(caught.value)
+    result = CliRunner().invoke(app, ["sample", "--bundle", str(bundle), "--num", "2", "--steps", "2", "--quiet",
+                                      "--output", str(tmp_path / "s.png")])
+    assert result.exit_code == 2 and "error: " in result.output and not (tmp_path / "s.png").exists()
+
+
+def test_conditioning_of_a_conditional_bundle_is_checked(tmp_path):
+    torch.manual_seed(0)
+    config = {k: v for k, v in build_unet("digits-8").config.items() if not k.startswith("_")}
+    expert = UNet2DModel.from_config({**config, "num_class_embeds": 11}).eval()
+    good = {"num_class_embeds": 11, "num_classes": 10, "null_class": 10}
+    assert load_bundle(write_bundle(tmp_path / "ok", [expert], conditioning=good)).null_class == 10
+    path = write_bundle(tmp_path / "bad", [expert], conditioning=good)
+    edit_manifest(path, lambda m: m["conditioning"].update(null_class="x"))
+    with pytest.raises(BundleError, match=r"'conditioning' must be null or \{\"num_class_embeds\": 11, \"num_classes\": null "
+                                          r"or 1..11, \"null_class\": null or 0..10\} .*got .*'null_class': 'x'"):
+        load_bundle(path)
+
+
+def test_sampling_more_images_than_memory_holds_is_one_line(good, tmp_path):
+    result = CliRunner().invoke(app, ["sample", "--bundle", str(good[0]), "--num", str(10**12), "--quiet",
+                                      "--output", str(tmp_path / "s.png")])
+    assert result.exit_code == 2, result.output
+    assert result.output == f"error: not enough memory to sample --num {10**12} images in one batch; lower --num\n"
+
+
+def test_weights_missing_a_tensor_the_config_adds_is_one_line(bundle):
+    edit_architecture(bundle, 0, lambda a: a["config"].update(num_class_embeds=10))
+    with pytest.raises(BundleError, match=r"model.safetensors does not fit the architecture in .*architecture.json: "
+                                          r"Error\(s\) in loading state_dict for UNet2DModel: Missing key\(s\) in "
+                                          r"state_dict: \"class_embedding.weight\"") as caught:
+        load_bundle(bundle)
+    assert "\n" not in str(caught.value)

@@ -52,6 +52,8 @@ CLI_CASES = [
     ("negative seed when sampling", ["sample", "--bundle", "/no/such/bundle", "--seed", "-1"], "--seed must be between 0 and"),
     ("sample output is a directory", ["sample", "--bundle", "/no/such/bundle", "--output", "/"], "--output / is a directory, not a file"),
     ("one image in the report", ["report", "--num", "1"], "--num must be >= 2, got 1"),
+    ("sample output not a PNG", ["sample", "--output", "samples.jpg"],
+     r"--output samples.jpg: sample grids are written as PNG; give a path ending in .png"),
 ]
 
 
@@ -75,6 +77,10 @@ CONFIG_CASES = [
     ("null for a number", "k: null\n", ".yaml", "setting 'k' must be a number, got null"),
     ("bool for a number", "k: true\n", ".yaml", "setting 'k' must be a number, got True"),
     ("fraction for the seed", "seed: 1.5\n", ".yaml", "setting 'seed' must be an integer, got 1.5"),
+    ("repeated key", "groups: 2\ngroups: 3\n", ".yaml",
+     r"config file .*config.yaml is not valid YAML \(key\(s\) \['groups'\] appear more than once in one mapping; keep one"),
+    ("repeated section", "base: {steps: 3}\nbase: {lr: 0.1}\n", ".yaml", r"key\(s\) \['base'\] appear more than once"),
+    ("repeated JSON key", '{"k": 0.3, "k": 0.5}', ".json", r"is not valid JSON \(key\(s\) \['k'\] appear more than once"),
     ("number for a section", "base: 5\n", ".yaml", r"config section 'base' must be a mapping of settings \(batch_size, .*\), got 5"),
     ("key inside a plain setting", "k:\n  x: 1\n", ".yaml", "unknown setting 'k.x': 'k' is a single setting, not a section"),
     ("text for a bool", "search:\n  memory: 'yes'\n", ".yaml", "setting 'search.memory' must be true or false, got 'yes'"),
@@ -219,6 +225,25 @@ def test_image_files_the_run_cannot_train_on(tmp_path, count, size, message):
             Image.new("L", (size, size), color=40 * i).save(image)
             archive.write(image, image.name)
     result = CliRunner().invoke(app, ["run", "--data", str(tmp_path / "imgs.zip"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and re.search(message, result.output), result.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("folders, size, message", [
+    (("",), (8, 8), r"data set '.*imgs' has 0 labelled images, but the report's FID feature net is a classifier "
+                    r"trained on the data's labels and needs at least 20: give labelled data .*or stop before the report"),
+    (("a", "b"), (8, 8), "has 12 labelled images, but the report's FID feature net .* needs at least 20"),
+    (("a",), (12, 8), r"has 12x8 images, but the report's FID feature net takes square ones; resize them with "
+                      r"--image-size \(image_size\), e.g. --image-size 8"),
+])
+def test_data_the_report_cannot_measure_fails_before_training(tmp_path, folders, size, message):
+    from PIL import Image
+
+    for folder in folders:
+        (tmp_path / "imgs" / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(6):
+            Image.new("L", size, color=40 * i).save(tmp_path / "imgs" / folder / f"{i}.png")
+    result = CliRunner().invoke(app, ["run", "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and re.search(message, result.output), result.output
     assert not (tmp_path / "run").exists()
 

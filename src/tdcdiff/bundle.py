@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch import nn
 
 from .grouping import Grouping
 from .latent import VAE_CLASSES
-from .models import Denoiser
+from .models import Denoiser, num_class_embeds
 from .router import Router
 from .schedule import PREDICTION_TYPES
 from .serialization import (
@@ -188,8 +189,10 @@ def _check_manifest(manifest: object, where: Path) -> Grouping:
         fail(f"'base_flops' must be an integer >= 0, got {manifest['base_flops']!r}; {REEXPORT}")
     budgets = manifest.get("budgets")
     if budgets is not None and (not isinstance(budgets, list) or len(budgets) != n
-                                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in budgets)):
-        fail(f"'budgets' must be null or one number per group, {n} in all, got {str(budgets)[:120]}; {REEXPORT}")
+                                or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                           and math.isfinite(b) and b >= 0 for b in budgets)):
+        fail(f"'budgets' must be null or one finite number >= 0 per group, {n} in all, got {str(budgets)[:120]}; "
+             f"{REEXPORT}")
     training = manifest["expert_training"]
     if (not isinstance(training, list) or len(training) != n
             or not all(isinstance(t, dict) and t.get("prediction_type") in PREDICTION_TYPES for t in training)):
@@ -228,6 +231,10 @@ def _build_scheduler(config: dict, where: Path):
         raise BundleError(f"{where}: 'scheduler' settings {changed} do not survive rebuilding {name} (overridden "
                           f"by '_use_default_values' or missing); {REEXPORT}")
     alphas = getattr(scheduler, "alphas_cumprod", None)
+    if isinstance(alphas, torch.Tensor) and len(alphas) != scheduler.config.num_train_timesteps:
+        raise BundleError(f"{where}: 'scheduler' has {len(alphas)} noise levels ('trained_betas') for "
+                          f"num_train_timesteps={scheduler.config.num_train_timesteps}; give one beta per timestep "
+                          f"or {REEXPORT}")
     if (not isinstance(alphas, torch.Tensor) or not bool(torch.isfinite(alphas).all())
             or not bool(((alphas > 0) & (alphas <= 1)).all()) or bool((alphas[1:] > alphas[:-1]).any())):
         raise BundleError(f"{where}: 'scheduler' gives noise levels (alphas_cumprod) that are not finite and "
@@ -257,7 +264,11 @@ def _check_input(expert: nn.Module, i: int, shape: list, where: str) -> None:
     config = getattr(model, "config", None)
     size = config.get("sample_size") if isinstance(config, dict) else None
     if size is not None:
-        size = [size, size] if isinstance(size, int) else list(size)
+        size = [size, size] if is_count(size, 1) else size
+        if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(is_count(s, 1) for s in size):
+            raise BundleError(f"{where}expert {i}'s config has sample_size {config.get('sample_size')!r}; it must be "
+                              f"a positive integer or [height, width]: {REEXPORT}")
+        size = list(size)
         if size != shape[1:]:
             raise BundleError(f"{where}'sample_shape' is {shape} but expert {i} was built for {size[0]}x{size[1]} "
                               f"inputs (its config's sample_size); set 'sample_shape' to [{shape[0]}, {size[0]}, {size[1]}]")
@@ -367,6 +378,8 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu") -> Bund
         _check_input(expert, i, manifest["sample_shape"], f"{where}: ")
         experts.append(expert)
     router = Router(experts, grouping, manifest["expert_flops"]).to(device).eval()
+    _check_conditioning(manifest.get("conditioning"), num_class_embeds(router), where)
+    _probe(router, grouping, manifest["sample_shape"], path)
     vae = _load_vae(path, manifest, located) if manifest.get("latent") is not None else None
     return Bundle(router, scheduler, manifest, vae.to(device) if vae is not None else None)
 
@@ -389,6 +402,53 @@ def _load_vae(path: Path, manifest: dict, located: dict[str, Path]) -> nn.Module
         return build_model(description, data, path / name, path / weights)
     except (ValueError, RuntimeError, OSError) as err:
         raise BundleError(f"cannot load the VAE of bundle {path}: {err}; {REEXPORT}") from None
+
+
+def _check_conditioning(conditioning: object, classes: int | None, where: Path) -> None:
+    """'conditioning' must be null for unconditional experts and, for class-conditional ones, null or
+    {num_class_embeds: the experts' count, num_classes: null or 1..that, null_class: null or 0..that - 1}."""
+    if conditioning is None:
+        return
+    if classes is None:
+        raise BundleError(f"{where}: 'conditioning' is {str(conditioning)[:80]} but the experts have no class "
+                          f"embedding; set it to null or {REEXPORT}")
+    ok = (isinstance(conditioning, dict) and set(conditioning) <= {"num_class_embeds", "num_classes", "null_class"}
+          and conditioning.get("num_class_embeds") == classes
+          and (conditioning.get("num_classes") is None or is_count(conditioning["num_classes"], 1)
+               and conditioning["num_classes"] <= classes)
+          and (conditioning.get("null_class") is None or is_count(conditioning["null_class"])
+               and conditioning["null_class"] < classes))
+    if not ok:
+        raise BundleError(f"{where}: 'conditioning' must be null or {{\"num_class_embeds\": {classes}, \"num_classes\": "
+                          f"null or 1..{classes}, \"null_class\": null or 0..{classes - 1}}} (the experts embed "
+                          f"{classes} class ids), got {str(conditioning)[:120]}; {REEXPORT}")
+
+
+@torch.no_grad()
+def _probe(router: Router, grouping: Grouping, shape: list, path: Path) -> None:
+    """One denoising call per expert, at batch 1 and its group's first timestep: weights and architecture
+    that do not fit together (a config the weights were not made for, mixed dtypes, non-finite weights)
+    fail here, on load, not in the middle of sampling."""
+    for i, (expert, group) in enumerate(zip(router.experts, grouping.groups)):
+        bad = [name for name, p in expert.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise BundleError(f"cannot load expert {i} of bundle {path}: its weights hold NaN/inf (in "
+                              f"{', '.join(bad[:3])}); {REEXPORT}")
+        if len({p.dtype for p in expert.parameters() if p.is_floating_point()}) > 1:
+            continue  # mixed precision is kept as saved; such a model runs only under autocast (--precision bf16)
+        param = next(expert.parameters(), None)
+        x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
+        x = x.to(param.device) if param is not None else x
+        t = torch.full((1,), group.start, dtype=torch.long, device=x.device)
+        try:
+            out = expert(x, t, None, with_variance=True)
+        except Exception as err:  # whatever the rebuilt model raises on an input of the bundle's own shape
+            raise BundleError(f"cannot load expert {i} of bundle {path}: it fails on a {shape} input at t={group.start} "
+                              f"({type(err).__name__}: {str(err)[:200]}); its architecture.json and weights do not "
+                              f"fit together: {REEXPORT}") from None
+        if not bool(torch.isfinite(out).all()):
+            raise BundleError(f"cannot load expert {i} of bundle {path}: its output at t={group.start} is not finite; "
+                              f"{REEXPORT}")
 
 
 def _read_checked(file: Path, entry: dict, shown: Path) -> bytes:

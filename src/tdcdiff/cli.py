@@ -310,6 +310,8 @@ def sample_command(
         # A bundle's default is never inside the bundle: its manifest lists every file.
         output = output or (Path("samples.png") if bundle is not None else out / "samples" / "base.png")
         _check_writable(output, "--output", directory=False)
+        if output.suffix.lower() != ".png":  # save_grid writes PNG: o.jpg would be a PNG under another name
+            raise ValueError(f"--output {output}: sample grids are written as PNG; give a path ending in .png")
         if bundle is not None:
             from .bundle import load_bundle
 
@@ -334,6 +336,10 @@ def sample_command(
         path = save_grid(result.images, output)
     except _USER_ERRORS as err:
         _fail(err)
+    except (MemoryError, RuntimeError) as err:  # torch on a CPU: RuntimeError "... can't allocate memory ..."
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        _fail(f"not enough memory to sample --num {num_samples} images in one batch; lower --num")
     flops = f", {model.trajectory_flops(result.timesteps) / 1e6:.1f} MFLOPs per image" if bundle is not None else ""
     typer.echo(f"samples: {path} ({len(result.images)} images, {result.sampler} {result.steps} steps "
                f"({result.timestep_spacing} spacing), seed {result.seed}{flops}; {len(result.images) / seconds:.1f} "

@@ -72,6 +72,28 @@ def _cache_key(images, labels, seed, epochs, num_features) -> str:
     return h.hexdigest()[:12]
 
 
+MIN_LABELLED = 20
+
+
+def check_reference(images: torch.Tensor, labels: torch.Tensor | None, name: str) -> None:
+    """Raise ValueError, naming the fix, unless feature_net_for can train its classifier on this data:
+    square NCHW images, one label each (-1 = unlabeled), at least MIN_LABELLED labelled."""
+    if images.ndim == 4 and images.shape[2] != images.shape[3]:
+        raise ValueError(f"data set {name!r} has {images.shape[3]}x{images.shape[2]} images, but the report's FID "
+                         f"feature net takes square ones; resize them with --image-size (image_size), e.g. "
+                         f"--image-size {min(images.shape[2:])}")
+    if images.ndim != 4 or labels is None or len(labels) != len(images):
+        raise ValueError(f"expected square NCHW images with one label each, got images "
+                         f"{tuple(images.shape)} and labels {None if labels is None else tuple(labels.shape)}")
+    labelled = int((labels >= 0).sum())
+    if labelled < MIN_LABELLED:
+        raise ValueError(f"data set {name!r} has {labelled} labelled images, but the report's FID feature net is a "
+                         f"classifier trained on the data's labels and needs at least {MIN_LABELLED}: give labelled "
+                         "data (one subfolder per class, or IDX labels), or stop before the report (tdcdiff "
+                         "train-base, plan, prune, finetune, bundle, sample); in Python, "
+                         "metrics.inception_feature_extractor(weights file) replaces the classifier")
+
+
 def feature_net_for(images: torch.Tensor, labels: torch.Tensor, *, cache_dir, name: str, seed: int = 0,
                     epochs: int = 10, num_features: int = 64) -> FeatureNet:
     """Train (or load from cache) the FID feature classifier for one labelled data set.
@@ -81,14 +103,8 @@ def feature_net_for(images: torch.Tensor, labels: torch.Tensor, *, cache_dir, na
     descriptions; seed: fixes init, split and shuffling; epochs: passes over the 90% training split;
     num_features: feature width. The returned net has `.info` (the cached dict plus `from_cache`).
     """
-    if images.ndim != 4 or images.shape[2] != images.shape[3] or len(labels) != len(images):
-        raise ValueError(f"expected square NCHW images with one label each, got images "
-                         f"{tuple(images.shape)} and labels {tuple(labels.shape)}")
+    check_reference(images, labels, name)
     keep = labels >= 0
-    if int(keep.sum()) < 20:
-        raise ValueError(f"data set {name!r} has {int(keep.sum())} labelled images; the default FID feature "
-                         "net needs a labelled reference set (or pass a standard Inception weights file "
-                         "to inception_feature_extractor)")
     x, y = images[keep].float(), labels[keep].long()
     entry = Path(cache_dir) / f"{name}-{_cache_key(x, y, seed, epochs, num_features)}"
     if (entry / "info.json").is_file() and (entry / "model.safetensors").is_file():

@@ -295,7 +295,21 @@ def load_config_file(path: str | Path) -> dict:
 
     import yaml
 
-    parse = {"YAML": yaml.safe_load, "TOML": tomllib.loads, "JSON": json.loads}[formats[path.suffix]]
+    def unique(pairs):  # YAML and JSON parsers keep the last of repeated keys silently; TOML refuses them
+        keys = [k for k, _ in pairs]
+        twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"key(s) {twice} appear more than once in one mapping; keep one of each")
+        return dict(pairs)
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # own keys only: a `<<` merge may be overridden
+            own = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+            unique([(self.construct_object(k, deep=deep), None) for k in own])
+            return super().construct_mapping(node, deep=deep)
+
+    parse = {"YAML": lambda text: yaml.load(text, Loader=UniqueKeyLoader), "TOML": tomllib.loads,
+             "JSON": lambda text: json.loads(text, object_pairs_hook=unique)}[formats[path.suffix]]
     try:
         data = parse(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError
@@ -638,6 +652,13 @@ class Run:
 
     # -- stages ------------------------------------------------------------------------------
     @_writes
+    def _check_report_data(self) -> None:
+        """Under run_all, fail before training when the report's FID cannot be computed on this data."""
+        if getattr(self, "_report_follows", False):
+            from .metrics import check_reference
+
+            check_reference(self.data.images, self.data.labels, self.data.name)
+
     def train_base(self):
         """Stage 1: one denoiser on all timesteps (or the given trained model, see RunConfig.base_model)."""
         c = self.config
@@ -651,6 +672,7 @@ class Run:
             in_channels=self.data.channels, num_train_timesteps=c.num_train_timesteps,
         )
         train_images, _ = self.split()
+        self._check_report_data()
         self._save_config()  # after the checks above: a refused run leaves nothing behind
         config = replace(c.base, seed=c.seed * 100)  # stage 2 of group i uses c.seed * 100 + i + 1
         return train(model, train_images, self.scheduler, config, self.dir / "base", labels=self.labels(model)[0],
@@ -679,6 +701,7 @@ class Run:
         scheduler = scheduler_from_config(given) if given is not None else self.scheduler
         check_finite(model, train_images, scheduler.alphas_cumprod, train_labels)
         architecture_of(model)  # raises now, not after training, if the model cannot be saved
+        self._check_report_data()
         self._save_config()  # after the checks above: a refused run leaves nothing behind
         if given is not None:  # written only once the model passed: base/ existing marks stage 1 as started
             atomic_write_text(out / SCHEDULER_FILE, json.dumps(given, indent=2))
@@ -884,6 +907,7 @@ class Run:
         """Every stage in order, skipping those already done. Returns where the results are."""
         from .bundle import MANIFEST, load_bundle
 
+        self._report_follows = True  # train_base checks, with its own checks, that the report's FID can run
         self.train_base()
         plan = self.plan()
         self.prune()

@@ -518,7 +518,7 @@ def build_model(description: dict, data: bytes, source: Path, weights_path: Path
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{weights_path} does not fit the architecture in {source}: {err}") from None
+        raise ValueError(f"{weights_path} does not fit the architecture in {source}: {' '.join(str(err).split())}") from None
     return model.eval()
 
 
