@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 from tdcdiff import serialization
 from tdcdiff.bundle import BundleError, load_bundle, save_bundle
 from tdcdiff.cli import app
+from tdcdiff.flops import count_flops
 from tdcdiff.grouping import make_groups
-from tdcdiff.models import build_unet
+from tdcdiff.models import as_denoiser, build_unet
 from tdcdiff.pipeline import SAMPLERS, sample
 from tdcdiff.router import Router
 from tdcdiff.schedule import make_scheduler
@@ -34,10 +35,10 @@ def registry(monkeypatch):
     monkeypatch.setattr(serialization, "_REGISTERED", {})
 
 
-def write_bundle(path, experts, scheduler=None, **kwargs):
+def write_bundle(path, experts, scheduler=None, flops=None, **kwargs):
     scheduler = scheduler or make_scheduler(1000)
     grouping = make_groups("uniform", len(experts), scheduler)
-    flops = [1000 * (i + 1) for i in range(len(experts))]  # any counts: nothing here reads them
+    flops = flops or [count_flops(as_denoiser(e), SHAPE) for e in experts]  # load_bundle counts them again
     return save_bundle(path, experts, grouping, scheduler, sample_shape=SHAPE, expert_flops=flops,
                        base_flops=max(flops), **kwargs)
 
@@ -229,6 +230,8 @@ def set_groups(edges):
     (lambda m: m.update(format="tdcdiff-bundle/1"), "has format 'tdcdiff-bundle/1', this tdcdiff reads 'tdcdiff-bundle/2'; re-export"),
     (lambda m: m["scheduler"].update(trained_betas=[0.01] * 10, _use_default_values=[]),
      r"'scheduler' has 10 noise levels \('trained_betas'\) for num_train_timesteps=1000; give one beta per timestep"),
+    (lambda m: m.update(expert_flops=[1, m["expert_flops"][1]]),
+     r"'expert_flops'\[0\] is 1 but expert 0 costs \d+ FLOPs per forward pass \(counted on load\)"),
     (lambda m: m.update(conditioning=[1, 2]), r"'conditioning' is \[1, 2\] but the experts have no class embedding; set it to null"),
     (lambda m: m.update(conditioning={"null_class": 5, "num_classes": 3}), "'conditioning' is .* but the experts have no class"),
 ])
@@ -294,8 +297,9 @@ def test_half_precision_bundles_load_in_their_dtype(good, tmp_path, dtype):
 def test_mixed_precision_weights_keep_each_dtype(tmp_path):
     torch.manual_seed(0)
     expert = build_unet("digits-8").eval()
+    flops = [count_flops(expert, SHAPE)]  # a mixed-dtype model runs only under autocast
     expert.conv_out.to(torch.float16)
-    loaded = load_bundle(write_bundle(tmp_path / "bundle", [expert])).router.experts[0].model
+    loaded = load_bundle(write_bundle(tmp_path / "bundle", [expert], flops=flops)).router.experts[0].model
     assert loaded.conv_out.weight.dtype == torch.float16 and loaded.conv_in.weight.dtype == torch.float32
     assert torch.equal(loaded.conv_out.weight, expert.conv_out.weight)
 
@@ -376,6 +380,8 @@ def edit_weights(bundle, i, change):
      r"cannot load expert 1 of bundle .*: it fails on a \[1, 8, 8\] input at t=500 \(RuntimeError"),
     (lambda b: edit_weights(b, 0, lambda s: s["conv_in.bias"].fill_(float("nan"))),
      r"cannot load expert 0 of bundle .*: its weights hold NaN/inf \(in model.conv_in.bias\)"),
+    (lambda b: edit_weights(b, 0, lambda s: s.__setitem__("conv_in.bias", s["conv_in.bias"].double())),
+     r"cannot load expert 0 of bundle .*: its weights hold float64 tensors \(in model.conv_in.bias\)"),
     (lambda b: edit_architecture(b, 0, lambda a: a["config"].update(sample_size="8")),
      r"expert 0's config has sample_size '8'; it must be a positive integer or \[height, width\]"),
 ])

@@ -379,7 +379,7 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu") -> Bund
         experts.append(expert)
     router = Router(experts, grouping, manifest["expert_flops"]).to(device).eval()
     _check_conditioning(manifest.get("conditioning"), num_class_embeds(router), where)
-    _probe(router, grouping, manifest["sample_shape"], path)
+    _probe(router, grouping, manifest["sample_shape"], manifest["expert_flops"], path)
     vae = _load_vae(path, manifest, located) if manifest.get("latent") is not None else None
     return Bundle(router, scheduler, manifest, vae.to(device) if vae is not None else None)
 
@@ -425,15 +425,21 @@ def _check_conditioning(conditioning: object, classes: int | None, where: Path) 
 
 
 @torch.no_grad()
-def _probe(router: Router, grouping: Grouping, shape: list, path: Path) -> None:
+def _probe(router: Router, grouping: Grouping, shape: list, expert_flops: list[int], path: Path) -> None:
     """One denoising call per expert, at batch 1 and its group's first timestep: weights and architecture
-    that do not fit together (a config the weights were not made for, mixed dtypes, non-finite weights)
-    fail here, on load, not in the middle of sampling."""
+    that do not fit together (a config the weights were not made for, float64 or non-finite weights, FLOPs
+    other than the manifest states) fail here, on load, not in the middle of sampling."""
+    from .flops import count_flops
+
     for i, (expert, group) in enumerate(zip(router.experts, grouping.groups)):
         bad = [name for name, p in expert.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             raise BundleError(f"cannot load expert {i} of bundle {path}: its weights hold NaN/inf (in "
                               f"{', '.join(bad[:3])}); {REEXPORT}")
+        wide = [name for name, p in expert.named_parameters() if p.dtype == torch.float64]
+        if wide:  # nothing tdcdiff writes is float64, and a float64 tensor in a float32 model fails mid-sampling
+            raise BundleError(f"cannot load expert {i} of bundle {path}: its weights hold float64 tensors (in "
+                              f"{', '.join(wide[:3])}); bundles hold float32, float16 or bfloat16 weights: {REEXPORT}")
         if len({p.dtype for p in expert.parameters() if p.is_floating_point()}) > 1:
             continue  # mixed precision is kept as saved; such a model runs only under autocast (--precision bf16)
         param = next(expert.parameters(), None)
@@ -449,6 +455,10 @@ def _probe(router: Router, grouping: Grouping, shape: list, path: Path) -> None:
         if not bool(torch.isfinite(out).all()):
             raise BundleError(f"cannot load expert {i} of bundle {path}: its output at t={group.start} is not finite; "
                               f"{REEXPORT}")
+        counted = count_flops(expert, tuple(shape), group.start)
+        if abs(counted - expert_flops[i]) > 0.01 * max(counted, 1):  # the manifest's numbers go into every report
+            raise BundleError(f"{path / MANIFEST}: 'expert_flops'[{i}] is {expert_flops[i]} but expert {i} costs "
+                              f"{counted} FLOPs per forward pass (counted on load); {REEXPORT}")
 
 
 def _read_checked(file: Path, entry: dict, shown: Path) -> bytes:
