@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tdcdiff.models import NonFiniteDenoiser, check_finite
+from tdcdiff.models import NonFiniteDenoiser, build_unet, check_finite
 from tdcdiff.pipeline import SAMPLERS, sample
 from tdcdiff.train import TrainConfig, TrainingDiverged, train
 
@@ -225,6 +225,9 @@ def test_class_count_that_does_not_fit_the_model_is_named(tmp_path, digits, sche
     with pytest.raises(ValueError, match="guidance_scale != 1 needs null_class"):
         sample(_conditional_unet(10), scheduler, sample_shape=(1, 8, 8), steps=2, num_images=2, class_labels=1,
                guidance_scale=2.0, progress=False)
+    with pytest.raises(ValueError, match="this model has no class embedding: drop --guidance"):
+        sample(build_unet("digits-8"), scheduler, sample_shape=(1, 8, 8), steps=2, num_images=2, guidance_scale=2.0,
+               progress=False)
 
 
 def log_time_net() -> nn.Module:

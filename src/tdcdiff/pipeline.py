@@ -98,7 +98,8 @@ def _class_labels(model: nn.Module, class_labels, num_images: int, guidance_scal
                 "image; `tdcdiff sample --class N`)"
             )
         if guidance_scale != 1.0:
-            raise ValueError("guidance_scale needs class_labels (and a model trained with label dropout)")
+            raise ValueError("guidance_scale needs class labels and a model trained with label dropout; this model "
+                             "has no class embedding: drop --guidance (guidance_scale)")
         return None
     if classes is None:
         raise ValueError("class_labels were given but the model has no class embedding; drop them")
