@@ -22,7 +22,7 @@ def tiny_unet():
 def one_thread():
     """One intra-op thread for a module of tiny models: as fast, and two threads contend badly on a shared
     2-core machine (20-50x slower forwards measured). Use: pytestmark = pytest.mark.usefixtures("one_thread")."""
-    from tdcdiff.prune.engine import one_thread
+    from tdcdiff.latency import one_thread
 
     with one_thread():
         yield

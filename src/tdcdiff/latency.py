@@ -76,17 +76,20 @@ def default_cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _timing_threads(device: torch.device) -> Iterator[None]:
-    """One intra-op thread on CPU, so thread CPU time is the whole forward's cost."""
-    if device.type == "cuda":
-        yield
-        return
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the block. Timing: thread CPU time is then the whole forward's cost. Pruning and
+    FLOPs trials (thousands of tiny ops): one thread is as fast, and immune to oversubscription (with another
+    process busy on a 2-core machine, two threads were ~20x slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _timing_threads(device: torch.device) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if device.type == "cuda" else one_thread()
 
 
 def _inputs(model: nn.Module, sample_shape: Sequence[int], batch: int) -> tuple[torch.Tensor, torch.Tensor]:

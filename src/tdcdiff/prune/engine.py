@@ -18,7 +18,6 @@ torch-pruning's index mapping through the attention kernel's reshapes, which is 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import sys
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from ..latency import one_thread
 from ..models import Denoiser
 from . import depth
 from .units import (
@@ -61,18 +61,6 @@ class Calibration:
     scheduler: object
     timesteps: torch.Tensor
     seed: int = 0
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Pruning and FLOPs trials are thousands of tiny ops: one intra-op thread is as fast, and immune to
-    oversubscription (with another process busy on a 2-core machine, two threads were ~20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _forward(net: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

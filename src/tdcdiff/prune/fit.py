@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..flops import count_flops
+from ..latency import one_thread
 from ..models import as_denoiser
 from . import depth
-from .engine import Calibration, Plan, check_importance, kept_slots, one_thread, plan_for, prune_kept, reduced_base
+from .engine import Calibration, Plan, check_importance, kept_slots, plan_for, prune_kept, reduced_base
 from .units import MAX_RATIO, Decision, check_decision, network
 
 
