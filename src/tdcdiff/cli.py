@@ -90,6 +90,7 @@ FtSteps = Annotated[Optional[int], typer.Option("--finetune-steps", help="Stage-
 FtLr = Annotated[Optional[float], typer.Option("--finetune-lr", help="Stage-2 peak learning rate.")]
 Mix = Annotated[Optional[float], typer.Option("--mix", help="Fraction of each stage-2 batch drawn from all timesteps (0: group only, as in the paper).")]
 Distill = Annotated[Optional[float], typer.Option("--distill", help="Weight of distillation from the base model in stage 2 (0: none).")]
+FeatureDistill = Annotated[Optional[float], typer.Option("--feature-distill", help="Weight of feature distillation (block outputs, via learned projections) from the base model in stage 2 (0: none).")]
 Sampler = Annotated[Optional[str], typer.Option(help="Sampler: ddpm, ddim, dpm-solver++.")]
 SampleSteps = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps.")]
 NumSamples = Annotated[Optional[int], typer.Option("--num", help="Number of images to sample.")]
@@ -108,7 +109,8 @@ _SETTINGS = {
     "rounds": "search.rounds", "candidates": "search.candidates_per_round", "memory": "search.memory",
     "importance": "search.importance", "budget_unit": "budget_unit", "latency_batch": "latency_batch",
     "depth": "search.depth", "finetune_steps": "finetune.steps", "finetune_lr": "finetune.lr",
-    "mix": "finetune.mix_fraction", "distill": "finetune.distill_weight", "sampler": "sampler",
+    "mix": "finetune.mix_fraction", "distill": "finetune.distill_weight",
+    "feature_distill": "finetune.feature_distill_weight", "sampler": "sampler",
     "sample_steps": "sample_steps", "num_samples": "num_samples", "seed": "seed",
     "batch_size": ("base.batch_size", "finetune.batch_size"), "base": "base_model",
     "base_model_steps": "base_model_steps",
@@ -166,7 +168,7 @@ def run_command(
     base_steps: BaseSteps = None, base_lr: BaseLr = None, batch_size: BatchSize = None, groups: Groups = None,
     grouping: Grouping = None, k: K = None, ordering: Ordering = None, proposer: Proposer = None,
     rounds: Rounds = None, candidates: Candidates = None, memory: Memory = None, importance: Importance = None,
-    budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None, depth: Depth = None, finetune_steps: FtSteps = None, finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None,
+    budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None, depth: Depth = None, finetune_steps: FtSteps = None, finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None, feature_distill: FeatureDistill = None,
     sampler: Sampler = None, sample_steps: SampleSteps = None, num_samples: NumSamples = None, seed: Seed = None,
     base: BaseModelSpec = None, quiet: Quiet = False,
 ):
@@ -261,11 +263,13 @@ def prune_command(
 @app.command("finetune")
 def finetune_command(
     out: RunDir = Path("runs/digits"), group: Group = None, finetune_steps: FtSteps = None,
-    finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None, quiet: Quiet = False,
+    finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None, feature_distill: FeatureDistill = None,
+    quiet: Quiet = False,
 ):
     """Stage 2: fine-tune each group's pruned model on its timesteps (--group i runs one group alone)."""
     try:
-        run = _open_run(out, None, not quiet, finetune_steps=finetune_steps, finetune_lr=finetune_lr, mix=mix, distill=distill)
+        run = _open_run(out, None, not quiet, finetune_steps=finetune_steps, finetune_lr=finetune_lr, mix=mix, distill=distill,
+                        feature_distill=feature_distill)
         results = run.finetune(group)
     except _USER_ERRORS as err:
         _fail(err)

@@ -816,7 +816,7 @@ class Run:
         self._save_config()
         c = self.config
         train_images, _ = self.split()
-        teacher = self.base_model() if c.finetune.distill_weight > 0 else None
+        teacher = self.base_model() if c.finetune.uses_teacher else None
         results = []
         for i in self._groups(plan, group):
             pruned_dir = self.dir / "prune" / f"group_{i}"

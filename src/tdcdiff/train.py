@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,9 @@ class TrainConfig:
     log_every: log mean loss (overall and per timestep bucket) every N steps.
     mix_fraction: with a timestep subset, this fraction of every batch draws t from ALL timesteps instead.
     distill_weight: with a teacher, loss = (1 - w) * data loss + w * MSE to the teacher's output.
+    feature_distill_weight: with a teacher, add w x the feature-matching loss of a FeatureDistiller (the
+        student's block outputs, through learned 1x1 projections, against the teacher's; FitNets-style). The
+        projections are trained with the model and never saved with it.
     label_dropout: for a class-conditional model, the probability that an image's label is replaced by the
         null class (classifier-free guidance needs it > 0, typically 0.1).
     null_class: the id of the null class (default: the model's last class id, num_class_embeds - 1).
@@ -68,6 +72,7 @@ class TrainConfig:
     log_every: int = 50
     mix_fraction: float = 0.0
     distill_weight: float = 0.0
+    feature_distill_weight: float = 0.0
     label_dropout: float = 0.0
     null_class: int | None = None
 
@@ -86,12 +91,19 @@ class TrainConfig:
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (0 <= self.mix_fraction <= 1, f"mix_fraction must be in [0, 1], got {self.mix_fraction}"),
             (0 <= self.distill_weight <= 1, f"distill_weight must be in [0, 1], got {self.distill_weight}"),
+            (0 <= self.feature_distill_weight <= 1,
+             f"feature_distill_weight must be in [0, 1], got {self.feature_distill_weight} (typical: 0.1 to 0.5; 0: off)"),
             (0 <= self.label_dropout < 1, f"label_dropout must be in [0, 1), got {self.label_dropout}"),
             (self.null_class is None or self.null_class >= 0, f"null_class must be >= 0, got {self.null_class}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def uses_teacher(self) -> bool:
+        """True when a step runs the teacher forward (output or feature distillation)."""
+        return self.distill_weight > 0 or self.feature_distill_weight > 0
 
 
 @dataclass
@@ -105,6 +117,173 @@ class TrainResult:
     train_flops: int
     resumed_from: int = 0
     extra: dict = field(default_factory=dict)
+
+
+FEATURE_POINTS = ("down_blocks", "mid_block", "up_blocks", "input_blocks", "middle_block", "output_blocks", "blocks",
+                  "transformer_blocks")
+
+
+def feature_points(model: nn.Module) -> list[str]:
+    """Qualified names, in `model`, of the modules whose outputs feature distillation matches: every block of the
+    model's top-level down, mid and up paths (diffusers UNet2DModel down_blocks / mid_block / up_blocks, ADM
+    input_blocks / middle_block / output_blocks) and of a transformer's block stack (blocks, transformer_blocks)."""
+    names = []
+    for name, child in model.named_children():
+        if name in FEATURE_POINTS:
+            names += [f"{name}.{i}" for i in range(len(child))] if isinstance(child, nn.ModuleList) else [name]
+    return names
+
+
+def _feature(output) -> torch.Tensor | None:
+    """A module output as a feature map: (N, C, H, W) or tokens (N, L, D); diffusers down blocks return a tuple
+    (hidden states, skip tensors), whose first item it is. None for anything else."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    ok = isinstance(output, torch.Tensor) and output.ndim in (3, 4) and output.is_floating_point()
+    return output if ok else None
+
+
+def _same_positions(student: tuple | None, teacher: tuple | None) -> bool:
+    """Both are feature maps of one kind with the same positions: H x W for (N, C, H, W), L for (N, L, D)."""
+    if student is None or teacher is None or len(student) != len(teacher):
+        return False
+    return student[2:] == teacher[2:] if len(student) == 4 else student[1] == teacher[1]
+
+
+class FeatureDistiller(nn.Module):
+    """Feature distillation from a teacher (FitNets): learned projections from the student's block outputs to the
+    teacher's, and the loss between them.
+
+    student, teacher: denoisers (modules or Denoisers) whose blocks are found by `feature_points` under the same
+    names. A point is used where both produce a feature map of the same kind and spatial size (N, C, H, W: same
+    H x W; tokens N, L, D: same L) on a probe batch of one `sample_shape` sample; others (a block depth pruning
+    removed, another resolution) are skipped and listed in `skipped`. Each used point gets a projection from the
+    student's channels to the teacher's: a 1x1 convolution for maps, a linear layer on D for tokens (standard
+    init). The projections are this module's only parameters: train them with the student, never save them in it.
+
+    Use: `with distiller.capture() as (s, t):` run the student (with grad) and the teacher (no grad) once each;
+    then `distiller(s, t)` is the mean over points of MSE(projection(student), teacher) / mean(teacher^2), so
+    every point weighs alike whatever its scale. `flops` is the projections' training FLOPs per sample (forward +
+    backward = 3 x forward, 2 x MACs).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, sample_shape: tuple[int, int, int]):
+        super().__init__()
+        student, teacher = as_denoiser(student), as_denoiser(teacher)
+        # The wrapped modules (a Router or a plain function has no blocks to match: no points)
+        inner_s, inner_t = (getattr(d, "model", None) for d in (student, teacher))
+        modules_s, modules_t = (dict(m.named_modules()) if isinstance(m, nn.Module) else {} for m in (inner_s, inner_t))
+        names = [n for n in feature_points(inner_t) if n in modules_s] if modules_t else []
+        self._modules_s = [modules_s[n] for n in names]  # plain lists: not submodules of the distiller
+        self._modules_t = [modules_t[n] for n in names]
+        shapes_s, shapes_t = self._probe(student, self._modules_s, sample_shape), self._probe(teacher, self._modules_t, sample_shape)
+        self.points, self.skipped, self.flops = [], [], 0
+        projections, keep_s, keep_t = [], [], []
+        for name, module_s, module_t, s, t in zip(names, self._modules_s, self._modules_t, shapes_s, shapes_t):
+            if not _same_positions(s, t):
+                self.skipped.append(name)
+                continue
+            if len(s) == 4:
+                projections.append(nn.Conv2d(s[1], t[1], 1))
+                self.flops += 3 * 2 * s[1] * t[1] * s[2] * s[3]
+            else:
+                projections.append(nn.Linear(s[2], t[2]))
+                self.flops += 3 * 2 * s[2] * t[2] * s[1]
+            self.points.append(name)
+            keep_s.append(module_s)
+            keep_t.append(module_t)
+        self._modules_s, self._modules_t = keep_s, keep_t
+        self.projections = nn.ModuleList(projections)
+        param = next(student.parameters(), None)
+        if param is not None:
+            self.to(param.device)
+
+    @staticmethod
+    @torch.no_grad()
+    def _probe(model: nn.Module, modules: list, sample_shape) -> list:
+        shapes = [None] * len(modules)
+
+        def hook(i):
+            def record(module, args, output):
+                feature = _feature(output)
+                shapes[i] = None if feature is None else tuple(feature.shape)
+            return record
+
+        if not modules:
+            return shapes
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+        was_training = model.training
+        model.eval()  # no batch-norm statistics or dropout from a probe
+        try:
+            model(torch.zeros((1, *sample_shape), device=device), torch.full((1,), 500, dtype=torch.long, device=device))
+        finally:
+            model.train(was_training)
+            for handle in handles:
+                handle.remove()
+        return shapes
+
+    @contextmanager
+    def capture(self):
+        """Record the used points' outputs of the student and the teacher during the forward calls inside."""
+        student, teacher = [None] * len(self.points), [None] * len(self.points)
+
+        def hook(store, i):
+            def record(module, args, output):
+                store[i] = _feature(output)
+            return record
+
+        handles = [m.register_forward_hook(hook(student, i)) for i, m in enumerate(self._modules_s)]
+        handles += [m.register_forward_hook(hook(teacher, i)) for i, m in enumerate(self._modules_t)]
+        try:
+            yield student, teacher
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def forward(self, student: list, teacher: list) -> torch.Tensor:
+        losses = []
+        for projection, s, t in zip(self.projections, student, teacher):
+            t = t.detach().float()
+            projected = projection(s.to(projection.weight.dtype)).float()
+            losses.append((projected - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-8))
+        return torch.stack(losses).mean()
+
+
+@contextmanager
+def _nothing():
+    yield None, None
+
+
+def step_flops(model: nn.Module, sample_shape: tuple[int, int, int], config: TrainConfig,
+               teacher: nn.Module | None = None) -> int:
+    """Training FLOPs (2 x MACs) of one step of `train` with these arguments: batch_size x (3 x the model's
+    forward, + the teacher's forward when config distils, + the feature projections' forward and backward)."""
+    return _step_flops(as_denoiser(model), sample_shape, config, teacher,
+                       _distiller(as_denoiser(model), teacher, sample_shape, config)[0])[0]
+
+
+def _distiller(denoiser, teacher, sample_shape, config: TrainConfig) -> tuple[FeatureDistiller | None, dict]:
+    """(the FeatureDistiller to train with, None when off or no point matches; the points used and skipped)."""
+    if teacher is None or config.feature_distill_weight == 0:
+        return None, {"feature_points": [], "feature_points_skipped": []}
+    distiller = FeatureDistiller(denoiser, teacher, sample_shape)
+    return distiller if distiller.points else None, {"feature_points": distiller.points,
+                                                     "feature_points_skipped": distiller.skipped}
+
+
+def _runs_teacher(teacher, config: TrainConfig, distiller) -> bool:
+    """Whether a step runs the teacher: for output distillation, or for features at some matching point."""
+    return teacher is not None and (config.distill_weight > 0 or distiller is not None)
+
+
+def _step_flops(denoiser, sample_shape, config: TrainConfig, teacher, distiller) -> tuple[int, int]:
+    """(FLOPs per step, FLOPs of one forward of the model)."""
+    forward = count_flops(denoiser, sample_shape)
+    teacher_forward = count_flops(as_denoiser(teacher), sample_shape) if _runs_teacher(teacher, config, distiller) else 0
+    # Forward + backward = 3 x forward; a teacher only runs forward.
+    return config.batch_size * (3 * forward + teacher_forward + (distiller.flops if distiller else 0)), forward
 
 
 def _lr_factor(config: TrainConfig, step: int) -> float:
@@ -121,7 +300,9 @@ def _fingerprint(config: TrainConfig, timesteps: torch.Tensor, num_images: int, 
 
     `steps` is part of it: the learning-rate schedule depends on it, so a longer run is a different run.
     """
-    settings = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "log_every")}
+    # A setting added later is left out at its default, so runs made before it still resume.
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("checkpoint_every", "log_every") and not (k == "feature_distill_weight" and v == 0)}
     settings.update(num_images=num_images, teacher=teacher, timesteps=hashlib.sha256(timesteps.numpy().tobytes()).hexdigest(),
                     shapes=[[name, list(p.shape)] for name, p in model.state_dict().items()])
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -147,11 +328,14 @@ def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> 
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _save_checkpoint(out_dir: Path, step: int, loss: float, fingerprint: str, model, optimizer, ema) -> None:
+def _save_checkpoint(out_dir: Path, step: int, loss: float, fingerprint: str, model, optimizer, ema, distiller) -> None:
     from safetensors.torch import save_file
 
     with atomic_dir(out_dir / CHECKPOINT_DIR) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        if distiller is not None:  # trained with the model, so a resumed run needs them; never in final/
+            save_file({k: v.detach().cpu().contiguous() for k, v in distiller.state_dict().items()},
+                      tmp / "projections.safetensors")
         opt_tensors, opt_meta = _flatten_optimizer_state(optimizer.state_dict())
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         meta = {"step": step, "loss": loss, "fingerprint": fingerprint, "optimizer": opt_meta}
@@ -161,7 +345,7 @@ def _save_checkpoint(out_dir: Path, step: int, loss: float, fingerprint: str, mo
         (tmp / "state.json").write_text(json.dumps(meta))
 
 
-def _load_checkpoint(out_dir: Path, fingerprint: str, model, optimizer, ema) -> tuple[int, float]:
+def _load_checkpoint(out_dir: Path, fingerprint: str, model, optimizer, ema, distiller) -> tuple[int, float]:
     """Restore a checkpoint; returns (step, loss). ValueError, naming the fix, when it is damaged or another run's."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -180,6 +364,8 @@ def _load_checkpoint(out_dir: Path, fingerprint: str, model, optimizer, ema) -> 
         )
     try:
         model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        if distiller is not None:
+            distiller.load_state_dict(load_file(ckpt / "projections.safetensors"))
         optimizer.load_state_dict(_unflatten_optimizer_state(load_file(ckpt / "optimizer.safetensors"), meta["optimizer"]))
         if ema is not None:
             shadow = load_file(ckpt / "ema.safetensors")
@@ -258,7 +444,9 @@ def train(
     config: TrainConfig.
     out_dir: where `checkpoint/`, `final/` (weights to use: EMA when enabled), `log.jsonl` and `train.json` go.
     timesteps: the timesteps to draw t from (stage 2: one group's); None means all T.
-    teacher: a frozen denoiser to distil from (stage 2 option), weighted by config.distill_weight.
+    teacher: a frozen denoiser to distil from (stage 2 option): its output, weighted by config.distill_weight,
+        and its block outputs, weighted by config.feature_distill_weight (see FeatureDistiller; the points used
+        and skipped are in TrainResult.extra["feature_points"] / ["feature_points_skipped"] and train.json).
     resume: continue from `out_dir/checkpoint` when it exists (and do nothing when `final/` is complete).
     """
     from accelerate import Accelerator
@@ -274,8 +462,8 @@ def train(
         raise ValueError(f"timesteps must be a non-empty subset of 0..{num_train - 1}")
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"training images must be a non-empty NCHW tensor, got shape {tuple(images.shape)}")
-    if teacher is None and config.distill_weight > 0:
-        raise ValueError("distill_weight > 0 needs a teacher model")
+    if teacher is None and config.uses_teacher:
+        raise ValueError("distill_weight and feature_distill_weight > 0 need a teacher model (stage 2: the base)")
 
     check_denoiser(model, tuple(images.shape[1:]))
     finite = torch.isfinite(images).flatten(1).all(dim=1)
@@ -284,10 +472,9 @@ def train(
     labels, null_class = conditioning(model, labels, len(images), config)
     check_finite(model, images, scheduler.alphas_cumprod, labels)
     denoiser = as_denoiser(model)
-    flops_forward = count_flops(denoiser, tuple(images.shape[1:]))
-    teacher_flops = count_flops(as_denoiser(teacher), tuple(images.shape[1:])) if teacher is not None else 0
-    # Forward + backward = 3 x forward; a teacher only runs forward.
-    flops_per_step = config.batch_size * (3 * flops_forward + teacher_flops)
+    distiller, features = _distiller(denoiser, teacher, tuple(images.shape[1:]), config)
+    flops_per_step, flops_forward = _step_flops(denoiser, tuple(images.shape[1:]), config, teacher, distiller)
+    runs_teacher = _runs_teacher(teacher, config, distiller)
     fingerprint = _fingerprint(config, timesteps, len(images), teacher is not None, denoiser)
 
     summary_path = out_dir / SUMMARY_FILE
@@ -298,7 +485,7 @@ def train(
 
             as_denoiser(model).model.load_state_dict(load_model(out_dir / FINAL_DIR).state_dict())
             return TrainResult(out_dir, config.steps, done["final_loss"], flops_per_step, done["train_flops"], config.steps,
-                               {"null_class": done.get("null_class")})
+                               {"null_class": done.get("null_class"), **features})
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -306,14 +493,18 @@ def train(
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} training processes")
     local_batch = config.batch_size // world
 
-    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trained_params = [*denoiser.parameters(), *(distiller.parameters() if distiller else ())]
+    optimizer = torch.optim.AdamW(trained_params, lr=config.lr, weight_decay=config.weight_decay)
     ema = EMAModel(denoiser.parameters(), decay=config.ema_decay) if config.ema_decay else None
     start, loss_value = 0, float("nan")
     if resume and (out_dir / CHECKPOINT_DIR).exists():
-        start, loss_value = _load_checkpoint(out_dir, fingerprint, denoiser, optimizer, ema)
+        start, loss_value = _load_checkpoint(out_dir, fingerprint, denoiser, optimizer, ema, distiller)
     if accelerator.is_main_process:
         _truncate_log(out_dir / LOG_FILE, start)  # a crashed run may have logged past its last checkpoint
-    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    if distiller is not None:
+        denoiser, distiller, optimizer = accelerator.prepare(denoiser, distiller, optimizer)
+    else:
+        denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     if ema is not None:
         ema.to(accelerator.device)
     if teacher is not None:
@@ -327,7 +518,7 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
     log = open(out_dir / LOG_FILE, "a") if accelerator.is_main_process else None
     bar = tqdm(total=config.steps, initial=start, desc=description, disable=not (progress and accelerator.is_main_process))
-    window_loss, window_buckets = [], [[] for _ in range(LOSS_BUCKETS)]
+    window_loss, window_features, window_buckets = [], [], [[] for _ in range(LOSS_BUCKETS)]
 
     last_checkpoint = start
     denoiser.train()
@@ -351,14 +542,20 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(config, step)
 
-        with accelerator.autocast():
-            prediction = denoiser(x_t, t, y).float()
+        with distiller.capture() if distiller else _nothing() as (student_features, teacher_features):
+            with accelerator.autocast():
+                prediction = denoiser(x_t, t, y).float()
+            if runs_teacher:
+                with torch.no_grad():
+                    target = teacher(x_t, t, y).float()
         per_sample = (prediction - training_target(scheduler, x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
         loss = per_sample.mean()
-        if teacher is not None and config.distill_weight > 0:
-            with torch.no_grad():
-                target = teacher(x_t, t, y).float()
+        if config.distill_weight > 0:
             loss = (1 - config.distill_weight) * loss + config.distill_weight * (prediction - target).pow(2).mean()
+        if distiller is not None:
+            feature_loss = distiller(student_features, teacher_features)
+            loss = loss + config.feature_distill_weight * feature_loss
+            window_features.append(accelerator.reduce(feature_loss.detach(), reduction="mean").item())
 
         loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
         if not math.isfinite(loss_value):
@@ -378,7 +575,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if config.grad_clip:
-            accelerator.clip_grad_norm_(denoiser.parameters(), config.grad_clip)
+            accelerator.clip_grad_norm_(trained_params, config.grad_clip)
         optimizer.step()
         if ema is not None:
             ema.step(denoiser.parameters())
@@ -395,14 +592,16 @@ def train(
                 "loss": sum(window_loss) / len(window_loss),
                 "lr": optimizer.param_groups[0]["lr"],
                 "loss_by_t_bucket": [sum(b) / len(b) if b else None for b in window_buckets],
+                **({"feature_loss": sum(window_features) / len(window_features)} if window_features else {}),
             }
             log.write(json.dumps(record) + "\n")
             log.flush()
-            window_loss, window_buckets = [], [[] for _ in range(LOSS_BUCKETS)]
+            window_loss, window_features, window_buckets = [], [], [[] for _ in range(LOSS_BUCKETS)]
         if done % config.checkpoint_every == 0 or done == config.steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                _save_checkpoint(out_dir, done, loss_value, fingerprint, accelerator.unwrap_model(denoiser), optimizer, ema)
+                _save_checkpoint(out_dir, done, loss_value, fingerprint, accelerator.unwrap_model(denoiser), optimizer, ema,
+                                 accelerator.unwrap_model(distiller) if distiller else None)
             last_checkpoint = done
     bar.close()
 
@@ -425,14 +624,17 @@ def train(
                     "flops_per_forward": flops_forward,
                     "flops_per_step": flops_per_step,
                     "train_flops": train_flops,
-                    "flops_convention": "2 x multiply-accumulates; forward + backward = 3 x forward",
+                    "flops_convention": "2 x multiply-accumulates; forward + backward = 3 x forward; a teacher's forward "
+                                        "and feature projections included when distilling",
                     "config": asdict(config),
                     "num_timesteps": int(timesteps.numel()),
                     "processes": world,
                     "null_class": null_class,
+                    **features,
                 },
                 indent=2,
             ),
         )
     accelerator.wait_for_everyone()
-    return TrainResult(out_dir, config.steps, loss_value, flops_per_step, train_flops, start, {"null_class": null_class})
+    return TrainResult(out_dir, config.steps, loss_value, flops_per_step, train_flops, start,
+                       {"null_class": null_class, **features})

@@ -366,7 +366,7 @@ class Tune:
         summaries = run.prune()
         search = _since(start)
         # Distillation runs the base forward once per step: count it so stage 2's FLOPs stay on budget.
-        teacher = self.base_flops() if c.finetune.distill_weight > 0 else 0
+        teacher = self.base_flops() if c.finetune.uses_teacher else 0
         per_step = c.finetune.batch_size * sum(3 * s["flops"] + teacher for s in summaries)
         steps = max(1, round(self.budget_flops() / per_step))
         self.say(f"[{i}] {spec['name']}: stage 2, {steps} steps per group")
