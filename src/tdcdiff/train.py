@@ -508,7 +508,7 @@ def train(
     if ema is not None:
         ema.to(accelerator.device)
     if teacher is not None:
-        teacher = as_denoiser(teacher).to(accelerator.device).eval().requires_grad_(False)
+        teacher = as_denoiser(teacher).to(accelerator.device).eval()  # runs under no_grad: its weights stay as given
 
     device = accelerator.device
     data = images.to(device)
