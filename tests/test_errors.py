@@ -31,6 +31,8 @@ CLI_CASES = [
     ("unknown schedule", ["run", "--schedule", "cosine"], "unknown beta_schedule 'cosine'"),
     ("unknown importance", ["run", "--importance", "random"], "unknown importance 'random'"),
     ("mix out of range", ["run", "--mix", "2"], r"mix_fraction must be in \[0, 1\]"),
+    ("feature distillation out of range", ["finetune", "--feature-distill", "1.5"],
+     r"feature_distill_weight must be in \[0, 1\], got 1.5"),
     ("unknown budget unit", ["run", "--budget-unit", "seconds"], "unknown budget unit 'seconds'"),
     ("latency batch zero", ["run", "--latency-batch", "0"], "latency_batch must be >= 1, got 0"),
     ("missing data path", ["run", "--data", "/no/such/images"], r"/no/such/images. is neither a known dataset name .* nor an existing path"),

@@ -102,7 +102,7 @@ class TrainConfig:
 
     @property
     def uses_teacher(self) -> bool:
-        """True when a step runs the teacher forward (output or feature distillation)."""
+        """True when the settings ask for a teacher (output or feature distillation)."""
         return self.distill_weight > 0 or self.feature_distill_weight > 0
 
 
