@@ -118,3 +118,43 @@ def test_adm_and_diffusers_dit_blocks_are_points():
     assert adm.points == [f"input_blocks.{i}" for i in range(4)] + ["middle_block"] + [f"output_blocks.{i}" for i in range(4)]
     assert adm.projections[0].weight.shape == (32, 16, 1, 1)
     assert FeatureDistiller(diffusers_dit(), diffusers_dit(), (1, 8, 8)).points == ["transformer_blocks.0", "transformer_blocks.1"]
+
+
+TWO_PROCESS_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from test_feature_distill import narrow_unet
+from tdcdiff.data import load_dataset
+from tdcdiff.models import build_unet
+from tdcdiff.schedule import make_scheduler
+from tdcdiff.train import TrainConfig, train
+torch.manual_seed(0)
+train(narrow_unet(), load_dataset("digits").images, make_scheduler(1000),
+      TrainConfig(steps=4, batch_size=16, warmup_steps=1, checkpoint_every=2, log_every=2, feature_distill_weight=0.5),
+      sys.argv[1], teacher=build_unet("digits-8"), progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_two_process_run_trains_the_projections_through_ddp(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    with socket.socket() as s:  # torchrun's --master_port 0 hangs: pick a free port ourselves
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), str(script), str(tmp_path / "run"), str(Path(__file__).parent)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert summary["processes"] == 2 and len(summary["feature_points"]) == 5
+    assert "feature_loss" in (tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1]
+    assert (tmp_path / "run" / "checkpoint" / "projections.safetensors").exists()

@@ -501,10 +501,9 @@ def train(
         start, loss_value = _load_checkpoint(out_dir, fingerprint, denoiser, optimizer, ema, distiller)
     if accelerator.is_main_process:
         _truncate_log(out_dir / LOG_FILE, start)  # a crashed run may have logged past its last checkpoint
-    if distiller is not None:
-        denoiser, distiller, optimizer = accelerator.prepare(denoiser, distiller, optimizer)
-    else:
-        denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    # The projections' loss goes through the prepared (DDP) wrapper, so their gradients sync across processes.
+    project = accelerator.prepare(distiller) if distiller is not None else None
     if ema is not None:
         ema.to(accelerator.device)
     if teacher is not None:
@@ -553,7 +552,7 @@ def train(
         if config.distill_weight > 0:
             loss = (1 - config.distill_weight) * loss + config.distill_weight * (prediction - target).pow(2).mean()
         if distiller is not None:
-            feature_loss = distiller(student_features, teacher_features)
+            feature_loss = project(student_features, teacher_features)
             loss = loss + config.feature_distill_weight * feature_loss
             window_features.append(accelerator.reduce(feature_loss.detach(), reduction="mean").item())
 
@@ -601,7 +600,7 @@ def train(
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 _save_checkpoint(out_dir, done, loss_value, fingerprint, accelerator.unwrap_model(denoiser), optimizer, ema,
-                                 accelerator.unwrap_model(distiller) if distiller else None)
+                                 distiller)
             last_checkpoint = done
     bar.close()
 
