@@ -195,7 +195,7 @@ def train_further(model, run, extra_flops: int, out_dir: Path, description: str,
     c = run.config
     per_step = c.finetune.batch_size * 3 * count_flops(model, run.sample_shape)
     config = replace(c.finetune, steps=max(1, round(extra_flops / per_step)), mix_fraction=0.0, distill_weight=0.0,
-                     seed=c.seed * 100)
+                     feature_distill_weight=0.0, seed=c.seed * 100)
     _say(f"  {description}: {config.steps} steps on all timesteps -> {out_dir}")
     train_images, _ = run.split()
     result = train(model, train_images, run.scheduler, config, out_dir, progress=progress, description=description)

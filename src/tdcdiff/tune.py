@@ -340,7 +340,8 @@ class Tune:
         c = run.config
         steps = max(1, round(self.budget_flops() / (c.finetune.batch_size * 3 * flops)))
         self.say(f"[{i}] {spec['name']}: stage 2, {steps} steps on all timesteps ({flops / base_flops:.0%} FLOPs)")
-        config = replace(c.finetune, steps=steps, mix_fraction=0.0, distill_weight=0.0, seed=c.seed * 100)
+        config = replace(c.finetune, steps=steps, mix_fraction=0.0, distill_weight=0.0, feature_distill_weight=0.0,
+                         seed=c.seed * 100)
         start = _clock()
         trained = train(model, run.split()[0], run.scheduler, config, out / "train", progress=self.progress,
                         description=f"tune {spec['name']}")
