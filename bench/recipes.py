@@ -75,8 +75,8 @@ def open_base(out: Path, base_from: Path | None, overrides: dict, progress: bool
     return run
 
 
-def recipe_steps(expert, base, run, steps: int) -> dict[str, tuple]:
-    """recipe -> (TrainConfig, FLOPs target): steps cut so each recipe's FLOPs match `plain` x its factor."""
+def recipe_configs(expert, base, run, steps: int) -> dict:
+    """recipe -> TrainConfig, its steps cut so that its FLOPs are `plain`'s x the recipe's factor."""
     from tdcdiff.train import step_flops
 
     shape = run.sample_shape
@@ -86,7 +86,7 @@ def recipe_steps(expert, base, run, steps: int) -> dict[str, tuple]:
     for name, (changes, factor) in RECIPES.items():
         config = replace(plain, **changes)
         per_step = step_flops(expert, shape, config, base if config.uses_teacher else None)
-        configs[name] = (replace(config, steps=max(1, round(factor * budget / per_step))), factor * budget)
+        configs[name] = replace(config, steps=max(1, round(factor * budget / per_step)))
     return configs
 
 
@@ -102,7 +102,8 @@ def measure(model, run, held, grouping, key: str, seed: int, samples: int = BPD_
     return {"held_out_loss": loss, "bpd": bpd}, bound
 
 
-def run_budget(run, base, fraction: float, args, grouping, key: str, timesteps, held, seeds, progress) -> list[dict]:
+def run_budget(run, base, base_bound, fraction: float, args, grouping, key: str, timesteps, held, seeds,
+               progress) -> list[dict]:
     """All recipes at one budget, every seed; the rows of the table (one per recipe)."""
     import torch
 
@@ -120,14 +121,14 @@ def run_budget(run, base, fraction: float, args, grouping, key: str, timesteps, 
         fit = fit_to_budget(base, uniform_decision(prunable_units(base), 0.5), round(fraction * base_flops), shape)
         save_model(fit.model, budget_dir / "pruned")
     expert_flops = count_flops(load_model(budget_dir / "pruned"), shape)
-    configs = recipe_steps(load_model(budget_dir / "pruned"), base, run, args.steps)
+    configs = recipe_configs(load_model(budget_dir / "pruned"), base, run, args.steps)
     if key == "all":
         configs.pop("mix")  # a mix needs a timestep subset to mix into
     train_images = run.split()[0]
     results = {name: [] for name in configs}
     for seed in seeds:
         bounds = {}
-        for name, (config, _) in configs.items():
+        for name, config in configs.items():
             out = budget_dir / f"seed_{seed}" / name.split()[0]
             _say(f"  budget {fraction:g} ({expert_flops / base_flops:.1%} FLOPs), seed {seed}: {name}, "
                  f"{config.steps} steps -> {out}")
@@ -140,8 +141,9 @@ def run_budget(run, base, fraction: float, args, grouping, key: str, timesteps, 
             results[name].append({"seed": seed, "steps": config.steps, "train_flops": trained.train_flops,
                                   "feature_points": trained.extra.get("feature_points", []), **metrics})
         for name in configs:
-            difference = bounds[name].difference(bounds["plain"])  # paired, image by image
-            results[name][-1]["bpd_minus_plain"] = difference["total"] if key == "all" else difference["groups"][key]
+            for other, bound in (("plain", bounds["plain"]), ("base", base_bound)):
+                difference = bounds[name].difference(bound)  # paired, image by image
+                results[name][-1][f"bpd_minus_{other}"] = difference["total"] if key == "all" else difference["groups"][key]
     rows = []
     plain_flops = sum(r["train_flops"] for r in results["plain"])
     for name, runs in results.items():
@@ -157,6 +159,7 @@ def run_budget(run, base, fraction: float, args, grouping, key: str, timesteps, 
             "bpd_minus_plain": float(differences.mean()),
             "bpd_minus_plain_se": runs[0]["bpd_minus_plain"]["se"] if len(runs) == 1 else None,
             "bpd_minus_plain_sd_over_seeds": float(differences.std()) if len(runs) > 1 else None,
+            "bpd_minus_base": sum(r["bpd_minus_base"]["mean"] for r in runs) / len(runs),
             "runs": runs,
         })
     return rows
@@ -165,10 +168,10 @@ def run_budget(run, base, fraction: float, args, grouping, key: str, timesteps, 
 def format_rows(rows: list[dict], base_row: dict, key: str) -> str:
     """The printed table: one line per budget and recipe, the base first."""
     head = (f"{'budget':>6} {'recipe':<12} {'steps':>5} {'compute':>8} {'loss ' + key:>14} {'vs base':>7} "
-            f"{'bpd ' + key:>16} {'bpd - plain':>18}")
+            f"{'bpd ' + key:>16} {'- base':>8} {'bpd - plain':>18}")
     lines = [head, "-" * len(head),
              f"{'1.0':>6} {'base':<12} {'-':>5} {'-':>8} {base_row['held_out_loss']:>14.4f} {'1.000':>7} "
-             f"{base_row['bpd']['mean']:>9.4f} ± {base_row['bpd']['se']:.4f} {'':>18}"]
+             f"{base_row['bpd']['mean']:>7.4f} ± {base_row['bpd']['se']:.4f} {'':>8} {'':>18}"]
     for r in rows:
         spread = r["bpd_minus_plain_se"] if r["bpd_minus_plain_se"] is not None else r["bpd_minus_plain_sd_over_seeds"]
         sign = "±" if r["bpd_minus_plain_se"] is not None else "sd"
@@ -176,7 +179,7 @@ def format_rows(rows: list[dict], base_row: dict, key: str) -> str:
         se = f" ± {r['bpd_se']:.4f}" if r["bpd_se"] is not None else " " * 9
         lines.append(f"{r['budget']:>6g} {r['recipe']:<12} {r['steps']:>5} {r['compute_vs_plain']:>7.2f}x "
                      f"{r['held_out_loss']:>14.4f} {r['held_out_loss'] / base_row['held_out_loss']:>7.3f} "
-                     f"{r['bpd']:>7.4f}{se} {diff:>18}")
+                     f"{r['bpd']:>7.4f}{se} {r['bpd_minus_base']:>+8.4f} {diff:>18}")
     return "\n".join(lines)
 
 
@@ -233,9 +236,9 @@ def main(argv=None) -> int:
     span = "all t" if timesteps is None else f"t {int(timesteps[0])}-{int(timesteps[-1])}"
     _say(f"recipes: base {run.dir}, experts for {key} ({span}), budgets {args.budgets}, {args.steps} plain steps, "
          f"seeds {args.seeds} -> {args.out}")
-    base_row, _ = measure(base, run, held, grouping, key, args.eval_seed, args.bpd_samples)
+    base_row, base_bound = measure(base, run, held, grouping, key, args.eval_seed, args.bpd_samples)
     rows = [row for fraction in args.budgets
-            for row in run_budget(run, base, fraction, args, grouping, key, timesteps, held, args.seeds,
+            for row in run_budget(run, base, base_bound, fraction, args, grouping, key, timesteps, held, args.seeds,
                                   not args.quiet)]
     table = format_rows(rows, base_row, key)
     results = {
@@ -255,7 +258,8 @@ def main(argv=None) -> int:
     }
     atomic_write_text(args.out / "results.json", json.dumps(results, indent=2))
     _say("\n" + table)
-    _say(f"\ncompute: training FLOPs relative to plain; 'bpd - plain' < 0 is better than plain (± paired SE over "
+    _say(f"\ncompute: training FLOPs relative to plain; '- base': the expert's bpd minus the base's (paired); "
+         f"'bpd - plain' < 0 is better than plain (± paired SE over "
          f"images).\nresults: {args.out / 'results.json'}  ({time.perf_counter() - started:.0f} s)")
     return 0
 
