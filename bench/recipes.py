@@ -5,10 +5,10 @@ timestep mix, and longer training (issue 13, item 4).
     python bench/recipes.py --base-from runs/digits --out runs/recipes-b    # reuses a run's stage-1 base
     python bench/recipes.py --quick --out /tmp/recipes                      # seconds: a smoke test
 
-One base: out/run/ is a tdcdiff run directory whose stage 1 is trained here with the run defaults (digits,
-3000 steps at batch 128: about 15-20 min of one CPU thread, done once; later invocations reuse it), or copied
-from the run directory given as --base-from. For each budget in --budgets (fractions of the base's FLOPs), the
-base is pruned to the budget with one global width ratio (prune.fit.fit_to_budget on
+One base: out/run/ is a tdcdiff run directory whose stage 1 is trained here with the run defaults (digits, 3000
+steps at batch 128: 22 min of one CPU thread on a loaded 2-core machine, done once; later invocations reuse it),
+or copied from the run directory given as --base-from. For each budget in --budgets (fractions of the base's
+FLOPs), the base is pruned to the budget with one global width ratio (prune.fit.fit_to_budget on
 prune.units.uniform_decision, as benchmark.py's uniform arm), and copies of that expert are trained on ONE
 timestep group (--group; default 0 of --groups 2 SNR groups: t 0-302 of T=1000, where the issue found TDC's
 smallest expert 5-17% worse; --group all trains on every t and drops the mix recipe) with each recipe:
@@ -28,9 +28,9 @@ noise), both also for the unpruned base. With several --seeds each recipe is tra
 table adds the sd over seeds of the paired difference. Results: out/results.json and a printed table.
 
 Default run: budgets 0.4 and 0.6, 250 plain steps at the run's stage-2 batch (128), seed 0. Its training is
-6 x 250 steps at 0.4 and at 0.6 of the base's FLOPs, i.e. the compute of 1,500 base steps (half of stage 1):
-about 10-12 min of one unloaded CPU thread on digits (OMP_NUM_THREADS=1) with the evaluation, after the base
-exists. Everything resumes: rerunning the same command continues.
+6 x the plain compute at each budget, i.e. about the compute of 1,500 base steps (half of stage 1):
+8.6 min of one CPU thread on digits (OMP_NUM_THREADS=1, on a loaded 2-core machine) with the evaluation, after
+the base exists. Everything resumes: rerunning the same command continues.
 """
 
 from __future__ import annotations
