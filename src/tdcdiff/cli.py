@@ -378,34 +378,45 @@ def tune_command(
     groups: Annotated[Optional[list[int]], typer.Option("--groups", "-n", help="TDC number of groups N (repeat; default 2 4).")] = None,
     grouping: Annotated[Optional[list[str]], typer.Option("--grouping", help="TDC grouping: snr, uniform, loss (repeat; default snr).")] = None,
     variant: Annotated[Optional[list[str]], typer.Option("--variant", help="Also try every TDC grid point with these settings, KEY=VALUE[,KEY=VALUE] (repeat), e.g. finetune.mix_fraction=0.2.")] = None,
+    time_budget: Annotated[Optional[list[float]], typer.Option("--time-budget", help="Also TDC candidates whose mean sampling time is this fraction of the base's, measured (repeat, e.g. --time-budget 0.8 --time-budget 0.6).")] = None,
+    uniform_time_budget: Annotated[Optional[list[float]], typer.Option("--uniform-time-budget", help="Also uniform pruning fitted to this fraction of the base's measured forward time (repeat).")] = None,
+    depth: Annotated[bool, typer.Option("--depth", help="Also try every TDC candidate with depth pruning (whole layers kept or removed).")] = False,
+    curves: Annotated[bool, typer.Option("--curves", help="Also, per TDC grid point, the same mean budget split across groups by measured quality curves (budget.allocate_from_curves).")] = False,
+    curve_steps: Annotated[int, typer.Option("--curve-steps", help="With --curves: stage-2 steps behind each point of a group's curve (counted in the candidate's compute).")] = 50,
     candidate: Annotated[Optional[int], typer.Option("--candidate", help="Train only this candidate (0-based, see candidates.json), e.g. one job each.")] = None,
     finalists: Annotated[int, typer.Option(help="Candidates (best by the screening measure) that get paired-seed FID/KID.")] = 3,
     fid_seeds: Annotated[int, typer.Option("--fid-seeds", help="Sampling seeds for FID/KID (>= 2: the paired rule).")] = 3,
     fid_samples: Annotated[int, typer.Option("--fid-samples", help="Images per model and seed for FID/KID.")] = 512,
     batch: Annotated[int, typer.Option("--batch", help="Your sampling batch size: the frontier's time axis.")] = 64,
-    max_quality_loss: Annotated[Optional[float], typer.Option("--max-quality-loss", help="Also accept a candidate at most this much worse than the base on the screening measure (relative, 0.02 = 2%).")] = None,
+    max_quality_loss: Annotated[Optional[float], typer.Option("--max-quality-loss", help="Also accept a candidate at most this much worse than the base on the screening measure, held-out bits/dim (relative, 0.02 = 2%).")] = None,
     price_per_hour: Annotated[Optional[float], typer.Option("--price-per-hour", help="Machine price per hour: adds the cost per 1,000 images before and after.")] = None,
     quiet: Quiet = False,
 ):
     """The quality-speed frontier of one base and the fastest candidate as good as it, with its cost and return.
 
-    Every candidate (the base fine-tuned, uniform widths, TDC over k, N and grouping) gets the same training
-    compute; all are screened on held-out images, the best few get paired-seed FID/KID. Writes frontier.png,
+    Every candidate (the base fine-tuned, uniform widths by FLOPs or measured time, TDC over k, N and grouping,
+    by time budget, with depth pruning, or with budgets from measured curves) gets the same training compute; all
+    are screened on held-out images (bits/dim, paired), the best few get paired-seed FID/KID. Writes frontier.png,
     table.csv, results.json, cost.csv, return.csv and chosen/ into the tune directory. Rerunning skips finished candidates.
     """
     from dataclasses import replace
 
-    from .tune import TuneConfig, Tune, cost_rows, format_rows, table_rows
+    from .tune import TuneConfig, Tune, check_candidate, cost_rows, format_rows, plan_candidates, table_rows
 
-    flags = {k_: v for k_, v in locals().items() if k_ in _SETTINGS and k_ not in ("k", "groups", "grouping")}
+    flags = {k_: v for k_, v in locals().items() if k_ in _SETTINGS and k_ not in ("k", "groups", "grouping", "depth")}
     settings = TuneConfig(tune_steps=tune_steps, finalists=finalists, fid_seeds=fid_seeds, fid_samples=fid_samples,
-                          batch=batch, max_quality_loss=max_quality_loss, price_per_hour=price_per_hour)
-    for name, value in (("widths", width), ("ks", k), ("groups", groups), ("groupings", grouping)):
+                          batch=batch, max_quality_loss=max_quality_loss, price_per_hour=price_per_hour, depth=depth,
+                          curves=curves, curve_steps=curve_steps)
+    for name, value in (("widths", width), ("ks", k), ("groups", groups), ("groupings", grouping),
+                        ("time_budgets", time_budget), ("uniform_time_budgets", uniform_time_budget)):
         if value:
             settings = replace(settings, **{name: tuple(value)})
     try:
         if variant:
             settings = replace(settings, tdc_variants=({}, *(_key_values(v) for v in variant)))
+        if candidate is not None:  # before Tune, which copies --base-from into the tune directory
+            settings.validate()
+            check_candidate(candidate, plan_candidates(settings), out / "candidates.json")
         tune = Tune(out, settings, overrides=_overrides(config, **flags), base_from=base_from, progress=not quiet)
         if candidate is not None:
             record = tune.run_candidate(candidate)

@@ -125,13 +125,20 @@ def balanced_labels(model: nn.Module, num_images: int, num_classes: int | None) 
     return torch.arange(num_images) % num_classes
 
 
-def _time_sampling(models: list, scheduler, *, sample_shape, sampler, steps, batch, repeats,
-                   num_classes: int | None = None, clock: Callable[[], float] = time.perf_counter) -> list[float]:
-    """Median seconds of one full sampling run at `batch`, per model (SamplingModel), with the models' runs
-    interleaved.
+def time_sampling(models: list, scheduler, *, sample_shape, sampler, steps, batch, repeats,
+                  num_classes: int | None = None, clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """The median duration of one full sampling run (`steps` steps of `sampler`, `batch` images in one batch) of
+    each model, in seconds of `clock`; returns one float per model, in the order given.
 
-    clock: what a second is: wall clock by default; time.process_time counts this process's CPU time only,
-    which other processes on a shared machine do not inflate."""
+    models: pipeline.SamplingModel runners (their fast path is what is timed). num_classes: the data's class
+        count, for class-conditional models (each run samples class-balanced labels, see `balanced_labels`).
+    clock: time.perf_counter (default) gives wall seconds; time.process_time counts this process's CPU seconds
+        only, which other processes on a shared machine do not inflate (time.thread_time: this thread's).
+    Interleaved: there are repeats + 1 rounds and each round runs every model once, in order, with the round's
+    seed (the same noise for every model); the first round warms caches and allocators up and is not counted,
+    so slow drift of a shared machine hits every model alike.
+    Raises what pipeline.sample raises (e.g. ValueError for an unknown sampler).
+    """
     from .pipeline import sample
 
     times: list[list[float]] = [[] for _ in models]
@@ -286,8 +293,8 @@ def evaluate(
     timing = {}
     for batch in timing_batches:
         say(f"  timing sampling at batch {batch} ({timing_repeats} interleaved repeats)")
-        timing[batch] = _time_sampling(runners, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
-                                       batch=batch, repeats=timing_repeats, num_classes=num_classes)
+        timing[batch] = time_sampling(runners, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
+                                      batch=batch, repeats=timing_repeats, num_classes=num_classes)
     first = records[0]
     for i, record in enumerate(records):
         record["sampling_flops"]["ratio"] = record["sampling_flops"]["per_image"] / first["sampling_flops"]["per_image"]

@@ -67,6 +67,8 @@ class RunConfig:
         resize / convert / subsample it. model: UNet preset (default: chosen from image size and channels).
     num_train_timesteps, beta_schedule, prediction_type: the noise schedule.
     base: stage-1 training. groups, grouping, k, ordering: timestep groups and their budgets.
+    plan_fractions: each group's budget fraction given explicitly, in group (timestep) order, instead of the
+        paper's formula from k and the ordering (e.g. budget.allocate_from_curves); one per group, each in (0, 1].
     budget_unit: what a group's budget fraction is of: "flops" (the base's FLOPs) or "time" (the base's
         forward time measured on this device at latency_batch samples, fitted from a cached per-unit latency
         table). Every pruned expert's FLOPs and measured time are recorded either way.
@@ -96,6 +98,7 @@ class RunConfig:
     grouping: str = "snr"
     k: float = 0.5
     ordering: str = "measured"
+    plan_fractions: list[float] | None = None
     budget_unit: str = "flops"
     latency_batch: int = 64
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -156,6 +159,10 @@ class RunConfig:
              "base_model_steps continues a given model: set base_model (--base) too, or use base.steps"),
             (self.budget_unit in BUDGET_UNITS, f"unknown budget unit {self.budget_unit!r}; choose one of {BUDGET_UNITS}"),
             (self.latency_batch >= 1, f"latency_batch must be >= 1, got {self.latency_batch}"),
+            (self.plan_fractions is None or (len(self.plan_fractions) == self.groups
+                                             and all(0 < f <= 1 for f in self.plan_fractions)),
+             f"plan_fractions must be one budget fraction in (0, 1] per group (N={self.groups}), got "
+             f"{self.plan_fractions}; give N values or leave it unset for the formula from k"),
         ]
         for ok, message in checks:
             if not ok:
@@ -326,7 +333,7 @@ def load_config_file(path: str | Path) -> dict:
 _STAGE_OF_SETTING = {
     **{k: "base" for k in ("data", "image_size", "channels", "limit", "model", "attention", "num_train_timesteps",
                            "beta_schedule", "prediction_type", "base", "seed", "base_model", "base_model_steps")},
-    **{k: "plan" for k in ("groups", "grouping", "k", "ordering")},
+    **{k: "plan" for k in ("groups", "grouping", "k", "ordering", "plan_fractions")},
     **{k: "prune" for k in ("search", "budget_unit", "latency_batch")},
     "finetune": "finetune",
 }
@@ -623,6 +630,11 @@ class Run:
         explicit = c.finetune.null_class if c.finetune.null_class is not None else c.base.null_class
         return classes - 1 if explicit is None else explicit
 
+    def conditioning(self, model) -> dict | None:
+        """A bundle's "conditioning" for experts like `model`: class ids of the data and the null class; None for
+        an unconditional model."""
+        return _conditioning(model, self.data.num_classes, self.null_class(model))
+
     def sample_labels(self, model, num_images: int) -> torch.Tensor | None:
         """Class-balanced labels (i % classes) for a class-conditional model's samples; None otherwise."""
         from .evaluate import balanced_labels
@@ -740,6 +752,9 @@ class Run:
             sample_shape=self.sample_shape, sensitivity=sensitivity,
             provenance={"data": self.data.describe(), "base": str(self.dir / "base")},
         )
+        if c.plan_fractions is not None:  # given explicitly: the formula's fractions are replaced, ranks kept
+            plan = replace(plan, fractions=list(c.plan_fractions),
+                           provenance={**plan.provenance, "fractions": "plan_fractions"})
         plot_grouping(grouping, scheduler, self.dir / "plan" / "grouping.png", budgets=plan.fractions)
         plan.save(path)
         return plan
@@ -857,7 +872,7 @@ class Run:
             expert_flops=[count_flops(e, self.sample_shape) for e in experts], base_flops=plan.base_flops,
             budgets=plan.budgets, expert_training=training,
             provenance={"data": self.data.describe(), "config": self.config.to_dict(), "training_flops": train_flops},
-            conditioning=_conditioning(experts[0], self.data.num_classes, self.null_class(experts[0])),
+            conditioning=self.conditioning(experts[0]),
             vae=self.vae,
         )
 
