@@ -67,6 +67,8 @@ class RunConfig:
         resize / convert / subsample it. model: UNet preset (default: chosen from image size and channels).
     num_train_timesteps, beta_schedule, prediction_type: the noise schedule.
     base: stage-1 training. groups, grouping, k, ordering: timestep groups and their budgets.
+    mean_budget: None for the paper's formula (the hardest group gets the whole base); a number in (0, 1] scales
+        that shape so the timestep-weighted mean budget is this fraction of the base (budget.make_plan).
     budget_unit: what a group's budget fraction is of: "flops" (the base's FLOPs) or "time" (the base's
         forward time measured on this device at latency_batch samples, fitted from a cached per-unit latency
         table). Every pruned expert's FLOPs and measured time are recorded either way.
@@ -95,6 +97,7 @@ class RunConfig:
     groups: int = 4
     grouping: str = "snr"
     k: float = 0.5
+    mean_budget: float | None = None
     ordering: str = "measured"
     budget_unit: str = "flops"
     latency_batch: int = 64
@@ -119,7 +122,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check every setting up front, so a bad one fails before hours of training, not after."""
-        from .budget import ORDERINGS, budget_fractions
+        from .budget import ORDERINGS, budget_fractions, check_mean_budget
         from .grouping import STRATEGIES
         from .pipeline import SAMPLERS
 
@@ -161,6 +164,7 @@ class RunConfig:
             if not ok:
                 raise ValueError(message)
         budget_fractions(self.groups, self.k)  # after N <= T: it allocates per group
+        check_mean_budget(self.mean_budget)
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
@@ -326,7 +330,7 @@ def load_config_file(path: str | Path) -> dict:
 _STAGE_OF_SETTING = {
     **{k: "base" for k in ("data", "image_size", "channels", "limit", "model", "attention", "num_train_timesteps",
                            "beta_schedule", "prediction_type", "base", "seed", "base_model", "base_model_steps")},
-    **{k: "plan" for k in ("groups", "grouping", "k", "ordering")},
+    **{k: "plan" for k in ("groups", "grouping", "k", "mean_budget", "ordering")},
     **{k: "prune" for k in ("search", "budget_unit", "latency_batch")},
     "finetune": "finetune",
 }
@@ -737,7 +741,7 @@ class Run:
                                               labels=held_labels)
         plan = make_plan(
             grouping, k=c.k, ordering=c.ordering, base_flops=count_flops(base, self.sample_shape),
-            sample_shape=self.sample_shape, sensitivity=sensitivity,
+            sample_shape=self.sample_shape, sensitivity=sensitivity, mean_budget=c.mean_budget,
             provenance={"data": self.data.describe(), "base": str(self.dir / "base")},
         )
         plot_grouping(grouping, scheduler, self.dir / "plan" / "grouping.png", budgets=plan.fractions)
