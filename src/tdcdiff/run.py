@@ -751,6 +751,7 @@ class Run:
     @_writes
     def prune(self, group: int | None = None) -> list[dict]:
         """Proxy-based pruning: one pruned model per group, meeting its budget. Returns per-group summaries."""
+        from .prune.fit import FitResult, fit_to_measured_time
         from .prune.proxy import Proxy, ProxyBatch
         from .prune.search import search
 
@@ -790,14 +791,30 @@ class Run:
                 progress=self.progress, log_path=self.dir / "prune" / f"search_{i}.jsonl", latency=table,
             )
             result.memory.save(self.dir / "prune" / f"memory_{i}.json")
+            trail = None
+            if table is not None:
+                # The table's estimate is not the expert's time: time the winner directly and refit its
+                # decision to a corrected budget where the measured time misses the plan.
+                timed = fit_to_measured_time(
+                    base, result.decision, plan.fractions[i], self.sample_shape, c.latency_batch, table,
+                    fitted=FitResult(result.model, result.decision, result.flops, budget, 1.0, result.seconds),
+                    tolerance=settings.tolerance, importance=settings.importance, units=settings.units,
+                    ignored_layers=settings.ignored_layers, num_heads=settings.num_heads,
+                    calibration=proxy.calibration(settings.seed) if settings.importance == "taylor" else None,
+                )
+                time_ratio, trail, fit = timed.time_ratio, timed.trail, timed.fit
+                if fit.model is not result.model:
+                    result = replace(result, model=fit.model, decision=fit.decision, flops=fit.flops,
+                                     seconds=fit.seconds, score=float(proxy.score(fit.model)))
+            else:  # time it directly, side by side with the base
+                time_ratio = time_ratios([base, result.model], self.sample_shape, c.latency_batch)[1]
             save_model(result.model, out)
-            # The table's estimate is not the expert's time: time it directly, side by side with the base.
-            time_ratio = time_ratios([base, result.model], self.sample_shape, c.latency_batch)[1]
             summary = {
                 "group": i, "budget": budget, "budget_unit": c.budget_unit, "fraction": plan.fractions[i],
                 "flops": result.flops, "flops_ratio": result.flops / plan.base_flops,
                 "time_ratio": time_ratio, "latency_batch": c.latency_batch,
                 "estimated_time_ratio": result.seconds / table.base_seconds if table is not None else None,
+                "time_corrections": trail,
                 "decision": result.decision,
                 "proxy_score": result.score, "proxy_space": c.search.proxy_space, "proposer": c.search.proposer,
                 "candidates": len(result.memory.entries),
