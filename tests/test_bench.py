@@ -55,7 +55,7 @@ def test_ablation_reuses_the_stage1_base(quick_bench, tmp_path):
     out = tmp_path / "ablation"
     # Also the speed arms: time budgets scaled to a mean of 0.6, the uniform arm matched on measured time.
     done = bench("--out", out, "--set", "k=0.9", "--base-from", source, "--swap-experts", "--budget-unit", "time",
-                 "--mean-budget", "0.6", "--latency-batch", "2", cache=cache)
+                 "--mean-budget", "0.6", cache=cache)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     base = "seed_0/tdc/base/final/model.safetensors"
@@ -70,7 +70,7 @@ def test_ablation_reuses_the_stage1_base(quick_bench, tmp_path):
     summaries = [json.loads((out / f"seed_0/tdc/prune/summary_{g}.json").read_text()) for g in (0, 1)]
     assert all(s["budget_unit"] == "time" and s["time_corrections"] for s in summaries)
     uniform = next(m for m in results["models"] if m["name"] == "uniform-pruned")
-    assert "matched on measured forward time at batch 2 to TDC's sampling-step-weighted mean" in uniform["notes"]
+    assert "matched on measured forward time at batch 8 to TDC's sampling-step-weighted mean" in uniform["notes"]
     # --swap-experts: TDC with one group's expert replaced by the single model, per group
     models = {m["name"]: m for m in results["models"]}
     assert list(models)[3:] == ["TDC, single model at group 0", "TDC, single model at group 1"]
