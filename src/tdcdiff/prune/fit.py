@@ -42,7 +42,14 @@ class FitResult:
 
 
 class BudgetError(ValueError):
-    """No decision reachable by pruning lands within tolerance of the budget."""
+    """No decision reachable by pruning lands within tolerance of the budget.
+
+    closest: the cost (FLOPs or estimated seconds) of the closest reachable decision, where one was found.
+    """
+
+    def __init__(self, message: str, closest: float | None = None):
+        super().__init__(message)
+        self.closest = closest
 
 
 def unit_levels(plan: Plan, unit: str) -> list[float]:
@@ -279,7 +286,8 @@ def fit_to_budget(
             f"cannot prune to {show(budget_flops)} ({budget_flops / base_cost:.1%} of the base's "
             f"{show(base_cost)}) within {tolerance:.1%}: the closest reachable is {show(search.best_flops)} "
             f"({search.best_flops / base_cost:.1%}). Give the smallest group a larger budget (raise k or "
-            "lower N) or allow a larger tolerance."
+            "lower N) or allow a larger tolerance.",
+            closest=search.best_flops,
         )
     model = prune_kept(reduced, plan, plan.kept(search.best), sample_shape, importance, calibration)
     seconds = search.best_flops if latency is not None else None
@@ -294,8 +302,8 @@ class TimedFit:
     fit: the try whose measured time ratio is closest to the target. time_ratio: its forward time as a fraction
     of the base's, measured side by side (latency.time_ratios). trail: every try in order, each a dict with
     budget_ratio (the seconds budget given to the fit / the table's base seconds), estimated_ratio (the table's
-    estimate of the fit / base seconds), measured_ratio and flops; or budget_ratio and error for a corrected
-    budget that no pruning reaches.
+    estimate of the fit / base seconds), measured_ratio and flops; or budget_ratio, error and closest_ratio
+    (the closest reachable estimate, tried next) for a corrected budget that no pruning reaches.
     """
 
     fit: FitResult
@@ -323,14 +331,14 @@ def fit_to_measured_time(
     additive. So each fit is timed side by side with the base (latency.time_ratios at `batch`, `repeats`
     interleaved rounds), and while the measured ratio m misses target_ratio by more than `tolerance`
     (relative), the seconds budget b is rescaled, b <- b x target_ratio / m, and the decision is fitted again,
-    at most max_corrections times.
+    at most max_corrections times. A corrected budget that no pruning reaches is recorded and the next try
+    takes the closest reachable estimate instead.
     base, decision, sample_shape: as for fit_to_budget. target_ratio: the wanted forward time as a fraction
         of the base's, > 0. latency: the base's latency.LatencyTable (at `batch`). fitted: an existing fit of
         decision at target_ratio x latency.base_seconds (e.g. a search's winner), used as the first try.
     fit_kwargs: for fit_to_budget (its tolerance, importance, calibration, units, ignored_layers, num_heads).
     Returns the try whose measured ratio is closest to the target, with the trail of all tries.
-    Raises ValueError for target_ratio <= 0 or max_corrections < 0; BudgetError when the first fit fails
-    (a corrected budget that fails ends the corrections instead).
+    Raises ValueError for target_ratio <= 0 or max_corrections < 0; BudgetError when the first fit fails.
     """
     from ..latency import time_ratios
 
@@ -347,8 +355,13 @@ def fit_to_measured_time(
             except BudgetError as err:
                 if not tries:
                     raise
-                trail.append({"budget_ratio": budget / latency.base_seconds, "error": str(err)})
-                break
+                if err.closest is None:
+                    trail.append({"budget_ratio": budget / latency.base_seconds, "error": str(err)})
+                    break
+                trail.append({"budget_ratio": budget / latency.base_seconds, "error": str(err),
+                              "closest_ratio": err.closest / latency.base_seconds})
+                budget = err.closest  # the nearest the table can reach: the next try
+                continue
         measured = time_ratios([base, fit.model], sample_shape, batch, repeats=repeats)[1]
         trail.append({"budget_ratio": budget / latency.base_seconds, "estimated_ratio": fit.seconds / latency.base_seconds,
                       "measured_ratio": measured, "flops": fit.flops})
