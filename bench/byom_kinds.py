@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -56,7 +55,7 @@ def main() -> None:
         trajectory = list(range(t_max - 1, -1, -(t_max // steps)))
         seconds = time_sampling([SamplingModel(run.base_model()), SamplingModel(bundle.router)], run.scheduler,
                                 sample_shape=run.sample_shape, sampler="ddim", steps=steps, batch=64, repeats=3,
-                                num_classes=run.data.num_classes, clock=time.thread_time)
+                                num_classes=run.data.num_classes)
         print(json.dumps({
             "kind": kind,
             "flops_error": [f"{s['flops'] / s['budget'] - 1:+.2%}" for s in summaries],

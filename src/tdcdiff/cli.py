@@ -77,6 +77,7 @@ BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Training
 Groups = Annotated[Optional[int], typer.Option("--groups", "-n", help="N, the number of timestep groups.")]
 Grouping = Annotated[Optional[str], typer.Option(help="How to split timesteps: snr, uniform, loss.")]
 K = Annotated[Optional[float], typer.Option("-k", "--k", help="0 < k <= 1: the easiest group gets (1/N + (N-1)/N k) of the base FLOPs.")]
+MeanBudget = Annotated[Optional[float], typer.Option("--mean-budget", help="0 < B <= 1: scale the k formula's budgets so their timestep-weighted mean is B of the base (default: unscaled).")]
 Ordering = Annotated[Optional[str], typer.Option(help="Which groups are hard: measured, snr-high-hard, snr-low-hard.")]
 Proposer = Annotated[Optional[str], typer.Option(help="Pruning proposer: evolution, uniform, llm.")]
 Rounds = Annotated[Optional[int], typer.Option(help="Search rounds per group.")]
@@ -104,7 +105,7 @@ _SETTINGS = {
     "data": "data", "image_size": "image_size", "channels": "channels", "limit": "limit", "model": "model",
     "attention": "attention", "timesteps": "num_train_timesteps", "schedule": "beta_schedule",
     "prediction": "prediction_type", "base_steps": "base.steps", "base_lr": "base.lr", "groups": "groups",
-    "grouping": "grouping", "k": "k", "ordering": "ordering", "proposer": "search.proposer",
+    "grouping": "grouping", "k": "k", "mean_budget": "mean_budget", "ordering": "ordering", "proposer": "search.proposer",
     "rounds": "search.rounds", "candidates": "search.candidates_per_round", "memory": "search.memory",
     "importance": "search.importance", "budget_unit": "budget_unit", "latency_batch": "latency_batch",
     "depth": "search.depth", "finetune_steps": "finetune.steps", "finetune_lr": "finetune.lr",
@@ -164,7 +165,7 @@ def run_command(
     channels: Channels = None, limit: Limit = None, model: Model = None, attention: Attention = None,
     timesteps: Timesteps = None, schedule: Schedule = None, prediction: Prediction = None,
     base_steps: BaseSteps = None, base_lr: BaseLr = None, batch_size: BatchSize = None, groups: Groups = None,
-    grouping: Grouping = None, k: K = None, ordering: Ordering = None, proposer: Proposer = None,
+    grouping: Grouping = None, k: K = None, mean_budget: MeanBudget = None, ordering: Ordering = None, proposer: Proposer = None,
     rounds: Rounds = None, candidates: Candidates = None, memory: Memory = None, importance: Importance = None,
     budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None, depth: Depth = None, finetune_steps: FtSteps = None, finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None,
     sampler: Sampler = None, sample_steps: SampleSteps = None, num_samples: NumSamples = None, seed: Seed = None,
@@ -208,12 +209,12 @@ def train_base_command(
 @app.command("plan")
 def plan_command(
     out: RunDir = Path("runs/digits"), groups: Groups = None, grouping: Grouping = None, k: K = None,
-    ordering: Ordering = None, budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None,
+    mean_budget: MeanBudget = None, ordering: Ordering = None, budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None,
     depth: Depth = None, quiet: Quiet = False,
 ):
     """Group the timesteps and assign budgets (needs a trained base in the run directory)."""
     try:
-        run = _open_run(out, None, not quiet, groups=groups, grouping=grouping, k=k, ordering=ordering,
+        run = _open_run(out, None, not quiet, groups=groups, grouping=grouping, k=k, mean_budget=mean_budget, ordering=ordering,
                         budget_unit=budget_unit, latency_batch=latency_batch, depth=depth)
         plan = run.plan()
         timed = run.config.budget_unit == "time"

@@ -699,16 +699,15 @@ class Tune:
 
     def time_models(self, models: dict, names: list[str], batch: int) -> dict:
         """Median seconds of one full sampling run at `batch` per model (evaluate.time_sampling: interleaved, after
-        a warm-up; class-balanced labels for a class-conditional base); process CPU seconds on a CPU, wall on CUDA."""
+        a warm-up; class-balanced labels for a class-conditional base); thread CPU seconds with one thread on a CPU,
+        wall seconds on a GPU."""
         from .evaluate import time_sampling
         from .pipeline import SamplingModel
 
         c = self.base_run.config
-        clock = time.perf_counter if torch.cuda.is_available() else time.process_time
         times = time_sampling([SamplingModel(models[n][0]) for n in names], self.base_run.scheduler,
                               sample_shape=self.base_run.sample_shape, sampler=c.sampler, steps=c.sampling_steps,
-                              batch=batch, repeats=self.config.timing_repeats, num_classes=self.base_run.data.num_classes,
-                              clock=clock)
+                              batch=batch, repeats=self.config.timing_repeats, num_classes=self.base_run.data.num_classes)
         return dict(zip(names, times))
 
     # -- everything -------------------------------------------------------------------------------------------
@@ -762,7 +761,7 @@ class Tune:
                                             "its standard error (same images, timesteps and noise for every model)",
                                   "second": {"name": HELD_OUT_LOSS.name, "unit": HELD_OUT_LOSS.unit}},
             "fid_protocol": {k: fid.get(k) for k in ("protocol", "feature_net", "reference")},
-            "time": f"median {'wall' if torch.cuda.is_available() else 'process CPU'} seconds of one "
+            "time": f"median {'wall' if torch.cuda.is_available() else 'one-thread CPU'} seconds of one "
                     f"{self.base_run.config.sampler}-{self.base_run.config.sampling_steps} sampling run at batch {batch}, "
                     f"{self.config.timing_repeats} repeats interleaved across models after a warm-up",
             "compute": f"every candidate: {self.budget_flops():.4g} training FLOPs ({self.config.tune_steps} stage-2 "
