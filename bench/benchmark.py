@@ -5,12 +5,14 @@
     python bench/benchmark.py --data cifar10 [--gpu] --seeds 0 1 2 --out runs/bench-cifar10
     python bench/benchmark.py --quick --out /tmp/bench        # seconds; what CI runs
     python bench/benchmark.py --data digits --seeds 0 1 2 --k 1 --base-from runs/bench-digits --out runs/ablate-k1
+    python bench/benchmark.py --data digits --seeds 0 1 2 --budget-unit time --mean-budget 0.6 --depth --out runs/speed
 
 Per seed, in out/seed_<s>/:
   tdc/      a full TDC run (tdcdiff.run.Run; paper form: stage 2 on the group's timesteps only, no distillation)
   single/   the stage-1 base trained further by as many FLOPs as TDC's stage 2 costs
-  uniform/  the base pruned with one global ratio to TDC's mean sampling FLOPs, fine-tuned on all timesteps
-            for the FLOPs of TDC's stage 2
+  uniform/  the base pruned with one global ratio to TDC's mean sampling FLOPs (with --budget-unit time: to
+            TDC's sampling-step-weighted mean of its experts' measured time ratios, checked by timing it),
+            fine-tuned on all timesteps for the FLOPs of TDC's stage 2
   tdc-options/  (with --mix/--distill) TDC with those stage-2 options, its step count cut to the same compute
 So every arm has had stage 1 plus the same extra compute. The pooled comparison goes to out/report.html
 and out/results.json. Every stage resumes, so rerunning the same command continues an interrupted benchmark.
@@ -79,7 +81,7 @@ def make_setting(data: str, data_path: Path | None, reference_path: Path | None,
         setting.run.update({"base.steps": 30, "base.batch_size": 32, "base.warmup_steps": 5, "finetune.steps": 10,
                             "finetune.batch_size": 32, "finetune.warmup_steps": 2, "groups": 2,
                             "search.rounds": 1, "search.candidates_per_round": 2, "sample_steps": 5,
-                            "num_samples": 16})
+                            "num_samples": 16, "latency_batch": 8})
         if data != "digits":
             setting.run.update({"limit": 256, "image_size": 16})
             setting.reference.update({"limit": 256, "size": 16})
@@ -194,8 +196,7 @@ def train_further(model, run, extra_flops: int, out_dir: Path, description: str,
 
     c = run.config
     per_step = c.finetune.batch_size * 3 * count_flops(model, run.sample_shape)
-    config = replace(c.finetune, steps=max(1, round(extra_flops / per_step)), mix_fraction=0.0, distill_weight=0.0,
-                     feature_distill_weight=0.0, seed=c.seed * 100)
+    config = c.finetune.plain(steps=max(1, round(extra_flops / per_step)), seed=c.seed * 100)
     _say(f"  {description}: {config.steps} steps on all timesteps -> {out_dir}")
     train_images, _ = run.split()
     result = train(model, train_images, run.scheduler, config, out_dir, progress=progress, description=description)
@@ -227,10 +228,49 @@ def seed_config(args, setting: Setting, seed: int):
     overrides = {**setting.run, "seed": seed, "finetune.mix_fraction": 0.0, "finetune.distill_weight": 0.0}
     for key, value in (("k", args.k), ("groups", args.groups), ("grouping", args.grouping),
                        ("ordering", args.ordering), ("search.proposer", args.proposer), ("search.memory", args.memory),
-                       ("sampler", args.sampler), ("sample_steps", args.sample_steps)):
+                       ("sampler", args.sampler), ("sample_steps", args.sample_steps),
+                       ("budget_unit", args.budget_unit), ("mean_budget", args.mean_budget),
+                       ("search.depth", args.depth), ("latency_batch", args.latency_batch)):
         if value is not None:
             overrides[key] = value
     return apply_overrides(RunConfig(), overrides)
+
+
+def tdc_time_ratio(run, plan) -> float:
+    """TDC's sampling time as a fraction of the base's, from its experts' measured forward-time ratios
+    (prune/summary_i.json, at the run's latency batch), each weighted by how many of the sampler's visited
+    timesteps fall in its group: what one sampling run costs, per model call, as Router.trajectory_flops counts."""
+    import torch
+
+    from tdcdiff.pipeline import make_sampler
+
+    c = run.config
+    scheduler = make_sampler(c.sampler, run.scheduler)
+    scheduler.set_timesteps(c.sampling_steps)
+    groups = plan.grouping.group_of(torch.as_tensor(scheduler.timesteps.tolist(), dtype=torch.long)).tolist()
+    ratios = [json.loads((run.dir / "prune" / f"summary_{g}.json").read_text())["time_ratio"]
+              for g in range(len(plan.grouping))]
+    return sum(ratios[g] for g in groups) / len(groups)
+
+
+def uniform_fit(tdc, plan):
+    """The base pruned with one global ratio to TDC's sampling cost: FLOPs (plan.mean_fraction), or with
+    budget_unit time, TDC's measured time (tdc_time_ratio), checked by timing it (fit_to_measured_time).
+    Returns (FitResult, what it was matched on, for the notes)."""
+    from tdcdiff.prune.fit import fit_to_budget, fit_to_measured_time
+    from tdcdiff.prune.units import prunable_units, uniform_decision
+
+    base = tdc.base_model()
+    # fit_to_budget keeps only the ratios' relative sizes: equal ratios scale as one global ratio.
+    decision = uniform_decision(prunable_units(base), 0.5)
+    if tdc.config.budget_unit != "time":
+        fit = fit_to_budget(base, decision, round(plan.mean_fraction * plan.base_flops), tdc.sample_shape)
+        return fit, f"matched on FLOPs to TDC's timestep-weighted mean ({plan.mean_fraction:.1%})"
+    target, batch = tdc_time_ratio(tdc, plan), tdc.config.latency_batch
+    timed = fit_to_measured_time(base, decision, target, tdc.sample_shape, batch, tdc.latency_table(base))
+    return timed.fit, (f"matched on measured forward time at batch {batch} to TDC's sampling-step-weighted mean "
+                       f"of its experts' measured time ({target:.1%}): measured {timed.time_ratio:.1%} after "
+                       f"{len(timed.trail) - 1} budget correction(s)")
 
 
 def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
@@ -238,8 +278,6 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
     from tdcdiff.budget import Plan
     from tdcdiff.bundle import load_bundle
     from tdcdiff.evaluate import ModelEntry, evaluate
-    from tdcdiff.prune.fit import fit_to_budget
-    from tdcdiff.prune.units import prunable_units, uniform_decision
 
     seed_dir = out / f"seed_{seed}"
     config = seed_config(args, setting, seed)
@@ -259,10 +297,7 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
 
     single, single_model = train_further(tdc.base_model(), tdc, extra, seed_dir / "single", "single model", progress)
 
-    base = tdc.base_model()
-    # fit_to_budget keeps only the ratios' relative sizes: equal ratios scale as one global ratio.
-    fit = fit_to_budget(base, uniform_decision(prunable_units(base), 0.5), round(plan.mean_fraction * plan.base_flops),
-                        tdc.sample_shape)
+    fit, matched = uniform_fit(tdc, plan)
     uniform, uniform_model = train_further(fit.model, tdc, extra, seed_dir / "uniform", "uniform-pruned", progress)
     ratios = sorted({round(r, 3) for r in fit.decision.values()})
     ratio_note = (f"one global ratio {ratios[0]}" if len(ratios) == 1 else
@@ -275,10 +310,12 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
                    notes=f"stage-1 base ({c.base.steps} steps) + {single.steps} more steps on all timesteps"),
         ModelEntry("uniform-pruned", uniform_model, stage1 + uniform.train_flops,
                    notes=f"base pruned to {fit.flops / plan.base_flops:.1%} of its FLOPs ({ratio_note}, magnitude "
-                         f"importance), then {uniform.steps} steps on all timesteps"),
+                         f"importance; {matched}), then {uniform.steps} steps on all timesteps"),
         ModelEntry("TDC (one-stage)" if args.one_stage else "TDC", tdc_router, tdc_flops,
                    notes=f"{form}: {c.groups} groups ('{c.grouping}', k={c.k}, ordering '{c.ordering}', proposer "
-                         f"'{c.search.proposer}', memory {'on' if c.search.memory else 'off'}), {c.finetune.steps} "
+                         f"'{c.search.proposer}', memory {'on' if c.search.memory else 'off'}, {c.budget_unit} "
+                         f"budgets{'' if c.mean_budget is None else f' scaled to a mean of {c.mean_budget}'}, depth "
+                         f"{'on' if c.search.depth else 'off'}), {c.finetune.steps} "
                          "stage-2 steps per group on its own timesteps"),
     ]
     if args.mix or args.distill:
@@ -321,6 +358,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ordering", choices=("measured", "snr-high-hard", "snr-low-hard"), help="which groups are hard")
     p.add_argument("--proposer", choices=("evolution", "uniform", "llm"), help="pruning proposer")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None, help="proposer memory bank")
+    p.add_argument("--budget-unit", choices=("flops", "time"),
+                   help="what TDC's group budgets are fractions of (time: the base's measured forward time); with "
+                        "time, the uniform arm is matched on measured time too")
+    p.add_argument("--mean-budget", type=float, metavar="F",
+                   help="scale the k formula's budgets so their timestep-weighted mean is F of the base (0 < F <= 1)")
+    p.add_argument("--depth", action=argparse.BooleanOptionalAction, default=None,
+                   help="let TDC's pruning search also remove whole layers")
+    p.add_argument("--latency-batch", type=int, metavar="B", help="batch size at which forward time is measured")
     p.add_argument("--one-stage", action="store_true",
                    help="ablation: group models trained from scratch at their pruned shapes (stage 2 also gets stage 1's compute)")
     p.add_argument("--mix", type=float, help="also run TDC with this stage-2 mix fraction of all-timestep samples")
@@ -391,6 +436,8 @@ def main(argv=None) -> int:
         "run_settings": setting.run, "reference": setting.reference, "notes": setting.notes,
         "base_from": str(args.base_from) if args.base_from else None, "one_stage": args.one_stage,
         "swap_experts": args.swap_experts, "mix": args.mix, "distill": args.distill,
+        "budget_unit": args.budget_unit, "mean_budget": args.mean_budget, "depth": args.depth,
+        "latency_batch": args.latency_batch,
         "command": " ".join(["python", "bench/benchmark.py", *(argv if argv is not None else sys.argv[1:])]),
         "equal_compute": "every arm: stage 1 + the FLOPs of TDC's stage 2 (pruning-search proxy forwards not counted)",
         "wall_seconds": round(time.perf_counter() - started, 1),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from conftest import tiny_config  # noqa: E402
 from models_zoo import ddpm_pipeline, latent_pipeline  # noqa: E402
 
 from tdcdiff.bundle import load_bundle  # noqa: E402
-from tdcdiff.evaluate import _time_sampling  # noqa: E402
+from tdcdiff.evaluate import time_sampling  # noqa: E402
 from tdcdiff.pipeline import SamplingModel  # noqa: E402
 from tdcdiff.run import Run  # noqa: E402
 
@@ -54,9 +53,9 @@ def main() -> None:
         bundle = load_bundle(run.export_bundle())
         steps, t_max = 50, run.config.num_train_timesteps
         trajectory = list(range(t_max - 1, -1, -(t_max // steps)))
-        seconds = _time_sampling([SamplingModel(run.base_model()), SamplingModel(bundle.router)], run.scheduler,
-                                 sample_shape=run.sample_shape, sampler="ddim", steps=steps, batch=64, repeats=3,
-                                 num_classes=run.data.num_classes, clock=time.thread_time)
+        seconds = time_sampling([SamplingModel(run.base_model()), SamplingModel(bundle.router)], run.scheduler,
+                                sample_shape=run.sample_shape, sampler="ddim", steps=steps, batch=64, repeats=3,
+                                num_classes=run.data.num_classes)
         print(json.dumps({
             "kind": kind,
             "flops_error": [f"{s['flops'] / s['budget'] - 1:+.2%}" for s in summaries],

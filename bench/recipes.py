@@ -80,7 +80,7 @@ def recipe_configs(expert, base, run, steps: int) -> dict:
     from tdcdiff.train import step_flops
 
     shape = run.sample_shape
-    plain = replace(run.config.finetune, steps=steps, mix_fraction=0.0, distill_weight=0.0, feature_distill_weight=0.0)
+    plain = run.config.finetune.plain(steps=steps)
     budget = step_flops(expert, shape, plain) * steps
     configs = {}
     for name, (changes, factor) in RECIPES.items():

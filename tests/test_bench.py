@@ -40,6 +40,7 @@ def test_quick_benchmark_on_digits(quick_bench):
         assert compute[name] == pytest.approx(compute["TDC"], rel=0.03), compute
     flops = {m["name"]: m["sampling_flops"]["ratio"] for m in results["models"]}
     assert flops["TDC"] < 1 and flops["uniform-pruned"] < 1
+    assert "matched on FLOPs to TDC's timestep-weighted mean" in results["models"][1]["notes"]
     assert (out / "report.html").exists() and (out / "seed_0" / "tdc" / "bundle" / "manifest.json").exists()
     assert "single model" in done.stdout and "TDC vs single model" in done.stdout
     assert "held-out denoising loss" in done.stdout and "held-out bits/dim bound" in done.stdout
@@ -52,7 +53,10 @@ def test_quick_benchmark_on_digits(quick_bench):
 def test_ablation_reuses_the_stage1_base(quick_bench, tmp_path):
     source, _, cache = quick_bench
     out = tmp_path / "ablation"
-    done = bench("--out", out, "--set", "k=0.9", "--base-from", source, "--swap-experts", cache=cache)
+    # Also the speed arms: time budgets scaled to a mean of 0.8 (far from what a busy machine's timing could
+    # make unreachable), the uniform arm matched on measured time.
+    done = bench("--out", out, "--set", "k=0.9", "--base-from", source, "--swap-experts", "--budget-unit", "time",
+                 "--mean-budget", "0.8", cache=cache)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     base = "seed_0/tdc/base/final/model.safetensors"
@@ -63,6 +67,11 @@ def test_ablation_reuses_the_stage1_base(quick_bench, tmp_path):
     assert plans[0]["fractions"] != plans[1]["fractions"]
     results = json.loads((out / "results.json").read_text())
     assert results["bench"]["base_from"] == str(source)
+    assert plans[1]["mean_budget"] == 0.8 and plans[1]["mean_fraction"] == pytest.approx(0.8)
+    summaries = [json.loads((out / f"seed_0/tdc/prune/summary_{g}.json").read_text()) for g in (0, 1)]
+    assert all(s["budget_unit"] == "time" and s["time_corrections"] for s in summaries)
+    uniform = next(m for m in results["models"] if m["name"] == "uniform-pruned")
+    assert "matched on measured forward time at batch 8 to TDC's sampling-step-weighted mean" in uniform["notes"]
     # --swap-experts: TDC with one group's expert replaced by the single model, per group
     models = {m["name"]: m for m in results["models"]}
     assert list(models)[3:] == ["TDC, single model at group 0", "TDC, single model at group 1"]
@@ -83,13 +92,18 @@ def test_base_from_refuses_other_stage1_settings_or_missing_seeds_before_any_wor
         assert not (out / "seed_0").exists()  # seed 1's problem stopped the run before seed 0 started
 
 
-def test_base_from_names_an_unreadable_config(tmp_path, monkeypatch):
+def load_benchmark(monkeypatch):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("benchmark", REPO / "bench" / "benchmark.py")
     benchmark = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "benchmark", benchmark)  # dataclasses look their module up there
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_base_from_names_an_unreadable_config(tmp_path, monkeypatch):
+    benchmark = load_benchmark(monkeypatch)
     from tdcdiff.run import RunConfig
     from tdcdiff.train import FINAL_DIR
 
@@ -98,3 +112,25 @@ def test_base_from_names_an_unreadable_config(tmp_path, monkeypatch):
     (source / "config.json").write_text("{not json")
     problem = benchmark.base_source_problem(source, RunConfig())
     assert "config.json is unreadable (JSONDecodeError" in problem
+
+
+def test_tdc_time_is_its_experts_measured_time_weighted_by_the_sampling_steps_they_take(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from tdcdiff.budget import make_plan
+    from tdcdiff.grouping import make_groups
+    from tdcdiff.run import RunConfig
+    from tdcdiff.schedule import make_scheduler
+
+    benchmark = load_benchmark(monkeypatch)
+    scheduler = make_scheduler(1000)
+    plan = make_plan(make_groups("uniform", 2, scheduler), k=0.5, ordering="snr-low-hard", base_flops=1,
+                     sample_shape=(1, 8, 8))
+    (tmp_path / "prune").mkdir()
+    for g, ratio in enumerate((0.4, 0.8)):
+        (tmp_path / "prune" / f"summary_{g}.json").write_text(json.dumps({"time_ratio": ratio}))
+    # DDIM-3 ("trailing") visits t = 999, 666, 332: one step in group 0 (t < 500), two in group 1.
+    run = SimpleNamespace(config=RunConfig(sampler="ddim", sample_steps=3), scheduler=scheduler, dir=tmp_path)
+    assert benchmark.tdc_time_ratio(run, plan) == pytest.approx((0.4 + 2 * 0.8) / 3)
+    run.config.sample_steps = 4  # 999, 749, 499, 249: two steps each
+    assert benchmark.tdc_time_ratio(run, plan) == pytest.approx(0.6)

@@ -5,7 +5,9 @@ import random
 
 import pytest
 
-from tdcdiff.budget import allocate_from_curves, budget_fractions, curve_loss
+from tdcdiff.budget import Plan, allocate_from_curves, budget_fractions, curve_loss, make_plan
+from tdcdiff.grouping import make_groups
+from tdcdiff.schedule import make_scheduler
 
 
 def brute_force(curves, weights, budget):
@@ -96,3 +98,47 @@ def test_curve_loss_interpolates_between_measured_sizes():
 def test_bad_curves_are_rejected_with_the_fix(curves, weights, budget, message):
     with pytest.raises(ValueError, match=message):
         allocate_from_curves(curves, weights, budget)
+
+
+def _plan(**kwargs):
+    grouping = kwargs.pop("grouping", None) or make_groups("uniform", 4, make_scheduler(1000))
+    return make_plan(grouping, k=0.5, ordering="snr-low-hard", base_flops=1000, sample_shape=(1, 8, 8), **kwargs)
+
+
+def test_a_mean_budget_scales_the_papers_shape_to_the_asked_total():
+    # Paper's fractions for N=4, k=0.5: 0.625 0.75 0.875 1.0 (mean 0.8125); scaled by 0.6 / 0.8125 = 9.6 / 13.
+    plan = _plan(mean_budget=0.6)
+    assert plan.fractions == pytest.approx([6 / 13, 7.2 / 13, 8.4 / 13, 9.6 / 13])
+    assert plan.mean_fraction == pytest.approx(0.6) and plan.mean_budget == 0.6
+    assert _plan().fractions == [0.625, 0.75, 0.875, 1.0] and _plan().mean_budget is None
+
+
+def test_a_mean_budget_caps_fractions_at_one_and_rescales_the_rest():
+    # 0.95 / 0.8125 would push the two hardest groups above 1: they are capped, the others get 72/55 x the shape.
+    plan = _plan(mean_budget=0.95)
+    assert plan.fractions == pytest.approx([9 / 11, 54 / 55, 1.0, 1.0])
+    assert plan.mean_fraction == pytest.approx(0.95)
+    assert _plan(mean_budget=1.0).fractions == pytest.approx([1.0] * 4)
+
+
+def test_a_mean_budget_weights_groups_by_their_timesteps():
+    grouping = make_groups("snr", 3, make_scheduler(1000))
+    assert len({g.size for g in grouping.groups}) > 1  # unequal groups, else this test proves nothing
+    plan = _plan(grouping=grouping, mean_budget=0.5)
+    shape = _plan(grouping=grouping).fractions
+    assert plan.mean_fraction == pytest.approx(0.5)
+    assert [f / plan.fractions[0] for f in plan.fractions] == pytest.approx([f / shape[0] for f in shape])
+
+
+def test_a_mean_budget_is_saved_in_the_plan_and_old_plans_still_load():
+    plan = _plan(mean_budget=0.6)
+    data = plan.to_dict()
+    assert data["mean_budget"] == 0.6 and Plan.from_dict(data) == plan
+    del data["mean_budget"]  # a plan.json written before mean budgets existed
+    assert Plan.from_dict(data).mean_budget is None
+
+
+@pytest.mark.parametrize("bad", [0, -0.2, 1.5, float("nan")])
+def test_a_mean_budget_outside_0_1_names_the_fix(bad):
+    with pytest.raises(ValueError, match=r"mean_budget \(--mean-budget\) must be in \(0, 1\].*e\.g\. 0\.6"):
+        _plan(mean_budget=bad)

@@ -17,6 +17,8 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 CLI_CASES = [
     ("k zero", ["run", "--k", "0"], r"k must be in \(0, 1\]"),
     ("k above one", ["run", "--k", "1.5"], r"k must be in \(0, 1\]"),
+    ("mean budget above one", ["run", "--mean-budget", "1.5"],
+     r"mean_budget \(--mean-budget\) must be in \(0, 1\], .* got 1.5; e.g. 0.6, or leave it unset"),
     ("no groups", ["run", "--groups", "0"], "number of groups N must be >= 1"),
     ("more groups than timesteps", ["run", "--groups", "2000"], "N=2000 exceeds T=1000"),
     ("ten billion groups", ["run", "--groups", "10000000000"], "N=10000000000 exceeds T=1000"),

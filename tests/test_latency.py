@@ -101,10 +101,44 @@ def test_run_prunes_to_time_budgets_and_records_flops_and_time(tmp_path, monkeyp
     plan = run.plan()
     for s, fraction in zip(summaries, plan.fractions):
         assert s["budget_unit"] == "time" and s["budget"] == pytest.approx(fraction * table.base_seconds)
-        assert abs(s["estimated_time_ratio"] / fraction - 1) <= config.search.tolerance
+        trail = s["time_corrections"]  # the winner timed directly, then refitted while it missed the plan
+        assert 1 <= len(trail) <= 3 and trail[0]["budget_ratio"] == pytest.approx(fraction)
+        chosen = next(t for t in trail if t.get("measured_ratio") == s["time_ratio"])
+        assert chosen["flops"] == s["flops"] and chosen["estimated_ratio"] == pytest.approx(s["estimated_time_ratio"])
+        # A corrected budget above the base's time gets the base itself.
+        assert abs(s["estimated_time_ratio"] / min(chosen["budget_ratio"], 1.0) - 1) <= config.search.tolerance
         assert s["time_ratio"] > 0 and 0 < s["flops_ratio"] <= 1 and s["latency_batch"] == 4
         model = load_model(run.dir / "prune" / f"group_{s['group']}")
         assert removed_units(model) == [u for u, v in s["decision"].items() if ".resnets." in u and v]
     config.budget_unit = "flops"
     with pytest.raises(ValueError, match="setting 'budget_unit' differs .*'time' -> 'flops'.* stage 'prune' has already run"):
         Run(tmp_path / "run", config, progress=False).prune()
+
+
+@pytest.mark.parametrize("max_corrections, tolerance, tries", [(2, 0.0, 3), (0, 0.0, 1), (2, float("inf"), 1)])
+def test_fit_to_measured_time_corrects_the_budget_by_the_measured_miss(unets, tmp_path, max_corrections, tolerance,
+                                                                        tries):
+    """Each try is timed for real; a miss rescales the seconds budget by target / measured. Only the loop's
+    structure is asserted, never a timing value (tolerance 0 always misses, infinity never does)."""
+    from tdcdiff.flops import count_flops
+    from tdcdiff.prune.fit import fit_to_measured_time, measure_latency_table
+
+    plain, _ = unets
+    table = measure_latency_table(plain, DIGITS, 2, depth_units=False, max_levels=2, cache_dir=tmp_path,
+                                  repeats=1, warmup=0)
+    # Its units and levels, with changes that make every budget down to 0.3 reachable whatever this machine timed.
+    share = 0.7 * table.base_seconds / len(table.deltas)
+    table.deltas = {u: {level: -share * level for level in levels} for u, levels in table.deltas.items()}
+    timed = fit_to_measured_time(plain, {}, 0.7, DIGITS, 2, table, max_corrections=max_corrections,
+                                 tolerance=tolerance, repeats=1)
+    trail = timed.trail
+    assert len(trail) == tries and trail[0]["budget_ratio"] == pytest.approx(0.7)
+    measured = [t for t in trail if "measured_ratio" in t]
+    for before, after in zip(trail, trail[1:]):
+        if "error" in before:  # a corrected budget no pruning reaches: next, the closest reachable estimate
+            assert after["budget_ratio"] == pytest.approx(before["closest_ratio"])
+        else:
+            assert after["budget_ratio"] == pytest.approx(before["budget_ratio"] * 0.7 / before["measured_ratio"])
+    assert timed.time_ratio == min((t["measured_ratio"] for t in measured), key=lambda m: abs(m - 0.7))
+    assert count_flops(timed.fit.model, DIGITS) == timed.fit.flops
+    assert timed.fit.flops == next(t["flops"] for t in measured if t["measured_ratio"] == timed.time_ratio)

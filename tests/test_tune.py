@@ -33,6 +33,44 @@ def test_plan_lists_single_then_uniform_widths_then_the_tdc_grid():
     assert len({c["dir"] for c in plan}) == 11 and all(c["dir"].startswith("candidates/") for c in plan)
 
 
+def test_time_budget_uniform_time_and_depth_candidates_say_their_unit():
+    from tdcdiff.tune import TIME_BUDGET_K, TuneConfig, plan_candidates
+
+    config = TuneConfig(widths=(0.6,), ks=(0.3,), groups=(4,), time_budgets=(0.8, 0.6), uniform_time_budgets=(0.7,),
+                        depth=True)
+    plan = plan_candidates(config)
+    assert [c["name"] for c in plan] == [
+        "single", "uniform 0.6", "uniform time 0.7", "TDC k=0.3 N=4 snr", "TDC time 0.8 N=4 snr",
+        "TDC time 0.6 N=4 snr", "TDC k=0.3 N=4 snr depth=True", "TDC time 0.8 N=4 snr depth=True",
+        "TDC time 0.6 N=4 snr depth=True"]
+    assert plan[1]["budget_unit"] == "flops" and plan[2]["budget_unit"] == "time" and plan[2]["fraction"] == 0.7
+    assert plan[5]["settings"] == {"budget_unit": "time", "mean_budget": 0.6, "k": TIME_BUDGET_K, "groups": 4,
+                                   "grouping": "snr"}
+    assert plan[8]["settings"] == {**plan[5]["settings"], "search.depth": True}
+    assert len({c["dir"] for c in plan}) == len(plan)
+    # New kinds enter the saved plan settings only when used, so directories tuned before them still match.
+    assert set(TuneConfig().plan_settings()) == {"tune_steps", "widths", "ks", "groups", "groupings", "tdc_variants"}
+    assert config.plan_settings()["time_budgets"] == [0.8, 0.6] and config.plan_settings()["depth"] is True
+
+
+def test_curves_candidates_twin_the_k_grid_and_plan_fractions_are_checked():
+    from conftest import tiny_config
+    from tdcdiff.run import apply_overrides
+    from tdcdiff.tune import TuneConfig, plan_candidates
+
+    plan = plan_candidates(TuneConfig(widths=(), ks=(0.2, 0.4), groups=(2,), curves=True))
+    assert [(c["name"], c["kind"]) for c in plan] == [
+        ("single", "single"), ("TDC k=0.2 N=2 snr", "tdc"), ("TDC k=0.4 N=2 snr", "tdc"),
+        ("TDC curves k=0.2 N=2 snr", "tdc-curves"), ("TDC curves k=0.4 N=2 snr", "tdc-curves")]
+    assert TuneConfig(curves=True).plan_settings()["curves"] == {"sizes": [0.4, 0.6, 0.8, 1.0], "steps": 50}
+    with pytest.raises(ValueError, match=r"curve sizes must be fractions in \(0, 1\] .* include 1.0"):
+        TuneConfig(curves=True, curve_sizes=(0.5,)).validate()
+    assert apply_overrides(tiny_config(), {"plan_fractions": [0.5, 1]}).plan_fractions == [0.5, 1.0]
+    for bad in ([0.5], [0.0, 1.0], [0.5, 1.5]):
+        with pytest.raises(ValueError, match=r"plan_fractions must be one budget fraction in \(0, 1\] per group"):
+            apply_overrides(tiny_config(), {"plan_fractions": bad}).validate()
+
+
 def test_tdc_variants_cross_the_grid_with_run_settings():
     from tdcdiff.tune import TuneConfig, plan_candidates
 
@@ -48,6 +86,8 @@ def test_tdc_variants_cross_the_grid_with_run_settings():
     ({"fid_seeds": 1}, "--fid-seeds must be >= 2"),
     ({"groupings": ("equal",)}, "unknown grouping in ['equal']"),
     ({"max_quality_loss": -0.1}, "--max-quality-loss must be >= 0"),
+    ({"time_budgets": (0.0,)}, "--time-budget values must be in (0, 1]"),
+    ({"uniform_time_budgets": (1.0,)}, "--uniform-time-budget values must be in (0, 1)"),
 ])
 def test_bad_settings_are_refused(changes, message):
     from tdcdiff.tune import TuneConfig
@@ -164,6 +204,20 @@ def test_outputs_table_plot_choice_and_cost(tuned):
     rows = {r["name"]: r for r in results["rows"]}
     assert set(rows) == {"base", "single", "uniform 0.6", "TDC k=0.4 N=2 snr"}
     assert rows["base"]["quality_ratio"] == 1.0 and rows["base"]["train_flops"] == 0
+    # Screening: bits/dim with its SE, paired with the base image by image; the held-out loss beside it.
+    assert results["screening_measure"]["name"] == "held-out bits/dim bound"
+    assert results["screening_measure"]["strata"] == 16 and results["screening_measure"]["images"] > 100
+    assert rows["base"]["screening_gap"] == {"mean": 0.0, "se": 0.0}
+    for row in rows.values():
+        assert 0 < row["screening"] < 8 and 0 < row["screening_se"] < row["screening"] and row["held_out_loss"] > 0
+    gaps = [rows[n]["screening_gap"] for n in rows if n != "base"]
+    assert all(g["mean"] == pytest.approx(rows[n]["screening"] - rows["base"]["screening"])
+               for n, g in zip([n for n in rows if n != "base"], gaps))
+    # Paired: the shared images and noise cancel, so the difference is known better than either value.
+    assert all(g["se"] < max(rows[n]["screening_se"], rows["base"]["screening_se"])
+               for n, g in zip([n for n in rows if n != "base"], gaps))
+    table = (out / "table.csv").read_text().splitlines()[0]
+    assert "screening_se,screening_gap_mean,screening_gap_se" in table and "held_out_loss" in table
     assert rows["uniform 0.6"]["flops_ratio"] < 0.7 and rows["TDC k=0.4 N=2 snr"]["flops_ratio"] < 1
     assert len(results["finalists"]) == 2
     finalists = [rows[n] for n in results["finalists"]]
@@ -230,3 +284,96 @@ def test_cli_tune_bad_variant_is_refused_before_any_work(tmp_path):
         done = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "t"), "--variant", variant])
         assert done.exit_code == 2 and f"error: {message}" in done.output, done.output
         assert not (tmp_path / "t" / "base" / "base").exists()
+
+
+@pytest.mark.parametrize("index", ["-1", "3"])
+def test_cli_tune_out_of_range_candidate_is_refused_before_anything_is_written(tmp_path, index):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    source = tmp_path / "run"  # looks like a finished run: it must not even be copied
+    (source / "base" / "final").mkdir(parents=True)
+    (source / "config.json").write_text("{}")
+    done = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "t"), "--base-from", str(source), "--width", "0.6",
+                                    "--k", "0.4", "--groups", "2", "--candidate", index])
+    assert done.exit_code == 2, done.output
+    assert f"error: --candidate must be between 0 and 2 (the plan in {tmp_path / 't' / 'candidates.json'} has 3), " \
+           f"got {index}" in done.output.replace("\n", "")
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.slow
+def test_uniform_time_candidate_is_fitted_by_measured_time(tuned):
+    """A uniform candidate budgeted in forward time: fitted with the base's latency table, then timed beside it."""
+    from tdcdiff.tune import Tune
+
+    out, *_ = tuned
+    tune = Tune(out.parent / "time", tiny_tune(widths=(), ks=(), uniform_time_budgets=(0.7,)), base_from=out / "base",
+                progress=False)
+    assert [c["name"] for c in tune.candidates] == ["single", "uniform time 0.7"]
+    record = tune.run_candidate(1)
+    assert "failed" not in record, record
+    assert record["budget_unit"] == "time" and record["estimated_time_ratio"] == pytest.approx(0.7, abs=0.7 * 0.03)
+    assert 0 < record["time_ratio"] < 1.5 and record["latency_batch"] == 64
+    assert (out.parent / "time" / record["dir"] / "bundle" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_class_conditional_base_is_tuned_with_its_labels(tmp_path, monkeypatch):
+    """A class-conditional base through every phase: training, screening, FID and timing all need its labels
+    (train, FID and timing refuse a class-conditional model without them)."""
+    from conftest import tiny_config
+    from tdcdiff.bundle import load_bundle
+    from tdcdiff.tune import Tune, _bits_per_dim
+
+    monkeypatch.setenv("TDCDIFF_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(base_model="models_zoo:class_conditional_unet", base_model_steps=10)
+    tune = Tune(tmp_path / "tune", tiny_tune(tune_steps=2, finalists=1, fid_samples=10, batch=2), run_config=config,
+                progress=False)
+    results = tune.run_all()
+    rows = {r["name"]: r for r in results["rows"]}
+    assert set(rows) == {"base", "single", "uniform 0.6", "TDC k=0.4 N=2 snr"} and not results["failed"]
+    for name in ("single", "uniform 0.6", "TDC k=0.4 N=2 snr"):
+        bundle = load_bundle(rows[name]["bundle"])
+        assert bundle.manifest["conditioning"] == {"num_class_embeds": 10, "num_classes": 10, "null_class": None}
+    finalist = results["finalists"][0]
+    assert len(rows[finalist]["fid"]) == 2 and len(rows["base"]["fid"]) == 2
+    # Screening measured the held-out images with their own labels.
+    run = tune.base_run
+    router = load_bundle(rows["single"]["bundle"]).router.eval()
+    _, held_out = run.split()
+    labelled = _bits_per_dim(router, held_out, run.scheduler, seed=run.config.seed, labels=run.labels(router)[1])
+    unlabelled = _bits_per_dim(router, held_out, run.scheduler, seed=run.config.seed)
+    assert rows["single"]["screening"] == pytest.approx(labelled["value"], rel=1e-9)
+    assert labelled["value"] != pytest.approx(unlabelled["value"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_curves_candidate_allocates_the_papers_mean_budget_from_measured_curves(tuned):
+    from tdcdiff.budget import Plan
+    from tdcdiff.tune import Tune
+
+    out, *_ = tuned
+    settings = tiny_tune(tune_steps=20, widths=(), curves=True, curve_sizes=(0.6, 1.0), curve_steps=2)
+    tune = Tune(out.parent / "curves", settings, base_from=out / "base", progress=False)
+    assert [c["name"] for c in tune.candidates] == ["single", "TDC k=0.4 N=2 snr", "TDC curves k=0.4 N=2 snr"]
+    record = tune.run_candidate(2)
+    assert "failed" not in record, record
+    curves = record["curves"]
+    assert [[p["fraction"] for p in group] for group in curves] == [[0.6, 1.0], [0.6, 1.0]]
+    assert all(p["se"] > 0 and abs(p["loss"]) < 1 for group in curves for p in group)
+    allocations = record["allocations"]
+    paper, chosen = allocations["paper"], allocations["curves"]
+    assert sorted(paper["fractions"]) == pytest.approx([0.7, 1.0])  # N=2, k=0.4: 1/2 + 1/2 x 0.4, then 1
+    assert allocations["budget"] == pytest.approx(paper["mean_fraction"])
+    assert chosen["mean_fraction"] <= allocations["budget"] + 1e-9 and set(chosen["fractions"]) <= {0.6, 1.0}
+    assert paper["curve_loss"] is not None and chosen["curve_loss"] == pytest.approx(
+        sum(next(p["loss"] for p in group if p["fraction"] == f) for group, f in zip(curves, chosen["fractions"])))
+    # The TDC run pruned to the curves' fractions, and the curves' training is part of the same compute.
+    run_plan = Plan.load(out.parent / "curves" / record["dir"] / "plan" / "plan.json")
+    assert run_plan.fractions == chosen["fractions"]
+    spent = json.loads((out.parent / "curves" / "curves" / "N2-snr" / "curves.json").read_text())["train_flops"]
+    assert record["phases"]["curves"]["flops"] == spent > 0
+    assert record["train_flops"] == record["phases"]["stage2"]["flops"] + spent
+    assert abs(record["train_flops"] - tune.budget_flops()) / tune.budget_flops() < 0.5

@@ -1,7 +1,9 @@
 """Progressive FLOPs allocation: harder timestep groups get bigger denoisers.
 
 Group of difficulty rank i (1 = easiest .. N = hardest) gets FLOPs_g(i) = (i/N + (N-i)/N * k) * F,
-with F the FLOPs of the base model's forward pass and 0 < k <= 1 (the paper's linear formula). The other way,
+with F the FLOPs of the base model's forward pass and 0 < k <= 1 (the paper's linear formula). With a mean
+budget (`scale_to_mean`), the same shape is scaled so the timestep-weighted mean fraction is a given total. The
+other way,
 `allocate_from_curves`, picks each group's size from measured quality-against-size curves (an exact
 multiple-choice knapsack).
 """
@@ -29,6 +31,38 @@ def budget_fractions(num_groups: int, k: float) -> list[float]:
         raise ValueError(f"k must be in (0, 1] (the easiest group's share grows with k), got {k}")
     n = num_groups
     return [i / n + (n - i) / n * k for i in range(1, n + 1)]
+
+
+def scale_to_mean(fractions: list[float], weights: list[float], mean_budget: float) -> list[float]:
+    """The fractions scaled by one factor s, capped at 1, so that their weighted mean is mean_budget.
+
+    fractions: per group, its share of the base (the paper's shape, e.g. from budget_fractions), each > 0.
+    weights: each group's share of the T timesteps (group size / T; they sum to 1).
+    mean_budget: the target sum_g weights[g] x min(1, s x fractions[g]), in (0, 1].
+    Water-filling: s = (mean_budget - W_capped) / sum_{uncapped} weights[g] x fractions[g], where the groups
+    that s would push above 1 are capped at 1 and s is solved again until none is (s only grows as groups cap;
+    mean_budget <= 1 is always reachable, all ones at worst). The ratios between uncapped groups are kept.
+    Raises ValueError for a mean_budget outside (0, 1].
+    """
+    check_mean_budget(mean_budget)
+    capped: set[int] = set()
+    while True:
+        rest = sum(w * f for g, (w, f) in enumerate(zip(weights, fractions)) if g not in capped)
+        if rest <= 0:
+            return [1.0] * len(fractions)
+        s = (mean_budget - sum(weights[g] for g in capped)) / rest
+        over = {g for g, f in enumerate(fractions) if g not in capped and s * f >= 1}
+        if not over:
+            return [1.0 if g in capped else s * f for g, f in enumerate(fractions)]
+        capped |= over
+
+
+def check_mean_budget(mean_budget: float | None) -> None:
+    """Raise ValueError unless mean_budget is None or in (0, 1]."""
+    if mean_budget is not None and not (isinstance(mean_budget, (int, float)) and 0 < mean_budget <= 1):
+        raise ValueError(f"mean_budget (--mean-budget) must be in (0, 1], the timestep-weighted mean fraction of the "
+                         f"base that sampling costs, got {mean_budget}; e.g. 0.6, or leave it unset for the paper's "
+                         "formula")
 
 
 def difficulty_ranks(ordering: str, num_groups: int, sensitivity: list[float] | None = None) -> list[int]:
@@ -96,6 +130,7 @@ class Plan:
     fractions: list[float]
     sensitivity: list[float] | None = None
     provenance: dict = field(default_factory=dict)
+    mean_budget: float | None = None
 
     @property
     def budgets(self) -> list[int]:
@@ -113,6 +148,7 @@ class Plan:
             "format": "tdcdiff-plan/1",
             "grouping": self.grouping.to_dict(),
             "k": self.k,
+            "mean_budget": self.mean_budget,
             "ordering": self.ordering,
             "base_flops": self.base_flops,
             "flops_convention": "2 x multiply-accumulates, one forward pass, batch 1",
@@ -139,6 +175,7 @@ class Plan:
             data["fractions"],
             data.get("sensitivity"),
             data.get("provenance", {}),
+            data.get("mean_budget"),  # absent in plans written before it existed
         )
 
     def save(self, path: str | Path) -> Path:
@@ -167,12 +204,25 @@ def make_plan(
     sample_shape: tuple[int, int, int],
     sensitivity: list[float] | None = None,
     provenance: dict | None = None,
+    mean_budget: float | None = None,
 ) -> Plan:
-    """Assign each group its FLOPs fraction from its difficulty rank."""
+    """Assign each group its budget fraction of the base from its difficulty rank.
+
+    Without mean_budget, the paper's formula: rank i of N gets i/N + (N-i)/N x k (the hardest gets 1.0).
+    With mean_budget in (0, 1], those fractions f_i are scaled to min(1, s x f_i) with the one s that makes the
+    timestep-weighted mean (Plan.mean_fraction) equal mean_budget (see scale_to_mean): k and the ranks keep
+    their role, the ratios between uncapped groups, and the total is what is asked.
+    Raises ValueError for k outside (0, 1], mean_budget outside (0, 1], or a bad ordering/sensitivity.
+    """
     fractions_by_rank = budget_fractions(len(grouping), k)
+    check_mean_budget(mean_budget)
     ranks = difficulty_ranks(ordering, len(grouping), sensitivity)
     fractions = [fractions_by_rank[r - 1] for r in ranks]
-    return Plan(grouping, k, ordering, base_flops, tuple(sample_shape), ranks, fractions, sensitivity, provenance or {})
+    if mean_budget is not None:
+        total = grouping.num_train_timesteps
+        fractions = scale_to_mean(fractions, [g.size / total for g in grouping.groups], mean_budget)
+    return Plan(grouping, k, ordering, base_flops, tuple(sample_shape), ranks, fractions, sensitivity,
+                provenance or {}, mean_budget)
 
 
 @dataclass

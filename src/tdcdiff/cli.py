@@ -77,6 +77,7 @@ BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Training
 Groups = Annotated[Optional[int], typer.Option("--groups", "-n", help="N, the number of timestep groups.")]
 Grouping = Annotated[Optional[str], typer.Option(help="How to split timesteps: snr, uniform, loss.")]
 K = Annotated[Optional[float], typer.Option("-k", "--k", help="0 < k <= 1: the easiest group gets (1/N + (N-1)/N k) of the base FLOPs.")]
+MeanBudget = Annotated[Optional[float], typer.Option("--mean-budget", help="0 < B <= 1: scale the k formula's budgets so their timestep-weighted mean is B of the base (default: unscaled).")]
 Ordering = Annotated[Optional[str], typer.Option(help="Which groups are hard: measured, snr-high-hard, snr-low-hard.")]
 Proposer = Annotated[Optional[str], typer.Option(help="Pruning proposer: evolution, uniform, llm.")]
 Rounds = Annotated[Optional[int], typer.Option(help="Search rounds per group.")]
@@ -105,7 +106,7 @@ _SETTINGS = {
     "data": "data", "image_size": "image_size", "channels": "channels", "limit": "limit", "model": "model",
     "attention": "attention", "timesteps": "num_train_timesteps", "schedule": "beta_schedule",
     "prediction": "prediction_type", "base_steps": "base.steps", "base_lr": "base.lr", "groups": "groups",
-    "grouping": "grouping", "k": "k", "ordering": "ordering", "proposer": "search.proposer",
+    "grouping": "grouping", "k": "k", "mean_budget": "mean_budget", "ordering": "ordering", "proposer": "search.proposer",
     "rounds": "search.rounds", "candidates": "search.candidates_per_round", "memory": "search.memory",
     "importance": "search.importance", "budget_unit": "budget_unit", "latency_batch": "latency_batch",
     "depth": "search.depth", "finetune_steps": "finetune.steps", "finetune_lr": "finetune.lr",
@@ -166,7 +167,7 @@ def run_command(
     channels: Channels = None, limit: Limit = None, model: Model = None, attention: Attention = None,
     timesteps: Timesteps = None, schedule: Schedule = None, prediction: Prediction = None,
     base_steps: BaseSteps = None, base_lr: BaseLr = None, batch_size: BatchSize = None, groups: Groups = None,
-    grouping: Grouping = None, k: K = None, ordering: Ordering = None, proposer: Proposer = None,
+    grouping: Grouping = None, k: K = None, mean_budget: MeanBudget = None, ordering: Ordering = None, proposer: Proposer = None,
     rounds: Rounds = None, candidates: Candidates = None, memory: Memory = None, importance: Importance = None,
     budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None, depth: Depth = None, finetune_steps: FtSteps = None, finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None, feature_distill: FeatureDistill = None,
     sampler: Sampler = None, sample_steps: SampleSteps = None, num_samples: NumSamples = None, seed: Seed = None,
@@ -210,12 +211,12 @@ def train_base_command(
 @app.command("plan")
 def plan_command(
     out: RunDir = Path("runs/digits"), groups: Groups = None, grouping: Grouping = None, k: K = None,
-    ordering: Ordering = None, budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None,
+    mean_budget: MeanBudget = None, ordering: Ordering = None, budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None,
     depth: Depth = None, quiet: Quiet = False,
 ):
     """Group the timesteps and assign budgets (needs a trained base in the run directory)."""
     try:
-        run = _open_run(out, None, not quiet, groups=groups, grouping=grouping, k=k, ordering=ordering,
+        run = _open_run(out, None, not quiet, groups=groups, grouping=grouping, k=k, mean_budget=mean_budget, ordering=ordering,
                         budget_unit=budget_unit, latency_batch=latency_batch, depth=depth)
         plan = run.plan()
         timed = run.config.budget_unit == "time"
@@ -382,34 +383,45 @@ def tune_command(
     groups: Annotated[Optional[list[int]], typer.Option("--groups", "-n", help="TDC number of groups N (repeat; default 2 4).")] = None,
     grouping: Annotated[Optional[list[str]], typer.Option("--grouping", help="TDC grouping: snr, uniform, loss (repeat; default snr).")] = None,
     variant: Annotated[Optional[list[str]], typer.Option("--variant", help="Also try every TDC grid point with these settings, KEY=VALUE[,KEY=VALUE] (repeat), e.g. finetune.mix_fraction=0.2.")] = None,
+    time_budget: Annotated[Optional[list[float]], typer.Option("--time-budget", help="Also TDC candidates whose mean sampling time is this fraction of the base's, measured (repeat, e.g. --time-budget 0.8 --time-budget 0.6).")] = None,
+    uniform_time_budget: Annotated[Optional[list[float]], typer.Option("--uniform-time-budget", help="Also uniform pruning fitted to this fraction of the base's measured forward time (repeat).")] = None,
+    depth: Annotated[bool, typer.Option("--depth", help="Also try every TDC candidate with depth pruning (whole layers kept or removed).")] = False,
+    curves: Annotated[bool, typer.Option("--curves", help="Also, per TDC grid point, the same mean budget split across groups by measured quality curves (budget.allocate_from_curves).")] = False,
+    curve_steps: Annotated[int, typer.Option("--curve-steps", help="With --curves: stage-2 steps behind each point of a group's curve (counted in the candidate's compute).")] = 50,
     candidate: Annotated[Optional[int], typer.Option("--candidate", help="Train only this candidate (0-based, see candidates.json), e.g. one job each.")] = None,
     finalists: Annotated[int, typer.Option(help="Candidates (best by the screening measure) that get paired-seed FID/KID.")] = 3,
     fid_seeds: Annotated[int, typer.Option("--fid-seeds", help="Sampling seeds for FID/KID (>= 2: the paired rule).")] = 3,
     fid_samples: Annotated[int, typer.Option("--fid-samples", help="Images per model and seed for FID/KID.")] = 512,
     batch: Annotated[int, typer.Option("--batch", help="Your sampling batch size: the frontier's time axis.")] = 64,
-    max_quality_loss: Annotated[Optional[float], typer.Option("--max-quality-loss", help="Also accept a candidate at most this much worse than the base on the screening measure (relative, 0.02 = 2%).")] = None,
+    max_quality_loss: Annotated[Optional[float], typer.Option("--max-quality-loss", help="Also accept a candidate at most this much worse than the base on the screening measure, held-out bits/dim (relative, 0.02 = 2%).")] = None,
     price_per_hour: Annotated[Optional[float], typer.Option("--price-per-hour", help="Machine price per hour: adds the cost per 1,000 images before and after.")] = None,
     quiet: Quiet = False,
 ):
     """The quality-speed frontier of one base and the fastest candidate as good as it, with its cost and return.
 
-    Every candidate (the base fine-tuned, uniform widths, TDC over k, N and grouping) gets the same training
-    compute; all are screened on held-out images, the best few get paired-seed FID/KID. Writes frontier.png,
+    Every candidate (the base fine-tuned, uniform widths by FLOPs or measured time, TDC over k, N and grouping,
+    by time budget, with depth pruning, or with budgets from measured curves) gets the same training compute; all
+    are screened on held-out images (bits/dim, paired), the best few get paired-seed FID/KID. Writes frontier.png,
     table.csv, results.json, cost.csv, return.csv and chosen/ into the tune directory. Rerunning skips finished candidates.
     """
     from dataclasses import replace
 
-    from .tune import TuneConfig, Tune, cost_rows, format_rows, table_rows
+    from .tune import TuneConfig, Tune, check_candidate, cost_rows, format_rows, plan_candidates, table_rows
 
-    flags = {k_: v for k_, v in locals().items() if k_ in _SETTINGS and k_ not in ("k", "groups", "grouping")}
+    flags = {k_: v for k_, v in locals().items() if k_ in _SETTINGS and k_ not in ("k", "groups", "grouping", "depth")}
     settings = TuneConfig(tune_steps=tune_steps, finalists=finalists, fid_seeds=fid_seeds, fid_samples=fid_samples,
-                          batch=batch, max_quality_loss=max_quality_loss, price_per_hour=price_per_hour)
-    for name, value in (("widths", width), ("ks", k), ("groups", groups), ("groupings", grouping)):
+                          batch=batch, max_quality_loss=max_quality_loss, price_per_hour=price_per_hour, depth=depth,
+                          curves=curves, curve_steps=curve_steps)
+    for name, value in (("widths", width), ("ks", k), ("groups", groups), ("groupings", grouping),
+                        ("time_budgets", time_budget), ("uniform_time_budgets", uniform_time_budget)):
         if value:
             settings = replace(settings, **{name: tuple(value)})
     try:
         if variant:
             settings = replace(settings, tdc_variants=({}, *(_key_values(v) for v in variant)))
+        if candidate is not None:  # before Tune, which copies --base-from into the tune directory
+            settings.validate()
+            check_candidate(candidate, plan_candidates(settings), out / "candidates.json")
         tune = Tune(out, settings, overrides=_overrides(config, **flags), base_from=base_from, progress=not quiet)
         if candidate is not None:
             record = tune.run_candidate(candidate)

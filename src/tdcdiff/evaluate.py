@@ -8,6 +8,8 @@ measured interleaved in the same process, because the machines this runs on are 
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import platform
 import re
@@ -125,25 +127,40 @@ def balanced_labels(model: nn.Module, num_images: int, num_classes: int | None) 
     return torch.arange(num_images) % num_classes
 
 
-def _time_sampling(models: list, scheduler, *, sample_shape, sampler, steps, batch, repeats,
-                   num_classes: int | None = None, clock: Callable[[], float] = time.perf_counter) -> list[float]:
-    """Median seconds of one full sampling run at `batch`, per model (SamplingModel), with the models' runs
-    interleaved.
+def time_sampling(models: list, scheduler, *, sample_shape, sampler, steps, batch, repeats,
+                  num_classes: int | None = None, clock: Callable[[], float] | None = None) -> list[float]:
+    """The median duration of one full sampling run (`steps` steps of `sampler`, `batch` images in one batch) of
+    each model, in seconds of `clock`; returns one float per model, in the order given.
 
-    clock: what a second is: wall clock by default; time.process_time counts this process's CPU time only,
-    which other processes on a shared machine do not inflate."""
+    models: pipeline.SamplingModel runners (their fast path is what is timed). num_classes: the data's class
+        count, for class-conditional models (each run samples class-balanced labels, see `balanced_labels`).
+    clock: None: on a CPU, thread CPU time with one intra-op thread (latency.one_thread), which other processes
+        on a shared machine do not inflate (ECOSYSTEM-FACTS.md, timing); on a GPU, wall seconds (sampling
+        returns images on the CPU, which waits for the GPU). Or any clock, e.g. time.perf_counter.
+    Interleaved: there are repeats + 1 rounds and each round runs every model once, in order, with the round's
+    seed (the same noise for every model); the first round warms caches and allocators up and is not counted,
+    so slow drift of a shared machine hits every model alike.
+    Raises what pipeline.sample raises (e.g. ValueError for an unknown sampler).
+    """
+    from .latency import device_of, one_thread
     from .pipeline import sample
 
+    on_cpu = device_of(models[0].model).type == "cpu"
+    clock = clock or (time.thread_time if on_cpu else time.perf_counter)
     times: list[list[float]] = [[] for _ in models]
-    for repeat in range(repeats + 1):
-        for i, model in enumerate(models):
-            start = clock()
-            sample(model, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps, num_images=batch,
-                   batch_size=batch, seed=repeat, progress=False,
-                   class_labels=balanced_labels(model.model, batch, num_classes))
-            if repeat:  # the first round warms up caches and allocators; it is not counted
-                times[i].append(clock() - start)
+    with one_thread() if on_cpu else contextlib.nullcontext():
+        for repeat in range(repeats + 1):
+            for i, model in enumerate(models):
+                start = clock()
+                sample(model, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps, num_images=batch,
+                       batch_size=batch, seed=repeat, progress=False,
+                       class_labels=balanced_labels(model.model, batch, num_classes))
+                if repeat:  # the first round warms up caches and allocators; it is not counted
+                    times[i].append(clock() - start)
     return [statistics.median(t) for t in times]
+
+
+TIMING_CLOCK = "thread CPU time with one thread on a CPU, wall clock on a GPU"
 
 
 HELD_OUT_IMAGES = 256  # images per timestep in the held-out loss, and images in the bits/dim bound
@@ -286,8 +303,8 @@ def evaluate(
     timing = {}
     for batch in timing_batches:
         say(f"  timing sampling at batch {batch} ({timing_repeats} interleaved repeats)")
-        timing[batch] = _time_sampling(runners, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
-                                       batch=batch, repeats=timing_repeats, num_classes=num_classes)
+        timing[batch] = time_sampling(runners, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
+                                      batch=batch, repeats=timing_repeats, num_classes=num_classes)
     first = records[0]
     for i, record in enumerate(records):
         record["sampling_flops"]["ratio"] = record["sampling_flops"]["per_image"] / first["sampling_flops"]["per_image"]
@@ -309,7 +326,7 @@ def evaluate(
             "flops": f"{FLOPS_CONVENTION}; per image, summed over the sampling steps actually taken "
                      "(a router counts the expert it calls at each step)",
             "sampling_path": " / ".join(dict.fromkeys(f"{r.compile}/{r.precision}" for r in runners)),
-            "time": f"wall-clock of one full {sampler}-{steps} sampling run at each batch size, median of "
+            "time": f"{TIMING_CLOCK}: one full {sampler}-{steps} sampling run at each batch size, median of "
                     f"{timing_repeats} runs interleaved across models after one warm-up; ratios are to "
                     f"'{first['name']}' measured in the same process",
             "memory": "weights: parameter + buffer bytes of every loaded expert; peak activations: "

@@ -67,6 +67,10 @@ class RunConfig:
         resize / convert / subsample it. model: UNet preset (default: chosen from image size and channels).
     num_train_timesteps, beta_schedule, prediction_type: the noise schedule.
     base: stage-1 training. groups, grouping, k, ordering: timestep groups and their budgets.
+    mean_budget: None for the paper's formula (the hardest group gets the whole base); a number in (0, 1] scales
+        that shape so the timestep-weighted mean budget is this fraction of the base (budget.make_plan).
+    plan_fractions: each group's budget fraction given explicitly, in group (timestep) order, instead of the
+        paper's formula from k and the ordering (e.g. budget.allocate_from_curves); one per group, each in (0, 1].
     budget_unit: what a group's budget fraction is of: "flops" (the base's FLOPs) or "time" (the base's
         forward time measured on this device at latency_batch samples, fitted from a cached per-unit latency
         table). Every pruned expert's FLOPs and measured time are recorded either way.
@@ -95,7 +99,9 @@ class RunConfig:
     groups: int = 4
     grouping: str = "snr"
     k: float = 0.5
+    mean_budget: float | None = None
     ordering: str = "measured"
+    plan_fractions: list[float] | None = None
     budget_unit: str = "flops"
     latency_batch: int = 64
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -119,7 +125,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check every setting up front, so a bad one fails before hours of training, not after."""
-        from .budget import ORDERINGS, budget_fractions
+        from .budget import ORDERINGS, budget_fractions, check_mean_budget
         from .grouping import STRATEGIES
         from .pipeline import SAMPLERS
 
@@ -156,11 +162,18 @@ class RunConfig:
              "base_model_steps continues a given model: set base_model (--base) too, or use base.steps"),
             (self.budget_unit in BUDGET_UNITS, f"unknown budget unit {self.budget_unit!r}; choose one of {BUDGET_UNITS}"),
             (self.latency_batch >= 1, f"latency_batch must be >= 1, got {self.latency_batch}"),
+            (self.plan_fractions is None or (len(self.plan_fractions) == self.groups
+                                             and all(0 < f <= 1 for f in self.plan_fractions)),
+             f"plan_fractions must be one budget fraction in (0, 1] per group (N={self.groups}), got "
+             f"{self.plan_fractions}; give N values or leave it unset for the formula from k"),
+            (self.plan_fractions is None or self.mean_budget is None,
+             "plan_fractions and mean_budget both set the budgets; give one of them"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         budget_fractions(self.groups, self.k)  # after N <= T: it allocates per group
+        check_mean_budget(self.mean_budget)
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
@@ -326,7 +339,7 @@ def load_config_file(path: str | Path) -> dict:
 _STAGE_OF_SETTING = {
     **{k: "base" for k in ("data", "image_size", "channels", "limit", "model", "attention", "num_train_timesteps",
                            "beta_schedule", "prediction_type", "base", "seed", "base_model", "base_model_steps")},
-    **{k: "plan" for k in ("groups", "grouping", "k", "ordering")},
+    **{k: "plan" for k in ("groups", "grouping", "k", "mean_budget", "ordering", "plan_fractions")},
     **{k: "prune" for k in ("search", "budget_unit", "latency_batch")},
     "finetune": "finetune",
 }
@@ -623,6 +636,11 @@ class Run:
         explicit = c.finetune.null_class if c.finetune.null_class is not None else c.base.null_class
         return classes - 1 if explicit is None else explicit
 
+    def conditioning(self, model) -> dict | None:
+        """A bundle's "conditioning" for experts like `model`: class ids of the data and the null class; None for
+        an unconditional model."""
+        return _conditioning(model, self.data.num_classes, self.null_class(model))
+
     def sample_labels(self, model, num_images: int) -> torch.Tensor | None:
         """Class-balanced labels (i % classes) for a class-conditional model's samples; None otherwise."""
         from .evaluate import balanced_labels
@@ -737,9 +755,12 @@ class Run:
                                               labels=held_labels)
         plan = make_plan(
             grouping, k=c.k, ordering=c.ordering, base_flops=count_flops(base, self.sample_shape),
-            sample_shape=self.sample_shape, sensitivity=sensitivity,
+            sample_shape=self.sample_shape, sensitivity=sensitivity, mean_budget=c.mean_budget,
             provenance={"data": self.data.describe(), "base": str(self.dir / "base")},
         )
+        if c.plan_fractions is not None:  # given explicitly: the formula's fractions are replaced, ranks kept
+            plan = replace(plan, fractions=list(c.plan_fractions),
+                           provenance={**plan.provenance, "fractions": "plan_fractions"})
         plot_grouping(grouping, scheduler, self.dir / "plan" / "grouping.png", budgets=plan.fractions)
         plan.save(path)
         return plan
@@ -747,6 +768,7 @@ class Run:
     @_writes
     def prune(self, group: int | None = None) -> list[dict]:
         """Proxy-based pruning: one pruned model per group, meeting its budget. Returns per-group summaries."""
+        from .prune.fit import FitResult, fit_to_measured_time
         from .prune.proxy import Proxy, ProxyBatch
         from .prune.search import search
 
@@ -786,14 +808,30 @@ class Run:
                 progress=self.progress, log_path=self.dir / "prune" / f"search_{i}.jsonl", latency=table,
             )
             result.memory.save(self.dir / "prune" / f"memory_{i}.json")
+            trail = None
+            if table is not None:
+                # The table's estimate is not the expert's time: time the winner directly and refit its
+                # decision to a corrected budget where the measured time misses the plan.
+                timed = fit_to_measured_time(
+                    base, result.decision, plan.fractions[i], self.sample_shape, c.latency_batch, table,
+                    fitted=FitResult(result.model, result.decision, result.flops, budget, 1.0, result.seconds),
+                    tolerance=settings.tolerance, importance=settings.importance, units=settings.units,
+                    ignored_layers=settings.ignored_layers, num_heads=settings.num_heads,
+                    calibration=proxy.calibration(settings.seed) if settings.importance == "taylor" else None,
+                )
+                time_ratio, trail, fit = timed.time_ratio, timed.trail, timed.fit
+                if fit.model is not result.model:
+                    result = replace(result, model=fit.model, decision=fit.decision, flops=fit.flops,
+                                     seconds=fit.seconds, score=float(proxy.score(fit.model)))
+            else:  # time it directly, side by side with the base
+                time_ratio = time_ratios([base, result.model], self.sample_shape, c.latency_batch)[1]
             save_model(result.model, out)
-            # The table's estimate is not the expert's time: time it directly, side by side with the base.
-            time_ratio = time_ratios([base, result.model], self.sample_shape, c.latency_batch)[1]
             summary = {
                 "group": i, "budget": budget, "budget_unit": c.budget_unit, "fraction": plan.fractions[i],
                 "flops": result.flops, "flops_ratio": result.flops / plan.base_flops,
                 "time_ratio": time_ratio, "latency_batch": c.latency_batch,
                 "estimated_time_ratio": result.seconds / table.base_seconds if table is not None else None,
+                "time_corrections": trail,
                 "decision": result.decision,
                 "proxy_score": result.score, "proxy_space": c.search.proxy_space, "proposer": c.search.proposer,
                 "candidates": len(result.memory.entries),
@@ -857,7 +895,7 @@ class Run:
             expert_flops=[count_flops(e, self.sample_shape) for e in experts], base_flops=plan.base_flops,
             budgets=plan.budgets, expert_training=training,
             provenance={"data": self.data.describe(), "config": self.config.to_dict(), "training_flops": train_flops},
-            conditioning=_conditioning(experts[0], self.data.num_classes, self.null_class(experts[0])),
+            conditioning=self.conditioning(experts[0]),
             vae=self.vae,
         )
 

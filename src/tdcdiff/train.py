@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -104,6 +104,11 @@ class TrainConfig:
     def uses_teacher(self) -> bool:
         """True when the settings ask for a teacher (output or feature distillation)."""
         return self.distill_weight > 0 or self.feature_distill_weight > 0
+
+    def plain(self, **changes) -> "TrainConfig":
+        """These settings with every stage-2 option off (no timestep mix, no output or feature distillation),
+        as for a model trained on all timesteps without a teacher; `changes` as for dataclasses.replace."""
+        return replace(self, mix_fraction=0.0, distill_weight=0.0, feature_distill_weight=0.0, **changes)
 
 
 @dataclass

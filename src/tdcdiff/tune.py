@@ -2,9 +2,11 @@
 and what tuning cost against what it returns.
 
 From one stage-1 base, every candidate is fine-tuned with the SAME training compute (FLOPs): the base itself
-("single", the equal-compute reference), the base pruned to one uniform width, and TDC runs over k, N and the
-grouping strategy. All are screened with a cheap held-out measure (paired with the base: same images, same
-noise); the best few by it get paired-seed FID/KID against the base; the chosen candidate is the fastest one
+("single", the equal-compute reference), the base pruned to one uniform width (of its FLOPs or measured time),
+and TDC runs over k, N and the grouping strategy, by time budget, with depth pruning, or with the groups'
+budgets allocated from measured quality curves. All are screened with the held-out bits/dim bound (paired with
+the base: same images, timesteps and noise; the held-out denoising loss beside it); the best few by it get
+paired-seed FID/KID against the base; the chosen candidate is the fastest one
 whose quality is tied with or better than the base's by the paired rule, or within `max_quality_loss`.
 
     tune_dir/
@@ -14,7 +16,8 @@ whose quality is tied with or better than the base's by the paired rule, or with
       phases.json          wall and CPU time (and training FLOPs) of stage 1, screening and finalists
       candidates/NN-name/  one candidate: a TDC run directory, or pruned/ + train/ + bundle/ for single and
                            uniform; result.json when it has finished (its phases' time and FLOPs)
-      screening.json       the screening measure per model; fid.json: the finalists' FID/KID per seed
+      curves/              quality curves per (N, grouping) for the "TDC curves" candidates; sizes/: pruned sizes
+      screening.json       bits/dim (per image, for pairing) and held-out loss per model; fid.json: FID/KID per seed
       results.json, table.csv, frontier.png    the frontier: quality against sampling time and FLOPs
       cost.json, cost.csv, return.csv    what the chosen bundle cost and returns
       chosen/ + chosen.json    the chosen bundle (a copy) and which rule chose it
@@ -28,7 +31,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -45,9 +48,10 @@ PLAN_FORMAT = "tdcdiff-tune-plan/1"
 class ScreeningMeasure:
     """A cheap quality measure of a denoiser on held-out images; lower is better.
 
-    name, unit: shown in tables and plots. measure(model, held_out, scheduler, seed=...) returns
-    {"value": float, "se": float or None} with the same images and noise for every model given the same seed,
-    so two models' values are paired.
+    name, unit: shown in tables and plots. measure(model, held_out, scheduler, seed=..., labels=...) returns
+    {"value": float, "se": float or None} and, where the measure has one value per image, "per_image" (a list),
+    with the same images and noise for every model given the same seed, so two models' values are paired.
+    labels: the held-out images' class ids for a class-conditional model, else None.
     """
 
     name: str
@@ -55,14 +59,42 @@ class ScreeningMeasure:
     measure: Callable[..., dict]
 
 
-def _held_out_loss(model, held_out: torch.Tensor, scheduler, *, seed: int) -> dict:
+def _held_out_loss(model, held_out: torch.Tensor, scheduler, *, seed: int, labels: torch.Tensor | None = None) -> dict:
     from .evaluate import held_out_loss
 
-    return {"value": held_out_loss(model, held_out, scheduler, seed=seed)["all"], "se": None}
+    return {"value": held_out_loss(model, held_out, scheduler, seed=seed, labels=labels)["all"], "se": None}
+
+
+def _bits_per_dim(model, held_out: torch.Tensor, scheduler, *, seed: int, labels: torch.Tensor | None = None) -> dict:
+    from .evaluate import BPD_SAMPLES, HELD_OUT_IMAGES
+    from .likelihood import nll_bound
+
+    n = HELD_OUT_IMAGES
+    bound = nll_bound(model, held_out[:n], scheduler, samples=BPD_SAMPLES, seed=seed,
+                      labels=None if labels is None else labels[:n])
+    total = bound.summary()["total"]
+    return {"value": total["mean"], "se": total["se"], "per_image": bound.total.tolist()}
 
 
 HELD_OUT_LOSS = ScreeningMeasure("held-out denoising loss", "MSE of the training target, mean over t", _held_out_loss)
-SCREENING = HELD_OUT_LOSS  # the measure tune screens with (a bits/dim bound can take its place here)
+BITS_PER_DIM = ScreeningMeasure(
+    "held-out bits/dim bound", "bits/dim (variational bound on the NLL of 8-bit images; likelihood.nll_bound on the "
+    "first evaluate.HELD_OUT_IMAGES held-out images, evaluate.BPD_SAMPLES log-SNR strata)", _bits_per_dim)
+SCREENING = BITS_PER_DIM  # the measure tune ranks candidates with; HELD_OUT_LOSS is recorded beside it
+
+
+def paired(values: list[float], reference: list[float]) -> dict:
+    """Mean and standard error of values - reference, image by image ({"mean", "se"}; se NaN for one image).
+    Raises ValueError when the two lists differ in length (not measured on the same images)."""
+    if len(values) != len(reference):
+        raise ValueError(f"cannot pair {len(values)} per-image values with {len(reference)}; measure both on the "
+                         "same images")
+    import math
+    import statistics
+
+    diff = [a - b for a, b in zip(values, reference)]
+    se = statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    return {"mean": statistics.fmean(diff), "se": se}
 
 
 # -- settings and the candidate plan -----------------------------------------------------------------------
@@ -76,12 +108,22 @@ class TuneConfig:
     ks, groups, groupings: the TDC grid (budget slope k, number of groups N, grouping strategy).
     tdc_variants: RunConfig dotted-key settings crossed with that grid, one TDC candidate each, e.g.
         ({}, {"finetune.mix_fraction": 0.2}) tries every grid point with and without a stage-2 mix.
+    time_budgets: TDC candidates budgeted in measured forward time: for each value F and each N and grouping,
+        the paper's fractions at k = TIME_BUDGET_K scaled so that their timestep-weighted mean is F of the
+        base's time (RunConfig budget_unit "time", mean_budget F).
+    uniform_time_budgets: uniform-pruning levels fitted to this fraction of the base's measured forward time
+        (the run's latency table at its latency_batch) instead of FLOPs.
+    depth: also try every TDC candidate with depth pruning (search.depth: whole layers kept or removed).
+    curves: also, for each TDC grid point, a "TDC curves" candidate: the same groups and mean budget as the
+        paper's formula gives, split across groups by measured quality curves (Tune.measure_curves: each group's
+        held-out bits/dim share at curve_sizes, fractions of the base's FLOPs, after curve_steps stage-2 steps
+        there; budget.allocate_from_curves). The curves' training counts in the candidate's compute.
     finalists: how many candidates (best by the screening measure) get paired-seed FID/KID.
     fid_seeds, fid_samples: sampling seeds (at least 2, for the paired rule) and images per seed for FID/KID.
     batch: the user's sampling batch size: the frontier's time axis.
     timing_repeats: timed sampling runs per model and batch (interleaved, after one warm-up; median).
-    max_quality_loss: also accept a candidate whose screening value is at most this much worse than the
-        base's, relatively (0.02 = 2%); None: only the paired FID rule chooses.
+    max_quality_loss: also accept a candidate whose screening value (held-out bits/dim) is at most this much
+        worse than the base's, relatively (0.02 = 2%); None: only the paired FID rule chooses.
     price_per_hour: price of one machine hour, for the cost per 1,000 images (None: not shown).
     """
 
@@ -91,6 +133,12 @@ class TuneConfig:
     groups: tuple[int, ...] = (2, 4)
     groupings: tuple[str, ...] = ("snr",)
     tdc_variants: tuple[dict, ...] = ({},)
+    time_budgets: tuple[float, ...] = ()
+    uniform_time_budgets: tuple[float, ...] = ()
+    depth: bool = False
+    curves: bool = False
+    curve_sizes: tuple[float, ...] = (0.4, 0.6, 0.8, 1.0)
+    curve_steps: int = 50
     finalists: int = 3
     fid_seeds: int = 3
     fid_samples: int = 512
@@ -109,7 +157,15 @@ class TuneConfig:
         checks = [
             (self.tune_steps >= 1, f"--tune-steps must be >= 1, got {self.tune_steps}"),
             (all(0 < w < 1 for w in self.widths), f"--width values must be in (0, 1) (fractions of the base's FLOPs), got {list(self.widths)}"),
+            (all(0 < f <= 1 for f in self.time_budgets),
+             f"--time-budget values must be in (0, 1] (mean fractions of the base's sampling time), got {list(self.time_budgets)}"),
+            (all(0 < f < 1 for f in self.uniform_time_budgets),
+             f"--uniform-time-budget values must be in (0, 1) (fractions of the base's forward time), got {list(self.uniform_time_budgets)}"),
             (all(g in STRATEGIES for g in self.groupings), f"unknown grouping in {list(self.groupings)}; choose from {STRATEGIES}"),
+            (all(0 < f <= 1 for f in self.curve_sizes) and 1.0 in self.curve_sizes,
+             f"curve sizes must be fractions in (0, 1] of the base's FLOPs and include 1.0 (every budget can afford "
+             f"it per group), got {list(self.curve_sizes)}"),
+            (self.curve_steps >= 1, f"curve steps must be >= 1, got {self.curve_steps}"),
             (self.finalists >= 1, f"--finalists must be >= 1, got {self.finalists}"),
             (self.fid_seeds >= 2, f"--fid-seeds must be >= 2 (the paired rule needs two pairs), got {self.fid_seeds}"),
             (self.fid_samples >= 2, f"--fid-samples must be >= 2 (FID needs two images), got {self.fid_samples}"),
@@ -125,26 +181,58 @@ class TuneConfig:
                 raise ValueError(message)
 
     def plan_settings(self) -> dict:
-        """The settings that decide the candidates and their training (a rerun must keep them)."""
+        """The settings that decide the candidates and their training (a rerun must keep them). Candidate kinds
+        left at their defaults (none) are left out, so directories tuned before they existed still match."""
+        optional = {"time_budgets": list(self.time_budgets), "uniform_time_budgets": list(self.uniform_time_budgets),
+                    "depth": self.depth,
+                    "curves": {"sizes": list(self.curve_sizes), "steps": self.curve_steps} if self.curves else None}
         return {"tune_steps": self.tune_steps, "widths": list(self.widths), "ks": list(self.ks),
                 "groups": list(self.groups), "groupings": list(self.groupings),
-                "tdc_variants": [dict(v) for v in self.tdc_variants]}
+                "tdc_variants": [dict(v) for v in self.tdc_variants], **{k: v for k, v in optional.items() if v}}
+
+
+TIME_BUDGET_K = 0.5  # the paper's slope behind the time-budget TDC candidates (mean_budget rescales it)
 
 
 def plan_candidates(config: TuneConfig) -> list[dict]:
-    """The candidates, in order: the base fine-tuned ("single"), each uniform width, each TDC setting.
+    """The candidates, in order: the base fine-tuned ("single"), each uniform width (FLOPs, then time), each TDC
+    setting (the k grid, its curves twins when config.curves, then the time budgets; each with and without depth
+    pruning when config.depth).
 
     Returns dicts with index, name, kind ("single", "uniform", "tdc"), dir (relative to the tune directory)
-    and the kind's parameters: fraction (uniform); settings, the TDC run's RunConfig overrides (tdc).
+    and the kind's parameters: fraction and budget_unit ("flops" or "time") for uniform; settings, the TDC run's
+    RunConfig overrides, for tdc and tdc-curves (fractions from measured curves at the formula's mean budget).
+    Names say the unit where it is time ("uniform time 0.6", "TDC time 0.6 N=4 snr").
     """
     specs = [{"name": "single", "kind": "single"}]
-    specs += [{"name": f"uniform {w:g}", "kind": "uniform", "fraction": w} for w in config.widths]
-    for variant in config.tdc_variants:
+    specs += [{"name": f"uniform {w:g}", "kind": "uniform", "fraction": w, "budget_unit": "flops"}
+              for w in config.widths]
+    specs += [{"name": f"uniform time {f:g}", "kind": "uniform", "fraction": f, "budget_unit": "time"}
+              for f in config.uniform_time_budgets]
+    variants = list(config.tdc_variants)
+    if config.depth:
+        variants += [{**v, "search.depth": True} for v in config.tdc_variants]
+    for variant in variants:
         suffix = "".join(f" {key.rpartition('.')[2]}={value}" for key, value in variant.items())
         specs += [{"name": f"TDC k={k:g} N={n} {g}{suffix}", "kind": "tdc",
                    "settings": {"k": k, "groups": n, "grouping": g, **variant}}
                   for g in config.groupings for n in config.groups for k in config.ks]
+        if config.curves:
+            specs += [{"name": f"TDC curves k={k:g} N={n} {g}{suffix}", "kind": "tdc-curves",
+                       "settings": {"k": k, "groups": n, "grouping": g, **variant}}
+                      for g in config.groupings for n in config.groups for k in config.ks]
+        specs += [{"name": f"TDC time {f:g} N={n} {g}{suffix}", "kind": "tdc",
+                   "settings": {"budget_unit": "time", "mean_budget": f, "k": TIME_BUDGET_K, "groups": n,
+                                "grouping": g, **variant}}
+                  for g in config.groupings for n in config.groups for f in config.time_budgets]
     return [{"index": i, **s, "dir": f"candidates/{i:02d}-{slug(s['name'])}"} for i, s in enumerate(specs)]
+
+
+def check_candidate(index: int, candidates: list[dict], plan_path: Path) -> None:
+    """Raise ValueError unless `index` names one of `candidates` (the plan saved at plan_path)."""
+    if not 0 <= index < len(candidates):
+        raise ValueError(f"--candidate must be between 0 and {len(candidates) - 1} (the plan in {plan_path} has "
+                         f"{len(candidates)}), got {index}")
 
 
 # -- the choice and the arithmetic of cost and return (pure functions) ------------------------------------
@@ -239,7 +327,7 @@ class Tune:
                              f"--out, or delete {self.dir / 'tune.json'} and {self.dir / 'candidates'} to start over")
         self.candidates = plan_candidates(self.config)
         for spec in self.candidates:  # a bad TDC setting must fail now, not after stage 1 and other candidates
-            if spec["kind"] == "tdc":
+            if spec["kind"] in ("tdc", "tdc-curves"):
                 apply_overrides(self.base_run.config, spec["settings"]).validate()
 
     def say(self, message: str) -> None:
@@ -291,9 +379,7 @@ class Tune:
         """
         from .prune.fit import BudgetError
 
-        if not 0 <= index < len(self.candidates):
-            raise ValueError(f"--candidate must be between 0 and {len(self.candidates) - 1} "
-                             f"(the plan in {self.dir / 'candidates.json'} has {len(self.candidates)}), got {index}")
+        check_candidate(index, self.candidates, self.dir / "candidates.json")
         spec = self.candidates[index]
         done = self.result(index)
         if done is not None:
@@ -303,7 +389,8 @@ class Tune:
         self.ensure_base()
         out = self.dir / spec["dir"]
         try:
-            record = (self._tdc if spec["kind"] == "tdc" else self._one_model)(spec, out)
+            run = {"tdc": self._tdc, "tdc-curves": self._tdc_curves}.get(spec["kind"], self._one_model)
+            record = run(spec, out)
         except BudgetError as err:
             record = {"failed": str(err)}
             self.say(f"[{index}] {spec['name']}: failed: {err}")
@@ -316,23 +403,30 @@ class Tune:
         from .bundle import save_bundle
         from .flops import count_flops
         from .grouping import make_groups
-        from .prune.fit import fit_to_budget
-        from .prune.units import prunable_units, uniform_decision
+        from .latency import time_ratios
         from .serialization import load_model, save_model
         from .train import FINAL_DIR, train
 
         run, i = self.base_run, spec["index"]
         shape, base_flops = run.sample_shape, self.base_flops()
         start = _clock()
+        measured = {}  # uniform time: the fitted model's measured and estimated time ratios
         if spec["kind"] == "uniform":
+            by_time = spec.get("budget_unit") == "time"
             if not (out / "pruned").exists():
-                self.say(f"[{i}] {spec['name']}: pruning to {spec['fraction']:.0%} of the base's FLOPs")
+                unit = "measured forward time" if by_time else "FLOPs"
+                self.say(f"[{i}] {spec['name']}: pruning to {spec['fraction']:.0%} of the base's {unit}")
                 base = run.base_model()
-                # fit_to_budget keeps only the ratios' relative sizes: equal ratios scale as one global ratio.
-                fit = fit_to_budget(base, uniform_decision(prunable_units(base), 0.5),
-                                    round(spec["fraction"] * base_flops), shape)
+                table = run.latency_table(base) if by_time else None
+                fit = self._uniform_fit(base, spec["fraction"], table)
+                if by_time:  # the table's estimate is not the model's time: time it beside the base
+                    atomic_write_text(out / "time.json", json.dumps({
+                        "time_ratio": time_ratios([base, fit.model], shape, run.config.latency_batch)[1],
+                        "estimated_time_ratio": fit.seconds / table.base_seconds,
+                        "latency_batch": run.config.latency_batch}))
                 save_model(fit.model, out / "pruned")
             model = load_model(out / "pruned")
+            measured = _read_json(out / "time.json", {})
         else:
             model = run.base_model()
         search = _since(start)
@@ -340,27 +434,35 @@ class Tune:
         c = run.config
         steps = max(1, round(self.budget_flops() / (c.finetune.batch_size * 3 * flops)))
         self.say(f"[{i}] {spec['name']}: stage 2, {steps} steps on all timesteps ({flops / base_flops:.0%} FLOPs)")
-        config = replace(c.finetune, steps=steps, mix_fraction=0.0, distill_weight=0.0, feature_distill_weight=0.0,
-                         seed=c.seed * 100)
+        config = c.finetune.plain(steps=steps, seed=c.seed * 100, label_dropout=c.finetune.label_dropout or c.base.label_dropout,
+                         null_class=run.null_class(model))
         start = _clock()
-        trained = train(model, run.split()[0], run.scheduler, config, out / "train", progress=self.progress,
-                        description=f"tune {spec['name']}")
+        trained = train(model, run.split()[0], run.scheduler, config, out / "train", labels=run.labels(model)[0],
+                        progress=self.progress, description=f"tune {spec['name']}")
         stage2 = _since(start, trained.train_flops)
         expert = load_model(out / "train" / FINAL_DIR)
         grouping = make_groups("uniform", 1, run.scheduler)
         save_bundle(out / "bundle", [expert], grouping, run.scheduler, sample_shape=shape, expert_flops=[flops],
                     base_flops=base_flops, expert_training=[{"steps": steps, "final_loss": trained.final_loss}],
-                    provenance={"tune": spec, "data": run.data.describe(), "training_flops": trained.train_flops})
-        return {"bundle": "bundle", "train_flops": trained.train_flops, "steps": steps,
+                    provenance={"tune": spec, "data": run.data.describe(), "training_flops": trained.train_flops},
+                    conditioning=run.conditioning(expert))
+        return {"bundle": "bundle", "train_flops": trained.train_flops, "steps": steps, **measured,
                 "phases": {"search": search if spec["kind"] == "uniform" else None, "stage2": stage2}}
 
-    def _tdc(self, spec: dict, out: Path) -> dict:
-        """A TDC run directory sharing the base: plan + pruning search, then stage 2 cut to the budget."""
+    def _tdc(self, spec: dict, out: Path, plan_fractions: list[float] | None = None, spent_flops: int = 0) -> dict:
+        """A TDC run directory sharing the base: plan + pruning search, then stage 2 cut to the budget.
+
+        plan_fractions: the groups' budgets given explicitly (RunConfig.plan_fractions) instead of the formula.
+        spent_flops: training FLOPs the candidate already spent (its curves): stage 2 gets the rest of the budget.
+        Raises BudgetError when nothing of the budget is left for stage 2.
+        """
+        from .prune.fit import BudgetError
         from .run import Run, copy_stages
 
         i = spec["index"]
         copy_stages(self.base_run.dir, out, ("config.json", "base"))
-        run = Run(out, overrides=spec["settings"], progress=self.progress)
+        extra = {"plan_fractions": plan_fractions} if plan_fractions is not None else {}
+        run = Run(out, overrides={**spec["settings"], **extra}, progress=self.progress)
         c = run.config
         self.say(f"[{i}] {spec['name']}: plan and pruning search")
         start = _clock()
@@ -369,15 +471,143 @@ class Tune:
         # Distillation runs the base forward once per step: count it so stage 2's FLOPs stay on budget.
         teacher = self.base_flops() if c.finetune.uses_teacher else 0
         per_step = c.finetune.batch_size * sum(3 * s["flops"] + teacher for s in summaries)
-        steps = max(1, round(self.budget_flops() / per_step))
+        left = self.budget_flops() - spent_flops
+        if left < per_step / 2:
+            raise BudgetError(f"the curves cost {spent_flops:.3g} training FLOPs, the whole budget of "
+                              f"{self.budget_flops():.3g}: nothing is left for stage 2; raise --tune-steps or lower "
+                              "curve_steps")
+        steps = max(1, round(left / per_step))
         self.say(f"[{i}] {spec['name']}: stage 2, {steps} steps per group")
         run = Run(out, overrides={"finetune.steps": steps}, progress=self.progress)
         start = _clock()
         run.finetune()
         run.export_bundle()
         flops = sum(run.training_flops()["stage2_per_group"])
-        return {"bundle": "bundle", "train_flops": flops, "steps": steps,
+        return {"bundle": "bundle", "train_flops": flops + spent_flops, "steps": steps,
                 "phases": {"search": search, "stage2": _since(start, flops)}}
+
+    def _tdc_curves(self, spec: dict, out: Path) -> dict:
+        """A TDC candidate whose groups' budgets come from measured quality curves (budget.allocate_from_curves)
+        at the mean budget of the paper's formula for the same k, N and grouping; the curves' training counts in
+        its compute. Its record holds the curves and both allocations, each priced on the curves (curve_loss)."""
+        from .budget import allocate_from_curves, curve_loss, make_plan
+        from .grouping import Grouping
+        from .run import apply_overrides
+
+        c = apply_overrides(self.base_run.config, spec["settings"])
+        curves = self.measure_curves(c.groups, c.grouping)
+        grouping = Grouping.from_dict(curves["grouping"])
+        paper = make_plan(grouping, k=c.k, ordering=c.ordering, base_flops=self.base_flops(),
+                          sample_shape=self.base_run.sample_shape, sensitivity=curves["sensitivity"])
+        points = [[(p["fraction"], p["loss"]) for p in group] for group in curves["points"]]
+        weights = [g.size / grouping.num_train_timesteps for g in grouping.groups]
+        chosen = allocate_from_curves(points, weights, paper.mean_fraction)
+        try:
+            paper_loss, why = curve_loss(points, paper.fractions), None
+        except ValueError as err:  # a paper fraction outside the measured sizes
+            paper_loss, why = None, str(err)
+        self.say(f"[{spec['index']}] {spec['name']}: paper fractions {[round(f, 3) for f in paper.fractions]}, "
+                 f"from curves {chosen.fractions} (mean budget {paper.mean_fraction:.3f})")
+        record = self._tdc(spec, out, plan_fractions=chosen.fractions, spent_flops=curves["train_flops"])
+        record["phases"]["curves"] = curves["phases"]
+        record["curves"] = curves["points"]
+        record["allocations"] = {
+            "budget": paper.mean_fraction,
+            "paper": {"fractions": paper.fractions, "mean_fraction": paper.mean_fraction, "curve_loss": paper_loss,
+                      **({"curve_loss_missing": why} if why else {})},
+            "curves": {"fractions": chosen.fractions, "mean_fraction": chosen.mean_fraction, "curve_loss": chosen.loss},
+            "loss": "sum over groups of the group's held-out bits/dim share minus the base's (interpolated between "
+                    "measured sizes for the paper's fractions)",
+        }
+        return record
+
+    def _uniform_fit(self, base, fraction: float, table=None):
+        """base pruned uniformly (prune.fit.fit_to_budget) to `fraction` of its FLOPs, or of its forward time
+        with a latency table."""
+        from .prune.fit import fit_to_budget
+        from .prune.units import prunable_units, uniform_decision
+
+        budget = fraction * table.base_seconds if table is not None else round(fraction * self.base_flops())
+        # fit_to_budget keeps only the ratios' relative sizes: equal ratios scale as one global ratio.
+        return fit_to_budget(base, uniform_decision(prunable_units(base), 0.5), budget, self.base_run.sample_shape,
+                             latency=table)
+
+    def measure_curves(self, groups: int, grouping: str) -> dict:
+        """Quality against size per timestep group, for the `groups` groups of `grouping`; cached in
+        curves/N{groups}-{grouping}/curves.json (the pruned sizes in curves/sizes/, shared).
+
+        For each size in TuneConfig.curve_sizes (fraction of the base's FLOPs; uniform pruning as the uniform
+        candidates get, 1.0 = the base) and each group, the model is trained curve_steps stage-2 steps on the
+        group's timesteps, and its share of the held-out bits/dim bound on that group (likelihood.nll_bound,
+        paired with the base's: same images, timesteps and noise) minus the base's share is the group's loss at
+        that size. Sizes pruning cannot reach (BudgetError) are left out and named in "skipped".
+        Returns {"grouping", "sensitivity", "sizes", "skipped", "points": per group [{"fraction", "flops_ratio",
+        "loss", "se", "share"}], "base_shares", "train_flops", "phases"}.
+        """
+        from .evaluate import BPD_SAMPLES, HELD_OUT_IMAGES
+        from .flops import count_flops
+        from .likelihood import nll_bound
+        from .prune.fit import BudgetError
+        from .run import Run, copy_stages
+        from .serialization import load_model, save_model
+        from .train import FINAL_DIR, train
+
+        out = self.dir / "curves" / f"N{groups}-{slug(grouping)}"
+        cached = _read_json(out / "curves.json")
+        if cached is not None:
+            return cached
+        start = _clock()
+        copy_stages(self.base_run.dir, out, ("config.json", "base"))
+        # ordering "measured" so the plan carries the groups' sensitivity: the paper's fractions for any k follow
+        run = Run(out, overrides={"groups": groups, "grouping": grouping, "ordering": "measured"},
+                  progress=self.progress)
+        plan, c = run.plan(), run.config
+        base = run.base_model()
+        train_images, held_out = run.split()
+        train_labels, held_labels = run.labels(base)
+        n = HELD_OUT_IMAGES
+
+        def shares(model) -> torch.Tensor:
+            return nll_bound(model, held_out[:n], run.scheduler, grouping=plan.grouping, samples=BPD_SAMPLES,
+                             seed=c.seed, labels=None if held_labels is None else held_labels[:n]).groups
+
+        base_shares = shares(base)
+        points, skipped, flops = [[] for _ in range(groups)], {}, 0
+        for size in self.config.curve_sizes:
+            sized = self.dir / "curves" / "sizes" / f"{size:g}"
+            if size < 1 and not sized.exists():
+                self.say(f"curves: pruning the base to {size:.0%} of its FLOPs")
+                try:
+                    save_model(self._uniform_fit(base, size).model, sized)
+                except BudgetError as err:
+                    skipped[f"{size:g}"] = str(err)
+                    continue
+            for g in range(groups):
+                model = load_model(sized) if size < 1 else run.base_model()
+                config = c.finetune.plain(steps=self.config.curve_steps, checkpoint_every=self.config.curve_steps, seed=c.seed * 100 + g + 1,
+                                 label_dropout=c.finetune.label_dropout or c.base.label_dropout,
+                                 null_class=run.null_class(model))
+                self.say(f"curves: N={groups} {grouping}: group {g} at {size:g} of the base, {config.steps} steps")
+                trained = train(model, train_images, run.scheduler, config, out / "train" / f"size-{size:g}-group-{g}",
+                                labels=train_labels, timesteps=plan.grouping.timesteps(g), progress=self.progress,
+                                description=f"curve group {g} size {size:g}")
+                flops += trained.train_flops
+                expert = load_model(out / "train" / f"size-{size:g}-group-{g}" / FINAL_DIR)
+                share = shares(expert)[:, g]
+                gap = paired(share.tolist(), base_shares[:, g].tolist())
+                points[g].append({"fraction": size, "loss": gap["mean"], "se": gap["se"], "share": float(share.mean()),
+                                  "flops_ratio": count_flops(expert, run.sample_shape) / plan.base_flops})
+        if not points[0]:
+            raise BudgetError(f"no curve size could be pruned ({skipped}); give curve sizes the model can reach, "
+                              "e.g. include 1.0")
+        curves = {"grouping": plan.grouping.to_dict(), "sensitivity": plan.sensitivity,
+                  "sizes": list(self.config.curve_sizes), "skipped": skipped, "steps": self.config.curve_steps,
+                  "points": points, "base_shares": [float(v) for v in base_shares.mean(0)], "train_flops": flops,
+                  "phases": _since(start, flops),
+                  "loss": "held-out bits/dim share of the group (likelihood.nll_bound, paired with the base's) minus "
+                          "the base's share, after curve_steps stage-2 steps on the group's timesteps"}
+        atomic_write_text(out / "curves.json", json.dumps(curves, indent=2))
+        return curves
 
     # -- measuring -----------------------------------------------------------------------------------------------
     def models(self) -> dict:
@@ -400,22 +630,43 @@ class Tune:
                 models[spec["name"]] = (router, router.trajectory_flops(visited))
         return models
 
+    def screen_protocol(self) -> dict:
+        """How screening measures: the measure, held-out images used, timestep strata, seed, the second measure."""
+        from .evaluate import BPD_SAMPLES, HELD_OUT_IMAGES
+
+        return {"measure": SCREENING.name, "images": min(len(self.base_run.split()[1]), HELD_OUT_IMAGES),
+                "strata": BPD_SAMPLES, "seed": self.base_run.config.seed, "second": HELD_OUT_LOSS.name}
+
     def screen(self, models: dict) -> dict:
-        """The screening measure of every model, paired (same held-out images and noise); cached."""
+        """The screening measure (SCREENING) and the held-out loss of every model, paired: the same held-out images,
+        timesteps and noise for all (the run's seed); cached in screening.json per protocol.
+
+        Returns name -> {"value", "se", "per_image", "vs_base": {"mean", "se"} (value - the base's, image by
+        image), "held_out_loss"}.
+        """
+        _, held_out = self.base_run.split()
+        seed = self.base_run.config.seed
+        protocol = self.screen_protocol()
         cache = _read_json(self.dir / "screening.json", {})
-        if cache.get("measure") != SCREENING.name:
-            cache = {"measure": SCREENING.name, "unit": SCREENING.unit, "values": {}}
+        if cache.get("protocol") != protocol:
+            cache = {"protocol": protocol, "unit": SCREENING.unit, "values": {}}
         missing = [name for name in models if name not in cache["values"]]
         if missing:
-            _, held_out = self.base_run.split()
             start = _clock()
             for name in missing:
-                value = SCREENING.measure(models[name][0], held_out, self.base_run.scheduler, seed=self.base_run.config.seed)
+                model = models[name][0]
+                labels = self.base_run.labels(model)[1]
+                value = SCREENING.measure(model, held_out, self.base_run.scheduler, seed=seed, labels=labels)
+                value["held_out_loss"] = HELD_OUT_LOSS.measure(model, held_out, self.base_run.scheduler, seed=seed,
+                                                               labels=labels)["value"]
                 cache["values"][name] = value
-                self.say(f"screening: {name}: {SCREENING.name} {value['value']:.5f}")
+                self.say(f"screening: {name}: {SCREENING.name} {value['value']:.4f} ± {value['se']:.4f}, "
+                         f"{HELD_OUT_LOSS.name} {value['held_out_loss']:.5f}")
             atomic_write_text(self.dir / "screening.json", json.dumps(cache, indent=2))
             self._record_phase("screening", _since(start))
-        return cache["values"]
+        base = cache["values"]["base"]["per_image"]
+        return {name: {**value, "vs_base": paired(value["per_image"], base)}
+                for name, value in cache["values"].items() if name in models}
 
     def fid(self, models: dict, names: list[str]) -> dict:
         """Per-seed FID/KID of the base and `names` (tdcdiff.evaluate.evaluate), cached per protocol."""
@@ -435,7 +686,7 @@ class Tune:
             result = evaluate(entries, run.scheduler, run.data.images, run.data.labels, sample_shape=run.sample_shape,
                               sampler=c.sampler, steps=c.sampling_steps, num_samples=t.fid_samples,
                               seeds=tuple(range(t.fid_seeds)), reference_name=Path(run.data.name).name, timing_batches=(1,),
-                              timing_repeats=1, progress=self.progress)
+                              timing_repeats=1, num_classes=run.data.num_classes, progress=self.progress)
             for record in result["models"]:
                 cache["models"][record["name"]] = {"fid": [f["fid"] for f in record["fid"]["per_seed"]],
                                                    "kid": [f["kid_mean"] for f in record["fid"]["per_seed"]]}
@@ -446,15 +697,16 @@ class Tune:
         return cache
 
     def time_models(self, models: dict, names: list[str], batch: int) -> dict:
-        """Median seconds of one full sampling run at `batch` per model, interleaved; CPU time on a CPU."""
-        from .evaluate import _time_sampling
+        """Median seconds of one full sampling run at `batch` per model (evaluate.time_sampling: interleaved, after
+        a warm-up; class-balanced labels for a class-conditional base); thread CPU seconds with one thread on a CPU,
+        wall seconds on a GPU."""
+        from .evaluate import time_sampling
         from .pipeline import SamplingModel
 
         c = self.base_run.config
-        clock = time.perf_counter if torch.cuda.is_available() else time.process_time
-        times = _time_sampling([SamplingModel(models[n][0]) for n in names], self.base_run.scheduler,
-                               sample_shape=self.base_run.sample_shape, sampler=c.sampler, steps=c.sampling_steps,
-                               batch=batch, repeats=self.config.timing_repeats, clock=clock)
+        times = time_sampling([SamplingModel(models[n][0]) for n in names], self.base_run.scheduler,
+                              sample_shape=self.base_run.sample_shape, sampler=c.sampler, steps=c.sampling_steps,
+                              batch=batch, repeats=self.config.timing_repeats, num_classes=self.base_run.data.num_classes)
         return dict(zip(names, times))
 
     # -- everything -------------------------------------------------------------------------------------------
@@ -487,8 +739,10 @@ class Tune:
                 "name": name, "kind": record["kind"] if record else "base", "index": record["index"] if record else None,
                 "sampling_flops": flops, "flops_ratio": flops / models["base"][1],
                 "time_s": times[name], "time_ratio": times[name] / times["base"],
-                "screening": screening[name]["value"], "screening_se": screening[name].get("se"),
-                "quality_ratio": screening[name]["value"] / base_value,
+                "screening": screening[name]["value"], "screening_se": screening[name]["se"],
+                "screening_gap": screening[name]["vs_base"], "quality_ratio": screening[name]["value"] / base_value,
+                "held_out_loss": screening[name]["held_out_loss"],
+                "held_out_loss_ratio": screening[name]["held_out_loss"] / screening["base"]["held_out_loss"],
                 "fid": scores["fid"] if scores else None, "kid": scores["kid"] if scores else None,
                 "fid_gap": {k: (list(v) if isinstance(v, tuple) else v) for k, v in gap.items()} if gap else None,
                 "train_flops": record["train_flops"] if record else 0,
@@ -501,9 +755,12 @@ class Tune:
             "format": "tdcdiff-tune/1",
             "settings": asdict(self.config),
             "screening_measure": {"name": SCREENING.name, "unit": SCREENING.unit,
-                                  "held_out_images": len(self.base_run.split()[1])},
+                                  **self.screen_protocol(),
+                                  "paired": "screening_gap: each model's value minus the base's, image by image, with "
+                                            "its standard error (same images, timesteps and noise for every model)",
+                                  "second": {"name": HELD_OUT_LOSS.name, "unit": HELD_OUT_LOSS.unit}},
             "fid_protocol": {k: fid.get(k) for k in ("protocol", "feature_net", "reference")},
-            "time": f"median {'wall' if torch.cuda.is_available() else 'process CPU'} seconds of one "
+            "time": f"median {'wall' if torch.cuda.is_available() else 'one-thread CPU'} seconds of one "
                     f"{self.base_run.config.sampler}-{self.base_run.config.sampling_steps} sampling run at batch {batch}, "
                     f"{self.config.timing_repeats} repeats interleaved across models after a warm-up",
             "compute": f"every candidate: {self.budget_flops():.4g} training FLOPs ({self.config.tune_steps} stage-2 "
@@ -541,7 +798,9 @@ class Tune:
         rows = [
             {"phase": "stage 1 (base)", **(stage1 or {"wall_s": None, "cpu_s": None, "flops": None}),
              "note": "trained here" if stage1 else "not run here (the base was given)"},
-            {"phase": "search (chosen)", **total([mine["phases"]["search"]]), "note": "pruning search; proxy FLOPs not counted"},
+            {"phase": "search (chosen)", **total([mine["phases"]["search"], mine["phases"].get("curves")]),
+             "note": "pruning search" + (" + quality curves (their training)" if "curves" in mine["phases"] else "")
+                     + "; proxy FLOPs not counted"},
             {"phase": "stage 2 (chosen)", **total([mine["phases"]["stage2"]]), "note": "fine-tuning"},
             {"phase": "tuning (other candidates)", **total([p for r in others for p in r["phases"].values()]),
              "note": f"{len(others)} candidates: search + stage 2"},
@@ -617,7 +876,9 @@ def table_rows(rows: list[dict], chosen: str | None) -> list[dict[str, str]]:
     ordered = sorted(rows, key=lambda r: (r["name"] != "base", r["time_s"]))
     return [{"": "*" if r["name"] == chosen else "", "model": r["name"],
              "FLOPs": f"{r['flops_ratio']:.2f}x", "time": f"{r['time_s']:.3f} s ({r['time_ratio']:.2f}x)",
-             "screening": f"{r['screening']:.5f} ({r['quality_ratio'] - 1:+.1%})",
+             "bits/dim": f"{r['screening']:.4f} ± {r['screening_se']:.4f}",
+             "- base (paired)": f"{r['screening_gap']['mean']:+.4f} ± {r['screening_gap']['se']:.4f}",
+             "held-out loss": f"{r['held_out_loss']:.5f} ({r['held_out_loss_ratio'] - 1:+.1%})",
              "FID": _fid_text(r), "FID - base (paired)": _gap_text(r), "train TFLOPs": f"{r['train_flops'] / 1e12:.2f}"}
             for r in ordered]
 
@@ -635,14 +896,16 @@ def format_rows(rows: list[dict[str, str]]) -> str:
 def write_table_csv(rows: list[dict], path: Path) -> Path:
     import csv
 
-    keys = ["name", "kind", "sampling_flops", "flops_ratio", "time_s", "time_ratio", "screening", "quality_ratio",
-            "fid_mean", "fid_gap_mean", "fid_gap_low", "fid_gap_high", "fid_tie", "train_flops"]
+    keys = ["name", "kind", "sampling_flops", "flops_ratio", "time_s", "time_ratio", "screening", "screening_se",
+            "screening_gap_mean", "screening_gap_se", "quality_ratio", "held_out_loss", "held_out_loss_ratio", "fid_mean", "fid_gap_mean", "fid_gap_low", "fid_gap_high", "fid_tie", "train_flops"]
     with _AtomicText(path) as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             gap = r["fid_gap"] or {}
-            writer.writerow({**r, "fid_mean": sum(r["fid"]) / len(r["fid"]) if r["fid"] else "",
+            writer.writerow({**r, "screening_gap_mean": r["screening_gap"]["mean"],
+                             "screening_gap_se": r["screening_gap"]["se"],
+                             "fid_mean": sum(r["fid"]) / len(r["fid"]) if r["fid"] else "",
                              "fid_gap_mean": gap.get("mean", ""), "fid_gap_low": gap.get("interval", ["", ""])[0],
                              "fid_gap_high": gap.get("interval", ["", ""])[1], "fid_tie": gap.get("tie", "")})
     return path
@@ -673,7 +936,8 @@ def plot_frontier(rows: list[dict], chosen: str | None, batch: int, measure: str
     from .plots import pyplot, save_figure
 
     plt = pyplot()
-    styles = {"base": ("k", "*"), "single": ("tab:gray", "s"), "uniform": ("tab:blue", "o"), "tdc": ("tab:red", "^")}
+    styles = {"base": ("k", "*"), "single": ("tab:gray", "s"), "uniform": ("tab:blue", "o"), "tdc": ("tab:red", "^"),
+              "tdc-curves": ("tab:purple", "v")}
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     panels = [(axes[0], "time_ratio", "quality_ratio", f"sampling time at batch {batch} / base's"),
               (axes[1], "flops_ratio", "quality_ratio", "sampling FLOPs / base's"),

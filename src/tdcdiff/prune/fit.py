@@ -3,7 +3,8 @@
 The budget is in FLOPs (measured on each trial model), or in forward time estimated from a latency table
 (latency.LatencyTable: base time + per-unit changes; no trial model is built). Depth units of a decision
 (prune/depth.py) stay as proposed, except that removals are undone, last first, while the layers removed
-alone already undershoot the budget; the width ratios are then scaled to fit.
+alone already undershoot the budget; the width ratios are then scaled to fit. With a time budget,
+`fit_to_measured_time` then times the fit directly and corrects the budget where the estimate missed.
 """
 
 from __future__ import annotations
@@ -41,7 +42,14 @@ class FitResult:
 
 
 class BudgetError(ValueError):
-    """No decision reachable by pruning lands within tolerance of the budget."""
+    """No decision reachable by pruning lands within tolerance of the budget.
+
+    closest: the cost (FLOPs or estimated seconds) of the closest reachable decision, where one was found.
+    """
+
+    def __init__(self, message: str, closest: float | None = None):
+        super().__init__(message)
+        self.closest = closest
 
 
 def unit_levels(plan: Plan, unit: str) -> list[float]:
@@ -278,12 +286,91 @@ def fit_to_budget(
             f"cannot prune to {show(budget_flops)} ({budget_flops / base_cost:.1%} of the base's "
             f"{show(base_cost)}) within {tolerance:.1%}: the closest reachable is {show(search.best_flops)} "
             f"({search.best_flops / base_cost:.1%}). Give the smallest group a larger budget (raise k or "
-            "lower N) or allow a larger tolerance."
+            "lower N) or allow a larger tolerance.",
+            closest=search.best_flops,
         )
     model = prune_kept(reduced, plan, plan.kept(search.best), sample_shape, importance, calibration)
     seconds = search.best_flops if latency is not None else None
     return FitResult(model, {**search.best, **repaired_depth}, count_flops(as_denoiser(model), sample_shape),
                      budget_flops, scale, seconds)
+
+
+@dataclass
+class TimedFit:
+    """A fit corrected against directly measured forward time (see fit_to_measured_time).
+
+    fit: the try whose measured time ratio is closest to the target. time_ratio: its forward time as a fraction
+    of the base's, measured side by side (latency.time_ratios). trail: every try in order, each a dict with
+    budget_ratio (the seconds budget given to the fit / the table's base seconds), estimated_ratio (the table's
+    estimate of the fit / base seconds), measured_ratio and flops; or budget_ratio, error and closest_ratio
+    (the closest reachable estimate, tried next) for a corrected budget that no pruning reaches.
+    """
+
+    fit: FitResult
+    time_ratio: float
+    trail: list[dict]
+
+
+def fit_to_measured_time(
+    base: nn.Module,
+    decision: Decision,
+    target_ratio: float,
+    sample_shape: tuple[int, int, int],
+    batch: int,
+    latency,
+    *,
+    max_corrections: int = 2,
+    tolerance: float = 0.05,
+    repeats: int = 5,
+    fitted: FitResult | None = None,
+    **fit_kwargs,
+) -> TimedFit:
+    """Fit a decision to a time budget, then correct the budget until the MEASURED time ratio meets it.
+
+    The latency table's estimate (base + per-unit changes) is not the pruned model's time: the changes are not
+    additive. So each fit is timed side by side with the base (latency.time_ratios at `batch`, `repeats`
+    interleaved rounds), and while the measured ratio m misses target_ratio by more than `tolerance`
+    (relative), the seconds budget b is rescaled, b <- b x target_ratio / m, and the decision is fitted again,
+    at most max_corrections times. A corrected budget that no pruning reaches is recorded and the next try
+    takes the closest reachable estimate instead.
+    base, decision, sample_shape: as for fit_to_budget. target_ratio: the wanted forward time as a fraction
+        of the base's, > 0. latency: the base's latency.LatencyTable (at `batch`). fitted: an existing fit of
+        decision at target_ratio x latency.base_seconds (e.g. a search's winner), used as the first try.
+    fit_kwargs: for fit_to_budget (its tolerance, importance, calibration, units, ignored_layers, num_heads).
+    Returns the try whose measured ratio is closest to the target, with the trail of all tries.
+    Raises ValueError for target_ratio <= 0 or max_corrections < 0; BudgetError when the first fit fails.
+    """
+    from ..latency import time_ratios
+
+    if not target_ratio > 0 or max_corrections < 0:
+        raise ValueError(f"target_ratio must be > 0 and max_corrections >= 0, got {target_ratio} and {max_corrections}")
+    budget = target_ratio * latency.base_seconds
+    tries: list[tuple[FitResult, float]] = []
+    trail: list[dict] = []
+    for attempt in range(max_corrections + 1):
+        fit = fitted if attempt == 0 and fitted is not None else None
+        if fit is None:
+            try:
+                fit = fit_to_budget(base, decision, budget, sample_shape, latency=latency, **fit_kwargs)
+            except BudgetError as err:
+                if not tries:
+                    raise
+                if err.closest is None:
+                    trail.append({"budget_ratio": budget / latency.base_seconds, "error": str(err)})
+                    break
+                trail.append({"budget_ratio": budget / latency.base_seconds, "error": str(err),
+                              "closest_ratio": err.closest / latency.base_seconds})
+                budget = err.closest  # the nearest the table can reach: the next try
+                continue
+        measured = time_ratios([base, fit.model], sample_shape, batch, repeats=repeats)[1]
+        trail.append({"budget_ratio": budget / latency.base_seconds, "estimated_ratio": fit.seconds / latency.base_seconds,
+                      "measured_ratio": measured, "flops": fit.flops})
+        tries.append((fit, measured))
+        if abs(measured / target_ratio - 1) <= tolerance:
+            break
+        budget *= target_ratio / measured
+    fit, measured = min(tries, key=lambda tried: abs(tried[1] - target_ratio))
+    return TimedFit(fit, measured, trail)
 
 
 def measure_latency_table(
