@@ -830,7 +830,8 @@ class Run:
                 "group": i, "budget": budget, "budget_unit": c.budget_unit, "fraction": plan.fractions[i],
                 "flops": result.flops, "flops_ratio": result.flops / plan.base_flops,
                 "time_ratio": time_ratio, "latency_batch": c.latency_batch,
-                "estimated_time_ratio": result.seconds / table.base_seconds if table is not None else None,
+                # the table's estimate of the search's winner (corrections are fitted on FLOPs, see the trail)
+                "estimated_time_ratio": trail[0]["estimated_ratio"] if table is not None else None,
                 "time_corrections": trail,
                 "decision": result.decision,
                 "proxy_score": result.score, "proxy_space": c.search.proxy_space, "proposer": c.search.proposer,
