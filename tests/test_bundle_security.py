@@ -422,3 +422,11 @@ def test_weights_missing_a_tensor_the_config_adds_is_one_line(bundle):
                                           r"state_dict: \"class_embedding.weight\"") as caught:
         load_bundle(bundle)
     assert "\n" not in str(caught.value)
+
+
+def test_a_config_naming_huge_widths_costs_no_memory_before_it_is_refused(bundle):
+    """The unpruned size an architecture.json names is built on the meta device: widths of 32768/65536
+    channels (tens of GB as real tensors) are refused by the probe, not by running out of memory."""
+    edit_architecture(bundle, 0, lambda a: a["config"].update(block_out_channels=[32768, 65536]))
+    with pytest.raises(BundleError, match=r"it fails on a \[1, 8, 8\] input at t=0 .*do not fit together: re-export"):
+        load_bundle(bundle)

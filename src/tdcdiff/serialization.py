@@ -507,7 +507,7 @@ def build_model(description: dict, data: bytes, source: Path, weights_path: Path
         state = load_safetensors(data)
     except Exception as err:  # safetensors' own error type for a malformed header
         raise ValueError(f"{weights_path} is not a valid safetensors file ({err}); re-run the stage that wrote it") from None
-    model = _rebuild(description, source)
+    model = _rebuild_empty(description, source)
     if description.get("removed"):
         _remove_layers(model, description["removed"], source)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
@@ -516,10 +516,23 @@ def build_model(description: dict, data: bytes, source: Path, weights_path: Path
     _resize_to(model, state, source)
     sync_module_attributes(model)
     try:
-        model.load_state_dict(state, strict=True)
+        # assign: the loaded tensors become the parameters (a meta-built model has no storage to copy into)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
         raise ValueError(f"{weights_path} does not fit the architecture in {source}: {' '.join(str(err).split())}") from None
     return model.eval()
+
+
+def _rebuild_empty(description: dict, source: Path) -> nn.Module:
+    """_rebuild on the meta device, so that the unpruned size a description names costs no memory before the
+    saved (pruned) shapes replace it; every tensor then comes from the weights file (load_state_dict assign).
+    A model with a tensor the weights file does not hold (a non-persistent buffer) is built for real."""
+    with torch.device("meta"):
+        model = _rebuild(description, source)
+    saved = set(model.state_dict())
+    if any(name not in saved for name, _ in model.named_buffers()):
+        return _rebuild(description, source)
+    return model
 
 
 def _remove_layers(model: nn.Module, removed, source: Path) -> None:
