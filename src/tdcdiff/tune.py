@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -111,8 +111,9 @@ class TuneConfig:
     time_budgets: TDC candidates budgeted in measured forward time: for each value F and each N and grouping,
         the paper's fractions at k = TIME_BUDGET_K scaled so that their timestep-weighted mean is F of the
         base's time (RunConfig budget_unit "time", mean_budget F).
-    uniform_time_budgets: uniform-pruning levels fitted to this fraction of the base's measured forward time
-        (the run's latency table at its latency_batch) instead of FLOPs.
+    uniform_time_budgets: uniform-pruning levels fitted to this fraction of the base's forward time at the run's
+        latency_batch instead of FLOPs: by its latency table, then corrected against the measured time
+        (prune.fit.fit_to_measured_time), as the TDC time-budget candidates' experts are.
     depth: also try every TDC candidate with depth pruning (search.depth: whole layers kept or removed).
     curves: also, for each TDC grid point, a "TDC curves" candidate: the same groups and mean budget as the
         paper's formula gives, split across groups by measured quality curves (Tune.measure_curves: each group's
@@ -403,9 +404,10 @@ class Tune:
         from .bundle import save_bundle
         from .flops import count_flops
         from .grouping import make_groups
-        from .latency import time_ratios
+        from .prune.fit import fit_to_measured_time
+        from .prune.units import prunable_units, uniform_decision
         from .serialization import load_model, save_model
-        from .train import FINAL_DIR, train
+        from .train import FINAL_DIR, step_flops, train
 
         run, i = self.base_run, spec["index"]
         shape, base_flops = run.sample_shape, self.base_flops()
@@ -417,13 +419,16 @@ class Tune:
                 unit = "measured forward time" if by_time else "FLOPs"
                 self.say(f"[{i}] {spec['name']}: pruning to {spec['fraction']:.0%} of the base's {unit}")
                 base = run.base_model()
-                table = run.latency_table(base) if by_time else None
-                fit = self._uniform_fit(base, spec["fraction"], table)
-                if by_time:  # the table's estimate is not the model's time: time it beside the base
+                if by_time:  # fitted and corrected against measured time, as run.prune does TDC's time budgets
+                    batch = run.config.latency_batch
+                    timed = fit_to_measured_time(base, uniform_decision(prunable_units(base), 0.5), spec["fraction"],
+                                                 shape, batch, run.latency_table(base))
+                    fit = timed.fit
                     atomic_write_text(out / "time.json", json.dumps({
-                        "time_ratio": time_ratios([base, fit.model], shape, run.config.latency_batch)[1],
-                        "estimated_time_ratio": fit.seconds / table.base_seconds,
-                        "latency_batch": run.config.latency_batch}))
+                        "time_ratio": timed.time_ratio, "estimated_time_ratio": timed.trail[0]["estimated_ratio"],
+                        "time_corrections": timed.trail, "latency_batch": batch}))
+                else:
+                    fit = self._uniform_fit(base, spec["fraction"])
                 save_model(fit.model, out / "pruned")
             model = load_model(out / "pruned")
             measured = _read_json(out / "time.json", {})
@@ -432,10 +437,11 @@ class Tune:
         search = _since(start)
         flops = count_flops(model, shape)
         c = run.config
-        steps = max(1, round(self.budget_flops() / (c.finetune.batch_size * 3 * flops)))
+        config = c.finetune.plain(seed=c.seed * 100, label_dropout=c.finetune.label_dropout or c.base.label_dropout,
+                                  null_class=run.null_class(model))
+        steps = max(1, round(self.budget_flops() / step_flops(model, shape, config)))
+        config = replace(config, steps=steps)
         self.say(f"[{i}] {spec['name']}: stage 2, {steps} steps on all timesteps ({flops / base_flops:.0%} FLOPs)")
-        config = c.finetune.plain(steps=steps, seed=c.seed * 100, label_dropout=c.finetune.label_dropout or c.base.label_dropout,
-                         null_class=run.null_class(model))
         start = _clock()
         trained = train(model, run.split()[0], run.scheduler, config, out / "train", labels=run.labels(model)[0],
                         progress=self.progress, description=f"tune {spec['name']}")
@@ -458,6 +464,8 @@ class Tune:
         """
         from .prune.fit import BudgetError
         from .run import Run, copy_stages
+        from .serialization import load_model
+        from .train import step_flops
 
         i = spec["index"]
         copy_stages(self.base_run.dir, out, ("config.json", "base"))
@@ -468,9 +476,11 @@ class Tune:
         start = _clock()
         summaries = run.prune()
         search = _since(start)
-        # Distillation runs the base forward once per step: count it so stage 2's FLOPs stay on budget.
-        teacher = self.base_flops() if c.finetune.uses_teacher else 0
-        per_step = c.finetune.batch_size * sum(3 * s["flops"] + teacher for s in summaries)
+        # What train() will count per step (a teacher's forward and feature projections included), so stage 2's
+        # FLOPs stay on budget whatever the distillation settings.
+        teacher = run.base_model() if c.finetune.uses_teacher else None
+        per_step = sum(step_flops(load_model(out / "prune" / f"group_{s['group']}"), run.sample_shape, c.finetune,
+                                  teacher) for s in summaries)
         left = self.budget_flops() - spent_flops
         if left < per_step / 2:
             raise BudgetError(f"the curves cost {spent_flops:.3g} training FLOPs, the whole budget of "
@@ -521,16 +531,14 @@ class Tune:
         }
         return record
 
-    def _uniform_fit(self, base, fraction: float, table=None):
-        """base pruned uniformly (prune.fit.fit_to_budget) to `fraction` of its FLOPs, or of its forward time
-        with a latency table."""
+    def _uniform_fit(self, base, fraction: float):
+        """base pruned uniformly (prune.fit.fit_to_budget) to `fraction` of its FLOPs."""
         from .prune.fit import fit_to_budget
         from .prune.units import prunable_units, uniform_decision
 
-        budget = fraction * table.base_seconds if table is not None else round(fraction * self.base_flops())
         # fit_to_budget keeps only the ratios' relative sizes: equal ratios scale as one global ratio.
-        return fit_to_budget(base, uniform_decision(prunable_units(base), 0.5), budget, self.base_run.sample_shape,
-                             latency=table)
+        return fit_to_budget(base, uniform_decision(prunable_units(base), 0.5), round(fraction * self.base_flops()),
+                             self.base_run.sample_shape)
 
     def measure_curves(self, groups: int, grouping: str) -> dict:
         """Quality against size per timestep group, for the `groups` groups of `grouping`; cached in
