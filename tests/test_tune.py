@@ -88,6 +88,7 @@ def test_tdc_variants_cross_the_grid_with_run_settings():
     ({"max_quality_loss": -0.1}, "--max-quality-loss must be >= 0"),
     ({"time_budgets": (0.0,)}, "--time-budget values must be in (0, 1]"),
     ({"uniform_time_budgets": (1.0,)}, "--uniform-time-budget values must be in (0, 1)"),
+    ({"curve_steps": 0}, "--curve-steps must be >= 1 (stage-2 steps behind each point of a quality curve), got 0"),
 ])
 def test_bad_settings_are_refused(changes, message):
     from tdcdiff.tune import TuneConfig

@@ -166,7 +166,8 @@ class TuneConfig:
             (all(0 < f <= 1 for f in self.curve_sizes) and 1.0 in self.curve_sizes,
              f"curve sizes must be fractions in (0, 1] of the base's FLOPs and include 1.0 (every budget can afford "
              f"it per group), got {list(self.curve_sizes)}"),
-            (self.curve_steps >= 1, f"curve steps must be >= 1, got {self.curve_steps}"),
+            (self.curve_steps >= 1, f"--curve-steps must be >= 1 (stage-2 steps behind each point of a quality curve), got "
+                                   f"{self.curve_steps}"),
             (self.finalists >= 1, f"--finalists must be >= 1, got {self.finalists}"),
             (self.fid_seeds >= 2, f"--fid-seeds must be >= 2 (the paired rule needs two pairs), got {self.fid_seeds}"),
             (self.fid_samples >= 2, f"--fid-samples must be >= 2 (FID needs two images), got {self.fid_samples}"),
@@ -485,7 +486,7 @@ class Tune:
         if left < per_step / 2:
             raise BudgetError(f"the curves cost {spent_flops:.3g} training FLOPs, the whole budget of "
                               f"{self.budget_flops():.3g}: nothing is left for stage 2; raise --tune-steps or lower "
-                              "curve_steps")
+                              "--curve-steps")
         steps = max(1, round(left / per_step))
         self.say(f"[{i}] {spec['name']}: stage 2, {steps} steps per group")
         run = Run(out, overrides={"finetune.steps": steps}, progress=self.progress)
