@@ -722,6 +722,7 @@ class Tune:
     def run_all(self) -> dict:
         """Every candidate (finished ones skipped), screening, finalists' FID, the frontier, the choice, the cost
         table; returns the results dict (also in results.json)."""
+        from .evaluate import TIMING_CLOCK
         from .metrics import paired_gap
 
         self.write_plan()
@@ -769,9 +770,9 @@ class Tune:
                                             "its standard error (same images, timesteps and noise for every model)",
                                   "second": {"name": HELD_OUT_LOSS.name, "unit": HELD_OUT_LOSS.unit}},
             "fid_protocol": {k: fid.get(k) for k in ("protocol", "feature_net", "reference")},
-            "time": f"median {'wall' if torch.cuda.is_available() else 'one-thread CPU'} seconds of one "
-                    f"{self.base_run.config.sampler}-{self.base_run.config.sampling_steps} sampling run at batch {batch}, "
-                    f"{self.config.timing_repeats} repeats interleaved across models after a warm-up",
+            "time": f"median seconds ({TIMING_CLOCK}, as evaluate.time_sampling picks it by the models' device) of "
+                    f"one {self.base_run.config.sampler}-{self.base_run.config.sampling_steps} sampling run at batch "
+                    f"{batch}, {self.config.timing_repeats} repeats interleaved across models after a warm-up",
             "compute": f"every candidate: {self.budget_flops():.4g} training FLOPs ({self.config.tune_steps} stage-2 "
                        "steps of the base); the pruning search's proxy forwards are not counted",
             "rows": rows, "failed": failed, "finalists": finalists, "choice": choice,
