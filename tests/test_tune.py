@@ -71,6 +71,25 @@ def test_curves_candidates_twin_the_k_grid_and_plan_fractions_are_checked():
             apply_overrides(tiny_config(), {"plan_fractions": bad}).validate()
 
 
+def test_curves_candidates_take_their_fractions_instead_of_a_variants_mean_budget(tmp_path):
+    """A variant's mean_budget is what the curves split: the run gets the curves' fractions and no mean budget
+    (both set would be refused), and a bad variant still fails when the tune is opened, before any work."""
+    from conftest import tiny_config
+    from tdcdiff.run import apply_overrides
+    from tdcdiff.tune import Tune, TuneConfig, _curves_fractions
+
+    settings = TuneConfig(widths=(), ks=(0.4,), groups=(2,), curves=True, tdc_variants=({"mean_budget": 0.5},))
+    tune = Tune(tmp_path / "t", settings, run_config=tiny_config(), progress=False)
+    curves = next(c for c in tune.candidates if c["kind"] == "tdc-curves")
+    config = apply_overrides(tune.base_run.config, {**curves["settings"], **_curves_fractions(curves, [0.6, 1.0])})
+    assert config.plan_fractions == [0.6, 1.0] and config.mean_budget is None
+    assert _curves_fractions(next(c for c in tune.candidates if c["kind"] == "tdc"), [0.6, 1.0]) == {}
+    with pytest.raises(ValueError, match=r"mean_budget \(--mean-budget\) must be in \(0, 1\]"):
+        Tune(tmp_path / "u", TuneConfig(widths=(), ks=(0.4,), groups=(2,), curves=True,
+                                        tdc_variants=({"mean_budget": 1.5},)), run_config=tiny_config(), progress=False)
+    assert not (tmp_path / "u" / "base" / "base").exists()
+
+
 def test_tdc_variants_cross_the_grid_with_run_settings():
     from tdcdiff.tune import TuneConfig, plan_candidates
 

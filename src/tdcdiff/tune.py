@@ -230,6 +230,15 @@ def plan_candidates(config: TuneConfig) -> list[dict]:
     return [{"index": i, **s, "dir": f"candidates/{i:02d}-{slug(s['name'])}"} for i, s in enumerate(specs)]
 
 
+def _curves_fractions(spec: dict, fractions: list[float] | None = None) -> dict:
+    """The RunConfig overrides that give a "tdc-curves" candidate its groups' budgets from the curves (`fractions`;
+    None: a stand-in of the right length, to validate its settings before the curves exist); the mean budget its
+    variant may set is what the curves split, so it leaves the run. {} for other kinds."""
+    if spec["kind"] != "tdc-curves":
+        return {}
+    return {"plan_fractions": fractions or [1.0] * spec["settings"]["groups"], "mean_budget": None}
+
+
 def check_candidate(index: int, candidates: list[dict], plan_path: Path) -> None:
     """Raise ValueError unless `index` names one of `candidates` (the plan saved at plan_path)."""
     if not 0 <= index < len(candidates):
@@ -330,7 +339,7 @@ class Tune:
         self.candidates = plan_candidates(self.config)
         for spec in self.candidates:  # a bad TDC setting must fail now, not after stage 1 and other candidates
             if spec["kind"] in ("tdc", "tdc-curves"):
-                apply_overrides(self.base_run.config, spec["settings"]).validate()
+                apply_overrides(self.base_run.config, {**spec["settings"], **_curves_fractions(spec)}).validate()
 
     def say(self, message: str) -> None:
         if self.progress:
@@ -470,8 +479,7 @@ class Tune:
 
         i = spec["index"]
         copy_stages(self.base_run.dir, out, ("config.json", "base"))
-        extra = {"plan_fractions": plan_fractions} if plan_fractions is not None else {}
-        run = Run(out, overrides={**spec["settings"], **extra}, progress=self.progress)
+        run = Run(out, overrides={**spec["settings"], **_curves_fractions(spec, plan_fractions)}, progress=self.progress)
         c = run.config
         self.say(f"[{i}] {spec['name']}: plan and pruning search")
         start = _clock()
@@ -499,8 +507,8 @@ class Tune:
 
     def _tdc_curves(self, spec: dict, out: Path) -> dict:
         """A TDC candidate whose groups' budgets come from measured quality curves (budget.allocate_from_curves)
-        at the mean budget of the paper's formula for the same k, N and grouping; the curves' training counts in
-        its compute. Its record holds the curves and both allocations, each priced on the curves (curve_loss)."""
+        at the mean budget of the paper's formula for the same k, N and grouping (scaled to the variant's
+        mean_budget where it sets one); the curves' training counts in its compute. Its record holds the curves and both allocations, each priced on the curves (curve_loss)."""
         from .budget import allocate_from_curves, curve_loss, make_plan
         from .grouping import Grouping
         from .run import apply_overrides
@@ -509,7 +517,8 @@ class Tune:
         curves = self.measure_curves(c.groups, c.grouping)
         grouping = Grouping.from_dict(curves["grouping"])
         paper = make_plan(grouping, k=c.k, ordering=c.ordering, base_flops=self.base_flops(),
-                          sample_shape=self.base_run.sample_shape, sensitivity=curves["sensitivity"])
+                          sample_shape=self.base_run.sample_shape, sensitivity=curves["sensitivity"],
+                          mean_budget=c.mean_budget)
         points = [[(p["fraction"], p["loss"]) for p in group] for group in curves["points"]]
         weights = [g.size / grouping.num_train_timesteps for g in grouping.groups]
         chosen = allocate_from_curves(points, weights, paper.mean_fraction)
