@@ -183,10 +183,13 @@ def test_one_candidate_alone_then_the_rest(tuned):
         record = json.loads((out / c["dir"] / "result.json").read_text())
         assert (out / c["dir"] / "bundle" / "manifest.json").exists()
         assert record["phases"]["stage2"]["flops"] == record["train_flops"] > 0
-    # Same compute: each candidate's training FLOPs are the budget, up to the rounding of the step count.
-    flops = [json.loads((out / c["dir"] / "result.json").read_text())["train_flops"] for c in plan]
+    # Same compute: each candidate's training FLOPs are the budget, up to the rounding of its step count (half a
+    # step: a step of TDC trains every group once).
+    records = [json.loads((out / c["dir"] / "result.json").read_text()) for c in plan]
     budget = tune.budget_flops()
-    assert all(abs(f - budget) / budget < 0.5 for f in flops), (flops, budget)
+    for r in records:
+        per_step = r["phases"]["stage2"]["flops"] / r["steps"]
+        assert abs(r["train_flops"] - budget) <= per_step / 2 + 1, (r["name"], r["train_flops"], budget, per_step)
 
 
 @pytest.mark.slow
@@ -406,4 +409,5 @@ def test_curves_candidate_allocates_the_papers_mean_budget_from_measured_curves(
     spent = json.loads((out.parent / "curves" / "curves" / "N2-snr" / "curves.json").read_text())["train_flops"]
     assert record["phases"]["curves"]["flops"] == spent > 0
     assert record["train_flops"] == record["phases"]["stage2"]["flops"] + spent
-    assert abs(record["train_flops"] - tune.budget_flops()) / tune.budget_flops() < 0.5
+    per_step = record["phases"]["stage2"]["flops"] / record["steps"]  # the curves' FLOPs are taken off the budget
+    assert abs(record["train_flops"] - tune.budget_flops()) <= per_step / 2 + 1
