@@ -415,7 +415,7 @@ class Tune:
         from .flops import count_flops
         from .grouping import make_groups
         from .prune.fit import fit_to_measured_time
-        from .prune.units import prunable_units, uniform_decision
+        from .prune.units import uniform_proposal
         from .serialization import load_model, save_model
         from .train import FINAL_DIR, step_flops, train
 
@@ -431,8 +431,8 @@ class Tune:
                 base = run.base_model()
                 if by_time:  # fitted and corrected against measured time, as run.prune does TDC's time budgets
                     batch = run.config.latency_batch
-                    timed = fit_to_measured_time(base, uniform_decision(prunable_units(base), 0.5), spec["fraction"],
-                                                 shape, batch, run.latency_table(base))
+                    timed = fit_to_measured_time(base, uniform_proposal(base), spec["fraction"], shape, batch,
+                                                 run.latency_table(base))
                     fit = timed.fit
                     atomic_write_text(out / "time.json", json.dumps({
                         "time_ratio": timed.time_ratio, "estimated_time_ratio": timed.trail[0]["estimated_ratio"],
@@ -544,11 +544,9 @@ class Tune:
     def _uniform_fit(self, base, fraction: float):
         """base pruned uniformly (prune.fit.fit_to_budget) to `fraction` of its FLOPs."""
         from .prune.fit import fit_to_budget
-        from .prune.units import prunable_units, uniform_decision
+        from .prune.units import uniform_proposal
 
-        # fit_to_budget keeps only the ratios' relative sizes: equal ratios scale as one global ratio.
-        return fit_to_budget(base, uniform_decision(prunable_units(base), 0.5), round(fraction * self.base_flops()),
-                             self.base_run.sample_shape)
+        return fit_to_budget(base, uniform_proposal(base), round(fraction * self.base_flops()), self.base_run.sample_shape)
 
     def measure_curves(self, groups: int, grouping: str) -> dict:
         """Quality against size per timestep group, for the `groups` groups of `grouping`; cached in
