@@ -90,6 +90,19 @@ def test_curves_candidates_take_their_fractions_instead_of_a_variants_mean_budge
     assert not (tmp_path / "u" / "base" / "base").exists()
 
 
+def test_a_rerun_without_a_candidate_kind_the_directory_was_tuned_with_names_it(tmp_path):
+    from conftest import tiny_config
+    from tdcdiff.tune import PLAN_FORMAT, Tune, TuneConfig
+
+    tuned = TuneConfig(widths=(0.6,), ks=(0.4,), groups=(2,), curves=True, curve_steps=5)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "tune.json").write_text(json.dumps({"format": PLAN_FORMAT, "plan": tuned.plan_settings()}))
+    with pytest.raises(ValueError, match=r"other candidate settings \(curves: \{'sizes': \[0.4, 0.6, 0.8, 1.0\], "
+                                         r"'steps': 5\} there, unset here\); use a new --out"):
+        Tune(tmp_path / "t", TuneConfig(widths=(0.6,), ks=(0.4,), groups=(2,)), run_config=tiny_config(),
+             progress=False)
+
+
 def test_tdc_variants_cross_the_grid_with_run_settings():
     from tdcdiff.tune import TuneConfig, plan_candidates
 

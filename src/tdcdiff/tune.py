@@ -331,9 +331,11 @@ class Tune:
             copy_stages(source, self.dir / "base", ("config.json", "base"))
         self.base_run = Run(self.dir / "base", run_config, overrides=overrides, progress=progress)
         saved = _read_json(self.dir / "tune.json")
-        if saved is not None and saved["plan"] != self.config.plan_settings():
-            differ = [f"{k}: {saved['plan'][k]} there, {v} here" for k, v in self.config.plan_settings().items()
-                      if saved["plan"].get(k) != v]
+        here = self.config.plan_settings()
+        if saved is not None and saved["plan"] != here:
+            # a candidate kind left at its default is absent from plan_settings: compare over both sides' keys
+            differ = [f"{k}: {saved['plan'].get(k, 'unset')} there, {here.get(k, 'unset')} here"
+                      for k in dict.fromkeys([*saved["plan"], *here]) if saved["plan"].get(k) != here.get(k)]
             raise ValueError(f"{self.dir} was tuned with other candidate settings ({'; '.join(differ)}); use a new "
                              f"--out, or delete {self.dir / 'tune.json'} and {self.dir / 'candidates'} to start over")
         self.candidates = plan_candidates(self.config)
