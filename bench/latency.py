@@ -7,7 +7,9 @@ Per model (untrained: speed does not depend on the weights) and batch size, the 
 measured (tdcdiff.prune.fit.measure_latency_table, cached in out/cache), and for each planned ratio p three
 experts are pruned:
   flops        today's default: uniform width pruning to p x the base's FLOPs
-  time-width   uniform width pruning fitted to p x the base's time, estimated from the latency table
+  time-width   uniform width pruning fitted to p x the base's time, estimated from the latency table, then
+               corrected against its directly measured time (prune.fit.fit_to_measured_time, as `tdcdiff prune
+               --budget-unit time` does)
   time-depth   the same, but first removing the depth units (ResNet layers, attention blocks) that save the
                most time per table entry; removals that alone undershoot the plan are undone, smallest first
 All experts and the base are then timed side by side (thread CPU time, one thread, interleaved repeats,
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from tdcdiff.latency import device_name, time_ratios
     from tdcdiff.models import PRESETS, build_unet
     from tdcdiff.prune.depth import depth_units, removed_units
-    from tdcdiff.prune.fit import BudgetError, fit_to_budget, measure_latency_table
+    from tdcdiff.prune.fit import BudgetError, fit_to_budget, fit_to_measured_time, measure_latency_table
     from tdcdiff.prune.units import network, prunable_units
     from tdcdiff.serialization import atomic_write_text
 
@@ -71,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         if decision is None:
                             fit = fit_to_budget(base, {}, int(ratio * base_flops), shape, tolerance=args.tolerance)
+                            estimate = None
                         else:
-                            fit = fit_to_budget(base, decision, ratio * table.base_seconds, shape,
-                                                tolerance=args.tolerance, latency=table)
+                            timed = fit_to_measured_time(base, decision, ratio, shape, batch, table,
+                                                         tolerance=args.tolerance, repeats=args.repeats)
+                            fit, estimate = timed.fit, timed.trail[0]["estimated_ratio"]
                     except BudgetError as err:
                         print(f"  {name} b{batch} {arm} {ratio}: {err}", file=sys.stderr)
                         continue
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                     experts.append(fit.model)
                     meta.append({"model": name, "batch": batch, "plan": ratio, "arm": arm,
                                  "flops_ratio": fit.flops / base_flops,
-                                 "estimated_time_ratio": (fit.seconds / table.base_seconds) if fit.seconds else None,
+                                 "estimated_time_ratio": estimate,  # the table's, before the correction
                                  "removed": removed})
             ratios = time_ratios([base, *experts], shape, batch, repeats=args.repeats, warmup=1)
             for m, r in zip(meta, ratios[1:]):
