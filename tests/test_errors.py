@@ -93,6 +93,10 @@ CONFIG_CASES = [
     ("malformed JSON", '{"k": \n', ".json", r"config file .*config\.json is not valid JSON \(Expecting value: line 2 column 1 .*\); fix it"),
     ("malformed TOML", "k = \n", ".toml", r"config file .*config\.toml is not valid TOML \(.*line 1.*\); fix it"),
     ("config not a mapping", "- 1\n", ".yaml", r"config file .*config\.yaml must hold a mapping of settings, got list"),
+    ("plan fractions that do not fit", "groups: 2\nplan_fractions: [0.5]\n", ".yaml",
+     r"plan_fractions must be one budget fraction in \(0, 1\] per group \(N=2\), got \[0.5\]; give N values"),
+    ("plan fractions and a mean budget", "groups: 2\nplan_fractions: [0.5, 1]\nmean_budget: 0.6\n", ".yaml",
+     "plan_fractions and mean_budget both set the budgets; give one of them"),
     ("stage precisions differ", "finetune:\n  mixed_precision: bf16\n", ".yaml",
      "base.mixed_precision 'no' and finetune.mixed_precision 'bf16' differ, but accelerate keeps one precision per "
      r"process \(stage 2 would fail after stage 1\); set both to the same value"),

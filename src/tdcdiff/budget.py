@@ -3,8 +3,7 @@
 Group of difficulty rank i (1 = easiest .. N = hardest) gets FLOPs_g(i) = (i/N + (N-i)/N * k) * F,
 with F the FLOPs of the base model's forward pass and 0 < k <= 1 (the paper's linear formula). With a mean
 budget (`scale_to_mean`), the same shape is scaled so the timestep-weighted mean fraction is a given total. The
-other way,
-`allocate_from_curves`, picks each group's size from measured quality-against-size curves (an exact
+other way, `allocate_from_curves`, picks each group's size from measured quality-against-size curves (an exact
 multiple-choice knapsack).
 """
 

@@ -9,7 +9,6 @@ measured interleaved in the same process, because the machines this runs on are 
 from __future__ import annotations
 
 import contextlib
-
 import os
 import platform
 import re

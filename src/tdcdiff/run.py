@@ -815,7 +815,7 @@ class Run:
                 timed = fit_to_measured_time(
                     base, result.decision, plan.fractions[i], self.sample_shape, c.latency_batch, table,
                     fitted=FitResult(result.model, result.decision, result.flops, budget, 1.0, result.seconds),
-                    tolerance=settings.tolerance, importance=settings.importance, units=settings.units,
+                    importance=settings.importance, units=settings.units,
                     ignored_layers=settings.ignored_layers, num_heads=settings.num_heads,
                     calibration=proxy.calibration(settings.seed) if settings.importance == "taylor" else None,
                 )

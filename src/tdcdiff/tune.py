@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -111,8 +111,9 @@ class TuneConfig:
     time_budgets: TDC candidates budgeted in measured forward time: for each value F and each N and grouping,
         the paper's fractions at k = TIME_BUDGET_K scaled so that their timestep-weighted mean is F of the
         base's time (RunConfig budget_unit "time", mean_budget F).
-    uniform_time_budgets: uniform-pruning levels fitted to this fraction of the base's measured forward time
-        (the run's latency table at its latency_batch) instead of FLOPs.
+    uniform_time_budgets: uniform-pruning levels fitted to this fraction of the base's forward time at the run's
+        latency_batch instead of FLOPs: by its latency table, then corrected against the measured time
+        (prune.fit.fit_to_measured_time), as the TDC time-budget candidates' experts are.
     depth: also try every TDC candidate with depth pruning (search.depth: whole layers kept or removed).
     curves: also, for each TDC grid point, a "TDC curves" candidate: the same groups and mean budget as the
         paper's formula gives, split across groups by measured quality curves (Tune.measure_curves: each group's
@@ -165,7 +166,8 @@ class TuneConfig:
             (all(0 < f <= 1 for f in self.curve_sizes) and 1.0 in self.curve_sizes,
              f"curve sizes must be fractions in (0, 1] of the base's FLOPs and include 1.0 (every budget can afford "
              f"it per group), got {list(self.curve_sizes)}"),
-            (self.curve_steps >= 1, f"curve steps must be >= 1, got {self.curve_steps}"),
+            (self.curve_steps >= 1, f"--curve-steps must be >= 1 (stage-2 steps behind each point of a quality curve), got "
+                                   f"{self.curve_steps}"),
             (self.finalists >= 1, f"--finalists must be >= 1, got {self.finalists}"),
             (self.fid_seeds >= 2, f"--fid-seeds must be >= 2 (the paired rule needs two pairs), got {self.fid_seeds}"),
             (self.fid_samples >= 2, f"--fid-samples must be >= 2 (FID needs two images), got {self.fid_samples}"),
@@ -226,6 +228,15 @@ def plan_candidates(config: TuneConfig) -> list[dict]:
                                 "grouping": g, **variant}}
                   for g in config.groupings for n in config.groups for f in config.time_budgets]
     return [{"index": i, **s, "dir": f"candidates/{i:02d}-{slug(s['name'])}"} for i, s in enumerate(specs)]
+
+
+def _curves_fractions(spec: dict, fractions: list[float] | None = None) -> dict:
+    """The RunConfig overrides that give a "tdc-curves" candidate its groups' budgets from the curves (`fractions`;
+    None: a stand-in of the right length, to validate its settings before the curves exist); the mean budget its
+    variant may set is what the curves split, so it leaves the run. {} for other kinds."""
+    if spec["kind"] != "tdc-curves":
+        return {}
+    return {"plan_fractions": fractions or [1.0] * spec["settings"]["groups"], "mean_budget": None}
 
 
 def check_candidate(index: int, candidates: list[dict], plan_path: Path) -> None:
@@ -320,15 +331,17 @@ class Tune:
             copy_stages(source, self.dir / "base", ("config.json", "base"))
         self.base_run = Run(self.dir / "base", run_config, overrides=overrides, progress=progress)
         saved = _read_json(self.dir / "tune.json")
-        if saved is not None and saved["plan"] != self.config.plan_settings():
-            differ = [f"{k}: {saved['plan'][k]} there, {v} here" for k, v in self.config.plan_settings().items()
-                      if saved["plan"].get(k) != v]
+        here = self.config.plan_settings()
+        if saved is not None and saved["plan"] != here:
+            # a candidate kind left at its default is absent from plan_settings: compare over both sides' keys
+            differ = [f"{k}: {saved['plan'].get(k, 'unset')} there, {here.get(k, 'unset')} here"
+                      for k in dict.fromkeys([*saved["plan"], *here]) if saved["plan"].get(k) != here.get(k)]
             raise ValueError(f"{self.dir} was tuned with other candidate settings ({'; '.join(differ)}); use a new "
                              f"--out, or delete {self.dir / 'tune.json'} and {self.dir / 'candidates'} to start over")
         self.candidates = plan_candidates(self.config)
         for spec in self.candidates:  # a bad TDC setting must fail now, not after stage 1 and other candidates
             if spec["kind"] in ("tdc", "tdc-curves"):
-                apply_overrides(self.base_run.config, spec["settings"]).validate()
+                apply_overrides(self.base_run.config, {**spec["settings"], **_curves_fractions(spec)}).validate()
 
     def say(self, message: str) -> None:
         if self.progress:
@@ -403,9 +416,10 @@ class Tune:
         from .bundle import save_bundle
         from .flops import count_flops
         from .grouping import make_groups
-        from .latency import time_ratios
+        from .prune.fit import fit_to_measured_time
+        from .prune.units import uniform_proposal
         from .serialization import load_model, save_model
-        from .train import FINAL_DIR, train
+        from .train import FINAL_DIR, step_flops, train
 
         run, i = self.base_run, spec["index"]
         shape, base_flops = run.sample_shape, self.base_flops()
@@ -417,13 +431,16 @@ class Tune:
                 unit = "measured forward time" if by_time else "FLOPs"
                 self.say(f"[{i}] {spec['name']}: pruning to {spec['fraction']:.0%} of the base's {unit}")
                 base = run.base_model()
-                table = run.latency_table(base) if by_time else None
-                fit = self._uniform_fit(base, spec["fraction"], table)
-                if by_time:  # the table's estimate is not the model's time: time it beside the base
+                if by_time:  # fitted and corrected against measured time, as run.prune does TDC's time budgets
+                    batch = run.config.latency_batch
+                    timed = fit_to_measured_time(base, uniform_proposal(base), spec["fraction"], shape, batch,
+                                                 run.latency_table(base))
+                    fit = timed.fit
                     atomic_write_text(out / "time.json", json.dumps({
-                        "time_ratio": time_ratios([base, fit.model], shape, run.config.latency_batch)[1],
-                        "estimated_time_ratio": fit.seconds / table.base_seconds,
-                        "latency_batch": run.config.latency_batch}))
+                        "time_ratio": timed.time_ratio, "estimated_time_ratio": timed.trail[0]["estimated_ratio"],
+                        "time_corrections": timed.trail, "latency_batch": batch}))
+                else:
+                    fit = self._uniform_fit(base, spec["fraction"])
                 save_model(fit.model, out / "pruned")
             model = load_model(out / "pruned")
             measured = _read_json(out / "time.json", {})
@@ -432,10 +449,11 @@ class Tune:
         search = _since(start)
         flops = count_flops(model, shape)
         c = run.config
-        steps = max(1, round(self.budget_flops() / (c.finetune.batch_size * 3 * flops)))
+        config = c.finetune.plain(seed=c.seed * 100, label_dropout=c.finetune.label_dropout or c.base.label_dropout,
+                                  null_class=run.null_class(model))
+        steps = max(1, round(self.budget_flops() / step_flops(model, shape, config)))
+        config = replace(config, steps=steps)
         self.say(f"[{i}] {spec['name']}: stage 2, {steps} steps on all timesteps ({flops / base_flops:.0%} FLOPs)")
-        config = c.finetune.plain(steps=steps, seed=c.seed * 100, label_dropout=c.finetune.label_dropout or c.base.label_dropout,
-                         null_class=run.null_class(model))
         start = _clock()
         trained = train(model, run.split()[0], run.scheduler, config, out / "train", labels=run.labels(model)[0],
                         progress=self.progress, description=f"tune {spec['name']}")
@@ -458,24 +476,27 @@ class Tune:
         """
         from .prune.fit import BudgetError
         from .run import Run, copy_stages
+        from .serialization import load_model
+        from .train import step_flops
 
         i = spec["index"]
         copy_stages(self.base_run.dir, out, ("config.json", "base"))
-        extra = {"plan_fractions": plan_fractions} if plan_fractions is not None else {}
-        run = Run(out, overrides={**spec["settings"], **extra}, progress=self.progress)
+        run = Run(out, overrides={**spec["settings"], **_curves_fractions(spec, plan_fractions)}, progress=self.progress)
         c = run.config
         self.say(f"[{i}] {spec['name']}: plan and pruning search")
         start = _clock()
         summaries = run.prune()
         search = _since(start)
-        # Distillation runs the base forward once per step: count it so stage 2's FLOPs stay on budget.
-        teacher = self.base_flops() if c.finetune.uses_teacher else 0
-        per_step = c.finetune.batch_size * sum(3 * s["flops"] + teacher for s in summaries)
+        # What train() will count per step (a teacher's forward and feature projections included), so stage 2's
+        # FLOPs stay on budget whatever the distillation settings.
+        teacher = run.base_model() if c.finetune.uses_teacher else None
+        per_step = sum(step_flops(load_model(out / "prune" / f"group_{s['group']}"), run.sample_shape, c.finetune,
+                                  teacher) for s in summaries)
         left = self.budget_flops() - spent_flops
         if left < per_step / 2:
             raise BudgetError(f"the curves cost {spent_flops:.3g} training FLOPs, the whole budget of "
                               f"{self.budget_flops():.3g}: nothing is left for stage 2; raise --tune-steps or lower "
-                              "curve_steps")
+                              "--curve-steps")
         steps = max(1, round(left / per_step))
         self.say(f"[{i}] {spec['name']}: stage 2, {steps} steps per group")
         run = Run(out, overrides={"finetune.steps": steps}, progress=self.progress)
@@ -488,8 +509,8 @@ class Tune:
 
     def _tdc_curves(self, spec: dict, out: Path) -> dict:
         """A TDC candidate whose groups' budgets come from measured quality curves (budget.allocate_from_curves)
-        at the mean budget of the paper's formula for the same k, N and grouping; the curves' training counts in
-        its compute. Its record holds the curves and both allocations, each priced on the curves (curve_loss)."""
+        at the mean budget of the paper's formula for the same k, N and grouping (scaled to the variant's
+        mean_budget where it sets one); the curves' training counts in its compute. Its record holds the curves and both allocations, each priced on the curves (curve_loss)."""
         from .budget import allocate_from_curves, curve_loss, make_plan
         from .grouping import Grouping
         from .run import apply_overrides
@@ -498,7 +519,8 @@ class Tune:
         curves = self.measure_curves(c.groups, c.grouping)
         grouping = Grouping.from_dict(curves["grouping"])
         paper = make_plan(grouping, k=c.k, ordering=c.ordering, base_flops=self.base_flops(),
-                          sample_shape=self.base_run.sample_shape, sensitivity=curves["sensitivity"])
+                          sample_shape=self.base_run.sample_shape, sensitivity=curves["sensitivity"],
+                          mean_budget=c.mean_budget)
         points = [[(p["fraction"], p["loss"]) for p in group] for group in curves["points"]]
         weights = [g.size / grouping.num_train_timesteps for g in grouping.groups]
         chosen = allocate_from_curves(points, weights, paper.mean_fraction)
@@ -521,16 +543,12 @@ class Tune:
         }
         return record
 
-    def _uniform_fit(self, base, fraction: float, table=None):
-        """base pruned uniformly (prune.fit.fit_to_budget) to `fraction` of its FLOPs, or of its forward time
-        with a latency table."""
+    def _uniform_fit(self, base, fraction: float):
+        """base pruned uniformly (prune.fit.fit_to_budget) to `fraction` of its FLOPs."""
         from .prune.fit import fit_to_budget
-        from .prune.units import prunable_units, uniform_decision
+        from .prune.units import uniform_proposal
 
-        budget = fraction * table.base_seconds if table is not None else round(fraction * self.base_flops())
-        # fit_to_budget keeps only the ratios' relative sizes: equal ratios scale as one global ratio.
-        return fit_to_budget(base, uniform_decision(prunable_units(base), 0.5), budget, self.base_run.sample_shape,
-                             latency=table)
+        return fit_to_budget(base, uniform_proposal(base), round(fraction * self.base_flops()), self.base_run.sample_shape)
 
     def measure_curves(self, groups: int, grouping: str) -> dict:
         """Quality against size per timestep group, for the `groups` groups of `grouping`; cached in
@@ -713,6 +731,7 @@ class Tune:
     def run_all(self) -> dict:
         """Every candidate (finished ones skipped), screening, finalists' FID, the frontier, the choice, the cost
         table; returns the results dict (also in results.json)."""
+        from .evaluate import TIMING_CLOCK
         from .metrics import paired_gap
 
         self.write_plan()
@@ -760,9 +779,9 @@ class Tune:
                                             "its standard error (same images, timesteps and noise for every model)",
                                   "second": {"name": HELD_OUT_LOSS.name, "unit": HELD_OUT_LOSS.unit}},
             "fid_protocol": {k: fid.get(k) for k in ("protocol", "feature_net", "reference")},
-            "time": f"median {'wall' if torch.cuda.is_available() else 'one-thread CPU'} seconds of one "
-                    f"{self.base_run.config.sampler}-{self.base_run.config.sampling_steps} sampling run at batch {batch}, "
-                    f"{self.config.timing_repeats} repeats interleaved across models after a warm-up",
+            "time": f"median seconds ({TIMING_CLOCK}, as evaluate.time_sampling picks it by the models' device) of "
+                    f"one {self.base_run.config.sampler}-{self.base_run.config.sampling_steps} sampling run at batch "
+                    f"{batch}, {self.config.timing_repeats} repeats interleaved across models after a warm-up",
             "compute": f"every candidate: {self.budget_flops():.4g} training FLOPs ({self.config.tune_steps} stage-2 "
                        "steps of the base); the pruning search's proxy forwards are not counted",
             "rows": rows, "failed": failed, "finalists": finalists, "choice": choice,

@@ -312,7 +312,7 @@ def fit_to_measured_time(
     latency,
     *,
     max_corrections: int = 2,
-    tolerance: float = 0.05,
+    tolerance: float = 0.03,
     repeats: int = 5,
     fitted: FitResult | None = None,
     **fit_kwargs,
@@ -331,7 +331,7 @@ def fit_to_measured_time(
     base, decision, sample_shape: as for fit_to_budget. target_ratio: the wanted forward time as a fraction
         of the base's, > 0. latency: the base's latency.LatencyTable (at `batch`). fitted: an existing fit of
         decision at target_ratio x latency.base_seconds (e.g. a search's winner), used as the first try.
-    fit_kwargs: for fit_to_budget (its tolerance, importance, calibration, units, ignored_layers, num_heads).
+    fit_kwargs: for fit_to_budget (importance, calibration, units, ignored_layers, num_heads).
     Returns the try whose measured ratio is closest to the target, with the trail of all tries.
     Raises ValueError for target_ratio <= 0 or max_corrections < 0; BudgetError when the first fit fails.
     """

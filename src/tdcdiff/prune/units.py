@@ -172,6 +172,12 @@ def uniform_decision(units: list[Unit], ratio: float) -> Decision:
     return {u.name: float(ratio) for u in units}
 
 
+def uniform_proposal(model: nn.Module) -> Decision:
+    """One global width ratio for every prunable unit of `model`, as a proposal for prune.fit: its repair keeps only
+    the proposed ratios' relative sizes, so this scales as one global ratio to whatever budget it is fitted to."""
+    return uniform_decision(prunable_units(model), 0.5)
+
+
 def check_decision(decision: Decision, units: list[Unit], limit: float) -> None:
     """Raise ValueError naming the unit when a decision names an unknown unit or a ratio outside [0, limit]."""
     names = {u.name for u in units}
