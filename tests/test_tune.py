@@ -88,6 +88,10 @@ def test_curves_candidates_take_their_fractions_instead_of_a_variants_mean_budge
         Tune(tmp_path / "u", TuneConfig(widths=(), ks=(0.4,), groups=(2,), curves=True,
                                         tdc_variants=({"mean_budget": 1.5},)), run_config=tiny_config(), progress=False)
     assert not (tmp_path / "u" / "base" / "base").exists()
+    with pytest.raises(ValueError, match=r"TDC curves k=0.4 N=2 snr budget_unit=time: --curves measures group sizes "
+                                         r"as fractions of the base's FLOPs, but its budget unit is time; drop"):
+        Tune(tmp_path / "v", TuneConfig(widths=(), ks=(0.4,), groups=(2,), curves=True,
+                                        tdc_variants=({"budget_unit": "time"},)), run_config=tiny_config(), progress=False)
 
 
 def test_a_rerun_without_a_candidate_kind_the_directory_was_tuned_with_names_it(tmp_path):

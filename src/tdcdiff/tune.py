@@ -341,7 +341,12 @@ class Tune:
         self.candidates = plan_candidates(self.config)
         for spec in self.candidates:  # a bad TDC setting must fail now, not after stage 1 and other candidates
             if spec["kind"] in ("tdc", "tdc-curves"):
-                apply_overrides(self.base_run.config, {**spec["settings"], **_curves_fractions(spec)}).validate()
+                settings = apply_overrides(self.base_run.config, {**spec["settings"], **_curves_fractions(spec)})
+                settings.validate()
+                if spec["kind"] == "tdc-curves" and settings.budget_unit == "time":
+                    raise ValueError(f"{spec['name']}: --curves measures group sizes as fractions of the base's "
+                                     "FLOPs, but its budget unit is time; drop budget_unit=time from the run or "
+                                     "--variant, or leave out --curves")
 
     def say(self, message: str) -> None:
         if self.progress:
