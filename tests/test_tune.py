@@ -164,6 +164,22 @@ def test_choice_by_max_quality_loss_and_when_nothing_qualifies():
     assert none["name"] is None and none["rule"] is None and "keep the base" in none["reason"]
 
 
+def test_shared_quality_curves_are_counted_once_in_the_cost():
+    from tdcdiff.tune import phases_of_others
+
+    def phase(cpu):
+        return {"wall_s": cpu, "cpu_s": cpu, "flops": None}
+
+    n4, n2 = phase(100.0), phase(50.0)  # curves of (N=4, snr) and (N=2, snr)
+    chosen = {"phases": {"search": phase(1.0), "stage2": phase(2.0), "curves": n4}}
+    others = [{"phases": {"search": phase(3.0), "stage2": phase(4.0), "curves": dict(n4)}},
+              {"phases": {"search": phase(5.0), "stage2": phase(6.0), "curves": dict(n2)}},
+              {"phases": {"search": phase(7.0), "stage2": phase(8.0), "curves": dict(n2)}},
+              {"phases": {"search": None, "stage2": phase(9.0)}}]
+    assert [p and p["cpu_s"] for p in phases_of_others(chosen, others)] == [3.0, 4.0, 5.0, 6.0, 50.0, 7.0, 8.0,
+                                                                             None, 9.0]
+
+
 def test_payback_and_cost_per_1000_arithmetic():
     from tdcdiff.tune import cost_per_1000, payback_images
 

@@ -288,6 +288,23 @@ def cost_per_1000(seconds_per_image: float, price_per_hour: float) -> float:
     return 1000 * seconds_per_image / 3600 * price_per_hour
 
 
+def phases_of_others(chosen: dict, others: list[dict]) -> list[dict]:
+    """The time/FLOPs records of every phase of the candidates other than the chosen one (result.json records),
+    each shared quality-curves measurement counted once: curves are measured once per (N, grouping) and
+    every "TDC curves" candidate of that pair carries the same record, the chosen one included."""
+    counted = {json.dumps(chosen["phases"].get("curves"), sort_keys=True)}
+    phases = []
+    for record in others:
+        for name, phase in record["phases"].items():
+            if name == "curves":
+                key = json.dumps(phase, sort_keys=True)
+                if key in counted:
+                    continue
+                counted.add(key)
+            phases.append(phase)
+    return phases
+
+
 # -- the tune directory ---------------------------------------------------------------------------------------
 def _clock() -> dict:
     return {"wall": time.perf_counter(), "cpu": time.process_time()}
@@ -826,7 +843,7 @@ class Tune:
              "note": "pruning search" + (" + quality curves (their training)" if "curves" in mine["phases"] else "")
                      + "; proxy FLOPs not counted"},
             {"phase": "stage 2 (chosen)", **total([mine["phases"]["stage2"]]), "note": "fine-tuning"},
-            {"phase": "tuning (other candidates)", **total([p for r in others for p in r["phases"].values()]),
+            {"phase": "tuning (other candidates)", **total(phases_of_others(mine, others)),
              "note": f"{len(others)} candidates: search + stage 2"},
             {"phase": "tuning (screening + FID)", **total([phases.get("screening"), phases.get("finalists")]),
              "note": "measurements (last run's)"},
