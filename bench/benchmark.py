@@ -253,24 +253,35 @@ def tdc_time_ratio(run, plan) -> float:
     return sum(ratios[g] for g in groups) / len(groups)
 
 
-def uniform_fit(tdc, plan):
+def uniform_fit(tdc, plan, out_dir: Path):
     """The base pruned with one global ratio to TDC's sampling cost: FLOPs (plan.mean_fraction), or with
     budget_unit time, TDC's measured time (tdc_time_ratio), checked by timing it (fit_to_measured_time).
-    Returns (FitResult, what it was matched on, for the notes)."""
+    Saved in out_dir (model/ + fit.json) and reused on a rerun: a time fit is measured, so fitting again could
+    give another model than the one its training checkpoint belongs to.
+    Returns (pruned model, fit.json's record: decision, flops and what it was matched on, for the notes)."""
     from tdcdiff.prune.fit import fit_to_budget, fit_to_measured_time
     from tdcdiff.prune.units import prunable_units, uniform_decision
+    from tdcdiff.serialization import atomic_write_text, save_model
 
+    if (out_dir / "fit.json").exists():
+        return _load(out_dir / "model"), json.loads((out_dir / "fit.json").read_text())
     base = tdc.base_model()
     # fit_to_budget keeps only the ratios' relative sizes: equal ratios scale as one global ratio.
     decision = uniform_decision(prunable_units(base), 0.5)
     if tdc.config.budget_unit != "time":
         fit = fit_to_budget(base, decision, round(plan.mean_fraction * plan.base_flops), tdc.sample_shape)
-        return fit, f"matched on FLOPs to TDC's timestep-weighted mean ({plan.mean_fraction:.1%})"
-    target, batch = tdc_time_ratio(tdc, plan), tdc.config.latency_batch
-    timed = fit_to_measured_time(base, decision, target, tdc.sample_shape, batch, tdc.latency_table(base))
-    return timed.fit, (f"matched on measured forward time at batch {batch} to TDC's sampling-step-weighted mean "
-                       f"of its experts' measured time ({target:.1%}): measured {timed.time_ratio:.1%} after "
-                       f"{len(timed.trail) - 1} budget correction(s)")
+        matched = f"matched on FLOPs to TDC's timestep-weighted mean ({plan.mean_fraction:.1%})"
+    else:
+        target, batch = tdc_time_ratio(tdc, plan), tdc.config.latency_batch
+        timed = fit_to_measured_time(base, decision, target, tdc.sample_shape, batch, tdc.latency_table(base))
+        fit = timed.fit
+        matched = (f"matched on measured forward time at batch {batch} to TDC's sampling-step-weighted mean of its "
+                   f"experts' measured time ({target:.1%}): measured {timed.time_ratio:.1%} after "
+                   f"{len(timed.trail) - 1} budget correction(s)")
+    save_model(fit.model, out_dir / "model")
+    record = {"decision": fit.decision, "flops": fit.flops, "matched": matched}
+    atomic_write_text(out_dir / "fit.json", json.dumps(record, indent=2))  # last: it marks the fit as done
+    return fit.model, record
 
 
 def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
@@ -297,9 +308,9 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
 
     single, single_model = train_further(tdc.base_model(), tdc, extra, seed_dir / "single", "single model", progress)
 
-    fit, matched = uniform_fit(tdc, plan)
-    uniform, uniform_model = train_further(fit.model, tdc, extra, seed_dir / "uniform", "uniform-pruned", progress)
-    ratios = sorted({round(r, 3) for r in fit.decision.values()})
+    pruned, fit = uniform_fit(tdc, plan, seed_dir / "uniform-fit")
+    uniform, uniform_model = train_further(pruned, tdc, extra, seed_dir / "uniform", "uniform-pruned", progress)
+    ratios = sorted({round(r, 3) for r in fit["decision"].values()})
     ratio_note = (f"one global ratio {ratios[0]}" if len(ratios) == 1 else
                   f"ratios {ratios} (GroupNorm steps: the global ratio was repaired per unit to meet the budget)")
 
@@ -309,8 +320,8 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
         ModelEntry("single model", single_model, stage1 + single.train_flops,
                    notes=f"stage-1 base ({c.base.steps} steps) + {single.steps} more steps on all timesteps"),
         ModelEntry("uniform-pruned", uniform_model, stage1 + uniform.train_flops,
-                   notes=f"base pruned to {fit.flops / plan.base_flops:.1%} of its FLOPs ({ratio_note}, magnitude "
-                         f"importance; {matched}), then {uniform.steps} steps on all timesteps"),
+                   notes=f"base pruned to {fit['flops'] / plan.base_flops:.1%} of its FLOPs ({ratio_note}, magnitude "
+                         f"importance; {fit['matched']}), then {uniform.steps} steps on all timesteps"),
         ModelEntry("TDC (one-stage)" if args.one_stage else "TDC", tdc_router, tdc_flops,
                    notes=f"{form}: {c.groups} groups ('{c.grouping}', k={c.k}, ordering '{c.ordering}', proposer "
                          f"'{c.search.proposer}', memory {'on' if c.search.memory else 'off'}, {c.budget_unit} "
