@@ -149,6 +149,10 @@ def test_evaluate_and_pool(digits, scheduler, feature_cache):
     assert rows[1]["group 1 (t 500-999)"].endswith("(sd 0.000)") and "minus plain (paired)" in rows[1]
     assert table_rows(pooled)[0]["bits/dim (mean ± sd over runs)"].endswith("± 0.000")
     assert "bits/dim (± SE over images)" in table_rows(runs[0])[0]
+    # images per second of the timing clock: batch / median seconds of one sampling run, at each batch size
+    timing = runs[0]["models"][1]["time"]
+    assert table_rows(runs[0])[1]["images/s (batch 1 / 2)"] == (f"{1 / timing['batch_1']['median_s']:.1f} / "
+                                                               f"{2 / timing['batch_2']['median_s']:.1f}")
     (sentence,) = verdicts(pooled)
     assert sentence.startswith("routed vs plain:") and "0.67x the sampling FLOPs" in sentence
     assert "per-seed gaps" in sentence and "routed lower in" in sentence and "95% interval" in sentence

@@ -26,6 +26,11 @@ def _times(model: dict) -> str:
     return " / ".join(f"{t['ratio']:.2f}x" for t in model["time"].values())
 
 
+def _throughput(model: dict) -> str:
+    """Images per second of the timing clock at each timed batch size (batch / median seconds of one run)."""
+    return " / ".join(f"{int(key.removeprefix('batch_')) / t['median_s']:.1f}" for key, t in model["time"].items())
+
+
 def _ratio(value) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
@@ -67,6 +72,7 @@ def table_rows(results: dict) -> list[dict[str, str]]:
             "sampling FLOPs / image": _si(m["sampling_flops"]["per_image"]),
             "FLOPs ratio": f"{m['sampling_flops']['ratio']:.2f}x",
             f"time ratio (batch {batches})": _times(m),
+            f"images/s (batch {batches})": _throughput(m),
             "peak memory MB (weights + activations)": f"{memory['weights_bytes'] / 2**20:.2f} + "
                                                       f"{memory['peak_activation_bytes'] / 2**20:.2f}",
             "training compute": _si(m["train_flops"]),
