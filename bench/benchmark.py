@@ -417,6 +417,11 @@ def main(argv=None) -> int:
             setting.reference["size"] = setting.run[key]
     if args.fid_samples:
         setting = replace(setting, num_samples=args.fid_samples)
+    try:  # before any work: settings are checked once, as every seed's run would check them
+        seed_config(args, setting, args.seeds[0]).validate()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.base_from:  # before any work: a bad source must not surface after hours of training
         problems = [problem for seed in args.seeds
                     if (problem := base_source_problem(args.base_from / f"seed_{seed}" / "tdc",

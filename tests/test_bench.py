@@ -134,3 +134,11 @@ def test_tdc_time_is_its_experts_measured_time_weighted_by_the_sampling_steps_th
     assert benchmark.tdc_time_ratio(run, plan) == pytest.approx((0.4 + 2 * 0.8) / 3)
     run.config.sample_steps = 4  # 999, 749, 499, 249: two steps each
     assert benchmark.tdc_time_ratio(run, plan) == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("flag, value, message", [("--mean-budget", "2", "mean_budget (--mean-budget) must be in (0, 1]"),
+                                                  ("--latency-batch", "-1", "latency_batch must be >= 1, got -1")])
+def test_bad_settings_are_one_line_before_any_work(tmp_path, flag, value, message):
+    done = bench("--out", tmp_path / "b", flag, value, cache=tmp_path / "cache")
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()

@@ -144,3 +144,12 @@ def test_fit_to_measured_time_corrects_the_budget_by_the_measured_miss(unets, tm
     assert timed.time_ratio == min((t["measured_ratio"] for t in measured), key=lambda m: abs(m - 0.7))
     assert count_flops(timed.fit.model, DIGITS) == timed.fit.flops
     assert timed.fit.flops == next(t["flops"] for t in measured if t["measured_ratio"] == timed.time_ratio)
+
+
+def test_a_timing_batch_larger_than_memory_is_one_line(unets):
+    from tdcdiff.latency import forward_seconds
+
+    plain, _ = unets
+    with pytest.raises(ValueError, match=r"not enough memory for a timing batch of 10000000000 samples .*lower "
+                                         r"--latency-batch"):
+        forward_seconds(plain, DIGITS, 10**10)

@@ -96,7 +96,11 @@ def _inputs(model: nn.Module, sample_shape: Sequence[int], batch: int) -> tuple[
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.get_default_dtype()
-    x = torch.randn((batch, *sample_shape), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    try:
+        x = torch.randn((batch, *sample_shape), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    except (RuntimeError, MemoryError) as err:  # torch's allocator failure (OutOfMemoryError is a RuntimeError)
+        raise ValueError(f"not enough memory for a timing batch of {batch} samples of shape {tuple(sample_shape)} "
+                         f"({type(err).__name__}); lower --latency-batch") from None
     return x, torch.full((batch,), 500, dtype=torch.long, device=device)
 
 

@@ -281,6 +281,6 @@ def search(
         raise BudgetError(
             f"none of the {len(memory)} candidates could be pruned to the budget of {budget_flops:.4g} "
             f"{'seconds' if latency is not None else 'FLOPs'} ({budget_flops / base_cost:.3f} of the base) with a "
-            "finite proxy score"
+            "finite proxy score; give the group a larger budget (raise --k or --mean-budget)"
         )
     return SearchResult(best.model, best.decision, best.flops, best_score, memory, budget_flops, best.seconds)
