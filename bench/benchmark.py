@@ -27,8 +27,6 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 DEFAULT_DATA = {
@@ -393,9 +391,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fid-samples", type=int, help="generated images per model and seed for FID (default: the setting's)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (stage lines are still printed)")
     args = p.parse_args(argv)
-    for item in args.overrides:
-        if "=" not in item:
-            p.error(f"--set takes KEY=VALUE, got {item!r}")
+    from tdcdiff.run import parse_settings
+
+    try:
+        args.overrides = parse_settings(args.overrides)
+    except ValueError as err:
+        p.error(str(err))
     if args.gpu and args.data != "cifar10":
         p.error("--gpu selects the larger cifar10 setting; use it with --data cifar10")
     args.out = args.out or Path("runs") / f"bench-{args.data}{'-gpu' if args.gpu else ''}{'-quick' if args.quick else ''}"
@@ -411,8 +412,8 @@ def main(argv=None) -> int:
     from tdcdiff.run import write_run_report
 
     setting = make_setting(args.data, args.data_path, args.reference_path, args.gpu, args.quick)
-    for key, value in (item.split("=", 1) for item in args.overrides):
-        setting.run[key] = yaml.safe_load(value)  # numbers, booleans and strings as a config file would read them
+    for key, value in args.overrides.items():
+        setting.run[key] = value
         if key == "image_size":
             setting.reference["size"] = setting.run[key]
     if args.fid_samples:

@@ -198,9 +198,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny base, few steps: a seconds-long smoke test")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    for item in args.overrides:
-        if "=" not in item:
-            p.error(f"--set takes KEY=VALUE, got {item!r}")
+    from tdcdiff.run import parse_settings
+
+    try:
+        args.overrides = parse_settings(args.overrides)
+    except ValueError as err:
+        p.error(str(err))
     if args.group != "all" and not (args.group.isdigit() and int(args.group) < args.groups):
         p.error(f"--group must be 0..{args.groups - 1} or 'all', got {args.group!r}")
     if args.steps < 1 or any(not 0 < b < 1 for b in args.budgets):
@@ -210,15 +213,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    import yaml
-
     args = parse_args(argv)
     started = time.perf_counter()
     from tdcdiff.grouping import make_groups
     from tdcdiff.models import num_class_embeds
     from tdcdiff.serialization import atomic_write_text
 
-    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.overrides)}
+    overrides = args.overrides
     if args.quick:
         overrides = {"base.steps": 30, "base.batch_size": 32, "base.warmup_steps": 5, "finetune.batch_size": 32,
                      "finetune.warmup_steps": 2, **overrides}

@@ -142,3 +142,18 @@ def test_bad_settings_are_one_line_before_any_work(tmp_path, flag, value, messag
     done = bench("--out", tmp_path / "b", flag, value, cache=tmp_path / "cache")
     assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("script", ["benchmark.py", "recipes.py"])
+def test_set_settings_are_read_as_a_config_file_reads_them(script, capsys, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", REPO / "bench" / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--set", "k=0.6", "--set", "base.steps=31", "--set", "sampler=ddpm", "--set", "k=0.7"])
+    assert args.overrides == {"k": 0.7, "base.steps": 31, "sampler": "ddpm"}  # YAML scalars; the later k wins
+    with pytest.raises(SystemExit):
+        module.parse_args(["--set", "k"])
+    assert "--set takes KEY=VALUE, got 'k'" in capsys.readouterr().err

@@ -368,6 +368,19 @@ def copy_stages(source_run: str | Path, target_run: str | Path, parts: tuple[str
                 atomic_write_bytes(target, source.read_bytes())
 
 
+def parse_settings(items: list[str], option: str = "--set") -> dict:
+    """["base.steps=500", "k=0.3"] -> {"base.steps": 500, "k": 0.3}, for apply_overrides: values are read as YAML
+    scalars (numbers, booleans, strings, as a config file reads them); a later KEY wins.
+    Raises ValueError naming `option` for an item without "=".
+    """
+    import yaml
+
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{option} takes KEY=VALUE, got {item!r}")
+    return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
+
+
 def apply_overrides(config: RunConfig, overrides: dict) -> RunConfig:
     """A copy of config with dotted-key overrides applied, e.g. {"k": 0.3, "base.steps": 500}."""
     data = config.to_dict()
