@@ -142,3 +142,35 @@ def test_a_mean_budget_is_saved_in_the_plan_and_old_plans_still_load():
 def test_a_mean_budget_outside_0_1_names_the_fix(bad):
     with pytest.raises(ValueError, match=r"mean_budget \(--mean-budget\) must be in \(0, 1\].*e\.g\. 0\.6"):
         _plan(mean_budget=bad)
+
+
+def test_the_plan_records_its_budget_unit_and_old_plans_load_without_one():
+    plan = _plan(budget_unit="time")
+    data = plan.to_dict()
+    assert data["budget_unit"] == "time" and Plan.from_dict(data) == plan
+    del data["budget_unit"]  # a plan.json written before the unit was recorded: Run.plan fills in the run's
+    assert Plan.from_dict(data).budget_unit is None
+
+
+def test_given_fractions_make_a_plan_without_k_or_ordering():
+    from tdcdiff.budget import plan_from_fractions
+
+    grouping = make_groups("uniform", 4, make_scheduler(1000))
+    plan = plan_from_fractions(grouping, [0.9, 0.5, 1.0, 0.7], base_flops=1000, sample_shape=(1, 8, 8))
+    assert plan.k is None and plan.ordering is None and plan.sensitivity is None
+    assert plan.ranks == [3, 1, 4, 2] and plan.provenance["fractions"] == "plan_fractions"
+    assert Plan.from_dict(plan.to_dict()) == plan
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mean_budget": 1e-9}, r"group 0's budget, 7.69e-10 of the base's flops, is about 7.7e-07 FLOPs of its 1,000: "
+                            r"no pruning reaches it; raise --mean-budget or --k"),
+    ({"mean_budget": 1e-9, "budget_unit": "time"}, r"group 0's budget, .* of the base's time, .*no pruning reaches it"),
+    ({"mean_budget": 0.2, "smallest": 0.3}, r"group 0's budget, 0.1538 of the base's FLOPs, is below the smallest "
+                                            r"that pruning reaches \(0.3000: .*\); raise --mean-budget or --k"),
+])
+def test_a_budget_no_pruning_reaches_is_refused_in_the_plan(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _plan(**kwargs)
+    assert _plan(mean_budget=0.5, smallest=0.3).fractions[0] >= 0.3
+    assert _plan(mean_budget=0.2, smallest=0.3, budget_unit="time")  # time fractions: not a FLOPs floor

@@ -118,11 +118,16 @@ def measure_sensitivity(
 
 @dataclass
 class Plan:
-    """Groups, their difficulty and FLOPs budgets: the input of the pruning stage."""
+    """Groups, their difficulty and budgets: the input of the pruning stage.
+
+    fractions: each group's budget as a fraction of the base's `budget_unit` ("flops": its FLOPs; "time": its
+    forward time, measured when pruning). k and ordering are None when the fractions were given explicitly
+    (provenance["fractions"] == "plan_fractions"); the ranks then order the groups by their given budget.
+    """
 
     grouping: Grouping
-    k: float
-    ordering: str
+    k: float | None
+    ordering: str | None
     base_flops: int
     sample_shape: tuple[int, int, int]
     ranks: list[int]
@@ -130,10 +135,12 @@ class Plan:
     sensitivity: list[float] | None = None
     provenance: dict = field(default_factory=dict)
     mean_budget: float | None = None
+    budget_unit: str = "flops"
 
     @property
     def budgets(self) -> list[int]:
-        """FLOPs budget of each group's model, in group order."""
+        """FLOPs budget of each group's model, in group order (for a time plan: its fractions of the base's FLOPs,
+        not what the experts will cost)."""
         return [int(round(f * self.base_flops)) for f in self.fractions]
 
     @property
@@ -148,6 +155,7 @@ class Plan:
             "grouping": self.grouping.to_dict(),
             "k": self.k,
             "mean_budget": self.mean_budget,
+            "budget_unit": self.budget_unit,
             "ordering": self.ordering,
             "base_flops": self.base_flops,
             "flops_convention": "2 x multiply-accumulates, one forward pass, batch 1",
@@ -175,6 +183,7 @@ class Plan:
             data.get("sensitivity"),
             data.get("provenance", {}),
             data.get("mean_budget"),  # absent in plans written before it existed
+            data.get("budget_unit"),  # ditto: None, and Run.plan fills in the run's
         )
 
     def save(self, path: str | Path) -> Path:
@@ -204,6 +213,8 @@ def make_plan(
     sensitivity: list[float] | None = None,
     provenance: dict | None = None,
     mean_budget: float | None = None,
+    budget_unit: str = "flops",
+    smallest: float | None = None,
 ) -> Plan:
     """Assign each group its budget fraction of the base from its difficulty rank.
 
@@ -211,7 +222,10 @@ def make_plan(
     With mean_budget in (0, 1], those fractions f_i are scaled to min(1, s x f_i) with the one s that makes the
     timestep-weighted mean (Plan.mean_fraction) equal mean_budget (see scale_to_mean): k and the ranks keep
     their role, the ratios between uncapped groups, and the total is what is asked.
-    Raises ValueError for k outside (0, 1], mean_budget outside (0, 1], or a bad ordering/sensitivity.
+    budget_unit: what the fractions are of, "flops" or "time" (recorded; see Plan).
+    smallest: the smallest FLOPs fraction pruning can reach (see check_reachable), or None when not known.
+    Raises ValueError for k outside (0, 1], mean_budget outside (0, 1], a bad ordering/sensitivity, or a group
+    budget no pruning can meet (check_reachable).
     """
     fractions_by_rank = budget_fractions(len(grouping), k)
     check_mean_budget(mean_budget)
@@ -220,8 +234,49 @@ def make_plan(
     if mean_budget is not None:
         total = grouping.num_train_timesteps
         fractions = scale_to_mean(fractions, [g.size / total for g in grouping.groups], mean_budget)
+    check_reachable(fractions, base_flops, budget_unit, smallest)
     return Plan(grouping, k, ordering, base_flops, tuple(sample_shape), ranks, fractions, sensitivity,
-                provenance or {}, mean_budget)
+                provenance or {}, mean_budget, budget_unit)
+
+
+def plan_from_fractions(
+    grouping: Grouping,
+    fractions: list[float],
+    *,
+    base_flops: int,
+    sample_shape: tuple[int, int, int],
+    provenance: dict | None = None,
+    budget_unit: str = "flops",
+    smallest: float | None = None,
+) -> Plan:
+    """A plan whose budget fractions are given (e.g. from allocate_from_curves), one per group in group order:
+    k and the ordering do not apply (recorded as None, provenance["fractions"] = "plan_fractions"); the ranks
+    order the groups by their budget. Raises ValueError as check_reachable does, or for a wrong count.
+    """
+    if len(fractions) != len(grouping):
+        raise ValueError(f"{len(fractions)} budget fractions for {len(grouping)} groups; give one per group")
+    check_reachable(fractions, base_flops, budget_unit, smallest, fix="raise the smallest plan_fractions")
+    return Plan(grouping, None, None, base_flops, tuple(sample_shape),
+                difficulty_ranks("measured", len(grouping), list(fractions)), list(fractions), None,
+                {**(provenance or {}), "fractions": "plan_fractions"}, None, budget_unit)
+
+
+def check_reachable(fractions: list[float], base_flops: int, budget_unit: str = "flops",
+                    smallest: float | None = None, *, fix: str = "raise --mean-budget or --k") -> None:
+    """Raise ValueError when a budget fraction (of the base's FLOPs or time) can certainly not be met by pruning.
+
+    Every unit keeps at least one channel per norm group, so a budget rounding to 0 FLOPs is never met, whatever
+    the unit. For a FLOPs budget, `smallest` (if known) is the smallest fraction pruning reaches
+    (prune.fit.smallest_fraction); a budget below it is refused too. fix: what the message tells the user to do.
+    """
+    low = min(range(len(fractions)), key=lambda g: fractions[g])
+    fraction = fractions[low]
+    if round(fraction * base_flops) < 1:
+        raise ValueError(f"group {low}'s budget, {fraction:.3g} of the base's {budget_unit}, is about "
+                         f"{fraction * base_flops:.2g} FLOPs of its {base_flops:,}: no pruning reaches it; {fix}")
+    if budget_unit == "flops" and smallest is not None and fraction < smallest:
+        raise ValueError(f"group {low}'s budget, {fraction:.4f} of the base's FLOPs, is below the smallest that "
+                         f"pruning reaches ({smallest:.4f}: every layer at its largest pruning ratio); {fix}")
 
 
 @dataclass

@@ -218,7 +218,8 @@ def plot_budgets(plan: dict, manifest: dict, path: str | Path) -> Path:
     groups = plan["grouping"]["groups"]
     ax.set_xticks(x, [f"G{g['index']}\nt {g['start']}-{g['end'] - 1}" for g in groups], fontsize=8)
     ax.set_ylabel("FLOPs / base FLOPs")
-    ax.set_title(f"FLOPs per group (k={plan['k']}, ordering '{plan['ordering']}')")
+    how = "given fractions" if plan["k"] is None else f"k={plan['k']}, ordering '{plan['ordering']}'"
+    ax.set_title(f"FLOPs per group ({how})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)

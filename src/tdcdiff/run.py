@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from .budget import Plan, make_plan, measure_sensitivity
+from .budget import Plan, check_reachable, make_plan, measure_sensitivity, plan_from_fractions
 from .data import ImageDataset, load_dataset
 from .flops import count_flops
 from .grouping import make_groups, per_timestep_loss, plot_grouping
@@ -339,8 +339,8 @@ def load_config_file(path: str | Path) -> dict:
 _STAGE_OF_SETTING = {
     **{k: "base" for k in ("data", "image_size", "channels", "limit", "model", "attention", "num_train_timesteps",
                            "beta_schedule", "prediction_type", "base", "seed", "base_model", "base_model_steps")},
-    **{k: "plan" for k in ("groups", "grouping", "k", "mean_budget", "ordering", "plan_fractions")},
-    **{k: "prune" for k in ("search", "budget_unit", "latency_batch")},
+    **{k: "plan" for k in ("groups", "grouping", "k", "mean_budget", "ordering", "plan_fractions", "budget_unit")},
+    **{k: "prune" for k in ("search", "latency_batch")},
     "finetune": "finetune",
 }
 # Stage outputs in pipeline order: redoing one stage makes every later output stale.
@@ -750,11 +750,22 @@ class Run:
     def plan(self) -> Plan:
         """Group the timesteps and give each group its FLOPs budget."""
         path = self.dir / "plan" / "plan.json"
-        if path.exists():
-            return Plan.load(path)
-        self._save_config()
         c = self.config
+        if path.exists():
+            plan = Plan.load(path)  # written before the unit was recorded: the run's (a plan setting since)
+            return plan if plan.budget_unit is not None else replace(plan, budget_unit=c.budget_unit)
+        self._save_config()
         base = self.base_model()
+        base_flops = count_flops(base, self.sample_shape)
+        smallest = None
+        if c.budget_unit == "flops" and not c.search.depth:  # depth pruning goes below the widths' floor
+            from .prune.fit import smallest_fraction
+
+            s = c.search  # the search accepts a model within its tolerance of the budget
+            smallest = smallest_fraction(base, self.sample_shape, units=s.units, ignored_layers=s.ignored_layers,
+                                         num_heads=s.num_heads) / (1 + s.tolerance)
+        if c.mean_budget is not None:  # the smallest group's budget is at most the mean: refuse before measuring
+            check_reachable([c.mean_budget], base_flops, c.budget_unit, smallest)
         scheduler = self.scheduler
         _, held_out = self.split()
         _, held_labels = self.labels(base)
@@ -762,18 +773,17 @@ class Run:
         if c.grouping == "loss":
             loss_per_t = per_timestep_loss(base, held_out, scheduler, seed=c.seed, labels=held_labels)
         grouping = make_groups(c.grouping, c.groups, scheduler, loss_per_t=loss_per_t)
-        sensitivity = None
-        if c.ordering == "measured":
-            sensitivity = measure_sensitivity(base, held_out, scheduler, grouping, self.sample_shape, seed=c.seed,
-                                              labels=held_labels)
-        plan = make_plan(
-            grouping, k=c.k, ordering=c.ordering, base_flops=count_flops(base, self.sample_shape),
-            sample_shape=self.sample_shape, sensitivity=sensitivity, mean_budget=c.mean_budget,
-            provenance={"data": self.data.describe(), "base": str(self.dir / "base")},
-        )
-        if c.plan_fractions is not None:  # given explicitly: the formula's fractions are replaced, ranks kept
-            plan = replace(plan, fractions=list(c.plan_fractions),
-                           provenance={**plan.provenance, "fractions": "plan_fractions"})
+        where = dict(base_flops=base_flops, sample_shape=self.sample_shape, budget_unit=c.budget_unit,
+                     smallest=smallest, provenance={"data": self.data.describe(), "base": str(self.dir / "base")})
+        if c.plan_fractions is not None:  # given explicitly: no difficulty to measure, k does not apply
+            plan = plan_from_fractions(grouping, c.plan_fractions, **where)
+        else:
+            sensitivity = None
+            if c.ordering == "measured":
+                sensitivity = measure_sensitivity(base, held_out, scheduler, grouping, self.sample_shape, seed=c.seed,
+                                                  labels=held_labels)
+            plan = make_plan(grouping, k=c.k, ordering=c.ordering, sensitivity=sensitivity, mean_budget=c.mean_budget,
+                             **where)
         plot_grouping(grouping, scheduler, self.dir / "plan" / "grouping.png", budgets=plan.fractions)
         plan.save(path)
         return plan

@@ -205,6 +205,16 @@ class _BudgetSearch:
         return best[2] or None
 
 
+def smallest_fraction(base: nn.Module, sample_shape, *, units=None, ignored_layers=(), num_heads=None) -> float:
+    """The smallest fraction of base's FLOPs that width pruning reaches: every unit at MAX_RATIO (kept_slots keeps
+    at least one channel per norm group, or one head). Removing whole layers (depth pruning) can go lower.
+    units, ignored_layers, num_heads: as for engine.prune()."""
+    plan = plan_for(network(base), tuple(sample_shape), units=units, ignored_layers=ignored_layers, num_heads=num_heads)
+    smallest = prune_kept(base, plan, plan.kept({u.name: MAX_RATIO for u in plan.units}), tuple(sample_shape),
+                          "position", None)
+    return count_flops(as_denoiser(smallest), sample_shape) / count_flops(as_denoiser(base), sample_shape)
+
+
 @one_thread()
 def fit_to_budget(
     base: nn.Module,

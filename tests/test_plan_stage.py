@@ -1,0 +1,50 @@
+"""Run.plan on a given (untrained) base: budgets no pruning reaches, given fractions, the recorded unit."""
+
+import json
+
+import pytest
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture()
+def base_dir(tmp_path, tiny_unet):
+    tiny_unet.save_pretrained(tmp_path / "unet")
+    return tmp_path / "unet"
+
+
+def test_a_mean_budget_below_what_pruning_reaches_is_refused_before_measuring(tmp_path, base_dir, monkeypatch):
+    from tdcdiff import run as run_module
+    from tdcdiff.prune.fit import smallest_fraction
+
+    monkeypatch.setattr(run_module, "measure_sensitivity", lambda *a, **k: pytest.fail("measured a doomed plan"))
+    run = run_module.Run(tmp_path / "run", tiny_config(mean_budget=1e-9), progress=False, base=str(base_dir))
+    run.train_base()
+    with pytest.raises(ValueError, match=r"group 0's budget, 1e-09 of the base's flops, is about .* FLOPs of its "
+                                         r"[\d,]+: no pruning reaches it; raise --mean-budget or --k"):
+        run.plan()
+    smallest = smallest_fraction(run.base_model(), run.sample_shape)
+    assert 0 < smallest < 0.2
+    low = run_module.Run(tmp_path / "run", tiny_config(mean_budget=smallest / 2), progress=False, base=str(base_dir))
+    with pytest.raises(ValueError, match=r"below the smallest that pruning reaches \(0\.\d+: every layer at its "
+                                         r"largest pruning ratio\); raise --mean-budget or --k"):
+        low.plan()
+    assert not (tmp_path / "run" / "plan" / "plan.json").exists()
+
+
+def test_given_fractions_skip_the_trial_pruning_and_the_unit_is_a_plan_setting(tmp_path, base_dir, monkeypatch):
+    from tdcdiff import run as run_module
+
+    monkeypatch.setattr(run_module, "measure_sensitivity", lambda *a, **k: pytest.fail("trial pruning ran"))
+    run = run_module.Run(tmp_path / "run", tiny_config(plan_fractions=[0.6, 1.0]), progress=False, base=str(base_dir))
+    run.train_base()
+    plan = run.plan()
+    saved = json.loads((tmp_path / "run" / "plan" / "plan.json").read_text())
+    assert saved["fractions"] == [0.6, 1.0] and saved["k"] is None and saved["ordering"] is None
+    assert saved["provenance"]["fractions"] == "plan_fractions" and saved["budget_unit"] == "flops"
+    assert plan.ranks == [1, 2]
+    with pytest.raises(ValueError, match=r"setting 'budget_unit' differs .*\('flops' -> 'time'\) and stage 'plan' "
+                                         r"has already run; .*delete .*plan"):
+        run_module.Run(tmp_path / "run", overrides={"budget_unit": "time"}, progress=False)
