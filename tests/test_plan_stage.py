@@ -48,3 +48,22 @@ def test_given_fractions_skip_the_trial_pruning_and_the_unit_is_a_plan_setting(t
     with pytest.raises(ValueError, match=r"setting 'budget_unit' differs .*\('flops' -> 'time'\) and stage 'plan' "
                                          r"has already run; .*delete .*plan"):
         run_module.Run(tmp_path / "run", overrides={"budget_unit": "time"}, progress=False)
+
+
+@pytest.mark.parametrize("unit, header, absent", [("time", r"rank +time +ms @b2$", "MFLOPs"),
+                                                  ("flops", r"rank +FLOPs +MFLOPs$", "ms @b")])
+def test_the_plan_table_shows_a_time_plan_in_time_only(tmp_path, base_dir, unit, header, absent):
+    import re
+
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+    from tdcdiff.run import Run
+
+    Run(tmp_path / "run", tiny_config(ordering="snr-low-hard"), progress=False, base=str(base_dir)).train_base()
+    result = CliRunner().invoke(app, ["plan", "--out", str(tmp_path / "run"), "--budget-unit", unit,
+                                      "--latency-batch", "2", "-q"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert re.search(header, lines[0]) and absent not in result.output, result.output
+    assert len(lines[1].split()) == 6  # group, timesteps, SNR, rank, the fraction and its one unit

@@ -219,17 +219,18 @@ def plan_command(
         run = _open_run(out, None, not quiet, groups=groups, grouping=grouping, k=k, mean_budget=mean_budget, ordering=ordering,
                         budget_unit=budget_unit, latency_batch=latency_batch, depth=depth)
         plan = run.plan()
-        timed = run.config.budget_unit == "time"
+        timed = plan.budget_unit == "time"
         base_ms = run.latency_table(run.base_model()).base_seconds * 1000 if timed else None
     except _USER_ERRORS as err:
         _fail(err)
     batch = run.config.latency_batch
-    typer.echo(f"{'group':>5} {'timesteps':>11} {'SNR dB':>15} {'rank':>4} {'budget':>7} {'MFLOPs':>8}"
-               + (f" {'ms @b' + str(batch):>9}" if timed else ""))
+    # A time plan's fractions are of the base's forward time: its experts' FLOPs are known only once pruned.
+    typer.echo(f"{'group':>5} {'timesteps':>11} {'SNR dB':>15} {'rank':>4} "
+               + (f"{'time':>7} {'ms @b' + str(batch):>9}" if timed else f"{'FLOPs':>7} {'MFLOPs':>8}"))
     for g, rank, fraction in zip(plan.grouping.groups, plan.ranks, plan.fractions):
         typer.echo(f"{g.index:>5} {g.start:>5}-{g.end - 1:<5} {g.snr_db_start:>7.1f}..{g.snr_db_end:<6.1f} {rank:>4} "
-                   f"{fraction:>7.1%} {fraction * plan.base_flops / 1e6:>8.2f}"
-                   + (f" {fraction * base_ms:>9.2f}" if timed else ""))
+                   + (f"{fraction:>7.1%} {fraction * base_ms:>9.2f}" if timed
+                      else f"{fraction:>7.1%} {fraction * plan.base_flops / 1e6:>8.2f}"))
     unit = (f"forward time ({base_ms:.2f} ms at batch {batch} on this device)" if timed
             else f"{plan.base_flops / 1e6:.1f} MFLOPs")
     typer.echo(f"mean sampling cost (timestep-weighted): {plan.mean_fraction:.1%} of the base's {unit}")
