@@ -111,7 +111,7 @@ def test_run_prunes_to_time_budgets_and_records_flops_and_time(tmp_path, monkeyp
         model = load_model(run.dir / "prune" / f"group_{s['group']}")
         assert removed_units(model) == [u for u, v in s["decision"].items() if ".resnets." in u and v]
     config.budget_unit = "flops"
-    with pytest.raises(ValueError, match="setting 'budget_unit' differs .*'time' -> 'flops'.* stage 'prune' has already run"):
+    with pytest.raises(ValueError, match="setting 'budget_unit' differs .*'time' -> 'flops'.* stage 'plan' has already run"):
         Run(tmp_path / "run", config, progress=False).prune()
 
 
