@@ -19,6 +19,14 @@ CLI_CASES = [
     ("k above one", ["run", "--k", "1.5"], r"k must be in \(0, 1\]"),
     ("mean budget above one", ["run", "--mean-budget", "1.5"],
      r"mean_budget \(--mean-budget\) must be in \(0, 1\], .* got 1.5; e.g. 0.6, or leave it unset"),
+    ("mean budget that rounds to no FLOPs", ["run", "--mean-budget", "1e-9"],
+     r"the mean budget \(no group's budget is smaller\), 1e-09 of the base's FLOPs, is about 0.03 FLOPs of its "
+     r"30,007,296: no pruning reaches it; raise --mean-budget or --k"),
+    ("mean budget below the smallest pruning", ["run", "--mean-budget", "0.02"],
+     r"the mean budget .*, 0.0200 of the base's FLOPs, is below the smallest that pruning reaches \(0.0311: every "
+     r"layer at its largest pruning ratio\); raise --mean-budget or --k"),
+    ("formula budget below the smallest pruning", ["run", "--groups", "50", "--k", "0.001"],
+     r"the easiest group's budget \(1/N \+ \(N-1\)/N k\), 0.0210 of the base's FLOPs, is below the smallest"),
     ("no groups", ["run", "--groups", "0"], "number of groups N must be >= 1"),
     ("more groups than timesteps", ["run", "--groups", "2000"], "N=2000 exceeds T=1000"),
     ("ten billion groups", ["run", "--groups", "10000000000"], "N=10000000000 exceeds T=1000"),

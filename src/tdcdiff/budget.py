@@ -262,21 +262,24 @@ def plan_from_fractions(
 
 
 def check_reachable(fractions: list[float], base_flops: int, budget_unit: str = "flops",
-                    smallest: float | None = None, *, fix: str = "raise --mean-budget or --k") -> None:
+                    smallest: float | None = None, *, fix: str = "raise --mean-budget or --k",
+                    label: str | None = None) -> None:
     """Raise ValueError when a budget fraction (of the base's FLOPs or time) can certainly not be met by pruning.
 
     Every unit keeps at least one channel per norm group, so a budget rounding to 0 FLOPs is never met, whatever
     the unit. For a FLOPs budget, `smallest` (if known) is the smallest fraction pruning reaches
     (prune.fit.smallest_fraction); a budget below it is refused too. fix: what the message tells the user to do.
+    label: what the message calls the smallest fraction (default: "group g's budget").
     """
     low = min(range(len(fractions)), key=lambda g: fractions[g])
-    fraction = fractions[low]
+    fraction, what = fractions[low], label or f"group {low}'s budget"
+    unit = {"flops": "FLOPs", "time": "forward time"}.get(budget_unit, budget_unit)
     if round(fraction * base_flops) < 1:
-        raise ValueError(f"group {low}'s budget, {fraction:.3g} of the base's {budget_unit}, is about "
-                         f"{fraction * base_flops:.2g} FLOPs of its {base_flops:,}: no pruning reaches it; {fix}")
+        raise ValueError(f"{what}, {fraction:.3g} of the base's {unit}, is about {fraction * base_flops:.2g} FLOPs "
+                         f"of its {base_flops:,}: no pruning reaches it; {fix}")
     if budget_unit == "flops" and smallest is not None and fraction < smallest:
-        raise ValueError(f"group {low}'s budget, {fraction:.4f} of the base's FLOPs, is below the smallest that "
-                         f"pruning reaches ({smallest:.4f}: every layer at its largest pruning ratio); {fix}")
+        raise ValueError(f"{what}, {fraction:.4f} of the base's FLOPs, is below the smallest that pruning reaches "
+                         f"({smallest:.4f}: every layer at its largest pruning ratio); {fix}")
 
 
 @dataclass

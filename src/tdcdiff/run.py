@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from .budget import Plan, check_reachable, make_plan, measure_sensitivity, plan_from_fractions
+from .budget import Plan, budget_fractions, check_reachable, make_plan, measure_sensitivity, plan_from_fractions
 from .data import ImageDataset, load_dataset
 from .flops import count_flops
 from .grouping import make_groups, per_timestep_loss, plot_grouping
@@ -704,6 +704,7 @@ class Run:
         )
         train_images, _ = self.split()
         self._check_report_data()
+        self._check_budgets_reachable(model)  # the architecture is known now: don't train for a doomed plan
         self._save_config()  # after the checks above: a refused run leaves nothing behind
         config = replace(c.base, seed=c.seed * 100)  # stage 2 of group i uses c.seed * 100 + i + 1
         return train(model, train_images, self.scheduler, config, self.dir / "base", labels=self.labels(model)[0],
@@ -757,15 +758,7 @@ class Run:
         self._save_config()
         base = self.base_model()
         base_flops = count_flops(base, self.sample_shape)
-        smallest = None
-        if c.budget_unit == "flops" and not c.search.depth:  # depth pruning goes below the widths' floor
-            from .prune.fit import smallest_fraction
-
-            s = c.search  # the search accepts a model within its tolerance of the budget
-            smallest = smallest_fraction(base, self.sample_shape, units=s.units, ignored_layers=s.ignored_layers,
-                                         num_heads=s.num_heads) / (1 + s.tolerance)
-        if c.mean_budget is not None:  # the smallest group's budget is at most the mean: refuse before measuring
-            check_reachable([c.mean_budget], base_flops, c.budget_unit, smallest)
+        smallest = self._check_budgets_reachable(base)  # before the trial pruning
         scheduler = self.scheduler
         _, held_out = self.split()
         _, held_labels = self.labels(base)
@@ -787,6 +780,29 @@ class Run:
         plot_grouping(grouping, scheduler, self.dir / "plan" / "grouping.png", budgets=plan.fractions)
         plan.save(path)
         return plan
+
+    def _check_budgets_reachable(self, base) -> float | None:
+        """Refuse settings whose smallest group budget no pruning of `base` (its architecture: trained or not)
+        reaches, as far as the config tells it: the formula's easiest group, at most the mean budget, or the
+        smallest plan_fractions (budget.check_reachable). Returns the smallest FLOPs fraction a pruned expert is
+        accepted at (the search's tolerance below what every layer at its largest ratio gives), or None for time
+        budgets or depth pruning, which can go below it."""
+        c, smallest = self.config, None
+        if c.budget_unit == "flops" and not c.search.depth:
+            from .prune.fit import smallest_fraction
+
+            s = c.search
+            smallest = smallest_fraction(base, self.sample_shape, units=s.units, ignored_layers=s.ignored_layers,
+                                         num_heads=s.num_heads) / (1 + s.tolerance)
+        if c.plan_fractions is not None:
+            lowest, label, fix = min(c.plan_fractions), "the smallest plan_fractions", "raise it"
+        elif c.mean_budget is not None:
+            lowest, label, fix = c.mean_budget, "the mean budget (no group's budget is smaller)", None
+        else:
+            lowest, label, fix = budget_fractions(c.groups, c.k)[0], "the easiest group's budget (1/N + (N-1)/N k)", None
+        check_reachable([lowest], count_flops(base, self.sample_shape), c.budget_unit, smallest, label=label,
+                        **({"fix": fix} if fix else {}))
+        return smallest
 
     @_writes
     def prune(self, group: int | None = None) -> list[dict]:
