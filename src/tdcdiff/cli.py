@@ -125,7 +125,38 @@ def _open_run(out: Path, config_file: Path | None, progress: bool, *, writes: bo
 
     if writes:
         _check_writable(out, "--out", directory=True)
-    return Run(out, overrides=_overrides(config_file, **flags), progress=progress)
+    overrides = _overrides(config_file, **flags)
+    try:
+        return Run(out, overrides=overrides, progress=progress)
+    except ValueError as err:
+        err.args = (_as_flag(str(err), flags),)
+        raise
+
+
+def _as_flag(message: str, flags: dict) -> str:
+    """A settings error that starts with the dotted key of a setting the user gave as a flag ("base.steps must
+    be >= 1") names the flag instead ("--base-steps must be >= 1"); messages that name their flag stay."""
+    if flags.get("base") is not None:  # --base-steps then sets base_model_steps (see _overrides)
+        flags = {**flags, "base_model_steps": flags.get("base_steps")}
+    for name, value in flags.items():
+        targets = _SETTINGS[name] if isinstance(_SETTINGS[name], tuple) else (_SETTINGS[name],)
+        option = _option("base_steps" if name == "base_model_steps" else name)
+        for key in targets if value is not None else ():
+            if message.startswith(f"{key} ") and option not in message:
+                return option + message[len(key):]
+    return message
+
+
+def _option(name: str) -> str:
+    """The flag of `tdcdiff run`'s parameter `name` as its declaration spells it, e.g. "base_steps" -> "--base-steps"."""
+    import typing
+
+    hint = typing.get_type_hints(run_command, include_extras=True)[name]
+    # In Annotated, typer.Option("--k", ...) keeps its first name in `default`.
+    declared = [d for info in typing.get_args(hint)[1:]
+                for d in (getattr(info, "default", None), *(getattr(info, "param_decls", None) or ()))
+                if isinstance(d, str) and d.startswith("-")]
+    return max(declared, key=len) if declared else f"--{name.replace('_', '-')}"
 
 
 def _overrides(config_file: Path | None, **flags) -> dict:

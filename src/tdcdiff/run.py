@@ -135,14 +135,19 @@ class RunConfig:
             raise ValueError(f"num_train_timesteps (--timesteps) must be at most {MAX_TIMESTEPS}, got "
                              f"{self.num_train_timesteps} (typical: 1000)")
         make_scheduler(self.num_train_timesteps, self.beta_schedule, self.prediction_type)
-        self.base.validate()
-        self.finetune.validate()
-        self.search.validate()
+        for section in ("base", "finetune", "search"):
+            try:
+                getattr(self, section).validate()
+            except ValueError as err:  # "steps must be ..." -> "base.steps must be ...": which steps
+                if str(err).split(" ", 1)[0] not in {f.name for f in fields(getattr(self, section))}:
+                    raise
+                raise type(err)(f"{section}.{err}") from None
         if self.search.proposer == "llm":
             from .prune.search import get_proposer
 
             get_proposer("llm")  # endpoint and model come from the environment: check them before training
         checks = [
+            (self.groups >= 1, f"groups must be >= 1 (N, the number of timestep groups), got {self.groups}"),
             (self.groups <= self.num_train_timesteps, f"number of groups N={self.groups} exceeds T={self.num_train_timesteps}"),
             (self.grouping in STRATEGIES, f"unknown grouping strategy {self.grouping!r}; choose one of {STRATEGIES}"),
             (self.ordering in ORDERINGS, f"unknown difficulty ordering {self.ordering!r}; choose one of {ORDERINGS}"),

@@ -80,7 +80,7 @@ class TrainConfig:
         checks = [
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (0 < self.lr < 1, f"learning rate must be in (0, 1), got {self.lr} (typical: 1e-4 to 2e-3)"),
+            (0 < self.lr < 1, f"lr (the peak learning rate) must be in (0, 1), got {self.lr} (typical: 1e-4 to 2e-3)"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.lr_schedule in ("cosine", "constant"), f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}"),
