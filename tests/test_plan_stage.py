@@ -68,3 +68,23 @@ def test_the_plan_table_shows_a_time_plan_in_time_only(tmp_path, base_dir, unit,
     lines = result.output.splitlines()
     assert re.search(header, lines[0]) and absent not in result.output, result.output
     assert len(lines[1].split()) == 6  # group, timesteps, SNR, rank, the fraction and its one unit
+
+
+def test_plan_fractions_no_pruning_reaches_are_refused_before_training(tmp_path, base_dir):
+    from tdcdiff.run import Run
+
+    message = (r"the smallest plan_fractions, 0.0100 of the base's FLOPs, is below the smallest that pruning reaches "
+               r"\(0.0311: every layer at its largest pruning ratio\); raise it")
+    with pytest.raises(ValueError, match=message):  # a preset: its architecture is built before stage 1
+        Run(tmp_path / "run", tiny_config(plan_fractions=[0.01, 1.0]), progress=False).train_base()
+    assert not (tmp_path / "run" / "base").exists() and not (tmp_path / "run" / "config.json").exists()
+    given = Run(tmp_path / "given", tiny_config(plan_fractions=[0.01, 1.0]), progress=False, base=str(base_dir))
+    given.train_base()  # a given model is checked at the plan
+    with pytest.raises(ValueError, match=message):
+        given.plan()
+    # depth pruning can remove whole layers, below the widths' floor: only a budget of no FLOPs is refused there
+    deep = tiny_config(plan_fractions=[0.01, 1.0])
+    deep.search.depth = True
+    deep_run = Run(tmp_path / "deep", deep, progress=False, base=str(base_dir))
+    deep_run.train_base()
+    assert deep_run.plan().fractions == [0.01, 1.0]

@@ -20,6 +20,7 @@ import torch
 from .grouping import Grouping
 
 ORDERINGS = ("measured", "snr-high-hard", "snr-low-hard")
+RAISE_BUDGET = "raise --mean-budget or --k"  # the fix for a budget the formula makes too small
 
 
 def budget_fractions(num_groups: int, k: float) -> list[float]:
@@ -262,7 +263,7 @@ def plan_from_fractions(
 
 
 def check_reachable(fractions: list[float], base_flops: int, budget_unit: str = "flops",
-                    smallest: float | None = None, *, fix: str = "raise --mean-budget or --k",
+                    smallest: float | None = None, *, fix: str = RAISE_BUDGET,
                     label: str | None = None) -> None:
     """Raise ValueError when a budget fraction (of the base's FLOPs or time) can certainly not be met by pruning.
 

@@ -42,7 +42,8 @@ from pathlib import Path
 
 import torch
 
-from .budget import Plan, budget_fractions, check_reachable, make_plan, measure_sensitivity, plan_from_fractions
+from .budget import (RAISE_BUDGET, Plan, budget_fractions, check_reachable, make_plan, measure_sensitivity,
+                     plan_from_fractions)
 from .data import ImageDataset, load_dataset
 from .flops import count_flops
 from .grouping import make_groups, per_timestep_loss, plot_grouping
@@ -802,11 +803,11 @@ class Run:
         if c.plan_fractions is not None:
             lowest, label, fix = min(c.plan_fractions), "the smallest plan_fractions", "raise it"
         elif c.mean_budget is not None:
-            lowest, label, fix = c.mean_budget, "the mean budget (no group's budget is smaller)", None
+            lowest, label, fix = c.mean_budget, "the mean budget (no group's budget is smaller)", RAISE_BUDGET
         else:
-            lowest, label, fix = budget_fractions(c.groups, c.k)[0], "the easiest group's budget (1/N + (N-1)/N k)", None
-        check_reachable([lowest], count_flops(base, self.sample_shape), c.budget_unit, smallest, label=label,
-                        **({"fix": fix} if fix else {}))
+            lowest, label, fix = (budget_fractions(c.groups, c.k)[0], "the easiest group's budget (1/N + (N-1)/N k)",
+                                  RAISE_BUDGET)
+        check_reachable([lowest], count_flops(base, self.sample_shape), c.budget_unit, smallest, label=label, fix=fix)
         return smallest
 
     @_writes
