@@ -402,16 +402,17 @@ def tune_command(
 
     Every candidate (the base fine-tuned, uniform widths by FLOPs or measured time, TDC over k, N and grouping,
     by time budget, with depth pruning, or with budgets from measured curves) gets the same training compute; all
-    are screened on held-out images (denoising loss or bits/dim, paired), the best few get paired-seed FID/KID. Writes frontier.png,
-    table.csv, results.json, cost.csv, return.csv and chosen/ into the tune directory. Rerunning skips finished candidates.
+    are screened on held-out images (denoising loss or bits/dim, paired), the best few get paired-seed FID/KID.
+    Writes frontier.png, table.csv, results.json, cost.csv, return.csv and chosen/ into the tune directory.
+    Rerunning skips finished candidates.
     """
     from dataclasses import replace
 
     from .tune import TuneConfig, Tune, check_candidate, cost_rows, format_rows, plan_candidates, table_rows
 
     flags = {k_: v for k_, v in locals().items() if k_ in _SETTINGS and k_ not in ("k", "groups", "grouping", "depth")}
-    settings = TuneConfig(tune_steps=tune_steps, screening=screening, finalists=finalists, fid_seeds=fid_seeds, fid_samples=fid_samples,
-                          batch=batch, max_quality_loss=max_quality_loss, price_per_hour=price_per_hour, depth=depth,
+    settings = TuneConfig(tune_steps=tune_steps, screening=screening, finalists=finalists, fid_seeds=fid_seeds,
+                          fid_samples=fid_samples, batch=batch, max_quality_loss=max_quality_loss, price_per_hour=price_per_hour, depth=depth,
                           curves=curves, curve_steps=curve_steps)
     for name, value in (("widths", width), ("ks", k), ("groups", groups), ("groupings", grouping),
                         ("time_budgets", time_budget), ("uniform_time_budgets", uniform_time_budget)):
