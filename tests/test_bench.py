@@ -142,3 +142,25 @@ def test_bad_settings_are_one_line_before_any_work(tmp_path, flag, value, messag
     done = bench("--out", tmp_path / "b", flag, value, cache=tmp_path / "cache")
     assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_agreement_orders_each_pair_of_a_run_like_its_fid(quick_bench, tmp_path):
+    out, _, _ = quick_bench
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "agreement.py"), str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    models = json.loads((out / "results.json").read_text())["per_run"][0]["models"]
+    fid = [m["fid"]["per_seed"][0]["fid"] for m in models]
+    loss = [m["held_out_loss"]["all"] for m in models]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    agree = sum((loss[a] < loss[b]) == (fid[a] < fid[b]) for a, b in pairs)
+    assert "within-run pairs (same base), ordered like FID: 3 pairs" in done.stdout
+    assert f"held-out loss  {agree} of 3" in done.stdout
+    for m, f in zip(models, fid):
+        assert f"{m['name']:<22} {f:>8.3f}" in done.stdout
+
+    missing = subprocess.run([sys.executable, str(REPO / "bench" / "agreement.py"), str(tmp_path)],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert "results.json not found" in missing.stderr.strip().splitlines()[-1]
