@@ -51,17 +51,11 @@ def benchmark_points(results: dict, label: str) -> tuple[list[dict], dict]:
 
 def tune_points(results: dict, label: str) -> list[dict]:
     """Points of a tune results.json: the finalists and the base (the only rows with FID)."""
-    measure = results["screening_measure"]
-    points = []
-    for row in results["rows"]:
-        if row.get("fid") is None:
-            continue
-        values = {measure["name"]: row["screening"], measure["second"]["name"]: row.get("second", row.get("held_out_loss"))}
-        points.append({"data": results["fid_protocol"]["reference"]["name"], "run": label, "model": row["name"],
-                       "fid": sum(row["fid"]) / len(row["fid"]),
-                       "held-out loss": next(v for k, v in values.items() if "loss" in k),
-                       "bits/dim": next(v for k, v in values.items() if "bits/dim" in k)})
-    return points
+    keys = {results["screening_measure"]["key"]: "screening", results["screening_measure"]["second"]["key"]: "second"}
+    names = {"loss": "held-out loss", "bpd": "bits/dim"}
+    return [{"data": results["fid_protocol"]["reference"]["name"], "run": label, "model": row["name"],
+             "fid": sum(row["fid"]) / len(row["fid"]), **{names[key]: row[column] for key, column in keys.items()}}
+            for row in results["rows"] if row.get("fid") is not None]
 
 
 def resolved_pairs(arms: dict, label: str) -> list[dict]:
