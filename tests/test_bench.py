@@ -157,3 +157,65 @@ def test_set_settings_are_read_as_a_config_file_reads_them(script, capsys, monke
     with pytest.raises(SystemExit):
         module.parse_args(["--set", "k"])
     assert "--set takes KEY=VALUE, got 'k'" in capsys.readouterr().err
+
+@pytest.mark.slow
+def test_agreement_orders_each_pair_of_a_run_like_its_fid(quick_bench, tmp_path):
+    out, _, _ = quick_bench
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "agreement.py"), str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    models = json.loads((out / "results.json").read_text())["per_run"][0]["models"]
+    fid = [m["fid"]["per_seed"][0]["fid"] for m in models]
+    loss = [m["held_out_loss"]["all"] for m in models]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    agree = sum((loss[a] < loss[b]) == (fid[a] < fid[b]) for a, b in pairs)
+    assert "within-run pairs (same base), ordered like FID: 3 pairs" in done.stdout
+    assert f"held-out loss  {agree} of 3" in done.stdout
+    for m, f in zip(models, fid):
+        assert f"{m['name']:<22} {f:>8.3f}" in done.stdout
+
+    missing = subprocess.run([sys.executable, str(REPO / "bench" / "agreement.py"), str(tmp_path)],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert "results.json not found" in missing.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_frontier_runs_each_budget_once_and_pairs_every_gap_over_the_seeds(quick_bench, tmp_path):
+    source, _, cache = quick_bench
+    out = tmp_path / "frontier"
+    command = [sys.executable, str(REPO / "bench" / "frontier.py"), "--quick", "--seeds", "0", "--budgets", "0.8",
+               "--base-from", str(source), "--out", str(out), "--", "--quiet"]
+    env = {**os.environ, "TDCDIFF_CACHE": str(cache)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "frontier.json").read_text())
+    assert [r["arm"] for r in summary["rows"]] == ["uniform-pruned", "TDC"]
+    assert (out / "frontier.png").stat().st_size > 0 and "(one seed)" in done.stdout
+    again = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and "== time budget" not in again.stdout  # finished budgets are read, not rerun
+
+    # Paired over seeds: three seeds made from the measured one, TDC's FID 1.0 above the single model's in each.
+    sys.path.insert(0, str(REPO / "bench"))
+    import frontier
+
+    results = json.loads((out / "time-0.8" / "results.json").read_text())
+    runs = []
+    for shift in (0.0, 0.3, 0.7):
+        run = json.loads(json.dumps(results["per_run"][0]))
+        models = {m["name"]: m for m in run["models"]}
+        models["single model"]["fid"]["per_seed"][0]["fid"] = 5 + shift
+        models["TDC"]["fid"]["per_seed"][0]["fid"] = 6 + shift
+        runs.append(run)
+    rows = frontier.summarise({**results, "per_run": runs}, 0.8)
+    tdc = next(r for r in rows if r["arm"] == "TDC")
+    assert tdc["vs_single"]["FID"]["mean"] == pytest.approx(1.0) and not tdc["vs_single"]["FID"]["tie"]
+    assert tdc["vs_single"]["held-out loss"]["sd"] == pytest.approx(0.0, abs=1e-12)
+    assert "vs_uniform" in tdc and "vs_uniform" not in rows[0]
+
+
+def test_frontier_refuses_a_budget_outside_zero_one_before_any_work(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "frontier.py"), "--budgets", "0.6", "1.5",
+                           "--out", str(tmp_path / "f")], capture_output=True, text=True)
+    assert done.returncode == 2 and not (tmp_path / "f").exists()
+    assert "--budgets 1.5 is not in (0, 1]" in done.stderr.strip().splitlines()[-1]

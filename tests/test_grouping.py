@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tdcdiff.budget import Plan, budget_fractions, difficulty_ranks, make_plan
-from tdcdiff.grouping import STRATEGIES, Grouping, make_groups, plot_grouping
+from tdcdiff.grouping import STRATEGIES, Grouping, make_groups, per_image_loss, per_timestep_loss, plot_grouping
 from tdcdiff.schedule import make_scheduler, snr_db
 
 
@@ -111,3 +111,27 @@ def test_from_dict_refuses_inconsistent_groups(scheduler, change, message):
         Grouping.from_dict({**data, **change})
     with pytest.raises(ValueError, match="'grouping' must be a mapping, got list"):
         Grouping.from_dict([])
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_per_image_loss_is_each_images_denoising_loss_at_the_measured_timesteps(tiny_unet, digits, prediction):
+    """Against a direct computation (diffusers' add_noise and get_velocity) on the documented pick of images and
+    noise; per_timestep_loss reduces the same errors, so at the measured points it is the images' mean."""
+    scheduler = make_scheduler(1000, prediction_type=prediction)
+    images, model = digits.images[:40], tiny_unet.eval()
+    points, losses = per_image_loss(model, images, scheduler, num_points=5, images_per_point=8, seed=3)
+    assert points.tolist() == [0, 250, 500, 749, 999] and losses.shape == (5, 8) and losses.dtype == torch.float32
+    g = torch.Generator().manual_seed(3)
+    x0 = images[torch.randperm(40, generator=g)[:8]]
+    noise = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        for row, t_value in zip(losses, points):
+            t = torch.full((8,), int(t_value))
+            target = noise if prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
+            direct = (model(scheduler.add_noise(x0, noise, t), t).sample - target).pow(2).mean((1, 2, 3))
+            assert torch.allclose(row, direct, rtol=1e-4, atol=1e-7)
+    assert len(set(losses[2].tolist())) == 8  # one value per image, not a batch mean repeated
+    curve = per_timestep_loss(model, images, scheduler, num_points=5, images_per_point=8, seed=3)
+    assert curve[points] == pytest.approx(losses.double().mean(1).numpy(), rel=1e-5)
+    # more images asked for than given: all of them, each once
+    assert per_image_loss(model, images[:6], scheduler, num_points=2, images_per_point=8)[1].shape == (2, 6)

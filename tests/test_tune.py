@@ -125,6 +125,8 @@ def test_tdc_variants_cross_the_grid_with_run_settings():
     ({"time_budgets": (0.0,)}, "--time-budget values must be in (0, 1]"),
     ({"uniform_time_budgets": (1.0,)}, "--uniform-time-budget values must be in (0, 1)"),
     ({"curve_steps": 0}, "--curve-steps must be >= 1 (stage-2 steps behind each point of a quality curve), got 0"),
+    ({"screening": "fid"}, "unknown --screening 'fid'; choose from loss (held-out denoising loss), bpd (held-out "
+                           "bits/dim bound)"),
 ])
 def test_bad_settings_are_refused(changes, message):
     from tdcdiff.tune import TuneConfig
@@ -260,20 +262,32 @@ def test_outputs_table_plot_choice_and_cost(tuned):
     rows = {r["name"]: r for r in results["rows"]}
     assert set(rows) == {"base", "single", "uniform 0.6", "TDC k=0.4 N=2 snr"}
     assert rows["base"]["quality_ratio"] == 1.0 and rows["base"]["train_flops"] == 0
-    # Screening: bits/dim with its SE, paired with the base image by image; the held-out loss beside it.
-    assert results["screening_measure"]["name"] == "held-out bits/dim bound"
-    assert results["screening_measure"]["strata"] == 16 and results["screening_measure"]["images"] > 100
-    assert rows["base"]["screening_gap"] == {"mean": 0.0, "se": 0.0}
-    for row in rows.values():
-        assert 0 < row["screening"] < 8 and 0 < row["screening_se"] < row["screening"] and row["held_out_loss"] > 0
-    gaps = [rows[n]["screening_gap"] for n in rows if n != "base"]
-    assert all(g["mean"] == pytest.approx(rows[n]["screening"] - rows["base"]["screening"])
-               for n, g in zip([n for n in rows if n != "base"], gaps))
-    # Paired: the shared images and noise cancel, so the difference is known better than either value.
-    assert all(g["se"] < max(rows[n]["screening_se"], rows["base"]["screening_se"])
-               for n, g in zip([n for n in rows if n != "base"], gaps))
-    table = (out / "table.csv").read_text().splitlines()[0]
-    assert "screening_se,screening_gap_mean,screening_gap_se" in table and "held_out_loss" in table
+    # Screening: the held-out loss with its SE, paired with the base image by image; bits/dim beside it, paired too.
+    measure = results["screening_measure"]
+    assert measure["key"] == "loss" and measure["name"] == "held-out denoising loss" and measure["timesteps"] == 100
+    assert measure["second"]["key"] == "bpd" and measure["second"]["strata"] == 16
+    assert measure["images"] == measure["second"]["images"] > 100
+    candidates = [n for n in rows if n != "base"]
+    for value, se, gap, bounds in (("screening", "screening_se", "screening_gap", (0, 2)),
+                                   ("second", "second_se", "second_gap", (0, 8))):
+        assert rows["base"][gap] == {"mean": 0.0, "se": 0.0}
+        assert all(bounds[0] < r[value] < bounds[1] and 0 < r[se] < r[value] for r in rows.values())
+        assert all(rows[n][gap]["mean"] == pytest.approx(rows[n][value] - rows["base"][value]) for n in candidates)
+        # Paired: the shared images and noise cancel, so the difference is known better than either value.
+        assert all(rows[n][gap]["se"] < max(rows[n][se], rows["base"][se]) for n in candidates)
+    assert all(r["quality_ratio"] == r["screening"] / rows["base"]["screening"] for r in rows.values())
+    assert all(r["second_ratio"] == r["second"] / rows["base"]["second"] for r in rows.values())
+    # The finalists are the best candidates by the loss, as cached in screening.json.
+    cached = json.loads((out / "screening.json").read_text())["measures"]
+    assert cached["loss"]["protocol"] == {k: measure[k] for k in ("name", "timesteps", "images", "seed")}
+    loss = {n: cached["loss"]["values"][n]["value"] for n in candidates}
+    assert results["finalists"] == sorted(loss, key=loss.get)[:2]
+    assert all(len(cached[m]["values"][n]["per_image"]) == measure["images"] for m in ("loss", "bpd") for n in rows)
+    table = (out / "table.csv").read_text().splitlines()
+    assert table[0].startswith("name,kind,sampling_flops,flops_ratio,time_s,time_ratio,screening_measure,screening,"
+                               "screening_se,screening_gap_mean,screening_gap_se,quality_ratio,second_measure,second,"
+                               "second_se,second_gap_mean,second_gap_se,second_ratio,fid_mean")
+    assert all(",loss," in line and ",bpd," in line for line in table[1:])
     assert rows["uniform 0.6"]["flops_ratio"] < 0.7 and rows["TDC k=0.4 N=2 snr"]["flops_ratio"] < 1
     assert len(results["finalists"]) == 2
     finalists = [rows[n] for n in results["finalists"]]
@@ -294,6 +308,71 @@ def test_outputs_table_plot_choice_and_cost(tuned):
 
 
 @pytest.mark.slow
+def test_screening_by_bits_per_dim_ranks_by_it_from_the_same_cache(tuned, tmp_path):
+    """--screening bpd on a copy of the tuned directory: nothing is measured again (both measures are cached, each
+    under its own protocol), the finalists and quality ratios follow bits/dim, and the loss becomes the second."""
+    import shutil
+
+    from tdcdiff.tune import Tune, table_rows
+
+    out, _, _, _, by_loss = tuned
+    copy = tmp_path / "bpd"
+    shutil.copytree(out, copy)
+    cache = (copy / "screening.json").read_text()
+    results = Tune(copy, tiny_tune(screening="bpd"), progress=False).run_all()
+    assert (copy / "screening.json").read_text() == cache
+    measures = json.loads(cache)["measures"]
+    assert results["screening_measure"]["key"] == "bpd" and results["screening_measure"]["second"]["key"] == "loss"
+    rows, before = ({r["name"]: r for r in res["rows"]} for res in (results, by_loss))
+    bpd = {n: measures["bpd"]["values"][n]["value"] for n in rows if n != "base"}
+    assert results["finalists"] == sorted(bpd, key=bpd.get)[:2]
+    for name, row in rows.items():
+        assert (row["screening"], row["second"]) == (before[name]["second"], before[name]["screening"])
+        assert row["screening_gap"] == before[name]["second_gap"]
+        assert row["quality_ratio"] == row["screening"] / rows["base"]["screening"]
+    header = list(table_rows(results["rows"], results["choice"]["name"], "bpd")[0])
+    assert header[4:7] == ["bits/dim", "- base (paired)", "held-out loss (- base, paired)"]
+    assert list(table_rows(by_loss["rows"], None, "loss")[0])[4:7] == [
+        "held-out loss", "- base (paired)", "bits/dim (- base, paired)"]
+
+
+@pytest.mark.slow
+def test_a_measure_is_measured_again_when_its_protocol_changed_and_the_other_kept(tuned, tmp_path):
+    """screening.json is valid per measure: a changed protocol re-measures that measure only; a file from before
+    the loss could screen (bits/dim values and the loss as a scalar) keeps its bits/dim values."""
+    import shutil
+
+    from tdcdiff.tune import Tune
+
+    out, *_ = tuned
+    copy = tmp_path / "cache"
+    shutil.copytree(out, copy)
+    path = copy / "screening.json"
+    measured = json.loads(path.read_text())["measures"]
+    planted = json.loads(path.read_text())
+    planted["measures"]["loss"]["protocol"]["timesteps"] = 50  # as if measured under another protocol
+    planted["measures"]["loss"]["values"]["base"]["value"] = -1.0
+    planted["measures"]["bpd"]["values"]["single"]["value"] = 123.0  # still valid: must be kept, not re-measured
+    path.write_text(json.dumps(planted))
+    tune = Tune(copy, tiny_tune(), progress=False)
+    models = tune.models()
+    screened = tune.screen(models)
+    assert screened["single"]["bpd"]["value"] == 123.0
+    assert screened["base"]["loss"]["value"] == measured["loss"]["values"]["base"]["value"]  # measured again: same
+    assert json.loads(path.read_text())["measures"]["loss"]["protocol"]["timesteps"] == 100
+
+    bpd = measured["bpd"]
+    old = {"protocol": {"measure": bpd["protocol"]["name"], "images": bpd["protocol"]["images"], "strata": 16,
+                        "seed": bpd["protocol"]["seed"], "second": "held-out denoising loss"},
+           "unit": bpd["unit"], "values": {n: {**v, "value": 7.0, "held_out_loss": 0.5} for n, v in bpd["values"].items()}}
+    path.write_text(json.dumps(old))
+    screened = tune.screen(models)
+    assert all(screened[n]["bpd"]["value"] == 7.0 for n in models)
+    assert all(screened[n]["loss"]["value"] == measured["loss"]["values"][n]["value"] for n in models)
+    assert json.loads(path.read_text())["format"] == "tdcdiff-tune-screening/2"
+
+
+@pytest.mark.slow
 def test_cli_tune_prints_the_table_and_the_cost(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -305,10 +384,12 @@ def test_cli_tune_prints_the_table_and_the_cost(tmp_path, monkeypatch):
     source.train_base()
     args = ["tune", "--out", str(tmp_path / "tune"), "--base-from", str(tmp_path / "run"), "--tune-steps", "3",
             "--width", "0.6", "--k", "0.4", "--groups", "2", "--finalists", "3", "--fid-seeds", "2",
-            "--fid-samples", "16", "--batch", "2", "--max-quality-loss", "10", "--price-per-hour", "2", "-q"]
+            "--fid-samples", "16", "--batch", "2", "--max-quality-loss", "10", "--price-per-hour", "2", "--screening",
+            "bpd", "-q"]
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
-    assert "FID - base (paired)" in done.output and "screening" in done.output
+    assert "FID - base (paired)" in done.output and "held-out loss (- base, paired)" in done.output
+    assert "screening: held-out bits/dim bound;" in done.output
     assert "chosen: " in done.output and (tmp_path / "tune" / "chosen" / "manifest.json").exists()
     assert "not run here (the base was given)" in done.output and "cost / 1k images" in done.output
     # --max-quality-loss 10 accepts anything that paired FID does not rule out: a choice always exists
@@ -328,6 +409,10 @@ def test_cli_tune_bad_input_is_one_line(tmp_path):
     assert done.exit_code == 2 and "error: --width values must be in (0, 1)" in done.output
     done = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "t"), "--base-from", str(tmp_path / "none")])
     assert done.exit_code == 2 and "no finished stage-1 base there" in done.output
+    done = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "t"), "--screening", "fid"])
+    assert done.exit_code == 2 and done.output.strip() == ("error: unknown --screening 'fid'; choose from loss (held-out "
+                                                           "denoising loss), bpd (held-out bits/dim bound)")
+    assert not (tmp_path / "t").exists()
 
 
 def test_cli_tune_bad_variant_is_refused_before_any_work(tmp_path):
@@ -391,7 +476,7 @@ def test_class_conditional_base_is_tuned_with_its_labels(tmp_path, monkeypatch):
     (train, FID and timing refuse a class-conditional model without them)."""
     from conftest import tiny_config
     from tdcdiff.bundle import load_bundle
-    from tdcdiff.tune import Tune, _bits_per_dim
+    from tdcdiff.tune import Tune, _bits_per_dim, _held_out_loss
 
     monkeypatch.setenv("TDCDIFF_CACHE", str(tmp_path / "cache"))
     config = tiny_config(base_model="models_zoo:class_conditional_unet", base_model_steps=10)
@@ -409,10 +494,11 @@ def test_class_conditional_base_is_tuned_with_its_labels(tmp_path, monkeypatch):
     run = tune.base_run
     router = load_bundle(rows["single"]["bundle"]).router.eval()
     _, held_out = run.split()
-    labelled = _bits_per_dim(router, held_out, run.scheduler, seed=run.config.seed, labels=run.labels(router)[1])
-    unlabelled = _bits_per_dim(router, held_out, run.scheduler, seed=run.config.seed)
-    assert rows["single"]["screening"] == pytest.approx(labelled["value"], rel=1e-9)
-    assert labelled["value"] != pytest.approx(unlabelled["value"], rel=1e-9)
+    for measure, column in ((_held_out_loss, "screening"), (_bits_per_dim, "second")):
+        labelled = measure(router, held_out, run.scheduler, seed=run.config.seed, labels=run.labels(router)[1])
+        unlabelled = measure(router, held_out, run.scheduler, seed=run.config.seed)
+        assert rows["single"][column] == pytest.approx(labelled["value"], rel=1e-9)
+        assert labelled["value"] != pytest.approx(unlabelled["value"], rel=1e-9)
 
 
 @pytest.mark.slow

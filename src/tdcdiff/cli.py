@@ -421,11 +421,12 @@ def tune_command(
     curves: Annotated[bool, typer.Option("--curves", help="Also, per TDC grid point, the same mean budget split across groups by measured quality curves (budget.allocate_from_curves).")] = False,
     curve_steps: Annotated[int, typer.Option("--curve-steps", help="With --curves: stage-2 steps behind each point of a group's curve (counted in the candidate's compute).")] = 50,
     candidate: Annotated[Optional[int], typer.Option("--candidate", help="Train only this candidate (0-based, see candidates.json), e.g. one job each.")] = None,
+    screening: Annotated[str, typer.Option("--screening", help="What ranks candidates before FID (finalists, --max-quality-loss): loss (held-out denoising loss) or bpd (held-out bits/dim bound); the other is shown beside it.")] = "loss",
     finalists: Annotated[int, typer.Option(help="Candidates (best by the screening measure) that get paired-seed FID/KID.")] = 3,
     fid_seeds: Annotated[int, typer.Option("--fid-seeds", help="Sampling seeds for FID/KID (>= 2: the paired rule).")] = 3,
     fid_samples: Annotated[int, typer.Option("--fid-samples", help="Images per model and seed for FID/KID.")] = 512,
     batch: Annotated[int, typer.Option("--batch", help="Your sampling batch size: the frontier's time axis.")] = 64,
-    max_quality_loss: Annotated[Optional[float], typer.Option("--max-quality-loss", help="Also accept a candidate at most this much worse than the base on the screening measure, held-out bits/dim (relative, 0.02 = 2%).")] = None,
+    max_quality_loss: Annotated[Optional[float], typer.Option("--max-quality-loss", help="Also accept a candidate at most this much worse than the base on the screening measure (--screening; relative, 0.02 = 2%).")] = None,
     price_per_hour: Annotated[Optional[float], typer.Option("--price-per-hour", help="Machine price per hour: adds the cost per 1,000 images before and after.")] = None,
     quiet: Quiet = False,
 ):
@@ -433,16 +434,17 @@ def tune_command(
 
     Every candidate (the base fine-tuned, uniform widths by FLOPs or measured time, TDC over k, N and grouping,
     by time budget, with depth pruning, or with budgets from measured curves) gets the same training compute; all
-    are screened on held-out images (bits/dim, paired), the best few get paired-seed FID/KID. Writes frontier.png,
-    table.csv, results.json, cost.csv, return.csv and chosen/ into the tune directory. Rerunning skips finished candidates.
+    are screened on held-out images (denoising loss or bits/dim, paired), the best few get paired-seed FID/KID.
+    Writes frontier.png, table.csv, results.json, cost.csv, return.csv and chosen/ into the tune directory.
+    Rerunning skips finished candidates.
     """
     from dataclasses import replace
 
     from .tune import TuneConfig, Tune, check_candidate, cost_rows, format_rows, plan_candidates, table_rows
 
     flags = {k_: v for k_, v in locals().items() if k_ in _SETTINGS and k_ not in ("k", "groups", "grouping", "depth")}
-    settings = TuneConfig(tune_steps=tune_steps, finalists=finalists, fid_seeds=fid_seeds, fid_samples=fid_samples,
-                          batch=batch, max_quality_loss=max_quality_loss, price_per_hour=price_per_hour, depth=depth,
+    settings = TuneConfig(tune_steps=tune_steps, screening=screening, finalists=finalists, fid_seeds=fid_seeds,
+                          fid_samples=fid_samples, batch=batch, max_quality_loss=max_quality_loss, price_per_hour=price_per_hour, depth=depth,
                           curves=curves, curve_steps=curve_steps)
     for name, value in (("widths", width), ("ks", k), ("groups", groups), ("groupings", grouping),
                         ("time_budgets", time_budget), ("uniform_time_budgets", uniform_time_budget)):
@@ -463,7 +465,7 @@ def tune_command(
         results = tune.run_all()
     except _USER_ERRORS as err:
         _fail(err)
-    typer.echo("\n" + format_rows(table_rows(results["rows"], results["choice"]["name"])))
+    typer.echo("\n" + format_rows(table_rows(results["rows"], results["choice"]["name"], results["screening_measure"]["key"])))
     for item in results["failed"]:
         typer.echo(f"failed: {item['name']}: {item['failed']}")
     typer.echo(f"screening: {results['screening_measure']['name']}; time: {results['time']}")

@@ -4,8 +4,9 @@ and what tuning cost against what it returns.
 From one stage-1 base, every candidate is fine-tuned with the SAME training compute (FLOPs): the base itself
 ("single", the equal-compute reference), the base pruned to one uniform width (of its FLOPs or measured time),
 and TDC runs over k, N and the grouping strategy, by time budget, with depth pruning, or with the groups'
-budgets allocated from measured quality curves. All are screened with the held-out bits/dim bound (paired with
-the base: same images, timesteps and noise; the held-out denoising loss beside it); the best few by it get
+budgets allocated from measured quality curves. All are screened with the held-out denoising loss or, with
+TuneConfig.screening "bpd", the held-out bits/dim bound (each paired with the base's per image: same images,
+timesteps and noise; the other measure beside it); the best few by it get
 paired-seed FID/KID against the base; the chosen candidate is the fastest one
 whose quality is tied with or better than the base's by the paired rule, or within `max_quality_loss`.
 
@@ -17,7 +18,8 @@ whose quality is tied with or better than the base's by the paired rule, or with
       candidates/NN-name/  one candidate: a TDC run directory, or pruned/ + train/ + bundle/ for single and
                            uniform; result.json when it has finished (its phases' time and FLOPs)
       curves/              quality curves per (N, grouping) for the "TDC curves" candidates; sizes/: pruned sizes
-      screening.json       bits/dim (per image, for pairing) and held-out loss per model; fid.json: FID/KID per seed
+      screening.json       both screening measures per model (per image, for pairing), each with its protocol;
+                           fid.json: FID/KID per seed
       results.json, table.csv, frontier.png    the frontier: quality against sampling time and FLOPs
       cost.json, cost.csv, return.csv    what the chosen bundle cost and returns
       chosen/ + chosen.json    the chosen bundle (a copy) and which rule chose it
@@ -37,36 +39,57 @@ from typing import Callable
 
 import torch
 
-from .evaluate import slug
+from .evaluate import BPD_SAMPLES, HELD_OUT_IMAGES, slug
 from .serialization import atomic_dir, atomic_write_text
 
 PLAN_FORMAT = "tdcdiff-tune-plan/1"
+SCREENING_FORMAT = "tdcdiff-tune-screening/2"
 
 
-# -- the screening measure: what ranks candidates before FID -----------------------------------------------
+# -- the screening measures: what ranks candidates before FID -----------------------------------------------
 @dataclass(frozen=True)
 class ScreeningMeasure:
     """A cheap quality measure of a denoiser on held-out images; lower is better.
 
-    name, unit: shown in tables and plots. measure(model, held_out, scheduler, seed=..., labels=...) returns
-    {"value": float, "se": float or None} and, where the measure has one value per image, "per_image" (a list),
-    with the same images and noise for every model given the same seed, so two models' values are paired.
-    labels: the held-out images' class ids for a class-conditional model, else None.
+    name, unit: shown in results and plots; label: the table's column; decimals: digits shown. settings: what
+    fixes the measurement besides the images and seed (part of its cache protocol). measure(model, held_out,
+    scheduler, seed=..., labels=...) returns {"value": float, "se": float, "per_image": list} (value: the mean of
+    per_image; se: its standard error), with the same images, timesteps and noise for every model given the same
+    seed, so two models' per-image values are paired. labels: the held-out images' class ids for a
+    class-conditional model, else None.
     """
 
     name: str
+    label: str
     unit: str
+    decimals: int
+    settings: dict
     measure: Callable[..., dict]
 
 
-def _held_out_loss(model, held_out: torch.Tensor, scheduler, *, seed: int, labels: torch.Tensor | None = None) -> dict:
-    from .evaluate import held_out_loss
+LOSS_TIMESTEPS = 100  # evenly spaced timesteps per image in the held-out loss (as evaluate.held_out_loss)
 
-    return {"value": held_out_loss(model, held_out, scheduler, seed=seed, labels=labels)["all"], "se": None}
+
+def mean_se(values: list[float]) -> dict:
+    """Mean and standard error of the mean ({"mean", "se"}; se NaN for one value)."""
+    import math
+    import statistics
+
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return {"mean": statistics.fmean(values), "se": se}
+
+
+def _held_out_loss(model, held_out: torch.Tensor, scheduler, *, seed: int, labels: torch.Tensor | None = None) -> dict:
+    from .grouping import per_image_loss
+
+    _, losses = per_image_loss(model, held_out, scheduler, num_points=LOSS_TIMESTEPS, images_per_point=HELD_OUT_IMAGES,
+                               seed=seed, labels=labels)
+    per_image = losses.double().mean(0).tolist()  # [P, M] -> each image's loss, mean over the measured timesteps
+    summary = mean_se(per_image)
+    return {"value": summary["mean"], "se": summary["se"], "per_image": per_image}
 
 
 def _bits_per_dim(model, held_out: torch.Tensor, scheduler, *, seed: int, labels: torch.Tensor | None = None) -> dict:
-    from .evaluate import BPD_SAMPLES, HELD_OUT_IMAGES
     from .likelihood import nll_bound
 
     n = HELD_OUT_IMAGES
@@ -76,11 +99,22 @@ def _bits_per_dim(model, held_out: torch.Tensor, scheduler, *, seed: int, labels
     return {"value": total["mean"], "se": total["se"], "per_image": bound.total.tolist()}
 
 
-HELD_OUT_LOSS = ScreeningMeasure("held-out denoising loss", "MSE of the training target, mean over t", _held_out_loss)
+HELD_OUT_LOSS = ScreeningMeasure(
+    "held-out denoising loss", "held-out loss", "MSE of the training target per held-out image, mean over "
+    f"{LOSS_TIMESTEPS} evenly spaced t (grouping.per_image_loss on evaluate.HELD_OUT_IMAGES images picked by the "
+    "seed, fixed noise)", 5, {"timesteps": LOSS_TIMESTEPS}, _held_out_loss)
 BITS_PER_DIM = ScreeningMeasure(
-    "held-out bits/dim bound", "bits/dim (variational bound on the NLL of 8-bit images; likelihood.nll_bound on the "
-    "first evaluate.HELD_OUT_IMAGES held-out images, evaluate.BPD_SAMPLES log-SNR strata)", _bits_per_dim)
-SCREENING = BITS_PER_DIM  # the measure tune ranks candidates with; HELD_OUT_LOSS is recorded beside it
+    "held-out bits/dim bound", "bits/dim", "bits/dim (variational bound on the NLL of 8-bit images; "
+    "likelihood.nll_bound on the first evaluate.HELD_OUT_IMAGES held-out images, evaluate.BPD_SAMPLES log-SNR "
+    "strata)", 4, {"strata": BPD_SAMPLES}, _bits_per_dim)
+# TuneConfig.screening (--screening) picks the measure that ranks; the other is measured beside it. The loss is
+# the default: its ranking agreed with FID's where the bound's did not (the bound weighs the least noisy t most).
+SCREENING_MEASURES = {"loss": HELD_OUT_LOSS, "bpd": BITS_PER_DIM}
+
+
+def second_measure(screening: str) -> str:
+    """The key of the measure recorded beside `screening` (a key of SCREENING_MEASURES)."""
+    return next(key for key in SCREENING_MEASURES if key != screening)
 
 
 def paired(values: list[float], reference: list[float]) -> dict:
@@ -89,12 +123,7 @@ def paired(values: list[float], reference: list[float]) -> dict:
     if len(values) != len(reference):
         raise ValueError(f"cannot pair {len(values)} per-image values with {len(reference)}; measure both on the "
                          "same images")
-    import math
-    import statistics
-
-    diff = [a - b for a, b in zip(values, reference)]
-    se = statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
-    return {"mean": statistics.fmean(diff), "se": se}
+    return mean_se([a - b for a, b in zip(values, reference)])
 
 
 # -- settings and the candidate plan -----------------------------------------------------------------------
@@ -119,12 +148,15 @@ class TuneConfig:
         paper's formula gives, split across groups by measured quality curves (Tune.measure_curves: each group's
         held-out bits/dim share at curve_sizes, fractions of the base's FLOPs, after curve_steps stage-2 steps
         there; budget.allocate_from_curves). The curves' training counts in the candidate's compute.
+    screening: the measure that ranks candidates for FID and --max-quality-loss, a key of SCREENING_MEASURES:
+        "loss" (held-out denoising loss) or "bpd" (held-out bits/dim bound); the other is measured beside it.
+        Both are paired with the base per image. Not part of the plan: switching it reuses every candidate.
     finalists: how many candidates (best by the screening measure) get paired-seed FID/KID.
     fid_seeds, fid_samples: sampling seeds (at least 2, for the paired rule) and images per seed for FID/KID.
     batch: the user's sampling batch size: the frontier's time axis.
     timing_repeats: timed sampling runs per model and batch (interleaved, after one warm-up; median).
-    max_quality_loss: also accept a candidate whose screening value (held-out bits/dim) is at most this much
-        worse than the base's, relatively (0.02 = 2%); None: only the paired FID rule chooses.
+    max_quality_loss: also accept a candidate whose screening value (of the `screening` measure) is at most this
+        much worse than the base's, relatively (0.02 = 2%); None: only the paired FID rule chooses.
     price_per_hour: price of one machine hour, for the cost per 1,000 images (None: not shown).
     """
 
@@ -140,6 +172,7 @@ class TuneConfig:
     curves: bool = False
     curve_sizes: tuple[float, ...] = (0.4, 0.6, 0.8, 1.0)
     curve_steps: int = 50
+    screening: str = "loss"
     finalists: int = 3
     fid_seeds: int = 3
     fid_samples: int = 512
@@ -168,6 +201,9 @@ class TuneConfig:
              f"it per group), got {list(self.curve_sizes)}"),
             (self.curve_steps >= 1, f"--curve-steps must be >= 1 (stage-2 steps behind each point of a quality curve), got "
                                    f"{self.curve_steps}"),
+            (self.screening in SCREENING_MEASURES,
+             f"unknown --screening {self.screening!r}; choose from "
+             + ", ".join(f"{key} ({m.name})" for key, m in SCREENING_MEASURES.items())),
             (self.finalists >= 1, f"--finalists must be >= 1, got {self.finalists}"),
             (self.fid_seeds >= 2, f"--fid-seeds must be >= 2 (the paired rule needs two pairs), got {self.fid_seeds}"),
             (self.fid_samples >= 2, f"--fid-samples must be >= 2 (FID needs two images), got {self.fid_samples}"),
@@ -670,43 +706,64 @@ class Tune:
                 models[spec["name"]] = (router, router.trajectory_flops(visited))
         return models
 
-    def screen_protocol(self) -> dict:
-        """How screening measures: the measure, held-out images used, timestep strata, seed, the second measure."""
-        from .evaluate import BPD_SAMPLES, HELD_OUT_IMAGES
+    def screen_protocol(self, key: str) -> dict:
+        """How measure `key` (of SCREENING_MEASURES) screens: its name and settings (timesteps or strata), the
+        held-out images it uses and the seed of their noise."""
+        measure = SCREENING_MEASURES[key]
+        return {"name": measure.name, **measure.settings,
+                "images": min(len(self.base_run.split()[1]), HELD_OUT_IMAGES), "seed": self.base_run.config.seed}
 
-        return {"measure": SCREENING.name, "images": min(len(self.base_run.split()[1]), HELD_OUT_IMAGES),
-                "strata": BPD_SAMPLES, "seed": self.base_run.config.seed, "second": HELD_OUT_LOSS.name}
+    def _screening_cache(self) -> dict:
+        """screening.json's measures whose protocol still holds (key -> {"protocol", "unit", "values"}); a file
+        from before the loss could screen (no format) keeps its bits/dim values when their protocol matches."""
+        cache = _read_json(self.dir / "screening.json", {})
+        if cache.get("format") == SCREENING_FORMAT:
+            measures = cache["measures"]
+        elif "values" in cache:  # {"protocol": {"measure", "images", "strata", "seed", ...}, "values": bits/dim}
+            old = cache["protocol"]
+            measures = {"bpd": {"protocol": {"name": old.get("measure"), "strata": old.get("strata"),
+                                             "images": old.get("images"), "seed": old.get("seed")},
+                                "values": {name: {k: v[k] for k in ("value", "se", "per_image")}
+                                           for name, v in cache["values"].items()}}}
+        else:
+            measures = {}
+        return {key: m for key, m in measures.items()
+                if key in SCREENING_MEASURES and m["protocol"] == self.screen_protocol(key)}
 
     def screen(self, models: dict) -> dict:
-        """The screening measure (SCREENING) and the held-out loss of every model, paired: the same held-out images,
-        timesteps and noise for all (the run's seed); cached in screening.json per protocol.
+        """Every screening measure (SCREENING_MEASURES) of every model, paired: the same held-out images,
+        timesteps and noise for all (the run's seed). Cached in screening.json per measure with its protocol: a
+        model or measure not measured under the current protocol is measured, the rest reused.
 
-        Returns name -> {"value", "se", "per_image", "vs_base": {"mean", "se"} (value - the base's, image by
-        image), "held_out_loss"}.
+        Returns name -> {key: {"value", "se", "per_image", "vs_base": {"mean", "se"} (value - the base's, image by
+        image)} for each key of SCREENING_MEASURES}.
         """
         _, held_out = self.base_run.split()
-        seed = self.base_run.config.seed
-        protocol = self.screen_protocol()
-        cache = _read_json(self.dir / "screening.json", {})
-        if cache.get("protocol") != protocol:
-            cache = {"protocol": protocol, "unit": SCREENING.unit, "values": {}}
-        missing = [name for name in models if name not in cache["values"]]
+        seed, scheduler = self.base_run.config.seed, self.base_run.scheduler
+        measures = self._screening_cache()
+        for key, measure in SCREENING_MEASURES.items():
+            measures.setdefault(key, {"protocol": self.screen_protocol(key), "unit": measure.unit, "values": {}})
+        missing = [name for name in models if any(name not in m["values"] for m in measures.values())]
         if missing:
             start = _clock()
             for name in missing:
                 model = models[name][0]
                 labels = self.base_run.labels(model)[1]
-                value = SCREENING.measure(model, held_out, self.base_run.scheduler, seed=seed, labels=labels)
-                value["held_out_loss"] = HELD_OUT_LOSS.measure(model, held_out, self.base_run.scheduler, seed=seed,
-                                                               labels=labels)["value"]
-                cache["values"][name] = value
-                self.say(f"screening: {name}: {SCREENING.name} {value['value']:.4f} ± {value['se']:.4f}, "
-                         f"{HELD_OUT_LOSS.name} {value['held_out_loss']:.5f}")
-            atomic_write_text(self.dir / "screening.json", json.dumps(cache, indent=2))
+                said = []
+                for key, measure in SCREENING_MEASURES.items():
+                    values = measures[key]["values"]
+                    if name not in values:
+                        values[name] = measure.measure(model, held_out, scheduler, seed=seed, labels=labels)
+                    d = measure.decimals
+                    said.append(f"{measure.name} {values[name]['value']:.{d}f} ± {values[name]['se']:.{d}f}")
+                self.say(f"screening: {name}: {', '.join(said)}")
+            atomic_write_text(self.dir / "screening.json",
+                              json.dumps({"format": SCREENING_FORMAT, "measures": measures}, indent=2))
             self._record_phase("screening", _since(start))
-        base = cache["values"]["base"]["per_image"]
-        return {name: {**value, "vs_base": paired(value["per_image"], base)}
-                for name, value in cache["values"].items() if name in models}
+        return {name: {key: {**m["values"][name], "vs_base": paired(m["values"][name]["per_image"],
+                                                                     m["values"]["base"]["per_image"])}
+                       for key, m in measures.items()}
+                for name in models}
 
     def fid(self, models: dict, names: list[str]) -> dict:
         """Per-seed FID/KID of the base and `names` (tdcdiff.evaluate.evaluate), cached per protocol."""
@@ -761,10 +818,11 @@ class Tune:
         for spec in self.candidates:
             self.run_candidate(spec["index"])
         models = self.models()
+        key, other = self.config.screening, second_measure(self.config.screening)
         screening = self.screen(models)
-        base_value = screening["base"]["value"]
+        base = screening["base"]
         candidates = [n for n in models if n != "base"]
-        finalists = sorted(candidates, key=lambda n: screening[n]["value"])[: self.config.finalists]
+        finalists = sorted(candidates, key=lambda n: screening[n][key]["value"])[: self.config.finalists]
         fid = self.fid(models, finalists)
         batch = self.config.batch
         self.say(f"timing: sampling at batch {batch}, {len(models)} models interleaved")
@@ -773,17 +831,17 @@ class Tune:
         rows = []
         for name, (_, flops) in models.items():
             record = next((self.result(s["index"]) for s in self.candidates if s["name"] == name), None)
-            scores = fid["models"].get(name)
+            scores, ranked, beside = fid["models"].get(name), screening[name][key], screening[name][other]
             gap = (paired_gap(fid["models"]["base"]["fid"], scores["fid"]) if scores is not None and name != "base"
                    else None)
             rows.append({
                 "name": name, "kind": record["kind"] if record else "base", "index": record["index"] if record else None,
                 "sampling_flops": flops, "flops_ratio": flops / models["base"][1],
                 "time_s": times[name], "time_ratio": times[name] / times["base"],
-                "screening": screening[name]["value"], "screening_se": screening[name]["se"],
-                "screening_gap": screening[name]["vs_base"], "quality_ratio": screening[name]["value"] / base_value,
-                "held_out_loss": screening[name]["held_out_loss"],
-                "held_out_loss_ratio": screening[name]["held_out_loss"] / screening["base"]["held_out_loss"],
+                "screening": ranked["value"], "screening_se": ranked["se"], "screening_gap": ranked["vs_base"],
+                "quality_ratio": ranked["value"] / base[key]["value"],
+                "second": beside["value"], "second_se": beside["se"], "second_gap": beside["vs_base"],
+                "second_ratio": beside["value"] / base[other]["value"],
                 "fid": scores["fid"] if scores else None, "kid": scores["kid"] if scores else None,
                 "fid_gap": {k: (list(v) if isinstance(v, tuple) else v) for k, v in gap.items()} if gap else None,
                 "train_flops": record["train_flops"] if record else 0,
@@ -795,11 +853,12 @@ class Tune:
         results = {
             "format": "tdcdiff-tune/1",
             "settings": asdict(self.config),
-            "screening_measure": {"name": SCREENING.name, "unit": SCREENING.unit,
-                                  **self.screen_protocol(),
-                                  "paired": "screening_gap: each model's value minus the base's, image by image, with "
-                                            "its standard error (same images, timesteps and noise for every model)",
-                                  "second": {"name": HELD_OUT_LOSS.name, "unit": HELD_OUT_LOSS.unit}},
+            "screening_measure": {"key": key, "unit": SCREENING_MEASURES[key].unit, **self.screen_protocol(key),
+                                  "paired": "screening_gap (second_gap): each model's value minus the base's, image "
+                                            "by image, with its standard error (same images, timesteps and noise for "
+                                            "every model)",
+                                  "second": {"key": other, "unit": SCREENING_MEASURES[other].unit,
+                                             **self.screen_protocol(other)}},
             "fid_protocol": {k: fid.get(k) for k in ("protocol", "feature_net", "reference")},
             "time": f"median seconds ({TIMING_CLOCK}, as evaluate.time_sampling picks it by the models' device) of "
                     f"one {self.base_run.config.sampler}-{self.base_run.config.sampling_steps} sampling run at batch "
@@ -809,8 +868,8 @@ class Tune:
             "rows": rows, "failed": failed, "finalists": finalists, "choice": choice,
         }
         atomic_write_text(self.dir / "results.json", json.dumps(results, indent=2))
-        write_table_csv(rows, self.dir / "table.csv")
-        plot_frontier(rows, choice["name"], batch, SCREENING.name, self.dir / "frontier.png")
+        write_table_csv(rows, self.dir / "table.csv", key)
+        plot_frontier(rows, choice["name"], batch, SCREENING_MEASURES[key].name, self.dir / "frontier.png")
         if choice["name"] is not None:
             chosen = next(r for r in rows if r["name"] == choice["name"])
             with atomic_dir(self.dir / "chosen") as tmp:
@@ -912,14 +971,18 @@ def _gap_text(row: dict) -> str:
     return f"{gap['mean']:+.2f} [{gap['interval'][0]:+.2f}, {gap['interval'][1]:+.2f}] {verdict}"
 
 
-def table_rows(rows: list[dict], chosen: str | None) -> list[dict[str, str]]:
-    """The frontier table as strings, fastest first (the base first of all)."""
+def table_rows(rows: list[dict], chosen: str | None, screening: str = "loss") -> list[dict[str, str]]:
+    """The frontier table as strings, fastest first (the base first of all). screening: the key (of
+    SCREENING_MEASURES) of the measure the rows were ranked by; the other is the rows' second measure."""
+    ranked, beside = SCREENING_MEASURES[screening], SCREENING_MEASURES[second_measure(screening)]
+    d, e = ranked.decimals, beside.decimals
     ordered = sorted(rows, key=lambda r: (r["name"] != "base", r["time_s"]))
     return [{"": "*" if r["name"] == chosen else "", "model": r["name"],
              "FLOPs": f"{r['flops_ratio']:.2f}x", "time": f"{r['time_s']:.3f} s ({r['time_ratio']:.2f}x)",
-             "bits/dim": f"{r['screening']:.4f} ± {r['screening_se']:.4f}",
-             "- base (paired)": f"{r['screening_gap']['mean']:+.4f} ± {r['screening_gap']['se']:.4f}",
-             "held-out loss": f"{r['held_out_loss']:.5f} ({r['held_out_loss_ratio'] - 1:+.1%})",
+             ranked.label: f"{r['screening']:.{d}f} ± {r['screening_se']:.{d}f}",
+             "- base (paired)": f"{r['screening_gap']['mean']:+.{d}f} ± {r['screening_gap']['se']:.{d}f}",
+             f"{beside.label} (- base, paired)":
+                 f"{r['second']:.{e}f} ({r['second_gap']['mean']:+.{e}f} ± {r['second_gap']['se']:.{e}f})",
              "FID": _fid_text(r), "FID - base (paired)": _gap_text(r), "train TFLOPs": f"{r['train_flops'] / 1e12:.2f}"}
             for r in ordered]
 
@@ -934,18 +997,23 @@ def format_rows(rows: list[dict[str, str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def write_table_csv(rows: list[dict], path: Path) -> Path:
+def write_table_csv(rows: list[dict], path: Path, screening: str = "loss") -> Path:
+    """The frontier table (results.json rows) as CSV; screening: the key of the measure they were ranked by,
+    written in the screening_measure column (second_measure: the other one's)."""
     import csv
 
-    keys = ["name", "kind", "sampling_flops", "flops_ratio", "time_s", "time_ratio", "screening", "screening_se",
-            "screening_gap_mean", "screening_gap_se", "quality_ratio", "held_out_loss", "held_out_loss_ratio", "fid_mean", "fid_gap_mean", "fid_gap_low", "fid_gap_high", "fid_tie", "train_flops"]
+    keys = ["name", "kind", "sampling_flops", "flops_ratio", "time_s", "time_ratio", "screening_measure", "screening",
+            "screening_se", "screening_gap_mean", "screening_gap_se", "quality_ratio", "second_measure", "second",
+            "second_se", "second_gap_mean", "second_gap_se", "second_ratio", "fid_mean", "fid_gap_mean", "fid_gap_low",
+            "fid_gap_high", "fid_tie", "train_flops"]
+    measures = {"screening_measure": screening, "second_measure": second_measure(screening)}
     with _AtomicText(path) as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             gap = r["fid_gap"] or {}
-            writer.writerow({**r, "screening_gap_mean": r["screening_gap"]["mean"],
-                             "screening_gap_se": r["screening_gap"]["se"],
+            writer.writerow({**r, **measures, **{f"{m}_gap_{k}": r[f"{m}_gap"][k] for m in ("screening", "second")
+                                                 for k in ("mean", "se")},
                              "fid_mean": sum(r["fid"]) / len(r["fid"]) if r["fid"] else "",
                              "fid_gap_mean": gap.get("mean", ""), "fid_gap_low": gap.get("interval", ["", ""])[0],
                              "fid_gap_high": gap.get("interval", ["", ""])[1], "fid_tie": gap.get("tie", "")})

@@ -1,0 +1,182 @@
+"""The quality-speed frontier (issue 13): TDC against uniform pruning at several budgets of measured time.
+
+    python bench/frontier.py --data digits --seeds 0 1 2 --budgets 0.8 0.6 0.4 --base-from runs/bench-digits \\
+        --out runs/frontier-digits
+    python bench/frontier.py --quick --budgets 0.8 0.5 --out /tmp/frontier      # seconds-long smoke run
+
+For each budget F, `bench/benchmark.py --budget-unit time --mean-budget F` (its arms at equal training compute:
+the single model, uniform width pruning matched on measured forward time to TDC's experts, TDC) into
+out/time-F/; a budget whose results.json exists with the same settings is read, not rerun. Options after `--`
+go to every benchmark call unchanged (e.g. `-- --depth --fid-samples 2048`).
+
+Then, per budget and pruned arm, paired over the seeds (metrics.paired_gap, 95%; each seed shares its stage-1
+base and sampling noise across the arms): the gap to the single model and TDC's gap to uniform on FID, on the
+held-out denoising loss (all t) and on the held-out bits/dim bound. A gap is "worse"/"better" only when its
+interval excludes 0, else "tie". Written: out/frontier.json, out/frontier.png (FID and held-out loss against
+measured sampling time at the latency batch) and a printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchmark  # noqa: E402  (bench/benchmark.py, beside this file)
+
+from tdcdiff.metrics import paired_gap  # noqa: E402
+from tdcdiff.serialization import atomic_write_text  # noqa: E402
+
+SINGLE, UNIFORM, TDC = "single model", "uniform-pruned", "TDC"
+METRICS = {  # name -> value of one model in one seed's evaluation
+    "FID": lambda m: m["fid"]["per_seed"][0]["fid"],
+    "held-out loss": lambda m: m["held_out_loss"]["all"],
+    "bits/dim": lambda m: m["held_out_bpd"]["total"]["mean"],
+}
+
+
+def budget_dir(out: Path, budget: float) -> Path:
+    return out / f"time-{budget:g}"
+
+
+def finished(folder: Path, budget: float, seeds: list[int]) -> bool:
+    """True when folder holds a benchmark result at this time budget over these seeds."""
+    path = folder / "results.json"
+    if not path.is_file():
+        return False
+    bench = json.loads(path.read_text())["bench"]
+    return bench["budget_unit"] == "time" and bench["mean_budget"] == budget and bench["seeds"] == seeds
+
+
+def verdict(gap: dict) -> str:
+    low, high = gap["interval"]
+    word = "tie" if gap["tie"] else ("better" if gap["mean"] < 0 else "worse")
+    return f"{gap['mean']:+.4g} [{low:+.3g}, {high:+.3g}] {word}"
+
+
+def summarise(results: dict, budget: float) -> list[dict]:
+    """Rows for the pruned arms of one budget's benchmark results: time ratios, each metric's seed values and
+    the paired gaps to the single model (and TDC's to uniform)."""
+    per_seed = {name: [next(m for m in run["models"] if m["name"] == name) for run in results["per_run"]]
+                for name in (SINGLE, UNIFORM, TDC)}
+    values = {name: {metric: [get(m) for m in models] for metric, get in METRICS.items()}
+              for name, models in per_seed.items()}
+    rows = []
+    for name in (UNIFORM, TDC):
+        model = next(m for m in results["models"] if m["name"] == name)
+        row = {"budget": budget, "arm": name, "seeds": len(per_seed[name]),
+               "time_ratio": {k: v["ratio"] for k, v in model["time"].items()},
+               "flops_ratio": model["sampling_flops"]["ratio"], "values": values[name], "single": values[SINGLE]}
+        if row["seeds"] >= 2:
+            row["vs_single"] = {metric: paired_gap(values[SINGLE][metric], values[name][metric]) for metric in METRICS}
+            if name == TDC:
+                row["vs_uniform"] = {metric: paired_gap(values[UNIFORM][metric], values[TDC][metric])
+                                     for metric in METRICS}
+        rows.append(row)
+    return rows
+
+
+def loses_everywhere(rows: list[dict], metric: str) -> list[float]:
+    """Budgets at which every pruned arm is resolved worse than the single model on `metric`."""
+    budgets = sorted({r["budget"] for r in rows})
+    return [b for b in budgets
+            if all(r.get("vs_single") and not r["vs_single"][metric]["tie"] and r["vs_single"][metric]["mean"] > 0
+                   for r in rows if r["budget"] == b)]
+
+
+def plot(rows: list[dict], batch_key: str, path: Path) -> Path:
+    """FID and held-out loss (ratio to the single model) against the time ratio, one line per arm."""
+    from tdcdiff.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for arm, marker in ((UNIFORM, "s"), (TDC, "o")):
+        mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["time_ratio"][batch_key])
+        xs = [r["time_ratio"][batch_key] for r in mine]
+        for ax, metric, relative in ((axes[0], "FID", False), (axes[1], "held-out loss", True)):
+            ys = [[v / s if relative else v for v, s in zip(r["values"][metric], r["single"][metric])] for r in mine]
+            means = [sum(y) / len(y) for y in ys]
+            spread = [max(y) - min(y) for y in ys]
+            ax.errorbar(xs, means, yerr=[[m - min(y) for m, y in zip(means, ys)], [max(y) - m for m, y in zip(means, ys)]]
+                        if any(spread) else None, marker=marker, capsize=3, label=arm)
+    singles = [v for r in rows for v in r["single"]["FID"]]
+    axes[0].axhline(sum(singles) / len(singles), color="black", ls="--", lw=1, label=SINGLE)
+    axes[1].axhline(1, color="black", ls="--", lw=1, label=SINGLE)
+    label = batch_key.replace("_", " ")
+    axes[0].set(xlabel=f"sampling time / single model's ({label})", ylabel="FID (mean; bars: seed range)")
+    axes[1].set(xlabel=f"sampling time / single model's ({label})",
+                ylabel="held-out loss / single's (bars: seed range)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle("quality against measured sampling time, equal training compute")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'budget':>6}  {'arm':<15} {'time b1/b64':>11}  {'FLOPs':>5}  "
+             + "  ".join(f"{m + ' vs single':<34}" for m in METRICS)]
+    for r in rows:
+        times = "/".join(f"{v:.2f}" for v in r["time_ratio"].values())
+        gaps = [verdict(r["vs_single"][m]) if "vs_single" in r else "(one seed)" for m in METRICS]
+        lines.append(f"{r['budget']:>6g}  {r['arm']:<15} {times:>11}  {r['flops_ratio']:>5.2f}  "
+                     + "  ".join(f"{g:<34}" for g in gaps))
+        if "vs_uniform" in r:
+            lines.append(f"{'':>6}  {'TDC - uniform':<15} {'':>11}  {'':>5}  "
+                         + "  ".join(f"{verdict(r['vs_uniform'][m]):<34}" for m in METRICS))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    passed = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="digits", choices=["digits", "mnist", "cifar10"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6, 0.4],
+                   help="mean time budgets, fractions of the single model's measured forward time (0 < F <= 1)")
+    p.add_argument("--latency-batch", type=int, default=64, help="batch size at which forward time is measured")
+    p.add_argument("--base-from", type=Path, help="reuse the stage-1 bases of an earlier benchmark output")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--quick", action="store_true", help="tiny steps and few samples: a seconds-long smoke run")
+    args = p.parse_args(own)
+    bad = [b for b in args.budgets if not 0 < b <= 1]
+    if bad:
+        p.error(f"--budgets {bad[0]:g} is not in (0, 1]: give fractions of the single model's time, e.g. 0.6")
+
+    rows = []
+    for budget in args.budgets:
+        folder = budget_dir(args.out, budget)
+        if not finished(folder, budget, args.seeds):
+            benchmark._say(f"== time budget {budget:g} -> {folder}")
+            code = benchmark.main(["--data", args.data, "--seeds", *map(str, args.seeds), "--budget-unit", "time",
+                                   "--mean-budget", str(budget), "--latency-batch", str(args.latency_batch),
+                                   "--out", str(folder), *(["--quick"] if args.quick else []),
+                                   *(["--base-from", str(args.base_from)] if args.base_from else []), *passed])
+            if code:
+                return code
+        rows += summarise(json.loads((folder / "results.json").read_text()), budget)
+
+    batch_key = f"batch_{args.latency_batch}" if f"batch_{args.latency_batch}" in rows[0]["time_ratio"] else \
+        list(rows[0]["time_ratio"])[-1]
+    plot(rows, batch_key, args.out / "frontier.png")
+    lose = {metric: loses_everywhere(rows, metric) for metric in METRICS}
+    atomic_write_text(args.out / "frontier.json", json.dumps({
+        "format": "tdcdiff-frontier/1", "data": args.data, "seeds": args.seeds, "budgets": args.budgets,
+        "latency_batch": args.latency_batch, "benchmark_options": passed,
+        "paired": "gaps are arm - reference per seed (metrics.paired_gap, 95% t interval over the seeds)",
+        "every_arm_worse_than_single_at": lose, "rows": rows}, indent=2))
+    benchmark._say("\n" + table(rows))
+    for metric, budgets in lose.items():
+        where = ", ".join(f"{b:g}" for b in budgets) or "no budget tried"
+        benchmark._say(f"every pruned arm resolved worse than the single model on {metric}: at {where}")
+    benchmark._say(f"\nplot: {args.out / 'frontier.png'}\nsummary: {args.out / 'frontier.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
