@@ -6,10 +6,12 @@ held-out bits/dim bound against FID, over every model of one or more benchmark o
 Each argument is a `bench/benchmark.py` output folder (its results.json) or a `tdcdiff tune` output folder (its
 results.json). A point is one trained model: for a benchmark, one arm of one seed (its FID from that seed's
 own samples, the held-out loss averaged over all t, the bits/dim bound's total); for tune, one candidate (FID
-mean over the finalists' FID seeds; only finalists have FID). Printed:
+mean over the finalists' FID seeds; only finalists have FID; a tune directory from before --screening is read
+too). A model found in several outputs (a copied tune directory) is one point. Printed:
 
 - per data set (measures are not comparable across data sets), Spearman's rank correlation
-  (scipy.stats.spearmanr) of each measure with FID over its points, with the p-value;
+  (scipy.stats.spearmanr) of each measure with FID over its points, with the p-value; the held-out loss
+  separately for benchmark-style values (mean over all t) and tune's (per-image mean over the measured t);
 - within-run pairs: every pair of models trained from the same base (one benchmark seed, or one tune run), and
   the fraction of them each measure orders like FID;
 - resolved pairs: every pair of a benchmark's arms whose FID gap is real by the paired rule over its seeds
@@ -32,6 +34,10 @@ from scipy.stats import spearmanr
 from tdcdiff.metrics import paired_gap
 
 MEASURES = ("held-out loss", "bits/dim")
+# How the held-out loss was averaged over t: benchmarks (and tune before --screening) report evaluate.held_out_loss,
+# the mean over all T of the curve interpolated between 100 measured t; tune now screens by each image's mean over
+# those 100 t. The two differ by a few percent on one model, so models are only ranked against others of one kind.
+ALL_T, MEASURED_T = "mean over all t", "per-image mean over the measured t"
 
 
 def benchmark_points(results: dict, label: str) -> tuple[list[dict], dict]:
@@ -41,21 +47,78 @@ def benchmark_points(results: dict, label: str) -> tuple[list[dict], dict]:
         for model in run["models"]:
             fid = model["fid"]["per_seed"][0]["fid"]
             point = {"data": results["protocol"]["reference"]["name"], "run": f"{label} {run['label']}",
-                     "model": model["name"], "fid": fid,
-                     "held-out loss": model["held_out_loss"]["all"],
+                     "model": model["name"], "fid": fid, "fid_seeds": [fid],
+                     "held-out loss": model["held_out_loss"]["all"], "loss_by": ALL_T,
                      "bits/dim": model["held_out_bpd"]["total"]["mean"]}
             points.append(point)
             arms.setdefault(model["name"], []).append(point)
     return points, arms
 
 
+def tune_columns(results: dict) -> dict:
+    """Which row column of a tune results.json holds each measure: "screening" for the one that ranked, "second"
+    for the other; a results.json from before --screening (bits/dim ranked, no "key") holds the loss in
+    "held_out_loss"."""
+    measure = results["screening_measure"]
+    if "key" not in measure:
+        return {"bits/dim": "screening", "held-out loss": "held_out_loss"}
+    names = {"loss": "held-out loss", "bpd": "bits/dim"}
+    return {names[measure["key"]]: "screening", names[measure["second"]["key"]]: "second"}
+
+
 def tune_points(results: dict, label: str) -> list[dict]:
     """Points of a tune results.json: the finalists and the base (the only rows with FID)."""
-    keys = {results["screening_measure"]["key"]: "screening", results["screening_measure"]["second"]["key"]: "second"}
-    names = {"loss": "held-out loss", "bpd": "bits/dim"}
+    columns = tune_columns(results)
     return [{"data": results["fid_protocol"]["reference"]["name"], "run": label, "model": row["name"],
-             "fid": sum(row["fid"]) / len(row["fid"]), **{names[key]: row[column] for key, column in keys.items()}}
+             "fid": sum(row["fid"]) / len(row["fid"]), "fid_seeds": list(row["fid"]),
+             "loss_by": MEASURED_T if "key" in results["screening_measure"] else ALL_T,
+             **{name: row[column] for name, column in columns.items()}}
             for row in results["rows"] if row.get("fid") is not None]
+
+
+def read_output(folder: Path) -> tuple[list[dict], list[dict]]:
+    """The points and resolved pairs of one output folder; ValueError naming the file and the fix when its
+    results.json is missing, cut short, or of another kind."""
+    path = folder / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: pass a bench/benchmark.py or tdcdiff tune output folder that has "
+                         "finished (for bench/frontier.py, its time-F folders)")
+    try:
+        results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not complete JSON ({err}): rerun the benchmark or tune that writes it") from None
+    label = str(folder)
+    try:
+        if str(results.get("format", "")).startswith("tdcdiff-tune"):
+            return tune_points(results, label), []
+        if "per_run" in results and "bench" in results:
+            points, arms = benchmark_points(results, label)
+            return points, resolved_pairs(arms, label)
+    except (KeyError, TypeError, ZeroDivisionError) as err:
+        raise ValueError(f"{path} lacks {err} (written by another version?): rerun the benchmark or tune that "
+                         "writes it") from None
+    raise ValueError(f"{path} is neither a bench/benchmark.py nor a tdcdiff tune results.json (format "
+                     f"{results.get('format')!r}): pass their output folders")
+
+
+def model_key(point: dict) -> tuple:
+    """What identifies one trained model across outputs (a tune directory copied to rescreen it holds the same
+    models): its data set, name, FID per seed and bits/dim."""
+    return point["data"], point["model"], tuple(point["fid_seeds"]), point["bits/dim"]
+
+
+def merge_copies(points: list[dict]) -> list[dict]:
+    """One point per trained model (model_key), as first found."""
+    return list({model_key(q): q for q in reversed(points)}.values())[::-1]
+
+
+def within_run_pairs(points: list[dict]) -> list[tuple[dict, dict]]:
+    """Every pair of models of one run (same base), with that run's values; a pair found in several outputs once."""
+    pairs = {}
+    for a, b in itertools.combinations(points, 2):
+        if a["run"] == b["run"]:
+            pairs.setdefault(frozenset((model_key(a), model_key(b))), (a, b))
+    return list(pairs.values())
 
 
 def resolved_pairs(arms: dict, label: str) -> list[dict]:
@@ -82,31 +145,44 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("outputs", nargs="+", type=Path, help="benchmark or tune output folders (each with results.json)")
     args = p.parse_args(argv)
+    seen = {}
+    for folder in args.outputs:
+        if folder.resolve() in seen:
+            p.error(f"{folder} is given twice (as {seen[folder.resolve()]}): pass each output folder once")
+        seen[folder.resolve()] = folder
     points, pairs = [], []
     for folder in args.outputs:
-        path = folder / "results.json"
-        if not path.is_file():
-            p.error(f"{path} not found: pass a bench/benchmark.py or tdcdiff tune output folder that has finished")
-        results = json.loads(path.read_text())
-        if results.get("format", "").startswith("tdcdiff-tune"):
-            points += tune_points(results, folder.name)
-        else:
-            new, arms = benchmark_points(results, folder.name)
-            points += new
-            pairs += resolved_pairs(arms, folder.name)
+        try:
+            new, resolved = read_output(folder)
+        except ValueError as err:
+            p.error(str(err))
+        points += new
+        pairs += resolved
+    within = within_run_pairs(points)
+    distinct = merge_copies(points)
+    copies, points = len(points) - len(distinct), distinct
     if len(points) < 3:
-        p.error(f"only {len(points)} models with FID: pass more outputs")
+        p.error(f"only {len(points)} distinct models with FID: pass more outputs")
 
     print(f"{'run':<30} {'model':<22} {'FID':>8} {'loss':>9} {'bits/dim':>9}")
     for q in points:
         print(f"{q['run']:<30} {q['model']:<22} {q['fid']:>8.3f} {q['held-out loss']:>9.5f} {q['bits/dim']:>9.4f}")
+    if copies:
+        print(f"({copies} models found in more than one output, counted once)")
     for data in dict.fromkeys(q["data"] for q in points):
         mine = [q for q in points if q["data"] == data]
-        print(f"\nSpearman rank correlation with FID, {data}, {len(mine)} models:")
+        print(f"\nSpearman rank correlation with FID, {data}:")
+        kinds = {"bits/dim": {"": mine}, "held-out loss": {}}
+        for q in mine:
+            kinds["held-out loss"].setdefault(q["loss_by"], []).append(q)
         for m in MEASURES:
-            rho, pvalue = spearmanr([q["fid"] for q in mine], [q[m] for q in mine])
-            print(f"  {m:<14} rho {rho:+.2f}  (p {pvalue:.2g})")
-    within = [(a, b) for a, b in itertools.combinations(points, 2) if a["run"] == b["run"]]
+            for how, group in kinds[m].items():
+                label = f"{m}{f' ({how})' if len(kinds[m]) > 1 else ''}"
+                if len(group) < 3:
+                    print(f"  {label}: {len(group)} models, too few for a rank correlation (at least 3)")
+                    continue
+                rho, pvalue = spearmanr([q["fid"] for q in group], [q[m] for q in group])
+                print(f"  {label:<14} rho {rho:+.2f}  (p {pvalue:.2g}, {len(group)} models)")
     print(f"\nwithin-run pairs (same base), ordered like FID: {len(within)} pairs")
     for m in MEASURES:
         agree = sum((a[m] < b[m]) == (a["fid"] < b["fid"]) for a, b in within)

@@ -219,3 +219,88 @@ def test_frontier_refuses_a_budget_outside_zero_one_before_any_work(tmp_path):
                            "--out", str(tmp_path / "f")], capture_output=True, text=True)
     assert done.returncode == 2 and not (tmp_path / "f").exists()
     assert "--budgets 1.5 is not in (0, 1]" in done.stderr.strip().splitlines()[-1]
+
+
+def load_script(name: str, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # frontier imports benchmark beside it
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tune_results(fids: dict, *, old: bool = False, data: str = "digits") -> dict:
+    """A tune results.json: per model (FID per seed, loss, bits/dim); old: before --screening (bits/dim ranked)."""
+    if old:
+        measure = {"name": "held-out bits/dim bound", "second": {"name": "held-out denoising loss"}}
+        rows = [{"name": n, "fid": f, "screening": bpd, "held_out_loss": loss} for n, (f, loss, bpd) in fids.items()]
+    else:
+        measure = {"key": "loss", "name": "held-out denoising loss", "second": {"key": "bpd"}}
+        rows = [{"name": n, "fid": f, "screening": loss, "second": bpd} for n, (f, loss, bpd) in fids.items()]
+    return {"format": "tdcdiff-tune/1", "screening_measure": measure, "fid_protocol": {"reference": {"name": data}},
+            "rows": rows}
+
+
+def write_output(folder: Path, results) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(results if isinstance(results, str) else json.dumps(results))
+    return folder
+
+
+MODELS = {"base": ([1.0, 1.2], 0.05, 4.0), "a": ([2.0, 2.2], 0.06, 4.4), "b": ([3.0, 3.2], 0.07, 4.2)}
+
+
+def test_agreement_reads_a_tune_directory_from_before_screening_by_the_loss(tmp_path, monkeypatch, capsys):
+    agreement = load_script("agreement", monkeypatch)
+    old = write_output(tmp_path / "old", tune_results(MODELS, old=True))
+    assert agreement.main([str(old)]) == 0
+    out = capsys.readouterr().out
+    assert "held-out loss  rho +1.00" in out and "bits/dim       rho +0.50" in out  # loss and bits/dim not swapped
+    assert "held-out loss  3 of 3" in out and "bits/dim       2 of 3" in out
+
+
+def test_agreement_counts_a_model_in_two_outputs_once_and_ranks_one_kind_of_loss(tmp_path, monkeypatch, capsys):
+    agreement = load_script("agreement", monkeypatch)
+    # The same three models rescreened (tune's per-image loss differs from the old all-t loss), plus one new one.
+    old = write_output(tmp_path / "old", tune_results(MODELS, old=True))
+    rescreened = {n: (f, loss * 1.03, bpd) for n, (f, loss, bpd) in MODELS.items()}
+    new = write_output(tmp_path / "new", tune_results({**rescreened, "c": ([0.5, 0.7], 0.04, 3.9)}))
+    assert agreement.main([str(old), str(new)]) == 0
+    out = capsys.readouterr().out
+    assert "(3 models found in more than one output, counted once)" in out
+    assert "bits/dim       rho +0.80  (p 0.2, 4 models)" in out
+    # the old directory's loss is kept for its models; the new one's loss is another kind: not ranked together
+    assert "held-out loss (mean over all t) rho +1.00" in out
+    assert "held-out loss (per-image mean over the measured t): 1 models, too few" in out
+    assert "within-run pairs (same base), ordered like FID: 6 pairs" in out  # 3 pairs + c with each, once
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "is not complete JSON (Expecting value"),
+    ('{"format": "tdcdiff-tune/1", "rows": [', "is not complete JSON"),
+    ('{"format": "tdcdiff-frontier/1"}', "is neither a bench/benchmark.py nor a tdcdiff tune results.json"),
+    ('{"format": "tdcdiff-tune/1", "rows": []}', "lacks 'screening_measure' (written by another version?)"),
+])
+def test_agreement_names_a_results_file_it_cannot_read(tmp_path, monkeypatch, capsys, text, message):
+    agreement = load_script("agreement", monkeypatch)
+    folder = write_output(tmp_path / "out", text)
+    with pytest.raises(SystemExit) as stop:
+        agreement.main([str(folder)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and str(folder / "results.json") in err and message in err, err
+
+
+def test_agreement_refuses_an_output_given_twice_and_says_when_a_data_set_has_too_few_models(tmp_path, monkeypatch,
+                                                                                              capsys):
+    agreement = load_script("agreement", monkeypatch)
+    digits = write_output(tmp_path / "digits", tune_results(MODELS))
+    with pytest.raises(SystemExit):
+        agreement.main([str(digits), str(tmp_path / "." / "digits")])
+    assert "digits is given twice" in capsys.readouterr().err
+    mnist = write_output(tmp_path / "mnist", tune_results({"base": ([1.0, 2.0], 0.1, 2.0)}, data="mnist"))
+    assert agreement.main([str(digits), str(mnist)]) == 0
+    out = capsys.readouterr().out
+    assert "rank correlation with FID, mnist:\n  held-out loss: 1 models, too few" in out and "nan" not in out
