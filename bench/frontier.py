@@ -2,12 +2,15 @@
 
     python bench/frontier.py --data digits --seeds 0 1 2 --budgets 0.8 0.6 0.4 --base-from runs/bench-digits \\
         --out runs/frontier-digits
-    python bench/frontier.py --quick --budgets 0.8 0.5 --out /tmp/frontier      # seconds-long smoke run
+    python bench/frontier.py --quick --budgets 0.8 0.5 --out /tmp/frontier      # smoke run, minutes on a CPU
 
 For each budget F, `bench/benchmark.py --budget-unit time --mean-budget F` (its arms at equal training compute:
 the single model, uniform width pruning matched on measured forward time to TDC's experts, TDC) into
-out/time-F/; a budget whose results.json exists with the same settings is read, not rerun. Options after `--`
-go to every benchmark call unchanged (e.g. `-- --depth --fid-samples 2048`).
+out/time-F/; a budget whose results.json came from the same benchmark command (its bench.command: the same data,
+seeds, budget and options) is read, not rerun; otherwise the benchmark runs there, resuming what it finds. Options
+after `--` go to every benchmark call unchanged (e.g. `-- --depth --fid-samples 2048`); those frontier.py sets
+itself (--data, --seeds, --budget-unit, --mean-budget, --latency-batch, --out, --quick, --base-from) are refused
+there.
 
 Then, per budget and pruned arm, paired over the seeds (metrics.paired_gap, 95%; each seed shares its stage-1
 base and sampling noise across the arms): the gap to the single model and TDC's gap to uniform on FID, on the
@@ -42,13 +45,46 @@ def budget_dir(out: Path, budget: float) -> Path:
     return out / f"time-{budget:g}"
 
 
-def finished(folder: Path, budget: float, seeds: list[int]) -> bool:
-    """True when folder holds a benchmark result at this time budget over these seeds."""
+# Options frontier.py gives every benchmark call itself (dest -> flag, the fix): the same ones after `--` would
+# silently override them, and results would be filed under a budget they were not run at.
+OWN_OPTIONS = {"data": ("--data", "give it before `--`"), "seeds": ("--seeds", "give it before `--`"),
+               "budget_unit": ("--budget-unit", "leave it out, the budgets are of time"),
+               "mean_budget": ("--mean-budget", "give the budgets as --budgets"),
+               "latency_batch": ("--latency-batch", "give it before `--`"), "out": ("--out", "give it before `--`"),
+               "quick": ("--quick", "give it before `--`"), "base_from": ("--base-from", "give it before `--`")}
+
+
+def benchmark_call(args: argparse.Namespace, budget: float, passed: list[str]) -> list[str]:
+    """The bench/benchmark.py arguments for one budget: frontier's own settings, then the options after `--`."""
+    return ["--data", args.data, "--seeds", *map(str, args.seeds), "--budget-unit", "time", "--mean-budget",
+            str(budget), "--latency-batch", str(args.latency_batch), "--out", str(budget_dir(args.out, budget)),
+            *(["--quick"] if args.quick else []), *(["--base-from", str(args.base_from)] if args.base_from else []),
+            *passed]
+
+
+def overridden(args: argparse.Namespace, passed: list[str]) -> list[str]:
+    """frontier.py's own options that the options after `--` would change (parsed as bench/benchmark.py parses
+    them, abbreviations included), each with its fix; exits with benchmark's usage error for bad options."""
+    own = vars(benchmark.parse_args(benchmark_call(args, args.budgets[0], [])))
+    given = vars(benchmark.parse_args(benchmark_call(args, args.budgets[0], passed)))
+    return [f"{flag} ({fix})" for dest, (flag, fix) in OWN_OPTIONS.items() if own[dest] != given[dest]]
+
+
+def read_results(folder: Path) -> dict | None:
+    """folder's results.json, or None when there is none; ValueError when it cannot be read."""
     path = folder / "results.json"
     if not path.is_file():
-        return False
-    bench = json.loads(path.read_text())["bench"]
-    return bench["budget_unit"] == "time" and bench["mean_budget"] == budget and bench["seeds"] == seeds
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"not complete JSON ({err})") from None
+
+
+def finished(results: dict | None, call: list[str]) -> bool:
+    """True when results (a benchmark results.json, or None) came from exactly this benchmark call: the same
+    data, seeds, budget and options; otherwise the benchmark is run (it resumes what its folder holds)."""
+    return results is not None and results.get("bench", {}).get("command") == benchmark.command_line(call)
 
 
 def verdict(gap: dict) -> str:
@@ -57,16 +93,25 @@ def verdict(gap: dict) -> str:
     return f"{gap['mean']:+.4g} [{low:+.3g}, {high:+.3g}] {word}"
 
 
+def arm(models: list[dict], name: str, where: str) -> dict:
+    """The model of arm `name` among a benchmark's models (TDC: also "TDC (one-stage)"); ValueError if absent."""
+    names = (name, f"{name} (one-stage)") if name == TDC else (name,)
+    found = next((m for m in models if m["name"] in names), None)
+    if found is None:
+        raise ValueError(f"no {name!r} model in {where} (it has {[m['name'] for m in models]})")
+    return found
+
+
 def summarise(results: dict, budget: float) -> list[dict]:
     """Rows for the pruned arms of one budget's benchmark results: time ratios, each metric's seed values and
-    the paired gaps to the single model (and TDC's to uniform)."""
-    per_seed = {name: [next(m for m in run["models"] if m["name"] == name) for run in results["per_run"]]
+    the paired gaps to the single model (and TDC's to uniform). Raises ValueError for a missing arm."""
+    per_seed = {name: [arm(run["models"], name, run["label"]) for run in results["per_run"]]
                 for name in (SINGLE, UNIFORM, TDC)}
     values = {name: {metric: [get(m) for m in models] for metric, get in METRICS.items()}
               for name, models in per_seed.items()}
     rows = []
     for name in (UNIFORM, TDC):
-        model = next(m for m in results["models"] if m["name"] == name)
+        model = arm(results["models"], name, "the pooled models")
         row = {"budget": budget, "arm": name, "seeds": len(per_seed[name]),
                "time_ratio": {k: v["ratio"] for k, v in model["time"].items()},
                "flops_ratio": model["sampling_flops"]["ratio"], "values": values[name], "single": values[SINGLE]}
@@ -103,7 +148,8 @@ def plot(rows: list[dict], batch_key: str, path: Path) -> Path:
             ax.errorbar(xs, means, yerr=[[m - min(y) for m, y in zip(means, ys)], [max(y) - m for m, y in zip(means, ys)]]
                         if any(spread) else None, marker=marker, capsize=3, label=arm)
     singles = [v for r in rows for v in r["single"]["FID"]]
-    axes[0].axhline(sum(singles) / len(singles), color="black", ls="--", lw=1, label=SINGLE)
+    # The single model gets each budget's TDC stage-2 compute, so it differs per budget: the line is their mean.
+    axes[0].axhline(sum(singles) / len(singles), color="black", ls="--", lw=1, label=f"{SINGLE} (mean over budgets)")
     axes[1].axhline(1, color="black", ls="--", lw=1, label=SINGLE)
     label = batch_key.replace("_", " ")
     axes[0].set(xlabel=f"sampling time / single model's ({label})", ylabel="FID (mean; bars: seed range)")
@@ -117,7 +163,8 @@ def plot(rows: list[dict], batch_key: str, path: Path) -> Path:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'budget':>6}  {'arm':<15} {'time b1/b64':>11}  {'FLOPs':>5}  "
+    batches = "/".join(key.replace("batch_", "b") for key in rows[0]["time_ratio"])
+    lines = [f"{'budget':>6}  {'arm':<15} {'time ' + batches:>11}  {'FLOPs':>5}  "
              + "  ".join(f"{m + ' vs single':<34}" for m in METRICS)]
     for r in rows:
         times = "/".join(f"{v:.2f}" for v in r["time_ratio"].values())
@@ -134,32 +181,53 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     passed = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="digits", choices=["digits", "mnist", "cifar10"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s [options] [-- BENCHMARK_OPTIONS]")
+    p.add_argument("--data", default="digits", choices=["digits", "mnist", "cifar10"], help="data set (as benchmark.py)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one benchmark run per seed, each with its own stage-1 base; gaps are paired over them (a verdict needs 2 or more)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6, 0.4],
                    help="mean time budgets, fractions of the single model's measured forward time (0 < F <= 1)")
     p.add_argument("--latency-batch", type=int, default=64, help="batch size at which forward time is measured")
     p.add_argument("--base-from", type=Path, help="reuse the stage-1 bases of an earlier benchmark output")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--quick", action="store_true", help="tiny steps and few samples: a seconds-long smoke run")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for time-F/ (one benchmark per budget), frontier.json and frontier.png")
+    p.add_argument("--quick", action="store_true", help="tiny steps and few samples: a smoke run (numbers mean nothing)")
     args = p.parse_args(own)
+    if args.latency_batch < 1:
+        p.error(f"--latency-batch must be >= 1 (a batch size), got {args.latency_batch}")
     bad = [b for b in args.budgets if not 0 < b <= 1]
     if bad:
         p.error(f"--budgets {bad[0]:g} is not in (0, 1]: give fractions of the single model's time, e.g. 0.6")
+    folders = [budget_dir(args.out, b).name for b in args.budgets]
+    twice = next((b for b, f in zip(args.budgets, folders) if folders.count(f) > 1), None)
+    if twice is not None:
+        p.error(f"--budgets {twice:g} is given twice: list each budget once")
+    clash = overridden(args, passed)
+    if clash:
+        p.error(f"{', '.join(clash)} after `--` would override what frontier.py gives every benchmark")
+
+    def unreadable(folder: Path, err: Exception):
+        p.error(f"{folder / 'results.json'}: {err if isinstance(err, ValueError) else f'lacks {err}'}: delete it "
+                "to rerun that budget")
 
     rows = []
     for budget in args.budgets:
-        folder = budget_dir(args.out, budget)
-        if not finished(folder, budget, args.seeds):
-            benchmark._say(f"== time budget {budget:g} -> {folder}")
-            code = benchmark.main(["--data", args.data, "--seeds", *map(str, args.seeds), "--budget-unit", "time",
-                                   "--mean-budget", str(budget), "--latency-batch", str(args.latency_batch),
-                                   "--out", str(folder), *(["--quick"] if args.quick else []),
-                                   *(["--base-from", str(args.base_from)] if args.base_from else []), *passed])
+        folder, call = budget_dir(args.out, budget), benchmark_call(args, budget, passed)
+        try:
+            earlier = read_results(folder)
+        except ValueError as err:
+            unreadable(folder, err)
+        if not finished(earlier, call):
+            again = " (its results.json came from another command: run again)" if earlier else ""
+            benchmark._say(f"== time budget {budget:g} -> {folder}{again}")
+            code = benchmark.main(call)
             if code:
                 return code
-        rows += summarise(json.loads((folder / "results.json").read_text()), budget)
+        try:
+            rows += summarise(read_results(folder), budget)
+        except (ValueError, KeyError, TypeError) as err:
+            unreadable(folder, err)
 
     batch_key = f"batch_{args.latency_batch}" if f"batch_{args.latency_batch}" in rows[0]["time_ratio"] else \
         list(rows[0]["time_ratio"])[-1]

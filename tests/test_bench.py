@@ -304,3 +304,100 @@ def test_agreement_refuses_an_output_given_twice_and_says_when_a_data_set_has_to
     assert agreement.main([str(digits), str(mnist)]) == 0
     out = capsys.readouterr().out
     assert "rank correlation with FID, mnist:\n  held-out loss: 1 models, too few" in out and "nan" not in out
+
+
+def frontier_results(call: list[str], tdc_fids: list[float], *, tdc_name: str = "TDC", arms=None) -> dict:
+    """A benchmark results.json as `call` would leave it: per seed the single model at FID 5 + i, uniform at
+    5.5 + i, TDC at tdc_fids[i]; losses and bits/dim rise with FID."""
+    names = arms or ["single model", "uniform-pruned", tdc_name]
+    base = {"single model": 5.0, "uniform-pruned": 5.5}
+    per_run = []
+    for i, tdc in enumerate(tdc_fids):
+        fids = {n: base.get(n, tdc) + (i if n in base else 0) for n in names}
+        per_run.append({"label": f"seed {i}", "models": [
+            {"name": n, "fid": {"per_seed": [{"fid": f}]}, "held_out_loss": {"all": f / 100},
+             "held_out_bpd": {"total": {"mean": f / 2}}} for n, f in fids.items()]})
+    ratio = {"single model": 1.0, "uniform-pruned": 0.6, tdc_name: 0.55}
+    models = [{"name": n, "time": {"batch_1": {"ratio": ratio[n]}, "batch_8": {"ratio": ratio[n]}},
+               "sampling_flops": {"ratio": ratio[n]}} for n in names]
+    return {"format": "tdcdiff-evaluation/1", "per_run": per_run, "models": models,
+            "bench": {"command": " ".join(["python", "bench/benchmark.py", *call])}}
+
+
+def frontier_call(out: Path, budget: float, *passed: str) -> list[str]:
+    return ["--data", "digits", "--seeds", "0", "1", "2", "--budget-unit", "time", "--mean-budget", str(budget),
+            "--latency-batch", "8", "--out", str(out / f"time-{budget:g}"), *passed]
+
+
+def test_frontier_reads_finished_budgets_and_pairs_tdc_one_stage_too(tmp_path, monkeypatch, capsys):
+    frontier = load_script("frontier", monkeypatch)
+    out = tmp_path / "f"
+    write_output(out / "time-0.6", frontier_results(frontier_call(out, 0.6, "--one-stage"), [6.0, 7.1, 8.2],
+                                                    tdc_name="TDC (one-stage)"))
+    write_output(out / "time-0.4", frontier_results(frontier_call(out, 0.4, "--one-stage"), [6.0, 7.1, 8.2],
+                                                    tdc_name="TDC (one-stage)"))
+    monkeypatch.setattr(frontier.benchmark, "main", lambda argv: pytest.fail(f"reran a finished budget: {argv}"))
+    assert frontier.main(["--seeds", "0", "1", "2", "--budgets", "0.6", "0.4", "--latency-batch", "8",
+                          "--out", str(out), "--", "--one-stage"]) == 0
+    printed = capsys.readouterr().out
+    assert "time b1/b8" in printed and "held-out loss: at 0.4, 0.6" in printed
+    rows = json.loads((out / "frontier.json").read_text())["rows"]
+    tdc = next(r for r in rows if r["budget"] == 0.6 and r["arm"] == "TDC")
+    assert tdc["vs_single"]["FID"]["mean"] == pytest.approx(1.1) and not tdc["vs_single"]["FID"]["tie"]
+    assert tdc["vs_uniform"]["FID"]["diffs"] == pytest.approx([0.5, 0.6, 0.7])  # TDC - uniform, seed by seed
+
+
+def test_frontier_runs_a_budget_again_when_its_results_came_from_another_command(tmp_path, monkeypatch):
+    frontier = load_script("frontier", monkeypatch)
+    out = tmp_path / "f"
+    write_output(out / "time-0.6", frontier_results(frontier_call(out, 0.6, "--fid-samples", "64"), [6.0, 7.0, 8.0]))
+    calls = []
+
+    def run(argv):
+        calls.append(argv)
+        (out / "time-0.6" / "results.json").write_text(json.dumps(frontier_results(argv, [6.0, 7.0, 8.0])))
+        return 0
+
+    monkeypatch.setattr(frontier.benchmark, "main", run)
+    command = ["--seeds", "0", "1", "2", "--budgets", "0.6", "--latency-batch", "8", "--out", str(out)]
+    assert frontier.main(command) == 0 and calls == [frontier_call(out, 0.6)]
+    assert frontier.main(command) == 0 and len(calls) == 1  # now finished: read, not rerun
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budgets", "0.6", "0.6"], "--budgets 0.6 is given twice: list each budget once"),
+    (["--seeds", "0", "0"], "--seeds 0 is given twice: each seed is one independent run, list it once"),
+    (["--latency-batch", "0"], "--latency-batch must be >= 1 (a batch size), got 0"),
+    (["--", "--mean-budget", "0.3"], "--mean-budget (give the budgets as --budgets) after `--` would override"),
+    (["--", "--mean", "0.3"], "--mean-budget (give the budgets as --budgets) after `--` would override"),
+    (["--data", "mnist", "--", "--data", "digits", "--budget-unit", "flops"],
+     "--data (give it before `--`), --budget-unit (leave it out, the budgets are of time) after `--` would override"),
+    (["--", "--out", "elsewhere"], "--out (give it before `--`) after `--` would override"),
+])
+def test_frontier_refuses_conflicting_or_repeated_options_before_any_work(tmp_path, monkeypatch, capsys, argv,
+                                                                         message):
+    frontier = load_script("frontier", monkeypatch)
+    monkeypatch.setattr(frontier.benchmark, "main", lambda argv: pytest.fail("ran a benchmark"))
+    own, passed = (argv[: argv.index("--")], argv[argv.index("--"):]) if "--" in argv else (argv, [])
+    with pytest.raises(SystemExit) as stop:
+        frontier.main([*own, "--out", str(tmp_path / "f"), *passed])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and message in err, err
+    assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("results, message", [
+    ('{"bench": {"command": ', "results.json: not complete JSON (Expecting value"),
+    (None, "results.json: no 'uniform-pruned' model in seed 0 (it has ['single model', 'TDC']): delete it"),
+])
+def test_frontier_names_a_budget_results_file_it_cannot_read(tmp_path, monkeypatch, capsys, results, message):
+    frontier = load_script("frontier", monkeypatch)
+    out = tmp_path / "f"
+    if results is None:
+        results = frontier_results(frontier_call(out, 0.6), [6.0, 7.0, 8.0], arms=["single model", "TDC"])
+    write_output(out / "time-0.6", results)
+    monkeypatch.setattr(frontier.benchmark, "main", lambda argv: pytest.fail("ran a benchmark"))
+    with pytest.raises(SystemExit) as stop:
+        frontier.main(["--seeds", "0", "1", "2", "--budgets", "0.6", "--latency-batch", "8", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and str(out / "time-0.6") in err and message in err, err
