@@ -121,7 +121,12 @@ def test_tdc_variants_cross_the_grid_with_run_settings():
     ({"ks": (0.0,)}, "k must be in (0, 1]"),
     ({"fid_seeds": 1}, "--fid-seeds must be >= 2"),
     ({"groupings": ("equal",)}, "unknown grouping in ['equal']"),
-    ({"max_quality_loss": -0.1}, "--max-quality-loss must be >= 0"),
+    ({"max_quality_loss": -0.1}, "--max-quality-loss must be a finite number >= 0"),
+    ({"max_quality_loss": float("inf")}, "--max-quality-loss must be a finite number >= 0 (a relative loss, 0.02 = "
+                                         "2%), got inf"),
+    ({"price_per_hour": float("inf")}, "--price-per-hour must be a finite number >= 0 (the machine's price per "
+                                       "hour), got inf"),
+    ({"price_per_hour": float("nan")}, "--price-per-hour must be a finite number >= 0"),
     ({"time_budgets": (0.0,)}, "--time-budget values must be in (0, 1]"),
     ({"uniform_time_budgets": (1.0,)}, "--uniform-time-budget values must be in (0, 1)"),
     ({"curve_steps": 0}, "--curve-steps must be >= 1 (stage-2 steps behind each point of a quality curve), got 0"),

@@ -182,6 +182,8 @@ class TuneConfig:
     price_per_hour: float | None = None
 
     def validate(self) -> None:
+        import math
+
         from .budget import budget_fractions
         from .grouping import STRATEGIES
 
@@ -209,10 +211,10 @@ class TuneConfig:
             (self.fid_samples >= 2, f"--fid-samples must be >= 2 (FID needs two images), got {self.fid_samples}"),
             (self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
             (self.timing_repeats >= 1, f"timing_repeats must be >= 1, got {self.timing_repeats}"),
-            (self.max_quality_loss is None or self.max_quality_loss >= 0,
-             f"--max-quality-loss must be >= 0 (a relative loss, 0.02 = 2%), got {self.max_quality_loss}"),
-            (self.price_per_hour is None or self.price_per_hour >= 0,
-             f"--price-per-hour must be >= 0, got {self.price_per_hour}"),
+            (self.max_quality_loss is None or 0 <= self.max_quality_loss < math.inf,
+             f"--max-quality-loss must be a finite number >= 0 (a relative loss, 0.02 = 2%), got {self.max_quality_loss}"),
+            (self.price_per_hour is None or 0 <= self.price_per_hour < math.inf,
+             f"--price-per-hour must be a finite number >= 0 (the machine's price per hour), got {self.price_per_hour}"),
         ]
         for ok, message in checks:
             if not ok:
