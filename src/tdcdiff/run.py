@@ -803,7 +803,9 @@ class Run:
         if c.plan_fractions is not None:
             lowest, label, fix = min(c.plan_fractions), "the smallest plan_fractions", "raise it"
         elif c.mean_budget is not None:
-            lowest, label, fix = c.mean_budget, "the mean budget (no group's budget is smaller)", RAISE_BUDGET
+            # The smallest group's budget is at most the mean: a mean below reach dooms it whatever k is.
+            lowest, label, fix = c.mean_budget, "the mean budget (the smallest group's is at most it)", \
+                "raise --mean-budget"
         else:
             lowest, label, fix = (budget_fractions(c.groups, c.k)[0], "the easiest group's budget (1/N + (N-1)/N k)",
                                   RAISE_BUDGET)
