@@ -240,7 +240,8 @@ def tune_results(fids: dict, *, old: bool = False, data: str = "digits") -> dict
     else:
         measure = {"key": "loss", "name": "held-out denoising loss", "second": {"key": "bpd"}}
         rows = [{"name": n, "fid": f, "screening": loss, "second": bpd} for n, (f, loss, bpd) in fids.items()]
-    return {"format": "tdcdiff-tune/1", "screening_measure": measure, "fid_protocol": {"reference": {"name": data}},
+    # /1 both before and just after --screening (the rows tell them apart), /2 since
+    return {"format": f"tdcdiff-tune/{1 if old else 2}", "screening_measure": measure, "fid_protocol": {"reference": {"name": data}},
             "rows": rows}
 
 

@@ -853,7 +853,7 @@ class Tune:
                   if (r := self.result(s["index"])) is not None and "failed" in r]
         choice = choose([r for r in rows if r["name"] != "base"], self.config.max_quality_loss)
         results = {
-            "format": "tdcdiff-tune/1",
+            "format": "tdcdiff-tune/2",  # /2: rows' second measure ("second", ...) and screening_measure's "key"
             "settings": asdict(self.config),
             "screening_measure": {"key": key, "unit": SCREENING_MEASURES[key].unit, **self.screen_protocol(key),
                                   "paired": "screening_gap (second_gap): each model's value minus the base's, image "
