@@ -154,9 +154,10 @@ def test_set_settings_are_read_as_a_config_file_reads_them(script, capsys, monke
     spec.loader.exec_module(module)
     args = module.parse_args(["--set", "k=0.6", "--set", "base.steps=31", "--set", "sampler=ddpm", "--set", "k=0.7"])
     assert args.overrides == {"k": 0.7, "base.steps": 31, "sampler": "ddpm"}  # YAML scalars; the later k wins
-    with pytest.raises(SystemExit):
-        module.parse_args(["--set", "k"])
-    assert "--set takes KEY=VALUE, got 'k'" in capsys.readouterr().err
+    for item in ("k", "=0.5"):
+        with pytest.raises(SystemExit):
+            module.parse_args(["--set", item])
+        assert f"--set takes KEY=VALUE, got {item!r}" in capsys.readouterr().err
 
 @pytest.mark.slow
 def test_agreement_orders_each_pair_of_a_run_like_its_fid(quick_bench, tmp_path):

@@ -377,12 +377,12 @@ def copy_stages(source_run: str | Path, target_run: str | Path, parts: tuple[str
 def parse_settings(items: list[str], option: str = "--set") -> dict:
     """["base.steps=500", "k=0.3"] -> {"base.steps": 500, "k": 0.3}, for apply_overrides: values are read as YAML
     scalars (numbers, booleans, strings, as a config file reads them); a later KEY wins.
-    Raises ValueError naming `option` for an item without "=".
+    Raises ValueError naming `option` for an item without "=" or without a key.
     """
     import yaml
 
     for item in items:
-        if "=" not in item:
+        if not item.partition("=")[0].strip() or "=" not in item:
             raise ValueError(f"{option} takes KEY=VALUE, got {item!r}")
     return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
 
