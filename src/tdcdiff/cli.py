@@ -456,7 +456,11 @@ def tune_command(
         if candidate is not None:  # before Tune, which copies --base-from into the tune directory
             settings.validate()
             check_candidate(candidate, plan_candidates(settings), out / "candidates.json")
-        tune = Tune(out, settings, overrides=_overrides(config, **flags), base_from=base_from, progress=not quiet)
+        try:
+            tune = Tune(out, settings, overrides=_overrides(config, **flags), base_from=base_from, progress=not quiet)
+        except ValueError as err:  # the base run's settings: name the flag given, as _open_run does
+            err.args = (_as_flag(str(err), flags),)
+            raise
         if candidate is not None:
             record = tune.run_candidate(candidate)
             typer.echo(f"candidate {candidate} ({record['name']}): "
