@@ -41,7 +41,7 @@ ALL_T, MEASURED_T = "mean over all t", "per-image mean over the measured t"
 
 
 def benchmark_points(results: dict, label: str) -> tuple[list[dict], dict]:
-    """Points of a benchmark results.json (one per arm and seed) and per arm the per-seed values."""
+    """Points of a benchmark results.json (one per arm and seed) and per arm its points by run label."""
     points, arms = [], {}
     for run in results["per_run"]:
         for model in run["models"]:
@@ -51,7 +51,7 @@ def benchmark_points(results: dict, label: str) -> tuple[list[dict], dict]:
                      "held-out loss": model["held_out_loss"]["all"], "loss_by": ALL_T,
                      "bits/dim": model["held_out_bpd"]["total"]["mean"]}
             points.append(point)
-            arms.setdefault(model["name"], []).append(point)
+            arms.setdefault(model["name"], {})[run["label"]] = point
     return points, arms
 
 
@@ -122,11 +122,14 @@ def within_run_pairs(points: list[dict]) -> list[tuple[dict, dict]]:
 
 
 def resolved_pairs(arms: dict, label: str) -> list[dict]:
-    """Pairs of arms whose per-seed FID gap is real (paired rule), with each measure's verdict."""
+    """Pairs of arms whose per-seed FID gap is real (paired rule over the runs both have), with each measure's
+    verdict."""
     pairs = []
-    for (a, pa), (b, pb) in itertools.combinations(arms.items(), 2):
-        if len(pa) < 2 or len(pa) != len(pb):
+    for (a, by_run_a), (b, by_run_b) in itertools.combinations(arms.items(), 2):
+        both = [run for run in by_run_a if run in by_run_b]
+        if len(both) < 2:
             continue
+        pa, pb = [by_run_a[run] for run in both], [by_run_b[run] for run in both]
         gap = paired_gap([p["fid"] for p in pa], [p["fid"] for p in pb])
         if gap["tie"]:
             continue

@@ -403,3 +403,21 @@ def test_frontier_names_a_budget_results_file_it_cannot_read(tmp_path, monkeypat
         frontier.main(["--seeds", "0", "1", "2", "--budgets", "0.6", "--latency-batch", "8", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert stop.value.code == 2 and str(out / "time-0.6") in err and message in err, err
+
+
+def test_agreement_pairs_two_arms_only_over_the_seeds_both_have(monkeypatch):
+    agreement = load_script("agreement", monkeypatch)
+
+    def model(name, fid):
+        return {"name": name, "fid": {"per_seed": [{"fid": fid}]}, "held_out_loss": {"all": fid / 100},
+                "held_out_bpd": {"total": {"mean": fid}}}
+
+    results = {"protocol": {"reference": {"name": "digits"}}, "per_run": [
+        {"label": "seed 0", "models": [model("A", 1.0), model("C", 9.0)]},
+        {"label": "seed 1", "models": [model("A", 2.0), model("B", 3.0), model("C", 9.5)]},
+        {"label": "seed 2", "models": [model("B", 4.0), model("C", 10.5)]}]}
+    _, arms = agreement.benchmark_points(results, "out")
+    pairs = agreement.resolved_pairs(arms, "out")
+    # A and B share one seed: no pair (pairing A's seeds 0, 1 with B's 1, 2 would call B worse by 2, "resolved")
+    assert {(p["better"], p["worse"]) for p in pairs} == {("A", "C"), ("B", "C")}
+    assert next(p for p in pairs if p["better"] == "A")["fid_gap"] == pytest.approx(7.75)  # seeds 0 and 1 only
