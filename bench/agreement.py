@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {label}: {len(group)} models, too few for a rank correlation (at least 3)")
                     continue
                 rho, pvalue = spearmanr([q["fid"] for q in group], [q[m] for q in group])
-                print(f"  {label:<14} rho {rho:+.2f}  (p {pvalue:.2g}, {len(group)} models)")
+                print(f"  {label + ':':<15} rho {rho:+.2f}  (p {pvalue:.2g}, {len(group)} models)")
     print(f"\nwithin-run pairs (same base), ordered like FID: {len(within)} pairs")
     for m in MEASURES:
         agree = sum((a[m] < b[m]) == (a["fid"] < b["fid"]) for a, b in within)

@@ -260,7 +260,7 @@ def test_agreement_reads_a_tune_directory_from_before_screening_by_the_loss(tmp_
     old = write_output(tmp_path / "old", tune_results(MODELS, old=True))
     assert agreement.main([str(old)]) == 0
     out = capsys.readouterr().out
-    assert "held-out loss  rho +1.00" in out and "bits/dim       rho +0.50" in out  # loss and bits/dim not swapped
+    assert "held-out loss:  rho +1.00" in out and "bits/dim:       rho +0.50" in out  # loss and bits/dim not swapped
     assert "held-out loss  3 of 3" in out and "bits/dim       2 of 3" in out
 
 
@@ -273,9 +273,9 @@ def test_agreement_counts_a_model_in_two_outputs_once_and_ranks_one_kind_of_loss
     assert agreement.main([str(old), str(new)]) == 0
     out = capsys.readouterr().out
     assert "(3 models found in more than one output, counted once)" in out
-    assert "bits/dim       rho +0.80  (p 0.2, 4 models)" in out
+    assert "bits/dim:       rho +0.80  (p 0.2, 4 models)" in out
     # the old directory's loss is kept for its models; the new one's loss is another kind: not ranked together
-    assert "held-out loss (mean over all t) rho +1.00" in out
+    assert "held-out loss (mean over all t): rho +1.00" in out
     assert "held-out loss (per-image mean over the measured t): 1 models, too few" in out
     assert "within-run pairs (same base), ordered like FID: 6 pairs" in out  # 3 pairs + c with each, once
 
