@@ -349,11 +349,6 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
                     progress=progress)
 
 
-def command_line(argv: list[str]) -> str:
-    """The command a benchmark's results.json records (bench.command) for these arguments."""
-    return " ".join(["python", "bench/benchmark.py", *argv])
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=("digits", "mnist", "cifar10"), default="digits", help="data set to benchmark")
@@ -463,7 +458,7 @@ def main(argv=None) -> int:
         "swap_experts": args.swap_experts, "mix": args.mix, "distill": args.distill,
         "budget_unit": args.budget_unit, "mean_budget": args.mean_budget, "depth": args.depth,
         "latency_batch": args.latency_batch,
-        "command": command_line(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python", "bench/benchmark.py", *(argv if argv is not None else sys.argv[1:])]),
         "equal_compute": "every arm: stage 1 + the FLOPs of TDC's stage 2 (pruning-search proxy forwards not counted)",
         "wall_seconds": round(time.perf_counter() - started, 1),
     }

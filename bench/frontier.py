@@ -7,7 +7,8 @@
 For each budget F, `bench/benchmark.py --budget-unit time --mean-budget F` (its arms at equal training compute:
 the single model, uniform width pruning matched on measured forward time to TDC's experts, TDC) into
 out/time-F/; a budget whose results.json came from the same benchmark command (its bench.command: the same data,
-seeds, budget and options) is read, not rerun; otherwise the benchmark runs there, resuming what it finds. Options
+seeds, budget and options, up to --quiet) is read, not rerun; otherwise the benchmark runs there, resuming what it
+finds. Options
 after `--` go to every benchmark call unchanged (e.g. `-- --depth --fid-samples 2048`); those frontier.py sets
 itself (--data, --seeds, --budget-unit, --mean-budget, --latency-batch, --out, --quick, --base-from) are refused
 there.
@@ -81,10 +82,24 @@ def read_results(folder: Path) -> dict | None:
         raise ValueError(f"not complete JSON ({err})") from None
 
 
+def benchmark_settings(argv: list[str]) -> dict:
+    """What a benchmark call computes (bench/benchmark.py's parsed arguments, paths resolved, --quiet left out)."""
+    parsed = vars(benchmark.parse_args(argv))
+    parsed.pop("quiet")
+    return {key: value.resolve() if isinstance(value, Path) else value for key, value in parsed.items()}
+
+
 def finished(results: dict | None, call: list[str]) -> bool:
-    """True when results (a benchmark results.json, or None) came from exactly this benchmark call: the same
-    data, seeds, budget and options; otherwise the benchmark is run (it resumes what its folder holds)."""
-    return results is not None and results.get("bench", {}).get("command") == benchmark.command_line(call)
+    """True when results (a benchmark results.json, or None) came from this benchmark call: the command it
+    records (bench.command) has the same data, seeds, budget and options, up to --quiet and how paths are
+    spelled; otherwise the benchmark is run (it resumes what its folder holds)."""
+    recorded = (results or {}).get("bench", {}).get("command", "").split()
+    if recorded[:2] != ["python", "bench/benchmark.py"]:
+        return False
+    try:
+        return benchmark_settings(recorded[2:]) == benchmark_settings(call)
+    except SystemExit:  # a command this benchmark.py no longer parses
+        return False
 
 
 def verdict(gap: dict) -> str:

@@ -421,3 +421,13 @@ def test_agreement_pairs_two_arms_only_over_the_seeds_both_have(monkeypatch):
     # A and B share one seed: no pair (pairing A's seeds 0, 1 with B's 1, 2 would call B worse by 2, "resolved")
     assert {(p["better"], p["worse"]) for p in pairs} == {("A", "C"), ("B", "C")}
     assert next(p for p in pairs if p["better"] == "A")["fid_gap"] == pytest.approx(7.75)  # seeds 0 and 1 only
+
+
+def test_frontier_reads_a_budget_run_with_quiet_or_another_spelling_of_its_paths(tmp_path, monkeypatch):
+    frontier = load_script("frontier", monkeypatch)
+    out = tmp_path / "f"
+    call = frontier_call(out, 0.6)
+    call[call.index("--out") + 1] = str(out / "." / "time-0.6") + "/"
+    write_output(out / "time-0.6", frontier_results([*call, "--quiet"], [6.0, 7.1, 8.2]))
+    monkeypatch.setattr(frontier.benchmark, "main", lambda argv: pytest.fail(f"reran a finished budget: {argv}"))
+    assert frontier.main(["--seeds", "0", "1", "2", "--budgets", "0.6", "--latency-batch", "8", "--out", str(out)]) == 0
