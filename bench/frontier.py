@@ -202,9 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="one benchmark run per seed, each with its own stage-1 base; gaps are paired over them (a verdict needs 2 or more)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6, 0.4],
-                   help="mean time budgets, fractions of the single model's measured forward time (0 < F <= 1)")
-    p.add_argument("--latency-batch", type=int, default=64, help="batch size at which forward time is measured")
-    p.add_argument("--base-from", type=Path, help="reuse the stage-1 bases of an earlier benchmark output")
+                   help="mean time budgets F (0 < F <= 1): TDC's experts' forward time, weighted by the timesteps "
+                        "each serves, as a fraction of the base's, measured at --latency-batch")
+    p.add_argument("--latency-batch", type=int, default=64,
+                   help="batch size at which forward time is measured (budgets, uniform's match, the plot's x axis)")
+    p.add_argument("--base-from", type=Path,
+                   help="reuse the stage-1 bases of an earlier benchmark output (its seed_S/tdc, same data and seeds)")
     p.add_argument("--out", type=Path, required=True,
                    help="folder for time-F/ (one benchmark per budget), frontier.json and frontier.png")
     p.add_argument("--quick", action="store_true", help="tiny steps and few samples: a smoke run (numbers mean nothing)")
