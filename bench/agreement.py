@@ -140,7 +140,8 @@ def resolved_pairs(arms: dict, label: str) -> list[dict]:
             mean_b = sum(p[m] for p in pb) / len(pb)
             agree[m] = (mean_b < mean_a) == fid_says_b_better
         pairs.append({"run": label, "better": b if fid_says_b_better else a, "worse": a if fid_says_b_better else b,
-                      "fid_gap": abs(gap["mean"]), "agree": agree})
+                      "fid_gap": abs(gap["mean"]), "agree": agree,
+                      "models": frozenset(model_key(p) for p in pa + pb)})
     return pairs
 
 
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             p.error(str(err))
         points += new
-        pairs += resolved
+        pairs += [pair for pair in resolved if all(pair["models"] != q["models"] for q in pairs)]  # copies once
     within = within_run_pairs(points)
     distinct = merge_copies(points)
     copies, points = len(points) - len(distinct), distinct

@@ -431,3 +431,16 @@ def test_frontier_reads_a_budget_run_with_quiet_or_another_spelling_of_its_paths
     write_output(out / "time-0.6", frontier_results([*call, "--quiet"], [6.0, 7.1, 8.2]))
     monkeypatch.setattr(frontier.benchmark, "main", lambda argv: pytest.fail(f"reran a finished budget: {argv}"))
     assert frontier.main(["--seeds", "0", "1", "2", "--budgets", "0.6", "--latency-batch", "8", "--out", str(out)]) == 0
+
+
+def test_agreement_counts_a_resolved_pair_of_a_copied_benchmark_once(tmp_path, monkeypatch, capsys):
+    agreement = load_script("agreement", monkeypatch)
+    results = frontier_results(["--seeds", "0", "1", "2"], [6.0, 7.1, 8.2])
+    results["protocol"] = {"reference": {"name": "digits"}}
+    first, copy = (write_output(tmp_path / name, results) for name in ("a", "b"))
+    assert agreement.main([str(first), str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert "(9 models found in more than one output, counted once)" in out
+    # single < uniform and single < TDC are resolved (gaps 0.5 and 1.1, 1.0-1.2); uniform < TDC too (0.5-0.7)
+    assert "pairs of arms whose FID gap is real (paired rule over seeds, 95%): 3" in out
+    assert "within-run pairs (same base), ordered like FID: 9 pairs" in out
