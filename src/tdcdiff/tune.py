@@ -4,11 +4,11 @@ and what tuning cost against what it returns.
 From one stage-1 base, every candidate is fine-tuned with the SAME training compute (FLOPs): the base itself
 ("single", the equal-compute reference), the base pruned to one uniform width (of its FLOPs or measured time),
 and TDC runs over k, N and the grouping strategy, by time budget, with depth pruning, or with the groups'
-budgets allocated from measured quality curves. All are screened with the held-out denoising loss or, with
-TuneConfig.screening "bpd", the held-out bits/dim bound (each paired with the base's per image: same images,
-timesteps and noise; the other measure beside it); the best few by it get
-paired-seed FID/KID against the base; the chosen candidate is the fastest one
-whose quality is tied with or better than the base's by the paired rule, or within `max_quality_loss`.
+budgets allocated from measured quality curves (in the screening measure). All are screened with the held-out
+denoising loss or, with TuneConfig.screening "bpd", the held-out bits/dim bound (each paired with the base's per
+image: same images, timesteps and noise; the other measure beside it); the best few by it get paired-seed FID/KID
+against the base; the chosen candidate is the fastest one whose quality is tied with or better than the base's by
+the paired rule, or within `max_quality_loss`.
 
     tune_dir/
       tune.json            the settings the candidate plan was made with (a rerun must match them)
@@ -17,7 +17,8 @@ whose quality is tied with or better than the base's by the paired rule, or with
       phases.json          wall and CPU time (and training FLOPs) of stage 1, screening and finalists
       candidates/NN-name/  one candidate: a TDC run directory, or pruned/ + train/ + bundle/ for single and
                            uniform; result.json when it has finished (its phases' time and FLOPs)
-      curves/              quality curves per (N, grouping) for the "TDC curves" candidates; sizes/: pruned sizes
+      curves/              quality curves per (N, grouping) for the "TDC curves" candidates, in both screening
+                           measures (the screening one allocates); sizes/: pruned sizes
       screening.json       both screening measures per model (per image, for pairing), each with its protocol;
                            fid.json: FID/KID per seed
       results.json, table.csv, frontier.png    the frontier: quality against sampling time and FLOPs
@@ -79,11 +80,18 @@ def mean_se(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "se": se}
 
 
-def _held_out_loss(model, held_out: torch.Tensor, scheduler, *, seed: int, labels: torch.Tensor | None = None) -> dict:
+def _held_out_losses(model, held_out: torch.Tensor, scheduler, *, seed: int,
+                     labels: torch.Tensor | None = None) -> tuple:
+    """The held-out loss screening measure's raw values: (points [P] measured timesteps, losses [P, M] float32, per
+    measured timestep and image; grouping.per_image_loss)."""
     from .grouping import per_image_loss
 
-    _, losses = per_image_loss(model, held_out, scheduler, num_points=LOSS_TIMESTEPS, images_per_point=HELD_OUT_IMAGES,
-                               seed=seed, labels=labels)
+    return per_image_loss(model, held_out, scheduler, num_points=LOSS_TIMESTEPS, images_per_point=HELD_OUT_IMAGES,
+                          seed=seed, labels=labels)
+
+
+def _held_out_loss(model, held_out: torch.Tensor, scheduler, *, seed: int, labels: torch.Tensor | None = None) -> dict:
+    _, losses = _held_out_losses(model, held_out, scheduler, seed=seed, labels=labels)
     per_image = losses.double().mean(0).tolist()  # [P, M] -> each image's loss, mean over the measured timesteps
     summary = mean_se(per_image)
     return {"value": summary["mean"], "se": summary["se"], "per_image": per_image}
@@ -117,6 +125,60 @@ def second_measure(screening: str) -> str:
     return next(key for key in SCREENING_MEASURES if key != screening)
 
 
+def loss_shares(points, losses: torch.Tensor, grouping) -> torch.Tensor:
+    """Each timestep group's share of the held-out loss, per image: a float64 tensor [M, N] (M images, N groups)
+    from `losses` [P, M] at the measured timesteps `points` [P] (_held_out_losses), over grouping.Grouping `grouping`.
+
+    A group's share is the sum of its measured timesteps' losses divided by P: its part of the all-point mean that
+    the loss screening measure takes. So one model's shares add up over groups to its per-image screening value,
+    and so do the shares of one model per group, as a TDC router runs them (a timestep goes to the group holding
+    it): additive across groups, as budget.allocate_from_curves needs. A group holding no measured timestep (one
+    narrower than the points' spacing, about T / LOSS_TIMESTEPS) is one the screening value does not see; lest its
+    budget count as free, it takes the loss at the measured timestep nearest its middle, weighted by its share of
+    the T timesteps (size / T), and the shares then add up to that much more than the screening value.
+    """
+    points, losses = torch.as_tensor(points), losses.double()
+    columns = []
+    for group in grouping.groups:
+        inside = (points >= group.start) & (points < group.end)
+        if inside.any():
+            columns.append(losses[inside].sum(0) / len(points))
+        else:
+            nearest = (points.double() - (group.start + group.end - 1) / 2).abs().argmin()
+            columns.append(losses[nearest] * group.size / grouping.num_train_timesteps)
+    return torch.stack(columns, 1)
+
+
+CURVES_FORMAT = "tdcdiff-tune-curves/2"
+# What a quality curve's point is in each measure (Tune.measure_curves), by key of SCREENING_MEASURES.
+CURVE_MEASURES = {
+    "loss": "the group's share of the held-out denoising loss (tune.loss_shares, on the loss screening measure's "
+            "images, timesteps and noise) minus the base's, paired per image",
+    "bpd": "the group's share of the held-out bits/dim bound (likelihood.nll_bound, on the bits/dim screening "
+           "measure's images and noise) minus the base's, paired per image",
+}
+
+
+def _curves_upgraded(curves: dict) -> dict:
+    """curves.json as the current format holds it: one from before the loss was measured (no "format"; bits/dim in
+    "loss", "se", "share" and "base_shares") gets those under the bits/dim names; the loss is then missing."""
+    if curves.get("format") == CURVES_FORMAT:
+        return curves
+    points = [[{**p, "bpd_gap": {"mean": p["loss"], "se": p["se"]}, "bpd_share": p["share"]} for p in group]
+              for group in curves["points"]]
+    return {**curves, "format": CURVES_FORMAT, "measures": ["bpd"], "points": points,
+            "base_bpd_shares": curves["base_shares"]}
+
+
+def _curves_for(curves: dict, key: str) -> dict:
+    """curves (current format) with measure `key` (of SCREENING_MEASURES, measured) in "loss", "se" and "share" of
+    every point and in "base_shares", named in "measure" and described in "loss"."""
+    points = [[{**p, "loss": p[f"{key}_gap"]["mean"], "se": p[f"{key}_gap"]["se"], "share": p[f"{key}_share"]}
+               for p in group] for group in curves["points"]]
+    return {**curves, "measure": key, "points": points, "base_shares": curves[f"base_{key}_shares"],
+            "loss": f"{CURVE_MEASURES[key]}, after curve_steps stage-2 steps on the group's timesteps"}
+
+
 def paired(values: list[float], reference: list[float]) -> dict:
     """Mean and standard error of values - reference, image by image ({"mean", "se"}; se NaN for one image).
     Raises ValueError when the two lists differ in length (not measured on the same images)."""
@@ -146,11 +208,14 @@ class TuneConfig:
     depth: also try every TDC candidate with depth pruning (search.depth: whole layers kept or removed).
     curves: also, for each TDC grid point, a "TDC curves" candidate: the same groups and mean budget as the
         paper's formula gives, split across groups by measured quality curves (Tune.measure_curves: each group's
-        held-out bits/dim share at curve_sizes, fractions of the base's FLOPs, after curve_steps stage-2 steps
-        there; budget.allocate_from_curves). The curves' training counts in the candidate's compute.
+        share of the screening measure, paired with the base's, at curve_sizes, fractions of the base's FLOPs,
+        after curve_steps stage-2 steps there; budget.allocate_from_curves). The curves' training counts in the
+        candidate's compute.
     screening: the measure that ranks candidates for FID and --max-quality-loss, a key of SCREENING_MEASURES:
         "loss" (held-out denoising loss) or "bpd" (held-out bits/dim bound); the other is measured beside it.
-        Both are paired with the base per image. Not part of the plan: switching it reuses every candidate.
+        Both are paired with the base per image; the "TDC curves" candidates allocate by it. Not part of the
+        plan: switching it reuses every candidate (a finished curves candidate keeps the allocation it had, and
+        a rerun says so).
     finalists: how many candidates (best by the screening measure) get paired-seed FID/KID.
     fid_seeds, fid_samples: sampling seeds (at least 2, for the paired rule) and images per seed for FID/KID.
     batch: the user's sampling batch size: the frontier's time axis.
@@ -456,7 +521,11 @@ class Tune:
         spec = self.candidates[index]
         done = self.result(index)
         if done is not None:
-            self.say(f"[{index}] {spec['name']}: finished earlier, skipped")
+            measure = done.get("allocations", {"measure": None}).get("measure", "bpd")  # before the loss: bits/dim
+            self.say(f"[{index}] {spec['name']}: finished earlier, skipped"
+                     + (f" (its groups' budgets were allocated by {measure} curves, not {self.config.screening}; "
+                        f"delete {self.dir / spec['dir']} to allocate them again)"
+                        if measure not in (None, self.config.screening) else ""))
             return done
         self.write_plan()
         self.ensure_base()
@@ -568,9 +637,30 @@ class Tune:
                 "phases": {"search": search, "stage2": _since(start, flops)}}
 
     def _tdc_curves(self, spec: dict, out: Path) -> dict:
-        """A TDC candidate whose groups' budgets come from measured quality curves (budget.allocate_from_curves)
-        at the mean budget of the paper's formula for the same k, N and grouping (scaled to the variant's
-        mean_budget where it sets one); the curves' training counts in its compute. Its record holds the curves and both allocations, each priced on the curves (curve_loss)."""
+        """A TDC candidate whose groups' budgets come from measured quality curves (curves_allocation); the
+        curves' training counts in its compute. Its record holds the curves and both allocations."""
+        curves, allocations = self.curves_allocation(spec)
+        self.say(f"[{spec['index']}] {spec['name']}: paper fractions "
+                 f"{[round(f, 3) for f in allocations['paper']['fractions']]}, from {curves['measure']} curves "
+                 f"{allocations['curves']['fractions']} (mean budget {allocations['budget']:.3f})")
+        record = self._tdc(spec, out, plan_fractions=allocations["curves"]["fractions"],
+                           spent_flops=curves["train_flops"])
+        record["phases"]["curves"] = curves["phases"]
+        record["curves"] = curves["points"]
+        record["allocations"] = allocations
+        return record
+
+    def curves_allocation(self, spec: dict) -> tuple[dict, dict]:
+        """The groups' budgets of "tdc-curves" candidate `spec` at the mean budget of the paper's formula for the
+        same k, N and grouping (scaled to the variant's mean_budget where it sets one), split by the quality
+        curves of the screening measure (TuneConfig.screening; measure_curves, measured when not cached):
+        budget.allocate_from_curves.
+
+        Returns (curves, allocations): measure_curves' dict, and {"budget", "paper": {"fractions",
+        "mean_fraction", "curve_loss"}, "curves": the same for the curves' split, "measure" (the screening key),
+        "loss" (what curve_loss sums)}; each allocation priced on the curves (curve_loss; None with
+        "curve_loss_missing" when a paper fraction lies outside the measured sizes).
+        """
         from .budget import allocate_from_curves, curve_loss, make_plan
         from .grouping import Grouping
         from .run import apply_overrides
@@ -588,20 +678,15 @@ class Tune:
             paper_loss, why = curve_loss(points, paper.fractions), None
         except ValueError as err:  # a paper fraction outside the measured sizes
             paper_loss, why = None, str(err)
-        self.say(f"[{spec['index']}] {spec['name']}: paper fractions {[round(f, 3) for f in paper.fractions]}, "
-                 f"from curves {chosen.fractions} (mean budget {paper.mean_fraction:.3f})")
-        record = self._tdc(spec, out, plan_fractions=chosen.fractions, spent_flops=curves["train_flops"])
-        record["phases"]["curves"] = curves["phases"]
-        record["curves"] = curves["points"]
-        record["allocations"] = {
+        return curves, {
             "budget": paper.mean_fraction,
             "paper": {"fractions": paper.fractions, "mean_fraction": paper.mean_fraction, "curve_loss": paper_loss,
                       **({"curve_loss_missing": why} if why else {})},
             "curves": {"fractions": chosen.fractions, "mean_fraction": chosen.mean_fraction, "curve_loss": chosen.loss},
-            "loss": "sum over groups of the group's held-out bits/dim share minus the base's (interpolated between "
-                    "measured sizes for the paper's fractions)",
+            "measure": curves["measure"],
+            "loss": f"sum over groups of {CURVE_MEASURES[curves['measure']]} (interpolated between measured sizes for "
+                    "the paper's fractions)",
         }
-        return record
 
     def _uniform_fit(self, base, fraction: float):
         """base pruned uniformly (prune.fit.fit_to_budget) to `fraction` of its FLOPs."""
@@ -611,18 +696,28 @@ class Tune:
         return fit_to_budget(base, uniform_proposal(base), round(fraction * self.base_flops()), self.base_run.sample_shape)
 
     def measure_curves(self, groups: int, grouping: str) -> dict:
-        """Quality against size per timestep group, for the `groups` groups of `grouping`; cached in
-        curves/N{groups}-{grouping}/curves.json (the pruned sizes in curves/sizes/, shared).
+        """Quality against size per timestep group, for the `groups` groups of `grouping`, in both screening
+        measures; cached in curves/N{groups}-{grouping}/curves.json (the pruned sizes in curves/sizes/, shared).
 
         For each size in TuneConfig.curve_sizes (fraction of the base's FLOPs; uniform pruning as the uniform
         candidates get, 1.0 = the base) and each group, the model is trained curve_steps stage-2 steps on the
-        group's timesteps, and its share of the held-out bits/dim bound on that group (likelihood.nll_bound,
-        paired with the base's: same images, timesteps and noise) minus the base's share is the group's loss at
-        that size. Sizes pruning cannot reach (BudgetError) are left out and named in "skipped".
-        Returns {"grouping", "sensitivity", "sizes", "skipped", "points": per group [{"fraction", "flops_ratio",
-        "loss", "se", "share"}], "base_shares", "train_flops", "phases"}.
+        group's timesteps (the expert: curves/.../train/size-{size}-group-{g}/final). Its quality there is its
+        group's share of each screening measure minus the base's share, paired per image (same images,
+        timesteps and noise as the screening): "loss" (loss_shares: the group's measured timesteps' part of the
+        all-point mean held-out loss) and "bpd" (the group's terms of the bits/dim bound, likelihood.nll_bound).
+        Both are additive over groups: one expert per group, the shares add up to the router's screening value.
+        Sizes pruning cannot reach (BudgetError) are left out and named in "skipped".
+
+        A cache lacking a measure (a file from before the loss was measured has bits/dim only) gets it measured
+        on the experts' saved weights, without training them again; only when those are gone is everything
+        measured (and trained) again.
+
+        Returns {"format", "grouping", "sensitivity", "sizes", "skipped", "steps", "measures" (the keys measured),
+        "measure" (TuneConfig.screening: the key "loss", "se", "share" and "base_shares" are of), "points": per
+        group [{"fraction", "flops_ratio", "loss", "se", "share", and per measure key "{key}_gap": {"mean", "se"},
+        "{key}_share"}], "base_shares", "base_{key}_shares" (per group, the base's mean share), "train_flops",
+        "phases"} (and "remeasured": the time a later measure took), as curves.json holds it.
         """
-        from .evaluate import BPD_SAMPLES, HELD_OUT_IMAGES
         from .flops import count_flops
         from .likelihood import nll_bound
         from .prune.fit import BudgetError
@@ -632,8 +727,27 @@ class Tune:
 
         out = self.dir / "curves" / f"N{groups}-{slug(grouping)}"
         cached = _read_json(out / "curves.json")
-        if cached is not None:
-            return cached
+        curves = None if cached is None else _curves_upgraded(cached)
+        missing = list(SCREENING_MEASURES) if curves is None else [k for k in SCREENING_MEASURES
+                                                                      if k not in curves["measures"]]
+
+        def expert_dir(size: float, g: int) -> Path:
+            return out / "train" / f"size-{size:g}-group-{g}"
+
+        if curves is not None and missing and not all((expert_dir(p["fraction"], g) / FINAL_DIR).exists()
+                                                      for g, group in enumerate(curves["points"]) for p in group):
+            self.say(f"curves: N={groups} {grouping}: the curve experts' weights are gone, so their "
+                     f"{', '.join(missing)} cannot be measured; measuring the curves again")
+            curves, missing = None, list(SCREENING_MEASURES)
+
+        def settled(curves: dict) -> dict:  # the screening measure's view, written when it changed
+            curves = _curves_for(curves, self.config.screening)
+            if curves != cached:
+                atomic_write_text(out / "curves.json", json.dumps(curves, indent=2))
+            return curves
+
+        if not missing:
+            return settled(curves)
         start = _clock()
         copy_stages(self.base_run.dir, out, ("config.json", "base"))
         # ordering "measured" so the plan carries the groups' sensitivity: the paper's fractions for any k follow
@@ -645,47 +759,66 @@ class Tune:
         train_labels, held_labels = run.labels(base)
         n = HELD_OUT_IMAGES
 
-        def shares(model) -> torch.Tensor:
+        def shares(model, key: str) -> torch.Tensor:  # [M images, N groups]: the model's shares of measure key
+            if key == "loss":
+                points, losses = _held_out_losses(model, held_out, run.scheduler, seed=c.seed, labels=held_labels)
+                return loss_shares(points, losses, plan.grouping)
             return nll_bound(model, held_out[:n], run.scheduler, grouping=plan.grouping, samples=BPD_SAMPLES,
                              seed=c.seed, labels=None if held_labels is None else held_labels[:n]).groups
 
-        base_shares = shares(base)
-        points, skipped, flops = [[] for _ in range(groups)], {}, 0
-        for size in self.config.curve_sizes:
-            sized = self.dir / "curves" / "sizes" / f"{size:g}"
-            if size < 1 and not sized.exists():
-                self.say(f"curves: pruning the base to {size:.0%} of its FLOPs")
-                try:
-                    save_model(self._uniform_fit(base, size).model, sized)
-                except BudgetError as err:
-                    skipped[f"{size:g}"] = str(err)
-                    continue
-            for g in range(groups):
-                model = load_model(sized) if size < 1 else run.base_model()
-                config = c.finetune.plain(steps=self.config.curve_steps, checkpoint_every=self.config.curve_steps, seed=c.seed * 100 + g + 1,
-                                 label_dropout=c.finetune.label_dropout or c.base.label_dropout,
-                                 null_class=run.null_class(model))
-                self.say(f"curves: N={groups} {grouping}: group {g} at {size:g} of the base, {config.steps} steps")
-                trained = train(model, train_images, run.scheduler, config, out / "train" / f"size-{size:g}-group-{g}",
-                                labels=train_labels, timesteps=plan.grouping.timesteps(g), progress=self.progress,
-                                description=f"curve group {g} size {size:g}")
-                flops += trained.train_flops
-                expert = load_model(out / "train" / f"size-{size:g}-group-{g}" / FINAL_DIR)
-                share = shares(expert)[:, g]
-                gap = paired(share.tolist(), base_shares[:, g].tolist())
-                points[g].append({"fraction": size, "loss": gap["mean"], "se": gap["se"], "share": float(share.mean()),
-                                  "flops_ratio": count_flops(expert, run.sample_shape) / plan.base_flops})
-        if not points[0]:
-            raise BudgetError(f"no curve size could be pruned ({skipped}); give curve sizes the model can reach, "
-                              "e.g. include 1.0")
-        curves = {"grouping": plan.grouping.to_dict(), "sensitivity": plan.sensitivity,
-                  "sizes": list(self.config.curve_sizes), "skipped": skipped, "steps": self.config.curve_steps,
-                  "points": points, "base_shares": [float(v) for v in base_shares.mean(0)], "train_flops": flops,
-                  "phases": _since(start, flops),
-                  "loss": "held-out bits/dim share of the group (likelihood.nll_bound, paired with the base's) minus "
-                          "the base's share, after curve_steps stage-2 steps on the group's timesteps"}
-        atomic_write_text(out / "curves.json", json.dumps(curves, indent=2))
-        return curves
+        base_shares = {key: shares(base, key) for key in missing}
+
+        def measured(expert, g: int) -> dict:
+            point = {}
+            for key in missing:
+                share = shares(expert, key)[:, g]
+                point[f"{key}_gap"] = paired(share.tolist(), base_shares[key][:, g].tolist())
+                point[f"{key}_share"] = float(share.mean())
+            return point
+
+        if curves is not None:
+            self.say(f"curves: N={groups} {grouping}: measuring {', '.join(missing)} on the curve experts "
+                     "trained earlier")
+            for g, group in enumerate(curves["points"]):
+                for point in group:
+                    point.update(measured(load_model(expert_dir(point["fraction"], g) / FINAL_DIR), g))
+            curves = {**curves, "measures": [k for k in SCREENING_MEASURES if k in curves["measures"] + missing],
+                      **{f"base_{key}_shares": [float(v) for v in base_shares[key].mean(0)] for key in missing},
+                      "remeasured": {"measures": missing, **_since(start)}}
+        else:
+            points, skipped, flops = [[] for _ in range(groups)], {}, 0
+            for size in self.config.curve_sizes:
+                sized = self.dir / "curves" / "sizes" / f"{size:g}"
+                if size < 1 and not sized.exists():
+                    self.say(f"curves: pruning the base to {size:.0%} of its FLOPs")
+                    try:
+                        save_model(self._uniform_fit(base, size).model, sized)
+                    except BudgetError as err:
+                        skipped[f"{size:g}"] = str(err)
+                        continue
+                for g in range(groups):
+                    model = load_model(sized) if size < 1 else run.base_model()
+                    config = c.finetune.plain(steps=self.config.curve_steps, checkpoint_every=self.config.curve_steps,
+                                              seed=c.seed * 100 + g + 1,
+                                              label_dropout=c.finetune.label_dropout or c.base.label_dropout,
+                                              null_class=run.null_class(model))
+                    self.say(f"curves: N={groups} {grouping}: group {g} at {size:g} of the base, {config.steps} steps")
+                    trained = train(model, train_images, run.scheduler, config, expert_dir(size, g),
+                                    labels=train_labels, timesteps=plan.grouping.timesteps(g), progress=self.progress,
+                                    description=f"curve group {g} size {size:g}")
+                    flops += trained.train_flops
+                    expert = load_model(expert_dir(size, g) / FINAL_DIR)
+                    points[g].append({"fraction": size, "flops_ratio": count_flops(expert, run.sample_shape)
+                                      / plan.base_flops, **measured(expert, g)})
+            if not points[0]:
+                raise BudgetError(f"no curve size could be pruned ({skipped}); give curve sizes the model can "
+                                  "reach, e.g. include 1.0")
+            curves = {"format": CURVES_FORMAT, "grouping": plan.grouping.to_dict(), "sensitivity": plan.sensitivity,
+                      "sizes": list(self.config.curve_sizes), "skipped": skipped, "steps": self.config.curve_steps,
+                      "measures": list(SCREENING_MEASURES), "points": points,
+                      **{f"base_{key}_shares": [float(v) for v in base_shares[key].mean(0)] for key in missing},
+                      "train_flops": flops, "phases": _since(start, flops)}
+        return settled(curves)
 
     # -- measuring -----------------------------------------------------------------------------------------------
     def models(self) -> dict:
