@@ -4,6 +4,7 @@ tiny end-to-end run on digits."""
 import json
 
 import pytest
+import torch
 
 from conftest import tiny_config
 
@@ -138,6 +139,37 @@ def test_bad_settings_are_refused(changes, message):
 
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         TuneConfig(**changes).validate()
+
+
+# -- quality curves: each group's share of a screening measure -------------------------------------------------
+def test_loss_shares_add_up_to_the_screening_loss_of_the_model_and_of_a_router_of_experts(tiny_unet, digits,
+                                                                                          scheduler):
+    """Each group's loss share is its measured timesteps' part of the all-point mean: one model's shares add up
+    to its screening value per image, and one expert per group adds up to the router's (what makes the knapsack
+    over groups valid). A group without a measured timestep counts its nearest point at its share of T."""
+    from tdcdiff.grouping import Group, Grouping, make_groups
+    from tdcdiff.models import build_unet
+    from tdcdiff.router import Router
+    from tdcdiff.tune import _held_out_loss, _held_out_losses, loss_shares
+
+    torch.manual_seed(1)
+    other = build_unet("digits-8")
+    images = digits.images[:8]
+    grouping = make_groups("snr", 2, scheduler)
+    (points, losses), (_, other_losses) = (_held_out_losses(m, images, scheduler, seed=5) for m in (tiny_unet, other))
+    shares, other_shares = loss_shares(points, losses, grouping), loss_shares(points, other_losses, grouping)
+    assert shares.shape == (8, 2) and (shares > 0).all()
+    screened = _held_out_loss(tiny_unet, images, scheduler, seed=5)
+    assert shares.sum(1).tolist() == pytest.approx(screened["per_image"], rel=1e-12)
+    router = Router([tiny_unet, other], grouping).eval()
+    routed = _held_out_loss(router, images, scheduler, seed=5)["per_image"]
+    assert (shares[:, 0] + other_shares[:, 1]).tolist() == pytest.approx(routed, rel=1e-5)
+    # Points are 0, 10, 20, ...: the group 1..4 holds none and takes the loss at t=0 (nearest its middle), x 4/T.
+    edges = [0, 1, 5, 1000]
+    narrow = Grouping("snr", 1000, edges, [Group(i, a, b, 0.0, 0.0) for i, (a, b) in enumerate(zip(edges, edges[1:]))])
+    tiny = loss_shares(points, losses, narrow)
+    assert tiny[:, 1].tolist() == pytest.approx((losses[0].double() * 4 / 1000).tolist(), rel=1e-12)
+    assert tiny[:, 0].tolist() == pytest.approx((losses[0].double() / len(points)).tolist(), rel=1e-12)
 
 
 # -- the choice -----------------------------------------------------------------------------------------------
@@ -506,21 +538,34 @@ def test_class_conditional_base_is_tuned_with_its_labels(tmp_path, monkeypatch):
         assert labelled["value"] != pytest.approx(unlabelled["value"], rel=1e-9)
 
 
-@pytest.mark.slow
-def test_curves_candidate_allocates_the_papers_mean_budget_from_measured_curves(tuned):
-    from tdcdiff.budget import Plan
+@pytest.fixture(scope="module")
+def curved(tuned):
+    """The tuned base with --curves (N=2 snr, sizes 0.6 and 1.0, 2 steps each): (Tune, the curves candidate's
+    record)."""
     from tdcdiff.tune import Tune
 
     out, *_ = tuned
     settings = tiny_tune(tune_steps=20, widths=(), curves=True, curve_sizes=(0.6, 1.0), curve_steps=2)
     tune = Tune(out.parent / "curves", settings, base_from=out / "base", progress=False)
+    return tune, tune.run_candidate(2)
+
+
+@pytest.mark.slow
+def test_curves_candidate_allocates_the_papers_mean_budget_from_measured_curves(curved, capsys):
+    from tdcdiff.budget import Plan
+    from tdcdiff.tune import Tune
+
+    tune, record = curved
     assert [c["name"] for c in tune.candidates] == ["single", "TDC k=0.4 N=2 snr", "TDC curves k=0.4 N=2 snr"]
-    record = tune.run_candidate(2)
     assert "failed" not in record, record
     curves = record["curves"]
     assert [[p["fraction"] for p in group] for group in curves] == [[0.6, 1.0], [0.6, 1.0]]
     assert all(p["se"] > 0 and abs(p["loss"]) < 1 for group in curves for p in group)
+    # Both measures per point; the screening one (the loss, by default) is what allocates.
+    assert all((p["loss"], p["se"]) == (p["loss_gap"]["mean"], p["loss_gap"]["se"]) and p["bpd_gap"]["se"] > 0
+               for group in curves for p in group)
     allocations = record["allocations"]
+    assert allocations["measure"] == "loss" and "held-out denoising loss" in allocations["loss"]
     paper, chosen = allocations["paper"], allocations["curves"]
     assert sorted(paper["fractions"]) == pytest.approx([0.7, 1.0])  # N=2, k=0.4: 1/2 + 1/2 x 0.4, then 1
     assert allocations["budget"] == pytest.approx(paper["mean_fraction"])
@@ -528,10 +573,103 @@ def test_curves_candidate_allocates_the_papers_mean_budget_from_measured_curves(
     assert paper["curve_loss"] is not None and chosen["curve_loss"] == pytest.approx(
         sum(next(p["loss"] for p in group if p["fraction"] == f) for group, f in zip(curves, chosen["fractions"])))
     # The TDC run pruned to the curves' fractions, and the curves' training is part of the same compute.
-    run_plan = Plan.load(out.parent / "curves" / record["dir"] / "plan" / "plan.json")
+    run_plan = Plan.load(tune.dir / record["dir"] / "plan" / "plan.json")
     assert run_plan.fractions == chosen["fractions"]
-    spent = json.loads((out.parent / "curves" / "curves" / "N2-snr" / "curves.json").read_text())["train_flops"]
+    saved = json.loads((tune.dir / "curves" / "N2-snr" / "curves.json").read_text())
+    assert saved["measure"] == "loss" and saved["measures"] == ["loss", "bpd"] and saved["points"] == curves
+    spent = saved["train_flops"]
     assert record["phases"]["curves"]["flops"] == spent > 0
     assert record["train_flops"] == record["phases"]["stage2"]["flops"] + spent
     per_step = record["phases"]["stage2"]["flops"] / record["steps"]  # the curves' FLOPs are taken off the budget
     assert abs(record["train_flops"] - tune.budget_flops()) <= per_step / 2 + 1
+    # Screening by the bound later reuses the candidate, and says its budgets came from the loss's curves.
+    Tune(tune.dir, replace_config(tune.config, screening="bpd"), progress=True).run_candidate(2)
+    assert (f"finished earlier, skipped (its groups' budgets were allocated by loss curves, not bpd; delete "
+            f"{tune.dir / record['dir']} to allocate them again)") in capsys.readouterr().out
+
+
+def replace_config(config, **changes):
+    from dataclasses import replace
+
+    return replace(config, **changes)
+
+
+@pytest.mark.slow
+def test_curves_allocation_follows_the_screening_measure(tuned, tmp_path):
+    """Curves on which the loss and the bound disagree (the loss finds group 0 hurt most by pruning, the bound
+    group 1): each screening measure allocates by its own, and curves.json says which one its "loss" is."""
+    from tdcdiff.grouping import make_groups
+    from tdcdiff.tune import CURVES_FORMAT, Tune
+
+    out, *_ = tuned
+
+    def point(fraction, loss, bpd):
+        return {"fraction": fraction, "flops_ratio": fraction, "loss_gap": {"mean": loss, "se": 0.01},
+                "loss_share": 0.1 + loss, "bpd_gap": {"mean": bpd, "se": 0.02}, "bpd_share": 1 + bpd}
+
+    path = tmp_path / "t" / "curves" / "N2-uniform" / "curves.json"
+    for screening, fractions, losses in (("loss", [1.0, 0.6], [[0.5, 0], [0.1, 0]]),
+                                         ("bpd", [0.6, 1.0], [[0.1, 0], [0.5, 0]])):
+        tune = Tune(tmp_path / "t", tiny_tune(widths=(), groupings=("uniform",), curves=True, curve_sizes=(0.6, 1.0),
+                                              screening=screening), base_from=out / "base", progress=False)
+        if not path.exists():
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps({
+                "format": CURVES_FORMAT, "grouping": make_groups("uniform", 2, tune.base_run.scheduler).to_dict(),
+                "sensitivity": [1.0, 2.0], "sizes": [0.6, 1.0], "skipped": {}, "steps": 50,
+                "measures": ["loss", "bpd"], "points": [[point(0.6, 0.5, 0.1), point(1.0, 0, 0)],
+                                                        [point(0.6, 0.1, 0.5), point(1.0, 0, 0)]],
+                "base_loss_shares": [0.1, 0.1], "base_bpd_shares": [1, 1], "train_flops": 1, "phases": {}}))
+        spec = next(c for c in tune.candidates if c["kind"] == "tdc-curves")
+        curves, allocations = tune.curves_allocation(spec)
+        assert allocations["measure"] == curves["measure"] == screening
+        assert allocations["curves"]["fractions"] == fractions  # the mean budget 0.85 affords one group at 0.6
+        assert [[p["loss"] for p in group] for group in curves["points"]] == losses
+        assert json.loads(path.read_text()) == curves
+
+
+@pytest.mark.slow
+def test_old_bits_per_dim_curves_get_the_loss_measured_without_training_again(curved, tmp_path, monkeypatch, capsys):
+    """A curves.json from before the loss was measured (bits/dim in loss, se, share, base_shares) gets the loss
+    measured on the saved curve experts, the same values as when measured beside their training, which is not
+    repeated; only when the experts' weights are gone are the curves measured (and trained) again."""
+    import shutil
+
+    import tdcdiff.train
+    from tdcdiff.tune import Tune
+
+    tune, _ = curved
+    shutil.copytree(tune.dir / "curves", tmp_path / "t" / "curves")
+    path = tmp_path / "t" / "curves" / "N2-snr" / "curves.json"
+    new = json.loads(path.read_text())
+    old = {k: v for k, v in new.items() if k not in ("format", "measures", "measure", "base_loss_shares",
+                                                     "base_bpd_shares")}
+    old.update(base_shares=new["base_bpd_shares"], loss="held-out bits/dim share of the group", points=[
+        [{"fraction": p["fraction"], "flops_ratio": p["flops_ratio"], "loss": p["bpd_gap"]["mean"],
+          "se": p["bpd_gap"]["se"], "share": p["bpd_share"]} for p in group] for group in new["points"]])
+    path.write_text(json.dumps(old))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a curve expert was trained again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(tdcdiff.train, "train", no_training)
+        again = Tune(tmp_path / "t", tune.config, base_from=tune.base_run.dir, progress=False)
+        curves = again.measure_curves(2, "snr")
+    assert curves["measure"] == "loss" and curves["measures"] == ["loss", "bpd"]
+    assert curves["remeasured"]["measures"] == ["loss"]
+    for was, now in zip(sum(new["points"], []), sum(curves["points"], [])):
+        assert now["bpd_gap"] == was["bpd_gap"] and now["bpd_share"] == was["bpd_share"]
+        assert now["loss_gap"]["mean"] == pytest.approx(was["loss_gap"]["mean"], rel=1e-6, abs=1e-12)
+        assert (now["loss"], now["se"]) == (now["loss_gap"]["mean"], now["loss_gap"]["se"])
+    assert curves["base_loss_shares"] == pytest.approx(new["base_loss_shares"], rel=1e-6)
+    assert (curves["train_flops"], curves["phases"]) == (new["train_flops"], new["phases"])
+    assert json.loads(path.read_text()) == curves
+    # Weights gone: trained and measured again, in both measures.
+    path.write_text(json.dumps(old))
+    shutil.rmtree(tmp_path / "t" / "curves" / "N2-snr" / "train" / "size-0.6-group-1")
+    again.progress = True
+    curves = again.measure_curves(2, "snr")
+    assert "the curve experts' weights are gone, so their loss cannot be measured" in capsys.readouterr().out
+    assert curves["measures"] == ["loss", "bpd"] and "remeasured" not in curves and curves["train_flops"] > 0
+    assert (tmp_path / "t" / "curves" / "N2-snr" / "train" / "size-0.6-group-1" / "final").exists()
