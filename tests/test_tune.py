@@ -552,6 +552,8 @@ def curved(tuned):
 
 @pytest.mark.slow
 def test_curves_candidate_allocates_the_papers_mean_budget_from_measured_curves(curved, capsys):
+    from dataclasses import replace
+
     from tdcdiff.budget import Plan
     from tdcdiff.tune import Tune
 
@@ -583,15 +585,9 @@ def test_curves_candidate_allocates_the_papers_mean_budget_from_measured_curves(
     per_step = record["phases"]["stage2"]["flops"] / record["steps"]  # the curves' FLOPs are taken off the budget
     assert abs(record["train_flops"] - tune.budget_flops()) <= per_step / 2 + 1
     # Screening by the bound later reuses the candidate, and says its budgets came from the loss's curves.
-    Tune(tune.dir, replace_config(tune.config, screening="bpd"), progress=True).run_candidate(2)
+    Tune(tune.dir, replace(tune.config, screening="bpd"), progress=True).run_candidate(2)
     assert (f"finished earlier, skipped (its groups' budgets were allocated by loss curves, not bpd; delete "
             f"{tune.dir / record['dir']} to allocate them again)") in capsys.readouterr().out
-
-
-def replace_config(config, **changes):
-    from dataclasses import replace
-
-    return replace(config, **changes)
 
 
 @pytest.mark.slow

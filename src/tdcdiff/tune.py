@@ -705,7 +705,9 @@ class Tune:
         group's share of each screening measure minus the base's share, paired per image (same images,
         timesteps and noise as the screening): "loss" (loss_shares: the group's measured timesteps' part of the
         all-point mean held-out loss) and "bpd" (the group's terms of the bits/dim bound, likelihood.nll_bound).
-        Both are additive over groups: one expert per group, the shares add up to the router's screening value.
+        Both add up over groups, as budget.allocate_from_curves needs: with one expert per group, as a router runs
+        them, the experts' loss shares add up to the router's held-out loss, their bits/dim shares to its bound's
+        timestep terms.
         Sizes pruning cannot reach (BudgetError) are left out and named in "skipped".
 
         A cache lacking a measure (a file from before the loss was measured has bits/dim only) gets it measured
