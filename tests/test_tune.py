@@ -398,15 +398,52 @@ def test_a_measure_is_measured_again_when_its_protocol_changed_and_the_other_kep
     assert screened["base"]["loss"]["value"] == measured["loss"]["values"]["base"]["value"]  # measured again: same
     assert json.loads(path.read_text())["measures"]["loss"]["protocol"]["timesteps"] == 100
 
+    # A file of the layout before the loss could screen holds no model identities: measured again, same values.
     bpd = measured["bpd"]
     old = {"protocol": {"measure": bpd["protocol"]["name"], "images": bpd["protocol"]["images"], "strata": 16,
                         "seed": bpd["protocol"]["seed"], "second": "held-out denoising loss"},
            "unit": bpd["unit"], "values": {n: {**v, "value": 7.0, "held_out_loss": 0.5} for n, v in bpd["values"].items()}}
     path.write_text(json.dumps(old))
     screened = tune.screen(models)
-    assert all(screened[n]["bpd"]["value"] == 7.0 for n in models)
-    assert all(screened[n]["loss"]["value"] == measured["loss"]["values"][n]["value"] for n in models)
+    assert all(screened[n][m]["value"] == measured[m]["values"][n]["value"] for n in models for m in ("bpd", "loss"))
     assert json.loads(path.read_text())["format"] == "tdcdiff-tune-screening/2"
+
+
+@pytest.mark.slow
+def test_a_candidate_trained_again_is_measured_again_not_read_from_the_cache(tuned, tmp_path):
+    """Cached screening values and FID belong to the weights they were measured on (Tune.model_ids): a
+    candidate whose bundle changed under the same name is measured again; the others are reused."""
+    import shutil
+
+    from tdcdiff.bundle import load_bundle, save_bundle
+    from tdcdiff.grouping import Grouping
+    from tdcdiff.tune import Tune
+
+    out, *_ = tuned
+    copy = tmp_path / "retrained"
+    shutil.copytree(out, copy)
+    tune = Tune(copy, tiny_tune(), progress=False)
+    record = tune.result(1)
+    path = copy / record["dir"] / record["bundle"]
+    bundle = load_bundle(path)
+    experts = list(bundle.router.experts)
+    with torch.no_grad():
+        for p in experts[0].parameters():
+            p.mul_(0.5)  # other weights under the same name, as a candidate trained again has
+    m = bundle.manifest
+    save_bundle(path, experts, Grouping.from_dict(m["grouping"]), bundle.scheduler, sample_shape=bundle.sample_shape,
+                expert_flops=m["expert_flops"], base_flops=m["base_flops"])
+    before = json.loads((copy / "screening.json").read_text())["measures"]
+    name = record["name"]
+    screened = tune.screen(tune.models())
+    assert screened[name]["loss"]["value"] != before["loss"]["values"][name]["value"]
+    assert all(screened[n]["loss"]["value"] == before["loss"]["values"][n]["value"] for n in before["loss"]["values"]
+               if n != name)
+    fid = tune.fid(tune.models(), [name])
+    cached = json.loads((out / "fid.json").read_text())["models"]
+    if name in cached:
+        assert fid["models"][name]["fid"] != cached[name]["fid"]
+    assert fid["models"]["base"]["fid"] == cached["base"]["fid"]
 
 
 @pytest.mark.slow

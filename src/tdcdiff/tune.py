@@ -843,6 +843,26 @@ class Tune:
                 models[spec["name"]] = (router, router.trajectory_flops(visited))
         return models
 
+    def model_ids(self) -> dict:
+        """name -> the identity of the weights a cached measurement belongs to: for the base a sha256 over its
+        saved files' sha256s, for a candidate the sha256 of its bundle manifest's file list (every file's size and sha256).
+        A candidate trained again (its directory deleted, or other settings) gets a new identity, so values
+        cached under its name are measured again rather than reused."""
+        import hashlib
+
+        from .serialization import sha256_file
+        from .train import FINAL_DIR
+
+        final = self.base_run.dir / "base" / FINAL_DIR
+        ids = {"base": hashlib.sha256(json.dumps({f.name: sha256_file(f) for f in sorted(final.iterdir()) if f.is_file()},
+                                                 sort_keys=True).encode()).hexdigest()}
+        for spec in self.candidates:
+            record = self.result(spec["index"])
+            if record is not None and "failed" not in record:
+                manifest = json.loads((self.dir / spec["dir"] / record["bundle"] / "manifest.json").read_text())
+                ids[spec["name"]] = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+        return ids
+
     def screen_protocol(self, key: str) -> dict:
         """How measure `key` (of SCREENING_MEASURES) screens: its name and settings (timesteps or strata), the
         held-out images it uses and the seed of their noise."""
@@ -852,25 +872,17 @@ class Tune:
 
     def _screening_cache(self) -> dict:
         """screening.json's measures whose protocol still holds (key -> {"protocol", "unit", "values"}); a file
-        from before the loss could screen (no format) keeps its bits/dim values when their protocol matches."""
+        of an older layout holds no model identities and is measured again."""
         cache = _read_json(self.dir / "screening.json", {})
-        if cache.get("format") == SCREENING_FORMAT:
-            measures = cache["measures"]
-        elif "values" in cache:  # {"protocol": {"measure", "images", "strata", "seed", ...}, "values": bits/dim}
-            old = cache["protocol"]
-            measures = {"bpd": {"protocol": {"name": old.get("measure"), "strata": old.get("strata"),
-                                             "images": old.get("images"), "seed": old.get("seed")},
-                                "values": {name: {k: v[k] for k in ("value", "se", "per_image")}
-                                           for name, v in cache["values"].items()}}}
-        else:
-            measures = {}
+        measures = cache["measures"] if cache.get("format") == SCREENING_FORMAT else {}
         return {key: m for key, m in measures.items()
                 if key in SCREENING_MEASURES and m["protocol"] == self.screen_protocol(key)}
 
     def screen(self, models: dict) -> dict:
         """Every screening measure (SCREENING_MEASURES) of every model, paired: the same held-out images,
-        timesteps and noise for all (the run's seed). Cached in screening.json per measure with its protocol: a
-        model or measure not measured under the current protocol is measured, the rest reused.
+        timesteps and noise for all (the run's seed). Cached in screening.json per measure with its protocol and
+        each value with its model's identity (model_ids): a model or measure not measured under the current
+        protocol, or measured on other weights, is measured, the rest reused.
 
         Returns name -> {key: {"value", "se", "per_image", "vs_base": {"mean", "se"} (value - the base's, image by
         image)} for each key of SCREENING_MEASURES}.
@@ -880,7 +892,9 @@ class Tune:
         measures = self._screening_cache()
         for key, measure in SCREENING_MEASURES.items():
             measures.setdefault(key, {"protocol": self.screen_protocol(key), "unit": measure.unit, "values": {}})
-        missing = [name for name in models if any(name not in m["values"] for m in measures.values())]
+        ids = self.model_ids()
+        missing = [name for name in models
+                   if any(m["values"].get(name, {}).get("model") != ids[name] for m in measures.values())]
         if missing:
             start = _clock()
             for name in missing:
@@ -889,8 +903,9 @@ class Tune:
                 said = []
                 for key, measure in SCREENING_MEASURES.items():
                     values = measures[key]["values"]
-                    if name not in values:
-                        values[name] = measure.measure(model, held_out, scheduler, seed=seed, labels=labels)
+                    if values.get(name, {}).get("model") != ids[name]:
+                        values[name] = {**measure.measure(model, held_out, scheduler, seed=seed, labels=labels),
+                                        "model": ids[name]}
                     d = measure.decimals
                     said.append(f"{measure.name} {values[name]['value']:.{d}f} ± {values[name]['se']:.{d}f}")
                 self.say(f"screening: {name}: {', '.join(said)}")
@@ -903,7 +918,8 @@ class Tune:
                 for name in models}
 
     def fid(self, models: dict, names: list[str]) -> dict:
-        """Per-seed FID/KID of the base and `names` (tdcdiff.evaluate.evaluate), cached per protocol."""
+        """Per-seed FID/KID of the base and `names` (tdcdiff.evaluate.evaluate), cached per protocol and model
+        identity (model_ids)."""
         from .evaluate import ModelEntry, evaluate
 
         run, c, t = self.base_run, self.base_run.config, self.config
@@ -912,7 +928,8 @@ class Tune:
         cache = _read_json(self.dir / "fid.json", {})
         if cache.get("protocol") != protocol:
             cache = {"protocol": protocol, "models": {}}
-        missing = [n for n in ["base", *names] if n not in cache["models"]]
+        ids = self.model_ids()
+        missing = [n for n in ["base", *names] if cache["models"].get(n, {}).get("model") != ids[n]]
         if missing:
             self.say(f"finalists: FID/KID over {t.fid_seeds} seeds x {t.fid_samples} images: {', '.join(missing)}")
             start = _clock()
@@ -923,7 +940,8 @@ class Tune:
                               timing_repeats=1, num_classes=run.data.num_classes, progress=self.progress)
             for record in result["models"]:
                 cache["models"][record["name"]] = {"fid": [f["fid"] for f in record["fid"]["per_seed"]],
-                                                   "kid": [f["kid_mean"] for f in record["fid"]["per_seed"]]}
+                                                   "kid": [f["kid_mean"] for f in record["fid"]["per_seed"]],
+                                                   "model": ids[record["name"]]}
             cache["feature_net"] = result["protocol"]["feature_net"]
             cache["reference"] = result["protocol"]["reference"]
             atomic_write_text(self.dir / "fid.json", json.dumps(cache, indent=2))
