@@ -83,16 +83,18 @@ def read_results(folder: Path) -> dict | None:
 
 
 def benchmark_settings(argv: list[str]) -> dict:
-    """What a benchmark call computes (bench/benchmark.py's parsed arguments, paths resolved, --quiet left out)."""
+    """What a benchmark call computes (bench/benchmark.py's parsed arguments, paths resolved; --quiet and --out
+    left out: a finished budget folder may have been moved into place)."""
     parsed = vars(benchmark.parse_args(argv))
     parsed.pop("quiet")
+    parsed.pop("out")
     return {key: value.resolve() if isinstance(value, Path) else value for key, value in parsed.items()}
 
 
 def finished(results: dict | None, call: list[str]) -> bool:
     """True when results (a benchmark results.json, or None) came from this benchmark call: the command it
-    records (bench.command) has the same data, seeds, budget and options, up to --quiet and how paths are
-    spelled; otherwise the benchmark is run (it resumes what its folder holds)."""
+    records (bench.command) has the same data, seeds, budget and options, up to --quiet, --out and how paths
+    are spelled; otherwise the benchmark is run (it resumes what its folder holds)."""
     recorded = (results or {}).get("bench", {}).get("command", "").split()
     if recorded[:2] != ["python", "bench/benchmark.py"]:
         return False
@@ -183,7 +185,8 @@ def table(rows: list[dict]) -> str:
              + "  ".join(f"{m + ' vs single':<34}" for m in METRICS)]
     for r in rows:
         times = "/".join(f"{v:.2f}" for v in r["time_ratio"].values())
-        gaps = [verdict(r["vs_single"][m]) if "vs_single" in r else "(one seed)" for m in METRICS]
+        gaps = [verdict(r["vs_single"][m]) if "vs_single" in r
+                else f"{r['values'][m][0] - r['single'][m][0]:+.4g} (one seed)" for m in METRICS]
         lines.append(f"{r['budget']:>6g}  {r['arm']:<15} {times:>11}  {r['flops_ratio']:>5.2f}  "
                      + "  ".join(f"{g:<34}" for g in gaps))
         if "vs_uniform" in r:
@@ -257,9 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         "paired": "gaps are arm - reference per seed (metrics.paired_gap, 95% t interval over the seeds)",
         "every_arm_worse_than_single_at": lose, "rows": rows}, indent=2))
     benchmark._say("\n" + table(rows))
-    for metric, budgets in lose.items():
-        where = ", ".join(f"{b:g}" for b in budgets) or "no budget tried"
-        benchmark._say(f"every pruned arm resolved worse than the single model on {metric}: at {where}")
+    if len(args.seeds) < 2:
+        benchmark._say("one seed: no gap can be resolved (the paired rule needs 2 or more seeds)")
+    else:
+        for metric, budgets in lose.items():
+            where = ", ".join(f"{b:g}" for b in budgets) or "no budget tried"
+            benchmark._say(f"every pruned arm resolved worse than the single model on {metric}: at {where}")
     benchmark._say(f"\nplot: {args.out / 'frontier.png'}\nsummary: {args.out / 'frontier.json'}")
     return 0
 
