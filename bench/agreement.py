@@ -31,7 +31,11 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from tdcdiff.metrics import paired_gap
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchmark import RUN_METRICS  # noqa: E402  (bench/benchmark.py, beside this file)
+
+from tdcdiff.metrics import paired_gap  # noqa: E402
 
 MEASURES = ("held-out loss", "bits/dim")
 # How the held-out loss was averaged over t: benchmarks (and tune before --screening) report evaluate.held_out_loss,
@@ -45,11 +49,10 @@ def benchmark_points(results: dict, label: str) -> tuple[list[dict], dict]:
     points, arms = [], {}
     for run in results["per_run"]:
         for model in run["models"]:
-            fid = model["fid"]["per_seed"][0]["fid"]
+            values = {name: get(model) for name, get in RUN_METRICS.items()}
             point = {"data": results["protocol"]["reference"]["name"], "run": f"{label} {run['label']}",
-                     "model": model["name"], "fid": fid, "fid_seeds": [fid],
-                     "held-out loss": model["held_out_loss"]["all"], "loss_by": ALL_T,
-                     "bits/dim": model["held_out_bpd"]["total"]["mean"]}
+                     "model": model["name"], "fid": values["FID"], "fid_seeds": [values["FID"]],
+                     "held-out loss": values["held-out loss"], "loss_by": ALL_T, "bits/dim": values["bits/dim"]}
             points.append(point)
             arms.setdefault(model["name"], {})[run["label"]] = point
     return points, arms

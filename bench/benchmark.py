@@ -14,8 +14,11 @@ Per seed, in out/seed_<s>/:
             TDC's sampling-step-weighted mean of its experts' measured time ratios, checked by timing it),
             fine-tuned on all timesteps for the FLOPs of TDC's stage 2
   tdc-options/  (with --mix/--distill) TDC with those stage-2 options, its step count cut to the same compute
+  evaluation.json  the seed's evaluation, with the settings and the weights (sha256 of each arm's files) it
+            measured: read back, not measured again, while both are unchanged
 So every arm has had stage 1 plus the same extra compute. The pooled comparison goes to out/report.html
-and out/results.json. Every stage resumes, so rerunning the same command continues an interrupted benchmark.
+and out/results.json. Every stage resumes, so rerunning the same command continues an interrupted benchmark,
+and adding a seed to --seeds runs only the new seed (seeds run as separate jobs into one --out pool this way).
 """
 
 from __future__ import annotations
@@ -282,8 +285,61 @@ def uniform_fit(tdc, plan, out_dir: Path):
     return fit.model, record
 
 
-def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
-    """All arms for one seed, evaluated side by side; returns the evaluate() dict."""
+RUN_METRICS = {  # name -> value of one model in one seed's evaluation (a results.json per_run model)
+    "FID": lambda m: m["fid"]["per_seed"][0]["fid"],
+    "held-out loss": lambda m: m["held_out_loss"]["all"],
+    "bits/dim": lambda m: m["held_out_bpd"]["total"]["mean"],
+}
+EVALUATION = "evaluation.json"
+EVALUATION_FORMAT = "tdcdiff-bench-seed/1"
+ARM_WEIGHTS = ("tdc/bundle", "single/final", "uniform/final", "tdc-options/bundle")  # under seed_<s>/
+
+
+def call_settings(argv: list[str], ignore: tuple[str, ...] = ("quiet", "out")) -> dict:
+    """What a benchmark call computes: its parsed arguments less `ignore` (by default --quiet and --out: a
+    finished folder may have been moved), paths resolved, as JSON values."""
+    parsed = vars(parse_args(argv))
+    return json.loads(json.dumps({key: value.resolve() if isinstance(value, Path) else value
+                                  for key, value in parsed.items() if key not in ignore}, default=str))
+
+
+def weights_ids(seed_dir: Path) -> dict:
+    """ARM_WEIGHTS folder -> serialization.sha256_tree of its files, for those that exist."""
+    from tdcdiff.serialization import sha256_tree
+
+    return {name: sha256_tree(seed_dir / name) for name in ARM_WEIGHTS if (seed_dir / name).is_dir()}
+
+
+def earlier_evaluation(seed_dir: Path, settings: dict, weights: dict) -> dict | None:
+    """The evaluation seed_dir/evaluation.json holds when it was made with these settings and weights, else None
+    (also for a file that is unreadable or of another format: the seed is then evaluated again)."""
+    try:
+        saved = json.loads((seed_dir / EVALUATION).read_text())
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(saved, dict) or saved.get("format") != EVALUATION_FORMAT or saved.get("settings") != settings
+            or saved.get("weights") != weights):
+        return None
+    evaluation = saved["evaluation"]
+    for model in evaluation["models"]:  # saved relative to the seed folder, which may have moved
+        if model.get("sample_grid"):
+            model["sample_grid"] = str(seed_dir / model["sample_grid"])
+    return evaluation
+
+
+def save_evaluation(seed_dir: Path, settings: dict, weights: dict, evaluation: dict) -> None:
+    from tdcdiff.serialization import atomic_write_text
+
+    models = [{**m, "sample_grid": Path(m["sample_grid"]).relative_to(seed_dir).as_posix() if m.get("sample_grid")
+               else None} for m in evaluation["models"]]
+    saved = {"format": EVALUATION_FORMAT, "settings": settings, "weights": weights,
+             "evaluation": {**evaluation, "models": models}}
+    atomic_write_text(seed_dir / EVALUATION, json.dumps(saved, indent=2, default=str))
+
+
+def run_seed(args, setting: Setting, seed: int, reference, out: Path, settings: dict) -> dict:
+    """All arms for one seed, evaluated side by side; returns the evaluate() dict. settings: call_settings of
+    the call less its seeds, saved with the evaluation (see earlier_evaluation)."""
     from tdcdiff.budget import Plan
     from tdcdiff.bundle import load_bundle
     from tdcdiff.evaluate import ModelEntry, evaluate
@@ -339,14 +395,20 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path) -> dict:
     if args.swap_experts:
         entries += swapped_expert_entries(tdc_router, single_model, tdc.sample_shape, tdc_flops)
 
+    weights = weights_ids(seed_dir)
+    if (earlier := earlier_evaluation(seed_dir, settings, weights)) is not None:
+        _say(f"  evaluated before with these settings and weights: read from {seed_dir / EVALUATION}")
+        return earlier
     _say(f"  evaluating {', '.join(e.name for e in entries)}")
     images, labels, name = reference
-    return evaluate(entries, tdc.scheduler, images, labels, sample_shape=tdc.sample_shape, sampler=c.sampler,
+    evaluation = evaluate(entries, tdc.scheduler, images, labels, sample_shape=tdc.sample_shape, sampler=c.sampler,
                     steps=c.sampling_steps, num_samples=setting.num_samples, seeds=(seed,),
                     feature_cache_dir=args.feature_cache, reference_name=name,
                     timing_batches=setting.timing_batches, timing_repeats=setting.timing_repeats,
                     grid_dir=seed_dir / "grids", held_out=tdc.split()[1], loss_grouping=plan.grouping,
                     progress=progress)
+    save_evaluation(seed_dir, settings, weights, evaluation)
+    return evaluation
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -439,7 +501,8 @@ def main(argv=None) -> int:
     reference = (ref_data.images, ref_data.labels, Path(spec).name)
     _say(f"benchmark {args.data}: seeds {args.seeds}, reference '{Path(spec).name}' ({len(ref_data)} images) -> {args.out}")
 
-    evaluations = [run_seed(args, setting, seed, reference, args.out) for seed in args.seeds]
+    settings = call_settings(sys.argv[1:] if argv is None else argv, ignore=("quiet", "out", "seeds"))
+    evaluations = [run_seed(args, setting, seed, reference, args.out, settings) for seed in args.seeds]
     results = pool(evaluations, [f"seed {s}" for s in args.seeds])
     results["context"] = [
         "The claim under test (arXiv 2312.13307): TDC gets better FID than the single model with about 20% fewer "

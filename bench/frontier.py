@@ -35,11 +35,7 @@ from tdcdiff.metrics import paired_gap  # noqa: E402
 from tdcdiff.serialization import atomic_write_text  # noqa: E402
 
 SINGLE, UNIFORM, TDC = "single model", "uniform-pruned", "TDC"
-METRICS = {  # name -> value of one model in one seed's evaluation
-    "FID": lambda m: m["fid"]["per_seed"][0]["fid"],
-    "held-out loss": lambda m: m["held_out_loss"]["all"],
-    "bits/dim": lambda m: m["held_out_bpd"]["total"]["mean"],
-}
+METRICS = benchmark.RUN_METRICS
 
 
 def budget_dir(out: Path, budget: float) -> Path:
@@ -82,15 +78,6 @@ def read_results(folder: Path) -> dict | None:
         raise ValueError(f"not complete JSON ({err})") from None
 
 
-def benchmark_settings(argv: list[str]) -> dict:
-    """What a benchmark call computes (bench/benchmark.py's parsed arguments, paths resolved; --quiet and --out
-    left out: a finished budget folder may have been moved into place)."""
-    parsed = vars(benchmark.parse_args(argv))
-    parsed.pop("quiet")
-    parsed.pop("out")
-    return {key: value.resolve() if isinstance(value, Path) else value for key, value in parsed.items()}
-
-
 def finished(results: dict | None, call: list[str]) -> bool:
     """True when results (a benchmark results.json, or None) came from this benchmark call: the command it
     records (bench.command) has the same data, seeds, budget and options, up to --quiet, --out and how paths
@@ -99,7 +86,7 @@ def finished(results: dict | None, call: list[str]) -> bool:
     if recorded[:2] != ["python", "bench/benchmark.py"]:
         return False
     try:
-        return benchmark_settings(recorded[2:]) == benchmark_settings(call)
+        return benchmark.call_settings(recorded[2:]) == benchmark.call_settings(call)
     except SystemExit:  # a command this benchmark.py no longer parses
         return False
 

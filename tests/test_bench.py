@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,38 @@ def test_ablation_reuses_the_stage1_base(quick_bench, tmp_path):
     swapped = [models[f"TDC, single model at group {g}"]["sampling_flops"]["ratio"] for g in (0, 1)]
     tdc = models["TDC"]["sampling_flops"]["ratio"]
     assert all(tdc <= f <= 1.0 for f in swapped) and max(swapped) > tdc  # the hardest group is full-size already
+
+
+@pytest.mark.slow
+def test_a_seed_evaluated_before_is_read_back_even_from_a_moved_folder(quick_bench, tmp_path):
+    source, _, cache = quick_bench
+    out = tmp_path / "moved"
+    shutil.copytree(source, out)
+    done = bench("--out", out, "--set", "k=0.6", cache=cache)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "evaluated before with these settings and weights" in done.stdout and "evaluating" not in done.stdout
+    before, after = (json.loads((d / "results.json").read_text()) for d in (source, out))
+    assert [m["fid"] for m in after["models"]] == [m["fid"] for m in before["models"]]
+    assert all((out / m["sample_grid"]).is_file() for m in after["models"])
+
+
+def test_an_earlier_evaluation_counts_only_for_the_same_settings_and_weights(tmp_path, monkeypatch):
+    benchmark = load_benchmark(monkeypatch)
+    seed_dir = tmp_path / "seed_0"
+    (seed_dir / "grids").mkdir(parents=True)
+    evaluation = {"models": [{"name": "TDC", "fid": 1.5, "sample_grid": str(seed_dir / "grids" / "samples_tdc.png")}]}
+    settings, weights = benchmark.call_settings(["--data", "digits", "--seeds", "0"], ("out", "seeds")), {"tdc": "a"}
+    benchmark.save_evaluation(seed_dir, settings, weights, evaluation)
+
+    moved = tmp_path / "elsewhere" / "seed_0"
+    shutil.move(seed_dir, moved)
+    read = benchmark.earlier_evaluation(moved, settings, weights)
+    assert read["models"][0]["fid"] == 1.5 and read["models"][0]["sample_grid"] == str(moved / "grids/samples_tdc.png")
+    other = benchmark.call_settings(["--data", "digits", "--seeds", "0", "--fid-samples", "64"], ("out", "seeds"))
+    assert benchmark.earlier_evaluation(moved, other, weights) is None
+    assert benchmark.earlier_evaluation(moved, settings, {"tdc": "b"}) is None  # an arm trained again
+    (moved / benchmark.EVALUATION).write_text('{"format": "tdcdiff-bench-seed/1", "settin')  # cut off by a crash
+    assert benchmark.earlier_evaluation(moved, settings, weights) is None
 
 
 @pytest.mark.slow

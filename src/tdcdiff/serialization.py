@@ -284,6 +284,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_tree(directory: Path) -> str:
+    """Hex sha256 of a directory's files: of the JSON of {path relative to directory: sha256_file}, keys sorted.
+    Any file added, removed, renamed or changed gives another value (used as the identity of saved weights)."""
+    files = {f.relative_to(directory).as_posix(): sha256_file(f) for f in sorted(directory.rglob("*")) if f.is_file()}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def save_model(model: nn.Module, directory: str | Path, *, extra: dict | None = None) -> dict:
     """Save a (possibly pruned) model as directory/architecture.json + directory/model.safetensors.
 

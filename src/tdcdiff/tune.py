@@ -850,12 +850,10 @@ class Tune:
         cached under its name are measured again rather than reused."""
         import hashlib
 
-        from .serialization import sha256_file
+        from .serialization import sha256_tree
         from .train import FINAL_DIR
 
-        final = self.base_run.dir / "base" / FINAL_DIR
-        ids = {"base": hashlib.sha256(json.dumps({f.name: sha256_file(f) for f in sorted(final.iterdir()) if f.is_file()},
-                                                 sort_keys=True).encode()).hexdigest()}
+        ids = {"base": sha256_tree(self.base_run.dir / "base" / FINAL_DIR)}
         for spec in self.candidates:
             record = self.result(spec["index"])
             if record is not None and "failed" not in record:
