@@ -20,8 +20,9 @@ def test_a_mean_budget_below_what_pruning_reaches_is_refused_before_measuring(tm
     from tdcdiff.prune.fit import smallest_fraction
 
     monkeypatch.setattr(run_module, "measure_sensitivity", lambda *a, **k: pytest.fail("measured a doomed plan"))
+    run_module.Run(tmp_path / "run", tiny_config(), progress=False, base=str(base_dir)).train_base()
+    # The budget lowered after stage 1: the plan checks it again.
     run = run_module.Run(tmp_path / "run", tiny_config(mean_budget=1e-9), progress=False, base=str(base_dir))
-    run.train_base()
     with pytest.raises(ValueError, match=r"the mean budget \(the smallest group's is at most it\), 1e-09 of the "
                                          r"base's FLOPs, is about 0.03 FLOPs of its 30,007,296: no pruning reaches it; "
                                          r"raise --mean-budget$"):
@@ -78,10 +79,12 @@ def test_plan_fractions_no_pruning_reaches_are_refused_before_training(tmp_path,
     with pytest.raises(ValueError, match=message):  # a preset: its architecture is built before stage 1
         Run(tmp_path / "run", tiny_config(plan_fractions=[0.01, 1.0]), progress=False).train_base()
     assert not (tmp_path / "run" / "base").exists() and not (tmp_path / "run" / "config.json").exists()
-    given = Run(tmp_path / "given", tiny_config(plan_fractions=[0.01, 1.0]), progress=False, base=str(base_dir))
-    given.train_base()  # a given model is checked at the plan
+    # A given model: checked before it is imported or trained further (base_model_steps).
+    given = Run(tmp_path / "given", tiny_config(plan_fractions=[0.01, 1.0], base_model_steps=3), progress=False,
+                base=str(base_dir))
     with pytest.raises(ValueError, match=message):
-        given.plan()
+        given.train_base()
+    assert not (tmp_path / "given" / "base").exists() and not (tmp_path / "given" / "config.json").exists()
     # depth pruning can remove whole layers, below the widths' floor: only a budget of no FLOPs is refused there
     deep = tiny_config(plan_fractions=[0.01, 1.0])
     deep.search.depth = True

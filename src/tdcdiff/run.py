@@ -739,6 +739,7 @@ class Run:
         scheduler = scheduler_from_config(given) if given is not None else self.scheduler
         check_finite(model, train_images, scheduler.alphas_cumprod, train_labels)
         architecture_of(model)  # raises now, not after training, if the model cannot be saved
+        self._check_budgets_reachable(model)  # before any base_model_steps of training for a doomed plan
         self._check_report_data()
         self._save_config()  # after the checks above: a refused run leaves nothing behind
         if given is not None:  # written only once the model passed: base/ existing marks stage 1 as started
