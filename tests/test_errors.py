@@ -30,6 +30,8 @@ CLI_CASES = [
     ("no groups", ["run", "--groups", "0"], r"--groups must be >= 1 \(N, the number of timestep groups\), got 0"),
     ("tune names the flag too", ["tune", "--base-steps", "0"], r"error: --base-steps must be >= 1, got 0"),
     ("tune names a stage-2 flag", ["tune", "--finetune-lr", "5"], r"error: --finetune-lr \(the peak learning rate\) must"),
+    ("unknown curve objective", ["tune", "--curves", "--curve-objective", "fid"],
+     r"error: --curve-objective must be one or more of share, relative, each once, got \['fid'\]"),
     ("more groups than timesteps", ["run", "--groups", "2000"], "N=2000 exceeds T=1000"),
     ("ten billion groups", ["run", "--groups", "10000000000"], "N=10000000000 exceeds T=1000"),
     ("ten billion timesteps", ["run", "--timesteps", "10000000000"],

@@ -72,6 +72,37 @@ def test_curves_candidates_twin_the_k_grid_and_plan_fractions_are_checked():
             apply_overrides(tiny_config(), {"plan_fractions": bad}).validate()
 
 
+def test_a_relative_curve_objective_is_its_own_candidate_and_weighs_each_group_by_its_timesteps():
+    from tdcdiff.budget import allocate_from_curves
+    from tdcdiff.tune import TuneConfig, curve_objective_points, plan_candidates
+
+    both = TuneConfig(widths=(), ks=(0.4,), groups=(2,), curves=True, curve_objectives=("share", "relative"))
+    plan = plan_candidates(both)
+    assert [c["name"] for c in plan[-2:]] == ["TDC curves k=0.4 N=2 snr", "TDC curves relative k=0.4 N=2 snr"]
+    assert "objective" not in plan[-2] and plan[-1]["objective"] == "relative"
+    assert both.plan_settings()["curves"]["objectives"] == ["share", "relative"]
+    for bad in ((), ("share", "share"), ("fid",)):
+        with pytest.raises(ValueError, match=r"--curve-objective must be one or more of share, relative, each once"):
+            TuneConfig(curves=True, curve_objectives=bad).validate()
+
+    # Group 0 (few, quiet timesteps) has a large base loss, group 1 (most, noisy ones) a tiny one. Halving
+    # either costs the same amount of loss; relative to the base, group 1's damage is 100x larger.
+    curves = {"base_shares": [0.1, 0.001], "points": [
+        [{"fraction": 0.5, "loss": 0.01}, {"fraction": 1.0, "loss": 0.0}],
+        [{"fraction": 0.5, "loss": 0.01}, {"fraction": 1.0, "loss": 0.0}]]}
+    weights = [0.2, 0.8]
+    relative = curve_objective_points(curves, weights, "relative")
+    assert relative[0] == [(0.5, pytest.approx(0.2 * 1.1)), (1.0, pytest.approx(0.2))]
+    assert relative[1] == [(0.5, pytest.approx(0.8 * 11)), (1.0, pytest.approx(0.8))]
+    budget = 0.5 * 0.2 + 1.0 * 0.8  # room to keep one group whole: the one with more timesteps
+    assert allocate_from_curves(relative, weights, budget).fractions == [0.5, 1.0]
+    share = curve_objective_points(curves, weights, "share")
+    assert share == [[(0.5, 0.01), (1.0, 0.0)]] * 2
+    assert allocate_from_curves(share, weights, budget).fractions == [1.0, 0.5]  # equal loss: the cheaper one
+    no_timestep = {**curves, "base_shares": [0.1, 0.0]}  # a group holding no measured timestep: nothing to weigh
+    assert curve_objective_points(no_timestep, weights, "relative")[1] == [(0.5, 0.8), (1.0, 0.8)]
+
+
 def test_curves_candidates_take_their_fractions_instead_of_a_variants_mean_budget(tmp_path):
     """A variant's mean_budget is what the curves split: the run gets the curves' fractions and no mean budget
     (both set would be refused), and a bad variant still fails when the tune is opened, before any work."""

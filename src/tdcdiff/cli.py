@@ -419,6 +419,7 @@ def tune_command(
     uniform_time_budget: Annotated[Optional[list[float]], typer.Option("--uniform-time-budget", help="Also uniform pruning fitted to this fraction of the base's measured forward time (repeat).")] = None,
     depth: Annotated[bool, typer.Option("--depth", help="Also try every TDC candidate with depth pruning (whole layers kept or removed).")] = False,
     curves: Annotated[bool, typer.Option("--curves", help="Also, per TDC grid point, the same mean budget split across groups by measured quality curves (budget.allocate_from_curves).")] = False,
+    curve_objective: Annotated[Optional[list[str]], typer.Option("--curve-objective", help="With --curves: what the allocation minimises, one candidate each (repeat): share (the measure's total change) or relative (each group's measure relative to the base's, weighted by its timesteps); default share.")] = None,
     curve_steps: Annotated[int, typer.Option("--curve-steps", help="With --curves: stage-2 steps behind each point of a group's curve (counted in the candidate's compute).")] = 50,
     candidate: Annotated[Optional[int], typer.Option("--candidate", help="Train only this candidate (0-based, see candidates.json), e.g. one job each.")] = None,
     screening: Annotated[str, typer.Option("--screening", help="What ranks candidates before FID (finalists, --max-quality-loss): loss (held-out denoising loss) or bpd (held-out bits/dim bound); the other is shown beside it.")] = "loss",
@@ -447,7 +448,8 @@ def tune_command(
                           fid_samples=fid_samples, batch=batch, max_quality_loss=max_quality_loss, price_per_hour=price_per_hour, depth=depth,
                           curves=curves, curve_steps=curve_steps)
     for name, value in (("widths", width), ("ks", k), ("groups", groups), ("groupings", grouping),
-                        ("time_budgets", time_budget), ("uniform_time_budgets", uniform_time_budget)):
+                        ("time_budgets", time_budget), ("uniform_time_budgets", uniform_time_budget),
+                        ("curve_objectives", curve_objective)):
         if value:
             settings = replace(settings, **{name: tuple(value)})
     try:

@@ -159,6 +159,24 @@ CURVE_MEASURES = {
 }
 
 
+CURVE_OBJECTIVES = {  # what a curves candidate's allocation minimises, given the curves of one measure
+    "share": "sum over groups of {measure}",
+    "relative": "sum over groups of the group's share of the timesteps times its share as a multiple of the base's "
+                "({measure}, plus the base's share, over the base's share)",
+}
+
+
+def curve_objective_points(curves: dict, weights: list[float], objective: str) -> list[list[tuple[float, float]]]:
+    """Per group, (fraction, value to minimise) at each measured size of curves (measure_curves' dict) under
+    `objective` (CURVE_OBJECTIVES): "share", the point's change in the group's share; "relative", the group's
+    timestep weight times its share over the base's ((loss + base) / base; 1 where the base's share is 0, a group
+    with no measured timestep). weights: each group's share of the T timesteps."""
+    if objective == "share":
+        return [[(p["fraction"], p["loss"]) for p in group] for group in curves["points"]]
+    return [[(p["fraction"], weight * ((p["loss"] + base) / base if base > 0 else 1.0)) for p in group]
+            for group, base, weight in zip(curves["points"], curves["base_shares"], weights)]
+
+
 def _curves_upgraded(curves: dict) -> dict:
     """curves.json as the current format holds it: one from before the loss was measured (no "format"; bits/dim in
     "loss", "se", "share" and "base_shares") gets those under the bits/dim names; the loss is then missing."""
@@ -211,6 +229,11 @@ class TuneConfig:
         share of the screening measure, paired with the base's, at curve_sizes, fractions of the base's FLOPs,
         after curve_steps stage-2 steps there; budget.allocate_from_curves). The curves' training counts in the
         candidate's compute.
+    curve_objectives: what the curves candidates minimise, one candidate per entry (keys of CURVE_OBJECTIVES):
+        "share", the measure's total change (each group's share minus the base's: a sum over t, dominated by the
+        least noisy groups, where losses are largest), or "relative", each group's share as a multiple of the
+        base's, weighted by the group's share of the timesteps (damage at the noisiest t, tiny in absolute
+        terms, counts by the sampling steps it touches). The curves are measured once for both.
     screening: the measure that ranks candidates for FID and --max-quality-loss, a key of SCREENING_MEASURES:
         "loss" (held-out denoising loss) or "bpd" (held-out bits/dim bound); the other is measured beside it.
         Both are paired with the base per image; the "TDC curves" candidates allocate by it. Not part of the
@@ -237,6 +260,7 @@ class TuneConfig:
     curves: bool = False
     curve_sizes: tuple[float, ...] = (0.4, 0.6, 0.8, 1.0)
     curve_steps: int = 50
+    curve_objectives: tuple[str, ...] = ("share",)
     screening: str = "loss"
     finalists: int = 3
     fid_seeds: int = 3
@@ -266,6 +290,10 @@ class TuneConfig:
             (all(0 < f <= 1 for f in self.curve_sizes) and 1.0 in self.curve_sizes,
              f"curve sizes must be fractions in (0, 1] of the base's FLOPs and include 1.0 (every budget can afford "
              f"it per group), got {list(self.curve_sizes)}"),
+            (bool(self.curve_objectives) and all(o in CURVE_OBJECTIVES for o in self.curve_objectives)
+             and len(set(self.curve_objectives)) == len(self.curve_objectives),
+             f"--curve-objective must be one or more of {', '.join(CURVE_OBJECTIVES)}, each once, got "
+             f"{list(self.curve_objectives)}"),
             (self.curve_steps >= 1, f"--curve-steps must be >= 1 (stage-2 steps behind each point of a quality curve), got "
                                    f"{self.curve_steps}"),
             (self.screening in SCREENING_MEASURES,
@@ -290,7 +318,9 @@ class TuneConfig:
         left at their defaults (none) are left out, so directories tuned before they existed still match."""
         optional = {"time_budgets": list(self.time_budgets), "uniform_time_budgets": list(self.uniform_time_budgets),
                     "depth": self.depth,
-                    "curves": {"sizes": list(self.curve_sizes), "steps": self.curve_steps} if self.curves else None}
+                    "curves": {"sizes": list(self.curve_sizes), "steps": self.curve_steps,
+                               **({} if self.curve_objectives == ("share",) else
+                                  {"objectives": list(self.curve_objectives)})} if self.curves else None}
         return {"tune_steps": self.tune_steps, "widths": list(self.widths), "ks": list(self.ks),
                 "groups": list(self.groups), "groupings": list(self.groupings),
                 "tdc_variants": [dict(v) for v in self.tdc_variants], **{k: v for k, v in optional.items() if v}}
@@ -322,9 +352,11 @@ def plan_candidates(config: TuneConfig) -> list[dict]:
         specs += [{"name": f"TDC k={k:g} N={n} {g}{suffix}", "kind": "tdc",
                    "settings": {"k": k, "groups": n, "grouping": g, **variant}}
                   for g in config.groupings for n in config.groups for k in config.ks]
-        if config.curves:
-            specs += [{"name": f"TDC curves k={k:g} N={n} {g}{suffix}", "kind": "tdc-curves",
+        if config.curves:  # "share" specs carry no objective key: plans from before objectives still match
+            specs += [{"name": f"TDC curves{'' if o == 'share' else ' ' + o} k={k:g} N={n} {g}{suffix}",
+                       "kind": "tdc-curves", **({} if o == "share" else {"objective": o}),
                        "settings": {"k": k, "groups": n, "grouping": g, **variant}}
+                      for o in config.curve_objectives
                       for g in config.groupings for n in config.groups for k in config.ks]
         specs += [{"name": f"TDC time {f:g} N={n} {g}{suffix}", "kind": "tdc",
                    "settings": {"budget_unit": "time", "mean_budget": f, "k": TIME_BUDGET_K, "groups": n,
@@ -642,6 +674,7 @@ class Tune:
         curves, allocations = self.curves_allocation(spec)
         self.say(f"[{spec['index']}] {spec['name']}: paper fractions "
                  f"{[round(f, 3) for f in allocations['paper']['fractions']]}, from {curves['measure']} curves "
+                 f"({allocations['objective']}) "
                  f"{allocations['curves']['fractions']} (mean budget {allocations['budget']:.3f})")
         record = self._tdc(spec, out, plan_fractions=allocations["curves"]["fractions"],
                            spent_flops=curves["train_flops"])
@@ -671,8 +704,9 @@ class Tune:
         paper = make_plan(grouping, k=c.k, ordering=c.ordering, base_flops=self.base_flops(),
                           sample_shape=self.base_run.sample_shape, sensitivity=curves["sensitivity"],
                           mean_budget=c.mean_budget)
-        points = [[(p["fraction"], p["loss"]) for p in group] for group in curves["points"]]
         weights = [g.size / grouping.num_train_timesteps for g in grouping.groups]
+        objective = spec.get("objective", "share")
+        points = curve_objective_points(curves, weights, objective)
         chosen = allocate_from_curves(points, weights, paper.mean_fraction)
         try:
             paper_loss, why = curve_loss(points, paper.fractions), None
@@ -684,8 +718,9 @@ class Tune:
                       **({"curve_loss_missing": why} if why else {})},
             "curves": {"fractions": chosen.fractions, "mean_fraction": chosen.mean_fraction, "curve_loss": chosen.loss},
             "measure": curves["measure"],
-            "loss": f"sum over groups of {CURVE_MEASURES[curves['measure']]} (interpolated between measured sizes for "
-                    "the paper's fractions)",
+            "objective": objective,
+            "loss": CURVE_OBJECTIVES[objective].format(measure=CURVE_MEASURES[curves["measure"]])
+                    + " (interpolated between measured sizes for the paper's fractions)",
         }
 
     def _uniform_fit(self, base, fraction: float):
