@@ -310,17 +310,23 @@ def weights_ids(seed_dir: Path) -> dict:
     return {name: sha256_tree(seed_dir / name) for name in ARM_WEIGHTS if (seed_dir / name).is_dir()}
 
 
-def earlier_evaluation(seed_dir: Path, settings: dict, weights: dict) -> dict | None:
-    """The evaluation seed_dir/evaluation.json holds when it was made with these settings and weights, else None
+def earlier_evaluation(seed_dir: Path, settings: dict, weights: dict, entries: list) -> dict | None:
+    """The evaluation seed_dir/evaluation.json holds when it was made with these settings and weights, of these
+    entries (evaluate.ModelEntry: the same names, notes and training FLOPs) in this evaluate.FORMAT, else None
     (also for a file that is unreadable or of another format: the seed is then evaluated again)."""
+    from tdcdiff.evaluate import FORMAT
+
     try:
         saved = json.loads((seed_dir / EVALUATION).read_text())
     except (OSError, ValueError):
         return None
     if (not isinstance(saved, dict) or saved.get("format") != EVALUATION_FORMAT or saved.get("settings") != settings
-            or saved.get("weights") != weights):
+            or saved.get("weights") != weights or saved["evaluation"].get("format") != FORMAT):
         return None
     evaluation = saved["evaluation"]
+    arms = [(e.name, e.notes, int(e.train_flops)) for e in entries]
+    if [(m["name"], m["notes"], m["train_flops"]) for m in evaluation["models"]] != arms:  # e.g. the code changed
+        return None
     for model in evaluation["models"]:  # saved relative to the seed folder, which may have moved
         if model.get("sample_grid"):
             model["sample_grid"] = str(seed_dir / model["sample_grid"])
@@ -396,7 +402,7 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path, settings: 
         entries += swapped_expert_entries(tdc_router, single_model, tdc.sample_shape, tdc_flops)
 
     weights = weights_ids(seed_dir)
-    if (earlier := earlier_evaluation(seed_dir, settings, weights)) is not None:
+    if (earlier := earlier_evaluation(seed_dir, settings, weights, entries)) is not None:
         _say(f"  evaluated before with these settings and weights: read from {seed_dir / EVALUATION}")
         return earlier
     _say(f"  evaluating {', '.join(e.name for e in entries)}")

@@ -94,23 +94,30 @@ def test_a_seed_evaluated_before_is_read_back_even_from_a_moved_folder(quick_ben
     assert all((out / m["sample_grid"]).is_file() for m in after["models"])
 
 
-def test_an_earlier_evaluation_counts_only_for_the_same_settings_and_weights(tmp_path, monkeypatch):
+def test_an_earlier_evaluation_counts_only_for_the_same_settings_weights_and_arms(tmp_path, monkeypatch):
     benchmark = load_benchmark(monkeypatch)
-    seed_dir = tmp_path / "seed_0"
+    from tdcdiff.evaluate import FORMAT, ModelEntry
+
+    seed_dir = Path("seed_0")  # relative, as a relative --out gives
+    monkeypatch.chdir(tmp_path)
     (seed_dir / "grids").mkdir(parents=True)
-    evaluation = {"models": [{"name": "TDC", "fid": 1.5, "sample_grid": str(seed_dir / "grids" / "samples_tdc.png")}]}
+    evaluation = {"format": FORMAT, "models": [{"name": "TDC", "notes": "4 groups", "train_flops": 10, "fid": 1.5,
+                                                "sample_grid": str(seed_dir / "grids" / "samples_tdc.png")}]}
+    entries = [ModelEntry("TDC", None, 10, notes="4 groups")]
     settings, weights = benchmark.call_settings(["--data", "digits", "--seeds", "0"], ("out", "seeds")), {"tdc": "a"}
     benchmark.save_evaluation(seed_dir, settings, weights, evaluation)
 
     moved = tmp_path / "elsewhere" / "seed_0"
     shutil.move(seed_dir, moved)
-    read = benchmark.earlier_evaluation(moved, settings, weights)
+    read = benchmark.earlier_evaluation(moved, settings, weights, entries)
     assert read["models"][0]["fid"] == 1.5 and read["models"][0]["sample_grid"] == str(moved / "grids/samples_tdc.png")
     other = benchmark.call_settings(["--data", "digits", "--seeds", "0", "--fid-samples", "64"], ("out", "seeds"))
-    assert benchmark.earlier_evaluation(moved, other, weights) is None
-    assert benchmark.earlier_evaluation(moved, settings, {"tdc": "b"}) is None  # an arm trained again
+    assert benchmark.earlier_evaluation(moved, other, weights, entries) is None
+    assert benchmark.earlier_evaluation(moved, settings, {"tdc": "b"}, entries) is None  # an arm trained again
+    renamed = [ModelEntry("TDC (paper form)", None, 10, notes="4 groups")]  # the benchmark's code changed
+    assert benchmark.earlier_evaluation(moved, settings, weights, renamed) is None
     (moved / benchmark.EVALUATION).write_text('{"format": "tdcdiff-bench-seed/1", "settin')  # cut off by a crash
-    assert benchmark.earlier_evaluation(moved, settings, weights) is None
+    assert benchmark.earlier_evaluation(moved, settings, weights, entries) is None
 
 
 @pytest.mark.slow

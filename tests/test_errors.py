@@ -32,6 +32,8 @@ CLI_CASES = [
     ("tune names a stage-2 flag", ["tune", "--finetune-lr", "5"], r"error: --finetune-lr \(the peak learning rate\) must"),
     ("unknown curve objective", ["tune", "--curves", "--curve-objective", "fid"],
      r"error: --curve-objective must be one or more of share, relative, each once, got \['fid'\]"),
+    ("curve objective without curves", ["tune", "--curve-objective", "relative"],
+     r"error: --curve-objective chooses how --curves candidates allocate: add --curves"),
     ("more groups than timesteps", ["run", "--groups", "2000"], "N=2000 exceeds T=1000"),
     ("ten billion groups", ["run", "--groups", "10000000000"], "N=10000000000 exceeds T=1000"),
     ("ten billion timesteps", ["run", "--timesteps", "10000000000"],

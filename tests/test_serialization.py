@@ -166,3 +166,21 @@ def test_load_model_never_imports_what_the_file_names(tmp_path):
     architecture.write_text(json.dumps({**description, "weights": {**description["weights"], "sha256": "x"}}))
     with pytest.raises(ValueError, match=r"does not describe a weights file \('weights': \{file, bytes, sha256\}\)"):
         load_model(tmp_path / "m")
+
+
+def test_a_folder_identity_covers_every_file_and_keeps_the_flat_value_caches_were_keyed_by(tmp_path):
+    import hashlib
+
+    from tdcdiff.serialization import sha256_file, sha256_tree
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "architecture.json").write_text("{}")
+    # The value Tune.model_ids gave a base before sha256_tree existed: screening and FID caches hold it.
+    flat = hashlib.sha256(json.dumps({f.name: sha256_file(f) for f in sorted(tmp_path.iterdir())},
+                                     sort_keys=True).encode()).hexdigest()
+    assert sha256_tree(tmp_path) == flat
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "model.safetensors").write_bytes(b"weights")
+    assert sha256_tree(tmp_path) != flat
+    with pytest.raises(FileNotFoundError, match="is not a directory of saved files"):
+        sha256_tree(tmp_path / "gone")

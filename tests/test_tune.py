@@ -84,6 +84,8 @@ def test_a_relative_curve_objective_is_its_own_candidate_and_weighs_each_group_b
     for bad in ((), ("share", "share"), ("fid",)):
         with pytest.raises(ValueError, match=r"--curve-objective must be one or more of share, relative, each once"):
             TuneConfig(curves=True, curve_objectives=bad).validate()
+    with pytest.raises(ValueError, match=r"--curve-objective chooses how --curves candidates allocate: add --curves"):
+        TuneConfig(curve_objectives=("relative",)).validate()
 
     # Group 0 (few, quiet timesteps) has a large base loss, group 1 (most, noisy ones) a tiny one. Halving
     # either costs the same amount of loss; relative to the base, group 1's damage is 100x larger.
@@ -99,8 +101,8 @@ def test_a_relative_curve_objective_is_its_own_candidate_and_weighs_each_group_b
     share = curve_objective_points(curves, weights, "share")
     assert share == [[(0.5, 0.01), (1.0, 0.0)]] * 2
     assert allocate_from_curves(share, weights, budget).fractions == [1.0, 0.5]  # equal loss: the cheaper one
-    no_timestep = {**curves, "base_shares": [0.1, 0.0]}  # a group holding no measured timestep: nothing to weigh
-    assert curve_objective_points(no_timestep, weights, "relative")[1] == [(0.5, 0.8), (1.0, 0.8)]
+    with pytest.raises(ValueError, match=r"divides by the base's share per group, got \[0.1, 0.0\]; use "):
+        curve_objective_points({**curves, "base_shares": [0.1, 0.0]}, weights, "relative")
 
 
 def test_curves_candidates_take_their_fractions_instead_of_a_variants_mean_budget(tmp_path):

@@ -286,7 +286,10 @@ def sha256_file(path: Path) -> str:
 
 def sha256_tree(directory: Path) -> str:
     """Hex sha256 of a directory's files: of the JSON of {path relative to directory: sha256_file}, keys sorted.
-    Any file added, removed, renamed or changed gives another value (used as the identity of saved weights)."""
+    Any file added, removed, renamed or changed gives another value (used as the identity of saved weights).
+    Raises FileNotFoundError when directory is not a directory (no identity for weights that are not there)."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory of saved files")
     files = {f.relative_to(directory).as_posix(): sha256_file(f) for f in sorted(directory.rglob("*")) if f.is_file()}
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 

@@ -169,11 +169,15 @@ CURVE_OBJECTIVES = {  # what a curves candidate's allocation minimises, given th
 def curve_objective_points(curves: dict, weights: list[float], objective: str) -> list[list[tuple[float, float]]]:
     """Per group, (fraction, value to minimise) at each measured size of curves (measure_curves' dict) under
     `objective` (CURVE_OBJECTIVES): "share", the point's change in the group's share; "relative", the group's
-    timestep weight times its share over the base's ((loss + base) / base; 1 where the base's share is 0, a group
-    with no measured timestep). weights: each group's share of the T timesteps."""
+    timestep weight times its share over the base's ((loss + base) / base). weights: each group's share of the T
+    timesteps. Raises ValueError for "relative" when a base share is not positive (both measures' shares are:
+    tune.loss_shares gives a group between measured timesteps its nearest one's loss)."""
     if objective == "share":
         return [[(p["fraction"], p["loss"]) for p in group] for group in curves["points"]]
-    return [[(p["fraction"], weight * ((p["loss"] + base) / base if base > 0 else 1.0)) for p in group]
+    if any(base <= 0 for base in curves["base_shares"]):
+        raise ValueError(f"the relative curve objective divides by the base's share per group, got "
+                         f"{curves['base_shares']}; use --curve-objective share")
+    return [[(p["fraction"], weight * (p["loss"] + base) / base) for p in group]
             for group, base, weight in zip(curves["points"], curves["base_shares"], weights)]
 
 
@@ -294,6 +298,8 @@ class TuneConfig:
              and len(set(self.curve_objectives)) == len(self.curve_objectives),
              f"--curve-objective must be one or more of {', '.join(CURVE_OBJECTIVES)}, each once, got "
              f"{list(self.curve_objectives)}"),
+            (self.curves or self.curve_objectives == ("share",),
+             "--curve-objective chooses how --curves candidates allocate: add --curves"),
             (self.curve_steps >= 1, f"--curve-steps must be >= 1 (stage-2 steps behind each point of a quality curve), got "
                                    f"{self.curve_steps}"),
             (self.screening in SCREENING_MEASURES,
