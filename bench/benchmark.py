@@ -315,21 +315,21 @@ def earlier_evaluation(seed_dir: Path, settings: dict, weights: dict, entries: l
     entries (evaluate.ModelEntry: the same names, notes and training FLOPs) in this evaluate.FORMAT, else None
     (also for a file that is unreadable or of another format: the seed is then evaluated again)."""
     from tdcdiff.evaluate import FORMAT
+    from tdcdiff.serialization import resolve_inside
 
+    arms = [(e.name, e.notes, int(e.train_flops)) for e in entries]
     try:
         saved = json.loads((seed_dir / EVALUATION).read_text())
-    except (OSError, ValueError):
+        evaluation = saved["evaluation"]
+        if (saved["format"] != EVALUATION_FORMAT or saved["settings"] != settings or saved["weights"] != weights
+                or evaluation["format"] != FORMAT
+                or [(m["name"], m["notes"], m["train_flops"]) for m in evaluation["models"]] != arms):
+            return None  # e.g. the code changed the arms' notes
+        for model in evaluation["models"]:  # saved relative to the seed folder, which may have moved
+            if model.get("sample_grid"):
+                model["sample_grid"] = str(resolve_inside(seed_dir, model["sample_grid"], f"{EVALUATION} sample_grid"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # unreadable, cut off or edited
         return None
-    if (not isinstance(saved, dict) or saved.get("format") != EVALUATION_FORMAT or saved.get("settings") != settings
-            or saved.get("weights") != weights or saved["evaluation"].get("format") != FORMAT):
-        return None
-    evaluation = saved["evaluation"]
-    arms = [(e.name, e.notes, int(e.train_flops)) for e in entries]
-    if [(m["name"], m["notes"], m["train_flops"]) for m in evaluation["models"]] != arms:  # e.g. the code changed
-        return None
-    for model in evaluation["models"]:  # saved relative to the seed folder, which may have moved
-        if model.get("sample_grid"):
-            model["sample_grid"] = str(seed_dir / model["sample_grid"])
     return evaluation
 
 

@@ -116,8 +116,12 @@ def test_an_earlier_evaluation_counts_only_for_the_same_settings_weights_and_arm
     assert benchmark.earlier_evaluation(moved, settings, {"tdc": "b"}, entries) is None  # an arm trained again
     renamed = [ModelEntry("TDC (paper form)", None, 10, notes="4 groups")]  # the benchmark's code changed
     assert benchmark.earlier_evaluation(moved, settings, weights, renamed) is None
-    (moved / benchmark.EVALUATION).write_text('{"format": "tdcdiff-bench-seed/1", "settin')  # cut off by a crash
-    assert benchmark.earlier_evaluation(moved, settings, weights, entries) is None
+    saved = (moved / benchmark.EVALUATION).read_text()
+    edited = [saved.replace('"grids/samples_tdc.png"', '"../../outside.png"'), "[]", '{"format": null}',
+              saved.replace('"models"', '"other"'), '{"format": "tdcdiff-bench-seed/1", "settin']  # the last: a crash
+    for text in edited:
+        (moved / benchmark.EVALUATION).write_text(text)
+        assert benchmark.earlier_evaluation(moved, settings, weights, entries) is None, text
 
 
 @pytest.mark.slow
