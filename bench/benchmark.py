@@ -408,11 +408,11 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path, settings: 
     _say(f"  evaluating {', '.join(e.name for e in entries)}")
     images, labels, name = reference
     evaluation = evaluate(entries, tdc.scheduler, images, labels, sample_shape=tdc.sample_shape, sampler=c.sampler,
-                    steps=c.sampling_steps, num_samples=setting.num_samples, seeds=(seed,),
-                    feature_cache_dir=args.feature_cache, reference_name=name,
-                    timing_batches=setting.timing_batches, timing_repeats=setting.timing_repeats,
-                    grid_dir=seed_dir / "grids", held_out=tdc.split()[1], loss_grouping=plan.grouping,
-                    progress=progress)
+                          steps=c.sampling_steps, num_samples=setting.num_samples, seeds=(seed,),
+                          feature_cache_dir=args.feature_cache, reference_name=name,
+                          timing_batches=setting.timing_batches, timing_repeats=setting.timing_repeats,
+                          grid_dir=seed_dir / "grids", held_out=tdc.split()[1], loss_grouping=plan.grouping,
+                          progress=progress)
     save_evaluation(seed_dir, settings, weights, evaluation)
     return evaluation
 
