@@ -405,6 +405,8 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path, settings: 
     if (earlier := earlier_evaluation(seed_dir, settings, weights, entries)) is not None:
         _say(f"  evaluated before with these settings and weights: read from {seed_dir / EVALUATION}")
         return earlier
+    if (seed_dir / EVALUATION).exists():
+        _say(f"  {seed_dir / EVALUATION} is of other settings, weights or arms, or unreadable: evaluating again")
     _say(f"  evaluating {', '.join(e.name for e in entries)}")
     images, labels, name = reference
     evaluation = evaluate(entries, tdc.scheduler, images, labels, sample_shape=tdc.sample_shape, sampler=c.sampler,

@@ -34,6 +34,8 @@ CLI_CASES = [
      r"error: --curve-objective must be one or more of share, relative, each once, got \['fid'\]"),
     ("curve objective without curves", ["tune", "--curve-objective", "relative"],
      r"error: --curve-objective chooses how --curves candidates allocate: add --curves"),
+    ("the default curve objective without curves", ["tune", "--curve-objective", "share"],
+     r"error: --curve-objective chooses how --curves candidates allocate: add --curves"),
     ("more groups than timesteps", ["run", "--groups", "2000"], "N=2000 exceeds T=1000"),
     ("ten billion groups", ["run", "--groups", "10000000000"], "N=10000000000 exceeds T=1000"),
     ("ten billion timesteps", ["run", "--timesteps", "10000000000"],

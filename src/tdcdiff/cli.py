@@ -452,6 +452,8 @@ def tune_command(
                         ("curve_objectives", curve_objective)):
         if value:
             settings = replace(settings, **{name: tuple(value)})
+    if curve_objective and not curves:  # even the default "share": what was asked for would not happen
+        _fail("--curve-objective chooses how --curves candidates allocate: add --curves")
     try:
         if variant:
             settings = replace(settings, tdc_variants=({}, *(_key_values(v) for v in variant)))
