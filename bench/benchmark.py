@@ -132,7 +132,8 @@ def reinitialise_pruned(run_dir: Path, groups: int, seed: int) -> None:
     """Give each pruned group model fresh random weights at its pruned shape (the one-stage ablation)."""
     import torch
 
-    from tdcdiff.serialization import atomic_write_text, save_model
+    from tdcdiff.files import atomic_write_text
+    from tdcdiff.serialization import save_model
 
     marker = run_dir / "prune" / "reinitialised.json"
     if marker.exists():
@@ -260,9 +261,10 @@ def uniform_fit(tdc, plan, out_dir: Path):
     Saved in out_dir (model/ + fit.json) and reused on a rerun: a time fit is measured, so fitting again could
     give another model than the one its training checkpoint belongs to.
     Returns (pruned model, fit.json's record: decision, flops and what it was matched on, for the notes)."""
+    from tdcdiff.files import atomic_write_text
     from tdcdiff.prune.fit import fit_to_budget, fit_to_measured_time
     from tdcdiff.prune.units import prunable_units, uniform_decision
-    from tdcdiff.serialization import atomic_write_text, save_model
+    from tdcdiff.serialization import save_model
 
     if (out_dir / "fit.json").exists():
         return _load(out_dir / "model"), json.loads((out_dir / "fit.json").read_text())
@@ -304,8 +306,8 @@ def call_settings(argv: list[str], ignore: tuple[str, ...] = ("quiet", "out")) -
 
 
 def weights_ids(seed_dir: Path) -> dict:
-    """ARM_WEIGHTS folder -> serialization.sha256_tree of its files, for those that exist."""
-    from tdcdiff.serialization import sha256_tree
+    """ARM_WEIGHTS folder -> files.sha256_tree of its files, for those that exist."""
+    from tdcdiff.files import sha256_tree
 
     return {name: sha256_tree(seed_dir / name) for name in ARM_WEIGHTS if (seed_dir / name).is_dir()}
 
@@ -315,7 +317,7 @@ def earlier_evaluation(seed_dir: Path, settings: dict, weights: dict, entries: l
     entries (evaluate.ModelEntry: the same names, notes and training FLOPs) in this evaluate.FORMAT, else None
     (also for a file that is unreadable or of another format: the seed is then evaluated again)."""
     from tdcdiff.evaluate import FORMAT
-    from tdcdiff.serialization import resolve_inside
+    from tdcdiff.files import resolve_inside
 
     arms = [(e.name, e.notes, int(e.train_flops)) for e in entries]
     try:
@@ -334,7 +336,7 @@ def earlier_evaluation(seed_dir: Path, settings: dict, weights: dict, entries: l
 
 
 def save_evaluation(seed_dir: Path, settings: dict, weights: dict, evaluation: dict) -> None:
-    from tdcdiff.serialization import atomic_write_text
+    from tdcdiff.files import atomic_write_text
 
     models = [{**m, "sample_grid": Path(m["sample_grid"]).relative_to(seed_dir).as_posix() if m.get("sample_grid")
                else None} for m in evaluation["models"]]

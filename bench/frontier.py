@@ -30,9 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchmark  # noqa: E402  (bench/benchmark.py, beside this file)
-
+from tdcdiff.files import atomic_write_text  # noqa: E402
 from tdcdiff.metrics import paired_gap  # noqa: E402
-from tdcdiff.serialization import atomic_write_text  # noqa: E402
 
 SINGLE, UNIFORM, TDC = "single model", "uniform-pruned", "TDC"
 METRICS = benchmark.RUN_METRICS

@@ -42,13 +42,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from tdcdiff.files import atomic_write_text
     from tdcdiff.flops import count_flops
     from tdcdiff.latency import device_name, time_ratios
-    from tdcdiff.models import PRESETS, build_unet
-    from tdcdiff.prune.depth import depth_units, removed_units
-    from tdcdiff.prune.fit import BudgetError, fit_to_budget, fit_to_measured_time, measure_latency_table
-    from tdcdiff.prune.units import network, prunable_units
-    from tdcdiff.serialization import atomic_write_text
+    from tdcdiff.models import PRESETS, build_unet, network
+    from tdcdiff.prune.fit import (
+        BudgetError,
+        fit_to_budget,
+        fit_to_measured_time,
+        measure_latency_table,
+    )
+    from tdcdiff.prune.units import prunable_units
+    from tdcdiff.surgery.depth import depth_units, removed_units
 
     torch.manual_seed(0)
     rows, started = [], time.time()

@@ -215,9 +215,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    from tdcdiff.files import atomic_write_text
     from tdcdiff.grouping import make_groups
     from tdcdiff.models import num_class_embeds
-    from tdcdiff.serialization import atomic_write_text
 
     overrides = args.overrides
     if args.quick:

@@ -4,9 +4,9 @@ bundle samples exactly as the router of the fine-tuned models does, for one seed
 
 import pytest
 import torch
+
 from conftest import tiny_config
 from models_zoo import ddpm_pipeline, latent_pipeline
-
 from tdcdiff.bundle import load_bundle
 from tdcdiff.flops import count_flops
 from tdcdiff.models import as_denoiser
@@ -58,7 +58,6 @@ def test_a_function_base_registers_its_class_for_the_run_only(tmp_path):
     """Run registers the class the user's function returns (its code was trusted by naming it); loading a
     bundle of that class in a process that did not register it is refused, naming the fix."""
     from models_zoo import TinyDiT
-
     from tdcdiff.run import Run
 
     name = class_path(TinyDiT)
@@ -120,7 +119,7 @@ def test_latent_diffusion_pipeline_runs_in_latent_space_and_its_bundle_decodes(t
     import shutil
 
     from tdcdiff.bundle import BundleError
-    from tdcdiff.serialization import sha256_file
+    from tdcdiff.files import sha256_file
 
     tampered = shutil.copytree(run.dir / "bundle", tmp_path / "tampered")
     architecture = tampered / "vae" / "architecture.json"

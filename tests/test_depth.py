@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tdcdiff.models import Denoiser, build_unet
-from tdcdiff.prune.depth import Removed, depth_units, normalize, remove, removed_units
+from tdcdiff.surgery.depth import Removed, depth_units, normalize, remove, removed_units
 
 RGB = (3, 32, 32)
 

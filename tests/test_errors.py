@@ -333,15 +333,15 @@ def test_data_with_the_wrong_channel_count_for_the_model(tmp_path, digits, sched
 
 
 def test_full_disk_names_the_file_and_leaves_nothing_half_written(tmp_path, monkeypatch):
-    from tdcdiff import serialization
+    from tdcdiff import files, serialization
     from tdcdiff.models import build_unet
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(serialization.os, "fsync", no_space)
+    monkeypatch.setattr(files.os, "fsync", no_space)
     with pytest.raises(OSError, match=r"no space left on device while writing .*plan\.json"):
-        serialization.atomic_write_text(tmp_path / "plan.json", "{}")
+        files.atomic_write_text(tmp_path / "plan.json", "{}")
     with pytest.raises(OSError, match=r"no space left on device while writing .*model"):
         serialization.save_model(build_unet("digits-8"), tmp_path / "model")
     assert list(tmp_path.iterdir()) == []

@@ -12,8 +12,8 @@ import textwrap
 import pytest
 
 from conftest import tiny_config
+from tdcdiff.files import atomic_dir, atomic_write_bytes, remove_stale_temporaries
 from tdcdiff.run import LOCK_FILE, OWNER_FILE, Run, RunDirectoryBusy, lock_run_dir
-from tdcdiff.serialization import atomic_dir, atomic_write_bytes, remove_stale_temporaries
 
 HOLDER = textwrap.dedent("""
     import sys
@@ -123,7 +123,7 @@ def test_stale_temporaries_are_removed_when_a_stage_starts(finished_run, tmp_pat
 
 
 def test_remove_stale_temporaries_matches_what_killed_writers_leave(tmp_path, monkeypatch):
-    import tdcdiff.serialization as serialization
+    import tdcdiff.files as files
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -147,7 +147,7 @@ def test_remove_stale_temporaries_matches_what_killed_writers_leave(tmp_path, mo
         raise KeyboardInterrupt
     monkeypatch.setattr(os, "rename", rename_then_die)
     with pytest.raises(KeyboardInterrupt):
-        serialization._replace(tmp_path / "new", tmp_path / "model")
+        files._replace(tmp_path / "new", tmp_path / "model")
     monkeypatch.undo()
 
     left = sorted(p.name for p in tmp_path.iterdir())

@@ -84,10 +84,9 @@ def test_run_prunes_to_time_budgets_and_records_flops_and_time(tmp_path, monkeyp
     """--budget-unit time: budgets are fractions of the base's time from the cached latency table; every expert
     records its FLOPs and its directly measured time; a changed unit is refused. (No timing value is asserted.)"""
     from conftest import tiny_config
-
-    from tdcdiff.prune.depth import removed_units
     from tdcdiff.run import Run
     from tdcdiff.serialization import load_model
+    from tdcdiff.surgery.depth import removed_units
 
     monkeypatch.setenv("TDCDIFF_CACHE", str(tmp_path / "cache"))
     config = tiny_config(budget_unit="time", latency_batch=4)

@@ -5,14 +5,15 @@ import copy
 
 import pytest
 import torch
-from models_zoo import AdmUNet, AttentionBlock, DiTAttention, TinyDiT, class_conditional_unet, diffusers_dit
 from torch import nn
 
+from models_zoo import AdmUNet, AttentionBlock, DiTAttention, TinyDiT, class_conditional_unet, diffusers_dit
 from tdcdiff.flops import count_flops
 from tdcdiff.models import Denoiser
 from tdcdiff.prune.engine import PruningError, prune
 from tdcdiff.prune.fit import fit_to_budget
-from tdcdiff.prune.units import attention_heads, prunable_units
+from tdcdiff.prune.units import prunable_units
+from tdcdiff.surgery.attributes import attention_heads
 
 SHAPE = (1, 8, 8)
 KINDS = {"adm": AdmUNet, "dit": TinyDiT, "diffusers-class": class_conditional_unet, "diffusers-dit": diffusers_dit}

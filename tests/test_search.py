@@ -282,7 +282,7 @@ def test_llm_fallback_rounds_are_labelled_in_the_memory_bank(base, budget, proxy
 def test_search_with_depth_proposes_and_remembers_layer_units(base, proxy, budget):
     """With depth on, the evolution proposer's decisions also keep/remove layers (0/1), the repair keeps them
     0/1, and the winner's removed layers are gone from its modules."""
-    from tdcdiff.prune.depth import removed_units
+    from tdcdiff.surgery.depth import removed_units
 
     result = search(base, budget, SHAPE, proxy, SearchConfig(rounds=2, candidates_per_round=4, depth=True), progress=False)
     layers = ["mid_block.resnets.0", "mid_block.resnets.1"]

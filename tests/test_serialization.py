@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from test_surgery import TinyTimeNet
 from torch import nn
 
+from tdcdiff.files import atomic_dir, atomic_write_text
 from tdcdiff.models import Denoiser, as_denoiser, build_unet
 from tdcdiff.prune.engine import prune
 from tdcdiff.prune.units import prunable_units
@@ -14,11 +14,10 @@ from tdcdiff.serialization import (
     ARCHITECTURE_FILE,
     WEIGHTS_FILE,
     architecture_of,
-    atomic_dir,
-    atomic_write_text,
     load_model,
     save_model,
 )
+from test_surgery import TinyTimeNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
@@ -171,7 +170,7 @@ def test_load_model_never_imports_what_the_file_names(tmp_path):
 def test_a_folder_identity_covers_every_file_and_keeps_the_flat_value_caches_were_keyed_by(tmp_path):
     import hashlib
 
-    from tdcdiff.serialization import sha256_file, sha256_tree
+    from tdcdiff.files import sha256_file, sha256_tree
 
     (tmp_path / "model.safetensors").write_bytes(b"weights")
     (tmp_path / "architecture.json").write_text("{}")

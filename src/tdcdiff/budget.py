@@ -105,8 +105,8 @@ def measure_sensitivity(
     Relative, not absolute: the epsilon loss is ~250x larger at small t, so absolute increases rank groups
     by their loss scale instead of by how much pruning hurts them.
     """
-    from .prune.proxy import Proxy, ProxyBatch
     from .prune.engine import prune
+    from .prune.proxy import Proxy, ProxyBatch
     from .prune.units import prunable_units, uniform_decision
 
     pruned = prune(base, uniform_decision(prunable_units(base), trial_ratio), sample_shape)
@@ -188,7 +188,7 @@ class Plan:
         )
 
     def save(self, path: str | Path) -> Path:
-        from .serialization import atomic_write_text
+        from .files import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2))
         return Path(path)

@@ -25,6 +25,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import (
+    atomic_dir,
+    is_count,
+    is_sha256,
+    json_safe,
+    read_regular_file,
+    resolve_inside,
+    sha256_file,
+)
 from .grouping import Grouping
 from .latent import VAE_CLASSES
 from .models import Denoiser, num_class_embeds
@@ -32,19 +41,12 @@ from .router import Router
 from .schedule import PREDICTION_TYPES
 from .serialization import (
     ARCHITECTURE_FILE,
-    _json_safe,
     allowed_class,
-    atomic_dir,
     build_model,
     check_arguments,
     class_path,
-    is_count,
-    is_sha256,
     read_architecture,
-    read_regular_file,
-    resolve_inside,
     save_model,
-    sha256_file,
 )
 
 FORMAT = "tdcdiff-bundle/2"
@@ -100,7 +102,7 @@ def save_bundle(
     path = Path(path)
     if not class_path(type(scheduler)).startswith("diffusers."):
         raise BundleError(f"cannot bundle a {class_path(type(scheduler))}: the scheduler must be a diffusers scheduler")
-    config = {k: _json_safe(v) for k, v in dict(scheduler.config).items()}
+    config = {k: json_safe(v) for k, v in dict(scheduler.config).items()}
     config = {"_class_name": type(scheduler).__name__, "_diffusers_version": _diffusers_version(), **config}
     trained = {k: config.get(k) for k in ("prediction_type", "beta_schedule", "num_train_timesteps")}
     records = expert_training if expert_training is not None else [{} for _ in grouping.groups]
@@ -129,7 +131,7 @@ def save_bundle(
             "grouping": grouping.to_dict(),
             "budgets": budgets,
             "expert_flops": list(expert_flops),
-            "expert_training": _json_safe(expert_training),
+            "expert_training": json_safe(expert_training),
             "base_flops": base_flops,
             "flops_convention": "2 x multiply-accumulates, one forward pass, batch 1",
             "provenance": provenance or {},
@@ -225,7 +227,7 @@ def _build_scheduler(config: dict, where: Path):
         scheduler = cls.from_config({k: v for k, v in config.items() if k not in ("_class_name", "_diffusers_version")})
     except Exception as err:  # any failure of an allowlisted diffusers class on these settings
         raise BundleError(f"{where}: 'scheduler' cannot be built ({type(err).__name__}: {err}); {REEXPORT}") from None
-    rebuilt = {k: _json_safe(v) for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    rebuilt = {k: json_safe(v) for k, v in dict(scheduler.config).items() if not k.startswith("_")}
     changed = sorted(k for k in settings.keys() | rebuilt.keys() if settings.get(k) != rebuilt.get(k))
     if changed:
         raise BundleError(f"{where}: 'scheduler' settings {changed} do not survive rebuilding {name} (overridden "

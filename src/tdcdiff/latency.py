@@ -261,7 +261,7 @@ def measure_table(
         side by side with the base, the change is (median ratio - 1) x base time.
     progress: called with a line per unit measured.
     """
-    from .serialization import atomic_write_text
+    from .files import atomic_write_text
 
     device = device_of(base)
     key = cache_key(base, sample_shape, batch, device)

@@ -226,3 +226,8 @@ def check_finite(model: nn.Module, images: torch.Tensor, alphas_cumprod: torch.T
             f"the model's output is not finite at t=0 and t={last} on a batch of the data: the model itself "
             "produces NaN/inf (check its forward pass, e.g. a division or log of its input)"
         )
+
+
+def network(model: nn.Module) -> nn.Module:
+    """The network a Denoiser wraps (unit and layer names are relative to it), or the model itself."""
+    return model.model if isinstance(model, Denoiser) else model

@@ -407,7 +407,7 @@ def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None
     """
     from PIL import Image
 
-    from .serialization import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     pixels = to_uint8(images)
     n, h, w, c = pixels.shape

@@ -21,7 +21,7 @@ def save_figure(fig, path: str | Path, *, dpi: int = 110) -> Path:
 
     fig: the matplotlib Figure. path: the PNG to write. dpi: resolution.
     """
-    from .serialization import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)

@@ -288,7 +288,7 @@ def write_report(out_dir: str | Path, results: dict, *, figures: list[tuple[str,
     shown after the FID plot (a run's: run.run_figures). experts: rows of the pruned-experts table
     (expert_rows). run.write_run_report gives both for a finished TDC run directory.
     """
-    from .serialization import atomic_write_text
+    from .files import atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

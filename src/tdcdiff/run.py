@@ -19,7 +19,7 @@ grids and the report are redone only when what they were made from (weights, set
 One process at a time writes a run directory: every stage (`--group` jobs included) and `tdcdiff report` take
 the directory's lock, and a second writer is refused at once, naming the holder; stage-2 groups of one run
 directory therefore run one after another. Taking the lock also removes the temporaries a killed writer left
-behind (see serialization.remove_stale_temporaries). `tdcdiff sample` without --bundle only reads the base
+behind (see files.remove_stale_temporaries). `tdcdiff sample` without --bundle only reads the base
 and replaces samples/base.png atomically: it takes no lock, and a grid it replaced is redrawn by the next run.
 """
 
@@ -42,17 +42,30 @@ from pathlib import Path
 
 import torch
 
-from .budget import (RAISE_BUDGET, Plan, budget_fractions, check_reachable, make_plan, measure_sensitivity,
-                     plan_from_fractions)
+from .budget import (
+    RAISE_BUDGET,
+    Plan,
+    budget_fractions,
+    check_reachable,
+    make_plan,
+    measure_sensitivity,
+    plan_from_fractions,
+)
 from .data import ImageDataset, load_dataset
+from .files import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_text,
+    remove_stale_temporaries,
+    sha256_file,
+)
 from .flops import count_flops
 from .grouping import make_groups, per_timestep_loss, plot_grouping
 from .latency import time_ratios
 from .models import build_unet, check_finite, num_class_embeds, preset_for
 from .prune.search import SearchConfig
 from .schedule import make_scheduler
-from .serialization import (ARCHITECTURE_FILE, architecture_of, atomic_dir, atomic_write_bytes, atomic_write_text,
-                            load_model, remove_stale_temporaries, save_model, sha256_file)
+from .serialization import ARCHITECTURE_FILE, architecture_of, load_model, save_model
 from .train import FINAL_DIR, TrainConfig, train
 
 log = logging.getLogger("tdcdiff")
@@ -311,7 +324,6 @@ def load_config_file(path: str | Path) -> dict:
     if path.suffix not in formats:
         raise ValueError(f"config file {path} must end in .yaml, .yml, .toml or .json")
     import tomllib
-
     import yaml
 
     def unique(pairs):  # YAML and JSON parsers keep the last of repeated keys silently; TOML refuses them

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import atomic_dir, atomic_write_text
 from .flops import count_flops
 from .models import as_denoiser, check_denoiser, check_finite, num_class_embeds
 from .schedule import training_target
-from .serialization import atomic_dir, atomic_write_text, save_model
+from .serialization import save_model
 
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "final"

@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 
 from .evaluate import BPD_SAMPLES, HELD_OUT_IMAGES, slug
-from .serialization import atomic_dir, atomic_write_text
+from .files import atomic_dir, atomic_write_text
 
 PLAN_FORMAT = "tdcdiff-tune-plan/1"
 SCREENING_FORMAT = "tdcdiff-tune-screening/2"
@@ -891,7 +891,7 @@ class Tune:
         cached under its name are measured again rather than reused."""
         import hashlib
 
-        from .serialization import sha256_tree
+        from .files import sha256_tree
         from .train import FINAL_DIR
 
         ids = {"base": sha256_tree(self.base_run.dir / "base" / FINAL_DIR)}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -31,20 +30,10 @@ import torch_pruning as tp
 from torch import nn
 
 from ..latency import one_thread
-from ..models import Denoiser
-from . import depth
-from .units import (
-    HEAD_ATTRIBUTES,
-    LAYERS,
-    MAX_RATIO,
-    Decision,
-    Unit,
-    attention_heads,
-    check_decision,
-    ignored_names,
-    network,
-    prunable_units,
-)
+from ..models import Denoiser, network
+from ..surgery import depth
+from ..surgery.attributes import LAYERS, attention_head_dims, attention_layers, sync_module_attributes
+from .units import MAX_RATIO, Decision, Unit, check_decision, ignored_names, prunable_units
 
 IMPORTANCES = ("magnitude", "taylor")
 
@@ -118,32 +107,6 @@ class Plan:
                     return u.name
             prefix = prefix.rpartition(".")[0]
         return None
-
-
-def attention_layers(net: nn.Module, num_heads: dict[str, int] | None = None) -> dict[str, tuple[tuple[str, ...], int]]:
-    """Attention modules -> (their q/k/v projections: one fused `qkv` or `to_q`/`to_k`/`to_v`, number of heads).
-
-    Heads come from the module (units.attention_heads) or from num_heads (module name -> heads), which also
-    declares attention the module's attributes do not reveal. Raises ValueError for a declared module that
-    has no qkv / to_q layer.
-    """
-    num_heads = dict(num_heads or {})
-    found = {}
-    for name, m in net.named_modules():
-        heads = num_heads.pop(name, None) or attention_heads(m)
-        if heads is None:
-            continue
-        if isinstance(getattr(m, "qkv", None), LAYERS):
-            found[name] = ((f"{name}.qkv",), int(heads))
-        elif isinstance(getattr(m, "to_q", None), nn.Linear):
-            found[name] = (tuple(f"{name}.{p}" for p in ("to_q", "to_k", "to_v") if getattr(m, p, None) is not None), int(heads))
-        else:
-            raise ValueError(f"num_heads names {name!r}, which has neither a fused `qkv` layer nor `to_q`/`to_k`/`to_v`; "
-                             "name the attention module that holds its q/k/v projections")
-    if num_heads:
-        raise ValueError(f"num_heads names {sorted(num_heads)}, which the model does not have; name attention modules "
-                         "as in named_modules() of the wrapped network")
-    return found
 
 
 def _example_inputs(net: nn.Module, sample_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,7 +396,7 @@ def prune_kept(
     cuts = [(g, k) for g, k in zip(plan.groups, kept) if k < g.slots]
     if not cuts:
         return pruned
-    head_dims = _head_dims(net)  # before pruning: heads keep their dimension
+    head_dims = attention_head_dims(net)  # before pruning: heads keep their dimension
     modes = [m.training for m in pruned.modules()]
     net.eval()
     inputs = _example_inputs(net, sample_shape)
@@ -487,7 +450,7 @@ def prune(
     base: a diffusers UNet2DModel, a tdcdiff Denoiser wrapping one, or any net called as model(x, t) (and
         class_labels=, for a class-conditional one).
     decision: unit name -> fraction of its channels (of an attention unit: of its heads) to remove, in
-        [0, 0.95]; missing units are not pruned. Depth units (prune/depth.py) map to 1.0 (remove the layer)
+        [0, 0.95]; missing units are not pruned. Depth units (surgery/depth.py) map to 1.0 (remove the layer)
         or 0.0 (keep it).
     sample_shape: (C, H, W) of one sample, used to trace the network.
     importance: which channels go: "magnitude" (L2 norm of their weights) or "taylor" (|weight x gradient|
@@ -510,7 +473,7 @@ _REDUCED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def reduced_base(base: nn.Module, removed: list[str]) -> nn.Module:
-    """base with the depth units `removed` taken out (prune/depth.py): a cached copy, or base itself for [].
+    """base with the depth units `removed` taken out (surgery/depth.py): a cached copy, or base itself for [].
 
     Never modify the result: later calls return the same object. Raises ValueError for unknown units.
     """
@@ -521,75 +484,3 @@ def reduced_base(base: nn.Module, removed: list[str]) -> nn.Module:
     if key not in cache:
         cache[key] = depth.remove(copy.deepcopy(base), list(removed))
     return cache[key]
-
-
-def _head_dims(model: nn.Module) -> dict[str, int]:
-    """Attention module -> head dimension, from its head count and its q/k/v size attributes (which pruning
-    with torch-pruning updates, but a model rebuilt unpruned for loading still holds)."""
-    dims = {}
-    for name, (qkv, heads) in attention_layers(model).items():
-        layer = model.get_submodule(qkv[0])
-        width = layer.out_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.out_features
-        dims[name] = width // (heads * (3 if len(qkv) == 1 else 1))
-    return dims
-
-
-def sync_module_attributes(model: nn.Module, head_dims: dict[str, int] | None = None) -> None:
-    """Re-derive size attributes from current parameter shapes, after pruning or resizing layers.
-
-    Covers torch layers (Conv/Linear in/out sizes, norm widths), head counts of attention (diffusers
-    Attention `heads`, `inner_dim`; `heads` / `num_heads` / `n_heads` of custom attention and its children),
-    and the diffusers attributes that a forward asserts on or reports: Upsample2D/Downsample2D channels,
-    ResnetBlock2D channels. head_dims: attention module -> head dimension (default: from the size attributes
-    before they are re-derived, right for a model rebuilt unpruned and then resized).
-    """
-    head_dims = _head_dims(model) if head_dims is None else head_dims
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            w = m.weight.shape
-            if m.transposed:
-                m.in_channels, m.out_channels = w[0], w[1] * m.groups
-            else:
-                m.in_channels, m.out_channels = w[1] * m.groups, w[0]
-        elif isinstance(m, nn.Linear):
-            m.out_features, m.in_features = m.weight.shape
-        elif isinstance(m, nn.GroupNorm) and m.weight is not None:
-            m.num_channels = m.weight.shape[0]
-        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
-            m.normalized_shape = tuple(m.weight.shape)
-        elif isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None:
-            m.num_features = m.running_mean.shape[0]
-    for name, dim in head_dims.items():
-        _set_heads(model.get_submodule(name), dim)
-    if "diffusers" not in sys.modules:  # a diffusers layer implies diffusers is imported
-        return
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.downsampling import Downsample2D
-    from diffusers.models.resnet import ResnetBlock2D
-    from diffusers.models.upsampling import Upsample2D
-
-    for m in model.modules():
-        if isinstance(m, (Upsample2D, Downsample2D)):
-            conv = getattr(m, "conv", None) or getattr(m, "Conv2d_0", None)
-            if isinstance(conv, nn.modules.conv._ConvNd):
-                m.channels, m.out_channels = conv.in_channels, conv.out_channels
-        elif isinstance(m, ResnetBlock2D):
-            m.in_channels, m.out_channels = m.conv1.in_channels, m.conv2.out_channels
-        elif isinstance(m, Attention):
-            m.query_dim, m.inner_dim = m.to_q.in_features, m.to_q.out_features
-            m.inner_kv_dim = m.to_k.out_features if m.to_k is not None else m.inner_dim
-            m.out_dim = m.to_out[0].out_features
-
-
-def _set_heads(attention: nn.Module, head_dim: int) -> None:
-    """Set an attention module's head count (and its children's, e.g. ADM's QKVAttention.n_heads) from the
-    size of its q/k/v projections."""
-    qkv = getattr(attention, "qkv", None)
-    heads = qkv.weight.shape[0] // (3 * head_dim) if isinstance(qkv, LAYERS) else attention.to_q.weight.shape[0] // head_dim
-    old = attention_heads(attention)
-    for m in attention.modules():
-        for attribute in HEAD_ATTRIBUTES:
-            if getattr(m, attribute, None) == old:
-                setattr(m, attribute, heads)
-    if hasattr(attention, "sliceable_head_dim"):  # diffusers Attention
-        attention.sliceable_head_dim = heads

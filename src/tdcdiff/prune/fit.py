@@ -2,7 +2,7 @@
 
 The budget is in FLOPs (measured on each trial model), or in forward time estimated from a latency table
 (latency.LatencyTable: base time + per-unit changes; no trial model is built). Depth units of a decision
-(prune/depth.py) stay as proposed, except that removals are undone, last first, while the layers removed
+(surgery/depth.py) stay as proposed, except that removals are undone, last first, while the layers removed
 alone already undershoot the budget; the width ratios are then scaled to fit. With a time budget,
 `fit_to_measured_time` then times the fit directly and corrects the budget where the estimate missed.
 """
@@ -17,10 +17,10 @@ from torch import nn
 
 from ..flops import count_flops
 from ..latency import one_thread
-from ..models import as_denoiser
-from . import depth
+from ..models import as_denoiser, network
+from ..surgery import depth
 from .engine import Calibration, Plan, check_importance, kept_slots, plan_for, prune_kept, reduced_base
-from .units import MAX_RATIO, Decision, check_decision, network
+from .units import MAX_RATIO, Decision, check_decision
 
 
 @dataclass

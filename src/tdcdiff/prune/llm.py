@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 
-from .depth import is_depth_unit
+from ..surgery.depth import is_depth_unit
 from .memory import Entry, MemoryBank
 from .proposers import Decision, EvolutionProposer, Proposer, SearchContext
 

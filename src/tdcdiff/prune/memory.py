@@ -82,7 +82,7 @@ class MemoryBank:
 
     def save(self, path: str | Path) -> Path:
         """Write the bank as JSON atomically (a reader never sees a half-written file)."""
-        from ..serialization import atomic_write_text
+        from ..files import atomic_write_text
 
         atomic_write_text(path, self.to_json())
         return Path(path)

@@ -2,7 +2,7 @@
 
 Candidates need not meet the FLOPs budget: the search repairs each one by scaling its ratios, so a
 proposer chooses the SHAPE of a decision (which units lose more), not its overall size. With depth pruning
-the units also include layers (prune/depth.py: names with ".resnets." or ".attentions."), each 1.0 (remove)
+the units also include layers (surgery/depth.py: names with ".resnets." or ".attentions."), each 1.0 (remove)
 or 0.0 (keep); the repair keeps those as proposed (undoing removals that alone undershoot the budget).
 """
 
@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .depth import is_depth_unit
+from ..surgery.depth import is_depth_unit
 from .memory import Entry, MemoryBank
 
 Decision = dict[str, float]

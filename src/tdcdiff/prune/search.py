@@ -3,7 +3,7 @@
 Each round the proposer sees the memory bank of every candidate so far (unless memory is off, the
 ablation), proposes decisions, and each is repaired to the budget (FLOPs, or forward time estimated from a
 latency table) by real structural pruning, scored by the proxy and recorded. After the last round the
-best-scoring pruned model wins. With `depth` the decisions also keep or remove whole layers (prune/depth.py).
+best-scoring pruned model wins. With `depth` the decisions also keep or remove whole layers (surgery/depth.py).
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import torch
 from torch import nn
 
 from ..flops import count_flops, flops_by_module
-from ..models import as_denoiser
-from .memory import Entry, MemoryBank
-from .llm import LLMProposer
-from .proposers import Decision, EvolutionProposer, Proposer, SearchContext, UniformProposer
-from .proxy import SPACES, Proxy, Scorer
+from ..models import as_denoiser, network
+from ..surgery.depth import depth_units
 from .engine import IMPORTANCES
 from .fit import BudgetError, fit_to_budget
-from .depth import depth_units
-from .units import network, prunable_units, uniform_decision
+from .llm import LLMProposer
+from .memory import Entry, MemoryBank
+from .proposers import Decision, EvolutionProposer, Proposer, SearchContext, UniformProposer
+from .proxy import SPACES, Proxy, Scorer
+from .units import prunable_units, uniform_decision
 
 log = logging.getLogger("tdcdiff")
 
@@ -64,7 +64,7 @@ class SearchConfig:
         units.prunable_units; a callable works with prune / fit_to_budget directly).
     ignored_layers: module names whose layers keep their widths.
     num_heads: attention module name -> heads, for attention whose heads the module does not reveal.
-    depth: decisions also keep or remove whole ResNet layers and attention blocks (prune/depth.py).
+    depth: decisions also keep or remove whole ResNet layers and attention blocks (surgery/depth.py).
     """
 
     rounds: int = 4

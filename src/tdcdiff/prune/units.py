@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from dataclasses import dataclass
 
 from torch import nn
 
-from ..models import Denoiser
+from ..models import network
+from ..surgery.attributes import LAYERS, attention_heads
 
 Decision = dict[str, float]
 """Unit name -> pruning ratio in [0, MAX_RATIO] (fraction of that unit's channels, or heads, removed)."""
 
 MAX_RATIO = 0.95
-LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 # Children of a net without recognised blocks that every block reads: conditioning, never a unit.
 CONDITIONING = re.compile(r"^(time|temb|t_emb|timestep|class|label|y_emb|cond|emb)", re.IGNORECASE)
-HEAD_ATTRIBUTES = ("heads", "num_heads", "n_heads")
 
 
 @dataclass
@@ -37,22 +35,6 @@ class Unit:
 
     name: str
     modules: list[str]
-
-
-def network(model: nn.Module) -> nn.Module:
-    """The network a Denoiser wraps (unit and layer names are relative to it), or the model itself."""
-    return model.model if isinstance(model, Denoiser) else model
-
-
-def attention_heads(module: nn.Module) -> int | None:
-    """The number of heads of an attention module: diffusers Attention (`heads`), or any module with an int
-    `heads` / `num_heads` / `n_heads` attribute and a fused `qkv` conv/linear child (ADM, DiT, timm); else None."""
-    diffusers = sys.modules.get("diffusers.models.attention_processor")  # loaded if the model uses it
-    if diffusers is not None and isinstance(module, diffusers.Attention):
-        return int(module.heads)
-    if isinstance(getattr(module, "qkv", None), LAYERS):
-        return next((int(n) for a in HEAD_ATTRIBUTES if isinstance(n := getattr(module, a, None), int)), None)
-    return None
 
 
 def _layers(net: nn.Module, prefix: str) -> list[str]:

@@ -27,7 +27,7 @@ import re
 
 from torch import nn
 
-from .units import network
+from ..models import network
 
 REMOVED_ATTR = "tdcdiff_removed"
 _DOWN = re.compile(r"down_blocks\.(\d+)\.resnets\.(\d+)")

@@ -1,0 +1,247 @@
+"""Files written so that a crash never leaves half of one, and files read as untrusted input.
+
+Atomic writes (a file or a whole directory replaced at once), the temporaries a killed writer leaves and their
+cleanup, content hashes (the identity of saved weights), and safe reads: paths kept inside their folder, only
+regular files of the expected size. Imports nothing of tdcdiff: every layer above writes through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync elsewhere
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _disk_full_names(path: Path) -> Iterator[None]:
+    # A bare "[Errno 28] No space left on device" does not say what was being written. safetensors' writer
+    # reports the same as SafetensorError("Error while serializing: I/O error: ... (os error 28)").
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        rust = re.search(r"\(os error (\d+)\)", str(err))
+        code = err.errno if isinstance(err, OSError) else rust and int(rust.group(1))
+        if code == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on device while writing {path}; nothing was half-written there. "
+                "Free some space (or choose another output directory) and rerun: finished stages are kept",
+            ) from err
+        raise
+
+
+# The temporaries below, by name: ".NAME.<random>.tmp" files, ".NAME.tmp-<random>" folders and ".NAME.old-<hex>"
+# entries moved aside. A kill leaves them behind; remove_stale_temporaries matches exactly these names.
+_TEMPORARY = re.compile(r"\..+\.(?:[a-z0-9_]+\.tmp|tmp-[a-z0-9_]+|old-[0-9a-f]{32})")
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS allows (another thread may create files)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file so that readers see either the old content or the new one, never a partial file.
+
+    path: the target file (parent directories are created); it gets the usual permissions, 0o666 less the
+    umask (mkstemp alone would make it 0o600). data: its new content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with _disk_full_names(path), os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """atomic_write_bytes for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a directory in a temporary sibling that replaces `path` whole when the block succeeds.
+
+    Yields the temporary directory to write into. On success its files are fsynced and it is renamed to
+    `path` (an existing `path` is replaced); if the block raises, it is removed and `path` is untouched.
+    Every folder and file in it gets the usual permissions, 0o777 / 0o666 less the umask: mkdtemp makes
+    the folder 0o700, and safetensors writes its files 0o600, which would keep others from reading a bundle.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        with _disk_full_names(path):
+            yield tmp
+            umask = _umask()
+            for root, _, files in os.walk(tmp):
+                for name in files:
+                    with open(os.path.join(root, name), "rb") as f:
+                        os.fchmod(f.fileno(), 0o666 & ~umask)
+                        os.fsync(f.fileno())
+                os.chmod(root, 0o777 & ~umask)
+                _fsync_dir(Path(root))
+            _replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace(new: Path, path: Path) -> None:
+    """Rename `new` to `path`; an existing `path` is moved aside first (a directory cannot be renamed over)."""
+    old = None
+    if path.exists() or path.is_symlink():
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+        os.rename(path, old)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)
+        raise
+    _fsync_dir(path.parent)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+def remove_stale_temporaries(root: str | Path) -> list[Path]:
+    """Delete what atomic_write_bytes, atomic_dir and _replace leave behind when killed, anywhere under root.
+
+    Only call this while no other process can be writing under root (e.g. holding its lock): a live writer's
+    temporaries look the same. Returns the removed paths.
+    """
+    removed = []
+    for parent, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            if _TEMPORARY.fullmatch(name):
+                path = Path(parent, name)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+        dirs[:] = [d for d in dirs if not _TEMPORARY.fullmatch(d)]
+    return removed
+
+
+def json_safe(value):
+    """Config values as plain JSON (tuples and arrays become lists)."""
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if hasattr(value, "tolist"):  # numpy arrays and scalars (a scheduler's trained_betas)
+        return value.tolist()
+    return value
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_tree(directory: Path) -> str:
+    """Hex sha256 of a directory's files: of the JSON of {path relative to directory: sha256_file}, keys sorted.
+    Any file added, removed, renamed or changed gives another value (used as the identity of saved weights).
+    Raises FileNotFoundError when directory is not a directory (no identity for weights that are not there)."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory of saved files")
+    files = {f.relative_to(directory).as_posix(): sha256_file(f) for f in sorted(directory.rglob("*")) if f.is_file()}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def resolve_inside(root: Path, name: object, what: str) -> Path:
+    """The path of `name` (a relative POSIX path from a saved file) inside directory `root`.
+
+    Raises ValueError, naming `what` (the file and key that named it), for anything that is not a plain
+    relative path, or that leads outside root (an absolute path, a `..` part, a symlink pointing out).
+    """
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or "\\" in name or "\0" in name or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(
+            f"{what} names {name!r}, which is not a plain relative path inside {root} (no absolute paths, `..`, "
+            "backslashes or empty parts); the file was edited or corrupted: re-export it"
+        )
+    base = root.resolve()
+    path = (base / name).resolve()
+    if not path.is_relative_to(base):
+        raise ValueError(
+            f"{what} names {name!r}, which leads outside {root} (to {path}); a saved file may only refer to files "
+            "inside its own directory: re-export it"
+        )
+    return path
+
+
+def read_regular_file(path: Path, expected_bytes: int, hint: str) -> bytes:
+    """The bytes of a regular file of `expected_bytes` bytes (read once; nothing more is read).
+
+    Raises FileNotFoundError when missing and ValueError when not a regular file or of another size; hint
+    (the fix) ends each message.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing; {hint}") from None
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+        raise ValueError(f"{path} is not a regular file; {hint}")
+    size = info.st_size
+    if size == expected_bytes:
+        with open(path, "rb") as f:
+            data = f.read(expected_bytes + 1)  # one byte more: a file that grew since is caught too
+        size = len(data)
+    if size != expected_bytes:
+        raise ValueError(f"{path} is truncated or corrupted: expected {expected_bytes} bytes, found {size}; {hint}")
+    return data
+
+
+def is_count(value: object, minimum: int = 0) -> bool:
+    """Whether value is an integer (not a bool) >= minimum, e.g. a byte or FLOPs count from a saved file."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def is_sha256(value: object) -> bool:
+    """Whether value is a sha256 hex digest (64 lowercase hex digits)."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
