@@ -206,7 +206,7 @@ def test_read_only_outputs_are_refused_before_work(tmp_path, monkeypatch):
 
 
 def test_operating_system_errors_are_one_line(tmp_path, monkeypatch):
-    from tdcdiff import run
+    from tdcdiff.run import stages as run
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "config.json"))

@@ -68,6 +68,42 @@ def test_cli_second_writer_exits_2_with_one_line(held):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.fixture()
+def held_copy(finished_run, tmp_path):
+    """A copy of the finished run whose lock another process holds, with the half-written checkpoint a
+    trainer would have there (`tdcdiff finetune --group 0` training again): (run_dir, its pid, that checkpoint)."""
+    run, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run.dir, copy, ignore=shutil.ignore_patterns(LOCK_FILE, OWNER_FILE))
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(copy)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        checkpoint = copy / "finetune" / "group_0" / ".checkpoint.tmp-k9zz_q1w"  # the holder's, mid-write
+        checkpoint.mkdir()
+        (checkpoint / "model.safetensors").write_bytes(b"half")
+        yield copy, holder.pid, checkpoint
+    finally:
+        holder.stdin.close()
+        holder.wait()
+
+
+WRITERS = [["train-base"], ["plan"], ["prune"], ["finetune"], ["bundle"], ["report", "--num", "4"], ["run"],
+           ["sample", "--num", "1", "--steps", "1"]]
+
+
+@pytest.mark.parametrize("command", WRITERS, ids=[c[0] for c in WRITERS])
+def test_every_writing_stage_is_refused_while_another_writer_holds_the_run(held_copy, command):
+    run_dir, pid, checkpoint = held_copy
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    done = subprocess.run([sys.executable, "-m", "tdcdiff.cli", *command, "--out", str(run_dir), "-q"],
+                          capture_output=True, text=True, env=_env())
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: run directory {run_dir} is in use by process {pid}"), done.stderr
+    assert (checkpoint / "model.safetensors").read_bytes() == b"half"  # the trainer's checkpoint survives
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+
 def test_the_lock_is_free_once_its_holder_ends(held):
     run_dir, _, end = held
     with pytest.raises(RunDirectoryBusy):

@@ -16,20 +16,20 @@ def base_dir(tmp_path, tiny_unet):
 
 
 def test_a_mean_budget_below_what_pruning_reaches_is_refused_before_measuring(tmp_path, base_dir, monkeypatch):
-    from tdcdiff import run as run_module
+    from tdcdiff.run import stages as run_module
     from tdcdiff.prune.fit import smallest_fraction
 
     monkeypatch.setattr(run_module, "measure_sensitivity", lambda *a, **k: pytest.fail("measured a doomed plan"))
-    run_module.Run(tmp_path / "run", tiny_config(), progress=False, base=str(base_dir)).train_base()
+    run_module.Stages(tmp_path / "run", tiny_config(), progress=False, base=str(base_dir)).train_base()
     # The budget lowered after stage 1: the plan checks it again.
-    run = run_module.Run(tmp_path / "run", tiny_config(mean_budget=1e-9), progress=False, base=str(base_dir))
+    run = run_module.Stages(tmp_path / "run", tiny_config(mean_budget=1e-9), progress=False, base=str(base_dir))
     with pytest.raises(ValueError, match=r"the mean budget \(the smallest group's is at most it\), 1e-09 of the "
                                          r"base's FLOPs, is about 0.03 FLOPs of its 30,007,296: no pruning reaches it; "
                                          r"raise --mean-budget$"):
         run.plan()
     smallest = smallest_fraction(run.base_model(), run.sample_shape)
     assert 0 < smallest < 0.2
-    low = run_module.Run(tmp_path / "run", tiny_config(mean_budget=smallest / 2), progress=False, base=str(base_dir))
+    low = run_module.Stages(tmp_path / "run", tiny_config(mean_budget=smallest / 2), progress=False, base=str(base_dir))
     with pytest.raises(ValueError, match=r"the mean budget .* is below the smallest that pruning reaches \(0\.\d+: every "
                                          r"layer at its largest pruning ratio\); raise --mean-budget$"):
         low.plan()
@@ -37,10 +37,10 @@ def test_a_mean_budget_below_what_pruning_reaches_is_refused_before_measuring(tm
 
 
 def test_given_fractions_skip_the_trial_pruning_and_the_unit_is_a_plan_setting(tmp_path, base_dir, monkeypatch):
-    from tdcdiff import run as run_module
+    from tdcdiff.run import stages as run_module
 
     monkeypatch.setattr(run_module, "measure_sensitivity", lambda *a, **k: pytest.fail("trial pruning ran"))
-    run = run_module.Run(tmp_path / "run", tiny_config(plan_fractions=[0.6, 1.0]), progress=False, base=str(base_dir))
+    run = run_module.Stages(tmp_path / "run", tiny_config(plan_fractions=[0.6, 1.0]), progress=False, base=str(base_dir))
     run.train_base()
     plan = run.plan()
     saved = json.loads((tmp_path / "run" / "plan" / "plan.json").read_text())
@@ -49,7 +49,7 @@ def test_given_fractions_skip_the_trial_pruning_and_the_unit_is_a_plan_setting(t
     assert plan.ranks == [1, 2]
     with pytest.raises(ValueError, match=r"setting 'budget_unit' differs .*\('flops' -> 'time'\) and stage 'plan' "
                                          r"has already run; .*delete .*plan"):
-        run_module.Run(tmp_path / "run", overrides={"budget_unit": "time"}, progress=False)
+        run_module.Stages(tmp_path / "run", overrides={"budget_unit": "time"}, progress=False)
 
 
 @pytest.mark.parametrize("unit, header, absent", [("time", r"rank +time +ms @b2$", "MFLOPs"),

@@ -20,7 +20,7 @@ from .serialization import register_model_class
 # The diffusers model classes a directory may name: denoisers called as model(x, t[, class_labels]).
 ALLOWED_MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
 DENOISER_KEYS = ("unet", "transformer")
-_FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class BaseModelError(ValueError):
@@ -97,6 +97,17 @@ def _load_vae(directory: Path, entry: list) -> nn.Module:
     return _load_diffusers_model(directory / "vae", entry[1], VAE_CLASSES, alternative="")
 
 
+def is_function_spec(spec: str | None) -> bool:
+    """Whether spec names code (`module:function`) rather than a directory or a Hub name."""
+    return bool(spec) and bool(FUNCTION_SPEC.match(spec)) and not Path(spec).expanduser().is_dir()
+
+
+# module:function specs the user named in this process -> the model their one call returned (until stage 1
+# takes it) and its class. A spec read from a run directory's config.json is never called: it is not the user's.
+_CALLED: dict[str, BaseModel] = {}
+_TRUSTED: dict[str, type] = {}
+
+
 def _call_function(spec: str) -> BaseModel:
     module_name, _, function_name = spec.partition(":")
     try:
@@ -107,29 +118,25 @@ def _call_function(spec: str) -> BaseModel:
     model = function()
     if not isinstance(model, nn.Module):
         raise BaseModelError(f"--base {spec} returned a {type(model).__name__}, not a torch nn.Module")
-    _TRUSTED[spec] = type(model)
-    register_model_class(type(model))  # the user chose to run this code: its class may be rebuilt by this process
     return BaseModel(model.eval(), None, spec)
 
 
-# module:function specs already called in this process -> the class of the model each returned.
-_TRUSTED: dict[str, type] = {}
+def trust_function(spec: str | None) -> None:
+    """The user named `spec` (--base, Run(..., base=...), a setting they passed): allow this process to rebuild
+    the class of the model `module:function` returns (register_model_class). The function is called once per
+    process; stage 1 takes that very model (load_base_model), so an unseeded model is initialised once. Nothing
+    for any other kind of spec.
 
-
-def trust_function_class(spec: str | None) -> None:
-    """Allow this process to rebuild the class of the model `module:function` returns (register_model_class),
-    calling the function once per process to learn it; nothing for any other kind of spec.
-
-    A run started from a user's function saves and reloads that model in every stage, possibly in a new
-    process (`tdcdiff prune --out DIR`): the user trusted the function's code when naming it, so its class is
-    trusted for that run. Loading a bundle elsewhere still needs tdcdiff.register_model_class.
+    A run started from a user's function saves and reloads that model in every stage, possibly in a new process
+    (`tdcdiff prune --out DIR --base module:function`): the user trusted the function's code when naming it.
+    Loading a bundle elsewhere still needs tdcdiff.register_model_class.
     """
-    if not spec or not _FUNCTION_SPEC.match(spec) or Path(spec).expanduser().is_dir():
+    if not is_function_spec(spec):
         return
-    if spec in _TRUSTED:
-        register_model_class(_TRUSTED[spec])
-    else:
-        _call_function(spec)
+    if spec not in _TRUSTED:
+        _CALLED[spec] = _call_function(spec)
+        _TRUSTED[spec] = type(_CALLED[spec].model)
+    register_model_class(_TRUSTED[spec])
 
 
 def load_base_model(spec: str) -> BaseModel:
@@ -138,8 +145,9 @@ def load_base_model(spec: str) -> BaseModel:
     spec: a diffusers model directory (config.json naming one of ALLOWED_MODEL_CLASSES + safetensors
         weights), a diffusers pipeline directory (model_index.json with a `unet` or `transformer` and a
         `scheduler`, whose config then sets the noise schedule; a `vae` (AutoencoderKL) in it makes it latent
-        diffusion: BaseModel.vae), `module:function` (called with no arguments,
-        must return an nn.Module), or a Hugging Face Hub name "org/name" (downloaded, then read as a directory).
+        diffusion: BaseModel.vae), `module:function` (called with no arguments, must return an nn.Module; only
+        after trust_function(spec) in this process), or a Hugging Face Hub name "org/name" (downloaded, then read
+        as a directory).
     Raises BaseModelError naming the problem and the fix.
     """
     path = Path(spec).expanduser()
@@ -148,8 +156,12 @@ def load_base_model(spec: str) -> BaseModel:
             return _load_pipeline(path)
         config = _read_json(path / "config.json")
         return BaseModel(_load_diffusers_model(path, config.get("_class_name")), None, str(path))
-    if _FUNCTION_SPEC.match(spec):
-        return _call_function(spec)
+    if FUNCTION_SPEC.match(spec):
+        if spec not in _TRUSTED:
+            raise BaseModelError(
+                f"base_model {spec} is code to run, and it was not named in this process (a run directory's "
+                f"config.json is not enough): pass --base {spec} (or Run(..., base=...)) if you trust it")
+        return _CALLED.pop(spec, None) or _call_function(spec)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not path.exists():
         from huggingface_hub import snapshot_download
 

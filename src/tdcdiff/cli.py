@@ -50,7 +50,7 @@ def _check_writable(path: Path, option: str, *, directory: bool) -> None:
 
 def _check_options(seeds=(), **least: tuple[int | None, int]) -> None:
     """Refuse counts below their minimum (least={"--num": (value, minimum)}) and seeds out of range."""
-    from .run import check_seed
+    from .settings import check_seed
 
     for option, (value, minimum) in least.items():
         if value is not None and value < minimum:
@@ -100,6 +100,9 @@ Group = Annotated[Optional[int], typer.Option("--group", "-g", help="Run only th
 BaseModelSpec = Annotated[Optional[str], typer.Option(
     "--base", help="Start from a trained model (skips stage 1): a diffusers model or pipeline directory, a Hub name, "
     "or module:function returning an nn.Module. With it, --base-steps continues training it that many steps.")]
+TrustBase = Annotated[Optional[str], typer.Option(
+    "--base", help="The run's --base module:function, named again: tdcdiff calls a function only when you name it, "
+    "never because a run directory's config.json does.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 _SETTINGS = {
@@ -161,7 +164,7 @@ def _option(name: str) -> str:
 
 def _overrides(config_file: Path | None, **flags) -> dict:
     """Dotted-key RunConfig settings from the config file, then the flags given (None: not given)."""
-    from .run import load_config_file
+    from .settings import load_config_file
 
     if flags.get("base") is not None:  # with --base, --base-steps continues training the given model
         flags["base_model_steps"] = flags.pop("base_steps", None)
@@ -243,12 +246,12 @@ def train_base_command(
 def plan_command(
     out: RunDir = Path("runs/digits"), groups: Groups = None, grouping: Grouping = None, k: K = None,
     mean_budget: MeanBudget = None, ordering: Ordering = None, budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None,
-    depth: Depth = None, quiet: Quiet = False,
+    depth: Depth = None, base: TrustBase = None, quiet: Quiet = False,
 ):
     """Group the timesteps and assign budgets (needs a trained base in the run directory)."""
     try:
         run = _open_run(out, None, not quiet, groups=groups, grouping=grouping, k=k, mean_budget=mean_budget, ordering=ordering,
-                        budget_unit=budget_unit, latency_batch=latency_batch, depth=depth)
+                        budget_unit=budget_unit, latency_batch=latency_batch, depth=depth, base=base)
         plan = run.plan()
         timed = plan.budget_unit == "time"
         base_ms = run.latency_table(run.base_model()).base_seconds * 1000 if timed else None
@@ -272,13 +275,14 @@ def plan_command(
 def prune_command(
     out: RunDir = Path("runs/digits"), group: Group = None, proposer: Proposer = None, rounds: Rounds = None,
     candidates: Candidates = None, memory: Memory = None, importance: Importance = None,
-    budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None, depth: Depth = None, quiet: Quiet = False,
+    budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None, depth: Depth = None, base: TrustBase = None,
+    quiet: Quiet = False,
 ):
     """Proxy-based pruning: derive each group's model from the base under its budget (FLOPs or time)."""
     try:
         run = _open_run(out, None, not quiet, proposer=proposer, rounds=rounds, candidates=candidates,
                         memory=memory, importance=importance, budget_unit=budget_unit, latency_batch=latency_batch,
-                        depth=depth)
+                        depth=depth, base=base)
         summaries = run.prune(group)
     except _USER_ERRORS as err:
         _fail(err)
@@ -297,12 +301,12 @@ def prune_command(
 def finetune_command(
     out: RunDir = Path("runs/digits"), group: Group = None, finetune_steps: FtSteps = None,
     finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None, feature_distill: FeatureDistill = None,
-    quiet: Quiet = False,
+    base: TrustBase = None, quiet: Quiet = False,
 ):
     """Stage 2: fine-tune each group's pruned model on its timesteps (--group i runs one group alone)."""
     try:
         run = _open_run(out, None, not quiet, finetune_steps=finetune_steps, finetune_lr=finetune_lr, mix=mix, distill=distill,
-                        feature_distill=feature_distill)
+                        feature_distill=feature_distill, base=base)
         results = run.finetune(group)
     except _USER_ERRORS as err:
         _fail(err)
@@ -311,10 +315,10 @@ def finetune_command(
 
 
 @app.command("bundle")
-def bundle_command(out: RunDir = Path("runs/digits")):
+def bundle_command(out: RunDir = Path("runs/digits"), base: TrustBase = None, quiet: Quiet = False):
     """Write the deployable bundle (router + experts + schedule) of a fine-tuned run."""
     try:
-        path = _open_run(out, None, False).export_bundle()
+        path = _open_run(out, None, False, base=base).export_bundle()
     except _USER_ERRORS as err:
         _fail(err)
     typer.echo(f"bundle: {path}  (load with tdcdiff.load_bundle)")
@@ -330,17 +334,19 @@ def sample_command(
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (1: none; needs a model trained with label dropout).")] = 1.0,
     compile: Annotated[str, typer.Option("--compile", help="Sampling path: auto (trace diffusers models), none (eager), trace, inductor (torch.compile).")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16 autocast (faster only at large batches on CPUs with bf16 units; changes images by about 1e-2).")] = "fp32",
-    quiet: Quiet = False,
+    base: TrustBase = None, quiet: Quiet = False,
 ):
     """Write a grid of samples from a bundle (--bundle) or from the run's base model.
 
     Defaults: ddim, min(50, T) steps, 64 images, seed 0, written to samples.png (a bundle) or
     <run>/samples/base.png; class-conditional models: all classes in turn.
     """
+    import contextlib
     import time
 
     from .evaluate import balanced_labels
     from .pipeline import sample, save_grid
+    from .run import lock_run_dir
 
     try:
         _check_options(() if seed is None else (seed,), **{"--steps": (sample_steps, 1), "--num": (num_samples, 1)})
@@ -350,27 +356,33 @@ def sample_command(
         if output.suffix.lower() != ".png":  # save_grid writes PNG: o.jpg would be a PNG under another name
             raise ValueError(f"--output {output}: sample grids are written as PNG; give a path ending in .png")
         if bundle is not None:
+            from .base_model import trust_function
             from .bundle import load_bundle
 
+            trust_function(base)  # the bundle's experts may be of the class it returns
             loaded = load_bundle(bundle)
             model, scheduler, shape = loaded.router, loaded.scheduler, loaded.sample_shape
             decode = loaded.pipeline().decode
             null_class, data_classes = loaded.null_class, (loaded.manifest.get("conditioning") or {}).get("num_classes")
         else:
-            run = _open_run(out, None, not quiet, writes=False)
+            run = _open_run(out, None, not quiet, writes=False, base=base)
             model, scheduler, shape, decode = run.base_model(), run.scheduler, run.sample_shape, run.decode
             null_class, data_classes = run.null_class(model), run.data.num_classes
         steps = min(50, scheduler.config.num_train_timesteps) if sample_steps is None else sample_steps
         count = 64 if num_samples is None else num_samples
         labels = class_id if class_id is not None else balanced_labels(model, count, data_classes)
-        start = time.perf_counter()
-        result = sample(
-            model, scheduler, sample_shape=shape, sampler=sampler or "ddim", steps=steps,
-            num_images=count, seed=0 if seed is None else seed, progress=not quiet, class_labels=labels,
-            guidance_scale=guidance, null_class=null_class, compile=compile, precision=precision, decode=decode,
-        )
-        seconds = time.perf_counter() - start
-        path = save_grid(result.images, output)
+        # A grid written into a run directory is written by its one writer (a stage's cleanup would take a
+        # grid half-written beside it for a killed writer's temporary).
+        inside = output.resolve().is_relative_to(out.resolve())
+        with lock_run_dir(out) if inside else contextlib.nullcontext():
+            start = time.perf_counter()
+            result = sample(
+                model, scheduler, sample_shape=shape, sampler=sampler or "ddim", steps=steps,
+                num_images=count, seed=0 if seed is None else seed, progress=not quiet, class_labels=labels,
+                guidance_scale=guidance, null_class=null_class, compile=compile, precision=precision, decode=decode,
+            )
+            seconds = time.perf_counter() - start
+            path = save_grid(result.images, output)
     except _USER_ERRORS as err:
         _fail(err)
     except (MemoryError, RuntimeError) as err:  # torch on a CPU: RuntimeError "... can't allocate memory ..."
@@ -387,7 +399,8 @@ def sample_command(
 def report_command(
     out: RunDir = Path("runs/digits"),
     seeds: Annotated[Optional[list[int]], typer.Option("--seed", help="Sampling seed (repeat for several).")] = None,
-    num_samples: NumSamples = None, sampler: Sampler = None, sample_steps: SampleSteps = None, quiet: Quiet = False,
+    num_samples: NumSamples = None, sampler: Sampler = None, sample_steps: SampleSteps = None, base: TrustBase = None,
+    quiet: Quiet = False,
 ):
     """FID/KID, FLOPs, time, memory and training compute of the run's base vs its TDC bundle, as report.html."""
     from .run import report_for_run
@@ -396,7 +409,7 @@ def report_command(
         _check_options(seeds or (), **{"--steps": (sample_steps, 1), "--num": (num_samples, 2)})
         _check_writable(out, "--out", directory=True)
         path = report_for_run(out, seeds=tuple(seeds or (0, 1)), num_samples=512 if num_samples is None else num_samples,
-                              sampler=sampler, steps=sample_steps, progress=not quiet)
+                              sampler=sampler, steps=sample_steps, progress=not quiet, base=base)
     except _USER_ERRORS as err:
         _fail(err)
     typer.echo(f"report: {path}")
@@ -408,7 +421,7 @@ def tune_command(
     base_from: Annotated[Optional[Path], typer.Option("--base-from", help="Start from this run directory's trained stage-1 base instead of training one.")] = None,
     config: ConfigFile = None, data: Data = None, image_size: ImageSize = None, base_steps: BaseSteps = None,
     batch_size: BatchSize = None, finetune_lr: FtLr = None, rounds: Rounds = None, candidates: Candidates = None,
-    sampler: Sampler = None, sample_steps: SampleSteps = None, seed: Seed = None,
+    sampler: Sampler = None, sample_steps: SampleSteps = None, seed: Seed = None, base: TrustBase = None,
     tune_steps: Annotated[int, typer.Option("--tune-steps", help="Each candidate's training compute: this many stage-2 steps of the base model (FLOPs).")] = 1000,
     width: Annotated[Optional[list[float]], typer.Option("--width", help="Uniform-pruning level, fraction of the base's FLOPs (repeat; default 0.8 0.6 0.4).")] = None,
     k: Annotated[Optional[list[float]], typer.Option("-k", "--k", help="TDC budget slope k (repeat; default 0.1 0.3 0.5).")] = None,

@@ -1,0 +1,213 @@
+"""RunConfig: every setting of a TDC run, checked up front; which stage each setting shapes."""
+
+from __future__ import annotations
+
+import json
+import stat
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from ..budget import ORDERINGS, budget_fractions, check_mean_budget
+from ..grouping import STRATEGIES
+from ..pipeline import SAMPLERS
+from ..prune.search import SearchConfig, get_proposer
+from ..schedule import BETA_SCHEDULES, make_scheduler
+from ..settings import SEED, Settings, at_least, at_most, one_of, setting
+from ..train import TrainConfig
+
+BUDGET_UNITS = ("flops", "time")
+MAX_TIMESTEPS = 1_000_000  # far beyond any schedule in use, and well inside memory
+SCHEDULER_FILE = "scheduler_config.json"
+MAX_SCHEDULER_BYTES = 1 << 20  # a scheduler config is under a kilobyte
+
+
+@dataclass
+class RunConfig(Settings):
+    """Everything a TDC run needs. Every field has a default that works on the embedded digits data.
+
+    data: data spec ("digits", IDX file, image folder or zip, "hf:<name>"); image_size, channels, limit:
+        resize / convert / subsample it. model: UNet preset (default: chosen from image size and channels).
+    num_train_timesteps, beta_schedule, prediction_type: the noise schedule.
+    base: stage-1 training. groups, grouping, k, ordering: timestep groups and their budgets.
+    mean_budget: None for the paper's formula (the hardest group gets the whole base); a number in (0, 1] scales
+        that shape so the timestep-weighted mean budget is this fraction of the base (budget.make_plan).
+    plan_fractions: each group's budget fraction given explicitly, in group (timestep) order, instead of the
+        paper's formula from k and the ordering (e.g. budget.allocate_from_curves); one per group, each in (0, 1].
+    budget_unit: what a group's budget fraction is of: "flops" (the base's FLOPs) or "time" (the base's
+        forward time measured on this device at latency_batch samples, fitted from a cached per-unit latency
+        table). Every pruned expert's FLOPs and measured time are recorded either way.
+    search: the pruning search. finetune: stage-2 training of EACH group (steps are per group).
+    sampler, sample_steps, num_samples: the sample grid written at the end (and the report's sampler);
+        sample_steps None means min(50, T) (`sampling_steps`).
+    eval_samples, eval_seeds: images per sampling seed and number of seeds behind the report's FID/KID.
+    seed: the run's seed, 0 <= seed < 2**32.
+    base_model: start from a trained model instead of training stage 1: a diffusers model or pipeline directory,
+        a Hub name or `module:function` (see base_model.load_base_model). A pipeline's scheduler sets the noise
+        schedule. base_model_steps: continue training it this many stage-1 steps (0: use it as it is).
+    Class-conditional models: label dropout (for classifier-free guidance) is set in base/finetune
+    (`label_dropout`, `null_class`); stage 2 keeps stage 1's dropout unless finetune sets its own.
+    """
+
+    data: str = "digits"
+    image_size: int | None = None
+    channels: int | None = None
+    limit: int | None = None
+    model: str | None = None
+    attention: bool = False
+    num_train_timesteps: int = setting(1000, rule=at_most(MAX_TIMESTEPS, about="--timesteps", typical="typical: 1000"))
+    beta_schedule: str = setting("linear", rule=one_of(BETA_SCHEDULES, what="beta_schedule"))
+    prediction_type: str = "epsilon"
+    base: TrainConfig = setting(factory=lambda: TrainConfig(steps=3000, lr=2e-3, checkpoint_every=500))
+    groups: int = setting(4, rule=at_least(1, note="N, the number of timestep groups"))
+    grouping: str = setting("snr", rule=one_of(STRATEGIES, what="grouping strategy"))
+    k: float = 0.5
+    mean_budget: float | None = None
+    ordering: str = setting("measured", rule=one_of(ORDERINGS, what="difficulty ordering"))
+    plan_fractions: list[float] | None = None
+    budget_unit: str = setting("flops", rule=one_of(BUDGET_UNITS, what="budget unit"))
+    latency_batch: int = setting(64, rule=at_least(1))
+    search: SearchConfig = setting(factory=SearchConfig)
+    finetune: TrainConfig = setting(factory=lambda: TrainConfig(steps=400, lr=5e-4, warmup_steps=20,
+                                                                checkpoint_every=200))
+    sampler: str = setting("ddim", rule=one_of(SAMPLERS, what="sampler"))
+    sample_steps: int | None = None
+    num_samples: int = setting(64, rule=at_least(1))
+    eval_samples: int = setting(512, rule=at_least(2, note="FID needs two images"))
+    eval_seeds: int = setting(2, rule=at_least(1))
+    seed: int = setting(0, rule=SEED)
+    base_model: str | None = None
+    base_model_steps: int = setting(0, rule=at_least(0))
+
+    @property
+    def sampling_steps(self) -> int:
+        """sample_steps, or min(50, T) when it is not set."""
+        return min(50, self.num_train_timesteps) if self.sample_steps is None else self.sample_steps
+
+    def validate(self, prefix: str = "") -> None:
+        """Check every setting up front, so a bad one fails before hours of training, not after."""
+        super().validate(prefix)
+        budget_fractions(self.groups, self.k)  # after N <= T (checks): it allocates per group
+        check_mean_budget(self.mean_budget)
+
+    def checks(self):
+        make_scheduler(self.num_train_timesteps, self.beta_schedule, self.prediction_type)
+        for section in ("base", "finetune", "search"):
+            _validate_section(getattr(self, section), section)
+        if self.search.proposer == "llm":
+            get_proposer("llm")  # endpoint and model come from the environment: check them before training
+        return [
+            (self.groups <= self.num_train_timesteps,
+             f"number of groups N={self.groups} exceeds T={self.num_train_timesteps}"),
+            (1 <= self.sampling_steps <= self.num_train_timesteps,
+             f"sampling steps must be between 1 and T={self.num_train_timesteps}, got {self.sample_steps} "
+             "(--steps, sample_steps; unset: min(50, T))"),
+            (self.base.mixed_precision == self.finetune.mixed_precision,
+             f"base.mixed_precision {self.base.mixed_precision!r} and finetune.mixed_precision "
+             f"{self.finetune.mixed_precision!r} differ, but accelerate keeps one precision per process (stage 2 "
+             "would fail after stage 1); set both to the same value"),
+            (self.base_model is not None or self.base_model_steps == 0,
+             "base_model_steps continues a given model: set base_model (--base) too, or use base.steps"),
+            (self.plan_fractions is None or (len(self.plan_fractions) == self.groups
+                                             and all(0 < f <= 1 for f in self.plan_fractions)),
+             f"plan_fractions must be one budget fraction in (0, 1] per group (N={self.groups}), got "
+             f"{self.plan_fractions}; give N values or leave it unset for the formula from k"),
+            (self.plan_fractions is None or self.mean_budget is None,
+             "plan_fractions and mean_budget both set the budgets; give one of them"),
+        ]
+
+
+def _validate_section(section, name: str) -> None:
+    """section.validate(), its message naming the setting by its dotted key ("steps must be ..." -> "base.steps
+    must be ...")."""
+    if isinstance(section, Settings):
+        section.validate(f"{name}.")
+        return
+    try:
+        section.validate()
+    except ValueError as err:
+        if str(err).split(" ", 1)[0] not in {f.name for f in fields(section)}:
+            raise
+        raise type(err)(f"{name}.{err}") from None
+
+
+def with_pipeline_schedule(config: RunConfig) -> RunConfig:
+    """With a diffusers pipeline as base_model, the run's schedule settings are its scheduler's."""
+    if not config.base_model:
+        return config
+    path = Path(config.base_model).expanduser() / "scheduler" / SCHEDULER_FILE
+    if not (path.parent.parent / "model_index.json").exists() or not path.exists():
+        return config
+    try:
+        scheduler = json.loads(read_small_file(path, MAX_SCHEDULER_BYTES))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(scheduler, dict):
+        raise ValueError(f"{path} must hold a JSON object (a diffusers scheduler config)")
+    changes = {"num_train_timesteps": scheduler.get("num_train_timesteps", config.num_train_timesteps),
+               "prediction_type": scheduler.get("prediction_type", config.prediction_type)}
+    if scheduler.get("beta_schedule") in BETA_SCHEDULES:
+        changes["beta_schedule"] = scheduler["beta_schedule"]
+    return replace(config, **changes)
+
+
+# Which stage's output a setting shapes: changing it is refused once that stage has run.
+STAGE_OF_SETTING = {
+    **{k: "base" for k in ("data", "image_size", "channels", "limit", "model", "attention", "num_train_timesteps",
+                           "beta_schedule", "prediction_type", "base", "seed", "base_model", "base_model_steps")},
+    **{k: "plan" for k in ("groups", "grouping", "k", "mean_budget", "ordering", "plan_fractions", "budget_unit")},
+    **{k: "prune" for k in ("search", "latency_batch")},
+    "finetune": "finetune",
+}
+# Stage outputs in pipeline order: redoing one stage makes every later output stale.
+STAGE_OUTPUT = {"base": "base", "plan": "plan", "prune": "prune", "finetune": "finetune", "bundle": "bundle"}
+
+
+def stage_settings(config: RunConfig, stage: str) -> dict:
+    """The settings that shape `stage`'s output, e.g. stage "base": data, model, schedule, stage-1 training, seed."""
+    return {k: v for k, v in config.to_dict().items() if STAGE_OF_SETTING.get(k) == stage}
+
+
+def check_unchanged(run_dir: Path, saved: RunConfig, config: RunConfig) -> None:
+    """Refuse a setting that differs from the saved one when the stage it shapes has already written output."""
+    old, new = saved.to_dict(), config.to_dict()
+    stages = list(STAGE_OUTPUT)
+    for key in sorted(k for k in new if new[k] != old[k]):
+        stage = STAGE_OF_SETTING.get(key)
+        if stage is None:
+            continue
+        stale = [run_dir / STAGE_OUTPUT[s] for s in stages[stages.index(stage):]]
+        stale = [str(path) for path in stale if path.exists()]
+        if stale:
+            raise ValueError(
+                f"setting '{key}' differs from the one {run_dir} was run with ({old[key]!r} -> {new[key]!r}) "
+                f"and stage '{stage}' has already run; use a new output directory, or delete "
+                f"{' '.join(stale)} to redo it and the stages after it"
+            )
+
+
+MAX_SAVED_CONFIG_BYTES = 1 << 20  # config.json of a run is a few kilobytes
+
+
+def read_small_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most max_bytes (a FIFO or device would block or never end).
+    Raises ValueError otherwise."""
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise ValueError("not a regular file")
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"larger than {max_bytes} bytes")
+    return data
+
+
+def load_saved_config(path: Path) -> RunConfig:
+    """A run directory's config.json (untrusted: read with a size cap, every value typed and checked).
+
+    Raises ValueError naming the file and the fix when it is damaged."""
+    try:
+        return RunConfig.from_dict(json.loads(read_small_file(path, MAX_SAVED_CONFIG_BYTES)))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, a bad value, deep nesting
+        raise ValueError(
+            f"{path} is damaged ({err}); restore it, or delete it and rerun with the settings the run was made "
+            "with (or use a new output directory)"
+        ) from None

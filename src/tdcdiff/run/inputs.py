@@ -1,0 +1,160 @@
+"""What a run's stages read: the data (images, or a VAE's latents), the held-out split, labels, the noise
+schedule and the saved models. Stages (stages.py) build on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..base_model import FUNCTION_SPEC, scheduler_from_config
+from ..data import ImageDataset, load_dataset
+from ..evaluate import balanced_labels
+from ..files import atomic_write_bytes, sha256_file
+from ..latent import Decoder, encode
+from ..models import num_class_embeds
+from ..schedule import make_scheduler
+from ..serialization import ARCHITECTURE_FILE, load_model
+from ..train import FINAL_DIR
+from .config import SCHEDULER_FILE, RunConfig
+from .rundir import record_inputs, up_to_date
+
+VAE_DIR = "vae"  # base/vae: latent diffusion's VAE, saved from the base pipeline
+
+
+class RunInputs:
+    """The inputs of one run directory's stages. run_dir: the directory; config: its checked RunConfig."""
+
+    def __init__(self, run_dir: Path, config: RunConfig):
+        self.dir = run_dir
+        self.config = config
+        self._data: ImageDataset | None = None
+        self._pixels: ImageDataset | None = None
+        self._vae = None  # None: not looked up yet; False: pixel space
+        self._latent_images: torch.Tensor | None = None
+
+    @property
+    def pixels(self) -> ImageDataset:
+        """The data set as images (what FID compares against, also in latent diffusion)."""
+        if self._pixels is None:
+            c = self.config
+            self._pixels = load_dataset(c.data, size=c.image_size, channels=c.channels, limit=c.limit, seed=c.seed)
+        return self._pixels
+
+    @property
+    def data(self) -> ImageDataset:
+        """What every stage trains and measures on: the images, or for latent diffusion their latents."""
+        if self._data is None:
+            self._data = self.pixels if self.vae is None else self._latents()
+        return self._data
+
+    @property
+    def vae(self):
+        """Latent diffusion's VAE (saved as base/vae when the base pipeline has one), or None."""
+        if self._vae is None:
+            path = self.dir / "base" / VAE_DIR
+            self._vae = load_model(path) if (path / ARCHITECTURE_FILE).exists() else False
+        return self._vae or None
+
+    @property
+    def decode(self):
+        """Latents -> images (latent.Decoder) for latent diffusion, else None (samples are images already)."""
+        return Decoder(self.vae) if self.vae is not None else None
+
+    def _latents(self) -> ImageDataset:
+        """The data's scaled latents, encoded once and cached as latents/latents.safetensors (with the VAE's and
+        the data's record beside it) once the VAE is part of the run."""
+        from safetensors.torch import load, save
+
+        pixels = self.pixels
+        path = self.dir / "latents" / "latents.safetensors"
+        vae_file = self.dir / "base" / VAE_DIR / ARCHITECTURE_FILE
+        inputs = {"vae_sha256": sha256_file(vae_file) if vae_file.exists() else None, "data": pixels.describe()}
+        record = path.with_suffix(".inputs.json")
+        cached = inputs["vae_sha256"] is not None and up_to_date(record, inputs, [path])
+        if cached and self._latent_images is None:
+            self._latent_images = load(path.read_bytes())["latents"]
+        if self._latent_images is None:
+            self._latent_images = encode(self.vae, pixels.images)
+        if inputs["vae_sha256"] is not None and not cached:
+            atomic_write_bytes(path, save({"latents": self._latent_images}))
+            record_inputs(record, inputs, [path])
+        return ImageDataset(self._latent_images, pixels.labels, name=pixels.name, num_classes=pixels.num_classes,
+                            classes=pixels.classes)
+
+    def _split_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        count = len(self.data)
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.config.seed))
+        held = max(1, min(512, count // 10))
+        return order[held:], order[:held]
+
+    def split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train images, held-out images): a fixed seeded 10% (at most 512) is held out for proxies."""
+        if len(self.data) < 2:
+            raise ValueError(
+                f"the data ({self.config.data}) has {len(self.data)} image, too few: 10% (at least 1) is held out for "
+                "the pruning proxies and at least 1 is needed for training; give at least 2 images (raise --limit)"
+            )
+        train, held = self._split_indices()
+        return self.data.images[train], self.data.images[held]
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return tuple(self.data.images.shape[1:])
+
+    @property
+    def scheduler(self):
+        c = self.config
+        copied = self.dir / "base" / SCHEDULER_FILE  # a given pipeline's schedule, kept with the run
+        if copied.exists():
+            return scheduler_from_config(json.loads(copied.read_text()))
+        return make_scheduler(c.num_train_timesteps, c.beta_schedule, c.prediction_type)
+
+    def labels(self, model) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(train labels, held-out labels) in split() order for a class-conditional model; (None, None) else."""
+        if num_class_embeds(model) is None:
+            return None, None
+        train, held = self._split_indices()
+        return self.data.labels[train], self.data.labels[held]
+
+    def null_class(self, model) -> int | None:
+        """The class id that stands for "no label" when the run trains with label dropout, else None."""
+        c = self.config
+        classes = num_class_embeds(model)
+        if classes is None or not (c.base.label_dropout or c.finetune.label_dropout):
+            return None
+        explicit = c.finetune.null_class if c.finetune.null_class is not None else c.base.null_class
+        return classes - 1 if explicit is None else explicit
+
+    def conditioning(self, model) -> dict | None:
+        """A bundle's "conditioning" for experts like `model`: class ids of the data and the null class; None for
+        an unconditional model."""
+        classes = num_class_embeds(model)
+        if classes is None:
+            return None
+        return {"num_class_embeds": classes, "num_classes": self.data.num_classes, "null_class": self.null_class(model)}
+
+    def sample_labels(self, model, num_images: int) -> torch.Tensor | None:
+        """Class-balanced labels (i % classes) for a class-conditional model's samples; None otherwise."""
+        return balanced_labels(model, num_images, self.data.num_classes)
+
+    def base_model(self):
+        """The stage-1 model (base/final). Raises FileNotFoundError before stage 1."""
+        path = self.dir / "base" / FINAL_DIR
+        if not path.exists():
+            raise FileNotFoundError(f"no trained base model at {path}; run `tdcdiff train-base` first")
+        return self.load(path)
+
+    def load(self, path: Path):
+        """A model the run saved (serialization.load_model). Its class may be the one a `module:function` base
+        returns: tdcdiff rebuilds that only once the user named the function in this process (--base, or
+        register_model_class in code), never because a run directory's config.json names it."""
+        try:
+            return load_model(path)
+        except ValueError as err:
+            spec = self.config.base_model
+            if "register_model_class" not in str(err) or not spec or not FUNCTION_SPEC.match(spec):
+                raise
+            raise ValueError(f"{err}; this run was started from the function {spec}: pass --base {spec} again "
+                             "(or Run(..., base=...)) to trust its code") from None

@@ -1,0 +1,131 @@
+"""A run directory on disk: one writer at a time (the lock), records of what each output was made from, and
+copying finished stages between directories."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..files import atomic_dir, atomic_write_bytes, atomic_write_text, remove_stale_temporaries, sha256_file
+
+log = logging.getLogger("tdcdiff")
+
+LOCK_FILE = ".tdcdiff.lock"
+OWNER_FILE = ".tdcdiff.lock.owner"
+
+
+class RunDirectoryBusy(ValueError):
+    """Another process is writing the run directory."""
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str | Path) -> Iterator[None]:
+    """Hold run_dir's lock for the block (created if missing); reentrant within a thread of one process.
+
+    The outermost hold records this process in .tdcdiff.lock.owner and removes stale temporaries (no other
+    writer can be active then). Raises RunDirectoryBusy at once, naming the holder, if another process (or
+    thread) holds it: waiting silently behind a run of hours would look like a hang.
+    """
+    from filelock import FileLock, Timeout  # imported when a run is written, not for `tdcdiff --help`
+
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # One instance per path in this process: nested stages (run_all -> report) re-enter it instead of blocking.
+    lock = FileLock(run_dir.resolve() / LOCK_FILE, is_singleton=True)
+    outermost = not lock.is_locked
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        raise RunDirectoryBusy(
+            f"run directory {run_dir} is in use by {_holder(run_dir)}; wait for it to finish, or use another "
+            "output directory (--out). One process at a time writes a run directory"
+        ) from None
+    owner = run_dir / OWNER_FILE
+    try:
+        if outermost:
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            atomic_write_text(owner, json.dumps(holder))
+            for path in remove_stale_temporaries(run_dir):
+                log.info("removed %s, left behind by an interrupted writer", path)
+        yield
+    except BaseException:
+        if created:  # a run refused before its first write leaves no directory behind
+            lock.release()
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            owner.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only if nothing else was written
+        raise
+    finally:
+        if outermost:
+            owner.unlink(missing_ok=True)
+        lock.release()
+
+
+def _holder(run_dir: Path) -> str:
+    try:
+        owner = json.loads((run_dir / OWNER_FILE).read_text())
+        return f"process {owner['pid']} on {owner['host']} (`{owner['command']}`, since {owner['since']})"
+    except (OSError, ValueError, KeyError, TypeError):  # the holder has not written it yet, or it is not ours
+        return "another process"
+
+
+def writes(method):
+    """A stage method writes the run directory: it runs holding the directory's lock."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock():
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+def up_to_date(record: Path, inputs: dict, outputs: list[Path]) -> bool:
+    """Whether `outputs` were made from `inputs`, as `record` (written by record_inputs) says, and are unchanged since.
+
+    If not, the record is deleted first, so that a crash while the outputs are rewritten cannot leave a
+    matching record beside stale outputs.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        saved = json.loads(record.read_text())
+        if saved == {"inputs": json.loads(json.dumps(inputs)), "outputs": _hashes(outputs)}:
+            return True
+    record.unlink(missing_ok=True)
+    return False
+
+
+def record_inputs(record: Path, inputs: dict, outputs: list[Path]) -> None:
+    """Write beside freshly made `outputs` what they were made from (see up_to_date)."""
+    atomic_write_text(record, json.dumps({"inputs": inputs, "outputs": _hashes(outputs)}, indent=2))
+
+
+def _hashes(outputs: list[Path]) -> dict:
+    # An output rewritten by something else (e.g. `tdcdiff sample`) no longer matches its record.
+    return {path.name: sha256_file(path) for path in outputs}
+
+
+def copy_stages(source_run: str | Path, target_run: str | Path, parts: tuple[str, ...]) -> None:
+    """Copy finished stage outputs (e.g. "config.json", "base") of one run directory into another that lacks them.
+
+    Each part is copied atomically, so an interrupted copy is redone, never half-trusted; parts the target
+    already has are left alone.
+    """
+    for part in parts:
+        source, target = Path(source_run) / part, Path(target_run) / part
+        if not target.exists():
+            if source.is_dir():
+                with atomic_dir(target) as tmp:
+                    shutil.copytree(source, tmp, dirs_exist_ok=True)
+            else:
+                atomic_write_bytes(target, source.read_bytes())

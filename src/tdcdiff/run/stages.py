@@ -1,0 +1,395 @@
+"""The TDC stages over one run directory: train base -> plan -> prune -> fine-tune -> bundle -> sample grid.
+
+Each stage skips itself when its output exists, so rerunning after a crash continues where it stopped, and each
+stage that writes holds the run directory's lock (rundir.lock_run_dir).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..base_model import check_fits_data, load_base_model, scheduler_from_config, trust_function
+from ..budget import (
+    RAISE_BUDGET,
+    budget_fractions,
+    check_reachable,
+    make_plan,
+    measure_sensitivity,
+    plan_from_fractions,
+)
+from ..budget import Plan as BudgetPlan
+from ..bundle import save_bundle
+from ..files import atomic_write_text, sha256_file
+from ..flops import count_flops
+from ..grouping import make_groups, per_timestep_loss, plot_grouping
+from ..latency import time_ratios
+from ..metrics import check_reference
+from ..models import build_unet, check_finite, preset_for
+from ..pipeline import sample, save_grid
+from ..prune.fit import FitResult, fit_to_measured_time, measure_latency_table, smallest_fraction
+from ..prune.proxy import Proxy, ProxyBatch
+from ..prune.search import search
+from ..serialization import architecture_of, save_model
+from ..settings import apply_overrides
+from ..train import FINAL_DIR, TrainResult, train
+from .config import SCHEDULER_FILE, RunConfig, check_unchanged, load_saved_config, with_pipeline_schedule
+from .inputs import VAE_DIR, RunInputs
+from .rundir import lock_run_dir, record_inputs, up_to_date, writes
+
+
+class Stages(RunInputs):
+    """One run directory and its config; each stage method is idempotent (see the module docstring).
+
+    run_dir: the run directory (created on first use).
+    config: the settings; None loads the directory's saved config.json (or the defaults for a new run).
+    overrides: dotted-key settings applied on top, e.g. {"k": 0.3, "finetune.steps": 200}. Changing a setting
+        of a stage that has already produced output is refused with a message naming it.
+    base: start from this trained model (sets RunConfig.base_model; see base_model.load_base_model).
+    A `module:function` base is called only when named here (base, config or overrides): one that only the
+    directory's config.json names is never imported (run directories are untrusted input, like bundles).
+    """
+
+    def __init__(self, run_dir: str | Path, config: RunConfig | None = None, *, overrides: dict | None = None,
+                 progress: bool = True, base: str | None = None):
+        run_dir = Path(run_dir)
+        saved_path = run_dir / "config.json"
+        saved = load_saved_config(saved_path) if saved_path.exists() else None
+        overrides = dict(overrides or {}) | ({"base_model": str(base)} if base is not None else {})
+        named = overrides.get("base_model", config.base_model if config is not None else None)
+        config = with_pipeline_schedule(apply_overrides(config or saved or RunConfig(), overrides))
+        config.validate()
+        if saved is not None:
+            check_unchanged(run_dir, saved, config)
+        super().__init__(run_dir, config)
+        self.progress = progress
+        self.report_follows = False  # run_all sets it: stage 1 then checks that the report's FID can run
+        if named == config.base_model:  # the run saves and reloads the user's model class in every stage
+            trust_function(named)
+
+    def _save_config(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.dir / "config.json", json.dumps(self.config.to_dict(), indent=2))
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory's lock (see lock_run_dir): every method that writes here does.
+
+        Once it is held, the settings are checked against the saved ones again: another process may have run
+        a stage with other settings between this Run's opening and now.
+        """
+        with lock_run_dir(self.dir):
+            saved = self.dir / "config.json"
+            if saved.exists():
+                check_unchanged(self.dir, load_saved_config(saved), self.config)
+            yield
+
+    # -- stages ------------------------------------------------------------------------------
+    def _check_report_data(self) -> None:
+        """Under run_all, fail before training when the report's FID cannot be computed on this data."""
+        if self.report_follows:
+            check_reference(self.data.images, self.data.labels, self.data.name)
+
+    @writes
+    def train_base(self):
+        """Stage 1: one denoiser on all timesteps (or the given trained model, see RunConfig.base_model)."""
+        c = self.config
+        if c.base_model:
+            return self._import_base()
+        preset = c.model or preset_for(self.data.image_size, self.data.channels)
+        height, width = self.data.images.shape[2:]
+        torch.manual_seed(c.seed)  # the initial weights are part of what the seed fixes
+        model = build_unet(
+            preset, attention=c.attention, sample_size=height if height == width else (height, width),
+            in_channels=self.data.channels, num_train_timesteps=c.num_train_timesteps,
+        )
+        train_images, _ = self.split()
+        self._check_report_data()
+        self._check_budgets_reachable(model)  # the architecture is known now: don't train for a doomed plan
+        self._save_config()  # after the checks above: a refused run leaves nothing behind
+        config = replace(c.base, seed=c.seed * 100)  # stage 2 of group i uses c.seed * 100 + i + 1
+        return train(model, train_images, self.scheduler, config, self.dir / "base", labels=self.labels(model)[0],
+                     progress=self.progress, description="stage 1: base")
+
+    def _import_base(self):
+        """Stage 1 from a trained model: check it fits the data, save it as base/final (or continue training
+        it base_model_steps steps)."""
+        c = self.config
+        out = self.dir / "base"
+        if (out / FINAL_DIR).exists() and not c.base_model_steps:
+            return TrainResult(out, 0, float("nan"), 0, 0)
+        loaded = load_base_model(c.base_model)
+        if loaded.vae is not None:  # latent diffusion: the checks below and every stage see latents
+            self._vae, self._data = loaded.vae, None
+        model, data = loaded.model, self.data
+        check_fits_data(model, c.base_model, channels=data.channels, image_size=data.image_size, data_name=c.data,
+                        num_classes=data.num_classes, null_class=self.null_class(model),
+                        num_train_timesteps=c.num_train_timesteps)
+        train_images, _ = self.split()
+        train_labels, _ = self.labels(model)
+        given = loaded.scheduler_config
+        scheduler = scheduler_from_config(given) if given is not None else self.scheduler
+        check_finite(model, train_images, scheduler.alphas_cumprod, train_labels)
+        architecture_of(model)  # raises now, not after training, if the model cannot be saved
+        self._check_budgets_reachable(model)  # before any base_model_steps of training for a doomed plan
+        self._check_report_data()
+        self._save_config()  # after the checks above: a refused run leaves nothing behind
+        if given is not None:  # written only once the model passed: base/ existing marks stage 1 as started
+            atomic_write_text(out / SCHEDULER_FILE, json.dumps(given, indent=2))
+        if loaded.vae is not None:
+            save_model(loaded.vae, out / VAE_DIR)
+            self._data = self._latents()  # cached on disk now that the VAE is the run's
+        if c.base_model_steps:
+            config = replace(c.base, steps=c.base_model_steps, seed=c.seed * 100)
+            return train(model, train_images, scheduler, config, out, labels=train_labels, progress=self.progress,
+                         description="stage 1: continue the given model")
+        save_model(model, out / FINAL_DIR, extra={"source": loaded.source})
+        return TrainResult(out, 0, float("nan"), 0, 0)
+
+    @writes
+    def plan(self) -> BudgetPlan:
+        """Group the timesteps and give each group its FLOPs budget."""
+        path = self.dir / "plan" / "plan.json"
+        c = self.config
+        if path.exists():
+            plan = BudgetPlan.load(path)  # written before the unit was recorded: the run's (a plan setting since)
+            return plan if plan.budget_unit is not None else replace(plan, budget_unit=c.budget_unit)
+        self._save_config()
+        base = self.base_model()
+        base_flops = count_flops(base, self.sample_shape)
+        smallest = self._check_budgets_reachable(base)  # before the trial pruning
+        scheduler = self.scheduler
+        _, held_out = self.split()
+        _, held_labels = self.labels(base)
+        loss_per_t = None
+        if c.grouping == "loss":
+            loss_per_t = per_timestep_loss(base, held_out, scheduler, seed=c.seed, labels=held_labels)
+        grouping = make_groups(c.grouping, c.groups, scheduler, loss_per_t=loss_per_t)
+        where = dict(base_flops=base_flops, sample_shape=self.sample_shape, budget_unit=c.budget_unit,
+                     smallest=smallest, provenance={"data": self.data.describe(), "base": str(self.dir / "base")})
+        if c.plan_fractions is not None:  # given explicitly: no difficulty to measure, k does not apply
+            plan = plan_from_fractions(grouping, c.plan_fractions, **where)
+        else:
+            sensitivity = None
+            if c.ordering == "measured":
+                sensitivity = measure_sensitivity(base, held_out, scheduler, grouping, self.sample_shape, seed=c.seed,
+                                                  labels=held_labels)
+            plan = make_plan(grouping, k=c.k, ordering=c.ordering, sensitivity=sensitivity, mean_budget=c.mean_budget,
+                             **where)
+        plot_grouping(grouping, scheduler, self.dir / "plan" / "grouping.png", budgets=plan.fractions)
+        plan.save(path)
+        return plan
+
+    def _check_budgets_reachable(self, base) -> float | None:
+        """Refuse settings whose smallest group budget no pruning of `base` (its architecture: trained or not)
+        reaches, as far as the config tells it: the formula's easiest group, at most the mean budget, or the
+        smallest plan_fractions (budget.check_reachable). Returns the smallest FLOPs fraction a pruned expert is
+        accepted at (the search's tolerance below what every layer at its largest ratio gives), or None for time
+        budgets or depth pruning, which can go below it."""
+        c, smallest = self.config, None
+        if c.budget_unit == "flops" and not c.search.depth:
+            s = c.search
+            smallest = smallest_fraction(base, self.sample_shape, units=s.units, ignored_layers=s.ignored_layers,
+                                         num_heads=s.num_heads) / (1 + s.tolerance)
+        if c.plan_fractions is not None:
+            lowest, label, fix = min(c.plan_fractions), "the smallest plan_fractions", "raise it"
+        elif c.mean_budget is not None:
+            # The smallest group's budget is at most the mean: a mean below reach dooms it whatever k is.
+            lowest, label, fix = c.mean_budget, "the mean budget (the smallest group's is at most it)", \
+                "raise --mean-budget"
+        else:
+            lowest, label, fix = (budget_fractions(c.groups, c.k)[0], "the easiest group's budget (1/N + (N-1)/N k)",
+                                  RAISE_BUDGET)
+        check_reachable([lowest], count_flops(base, self.sample_shape), c.budget_unit, smallest, label=label, fix=fix)
+        return smallest
+
+    @writes
+    def prune(self, group: int | None = None) -> list[dict]:
+        """Proxy-based pruning: one pruned model per group, meeting its budget. Returns per-group summaries."""
+        plan = self.plan()
+        self._save_config()
+        base = self.base_model()
+        (self.dir / "prune").mkdir(parents=True, exist_ok=True)
+        summaries, table = [], None  # table: the base's latency table, looked up once for time budgets
+        for i in self._groups(plan, group):
+            done = self._pruned_before(plan, i)
+            if done is not None:
+                summaries.append(done)
+                continue
+            if self.config.budget_unit == "time" and table is None:
+                table = self.latency_table(base)
+            summary = self._prune_group(plan, i, base, table)
+            atomic_write_text(self.dir / "prune" / f"summary_{i}.json", json.dumps(summary, indent=2))
+            summaries.append(summary)
+        return summaries
+
+    def _pruned_before(self, plan: BudgetPlan, i: int) -> dict | None:
+        """Group i's summary when it was pruned already, for the plan's budget; None when it was not. Raises
+        ValueError when it was pruned for another budget."""
+        c = self.config
+        out, summary_path = self.dir / "prune" / f"group_{i}", self.dir / "prune" / f"summary_{i}.json"
+        if not (summary_path.exists() and out.exists()):
+            return None
+        summary = json.loads(summary_path.read_text())
+        was = (summary.get("budget_unit", "flops"), summary.get("fraction", summary["budget"] / plan.base_flops))
+        if was[0] != c.budget_unit or abs(was[1] - plan.fractions[i]) > 1e-9:
+            raise ValueError(
+                f"{out} was pruned for a {was[0]} budget of {was[1]:.4f} of the base but the plan now says "
+                f"{c.budget_unit} {plan.fractions[i]:.4f}; delete {self.dir / 'prune'} (and the stages after "
+                "it) to prune again"
+            )
+        return summary
+
+    def _prune_group(self, plan: BudgetPlan, i: int, base, table) -> dict:
+        """Search group i's pruned model (prune.search), time it against the base (refitting a time budget to
+        the measured time), save it as prune/group_i; returns its summary."""
+        c = self.config
+        scheduler = self.scheduler
+        train_images, held_out = self.split()
+        train_labels, held_labels = self.labels(base)
+        batch = ProxyBatch.make(held_out, plan.grouping.timesteps(i), scheduler, seed=c.seed + i, labels=held_labels)
+        # Proxy fine-tuning and Taylor calibration draw from the training split; scoring uses the held-out batch.
+        proxy = Proxy(base, batch, scheduler, space=c.search.proxy_space, finetune_steps=c.search.proxy_finetune_steps,
+                      train_images=train_images, train_labels=train_labels)
+        settings = replace(c.search, seed=c.seed + i)
+        budget = plan.fractions[i] * table.base_seconds if table is not None else plan.budgets[i]
+        result = search(base, budget, self.sample_shape, proxy, settings, progress=self.progress,
+                        log_path=self.dir / "prune" / f"search_{i}.jsonl", latency=table)
+        result.memory.save(self.dir / "prune" / f"memory_{i}.json")
+        trail = None
+        if table is not None:
+            # The table's estimate is not the expert's time: time the winner directly and refit its
+            # decision to a corrected budget where the measured time misses the plan.
+            timed = fit_to_measured_time(
+                base, result.decision, plan.fractions[i], self.sample_shape, c.latency_batch, table,
+                fitted=FitResult(result.model, result.decision, result.flops, budget, 1.0, result.seconds),
+                importance=settings.importance, units=settings.units,
+                ignored_layers=settings.ignored_layers, num_heads=settings.num_heads,
+                calibration=proxy.calibration(settings.seed) if settings.importance == "taylor" else None,
+            )
+            time_ratio, trail, fit = timed.time_ratio, timed.trail, timed.fit
+            if fit.model is not result.model:
+                result = replace(result, model=fit.model, decision=fit.decision, flops=fit.flops,
+                                 seconds=fit.seconds, score=float(proxy.score(fit.model)))
+        else:  # time it directly, side by side with the base
+            time_ratio = time_ratios([base, result.model], self.sample_shape, c.latency_batch)[1]
+        save_model(result.model, self.dir / "prune" / f"group_{i}")
+        return {
+            "group": i, "budget": budget, "budget_unit": c.budget_unit, "fraction": plan.fractions[i],
+            "flops": result.flops, "flops_ratio": result.flops / plan.base_flops,
+            "time_ratio": time_ratio, "latency_batch": c.latency_batch,
+            # the table's estimate of the search's winner (corrections are fitted on FLOPs, see the trail)
+            "estimated_time_ratio": trail[0]["estimated_ratio"] if table is not None else None,
+            "time_corrections": trail,
+            "decision": result.decision,
+            "proxy_score": result.score, "proxy_space": c.search.proxy_space, "proposer": c.search.proposer,
+            "candidates": len(result.memory.entries),
+        }
+
+    def latency_table(self, base):
+        """The base's per-unit latency table at latency_batch on this device (measured once, then cached)."""
+        return measure_latency_table(base, self.sample_shape, self.config.latency_batch,
+                                     depth_units=self.config.search.depth)
+
+    @writes
+    def finetune(self, group: int | None = None):
+        """Stage 2: fine-tune each group's pruned model on its own timesteps (plus the configured mix)."""
+        plan = self.plan()
+        self._save_config()
+        c = self.config
+        train_images, _ = self.split()
+        teacher = self.base_model() if c.finetune.uses_teacher else None
+        results = []
+        for i in self._groups(plan, group):
+            pruned_dir = self.dir / "prune" / f"group_{i}"
+            if not pruned_dir.exists():
+                raise FileNotFoundError(f"no pruned model for group {i} at {pruned_dir}; run `tdcdiff prune` first")
+            model = self.load(pruned_dir)
+            config = replace(c.finetune, seed=c.seed * 100 + i + 1,
+                             label_dropout=c.finetune.label_dropout or c.base.label_dropout, null_class=self.null_class(model))
+            results.append(
+                train(
+                    model, train_images, self.scheduler, config, self.dir / "finetune" / f"group_{i}",
+                    labels=self.labels(model)[0], timesteps=plan.grouping.timesteps(i), teacher=teacher, progress=self.progress,
+                    description=f"stage 2: group {i}",
+                )
+            )
+        return results
+
+    @writes
+    def export_bundle(self) -> Path:
+        out = self.dir / "bundle"
+        if (out / "manifest.json").exists():
+            return out
+        plan = self.plan()
+        experts, training = [], []
+        for i in range(len(plan.grouping)):
+            path = self.dir / "finetune" / f"group_{i}" / FINAL_DIR
+            if not path.exists():
+                raise FileNotFoundError(f"group {i} is not fine-tuned yet ({path} missing); run `tdcdiff finetune`")
+            experts.append(self.load(path))
+            summary = path.parent / "train.json"
+            summary = json.loads(summary.read_text()) if summary.exists() else {}
+            training.append({k: summary[k] for k in ("steps", "final_loss", "fingerprint") if k in summary})
+        train_flops = self.training_flops()
+        return save_bundle(
+            out, experts, plan.grouping, self.scheduler, sample_shape=self.sample_shape,
+            expert_flops=[count_flops(e, self.sample_shape) for e in experts], base_flops=plan.base_flops,
+            budgets=plan.budgets, expert_training=training,
+            provenance={"data": self.data.describe(), "config": self.config.to_dict(), "training_flops": train_flops},
+            conditioning=self.conditioning(experts[0]),
+            vae=self.vae,
+        )
+
+    def training_flops(self) -> dict:
+        """Training compute of stage 1 and of each group's stage 2, from the runs' own records."""
+        def recorded(path: Path) -> int:
+            return json.loads((path / "train.json").read_text())["train_flops"] if (path / "train.json").exists() else 0
+
+        stage2 = [recorded(self.dir / "finetune" / f"group_{i}") for i in range(len(self.plan().grouping))]
+        stage1 = recorded(self.dir / "base")
+        return {"stage1": stage1, "stage2_per_group": stage2, "total": stage1 + sum(stage2),
+                "convention": "FLOPs = 2 x MACs; forward + backward = 3 x forward, x batch x steps"}
+
+    @writes
+    def sample_grid(self, name: str, model, *, seed: int | None = None, source: Path | None = None) -> Path:
+        """samples/NAME.png: a grid of the run's sampling settings (sampler, sample_steps, num_samples) from model.
+
+        source: the file that pins the model's weights (a saved model's architecture.json, which holds its
+        weights' sha256, or a bundle's manifest.json). With it, an existing grid made from the same weights and
+        settings is kept (samples/NAME.inputs.json records them); without it, the grid is always redrawn.
+        """
+        c = self.config
+        path = self.dir / "samples" / f"{name}.png"
+        record = path.with_suffix(".inputs.json")
+        inputs = {
+            "model_sha256": sha256_file(source) if source is not None else None,
+            "sampler": c.sampler, "steps": c.sampling_steps, "num_images": c.num_samples,
+            "seed": c.seed if seed is None else seed, "sample_shape": self.sample_shape,
+            "schedule": [c.num_train_timesteps, c.beta_schedule, c.prediction_type],
+        }
+        if source is not None and up_to_date(record, inputs, [path]):
+            return path
+        result = sample(
+            model, self.scheduler, sample_shape=self.sample_shape, sampler=c.sampler, steps=c.sampling_steps,
+            num_images=c.num_samples, seed=inputs["seed"], progress=self.progress,
+            class_labels=self.sample_labels(model, c.num_samples), decode=self.decode,
+        )
+        save_grid(result.images, path)
+        if source is not None:
+            record_inputs(record, inputs, [path])
+        return path
+
+    @staticmethod
+    def _groups(plan: BudgetPlan, group: int | None) -> range:
+        n = len(plan.grouping)
+        if group is None:
+            return range(n)
+        if not 0 <= group < n:
+            raise ValueError(f"--group must be between 0 and {n - 1} (the plan has {n} groups), got {group}")
+        return range(group, group + 1)
