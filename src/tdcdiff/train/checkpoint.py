@@ -69,7 +69,7 @@ def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> 
 def save_checkpoint(out_dir: Path, step: int, loss: float, fingerprint: str, model: nn.Module, optimizer, ema,
                     distiller: nn.Module | None) -> None:
     """Replace out_dir/checkpoint, whole, with the state after `step` steps (ema: diffusers EMAModel or None)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # looked up at call time, so a test can stand in a full disk
 
     with atomic_dir(out_dir / CHECKPOINT_DIR) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")

@@ -45,8 +45,8 @@ def _checked_timesteps(timesteps: torch.Tensor | None, num_train: int) -> torch.
 
 
 class Trainer:
-    """One call of `train` (see there for the arguments). The constructor checks everything that can be checked
-    before a file is written and raises ValueError naming the problem; `run` trains and returns the TrainResult.
+    """One call of `train` (see there for the arguments). The constructor checks the settings and inputs, raising
+    ValueError naming the problem before anything is written; `run` trains and returns the TrainResult.
 
     After `prepare`, `ddp_denoiser` is the denoiser as accelerate prepared it (DDP-wrapped with several processes),
     `denoiser` the plain one, and `project` the feature projections likewise.
