@@ -281,9 +281,9 @@ def test_data_the_report_cannot_measure_fails_before_training(tmp_path, folders,
 
 
 def test_diverged_training_is_one_line(tmp_path, monkeypatch):
-    from tdcdiff import train
+    from tdcdiff.train import loop
 
-    monkeypatch.setattr(train, "training_target", lambda scheduler, x0, noise, t: torch.full_like(x0, float("nan")))
+    monkeypatch.setattr(loop, "training_target", lambda scheduler, x0, noise, t: torch.full_like(x0, float("nan")))
     result = _train_one_step(tmp_path / "run")
     assert result.exit_code == 2, result.output
     assert re.fullmatch(r"error: loss became nan at step 1; the last good checkpoint is kept in .*checkpoint \(step 0\)\. "

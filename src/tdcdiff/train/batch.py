@@ -1,0 +1,102 @@
+"""What each training step trains on: the class labels checked against the model (`conditioning`), and the
+batch of a step (images, timesteps, noise, labels) drawn from a generator seeded by (seed, step, process), so a run
+resumed from a checkpoint draws exactly what the uninterrupted run would have."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models import num_class_embeds
+from .config import TrainConfig
+
+
+def conditioning(model: nn.Module, labels: torch.Tensor | None, num_images: int, config: TrainConfig,
+                 ) -> tuple[torch.Tensor | None, int | None]:
+    """(labels to train with, null class id) after checking the labels fit the model's class embedding.
+
+    An unconditional model gets (None, None) whatever the labels. Raises ValueError naming both sides when a
+    class-conditional model gets no labels, unlabeled images, or more classes than it embeds.
+    """
+    classes = num_class_embeds(model)
+    if classes is None:
+        if config.label_dropout > 0:
+            raise ValueError("label_dropout > 0 needs a class-conditional model (e.g. UNet2DModel num_class_embeds)")
+        return None, None
+    if labels is None:
+        raise ValueError(f"the model is class-conditional ({classes} class ids) but the data has no labels; "
+                         "use labelled data (class subfolders, IDX labels) or an unconditional model")
+    labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+    if len(labels) != num_images:
+        raise ValueError(f"{len(labels)} labels for {num_images} images; give one label per image")
+    null = None
+    if config.label_dropout > 0:
+        null = classes - 1 if config.null_class is None else config.null_class
+        if not 0 <= null < classes:
+            raise ValueError(f"null_class {null} is not one of the model's {classes} class ids (0..{classes - 1})")
+    if labels.min() < 0:
+        raise ValueError("some images have no label (-1) but the model is class-conditional; label every image")
+    usable = classes - (null is not None and null == classes - 1)
+    if labels.max() >= usable or (null is not None and bool((labels == null).any())):
+        raise ValueError(
+            f"the data has class labels 0..{labels.max().item()} but the model embeds {classes} class ids"
+            + (f" with id {null} kept for dropped labels" if null is not None else "")
+            + "; use a model with more class embeddings or data with fewer classes"
+        )
+    return labels, null
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of step `step` (0-based) on process `rank` of a run with TrainConfig.seed `seed`."""
+    return seed * 1_000_003 + step * 7919 + rank
+
+
+@dataclass
+class Batch:
+    """One process's batch of a step: x0 (B, C, H, W) clean images, t (B,) int64 timesteps, noise (B, C, H, W)
+    standard normal, y (B,) int64 class labels (the null class where dropped) or None for an unconditional model."""
+
+    x0: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    y: torch.Tensor | None
+
+
+class TrainingBatches:
+    """Draws each step's batch on one process.
+
+    images: (N, C, H, W); labels, null_class: as `conditioning` returns them; timesteps: (K,) int64, the ones to
+    draw t from; num_train_timesteps: T, what a mixed-in sample draws t from (config.mix_fraction); batch_size: the
+    batch of this process; rank: this process's index; device: where the batches go.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, null_class: int | None,
+                 timesteps: torch.Tensor, num_train_timesteps: int, config: TrainConfig, batch_size: int, rank: int,
+                 device: torch.device):
+        self.images = images.to(device)
+        self.labels = None if labels is None else labels.to(device)
+        self.null_class, self.timesteps, self.num_train_timesteps = null_class, timesteps, num_train_timesteps
+        self.config, self.batch_size, self.rank, self.device = config, batch_size, rank, device
+
+    def draw(self, step: int) -> Batch:
+        """The batch of step `step` (0-based). Also seeds torch's global generator from the same seed, for the
+        model's dropout, if it has any."""
+        c, size, device = self.config, self.batch_size, self.device
+        seed = step_seed(c.seed, step, self.rank)
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        picked = torch.randint(len(self.images), (size,), generator=g).to(device)
+        x0 = self.images[picked]
+        t = self.timesteps[torch.randint(len(self.timesteps), (size,), generator=g)]
+        if c.mix_fraction > 0 and len(self.timesteps) < self.num_train_timesteps:
+            outside = torch.rand(size, generator=g) < c.mix_fraction
+            t = torch.where(outside, torch.randint(self.num_train_timesteps, (size,), generator=g), t)
+        t = t.to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        y = None if self.labels is None else self.labels[picked]
+        if self.null_class is not None:
+            dropped = (torch.rand(size, generator=g) < c.label_dropout).to(device)
+            y = torch.where(dropped, torch.full_like(y, self.null_class), y)
+        return Batch(x0, t, noise, y)
