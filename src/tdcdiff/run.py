@@ -44,7 +44,7 @@ import torch
 
 from .budget import (
     RAISE_BUDGET,
-    Plan,
+    BudgetPlan,
     budget_fractions,
     check_reachable,
     make_plan,
@@ -767,12 +767,12 @@ class Run:
         return TrainResult(out, 0, float("nan"), 0, 0)
 
     @_writes
-    def plan(self) -> Plan:
+    def plan(self) -> BudgetPlan:
         """Group the timesteps and give each group its FLOPs budget."""
         path = self.dir / "plan" / "plan.json"
         c = self.config
         if path.exists():
-            plan = Plan.load(path)  # written before the unit was recorded: the run's (a plan setting since)
+            plan = BudgetPlan.load(path)  # written before the unit was recorded: the run's (a plan setting since)
             return plan if plan.budget_unit is not None else replace(plan, budget_unit=c.budget_unit)
         self._save_config()
         base = self.base_model()
@@ -1021,7 +1021,7 @@ class Run:
         return {"bundle": bundle_path, "samples": [base_grid, tdc_grid], "plan": plan, "report": report}
 
     @staticmethod
-    def _groups(plan: Plan, group: int | None) -> range:
+    def _groups(plan: BudgetPlan, group: int | None) -> range:
         n = len(plan.grouping)
         if group is None:
             return range(n)
