@@ -348,7 +348,7 @@ def save_evaluation(seed_dir: Path, settings: dict, weights: dict, evaluation: d
 def run_seed(args, setting: Setting, seed: int, reference, out: Path, settings: dict) -> dict:
     """All arms for one seed, evaluated side by side; returns the evaluate() dict. settings: call_settings of
     the call less its seeds, saved with the evaluation (see earlier_evaluation)."""
-    from tdcdiff.budget import Plan
+    from tdcdiff.budget import BudgetPlan
     from tdcdiff.bundle import load_bundle
     from tdcdiff.evaluate import ModelEntry, evaluate
 
@@ -365,7 +365,7 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path, settings: 
     # One-stage group models never used the base's weights: their compute is stage 2 alone.
     tdc_flops = compute["total"] - (stage1 if args.one_stage else 0)
     extra = tdc_flops - stage1
-    plan = Plan.load(tdc.dir / "plan" / "plan.json")
+    plan = BudgetPlan.load(tdc.dir / "plan" / "plan.json")
     c = tdc.config
 
     single, single_model = train_further(tdc.base_model(), tdc, extra, seed_dir / "single", "single model", progress)

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from tdcdiff.budget import Plan, allocate_from_curves, budget_fractions, curve_loss, make_plan
+from tdcdiff.budget import BudgetPlan, allocate_from_curves, budget_fractions, curve_loss, make_plan
 from tdcdiff.grouping import make_groups
 from tdcdiff.schedule import make_scheduler
 
@@ -133,9 +133,9 @@ def test_a_mean_budget_weights_groups_by_their_timesteps():
 def test_a_mean_budget_is_saved_in_the_plan_and_old_plans_still_load():
     plan = _plan(mean_budget=0.6)
     data = plan.to_dict()
-    assert data["mean_budget"] == 0.6 and Plan.from_dict(data) == plan
+    assert data["mean_budget"] == 0.6 and BudgetPlan.from_dict(data) == plan
     del data["mean_budget"]  # a plan.json written before mean budgets existed
-    assert Plan.from_dict(data).mean_budget is None
+    assert BudgetPlan.from_dict(data).mean_budget is None
 
 
 @pytest.mark.parametrize("bad", [0, -0.2, 1.5, float("nan")])
@@ -147,9 +147,9 @@ def test_a_mean_budget_outside_0_1_names_the_fix(bad):
 def test_the_plan_records_its_budget_unit_and_old_plans_load_without_one():
     plan = _plan(budget_unit="time")
     data = plan.to_dict()
-    assert data["budget_unit"] == "time" and Plan.from_dict(data) == plan
+    assert data["budget_unit"] == "time" and BudgetPlan.from_dict(data) == plan
     del data["budget_unit"]  # a plan.json written before the unit was recorded: Run.plan fills in the run's
-    assert Plan.from_dict(data).budget_unit is None
+    assert BudgetPlan.from_dict(data).budget_unit is None
 
 
 def test_given_fractions_make_a_plan_without_k_or_ordering():
@@ -159,7 +159,7 @@ def test_given_fractions_make_a_plan_without_k_or_ordering():
     plan = plan_from_fractions(grouping, [0.9, 0.5, 1.0, 0.7], base_flops=1000, sample_shape=(1, 8, 8))
     assert plan.k is None and plan.ordering is None and plan.sensitivity is None
     assert plan.ranks == [3, 1, 4, 2] and plan.provenance["fractions"] == "plan_fractions"
-    assert Plan.from_dict(plan.to_dict()) == plan
+    assert BudgetPlan.from_dict(plan.to_dict()) == plan
 
 
 @pytest.mark.parametrize("kwargs, message", [

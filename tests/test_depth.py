@@ -128,8 +128,8 @@ def test_fit_keeps_removed_layers_and_fits_the_rest_by_width():
 def test_time_budget_fits_the_latency_table_estimate():
     """With a latency table the repair fits its estimate (a made-up table here: no timing in tests)."""
     from tdcdiff.latency import LatencyTable
-    from tdcdiff.prune.engine import plan_for
     from tdcdiff.prune.fit import fit_to_budget, unit_levels
+    from tdcdiff.prune.plan import plan_for
 
     base = unet(2)
     shape = (3, 16, 16)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from tdcdiff.budget import Plan, budget_fractions, difficulty_ranks, make_plan
+from tdcdiff.budget import BudgetPlan, budget_fractions, difficulty_ranks, make_plan
 from tdcdiff.grouping import STRATEGIES, Grouping, make_groups, per_image_loss, per_timestep_loss, plot_grouping
 from tdcdiff.schedule import make_scheduler, snr_db
 
@@ -88,7 +88,7 @@ def test_orderings_and_plan_mean():
     plan = make_plan(grouping, k=0.5, ordering="snr-low-hard", base_flops=1000, sample_shape=(1, 8, 8))
     assert plan.budgets == [625, 750, 875, 1000]
     assert plan.mean_fraction == pytest.approx((0.625 + 0.75 + 0.875 + 1.0) / 4)
-    assert Plan.from_dict(plan.to_dict()).budgets == plan.budgets
+    assert BudgetPlan.from_dict(plan.to_dict()).budgets == plan.budgets
 
 
 @pytest.mark.parametrize(

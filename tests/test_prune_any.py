@@ -10,8 +10,9 @@ from torch import nn
 from models_zoo import AdmUNet, AttentionBlock, DiTAttention, TinyDiT, class_conditional_unet, diffusers_dit
 from tdcdiff.flops import count_flops
 from tdcdiff.models import Denoiser
-from tdcdiff.prune.engine import PruningError, prune
+from tdcdiff.prune.engine import prune
 from tdcdiff.prune.fit import fit_to_budget
+from tdcdiff.prune.plan import PruningError
 from tdcdiff.prune.units import prunable_units
 from tdcdiff.surgery.attributes import attention_heads
 

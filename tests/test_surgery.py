@@ -6,8 +6,9 @@ from torch import nn
 
 from tdcdiff.flops import count_flops
 from tdcdiff.models import Denoiser, as_denoiser, build_unet
-from tdcdiff.prune.engine import Calibration, prune
+from tdcdiff.prune.engine import prune
 from tdcdiff.prune.fit import BudgetError, fit_to_budget
+from tdcdiff.prune.importance import Calibration
 from tdcdiff.prune.units import prunable_units, uniform_decision
 from tdcdiff.schedule import make_scheduler
 

@@ -624,7 +624,7 @@ def curved(tuned):
 def test_curves_candidate_allocates_the_papers_mean_budget_from_measured_curves(curved, capsys):
     from dataclasses import replace
 
-    from tdcdiff.budget import Plan
+    from tdcdiff.budget import BudgetPlan
     from tdcdiff.tune import Tune
 
     tune, record = curved
@@ -645,7 +645,7 @@ def test_curves_candidate_allocates_the_papers_mean_budget_from_measured_curves(
     assert paper["curve_loss"] is not None and chosen["curve_loss"] == pytest.approx(
         sum(next(p["loss"] for p in group if p["fraction"] == f) for group, f in zip(curves, chosen["fractions"])))
     # The TDC run pruned to the curves' fractions, and the curves' training is part of the same compute.
-    run_plan = Plan.load(tune.dir / record["dir"] / "plan" / "plan.json")
+    run_plan = BudgetPlan.load(tune.dir / record["dir"] / "plan" / "plan.json")
     assert run_plan.fractions == chosen["fractions"]
     saved = json.loads((tune.dir / "curves" / "N2-snr" / "curves.json").read_text())
     assert saved["measure"] == "loss" and saved["measures"] == ["loss", "bpd"] and saved["points"] == curves

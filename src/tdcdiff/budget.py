@@ -118,7 +118,7 @@ def measure_sensitivity(
 
 
 @dataclass
-class Plan:
+class BudgetPlan:
     """Groups, their difficulty and budgets: the input of the pruning stage.
 
     fractions: each group's budget as a fraction of the base's `budget_unit` ("flops": its FLOPs; "time": its
@@ -170,7 +170,7 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> Plan:
+    def from_dict(cls, data: dict) -> BudgetPlan:
         if data.get("format") != "tdcdiff-plan/1":
             raise ValueError(f"not a tdcdiff plan (format {data.get('format')!r}, expected 'tdcdiff-plan/1')")
         return cls(
@@ -194,7 +194,7 @@ class Plan:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> Plan:
+    def load(cls, path: str | Path) -> BudgetPlan:
         path = Path(path)
         try:
             return cls.from_dict(json.loads(path.read_text()))
@@ -216,14 +216,14 @@ def make_plan(
     mean_budget: float | None = None,
     budget_unit: str = "flops",
     smallest: float | None = None,
-) -> Plan:
+) -> BudgetPlan:
     """Assign each group its budget fraction of the base from its difficulty rank.
 
     Without mean_budget, the paper's formula: rank i of N gets i/N + (N-i)/N x k (the hardest gets 1.0).
     With mean_budget in (0, 1], those fractions f_i are scaled to min(1, s x f_i) with the one s that makes the
-    timestep-weighted mean (Plan.mean_fraction) equal mean_budget (see scale_to_mean): k and the ranks keep
+    timestep-weighted mean (BudgetPlan.mean_fraction) equal mean_budget (see scale_to_mean): k and the ranks keep
     their role, the ratios between uncapped groups, and the total is what is asked.
-    budget_unit: what the fractions are of, "flops" or "time" (recorded; see Plan).
+    budget_unit: what the fractions are of, "flops" or "time" (recorded; see BudgetPlan).
     smallest: the smallest FLOPs fraction pruning can reach (see check_reachable), or None when not known.
     Raises ValueError for k outside (0, 1], mean_budget outside (0, 1], a bad ordering/sensitivity, or a group
     budget no pruning can meet (check_reachable).
@@ -236,7 +236,7 @@ def make_plan(
         total = grouping.num_train_timesteps
         fractions = scale_to_mean(fractions, [g.size / total for g in grouping.groups], mean_budget)
     check_reachable(fractions, base_flops, budget_unit, smallest)
-    return Plan(grouping, k, ordering, base_flops, tuple(sample_shape), ranks, fractions, sensitivity,
+    return BudgetPlan(grouping, k, ordering, base_flops, tuple(sample_shape), ranks, fractions, sensitivity,
                 provenance or {}, mean_budget, budget_unit)
 
 
@@ -249,7 +249,7 @@ def plan_from_fractions(
     provenance: dict | None = None,
     budget_unit: str = "flops",
     smallest: float | None = None,
-) -> Plan:
+) -> BudgetPlan:
     """A plan whose budget fractions are given (e.g. from allocate_from_curves), one per group in group order:
     k and the ordering do not apply (recorded as None, provenance["fractions"] = "plan_fractions"); the ranks
     order the groups by their budget. Raises ValueError as check_reachable does, or for a wrong count.
@@ -257,7 +257,7 @@ def plan_from_fractions(
     if len(fractions) != len(grouping):
         raise ValueError(f"{len(fractions)} budget fractions for {len(grouping)} groups; give one per group")
     check_reachable(fractions, base_flops, budget_unit, smallest, fix="raise the smallest plan_fractions")
-    return Plan(grouping, None, None, base_flops, tuple(sample_shape),
+    return BudgetPlan(grouping, None, None, base_flops, tuple(sample_shape),
                 difficulty_ranks("measured", len(grouping), list(fractions)), list(fractions), None,
                 {**(provenance or {}), "fractions": "plan_fractions"}, None, budget_unit)
 

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..flops import count_flops
-from ..latency import one_thread
+from ..latency import measure_table, one_thread, time_ratios
 from ..models import as_denoiser, network
 from ..surgery import depth
-from .engine import Calibration, Plan, check_importance, kept_slots, plan_for, prune_kept, reduced_base
+from .engine import prune_kept, reduced_base
+from .importance import BY_POSITION, Calibration, check_importance
+from .plan import PruningPlan, kept_slots, plan_for
 from .units import MAX_RATIO, Decision, check_decision
 
 
@@ -45,7 +47,7 @@ class BudgetError(ValueError):
     """No decision reachable by pruning lands within tolerance of the budget."""
 
 
-def unit_levels(plan: Plan, unit: str) -> list[float]:
+def unit_levels(plan: PruningPlan, unit: str) -> list[float]:
     """One ratio per distinct channel configuration of a unit, ascending, each safely inside its interval."""
     slots = {g.slots for g in plan.groups if g.unit == unit}
     # Where round(s * (1 - r)) drops from j to j - 1 channels per norm group.
@@ -62,8 +64,8 @@ def _estimator(base: nn.Module, sample_shape, latency, space: dict):
     table its time estimate, each width ratio looked up as the full base's level with the same channels."""
     if latency is None:
 
-        def flops(plan: Plan, width: Decision, removed: list[str]) -> float:
-            trial = prune_kept(reduced_base(base, removed), plan, plan.kept(width), sample_shape, "position", None)
+        def flops(plan: PruningPlan, width: Decision, removed: list[str]) -> float:
+            trial = prune_kept(reduced_base(base, removed), plan, plan.kept(width), sample_shape, BY_POSITION, None)
             return count_flops(as_denoiser(trial), sample_shape)
 
         return flops
@@ -75,7 +77,7 @@ def _estimator(base: nn.Module, sample_shape, latency, space: dict):
         kept = [kept_slots(ratio, g.slots) for g in groups]
         return next((v for v in levels[unit] if [kept_slots(v, g.slots) for g in groups] == kept), ratio)
 
-    def seconds(plan: Plan, width: Decision, removed: list[str]) -> float:
+    def seconds(plan: PruningPlan, width: Decision, removed: list[str]) -> float:
         # A unit the table lacks has no reachable level: its ratio changes nothing.
         chosen = {u: level(u, r) for u, r in width.items() if u in levels and u in latency.deltas}
         return latency.estimate({**chosen, **dict.fromkeys(removed, 1.0)})
@@ -86,7 +88,7 @@ def _estimator(base: nn.Module, sample_shape, latency, space: dict):
 class _BudgetSearch:
     """Measures the cost of trial width decisions (once per distinct pruned shape) and keeps the closest."""
 
-    def __init__(self, cost, plan: Plan, removed: list[str], budget: float, tolerance: float):
+    def __init__(self, cost, plan: PruningPlan, removed: list[str], budget: float, tolerance: float):
         self.cost_of, self.plan, self.removed = cost, plan, removed
         self.budget, self.tolerance = budget, tolerance
         self.measured: dict[tuple[int, ...], float] = {}
@@ -211,7 +213,7 @@ def smallest_fraction(base: nn.Module, sample_shape, *, units=None, ignored_laye
     units, ignored_layers, num_heads: as for engine.prune()."""
     plan = plan_for(network(base), tuple(sample_shape), units=units, ignored_layers=ignored_layers, num_heads=num_heads)
     smallest = prune_kept(base, plan, plan.kept({u.name: MAX_RATIO for u in plan.units}), tuple(sample_shape),
-                          "position", None)
+                          BY_POSITION, None)
     return count_flops(as_denoiser(smallest), sample_shape) / count_flops(as_denoiser(base), sample_shape)
 
 
@@ -242,10 +244,10 @@ def fit_to_budget(
         too), or with `latency` target seconds of one forward at the table's batch. tolerance: allowed
         relative error. max_iter: bisection steps.
     latency: a latency.LatencyTable of base (see measure_latency_table) to budget time instead of FLOPs.
-    Raises BudgetError when no reachable pruning is within tolerance, PruningError (engine) when the
+    Raises BudgetError when no reachable pruning is within tolerance, PruningError (prune.plan) when the
     architecture cannot be pruned as planned.
     """
-    check_importance(importance, calibration)
+    criterion = check_importance(importance, calibration)
     if budget_flops <= 0:
         raise ValueError(f"budget must be positive, got {budget_flops}")
     sample_shape = tuple(sample_shape)
@@ -291,7 +293,7 @@ def fit_to_budget(
             f"({search.best_flops / base_cost:.1%}). Give the smallest group a larger budget (raise k or "
             "lower N) or allow a larger tolerance."
         )
-    model = prune_kept(reduced, plan, plan.kept(search.best), sample_shape, importance, calibration)
+    model = prune_kept(reduced, plan, plan.kept(search.best), sample_shape, criterion, calibration)
     seconds = search.best_flops if latency is not None else None
     return FitResult(model, {**search.best, **repaired_depth}, count_flops(as_denoiser(model), sample_shape),
                      budget_flops, scale, seconds)
@@ -345,8 +347,6 @@ def fit_to_measured_time(
     Returns the try whose measured ratio is closest to the target, with the trail of all tries.
     Raises ValueError for target_ratio <= 0 or max_corrections < 0; BudgetError when the first fit fails.
     """
-    from ..latency import time_ratios
-
     if not target_ratio > 0 or max_corrections < 0:
         raise ValueError(f"target_ratio must be > 0 and max_corrections >= 0, got {target_ratio} and {max_corrections}")
     fit = fitted or fit_to_budget(base, decision, target_ratio * latency.base_seconds, sample_shape, latency=latency,
@@ -393,8 +393,6 @@ def measure_latency_table(
     removed. Cached per device, batch, architecture and torch version (see latency.measure_table).
     kwargs: repeats, warmup (as for latency.compare).
     """
-    from ..latency import measure_table
-
     sample_shape = tuple(sample_shape)
     plan = plan_for(network(base), sample_shape)
     variants = {}
@@ -403,7 +401,7 @@ def measure_latency_table(
         if len(levels) > max_levels:
             levels = [levels[round(i * (len(levels) - 1) / (max_levels - 1))] for i in range(max_levels)]
         variants[u.name] = {
-            v: (lambda v=v, u=u.name: prune_kept(base, plan, plan.kept({u: v}), sample_shape, "position", None))
+            v: (lambda v=v, u=u.name: prune_kept(base, plan, plan.kept({u: v}), sample_shape, BY_POSITION, None))
             for v in levels
         }
     if depth_units:

@@ -83,7 +83,8 @@ class LLMProposer:
         self.base_url = (base_url or _env("TDCDIFF_LLM_BASE_URL", "OPENAI_BASE_URL") or "").rstrip("/")
         self.model = model or _env("TDCDIFF_LLM_MODEL")
         if not self.base_url:
-            raise ValueError("the llm proposer needs an endpoint: pass base_url or set TDCDIFF_LLM_BASE_URL (or OPENAI_BASE_URL)")
+            raise ValueError("the llm proposer needs an endpoint: pass base_url or set TDCDIFF_LLM_BASE_URL "
+                             "(or OPENAI_BASE_URL)")
         if not self.model:
             raise ValueError("the llm proposer needs a model name: pass model or set TDCDIFF_LLM_MODEL")
         if retries < 0:
@@ -120,7 +121,9 @@ class LLMProposer:
                 if attempt + 1 < tries:
                     time.sleep(self.backoff * 2**attempt)
         if self.fallback is None:
-            raise LLMProposerError(f"the llm proposer at {self.base_url} gave no usable answer in {tries} tries ({reason})")
+            raise LLMProposerError(
+                f"the llm proposer at {self.base_url} gave no usable answer in {tries} tries ({reason})"
+            )
         self.fallbacks += 1
         self.last_source = f"{self.fallback.name} (llm fallback)"
         log.warning(
@@ -161,7 +164,9 @@ class LLMProposer:
         try:
             return reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError) as err:
-            raise ValueError(f"not a chat-completions answer (no choices[0].message.content): {str(reply)[:200]}") from err
+            raise ValueError(
+                f"not a chat-completions answer (no choices[0].message.content): {str(reply)[:200]}"
+            ) from err
 
     def _redact(self, text: str) -> str:
         # An endpoint may echo the request headers back in an error body.
@@ -225,6 +230,7 @@ def _problem(candidate, units: list[str]) -> str | None:
             if isinstance(ratio, bool) or ratio not in (0, 1):
                 return f"{unit}={ratio!r} is a layer: 0 (keep) or 1 (remove)"
             continue
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or not 0 <= ratio <= MAX_RATIO:
+        number = isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
+        if not number or not math.isfinite(ratio) or not 0 <= ratio <= MAX_RATIO:
             return f"{unit}={ratio!r} is not a number in [0, {MAX_RATIO}]"
     return None

@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..files import atomic_write_text
+
 
 @dataclass
 class Entry:
@@ -82,8 +84,6 @@ class MemoryBank:
 
     def save(self, path: str | Path) -> Path:
         """Write the bank as JSON atomically (a reader never sees a half-written file)."""
-        from ..files import atomic_write_text
-
         atomic_write_text(path, self.to_json())
         return Path(path)
 
@@ -97,7 +97,9 @@ class MemoryBank:
         then how many failed. Ratios are rounded to 2 decimals to keep the prompt short."""
         if not self.entries:
             return "(no candidates evaluated yet)"
-        lines = ["rank | round | proposer | cost/budget | score | decision (unit=ratio removed; layer units: 1=removed)"]
+        lines = [
+            "rank | round | proposer | cost/budget | score | decision (unit=ratio removed; layer units: 1=removed)"
+        ]
         for rank, e in enumerate(self.best(max_entries), 1):
             ratios = ", ".join(f"{unit}={ratio:.2f}" for unit, ratio in e.decision.items())
             lines.append(f"{rank} | {e.round} | {e.proposer} | {e.cost / e.budget:.3f} | {e.score:.4f} | {ratios}")

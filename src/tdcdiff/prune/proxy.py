@@ -16,6 +16,7 @@ from torch import nn
 
 from ..models import as_denoiser
 from ..schedule import predict_x0, training_target
+from .importance import Calibration
 
 SPACES = ("relative", "x0")
 
@@ -148,7 +149,8 @@ def finetune(
         t = group[torch.randint(len(group), (batch_size,), generator=g)].to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         y = None if labels is None else labels[picked].to(device)
-        loss = (denoiser(_noised(scheduler, x0, noise, t), t, y) - training_target(scheduler, x0, noise, t)).pow(2).mean()
+        prediction = denoiser(_noised(scheduler, x0, noise, t), t, y)
+        loss = (prediction - training_target(scheduler, x0, noise, t)).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -189,7 +191,8 @@ class Proxy:
         if finetune_steps < 0:
             raise ValueError(f"finetune_steps must be >= 0, got {finetune_steps}")
         self.batch, self.scheduler, self.space = batch, scheduler, space
-        self.finetune_steps, self.finetune_lr, self.finetune_batch_size = finetune_steps, finetune_lr, finetune_batch_size
+        self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
+        self.finetune_batch_size = finetune_batch_size
         self.train_images = batch.images if train_images is None else train_images
         self.train_labels = batch.labels if train_images is None else train_labels
         self.base_loss = denoising_loss(base, batch, scheduler, space)
@@ -207,8 +210,7 @@ class Proxy:
             )
         return denoising_loss(model, self.batch, self.scheduler, self.space) / self.base_loss
 
-    def calibration(self, seed: int = 0):
-        """An engine.Calibration for Taylor importance on this group's timesteps."""
-        from .engine import Calibration
-
-        return Calibration(images=self.train_images, scheduler=self.scheduler, timesteps=self.batch.group_timesteps, seed=seed)
+    def calibration(self, seed: int = 0) -> Calibration:
+        """A Calibration for Taylor importance on this group's timesteps."""
+        return Calibration(images=self.train_images, scheduler=self.scheduler, timesteps=self.batch.group_timesteps,
+                           seed=seed)

@@ -22,8 +22,8 @@ from torch import nn
 from ..flops import count_flops, flops_by_module
 from ..models import as_denoiser, network
 from ..surgery.depth import depth_units
-from .engine import IMPORTANCES
-from .fit import BudgetError, fit_to_budget
+from .fit import BudgetError, FitResult, fit_to_budget
+from .importance import get_importance, unknown_importance
 from .llm import LLMProposer
 from .memory import Entry, MemoryBank
 from .proposers import Decision, EvolutionProposer, Proposer, SearchContext, UniformProposer
@@ -82,11 +82,12 @@ class SearchConfig:
     depth: bool = False
 
     def validate(self) -> None:
+        importance_error = unknown_importance(self.importance)
         checks = [
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
             (self.candidates_per_round >= 1, f"candidates_per_round must be >= 1, got {self.candidates_per_round}"),
             (self.proposer in PROPOSERS, f"unknown proposer {self.proposer!r}; choose one of {tuple(PROPOSERS)}"),
-            (self.importance in IMPORTANCES, f"unknown importance {self.importance!r}; choose one of {IMPORTANCES}"),
+            (importance_error is None, importance_error),
             (self.proxy_space in SPACES, f"unknown proxy_space {self.proxy_space!r}; choose one of {SPACES}"),
             (self.proxy_finetune_steps >= 0, f"proxy_finetune_steps must be >= 0, got {self.proxy_finetune_steps}"),
             (0 < self.tolerance < 1, f"tolerance must be in (0, 1), got {self.tolerance} (typical: 0.03)"),
@@ -134,10 +135,12 @@ def _architecture(model: nn.Module) -> tuple:
 
 
 def _check_proxy(proxy: Scorer, config: SearchConfig) -> None:
-    if config.importance == "taylor" and not hasattr(proxy, "calibration"):
-        raise ValueError("importance='taylor' needs a Proxy: its images and timesteps calibrate the importance")
+    if get_importance(config.importance).needs_calibration and not hasattr(proxy, "calibration"):
+        raise ValueError(f"importance={config.importance!r} needs a Proxy: its images and timesteps calibrate the "
+                         "importance")
     # The config is what gets logged with the run, so it must describe the proxy actually used.
-    if isinstance(proxy, Proxy) and (proxy.space, proxy.finetune_steps) != (config.proxy_space, config.proxy_finetune_steps):
+    settings = (config.proxy_space, config.proxy_finetune_steps)
+    if isinstance(proxy, Proxy) and (proxy.space, proxy.finetune_steps) != settings:
         raise ValueError(
             f"the proxy scores in space {proxy.space!r} after {proxy.finetune_steps} fine-tuning steps but the config "
             f"says {config.proxy_space!r} and {config.proxy_finetune_steps}; build the Proxy from the config's settings"
@@ -161,6 +164,93 @@ def describe_units(base: nn.Module, units, sample_shape: tuple[int, ...]) -> dic
             "flops_share": round(sum(flops.get(f"Denoiser.model.{name}", 0) for name in unit.modules) / total, 3),
         }
     return info
+
+
+def _context(base: nn.Module, units, layers: list[str], sample_shape: tuple[int, ...], latency,
+             share: float) -> SearchContext:
+    """What a proposer that takes context is told: each unit's size and share of the cost, and the budget's share."""
+    info = describe_units(base, units, sample_shape)
+    for name in layers:  # what removing one layer saves, where the latency table says
+        saved = -latency.delta(name, 1.0) / latency.base_seconds if latency is not None else None
+        info[name] = {"kind": "layer"} | ({"time_share": round(saved, 3)} if saved is not None else {})
+    return SearchContext(share, info, "forward time" if latency is not None else "FLOPs")
+
+
+class _Trials:
+    """Repairs, prunes and scores proposals (fit_to_budget, then the proxy), skipping repeats: a decision
+    proposed before (to 3 decimals), or one repaired to the layer widths of a model already scored."""
+
+    def __init__(self, base: nn.Module, budget: float, sample_shape: tuple[int, ...], proxy: Scorer,
+                 config: SearchConfig, latency):
+        self.base, self.budget, self.sample_shape, self.proxy = base, budget, sample_shape, proxy
+        self.config, self.latency = config, latency
+        needs_calibration = get_importance(config.importance).needs_calibration
+        self.calibration = proxy.calibration(config.seed) if needs_calibration else None
+        self.proposed, self.evaluated = set(), set()
+
+    def __call__(self, decision: Decision, round_: int, source: str) -> tuple[Entry, FitResult | None] | None:
+        """(entry, fit) of one proposal (fit None when it could not be fitted), or None when it is a repeat."""
+        if _key(decision) in self.proposed:
+            return None
+        self.proposed.add(_key(decision))
+        config = self.config
+        try:
+            fit = fit_to_budget(
+                self.base, decision, self.budget, self.sample_shape, tolerance=config.tolerance,
+                importance=config.importance, calibration=self.calibration, units=config.units,
+                ignored_layers=config.ignored_layers, num_heads=config.num_heads, latency=self.latency,
+            )
+        except BudgetError as err:
+            return Entry(round_, dict(decision), 0, self.budget, None, source, f"not fitted: {err}"), None
+        if _architecture(fit.model) in self.evaluated:  # another proposal repaired to the same model
+            return None
+        self.evaluated.add(_architecture(fit.model))
+        score = float(self.proxy.score(fit.model))
+        note = f"repair scale {fit.scale:.3f}"
+        if not math.isfinite(score):
+            score, note = None, f"{note}; proxy score was {score}"
+        return Entry(round_, dict(fit.decision), fit.flops, self.budget, score, source, note, fit.seconds), fit
+
+
+def _rounds(proposer: Proposer, names: list[str], trials: _Trials, memory: MemoryBank, config: SearchConfig,
+            progress: bool, log_path: str | Path | None) -> tuple[FitResult | None, float]:
+    """Propose, evaluate and remember for config.rounds rounds (fewer if a round brings nothing new): the best
+    fit and its score, or (None, inf) when no candidate fitted with a finite score."""
+    from tqdm.auto import tqdm
+
+    rng = random.Random(config.seed)
+    n = config.candidates_per_round
+    best, best_score = None, math.inf
+    log_file = open(log_path, "w") if log_path else None  # a restarted search starts its log over
+    bar = tqdm(total=config.rounds * n, desc="prune search", disable=not progress)
+    try:
+        for round_ in range(config.rounds):
+            new = 0
+            decisions = proposer.propose(names, memory.view(), n, rng)[:n]
+            source = getattr(proposer, "last_source", proposer.name)
+            for decision in decisions:
+                bar.update(1)
+                outcome = trials(decision, round_, source)
+                if outcome is None:
+                    continue
+                entry, fit = outcome
+                memory.add(entry)
+                new += 1
+                if log_file:
+                    log_file.write(json.dumps(asdict(entry)) + "\n")
+                    log_file.flush()
+                if entry.ok and entry.score < best_score:
+                    best, best_score = fit, entry.score
+                    bar.set_postfix(best=f"{best_score:.4f}")
+            if not new:
+                # Nothing left to try (e.g. the uniform proposer after its one candidate): stop, don't idle.
+                log.info("prune search: %s proposed nothing new in round %d; stopping", proposer.name, round_)
+                break
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+    return best, best_score
 
 
 def search(
@@ -191,9 +281,8 @@ def search(
     A proposal already tried is skipped, and so is one whose repaired model has the same layer widths as
     a model already scored (always so for the same repaired decision to 3 decimals); a round that brings
     nothing new ends the search early. Same seed, same result.
+    Raises ValueError for a bad config, budget or proxy; BudgetError when no candidate fits the budget.
     """
-    from tqdm.auto import tqdm
-
     config.validate()
     _check_proxy(proxy, config)
     if budget_flops <= 0:
@@ -213,70 +302,10 @@ def search(
 
     proposer = proposer or get_proposer(config.proposer)
     if hasattr(proposer, "set_context"):
-        info = describe_units(base, units, sample_shape)
-        for name in layers:  # what removing one layer saves, where the latency table says
-            saved = -latency.delta(name, 1.0) / latency.base_seconds if latency is not None else None
-            info[name] = {"kind": "layer"} | ({"time_share": round(saved, 3)} if saved is not None else {})
-        unit = "forward time" if latency is not None else "FLOPs"
-        proposer.set_context(SearchContext(budget_flops / base_cost, info, unit))
-    calibration = proxy.calibration(config.seed) if config.importance == "taylor" else None
-    proposed, evaluated = set(), set()
-
-    def evaluate(decision: Decision, round_: int, source: str):
-        """Repair, prune and score one proposal: (entry, fit), or None when it is a repeat."""
-        if _key(decision) in proposed:
-            return None
-        proposed.add(_key(decision))
-        try:
-            fit = fit_to_budget(
-                base, decision, budget_flops, sample_shape, tolerance=config.tolerance,
-                importance=config.importance, calibration=calibration, units=config.units,
-                ignored_layers=config.ignored_layers, num_heads=config.num_heads, latency=latency,
-            )
-        except BudgetError as err:
-            return Entry(round_, dict(decision), 0, budget_flops, None, source, f"not fitted: {err}"), None
-        if _architecture(fit.model) in evaluated:  # another proposal repaired to the same model
-            return None
-        evaluated.add(_architecture(fit.model))
-        score = float(proxy.score(fit.model))
-        note = f"repair scale {fit.scale:.3f}"
-        if not math.isfinite(score):
-            score, note = None, f"{note}; proxy score was {score}"
-        return Entry(round_, dict(fit.decision), fit.flops, budget_flops, score, source, note, fit.seconds), fit
-
+        proposer.set_context(_context(base, units, layers, sample_shape, latency, budget_flops / base_cost))
+    trials = _Trials(base, budget_flops, sample_shape, proxy, config, latency)
     names = [u.name for u in units] + layers
-    rng = random.Random(config.seed)
-    n = config.candidates_per_round
-    best, best_score = None, math.inf
-    log_file = open(log_path, "w") if log_path else None  # a restarted search starts its log over
-    bar = tqdm(total=config.rounds * n, desc="prune search", disable=not progress)
-    try:
-        for round_ in range(config.rounds):
-            new = 0
-            decisions = proposer.propose(names, memory.view(), n, rng)[:n]
-            source = getattr(proposer, "last_source", proposer.name)
-            for decision in decisions:
-                bar.update(1)
-                outcome = evaluate(decision, round_, source)
-                if outcome is None:
-                    continue
-                entry, fit = outcome
-                memory.add(entry)
-                new += 1
-                if log_file:
-                    log_file.write(json.dumps(asdict(entry)) + "\n")
-                    log_file.flush()
-                if entry.ok and entry.score < best_score:
-                    best, best_score = fit, entry.score
-                    bar.set_postfix(best=f"{best_score:.4f}")
-            if not new:
-                # Nothing left to try (e.g. the uniform proposer after its one candidate): stop, don't idle.
-                log.info("prune search: %s proposed nothing new in round %d; stopping", proposer.name, round_)
-                break
-    finally:
-        bar.close()
-        if log_file:
-            log_file.close()
+    best, best_score = _rounds(proposer, names, trials, memory, config, progress, log_path)
     if best is None:
         raise BudgetError(
             f"none of the {len(memory)} candidates could be pruned to the budget of {budget_flops:.4g} "

@@ -1,8 +1,9 @@
 """The decision space of structural pruning: which units of a network get their own width ratio.
 
 A decision is one pruning ratio per unit: a block of a UNet, the heads or the MLP of a transformer block,
-a top-level child of another `model(x, t)` network, or units the user declares. What happens to the channels of a unit is
-the engine's business (prune/engine.py); fitting a decision to a FLOPs budget is prune/fit.py's.
+a top-level child of another `model(x, t)` network, or units the user declares. Which channels of a unit are
+coupled is prune/plan.py's business, which of them go prune/importance.py's, cutting them prune/engine.py's;
+fitting a decision to a FLOPs budget is prune/fit.py's.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def _submodule_name(net: nn.Module, name: str, owner: str) -> str:
 def ignored_names(net: nn.Module, units: list[Unit], ignored_layers=()) -> list[str]:
     """Layers whose output channels are never pruned: the user's ignored_layers, every layer outside the units
     (time and class embeddings, a transformer's patch embedding and final layers) except a UNet stem that
-    follows its first block, and the output layer (taken as the last layer registered; the engine also
+    follows its first block, and the output layer (taken as the last layer registered; prune/plan.py also
     protects whichever layers really produce the output)."""
     _, follow = _discover(net)
     inside = {layer for u in units for layer in u.modules}

@@ -33,6 +33,7 @@ from ..metrics import check_reference
 from ..models import build_unet, check_finite, preset_for
 from ..pipeline import sample, save_grid
 from ..prune.fit import FitResult, fit_to_measured_time, measure_latency_table, smallest_fraction
+from ..prune.importance import get_importance
 from ..prune.proxy import Proxy, ProxyBatch
 from ..prune.search import search
 from ..serialization import architecture_of, save_model
@@ -270,7 +271,8 @@ class Stages(RunInputs):
                 fitted=FitResult(result.model, result.decision, result.flops, budget, 1.0, result.seconds),
                 importance=settings.importance, units=settings.units,
                 ignored_layers=settings.ignored_layers, num_heads=settings.num_heads,
-                calibration=proxy.calibration(settings.seed) if settings.importance == "taylor" else None,
+                calibration=(proxy.calibration(settings.seed) if get_importance(settings.importance).needs_calibration
+                             else None),
             )
             time_ratio, trail, fit = timed.time_ratio, timed.trail, timed.fit
             if fit.model is not result.model:
