@@ -17,13 +17,13 @@ import torch
 from ..base_model import check_fits_data, load_base_model, scheduler_from_config, trust_function
 from ..budget import (
     RAISE_BUDGET,
+    BudgetPlan,
     budget_fractions,
     check_reachable,
     make_plan,
     measure_sensitivity,
     plan_from_fractions,
 )
-from ..budget import Plan as BudgetPlan
 from ..bundle import save_bundle
 from ..files import atomic_write_text, sha256_file
 from ..flops import count_flops
