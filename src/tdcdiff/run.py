@@ -64,7 +64,7 @@ from .grouping import make_groups, per_timestep_loss, plot_grouping
 from .latency import time_ratios
 from .models import build_unet, check_finite, num_class_embeds, preset_for
 from .prune.search import SearchConfig
-from .schedule import make_scheduler
+from .schedule import SCHEDULE_VERSION, check_given_schedule, make_scheduler
 from .serialization import ARCHITECTURE_FILE, architecture_of, load_model, save_model
 from .train import FINAL_DIR, TrainConfig, train
 
@@ -79,7 +79,9 @@ class RunConfig:
 
     data: data spec ("digits", IDX file, image folder or zip, "hf:<name>"); image_size, channels, limit:
         resize / convert / subsample it. model: UNet preset (default: chosen from image size and channels).
-    num_train_timesteps, beta_schedule, prediction_type: the noise schedule.
+    num_train_timesteps, beta_schedule, prediction_type: the noise schedule. schedule_version: how make_scheduler
+        builds it (schedule.SCHEDULE_VERSIONS); None: the current one for a new run, the saved one when resuming
+        (a config.json without it: 1, the unscaled betas runs had before).
     base: stage-1 training. groups, grouping, k, ordering: timestep groups and their budgets.
     mean_budget: None for the paper's formula (the hardest group gets the whole base); a number in (0, 1] scales
         that shape so the timestep-weighted mean budget is this fraction of the base (budget.make_plan).
@@ -109,6 +111,7 @@ class RunConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
     prediction_type: str = "epsilon"
+    schedule_version: int | None = None
     base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=2e-3, checkpoint_every=500))
     groups: int = 4
     grouping: str = "snr"
@@ -148,7 +151,8 @@ class RunConfig:
         if self.num_train_timesteps > MAX_TIMESTEPS:  # before the schedule allocates T entries
             raise ValueError(f"num_train_timesteps (--timesteps) must be at most {MAX_TIMESTEPS}, got "
                              f"{self.num_train_timesteps} (typical: 1000)")
-        make_scheduler(self.num_train_timesteps, self.beta_schedule, self.prediction_type)
+        make_scheduler(self.num_train_timesteps, self.beta_schedule, self.prediction_type,
+                       version=self.schedule_version)
         for section in ("base", "finetune", "search"):
             try:
                 getattr(self, section).validate()
@@ -356,7 +360,8 @@ def load_config_file(path: str | Path) -> dict:
 # Which stage's output a setting shapes: changing it is refused once that stage has run.
 _STAGE_OF_SETTING = {
     **{k: "base" for k in ("data", "image_size", "channels", "limit", "model", "attention", "num_train_timesteps",
-                           "beta_schedule", "prediction_type", "base", "seed", "base_model", "base_model_steps")},
+                           "beta_schedule", "prediction_type", "schedule_version", "base", "seed", "base_model",
+                           "base_model_steps")},
     **{k: "plan" for k in ("groups", "grouping", "k", "mean_budget", "ordering", "plan_fractions", "budget_unit")},
     **{k: "prune" for k in ("search", "latency_batch")},
     "finetune": "finetune",
@@ -418,7 +423,10 @@ def apply_overrides(config: RunConfig, overrides: dict) -> RunConfig:
 
 def _load_saved_config(path: Path) -> RunConfig:
     try:
-        return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            data.setdefault("schedule_version", 1)  # saved before the version was: the unscaled betas it ran with
+        return RunConfig.from_dict(data)
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, a bad value
         raise ValueError(
             f"{path} is damaged ({err}); restore it, or delete it and rerun with the settings the run was made "
@@ -540,6 +548,8 @@ class Run:
         saved = _load_saved_config(saved_path) if saved_path.exists() else None
         overrides = dict(overrides or {}) | ({"base_model": str(base)} if base is not None else {})
         config = apply_overrides(config or saved or RunConfig(), overrides)
+        if config.schedule_version is None:  # a run resumes with the schedule it was made with
+            config = replace(config, schedule_version=saved.schedule_version if saved else SCHEDULE_VERSION)
         config = _with_pipeline_schedule(config)
         config.validate()
         if saved is not None:
@@ -649,7 +659,7 @@ class Run:
             from .base_model import scheduler_from_config
 
             return scheduler_from_config(json.loads(copied.read_text()))
-        return make_scheduler(c.num_train_timesteps, c.beta_schedule, c.prediction_type)
+        return make_scheduler(c.num_train_timesteps, c.beta_schedule, c.prediction_type, version=c.schedule_version)
 
     def labels(self, model) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(train labels, held-out labels) in split() order for a class-conditional model; (None, None) else."""
@@ -749,6 +759,8 @@ class Run:
         train_labels, _ = self.labels(model)
         given = loaded.scheduler_config
         scheduler = scheduler_from_config(given) if given is not None else self.scheduler
+        if given is not None:
+            check_given_schedule(scheduler, f"--base {c.base_model}")
         check_finite(model, train_images, scheduler.alphas_cumprod, train_labels)
         architecture_of(model)  # raises now, not after training, if the model cannot be saved
         self._check_budgets_reachable(model)  # before any base_model_steps of training for a doomed plan
