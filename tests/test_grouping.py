@@ -62,6 +62,14 @@ def test_zero_terminal_snr_splits_by_the_finite_snr_levels_and_writes_valid_json
     json.loads(text, parse_constant=lambda name: pytest.fail(f"plan.json holds {name}, which is not JSON"))
 
 
+def test_a_schedule_without_a_finite_snr_is_named():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=10, trained_betas=[1.0] * 10)  # alpha_bar = 0 everywhere
+    with pytest.raises(ValueError, match=r"the noise schedule has no timestep with a finite SNR .*; check its betas"):
+        make_groups("snr", 2, scheduler)
+
+
 def test_cosine_tail_gets_min_size():
     scheduler = make_scheduler(1000, "squaredcos_cap_v2")
     grouping = make_groups("snr", 8, scheduler, min_size=50)

@@ -18,7 +18,7 @@ SCHEDULE_VERSION = 2
 BETA_START, BETA_END = 1e-4, 0.02  # DDPM's (Ho et al. 2020) for T=1000; diffusers' defaults
 # A schedule whose alpha_bar at t=T-1 is above this leaves signal in x_{T-1}, where sampling starts from pure noise.
 # For scale: the linear schedule at T=1000 ends at 4e-5, Stable Diffusion's scaled_linear (0.00085..0.012) at 4.7e-3,
-# the unscaled linear one at T=100 at 0.36.
+# the unscaled linear one at T=100 at 0.364.
 MAX_TERMINAL_ALPHA_BAR = 0.01
 
 
