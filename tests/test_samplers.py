@@ -205,13 +205,21 @@ def diffusers_trailing_fails(T, steps):
     return len(scheduler.timesteps) != steps
 
 
+def assert_visits_and_ends_at_x0(sampler, visited, where):
+    """The sampler (set to `visited`, predicting x0) holds exactly those timesteps, and its last step returns the
+    model's x0 from any x."""
+    x0 = torch.full((1, *SHAPE), MU)
+    assert sampler.timesteps.tolist() == visited, where
+    last = sampler.step(x0, visited[-1], torch.randn(x0.shape), generator=torch.Generator()).prev_sample
+    torch.testing.assert_close(last, x0, rtol=0, atol=1e-6, msg=where)
+
+
 @pytest.mark.parametrize("T", [10, 100, 256, 1000])
 def test_every_step_count_visits_its_timesteps_and_ends_at_x0(T):
     """At every step count 1..T each sampler takes exactly the visited timesteps (T-1 first, distinct, descending)
     and its last step, from any state, returns the model's x0: the whole trajectory at T=10, and at T=100 where
     diffusers' own trailing spacing appends t = -1."""
     scheduler = make_scheduler(T, "squaredcos_cap_v2", "sample")
-    x0 = torch.full((1, *SHAPE), MU)
     samplers = {name: make_sampler(name, scheduler) for name in SAMPLERS}
     for steps in range(1, T + 1):
         visited = visited_timesteps(steps, T)
@@ -219,9 +227,7 @@ def test_every_step_count_visits_its_timesteps_and_ends_at_x0(T):
         assert visited[0] == T - 1 and visited[-1] >= 0, (T, steps)
         for name, sampler in samplers.items():
             sampler.set_timesteps(timesteps=visited)
-            assert sampler.timesteps.tolist() == visited, (name, T, steps)
-            last = sampler.step(x0, visited[-1], torch.randn(x0.shape), generator=torch.Generator()).prev_sample
-            torch.testing.assert_close(last, x0, rtol=0, atol=1e-6, msg=f"{name}, {steps} of T={T} steps")
+            assert_visits_and_ends_at_x0(sampler, visited, f"{name}, {steps} of T={T} steps")
         if T == 10 or (T == 100 and diffusers_trailing_fails(T, steps)):
             for name in SAMPLERS:
                 images = sample(ExactGaussianDenoiser(scheduler), scheduler, sample_shape=SHAPE, sampler=name,
@@ -229,6 +235,18 @@ def test_every_step_count_visits_its_timesteps_and_ends_at_x0(T):
                 assert torch.isfinite(images).all() and abs(images.mean().item() - MU) < 0.1, (name, T, steps)
     with pytest.raises(ValueError, match=f"steps must be between 1 and the training schedule's T={T}, got {T + 1}"):
         visited_timesteps(T + 1, T)
+
+
+def test_a_pipeline_scheduler_config_moves_neither_the_visited_timesteps_nor_the_end():
+    """Settings a pipeline's scheduler config may carry into the training schedule (Stable Diffusion's DDIM
+    set_alpha_to_one=False, DPM-Solver's Karras sigmas or last step to sigma_min, leading spacing) would end short
+    of x0 or refuse the given timesteps: every sampler still visits them and ends at x0."""
+    config = {**make_scheduler(1000, "scaled_linear", "sample").config, "set_alpha_to_one": False, "steps_offset": 1,
+              "use_karras_sigmas": True, "final_sigmas_type": "sigma_min", "timestep_spacing": "leading"}
+    scheduler = DDPMScheduler.from_config(config)
+    visited = visited_timesteps(13, 1000)
+    for name in SAMPLERS:
+        assert_visits_and_ends_at_x0(make_sampler(name, scheduler, visited), visited, name)
 
 
 def test_steps_61_of_1000_that_diffusers_ends_at_t_minus_1():

@@ -84,14 +84,19 @@ def _ddpm(config, learned_variance: bool):
 
 
 def _ddim(config, learned_variance: bool):
-    return VisitedDDIMScheduler.from_config(config, timestep_spacing=TIMESTEP_SPACING)
+    # set_alpha_to_one=False (Stable Diffusion's DDIM config) would end at alpha_bar_0 instead of x0
+    return VisitedDDIMScheduler.from_config(config, timestep_spacing=TIMESTEP_SPACING, set_alpha_to_one=True)
 
 
 def _dpm_solver(config, learned_variance: bool):
     from diffusers import DPMSolverMultistepScheduler
 
+    # Its own sigma spacings (which refuse given timesteps) and a last step to sigma_min instead of x0 are off,
+    # whatever a pipeline's scheduler config says.
+    off = dict.fromkeys(("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                         "use_flow_sigmas"), False)
     return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", variance_type=None,
-                                                   timestep_spacing=TIMESTEP_SPACING)
+                                                   timestep_spacing=TIMESTEP_SPACING, final_sigmas_type="zero", **off)
 
 
 # name -> factory(training scheduler config, learned_variance) -> a scheduler taking set_timesteps(timesteps=...)
