@@ -249,6 +249,14 @@ def test_a_pipeline_scheduler_config_moves_neither_the_visited_timesteps_nor_the
         assert_visits_and_ends_at_x0(make_sampler(name, scheduler, visited), visited, name)
 
 
+@pytest.mark.parametrize("timesteps", [[5, 5], [3, 7], [100, 3], [3, -1], []])
+def test_given_timesteps_must_be_distinct_descending_training_timesteps(timesteps):
+    for name in SAMPLERS:
+        with pytest.raises(ValueError, match=r"timesteps must be distinct and descending within 0..99, got .*; e.g. "
+                                             r"visited_timesteps\(steps, T\)"):
+            make_sampler(name, make_scheduler(100), timesteps)
+
+
 def test_steps_61_of_1000_that_diffusers_ends_at_t_minus_1():
     from tdcdiff.run import RunConfig
 

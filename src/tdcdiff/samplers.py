@@ -2,15 +2,16 @@
 
 Every sampler is given the visited timesteps by `set_timesteps(timesteps=...)`, diffusers' custom-timestep
 argument (DDPMScheduler and DPMSolverMultistepScheduler have it in diffusers 0.42.1). A diffusers scheduler
-without it (DDIMScheduler here; UniPCMultistepScheduler and DEISMultistepScheduler too) gets a subclass that
-adds it, so the sampling loop treats every sampler alike.
+without it gets a subclass that adds it (DDIMScheduler here; in 0.42.1 UniPCMultistepScheduler and
+DEISMultistepScheduler lack it too, and their steps read `timesteps` and `sigmas`, so theirs would set both),
+and a factory in _FACTORIES: the sampling loop then treats every sampler alike.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 LEARNED_VARIANCES = ("learned", "learned_range")
 # "trailing": the first step is at t = T-1 and the steps are evenly spaced below it, for every step count
@@ -35,6 +36,13 @@ def visited_timesteps(steps: int, num_train_timesteps: int) -> list[int]:
     return (trailing.astype(np.int64) - 1).tolist()
 
 
+def _check_timesteps(timesteps: list[int], num_train_timesteps: int) -> None:
+    if not timesteps or sorted(set(timesteps), reverse=True) != timesteps or timesteps[-1] < 0 \
+            or timesteps[0] >= num_train_timesteps:
+        raise ValueError(f"timesteps must be distinct and descending within 0..{num_train_timesteps - 1}, got "
+                         f"{str(timesteps)[:200]}; e.g. visited_timesteps(steps, T)")
+
+
 class VisitedDDIMScheduler(DDIMScheduler):
     """diffusers' DDIMScheduler stepping from each visited timestep to the next one, and from the last to x0.
 
@@ -53,9 +61,7 @@ class VisitedDDIMScheduler(DDIMScheduler):
             raise ValueError("pass exactly one of num_inference_steps or timesteps")
         timesteps = [int(t) for t in timesteps] if timesteps is not None else visited_timesteps(
             num_inference_steps, num_train)
-        if not timesteps or sorted(set(timesteps), reverse=True) != timesteps or not 0 <= timesteps[-1] < num_train \
-                or timesteps[0] >= num_train:
-            raise ValueError(f"timesteps must be distinct and descending within 0..{num_train - 1}, got {timesteps}")
+        _check_timesteps(timesteps, num_train)
         self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=device)
         self.num_inference_steps = len(timesteps)
         self._chain_alphas = self.alphas_cumprod[timesteps[::-1]]
@@ -73,8 +79,6 @@ class VisitedDDIMScheduler(DDIMScheduler):
 
 
 def _ddpm(config, learned_variance: bool):
-    from diffusers import DDPMScheduler
-
     declared = config.get("variance_type") or "fixed_small"  # not every scheduler's config has one
     if learned_variance:
         variance = declared if declared in LEARNED_VARIANCES else "learned_range"
@@ -89,8 +93,6 @@ def _ddim(config, learned_variance: bool):
 
 
 def _dpm_solver(config, learned_variance: bool):
-    from diffusers import DPMSolverMultistepScheduler
-
     # Its own sigma spacings (which refuse given timesteps) and a last step to sigma_min instead of x0 are off,
     # whatever a pipeline's scheduler config says.
     off = dict.fromkeys(("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
@@ -116,11 +118,16 @@ def make_sampler(name: str, train_scheduler, timesteps: list[int] | None = None,
     learned_variance: the model outputs a variance half; DDPM then uses it (diffusers' "learned_range",
         unless the schedule says "learned"). DDIM and DPM-Solver never see it (`sample` passes them the
         prediction only), so DPM-Solver's own learned-variance slicing (`[:, :3]`, RGB only) is switched off.
-    Raises ValueError for an unknown name.
+    Every sampler visits exactly the given timesteps and ends at x0, whatever else the training scheduler's
+    config (e.g. a pipeline's) says: trailing spacing, DDIM's set_alpha_to_one, DPM-Solver's sigma spacings and
+    final sigma are set here.
+    Raises ValueError for an unknown name, or timesteps that are not distinct and descending within 0..T-1.
     """
     if name not in _FACTORIES:
         raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
     scheduler = _FACTORIES[name](train_scheduler.config, learned_variance)
     if timesteps is not None:
+        timesteps = [int(t) for t in timesteps]
+        _check_timesteps(timesteps, train_scheduler.config.num_train_timesteps)
         scheduler.set_timesteps(timesteps=timesteps, device=device)
     return scheduler
