@@ -244,12 +244,10 @@ def tdc_time_ratio(run, plan) -> float:
     timesteps fall in its group: what one sampling run costs, per model call, as Router.trajectory_flops counts."""
     import torch
 
-    from tdcdiff.pipeline import make_sampler
+    from tdcdiff.samplers import visited_timesteps
 
-    c = run.config
-    scheduler = make_sampler(c.sampler, run.scheduler)
-    scheduler.set_timesteps(c.sampling_steps)
-    groups = plan.grouping.group_of(torch.as_tensor(scheduler.timesteps.tolist(), dtype=torch.long)).tolist()
+    visited = visited_timesteps(run.config.sampling_steps, run.scheduler.config.num_train_timesteps)
+    groups = plan.grouping.group_of(torch.as_tensor(visited, dtype=torch.long)).tolist()
     ratios = [json.loads((run.dir / "prune" / f"summary_{g}.json").read_text())["time_ratio"]
               for g in range(len(plan.grouping))]
     return sum(ratios[g] for g in groups) / len(groups)

@@ -48,6 +48,9 @@ CLI_CASES = [
     ("zero candidates", ["run", "--candidates", "0"], "error: --candidates must be >= 1, got 0"),
     ("zero batch size", ["train-base", "--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
     ("too few timesteps", ["run", "--timesteps", "1"], "error: --timesteps must be at least 2, got 1"),
+    ("too few timesteps for the linear betas", ["run", "--timesteps", "20"],
+     r"error: num_train_timesteps \(--timesteps\) T=20 is too few for the linear schedule: its betas are scaled by "
+     r"1000/T and the last, 1, would reach 1 \(no signal left\); use T >= 21 or the cosine schedule"),
     ("unknown sampler", ["run", "--sampler", "euler"], "unknown sampler 'euler'"),
     ("unknown grouping", ["run", "--grouping", "equal"], "unknown grouping strategy 'equal'"),
     ("unknown proposer", ["run", "--proposer", "gpt"], "unknown proposer 'gpt'"),
@@ -72,7 +75,8 @@ CLI_CASES = [
     ("huge seed", ["run", "--seed", str(2**32)], "seed must be between 0 and 4294967295"),
     ("too few images", ["run", "--limit", "1"],
      r"the data \(digits\) has 1 image, too few: 10% \(at least 1\) is held out .* give at least 2 images"),
-    ("sampling steps above a small T", ["run", "--timesteps", "10", "--steps", "50"],
+    ("sampling steps above a small T",
+     ["run", "--timesteps", "10", "--schedule", "squaredcos_cap_v2", "--steps", "50"],
      r"sampling steps must be between 1 and T=10, got 50 \(--steps, sample_steps; unset: min\(50, T\)\)"),
     ("zero steps when sampling", ["sample", "--bundle", "/no/such/bundle", "--steps", "0"], "--steps must be >= 1, got 0"),
     ("zero images when sampling", ["sample", "--bundle", "/no/such/bundle", "--num", "0"], "--num must be >= 1, got 0"),
@@ -153,7 +157,7 @@ def test_config_values_are_typed_where_they_are_read():
 def test_sampling_steps_follow_a_small_T_unless_set():
     from tdcdiff.run import RunConfig
 
-    small = RunConfig(num_train_timesteps=10)
+    small = RunConfig(num_train_timesteps=10, beta_schedule="squaredcos_cap_v2")  # linear betas need T >= 21
     small.validate()  # train-base --timesteps 10 needs no --steps
     assert (small.sampling_steps, RunConfig().sampling_steps, RunConfig(sample_steps=7).sampling_steps) == (10, 50, 7)
 

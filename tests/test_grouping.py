@@ -38,6 +38,38 @@ def test_snr_groups_have_equal_snr_width_on_linear_schedule():
     assert max(widths) - min(widths) < 0.1 * (levels[0] - levels[-1])
 
 
+def test_zero_terminal_snr_splits_by_the_finite_snr_levels_and_writes_valid_json(tmp_path):
+    """diffusers' rescale_betas_zero_snr puts SNR-dB = -inf at t=T-1: the equal-width levels run down to the last
+    finite level instead (before: targets [nan, -inf, -inf, -inf], edges [0, 814, 876, 938, 1000], 81% in one
+    group, and -inf written to plan.json)."""
+    import json
+
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    levels = snr_db(scheduler, torch.arange(1000)).numpy()
+    assert levels[-1] == -np.inf and np.isfinite(levels[:-1]).all()
+    grouping = make_groups("snr", 4, scheduler, min_size=1)
+    assert grouping.boundaries == [0, 103, 695, 969, 1000]
+    targets = np.linspace(levels[0], levels[-2], 5)[1:-1]
+    for edge, target in zip(grouping.boundaries[1:-1], targets):
+        assert levels[edge - 1] > target >= levels[edge]  # each edge is where the SNR crosses its level
+    grouping = make_groups("snr", 4, scheduler)
+    assert grouping.boundaries == [0, 103, 695, 938, 1000]  # the last group raised to the minimum size T/(4N)
+    assert grouping.groups[-1].snr_db_end == levels[-2]
+    plan = make_plan(grouping, k=0.5, ordering="snr-low-hard", base_flops=1000, sample_shape=(1, 8, 8))
+    text = plan.save(tmp_path / "plan.json").read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"plan.json holds {name}, which is not JSON"))
+
+
+def test_a_schedule_without_a_finite_snr_is_named():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=10, trained_betas=[1.0] * 10)  # alpha_bar = 0 everywhere
+    with pytest.raises(ValueError, match=r"the noise schedule has no timestep with a finite SNR .*; check its betas"):
+        make_groups("snr", 2, scheduler)
+
+
 def test_cosine_tail_gets_min_size():
     scheduler = make_scheduler(1000, "squaredcos_cap_v2")
     grouping = make_groups("snr", 8, scheduler, min_size=50)
@@ -57,8 +89,10 @@ def test_grouping_round_trip_and_plot(tmp_path):
     assert path.stat().st_size > 1000
 
 
-@pytest.mark.parametrize("strategy, n, message", [("equal", 4, "unknown grouping strategy"), ("snr", 0, "between 1 and T"),
-                                                  ("snr", 1001, "between 1 and T"), ("loss", 4, "needs loss_per_t")])
+@pytest.mark.parametrize("strategy, n, message", [
+    ("equal", 4, "unknown grouping strategy"), ("snr", 0, "between 1 and T"), ("snr", 1001, "between 1 and T"),
+    ("loss", 4, "needs loss_per_t"),
+])
 def test_bad_grouping_settings(strategy, n, message):
     with pytest.raises(ValueError, match=message):
         make_groups(strategy, n, make_scheduler(1000))

@@ -2,9 +2,11 @@
 
 With data x0 ~ N(MU, SD^2) per pixel, E[x0 | x_t] is known in closed form, so the only error left is the
 sampler's own: a correct sampler starts in the noisiest group, visits every group, stays finite and ends
-with the data's mean, and, with enough steps, its sd.
+with the data's mean, and, with enough steps, its sd. Each sampler's images are also held against a
+hand-written float64 implementation of its paper's update over the same visited timesteps, fed the same noise.
 """
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -13,11 +15,36 @@ from torch import nn
 from tdcdiff.grouping import make_groups
 from tdcdiff.pipeline import SAMPLERS, TIMESTEP_SPACING, sample
 from tdcdiff.router import Router
+from tdcdiff.samplers import make_sampler, visited_timesteps
+from tdcdiff.schedule import make_scheduler
 
 MU, SD = 0.5, 0.2
 N = 4
 SHAPE = (1, 4, 4)
 BATCH = 256  # 4096 pixels: the standard error of the mean is about SD / 64 = 0.003
+SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "zero-snr")
+
+
+def training_schedule(T, schedule, prediction_type):
+    """make_scheduler's schedule (linear betas scaled by 1000/T, so x_{T-1} is pure noise at every T, which is
+    what every sampler starts from); "zero-snr": the linear one with diffusers' rescale_betas_zero_snr, as a
+    pipeline's scheduler config with that key gives (alpha_bar = 0 at t=T-1)."""
+    if schedule == "zero-snr":
+        linear = make_scheduler(T, "linear", prediction_type)
+        return DDPMScheduler.from_config(linear.config, rescale_betas_zero_snr=True)
+    return make_scheduler(T, schedule, prediction_type)
+
+
+def exact_x0(a, x):
+    """E[x0 | x_t = x] for N(MU, SD^2) data at alpha_bar a (float64)."""
+    return MU + SD**2 * a.sqrt() / (a * SD**2 + 1 - a) * (x - a.sqrt() * MU)
+
+
+def exact_output(kind, a, x):
+    """The Bayes-optimal prediction of type `kind` at alpha_bar a (float64)."""
+    x0 = exact_x0(a, x)
+    eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+    return {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}[kind]
 
 
 class ExactGaussianDenoiser(nn.Module):
@@ -30,25 +57,87 @@ class ExactGaussianDenoiser(nn.Module):
         self.seen: list[int] = []
 
     def forward(self, x, t):
-        self.seen.extend(t.tolist())
-        a = self.alpha_bar[t].view(-1, 1, 1, 1)
-        x = x.double()
-        x0 = MU + SD**2 * a.sqrt() / (a * SD**2 + 1 - a) * (x - a.sqrt() * MU)
-        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-        out = {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}[self.kind]
-        return out.float()
+        self.seen.append(int(t[0]))
+        assert bool((t == t[0]).all())  # the sampling loop's batches share one t
+        return exact_output(self.kind, self.alpha_bar[t[0]], x.double()).float()
 
 
-def training_schedule(T, beta_schedule, prediction_type):
-    # At T != 1000 the linear betas are scaled by 1000/T (as IDDPM does) so that x_{T-1} is pure noise,
-    # which is what every sampler starts from.
-    scale = {"beta_start": 1e-4 * 1000 / T, "beta_end": 0.02 * 1000 / T} if beta_schedule == "linear" else {}
-    return DDPMScheduler(num_train_timesteps=T, beta_schedule=beta_schedule, prediction_type=prediction_type,
-                         clip_sample=True, **scale)
+# -- the references: each paper's update in float64, over the visited timesteps ------------------------------------
+def to_x0_eps(kind, a, x, out):
+    """(x0, epsilon) implied by a model output at alpha_bar a."""
+    if kind == "epsilon":
+        return (x - (1 - a).sqrt() * out) / a.sqrt(), out
+    if kind == "v_prediction":
+        return a.sqrt() * x - (1 - a).sqrt() * out, a.sqrt() * out + (1 - a).sqrt() * x
+    return out, (x - a.sqrt() * out) / (1 - a).sqrt()
+
+
+def reference_ddim(x, visited, kind, model_levels, levels, clip, generator):
+    """DDIM, eta = 0 (Song et al. 2021, eq. 12): x' = sqrt(a') x0 + sqrt(1 - a') eps, to the next visited timestep
+    and from the last to x0 (a' = 1); x0 clipped to [-1, 1] when the schedule clips."""
+    for i, t in enumerate(visited):
+        x0, eps = to_x0_eps(kind, levels[t], x, exact_output(kind, model_levels[t], x))
+        x0 = x0.clamp(-1, 1) if clip else x0
+        a_next = levels[visited[i + 1]] if i + 1 < len(visited) else torch.tensor(1.0, dtype=torch.float64)
+        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+    return x
+
+
+def reference_ddpm(x, visited, kind, model_levels, levels, clip, generator):
+    """Ancestral sampling (Ho et al. 2020, eqs. 6-7) between visited timesteps: the posterior q(x_s | x_t, x0) with
+    beta = 1 - a_t / a_s and variance beta (1 - a_s) / (1 - a_t), a_s = 1 after the last; its noise drawn from
+    `generator` as diffusers draws it (one randn of the batch's shape per step at t > 0)."""
+    for i, t in enumerate(visited):
+        a = levels[t]
+        x0, _ = to_x0_eps(kind, a, x, exact_output(kind, model_levels[t], x))
+        x0 = x0.clamp(-1, 1) if clip else x0
+        a_prev = levels[visited[i + 1]] if i + 1 < len(visited) else torch.tensor(1.0, dtype=torch.float64)
+        beta = 1 - a / a_prev
+        mean = a_prev.sqrt() * beta / (1 - a) * x0 + (1 - beta).sqrt() * (1 - a_prev) / (1 - a) * x
+        if t > 0:
+            noise = torch.randn(x.shape, generator=generator).double()
+            x = mean + ((1 - a_prev) / (1 - a) * beta).clamp(min=1e-20).sqrt() * noise
+        else:
+            x = mean
+    return x
+
+
+def reference_dpm_solver(x, visited, kind, model_levels, levels, clip, generator):
+    """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2; diffusers' "midpoint" form), first order at the first step
+    and at the last, which goes to sigma = 0 (x0)."""
+    lam = [0.5 * torch.log(levels[t] / (1 - levels[t])) for t in visited]  # log(alpha / sigma)
+    previous = None
+    for i, t in enumerate(visited):
+        x0, _ = to_x0_eps(kind, levels[t], x, exact_output(kind, model_levels[t], x))
+        if i + 1 == len(visited):
+            return x0
+        a_next = levels[visited[i + 1]]
+        h = lam[i + 1] - lam[i]
+        derivative = x0 if previous is None else x0 + (x0 - previous[0]) * h / (2 * previous[1])
+        x = (1 - a_next).sqrt() / (1 - levels[t]).sqrt() * x - a_next.sqrt() * (torch.exp(-h) - 1) * derivative
+        previous = (x0, h)
+
+
+REFERENCES = {"ddpm": reference_ddpm, "ddim": reference_ddim, "dpm-solver++": reference_dpm_solver}
+
+
+def reference_images(sampler, scheduler, steps, seed):
+    """The reference's images for `sample(..., seed=seed)`: the same initial noise (and, for DDPM, step noise)."""
+    levels = model_levels = scheduler.alphas_cumprod.to(torch.float64)
+    if sampler == "dpm-solver++" and levels[-1] == 0:
+        # diffusers' DPM-Solver puts a zero terminal alpha_bar at 2**-24, so its sigma stays finite
+        # (scheduling_dpmsolver_multistep.py); the model still saw alpha_bar = 0
+        levels = levels.clone()
+        levels[-1] = 2.0**-24
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((BATCH, *SHAPE), generator=generator).double()
+    visited = visited_timesteps(steps, scheduler.config.num_train_timesteps)
+    return REFERENCES[sampler](x, visited, scheduler.config.prediction_type, model_levels, levels,
+                               scheduler.config.clip_sample, generator).clamp(-1, 1)
 
 
 def step_counts(T):
-    counts = {1, 2, 3, N - 1, N, 50, T - 1, T}
+    counts = {1, 2, 3, N - 1, N, 7, 13, 50, T - 1, T}  # 7 and 13 divide neither T
     if T == 1000:  # T-1 and T steps are covered at the small T, where they cost 50 calls instead of 1000
         counts -= {T - 1, T}
     return sorted(c for c in counts if c <= T)
@@ -57,17 +146,29 @@ def step_counts(T):
 # A sampler with enough steps gets close to the data's sd; each solver's own discretisation error at 50
 # steps leaves it a little below (measured: ddpm 0.157-0.174, ddim 0.172-0.189, dpm-solver++ 0.186-0.198).
 MIN_SD_AT_50_STEPS = {"ddpm": 0.145, "ddim": 0.16, "dpm-solver++": 0.175}
+# Largest pixel difference from the float64 reference: float32 rounding only (measured: at most 4e-6), and for an
+# epsilon model that rounding divided by sqrt(alpha_bar) where x0 = (x - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)
+# at t=T-1 (measured: up to 6.4e-7 / sqrt(alpha_bar_{T-1}), 1.3e-2 for cosine at T=1000, in one step).
+REFERENCE_TOLERANCE = 2e-5
+EPSILON_ROUNDING = 1e-6
 
 
 @pytest.mark.parametrize("T", [1000, 50])
-@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_sampler_recovers_gaussian_data_with_an_exact_denoiser(sampler, prediction_type, beta_schedule, T):
-    scheduler = training_schedule(T, beta_schedule, prediction_type)
+def test_sampler_recovers_gaussian_data_with_an_exact_denoiser(sampler, prediction_type, schedule, T):
+    scheduler = training_schedule(T, schedule, prediction_type)
     grouping = make_groups("uniform", N, scheduler)
     experts = [ExactGaussianDenoiser(scheduler) for _ in range(N)]
     router = Router(experts, grouping)
+    if schedule == "zero-snr" and prediction_type == "epsilon":
+        with pytest.raises(ValueError, match=r"zero terminal SNR \(alpha_bar is 0 at t=T-1.*predicts epsilon"):
+            sample(router, scheduler, sample_shape=SHAPE, sampler=sampler, steps=3, num_images=2, progress=False)
+        return
+    tolerance = REFERENCE_TOLERANCE
+    if prediction_type == "epsilon":
+        tolerance += EPSILON_ROUNDING / scheduler.alphas_cumprod[-1].item() ** 0.5
     for steps in step_counts(T):
         for expert in experts:
             expert.seen.clear()
@@ -93,6 +194,100 @@ def test_sampler_recovers_gaussian_data_with_an_exact_denoiser(sampler, predicti
             assert MIN_SD_AT_50_STEPS[sampler] < sd < SD + 0.01, f"{where}: sd {sd:.3f}, data {SD}"
         else:
             assert 0.005 < sd < SD + 0.01, f"{where}: sd {sd:.3f}"
+        difference = (images.double() - reference_images(sampler, scheduler, steps, seed=0)).abs().max().item()
+        assert difference < tolerance, f"{where}: {difference:.2g} from the {sampler} reference"
+
+
+def diffusers_trailing_fails(T, steps):
+    """Whether diffusers' own trailing spacing returns other than `steps` timesteps (an extra t = -1)."""
+    scheduler = DDPMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps) != steps
+
+
+def assert_visits_and_ends_at_x0(sampler, visited, where):
+    """The sampler (set to `visited`, predicting x0) holds exactly those timesteps, and its last step returns the
+    model's x0 from any x."""
+    x0 = torch.full((1, *SHAPE), MU)
+    assert sampler.timesteps.tolist() == visited, where
+    last = sampler.step(x0, visited[-1], torch.randn(x0.shape), generator=torch.Generator()).prev_sample
+    torch.testing.assert_close(last, x0, rtol=0, atol=1e-6, msg=where)
+
+
+@pytest.mark.parametrize("T", [10, 100, 256, 1000])
+def test_every_step_count_visits_its_timesteps_and_ends_at_x0(T):
+    """At every step count 1..T each sampler takes exactly the visited timesteps (T-1 first, distinct, descending)
+    and its last step, from any state, returns the model's x0: the whole trajectory at T=10, and at T=100 where
+    diffusers' own trailing spacing appends t = -1."""
+    scheduler = make_scheduler(T, "squaredcos_cap_v2", "sample")
+    samplers = {name: make_sampler(name, scheduler) for name in SAMPLERS}
+    for steps in range(1, T + 1):
+        visited = visited_timesteps(steps, T)
+        assert len(set(visited)) == steps and visited == sorted(visited, reverse=True), (T, steps)
+        assert visited[0] == T - 1 and visited[-1] >= 0, (T, steps)
+        for name, sampler in samplers.items():
+            sampler.set_timesteps(timesteps=visited)
+            assert_visits_and_ends_at_x0(sampler, visited, f"{name}, {steps} of T={T} steps")
+        if T == 10 or (T == 100 and diffusers_trailing_fails(T, steps)):
+            for name in SAMPLERS:
+                images = sample(ExactGaussianDenoiser(scheduler), scheduler, sample_shape=SHAPE, sampler=name,
+                                steps=steps, num_images=8, progress=False).images
+                assert torch.isfinite(images).all() and abs(images.mean().item() - MU) < 0.1, (name, T, steps)
+    with pytest.raises(ValueError, match=f"steps must be between 1 and the training schedule's T={T}, got {T + 1}"):
+        visited_timesteps(T + 1, T)
+
+
+def test_a_pipeline_scheduler_config_moves_neither_the_visited_timesteps_nor_the_end():
+    """Settings a pipeline's scheduler config may carry into the training schedule (Stable Diffusion's DDIM
+    set_alpha_to_one=False, DPM-Solver's Karras sigmas or last step to sigma_min, leading spacing) would end short
+    of x0 or refuse the given timesteps: every sampler still visits them and ends at x0."""
+    config = {**make_scheduler(1000, "scaled_linear", "sample").config, "set_alpha_to_one": False, "steps_offset": 1,
+              "use_karras_sigmas": True, "final_sigmas_type": "sigma_min", "timestep_spacing": "leading"}
+    scheduler = DDPMScheduler.from_config(config)
+    visited = visited_timesteps(13, 1000)
+    for name in SAMPLERS:
+        assert_visits_and_ends_at_x0(make_sampler(name, scheduler, visited), visited, name)
+
+
+@pytest.mark.parametrize("timesteps", [[5, 5], [3, 7], [100, 3], [3, -1], []])
+def test_given_timesteps_must_be_distinct_descending_training_timesteps(timesteps):
+    for name in SAMPLERS:
+        with pytest.raises(ValueError, match=r"timesteps must be distinct and descending within 0..99, got .*; e.g. "
+                                             r"visited_timesteps\(steps, T\)"):
+            make_sampler(name, make_scheduler(100), timesteps)
+
+
+def test_steps_61_of_1000_that_diffusers_ends_at_t_minus_1():
+    from tdcdiff.run import RunConfig
+
+    RunConfig(sample_steps=61).validate()  # `tdcdiff run --steps 61` passes the settings check: sampling must work
+    scheduler = make_scheduler(1000)
+    assert diffusers_trailing_fails(1000, 61)  # the case the fix is for: np.arange's float step overshoots
+    visited = visited_timesteps(61, 1000)
+    assert (len(visited), visited[0], visited[-1]) == (61, 999, 15)
+    grouping = make_groups("snr", N, scheduler)
+    for sampler in SAMPLERS:
+        result = sample(Router([ExactGaussianDenoiser(scheduler) for _ in range(N)], grouping), scheduler,
+                        sample_shape=SHAPE, sampler=sampler, steps=61, num_images=4, progress=False)
+        assert result.timesteps == visited and torch.isfinite(result.images).all()
+
+
+def test_visited_timesteps_are_diffusers_trailing_ones_where_those_work():
+    for T in (10, 100, 1000):
+        for steps in range(1, T + 1):
+            trailing = (np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1).tolist()
+            assert visited_timesteps(steps, T) == trailing[:steps]
+
+
+@pytest.mark.parametrize("steps", [7, 13, 15, 20, 50])
+def test_ddim_steps_to_the_next_visited_timestep_and_to_x0(steps):
+    """diffusers' DDIMScheduler goes from t to t - T // steps; at 13 of 1000 steps that skips past the visited
+    timesteps and ends at alpha_bar_0 instead of x0. Ours matches a hand-written DDIM to float32 rounding."""
+    scheduler = make_scheduler(1000, "linear", "epsilon")
+    result = sample(ExactGaussianDenoiser(scheduler), scheduler, sample_shape=SHAPE, sampler="ddim", steps=steps,
+                    num_images=BATCH, batch_size=BATCH, seed=3, progress=False)
+    difference = (result.images.double() - reference_images("ddim", scheduler, steps, seed=3)).abs()
+    assert difference.max() < 5e-6, difference.max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

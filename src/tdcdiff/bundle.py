@@ -238,9 +238,11 @@ def _build_scheduler(config: dict, where: Path):
                           f"num_train_timesteps={scheduler.config.num_train_timesteps}; give one beta per timestep "
                           f"or {REEXPORT}")
     if (not isinstance(alphas, torch.Tensor) or not bool(torch.isfinite(alphas).all())
-            or not bool(((alphas > 0) & (alphas <= 1)).all()) or bool((alphas[1:] > alphas[:-1]).any())):
+            or not bool(((alphas[:-1] > 0) & (alphas[:-1] <= 1)).all()) or not 0 <= alphas[-1] <= 1
+            or bool((alphas[1:] > alphas[:-1]).any())):
+        # the last may be 0: a zero-terminal-SNR schedule (rescale_betas_zero_snr)
         raise BundleError(f"{where}: 'scheduler' gives noise levels (alphas_cumprod) that are not finite and "
-                          f"falling within (0, 1]; check its beta settings or {REEXPORT}")
+                          f"falling within (0, 1] (the last within [0, 1]); check its beta settings or {REEXPORT}")
     return scheduler
 
 

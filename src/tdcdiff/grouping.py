@@ -16,7 +16,8 @@ STRATEGIES = ("snr", "uniform", "loss")
 
 @dataclass(frozen=True)
 class Group:
-    """Timesteps [start, end) of one group and the SNR range they span."""
+    """Timesteps [start, end) of one group and the SNR range they span: SNR-dB at start and at end - 1, within
+    the schedule's finite levels (see `finite_snr_db`), so a written grouping is valid JSON."""
 
     index: int
     start: int
@@ -104,6 +105,21 @@ def _enforce_min_size(boundaries: list[int], min_size: int) -> list[int]:
     return b
 
 
+def finite_snr_db(scheduler) -> np.ndarray:
+    """SNR-dB at t = 0..T-1, (T,) float64, with infinite levels clipped to the nearest finite one.
+
+    A zero-terminal-SNR schedule (diffusers' rescale_betas_zero_snr, Lin et al. 2024) has alpha_bar = 0 at
+    t=T-1: SNR 0, -inf dB. Equal-width levels down to -inf would be NaN and -inf, putting most timesteps in one
+    group; clipped, t=T-1 counts as the last finite level. Raises ValueError if no level is finite.
+    """
+    levels = snr_db(scheduler, torch.arange(scheduler.config.num_train_timesteps)).numpy()
+    finite = levels[np.isfinite(levels)]
+    if not len(finite):
+        raise ValueError("the noise schedule has no timestep with a finite SNR (alpha_bar strictly between 0 and 1); "
+                         "check its betas")
+    return np.clip(levels, finite.min(), finite.max())
+
+
 def _snr_boundaries(levels_db: np.ndarray, num_groups: int) -> list[int]:
     # SNR-dB falls monotonically with t: cut where it crosses equally spaced levels.
     targets = np.linspace(levels_db[0], levels_db[-1], num_groups + 1)[1:-1]
@@ -166,7 +182,7 @@ def make_groups(
         raise ValueError(
             f"min_size {min_size} x {num_groups} groups exceeds T={num_train}; lower min_size or the number of groups"
         )
-    levels = snr_db(scheduler, torch.arange(num_train)).numpy()
+    levels = finite_snr_db(scheduler)
     if strategy == "uniform":
         boundaries = [round(i * num_train / num_groups) for i in range(num_groups + 1)]
     elif strategy == "snr":
@@ -176,9 +192,8 @@ def make_groups(
             raise ValueError(f"strategy 'loss' needs loss_per_t with one value per timestep (T={num_train})")
         boundaries = _loss_boundaries(np.asarray(loss_per_t, dtype=np.float64), num_groups, min_size)
     boundaries = _enforce_min_size(boundaries, min_size)
-    groups = [
-        Group(i, s, e, float(levels[s]), float(levels[e - 1])) for i, (s, e) in enumerate(zip(boundaries, boundaries[1:]))
-    ]
+    edges = zip(boundaries, boundaries[1:])
+    groups = [Group(i, s, e, float(levels[s]), float(levels[e - 1])) for i, (s, e) in enumerate(edges)]
     return Grouping(strategy, num_train, boundaries, groups)
 
 

@@ -19,41 +19,9 @@ from torch import nn
 
 from .models import Denoiser, as_denoiser, check_denoiser, num_class_embeds
 from .router import Router
-
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
-LEARNED_VARIANCES = ("learned", "learned_range")
-# "trailing": the first step is at t = T-1 and the steps are evenly spaced below it, for every step count
-# (diffusers' "leading" starts 1-step sampling at t=0; its "linspace" repeats a timestep at steps = T, which
-# makes DPM-Solver++ divide by a zero step size).
-TIMESTEP_SPACING = "trailing"
-
-
-def make_sampler(name: str, train_scheduler, *, learned_variance: bool = False):
-    """A diffusers sampling scheduler sharing the training schedule's betas and prediction type.
-
-    name: "ddpm", "ddim" or "dpm-solver++".
-    train_scheduler: the DDPMScheduler the model was trained with.
-    learned_variance: the model outputs a variance half; DDPM then uses it (diffusers' "learned_range",
-        unless the schedule says "learned"). DDIM and DPM-Solver never see it (`sample` passes them the
-        prediction only), so DPM-Solver's own learned-variance slicing (`[:, :3]`, RGB only) is switched off.
-    Every sampler uses TIMESTEP_SPACING, whatever the training scheduler's config says.
-    """
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
-    config = train_scheduler.config
-    if name == "ddpm":
-        declared = config.get("variance_type") or "fixed_small"  # not every scheduler's config has one
-        if learned_variance:
-            variance = declared if declared in LEARNED_VARIANCES else "learned_range"
-        else:
-            variance = "fixed_small" if declared in LEARNED_VARIANCES else declared
-        return DDPMScheduler.from_config(config, variance_type=variance, timestep_spacing=TIMESTEP_SPACING)
-    if name == "ddim":
-        return DDIMScheduler.from_config(config, timestep_spacing=TIMESTEP_SPACING)
-    if name == "dpm-solver++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", variance_type=None,
-                                                       timestep_spacing=TIMESTEP_SPACING)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+from .samplers import LEARNED_VARIANCES, TIMESTEP_SPACING, make_sampler, visited_timesteps
+from .samplers import SAMPLERS as SAMPLERS  # re-exported: callers import the sampler names from here too
+from .schedule import check_sampling_schedule
 
 
 @dataclass
@@ -229,7 +197,8 @@ class SamplingModel:
         self.router = model if isinstance(model, Router) else None
         experts = list(model.experts) if self.router is not None else [as_denoiser(model)]
         modes = [("trace" if _is_diffusers_model(e) else "none") if compile == "auto" else compile for e in experts]
-        self.experts = [e.eval() if mode == "none" else CompiledExpert(e.eval(), mode) for e, mode in zip(experts, modes)]
+        self.experts = [e.eval() if mode == "none" else CompiledExpert(e.eval(), mode)
+                        for e, mode in zip(experts, modes)]
         self.precision = precision
 
     @property
@@ -276,10 +245,12 @@ def sample(
 
     model: called as model(x, t); a diffusers UNet2DModel, any denoiser, a tdcdiff Router, or a
         SamplingModel built once from one of those (then compile and precision are its own).
-    train_scheduler: the training schedule (gives betas, T and the prediction type).
+    train_scheduler: the training schedule (gives betas, T and the prediction type). Raises ValueError for an
+        epsilon-prediction schedule with zero terminal SNR (schedule.check_sampling_schedule).
     sample_shape: (C, H, W) of one image.
     sampler: "ddpm", "ddim" or "dpm-solver++".
-    steps: number of sampling steps, 1..T.
+    steps: number of sampling steps, 1..T; the sampler visits `samplers.visited_timesteps(steps, T)` (T-1 first)
+        and ends at x0.
     num_images, batch_size: how many images in total, and how many per forward pass.
     seed: the initial noise and every stochastic step are drawn from a generator seeded with it.
     class_labels: for a class-conditional model (required there): one int for all images or one per image.
@@ -294,10 +265,10 @@ def sample(
     from tqdm.auto import tqdm
 
     num_train = train_scheduler.config.num_train_timesteps
-    if not 1 <= steps <= num_train:
-        raise ValueError(f"steps must be between 1 and the training schedule's T={num_train}, got {steps}")
+    visited = visited_timesteps(steps, num_train)
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
+    check_sampling_schedule(train_scheduler)
     runner = model if isinstance(model, SamplingModel) else None
     model = runner.model if runner is not None else model
     grouping = getattr(model, "grouping", None)
@@ -316,27 +287,25 @@ def sample(
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_images, *sample_shape), generator=generator)
 
-    outputs, visited = [], []
+    outputs = []
     batches = range(0, num_images, batch_size)
     bar = tqdm(total=len(batches) * steps, desc=f"sample {sampler}-{steps}", disable=not progress)
     for start in batches:
-        scheduler.set_timesteps(steps, device=device)
+        scheduler.set_timesteps(timesteps=visited, device=device)  # also resets a multistep solver's history
         x = noise[start : start + batch_size].to(device) * scheduler.init_noise_sigma
-        visited = scheduler.timesteps.tolist()
         batch_labels = None if labels is None else labels[start : start + batch_size].to(device)
         for t in visited:  # plain ints: the schedulers index with them as with 0-d tensors, only faster
             model_input = scheduler.scale_model_input(x, t)
             out = _predict(runner, model_input, t, batch_labels, guidance_scale=guidance_scale,
                            null_class=null_class, with_variance=sampler == "ddpm")
             if out.shape[1] != x.shape[1] and scheduler.config.get("variance_type") not in LEARNED_VARIANCES:
-                scheduler = make_sampler(sampler, train_scheduler, learned_variance=True)  # same timesteps
-                scheduler.set_timesteps(steps, device=device)
+                scheduler = make_sampler(sampler, train_scheduler, visited, learned_variance=True, device=device)
             x = scheduler.step(out, t, x, generator=generator).prev_sample
             bar.update(1)
         outputs.append(decode(x) if decode is not None else x.clamp(-1, 1).cpu())
     bar.close()
-    return SampleResult(torch.cat(outputs), visited, sampler, steps, seed, scheduler.config.timestep_spacing,
-                        runner.compile, runner.precision)
+    return SampleResult(torch.cat(outputs), visited, sampler, steps, seed, TIMESTEP_SPACING, runner.compile,
+                        runner.precision)
 
 
 class TDCPipeline:

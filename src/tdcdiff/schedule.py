@@ -2,36 +2,99 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 from diffusers import DDPMScheduler
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# 1: diffusers' linear and scaled_linear betas (1e-4 to 0.02, set for T=1000) at every T, as runs made before the
+#    version was recorded have them; 2: those betas scaled by 1000/T, as improved-diffusion's
+#    get_named_beta_schedule scales the linear ones, so alpha_bar falls to about the same level at every T.
+SCHEDULE_VERSIONS = (1, 2)
+SCHEDULE_VERSION = 2
+BETA_START, BETA_END = 1e-4, 0.02  # DDPM's (Ho et al. 2020) for T=1000; diffusers' defaults
+# A schedule whose alpha_bar at t=T-1 is above this leaves signal in x_{T-1}, where sampling starts from pure noise.
+# For scale: the linear schedule at T=1000 ends at 4e-5, Stable Diffusion's scaled_linear (0.00085..0.012) at 4.7e-3,
+# the unscaled linear one at T=100 at 0.364.
+MAX_TERMINAL_ALPHA_BAR = 0.01
 
 
 def make_scheduler(
     num_train_timesteps: int = 1000,
     beta_schedule: str = "linear",
     prediction_type: str = "epsilon",
+    *,
+    version: int | None = None,
 ) -> DDPMScheduler:
     """Build the training noise schedule.
 
     num_train_timesteps: T, the number of training timesteps.
     beta_schedule: "linear", "scaled_linear" or "squaredcos_cap_v2" (cosine).
     prediction_type: what the denoiser predicts: "epsilon", "v_prediction" or "sample" (x0).
+    version: SCHEDULE_VERSIONS; None for the current one (SCHEDULE_VERSION). From version 2 the linear and
+        scaled_linear betas, 1e-4..0.02 at T=1000, are scaled by 1000/T (improved-diffusion,
+        gaussian_diffusion.get_named_beta_schedule); the same at T=1000 in every version.
+    Raises ValueError for an unknown setting, T < 2, or (version 2) a T so small that a scaled beta reaches 1.
     """
+    version = SCHEDULE_VERSION if version is None else version
     if beta_schedule not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta_schedule {beta_schedule!r}; choose one of {BETA_SCHEDULES}")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
+    if version not in SCHEDULE_VERSIONS:
+        raise ValueError(f"unknown schedule_version {version}; choose one of {SCHEDULE_VERSIONS} (current: "
+                         f"{SCHEDULE_VERSION})")
     if num_train_timesteps < 2:
         raise ValueError(f"num_train_timesteps must be at least 2, got {num_train_timesteps}")
+    scale = 1000 / num_train_timesteps if version >= 2 and beta_schedule != "squaredcos_cap_v2" else 1.0
+    if scale * BETA_END >= 1:
+        raise ValueError(
+            f"num_train_timesteps (--timesteps) T={num_train_timesteps} is too few for the {beta_schedule} schedule: "
+            f"its betas are scaled by 1000/T and the last, {scale * BETA_END:.3g}, would reach 1 (no signal left); "
+            f"use T >= {math.floor(1000 * BETA_END) + 1} or the cosine schedule (squaredcos_cap_v2, --schedule)"
+        )
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=beta_schedule,
+        beta_start=scale * BETA_START,
+        beta_end=scale * BETA_END,
         prediction_type=prediction_type,
         clip_sample=True,
     )
+
+
+def terminal_alpha_bar(scheduler) -> float:
+    """alpha_bar at t=T-1: 0 for a zero-terminal-SNR schedule (diffusers' rescale_betas_zero_snr)."""
+    return float(scheduler.alphas_cumprod[-1])
+
+
+def check_sampling_schedule(scheduler) -> None:
+    """Raise ValueError if sampling cannot run on this schedule: epsilon prediction with zero terminal SNR
+    (alpha_bar_{T-1} = 0), where x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) divides by 0."""
+    if scheduler.config.prediction_type == "epsilon" and terminal_alpha_bar(scheduler) == 0:
+        raise ValueError(
+            "the noise schedule has zero terminal SNR (alpha_bar is 0 at t=T-1, e.g. rescale_betas_zero_snr) and the "
+            "model predicts epsilon, from which no x0 follows at t=T-1; use a v_prediction (or sample) model with "
+            "this schedule, as Lin et al. 2024 do, or a schedule without rescale_betas_zero_snr"
+        )
+
+
+def check_given_schedule(scheduler, source: str) -> None:
+    """Check a schedule the user gave (e.g. a pipeline's scheduler) before any work: check_sampling_schedule, and
+    a warning when alpha_bar at t=T-1 is above MAX_TERMINAL_ALPHA_BAR (x_{T-1} is not noise; samples start
+    from the wrong distribution). source: what the schedule came from, for the messages."""
+    check_sampling_schedule(scheduler)
+    last = terminal_alpha_bar(scheduler)
+    if last > MAX_TERMINAL_ALPHA_BAR:
+        warnings.warn(
+            f"the noise schedule of {source} ends at alpha_bar = {last:.3g} at t=T-1 (x_(T-1) keeps "
+            f"{math.sqrt(last):.0%} of the image), but sampling starts from pure noise there; samples start from the "
+            f"wrong distribution. A schedule whose betas fit its T (e.g. linear betas scaled by 1000/T) ends near 0",
+            stacklevel=2,
+        )
 
 
 def alphas_cumprod64(scheduler) -> torch.Tensor:

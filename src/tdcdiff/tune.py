@@ -868,13 +868,11 @@ class Tune:
         """name -> (Router, sampling FLOPs per image) for the base and every finished, not failed candidate."""
         from .bundle import load_bundle
         from .grouping import make_groups
-        from .pipeline import make_sampler
         from .router import Router
+        from .samplers import visited_timesteps
 
         run, c = self.base_run, self.base_run.config
-        sampler = make_sampler(c.sampler, run.scheduler)
-        sampler.set_timesteps(c.sampling_steps)
-        visited = [int(t) for t in sampler.timesteps]
+        visited = visited_timesteps(c.sampling_steps, run.scheduler.config.num_train_timesteps)
         base = Router([run.base_model()], make_groups("uniform", 1, run.scheduler), [self.base_flops()])
         models = {"base": (base.eval(), base.trajectory_flops(visited))}
         for spec in self.candidates:

@@ -27,7 +27,9 @@ class RunConfig(Settings):
 
     data: data spec ("digits", IDX file, image folder or zip, "hf:<name>"); image_size, channels, limit:
         resize / convert / subsample it. model: UNet preset (default: chosen from image size and channels).
-    num_train_timesteps, beta_schedule, prediction_type: the noise schedule.
+    num_train_timesteps, beta_schedule, prediction_type: the noise schedule. schedule_version: how make_scheduler
+        builds it (schedule.SCHEDULE_VERSIONS); None: the current one for a new run, the saved one when resuming
+        (a config.json without it: 1, the unscaled betas runs had before).
     base: stage-1 training. groups, grouping, k, ordering: timestep groups and their budgets.
     mean_budget: None for the paper's formula (the hardest group gets the whole base); a number in (0, 1] scales
         that shape so the timestep-weighted mean budget is this fraction of the base (budget.make_plan).
@@ -57,6 +59,7 @@ class RunConfig(Settings):
     num_train_timesteps: int = setting(1000, rule=at_most(MAX_TIMESTEPS, about="--timesteps", typical="typical: 1000"))
     beta_schedule: str = setting("linear", rule=one_of(BETA_SCHEDULES, what="beta_schedule"))
     prediction_type: str = "epsilon"
+    schedule_version: int | None = None
     base: TrainConfig = setting(factory=lambda: TrainConfig(steps=3000, lr=2e-3, checkpoint_every=500))
     groups: int = setting(4, rule=at_least(1, note="N, the number of timestep groups"))
     grouping: str = setting("snr", rule=one_of(STRATEGIES, what="grouping strategy"))
@@ -90,7 +93,7 @@ class RunConfig(Settings):
         check_mean_budget(self.mean_budget)
 
     def checks(self):
-        make_scheduler(self.num_train_timesteps, self.beta_schedule, self.prediction_type)
+        make_scheduler(self.num_train_timesteps, self.beta_schedule, self.prediction_type, version=self.schedule_version)
         for section in ("base", "finetune", "search"):
             _validate_section(getattr(self, section), section)
         if self.search.proposer == "llm":
@@ -153,7 +156,8 @@ def with_pipeline_schedule(config: RunConfig) -> RunConfig:
 # Which stage's output a setting shapes: changing it is refused once that stage has run.
 STAGE_OF_SETTING = {
     **{k: "base" for k in ("data", "image_size", "channels", "limit", "model", "attention", "num_train_timesteps",
-                           "beta_schedule", "prediction_type", "base", "seed", "base_model", "base_model_steps")},
+                           "beta_schedule", "prediction_type", "schedule_version", "base", "seed", "base_model",
+                           "base_model_steps")},
     **{k: "plan" for k in ("groups", "grouping", "k", "mean_budget", "ordering", "plan_fractions", "budget_unit")},
     **{k: "prune" for k in ("search", "latency_batch")},
     "finetune": "finetune",
@@ -205,7 +209,10 @@ def load_saved_config(path: Path) -> RunConfig:
 
     Raises ValueError naming the file and the fix when it is damaged."""
     try:
-        return RunConfig.from_dict(json.loads(read_small_file(path, MAX_SAVED_CONFIG_BYTES)))
+        data = json.loads(read_small_file(path, MAX_SAVED_CONFIG_BYTES))
+        if isinstance(data, dict):
+            data.setdefault("schedule_version", 1)  # saved before the version was: the unscaled betas it ran with
+        return RunConfig.from_dict(data)
     except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, a bad value, deep nesting
         raise ValueError(
             f"{path} is damaged ({err}); restore it, or delete it and rerun with the settings the run was made "

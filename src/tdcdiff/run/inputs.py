@@ -109,7 +109,7 @@ class RunInputs:
         copied = self.dir / "base" / SCHEDULER_FILE  # a given pipeline's schedule, kept with the run
         if copied.exists():
             return scheduler_from_config(json.loads(copied.read_text()))
-        return make_scheduler(c.num_train_timesteps, c.beta_schedule, c.prediction_type)
+        return make_scheduler(c.num_train_timesteps, c.beta_schedule, c.prediction_type, version=c.schedule_version)
 
     def labels(self, model) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(train labels, held-out labels) in split() order for a class-conditional model; (None, None) else."""

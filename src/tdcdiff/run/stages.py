@@ -36,6 +36,7 @@ from ..prune.fit import FitResult, fit_to_measured_time, measure_latency_table, 
 from ..prune.importance import get_importance
 from ..prune.proxy import Proxy, ProxyBatch
 from ..prune.search import search
+from ..schedule import SCHEDULE_VERSION, check_given_schedule
 from ..serialization import architecture_of, save_model
 from ..settings import apply_overrides
 from ..train import FINAL_DIR, TrainResult, train
@@ -63,7 +64,10 @@ class Stages(RunInputs):
         saved = load_saved_config(saved_path) if saved_path.exists() else None
         overrides = dict(overrides or {}) | ({"base_model": str(base)} if base is not None else {})
         named = overrides.get("base_model", config.base_model if config is not None else None)
-        config = with_pipeline_schedule(apply_overrides(config or saved or RunConfig(), overrides))
+        config = apply_overrides(config or saved or RunConfig(), overrides)
+        if config.schedule_version is None:  # a run resumes with the schedule it was made with
+            config = replace(config, schedule_version=saved.schedule_version if saved else SCHEDULE_VERSION)
+        config = with_pipeline_schedule(config)
         config.validate()
         if saved is not None:
             check_unchanged(run_dir, saved, config)
@@ -135,6 +139,8 @@ class Stages(RunInputs):
         train_labels, _ = self.labels(model)
         given = loaded.scheduler_config
         scheduler = scheduler_from_config(given) if given is not None else self.scheduler
+        if given is not None:
+            check_given_schedule(scheduler, f"--base {c.base_model}")
         check_finite(model, train_images, scheduler.alphas_cumprod, train_labels)
         architecture_of(model)  # raises now, not after training, if the model cannot be saved
         self._check_budgets_reachable(model)  # before any base_model_steps of training for a doomed plan
