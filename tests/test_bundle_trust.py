@@ -362,3 +362,54 @@ def test_a_vae_scale_other_than_the_experts_or_unusable_is_refused(latent, tmp_p
                                      m["latent"].update(scaling_factor=recorded)))
     refused(bundle, rf"cannot load the VAE of bundle [^:]*: {message}")
     assert load_bundle(latent).vae.config.scaling_factor == 0.5
+
+
+# -- sampling a bundle: labels of the data's classes, the bundle's shape, mixed dtypes under autocast --------------
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory):
+    """Experts embedding 11 class ids for data of 10 classes, trained without label dropout (no null class)."""
+    torch.manual_seed(0)
+    conditioning = {"num_class_embeds": 11, "num_classes": 10, "null_class": None}
+    return write_bundle(tmp_path_factory.mktemp("conditional") / "bundle", [conditional_unet(11)],
+                        conditioning=conditioning)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (2.7, r"class labels must be integer class ids, got float32 labels: 2.7"),
+    ([True, False], r"class labels must be integer class ids, got bool labels: \[True, False\]"),
+    (10, r"class labels must be classes of the data, 0..9 \(the model embeds 11 ids: no image was labelled with the "
+         r"others\), got 10..10"),
+])
+def test_labels_that_are_no_class_of_the_data_are_refused(conditional, labels, message):
+    pipe = load_bundle(conditional).pipeline()
+    with pytest.raises(ValueError, match=message):
+        pipe(batch_size=2, num_inference_steps=2, class_labels=labels, progress=False)
+    assert pipe(batch_size=2, num_inference_steps=2, class_labels=9, output_type="pt", progress=False).images.shape \
+        == (2, 1, 8, 8)
+
+
+def test_the_null_class_is_no_class_to_sample(conditional, tmp_path):
+    edit = Path(shutil.copytree(conditional, tmp_path / "bundle"))
+    edit_manifest(edit, lambda m: m["conditioning"].update(null_class=10))
+    result = CliRunner().invoke(app, ["sample", "--bundle", str(edit), "--class", "10", "--num", "2", "--steps", "2",
+                                      "--quiet", "--output", str(tmp_path / "s.png")])
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert result.output.startswith("error: class labels must be classes of the data, 0..9 (the model embeds 11 ids, "
+                                    "id 10 the null class for dropped labels") and not (tmp_path / "s.png").exists()
+
+
+def test_sampling_at_another_shape_than_the_bundles_is_refused(good):
+    loaded = load_bundle(good)
+    with pytest.raises(ValueError, match=r"sample_shape \(1, 16, 16\) is not the 8x8 input the model was built for "
+                                         r"\(its config's sample_size\); sample at \(1, 8, 8\)"):
+        sample(loaded.router, loaded.scheduler, sample_shape=(1, 16, 16), steps=2, num_images=1, progress=False)
+
+
+def test_mixed_dtype_experts_sample_under_autocast_and_are_refused_at_fp32(bundle):
+    edit_weights(bundle, 0, lambda s: s.__setitem__("conv_out.bias", s["conv_out.bias"].half()))
+    loaded = load_bundle(bundle)
+    common = dict(sample_shape=SHAPE, steps=3, num_images=2, progress=False)
+    with pytest.raises(ValueError, match=r"expert 0 holds weights of several dtypes \(float16, float32\), which run "
+                                         r"only under autocast: sample with precision='bf16' \(--precision bf16\)"):
+        sample(loaded.router, loaded.scheduler, **common)
+    assert torch.isfinite(sample(loaded.router, loaded.scheduler, precision="bf16", **common).images).all()

@@ -241,7 +241,9 @@ class Bundle:
     def pipeline(self):
         from .pipeline import TDCPipeline
 
-        return TDCPipeline(self.router, self.scheduler, self.sample_shape, null_class=self.null_class, vae=self.vae)
+        classes = (self.manifest.get("conditioning") or {}).get("num_classes")
+        return TDCPipeline(self.router, self.scheduler, self.sample_shape, null_class=self.null_class, vae=self.vae,
+                           num_classes=classes)
 
     @property
     def null_class(self) -> int | None:
