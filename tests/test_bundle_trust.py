@@ -413,3 +413,67 @@ def test_mixed_dtype_experts_sample_under_autocast_and_are_refused_at_fp32(bundl
                                          r"only under autocast: sample with precision='bf16' \(--precision bf16\)"):
         sample(loaded.router, loaded.scheduler, **common)
     assert torch.isfinite(sample(loaded.router, loaded.scheduler, precision="bf16", **common).images).all()
+
+
+# -- found attacking the fixes above: holes that read as gigabytes, configs that build for minutes ----------------
+def test_a_sparse_weights_file_is_refused_before_it_is_read(bundle):
+    name = "expert_1/model.safetensors"
+    with open(bundle / name, "r+b") as f:
+        f.truncate(1 << 30)  # a GiB that reads as zeros, a few MB on disk: it loaded at 2.5 GB peak for 2 GiB
+    if os.stat(bundle / name).st_blocks * 512 * 8 >= 1 << 30:
+        pytest.skip("this file system allocates the holes of a truncated file")
+    claimed = {"bytes": 1 << 30, "sha256": "0" * 64}
+    edit_architecture(bundle, 1, lambda a: a["weights"].update(claimed))
+    edit_manifest(bundle, lambda m: (m["files"].__setitem__(name, claimed),
+                                     m["expert_training"][1].update(weights_sha256=claimed["sha256"])))
+    refused(bundle, r"expert_1/model.safetensors is a sparse file \(1073741824 bytes, \d+ of them on disk\): saved "
+                    r"files are written in full")
+
+
+def test_a_config_building_far_more_than_its_weights_is_stopped_early(bundle):
+    """layers_per_block=20000 built (on the meta device) for 265 s and 3.3 GB before the weights were compared."""
+    edit_architecture(bundle, 0, lambda a: a["config"].update(layers_per_block=20000))
+    refused(bundle, r"cannot load expert 0 .*architecture.json describes a model of more than \d+ modules, far more "
+                    r"than its weights file holds tensors for")
+
+
+def test_a_model_built_for_real_stops_before_it_outgrows_its_weights(tmp_path):
+    """A DiT has a non-persistent buffer, so it is built for real: 8192 channels took 5.9 GB for 40 kB of weights."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(sample_size=8, in_channels=1, out_channels=1, patch_size=2, num_layers=1,
+                                num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=10).eval()
+    path = write_bundle(tmp_path / "dit", [dit])
+    assert type(load_bundle(path).router.experts[0].model) is DiTTransformer2DModel
+    edit_architecture(path, 0, lambda a: a["config"].update(num_attention_heads=64, attention_head_dim=128))
+    refused(path, r"describes a model of more than \d+ parameter elements, far more than its weights file holds")
+
+
+def test_every_class_id_a_config_claims_has_an_embedding_row(tmp_path):
+    """A config claiming 10**9 class ids over an 11-row table loaded, and `--class 500` raised IndexError."""
+    path = write_bundle(tmp_path / "b", [conditional_unet(11)])
+    edit_architecture(path, 0, lambda a: a["config"].update(num_class_embeds=10**9))
+    refused(path, r"it fails on a \[1, 8, 8\] input at t=0 \(IndexError: index out of range in self\); its "
+                  r"architecture.json and weights do not fit together")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["conditioning"].update(null_class=3), r"'conditioning.null_class' 3 is one of the data's classes "
+                                                       r"0..9; the null class is the id for dropped labels"),
+    (lambda m: m["grouping"]["groups"][0].update(snr_db_start=float("nan")),
+     r"'grouping.groups' must hold finite snr_db_start and snr_db_end values"),
+])
+def test_conditioning_and_grouping_values_that_contradict_themselves_are_refused(conditional, tmp_path, change,
+                                                                                 message):
+    path = Path(shutil.copytree(conditional, tmp_path / "bundle"))
+    edit_manifest(path, change)
+    refused(path, message)
+
+
+def test_a_huge_integer_is_invalid_json_not_advice_to_raise_a_limit(bundle):
+    text = (bundle / "manifest.json").read_text()
+    huge = '"base_flops": ' + "9" * 5000 + ', "x": '
+    (bundle / "manifest.json").write_text(text.replace('"base_flops": ', huge, 1))
+    message = refused(bundle, r"manifest.json is not valid JSON \(a number of more than 4300 digits\)")
+    assert "set_int_max_str_digits" not in message

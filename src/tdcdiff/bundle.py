@@ -352,10 +352,11 @@ def _probe_vae(vae: nn.Module, manifest: dict, path: Path) -> None:
 
 @torch.no_grad()
 def _probe(router: Router, grouping: Grouping, shape: list, expert_flops: list[int], path: Path) -> None:
-    """One denoising call per expert, at batch 1 and its group's first timestep: weights and architecture
-    that do not fit together (a config the weights were not made for, float64 or non-finite weights, FLOPs
-    other than the manifest states) fail here, on load, not in the middle of sampling. An expert whose weights
-    mix dtypes runs as it samples, under bf16 autocast (--precision bf16)."""
+    """One denoising call per expert, at batch 1, its group's first timestep and (class-conditional) its highest
+    class id: weights and architecture that do not fit together (a config the weights were not made for, class
+    ids without an embedding row, float64 or non-finite weights, FLOPs other than the manifest states) fail
+    here, on load, not in the middle of sampling. An expert whose weights mix dtypes runs as it samples, under
+    bf16 autocast (--precision bf16)."""
     from .flops import count_flops
 
     for i, (expert, group) in enumerate(zip(router.experts, grouping.groups)):
@@ -372,10 +373,12 @@ def _probe(router: Router, grouping: Grouping, shape: list, expert_flops: list[i
         device = param.device if param is not None else torch.device("cpu")
         x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0)).to(device)
         t = torch.full((1,), group.start, dtype=torch.long, device=device)
+        classes = num_class_embeds(expert)  # the highest id its config claims must have an embedding row
+        labels = None if classes is None else torch.full((1,), classes - 1, dtype=torch.long, device=device)
         mixed = len({p.dtype for _, p in floating}) > 1  # kept as saved; such a model samples only under autocast
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
             try:
-                out = expert(x, t, None, with_variance=True)
+                out = expert(x, t, labels, with_variance=True)
             except Exception as err:  # whatever the rebuilt model raises on an input of the bundle's own shape
                 raise BundleError(f"cannot load expert {i} of bundle {path}: it fails on a {shape} input at "
                                   f"t={group.start} ({type(err).__name__}: {brief(str(err), 200, quote=False)}); its "

@@ -215,6 +215,9 @@ def resolve_inside(root: Path, name: object, what: str) -> Path:
     return path
 
 
+_SPARSE_SLACK = 64 << 20  # smaller files are read whatever their holes (a compressed file system may show some)
+
+
 def read_untrusted(root: Path, name: str, what: str, *, max_bytes: int, hint: str,
                    expected_bytes: int | None = None) -> bytes:
     """The bytes of file `name` inside directory `root`, read as untrusted input (a bundle's or a saved model's
@@ -223,8 +226,9 @@ def read_untrusted(root: Path, name: str, what: str, *, max_bytes: int, hint: st
     name: a relative POSIX path (as a file from outside names it; see resolve_inside: nothing absolute, no `..`,
     no symlink leading out of root). The file is opened without blocking and without following a symlink, and
     checked on the open descriptor before anything is read: a regular file (a FIFO would block, a device such
-    as /dev/zero never end) of at most max_bytes, and of exactly expected_bytes when given. Then it is read
-    once, and nothing beyond its size.
+    as /dev/zero never end) of at most max_bytes, of exactly expected_bytes when given, and not sparse beyond
+    64 MiB (mostly holes: a few kilobytes on disk that read as gigabytes). Then it is read once, and nothing
+    beyond its size.
     what: the file and key that named `name`, for messages. hint: the fix, ending every message.
     Raises FileNotFoundError when it is missing and ValueError for anything else.
     """
@@ -247,6 +251,10 @@ def read_untrusted(root: Path, name: str, what: str, *, max_bytes: int, hint: st
                              f"{hint}")
         if size > max_bytes:
             raise ValueError(f"{shown} is {size} bytes, more than the {max_bytes} such a file may have; {hint}")
+        on_disk = getattr(info, "st_blocks", size // 512) * 512  # POSIX; a sparse file's holes cost no disk
+        if size > _SPARSE_SLACK and on_disk * 8 < size:  # but reading them costs memory
+            raise ValueError(f"{shown} is a sparse file ({size} bytes, {on_disk} of them on disk): saved files are "
+                             f"written in full, so this one was edited or copied with holes; {hint}")
         try:
             data = f.read(size + 1)  # one byte more: a file that grew since the check is caught too
         except MemoryError:
@@ -277,8 +285,9 @@ def parse_json(data: bytes, source: Path, hint: str) -> object:
         return json.loads(data, object_pairs_hook=unique)
     except RecursionError:
         raise ValueError(f"{source} is not valid JSON (nested too deep); {hint}") from None
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError and the repeated keys above
-        raise ValueError(f"{source} is not valid JSON ({brief(str(err), 200, quote=False)}); {hint}") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, the repeated keys above, a huge integer
+        detail = "a number of more than 4300 digits" if "integer string conversion" in str(err) else str(err)
+        raise ValueError(f"{source} is not valid JSON ({brief(detail, 200, quote=False)}); {hint}") from None
 
 
 def brief(value: object, limit: int = 120, *, quote: bool = True) -> str:

@@ -23,7 +23,7 @@ from .serialization import ARCHITECTURE_FILE, allowed_class, check_arguments
 FORMAT = "tdcdiff-bundle/2"
 MANIFEST = "manifest.json"
 REEXPORT = "re-export the bundle (delete it and run `tdcdiff bundle`, or call save_bundle again)"
-MAX_MANIFEST_BYTES = 32 << 20  # a manifest holds T betas at most (about 20 MB at MAX_TIMESTEPS)
+MAX_MANIFEST_BYTES = 8 << 20  # kilobytes, or trained_betas for T up to ~350,000; JSON costs ~40x in memory
 MAX_TIMESTEPS = 1_000_000  # T: as for runs; the schedule and the router allocate per timestep
 MAX_EXPERTS = 1000  # groups, one expert each: the paper uses up to 10
 MAX_CHANNELS = 64  # sample_shape: images (1, 3) and VAE latents (4, 16)
@@ -132,9 +132,12 @@ def _check_grouping(data: object, fail) -> Grouping:
         fail(f"'grouping.boundaries' gives {len(edges) - 1} groups, more than the {MAX_EXPERTS} experts a bundle "
              f"may have; {REEXPORT}")
     try:
-        return Grouping.from_dict(data)
+        grouping = Grouping.from_dict(data)
     except ValueError as err:
         fail(f"{err}; {REEXPORT}")
+    if not all(math.isfinite(v) for g in grouping.groups for v in (g.snr_db_start, g.snr_db_end)):
+        fail(f"'grouping.groups' must hold finite snr_db_start and snr_db_end values; {REEXPORT}")
+    return grouping
 
 
 def check_sample_shape(shape: object, what: str, fail) -> None:
@@ -286,3 +289,7 @@ def check_conditioning(conditioning: object, classes: int | None, where) -> None
         raise BundleError(f"{where}: 'conditioning' must be null or {{\"num_class_embeds\": {classes}, "
                           f"\"num_classes\": null or 1..{classes}, \"null_class\": null or 0..{classes - 1}}} "
                           f"(the experts embed {classes} class ids), got {brief(conditioning)}; {REEXPORT}")
+    data, null = conditioning.get("num_classes"), conditioning.get("null_class")
+    if data is not None and null is not None and null < data:  # guidance would take class `null` for "no label"
+        raise BundleError(f"{where}: 'conditioning.null_class' {null} is one of the data's classes 0..{data - 1}; the "
+                          f"null class is the id for dropped labels, no class of the data: {REEXPORT}")

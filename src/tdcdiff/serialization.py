@@ -17,6 +17,7 @@ import hashlib
 import inspect
 import json
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -231,6 +232,8 @@ def _rebuild(description: dict, source: Path) -> nn.Module:
     arguments = check_arguments(cls, description.get(key), f"{source} {key!r}")
     try:
         model = cls.from_config(arguments) if is_config else cls(**arguments)
+    except _BuildTooLarge:
+        raise
     except Exception as err:  # any failure of an allowlisted constructor on the saved arguments
         raise ValueError(f"{source}: cannot build {cls.__name__} from its saved {key!r} ({type(err).__name__}: "
                          f"{brief(str(err), 300, quote=False)}); re-save the model") from err
@@ -296,7 +299,7 @@ def build_model(description: dict, data: bytes, source: Path, weights_path: Path
         raise ValueError(f"{weights_path} holds {', '.join(odd)} tensors (in {', '.join(names[:3])}), which models are "
                          "not computed in; saved weights are float32, float16 or bfloat16: re-run the stage that "
                          "wrote it") from None
-    model = _rebuild_empty(description, source)
+    model = _rebuild_empty(description, source, state)
     if description.get("removed"):
         _remove_layers(model, description["removed"], source)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
@@ -309,20 +312,65 @@ def build_model(description: dict, data: bytes, source: Path, weights_path: Path
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
         raise ValueError(f"{weights_path} does not fit the architecture in {source}: "
-                         f"{brief(' '.join(str(err).split()), 2000, quote=False)}") from None
+                         f"{brief(' '.join(str(err).split()), 400, quote=False)}") from None
     return model.eval()
 
 
-def _rebuild_empty(description: dict, source: Path) -> nn.Module:
+def _rebuild_empty(description: dict, source: Path, state: dict[str, torch.Tensor]) -> nn.Module:
     """_rebuild on the meta device, so that the unpruned size a description names costs no memory before the
     saved (pruned) shapes replace it; every tensor then comes from the weights file (load_state_dict assign).
-    A model with a tensor the weights file does not hold (a non-persistent buffer) is built for real."""
-    with torch.device("meta"):
+    A model with a tensor the weights file does not hold (a non-persistent buffer) is built for real.
+    Either build stops early when it outgrows the saved weights `state` (see _BuildBudget)."""
+    with torch.device("meta"), _BuildBudget(state, source):
         model = _rebuild(description, source)
     saved = set(model.state_dict())
     if any(name not in saved for name, _ in model.named_buffers()):
-        return _rebuild(description, source)
+        with _BuildBudget(state, source):
+            return _rebuild(description, source)
     return model
+
+
+class _BuildTooLarge(ValueError):
+    pass
+
+
+class _BuildBudget:
+    """While a model is built in this thread, count the modules it registers and the elements of the tensors it
+    allocates (not on the meta device), and stop it once they far outgrow the weights it will be given: a
+    small architecture.json (layers_per_block=20000) must not cost minutes and gigabytes before its weights
+    are compared. Allowed: 16 modules per saved tensor (layers removed by depth pruning are built first) and
+    64 elements per saved element (a pruned model's unpruned base is built first), plus a margin."""
+
+    def __init__(self, state: dict[str, torch.Tensor], source: Path):
+        self.max_modules = 16 * len(state) + 256
+        self.max_elements = 64 * sum(t.numel() for t in state.values()) + (1 << 24)
+        self.modules = self.elements = 0
+        self.source, self.thread = source, threading.get_ident()
+
+    def _module(self, module, name, submodule):
+        if threading.get_ident() == self.thread:
+            self.modules += 1
+            if self.modules > self.max_modules:
+                raise _BuildTooLarge(f"{self.source} describes a model of more than {self.max_modules} modules, far "
+                                     "more than its weights file holds tensors for; re-run the stage that wrote it")
+
+    def _tensor(self, module, name, tensor):
+        if threading.get_ident() == self.thread and tensor is not None and tensor.device.type != "meta":
+            self.elements += tensor.numel()
+            if self.elements > self.max_elements:
+                raise _BuildTooLarge(f"{self.source} describes a model of more than {self.max_elements} parameter "
+                                     "elements, far more than its weights file holds; re-run the stage that wrote it")
+
+    def __enter__(self):
+        from torch.nn.modules import module
+
+        self.handles = [module.register_module_module_registration_hook(self._module),
+                        module.register_module_parameter_registration_hook(self._tensor),
+                        module.register_module_buffer_registration_hook(self._tensor)]
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
 
 
 def _remove_layers(model: nn.Module, removed, source: Path) -> None:
