@@ -477,3 +477,15 @@ def test_a_huge_integer_is_invalid_json_not_advice_to_raise_a_limit(bundle):
     (bundle / "manifest.json").write_text(text.replace('"base_flops": ', huge, 1))
     message = refused(bundle, r"manifest.json is not valid JSON \(a number of more than 4300 digits\)")
     assert "set_int_max_str_digits" not in message
+
+
+def test_one_file_listed_under_many_names_is_refused(bundle):
+    """2000 symlinks to one weights file were each read and hashed (5 GB for a 5 MB bundle; a 1 GB expert and the
+    manifest's 8 MiB of names would take days)."""
+    (bundle / "links").mkdir()
+    for i in range(3):
+        (bundle / "links" / str(i)).symlink_to("../expert_0/model.safetensors")
+    edit_manifest(bundle, lambda m: m["files"].update({f"links/{i}": m["files"]["expert_0/model.safetensors"]
+                                                       for i in range(3)}))
+    refused(bundle, r"bundle files .*expert_0/model.safetensors and 'links/0' are one file \(links\): a bundle lists "
+                    r"each of its files once")

@@ -181,8 +181,10 @@ def _check_input(expert: nn.Module, i: int, shape: list, where: str) -> None:
 
 
 def _check_files(path: Path, files: dict, where: Path) -> None:
-    """Every listed file stays inside the bundle, is there, is a regular file and has the listed size, checked
-    before any is read (each is read later through files.read_untrusted, which checks again on the open file)."""
+    """Every listed file stays inside the bundle, is there, is a regular file of the listed size and is listed
+    once (links to one file would have it read once per name), checked before any is read (each is read later
+    through files.read_untrusted, which checks again on the open file)."""
+    seen: dict[tuple[int, int], str] = {}
     for name, entry in files.items():
         try:
             file = resolve_inside(path, name, f"{where} 'files'")
@@ -193,10 +195,14 @@ def _check_files(path: Path, files: dict, where: Path) -> None:
             raise BundleError(f"bundle file {shown} is missing; {_COPY}")
         if not file.is_file():
             raise BundleError(f"bundle file {shown} is not a regular file; {_COPY}")
-        size = file.stat().st_size
-        if size != entry["bytes"]:
+        info = file.stat()
+        if info.st_size != entry["bytes"]:
             raise BundleError(f"bundle file {shown} is truncated or corrupted: expected {entry['bytes']} bytes, "
-                              f"found {size}")
+                              f"found {info.st_size}")
+        other = seen.setdefault((info.st_dev, info.st_ino), name)
+        if other != name:
+            raise BundleError(f"bundle files {path / other} and {brief(name)} are one file (links): a bundle lists "
+                              f"each of its files once; {_COPY} (without links) or {REEXPORT}")
 
 
 def _read_listed(path: Path, name: str, entry: dict, *, max_bytes: int | None = None) -> bytes:
