@@ -368,7 +368,8 @@ def edit_weights(bundle, i, change):
     save_file(state, str(bundle / name))
     data = (bundle / name).read_bytes()
     edit_architecture(bundle, i, lambda a: a["weights"].update(entry(data)))
-    edit_manifest(bundle, lambda m: m["files"].__setitem__(name, entry(data)))
+    edit_manifest(bundle, lambda m: (m["files"].__setitem__(name, entry(data)),
+                                     m["expert_training"][i].update(weights_sha256=entry(data)["sha256"])))
 
 
 @pytest.mark.parametrize("change, message", [

@@ -18,54 +18,41 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .files import (
-    atomic_dir,
-    is_count,
-    is_sha256,
-    json_safe,
-    read_regular_file,
-    resolve_inside,
-    sha256_file,
-)
+from .files import atomic_dir, brief, is_count, json_safe, parse_json, read_untrusted, resolve_inside, sha256_file
 from .grouping import Grouping
-from .latent import VAE_CLASSES
+from .latent import VAE_CLASSES, Decoder
+from .manifest import (
+    FORMAT,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    REEXPORT,
+    BundleError,
+    build_scheduler,
+    check_conditioning,
+    check_manifest,
+    check_records,
+    check_trained_shape,
+    training_records,
+)
 from .models import Denoiser, num_class_embeds
 from .router import Router
-from .schedule import PREDICTION_TYPES
 from .serialization import (
     ARCHITECTURE_FILE,
-    allowed_class,
+    MAX_ARCHITECTURE_BYTES,
     build_model,
-    check_arguments,
     class_path,
     read_architecture,
     save_model,
 )
 
-FORMAT = "tdcdiff-bundle/2"
-MANIFEST = "manifest.json"
-REEXPORT = "re-export the bundle (delete it and run `tdcdiff bundle`, or call save_bundle again)"
-_REQUIRED = ("files", "grouping", "scheduler", "sample_shape", "expert_flops", "expert_training", "base_flops")
-# String settings diffusers' schedulers accept without checking (a typo would sample silently wrong).
-_SCHEDULER_CHOICES = {
-    "prediction_type": PREDICTION_TYPES,
-    "timestep_spacing": ("linspace", "leading", "trailing"),
-    "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"),
-}
-
-
 _VAE_NAMES = tuple(f"diffusers.{name}" for name in VAE_CLASSES)
-
-
-class BundleError(ValueError):
-    """A bundle directory is missing, incomplete, corrupted, tampered with or of another format version."""
+_COPY = "copy the whole bundle directory"
 
 
 def save_bundle(
@@ -86,43 +73,42 @@ def save_bundle(
     """Write a bundle atomically (a temporary directory renamed into place; nothing is left on failure).
 
     experts: the group models, in group order. grouping: their timestep groups.
-    scheduler: the training noise schedule, a diffusers scheduler (its full config is stored, so the same
-    scheduler is rebuilt on load). sample_shape: (C, H, W).
+    scheduler: the training noise schedule, a diffusers DDPMScheduler (its full config is stored, so the same
+    scheduler is rebuilt on load). sample_shape: (C, H, W) of the data the experts were trained on.
     expert_flops: measured FLOPs per expert forward (batch 1); base_flops: the unpruned model's.
     budgets: the planned FLOPs budget per group. provenance: data, steps, seeds... (free-form JSON).
-    expert_training: per expert, a JSON record of how it was trained (e.g. its train.json summary); its
-    "prediction_type", "beta_schedule" and "num_train_timesteps" default to the scheduler's, and the
-    prediction type is checked against the scheduler on load.
+    expert_training: per expert, a JSON record of how it was trained (e.g. its train.json summary). The
+    record stored also names the schedule it was trained with (manifest.SCHEDULE_KEYS, from the scheduler),
+    its group's timesteps [start, end), sample_shape and its weights' sha256; values the caller's record gives
+    for these must agree, and load_bundle checks them all against the bundle.
     conditioning: for class-conditional experts, {"num_class_embeds", "num_classes" (of the data),
         "null_class" (the id for dropped labels, needed for guidance; None without label dropout)}.
     vae: for latent diffusion, the VAE (a diffusers AutoencoderKL) whose scaled latents the experts denoise
         (sample_shape is the latents' shape); it is stored in the bundle, so the bundle decodes on its own.
-    Raises ValueError (BundleError) when the pieces do not fit together (counts, shapes, prediction types).
+    Raises ValueError (BundleError) when the pieces do not fit together (counts, shapes, class ids, schedule,
+    training records), before or instead of writing anything.
     """
     path = Path(path)
     if not class_path(type(scheduler)).startswith("diffusers."):
         raise BundleError(f"cannot bundle a {class_path(type(scheduler))}: the scheduler must be a diffusers scheduler")
     config = {k: json_safe(v) for k, v in dict(scheduler.config).items()}
+    if "_use_default_values" in config:  # a set in diffusers: sorted, the same bundle is the same bytes
+        config["_use_default_values"] = sorted(config["_use_default_values"])
     config = {"_class_name": type(scheduler).__name__, "_diffusers_version": _diffusers_version(), **config}
-    trained = {k: config.get(k) for k in ("prediction_type", "beta_schedule", "num_train_timesteps")}
-    records = expert_training if expert_training is not None else [{} for _ in grouping.groups]
-    if len(records) != len(grouping) or not all(isinstance(r, dict) for r in records):
-        raise BundleError(f"expert_training must hold one record (a dict) per group, {len(grouping)} in all")
-    expert_training = [{**trained, "timesteps": [g.start, g.end], **r} for g, r in zip(grouping.groups, records)]
+    _check_class_ids(experts, "", "give experts with one class embedding (the same num_class_embeds)")
     with atomic_dir(path) as tmp:
-        files = {}
+        files, weights = {}, []
         for i, expert in enumerate(experts):
             _check_input(expert, i, list(sample_shape), "")
-            save_model(expert, tmp / f"expert_{i}")
-            for file in sorted((tmp / f"expert_{i}").iterdir()):
-                files[f"expert_{i}/{file.name}"] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+            weights.append(save_model(expert, tmp / f"expert_{i}")["weights"]["sha256"])
+            files.update(_listing(tmp, f"expert_{i}"))
         latent = None
         if vae is not None:
             if class_path(type(vae)) not in _VAE_NAMES:
-                raise BundleError(f"cannot bundle a {class_path(type(vae))} as the VAE; supported: {', '.join(_VAE_NAMES)}")
+                raise BundleError(f"cannot bundle a {class_path(type(vae))} as the VAE; supported: "
+                                  f"{', '.join(_VAE_NAMES)}")
             save_model(vae, tmp / "vae")
-            for file in sorted((tmp / "vae").iterdir()):
-                files[f"vae/{file.name}"] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+            files.update(_listing(tmp, "vae"))
             latent = {"vae": "vae", "scaling_factor": vae.config.get("scaling_factor")}
         manifest = {
             "format": FORMAT,
@@ -131,7 +117,8 @@ def save_bundle(
             "grouping": grouping.to_dict(),
             "budgets": budgets,
             "expert_flops": list(expert_flops),
-            "expert_training": json_safe(expert_training),
+            "expert_training": json_safe(training_records(config, grouping, list(sample_shape), weights,
+                                                          expert_training)),
             "base_flops": base_flops,
             "flops_convention": "2 x multiply-accumulates, one forward pass, batch 1",
             "provenance": provenance or {},
@@ -139,10 +126,19 @@ def save_bundle(
             "latent": latent,
             "files": files,
         }
-        _check_manifest(manifest, path / MANIFEST)  # the checks load_bundle makes, before anything is kept
-        _check_prediction_types(manifest, _build_scheduler(config, path / MANIFEST), path / MANIFEST)
+        # The checks load_bundle makes, before anything is kept.
+        check_records(manifest, build_scheduler(config, path / MANIFEST), check_manifest(manifest, path / MANIFEST),
+                      path / MANIFEST)
+        check_trained_shape(manifest, path / MANIFEST)
+        check_conditioning(conditioning, num_class_embeds(experts[0]) if experts else None, path / MANIFEST)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return path
+
+
+def _listing(root: Path, directory: str) -> dict[str, dict]:
+    """'files' entries {bytes, sha256} of the files save_model wrote into root/directory."""
+    return {f"{directory}/{file.name}": {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+            for file in sorted((root / directory).iterdir())}
 
 
 def _diffusers_version() -> str:
@@ -151,110 +147,14 @@ def _diffusers_version() -> str:
     return diffusers.__version__
 
 
-def _check_manifest(manifest: object, where: Path) -> Grouping:
-    """Validate a manifest's structure (nothing read or built yet); returns its grouping."""
-
-    def fail(message: str):
-        raise BundleError(f"{where}: {message}")
-
-    if not isinstance(manifest, dict):
-        fail(f"must hold a JSON object, got {type(manifest).__name__}; the bundle is corrupted: {REEXPORT}")
-    if manifest.get("format") != FORMAT:
-        fail(f"has format {manifest.get('format')!r}, this tdcdiff reads {FORMAT!r}; {REEXPORT} with this version")
-    for key in _REQUIRED:
-        if key not in manifest:
-            fail(f"key {key!r} is missing; the bundle is incomplete or was edited: {REEXPORT}")
-    files = manifest["files"]
-    if not isinstance(files, dict) or not files:
-        fail(f"'files' must map each file's path to {{bytes, sha256}}, got {type(files).__name__}; {REEXPORT}")
-    for name, entry in files.items():
-        if (not isinstance(entry, dict) or set(entry) != {"bytes", "sha256"} or not is_count(entry["bytes"])
-                or not is_sha256(entry["sha256"])):
-            fail(f"'files' entry {name!r} must be {{\"bytes\": <integer>, \"sha256\": <64 hex digits>}}, "
-                 f"got {str(entry)[:120]}; {REEXPORT}")
-    try:
-        grouping = Grouping.from_dict(manifest["grouping"])
-    except ValueError as err:
-        fail(f"{err}; {REEXPORT}")
-    n = len(grouping)
-    directories = sorted({name.split("/")[0] for name in files if re.fullmatch(r"expert_\d+/.+", name)})
-    wanted = [f"expert_{i}" for i in range(n)]
-    if directories != sorted(wanted) or any(f"{d}/{ARCHITECTURE_FILE}" not in files for d in wanted):
-        fail(f"'grouping' has {n} groups but 'files' lists the expert directories {directories}; a bundle has "
-             f"exactly one expert directory with an {ARCHITECTURE_FILE} per group (expert_0 to expert_{n - 1}): "
-             f"{REEXPORT}")
-    flops = manifest["expert_flops"]
-    if not isinstance(flops, list) or len(flops) != n or not all(map(is_count, flops)):
-        fail(f"'expert_flops' must hold one FLOPs count (an integer >= 0) per group, {n} in all, got "
-             f"{str(flops)[:120]}; {REEXPORT}")
-    if not is_count(manifest["base_flops"]):
-        fail(f"'base_flops' must be an integer >= 0, got {manifest['base_flops']!r}; {REEXPORT}")
-    budgets = manifest.get("budgets")
-    if budgets is not None and (not isinstance(budgets, list) or len(budgets) != n
-                                or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
-                                           and math.isfinite(b) and b >= 0 for b in budgets)):
-        fail(f"'budgets' must be null or one finite number >= 0 per group, {n} in all, got {str(budgets)[:120]}; "
-             f"{REEXPORT}")
-    training = manifest["expert_training"]
-    if (not isinstance(training, list) or len(training) != n
-            or not all(isinstance(t, dict) and t.get("prediction_type") in PREDICTION_TYPES for t in training)):
-        fail(f"'expert_training' must hold one record per group, {n} in all, each stating the expert's "
-             f"'prediction_type' (one of {PREDICTION_TYPES}); {REEXPORT}")
-    shape = manifest["sample_shape"]
-    if not isinstance(shape, list) or len(shape) != 3 or not all(is_count(s, 1) for s in shape):
-        fail(f"'sample_shape' must be [channels, height, width], 3 positive integers, got {shape!r}; {REEXPORT}")
-    if not isinstance(manifest["scheduler"], dict):
-        fail(f"'scheduler' must be a diffusers scheduler config (a JSON object); {REEXPORT}")
-    return grouping
-
-
-def _build_scheduler(config: dict, where: Path):
-    """The scheduler a manifest's config describes, rebuilt exactly: an allowlisted diffusers class, known
-    keys of sane types and values, and the same settings after rebuilding (nothing silently ignored)."""
-    name = config.get("_class_name")
-    try:
-        cls = allowed_class(f"diffusers.{name}" if isinstance(name, str) else None, "SchedulerMixin",
-                            f"{where} 'scheduler._class_name'")
-        settings = check_arguments(cls, {k: v for k, v in config.items() if not k.startswith("_")},
-                                   f"{where} 'scheduler'", check_types=True)
-    except ValueError as err:
-        raise BundleError(str(err)) from None
-    for key, choices in _SCHEDULER_CHOICES.items():
-        if key in settings and settings[key] not in choices:
-            raise BundleError(f"{where}: 'scheduler.{key}' must be one of {choices}, got {settings[key]!r}; {REEXPORT}")
-    try:
-        # Without the bookkeeping keys save_bundle adds, the rebuilt config equals the saved one exactly.
-        scheduler = cls.from_config({k: v for k, v in config.items() if k not in ("_class_name", "_diffusers_version")})
-    except Exception as err:  # any failure of an allowlisted diffusers class on these settings
-        raise BundleError(f"{where}: 'scheduler' cannot be built ({type(err).__name__}: {err}); {REEXPORT}") from None
-    rebuilt = {k: json_safe(v) for k, v in dict(scheduler.config).items() if not k.startswith("_")}
-    changed = sorted(k for k in settings.keys() | rebuilt.keys() if settings.get(k) != rebuilt.get(k))
-    if changed:
-        raise BundleError(f"{where}: 'scheduler' settings {changed} do not survive rebuilding {name} (overridden "
-                          f"by '_use_default_values' or missing); {REEXPORT}")
-    alphas = getattr(scheduler, "alphas_cumprod", None)
-    if isinstance(alphas, torch.Tensor) and len(alphas) != scheduler.config.num_train_timesteps:
-        raise BundleError(f"{where}: 'scheduler' has {len(alphas)} noise levels ('trained_betas') for "
-                          f"num_train_timesteps={scheduler.config.num_train_timesteps}; give one beta per timestep "
-                          f"or {REEXPORT}")
-    if (not isinstance(alphas, torch.Tensor) or not bool(torch.isfinite(alphas).all())
-            or not bool(((alphas[:-1] > 0) & (alphas[:-1] <= 1)).all()) or not 0 <= alphas[-1] <= 1
-            or bool((alphas[1:] > alphas[:-1]).any())):
-        # the last may be 0: a zero-terminal-SNR schedule (rescale_betas_zero_snr)
-        raise BundleError(f"{where}: 'scheduler' gives noise levels (alphas_cumprod) that are not finite and "
-                          f"falling within (0, 1] (the last within [0, 1]); check its beta settings or {REEXPORT}")
-    return scheduler
-
-
-def _check_prediction_types(manifest: dict, scheduler, where: Path) -> None:
-    predicts = scheduler.config.get("prediction_type")
-    for i, record in enumerate(manifest["expert_training"]):
-        if record["prediction_type"] != predicts:
-            raise BundleError(
-                f"{where}: 'scheduler.prediction_type' is {predicts!r} but expert {i} was trained to predict "
-                f"{record['prediction_type']!r} ('expert_training'); set 'scheduler.prediction_type' to "
-                f"{record['prediction_type']!r} or {REEXPORT}"
-            )
+def _check_class_ids(experts: list[nn.Module], where: str, fix: str) -> None:
+    """Every expert takes the same class ids (sampling checks labels against the first one's)."""
+    counts = [num_class_embeds(e) for e in experts]
+    for i, count in enumerate(counts):
+        if count != counts[0]:
+            shown = ["no class ids" if n is None else f"{n} class ids" for n in (count, counts[0])]
+            raise BundleError(f"{where}expert {i} embeds {shown[0]} but expert 0 embeds {shown[1]}; every expert of a "
+                              f"bundle takes the same class ids: {fix}")
 
 
 def _check_input(expert: nn.Module, i: int, shape: list, where: str) -> None:
@@ -264,7 +164,8 @@ def _check_input(expert: nn.Module, i: int, shape: list, where: str) -> None:
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is not None and conv.in_channels != shape[0]:
         raise BundleError(f"{where}'sample_shape' is {shape} but expert {i} takes {conv.in_channels}-channel input "
-                          f"(its first convolution); set 'sample_shape' to [{conv.in_channels}, {shape[1]}, {shape[2]}]")
+                          f"(its first convolution); set 'sample_shape' to "
+                          f"[{conv.in_channels}, {shape[1]}, {shape[2]}]")
     config = getattr(model, "config", None)
     size = config.get("sample_size") if isinstance(config, dict) else None
     if size is not None:
@@ -275,13 +176,15 @@ def _check_input(expert: nn.Module, i: int, shape: list, where: str) -> None:
         size = list(size)
         if size != shape[1:]:
             raise BundleError(f"{where}'sample_shape' is {shape} but expert {i} was built for {size[0]}x{size[1]} "
-                              f"inputs (its config's sample_size); set 'sample_shape' to [{shape[0]}, {size[0]}, {size[1]}]")
+                              f"inputs (its config's sample_size); set 'sample_shape' to "
+                              f"[{shape[0]}, {size[0]}, {size[1]}]")
 
 
-def _open_files(path: Path, files: dict, where: Path) -> dict[str, Path]:
-    """Where each listed file is, after checking that it stays inside the bundle, is a regular file and has
-    the listed size (its content is hashed when it is read)."""
-    located = {}
+def _check_files(path: Path, files: dict, where: Path) -> None:
+    """Every listed file stays inside the bundle, is there, is a regular file of the listed size and is listed
+    once (links to one file would have it read once per name), checked before any is read (each is read later
+    through files.read_untrusted, which checks again on the open file)."""
+    seen: dict[tuple[int, int], str] = {}
     for name, entry in files.items():
         try:
             file = resolve_inside(path, name, f"{where} 'files'")
@@ -289,26 +192,42 @@ def _open_files(path: Path, files: dict, where: Path) -> dict[str, Path]:
             raise BundleError(str(err)) from None
         shown = path / name
         if not file.exists():
-            raise BundleError(f"bundle file {shown} is missing; copy the whole bundle directory")
+            raise BundleError(f"bundle file {shown} is missing; {_COPY}")
         if not file.is_file():
-            raise BundleError(f"bundle file {shown} is not a regular file; copy the whole bundle directory")
-        size = file.stat().st_size
-        if size != entry["bytes"]:
-            raise BundleError(f"bundle file {shown} is truncated or corrupted: expected {entry['bytes']} bytes, found {size}")
-        located[name] = file
-    return located
+            raise BundleError(f"bundle file {shown} is not a regular file; {_COPY}")
+        info = file.stat()
+        if info.st_size != entry["bytes"]:
+            raise BundleError(f"bundle file {shown} is truncated or corrupted: expected {entry['bytes']} bytes, "
+                              f"found {info.st_size}")
+        other = seen.setdefault((info.st_dev, info.st_ino), name)
+        if other != name:
+            raise BundleError(f"bundle files {path / other} and {brief(name)} are one file (links): a bundle lists "
+                              f"each of its files once; {_COPY} (without links) or {REEXPORT}")
 
 
-def _read_manifest_json(path: Path) -> object:
-    manifest_path = path / MANIFEST
+def _read_listed(path: Path, name: str, entry: dict, *, max_bytes: int | None = None) -> bytes:
+    """A listed bundle file's bytes, of its listed size (and at most max_bytes) and sha256."""
+    try:
+        data = read_untrusted(path, name, f"{path / MANIFEST} 'files'", hint=_COPY, expected_bytes=entry["bytes"],
+                              max_bytes=entry["bytes"] if max_bytes is None else max_bytes)
+    except (ValueError, OSError) as err:
+        raise BundleError(str(err)) from None
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise BundleError(f"bundle file {path / name} is corrupted: its sha256 does not match the manifest")
+    return data
+
+
+def _read_manifest(path: Path) -> object:
     if not path.is_dir():
         raise BundleError(f"no bundle at {path}: the directory does not exist")
     try:
-        return json.loads(manifest_path.read_bytes())
+        data = read_untrusted(path, MANIFEST, f"bundle {path}", max_bytes=MAX_MANIFEST_BYTES,
+                              hint=f"the bundle is corrupted: {REEXPORT}")
+        return parse_json(data, path / MANIFEST, f"the bundle is corrupted: {REEXPORT}")
     except FileNotFoundError:
-        raise BundleError(f"{manifest_path} is missing: {path} is not a complete tdcdiff bundle") from None
-    except (ValueError, RecursionError) as err:
-        raise BundleError(f"{manifest_path} is not valid JSON ({type(err).__name__}); the bundle is corrupted") from None
+        raise BundleError(f"{path / MANIFEST} is missing: {path} is not a complete tdcdiff bundle") from None
+    except ValueError as err:
+        raise BundleError(str(err)) from None
 
 
 @dataclass
@@ -328,7 +247,9 @@ class Bundle:
     def pipeline(self):
         from .pipeline import TDCPipeline
 
-        return TDCPipeline(self.router, self.scheduler, self.sample_shape, null_class=self.null_class, vae=self.vae)
+        classes = (self.manifest.get("conditioning") or {}).get("num_classes")
+        return TDCPipeline(self.router, self.scheduler, self.sample_shape, null_class=self.null_class, vae=self.vae,
+                           num_classes=classes)
 
     @property
     def null_class(self) -> int | None:
@@ -344,129 +265,134 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu") -> Bund
     """
     path = Path(path)
     where = path / MANIFEST
-    manifest = _read_manifest_json(path)
-    grouping = _check_manifest(manifest, where)
+    manifest = _read_manifest(path)
+    grouping = check_manifest(manifest, where)
     files = manifest["files"]
-    located = _open_files(path, files, where)
-    scheduler = _build_scheduler(manifest["scheduler"], where)
-    if scheduler.config.num_train_timesteps != grouping.num_train_timesteps:
-        raise BundleError(
-            f"{where}: scheduler T={scheduler.config.num_train_timesteps} but groups cover "
-            f"T={grouping.num_train_timesteps}"
-        )
-    _check_prediction_types(manifest, scheduler, where)
+    _check_files(path, files, where)
+    scheduler = build_scheduler(manifest["scheduler"], where)
+    check_records(manifest, scheduler, grouping, where)
     described = []  # (architecture, weights file) per expert: all read and checked before building any
-    for i in range(len(grouping)):
+    for i, record in enumerate(manifest["expert_training"]):
         name = f"expert_{i}/{ARCHITECTURE_FILE}"
         try:
-            description = read_architecture(_read_checked(located[name], files[name], path / name), path / name)
-        except (ValueError, OSError) as err:
+            description = read_architecture(_read_listed(path, name, files[name], max_bytes=MAX_ARCHITECTURE_BYTES),
+                                            path / name)
+        except ValueError as err:
             raise BundleError(f"cannot load expert {i} of bundle {path}: {err}") from None
         weights_name = f"expert_{i}/{description['weights']['file']}"
         entry = files.get(weights_name)
         if entry is None or entry["sha256"] != description["weights"]["sha256"]:
-            raise BundleError(f"{path / name} names weights {description['weights']['file']!r} that the manifest's "
-                              f"'files' does not list with the same sha256; {REEXPORT}")
+            raise BundleError(f"{path / name} names weights {brief(description['weights']['file'])} that the "
+                              f"manifest's 'files' does not list with the same sha256; {REEXPORT}")
+        if entry["sha256"] != record["weights_sha256"]:
+            raise BundleError(f"{where}: expert {i}'s weights are not the ones 'expert_training'[{i}] records as "
+                              f"trained on group {i} (timesteps {record['timesteps']}, sha256 "
+                              f"{record['weights_sha256'][:12]}..., found {entry['sha256'][:12]}...): the experts were "
+                              f"swapped or replaced; {REEXPORT}")
         described.append((description, weights_name))
     used = {f"expert_{i}/{ARCHITECTURE_FILE}" for i in range(len(grouping))} | {w for _, w in described}
     for name in sorted(files.keys() - used):  # any other listed file is checked too
-        if sha256_file(located[name]) != files[name]["sha256"]:
-            raise BundleError(f"bundle file {path / name} is corrupted: its sha256 does not match the manifest")
+        _read_listed(path, name, files[name])
     experts = []
     for i, (description, weights_name) in enumerate(described):
         try:
-            data = read_regular_file(located[weights_name], files[weights_name]["bytes"], "copy the whole bundle directory")
+            data = _read_listed(path, weights_name, files[weights_name])
             expert = build_model(description, data, path / f"expert_{i}" / ARCHITECTURE_FILE, path / weights_name)
         except (ValueError, RuntimeError, OSError) as err:  # build_model checks the weights' sha256
             raise BundleError(f"cannot load expert {i} of bundle {path}: {err}") from err
         _check_input(expert, i, manifest["sample_shape"], f"{where}: ")
         experts.append(expert)
+    check_trained_shape(manifest, where)
+    _check_class_ids(experts, f"{where}: ", REEXPORT)
     router = Router(experts, grouping, manifest["expert_flops"]).to(device).eval()
-    _check_conditioning(manifest.get("conditioning"), num_class_embeds(router), where)
+    check_conditioning(manifest.get("conditioning"), num_class_embeds(router), where)
     _probe(router, grouping, manifest["sample_shape"], manifest["expert_flops"], path)
-    vae = _load_vae(path, manifest, located) if manifest.get("latent") is not None else None
+    vae = _load_vae(path, manifest) if manifest.get("latent") is not None else None
     return Bundle(router, scheduler, manifest, vae.to(device) if vae is not None else None)
 
 
-def _load_vae(path: Path, manifest: dict, located: dict[str, Path]) -> nn.Module:
+def _load_vae(path: Path, manifest: dict) -> nn.Module:
     """A latent bundle's VAE (vae/ in the bundle): only an allowlisted diffusers VAE class is rebuilt."""
     files, name = manifest["files"], f"vae/{ARCHITECTURE_FILE}"
     if not isinstance(manifest["latent"], dict) or manifest["latent"].get("vae") != "vae" or name not in files:
         raise BundleError(f"{path / MANIFEST}: 'latent' must be {{\"vae\": \"vae\", ...}} with the files of "
                           f"vae/ listed in 'files'; {REEXPORT}")
     try:
-        description = read_architecture(_read_checked(located[name], files[name], path / name), path / name)
+        description = read_architecture(_read_listed(path, name, files[name], max_bytes=MAX_ARCHITECTURE_BYTES),
+                                        path / name)
         if description.get("class") not in _VAE_NAMES:
-            raise ValueError(f"{path / name} names class {description.get('class')!r}; a bundle's VAE must be one of "
-                             f"{', '.join(_VAE_NAMES)}")
+            raise ValueError(f"{path / name} names class {brief(description.get('class'))}; a bundle's VAE must be one "
+                             f"of {', '.join(_VAE_NAMES)}")
         weights = f"vae/{description['weights']['file']}"
         if weights not in files:
             raise ValueError(f"{path / name} names weights that the manifest's 'files' does not list")
-        data = read_regular_file(located[weights], files[weights]["bytes"], "copy the whole bundle directory")
-        return build_model(description, data, path / name, path / weights)
+        vae = build_model(description, _read_listed(path, weights, files[weights]), path / name, path / weights)
     except (ValueError, RuntimeError, OSError) as err:
         raise BundleError(f"cannot load the VAE of bundle {path}: {err}; {REEXPORT}") from None
+    _probe_vae(vae, manifest, path)
+    return vae
 
 
-def _check_conditioning(conditioning: object, classes: int | None, where: Path) -> None:
-    """'conditioning' must be null for unconditional experts and, for class-conditional ones, null or
-    {num_class_embeds: the experts' count, num_classes: null or 1..that, null_class: null or 0..that - 1}."""
-    if conditioning is None:
-        return
-    if classes is None:
-        raise BundleError(f"{where}: 'conditioning' is {str(conditioning)[:80]} but the experts have no class "
-                          f"embedding; set it to null or {REEXPORT}")
-    ok = (isinstance(conditioning, dict) and set(conditioning) <= {"num_class_embeds", "num_classes", "null_class"}
-          and conditioning.get("num_class_embeds") == classes
-          and (conditioning.get("num_classes") is None or is_count(conditioning["num_classes"], 1)
-               and conditioning["num_classes"] <= classes)
-          and (conditioning.get("null_class") is None or is_count(conditioning["null_class"])
-               and conditioning["null_class"] < classes))
-    if not ok:
-        raise BundleError(f"{where}: 'conditioning' must be null or {{\"num_class_embeds\": {classes}, \"num_classes\": "
-                          f"null or 1..{classes}, \"null_class\": null or 0..{classes - 1}}} (the experts embed "
-                          f"{classes} class ids), got {str(conditioning)[:120]}; {REEXPORT}")
+@torch.no_grad()
+def _probe_vae(vae: nn.Module, manifest: dict, path: Path) -> None:
+    """The VAE's latent scale is the one the experts' latents were made with (the manifest's, written at export)
+    and finite, and it decodes a latent of the bundle's sample shape to finite images."""
+    scale, shift = vae.config.get("scaling_factor"), vae.config.get("shift_factor")
+    recorded = manifest["latent"].get("scaling_factor")
+    finite = [v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+              for v in (scale, shift)]
+    if scale != recorded or not all(finite) or (scale is not None and scale <= 0):
+        raise BundleError(f"cannot load the VAE of bundle {path}: its config's scaling_factor {brief(scale)} and "
+                          f"shift_factor {brief(shift)} must be finite, the scale > 0 and equal to the manifest's "
+                          f"'latent.scaling_factor' {brief(recorded)} (the experts' latents were scaled by it); "
+                          f"{REEXPORT}")
+    latents = torch.randn((1, *manifest["sample_shape"]), generator=torch.Generator().manual_seed(0))
+    try:
+        images = Decoder(vae)(latents)
+    except Exception as err:  # whatever the rebuilt VAE raises on a latent of the bundle's own shape
+        raise BundleError(f"cannot load the VAE of bundle {path}: it fails to decode a {manifest['sample_shape']} "
+                          f"latent ({type(err).__name__}: {brief(str(err), 200, quote=False)}); {REEXPORT}") from None
+    if not bool(torch.isfinite(images).all()):
+        raise BundleError(f"cannot load the VAE of bundle {path}: it decodes a latent to non-finite images; {REEXPORT}")
 
 
 @torch.no_grad()
 def _probe(router: Router, grouping: Grouping, shape: list, expert_flops: list[int], path: Path) -> None:
-    """One denoising call per expert, at batch 1 and its group's first timestep: weights and architecture
-    that do not fit together (a config the weights were not made for, float64 or non-finite weights, FLOPs
-    other than the manifest states) fail here, on load, not in the middle of sampling."""
+    """One denoising call per expert, at batch 1, its group's first timestep and (class-conditional) its highest
+    class id: weights and architecture that do not fit together (a config the weights were not made for, class
+    ids without an embedding row, float64 or non-finite weights, FLOPs other than the manifest states) fail
+    here, on load, not in the middle of sampling. An expert whose weights mix dtypes runs as it samples, under
+    bf16 autocast (--precision bf16)."""
     from .flops import count_flops
 
     for i, (expert, group) in enumerate(zip(router.experts, grouping.groups)):
-        bad = [name for name, p in expert.named_parameters() if not torch.isfinite(p).all()]
+        floating = [(name, p) for name, p in expert.named_parameters() if p.is_floating_point()]
+        bad = [name for name, p in floating if not torch.isfinite(p).all()]
         if bad:
             raise BundleError(f"cannot load expert {i} of bundle {path}: its weights hold NaN/inf (in "
                               f"{', '.join(bad[:3])}); {REEXPORT}")
-        wide = [name for name, p in expert.named_parameters() if p.dtype == torch.float64]
+        wide = [name for name, p in floating if p.dtype == torch.float64]
         if wide:  # nothing tdcdiff writes is float64, and a float64 tensor in a float32 model fails mid-sampling
             raise BundleError(f"cannot load expert {i} of bundle {path}: its weights hold float64 tensors (in "
                               f"{', '.join(wide[:3])}); bundles hold float32, float16 or bfloat16 weights: {REEXPORT}")
-        if len({p.dtype for p in expert.parameters() if p.is_floating_point()}) > 1:
-            continue  # mixed precision is kept as saved; such a model runs only under autocast (--precision bf16)
         param = next(expert.parameters(), None)
-        x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
-        x = x.to(param.device) if param is not None else x
-        t = torch.full((1,), group.start, dtype=torch.long, device=x.device)
-        try:
-            out = expert(x, t, None, with_variance=True)
-        except Exception as err:  # whatever the rebuilt model raises on an input of the bundle's own shape
-            raise BundleError(f"cannot load expert {i} of bundle {path}: it fails on a {shape} input at t={group.start} "
-                              f"({type(err).__name__}: {str(err)[:200]}); its architecture.json and weights do not "
-                              f"fit together: {REEXPORT}") from None
-        if not bool(torch.isfinite(out).all()):
-            raise BundleError(f"cannot load expert {i} of bundle {path}: its output at t={group.start} is not finite; "
-                              f"{REEXPORT}")
-        counted = count_flops(expert, tuple(shape), group.start)
+        device = param.device if param is not None else torch.device("cpu")
+        x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0)).to(device)
+        t = torch.full((1,), group.start, dtype=torch.long, device=device)
+        classes = num_class_embeds(expert)  # the highest id its config claims must have an embedding row
+        labels = None if classes is None else torch.full((1,), classes - 1, dtype=torch.long, device=device)
+        mixed = len({p.dtype for _, p in floating}) > 1  # kept as saved; such a model samples only under autocast
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
+            try:
+                out = expert(x, t, labels, with_variance=True)
+            except Exception as err:  # whatever the rebuilt model raises on an input of the bundle's own shape
+                raise BundleError(f"cannot load expert {i} of bundle {path}: it fails on a {shape} input at "
+                                  f"t={group.start} ({type(err).__name__}: {brief(str(err), 200, quote=False)}); its "
+                                  f"architecture.json and weights do not fit together: {REEXPORT}") from None
+            if not bool(torch.isfinite(out).all()):
+                raise BundleError(f"cannot load expert {i} of bundle {path}: its output at t={group.start} is not "
+                                  f"finite; {REEXPORT}")
+            counted = count_flops(expert, tuple(shape), group.start)
         if abs(counted - expert_flops[i]) > 0.01 * max(counted, 1):  # the manifest's numbers go into every report
             raise BundleError(f"{path / MANIFEST}: 'expert_flops'[{i}] is {expert_flops[i]} but expert {i} costs "
                               f"{counted} FLOPs per forward pass (counted on load); {REEXPORT}")
-
-
-def _read_checked(file: Path, entry: dict, shown: Path) -> bytes:
-    data = read_regular_file(file, entry["bytes"], "copy the whole bundle directory")
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise BundleError(f"bundle file {shown} is corrupted: its sha256 does not match the manifest")
-    return data

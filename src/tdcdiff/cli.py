@@ -379,7 +379,8 @@ def sample_command(
             result = sample(
                 model, scheduler, sample_shape=shape, sampler=sampler or "ddim", steps=steps,
                 num_images=count, seed=0 if seed is None else seed, progress=not quiet, class_labels=labels,
-                guidance_scale=guidance, null_class=null_class, compile=compile, precision=precision, decode=decode,
+                guidance_scale=guidance, null_class=null_class, num_classes=data_classes, compile=compile,
+                precision=precision, decode=decode,
             )
             seconds = time.perf_counter() - start
             path = save_grid(result.images, output)

@@ -215,26 +215,86 @@ def resolve_inside(root: Path, name: object, what: str) -> Path:
     return path
 
 
-def read_regular_file(path: Path, expected_bytes: int, hint: str) -> bytes:
-    """The bytes of a regular file of `expected_bytes` bytes (read once; nothing more is read).
+_SPARSE_SLACK = 64 << 20  # smaller files are read whatever their holes (a compressed file system may show some)
 
-    Raises FileNotFoundError when missing and ValueError when not a regular file or of another size; hint
-    (the fix) ends each message.
+
+def read_untrusted(root: Path, name: str, what: str, *, max_bytes: int, hint: str,
+                   expected_bytes: int | None = None) -> bytes:
+    """The bytes of file `name` inside directory `root`, read as untrusted input (a bundle's or a saved model's
+    files, their manifests, a run directory's records).
+
+    name: a relative POSIX path (as a file from outside names it; see resolve_inside: nothing absolute, no `..`,
+    no symlink leading out of root). The file is opened without blocking and without following a symlink, and
+    checked on the open descriptor before anything is read: a regular file (a FIFO would block, a device such
+    as /dev/zero never end) of at most max_bytes, of exactly expected_bytes when given, and not sparse beyond
+    64 MiB (mostly holes: a few kilobytes on disk that read as gigabytes). Then it is read once, and nothing
+    beyond its size.
+    what: the file and key that named `name`, for messages. hint: the fix, ending every message.
+    Raises FileNotFoundError when it is missing and ValueError for anything else.
     """
+    path = resolve_inside(root, name, what)
+    shown = root / name
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing; {hint}") from None
-    if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
-        raise ValueError(f"{path} is not a regular file; {hint}")
-    size = info.st_size
-    if size == expected_bytes:
-        with open(path, "rb") as f:
-            data = f.read(expected_bytes + 1)  # one byte more: a file that grew since is caught too
-        size = len(data)
-    if size != expected_bytes:
-        raise ValueError(f"{path} is truncated or corrupted: expected {expected_bytes} bytes, found {size}; {hint}")
+        fd = os.open(path, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"{shown} is missing; {hint}") from None
+    except OSError as err:  # e.g. a symlink swapped in after resolve_inside (O_NOFOLLOW), or no permission
+        raise ValueError(f"{shown} cannot be opened ({err.strerror}); {hint}") from None
+    with open(fd, "rb") as f:  # closes fd
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{shown} is not a regular file; {hint}")
+        size = info.st_size
+        if expected_bytes is not None and size != expected_bytes:
+            raise ValueError(f"{shown} is truncated or corrupted: expected {expected_bytes} bytes, found {size}; "
+                             f"{hint}")
+        if size > max_bytes:
+            raise ValueError(f"{shown} is {size} bytes, more than the {max_bytes} such a file may have; {hint}")
+        on_disk = getattr(info, "st_blocks", size // 512) * 512  # POSIX; a sparse file's holes cost no disk
+        if size > _SPARSE_SLACK and on_disk * 8 < size:  # but reading them costs memory
+            raise ValueError(f"{shown} is a sparse file ({size} bytes, {on_disk} of them on disk): saved files are "
+                             f"written in full, so this one was edited or copied with holes; {hint}")
+        try:
+            data = f.read(size + 1)  # one byte more: a file that grew since the check is caught too
+        except MemoryError:
+            raise ValueError(f"{shown} ({size} bytes) does not fit in memory; {hint}") from None
+    if len(data) != size:
+        raise ValueError(f"{shown} is truncated or corrupted: expected {size} bytes, found {len(data)}; {hint}")
     return data
+
+
+def parse_json(data: bytes, source: Path, hint: str) -> object:
+    """The JSON value in an untrusted file's bytes (source: the file, for messages).
+
+    Raises ValueError, one line naming source and ending with hint, for text that is not JSON, nested too
+    deep for the parser, or holding a key twice in one object (readers disagree on which one counts).
+    """
+    def unique(pairs: list) -> dict:
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            seen, repeated = set(), []
+            for key, _ in pairs:
+                if key in seen:
+                    repeated.append(key)
+                seen.add(key)
+            raise ValueError(f"key(s) {brief(repeated)} appear more than once in one object")
+        return result
+
+    try:
+        return json.loads(data, object_pairs_hook=unique)
+    except RecursionError:
+        raise ValueError(f"{source} is not valid JSON (nested too deep); {hint}") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, the repeated keys above, a huge integer
+        detail = "a number of more than 4300 digits" if "integer string conversion" in str(err) else str(err)
+        raise ValueError(f"{source} is not valid JSON ({brief(detail, 200, quote=False)}); {hint}") from None
+
+
+def brief(value: object, limit: int = 120, *, quote: bool = True) -> str:
+    """repr(value) (str(value) when quote is False) cut to about `limit` characters, for messages that show a
+    value read from an untrusted file: a huge value must not become a huge message."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def is_count(value: object, minimum: int = 0) -> bool:

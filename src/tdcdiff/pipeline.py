@@ -56,8 +56,9 @@ def _predict(runner: SamplingModel, x: torch.Tensor, t: int, labels: torch.Tenso
 
 
 def _class_labels(model: nn.Module, class_labels, num_images: int, guidance_scale: float,
-                  null_class: int | None) -> torch.Tensor | None:
-    """class_labels as (num_images,) int64, after checking them against the model's class embedding."""
+                  null_class: int | None, num_classes: int | None = None) -> torch.Tensor | None:
+    """class_labels as (num_images,) int64, after checking them against the model's class embedding and, when
+    known, the data's classes (ids 0..num_classes-1; the null class is no class of the data)."""
     classes = num_class_embeds(model)
     if class_labels is None:
         if classes is not None:
@@ -71,7 +72,12 @@ def _class_labels(model: nn.Module, class_labels, num_images: int, guidance_scal
         return None
     if classes is None:
         raise ValueError("class_labels were given but the model has no class embedding; drop them")
-    labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
+    given = torch.as_tensor(class_labels).flatten()
+    if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:  # 2.7 would be class 2
+        shown = class_labels if isinstance(class_labels, (int, float)) else given[:3].tolist()
+        raise ValueError(f"class labels must be integer class ids, got {str(given.dtype).removeprefix('torch.')} "
+                         f"labels: {shown}")
+    labels = given.long()
     if labels.numel() == 1:
         labels = labels.expand(num_images)
     if labels.numel() != num_images:
@@ -79,6 +85,13 @@ def _class_labels(model: nn.Module, class_labels, num_images: int, guidance_scal
     if labels.min() < 0 or labels.max() >= classes:
         raise ValueError(f"class labels must be in 0..{classes - 1} (the model embeds {classes} ids), "
                          f"got {labels.min().item()}..{labels.max().item()}")
+    upper = classes if num_classes is None else min(classes, num_classes)
+    upper -= null_class == upper - 1  # the null class last: the ids below it are the data's
+    if labels.max() >= upper or (null_class is not None and bool((labels == null_class).any())):
+        null = "" if null_class is None else f", id {null_class} the null class for dropped labels"
+        raise ValueError(f"class labels must be classes of the data, 0..{upper - 1} (the model embeds {classes} ids"
+                         f"{null}: no image was labelled with the others), got "
+                         f"{labels.min().item()}..{labels.max().item()}")
     if guidance_scale != 1.0:
         if null_class is None:
             raise ValueError(
@@ -196,6 +209,13 @@ class SamplingModel:
         self.model = model
         self.router = model if isinstance(model, Router) else None
         experts = list(model.experts) if self.router is not None else [as_denoiser(model)]
+        for i, expert in enumerate(experts if precision == "fp32" else ()):
+            dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in expert.parameters() if p.is_floating_point()})
+            inner = expert.model if isinstance(expert, Denoiser) else expert
+            if len(dtypes) > 1 and not getattr(inner, "_keep_in_fp32_modules", None):  # diffusers casts those itself
+                which = f"expert {i}" if self.router is not None else "the model"
+                raise ValueError(f"{which} holds weights of several dtypes ({', '.join(dtypes)}), which run only under "
+                                 "autocast: sample with precision='bf16' (--precision bf16)")
         modes = [("trace" if _is_diffusers_model(e) else "none") if compile == "auto" else compile for e in experts]
         self.experts = [e.eval() if mode == "none" else CompiledExpert(e.eval(), mode)
                         for e, mode in zip(experts, modes)]
@@ -221,6 +241,19 @@ class SamplingModel:
             return expert(x, t_batch, class_labels, with_variance=with_variance).float()
 
 
+def _check_sample_size(model: nn.Module, sample_shape: tuple[int, int, int]) -> None:
+    """A model (each expert of a Router) whose config states its input size samples at that size: a
+    convolutional model runs at any size, and would silently give images of another."""
+    for expert in model.experts if isinstance(model, Router) else [model]:
+        inner = expert.model if isinstance(expert, Denoiser) else expert
+        size = getattr(getattr(inner, "config", None), "sample_size", None)
+        size = [size, size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else None
+        if size is not None and size != list(sample_shape[1:]):
+            raise ValueError(f"sample_shape {tuple(sample_shape)} is not the {size[0]}x{size[1]} input the model was "
+                             f"built for (its config's sample_size); sample at "
+                             f"({sample_shape[0]}, {size[0]}, {size[1]})")
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -240,6 +273,7 @@ def sample(
     compile: str = "auto",
     precision: str = "fp32",
     decode=None,
+    num_classes: int | None = None,
 ) -> SampleResult:
     """Generate images with a trained denoiser (or a Router of group models).
 
@@ -247,13 +281,14 @@ def sample(
         SamplingModel built once from one of those (then compile and precision are its own).
     train_scheduler: the training schedule (gives betas, T and the prediction type). Raises ValueError for an
         epsilon-prediction schedule with zero terminal SNR (schedule.check_sampling_schedule).
-    sample_shape: (C, H, W) of one image.
+    sample_shape: (C, H, W) of one image, at the size the model's config states (sample_size), if it does.
     sampler: "ddpm", "ddim" or "dpm-solver++".
     steps: number of sampling steps, 1..T; the sampler visits `samplers.visited_timesteps(steps, T)` (T-1 first)
         and ends at x0.
     num_images, batch_size: how many images in total, and how many per forward pass.
     seed: the initial noise and every stochastic step are drawn from a generator seeded with it.
     class_labels: for a class-conditional model (required there): one int for all images or one per image.
+    num_classes: the data's class count, when known: labels must be 0..num_classes-1 (and never null_class).
     guidance_scale: classifier-free guidance weight (1: none); needs null_class, the id the model was trained
         with for dropped labels.
     A model that outputs 2C channels (learned variance) gives DDPM its variance half; DDIM and DPM-Solver
@@ -277,9 +312,10 @@ def sample(
             f"the scheduler has T={num_train} training timesteps but the router's groups cover "
             f"T={grouping.num_train_timesteps}; sample with the bundle's own scheduler"
         )
-    labels = _class_labels(model, class_labels, num_images, guidance_scale, null_class)
+    labels = _class_labels(model, class_labels, num_images, guidance_scale, null_class, num_classes)
     scheduler = make_sampler(sampler, train_scheduler)
     check_denoiser(model, sample_shape)
+    _check_sample_size(model, sample_shape)
     runner = runner or SamplingModel(model, compile, precision)
     if device is None:
         param = next(model.parameters(), None)
@@ -316,10 +352,12 @@ class TDCPipeline:
     with for dropped labels (needed for guidance). compile, precision: the sampling path (see SamplingModel);
     it is built here, once, and reused by every call, so build a new pipeline after changing the weights.
     vae: for latent diffusion, the VAE whose latents (sample_shape) the denoiser works on; images are decoded.
+    num_classes: the data's class count (class labels must be below it), when known.
     """
 
     def __init__(self, denoiser: nn.Module, scheduler, sample_shape: tuple[int, int, int], *,
-                 null_class: int | None = None, compile: str = "auto", precision: str = "fp32", vae=None):
+                 null_class: int | None = None, compile: str = "auto", precision: str = "fp32", vae=None,
+                 num_classes: int | None = None):
         from .latent import Decoder
 
         self.decode = Decoder(vae) if vae is not None else None
@@ -327,6 +365,7 @@ class TDCPipeline:
         self.scheduler = scheduler
         self.sample_shape = tuple(sample_shape)
         self.null_class = null_class
+        self.num_classes = num_classes
         self.runner = SamplingModel(denoiser, compile, precision)
 
     def __call__(
@@ -351,6 +390,7 @@ class TDCPipeline:
             self.runner, self.scheduler, sample_shape=self.sample_shape, sampler=sampler,
             steps=num_inference_steps, num_images=batch_size, batch_size=batch_size, seed=seed, progress=progress,
             class_labels=class_labels, guidance_scale=guidance_scale, null_class=self.null_class, decode=self.decode,
+            num_classes=self.num_classes,
         )
         if output_type == "pt":
             return ImagePipelineOutput(images=result.images)

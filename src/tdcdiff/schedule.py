@@ -20,6 +20,7 @@ BETA_START, BETA_END = 1e-4, 0.02  # DDPM's (Ho et al. 2020) for T=1000; diffuse
 # For scale: the linear schedule at T=1000 ends at 4e-5, Stable Diffusion's scaled_linear (0.00085..0.012) at 4.7e-3,
 # the unscaled linear one at T=100 at 0.364.
 MAX_TERMINAL_ALPHA_BAR = 0.01
+MAX_TIMESTEPS = 1_000_000  # T: far beyond any schedule in use; the schedule and the router allocate per timestep
 
 
 def make_scheduler(

@@ -17,6 +17,7 @@ import hashlib
 import inspect
 import json
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -24,21 +25,16 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
-from .files import (
-    atomic_dir,
-    is_count,
-    is_sha256,
-    json_safe,
-    read_regular_file,
-    resolve_inside,
-    sha256_file,
-)
+from .files import atomic_dir, brief, is_count, is_sha256, json_safe, parse_json, read_untrusted, sha256_file
 from .models import Denoiser
 from .surgery.attributes import sync_module_attributes
 from .surgery.depth import remove
 
 ARCHITECTURE_FILE = "architecture.json"
 WEIGHTS_FILE = "model.safetensors"
+MAX_ARCHITECTURE_BYTES = 4 << 20  # a config, a list of removed layers: kilobytes
+# Floating dtypes torch computes with on every device; float8 and complex weights are refused on load.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _is_diffusers_model(model: nn.Module) -> bool:
@@ -53,7 +49,8 @@ _REGISTERED: dict[str, type] = {}
 def class_path(cls: type) -> str:
     """The name a class is saved under: `module.QualName` (diffusers' exported classes: `diffusers.Name`)."""
     diffusers = sys.modules.get("diffusers")
-    if diffusers is not None and cls.__module__.startswith("diffusers.") and getattr(diffusers, cls.__name__, None) is cls:
+    exported = diffusers is not None and getattr(diffusers, cls.__name__, None) is cls
+    if exported and cls.__module__.startswith("diffusers."):
         return f"diffusers.{cls.__name__}"
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -173,7 +170,8 @@ def allowed_class(name: object, base: str, what: str) -> type:
     Raises ValueError naming the class, `what` (the file and key) and how to allow it.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{what} must name a class as 'module.Class', got {name!r}; the file was edited or corrupted")
+        raise ValueError(f"{what} must name a class as 'module.Class', got {brief(name)}; the file was edited or "
+                         "corrupted")
     if base == "ModelMixin" and name in _REGISTERED:
         return _REGISTERED[name]
     prefix, _, attr = name.partition(".")
@@ -181,11 +179,11 @@ def allowed_class(name: object, base: str, what: str) -> type:
     if cls is not None:
         return cls
     if base != "ModelMixin":
-        raise ValueError(f"{what} names {name!r}, which is not a diffusers scheduler class (diffusers.<Name>); "
+        raise ValueError(f"{what} names {brief(name)}, which is not a diffusers scheduler class (diffusers.<Name>); "
                          "the file was edited or corrupted")
     short = name.rpartition(".")[2]
     raise ValueError(
-        f"{what} names class {name!r}, which tdcdiff does not rebuild: saved files are untrusted, so only "
+        f"{what} names class {brief(name)}, which tdcdiff does not rebuild: saved files are untrusted, so only "
         f"diffusers model classes and registered classes are. If you trust this file and {name} is your model "
         f"class, call `tdcdiff.register_model_class({short})` (after importing it) before loading"
     )
@@ -204,7 +202,7 @@ def check_arguments(cls: type, arguments: object, what: str, *, check_types: boo
     named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     unknown = sorted(set(arguments) - set(named))
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
-        raise ValueError(f"{what}: {name} takes no argument(s) {unknown}; its arguments are {sorted(named)}. "
+        raise ValueError(f"{what}: {name} takes no argument(s) {brief(unknown)}; its arguments are {sorted(named)}. "
                          "The file was edited or written by another version: re-export it")
     missing = sorted(k for k, p in named.items() if p.default is p.empty and k not in arguments)
     if missing:
@@ -218,7 +216,7 @@ def check_arguments(cls: type, arguments: object, what: str, *, check_types: boo
                  else (list, tuple) if isinstance(default, (list, tuple)) else (object,))
         if not isinstance(value, kinds) or (isinstance(value, bool) and not isinstance(default, bool)):
             raise ValueError(f"{what}: {name} argument {key!r} must be of type {kinds[0].__name__} (its default is "
-                             f"{default!r}), got {value!r}; the file was edited or corrupted: re-export it")
+                             f"{default!r}), got {brief(value)}; the file was edited or corrupted: re-export it")
     return arguments
 
 
@@ -227,16 +225,18 @@ def _rebuild(description: dict, source: Path) -> nn.Module:
     cls = allowed_class(description.get("class"), "ModelMixin", f"{source} 'class'")
     wrapped = description.get("wrapped")
     if wrapped not in (None, "Denoiser"):
-        raise ValueError(f"{source}: 'wrapped' must be 'Denoiser' or absent, got {wrapped!r}; re-save the model")
+        raise ValueError(f"{source}: 'wrapped' must be 'Denoiser' or absent, got {brief(wrapped)}; re-save the model")
     diffusers = sys.modules.get("diffusers")
     is_config = diffusers is not None and issubclass(cls, diffusers.ModelMixin)
     key = "config" if is_config else "kwargs"
     arguments = check_arguments(cls, description.get(key), f"{source} {key!r}")
     try:
         model = cls.from_config(arguments) if is_config else cls(**arguments)
+    except _BuildTooLarge:
+        raise
     except Exception as err:  # any failure of an allowlisted constructor on the saved arguments
         raise ValueError(f"{source}: cannot build {cls.__name__} from its saved {key!r} ({type(err).__name__}: "
-                         f"{err}); re-save the model") from err
+                         f"{brief(str(err), 300, quote=False)}); re-save the model") from err
     return Denoiser(model) if wrapped == "Denoiser" else model
 
 
@@ -250,14 +250,14 @@ def _resize_to(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -
             owner = None
         current = getattr(owner, leaf, None)
         if not isinstance(current, torch.Tensor):
-            raise ValueError(f"{source}: saved tensor {key!r} has no counterpart in the rebuilt model")
+            raise ValueError(f"{source}: saved tensor {brief(key)} has no counterpart in the rebuilt model")
         if current.is_floating_point() != saved.is_floating_point():
-            raise ValueError(f"{source}: saved tensor {key!r} is {saved.dtype}, the model's is {current.dtype}")
+            raise ValueError(f"{source}: saved tensor {brief(key)} is {saved.dtype}, the model's is {current.dtype}")
         if current.shape == saved.shape and current.dtype == saved.dtype:
             continue
         if current.dim() != saved.dim():
             raise ValueError(
-                f"{source}: cannot resize {key!r} from {tuple(current.shape)} to the saved {tuple(saved.shape)}"
+                f"{source}: cannot resize {brief(key)} from {tuple(current.shape)} to the saved {tuple(saved.shape)}"
             )
         new = torch.empty(saved.shape, dtype=saved.dtype, device=current.device)
         setattr(owner, leaf, nn.Parameter(new, current.requires_grad) if isinstance(current, nn.Parameter) else new)
@@ -266,12 +266,10 @@ def _resize_to(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -
 def read_architecture(data: bytes, source: Path) -> dict:
     """The architecture description in an architecture.json file's bytes, with its "weights" entry checked.
 
-    Raises ValueError naming source for invalid JSON or a missing or malformed weights entry.
+    Raises ValueError naming source for invalid JSON (nested too deep, keys repeated) or a missing or
+    malformed weights entry.
     """
-    try:
-        description = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{source} is not valid JSON ({err}); re-run the stage that wrote it") from None
+    description = parse_json(data, source, "re-run the stage that wrote it")
     weights = description.get("weights") if isinstance(description, dict) else None
     if (not isinstance(weights, dict) or not isinstance(weights.get("file"), str)
             or not is_count(weights.get("bytes")) or not is_sha256(weights.get("sha256"))):
@@ -287,12 +285,21 @@ def build_model(description: dict, data: bytes, source: Path, weights_path: Path
     Raises ValueError naming the file for anything that does not match.
     """
     if hashlib.sha256(data).hexdigest() != description["weights"]["sha256"]:
-        raise ValueError(f"{weights_path} is corrupted: its sha256 does not match {source}; re-run the stage that wrote it")
+        raise ValueError(f"{weights_path} is corrupted: its sha256 does not match {source}; re-run the stage that "
+                         "wrote it")
     try:
         state = load_safetensors(data)
     except Exception as err:  # safetensors' own error type for a malformed header
-        raise ValueError(f"{weights_path} is not a valid safetensors file ({err}); re-run the stage that wrote it") from None
-    model = _rebuild_empty(description, source)
+        raise ValueError(f"{weights_path} is not a valid safetensors file ({brief(str(err), 200, quote=False)}); "
+                         "re-run the stage that wrote it") from None
+    odd = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()
+                  if (t.is_floating_point() or t.is_complex()) and t.dtype not in FLOAT_DTYPES})
+    if odd:
+        names = [k for k, t in state.items() if str(t.dtype).removeprefix("torch.") in odd]
+        raise ValueError(f"{weights_path} holds {', '.join(odd)} tensors (in {', '.join(names[:3])}), which models are "
+                         "not computed in; saved weights are float32, float16 or bfloat16: re-run the stage that "
+                         "wrote it") from None
+    model = _rebuild_empty(description, source, state)
     if description.get("removed"):
         _remove_layers(model, description["removed"], source)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
@@ -304,49 +311,94 @@ def build_model(description: dict, data: bytes, source: Path, weights_path: Path
         # assign: the loaded tensors become the parameters (a meta-built model has no storage to copy into)
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
-        raise ValueError(f"{weights_path} does not fit the architecture in {source}: {' '.join(str(err).split())}") from None
+        raise ValueError(f"{weights_path} does not fit the architecture in {source}: "
+                         f"{brief(' '.join(str(err).split()), 400, quote=False)}") from None
     return model.eval()
 
 
-def _rebuild_empty(description: dict, source: Path) -> nn.Module:
+def _rebuild_empty(description: dict, source: Path, state: dict[str, torch.Tensor]) -> nn.Module:
     """_rebuild on the meta device, so that the unpruned size a description names costs no memory before the
     saved (pruned) shapes replace it; every tensor then comes from the weights file (load_state_dict assign).
-    A model with a tensor the weights file does not hold (a non-persistent buffer) is built for real."""
-    with torch.device("meta"):
+    A model with a tensor the weights file does not hold (a non-persistent buffer) is built for real.
+    Either build stops early when it outgrows the saved weights `state` (see _BuildBudget)."""
+    with torch.device("meta"), _BuildBudget(state, source):
         model = _rebuild(description, source)
     saved = set(model.state_dict())
     if any(name not in saved for name, _ in model.named_buffers()):
-        return _rebuild(description, source)
+        with _BuildBudget(state, source):
+            return _rebuild(description, source)
     return model
+
+
+class _BuildTooLarge(ValueError):
+    pass
+
+
+class _BuildBudget:
+    """While a model is built in this thread, count the modules it registers and the elements of the tensors it
+    allocates (not on the meta device), and stop it once they far outgrow the weights it will be given: a
+    small architecture.json (layers_per_block=20000) must not cost minutes and gigabytes before its weights
+    are compared. Allowed: 16 modules per saved tensor (layers removed by depth pruning are built first) and
+    64 elements per saved element (a pruned model's unpruned base is built first), plus a margin."""
+
+    def __init__(self, state: dict[str, torch.Tensor], source: Path):
+        self.max_modules = 16 * len(state) + 256
+        self.max_elements = 64 * sum(t.numel() for t in state.values()) + (1 << 24)
+        self.modules = self.elements = 0
+        self.source, self.thread = source, threading.get_ident()
+
+    def _module(self, module, name, submodule):
+        if threading.get_ident() == self.thread:
+            self.modules += 1
+            if self.modules > self.max_modules:
+                raise _BuildTooLarge(f"{self.source} describes a model of more than {self.max_modules} modules, far "
+                                     "more than its weights file holds tensors for; re-run the stage that wrote it")
+
+    def _tensor(self, module, name, tensor):
+        if threading.get_ident() == self.thread and tensor is not None and tensor.device.type != "meta":
+            self.elements += tensor.numel()
+            if self.elements > self.max_elements:
+                raise _BuildTooLarge(f"{self.source} describes a model of more than {self.max_elements} parameter "
+                                     "elements, far more than its weights file holds; re-run the stage that wrote it")
+
+    def __enter__(self):
+        from torch.nn.modules import module
+
+        self.handles = [module.register_module_module_registration_hook(self._module),
+                        module.register_module_parameter_registration_hook(self._tensor),
+                        module.register_module_buffer_registration_hook(self._tensor)]
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
 
 
 def _remove_layers(model: nn.Module, removed, source: Path) -> None:
     """Remove the depth-pruned layers listed under "removed" from a rebuilt base (see surgery.depth)."""
     if not isinstance(removed, list) or not all(isinstance(name, str) for name in removed):
-        raise ValueError(f"{source}: 'removed' must be a list of layer names, got {removed!r}")
+        raise ValueError(f"{source}: 'removed' must be a list of layer names, got {brief(removed)}")
     try:
         remove(model, removed)
     except ValueError as err:
-        raise ValueError(f"{source}: {err}; re-run the stage that wrote it") from None
+        raise ValueError(f"{source}: {brief(str(err), 500, quote=False)}; re-run the stage that wrote it") from None
 
 
 def load_model(directory: str | Path) -> nn.Module:
     """Load a model written by save_model (in eval mode), checking the weights file's size and sha256.
 
-    directory: the saved model's directory. Its class must be allowed (see allowed_class and
-    register_model_class). Raises FileNotFoundError for missing files and ValueError for corrupt,
-    mismatching or disallowed ones, naming the file.
+    directory: the saved model's directory; only regular files inside it are read (files.read_untrusted).
+    Its class must be allowed (see allowed_class and register_model_class). Raises FileNotFoundError for
+    missing files and ValueError for corrupt, mismatching or disallowed ones, naming the file.
     """
     directory = Path(directory)
     source = directory / ARCHITECTURE_FILE
+    hint = "re-run the stage that wrote it"
     try:
-        text = source.read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
-        raise FileNotFoundError(
-            f"{source} is missing: {directory} is not a complete saved model; re-run the stage that wrote it"
-        ) from None
+        text = read_untrusted(directory, ARCHITECTURE_FILE, str(directory), max_bytes=MAX_ARCHITECTURE_BYTES, hint=hint)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{source} is missing: {directory} is not a complete saved model; {hint}") from None
     description = read_architecture(text, source)
     weights = description["weights"]
-    path = resolve_inside(directory, weights["file"], f"{source} 'weights.file'")
-    data = read_regular_file(path, weights["bytes"], "re-run the stage that wrote it")
-    return build_model(description, data, source, path)
+    data = read_untrusted(directory, weights["file"], f"{source} 'weights.file'", max_bytes=weights["bytes"],
+                          expected_bytes=weights["bytes"], hint=hint)
+    return build_model(description, data, source, directory / weights["file"])

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import stat
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ..budget import ORDERINGS, budget_fractions, check_mean_budget
+from ..files import parse_json, read_untrusted
 from ..grouping import STRATEGIES
 from ..pipeline import SAMPLERS
 from ..prune.search import SearchConfig, get_proposer
-from ..schedule import BETA_SCHEDULES, make_scheduler
+from ..schedule import BETA_SCHEDULES, MAX_TIMESTEPS, make_scheduler
 from ..settings import SEED, Settings, at_least, at_most, one_of, setting
 from ..train import TrainConfig
 
 BUDGET_UNITS = ("flops", "time")
-MAX_TIMESTEPS = 1_000_000  # far beyond any schedule in use, and well inside memory
 SCHEDULER_FILE = "scheduler_config.json"
 MAX_SCHEDULER_BYTES = 1 << 20  # a scheduler config is under a kilobyte
+FIX_PIPELINE = "pass a diffusers pipeline saved with save_pretrained"
 
 
 @dataclass
@@ -141,9 +140,10 @@ def with_pipeline_schedule(config: RunConfig) -> RunConfig:
     if not (path.parent.parent / "model_index.json").exists() or not path.exists():
         return config
     try:
-        scheduler = json.loads(read_small_file(path, MAX_SCHEDULER_BYTES))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
+        scheduler = parse_json(read_untrusted(path.parent, path.name, str(path), max_bytes=MAX_SCHEDULER_BYTES,
+                                              hint=FIX_PIPELINE), path, FIX_PIPELINE)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); {FIX_PIPELINE}") from None
     if not isinstance(scheduler, dict):
         raise ValueError(f"{path} must hold a JSON object (a diffusers scheduler config)")
     changes = {"num_train_timesteps": scheduler.get("num_train_timesteps", config.num_train_timesteps),
@@ -192,28 +192,17 @@ def check_unchanged(run_dir: Path, saved: RunConfig, config: RunConfig) -> None:
 MAX_SAVED_CONFIG_BYTES = 1 << 20  # config.json of a run is a few kilobytes
 
 
-def read_small_file(path: Path, max_bytes: int) -> bytes:
-    """The bytes of a regular file of at most max_bytes (a FIFO or device would block or never end).
-    Raises ValueError otherwise."""
-    if not stat.S_ISREG(path.stat().st_mode):
-        raise ValueError("not a regular file")
-    with open(path, "rb") as f:
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ValueError(f"larger than {max_bytes} bytes")
-    return data
-
-
 def load_saved_config(path: Path) -> RunConfig:
     """A run directory's config.json (untrusted: read with a size cap, every value typed and checked).
 
     Raises ValueError naming the file and the fix when it is damaged."""
     try:
-        data = json.loads(read_small_file(path, MAX_SAVED_CONFIG_BYTES))
+        data = parse_json(read_untrusted(path.parent, path.name, str(path), max_bytes=MAX_SAVED_CONFIG_BYTES,
+                                         hint="restore it"), path, "restore it")
         if isinstance(data, dict):
             data.setdefault("schedule_version", 1)  # saved before the version was: the unscaled betas it ran with
         return RunConfig.from_dict(data)
-    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, a bad value, deep nesting
+    except ValueError as err:  # not JSON, not UTF-8, a bad value, too large
         raise ValueError(
             f"{path} is damaged ({err}); restore it, or delete it and rerun with the settings the run was made "
             "with (or use a new output directory)"
