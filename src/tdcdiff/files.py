@@ -264,11 +264,11 @@ def read_untrusted(root: Path, name: str, what: str, *, max_bytes: int, hint: st
     return data
 
 
-def parse_json(data: bytes, source: Path, hint: str) -> object:
+def parse_json(data: bytes, source: Path, hint: str, *, problem: str = "is not valid JSON") -> object:
     """The JSON value in an untrusted file's bytes (source: the file, for messages).
 
-    Raises ValueError, one line naming source and ending with hint, for text that is not JSON, nested too
-    deep for the parser, or holding a key twice in one object (readers disagree on which one counts).
+    Raises ValueError, one line "{source} {problem} ({what is wrong}); {hint}", for text that is not JSON,
+    nested too deep for the parser, or holding a key twice in one object (readers disagree on which one counts).
     """
     def unique(pairs: list) -> dict:
         result = dict(pairs)
@@ -284,10 +284,10 @@ def parse_json(data: bytes, source: Path, hint: str) -> object:
     try:
         return json.loads(data, object_pairs_hook=unique)
     except RecursionError:
-        raise ValueError(f"{source} is not valid JSON (nested too deep); {hint}") from None
+        raise ValueError(f"{source} {problem} (nested too deep); {hint}") from None
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, the repeated keys above, a huge integer
         detail = "a number of more than 4300 digits" if "integer string conversion" in str(err) else str(err)
-        raise ValueError(f"{source} is not valid JSON ({brief(detail, 200, quote=False)}); {hint}") from None
+        raise ValueError(f"{source} {problem} ({brief(detail, 200, quote=False)}); {hint}") from None
 
 
 def brief(value: object, limit: int = 120, *, quote: bool = True) -> str:

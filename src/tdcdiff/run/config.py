@@ -192,18 +192,19 @@ def check_unchanged(run_dir: Path, saved: RunConfig, config: RunConfig) -> None:
 MAX_SAVED_CONFIG_BYTES = 1 << 20  # config.json of a run is a few kilobytes
 
 
+DAMAGED = ("restore it, or delete it and rerun with the settings the run was made with (or use a new output "
+           "directory)")
+
+
 def load_saved_config(path: Path) -> RunConfig:
     """A run directory's config.json (untrusted: read with a size cap, every value typed and checked).
 
     Raises ValueError naming the file and the fix when it is damaged."""
+    data = parse_json(read_untrusted(path.parent, path.name, str(path), max_bytes=MAX_SAVED_CONFIG_BYTES,
+                                     hint=DAMAGED), path, DAMAGED, problem="is damaged")
+    if isinstance(data, dict):
+        data.setdefault("schedule_version", 1)  # saved before the version was: the unscaled betas it ran with
     try:
-        data = parse_json(read_untrusted(path.parent, path.name, str(path), max_bytes=MAX_SAVED_CONFIG_BYTES,
-                                         hint="restore it"), path, "restore it")
-        if isinstance(data, dict):
-            data.setdefault("schedule_version", 1)  # saved before the version was: the unscaled betas it ran with
         return RunConfig.from_dict(data)
-    except ValueError as err:  # not JSON, not UTF-8, a bad value, too large
-        raise ValueError(
-            f"{path} is damaged ({err}); restore it, or delete it and rerun with the settings the run was made "
-            "with (or use a new output directory)"
-        ) from None
+    except ValueError as err:  # a value of the wrong type, an unknown key
+        raise ValueError(f"{path} is damaged ({err}); {DAMAGED}") from None
