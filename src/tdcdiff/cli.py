@@ -441,7 +441,8 @@ def tune_command(
     """
     from dataclasses import replace
 
-    from .tune import Tune, TuneConfig, check_candidate, cost_rows, format_rows, plan_candidates, table_rows
+    from .tune import Tune, TuneConfig, check_candidate, cost_rows, format_rows, table_rows
+    from .tune import candidate_list as plan_candidates
 
     flags = {k_: v for k_, v in locals().items() if k_ in _SETTINGS and k_ not in ("k", "groups", "grouping", "depth")}
     settings = TuneConfig(tune_steps=tune_steps, screening=screening, finalists=finalists, fid_seeds=fid_seeds,
