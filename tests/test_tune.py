@@ -1,4 +1,4 @@
-"""tdcdiff tune: the candidate plan, resuming, one candidate alone, the choice and the payback arithmetic, and one
+"""tdcdiff tune: the candidate list, resuming, one candidate alone, the choice and the payback arithmetic, and one
 tiny end-to-end run on digits."""
 
 import json
@@ -51,7 +51,8 @@ def test_time_budget_uniform_time_and_depth_candidates_say_their_unit():
     assert plan[8]["settings"] == {**plan[5]["settings"], "search.depth": True}
     assert len({c["dir"] for c in plan}) == len(plan)
     # New kinds enter the saved plan settings only when used, so directories tuned before them still match.
-    assert set(TuneConfig().candidate_settings()) == {"tune_steps", "widths", "ks", "groups", "groupings", "tdc_variants"}
+    assert set(TuneConfig().candidate_settings()) == {"tune_steps", "widths", "ks", "groups", "groupings",
+                                                      "tdc_variants"}
     assert config.candidate_settings()["time_budgets"] == [0.8, 0.6] and config.candidate_settings()["depth"] is True
 
 
@@ -138,7 +139,8 @@ def test_a_rerun_without_a_candidate_kind_the_directory_was_tuned_with_names_it(
 
     tuned = TuneConfig(widths=(0.6,), ks=(0.4,), groups=(2,), curves=True, curve_steps=5)
     (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "tune.json").write_text(json.dumps({"format": CANDIDATES_FORMAT, "plan": tuned.candidate_settings()}))
+    saved = {"format": CANDIDATES_FORMAT, "plan": tuned.candidate_settings()}
+    (tmp_path / "t" / "tune.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"other candidate settings \(curves: \{'sizes': \[0.4, 0.6, 0.8, 1.0\], "
                                          r"'steps': 5\} there, unset here\); use a new --out"):
         Tune(tmp_path / "t", TuneConfig(widths=(0.6,), ks=(0.4,), groups=(2,)), run_config=tiny_config(),

@@ -14,12 +14,12 @@ from ..flops import count_flops
 from ..prune.fit import BudgetError
 from ..run import Run, copy_stages
 from ..train import FINAL_DIR
-from . import curves, measures
 from .config import TuneConfig
 from .cost import write_cost
+from .curves import curves_allocation, measure_curves
 from .judge import choose
 from .kinds import candidate_list, check_candidate, kind_of
-from .measures import SCREENING_MEASURES, screen_protocol, second_measure, time_models
+from .measures import SCREENING_MEASURES, fid, load_models, screen, screen_protocol, second_measure, time_models
 from .output import frontier_rows, plot_frontier, write_table_csv
 from .records import clock, read_json, record_phase, since
 
@@ -131,23 +131,23 @@ class Tune:
     # -- measuring (measures.py, curves.py) ------------------------------------------------------------------------
     def models(self) -> dict:
         """name -> (Router, sampling FLOPs per image) for the base and every finished, not failed candidate."""
-        return measures.load_models(self)
+        return load_models(self)
 
     def screen(self, models: dict) -> dict:
         """Both screening measures of every model, paired with the base's per image (measures.screen)."""
-        return measures.screen(self, models)
+        return screen(self, models)
 
     def fid(self, models: dict, names: list[str]) -> dict:
         """Per-seed FID/KID of the base and `names` (measures.fid)."""
-        return measures.fid(self, models, names)
+        return fid(self, models, names)
 
     def measure_curves(self, groups: int, grouping: str) -> dict:
         """Quality curves of the `groups` groups of `grouping` (curves.measure_curves)."""
-        return curves.measure_curves(self, groups, grouping)
+        return measure_curves(self, groups, grouping)
 
     def curves_allocation(self, spec: dict) -> tuple[dict, dict]:
         """The groups' budgets of "tdc-curves" candidate `spec` from the curves (curves.curves_allocation)."""
-        return curves.curves_allocation(self, spec)
+        return curves_allocation(self, spec)
 
     # -- everything ------------------------------------------------------------------------------------------------
     def run_all(self) -> dict:
@@ -162,14 +162,14 @@ class Tune:
         screening = self.screen(models)
         finalists = sorted((n for n in models if n != "base"),
                            key=lambda n: screening[n][key]["value"])[: self.config.finalists]
-        fid = self.fid(models, finalists)
+        fid_cache = self.fid(models, finalists)
         batch = self.config.batch
         self.say(f"timing: sampling at batch {batch}, {len(models)} models interleaved")
         times = time_models(self, models, list(models), batch)
         records = {spec["name"]: self.result(spec["index"]) for spec in self.candidates}
-        rows = frontier_rows(models, records, screening, fid, times, key, self.dir)
+        rows = frontier_rows(models, records, screening, fid_cache, times, key, self.dir)
         choice = choose([r for r in rows if r["name"] != "base"], self.config.max_quality_loss)
-        results = self._results(rows, finalists, fid, choice)
+        results = self._results(rows, finalists, fid_cache, choice)
         atomic_write_text(self.dir / "results.json", json.dumps(results, indent=2))
         write_table_csv(rows, self.dir / "table.csv", key)
         plot_frontier(rows, choice["name"], batch, SCREENING_MEASURES[key].name, self.dir / "frontier.png")
@@ -182,7 +182,7 @@ class Tune:
         atomic_write_text(self.dir / "results.json", json.dumps(results, indent=2))
         return results
 
-    def _results(self, rows: list[dict], finalists: list[str], fid: dict, choice: dict) -> dict:
+    def _results(self, rows: list[dict], finalists: list[str], fid_cache: dict, choice: dict) -> dict:
         """results.json: the settings, how each measure was taken, the rows, the failed candidates, the
         finalists and the choice."""
         key, other, c = self.config.screening, second_measure(self.config.screening), self.base_run.config
@@ -198,7 +198,7 @@ class Tune:
                                             "every model)",
                                   "second": {"key": other, "unit": SCREENING_MEASURES[other].unit,
                                              **screen_protocol(self.base_run, other)}},
-            "fid_protocol": {k: fid.get(k) for k in ("protocol", "feature_net", "reference")},
+            "fid_protocol": {k: fid_cache.get(k) for k in ("protocol", "feature_net", "reference")},
             "time": f"median seconds ({TIMING_CLOCK}, as evaluate.time_sampling picks it by the models' device) of "
                     f"one {c.sampler}-{c.sampling_steps} sampling run at batch {self.config.batch}, "
                     f"{self.config.timing_repeats} repeats interleaved across models after a warm-up",
