@@ -98,7 +98,14 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(args.out / "latency.json", json.dumps(info, indent=1))
 
     print(f"device {info['device']}, torch {info['torch']}, {info['seconds']:.0f} s")
-    print("| model | batch | plan | flops: time / FLOPs | time-width: time / FLOPs (est.) | time-depth: time / FLOPs (est.) | layers removed (time-depth) |")
+    print_table(rows, args)
+    return 0
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    """One markdown row per model, batch and planned ratio: each arm's measured time and FLOPs ratios."""
+    print("| model | batch | plan | flops: time / FLOPs | time-width: time / FLOPs (est.) | time-depth: time / FLOPs "
+          "(est.) | layers removed (time-depth) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     by = {(r["model"], r["batch"], r["plan"], r["arm"]): r for r in rows}
     for name in args.models:
@@ -110,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                     est = f" ({r['estimated_time_ratio']:.2f})" if r and r["estimated_time_ratio"] else ""
                     cells.append(f"{r['time_ratio']:.2f} / {r['flops_ratio']:.2f}{est}" if r else "not fitted")
                 depth = by.get((name, batch, ratio, "time-depth"))
-                print(f"| {name} | {batch} | {ratio} | " + " | ".join(cells) + f" | {len(depth['removed']) if depth else '-'} |")
-    return 0
+                print(f"| {name} | {batch} | {ratio} | " + " | ".join(cells)
+                      + f" | {len(depth['removed']) if depth else '-'} |")
 
 
 if __name__ == "__main__":
