@@ -31,11 +31,8 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchmark import RUN_METRICS  # noqa: E402  (bench/benchmark.py, beside this file)
-
-from tdcdiff.metrics import paired_gap  # noqa: E402
+from benchmark import RUN_METRICS  # bench/benchmark.py, beside this file
+from tdcdiff.metrics import paired_gap
 
 MEASURES = ("held-out loss", "bits/dim")
 # How the held-out loss was averaged over t: benchmarks (and tune before --screening) report evaluate.held_out_loss,

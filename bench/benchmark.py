@@ -16,7 +16,7 @@ Per seed, in out/seed_<s>/:
   tdc-options/  (with --mix/--distill) TDC with those stage-2 options, its step count cut to the same compute
   evaluation.json  the seed's evaluation, with the settings and the weights (sha256 of each arm's files) it
             measured: read back, not measured again, while both are unchanged
-So every arm has had stage 1 plus the same extra compute. The pooled comparison goes to out/report.html
+So every arm has had stage 1 plus the same extra compute (the arms' training: bench/arms.py). The pooled comparison goes to out/report.html
 and out/results.json. Every stage resumes, so rerunning the same command continues an interrupted benchmark,
 and adding a seed to --seeds runs only the new seed (seeds run as separate jobs into one --out pool this way).
 """
@@ -29,6 +29,28 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import torch
+
+from arms import (
+    base_source_problem,
+    options_arm,
+    reuse_base,
+    say,
+    swapped_expert_entries,
+    tdc_arm,
+    train_further,
+)
+from tdcdiff.budget import BudgetPlan
+from tdcdiff.bundle import load_bundle
+from tdcdiff.data import load_dataset
+from tdcdiff.evaluate import FORMAT, ModelEntry, evaluate, pool
+from tdcdiff.files import atomic_write_text, resolve_inside, sha256_tree
+from tdcdiff.prune.fit import uniform_fit
+from tdcdiff.report import bpd_rows, format_table, loss_rows, verdicts
+from tdcdiff.run import RunConfig, apply_overrides, parse_settings, write_run_report
+from tdcdiff.samplers import visited_timesteps
+from tdcdiff.serialization import load_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -91,142 +113,8 @@ def make_setting(data: str, data_path: Path | None, reference_path: Path | None,
     return setting
 
 
-def _say(message: str) -> None:
-    print(message, flush=True)
-
-
-def _load(path: Path):
-    from tdcdiff.serialization import load_model
-
-    return load_model(path)
-
-
-def tdc_arm(run_dir: Path, config, one_stage: bool, progress: bool):
-    """Run TDC; with one_stage, re-initialise the pruned group models and give stage 2 stage 1's compute too."""
-    from tdcdiff.run import Run
-
-    paper_steps = config.finetune.steps
-    saved = run_dir / "config.json"
-    if one_stage and saved.exists():  # resuming: the raised stage-2 step count is part of the saved settings
-        steps = json.loads(saved.read_text())["finetune"]["steps"]
-        config = replace(config, finetune=replace(config.finetune, steps=steps))
-    run = Run(run_dir, config, progress=progress)
-    _say(f"  TDC: stage 1, plan, pruning search -> {run_dir}")
-    run.train_base()
-    run.plan()
-    summaries = run.prune()
-    if one_stage:
-        reinitialise_pruned(run_dir, len(summaries), run.config.seed)
-        per_step = run.config.finetune.batch_size * 3 * sum(s["flops"] for s in summaries)
-        steps = paper_steps + round(run.training_flops()["stage1"] / per_step)
-        if steps != run.config.finetune.steps:
-            _say(f"  one-stage: group models re-initialised; stage 2 raised to {steps} steps per group")
-            run = Run(run_dir, overrides={"finetune.steps": steps}, progress=progress)
-    _say("  TDC: stage 2 (fine-tune each group), bundle")
-    run.finetune()
-    run.export_bundle()
-    return run
-
-
-def reinitialise_pruned(run_dir: Path, groups: int, seed: int) -> None:
-    """Give each pruned group model fresh random weights at its pruned shape (the one-stage ablation)."""
-    import torch
-
-    from tdcdiff.files import atomic_write_text
-    from tdcdiff.serialization import save_model
-
-    marker = run_dir / "prune" / "reinitialised.json"
-    if marker.exists():
-        return
-    for i in range(groups):
-        model = _load(run_dir / "prune" / f"group_{i}")
-        torch.manual_seed(seed * 100 + i)
-        for module in model.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        save_model(model, run_dir / "prune" / f"group_{i}")
-    atomic_write_text(marker, json.dumps({"reason": "--one-stage: weights re-initialised before stage 2"}))
-
-
-def base_source_problem(source_run: Path, config) -> str | None:
-    """Why source_run's stage-1 base cannot stand in for one trained with `config` (None when it can)."""
-    from tdcdiff.run import RunConfig, stage_settings
-    from tdcdiff.train import FINAL_DIR
-
-    if not (source_run / "base" / FINAL_DIR).exists():
-        return f"no finished stage-1 base at {source_run / 'base'}"
-    try:
-        saved = RunConfig.from_dict(json.loads((source_run / "config.json").read_text()))
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        return f"{source_run / 'config.json'} is unreadable ({type(err).__name__}: {err})"
-    theirs, ours = stage_settings(saved, "base"), stage_settings(config, "base")
-    differ = [f"{key}: {theirs[key]!r} there, {ours[key]!r} here" for key in ours if ours[key] != theirs[key]]
-    return f"{source_run} trained its base with other stage-1 settings ({'; '.join(differ)})" if differ else None
-
-
-def reuse_base(source_run: Path, target_run: Path) -> None:
-    """Start target_run from source_run's trained stage-1 base (checked by base_source_problem)."""
-    from tdcdiff.run import copy_stages
-
-    if not (target_run / "base").exists():
-        copy_stages(source_run, target_run, ("config.json", "base"))
-
-
-def options_arm(tdc_run, run_dir: Path, mix: float, distill: float, progress: bool):
-    """TDC with stage-2 options, sharing the paper-form run's base, plan and pruned models; same compute."""
-    from tdcdiff.run import Run, copy_stages
-
-    copy_stages(tdc_run.dir, run_dir, ("config.json", "base", "plan", "prune"))
-    c = tdc_run.config
-    pruned = sum(json.loads(p.read_text())["flops"] for p in sorted((tdc_run.dir / "prune").glob("summary_*.json")))
-    base_flops = json.loads((tdc_run.dir / "plan" / "plan.json").read_text())["base_flops"]
-    # Distillation adds one teacher forward per step: fewer steps keep stage 2's FLOPs equal.
-    teacher = c.groups * base_flops if distill > 0 else 0
-    steps = max(1, round(c.finetune.steps * 3 * pruned / (3 * pruned + teacher)))
-    run = Run(run_dir, overrides={"finetune.mix_fraction": mix, "finetune.distill_weight": distill,
-                                  "finetune.steps": steps}, progress=progress)
-    _say(f"  TDC + options (mix {mix}, distill {distill}): stage 2, {steps} steps per group -> {run_dir}")
-    run.finetune()
-    run.export_bundle()
-    return run
-
-
-def train_further(model, run, extra_flops: int, out_dir: Path, description: str, progress: bool):
-    """Train `model` on all timesteps for `extra_flops` (stage-2 settings); returns (TrainResult, model)."""
-    from tdcdiff.flops import count_flops
-    from tdcdiff.train import FINAL_DIR, train
-
-    c = run.config
-    per_step = c.finetune.batch_size * 3 * count_flops(model, run.sample_shape)
-    config = c.finetune.plain(steps=max(1, round(extra_flops / per_step)), seed=c.seed * 100)
-    _say(f"  {description}: {config.steps} steps on all timesteps -> {out_dir}")
-    train_images, _ = run.split()
-    result = train(model, train_images, run.scheduler, config, out_dir, progress=progress, description=description)
-    return result, _load(out_dir / FINAL_DIR)
-
-
-def swapped_expert_entries(router, single_model, sample_shape, train_flops: int) -> list:
-    """TDC with one group's expert replaced by the single model, for each group: which expert costs FID?"""
-    from tdcdiff.evaluate import ModelEntry
-    from tdcdiff.flops import count_flops
-    from tdcdiff.router import Router
-
-    single_flops = count_flops(single_model, sample_shape)
-    entries = []
-    for g, group in enumerate(router.grouping.groups):
-        experts = [single_model if i == g else expert for i, expert in enumerate(router.experts)]
-        flops = [single_flops if i == g else f for i, f in enumerate(router.expert_flops)]
-        entries.append(ModelEntry(
-            f"TDC, single model at group {g}", Router(experts, router.grouping, flops), train_flops,
-            notes=f"diagnostic: TDC's experts, but t {group.start}-{group.end - 1} sampled by the single model "
-                  "(its training compute is not a method's: shown as TDC's)"))
-    return entries
-
-
 def seed_config(args, setting: Setting, seed: int):
     """The RunConfig of one seed's TDC run: the setting plus the ablation flags."""
-    from tdcdiff.run import RunConfig, apply_overrides
-
     overrides = {**setting.run, "seed": seed, "finetune.mix_fraction": 0.0, "finetune.distill_weight": 0.0}
     for key, value in (("k", args.k), ("groups", args.groups), ("grouping", args.grouping),
                        ("ordering", args.ordering), ("search.proposer", args.proposer), ("search.memory", args.memory),
@@ -242,10 +130,6 @@ def tdc_time_ratio(run, plan) -> float:
     """TDC's sampling time as a fraction of the base's, from its experts' measured forward-time ratios
     (prune/summary_i.json, at the run's latency batch), each weighted by how many of the sampler's visited
     timesteps fall in its group: what one sampling run costs, per model call, as Router.trajectory_flops counts."""
-    import torch
-
-    from tdcdiff.samplers import visited_timesteps
-
     visited = visited_timesteps(run.config.sampling_steps, run.scheduler.config.num_train_timesteps)
     groups = plan.grouping.group_of(torch.as_tensor(visited, dtype=torch.long)).tolist()
     ratios = [json.loads((run.dir / "prune" / f"summary_{g}.json").read_text())["time_ratio"]
@@ -253,28 +137,21 @@ def tdc_time_ratio(run, plan) -> float:
     return sum(ratios[g] for g in groups) / len(groups)
 
 
-def uniform_fit(tdc, plan, out_dir: Path):
-    """The base pruned with one global ratio to TDC's sampling cost: FLOPs (plan.mean_fraction), or with
-    budget_unit time, TDC's measured time (tdc_time_ratio), checked by timing it (fit_to_measured_time).
+def uniform_arm_model(tdc, plan, out_dir: Path):
+    """The base pruned with one global ratio (prune.fit.uniform_fit) to TDC's sampling cost: FLOPs
+    (plan.mean_fraction), or with budget_unit time, TDC's measured time (tdc_time_ratio), checked by timing it.
     Saved in out_dir (model/ + fit.json) and reused on a rerun: a time fit is measured, so fitting again could
     give another model than the one its training checkpoint belongs to.
     Returns (pruned model, fit.json's record: decision, flops and what it was matched on, for the notes)."""
-    from tdcdiff.files import atomic_write_text
-    from tdcdiff.prune.fit import fit_to_budget, fit_to_measured_time
-    from tdcdiff.prune.units import prunable_units, uniform_decision
-    from tdcdiff.serialization import save_model
-
     if (out_dir / "fit.json").exists():
-        return _load(out_dir / "model"), json.loads((out_dir / "fit.json").read_text())
+        return load_model(out_dir / "model"), json.loads((out_dir / "fit.json").read_text())
     base = tdc.base_model()
-    # fit_to_budget keeps only the ratios' relative sizes: equal ratios scale as one global ratio.
-    decision = uniform_decision(prunable_units(base), 0.5)
     if tdc.config.budget_unit != "time":
-        fit = fit_to_budget(base, decision, round(plan.mean_fraction * plan.base_flops), tdc.sample_shape)
+        fit = uniform_fit(base, plan.mean_fraction, tdc.sample_shape)
         matched = f"matched on FLOPs to TDC's timestep-weighted mean ({plan.mean_fraction:.1%})"
     else:
         target, batch = tdc_time_ratio(tdc, plan), tdc.config.latency_batch
-        timed = fit_to_measured_time(base, decision, target, tdc.sample_shape, batch, tdc.latency_table(base))
+        timed = uniform_fit(base, target, tdc.sample_shape, latency=tdc.latency_table(base), batch=batch)
         fit = timed.fit
         matched = (f"matched on measured forward time at batch {batch} to TDC's sampling-step-weighted mean of its "
                    f"experts' measured time ({target:.1%}): measured {timed.time_ratio:.1%} after "
@@ -305,8 +182,6 @@ def call_settings(argv: list[str], ignore: tuple[str, ...] = ("quiet", "out")) -
 
 def weights_ids(seed_dir: Path) -> dict:
     """ARM_WEIGHTS folder -> files.sha256_tree of its files, for those that exist."""
-    from tdcdiff.files import sha256_tree
-
     return {name: sha256_tree(seed_dir / name) for name in ARM_WEIGHTS if (seed_dir / name).is_dir()}
 
 
@@ -314,9 +189,6 @@ def earlier_evaluation(seed_dir: Path, settings: dict, weights: dict, entries: l
     """The evaluation seed_dir/evaluation.json holds when it was made with these settings and weights, of these
     entries (evaluate.ModelEntry: the same names, notes and training FLOPs) in this evaluate.FORMAT, else None
     (also for a file that is unreadable or of another format: the seed is then evaluated again)."""
-    from tdcdiff.evaluate import FORMAT
-    from tdcdiff.files import resolve_inside
-
     arms = [(e.name, e.notes, int(e.train_flops)) for e in entries]
     try:
         saved = json.loads((seed_dir / EVALUATION).read_text())
@@ -334,8 +206,6 @@ def earlier_evaluation(seed_dir: Path, settings: dict, weights: dict, entries: l
 
 
 def save_evaluation(seed_dir: Path, settings: dict, weights: dict, evaluation: dict) -> None:
-    from tdcdiff.files import atomic_write_text
-
     models = [{**m, "sample_grid": Path(m["sample_grid"]).relative_to(seed_dir).as_posix() if m.get("sample_grid")
                else None} for m in evaluation["models"]]
     saved = {"format": EVALUATION_FORMAT, "settings": settings, "weights": weights,
@@ -346,15 +216,11 @@ def save_evaluation(seed_dir: Path, settings: dict, weights: dict, evaluation: d
 def run_seed(args, setting: Setting, seed: int, reference, out: Path, settings: dict) -> dict:
     """All arms for one seed, evaluated side by side; returns the evaluate() dict. settings: call_settings of
     the call less its seeds, saved with the evaluation (see earlier_evaluation)."""
-    from tdcdiff.budget import BudgetPlan
-    from tdcdiff.bundle import load_bundle
-    from tdcdiff.evaluate import ModelEntry, evaluate
-
     seed_dir = out / f"seed_{seed}"
     config = seed_config(args, setting, seed)
     progress = not args.quiet
 
-    _say(f"[seed {seed}]")
+    say(f"[seed {seed}]")
     if args.base_from:
         reuse_base(args.base_from / f"seed_{seed}" / "tdc", seed_dir / "tdc")
     tdc = tdc_arm(seed_dir / "tdc", config, args.one_stage, progress)
@@ -368,7 +234,7 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path, settings: 
 
     single, single_model = train_further(tdc.base_model(), tdc, extra, seed_dir / "single", "single model", progress)
 
-    pruned, fit = uniform_fit(tdc, plan, seed_dir / "uniform-fit")
+    pruned, fit = uniform_arm_model(tdc, plan, seed_dir / "uniform-fit")
     uniform, uniform_model = train_further(pruned, tdc, extra, seed_dir / "uniform", "uniform-pruned", progress)
     ratios = sorted({round(r, 3) for r in fit["decision"].values()})
     ratio_note = (f"one global ratio {ratios[0]}" if len(ratios) == 1 else
@@ -403,11 +269,11 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path, settings: 
 
     weights = weights_ids(seed_dir)
     if (earlier := earlier_evaluation(seed_dir, settings, weights, entries)) is not None:
-        _say(f"  evaluated before with these settings and weights: read from {seed_dir / EVALUATION}")
+        say(f"  evaluated before with these settings and weights: read from {seed_dir / EVALUATION}")
         return earlier
     if (seed_dir / EVALUATION).exists():
-        _say(f"  {seed_dir / EVALUATION} is of other settings, weights or arms, or unreadable: evaluating again")
-    _say(f"  evaluating {', '.join(e.name for e in entries)}")
+        say(f"  {seed_dir / EVALUATION} is of other settings, weights or arms, or unreadable: evaluating again")
+    say(f"  evaluating {', '.join(e.name for e in entries)}")
     images, labels, name = reference
     evaluation = evaluate(entries, tdc.scheduler, images, labels, sample_shape=tdc.sample_shape, sampler=c.sampler,
                           steps=c.sampling_steps, num_samples=setting.num_samples, seeds=(seed,),
@@ -461,7 +327,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fid-samples", type=int, help="generated images per model and seed for FID (default: the setting's)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (stage lines are still printed)")
     args = p.parse_args(argv)
-    from tdcdiff.run import parse_settings
 
     try:
         args.overrides = parse_settings(args.overrides)
@@ -479,10 +344,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    from tdcdiff.data import load_dataset
-    from tdcdiff.evaluate import pool
-    from tdcdiff.report import bpd_rows, format_table, loss_rows, verdicts
-    from tdcdiff.run import write_run_report
 
     setting = make_setting(args.data, args.data_path, args.reference_path, args.gpu, args.quick)
     for key, value in args.overrides.items():
@@ -507,7 +368,7 @@ def main(argv=None) -> int:
     spec = ref.pop("spec")
     ref_data = load_dataset(spec, **ref)
     reference = (ref_data.images, ref_data.labels, Path(spec).name)
-    _say(f"benchmark {args.data}: seeds {args.seeds}, reference '{Path(spec).name}' ({len(ref_data)} images) -> {args.out}")
+    say(f"benchmark {args.data}: seeds {args.seeds}, reference '{Path(spec).name}' ({len(ref_data)} images) -> {args.out}")
 
     settings = call_settings(sys.argv[1:] if argv is None else argv, ignore=("quiet", "out", "seeds"))
     evaluations = [run_seed(args, setting, seed, reference, args.out, settings) for seed in args.seeds]
@@ -534,14 +395,14 @@ def main(argv=None) -> int:
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     page = write_run_report(args.out, results, args.out / f"seed_{args.seeds[0]}" / "tdc")
-    _say("\n" + format_table(results))
-    _say("\nheld-out denoising loss per TDC group (ratio to the single model):\n"
-         + format_table(results, loss_rows(results)))
-    _say("\nheld-out bits/dim bound per TDC group (± SE over images, sd over seeds):\n"
-         + format_table(results, bpd_rows(results)))
+    say("\n" + format_table(results))
+    say("\nheld-out denoising loss per TDC group (ratio to the single model):\n"
+        + format_table(results, loss_rows(results)))
+    say("\nheld-out bits/dim bound per TDC group (± SE over images, sd over seeds):\n"
+        + format_table(results, bpd_rows(results)))
     for sentence in verdicts(results):
-        _say(f"- {sentence}")
-    _say(f"\nreport: {page}\nresults: {args.out / 'results.json'}  ({time.perf_counter() - started:.0f} s)")
+        say(f"- {sentence}")
+    say(f"\nreport: {page}\nresults: {args.out / 'results.json'}  ({time.perf_counter() - started:.0f} s)")
     return 0
 
 

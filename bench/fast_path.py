@@ -18,20 +18,17 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from tdcdiff.grouping import make_groups  # noqa: E402
-from tdcdiff.models import build_unet  # noqa: E402
-from tdcdiff.pipeline import SamplingModel, sample  # noqa: E402
-from tdcdiff.router import Router  # noqa: E402
-from tdcdiff.schedule import make_scheduler  # noqa: E402
+from tdcdiff.grouping import make_groups
+from tdcdiff.models import build_unet
+from tdcdiff.pipeline import SamplingModel, sample
+from tdcdiff.router import Router
+from tdcdiff.schedule import make_scheduler
 
 PRUNED_WIDTHS = [(16, 32), (24, 48), (24, 56), (32, 64)]  # roughly what k=0.4 leaves of digits-8's (32, 64)
 

@@ -27,11 +27,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import benchmark  # noqa: E402  (bench/benchmark.py, beside this file)
-from tdcdiff.files import atomic_write_text  # noqa: E402
-from tdcdiff.metrics import paired_gap  # noqa: E402
+import benchmark  # bench/benchmark.py, beside this file
+from tdcdiff.files import atomic_write_text
+from tdcdiff.metrics import paired_gap
 
 SINGLE, UNIFORM, TDC = "single model", "uniform-pruned", "TDC"
 METRICS = benchmark.RUN_METRICS
@@ -227,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             unreadable(folder, err)
         if not finished(earlier, call):
             again = " (its results.json came from another command: run again)" if earlier else ""
-            benchmark._say(f"== time budget {budget:g} -> {folder}{again}")
+            benchmark.say(f"== time budget {budget:g} -> {folder}{again}")
             code = benchmark.main(call)
             if code:
                 return code
@@ -245,14 +243,14 @@ def main(argv: list[str] | None = None) -> int:
         "latency_batch": args.latency_batch, "benchmark_options": passed,
         "paired": "gaps are arm - reference per seed (metrics.paired_gap, 95% t interval over the seeds)",
         "every_arm_worse_than_single_at": lose, "rows": rows}, indent=2))
-    benchmark._say("\n" + table(rows))
+    benchmark.say("\n" + table(rows))
     if len(args.seeds) < 2:
-        benchmark._say("one seed: no gap can be resolved (the paired rule needs 2 or more seeds)")
+        benchmark.say("one seed: no gap can be resolved (the paired rule needs 2 or more seeds)")
     else:
         for metric, budgets in lose.items():
             where = ", ".join(f"{b:g}" for b in budgets) or "no budget tried"
-            benchmark._say(f"every pruned arm resolved worse than the single model on {metric}: at {where}")
-    benchmark._say(f"\nplot: {args.out / 'frontier.png'}\nsummary: {args.out / 'frontier.json'}")
+            benchmark.say(f"every pruned arm resolved worse than the single model on {metric}: at {where}")
+    benchmark.say(f"\nplot: {args.out / 'frontier.png'}\nsummary: {args.out / 'frontier.json'}")
     return 0
 
 

@@ -6,10 +6,10 @@
 Per model (untrained: speed does not depend on the weights) and batch size, the base's latency table is
 measured (tdcdiff.prune.fit.measure_latency_table, cached in out/cache), and for each planned ratio p three
 experts are pruned:
-  flops        today's default: uniform width pruning to p x the base's FLOPs
+  flops        today's default: uniform width pruning to p x the base's FLOPs (prune.fit.uniform_fit)
   time-width   uniform width pruning fitted to p x the base's time, estimated from the latency table, then
-               corrected against its directly measured time (prune.fit.fit_to_measured_time, as `tdcdiff prune
-               --budget-unit time` does)
+               corrected against its directly measured time (prune.fit.uniform_fit with the table: as
+               `tdcdiff prune --budget-unit time` does)
   time-depth   the same, but first removing the depth units (ResNet layers, attention blocks) that save the
                most time per table entry; removals that alone undershoot the plan are undone, smallest first
 All experts and the base are then timed side by side (thread CPU time, one thread, interleaved repeats,
@@ -46,13 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     from tdcdiff.flops import count_flops
     from tdcdiff.latency import device_name, time_ratios
     from tdcdiff.models import PRESETS, build_unet, network
-    from tdcdiff.prune.fit import (
-        BudgetError,
-        fit_to_budget,
-        fit_to_measured_time,
-        measure_latency_table,
-    )
-    from tdcdiff.prune.units import prunable_units
+    from tdcdiff.prune.fit import BudgetError, fit_to_measured_time, measure_latency_table, uniform_fit
+    from tdcdiff.prune.units import uniform_proposal
     from tdcdiff.surgery.depth import depth_units, removed_units
 
     torch.manual_seed(0)
@@ -63,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         shape = (p.in_channels, p.sample_size, p.sample_size)
         base = build_unet(preset, attention=attention).eval()
         base_flops = count_flops(base, shape)
-        width = {u.name: 1.0 for u in prunable_units(base)}
         for batch in args.batches:
             table = measure_latency_table(
                 base, shape, batch, max_levels=args.max_levels, cache_dir=args.out / "cache",
@@ -71,17 +65,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             savers = sorted((u for u in depth_units(network(base)) if u in table.deltas),
                             key=lambda u: table.deltas[u][1.0])
-            arms = {"flops": None, "time-width": width, "time-depth": {**width, **dict.fromkeys(savers, 1.0)}}
+            depth_decision = {**uniform_proposal(base), **dict.fromkeys(savers, 1.0)}
+            timing = {"tolerance": args.tolerance, "repeats": args.repeats}
             experts, meta = [], []
             for ratio in args.ratios:
-                for arm, decision in arms.items():
+                for arm in ("flops", "time-width", "time-depth"):
                     try:
-                        if decision is None:
-                            fit = fit_to_budget(base, {}, int(ratio * base_flops), shape, tolerance=args.tolerance)
-                            estimate = None
+                        if arm == "flops":
+                            fit, estimate = uniform_fit(base, ratio, shape, tolerance=args.tolerance), None
                         else:
-                            timed = fit_to_measured_time(base, decision, ratio, shape, batch, table,
-                                                         tolerance=args.tolerance, repeats=args.repeats)
+                            timed = (uniform_fit(base, ratio, shape, latency=table, batch=batch, **timing)
+                                     if arm == "time-width" else
+                                     fit_to_measured_time(base, depth_decision, ratio, shape, batch, table, **timing))
                             fit, estimate = timed.fit, timed.trail[0]["estimated_ratio"]
                     except BudgetError as err:
                         print(f"  {name} b{batch} {arm} {ratio}: {err}", file=sys.stderr)
@@ -103,7 +98,14 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(args.out / "latency.json", json.dumps(info, indent=1))
 
     print(f"device {info['device']}, torch {info['torch']}, {info['seconds']:.0f} s")
-    print("| model | batch | plan | flops: time / FLOPs | time-width: time / FLOPs (est.) | time-depth: time / FLOPs (est.) | layers removed (time-depth) |")
+    print_table(rows, args)
+    return 0
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    """One markdown row per model, batch and planned ratio: each arm's measured time and FLOPs ratios."""
+    print("| model | batch | plan | flops: time / FLOPs | time-width: time / FLOPs (est.) | time-depth: time / FLOPs "
+          "(est.) | layers removed (time-depth) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     by = {(r["model"], r["batch"], r["plan"], r["arm"]): r for r in rows}
     for name in args.models:
@@ -115,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                     est = f" ({r['estimated_time_ratio']:.2f})" if r and r["estimated_time_ratio"] else ""
                     cells.append(f"{r['time_ratio']:.2f} / {r['flops_ratio']:.2f}{est}" if r else "not fitted")
                 depth = by.get((name, batch, ratio, "time-depth"))
-                print(f"| {name} | {batch} | {ratio} | " + " | ".join(cells) + f" | {len(depth['removed']) if depth else '-'} |")
-    return 0
+                print(f"| {name} | {batch} | {ratio} | " + " | ".join(cells)
+                      + f" | {len(depth['removed']) if depth else '-'} |")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ timestep mix, and longer training (issue 13, item 4).
 One base: out/run/ is a tdcdiff run directory whose stage 1 is trained here with the run defaults (digits, 3000
 steps at batch 128: 22 min of one CPU thread on a loaded 2-core machine, done once; later invocations reuse it),
 or copied from the run directory given as --base-from. For each budget in --budgets (fractions of the base's
-FLOPs), the base is pruned to the budget with one global width ratio (prune.fit.fit_to_budget on
-prune.units.uniform_proposal, as benchmark.py's uniform arm), and copies of that expert are trained on ONE
+FLOPs), the base is pruned to the budget with one global width ratio (prune.fit.uniform_fit, as benchmark.py's
+uniform arm), and copies of that expert are trained on ONE
 timestep group (--group; default 0 of --groups 2 SNR groups: t 0-302 of T=1000, where the issue found TDC's
 smallest expert 5-17% worse; --group all trains on every t and drops the mix recipe) with each recipe:
 
@@ -108,8 +108,7 @@ def run_budget(run, base, base_bound, fraction: float, args, grouping, key: str,
     import torch
 
     from tdcdiff.flops import count_flops
-    from tdcdiff.prune.fit import fit_to_budget
-    from tdcdiff.prune.units import uniform_proposal
+    from tdcdiff.prune.fit import uniform_fit
     from tdcdiff.serialization import load_model, save_model
     from tdcdiff.train import FINAL_DIR, train
 
@@ -117,8 +116,7 @@ def run_budget(run, base, base_bound, fraction: float, args, grouping, key: str,
     base_flops = count_flops(base, shape)
     budget_dir = args.out / f"budget_{fraction:g}"
     if not (budget_dir / "pruned").exists():
-        fit = fit_to_budget(base, uniform_proposal(base), round(fraction * base_flops), shape)
-        save_model(fit.model, budget_dir / "pruned")
+        save_model(uniform_fit(base, fraction, shape).model, budget_dir / "pruned")
     expert_flops = count_flops(load_model(budget_dir / "pruned"), shape)
     configs = recipe_configs(load_model(budget_dir / "pruned"), base, run, args.steps)
     if key == "all":

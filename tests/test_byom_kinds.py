@@ -1,4 +1,4 @@
-"""Bring your own model, end to end per kind (tests/models_zoo.py): `Run(..., base="module:function")` ->
+"""Bring your own model, end to end per kind (bench/models_zoo.py): `Run(..., base="module:function")` ->
 plan -> prune (every expert within 3% of its FLOPs budget) -> fine-tune -> bundle -> load -> the loaded
 bundle samples exactly as the router of the fine-tuned models does, for one seed."""
 

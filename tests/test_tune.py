@@ -1,4 +1,4 @@
-"""tdcdiff tune: the candidate plan, resuming, one candidate alone, the choice and the payback arithmetic, and one
+"""tdcdiff tune: the candidate list, resuming, one candidate alone, the choice and the payback arithmetic, and one
 tiny end-to-end run on digits."""
 
 import json
@@ -23,9 +23,9 @@ def gap(mean, low, high):
 
 # -- the plan -------------------------------------------------------------------------------------------------
 def test_plan_lists_single_then_uniform_widths_then_the_tdc_grid():
-    from tdcdiff.tune import TuneConfig, plan_candidates
+    from tdcdiff.tune import TuneConfig, candidate_list
 
-    plan = plan_candidates(TuneConfig(widths=(0.8, 0.5), ks=(0.1, 0.5), groups=(2, 4), groupings=("snr", "uniform")))
+    plan = candidate_list(TuneConfig(widths=(0.8, 0.5), ks=(0.1, 0.5), groups=(2, 4), groupings=("snr", "uniform")))
     assert [c["index"] for c in plan] == list(range(11))
     assert [c["kind"] for c in plan] == ["single", "uniform", "uniform"] + ["tdc"] * 8
     assert plan[1]["fraction"] == 0.8 and plan[2]["name"] == "uniform 0.5"
@@ -35,11 +35,12 @@ def test_plan_lists_single_then_uniform_widths_then_the_tdc_grid():
 
 
 def test_time_budget_uniform_time_and_depth_candidates_say_their_unit():
-    from tdcdiff.tune import TIME_BUDGET_K, TuneConfig, plan_candidates
+    from tdcdiff.tune import TuneConfig, candidate_list
+    from tdcdiff.tune.kinds import TIME_BUDGET_K
 
     config = TuneConfig(widths=(0.6,), ks=(0.3,), groups=(4,), time_budgets=(0.8, 0.6), uniform_time_budgets=(0.7,),
                         depth=True)
-    plan = plan_candidates(config)
+    plan = candidate_list(config)
     assert [c["name"] for c in plan] == [
         "single", "uniform 0.6", "uniform time 0.7", "TDC k=0.3 N=4 snr", "TDC time 0.8 N=4 snr",
         "TDC time 0.6 N=4 snr", "TDC k=0.3 N=4 snr depth=True", "TDC time 0.8 N=4 snr depth=True",
@@ -50,20 +51,21 @@ def test_time_budget_uniform_time_and_depth_candidates_say_their_unit():
     assert plan[8]["settings"] == {**plan[5]["settings"], "search.depth": True}
     assert len({c["dir"] for c in plan}) == len(plan)
     # New kinds enter the saved plan settings only when used, so directories tuned before them still match.
-    assert set(TuneConfig().plan_settings()) == {"tune_steps", "widths", "ks", "groups", "groupings", "tdc_variants"}
-    assert config.plan_settings()["time_budgets"] == [0.8, 0.6] and config.plan_settings()["depth"] is True
+    assert set(TuneConfig().candidate_settings()) == {"tune_steps", "widths", "ks", "groups", "groupings",
+                                                      "tdc_variants"}
+    assert config.candidate_settings()["time_budgets"] == [0.8, 0.6] and config.candidate_settings()["depth"] is True
 
 
 def test_curves_candidates_twin_the_k_grid_and_plan_fractions_are_checked():
     from conftest import tiny_config
     from tdcdiff.run import apply_overrides
-    from tdcdiff.tune import TuneConfig, plan_candidates
+    from tdcdiff.tune import TuneConfig, candidate_list
 
-    plan = plan_candidates(TuneConfig(widths=(), ks=(0.2, 0.4), groups=(2,), curves=True))
+    plan = candidate_list(TuneConfig(widths=(), ks=(0.2, 0.4), groups=(2,), curves=True))
     assert [(c["name"], c["kind"]) for c in plan] == [
         ("single", "single"), ("TDC k=0.2 N=2 snr", "tdc"), ("TDC k=0.4 N=2 snr", "tdc"),
         ("TDC curves k=0.2 N=2 snr", "tdc-curves"), ("TDC curves k=0.4 N=2 snr", "tdc-curves")]
-    assert TuneConfig(curves=True).plan_settings()["curves"] == {"sizes": [0.4, 0.6, 0.8, 1.0], "steps": 50}
+    assert TuneConfig(curves=True).candidate_settings()["curves"] == {"sizes": [0.4, 0.6, 0.8, 1.0], "steps": 50}
     with pytest.raises(ValueError, match=r"curve sizes must be fractions in \(0, 1\] .* include 1.0"):
         TuneConfig(curves=True, curve_sizes=(0.5,)).validate()
     assert apply_overrides(tiny_config(), {"plan_fractions": [0.5, 1]}).plan_fractions == [0.5, 1.0]
@@ -74,13 +76,14 @@ def test_curves_candidates_twin_the_k_grid_and_plan_fractions_are_checked():
 
 def test_a_relative_curve_objective_is_its_own_candidate_and_weighs_each_group_by_its_timesteps():
     from tdcdiff.budget import allocate_from_curves
-    from tdcdiff.tune import TuneConfig, curve_objective_points, plan_candidates
+    from tdcdiff.tune import TuneConfig, candidate_list
+    from tdcdiff.tune.curves import curve_objective_points
 
     both = TuneConfig(widths=(), ks=(0.4,), groups=(2,), curves=True, curve_objectives=("share", "relative"))
-    plan = plan_candidates(both)
+    plan = candidate_list(both)
     assert [c["name"] for c in plan[-2:]] == ["TDC curves k=0.4 N=2 snr", "TDC curves relative k=0.4 N=2 snr"]
     assert "objective" not in plan[-2] and plan[-1]["objective"] == "relative"
-    assert both.plan_settings()["curves"]["objectives"] == ["share", "relative"]
+    assert both.candidate_settings()["curves"]["objectives"] == ["share", "relative"]
     for bad in ((), ("share", "share"), ("fid",)):
         with pytest.raises(ValueError, match=r"--curve-objective must be one or more of share, relative, each once"):
             TuneConfig(curves=True, curve_objectives=bad).validate()
@@ -110,14 +113,15 @@ def test_curves_candidates_take_their_fractions_instead_of_a_variants_mean_budge
     (both set would be refused), and a bad variant still fails when the tune is opened, before any work."""
     from conftest import tiny_config
     from tdcdiff.run import apply_overrides
-    from tdcdiff.tune import Tune, TuneConfig, _curves_fractions
+    from tdcdiff.tune import KINDS, Tune, TuneConfig
 
     settings = TuneConfig(widths=(), ks=(0.4,), groups=(2,), curves=True, tdc_variants=({"mean_budget": 0.5},))
     tune = Tune(tmp_path / "t", settings, run_config=tiny_config(), progress=False)
     curves = next(c for c in tune.candidates if c["kind"] == "tdc-curves")
-    config = apply_overrides(tune.base_run.config, {**curves["settings"], **_curves_fractions(curves, [0.6, 1.0])})
+    config = apply_overrides(tune.base_run.config, KINDS["tdc-curves"].run_overrides(curves, [0.6, 1.0]))
     assert config.plan_fractions == [0.6, 1.0] and config.mean_budget is None
-    assert _curves_fractions(next(c for c in tune.candidates if c["kind"] == "tdc"), [0.6, 1.0]) == {}
+    tdc = next(c for c in tune.candidates if c["kind"] == "tdc")
+    assert KINDS["tdc"].run_overrides(tdc, [0.6, 1.0]) == tdc["settings"]  # TDC's budgets follow the formula
     with pytest.raises(ValueError, match=r"mean_budget \(--mean-budget\) must be in \(0, 1\]"):
         Tune(tmp_path / "u", TuneConfig(widths=(), ks=(0.4,), groups=(2,), curves=True,
                                         tdc_variants=({"mean_budget": 1.5},)), run_config=tiny_config(), progress=False)
@@ -130,11 +134,13 @@ def test_curves_candidates_take_their_fractions_instead_of_a_variants_mean_budge
 
 def test_a_rerun_without_a_candidate_kind_the_directory_was_tuned_with_names_it(tmp_path):
     from conftest import tiny_config
-    from tdcdiff.tune import PLAN_FORMAT, Tune, TuneConfig
+    from tdcdiff.tune import Tune, TuneConfig
+    from tdcdiff.tune.tune import CANDIDATES_FORMAT
 
     tuned = TuneConfig(widths=(0.6,), ks=(0.4,), groups=(2,), curves=True, curve_steps=5)
     (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "tune.json").write_text(json.dumps({"format": PLAN_FORMAT, "plan": tuned.plan_settings()}))
+    saved = {"format": CANDIDATES_FORMAT, "plan": tuned.candidate_settings()}
+    (tmp_path / "t" / "tune.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"other candidate settings \(curves: \{'sizes': \[0.4, 0.6, 0.8, 1.0\], "
                                          r"'steps': 5\} there, unset here\); use a new --out"):
         Tune(tmp_path / "t", TuneConfig(widths=(0.6,), ks=(0.4,), groups=(2,)), run_config=tiny_config(),
@@ -142,9 +148,9 @@ def test_a_rerun_without_a_candidate_kind_the_directory_was_tuned_with_names_it(
 
 
 def test_tdc_variants_cross_the_grid_with_run_settings():
-    from tdcdiff.tune import TuneConfig, plan_candidates
+    from tdcdiff.tune import TuneConfig, candidate_list
 
-    plan = plan_candidates(TuneConfig(widths=(), ks=(0.5,), groups=(2,),
+    plan = candidate_list(TuneConfig(widths=(), ks=(0.5,), groups=(2,),
                                       tdc_variants=({}, {"finetune.mix_fraction": 0.2})))
     assert [c["name"] for c in plan] == ["single", "TDC k=0.5 N=2 snr", "TDC k=0.5 N=2 snr mix_fraction=0.2"]
     assert plan[2]["settings"] == {"k": 0.5, "groups": 2, "grouping": "snr", "finetune.mix_fraction": 0.2}
@@ -183,19 +189,20 @@ def test_loss_shares_add_up_to_the_screening_loss_of_the_model_and_of_a_router_o
     from tdcdiff.grouping import Group, Grouping, make_groups
     from tdcdiff.models import build_unet
     from tdcdiff.router import Router
-    from tdcdiff.tune import _held_out_loss, _held_out_losses, loss_shares
+    from tdcdiff.tune.curves import loss_shares
+    from tdcdiff.tune.measures import held_out_losses, screen_loss
 
     torch.manual_seed(1)
     other = build_unet("digits-8")
     images = digits.images[:8]
     grouping = make_groups("snr", 2, scheduler)
-    (points, losses), (_, other_losses) = (_held_out_losses(m, images, scheduler, seed=5) for m in (tiny_unet, other))
+    (points, losses), (_, other_losses) = (held_out_losses(m, images, scheduler, seed=5) for m in (tiny_unet, other))
     shares, other_shares = loss_shares(points, losses, grouping), loss_shares(points, other_losses, grouping)
     assert shares.shape == (8, 2) and (shares > 0).all()
-    screened = _held_out_loss(tiny_unet, images, scheduler, seed=5)
+    screened = screen_loss(tiny_unet, images, scheduler, seed=5)
     assert shares.sum(1).tolist() == pytest.approx(screened["per_image"], rel=1e-12)
     router = Router([tiny_unet, other], grouping).eval()
-    routed = _held_out_loss(router, images, scheduler, seed=5)["per_image"]
+    routed = screen_loss(router, images, scheduler, seed=5)["per_image"]
     assert (shares[:, 0] + other_shares[:, 1]).tolist() == pytest.approx(routed, rel=1e-5)
     # Points are 0, 10, 20, ...: the group 1..4 holds none and takes the loss at t=0 (nearest its middle), x 4/T.
     edges = [0, 1, 5, 1000]
@@ -237,7 +244,7 @@ def test_choice_by_max_quality_loss_and_when_nothing_qualifies():
 
 
 def test_shared_quality_curves_are_counted_once_in_the_cost():
-    from tdcdiff.tune import phases_of_others
+    from tdcdiff.tune.cost import phases_of_others
 
     def phase(cpu):
         return {"wall_s": cpu, "cpu_s": cpu, "flops": None}
@@ -253,7 +260,7 @@ def test_shared_quality_curves_are_counted_once_in_the_cost():
 
 
 def test_payback_and_cost_per_1000_arithmetic():
-    from tdcdiff.tune import cost_per_1000, payback_images
+    from tdcdiff.tune.cost import cost_per_1000, payback_images
 
     assert payback_images(600.0, 0.05, 0.03) == pytest.approx(30000)
     assert payback_images(600.0, 0.03, 0.03) is None and payback_images(600.0, 0.03, 0.05) is None
@@ -291,7 +298,7 @@ def test_one_candidate_alone_then_the_rest(tuned):
     # Same compute: each candidate's training FLOPs are the budget, up to the rounding of its step count (half a
     # step: a step of TDC trains every group once).
     records = [json.loads((out / c["dir"] / "result.json").read_text()) for c in plan]
-    budget = tune.budget_flops()
+    budget = tune.training_flops_per_candidate()
     for r in records:
         per_step = r["phases"]["stage2"]["flops"] / r["steps"]
         assert abs(r["train_flops"] - budget) <= per_step / 2 + 1, (r["name"], r["train_flops"], budget, per_step)
@@ -583,7 +590,8 @@ def test_class_conditional_base_is_tuned_with_its_labels(tmp_path, monkeypatch):
     (train, FID and timing refuse a class-conditional model without them)."""
     from conftest import tiny_config
     from tdcdiff.bundle import load_bundle
-    from tdcdiff.tune import Tune, _bits_per_dim, _held_out_loss
+    from tdcdiff.tune import Tune
+    from tdcdiff.tune.measures import screen_bpd, screen_loss
 
     monkeypatch.setenv("TDCDIFF_CACHE", str(tmp_path / "cache"))
     config = tiny_config(base_model="models_zoo:class_conditional_unet", base_model_steps=10)
@@ -601,7 +609,7 @@ def test_class_conditional_base_is_tuned_with_its_labels(tmp_path, monkeypatch):
     run = tune.base_run
     router = load_bundle(rows["single"]["bundle"]).router.eval()
     _, held_out = run.split()
-    for measure, column in ((_held_out_loss, "screening"), (_bits_per_dim, "second")):
+    for measure, column in ((screen_loss, "screening"), (screen_bpd, "second")):
         labelled = measure(router, held_out, run.scheduler, seed=run.config.seed, labels=run.labels(router)[1])
         unlabelled = measure(router, held_out, run.scheduler, seed=run.config.seed)
         assert rows["single"][column] == pytest.approx(labelled["value"], rel=1e-9)
@@ -653,7 +661,7 @@ def test_curves_candidate_allocates_the_papers_mean_budget_from_measured_curves(
     assert record["phases"]["curves"]["flops"] == spent > 0
     assert record["train_flops"] == record["phases"]["stage2"]["flops"] + spent
     per_step = record["phases"]["stage2"]["flops"] / record["steps"]  # the curves' FLOPs are taken off the budget
-    assert abs(record["train_flops"] - tune.budget_flops()) <= per_step / 2 + 1
+    assert abs(record["train_flops"] - tune.training_flops_per_candidate()) <= per_step / 2 + 1
     # Screening by the bound later reuses the candidate, and says its budgets came from the loss's curves.
     Tune(tune.dir, replace(tune.config, screening="bpd"), progress=True).run_candidate(2)
     assert (f"finished earlier, skipped (its groups' budgets were allocated by loss curves, not bpd; delete "
@@ -665,7 +673,8 @@ def test_curves_allocation_follows_the_screening_measure(tuned, tmp_path):
     """Curves on which the loss and the bound disagree (the loss finds group 0 hurt most by pruning, the bound
     group 1): each screening measure allocates by its own, and curves.json says which one its "loss" is."""
     from tdcdiff.grouping import make_groups
-    from tdcdiff.tune import CURVES_FORMAT, Tune
+    from tdcdiff.tune import Tune
+    from tdcdiff.tune.curves import CURVES_FORMAT
 
     out, *_ = tuned
 
@@ -701,7 +710,7 @@ def test_old_bits_per_dim_curves_get_the_loss_measured_without_training_again(cu
     repeated; only when the experts' weights are gone are the curves measured (and trained) again."""
     import shutil
 
-    import tdcdiff.train
+    import tdcdiff.tune.curves
     from tdcdiff.tune import Tune
 
     tune, _ = curved
@@ -719,7 +728,7 @@ def test_old_bits_per_dim_curves_get_the_loss_measured_without_training_again(cu
         raise AssertionError("a curve expert was trained again")
 
     with monkeypatch.context() as patched:
-        patched.setattr(tdcdiff.train, "train", no_training)
+        patched.setattr(tdcdiff.tune.curves, "train", no_training)
         again = Tune(tmp_path / "t", tune.config, base_from=tune.base_run.dir, progress=False)
         curves = again.measure_curves(2, "snr")
     assert curves["measure"] == "loss" and curves["measures"] == ["loss", "bpd"]

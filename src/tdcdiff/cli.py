@@ -455,7 +455,8 @@ def tune_command(
     """
     from dataclasses import replace
 
-    from .tune import Tune, TuneConfig, check_candidate, cost_rows, format_rows, plan_candidates, table_rows
+    from .tune import Tune, TuneConfig, check_candidate, cost_rows, format_rows, table_rows
+    from .tune import candidate_list
 
     flags = {k_: v for k_, v in locals().items() if k_ in _SETTINGS and k_ not in ("k", "groups", "grouping", "depth")}
     settings = TuneConfig(tune_steps=tune_steps, screening=screening, finalists=finalists, fid_seeds=fid_seeds,
@@ -473,7 +474,7 @@ def tune_command(
             settings = replace(settings, tdc_variants=({}, *(_key_values(v) for v in variant)))
         if candidate is not None:  # before Tune, which copies --base-from into the tune directory
             settings.validate()
-            check_candidate(candidate, plan_candidates(settings), out / "candidates.json")
+            check_candidate(candidate, candidate_list(settings), out / "candidates.json")
         try:
             tune = Tune(out, settings, overrides=_overrides(config, **flags), base_from=base_from, progress=not quiet)
         except ValueError as err:  # the base run's settings: name the flag given, as _open_run does

@@ -5,6 +5,8 @@ The budget is in FLOPs (measured on each trial model), or in forward time estima
 (surgery/depth.py) stay as proposed, except that removals are undone, last first, while the layers removed
 alone already undershoot the budget; the width ratios are then scaled to fit. With a time budget,
 `fit_to_measured_time` then times the fit directly and corrects the budget where the estimate missed.
+`uniform_fit` is the uniform-pruning baseline on top of both: one global width ratio, to a fraction of the base's
+FLOPs or measured time.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ..surgery import depth
 from .engine import prune_kept, reduced_base
 from .importance import BY_POSITION, Calibration, check_importance
 from .plan import PruningPlan, kept_slots, plan_for
-from .units import MAX_RATIO, Decision, check_decision
+from .units import MAX_RATIO, Decision, check_decision, uniform_proposal
 
 
 @dataclass
@@ -375,6 +377,40 @@ def fit_to_measured_time(
             break
     fit, measured = min(tries, key=lambda tried: abs(tried[1] - target_ratio))
     return TimedFit(fit, measured, trail)
+
+
+def uniform_fit(
+    base: nn.Module,
+    fraction: float,
+    sample_shape: tuple[int, int, int],
+    *,
+    latency=None,
+    batch: int | None = None,
+    **fit_kwargs,
+) -> FitResult | TimedFit:
+    """Prune `base` uniformly (one global width ratio for every unit: units.uniform_proposal) to a fraction of its
+    FLOPs or, with a latency table, of its measured forward time.
+
+    fraction: the budget as a fraction of the base's cost, > 0 (1 or more: an unpruned copy): of
+        count_flops(base, sample_shape) (batch 1, rounded to whole FLOPs), or with `latency` of its forward time at
+        `batch`.
+    latency, batch: the base's latency.LatencyTable (measure_latency_table) and the batch size it was measured
+        at: the table's fit is then timed beside the base and corrected until the measured time ratio meets
+        `fraction` (fit_to_measured_time). Give both or neither.
+    fit_kwargs: for fit_to_budget (tolerance, importance, ...), and with a table for fit_to_measured_time
+        (repeats, max_corrections).
+    Returns a FitResult for a FLOPs budget, a TimedFit (.fit, .time_ratio, .trail) for a time budget.
+    Raises ValueError for a fraction <= 0 (as fit_to_budget and fit_to_measured_time do) or a table without its
+    batch (or a batch without a table), BudgetError when no uniform pruning reaches the budget.
+    """
+    if (latency is None) != (batch is None):
+        raise ValueError("uniform_fit budgets time with a latency table AND the batch it was measured at: give both, "
+                         "or neither for a FLOPs budget")
+    decision = uniform_proposal(base)
+    if latency is None:
+        return fit_to_budget(base, decision, round(fraction * count_flops(base, sample_shape)), sample_shape,
+                             **fit_kwargs)
+    return fit_to_measured_time(base, decision, fraction, sample_shape, batch, latency, **fit_kwargs)
 
 
 def measure_latency_table(

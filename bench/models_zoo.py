@@ -1,4 +1,7 @@
-"""Tiny denoisers written the way other projects write them, for the tests of pruning any architecture.
+"""Tiny denoisers written the way other projects write them: the example models of "bring your own model", for
+bench/byom_kinds.py and for the tests of pruning any architecture (pytest puts bench/ on the path:
+pyproject.toml's `pythonpath`). They live here, not in tests/, because bench scripts import only the library and
+each other; and not in the library, because they are examples, not part of the method.
 
 - AdmUNet: an ADM/IDDPM-style UNet (`input_blocks` / `middle_block` / `output_blocks`) with its own GroupNorm
   subclass computed in float32, its own multi-head QKV attention (one qkv conv1d, a QKVAttention holding

@@ -1,0 +1,136 @@
+"""TuneConfig: what `tdcdiff tune` tries and how it measures."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..budget import budget_fractions
+from ..grouping import STRATEGIES
+from .curves import CURVE_OBJECTIVES
+from .measures import SCREENING_MEASURES
+
+
+@dataclass
+class TuneConfig:
+    """What `tdcdiff tune` tries and how it measures.
+
+    tune_steps: each candidate's training compute, as this many stage-2 steps of the BASE model (at the run's
+        stage-2 batch size): smaller candidates get proportionally more steps.
+    widths: uniform-pruning levels, as fractions of the base's FLOPs (0 < w < 1).
+    ks, groups, groupings: the TDC grid (budget slope k, number of groups N, grouping strategy).
+    tdc_variants: RunConfig dotted-key settings crossed with that grid, one TDC candidate each, e.g.
+        ({}, {"finetune.mix_fraction": 0.2}) tries every grid point with and without a stage-2 mix.
+    time_budgets: TDC candidates budgeted in measured forward time: for each value F and each N and grouping,
+        the paper's fractions at k = kinds.TIME_BUDGET_K scaled so that their timestep-weighted mean is F of the
+        base's time (RunConfig budget_unit "time", mean_budget F).
+    uniform_time_budgets: uniform-pruning levels fitted to this fraction of the base's forward time at the run's
+        latency_batch instead of FLOPs: by its latency table, then corrected against the measured time
+        (prune.fit.uniform_fit), as the TDC time-budget candidates' experts are.
+    depth: also try every TDC candidate with depth pruning (search.depth: whole layers kept or removed).
+    curves: also, for each TDC grid point, a "TDC curves" candidate: the same groups and mean budget as the
+        paper's formula gives, split across groups by measured quality curves (Tune.measure_curves: each group's
+        share of the screening measure, paired with the base's, at curve_sizes, fractions of the base's FLOPs,
+        after curve_steps stage-2 steps there; budget.allocate_from_curves). The curves' training counts in the
+        candidate's compute.
+    curve_objectives: what the curves candidates minimise, one candidate per entry (keys of CURVE_OBJECTIVES):
+        "share", the measure's total change (each group's share minus the base's: a sum over t, dominated by the
+        least noisy groups, where losses are largest), or "relative", each group's share as a multiple of the
+        base's, weighted by the group's share of the timesteps (damage at the noisiest t, tiny in absolute
+        terms, counts by the sampling steps it touches). The curves are measured once for both.
+    screening: the measure that ranks candidates for FID and --max-quality-loss, a key of SCREENING_MEASURES:
+        "loss" (held-out denoising loss) or "bpd" (held-out bits/dim bound); the other is measured beside it.
+        Both are paired with the base per image; the "TDC curves" candidates allocate by it. Not part of the
+        candidate settings: switching it reuses every candidate (a finished curves candidate keeps the
+        allocation it had, and a rerun says so).
+    finalists: how many candidates (best by the screening measure) get paired-seed FID/KID.
+    fid_seeds, fid_samples: sampling seeds (at least 2, for the paired rule) and images per seed for FID/KID.
+    batch: the user's sampling batch size: the frontier's time axis.
+    timing_repeats: timed sampling runs per model and batch (interleaved, after one warm-up; median).
+    max_quality_loss: also accept a candidate whose screening value (of the `screening` measure) is at most this
+        much worse than the base's, relatively (0.02 = 2%); None: only the paired FID rule chooses.
+    price_per_hour: price of one machine hour, for the cost per 1,000 images (None: not shown).
+    """
+
+    tune_steps: int = 1000
+    widths: tuple[float, ...] = (0.8, 0.6, 0.4)
+    ks: tuple[float, ...] = (0.1, 0.3, 0.5)
+    groups: tuple[int, ...] = (2, 4)
+    groupings: tuple[str, ...] = ("snr",)
+    tdc_variants: tuple[dict, ...] = ({},)
+    time_budgets: tuple[float, ...] = ()
+    uniform_time_budgets: tuple[float, ...] = ()
+    depth: bool = False
+    curves: bool = False
+    curve_sizes: tuple[float, ...] = (0.4, 0.6, 0.8, 1.0)
+    curve_steps: int = 50
+    curve_objectives: tuple[str, ...] = ("share",)
+    screening: str = "loss"
+    finalists: int = 3
+    fid_seeds: int = 3
+    fid_samples: int = 512
+    batch: int = 64
+    timing_repeats: int = 3
+    max_quality_loss: float | None = None
+    price_per_hour: float | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag of the first bad setting."""
+        for n in self.groups:
+            for k in self.ks:
+                budget_fractions(n, k)
+        checks = [
+            (self.tune_steps >= 1, f"--tune-steps must be >= 1, got {self.tune_steps}"),
+            (all(0 < w < 1 for w in self.widths),
+             f"--width values must be in (0, 1) (fractions of the base's FLOPs), got {list(self.widths)}"),
+            (all(0 < f <= 1 for f in self.time_budgets),
+             "--time-budget values must be in (0, 1] (mean fractions of the base's sampling time), got "
+             f"{list(self.time_budgets)}"),
+            (all(0 < f < 1 for f in self.uniform_time_budgets),
+             "--uniform-time-budget values must be in (0, 1) (fractions of the base's forward time), got "
+             f"{list(self.uniform_time_budgets)}"),
+            (all(g in STRATEGIES for g in self.groupings),
+             f"unknown grouping in {list(self.groupings)}; choose from {STRATEGIES}"),
+            (all(0 < f <= 1 for f in self.curve_sizes) and 1.0 in self.curve_sizes,
+             f"curve sizes must be fractions in (0, 1] of the base's FLOPs and include 1.0 (every budget can afford "
+             f"it per group), got {list(self.curve_sizes)}"),
+            (bool(self.curve_objectives) and all(o in CURVE_OBJECTIVES for o in self.curve_objectives)
+             and len(set(self.curve_objectives)) == len(self.curve_objectives),
+             f"--curve-objective must be one or more of {', '.join(CURVE_OBJECTIVES)}, each once, got "
+             f"{list(self.curve_objectives)}"),
+            (self.curves or self.curve_objectives == ("share",),
+             "--curve-objective chooses how --curves candidates allocate: add --curves"),
+            (self.curve_steps >= 1,
+             "--curve-steps must be >= 1 (stage-2 steps behind each point of a quality curve), got "
+             f"{self.curve_steps}"),
+            (self.screening in SCREENING_MEASURES,
+             f"unknown --screening {self.screening!r}; choose from "
+             + ", ".join(f"{key} ({m.name})" for key, m in SCREENING_MEASURES.items())),
+            (self.finalists >= 1, f"--finalists must be >= 1, got {self.finalists}"),
+            (self.fid_seeds >= 2, f"--fid-seeds must be >= 2 (the paired rule needs two pairs), got {self.fid_seeds}"),
+            (self.fid_samples >= 2, f"--fid-samples must be >= 2 (FID needs two images), got {self.fid_samples}"),
+            (self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
+            (self.timing_repeats >= 1, f"timing_repeats must be >= 1, got {self.timing_repeats}"),
+            (self.max_quality_loss is None or 0 <= self.max_quality_loss < math.inf,
+             "--max-quality-loss must be a finite number >= 0 (a relative loss, 0.02 = 2%), got "
+             f"{self.max_quality_loss}"),
+            (self.price_per_hour is None or 0 <= self.price_per_hour < math.inf,
+             "--price-per-hour must be a finite number >= 0 (the machine's price per hour), got "
+             f"{self.price_per_hour}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def candidate_settings(self) -> dict:
+        """The settings that decide the candidate list and the candidates' training (a rerun must keep them;
+        tune.json holds them under "plan"). Candidate kinds left at their defaults (none) are left out, so
+        directories tuned before they existed still match."""
+        optional = {"time_budgets": list(self.time_budgets), "uniform_time_budgets": list(self.uniform_time_budgets),
+                    "depth": self.depth,
+                    "curves": {"sizes": list(self.curve_sizes), "steps": self.curve_steps,
+                               **({} if self.curve_objectives == ("share",) else
+                                  {"objectives": list(self.curve_objectives)})} if self.curves else None}
+        return {"tune_steps": self.tune_steps, "widths": list(self.widths), "ks": list(self.ks),
+                "groups": list(self.groups), "groupings": list(self.groupings),
+                "tdc_variants": [dict(v) for v in self.tdc_variants], **{k: v for k, v in optional.items() if v}}

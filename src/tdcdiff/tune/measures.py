@@ -1,0 +1,227 @@
+"""What ranks and times the models of a tune directory: the screening measures (cheap, paired per image), the
+finalists' FID/KID and sampling time, each cached in the directory with its protocol and the identity of the
+weights it was measured on.
+
+The functions taking `tune` read its directory, base run and settings (tune.dir, tune.base_run, tune.config,
+tune.candidates, tune.result, tune.say): see tune.Tune.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..bundle import load_bundle
+from ..evaluate import BPD_SAMPLES, HELD_OUT_IMAGES, ModelEntry, evaluate, time_sampling
+from ..files import atomic_write_text, sha256_tree
+from ..grouping import make_groups, per_image_loss
+from ..likelihood import nll_bound
+from ..pipeline import SamplingModel
+from ..router import Router
+from ..samplers import visited_timesteps
+from ..train import FINAL_DIR
+from .judge import mean_se, paired
+from .records import clock, read_json, record_phase, since
+
+SCREENING_FORMAT = "tdcdiff-tune-screening/2"
+
+
+@dataclass(frozen=True)
+class ScreeningMeasure:
+    """A cheap quality measure of a denoiser on held-out images; lower is better.
+
+    name, unit: shown in results and plots; label: the table's column; decimals: digits shown. settings: what
+    fixes the measurement besides the images and seed (part of its cache protocol). measure(model, held_out,
+    scheduler, seed=..., labels=...) returns {"value": float, "se": float, "per_image": list} (value: the mean of
+    per_image; se: its standard error), with the same images, timesteps and noise for every model given the same
+    seed, so two models' per-image values are paired. labels: the held-out images' class ids for a
+    class-conditional model, else None.
+    """
+
+    name: str
+    label: str
+    unit: str
+    decimals: int
+    settings: dict
+    measure: Callable[..., dict]
+
+
+LOSS_TIMESTEPS = 100  # evenly spaced timesteps per image in the held-out loss (as evaluate.held_out_loss)
+
+
+def held_out_losses(model, held_out: torch.Tensor, scheduler, *, seed: int,
+                    labels: torch.Tensor | None = None) -> tuple:
+    """The held-out loss screening measure's raw values: (points [P] measured timesteps, losses [P, M] float32, per
+    measured timestep and image; grouping.per_image_loss)."""
+    return per_image_loss(model, held_out, scheduler, num_points=LOSS_TIMESTEPS, images_per_point=HELD_OUT_IMAGES,
+                          seed=seed, labels=labels)
+
+
+def screen_loss(model, held_out: torch.Tensor, scheduler, *, seed: int, labels: torch.Tensor | None = None) -> dict:
+    """The held-out loss screening measure (ScreeningMeasure.measure): each image's loss, mean over the measured
+    timesteps."""
+    _, losses = held_out_losses(model, held_out, scheduler, seed=seed, labels=labels)
+    per_image = losses.double().mean(0).tolist()  # [P, M] -> each image's loss, mean over the measured timesteps
+    summary = mean_se(per_image)
+    return {"value": summary["mean"], "se": summary["se"], "per_image": per_image}
+
+
+def screen_bpd(model, held_out: torch.Tensor, scheduler, *, seed: int, labels: torch.Tensor | None = None) -> dict:
+    """The held-out bits/dim bound screening measure (ScreeningMeasure.measure), on the first HELD_OUT_IMAGES."""
+    n = HELD_OUT_IMAGES
+    bound = nll_bound(model, held_out[:n], scheduler, samples=BPD_SAMPLES, seed=seed,
+                      labels=None if labels is None else labels[:n])
+    total = bound.summary()["total"]
+    return {"value": total["mean"], "se": total["se"], "per_image": bound.total.tolist()}
+
+
+HELD_OUT_LOSS = ScreeningMeasure(
+    "held-out denoising loss", "held-out loss", "MSE of the training target per held-out image, mean over "
+    f"{LOSS_TIMESTEPS} evenly spaced t (grouping.per_image_loss on evaluate.HELD_OUT_IMAGES images picked by the "
+    "seed, fixed noise)", 5, {"timesteps": LOSS_TIMESTEPS}, screen_loss)
+BITS_PER_DIM = ScreeningMeasure(
+    "held-out bits/dim bound", "bits/dim", "bits/dim (variational bound on the NLL of 8-bit images; "
+    "likelihood.nll_bound on the first evaluate.HELD_OUT_IMAGES held-out images, evaluate.BPD_SAMPLES log-SNR "
+    "strata)", 4, {"strata": BPD_SAMPLES}, screen_bpd)
+# TuneConfig.screening (--screening) picks the measure that ranks; the other is measured beside it. The loss is
+# the default: its ranking agreed with FID's where the bound's did not (the bound weighs the least noisy t most).
+SCREENING_MEASURES = {"loss": HELD_OUT_LOSS, "bpd": BITS_PER_DIM}
+
+
+def second_measure(screening: str) -> str:
+    """The key of the measure recorded beside `screening` (a key of SCREENING_MEASURES)."""
+    return next(key for key in SCREENING_MEASURES if key != screening)
+
+
+# -- the models of a tune directory and their identities ------------------------------------------------------
+def load_models(tune) -> dict:
+    """name -> (Router, sampling FLOPs per image) for the base and every finished, not failed candidate."""
+    run, c = tune.base_run, tune.base_run.config
+    visited = visited_timesteps(c.sampling_steps, run.scheduler.config.num_train_timesteps)
+    base = Router([run.base_model()], make_groups("uniform", 1, run.scheduler), [tune.base_flops()])
+    models = {"base": (base.eval(), base.trajectory_flops(visited))}
+    for spec in tune.candidates:
+        record = tune.result(spec["index"])
+        if record is not None and "failed" not in record:
+            router = load_bundle(tune.dir / spec["dir"] / record["bundle"]).router.eval()
+            models[spec["name"]] = (router, router.trajectory_flops(visited))
+    return models
+
+
+def model_ids(tune) -> dict:
+    """name -> the identity of the weights a cached measurement belongs to: for the base a sha256 over its
+    saved files' sha256s, for a candidate the sha256 of its bundle manifest's file list (every file's size and sha256).
+    A candidate trained again (its directory deleted, or other settings) gets a new identity, so values
+    cached under its name are measured again rather than reused."""
+    ids = {"base": sha256_tree(tune.base_run.dir / "base" / FINAL_DIR)}
+    for spec in tune.candidates:
+        record = tune.result(spec["index"])
+        if record is not None and "failed" not in record:
+            manifest = json.loads((tune.dir / spec["dir"] / record["bundle"] / "manifest.json").read_text())
+            ids[spec["name"]] = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+    return ids
+
+
+# -- screening ---------------------------------------------------------------------------------------------------
+def screen_protocol(run, key: str) -> dict:
+    """How measure `key` (of SCREENING_MEASURES) screens with Run `run`'s held-out images: its name and settings
+    (timesteps or strata), the number of held-out images it uses and the seed of their noise."""
+    measure = SCREENING_MEASURES[key]
+    return {"name": measure.name, **measure.settings, "images": min(len(run.split()[1]), HELD_OUT_IMAGES),
+            "seed": run.config.seed}
+
+
+def _screening_cache(directory: Path, run) -> dict:
+    """screening.json's measures whose protocol still holds (key -> {"protocol", "unit", "values"}); a file
+    of an older layout holds no model identities and is measured again."""
+    cache = read_json(directory / "screening.json", {})
+    measures = cache["measures"] if cache.get("format") == SCREENING_FORMAT else {}
+    return {key: m for key, m in measures.items()
+            if key in SCREENING_MEASURES and m["protocol"] == screen_protocol(run, key)}
+
+
+def screen(tune, models: dict) -> dict:
+    """Every screening measure (SCREENING_MEASURES) of every model, paired: the same held-out images,
+    timesteps and noise for all (the run's seed). Cached in screening.json per measure with its protocol and
+    each value with its model's identity (model_ids): a model or measure not measured under the current
+    protocol, or measured on other weights, is measured, the rest reused.
+
+    Returns name -> {key: {"value", "se", "per_image", "vs_base": {"mean", "se"} (value - the base's, image by
+    image)} for each key of SCREENING_MEASURES}.
+    """
+    run = tune.base_run
+    _, held_out = run.split()
+    measures = _screening_cache(tune.dir, run)
+    for key, measure in SCREENING_MEASURES.items():
+        measures.setdefault(key, {"protocol": screen_protocol(run, key), "unit": measure.unit, "values": {}})
+    ids = model_ids(tune)
+    missing = [name for name in models
+               if any(m["values"].get(name, {}).get("model") != ids[name] for m in measures.values())]
+    if missing:
+        start = clock()
+        for name in missing:
+            model = models[name][0]
+            labels = run.labels(model)[1]
+            said = []
+            for key, measure in SCREENING_MEASURES.items():
+                values = measures[key]["values"]
+                if values.get(name, {}).get("model") != ids[name]:
+                    values[name] = {**measure.measure(model, held_out, run.scheduler, seed=run.config.seed,
+                                                      labels=labels), "model": ids[name]}
+                d = measure.decimals
+                said.append(f"{measure.name} {values[name]['value']:.{d}f} ± {values[name]['se']:.{d}f}")
+            tune.say(f"screening: {name}: {', '.join(said)}")
+        atomic_write_text(tune.dir / "screening.json",
+                          json.dumps({"format": SCREENING_FORMAT, "measures": measures}, indent=2))
+        record_phase(tune.dir, "screening", since(start))
+    return {name: {key: {**m["values"][name], "vs_base": paired(m["values"][name]["per_image"],
+                                                                 m["values"]["base"]["per_image"])}
+                   for key, m in measures.items()}
+            for name in models}
+
+
+# -- the finalists' FID and sampling time ----------------------------------------------------------------------
+def fid(tune, models: dict, names: list[str]) -> dict:
+    """Per-seed FID/KID of the base and `names` (tdcdiff.evaluate.evaluate), cached in fid.json per protocol and
+    model identity (model_ids)."""
+    run, c, t = tune.base_run, tune.base_run.config, tune.config
+    protocol = {"sampler": c.sampler, "steps": c.sampling_steps, "samples": t.fid_samples,
+                "seeds": list(range(t.fid_seeds))}
+    cache = read_json(tune.dir / "fid.json", {})
+    if cache.get("protocol") != protocol:
+        cache = {"protocol": protocol, "models": {}}
+    ids = model_ids(tune)
+    missing = [n for n in ["base", *names] if cache["models"].get(n, {}).get("model") != ids[n]]
+    if missing:
+        tune.say(f"finalists: FID/KID over {t.fid_seeds} seeds x {t.fid_samples} images: {', '.join(missing)}")
+        start = clock()
+        entries = [ModelEntry(n, models[n][0], 0) for n in missing]
+        result = evaluate(entries, run.scheduler, run.data.images, run.data.labels, sample_shape=run.sample_shape,
+                          sampler=c.sampler, steps=c.sampling_steps, num_samples=t.fid_samples,
+                          seeds=tuple(range(t.fid_seeds)), reference_name=Path(run.data.name).name, timing_batches=(1,),
+                          timing_repeats=1, num_classes=run.data.num_classes, progress=tune.progress)
+        for record in result["models"]:
+            cache["models"][record["name"]] = {"fid": [f["fid"] for f in record["fid"]["per_seed"]],
+                                               "kid": [f["kid_mean"] for f in record["fid"]["per_seed"]],
+                                               "model": ids[record["name"]]}
+        cache["feature_net"] = result["protocol"]["feature_net"]
+        cache["reference"] = result["protocol"]["reference"]
+        atomic_write_text(tune.dir / "fid.json", json.dumps(cache, indent=2))
+        record_phase(tune.dir, "finalists", since(start))
+    return cache
+
+
+def time_models(tune, models: dict, names: list[str], batch: int) -> dict:
+    """Median seconds of one full sampling run at `batch` per model (evaluate.time_sampling: interleaved, after
+    a warm-up; class-balanced labels for a class-conditional base); thread CPU seconds with one thread on a CPU,
+    wall seconds on a GPU."""
+    run, c = tune.base_run, tune.base_run.config
+    times = time_sampling([SamplingModel(models[n][0]) for n in names], run.scheduler, sample_shape=run.sample_shape,
+                          sampler=c.sampler, steps=c.sampling_steps, batch=batch, repeats=tune.config.timing_repeats,
+                          num_classes=run.data.num_classes)
+    return dict(zip(names, times))

@@ -1,0 +1,161 @@
+"""The frontier's outputs: its rows (results.json), the table as text and CSV, and the frontier plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from pathlib import Path
+
+from ..files import atomic_write_text
+from ..metrics import paired_gap
+from ..plots import pyplot, save_figure
+from .kinds import kind_of
+from .measures import SCREENING_MEASURES, second_measure
+
+BASE_STYLE = ("k", "*")  # the base's point in the frontier plot; candidates are drawn in their kind's style
+
+
+def frontier_rows(models: dict, records: dict, screening: dict, fid: dict, times: dict, key: str,
+                  directory: Path) -> list[dict]:
+    """One row per model of the frontier (results.json's "rows"), the base's first.
+
+    models: name -> (model, sampling FLOPs per image) (measures.load_models). records: name -> the candidate's
+    result.json record (the base has none). screening: measures.screen's values; fid: measures.fid's cache;
+    times: name -> seconds per sampling run. key: the screening measure that ranks (the other is the rows'
+    "second"). directory: the tune directory (a row's bundle path is under it).
+    """
+    other, base = second_measure(key), screening["base"]
+    rows = []
+    for name, (_, flops) in models.items():
+        record = records.get(name)
+        scores, ranked, beside = fid["models"].get(name), screening[name][key], screening[name][other]
+        gap = (paired_gap(fid["models"]["base"]["fid"], scores["fid"]) if scores is not None and name != "base"
+               else None)
+        rows.append({
+            "name": name, "kind": record["kind"] if record else "base", "index": record["index"] if record else None,
+            "sampling_flops": flops, "flops_ratio": flops / models["base"][1],
+            "time_s": times[name], "time_ratio": times[name] / times["base"],
+            "screening": ranked["value"], "screening_se": ranked["se"], "screening_gap": ranked["vs_base"],
+            "quality_ratio": ranked["value"] / base[key]["value"],
+            "second": beside["value"], "second_se": beside["se"], "second_gap": beside["vs_base"],
+            "second_ratio": beside["value"] / base[other]["value"],
+            "fid": scores["fid"] if scores else None, "kid": scores["kid"] if scores else None,
+            "fid_gap": {k: (list(v) if isinstance(v, tuple) else v) for k, v in gap.items()} if gap else None,
+            "train_flops": record["train_flops"] if record else 0,
+            "bundle": str(directory / record["dir"] / record["bundle"]) if record else None,
+        })
+    return rows
+
+
+def _fid_text(row: dict) -> str:
+    if not row["fid"]:
+        return "-"
+    return f"{statistics.fmean(row['fid']):.2f} ± {statistics.stdev(row['fid']):.2f}"
+
+
+def _gap_text(row: dict) -> str:
+    gap = row["fid_gap"]
+    if not gap:
+        return "-"
+    verdict = "tie" if gap["tie"] else ("better" if gap["mean"] < 0 else "worse")
+    return f"{gap['mean']:+.2f} [{gap['interval'][0]:+.2f}, {gap['interval'][1]:+.2f}] {verdict}"
+
+
+def table_rows(rows: list[dict], chosen: str | None, screening: str = "loss") -> list[dict[str, str]]:
+    """The frontier table as strings, fastest first (the base first of all). screening: the key (of
+    SCREENING_MEASURES) of the measure the rows were ranked by; the other is the rows' second measure."""
+    ranked, beside = SCREENING_MEASURES[screening], SCREENING_MEASURES[second_measure(screening)]
+    d, e = ranked.decimals, beside.decimals
+    ordered = sorted(rows, key=lambda r: (r["name"] != "base", r["time_s"]))
+    return [{"": "*" if r["name"] == chosen else "", "model": r["name"],
+             "FLOPs": f"{r['flops_ratio']:.2f}x", "time": f"{r['time_s']:.3f} s ({r['time_ratio']:.2f}x)",
+             ranked.label: f"{r['screening']:.{d}f} ± {r['screening_se']:.{d}f}",
+             "- base (paired)": f"{r['screening_gap']['mean']:+.{d}f} ± {r['screening_gap']['se']:.{d}f}",
+             f"{beside.label} (- base, paired)":
+                 f"{r['second']:.{e}f} ({r['second_gap']['mean']:+.{e}f} ± {r['second_gap']['se']:.{e}f})",
+             "FID": _fid_text(r), "FID - base (paired)": _gap_text(r), "train TFLOPs": f"{r['train_flops'] / 1e12:.2f}"}
+            for r in ordered]
+
+
+def format_rows(rows: list[dict[str, str]]) -> str:
+    """Left-aligned text columns."""
+    if not rows:
+        return ""
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
+    lines = ["  ".join(k.ljust(w) for k, w in widths.items())]
+    lines += ["  ".join(r[k].ljust(w) for k, w in widths.items()) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def write_csv(path: Path, rows: list[dict], fieldnames: list[str]) -> Path:
+    """rows as CSV with these columns (keys of a row outside them are left out), written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+    return path
+
+
+def write_table_csv(rows: list[dict], path: Path, screening: str = "loss") -> Path:
+    """The frontier table (results.json rows) as CSV; screening: the key of the measure they were ranked by,
+    written in the screening_measure column (second_measure: the other one's)."""
+    keys = ["name", "kind", "sampling_flops", "flops_ratio", "time_s", "time_ratio", "screening_measure", "screening",
+            "screening_se", "screening_gap_mean", "screening_gap_se", "quality_ratio", "second_measure", "second",
+            "second_se", "second_gap_mean", "second_gap_se", "second_ratio", "fid_mean", "fid_gap_mean", "fid_gap_low",
+            "fid_gap_high", "fid_tie", "train_flops"]
+    measures = {"screening_measure": screening, "second_measure": second_measure(screening)}
+    table = []
+    for r in rows:
+        gap = r["fid_gap"] or {}
+        table.append({**r, **measures, **{f"{m}_gap_{k}": r[f"{m}_gap"][k] for m in ("screening", "second")
+                                          for k in ("mean", "se")},
+                      "fid_mean": sum(r["fid"]) / len(r["fid"]) if r["fid"] else "",
+                      "fid_gap_mean": gap.get("mean", ""), "fid_gap_low": gap.get("interval", ["", ""])[0],
+                      "fid_gap_high": gap.get("interval", ["", ""])[1], "fid_tie": gap.get("tie", "")})
+    return write_csv(path, table, keys)
+
+
+def frontier_series(rows: list[dict]) -> list[tuple[str, tuple[str, str], list[dict]]]:
+    """The frontier plot's series, each (legend label, (color, marker), rows): first "base", the base's row (the
+    one without an index) in BASE_STYLE; then per kind (Kind.style, labelled by its name) its candidates, in the
+    order the rows first name the kinds. Raises ValueError for a row whose kind the registry lacks."""
+    kinds: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["index"] is not None:
+            kinds.setdefault(r["kind"], []).append(r)
+    return [("base", BASE_STYLE, [r for r in rows if r["index"] is None]),
+            *((kind, kind_of(kind).style, members) for kind, members in kinds.items())]
+
+
+def plot_frontier(rows: list[dict], chosen: str | None, batch: int, measure: str, path: Path) -> Path:
+    """Screening quality (relative to the base) against sampling time at `batch` and against sampling FLOPs,
+    and the finalists' FID against time, one series per kind (frontier_series)."""
+    series = frontier_series(rows)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    panels = [(axes[0], "time_ratio", "quality_ratio", f"sampling time at batch {batch} / base's"),
+              (axes[1], "flops_ratio", "quality_ratio", "sampling FLOPs / base's"),
+              (axes[2], "time_ratio", "fid", f"sampling time at batch {batch} / base's")]
+    for ax, x_key, y_key, x_label in panels:
+        for number, (label, (color, marker), members) in enumerate(series):
+            points = [r for r in members if r[y_key] is not None]
+            if not points:
+                continue
+            ys = [sum(r[y_key]) / len(r[y_key]) if y_key == "fid" else r[y_key] for r in points]
+            ax.scatter([r[x_key] for r in points], ys, c=color, marker=marker, s=36 if number else 60, label=label)
+            for r, y in zip(points, ys):
+                ax.annotate(r["name"].replace("TDC ", ""), (r[x_key], y), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+                if r["name"] == chosen:
+                    ax.scatter([r[x_key]], [y], s=220, facecolors="none", edgecolors="green", linewidths=2)
+        ax.set_xlabel(x_label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{measure} / base's (lower is better)")
+    axes[1].set_ylabel(f"{measure} / base's")
+    axes[2].set_ylabel("FID, mean over seeds (finalists)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"tdcdiff tune: quality against sampling cost (chosen: {chosen or 'none'}, circled)")
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,35 @@
+"""The tune directory's small records: phase clocks (wall and CPU seconds, training FLOPs), phases.json, and
+JSON files that may not exist yet."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..files import atomic_write_text
+
+
+def read_json(path: Path, default=None):
+    """The JSON value in `path`, or `default` when the file does not exist."""
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+def clock() -> dict:
+    """Now, as {"wall": perf_counter seconds, "cpu": process CPU seconds}: the start of a phase (since())."""
+    return {"wall": time.perf_counter(), "cpu": time.process_time()}
+
+
+def since(start: dict, flops: int | None = None) -> dict:
+    """A phase's record from its clock() start: {"wall_s", "cpu_s" (rounded to 0.01 s), "flops" (training FLOPs or
+    None)}."""
+    now = clock()
+    return {"wall_s": round(now["wall"] - start["wall"], 2), "cpu_s": round(now["cpu"] - start["cpu"], 2),
+            "flops": flops}
+
+
+def record_phase(directory: Path, name: str, record: dict) -> None:
+    """Set phase `name` of directory/phases.json to `record` (a since() record), keeping the other phases."""
+    phases = read_json(directory / "phases.json", {})
+    phases[name] = record
+    atomic_write_text(directory / "phases.json", json.dumps(phases, indent=2))

@@ -1,0 +1,209 @@
+"""Tune: one tune directory, run candidate by candidate and then measured, compared and chosen from (see the
+package docstring for the directory's layout)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from ..evaluate import TIMING_CLOCK
+from ..files import atomic_dir, atomic_write_text
+from ..flops import count_flops
+from ..prune.fit import BudgetError
+from ..run import Run, copy_stages
+from ..train import FINAL_DIR
+from .config import TuneConfig
+from .cost import write_cost
+from .curves import curves_allocation, measure_curves
+from .judge import choose
+from .kinds import candidate_list, check_candidate, kind_of
+from .measures import SCREENING_MEASURES, fid, load_models, screen, screen_protocol, second_measure, time_models
+from .output import frontier_rows, plot_frontier, write_table_csv
+from .records import clock, read_json, record_phase, since
+
+CANDIDATES_FORMAT = "tdcdiff-tune-plan/1"  # of tune.json and candidates.json (named before "candidate list")
+RESULTS_FORMAT = "tdcdiff-tune/2"  # /2: rows' second measure ("second", ...) and screening_measure's "key"
+
+
+class Tune:
+    """One tune directory (see the package docstring).
+
+    tune_dir: where everything goes. run_config, overrides: the base run's RunConfig and dotted-key settings on
+        top (as for Run; None: the saved or default config). Stage-2 settings (batch size, lr) apply to every
+        candidate's training; search settings to the TDC candidates'.
+    config: TuneConfig. base_from: a run directory whose finished stage-1 base (and config.json) to start from
+        instead of training one here. progress: print one line per candidate and phase, and the stages' bars.
+    Raises ValueError when the directory's saved candidate list was made with other settings, or when a
+    candidate cannot be trained with the base run's settings (kinds.Kind.check); FileNotFoundError when
+    base_from holds no finished base.
+    """
+
+    def __init__(self, tune_dir: str | Path, config: TuneConfig | None = None, *, run_config=None,
+                 overrides: dict | None = None, base_from: str | Path | None = None, progress: bool = True):
+        self.dir = Path(tune_dir)
+        self.config = config or TuneConfig()
+        self.config.validate()
+        self.progress = progress
+        if base_from is not None:
+            source = Path(base_from)
+            if not (source / "base" / FINAL_DIR).exists() or not (source / "config.json").exists():
+                raise FileNotFoundError(f"--base-from {source}: no finished stage-1 base there (base/{FINAL_DIR} and "
+                                        "config.json); point it at a run directory after `tdcdiff train-base`")
+            copy_stages(source, self.dir / "base", ("config.json", "base"))
+        self.base_run = Run(self.dir / "base", run_config, overrides=overrides, progress=progress)
+        saved = read_json(self.dir / "tune.json")
+        here = self.config.candidate_settings()
+        if saved is not None and saved["plan"] != here:
+            # a candidate kind left at its default is absent from candidate_settings: compare over both sides' keys
+            differ = [f"{k}: {saved['plan'].get(k, 'unset')} there, {here.get(k, 'unset')} here"
+                      for k in dict.fromkeys([*saved["plan"], *here]) if saved["plan"].get(k) != here.get(k)]
+            raise ValueError(f"{self.dir} was tuned with other candidate settings ({'; '.join(differ)}); use a new "
+                             f"--out, or delete {self.dir / 'tune.json'} and {self.dir / 'candidates'} to start over")
+        self.candidates = candidate_list(self.config)
+        for spec in self.candidates:  # a bad setting must fail now, not after stage 1 and other candidates
+            kind_of(spec["kind"]).check(spec, self.base_run.config)
+
+    def say(self, message: str) -> None:
+        if self.progress:
+            print(message, flush=True)
+
+    # -- the candidate list, the base, the candidates -------------------------------------------------------------
+    def write_candidate_list(self) -> Path:
+        """tune.json (the settings the candidate list was made with, under "plan") and candidates.json (the
+        candidate list); returns the latter's path."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.dir / "tune.json", json.dumps({
+            "format": CANDIDATES_FORMAT, "plan": self.config.candidate_settings(), "settings": asdict(self.config)},
+            indent=2))
+        path = self.dir / "candidates.json"
+        atomic_write_text(path, json.dumps({"format": CANDIDATES_FORMAT, "candidates": self.candidates}, indent=2))
+        return path
+
+    def ensure_base(self) -> None:
+        """Stage 1 (skipped when the base exists); its time and FLOPs go to phases.json when trained here."""
+        if (self.base_run.dir / "base" / FINAL_DIR).exists():
+            return
+        self.say("stage 1: training the base")
+        start = clock()
+        result = self.base_run.train_base()
+        record_phase(self.dir, "stage1", since(start, result.train_flops))
+
+    def base_flops(self) -> int:
+        """FLOPs of one forward of the base at batch 1 (flops.count_flops)."""
+        return count_flops(self.base_run.base_model(), self.base_run.sample_shape)
+
+    def training_flops_per_candidate(self) -> int:
+        """Each candidate's training compute: tune_steps stage-2 steps of the base (FLOPs, fwd + bwd = 3 x fwd)."""
+        return self.config.tune_steps * self.base_run.config.finetune.batch_size * 3 * self.base_flops()
+
+    def result(self, index: int) -> dict | None:
+        """Candidate `index`'s result.json record (None before it has finished)."""
+        return read_json(self.dir / self.candidates[index]["dir"] / "result.json")
+
+    def run_candidate(self, index: int) -> dict:
+        """Train candidate `index` by its kind (skipped when finished); returns its result.json record.
+
+        A candidate whose budget cannot be reached (prune.fit.BudgetError) is recorded as failed. Raises
+        ValueError for an index outside the candidate list or a kind the registry lacks, before any work.
+        """
+        check_candidate(index, self.candidates, self.dir / "candidates.json")
+        spec = self.candidates[index]
+        kind = kind_of(spec["kind"])
+        done = self.result(index)
+        if done is not None:
+            note = kind.finished_note(self, spec, done)
+            self.say(f"[{index}] {spec['name']}: finished earlier, skipped" + (f" ({note})" if note else ""))
+            return done
+        self.write_candidate_list()
+        self.ensure_base()
+        out = self.dir / spec["dir"]
+        try:
+            record = kind.train(self, spec, out)
+        except BudgetError as err:
+            record = {"failed": str(err)}
+            self.say(f"[{index}] {spec['name']}: failed: {err}")
+        record = {**spec, **record}
+        atomic_write_text(out / "result.json", json.dumps(record, indent=2))
+        return record
+
+    # -- measuring (measures.py, curves.py) ------------------------------------------------------------------------
+    def models(self) -> dict:
+        """name -> (Router, sampling FLOPs per image) for the base and every finished, not failed candidate."""
+        return load_models(self)
+
+    def screen(self, models: dict) -> dict:
+        """Both screening measures of every model, paired with the base's per image (measures.screen)."""
+        return screen(self, models)
+
+    def fid(self, models: dict, names: list[str]) -> dict:
+        """Per-seed FID/KID of the base and `names` (measures.fid)."""
+        return fid(self, models, names)
+
+    def measure_curves(self, groups: int, grouping: str) -> dict:
+        """Quality curves of the `groups` groups of `grouping` (curves.measure_curves)."""
+        return measure_curves(self, groups, grouping)
+
+    def curves_allocation(self, spec: dict) -> tuple[dict, dict]:
+        """The groups' budgets of "tdc-curves" candidate `spec` from the curves (curves.curves_allocation)."""
+        return curves_allocation(self, spec)
+
+    # -- everything ------------------------------------------------------------------------------------------------
+    def run_all(self) -> dict:
+        """Every candidate (finished ones skipped), screening, finalists' FID, the frontier, the choice, the cost
+        table; returns the results dict (also in results.json)."""
+        self.write_candidate_list()
+        self.ensure_base()
+        for spec in self.candidates:
+            self.run_candidate(spec["index"])
+        models = self.models()
+        key = self.config.screening
+        screening = self.screen(models)
+        finalists = sorted((n for n in models if n != "base"),
+                           key=lambda n: screening[n][key]["value"])[: self.config.finalists]
+        fid_cache = self.fid(models, finalists)
+        batch = self.config.batch
+        self.say(f"timing: sampling at batch {batch}, {len(models)} models interleaved")
+        times = time_models(self, models, list(models), batch)
+        records = {spec["name"]: self.result(spec["index"]) for spec in self.candidates}
+        rows = frontier_rows(models, records, screening, fid_cache, times, key, self.dir)
+        choice = choose([r for r in rows if r["name"] != "base"], self.config.max_quality_loss)
+        results = self._results(rows, finalists, fid_cache, choice)
+        atomic_write_text(self.dir / "results.json", json.dumps(results, indent=2))
+        write_table_csv(rows, self.dir / "table.csv", key)
+        plot_frontier(rows, choice["name"], batch, SCREENING_MEASURES[key].name, self.dir / "frontier.png")
+        if choice["name"] is not None:
+            chosen = next(r for r in rows if r["name"] == choice["name"])
+            with atomic_dir(self.dir / "chosen") as tmp:
+                shutil.copytree(chosen["bundle"], tmp, dirs_exist_ok=True)
+            atomic_write_text(self.dir / "chosen.json", json.dumps({**choice, "bundle": chosen["bundle"]}, indent=2))
+            results["cost"] = write_cost(self, models, chosen)
+        atomic_write_text(self.dir / "results.json", json.dumps(results, indent=2))
+        return results
+
+    def _results(self, rows: list[dict], finalists: list[str], fid_cache: dict, choice: dict) -> dict:
+        """results.json: the settings, how each measure was taken, the rows, the failed candidates, the
+        finalists and the choice."""
+        key, other, c = self.config.screening, second_measure(self.config.screening), self.base_run.config
+        failed = [{"name": s["name"], "failed": r["failed"]} for s in self.candidates
+                  if (r := self.result(s["index"])) is not None and "failed" in r]
+        return {
+            "format": RESULTS_FORMAT,
+            "settings": asdict(self.config),
+            "screening_measure": {"key": key, "unit": SCREENING_MEASURES[key].unit,
+                                  **screen_protocol(self.base_run, key),
+                                  "paired": "screening_gap (second_gap): each model's value minus the base's, image "
+                                            "by image, with its standard error (same images, timesteps and noise for "
+                                            "every model)",
+                                  "second": {"key": other, "unit": SCREENING_MEASURES[other].unit,
+                                             **screen_protocol(self.base_run, other)}},
+            "fid_protocol": {k: fid_cache.get(k) for k in ("protocol", "feature_net", "reference")},
+            "time": f"median seconds ({TIMING_CLOCK}, as evaluate.time_sampling picks it by the models' device) of "
+                    f"one {c.sampler}-{c.sampling_steps} sampling run at batch {self.config.batch}, "
+                    f"{self.config.timing_repeats} repeats interleaved across models after a warm-up",
+            "compute": f"every candidate: {self.training_flops_per_candidate():.4g} training FLOPs "
+                       f"({self.config.tune_steps} stage-2 steps of the base); the pruning search's proxy forwards "
+                       "are not counted",
+            "rows": rows, "failed": failed, "finalists": finalists, "choice": choice,
+        }
