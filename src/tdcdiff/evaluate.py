@@ -1,8 +1,8 @@
 """Measure a set of models side by side: FID/KID, sampling FLOPs, sampling time, memory, training compute.
 
-Every number in the result states how it was measured (see DESIGN.md, "Evaluation protocol"): the sampler
-and step count, the sample count and seeds, the feature network and reference set, the FLOPs convention
-(2 x multiply-accumulates), and for times and memory the method. Times are ratios against the first model,
+Every number in the result states how it was measured (its "protocol" entry): the sampler and step count, the
+sample count and seeds, the feature network and reference set, the FLOPs convention (2 x multiply-accumulates),
+and for times and memory the method. Times are ratios against the first model,
 measured interleaved in the same process, because the machines this runs on are shared and noisy.
 """
 
@@ -134,7 +134,7 @@ def time_sampling(models: list, scheduler, *, sample_shape, sampler, steps, batc
     models: pipeline.SamplingModel runners (their fast path is what is timed). num_classes: the data's class
         count, for class-conditional models (each run samples class-balanced labels, see `balanced_labels`).
     clock: None: on a CPU, thread CPU time with one intra-op thread (latency.one_thread), which other processes
-        on a shared machine do not inflate (ECOSYSTEM-FACTS.md, timing); on a GPU, wall seconds (sampling
+        on a shared machine do not inflate (see latency's module doc); on a GPU, wall seconds (sampling
         returns images on the CPU, which waits for the GPU). Or any clock, e.g. time.perf_counter.
     Interleaved: there are repeats + 1 rounds and each round runs every model once, in order, with the round's
     seed (the same noise for every model); the first round warms caches and allocators up and is not counted,
