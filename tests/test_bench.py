@@ -184,6 +184,7 @@ def test_tdc_time_is_its_experts_measured_time_weighted_by_the_sampling_steps_th
     assert benchmark.tdc_time_ratio(run, plan) == pytest.approx(0.6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, value, message", [("--mean-budget", "2", "mean_budget (--mean-budget) must be in (0, 1]"),
                                                   ("--latency-batch", "-1", "latency_batch must be >= 1, got -1")])
 def test_bad_settings_are_one_line_before_any_work(tmp_path, flag, value, message):

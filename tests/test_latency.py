@@ -99,6 +99,7 @@ def test_measure_table_caches_and_measures_only_missing_levels(unets, tmp_path):
     assert LatencyTable.from_json(files[0].read_text()) == again
 
 
+@pytest.mark.slow
 def test_run_prunes_to_time_budgets_and_records_flops_and_time(tmp_path, monkeypatch, counted_time):
     """--budget-unit time: budgets are fractions of the base's time from the cached latency table; every expert
     records its FLOPs and its directly timed forward; a changed unit is refused. Time is counted from FLOPs

@@ -15,6 +15,7 @@ def base_dir(tmp_path, tiny_unet):
     return tmp_path / "unet"
 
 
+@pytest.mark.slow
 def test_a_mean_budget_below_what_pruning_reaches_is_refused_before_measuring(tmp_path, base_dir, monkeypatch):
     from tdcdiff import run as run_module
     from tdcdiff.prune.fit import smallest_fraction

@@ -28,6 +28,7 @@ def report(finished_run, feature_cache):
     return path, json.loads((path.parent / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_report_page_states_the_protocol(report):
     path, _ = report
     assert path.name == "report.html" and path.parent.name == "report"
@@ -49,6 +50,7 @@ def test_report_page_states_the_protocol(report):
     assert "± is the standard error over images. In brackets" in page  # the held-out loss table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting, value, found", [("k", 0.9, "setting 'k' 0.4 (the run's: 0.9)"),
                                                    ("groups", 3, "setting 'groups' 2 (the run's: 3)")])
 def test_a_bundle_made_with_other_settings_is_refused_before_sampling(finished_run, tmp_path, setting, value, found):
@@ -64,6 +66,7 @@ def test_a_bundle_made_with_other_settings_is_refused_before_sampling(finished_r
     assert not (run_dir / "report").exists()
 
 
+@pytest.mark.slow
 def test_results_compare_base_and_tdc(report):
     _, results = report
     base, tdc = results["models"]
@@ -94,6 +97,7 @@ def test_results_compare_base_and_tdc(report):
     assert "held-out 8-bit images in bits/dim" in results["protocol"]["held_out_bpd"]
 
 
+@pytest.mark.slow
 def test_every_referenced_png_exists(report):
     path, results = report
     images = re.findall(r'<img src="([^"]+)"', path.read_text())

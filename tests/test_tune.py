@@ -175,6 +175,7 @@ def test_bad_settings_are_refused(changes, message):
 
 
 # -- quality curves: each group's share of a screening measure -------------------------------------------------
+@pytest.mark.slow
 def test_loss_shares_add_up_to_the_screening_loss_of_the_model_and_of_a_router_of_experts(tiny_unet, digits,
                                                                                           scheduler):
     """Each group's loss share is its measured timesteps' part of the all-point mean: one model's shares add up
