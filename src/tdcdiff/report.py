@@ -104,7 +104,7 @@ def loss_rows(results: dict) -> list[dict[str, str]]:
     first = models[0]["held_out_loss"]
 
     def cell(model: dict, key: str, value: float) -> str:
-        se = model.get("held_out_loss_se", {}).get(key)  # results measured before the SE was lack it
+        se = model.get("held_out_loss_se", {}).get(key)  # older results have no standard errors
         return f"{value:.4f}{'' if se is None else f' ± {se:.4f}'} ({value / first[key]:.2f}x)"
 
     return [{"model": m["name"], **{column.get(key, key): cell(m, key, value)
@@ -334,11 +334,12 @@ def write_report(out_dir: str | Path, results: dict, *, figures: list[tuple[str,
                    "shares and the prior add up to the total. ± is the standard error over images"
                    + ("; (sd ...) is the spread of the mean over the independent runs" if "runs" in p else "")
                    + f".</p>{_html_table(bpds)}") if bpds else ""
-    loss_section = (f"<h2>Held-out denoising loss</h2><p>{html.escape(p['held_out_loss'])}. ± is the standard "
-                    "error over images" + ("; pooled, the mean of the runs' standard errors" if "runs" in p else "")
-                    + f". In brackets: the ratio to {html.escape(results['models'][0]['name'])}; below 1 is better. "
-                    f"Unlike FID this shows where along t a model gains or loses.</p>{_html_table(losses)}"
-                    ) if losses else ""
+    loss_se = (". ± is the standard error over images" + ("; pooled, the mean of the runs' standard errors"
+                                                          if "runs" in p else "")
+               if "held_out_loss_se" in results["models"][0] else "")
+    loss_section = (f"<h2>Held-out denoising loss</h2><p>{html.escape(p['held_out_loss'])}{loss_se}. In brackets: "
+                    f"the ratio to {html.escape(results['models'][0]['name'])}; below 1 is better. Unlike FID this "
+                    f"shows where along t a model gains or loses.</p>{_html_table(losses)}") if losses else ""
     notes = "".join(f"<li><b>{html.escape(m['name'])}</b>: {html.escape(m['notes'] or '')}</li>"
                     for m in results["models"])
     method = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</dd>"
@@ -367,8 +368,8 @@ figcaption {{ font-size: 0.9em; color: #333; }} dt {{ font-weight: bold; }} dd {
 <p>Two models are compared seed by seed (the i-th FID of each shares its training run and sampling seed); a gap
 counts only when the 95% interval of the mean per-seed gap (paired t-test) excludes 0. A tie says only that the
 gap is smaller than the seeds could resolve: each tie states that gap, the interval's half-width (9.0 x the sd
-of the per-seed gaps with 2 seeds, 2.5 x with 3). Where the seeds are sampling seeds of one training run, a real gap
-says nothing about run-to-run variation.
+of the per-seed gaps with 2 seeds, 2.5 x with 3). Where the seeds are sampling seeds of one training run, a real
+gap says nothing about run-to-run variation.
 Times are measured, not derived from FLOPs: small networks on CPUs speed up much less than their FLOPs fall.</p>
 {expert_section}
 {bpd_section}
