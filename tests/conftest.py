@@ -28,6 +28,13 @@ def one_thread():
         yield
 
 
+@pytest.fixture()
+def counted_time(monkeypatch):
+    """Forward time counted from FLOPs, not measured (latency.clock "flops"): latency tables, time budgets and
+    time ratios come out the same on any machine, however busy. Its tables are cached apart from measured ones."""
+    monkeypatch.setenv("TDCDIFF_CLOCK", "flops")
+
+
 @pytest.fixture(scope="session")
 def scheduler():
     from tdcdiff.schedule import make_scheduler

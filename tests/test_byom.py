@@ -106,6 +106,7 @@ def _tiny_config_file(tmp_path, **changes):
     return path
 
 
+@pytest.mark.slow
 def test_run_from_a_diffusers_pipeline_directory(tmp_path, pipeline_dir):
     """`tdcdiff run --base DIR`: stage 1 skipped, the pipeline's scheduler (v-prediction, cosine, T=500, learned
     variance) used throughout, the variance half kept by pruning, and the bundle samples identically after
@@ -161,6 +162,7 @@ def _conditional_unet(num_class_embeds: int = 11):
                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8)
 
 
+@pytest.mark.slow
 def test_class_conditional_model_with_label_dropout_through_every_stage(tmp_path):
     from dataclasses import replace
 

@@ -27,6 +27,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_each_kind_runs_every_stage_and_its_bundle_samples_identically(tmp_path, kind):
     from tdcdiff.run import Run
@@ -75,6 +76,7 @@ def test_a_function_base_registers_its_class_for_the_run_only(tmp_path):
     assert type(load_model(run.dir / "base" / "final")) is TinyDiT
 
 
+@pytest.mark.slow
 def test_latent_diffusion_pipeline_runs_in_latent_space_and_its_bundle_decodes(tmp_path):
     from safetensors.torch import load_file
 

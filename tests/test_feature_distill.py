@@ -21,6 +21,7 @@ def narrow_unet():
                        add_attention=False)
 
 
+@pytest.mark.slow
 def test_feature_distillation_learns_and_keeps_the_projections_out_of_the_expert(tmp_path, digits, scheduler, tiny_unet):
     from tdcdiff.serialization import load_model
 
@@ -48,6 +49,7 @@ def test_feature_distillation_learns_and_keeps_the_projections_out_of_the_expert
     assert result.train_flops == 60 * result.flops_per_step
 
 
+@pytest.mark.slow
 def test_feature_distillation_resumes_with_its_projections(tmp_path, digits, scheduler, tiny_unet):
     config = TrainConfig(steps=30, feature_distill_weight=0.5, **{**FAST, "checkpoint_every": 10})
     straight = train(narrow_unet(), digits.images, scheduler, config, tmp_path / "a", teacher=tiny_unet, progress=False)

@@ -48,6 +48,7 @@ def held(tmp_path):
             end()
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_at_once_naming_the_holder(held):
     run_dir, pid, _ = held
     run = Run(run_dir, tiny_config(), progress=False)  # opening a run directory only reads it
@@ -59,6 +60,7 @@ def test_second_writer_is_refused_at_once_naming_the_holder(held):
     assert not (run_dir / "config.json").exists() and not (run_dir / "base").exists()
 
 
+@pytest.mark.slow
 def test_cli_second_writer_exits_2_with_one_line(held):
     run_dir, pid, _ = held
     done = subprocess.run([sys.executable, "-m", "tdcdiff.cli", "plan", "--out", str(run_dir), "--k", "0.9", "-q"],
@@ -92,6 +94,7 @@ WRITERS = [["train-base"], ["plan"], ["prune"], ["finetune"], ["bundle"], ["repo
            ["sample", "--num", "1", "--steps", "1"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", WRITERS, ids=[c[0] for c in WRITERS])
 def test_every_writing_stage_is_refused_while_another_writer_holds_the_run(held_copy, command):
     run_dir, pid, checkpoint = held_copy
@@ -104,6 +107,7 @@ def test_every_writing_stage_is_refused_while_another_writer_holds_the_run(held_
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_the_lock_is_free_once_its_holder_ends(held):
     run_dir, _, end = held
     with pytest.raises(RunDirectoryBusy):
@@ -114,6 +118,7 @@ def test_the_lock_is_free_once_its_holder_ends(held):
         assert (run_dir / OWNER_FILE).read_text().startswith(f'{{"pid": {os.getpid()},')
 
 
+@pytest.mark.slow
 def test_settings_are_checked_again_once_the_lock_is_held(finished_run, tmp_path):
     """A writer opened before another one planned with other settings does not take that plan as its own."""
     run, _ = finished_run
@@ -133,6 +138,7 @@ def test_lock_is_reentrant_in_one_process_and_leaves_nothing_behind(tmp_path):
     assert [p.name for p in run_dir.iterdir() if p.name != LOCK_FILE] == []
 
 
+@pytest.mark.slow
 def test_stale_temporaries_are_removed_when_a_stage_starts(finished_run, tmp_path):
     run, _ = finished_run
     copy = tmp_path / "run"
@@ -210,6 +216,7 @@ def test_written_files_respect_the_umask(tmp_path, umask, file_mode, dir_mode):
     assert {mode(p) for p in (tmp_path / "model").iterdir()} == {file_mode}
 
 
+@pytest.mark.slow
 def test_memory_measurement_prints_no_profiler_lines(tmp_path):
     """The CPU peak-memory probe (torch.profiler, behind every report) in a fresh process, as the CLI runs it."""
     script = textwrap.dedent("""
@@ -243,6 +250,7 @@ def _stamps(paths):
     return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
 
 
+@pytest.mark.slow
 def test_rerun_keeps_up_to_date_grids_and_report_and_redoes_changed_ones(finished_run, tmp_path):
     run, _ = finished_run
     copy = tmp_path / "run"
@@ -270,6 +278,7 @@ def test_rerun_keeps_up_to_date_grids_and_report_and_redoes_changed_ones(finishe
     assert json.loads((copy / "report" / "results.json").read_text())["models"][1]["name"] == "TDC"
 
 
+@pytest.mark.slow
 def test_grid_replaced_by_something_else_is_redrawn(finished_run, tmp_path):
     """`tdcdiff sample` writes samples/base.png with its own settings: the record no longer matches it."""
     from tdcdiff.serialization import ARCHITECTURE_FILE

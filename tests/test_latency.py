@@ -1,11 +1,14 @@
-"""Latency measurement: cache keys, table round-trip and estimate, the measuring functions (never timing values)."""
+"""Latency measurement: cache keys, table round-trip and estimate, the measuring functions (never timing values),
+and the counted clock that time-budget tests use."""
 
 import pytest
 import torch
 
 from tdcdiff.latency import (
+    COUNTED_FLOPS_PER_SECOND,
     LatencyTable,
     cache_key,
+    clock,
     compare,
     device_name,
     forward_seconds,
@@ -58,6 +61,22 @@ def test_measuring_returns_positive_times_in_model_order(unets):
         compare([], DIGITS, 1)
 
 
+def test_the_counted_clock_gives_flops_times_and_keeps_its_own_tables(unets, monkeypatch):
+    from tdcdiff.flops import count_flops
+
+    plain, attention = unets
+    measured_key = cache_key(plain, DIGITS, 4, "cpu")
+    monkeypatch.setenv("TDCDIFF_CLOCK", "flops")
+    assert clock() == "flops" and cache_key(plain, DIGITS, 4, "cpu") != measured_key
+    times = compare([plain, attention], DIGITS, 4, repeats=2)
+    assert times == [[count_flops(m, DIGITS) * 4 / COUNTED_FLOPS_PER_SECOND] * 2 for m in (plain, attention)]
+    assert time_ratios([plain, attention], DIGITS, 4)[1] == pytest.approx(
+        count_flops(attention, DIGITS) / count_flops(plain, DIGITS))
+    monkeypatch.setenv("TDCDIFF_CLOCK", "wall")
+    with pytest.raises(ValueError, match=r"^TDCDIFF_CLOCK='wall' is not a clock; set it to 'flops' .* or unset it"):
+        compare([plain], DIGITS, 1)
+
+
 def test_measure_table_caches_and_measures_only_missing_levels(unets, tmp_path):
     plain, _ = unets
     built = []
@@ -80,10 +99,13 @@ def test_measure_table_caches_and_measures_only_missing_levels(unets, tmp_path):
     assert LatencyTable.from_json(files[0].read_text()) == again
 
 
-def test_run_prunes_to_time_budgets_and_records_flops_and_time(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_run_prunes_to_time_budgets_and_records_flops_and_time(tmp_path, monkeypatch, counted_time):
     """--budget-unit time: budgets are fractions of the base's time from the cached latency table; every expert
-    records its FLOPs and its directly measured time; a changed unit is refused. (No timing value is asserted.)"""
+    records its FLOPs and its directly timed forward; a changed unit is refused. Time is counted from FLOPs
+    (counted_time), so the budgets and every correction are the same on any machine."""
     from conftest import tiny_config
+    from tdcdiff.flops import count_flops
     from tdcdiff.run import Run
     from tdcdiff.serialization import load_model
     from tdcdiff.surgery.depth import removed_units
@@ -97,6 +119,8 @@ def test_run_prunes_to_time_budgets_and_records_flops_and_time(tmp_path, monkeyp
     assert len(list((tmp_path / "cache" / "latency").glob("*.json"))) == 1
     table = run.latency_table(run.base_model())
     assert set(table.deltas) >= {"mid_block.resnets.0", "mid_block.resnets.1", "down_blocks.0"}
+    base_flops = count_flops(run.base_model(), run.sample_shape)
+    assert table.base_seconds == base_flops * 4 / COUNTED_FLOPS_PER_SECOND  # the counted clock, at batch 4
     plan = run.plan()
     for s, fraction in zip(summaries, plan.fractions):
         assert s["budget_unit"] == "time" and s["budget"] == pytest.approx(fraction * table.base_seconds)
@@ -107,35 +131,35 @@ def test_run_prunes_to_time_budgets_and_records_flops_and_time(tmp_path, monkeyp
         chosen = next(t for t in trail if t.get("measured_ratio") == s["time_ratio"])
         assert chosen["flops"] == s["flops"]
         assert s["time_ratio"] > 0 and 0 < s["flops_ratio"] <= 1 and s["latency_batch"] == 4
+        assert s["time_ratio"] == pytest.approx(s["flops_ratio"])  # counted time is FLOPs
         model = load_model(run.dir / "prune" / f"group_{s['group']}")
         assert removed_units(model) == [u for u, v in s["decision"].items() if ".resnets." in u and v]
     config.budget_unit = "flops"
-    with pytest.raises(ValueError, match="setting 'budget_unit' differs .*'time' -> 'flops'.* stage 'plan' has already run"):
+    with pytest.raises(ValueError,
+                       match="setting 'budget_unit' differs .*'time' -> 'flops'.* stage 'plan' has already run"):
         Run(tmp_path / "run", config, progress=False).prune()
 
 
 @pytest.mark.parametrize("max_corrections, tolerance, tries", [(2, 0.0, 3), (0, 0.0, 1), (2, float("inf"), 1)])
-def test_fit_to_measured_time_corrects_the_budget_by_the_measured_miss(unets, tmp_path, max_corrections, tolerance,
-                                                                        tries):
-    """Each try is timed for real; a miss refits the decision to FLOPs x (target / measured) ** (1 / slope), the
-    slope 0.5 at first. Only the loop's structure is asserted, never a timing value (tolerance 0 always misses,
-    infinity never does)."""
+def test_fit_to_measured_time_corrects_the_budget_by_the_measured_miss(unets, tmp_path, counted_time,
+                                                                        max_corrections, tolerance, tries):
+    """Each try is timed directly; a miss refits the decision to FLOPs x (target / measured) ** (1 / slope), the
+    slope 0.5 at first (tolerance 0 always misses, infinity never does). Time is counted from FLOPs (counted_time),
+    so every try and correction is the same on any machine."""
     from tdcdiff.flops import count_flops
     from tdcdiff.prune.fit import fit_to_measured_time, measure_latency_table
 
     plain, _ = unets
     table = measure_latency_table(plain, DIGITS, 2, depth_units=False, max_levels=2, cache_dir=tmp_path,
                                   repeats=1, warmup=0)
-    # Its units and levels, with changes that make every budget down to 0.3 reachable whatever this machine timed.
-    share = 0.7 * table.base_seconds / len(table.deltas)
-    table.deltas = {u: {level: -share * level for level in levels} for u, levels in table.deltas.items()}
     timed = fit_to_measured_time(plain, {}, 0.7, DIGITS, 2, table, max_corrections=max_corrections,
                                  tolerance=tolerance, repeats=1)
     trail = timed.trail
     measured = [t for t in trail if "measured_ratio" in t]
     assert trail[0]["budget"] == "latency table" and trail[0]["estimated_ratio"] == pytest.approx(0.7, rel=0.03)
-    # every try is measured, except a correction no pruning reaches, which ends the search
-    assert len(measured) == tries or ("error" in trail[-1] and len(measured) < tries)
+    assert len(measured) == tries  # every try is measured: each correction here is reachable
+    base_flops = count_flops(plain, DIGITS)
+    assert all(t["measured_ratio"] == pytest.approx(t["flops"] / base_flops) for t in measured)  # counted time
     if len(trail) > 1 and "measured_ratio" in trail[1]:
         first, second = trail[0], trail[1]
         wanted = min(first["flops"] * (0.7 / first["measured_ratio"]) ** 2, count_flops(plain, DIGITS))

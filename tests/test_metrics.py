@@ -45,6 +45,7 @@ def test_feature_net_trains_and_caches(digits, trained):
     assert sorted(p.name for p in entries[0].iterdir()) == ["info.json", "model.safetensors"]
 
 
+@pytest.mark.slow
 def test_fid_real_vs_real_small_noise_large(digits, trained):
     net = trained[0]
     x = digits[0]

@@ -15,6 +15,7 @@ def base_dir(tmp_path, tiny_unet):
     return tmp_path / "unet"
 
 
+@pytest.mark.slow
 def test_a_mean_budget_below_what_pruning_reaches_is_refused_before_measuring(tmp_path, base_dir, monkeypatch):
     from tdcdiff.run import stages as run_module
     from tdcdiff.prune.fit import smallest_fraction
@@ -54,7 +55,8 @@ def test_given_fractions_skip_the_trial_pruning_and_the_unit_is_a_plan_setting(t
 
 @pytest.mark.parametrize("unit, header, absent", [("time", r"rank +time +ms @b2$", "MFLOPs"),
                                                   ("flops", r"rank +FLOPs +MFLOPs$", "ms @b")])
-def test_the_plan_table_shows_a_time_plan_in_time_only(tmp_path, base_dir, unit, header, absent):
+def test_the_plan_table_shows_a_time_plan_in_time_only(tmp_path, base_dir, unit, header, absent, counted_time,
+                                                       monkeypatch):
     import re
 
     from typer.testing import CliRunner
@@ -62,6 +64,7 @@ def test_the_plan_table_shows_a_time_plan_in_time_only(tmp_path, base_dir, unit,
     from tdcdiff.cli import app
     from tdcdiff.run import Run
 
+    monkeypatch.setenv("TDCDIFF_CACHE", str(tmp_path / "cache"))  # the latency table is not the user's
     Run(tmp_path / "run", tiny_config(ordering="snr-low-hard"), progress=False, base=str(base_dir)).train_base()
     result = CliRunner().invoke(app, ["plan", "--out", str(tmp_path / "run"), "--budget-unit", unit,
                                       "--latency-batch", "2", "-q"])

@@ -3,16 +3,17 @@
 import json
 import re
 import shutil
+import statistics
 
 import pytest
 import torch
 from torch import nn
 
-from tdcdiff.evaluate import ModelEntry, evaluate, pool, trajectory_flops
+from tdcdiff.evaluate import BPD_SAMPLES, ModelEntry, evaluate, held_out_loss_se, pool, trajectory_flops
 from tdcdiff.grouping import make_groups
 from tdcdiff.report import bpd_rows, format_table, loss_rows, table_rows, verdicts
-from tdcdiff.run import report_for_run
 from tdcdiff.router import Router
+from tdcdiff.run import report_for_run
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,7 @@ def report(finished_run, feature_cache):
     return path, json.loads((path.parent / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_report_page_states_the_protocol(report):
     path, _ = report
     assert path.name == "report.html" and path.parent.name == "report"
@@ -36,10 +38,19 @@ def test_report_page_states_the_protocol(report):
                  "base (stage 1)", "TDC", "Verdicts", "Held-out denoising loss", "Held-out bits/dim",
                  "IDDPM calc_bpd_loop", "fixed_small", "Pruned experts",
                  "KID is the unbiased estimate of the squared kernel distance between the feature distributions: it "
-                 "can come out slightly negative"):
+                 "can come out slightly negative", "Its scale: raw, not x 1000", "(x.y / d + 1)^3"):
         assert part in page, part
+    # the clock of the time columns is named at the table, before the verdicts
+    clock = page.index("Time columns (time ratio, images/s) read thread CPU time of one torch thread, not wall-clock")
+    assert page.index("<h2>Side by side</h2>") < clock < page.index("<h2>Verdicts</h2>")
+    # the bits/dim strata: evaluate.BPD_SAMPLES of equal log-SNR width, plus the cut at the run's one group edge
+    strata = re.search(r"cut into (\d+) contiguous strata", page).group(1)
+    assert f"strata: {BPD_SAMPLES} of equal log-SNR width asked for" in page
+    assert f"also cut at the 1 group edge(s): {strata} in all" in page
+    assert "± is the standard error over images. In brackets" in page  # the held-out loss table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting, value, found", [("k", 0.9, "setting 'k' 0.4 (the run's: 0.9)"),
                                                    ("groups", 3, "setting 'groups' 2 (the run's: 3)")])
 def test_a_bundle_made_with_other_settings_is_refused_before_sampling(finished_run, tmp_path, setting, value, found):
@@ -49,12 +60,13 @@ def test_a_bundle_made_with_other_settings_is_refused_before_sampling(finished_r
     (run_dir / "config.json").write_text(json.dumps({**config, setting: value}))
     with pytest.raises(ValueError) as err:
         report_for_run(run_dir, num_samples=4, progress=False)
-    assert str(err.value) == (f"{run_dir / 'bundle'} was not made by this run: its {found}. Delete {run_dir / 'bundle'} and "
-                              f"rerun `tdcdiff bundle --out {run_dir}` to rebuild it from this run, or report on the run "
-                              "that made it")
+    assert str(err.value) == (f"{run_dir / 'bundle'} was not made by this run: its {found}. Delete "
+                              f"{run_dir / 'bundle'} and rerun `tdcdiff bundle --out {run_dir}` to rebuild it from "
+                              "this run, or report on the run that made it")
     assert not (run_dir / "report").exists()
 
 
+@pytest.mark.slow
 def test_results_compare_base_and_tdc(report):
     _, results = report
     base, tdc = results["models"]
@@ -70,6 +82,8 @@ def test_results_compare_base_and_tdc(report):
     assert results["protocol"]["reference"] == {"name": "digits", "count": 1797}
     # held-out loss per group: the base is the yardstick (ratio 1), and the bands are the run's groups
     assert list(tdc["held_out_loss"]) == ["all", "group 0", "group 1"]
+    assert list(tdc["held_out_loss_se"]) == list(tdc["held_out_loss"])
+    assert all(0 < tdc["held_out_loss_se"][k] < v for k, v in tdc["held_out_loss"].items())
     ranges = results["protocol"]["held_out_loss_groups"]
     assert len(ranges) == 2 and ranges[0].startswith("t 0-") and ranges[-1].endswith("-999")
     assert all(v > 0 for v in tdc["held_out_loss"].values())
@@ -83,6 +97,7 @@ def test_results_compare_base_and_tdc(report):
     assert "held-out 8-bit images in bits/dim" in results["protocol"]["held_out_bpd"]
 
 
+@pytest.mark.slow
 def test_every_referenced_png_exists(report):
     path, results = report
     images = re.findall(r'<img src="([^"]+)"', path.read_text())
@@ -139,6 +154,10 @@ def test_evaluate_and_pool(digits, scheduler, feature_cache):
     loss = pooled["models"][1]["held_out_loss"]
     assert set(loss) == {"all", "group 0", "group 1"} and loss["all"] > pooled["models"][0]["held_out_loss"]["all"]
     assert loss_rows(pooled)[0]["group 0 (t 0-499)"].endswith("(1.00x)")
+    se = pooled["models"][1]["held_out_loss_se"]["all"]  # pooled: the mean of the runs' standard errors
+    assert se == pytest.approx(statistics.fmean(r["models"][1]["held_out_loss_se"]["all"] for r in runs))
+    ratio = loss["all"] / pooled["models"][0]["held_out_loss"]["all"]
+    assert loss_rows(pooled)[1]["all"] == f"{loss['all']:.4f} ± {se:.4f} ({ratio:.2f}x)"
     # bits/dim: the router differs from the plain model only on group 1 (t 500-999), with the same t and noise
     bpd, plain_bpd = pooled["models"][1]["held_out_bpd"], pooled["models"][0]["held_out_bpd"]
     assert bpd["vs_first"]["groups"]["group 0"]["mean"] == 0 and bpd["vs_first"]["groups"]["group 1"]["mean"] != 0
@@ -156,3 +175,35 @@ def test_evaluate_and_pool(digits, scheduler, feature_cache):
     (sentence,) = verdicts(pooled)
     assert sentence.startswith("routed vs plain:") and "0.67x the sampling FLOPs" in sentence
     assert "per-seed gaps" in sentence and "routed lower in" in sentence and "95% interval" in sentence
+
+
+def test_the_held_out_loss_keeps_its_mean_and_gets_a_standard_error_over_images(digits, scheduler):
+    from tdcdiff.grouping import per_timestep_loss
+
+    grouping = make_groups("uniform", 2, scheduler)
+    images = digits.images[:40]
+    means, ses = held_out_loss_se(Constant(0.2), images, scheduler, grouping, seed=3)
+    curve = per_timestep_loss(Constant(0.2), images, scheduler, images_per_point=256, seed=3)  # the loss as before
+    assert means["all"] == pytest.approx(curve.mean(), rel=1e-5)
+    assert means["group 1"] == pytest.approx(curve[500:].mean(), rel=1e-5)
+    assert list(ses) == ["all", "group 0", "group 1"] and all(0 < ses[k] < 0.1 * means[k] for k in ses)
+
+
+def _fid_results(a_scores: list[float], b_scores: list[float]) -> dict:
+    def model(name, scores):
+        return {"name": name, "fid": {"mean": statistics.fmean(scores), "sd": statistics.stdev(scores),
+                                      "per_seed": [{"fid": f} for f in scores]},
+                "sampling_flops": {"per_image": 100}, "time": {"batch_1": {"ratio": 1.0}}, "train_flops": 1}
+
+    return {"models": [model("a", a_scores), model("b", b_scores)]}
+
+
+def test_a_tie_says_what_gap_its_seeds_could_have_resolved():
+    from tdcdiff.metrics import paired_gap
+
+    (tie,) = verdicts(_fid_results([10.0, 12.0], [11.0, 11.5]))
+    low, high = paired_gap([10.0, 12.0], [11.0, 11.5])["interval"]
+    assert "a tie" in tie and f"with 2 seeds and this spread it could only have resolved a gap larger than " \
+                              f"{(high - low) / 2:.2f} FID either way, the interval's half-width" in tie
+    (real,) = verdicts(_fid_results([10.0, 12.0, 11.0], [13.0, 15.1, 14.0]))
+    assert "b is worse" in real and "could only have resolved" not in real

@@ -8,6 +8,7 @@ from conftest import tiny_config
 from tdcdiff.run import Run
 
 
+@pytest.mark.slow
 def test_run_all_produces_a_cheaper_bundle(finished_run):
     from tdcdiff.bundle import load_bundle
 
@@ -24,6 +25,7 @@ def test_run_all_produces_a_cheaper_bundle(finished_run):
     assert flops["stage1"] > 0 and len(flops["stage2_per_group"]) == 2
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_stages(finished_run):
     run, _ = finished_run
     outputs = [run.dir / "base/final/model.safetensors", run.dir / "plan/plan.json", run.dir / "bundle/manifest.json",
@@ -34,6 +36,7 @@ def test_rerun_skips_finished_stages(finished_run):
     assert again["bundle"] == run.dir / "bundle"
 
 
+@pytest.mark.slow
 def test_changed_setting_of_a_finished_stage_is_refused(finished_run):
     run, _ = finished_run
     with pytest.raises(ValueError, match=r"setting 'k' differs .* delete .*plan .*prune .*finetune .*bundle to redo it"):
@@ -42,6 +45,7 @@ def test_changed_setting_of_a_finished_stage_is_refused(finished_run):
     assert Run(run.dir, overrides={"num_samples": 4}).config.num_samples == 4
 
 
+@pytest.mark.slow
 def test_group_runs_are_independent(finished_run, tmp_path):
     """Fine-tuning groups one at a time in separate runs gives what the all-groups run gave."""
     import shutil
@@ -60,6 +64,7 @@ def test_group_runs_are_independent(finished_run, tmp_path):
         Run(other, progress=False).finetune(group=2)
 
 
+@pytest.mark.slow
 def test_sample_command_takes_the_values_given(finished_run, tmp_path):
     """--steps / --num / --seed are used as given (never replaced by defaults); unset steps are min(50, T)."""
     from typer.testing import CliRunner

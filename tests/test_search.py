@@ -147,12 +147,11 @@ def test_unknown_proposer_lists_the_valid_names():
 # --- search ----------------------------------------------------------------------------------------
 
 
-def test_evolution_with_memory_beats_uniform(evolution, uniform, capsys):
+@pytest.mark.slow
+def test_evolution_with_memory_beats_uniform(evolution, uniform):
     result, _, _ = evolution
-    with capsys.disabled():
-        print(f"\nproxy score at 60% FLOPs: evolution {result.score:.4f}, uniform {uniform.score:.4f}")
     assert len(uniform.memory) == 1  # one distinct candidate, no wasted rounds
-    assert result.score <= uniform.score
+    assert result.score <= uniform.score, f"proxy score at 60% FLOPs: evolution {result.score}, uniform {uniform.score}"
     # The uniform shape is the evolution's first candidate: the same model and score as the baseline.
     assert result.memory.entries[0].decision == uniform.decision
     assert result.memory.entries[0].score == pytest.approx(uniform.score)
@@ -162,6 +161,7 @@ def test_evolution_with_memory_beats_uniform(evolution, uniform, capsys):
     assert later < first_round and result.score == later
 
 
+@pytest.mark.slow
 def test_result_flops_are_within_tolerance_of_the_budget(evolution, uniform, budget):
     for result in (evolution[0], uniform):
         measured = count_flops(result.model, SHAPE)
@@ -170,6 +170,7 @@ def test_result_flops_are_within_tolerance_of_the_budget(evolution, uniform, bud
     assert all(abs(e.flops - budget) <= 0.03 * budget for e in evolution[0].memory.entries)
 
 
+@pytest.mark.slow
 def test_search_is_deterministic(base, budget, proxy, evolution):
     first, _, _ = evolution
     again = search(base, budget, SHAPE, proxy, EVOLUTION, progress=False)
@@ -177,6 +178,7 @@ def test_search_is_deterministic(base, budget, proxy, evolution):
     assert [(e.decision, e.score) for e in again.memory.entries] == [(e.decision, e.score) for e in first.memory.entries]
 
 
+@pytest.mark.slow
 def test_memory_is_shown_logged_and_round_trips(evolution, tmp_path):
     result, spy, log_path = evolution
     per_round = [sum(e.round == r for e in result.memory.entries) for r in range(3)]
@@ -261,6 +263,7 @@ def test_llm_proposer_gets_the_task_context(base, budget, proxy, monkeypatch):
     assert "(no candidates evaluated yet)" in prompts[0] and f"{result.score:.4f}" in prompts[1]
 
 
+@pytest.mark.slow
 def test_llm_fallback_rounds_are_labelled_in_the_memory_bank(base, budget, proxy, monkeypatch):
     answers = iter([json.dumps({"decisions": [{"down_blocks.0": 0.4, "up_blocks.1": 0.2}]})])
 
@@ -279,6 +282,7 @@ def test_llm_fallback_rounds_are_labelled_in_the_memory_bank(base, budget, proxy
     assert proposer.fallbacks == 2
 
 
+@pytest.mark.slow
 def test_search_with_depth_proposes_and_remembers_layer_units(base, proxy, budget):
     """With depth on, the evolution proposer's decisions also keep/remove layers (0/1), the repair keeps them
     0/1, and the winner's removed layers are gone from its modules."""

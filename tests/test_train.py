@@ -13,6 +13,7 @@ from tdcdiff.train import TrainConfig, train
 FAST = dict(batch_size=32, lr=2e-3, warmup_steps=2, log_every=5, checkpoint_every=5)
 
 
+@pytest.mark.slow
 def test_a_few_steps_lower_the_loss(tmp_path, digits, scheduler, tiny_unet):
     result = train(tiny_unet, digits.images, scheduler, TrainConfig(steps=60, ema_decay=None, **FAST), tmp_path, progress=False)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -94,6 +95,7 @@ result = train(build_unet("digits-8"), load_dataset("digits").images, make_sched
 """
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_run(tmp_path):
     script = tmp_path / "two.py"
     script.write_text(TWO_PROCESS_SCRIPT)

@@ -1,8 +1,8 @@
 """Measure a set of models side by side: FID/KID, sampling FLOPs, sampling time, memory, training compute.
 
-Every number in the result states how it was measured (see DESIGN.md, "Evaluation protocol"): the sampler
-and step count, the sample count and seeds, the feature network and reference set, the FLOPs convention
-(2 x multiply-accumulates), and for times and memory the method. Times are ratios against the first model,
+Every number in the result states how it was measured (its "protocol" entry): the sampler and step count, the
+sample count and seeds, the feature network and reference set, the FLOPs convention (2 x multiply-accumulates),
+and for times and memory the method. Times are ratios against the first model,
 measured interleaved in the same process, because the machines this runs on are shared and noisy.
 """
 
@@ -134,7 +134,7 @@ def time_sampling(models: list, scheduler, *, sample_shape, sampler, steps, batc
     models: pipeline.SamplingModel runners (their fast path is what is timed). num_classes: the data's class
         count, for class-conditional models (each run samples class-balanced labels, see `balanced_labels`).
     clock: None: on a CPU, thread CPU time with one intra-op thread (latency.one_thread), which other processes
-        on a shared machine do not inflate (ECOSYSTEM-FACTS.md, timing); on a GPU, wall seconds (sampling
+        on a shared machine do not inflate (see latency's module doc); on a GPU, wall seconds (sampling
         returns images on the CPU, which waits for the GPU). Or any clock, e.g. time.perf_counter.
     Interleaved: there are repeats + 1 rounds and each round runs every model once, in order, with the round's
     seed (the same noise for every model); the first round warms caches and allocators up and is not counted,
@@ -169,14 +169,35 @@ BPD_SAMPLES = 16  # timestep strata per image in the bits/dim estimate: SE ~0.05
 def held_out_loss(model, images: torch.Tensor, scheduler, grouping=None, *, seed: int = 0,
                   labels: torch.Tensor | None = None) -> dict:
     """Denoising loss on images the model never trained on: the mean over all timesteps ("all") and over
-    each group of a grouping.Grouping ("group i"), from grouping.per_timestep_loss (100 evenly spaced t,
-    HELD_OUT_IMAGES images, fixed noise from `seed`). labels: the images' class ids (class-conditional models).
+    each group of a grouping.Grouping ("group i"), as grouping.per_timestep_loss measures it (100 evenly
+    spaced t, HELD_OUT_IMAGES images, fixed noise from `seed`). labels: the images' class ids
+    (class-conditional models). The means of held_out_loss_se.
     """
-    from .grouping import per_timestep_loss
+    return held_out_loss_se(model, images, scheduler, grouping, seed=seed, labels=labels)[0]
 
-    loss = per_timestep_loss(model, images, scheduler, images_per_point=HELD_OUT_IMAGES, seed=seed, labels=labels)
-    groups = grouping.groups if grouping is not None else []
-    return {"all": float(loss.mean()), **{f"group {g.index}": float(loss[g.start:g.end].mean()) for g in groups}}
+
+def held_out_loss_se(model, images: torch.Tensor, scheduler, grouping=None, *, seed: int = 0,
+                     labels: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """held_out_loss's means and their standard errors over images, from one measurement.
+
+    Returns (means, standard errors), each {"all": ..., "group i": ...}. A mean averages the log-interpolated
+    curve of the per-timestep mean loss (grouping.loss_curve); its standard error is that of the same average
+    taken over each image's own curve (sd over images / sqrt(images); NaN for one image).
+    """
+    from .grouping import loss_curve, per_image_loss
+
+    points, losses = per_image_loss(model, images, scheduler, images_per_point=HELD_OUT_IMAGES, seed=seed,
+                                    labels=labels)
+    num_train = scheduler.config.num_train_timesteps
+    losses = losses.double().numpy()  # [P timesteps, M images]
+    mean = loss_curve(points, losses.mean(1), num_train)
+    each = [loss_curve(points, image, num_train) for image in losses.T]
+    spans = {"all": slice(None), **{f"group {g.index}": slice(g.start, g.end)
+                                    for g in (grouping.groups if grouping is not None else [])}}
+    means = {key: float(mean[span].mean()) for key, span in spans.items()}
+    ses = {key: statistics.stdev(float(c[span].mean()) for c in each) / len(each) ** 0.5 if len(each) > 1
+           else float("nan") for key, span in spans.items()}
+    return means, ses
 
 
 def evaluate(
@@ -222,10 +243,10 @@ def evaluate(
         and batch (after one warm-up), interleaved across models; the median is reported.
     grid_dir: if given, a grid of each model's first-seed samples is written there as samples_<name>.png.
     held_out: images none of the models trained on; if given, each model's denoising loss on them is measured
-        (`held_out_loss`), overall and per group of loss_grouping (a grouping.Grouping, e.g. the TDC run's),
-        and so is the variational bound on their NLL in bits/dim (likelihood.nll_bound on the first
-        HELD_OUT_IMAGES of them), in total and per group, with standard errors and each model's paired
-        difference to the first model.
+        (`held_out_loss_se`: means and standard errors over images), overall and per group of loss_grouping
+        (a grouping.Grouping, e.g. the TDC run's), and so is the variational bound on their NLL in bits/dim
+        (likelihood.nll_bound on the first HELD_OUT_IMAGES of them), in total and per group, with standard
+        errors and each model's paired difference to the first model.
     num_classes, held_out_labels: for class-conditional models, the data's class count (samples are drawn
         class-balanced: class i % num_classes for image i) and the held-out images' class ids.
     bpd_samples: timestep strata per image in the bits/dim estimate (None: all T terms, N x T model calls).
@@ -288,8 +309,8 @@ def evaluate(
         })
         if held_out is not None:
             labels = None if held_out_labels is None else held_out_labels.to(device)
-            records[-1]["held_out_loss"] = held_out_loss(model, held_out.to(device), scheduler, loss_grouping,
-                                                         labels=labels)
+            records[-1]["held_out_loss"], records[-1]["held_out_loss_se"] = held_out_loss_se(
+                model, held_out.to(device), scheduler, loss_grouping, labels=labels)
             bounds.append(nll_bound(model, held_out[:HELD_OUT_IMAGES].to(device), scheduler, grouping=loss_grouping,
                                     samples=bpd_samples, variance=bpd_variance,
                                     labels=None if labels is None else labels[:HELD_OUT_IMAGES]))
@@ -340,16 +361,28 @@ def evaluate(
             "torch": torch.__version__,
             **({"held_out_loss": f"mean squared error of the training target on {min(len(held_out), HELD_OUT_IMAGES)} "
                                  "held-out images no model trained on, at 100 evenly spaced timesteps (interpolated "
-                                 "between), fixed noise; averaged over all timesteps and over each group",
+                                 "between), fixed noise; averaged over all timesteps and over each group; "
+                                 "held_out_loss_se: its standard error over images",
                 "held_out_loss_groups": [f"t {g.start}-{g.end - 1}" for g in loss_grouping.groups]
                                         if loss_grouping is not None else []}
                if held_out is not None else {}),
-            **({"held_out_bpd": bounds[0].method() + "; the same images, timesteps and noise for every model, so "
-                                "'vs_first' (the paired difference to the first model) usually has a smaller SE"}
+            **({"held_out_bpd": bounds[0].method() + _strata_note(bpd_samples, bounds[0]) + "; the same images, "
+                                "timesteps and noise for every model, so 'vs_first' (the paired difference to the "
+                                "first model) usually has a smaller SE"}
                if bounds else {}),
         },
         "models": records,
     }
+
+
+def _strata_note(samples: int | None, bound) -> str:
+    """How the bound's strata were counted: `samples` of equal log-SNR width (as far as whole timesteps allow),
+    also cut at the group edges (likelihood.timestep_strata)."""
+    if bound.exact:
+        return ""
+    edges = len(bound.grouping) - 1 if bound.grouping is not None else 0
+    return (f"; strata: {samples} of equal log-SNR width asked for (bpd_samples, evaluate.BPD_SAMPLES by default), "
+            f"also cut at the {edges} group edge(s): {bound.strata} in all")
 
 
 def pool(evaluations: list[dict], labels: list[str] | None = None) -> dict:

@@ -245,6 +245,12 @@ def per_timestep_loss(
     points = measured_timesteps(num_train, num_points)
     losses = [error.mean().item() for error in _squared_errors(model, images, scheduler, points, seed=seed,
                                                               images_per_point=images_per_point, labels=labels)]
+    return loss_curve(points, losses, num_train)
+
+
+def loss_curve(points: np.ndarray, losses, num_train: int) -> np.ndarray:
+    """A loss at every timestep 0..T-1 ([T]) from losses measured at `points` ([P], e.g. measured_timesteps),
+    interpolated in log space (the loss spans orders of magnitude along t)."""
     return np.exp(np.interp(np.arange(num_train), points, np.log(np.maximum(losses, 1e-12))))
 
 

@@ -10,6 +10,12 @@ ratio, or 1.0 for a removed layer), the change of the base's forward time at a b
 is estimated as base time + the sum of its units' changes (interpolated between measured levels); the final
 pruned model is then timed directly, since the changes are not exactly additive. A table is measured once per
 (architecture, sample shape, device, batch, torch version) and cached as JSON.
+
+A counted clock: with the environment variable TDCDIFF_CLOCK=flops, forward time is counted, not measured: a
+forward at batch B "takes" flops.count_flops x B / COUNTED_FLOPS_PER_SECOND seconds, so every time, ratio and
+latency table of this module is the same on any machine, idle or busy (the tests use it: a time budget's outcome
+must not depend on the machine). Its tables are cached apart from measured ones. It does not touch
+evaluate.time_sampling, which reports measured sampling time.
 """
 
 from __future__ import annotations
@@ -29,9 +35,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .flops import count_flops
 from .models import as_denoiser
 
 TABLE_VERSION = 1
+CLOCK_VARIABLE = "TDCDIFF_CLOCK"
+CLOCKS = ("measured", "flops")
+COUNTED_FLOPS_PER_SECOND = 1e9  # nominal: budgets and ratios are fractions, so only FLOPs ratios matter
+
+
+def clock() -> str:
+    """Where forward times come from: "measured" (unset $TDCDIFF_CLOCK: see the module doc) or "flops" (counted).
+
+    Raises ValueError naming the variable for any other value.
+    """
+    name = os.environ.get(CLOCK_VARIABLE) or "measured"
+    if name not in CLOCKS:
+        raise ValueError(f"{CLOCK_VARIABLE}={name!r} is not a clock; set it to 'flops' (forward time counted from "
+                         "FLOPs, the same on any machine) or unset it (measured time)")
+    return name
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -61,10 +83,16 @@ def architecture_hash(model: nn.Module, sample_shape: Sequence[int]) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
+def _timed_on(device: torch.device | str) -> str:
+    """The device name times are measured on, or the counted clock's name (its tables never mix with measured)."""
+    return f"counted:{COUNTED_FLOPS_PER_SECOND:g} FLOPs/s" if clock() == "flops" else device_name(device)
+
+
 def cache_key(model: nn.Module, sample_shape: Sequence[int], batch: int, device: torch.device | str) -> str:
-    """The cache key of a latency table: architecture hash + device name + batch + torch version."""
+    """The cache key of a latency table: architecture hash + device name (or the counted clock) + batch + torch
+    version."""
     arch = architecture_hash(model, sample_shape)
-    raw = f"{arch}|{device_name(device)}|{batch}|{torch.__version__}"
+    raw = f"{arch}|{_timed_on(device)}|{batch}|{torch.__version__}"
     return f"{arch}-b{batch}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
 
 
@@ -145,13 +173,16 @@ def compare(
     repeats: interleaved rounds; round r times the models in the order rotated by r. warmup: untimed forwards
         of each model first. min_seconds: each timing repeats the forward enough times to last about this long
         (calibrated on the first model), so that short forwards are not lost in timer resolution.
-    Raises ValueError for an empty list, batch < 1 or repeats < 1.
+    With $TDCDIFF_CLOCK=flops the times are counted instead (see the module doc): no forward runs.
+    Raises ValueError for an empty list, batch < 1, repeats < 1 or an unknown $TDCDIFF_CLOCK.
     """
     if not models:
         raise ValueError("compare() needs at least one model")
     if batch < 1 or repeats < 1:
         raise ValueError(f"batch and repeats must be >= 1, got batch={batch}, repeats={repeats}")
     denoisers = [as_denoiser(m).eval() for m in models]
+    if clock() == "flops":
+        return [[count_flops(d, sample_shape) * batch / COUNTED_FLOPS_PER_SECOND] * repeats for d in denoisers]
     device = device_of(denoisers[0])
     timer = _timer(device)
     runs = []
@@ -274,7 +305,7 @@ def measure_table(
         changed = True
         table = LatencyTable(
             key, forward_seconds(base, sample_shape, batch, repeats=repeats, warmup=warmup),
-            meta={"device": device_name(device), "batch": batch, "torch": torch.__version__,
+            meta={"device": _timed_on(device), "batch": batch, "torch": torch.__version__,
                   "sample_shape": list(sample_shape)},
         )
     for unit, levels in variants.items():

@@ -1,4 +1,5 @@
-"""FID / KID with a stated feature network (see DESIGN.md, "Evaluation protocol").
+"""FID (Heusel et al. 2017, arXiv:1706.08500) / KID (Binkowski et al. 2018, arXiv:1801.01401) with a stated
+feature network: values are comparable only under the same network, sample counts and reference set.
 
 No Inception weights can be downloaded here, so the default feature network is a small CNN classifier
 trained once per data set on its labels and cached (`feature_net_for`). A user holding the standard

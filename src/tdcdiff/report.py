@@ -45,7 +45,19 @@ def _si(flops: float) -> str:
 
 KID_NOTE = ("KID is the unbiased estimate of the squared kernel distance between the feature distributions: it "
             "can come out slightly negative, and a value near 0 (negative ones included) means the generated "
-            "and reference images are indistinguishable at this sample size.")
+            "and reference images are indistinguishable at this sample size. Its scale: raw, not x 1000 as papers "
+            "often print it; the squared MMD under torchmetrics' cubic polynomial kernel (x.y / d + 1)^3 on the same "
+            "d-dimensional features as FID, averaged over 100 random subsets of min(generated, reference, 1000) "
+            "images, so it compares only under the same feature network; ± is the sd over seeds.")
+
+
+def timing_note(results: dict) -> str:
+    """The line under the side-by-side table: which clock its time columns read, and how they were sampled."""
+    p = results["protocol"]
+    clock = ("wall-clock time on the GPU" if str(p.get("device", "")).startswith("cuda") else
+             "thread CPU time of one torch thread, not wall-clock time (other processes on a shared machine do not "
+             "inflate it)")
+    return f"Time columns (time ratio, images/s) read {clock}: {p['time'].split(': ', 1)[-1]}."
 
 
 def _bpd(stats: dict, sign: str = "") -> str:
@@ -90,7 +102,12 @@ def loss_rows(results: dict) -> list[dict[str, str]]:
     ranges = results["protocol"].get("held_out_loss_groups") or []  # None when the runs' groups differ
     column = {f"group {i}": f"group {i} ({r})" for i, r in enumerate(ranges)}
     first = models[0]["held_out_loss"]
-    return [{"model": m["name"], **{column.get(key, key): f"{value:.4f} ({value / first[key]:.2f}x)"
+
+    def cell(model: dict, key: str, value: float) -> str:
+        se = model.get("held_out_loss_se", {}).get(key)  # older results have no standard errors
+        return f"{value:.4f}{'' if se is None else f' ± {se:.4f}'} ({value / first[key]:.2f}x)"
+
+    return [{"model": m["name"], **{column.get(key, key): cell(m, key, value)
                                     for key, value in m["held_out_loss"].items()}} for m in models]
 
 
@@ -170,7 +187,9 @@ def verdicts(results: dict) -> list[str]:
                           f"{pair['mean']:+.2f}, {pair['confidence']:.0%} interval [{low:+.2f}, {high:+.2f}]; "
                           f"{b['name']} lower in {pair['b_lower']} of {len(b_scores)}")
                 if pair["tie"]:
-                    quality = f"a tie ({detail}: the interval includes 0)"
+                    quality = (f"a tie ({detail}: the interval includes 0; with {len(b_scores)} seeds and this spread "
+                               f"it could only have resolved a gap larger than {(high - low) / 2:.2f} FID either way, "
+                               "the interval's half-width)")
                 else:
                     better = "better" if pair["mean"] < 0 else "worse"
                     quality = f"{b['name']} is {better} ({detail}: the interval excludes 0)"
@@ -266,7 +285,8 @@ def expert_rows(run_dir: str | Path) -> list[dict[str, str]]:
             "budget": f"{s['fraction']:.1%} of {'time' if s['budget_unit'] == 'time' else 'FLOPs'}",
             "FLOPs": f"{s['flops_ratio']:.1%}",
             f"time (batch {s['latency_batch']})": f"{s['time_ratio']:.1%}",
-            "layers removed": str(sum(1 for k, v in s["decision"].items() if (".resnets." in k or ".attentions." in k) and v)),
+            "layers removed": str(sum(1 for k, v in s["decision"].items()
+                                      if (".resnets." in k or ".attentions." in k) and v)),
         })
     return rows
 
@@ -314,10 +334,14 @@ def write_report(out_dir: str | Path, results: dict, *, figures: list[tuple[str,
                    "shares and the prior add up to the total. ± is the standard error over images"
                    + ("; (sd ...) is the spread of the mean over the independent runs" if "runs" in p else "")
                    + f".</p>{_html_table(bpds)}") if bpds else ""
-    loss_section = (f"<h2>Held-out denoising loss</h2><p>{html.escape(p['held_out_loss'])}. In brackets: the ratio "
-                    f"to {html.escape(results['models'][0]['name'])}; below 1 is better. Unlike FID this shows "
-                    f"where along t a model gains or loses.</p>{_html_table(losses)}") if losses else ""
-    notes = "".join(f"<li><b>{html.escape(m['name'])}</b>: {html.escape(m['notes'] or '')}</li>" for m in results["models"])
+    loss_se = (". ± is the standard error over images" + ("; pooled, the mean of the runs' standard errors"
+                                                          if "runs" in p else "")
+               if "held_out_loss_se" in results["models"][0] else "")
+    loss_section = (f"<h2>Held-out denoising loss</h2><p>{html.escape(p['held_out_loss'])}{loss_se}. In brackets: "
+                    f"the ratio to {html.escape(results['models'][0]['name'])}; below 1 is better. Unlike FID this "
+                    f"shows where along t a model gains or loses.</p>{_html_table(losses)}") if losses else ""
+    notes = "".join(f"<li><b>{html.escape(m['name'])}</b>: {html.escape(m['notes'] or '')}</li>"
+                    for m in results["models"])
     method = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</dd>"
                      for k, v in p.items())
     plots = "".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(f)}"><figcaption>{html.escape(c)}'
@@ -330,18 +354,22 @@ table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #bbb; padding
 td:first-child, th:first-child {{ text-align: left; }} figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
 figcaption {{ font-size: 0.9em; color: #333; }} dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.5em 1em; }}
 </style></head><body>
-<h1>tdcdiff: {html.escape(" vs ".join(m["name"] for m in results["models"]))} on {html.escape(p['reference']['name'])}</h1>
+<h1>tdcdiff: {html.escape(" vs ".join(m["name"] for m in results["models"]))} on \
+{html.escape(p['reference']['name'])}</h1>
 <p><b>Protocol.</b> {html.escape(protocol_line(results))}</p>
 {"".join(f"<p>{html.escape(line)}</p>" for line in results.get("context", []))}
 <h2>Side by side</h2>
 {table}
+<p>{html.escape(timing_note(results))}</p>
 <p>{html.escape(KID_NOTE)}</p>
 <ul>{notes}</ul>
 <h2>Verdicts</h2>
 <ul>{"".join(f"<li>{html.escape(v)}</li>" for v in verdicts(results))}</ul>
 <p>Two models are compared seed by seed (the i-th FID of each shares its training run and sampling seed); a gap
-counts only when the 95% interval of the mean per-seed gap (paired t-test) excludes 0. Where the seeds are
-sampling seeds of one training run, a real gap says nothing about run-to-run variation.
+counts only when the 95% interval of the mean per-seed gap (paired t-test) excludes 0. A tie says only that the
+gap is smaller than the seeds could resolve: each tie states that gap, the interval's half-width (9.0 x the sd
+of the per-seed gaps with 2 seeds, 2.5 x with 3). Where the seeds are sampling seeds of one training run, a real
+gap says nothing about run-to-run variation.
 Times are measured, not derived from FLOPs: small networks on CPUs speed up much less than their FLOPs fall.</p>
 {expert_section}
 {bpd_section}
