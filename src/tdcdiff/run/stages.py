@@ -28,7 +28,7 @@ from ..bundle import save_bundle
 from ..files import atomic_write_text, sha256_file
 from ..flops import count_flops
 from ..grouping import make_groups, per_timestep_loss, plot_grouping
-from ..latency import time_ratios
+from ..latency import clock, time_ratios
 from ..metrics import check_reference
 from ..models import build_unet, check_finite, preset_for
 from ..pipeline import sample, save_grid
@@ -69,6 +69,7 @@ class Stages(RunInputs):
             config = replace(config, schedule_version=saved.schedule_version if saved else SCHEDULE_VERSION)
         config = with_pipeline_schedule(config)
         config.validate()
+        clock()  # a bad $TDCDIFF_CLOCK fails now, not at the prune stage after stage 1
         if saved is not None:
             check_unchanged(run_dir, saved, config)
         super().__init__(run_dir, config)
@@ -290,7 +291,7 @@ class Stages(RunInputs):
         return {
             "group": i, "budget": budget, "budget_unit": c.budget_unit, "fraction": plan.fractions[i],
             "flops": result.flops, "flops_ratio": result.flops / plan.base_flops,
-            "time_ratio": time_ratio, "latency_batch": c.latency_batch,
+            "time_ratio": time_ratio, "latency_batch": c.latency_batch, "clock": clock(),
             # the table's estimate of the search's winner (corrections are fitted on FLOPs, see the trail)
             "estimated_time_ratio": trail[0]["estimated_ratio"] if table is not None else None,
             "time_corrections": trail,
