@@ -195,7 +195,7 @@ def test_unusable_run_directory(tmp_path, monkeypatch, out, message):
 
 
 def test_read_only_outputs_are_refused_before_work(tmp_path, monkeypatch):
-    from tdcdiff import cli
+    from tdcdiff.cli import options as cli
 
     read_only = tmp_path / "ro"
     read_only.mkdir()

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from tdcdiff.budget import BudgetPlan, budget_fractions, difficulty_ranks, make_plan
-from tdcdiff.grouping import STRATEGIES, Grouping, make_groups, per_image_loss, per_timestep_loss, plot_grouping
+from tdcdiff.grouping import STRATEGIES, Grouping, make_groups
+from tdcdiff.losses import per_image_loss, per_timestep_loss
+from tdcdiff.plots import plot_grouping
 from tdcdiff.schedule import make_scheduler, snr_db
 
 

@@ -178,7 +178,7 @@ def test_evaluate_and_pool(digits, scheduler, feature_cache):
 
 
 def test_the_held_out_loss_keeps_its_mean_and_gets_a_standard_error_over_images(digits, scheduler):
-    from tdcdiff.grouping import per_timestep_loss
+    from tdcdiff.losses import per_timestep_loss
 
     grouping = make_groups("uniform", 2, scheduler)
     images = digits.images[:40]

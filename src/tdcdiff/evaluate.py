@@ -184,7 +184,7 @@ def held_out_loss_se(model, images: torch.Tensor, scheduler, grouping=None, *, s
     curve of the per-timestep mean loss (grouping.loss_curve); its standard error is that of the same average
     taken over each image's own curve (sd over images / sqrt(images); NaN for one image).
     """
-    from .grouping import loss_curve, per_image_loss
+    from .losses import loss_curve, per_image_loss
 
     points, losses = per_image_loss(model, images, scheduler, images_per_point=HELD_OUT_IMAGES, seed=seed,
                                     labels=labels)

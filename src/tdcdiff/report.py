@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 
 from .evaluate import slug
-from .plots import pyplot, save_figure
+from .files import atomic_write_text
+from .plots import plot_fid_vs_flops
 
 
 # -- numbers as text ---------------------------------------------------------------------------------
@@ -203,75 +204,6 @@ def verdicts(results: dict) -> list[str]:
     return sentences
 
 
-# -- plots -------------------------------------------------------------------------------------------
-def plot_fid_vs_flops(results: dict, path: str | Path) -> Path:
-    """Scatter of FID (mean, error bar = sd over seeds) against mean sampling FLOPs per image."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [m["sampling_flops"]["per_image"] / 1e6 for m in results["models"]]
-    for x, m in zip(xs, results["models"]):
-        ax.errorbar(x, m["fid"]["mean"], yerr=m["fid"]["sd"], fmt="o", capsize=4, label=m["name"])
-    ax.set_xlim(0, 1.08 * max(xs))  # from zero, so a 20% saving looks like one
-    ax.set_xlabel("sampling MFLOPs per image (2 x MACs)")
-    ax.set_ylabel("FID (lower is better)")
-    ax.set_title("quality against sampling cost")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def plot_budgets(plan: dict, manifest: dict, path: str | Path) -> Path:
-    """Bar chart per group: the planned FLOPs budget and the measured FLOPs of its expert, as fractions of F."""
-    import numpy as np
-
-    plt = pyplot()
-    base = plan["base_flops"]
-    budgets = np.array(plan["budgets"]) / base
-    measured = np.array(manifest["expert_flops"]) / base
-    x = np.arange(len(budgets))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(x - 0.2, budgets, 0.4, label="budget")
-    ax.bar(x + 0.2, measured, 0.4, label="measured")
-    for i, (b, m) in enumerate(zip(budgets, measured)):
-        ax.text(i + 0.2, m, f"{m / b - 1:+.1%}", ha="center", va="bottom", fontsize=8)
-    groups = plan["grouping"]["groups"]
-    ax.set_xticks(x, [f"G{g['index']}\nt {g['start']}-{g['end'] - 1}" for g in groups], fontsize=8)
-    ax.set_ylabel("FLOPs / base FLOPs")
-    how = "given fractions" if plan["k"] is None else f"k={plan['k']}, ordering '{plan['ordering']}'"
-    ax.set_title(f"FLOPs per group ({how})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def plot_loss_per_t(curves: dict, boundaries: list[int], path: str | Path) -> Path:
-    """Per-timestep denoising loss of each model (log scale) and each curve relative to the first.
-
-    curves: name -> array of T losses (grouping.per_timestep_loss); boundaries: group edges to draw.
-    """
-    import numpy as np
-
-    plt = pyplot()
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    (ref_name, ref), *_ = curves.items()
-    for name, loss in curves.items():
-        top.plot(loss, label=name, lw=1.2)
-        if name != ref_name:
-            bottom.plot(np.asarray(loss) / ref, label=f"{name} / {ref_name}", lw=1.2)
-    bottom.axhline(1.0, color="gray", lw=0.8)
-    for ax in (top, bottom):
-        for edge in boundaries[1:-1]:
-            ax.axvline(edge, color="tab:red", ls="--", lw=0.8)
-    top.set_yscale("log")
-    top.set_ylabel("denoising loss")
-    top.legend(fontsize=8)
-    bottom.set_ylabel("relative")
-    bottom.set_xlabel("timestep t")
-    bottom.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
 def expert_rows(run_dir: str | Path) -> list[dict[str, str]]:
     """One row per pruned expert of a run (from prune/summary_<i>.json): its budget, its FLOPs and its forward
     time measured side by side with the base, as fractions of the base's, and the layers it removed."""
@@ -299,33 +231,25 @@ def _html_table(rows: list[dict[str, str]]) -> str:
     return f"<table><tr>{header}</tr>{body}</table>"
 
 
-def write_report(out_dir: str | Path, results: dict, *, figures: list[tuple[str, str]] = (),
-                 experts: list[dict[str, str]] = ()) -> Path:
-    """Write report.html, results.json and the PNG plots into out_dir; returns the path of report.html.
-
-    out_dir: the report folder (created). results: an `evaluate` (or `evaluate.pool`) dict; each model's
-    `sample_grid`, if any, is copied in; an optional "context" list of sentences is shown under the protocol
-    (what the comparison can and cannot show). figures: more (file, caption) pairs already drawn into out_dir,
-    shown after the FID plot (a run's: run.run_figures). experts: rows of the pruned-experts table
-    (expert_rows). run.write_run_report gives both for a finished TDC run directory.
-    """
-    from .files import atomic_write_text
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _figures(results: dict, out_dir: Path, figures) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """Draw the FID plot and copy each model's sample grid into out_dir: the (file, caption) pairs to show, the
+    given figures among them, and model name -> its grid's file."""
     shown = [("fid_vs_flops.png", "FID (dot: mean, bar: sd over seeds) against the mean sampling FLOPs per "
                                   "image along the trajectory. Lower-left is better."), *figures]
     plot_fid_vs_flops(results, out_dir / shown[0][0])
-    grids = {}  # model name -> its sample grid, copied next to the page
+    grids = {}
     for m in results["models"]:
         if m.get("sample_grid"):
             grids[m["name"]] = name = f"samples_{slug(m['name'])}.png"
             if Path(m["sample_grid"]).resolve() != (out_dir / name).resolve():
                 shutil.copyfile(m["sample_grid"], out_dir / name)
             shown.append((name, f"Samples of {m['name']} (first sampling seed)."))
+    return shown, grids
 
+
+def _detail_sections(results: dict, experts: list[dict[str, str]]) -> str:
+    """The pruned-experts, held-out bits/dim and held-out loss sections (each only when there is something)."""
     p = results["protocol"]
-    table = _html_table(table_rows(results))
     expert_section = ("<h2>Pruned experts</h2><p>Each group's expert before fine-tuning: its budget, FLOPs and "
                       "forward time measured directly (thread CPU time or CUDA events, interleaved with the base, "
                       f"median ratio) as fractions of the base's.</p>{_html_table(experts)}") if experts else ""
@@ -341,6 +265,24 @@ def write_report(out_dir: str | Path, results: dict, *, figures: list[tuple[str,
     loss_section = (f"<h2>Held-out denoising loss</h2><p>{html.escape(p['held_out_loss'])}{loss_se}. In brackets: "
                     f"the ratio to {html.escape(results['models'][0]['name'])}; below 1 is better. Unlike FID this "
                     f"shows where along t a model gains or loses.</p>{_html_table(losses)}") if losses else ""
+    return "\n".join((expert_section, bpd_section, loss_section))
+
+
+def write_report(out_dir: str | Path, results: dict, *, figures: list[tuple[str, str]] = (),
+                 experts: list[dict[str, str]] = ()) -> Path:
+    """Write report.html, results.json and the PNG plots into out_dir; returns the path of report.html.
+
+    out_dir: the report folder (created). results: an `evaluate` (or `evaluate.pool`) dict; each model's
+    `sample_grid`, if any, is copied in; an optional "context" list of sentences is shown under the protocol
+    (what the comparison can and cannot show). figures: more (file, caption) pairs already drawn into out_dir,
+    shown after the FID plot (a run's: run.run_figures). experts: rows of the pruned-experts table
+    (expert_rows). run.write_run_report gives both for a finished TDC run directory.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shown, grids = _figures(results, out_dir, figures)
+    p = results["protocol"]
+    table = _html_table(table_rows(results))
     notes = "".join(f"<li><b>{html.escape(m['name'])}</b>: {html.escape(m['notes'] or '')}</li>"
                     for m in results["models"])
     method = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</dd>"
@@ -372,9 +314,7 @@ gap is smaller than the seeds could resolve: each tie states that gap, the inter
 of the per-seed gaps with 2 seeds, 2.5 x with 3). Where the seeds are sampling seeds of one training run, a real
 gap says nothing about run-to-run variation.
 Times are measured, not derived from FLOPs: small networks on CPUs speed up much less than their FLOPs fall.</p>
-{expert_section}
-{bpd_section}
-{loss_section}
+{_detail_sections(results, experts)}
 <h2>Plots</h2>
 {plots}
 <h2>How each number was measured</h2>

@@ -265,16 +265,18 @@ def flatten(settings: dict, prefix: str = "") -> dict:
 
 
 # -- reading settings from text ------------------------------------------------------------------------------
-def parse_settings(items: Sequence[str], option: str = "--set") -> dict:
+def parse_settings(items: Sequence[str], option: str = "--set", *, form: str = "KEY=VALUE",
+                   example: str = "") -> dict:
     """["base.steps=500", "k=0.3"] -> {"base.steps": 500, "k": 0.3}, for apply_overrides: values are read as YAML
     scalars or flow collections ("[0.5, 1]"), as a config file reads them; a later KEY wins.
-    Raises ValueError naming `option` for an item without "=", without a key, or with a value YAML cannot read.
+    Raises ValueError naming `option` (what it takes: `form`, e.g. `example`) for an item without "=", without a
+    key, or with a value YAML cannot read.
     """
     pairs = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not key.strip() or not sep:
-            raise ValueError(f"{option} takes KEY=VALUE, got {shown(item)}")
+            raise ValueError(f"{option} takes {form}, got {shown(item)}" + (f"; e.g. {example}" if example else ""))
         pairs[key.strip()] = _yaml_value(value, f"{option} {key.strip()}")
     return pairs
 

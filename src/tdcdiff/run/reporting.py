@@ -9,8 +9,10 @@ from pathlib import Path
 from ..bundle import MANIFEST, load_bundle
 from ..evaluate import ModelEntry, evaluate
 from ..files import sha256_file
-from ..grouping import Grouping, per_timestep_loss, plot_grouping
-from ..report import expert_rows, plot_budgets, plot_loss_per_t, write_report
+from ..grouping import Grouping
+from ..losses import per_timestep_loss
+from ..plots import plot_budgets, plot_grouping, plot_loss_per_t
+from ..report import expert_rows, write_report
 from ..serialization import ARCHITECTURE_FILE
 from ..settings import flatten
 from ..train import FINAL_DIR

@@ -27,11 +27,13 @@ from ..budget import (
 from ..bundle import save_bundle
 from ..files import atomic_write_text, sha256_file
 from ..flops import count_flops
-from ..grouping import make_groups, per_timestep_loss, plot_grouping
+from ..grouping import make_groups
 from ..latency import clock, time_ratios
+from ..losses import per_timestep_loss
 from ..metrics import check_reference
 from ..models import build_unet, check_finite, preset_for
 from ..pipeline import sample, save_grid
+from ..plots import plot_grouping
 from ..prune.fit import FitResult, fit_to_measured_time, measure_latency_table, smallest_fraction
 from ..prune.importance import get_importance
 from ..prune.proxy import Proxy, ProxyBatch

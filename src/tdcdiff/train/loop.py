@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..models import as_denoiser, check_denoiser, check_finite
+from ..progress import progress_bar
 from ..schedule import training_target
 from .batch import Batch, TrainingBatches, conditioning
 from .checkpoint import (
@@ -128,8 +129,6 @@ class Trainer:
 
     def prepare(self) -> None:
         """Hand the model, optimizer and projections to accelerate; move the rest to its device; open the log."""
-        from tqdm.auto import tqdm
-
         accelerator, c = self.accelerator, self.config
         device, main = accelerator.device, accelerator.is_main_process
         self.ddp_denoiser, self.optimizer = accelerator.prepare(self.denoiser, self.optimizer)
@@ -145,7 +144,7 @@ class Trainer:
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log = TrainingLog(self.out_dir / LOG_FILE if main else None, self.num_train)
-        self.bar = tqdm(total=c.steps, initial=self.start, desc=self.description, disable=not (self.progress and main))
+        self.bar = progress_bar(total=c.steps, initial=self.start, desc=self.description, enabled=self.progress and main)
 
     def run_loop(self) -> TrainResult:
         """Run the steps from `start` to config.steps, then `finish`."""

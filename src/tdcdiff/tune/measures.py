@@ -19,8 +19,9 @@ import torch
 from ..bundle import load_bundle
 from ..evaluate import BPD_SAMPLES, HELD_OUT_IMAGES, ModelEntry, evaluate, time_sampling
 from ..files import atomic_write_text, sha256_tree
-from ..grouping import make_groups, per_image_loss
+from ..grouping import make_groups
 from ..likelihood import nll_bound
+from ..losses import per_image_loss
 from ..pipeline import SamplingModel
 from ..router import Router
 from ..samplers import visited_timesteps

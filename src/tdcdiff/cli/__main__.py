@@ -1,0 +1,5 @@
+"""`python -m tdcdiff.cli`: the tdcdiff command."""
+
+from . import main
+
+main()

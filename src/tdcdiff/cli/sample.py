@@ -1,0 +1,124 @@
+"""`tdcdiff sample` (a grid from a bundle or the run's base) and `tdcdiff report` (a finished run's report)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .options import (
+    RUN_DEFAULT,
+    USER_ERRORS,
+    Quiet,
+    RunDir,
+    Sampler,
+    SampleSteps,
+    TrustBase,
+    check_options,
+    check_writable,
+    fail,
+    open_run,
+)
+
+SampleNum = Annotated[Optional[int], typer.Option("--num", help="Number of images to sample. [default: 64]")]
+SampleSeed = Annotated[Optional[int], typer.Option(help="Sampling seed: the initial noise and every stochastic step. "
+                                                        "[default: 0]")]
+
+
+def sample_command(
+    out: RunDir = Path(RUN_DEFAULT),
+    bundle: Annotated[Optional[Path], typer.Option(help="Sample from this bundle instead of the run's base model.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", help="PNG file for the grid. [default: samples.png for a bundle, else <run>/samples/base.png]")] = None,
+    sampler: Sampler = None, sample_steps: SampleSteps = None, num_samples: SampleNum = None, seed: SampleSeed = None,
+    class_id: Annotated[Optional[int], typer.Option(
+        "--class", help="Class id of every image (class-conditional models). [default: all classes in turn]")] = None,
+    guidance: Annotated[float, typer.Option(
+        "--guidance", help="Classifier-free guidance scale (1: none; needs a model trained with label dropout).")] = 1.0,
+    compile: Annotated[str, typer.Option(
+        "--compile", help="Sampling path: auto (trace diffusers models), none (eager), trace, inductor "
+        "(torch.compile).")] = "auto",
+    precision: Annotated[str, typer.Option(
+        "--precision", help="fp32, or bf16 autocast (faster only at large batches on CPUs with bf16 units; changes "
+        "images by about 1e-2).")] = "fp32",
+    base: TrustBase = None, quiet: Quiet = False,
+):
+    """Write a grid of samples from a bundle (--bundle) or from the run's base model.
+
+    Defaults: ddim, min(50, T) steps, 64 images, seed 0, written to samples.png (a bundle) or
+    <run>/samples/base.png; class-conditional models: all classes in turn.
+    """
+    from ..evaluate import balanced_labels
+    from ..pipeline import sample, save_grid
+    from ..run import lock_run_dir
+
+    try:
+        check_options(() if seed is None else (seed,), **{"--steps": (sample_steps, 1), "--num": (num_samples, 1)})
+        # A bundle's default is never inside the bundle: its manifest lists every file.
+        output = output or (Path("samples.png") if bundle is not None else out / "samples" / "base.png")
+        check_writable(output, "--output", directory=False)
+        if output.suffix.lower() != ".png":  # save_grid writes PNG: o.jpg would be a PNG under another name
+            raise ValueError(f"--output {output}: sample grids are written as PNG; give a path ending in .png")
+        if bundle is not None:
+            from ..base_model import trust_function
+            from ..bundle import load_bundle
+
+            trust_function(base)  # the bundle's experts may be of the class it returns
+            loaded = load_bundle(bundle)
+            model, scheduler, shape = loaded.router, loaded.scheduler, loaded.sample_shape
+            decode = loaded.pipeline().decode
+            null_class, data_classes = loaded.null_class, (loaded.manifest.get("conditioning") or {}).get("num_classes")
+        else:
+            run = open_run(out, None, not quiet, writes=False, base=base)
+            model, scheduler, shape, decode = run.base_model(), run.scheduler, run.sample_shape, run.decode
+            null_class, data_classes = run.null_class(model), run.data.num_classes
+        steps = min(50, scheduler.config.num_train_timesteps) if sample_steps is None else sample_steps
+        count = 64 if num_samples is None else num_samples
+        labels = class_id if class_id is not None else balanced_labels(model, count, data_classes)
+        # A grid written into a run directory is written by its one writer (a stage's cleanup would take a
+        # grid half-written beside it for a killed writer's temporary).
+        inside = output.resolve().is_relative_to(out.resolve())
+        with lock_run_dir(out) if inside else contextlib.nullcontext():
+            start = time.perf_counter()
+            result = sample(
+                model, scheduler, sample_shape=shape, sampler=sampler or "ddim", steps=steps,
+                num_images=count, seed=0 if seed is None else seed, progress=not quiet, class_labels=labels,
+                guidance_scale=guidance, null_class=null_class, num_classes=data_classes, compile=compile,
+                precision=precision, decode=decode,
+            )
+            seconds = time.perf_counter() - start
+            path = save_grid(result.images, output)
+    except USER_ERRORS as err:
+        fail(err)
+    except (MemoryError, RuntimeError) as err:  # torch on a CPU: RuntimeError "... can't allocate memory ..."
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        fail(f"not enough memory to sample --num {num_samples} images in one batch; lower --num")
+    flops = f", {model.trajectory_flops(result.timesteps) / 1e6:.1f} MFLOPs per image" if bundle is not None else ""
+    typer.echo(f"samples: {path} ({len(result.images)} images, {result.sampler} {result.steps} steps "
+               f"({result.timestep_spacing} spacing), seed {result.seed}{flops}; {len(result.images) / seconds:.1f} "
+               f"images/s wall-clock on path {result.compile}/{result.precision}, graph building included)")
+
+
+def report_command(
+    out: RunDir = Path(RUN_DEFAULT),
+    seeds: Annotated[Optional[list[int]], typer.Option(
+        "--seed", help="Sampling seed (repeat for several). [default: 0 1]")] = None,
+    num_samples: Annotated[Optional[int], typer.Option(
+        "--num", help="Images per model and seed for FID/KID. [default: 512]")] = None, sampler: Sampler = None, sample_steps: SampleSteps = None, base: TrustBase = None,
+    quiet: Quiet = False,
+):
+    """FID/KID, FLOPs, time, memory and training compute of the run's base vs its TDC bundle, as report.html."""
+    from ..run import report_for_run
+
+    try:
+        check_options(seeds or (), **{"--steps": (sample_steps, 1), "--num": (num_samples, 2)})
+        check_writable(out, "--out", directory=True)
+        path = report_for_run(out, seeds=tuple(seeds or (0, 1)), num_samples=512 if num_samples is None else num_samples,
+                              sampler=sampler, steps=sample_steps, progress=not quiet, base=base)
+    except USER_ERRORS as err:
+        fail(err)
+    typer.echo(f"report: {path}")

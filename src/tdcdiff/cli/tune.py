@@ -1,0 +1,115 @@
+"""`tdcdiff tune`: the quality-speed frontier of one base, the fastest candidate as good as it, its cost."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..settings import parse_settings
+from .options import (
+    USER_ERRORS,
+    BaseSteps,
+    BatchSize,
+    Candidates,
+    ConfigFile,
+    Data,
+    FtLr,
+    ImageSize,
+    Quiet,
+    Rounds,
+    Sampler,
+    SampleSteps,
+    Seed,
+    TrustBase,
+    as_flag,
+    fail,
+    overrides,
+    settings_flags,
+)
+
+
+def tune_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Tune directory: the plan, candidates, tables, plot and chosen bundle.")] = Path("runs/tune"),
+    base_from: Annotated[Optional[Path], typer.Option("--base-from", help="Start from this run directory's trained stage-1 base instead of training one.")] = None,
+    config: ConfigFile = None, data: Data = None, image_size: ImageSize = None, base_steps: BaseSteps = None,
+    batch_size: BatchSize = None, finetune_lr: FtLr = None, rounds: Rounds = None, candidates: Candidates = None,
+    sampler: Sampler = None, sample_steps: SampleSteps = None, seed: Seed = None, base: TrustBase = None,
+    tune_steps: Annotated[int, typer.Option("--tune-steps", help="Each candidate's training compute: this many stage-2 steps of the base model (FLOPs).")] = 1000,
+    width: Annotated[Optional[list[float]], typer.Option("--width", help="Uniform-pruning level, fraction of the base's FLOPs (repeat; default 0.8 0.6 0.4).")] = None,
+    k: Annotated[Optional[list[float]], typer.Option("-k", "--k", help="TDC budget slope k (repeat; default 0.1 0.3 0.5).")] = None,
+    groups: Annotated[Optional[list[int]], typer.Option("--groups", "-n", help="TDC number of groups N (repeat; default 2 4).")] = None,
+    grouping: Annotated[Optional[list[str]], typer.Option("--grouping", help="TDC grouping: snr, uniform, loss (repeat; default snr).")] = None,
+    variant: Annotated[Optional[list[str]], typer.Option("--variant", help="Also try every TDC grid point with these settings, KEY=VALUE[,KEY=VALUE] (repeat), e.g. finetune.mix_fraction=0.2.")] = None,
+    time_budget: Annotated[Optional[list[float]], typer.Option("--time-budget", help="Also TDC candidates whose mean sampling time is this fraction of the base's, measured (repeat, e.g. --time-budget 0.8 --time-budget 0.6).")] = None,
+    uniform_time_budget: Annotated[Optional[list[float]], typer.Option("--uniform-time-budget", help="Also uniform pruning fitted to this fraction of the base's measured forward time (repeat).")] = None,
+    depth: Annotated[bool, typer.Option("--depth", help="Also try every TDC candidate with depth pruning (whole layers kept or removed).")] = False,
+    curves: Annotated[bool, typer.Option("--curves", help="Also, per TDC grid point, the same mean budget split across groups by measured quality curves (budget.allocate_from_curves).")] = False,
+    curve_objective: Annotated[Optional[list[str]], typer.Option("--curve-objective", help="With --curves: what the allocation minimises, one candidate each (repeat): share (the measure's total change) or relative (each group's measure relative to the base's, weighted by its timesteps); default share.")] = None,
+    curve_steps: Annotated[int, typer.Option("--curve-steps", help="With --curves: stage-2 steps behind each point of a group's curve (counted in the candidate's compute).")] = 50,
+    candidate: Annotated[Optional[int], typer.Option("--candidate", help="Train only this candidate (0-based, see candidates.json), e.g. one job each.")] = None,
+    screening: Annotated[str, typer.Option("--screening", help="What ranks candidates before FID (finalists, --max-quality-loss): loss (held-out denoising loss) or bpd (held-out bits/dim bound); the other is shown beside it.")] = "loss",
+    finalists: Annotated[int, typer.Option(help="Candidates (best by the screening measure) that get paired-seed FID/KID.")] = 3,
+    fid_seeds: Annotated[int, typer.Option("--fid-seeds", help="Sampling seeds for FID/KID (>= 2: the paired rule).")] = 3,
+    fid_samples: Annotated[int, typer.Option("--fid-samples", help="Images per model and seed for FID/KID.")] = 512,
+    batch: Annotated[int, typer.Option("--batch", help="Your sampling batch size: the frontier's time axis.")] = 64,
+    max_quality_loss: Annotated[Optional[float], typer.Option("--max-quality-loss", help="Also accept a candidate at most this much worse than the base on the screening measure (--screening; relative, 0.02 = 2%).")] = None,
+    price_per_hour: Annotated[Optional[float], typer.Option("--price-per-hour", help="Machine price per hour: adds the cost per 1,000 images before and after.")] = None,
+    quiet: Quiet = False,
+):
+    """The quality-speed frontier of one base and the fastest candidate as good as it, with its cost and return.
+
+    Every candidate (the base fine-tuned, uniform widths by FLOPs or measured time, TDC over k, N and grouping,
+    by time budget, with depth pruning, or with budgets from measured curves) gets the same training compute; all
+    are screened on held-out images (denoising loss or bits/dim, paired), the best few get paired-seed FID/KID.
+    Writes frontier.png, table.csv, results.json, cost.csv, return.csv and chosen/ into the tune directory.
+    Rerunning skips finished candidates.
+    """
+    from ..tune import Tune, TuneConfig, candidate_list, check_candidate, cost_rows, format_rows, table_rows
+
+    flags = {k_: v for k_, v in settings_flags(locals()).items() if k_ not in ("k", "groups", "grouping", "depth")}
+    settings = TuneConfig(tune_steps=tune_steps, screening=screening, finalists=finalists, fid_seeds=fid_seeds,
+                          fid_samples=fid_samples, batch=batch, max_quality_loss=max_quality_loss, price_per_hour=price_per_hour, depth=depth,
+                          curves=curves, curve_steps=curve_steps)
+    for name, value in (("widths", width), ("ks", k), ("groups", groups), ("groupings", grouping),
+                        ("time_budgets", time_budget), ("uniform_time_budgets", uniform_time_budget),
+                        ("curve_objectives", curve_objective)):
+        if value:
+            settings = replace(settings, **{name: tuple(value)})
+    if curve_objective and not curves:  # even the default "share": what was asked for would not happen
+        fail("--curve-objective chooses how --curves candidates allocate: add --curves")
+    try:
+        if variant:
+            settings = replace(settings, tdc_variants=({}, *(
+                parse_settings(v.split(","), "--variant", form="KEY=VALUE[,KEY=VALUE...]",
+                               example="finetune.mix_fraction=0.2") for v in variant)))
+        if candidate is not None:  # before Tune, which copies --base-from into the tune directory
+            settings.validate()
+            check_candidate(candidate, candidate_list(settings), out / "candidates.json")
+        try:
+            tune = Tune(out, settings, overrides=overrides(config, **flags), base_from=base_from, progress=not quiet)
+        except ValueError as err:  # the base run's settings: name the flag given, as _open_run does
+            err.args = (as_flag(str(err), flags),)
+            raise
+        if candidate is not None:
+            record = tune.run_candidate(candidate)
+            typer.echo(f"candidate {candidate} ({record['name']}): "
+                       + (f"failed: {record['failed']}" if "failed" in record else f"{out / record['dir']}"))
+            return
+        results = tune.run_all()
+    except USER_ERRORS as err:
+        fail(err)
+    typer.echo("\n" + format_rows(table_rows(results["rows"], results["choice"]["name"], results["screening_measure"]["key"])))
+    for item in results["failed"]:
+        typer.echo(f"failed: {item['name']}: {item['failed']}")
+    typer.echo(f"screening: {results['screening_measure']['name']}; time: {results['time']}")
+    typer.echo(f"chosen: {results['choice']['name'] or 'none'}: {results['choice']['reason']}")
+    if "cost" in results:
+        phases, returns = cost_rows(results["cost"], price_per_hour is not None)
+        typer.echo("\n" + format_rows(phases) + "\n\n" + format_rows(returns))
+        if results["cost"]["tuning_cost"] is not None:
+            typer.echo(f"tuning cost at {price_per_hour:g} per hour: {results['cost']['tuning_cost']:.4f}")
+    typer.echo(f"\nfrontier: {out / 'frontier.png'}  table: {out / 'table.csv'}  cost: {out / 'cost.csv'}, {out / 'return.csv'}"
+               + (f"  chosen bundle: {out / 'chosen'}" if results["choice"]["name"] else ""))
