@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .samplers import describe_samplers
+
 app = typer.Typer(
     help="TDC training with proxy-based pruning: a right-sized diffusion denoiser for each group of timesteps.\n\n"
     "Start with `tdcdiff run` (the whole method on scikit-learn digits, a few minutes on a laptop CPU).",
@@ -92,7 +94,7 @@ FtLr = Annotated[Optional[float], typer.Option("--finetune-lr", help="Stage-2 pe
 Mix = Annotated[Optional[float], typer.Option("--mix", help="Fraction of each stage-2 batch drawn from all timesteps (0: group only, as in the paper).")]
 Distill = Annotated[Optional[float], typer.Option("--distill", help="Weight of distillation from the base model in stage 2 (0: none).")]
 FeatureDistill = Annotated[Optional[float], typer.Option("--feature-distill", help="Weight of feature distillation (block outputs, via learned projections) from the base model in stage 2 (0: none).")]
-Sampler = Annotated[Optional[str], typer.Option(help="Sampler: ddpm, ddim, dpm-solver++.")]
+Sampler = Annotated[Optional[str], typer.Option(help=f"Sampler: {describe_samplers()}.")]
 SampleSteps = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps.")]
 NumSamples = Annotated[Optional[int], typer.Option("--num", help="Number of images to sample.")]
 Seed = Annotated[Optional[int], typer.Option(help="Seed of the whole run.")]
@@ -334,6 +336,12 @@ def sample_command(
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (1: none; needs a model trained with label dropout).")] = 1.0,
     compile: Annotated[str, typer.Option("--compile", help="Sampling path: auto (trace diffusers models), none (eager), trace, inductor (torch.compile).")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16 autocast (faster only at large batches on CPUs with bf16 units; changes images by about 1e-2).")] = "fp32",
+    cache_interval: Annotated[int, typer.Option(
+        "--cache-interval", help="Feature caching (DeepCache, UNet2DModel denoisers): one full UNet pass every N "
+        "steps, only the shallow branch in between (1: off).")] = 1,
+    cache_depth: Annotated[Optional[int], typer.Option(
+        "--cache-depth", help="Depth of the shallow branch that feature caching runs: 1 (the shallowest, fastest; "
+        "default) up to the UNet's levels.")] = None,
     base: TrustBase = None, quiet: Quiet = False,
 ):
     """Write a grid of samples from a bundle (--bundle) or from the run's base model.
@@ -345,11 +353,14 @@ def sample_command(
     import time
 
     from .evaluate import balanced_labels
+    from .feature_cache import check_cache_settings
     from .pipeline import sample, save_grid
     from .run import lock_run_dir
 
     try:
-        _check_options(() if seed is None else (seed,), **{"--steps": (sample_steps, 1), "--num": (num_samples, 1)})
+        _check_options(() if seed is None else (seed,), **{"--steps": (sample_steps, 1), "--num": (num_samples, 1),
+                                                            "--cache-interval": (cache_interval, 1)})
+        check_cache_settings(cache_interval, cache_depth)
         # A bundle's default is never inside the bundle: its manifest lists every file.
         output = output or (Path("samples.png") if bundle is not None else out / "samples" / "base.png")
         _check_writable(output, "--output", directory=False)
@@ -380,7 +391,7 @@ def sample_command(
                 model, scheduler, sample_shape=shape, sampler=sampler or "ddim", steps=steps,
                 num_images=count, seed=0 if seed is None else seed, progress=not quiet, class_labels=labels,
                 guidance_scale=guidance, null_class=null_class, num_classes=data_classes, compile=compile,
-                precision=precision, decode=decode,
+                precision=precision, cache_interval=cache_interval, cache_depth=cache_depth, decode=decode,
             )
             seconds = time.perf_counter() - start
             path = save_grid(result.images, output)
@@ -391,6 +402,9 @@ def sample_command(
             raise
         _fail(f"not enough memory to sample --num {num_samples} images in one batch; lower --num")
     flops = f", {model.trajectory_flops(result.timesteps) / 1e6:.1f} MFLOPs per image" if bundle is not None else ""
+    if result.cache_depth is not None:  # trajectory_flops counts full passes: a cached step costs less
+        flops = (f", feature cache: a full pass every {result.cache_interval} steps, the depth-{result.cache_depth} "
+                 f"shallow branch alone at {len(result.shallow_steps)} of {result.steps} steps")
     typer.echo(f"samples: {path} ({len(result.images)} images, {result.sampler} {result.steps} steps "
                f"({result.timestep_spacing} spacing), seed {result.seed}{flops}; {len(result.images) / seconds:.1f} "
                f"images/s wall-clock on path {result.compile}/{result.precision}, graph building included)")
