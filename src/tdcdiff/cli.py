@@ -401,13 +401,18 @@ def sample_command(
         if not isinstance(err, MemoryError) and "allocate" not in str(err):
             raise
         _fail(f"not enough memory to sample --num {num_samples} images in one batch; lower --num")
-    flops = f", {model.trajectory_flops(result.timesteps) / 1e6:.1f} MFLOPs per image" if bundle is not None else ""
+    typer.echo(_sample_summary(path, result, model if bundle is not None else None, seconds))
+
+
+def _sample_summary(path: Path, result, router, seconds: float) -> str:
+    """`tdcdiff sample`'s line: what was sampled how, a bundle's FLOPs per image (router given), and the speed."""
+    flops = f", {router.trajectory_flops(result.timesteps) / 1e6:.1f} MFLOPs per image" if router is not None else ""
     if result.cache_depth is not None:  # trajectory_flops counts full passes: a cached step costs less
         flops = (f", feature cache: a full pass every {result.cache_interval} steps, the depth-{result.cache_depth} "
                  f"shallow branch alone at {len(result.shallow_steps)} of {result.steps} steps")
-    typer.echo(f"samples: {path} ({len(result.images)} images, {result.sampler} {result.steps} steps "
-               f"({result.timestep_spacing} spacing), seed {result.seed}{flops}; {len(result.images) / seconds:.1f} "
-               f"images/s wall-clock on path {result.compile}/{result.precision}, graph building included)")
+    return (f"samples: {path} ({len(result.images)} images, {result.sampler} {result.steps} steps "
+            f"({result.timestep_spacing} spacing), seed {result.seed}{flops}; {len(result.images) / seconds:.1f} "
+            f"images/s wall-clock on path {result.compile}/{result.precision}, graph building included)")
 
 
 @app.command("report")

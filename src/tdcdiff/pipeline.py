@@ -216,7 +216,8 @@ class SamplingModel:
     precision: "fp32", or "bf16" for bf16 autocast (faster at large batches on CPUs with bf16 units, slower
         at batch 1; outputs change by about 1e-2, so never the default).
     `compile`/`precision` say what runs ("trace", "none", or e.g. "trace+none" when experts differ or a graph
-    fell back to eager).
+    fell back to eager). Feature caching (`prepare_cache`, then a FeatureCache per trajectory) runs each expert's
+    full and shallow passes (feature_cache.py) on the expert's path: both are traced as the expert would be.
 
     Measured (bench/fast_path.py, DDIM-50, one CPU thread; speedup over eager): digits-8 base, batch 1 / 64:
     trace 2.03x / 1.24x (images identical), inductor 1.44x / 1.27x (images up to ~1e-4 apart, 10-40x longer to
@@ -302,6 +303,19 @@ class SamplingModel:
             return expert(*inputs, with_variance=with_variance)
 
 
+def _check_model(model: nn.Module, train_scheduler, sample_shape: tuple[int, int, int]) -> None:
+    """A router's groups must cover the schedule's T, and the model must take the data's channels and size."""
+    grouping = getattr(model, "grouping", None)
+    num_train = train_scheduler.config.num_train_timesteps
+    if grouping is not None and grouping.num_train_timesteps != num_train:
+        raise ValueError(
+            f"the scheduler has T={num_train} training timesteps but the router's groups cover "
+            f"T={grouping.num_train_timesteps}; sample with the bundle's own scheduler"
+        )
+    check_denoiser(model, sample_shape)
+    _check_sample_size(model, sample_shape)
+
+
 def _trajectory(runner: SamplingModel, scheduler, x: torch.Tensor, visited: list[int], labels, *, sampler: str,
                 train_scheduler, generator: torch.Generator, cache: FeatureCache | None, bar, **guidance):
     """One batch's denoising, from the noise x at visited[0] to x0. Returns (x0, the scheduler): DDPM's becomes its
@@ -372,38 +386,28 @@ def sample(
     num_classes: the data's class count, when known: labels must be 0..num_classes-1 (and never null_class).
     guidance_scale: classifier-free guidance weight (1: none); needs null_class, the id the model was trained
         with for dropped labels.
-    A model that outputs 2C channels (learned variance) gives DDPM its variance half; the other samplers use only
-    the first C channels.
+    A 2C-channel (learned-variance) model gives DDPM its variance half; the other samplers use the first C.
     compile, precision: the sampling path (see SamplingModel); "auto"/"fp32" give eager-identical images.
-    cache_interval, cache_depth: feature caching (DeepCache, feature_cache.py) for UNet2DModel denoisers and
-        routers of them: one full pass every cache_interval steps (>= 1; 1, the default: no caching) and, in
-        between, the shallow branch of depth cache_depth (1..the UNet's levels; default 1, the shallowest) on the
-        deep features of the last full pass; a step whose expert (group) is not the cached one runs a full pass.
-        Works on every sampling path (each pass is traced as the model is). Raises ValueError for other models.
+    cache_interval, cache_depth: feature caching (DeepCache, feature_cache.py) of UNet2DModels and routers of them:
+        a full pass every cache_interval steps (1, the default: none), between them the shallow branch of depth
+        cache_depth (1..the UNet's levels; default 1) on the last full pass's deep features; a step of another
+        expert (group) than the cached one runs a full pass. Traced as the model is; ValueError for other models.
     decode: for latent diffusion, maps the final latents (sample_shape) to images in [-1, 1] (latent.Decoder);
         the images are then decoded, and the latents are not clamped.
     """
     from tqdm.auto import tqdm
 
     sampler_kind(sampler)
-    num_train = train_scheduler.config.num_train_timesteps
-    visited = visited_timesteps(steps, num_train)
+    visited = visited_timesteps(steps, train_scheduler.config.num_train_timesteps)
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
     depth = check_cache_settings(cache_interval, cache_depth)
     check_sampling_schedule(train_scheduler)
     runner = model if isinstance(model, SamplingModel) else None
     model = runner.model if runner is not None else model
-    grouping = getattr(model, "grouping", None)
-    if grouping is not None and grouping.num_train_timesteps != num_train:
-        raise ValueError(
-            f"the scheduler has T={num_train} training timesteps but the router's groups cover "
-            f"T={grouping.num_train_timesteps}; sample with the bundle's own scheduler"
-        )
+    _check_model(model, train_scheduler, sample_shape)
     labels = _class_labels(model, class_labels, num_images, guidance_scale, null_class, num_classes)
     scheduler = make_sampler(sampler, train_scheduler)
-    check_denoiser(model, sample_shape)
-    _check_sample_size(model, sample_shape)
     runner = runner or SamplingModel(model, compile, precision)
     if depth is not None:
         runner.prepare_cache(depth)
