@@ -92,6 +92,7 @@ def test_interval_one_is_exactly_the_uncached_sampler(tiny_unet, scheduler):
                        sample(tiny_unet, scheduler, **one_step).images)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddim", "unipc"])
 def test_cached_sampling_visits_full_passes_every_interval_on_every_path(sampler, tiny_unet, scheduler):
     kwargs = dict(sample_shape=SHAPE, sampler=sampler, steps=7, num_images=5, batch_size=2, cache_interval=3,
@@ -122,6 +123,7 @@ def test_a_router_step_in_another_group_runs_a_full_pass(scheduler):
     assert result.shallow_steps == [874, 749, 374, 249]
 
 
+@pytest.mark.slow
 def test_pruned_and_depth_reduced_unets_cache(scheduler):
     from tdcdiff.prune.engine import prune
 
@@ -143,6 +145,7 @@ def test_pruned_and_depth_reduced_unets_cache(scheduler):
             assert torch.isfinite(result.images).all() and result.compile == "trace"
 
 
+@pytest.mark.slow
 def test_class_conditional_learned_variance_unet_with_guidance_caches(scheduler):
     unet = deeper_unet(out_channels=2, num_class_embeds=4)
     kwargs = dict(sample_shape=SHAPE, sampler="ddpm", steps=4, num_images=3, class_labels=[0, 1, 2],
