@@ -49,7 +49,7 @@ from tdcdiff.files import atomic_write_text, resolve_inside, sha256_tree
 from tdcdiff.prune.fit import uniform_fit
 from tdcdiff.report import bpd_rows, format_table, loss_rows, verdicts
 from tdcdiff.run import RunConfig, apply_overrides, parse_settings, write_run_report
-from tdcdiff.samplers import visited_timesteps
+from tdcdiff.samplers import SAMPLERS, visited_timesteps
 from tdcdiff.serialization import load_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -318,7 +318,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--swap-experts", action="store_true",
                    help="diagnostic: also evaluate TDC with each group's expert replaced by the single model, one "
                         "group at a time (which expert costs or gains FID)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm-solver++"), help="sampler for FID and timing")
+    p.add_argument("--sampler", choices=SAMPLERS, help="sampler for FID and timing")
     p.add_argument("--sample-steps", type=int, help="sampling steps for FID and timing")
     p.add_argument("--feature-cache", type=Path, help="FID feature-classifier cache (default: ~/.cache/tdcdiff/features)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

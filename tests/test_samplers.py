@@ -15,7 +15,7 @@ from torch import nn
 from tdcdiff.grouping import make_groups
 from tdcdiff.pipeline import SAMPLERS, TIMESTEP_SPACING, sample
 from tdcdiff.router import Router
-from tdcdiff.samplers import make_sampler, visited_timesteps
+from tdcdiff.samplers import ZERO_SNR_ALPHA_BAR, make_sampler, step_takes_generator, visited_timesteps
 from tdcdiff.schedule import make_scheduler
 
 MU, SD = 0.5, 0.2
@@ -118,15 +118,91 @@ def reference_dpm_solver(x, visited, kind, model_levels, levels, clip, generator
         previous = (x0, h)
 
 
-REFERENCES = {"ddpm": reference_ddpm, "ddim": reference_ddim, "dpm-solver++": reference_dpm_solver}
+def _log_snr(levels, visited):
+    """lambda = log(alpha / sigma) at each visited timestep, and +inf after the last (sigma = 0: x0)."""
+    return [0.5 * torch.log(levels[t] / (1 - levels[t])) for t in visited] + [torch.tensor(float("inf"))]
+
+
+def reference_unipc(x, visited, kind, model_levels, levels, clip, generator):
+    """UniPC with B(h) = e^h - 1 ("bh2") on the data prediction x0 (Zhao et al. 2023, algorithms 1-2, in
+    diffusers' form): each step's model output first corrects the state it was computed at (UniC, from the state
+    before the last predictor step), then the predictor (UniP) steps on from the corrected state. UniP is of order
+    1 at the first and last steps and 2 between, UniC of the order of the UniP step before it. With the points'
+    log-SNR ratios r, the orders' coefficients a solve the Vandermonde system R a = g / B(h), g_k = k! h phi_{k+1}(h)
+    (the phi functions of exponential integrators, at hh = -h); UniP-2 and UniC-1 take a = 1/2 (diffusers' choice).
+    The last UniP step, order 1 to sigma = 0, returns the model's x0."""
+    n = len(visited)
+    alpha = [levels[t].sqrt() for t in visited] + [torch.tensor(1.0, dtype=torch.float64)]
+    sigma = [(1 - levels[t]).sqrt() for t in visited] + [torch.tensor(0.0, dtype=torch.float64)]
+    lam = _log_snr(levels, visited)
+    m = []  # the model's x0 at each step
+
+    def base(i, j, state):  # the first-order (DDIM) step from point i to point j, with B(h) = e^(-h) - 1
+        b = torch.expm1(-(lam[j] - lam[i]))
+        return sigma[j] / sigma[i] * state - alpha[j] * b * m[i], b
+
+    corrected_from, order = None, 0
+    for i, t in enumerate(visited):
+        x0, _ = to_x0_eps(kind, levels[t], x, exact_output(kind, model_levels[t], x))
+        m.append(x0)
+        if corrected_from is not None:  # UniC: from point i-1's corrected state to point i, with m[i]
+            x, b = base(i - 1, i, corrected_from)
+            hh = -(lam[i] - lam[i - 1])
+            g1 = torch.expm1(hh) / hh - 1  # hh phi_2(hh)
+            if order == 1:
+                x = x - alpha[i] * b * 0.5 * (m[i] - m[i - 1])
+            else:
+                g2 = g1 / hh - 0.5  # hh phi_3(hh)
+                r = (lam[i - 2] - lam[i - 1]) / (lam[i] - lam[i - 1])
+                b1, b2 = g1 / b, 2 * g2 / b
+                a1 = (b1 - b2) / (1 - r)  # [[1, 1], [r, 1]] (a1, a2) = (b1, b2)
+                x = x - alpha[i] * b * (a1 * (m[i - 2] - m[i - 1]) / r + (b1 - a1) * (m[i] - m[i - 1]))
+        order = 1 if i in (0, n - 1) else 2
+        corrected_from = x
+        x, b = base(i, i + 1, x)  # UniP
+        if order == 2:
+            r = (lam[i - 1] - lam[i]) / (lam[i + 1] - lam[i])
+            x = x - alpha[i + 1] * b * 0.5 * (m[i - 1] - m[i]) / r
+    return x
+
+
+def reference_deis(x, visited, kind, model_levels, levels, clip, generator):
+    """DEIS with the exponential integrator in rho = sigma / alpha (Zhang & Chen 2023, eq. 15, "rho AB-DEIS"):
+    x / alpha moves by the integral of epsilon over rho, and epsilon is extrapolated from the last two steps by a
+    Lagrange polynomial in log rho (diffusers' "logrho"), order 2; first order at the first step, and at the last,
+    to rho = 0, where x / alpha - rho_s eps is the model's x0."""
+    rho = [((1 - levels[t]) / levels[t]).sqrt() for t in visited]
+
+    def integral(upper, lower, log_c):  # of (log rho - log_c) d rho, from lower to upper
+        return upper * (upper.log() - 1 - log_c) - lower * (lower.log() - 1 - log_c)
+
+    previous = None
+    for i, t in enumerate(visited):
+        x0, eps = to_x0_eps(kind, levels[t], x, exact_output(kind, model_levels[t], x))
+        if i + 1 == len(visited):
+            return x0
+        a_next = levels[visited[i + 1]].sqrt()
+        if previous is None:
+            x = a_next * (x / levels[t].sqrt() + (rho[i + 1] - rho[i]) * eps)
+        else:
+            log_now, log_before = rho[i].log(), rho[i - 1].log()
+            c_now = integral(rho[i + 1], rho[i], log_before) / (log_now - log_before)
+            c_before = integral(rho[i + 1], rho[i], log_now) / (log_before - log_now)
+            x = a_next * (x / levels[t].sqrt() + c_now * eps + c_before * previous)
+        previous = eps
+
+
+REFERENCES = {"ddpm": reference_ddpm, "ddim": reference_ddim, "dpm-solver++": reference_dpm_solver,
+              "unipc": reference_unipc, "deis": reference_deis}
+# diffusers' multistep solvers put a zero terminal alpha_bar at 2**-24, so their sigma stays finite
+# (scheduling_dpmsolver_multistep.py; samplers.ZERO_SNR_ALPHA_BAR for UniPC and DEIS); the model still saw 0
+CLAMPS_ZERO_SNR = ("dpm-solver++", "unipc", "deis")
 
 
 def reference_images(sampler, scheduler, steps, seed):
     """The reference's images for `sample(..., seed=seed)`: the same initial noise (and, for DDPM, step noise)."""
     levels = model_levels = scheduler.alphas_cumprod.to(torch.float64)
-    if sampler == "dpm-solver++" and levels[-1] == 0:
-        # diffusers' DPM-Solver puts a zero terminal alpha_bar at 2**-24, so its sigma stays finite
-        # (scheduling_dpmsolver_multistep.py); the model still saw alpha_bar = 0
+    if sampler in CLAMPS_ZERO_SNR and levels[-1] == 0:
         levels = levels.clone()
         levels[-1] = 2.0**-24
     generator = torch.Generator().manual_seed(seed)
@@ -145,12 +221,15 @@ def step_counts(T):
 
 # A sampler with enough steps gets close to the data's sd; each solver's own discretisation error at 50
 # steps leaves it a little below (measured: ddpm 0.157-0.174, ddim 0.172-0.189, dpm-solver++ 0.186-0.198).
-MIN_SD_AT_50_STEPS = {"ddpm": 0.145, "ddim": 0.16, "dpm-solver++": 0.175}
+MIN_SD_AT_50_STEPS = {"ddpm": 0.145, "ddim": 0.16, "dpm-solver++": 0.175, "unipc": 0.175, "deis": 0.17}
 # Largest pixel difference from the float64 reference: float32 rounding only (measured: at most 4e-6), and for an
 # epsilon model that rounding divided by sqrt(alpha_bar) where x0 = (x - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)
 # at t=T-1 (measured: up to 6.4e-7 / sqrt(alpha_bar_{T-1}), 1.3e-2 for cosine at T=1000, in one step).
 REFERENCE_TOLERANCE = 2e-5
 EPSILON_ROUNDING = 1e-6
+# DEIS steps on epsilon whatever the model predicts (diffusers' convert_model_output), x / alpha + rho eps, so its
+# float32 rounding is an epsilon model's (measured: up to 1.5e-7 / sqrt(alpha_bar_{T-1}), 3.1e-3 for cosine at T=1000).
+EPSILON_FORM = ("deis",)
 
 
 @pytest.mark.parametrize("T", [1000, 50])
@@ -167,8 +246,9 @@ def test_sampler_recovers_gaussian_data_with_an_exact_denoiser(sampler, predicti
             sample(router, scheduler, sample_shape=SHAPE, sampler=sampler, steps=3, num_images=2, progress=False)
         return
     tolerance = REFERENCE_TOLERANCE
-    if prediction_type == "epsilon":
-        tolerance += EPSILON_ROUNDING / scheduler.alphas_cumprod[-1].item() ** 0.5
+    if prediction_type == "epsilon" or sampler in EPSILON_FORM:
+        terminal = scheduler.alphas_cumprod[-1].item() or ZERO_SNR_ALPHA_BAR  # the solvers' in place of 0
+        tolerance += EPSILON_ROUNDING / terminal**0.5
     for steps in step_counts(T):
         for expert in experts:
             expert.seen.clear()
@@ -210,7 +290,8 @@ def assert_visits_and_ends_at_x0(sampler, visited, where):
     model's x0 from any x."""
     x0 = torch.full((1, *SHAPE), MU)
     assert sampler.timesteps.tolist() == visited, where
-    last = sampler.step(x0, visited[-1], torch.randn(x0.shape), generator=torch.Generator()).prev_sample
+    stochastic = {"generator": torch.Generator()} if step_takes_generator(sampler) else {}
+    last = sampler.step(x0, visited[-1], torch.randn(x0.shape), **stochastic).prev_sample
     torch.testing.assert_close(last, x0, rtol=0, atol=1e-6, msg=where)
 
 

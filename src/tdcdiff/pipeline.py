@@ -1,25 +1,35 @@
-"""Sampling with diffusers schedulers (DDPM, DDIM, DPM-Solver++), any step count, seeded and batched.
+"""Sampling with diffusers schedulers (the registry in samplers.py), any step count, seeded and batched.
 
-The loop calls the denoiser in exactly one place (`SamplingModel.__call__`), with the whole batch at one
-timestep; for a Router it picks the step's expert from a table. `SamplingModel` is also the fast path:
+The loop calls the denoiser in exactly one place (`SamplingModel.__call__`, fast_path.py), with the whole batch
+at one timestep; for a Router it picks the step's expert from a table. `SamplingModel` is also the fast path:
 each expert (or the single model) traced and frozen with torch.jit, or torch.compile'd, optionally under
-bf16 autocast.
+bf16 autocast, and with feature caching (feature_cache.py, DeepCache) its two passes are traced alike.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .models import Denoiser, as_denoiser, check_denoiser, num_class_embeds
+from .fast_path import SamplingModel
+from .feature_cache import FeatureCache, check_cache_settings
+from .latency import device_of
+from .models import Denoiser, check_denoiser, num_class_embeds
+from .progress import progress_bar
 from .router import Router
-from .samplers import LEARNED_VARIANCES, TIMESTEP_SPACING, make_sampler, visited_timesteps
+from .samplers import (
+    LEARNED_VARIANCES,
+    TIMESTEP_SPACING,
+    make_sampler,
+    sampler_kind,
+    step_takes_generator,
+    visited_timesteps,
+)
 from .samplers import SAMPLERS as SAMPLERS  # re-exported: callers import the sampler names from here too
 from .schedule import check_sampling_schedule
 
@@ -30,6 +40,9 @@ class SampleResult:
 
     timestep_spacing: how the steps were placed among the T training timesteps (diffusers' name).
     compile, precision: the path the model ran on (see SamplingModel).
+    cache_interval, cache_depth: feature caching (DeepCache): a full pass every cache_interval steps, the shallow
+        branch of that depth in between (1, None: no caching). shallow_steps: the timesteps at which the shallow
+        branch alone ran (the same in every batch).
     """
 
     images: torch.Tensor
@@ -40,16 +53,21 @@ class SampleResult:
     timestep_spacing: str = TIMESTEP_SPACING
     compile: str = "none"
     precision: str = "fp32"
+    cache_interval: int = 1
+    cache_depth: int | None = None
+    shallow_steps: list[int] = field(default_factory=list)
 
 
 def _predict(runner: SamplingModel, x: torch.Tensor, t: int, labels: torch.Tensor | None = None, *,
-             guidance_scale: float = 1.0, null_class: int | None = None, with_variance: bool = False) -> torch.Tensor:
+             guidance_scale: float = 1.0, null_class: int | None = None, with_variance: bool = False,
+             cache: FeatureCache | None = None) -> torch.Tensor:
     """The model's output at one t; with guidance, uncond + s * (cond - uncond) on the prediction half
     (a learned variance half comes from the conditional pass)."""
     if labels is None or guidance_scale == 1.0:
-        return runner(x, t, labels, with_variance=with_variance)
+        return runner(x, t, labels, with_variance=with_variance, cache=cache)
     null = torch.full_like(labels, null_class)
-    cond, uncond = runner(torch.cat([x, x]), t, torch.cat([labels, null]), with_variance=with_variance).chunk(2)
+    cond, uncond = runner(torch.cat([x, x]), t, torch.cat([labels, null]), with_variance=with_variance,
+                          cache=cache).chunk(2)
     c = x.shape[1]
     guided = uncond[:, :c] + guidance_scale * (cond[:, :c] - uncond[:, :c])
     return torch.cat([guided, cond[:, c:]], dim=1)
@@ -103,142 +121,35 @@ def _class_labels(model: nn.Module, class_labels, num_images: int, guidance_scal
     return labels
 
 
-COMPILE_MODES = ("auto", "none", "trace", "inductor")
-PRECISIONS = ("fp32", "bf16")
-EXACT_TOLERANCE = 1e-5  # a compiled graph whose output differs more from eager's is not used...
-BF16_TOLERANCE = 5e-2  # ...or this much under bf16 autocast, where op order alone moves outputs by ~1e-2
+def _check_model(model: nn.Module, train_scheduler, sample_shape: tuple[int, int, int]) -> None:
+    """A router's groups must cover the schedule's T, and the model must take the data's channels and size."""
+    grouping = getattr(model, "grouping", None)
+    num_train = train_scheduler.config.num_train_timesteps
+    if grouping is not None and grouping.num_train_timesteps != num_train:
+        raise ValueError(
+            f"the scheduler has T={num_train} training timesteps but the router's groups cover "
+            f"T={grouping.num_train_timesteps}; sample with the bundle's own scheduler"
+        )
+    check_denoiser(model, sample_shape)
+    _check_sample_size(model, sample_shape)
 
 
-def _is_diffusers_model(denoiser: nn.Module) -> bool:
-    from diffusers import ModelMixin
-
-    return isinstance(denoiser, Denoiser) and isinstance(denoiser.model, ModelMixin)
-
-
-class CompiledExpert(nn.Module):
-    """One denoiser run as a torch.jit.trace + freeze graph ("trace") or through torch.compile ("inductor").
-
-    A traced graph is built for each input shape, dtype, device and autocast state it meets, so any batch
-    size works. Each new graph is checked against the eager model on its first input; one that differs by
-    more than EXACT_TOLERANCE (BF16_TOLERANCE under autocast), or fails to build, is replaced by the eager
-    model, with a warning. Weights are frozen into a traced graph: build a new CompiledExpert after changing
-    them. `paths` names what the graphs built so far run on ({"trace"}, {"none"} after a fallback, or both).
-    """
-
-    is_denoiser = True
-
-    def __init__(self, denoiser: nn.Module, mode: str):
-        super().__init__()
-        self.denoiser = denoiser
-        self.mode = mode
-        self._graphs: dict = {}
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None, *,
-                with_variance: bool = False) -> torch.Tensor:
-        inputs = (x, t) if class_labels is None else (x, t, class_labels)
-        key = (x.shape, x.dtype, x.device, torch.is_autocast_enabled(x.device.type), len(inputs), with_variance)
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._graphs[key] = self._build(_Call(self.denoiser, with_variance), inputs)
-        return graph(*inputs)
-
-    @property
-    def paths(self) -> set[str]:
-        return {"none" if isinstance(graph, _Call) else self.mode for graph in self._graphs.values()} or {self.mode}
-
-    @staticmethod
-    def _trace(call: _Call, inputs: tuple[torch.Tensor, ...]):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape branches: one graph per shape
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript
-            return torch.jit.freeze(torch.jit.trace(call, inputs, check_trace=False).eval())
-
-    def _build(self, call: _Call, inputs: tuple[torch.Tensor, ...]):
-        # No channels_last: it made DDIM-50 1.25x faster at batch 1 (not at 8, 0.94x at 64), but it changes
-        # outputs by ~1e-6 per forward, which sampling amplifies past EXACT_TOLERANCE (bench/fast_path.py).
-        x = inputs[0]
-        tolerance = BF16_TOLERANCE if torch.is_autocast_enabled(x.device.type) else EXACT_TOLERANCE
-        try:
-            graph = self._trace(call, inputs) if self.mode == "trace" else torch.compile(call, dynamic=False)
-            diff = float((graph(*inputs).float() - call(*inputs).float()).abs().max())
-        except Exception as err:  # noqa: BLE001 - any model torch cannot compile still samples, eagerly
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        else:
-            if diff <= tolerance:
-                return graph
-            reason = f"its output differs from the eager model's by {diff:.2g}"
-        warnings.warn(f"--compile {self.mode} is not used for {type(self.denoiser).__name__} at input shape "
-                      f"{tuple(x.shape)} ({reason}); sampling it eagerly", stacklevel=2)
-        return call
-
-
-class _Call(nn.Module):
-    """denoiser(x, t[, class_labels], with_variance=...) with the flag fixed: what one graph traces."""
-
-    def __init__(self, denoiser: nn.Module, with_variance: bool):
-        super().__init__()
-        self.denoiser, self.with_variance = denoiser, with_variance
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.denoiser(x, t, class_labels, with_variance=self.with_variance)
-
-
-class SamplingModel:
-    """A denoiser or Router made ready for the sampling loop; `sample` builds one, or takes one built once.
-
-    model: a diffusers UNet2DModel, any denoiser `model(x, t)`, or a tdcdiff Router.
-    compile: "none" (eager), "trace" (torch.jit.trace + freeze per expert and input shape), "inductor"
-        (torch.compile) or "auto": trace every expert that is a diffusers model, others eager (an arbitrary
-        module may branch on its input's values, which a trace would freeze).
-    precision: "fp32", or "bf16" for bf16 autocast (faster at large batches on CPUs with bf16 units, slower
-        at batch 1; outputs change by about 1e-2, so never the default).
-    `compile`/`precision` say what runs ("trace", "none", or e.g. "trace+none" when experts differ or a graph
-    fell back to eager).
-
-    Measured (bench/fast_path.py, DDIM-50, one CPU thread; speedup over eager): digits-8 base, batch 1 / 64:
-    trace 2.03x / 1.24x (images identical), inductor 1.44x / 1.27x (images up to ~1e-4 apart, 10-40x longer to
-    build), trace + bf16 1.11x / 1.66x; a 4-expert bundle: trace 2.24x / 1.21x, inductor 1.48x / 1.22x, trace + bf16
-    0.96x / 1.62x. Hence the default: trace, fp32.
-    """
-
-    def __init__(self, model: nn.Module, compile: str = "auto", precision: str = "fp32"):
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"unknown compile mode {compile!r}; choose one of {COMPILE_MODES}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-        self.model = model
-        self.router = model if isinstance(model, Router) else None
-        experts = list(model.experts) if self.router is not None else [as_denoiser(model)]
-        for i, expert in enumerate(experts if precision == "fp32" else ()):
-            dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in expert.parameters() if p.is_floating_point()})
-            inner = expert.model if isinstance(expert, Denoiser) else expert
-            if len(dtypes) > 1 and not getattr(inner, "_keep_in_fp32_modules", None):  # diffusers casts those itself
-                which = f"expert {i}" if self.router is not None else "the model"
-                raise ValueError(f"{which} holds weights of several dtypes ({', '.join(dtypes)}), which run only under "
-                                 "autocast: sample with precision='bf16' (--precision bf16)")
-        modes = [("trace" if _is_diffusers_model(e) else "none") if compile == "auto" else compile for e in experts]
-        self.experts = [e.eval() if mode == "none" else CompiledExpert(e.eval(), mode)
-                        for e, mode in zip(experts, modes)]
-        self.precision = precision
-
-    @property
-    def compile(self) -> str:
-        paths = [p for e in self.experts for p in sorted(getattr(e, "paths", {"none"}), reverse=True)]
-        return "+".join(dict.fromkeys(paths))
-
-    def __call__(self, x: torch.Tensor, t: int, class_labels: torch.Tensor | None = None, *,
-                 with_variance: bool = False) -> torch.Tensor:
-        """The model's prediction for the batch x (N, C, H, W), all at training timestep t; float32.
-
-        class_labels: (N,) int64 for a class-conditional model. with_variance: keep a learned variance half.
-        """
-        index = self.router.route(t, x.shape[0]) if self.router is not None else 0
-        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        expert = self.experts[index]
-        if self.precision == "fp32":
-            return expert(x, t_batch, class_labels, with_variance=with_variance)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return expert(x, t_batch, class_labels, with_variance=with_variance).float()
+def _trajectory(runner: SamplingModel, scheduler, x: torch.Tensor, visited: list[int], labels, *, sampler: str,
+                train_scheduler, generator: torch.Generator, cache: FeatureCache | None, bar, **guidance):
+    """One batch's denoising, from the noise x at visited[0] to x0. Returns (x0, the scheduler): DDPM's becomes its
+    learned-variance form at a 2C-channel model's first output, and is reused so by the next batches."""
+    reads_variance = sampler_kind(sampler).reads_variance
+    scheduler.set_timesteps(timesteps=visited, device=x.device)  # also resets a multistep solver's history
+    stochastic = {"generator": generator} if step_takes_generator(scheduler) else {}
+    x = x * scheduler.init_noise_sigma
+    for t in visited:  # plain ints: the schedulers index with them as with 0-d tensors, only faster
+        model_input = scheduler.scale_model_input(x, t)
+        out = _predict(runner, model_input, t, labels, with_variance=reads_variance, cache=cache, **guidance)
+        if out.shape[1] != x.shape[1] and scheduler.config.get("variance_type") not in LEARNED_VARIANCES:
+            scheduler = make_sampler(sampler, train_scheduler, visited, learned_variance=True, device=x.device)
+        x = scheduler.step(out, t, x, **stochastic).prev_sample
+        bar.update(1)
+    return x, scheduler
 
 
 def _check_sample_size(model: nn.Module, sample_shape: tuple[int, int, int]) -> None:
@@ -272,6 +183,8 @@ def sample(
     null_class: int | None = None,
     compile: str = "auto",
     precision: str = "fp32",
+    cache_interval: int = 1,
+    cache_depth: int | None = None,
     decode=None,
     num_classes: int | None = None,
 ) -> SampleResult:
@@ -282,7 +195,7 @@ def sample(
     train_scheduler: the training schedule (gives betas, T and the prediction type). Raises ValueError for an
         epsilon-prediction schedule with zero terminal SNR (schedule.check_sampling_schedule).
     sample_shape: (C, H, W) of one image, at the size the model's config states (sample_size), if it does.
-    sampler: "ddpm", "ddim" or "dpm-solver++".
+    sampler: one of SAMPLERS (samplers.describe_samplers()): "ddpm", "ddim", "dpm-solver++", "unipc", "deis".
     steps: number of sampling steps, 1..T; the sampler visits `samplers.visited_timesteps(steps, T)` (T-1 first)
         and ends at x0.
     num_images, batch_size: how many images in total, and how many per forward pass.
@@ -291,57 +204,46 @@ def sample(
     num_classes: the data's class count, when known: labels must be 0..num_classes-1 (and never null_class).
     guidance_scale: classifier-free guidance weight (1: none); needs null_class, the id the model was trained
         with for dropped labels.
-    A model that outputs 2C channels (learned variance) gives DDPM its variance half; DDIM and DPM-Solver
-    use only the first C channels.
+    A 2C-channel (learned-variance) model gives DDPM its variance half; the other samplers use the first C.
     compile, precision: the sampling path (see SamplingModel); "auto"/"fp32" give eager-identical images.
+    cache_interval, cache_depth: feature caching (DeepCache, feature_cache.py) of UNet2DModels and routers of them:
+        a full pass every cache_interval steps (1, the default: none), between them the shallow branch of depth
+        cache_depth (1..the UNet's levels; default 1) on the last full pass's deep features; a step of another
+        expert (group) than the cached one runs a full pass. Traced as the model is; ValueError for other models.
     decode: for latent diffusion, maps the final latents (sample_shape) to images in [-1, 1] (latent.Decoder);
         the images are then decoded, and the latents are not clamped.
     """
-    from tqdm.auto import tqdm
-
-    num_train = train_scheduler.config.num_train_timesteps
-    visited = visited_timesteps(steps, num_train)
+    sampler_kind(sampler)
+    visited = visited_timesteps(steps, train_scheduler.config.num_train_timesteps)
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
+    depth = check_cache_settings(cache_interval, cache_depth)
     check_sampling_schedule(train_scheduler)
     runner = model if isinstance(model, SamplingModel) else None
     model = runner.model if runner is not None else model
-    grouping = getattr(model, "grouping", None)
-    if grouping is not None and grouping.num_train_timesteps != num_train:
-        raise ValueError(
-            f"the scheduler has T={num_train} training timesteps but the router's groups cover "
-            f"T={grouping.num_train_timesteps}; sample with the bundle's own scheduler"
-        )
+    _check_model(model, train_scheduler, sample_shape)
     labels = _class_labels(model, class_labels, num_images, guidance_scale, null_class, num_classes)
     scheduler = make_sampler(sampler, train_scheduler)
-    check_denoiser(model, sample_shape)
-    _check_sample_size(model, sample_shape)
     runner = runner or SamplingModel(model, compile, precision)
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
+    if depth is not None:
+        runner.prepare_cache(depth)
+    device = device_of(model) if device is None else device
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_images, *sample_shape), generator=generator)
 
-    outputs = []
+    outputs, cache = [], None
     batches = range(0, num_images, batch_size)
-    bar = tqdm(total=len(batches) * steps, desc=f"sample {sampler}-{steps}", disable=not progress)
+    bar = progress_bar(total=len(batches) * steps, desc=f"sample {sampler}-{steps}", enabled=progress)
     for start in batches:
-        scheduler.set_timesteps(timesteps=visited, device=device)  # also resets a multistep solver's history
-        x = noise[start : start + batch_size].to(device) * scheduler.init_noise_sigma
+        cache = FeatureCache(cache_interval, depth) if depth is not None else None
         batch_labels = None if labels is None else labels[start : start + batch_size].to(device)
-        for t in visited:  # plain ints: the schedulers index with them as with 0-d tensors, only faster
-            model_input = scheduler.scale_model_input(x, t)
-            out = _predict(runner, model_input, t, batch_labels, guidance_scale=guidance_scale,
-                           null_class=null_class, with_variance=sampler == "ddpm")
-            if out.shape[1] != x.shape[1] and scheduler.config.get("variance_type") not in LEARNED_VARIANCES:
-                scheduler = make_sampler(sampler, train_scheduler, visited, learned_variance=True, device=device)
-            x = scheduler.step(out, t, x, generator=generator).prev_sample
-            bar.update(1)
+        x, scheduler = _trajectory(runner, scheduler, noise[start : start + batch_size].to(device), visited,
+                                   batch_labels, sampler=sampler, train_scheduler=train_scheduler, generator=generator,
+                                   cache=cache, bar=bar, guidance_scale=guidance_scale, null_class=null_class)
         outputs.append(decode(x) if decode is not None else x.clamp(-1, 1).cpu())
     bar.close()
     return SampleResult(torch.cat(outputs), visited, sampler, steps, seed, TIMESTEP_SPACING, runner.compile,
-                        runner.precision)
+                        runner.precision, cache_interval, depth, cache.shallow_steps if cache is not None else [])
 
 
 class TDCPipeline:
@@ -379,10 +281,12 @@ class TDCPipeline:
         progress: bool = True,
         class_labels=None,
         guidance_scale: float = 1.0,
+        cache_interval: int = 1,
+        cache_depth: int | None = None,
     ):
         """Sample `batch_size` images; output_type "pil" (list of PIL images), "np" (NHWC uint8) or "pt"
-        (NCHW float in [-1, 1]). class_labels, guidance_scale: see `sample`. Returns diffusers'
-        ImagePipelineOutput."""
+        (NCHW float in [-1, 1]). class_labels, guidance_scale, cache_interval, cache_depth (feature caching):
+        see `sample`. Returns diffusers' ImagePipelineOutput."""
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
         from PIL import Image
 
@@ -390,7 +294,7 @@ class TDCPipeline:
             self.runner, self.scheduler, sample_shape=self.sample_shape, sampler=sampler,
             steps=num_inference_steps, num_images=batch_size, batch_size=batch_size, seed=seed, progress=progress,
             class_labels=class_labels, guidance_scale=guidance_scale, null_class=self.null_class, decode=self.decode,
-            num_classes=self.num_classes,
+            num_classes=self.num_classes, cache_interval=cache_interval, cache_depth=cache_depth,
         )
         if output_type == "pt":
             return ImagePipelineOutput(images=result.images)

@@ -1,23 +1,35 @@
-"""The sampling schedulers (diffusers' DDPM, DDIM, DPM-Solver++) and the training timesteps they visit.
+"""The sampler registry: diffusers' DDPM, DDIM, DPM-Solver++, UniPC and DEIS, and the training timesteps they visit.
 
 Every sampler is given the visited timesteps by `set_timesteps(timesteps=...)`, diffusers' custom-timestep
 argument (DDPMScheduler and DPMSolverMultistepScheduler have it in diffusers 0.42.1). A diffusers scheduler
-without it gets a subclass that adds it (DDIMScheduler here; in 0.42.1 UniPCMultistepScheduler and
-DEISMultistepScheduler lack it too, and their steps read `timesteps` and `sigmas`, so theirs would set both),
-and a factory in _FACTORIES: the sampling loop then treats every sampler alike.
+without it gets a mixin that adds it (DDIMScheduler, UniPCMultistepScheduler and DEISMultistepScheduler here), and
+an entry in _SAMPLERS: the sampling loop then treats every sampler alike. A sampler's name is matched here only.
+
+This module imports neither torch nor diffusers (the CLI's help lists the samplers, and those imports take
+seconds): a mixin is joined to its diffusers class on first use (`_scheduler_class`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
-import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 LEARNED_VARIANCES = ("learned", "learned_range")
 # "trailing": the first step is at t = T-1 and the steps are evenly spaced below it, for every step count
 # (diffusers' "leading" starts 1-step sampling at t=0; its "linspace" repeats a timestep at steps = T, which
 # makes DPM-Solver++ divide by a zero step size).
 TIMESTEP_SPACING = "trailing"
+# A pipeline's scheduler config may choose other sigma spacings, which refuse given timesteps; they are switched
+# off whatever it says (the keys a scheduler does not have are ignored by from_config).
+_OWN_SIGMAS_OFF = dict.fromkeys(("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                                 "use_flow_sigmas", "use_dynamic_shifting"), False)
+# alpha_bar put in place of a zero-terminal-SNR schedule's alpha_bar_{T-1} = 0, so that sigma stays finite: the
+# value diffusers' DPM-Solver++ and UniPC put there (scheduling_dpmsolver_multistep.py, "FP16 smallest subnormal")
+ZERO_SNR_ALPHA_BAR = 2.0**-24
 
 
 def visited_timesteps(steps: int, num_train_timesteps: int) -> list[int]:
@@ -43,7 +55,17 @@ def _check_timesteps(timesteps: list[int], num_train_timesteps: int) -> None:
                          f"{str(timesteps)[:200]}; e.g. visited_timesteps(steps, T)")
 
 
-class VisitedDDIMScheduler(DDIMScheduler):
+def _given_timesteps(num_inference_steps: int | None, timesteps, num_train_timesteps: int) -> list[int]:
+    """set_timesteps' arguments as diffusers' DDPMScheduler takes them: the timesteps (descending), or a count."""
+    if (num_inference_steps is None) == (timesteps is None):
+        raise ValueError("pass exactly one of num_inference_steps or timesteps")
+    timesteps = [int(t) for t in timesteps] if timesteps is not None else visited_timesteps(
+        num_inference_steps, num_train_timesteps)
+    _check_timesteps(timesteps, num_train_timesteps)
+    return timesteps
+
+
+class _NextVisitedDDIM:
     """diffusers' DDIMScheduler stepping from each visited timestep to the next one, and from the last to x0.
 
     DDIMScheduler.step (diffusers 0.42.1) goes from t to t - T // steps, which is not the next visited timestep
@@ -56,14 +78,9 @@ class VisitedDDIMScheduler(DDIMScheduler):
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None,
                       timesteps: list[int] | None = None) -> None:
-        num_train = self.config.num_train_timesteps
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("pass exactly one of num_inference_steps or timesteps")
-        timesteps = [int(t) for t in timesteps] if timesteps is not None else visited_timesteps(
-            num_inference_steps, num_train)
-        _check_timesteps(timesteps, num_train)
-        self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=device)
-        self.num_inference_steps = len(timesteps)
+        timesteps = _given_timesteps(num_inference_steps, timesteps, self.config.num_train_timesteps)
+        super().set_timesteps(len(timesteps), device=device)
+        self.timesteps = self.timesteps.new_tensor(timesteps)  # int64, on device
         self._chain_alphas = self.alphas_cumprod[timesteps[::-1]]
         self._chain_index = {t: i for i, t in enumerate(timesteps[::-1])}
 
@@ -78,54 +95,171 @@ class VisitedDDIMScheduler(DDIMScheduler):
             self.alphas_cumprod, self.num_inference_steps = full, steps
 
 
-def _ddpm(config, learned_variance: bool):
-    declared = config.get("variance_type") or "fixed_small"  # not every scheduler's config has one
+class _VisitedSigmas:
+    """set_timesteps(timesteps=...) for a diffusers multistep solver whose step reads `timesteps` and `sigmas`
+    (UniPCMultistepScheduler, DEISMultistepScheduler in diffusers 0.42.1): the solver's own set_timesteps resets
+    its history, then the visited timesteps and their sigmas, sqrt((1 - alpha_bar) / alpha_bar) as diffusers
+    computes them, replace its own, with a last sigma of 0: the step from the last visited timestep goes to x0.
+    """
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None,
+                      timesteps: list[int] | None = None) -> None:
+        timesteps = _given_timesteps(num_inference_steps, timesteps, self.config.num_train_timesteps)
+        super().set_timesteps(len(timesteps), device=device)
+        alpha_bar = self.alphas_cumprod[timesteps]  # a copy
+        alpha_bar[alpha_bar == 0] = ZERO_SNR_ALPHA_BAR
+        sigmas = alpha_bar.new_zeros(len(timesteps) + 1)  # on the CPU, as diffusers keeps them
+        sigmas[:-1] = ((1 - alpha_bar) / alpha_bar) ** 0.5
+        self.sigmas = sigmas
+        self.timesteps = self.timesteps.new_tensor(timesteps)  # int64, on device
+        self.num_inference_steps = len(timesteps)
+
+
+class _DEISToX0(_VisitedSigmas):
+    """DEIS whose last step, to sigma = 0, returns the model's x0.
+
+    DEISMultistepScheduler (0.42.1) ends at sigma_min, and its updates to sigma = 0 are 0 * inf (first order:
+    sigma_t (e^h - 1) with h = inf; second: rho log rho at rho = 0). The first-order update's limit there,
+    (x - sigma_s eps) / alpha_s, is the model's x0: the last step returns it, first order, as DPM-Solver++ (with a
+    final sigma of 0) and UniPC (lower_order_final) take their last steps. It is read from the model's output
+    (epsilon, v or x0, the training schedule's prediction types) rather than from DEIS's epsilon, whose float32
+    rounding divided by alpha_s would be large at t = T-1.
+    """
+
+    def step(self, model_output, timestep, sample, return_dict: bool = True):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if self.sigmas[self.step_index + 1] > 0:
+            return super().step(model_output, timestep, sample, return_dict=return_dict)
+        from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+        alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas[self.step_index])
+        prediction = self.config.prediction_type
+        if prediction == "epsilon":
+            x0 = (sample - sigma * model_output) / alpha
+        elif prediction == "v_prediction":
+            x0 = alpha * sample - sigma * model_output
+        else:
+            x0 = model_output
+        if self.config.thresholding:
+            x0 = self._threshold_sample(x0)
+        self._step_index += 1
+        return SchedulerOutput(prev_sample=x0) if return_dict else (x0,)
+
+
+@functools.cache
+def _scheduler_class(base: str, mixin: type) -> type:
+    """diffusers' scheduler class named `base` with `mixin` before it in the method order, joined on first use."""
+    import diffusers
+
+    return type(f"Visited{base}", (mixin, getattr(diffusers, base)), {"__module__": __name__, "__doc__": mixin.__doc__})
+
+
+def _ddpm(train, learned_variance: bool):
+    from diffusers import DDPMScheduler
+
+    declared = train.config.get("variance_type") or "fixed_small"  # not every scheduler's config has one
     if learned_variance:
         variance = declared if declared in LEARNED_VARIANCES else "learned_range"
     else:
         variance = "fixed_small" if declared in LEARNED_VARIANCES else declared
-    return DDPMScheduler.from_config(config, variance_type=variance, timestep_spacing=TIMESTEP_SPACING)
+    return DDPMScheduler.from_config(train.config, variance_type=variance, timestep_spacing=TIMESTEP_SPACING)
 
 
-def _ddim(config, learned_variance: bool):
+def _ddim(train, learned_variance: bool):
     # set_alpha_to_one=False (Stable Diffusion's DDIM config) would end at alpha_bar_0 instead of x0
-    return VisitedDDIMScheduler.from_config(config, timestep_spacing=TIMESTEP_SPACING, set_alpha_to_one=True)
+    return _scheduler_class("DDIMScheduler", _NextVisitedDDIM).from_config(
+        train.config, timestep_spacing=TIMESTEP_SPACING, set_alpha_to_one=True)
 
 
-def _dpm_solver(config, learned_variance: bool):
+def _dpm_solver(train, learned_variance: bool):
     # Its own sigma spacings (which refuse given timesteps) and a last step to sigma_min instead of x0 are off,
     # whatever a pipeline's scheduler config says.
-    off = dict.fromkeys(("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
-                         "use_flow_sigmas"), False)
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", variance_type=None,
-                                                   timestep_spacing=TIMESTEP_SPACING, final_sigmas_type="zero", **off)
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(train.config, algorithm_type="dpmsolver++", variance_type=None,
+                                                   timestep_spacing=TIMESTEP_SPACING, final_sigmas_type="zero",
+                                                   **_OWN_SIGMAS_OFF)
 
 
-# name -> factory(training scheduler config, learned_variance) -> a scheduler taking set_timesteps(timesteps=...)
-_FACTORIES = {"ddpm": _ddpm, "ddim": _ddim, "dpm-solver++": _dpm_solver}
-SAMPLERS = tuple(_FACTORIES)
+def _unipc(train, learned_variance: bool):
+    # The training schedule's own betas (a pipeline's beta_schedule may be one UniPC lacks; a zero terminal SNR is
+    # in them already, so no second rescaling); bh2 at order 2, diffusers' defaults, whatever a config says.
+    return _scheduler_class("UniPCMultistepScheduler", _VisitedSigmas).from_config(
+        train.config, trained_betas=train.betas.tolist(), rescale_betas_zero_snr=False, solver_order=2,
+        solver_type="bh2", predict_x0=True, lower_order_final=True, disable_corrector=[], solver_p=None,
+        timestep_spacing=TIMESTEP_SPACING, final_sigmas_type="zero", **_OWN_SIGMAS_OFF)
+
+
+def _deis(train, learned_variance: bool):
+    # DEISMultistepScheduler (0.42.1) has no rescale_betas_zero_snr (from_config drops it silently): the training
+    # schedule's own betas give it the same alphas.
+    return _scheduler_class("DEISMultistepScheduler", _DEISToX0).from_config(
+        train.config, trained_betas=train.betas.tolist(), solver_order=2, algorithm_type="deis",
+        solver_type="logrho", lower_order_final=True, timestep_spacing=TIMESTEP_SPACING, **_OWN_SIGMAS_OFF)
+
+
+@dataclass(frozen=True)
+class SamplerKind:
+    """One sampler of the registry.
+
+    build: (training DDPMScheduler, learned_variance) -> a diffusers scheduler taking set_timesteps(timesteps=...).
+    summary: what it is, with its source, for help texts.
+    reads_variance: its step takes a learned-variance model's variance half (DDPM's ancestral step).
+    """
+
+    build: Callable
+    summary: str
+    reads_variance: bool = False
+
+
+_SAMPLERS = {
+    "ddpm": SamplerKind(_ddpm, "ancestral, stochastic; Ho et al. 2020", reads_variance=True),
+    "ddim": SamplerKind(_ddim, "eta 0; Song et al. 2021"),
+    "dpm-solver++": SamplerKind(_dpm_solver, "2M; Lu et al. 2022"),
+    "unipc": SamplerKind(_unipc, "bh2, order 2; Zhao et al. 2023"),
+    "deis": SamplerKind(_deis, "log-rho, order 2; Zhang & Chen 2023"),
+}
+SAMPLERS = tuple(_SAMPLERS)
+
+
+def sampler_kind(name: str) -> SamplerKind:
+    """The registry's entry for `name`. Raises ValueError for an unknown name, listing the known ones."""
+    if name not in _SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+    return _SAMPLERS[name]
+
+
+def describe_samplers() -> str:
+    """The samplers, one phrase each, for help texts: "ddpm (ancestral, stochastic; Ho et al. 2020), ddim (...)"."""
+    return ", ".join(f"{name} ({kind.summary})" for name, kind in _SAMPLERS.items())
+
+
+def step_takes_generator(scheduler) -> bool:
+    """Whether `scheduler.step` accepts a `generator` (DDPM's and DDIM's do; UniPC's and DEIS's, deterministic,
+    do not)."""
+    parameters = inspect.signature(scheduler.step).parameters.values()
+    return any(p.name == "generator" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def make_sampler(name: str, train_scheduler, timesteps: list[int] | None = None, *, learned_variance: bool = False,
                  device=None):
     """A diffusers sampling scheduler sharing the training schedule's betas and prediction type.
 
-    name: "ddpm", "ddim" or "dpm-solver++".
+    name: one of SAMPLERS ("ddpm", "ddim", "dpm-solver++", "unipc", "deis").
     train_scheduler: the DDPMScheduler the model was trained with.
     timesteps: the training timesteps to visit, descending (`visited_timesteps`); set on the scheduler (on
         `device`) when given. Call `set_timesteps(timesteps=...)` again before each new trajectory: it resets
         a multistep solver's history.
     learned_variance: the model outputs a variance half; DDPM then uses it (diffusers' "learned_range",
-        unless the schedule says "learned"). DDIM and DPM-Solver never see it (`sample` passes them the
+        unless the schedule says "learned"). The other samplers never see it (`sample` passes them the
         prediction only), so DPM-Solver's own learned-variance slicing (`[:, :3]`, RGB only) is switched off.
     Every sampler visits exactly the given timesteps and ends at x0, whatever else the training scheduler's
-    config (e.g. a pipeline's) says: trailing spacing, DDIM's set_alpha_to_one, DPM-Solver's sigma spacings and
-    final sigma are set here.
+    config (e.g. a pipeline's) says: trailing spacing, DDIM's set_alpha_to_one, the solvers' sigma spacings and
+    final sigma are set here; UniPC is bh2 and UniPC and DEIS are order 2 (diffusers' defaults).
     Raises ValueError for an unknown name, or timesteps that are not distinct and descending within 0..T-1.
     """
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
-    scheduler = _FACTORIES[name](train_scheduler.config, learned_variance)
+    scheduler = sampler_kind(name).build(train_scheduler, learned_variance)
     if timesteps is not None:
         timesteps = [int(t) for t in timesteps]
         _check_timesteps(timesteps, train_scheduler.config.num_train_timesteps)

@@ -14,6 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..samplers import describe_samplers
+
 USER_ERRORS = (ValueError, OSError, KeyError)  # OSError: disk full, read-only, permissions (named by the message)
 
 
@@ -121,7 +123,7 @@ Distill = Annotated[Optional[float], _option(
 FeatureDistill = Annotated[Optional[float], _option(
     "--feature-distill", help="Weight of feature distillation (block outputs, via learned projections) from the base "
     "model in stage 2 (0: none).", default=0.0)]
-Sampler = Annotated[Optional[str], _option(help="Sampler: ddpm, ddim, dpm-solver++.", default="ddim")]
+Sampler = Annotated[Optional[str], _option(help=f"Sampler: {describe_samplers()}.", default="ddim")]
 SampleSteps = Annotated[Optional[int], _option("--steps", help="Sampling steps.", default="min(50, T)")]
 NumSamples = Annotated[Optional[int], _option("--num", help="Number of images in the run's sample grids.", default=64)]
 Seed = Annotated[Optional[int], _option(help="Seed of the whole run (data split, weights, noise).", default=0)]

@@ -44,6 +44,12 @@ def sample_command(
     precision: Annotated[str, typer.Option(
         "--precision", help="fp32, or bf16 autocast (faster only at large batches on CPUs with bf16 units; changes "
         "images by about 1e-2).")] = "fp32",
+    cache_interval: Annotated[int, typer.Option(
+        "--cache-interval", help="Feature caching (DeepCache, UNet2DModel denoisers): one full UNet pass every N "
+        "steps, only the shallow branch in between (1: off).")] = 1,
+    cache_depth: Annotated[Optional[int], typer.Option(
+        "--cache-depth", help="Depth of the shallow branch that feature caching runs: 1 (the shallowest, fastest) "
+        "up to the UNet's levels. [default: 1]")] = None,
     base: TrustBase = None, quiet: Quiet = False,
 ):
     """Write a grid of samples from a bundle (--bundle) or from the run's base model.
@@ -52,11 +58,14 @@ def sample_command(
     <run>/samples/base.png; class-conditional models: all classes in turn.
     """
     from ..evaluate import balanced_labels
+    from ..feature_cache import check_cache_settings
     from ..pipeline import sample, save_grid
     from ..run import lock_run_dir
 
     try:
-        check_options(() if seed is None else (seed,), **{"--steps": (sample_steps, 1), "--num": (num_samples, 1)})
+        check_options(() if seed is None else (seed,), **{"--steps": (sample_steps, 1), "--num": (num_samples, 1),
+                                                           "--cache-interval": (cache_interval, 1)})
+        check_cache_settings(cache_interval, cache_depth)
         # A bundle's default is never inside the bundle: its manifest lists every file.
         output = output or (Path("samples.png") if bundle is not None else out / "samples" / "base.png")
         check_writable(output, "--output", directory=False)
@@ -87,7 +96,7 @@ def sample_command(
                 model, scheduler, sample_shape=shape, sampler=sampler or "ddim", steps=steps,
                 num_images=count, seed=0 if seed is None else seed, progress=not quiet, class_labels=labels,
                 guidance_scale=guidance, null_class=null_class, num_classes=data_classes, compile=compile,
-                precision=precision, decode=decode,
+                precision=precision, cache_interval=cache_interval, cache_depth=cache_depth, decode=decode,
             )
             seconds = time.perf_counter() - start
             path = save_grid(result.images, output)
@@ -97,10 +106,18 @@ def sample_command(
         if not isinstance(err, MemoryError) and "allocate" not in str(err):
             raise
         fail(f"not enough memory to sample --num {num_samples} images in one batch; lower --num")
-    flops = f", {model.trajectory_flops(result.timesteps) / 1e6:.1f} MFLOPs per image" if bundle is not None else ""
-    typer.echo(f"samples: {path} ({len(result.images)} images, {result.sampler} {result.steps} steps "
-               f"({result.timestep_spacing} spacing), seed {result.seed}{flops}; {len(result.images) / seconds:.1f} "
-               f"images/s wall-clock on path {result.compile}/{result.precision}, graph building included)")
+    typer.echo(_sample_summary(path, result, model if bundle is not None else None, seconds))
+
+
+def _sample_summary(path: Path, result, router, seconds: float) -> str:
+    """`tdcdiff sample`'s line: what was sampled how, a bundle's FLOPs per image (router given), and the speed."""
+    flops = f", {router.trajectory_flops(result.timesteps) / 1e6:.1f} MFLOPs per image" if router is not None else ""
+    if result.cache_depth is not None:  # trajectory_flops counts full passes: a cached step costs less
+        flops = (f", feature cache: a full pass every {result.cache_interval} steps, the depth-{result.cache_depth} "
+                 f"shallow branch alone at {len(result.shallow_steps)} of {result.steps} steps")
+    return (f"samples: {path} ({len(result.images)} images, {result.sampler} {result.steps} steps "
+            f"({result.timestep_spacing} spacing), seed {result.seed}{flops}; {len(result.images) / seconds:.1f} "
+            f"images/s wall-clock on path {result.compile}/{result.precision}, graph building included)")
 
 
 def report_command(
