@@ -104,3 +104,41 @@ def test_shape_mismatch_is_reported(bundle_dir, tmp_path):
     (target / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="cannot load expert 1"):
         load_bundle(target)
+
+
+def test_a_bundle_samples_with_its_recorded_setting_unless_told_otherwise(bundle_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+    from tdcdiff.samplers import SamplingSetting
+
+    path, experts, scheduler = bundle_dir
+    assert load_bundle(path).sampling == SamplingSetting("ddim", 50)  # a bundle without one: DDIM, min(50, T)
+    chosen = SamplingSetting.parse("dpm-solver++:7:c2")
+    grouping = load_bundle(path).router.grouping
+    save_bundle(tmp_path / "b", experts, grouping, scheduler, sample_shape=(1, 8, 8), sampling=chosen,
+                expert_flops=[count_flops(e, (1, 8, 8)) for e in experts], base_flops=count_flops(experts[1], (1, 8, 8)))
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.sampling == chosen and bundle.pipeline().defaults == chosen
+    shown = CliRunner().invoke(app, ["sample", "--bundle", str(tmp_path / "b"), "--num", "2", "-q",
+                                     "--output", str(tmp_path / "g.png")])
+    assert shown.exit_code == 0 and "dpm-solver++ 7 steps" in shown.output and "a full pass every 2 steps" in shown.output
+    told = CliRunner().invoke(app, ["sample", "--bundle", str(tmp_path / "b"), "--num", "2", "-q", "--steps", "3",
+                                    "--sampler", "ddim", "--cache-interval", "1", "--output", str(tmp_path / "g.png")])
+    assert told.exit_code == 0 and "ddim 3 steps" in told.output and "feature cache" not in told.output
+
+
+@pytest.mark.parametrize("sampling, message", [
+    ({"sampler": "euler", "steps": 5}, r"'sampling': unknown sampler 'euler'"),
+    ({"sampler": "ddim", "steps": 5000}, r"ddim:5000 takes 5000 steps, more than the schedule's T=1000"),
+    ({"sampler": "ddim", "steps": 5, "cache_interval": 0}, r"cache_interval \(--cache-interval\) must be an integer"),
+    ({"sampler": "ddim", "steps": 5, "eta": 1}, r"'sampling' must be \{\"sampler\", \"steps\""),
+    ("ddim:5", r"'sampling' must be"),
+])
+def test_a_recorded_setting_sampling_cannot_use_is_refused_on_load(bundle_dir, tmp_path, sampling, message):
+    target = copy_bundle(bundle_dir[0], tmp_path)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["sampling"] = sampling
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(target)

@@ -380,3 +380,26 @@ def test_half_precision_models_sample(dtype, sampler, tiny_unet, scheduler):
                   progress=False)
     assert half.images.dtype == torch.float32 and torch.isfinite(half.images).all()
     assert (half.images - full.images).abs().mean() < 0.03  # same model, rounded weights
+
+
+@pytest.mark.parametrize("text, setting", [
+    ("ddim:50", ("ddim", 50, 1, None)), ("dpm-solver++:20:c3", ("dpm-solver++", 20, 3, None)),
+    ("unipc:10:c2:d2", ("unipc", 10, 2, 2)),
+])
+def test_a_sampling_setting_reads_and_writes_its_text(text, setting):
+    from tdcdiff.samplers import SamplingSetting
+
+    parsed = SamplingSetting.parse(text)
+    assert (parsed.sampler, parsed.steps, parsed.cache_interval, parsed.cache_depth) == setting
+    assert str(parsed) == text and SamplingSetting.from_dict(parsed.to_dict(), "x") == parsed
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ddim", "takes sampler:steps"), ("euler:10", "unknown sampler 'euler'"), ("ddim:0", "steps must be an integer >= 1"),
+    ("ddim:ten", "invalid literal"), ("ddim:10:x3", "takes sampler:steps"), ("ddim:10:d2", "cache_depth"),
+])
+def test_a_bad_sampling_setting_is_one_line(text, message):
+    from tdcdiff.samplers import SamplingSetting
+
+    with pytest.raises(ValueError, match=message):
+        SamplingSetting.parse(text, "--reference")

@@ -38,10 +38,12 @@ from .manifest import (
     check_manifest,
     check_records,
     check_trained_shape,
+    sampling_setting,
     training_records,
 )
 from .models import Denoiser, num_class_embeds
 from .router import Router
+from .samplers import SamplingSetting
 from .serialization import (
     ARCHITECTURE_FILE,
     MAX_ARCHITECTURE_BYTES,
@@ -69,6 +71,7 @@ def save_bundle(
     expert_training: list[dict] | None = None,
     conditioning: dict | None = None,
     vae: nn.Module | None = None,
+    sampling: SamplingSetting | None = None,
 ) -> Path:
     """Write a bundle atomically (a temporary directory renamed into place; nothing is left on failure).
 
@@ -85,6 +88,8 @@ def save_bundle(
         "null_class" (the id for dropped labels, needed for guidance; None without label dropout)}.
     vae: for latent diffusion, the VAE (a diffusers AutoencoderKL) whose scaled latents the experts denoise
         (sample_shape is the latents' shape); it is stored in the bundle, so the bundle decodes on its own.
+    sampling: how the bundle is sampled unless told otherwise (samplers.SamplingSetting: sampler, steps, feature
+        caching); None: DDIM at min(50, T) steps. `Bundle.pipeline()` and `tdcdiff sample --bundle` use it.
     Raises ValueError (BundleError) when the pieces do not fit together (counts, shapes, class ids, schedule,
     training records), before or instead of writing anything.
     """
@@ -124,6 +129,7 @@ def save_bundle(
             "provenance": provenance or {},
             "conditioning": conditioning,
             "latent": latent,
+            "sampling": sampling.to_dict() if sampling is not None else None,
             "files": files,
         }
         # The checks load_bundle makes, before anything is kept.
@@ -244,12 +250,18 @@ class Bundle:
     def sample_shape(self) -> tuple[int, int, int]:
         return tuple(self.manifest["sample_shape"])
 
+    @property
+    def sampling(self) -> SamplingSetting:
+        """How the bundle is sampled unless told otherwise (see save_bundle's `sampling`)."""
+        return sampling_setting(self.manifest, self.scheduler.config.num_train_timesteps)
+
     def pipeline(self):
+        """A TDCPipeline over the router, sampling with the bundle's default setting unless told otherwise."""
         from .pipeline import TDCPipeline
 
         classes = (self.manifest.get("conditioning") or {}).get("num_classes")
         return TDCPipeline(self.router, self.scheduler, self.sample_shape, null_class=self.null_class, vae=self.vae,
-                           num_classes=classes)
+                           num_classes=classes, defaults=self.sampling)
 
     @property
     def null_class(self) -> int | None:

@@ -160,25 +160,6 @@ class ShallowPass(_Pass):
         return self._prediction(self.core.shallow(sample, t, deep, class_labels), x, with_variance)
 
 
-def check_cache_settings(cache_interval, cache_depth) -> int | None:
-    """The branch depth to cache at (None: no caching) for a sampling call's settings.
-
-    cache_interval: a full pass every this many steps, >= 1 (1: no caching). cache_depth: the shallow branch's
-    depth (DeepCacheUNet), None for 1 (the shallowest, which caches the most); only with cache_interval > 1.
-    Raises ValueError for an interval below 1 or a depth given without caching (the depth is checked against each
-    UNet by DeepCacheUNet).
-    """
-    if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
-        raise ValueError(f"cache_interval (--cache-interval) must be an integer >= 1, got {cache_interval!r}: one "
-                         "full UNet pass every that many steps (1: no feature caching)")
-    if cache_interval == 1:
-        if cache_depth is not None:
-            raise ValueError(f"cache_depth (--cache-depth) {cache_depth!r} was given without feature caching; give "
-                             "cache_interval (--cache-interval) >= 2 too, or drop cache_depth")
-        return None
-    return 1 if cache_depth is None else cache_depth
-
-
 @dataclass
 class FeatureCache:
     """DeepCache's state along one sampling trajectory: the deep features of the last full pass, the expert (a

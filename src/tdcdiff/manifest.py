@@ -17,6 +17,7 @@ import torch
 
 from .files import brief, is_count, is_sha256, json_safe
 from .grouping import Grouping
+from .samplers import SamplingSetting
 from .schedule import MAX_TIMESTEPS, PREDICTION_TYPES
 from .serialization import ARCHITECTURE_FILE, allowed_class, check_arguments
 
@@ -117,7 +118,21 @@ def check_manifest(manifest: object, where) -> Grouping:
     if is_count(steps) and steps > MAX_TIMESTEPS:
         fail(f"'scheduler.num_train_timesteps' is {steps}, more than the {MAX_TIMESTEPS} timesteps tdcdiff "
              f"handles; {REEXPORT}")
+    if manifest.get("sampling") is not None:
+        try:
+            sampling_setting(manifest, grouping.num_train_timesteps)
+        except ValueError as err:
+            fail(f"{err}; {REEXPORT}")
     return grouping
+
+
+def sampling_setting(manifest: dict, num_train_timesteps: int) -> SamplingSetting:
+    """How the bundle is sampled by default: its 'sampling' (sampler, steps, feature caching: what tune chose, or
+    the run's sampler and steps), or DDIM at min(50, T) steps for a bundle without one. Raises ValueError for a
+    'sampling' that names no sampler of this tdcdiff or more steps than T."""
+    if manifest.get("sampling") is None:
+        return SamplingSetting("ddim", min(50, num_train_timesteps))
+    return SamplingSetting.from_dict(manifest["sampling"], "'sampling'").check(num_train_timesteps)
 
 
 def _check_grouping(data: object, fail) -> Grouping:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .fast_path import SamplingModel
-from .feature_cache import FeatureCache, check_cache_settings
+from .feature_cache import FeatureCache
 from .latency import device_of
 from .models import Denoiser, check_denoiser, num_class_embeds
 from .progress import progress_bar
@@ -25,6 +25,8 @@ from .router import Router
 from .samplers import (
     LEARNED_VARIANCES,
     TIMESTEP_SPACING,
+    SamplingSetting,
+    check_cache_settings,
     make_sampler,
     sampler_kind,
     step_takes_generator,
@@ -255,11 +257,13 @@ class TDCPipeline:
     it is built here, once, and reused by every call, so build a new pipeline after changing the weights.
     vae: for latent diffusion, the VAE whose latents (sample_shape) the denoiser works on; images are decoded.
     num_classes: the data's class count (class labels must be below it), when known.
+    defaults: the sampling setting a call uses for what it does not give (a bundle's: Bundle.sampling); None:
+        DDIM at min(50, T) steps, no feature caching.
     """
 
     def __init__(self, denoiser: nn.Module, scheduler, sample_shape: tuple[int, int, int], *,
                  null_class: int | None = None, compile: str = "auto", precision: str = "fp32", vae=None,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, defaults: SamplingSetting | None = None):
         from .latent import Decoder
 
         self.decode = Decoder(vae) if vae is not None else None
@@ -268,33 +272,39 @@ class TDCPipeline:
         self.sample_shape = tuple(sample_shape)
         self.null_class = null_class
         self.num_classes = num_classes
+        self.defaults = defaults or SamplingSetting("ddim", min(50, scheduler.config.num_train_timesteps))
         self.runner = SamplingModel(denoiser, compile, precision)
 
     def __call__(
         self,
         batch_size: int = 1,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         *,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         seed: int = 0,
         output_type: str = "pil",
         progress: bool = True,
         class_labels=None,
         guidance_scale: float = 1.0,
-        cache_interval: int = 1,
+        cache_interval: int | None = None,
         cache_depth: int | None = None,
     ):
         """Sample `batch_size` images; output_type "pil" (list of PIL images), "np" (NHWC uint8) or "pt"
         (NCHW float in [-1, 1]). class_labels, guidance_scale, cache_interval, cache_depth (feature caching):
-        see `sample`. Returns diffusers' ImagePipelineOutput."""
+        see `sample`. num_inference_steps, sampler and the cache settings not given are the pipeline's
+        `defaults` (feature caching from the defaults only when neither cache setting is given). Returns
+        diffusers' ImagePipelineOutput."""
+        d = self.defaults
+        if cache_interval is None and cache_depth is None:
+            cache_interval, cache_depth = d.cache_interval, d.cache_depth
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
         from PIL import Image
 
         result = sample(
-            self.runner, self.scheduler, sample_shape=self.sample_shape, sampler=sampler,
-            steps=num_inference_steps, num_images=batch_size, batch_size=batch_size, seed=seed, progress=progress,
+            self.runner, self.scheduler, sample_shape=self.sample_shape, sampler=sampler or d.sampler,
+            steps=num_inference_steps or d.steps, num_images=batch_size, batch_size=batch_size, seed=seed, progress=progress,
             class_labels=class_labels, guidance_scale=guidance_scale, null_class=self.null_class, decode=self.decode,
-            num_classes=self.num_classes, cache_interval=cache_interval, cache_depth=cache_depth,
+            num_classes=self.num_classes, cache_interval=cache_interval or 1, cache_depth=cache_depth,
         )
         if output_type == "pt":
             return ImagePipelineOutput(images=result.images)

@@ -265,3 +265,87 @@ def make_sampler(name: str, train_scheduler, timesteps: list[int] | None = None,
         _check_timesteps(timesteps, train_scheduler.config.num_train_timesteps)
         scheduler.set_timesteps(timesteps=timesteps, device=device)
     return scheduler
+
+
+def check_cache_settings(cache_interval, cache_depth) -> int | None:
+    """The branch depth to cache at (None: no caching) for a sampling call's settings.
+
+    cache_interval: a full pass every this many steps, >= 1 (1: no caching). cache_depth: the shallow branch's
+    depth (DeepCacheUNet), None for 1 (the shallowest, which caches the most); only with cache_interval > 1.
+    Raises ValueError for an interval below 1 or a depth given without caching (the depth is checked against each
+    UNet by DeepCacheUNet).
+    """
+    if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
+        raise ValueError(f"cache_interval (--cache-interval) must be an integer >= 1, got {cache_interval!r}: one "
+                         "full UNet pass every that many steps (1: no feature caching)")
+    if cache_interval == 1:
+        if cache_depth is not None:
+            raise ValueError(f"cache_depth (--cache-depth) {cache_depth!r} was given without feature caching; give "
+                             "cache_interval (--cache-interval) >= 2 too, or drop cache_depth")
+        return None
+    return 1 if cache_depth is None else cache_depth
+
+
+@dataclass(frozen=True)
+class SamplingSetting:
+    """How a model is sampled: the sampler (a name of SAMPLERS), its number of steps, and feature caching (a full
+    pass every `cache_interval` steps, the shallow branch of depth `cache_depth` in between; see
+    feature_cache.py). Written as text "sampler:steps", with ":cN" (cache interval N) and ":dD" (depth D) when
+    caching: "ddim:50", "dpm-solver++:20:c3", "unipc:10:c2:d2".
+
+    Raises ValueError (from the constructor) for an unknown sampler, steps below 1, or cache settings that
+    check_cache_settings refuses; `check(T)` also checks the steps against a schedule's T.
+    """
+
+    sampler: str
+    steps: int
+    cache_interval: int = 1
+    cache_depth: int | None = None
+
+    def __post_init__(self):
+        sampler_kind(self.sampler)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"sampling steps must be an integer >= 1, got {self.steps!r}")
+        check_cache_settings(self.cache_interval, self.cache_depth)
+
+    @classmethod
+    def parse(cls, text: str, option: str = "a sampling setting") -> SamplingSetting:
+        """The setting written as `text` ("sampler:steps[:cN[:dD]]"). Raises ValueError naming `option`."""
+        parts = str(text).strip().split(":")
+        form = "sampler:steps, with :cN for feature caching every N steps and :dD for its depth"
+        try:
+            extra = {"c": "cache_interval", "d": "cache_depth"}
+            options = {extra[p[0]]: int(p[1:]) for p in parts[2:] if p[:1] in extra}
+            if len(parts) < 2 or len(options) != len(parts) - 2:
+                raise ValueError(f"takes {form}")
+            return cls(parts[0], int(parts[1]), **options)
+        except ValueError as err:
+            raise ValueError(f"{option} {text!r}: {err} (e.g. ddim:50, dpm-solver++:20:c3; samplers: "
+                             f"{', '.join(SAMPLERS)})") from None
+
+    def __str__(self) -> str:
+        cache = f":c{self.cache_interval}" if self.cache_interval > 1 else ""
+        depth = f":d{self.cache_depth}" if self.cache_depth is not None else ""
+        return f"{self.sampler}:{self.steps}{cache}{depth}"
+
+    def check(self, num_train_timesteps: int) -> SamplingSetting:
+        """self, after checking its steps against a schedule of T = num_train_timesteps. Raises ValueError."""
+        if self.steps > num_train_timesteps:
+            raise ValueError(f"{self} takes {self.steps} steps, more than the schedule's T={num_train_timesteps}")
+        return self
+
+    def to_dict(self) -> dict:
+        return {"sampler": self.sampler, "steps": self.steps, "cache_interval": self.cache_interval,
+                "cache_depth": self.cache_depth}
+
+    @classmethod
+    def from_dict(cls, data: object, what: str) -> SamplingSetting:
+        """The setting in a mapping read from a file (untrusted). Raises ValueError naming `what`."""
+        keys = ("sampler", "steps", "cache_interval", "cache_depth")
+        if not isinstance(data, dict) or not set(data) <= set(keys) or not {"sampler", "steps"} <= set(data):
+            raise ValueError(f"{what} must be {{\"sampler\", \"steps\"[, \"cache_interval\", \"cache_depth\"]}}, "
+                             f"got {str(data)[:120]}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{what}: {err}") from None

@@ -44,9 +44,9 @@ def sample_command(
     precision: Annotated[str, typer.Option(
         "--precision", help="fp32, or bf16 autocast (faster only at large batches on CPUs with bf16 units; changes "
         "images by about 1e-2).")] = "fp32",
-    cache_interval: Annotated[int, typer.Option(
+    cache_interval: Annotated[Optional[int], typer.Option(
         "--cache-interval", help="Feature caching (DeepCache, UNet2DModel denoisers): one full UNet pass every N "
-        "steps, only the shallow branch in between (1: off).")] = 1,
+        "steps, only the shallow branch in between (1: off). [default: the bundle's setting, else 1]")] = None,
     cache_depth: Annotated[Optional[int], typer.Option(
         "--cache-depth", help="Depth of the shallow branch that feature caching runs: 1 (the shallowest, fastest) "
         "up to the UNet's levels. [default: 1]")] = None,
@@ -54,18 +54,19 @@ def sample_command(
 ):
     """Write a grid of samples from a bundle (--bundle) or from the run's base model.
 
-    Defaults: ddim, min(50, T) steps, 64 images, seed 0, written to samples.png (a bundle) or
-    <run>/samples/base.png; class-conditional models: all classes in turn.
+    Sampler, steps and feature caching default to the bundle's sampling setting (what `tdcdiff tune` chose, or the
+    run's sampler and steps; DDIM at min(50, T) steps for an older bundle), or for the base to the run's sampler
+    and steps. 64 images, seed 0, written to samples.png (a bundle) or <run>/samples/base.png; class-conditional
+    models: all classes in turn.
     """
     from ..evaluate import balanced_labels
-    from ..feature_cache import check_cache_settings
     from ..pipeline import sample, save_grid
     from ..run import lock_run_dir
+    from ..samplers import SamplingSetting, check_cache_settings
 
     try:
         check_options(() if seed is None else (seed,), **{"--steps": (sample_steps, 1), "--num": (num_samples, 1),
                                                            "--cache-interval": (cache_interval, 1)})
-        check_cache_settings(cache_interval, cache_depth)
         # A bundle's default is never inside the bundle: its manifest lists every file.
         output = output or (Path("samples.png") if bundle is not None else out / "samples" / "base.png")
         check_writable(output, "--output", directory=False)
@@ -80,11 +81,17 @@ def sample_command(
             model, scheduler, shape = loaded.router, loaded.scheduler, loaded.sample_shape
             decode = loaded.pipeline().decode
             null_class, data_classes = loaded.null_class, (loaded.manifest.get("conditioning") or {}).get("num_classes")
+            defaults = loaded.sampling
         else:
             run = open_run(out, None, not quiet, writes=False, base=base)
             model, scheduler, shape, decode = run.base_model(), run.scheduler, run.sample_shape, run.decode
             null_class, data_classes = run.null_class(model), run.data.num_classes
-        steps = min(50, scheduler.config.num_train_timesteps) if sample_steps is None else sample_steps
+            defaults = SamplingSetting(run.config.sampler, run.config.sampling_steps)
+        sampler, steps = sampler or defaults.sampler, sample_steps or defaults.steps
+        if cache_interval is None and cache_depth is None:
+            cache_interval, cache_depth = defaults.cache_interval, defaults.cache_depth
+        cache_interval = cache_interval or 1
+        check_cache_settings(cache_interval, cache_depth)
         count = 64 if num_samples is None else num_samples
         labels = class_id if class_id is not None else balanced_labels(model, count, data_classes)
         # A grid written into a run directory is written by its one writer (a stage's cleanup would take a
@@ -93,7 +100,7 @@ def sample_command(
         with lock_run_dir(out) if inside else contextlib.nullcontext():
             start = time.perf_counter()
             result = sample(
-                model, scheduler, sample_shape=shape, sampler=sampler or "ddim", steps=steps,
+                model, scheduler, sample_shape=shape, sampler=sampler, steps=steps,
                 num_images=count, seed=0 if seed is None else seed, progress=not quiet, class_labels=labels,
                 guidance_scale=guidance, null_class=null_class, num_classes=data_classes, compile=compile,
                 precision=precision, cache_interval=cache_interval, cache_depth=cache_depth, decode=decode,

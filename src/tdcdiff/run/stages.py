@@ -38,6 +38,7 @@ from ..prune.fit import FitResult, fit_to_measured_time, measure_latency_table, 
 from ..prune.importance import get_importance
 from ..prune.proxy import Proxy, ProxyBatch
 from ..prune.search import search
+from ..samplers import SamplingSetting
 from ..schedule import SCHEDULE_VERSION, check_given_schedule
 from ..serialization import architecture_of, save_model
 from ..settings import apply_overrides
@@ -354,7 +355,7 @@ class Stages(RunInputs):
             budgets=plan.budgets, expert_training=training,
             provenance={"data": self.data.describe(), "config": self.config.to_dict(), "training_flops": train_flops},
             conditioning=self.conditioning(experts[0]),
-            vae=self.vae,
+            vae=self.vae, sampling=SamplingSetting(self.config.sampler, self.config.sampling_steps),
         )
 
     def training_flops(self) -> dict:
