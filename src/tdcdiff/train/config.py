@@ -6,13 +6,18 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..settings import SEED, Settings, at_least, between, one_of, setting
+
+LR_SCHEDULES = ("cosine", "constant")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")  # accelerate's
+
 
 class TrainingDiverged(RuntimeError, ValueError):
     """The loss became NaN or inf; the last good checkpoint is kept. A ValueError too: the fix is a setting."""
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """Settings of one training run.
 
     steps: optimizer steps in total (a resumed run counts the steps already done).
@@ -37,51 +42,23 @@ class TrainConfig:
     prediction); its variance half gets no loss term (no VLB as in IDDPM).
     """
 
-    steps: int = 2000
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    lr_schedule: str = "cosine"
-    ema_decay: float | None = 0.999
-    grad_clip: float = 1.0
-    mixed_precision: str = "no"
-    seed: int = 0
-    checkpoint_every: int = 500
-    log_every: int = 50
-    mix_fraction: float = 0.0
-    distill_weight: float = 0.0
-    feature_distill_weight: float = 0.0
-    label_dropout: float = 0.0
-    null_class: int | None = None
-
-    def validate(self) -> None:
-        checks = [
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (0 < self.lr < 1, f"lr (the peak learning rate) must be in (0, 1), got {self.lr} (typical: 1e-4 to 2e-3)"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
-            (self.lr_schedule in ("cosine", "constant"),
-             f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}"),
-            (self.ema_decay is None or 0 < self.ema_decay < 1,
-             f"ema_decay must be in (0, 1) or None, got {self.ema_decay}"),
-            (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
-            (self.mixed_precision in ("no", "fp16", "bf16"),
-             f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}"),
-            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
-            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
-            (0 <= self.mix_fraction <= 1, f"mix_fraction must be in [0, 1], got {self.mix_fraction}"),
-            (0 <= self.distill_weight <= 1, f"distill_weight must be in [0, 1], got {self.distill_weight}"),
-            (0 <= self.feature_distill_weight <= 1,
-             f"feature_distill_weight must be in [0, 1], got {self.feature_distill_weight} "
-             "(typical: 0.1 to 0.5; 0: off)"),
-            (0 <= self.label_dropout < 1, f"label_dropout must be in [0, 1), got {self.label_dropout}"),
-            (self.null_class is None or self.null_class >= 0, f"null_class must be >= 0, got {self.null_class}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+    steps: int = setting(2000, rule=at_least(1))
+    batch_size: int = setting(128, rule=at_least(1))
+    lr: float = setting(1e-3, rule=between("(0, 1)", about="the peak learning rate", typical="typical: 1e-4 to 2e-3"))
+    weight_decay: float = setting(0.0, rule=at_least(0))
+    warmup_steps: int = setting(100, rule=at_least(0))
+    lr_schedule: str = setting("cosine", rule=one_of(LR_SCHEDULES, what="lr_schedule"))
+    ema_decay: float | None = setting(0.999, rule=between("(0, 1)", optional=True))
+    grad_clip: float = setting(1.0, rule=at_least(0))
+    mixed_precision: str = setting("no", rule=one_of(MIXED_PRECISIONS, what="mixed_precision"))
+    seed: int = setting(0, rule=SEED)
+    checkpoint_every: int = setting(500, rule=at_least(1))
+    log_every: int = setting(50, rule=at_least(1))
+    mix_fraction: float = setting(0.0, rule=between("[0, 1]"))
+    distill_weight: float = setting(0.0, rule=between("[0, 1]"))
+    feature_distill_weight: float = setting(0.0, rule=between("[0, 1]", typical="typical: 0.1 to 0.5; 0: off"))
+    label_dropout: float = setting(0.0, rule=between("[0, 1)"))
+    null_class: int | None = setting(None, rule=at_least(0, optional=True))
 
     @property
     def uses_teacher(self) -> bool:
