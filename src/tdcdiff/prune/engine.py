@@ -18,21 +18,32 @@ from torch import nn
 from ..latency import one_thread
 from ..models import network
 from ..surgery import depth
-from ..surgery.attributes import attention_head_dims, sync_module_attributes
+from ..surgery.attributes import attention_head_dims, layer_widths, sync_module_attributes
+from .graph import example_inputs, full_forward, trace
 from .importance import Calibration, Importance, check_importance
-from .plan import PlanGroup, PruningError, PruningPlan, example_inputs, full_forward, plan_for, trace
+from .plan import PlanGroup, PruningError, PruningPlan, plan_for
 from .units import MAX_RATIO, Decision, check_decision
 
 
-def _named(plan: PruningPlan, layer: str, err: Exception) -> PruningError:
-    """err, raised while pruning or running a layer, as an error naming its unit, the layer and the fix."""
+def _named(plan: PruningPlan, layer: str, err: Exception, stale: str = "") -> PruningError:
+    """err, raised while pruning or running a layer, as an error naming its unit, the layer and the fix (stale:
+    a note on size attributes the module still holds from before pruning)."""
     unit = plan.unit_of(layer)
     keep = layer.rpartition(".")[0] or layer  # the module holding the layer: ignoring it keeps its widths
+    why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return PruningError(
         f"cannot prune {f'unit {unit!r}' if unit else 'the model'}: layer {layer!r} fails after pruning "
-        f"({str(err).splitlines()[0]}); keep its widths with ignored_layers=[{keep!r}] (and leave its unit out "
-        "of the decision if nothing else in it is prunable)"
+        f"({why}){stale}; keep its widths with ignored_layers=[{keep!r}] (in a run: the setting "
+        "search.ignored_layers; leave its unit out of the decision if nothing else in it is prunable)"
     )
+
+
+def _stale_sizes(module: nn.Module, before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> str:
+    """A note naming the int attributes of module that still equal a width some layer had before pruning."""
+    old = {w for name, pair in before.items() if pair != after.get(name) for w in pair} - {
+        w for pair in after.values() for w in pair}
+    stale = [f"{k}={v}" for k, v in vars(module).items() if type(v) is int and v in old]
+    return f"; {type(module).__name__} still holds the unpruned width in {', '.join(stale)}" if stale else ""
 
 
 def _channels_to_drop(graph, net: nn.Module, group: PlanGroup, kept: int, importance: Importance) -> list[int]:
@@ -68,17 +79,25 @@ def _drop_heads(net: nn.Module, group: PlanGroup, drop: list[int]) -> None:
         _prune_layer(net.get_submodule(name), sorted(c for h in drop for c in heads[h]), out=True)
 
 
-def _check_runs(plan: PruningPlan, net: nn.Module, inputs) -> None:
-    """One forward of the pruned net; a failure names the layer that raised and its unit."""
-    name_of = {m: name for name, m in net.named_modules()}
-    entered: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: entered.append(name_of[m])) for m in net.modules()
-             if not list(m.children())]
+def _check_runs(plan: PruningPlan, net: nn.Module, inputs, widths: dict[str, tuple[int, int]]) -> None:
+    """One forward of the pruned net; a failure of any kind (a shape error, a module's own assert on a width)
+    names the innermost module running when it was raised, its unit and the fix. widths: layer_widths before."""
+    running: list[str] = []
+
+    def leave(module, args, output) -> None:  # must return None, or it replaces the output
+        running.pop()
+
+    hooks = []
+    for name, m in net.named_modules():
+        hooks.append(m.register_forward_pre_hook(lambda m, args, name=name: running.append(name)))
+        hooks.append(m.register_forward_hook(leave))
     try:
         with torch.no_grad():
             full_forward(net, inputs)
-    except RuntimeError as err:
-        raise _named(plan, entered[-1] if entered else "?", err) from None
+    except Exception as err:  # whatever the network's own code raises on its pruned shapes
+        failing = running[-1] if running and running[-1] else "?"
+        stale = _stale_sizes(net.get_submodule(failing), widths, layer_widths(net)) if running else ""
+        raise _named(plan, failing, err, stale) from None
     finally:
         for hook in hooks:
             hook.remove()
@@ -124,17 +143,17 @@ def prune_kept(
     cuts = [(g, k) for g, k in zip(plan.groups, kept) if k < g.slots]
     if not cuts:
         return pruned
-    head_dims = attention_head_dims(net)  # before pruning: heads keep their dimension
+    head_dims, widths = attention_head_dims(net), layer_widths(net)  # before pruning: heads keep their dimension
     modes = [m.training for m in pruned.modules()]
     net.eval()
     inputs = example_inputs(net, sample_shape)
     with torch.enable_grad():
         importance.prepare(net, calibration)
         _cut(net, plan, cuts, sample_shape, importance)
-    sync_module_attributes(net, head_dims)
+    sync_module_attributes(net, head_dims, widths)
     for p in pruned.parameters():
         p.grad = None
-    _check_runs(plan, net, inputs)
+    _check_runs(plan, net, inputs, widths)
     for m, mode in zip(pruned.modules(), modes):
         m.training = mode
     return pruned
