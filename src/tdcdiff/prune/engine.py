@@ -18,18 +18,19 @@ from torch import nn
 from ..latency import one_thread
 from ..models import network
 from ..surgery import depth
-from ..surgery.attributes import attention_head_dims, layer_widths, sync_module_attributes
+from ..surgery.attributes import LAYERS, attention_head_dims, layer_widths, sync_module_attributes
 from .graph import example_inputs, full_forward, trace
-from .importance import Calibration, Importance, check_importance
+from .importance import BY_POSITION, Calibration, Importance, check_importance
 from .plan import PlanGroup, PruningError, PruningPlan, plan_for
 from .units import MAX_RATIO, Decision, check_decision
 
 
-def _named(plan: PruningPlan, layer: str, err: Exception, stale: str = "") -> PruningError:
+def _named(plan: PruningPlan, layer: str, err: Exception, stale: str = "", keep: str | None = None) -> PruningError:
     """err, raised while pruning or running a layer, as an error naming its unit, the layer and the fix (stale:
-    a note on size attributes the module still holds from before pruning)."""
-    unit = plan.unit_of(layer)
-    keep = layer.rpartition(".")[0] or layer  # the module holding the layer: ignoring it keeps its widths
+    a note on size attributes the module still holds from before pruning; keep: the module whose layers to keep,
+    by default the one holding the layer)."""
+    keep = keep if keep is not None else layer.rpartition(".")[0] or layer
+    unit = plan.unit_of(layer) or plan.unit_of(keep)
     why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return PruningError(
         f"cannot prune {f'unit {unit!r}' if unit else 'the model'}: layer {layer!r} fails after pruning "
@@ -79,9 +80,10 @@ def _drop_heads(net: nn.Module, group: PlanGroup, drop: list[int]) -> None:
         _prune_layer(net.get_submodule(name), sorted(c for h in drop for c in heads[h]), out=True)
 
 
-def _check_runs(plan: PruningPlan, net: nn.Module, inputs, widths: dict[str, tuple[int, int]]) -> None:
-    """One forward of the pruned net; a failure of any kind (a shape error, a module's own assert on a width)
-    names the innermost module running when it was raised, its unit and the fix. widths: layer_widths before."""
+def _failure(net: nn.Module, inputs, widths: dict[str, tuple[int, int]]) -> tuple[str, Exception, str] | None:
+    """One forward of the pruned net: None, or what failed, of any kind (a shape error, a module's own assert on a
+    width): the innermost module running when it was raised, the error, and a note on the size attributes that
+    module still holds from before pruning (widths: layer_widths before)."""
     running: list[str] = []
 
     def leave(module, args, output) -> None:  # must return None, or it replaces the output
@@ -95,12 +97,26 @@ def _check_runs(plan: PruningPlan, net: nn.Module, inputs, widths: dict[str, tup
         with torch.no_grad():
             full_forward(net, inputs)
     except Exception as err:  # whatever the network's own code raises on its pruned shapes
-        failing = running[-1] if running and running[-1] else "?"
-        stale = _stale_sizes(net.get_submodule(failing), widths, layer_widths(net)) if running else ""
-        raise _named(plan, failing, err, stale) from None
+        failing = running[-1] if running else ""
+        return failing, err, _stale_sizes(net.get_submodule(failing), widths, layer_widths(net))
     finally:
         for hook in hooks:
             hook.remove()
+    return None
+
+
+def _culprit(base: nn.Module, plan: PruningPlan, cuts: list[tuple[PlanGroup, int]], sample_shape, failing: str) -> str:
+    """What to keep when `failing` fails: the module holding it if that has layers, else (a module without layers
+    that checks the width it is given, such as improved-diffusion's Downsample without conv) the root layer of the
+    first cut whose addition makes the pruned base fail, found by bisection over prefixes of the cuts."""
+    holder = failing.rpartition(".")[0]
+    if holder and any(isinstance(m, LAYERS) for m in network(base).get_submodule(holder).modules()):
+        return holder
+    lo, hi = 1, len(cuts)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _apply(base, plan, cuts[:mid], sample_shape, BY_POSITION, None)[1] else (mid + 1, hi)
+    return cuts[lo - 1][0].root
 
 
 def _cut(net: nn.Module, plan: PruningPlan, cuts: list[tuple[PlanGroup, int]], sample_shape: tuple[int, ...],
@@ -124,6 +140,27 @@ def _cut(net: nn.Module, plan: PruningPlan, cuts: list[tuple[PlanGroup, int]], s
             raise _named(plan, g.root, err) from None
 
 
+def _apply(base: nn.Module, plan: PruningPlan, cuts: list[tuple[PlanGroup, int]], sample_shape: tuple[int, ...],
+           importance: Importance, calibration: Calibration | None):
+    """A deep copy of base with the cuts made and its size attributes synced, and its _failure (None: it runs)."""
+    pruned = copy.deepcopy(base)
+    net = network(pruned)
+    head_dims, widths = attention_head_dims(net), layer_widths(net)  # before pruning: heads keep their dimension
+    modes = [m.training for m in pruned.modules()]
+    net.eval()
+    inputs = example_inputs(net, sample_shape)
+    with torch.enable_grad():
+        importance.prepare(net, calibration)
+        _cut(net, plan, cuts, sample_shape, importance)
+    sync_module_attributes(net, head_dims, widths)
+    for p in pruned.parameters():
+        p.grad = None
+    failure = _failure(net, inputs, widths)
+    for m, mode in zip(pruned.modules(), modes):
+        m.training = mode
+    return pruned, failure
+
+
 def prune_kept(
     base: nn.Module,
     plan: PruningPlan,
@@ -136,26 +173,15 @@ def prune_kept(
 
     importance: a criterion from importance.IMPORTANCES (checked against calibration by check_importance), or
     importance.BY_POSITION (first channels stay) for FLOPs trials.
-    Raises PruningError naming the unit and layer when torch-pruning or the pruned model fails.
+    Raises PruningError naming the unit and layer when torch-pruning or the pruned model fails, and the layers
+    to keep (ignored_layers) for it to run.
     """
-    pruned = copy.deepcopy(base)
-    net = network(pruned)
     cuts = [(g, k) for g, k in zip(plan.groups, kept) if k < g.slots]
     if not cuts:
-        return pruned
-    head_dims, widths = attention_head_dims(net), layer_widths(net)  # before pruning: heads keep their dimension
-    modes = [m.training for m in pruned.modules()]
-    net.eval()
-    inputs = example_inputs(net, sample_shape)
-    with torch.enable_grad():
-        importance.prepare(net, calibration)
-        _cut(net, plan, cuts, sample_shape, importance)
-    sync_module_attributes(net, head_dims, widths)
-    for p in pruned.parameters():
-        p.grad = None
-    _check_runs(plan, net, inputs, widths)
-    for m, mode in zip(pruned.modules(), modes):
-        m.training = mode
+        return copy.deepcopy(base)
+    pruned, failure = _apply(base, plan, cuts, sample_shape, importance, calibration)
+    if failure is not None:
+        raise _named(plan, *failure, keep=_culprit(base, plan, cuts, sample_shape, failure[0])) from None
     return pruned
 
 
