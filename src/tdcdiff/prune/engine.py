@@ -124,11 +124,13 @@ def _cut(net: nn.Module, plan: PruningPlan, cuts: list[tuple[PlanGroup, int]], s
     """Cut each (group, kept) of net in place. Everything is ranked on the unpruned network first (as
     BasePruner does), then cut: the groups are disjoint channel sets, each indexed in its own root's channels."""
     graph, _ = trace(net, sample_shape)
-    drops = [
-        _channels_to_drop(graph, net, g, k, importance) if g.heads_into is None
-        else _heads_to_drop(net, g, k, importance)
-        for g, k in cuts
-    ]
+    drops = []
+    for g, k in cuts:
+        try:
+            drops.append(_channels_to_drop(graph, net, g, k, importance) if g.heads_into is None
+                         else _heads_to_drop(net, g, k, importance))
+        except Exception as err:  # whatever torch-pruning raises on a group it traced wrongly
+            raise _named(plan, g.root, err) from None
     for (g, _), drop in zip(cuts, drops):
         try:
             if g.heads_into is None:
@@ -136,7 +138,7 @@ def _cut(net: nn.Module, plan: PruningPlan, cuts: list[tuple[PlanGroup, int]], s
                 graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, drop).prune()
             else:
                 _drop_heads(net, g, drop)
-        except (RuntimeError, IndexError, ValueError) as err:
+        except Exception as err:  # e.g. ZeroDivisionError from an index mapping of stride 0
             raise _named(plan, g.root, err) from None
 
 

@@ -44,10 +44,11 @@ def attention_layers(net: nn.Module, num_heads: dict[str, int] | None = None) ->
         if isinstance(getattr(m, "qkv", None), LAYERS):
             found[name] = ((f"{name}.qkv",), int(heads))
         elif isinstance(getattr(m, "to_q", None), nn.Linear):
-            found[name] = (tuple(f"{name}.{p}" for p in ("to_q", "to_k", "to_v") if getattr(m, p, None) is not None), int(heads))
+            projections = [p for p in ("to_q", "to_k", "to_v") if getattr(m, p, None) is not None]
+            found[name] = (tuple(f"{name}.{p}" for p in projections), int(heads))
         else:
-            raise ValueError(f"num_heads names {name!r}, which has neither a fused `qkv` layer nor `to_q`/`to_k`/`to_v`; "
-                             "name the attention module that holds its q/k/v projections")
+            raise ValueError(f"num_heads names {name!r}, which has neither a fused `qkv` layer nor "
+                             "`to_q`/`to_k`/`to_v`; name the attention module that holds its q/k/v projections")
     if num_heads:
         raise ValueError(f"num_heads names {sorted(num_heads)}, which the model does not have; name attention modules "
                          "as in named_modules() of the wrapped network")
@@ -166,7 +167,8 @@ def _set_heads(attention: nn.Module, head_dim: int) -> None:
     """Set an attention module's head count (and its children's, e.g. ADM's QKVAttention.n_heads) from the
     size of its q/k/v projections."""
     qkv = getattr(attention, "qkv", None)
-    heads = qkv.weight.shape[0] // (3 * head_dim) if isinstance(qkv, LAYERS) else attention.to_q.weight.shape[0] // head_dim
+    width = qkv.weight.shape[0] // 3 if isinstance(qkv, LAYERS) else attention.to_q.weight.shape[0]
+    heads = width // head_dim
     old = attention_heads(attention)
     for m in attention.modules():
         for attribute in HEAD_ATTRIBUTES:
