@@ -5,9 +5,11 @@ is really smaller, not masked.
 
 Coupled channels: residual streams and skip connections tie the output channels of layers in several units
 together, and torch-pruning removes such a coupled set (a "group") as one. Each group follows the ratio of
-ONE unit: the unit of the first layer, in forward order, that produces those channels, and is cut in that
-layer's channel order. So a down block's ratio also sets the width of the skip it sends to the up path, and
+ONE unit: the unit of the first layer, in forward order, that produces those channels, and is cut in the channel
+order of a producer with one channel per coupled channel (the first such in forward order; a scale-shift
+projection has two). So a down block's ratio also sets the width of the skip it sends to the up path, and
 the mid block's residual width follows the last down block (the mid block's own ratio sets its inner widths).
+How torch-pruning's graph is traced, and where its channel mapping is corrected, is prune/graph.py's business.
 
 GroupNorm (and any subclass) removes channels evenly from every norm group, so a group with g norm groups
 of s channels can only keep s, s-1, ..., 1 channels per norm group: a ratio r keeps round(s * (1 - r)) of
