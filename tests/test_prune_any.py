@@ -367,9 +367,9 @@ def test_a_layer_two_groups_claim_is_refused():
 
 
 def test_the_measured_plan_and_the_latency_table_keep_the_decision_space(digits, scheduler, tmp_path):
-    from tdcdiff.budget import measure_sensitivity
     from tdcdiff.grouping import make_groups
     from tdcdiff.prune.fit import measure_latency_table
+    from tdcdiff.prune.sensitivity import measure_sensitivity
 
     torch.manual_seed(0)
     net, grouping = FixedWidthNet().eval(), make_groups("uniform", 2, scheduler)
