@@ -21,7 +21,6 @@ from ..budget import (
     budget_fractions,
     check_reachable,
     make_plan,
-    measure_sensitivity,
     plan_from_fractions,
 )
 from ..bundle import save_bundle
@@ -36,6 +35,7 @@ from ..prune.fit import FitResult, fit_to_measured_time, measure_latency_table, 
 from ..prune.importance import get_importance
 from ..prune.proxy import Proxy, ProxyBatch
 from ..prune.search import search
+from ..prune.sensitivity import measure_sensitivity
 from ..schedule import SCHEDULE_VERSION, check_given_schedule
 from ..serialization import save_model
 from ..settings import apply_overrides
