@@ -1,7 +1,9 @@
 """Pruning architectures written outside tdcdiff: an ADM-style UNet, a DiT-style transformer and a
-class-conditional diffusers UNet (tests/models_zoo.py), whole attention heads, declared units, named errors."""
+class-conditional diffusers UNet (tests/models_zoo.py), published model code (tests/published), whole attention
+heads, declared units, named errors."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -248,3 +250,134 @@ def test_search_takes_the_decision_space_from_its_config():
     assert set(result.decision) == {"blocks.0.attn.heads", "blocks.0.mlp"}
     assert abs(result.flops - budget) <= 0.03 * budget
     assert [p.shape for p in result.model.model.blocks[1].parameters()] == [p.shape for p in dit.blocks[1].parameters()]
+
+
+# -- published model code (tests/published), taken as its authors wrote it --------------------------------------
+def published(name: str) -> nn.Module:
+    from published import models
+
+    torch.manual_seed(0)
+    return getattr(models, name)().eval()
+
+
+def outputs(model: nn.Module) -> torch.Tensor:
+    x, t = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 500, 999])
+    with torch.no_grad():
+        return Denoiser(model)(x, t, with_variance=True)
+
+
+@pytest.mark.parametrize("name, decision", [
+    # the residual group through AttentionBlock's reshapes (torch-pruning's guess doubled its indices: IndexError)
+    ("improved_diffusion", {"input_blocks.3": 0.5}),
+    # the stem's channels reach Downsample, which asserts on its `channels` (was left at 64: AssertionError)
+    ("improved_diffusion", {"input_blocks.0": 0.5}),
+    ("improved_diffusion", "all"),
+    ("pytorch_diffusion", "all"),
+    ("denoising_diffusion_pytorch", "all"),
+])
+def test_published_models_prune_run_and_reload_identically(tmp_path, name, decision):
+    from tdcdiff.serialization import load_model, register_model_class, save_model
+
+    base = published(name)
+    decision = {u.name: 0.5 for u in prunable_units(base)} if decision == "all" else decision
+    pruned = prune(base, decision, SHAPE)
+    assert count_flops(pruned, SHAPE) < count_flops(base, SHAPE) and torch.isfinite(outputs(pruned)).all()
+    register_model_class(type(base))
+    save_model(pruned, tmp_path / "pruned")
+    assert torch.equal(outputs(load_model(tmp_path / "pruned")), outputs(pruned))  # loading re-derives the sizes
+    if name == "improved_diffusion":
+        for m in pruned.modules():
+            if type(m).__name__ in ("Downsample", "Upsample"):
+                conv = m.op if hasattr(m, "op") else m.conv
+                assert m.channels == conv.in_channels
+
+
+def test_published_units():
+    assert [u.name for u in prunable_units(published("pytorch_diffusion"))] == [
+        "conv_in", "down.0", "down.1", "mid", "up.0", "up.1"]
+    assert [u.name for u in prunable_units(published("denoising_diffusion_pytorch"))] == [
+        "init_conv", "downs.0", "downs.1", "ups.0", "ups.1", "mid_block1", "mid_attn", "mid_block2", "final_res_block"]
+
+
+def test_a_width_attribute_a_forward_branches_on_stays():
+    """pytorch_diffusion's ResnetBlock takes its nin_shortcut when in_channels != out_channels: a pruning that makes
+    its widths equal (64 in, 128 -> 64 out) leaves both attributes as built, so the shortcut still runs."""
+    base = published("pytorch_diffusion")
+    pruned = prune(base, {"down.1": 0.5}, SHAPE)
+    block = pruned.down[1].block[0]
+    assert (block.conv1.in_channels, block.conv2.out_channels) == (64, 64)
+    assert (block.in_channels, block.out_channels) == (64, 128)
+    called = []
+    block.nin_shortcut.register_forward_hook(lambda m, args, out: called.append(1) and None)
+    outputs(pruned)
+    assert called
+
+
+def test_per_channel_parameters_and_scale_shift_projections_follow_their_channels():
+    """denoising-diffusion-pytorch: RMSNorm's gain g (1, C, 1, 1) is pruned with its channels; a ResnetBlock's
+    time projection (a scale and a shift per channel, computed before its convolution) keeps two per channel."""
+    pruned = prune(published("denoising_diffusion_pytorch"), {"downs.0": 0.5}, SHAPE)
+    block = pruned.downs[0][0]
+    assert block.block1.proj.out_channels == 8
+    assert block.block1.norm.g.shape == (1, 8, 1, 1) and block.mlp[1].out_features == 16
+
+
+class WidthCheck(nn.Module):
+    """A module without layers that asserts the width it is given (as improved-diffusion's Downsample does)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x):
+        assert x.shape[1] == self.channels
+        return x
+
+
+class CheckedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.check = WidthCheck(16)
+        self.body = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.head(self.body(self.check(self.stem(x))))
+
+
+def test_a_module_without_layers_is_named_with_the_layer_to_keep():
+    torch.manual_seed(0)
+    with pytest.raises(PruningError, match=r"^cannot prune unit 'stem': layer 'check' fails after pruning "
+                                           r"\(.+\); WidthCheck still holds the unpruned width in "
+                                           r"channels=16; keep its widths with ignored_layers=\['stem'\]"):
+        prune(CheckedNet(), {"stem": 0.5, "body": 0.5}, SHAPE)
+    pruned = prune(CheckedNet(), {"body": 0.5}, SHAPE, ignored_layers=["stem"])  # the fix the message gives
+    assert (pruned.stem.out_channels, pruned.body.out_channels) == (16, 8)
+
+
+def test_a_layer_two_groups_claim_is_refused():
+    from tdcdiff.prune.plan import _claim
+
+    claimed = {}
+    _claim(claimed, ["a.conv", "b.conv"], {"a.conv": "a"})
+    with pytest.raises(PruningError, match=r"unit 'a': torch-pruning couples the output channels of layer 'a.conv' "
+                                           r"in two ways .*ignored_layers=\['a.conv'\]"):
+        _claim(claimed, ["a.conv"], {"a.conv": "a"})
+
+
+def test_the_measured_plan_and_the_latency_table_keep_the_decision_space(digits, scheduler, tmp_path):
+    from tdcdiff.grouping import make_groups
+    from tdcdiff.prune.fit import measure_latency_table
+    from tdcdiff.prune.sensitivity import measure_sensitivity
+
+    torch.manual_seed(0)
+    net, grouping = FixedWidthNet().eval(), make_groups("uniform", 2, scheduler)
+    with pytest.raises(PruningError, match=r"ignored_layers=\['block'\]"):
+        measure_sensitivity(net, digits.images[:16], scheduler, grouping, SHAPE, batch_size=8)
+    scores = measure_sensitivity(net, digits.images[:16], scheduler, grouping, SHAPE, batch_size=8,
+                                 ignored_layers=["block"])
+    assert len(scores) == 2 and all(math.isfinite(s) for s in scores)
+    table = measure_latency_table(net, SHAPE, 2, depth_units=False, max_levels=2, cache_dir=tmp_path, repeats=1,
+                                  ignored_layers=["block"])
+    assert set(table.deltas) == {"stem"}

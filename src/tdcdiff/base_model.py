@@ -12,10 +12,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .models import check_denoiser, num_class_embeds
-from .serialization import register_model_class
+from .serialization import architecture_of, check_arguments, register_model_class
 
 # The diffusers model classes a directory may name: denoisers called as model(x, t[, class_labels]).
 ALLOWED_MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
@@ -174,6 +175,47 @@ def load_base_model(spec: str) -> BaseModel:
         f"--base {spec!r} is neither a diffusers model or pipeline directory, a module:function, nor a Hub name "
         "(org/name); fix the path"
     )
+
+
+def check_saveable(model: nn.Module, source: str) -> None:
+    """Raise BaseModelError (one line naming the fix) unless the model survives what every stage does to it:
+    saved (serialization.architecture_of), rebuilt from its class and its saved arguments as they come back from
+    JSON (lists for tuples), and saved again with the same arguments and parameter shapes. Rebuilt on the meta
+    device (no memory, no weights), or for real if the constructor needs real tensors."""
+    try:
+        description = architecture_of(model)
+    except ValueError as err:
+        raise BaseModelError(f"--base {source}: {err}") from None
+    if "kwargs" not in description:  # a diffusers model, rebuilt from its config
+        return
+    cls, kwargs = type(model), json.loads(json.dumps(description["kwargs"]))
+    name = cls.__qualname__
+    try:
+        try:
+            with torch.device("meta"):
+                rebuilt = cls(**check_arguments(cls, kwargs, "tdcdiff_init_kwargs"))
+        except (RuntimeError, NotImplementedError):  # a constructor that reads tensor values
+            rebuilt = cls(**kwargs)
+    except Exception as err:  # whatever the user's constructor raises on its saved arguments
+        raise BaseModelError(
+            f"--base {source}: every stage rebuilds the model as {name}(**tdcdiff_init_kwargs) from JSON, and that "
+            f"fails ({type(err).__name__}: {err}); record arguments that rebuild it (JSON turns tuples into lists)"
+        ) from None
+    if not isinstance(getattr(rebuilt, "tdcdiff_init_kwargs", None), dict):
+        raise BaseModelError(
+            f"--base {source}: a {name} rebuilt from its saved arguments has no tdcdiff_init_kwargs, so a pruned "
+            f"model could not be saved; set self.tdcdiff_init_kwargs in {name}.__init__ (a subclass that records "
+            "its constructor arguments), not on the instance"
+        )
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    again = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    differ = sorted(set(shapes.items()) ^ set(again.items()))
+    if differ or json.loads(json.dumps(rebuilt.tdcdiff_init_kwargs)) != kwargs:
+        what = f"tensor {differ[0][0]!r}" if differ else "its tdcdiff_init_kwargs"
+        raise BaseModelError(
+            f"--base {source}: a {name} rebuilt from its tdcdiff_init_kwargs differs from the model in {what}; "
+            "record every constructor argument that shapes the model"
+        )
 
 
 def _config_value(model: nn.Module, key: str):

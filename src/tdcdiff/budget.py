@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .grouping import Grouping
 
@@ -85,36 +84,6 @@ def difficulty_ranks(ordering: str, num_groups: int, sensitivity: list[float] | 
     for rank, g in enumerate(order, start=1):
         ranks[g] = rank
     return ranks
-
-
-@torch.no_grad()
-def measure_sensitivity(
-    base,
-    images: torch.Tensor,
-    scheduler,
-    grouping: Grouping,
-    sample_shape: tuple[int, int, int],
-    *,
-    trial_ratio: float = 0.3,
-    batch_size: int = 128,
-    seed: int = 0,
-    labels: torch.Tensor | None = None,
-) -> list[float]:
-    """Relative loss increase (pruned loss / base loss - 1) of each group under one uniform trial pruning.
-
-    Relative, not absolute: the epsilon loss is ~250x larger at small t, so absolute increases rank groups
-    by their loss scale instead of by how much pruning hurts them.
-    """
-    from .prune.engine import prune
-    from .prune.proxy import Proxy, ProxyBatch
-    from .prune.units import prunable_units, uniform_decision
-
-    pruned = prune(base, uniform_decision(prunable_units(base), trial_ratio), sample_shape)
-    scores = []
-    for i in range(len(grouping)):
-        batch = ProxyBatch.make(images, grouping.timesteps(i), scheduler, size=batch_size, seed=seed + i, labels=labels)
-        scores.append(Proxy(base, batch, scheduler).score(pruned) - 1.0)
-    return scores
 
 
 @dataclass

@@ -18,21 +18,33 @@ from torch import nn
 from ..latency import one_thread
 from ..models import network
 from ..surgery import depth
-from ..surgery.attributes import attention_head_dims, sync_module_attributes
-from .importance import Calibration, Importance, check_importance
-from .plan import PlanGroup, PruningError, PruningPlan, example_inputs, full_forward, plan_for, trace
+from ..surgery.attributes import LAYERS, attention_head_dims, layer_widths, sync_module_attributes
+from .graph import example_inputs, full_forward, trace
+from .importance import BY_POSITION, Calibration, Importance, check_importance
+from .plan import PlanGroup, PruningError, PruningPlan, plan_for
 from .units import MAX_RATIO, Decision, check_decision
 
 
-def _named(plan: PruningPlan, layer: str, err: Exception) -> PruningError:
-    """err, raised while pruning or running a layer, as an error naming its unit, the layer and the fix."""
-    unit = plan.unit_of(layer)
-    keep = layer.rpartition(".")[0] or layer  # the module holding the layer: ignoring it keeps its widths
+def _named(plan: PruningPlan, layer: str, err: Exception, stale: str = "", keep: str | None = None) -> PruningError:
+    """err, raised while pruning or running a layer, as an error naming its unit, the layer and the fix (stale:
+    a note on size attributes the module still holds from before pruning; keep: the module whose layers to keep,
+    by default the one holding the layer)."""
+    keep = keep if keep is not None else layer.rpartition(".")[0] or layer
+    unit = plan.unit_of(layer) or plan.unit_of(keep)
+    why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return PruningError(
         f"cannot prune {f'unit {unit!r}' if unit else 'the model'}: layer {layer!r} fails after pruning "
-        f"({str(err).splitlines()[0]}); keep its widths with ignored_layers=[{keep!r}] (and leave its unit out "
-        "of the decision if nothing else in it is prunable)"
+        f"({why}){stale}; keep its widths with ignored_layers=[{keep!r}] (in a run: the setting "
+        "search.ignored_layers; leave its unit out of the decision if nothing else in it is prunable)"
     )
+
+
+def _stale_sizes(module: nn.Module, before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> str:
+    """A note naming the int attributes of module that still equal a width some layer had before pruning."""
+    old = {w for name, pair in before.items() if pair != after.get(name) for w in pair} - {
+        w for pair in after.values() for w in pair}
+    stale = [f"{k}={v}" for k, v in vars(module).items() if type(v) is int and v in old]
+    return f"; {type(module).__name__} still holds the unpruned width in {', '.join(stale)}" if stale else ""
 
 
 def _channels_to_drop(graph, net: nn.Module, group: PlanGroup, kept: int, importance: Importance) -> list[int]:
@@ -68,20 +80,43 @@ def _drop_heads(net: nn.Module, group: PlanGroup, drop: list[int]) -> None:
         _prune_layer(net.get_submodule(name), sorted(c for h in drop for c in heads[h]), out=True)
 
 
-def _check_runs(plan: PruningPlan, net: nn.Module, inputs) -> None:
-    """One forward of the pruned net; a failure names the layer that raised and its unit."""
-    name_of = {m: name for name, m in net.named_modules()}
-    entered: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: entered.append(name_of[m])) for m in net.modules()
-             if not list(m.children())]
+def _failure(net: nn.Module, inputs, widths: dict[str, tuple[int, int]]) -> tuple[str, Exception, str] | None:
+    """One forward of the pruned net: None, or what failed, of any kind (a shape error, a module's own assert on a
+    width): the innermost module running when it was raised, the error, and a note on the size attributes that
+    module still holds from before pruning (widths: layer_widths before)."""
+    running: list[str] = []
+
+    def leave(module, args, output) -> None:  # must return None, or it replaces the output
+        running.pop()
+
+    hooks = []
+    for name, m in net.named_modules():
+        hooks.append(m.register_forward_pre_hook(lambda m, args, name=name: running.append(name)))
+        hooks.append(m.register_forward_hook(leave))
     try:
         with torch.no_grad():
             full_forward(net, inputs)
-    except RuntimeError as err:
-        raise _named(plan, entered[-1] if entered else "?", err) from None
+    except Exception as err:  # whatever the network's own code raises on its pruned shapes
+        failing = running[-1] if running else ""
+        return failing, err, _stale_sizes(net.get_submodule(failing), widths, layer_widths(net))
     finally:
         for hook in hooks:
             hook.remove()
+    return None
+
+
+def _culprit(base: nn.Module, plan: PruningPlan, cuts: list[tuple[PlanGroup, int]], sample_shape, failing: str) -> str:
+    """What to keep when `failing` fails: the module holding it if that has layers, else (a module without layers
+    that checks the width it is given, such as improved-diffusion's Downsample without conv) the root layer of the
+    first cut whose addition makes the pruned base fail, found by bisection over prefixes of the cuts."""
+    holder = failing.rpartition(".")[0]
+    if holder and any(isinstance(m, LAYERS) for m in network(base).get_submodule(holder).modules()):
+        return holder
+    lo, hi = 1, len(cuts)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _apply(base, plan, cuts[:mid], sample_shape, BY_POSITION, None)[1] else (mid + 1, hi)
+    return cuts[lo - 1][0].root
 
 
 def _cut(net: nn.Module, plan: PruningPlan, cuts: list[tuple[PlanGroup, int]], sample_shape: tuple[int, ...],
@@ -89,11 +124,13 @@ def _cut(net: nn.Module, plan: PruningPlan, cuts: list[tuple[PlanGroup, int]], s
     """Cut each (group, kept) of net in place. Everything is ranked on the unpruned network first (as
     BasePruner does), then cut: the groups are disjoint channel sets, each indexed in its own root's channels."""
     graph, _ = trace(net, sample_shape)
-    drops = [
-        _channels_to_drop(graph, net, g, k, importance) if g.heads_into is None
-        else _heads_to_drop(net, g, k, importance)
-        for g, k in cuts
-    ]
+    drops = []
+    for g, k in cuts:
+        try:
+            drops.append(_channels_to_drop(graph, net, g, k, importance) if g.heads_into is None
+                         else _heads_to_drop(net, g, k, importance))
+        except Exception as err:  # whatever torch-pruning raises on a group it traced wrongly
+            raise _named(plan, g.root, err) from None
     for (g, _), drop in zip(cuts, drops):
         try:
             if g.heads_into is None:
@@ -101,8 +138,29 @@ def _cut(net: nn.Module, plan: PruningPlan, cuts: list[tuple[PlanGroup, int]], s
                 graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, drop).prune()
             else:
                 _drop_heads(net, g, drop)
-        except (RuntimeError, IndexError, ValueError) as err:
+        except Exception as err:  # e.g. ZeroDivisionError from an index mapping of stride 0
             raise _named(plan, g.root, err) from None
+
+
+def _apply(base: nn.Module, plan: PruningPlan, cuts: list[tuple[PlanGroup, int]], sample_shape: tuple[int, ...],
+           importance: Importance, calibration: Calibration | None):
+    """A deep copy of base with the cuts made and its size attributes synced, and its _failure (None: it runs)."""
+    pruned = copy.deepcopy(base)
+    net = network(pruned)
+    head_dims, widths = attention_head_dims(net), layer_widths(net)  # before pruning: heads keep their dimension
+    modes = [m.training for m in pruned.modules()]
+    net.eval()
+    inputs = example_inputs(net, sample_shape)
+    with torch.enable_grad():
+        importance.prepare(net, calibration)
+        _cut(net, plan, cuts, sample_shape, importance)
+    sync_module_attributes(net, head_dims, widths)
+    for p in pruned.parameters():
+        p.grad = None
+    failure = _failure(net, inputs, widths)
+    for m, mode in zip(pruned.modules(), modes):
+        m.training = mode
+    return pruned, failure
 
 
 def prune_kept(
@@ -117,26 +175,15 @@ def prune_kept(
 
     importance: a criterion from importance.IMPORTANCES (checked against calibration by check_importance), or
     importance.BY_POSITION (first channels stay) for FLOPs trials.
-    Raises PruningError naming the unit and layer when torch-pruning or the pruned model fails.
+    Raises PruningError naming the unit and layer when torch-pruning or the pruned model fails, and the layers
+    to keep (ignored_layers) for it to run.
     """
-    pruned = copy.deepcopy(base)
-    net = network(pruned)
     cuts = [(g, k) for g, k in zip(plan.groups, kept) if k < g.slots]
     if not cuts:
-        return pruned
-    head_dims = attention_head_dims(net)  # before pruning: heads keep their dimension
-    modes = [m.training for m in pruned.modules()]
-    net.eval()
-    inputs = example_inputs(net, sample_shape)
-    with torch.enable_grad():
-        importance.prepare(net, calibration)
-        _cut(net, plan, cuts, sample_shape, importance)
-    sync_module_attributes(net, head_dims)
-    for p in pruned.parameters():
-        p.grad = None
-    _check_runs(plan, net, inputs)
-    for m, mode in zip(pruned.modules(), modes):
-        m.training = mode
+        return copy.deepcopy(base)
+    pruned, failure = _apply(base, plan, cuts, sample_shape, importance, calibration)
+    if failure is not None:
+        raise _named(plan, *failure, keep=_culprit(base, plan, cuts, sample_shape, failure[0])) from None
     return pruned
 
 

@@ -12,13 +12,16 @@ FLOPs or measured time.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
 from ..flops import count_flops
-from ..latency import measure_table, one_thread, time_ratios
+from ..latency import default_cache_dir, measure_table, one_thread, time_ratios
 from ..models import as_denoiser, network
 from ..surgery import depth
 from .engine import prune_kept, reduced_base
@@ -264,8 +267,9 @@ def fit_to_budget(
 
     base_cost = cost(full, {}, [])
     if budget_flops >= base_cost * (1 - tolerance / 2):
-        return FitResult(copy.deepcopy(base), {u.name: 0.0 for u in full.units}, count_flops(as_denoiser(base), sample_shape),
-                         budget_flops, 0.0, base_cost if latency is not None else None)
+        return FitResult(copy.deepcopy(base), {u.name: 0.0 for u in full.units},
+                         count_flops(as_denoiser(base), sample_shape), budget_flops, 0.0,
+                         base_cost if latency is not None else None)
     while True:  # undo removals, last first, while they alone undershoot the budget
         reduced = reduced_base(base, removed)
         plan = plan_for(network(reduced), sample_shape, **space)
@@ -422,15 +426,22 @@ def measure_latency_table(
     max_levels: int = 6,
     cache_dir=None,
     progress=None,
+    units=None,
+    ignored_layers=(),
+    num_heads: dict[str, int] | None = None,
     **kwargs,
 ):
     """The latency.LatencyTable of base at a batch size: each width unit at up to max_levels of its channel
     levels (evenly spread, always the last; others are interpolated) and, with depth_units, each depth unit
     removed. Cached per device, batch, architecture and torch version (see latency.measure_table).
+    units, ignored_layers, num_heads: the decision space, as for engine.prune() (a run's search settings).
     kwargs: repeats, warmup (as for latency.compare).
     """
     sample_shape = tuple(sample_shape)
-    plan = plan_for(network(base), sample_shape)
+    plan = plan_for(network(base), sample_shape, units=units, ignored_layers=ignored_layers, num_heads=num_heads)
+    if units is not None or ignored_layers or num_heads:  # a unit's levels mean other cuts: a table of its own
+        space = json.dumps([plan.ignored, [(u.name, u.modules) for u in plan.units], sorted((num_heads or {}).items())])
+        cache_dir = Path(cache_dir or default_cache_dir()) / f"space-{hashlib.sha256(space.encode()).hexdigest()[:12]}"
     variants = {}
     for u in plan.units:
         levels = unit_levels(plan, u.name)[1:]

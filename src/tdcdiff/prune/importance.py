@@ -19,7 +19,8 @@ import torch_pruning as tp
 from torch import nn
 
 from ..schedule import training_target
-from .plan import PlanGroup, full_forward
+from .graph import full_forward
+from .plan import PlanGroup
 
 
 @dataclass

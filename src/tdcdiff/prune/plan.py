@@ -5,9 +5,11 @@ is really smaller, not masked.
 
 Coupled channels: residual streams and skip connections tie the output channels of layers in several units
 together, and torch-pruning removes such a coupled set (a "group") as one. Each group follows the ratio of
-ONE unit: the unit of the first layer, in forward order, that produces those channels, and is cut in that
-layer's channel order. So a down block's ratio also sets the width of the skip it sends to the up path, and
+ONE unit: the unit of the first layer, in forward order, that produces those channels, and is cut in the channel
+order of a producer with one channel per coupled channel (the first such in forward order; a scale-shift
+projection has two). So a down block's ratio also sets the width of the skip it sends to the up path, and
 the mid block's residual width follows the last down block (the mid block's own ratio sets its inner widths).
+How torch-pruning's graph is traced, and where its channel mapping is corrected, is prune/graph.py's business.
 
 GroupNorm (and any subclass) removes channels evenly from every norm group, so a group with g norm groups
 of s channels can only keep s, s-1, ..., 1 channels per norm group: a ratio r keeps round(s * (1 - r)) of
@@ -19,7 +21,6 @@ torch-pruning's index mapping through the attention kernel's reshapes, which is 
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -27,25 +28,13 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..models import Denoiser
 from ..surgery.attributes import LAYERS, attention_layers
+from .graph import example_inputs, full_forward, trace
 from .units import Decision, Unit, ignored_names, prunable_units
 
 
 class PruningError(ValueError):
     """A decision cannot be applied to this architecture; the message names the unit and the layer."""
-
-
-def full_forward(net: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """net's whole output for inputs (x, t): a learned variance's channels are output channels too, never pruned."""
-    return Denoiser(net)(*inputs, with_variance=True)
-
-
-def example_inputs(net: nn.Module, sample_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed (x, t) for tracing: x of shape (1, *sample_shape) from seed 0, t = 0; on net's device and dtype."""
-    param = next(net.parameters())
-    x = torch.randn((1, *sample_shape), generator=torch.Generator().manual_seed(0))
-    return x.to(param.device, param.dtype), torch.zeros(1, dtype=torch.long, device=param.device)
 
 
 def kept_slots(ratio: float, slots: int) -> int:
@@ -108,29 +97,23 @@ def _channel_groups(graph, group) -> int:
     return n
 
 
-def trace(net: nn.Module, sample_shape: tuple[int, ...]):
-    """torch-pruning's dependency graph of net, and the forward order of its conv/linear layers
-    (dict: module -> index). net's train/eval modes are left as they were."""
-    order: dict[nn.Module, int] = {}
+def _claim(claimed: dict[str, int], layers: list[str], unit_of: dict[str, str]) -> None:
+    """Record the layers whose output channels one torch-pruning group cuts; a layer in two groups (its channels
+    coupled two ways, which would cut some twice) is a PruningError naming it and the fix."""
+    for layer in layers:
+        if layer in claimed:
+            unit = unit_of.get(layer)
+            raise PruningError(
+                f"cannot prune {f'unit {unit!r}' if unit else 'the model'}: torch-pruning couples the output channels "
+                f"of layer {layer!r} in two ways (two groups hold them); keep its widths with ignored_layers="
+                f"[{layer!r}] (in a run: the setting search.ignored_layers)")
+        claimed[layer] = len(claimed)
 
-    def record(module, args, output) -> None:  # must return None, or it replaces the output
-        order.setdefault(module, len(order))
 
-    hooks = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, LAYERS)]
-    modes = [m.training for m in net.modules()]
-    try:
-        with torch.enable_grad(), warnings.catch_warnings():  # tracing follows grad_fn
-            # Parameters used outside a layer (positional embeddings): their groups are never pruned (see plan).
-            warnings.filterwarnings("ignore", message=".*Unwrapped parameters.*")
-            graph = tp.DependencyGraph().build_dependency(
-                net, example_inputs=example_inputs(net, sample_shape), forward_fn=full_forward
-            )
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for m, mode in zip(net.modules(), modes):  # tracing switched the base to eval mode
-            m.training = mode
-    return graph, order
+def _per_channel(parameter: torch.Tensor) -> bool:
+    """A parameter with one value per channel (one non-singleton dimension: a norm's gain such as
+    denoising-diffusion-pytorch's RMSNorm `g` of shape (1, C, 1, 1)): it follows its channels, as a norm's weight."""
+    return sum(size > 1 for size in parameter.shape) == 1
 
 
 def _unclear_heads(unit: str, attention: str, n: int, why: str) -> PruningError:
@@ -199,19 +182,22 @@ def _build_plan(net: nn.Module, sample_shape: tuple[int, ...], units: list[Unit]
     heads_of = {net.get_submodule(q): (name, n) for name, (qkv, n) in attention.items() for q in qkv}
     graph, order = trace(net, sample_shape)
     ignored_modules = [m for name in ignored for m in net.get_submodule(name).modules()]
-    groups, heads = [], []
+    groups, heads, claimed = [], [], {}
     for group in graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=LAYERS):
         nodes = [dep.target for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
+        _claim(claimed, [name_of[n.module] for n in nodes if isinstance(n.module, LAYERS)], unit_of)
         if any(isinstance(n.module, tp.ops._OutputOp) or not n.outputs for n in nodes):
             continue  # these are the output's channels, whichever layer produces them
-        if any(n.type == tp.ops.OPTYPE.PARAMETER for n in nodes):
+        if any(n.type == tp.ops.OPTYPE.PARAMETER and not _per_channel(n.module) for n in nodes):
             continue  # added to a parameter every position reads (a positional embedding): keep whole
         outs = [n.module for n in nodes]
         producers = [m for m in outs if name_of.get(m) in unit_of]
         if not producers:
             continue
-        root = min(producers, key=order.__getitem__)
-        unit = unit_of[name_of[root]]
+        unit = unit_of[name_of[min(producers, key=order.__getitem__)]]
+        # Cut in the channels of a producer that has one per coupled channel: a scale-shift embedding projection
+        # (one scale and one shift per channel) has two, and may run first (denoising-diffusion-pytorch's ResnetBlock).
+        root = min(producers, key=lambda m: (graph.get_out_channels(m), order[m]))
         qkv = [m for m in outs if m in heads_of]
         if not qkv:
             channels = graph.get_out_channels(root)

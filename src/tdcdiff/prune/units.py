@@ -88,8 +88,9 @@ def _discover(net: nn.Module) -> tuple[dict[str, list[str]], set[str]]:
     transformer = _transformer_units(net)
     if transformer:
         return transformer, set()
+    # Other nets: each top-level child, a ModuleList one unit per entry (pytorch_diffusion's down.0, down.1, ...).
     children = [name for name, _ in net.named_children() if not CONDITIONING.search(name)]
-    return {name: _layers(net, name) for name in children}, set()
+    return {unit: _layers(net, unit) for name in children for unit in _module_list(net, name) or [name]}, set()
 
 
 def _declared(net: nn.Module, units) -> dict[str, list[str]]:
@@ -134,7 +135,8 @@ def prunable_units(model: nn.Module, *, units=None, ignored_layers=()) -> list[U
     Found generically: diffusers UNets give "down_blocks.i", "mid_block", "up_blocks.i"; ADM-style UNets
     "input_blocks.i", "middle_block", "output_blocks.i"; transformers (a ModuleList of blocks holding attention
     and an MLP) two units per block, "<attention>.heads" (whole heads) and "<block>.mlp" (everything else in
-    the block); other nets each top-level child except conditioning (names such as time_embed, label_emb).
+    the block); other nets each top-level child except conditioning (names such as time_embed, label_emb), a
+    ModuleList child one unit per entry ("down.0", "down.1", ...).
     units: declare the units instead: unit name -> list of module names (each contributes its conv/linear
         layers), or a callable net -> such a dict. Names are relative to the wrapped network.
     ignored_layers: module names whose layers are never pruned.

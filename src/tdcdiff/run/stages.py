@@ -14,14 +14,13 @@ from pathlib import Path
 
 import torch
 
-from ..base_model import check_fits_data, load_base_model, scheduler_from_config, trust_function
+from ..base_model import check_fits_data, check_saveable, load_base_model, scheduler_from_config, trust_function
 from ..budget import (
     RAISE_BUDGET,
     BudgetPlan,
     budget_fractions,
     check_reachable,
     make_plan,
-    measure_sensitivity,
     plan_from_fractions,
 )
 from ..bundle import save_bundle
@@ -38,9 +37,10 @@ from ..prune.fit import FitResult, fit_to_measured_time, measure_latency_table, 
 from ..prune.importance import get_importance
 from ..prune.proxy import Proxy, ProxyBatch
 from ..prune.search import search
+from ..prune.sensitivity import measure_sensitivity
 from ..samplers import SamplingSetting
 from ..schedule import SCHEDULE_VERSION, check_given_schedule
-from ..serialization import architecture_of, save_model
+from ..serialization import save_model
 from ..settings import apply_overrides
 from ..train import FINAL_DIR, TrainResult, train
 from .config import SCHEDULER_FILE, RunConfig, check_unchanged, load_saved_config, with_pipeline_schedule
@@ -146,7 +146,7 @@ class Stages(RunInputs):
         if given is not None:
             check_given_schedule(scheduler, f"--base {c.base_model}")
         check_finite(model, train_images, scheduler.alphas_cumprod, train_labels)
-        architecture_of(model)  # raises now, not after training, if the model cannot be saved
+        check_saveable(model, c.base_model)  # raises now, not after training, if the model cannot be saved
         self._check_budgets_reachable(model)  # before any base_model_steps of training for a doomed plan
         self._check_report_data()
         self._save_config()  # after the checks above: a refused run leaves nothing behind
@@ -188,8 +188,10 @@ class Stages(RunInputs):
         else:
             sensitivity = None
             if c.ordering == "measured":
+                s = c.search
                 sensitivity = measure_sensitivity(base, held_out, scheduler, grouping, self.sample_shape, seed=c.seed,
-                                                  labels=held_labels)
+                                                  labels=held_labels, units=s.units, ignored_layers=s.ignored_layers,
+                                                  num_heads=s.num_heads)
             plan = make_plan(grouping, k=c.k, ordering=c.ordering, sensitivity=sensitivity, mean_budget=c.mean_budget,
                              **where)
         plot_grouping(grouping, scheduler, self.dir / "plan" / "grouping.png", budgets=plan.fractions)
@@ -305,8 +307,9 @@ class Stages(RunInputs):
 
     def latency_table(self, base):
         """The base's per-unit latency table at latency_batch on this device (measured once, then cached)."""
-        return measure_latency_table(base, self.sample_shape, self.config.latency_batch,
-                                     depth_units=self.config.search.depth)
+        s = self.config.search
+        return measure_latency_table(base, self.sample_shape, self.config.latency_batch, depth_units=s.depth,
+                                     units=s.units, ignored_layers=s.ignored_layers, num_heads=s.num_heads)
 
     @writes
     def finetune(self, group: int | None = None):
