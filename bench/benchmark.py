@@ -147,11 +147,12 @@ def uniform_arm_model(tdc, plan, out_dir: Path):
         return load_model(out_dir / "model"), json.loads((out_dir / "fit.json").read_text())
     base = tdc.base_model()
     if tdc.config.budget_unit != "time":
-        fit = uniform_fit(base, plan.mean_fraction, tdc.sample_shape)
+        fit = uniform_fit(base, plan.mean_fraction, tdc.sample_shape, **tdc.config.search.space())
         matched = f"matched on FLOPs to TDC's timestep-weighted mean ({plan.mean_fraction:.1%})"
     else:
         target, batch = tdc_time_ratio(tdc, plan), tdc.config.latency_batch
-        timed = uniform_fit(base, target, tdc.sample_shape, latency=tdc.latency_table(base), batch=batch)
+        timed = uniform_fit(base, target, tdc.sample_shape, latency=tdc.latency_table(base), batch=batch,
+                            **tdc.config.search.space())
         fit = timed.fit
         matched = (f"matched on measured forward time at batch {batch} to TDC's sampling-step-weighted mean of its "
                    f"experts' measured time ({target:.1%}): measured {timed.time_ratio:.1%} after "

@@ -94,12 +94,7 @@ def save_bundle(
     training records), before or instead of writing anything.
     """
     path = Path(path)
-    if not class_path(type(scheduler)).startswith("diffusers."):
-        raise BundleError(f"cannot bundle a {class_path(type(scheduler))}: the scheduler must be a diffusers scheduler")
-    config = {k: json_safe(v) for k, v in dict(scheduler.config).items()}
-    if "_use_default_values" in config:  # a set in diffusers: sorted, the same bundle is the same bytes
-        config["_use_default_values"] = sorted(config["_use_default_values"])
-    config = {"_class_name": type(scheduler).__name__, "_diffusers_version": _diffusers_version(), **config}
+    config = _scheduler_config(scheduler)
     _check_class_ids(experts, "", "give experts with one class embedding (the same num_class_embeds)")
     with atomic_dir(path) as tmp:
         files, weights = {}, []
@@ -139,6 +134,17 @@ def save_bundle(
         check_conditioning(conditioning, num_class_embeds(experts[0]) if experts else None, path / MANIFEST)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return path
+
+
+def _scheduler_config(scheduler) -> dict:
+    """The manifest's 'scheduler': the diffusers scheduler's full config, its class and diffusers' version first.
+    Raises BundleError for a scheduler that is not diffusers'."""
+    if not class_path(type(scheduler)).startswith("diffusers."):
+        raise BundleError(f"cannot bundle a {class_path(type(scheduler))}: the scheduler must be a diffusers scheduler")
+    config = {k: json_safe(v) for k, v in dict(scheduler.config).items()}
+    if "_use_default_values" in config:  # a set in diffusers: sorted, the same bundle is the same bytes
+        config["_use_default_values"] = sorted(config["_use_default_values"])
+    return {"_class_name": type(scheduler).__name__, "_diffusers_version": _diffusers_version(), **config}
 
 
 def _listing(root: Path, directory: str) -> dict[str, dict]:

@@ -62,7 +62,7 @@ def sample_command(
     from ..evaluate import balanced_labels
     from ..pipeline import sample, save_grid
     from ..run import lock_run_dir
-    from ..samplers import SamplingSetting, check_cache_settings
+    from ..samplers import check_cache_settings
 
     try:
         check_options(() if seed is None else (seed,), **{"--steps": (sample_steps, 1), "--num": (num_samples, 1),
@@ -72,21 +72,7 @@ def sample_command(
         check_writable(output, "--output", directory=False)
         if output.suffix.lower() != ".png":  # save_grid writes PNG: o.jpg would be a PNG under another name
             raise ValueError(f"--output {output}: sample grids are written as PNG; give a path ending in .png")
-        if bundle is not None:
-            from ..base_model import trust_function
-            from ..bundle import load_bundle
-
-            trust_function(base)  # the bundle's experts may be of the class it returns
-            loaded = load_bundle(bundle)
-            model, scheduler, shape = loaded.router, loaded.scheduler, loaded.sample_shape
-            decode = loaded.pipeline().decode
-            null_class, data_classes = loaded.null_class, (loaded.manifest.get("conditioning") or {}).get("num_classes")
-            defaults = loaded.sampling
-        else:
-            run = open_run(out, None, not quiet, writes=False, base=base)
-            model, scheduler, shape, decode = run.base_model(), run.scheduler, run.sample_shape, run.decode
-            null_class, data_classes = run.null_class(model), run.data.num_classes
-            defaults = SamplingSetting(run.config.sampler, run.config.sampling_steps)
+        model, scheduler, shape, decode, null_class, data_classes, defaults = _source(bundle, out, base, quiet)
         sampler, steps = sampler or defaults.sampler, sample_steps or defaults.steps
         if cache_interval is None and cache_depth is None:
             cache_interval, cache_depth = defaults.cache_interval, defaults.cache_depth
@@ -114,6 +100,26 @@ def sample_command(
             raise
         fail(f"not enough memory to sample --num {num_samples} images in one batch; lower --num")
     typer.echo(_sample_summary(path, result, model if bundle is not None else None, seconds))
+
+
+def _source(bundle: Path | None, out: Path, base: str | None, quiet: bool):
+    """What `tdcdiff sample` samples: a bundle's router, or the run's base, with (scheduler, sample shape, decoder,
+    null class, the data's class count, its default sampling setting)."""
+    from ..samplers import SamplingSetting
+
+    if bundle is not None:
+        from ..base_model import trust_function
+        from ..bundle import load_bundle
+
+        trust_function(base)  # the bundle's experts may be of the class it returns
+        loaded = load_bundle(bundle)
+        classes = (loaded.manifest.get("conditioning") or {}).get("num_classes")
+        return (loaded.router, loaded.scheduler, loaded.sample_shape, loaded.pipeline().decode, loaded.null_class,
+                classes, loaded.sampling)
+    run = open_run(out, None, not quiet, writes=False, base=base)
+    model = run.base_model()
+    return (model, run.scheduler, run.sample_shape, run.decode, run.null_class(model), run.data.num_classes,
+            SamplingSetting(run.config.sampler, run.config.sampling_steps))
 
 
 def _sample_summary(path: Path, result, router, seconds: float) -> str:

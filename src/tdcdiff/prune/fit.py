@@ -27,7 +27,7 @@ from ..surgery import depth
 from .engine import prune_kept, reduced_base
 from .importance import BY_POSITION, Calibration, check_importance
 from .plan import PruningPlan, kept_slots, plan_for
-from .units import MAX_RATIO, Decision, check_decision, uniform_proposal
+from .units import MAX_RATIO, Decision, check_decision, prunable_units, uniform_decision
 
 
 @dataclass
@@ -392,7 +392,7 @@ def uniform_fit(
     batch: int | None = None,
     **fit_kwargs,
 ) -> FitResult | TimedFit:
-    """Prune `base` uniformly (one global width ratio for every unit: units.uniform_proposal) to a fraction of its
+    """Prune `base` uniformly (one global width ratio for every unit of its decision space) to a fraction of its
     FLOPs or, with a latency table, of its measured forward time.
 
     fraction: the budget as a fraction of the base's cost, > 0 (1 or more: an unpruned copy): of
@@ -401,8 +401,8 @@ def uniform_fit(
     latency, batch: the base's latency.LatencyTable (measure_latency_table) and the batch size it was measured
         at: the table's fit is then timed beside the base and corrected until the measured time ratio meets
         `fraction` (fit_to_measured_time). Give both or neither.
-    fit_kwargs: for fit_to_budget (tolerance, importance, ...), and with a table for fit_to_measured_time
-        (repeats, max_corrections).
+    fit_kwargs: for fit_to_budget (tolerance, importance, the decision space: units, ignored_layers, num_heads,
+        as SearchConfig.space() gives them), and with a table for fit_to_measured_time (repeats, max_corrections).
     Returns a FitResult for a FLOPs budget, a TimedFit (.fit, .time_ratio, .trail) for a time budget.
     Raises ValueError for a fraction <= 0 (as fit_to_budget and fit_to_measured_time do) or a table without its
     batch (or a batch without a table), BudgetError when no uniform pruning reaches the budget.
@@ -410,7 +410,8 @@ def uniform_fit(
     if (latency is None) != (batch is None):
         raise ValueError("uniform_fit budgets time with a latency table AND the batch it was measured at: give both, "
                          "or neither for a FLOPs budget")
-    decision = uniform_proposal(base)
+    units = prunable_units(base, units=fit_kwargs.get("units"), ignored_layers=fit_kwargs.get("ignored_layers", ()))
+    decision = uniform_decision(units, 0.5)  # one global ratio: the fit keeps only the ratios' relative sizes
     if latency is None:
         return fit_to_budget(base, decision, round(fraction * count_flops(base, sample_shape)), sample_shape,
                              **fit_kwargs)

@@ -81,6 +81,11 @@ class SearchConfig:
     num_heads: dict[str, int] | None = None
     depth: bool = False
 
+    def space(self) -> dict:
+        """The decision space these settings declare (units, ignored_layers, num_heads), as keyword arguments
+        of prune, fit_to_budget, uniform_fit and the latency table."""
+        return {"units": self.units, "ignored_layers": tuple(self.ignored_layers), "num_heads": self.num_heads}
+
     def validate(self) -> None:
         importance_error = unknown_importance(self.importance)
         checks = [

@@ -188,10 +188,8 @@ class Stages(RunInputs):
         else:
             sensitivity = None
             if c.ordering == "measured":
-                s = c.search
                 sensitivity = measure_sensitivity(base, held_out, scheduler, grouping, self.sample_shape, seed=c.seed,
-                                                  labels=held_labels, units=s.units, ignored_layers=s.ignored_layers,
-                                                  num_heads=s.num_heads)
+                                                  labels=held_labels, **c.search.space())
             plan = make_plan(grouping, k=c.k, ordering=c.ordering, sensitivity=sensitivity, mean_budget=c.mean_budget,
                              **where)
         plot_grouping(grouping, scheduler, self.dir / "plan" / "grouping.png", budgets=plan.fractions)
@@ -206,9 +204,7 @@ class Stages(RunInputs):
         budgets or depth pruning, which can go below it."""
         c, smallest = self.config, None
         if c.budget_unit == "flops" and not c.search.depth:
-            s = c.search
-            smallest = smallest_fraction(base, self.sample_shape, units=s.units, ignored_layers=s.ignored_layers,
-                                         num_heads=s.num_heads) / (1 + s.tolerance)
+            smallest = smallest_fraction(base, self.sample_shape, **c.search.space()) / (1 + c.search.tolerance)
         if c.plan_fractions is not None:
             lowest, label, fix = min(c.plan_fractions), "the smallest plan_fractions", "raise it"
         elif c.mean_budget is not None:
@@ -281,8 +277,7 @@ class Stages(RunInputs):
             timed = fit_to_measured_time(
                 base, result.decision, plan.fractions[i], self.sample_shape, c.latency_batch, table,
                 fitted=FitResult(result.model, result.decision, result.flops, budget, 1.0, result.seconds),
-                importance=settings.importance, units=settings.units,
-                ignored_layers=settings.ignored_layers, num_heads=settings.num_heads,
+                importance=settings.importance, **settings.space(),
                 calibration=(proxy.calibration(settings.seed) if get_importance(settings.importance).needs_calibration
                              else None),
             )
@@ -309,7 +304,7 @@ class Stages(RunInputs):
         """The base's per-unit latency table at latency_batch on this device (measured once, then cached)."""
         s = self.config.search
         return measure_latency_table(base, self.sample_shape, self.config.latency_batch, depth_units=s.depth,
-                                     units=s.units, ignored_layers=s.ignored_layers, num_heads=s.num_heads)
+                                     **s.space())
 
     @writes
     def finetune(self, group: int | None = None):

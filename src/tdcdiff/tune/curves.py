@@ -255,7 +255,7 @@ def _trained(tune, run, base, shares: _Shares, out: Path, start: dict, grouping:
         if size < 1 and not sized.exists():
             tune.say(f"curves: pruning the base to {size:.0%} of its FLOPs")
             try:
-                save_model(uniform_fit(base, size, run.sample_shape).model, sized)
+                save_model(uniform_fit(base, size, run.sample_shape, **run.config.search.space()).model, sized)
             except BudgetError as err:
                 skipped[f"{size:g}"] = str(err)
                 continue

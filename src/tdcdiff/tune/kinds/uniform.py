@@ -41,10 +41,11 @@ class Uniform(Kind):
         tune.say(f"[{spec['index']}] {spec['name']}: pruning to {spec['fraction']:.0%} of the base's {unit}")
         base = run.base_model()
         if not by_time:
-            return uniform_fit(base, spec["fraction"], run.sample_shape).model
+            return uniform_fit(base, spec["fraction"], run.sample_shape, **run.config.search.space()).model
         # fitted and corrected against measured time, as run.prune does TDC's time budgets
         batch = run.config.latency_batch
-        timed = uniform_fit(base, spec["fraction"], run.sample_shape, latency=run.latency_table(base), batch=batch)
+        timed = uniform_fit(base, spec["fraction"], run.sample_shape, latency=run.latency_table(base), batch=batch,
+                            **run.config.search.space())
         atomic_write_text(out / "time.json", json.dumps({
             "time_ratio": timed.time_ratio, "estimated_time_ratio": timed.trail[0]["estimated_ratio"],
             "time_corrections": timed.trail, "latency_batch": batch}))
