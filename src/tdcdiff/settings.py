@@ -61,33 +61,35 @@ class Rule:
         return f"{name}{about} {self.expectation}{note}, got {value}{typical}"
 
 
-def _finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def at_least(minimum: float, *, about: str = "", note: str = "", typical: str = "", optional: bool = False) -> Rule:
-    """value >= minimum (None passes too when optional)."""
-    return Rule(lambda v: (optional and v is None) or (_finite_number(v) and v >= minimum),
-                f"must be >= {minimum}", about, note, typical)
+# A range rule judges numbers only: a value of another type is the type check's to name (Settings.validate).
+def at_least(minimum: float, *, about: str = "", note: str = "", typical: str = "") -> Rule:
+    """value >= minimum."""
+    return Rule(lambda v: not _number(v) or (math.isfinite(v) and v >= minimum), f"must be >= {minimum}", about, note,
+                typical)
 
 
 def at_most(maximum: float, *, about: str = "", typical: str = "") -> Rule:
-    """value <= maximum (and a finite number)."""
-    return Rule(lambda v: _finite_number(v) and v <= maximum, f"must be at most {maximum}", about, typical=typical)
+    """value <= maximum (and finite)."""
+    return Rule(lambda v: not _number(v) or (math.isfinite(v) and v <= maximum), f"must be at most {maximum}", about,
+                typical=typical)
 
 
 def between(interval: str, *, about: str = "", typical: str = "", optional: bool = False) -> Rule:
-    """value inside an interval written as in mathematics: "(0, 1)", "[0, 1]", "(0, 1]" (None passes too when
-    optional). Raises ValueError for a malformed interval (a programming error)."""
+    """value inside an interval written as in mathematics: "(0, 1)", "[0, 1]", "(0, 1]"; optional: the message
+    says None is allowed too. Raises ValueError for a malformed interval (a programming error)."""
     low_bracket, high_bracket = interval[0], interval[-1]
     low, high = (float(part) for part in interval[1:-1].split(","))
     if low_bracket not in "([" or high_bracket not in ")]":
         raise ValueError(f"malformed interval {interval!r}")
 
     def ok(v) -> bool:
-        if optional and v is None:
+        if not _number(v):
             return True
-        if not _finite_number(v):
+        if not math.isfinite(v):
             return False
         above = v >= low if low_bracket == "[" else v > low
         below = v <= high if high_bracket == "]" else v < high
@@ -146,20 +148,23 @@ class Settings:
         return ()
 
     def validate(self, prefix: str = "") -> None:
-        """Check every value's type (as from_dict does, for settings built in code), every field's Rule (nested
-        settings with their dotted prefix), then checks(). Raises ValueError with the first failure's message."""
+        """Check every field's Rule (nested settings with their dotted prefix), every value's type (as from_dict
+        does, for settings built in code), then checks(). Raises ValueError with the first failure's message."""
+        self._check_rules(prefix)
         if not prefix:
             type(self).from_dict(self.to_dict())
+        for ok, message in self.checks():
+            if not ok:
+                raise ValueError(message)
+
+    def _check_rules(self, prefix: str) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             rule = f.metadata.get("rule")
             if rule is not None and not rule.ok(value):
                 raise ValueError(rule.message(prefix + f.name, value, f.name))
             if isinstance(value, Settings):
-                value.validate(f"{prefix}{f.name}.")
-        for ok, message in self.checks():
-            if not ok:
-                raise ValueError(message)
+                value._check_rules(f"{prefix}{f.name}.")
 
 
 _DESCRIBE = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,9 +21,10 @@ from torch import nn
 
 from ..flops import count_flops, flops_by_module
 from ..models import as_denoiser, network
+from ..settings import SEED, Rule, Settings, at_least, between, one_of, setting
 from ..surgery.depth import depth_units
 from .fit import BudgetError, FitResult, fit_to_budget
-from .importance import get_importance, unknown_importance
+from .importance import IMPORTANCES, get_importance
 from .llm import LLMProposer
 from .memory import Entry, MemoryBank
 from .proposers import Decision, EvolutionProposer, Proposer, SearchContext, UniformProposer
@@ -48,7 +49,7 @@ def get_proposer(name: str, **kwargs) -> Proposer:
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(Settings):
     """Settings of one pruning search.
 
     rounds: proposal rounds (R in the paper).
@@ -67,47 +68,30 @@ class SearchConfig:
     depth: decisions also keep or remove whole ResNet layers and attention blocks (surgery/depth.py).
     """
 
-    rounds: int = 4
-    candidates_per_round: int = 4
-    proposer: str = "evolution"
+    rounds: int = setting(4, rule=at_least(1))
+    candidates_per_round: int = setting(4, rule=at_least(1))
+    proposer: str = setting("evolution", rule=one_of(PROPOSERS, what="proposer"))
     memory: bool = True
-    importance: str = "magnitude"
-    proxy_space: str = "relative"
-    proxy_finetune_steps: int = 0
-    tolerance: float = 0.03
-    seed: int = 0
-    units: dict[str, list[str]] | None = None
-    ignored_layers: list[str] = field(default_factory=list)
-    num_heads: dict[str, int] | None = None
+    importance: str = setting("magnitude", rule=one_of(IMPORTANCES, what="importance"))
+    proxy_space: str = setting("relative", rule=one_of(SPACES, what="proxy_space"))
+    proxy_finetune_steps: int = setting(0, rule=at_least(0))
+    tolerance: float = setting(0.03, rule=between("(0, 1)", typical="typical: 0.03"))
+    seed: int = setting(0, rule=SEED)
+    units: dict[str, list[str]] | None = setting(None, rule=Rule(
+        lambda v: v is None or isinstance(v, dict) and all(isinstance(m, list) and all(isinstance(n, str) for n in m)
+                                                           for m in v.values()),
+        "must map unit names to lists of module names"))
+    ignored_layers: list[str] = setting(factory=list, rule=Rule(
+        lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v), "must be a list of module names"))
+    num_heads: dict[str, int] | None = setting(None, rule=Rule(
+        lambda v: v is None or isinstance(v, dict) and all(isinstance(n, int) and n > 0 for n in v.values()),
+        "must map attention module names to positive head counts"))
     depth: bool = False
 
     def space(self) -> dict:
         """The decision space these settings declare (units, ignored_layers, num_heads), as keyword arguments
         of prune, fit_to_budget, uniform_fit and the latency table."""
         return {"units": self.units, "ignored_layers": tuple(self.ignored_layers), "num_heads": self.num_heads}
-
-    def validate(self) -> None:
-        importance_error = unknown_importance(self.importance)
-        checks = [
-            (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
-            (self.candidates_per_round >= 1, f"candidates_per_round must be >= 1, got {self.candidates_per_round}"),
-            (self.proposer in PROPOSERS, f"unknown proposer {self.proposer!r}; choose one of {tuple(PROPOSERS)}"),
-            (importance_error is None, importance_error),
-            (self.proxy_space in SPACES, f"unknown proxy_space {self.proxy_space!r}; choose one of {SPACES}"),
-            (self.proxy_finetune_steps >= 0, f"proxy_finetune_steps must be >= 0, got {self.proxy_finetune_steps}"),
-            (0 < self.tolerance < 1, f"tolerance must be in (0, 1), got {self.tolerance} (typical: 0.03)"),
-            (self.units is None or (isinstance(self.units, dict) and all(
-                isinstance(v, list) and all(isinstance(m, str) for m in v) for v in self.units.values())),
-             f"units must map unit names to lists of module names, got {self.units!r}"),
-            (isinstance(self.ignored_layers, list) and all(isinstance(m, str) for m in self.ignored_layers),
-             f"ignored_layers must be a list of module names, got {self.ignored_layers!r}"),
-            (self.num_heads is None or (isinstance(self.num_heads, dict) and all(
-                isinstance(n, int) and n > 0 for n in self.num_heads.values())),
-             f"num_heads must map attention module names to positive head counts, got {self.num_heads!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 @dataclass

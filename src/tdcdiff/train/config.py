@@ -58,7 +58,7 @@ class TrainConfig(Settings):
     distill_weight: float = setting(0.0, rule=between("[0, 1]"))
     feature_distill_weight: float = setting(0.0, rule=between("[0, 1]", typical="typical: 0.1 to 0.5; 0: off"))
     label_dropout: float = setting(0.0, rule=between("[0, 1)"))
-    null_class: int | None = setting(None, rule=at_least(0, optional=True))
+    null_class: int | None = setting(None, rule=at_least(0))
 
     @property
     def uses_teacher(self) -> bool:
