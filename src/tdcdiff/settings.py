@@ -61,20 +61,20 @@ class Rule:
         return f"{name}{about} {self.expectation}{note}, got {value}{typical}"
 
 
-def _number(value) -> bool:
+def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # A range rule judges numbers only: a value of another type is the type check's to name (Settings.validate).
 def at_least(minimum: float, *, about: str = "", note: str = "", typical: str = "") -> Rule:
     """value >= minimum."""
-    return Rule(lambda v: not _number(v) or (math.isfinite(v) and v >= minimum), f"must be >= {minimum}", about, note,
+    return Rule(lambda v: not _is_number(v) or (math.isfinite(v) and v >= minimum), f"must be >= {minimum}", about, note,
                 typical)
 
 
 def at_most(maximum: float, *, about: str = "", typical: str = "") -> Rule:
     """value <= maximum (and finite)."""
-    return Rule(lambda v: not _number(v) or (math.isfinite(v) and v <= maximum), f"must be at most {maximum}", about,
+    return Rule(lambda v: not _is_number(v) or (math.isfinite(v) and v <= maximum), f"must be at most {maximum}", about,
                 typical=typical)
 
 
@@ -87,7 +87,7 @@ def between(interval: str, *, about: str = "", typical: str = "", optional: bool
         raise ValueError(f"malformed interval {interval!r}")
 
     def ok(v) -> bool:
-        if not _number(v):
+        if not _is_number(v):
             return True
         if not math.isfinite(v):
             return False
@@ -152,10 +152,20 @@ class Settings:
         does, for settings built in code), then checks(). Raises ValueError with the first failure's message."""
         self._check_rules(prefix)
         if not prefix:
-            type(self).from_dict(self.to_dict())
+            self._check_types()
         for ok, message in self.checks():
             if not ok:
                 raise ValueError(message)
+
+    def _check_types(self) -> None:
+        """Raise ValueError for a value of the wrong type: what from_dict refuses, and what it would only take
+        after converting it (a number written as text, in settings built in code)."""
+        given = flatten(self.to_dict())
+        for key, read in flatten(type(self).from_dict(self.to_dict()).to_dict()).items():
+            numbers = _is_number(given[key]) and _is_number(read) and given[key] == read  # 2 for 2.0: as from_dict
+            if type(given[key]) is not type(read) and not numbers:
+                raise ValueError(f"setting '{key}' must be {_DESCRIBE.get(type(read), 'a ' + type(read).__name__)}, "
+                                 f"got {shown(given[key])}")
 
     def _check_rules(self, prefix: str) -> None:
         for f in fields(self):
