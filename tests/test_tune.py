@@ -12,8 +12,8 @@ from conftest import tiny_config
 def tiny_tune(**changes):
     from tdcdiff.tune import TuneConfig
 
-    settings = dict(tune_steps=4, widths=(0.6,), ks=(0.4,), groups=(2,), finalists=2, fid_seeds=2, fid_samples=16,
-                    batch=4, timing_repeats=1)
+    settings = dict(tune_steps=4, widths=(0.6,), ks=(0.4,), groups=(2,), finalists=2, fid_seeds=2, max_fid_seeds=2,
+                    fid_samples=16, batch=4, timing_repeats=1)
     return TuneConfig(**{**settings, **changes})
 
 
@@ -337,6 +337,37 @@ def test_rerun_skips_finished_candidates_and_measurements(tuned, capsys):
     again.run_all()
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert (out / "screening.json").read_text() == screening and (out / "fid.json").read_text() == fid
+
+
+@pytest.mark.slow
+def test_undecided_finalists_get_seeds_up_to_the_cap_reusing_the_cached_ones(tuned, tmp_path):
+    """--max-fid-seeds 3 on a copy: each finalist's verdict is read at look 1 of 2 (2 seeds, 97.5%), and only an
+    undecided one (and the base) gets a third seed; the seeds measured before are reused, not sampled again."""
+    import shutil
+
+    from tdcdiff.tune import Tune
+    from tdcdiff.verdict import QUALIFY
+
+    out, *_, earlier = tuned
+    judge = earlier["fid_protocol"]["judge"]
+    assert judge["margin"] == judge["real_vs_real"]["fid_sd"] > 0 and judge["real_vs_real"]["n"] == 16
+    assert judge["feature_net_info"]["accuracy"] > 0.9 and judge["feature_net_info"]["num_features"] == 128
+    assert earlier["fid_protocol"]["seeds"]["start"] == earlier["fid_protocol"]["seeds"]["cap"] == 2
+    copy = tmp_path / "more-seeds"
+    shutil.copytree(out, copy)
+    before = json.loads((copy / "fid.json").read_text())["models"]
+    results = Tune(copy, tiny_tune(max_fid_seeds=3), progress=False).run_all()
+    after = json.loads((copy / "fid.json").read_text())["models"]
+    rows = {r["name"]: r for r in results["rows"]}
+    used = []
+    for name in results["finalists"]:
+        gap = rows[name]["fid_gap"]
+        assert gap["looks"] == 2 and gap["pairs"] == (2 if gap["look"] == 1 and gap["verdict"] != "undecided" else 3)
+        assert len(rows[name]["fid"]) == gap["pairs"] and after[name]["fid"][:2] == before[name]["fid"]
+        used.append(gap["pairs"])
+    assert len(rows["base"]["fid"]) == max(used) and after["base"]["fid"][:2] == before["base"]["fid"]
+    chosen = results["choice"]["name"]
+    assert chosen is None or rows[chosen]["fid_gap"] is None or rows[chosen]["fid_gap"]["verdict"] in QUALIFY
 
 
 @pytest.mark.slow

@@ -77,7 +77,9 @@ def judge_protocol(reference_images: torch.Tensor, net: nn.Module, num_samples: 
         "margin": float(margin) if given else real["fid_sd"],
         "margin_from": "given" if given else
         f"real-vs-real spread: sd of FID between two disjoint sets of {real['n']} real images over "
-        f"{real['splits']} random splits (mean {real['fid_mean']:.3f})",
+        f"{real['splits']} random splits (mean {real['fid_mean']:.3f})" + (
+            f"; the data hold too few images for two sets of {num_samples}, so the spread is that of {real['n']}: "
+            "larger, a more lenient margin (give one to be stricter)" if real["n"] < num_samples else ""),
         "real_vs_real": real,
         "alpha": ALPHA,
         "feature_net_info": {k: info[k] for k in ("design", "version", "num_features", "accuracy", "held_out_count",
