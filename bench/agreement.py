@@ -14,11 +14,21 @@ too). A model found in several outputs (a copied tune directory) is one point. P
   separately for benchmark-style values (mean over all t) and tune's (per-image mean over the measured t);
 - within-run pairs: every pair of models trained from the same base (one benchmark seed, or one tune run), and
   the fraction of them each measure orders like FID;
-- resolved pairs: every pair of a benchmark's arms whose FID gap is real by the paired rule over its seeds
-  (metrics.paired_gap, 95%), and whether each measure's seed mean orders the pair the same way.
+- resolved pairs: every pair of a benchmark's arms whose FID gap is real over its seeds (verdict.judge with
+  margin 0, 95%: "better" or "inferior"), and whether each measure's seed mean orders the pair the same way.
 
 The FID of one model at a few thousand samples carries noise of about the size of the gaps between pruned
 models, so the pooled correlation mixes signal with that noise; the resolved pairs are the cleaner test.
+
+    python bench/agreement.py runs/tune-digits --second-judge classifier-96-k5
+
+With --second-judge DESIGN (a key of tdcdiff.features.FEATURE_NETS other than the default), the FID judge itself is
+put to the test (second_judge.py): every model of each tune output that has FID is sampled again with the same
+seeds (the same images) and scored in a second, independently designed and trained feature space, with its own
+margin (its real-vs-real spread); every pair of those models is judged by both networks over the same seeds (one
+look, 95%), by non-inferiority against each network's margin and by a plain difference test (margin 0). Printed:
+each pair's verdicts and each judge's power (the interval's half-width, also as a fraction of its margin, since
+FID units differ between networks), and how many pairs' verdicts agree.
 """
 
 from __future__ import annotations
@@ -32,7 +42,8 @@ from pathlib import Path
 from scipy.stats import spearmanr
 
 from benchmark import RUN_METRICS  # bench/benchmark.py, beside this file
-from tdcdiff.metrics import paired_gap
+from second_judge import SECOND_JUDGES, judge_pairs, rescore, summary
+from tdcdiff.verdict import judge
 
 MEASURES = ("held-out loss", "bits/dim")
 # How the held-out loss was averaged over t: benchmarks (and tune before --screening) report evaluate.held_out_loss,
@@ -130,10 +141,10 @@ def resolved_pairs(arms: dict, label: str) -> list[dict]:
         if len(both) < 2:
             continue
         pa, pb = [by_run_a[run] for run in both], [by_run_b[run] for run in both]
-        gap = paired_gap([p["fid"] for p in pa], [p["fid"] for p in pb])
-        if gap["tie"]:
+        gap = judge([p["fid"] for p in pa], [p["fid"] for p in pb], 0.0)
+        if gap["verdict"] == "undecided":
             continue
-        fid_says_b_better = gap["mean"] < 0
+        fid_says_b_better = gap["verdict"] == "better"
         agree = {}
         for m in MEASURES:
             mean_a = sum(p[m] for p in pa) / len(pa)
@@ -148,18 +159,23 @@ def resolved_pairs(arms: dict, label: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("outputs", nargs="+", type=Path, help="benchmark or tune output folders (each with results.json)")
+    p.add_argument("--second-judge", choices=SECOND_JUDGES,
+                   help="also judge every pair of a tune output's models with FID by this second feature network "
+                        "(their samples drawn again, same seeds) and compare the verdicts")
     args = p.parse_args(argv)
     seen = {}
     for folder in args.outputs:
         if folder.resolve() in seen:
             p.error(f"{folder} is given twice (as {seen[folder.resolve()]}): pass each output folder once")
         seen[folder.resolve()] = folder
-    points, pairs = [], []
+    points, pairs, tunes = [], [], []
     for folder in args.outputs:
         try:
             new, resolved = read_output(folder)
         except ValueError as err:
             p.error(str(err))
+        if (folder / "tune.json").is_file():  # a tune output: its models can be sampled again
+            tunes.append(folder)
         points += new
         pairs += [pair for pair in resolved if all(pair["models"] != q["models"] for q in pairs)]  # copies once
     within = within_run_pairs(points)
@@ -167,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     copies, points = len(points) - len(distinct), distinct
     if len(points) < 3:
         p.error(f"only {len(points)} distinct models with FID: pass more outputs")
+    if args.second_judge and not tunes:
+        p.error("--second-judge samples the models of tdcdiff tune outputs again: pass a tune output folder (one with "
+                "tune.json and results.json)")
 
     print(f"{'run':<30} {'model':<22} {'FID':>8} {'loss':>9} {'bits/dim':>9}")
     for q in points:
@@ -197,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {pair['run']}: {pair['better']} < {pair['worse']} (FID gap {pair['fid_gap']:.3f}): {verdicts}")
     for m in MEASURES:
         print(f"  {m}: orders {sum(q['agree'][m] for q in pairs)} of {len(pairs)} resolved pairs like FID")
+    for folder in tunes if args.second_judge else []:
+        print(f"\nthe FID judge against a second feature network ({args.second_judge}), {folder}:")
+        scores = rescore(folder, args.second_judge)
+        print(f"  default: {scores['nets']['default']}\n  second: {scores['nets']['second']}")
+        pairs = judge_pairs(scores["default"], scores["second"], scores["margins"])
+        print("\n".join("  " + line for line in summary(pairs)))
     return 0
 
 

@@ -13,11 +13,14 @@ after `--` go to every benchmark call unchanged (e.g. `-- --depth --fid-samples 
 itself (--data, --seeds, --budget-unit, --mean-budget, --latency-batch, --out, --quick, --base-from) are refused
 there.
 
-Then, per budget and pruned arm, paired over the seeds (metrics.paired_gap, 95%; each seed shares its stage-1
-base and sampling noise across the arms): the gap to the single model and TDC's gap to uniform on FID, on the
-held-out denoising loss (all t) and on the held-out bits/dim bound. A gap is "worse"/"better" only when its
-interval excludes 0, else "tie". Written: out/frontier.json, out/frontier.png (FID and held-out loss against
-measured sampling time at the latency batch) and a printed table.
+Then, per budget and pruned arm, paired over the seeds (verdict.judge, 95%; each seed shares its stage-1 base and
+sampling noise across the arms): the gap to the single model and TDC's gap to uniform on FID, on the held-out
+denoising loss (all t) and on the held-out bits/dim bound, each with its verdict: better, non-inferior, inferior
+or undecided. FID is judged against the margin its evaluation states (the real-vs-real spread of FID, or
+--margin; results without one are judged against 0), the held-out measures against 0 (a plain difference test:
+better, inferior or undecided). Each cell gives the margin and the half-width of the interval, the smallest gap
+the seeds resolve. Written: out/frontier.json, out/frontier.png (FID and held-out loss against measured sampling
+time at the latency batch) and a printed table.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import benchmark  # bench/benchmark.py, beside this file
 from tdcdiff.files import atomic_write_text
-from tdcdiff.metrics import paired_gap
+from tdcdiff.verdict import judge
 
 SINGLE, UNIFORM, TDC = "single model", "uniform-pruned", "TDC"
 METRICS = benchmark.RUN_METRICS
@@ -89,9 +92,17 @@ def finished(results: dict | None, call: list[str]) -> bool:
 
 
 def verdict(gap: dict) -> str:
+    """A table cell: the verdict, the mean gap and its interval, the margin (m) and the half-width (h)."""
     low, high = gap["interval"]
-    word = "tie" if gap["tie"] else ("better" if gap["mean"] < 0 else "worse")
-    return f"{gap['mean']:+.4g} [{low:+.3g}, {high:+.3g}] {word}"
+    return (f"{gap['verdict']} {gap['mean']:+.3g} [{low:+.3g}, {high:+.3g}] m {gap['margin']:.3g} "
+            f"h {gap['half_width']:.2g}")
+
+
+def margins(results: dict, given: float | None) -> dict:
+    """The margin of each metric: FID's the given one, else the one its evaluation's protocol states, else 0;
+    the held-out measures' 0."""
+    fid = given if given is not None else results.get("protocol", {}).get("judge", {}).get("margin", 0.0)
+    return {metric: fid if metric == "FID" else 0.0 for metric in METRICS}
 
 
 def arm(models: list[dict], name: str, where: str) -> dict:
@@ -103,9 +114,11 @@ def arm(models: list[dict], name: str, where: str) -> dict:
     return found
 
 
-def summarise(results: dict, budget: float) -> list[dict]:
+def summarise(results: dict, budget: float, margin: float | None = None) -> list[dict]:
     """Rows for the pruned arms of one budget's benchmark results: time ratios, each metric's seed values and
-    the paired gaps to the single model (and TDC's to uniform). Raises ValueError for a missing arm."""
+    the verdicts on the paired gaps to the single model (and TDC's to uniform), FID's against `margin` (None: the
+    results' own, see margins). Raises ValueError for a missing arm."""
+    margin_of = margins(results, margin)
     per_seed = {name: [arm(run["models"], name, run["label"]) for run in results["per_run"]]
                 for name in (SINGLE, UNIFORM, TDC)}
     values = {name: {metric: [get(m) for m in models] for metric, get in METRICS.items()}
@@ -117,19 +130,20 @@ def summarise(results: dict, budget: float) -> list[dict]:
                "time_ratio": {k: v["ratio"] for k, v in model["time"].items()},
                "flops_ratio": model["sampling_flops"]["ratio"], "values": values[name], "single": values[SINGLE]}
         if row["seeds"] >= 2:
-            row["vs_single"] = {metric: paired_gap(values[SINGLE][metric], values[name][metric]) for metric in METRICS}
+            row["vs_single"] = {metric: judge(values[SINGLE][metric], values[name][metric], margin_of[metric])
+                                for metric in METRICS}
             if name == TDC:
-                row["vs_uniform"] = {metric: paired_gap(values[UNIFORM][metric], values[TDC][metric])
+                row["vs_uniform"] = {metric: judge(values[UNIFORM][metric], values[TDC][metric], margin_of[metric])
                                      for metric in METRICS}
         rows.append(row)
     return rows
 
 
 def loses_everywhere(rows: list[dict], metric: str) -> list[float]:
-    """Budgets at which every pruned arm is resolved worse than the single model on `metric`."""
+    """Budgets at which every pruned arm is inferior to the single model on `metric` (verdict.judge)."""
     budgets = sorted({r["budget"] for r in rows})
     return [b for b in budgets
-            if all(r.get("vs_single") and not r["vs_single"][metric]["tie"] and r["vs_single"][metric]["mean"] > 0
+            if all(r.get("vs_single") and r["vs_single"][metric]["verdict"] == "inferior"
                    for r in rows if r["budget"] == b)]
 
 
@@ -166,16 +180,16 @@ def plot(rows: list[dict], batch_key: str, path: Path) -> Path:
 def table(rows: list[dict]) -> str:
     batches = "/".join(key.replace("batch_", "b") for key in rows[0]["time_ratio"])
     lines = [f"{'budget':>6}  {'arm':<15} {'time ' + batches:>11}  {'FLOPs':>5}  "
-             + "  ".join(f"{m + ' vs single':<34}" for m in METRICS)]
+             + "  ".join(f"{m + ' vs single':<54}" for m in METRICS)]
     for r in rows:
         times = "/".join(f"{v:.2f}" for v in r["time_ratio"].values())
         gaps = [verdict(r["vs_single"][m]) if "vs_single" in r
                 else f"{r['values'][m][0] - r['single'][m][0]:+.4g} (one seed)" for m in METRICS]
         lines.append(f"{r['budget']:>6g}  {r['arm']:<15} {times:>11}  {r['flops_ratio']:>5.2f}  "
-                     + "  ".join(f"{g:<34}" for g in gaps))
+                     + "  ".join(f"{g:<54}" for g in gaps))
         if "vs_uniform" in r:
             lines.append(f"{'':>6}  {'TDC - uniform':<15} {'':>11}  {'':>5}  "
-                         + "  ".join(f"{verdict(r['vs_uniform'][m]):<34}" for m in METRICS))
+                         + "  ".join(f"{verdict(r['vs_uniform'][m]):<54}" for m in METRICS))
     return "\n".join(lines)
 
 
@@ -198,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True,
                    help="folder for time-F/ (one benchmark per budget), frontier.json and frontier.png")
     p.add_argument("--quick", action="store_true", help="tiny steps and few samples: a smoke run (numbers mean nothing)")
+    p.add_argument("--margin", type=float,
+                   help="FID non-inferiority margin (FID units) instead of the one each evaluation states (the "
+                        "real-vs-real spread of FID at its sample count)")
     args = p.parse_args(own)
+    if args.margin is not None and not 0 <= args.margin < float("inf"):
+        p.error(f"--margin must be a finite number >= 0 (the largest FID loss that counts as none), got {args.margin}")
     if args.latency_batch < 1:
         p.error(f"--latency-batch must be >= 1 (a batch size), got {args.latency_batch}")
     bad = [b for b in args.budgets if not 0 < b <= 1]
@@ -230,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             if code:
                 return code
         try:
-            rows += summarise(read_results(folder), budget)
+            rows += summarise(read_results(folder), budget, args.margin)
         except (ValueError, KeyError, TypeError) as err:
             unreadable(folder, err)
 
@@ -241,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(args.out / "frontier.json", json.dumps({
         "format": "tdcdiff-frontier/1", "data": args.data, "seeds": args.seeds, "budgets": args.budgets,
         "latency_batch": args.latency_batch, "benchmark_options": passed,
-        "paired": "gaps are arm - reference per seed (metrics.paired_gap, 95% t interval over the seeds)",
+        "paired": "gaps are arm - reference per seed, judged by verdict.judge (95% t interval over the seeds; FID "
+                  "against the margin each row states, the held-out measures against 0)",
         "every_arm_worse_than_single_at": lose, "rows": rows}, indent=2))
     benchmark.say("\n" + table(rows))
     if len(args.seeds) < 2:
@@ -249,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for metric, budgets in lose.items():
             where = ", ".join(f"{b:g}" for b in budgets) or "no budget tried"
-            benchmark.say(f"every pruned arm resolved worse than the single model on {metric}: at {where}")
+            benchmark.say(f"every pruned arm inferior to the single model on {metric}: at {where}")
     benchmark.say(f"\nplot: {args.out / 'frontier.png'}\nsummary: {args.out / 'frontier.json'}")
     return 0
 

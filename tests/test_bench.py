@@ -259,7 +259,7 @@ def test_frontier_runs_each_budget_once_and_pairs_every_gap_over_the_seeds(quick
         runs.append(run)
     rows = frontier.summarise({**results, "per_run": runs}, 0.8)
     tdc = next(r for r in rows if r["arm"] == "TDC")
-    assert tdc["vs_single"]["FID"]["mean"] == pytest.approx(1.0) and not tdc["vs_single"]["FID"]["tie"]
+    assert tdc["vs_single"]["FID"]["mean"] == pytest.approx(1.0) and tdc["vs_single"]["FID"]["verdict"] == "inferior"
     assert tdc["vs_single"]["held-out loss"]["sd"] == pytest.approx(0.0, abs=1e-12)
     assert "vs_uniform" in tdc and "vs_uniform" not in rows[0]
 
@@ -394,7 +394,7 @@ def test_frontier_reads_finished_budgets_and_pairs_tdc_one_stage_too(tmp_path, m
     assert "time b1/b8" in printed and "held-out loss: at 0.4, 0.6" in printed
     rows = json.loads((out / "frontier.json").read_text())["rows"]
     tdc = next(r for r in rows if r["budget"] == 0.6 and r["arm"] == "TDC")
-    assert tdc["vs_single"]["FID"]["mean"] == pytest.approx(1.1) and not tdc["vs_single"]["FID"]["tie"]
+    assert tdc["vs_single"]["FID"]["mean"] == pytest.approx(1.1) and tdc["vs_single"]["FID"]["verdict"] == "inferior"
     assert tdc["vs_uniform"]["FID"]["diffs"] == pytest.approx([0.5, 0.6, 0.7])  # TDC - uniform, seed by seed
 
 
@@ -452,6 +452,54 @@ def test_frontier_names_a_budget_results_file_it_cannot_read(tmp_path, monkeypat
         frontier.main(["--seeds", "0", "1", "2", "--budgets", "0.6", "--latency-batch", "8", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert stop.value.code == 2 and str(out / "time-0.6") in err and message in err, err
+
+
+def test_frontier_refuses_a_bad_margin_before_any_work(tmp_path, monkeypatch, capsys):
+    frontier = load_script("frontier", monkeypatch)
+    monkeypatch.setattr(frontier.benchmark, "main", lambda argv: pytest.fail("ran a benchmark"))
+    with pytest.raises(SystemExit) as stop:
+        frontier.main(["--margin", "-1", "--out", str(tmp_path / "f")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and "--margin must be a finite number >= 0 (the largest FID loss that counts as " \
+                                    "none), got -1.0" in err
+    assert not (tmp_path / "f").exists()
+
+
+def test_frontier_judges_fid_against_the_margin_its_evaluation_states(tmp_path, monkeypatch):
+    frontier = load_script("frontier", monkeypatch)
+    results = frontier_results(frontier_call(tmp_path, 0.6), [6.0, 7.1, 8.2])  # TDC worse by 1.0-1.2 per seed
+    assert frontier.summarise(results, 0.6)[1]["vs_single"]["FID"]["margin"] == 0  # no margin stated: against 0
+    results["protocol"] = {"judge": {"margin": 2.0}}
+    tdc = frontier.summarise(results, 0.6)[1]
+    assert tdc["vs_single"]["FID"]["verdict"] == "non-inferior" and tdc["vs_single"]["FID"]["margin"] == 2.0
+    assert tdc["vs_single"]["held-out loss"]["margin"] == 0  # the held-out measures: a difference test
+    assert frontier.summarise(results, 0.6, margin=0.5)[1]["vs_single"]["FID"]["verdict"] == "inferior"
+    assert frontier.verdict(tdc["vs_single"]["FID"]).startswith("non-inferior +1.1 [") and " m 2 h " in \
+        frontier.verdict(tdc["vs_single"]["FID"])
+
+
+def test_second_judge_needs_a_tune_output_and_judges_every_pair_by_both_networks(tmp_path, monkeypatch, capsys):
+    agreement = load_script("agreement", monkeypatch)
+    from second_judge import judge_pairs, summary
+
+    digits = write_output(tmp_path / "digits", tune_results(MODELS))  # no tune.json: nothing to sample again
+    with pytest.raises(SystemExit) as stop:
+        agreement.main([str(digits), "--second-judge", "classifier-96-k5"])
+    assert stop.value.code == 2 and "--second-judge samples the models of tdcdiff tune outputs again" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        agreement.main([str(digits), "--second-judge", "classifier-128"])  # the default network judges already
+    assert "invalid choice: 'classifier-128'" in capsys.readouterr().err
+    default = {"base": [1.0, 1.2, 1.1], "a": [1.05, 1.2, 1.15], "b": [2.0, 2.3, 2.1]}
+    second = {"base": [3.0, 3.5, 3.2], "a": [3.1, 3.5, 3.2], "b": [3.2, 3.9, 3.5]}  # another FID unit
+    pairs = judge_pairs(default, second, {"default": 0.3, "second": 0.9})
+    assert [(p["b"], p["a"]) for p in pairs] == [("a", "base"), ("b", "base"), ("b", "a")]
+    verdicts = {(p["b"], p["a"]): (p["default"]["margin"]["verdict"], p["second"]["margin"]["verdict"]) for p in pairs}
+    assert verdicts[("a", "base")] == ("non-inferior", "non-inferior")
+    assert verdicts[("b", "base")] == ("inferior", "non-inferior")  # the second judge's margin is wider
+    lines = summary(pairs)
+    assert "verdicts agree, non-inferiority (each judge's margin): 1 of 3 pairs" in lines
+    assert any(line.startswith("second judge's power: median half-width") for line in lines)
 
 
 def test_agreement_pairs_two_arms_only_over_the_seeds_both_have(monkeypatch):

@@ -33,7 +33,8 @@ def test_report_page_states_the_protocol(report):
     path, _ = report
     assert path.name == "report.html" and path.parent.name == "report"
     page = path.read_text()
-    for part in ("FID", "digits classifier", "64-d", "DDIM 4 steps (trailing spacing)",
+    for part in ("FID", "digits classifier-128", "128-d", "held-out accuracy", "DDIM 4 steps (trailing spacing)",
+                 "non-inferiority margin", "real-vs-real spread", "Precision and recall (Kynkaanniemi et al. 2019)",
                  "Sampling path (compile/precision): trace/fp32", "32 samples", "2 x multiply-accumulates",
                  "base (stage 1)", "TDC", "Verdicts", "Held-out denoising loss", "Held-out bits/dim",
                  "IDDPM calc_bpd_loop", "fixed_small", "Pruned experts",
@@ -198,12 +199,20 @@ def _fid_results(a_scores: list[float], b_scores: list[float]) -> dict:
     return {"models": [model("a", a_scores), model("b", b_scores)]}
 
 
-def test_a_tie_says_what_gap_its_seeds_could_have_resolved():
-    from tdcdiff.metrics import paired_gap
+def test_a_verdict_states_its_margin_and_the_gap_its_seeds_resolve():
+    from tdcdiff.verdict import paired_gap
 
-    (tie,) = verdicts(_fid_results([10.0, 12.0], [11.0, 11.5]))
-    low, high = paired_gap([10.0, 12.0], [11.0, 11.5])["interval"]
-    assert "a tie" in tie and f"with 2 seeds and this spread it could only have resolved a gap larger than " \
-                              f"{(high - low) / 2:.2f} FID either way, the interval's half-width" in tie
+    results = {**_fid_results([10.0, 12.0], [11.0, 11.5]), "protocol": {"judge": {"margin": 0.5, "margin_from": "x"}}}
+    (undecided,) = verdicts(results)
+    half = paired_gap([10.0, 12.0], [11.0, 11.5])["half_width"]
+    assert "b is undecided" in undecided and "margin 0.50 FID" in undecided
+    assert f"resolves gaps over {half:.2f}" in undecided and "more seeds could decide it" in undecided
+    assert "not even an exact tie could come out non-inferior" in undecided  # 2 seeds: half-width 9 x sd
+    # Results from before the judge had a margin are judged against 0: a plain difference test.
     (real,) = verdicts(_fid_results([10.0, 12.0, 11.0], [13.0, 15.1, 14.0]))
-    assert "b is worse" in real and "could only have resolved" not in real
+    assert "b is inferior" in real and "margin 0.00 FID" in real and "more seeds" not in real
+    # A loss the seeds resolve, but smaller than the margin: non-inferior, and the sentence says it is a loss.
+    results = {**_fid_results([10.0, 12.0, 11.0], [10.2, 12.25, 11.2]),
+               "protocol": {"judge": {"margin": 1.0, "margin_from": "x"}}}
+    (small,) = verdicts(results)
+    assert "b is non-inferior (resolved worse, within the margin)" in small

@@ -12,13 +12,17 @@ from conftest import tiny_config
 def tiny_tune(**changes):
     from tdcdiff.tune import TuneConfig
 
-    settings = dict(tune_steps=4, widths=(0.6,), ks=(0.4,), groups=(2,), finalists=2, fid_seeds=2, fid_samples=16,
-                    batch=4, timing_repeats=1)
+    settings = dict(tune_steps=4, widths=(0.6,), ks=(0.4,), groups=(2,), finalists=2, fid_seeds=2, max_fid_seeds=2,
+                    fid_samples=16, batch=4, timing_repeats=1)
     return TuneConfig(**{**settings, **changes})
 
 
-def gap(mean, low, high):
-    return {"mean": mean, "interval": [low, high], "confidence": 0.95, "tie": low <= 0 <= high}
+def gap(mean, low, high, margin=0.6):
+    """A judgement (verdict.judge's fields) of a candidate's FID against the base's, read against `margin`."""
+    from tdcdiff.verdict import verdict_of
+
+    return {"mean": mean, "interval": [low, high], "confidence": 0.95, "pairs": 3, "half_width": (high - low) / 2,
+            "margin": margin, "verdict": verdict_of(low, high, margin)}
 
 
 # -- the plan -------------------------------------------------------------------------------------------------
@@ -160,6 +164,10 @@ def test_tdc_variants_cross_the_grid_with_run_settings():
     ({"widths": (1.2,)}, "--width values must be in (0, 1)"),
     ({"ks": (0.0,)}, "k must be in (0, 1]"),
     ({"fid_seeds": 1}, "--fid-seeds must be >= 2"),
+    ({"fid_seeds": 4, "max_fid_seeds": 3}, "--max-fid-seeds must be >= --fid-seeds (4): it caps the seeds added one at "
+                                           "a time until each finalist's FID verdict is decided, got 3"),
+    ({"margin": -0.1}, "--margin must be a finite number >= 0 (the largest FID loss that counts as none), got -0.1"),
+    ({"margin": float("nan")}, "--margin must be a finite number >= 0"),
     ({"groupings": ("equal",)}, "unknown grouping in ['equal']"),
     ({"max_quality_loss": -0.1}, "--max-quality-loss must be a finite number >= 0"),
     ({"max_quality_loss": float("inf")}, "--max-quality-loss must be a finite number >= 0 (a relative loss, 0.02 = "
@@ -216,21 +224,31 @@ def test_loss_shares_add_up_to_the_screening_loss_of_the_model_and_of_a_router_o
 # -- the choice -----------------------------------------------------------------------------------------------
 ROWS = [
     {"name": "single", "time_s": 1.0, "quality_ratio": 0.95, "fid_gap": gap(-0.2, -0.5, 0.1)},
-    {"name": "uniform 0.6", "time_s": 0.7, "quality_ratio": 1.04, "fid_gap": gap(0.4, 0.1, 0.7)},  # really worse
-    {"name": "TDC k=0.3", "time_s": 0.8, "quality_ratio": 1.03, "fid_gap": gap(0.1, -0.3, 0.5)},  # tie
+    {"name": "uniform 0.6", "time_s": 0.7, "quality_ratio": 1.04, "fid_gap": gap(0.4, 0.1, 0.7)},  # undecided
+    {"name": "TDC k=0.3", "time_s": 0.8, "quality_ratio": 1.03, "fid_gap": gap(0.1, -0.3, 0.5)},  # non-inferior
     {"name": "uniform 0.4", "time_s": 0.5, "quality_ratio": 1.08, "fid_gap": None},
     {"name": "TDC k=0.1", "time_s": 0.4, "quality_ratio": 1.01, "fid_gap": None, "failed": True},
 ]
 
 
-def test_choice_is_the_fastest_tied_by_paired_fid_and_a_worse_fid_rules_a_candidate_out():
+def test_choice_is_the_fastest_non_inferior_by_paired_fid_and_an_undecided_one_is_never_shipped():
     from tdcdiff.tune import choose
 
     choice = choose(ROWS)
     assert choice["name"] == "TDC k=0.3" and choice["rule"] == "paired FID"
-    assert "tied with the base's" in choice["reason"] and "[-0.300, +0.500]" in choice["reason"]
-    # Within 5% on screening, but paired FID says worse: still not chosen.
+    assert "non-inferior to the base's" in choice["reason"] and "[-0.300, +0.500]" in choice["reason"]
+    assert "margin 0.600 FID" in choice["reason"]  # the margin is stated with the verdict
+    # Within 5% on screening, but paired FID is undecided: still not chosen.
     assert choose(ROWS, max_quality_loss=0.05)["name"] == "TDC k=0.3"
+    # Undecided or inferior finalists are never shipped, however fast and however close on screening.
+    faster = [{"name": "undecided", "time_s": 0.1, "quality_ratio": 1.0, "fid_gap": gap(0.2, -0.5, 0.9)},
+              {"name": "inferior", "time_s": 0.2, "quality_ratio": 1.0, "fid_gap": gap(1.0, 0.7, 1.3)}]
+    assert [g["fid_gap"]["verdict"] for g in faster] == ["undecided", "inferior"]
+    assert choose(faster + ROWS, max_quality_loss=0.05)["name"] == "TDC k=0.3"
+    assert choose(faster, max_quality_loss=0.5)["name"] is None
+    # The old rule's tie (the interval contains 0) with the upper bound past the margin: undecided, not shipped.
+    assert choose([{"name": "wide", "time_s": 0.1, "quality_ratio": 1.0, "fid_gap": gap(0.3, -0.1, 0.7)}])[
+        "name"] is None
 
 
 def test_choice_by_max_quality_loss_and_when_nothing_qualifies():
@@ -319,6 +337,37 @@ def test_rerun_skips_finished_candidates_and_measurements(tuned, capsys):
     again.run_all()
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert (out / "screening.json").read_text() == screening and (out / "fid.json").read_text() == fid
+
+
+@pytest.mark.slow
+def test_undecided_finalists_get_seeds_up_to_the_cap_reusing_the_cached_ones(tuned, tmp_path):
+    """--max-fid-seeds 3 on a copy: each finalist's verdict is read at look 1 of 2 (2 seeds, 97.5%), and only an
+    undecided one (and the base) gets a third seed; the seeds measured before are reused, not sampled again."""
+    import shutil
+
+    from tdcdiff.tune import Tune
+    from tdcdiff.verdict import QUALIFY
+
+    out, *_, earlier = tuned
+    judge = earlier["fid_protocol"]["judge"]
+    assert judge["margin"] == judge["real_vs_real"]["fid_sd"] > 0 and judge["real_vs_real"]["n"] == 16
+    assert judge["feature_net_info"]["accuracy"] > 0.9 and judge["feature_net_info"]["num_features"] == 128
+    assert earlier["fid_protocol"]["seeds"]["start"] == earlier["fid_protocol"]["seeds"]["cap"] == 2
+    copy = tmp_path / "more-seeds"
+    shutil.copytree(out, copy)
+    before = json.loads((copy / "fid.json").read_text())["models"]
+    results = Tune(copy, tiny_tune(max_fid_seeds=3), progress=False).run_all()
+    after = json.loads((copy / "fid.json").read_text())["models"]
+    rows = {r["name"]: r for r in results["rows"]}
+    used = []
+    for name in results["finalists"]:
+        gap = rows[name]["fid_gap"]
+        assert gap["looks"] == 2 and gap["pairs"] == (2 if gap["look"] == 1 and gap["verdict"] != "undecided" else 3)
+        assert len(rows[name]["fid"]) == gap["pairs"] and after[name]["fid"][:2] == before[name]["fid"]
+        used.append(gap["pairs"])
+    assert len(rows["base"]["fid"]) == max(used) and after["base"]["fid"][:2] == before["base"]["fid"]
+    chosen = results["choice"]["name"]
+    assert chosen is None or rows[chosen]["fid_gap"] is None or rows[chosen]["fid_gap"]["verdict"] in QUALIFY
 
 
 @pytest.mark.slow

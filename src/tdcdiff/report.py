@@ -16,6 +16,7 @@ from pathlib import Path
 from .evaluate import slug
 from .files import atomic_write_text
 from .plots import plot_fid_vs_flops
+from .verdict import describe, judge
 
 
 # -- numbers as text ---------------------------------------------------------------------------------
@@ -51,6 +52,12 @@ KID_NOTE = ("KID is the unbiased estimate of the squared kernel distance between
             "d-dimensional features as FID, averaged over 100 random subsets of min(generated, reference, 1000) "
             "images, so it compares only under the same feature network; ± is the sd over seeds.")
 
+PR_NOTE = ("Precision and recall (Kynkaanniemi et al. 2019) split what FID mixes: precision is the fraction of "
+           "generated images inside the real images' manifold (fidelity), recall the fraction of real images inside "
+           "the generated images' manifold (coverage); each manifold is the union of balls reaching every point's "
+           "3rd nearest neighbour in the same feature space as FID, on equal numbers of generated and real images. "
+           "Both in [0, 1], higher is better; even real images against other real images stay below 1.")
+
 
 def timing_note(results: dict) -> str:
     """The line under the side-by-side table: which clock its time columns read, and how they were sampled."""
@@ -79,6 +86,8 @@ def table_rows(results: dict) -> list[dict[str, str]]:
             "model": m["name"],
             "FID (mean ± sd)": _pm(m["fid"], 2),
             "KID (mean ± sd)": _pm(m["kid"], 4),
+            **({"precision / recall (mean ± sd)": f"{_pm(m['precision'], 3)} / {_pm(m['recall'], 3)}"}
+               if "precision" in m else {}),
             **({"bits/dim (mean ± sd over runs)": _pm(bpd["total"], 3)} if bpd and spread else
                {"bits/dim (± SE over images)": f"{bpd['total']['mean']:.3f} ± {bpd['total']['se']:.3f}"}
                if bpd else {}),
@@ -151,57 +160,86 @@ def protocol_line(results: dict) -> str:
     runs = f" over {len(p['runs'])} independent runs: {', '.join(p['runs'])}" if p.get("runs") else ""
     spacing = f" ({p['timestep_spacing']} spacing)" if p.get("timestep_spacing") else ""  # older results lack it
     path = f" Sampling path (compile/precision): {p['sampling_path']}." if p.get("sampling_path") else ""
-    return (f"FID/KID on {p['num_samples']} samples per model and seed (sampling seeds {p['seeds']}{runs}), "
-            f"{p['sampler'].upper()} {p['steps']} steps{spacing}, features: {p['feature_net']}, reference: "
-            f"'{p['reference']['name']}' ({p['reference']['count']} images). {p['flops'].split(';')[0]}. "
+    margin, source = _margin(results)
+    return (f"FID/KID/precision/recall on {p['num_samples']} samples per model and seed (sampling seeds "
+            f"{p['seeds']}{runs}), {p['sampler'].upper()} {p['steps']} steps{spacing}, features: {p['feature_net']}, "
+            f"reference: '{p['reference']['name']}' ({p['reference']['count']} images). FID verdicts: "
+            f"non-inferiority margin {margin:.3f} FID ({source}). {p['flops'].split(';')[0]}. "
             f"Ratios are to '{p['ratios_to']}'.{path}")
+
+
+def _margin(results: dict) -> tuple[float, str]:
+    """The FID judge's margin of an evaluation and where it came from; results from before the judge had a margin
+    are judged against 0 (a plain difference test: better, inferior or undecided)."""
+    judge = results.get("protocol", {}).get("judge")
+    if judge is None:
+        return 0.0, "no margin stated in these results: judged against 0"
+    return judge["margin"], judge["margin_from"]
+
+
+def _quality(a: dict, b: dict, margin: float) -> str:
+    """The FID verdict on b against a (verdict.judge over their paired per-seed FIDs), as a phrase."""
+    a_scores = [s["fid"] for s in a["fid"]["per_seed"]]
+    b_scores = [s["fid"] for s in b["fid"]["per_seed"]]
+    scores = f"FID {_pm(b['fid'], 2)} vs {_pm(a['fid'], 2)} over {len(b_scores)} seed(s)"
+    if len(a_scores) != len(b_scores):
+        return (f"not compared ({scores}): the two have different numbers of seeds, so their scores cannot be "
+                "paired")
+    if len(b_scores) < 2:
+        gap = b["fid"]["mean"] - a["fid"]["mean"]
+        return (f"{b['name']} scores {abs(gap):.2f} FID {'lower' if gap < 0 else 'higher'} ({scores}), but with one "
+                "seed there is no spread to judge that gap against: it is untested")
+    result = judge(a_scores, b_scores, margin)
+    detail = (f"{scores}; per-seed gaps {', '.join(f'{d:+.2f}' for d in result['diffs'])}; {b['name']} lower in "
+              f"{result['b_lower']} of {len(b_scores)}")
+    more = ""
+    if result["verdict"] == "undecided":
+        more = "; more seeds could decide it" + (
+            f" (at {len(b_scores)} seeds the half-width is at least the margin: not even an exact tie could come "
+            "out non-inferior)" if result["half_width"] >= margin else "")
+    return f"{b['name']} is {describe(result)} ({detail}{more})"
 
 
 def verdicts(results: dict) -> list[str]:
     """A plain-language sentence for every pair of models (later vs earlier in the table).
 
     FID scores come in pairs: the i-th score of every model shares the training run (a benchmark seed's
-    stage-1 base) and the sampling seed. A gap counts as real only when the 95% interval of the mean paired
-    difference excludes 0 (metrics.paired_gap); with one score each there is no spread, and the sentence says
-    the gap is untested.
+    stage-1 base) and the sampling seed. The later model is judged against the earlier by verdict.judge: better,
+    non-inferior (the 95% upper bound of the mean paired gap is below the protocol's margin), inferior (the lower
+    bound above it) or undecided; each sentence states the margin and the gap the seeds resolve (the interval's
+    half-width). With one score each there is no spread, and the sentence says the gap is untested.
     """
-    from .metrics import paired_gap
-
+    margin, _ = _margin(results)
     models = results["models"]
     sentences = []
     for i, a in enumerate(models):
         for b in models[i + 1 :]:
-            a_scores = [s["fid"] for s in a["fid"]["per_seed"]]
-            b_scores = [s["fid"] for s in b["fid"]["per_seed"]]
-            scores = f"FID {_pm(b['fid'], 2)} vs {_pm(a['fid'], 2)} over {len(b_scores)} seed(s)"
-            if len(a_scores) != len(b_scores):
-                quality = (f"not compared ({scores}): the two have different numbers of seeds, so their scores "
-                           "cannot be paired")
-            elif len(b_scores) < 2:
-                gap = b["fid"]["mean"] - a["fid"]["mean"]
-                quality = (f"{b['name']} scores {abs(gap):.2f} FID {'lower' if gap < 0 else 'higher'} ({scores}), "
-                           "but with one seed there is no spread to judge that gap against: it is untested")
-            else:
-                pair = paired_gap(a_scores, b_scores)
-                low, high = pair["interval"]
-                detail = (f"{scores}; per-seed gaps {', '.join(f'{d:+.2f}' for d in pair['diffs'])}: mean "
-                          f"{pair['mean']:+.2f}, {pair['confidence']:.0%} interval [{low:+.2f}, {high:+.2f}]; "
-                          f"{b['name']} lower in {pair['b_lower']} of {len(b_scores)}")
-                if pair["tie"]:
-                    quality = (f"a tie ({detail}: the interval includes 0; with {len(b_scores)} seeds and this spread "
-                               f"it could only have resolved a gap larger than {(high - low) / 2:.2f} FID either way, "
-                               "the interval's half-width)")
-                else:
-                    better = "better" if pair["mean"] < 0 else "worse"
-                    quality = f"{b['name']} is {better} ({detail}: the interval excludes 0)"
             cost = (f"it uses {b['sampling_flops']['per_image'] / a['sampling_flops']['per_image']:.2f}x the "
                     f"sampling FLOPs, "
                     + ", ".join(f"{b['time'][k]['ratio'] / a['time'][k]['ratio']:.2f}x the time at "
                                 f"{k.replace('_', ' ')}" for k in b["time"])
                     + (f" and {b['train_flops'] / a['train_flops']:.2f}x the training compute"
                        if a["train_flops"] else ""))
-            sentences.append(f"{b['name']} vs {a['name']}: {quality}; {cost}.")
+            sentences.append(f"{b['name']} vs {a['name']}: {_quality(a, b, margin)}; {cost}.")
     return sentences
+
+
+def judge_note(results: dict) -> str:
+    """The paragraph under the verdicts: the rule, the margin and where it came from, and what a verdict means."""
+    margin, source = _margin(results)
+    judge_ = results["protocol"].get("judge", {})
+    real = judge_.get("real_vs_real")
+    floor = (f" Real images alone score FID {real['fid_mean']:.3f} ± {real['fid_sd']:.3f} against other real images "
+             f"at {real['n']} per set (the floor a perfect model reaches, and its spread)." if real else "")
+    return (f"Two models are compared seed by seed (the i-th FID of each shares its training run and sampling "
+            f"seed): the later is judged against the earlier by a non-inferiority test with margin {margin:.3f} FID "
+            f"({source}).{floor} Better: the 95% interval of the mean per-seed gap lies below 0; non-inferior: its "
+            "upper bound is below the margin (worse by less than the margin, if at all); inferior: its lower bound is "
+            "above the margin; undecided: neither, and only more seeds can decide it. Each verdict states the gap "
+            "its seeds resolve, the interval's half-width (9.0 x the sd of the per-seed gaps with 2 seeds, 2.5 x "
+            "with 3): at or above the margin, not even an exact tie can come out non-inferior. Where the seeds are "
+            "sampling seeds of one training run, a verdict says nothing about run-to-run variation. Times are "
+            "measured, not derived from FLOPs: small networks on CPUs speed up much less than their FLOPs fall.")
 
 
 def expert_rows(run_dir: str | Path) -> list[dict[str, str]]:
@@ -305,15 +343,11 @@ figcaption {{ font-size: 0.9em; color: #333; }} dt {{ font-weight: bold; }} dd {
 {table}
 <p>{html.escape(timing_note(results))}</p>
 <p>{html.escape(KID_NOTE)}</p>
+{f"<p>{html.escape(PR_NOTE)}</p>" if "precision" in results["models"][0] else ""}
 <ul>{notes}</ul>
 <h2>Verdicts</h2>
 <ul>{"".join(f"<li>{html.escape(v)}</li>" for v in verdicts(results))}</ul>
-<p>Two models are compared seed by seed (the i-th FID of each shares its training run and sampling seed); a gap
-counts only when the 95% interval of the mean per-seed gap (paired t-test) excludes 0. A tie says only that the
-gap is smaller than the seeds could resolve: each tie states that gap, the interval's half-width (9.0 x the sd
-of the per-seed gaps with 2 seeds, 2.5 x with 3). Where the seeds are sampling seeds of one training run, a real
-gap says nothing about run-to-run variation.
-Times are measured, not derived from FLOPs: small networks on CPUs speed up much less than their FLOPs fall.</p>
+<p>{html.escape(judge_note(results))}</p>
 {_detail_sections(results, experts)}
 <h2>Plots</h2>
 {plots}

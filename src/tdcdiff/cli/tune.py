@@ -52,7 +52,9 @@ def tune_command(
     candidate: Annotated[Optional[int], typer.Option("--candidate", help="Train only this candidate (0-based, see candidates.json), e.g. one job each.")] = None,
     screening: Annotated[str, typer.Option("--screening", help="What ranks candidates before FID (finalists, --max-quality-loss): loss (held-out denoising loss) or bpd (held-out bits/dim bound); the other is shown beside it.")] = "loss",
     finalists: Annotated[int, typer.Option(help="Candidates (best by the screening measure) that get paired-seed FID/KID.")] = 3,
-    fid_seeds: Annotated[int, typer.Option("--fid-seeds", help="Sampling seeds for FID/KID (>= 2: the paired rule).")] = 3,
+    fid_seeds: Annotated[int, typer.Option("--fid-seeds", help="Sampling seeds every finalist starts with for FID/KID (>= 2: the paired rule).")] = 3,
+    max_fid_seeds: Annotated[int, typer.Option("--max-fid-seeds", help="Add seeds one at a time, up to this many, until each finalist's FID verdict is decided.")] = 8,
+    margin: Annotated[Optional[float], typer.Option("--margin", help="Non-inferiority margin in FID units: the largest FID loss that counts as none. [default: the real-vs-real spread of FID at --fid-samples images]")] = None,
     fid_samples: Annotated[int, typer.Option("--fid-samples", help="Images per model and seed for FID/KID.")] = 512,
     batch: Annotated[int, typer.Option("--batch", help="Your sampling batch size: the frontier's time axis.")] = 64,
     max_quality_loss: Annotated[Optional[float], typer.Option("--max-quality-loss", help="Also accept a candidate at most this much worse than the base on the screening measure (--screening; relative, 0.02 = 2%).")] = None,
@@ -67,11 +69,11 @@ def tune_command(
     Writes frontier.png, table.csv, results.json, cost.csv, return.csv and chosen/ into the tune directory.
     Rerunning skips finished candidates.
     """
-    from ..tune import Tune, TuneConfig, candidate_list, check_candidate, cost_rows, format_rows, table_rows
+    from ..tune import Tune, TuneConfig, candidate_list, check_candidate
 
     flags = {k_: v for k_, v in settings_flags(locals()).items() if k_ not in ("k", "groups", "grouping", "depth")}
     settings = TuneConfig(tune_steps=tune_steps, screening=screening, finalists=finalists, fid_seeds=fid_seeds,
-                          fid_samples=fid_samples, batch=batch, max_quality_loss=max_quality_loss, price_per_hour=price_per_hour, depth=depth,
+                          max_fid_seeds=max_fid_seeds, margin=margin, fid_samples=fid_samples, batch=batch, max_quality_loss=max_quality_loss, price_per_hour=price_per_hour, depth=depth,
                           curves=curves, curve_steps=curve_steps)
     for name, value in (("widths", width), ("ks", k), ("groups", groups), ("groupings", grouping),
                         ("time_budgets", time_budget), ("uniform_time_budgets", uniform_time_budget),
@@ -101,10 +103,18 @@ def tune_command(
         results = tune.run_all()
     except USER_ERRORS as err:
         fail(err)
+    _print_results(results, out, price_per_hour)
+
+
+def _print_results(results: dict, out: Path, price_per_hour: float | None) -> None:
+    """The frontier table, the judge, the choice and its cost, as `tdcdiff tune` prints them."""
+    from ..tune import cost_rows, format_rows, judge_line, table_rows
+
     typer.echo("\n" + format_rows(table_rows(results["rows"], results["choice"]["name"], results["screening_measure"]["key"])))
     for item in results["failed"]:
         typer.echo(f"failed: {item['name']}: {item['failed']}")
     typer.echo(f"screening: {results['screening_measure']['name']}; time: {results['time']}")
+    typer.echo(judge_line(results["fid_protocol"]))
     typer.echo(f"chosen: {results['choice']['name'] or 'none'}: {results['choice']['reason']}")
     if "cost" in results:
         phases, returns = cost_rows(results["cost"], price_per_hour is not None)

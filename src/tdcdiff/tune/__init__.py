@@ -7,8 +7,9 @@ and TDC runs over k, N and the grouping strategy, by time budget, with depth pru
 budgets allocated from measured quality curves (in the screening measure). All are screened with the held-out
 denoising loss or, with TuneConfig.screening "bpd", the held-out bits/dim bound (each paired with the base's per
 image: same images, timesteps and noise; the other measure beside it); the best few by it get paired-seed FID/KID
-against the base; the chosen candidate is the fastest one whose quality is tied with or better than the base's by
-the paired rule, or within `max_quality_loss`.
+and precision/recall against the base, with seeds added until the verdict is decided (verdict.py: better,
+non-inferior within a stated margin, inferior, or undecided); the chosen candidate is the fastest one better than
+or non-inferior to the base, or, without a FID verdict, within `max_quality_loss`.
 
     tune_dir/
       tune.json            the settings the candidate list was made with (a rerun must match them)
@@ -20,7 +21,7 @@ the paired rule, or within `max_quality_loss`.
       curves/              quality curves per (N, grouping) for the "TDC curves" candidates, in both screening
                            measures (the screening one allocates); sizes/: pruned sizes
       screening.json       both screening measures per model (per image, for pairing), each with its protocol;
-                           fid.json: FID/KID per seed
+                           fid.json: FID/KID/precision/recall per seed, the judge's real-vs-real FID
       results.json, table.csv, frontier.png    the frontier: quality against sampling time and FLOPs
       cost.json, cost.csv, return.csv    what the chosen bundle cost and returns
       chosen/ + chosen.json    the chosen bundle (a copy) and which rule chose it
@@ -39,8 +40,8 @@ from .cost import cost_rows
 from .judge import choose
 from .kinds import KINDS, Kind, candidate_list, check_candidate, kind_of
 from .measures import SCREENING_MEASURES
-from .output import format_rows, table_rows
+from .output import format_rows, judge_line, table_rows
 from .tune import Tune
 
 __all__ = ["KINDS", "SCREENING_MEASURES", "Kind", "Tune", "TuneConfig", "candidate_list", "check_candidate",
-           "choose", "cost_rows", "format_rows", "kind_of", "table_rows"]
+           "choose", "cost_rows", "format_rows", "judge_line", "kind_of", "table_rows"]

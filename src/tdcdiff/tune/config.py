@@ -43,12 +43,19 @@ class TuneConfig:
         Both are paired with the base per image; the "TDC curves" candidates allocate by it. Not part of the
         candidate settings: switching it reuses every candidate (a finished curves candidate keeps the
         allocation it had, and a rerun says so).
-    finalists: how many candidates (best by the screening measure) get paired-seed FID/KID.
-    fid_seeds, fid_samples: sampling seeds (at least 2, for the paired rule) and images per seed for FID/KID.
+    finalists: how many candidates (best by the screening measure) get paired-seed FID/KID and a verdict against
+        the base (verdict.judge: better, non-inferior, inferior or undecided).
+    fid_seeds, max_fid_seeds: sampling seeds for FID/KID: every finalist starts with fid_seeds (at least 2, for
+        the paired rule); an undecided one gets one more seed at a time, up to max_fid_seeds (verdict.sequential;
+        the looks share the verdict's 2.5% error, so a larger cap widens each look's interval a little).
+    fid_samples: images per seed for FID/KID.
+    margin: the judge's non-inferiority margin in FID units (the largest loss that counts as none); None: the
+        real-vs-real spread of FID at fid_samples images (evaluate.judge_protocol).
     batch: the user's sampling batch size: the frontier's time axis.
     timing_repeats: timed sampling runs per model and batch (interleaved, after one warm-up; median).
-    max_quality_loss: also accept a candidate whose screening value (of the `screening` measure) is at most this
-        much worse than the base's, relatively (0.02 = 2%); None: only the paired FID rule chooses.
+    max_quality_loss: also accept a candidate without a FID verdict (not a finalist) whose screening value (of the
+        `screening` measure) is at most this much worse than the base's, relatively (0.02 = 2%); None: only the
+        FID verdicts choose.
     price_per_hour: price of one machine hour, for the cost per 1,000 images (None: not shown).
     """
 
@@ -68,7 +75,9 @@ class TuneConfig:
     screening: str = "loss"
     finalists: int = 3
     fid_seeds: int = 3
+    max_fid_seeds: int = 8
     fid_samples: int = 512
+    margin: float | None = None
     batch: int = 64
     timing_repeats: int = 3
     max_quality_loss: float | None = None
@@ -108,6 +117,11 @@ class TuneConfig:
              + ", ".join(f"{key} ({m.name})" for key, m in SCREENING_MEASURES.items())),
             (self.finalists >= 1, f"--finalists must be >= 1, got {self.finalists}"),
             (self.fid_seeds >= 2, f"--fid-seeds must be >= 2 (the paired rule needs two pairs), got {self.fid_seeds}"),
+            (self.max_fid_seeds >= self.fid_seeds,
+             f"--max-fid-seeds must be >= --fid-seeds ({self.fid_seeds}): it caps the seeds added one at a time until "
+             f"each finalist's FID verdict is decided, got {self.max_fid_seeds}"),
+            (self.margin is None or 0 <= self.margin < math.inf,
+             f"--margin must be a finite number >= 0 (the largest FID loss that counts as none), got {self.margin}"),
             (self.fid_samples >= 2, f"--fid-samples must be >= 2 (FID needs two images), got {self.fid_samples}"),
             (self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
             (self.timing_repeats >= 1, f"timing_repeats must be >= 1, got {self.timing_repeats}"),

@@ -1,9 +1,12 @@
-"""Paired statistics of per-image measures, and the rule that chooses a candidate."""
+"""Paired statistics of per-image measures, and the rule that chooses a candidate (its FID verdicts come from
+verdict.py, the one judge of every verdict tdcdiff prints)."""
 
 from __future__ import annotations
 
 import math
 import statistics
+
+from ..verdict import QUALIFY, describe
 
 
 def mean_se(values: list[float]) -> dict:
@@ -21,33 +24,40 @@ def paired(values: list[float], reference: list[float]) -> dict:
     return mean_se([a - b for a, b in zip(values, reference)])
 
 
+JUDGE_RULE = ("each finalist's per-seed FID minus the base's, paired by sampling seed; seeds added one at a time "
+              "from --fid-seeds to --max-fid-seeds until decided (verdict.sequential: 2.5% one-sided error spent over "
+              "the looks); better: the upper bound below 0; non-inferior: below the margin; inferior: the lower bound "
+              "above the margin; undecided: neither (never shipped)")
+
+
 def choose(rows: list[dict], max_quality_loss: float | None = None) -> dict:
-    """The fastest candidate whose quality is tied with or better than the base's.
+    """The fastest candidate whose FID is better than or non-inferior to the base's (verdict.QUALIFY).
 
     rows: one per candidate: name, time_s (sampling time at the user's batch), quality_ratio (screening value /
-        the base's; lower is better), fid_gap (metrics.paired_gap of the base's per-seed FID against the
-        candidate's, or None when it was not a finalist) and optionally failed (True: not trained).
+        the base's; lower is better), fid_gap (the verdict.judge or verdict.sequential judgement of the
+        candidate's per-seed FID against the base's, or None when it was not a finalist) and optionally failed
+        (True: not trained).
     max_quality_loss: also accept a candidate without a FID verdict whose quality_ratio is at most
-        1 + max_quality_loss. A paired FID verdict of "worse" always rules a candidate out.
-    Returns {"name": ... or None, "rule": "paired FID" | "max-quality-loss" | None, "reason": one sentence}.
+        1 + max_quality_loss. A FID verdict of "inferior" or "undecided" always rules a candidate out: the
+        screening measure cannot overrule it, and an undecided candidate is never shipped.
+    A pure function of the rows. Returns {"name": ... or None, "rule": "paired FID" | "max-quality-loss" | None,
+    "reason": one sentence, with the verdict's interval and margin}.
     """
     for row in sorted((r for r in rows if not r.get("failed")), key=lambda r: (r["time_s"], r["quality_ratio"])):
         gap = row.get("fid_gap")
         if gap is not None:
-            low, high = gap["interval"]
-            if gap["tie"] or gap["mean"] < 0:
-                verdict = "tied with" if gap["tie"] else "better than"
+            if gap["verdict"] in QUALIFY:
+                relation = "better than" if gap["verdict"] == "better" else "non-inferior to"
                 return {"name": row["name"], "rule": "paired FID",
-                        "reason": f"the fastest candidate whose FID is {verdict} the base's by the paired rule "
-                                  f"(gap {gap['mean']:+.3f}, {gap['confidence']:.0%} interval "
-                                  f"[{low:+.3f}, {high:+.3f}])"}
-            continue  # FID says really worse: the screening measure cannot overrule it
+                        "reason": f"the fastest candidate whose FID is {relation} the base's "
+                                  f"({describe(gap, digits=3)})"}
+            continue  # inferior or undecided by FID: the screening measure cannot overrule it
         if max_quality_loss is not None and row["quality_ratio"] - 1 <= max_quality_loss:
             return {"name": row["name"], "rule": "max-quality-loss",
                     "reason": f"the fastest candidate within --max-quality-loss {max_quality_loss:g} of the base on "
                               f"the screening measure ({row['quality_ratio'] - 1:+.1%}; no FID verdict against it)"}
-    rules = "tied with or better than the base by paired FID" + (
+    rules = "better than or non-inferior to the base by paired FID" + (
         f", or within --max-quality-loss {max_quality_loss:g}" if max_quality_loss is not None else "")
     return {"name": None, "rule": None,
-            "reason": f"no candidate is {rules}: keep the base (or raise --tune-steps, --finalists or "
-                      "--max-quality-loss)"}
+            "reason": f"no candidate is {rules}: keep the base (or raise --max-fid-seeds to decide undecided "
+                      "finalists, --tune-steps, --finalists or --max-quality-loss)"}

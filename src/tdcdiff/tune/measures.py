@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from ..bundle import load_bundle
-from ..evaluate import BPD_SAMPLES, HELD_OUT_IMAGES, ModelEntry, evaluate, time_sampling
+from ..evaluate import BPD_SAMPLES, HELD_OUT_IMAGES, default_feature_net, judge_protocol, score_seeds, time_sampling
+from ..features import DEFAULT_FEATURE_NET, FEATURES_VERSION
 from ..files import atomic_write_text, sha256_tree
 from ..grouping import make_groups
 from ..likelihood import nll_bound
@@ -26,10 +27,13 @@ from ..pipeline import SamplingModel
 from ..router import Router
 from ..samplers import visited_timesteps
 from ..train import FINAL_DIR
+from ..verdict import describe, sequential
 from .judge import mean_se, paired
 from .records import clock, read_json, record_phase, since
 
 SCREENING_FORMAT = "tdcdiff-tune-screening/2"
+FID_FORMAT = "tdcdiff-tune-fid/2"  # /2: scores per seed (seeds added until decided), precision/recall, the judge
+SEED_SCORES = {"fid": "fid", "kid": "kid_mean", "precision": "precision", "recall": "recall"}  # fid.json key: FidResult
 
 
 @dataclass(frozen=True)
@@ -187,34 +191,90 @@ def screen(tune, models: dict) -> dict:
 
 
 # -- the finalists' FID and sampling time ----------------------------------------------------------------------
-def fid(tune, models: dict, names: list[str]) -> dict:
-    """Per-seed FID/KID of the base and `names` (tdcdiff.evaluate.evaluate), cached in fid.json per protocol and
-    model identity (model_ids)."""
-    run, c, t = tune.base_run, tune.base_run.config, tune.config
-    protocol = {"sampler": c.sampler, "steps": c.sampling_steps, "samples": t.fid_samples,
-                "seeds": list(range(t.fid_seeds))}
+def fid_protocol(tune) -> dict:
+    """What a cached per-seed FID depends on besides the model and the seed: sampler, steps, images per seed and
+    the feature network's design and version (its data are the base run's)."""
+    c, t = tune.base_run.config, tune.config
+    return {"sampler": c.sampler, "steps": c.sampling_steps, "samples": t.fid_samples,
+            "feature_net": DEFAULT_FEATURE_NET, "features_version": FEATURES_VERSION}
+
+
+def _fid_cache(tune, net) -> dict:
+    """fid.json when its format and protocol still hold (a changed feature network, sampler or sample count
+    starts over: its FIDs are in another unit), else a new one with the judge's real-vs-real FID measured."""
+    run, protocol = tune.base_run, fid_protocol(tune)
     cache = read_json(tune.dir / "fid.json", {})
-    if cache.get("protocol") != protocol:
-        cache = {"protocol": protocol, "models": {}}
-    ids = model_ids(tune)
-    missing = [n for n in ["base", *names] if cache["models"].get(n, {}).get("model") != ids[n]]
-    if missing:
-        tune.say(f"finalists: FID/KID over {t.fid_seeds} seeds x {t.fid_samples} images: {', '.join(missing)}")
-        start = clock()
-        entries = [ModelEntry(n, models[n][0], 0) for n in missing]
-        result = evaluate(entries, run.scheduler, run.data.images, run.data.labels, sample_shape=run.sample_shape,
-                          sampler=c.sampler, steps=c.sampling_steps, num_samples=t.fid_samples,
-                          seeds=tuple(range(t.fid_seeds)), reference_name=Path(run.data.name).name, timing_batches=(1,),
-                          timing_repeats=1, num_classes=run.data.num_classes, progress=tune.progress)
-        for record in result["models"]:
-            cache["models"][record["name"]] = {"fid": [f["fid"] for f in record["fid"]["per_seed"]],
-                                               "kid": [f["kid_mean"] for f in record["fid"]["per_seed"]],
-                                               "model": ids[record["name"]]}
-        cache["feature_net"] = result["protocol"]["feature_net"]
-        cache["reference"] = result["protocol"]["reference"]
+    if cache.get("format") == FID_FORMAT and cache.get("protocol") == protocol:
+        return cache
+    return {"format": FID_FORMAT, "protocol": protocol, "models": {},
+            "feature_net": getattr(net, "description", type(net).__name__),
+            "reference": {"name": Path(run.data.name).name, "count": len(run.data.images)},
+            "judge": judge_protocol(run.data.images, net, tune.config.fid_samples)}
+
+
+def _measure_seeds(tune, cache: dict, models: dict, names: list[str], seeds: int, net, ids: dict) -> int:
+    """Give every model in `names` FID/KID/precision/recall for sampling seeds 0 .. seeds - 1 (evaluate.score_seeds),
+    measuring only the seeds not cached for its current weights; fid.json is written after each model. Returns the
+    number of (model, seed) pairs sampled."""
+    run, c, t = tune.base_run, tune.base_run.config, tune.config
+    sampled = 0
+    for name in names:
+        entry = cache["models"].get(name)
+        if entry is None or entry["model"] != ids[name]:
+            entry = cache["models"][name] = {"model": ids[name], **{k: [] for k in SEED_SCORES}}
+        have = len(entry["fid"])
+        if have >= seeds:
+            continue
+        results, _, _ = score_seeds(name, SamplingModel(models[name][0]), run.scheduler, run.data.images, net,
+                                    seeds=range(have, seeds), sample_shape=run.sample_shape, sampler=c.sampler,
+                                    steps=c.sampling_steps, num_samples=t.fid_samples,
+                                    reference_name=cache["reference"]["name"], num_classes=run.data.num_classes,
+                                    say=tune.say)
+        for result in results:
+            for key, field in SEED_SCORES.items():
+                entry[key].append(getattr(result, field))
         atomic_write_text(tune.dir / "fid.json", json.dumps(cache, indent=2))
+        sampled += len(results)
+    return sampled
+
+
+def fid(tune, models: dict, names: list[str]) -> dict:
+    """The base's and the finalists' per-seed FID/KID/precision/recall, with sampling seeds added one at a time
+    until every finalist's verdict against the base is decided or TuneConfig.max_fid_seeds is reached.
+
+    Every finalist starts at TuneConfig.fid_seeds seeds; after each look (verdict.sequential: the error is spent
+    over the looks fid_seeds .. max_fid_seeds) each undecided finalist and the base get the next seed. The margin
+    is TuneConfig.margin, else the real-vs-real spread (evaluate.judge_protocol). Scores are cached in fid.json per
+    model identity (model_ids) and seed: a rerun replays the same looks over them and samples only what is missing.
+    Returns fid.json's dict ("judge": the margin in use and where it came from) plus "verdicts" (finalist ->
+    verdict.sequential's judgement) and "seeds" (model -> how many seeds its verdict used; the base: the most any
+    finalist used).
+    """
+    run, t = tune.base_run, tune.config
+    net = default_feature_net(run.data.images, run.data.labels, name=Path(run.data.name).name)
+    cache = _fid_cache(tune, net)
+    judge = cache["judge"] if t.margin is None else {**cache["judge"], "margin": t.margin, "margin_from": "--margin"}
+    margin = judge["margin"]
+    ids, start = model_ids(tune), clock()
+    pending, verdicts, seeds, sampled = list(names), {}, t.fid_seeds, 0
+    tune.say(f"finalists: FID/KID/precision/recall, {t.fid_samples} images per seed, from {t.fid_seeds} seeds up to "
+             f"{t.max_fid_seeds} until decided; margin {margin:.3f} FID")
+    while True:
+        sampled += _measure_seeds(tune, cache, models, ["base", *pending], seeds, net, ids)
+        base = cache["models"]["base"]["fid"][:seeds]
+        for name in pending:
+            verdicts[name] = sequential(base, cache["models"][name]["fid"][:seeds], margin, start=t.fid_seeds,
+                                        cap=t.max_fid_seeds)
+            tune.say(f"finalists: {name} after {seeds} seeds: {describe(verdicts[name])}")
+        pending = [n for n in pending if not verdicts[n]["done"]]
+        if not pending:
+            break
+        seeds += 1
+    if sampled:
         record_phase(tune.dir, "finalists", since(start))
-    return cache
+    used = {n: verdicts[n]["pairs"] for n in names}
+    return {**cache, "judge": judge, "verdicts": verdicts,
+            "seeds": {"base": max(used.values(), default=t.fid_seeds), **used}}
 
 
 def time_models(tune, models: dict, names: list[str], batch: int) -> dict:

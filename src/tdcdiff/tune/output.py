@@ -8,7 +8,6 @@ import statistics
 from pathlib import Path
 
 from ..files import atomic_write_text
-from ..metrics import paired_gap
 from ..plots import pyplot, save_figure
 from .kinds import kind_of
 from .measures import SCREENING_MEASURES, second_measure
@@ -21,7 +20,8 @@ def frontier_rows(models: dict, records: dict, screening: dict, fid: dict, times
     """One row per model of the frontier (results.json's "rows"), the base's first.
 
     models: name -> (model, sampling FLOPs per image) (measures.load_models). records: name -> the candidate's
-    result.json record (the base has none). screening: measures.screen's values; fid: measures.fid's cache;
+    result.json record (the base has none). screening: measures.screen's values; fid: measures.fid's result (the
+    base and the finalists have per-seed scores over the seeds their verdicts used, and the finalists a verdict);
     times: name -> seconds per sampling run. key: the screening measure that ranks (the other is the rows'
     "second"). directory: the tune directory (a row's bundle path is under it).
     """
@@ -29,9 +29,9 @@ def frontier_rows(models: dict, records: dict, screening: dict, fid: dict, times
     rows = []
     for name, (_, flops) in models.items():
         record = records.get(name)
-        scores, ranked, beside = fid["models"].get(name), screening[name][key], screening[name][other]
-        gap = (paired_gap(fid["models"]["base"]["fid"], scores["fid"]) if scores is not None and name != "base"
-               else None)
+        ranked, beside, gap = screening[name][key], screening[name][other], fid["verdicts"].get(name)
+        seeds = fid["seeds"].get(name)
+        scores = {k: v[:seeds] for k, v in fid["models"][name].items() if k != "model"} if seeds else None
         rows.append({
             "name": name, "kind": record["kind"] if record else "base", "index": record["index"] if record else None,
             "sampling_flops": flops, "flops_ratio": flops / models["base"][1],
@@ -40,7 +40,7 @@ def frontier_rows(models: dict, records: dict, screening: dict, fid: dict, times
             "quality_ratio": ranked["value"] / base[key]["value"],
             "second": beside["value"], "second_se": beside["se"], "second_gap": beside["vs_base"],
             "second_ratio": beside["value"] / base[other]["value"],
-            "fid": scores["fid"] if scores else None, "kid": scores["kid"] if scores else None,
+            **{k: scores[k] if scores else None for k in ("fid", "kid", "precision", "recall")},
             "fid_gap": {k: (list(v) if isinstance(v, tuple) else v) for k, v in gap.items()} if gap else None,
             "train_flops": record["train_flops"] if record else 0,
             "bundle": str(directory / record["dir"] / record["bundle"]) if record else None,
@@ -55,11 +55,20 @@ def _fid_text(row: dict) -> str:
 
 
 def _gap_text(row: dict) -> str:
+    """The FID verdict against the base: the verdict, the mean gap, its interval and the margin it was read
+    against, and the seeds it took."""
     gap = row["fid_gap"]
     if not gap:
         return "-"
-    verdict = "tie" if gap["tie"] else ("better" if gap["mean"] < 0 else "worse")
-    return f"{gap['mean']:+.2f} [{gap['interval'][0]:+.2f}, {gap['interval'][1]:+.2f}] {verdict}"
+    low, high = gap["interval"]
+    return (f"{gap['verdict']} {gap['mean']:+.2f} [{low:+.2f}, {high:+.2f}] vs margin {gap['margin']:.2f}, "
+            f"{gap['pairs']} seeds")
+
+
+def _pr_text(row: dict) -> str:
+    if not row.get("precision"):
+        return "-"
+    return f"{statistics.fmean(row['precision']):.3f} / {statistics.fmean(row['recall']):.3f}"
 
 
 def table_rows(rows: list[dict], chosen: str | None, screening: str = "loss") -> list[dict[str, str]]:
@@ -74,8 +83,21 @@ def table_rows(rows: list[dict], chosen: str | None, screening: str = "loss") ->
              "- base (paired)": f"{r['screening_gap']['mean']:+.{d}f} ± {r['screening_gap']['se']:.{d}f}",
              f"{beside.label} (- base, paired)":
                  f"{r['second']:.{e}f} ({r['second_gap']['mean']:+.{e}f} ± {r['second_gap']['se']:.{e}f})",
-             "FID": _fid_text(r), "FID - base (paired)": _gap_text(r), "train TFLOPs": f"{r['train_flops'] / 1e12:.2f}"}
+             "FID": _fid_text(r), "precision / recall": _pr_text(r), "FID - base (paired): verdict": _gap_text(r),
+             "resolves": f"{r['fid_gap']['half_width']:.2f}" if r["fid_gap"] else "-",
+             "train TFLOPs": f"{r['train_flops'] / 1e12:.2f}"}
             for r in ordered]
+
+
+def judge_line(fid_protocol: dict) -> str:
+    """One line under the table: the FID judge's margin and where it came from, the feature network and the
+    seeds (results.json's fid_protocol)."""
+    judge, seeds = fid_protocol["judge"], fid_protocol["seeds"]
+    real = judge["real_vs_real"]
+    return (f"FID judge: margin {judge['margin']:.3f} FID ({judge['margin_from']}); real-vs-real FID at {real['n']} "
+            f"images {real['fid_mean']:.3f} ± {real['fid_sd']:.3f}; features: {fid_protocol['feature_net']}; seeds "
+            f"from {seeds['start']} up to {seeds['cap']} until decided (one-sided error {judge['alpha']:.1%} spent "
+            "over the looks); 'resolves': the interval's half-width, the smallest gap it tells from 0")
 
 
 def format_rows(rows: list[dict[str, str]]) -> str:
@@ -104,16 +126,20 @@ def write_table_csv(rows: list[dict], path: Path, screening: str = "loss") -> Pa
     keys = ["name", "kind", "sampling_flops", "flops_ratio", "time_s", "time_ratio", "screening_measure", "screening",
             "screening_se", "screening_gap_mean", "screening_gap_se", "quality_ratio", "second_measure", "second",
             "second_se", "second_gap_mean", "second_gap_se", "second_ratio", "fid_mean", "fid_gap_mean", "fid_gap_low",
-            "fid_gap_high", "fid_tie", "train_flops"]
+            "fid_gap_high", "fid_verdict", "fid_margin", "fid_half_width", "fid_seeds", "precision_mean",
+            "recall_mean", "train_flops"]
     measures = {"screening_measure": screening, "second_measure": second_measure(screening)}
     table = []
     for r in rows:
         gap = r["fid_gap"] or {}
         table.append({**r, **measures, **{f"{m}_gap_{k}": r[f"{m}_gap"][k] for m in ("screening", "second")
                                           for k in ("mean", "se")},
-                      "fid_mean": sum(r["fid"]) / len(r["fid"]) if r["fid"] else "",
+                      **{f"{k}_mean": statistics.fmean(r[k]) if r.get(k) else ""
+                         for k in ("fid", "precision", "recall")},
                       "fid_gap_mean": gap.get("mean", ""), "fid_gap_low": gap.get("interval", ["", ""])[0],
-                      "fid_gap_high": gap.get("interval", ["", ""])[1], "fid_tie": gap.get("tie", "")})
+                      "fid_gap_high": gap.get("interval", ["", ""])[1], "fid_verdict": gap.get("verdict", ""),
+                      "fid_margin": gap.get("margin", ""), "fid_half_width": gap.get("half_width", ""),
+                      "fid_seeds": len(r["fid"]) if r["fid"] else ""})
     return write_csv(path, table, keys)
 
 

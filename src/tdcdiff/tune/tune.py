@@ -17,7 +17,7 @@ from ..train import FINAL_DIR
 from .config import TuneConfig
 from .cost import write_cost
 from .curves import curves_allocation, measure_curves
-from .judge import choose
+from .judge import JUDGE_RULE, choose
 from .kinds import candidate_list, check_candidate, kind_of
 from .measures import SCREENING_MEASURES, fid, load_models, screen, screen_protocol, second_measure, time_models
 from .output import frontier_rows, plot_frontier, write_table_csv
@@ -198,7 +198,10 @@ class Tune:
                                             "every model)",
                                   "second": {"key": other, "unit": SCREENING_MEASURES[other].unit,
                                              **screen_protocol(self.base_run, other)}},
-            "fid_protocol": {k: fid_cache.get(k) for k in ("protocol", "feature_net", "reference")},
+            "fid_protocol": {**{k: fid_cache[k] for k in ("protocol", "feature_net", "reference", "judge")},
+                             "seeds": {"start": self.config.fid_seeds, "cap": self.config.max_fid_seeds,
+                                       "used": fid_cache["seeds"]},
+                             "rule": JUDGE_RULE},
             "time": f"median seconds ({TIMING_CLOCK}, as evaluate.time_sampling picks it by the models' device) of "
                     f"one {c.sampler}-{c.sampling_steps} sampling run at batch {self.config.batch}, "
                     f"{self.config.timing_repeats} repeats interleaved across models after a warm-up",
