@@ -1,0 +1,133 @@
+"""Inputs that are checked before any work: a given model's size and fit (built on the meta device first), the
+memory one training batch or one sampling run needs, the null class against the data's classes, timesteps that
+are not integers, repeated tune options, and tune's refusals before anything is written."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from tdcdiff.base_model import BaseModelError, check_fits_data, load_base_model
+from tdcdiff.cli import app
+
+UNET = {"_class_name": "UNet2DModel", "sample_size": 8, "in_channels": 1, "out_channels": 1,
+        "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"]}
+
+
+def model_dir(path, widths, **config):
+    """A diffusers model directory whose config.json asks for `widths` and whose weights file holds one tensor:
+    what is checked before the weights are read never needs them."""
+    path.mkdir()
+    groups = min(32, min(widths))
+    (path / "config.json").write_text(json.dumps({**UNET, "block_out_channels": widths, "norm_num_groups": groups,
+                                                  **config}))
+    save_file({"conv_in.bias": torch.zeros(widths[0])}, path / "diffusion_pytorch_model.safetensors")
+    return path
+
+
+@pytest.fixture()
+def parameter_devices():
+    """The device of every parameter registered while the test runs (torch's module registration hook)."""
+    from torch.nn.modules import module
+
+    devices = []
+    handle = module.register_module_parameter_registration_hook(lambda m, name, p: devices.append(p.device.type))
+    yield devices
+    handle.remove()
+
+
+def test_huge_given_model_that_does_not_fit_the_data_is_refused_on_the_meta_device(tmp_path, parameter_devices):
+    """block_out_channels [1024, 2048] (933 M parameters, 2.9 GB built): refused for its channel count before one
+    parameter exists off the meta device, and through the CLI before the run directory is made."""
+    given = model_dir(tmp_path / "wide", [1024, 2048], in_channels=3, out_channels=3)
+
+    def check(model, vae):
+        check_fits_data(model, str(given), channels=1, image_size=8, data_name="digits", num_classes=10,
+                        null_class=None, num_train_timesteps=1000)
+
+    with pytest.raises(BaseModelError, match=r"the model takes 3-channel images but the data has 1 channels"):
+        load_base_model(str(given), check)
+    assert parameter_devices and set(parameter_devices) == {"meta"}
+    result = CliRunner().invoke(app, ["run", "--base", str(given), "--out", str(tmp_path / "run"), "-q"])
+    assert result.exit_code == 2 and "the model takes 3-channel images" in result.output, result.output
+    assert result.output.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_given_model_whose_weights_exceed_memory(tmp_path, parameter_devices):
+    """Widths of 2**16 and 2**17: about 4e12 parameters, 15 TiB of float32, on any machine more than it has."""
+    given = model_dir(tmp_path / "huge", [2**16, 2**17])
+    with pytest.raises(BaseModelError, match=rf"the weights of {given} \([\d,]+ parameters as float32\) needs about "
+                                             r"[\d.]+ GiB, more than the [\d.]+ GiB of memory this machine has "
+                                             r"available now; use a smaller model"):
+        load_base_model(str(given))
+    assert set(parameter_devices) == {"meta"}
+
+
+def test_given_weights_that_lack_tensors_of_the_config(tmp_path):
+    """diffusers leaves what a weights file lacks on the meta device (or initialises it): refused, named."""
+    given = model_dir(tmp_path / "partial", [32, 64])
+    with pytest.raises(BaseModelError, match=rf"{given}'s weights lack \d+ of the tensors its config.json's model "
+                                             r"has \(e.g. conv_in.weight, .*\): they were not saved with that config"):
+        load_base_model(str(given))
+
+
+def test_given_config_that_is_not_a_regular_file_or_no_model(tmp_path):
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    __import__("os").mkfifo(fifo / "config.json")  # would block a plain read forever
+    with pytest.raises(BaseModelError, match=r"fifo/config.json is not a regular file"):
+        load_base_model(str(fifo))
+    bad = model_dir(tmp_path / "bad", [32, 64, 128])  # three widths for two blocks
+    with pytest.raises(BaseModelError, match=r"cannot build UNet2DModel from .*bad/config.json: Must provide the same "
+                                             r"number of `block_out_channels` as `down_block_types`.*; write the "):
+        load_base_model(str(bad))
+
+
+def test_training_that_needs_more_memory_than_the_machine_has(tmp_path):
+    """The run's own preset at --image-size 4096: 1 M parameters, but one batch's activations are terabytes."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train-base", "--image-size", "4096", "--limit", "4", "--out", str(out), "-q"])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and not out.exists()
+    assert ("error: training the UNet preset 'gray-32' (1,045,729 parameters: 19.9 MiB for weights, gradients, AdamW "
+            "moments and EMA; one batch of 128 images of 1x4096x4096: about 13576.0 GiB of activations) needs about "
+            "13576.0 GiB, more than the ") in result.output, result.output
+    assert result.output.rstrip().endswith("lower --batch-size (base.batch_size, finetune.batch_size) or --image-size")
+
+
+# -- the null class is no class of the data ------------------------------------------------------------------------
+def _conditional(tmp_path, classes=11):
+    from diffusers import UNet2DModel
+
+    model = UNet2DModel(**{k: v for k, v in UNET.items() if k != "_class_name"}, block_out_channels=(8, 16),
+                        norm_num_groups=8, num_class_embeds=classes)
+    model.save_pretrained(tmp_path / "model")
+    return model
+
+
+def test_null_class_that_is_a_class_of_the_data_is_refused_before_work(tmp_path, digits, scheduler):
+    from conftest import tiny_config
+    from tdcdiff.run import Run
+    from tdcdiff.train import TrainConfig, train
+
+    model = _conditional(tmp_path)
+    config = tiny_config()
+    config.base = replace(config.base, label_dropout=0.1, null_class=3)
+    run = Run(tmp_path / "run", config, progress=False, base=tmp_path / "model")
+    with pytest.raises(ValueError, match=r"null_class 3 is also class 3 of the data 'digits' \(its classes are "
+                                         r"0..9\): dropped labels would be read as that class; set null_class "
+                                         r"\(base.null_class, finetune.null_class\) to an id no image has, e.g. 10"):
+        run.train_base()
+    assert not (tmp_path / "run").exists()
+    config.base = replace(config.base, null_class=11)
+    with pytest.raises(ValueError, match=r"null_class 11 is not one of the 11 class ids --base .* embeds \(0..10\)"):
+        Run(tmp_path / "run", config, progress=False, base=tmp_path / "model").train_base()
+    # where the data's classes are only known at training: train() itself
+    with pytest.raises(ValueError, match=r"null_class 3 is also a class of the data \(its labels are 0..7\): dropped "
+                                         r"labels would be read as that class; set null_class to .* e.g. 10"):
+        train(model, digits.images[:8], scheduler, TrainConfig(steps=1, label_dropout=0.1, null_class=3),
+              tmp_path / "t", labels=digits.labels[:8], progress=False)
+    assert not (tmp_path / "t").exists()
