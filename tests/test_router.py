@@ -45,7 +45,8 @@ def test_router_equals_the_selected_expert(routed):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_routed_sampling_calls_each_expert_only_for_its_timesteps(routed, sampler):
     router, experts, grouping = routed
-    result = sample(router, make_scheduler(1000), sample_shape=(1, 8, 8), sampler=sampler, steps=10, num_images=2, progress=False)
+    result = sample(router, make_scheduler(1000), sample_shape=(1, 8, 8), sampler=sampler, steps=10, num_images=2,
+                    progress=False)
     for expert, group in zip(experts, grouping.groups):
         assert expert.seen, "every group is visited by a 10-step trajectory"
         assert all(group.start <= t < group.end for t in expert.seen)
@@ -82,11 +83,12 @@ def test_route_takes_integer_timesteps_only(routed, t, error, message):
 
 
 def test_route_takes_integral_values_of_any_type(routed):
+    """Groups [0, 333), [333, 667), [667, 1000)."""
     import numpy as np
 
     router, _, _ = routed
     assert [router.route(t, 1) for t in (332, 333.0, torch.tensor(666.0), np.int64(667), torch.tensor([999]))] == \
-        [0, 0, 1, 1, 2]
+        [0, 1, 1, 2, 2]
 
 
 def test_forward_refuses_fractional_and_out_of_range_timesteps(routed):
