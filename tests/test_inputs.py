@@ -131,3 +131,41 @@ def test_null_class_that_is_a_class_of_the_data_is_refused_before_work(tmp_path,
         train(model, digits.images[:8], scheduler, TrainConfig(steps=1, label_dropout=0.1, null_class=3),
               tmp_path / "t", labels=digits.labels[:8], progress=False)
     assert not (tmp_path / "t").exists()
+
+
+# -- sampling: integer timesteps, the null class, memory -----------------------------------------------------------
+def test_sampling_model_refuses_a_fractional_timestep_instead_of_truncating_it(tiny_unet):
+    """A sigma-space loop's t = 12.7 was evaluated at t = 12; now refused with the reason, 12.0 taken as 12."""
+    from tdcdiff.grouping import make_groups
+    from tdcdiff.pipeline import SamplingModel
+    from tdcdiff.router import Router
+    from tdcdiff.schedule import make_scheduler
+
+    x = torch.randn(2, 1, 8, 8)
+    router = Router([tiny_unet, tiny_unet], make_groups("uniform", 2, make_scheduler(1000)))
+    for model in (tiny_unet, router):
+        runner = SamplingModel(model, compile="none")
+        with pytest.raises(ValueError, match=r"timestep 12.7 is not an integer: diffusion timesteps here are the "
+                                             r"integer training timesteps 0..T-1"):
+            runner(x, 12.7)
+        torch.testing.assert_close(runner(x, 12.0), runner(x, 12), rtol=0, atol=0)
+        torch.testing.assert_close(runner(x, torch.tensor(12)), runner(x, 12), rtol=0, atol=0)
+
+
+def test_guidance_with_a_null_class_that_is_a_class_of_the_data(tmp_path, scheduler):
+    from tdcdiff.pipeline import sample
+
+    model = _conditional(tmp_path)
+    with pytest.raises(ValueError, match=r"null_class 3 is also a class of the data \(0..9\): guidance would steer "
+                                         r"from that class, not from no class"):
+        sample(model, scheduler, sample_shape=(1, 8, 8), steps=2, num_images=2, class_labels=5, guidance_scale=2.0,
+               null_class=3, num_classes=10, progress=False)
+
+
+def test_sampling_more_images_than_memory_holds(tiny_unet, scheduler):
+    from tdcdiff.pipeline import sample
+
+    with pytest.raises(ValueError, match=r"sampling 1000000000000 images of 1x8x8 \(their initial noise and the "
+                                         r"images, kept as float32\) needs about [\d.]+ GiB, more than the [\d.]+ GiB "
+                                         r"of memory this machine has available now; sample fewer images"):
+        sample(tiny_unet, scheduler, sample_shape=(1, 8, 8), steps=2, num_images=10**12, progress=False)

@@ -69,6 +69,15 @@ def tensor_bytes(count: int, shape: tuple[int, ...]) -> int:
     return size
 
 
+def check_sampling_memory(num_images: int, sample_shape: tuple[int, ...], extra: int = 0, *,
+                          fix: str = "sample fewer images (num_images, --num)") -> None:
+    """Refuse (ValueError) sampling `num_images` images of `sample_shape` when their initial noise and the images,
+    both kept as float32 for the whole run (pipeline.sample), and `extra` bytes more do not fit in memory."""
+    shape = "x".join(map(str, sample_shape))
+    check_memory(2 * tensor_bytes(num_images, sample_shape) + extra,
+                 f"sampling {num_images} images of {shape} (their initial noise and the images, kept as float32)", fix)
+
+
 def activation_bytes(model: nn.Module, sample_shape: tuple[int, int, int], batch_size: int, *, timestep: int = 0,
                      class_labels: bool = False) -> int | None:
     """Bytes of the outputs of every leaf module in one forward pass of `batch_size` samples: about what autograd
