@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .capacity import check_sampling_memory
 from .models import Denoiser, as_denoiser, check_denoiser, num_class_embeds
-from .router import Router
+from .router import Router, integer_timestep
 from .samplers import LEARNED_VARIANCES, TIMESTEP_SPACING, make_sampler, visited_timesteps
 from .samplers import SAMPLERS as SAMPLERS  # re-exported: callers import the sampler names from here too
 from .schedule import check_sampling_schedule
@@ -100,6 +101,10 @@ def _class_labels(model: nn.Module, class_labels, num_images: int, guidance_scal
             )
         if not 0 <= null_class < classes:
             raise ValueError(f"null_class must be in 0..{classes - 1}, got {null_class}")
+        if num_classes is not None and null_class < num_classes:
+            raise ValueError(f"null_class {null_class} is also a class of the data (0..{num_classes - 1}): guidance "
+                             "would steer from that class, not from no class; give the id the model was trained with "
+                             "for dropped labels")
     return labels
 
 
@@ -230,8 +235,11 @@ class SamplingModel:
                  with_variance: bool = False) -> torch.Tensor:
         """The model's prediction for the batch x (N, C, H, W), all at training timestep t; float32.
 
-        class_labels: (N,) int64 for a class-conditional model. with_variance: keep a learned variance half.
+        t: an integer (an integral float or one-element tensor is taken); a fractional t is refused with
+        router.FRACTIONAL's reason rather than truncated. class_labels: (N,) int64 for a class-conditional model.
+        with_variance: keep a learned variance half.
         """
+        t = integer_timestep(t)
         index = self.router.route(t, x.shape[0]) if self.router is not None else 0
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         expert = self.experts[index]
@@ -303,6 +311,7 @@ def sample(
     visited = visited_timesteps(steps, num_train)
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
+    check_sampling_memory(num_images, sample_shape)  # noise and images of all of them are kept
     check_sampling_schedule(train_scheduler)
     runner = model if isinstance(model, SamplingModel) else None
     model = runner.model if runner is not None else model
