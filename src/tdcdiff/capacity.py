@@ -14,6 +14,12 @@ import torch
 from torch import nn
 
 FLOAT_BYTES = 4  # float32
+# Stated maxima, for counts fixed before the data's image size (and so their memory) is known:
+MAX_GRID_IMAGES = 10_000  # one sample grid is one PNG to look at; 10,000 cells of >= 64 px are ~7,000 px wide
+MAX_FID_IMAGES = 50_000  # images per FID: FID-50k, the field's usual count (Karras et al. 2019, Dhariwal & Nichol 2021)
+GRID_LIMIT = (f"a stated maximum: a sample grid is one PNG to look at, and {MAX_GRID_IMAGES:,} images in cells of at "
+              "least 64 pixels make it some 7,000 pixels wide")
+FID_LIMIT = f"a stated maximum: {MAX_FID_IMAGES:,} images per seed is FID-50k, the field's usual count"
 # weights, gradients, AdamW's two moments and the EMA copy: what training keeps per parameter
 TRAINING_COPIES = 5
 

@@ -47,13 +47,18 @@ def check_writable(path: Path, option: str, *, directory: bool) -> None:
                          f"no permission); choose another {option}")
 
 
-def check_options(seeds=(), **least: tuple[int | None, int]) -> None:
-    """Refuse counts below their minimum (least={"--num": (value, minimum)}) and seeds out of range."""
+def check_options(seeds=(), most: dict[str, tuple[int | None, int, str]] | None = None,
+                  **least: tuple[int | None, int]) -> None:
+    """Refuse counts below their minimum (least={"--num": (value, minimum)}) or above their maximum
+    (most={"--num": (value, maximum, why that maximum)}), and seeds out of range."""
     from ..settings import check_seed
 
     for option, (value, minimum) in least.items():
         if value is not None and value < minimum:
             raise ValueError(f"{option} must be >= {minimum}, got {value}")
+    for option, (value, maximum, why) in (most or {}).items():
+        if value is not None and value > maximum:
+            raise ValueError(f"{option} must be at most {maximum}, got {value} ({why})")
     for seed in seeds:
         check_seed("--seed", seed)
 

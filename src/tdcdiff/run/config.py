@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ..budget import ORDERINGS, budget_fractions, check_mean_budget
+from ..capacity import FID_LIMIT, GRID_LIMIT, MAX_FID_IMAGES, MAX_GRID_IMAGES
 from ..files import parse_json, read_untrusted
 from ..grouping import STRATEGIES
 from ..pipeline import SAMPLERS
@@ -98,6 +99,10 @@ class RunConfig(Settings):
         if self.search.proposer == "llm":
             get_proposer("llm")  # endpoint and model come from the environment: check them before training
         return [
+            (self.num_samples <= MAX_GRID_IMAGES,
+             f"num_samples must be at most {MAX_GRID_IMAGES}, got {self.num_samples} ({GRID_LIMIT})"),
+            (self.eval_samples <= MAX_FID_IMAGES,
+             f"eval_samples must be at most {MAX_FID_IMAGES}, got {self.eval_samples} ({FID_LIMIT})"),
             (self.groups <= self.num_train_timesteps,
              f"number of groups N={self.groups} exceeds T={self.num_train_timesteps}"),
             (1 <= self.sampling_steps <= self.num_train_timesteps,
