@@ -169,3 +169,61 @@ def test_sampling_more_images_than_memory_holds(tiny_unet, scheduler):
                                          r"images, kept as float32\) needs about [\d.]+ GiB, more than the [\d.]+ GiB "
                                          r"of memory this machine has available now; sample fewer images"):
         sample(tiny_unet, scheduler, sample_shape=(1, 8, 8), steps=2, num_images=10**12, progress=False)
+
+
+# -- tune: repeated values, variants, refusals before writes -------------------------------------------------------
+@pytest.mark.parametrize("changes, message", [
+    ({"widths": (0.5, 0.5)}, "--width 0.5 is given twice: each value is one candidate; give each once"),
+    ({"widths": (0.5, 0.50000001)}, r"--width 0.50000001 and 0.5 are one candidate \(0.5\)"),
+    ({"ks": (0.3, 0.3)}, "--k 0.3 is given twice"),
+    ({"groups": (2, 4, 2)}, "--groups 2 is given twice"),
+    ({"groupings": ("snr", "snr")}, "--grouping snr is given twice"),
+    ({"time_budgets": (0.5, 0.5)}, "--time-budget 0.5 is given twice"),
+    ({"uniform_time_budgets": (0.6, 0.6)}, "--uniform-time-budget 0.6 is given twice"),
+    ({"curve_sizes": (0.5, 0.5, 1.0), "curves": True}, "curve_sizes 0.5 is given twice"),
+    ({"tdc_variants": ({}, {"finetune.mix_fraction": 0.2}, {"finetune.mix_fraction": 0.2})},
+     "--variant finetune.mix_fraction=0.2 is given twice"),
+    ({"tdc_variants": ({}, {"k": 0.2})},
+     r"--variant k=0.2 sets what each TDC candidate takes from the grid \(--k, --groups, --grouping, --depth\)"),
+    ({"depth": True, "tdc_variants": ({}, {"search.depth": True})}, "--variant search.depth=True sets what each TDC"),
+    ({"tdc_variants": ({}, {"base.steps": 5})},
+     "--variant base.steps=5 changes stage 1, which every candidate shares with the base trained once"),
+    ({"fid_samples": 10**8}, r"--fid-samples must be at most 50000, got 100000000 \(a stated maximum"),
+])
+def test_tune_settings_that_would_plan_a_candidate_twice_or_misnamed(changes, message):
+    from tdcdiff.tune import TuneConfig
+
+    with pytest.raises(ValueError, match=message):
+        TuneConfig(**changes).validate()
+
+
+@pytest.fixture(scope="module")
+def trained_base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "run"
+    result = CliRunner().invoke(app, ["train-base", "--out", str(out), "--limit", "40", "--base-steps", "1",
+                                      "--batch-size", "4", "-q"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--finetune-lr", "5"], r"--finetune-lr \(the peak learning rate\) must be in \(0, 1\)"),
+    (["--groups", "5000"], "number of groups N=5000 exceeds T=1000"),
+    (["--variant", "finetune.steps=0"], "finetune.steps must be >= 1, got 0"),
+    (["--width", "0.5", "--width", "0.5"], "--width 0.5 is given twice"),
+])
+def test_tune_from_a_base_refuses_before_copying_it(tmp_path, trained_base, args, message):
+    """--base-from's stage 1 was copied into the tune directory before these refusals."""
+    out = tmp_path / "tune"
+    result = CliRunner().invoke(app, ["tune", "--base-from", str(trained_base), "--out", str(out), "-q", *args])
+    assert result.exit_code == 2 and __import__("re").search(message, result.output), result.output
+    assert not out.exists()
+
+
+def test_tune_refuses_data_before_writing_its_candidate_list(tmp_path):
+    """Stage 1's refusals (data, preset) came after tune.json and candidates.json were written."""
+    out = tmp_path / "tune"
+    result = CliRunner().invoke(app, ["tune", "--out", str(out), "-q", "--image-size", "7"])
+    assert result.exit_code == 2 and "images of size 7 do not fit the UNet preset" in result.output, result.output
+    assert not (out / "tune.json").exists() and not (out / "candidates.json").exists()
+    assert not out.exists() or not any(out.iterdir())
