@@ -300,3 +300,52 @@ def test_zip_member_larger_than_any_decodable_image(tmp_path, monkeypatch):
                r"image Pillow decodes \(at most 2,000 pixels of 4 bytes\)")
     with pytest.raises(DataError, match=message):
         load_dataset(str(tmp_path / "bomb.zip"))
+
+
+def test_empty_spec_is_not_the_current_directory(tmp_path, monkeypatch):
+    Image.new("L", (8, 8)).save(tmp_path / "stray.png")
+    monkeypatch.chdir(tmp_path)  # Path("") is "." : the stray image would have been the data set
+    for spec in ("", "  "):
+        with pytest.raises(DataError, match=r"the data spec is empty; give a data set name \(digits\), a path"):
+            load_dataset(spec)
+
+
+def test_transparent_pixels_are_refused_not_dropped(tmp_path):
+    """Converting drops the alpha: a digit on a transparent background became whatever colour lay under it."""
+    pixels = np.zeros((8, 8, 4), np.uint8)
+    pixels[2:6, 3:5] = 255
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "a.png")
+    with pytest.raises(DataError, match=r"a\.png has transparent pixels, whose colour depends on what they are shown "
+                                        r"over .*; flatten the images onto a background first"):
+        load_dataset(str(tmp_path))
+    pixels[..., 3] = 255  # opaque RGBA (screenshots) loads as RGB
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "a.png")
+    assert load_dataset(str(tmp_path)).images.shape == (1, 3, 8, 8)
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    palette.save(tmp_path / "a.png", transparency=0)  # palette entry 0 transparent
+    with pytest.raises(DataError, match="has transparent pixels"):
+        load_dataset(str(tmp_path))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A camera's JPEG stored 16x8 with 'rotate 90' in its EXIF is the 8x16 image viewers show."""
+    stored = np.zeros((8, 16, 3), np.uint8)
+    stored[:, :8] = 255  # the left half white
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "a.jpg", exif=exif, quality=100)
+    ds = load_dataset(str(tmp_path), channels=1)
+    assert ds.images.shape == (1, 1, 16, 8)
+    assert ds.images[0, 0, :8].mean() > 0.9 and ds.images[0, 0, 8:].mean() < -0.9  # the white half now on top
+
+
+def test_zip_with_a_repeated_entry_name(tmp_path):
+    with zipfile.ZipFile(tmp_path / "dup.zip", "w") as zf, pytest.warns(UserWarning, match="Duplicate name"):
+        for value in (0, 255):
+            buffer = __import__("io").BytesIO()
+            Image.new("L", (4, 4), value).save(buffer, "PNG")
+            zf.writestr("c/a.png", buffer.getvalue())
+    with pytest.raises(DataError, match=r"zip .*dup\.zip holds two entries named c/a\.png; remove one of them"):
+        load_dataset(str(tmp_path / "dup.zip"))

@@ -89,6 +89,12 @@ CLI_CASES = [
      r"error: --num must be at most 10000, got 10001 \(a stated maximum"),
     ("more FID images than the report's stated maximum", ["report", "--num", str(10**8)],
      r"error: --num must be at most 50000, got 100000000 \(a stated maximum: 50,000 images per seed is FID-50k"),
+    ("a seed repeated in the report", ["report", "--seed", "0", "--seed", "0"],
+     r"error: --seed 0 is given twice: each seed is one independent sample of the spread; give each once"),
+    ("empty data spec", ["run", "--data", ""], r"error: the data spec is empty; give a data set name \(digits\)"),
+    ("a latency batch larger than memory", ["run", "--latency-batch", str(10**9)],
+     r"error: timing a batch of 1000000000 samples \(their inputs and outputs alone\) needs about 476.8 GiB, more "
+     r"than the .* of memory this machine has available now; lower --latency-batch"),
     ("sample output not a PNG", ["sample", "--output", "samples.jpg"],
      r"--output samples.jpg: sample grids are written as PNG; give a path ending in .png"),
 ]
@@ -133,6 +139,11 @@ CONFIG_CASES = [
      "plan_fractions and mean_budget both set the budgets; give one of them"),
     ("more FID images in a config file", "eval_samples: 1e8\n", ".yaml",
      r"error: eval_samples must be at most 50000, got 100000000 \(a stated maximum: 50,000 images per seed is FID-50k"),
+    ("more FID seeds in a config file", "eval_seeds: 1e9\n", ".yaml",
+     r"error: eval_seeds must be at most 100, got 1000000000 \(a stated maximum: each seed samples and scores"),
+    ("label dropout without a class-conditional model", "base:\n  label_dropout: 0.1\n", ".yaml",
+     r"error: label dropout \(base.label_dropout 0.1, finetune.label_dropout 0.0\) needs a class-conditional model, "
+     r"and the UNet presets are unconditional; give a class-conditional --base"),
     ("stage precisions differ", "finetune:\n  mixed_precision: bf16\n", ".yaml",
      "base.mixed_precision 'no' and finetune.mixed_precision 'bf16' differ, but accelerate keeps one precision per "
      r"process \(stage 2 would fail after stage 1\); set both to the same value"),

@@ -189,6 +189,7 @@ def test_sampling_more_images_than_memory_holds(tiny_unet, scheduler):
     ({"tdc_variants": ({}, {"base.steps": 5})},
      "--variant base.steps=5 changes stage 1, which every candidate shares with the base trained once"),
     ({"fid_samples": 10**8}, r"--fid-samples must be at most 50000, got 100000000 \(a stated maximum"),
+    ({"fid_seeds": 10**9}, r"--fid-seeds must be at most 100, got 1000000000 \(a stated maximum"),
 ])
 def test_tune_settings_that_would_plan_a_candidate_twice_or_misnamed(changes, message):
     from tdcdiff.tune import TuneConfig
@@ -227,3 +228,39 @@ def test_tune_refuses_data_before_writing_its_candidate_list(tmp_path):
     assert result.exit_code == 2 and "images of size 7 do not fit the UNet preset" in result.output, result.output
     assert not (out / "tune.json").exists() and not (out / "candidates.json").exists()
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_unconditional_given_model_with_label_dropout(tmp_path):
+    """Refused on the meta-built model before any write (it failed in train(), after config.json was written)."""
+    from conftest import tiny_config
+    from tdcdiff.run import Run
+
+    given = model_dir(tmp_path / "plain", [32, 64])
+    config = tiny_config()
+    config.finetune = replace(config.finetune, label_dropout=0.1)
+    with pytest.raises(ValueError, match=r"label dropout \(base.label_dropout 0.0, finetune.label_dropout 0.1\) needs "
+                                         r"a class-conditional model, but --base .*plain is unconditional"):
+        Run(tmp_path / "run", config, progress=False, base=given).train_base()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"steps": 2.5}, r"steps must be an integer, got 2.5"),
+    ({"steps": True}, r"steps must be an integer, got True"),  # was one step
+    ({"num_images": 2.0}, r"num_images must be an integer, got 2.0"),
+    ({"seed": -1}, r"seed must be between 0 and 4294967295"),  # was taken as 2**64 - 1
+    ({"class_labels": 10**20}, r"class labels must be integer class ids in 0..10, got 100000000000000000000"),
+    ({"class_labels": "3"}, r"class labels must be integer class ids in 0..10, got '3'"),
+    ({"guidance_scale": float("nan"), "null_class": 10}, r"guidance_scale must be a finite number \(1: no guidance\), "
+                                                         "got nan"),
+    ({"guidance_scale": 2.0, "null_class": True}, "null_class must be an integer class id, got True"),
+    ({"guidance_scale": 1e30, "null_class": 10}, r"sampling produced NaN/inf pixels \(guidance_scale 1e\+30\); lower "
+                                                 "the guidance scale"),
+])
+def test_sample_arguments_it_cannot_use(tmp_path, scheduler, changes, message):
+    from tdcdiff.pipeline import sample
+
+    arguments = {"sample_shape": (1, 8, 8), "steps": 2, "num_images": 2, "class_labels": 3, "progress": False,
+                 **changes}
+    with pytest.raises(ValueError, match=message):
+        sample(_conditional(tmp_path), scheduler, **arguments)

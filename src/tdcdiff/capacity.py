@@ -17,6 +17,9 @@ FLOAT_BYTES = 4  # float32
 # Stated maxima, for counts fixed before the data's image size (and so their memory) is known:
 MAX_GRID_IMAGES = 10_000  # one sample grid is one PNG to look at; 10,000 cells of >= 64 px are ~7,000 px wide
 MAX_FID_IMAGES = 50_000  # images per FID: FID-50k, the field's usual count (Karras et al. 2019, Dhariwal & Nichol 2021)
+MAX_FID_SEEDS = 100  # seeds of one FID comparison: each samples and scores a full FID set; a spread needs a few
+SEEDS_LIMIT = (f"a stated maximum: each seed samples and scores a whole FID set, and the spread over seeds needs a "
+               f"few; {MAX_FID_SEEDS} is far beyond that")
 GRID_LIMIT = (f"a stated maximum: a sample grid is one PNG to look at, and {MAX_GRID_IMAGES:,} images in cells of at "
               "least 64 pixels make it some 7,000 pixels wide")
 FID_LIMIT = f"a stated maximum: {MAX_FID_IMAGES:,} images per seed is FID-50k, the field's usual count"
@@ -75,13 +78,15 @@ def tensor_bytes(count: int, shape: tuple[int, ...]) -> int:
     return size
 
 
-def check_sampling_memory(num_images: int, sample_shape: tuple[int, ...], extra: int = 0, *,
+def check_sampling_memory(num_images: int, sample_shape: tuple[int, ...], *, what: str = "",
                           fix: str = "sample fewer images (num_images, --num)") -> None:
     """Refuse (ValueError) sampling `num_images` images of `sample_shape` when their initial noise and the images,
-    both kept as float32 for the whole run (pipeline.sample), and `extra` bytes more do not fit in memory."""
+    both kept as float32 for the whole run (pipeline.sample), do not fit in memory. what: the message's subject
+    (default: "sampling N images of CxHxW (...)")."""
     shape = "x".join(map(str, sample_shape))
-    check_memory(2 * tensor_bytes(num_images, sample_shape) + extra,
-                 f"sampling {num_images} images of {shape} (their initial noise and the images, kept as float32)", fix)
+    check_memory(2 * tensor_bytes(num_images, sample_shape),
+                 what or f"sampling {num_images} images of {shape} (their initial noise and the images, kept as "
+                         "float32)", fix)
 
 
 def activation_bytes(model: nn.Module, sample_shape: tuple[int, int, int], batch_size: int, *, timestep: int = 0,

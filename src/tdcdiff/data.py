@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from .capacity import check_memory, tensor_bytes
@@ -84,6 +84,9 @@ def load_dataset(spec: str = "digits", *, size: int | None = None, channels: int
     if isinstance(seed, bool) or not SEED.ok(seed):
         raise DataError(SEED.message("seed", seed, "seed") + " (it picks the limit subset)")
     spec = os.fspath(spec)
+    if not spec.strip():  # Path("") is the current directory: it would be loaded as an image folder
+        raise DataError("the data spec is empty; give a data set name (" + ", ".join(KNOWN_DATASETS) + "), a path "
+                        "(an IDX file, an image folder or a .zip) or hf:<name>[:<split>]")
     opts = dict(size=size, channels=channels, limit=limit, seed=seed, name=spec)
     if spec == "digits":
         from sklearn.datasets import load_digits  # lazy: sklearn is slow to import
@@ -138,6 +141,9 @@ def _load_zip(path: Path, **opts) -> ImageDataset:
         infos = [i for i in sorted(zf.infolist(), key=lambda i: i.filename)
                  if not i.is_dir() and not i.filename.startswith("__MACOSX/") and _is_image(i.filename)]
         names = [i.filename for i in infos]
+        twice = next((a for a, b in zip(names, names[1:]) if a == b), None)
+        if twice is not None:  # unzipping keeps one of them; reading both would train on images no folder holds
+            raise DataError(f"zip {path} holds two entries named {twice}; remove one of them (as unzipping would)")
         parts = [n.split("/") for n in names]
         # A zipped folder usually has that folder as its single top entry; it is the root, not a class.
         if parts and all(len(p) > 1 and p[0] == parts[0][0] for p in parts):
@@ -231,12 +237,26 @@ def _decode(item: Item, size: int | None, channels: int | None) -> np.ndarray:
     try:
         with opener() as img:  # close each file: a 50k-image folder would otherwise exhaust handles
             img.load()  # decode now, so truncated files fail here with their name
+            img = ImageOps.exif_transpose(img)  # as viewers show it: a camera's rotation is in its EXIF tag
+            if _has_transparent_pixels(img):
+                raise DataError(f"{where} has transparent pixels, whose colour depends on what they are shown over "
+                                "(converting drops the alpha and keeps whatever colour lies under it); flatten the "
+                                "images onto a background first, e.g. Image.alpha_composite onto white")
             if img.mode in _WIDE_GRAY_MODES:
                 return _decode_wide(img, size, channels)
             img = img.convert({1: "L", 3: "RGB"}.get(channels) or ("L" if img.mode in _GRAY_MODES else "RGB"))
         return np.asarray(img.resize((size, size), Image.BICUBIC) if size else img)
+    except DataError:
+        raise
     except Exception as e:  # Pillow and zipfile raise many types for bad data; all mean "bad file"
         raise DataError(f"cannot decode image {where}: {e}; remove or replace that file") from e
+
+
+def _has_transparent_pixels(img: Image.Image) -> bool:
+    """Whether an image has an alpha channel (or a transparent palette entry or colour) with a pixel below 255."""
+    if img.mode not in ("RGBA", "LA", "PA") and "transparency" not in img.info:
+        return False
+    return img.convert("RGBA").getchannel("A").getextrema()[0] < 255
 
 
 def _decode_wide(img: Image.Image, size: int | None, channels: int | None) -> np.ndarray:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ..budget import ORDERINGS, budget_fractions, check_mean_budget
-from ..capacity import FID_LIMIT, GRID_LIMIT, MAX_FID_IMAGES, MAX_GRID_IMAGES
+from ..capacity import FID_LIMIT, GRID_LIMIT, MAX_FID_IMAGES, MAX_FID_SEEDS, MAX_GRID_IMAGES, SEEDS_LIMIT
 from ..files import parse_json, read_untrusted
 from ..grouping import STRATEGIES
 from ..pipeline import SAMPLERS
@@ -103,6 +103,12 @@ class RunConfig(Settings):
              f"num_samples must be at most {MAX_GRID_IMAGES}, got {self.num_samples} ({GRID_LIMIT})"),
             (self.eval_samples <= MAX_FID_IMAGES,
              f"eval_samples must be at most {MAX_FID_IMAGES}, got {self.eval_samples} ({FID_LIMIT})"),
+            (self.eval_seeds <= MAX_FID_SEEDS,
+             f"eval_seeds must be at most {MAX_FID_SEEDS}, got {self.eval_seeds} ({SEEDS_LIMIT})"),
+            (self.base_model is not None or not (self.base.label_dropout or self.finetune.label_dropout),
+             f"label dropout (base.label_dropout {self.base.label_dropout}, finetune.label_dropout "
+             f"{self.finetune.label_dropout}) needs a class-conditional model, and the UNet presets are unconditional; "
+             "give a class-conditional --base (e.g. a UNet2DModel with num_class_embeds) or set it to 0"),
             (self.groups <= self.num_train_timesteps,
              f"number of groups N={self.groups} exceeds T={self.num_train_timesteps}"),
             (1 <= self.sampling_steps <= self.num_train_timesteps,

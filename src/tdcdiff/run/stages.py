@@ -25,7 +25,7 @@ from ..budget import (
     plan_from_fractions,
 )
 from ..bundle import save_bundle
-from ..capacity import check_training_memory
+from ..capacity import check_sampling_memory, check_training_memory
 from ..files import atomic_write_text, sha256_file
 from ..flops import count_flops
 from ..grouping import make_groups
@@ -164,6 +164,10 @@ class Stages(RunInputs):
         c = self.config
         if vae is not None:  # latent diffusion: the checks below and every stage see latents
             self._vae, self._data = vae, None
+        if num_class_embeds(model) is None and (c.base.label_dropout or c.finetune.label_dropout):
+            raise ValueError(f"label dropout (base.label_dropout {c.base.label_dropout}, finetune.label_dropout "
+                             f"{c.finetune.label_dropout}) needs a class-conditional model, but --base {c.base_model} "
+                             "is unconditional; set it to 0 or give a class-conditional model")
         data = self.data
         check_fits_data(model, c.base_model, channels=data.channels, image_size=data.image_size, data_name=c.data,
                         num_classes=data.num_classes, null_class=self.null_class(model),
@@ -172,8 +176,11 @@ class Stages(RunInputs):
 
     def _check_training_memory(self, model, what: str) -> None:
         """Refuse a model whose training (stage 1 unless a given model is used as it is; stage 2 on a pruned copy,
-        at most the base's size) does not fit in memory, at the larger batch of the stages that train."""
+        at most the base's size) does not fit in memory, at the larger batch of the stages that train; and a
+        latency batch (timed at the prune stage) whose inputs and outputs alone do not."""
         c = self.config
+        check_sampling_memory(c.latency_batch, self.sample_shape, fix="lower --latency-batch (latency_batch)",
+                              what=f"timing a batch of {c.latency_batch} samples (their inputs and outputs alone)")
         trains_base = not c.base_model or c.base_model_steps
         batch = max(c.finetune.batch_size, c.base.batch_size if trains_base else 0)
         check_training_memory(model, self.sample_shape, batch, what=what,

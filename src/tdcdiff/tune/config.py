@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from ..budget import budget_fractions
-from ..capacity import FID_LIMIT, MAX_FID_IMAGES
+from ..capacity import FID_LIMIT, MAX_FID_IMAGES, MAX_FID_SEEDS, SEEDS_LIMIT
 from ..grouping import STRATEGIES
 from ..run.config import STAGE_OF_SETTING
 from .curves import CURVE_OBJECTIVES
@@ -117,6 +117,8 @@ class TuneConfig:
              + ", ".join(f"{key} ({m.name})" for key, m in SCREENING_MEASURES.items())),
             (self.finalists >= 1, f"--finalists must be >= 1, got {self.finalists}"),
             (self.fid_seeds >= 2, f"--fid-seeds must be >= 2 (the paired rule needs two pairs), got {self.fid_seeds}"),
+            (self.fid_seeds <= MAX_FID_SEEDS,
+             f"--fid-seeds must be at most {MAX_FID_SEEDS}, got {self.fid_seeds} ({SEEDS_LIMIT})"),
             (self.fid_samples >= 2, f"--fid-samples must be >= 2 (FID needs two images), got {self.fid_samples}"),
             (self.fid_samples <= MAX_FID_IMAGES,
              f"--fid-samples must be at most {MAX_FID_IMAGES}, got {self.fid_samples} ({FID_LIMIT})"),
