@@ -9,6 +9,7 @@ bf16 autocast.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from .router import Router, integer_timestep
 from .samplers import LEARNED_VARIANCES, TIMESTEP_SPACING, make_sampler, visited_timesteps
 from .samplers import SAMPLERS as SAMPLERS  # re-exported: callers import the sampler names from here too
 from .schedule import check_sampling_schedule
+from .settings import check_seed
 
 
 @dataclass
@@ -73,7 +75,11 @@ def _class_labels(model: nn.Module, class_labels, num_images: int, guidance_scal
         return None
     if classes is None:
         raise ValueError("class_labels were given but the model has no class embedding; drop them")
-    given = torch.as_tensor(class_labels).flatten()
+    try:
+        given = torch.as_tensor(class_labels).flatten()
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # text, ids beyond int64, ragged lists
+        raise ValueError(f"class labels must be integer class ids in 0..{classes - 1}, got {class_labels!r:.80}") \
+            from None
     if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:  # 2.7 would be class 2
         shown = class_labels if isinstance(class_labels, (int, float)) else given[:3].tolist()
         raise ValueError(f"class labels must be integer class ids, got {str(given.dtype).removeprefix('torch.')} "
@@ -94,6 +100,8 @@ def _class_labels(model: nn.Module, class_labels, num_images: int, guidance_scal
                          f"{null}: no image was labelled with the others), got "
                          f"{labels.min().item()}..{labels.max().item()}")
     if guidance_scale != 1.0:
+        if null_class is not None and not _is_count(null_class):
+            raise ValueError(f"null_class must be an integer class id, got {null_class!r}")
         if null_class is None:
             raise ValueError(
                 "guidance_scale != 1 needs null_class, the class id the model was trained with for dropped labels "
@@ -106,6 +114,40 @@ def _class_labels(model: nn.Module, class_labels, num_images: int, guidance_scal
                              "would steer from that class, not from no class; give the id the model was trained with "
                              "for dropped labels")
     return labels
+
+
+def _is_count(value) -> bool:
+    """Whether value is an integer (a Python or numpy int; never a bool or a float)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_arguments(steps, num_images: int, batch_size: int, seed: int, guidance_scale: float) -> None:
+    """Refuse what sample() cannot use as given (each used to fail deep inside, or to run as something else): a
+    step or image count that is not an integer (True was 1 step; 2.5 a TypeError), a seed outside 0..2**32-1
+    (-1 was taken as 2**64 - 1), a guidance scale that is not a finite number (NaN images written as a grid)."""
+    for name, value in (("steps", steps), ("num_images", num_images), ("batch_size", batch_size)):
+        if not _is_count(value):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if num_images < 1 or batch_size < 1:
+        raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
+    check_seed("seed", seed)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number (1: no guidance), got {guidance_scale!r}")
+
+
+def _finite(images: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """The sampled images, unless some are NaN/inf (written as a grid they would look like black pixels)."""
+    if not torch.isfinite(images).all():
+        raise ValueError(f"sampling produced NaN/inf pixels (guidance_scale {guidance_scale}); lower the guidance "
+                         "scale, or check the model: its outputs at the visited timesteps are not all finite")
+    return images
 
 
 COMPILE_MODES = ("auto", "none", "trace", "inductor")
@@ -308,9 +350,8 @@ def sample(
     from tqdm.auto import tqdm
 
     num_train = train_scheduler.config.num_train_timesteps
+    _check_arguments(steps, num_images, batch_size, seed, guidance_scale)
     visited = visited_timesteps(steps, num_train)
-    if num_images < 1 or batch_size < 1:
-        raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
     check_sampling_memory(num_images, sample_shape)  # noise and images of all of them are kept
     check_sampling_schedule(train_scheduler)
     runner = model if isinstance(model, SamplingModel) else None
@@ -349,8 +390,8 @@ def sample(
             bar.update(1)
         outputs.append(decode(x) if decode is not None else x.clamp(-1, 1).cpu())
     bar.close()
-    return SampleResult(torch.cat(outputs), visited, sampler, steps, seed, TIMESTEP_SPACING, runner.compile,
-                        runner.precision)
+    return SampleResult(_finite(torch.cat(outputs), guidance_scale), visited, sampler, steps, seed, TIMESTEP_SPACING,
+                        runner.compile, runner.precision)
 
 
 class TDCPipeline:
