@@ -349,3 +349,16 @@ def test_zip_with_a_repeated_entry_name(tmp_path):
             zf.writestr("c/a.png", buffer.getvalue())
     with pytest.raises(DataError, match=r"zip .*dup\.zip holds two entries named c/a\.png; remove one of them"):
         load_dataset(str(tmp_path / "dup.zip"))
+
+
+def test_data_path_that_is_not_a_regular_file(tmp_path):
+    """A FIFO named like an IDX file blocked the read forever; a device would never end it."""
+    import os
+
+    os.mkfifo(tmp_path / "f-images-idx3-ubyte")
+    with pytest.raises(DataError, match=r"f-images-idx3-ubyte is neither a folder nor a regular file \(a FIFO would "
+                                        r"block the read, a device never end it\)"):
+        load_dataset(str(tmp_path / "f-images-idx3-ubyte"))
+    images = write_idx(tmp_path / "g-images-idx3-ubyte", np.zeros((2, 3, 3), np.uint8))
+    os.mkfifo(tmp_path / "g-labels-idx1-ubyte")  # a label "file" that is a FIFO is not read: no labels
+    assert load_dataset(str(images)).num_classes is None

@@ -91,6 +91,7 @@ CLI_CASES = [
      r"error: --num must be at most 50000, got 100000000 \(a stated maximum: 50,000 images per seed is FID-50k"),
     ("a seed repeated in the report", ["report", "--seed", "0", "--seed", "0"],
      r"error: --seed 0 is given twice: each seed is one independent sample of the spread; give each once"),
+    ("empty base model", ["run", "--base", ""], r"error: base_model \(--base\) is empty; name a trained model"),
     ("empty data spec", ["run", "--data", ""], r"error: the data spec is empty; give a data set name \(digits\)"),
     ("a latency batch larger than memory", ["run", "--latency-batch", str(10**9)],
      r"error: timing a batch of 1000000000 samples \(their inputs and outputs alone\) needs about 476.8 GiB, more "

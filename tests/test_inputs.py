@@ -86,6 +86,14 @@ def test_given_config_that_is_not_a_regular_file_or_no_model(tmp_path):
         load_base_model(str(bad))
 
 
+def test_given_config_of_too_many_modules_is_stopped_while_it_is_built(tmp_path):
+    """layers_per_block 20000, a few bytes of config.json: minutes of building modules before, now a stated cap."""
+    given = model_dir(tmp_path / "deep", [32, 64], layers_per_block=20000)
+    with pytest.raises(BaseModelError, match=r"deep/config.json describes a model of more than 10,000 modules \(a "
+                                             r"DiT-XL has 763\), a stated maximum; check its layer counts"):
+        load_base_model(str(given))
+
+
 def test_training_that_needs_more_memory_than_the_machine_has(tmp_path):
     """The run's own preset at --image-size 4096: 1 M parameters, but one batch's activations are terabytes."""
     out = tmp_path / "run"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ ALLOWED_MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
 DENOISER_KEYS = ("unet", "transformer")
 FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 MAX_CONFIG_BYTES = 1 << 20  # a diffusers config.json or model_index.json is a few kilobytes
+# A stated maximum for a model built from a config (13x a DiT-XL, 763 modules; a default UNet2DModel has 374): a config
+# of a few bytes (layers_per_block: 20000) would otherwise spend minutes building modules before any check.
+MAX_MODULES = 10_000
 SAVE_HINT = "write the directory with save_pretrained"
 # check(model, vae): called with the denoiser (built on the meta device when it comes from a directory: its
 # weights not read yet) and the pipeline's VAE (None in pixel space); raises to refuse the model.
@@ -81,12 +85,7 @@ def _load_diffusers_model(directory: Path, class_name, allowed: tuple[str, ...] 
         )
     cls = getattr(diffusers, class_name)
     config = _read_json(directory / "config.json")
-    try:
-        with torch.device("meta"):
-            skeleton = cls.from_config(config)
-    except Exception as err:  # noqa: BLE001 - a config's values reach model code, which raises many types
-        raise BaseModelError(f"cannot build {class_name} from {directory / 'config.json'}: "
-                             f"{brief(str(err), 300, quote=False)}; {SAVE_HINT}") from None
+    skeleton = _build_on_meta(cls, config, directory / "config.json")
     params = sum(p.numel() for p in skeleton.parameters())
     check_memory(params * FLOAT_BYTES, f"the weights of {directory} ({params:,} parameters as float32)",
                  "use a smaller model", BaseModelError)
@@ -106,6 +105,38 @@ def _load_diffusers_model(directory: Path, class_name, allowed: tuple[str, ...] 
         raise BaseModelError(f"{directory}'s weights lack {len(missing)} of the tensors its config.json's model has "
                              f"(e.g. {', '.join(missing[:3])}): they were not saved with that config; {SAVE_HINT}")
     return model
+
+
+class _TooManyModules(Exception):
+    pass
+
+
+def _build_on_meta(cls, config: dict, source: Path) -> nn.Module:
+    """`cls` built from `config` on the meta device (no memory for its weights), stopped once it registers more
+    than MAX_MODULES modules. Raises BaseModelError naming `source` for a config no model is built from."""
+    from torch.nn.modules import module
+
+    count, thread = 0, threading.get_ident()
+
+    def counted(parent, name, child):
+        nonlocal count
+        if threading.get_ident() == thread:
+            count += 1
+            if count > MAX_MODULES:
+                raise _TooManyModules
+
+    handle = module.register_module_module_registration_hook(counted)
+    try:
+        with torch.device("meta"):
+            return cls.from_config(config)
+    except _TooManyModules:
+        raise BaseModelError(f"{source} describes a model of more than {MAX_MODULES:,} modules (a DiT-XL has 763), a "
+                             "stated maximum; check its layer counts (e.g. layers_per_block)") from None
+    except Exception as err:  # noqa: BLE001 - a config's values reach model code, which raises many types
+        raise BaseModelError(f"cannot build {cls.__name__} from {source}: {brief(str(err), 300, quote=False)}; "
+                             f"{SAVE_HINT}") from None
+    finally:
+        handle.remove()
 
 
 def _load_pipeline(directory: Path, check: Check | None) -> BaseModel:

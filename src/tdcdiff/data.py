@@ -99,6 +99,9 @@ def load_dataset(spec: str = "digits", *, size: int | None = None, channels: int
     if not path.exists():
         raise DataError(f"{spec!r} is neither a known dataset name ({', '.join(KNOWN_DATASETS)}, or "
                         "hf:<name>[:<split>]) nor an existing path; fix the path or use one of those names")
+    if not path.is_dir() and not path.is_file():
+        raise DataError(f"{path} is neither a folder nor a regular file (a FIFO would block the read, a device never "
+                        "end it); pass a data set's folder, zip or IDX file")
     if path.is_dir():
         entries = [(str(p), p.relative_to(path).parts[:-1], lambda p=p: Image.open(p))
                    for p in sorted(path.rglob("*")) if p.is_file() and _is_image(p.relative_to(path).as_posix())]
@@ -197,7 +200,7 @@ def _load_idx(path: Path, **opts) -> ImageDataset:
         raise DataError(f"IDX file {path} holds images of {x.shape[1]} rows and {x.shape[2]} columns, which have no "
                         "pixels; use a file of images at least 1x1 (re-download it)")
     stem = path.name.removesuffix(".gz").replace("images", "labels").replace("idx3", "idx1")
-    label_path = next((p for p in (path.with_name(stem), path.with_name(stem + ".gz")) if p.exists()), None)
+    label_path = next((p for p in (path.with_name(stem), path.with_name(stem + ".gz")) if p.is_file()), None)
     if label_path is None:
         labels, num_classes = torch.full((len(x),), -1), None
     else:

@@ -118,6 +118,9 @@ class RunConfig(Settings):
              f"base.mixed_precision {self.base.mixed_precision!r} and finetune.mixed_precision "
              f"{self.finetune.mixed_precision!r} differ, but accelerate keeps one precision per process (stage 2 "
              "would fail after stage 1); set both to the same value"),
+            (self.base_model is None or bool(self.base_model.strip()),
+             "base_model (--base) is empty; name a trained model (a diffusers directory, a Hub name or "
+             "module:function), or leave it unset to train stage 1"),
             (self.base_model is not None or self.base_model_steps == 0,
              "base_model_steps continues a given model: set base_model (--base) too, or use base.steps"),
             (self.plan_fractions is None or (len(self.plan_fractions) == self.groups
