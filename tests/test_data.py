@@ -196,6 +196,9 @@ def test_error_idx_label_count_mismatch(tmp_path):
     (dict(channels=2), r"channels=2 is invalid: use 1 \(grayscale\), 3 \(RGB\)"),
     (dict(size=0), r"size=0 is invalid: size must be an integer >= 1"),
     (dict(limit=0), r"limit=0 is invalid: limit must be an integer >= 1"),
+    (dict(size=True), r"size=True is invalid: size must be an integer >= 1"),  # bools are never sizes
+    (dict(channels=True), r"channels=True is invalid: use 1 \(grayscale\), 3 \(RGB\)"),
+    (dict(limit=5, seed=-1), r"seed must be between 0 and 4294967295 \(2\*\*32 - 1\), got -1 \(it picks the limit"),
 ])
 def test_error_bad_options(kwargs, message):
     with pytest.raises(DataError, match=message):
@@ -240,3 +243,122 @@ def test_hf_with_fake_datasets(monkeypatch):
     assert ds.name == "hf:toy:test" and set(ds.labels.tolist()) <= {0, 1}
     load_dataset("hf:toy")
     assert calls[-1] == ("toy", "train")  # the default split
+
+
+# --- what the loaders read: pixel depth, sizes, memory ------------------------------------------------------
+
+
+def test_16_bit_png_keeps_its_values(tmp_path):
+    """A 16-bit grayscale PNG (Pillow mode I;16, values 0..65535) is scaled by its own range, not clipped at 255."""
+    ramp = np.linspace(0, 65535, 64).round().reshape(8, 8)
+    Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "a.png")
+    Image.new("L", (8, 8), 51).save(tmp_path / "b.png")  # an 8-bit image beside it
+    ds = load_dataset(str(tmp_path))
+    assert ds.images.shape == (2, 1, 8, 8)
+    assert torch.allclose(ds.images[0, 0], torch.from_numpy(ramp / 65535 * 2 - 1).float(), atol=1e-6)
+    assert torch.allclose(ds.images[1], torch.full((1, 8, 8), 51 / 127.5 - 1))
+    rgb = load_dataset(str(tmp_path), channels=3, size=4)
+    assert rgb.images.shape == (2, 3, 4, 4) and rgb.images.min() >= -1 and rgb.images.max() <= 1
+    assert torch.equal(rgb.images[:, 0], rgb.images[:, 2]) and abs(rgb.images[0].mean().item()) < 0.05
+
+
+@pytest.mark.parametrize("shape", [(3, 0, 0), (3, 0, 5)])
+def test_idx_images_without_pixels(tmp_path, shape):
+    images = write_idx(tmp_path / "e-images-idx3-ubyte", np.zeros(shape, np.uint8))
+    with pytest.raises(DataError, match=rf"e-images-idx3-ubyte holds images of {shape[1]} rows and {shape[2]} "
+                                        r"columns, which have no pixels; use a file of images at least 1x1"):
+        load_dataset(str(images), size=8)
+
+
+def test_idx_header_claiming_more_than_memory(tmp_path):
+    """Dimensions are multiplied as Python ints (numpy's int64 would wrap) and checked before any data is read."""
+    path = tmp_path / "f-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + np.array([2**32 - 1] * 3, ">u4").tobytes() + bytes(64)))
+    with pytest.raises(DataError, match=r"IDX file .*f-images-idx3-ubyte\.gz \(dimensions \(4294967295, 4294967295, "
+                                        r"4294967295\), .* bytes\) needs about .* GiB, more than the .* of memory this "
+                                        r"machine has available now; use a smaller file"):
+        load_dataset(str(path))
+
+
+def test_data_larger_than_memory_is_refused_before_it_is_built(tmp_path):
+    """The float32 data set's size is checked before any image is resized to it (2**16: tens of TiB)."""
+    with pytest.raises(DataError, match=r"the data set digits \(1797 images of 1x65536x65536 as float32\) needs about "
+                                        r".* GiB, more than the .* of memory this machine has available now; lower "
+                                        r"--image-size or --limit"):
+        load_dataset("digits", size=2**16)
+    make_folder(tmp_path / "imgs")
+    with pytest.raises(DataError, match=r"the data set .*imgs \(4 images of 3x1048576x1048576 as float32\) needs"):
+        load_dataset(str(tmp_path / "imgs"), size=2**20, channels=3)
+
+
+def test_zip_member_larger_than_any_decodable_image(tmp_path, monkeypatch):
+    """A zip member is refused by its declared size, before it is inflated (a zip bomb named .png)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's decompression-bomb limit, lowered
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a/big.png", bytes(2 << 20))
+    message = (r"cannot decode image a/big\.png in zip .*bomb\.zip: it inflates to 2,097,152 bytes, more than any "
+               r"image Pillow decodes \(at most 2,000 pixels of 4 bytes\)")
+    with pytest.raises(DataError, match=message):
+        load_dataset(str(tmp_path / "bomb.zip"))
+
+
+def test_empty_spec_is_not_the_current_directory(tmp_path, monkeypatch):
+    Image.new("L", (8, 8)).save(tmp_path / "stray.png")
+    monkeypatch.chdir(tmp_path)  # Path("") is "." : the stray image would have been the data set
+    for spec in ("", "  "):
+        with pytest.raises(DataError, match=r"the data spec is empty; give a data set name \(digits\), a path"):
+            load_dataset(spec)
+
+
+def test_transparent_pixels_are_refused_not_dropped(tmp_path):
+    """Converting drops the alpha: a digit on a transparent background became whatever colour lay under it."""
+    pixels = np.zeros((8, 8, 4), np.uint8)
+    pixels[2:6, 3:5] = 255
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "a.png")
+    with pytest.raises(DataError, match=r"a\.png has transparent pixels, whose colour depends on what they are shown "
+                                        r"over .*; flatten the images onto a background first"):
+        load_dataset(str(tmp_path))
+    pixels[..., 3] = 255  # opaque RGBA (screenshots) loads as RGB
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "a.png")
+    assert load_dataset(str(tmp_path)).images.shape == (1, 3, 8, 8)
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    palette.save(tmp_path / "a.png", transparency=0)  # palette entry 0 transparent
+    with pytest.raises(DataError, match="has transparent pixels"):
+        load_dataset(str(tmp_path))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A camera's JPEG stored 16x8 with 'rotate 90' in its EXIF is the 8x16 image viewers show."""
+    stored = np.zeros((8, 16, 3), np.uint8)
+    stored[:, :8] = 255  # the left half white
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "a.jpg", exif=exif, quality=100)
+    ds = load_dataset(str(tmp_path), channels=1)
+    assert ds.images.shape == (1, 1, 16, 8)
+    assert ds.images[0, 0, :8].mean() > 0.9 and ds.images[0, 0, 8:].mean() < -0.9  # the white half now on top
+
+
+def test_zip_with_a_repeated_entry_name(tmp_path):
+    with zipfile.ZipFile(tmp_path / "dup.zip", "w") as zf, pytest.warns(UserWarning, match="Duplicate name"):
+        for value in (0, 255):
+            buffer = __import__("io").BytesIO()
+            Image.new("L", (4, 4), value).save(buffer, "PNG")
+            zf.writestr("c/a.png", buffer.getvalue())
+    with pytest.raises(DataError, match=r"zip .*dup\.zip holds two entries named c/a\.png; remove one of them"):
+        load_dataset(str(tmp_path / "dup.zip"))
+
+
+def test_data_path_that_is_not_a_regular_file(tmp_path):
+    """A FIFO named like an IDX file blocked the read forever; a device would never end it."""
+    import os
+
+    os.mkfifo(tmp_path / "f-images-idx3-ubyte")
+    with pytest.raises(DataError, match=r"f-images-idx3-ubyte is neither a folder nor a regular file \(a FIFO would "
+                                        r"block the read, a device never end it\)"):
+        load_dataset(str(tmp_path / "f-images-idx3-ubyte"))
+    images = write_idx(tmp_path / "g-images-idx3-ubyte", np.zeros((2, 3, 3), np.uint8))
+    os.mkfifo(tmp_path / "g-labels-idx1-ubyte")  # a label "file" that is a FIFO is not read: no labels
+    assert load_dataset(str(images)).num_classes is None

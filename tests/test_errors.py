@@ -83,6 +83,19 @@ CLI_CASES = [
     ("negative seed when sampling", ["sample", "--bundle", "/no/such/bundle", "--seed", "-1"], "--seed must be between 0 and"),
     ("sample output is a directory", ["sample", "--bundle", "/no/such/bundle", "--output", "/"], "--output / is a directory, not a file"),
     ("one image in the report", ["report", "--num", "1"], "--num must be >= 2, got 1"),
+    ("more images in a grid than its stated maximum", ["run", "--num", str(10**12)],
+     r"error: --num must be at most 10000, got 1000000000000 \(a stated maximum: a sample grid is one PNG to look at"),
+    ("more grid images when sampling", ["sample", "--bundle", "/no/such/bundle", "--num", "10001"],
+     r"error: --num must be at most 10000, got 10001 \(a stated maximum"),
+    ("more FID images than the report's stated maximum", ["report", "--num", str(10**8)],
+     r"error: --num must be at most 50000, got 100000000 \(a stated maximum: 50,000 images per seed is FID-50k"),
+    ("a seed repeated in the report", ["report", "--seed", "0", "--seed", "0"],
+     r"error: --seed 0 is given twice: each seed is one independent sample of the spread; give each once"),
+    ("empty base model", ["run", "--base", ""], r"error: base_model \(--base\) is empty; name a trained model"),
+    ("empty data spec", ["run", "--data", ""], r"error: the data spec is empty; give a data set name \(digits\)"),
+    ("a latency batch larger than memory", ["run", "--latency-batch", str(10**9)],
+     r"error: timing a batch of 1000000000 samples \(their inputs and outputs alone\) needs about 476.8 GiB, more "
+     r"than the .* of memory this machine has available now; lower --latency-batch"),
     ("sample output not a PNG", ["sample", "--output", "samples.jpg"],
      r"--output samples.jpg: sample grids are written as PNG; give a path ending in .png"),
 ]
@@ -125,6 +138,13 @@ CONFIG_CASES = [
      r"plan_fractions must be one budget fraction in \(0, 1\] per group \(N=2\), got \[0.5\]; give N values"),
     ("plan fractions and a mean budget", "groups: 2\nplan_fractions: [0.5, 1]\nmean_budget: 0.6\n", ".yaml",
      "plan_fractions and mean_budget both set the budgets; give one of them"),
+    ("more FID images in a config file", "eval_samples: 1e8\n", ".yaml",
+     r"error: eval_samples must be at most 50000, got 100000000 \(a stated maximum: 50,000 images per seed is FID-50k"),
+    ("more FID seeds in a config file", "eval_seeds: 1e9\n", ".yaml",
+     r"error: eval_seeds must be at most 100, got 1000000000 \(a stated maximum: each seed samples and scores"),
+    ("label dropout without a class-conditional model", "base:\n  label_dropout: 0.1\n", ".yaml",
+     r"error: label dropout \(base.label_dropout 0.1, finetune.label_dropout 0.0\) needs a class-conditional model, "
+     r"and the UNet presets are unconditional; give a class-conditional --base"),
     ("stage precisions differ", "finetune:\n  mixed_precision: bf16\n", ".yaml",
      "base.mixed_precision 'no' and finetune.mixed_precision 'bf16' differ, but accelerate keeps one precision per "
      r"process \(stage 2 would fail after stage 1\); set both to the same value"),

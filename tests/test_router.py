@@ -45,7 +45,8 @@ def test_router_equals_the_selected_expert(routed):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_routed_sampling_calls_each_expert_only_for_its_timesteps(routed, sampler):
     router, experts, grouping = routed
-    result = sample(router, make_scheduler(1000), sample_shape=(1, 8, 8), sampler=sampler, steps=10, num_images=2, progress=False)
+    result = sample(router, make_scheduler(1000), sample_shape=(1, 8, 8), sampler=sampler, steps=10, num_images=2,
+                    progress=False)
     for expert, group in zip(experts, grouping.groups):
         assert expert.seen, "every group is visited by a 10-step trajectory"
         assert all(group.start <= t < group.end for t in expert.seen)
@@ -63,3 +64,40 @@ def test_router_rejects_a_scheduler_with_other_T(routed):
 def test_one_expert_per_group():
     with pytest.raises(ValueError, match="2 experts for 3 groups"):
         Router([Recording(0), Recording(1)], make_groups("uniform", 3, make_scheduler(1000)))
+
+
+@pytest.mark.parametrize("t, error, message", [
+    (249.5, ValueError, r"timestep 249.5 is not an integer: diffusion timesteps here are the integer training "
+                        r"timesteps 0..T-1 \(a sigma-space loop"),
+    (torch.tensor(12.7), ValueError, "timestep 12.699999809265137 is not an integer"),
+    (True, ValueError, "a timestep must be an integer, got True"),
+    (torch.tensor([3, 4]), ValueError, r"one timestep is expected here \(the whole batch is at one t\), got 2 values"),
+    (1000, IndexError, r"timestep 1000 is outside the router's 0..999"),
+])
+def test_route_takes_integer_timesteps_only(routed, t, error, message):
+    """A fractional t is refused, not truncated: no expert was trained between the integers (see FRACTIONAL)."""
+    router, _, _ = routed
+    with pytest.raises(error, match=message):
+        router.route(t, 1)
+    assert router.samples_routed == [0, 0, 0]
+
+
+def test_route_takes_integral_values_of_any_type(routed):
+    """Groups [0, 333), [333, 667), [667, 1000)."""
+    import numpy as np
+
+    router, _, _ = routed
+    assert [router.route(t, 1) for t in (332, 333.0, torch.tensor(666.0), np.int64(667), torch.tensor([999]))] == \
+        [0, 1, 1, 2, 2]
+
+
+def test_forward_refuses_fractional_and_out_of_range_timesteps(routed):
+    router, experts, _ = routed
+    x = torch.randn(3, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"timesteps \[332.5\] are not integers: diffusion timesteps here are"):
+        router(x, torch.tensor([10.0, 332.5, 700.0]))
+    for t in ([-1, 5, 6], [10, 20, 1000]):
+        with pytest.raises(IndexError, match=r"timesteps -?\d+..\d+ are outside the router's 0..999"):
+            router(x, torch.tensor(t))
+    assert not any(e.seen for e in experts)
+    torch.testing.assert_close(router(x, torch.tensor([10.0, 500.0, 700.0])), router(x, torch.tensor([10, 500, 700])))

@@ -7,14 +7,17 @@ are read as safetensors only (never pickle), and the scheduler comes from its JS
 from __future__ import annotations
 
 import importlib
-import json
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .capacity import FLOAT_BYTES, check_memory
+from .files import brief, parse_json, read_untrusted
 from .models import check_denoiser, num_class_embeds
 from .serialization import architecture_of, check_arguments, register_model_class
 
@@ -22,6 +25,14 @@ from .serialization import architecture_of, check_arguments, register_model_clas
 ALLOWED_MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
 DENOISER_KEYS = ("unet", "transformer")
 FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+MAX_CONFIG_BYTES = 1 << 20  # a diffusers config.json or model_index.json is a few kilobytes
+# A stated maximum for a model built from a config (13x a DiT-XL, 763 modules; a default UNet2DModel has 374): a config
+# of a few bytes (layers_per_block: 20000) would otherwise spend minutes building modules before any check.
+MAX_MODULES = 10_000
+SAVE_HINT = "write the directory with save_pretrained"
+# check(model, vae): called with the denoiser (built on the meta device when it comes from a directory: its
+# weights not read yet) and the pipeline's VAE (None in pixel space); raises to refuse the model.
+Check = Callable[[nn.Module, "nn.Module | None"], None]
 
 
 class BaseModelError(ValueError):
@@ -40,20 +51,28 @@ class BaseModel:
 
 
 def _read_json(path: Path) -> dict:
+    """A diffusers JSON file, read as untrusted input: a regular file of at most MAX_CONFIG_BYTES (a FIFO, a device
+    or a huge file is refused before it is read), holding one JSON object."""
+    real = path.resolve()  # a Hub snapshot's files are symlinks into its blob store
     try:
-        data = json.loads(path.read_text())
+        data = parse_json(read_untrusted(real.parent, real.name, str(path), max_bytes=MAX_CONFIG_BYTES, hint=SAVE_HINT),
+                          path, SAVE_HINT)
     except FileNotFoundError:
-        raise BaseModelError(f"{path} is missing; a diffusers directory needs it (write it with save_pretrained)") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise BaseModelError(f"{path} is not valid JSON ({err})") from None
+        raise BaseModelError(f"{path} is missing; a diffusers directory needs it ({SAVE_HINT})") from None
+    except ValueError as err:
+        raise BaseModelError(str(err).replace(str(real), str(path))) from None
     if not isinstance(data, dict):
-        raise BaseModelError(f"{path} must hold a JSON object")
+        raise BaseModelError(f"{path} must hold a JSON object; {SAVE_HINT}")
     return data
 
 
 def _load_diffusers_model(directory: Path, class_name, allowed: tuple[str, ...] = ALLOWED_MODEL_CLASSES,
-                          alternative: str = " (or pass a module:function returning your nn.Module)") -> nn.Module:
-    """A diffusers model of one of the `allowed` classes, from a save_pretrained directory (safetensors only)."""
+                          alternative: str = " (or pass a module:function returning your nn.Module)",
+                          check: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """A diffusers model of one of the `allowed` classes, from a save_pretrained directory (safetensors only).
+
+    It is first built from its config.json on the meta device (no memory): its weights must fit in memory, and
+    `check` (if given) sees it, before the weights are read."""
     import diffusers
 
     if class_name not in allowed:
@@ -64,24 +83,76 @@ def _load_diffusers_model(directory: Path, class_name, allowed: tuple[str, ...] 
             f"{directory} has no .safetensors weights; tdcdiff never unpickles weights: save the model with "
             "save_pretrained(..., safe_serialization=True)"
         )
+    cls = getattr(diffusers, class_name)
+    config = _read_json(directory / "config.json")
+    skeleton = _build_on_meta(cls, config, directory / "config.json")
+    params = sum(p.numel() for p in skeleton.parameters())
+    check_memory(params * FLOAT_BYTES, f"the weights of {directory} ({params:,} parameters as float32)",
+                 "use a smaller model", BaseModelError)
+    if check is not None:
+        check(skeleton)
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # its warning of missing weights would precede our one line
     try:
-        return getattr(diffusers, class_name).from_pretrained(directory, use_safetensors=True).eval()
+        model = cls.from_pretrained(directory, use_safetensors=True, low_cpu_mem_usage=True).eval()
     except (OSError, ValueError, RuntimeError) as err:
         raise BaseModelError(f"cannot load {class_name} from {directory}: {err}") from None
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
+    # diffusers leaves the tensors a weights file lacks on the meta device (with a warning), or initialises them
+    missing = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise BaseModelError(f"{directory}'s weights lack {len(missing)} of the tensors its config.json's model has "
+                             f"(e.g. {', '.join(missing[:3])}): they were not saved with that config; {SAVE_HINT}")
+    return model
 
 
-def _load_pipeline(directory: Path) -> BaseModel:
+class _TooManyModules(Exception):
+    pass
+
+
+def _build_on_meta(cls, config: dict, source: Path) -> nn.Module:
+    """`cls` built from `config` on the meta device (no memory for its weights), stopped once it registers more
+    than MAX_MODULES modules. Raises BaseModelError naming `source` for a config no model is built from."""
+    from torch.nn.modules import module
+
+    count, thread = 0, threading.get_ident()
+
+    def counted(parent, name, child):
+        nonlocal count
+        if threading.get_ident() == thread:
+            count += 1
+            if count > MAX_MODULES:
+                raise _TooManyModules
+
+    handle = module.register_module_module_registration_hook(counted)
+    try:
+        with torch.device("meta"):
+            return cls.from_config(config)
+    except _TooManyModules:
+        raise BaseModelError(f"{source} describes a model of more than {MAX_MODULES:,} modules (a DiT-XL has 763), a "
+                             "stated maximum; check its layer counts (e.g. layers_per_block)") from None
+    except Exception as err:  # noqa: BLE001 - a config's values reach model code, which raises many types
+        raise BaseModelError(f"cannot build {cls.__name__} from {source}: {brief(str(err), 300, quote=False)}; "
+                             f"{SAVE_HINT}") from None
+    finally:
+        handle.remove()
+
+
+def _load_pipeline(directory: Path, check: Check | None) -> BaseModel:
     index = _read_json(directory / "model_index.json")
     vae = None
     if isinstance(index.get("vae"), list) and index["vae"] and index["vae"][0] is not None:
         vae = _load_vae(directory, index["vae"])
     key = next((k for k in DENOISER_KEYS if isinstance(index.get(k), list) and len(index[k]) == 2), None)
     if key is None:
-        raise BaseModelError(f"{directory / 'model_index.json'} names no denoiser: it needs a 'unet' or 'transformer' entry")
+        raise BaseModelError(f"{directory / 'model_index.json'} names no denoiser: it needs a 'unet' or "
+                             "'transformer' entry")
     library, class_name = index[key]
     if library != "diffusers":
         raise BaseModelError(f"{directory}: the {key} comes from {library!r}; only diffusers model classes are loaded")
-    model = _load_diffusers_model(directory / key, class_name)
+    model = _load_diffusers_model(directory / key, class_name,
+                                  check=None if check is None else lambda skeleton: check(skeleton, vae))
     scheduler = _read_json(directory / "scheduler" / "scheduler_config.json")
     if "num_train_timesteps" not in scheduler:
         raise BaseModelError(f"{directory / 'scheduler' / 'scheduler_config.json'} has no num_train_timesteps")
@@ -140,7 +211,7 @@ def trust_function(spec: str | None) -> None:
     register_model_class(_TRUSTED[spec])
 
 
-def load_base_model(spec: str) -> BaseModel:
+def load_base_model(spec: str, check: Check | None = None) -> BaseModel:
     """Load a trained denoiser.
 
     spec: a diffusers model directory (config.json naming one of ALLOWED_MODEL_CLASSES + safetensors
@@ -149,20 +220,29 @@ def load_base_model(spec: str) -> BaseModel:
         diffusion: BaseModel.vae), `module:function` (called with no arguments, must return an nn.Module; only
         after trust_function(spec) in this process), or a Hugging Face Hub name "org/name" (downloaded, then read
         as a directory).
+    check: called as check(model, vae) before a directory's weights are read, with the model built on the meta
+        device from its config (see Check; e.g. check_fits_data): a model that does not fit costs no memory.
+        A function's model is checked once it returned it.
+    A directory's model (and VAE) whose weights would not fit in memory is refused before they are read.
     Raises BaseModelError naming the problem and the fix.
     """
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "model_index.json").exists():
-            return _load_pipeline(path)
+            return _load_pipeline(path, check)
         config = _read_json(path / "config.json")
-        return BaseModel(_load_diffusers_model(path, config.get("_class_name")), None, str(path))
+        model = _load_diffusers_model(path, config.get("_class_name"),
+                                      check=None if check is None else lambda skeleton: check(skeleton, None))
+        return BaseModel(model, None, str(path))
     if FUNCTION_SPEC.match(spec):
         if spec not in _TRUSTED:
             raise BaseModelError(
                 f"base_model {spec} is code to run, and it was not named in this process (a run directory's "
                 f"config.json is not enough): pass --base {spec} (or Run(..., base=...)) if you trust it")
-        return _CALLED.pop(spec, None) or _call_function(spec)
+        loaded = _CALLED.pop(spec, None) or _call_function(spec)
+        if check is not None:
+            check(loaded.model, None)
+        return loaded
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not path.exists():
         from huggingface_hub import snapshot_download
 
@@ -170,7 +250,7 @@ def load_base_model(spec: str) -> BaseModel:
             local = snapshot_download(spec, allow_patterns=["*.json", "*.safetensors"])
         except Exception as err:  # network, auth and missing-repo errors all mean: not loadable from the Hub
             raise BaseModelError(f"--base {spec}: not a local directory, and the Hub download failed ({err})") from None
-        return load_base_model(local)
+        return load_base_model(local, check)
     raise BaseModelError(
         f"--base {spec!r} is neither a diffusers model or pipeline directory, a module:function, nor a Hub name "
         "(org/name); fix the path"
@@ -246,14 +326,22 @@ def check_fits_data(model: nn.Module, source: str, *, channels: int, image_size:
         return
     if not num_classes:
         raise BaseModelError(f"--base {source} is class-conditional ({classes} class ids) but the data {data_name!r} "
-                             "has no labels; use labelled data (class subfolders, IDX labels) or an unconditional model")
-    usable = classes - (null_class == classes - 1)
-    if num_classes > usable:
+                             "has no labels; use labelled data (class subfolders, IDX labels) or an unconditional "
+                             "model")
+    if null_class is not None and not 0 <= null_class < classes:
+        raise BaseModelError(f"null_class {null_class} is not one of the {classes} class ids --base {source} embeds "
+                             f"(0..{classes - 1}); leave it unset for the last, {classes - 1}")
+    if num_classes > classes - (null_class is not None):
         raise BaseModelError(
             f"the data {data_name!r} has {num_classes} classes but --base {source} embeds {classes} class ids"
             + (f" (id {null_class} is the null class)" if null_class is not None else "")
             + "; use data with fewer classes (or a model with more)"
         )
+    if null_class is not None and null_class < num_classes:
+        raise BaseModelError(
+            f"null_class {null_class} is also class {null_class} of the data {data_name!r} (its classes are "
+            f"0..{num_classes - 1}): dropped labels would be read as that class; set null_class (base.null_class, "
+            f"finetune.null_class) to an id no image has, e.g. {classes - 1} (the last, used when it is unset)")
 
 
 def scheduler_from_config(config: dict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -12,14 +13,21 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+
+from .capacity import check_memory, tensor_bytes
+from .settings import SEED
 
 __all__ = ["DataError", "ImageDataset", "load_dataset", "KNOWN_DATASETS", "IMAGE_EXTENSIONS"]
 
 KNOWN_DATASETS = ("digits",)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+_GRAY_MODES = {"1", "L", "LA", "F"}
+# 16-bit grayscale (PNG): Pillow reads it as integers 0..65535, which an 8-bit conversion would clip to white
+_WIDE_GRAY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+_WIDE_MAX = 65535
+FIX_SIZE = "lower --image-size or --limit (image_size, limit)"
 _LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601, as Pillow's "L"
 
 # (where, label index or -1, opener): images are only decoded once chosen, so `limit` stays cheap.
@@ -68,12 +76,17 @@ def load_dataset(spec: str = "digits", *, size: int | None = None, channels: int
     limit: keep at most this many images, a subset chosen by `seed` before decoding.
     seed: seed for the `limit` subset, so the same arguments give the same images.
     """
-    for opt, value in (("size", size), ("limit", limit)):
-        if value is not None and (not isinstance(value, int) or value < 1):
+    for opt, value in (("size", size), ("limit", limit)):  # bools are ints to Python, never a size here
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise DataError(f"{opt}={value!r} is invalid: {opt} must be an integer >= 1 (or None)")
-    if channels not in (None, 1, 3):
+    if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
         raise DataError(f"channels={channels!r} is invalid: use 1 (grayscale), 3 (RGB) or None (keep)")
+    if isinstance(seed, bool) or not SEED.ok(seed):
+        raise DataError(SEED.message("seed", seed, "seed") + " (it picks the limit subset)")
     spec = os.fspath(spec)
+    if not spec.strip():  # Path("") is the current directory: it would be loaded as an image folder
+        raise DataError("the data spec is empty; give a data set name (" + ", ".join(KNOWN_DATASETS) + "), a path "
+                        "(an IDX file, an image folder or a .zip) or hf:<name>[:<split>]")
     opts = dict(size=size, channels=channels, limit=limit, seed=seed, name=spec)
     if spec == "digits":
         from sklearn.datasets import load_digits  # lazy: sklearn is slow to import
@@ -86,6 +99,9 @@ def load_dataset(spec: str = "digits", *, size: int | None = None, channels: int
     if not path.exists():
         raise DataError(f"{spec!r} is neither a known dataset name ({', '.join(KNOWN_DATASETS)}, or "
                         "hf:<name>[:<split>]) nor an existing path; fix the path or use one of those names")
+    if not path.is_dir() and not path.is_file():
+        raise DataError(f"{path} is neither a folder nor a regular file (a FIFO would block the read, a device never "
+                        "end it); pass a data set's folder, zip or IDX file")
     if path.is_dir():
         entries = [(str(p), p.relative_to(path).parts[:-1], lambda p=p: Image.open(p))
                    for p in sorted(path.rglob("*")) if p.is_file() and _is_image(p.relative_to(path).as_posix())]
@@ -125,45 +141,66 @@ def _load_zip(path: Path, **opts) -> ImageDataset:
     except (zipfile.BadZipFile, OSError) as e:
         raise DataError(f"cannot open zip {path}: {e}; check that it is a complete .zip file") from e
     with zf:
-        names = [n for n in sorted(zf.namelist())
-                 if not n.endswith("/") and not n.startswith("__MACOSX/") and _is_image(n)]
+        infos = [i for i in sorted(zf.infolist(), key=lambda i: i.filename)
+                 if not i.is_dir() and not i.filename.startswith("__MACOSX/") and _is_image(i.filename)]
+        names = [i.filename for i in infos]
+        twice = next((a for a, b in zip(names, names[1:]) if a == b), None)
+        if twice is not None:  # unzipping keeps one of them; reading both would train on images no folder holds
+            raise DataError(f"zip {path} holds two entries named {twice}; remove one of them (as unzipping would)")
         parts = [n.split("/") for n in names]
         # A zipped folder usually has that folder as its single top entry; it is the root, not a class.
         if parts and all(len(p) > 1 and p[0] == parts[0][0] for p in parts):
             parts = [p[1:] for p in parts]
-        entries = [(f"{n} in zip {path}", tuple(p[:-1]), lambda n=n: Image.open(io.BytesIO(zf.read(n))))
-                   for n, p in zip(names, parts)]
+        entries = [(f"{i.filename} in zip {path}", tuple(p[:-1]),
+                    lambda i=i: Image.open(io.BytesIO(_read_member(zf, i)))) for i, p in zip(infos, parts)]
         return _from_files(*_classify(entries), source=f"zip {path}", **opts)
 
 
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """A zip member's bytes, refused before they are inflated when larger than any image Pillow decodes: it refuses
+    images over 2 x Image.MAX_IMAGE_PIXELS pixels (decompression bombs), and no file of one is larger than that many
+    pixels at 4 bytes each (uncompressed 32-bit BMP), plus headers."""
+    if Image.MAX_IMAGE_PIXELS is not None and info.file_size > 8 * Image.MAX_IMAGE_PIXELS + (1 << 20):
+        raise ValueError(f"it inflates to {info.file_size:,} bytes, more than any image Pillow decodes (at most "
+                         f"{2 * Image.MAX_IMAGE_PIXELS:,} pixels of 4 bytes)")
+    return zf.read(info)
+
+
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Read an unsigned-byte IDX array with `ndim` dimensions (magic 0x000008<ndim>)."""
+    """Read an unsigned-byte IDX array with `ndim` dimensions (magic 0x000008<ndim>): the header first, then only
+    the bytes its dimensions need (a gzip stream is never inflated past them), once they fit in memory."""
     try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path) as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
+        with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
+            magic = f.read(4)
+            if magic != bytes([0, 0, 8, ndim]):
+                raise DataError(f"{path} has bad magic number 0x{magic.hex()} (expected 0x000008{ndim:02x} for an "
+                                f"idx{ndim}-ubyte file); check that it is an uncorrupted MNIST-style IDX file")
+            header = f.read(4 * ndim)
+            dims = tuple(int(d) for d in np.frombuffer(header, ">u4")) if len(header) == 4 * ndim else ()
+            need = math.prod(dims) if dims else 0  # Python ints: a forged header cannot overflow the count
+            if dims:
+                check_memory(need, f"IDX file {path} (dimensions {dims}, {need:,} bytes)",
+                             "use a smaller file, or one whose header is not damaged", DataError)
+            raw, got = bytearray(need), 0  # writable: torch takes the array without a copy or a warning
+            while got < need and (count := f.readinto(memoryview(raw)[got:])):
+                got += count
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"cannot read IDX file {path}: {e}; re-download it") from e
-    if raw[:4] != bytes([0, 0, 8, ndim]):
-        raise DataError(f"{path} has bad magic number 0x{raw[:4].hex()} (expected 0x000008{ndim:02x} for "
-                        f"an idx{ndim}-ubyte file); check that it is an uncorrupted MNIST-style IDX file")
-    header = 4 + 4 * ndim
-    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], ">u4")) if len(raw) >= header else ()
-    need = int(np.prod(dims)) if dims else 0
-    if not dims or len(raw) - header < need:
+    if not dims or got < need:
         raise DataError(f"IDX file {path} is truncated: header dims {dims} need {need} data bytes but "
-                        f"{max(len(raw) - header, 0)} are present; re-download it")
-    return np.frombuffer(raw, np.uint8, need, offset=header).reshape(dims)
+                        f"{got if dims else 0} are present; re-download it")
+    return np.frombuffer(raw, np.uint8).reshape(dims)
 
 
 def _load_idx(path: Path, **opts) -> ImageDataset:
     x = _read_idx(path, 3)
     if len(x) == 0:
         raise DataError(f"IDX file {path} holds no images; use a file with at least one image")
+    if 0 in x.shape[1:]:
+        raise DataError(f"IDX file {path} holds images of {x.shape[1]} rows and {x.shape[2]} columns, which have no "
+                        "pixels; use a file of images at least 1x1 (re-download it)")
     stem = path.name.removesuffix(".gz").replace("images", "labels").replace("idx3", "idx1")
-    label_path = next((p for p in (path.with_name(stem), path.with_name(stem + ".gz")) if p.exists()), None)
+    label_path = next((p for p in (path.with_name(stem), path.with_name(stem + ".gz")) if p.is_file()), None)
     if label_path is None:
         labels, num_classes = torch.full((len(x),), -1), None
     else:
@@ -172,8 +209,7 @@ def _load_idx(path: Path, **opts) -> ImageDataset:
             raise DataError(f"{label_path} has {len(y)} labels but {path} has {len(x)} images; "
                             "use the label file that belongs to these images")
         labels, num_classes = torch.from_numpy(y.astype(np.int64)), int(y.max()) + 1
-    images = torch.from_numpy(x.copy())[:, None].float() / 127.5 - 1
-    return _from_tensor(images, labels, num_classes=num_classes, **opts)
+    return _from_tensor(torch.from_numpy(x)[:, None], labels, num_classes=num_classes, **opts)  # uint8 until subset
 
 
 def _load_hf(ref: str, **opts) -> ImageDataset:
@@ -198,48 +234,94 @@ def _load_hf(ref: str, **opts) -> ImageDataset:
     return _from_files(items, classes, source=f"hf:{ref}", **opts)
 
 
-def _decode(item: Item, size: int | None, channels: int | None) -> Image.Image:
+def _decode(item: Item, size: int | None, channels: int | None) -> np.ndarray:
+    """Item `item` as an (H, W) or (H, W, 3) array of values in [0, 255]: uint8, or float32 for 16-bit images."""
     where, _, opener = item
     try:
         with opener() as img:  # close each file: a 50k-image folder would otherwise exhaust handles
             img.load()  # decode now, so truncated files fail here with their name
+            img = ImageOps.exif_transpose(img)  # as viewers show it: a camera's rotation is in its EXIF tag
+            if _has_transparent_pixels(img):
+                raise DataError(f"{where} has transparent pixels, whose colour depends on what they are shown over "
+                                "(converting drops the alpha and keeps whatever colour lies under it); flatten the "
+                                "images onto a background first, e.g. Image.alpha_composite onto white")
+            if img.mode in _WIDE_GRAY_MODES:
+                return _decode_wide(img, size, channels)
             img = img.convert({1: "L", 3: "RGB"}.get(channels) or ("L" if img.mode in _GRAY_MODES else "RGB"))
-        return img.resize((size, size), Image.BICUBIC) if size else img
+        return np.asarray(img.resize((size, size), Image.BICUBIC) if size else img)
+    except DataError:
+        raise
     except Exception as e:  # Pillow and zipfile raise many types for bad data; all mean "bad file"
         raise DataError(f"cannot decode image {where}: {e}; remove or replace that file") from e
 
 
+def _has_transparent_pixels(img: Image.Image) -> bool:
+    """Whether an image has an alpha channel (or a transparent palette entry or colour) with a pixel below 255."""
+    if img.mode not in ("RGBA", "LA", "PA") and "transparency" not in img.info:
+        return False
+    return img.convert("RGBA").getchannel("A").getextrema()[0] < 255
+
+
+def _decode_wide(img: Image.Image, size: int | None, channels: int | None) -> np.ndarray:
+    """A 16-bit grayscale image (values 0..65535) as float32 in [0, 255], keeping its precision."""
+    img = img.convert("F")
+    if size:
+        img = img.resize((size, size), Image.BICUBIC)
+    values = np.clip(np.asarray(img, dtype=np.float32), 0, _WIDE_MAX) * (255 / _WIDE_MAX)  # bicubic overshoots
+    return np.repeat(values[..., None], 3, -1) if channels == 3 else values
+
+
+def _check_fits(count: int, shape: tuple[int, ...], name: str, extra: int = 0) -> None:
+    """Refuse a data set of `count` float32 images of `shape` (C, H, W) that, with `extra` bytes more while it is
+    built, does not fit in memory."""
+    check_memory(tensor_bytes(count, shape) + extra,
+                 f"the data set {name} ({count} images of {'x'.join(map(str, shape))} as float32)", FIX_SIZE, DataError)
+
+
 def _from_files(items: list[Item], classes: list[str], *, source: str, size, channels, limit, seed,
                 name) -> ImageDataset:
-    """Decode the seeded `limit` subset of `items` into an ImageDataset."""
+    """Decode the seeded `limit` subset of `items` into an ImageDataset, once the first image shows that all of
+    them fit in memory as float32."""
     if not items:
         raise DataError(f"no images found in {source} (searched recursively for "
                         f"{', '.join(IMAGE_EXTENSIONS)}); add image files, optionally one subfolder per class")
     items = [items[i] for i in _subset(len(items), limit, seed)]
-    arrays, first = [], None
+    if size:  # before the first image is resized to it
+        _check_fits(len(items), (channels or 1, size, size), name)
+    arrays = []
     for item in items:
-        img = _decode(item, size, channels)
-        if first is None:
-            first = (item[0], img.size)
-        elif img.size != first[1]:
-            (w0, h0), (w1, h1) = first[1], img.size
+        array = _decode(item, size, channels)
+        if not arrays:
+            first = (item[0], array)
+            shape = (array.shape[2] if array.ndim == 3 else 1, *array.shape[:2])
+            _check_fits(len(items), shape, name, extra=len(items) * array.nbytes)  # and the decoded pixels
+        elif array.shape[:2] != first[1].shape[:2]:
+            (h0, w0), (h1, w1) = first[1].shape[:2], array.shape[:2]
             raise DataError(f"images differ in size: {first[0]} is {w0}x{h0} but {item[0]} is {w1}x{h1}; "
                             "pass size=... (--image-size) to resize all of them to one square size")
-        arrays.append(np.asarray(img))
-    if any(a.ndim == 3 for a in arrays):  # gray and colour mixed (channels=None): promote gray to RGB
-        arrays = [np.repeat(a[..., None], 3, -1) if a.ndim == 2 else a for a in arrays]
-    x = torch.from_numpy(np.stack(arrays))
-    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        arrays.append(array)
+    colour = any(a.ndim == 3 for a in arrays)  # gray and colour mixed (channels=None): promote gray to RGB
+    x = torch.empty((len(arrays), 3 if colour else 1, *arrays[0].shape[:2]))
+    for i, array in enumerate(arrays):  # one image at a time: the float tensor and the pixels, not two tensors
+        pixels = torch.from_numpy(np.asarray(array, dtype=np.float32))
+        x[i] = pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels
+        arrays[i] = None
     labels = torch.tensor([lab for _, lab, _ in items], dtype=torch.int64)
-    return ImageDataset(x.float() / 127.5 - 1, labels, name=name, num_classes=len(classes) or None,
+    return ImageDataset(x.div_(127.5).sub_(1), labels, name=name, num_classes=len(classes) or None,
                         classes=classes or None)
 
 
 def _from_tensor(x: torch.Tensor, labels: torch.Tensor, *, num_classes: int | None, size, channels,
                  limit, seed, name) -> ImageDataset:
-    """Subset, convert channels of and resize an NCHW tensor in [-1, 1]."""
+    """Subset, convert channels of and resize an NCHW tensor: uint8 pixels 0..255, or float in [-1, 1]. The
+    subset is taken first and converted only once the result fits in memory as float32."""
     keep = torch.from_numpy(_subset(len(x), limit, seed))
     x, labels = x[keep], labels[keep]
+    out_channels = channels or x.shape[1]
+    out_size = (size, size) if size else tuple(x.shape[-2:])
+    _check_fits(len(x), (out_channels, *out_size), name, extra=tensor_bytes(len(x), x.shape[1:]) if size else 0)
+    if x.dtype == torch.uint8:
+        x = x.float().div_(127.5).sub_(1)
     if channels == 3 and x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
     elif channels == 1 and x.shape[1] == 3:
@@ -247,5 +329,5 @@ def _from_tensor(x: torch.Tensor, labels: torch.Tensor, *, num_classes: int | No
     if size and (size, size) != tuple(x.shape[-2:]):
         # Antialias only when shrinking, where skipping it would alias; growing is plain bilinear.
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=size < min(x.shape[-2:])).clamp(-1, 1)
+                          antialias=size < min(x.shape[-2:])).clamp_(-1, 1)
     return ImageDataset(x, labels, name=name, num_classes=num_classes)

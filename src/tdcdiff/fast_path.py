@@ -11,7 +11,7 @@ from torch import nn
 
 from .feature_cache import DeepCacheUNet, FeatureCache, FullPass, ShallowPass
 from .models import Denoiser, as_denoiser, network
-from .router import Router
+from .router import Router, integer_timestep
 
 COMPILE_MODES = ("auto", "none", "trace", "inductor")
 PRECISIONS = ("fp32", "bf16")
@@ -174,10 +174,13 @@ class SamplingModel:
                  with_variance: bool = False, cache: FeatureCache | None = None) -> torch.Tensor:
         """The model's prediction for the batch x (N, C, H, W), all at training timestep t; float32.
 
-        class_labels: (N,) int64 for a class-conditional model. with_variance: keep a learned variance half.
-        cache: a trajectory's feature cache (its depth prepared with `prepare_cache`): the step runs a full pass
-            and stores its deep features, or the shallow branch on the stored ones (FeatureCache says which).
+        t: an integer (an integral float or one-element tensor is taken); a fractional t is refused with
+        router.FRACTIONAL's reason rather than truncated. class_labels: (N,) int64 for a class-conditional model.
+        with_variance: keep a learned variance half. cache: a trajectory's feature cache (its depth prepared with
+            `prepare_cache`): the step runs a full pass and stores its deep features, or the shallow branch on the
+            stored ones (FeatureCache says which).
         """
+        t = integer_timestep(t)
         index = self.router.route(t, x.shape[0]) if self.router is not None else 0
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         labels = () if class_labels is None else (class_labels,)

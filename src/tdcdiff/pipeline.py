@@ -9,6 +9,7 @@ bf16 autocast, and with feature caching (feature_cache.py, DeepCache) its two pa
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .capacity import check_sampling_memory
 from .fast_path import SamplingModel
 from .feature_cache import FeatureCache
 from .latency import device_of
@@ -34,6 +36,7 @@ from .samplers import (
 )
 from .samplers import SAMPLERS as SAMPLERS  # re-exported: callers import the sampler names from here too
 from .schedule import check_sampling_schedule
+from .settings import check_seed
 
 
 @dataclass
@@ -92,7 +95,11 @@ def _class_labels(model: nn.Module, class_labels, num_images: int, guidance_scal
         return None
     if classes is None:
         raise ValueError("class_labels were given but the model has no class embedding; drop them")
-    given = torch.as_tensor(class_labels).flatten()
+    try:
+        given = torch.as_tensor(class_labels).flatten()
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # text, ids beyond int64, ragged lists
+        raise ValueError(f"class labels must be integer class ids in 0..{classes - 1}, got {class_labels!r:.80}") \
+            from None
     if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:  # 2.7 would be class 2
         shown = class_labels if isinstance(class_labels, (int, float)) else given[:3].tolist()
         raise ValueError(f"class labels must be integer class ids, got {str(given.dtype).removeprefix('torch.')} "
@@ -113,6 +120,8 @@ def _class_labels(model: nn.Module, class_labels, num_images: int, guidance_scal
                          f"{null}: no image was labelled with the others), got "
                          f"{labels.min().item()}..{labels.max().item()}")
     if guidance_scale != 1.0:
+        if null_class is not None and not _is_count(null_class):
+            raise ValueError(f"null_class must be an integer class id, got {null_class!r}")
         if null_class is None:
             raise ValueError(
                 "guidance_scale != 1 needs null_class, the class id the model was trained with for dropped labels "
@@ -120,6 +129,10 @@ def _class_labels(model: nn.Module, class_labels, num_images: int, guidance_scal
             )
         if not 0 <= null_class < classes:
             raise ValueError(f"null_class must be in 0..{classes - 1}, got {null_class}")
+        if num_classes is not None and null_class < num_classes:
+            raise ValueError(f"null_class {null_class} is also a class of the data (0..{num_classes - 1}): guidance "
+                             "would steer from that class, not from no class; give the id the model was trained with "
+                             "for dropped labels")
     return labels
 
 
@@ -152,6 +165,40 @@ def _trajectory(runner: SamplingModel, scheduler, x: torch.Tensor, visited: list
         x = scheduler.step(out, t, x, **stochastic).prev_sample
         bar.update(1)
     return x, scheduler
+
+
+def _is_count(value) -> bool:
+    """Whether value is an integer (a Python or numpy int; never a bool or a float)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_arguments(steps, num_images: int, batch_size: int, seed: int, guidance_scale: float) -> None:
+    """Refuse what sample() cannot use as given (each used to fail deep inside, or to run as something else): a
+    step or image count that is not an integer (True was 1 step; 2.5 a TypeError), a seed outside 0..2**32-1
+    (-1 was taken as 2**64 - 1), a guidance scale that is not a finite number (NaN images written as a grid)."""
+    for name, value in (("steps", steps), ("num_images", num_images), ("batch_size", batch_size)):
+        if not _is_count(value):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if num_images < 1 or batch_size < 1:
+        raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
+    check_seed("seed", seed)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number (1: no guidance), got {guidance_scale!r}")
+
+
+def _finite(images: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """The sampled images, unless some are NaN/inf (written as a grid they would look like black pixels)."""
+    if not torch.isfinite(images).all():
+        raise ValueError(f"sampling produced NaN/inf pixels (guidance_scale {guidance_scale}); lower the guidance "
+                         "scale, or check the model: its outputs at the visited timesteps are not all finite")
+    return images
 
 
 def _check_sample_size(model: nn.Module, sample_shape: tuple[int, int, int]) -> None:
@@ -216,9 +263,9 @@ def sample(
         the images are then decoded, and the latents are not clamped.
     """
     sampler_kind(sampler)
+    _check_arguments(steps, num_images, batch_size, seed, guidance_scale)
     visited = visited_timesteps(steps, train_scheduler.config.num_train_timesteps)
-    if num_images < 1 or batch_size < 1:
-        raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
+    check_sampling_memory(num_images, sample_shape)  # noise and images of all of them are kept
     depth = check_cache_settings(cache_interval, cache_depth)
     check_sampling_schedule(train_scheduler)
     runner = model if isinstance(model, SamplingModel) else None
@@ -244,8 +291,9 @@ def sample(
                                    cache=cache, bar=bar, guidance_scale=guidance_scale, null_class=null_class)
         outputs.append(decode(x) if decode is not None else x.clamp(-1, 1).cpu())
     bar.close()
-    return SampleResult(torch.cat(outputs), visited, sampler, steps, seed, TIMESTEP_SPACING, runner.compile,
-                        runner.precision, cache_interval, depth, cache.shallow_steps if cache is not None else [])
+    return SampleResult(_finite(torch.cat(outputs), guidance_scale), visited, sampler, steps, seed, TIMESTEP_SPACING,
+                        runner.compile, runner.precision, cache_interval, depth,
+                        cache.shallow_steps if cache is not None else [])
 
 
 class TDCPipeline:

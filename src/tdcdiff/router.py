@@ -8,6 +8,31 @@ from torch import nn
 from .grouping import Grouping
 from .models import as_denoiser
 
+# Why a fractional timestep is refused rather than mapped: every expert is trained on the integer timesteps of
+# its group only, so a t between two groups' edges (249.5 with groups [0, 250) and [250, 1000)) belongs to no
+# group's training range, and rounding or truncating it would evaluate the model at another noise level than the
+# loop asked for. No map is exact; the loop is told instead.
+FRACTIONAL = ("diffusion timesteps here are the integer training timesteps 0..T-1 (a sigma-space loop such as "
+              "Euler with Karras sigmas gives fractional ones, between the integers the models were trained at); "
+              "sample with integer timesteps: tdcdiff's samplers (ddpm, ddim, dpm-solver++) or your loop's rounded")
+
+
+def integer_timestep(t) -> int:
+    """t as a Python int: an int, an integral float (12.0) or a one-element tensor or numpy value holding one.
+
+    Raises ValueError for a fractional t (see FRACTIONAL), a bool, a tensor of more than one element, or anything
+    that is not a number."""
+    if hasattr(t, "numel") or (hasattr(t, "size") and hasattr(t, "item")):  # a tensor, a numpy array or scalar
+        count = t.numel() if hasattr(t, "numel") else t.size
+        if count != 1:
+            raise ValueError(f"one timestep is expected here (the whole batch is at one t), got {count} values")
+        t = t.item()
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise ValueError(f"a timestep must be an integer, got {t!r}")
+    if isinstance(t, float) and not t.is_integer():
+        raise ValueError(f"timestep {t} is not an integer: {FRACTIONAL}")
+    return int(t)
+
 
 class Router(nn.Module):
     """Calls, for each (x, t), the expert of the group that holds t.
@@ -37,7 +62,9 @@ class Router(nn.Module):
     def route(self, t: int, count: int) -> int:
         """The group (= expert index) holding training timestep t, counting `count` samples sent to it.
 
-        Raises IndexError for t outside 0..T-1."""
+        t: an integer (or an integral float or one-element tensor, see integer_timestep). Raises ValueError for a
+        fractional t and IndexError for t outside 0..T-1."""
+        t = integer_timestep(t)
         if not 0 <= t < len(self._group_at):
             raise IndexError(f"timestep {t} is outside the router's 0..{len(self._group_at) - 1}")
         group = self._group_at[t]
@@ -54,11 +81,19 @@ class Router(nn.Module):
                 with_variance: bool = False) -> torch.Tensor:
         """The experts' outputs for (x, t), each sample from the expert of its t's group.
 
+        t: (N,) or a scalar tensor of training timesteps, integers in 0..T-1 (integral floats are taken).
         class_labels: (N,) class ids, passed to the experts of a class-conditional model.
         with_variance: return a learned-variance expert's full 2C-channel output (see models.Denoiser).
+        Raises ValueError for a fractional t and IndexError for t outside 0..T-1 (each would be sent to an expert
+        that was not trained at it).
         """
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        if t.is_floating_point() and not bool((t == t.round()).all()):
+            raise ValueError(f"timesteps {t[t != t.round()][:3].tolist()} are not integers: {FRACTIONAL}")
+        if t.numel() and not (0 <= int(t.min()) and int(t.max()) < len(self._group_at)):
+            raise IndexError(f"timesteps {int(t.min())}..{int(t.max())} are outside the router's "
+                             f"0..{len(self._group_at) - 1}")
         groups = self.group_of(t)
         first = int(groups[0])
         if bool((groups == first).all()):  # the sampling loop's case: one t for the whole batch

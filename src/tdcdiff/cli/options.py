@@ -49,15 +49,23 @@ def check_writable(path: Path, option: str, *, directory: bool) -> None:
                          f"no permission); choose another {option}")
 
 
-def check_options(seeds=(), **least: tuple[int | None, int]) -> None:
-    """Refuse counts below their minimum (least={"--num": (value, minimum)}) and seeds out of range."""
+def check_options(seeds=(), most: dict[str, tuple[int | None, int, str]] | None = None,
+                  **least: tuple[int | None, int]) -> None:
+    """Refuse counts below their minimum (least={"--num": (value, minimum)}) or above their maximum
+    (most={"--num": (value, maximum, why that maximum)}), and seeds out of range or repeated."""
     from ..settings import check_seed
 
     for option, (value, minimum) in least.items():
         if value is not None and value < minimum:
             raise ValueError(f"{option} must be >= {minimum}, got {value}")
-    for seed in seeds:
+    for option, (value, maximum, why) in (most or {}).items():
+        if value is not None and value > maximum:
+            raise ValueError(f"{option} must be at most {maximum}, got {value} ({why})")
+    for i, seed in enumerate(seeds):
         check_seed("--seed", seed)
+        if seed in seeds[:i]:  # one FID counted twice would shrink the spread over seeds (to 0 for two)
+            raise ValueError(f"--seed {seed} is given twice: each seed is one independent sample of the spread; "
+                             "give each once")
 
 
 def _option(*decls: str, help: str, default=None, **kwargs):

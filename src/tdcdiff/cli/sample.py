@@ -59,14 +59,15 @@ def sample_command(
     and steps. 64 images, seed 0, written to samples.png (a bundle) or <run>/samples/base.png; class-conditional
     models: all classes in turn.
     """
+    from ..capacity import GRID_LIMIT, MAX_GRID_IMAGES
     from ..evaluate import balanced_labels
     from ..pipeline import sample, save_grid
     from ..run import lock_run_dir
     from ..samplers import check_cache_settings
 
     try:
-        check_options(() if seed is None else (seed,), **{"--steps": (sample_steps, 1), "--num": (num_samples, 1),
-                                                           "--cache-interval": (cache_interval, 1)})
+        check_options(() if seed is None else (seed,), most={"--num": (num_samples, MAX_GRID_IMAGES, GRID_LIMIT)},
+                      **{"--steps": (sample_steps, 1), "--num": (num_samples, 1), "--cache-interval": (cache_interval, 1)})
         # A bundle's default is never inside the bundle: its manifest lists every file.
         output = output or (Path("samples.png") if bundle is not None else out / "samples" / "base.png")
         check_writable(output, "--output", directory=False)
@@ -142,10 +143,12 @@ def report_command(
     quiet: Quiet = False,
 ):
     """FID/KID, FLOPs, time, memory and training compute of the run's base vs its TDC bundle, as report.html."""
+    from ..capacity import FID_LIMIT, MAX_FID_IMAGES
     from ..run import report_for_run
 
     try:
-        check_options(seeds or (), **{"--steps": (sample_steps, 1), "--num": (num_samples, 2)})
+        check_options(seeds or (), most={"--num": (num_samples, MAX_FID_IMAGES, FID_LIMIT)},
+                      **{"--steps": (sample_steps, 1), "--num": (num_samples, 2)})
         check_writable(out, "--out", directory=True)
         path = report_for_run(out, seeds=tuple(seeds or (0, 1)), num_samples=512 if num_samples is None else num_samples,
                               sampler=sampler, steps=sample_steps, progress=not quiet, base=base)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ..budget import ORDERINGS, budget_fractions, check_mean_budget
+from ..capacity import FID_LIMIT, GRID_LIMIT, MAX_FID_IMAGES, MAX_FID_SEEDS, MAX_GRID_IMAGES, SEEDS_LIMIT
 from ..files import parse_json, read_untrusted
 from ..grouping import STRATEGIES
 from ..pipeline import SAMPLERS
@@ -98,6 +99,16 @@ class RunConfig(Settings):
         if self.search.proposer == "llm":
             get_proposer("llm")  # endpoint and model come from the environment: check them before training
         return [
+            (self.num_samples <= MAX_GRID_IMAGES,
+             f"num_samples must be at most {MAX_GRID_IMAGES}, got {self.num_samples} ({GRID_LIMIT})"),
+            (self.eval_samples <= MAX_FID_IMAGES,
+             f"eval_samples must be at most {MAX_FID_IMAGES}, got {self.eval_samples} ({FID_LIMIT})"),
+            (self.eval_seeds <= MAX_FID_SEEDS,
+             f"eval_seeds must be at most {MAX_FID_SEEDS}, got {self.eval_seeds} ({SEEDS_LIMIT})"),
+            (self.base_model is not None or not (self.base.label_dropout or self.finetune.label_dropout),
+             f"label dropout (base.label_dropout {self.base.label_dropout}, finetune.label_dropout "
+             f"{self.finetune.label_dropout}) needs a class-conditional model, and the UNet presets are unconditional; "
+             "give a class-conditional --base (e.g. a UNet2DModel with num_class_embeds) or set it to 0"),
             (self.groups <= self.num_train_timesteps,
              f"number of groups N={self.groups} exceeds T={self.num_train_timesteps}"),
             (1 <= self.sampling_steps <= self.num_train_timesteps,
@@ -107,6 +118,9 @@ class RunConfig(Settings):
              f"base.mixed_precision {self.base.mixed_precision!r} and finetune.mixed_precision "
              f"{self.finetune.mixed_precision!r} differ, but accelerate keeps one precision per process (stage 2 "
              "would fail after stage 1); set both to the same value"),
+            (self.base_model is None or bool(self.base_model.strip()),
+             "base_model (--base) is empty; name a trained model (a diffusers directory, a Hub name or "
+             "module:function), or leave it unset to train stage 1"),
             (self.base_model is not None or self.base_model_steps == 0,
              "base_model_steps continues a given model: set base_model (--base) too, or use base.steps"),
             (self.plan_fractions is None or (len(self.plan_fractions) == self.groups

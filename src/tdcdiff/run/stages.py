@@ -24,13 +24,14 @@ from ..budget import (
     plan_from_fractions,
 )
 from ..bundle import save_bundle
+from ..capacity import check_sampling_memory, check_training_memory
 from ..files import atomic_write_text, sha256_file
 from ..flops import count_flops
 from ..grouping import make_groups
 from ..latency import clock, time_ratios
 from ..losses import per_timestep_loss
 from ..metrics import check_reference
-from ..models import build_unet, check_finite, preset_for
+from ..models import build_unet, check_finite, num_class_embeds, preset_for
 from ..pipeline import sample, save_grid
 from ..plots import plot_grouping
 from ..prune.fit import FitResult, fit_to_measured_time, measure_latency_table, smallest_fraction
@@ -119,6 +120,7 @@ class Stages(RunInputs):
         )
         train_images, _ = self.split()
         self._check_report_data()
+        self._check_training_memory(model, f"the UNet preset {preset!r}")  # activations grow with --image-size
         self._check_budgets_reachable(model)  # the architecture is known now: don't train for a doomed plan
         self._save_config()  # after the checks above: a refused run leaves nothing behind
         config = replace(c.base, seed=c.seed * 100)  # stage 2 of group i uses c.seed * 100 + i + 1
@@ -132,13 +134,8 @@ class Stages(RunInputs):
         out = self.dir / "base"
         if (out / FINAL_DIR).exists() and not c.base_model_steps:
             return TrainResult(out, 0, float("nan"), 0, 0)
-        loaded = load_base_model(c.base_model)
-        if loaded.vae is not None:  # latent diffusion: the checks below and every stage see latents
-            self._vae, self._data = loaded.vae, None
-        model, data = loaded.model, self.data
-        check_fits_data(model, c.base_model, channels=data.channels, image_size=data.image_size, data_name=c.data,
-                        num_classes=data.num_classes, null_class=self.null_class(model),
-                        num_train_timesteps=c.num_train_timesteps)
+        loaded = load_base_model(c.base_model, check=self._check_given_model)
+        model = loaded.model
         train_images, _ = self.split()
         train_labels, _ = self.labels(model)
         given = loaded.scheduler_config
@@ -161,6 +158,35 @@ class Stages(RunInputs):
                          description="stage 1: continue the given model")
         save_model(model, out / FINAL_DIR, extra={"source": loaded.source})
         return TrainResult(out, 0, float("nan"), 0, 0)
+
+    def _check_given_model(self, model, vae) -> None:
+        """--base's denoiser against the data (check_fits_data) and this machine's memory, before its weights are
+        read (a directory's model is built on the meta device for it). vae: a latent pipeline's VAE, or None."""
+        c = self.config
+        if vae is not None:  # latent diffusion: the checks below and every stage see latents
+            self._vae, self._data = vae, None
+        if num_class_embeds(model) is None and (c.base.label_dropout or c.finetune.label_dropout):
+            raise ValueError(f"label dropout (base.label_dropout {c.base.label_dropout}, finetune.label_dropout "
+                             f"{c.finetune.label_dropout}) needs a class-conditional model, but --base {c.base_model} "
+                             "is unconditional; set it to 0 or give a class-conditional model")
+        data = self.data
+        check_fits_data(model, c.base_model, channels=data.channels, image_size=data.image_size, data_name=c.data,
+                        num_classes=data.num_classes, null_class=self.null_class(model),
+                        num_train_timesteps=c.num_train_timesteps)
+        self._check_training_memory(model, f"--base {c.base_model}")
+
+    def _check_training_memory(self, model, what: str) -> None:
+        """Refuse a model whose training (stage 1 unless a given model is used as it is; stage 2 on a pruned copy,
+        at most the base's size) does not fit in memory, at the larger batch of the stages that train; and a
+        latency batch (timed at the prune stage) whose inputs and outputs alone do not."""
+        c = self.config
+        check_sampling_memory(c.latency_batch, self.sample_shape, fix="lower --latency-batch (latency_batch)",
+                              what=f"timing a batch of {c.latency_batch} samples (their inputs and outputs alone)")
+        trains_base = not c.base_model or c.base_model_steps
+        batch = max(c.finetune.batch_size, c.base.batch_size if trains_base else 0)
+        check_training_memory(model, self.sample_shape, batch, what=what,
+                              class_labels=num_class_embeds(model) is not None,
+                              fix="lower --batch-size (base.batch_size, finetune.batch_size) or --image-size")
 
     @writes
     def plan(self) -> BudgetPlan:

@@ -38,6 +38,10 @@ def conditioning(model: nn.Module, labels: torch.Tensor | None, num_images: int,
             raise ValueError(f"null_class {null} is not one of the model's {classes} class ids (0..{classes - 1})")
     if labels.min() < 0:
         raise ValueError("some images have no label (-1) but the model is class-conditional; label every image")
+    if null is not None and bool((labels == null).any()) and labels.max() < classes - 1:  # an id is free for it
+        raise ValueError(f"null_class {null} is also a class of the data (its labels are 0..{labels.max().item()}): "
+                         "dropped labels would be read as that class; set null_class to an id no image has, e.g. "
+                         f"{classes - 1} (the model's last, used when it is unset)")
     usable = classes - (null is not None and null == classes - 1)
     if labels.max() >= usable or (null is not None and bool((labels == null).any())):
         raise ValueError(

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
 from ..budget import budget_fractions
+from ..capacity import FID_LIMIT, MAX_FID_IMAGES, MAX_FID_SEEDS, SEEDS_LIMIT
 from ..grouping import STRATEGIES
+from ..run.config import STAGE_OF_SETTING
 from .curves import CURVE_OBJECTIVES
 from .measures import SCREENING_MEASURES
+
+# Settings a TDC candidate takes from the grid (--k, --groups, --grouping): a variant setting one of them would
+# train another candidate than its name says (a variant's mean_budget or budget_unit reshapes the grid's budgets).
+GRID_SETTINGS = ("k", "groups", "grouping")
 
 
 @dataclass
@@ -85,6 +92,8 @@ class TuneConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the flag of the first bad setting."""
+        self._check_repeats()
+        self._check_variants()
         for n in self.groups:
             for k in self.ks:
                 budget_fractions(n, k)
@@ -117,12 +126,18 @@ class TuneConfig:
              + ", ".join(f"{key} ({m.name})" for key, m in SCREENING_MEASURES.items())),
             (self.finalists >= 1, f"--finalists must be >= 1, got {self.finalists}"),
             (self.fid_seeds >= 2, f"--fid-seeds must be >= 2 (the paired rule needs two pairs), got {self.fid_seeds}"),
+            (self.fid_seeds <= MAX_FID_SEEDS,
+             f"--fid-seeds must be at most {MAX_FID_SEEDS}, got {self.fid_seeds} ({SEEDS_LIMIT})"),
             (self.max_fid_seeds >= self.fid_seeds,
              f"--max-fid-seeds must be >= --fid-seeds ({self.fid_seeds}): it caps the seeds added one at a time until "
              f"each finalist's FID verdict is decided, got {self.max_fid_seeds}"),
             (self.margin is None or 0 <= self.margin < math.inf,
              f"--margin must be a finite number >= 0 (the largest FID loss that counts as none), got {self.margin}"),
+            (self.max_fid_seeds <= MAX_FID_SEEDS,
+             f"--max-fid-seeds must be at most {MAX_FID_SEEDS}, got {self.max_fid_seeds} ({SEEDS_LIMIT})"),
             (self.fid_samples >= 2, f"--fid-samples must be >= 2 (FID needs two images), got {self.fid_samples}"),
+            (self.fid_samples <= MAX_FID_IMAGES,
+             f"--fid-samples must be at most {MAX_FID_IMAGES}, got {self.fid_samples} ({FID_LIMIT})"),
             (self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
             (self.timing_repeats >= 1, f"timing_repeats must be >= 1, got {self.timing_repeats}"),
             (self.max_quality_loss is None or 0 <= self.max_quality_loss < math.inf,
@@ -135,6 +150,37 @@ class TuneConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def _check_repeats(self) -> None:
+        """Refuse a value given twice in a repeated option: each is one candidate (or curve point), and a repeat
+        would plan it twice. Numbers are compared as candidate names print them (0.5 and 0.50000001 are one)."""
+        for option, values in (("--width", self.widths), ("--k", self.ks), ("--groups", self.groups),
+                               ("--grouping", self.groupings), ("--time-budget", self.time_budgets),
+                               ("--uniform-time-budget", self.uniform_time_budgets), ("curve_sizes", self.curve_sizes),
+                               ("--variant", self.tdc_variants)):
+            seen = {}
+            for value in values:
+                key = f"{value:g}" if isinstance(value, float) else json.dumps(value, sort_keys=True, default=str)
+                if key in seen:
+                    same = "is given twice" if seen[key] == value else f"and {seen[key]!r} are one candidate ({key})"
+                    shown = value
+                    if isinstance(value, dict):  # as --variant takes it
+                        shown = ",".join(f"{k}={v}" for k, v in value.items()) or "{}"
+                    raise ValueError(f"{option} {shown!s} {same}: each value is one candidate; give each once")
+                seen[key] = value
+
+    def _check_variants(self) -> None:
+        """Refuse a --variant setting what the TDC grid sets for each candidate (k, N, grouping, a time budget),
+        or what stage 1 shapes (every candidate shares the base trained once)."""
+        for variant in self.tdc_variants:
+            for key in variant:
+                section = key.partition(".")[0]
+                if section in GRID_SETTINGS or (key == "search.depth" and self.depth):
+                    raise ValueError(f"--variant {key}={variant[key]} sets what each TDC candidate takes from the "
+                                     "grid (--k, --groups, --grouping, --depth); give it there")
+                if STAGE_OF_SETTING.get(section) == "base":
+                    raise ValueError(f"--variant {key}={variant[key]} changes stage 1, which every candidate shares "
+                                     "with the base trained once; set it for the base (its flag or --config)")
 
     def candidate_settings(self) -> dict:
         """The settings that decide the candidate list and the candidates' training (a rerun must keep them;

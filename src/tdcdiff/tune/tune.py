@@ -46,13 +46,27 @@ class Tune:
         self.config = config or TuneConfig()
         self.config.validate()
         self.progress = progress
+        source = None
         if base_from is not None:
             source = Path(base_from)
             if not (source / "base" / FINAL_DIR).exists() or not (source / "config.json").exists():
                 raise FileNotFoundError(f"--base-from {source}: no finished stage-1 base there (base/{FINAL_DIR} and "
                                         "config.json); point it at a run directory after `tdcdiff train-base`")
-            copy_stages(source, self.dir / "base", ("config.json", "base"))
-        self.base_run = Run(self.dir / "base", run_config, overrides=overrides, progress=progress)
+        self.candidates = candidate_list(self.config)
+        self._check_saved_plan()
+        # Every refusal before anything is copied: the base run's settings on the config.json that will be used
+        # (copy_stages keeps one the tune directory has), and each candidate's on top of them.
+        here = self.dir / "base"
+        checked = here if source is None or (here / "config.json").exists() else source
+        self.base_run = Run(checked, run_config, overrides=overrides, progress=progress)
+        for spec in self.candidates:  # a bad setting must fail now, not after stage 1 and other candidates
+            kind_of(spec["kind"]).check(spec, self.base_run.config)
+        if source is not None:
+            copy_stages(source, here, ("config.json", "base"))
+            self.base_run = Run(here, run_config, overrides=overrides, progress=progress)
+
+    def _check_saved_plan(self) -> None:
+        """Refuse a tune directory whose saved candidate list (tune.json) was made with other settings."""
         saved = read_json(self.dir / "tune.json")
         here = self.config.candidate_settings()
         if saved is not None and saved["plan"] != here:
@@ -61,9 +75,6 @@ class Tune:
                       for k in dict.fromkeys([*saved["plan"], *here]) if saved["plan"].get(k) != here.get(k)]
             raise ValueError(f"{self.dir} was tuned with other candidate settings ({'; '.join(differ)}); use a new "
                              f"--out, or delete {self.dir / 'tune.json'} and {self.dir / 'candidates'} to start over")
-        self.candidates = candidate_list(self.config)
-        for spec in self.candidates:  # a bad setting must fail now, not after stage 1 and other candidates
-            kind_of(spec["kind"]).check(spec, self.base_run.config)
 
     def say(self, message: str) -> None:
         if self.progress:
@@ -116,8 +127,8 @@ class Tune:
             note = kind.finished_note(self, spec, done)
             self.say(f"[{index}] {spec['name']}: finished earlier, skipped" + (f" ({note})" if note else ""))
             return done
+        self.ensure_base()  # its refusals (the data, the model's fit) before the candidate list is written
         self.write_candidate_list()
-        self.ensure_base()
         out = self.dir / spec["dir"]
         try:
             record = kind.train(self, spec, out)
@@ -153,8 +164,8 @@ class Tune:
     def run_all(self) -> dict:
         """Every candidate (finished ones skipped), screening, finalists' FID, the frontier, the choice, the cost
         table; returns the results dict (also in results.json)."""
+        self.ensure_base()  # its refusals (the data, the model's fit) before the candidate list is written
         self.write_candidate_list()
-        self.ensure_base()
         for spec in self.candidates:
             self.run_candidate(spec["index"])
         models = self.models()
