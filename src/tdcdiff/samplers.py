@@ -319,6 +319,34 @@ _SAMPLERS = {
 SAMPLERS = tuple(_SAMPLERS)
 
 
+# A diffusers pipeline's scheduler class -> the registry's sampler that samples as it does (its registry settings:
+# see each builder). DPMSolverSinglestepScheduler has no single-step twin here: its nearest is the multistep one.
+PIPELINE_SAMPLERS = {
+    "DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "PNDMScheduler": "pndm",
+    "DPMSolverMultistepScheduler": "dpm-solver++", "DPMSolverSinglestepScheduler": "dpm-solver++",
+    "UniPCMultistepScheduler": "unipc", "DEISMultistepScheduler": "deis", "EulerDiscreteScheduler": "euler",
+}
+_NEAREST = {"DPMSolverSinglestepScheduler": "the multistep DPM-Solver++(2M), its nearest in the registry"}
+
+
+def sampler_for_scheduler(class_name: str, source: str) -> tuple[str, str]:
+    """The registry's sampler for a pipeline's diffusers scheduler class, and a note saying how it samples.
+
+    class_name: e.g. "DDIMScheduler" (model_index.json's scheduler entry). source: what it came from, for the
+    message. The registry sampler keeps its own settings (trailing timesteps, x0 at the end, order 2 solvers),
+    whatever the pipeline's config says; the note names the sampler and says so.
+    Raises ValueError naming the class, the supported ones and the fix for a class without a sampler here.
+    """
+    name = PIPELINE_SAMPLERS.get(class_name)
+    if name is None:
+        raise ValueError(f"{source} samples with {class_name}, which no sampler of tdcdiff follows; supported: "
+                         f"{', '.join(PIPELINE_SAMPLERS)}; pass --sampler (one of {', '.join(SAMPLERS)}) to sample "
+                         "with another")
+    how = _NEAREST.get(class_name, f"{name} ({_SAMPLERS[name].summary})")
+    return name, (f"{class_name} of {source} -> {how}, trailing timesteps ending at x0; the pipeline's own "
+                  "scheduler settings are kept in the bundle's provenance")
+
+
 def sampler_kind(name: str) -> SamplerKind:
     """The registry's entry for `name`. Raises ValueError for an unknown name, listing the known ones."""
     if name not in _SAMPLERS:

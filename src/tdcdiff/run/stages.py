@@ -14,7 +14,14 @@ from pathlib import Path
 
 import torch
 
-from ..base_model import check_fits_data, check_saveable, load_base_model, scheduler_from_config, trust_function
+from ..base_model import (
+    BaseModelError,
+    check_fits_data,
+    check_saveable,
+    load_base_model,
+    scheduler_from_config,
+    trust_function,
+)
 from ..budget import (
     RAISE_BUDGET,
     BudgetPlan,
@@ -23,7 +30,7 @@ from ..budget import (
     make_plan,
     plan_from_fractions,
 )
-from ..bundle import save_bundle
+from ..bundle import BundleError, check_bundle_scheduler, save_bundle
 from ..files import atomic_write_text, sha256_file
 from ..flops import count_flops
 from ..grouping import make_groups
@@ -38,7 +45,7 @@ from ..prune.importance import get_importance
 from ..prune.proxy import Proxy, ProxyBatch
 from ..prune.search import search
 from ..prune.sensitivity import measure_sensitivity
-from ..samplers import SamplingSetting
+from ..samplers import PIPELINE_SAMPLERS, SamplingSetting, sampler_for_scheduler
 from ..schedule import SCHEDULE_VERSION, check_given_schedule
 from ..serialization import save_model
 from ..settings import apply_overrides
@@ -145,13 +152,19 @@ class Stages(RunInputs):
         scheduler = scheduler_from_config(given) if given is not None else self.scheduler
         if given is not None:
             check_given_schedule(scheduler, f"--base {c.base_model}")
+            try:  # the bundle at the end holds it: refuse it now, not after every stage
+                check_bundle_scheduler(scheduler, f"--base {c.base_model}")
+            except BundleError as err:
+                raise BaseModelError(f"{str(err).split('; re-export')[0]}; fix the pipeline's scheduler config") \
+                    from None
         check_finite(model, train_images, scheduler.alphas_cumprod, train_labels)
         check_saveable(model, c.base_model)  # raises now, not after training, if the model cannot be saved
         self._check_budgets_reachable(model)  # before any base_model_steps of training for a doomed plan
         self._check_report_data()
         self._save_config()  # after the checks above: a refused run leaves nothing behind
         if given is not None:  # written only once the model passed: base/ existing marks stage 1 as started
-            atomic_write_text(out / SCHEDULER_FILE, json.dumps(given, indent=2))
+            record = {"_class_name": loaded.scheduler_class, **given} if loaded.scheduler_class else given
+            atomic_write_text(out / SCHEDULER_FILE, json.dumps(record, indent=2))
         if loaded.vae is not None:
             save_model(loaded.vae, out / VAE_DIR)
             self._data = self._latents()  # cached on disk now that the VAE is the run's
@@ -351,10 +364,26 @@ class Stages(RunInputs):
             out, experts, plan.grouping, self.scheduler, sample_shape=self.sample_shape,
             expert_flops=[count_flops(e, self.sample_shape) for e in experts], base_flops=plan.base_flops,
             budgets=plan.budgets, expert_training=training,
-            provenance={"data": self.data.describe(), "config": self.config.to_dict(), "training_flops": train_flops},
+            provenance={"data": self.data.describe(), "config": self.config.to_dict(), "training_flops": train_flops,
+                        **self.pipeline_scheduler()},
             conditioning=self.conditioning(experts[0]),
             vae=self.vae, sampling=SamplingSetting(self.config.sampler, self.config.sampling_steps),
         )
+
+    def pipeline_scheduler(self) -> dict:
+        """For a run from a diffusers pipeline, what the bundle's provenance keeps of its scheduler: its class and
+        settings ("pipeline_scheduler", as its scheduler_config.json holds them) and how the bundle samples by
+        default ("sampling_note"); {} for any other run."""
+        path = self.dir / "base" / SCHEDULER_FILE
+        if not path.exists():
+            return {}
+        given = json.loads(path.read_text())
+        name = given.get("_class_name")
+        if not name or self.config.sampler != PIPELINE_SAMPLERS.get(name):
+            note = f"sampled with {self.config.sampler} (the run's sampler setting)"
+        else:
+            note = sampler_for_scheduler(name, f"--base {self.config.base_model}")[1]
+        return {"pipeline_scheduler": given, "sampling_note": note}
 
     def training_flops(self) -> dict:
         """Training compute of stage 1 and of each group's stage 2, from the runs' own records."""
