@@ -22,6 +22,7 @@ from .options import (
     Depth,
     Device,
     Distill,
+    DryRun,
     FeatureDistill,
     FtLr,
     FtSteps,
@@ -65,17 +66,22 @@ def run_command(
     rounds: Rounds = None, candidates: Candidates = None, memory: Memory = None, importance: Importance = None,
     budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None, depth: Depth = None, finetune_steps: FtSteps = None, finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None, feature_distill: FeatureDistill = None,
     sampler: Sampler = None, sample_steps: SampleSteps = None, num_samples: NumSamples = None, seed: Seed = None,
-    base: BaseModelSpec = None, device: Device = None, quiet: Quiet = False,
+    base: BaseModelSpec = None, device: Device = None, dry_run: DryRun = False, quiet: Quiet = False,
 ):
     """The whole method: train base -> plan -> prune -> fine-tune -> bundle -> samples -> report.
 
     With no arguments it runs on scikit-learn's digits into runs/digits. Stages that already finished are
     skipped, so rerunning the same command after a crash continues where it stopped. --base starts from a
-    trained model instead of training one.
+    trained model instead of training one. --dry-run prints what each phase would cost here and writes nothing.
     """
     flags = settings_flags(locals())
     try:
-        run = open_run(out, config, not quiet, **flags)
+        run = open_run(out, config, not quiet, writes=not dry_run, **flags)
+        if dry_run:
+            from ..run.estimate import estimate_run
+
+            typer.echo(estimate_run(run))
+            return
         result = run.run_all()
     except USER_ERRORS as err:
         fail(err)
@@ -150,7 +156,8 @@ def prune_command(
         time_ratio = f"{s['time_ratio']:>7.1%}" if s.get("time_ratio") is not None else f"{'-':>7}"
         typer.echo(f"{s['group']:>5} {unit:>5} {s['fraction']:>7.1%} {s['flops_ratio']:>7.1%} {time_ratio} "
                    f"{s.get('latency_batch', '-'):>6} {got / s['fraction'] - 1:>+7.1%} {s['proxy_score']:>7.3f}")
-    typer.echo("budget, FLOPs and time (measured directly, side by side with the base) are fractions of the base's")
+    typer.echo("budget, FLOPs and time (measured directly: each distinct expert once, against one timing of the base) "
+               "are fractions of the base's")
     typer.echo(f"pruned models, search logs and memory banks: {out / 'prune'}")
 
 

@@ -34,7 +34,7 @@ from ..bundle import BundleError, check_bundle_scheduler, save_bundle
 from ..files import atomic_write_text, sha256_file
 from ..flops import count_flops
 from ..grouping import make_groups
-from ..latency import clock, time_ratios
+from ..latency import ExpertTimer, clock
 from ..losses import per_timestep_loss
 from ..metrics import check_reference
 from ..models import build_unet, check_finite, preset_for
@@ -130,7 +130,7 @@ class Stages(RunInputs):
         self._save_config()  # after the checks above: a refused run leaves nothing behind
         config = replace(c.base, seed=c.seed * 100)  # stage 2 of group i uses c.seed * 100 + i + 1
         return train(model, train_images, self.scheduler, config, self.dir / "base", labels=self.labels(model)[0],
-                     progress=self.progress, description="stage 1: base")
+                     progress=self.progress, description="stage 1: base", device=c.torch_device)
 
     def _import_base(self):
         """Stage 1 from a trained model: check it fits the data, save it as base/final (or continue training
@@ -171,7 +171,7 @@ class Stages(RunInputs):
         if c.base_model_steps:
             config = replace(c.base, steps=c.base_model_steps, seed=c.seed * 100)
             return train(model, train_images, scheduler, config, out, labels=train_labels, progress=self.progress,
-                         description="stage 1: continue the given model")
+                         description="stage 1: continue the given model", device=c.torch_device)
         save_model(model, out / FINAL_DIR, extra={"source": loaded.source})
         return TrainResult(out, 0, float("nan"), 0, 0)
 
@@ -237,7 +237,8 @@ class Stages(RunInputs):
         self._save_config()
         base = self.base_model()
         (self.dir / "prune").mkdir(parents=True, exist_ok=True)
-        summaries, table = [], None  # table: the base's latency table, looked up once for time budgets
+        # table: the base's latency table, looked up once for time budgets; timer: each distinct expert timed once
+        summaries, table, timer = [], None, None
         for i in self._groups(plan, group):
             done = self._pruned_before(plan, i)
             if done is not None:
@@ -245,7 +246,9 @@ class Stages(RunInputs):
                 continue
             if self.config.budget_unit == "time" and table is None:
                 table = self.latency_table(base)
-            summary = self._prune_group(plan, i, base, table)
+            timer = timer or ExpertTimer(base, self.sample_shape, self.config.latency_batch,
+                                         base_time=table.base_seconds if table is not None else None)
+            summary = self._prune_group(plan, i, base, table, timer)
             atomic_write_text(self.dir / "prune" / f"summary_{i}.json", json.dumps(summary, indent=2))
             summaries.append(summary)
         return summaries
@@ -267,9 +270,10 @@ class Stages(RunInputs):
             )
         return summary
 
-    def _prune_group(self, plan: BudgetPlan, i: int, base, table) -> dict:
+    def _prune_group(self, plan: BudgetPlan, i: int, base, table, timer: ExpertTimer) -> dict:
         """Search group i's pruned model (prune.search), time it against the base (refitting a time budget to
-        the measured time), save it as prune/group_i; returns its summary."""
+        the measured time; `timer` times each distinct architecture once), save it as prune/group_i; returns its
+        summary."""
         c = self.config
         scheduler = self.scheduler
         train_images, held_out = self.split()
@@ -290,7 +294,7 @@ class Stages(RunInputs):
             timed = fit_to_measured_time(
                 base, result.decision, plan.fractions[i], self.sample_shape, c.latency_batch, table,
                 fitted=FitResult(result.model, result.decision, result.flops, budget, 1.0, result.seconds),
-                importance=settings.importance, **settings.space(),
+                importance=settings.importance, **settings.space(), timer=timer,
                 calibration=(proxy.calibration(settings.seed) if get_importance(settings.importance).needs_calibration
                              else None),
             )
@@ -298,8 +302,8 @@ class Stages(RunInputs):
             if fit.model is not result.model:
                 result = replace(result, model=fit.model, decision=fit.decision, flops=fit.flops,
                                  seconds=fit.seconds, score=float(proxy.score(fit.model)))
-        else:  # time it directly, side by side with the base
-            time_ratio = time_ratios([base, result.model], self.sample_shape, c.latency_batch)[1]
+        else:  # time it directly (a group whose budget is the whole base keeps the base: ratio 1)
+            time_ratio = timer.ratio(result.model)
         save_model(result.model, self.dir / "prune" / f"group_{i}")
         return {
             "group": i, "budget": budget, "budget_unit": c.budget_unit, "fraction": plan.fractions[i],
@@ -339,7 +343,7 @@ class Stages(RunInputs):
                 train(
                     model, train_images, self.scheduler, config, self.dir / "finetune" / f"group_{i}",
                     labels=self.labels(model)[0], timesteps=plan.grouping.timesteps(i), teacher=teacher, progress=self.progress,
-                    description=f"stage 2: group {i}",
+                    description=f"stage 2: group {i}", device=c.torch_device,
                 )
             )
         return results
@@ -409,6 +413,7 @@ class Stages(RunInputs):
         inputs = {
             "model_sha256": sha256_file(source) if source is not None else None,
             "sampler": c.sampler, "steps": c.sampling_steps, "num_images": c.num_samples,
+            **({"precision": self.sampling_precision} if self.sampling_precision != "fp32" else {}),
             "seed": c.seed if seed is None else seed, "sample_shape": self.sample_shape,
             "schedule": [c.num_train_timesteps, c.beta_schedule, c.prediction_type],
         }
@@ -418,6 +423,7 @@ class Stages(RunInputs):
             model, self.scheduler, sample_shape=self.sample_shape, sampler=c.sampler, steps=c.sampling_steps,
             num_images=c.num_samples, seed=inputs["seed"], progress=self.progress,
             class_labels=self.sample_labels(model, c.num_samples), decode=self.decode,
+            device=self.device, precision=self.sampling_precision,
         )
         save_grid(result.images, path)
         if source is not None:
