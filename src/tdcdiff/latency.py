@@ -44,6 +44,9 @@ TABLE_VERSION = 1
 # timer's resolution and jitter are far below 1% of it.
 LONG_FORWARD_SECONDS = 1.0
 LONG_FORWARD_REPEATS = 3
+# FLOPs of one timed CPU forward above which a FLOPs-budgeted expert is timed at a smaller batch (timing_batch):
+# about 2 CPU-s here; the DDPM CIFAR-10 UNet (12.4 GFLOPs) is timed at batch 16 instead of 64.
+TIMING_FLOPS = 2e11
 CLOCK_VARIABLE = "TDCDIFF_CLOCK"
 CLOCKS = ("measured", "flops")
 COUNTED_FLOPS_PER_SECOND = 1e9  # nominal: budgets and ratios are fractions, so only FLOPs ratios matter
@@ -367,6 +370,18 @@ def base_seconds(base: nn.Module, sample_shape: Sequence[int], batch: int, *, ca
         table = _new_table(base, sample_shape, batch, **kwargs)
         atomic_write_text(path, table.to_json())
     return table.base_seconds
+
+
+def timing_batch(model: nn.Module, sample_shape: Sequence[int], batch: int) -> int:
+    """The batch at which to time pruned copies of `model` for their time ratios: `batch`, halved on a CPU while a
+    forward would exceed TIMING_FLOPS (a big model's CPU forward is compute-bound, so its time ratios hardly move
+    with the batch, and each forward of it costs seconds); on a GPU `batch` itself (its throughput depends on it)."""
+    if device_of(model).type == "cuda":
+        return batch
+    flops = count_flops(as_denoiser(model), sample_shape)
+    while batch > 1 and flops * batch > TIMING_FLOPS:
+        batch //= 2
+    return batch
 
 
 class ExpertTimer:

@@ -25,10 +25,12 @@ from ..base_model import load_base_model
 from ..budget import BudgetPlan, budget_fractions
 from ..evaluate import BPD_SAMPLES, HELD_OUT_IMAGES
 from ..flops import count_flops
-from ..latency import LONG_FORWARD_REPEATS, LONG_FORWARD_SECONDS, one_thread
-from ..models import as_denoiser, build_unet, preset_for
-from ..prune.engine import prune
-from ..prune.units import prunable_units, uniform_decision
+from ..latency import LONG_FORWARD_REPEATS, LONG_FORWARD_SECONDS, one_thread, timing_batch
+from ..models import as_denoiser, build_unet, network, preset_for
+from ..prune.engine import prune_kept
+from ..prune.importance import BY_POSITION
+from ..prune.plan import plan_for
+from ..prune.units import prunable_units
 from ..settings import apply_overrides
 from ..train import FINAL_DIR
 from .stages import Stages
@@ -123,12 +125,14 @@ def measure_unit_costs(model, sample_shape: tuple[int, int, int], *, forward_bat
         net.train()
         step = _per_sample(device, backward, train_batch)
         update = _seconds(device, optimizer.step)
-        space = {"units": units, "ignored_layers": ignored_layers}
-        start = time.thread_time()
-        pruned = prune(model, uniform_decision(prunable_units(model, **space), SENSITIVITY_RATIO), sample_shape,
-                       **space)
-        fraction = count_flops(as_denoiser(pruned), sample_shape) / count_flops(as_denoiser(model), sample_shape)
-        trial = time.thread_time() - start
+        plan = plan_for(network(model), sample_shape, units=units, ignored_layers=ignored_layers)
+        clock = time.perf_counter if device.type == "cuda" else time.thread_time
+        start = clock()  # a budget fit's trial: the pruned copy, then its FLOPs
+        pruned = prune_kept(model, plan, plan.kept(dict.fromkeys((u.name for u in plan.units), SENSITIVITY_RATIO)),
+                            sample_shape, BY_POSITION, None)
+        flops = count_flops(as_denoiser(pruned), sample_shape)
+        trial = clock() - start
+        fraction = flops / count_flops(as_denoiser(model), sample_shape)
     clock = "GPU-s (CUDA events)" if device.type == "cuda" else "CPU-s (thread CPU time, one thread)"
     return UnitCosts(forward, step, update, trial, fraction, str(device), clock)
 
@@ -190,20 +194,21 @@ def plan_phase(c, u: UnitCosts) -> Phase:
     return Phase("plan", work, seconds)
 
 
-def search_phase(c, u: UnitCosts, fractions: list[float], base) -> Phase:
+def search_phase(c, u: UnitCosts, fractions: list[float], base, sample_shape) -> Phase:
     """Every group's pruning search in settings `c` and the timing of its expert (and of the base, once)."""
     s = c.search
     searched = [f for f in fractions if f < 1]
     candidates = s.rounds * s.candidates_per_round
     fit = TRIALS_PER_FIT * u.trial + (u.training(s.proxy_finetune_steps, 64) if s.proxy_finetune_steps else 0)
-    batch_forward = c.latency_batch * u.forward
+    batch = c.latency_batch if c.budget_unit == "time" else timing_batch(base, sample_shape, c.latency_batch)
+    batch_forward = batch * u.forward
     timing = sum(timed_forwards(batch_forward * f) * batch_forward * f for f in searched)
     timing += timed_forwards(batch_forward) * batch_forward if searched else 0.0  # the base, once
     seconds = timing + sum(PROXY_BATCH * u.forward + candidates * (fit + PROXY_BATCH * f * u.forward)
                            for f in searched)
     work = (f"{len(searched)} of {len(fractions)} groups ({len(fractions) - len(searched)} keep the whole base), "
             f"{candidates} candidates each: {TRIALS_PER_FIT} pruning trials + a {PROXY_BATCH}-image proxy score; each "
-            f"expert and the base timed once at batch {c.latency_batch} ({timing:.0f} s)")
+            f"expert and the base timed once at batch {batch} ({timing:.0f} s)")
     if c.budget_unit == "time" and searched:
         units = len(prunable_units(base, units=s.units, ignored_layers=s.ignored_layers))
         table = units * 7 * timed_forwards(batch_forward, 5, 1) * batch_forward * 0.8
@@ -217,7 +222,7 @@ def sampling_seconds(u: UnitCosts, images: int, steps: int, fraction: float = 1.
     return images * steps * fraction * u.forward
 
 
-def run_phases(stages: Stages, u: UnitCosts, base) -> list[Phase]:
+def run_phases(stages: Stages, u: UnitCosts, base, sample_shape) -> list[Phase]:
     """The phases of `tdcdiff run` in these settings: stage 1, plan, prune search, stage 2, bundle, samples and
     report (a phase whose output exists costs nothing)."""
     c, out = stages.config, stages.dir
@@ -225,7 +230,7 @@ def run_phases(stages: Stages, u: UnitCosts, base) -> list[Phase]:
     mean = sum(fractions) / len(fractions)  # sampling: the groups' FLOPs, the steps spread over them
     steps = c.base_model_steps if c.base_model else c.base.steps
     phases = [Phase("stage 1", f"{steps} steps at batch {c.base.batch_size}", u.training(steps, c.base.batch_size)),
-              plan_phase(c, u), search_phase(c, u, fractions, base)]
+              plan_phase(c, u), search_phase(c, u, fractions, base, sample_shape)]
     teacher = c.finetune.batch_size * u.forward if c.finetune.uses_teacher else 0.0
     stage2 = sum(u.training(c.finetune.steps, c.finetune.batch_size, f) + c.finetune.steps * teacher
                  for f in fractions)
@@ -268,20 +273,21 @@ def format_phases(title: str, phases: list[Phase], u: UnitCosts) -> str:
 
 def estimate_run(stages: Stages) -> str:
     """`tdcdiff run --dry-run`: the expected compute of each phase of this run (see the module doc)."""
-    u, base = unit_costs_for(stages)
-    return format_phases(f"expected compute of `tdcdiff run` in {stages.dir}", run_phases(stages, u, base), u)
+    u, base, shape = unit_costs_for(stages)
+    return format_phases(f"expected compute of `tdcdiff run` in {stages.dir}", run_phases(stages, u, base, shape), u)
 
 
-def unit_costs_for(stages: Stages) -> tuple[UnitCosts, object]:
-    """(UnitCosts of the run's base on the run's device, the base)."""
+def unit_costs_for(stages: Stages) -> tuple[UnitCosts, object, tuple[int, int, int]]:
+    """(UnitCosts of the run's base on the run's device, the base, its sample shape)."""
     c = stages.config
     model, shape = base_for_estimate(stages)
+    model = model.to(c.torch_device)
     costs = measure_unit_costs(model, shape, forward_batch=c.latency_batch, train_batch=c.finetune.batch_size,
                                device=c.torch_device, units=c.search.units, ignored_layers=c.search.ignored_layers)
-    return costs, model
+    return costs, model, shape
 
 
-def tune_phases(stages: Stages, settings, candidates: list[dict], u: UnitCosts, base) -> list[Phase]:
+def tune_phases(stages: Stages, settings, candidates: list[dict], u: UnitCosts, base, sample_shape) -> list[Phase]:
     """The phases of `tdcdiff tune`: stage 1, each candidate (its search and its training, tune_steps stage-2
     steps of the base in FLOPs), screening, the finalists' FID/KID and the timing. settings: the TuneConfig;
     candidates: its candidate list (tune.candidate_list)."""
@@ -296,7 +302,7 @@ def tune_phases(stages: Stages, settings, candidates: list[dict], u: UnitCosts, 
         if spec["kind"] in ("tdc", "tdc-curves"):  # curves' budgets taken as the formula's
             candidate = apply_overrides(c, spec.get("settings", {}))
             search = (plan_phase(candidate, u).seconds
-                      + search_phase(candidate, u, fractions_of(candidate), base).seconds)
+                      + search_phase(candidate, u, fractions_of(candidate), base, sample_shape).seconds)
             what = "plan + pruning search + training"
         elif spec["kind"] == "uniform":
             search, what = TRIALS_PER_FIT * u.trial, "a uniform fit + training"
@@ -326,6 +332,6 @@ def estimate_tune(tune_dir: str | Path, settings, candidates: list[dict], *, ove
     Nothing is written."""
     stages = Stages(Path(base_from) if base_from is not None else Path(tune_dir) / "base", overrides=overrides,
                     progress=False)
-    u, base = unit_costs_for(stages)
+    u, base, shape = unit_costs_for(stages)
     return format_phases(f"expected compute of `tdcdiff tune` in {tune_dir} ({len(candidates)} candidates)",
-                         tune_phases(stages, settings, candidates, u, base), u)
+                         tune_phases(stages, settings, candidates, u, base, shape), u)

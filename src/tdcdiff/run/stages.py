@@ -34,7 +34,7 @@ from ..bundle import BundleError, check_bundle_scheduler, save_bundle
 from ..files import atomic_write_text, sha256_file
 from ..flops import count_flops
 from ..grouping import make_groups
-from ..latency import ExpertTimer, clock
+from ..latency import ExpertTimer, clock, timing_batch
 from ..losses import per_timestep_loss
 from ..metrics import check_reference
 from ..models import build_unet, check_finite, preset_for
@@ -246,7 +246,10 @@ class Stages(RunInputs):
                 continue
             if self.config.budget_unit == "time" and table is None:
                 table = self.latency_table(base)
-            timer = timer or ExpertTimer(base, self.sample_shape, self.config.latency_batch,
+            # a time budget is of the table's forward time at latency_batch; a FLOPs budget's ratio is a record
+            batch = self.config.latency_batch if table is not None else timing_batch(
+                base, self.sample_shape, self.config.latency_batch)
+            timer = timer or ExpertTimer(base, self.sample_shape, batch,
                                          base_time=table.base_seconds if table is not None else None)
             summary = self._prune_group(plan, i, base, table, timer)
             atomic_write_text(self.dir / "prune" / f"summary_{i}.json", json.dumps(summary, indent=2))
@@ -308,7 +311,7 @@ class Stages(RunInputs):
         return {
             "group": i, "budget": budget, "budget_unit": c.budget_unit, "fraction": plan.fractions[i],
             "flops": result.flops, "flops_ratio": result.flops / plan.base_flops,
-            "time_ratio": time_ratio, "latency_batch": c.latency_batch, "clock": clock(),
+            "time_ratio": time_ratio, "latency_batch": timer.batch, "clock": clock(),
             # the table's estimate of the search's winner (corrections are fitted on FLOPs, see the trail)
             "estimated_time_ratio": trail[0]["estimated_ratio"] if table is not None else None,
             "time_corrections": trail,
