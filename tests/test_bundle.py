@@ -129,7 +129,7 @@ def test_a_bundle_samples_with_its_recorded_setting_unless_told_otherwise(bundle
 
 
 @pytest.mark.parametrize("sampling, message", [
-    ({"sampler": "euler", "steps": 5}, r"'sampling': unknown sampler 'euler'"),
+    ({"sampler": "heun", "steps": 5}, r"'sampling': unknown sampler 'heun'"),
     ({"sampler": "ddim", "steps": 5000}, r"ddim:5000 takes 5000 steps, more than the schedule's T=1000"),
     ({"sampler": "ddim", "steps": 5, "cache_interval": 0}, r"cache_interval \(--cache-interval\) must be an integer"),
     ({"sampler": "ddim", "steps": 5, "eta": 1}, r"'sampling' must be \{\"sampler\", \"steps\""),

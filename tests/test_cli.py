@@ -12,7 +12,7 @@ from tdcdiff.run import RunConfig
 
 # What a help text says where the setting's default is not one value: the setting is unset (None) or a switch.
 DESCRIBED = {"the data's": None, "all": None, "by image size": None, "unscaled": None, "min(50, T)": None,
-             "off": False, "on": True}
+             "the --base pipeline's scheduler's, else ddim": None, "off": False, "on": True}
 
 
 def _default(option) -> str | None:

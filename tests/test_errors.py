@@ -51,7 +51,8 @@ CLI_CASES = [
     ("too few timesteps for the linear betas", ["run", "--timesteps", "20"],
      r"error: num_train_timesteps \(--timesteps\) T=20 is too few for the linear schedule: its betas are scaled by "
      r"1000/T and the last, 1, would reach 1 \(no signal left\); use T >= 21 or the cosine schedule"),
-    ("unknown sampler", ["run", "--sampler", "euler"], "unknown sampler 'euler'"),
+    ("unknown sampler", ["run", "--sampler", "heun"], "unknown sampler 'heun'"),
+    ("unknown device", ["run", "--device", "tpu"], "error: --device must be auto, cpu, cuda or cuda:N, got tpu"),
     ("unknown grouping", ["run", "--grouping", "equal"], "unknown grouping strategy 'equal'"),
     ("unknown proposer", ["run", "--proposer", "gpt"], "unknown proposer 'gpt'"),
     ("unknown ordering", ["run", "--ordering", "random"], "unknown difficulty ordering 'random'"),

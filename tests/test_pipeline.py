@@ -21,8 +21,8 @@ def test_same_seed_same_images(tiny_unet, scheduler):
 
 
 def test_bad_sampling_settings(tiny_unet, scheduler):
-    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        sample(tiny_unet, scheduler, sample_shape=(1, 8, 8), sampler="euler", progress=False)
+    with pytest.raises(ValueError, match="unknown sampler 'heun'"):
+        sample(tiny_unet, scheduler, sample_shape=(1, 8, 8), sampler="heun", progress=False)
     with pytest.raises(ValueError, match="steps must be between 1 and"):
         sample(tiny_unet, scheduler, sample_shape=(1, 8, 8), steps=0, progress=False)
 

@@ -192,11 +192,42 @@ def reference_deis(x, visited, kind, model_levels, levels, clip, generator):
         previous = eps
 
 
+def reference_pndm(x, visited, kind, model_levels, levels, clip, generator):
+    """PLMS (Liu et al. 2022, eq. 12): epsilon extrapolated from the last 4 steps by the Adams-Bashforth formula
+    (55 e_0 - 59 e_1 + 37 e_2 - 9 e_3) / 24, of lower order while fewer are known ((3 e_0 - e_1) / 2, (23 e_0 - 16 e_1
+    + 5 e_2) / 12, first order at the first step), moved by the transfer of eq. 11, x' = sqrt(a'/a) x - (a' - a) e /
+    (a sqrt(1 - a') + sqrt(a (1 - a) a')), to the next visited timestep and from the last to x0 (a' = 1)."""
+    weights = {1: [1], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+    history = []
+    for i, t in enumerate(visited):
+        a = levels[t]
+        _, eps = to_x0_eps(kind, a, x, exact_output(kind, model_levels[t], x))
+        history = [eps, *history[:3]]
+        e = sum(w * h for w, h in zip(weights[len(history)], history))
+        a_next = levels[visited[i + 1]] if i + 1 < len(visited) else torch.tensor(1.0, dtype=torch.float64)
+        x = (a_next / a).sqrt() * x - (a_next - a) * e / (a * (1 - a_next).sqrt() + (a * (1 - a) * a_next).sqrt())
+    return x
+
+
+def reference_euler(x, visited, kind, model_levels, levels, clip, generator):
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - x0(x)) / sigma in x = x_t / alpha_t, sigma =
+    sqrt((1 - a) / a) (Karras et al. 2022, eq. 3 and algorithm 2 without churn): from the noise times
+    sqrt(sigma_0^2 + 1), the model fed x / sqrt(sigma^2 + 1), each step x += (sigma' - sigma) (x - x0) / sigma, to
+    sigma = 0 after the last visited timestep."""
+    sigma = [((1 - levels[t]) / levels[t]).sqrt() for t in visited] + [torch.tensor(0.0, dtype=torch.float64)]
+    x = x * (sigma[0] ** 2 + 1).sqrt()
+    for i, t in enumerate(visited):
+        scaled = x / (sigma[i] ** 2 + 1).sqrt()
+        x0, _ = to_x0_eps(kind, levels[t], scaled, exact_output(kind, model_levels[t], scaled))
+        x = x + (sigma[i + 1] - sigma[i]) * (x - x0) / sigma[i]
+    return x
+
+
 REFERENCES = {"ddpm": reference_ddpm, "ddim": reference_ddim, "dpm-solver++": reference_dpm_solver,
-              "unipc": reference_unipc, "deis": reference_deis}
+              "unipc": reference_unipc, "deis": reference_deis, "pndm": reference_pndm, "euler": reference_euler}
 # diffusers' multistep solvers put a zero terminal alpha_bar at 2**-24, so their sigma stays finite
 # (scheduling_dpmsolver_multistep.py; samplers.ZERO_SNR_ALPHA_BAR for UniPC and DEIS); the model still saw 0
-CLAMPS_ZERO_SNR = ("dpm-solver++", "unipc", "deis")
+CLAMPS_ZERO_SNR = ("dpm-solver++", "unipc", "deis", "pndm", "euler")
 
 
 def reference_images(sampler, scheduler, steps, seed):
@@ -220,16 +251,19 @@ def step_counts(T):
 
 
 # A sampler with enough steps gets close to the data's sd; each solver's own discretisation error at 50
-# steps leaves it a little below (measured: ddpm 0.157-0.174, ddim 0.172-0.189, dpm-solver++ 0.186-0.198).
-MIN_SD_AT_50_STEPS = {"ddpm": 0.145, "ddim": 0.16, "dpm-solver++": 0.175, "unipc": 0.175, "deis": 0.17}
+# steps leaves it a little below (measured: ddpm 0.157-0.174, ddim 0.172-0.189, dpm-solver++ 0.186-0.198, pndm
+# 0.195-0.199, euler 0.172-0.184).
+MIN_SD_AT_50_STEPS = {"ddpm": 0.145, "ddim": 0.16, "dpm-solver++": 0.175, "unipc": 0.175, "deis": 0.17, "pndm": 0.185,
+                      "euler": 0.165}
 # Largest pixel difference from the float64 reference: float32 rounding only (measured: at most 4e-6), and for an
 # epsilon model that rounding divided by sqrt(alpha_bar) where x0 = (x - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)
 # at t=T-1 (measured: up to 6.4e-7 / sqrt(alpha_bar_{T-1}), 1.3e-2 for cosine at T=1000, in one step).
 REFERENCE_TOLERANCE = 2e-5
 EPSILON_ROUNDING = 1e-6
 # DEIS steps on epsilon whatever the model predicts (diffusers' convert_model_output), x / alpha + rho eps, so its
-# float32 rounding is an epsilon model's (measured: up to 1.5e-7 / sqrt(alpha_bar_{T-1}), 3.1e-3 for cosine at T=1000).
-EPSILON_FORM = ("deis",)
+# float32 rounding is an epsilon model's (measured: up to 1.5e-7 / sqrt(alpha_bar_{T-1}), 3.1e-3 for cosine at T=1000);
+# PLMS steps on epsilon too, and Euler's state x / alpha is sigma_max ~ 1 / sqrt(alpha_bar_{T-1}) times the noise.
+EPSILON_FORM = ("deis", "pndm", "euler")
 
 
 @pytest.mark.parametrize("T", [1000, 50])
@@ -395,7 +429,7 @@ def test_a_sampling_setting_reads_and_writes_its_text(text, setting):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("ddim", "takes sampler:steps"), ("euler:10", "unknown sampler 'euler'"), ("ddim:0", "steps must be an integer >= 1"),
+    ("ddim", "takes sampler:steps"), ("heun:10", "unknown sampler 'heun'"), ("ddim:0", "steps must be an integer >= 1"),
     ("ddim:ten", "invalid literal"), ("ddim:10:x3", "takes sampler:steps"), ("ddim:10:d2", "cache_depth"),
 ])
 def test_a_bad_sampling_setting_is_one_line(text, message):

@@ -42,12 +42,14 @@ class BaseModelError(ValueError):
 @dataclass
 class BaseModel:
     """A loaded trained denoiser. scheduler_config: the pipeline's noise schedule (plain JSON), or None when
-    the run's own schedule settings apply. source: what it was loaded from."""
+    the run's own schedule settings apply. source: what it was loaded from. scheduler_class: the diffusers
+    scheduler class the pipeline samples with (model_index.json's), or None without a pipeline."""
 
     model: nn.Module
     scheduler_config: dict | None
     source: str
     vae: nn.Module | None = None  # a latent diffusion pipeline's VAE: the model works on its latents
+    scheduler_class: str | None = None
 
 
 def _read_json(path: Path) -> dict:
@@ -156,7 +158,16 @@ def _load_pipeline(directory: Path, check: Check | None) -> BaseModel:
     scheduler = _read_json(directory / "scheduler" / "scheduler_config.json")
     if "num_train_timesteps" not in scheduler:
         raise BaseModelError(f"{directory / 'scheduler' / 'scheduler_config.json'} has no num_train_timesteps")
-    return BaseModel(model, {k: v for k, v in scheduler.items() if not k.startswith("_")}, str(directory), vae)
+    return BaseModel(model, {k: v for k, v in scheduler.items() if not k.startswith("_")}, str(directory), vae,
+                     pipeline_scheduler_class(index, scheduler))
+
+
+def pipeline_scheduler_class(index: dict, scheduler: dict) -> str | None:
+    """The scheduler class a pipeline samples with: model_index.json's ["diffusers", class] entry, else its
+    scheduler_config.json's _class_name (None when neither names one)."""
+    entry = index.get("scheduler")
+    name = entry[1] if isinstance(entry, list) and len(entry) == 2 else scheduler.get("_class_name")
+    return name if isinstance(name, str) else None
 
 
 def _load_vae(directory: Path, entry: list) -> nn.Module:
@@ -345,7 +356,15 @@ def check_fits_data(model: nn.Module, source: str, *, channels: int, image_size:
 
 
 def scheduler_from_config(config: dict):
-    """The training DDPMScheduler of a pipeline's scheduler config (its betas, T, prediction and variance type)."""
+    """The training DDPMScheduler of a pipeline's scheduler config, of whatever diffusers class (DDIM, PNDM,
+    DPM-Solver, Euler, ...): its betas (beta_schedule, beta_start, beta_end, trained_betas, rescale_betas_zero_snr),
+    T, prediction type and the other settings a DDPMScheduler takes. The settings of the sampling class alone
+    (DDIM's set_alpha_to_one, PNDM's skip_prk_steps, ...) are left out: DDPMScheduler.from_config would keep them
+    in its config, where a bundle refuses them. So are unset (null) ones: DPM-Solver's variance_type null means
+    "no learned variance", which a DDPMScheduler spells as its default."""
+    import inspect
+
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler.from_config(config)
+    takes = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
+    return DDPMScheduler.from_config({k: v for k, v in config.items() if k in takes and v is not None})

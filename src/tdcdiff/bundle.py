@@ -147,6 +147,12 @@ def _scheduler_config(scheduler) -> dict:
     return {"_class_name": type(scheduler).__name__, "_diffusers_version": _diffusers_version(), **config}
 
 
+def check_bundle_scheduler(scheduler, source: str) -> None:
+    """Raise BundleError, before any work, unless a bundle can hold `scheduler` as its training schedule (the
+    checks load_bundle makes on the manifest's 'scheduler'). source: what the schedule came from."""
+    build_scheduler(_scheduler_config(scheduler), f"the training schedule of {source}")
+
+
 def _listing(root: Path, directory: str) -> dict[str, dict]:
     """'files' entries {bytes, sha256} of the files save_model wrote into root/directory."""
     return {f"{directory}/{file.name}": {"bytes": file.stat().st_size, "sha256": sha256_file(file)}

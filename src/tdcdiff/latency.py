@@ -39,6 +39,14 @@ from .flops import count_flops
 from .models import as_denoiser
 
 TABLE_VERSION = 1
+# A forward at least this long (big models at large batches: the DDPM CIFAR-10 UNet takes ~13 CPU-s at batch 64) is
+# warmed up once and timed in at most LONG_FORWARD_REPEATS rounds: the first call pays the allocations, and the
+# timer's resolution and jitter are far below 1% of it.
+LONG_FORWARD_SECONDS = 1.0
+LONG_FORWARD_REPEATS = 3
+# FLOPs of one timed CPU forward above which a FLOPs-budgeted expert is timed at a smaller batch (timing_batch):
+# about 2 CPU-s here; the DDPM CIFAR-10 UNet (12.4 GFLOPs) is timed at batch 16 instead of 64.
+TIMING_FLOPS = 2e11
 CLOCK_VARIABLE = "TDCDIFF_CLOCK"
 CLOCKS = ("measured", "flops")
 COUNTED_FLOPS_PER_SECOND = 1e9  # nominal: budgets and ratios are fractions, so only FLOPs ratios matter
@@ -172,7 +180,9 @@ def compare(
     sample_shape: (C, H, W) of one sample. batch: samples per forward.
     repeats: interleaved rounds; round r times the models in the order rotated by r. warmup: untimed forwards
         of each model first. min_seconds: each timing repeats the forward enough times to last about this long
-        (calibrated on the first model), so that short forwards are not lost in timer resolution.
+        (calibrated on the first model's last warm-up forward), so that short forwards are not lost in timer
+        resolution. A model whose first warm-up forward takes LONG_FORWARD_SECONDS or more is warmed up once, and
+        when the first model's forward is that long, at most LONG_FORWARD_REPEATS rounds are timed.
     With $TDCDIFF_CLOCK=flops the times are counted instead (see the module doc): no forward runs.
     Raises ValueError for an empty list, batch < 1, repeats < 1 or an unknown $TDCDIFF_CLOCK.
     """
@@ -190,15 +200,27 @@ def compare(
         x, t = _inputs(d, sample_shape, batch)
         runs.append(lambda d=d, x=x, t=t: d(x, t))
     with _timing_threads(device):
-        for run in runs:
-            for _ in range(warmup):
-                run()
-        calls = max(1, math.ceil(min_seconds / max(timer(runs[0], 1), 1e-6)))
+        last = [_warm_up(run, warmup, timer) for run in runs]
+        per_call = last[0] if last[0] is not None else timer(runs[0], 1)
+        calls = max(1, math.ceil(min_seconds / max(per_call, 1e-6)))
+        if per_call >= LONG_FORWARD_SECONDS:
+            repeats = min(repeats, LONG_FORWARD_REPEATS)
         times: list[list[float]] = [[] for _ in runs]
         for r in range(repeats):
             for i in [(r + j) % len(runs) for j in range(len(runs))]:
                 times[i].append(timer(runs[i], calls))
     return times
+
+
+def _warm_up(run: Callable[[], object], warmup: int, timer) -> float | None:
+    """`warmup` untimed calls of `run` (one when the first takes LONG_FORWARD_SECONDS or more); returns the
+    seconds of the last one (None for no warm-up)."""
+    took = None
+    for _ in range(warmup):
+        took = timer(run, 1)
+        if took >= LONG_FORWARD_SECONDS:
+            break
+    return took
 
 
 def forward_seconds(model: nn.Module, sample_shape: Sequence[int], batch: int, **kwargs) -> float:
@@ -294,20 +316,9 @@ def measure_table(
     """
     from .files import atomic_write_text
 
-    device = device_of(base)
-    key = cache_key(base, sample_shape, batch, device)
-    path = Path(cache_dir or default_cache_dir()) / f"{key}.json"
-    table, changed = None, False
-    if path.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            table = LatencyTable.from_json(path.read_text())
-    if table is None or table.key != key:
-        changed = True
-        table = LatencyTable(
-            key, forward_seconds(base, sample_shape, batch, repeats=repeats, warmup=warmup),
-            meta={"device": _timed_on(device), "batch": batch, "torch": torch.__version__,
-                  "sample_shape": list(sample_shape)},
-        )
+    path, table = _cached_table(base, sample_shape, batch, cache_dir)
+    changed = table is None
+    table = table or _new_table(base, sample_shape, batch, repeats=repeats, warmup=warmup)
     for unit, levels in variants.items():
         missing = [level for level in sorted(levels) if level > 0 and level not in table.deltas.get(unit, {})]
         if not missing:
@@ -323,3 +334,81 @@ def measure_table(
     if changed:
         atomic_write_text(path, table.to_json())
     return table
+
+
+def _cached_table(base: nn.Module, sample_shape: Sequence[int], batch: int,
+                  cache_dir: str | Path | None) -> tuple[Path, LatencyTable | None]:
+    """(the cache file of base's latency table, the table it holds, or None when there is none for base)."""
+    key = cache_key(base, sample_shape, batch, device_of(base))
+    path = Path(cache_dir or default_cache_dir()) / f"{key}.json"
+    table = None
+    if path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            table = LatencyTable.from_json(path.read_text())
+    return path, table if table is not None and table.key == key else None
+
+
+def _new_table(base: nn.Module, sample_shape: Sequence[int], batch: int, **kwargs) -> LatencyTable:
+    """A latency table of base with its forward time measured and no unit measured yet."""
+    device = device_of(base)
+    seconds = forward_seconds(base, sample_shape, batch, **kwargs)
+    return LatencyTable(cache_key(base, sample_shape, batch, device), seconds,
+                        meta={"device": _timed_on(device), "batch": batch, "torch": torch.__version__,
+                              "sample_shape": list(sample_shape)})
+
+
+def base_seconds(base: nn.Module, sample_shape: Sequence[int], batch: int, *, cache_dir: str | Path | None = None,
+                 **kwargs) -> float:
+    """Median seconds of one forward of `base` at `batch` (forward_seconds; kwargs as for compare()), measured once
+    per architecture, sample shape, device, batch and torch version and cached as its latency table's base time
+    (measure_table reads and extends the same file): every pruned expert of a run, in any process, is timed
+    against one measurement of the base."""
+    from .files import atomic_write_text
+
+    path, table = _cached_table(base, sample_shape, batch, cache_dir)
+    if table is None:
+        table = _new_table(base, sample_shape, batch, **kwargs)
+        atomic_write_text(path, table.to_json())
+    return table.base_seconds
+
+
+def timing_batch(model: nn.Module, sample_shape: Sequence[int], batch: int) -> int:
+    """The batch at which to time pruned copies of `model` for their time ratios: `batch`, halved on a CPU while a
+    forward would exceed TIMING_FLOPS (a big model's CPU forward is compute-bound, so its time ratios hardly move
+    with the batch, and each forward of it costs seconds); on a GPU `batch` itself (its throughput depends on it)."""
+    if device_of(model).type == "cuda":
+        return batch
+    flops = count_flops(as_denoiser(model), sample_shape)
+    while batch > 1 and flops * batch > TIMING_FLOPS:
+        batch //= 2
+    return batch
+
+
+class ExpertTimer:
+    """Forward time ratios of pruned copies of one base at one batch: the base is timed once (base_seconds, cached
+    on disk), each distinct architecture once (architecture_hash), and a copy with the base's architecture (a group
+    whose budget is the whole base) is 1.0 without a forward. Ratios are of medians measured apart, not side by
+    side: for a big model a side-by-side comparison timed the base again for every expert.
+
+    base: the unpruned model; sample_shape: (C, H, W); batch: samples per forward; base_time: the base's seconds
+    per forward when known (a latency table's base_seconds, so that ratios agree with its estimates), else
+    base_seconds(); kwargs: as for compare().
+    """
+
+    def __init__(self, base: nn.Module, sample_shape: Sequence[int], batch: int, *, base_time: float | None = None,
+                 **kwargs):
+        self.base, self.sample_shape, self.batch, self.kwargs = base, tuple(sample_shape), batch, kwargs
+        self.base_key = architecture_hash(base, sample_shape)
+        self.base_time = base_time
+        self.seconds: dict[str, float] = {}
+
+    def ratio(self, model: nn.Module) -> float:
+        """model's forward time as a fraction of the base's."""
+        key = architecture_hash(model, self.sample_shape)
+        if key == self.base_key:
+            return 1.0
+        if key not in self.seconds:
+            self.seconds[key] = forward_seconds(model, self.sample_shape, self.batch, **self.kwargs)
+        if self.base_time is None:
+            self.base_time = base_seconds(self.base, self.sample_shape, self.batch, **self.kwargs)
+        return self.seconds[key] / self.base_time

@@ -244,7 +244,8 @@ def sample(
     train_scheduler: the training schedule (gives betas, T and the prediction type). Raises ValueError for an
         epsilon-prediction schedule with zero terminal SNR (schedule.check_sampling_schedule).
     sample_shape: (C, H, W) of one image, at the size the model's config states (sample_size), if it does.
-    sampler: one of SAMPLERS (samplers.describe_samplers()): "ddpm", "ddim", "dpm-solver++", "unipc", "deis".
+    sampler: one of SAMPLERS (samplers.describe_samplers()): "ddpm", "ddim", "dpm-solver++", "unipc", "deis",
+        "pndm", "euler".
     steps: number of sampling steps, 1..T; the sampler visits `samplers.visited_timesteps(steps, T)` (T-1 first)
         and ends at x0.
     num_images, batch_size: how many images in total, and how many per forward pass.

@@ -1,9 +1,12 @@
-"""The sampler registry: diffusers' DDPM, DDIM, DPM-Solver++, UniPC and DEIS, and the training timesteps they visit.
+"""The sampler registry: diffusers' DDPM, DDIM, PNDM (PLMS), DPM-Solver++, UniPC, DEIS and Euler, and the training
+timesteps they visit.
 
 Every sampler is given the visited timesteps by `set_timesteps(timesteps=...)`, diffusers' custom-timestep
 argument (DDPMScheduler and DPMSolverMultistepScheduler have it in diffusers 0.42.1). A diffusers scheduler
-without it gets a mixin that adds it (DDIMScheduler, UniPCMultistepScheduler and DEISMultistepScheduler here), and
-an entry in _SAMPLERS: the sampling loop then treats every sampler alike. A sampler's name is matched here only.
+without it gets a mixin that adds it (DDIMScheduler, PNDMScheduler, UniPCMultistepScheduler,
+DEISMultistepScheduler and EulerDiscreteScheduler here), and an entry in _SAMPLERS: the sampling loop then treats
+every sampler alike, one model call per visited timestep. A sampler's name is matched here only;
+`sampler_for_scheduler` maps a pipeline's diffusers scheduler class to it.
 
 This module imports neither torch nor diffusers (the CLI's help lists the samplers, and those imports take
 seconds): a mixin is joined to its diffusers class on first use (`_scheduler_class`).
@@ -147,6 +150,82 @@ class _DEISToX0(_VisitedSigmas):
         return SchedulerOutput(prev_sample=x0) if return_dict else (x0,)
 
 
+def _epsilon_and_x0(prediction: str, alpha_bar, sample, model_output):
+    """(epsilon, x0) implied by a model output of type `prediction` at noise level alpha_bar."""
+    if prediction == "epsilon":
+        return model_output, (sample - (1 - alpha_bar) ** 0.5 * model_output) / alpha_bar**0.5
+    if prediction == "v_prediction":
+        return (alpha_bar**0.5 * model_output + (1 - alpha_bar) ** 0.5 * sample,
+                alpha_bar**0.5 * sample - (1 - alpha_bar) ** 0.5 * model_output)
+    return (sample - alpha_bar**0.5 * model_output) / (1 - alpha_bar) ** 0.5, model_output
+
+
+# Adams-Bashforth weights of the last 1..4 epsilons, newest first (PLMS, Liu et al. 2022, eq. 12 and its warm-up)
+PLMS_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+class _PLMS:
+    """PLMS, the pseudo linear multistep method of PNDM (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion
+    Models on Manifolds", eqs. 11-12), over the visited timesteps: each step's epsilon (converted from the model's
+    epsilon, v or x0) joins a history of at most 4, their Adams-Bashforth combination (PLMS_WEIGHTS, of the order
+    the history allows) is moved by the transfer of eq. 11 (diffusers' PNDMScheduler._get_prev_sample) to the next
+    visited timestep, and from the last to x0 (alpha_bar 1). A first-order last step returns the model's x0.
+
+    One model call per visited timestep, as every sampler of the registry: diffusers' PNDMScheduler with
+    skip_prk_steps (Stable Diffusion's) spends two calls on its first step (a pseudo improved Euler step, n + 1
+    calls for n steps, one timestep repeated); here the first step is first order and the higher orders follow
+    as the history fills, as in diffusers from the second step on. A zero terminal SNR's alpha_bar_{T-1} = 0 is
+    stepped from at ZERO_SNR_ALPHA_BAR, as DPM-Solver++ does (the transfer divides by alpha_bar).
+    """
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None,
+                      timesteps: list[int] | None = None) -> None:
+        import torch
+
+        timesteps = _given_timesteps(num_inference_steps, timesteps, self.config.num_train_timesteps)
+        super().set_timesteps(len(timesteps), device=device)  # also empties diffusers' history (ets)
+        levels = self.alphas_cumprod[timesteps]  # a copy
+        levels[levels == 0] = ZERO_SNR_ALPHA_BAR
+        self._levels = torch.cat([levels, levels.new_ones(1)])  # after the last visited timestep: x0
+        self._index = {t: i for i, t in enumerate(timesteps)}
+        self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=device)
+
+    def step(self, model_output, timestep, sample, return_dict: bool = True):
+        from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+        i = self._index[int(timestep)]
+        a, a_next = self._levels[i].to(sample.device), self._levels[i + 1].to(sample.device)
+        epsilon, x0 = _epsilon_and_x0(self.config.prediction_type, a, sample, model_output)
+        self.ets = [epsilon, *self.ets[:3]]  # newest first
+        if len(self.ets) == 1 and i + 1 == len(self.timesteps):
+            prev = x0
+        else:
+            combined = sum(w * e for w, e in zip(PLMS_WEIGHTS[len(self.ets)], self.ets))
+            # eq. 11: sqrt(a'/a) x - (a' - a) e / (a sqrt(1 - a') + sqrt(a (1 - a) a'))
+            prev = (a_next / a) ** 0.5 * sample - (a_next - a) * combined / (
+                a * (1 - a_next) ** 0.5 + (a * (1 - a) * a_next) ** 0.5)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+class _EulerVisited(_VisitedSigmas):
+    """diffusers' EulerDiscreteScheduler (Karras et al. 2022, algorithm 2 without churn: Euler's method on the
+    probability-flow ODE in sigma) over the visited timesteps, to sigma = 0 after the last (x0).
+
+    The state is x_t / alpha_t, which starts as the noise times sqrt(sigma_max^2 + 1): diffusers' trailing
+    spacing starts from sigma_max alone (`init_noise_sigma`), exact only as sigma_max grows without bound. Its
+    step refuses integer timesteps (they look like indices to it): the loop's ints are passed as the scheduler's
+    own timestep values.
+    """
+
+    @property
+    def init_noise_sigma(self):
+        return float((self.sigmas.max() ** 2 + 1) ** 0.5)
+
+    def step(self, model_output, timestep, sample, *args, **kwargs):
+        return super().step(model_output, self.timesteps.new_tensor(float(timestep)), sample, *args, **kwargs)
+
+
 @functools.cache
 def _scheduler_class(base: str, mixin: type) -> type:
     """diffusers' scheduler class named `base` with `mixin` before it in the method order, joined on first use."""
@@ -199,6 +278,21 @@ def _deis(train, learned_variance: bool):
         solver_type="logrho", lower_order_final=True, timestep_spacing=TIMESTEP_SPACING, **_OWN_SIGMAS_OFF)
 
 
+def _pndm(train, learned_variance: bool):
+    # The training schedule's own betas (PNDM lacks the sigmoid schedule and zero-SNR rescaling)
+    return _scheduler_class("PNDMScheduler", _PLMS).from_config(
+        train.config, trained_betas=train.betas.tolist(), skip_prk_steps=True, set_alpha_to_one=True,
+        timestep_spacing=TIMESTEP_SPACING)
+
+
+def _euler(train, learned_variance: bool):
+    # The training schedule's own betas (Euler lacks the sigmoid schedule), no churn (deterministic), linear
+    # interpolation of sigmas at the given timesteps, whatever a pipeline's config says.
+    return _scheduler_class("EulerDiscreteScheduler", _EulerVisited).from_config(
+        train.config, trained_betas=train.betas.tolist(), rescale_betas_zero_snr=False, interpolation_type="linear",
+        timestep_type="discrete", timestep_spacing=TIMESTEP_SPACING, final_sigmas_type="zero", **_OWN_SIGMAS_OFF)
+
+
 @dataclass(frozen=True)
 class SamplerKind:
     """One sampler of the registry.
@@ -219,8 +313,38 @@ _SAMPLERS = {
     "dpm-solver++": SamplerKind(_dpm_solver, "2M; Lu et al. 2022"),
     "unipc": SamplerKind(_unipc, "bh2, order 2; Zhao et al. 2023"),
     "deis": SamplerKind(_deis, "log-rho, order 2; Zhang & Chen 2023"),
+    "pndm": SamplerKind(_pndm, "PLMS, order 4; Liu et al. 2022"),
+    "euler": SamplerKind(_euler, "no churn; Karras et al. 2022"),
 }
 SAMPLERS = tuple(_SAMPLERS)
+
+
+# A diffusers pipeline's scheduler class -> the registry's sampler that samples as it does (its registry settings:
+# see each builder). DPMSolverSinglestepScheduler has no single-step twin here: its nearest is the multistep one.
+PIPELINE_SAMPLERS = {
+    "DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "PNDMScheduler": "pndm",
+    "DPMSolverMultistepScheduler": "dpm-solver++", "DPMSolverSinglestepScheduler": "dpm-solver++",
+    "UniPCMultistepScheduler": "unipc", "DEISMultistepScheduler": "deis", "EulerDiscreteScheduler": "euler",
+}
+_NEAREST = {"DPMSolverSinglestepScheduler": "the multistep DPM-Solver++(2M), its nearest in the registry"}
+
+
+def sampler_for_scheduler(class_name: str, source: str) -> tuple[str, str]:
+    """The registry's sampler for a pipeline's diffusers scheduler class, and a note saying how it samples.
+
+    class_name: e.g. "DDIMScheduler" (model_index.json's scheduler entry). source: what it came from, for the
+    message. The registry sampler keeps its own settings (trailing timesteps, x0 at the end, order 2 solvers),
+    whatever the pipeline's config says; the note names the sampler and says so.
+    Raises ValueError naming the class, the supported ones and the fix for a class without a sampler here.
+    """
+    name = PIPELINE_SAMPLERS.get(class_name)
+    if name is None:
+        raise ValueError(f"{source} samples with {class_name}, which no sampler of tdcdiff follows; supported: "
+                         f"{', '.join(PIPELINE_SAMPLERS)}; pass --sampler (one of {', '.join(SAMPLERS)}) to sample "
+                         "with another")
+    how = _NEAREST.get(class_name, f"{name} ({_SAMPLERS[name].summary})")
+    return name, (f"{class_name} of {source} -> {how}, trailing timesteps ending at x0; the pipeline's own "
+                  "scheduler settings are kept in the bundle's provenance")
 
 
 def sampler_kind(name: str) -> SamplerKind:
@@ -246,7 +370,7 @@ def make_sampler(name: str, train_scheduler, timesteps: list[int] | None = None,
                  device=None):
     """A diffusers sampling scheduler sharing the training schedule's betas and prediction type.
 
-    name: one of SAMPLERS ("ddpm", "ddim", "dpm-solver++", "unipc", "deis").
+    name: one of SAMPLERS ("ddpm", "ddim", "dpm-solver++", "unipc", "deis", "pndm", "euler").
     train_scheduler: the DDPMScheduler the model was trained with.
     timesteps: the training timesteps to visit, descending (`visited_timesteps`); set on the scheduler (on
         `device`) when given. Call `set_timesteps(timesteps=...)` again before each new trajectory: it resets

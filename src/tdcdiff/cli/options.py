@@ -131,10 +131,17 @@ Distill = Annotated[Optional[float], _option(
 FeatureDistill = Annotated[Optional[float], _option(
     "--feature-distill", help="Weight of feature distillation (block outputs, via learned projections) from the base "
     "model in stage 2 (0: none).", default=0.0)]
-Sampler = Annotated[Optional[str], _option(help=f"Sampler: {describe_samplers()}.", default="ddim")]
+Sampler = Annotated[Optional[str], _option(help=f"Sampler: {describe_samplers()}.",
+                                           default="the --base pipeline's scheduler's, else ddim")]
 SampleSteps = Annotated[Optional[int], _option("--steps", help="Sampling steps.", default="min(50, T)")]
 NumSamples = Annotated[Optional[int], _option("--num", help="Number of images in the run's sample grids.", default=64)]
 Seed = Annotated[Optional[int], _option(help="Seed of the whole run (data split, weights, noise).", default=0)]
+Device = Annotated[Optional[str], _option(
+    help="Where every stage runs (training, proxies, timing, sampling, FID): auto (CUDA when available), cpu, cuda, "
+    "cuda:N.", default="auto")]
+DryRun = Annotated[bool, typer.Option(
+    "--dry-run", help="Print the expected compute of each phase for these settings (measured from one forward and "
+    "one training step here) and exit; nothing is written.")]
 Group = Annotated[Optional[int], typer.Option("--group", "-g",
                                               help="Run only this group (0-based), e.g. one job per group.")]
 BaseModelSpec = Annotated[Optional[str], typer.Option(
@@ -162,7 +169,7 @@ SETTINGS = {
     "feature_distill": ("finetune.feature_distill_weight", FeatureDistill), "sampler": ("sampler", Sampler),
     "sample_steps": ("sample_steps", SampleSteps), "num_samples": ("num_samples", NumSamples), "seed": ("seed", Seed),
     "batch_size": (("base.batch_size", "finetune.batch_size"), BatchSize), "base": ("base_model", BaseModelSpec),
-    "base_model_steps": ("base_model_steps", BaseSteps),
+    "base_model_steps": ("base_model_steps", BaseSteps), "device": ("device", Device),
 }
 
 

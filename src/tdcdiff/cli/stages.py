@@ -20,7 +20,9 @@ from .options import (
     ConfigFile,
     Data,
     Depth,
+    Device,
     Distill,
+    DryRun,
     FeatureDistill,
     FtLr,
     FtSteps,
@@ -64,17 +66,22 @@ def run_command(
     rounds: Rounds = None, candidates: Candidates = None, memory: Memory = None, importance: Importance = None,
     budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None, depth: Depth = None, finetune_steps: FtSteps = None, finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None, feature_distill: FeatureDistill = None,
     sampler: Sampler = None, sample_steps: SampleSteps = None, num_samples: NumSamples = None, seed: Seed = None,
-    base: BaseModelSpec = None, quiet: Quiet = False,
+    base: BaseModelSpec = None, device: Device = None, dry_run: DryRun = False, quiet: Quiet = False,
 ):
     """The whole method: train base -> plan -> prune -> fine-tune -> bundle -> samples -> report.
 
     With no arguments it runs on scikit-learn's digits into runs/digits. Stages that already finished are
     skipped, so rerunning the same command after a crash continues where it stopped. --base starts from a
-    trained model instead of training one.
+    trained model instead of training one. --dry-run prints what each phase would cost here and writes nothing.
     """
     flags = settings_flags(locals())
     try:
-        run = open_run(out, config, not quiet, **flags)
+        run = open_run(out, config, not quiet, writes=not dry_run, **flags)
+        if dry_run:
+            from ..run.estimate import estimate_run
+
+            typer.echo(estimate_run(run))
+            return
         result = run.run_all()
     except USER_ERRORS as err:
         fail(err)
@@ -89,7 +96,7 @@ def train_base_command(
     channels: Channels = None, limit: Limit = None, model: Model = None, attention: Attention = None,
     timesteps: Timesteps = None, schedule: Schedule = None, prediction: Prediction = None,
     base_steps: BaseSteps = None, base_lr: BaseLr = None, batch_size: BatchSize = None, seed: Seed = None,
-    base: BaseModelSpec = None, quiet: Quiet = False,
+    base: BaseModelSpec = None, device: Device = None, quiet: Quiet = False,
 ):
     """Stage 1: train one denoiser on all timesteps (resumes from the run's last checkpoint), or take --base."""
     flags = settings_flags(locals())
@@ -103,12 +110,12 @@ def train_base_command(
 def plan_command(
     out: RunDir = Path(RUN_DEFAULT), groups: Groups = None, grouping: Grouping = None, k: K = None,
     mean_budget: MeanBudget = None, ordering: Ordering = None, budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None,
-    depth: Depth = None, base: TrustBase = None, quiet: Quiet = False,
+    depth: Depth = None, base: TrustBase = None, device: Device = None, quiet: Quiet = False,
 ):
     """Group the timesteps and assign budgets (needs a trained base in the run directory)."""
     try:
         run = open_run(out, None, not quiet, groups=groups, grouping=grouping, k=k, mean_budget=mean_budget, ordering=ordering,
-                        budget_unit=budget_unit, latency_batch=latency_batch, depth=depth, base=base)
+                        budget_unit=budget_unit, latency_batch=latency_batch, depth=depth, base=base, device=device)
         plan = run.plan()
         timed = plan.budget_unit == "time"
         base_ms = run.latency_table(run.base_model()).base_seconds * 1000 if timed else None
@@ -132,13 +139,13 @@ def prune_command(
     out: RunDir = Path(RUN_DEFAULT), group: Group = None, proposer: Proposer = None, rounds: Rounds = None,
     candidates: Candidates = None, memory: Memory = None, importance: Importance = None,
     budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None, depth: Depth = None, base: TrustBase = None,
-    quiet: Quiet = False,
+    device: Device = None, quiet: Quiet = False,
 ):
     """Proxy-based pruning: derive each group's model from the base under its budget (FLOPs or time)."""
     try:
         run = open_run(out, None, not quiet, proposer=proposer, rounds=rounds, candidates=candidates,
                         memory=memory, importance=importance, budget_unit=budget_unit, latency_batch=latency_batch,
-                        depth=depth, base=base)
+                        depth=depth, base=base, device=device)
         summaries = run.prune(group)
     except USER_ERRORS as err:
         fail(err)
@@ -149,19 +156,20 @@ def prune_command(
         time_ratio = f"{s['time_ratio']:>7.1%}" if s.get("time_ratio") is not None else f"{'-':>7}"
         typer.echo(f"{s['group']:>5} {unit:>5} {s['fraction']:>7.1%} {s['flops_ratio']:>7.1%} {time_ratio} "
                    f"{s.get('latency_batch', '-'):>6} {got / s['fraction'] - 1:>+7.1%} {s['proxy_score']:>7.3f}")
-    typer.echo("budget, FLOPs and time (measured directly, side by side with the base) are fractions of the base's")
+    typer.echo("budget, FLOPs and time (measured directly: each distinct expert once, against one timing of the base) "
+               "are fractions of the base's")
     typer.echo(f"pruned models, search logs and memory banks: {out / 'prune'}")
 
 
 def finetune_command(
     out: RunDir = Path(RUN_DEFAULT), group: Group = None, finetune_steps: FtSteps = None,
     finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None, feature_distill: FeatureDistill = None,
-    base: TrustBase = None, quiet: Quiet = False,
+    base: TrustBase = None, device: Device = None, quiet: Quiet = False,
 ):
     """Stage 2: fine-tune each group's pruned model on its timesteps (--group i runs one group alone)."""
     try:
         run = open_run(out, None, not quiet, finetune_steps=finetune_steps, finetune_lr=finetune_lr, mix=mix, distill=distill,
-                        feature_distill=feature_distill, base=base)
+                        feature_distill=feature_distill, base=base, device=device)
         results = run.finetune(group)
     except USER_ERRORS as err:
         fail(err)

@@ -16,6 +16,7 @@ from .options import (
     Candidates,
     ConfigFile,
     Data,
+    DryRun,
     FtLr,
     ImageSize,
     Quiet,
@@ -59,7 +60,7 @@ def tune_command(
     batch: Annotated[int, typer.Option("--batch", help="Your sampling batch size: the frontier's time axis.")] = 64,
     max_quality_loss: Annotated[Optional[float], typer.Option("--max-quality-loss", help="Also accept a candidate at most this much worse than the base on the screening measure (--screening; relative, 0.02 = 2%).")] = None,
     price_per_hour: Annotated[Optional[float], typer.Option("--price-per-hour", help="Machine price per hour: adds the cost per 1,000 images before and after.")] = None,
-    quiet: Quiet = False,
+    dry_run: DryRun = False, quiet: Quiet = False,
 ):
     """The quality-speed frontier of one base and the fastest candidate as good as it, with its cost and return.
 
@@ -90,6 +91,12 @@ def tune_command(
         if candidate is not None:  # before Tune, which copies --base-from into the tune directory
             settings.validate()
             check_candidate(candidate, candidate_list(settings), out / "candidates.json")
+        if dry_run:  # nothing written: the base run is only opened
+            from ..run.estimate import estimate_tune
+
+            settings.validate()
+            return typer.echo(estimate_tune(out, settings, candidate_list(settings), base_from=base_from,
+                                            overrides=overrides(config, **flags)))
         try:
             tune = Tune(out, settings, overrides=overrides(config, **flags), base_from=base_from, progress=not quiet)
         except ValueError as err:  # the base run's settings: name the flag given, as _open_run does

@@ -21,7 +21,7 @@ from pathlib import Path
 from torch import nn
 
 from ..flops import count_flops
-from ..latency import default_cache_dir, measure_table, one_thread, time_ratios
+from ..latency import ExpertTimer, default_cache_dir, measure_table, one_thread
 from ..models import as_denoiser, network
 from ..surgery import depth
 from .engine import prune_kept, reduced_base
@@ -310,7 +310,7 @@ class TimedFit:
     """A fit corrected against directly measured forward time (see fit_to_measured_time).
 
     fit: the try whose measured time ratio is closest to the target. time_ratio: its forward time as a fraction
-    of the base's, measured side by side (latency.time_ratios). trail: every try in order, each a dict with
+    of the base's, measured apart (latency.ExpertTimer). trail: every try in order, each a dict with
     budget ("latency table" for the first fit, "FLOPs" for a correction), flops, estimated_ratio (the table's
     estimate / base seconds; first try only) and measured_ratio; or a correction's flops_budget and error
     when no pruning reaches it (the search stops there).
@@ -333,14 +333,15 @@ def fit_to_measured_time(
     tolerance: float = 0.03,
     repeats: int = 5,
     fitted: FitResult | None = None,
+    timer: ExpertTimer | None = None,
     **fit_kwargs,
 ) -> TimedFit:
     """Fit a decision to a time budget, then correct it until the MEASURED time ratio meets the budget.
 
     The latency table's estimate (base + per-unit changes) is not the pruned model's time: the changes are not
     additive (digits-8 at batch 64: estimate 0.78, measured 0.57), and a seconds budget refitted on the same
-    table can jump between far-apart decisions. So the first try is the table's fit; each one is timed side by
-    side with the base (latency.time_ratios at `batch`, `repeats` interleaved rounds), and while the measured
+    table can jump between far-apart decisions. So the first try is the table's fit; each one is timed against
+    the base (latency.ExpertTimer at `batch`, `repeats` rounds), and while the measured
     ratio m misses target_ratio by more than `tolerance` (relative), the decision is refitted to a FLOPs
     budget F <- F x (target_ratio / m) ** (1 / a), where a is the log-log slope of measured time against
     FLOPs over the last two tries (0.5 before there are two: width pruning's time ~ sqrt(FLOPs) at batch
@@ -349,6 +350,8 @@ def fit_to_measured_time(
     base, decision, sample_shape: as for fit_to_budget. target_ratio: the wanted forward time as a fraction
         of the base's, > 0. latency: the base's latency.LatencyTable (at `batch`). fitted: an existing fit of
         decision at target_ratio x latency.base_seconds (e.g. a search's winner), used as the first try.
+    timer: the latency.ExpertTimer of base at `batch` that times the tries (each distinct architecture once, the
+        base once; a run shares one across its groups); None: a new one, with `repeats` rounds.
     fit_kwargs: for fit_to_budget (importance, calibration, units, ignored_layers, num_heads).
     Returns the try whose measured ratio is closest to the target, with the trail of all tries.
     Raises ValueError for target_ratio <= 0 or max_corrections < 0; BudgetError when the first fit fails.
@@ -357,11 +360,12 @@ def fit_to_measured_time(
         raise ValueError(f"target_ratio must be > 0 and max_corrections >= 0, got {target_ratio} and {max_corrections}")
     fit = fitted or fit_to_budget(base, decision, target_ratio * latency.base_seconds, sample_shape, latency=latency,
                                   **fit_kwargs)
+    timer = timer or ExpertTimer(base, sample_shape, batch, base_time=latency.base_seconds, repeats=repeats)
     base_flops = count_flops(base, sample_shape)
     tries: list[tuple[FitResult, float]] = []
     trail: list[dict] = []
     for attempt in range(max_corrections + 1):
-        measured = time_ratios([base, fit.model], sample_shape, batch, repeats=repeats)[1]
+        measured = timer.ratio(fit.model)
         trail.append({"budget": "latency table" if attempt == 0 else "FLOPs", "flops": fit.flops,
                       "estimated_ratio": fit.seconds / latency.base_seconds if attempt == 0 else None,
                       "measured_ratio": measured})

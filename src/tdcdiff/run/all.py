@@ -25,7 +25,7 @@ class Run(Stages):
         self.prune()
         self.finetune()
         bundle_path = self.export_bundle()
-        bundle = load_bundle(bundle_path)
+        bundle = load_bundle(bundle_path, device=self.device)
         base_grid = self.sample_grid("base", self.base_model(),
                                      source=self.dir / "base" / FINAL_DIR / ARCHITECTURE_FILE)
         tdc_grid = self.sample_grid("tdc", bundle.router, source=bundle_path / MANIFEST)

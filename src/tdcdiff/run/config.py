@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from ..base_model import pipeline_scheduler_class
 from ..budget import ORDERINGS, budget_fractions, check_mean_budget
 from ..capacity import FID_LIMIT, GRID_LIMIT, MAX_FID_IMAGES, MAX_FID_SEEDS, MAX_GRID_IMAGES, SEEDS_LIMIT
 from ..files import parse_json, read_untrusted
 from ..grouping import STRATEGIES
 from ..pipeline import SAMPLERS
 from ..prune.search import SearchConfig, get_proposer
+from ..samplers import sampler_for_scheduler
 from ..schedule import BETA_SCHEDULES, MAX_TIMESTEPS, make_scheduler
-from ..settings import SEED, Settings, at_least, at_most, one_of, setting
+from ..settings import SEED, Rule, Settings, at_least, at_most, one_of, setting
 from ..train import TrainConfig
 
 BUDGET_UNITS = ("flops", "time")
 SCHEDULER_FILE = "scheduler_config.json"
 MAX_SCHEDULER_BYTES = 1 << 20  # a scheduler config is under a kilobyte
 FIX_PIPELINE = "pass a diffusers pipeline saved with save_pretrained"
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -39,8 +43,14 @@ class RunConfig(Settings):
         forward time measured on this device at latency_batch samples, fitted from a cached per-unit latency
         table). Every pruned expert's FLOPs and measured time are recorded either way.
     search: the pruning search. finetune: stage-2 training of EACH group (steps are per group).
-    sampler, sample_steps, num_samples: the sample grid written at the end (and the report's sampler);
-        sample_steps None means min(50, T) (`sampling_steps`).
+    sampler, sample_steps, num_samples: the sample grid written at the end, the report's sampler and the
+        bundle's default sampling; sampler None means the sampler of a base pipeline's scheduler class
+        (samplers.sampler_for_scheduler: a DDIMScheduler pipeline samples with "ddim", PNDM with "pndm", ...),
+        else "ddim" (resolved when a run opens, `with_pipeline_schedule`); sample_steps None means min(50, T)
+        (`sampling_steps`).
+    device: where every stage runs (training, proxies, latency tables, sampling, FID): "auto" (CUDA when
+        available, else the CPU), "cpu", "cuda" or "cuda:N" (`torch_device`). Several GPUs: stage-1 and stage-2
+        training under `accelerate launch` (see docs/speed.md).
     eval_samples, eval_seeds: images per sampling seed and number of seeds behind the report's FID/KID.
     seed: the run's seed, 0 <= seed < 2**32.
     base_model: start from a trained model instead of training stage 1: a diffusers model or pipeline directory,
@@ -72,7 +82,8 @@ class RunConfig(Settings):
     search: SearchConfig = setting(factory=SearchConfig)
     finetune: TrainConfig = setting(factory=lambda: TrainConfig(steps=400, lr=5e-4, warmup_steps=20,
                                                                 checkpoint_every=200))
-    sampler: str = setting("ddim", rule=one_of(SAMPLERS, what="sampler"))
+    sampler: str | None = setting(None, rule=Rule(lambda v: v is None or v in SAMPLERS, "", choices=SAMPLERS,
+                                                  what="sampler"))
     sample_steps: int | None = None
     num_samples: int = setting(64, rule=at_least(1))
     eval_samples: int = setting(512, rule=at_least(2, note="FID needs two images"))
@@ -80,6 +91,17 @@ class RunConfig(Settings):
     seed: int = setting(0, rule=SEED)
     base_model: str | None = None
     base_model_steps: int = setting(0, rule=at_least(0))
+    device: str = setting("auto", rule=Rule(lambda v: isinstance(v, str) and DEVICE.fullmatch(v) is not None,
+                                            "must be auto, cpu, cuda or cuda:N"))
+
+    @property
+    def torch_device(self) -> str:
+        """The device every stage runs on: `device`, with "auto" resolved to "cuda" when a GPU is visible."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     @property
     def sampling_steps(self) -> int:
@@ -94,6 +116,7 @@ class RunConfig(Settings):
 
     def checks(self):
         make_scheduler(self.num_train_timesteps, self.beta_schedule, self.prediction_type, version=self.schedule_version)
+        check_device(self.torch_device)
         for section in ("base", "finetune", "search"):
             _validate_section(getattr(self, section), section)
         if self.search.proposer == "llm":
@@ -132,6 +155,20 @@ class RunConfig(Settings):
         ]
 
 
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this process cannot see (before any work). Raises ValueError naming the fix."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise ValueError(f"device {device!r} (--device) is not visible here: torch sees {count} CUDA device(s) "
+                         f"(torch.cuda.is_available() is {torch.cuda.is_available()}); use --device cpu, or install "
+                         "a CUDA build of torch on a machine with a GPU")
+
+
 def _validate_section(section, name: str) -> None:
     """section.validate(), its message naming the setting by its dotted key ("steps must be ..." -> "base.steps
     must be ...")."""
@@ -147,12 +184,16 @@ def _validate_section(section, name: str) -> None:
 
 
 def with_pipeline_schedule(config: RunConfig) -> RunConfig:
-    """With a diffusers pipeline as base_model, the run's schedule settings are its scheduler's."""
+    """With a diffusers pipeline as base_model, the run's schedule settings are its scheduler's, and an unset
+    sampler is the one of its scheduler class (samplers.sampler_for_scheduler); otherwise an unset sampler is
+    "ddim". Raises ValueError, before any work, for a pipeline scheduler class that no sampler follows (unless a
+    sampler is given)."""
+    ddim = replace(config, sampler=config.sampler or "ddim")
     if not config.base_model:
-        return config
+        return ddim
     path = Path(config.base_model).expanduser() / "scheduler" / SCHEDULER_FILE
     if not (path.parent.parent / "model_index.json").exists() or not path.exists():
-        return config
+        return ddim
     try:
         scheduler = parse_json(read_untrusted(path.parent, path.name, str(path), max_bytes=MAX_SCHEDULER_BYTES,
                                               hint=FIX_PIPELINE), path, FIX_PIPELINE)
@@ -164,6 +205,12 @@ def with_pipeline_schedule(config: RunConfig) -> RunConfig:
                "prediction_type": scheduler.get("prediction_type", config.prediction_type)}
     if scheduler.get("beta_schedule") in BETA_SCHEDULES:
         changes["beta_schedule"] = scheduler["beta_schedule"]
+    if config.sampler is None:
+        index = path.parent.parent / "model_index.json"
+        index = parse_json(read_untrusted(index.parent, index.name, str(index), max_bytes=MAX_SCHEDULER_BYTES,
+                                          hint=FIX_PIPELINE), index, FIX_PIPELINE)
+        name = pipeline_scheduler_class(index if isinstance(index, dict) else {}, scheduler)
+        changes["sampler"] = sampler_for_scheduler(name or "DDPMScheduler", f"--base {config.base_model}")[0]
     return replace(config, **changes)
 
 

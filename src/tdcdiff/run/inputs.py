@@ -146,12 +146,23 @@ class RunInputs:
             raise FileNotFoundError(f"no trained base model at {path}; run `tdcdiff train-base` first")
         return self.load(path)
 
+    @property
+    def device(self) -> torch.device:
+        """Where every stage runs its models (RunConfig.torch_device)."""
+        return torch.device(self.config.torch_device)
+
+    @property
+    def sampling_precision(self) -> str:
+        """The precision of the run's sample grids: bf16 autocast on a GPU (the schedulers step in fp32; images
+        differ by ~1e-2), fp32 on a CPU, where bf16 is slower on most."""
+        return "bf16" if self.device.type == "cuda" else "fp32"
+
     def load(self, path: Path):
-        """A model the run saved (serialization.load_model). Its class may be the one a `module:function` base
-        returns: tdcdiff rebuilds that only once the user named the function in this process (--base, or
-        register_model_class in code), never because a run directory's config.json names it."""
+        """A model the run saved (serialization.load_model), on the run's device. Its class may be the one a
+        `module:function` base returns: tdcdiff rebuilds that only once the user named the function in this
+        process (--base, or register_model_class in code), never because a run directory's config.json names it."""
         try:
-            return load_model(path)
+            return load_model(path).to(self.device)
         except ValueError as err:
             spec = self.config.base_model
             if "register_model_class" not in str(err) or not spec or not FUNCTION_SPEC.match(spec):

@@ -26,8 +26,8 @@ def run_figures(run_dir: str | Path, out_dir: str | Path) -> list[tuple[str, str
     per-timestep loss; returns their (file, caption) pairs, for report.write_report."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     plan = json.loads((run_dir / "plan" / "plan.json").read_text())
-    bundle = load_bundle(run_dir / "bundle")
     run = Stages(run_dir, progress=False)
+    bundle = load_bundle(run_dir / "bundle", device=run.device)
     grouping = Grouping.from_dict(plan["grouping"])
     plot_grouping(grouping, run.scheduler, out_dir / "grouping.png", budgets=plan["fractions"])
     plot_budgets(plan, bundle.manifest, out_dir / "budgets.png")
@@ -113,7 +113,7 @@ def report_for_run(
     with lock_run_dir(run_dir):  # it writes run_dir/report/
         run = Stages(run_dir, progress=progress, base=base)
         c = run.config
-        bundle = load_bundle(run_dir / "bundle")
+        bundle = load_bundle(run_dir / "bundle", device=run.device)
         _check_bundle_is_the_runs(run, bundle)
         inputs = {
             "bundle_sha256": sha256_file(run_dir / "bundle" / MANIFEST),
@@ -143,7 +143,7 @@ def report_for_run(
             timing_batches=tuple(timing_batches), timing_repeats=timing_repeats, grid_dir=run_dir / "report",
             held_out=run.split()[1], loss_grouping=bundle.router.grouping,  # latents in latent diffusion
             num_classes=data.num_classes, held_out_labels=run.labels(bundle.router)[1],
-            progress=progress,
+            device=run.device, progress=progress,
         )
         results["context"] = [
             "This compares a run's own stage-1 base with its TDC bundle. The base had less training compute than "

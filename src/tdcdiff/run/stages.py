@@ -14,7 +14,14 @@ from pathlib import Path
 
 import torch
 
-from ..base_model import check_fits_data, check_saveable, load_base_model, scheduler_from_config, trust_function
+from ..base_model import (
+    BaseModelError,
+    check_fits_data,
+    check_saveable,
+    load_base_model,
+    scheduler_from_config,
+    trust_function,
+)
 from ..budget import (
     RAISE_BUDGET,
     BudgetPlan,
@@ -23,12 +30,12 @@ from ..budget import (
     make_plan,
     plan_from_fractions,
 )
-from ..bundle import save_bundle
+from ..bundle import BundleError, check_bundle_scheduler, save_bundle
 from ..capacity import check_sampling_memory, check_training_memory
 from ..files import atomic_write_text, sha256_file
 from ..flops import count_flops
 from ..grouping import make_groups
-from ..latency import clock, time_ratios
+from ..latency import ExpertTimer, clock, timing_batch
 from ..losses import per_timestep_loss
 from ..metrics import check_reference
 from ..models import build_unet, check_finite, num_class_embeds, preset_for
@@ -39,7 +46,7 @@ from ..prune.importance import get_importance
 from ..prune.proxy import Proxy, ProxyBatch
 from ..prune.search import search
 from ..prune.sensitivity import measure_sensitivity
-from ..samplers import SamplingSetting
+from ..samplers import PIPELINE_SAMPLERS, SamplingSetting, sampler_for_scheduler
 from ..schedule import SCHEDULE_VERSION, check_given_schedule
 from ..serialization import save_model
 from ..settings import apply_overrides
@@ -125,7 +132,7 @@ class Stages(RunInputs):
         self._save_config()  # after the checks above: a refused run leaves nothing behind
         config = replace(c.base, seed=c.seed * 100)  # stage 2 of group i uses c.seed * 100 + i + 1
         return train(model, train_images, self.scheduler, config, self.dir / "base", labels=self.labels(model)[0],
-                     progress=self.progress, description="stage 1: base")
+                     progress=self.progress, description="stage 1: base", device=c.torch_device)
 
     def _import_base(self):
         """Stage 1 from a trained model: check it fits the data, save it as base/final (or continue training
@@ -142,20 +149,26 @@ class Stages(RunInputs):
         scheduler = scheduler_from_config(given) if given is not None else self.scheduler
         if given is not None:
             check_given_schedule(scheduler, f"--base {c.base_model}")
+            try:  # the bundle at the end holds it: refuse it now, not after every stage
+                check_bundle_scheduler(scheduler, f"--base {c.base_model}")
+            except BundleError as err:
+                raise BaseModelError(f"{str(err).split('; re-export')[0]}; fix the pipeline's scheduler config") \
+                    from None
         check_finite(model, train_images, scheduler.alphas_cumprod, train_labels)
         check_saveable(model, c.base_model)  # raises now, not after training, if the model cannot be saved
         self._check_budgets_reachable(model)  # before any base_model_steps of training for a doomed plan
         self._check_report_data()
         self._save_config()  # after the checks above: a refused run leaves nothing behind
         if given is not None:  # written only once the model passed: base/ existing marks stage 1 as started
-            atomic_write_text(out / SCHEDULER_FILE, json.dumps(given, indent=2))
+            record = {"_class_name": loaded.scheduler_class, **given} if loaded.scheduler_class else given
+            atomic_write_text(out / SCHEDULER_FILE, json.dumps(record, indent=2))
         if loaded.vae is not None:
             save_model(loaded.vae, out / VAE_DIR)
             self._data = self._latents()  # cached on disk now that the VAE is the run's
         if c.base_model_steps:
             config = replace(c.base, steps=c.base_model_steps, seed=c.seed * 100)
             return train(model, train_images, scheduler, config, out, labels=train_labels, progress=self.progress,
-                         description="stage 1: continue the given model")
+                         description="stage 1: continue the given model", device=c.torch_device)
         save_model(model, out / FINAL_DIR, extra={"source": loaded.source})
         return TrainResult(out, 0, float("nan"), 0, 0)
 
@@ -250,7 +263,8 @@ class Stages(RunInputs):
         self._save_config()
         base = self.base_model()
         (self.dir / "prune").mkdir(parents=True, exist_ok=True)
-        summaries, table = [], None  # table: the base's latency table, looked up once for time budgets
+        # table: the base's latency table, looked up once for time budgets; timer: each distinct expert timed once
+        summaries, table, timer = [], None, None
         for i in self._groups(plan, group):
             done = self._pruned_before(plan, i)
             if done is not None:
@@ -258,7 +272,12 @@ class Stages(RunInputs):
                 continue
             if self.config.budget_unit == "time" and table is None:
                 table = self.latency_table(base)
-            summary = self._prune_group(plan, i, base, table)
+            # a time budget is of the table's forward time at latency_batch; a FLOPs budget's ratio is a record
+            batch = self.config.latency_batch if table is not None else timing_batch(
+                base, self.sample_shape, self.config.latency_batch)
+            timer = timer or ExpertTimer(base, self.sample_shape, batch,
+                                         base_time=table.base_seconds if table is not None else None)
+            summary = self._prune_group(plan, i, base, table, timer)
             atomic_write_text(self.dir / "prune" / f"summary_{i}.json", json.dumps(summary, indent=2))
             summaries.append(summary)
         return summaries
@@ -280,9 +299,10 @@ class Stages(RunInputs):
             )
         return summary
 
-    def _prune_group(self, plan: BudgetPlan, i: int, base, table) -> dict:
+    def _prune_group(self, plan: BudgetPlan, i: int, base, table, timer: ExpertTimer) -> dict:
         """Search group i's pruned model (prune.search), time it against the base (refitting a time budget to
-        the measured time), save it as prune/group_i; returns its summary."""
+        the measured time; `timer` times each distinct architecture once), save it as prune/group_i; returns its
+        summary."""
         c = self.config
         scheduler = self.scheduler
         train_images, held_out = self.split()
@@ -303,7 +323,7 @@ class Stages(RunInputs):
             timed = fit_to_measured_time(
                 base, result.decision, plan.fractions[i], self.sample_shape, c.latency_batch, table,
                 fitted=FitResult(result.model, result.decision, result.flops, budget, 1.0, result.seconds),
-                importance=settings.importance, **settings.space(),
+                importance=settings.importance, **settings.space(), timer=timer,
                 calibration=(proxy.calibration(settings.seed) if get_importance(settings.importance).needs_calibration
                              else None),
             )
@@ -311,13 +331,13 @@ class Stages(RunInputs):
             if fit.model is not result.model:
                 result = replace(result, model=fit.model, decision=fit.decision, flops=fit.flops,
                                  seconds=fit.seconds, score=float(proxy.score(fit.model)))
-        else:  # time it directly, side by side with the base
-            time_ratio = time_ratios([base, result.model], self.sample_shape, c.latency_batch)[1]
+        else:  # time it directly (a group whose budget is the whole base keeps the base: ratio 1)
+            time_ratio = timer.ratio(result.model)
         save_model(result.model, self.dir / "prune" / f"group_{i}")
         return {
             "group": i, "budget": budget, "budget_unit": c.budget_unit, "fraction": plan.fractions[i],
             "flops": result.flops, "flops_ratio": result.flops / plan.base_flops,
-            "time_ratio": time_ratio, "latency_batch": c.latency_batch, "clock": clock(),
+            "time_ratio": time_ratio, "latency_batch": timer.batch, "clock": clock(),
             # the table's estimate of the search's winner (corrections are fitted on FLOPs, see the trail)
             "estimated_time_ratio": trail[0]["estimated_ratio"] if table is not None else None,
             "time_corrections": trail,
@@ -352,7 +372,7 @@ class Stages(RunInputs):
                 train(
                     model, train_images, self.scheduler, config, self.dir / "finetune" / f"group_{i}",
                     labels=self.labels(model)[0], timesteps=plan.grouping.timesteps(i), teacher=teacher, progress=self.progress,
-                    description=f"stage 2: group {i}",
+                    description=f"stage 2: group {i}", device=c.torch_device,
                 )
             )
         return results
@@ -377,10 +397,26 @@ class Stages(RunInputs):
             out, experts, plan.grouping, self.scheduler, sample_shape=self.sample_shape,
             expert_flops=[count_flops(e, self.sample_shape) for e in experts], base_flops=plan.base_flops,
             budgets=plan.budgets, expert_training=training,
-            provenance={"data": self.data.describe(), "config": self.config.to_dict(), "training_flops": train_flops},
+            provenance={"data": self.data.describe(), "config": self.config.to_dict(), "training_flops": train_flops,
+                        **self.pipeline_scheduler()},
             conditioning=self.conditioning(experts[0]),
             vae=self.vae, sampling=SamplingSetting(self.config.sampler, self.config.sampling_steps),
         )
+
+    def pipeline_scheduler(self) -> dict:
+        """For a run from a diffusers pipeline, what the bundle's provenance keeps of its scheduler: its class and
+        settings ("pipeline_scheduler", as its scheduler_config.json holds them) and how the bundle samples by
+        default ("sampling_note"); {} for any other run."""
+        path = self.dir / "base" / SCHEDULER_FILE
+        if not path.exists():
+            return {}
+        given = json.loads(path.read_text())
+        name = given.get("_class_name")
+        if not name or self.config.sampler != PIPELINE_SAMPLERS.get(name):
+            note = f"sampled with {self.config.sampler} (the run's sampler setting)"
+        else:
+            note = sampler_for_scheduler(name, f"--base {self.config.base_model}")[1]
+        return {"pipeline_scheduler": given, "sampling_note": note}
 
     def training_flops(self) -> dict:
         """Training compute of stage 1 and of each group's stage 2, from the runs' own records."""
@@ -406,6 +442,7 @@ class Stages(RunInputs):
         inputs = {
             "model_sha256": sha256_file(source) if source is not None else None,
             "sampler": c.sampler, "steps": c.sampling_steps, "num_images": c.num_samples,
+            **({"precision": self.sampling_precision} if self.sampling_precision != "fp32" else {}),
             "seed": c.seed if seed is None else seed, "sample_shape": self.sample_shape,
             "schedule": [c.num_train_timesteps, c.beta_schedule, c.prediction_type],
         }
@@ -415,6 +452,7 @@ class Stages(RunInputs):
             model, self.scheduler, sample_shape=self.sample_shape, sampler=c.sampler, steps=c.sampling_steps,
             num_images=c.num_samples, seed=inputs["seed"], progress=self.progress,
             class_labels=self.sample_labels(model, c.num_samples), decode=self.decode,
+            device=self.device, precision=self.sampling_precision,
         )
         save_grid(result.images, path)
         if source is not None:

@@ -10,6 +10,7 @@ run resumed from a checkpoint continues exactly as the uninterrupted run would h
 from __future__ import annotations
 
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -56,8 +57,9 @@ class Trainer:
     def __init__(self, model: nn.Module, images: torch.Tensor, scheduler, config: TrainConfig, out_dir: str | Path, *,
                  labels: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
                  teacher: nn.Module | None = None, resume: bool = True, progress: bool = True,
-                 description: str = "train"):
+                 description: str = "train", device: str | None = None):
         config.validate()
+        self.device = device
         self.config, self.scheduler, self.out_dir = config, scheduler, Path(out_dir)
         self.resume_allowed, self.progress, self.description = resume, progress, description
         self.num_train = scheduler.config.num_train_timesteps
@@ -108,7 +110,7 @@ class Trainer:
         from diffusers.training_utils import EMAModel
 
         c = self.config
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=c.mixed_precision)
+        self.accelerator = Accelerator(**accelerator_device(self.device), mixed_precision=c.mixed_precision)
         world = self.accelerator.num_processes
         if c.batch_size % world:
             raise ValueError(f"batch_size {c.batch_size} is not divisible by the {world} training processes")
@@ -278,6 +280,18 @@ class Trainer:
         }
 
 
+def accelerator_device(device: str | None) -> dict:
+    """accelerate.Accelerator's arguments for a device: {"cpu": True} for "cpu" (or None without a GPU), else the
+    GPU. A single process on "cuda:N" makes GPU N the current one, which is where accelerate puts "cuda"; under
+    `accelerate launch` each process keeps the GPU accelerate gives it."""
+    if device is None:
+        return {"cpu": not torch.cuda.is_available()}
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(device)
+    return {"cpu": device.type == "cpu"}
+
+
 def train(
     model: nn.Module,
     images: torch.Tensor,
@@ -291,6 +305,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     description: str = "train",
+    device: str | None = None,
 ) -> TrainResult:
     """Train a denoiser with the standard diffusion loss and return what it cost.
 
@@ -307,9 +322,10 @@ def train(
         and skipped are in TrainResult.extra["feature_points"] / ["feature_points_skipped"] and train.json).
     resume: continue from `out_dir/checkpoint` when it exists (and do nothing when `final/` is complete).
     progress: show a progress bar labelled `description` (main process only).
+    device: "cpu", "cuda" or "cuda:N" (see accelerator_device); None: the GPU when there is one, else the CPU.
 
     Raises ValueError naming the problem before anything is written (bad settings, timesteps, images, labels,
     a damaged or another run's checkpoint), and TrainingDiverged when the loss becomes NaN or inf.
     """
     return Trainer(model, images, scheduler, config, out_dir, labels=labels, timesteps=timesteps, teacher=teacher,
-                   resume=resume, progress=progress, description=description).run()
+                   resume=resume, progress=progress, description=description, device=device).run()
