@@ -1,11 +1,14 @@
 """Start from a trained model: a diffusers model or pipeline directory, a Hub name, or `module:function`.
 
 Directories are untrusted input: only allowlisted diffusers model classes are ever built from them, weights
-are read as safetensors only (never pickle), and the scheduler comes from its JSON config.
+are read as safetensors only (never pickle), and the scheduler comes from its JSON config. A text-conditional
+pipeline (Stable Diffusion's layout: a UNet2DConditionModel with a CLIP text encoder and tokenizer) brings its text
+encoder (an allowlisted transformers class, safetensors weights) and its tokenizer (built from plain data, text.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import re
@@ -15,11 +18,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import check_denoiser, num_class_embeds
-from .serialization import architecture_of, check_arguments, register_model_class
+from .files import read_untrusted
+from .models import check_denoiser, num_class_embeds, text_width
+from .serialization import TRANSFORMERS_CLASSES, architecture_of, build_model, check_arguments, register_model_class
+from .text import TOKENIZER_CLASSES, TextEncoder, TextError, check_widths, read_tokenizer
 
-# The diffusers model classes a directory may name: denoisers called as model(x, t[, class_labels]).
-ALLOWED_MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
+# The diffusers model classes a directory may name: denoisers called as model(x, t[, class_labels]), or with
+# encoder_hidden_states (UNet2DConditionModel, with its pipeline's text encoder).
+ALLOWED_MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel", "UNet2DConditionModel")
+MAX_TEXT_ENCODER_BYTES = 16 << 30  # Stable Diffusion 2's CLIP text encoder: 1.4 GB in float32
 DENOISER_KEYS = ("unet", "transformer")
 FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -37,6 +44,7 @@ class BaseModel:
     scheduler_config: dict | None
     source: str
     vae: nn.Module | None = None  # a latent diffusion pipeline's VAE: the model works on its latents
+    text_encoder: TextEncoder | None = None  # a text-conditional pipeline's tokenizer and text encoder
 
 
 def _read_json(path: Path) -> dict:
@@ -70,11 +78,15 @@ def _load_diffusers_model(directory: Path, class_name, allowed: tuple[str, ...] 
         raise BaseModelError(f"cannot load {class_name} from {directory}: {err}") from None
 
 
+def _named(index: dict, key: str) -> bool:
+    """Whether model_index.json names a component under `key` (a [library, class] entry that is not null)."""
+    return isinstance(index.get(key), list) and bool(index[key]) and index[key][0] is not None
+
+
 def _load_pipeline(directory: Path) -> BaseModel:
     index = _read_json(directory / "model_index.json")
-    vae = None
-    if isinstance(index.get("vae"), list) and index["vae"] and index["vae"][0] is not None:
-        vae = _load_vae(directory, index["vae"])
+    vae = _load_vae(directory, index["vae"]) if _named(index, "vae") else None
+    text = _load_text_encoder(directory, index) if _named(index, "text_encoder") or _named(index, "tokenizer") else None
     key = next((k for k in DENOISER_KEYS if isinstance(index.get(k), list) and len(index[k]) == 2), None)
     if key is None:
         raise BaseModelError(f"{directory / 'model_index.json'} names no denoiser: it needs a 'unet' or 'transformer' entry")
@@ -85,7 +97,73 @@ def _load_pipeline(directory: Path) -> BaseModel:
     scheduler = _read_json(directory / "scheduler" / "scheduler_config.json")
     if "num_train_timesteps" not in scheduler:
         raise BaseModelError(f"{directory / 'scheduler' / 'scheduler_config.json'} has no num_train_timesteps")
-    return BaseModel(model, {k: v for k, v in scheduler.items() if not k.startswith("_")}, str(directory), vae)
+    if text is not None:
+        check_text_unet(model, str(directory))
+        try:
+            check_widths(text_width(model), text, str(directory))
+        except TextError as err:
+            raise BaseModelError(str(err)) from None
+    return BaseModel(model, {k: v for k, v in scheduler.items() if not k.startswith("_")}, str(directory), vae, text)
+
+
+def check_text_unet(model: nn.Module, source: str) -> None:
+    """A text-conditional denoiser of Stable Diffusion's layout: a UNet2DConditionModel whose only conditions are the
+    timestep and the text embedding (no class embedding, no SDXL-style added conditions)."""
+    config = getattr(model, "config", None)
+    extra = [key for key in ("num_class_embeds", "class_embed_type", "addition_embed_type", "encoder_hid_dim_type")
+             if getattr(config, key, None) is not None]
+    if text_width(model) is None or extra:
+        why = f"it sets {', '.join(extra)}" if extra else "its cross_attention_dim is not one width"
+        raise BaseModelError(f"--base {source}: a text-conditional model takes the timestep and one text embedding "
+                             f"(Stable Diffusion's UNet2DConditionModel), but {why}; tdcdiff does not pass other "
+                             "conditions")
+
+
+def _load_text_encoder(directory: Path, index: dict) -> TextEncoder:
+    """A text-conditional pipeline's tokenizer and text encoder (model_index.json names both): allowlisted
+    transformers classes, the encoder's weights read as safetensors only."""
+    where = directory / "model_index.json"
+    encoder, tokenizer = index.get("text_encoder"), index.get("tokenizer")
+    supported = f"supported: transformers {', '.join(TRANSFORMERS_CLASSES)} with transformers {TOKENIZER_CLASSES[0]}"
+    if (not isinstance(encoder, list) or list(encoder[:1]) != ["transformers"] or len(encoder) != 2
+            or encoder[1] not in TRANSFORMERS_CLASSES or not isinstance(tokenizer, list) or len(tokenizer) != 2
+            or list(tokenizer[:1]) != ["transformers"] or tokenizer[1] not in TOKENIZER_CLASSES):
+        raise BaseModelError(f"{where}: the text_encoder {encoder!r} and tokenizer {tokenizer!r} are not ones tdcdiff "
+                             f"loads; {supported}")
+    folder = directory / "text_encoder"
+    config = _read_json(folder / "config.json")
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise BaseModelError(f"{folder} has no model.safetensors (one file); tdcdiff never unpickles weights: save "
+                             "the text encoder with save_pretrained(..., safe_serialization=True)")
+    try:
+        data = read_untrusted(folder, weights.name, str(folder), max_bytes=MAX_TEXT_ENCODER_BYTES,
+                              hint="save the text encoder again with save_pretrained")
+        data = _without_position_ids(data)
+        text_model = build_model(_text_description(config, encoder[1], data), data, folder / "config.json", weights)
+        return TextEncoder(text_model, read_tokenizer(directory / "tokenizer"))
+    except ValueError as err:  # TextError, or what serialization raises for the config or the weights
+        raise BaseModelError(f"cannot load the text encoder of {directory}: {err}") from None
+
+
+def _without_position_ids(data: bytes) -> bytes:
+    """A CLIP text encoder's safetensors without `position_ids`: transformers before 4.31 saved that buffer, later
+    versions build it (not persistent), so a strict load of an older pipeline's weights would fail on it."""
+    from safetensors.torch import load, save
+
+    try:
+        state = load(data)
+    except Exception:  # a malformed file: build_model names it
+        return data
+    kept = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
+    return data if len(kept) == len(state) else save(kept)
+
+
+def _text_description(config: dict, class_name: str, weights: bytes) -> dict:
+    """serialization's description of a pipeline's text encoder: its class, its config.json, its weights."""
+    digest = hashlib.sha256(weights).hexdigest()
+    return {"class": f"transformers.{class_name}", "config": config,
+            "weights": {"file": "model.safetensors", "bytes": len(weights), "sha256": digest}}
 
 
 def _load_vae(directory: Path, entry: list) -> nn.Module:
@@ -224,9 +302,11 @@ def _config_value(model: nn.Module, key: str):
 
 
 def check_fits_data(model: nn.Module, source: str, *, channels: int, image_size: int, data_name: str,
-                    num_classes: int | None, null_class: int | None, num_train_timesteps: int) -> None:
+                    num_classes: int | None, null_class: int | None, num_train_timesteps: int,
+                    captioned: bool = False, text_encoder: bool = False) -> None:
     """Raise BaseModelError (one line naming both sides and the fix) unless the model takes the data as it is:
-    channel count, image size (diffusers `sample_size`), timesteps, and class count vs the data's labels."""
+    channel count, image size (diffusers `sample_size`), timesteps, class count vs the data's labels, and for a
+    text-conditional model its text encoder (text_encoder: the base came with one) and the data's captions."""
     try:
         check_denoiser(model, (channels, image_size, image_size))
     except ValueError as err:
@@ -241,6 +321,9 @@ def check_fits_data(model: nn.Module, source: str, *, channels: int, image_size:
     if isinstance(trained_t, int) and trained_t != num_train_timesteps:
         raise BaseModelError(f"--base {source} was trained with T={trained_t} timesteps but the run uses "
                              f"T={num_train_timesteps}; set --timesteps {trained_t}")
+    if text_width(model) is not None:
+        _check_text_inputs(model, source, data_name, captioned, text_encoder)
+        return
     classes = num_class_embeds(model)
     if classes is None:
         return
@@ -254,6 +337,17 @@ def check_fits_data(model: nn.Module, source: str, *, channels: int, image_size:
             + (f" (id {null_class} is the null class)" if null_class is not None else "")
             + "; use data with fewer classes (or a model with more)"
         )
+
+
+def _check_text_inputs(model: nn.Module, source: str, data_name: str, captioned: bool, text_encoder: bool) -> None:
+    check_text_unet(model, source)
+    if not text_encoder:
+        raise BaseModelError(f"--base {source} is text-conditional (cross_attention_dim {text_width(model)}) but comes "
+                             "without a text encoder and tokenizer; pass its pipeline directory (model_index.json "
+                             "naming the unet, text_encoder and tokenizer)")
+    if not captioned:
+        raise BaseModelError(f"--base {source} is text-conditional but the data {data_name!r} has no captions; add a "
+                             "metadata.jsonl to the image folder, one {\"file_name\": ..., \"text\": ...} per image")
 
 
 def scheduler_from_config(config: dict):
