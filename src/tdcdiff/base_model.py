@@ -139,24 +139,10 @@ def _load_text_encoder(directory: Path, index: dict) -> TextEncoder:
     try:
         data = read_untrusted(folder, weights.name, str(folder), max_bytes=MAX_TEXT_ENCODER_BYTES,
                               hint="save the text encoder again with save_pretrained")
-        data = _without_position_ids(data)
         text_model = build_model(_text_description(config, encoder[1], data), data, folder / "config.json", weights)
         return TextEncoder(text_model, read_tokenizer(directory / "tokenizer"))
     except ValueError as err:  # TextError, or what serialization raises for the config or the weights
         raise BaseModelError(f"cannot load the text encoder of {directory}: {err}") from None
-
-
-def _without_position_ids(data: bytes) -> bytes:
-    """A CLIP text encoder's safetensors without `position_ids`: transformers before 4.31 saved that buffer, later
-    versions build it (not persistent), so a strict load of an older pipeline's weights would fail on it."""
-    from safetensors.torch import load, save
-
-    try:
-        state = load(data)
-    except Exception:  # a malformed file: build_model names it
-        return data
-    kept = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
-    return data if len(kept) == len(state) else save(kept)
 
 
 def _text_description(config: dict, class_name: str, weights: bytes) -> dict:

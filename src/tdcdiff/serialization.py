@@ -326,6 +326,13 @@ def build_model(description: dict, data: bytes, source: Path, weights_path: Path
                          "not computed in; saved weights are float32, float16 or bfloat16: re-run the stage that "
                          "wrote it") from None
     model = _rebuild_empty(description, source, state)
+    if str(description.get("class")).startswith("transformers."):  # never pruned: weights of the config's shapes
+        state = _text_model_keys(state, model)
+        built = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        odd = next((k for k, v in state.items() if k in built and built[k] != tuple(v.shape)), None)
+        if odd is not None:
+            raise ValueError(f"{weights_path} does not fit the architecture in {source}: {brief(odd)} is "
+                             f"{tuple(state[odd].shape)}, its config makes it {built[odd]}")
     if description.get("removed"):
         _remove_layers(model, description["removed"], source)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
@@ -340,6 +347,19 @@ def build_model(description: dict, data: bytes, source: Path, weights_path: Path
         raise ValueError(f"{weights_path} does not fit the architecture in {source}: "
                          f"{brief(' '.join(str(err).split()), 400, quote=False)}") from None
     return model.eval()
+
+
+def _text_model_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's weights under the key names this transformers version gives them: transformers 5
+    dropped the `text_model.` prefix that version 4 (and every Stable Diffusion pipeline it saved) used, and before
+    4.31 `embeddings.position_ids` was saved too (later versions build it). Other keys are left to the strict load."""
+    expected = set(model.state_dict())
+    kept = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids") or k in expected}
+    for renamed in (kept, {k.removeprefix("text_model."): v for k, v in kept.items()},
+                    {f"text_model.{k}": v for k, v in kept.items()}):
+        if set(renamed) == expected:
+            return renamed
+    return state
 
 
 def _rebuild_empty(description: dict, source: Path, state: dict[str, torch.Tensor]) -> nn.Module:
