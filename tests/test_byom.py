@@ -253,8 +253,9 @@ def test_run_base_function_is_checked_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("make, message", [
     (lambda d: d.mkdir(), r"config.json is missing"),
-    (lambda d: (d.mkdir(), (d / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')),
-     r"model class 'UNet2DConditionModel' is not one tdcdiff loads; supported: UNet2DModel, DiTTransformer2DModel"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text('{"_class_name": "UNet3DConditionModel"}')),
+     r"model class 'UNet3DConditionModel' is not one tdcdiff loads; supported: UNet2DModel, DiTTransformer2DModel, "
+     r"UNet2DConditionModel"),
     (lambda d: (d.mkdir(), (d / "config.json").write_text('{"_class_name": "UNet2DModel"}')),
      r"has no .safetensors weights; tdcdiff never unpickles weights"),
     (lambda d: (d.mkdir(), (d / "model_index.json").write_text('{"vae": ["diffusers", "AutoencoderTiny"], '

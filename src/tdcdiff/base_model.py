@@ -1,12 +1,16 @@
 """Start from a trained model: a diffusers model or pipeline directory, a Hub name, or `module:function`.
 
 Directories are untrusted input: only allowlisted diffusers model classes are ever built from them, weights
-are read as safetensors only (never pickle), and the scheduler comes from its JSON config.
+are read as safetensors only (never pickle), and the scheduler comes from its JSON config. A text-conditional
+pipeline (Stable Diffusion's layout: a UNet2DConditionModel with a CLIP text encoder and tokenizer) brings its text
+encoder (an allowlisted transformers class, safetensors weights) and its tokenizer (built from plain data, text.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import re
 import threading
 from collections.abc import Callable
@@ -18,11 +22,14 @@ from torch import nn
 
 from .capacity import FLOAT_BYTES, check_memory
 from .files import brief, parse_json, read_untrusted
-from .models import check_denoiser, num_class_embeds
-from .serialization import architecture_of, check_arguments, register_model_class
+from .models import check_denoiser, num_class_embeds, text_width
+from .serialization import TRANSFORMERS_CLASSES, architecture_of, build_model, check_arguments, register_model_class
+from .text import TOKENIZER_CLASSES, TextEncoder, TextError, check_widths, read_tokenizer
 
-# The diffusers model classes a directory may name: denoisers called as model(x, t[, class_labels]).
-ALLOWED_MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
+# The diffusers model classes a directory may name: denoisers called as model(x, t[, class_labels]), or with
+# encoder_hidden_states (UNet2DConditionModel, with its pipeline's text encoder).
+ALLOWED_MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel", "UNet2DConditionModel")
+MAX_TEXT_ENCODER_BYTES = 16 << 30  # Stable Diffusion 2's CLIP text encoder: 1.4 GB in float32
 DENOISER_KEYS = ("unet", "transformer")
 FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 MAX_CONFIG_BYTES = 1 << 20  # a diffusers config.json or model_index.json is a few kilobytes
@@ -30,9 +37,9 @@ MAX_CONFIG_BYTES = 1 << 20  # a diffusers config.json or model_index.json is a f
 # of a few bytes (layers_per_block: 20000) would otherwise spend minutes building modules before any check.
 MAX_MODULES = 10_000
 SAVE_HINT = "write the directory with save_pretrained"
-# check(model, vae): called with the denoiser (built on the meta device when it comes from a directory: its
+# check(model, vae, text_encoder): called with the denoiser (built on the meta device when it comes from a directory: its
 # weights not read yet) and the pipeline's VAE (None in pixel space); raises to refuse the model.
-Check = Callable[[nn.Module, "nn.Module | None"], None]
+Check = Callable[[nn.Module, "nn.Module | None", "TextEncoder | None"], None]
 
 
 class BaseModelError(ValueError):
@@ -50,6 +57,7 @@ class BaseModel:
     source: str
     vae: nn.Module | None = None  # a latent diffusion pipeline's VAE: the model works on its latents
     scheduler_class: str | None = None
+    text_encoder: TextEncoder | None = None  # a text-conditional pipeline's tokenizer and text encoder
 
 
 def _read_json(path: Path) -> dict:
@@ -141,11 +149,17 @@ def _build_on_meta(cls, config: dict, source: Path) -> nn.Module:
         handle.remove()
 
 
+
+
+def _named(index: dict, key: str) -> bool:
+    """Whether model_index.json names a component under `key` (a [library, class] entry that is not null)."""
+    return isinstance(index.get(key), list) and bool(index[key]) and index[key][0] is not None
+
+
 def _load_pipeline(directory: Path, check: Check | None) -> BaseModel:
     index = _read_json(directory / "model_index.json")
-    vae = None
-    if isinstance(index.get("vae"), list) and index["vae"] and index["vae"][0] is not None:
-        vae = _load_vae(directory, index["vae"])
+    vae = _load_vae(directory, index["vae"]) if _named(index, "vae") else None
+    text = _load_text_encoder(directory, index) if _named(index, "text_encoder") or _named(index, "tokenizer") else None
     key = next((k for k in DENOISER_KEYS if isinstance(index.get(k), list) and len(index[k]) == 2), None)
     if key is None:
         raise BaseModelError(f"{directory / 'model_index.json'} names no denoiser: it needs a 'unet' or "
@@ -154,12 +168,18 @@ def _load_pipeline(directory: Path, check: Check | None) -> BaseModel:
     if library != "diffusers":
         raise BaseModelError(f"{directory}: the {key} comes from {library!r}; only diffusers model classes are loaded")
     model = _load_diffusers_model(directory / key, class_name,
-                                  check=None if check is None else lambda skeleton: check(skeleton, vae))
+                                  check=None if check is None else lambda skeleton: check(skeleton, vae, text))
     scheduler = _read_json(directory / "scheduler" / "scheduler_config.json")
     if "num_train_timesteps" not in scheduler:
         raise BaseModelError(f"{directory / 'scheduler' / 'scheduler_config.json'} has no num_train_timesteps")
+    if text is not None:
+        check_text_unet(model, str(directory))
+        try:
+            check_widths(text_width(model), text, str(directory))
+        except TextError as err:
+            raise BaseModelError(str(err)) from None
     return BaseModel(model, {k: v for k, v in scheduler.items() if not k.startswith("_")}, str(directory), vae,
-                     pipeline_scheduler_class(index, scheduler))
+                     pipeline_scheduler_class(index, scheduler), text)
 
 
 def pipeline_scheduler_class(index: dict, scheduler: dict) -> str | None:
@@ -168,6 +188,52 @@ def pipeline_scheduler_class(index: dict, scheduler: dict) -> str | None:
     entry = index.get("scheduler")
     name = entry[1] if isinstance(entry, list) and len(entry) == 2 else scheduler.get("_class_name")
     return name if isinstance(name, str) else None
+
+
+def check_text_unet(model: nn.Module, source: str) -> None:
+    """A text-conditional denoiser of Stable Diffusion's layout: a UNet2DConditionModel whose only conditions are the
+    timestep and the text embedding (no class embedding, no SDXL-style added conditions)."""
+    config = getattr(model, "config", None)
+    extra = [key for key in ("num_class_embeds", "class_embed_type", "addition_embed_type", "encoder_hid_dim_type")
+             if getattr(config, key, None) is not None]
+    if text_width(model) is None or extra:
+        why = f"it sets {', '.join(extra)}" if extra else "its cross_attention_dim is not one width"
+        raise BaseModelError(f"--base {source}: a text-conditional model takes the timestep and one text embedding "
+                             f"(Stable Diffusion's UNet2DConditionModel), but {why}; tdcdiff does not pass other "
+                             "conditions")
+
+
+def _load_text_encoder(directory: Path, index: dict) -> TextEncoder:
+    """A text-conditional pipeline's tokenizer and text encoder (model_index.json names both): allowlisted
+    transformers classes, the encoder's weights read as safetensors only."""
+    where = directory / "model_index.json"
+    encoder, tokenizer = index.get("text_encoder"), index.get("tokenizer")
+    supported = f"supported: transformers {', '.join(TRANSFORMERS_CLASSES)} with transformers {TOKENIZER_CLASSES[0]}"
+    if (not isinstance(encoder, list) or list(encoder[:1]) != ["transformers"] or len(encoder) != 2
+            or encoder[1] not in TRANSFORMERS_CLASSES or not isinstance(tokenizer, list) or len(tokenizer) != 2
+            or list(tokenizer[:1]) != ["transformers"] or tokenizer[1] not in TOKENIZER_CLASSES):
+        raise BaseModelError(f"{where}: the text_encoder {encoder!r} and tokenizer {tokenizer!r} are not ones tdcdiff "
+                             f"loads; {supported}")
+    folder = directory / "text_encoder"
+    config = _read_json(folder / "config.json")
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise BaseModelError(f"{folder} has no model.safetensors (one file); tdcdiff never unpickles weights: save "
+                             "the text encoder with save_pretrained(..., safe_serialization=True)")
+    try:
+        data = read_untrusted(folder, weights.name, str(folder), max_bytes=MAX_TEXT_ENCODER_BYTES,
+                              hint="save the text encoder again with save_pretrained")
+        text_model = build_model(_text_description(config, encoder[1], data), data, folder / "config.json", weights)
+        return TextEncoder(text_model, read_tokenizer(directory / "tokenizer"))
+    except ValueError as err:  # TextError, or what serialization raises for the config or the weights
+        raise BaseModelError(f"cannot load the text encoder of {directory}: {err}") from None
+
+
+def _text_description(config: dict, class_name: str, weights: bytes) -> dict:
+    """serialization's description of a pipeline's text encoder: its class, its config.json, its weights."""
+    digest = hashlib.sha256(weights).hexdigest()
+    return {"class": f"transformers.{class_name}", "config": config,
+            "weights": {"file": "model.safetensors", "bytes": len(weights), "sha256": digest}}
 
 
 def _load_vae(directory: Path, entry: list) -> nn.Module:
@@ -231,7 +297,7 @@ def load_base_model(spec: str, check: Check | None = None) -> BaseModel:
         diffusion: BaseModel.vae), `module:function` (called with no arguments, must return an nn.Module; only
         after trust_function(spec) in this process), or a Hugging Face Hub name "org/name" (downloaded, then read
         as a directory).
-    check: called as check(model, vae) before a directory's weights are read, with the model built on the meta
+    check: called as check(model, vae, text_encoder) before a directory's weights are read, with the model built on the meta
         device from its config (see Check; e.g. check_fits_data): a model that does not fit costs no memory.
         A function's model is checked once it returned it.
     A directory's model (and VAE) whose weights would not fit in memory is refused before they are read.
@@ -243,7 +309,7 @@ def load_base_model(spec: str, check: Check | None = None) -> BaseModel:
             return _load_pipeline(path, check)
         config = _read_json(path / "config.json")
         model = _load_diffusers_model(path, config.get("_class_name"),
-                                      check=None if check is None else lambda skeleton: check(skeleton, None))
+                                      check=None if check is None else lambda skeleton: check(skeleton, None, None))
         return BaseModel(model, None, str(path))
     if FUNCTION_SPEC.match(spec):
         if spec not in _TRUSTED:
@@ -252,7 +318,7 @@ def load_base_model(spec: str, check: Check | None = None) -> BaseModel:
                 f"config.json is not enough): pass --base {spec} (or Run(..., base=...)) if you trust it")
         loaded = _CALLED.pop(spec, None) or _call_function(spec)
         if check is not None:
-            check(loaded.model, None)
+            check(loaded.model, None, None)
         return loaded
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not path.exists():
         from huggingface_hub import snapshot_download
@@ -315,9 +381,11 @@ def _config_value(model: nn.Module, key: str):
 
 
 def check_fits_data(model: nn.Module, source: str, *, channels: int, image_size: int, data_name: str,
-                    num_classes: int | None, null_class: int | None, num_train_timesteps: int) -> None:
+                    num_classes: int | None, null_class: int | None, num_train_timesteps: int,
+                    captioned: bool = False, text_encoder: bool = False) -> None:
     """Raise BaseModelError (one line naming both sides and the fix) unless the model takes the data as it is:
-    channel count, image size (diffusers `sample_size`), timesteps, and class count vs the data's labels."""
+    channel count, image size (diffusers `sample_size`), timesteps, class count vs the data's labels, and for a
+    text-conditional model its text encoder (text_encoder: the base came with one) and the data's captions."""
     try:
         check_denoiser(model, (channels, image_size, image_size))
     except ValueError as err:
@@ -332,6 +400,9 @@ def check_fits_data(model: nn.Module, source: str, *, channels: int, image_size:
     if isinstance(trained_t, int) and trained_t != num_train_timesteps:
         raise BaseModelError(f"--base {source} was trained with T={trained_t} timesteps but the run uses "
                              f"T={num_train_timesteps}; set --timesteps {trained_t}")
+    if text_width(model) is not None:
+        _check_text_inputs(model, source, data_name, captioned, text_encoder)
+        return
     classes = num_class_embeds(model)
     if classes is None:
         return
@@ -353,6 +424,17 @@ def check_fits_data(model: nn.Module, source: str, *, channels: int, image_size:
             f"null_class {null_class} is also class {null_class} of the data {data_name!r} (its classes are "
             f"0..{num_classes - 1}): dropped labels would be read as that class; set null_class (base.null_class, "
             f"finetune.null_class) to an id no image has, e.g. {classes - 1} (the last, used when it is unset)")
+
+
+def _check_text_inputs(model: nn.Module, source: str, data_name: str, captioned: bool, text_encoder: bool) -> None:
+    check_text_unet(model, source)
+    if not text_encoder:
+        raise BaseModelError(f"--base {source} is text-conditional (cross_attention_dim {text_width(model)}) but comes "
+                             "without a text encoder and tokenizer; pass its pipeline directory (model_index.json "
+                             "naming the unet, text_encoder and tokenizer)")
+    if not captioned:
+        raise BaseModelError(f"--base {source} is text-conditional but the data {data_name!r} has no captions; add a "
+                             "metadata.jsonl to the image folder, one {\"file_name\": ..., \"text\": ...} per image")
 
 
 def scheduler_from_config(config: dict):

@@ -6,11 +6,14 @@
       expert_0/          architecture.json (plain data) + model.safetensors, one directory per group
       ...
       vae/               latent diffusion only: the VAE the experts' latents come from (same layout)
+      text_encoder/      text-conditional only: the CLIP text encoder (same layout) and
+      tokenizer/         its tokenizer (vocab.json, merges.txt, tokenizer_config.json: plain data)
 
 A bundle is untrusted input. Loading validates the whole manifest before building anything, reads only files
 the manifest lists inside the bundle directory (each once, its size and sha256 checked), rebuilds only
-allowlisted classes (diffusers models and schedulers, classes given to tdcdiff.register_model_class), and
-unpickles nothing: weights are safetensors, everything else JSON. Every problem is a one-line BundleError.
+allowlisted classes (diffusers models and schedulers, transformers' CLIP text encoder, classes given to
+tdcdiff.register_model_class), and unpickles nothing: weights are safetensors, everything else JSON or text (a
+tokenizer is built from its vocabulary and merges, text.py). Every problem is a one-line BundleError.
 """
 
 from __future__ import annotations
@@ -37,23 +40,28 @@ from .manifest import (
     check_conditioning,
     check_manifest,
     check_records,
+    check_text_entry,
     check_trained_shape,
     sampling_setting,
     training_records,
 )
-from .models import Denoiser, num_class_embeds
+from .models import Denoiser, num_class_embeds, text_width, with_null_text
 from .router import Router
 from .samplers import SamplingSetting
 from .serialization import (
     ARCHITECTURE_FILE,
     MAX_ARCHITECTURE_BYTES,
+    TRANSFORMERS_CLASSES,
     build_model,
     class_path,
     read_architecture,
     save_model,
 )
+from .text import MAX_TOKENIZER_BYTES, TOKENIZER_FILES, TextEncoder, save_tokenizer, tokenizer_from_files
 
 _VAE_NAMES = tuple(f"diffusers.{name}" for name in VAE_CLASSES)
+_TEXT_NAMES = tuple(f"transformers.{name}" for name in TRANSFORMERS_CLASSES)
+TEXT_ENCODER_DIR, TOKENIZER_DIR = "text_encoder", "tokenizer"
 _COPY = "copy the whole bundle directory"
 
 
@@ -72,6 +80,7 @@ def save_bundle(
     conditioning: dict | None = None,
     vae: nn.Module | None = None,
     sampling: SamplingSetting | None = None,
+    text_encoder: TextEncoder | None = None,
 ) -> Path:
     """Write a bundle atomically (a temporary directory renamed into place; nothing is left on failure).
 
@@ -90,26 +99,22 @@ def save_bundle(
         (sample_shape is the latents' shape); it is stored in the bundle, so the bundle decodes on its own.
     sampling: how the bundle is sampled unless told otherwise (samplers.SamplingSetting: sampler, steps, feature
         caching); None: DDIM at min(50, T) steps. `Bundle.pipeline()` and `tdcdiff sample --bundle` use it.
+    text_encoder: for text-conditional experts (required there), the text.TextEncoder (CLIP tokenizer and text
+        encoder) whose embeddings they were trained on; stored in the bundle, so its pipeline takes prompts.
     Raises ValueError (BundleError) when the pieces do not fit together (counts, shapes, class ids, schedule,
     training records), before or instead of writing anything.
     """
     path = Path(path)
     config = _scheduler_config(scheduler)
     _check_class_ids(experts, "", "give experts with one class embedding (the same num_class_embeds)")
+    _check_text(experts, text_encoder.width if text_encoder is not None else None, "")
     with atomic_dir(path) as tmp:
         files, weights = {}, []
         for i, expert in enumerate(experts):
             _check_input(expert, i, list(sample_shape), "")
             weights.append(save_model(expert, tmp / f"expert_{i}")["weights"]["sha256"])
             files.update(_listing(tmp, f"expert_{i}"))
-        latent = None
-        if vae is not None:
-            if class_path(type(vae)) not in _VAE_NAMES:
-                raise BundleError(f"cannot bundle a {class_path(type(vae))} as the VAE; supported: "
-                                  f"{', '.join(_VAE_NAMES)}")
-            save_model(vae, tmp / "vae")
-            files.update(_listing(tmp, "vae"))
-            latent = {"vae": "vae", "scaling_factor": vae.config.get("scaling_factor")}
+        latent, text = _save_companions(tmp, files, vae, text_encoder)
         manifest = {
             "format": FORMAT,
             "scheduler": config,
@@ -124,6 +129,7 @@ def save_bundle(
             "provenance": provenance or {},
             "conditioning": conditioning,
             "latent": latent,
+            "text": text,
             "sampling": sampling.to_dict() if sampling is not None else None,
             "files": files,
         }
@@ -134,6 +140,25 @@ def save_bundle(
         check_conditioning(conditioning, num_class_embeds(experts[0]) if experts else None, path / MANIFEST)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return path
+
+
+def _save_companions(tmp: Path, files: dict, vae: nn.Module | None, text_encoder: TextEncoder | None) -> tuple:
+    """Write the VAE (vae/) and the text encoder and tokenizer (text_encoder/, tokenizer/) when given, list their
+    files in `files`; returns the manifest's 'latent' and 'text' (None for what is not given)."""
+    latent = text = None
+    if vae is not None:
+        if class_path(type(vae)) not in _VAE_NAMES:
+            raise BundleError(f"cannot bundle a {class_path(type(vae))} as the VAE; supported: {', '.join(_VAE_NAMES)}")
+        save_model(vae, tmp / "vae")
+        files.update(_listing(tmp, "vae"))
+        latent = {"vae": "vae", "scaling_factor": vae.config.get("scaling_factor")}
+    if text_encoder is not None:
+        save_model(text_encoder.text_model, tmp / TEXT_ENCODER_DIR)
+        save_tokenizer(text_encoder.tokenizer, tmp / TOKENIZER_DIR)
+        files.update(_listing(tmp, TEXT_ENCODER_DIR) | _listing(tmp, TOKENIZER_DIR))
+        text = {"text_encoder": TEXT_ENCODER_DIR, "tokenizer": TOKENIZER_DIR, "width": text_encoder.width,
+                "tokens": text_encoder.tokenizer.model_max_length}
+    return latent, text
 
 
 def _scheduler_config(scheduler) -> dict:
@@ -173,6 +198,21 @@ def _check_class_ids(experts: list[nn.Module], where: str, fix: str) -> None:
             shown = ["no class ids" if n is None else f"{n} class ids" for n in (count, counts[0])]
             raise BundleError(f"{where}expert {i} embeds {shown[0]} but expert 0 embeds {shown[1]}; every expert of a "
                               f"bundle takes the same class ids: {fix}")
+
+
+def _check_text(experts: list[nn.Module], width: int | None, where: str) -> None:
+    """Text-conditional experts (all with one text width) come with a text encoder of that width; others without."""
+    widths = [text_width(e) for e in experts]
+    for i, found in enumerate(widths):
+        if found != widths[0]:
+            raise BundleError(f"{where}expert {i} reads text embeddings of width {found} but expert 0 of width "
+                              f"{widths[0]}; every expert of a bundle takes the same conditions: {REEXPORT}")
+    if widths and widths[0] != width:
+        have = f"a text encoder of width {width}" if width is not None else "no text encoder ('text' is null)"
+        need = ("not text-conditional" if widths[0] is None
+                else f"text-conditional (cross_attention_dim {widths[0]})")
+        raise BundleError(f"{where}the experts are {need} but the bundle holds {have}: the text encoder belongs with "
+                          f"the experts it was trained with; {REEXPORT}")
 
 
 def _check_input(expert: nn.Module, i: int, shape: list, where: str) -> None:
@@ -257,6 +297,7 @@ class Bundle:
     scheduler: object
     manifest: dict
     vae: nn.Module | None = None
+    text_encoder: TextEncoder | None = None  # text-conditional experts: what turns prompts into their conditions
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -273,7 +314,7 @@ class Bundle:
 
         classes = (self.manifest.get("conditioning") or {}).get("num_classes")
         return TDCPipeline(self.router, self.scheduler, self.sample_shape, null_class=self.null_class, vae=self.vae,
-                           num_classes=classes, defaults=self.sampling)
+                           num_classes=classes, defaults=self.sampling, text_encoder=self.text_encoder)
 
     @property
     def null_class(self) -> int | None:
@@ -328,33 +369,66 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu") -> Bund
         experts.append(expert)
     check_trained_shape(manifest, where)
     _check_class_ids(experts, f"{where}: ", REEXPORT)
+    text = _load_text(path, manifest) if manifest.get("text") is not None else None
+    _check_text(experts, text.width if text is not None else None, f"{where}: ")
+    if text is not None:  # a call without a prompt is the unconditional one: the empty prompt's
+        empty = text.empty()
+        experts = [with_null_text(e, empty) for e in experts]
     router = Router(experts, grouping, manifest["expert_flops"]).to(device).eval()
     check_conditioning(manifest.get("conditioning"), num_class_embeds(router), where)
     _probe(router, grouping, manifest["sample_shape"], manifest["expert_flops"], path)
     vae = _load_vae(path, manifest) if manifest.get("latent") is not None else None
-    return Bundle(router, scheduler, manifest, vae.to(device) if vae is not None else None)
+    if text is not None:
+        text.text_model.to(device)
+    return Bundle(router, scheduler, manifest, vae.to(device) if vae is not None else None, text)
+
+
+def _component(path: Path, files: dict, directory: str, names: tuple[str, ...], what: str) -> nn.Module:
+    """The model saved in `directory`/ of a bundle (its VAE, its text encoder), rebuilt only when its class is one
+    of `names`. Raises ValueError (BundleError) naming the file."""
+    name = f"{directory}/{ARCHITECTURE_FILE}"
+    description = read_architecture(_read_listed(path, name, files[name], max_bytes=MAX_ARCHITECTURE_BYTES),
+                                    path / name)
+    if description.get("class") not in names:
+        raise ValueError(f"{path / name} names class {brief(description.get('class'))}; a bundle's {what} must be one "
+                         f"of {', '.join(names)}")
+    weights = f"{directory}/{description['weights']['file']}"
+    if weights not in files:
+        raise ValueError(f"{path / name} names weights that the manifest's 'files' does not list")
+    return build_model(description, _read_listed(path, weights, files[weights]), path / name, path / weights)
 
 
 def _load_vae(path: Path, manifest: dict) -> nn.Module:
     """A latent bundle's VAE (vae/ in the bundle): only an allowlisted diffusers VAE class is rebuilt."""
-    files, name = manifest["files"], f"vae/{ARCHITECTURE_FILE}"
-    if not isinstance(manifest["latent"], dict) or manifest["latent"].get("vae") != "vae" or name not in files:
+    files = manifest["files"]
+    if (not isinstance(manifest["latent"], dict) or manifest["latent"].get("vae") != "vae"
+            or f"vae/{ARCHITECTURE_FILE}" not in files):
         raise BundleError(f"{path / MANIFEST}: 'latent' must be {{\"vae\": \"vae\", ...}} with the files of "
                           f"vae/ listed in 'files'; {REEXPORT}")
     try:
-        description = read_architecture(_read_listed(path, name, files[name], max_bytes=MAX_ARCHITECTURE_BYTES),
-                                        path / name)
-        if description.get("class") not in _VAE_NAMES:
-            raise ValueError(f"{path / name} names class {brief(description.get('class'))}; a bundle's VAE must be one "
-                             f"of {', '.join(_VAE_NAMES)}")
-        weights = f"vae/{description['weights']['file']}"
-        if weights not in files:
-            raise ValueError(f"{path / name} names weights that the manifest's 'files' does not list")
-        vae = build_model(description, _read_listed(path, weights, files[weights]), path / name, path / weights)
+        vae = _component(path, files, "vae", _VAE_NAMES, "VAE")
     except (ValueError, RuntimeError, OSError) as err:
         raise BundleError(f"cannot load the VAE of bundle {path}: {err}; {REEXPORT}") from None
     _probe_vae(vae, manifest, path)
     return vae
+
+
+def _load_text(path: Path, manifest: dict) -> TextEncoder:
+    """A text-conditional bundle's text encoder (text_encoder/: only an allowlisted transformers class is rebuilt)
+    and tokenizer (tokenizer/: built from its vocabulary, merges and settings, each file checked as every file)."""
+    files = manifest["files"]
+    check_text_entry(manifest["text"], files, path / MANIFEST)
+    try:
+        text_model = _component(path, files, TEXT_ENCODER_DIR, _TEXT_NAMES, "text encoder")
+        data = {name: _read_listed(path, f"{TOKENIZER_DIR}/{name}", files[f"{TOKENIZER_DIR}/{name}"],
+                                   max_bytes=MAX_TOKENIZER_BYTES) for name in TOKENIZER_FILES}
+        text = TextEncoder(text_model, tokenizer_from_files(data, str(path / TOKENIZER_DIR)))
+    except (ValueError, RuntimeError, OSError) as err:
+        raise BundleError(f"cannot load the text encoder of bundle {path}: {err}; {REEXPORT}") from None
+    if text.width != manifest["text"]["width"]:
+        raise BundleError(f"{path / MANIFEST}: 'text.width' is {manifest['text']['width']} but the text encoder's "
+                          f"hidden size is {text.width}; {REEXPORT}")
+    return text
 
 
 @torch.no_grad()

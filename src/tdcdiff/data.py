@@ -1,11 +1,18 @@
 """Image data sets as float tensors in [-1, 1], loaded from a built-in name, an IDX file,
-an image folder, a zip of one, or a Hugging Face dataset (``hf:<name>[:<split>]``)."""
+an image folder, a zip of one, or a Hugging Face dataset (``hf:<name>[:<split>]``).
+
+An image folder (or zip) may caption its images as diffusers' text-to-image training scripts read them (Hugging
+Face's imagefolder layout): a ``metadata.jsonl`` with one ``{"file_name": ..., "text": ...}`` object per line,
+file_name relative to the folder holding that metadata.jsonl."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import json
 import math
 import os
+import posixpath
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -19,7 +26,7 @@ from torch.utils.data import Dataset
 from .capacity import check_memory, tensor_bytes
 from .settings import SEED
 
-__all__ = ["DataError", "ImageDataset", "load_dataset", "KNOWN_DATASETS", "IMAGE_EXTENSIONS"]
+__all__ = ["DataError", "ImageDataset", "load_dataset", "KNOWN_DATASETS", "IMAGE_EXTENSIONS", "METADATA_FILE"]
 
 KNOWN_DATASETS = ("digits",)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
@@ -27,6 +34,9 @@ _GRAY_MODES = {"1", "L", "LA", "F"}
 # 16-bit grayscale (PNG): Pillow reads it as integers 0..65535, which an 8-bit conversion would clip to white
 _WIDE_GRAY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 _WIDE_MAX = 65535
+METADATA_FILE = "metadata.jsonl"  # captions, as Hugging Face's imagefolder and diffusers' training scripts read them
+CAPTION_KEY = "text"  # diffusers' train_text_to_image.py --caption_column default
+MAX_METADATA_BYTES = 256 << 20
 FIX_SIZE = "lower --image-size or --limit (image_size, limit)"
 _LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601, as Pillow's "L"
 
@@ -42,14 +52,18 @@ class ImageDataset(Dataset):
     """Images as a float32 NCHW tensor in [-1, 1] with int64 labels (-1 where unknown).
 
     images: (N, C, H, W) float tensor; labels: (N,) int64 tensor; name: the spec it came from;
-    num_classes: number of classes, or None when the source has no labels; classes: class names or None.
+    num_classes: number of classes, or None when the source has no labels; classes: class names or None;
+    captions: one caption (str) per image, or None when the source has none (see METADATA_FILE).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, name: str,
-                 num_classes: int | None = None, classes: list[str] | None = None):
+                 num_classes: int | None = None, classes: list[str] | None = None, captions: list[str] | None = None):
         self.images = images.float().contiguous()
         self.labels = labels.to(torch.int64)
         self.name, self.num_classes, self.classes = name, num_classes, classes
+        if captions is not None and len(captions) != len(self.images):
+            raise ValueError(f"{len(captions)} captions for {len(self.images)} images; give one caption per image")
+        self.captions = captions
         self.channels, self.image_size = self.images.shape[1], self.images.shape[2]
 
     def __len__(self) -> int:
@@ -59,9 +73,13 @@ class ImageDataset(Dataset):
         return self.images[i], self.labels[i]
 
     def describe(self) -> dict:
-        """Short provenance record: spec, count, per-image shape [C, H, W], number of classes."""
-        return {"spec": self.name, "count": len(self), "shape": list(self.images.shape[1:]),
-                "classes": self.num_classes}
+        """Short provenance record: spec, count, per-image shape [C, H, W], number of classes, and for captioned
+        data the sha256 of its captions (in order)."""
+        record = {"spec": self.name, "count": len(self), "shape": list(self.images.shape[1:]),
+                  "classes": self.num_classes}
+        if self.captions is not None:
+            record["captions_sha256"] = hashlib.sha256(json.dumps(self.captions).encode()).hexdigest()
+        return record
 
 
 def load_dataset(spec: str = "digits", *, size: int | None = None, channels: int | None = None,
@@ -103,9 +121,13 @@ def load_dataset(spec: str = "digits", *, size: int | None = None, channels: int
         raise DataError(f"{path} is neither a folder nor a regular file (a FIFO would block the read, a device never "
                         "end it); pass a data set's folder, zip or IDX file")
     if path.is_dir():
-        entries = [(str(p), p.relative_to(path).parts[:-1], lambda p=p: Image.open(p))
-                   for p in sorted(path.rglob("*")) if p.is_file() and _is_image(p.relative_to(path).as_posix())]
-        return _from_files(*_classify(entries), source=f"folder {path}", **opts)
+        files = {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*")) if p.is_file()}
+        images = [rel for rel in files if _is_image(rel)]
+        entries = [(str(files[rel]), files[rel].relative_to(path).parts[:-1], lambda p=files[rel]: Image.open(p))
+                   for rel in images]
+        source = f"folder {path}"
+        metadata = [(rel, lambda p=files[rel]: _read_metadata(p)) for rel in files if _is_metadata(rel)]
+        return _from_files(*_classify(entries), source=source, captions=_captions(images, metadata, source), **opts)
     if path.name.endswith(("idx3-ubyte", "idx3-ubyte.gz")):
         return _load_idx(path, **opts)
     if path.suffix.lower() == ".zip":
@@ -113,6 +135,72 @@ def load_dataset(spec: str = "digits", *, size: int | None = None, channels: int
     raise DataError(f"{path} is a file but neither a .zip of images nor an IDX image file "
                     "(*-idx3-ubyte[.gz]); pass a folder, a zip, an IDX file or one of: "
                     + ", ".join(KNOWN_DATASETS))
+
+
+def _is_metadata(rel: str) -> bool:
+    """Whether `rel` names a captions file (METADATA_FILE) in a folder that is not hidden."""
+    return rel.split("/")[-1] == METADATA_FILE and not any(part.startswith(".") for part in rel.split("/")[:-1])
+
+
+def _read_metadata(path: Path) -> bytes:
+    if path.stat().st_size > MAX_METADATA_BYTES:
+        raise DataError(f"{path} is {path.stat().st_size} bytes, more than the {MAX_METADATA_BYTES} a captions file "
+                        "may have; split the data set")
+    return path.read_bytes()
+
+
+def _caption_entries(meta: str, data: bytes, source: str) -> dict[str, str]:
+    """{image path relative to the root: caption} from one metadata.jsonl (meta: its path relative to the root)."""
+    where = f"{meta} in {source}"
+    folder = posixpath.dirname(meta)
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where} is not UTF-8 text ({err}); save it as UTF-8") from None
+    found = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if not (isinstance(entry, dict) and isinstance(entry.get("file_name"), str)
+                and isinstance(entry.get(CAPTION_KEY), str)):
+            raise DataError(f"{where} line {number} is not a JSON object with a string \"file_name\" and a string "
+                            f"\"{CAPTION_KEY}\" (the caption); write one such object per line")
+        rel = posixpath.normpath(posixpath.join(folder, entry["file_name"]))
+        if entry["file_name"].startswith("/") or rel == ".." or rel.startswith("../"):
+            raise DataError(f"{where} line {number} names {entry['file_name']!r}, outside the folder; file_name is a "
+                            f"path relative to the folder holding {METADATA_FILE}")
+        if rel in found:
+            raise DataError(f"{where} captions {rel!r} twice (line {number}); give each image one line")
+        found[rel] = entry[CAPTION_KEY]
+    return found
+
+
+def _captions(images: list[str], metadata: list[tuple[str, Callable[[], bytes]]], source: str) -> list[str] | None:
+    """One caption per image (images: paths relative to the root, "/"-separated) from the METADATA_FILE files
+    (path relative to the root, a reader of its bytes), or None when there are none. Raises DataError naming the
+    file and line for a malformed line, a caption of no image, an image captioned twice or an image without one."""
+    if not metadata:
+        return None
+    captions: dict[str, str] = {}
+    for meta, read in metadata:
+        for rel, text in _caption_entries(meta, read(), source).items():
+            if rel in captions:
+                raise DataError(f"{rel!r} in {source} is captioned in two {METADATA_FILE} files; keep one line for it")
+            captions[rel] = text
+    known = set(images)
+    unknown = next((rel for rel in captions if rel not in known), None)
+    if unknown is not None:
+        raise DataError(f"{METADATA_FILE} in {source} captions {unknown!r}, which is not an image there (images: "
+                        f"{', '.join(IMAGE_EXTENSIONS)}); fix its file_name or add the image")
+    missing = [rel for rel in images if rel not in captions]
+    if missing:
+        raise DataError(f"{missing[0]!r} in {source} has no caption: {METADATA_FILE} captions {len(captions)} of its "
+                        f"{len(images)} images; add a line for every image (or remove {METADATA_FILE})")
+    return [captions[rel] for rel in images]
 
 
 def _is_image(rel: str) -> bool:
@@ -141,8 +229,10 @@ def _load_zip(path: Path, **opts) -> ImageDataset:
     except (zipfile.BadZipFile, OSError) as e:
         raise DataError(f"cannot open zip {path}: {e}; check that it is a complete .zip file") from e
     with zf:
-        infos = [i for i in sorted(zf.infolist(), key=lambda i: i.filename)
-                 if not i.is_dir() and not i.filename.startswith("__MACOSX/") and _is_image(i.filename)]
+        listed = [i for i in sorted(zf.infolist(), key=lambda i: i.filename)
+                  if not i.is_dir() and not i.filename.startswith("__MACOSX/")]
+        infos = [i for i in listed if _is_image(i.filename)]
+        metadata = [i.filename for i in listed if _is_metadata(i.filename)]
         names = [i.filename for i in infos]
         twice = next((a for a, b in zip(names, names[1:]) if a == b), None)
         if twice is not None:  # unzipping keeps one of them; reading both would train on images no folder holds
@@ -153,7 +243,17 @@ def _load_zip(path: Path, **opts) -> ImageDataset:
             parts = [p[1:] for p in parts]
         entries = [(f"{i.filename} in zip {path}", tuple(p[:-1]),
                     lambda i=i: Image.open(io.BytesIO(_read_member(zf, i)))) for i, p in zip(infos, parts)]
-        return _from_files(*_classify(entries), source=f"zip {path}", **opts)
+        source = f"zip {path}"
+        captions = _captions(names, [(m, lambda m=m: _read_zip_metadata(zf, m, path)) for m in metadata], source)
+        return _from_files(*_classify(entries), source=source, captions=captions, **opts)
+
+
+def _read_zip_metadata(zf: zipfile.ZipFile, name: str, path: Path) -> bytes:
+    size = zf.getinfo(name).file_size
+    if size > MAX_METADATA_BYTES:
+        raise DataError(f"{name} in zip {path} is {size} bytes, more than the {MAX_METADATA_BYTES} a captions file "
+                        "may have; split the data set")
+    return zf.read(name)
 
 
 def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
@@ -279,13 +379,15 @@ def _check_fits(count: int, shape: tuple[int, ...], name: str, extra: int = 0) -
 
 
 def _from_files(items: list[Item], classes: list[str], *, source: str, size, channels, limit, seed,
-                name) -> ImageDataset:
-    """Decode the seeded `limit` subset of `items` into an ImageDataset, once the first image shows that all of
+                name, captions: list[str] | None = None) -> ImageDataset:
+    """Decode the seeded `limit` subset of `items` (captions: one per item, or None) into an ImageDataset, once the first image shows that all of
     them fit in memory as float32."""
     if not items:
         raise DataError(f"no images found in {source} (searched recursively for "
                         f"{', '.join(IMAGE_EXTENSIONS)}); add image files, optionally one subfolder per class")
-    items = [items[i] for i in _subset(len(items), limit, seed)]
+    keep = _subset(len(items), limit, seed)
+    items = [items[i] for i in keep]
+    captions = None if captions is None else [captions[i] for i in keep]
     if size:  # before the first image is resized to it
         _check_fits(len(items), (channels or 1, size, size), name)
     arrays = []
@@ -308,7 +410,7 @@ def _from_files(items: list[Item], classes: list[str], *, source: str, size, cha
         arrays[i] = None
     labels = torch.tensor([lab for _, lab, _ in items], dtype=torch.int64)
     return ImageDataset(x.div_(127.5).sub_(1), labels, name=name, num_classes=len(classes) or None,
-                        classes=classes or None)
+                        classes=classes or None, captions=captions)
 
 
 def _from_tensor(x: torch.Tensor, labels: torch.Tensor, *, num_classes: int | None, size, channels,

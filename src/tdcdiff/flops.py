@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .models import as_denoiser, num_class_embeds
+from .models import as_denoiser, takes_condition
 
 
 def _cpu_flash_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -25,8 +25,9 @@ def _count(model: torch.nn.Module, sample_shape: tuple[int, ...], timestep: int)
     t = torch.full((1,), timestep, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM)
     with counter:
-        # A class-conditional model needs a label (Denoiser gives one); other modules are called as they are.
-        (as_denoiser(model) if num_class_embeds(model) is not None else model)(x, t)
+        # A conditional model needs a class label or a text embedding (Denoiser gives one); other modules are
+        # called as they are.
+        (as_denoiser(model) if takes_condition(model) else model)(x, t)
     return counter
 
 

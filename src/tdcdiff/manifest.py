@@ -17,9 +17,11 @@ import torch
 
 from .files import brief, is_count, is_sha256, json_safe
 from .grouping import Grouping
+from .models import CLIP_TOKENS
 from .samplers import SamplingSetting
 from .schedule import MAX_TIMESTEPS, PREDICTION_TYPES
 from .serialization import ARCHITECTURE_FILE, allowed_class, check_arguments
+from .text import TOKENIZER_FILES
 
 FORMAT = "tdcdiff-bundle/2"
 MANIFEST = "manifest.json"
@@ -309,3 +311,16 @@ def check_conditioning(conditioning: object, classes: int | None, where) -> None
     if data is not None and null is not None and null < data:  # guidance would take class `null` for "no label"
         raise BundleError(f"{where}: 'conditioning.null_class' {null} is one of the data's classes 0..{data - 1}; the "
                           f"null class is the id for dropped labels, no class of the data: {REEXPORT}")
+
+
+def check_text_entry(text: object, files: dict, where) -> None:
+    """A text-conditional bundle's 'text': {"text_encoder": "text_encoder", "tokenizer": "tokenizer", "width": the
+    text encoder's hidden size, "tokens": CLIP_TOKENS}, with text_encoder/architecture.json and every tokenizer file
+    listed in 'files'."""
+    listed = [f"text_encoder/{ARCHITECTURE_FILE}", *(f"tokenizer/{name}" for name in TOKENIZER_FILES)]
+    if (not isinstance(text, dict) or set(text) != {"text_encoder", "tokenizer", "width", "tokens"}
+            or text["text_encoder"] != "text_encoder" or text["tokenizer"] != "tokenizer"
+            or not is_count(text["width"], 1) or text["tokens"] != CLIP_TOKENS or any(n not in files for n in listed)):
+        raise BundleError(f"{where}: 'text' must be {{\"text_encoder\": \"text_encoder\", \"tokenizer\": "
+                          f"\"tokenizer\", \"width\": <its hidden size>, \"tokens\": {CLIP_TOKENS}}} with "
+                          f"{', '.join(listed)} listed in 'files', got {brief(text)}; {REEXPORT}")

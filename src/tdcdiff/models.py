@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -109,8 +111,41 @@ def num_class_embeds(model: nn.Module) -> int | None:
     return value if isinstance(value, int) else None
 
 
+# The token count of a CLIP text embedding (openai/CLIP's context_length; Stable Diffusion pipelines pad every prompt
+# to tokenizer.model_max_length = 77): what a text-conditional model is counted, traced and timed with.
+CLIP_TOKENS = 77
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_text(cls: type) -> bool:
+    return "encoder_hidden_states" in inspect.signature(cls.forward).parameters
+
+
+def text_width(model: nn.Module) -> int | None:
+    """The width of the text embedding a text-conditional model's cross-attention reads (diffusers
+    UNet2DConditionModel `cross_attention_dim`: its forward takes encoder_hidden_states), or None.
+
+    A Router or Denoiser answers for the network it wraps. A per-block list of widths counts when all are equal.
+    """
+    if getattr(model, "is_denoiser", False) and hasattr(model, "experts"):  # a Router: its experts share it
+        model = model.experts[0]
+    model = model.model if isinstance(model, Denoiser) else model
+    config = getattr(model, "config", None)
+    width = getattr(config, "cross_attention_dim", None) if config is not None else None
+    if isinstance(width, (list, tuple)) and len(set(width)) == 1:
+        width = width[0]
+    if not isinstance(width, int) or isinstance(width, bool) or not _forward_takes_text(type(model)):
+        return None
+    return width
+
+
+def takes_condition(model: nn.Module) -> bool:
+    """Whether the model needs a condition in every call: class ids or a text embedding."""
+    return num_class_embeds(model) is not None or text_width(model) is not None
+
+
 class Denoiser(nn.Module):
-    """Calls any module as `model(x, t)` (or `model(x, t, class_labels=y)`) and returns a plain tensor.
+    """Calls any module as `model(x, t)` (or with a condition) and returns a plain tensor.
 
     Accepts models that return a tensor, a diffusers output with `.sample`, or a tuple whose first
     item is the prediction. Everything in tdcdiff calls denoisers through this. x goes into the model in the
@@ -119,24 +154,45 @@ class Denoiser(nn.Module):
 
     A model may output 2C channels for C input channels (a learned variance, as in IDDPM/ADM): the first C
     are the prediction. forward returns only those unless `with_variance=True` (the DDPM sampler's case).
-    class_labels: (N,) int64 class ids for a class-conditional model; None gives a conditional model class 0
-    (enough to count FLOPs or trace it; sampling and training always pass real labels).
+    condition: for a class-conditional model, (N,) int64 class ids (`model(x, t, class_labels=...)`); for a
+        text-conditional one (text_width), (N, L, width) float text embeddings (`model(x, t,
+        encoder_hidden_states=...)`, as diffusers' UNet2DConditionModel). None gives a class-conditional model
+        class 0 and a text-conditional one `null_text` (enough to count FLOPs or trace it; training and sampling
+        pass real conditions).
+    null_text: (L, width), what a text-conditional model gets when a call gives no condition: the empty prompt's
+        embedding where known (its unconditional output, as in classifier-free guidance), else zeros of
+        CLIP_TOKENS tokens. Kept as a plain attribute, never saved with the model.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, null_text: torch.Tensor | None = None):
         super().__init__()
         self.model = model
+        self.null_text = null_text
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None, *,
+    def _text(self, condition: torch.Tensor | None, batch: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        if condition is None:
+            null = self.null_text if self.null_text is not None else like.new_zeros((CLIP_TOKENS, width))
+            condition = null.expand(batch, *null.shape[-2:])
+        if not condition.is_floating_point() or condition.ndim != 3 or condition.shape[-1] != width:
+            raise ValueError(f"the model is text-conditional: its condition must be float text embeddings of shape "
+                             f"(N, tokens, {width}), got a {str(condition.dtype).removeprefix('torch.')} tensor of "
+                             f"shape {tuple(condition.shape)}")
+        return condition.to(like.device, like.dtype)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None, *,
                 with_variance: bool = False) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        if class_labels is None and num_class_embeds(self.model) is not None:
-            class_labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         params = self.model.parameters() if isinstance(self.model, nn.Module) else ()  # a plain function: as is
         weight = next((p for p in params if p.is_floating_point()), None)
         inputs = x if weight is None else x.to(weight.dtype)
-        out = self.model(inputs, t) if class_labels is None else self.model(inputs, t, class_labels=class_labels)
+        width = text_width(self.model)
+        if width is not None:
+            out = self.model(inputs, t, encoder_hidden_states=self._text(condition, x.shape[0], width, inputs))
+        else:
+            if condition is None and num_class_embeds(self.model) is not None:
+                condition = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            out = self.model(inputs, t) if condition is None else self.model(inputs, t, class_labels=condition)
         if hasattr(out, "sample"):
             out = out.sample
         elif isinstance(out, (tuple, list)):
@@ -151,6 +207,14 @@ class Denoiser(nn.Module):
                 "(the prediction first)"
             )
         return (out if with_variance else out[:, :channels]).to(x.dtype)
+
+
+def with_null_text(model: nn.Module, null_text: torch.Tensor) -> Denoiser:
+    """The model as a Denoiser (itself, if it is one) whose calls without a condition get `null_text`, (L, width):
+    the empty prompt's embedding of a text-conditional model, so that such a call is the unconditional one."""
+    denoiser = model if isinstance(model, Denoiser) else Denoiser(model)
+    denoiser.null_text = null_text
+    return denoiser
 
 
 def as_denoiser(model: nn.Module) -> Denoiser:

@@ -21,7 +21,7 @@ from .capacity import check_sampling_memory
 from .fast_path import SamplingModel
 from .feature_cache import FeatureCache
 from .latency import device_of
-from .models import Denoiser, check_denoiser, num_class_embeds
+from .models import Denoiser, check_denoiser, num_class_embeds, text_width
 from .progress import progress_bar
 from .router import Router
 from .samplers import (
@@ -64,13 +64,13 @@ class SampleResult:
 
 
 def _predict(runner: SamplingModel, x: torch.Tensor, t: int, labels: torch.Tensor | None = None, *,
-             guidance_scale: float = 1.0, null_class: int | None = None, with_variance: bool = False,
+             guidance_scale: float = 1.0, null: torch.Tensor | None = None, with_variance: bool = False,
              cache: FeatureCache | None = None) -> torch.Tensor:
-    """The model's output at one t; with guidance, uncond + s * (cond - uncond) on the prediction half
-    (a learned variance half comes from the conditional pass)."""
-    if labels is None or guidance_scale == 1.0:
+    """The model's output at one t for the conditions `labels`; with guidance (null: the unconditional pass's
+    conditions, the null class or the empty prompt), uncond + s * (cond - uncond) on the prediction half (a
+    learned variance half comes from the conditional pass)."""
+    if labels is None or null is None:
         return runner(x, t, labels, with_variance=with_variance, cache=cache)
-    null = torch.full_like(labels, null_class)
     cond, uncond = runner(torch.cat([x, x]), t, torch.cat([labels, null]), with_variance=with_variance,
                           cache=cache).chunk(2)
     c = x.shape[1]
@@ -134,6 +134,78 @@ def _class_labels(model: nn.Module, class_labels, num_images: int, guidance_scal
                              "would steer from that class, not from no class; give the id the model was trained with "
                              "for dropped labels")
     return labels
+
+
+def _conditions(model: nn.Module, num_images: int, guidance_scale: float, class_labels, null_class: int | None,
+                num_classes: int | None, prompt_embeds, negative_prompt_embeds) -> tuple[torch.Tensor | None, ...]:
+    """(each image's condition, each image's condition in guidance's unconditional pass (None without guidance)):
+    class ids and the null class, or text embeddings and the negative (by default the empty) prompt's."""
+    width = text_width(model)
+    if width is not None:
+        return _text_conditions(model, width, num_images, guidance_scale, class_labels, prompt_embeds,
+                                negative_prompt_embeds)
+    if prompt_embeds is not None or negative_prompt_embeds is not None:
+        raise ValueError("prompt embeddings were given but the model is not text-conditional (it has no "
+                         "cross-attention); drop them")
+    labels = _class_labels(model, class_labels, num_images, guidance_scale, null_class, num_classes)
+    return labels, None if labels is None or guidance_scale == 1.0 else torch.full_like(labels, null_class)
+
+
+def _carried_null_text(model: nn.Module) -> torch.Tensor | None:
+    """The empty prompt's embedding a text-conditional model carries (models.Denoiser.null_text; a bundle's do)."""
+    expert = model.experts[0] if isinstance(model, Router) else model
+    return expert.null_text if isinstance(expert, Denoiser) else None
+
+
+def _embeddings(value, name: str, num_images: int, width: int) -> torch.Tensor:
+    if (not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.ndim != 3
+            or value.shape[-1] != width or len(value) not in (1, num_images)):
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be float text embeddings of shape ({num_images} or 1, tokens, {width}), got "
+                         f"{got}")
+    return value.float().expand(num_images, *value.shape[1:])
+
+
+def _text_conditions(model: nn.Module, width: int, num_images: int, guidance_scale: float, class_labels,
+                     prompt_embeds, negative_prompt_embeds) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if class_labels is not None:
+        raise ValueError("the model is text-conditional: it takes prompts (TDCPipeline(prompt=...), or "
+                         "prompt_embeds), not class_labels")
+    carried = _carried_null_text(model)
+    if prompt_embeds is None:
+        if carried is None:
+            raise ValueError(f"the model is text-conditional (cross_attention_dim {width}): pass prompt_embeds "
+                             f"(N or 1, tokens, {width}), or prompt=... to a bundle's pipeline")
+        if guidance_scale != 1.0 or negative_prompt_embeds is not None:
+            raise ValueError("guidance_scale and negative prompts need a prompt: without one the model samples "
+                             "unconditionally (the empty prompt)")
+        return None, None  # the model's own empty prompt (Denoiser.null_text): unconditional samples
+    prompts = _embeddings(prompt_embeds, "prompt_embeds", num_images, width)
+    if guidance_scale == 1.0:
+        return prompts, None
+    negative = negative_prompt_embeds if negative_prompt_embeds is not None else carried
+    if negative is None:
+        raise ValueError("guidance_scale != 1 needs negative_prompt_embeds (usually the empty prompt's embedding), "
+                         "or a model that carries the empty prompt's (a bundle's)")
+    negative = _embeddings(negative if negative.ndim == 3 else negative[None], "negative_prompt_embeds", num_images,
+                           width)
+    if negative.shape != prompts.shape:
+        raise ValueError(f"negative_prompt_embeds have {negative.shape[1]} tokens but prompt_embeds "
+                         f"{prompts.shape[1]}; embed both with the same tokenizer")
+    return prompts, negative
+
+
+def _check_settings(train_scheduler, sample_shape: tuple[int, int, int], sampler: str, steps: int, num_images: int,
+                    batch_size: int, seed: int, guidance_scale: float, cache_interval: int,
+                    cache_depth: int | None) -> tuple[list[int], int | None]:
+    """(the timesteps the sampler visits, the feature cache's depth or None) after checking sample()'s settings."""
+    sampler_kind(sampler)
+    _check_arguments(steps, num_images, batch_size, seed, guidance_scale)
+    visited = visited_timesteps(steps, train_scheduler.config.num_train_timesteps)
+    check_sampling_memory(num_images, sample_shape)  # noise and images of all of them are kept
+    depth = check_cache_settings(cache_interval, cache_depth)
+    check_sampling_schedule(train_scheduler)
+    return visited, depth
 
 
 def _check_model(model: nn.Module, train_scheduler, sample_shape: tuple[int, int, int]) -> None:
@@ -230,6 +302,8 @@ def sample(
     class_labels=None,
     guidance_scale: float = 1.0,
     null_class: int | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
     compile: str = "auto",
     precision: str = "fp32",
     cache_interval: int = 1,
@@ -253,7 +327,11 @@ def sample(
     class_labels: for a class-conditional model (required there): one int for all images or one per image.
     num_classes: the data's class count, when known: labels must be 0..num_classes-1 (and never null_class).
     guidance_scale: classifier-free guidance weight (1: none); needs null_class, the id the model was trained
-        with for dropped labels.
+        with for dropped labels (for a text-conditional model: a negative prompt, see below).
+    prompt_embeds, negative_prompt_embeds: for a text-conditional model (models.text_width), the text embeddings
+        to sample with and those of guidance's unconditional pass, (N or 1, tokens, width) float (text.TextEncoder);
+        by default the empty prompt's embedding the model carries (a bundle's router does; else prompt_embeds are
+        required): without prompt_embeds the samples are unconditional.
     A 2C-channel (learned-variance) model gives DDPM its variance half; the other samplers use the first C.
     compile, precision: the sampling path (see SamplingModel); "auto"/"fp32" give eager-identical images.
     cache_interval, cache_depth: feature caching (DeepCache, feature_cache.py) of UNet2DModels and routers of them:
@@ -263,22 +341,17 @@ def sample(
     decode: for latent diffusion, maps the final latents (sample_shape) to images in [-1, 1] (latent.Decoder);
         the images are then decoded, and the latents are not clamped.
     """
-    sampler_kind(sampler)
-    _check_arguments(steps, num_images, batch_size, seed, guidance_scale)
-    visited = visited_timesteps(steps, train_scheduler.config.num_train_timesteps)
-    check_sampling_memory(num_images, sample_shape)  # noise and images of all of them are kept
-    depth = check_cache_settings(cache_interval, cache_depth)
-    check_sampling_schedule(train_scheduler)
+    visited, depth = _check_settings(train_scheduler, sample_shape, sampler, steps, num_images, batch_size, seed,
+                                     guidance_scale, cache_interval, cache_depth)
     runner = model if isinstance(model, SamplingModel) else None
     model = runner.model if runner is not None else model
     _check_model(model, train_scheduler, sample_shape)
-    labels = _class_labels(model, class_labels, num_images, guidance_scale, null_class, num_classes)
-    scheduler = make_sampler(sampler, train_scheduler)
-    runner = runner or SamplingModel(model, compile, precision)
+    labels, null = _conditions(model, num_images, guidance_scale, class_labels, null_class, num_classes, prompt_embeds,
+                               negative_prompt_embeds)
+    scheduler, runner = make_sampler(sampler, train_scheduler), runner or SamplingModel(model, compile, precision)
     if depth is not None:
         runner.prepare_cache(depth)
-    device = device_of(model) if device is None else device
-    generator = torch.Generator().manual_seed(seed)
+    device, generator = device_of(model) if device is None else device, torch.Generator().manual_seed(seed)
     noise = torch.randn((num_images, *sample_shape), generator=generator)
 
     outputs, cache = [], None
@@ -286,10 +359,11 @@ def sample(
     bar = progress_bar(total=len(batches) * steps, desc=f"sample {sampler}-{steps}", enabled=progress)
     for start in batches:
         cache = FeatureCache(cache_interval, depth) if depth is not None else None
-        batch_labels = None if labels is None else labels[start : start + batch_size].to(device)
+        part = slice(start, start + batch_size)
+        batch_labels, batch_null = (None if c is None else c[part].to(device) for c in (labels, null))
         x, scheduler = _trajectory(runner, scheduler, noise[start : start + batch_size].to(device), visited,
                                    batch_labels, sampler=sampler, train_scheduler=train_scheduler, generator=generator,
-                                   cache=cache, bar=bar, guidance_scale=guidance_scale, null_class=null_class)
+                                   cache=cache, bar=bar, guidance_scale=guidance_scale, null=batch_null)
         outputs.append(decode(x) if decode is not None else x.clamp(-1, 1).cpu())
     bar.close()
     return SampleResult(_finite(torch.cat(outputs), guidance_scale), visited, sampler, steps, seed, TIMESTEP_SPACING,
@@ -308,12 +382,16 @@ class TDCPipeline:
     num_classes: the data's class count (class labels must be below it), when known.
     defaults: the sampling setting a call uses for what it does not give (a bundle's: Bundle.sampling); None:
         DDIM at min(50, T) steps, no feature caching.
+    text_encoder: for a text-conditional denoiser, the text.TextEncoder (CLIP tokenizer and text encoder) that turns
+        a call's prompts into its conditions (a bundle carries it).
     """
 
     def __init__(self, denoiser: nn.Module, scheduler, sample_shape: tuple[int, int, int], *,
                  null_class: int | None = None, compile: str = "auto", precision: str = "fp32", vae=None,
-                 num_classes: int | None = None, defaults: SamplingSetting | None = None):
+                 num_classes: int | None = None, defaults: SamplingSetting | None = None, text_encoder=None):
         from .latent import Decoder
+
+        self.text_encoder = text_encoder
 
         self.decode = Decoder(vae) if vae is not None else None
         self.denoiser = denoiser
@@ -337,12 +415,18 @@ class TDCPipeline:
         guidance_scale: float = 1.0,
         cache_interval: int | None = None,
         cache_depth: int | None = None,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
     ):
         """Sample `batch_size` images; output_type "pil" (list of PIL images), "np" (NHWC uint8) or "pt"
         (NCHW float in [-1, 1]). class_labels, guidance_scale, cache_interval, cache_depth (feature caching):
         see `sample`. num_inference_steps, sampler and the cache settings not given are the pipeline's
-        `defaults` (feature caching from the defaults only when neither cache setting is given). Returns
-        diffusers' ImagePipelineOutput."""
+        `defaults` (feature caching from the defaults only when neither cache setting is given).
+        prompt: for a text-conditional pipeline (required there): one prompt for all `batch_size` images, or a list
+        of one prompt per image (batch_size 1 takes its length). negative_prompt: guidance's unconditional prompt,
+        one or one per image (default "", classifier-free guidance as in Stable Diffusion).
+        Returns diffusers' ImagePipelineOutput."""
+        batch_size, text = self._prompts(prompt, negative_prompt, batch_size, guidance_scale)
         d = self.defaults
         if cache_interval is None and cache_depth is None:
             cache_interval, cache_depth = d.cache_interval, d.cache_depth
@@ -353,7 +437,7 @@ class TDCPipeline:
             self.runner, self.scheduler, sample_shape=self.sample_shape, sampler=sampler or d.sampler,
             steps=num_inference_steps or d.steps, num_images=batch_size, batch_size=batch_size, seed=seed, progress=progress,
             class_labels=class_labels, guidance_scale=guidance_scale, null_class=self.null_class, decode=self.decode,
-            num_classes=self.num_classes, cache_interval=cache_interval or 1, cache_depth=cache_depth,
+            num_classes=self.num_classes, cache_interval=cache_interval or 1, cache_depth=cache_depth, **text,
         )
         if output_type == "pt":
             return ImagePipelineOutput(images=result.images)
@@ -363,6 +447,36 @@ class TDCPipeline:
         if output_type == "pil":
             return ImagePipelineOutput(images=[Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels])
         raise ValueError(f"unknown output_type {output_type!r}; choose 'pil', 'np' or 'pt'")
+
+
+    def _prompts(self, prompt, negative_prompt, batch_size: int, guidance_scale: float) -> tuple[int, dict]:
+        """(images to sample, sample()'s prompt_embeds and negative_prompt_embeds from the prompts)."""
+        if self.text_encoder is None:
+            if prompt is not None or negative_prompt is not None:
+                raise ValueError("prompt was given but this pipeline has no text encoder (its model is not "
+                                 "text-conditional); drop it")
+            return batch_size, {}
+        if prompt is None:
+            raise ValueError("this pipeline is text-conditional: pass prompt=... (one string, or one per image)")
+        prompts = _prompt_list(prompt, batch_size, "prompt")
+        text = {"prompt_embeds": self.text_encoder(prompts)}
+        if guidance_scale != 1.0:
+            negative = "" if negative_prompt is None else negative_prompt
+            text["negative_prompt_embeds"] = self.text_encoder(_prompt_list(negative, len(prompts), "negative_prompt"))
+        return len(prompts), text
+
+
+def _prompt_list(prompt, batch_size: int, name: str) -> list[str]:
+    """One prompt per image: a string repeated batch_size times, or a list of batch_size strings (any length when
+    batch_size is 1)."""
+    if isinstance(prompt, str):
+        return [prompt] * batch_size
+    if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(p, str) for p in prompt):
+        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+    if batch_size not in (1, len(prompt)):
+        raise ValueError(f"{len(prompt)} prompts in {name} for batch_size {batch_size}; give one prompt per image "
+                         "(or one string for all)")
+    return list(prompt)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -77,12 +77,13 @@ class Router(nn.Module):
     def group_of(self, t: torch.Tensor) -> torch.Tensor:
         return torch.bucketize(t, self._edges.to(t.device), right=True)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None, *,
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None, *,
                 with_variance: bool = False) -> torch.Tensor:
         """The experts' outputs for (x, t), each sample from the expert of its t's group.
 
         t: (N,) or a scalar tensor of training timesteps, integers in 0..T-1 (integral floats are taken).
-        class_labels: (N,) class ids, passed to the experts of a class-conditional model.
+        condition: each sample's condition, passed to its expert with it (see models.Denoiser): (N,) class ids for
+            class-conditional experts, (N, L, width) text embeddings for text-conditional ones.
         with_variance: return a learned-variance expert's full 2C-channel output (see models.Denoiser).
         Raises ValueError for a fractional t and IndexError for t outside 0..T-1 (each would be sent to an expert
         that was not trained at it).
@@ -98,13 +99,13 @@ class Router(nn.Module):
         first = int(groups[0])
         if bool((groups == first).all()):  # the sampling loop's case: one t for the whole batch
             self.samples_routed[first] += x.shape[0]
-            return self.experts[first](x, t, class_labels, with_variance=with_variance)
+            return self.experts[first](x, t, condition, with_variance=with_variance)
         outputs = {}
         for g in groups.unique().tolist():
             mask = groups == g
             self.samples_routed[g] += int(mask.sum())
-            labels = None if class_labels is None else class_labels[mask]
-            outputs[g] = (mask, self.experts[g](x[mask], t[mask], labels, with_variance=with_variance))
+            part = None if condition is None else condition[mask]
+            outputs[g] = (mask, self.experts[g](x[mask], t[mask], part, with_variance=with_variance))
         some = next(iter(outputs.values()))[1]
         out = x.new_empty((x.shape[0], *some.shape[1:]))
         for mask, value in outputs.values():

@@ -7,8 +7,9 @@ new shapes and loads the weights strictly. This works where diffusers' save_pret
 cannot (a pruned UNet's config still states the unpruned widths) and needs neither torch.load nor pickle.
 
 Saved files are untrusted input: loading never imports what a file names. It rebuilds only diffusers' model
-classes (exported as `diffusers.<Name>`) and classes registered with `register_model_class`, with constructor
-arguments checked against the class's signature, and reads only files inside the saved model's directory.
+classes (exported as `diffusers.<Name>`), the transformers text encoders of TRANSFORMERS_CLASSES (from their config,
+as `transformers.<Name>`) and classes registered with `register_model_class`, with constructor arguments checked
+against the class's signature, and reads only files inside the saved model's directory.
 """
 
 from __future__ import annotations
@@ -37,9 +38,17 @@ MAX_ARCHITECTURE_BYTES = 4 << 20  # a config, a list of removed layers: kilobyte
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+# The transformers model classes a saved file may name: the text encoders of Stable Diffusion's layout (text.py).
+TRANSFORMERS_CLASSES = ("CLIPTextModel",)
+
+
 def _is_diffusers_model(model: nn.Module) -> bool:
     # A diffusers model cannot exist unless diffusers was imported: skip its slow import otherwise.
     return "diffusers" in sys.modules and isinstance(model, sys.modules["diffusers"].ModelMixin)
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    return "transformers" in sys.modules and isinstance(model, sys.modules["transformers"].PreTrainedModel)
 
 
 # Classes a user allowed to be rebuilt from saved files, by the name they are saved under.
@@ -100,6 +109,11 @@ def architecture_of(model: nn.Module) -> dict:
     if isinstance(model, Denoiser):
         return {**architecture_of(model.model), "wrapped": "Denoiser"}
     cls = type(model)
+    if _is_transformers_model(model):
+        if cls.__name__ not in TRANSFORMERS_CLASSES or getattr(sys.modules["transformers"], cls.__name__) is not cls:
+            raise ValueError(f"cannot save a {class_path(cls)}: of transformers' models tdcdiff saves only "
+                             f"{', '.join(TRANSFORMERS_CLASSES)}")
+        return {"class": f"transformers.{cls.__name__}", "config": json_safe(model.config.to_dict())}
     if _is_diffusers_model(model):
         config = {k: json_safe(v) for k, v in dict(model.config).items() if not k.startswith("_")}
         description = {"class": _importable_name(cls), "config": config}
@@ -175,6 +189,10 @@ def allowed_class(name: object, base: str, what: str) -> type:
     if base == "ModelMixin" and name in _REGISTERED:
         return _REGISTERED[name]
     prefix, _, attr = name.partition(".")
+    if base == "ModelMixin" and prefix == "transformers" and attr in TRANSFORMERS_CLASSES:
+        import transformers
+
+        return getattr(transformers, attr)
     cls = _diffusers_export(attr, base) if prefix == "diffusers" else None
     if cls is not None:
         return cls
@@ -228,10 +246,18 @@ def _rebuild(description: dict, source: Path) -> nn.Module:
         raise ValueError(f"{source}: 'wrapped' must be 'Denoiser' or absent, got {brief(wrapped)}; re-save the model")
     diffusers = sys.modules.get("diffusers")
     is_config = diffusers is not None and issubclass(cls, diffusers.ModelMixin)
-    key = "config" if is_config else "kwargs"
-    arguments = check_arguments(cls, description.get(key), f"{source} {key!r}")
+    text_encoder = f"transformers.{cls.__name__}" == description.get("class") and cls.__name__ in TRANSFORMERS_CLASSES
+    key = "config" if is_config or text_encoder else "kwargs"
+    if text_encoder:  # a transformers config takes any key; building it is the check
+        if not isinstance(description.get(key), dict):
+            raise ValueError(f"{source} 'config' must be a mapping of {cls.__name__}'s config, got "
+                             f"{type(description.get(key)).__name__}")
+        arguments = {k: v for k, v in description[key].items() if k not in ("auto_map", "_name_or_path")}
+    else:
+        arguments = check_arguments(cls, description.get(key), f"{source} {key!r}")
     try:
-        model = cls.from_config(arguments) if is_config else cls(**arguments)
+        model = (cls.from_config(arguments) if is_config else cls(cls.config_class.from_dict(arguments)) if text_encoder
+                 else cls(**arguments))
     except _BuildTooLarge:
         raise
     except Exception as err:  # any failure of an allowlisted constructor on the saved arguments
@@ -300,6 +326,13 @@ def build_model(description: dict, data: bytes, source: Path, weights_path: Path
                          "not computed in; saved weights are float32, float16 or bfloat16: re-run the stage that "
                          "wrote it") from None
     model = _rebuild_empty(description, source, state)
+    if str(description.get("class")).startswith("transformers."):  # never pruned: weights of the config's shapes
+        state = _text_model_keys(state, model)
+        built = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        odd = next((k for k, v in state.items() if k in built and built[k] != tuple(v.shape)), None)
+        if odd is not None:
+            raise ValueError(f"{weights_path} does not fit the architecture in {source}: {brief(odd)} is "
+                             f"{tuple(state[odd].shape)}, its config makes it {built[odd]}")
     if description.get("removed"):
         _remove_layers(model, description["removed"], source)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
@@ -314,6 +347,19 @@ def build_model(description: dict, data: bytes, source: Path, weights_path: Path
         raise ValueError(f"{weights_path} does not fit the architecture in {source}: "
                          f"{brief(' '.join(str(err).split()), 400, quote=False)}") from None
     return model.eval()
+
+
+def _text_model_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's weights under the key names this transformers version gives them: transformers 5
+    dropped the `text_model.` prefix that version 4 (and every Stable Diffusion pipeline it saved) used, and before
+    4.31 `embeddings.position_ids` was saved too (later versions build it). Other keys are left to the strict load."""
+    expected = set(model.state_dict())
+    kept = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids") or k in expected}
+    for renamed in (kept, {k.removeprefix("text_model."): v for k, v in kept.items()},
+                    {f"text_model.{k}": v for k, v in kept.items()}):
+        if set(renamed) == expected:
+            return renamed
+    return state
 
 
 def _rebuild_empty(description: dict, source: Path, state: dict[str, torch.Tensor]) -> nn.Module:

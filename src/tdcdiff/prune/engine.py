@@ -49,12 +49,17 @@ def _stale_sizes(module: nn.Module, before: dict[str, tuple[int, int]], after: d
 
 def _channels_to_drop(graph, net: nn.Module, group: PlanGroup, kept: int, importance: Importance) -> list[int]:
     """Root channels that cut a group to `kept` per norm group: the same positions in every norm group, the
-    least important averaged over the norm groups (as torch-pruning's BasePruner does)."""
+    least important averaged over the norm groups (as torch-pruning's BasePruner does). A channel with coupled
+    copies in the same layer (plan._copies: GEGLU's halves) is scored with them, averaged."""
     root = net.get_submodule(group.root)
     rows = group.channels // group.slots
     prune_out = graph.get_pruner_of_module(root).prune_out_channels
     full = graph.get_pruning_group(root, prune_out, list(range(group.channels)))
-    drop = torch.argsort(importance(full).view(rows, group.slots).mean(0))[: group.slots - kept].tolist()
+    scores = importance(full)
+    if len(scores) != group.channels:  # one score per channel of the root, copies included, in the group's order
+        order = torch.as_tensor([int(i) for i in full[0].idxs])
+        scores = torch.empty_like(scores).index_copy_(0, order, scores).view(-1, group.channels).mean(0)
+    drop = torch.argsort(scores.view(rows, group.slots).mean(0))[: group.slots - kept].tolist()
     return sorted(r * group.slots + d for r in range(rows) for d in drop)
 
 

@@ -23,20 +23,28 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch_pruning.dependency import index_mapping, shape_infer
 
-from ..models import Denoiser
+from ..models import CLIP_TOKENS, Denoiser, text_width
 from ..surgery.attributes import LAYERS
 
 
-def full_forward(net: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """net's whole output for inputs (x, t): a learned variance's channels are output channels too, never pruned."""
+def full_forward(net: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """net's whole output for inputs (x, t[, text]): a learned variance's channels are output channels too, never
+    pruned."""
     return Denoiser(net)(*inputs, with_variance=True)
 
 
-def example_inputs(net: nn.Module, sample_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed (x, t) for tracing: x of shape (1, *sample_shape) from seed 0, t = 0; on net's device and dtype."""
+def example_inputs(net: nn.Module, sample_shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """A fixed (x, t) for tracing: x of shape (1, *sample_shape) from seed 0, t = 0; on net's device and dtype. A
+    text-conditional net also gets a text embedding (1, CLIP_TOKENS, width) from seed 1: random, not zeros, so that
+    each cross-attention head's output depends on its own key and value channels (which tells the heads apart)."""
     param = next(net.parameters())
     x = torch.randn((1, *sample_shape), generator=torch.Generator().manual_seed(0))
-    return x.to(param.device, param.dtype), torch.zeros(1, dtype=torch.long, device=param.device)
+    inputs = (x.to(param.device, param.dtype), torch.zeros(1, dtype=torch.long, device=param.device))
+    width = text_width(net)
+    if width is None:
+        return inputs
+    text = torch.randn((1, CLIP_TOKENS, width), generator=torch.Generator().manual_seed(1))
+    return (*inputs, text.to(param.device, param.dtype))
 
 
 class _ReshapeShapes(TorchFunctionMode):

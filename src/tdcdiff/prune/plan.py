@@ -97,6 +97,23 @@ def _channel_groups(graph, group) -> int:
     return n
 
 
+def _copies(graph, root: nn.Module, unit: str | None, name: str) -> int:
+    """How many of root's output channels torch-pruning cuts together with each one: 1, or k when root's output is
+    split into k equal parts that meet again element-wise (GEGLU's `proj(x).chunk(2)` then `x * gelu(gate)`, in
+    every diffusers transformer block), channel i then going with i + C/k, i + 2C/k, ... The plan counts the
+    C/k channels of the first part; cutting one of them cuts its copies."""
+    channels = graph.get_out_channels(root)
+    pruner = graph.get_pruner_of_module(root)
+    cut = sorted({int(i) for i in graph.get_pruning_group(root, pruner.prune_out_channels, [0])[0].idxs})
+    k = len(cut)
+    if k > 1 and (channels % k or cut != [j * (channels // k) for j in range(k)]):
+        raise PruningError(
+            f"cannot prune {f'unit {unit!r}' if unit else 'the model'}: torch-pruning couples output channel 0 of "
+            f"layer {name!r} with its channels {cut[1:]}, not with one channel in each of {k} equal parts; keep its "
+            f"widths with ignored_layers=[{name!r}] (in a run: the setting search.ignored_layers)")
+    return k
+
+
 def _claim(claimed: dict[str, int], layers: list[str], unit_of: dict[str, str]) -> None:
     """Record the layers whose output channels one torch-pruning group cuts; a layer in two groups (its channels
     coupled two ways, which would cut some twice) is a PruningError naming it and the fix."""
@@ -200,7 +217,7 @@ def _build_plan(net: nn.Module, sample_shape: tuple[int, ...], units: list[Unit]
         root = min(producers, key=lambda m: (graph.get_out_channels(m), order[m]))
         qkv = [m for m in outs if m in heads_of]
         if not qkv:
-            channels = graph.get_out_channels(root)
+            channels = graph.get_out_channels(root) // _copies(graph, root, unit_of.get(name_of[root]), name_of[root])
             groups.append(PlanGroup(name_of[root], unit, channels, channels // _channel_groups(graph, group)))
             continue
         attention_name, n = heads_of[qkv[0]]

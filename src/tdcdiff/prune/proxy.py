@@ -38,7 +38,8 @@ class ProxyBatch:
 
     images: (N, C, H, W) in [-1, 1]; timesteps: (N,) one timestep per image, drawn from group_timesteps;
     noise: (N, C, H, W) standard normal; group_timesteps: the group's timesteps (also used for fine-tuning);
-    seed: the seed everything was drawn from; labels: (N,) class ids for a class-conditional model, or None.
+    seed: the seed everything was drawn from; labels: the images' conditions, (N,) class ids for a
+    class-conditional model or (N, L, width) text embeddings for a text-conditional one, or None.
     """
 
     images: torch.Tensor
@@ -58,7 +59,7 @@ class ProxyBatch:
         scheduler: the training noise schedule; only used to check the timesteps' range.
         size: images in the batch; drawn without replacement when the pool is large enough.
         seed: seed for the images, timesteps and noise.
-        labels: (N,) class ids of `images` (for a class-conditional model), picked along with them.
+        labels: the conditions of `images` (class ids, or text embeddings), picked along with them.
         """
         group = torch.as_tensor(timesteps, dtype=torch.long).flatten()
         num_train = scheduler.config.num_train_timesteps
@@ -78,7 +79,10 @@ class ProxyBatch:
         strata = ((torch.arange(size) + torch.rand(size, generator=g)) * len(ordered) / size).long()
         t = ordered[strata.clamp(max=len(ordered) - 1)][torch.randperm(size, generator=g)]
         noise = torch.randn((size, *images.shape[1:]), generator=g)
-        picked_labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)[picked].clone()
+        if labels is not None:  # class ids as int64; text embeddings (a text-conditional model's) as they are
+            labels = torch.as_tensor(labels)
+            labels = labels if labels.is_floating_point() else labels.long()
+        picked_labels = None if labels is None else labels[picked].clone()
         return cls(images[picked].float().clone(), t, noise, group, seed, picked_labels)
 
 

@@ -1,5 +1,6 @@
-"""What a run's stages read: the data (images, or a VAE's latents), the held-out split, labels, the noise
-schedule and the saved models. Stages (stages.py) build on it."""
+"""What a run's stages read: the data (images, or a VAE's latents), the held-out split, the conditions (class labels,
+or the text embeddings of the data's captions), the noise schedule and the saved models. Stages (stages.py) build
+on it."""
 
 from __future__ import annotations
 
@@ -11,16 +12,19 @@ import torch
 from ..base_model import FUNCTION_SPEC, scheduler_from_config
 from ..data import ImageDataset, load_dataset
 from ..evaluate import balanced_labels
-from ..files import atomic_write_bytes, sha256_file
+from ..files import atomic_write_bytes, sha256_file, sha256_tree
 from ..latent import Decoder, encode
-from ..models import num_class_embeds
+from ..models import num_class_embeds, text_width, with_null_text
 from ..schedule import make_scheduler
 from ..serialization import ARCHITECTURE_FILE, load_model
+from ..text import TextEncoder, read_tokenizer
 from ..train import FINAL_DIR
 from .config import SCHEDULER_FILE, RunConfig
 from .rundir import record_inputs, up_to_date
 
 VAE_DIR = "vae"  # base/vae: latent diffusion's VAE, saved from the base pipeline
+# base/text_encoder and base/tokenizer: a text-conditional pipeline's, saved from it
+TEXT_ENCODER_DIR, TOKENIZER_DIR = "text_encoder", "tokenizer"
 
 
 class RunInputs:
@@ -33,6 +37,9 @@ class RunInputs:
         self._pixels: ImageDataset | None = None
         self._vae = None  # None: not looked up yet; False: pixel space
         self._latent_images: torch.Tensor | None = None
+        self._text_encoder = None  # None: not looked up yet; False: no text conditioning
+        self._text: dict[str, torch.Tensor] | None = None
+        self._text_cached = False  # whether self._text is the one on disk
 
     @property
     def pixels(self) -> ImageDataset:
@@ -83,6 +90,50 @@ class RunInputs:
         return ImageDataset(self._latent_images, pixels.labels, name=pixels.name, num_classes=pixels.num_classes,
                             classes=pixels.classes)
 
+    @property
+    def text_encoder(self) -> TextEncoder | None:
+        """A text-conditional base's tokenizer and text encoder (saved as base/text_encoder, base/tokenizer), or
+        None."""
+        if self._text_encoder is None:
+            path = self.dir / "base" / TEXT_ENCODER_DIR
+            self._text_encoder = (TextEncoder(load_model(path), read_tokenizer(self.dir / "base" / TOKENIZER_DIR))
+                                  if (path / ARCHITECTURE_FILE).exists() else False)
+        return self._text_encoder or None
+
+    def _text_embeddings(self) -> dict[str, torch.Tensor]:
+        """{"captions": (N, CLIP_TOKENS, width) the data's captions embedded, "empty": (CLIP_TOKENS, width) the empty
+        prompt's}, computed once by the text encoder and cached as text/embeddings.safetensors (with the text
+        encoder's, the tokenizer's and the data's record beside it) once the text encoder is part of the run."""
+        from safetensors.torch import load, save
+
+        if self._text_cached:
+            return self._text
+        pixels = self.pixels
+        if pixels.captions is None:
+            raise ValueError(f"the data {self.config.data!r} has no captions but the model is text-conditional; add a "
+                             "metadata.jsonl to the image folder, one {\"file_name\": ..., \"text\": ...} per image")
+        path, base = self.dir / "text" / "embeddings.safetensors", self.dir / "base"
+        saved = (base / TEXT_ENCODER_DIR / ARCHITECTURE_FILE).exists()
+        inputs = {"text_encoder_sha256": sha256_file(base / TEXT_ENCODER_DIR / ARCHITECTURE_FILE) if saved else None,
+                  "tokenizer_sha256": sha256_tree(base / TOKENIZER_DIR) if saved else None, "data": pixels.describe()}
+        record = path.with_suffix(".inputs.json")
+        cached = saved and up_to_date(record, inputs, [path])
+        if cached and self._text is None:
+            self._text = load(path.read_bytes())
+        if self._text is None:
+            encoder = self.text_encoder
+            self._text = {"captions": encoder(pixels.captions), "empty": encoder.empty()}
+        if saved and not cached:
+            atomic_write_bytes(path, save(self._text))
+            record_inputs(record, inputs, [path])
+        self._text_cached = saved
+        return self._text
+
+    def empty_prompt(self, model) -> torch.Tensor | None:
+        """The empty prompt's embedding (CLIP_TOKENS, width) for a text-conditional model: its dropped captions in
+        training and its unconditional call; None for other models."""
+        return self._text_embeddings()["empty"] if text_width(model) is not None else None
+
     def _split_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         count = len(self.data)
         order = torch.randperm(count, generator=torch.Generator().manual_seed(self.config.seed))
@@ -112,7 +163,12 @@ class RunInputs:
         return make_scheduler(c.num_train_timesteps, c.beta_schedule, c.prediction_type, version=c.schedule_version)
 
     def labels(self, model) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(train labels, held-out labels) in split() order for a class-conditional model; (None, None) else."""
+        """(train conditions, held-out conditions) in split() order: class labels for a class-conditional model,
+        caption embeddings (N, CLIP_TOKENS, width) for a text-conditional one; (None, None) else."""
+        if text_width(model) is not None:
+            train, held = self._split_indices()
+            captions = self._text_embeddings()["captions"]
+            return captions[train], captions[held]
         if num_class_embeds(model) is None:
             return None, None
         train, held = self._split_indices()
@@ -139,6 +195,14 @@ class RunInputs:
         """Class-balanced labels (i % classes) for a class-conditional model's samples; None otherwise."""
         return balanced_labels(model, num_images, self.data.num_classes)
 
+    def sample_prompts(self, model, num_images: int) -> torch.Tensor | None:
+        """For a text-conditional model's samples, the embeddings of the data's captions, image i % N's for sample i
+        (num_images, CLIP_TOKENS, width); None otherwise."""
+        if text_width(model) is None:
+            return None
+        captions = self._text_embeddings()["captions"]
+        return captions[torch.arange(num_images) % len(captions)]
+
     def base_model(self):
         """The stage-1 model (base/final). Raises FileNotFoundError before stage 1."""
         path = self.dir / "base" / FINAL_DIR
@@ -162,7 +226,9 @@ class RunInputs:
         `module:function` base returns: tdcdiff rebuilds that only once the user named the function in this
         process (--base, or register_model_class in code), never because a run directory's config.json names it."""
         try:
-            return load_model(path).to(self.device)
+            model = load_model(path).to(self.device)
+            # A text-conditional model's calls without a prompt get the empty prompt's: the unconditional ones.
+            return with_null_text(model, self.empty_prompt(model)) if text_width(model) is not None else model
         except ValueError as err:
             spec = self.config.base_model
             if "register_model_class" not in str(err) or not spec or not FUNCTION_SPEC.match(spec):

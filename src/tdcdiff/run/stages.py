@@ -49,10 +49,11 @@ from ..prune.sensitivity import measure_sensitivity
 from ..samplers import PIPELINE_SAMPLERS, SamplingSetting, sampler_for_scheduler
 from ..schedule import SCHEDULE_VERSION, check_given_schedule
 from ..serialization import save_model
+from ..text import save_tokenizer
 from ..settings import apply_overrides
 from ..train import FINAL_DIR, TrainResult, train
 from .config import SCHEDULER_FILE, RunConfig, check_unchanged, load_saved_config, with_pipeline_schedule
-from .inputs import VAE_DIR, RunInputs
+from .inputs import TEXT_ENCODER_DIR, TOKENIZER_DIR, VAE_DIR, RunInputs
 from .rundir import lock_run_dir, record_inputs, up_to_date, writes
 
 
@@ -165,19 +166,26 @@ class Stages(RunInputs):
         if loaded.vae is not None:
             save_model(loaded.vae, out / VAE_DIR)
             self._data = self._latents()  # cached on disk now that the VAE is the run's
+        if loaded.text_encoder is not None:
+            save_model(loaded.text_encoder.text_model, out / TEXT_ENCODER_DIR)
+            save_tokenizer(loaded.text_encoder.tokenizer, out / TOKENIZER_DIR)
+            self._text_embeddings()  # cached on disk now that the text encoder is the run's
         if c.base_model_steps:
             config = replace(c.base, steps=c.base_model_steps, seed=c.seed * 100)
-            return train(model, train_images, scheduler, config, out, labels=train_labels, progress=self.progress,
+            return train(model, train_images, scheduler, config, out, labels=train_labels,
+                         null_text=self.empty_prompt(model), progress=self.progress,
                          description="stage 1: continue the given model", device=c.torch_device)
         save_model(model, out / FINAL_DIR, extra={"source": loaded.source})
         return TrainResult(out, 0, float("nan"), 0, 0)
 
-    def _check_given_model(self, model, vae) -> None:
+    def _check_given_model(self, model, vae, text_encoder) -> None:
         """--base's denoiser against the data (check_fits_data) and this machine's memory, before its weights are
-        read (a directory's model is built on the meta device for it). vae: a latent pipeline's VAE, or None."""
+        read (a directory's model is built on the meta device for it). vae: a latent pipeline's VAE, or None;
+        text_encoder: a text-conditional pipeline's (text.TextEncoder), or None."""
         c = self.config
         if vae is not None:  # latent diffusion: the checks below and every stage see latents
             self._vae, self._data = vae, None
+        self._text_encoder = text_encoder or False  # text conditioning: captions are embedded with it
         if num_class_embeds(model) is None and (c.base.label_dropout or c.finetune.label_dropout):
             raise ValueError(f"label dropout (base.label_dropout {c.base.label_dropout}, finetune.label_dropout "
                              f"{c.finetune.label_dropout}) needs a class-conditional model, but --base {c.base_model} "
@@ -185,7 +193,8 @@ class Stages(RunInputs):
         data = self.data
         check_fits_data(model, c.base_model, channels=data.channels, image_size=data.image_size, data_name=c.data,
                         num_classes=data.num_classes, null_class=self.null_class(model),
-                        num_train_timesteps=c.num_train_timesteps)
+                        num_train_timesteps=c.num_train_timesteps, captioned=self.pixels.captions is not None,
+                        text_encoder=text_encoder is not None)
         self._check_training_memory(model, f"--base {c.base_model}")
 
     def _check_training_memory(self, model, what: str) -> None:
@@ -371,7 +380,8 @@ class Stages(RunInputs):
             results.append(
                 train(
                     model, train_images, self.scheduler, config, self.dir / "finetune" / f"group_{i}",
-                    labels=self.labels(model)[0], timesteps=plan.grouping.timesteps(i), teacher=teacher, progress=self.progress,
+                    labels=self.labels(model)[0], null_text=self.empty_prompt(model),
+                    timesteps=plan.grouping.timesteps(i), teacher=teacher, progress=self.progress,
                     description=f"stage 2: group {i}", device=c.torch_device,
                 )
             )
@@ -401,6 +411,7 @@ class Stages(RunInputs):
                         **self.pipeline_scheduler()},
             conditioning=self.conditioning(experts[0]),
             vae=self.vae, sampling=SamplingSetting(self.config.sampler, self.config.sampling_steps),
+            text_encoder=self.text_encoder,
         )
 
     def pipeline_scheduler(self) -> dict:
@@ -453,6 +464,7 @@ class Stages(RunInputs):
             num_images=c.num_samples, seed=inputs["seed"], progress=self.progress,
             class_labels=self.sample_labels(model, c.num_samples), decode=self.decode,
             device=self.device, precision=self.sampling_precision,
+            prompt_embeds=self.sample_prompts(model, c.num_samples),
         )
         save_grid(result.images, path)
         if source is not None:

@@ -1,6 +1,6 @@
-"""What each training step trains on: the class labels checked against the model (`conditioning`), and the
-batch of a step (images, timesteps, noise, labels) drawn from a generator seeded by (seed, step, process), so a run
-resumed from a checkpoint draws exactly what the uninterrupted run would have."""
+"""What each training step trains on: the condition checked against the model (`conditioning`: class labels or text
+embeddings), and the batch of a step (images, timesteps, noise, conditions) drawn from a generator seeded by (seed,
+step, process), so a run resumed from a checkpoint draws exactly what the uninterrupted run would have."""
 
 from __future__ import annotations
 
@@ -9,21 +9,29 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models import num_class_embeds
+from ..models import num_class_embeds, text_width
 from .config import TrainConfig
+
+Null = int | torch.Tensor  # what a dropped condition becomes: the null class id, or the empty prompt's embedding
 
 
 def conditioning(model: nn.Module, labels: torch.Tensor | None, num_images: int, config: TrainConfig,
-                 ) -> tuple[torch.Tensor | None, int | None]:
-    """(labels to train with, null class id) after checking the labels fit the model's class embedding.
+                 null_text: torch.Tensor | None = None) -> tuple[torch.Tensor | None, Null | None]:
+    """(conditions to train with, what a dropped one becomes) after checking them against the model.
 
-    An unconditional model gets (None, None) whatever the labels. Raises ValueError naming both sides when a
-    class-conditional model gets no labels, unlabeled images, or more classes than it embeds.
+    A class-conditional model takes (N,) class ids in `labels` and drops them to the null class id; a
+    text-conditional one (models.text_width) takes (N, L, width) text embeddings in `labels` and drops them to
+    `null_text` (L, width), the empty prompt's embedding (config.label_dropout is then caption dropout). An
+    unconditional model gets (None, None) whatever the labels. Raises ValueError naming both sides when the
+    conditions do not fit the model.
     """
+    if text_width(model) is not None:
+        return _text_conditioning(text_width(model), labels, num_images, config, null_text)
     classes = num_class_embeds(model)
     if classes is None:
         if config.label_dropout > 0:
-            raise ValueError("label_dropout > 0 needs a class-conditional model (e.g. UNet2DModel num_class_embeds)")
+            raise ValueError("label_dropout > 0 needs a class- or text-conditional model (e.g. UNet2DModel "
+                             "num_class_embeds)")
         return None, None
     if labels is None:
         raise ValueError(f"the model is class-conditional ({classes} class ids) but the data has no labels; "
@@ -52,6 +60,22 @@ def conditioning(model: nn.Module, labels: torch.Tensor | None, num_images: int,
     return labels, null
 
 
+def _text_conditioning(width: int, embeddings: torch.Tensor | None, num_images: int, config: TrainConfig,
+                       null_text: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if (not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point() or embeddings.ndim != 3
+            or embeddings.shape[-1] != width or len(embeddings) != num_images):
+        got = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else None
+        raise ValueError(f"the model is text-conditional (cross_attention_dim {width}): give one text embedding per "
+                         f"image, float ({num_images}, tokens, {width}), got {got}; captioned data gives them "
+                         "(metadata.jsonl)")
+    if config.label_dropout == 0:
+        return embeddings, None
+    if null_text is None or tuple(null_text.shape) != tuple(embeddings.shape[1:]):
+        raise ValueError(f"label_dropout > 0 (caption dropout) needs null_text, the empty prompt's embedding of shape "
+                         f"{tuple(embeddings.shape[1:])}, got {None if null_text is None else tuple(null_text.shape)}")
+    return embeddings, null_text.to(embeddings.dtype)
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The seed of step `step` (0-based) on process `rank` of a run with TrainConfig.seed `seed`."""
     return seed * 1_000_003 + step * 7919 + rank
@@ -60,7 +84,8 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 @dataclass
 class Batch:
     """One process's batch of a step: x0 (B, C, H, W) clean images, t (B,) int64 timesteps, noise (B, C, H, W)
-    standard normal, y (B,) int64 class labels (the null class where dropped) or None for an unconditional model."""
+    standard normal, y the conditions: (B,) int64 class labels (the null class where dropped), (B, L, width) text
+    embeddings (the empty prompt's where dropped), or None for an unconditional model."""
 
     x0: torch.Tensor
     t: torch.Tensor
@@ -71,17 +96,18 @@ class Batch:
 class TrainingBatches:
     """Draws each step's batch on one process.
 
-    images: (N, C, H, W); labels, null_class: as `conditioning` returns them; timesteps: (K,) int64, the ones to
+    images: (N, C, H, W); labels, null: as `conditioning` returns them; timesteps: (K,) int64, the ones to
     draw t from; num_train_timesteps: T, what a mixed-in sample draws t from (config.mix_fraction); batch_size: the
     batch of this process; rank: this process's index; device: where the batches go.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, null_class: int | None,
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, null: Null | None,
                  timesteps: torch.Tensor, num_train_timesteps: int, config: TrainConfig, batch_size: int, rank: int,
                  device: torch.device):
         self.images = images.to(device)
         self.labels = None if labels is None else labels.to(device)
-        self.null_class, self.timesteps, self.num_train_timesteps = null_class, timesteps, num_train_timesteps
+        self.null = null.to(device) if isinstance(null, torch.Tensor) else null
+        self.timesteps, self.num_train_timesteps = timesteps, num_train_timesteps
         self.config, self.batch_size, self.rank, self.device = config, batch_size, rank, device
 
     def draw(self, step: int) -> Batch:
@@ -100,7 +126,8 @@ class TrainingBatches:
         t = t.to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         y = None if self.labels is None else self.labels[picked]
-        if self.null_class is not None:
+        if self.null is not None:
             dropped = (torch.rand(size, generator=g) < c.label_dropout).to(device)
-            y = torch.where(dropped, torch.full_like(y, self.null_class), y)
+            null = torch.full_like(y, self.null) if isinstance(self.null, int) else self.null.expand_as(y)
+            y = torch.where(dropped.view(-1, *[1] * (y.ndim - 1)), null, y)
         return Batch(x0, t, noise, y)

@@ -35,7 +35,8 @@ class TrainConfig(Settings):
         student's block outputs, through learned 1x1 projections, against the teacher's; FitNets-style). The
         projections are trained with the model and never saved with it.
     label_dropout: for a class-conditional model, the probability that an image's label is replaced by the
-        null class (classifier-free guidance needs it > 0, typically 0.1).
+        null class; for a text-conditional one, that its caption is replaced by the empty prompt (caption dropout).
+        Classifier-free guidance needs it > 0, typically 0.1.
     null_class: the id of the null class (default: the model's last class id, num_class_embeds - 1).
 
     A model with a learned variance (2C output channels) is trained on its first C channels only (the

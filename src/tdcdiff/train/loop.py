@@ -55,9 +55,9 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, scheduler, config: TrainConfig, out_dir: str | Path, *,
-                 labels: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
-                 teacher: nn.Module | None = None, resume: bool = True, progress: bool = True,
-                 description: str = "train", device: str | None = None):
+                 labels: torch.Tensor | None = None, null_text: torch.Tensor | None = None,
+                 timesteps: torch.Tensor | None = None, teacher: nn.Module | None = None, resume: bool = True,
+                 progress: bool = True, description: str = "train", device: str | None = None):
         config.validate()
         self.device = device
         self.config, self.scheduler, self.out_dir = config, scheduler, Path(out_dir)
@@ -74,7 +74,8 @@ class Trainer:
         if not finite.all():
             raise ValueError(f"{int((~finite).sum())} of the {len(images)} training images hold NaN/inf; "
                              "fix or drop them")
-        self.labels, self.null_class = conditioning(model, labels, len(images), config)
+        self.labels, self.null = conditioning(model, labels, len(images), config, null_text)
+        self.null_class = self.null if isinstance(self.null, int) else None  # what train.json records
         check_finite(model, images, scheduler.alphas_cumprod, self.labels)
         self.images, self.teacher, self.denoiser = images, teacher, as_denoiser(model)
         # Building the projections draws their initial weights from torch's global generator: keep this order.
@@ -140,7 +141,7 @@ class Trainer:
             self.ema.to(device)
         if self.teacher is not None:
             self.teacher = as_denoiser(self.teacher).to(device).eval()  # runs under no_grad: its weights stay as given
-        self.batches = TrainingBatches(self.images, self.labels, self.null_class, self.timesteps, self.num_train, c,
+        self.batches = TrainingBatches(self.images, self.labels, self.null, self.timesteps, self.num_train, c,
                                        c.batch_size // accelerator.num_processes, accelerator.process_index, device)
         self.alphas = self.scheduler.alphas_cumprod.to(device)
         if main:
@@ -300,6 +301,7 @@ def train(
     out_dir: str | Path,
     *,
     labels: torch.Tensor | None = None,
+    null_text: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
     teacher: nn.Module | None = None,
     resume: bool = True,
@@ -311,8 +313,11 @@ def train(
 
     model: the denoiser (diffusers UNet2DModel, a pruned copy, or any `model(x, t)`); trained in place.
     images: training images, float NCHW in [-1, 1].
-    labels: (N,) class ids of the images, used when the model is class-conditional (see `conditioning`);
-        the null class used for label dropout is returned in TrainResult.extra["null_class"] and train.json.
+    labels: the images' conditions (see `conditioning`): (N,) class ids for a class-conditional model (the null
+        class used for label dropout is returned in TrainResult.extra["null_class"] and train.json), or (N, L, width)
+        text embeddings for a text-conditional one.
+    null_text: (L, width), the empty prompt's embedding: a text-conditional model's dropped captions
+        (config.label_dropout > 0, classifier-free guidance's unconditional case).
     scheduler: the training noise schedule (diffusers DDPMScheduler); its prediction type sets the target.
     config: TrainConfig.
     out_dir: where `checkpoint/`, `final/` (weights to use: EMA when enabled), `log.jsonl` and `train.json` go.
@@ -327,5 +332,5 @@ def train(
     Raises ValueError naming the problem before anything is written (bad settings, timesteps, images, labels,
     a damaged or another run's checkpoint), and TrainingDiverged when the loss becomes NaN or inf.
     """
-    return Trainer(model, images, scheduler, config, out_dir, labels=labels, timesteps=timesteps, teacher=teacher,
-                   resume=resume, progress=progress, description=description, device=device).run()
+    return Trainer(model, images, scheduler, config, out_dir, labels=labels, null_text=null_text, timesteps=timesteps,
+                   teacher=teacher, resume=resume, progress=progress, description=description, device=device).run()
