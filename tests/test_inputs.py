@@ -44,7 +44,7 @@ def test_huge_given_model_that_does_not_fit_the_data_is_refused_on_the_meta_devi
     parameter exists off the meta device, and through the CLI before the run directory is made."""
     given = model_dir(tmp_path / "wide", [1024, 2048], in_channels=3, out_channels=3)
 
-    def check(model, vae):
+    def check(model, vae, text_encoder):
         check_fits_data(model, str(given), channels=1, image_size=8, data_name="digits", num_classes=10,
                         null_class=None, num_train_timesteps=1000)
 
