@@ -67,7 +67,10 @@ def sample_command(
 
     try:
         check_options(() if seed is None else (seed,), most={"--num": (num_samples, MAX_GRID_IMAGES, GRID_LIMIT)},
-                      **{"--steps": (sample_steps, 1), "--num": (num_samples, 1), "--cache-interval": (cache_interval, 1)})
+                      **{"--steps": (sample_steps, 1), "--num": (num_samples, 1),
+                         "--cache-interval": (cache_interval, 1)})
+        if cache_interval is not None or cache_depth is not None:  # given ones replace the bundle's: check now
+            check_cache_settings(cache_interval or 1, cache_depth)
         # A bundle's default is never inside the bundle: its manifest lists every file.
         output = output or (Path("samples.png") if bundle is not None else out / "samples" / "base.png")
         check_writable(output, "--output", directory=False)
@@ -78,7 +81,6 @@ def sample_command(
         if cache_interval is None and cache_depth is None:
             cache_interval, cache_depth = defaults.cache_interval, defaults.cache_depth
         cache_interval = cache_interval or 1
-        check_cache_settings(cache_interval, cache_depth)
         count = 64 if num_samples is None else num_samples
         labels = class_id if class_id is not None else balanced_labels(model, count, data_classes)
         # A grid written into a run directory is written by its one writer (a stage's cleanup would take a

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..flops import count_flops, flops_by_module
 from ..models import as_denoiser, network
+from ..progress import progress_bar
 from ..settings import SEED, Rule, Settings, at_least, between, one_of, setting
 from ..surgery.depth import depth_units
 from .fit import BudgetError, FitResult, fit_to_budget
@@ -205,13 +206,11 @@ def _rounds(proposer: Proposer, names: list[str], trials: _Trials, memory: Memor
             progress: bool, log_path: str | Path | None) -> tuple[FitResult | None, float]:
     """Propose, evaluate and remember for config.rounds rounds (fewer if a round brings nothing new): the best
     fit and its score, or (None, inf) when no candidate fitted with a finite score."""
-    from tqdm.auto import tqdm
-
     rng = random.Random(config.seed)
     n = config.candidates_per_round
     best, best_score = None, math.inf
     log_file = open(log_path, "w") if log_path else None  # a restarted search starts its log over
-    bar = tqdm(total=config.rounds * n, desc="prune search", disable=not progress)
+    bar = progress_bar(total=config.rounds * n, desc="prune search", enabled=progress)
     try:
         for round_ in range(config.rounds):
             new = 0
