@@ -141,6 +141,16 @@ def test_bench_imports_the_library_never_the_tests():
         assert '"tests"' not in text and "'tests'" not in text, f"{script} puts tests/ on sys.path"
 
 
+@pytest.mark.parametrize("path", [p for name, p in MODULES.items() if not _inside(name, "tdcdiff.cli")],
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_our_modules_are_imported_at_the_top(path):
+    """Imports of our own modules sit at the top of a module, where the import graph shows them; only the CLI
+    imports the library inside its commands, so that `tdcdiff --help` loads no torch."""
+    inside = [node.lineno for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.ImportFrom) and node.level and node.col_offset > 0]
+    assert inside == [], f"{path.name}: imports of tdcdiff modules inside functions at lines {inside}"
+
+
 def _functions(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

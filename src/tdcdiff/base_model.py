@@ -22,6 +22,7 @@ from torch import nn
 
 from .capacity import FLOAT_BYTES, check_memory
 from .files import brief, parse_json, read_untrusted
+from .latent import VAE_CLASSES
 from .models import check_denoiser, num_class_embeds, text_width
 from .serialization import TRANSFORMERS_CLASSES, architecture_of, build_model, check_arguments, register_model_class
 from .text import TOKENIZER_CLASSES, TextEncoder, TextError, check_widths, read_tokenizer
@@ -238,8 +239,6 @@ def _text_description(config: dict, class_name: str, weights: bytes) -> dict:
 
 def _load_vae(directory: Path, entry: list) -> nn.Module:
     """A latent diffusion pipeline's VAE: an allowlisted diffusers class with safetensors weights."""
-    from .latent import VAE_CLASSES
-
     if len(entry) != 2 or entry[0] != "diffusers":
         raise BaseModelError(f"{directory / 'model_index.json'}: the vae {entry!r} is not one tdcdiff loads; "
                              f"supported: {', '.join(f'diffusers {name}' for name in VAE_CLASSES)}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write_text
 from .grouping import Grouping
 
 ORDERINGS = ("measured", "snr-high-hard", "snr-low-hard")
@@ -157,8 +158,6 @@ class BudgetPlan:
         )
 
     def save(self, path: str | Path) -> Path:
-        from .files import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2))
         return Path(path)
 

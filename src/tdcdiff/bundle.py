@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .files import atomic_dir, brief, is_count, json_safe, parse_json, read_untrusted, resolve_inside, sha256_file
+from .flops import count_flops
 from .grouping import Grouping
 from .latent import VAE_CLASSES, Decoder
 from .manifest import (
@@ -46,6 +47,7 @@ from .manifest import (
     training_records,
 )
 from .models import Denoiser, num_class_embeds, text_width, with_null_text
+from .pipeline import TDCPipeline
 from .router import Router
 from .samplers import SamplingSetting
 from .serialization import (
@@ -310,8 +312,6 @@ class Bundle:
 
     def pipeline(self):
         """A TDCPipeline over the router, sampling with the bundle's default setting unless told otherwise."""
-        from .pipeline import TDCPipeline
-
         classes = (self.manifest.get("conditioning") or {}).get("num_classes")
         return TDCPipeline(self.router, self.scheduler, self.sample_shape, null_class=self.null_class, vae=self.vae,
                            num_classes=classes, defaults=self.sampling, text_encoder=self.text_encoder)
@@ -461,8 +461,6 @@ def _probe(router: Router, grouping: Grouping, shape: list, expert_flops: list[i
     ids without an embedding row, float64 or non-finite weights, FLOPs other than the manifest states) fail
     here, on load, not in the middle of sampling. An expert whose weights mix dtypes runs as it samples, under
     bf16 autocast (--precision bf16)."""
-    from .flops import count_flops
-
     for i, (expert, group) in enumerate(zip(router.experts, grouping.groups)):
         floating = [(name, p) for name, p in expert.named_parameters() if p.is_floating_point()]
         bad = [name for name, p in floating if not torch.isfinite(p).all()]

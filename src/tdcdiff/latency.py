@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import atomic_write_text
 from .flops import count_flops
 from .models import as_denoiser
 
@@ -314,8 +315,6 @@ def measure_table(
         side by side with the base, the change is (median ratio - 1) x base time.
     progress: called with a line per unit measured.
     """
-    from .files import atomic_write_text
-
     path, table = _cached_table(base, sample_shape, batch, cache_dir)
     changed = table is None
     table = table or _new_table(base, sample_shape, batch, repeats=repeats, warmup=warmup)
@@ -363,8 +362,6 @@ def base_seconds(base: nn.Module, sample_shape: Sequence[int], batch: int, *, ca
     per architecture, sample shape, device, batch and torch version and cached as its latency table's base time
     (measure_table reads and extends the same file): every pruned expert of a run, in any process, is timed
     against one measurement of the base."""
-    from .files import atomic_write_text
-
     path, table = _cached_table(base, sample_shape, batch, cache_dir)
     if table is None:
         table = _new_table(base, sample_shape, batch, **kwargs)

@@ -43,7 +43,7 @@ import torch
 
 from .grouping import Grouping
 from .models import as_denoiser
-from .schedule import alphas_cumprod64, predict_x0
+from .schedule import alphas_cumprod64, predict_x0, snr
 
 VARIANCES = ("fixed_small", "fixed_large")
 LN2 = math.log(2.0)
@@ -230,8 +230,6 @@ def timestep_strata(scheduler, samples: int | None, cuts: list[int] = ()) -> lis
     log-SNR step; equal log-SNR strata hold about equal shares of the bound, which keeps the estimate's variance
     low. Equal-count strata put t = 1..T/K in one stratum, whose terms differ by orders of magnitude.
     """
-    from .schedule import snr
-
     num_train = scheduler.config.num_train_timesteps
     if samples is None or samples >= num_train - 1:
         edges = range(1, num_train + 1)

@@ -20,7 +20,9 @@ from .capacity import check_sampling_memory
 from .conditions import is_integer, sample_conditions
 from .fast_path import SamplingModel
 from .feature_cache import FeatureCache
+from .files import atomic_write_bytes
 from .latency import device_of
+from .latent import Decoder
 from .models import Denoiser, check_denoiser
 from .progress import progress_bar
 from .router import Router
@@ -259,8 +261,6 @@ class TDCPipeline:
     def __init__(self, denoiser: nn.Module, scheduler, sample_shape: tuple[int, int, int], *,
                  null_class: int | None = None, compile: str = "auto", precision: str = "fp32", vae=None,
                  num_classes: int | None = None, defaults: SamplingSetting | None = None, text_encoder=None):
-        from .latent import Decoder
-
         self.text_encoder = text_encoder
 
         self.decode = Decoder(vae) if vae is not None else None
@@ -362,8 +362,6 @@ def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None
     (default: enough to make each cell at least 64 px).
     """
     from PIL import Image
-
-    from .files import atomic_write_bytes
 
     pixels = to_uint8(images)
     n, h, w, c = pixels.shape

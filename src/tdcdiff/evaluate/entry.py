@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..flops import count_flops
 from ..models import num_class_embeds
 
 
@@ -49,8 +50,6 @@ def slug(name: str) -> str:
 
 def trajectory_flops(entry: ModelEntry, timesteps: list[int], sample_shape: tuple[int, int, int]) -> int:
     """FLOPs of one image along the visited timesteps, as ModelEntry.flops_per_image says to count them."""
-    from ..flops import count_flops
-
     how = entry.flops_per_image
     if callable(how):
         return int(how(timesteps))

@@ -49,8 +49,8 @@ from ..prune.sensitivity import measure_sensitivity
 from ..samplers import PIPELINE_SAMPLERS, SamplingSetting, sampler_for_scheduler
 from ..schedule import SCHEDULE_VERSION, check_given_schedule
 from ..serialization import save_model
-from ..text import save_tokenizer
 from ..settings import apply_overrides
+from ..text import save_tokenizer
 from ..train import FINAL_DIR, TrainResult, train
 from .config import SCHEDULER_FILE, RunConfig, check_unchanged, load_saved_config, with_pipeline_schedule
 from .inputs import TEXT_ENCODER_DIR, TOKENIZER_DIR, VAE_DIR, RunInputs
