@@ -58,8 +58,7 @@ def tune_command(
     margin: Annotated[Optional[float], typer.Option("--margin", help="Non-inferiority margin in FID units: the largest FID loss that counts as none. [default: the real-vs-real spread of FID at --fid-samples images]")] = None,
     fid_samples: Annotated[int, typer.Option("--fid-samples", help="Images per model and seed for FID/KID.")] = 512,
     sampling_settings: Annotated[Optional[list[str]], typer.Option("--settings", help="The ladder of sampling settings sampler:steps[:cN[:dD]] the base and the best candidates are also sampled with, space- or comma-separated (repeat too), e.g. 'dpm-solver++:20 dpm-solver++:10 unipc:10 ddim:50:c3'; none: only the reference. [default: dpm-solver++:20 dpm-solver++:10 unipc:10 dpm-solver++:6 ddim:50:c3]")] = None,
-    reference: Annotated[Optional[str], typer.Option("--reference", help="Your current sampling setting, sampler:steps[:cN]: every point is judged against the base sampled with it. [default: the run's --sampler:--sample-steps, ddim:50]")] = None,
-    screen_samples: Annotated[int, typer.Option("--screen-samples", help="Images per (model, setting) in the sample screen that picks the settings going to FID.")] = 64,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="Your current sampling setting, sampler:steps[:cN]: every point is judged against the base sampled with it. [default: the run's --sampler:--sample-steps, ddim:50]")] = None, screen_samples: Annotated[int, typer.Option("--screen-samples", help="Images per (model, setting) in the sample screen that picks the settings going to FID.")] = 64,
     batch: Annotated[int, typer.Option("--batch", help="Your sampling batch size: the frontier's time axis.")] = 64,
     max_quality_loss: Annotated[Optional[float], typer.Option("--max-quality-loss", help="Also accept a candidate at most this much worse than the base on the screening measure (--screening; relative, 0.02 = 2%).")] = None,
     price_per_hour: Annotated[Optional[float], typer.Option("--price-per-hour", help="Machine price per hour: adds the cost per 1,000 images before and after.")] = None,
@@ -79,14 +78,11 @@ def tune_command(
     settings = TuneConfig(tune_steps=tune_steps, screening=screening, finalists=finalists, fid_seeds=fid_seeds,
                           max_fid_seeds=max_fid_seeds, margin=margin, fid_samples=fid_samples, batch=batch, max_quality_loss=max_quality_loss, price_per_hour=price_per_hour, depth=depth,
                           curves=curves, curve_steps=curve_steps, reference=reference, screen_samples=screen_samples)
-    if sampling_settings:
-        ladder = [t for v in sampling_settings for t in v.replace(",", " ").split()]
-        settings = replace(settings, settings=() if ladder == ["none"] else tuple(ladder))
     for name, value in (("widths", width), ("ks", k), ("groups", groups), ("groupings", grouping),
                         ("time_budgets", time_budget), ("uniform_time_budgets", uniform_time_budget),
-                        ("curve_objectives", curve_objective)):
+                        ("curve_objectives", curve_objective), ("settings", _ladder(sampling_settings))):
         if value:
-            settings = replace(settings, **{name: tuple(value)})
+            settings = replace(settings, **{name: () if value == ["none"] else tuple(value)})
     if curve_objective and not curves:  # even the default "share": what was asked for would not happen
         fail("--curve-objective chooses how --curves candidates allocate: add --curves")
     try:
@@ -99,7 +95,6 @@ def tune_command(
             check_candidate(candidate, candidate_list(settings), out / "candidates.json")
         if dry_run:  # nothing written: the base run is only opened
             from ..run.estimate import estimate_tune
-
             settings.validate()
             return typer.echo(estimate_tune(out, settings, candidate_list(settings), base_from=base_from,
                                             overrides=overrides(config, **flags)))
@@ -117,6 +112,11 @@ def tune_command(
     except USER_ERRORS as err:
         fail(err)
     _print_results(results, out, price_per_hour)
+
+
+def _ladder(values: list[str] | None) -> list[str] | None:
+    """--settings as given (repeated, each space- or comma-separated) -> one setting per item; ["none"]: no ladder."""
+    return [t for v in values for t in v.replace(",", " ").split()] if values else None
 
 
 def _print_results(results: dict, out: Path, price_per_hour: float | None) -> None:

@@ -212,13 +212,13 @@ def _fid_cache(tune, net) -> dict:
 
 
 def _measure_seeds(tune, cache: dict, models: dict, names: list[str], seeds: int, net, ids: dict) -> int:
-    """Give every point in `names` (tune.points: row name -> (model name, setting)) FID/KID/precision/recall for
+    """Give every point in `names` (tune.point: row name -> (model name, setting)) FID/KID/precision/recall for
     sampling seeds 0 .. seeds - 1 (evaluate.score_seeds), measuring only the seeds not cached for its current
     weights and setting; fid.json is written after each point. Returns the number of (point, seed) pairs sampled."""
     run, t = tune.base_run, tune.config
     sampled = 0
     for name in names:
-        model, setting = tune.points[name]
+        model, setting = tune.point(name)
         entry = cache["models"].get(name)
         if entry is None or entry["model"] != ids[model] or entry.get("setting") != str(setting):
             entry = cache["models"][name] = {"model": ids[model], "setting": str(setting),
@@ -281,10 +281,10 @@ def fid(tune, models: dict, names: list[str]) -> dict:
 
 
 def time_models(tune, models: dict, names: list[str], batch: int) -> dict:
-    """Median seconds of one full sampling run at `batch` per point (tune.points: row name -> (model name,
+    """Median seconds of one full sampling run at `batch` per point (tune.point: row name -> (model name,
     setting); evaluate.time_sampling: every point measured, interleaved, after a warm-up; class-balanced labels for
     a class-conditional base); thread CPU seconds with one thread on a CPU, wall seconds on a GPU."""
-    run, points = tune.base_run, [tune.points[n] for n in names]
+    run, points = tune.base_run, [tune.point(n) for n in names]
     runners = {m: SamplingModel(models[m][0]) for m in dict.fromkeys(m for m, _ in points)}
     times = time_sampling([runners[m] for m, _ in points], run.scheduler, sample_shape=run.sample_shape,
                           sampler=None, steps=None, batch=batch, repeats=tune.config.timing_repeats,

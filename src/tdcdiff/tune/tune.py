@@ -93,6 +93,11 @@ class Tune:
             raise ValueError(f"{self.dir} was tuned with other candidate settings ({'; '.join(differ)}); use a new "
                              f"--out, or delete {self.dir / 'tune.json'} and {self.dir / 'candidates'} to start over")
 
+    def point(self, name: str) -> tuple:
+        """(model name, SamplingSetting) of row `name` (self.points); a name run_all has not crossed is the model of
+        that name at the reference setting."""
+        return self.points.get(name, (name, self.reference))
+
     def say(self, message: str) -> None:
         if self.progress:
             print(message, flush=True)
