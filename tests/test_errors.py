@@ -97,6 +97,15 @@ CLI_CASES = [
     ("a latency batch larger than memory", ["run", "--latency-batch", str(10**9)],
      r"error: timing a batch of 1000000000 samples \(their inputs and outputs alone\) needs about 476.8 GiB, more "
      r"than the .* of memory this machine has available now; lower --latency-batch"),
+    ("unknown sampler in a tune setting", ["tune", "--settings", "ddim:10 heun:5"],
+     r"error: --settings 'heun:5': unknown sampler 'heun'"),
+    ("tune setting given twice", ["tune", "--settings", "ddim:10,ddim:10"],
+     r"error: --settings ddim:10 is given twice: each setting is one row per model; give it once"),
+    ("tune setting beyond T", ["tune", "--settings", "ddim:5000"],
+     r"error: --settings ddim:5000: ddim:5000 takes 5000 steps, more than the schedule's T=1000"),
+    ("tune reference of zero steps", ["tune", "--reference", "ddim:0"],
+     r"error: --reference 'ddim:0': sampling steps must be an integer >= 1"),
+    ("too few screen samples", ["tune", "--screen-samples", "1"], r"error: --screen-samples must be between 2 and"),
     ("sample output not a PNG", ["sample", "--output", "samples.jpg"],
      r"--output samples.jpg: sample grids are written as PNG; give a path ending in .png"),
 ]

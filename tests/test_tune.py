@@ -13,7 +13,7 @@ def tiny_tune(**changes):
     from tdcdiff.tune import TuneConfig
 
     settings = dict(tune_steps=4, widths=(0.6,), ks=(0.4,), groups=(2,), finalists=2, fid_seeds=2, max_fid_seeds=2,
-                    fid_samples=16, batch=4, timing_repeats=1)
+                    fid_samples=16, batch=4, timing_repeats=1, settings=())
     return TuneConfig(**{**settings, **changes})
 
 

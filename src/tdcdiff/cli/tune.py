@@ -57,6 +57,8 @@ def tune_command(
     max_fid_seeds: Annotated[int, typer.Option("--max-fid-seeds", help="Add seeds one at a time, up to this many, until each finalist's FID verdict is decided.")] = 8,
     margin: Annotated[Optional[float], typer.Option("--margin", help="Non-inferiority margin in FID units: the largest FID loss that counts as none. [default: the real-vs-real spread of FID at --fid-samples images]")] = None,
     fid_samples: Annotated[int, typer.Option("--fid-samples", help="Images per model and seed for FID/KID.")] = 512,
+    sampling_settings: Annotated[Optional[list[str]], typer.Option("--settings", help="The ladder of sampling settings sampler:steps[:cN[:dD]] the base and the best candidates are also sampled with, space- or comma-separated (repeat too), e.g. 'dpm-solver++:20 dpm-solver++:10 unipc:10 ddim:50:c3'; none: only the reference. [default: dpm-solver++:20 dpm-solver++:10 unipc:10 dpm-solver++:6 ddim:50:c3]")] = None,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="Your current sampling setting, sampler:steps[:cN]: every point is judged against the base sampled with it. [default: the run's --sampler:--sample-steps, ddim:50]")] = None, screen_samples: Annotated[int, typer.Option("--screen-samples", help="Images per (model, setting) in the sample screen that picks the settings going to FID.")] = 64,
     batch: Annotated[int, typer.Option("--batch", help="Your sampling batch size: the frontier's time axis.")] = 64,
     max_quality_loss: Annotated[Optional[float], typer.Option("--max-quality-loss", help="Also accept a candidate at most this much worse than the base on the screening measure (--screening; relative, 0.02 = 2%).")] = None,
     price_per_hour: Annotated[Optional[float], typer.Option("--price-per-hour", help="Machine price per hour: adds the cost per 1,000 images before and after.")] = None,
@@ -75,12 +77,12 @@ def tune_command(
     flags = {k_: v for k_, v in settings_flags(locals()).items() if k_ not in ("k", "groups", "grouping", "depth")}
     settings = TuneConfig(tune_steps=tune_steps, screening=screening, finalists=finalists, fid_seeds=fid_seeds,
                           max_fid_seeds=max_fid_seeds, margin=margin, fid_samples=fid_samples, batch=batch, max_quality_loss=max_quality_loss, price_per_hour=price_per_hour, depth=depth,
-                          curves=curves, curve_steps=curve_steps)
+                          curves=curves, curve_steps=curve_steps, reference=reference, screen_samples=screen_samples)
     for name, value in (("widths", width), ("ks", k), ("groups", groups), ("groupings", grouping),
                         ("time_budgets", time_budget), ("uniform_time_budgets", uniform_time_budget),
-                        ("curve_objectives", curve_objective)):
+                        ("curve_objectives", curve_objective), ("settings", _ladder(sampling_settings))):
         if value:
-            settings = replace(settings, **{name: tuple(value)})
+            settings = replace(settings, **{name: () if value == ["none"] else tuple(value)})
     if curve_objective and not curves:  # even the default "share": what was asked for would not happen
         fail("--curve-objective chooses how --curves candidates allocate: add --curves")
     try:
@@ -93,7 +95,6 @@ def tune_command(
             check_candidate(candidate, candidate_list(settings), out / "candidates.json")
         if dry_run:  # nothing written: the base run is only opened
             from ..run.estimate import estimate_tune
-
             settings.validate()
             return typer.echo(estimate_tune(out, settings, candidate_list(settings), base_from=base_from,
                                             overrides=overrides(config, **flags)))
@@ -113,6 +114,11 @@ def tune_command(
     _print_results(results, out, price_per_hour)
 
 
+def _ladder(values: list[str] | None) -> list[str] | None:
+    """--settings as given (repeated, each space- or comma-separated) -> one setting per item; ["none"]: no ladder."""
+    return [t for v in values for t in v.replace(",", " ").split()] if values else None
+
+
 def _print_results(results: dict, out: Path, price_per_hour: float | None) -> None:
     """The frontier table, the judge, the choice and its cost, as `tdcdiff tune` prints them."""
     from ..tune import cost_rows, format_rows, judge_line, table_rows
@@ -123,6 +129,15 @@ def _print_results(results: dict, out: Path, price_per_hour: float | None) -> No
     typer.echo(f"screening: {results['screening_measure']['name']}; time: {results['time']}")
     typer.echo(judge_line(results["fid_protocol"]))
     typer.echo(f"chosen: {results['choice']['name'] or 'none'}: {results['choice']['reason']}")
+    for note in results["ladder_notes"]:
+        typer.echo(note)
+    screen = results["sample_screen"]
+    if screen is not None:
+        rho = screen["spearman_vs_fid"]
+        typer.echo(f"sample screen ({screen['images']} images per point, target {screen['target']}): rank agreement "
+                   f"with FID over {screen['pairs']} points: Spearman "
+                   + ("- (too few points)" if rho is None else f"{rho:+.2f}"))
+    typer.echo(f"reference {results['reference']}: {results['headline']['text']}")
     if "cost" in results:
         phases, returns = cost_rows(results["cost"], price_per_hour is not None)
         typer.echo("\n" + format_rows(phases) + "\n\n" + format_rows(returns))

@@ -26,7 +26,8 @@ def default_feature_net(reference_images: torch.Tensor, reference_labels: torch.
 
 def score_seeds(name: str, runner, scheduler, reference_images: torch.Tensor, net: nn.Module, *, seeds, sample_shape,
                 sampler: str, steps: int, num_samples: int, reference_name: str, num_classes: int | None = None,
-                device=None, decode=None, grid_dir: str | Path | None = None, say=None) -> tuple[list, list, Path]:
+                device=None, decode=None, grid_dir: str | Path | None = None, say=None, cache_interval: int = 1,
+                cache_depth: int | None = None) -> tuple[list, list, Path]:
     """Sample `num_samples` images from one model per seed and score each seed's images (metrics.compute_fid).
 
     name: the model's name (progress lines, the grid's file). runner: a pipeline.SamplingModel. seeds: sampling
@@ -34,6 +35,7 @@ def score_seeds(name: str, runner, scheduler, reference_images: torch.Tensor, ne
     the data's class count, for a class-conditional model (class-balanced labels, see balanced_labels). decode:
     latents -> images before scoring (latent diffusion). grid_dir: if given, a grid of the first seed's first 64
     images is written there as samples_<slug(name)>.png. say: a print-like function for one line per seed.
+    cache_interval, cache_depth: feature caching while sampling (pipeline.sample's).
     Returns (FidResults, one per seed; the timesteps the sampler visited; the grid's path or None).
     """
     results, grid, visited = [], None, []
@@ -41,7 +43,8 @@ def score_seeds(name: str, runner, scheduler, reference_images: torch.Tensor, ne
         start = time.perf_counter()
         out = sample(runner, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps,
                      num_images=num_samples, seed=seed, device=device, progress=False, decode=decode,
-                     class_labels=balanced_labels(runner.model, num_samples, num_classes))
+                     class_labels=balanced_labels(runner.model, num_samples, num_classes),
+                     cache_interval=cache_interval, cache_depth=cache_depth)
         result = compute_fid(out.images, reference_images, net, sampler=sampler, steps=steps, seed=seed,
                              reference_name=reference_name)
         if say is not None:

@@ -79,7 +79,8 @@ def memory_method(device: torch.device, batch: int) -> str:
 
 
 def time_sampling(models: list, scheduler, *, sample_shape, sampler, steps, batch, repeats,
-                  num_classes: int | None = None, clock: Callable[[], float] | None = None) -> list[float]:
+                  num_classes: int | None = None, clock: Callable[[], float] | None = None,
+                  settings: list | None = None) -> list[float]:
     """The median duration of one full sampling run (`steps` steps of `sampler`, `batch` images in one batch) of
     each model, in seconds of `clock`; returns one float per model, in the order given.
 
@@ -91,6 +92,8 @@ def time_sampling(models: list, scheduler, *, sample_shape, sampler, steps, batc
     Interleaved: there are repeats + 1 rounds and each round runs every model once, in order, with the round's
     seed (the same noise for every model); the first round warms caches and allocators up and is not counted,
     so slow drift of a shared machine hits every model alike.
+    settings: one samplers.SamplingSetting per model (sampler, steps, feature caching), instead of sampler and
+        steps for all: each model is timed at its own.
     Raises what pipeline.sample raises (e.g. ValueError for an unknown sampler).
     """
     on_cpu = device_of(models[0].model).type == "cpu"
@@ -99,10 +102,12 @@ def time_sampling(models: list, scheduler, *, sample_shape, sampler, steps, batc
     with one_thread() if on_cpu else contextlib.nullcontext():
         for repeat in range(repeats + 1):
             for i, model in enumerate(models):
+                how = ({"sampler": sampler, "steps": steps} if settings is None else
+                       {"sampler": settings[i].sampler, "steps": settings[i].steps,
+                        "cache_interval": settings[i].cache_interval, "cache_depth": settings[i].cache_depth})
                 start = clock()
-                sample(model, scheduler, sample_shape=sample_shape, sampler=sampler, steps=steps, num_images=batch,
-                       batch_size=batch, seed=repeat, progress=False,
-                       class_labels=balanced_labels(model.model, batch, num_classes))
+                sample(model, scheduler, sample_shape=sample_shape, num_images=batch, batch_size=batch, seed=repeat,
+                       progress=False, class_labels=balanced_labels(model.model, batch, num_classes), **how)
                 if repeat:  # the first round warms up caches and allocators; it is not counted
                     times[i].append(clock() - start)
     return [statistics.median(t) for t in times]

@@ -317,12 +317,33 @@ def tune_phases(stages: Stages, settings, candidates: list[dict], u: UnitCosts, 
     fid = sampling_seconds(u, finalists * settings.fid_seeds * settings.fid_samples, c.sampling_steps)
     phases.append(Phase("FID/KID", f"{finalists} models x {settings.fid_seeds} seeds x {settings.fid_samples} "
                                    f"images x {c.sampling_steps} steps (at the base's cost)", fid))
+    phases.append(_ladder_phase(settings, finalists, u, c.sampling_steps))
     batches = sorted({1, 64, settings.batch})
-    timing = sampling_seconds(u, models * settings.batch * (settings.timing_repeats + 1), c.sampling_steps)
+    timing = sampling_seconds(u, models * (settings.batch + 1) * (settings.timing_repeats + 1), c.sampling_steps)
     timing += sum(sampling_seconds(u, 2 * b * (settings.timing_repeats + 1), c.sampling_steps) for b in batches)
-    phases.append(Phase("timing", f"{models} models at batch {settings.batch}, then base and chosen at batches "
+    phases.append(Phase("timing", f"{models} models at batch {settings.batch} and 1, then base and chosen at batches "
                                   f"{batches} (at the base's cost)", timing))
     return phases
+
+
+def _ladder_phase(settings, crossed: int, u: UnitCosts, reference_steps: int) -> Phase:
+    """The sampling settings' cost (tune/ladder.py): `crossed` models (the base and the finalists) x the ladder's
+    settings, each with the sample screen's images, timed at the user's batch and at 1, and up to two settings per
+    model at FID's start seeds; at each setting's steps, at the base's cost per forward (feature caching counted as
+    full passes: an upper bound)."""
+    from ..samplers import SamplingSetting
+
+    ladder = [SamplingSetting.parse(t) for t in settings.settings]
+    target = max(200, 4 * reference_steps)
+    steps = sum(s.steps for s in ladder) + reference_steps
+    images = settings.screen_samples + (settings.batch + 1) * (settings.timing_repeats + 1)
+    seconds = crossed * sampling_seconds(u, images, steps) if ladder else 0.0
+    if ladder:
+        seconds += sampling_seconds(u, settings.screen_samples, target)
+        seconds += sampling_seconds(u, crossed * 2 * settings.fid_seeds * settings.fid_samples,
+                                    max(s.steps for s in ladder))
+    return Phase("sampling settings", f"{crossed} models x {len(ladder)} settings: sample screen "
+                                      f"({settings.screen_samples} images), timing, FID of the picks", seconds)
 
 
 def estimate_tune(tune_dir: str | Path, settings, candidates: list[dict], *, overrides: dict | None = None,

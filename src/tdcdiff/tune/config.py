@@ -11,6 +11,7 @@ from ..capacity import FID_LIMIT, MAX_FID_IMAGES, MAX_FID_SEEDS, SEEDS_LIMIT
 from ..grouping import STRATEGIES
 from ..run.config import STAGE_OF_SETTING
 from .curves import CURVE_OBJECTIVES
+from .ladder import DEFAULT_LADDER, parse_settings
 from .measures import SCREENING_MEASURES
 
 # Settings a TDC candidate takes from the grid (--k, --groups, --grouping): a variant setting one of them would
@@ -58,6 +59,14 @@ class TuneConfig:
     fid_samples: images per seed for FID/KID.
     margin: the judge's non-inferiority margin in FID units (the largest loss that counts as none); None: the
         real-vs-real spread of FID at fid_samples images (evaluate.judge_protocol).
+    settings: the ladder of sampling settings ("sampler:steps[:cN[:dD]]", samplers.SamplingSetting) every model
+        is also sampled with: the base and the `finalists` best candidates by the screening measure are crossed
+        with them (the other candidates stay at the reference). Default: ladder.DEFAULT_LADDER, less what the base
+        cannot take (a setting given is refused instead).
+    reference: the setting every point is judged against, the base sampled with it (the user's current setting);
+        None: the base run's sampler and steps (ddim:50 by default).
+    screen_samples: images per point in the sample screen (sample_screen.py), which picks each crossed model's
+        settings for FID.
     batch: the user's sampling batch size: the frontier's time axis.
     timing_repeats: timed sampling runs per model and batch (interleaved, after one warm-up; median).
     max_quality_loss: also accept a candidate without a FID verdict (not a finalist) whose screening value (of the
@@ -85,6 +94,9 @@ class TuneConfig:
     max_fid_seeds: int = 8
     fid_samples: int = 512
     margin: float | None = None
+    settings: tuple[str, ...] = DEFAULT_LADDER
+    reference: str | None = None
+    screen_samples: int = 64
     batch: int = 64
     timing_repeats: int = 3
     max_quality_loss: float | None = None
@@ -94,6 +106,9 @@ class TuneConfig:
         """Raise ValueError naming the flag of the first bad setting."""
         self._check_repeats()
         self._check_variants()
+        parse_settings(self.settings, "--settings")
+        if self.reference is not None:
+            parse_settings([self.reference], "--reference")
         for n in self.groups:
             for k in self.ks:
                 budget_fractions(n, k)
@@ -139,6 +154,8 @@ class TuneConfig:
             (self.fid_samples <= MAX_FID_IMAGES,
              f"--fid-samples must be at most {MAX_FID_IMAGES}, got {self.fid_samples} ({FID_LIMIT})"),
             (self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
+            (2 <= self.screen_samples <= MAX_FID_IMAGES,
+             f"--screen-samples must be between 2 and {MAX_FID_IMAGES}, got {self.screen_samples}"),
             (self.timing_repeats >= 1, f"timing_repeats must be >= 1, got {self.timing_repeats}"),
             (self.max_quality_loss is None or 0 <= self.max_quality_loss < math.inf,
              "--max-quality-loss must be a finite number >= 0 (a relative loss, 0.02 = 2%), got "

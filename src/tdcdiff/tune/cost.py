@@ -49,11 +49,11 @@ def _total(items: list[dict | None]) -> dict:
 
 
 def _phase_rows(tune, chosen: str) -> list[dict]:
-    """The cost table: stage 1, the chosen candidate's search and stage 2, the other candidates, the
-    measurements, and the total of tuning (everything after stage 1)."""
+    """The cost table: stage 1, the chosen candidate's search and stage 2 (none when the base was chosen, at a
+    free setting), the other candidates, the measurements, and the total of tuning (everything after stage 1)."""
     phases = read_json(tune.dir / "phases.json", {})
     records = [r for s in tune.candidates if (r := tune.result(s["index"])) is not None and "failed" not in r]
-    mine = next(r for r in records if r["name"] == chosen)
+    mine = next((r for r in records if r["name"] == chosen), {"phases": {"search": None, "stage2": None}})
     others = [r for r in records if r["name"] != chosen]
     stage1 = phases.get("stage1")
     rows = [
@@ -65,7 +65,8 @@ def _phase_rows(tune, chosen: str) -> list[dict]:
         {"phase": "stage 2 (chosen)", **_total([mine["phases"]["stage2"]]), "note": "fine-tuning"},
         {"phase": "tuning (other candidates)", **_total(phases_of_others(mine, others)),
          "note": f"{len(others)} candidates: search + stage 2"},
-        {"phase": "tuning (screening + FID)", **_total([phases.get("screening"), phases.get("finalists")]),
+        {"phase": "tuning (screening + FID)",
+         **_total([phases.get("screening"), phases.get("sample screen"), phases.get("finalists")]),
          "note": "measurements (last run's)"},
     ]
     rows.append({"phase": "total tuning", **_total(rows[1:]), "note": "everything after stage 1"})
@@ -73,11 +74,12 @@ def _phase_rows(tune, chosen: str) -> list[dict]:
 
 
 def write_cost(tune, models: dict, chosen: dict) -> dict:
-    """Cost and return of the chosen bundle (`chosen`: its results.json row; models: measures.load_models'):
+    """Cost and return of the chosen bundle (`chosen`: its results.json row, a point of tune.points; models:
+    measures.load_models'), against the reference (the base at the reference setting):
     time and FLOPs per phase, throughput gained at batch 1 and 64 (and TuneConfig.batch), payback in images,
     and with TuneConfig.price_per_hour, the cost per 1,000 images before and after. Writes cost.json, cost.csv
     (per phase) and return.csv (per batch size) into tune.dir; returns cost.json's dict."""
-    rows = _phase_rows(tune, chosen["name"])
+    rows = _phase_rows(tune, chosen["model"])
     tuning, price = rows[-1], tune.config.price_per_hour
     batches = sorted({1, 64, tune.config.batch})
     tune.say(f"timing: base vs chosen at batches {batches}")

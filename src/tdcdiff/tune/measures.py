@@ -32,7 +32,7 @@ from .judge import mean_se, paired
 from .records import clock, read_json, record_phase, since
 
 SCREENING_FORMAT = "tdcdiff-tune-screening/2"
-FID_FORMAT = "tdcdiff-tune-fid/2"  # /2: scores per seed (seeds added until decided), precision/recall, the judge
+FID_FORMAT = "tdcdiff-tune-fid/3"  # /3: per point (model, setting); /2: seeds added until decided, the judge
 SEED_SCORES = {"fid": "fid", "kid": "kid_mean", "precision": "precision", "recall": "recall"}  # fid.json key: FidResult
 
 
@@ -192,11 +192,10 @@ def screen(tune, models: dict) -> dict:
 
 # -- the finalists' FID and sampling time ----------------------------------------------------------------------
 def fid_protocol(tune) -> dict:
-    """What a cached per-seed FID depends on besides the model and the seed: sampler, steps, images per seed and
-    the feature network's design and version (its data are the base run's)."""
-    c, t = tune.base_run.config, tune.config
-    return {"sampler": c.sampler, "steps": c.sampling_steps, "samples": t.fid_samples,
-            "feature_net": DEFAULT_FEATURE_NET, "features_version": FEATURES_VERSION}
+    """What a cached per-seed FID depends on besides the point (model and setting) and the seed: the reference
+    setting, images per seed and the feature network's design and version (its data are the base run's)."""
+    return {"reference": str(tune.reference), "samples": tune.config.fid_samples, "feature_net": DEFAULT_FEATURE_NET,
+            "features_version": FEATURES_VERSION}
 
 
 def _fid_cache(tune, net) -> dict:
@@ -213,23 +212,26 @@ def _fid_cache(tune, net) -> dict:
 
 
 def _measure_seeds(tune, cache: dict, models: dict, names: list[str], seeds: int, net, ids: dict) -> int:
-    """Give every model in `names` FID/KID/precision/recall for sampling seeds 0 .. seeds - 1 (evaluate.score_seeds),
-    measuring only the seeds not cached for its current weights; fid.json is written after each model. Returns the
-    number of (model, seed) pairs sampled."""
-    run, c, t = tune.base_run, tune.base_run.config, tune.config
+    """Give every point in `names` (tune.point: row name -> (model name, setting)) FID/KID/precision/recall for
+    sampling seeds 0 .. seeds - 1 (evaluate.score_seeds), measuring only the seeds not cached for its current
+    weights and setting; fid.json is written after each point. Returns the number of (point, seed) pairs sampled."""
+    run, t = tune.base_run, tune.config
     sampled = 0
     for name in names:
+        model, setting = tune.point(name)
         entry = cache["models"].get(name)
-        if entry is None or entry["model"] != ids[name]:
-            entry = cache["models"][name] = {"model": ids[name], **{k: [] for k in SEED_SCORES}}
+        if entry is None or entry["model"] != ids[model] or entry.get("setting") != str(setting):
+            entry = cache["models"][name] = {"model": ids[model], "setting": str(setting),
+                                             **{k: [] for k in SEED_SCORES}}
         have = len(entry["fid"])
         if have >= seeds:
             continue
-        results, _, _ = score_seeds(name, SamplingModel(models[name][0]), run.scheduler, run.data.images, net,
-                                    seeds=range(have, seeds), sample_shape=run.sample_shape, sampler=c.sampler,
-                                    steps=c.sampling_steps, num_samples=t.fid_samples,
+        results, _, _ = score_seeds(name, SamplingModel(models[model][0]), run.scheduler, run.data.images, net,
+                                    seeds=range(have, seeds), sample_shape=run.sample_shape, sampler=setting.sampler,
+                                    steps=setting.steps, num_samples=t.fid_samples,
                                     reference_name=cache["reference"]["name"], num_classes=run.data.num_classes,
-                                    say=tune.say)
+                                    say=tune.say, cache_interval=setting.cache_interval,
+                                    cache_depth=setting.cache_depth)
         for result in results:
             for key, field in SEED_SCORES.items():
                 entry[key].append(getattr(result, field))
@@ -239,7 +241,8 @@ def _measure_seeds(tune, cache: dict, models: dict, names: list[str], seeds: int
 
 
 def fid(tune, models: dict, names: list[str]) -> dict:
-    """The base's and the finalists' per-seed FID/KID/precision/recall, with sampling seeds added one at a time
+    """The reference's ("base") and the finalists' (row names of tune.points) per-seed FID/KID/precision/recall,
+    with sampling seeds added one at a time
     until every finalist's verdict against the base is decided or TuneConfig.max_fid_seeds is reached.
 
     Every finalist starts at TuneConfig.fid_seeds seeds; after each look (verdict.sequential: the error is spent
@@ -278,11 +281,12 @@ def fid(tune, models: dict, names: list[str]) -> dict:
 
 
 def time_models(tune, models: dict, names: list[str], batch: int) -> dict:
-    """Median seconds of one full sampling run at `batch` per model (evaluate.time_sampling: interleaved, after
-    a warm-up; class-balanced labels for a class-conditional base); thread CPU seconds with one thread on a CPU,
-    wall seconds on a GPU."""
-    run, c = tune.base_run, tune.base_run.config
-    times = time_sampling([SamplingModel(models[n][0]) for n in names], run.scheduler, sample_shape=run.sample_shape,
-                          sampler=c.sampler, steps=c.sampling_steps, batch=batch, repeats=tune.config.timing_repeats,
-                          num_classes=run.data.num_classes)
+    """Median seconds of one full sampling run at `batch` per point (tune.point: row name -> (model name,
+    setting); evaluate.time_sampling: every point measured, interleaved, after a warm-up; class-balanced labels for
+    a class-conditional base); thread CPU seconds with one thread on a CPU, wall seconds on a GPU."""
+    run, points = tune.base_run, [tune.point(n) for n in names]
+    runners = {m: SamplingModel(models[m][0]) for m in dict.fromkeys(m for m, _ in points)}
+    times = time_sampling([runners[m] for m, _ in points], run.scheduler, sample_shape=run.sample_shape,
+                          sampler=None, steps=None, batch=batch, repeats=tune.config.timing_repeats,
+                          num_classes=run.data.num_classes, settings=[s for _, s in points])
     return dict(zip(names, times))

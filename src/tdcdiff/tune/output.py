@@ -9,37 +9,49 @@ from pathlib import Path
 
 from ..files import atomic_write_text
 from ..plots import pyplot, save_figure
+from ..samplers import visited_timesteps
 from .kinds import kind_of
-from .measures import SCREENING_MEASURES, second_measure
+from .measures import SCREENING_MEASURES, SEED_SCORES, second_measure
 
 BASE_STYLE = ("k", "*")  # the base's point in the frontier plot; candidates are drawn in their kind's style
 
 
-def frontier_rows(models: dict, records: dict, screening: dict, fid: dict, times: dict, key: str,
-                  directory: Path) -> list[dict]:
-    """One row per model of the frontier (results.json's "rows"), the base's first.
+def frontier_rows(models: dict, points: dict, records: dict, screening: dict, fid: dict, times: dict,
+                  distances: dict, key: str, directory: Path) -> list[dict]:
+    """One row per point (model, sampling setting) of the frontier (results.json's "rows"), the reference ("base":
+    the base at the reference setting) first.
 
-    models: name -> (model, sampling FLOPs per image) (measures.load_models). records: name -> the candidate's
-    result.json record (the base has none). screening: measures.screen's values; fid: measures.fid's result (the
-    base and the finalists have per-seed scores over the seeds their verdicts used, and the finalists a verdict);
-    times: name -> seconds per sampling run. key: the screening measure that ranks (the other is the rows'
-    "second"). directory: the tune directory (a row's bundle path is under it).
+    models: name -> (Router, FLOPs) (measures.load_models). points: row name -> (model name, SamplingSetting).
+    records: name -> the candidate's result.json record (the base has none). screening: measures.screen's values
+    (a model's, whatever its setting); fid: measures.fid's result (the reference and the finalists have per-seed
+    scores over the seeds their verdicts used, and the finalists a verdict); times: row name -> {batch: seconds per
+    sampling run} at the user's batch and 1; distances: row name -> sample_screen.measure_screen's record (points
+    not screened: absent). key: the screening measure that ranks (the other is the rows' "second"). directory: the
+    tune directory (a row's bundle path is under it). sampling_flops count every step as a full pass (an upper
+    bound for a cached setting, whose shallow passes cost less).
     """
     other, base = second_measure(key), screening["base"]
+    batch = next(b for b in times["base"] if b != 1) if len(times["base"]) > 1 else 1
+    t_max = next(iter(models.values()))[0].grouping.num_train_timesteps
+    flops = {n: models[m][0].trajectory_flops(visited_timesteps(s.steps, t_max)) for n, (m, s) in points.items()}
     rows = []
-    for name, (_, flops) in models.items():
-        record = records.get(name)
-        ranked, beside, gap = screening[name][key], screening[name][other], fid["verdicts"].get(name)
+    for name, (model, setting) in points.items():
+        record, screen = records.get(model), distances.get(name)
+        ranked, beside, gap = screening[model][key], screening[model][other], fid["verdicts"].get(name)
         seeds = fid["seeds"].get(name)
-        scores = {k: v[:seeds] for k, v in fid["models"][name].items() if k != "model"} if seeds else None
+        scores = {k: v[:seeds] for k, v in fid["models"][name].items() if k in SEED_SCORES} if seeds else None
         rows.append({
-            "name": name, "kind": record["kind"] if record else "base", "index": record["index"] if record else None,
-            "sampling_flops": flops, "flops_ratio": flops / models["base"][1],
-            "time_s": times[name], "time_ratio": times[name] / times["base"],
+            "name": name, "model": model, "setting": str(setting), "kind": record["kind"] if record else "base",
+            "index": record["index"] if record else None,
+            "sampling_flops": flops[name], "flops_ratio": flops[name] / flops["base"],
+            "time_s": times[name][batch], "time_ratio": times[name][batch] / times["base"][batch],
+            "time_1_s": times[name][1], "time_1_ratio": times[name][1] / times["base"][1],
             "screening": ranked["value"], "screening_se": ranked["se"], "screening_gap": ranked["vs_base"],
             "quality_ratio": ranked["value"] / base[key]["value"],
             "second": beside["value"], "second_se": beside["se"], "second_gap": beside["vs_base"],
             "second_ratio": beside["value"] / base[other]["value"],
+            "screen_distance": screen["distance"] if screen else None, "screen_se": screen["se"] if screen else None,
+            "screen_features": screen["features"] if screen else None,
             **{k: scores[k] if scores else None for k in ("fid", "kid", "precision", "recall")},
             "fid_gap": {k: (list(v) if isinstance(v, tuple) else v) for k, v in gap.items()} if gap else None,
             "train_flops": record["train_flops"] if record else 0,
@@ -85,7 +97,9 @@ def table_rows(rows: list[dict], chosen: str | None, screening: str = "loss") ->
                  f"{r['second']:.{e}f} ({r['second_gap']['mean']:+.{e}f} ± {r['second_gap']['se']:.{e}f})",
              "FID": _fid_text(r), "precision / recall": _pr_text(r), "FID - base (paired): verdict": _gap_text(r),
              "resolves": f"{r['fid_gap']['half_width']:.2f}" if r["fid_gap"] else "-",
-             "train TFLOPs": f"{r['train_flops'] / 1e12:.2f}"}
+             "train TFLOPs": f"{r['train_flops'] / 1e12:.2f}", "time b1": f"{r['time_1_ratio']:.2f}x",
+             "sample screen": "-" if r["screen_distance"] is None else
+             f"{r['screen_distance']:.3f} ± {r['screen_se']:.3f}"}
             for r in ordered]
 
 
@@ -127,7 +141,8 @@ def write_table_csv(rows: list[dict], path: Path, screening: str = "loss") -> Pa
             "screening_se", "screening_gap_mean", "screening_gap_se", "quality_ratio", "second_measure", "second",
             "second_se", "second_gap_mean", "second_gap_se", "second_ratio", "fid_mean", "fid_gap_mean", "fid_gap_low",
             "fid_gap_high", "fid_verdict", "fid_margin", "fid_half_width", "fid_seeds", "precision_mean",
-            "recall_mean", "train_flops"]
+            "recall_mean", "train_flops", "model", "setting", "time_1_s", "time_1_ratio", "screen_distance",
+            "screen_se", "screen_features"]
     measures = {"screening_measure": screening, "second_measure": second_measure(screening)}
     table = []
     for r in rows:
@@ -155,33 +170,43 @@ def frontier_series(rows: list[dict]) -> list[tuple[str, tuple[str, str], list[d
             *((kind, kind_of(kind).style, members) for kind, members in kinds.items())]
 
 
+def model_lines(rows: list[dict]) -> dict[str, list[dict]]:
+    """model name -> its rows in order of time at the user's batch: one line per model through its settings."""
+    lines: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["time_s"]):
+        lines.setdefault(r["model"], []).append(r)
+    return lines
+
+
 def plot_frontier(rows: list[dict], chosen: str | None, batch: int, measure: str, path: Path) -> Path:
-    """Screening quality (relative to the base) against sampling time at `batch` and against sampling FLOPs,
-    and the finalists' FID against time, one series per kind (frontier_series)."""
-    series = frontier_series(rows)
+    """Three panels against sampling time at `batch` (relative to the reference): the FID gap to the reference
+    (mean of the paired per-seed gaps; the points with FID), the sample screen's distance, and the screening
+    measure relative to the base's; one line per model through its settings, in its kind's style (frontier_series),
+    the chosen point circled."""
+    styles = {r["model"]: style for _, style, members in frontier_series(rows) for r in members}
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    panels = [(axes[0], "time_ratio", "quality_ratio", f"sampling time at batch {batch} / base's"),
-              (axes[1], "flops_ratio", "quality_ratio", "sampling FLOPs / base's"),
-              (axes[2], "time_ratio", "fid", f"sampling time at batch {batch} / base's")]
-    for ax, x_key, y_key, x_label in panels:
-        for number, (label, (color, marker), members) in enumerate(series):
-            points = [r for r in members if r[y_key] is not None]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    panels = [(axes[0], lambda r: 0.0 if r["name"] == "base" else r["fid_gap"] and r["fid_gap"]["mean"],
+               "FID - reference's (paired mean; finalists)"),
+              (axes[1], lambda r: r["screen_distance"], "sample screen: pixel RMSE to the target"),
+              (axes[2], lambda r: r["quality_ratio"], f"{measure} / base's (lower is better)")]
+    for ax, value, label in panels:
+        for model, members in model_lines(rows).items():
+            points = [(r, value(r)) for r in members if value(r) is not None]
             if not points:
                 continue
-            ys = [sum(r[y_key]) / len(r[y_key]) if y_key == "fid" else r[y_key] for r in points]
-            ax.scatter([r[x_key] for r in points], ys, c=color, marker=marker, s=36 if number else 60, label=label)
-            for r, y in zip(points, ys):
-                ax.annotate(r["name"].replace("TDC ", ""), (r[x_key], y), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points")
+            color, marker = styles[model]
+            ax.plot([r["time_ratio"] for r, _ in points], [y for _, y in points], color=color, marker=marker,
+                    markersize=5, linewidth=1, label=model)
+            for r, y in points:
+                ax.annotate(r["setting"], (r["time_ratio"], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
                 if r["name"] == chosen:
-                    ax.scatter([r[x_key]], [y], s=220, facecolors="none", edgecolors="green", linewidths=2)
-        ax.set_xlabel(x_label)
+                    ax.scatter([r["time_ratio"]], [y], s=220, facecolors="none", edgecolors="green", linewidths=2)
+        ax.set_xlabel(f"sampling time at batch {batch} / reference's")
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"{measure} / base's (lower is better)")
-    axes[1].set_ylabel(f"{measure} / base's")
-    axes[2].set_ylabel("FID, mean over seeds (finalists)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"tdcdiff tune: quality against sampling cost (chosen: {chosen or 'none'}, circled)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"tdcdiff tune: quality against sampling time, one line per model through its sampling settings "
+                 f"(chosen: {chosen or 'none'}, circled)")
     fig.tight_layout()
     return save_figure(fig, path)

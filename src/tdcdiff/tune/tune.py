@@ -4,12 +4,12 @@ package docstring for the directory's layout)."""
 from __future__ import annotations
 
 import json
-import shutil
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from ..evaluate import TIMING_CLOCK
-from ..files import atomic_dir, atomic_write_text
+from ..evaluate import TIMING_CLOCK, default_feature_net
+from ..files import atomic_write_text
 from ..flops import count_flops
 from ..prune.fit import BudgetError
 from ..run import Run, copy_stages
@@ -19,12 +19,25 @@ from .cost import write_cost
 from .curves import curves_allocation, measure_curves
 from .judge import JUDGE_RULE, choose
 from .kinds import candidate_list, check_candidate, kind_of
-from .measures import SCREENING_MEASURES, fid, load_models, screen, screen_protocol, second_measure, time_models
+from .ladder import headline, pick_settings, point_name, resolve_ladder, spearman
+from .measures import (
+    SCREENING_MEASURES,
+    fid,
+    load_models,
+    model_ids,
+    screen,
+    screen_protocol,
+    second_measure,
+    time_models,
+)
 from .output import frontier_rows, plot_frontier, write_table_csv
 from .records import clock, read_json, record_phase, since
+from .sample_screen import measure_screen
+from .sample_screen import screen_protocol as sample_screen_protocol
+from .ship import write_chosen
 
 CANDIDATES_FORMAT = "tdcdiff-tune-plan/1"  # of tune.json and candidates.json (named before "candidate list")
-RESULTS_FORMAT = "tdcdiff-tune/2"  # /2: rows' second measure ("second", ...) and screening_measure's "key"
+RESULTS_FORMAT = "tdcdiff-tune/3"  # /3: rows are points (model, setting), "headline"; /2: rows' second measure
 
 
 class Tune:
@@ -61,6 +74,10 @@ class Tune:
         self.base_run = Run(checked, run_config, overrides=overrides, progress=progress)
         for spec in self.candidates:  # a bad setting must fail now, not after stage 1 and other candidates
             kind_of(spec["kind"]).check(spec, self.base_run.config)
+        trained = self.base_run.dir / "base" / FINAL_DIR
+        self.reference, self.settings, self.ladder_notes = resolve_ladder(
+            self.config, self.base_run, self.base_run.base_model() if trained.exists() else None)
+        self.points: dict = {}  # row name -> (model name, samplers.SamplingSetting), set by run_all
         if source is not None:
             copy_stages(source, here, ("config.json", "base"))
             self.base_run = Run(here, run_config, overrides=overrides, progress=progress)
@@ -75,6 +92,11 @@ class Tune:
                       for k in dict.fromkeys([*saved["plan"], *here]) if saved["plan"].get(k) != here.get(k)]
             raise ValueError(f"{self.dir} was tuned with other candidate settings ({'; '.join(differ)}); use a new "
                              f"--out, or delete {self.dir / 'tune.json'} and {self.dir / 'candidates'} to start over")
+
+    def point(self, name: str) -> tuple:
+        """(model name, SamplingSetting) of row `name` (self.points); a name run_all has not crossed is the model of
+        that name at the reference setting."""
+        return self.points.get(name, (name, self.reference))
 
     def say(self, message: str) -> None:
         if self.progress:
@@ -162,41 +184,81 @@ class Tune:
 
     # -- everything ------------------------------------------------------------------------------------------------
     def run_all(self) -> dict:
-        """Every candidate (finished ones skipped), screening, finalists' FID, the frontier, the choice, the cost
-        table; returns the results dict (also in results.json)."""
+        """Every candidate (finished ones skipped), screening, the joint space (the base and the best candidates by
+        screening crossed with the ladder of sampling settings; every point timed at batch 1 and the user's batch),
+        the sample screen picking each model's settings for FID, the finalists' FID, the frontier, the choice, the
+        headline and the cost table; returns the results dict (also in results.json)."""
         self.ensure_base()  # its refusals (the data, the model's fit) before the candidate list is written
+        self.reference, self.settings, self.ladder_notes = resolve_ladder(self.config, self.base_run,
+                                                                          self.base_run.base_model())
         self.write_candidate_list()
         for spec in self.candidates:
             self.run_candidate(spec["index"])
+        for note in self.ladder_notes:
+            self.say(note)
         models = self.models()
         key = self.config.screening
         screening = self.screen(models)
-        finalists = sorted((n for n in models if n != "base"),
-                           key=lambda n: screening[n][key]["value"])[: self.config.finalists]
+        ranked = sorted((n for n in models if n != "base"), key=lambda n: screening[n][key]["value"])
+        crossed = ["base", *ranked[: self.config.finalists]]
+        self.points = {n: (n, self.reference) for n in models}
+        self.points |= {point_name(m, s, self.reference): (m, s) for m in crossed for s in self.settings}
+        times = self.time_points(models)
+        distances, finalists = self.pick_finalists(models, crossed, times)
         fid_cache = self.fid(models, finalists)
-        batch = self.config.batch
-        self.say(f"timing: sampling at batch {batch}, {len(models)} models interleaved")
-        times = time_models(self, models, list(models), batch)
         records = {spec["name"]: self.result(spec["index"]) for spec in self.candidates}
-        rows = frontier_rows(models, records, screening, fid_cache, times, key, self.dir)
-        choice = choose([r for r in rows if r["name"] != "base"], self.config.max_quality_loss)
+        rows = frontier_rows(models, self.points, records, screening, fid_cache, times, distances, key, self.dir)
+        # A setting other than the reference qualifies by FID only: the screening measure cannot see solver error.
+        eligible = [r for r in rows if r["name"] != "base" and (r["fid_gap"] or r["setting"] == str(self.reference))]
+        choice = choose(eligible, self.config.max_quality_loss)
         results = self._results(rows, finalists, fid_cache, choice)
         atomic_write_text(self.dir / "results.json", json.dumps(results, indent=2))
         write_table_csv(rows, self.dir / "table.csv", key)
-        plot_frontier(rows, choice["name"], batch, SCREENING_MEASURES[key].name, self.dir / "frontier.png")
+        plot_frontier(rows, choice["name"], self.config.batch, SCREENING_MEASURES[key].name, self.dir / "frontier.png")
         if choice["name"] is not None:
             chosen = next(r for r in rows if r["name"] == choice["name"])
-            with atomic_dir(self.dir / "chosen") as tmp:
-                shutil.copytree(chosen["bundle"], tmp, dirs_exist_ok=True)
-            atomic_write_text(self.dir / "chosen.json", json.dumps({**choice, "bundle": chosen["bundle"]}, indent=2))
+            write_chosen(self, chosen, self.points[chosen["name"]][1], self.dir / "chosen")
+            atomic_write_text(self.dir / "chosen.json", json.dumps({**choice, "bundle": chosen["bundle"],
+                                                                    "sampling": chosen["setting"]}, indent=2))
             results["cost"] = write_cost(self, models, chosen)
+        self.say(f"headline: {results['headline']['text']}")
         atomic_write_text(self.dir / "results.json", json.dumps(results, indent=2))
         return results
+
+    def time_points(self, models: dict) -> dict:
+        """name -> {batch: median seconds of one sampling run} for every point, at batch 1 and the user's batch
+        (measures.time_models: measured, interleaved)."""
+        times = {}
+        for b in dict.fromkeys([self.config.batch, 1]):
+            self.say(f"timing: sampling at batch {b}, {len(self.points)} points (model, setting) interleaved")
+            for name, seconds in time_models(self, models, list(self.points), b).items():
+                times.setdefault(name, {})[b] = seconds
+        return times
+
+    def pick_finalists(self, models: dict, crossed: list[str], times: dict) -> tuple[dict, list[str]]:
+        """The sample screen of every point of the crossed models and, per model, the settings it sends to FID
+        (ladder.pick_settings); returns (name -> screen record, the FID finalists: the base's picks, then each
+        candidate's in screening order). Without a ladder there is nothing to pick: each crossed candidate goes
+        to FID at the reference, and nothing is sampled for the screen."""
+        if not self.settings:
+            return {}, crossed[1:]
+        net = default_feature_net(self.base_run.data.images, self.base_run.data.labels,
+                                  name=Path(self.base_run.data.name).name)
+        crossed_points = {n: p for n, p in self.points.items() if p[0] in crossed}
+        distances = measure_screen(self, models, crossed_points, self.reference, net, model_ids(self))
+        finalists = []
+        for m in crossed:
+            mine = {s: distances[point_name(m, s, self.reference)]["distance"]
+                    for s in (self.reference, *self.settings)}
+            at = {s: times[point_name(m, s, self.reference)][self.config.batch] for s in mine}
+            finalists += [n for s in pick_settings(mine, at, self.reference)
+                          if (n := point_name(m, s, self.reference)) != "base"]
+        return distances, finalists
 
     def _results(self, rows: list[dict], finalists: list[str], fid_cache: dict, choice: dict) -> dict:
         """results.json: the settings, how each measure was taken, the rows, the failed candidates, the
         finalists and the choice."""
-        key, other, c = self.config.screening, second_measure(self.config.screening), self.base_run.config
+        key, other = self.config.screening, second_measure(self.config.screening)
         failed = [{"name": s["name"], "failed": r["failed"]} for s in self.candidates
                   if (r := self.result(s["index"])) is not None and "failed" in r]
         return {
@@ -214,10 +276,25 @@ class Tune:
                                        "used": fid_cache["seeds"]},
                              "rule": JUDGE_RULE},
             "time": f"median seconds ({TIMING_CLOCK}, as evaluate.time_sampling picks it by the models' device) of "
-                    f"one {c.sampler}-{c.sampling_steps} sampling run at batch {self.config.batch}, "
-                    f"{self.config.timing_repeats} repeats interleaved across models after a warm-up",
+                    f"one sampling run with each row's setting at batch {self.config.batch} (time_s) and 1 (time_1_s), "
+                    f"{self.config.timing_repeats} repeats interleaved across all points after a warm-up; every "
+                    "point's trajectory measured, none derived from per-forward times",
+            "reference": str(self.reference), "ladder": [str(s) for s in self.settings],
+            "ladder_notes": self.ladder_notes, "sample_screen": self._screen_record(rows),
+            "headline": headline(rows, choice["name"], self.config.batch),
             "compute": f"every candidate: {self.training_flops_per_candidate():.4g} training FLOPs "
                        f"({self.config.tune_steps} stage-2 steps of the base); the pruning search's proxy forwards "
                        "are not counted",
             "rows": rows, "failed": failed, "finalists": finalists, "choice": choice,
         }
+
+    def _screen_record(self, rows: list[dict]) -> dict | None:
+        """results.json's "sample_screen": its protocol and its rank agreement with FID (Spearman, over the rows
+        with both: the finalists and the reference); None without a ladder."""
+        if not self.settings:
+            return None
+        both = [r for r in rows if r["screen_distance"] is not None and r["fid"]]
+        rho = spearman([r["screen_distance"] for r in both], [statistics.fmean(r["fid"]) for r in both])
+        return {**sample_screen_protocol(self, self.reference), "spearman_vs_fid": rho, "pairs": len(both),
+                "pick": "per crossed model: the fastest setting whose screen distance is at most the model's own at "
+                        "the reference setting, and the setting of the lowest distance"}

@@ -1,0 +1,118 @@
+"""The joint space `tdcdiff tune` searches: every model (the base and the trained candidates) crossed with a ladder
+of sampling settings (sampler, steps, feature caching), judged against the base at a reference setting; which of
+them go to FID (by the sample screen, sample_screen.py), and where the speed of the choice comes from.
+
+A point of the space is one row of the frontier: a model sampled with one setting. Its name is the model's at the
+reference setting (so "base" is the reference itself) and "<model> @ <setting>" at any other.
+"""
+
+from __future__ import annotations
+
+from ..pipeline import SamplingModel
+from ..samplers import SamplingSetting
+from ..verdict import QUALIFY
+
+# Solver changes first (what a user can do for free), then feature caching (DeepCache, CVPR 2024, interval 3).
+DEFAULT_LADDER = ("dpm-solver++:20", "dpm-solver++:10", "unipc:10", "dpm-solver++:6", "ddim:50:c3")
+
+
+def parse_settings(texts, option: str) -> list[SamplingSetting]:
+    """The settings written as texts ("sampler:steps[:cN[:dD]]"), each once. Raises ValueError naming `option`."""
+    settings = [SamplingSetting.parse(text, option) for text in texts]
+    for i, setting in enumerate(settings):
+        if setting in settings[:i]:
+            raise ValueError(f"{option} {setting} is given twice: each setting is one row per model; give it once")
+    return settings
+
+
+def resolve_ladder(config, run, base=None) -> tuple[SamplingSetting, list[SamplingSetting], list[str]]:
+    """(the reference setting, the ladder's settings other than it, notes on default settings left out).
+
+    config: TuneConfig (settings, reference: None takes the run's sampler and steps). run: the base Run (its
+    schedule's T). base: the base denoiser when it exists (feature caching is checked on it), else None.
+    A setting of the default ladder that this base cannot take (more steps than T, caching a model that is not a
+    diffusers UNet2DModel) is left out with a note; one the user gave is refused: ValueError naming the flag.
+    """
+    c, t = run.config, run.scheduler.config.num_train_timesteps
+    if config.reference is None:
+        reference = SamplingSetting(c.sampler or "ddim", c.sampling_steps)
+    else:
+        reference = parse_settings([config.reference], "--reference")[0]
+    given = tuple(config.settings) != DEFAULT_LADDER
+    checks = [("--reference", reference)] + [("--settings", s) for s in parse_settings(config.settings, "--settings")]
+    kept, notes = [], []
+    for option, setting in checks:
+        try:
+            setting.check(t)
+            if setting.cache_interval > 1 and base is not None:
+                SamplingModel(base).prepare_cache(setting.cache_depth or 1)
+        except ValueError as err:
+            if given or option == "--reference":
+                raise ValueError(f"{option} {setting}: {err}") from None
+            notes.append(f"default setting {setting} left out: {err}")
+            continue
+        if option == "--settings" and setting != reference:
+            kept.append(setting)
+    return reference, kept, notes
+
+
+def point_name(model: str, setting: SamplingSetting, reference: SamplingSetting) -> str:
+    """The row name of `model` sampled with `setting`: the model's own at the reference setting."""
+    return model if setting == reference else f"{model} @ {setting}"
+
+
+def pick_settings(distances: dict, times: dict, reference: SamplingSetting) -> list:
+    """The settings of one model that go to FID, by the sample screen.
+
+    distances: setting -> the screen distance of this model's samples at it (mean over images). times: setting ->
+    its sampling time at the user's batch. The tolerance is what the reference setting itself shows for this model
+    (its distance at the reference); picked: the fastest setting within it, and the best (lowest distance). One
+    setting when they coincide.
+    """
+    tolerance = distances[reference]
+    within = [s for s in distances if distances[s] <= tolerance]
+    fastest = min(within, key=lambda s: (times[s], distances[s]))
+    best = min(distances, key=lambda s: (distances[s], times[s]))
+    return list(dict.fromkeys([fastest, best]))
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation of two equally long lists (ties get their mean rank); None below 3 pairs or
+    when one list is constant."""
+    if len(xs) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    if len(set(xs)) < 2 or len(set(ys)) < 2:
+        return None
+    return float(spearmanr(xs, ys).statistic)
+
+
+def best_free(rows: list[dict]) -> dict:
+    """The best free setting: the fastest row of the base (any setting) whose FID is better than or non-inferior
+    to the reference's, else the reference row itself ("base")."""
+    free = [r for r in rows if r["model"] == "base" and (r["name"] == "base" or (
+        r["fid_gap"] is not None and r["fid_gap"]["verdict"] in QUALIFY))]
+    return min(free, key=lambda r: (r["time_s"], r["name"] != "base"))
+
+
+def headline(rows: list[dict], chosen: str | None, batch: int) -> dict:
+    """Where the chosen row's speed comes from, at batch 1 and the user's batch: X = the reference's time / the
+    chosen's, Y = the reference's / the best free setting's (the sampler and steps alone), Z = the best free
+    setting's / the chosen's (what the model adds); X = Y x Z. Without a choice the reference itself is shipped.
+    Returns {"chosen", "best_free", "by_batch": {batch: {"total", "free", "model"}}, "text"}."""
+    by_name = {r["name"]: r for r in rows}
+    ref, free = by_name["base"], best_free(rows)
+    shipped = by_name[chosen] if chosen is not None else ref
+    out = {}
+    for b, key in ((1, "time_1_s"), (batch, "time_s")):
+        out[str(b)] = {"total": ref[key] / shipped[key], "free": ref[key] / free[key],
+                       "model": free[key] / shipped[key]}
+    parts = [f"at batch {b}: {v['total']:.2f}x faster than the reference at equal quality: {v['free']:.2f}x from "
+             f"the sampler/steps alone ({free['setting']}), {v['model']:.2f}x more from the model"
+             for b, v in out.items()]
+    text = "; ".join(parts)
+    if shipped["model"] == "base":
+        text += (f". No pruned model beats the best free setting: tune ships the free setting (the base at "
+                 f"{shipped['setting']})")
+    return {"chosen": shipped["name"], "best_free": free["name"], "by_batch": out, "text": text}

@@ -1,0 +1,103 @@
+"""The sample screen: how far a (model, setting)'s samples land from the base's at a high-step reference, from the
+same noise. The held-out loss cannot see a sampler's error (it never samples); this does, cheaply: one small fixed
+batch per point, paired image by image with the target's.
+
+The target is the base sampled with DDIM at max(200, 4 x the reference's steps) steps (at most T): close to the
+probability-flow ODE's solution from that noise, so the distance of a deterministic sampler's image to it is its
+discretisation error plus the model's own deviation. The distance is the pixel RMSE per image (in [-1, 1] units),
+mean over the images; the Euclidean distance in the judge's feature space (features.py's network, the one FID
+uses) is recorded beside it. Pixel RMSE ranks: on a weak model the classifier's features saturate and barely move
+with a one-step sampler's blur, while the pixels do (the tests' tiny base: a 1-step DDIM doubles the RMSE of the
+4-step reference, its feature distance moves 5%). Cached in sample_screen.json (each point
+with its model's identity and setting) and the target's images in sample_screen/target.pt, so reruns resume.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import torch
+
+from ..evaluate import balanced_labels
+from ..features import DEFAULT_FEATURE_NET, FEATURES_VERSION
+from ..files import atomic_dir, atomic_write_text
+from ..metrics import features_of
+from ..pipeline import SamplingModel, sample
+from ..samplers import SamplingSetting
+from .judge import mean_se
+from .records import clock, read_json, record_phase, since
+
+SCREEN_FORMAT = "tdcdiff-tune-sample-screen/1"
+SCREEN_SEED = 10_000  # the screen's noise: apart from the FID seeds (0, 1, ...)
+
+
+def target_setting(reference: SamplingSetting, num_train_timesteps: int) -> SamplingSetting:
+    """The screen's target: DDIM at max(200, 4 x the reference's steps), at most T."""
+    return SamplingSetting("ddim", min(num_train_timesteps, max(200, 4 * reference.steps)))
+
+
+def screen_protocol(tune, reference: SamplingSetting) -> dict:
+    """What a cached screen distance depends on besides the model and the setting."""
+    run = tune.base_run
+    return {"target": str(target_setting(reference, run.scheduler.config.num_train_timesteps)),
+            "images": tune.config.screen_samples, "seed": SCREEN_SEED, "distance": "pixel RMSE per image (features: "
+            "Euclidean in the judge's feature space), to the base's target image from the same noise",
+            "feature_net": DEFAULT_FEATURE_NET, "features_version": FEATURES_VERSION}
+
+
+def _sample(tune, model, setting: SamplingSetting) -> torch.Tensor:
+    """screen_samples images of `model` at `setting` from the screen's noise (class-balanced labels if needed)."""
+    run, n = tune.base_run, tune.config.screen_samples
+    out = sample(SamplingModel(model), run.scheduler, sample_shape=run.sample_shape, sampler=setting.sampler,
+                 steps=setting.steps, num_images=n, batch_size=n, seed=SCREEN_SEED, progress=False,
+                 cache_interval=setting.cache_interval, cache_depth=setting.cache_depth,
+                 class_labels=balanced_labels(model, n, run.data.num_classes))
+    return out.images
+
+
+def _target(tune, models: dict, protocol: dict, base_id: str) -> torch.Tensor:
+    """The target's images: read from sample_screen/target.pt when made under this protocol from these base
+    weights, else sampled and written."""
+    folder, record = tune.dir / "sample_screen", read_json(tune.dir / "sample_screen" / "target.json")
+    if record == {"protocol": protocol, "model": base_id}:
+        return torch.load(folder / "target.pt", weights_only=True)
+    tune.say(f"sample screen: the base's target images ({protocol['target']}, {protocol['images']} images)")
+    images = _sample(tune, models["base"][0], SamplingSetting.parse(protocol["target"]))
+    with atomic_dir(folder) as tmp:
+        torch.save(images, tmp / "target.pt")
+        (tmp / "target.json").write_text(json.dumps({"protocol": protocol, "model": base_id}))
+    return images
+
+
+def measure_screen(tune, models: dict, points: dict, reference: SamplingSetting, net, ids: dict) -> dict:
+    """The screen distance of every point: name -> {"distance" (pixel RMSE, mean over images), "se", "features"
+    (feature-space distance, mean over images), "setting", "model" (the weights' identity)}.
+
+    points: row name -> (model name, SamplingSetting). models: name -> (model, FLOPs) (measures.load_models).
+    net: the judge's feature network. ids: model name -> weights identity (measures.model_ids). Points cached in
+    sample_screen.json under the same protocol, weights and setting are reused; the rest are sampled.
+    """
+    protocol = screen_protocol(tune, reference)
+    cache = read_json(tune.dir / "sample_screen.json", {})
+    if cache.get("format") != SCREEN_FORMAT or cache.get("protocol") != protocol:
+        cache = {"format": SCREEN_FORMAT, "protocol": protocol, "points": {}}
+    missing = [name for name, (model, setting) in points.items()
+               if cache["points"].get(name, {}).get("model") != ids[model]
+               or cache["points"][name].get("setting") != str(setting)]
+    if missing:
+        start = clock()
+        target = _target(tune, models, protocol, ids["base"])
+        target_features = features_of(target, net)
+        for name in missing:
+            model, setting = points[name]
+            images = _sample(tune, models[model][0], setting)
+            features = (features_of(images, net) - target_features).norm(dim=1).tolist()
+            summary = mean_se((images - target).double().pow(2).flatten(1).mean(1).sqrt().tolist())
+            cache["points"][name] = {"distance": summary["mean"], "se": summary["se"],
+                                     "features": statistics.fmean(features), "setting": str(setting),
+                                     "model": ids[model]}
+            tune.say(f"sample screen: {name}: distance {summary['mean']:.3f} ± {summary['se']:.3f}")
+            atomic_write_text(tune.dir / "sample_screen.json", json.dumps(cache, indent=2))
+        record_phase(tune.dir, "sample screen", since(start))
+    return {name: cache["points"][name] for name in points}

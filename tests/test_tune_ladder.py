@@ -1,0 +1,167 @@
+"""tdcdiff tune's joint space: models x sampling settings against a reference, the sample screen that picks the
+settings for FID, the headline (free setting vs model), the shipped bundle's default sampling, and reruns."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from test_tune import tiny_tune
+
+LADDER = ("ddim:1", "dpm-solver++:4", "ddim:8:c2")  # ddim:1: a deliberately bad setting the screen must see
+
+
+def test_pick_settings_takes_the_fastest_within_the_references_distance_and_the_best():
+    from tdcdiff.samplers import SamplingSetting
+    from tdcdiff.tune.ladder import pick_settings
+
+    ref, fast, bad, best = (SamplingSetting.parse(t) for t in ("ddim:50", "dpm-solver++:10", "ddim:2", "ddim:100"))
+    distances = {ref: 1.0, fast: 0.9, bad: 5.0, best: 0.5}
+    times = {ref: 5.0, fast: 1.0, bad: 0.2, best: 10.0}
+    assert pick_settings(distances, times, ref) == [fast, best]
+    assert pick_settings({ref: 1.0, bad: 5.0}, {ref: 5.0, bad: 0.2}, ref) == [ref]
+
+
+def test_headline_splits_the_speed_into_the_free_setting_and_the_model():
+    from tdcdiff.tune.ladder import headline
+
+    def row(name, model, setting, t, verdict=None):
+        gap = {"verdict": verdict} if verdict else None
+        return {"name": name, "model": model, "setting": setting, "time_s": t, "time_1_s": t * 2, "fid_gap": gap}
+
+    rows = [row("base", "base", "ddim:50", 10.0), row("base @ dpm-solver++:10", "base", "dpm-solver++:10", 2.0,
+                                                      "non-inferior"),
+            row("base @ ddim:2", "base", "ddim:2", 0.5, "inferior"),
+            row("u @ dpm-solver++:10", "u", "dpm-solver++:10", 1.0, "better")]
+    head = headline(rows, "u @ dpm-solver++:10", 64)
+    assert head["best_free"] == "base @ dpm-solver++:10"
+    assert head["by_batch"]["64"] == {"total": 10.0, "free": 5.0, "model": 2.0}
+    assert "10.00x faster than the reference" in head["text"] and "5.00x from the sampler/steps alone" in head["text"]
+    free = headline(rows, "base @ dpm-solver++:10", 64)
+    assert free["by_batch"]["1"]["model"] == 1.0 and "tune ships the free setting" in free["text"]
+    assert headline(rows[:1] + rows[2:3], None, 64)["best_free"] == "base"  # the reference is always a free row
+
+
+@pytest.mark.parametrize("settings, message", [
+    (("heun:5",), "--settings 'heun:5': unknown sampler"),
+    (("ddim:5", "ddim:5"), "--settings ddim:5 is given twice"),
+    (("ddim",), "--settings 'ddim': takes sampler:steps"),
+])
+def test_bad_settings_are_refused_by_the_config(settings, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_tune(settings=settings).validate()
+
+
+def test_cli_an_invalid_setting_is_one_line_before_anything_is_written(tmp_path):
+    from tdcdiff.cli import app
+
+    out = tmp_path / "tune"
+    for args, message in ((["--settings", "ddim:10 heun:5"], "error: --settings 'heun:5': unknown sampler"),
+                          (["--reference", "ddim:0"], "error: --reference 'ddim:0': sampling steps must be")):
+        done = CliRunner().invoke(app, ["tune", "--out", str(out), *args])
+        assert done.exit_code != 0 and done.output.startswith(message), done.output
+        assert len(done.output.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def laddered(tmp_path_factory):
+    """A tiny tune with a ladder: the base and the best candidate crossed with LADDER (reference ddim:4)."""
+    import os
+
+    from tdcdiff.run import Run
+    from tdcdiff.tune import Tune
+
+    root = tmp_path_factory.mktemp("ladder")
+    os.environ["TDCDIFF_CACHE"] = str(root / "cache")
+    Run(root / "run", tiny_config(), progress=False).train_base()
+    config = tiny_tune(ks=(), finalists=1, settings=LADDER, screen_samples=16, max_quality_loss=10.0)
+    tune = Tune(root / "tune", config, base_from=root / "run", progress=False)
+    return root, tune, tune.run_all()
+
+
+@pytest.mark.slow
+def test_the_ladder_crosses_the_base_and_the_best_candidate_with_every_setting(laddered):
+    root, tune, results = laddered
+    rows = {r["name"]: r for r in results["rows"]}
+    assert results["reference"] == "ddim:4" and results["ladder"] == list(LADDER)
+    best = min(("single", "uniform 0.6"), key=lambda n: rows[n]["screening"])
+    crossed = {f"{m} @ {s}" for m in ("base", best) for s in LADDER}
+    assert set(rows) == {"base", "single", "uniform 0.6"} | crossed
+    assert all(rows[f"base @ {s}"]["model"] == "base" and rows[f"base @ {s}"]["setting"] == s for s in LADDER)
+    # every point timed at the user's batch and at 1; FLOPs follow the steps
+    assert all(r["time_s"] > 0 and r["time_1_s"] > 0 for r in rows.values())
+    assert rows["base @ ddim:1"]["sampling_flops"] * 4 == rows["base"]["sampling_flops"]
+    # the sample screen: measured for the crossed models' points only, the bad setting far off and never a finalist
+    assert all((rows[n]["screen_distance"] is not None) == (rows[n]["model"] in ("base", best)) for n in rows)
+    assert rows["base @ ddim:1"]["screen_distance"] > 1.5 * rows["base"]["screen_distance"]
+    assert rows["base @ ddim:1"]["screen_features"] > 0
+    assert not any(n.endswith("@ ddim:1") for n in results["finalists"])
+    assert all(rows[n]["fid_gap"] is not None for n in results["finalists"])
+    screen = results["sample_screen"]
+    assert screen["target"] == "ddim:200" and screen["images"] == 16 and screen["pairs"] >= 2
+    assert screen["spearman_vs_fid"] is None or -1 <= screen["spearman_vs_fid"] <= 1
+    head = results["headline"]
+    assert head["best_free"] in rows and rows[head["best_free"]]["model"] == "base"
+    for v in head["by_batch"].values():
+        assert v["total"] == pytest.approx(v["free"] * v["model"])
+
+
+@pytest.mark.slow
+def test_the_chosen_bundle_samples_with_the_chosen_setting_by_default(laddered, tmp_path):
+    from tdcdiff.bundle import load_bundle
+    from tdcdiff.cli import app
+
+    root, tune, results = laddered
+    chosen = results["choice"]["name"]
+    assert chosen is not None  # --max-quality-loss 10: a candidate at the reference qualifies at worst
+    row = next(r for r in results["rows"] if r["name"] == chosen)
+    assert row["fid_gap"] is not None or row["setting"] == results["reference"]  # settings qualify by FID only
+    bundle = load_bundle(root / "tune" / "chosen")
+    assert str(bundle.sampling) == row["setting"]
+    assert json.loads((root / "tune" / "chosen.json").read_text())["sampling"] == row["setting"]
+    done = CliRunner().invoke(app, ["sample", "--bundle", str(root / "tune" / "chosen"), "--num", "2", "--output",
+                                    str(tmp_path / "s.png")])
+    setting = bundle.sampling
+    assert done.exit_code == 0 and f"{setting.sampler} {setting.steps} steps" in done.output, done.output
+
+
+@pytest.mark.slow
+def test_a_free_setting_ships_as_the_base_with_that_sampling(laddered, tmp_path):
+    from tdcdiff.bundle import load_bundle
+    from tdcdiff.cli import app
+    from tdcdiff.samplers import SamplingSetting
+    from tdcdiff.tune.ship import write_chosen
+
+    _, tune, _ = laddered
+    setting = SamplingSetting.parse("dpm-solver++:3")
+    write_chosen(tune, {"model": "base"}, setting, tmp_path / "free")
+    assert load_bundle(tmp_path / "free").sampling == setting
+    done = CliRunner().invoke(app, ["sample", "--bundle", str(tmp_path / "free"), "--num", "2", "--output",
+                                    str(tmp_path / "s.png")])
+    assert done.exit_code == 0 and "dpm-solver++ 3 steps" in done.output, done.output
+
+
+@pytest.mark.slow
+def test_a_rerun_reuses_the_screens_samples_and_every_measurement(laddered):
+    from tdcdiff.tune import Tune
+
+    root, _, results = laddered
+    out = root / "tune"
+    files = ("sample_screen.json", "sample_screen/target.pt", "fid.json", "screening.json")
+    stamps = {f: (out / f).stat().st_mtime_ns for f in files}
+    again = Tune(out, tiny_tune(ks=(), finalists=1, settings=LADDER, screen_samples=16, max_quality_loss=10.0),
+                 progress=False).run_all()
+    assert {f: (out / f).stat().st_mtime_ns for f in files} == stamps
+    assert again["finalists"] == results["finalists"]
+
+
+@pytest.mark.slow
+def test_dry_run_counts_the_settings_sampling(laddered):
+    from tdcdiff.run.estimate import estimate_tune
+    from tdcdiff.tune import candidate_list
+
+    root, *_ = laddered
+    config = tiny_tune(ks=(), finalists=1, settings=LADDER)
+    text = estimate_tune(root / "dry", config, candidate_list(config), base_from=root / "run")
+    assert "sampling settings" in text and "x 3 settings" in text
