@@ -10,7 +10,6 @@ import shutil
 import pytest
 import torch
 from diffusers import UNet2DModel
-from test_surgery import TinyTimeNet
 from typer.testing import CliRunner
 
 from tdcdiff import serialization
@@ -22,6 +21,7 @@ from tdcdiff.models import as_denoiser, build_unet
 from tdcdiff.pipeline import SAMPLERS, sample
 from tdcdiff.router import Router
 from tdcdiff.schedule import make_scheduler
+from test_surgery import TinyTimeNet
 
 SHAPE = (1, 8, 8)
 

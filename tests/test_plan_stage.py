@@ -17,8 +17,8 @@ def base_dir(tmp_path, tiny_unet):
 
 @pytest.mark.slow
 def test_a_mean_budget_below_what_pruning_reaches_is_refused_before_measuring(tmp_path, base_dir, monkeypatch):
-    from tdcdiff.run import stages as run_module
     from tdcdiff.prune.fit import smallest_fraction
+    from tdcdiff.run import stages as run_module
 
     monkeypatch.setattr(run_module, "measure_sensitivity", lambda *a, **k: pytest.fail("measured a doomed plan"))
     run_module.Stages(tmp_path / "run", tiny_config(), progress=False, base=str(base_dir)).train_base()

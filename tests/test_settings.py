@@ -4,8 +4,17 @@ from dataclasses import dataclass
 
 import pytest
 
-from tdcdiff.settings import (Settings, apply_overrides, at_least, at_most, between, load_config_file, one_of,
-                              parse_settings, setting)
+from tdcdiff.settings import (
+    Settings,
+    apply_overrides,
+    at_least,
+    at_most,
+    between,
+    load_config_file,
+    one_of,
+    parse_settings,
+    setting,
+)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from ..prune.engine import prune_kept
 from ..prune.importance import BY_POSITION
 from ..prune.plan import plan_for
 from ..prune.units import prunable_units
+from ..samplers import SamplingSetting
 from ..settings import apply_overrides
 from ..train import FINAL_DIR
 from .stages import Stages
@@ -331,8 +332,6 @@ def _ladder_phase(settings, crossed: int, u: UnitCosts, reference_steps: int) ->
     settings, each with the sample screen's images, timed at the user's batch and at 1, and up to two settings per
     model at FID's start seeds; at each setting's steps, at the base's cost per forward (feature caching counted as
     full passes: an upper bound)."""
-    from ..samplers import SamplingSetting
-
     ladder = [SamplingSetting.parse(t) for t in settings.settings]
     target = max(200, 4 * reference_steps)
     steps = sum(s.steps for s in ladder) + reference_steps
