@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .capacity import check_sampling_memory
-from .conditions import is_integer, sample_conditions
+from .conditions import sample_conditions
 from .fast_path import SamplingModel
 from .feature_cache import FeatureCache
 from .latency import device_of
@@ -36,7 +36,7 @@ from .samplers import (
 )
 from .samplers import SAMPLERS as SAMPLERS  # re-exported: callers import the sampler names from here too
 from .schedule import check_sampling_schedule
-from .settings import check_seed
+from .settings import check_seed, is_integer
 
 
 @dataclass
@@ -84,6 +84,9 @@ def _check_settings(train_scheduler, sample_shape: tuple[int, int, int], sampler
     """(the timesteps the sampler visits, the feature cache's depth or None) after checking sample()'s settings."""
     sampler_kind(sampler)
     _check_arguments(steps, num_images, batch_size, seed, guidance_scale)
+    if not (isinstance(sample_shape, (tuple, list)) and len(sample_shape) == 3
+            and all(is_integer(n) and n >= 1 for n in sample_shape)):
+        raise ValueError(f"sample_shape must be (channels, height, width), 3 positive integers, got {sample_shape!r}")
     visited = visited_timesteps(steps, train_scheduler.config.num_train_timesteps)
     check_sampling_memory(num_images, sample_shape)  # noise and images of all of them are kept
     depth = check_cache_settings(cache_interval, cache_depth)
@@ -215,6 +218,7 @@ def sample(
     """
     visited, depth = _check_settings(train_scheduler, sample_shape, sampler, steps, num_images, batch_size, seed,
                                      guidance_scale, cache_interval, cache_depth)
+    SamplingModel.check_path(compile, precision)  # a given SamplingModel keeps its own path: check them anyway
     runner = model if isinstance(model, SamplingModel) else None
     model = runner.model if runner is not None else model
     _check_model(model, train_scheduler, sample_shape)
@@ -223,7 +227,7 @@ def sample(
     scheduler, runner = make_sampler(sampler, train_scheduler), runner or SamplingModel(model, compile, precision)
     if depth is not None:
         runner.prepare_cache(depth)
-    device, generator = device_of(model) if device is None else device, torch.Generator().manual_seed(seed)
+    device, generator = device_of(model) if device is None else device, torch.Generator().manual_seed(int(seed))
     noise = torch.randn((num_images, *sample_shape), generator=generator)
     outputs, cache, batches = [], None, range(0, num_images, batch_size)
     bar = progress_bar(total=len(batches) * steps, desc=f"sample {sampler}-{steps}", enabled=progress)
@@ -304,10 +308,12 @@ class TDCPipeline:
         from PIL import Image
 
         result = sample(
-            self.runner, self.scheduler, sample_shape=self.sample_shape, sampler=sampler or d.sampler,
-            steps=num_inference_steps or d.steps, num_images=batch_size, batch_size=batch_size, seed=seed, progress=progress,
-            class_labels=class_labels, guidance_scale=guidance_scale, null_class=self.null_class, decode=self.decode,
-            num_classes=self.num_classes, cache_interval=cache_interval or 1, cache_depth=cache_depth, **text,
+            self.runner, self.scheduler, sample_shape=self.sample_shape,
+            sampler=d.sampler if sampler is None else sampler,
+            steps=d.steps if num_inference_steps is None else num_inference_steps, num_images=batch_size,
+            batch_size=batch_size, seed=seed, progress=progress, class_labels=class_labels,
+            guidance_scale=guidance_scale, null_class=self.null_class, decode=self.decode, num_classes=self.num_classes,
+            cache_interval=1 if cache_interval is None else cache_interval, cache_depth=cache_depth, **text,
         )
         if output_type == "pt":
             return ImagePipelineOutput(images=result.images)
