@@ -80,9 +80,11 @@ def _predict(runner: SamplingModel, x: torch.Tensor, t: int, labels: torch.Tenso
 
 def _check_settings(train_scheduler, sample_shape: tuple[int, int, int], sampler: str, steps: int, num_images: int,
                     batch_size: int, seed: int, guidance_scale: float, cache_interval: int,
-                    cache_depth: int | None) -> tuple[list[int], int | None]:
-    """(the timesteps the sampler visits, the feature cache's depth or None) after checking sample()'s settings."""
+                    cache_depth: int | None, path: tuple[str, str]) -> tuple[list[int], int | None]:
+    """(the timesteps the sampler visits, the feature cache's depth or None) after checking sample()'s settings;
+    path: (compile, precision), checked even where a given SamplingModel keeps its own."""
     sampler_kind(sampler)
+    SamplingModel.check_path(*path)
     _check_arguments(steps, num_images, batch_size, seed, guidance_scale)
     if not (isinstance(sample_shape, (tuple, list)) and len(sample_shape) == 3
             and all(is_integer(n) and n >= 1 for n in sample_shape)):
@@ -217,8 +219,7 @@ def sample(
         the images are then decoded, and the latents are not clamped.
     """
     visited, depth = _check_settings(train_scheduler, sample_shape, sampler, steps, num_images, batch_size, seed,
-                                     guidance_scale, cache_interval, cache_depth)
-    SamplingModel.check_path(compile, precision)  # a given SamplingModel keeps its own path: check them anyway
+                                     guidance_scale, cache_interval, cache_depth, (compile, precision))
     runner = model if isinstance(model, SamplingModel) else None
     model = runner.model if runner is not None else model
     _check_model(model, train_scheduler, sample_shape)

@@ -172,6 +172,11 @@ class Settings:
             if not ok:
                 raise ValueError(message)
 
+    def check_values(self) -> None:
+        """Each field's own Rule (nested settings too), not checks(): what a saved file's values are judged by
+        apart from this machine (a device, an endpoint). Raises ValueError with the first failure's message."""
+        self._check_rules("")
+
     def _check_types(self) -> None:
         """Raise ValueError for a value of the wrong type: what from_dict refuses, and what it would only take
         after converting it (a number written as text, in settings built in code)."""
@@ -240,7 +245,7 @@ def typed(key: str, value, hint, default):
         number = _number(value)
         if number is not None and hint is float:
             return float(number)
-        if isinstance(number, int) or isinstance(number, float) and number.isis_integer():
+        if isinstance(number, int) or isinstance(number, float) and number.is_integer():
             return int(number)
     wanted = _DESCRIBE[hint] + (" or null" if type(None) in args else "")
     raise ValueError(f"setting '{key}' must be {wanted}, got {shown(value)}")
