@@ -108,6 +108,10 @@ CLI_CASES = [
     ("too few screen samples", ["tune", "--screen-samples", "1"], r"error: --screen-samples must be between 2 and"),
     ("sample output not a PNG", ["sample", "--output", "samples.jpg"],
      r"--output samples.jpg: sample grids are written as PNG; give a path ending in .png"),
+    ("empty bundle path", ["sample", "--bundle", ""],  # was Path("."): "manifest.json is missing: . is not a ..."
+     r"^error: --bundle is empty; give the bundle's directory, e.g. --bundle runs/digits/bundle\n$"),
+    ("bundle path naming a file", ["sample", "--bundle", str(DOC)],  # was "the directory does not exist"
+     r"error: no bundle at .*errors.md: it is a file, not the bundle's directory \(the one holding manifest.json\)"),
 ]
 
 
@@ -208,6 +212,37 @@ def test_damaged_run_config_names_the_file(tmp_path):
     (run / "config.json").write_text('{"k": "high"}')
     result = CliRunner().invoke(app, ["plan", "--out", str(run)])
     assert f"{run / 'config.json'} is damaged (setting 'k' must be a number, got 'high')" in result.output
+
+
+def test_a_run_config_value_out_of_range_names_the_file(tmp_path):
+    # An edited config.json's 'k': 1e400 (inf) or a NaN ema_decay was "k must be in (0, 1] ..., got inf" from
+    # `tdcdiff sample --out R`: no word of the file the value came from.
+    run = tmp_path / "run"
+    run.mkdir()
+    for text, problem in [('{"k": 1e400}', "k must be in (0, 1] (the easiest group's share grows with k), got inf"),
+                          ('{"base": {"ema_decay": NaN}}', "base.ema_decay must be in (0, 1) or None, got nan")]:
+        (run / "config.json").write_text(text)
+        result = CliRunner().invoke(app, ["sample", "--out", str(run), "--num", "2"])
+        assert result.exit_code == 2, result.output
+        assert result.output == f"error: {run / 'config.json'} is damaged ({problem}); restore it, or delete it " \
+                                "and rerun with the settings the run was made with (or use a new output directory)\n"
+
+
+def test_names_from_files_are_printed_on_one_line(tmp_path):
+    # A corrupt image named "bad\nerror: all good\x1b[31m.png" printed two error lines, the second forged, and a
+    # terminal escape: control characters in a message are escaped.
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("L", (8, 8), i * 60).save(folder / f"{i}.png")
+    (folder / "bad\nerror: all good\x1b[31m.png").write_bytes(b"not a png")
+    result = CliRunner().invoke(app, ["run", "--dry-run", "--data", str(folder), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and "\x1b" not in result.output, result.output
+    assert result.output.startswith(f"error: cannot decode image {folder}/bad\\nerror: all good\\x1b[31m.png")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("out, message", [

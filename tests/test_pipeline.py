@@ -36,3 +36,30 @@ def test_grid_and_pipeline(tmp_path, tiny_unet, scheduler):
         assert grid.size[0] > grid.size[1] > 0
     out = TDCPipeline(tiny_unet, scheduler, (1, 8, 8))(batch_size=2, num_inference_steps=3, progress=False)
     assert len(out.images) == 2 and out.images[0].size == (8, 8)
+
+
+def test_pipeline_arguments_given_as_zero_or_empty_are_checked_not_replaced_by_defaults(tiny_unet, scheduler):
+    # num_inference_steps=0 sampled at the default steps, sampler="" with the default sampler, cache_interval=0
+    # without caching: each `x or default` took a given falsy value for "not given".
+    pipe = TDCPipeline(tiny_unet, scheduler, (1, 8, 8))
+    with pytest.raises(ValueError, match="steps must be between 1 and"):
+        pipe(batch_size=1, num_inference_steps=0, progress=False)
+    with pytest.raises(ValueError, match="unknown sampler ''"):
+        pipe(batch_size=1, num_inference_steps=2, sampler="", progress=False)
+    with pytest.raises(ValueError, match="cache_interval .* must be an integer >= 1, got 0"):
+        pipe(batch_size=1, num_inference_steps=2, cache_interval=0, progress=False)
+
+
+def test_sample_takes_numpy_integers_and_refuses_a_malformed_shape_or_sampling_path(tiny_unet, scheduler):
+    import numpy as np
+
+    a = sample(tiny_unet, scheduler, sample_shape=(1, 8, 8), steps=2, num_images=2, seed=np.int64(5), progress=False)
+    b = sample(tiny_unet, scheduler, sample_shape=(1, 8, 8), steps=2, num_images=2, seed=5, progress=False)
+    assert torch.equal(a.images, b.images)  # a numpy seed was "must be between 0 and 4294967295, got 5"
+    with pytest.raises(ValueError, match="seed must be an integer, got 5.0"):
+        sample(tiny_unet, scheduler, sample_shape=(1, 8, 8), steps=2, seed=5.0, progress=False)
+    with pytest.raises(ValueError, match=r"sample_shape must be \(channels, height, width\), .* got \(8, 8\)"):
+        sample(tiny_unet, scheduler, sample_shape=(8, 8), steps=2, progress=False)  # was "the data has 8 channels"
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):  # ignored (fp32) by a built SamplingModel
+        sample(TDCPipeline(tiny_unet, scheduler, (1, 8, 8)).runner, scheduler, sample_shape=(1, 8, 8), steps=2,
+               precision="fp16", progress=False)

@@ -279,7 +279,8 @@ def _read_listed(path: Path, name: str, entry: dict, *, max_bytes: int | None = 
 
 def _read_manifest(path: Path) -> object:
     if not path.is_dir():
-        raise BundleError(f"no bundle at {path}: the directory does not exist")
+        raise BundleError(f"no bundle at {path}: " + (f"it is a file, not the bundle's directory (the one holding "
+                          f"{MANIFEST})" if path.exists() else "the directory does not exist"))
     try:
         data = read_untrusted(path, MANIFEST, f"bundle {path}", max_bytes=MAX_MANIFEST_BYTES,
                               hint=f"the bundle is corrupted: {REEXPORT}")

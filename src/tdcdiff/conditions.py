@@ -4,24 +4,12 @@ pass that classifier-free guidance (Ho & Salimans 2022) steers from: the null cl
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import nn
 
 from .models import Denoiser, num_class_embeds, text_width
 from .router import Router
-
-
-def is_integer(value) -> bool:
-    """Whether value is an integer (a Python or numpy int; never a bool or a float)."""
-    if isinstance(value, bool):
-        return False
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
+from .settings import is_integer
 
 
 def _class_labels(model: nn.Module, class_labels, num_images: int, guidance_scale: float,

@@ -119,11 +119,16 @@ class SamplingModel:
     0.96x / 1.62x. Hence the default: trace, fp32.
     """
 
-    def __init__(self, model: nn.Module, compile: str = "auto", precision: str = "fp32"):
+    @staticmethod
+    def check_path(compile: str, precision: str) -> None:
+        """Raise ValueError for a compile mode or precision that is not one of COMPILE_MODES, PRECISIONS."""
         if compile not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {compile!r}; choose one of {COMPILE_MODES}")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+
+    def __init__(self, model: nn.Module, compile: str = "auto", precision: str = "fp32"):
+        self.check_path(compile, precision)
         self.model = model
         self.router = model if isinstance(model, Router) else None
         self._denoisers = list(model.experts) if self.router is not None else [as_denoiser(model)]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .capacity import check_sampling_memory
-from .conditions import is_integer, sample_conditions
+from .conditions import sample_conditions
 from .fast_path import SamplingModel
 from .feature_cache import FeatureCache
 from .files import atomic_write_bytes
@@ -38,7 +38,7 @@ from .samplers import (
 )
 from .samplers import SAMPLERS as SAMPLERS  # re-exported: callers import the sampler names from here too
 from .schedule import check_sampling_schedule
-from .settings import check_seed
+from .settings import check_seed, is_integer
 
 
 @dataclass
@@ -82,10 +82,15 @@ def _predict(runner: SamplingModel, x: torch.Tensor, t: int, labels: torch.Tenso
 
 def _check_settings(train_scheduler, sample_shape: tuple[int, int, int], sampler: str, steps: int, num_images: int,
                     batch_size: int, seed: int, guidance_scale: float, cache_interval: int,
-                    cache_depth: int | None) -> tuple[list[int], int | None]:
-    """(the timesteps the sampler visits, the feature cache's depth or None) after checking sample()'s settings."""
+                    cache_depth: int | None, path: tuple[str, str]) -> tuple[list[int], int | None]:
+    """(the timesteps the sampler visits, the feature cache's depth or None) after checking sample()'s settings;
+    path: (compile, precision), checked even where a given SamplingModel keeps its own."""
     sampler_kind(sampler)
+    SamplingModel.check_path(*path)
     _check_arguments(steps, num_images, batch_size, seed, guidance_scale)
+    if not (isinstance(sample_shape, (tuple, list)) and len(sample_shape) == 3
+            and all(is_integer(n) and n >= 1 for n in sample_shape)):
+        raise ValueError(f"sample_shape must be (channels, height, width), 3 positive integers, got {sample_shape!r}")
     visited = visited_timesteps(steps, train_scheduler.config.num_train_timesteps)
     check_sampling_memory(num_images, sample_shape)  # noise and images of all of them are kept
     depth = check_cache_settings(cache_interval, cache_depth)
@@ -216,7 +221,7 @@ def sample(
         the images are then decoded, and the latents are not clamped.
     """
     visited, depth = _check_settings(train_scheduler, sample_shape, sampler, steps, num_images, batch_size, seed,
-                                     guidance_scale, cache_interval, cache_depth)
+                                     guidance_scale, cache_interval, cache_depth, (compile, precision))
     runner = model if isinstance(model, SamplingModel) else None
     model = runner.model if runner is not None else model
     _check_model(model, train_scheduler, sample_shape)
@@ -225,7 +230,7 @@ def sample(
     scheduler, runner = make_sampler(sampler, train_scheduler), runner or SamplingModel(model, compile, precision)
     if depth is not None:
         runner.prepare_cache(depth)
-    device, generator = device_of(model) if device is None else device, torch.Generator().manual_seed(seed)
+    device, generator = device_of(model) if device is None else device, torch.Generator().manual_seed(int(seed))
     noise = torch.randn((num_images, *sample_shape), generator=generator)
     outputs, cache, batches = [], None, range(0, num_images, batch_size)
     bar = progress_bar(total=len(batches) * steps, desc=f"sample {sampler}-{steps}", enabled=progress)
@@ -304,10 +309,12 @@ class TDCPipeline:
         from PIL import Image
 
         result = sample(
-            self.runner, self.scheduler, sample_shape=self.sample_shape, sampler=sampler or d.sampler,
-            steps=num_inference_steps or d.steps, num_images=batch_size, batch_size=batch_size, seed=seed, progress=progress,
-            class_labels=class_labels, guidance_scale=guidance_scale, null_class=self.null_class, decode=self.decode,
-            num_classes=self.num_classes, cache_interval=cache_interval or 1, cache_depth=cache_depth, **text,
+            self.runner, self.scheduler, sample_shape=self.sample_shape,
+            sampler=d.sampler if sampler is None else sampler,
+            steps=d.steps if num_inference_steps is None else num_inference_steps, num_images=batch_size,
+            batch_size=batch_size, seed=seed, progress=progress, class_labels=class_labels,
+            guidance_scale=guidance_scale, null_class=self.null_class, decode=self.decode, num_classes=self.num_classes,
+            cache_interval=1 if cache_interval is None else cache_interval, cache_depth=cache_depth, **text,
         )
         if output_type == "pt":
             return ImagePipelineOutput(images=result.images)

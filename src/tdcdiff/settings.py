@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import operator
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -120,11 +121,25 @@ def require(checks: Iterable[tuple[bool, str]]) -> None:
             raise ValueError(message)
 
 
-SEED = Rule(lambda v: isinstance(v, int) and 0 <= v < SEED_LIMIT, f"must be between 0 and {SEED_LIMIT - 1} (2**32 - 1)")
+def is_integer(value) -> bool:
+    """Whether value is an integer (a Python or numpy int: what operator.index takes; never a bool or a float)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+SEED = Rule(lambda v: is_integer(v) and 0 <= v < SEED_LIMIT, f"must be between 0 and {SEED_LIMIT - 1} (2**32 - 1)")
 
 
 def check_seed(name: str, seed: int) -> None:
-    """Raise ValueError unless 0 <= seed < 2**32 (`name`: the option or setting, for the message)."""
+    """Raise ValueError unless seed is an integer (a numpy one too) with 0 <= seed < 2**32 (`name`: the option or
+    setting, for the message)."""
+    if not is_integer(seed):
+        raise ValueError(f"{name} must be an integer, got {seed!r}")
     if not SEED.ok(seed):
         raise ValueError(SEED.message(name, seed, name))
 
@@ -156,6 +171,11 @@ class Settings:
         for ok, message in self.checks():
             if not ok:
                 raise ValueError(message)
+
+    def check_values(self) -> None:
+        """Each field's own Rule (nested settings too), not checks(): what a saved file's values are judged by
+        apart from this machine (a device, an endpoint). Raises ValueError with the first failure's message."""
+        self._check_rules("")
 
     def _check_types(self) -> None:
         """Raise ValueError for a value of the wrong type: what from_dict refuses, and what it would only take

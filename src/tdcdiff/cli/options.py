@@ -25,15 +25,28 @@ def fail(err: Exception | str) -> None:
         err = f"{err.strerror}: {err.filename}; check that path and its permissions, or choose another"
     elif isinstance(err, OSError):
         err = err.strerror or err
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {one_line(str(err))}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
-def _run_dir(value) -> Path:
-    # typer would turn "" into Path("."), the current directory: refuse it while the raw text is at hand.
-    if not str(value).strip():
-        fail("--out is empty; give the run directory, e.g. --out runs/digits")
-    return Path(value)
+def one_line(text: str) -> str:
+    """text with its control characters escaped as Python writes them ("\\n", "\\x1b"): a message quotes names from
+    files (an image called "a\\nerror: ok.png", a terminal escape in a caption) and stays one line that prints as
+    the characters it holds."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def path_parser(flag: str, what: str):
+    """A typer parser of a path option that refuses empty text ("{flag} is empty; give {what}"): typer would turn ""
+    into Path("."), the current directory, so it is refused while the raw text is at hand."""
+    def parse(value) -> Path:
+        if not str(value).strip():
+            fail(f"{flag} is empty; give {what}")
+        return Path(value)
+    return parse
+
+
+_run_dir = path_parser("--out", "the run directory, e.g. --out runs/digits")
 
 
 def check_writable(path: Path, option: str, *, directory: bool) -> None:

@@ -21,6 +21,7 @@ from .options import (
     check_writable,
     fail,
     open_run,
+    path_parser,
 )
 
 SampleNum = Annotated[Optional[int], typer.Option("--num", help="Number of images to sample. [default: 64]")]
@@ -30,7 +31,9 @@ SampleSeed = Annotated[Optional[int], typer.Option(help="Sampling seed: the init
 
 def sample_command(
     out: RunDir = Path(RUN_DEFAULT),
-    bundle: Annotated[Optional[Path], typer.Option(help="Sample from this bundle instead of the run's base model.")] = None,
+    bundle: Annotated[Optional[Path], typer.Option(
+        parser=path_parser("--bundle", "the bundle's directory, e.g. --bundle runs/digits/bundle"),
+        help="Sample from this bundle instead of the run's base model.")] = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", help="PNG file for the grid. [default: samples.png for a bundle, else <run>/samples/base.png]")] = None,
     sampler: Sampler = None, sample_steps: SampleSteps = None, num_samples: SampleNum = None, seed: SampleSeed = None,

@@ -114,6 +114,13 @@ class RunConfig(Settings):
         budget_fractions(self.groups, self.k)  # after N <= T (checks): it allocates per group
         check_mean_budget(self.mean_budget)
 
+    def check_values(self) -> None:
+        """The fields' rules, k and mean_budget: what a saved config.json's values are judged by apart from this
+        machine (see Settings.check_values)."""
+        super().check_values()
+        budget_fractions(min(self.groups, self.num_train_timesteps), self.k)  # N capped: it allocates per group
+        check_mean_budget(self.mean_budget)
+
     def checks(self):
         make_scheduler(self.num_train_timesteps, self.beta_schedule, self.prediction_type, version=self.schedule_version)
         check_device(self.torch_device)
@@ -266,6 +273,8 @@ def load_saved_config(path: Path) -> RunConfig:
     if isinstance(data, dict):
         data.setdefault("schedule_version", 1)  # saved before the version was: the unscaled betas it ran with
     try:
-        return RunConfig.from_dict(data)
-    except ValueError as err:  # a value of the wrong type, an unknown key
+        config = RunConfig.from_dict(data)
+        config.check_values()  # a value out of range ('k': 1e400) names this file, not a flag the user never gave
+        return config
+    except ValueError as err:  # a value of the wrong type or out of range, an unknown key
         raise ValueError(f"{path} is damaged ({err}); {DAMAGED}") from None
