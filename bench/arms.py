@@ -14,6 +14,7 @@ from tdcdiff.evaluate import ModelEntry
 from tdcdiff.files import atomic_write_text
 from tdcdiff.flops import count_flops
 from tdcdiff.router import Router
+from tdcdiff.schedule import SCHEDULE_VERSION
 from tdcdiff.run import Run, RunConfig, copy_stages, stage_settings
 from tdcdiff.serialization import load_model, save_model
 from tdcdiff.train import FINAL_DIR, train
@@ -71,6 +72,8 @@ def base_source_problem(source_run: Path, config) -> str | None:
         saved = RunConfig.from_dict(json.loads((source_run / "config.json").read_text()))
     except (OSError, ValueError, TypeError, KeyError) as err:
         return f"{source_run / 'config.json'} is unreadable ({type(err).__name__}: {err})"
+    if config.schedule_version is None:  # a new run takes the current schedule version when it opens
+        config = replace(config, schedule_version=SCHEDULE_VERSION)
     theirs, ours = stage_settings(saved, "base"), stage_settings(config, "base")
     differ = [f"{key}: {theirs[key]!r} there, {ours[key]!r} here" for key in ours if ours[key] != theirs[key]]
     return f"{source_run} trained its base with other stage-1 settings ({'; '.join(differ)})" if differ else None

@@ -245,7 +245,8 @@ def test_frontier_runs_each_budget_once_and_pairs_every_gap_over_the_seeds(quick
     again = subprocess.run(command, capture_output=True, text=True, env=env)
     assert again.returncode == 0 and "== time budget" not in again.stdout  # finished budgets are read, not rerun
 
-    # Paired over seeds: three seeds made from the measured one, TDC's FID 1.0 above the single model's in each.
+    # Paired over seeds: three seeds made from the measured one, TDC's FID 1.0 above the single model's in each
+    # (the margin given: the one measured at this size depends on the few real images it has).
     sys.path.insert(0, str(REPO / "bench"))
     import frontier
 
@@ -257,7 +258,7 @@ def test_frontier_runs_each_budget_once_and_pairs_every_gap_over_the_seeds(quick
         models["single model"]["fid"]["per_seed"][0]["fid"] = 5 + shift
         models["TDC"]["fid"]["per_seed"][0]["fid"] = 6 + shift
         runs.append(run)
-    rows = frontier.summarise({**results, "per_run": runs}, 0.8)
+    rows = frontier.summarise({**results, "per_run": runs}, 0.8, margin=0.5)  # a gap of 1.0 every seed: beyond it
     tdc = next(r for r in rows if r["arm"] == "TDC")
     assert tdc["vs_single"]["FID"]["mean"] == pytest.approx(1.0) and tdc["vs_single"]["FID"]["verdict"] == "inferior"
     assert tdc["vs_single"]["held-out loss"]["sd"] == pytest.approx(0.0, abs=1e-12)

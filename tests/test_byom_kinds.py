@@ -105,8 +105,9 @@ def test_latent_diffusion_pipeline_runs_in_latent_space_and_its_bundle_decodes(t
     experts = [load_model(run.dir / "finetune" / f"group_{i}" / "final") for i in range(len(plan.budgets))]
     in_memory = Router(experts, plan.grouping).eval()
     labels = [0, 3, 7, 9]
-    expected = sample(in_memory, run.scheduler, sample_shape=(2, 8, 8), steps=4, num_images=4, seed=5,
-                      class_labels=labels, decode=Decoder(run.vae), progress=False).images
+    # the bundle's default sampler: its pipeline's scheduler's (a DDPMScheduler: ddpm)
+    expected = sample(in_memory, run.scheduler, sample_shape=(2, 8, 8), sampler=bundle.sampling.sampler, steps=4,
+                      num_images=4, seed=5, class_labels=labels, decode=Decoder(run.vae), progress=False).images
     images = bundle.pipeline()(batch_size=4, num_inference_steps=4, seed=5, class_labels=labels, output_type="pt",
                                progress=False).images
     assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()

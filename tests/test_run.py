@@ -66,7 +66,8 @@ def test_group_runs_are_independent(finished_run, tmp_path):
 
 @pytest.mark.slow
 def test_sample_command_takes_the_values_given(finished_run, tmp_path):
-    """--steps / --num / --seed are used as given (never replaced by defaults); unset steps are min(50, T)."""
+    """--steps / --num / --seed are used as given (never replaced by defaults); unset, the base samples with the
+    run's sampler and steps (tiny_config: ddim, 4)."""
     from typer.testing import CliRunner
 
     from tdcdiff.cli import app
@@ -75,6 +76,8 @@ def test_sample_command_takes_the_values_given(finished_run, tmp_path):
     given = CliRunner().invoke(app, ["sample", "--bundle", str(result["bundle"]), "--steps", "3", "--num", "4",
                                      "--seed", "0", "--output", str(tmp_path / "tdc.png"), "-q"])
     assert given.exit_code == 0 and "(4 images, ddim 3 steps (trailing spacing), seed 0," in given.output, given.output
-    default = CliRunner().invoke(app, ["sample", "--out", str(run.dir), "--num", "2", "--output", str(tmp_path / "base.png"), "-q"])
-    assert default.exit_code == 0 and "(2 images, ddim 50 steps (trailing spacing), seed 0;" in default.output, default.output
+    default = CliRunner().invoke(app, ["sample", "--out", str(run.dir), "--num", "2", "--output",
+                                       str(tmp_path / "base.png"), "-q"])
+    assert default.exit_code == 0 and "(2 images, ddim 4 steps (trailing spacing), seed 0;" in default.output, \
+        default.output
     assert (tmp_path / "tdc.png").is_file() and (tmp_path / "base.png").is_file()

@@ -38,7 +38,7 @@ from ..grouping import make_groups
 from ..latency import ExpertTimer, clock, timing_batch
 from ..losses import per_timestep_loss
 from ..metrics import check_reference
-from ..models import build_unet, check_finite, num_class_embeds, preset_for
+from ..models import build_unet, check_finite, num_class_embeds, preset_for, text_width
 from ..pipeline import sample, save_grid
 from ..plots import plot_grouping
 from ..prune.fit import FitResult, fit_to_measured_time, measure_latency_table, smallest_fraction
@@ -186,7 +186,9 @@ class Stages(RunInputs):
         if vae is not None:  # latent diffusion: the checks below and every stage see latents
             self._vae, self._data = vae, None
         self._text_encoder = text_encoder or False  # text conditioning: captions are embedded with it
-        if num_class_embeds(model) is None and (c.base.label_dropout or c.finetune.label_dropout):
+        # label dropout is class dropout, or caption dropout for a text-conditional model
+        if num_class_embeds(model) is None and text_width(model) is None and (c.base.label_dropout
+                                                                         or c.finetune.label_dropout):
             raise ValueError(f"label dropout (base.label_dropout {c.base.label_dropout}, finetune.label_dropout "
                              f"{c.finetune.label_dropout}) needs a class-conditional model, but --base {c.base_model} "
                              "is unconditional; set it to 0 or give a class-conditional model")
