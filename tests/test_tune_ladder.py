@@ -12,15 +12,17 @@ from test_tune import tiny_tune
 LADDER = ("ddim:1", "dpm-solver++:4", "ddim:8:c2")  # ddim:1: a deliberately bad setting the screen must see
 
 
-def test_pick_settings_takes_the_fastest_within_the_references_distance_and_the_best():
+def test_pick_settings_takes_the_two_fastest_within_the_screens_slack():
     from tdcdiff.samplers import SamplingSetting
-    from tdcdiff.tune.ladder import pick_settings
+    from tdcdiff.tune.ladder import SCREEN_SLACK, pick_settings
 
-    ref, fast, bad, best = (SamplingSetting.parse(t) for t in ("ddim:50", "dpm-solver++:10", "ddim:2", "ddim:100"))
-    distances = {ref: 1.0, fast: 0.9, bad: 5.0, best: 0.5}
-    times = {ref: 5.0, fast: 1.0, bad: 0.2, best: 10.0}
-    assert pick_settings(distances, times, ref) == [fast, best]
-    assert pick_settings({ref: 1.0, bad: 5.0}, {ref: 5.0, bad: 0.2}, ref) == [ref]
+    ref, fast, faster, bad, slow = (SamplingSetting.parse(t) for t in
+                                    ("ddim:50", "dpm-solver++:10", "dpm-solver++:6", "ddim:2", "ddim:100"))
+    distances = {ref: 1.0, fast: 1.3, faster: SCREEN_SLACK, bad: 2.0, slow: 0.5}
+    times = {ref: 5.0, fast: 1.0, faster: 0.6, bad: 0.2, slow: 10.0}
+    assert pick_settings(distances, times, ref) == [faster, fast]  # ddim:2 is faster, but screened out
+    assert pick_settings({ref: 1.0, bad: 2.0}, {ref: 5.0, bad: 0.2}, ref) == []
+    assert pick_settings({ref: 1.0, slow: 0.5}, {ref: 5.0, slow: 10.0}, ref) == [slow]
 
 
 def test_headline_splits_the_speed_into_the_free_setting_and_the_model():

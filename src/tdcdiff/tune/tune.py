@@ -251,8 +251,9 @@ class Tune:
             mine = {s: distances[point_name(m, s, self.reference)]["distance"]
                     for s in (self.reference, *self.settings)}
             at = {s: times[point_name(m, s, self.reference)][self.config.batch] for s in mine}
-            finalists += [n for s in pick_settings(mine, at, self.reference)
-                          if (n := point_name(m, s, self.reference)) != "base"]
+            # a candidate is judged at the reference too (the base is the reference)
+            finalists += [point_name(m, s, self.reference)
+                          for s in ([] if m == "base" else [self.reference]) + pick_settings(mine, at, self.reference)]
         return distances, finalists
 
     def _results(self, rows: list[dict], finalists: list[str], fid_cache: dict, choice: dict) -> dict:
