@@ -14,8 +14,8 @@ from tdcdiff.evaluate import ModelEntry
 from tdcdiff.files import atomic_write_text
 from tdcdiff.flops import count_flops
 from tdcdiff.router import Router
-from tdcdiff.schedule import SCHEDULE_VERSION
 from tdcdiff.run import Run, RunConfig, copy_stages, stage_settings
+from tdcdiff.schedule import SCHEDULE_VERSION
 from tdcdiff.serialization import load_model, save_model
 from tdcdiff.train import FINAL_DIR, train
 

@@ -53,7 +53,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, digits,
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-    steps_logged = [json.loads(l)["step"] for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    steps_logged = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert steps_logged == [5, 10, 12]
 
 
