@@ -202,9 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                                 usage="%(prog)s [options] [-- BENCHMARK_OPTIONS]")
     p.add_argument("--data", default="digits", choices=["digits", "mnist", "cifar10"],
                    help="data set (as benchmark.py)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0],
-                   help="one benchmark run per seed, each with its own stage-1 base; gaps are paired over them (a "
-                        "verdict needs 2 or more)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one benchmark run per seed, each with its own "
+                   "stage-1 base; gaps are paired over them (a verdict needs 2 or more)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6, 0.4],
                    help="mean time budgets F (0 < F <= 1): TDC's experts' forward time, weighted by the timesteps "
                         "each serves, as a fraction of the base's, measured at --latency-batch")
@@ -216,9 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder for time-F/ (one benchmark per budget), frontier.json and frontier.png")
     p.add_argument("--quick", action="store_true",
                    help="tiny steps and few samples: a smoke run (numbers mean nothing)")
-    p.add_argument("--margin", type=float,
-                   help="FID non-inferiority margin (FID units) instead of the one each evaluation states (the "
-                        "real-vs-real spread of FID at its sample count)")
+    p.add_argument("--margin", type=float, help="FID non-inferiority margin (FID units) instead of the one each "
+                   "evaluation states (the real-vs-real spread of FID at its sample count)")
     args = p.parse_args(own)
     if args.margin is not None and not 0 <= args.margin < float("inf"):
         p.error(f"--margin must be a finite number >= 0 (the largest FID loss that counts as none), got {args.margin}")
