@@ -157,7 +157,8 @@ def resolved_pairs(arms: dict, label: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("outputs", nargs="+", type=Path, help="benchmark or tune output folders (each with results.json)")
     p.add_argument("--second-judge", choices=SECOND_JUDGES,
                    help="also judge every pair of a tune output's models with FID by this second feature network "

@@ -16,9 +16,10 @@ Per seed, in out/seed_<s>/:
   tdc-options/  (with --mix/--distill) TDC with those stage-2 options, its step count cut to the same compute
   evaluation.json  the seed's evaluation, with the settings and the weights (sha256 of each arm's files) it
             measured: read back, not measured again, while both are unchanged
-So every arm has had stage 1 plus the same extra compute (the arms' training: bench/arms.py). The pooled comparison goes to out/report.html
-and out/results.json. Every stage resumes, so rerunning the same command continues an interrupted benchmark,
-and adding a seed to --seeds runs only the new seed (seeds run as separate jobs into one --out pool this way).
+So every arm has had stage 1 plus the same extra compute (the arms' training: bench/arms.py). The pooled comparison
+goes to out/report.html and out/results.json. Every stage resumes, so rerunning the same command continues an
+interrupted benchmark, and adding a seed to --seeds runs only the new seed (seeds run as separate jobs into one --out
+pool this way).
 """
 
 from __future__ import annotations
@@ -91,12 +92,14 @@ def make_setting(data: str, data_path: Path | None, reference_path: Path | None,
                           notes=["MNIST's 10k test split, resized to 16x16, is both training data and FID reference "
                                  "(the only split here)"])
     elif gpu:
-        train, test = str(data_path or DEFAULT_DATA["cifar10"]), str(reference_path or DEFAULT_DATA["cifar10-reference"])
+        train, test = (str(data_path or DEFAULT_DATA["cifar10"]),
+                       str(reference_path or DEFAULT_DATA["cifar10-reference"]))
         setting = Setting({"data": train, "attention": True, "base.steps": 40000, "base.lr": 2e-4,
                            "base.checkpoint_every": 2000, "finetune.steps": 4000, "finetune.lr": 1e-4},
                           {"spec": test}, num_samples=10000, timing_batches=(1, 64, 256))
     else:
-        train, test = str(data_path or DEFAULT_DATA["cifar10"]), str(reference_path or DEFAULT_DATA["cifar10-reference"])
+        train, test = (str(data_path or DEFAULT_DATA["cifar10"]),
+                       str(reference_path or DEFAULT_DATA["cifar10-reference"]))
         setting = Setting({"data": train, "image_size": 16, "limit": 5000, "base.steps": 3000, "finetune.steps": 300},
                           {"spec": test, "size": 16, "limit": 2000},
                           notes=["reduced CPU setting: 5,000 training images at 16x16, reference 2,000 test images"])
@@ -287,7 +290,8 @@ def run_seed(args, setting: Setting, seed: int, reference, out: Path, settings: 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=("digits", "mnist", "cifar10"), default="digits", help="data set to benchmark")
     p.add_argument("--data-path", type=Path, help="override the training data file (mnist: IDX images; cifar10: zip)")
     p.add_argument("--reference-path", type=Path, help="override cifar10's FID reference set (default: the test zip)")
@@ -313,7 +317,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="let TDC's pruning search also remove whole layers")
     p.add_argument("--latency-batch", type=int, metavar="B", help="batch size at which forward time is measured")
     p.add_argument("--one-stage", action="store_true",
-                   help="ablation: group models trained from scratch at their pruned shapes (stage 2 also gets stage 1's compute)")
+                   help="ablation: group models trained from scratch at their pruned shapes (stage 2 also gets stage "
+                        "1's compute)")
     p.add_argument("--mix", type=float, help="also run TDC with this stage-2 mix fraction of all-timestep samples")
     p.add_argument("--distill", type=float, help="also run TDC with this stage-2 distillation weight")
     p.add_argument("--swap-experts", action="store_true",
@@ -321,11 +326,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "group at a time (which expert costs or gains FID)")
     p.add_argument("--sampler", choices=SAMPLERS, help="sampler for FID and timing")
     p.add_argument("--sample-steps", type=int, help="sampling steps for FID and timing")
-    p.add_argument("--feature-cache", type=Path, help="FID feature-classifier cache (default: ~/.cache/tdcdiff/features)")
+    p.add_argument("--feature-cache", type=Path,
+                   help="FID feature-classifier cache (default: ~/.cache/tdcdiff/features)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a RunConfig setting of the data set's setting, e.g. --set image_size=16 "
                         "--set base.steps=2000 (repeatable; image_size also resizes the FID reference)")
-    p.add_argument("--fid-samples", type=int, help="generated images per model and seed for FID (default: the setting's)")
+    p.add_argument("--fid-samples", type=int,
+                   help="generated images per model and seed for FID (default: the setting's)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (stage lines are still printed)")
     args = p.parse_args(argv)
 
@@ -338,7 +345,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--seeds {twice[0]} is given twice: each seed is one independent run, list it once")
     if args.gpu and args.data != "cifar10":
         p.error("--gpu selects the larger cifar10 setting; use it with --data cifar10")
-    args.out = args.out or Path("runs") / f"bench-{args.data}{'-gpu' if args.gpu else ''}{'-quick' if args.quick else ''}"
+    args.out = args.out or Path("runs") / (f"bench-{args.data}{'-gpu' if args.gpu else ''}"
+                                           f"{'-quick' if args.quick else ''}")
     return args
 
 
@@ -369,7 +377,8 @@ def main(argv=None) -> int:
     spec = ref.pop("spec")
     ref_data = load_dataset(spec, **ref)
     reference = (ref_data.images, ref_data.labels, Path(spec).name)
-    say(f"benchmark {args.data}: seeds {args.seeds}, reference '{Path(spec).name}' ({len(ref_data)} images) -> {args.out}")
+    say(f"benchmark {args.data}: seeds {args.seeds}, reference '{Path(spec).name}' ({len(ref_data)} images) -> "
+        f"{args.out}")
 
     settings = call_settings(sys.argv[1:] if argv is None else argv, ignore=("quiet", "out", "seeds"))
     evaluations = [run_seed(args, setting, seed, reference, args.out, settings) for seed in args.seeds]

@@ -160,7 +160,8 @@ def plot(rows: list[dict], batch_key: str, path: Path) -> Path:
             ys = [[v / s if relative else v for v, s in zip(r["values"][metric], r["single"][metric])] for r in mine]
             means = [sum(y) / len(y) for y in ys]
             spread = [max(y) - min(y) for y in ys]
-            ax.errorbar(xs, means, yerr=[[m - min(y) for m, y in zip(means, ys)], [max(y) - m for m, y in zip(means, ys)]]
+            ax.errorbar(xs, means,
+                        yerr=[[m - min(y) for m, y in zip(means, ys)], [max(y) - m for m, y in zip(means, ys)]]
                         if any(spread) else None, marker=marker, capsize=3, label=arm)
     singles = [v for r in rows for v in r["single"]["FID"]]
     # The single model gets each budget's TDC stage-2 compute, so it differs per budget: the line is their mean.
@@ -199,9 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     own = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage="%(prog)s [options] [-- BENCHMARK_OPTIONS]")
-    p.add_argument("--data", default="digits", choices=["digits", "mnist", "cifar10"], help="data set (as benchmark.py)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0],
-                   help="one benchmark run per seed, each with its own stage-1 base; gaps are paired over them (a verdict needs 2 or more)")
+    p.add_argument("--data", default="digits", choices=["digits", "mnist", "cifar10"],
+                   help="data set (as benchmark.py)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one benchmark run per seed, each with its own "
+                   "stage-1 base; gaps are paired over them (a verdict needs 2 or more)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6, 0.4],
                    help="mean time budgets F (0 < F <= 1): TDC's experts' forward time, weighted by the timesteps "
                         "each serves, as a fraction of the base's, measured at --latency-batch")
@@ -211,10 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="reuse the stage-1 bases of an earlier benchmark output (its seed_S/tdc, same data and seeds)")
     p.add_argument("--out", type=Path, required=True,
                    help="folder for time-F/ (one benchmark per budget), frontier.json and frontier.png")
-    p.add_argument("--quick", action="store_true", help="tiny steps and few samples: a smoke run (numbers mean nothing)")
-    p.add_argument("--margin", type=float,
-                   help="FID non-inferiority margin (FID units) instead of the one each evaluation states (the "
-                        "real-vs-real spread of FID at its sample count)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny steps and few samples: a smoke run (numbers mean nothing)")
+    p.add_argument("--margin", type=float, help="FID non-inferiority margin (FID units) instead of the one each "
+                   "evaluation states (the real-vs-real spread of FID at its sample count)")
     args = p.parse_args(own)
     if args.margin is not None and not 0 <= args.margin < float("inf"):
         p.error(f"--margin must be a finite number >= 0 (the largest FID loss that counts as none), got {args.margin}")

@@ -140,7 +140,8 @@ def run_budget(run, base, base_bound, fraction: float, args, grouping, key: str,
         for name in configs:
             for other, bound in (("plain", bounds["plain"]), ("base", base_bound)):
                 difference = bounds[name].difference(bound)  # paired, image by image
-                results[name][-1][f"bpd_minus_{other}"] = difference["total"] if key == "all" else difference["groups"][key]
+                results[name][-1][f"bpd_minus_{other}"] = (difference["total"] if key == "all"
+                                                           else difference["groups"][key])
     rows = []
     plain_flops = sum(r["train_flops"] for r in results["plain"])
     for name, runs in results.items():
@@ -181,14 +182,18 @@ def format_rows(rows: list[dict], base_row: dict, key: str) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/recipes-digits[-quick])")
-    p.add_argument("--base-from", type=Path, metavar="RUN_DIR", help="take the stage-1 base of this tdcdiff run directory")
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.4, 0.6], help="expert FLOPs as fractions of the base's")
+    p.add_argument("--base-from", type=Path, metavar="RUN_DIR",
+                   help="take the stage-1 base of this tdcdiff run directory")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.4, 0.6],
+                   help="expert FLOPs as fractions of the base's")
     p.add_argument("--steps", type=int, default=250, help="stage-2 steps of the plain recipe (sets the equal compute)")
     p.add_argument("--groups", type=int, default=2, help="N, the number of SNR timestep groups")
     p.add_argument("--group", default="0", help="the group the experts are trained for (0..N-1), or 'all'")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (each recipe trained once per seed)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="training seeds (each recipe trained once per seed)")
     p.add_argument("--eval-seed", type=int, default=0, help="seed of the held-out timesteps and noise (shared: paired)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a RunConfig setting of the base run, e.g. --set finetune.lr=1e-3 (repeatable; stage-1 "
@@ -243,7 +248,8 @@ def main(argv=None) -> int:
         "command": " ".join(["python", "bench/recipes.py", *(argv if argv is not None else sys.argv[1:])]),
         "base_run": str(run.dir), "group": key, "timesteps": span, "budgets": args.budgets,
         "plain_steps": args.steps, "seeds": args.seeds, "quick": args.quick,
-        "finetune": {k: v for k, v in run.config.to_dict()["finetune"].items() if k in ("lr", "batch_size", "ema_decay")},
+        "finetune": {k: v for k, v in run.config.to_dict()["finetune"].items()
+                     if k in ("lr", "batch_size", "ema_decay")},
         "base": base_row, "rows": rows,
         "method": [
             "Every recipe trains a copy of the same uniformly width-pruned expert on the group's timesteps; all but "

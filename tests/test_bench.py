@@ -185,7 +185,8 @@ def test_tdc_time_is_its_experts_measured_time_weighted_by_the_sampling_steps_th
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flag, value, message", [("--mean-budget", "2", "mean_budget (--mean-budget) must be in (0, 1]"),
+@pytest.mark.parametrize("flag, value, message",
+                         [("--mean-budget", "2", "mean_budget (--mean-budget) must be in (0, 1]"),
                                                   ("--latency-batch", "-1", "latency_batch must be >= 1, got -1")])
 def test_bad_settings_are_one_line_before_any_work(tmp_path, flag, value, message):
     done = bench("--out", tmp_path / "b", flag, value, cache=tmp_path / "cache")
@@ -292,7 +293,8 @@ def tune_results(fids: dict, *, old: bool = False, data: str = "digits") -> dict
         measure = {"key": "loss", "name": "held-out denoising loss", "second": {"key": "bpd"}}
         rows = [{"name": n, "fid": f, "screening": loss, "second": bpd} for n, (f, loss, bpd) in fids.items()]
     # /1 both before and just after --screening (the rows tell them apart), /2 since
-    return {"format": f"tdcdiff-tune/{1 if old else 2}", "screening_measure": measure, "fid_protocol": {"reference": {"name": data}},
+    return {"format": f"tdcdiff-tune/{1 if old else 2}", "screening_measure": measure,
+            "fid_protocol": {"reference": {"name": data}},
             "rows": rows}
 
 

@@ -165,7 +165,8 @@ def test_given_fractions_make_a_plan_without_k_or_ordering():
 @pytest.mark.parametrize("kwargs, message", [
     ({"mean_budget": 1e-9}, r"group 0's budget, 7.69e-10 of the base's FLOPs, is about 7.7e-07 FLOPs of its 1,000: "
                             r"no pruning reaches it; raise --mean-budget or --k"),
-    ({"mean_budget": 1e-9, "budget_unit": "time"}, r"group 0's budget, .* of the base's forward time, .*no pruning reaches it"),
+    ({"mean_budget": 1e-9, "budget_unit": "time"},
+     r"group 0's budget, .* of the base's forward time, .*no pruning reaches it"),
     ({"mean_budget": 0.2, "smallest": 0.3}, r"group 0's budget, 0.1538 of the base's FLOPs, is below the smallest "
                                             r"that pruning reaches \(0.3000: .*\); raise --mean-budget or --k"),
 ])

@@ -35,7 +35,8 @@ def test_save_load_sample_gives_identical_images(bundle_dir):
     bundle = load_bundle(path)
     original = Router(experts, bundle.router.grouping)
     a = sample(original, scheduler, sample_shape=(1, 8, 8), steps=6, num_images=4, seed=3, progress=False)
-    b = sample(bundle.router, bundle.scheduler, sample_shape=bundle.sample_shape, steps=6, num_images=4, seed=3, progress=False)
+    b = sample(bundle.router, bundle.scheduler, sample_shape=bundle.sample_shape, steps=6, num_images=4, seed=3,
+               progress=False)
     torch.testing.assert_close(a.images, b.images, rtol=0, atol=1e-5)
     assert bundle.manifest["expert_flops"][0] < bundle.manifest["base_flops"]
     images = bundle.pipeline()(batch_size=2, num_inference_steps=3, output_type="np", progress=False).images
@@ -54,7 +55,8 @@ def test_truncated_weights_are_named(bundle_dir, tmp_path):
     target = copy_bundle(bundle_dir[0], tmp_path)
     weights = target / "expert_0" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(BundleError, match=r"expert_0/model.safetensors is truncated or corrupted: expected \d+ bytes, found 100"):
+    with pytest.raises(BundleError,
+                       match=r"expert_0/model.safetensors is truncated or corrupted: expected \d+ bytes, found 100"):
         load_bundle(target)
 
 
@@ -117,12 +119,14 @@ def test_a_bundle_samples_with_its_recorded_setting_unless_told_otherwise(bundle
     chosen = SamplingSetting.parse("dpm-solver++:7:c2")
     grouping = load_bundle(path).router.grouping
     save_bundle(tmp_path / "b", experts, grouping, scheduler, sample_shape=(1, 8, 8), sampling=chosen,
-                expert_flops=[count_flops(e, (1, 8, 8)) for e in experts], base_flops=count_flops(experts[1], (1, 8, 8)))
+                expert_flops=[count_flops(e, (1, 8, 8)) for e in experts],
+                base_flops=count_flops(experts[1], (1, 8, 8)))
     bundle = load_bundle(tmp_path / "b")
     assert bundle.sampling == chosen and bundle.pipeline().defaults == chosen
     shown = CliRunner().invoke(app, ["sample", "--bundle", str(tmp_path / "b"), "--num", "2", "-q",
                                      "--output", str(tmp_path / "g.png")])
-    assert shown.exit_code == 0 and "dpm-solver++ 7 steps" in shown.output and "a full pass every 2 steps" in shown.output
+    assert shown.exit_code == 0 and "dpm-solver++ 7 steps" in shown.output \
+        and "a full pass every 2 steps" in shown.output
     told = CliRunner().invoke(app, ["sample", "--bundle", str(tmp_path / "b"), "--num", "2", "-q", "--steps", "3",
                                     "--sampler", "ddim", "--cache-interval", "1", "--output", str(tmp_path / "g.png")])
     assert told.exit_code == 0 and "ddim 3 steps" in told.output and "feature cache" not in told.output

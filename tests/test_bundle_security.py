@@ -102,9 +102,11 @@ def hostile(marker):
 @pytest.mark.parametrize("name", list(hostile("m")))
 def test_a_class_named_in_architecture_json_is_never_imported_or_called(bundle, tmp_path, name):
     marker = tmp_path / "marker"
-    edit_architecture(bundle, 1, lambda a: (a.pop("config"), a.update({"class": name, "kwargs": hostile(marker)[name]})))
+    edit_architecture(bundle, 1,
+                      lambda a: (a.pop("config"), a.update({"class": name, "kwargs": hostile(marker)[name]})))
     short = name.rpartition(".")[2]
-    with pytest.raises(BundleError, match=rf"cannot load expert 1 of bundle .*names class {re.escape(repr(name))}, which "
+    with pytest.raises(BundleError,
+                       match=rf"cannot load expert 1 of bundle .*names class {re.escape(repr(name))}, which "
                                           rf"tdcdiff does not rebuild.*register_model_class\({re.escape(short)}\)"):
         load_bundle(bundle)
     assert not marker.exists()
@@ -112,7 +114,8 @@ def test_a_class_named_in_architecture_json_is_never_imported_or_called(bundle, 
 
 def test_the_cli_refuses_a_hostile_bundle_without_running_it(bundle, tmp_path):
     marker = tmp_path / "marker"
-    edit_architecture(bundle, 0, lambda a: a.update({"class": "subprocess.Popen", "kwargs": {"args": ["touch", str(marker)]}}))
+    edit_architecture(bundle, 0,
+                      lambda a: a.update({"class": "subprocess.Popen", "kwargs": {"args": ["touch", str(marker)]}}))
     result = CliRunner().invoke(app, ["sample", "--bundle", str(bundle), "--output", str(tmp_path / "s.png")])
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and "'subprocess.Popen', which tdcdiff does not rebuild" in result.output
@@ -121,7 +124,8 @@ def test_the_cli_refuses_a_hostile_bundle_without_running_it(bundle, tmp_path):
 
 def test_a_scheduler_class_outside_diffusers_is_refused(bundle):
     edit_manifest(bundle, lambda m: m["scheduler"].update({"_class_name": "os.system"}))
-    with pytest.raises(BundleError, match=r"'scheduler._class_name' names 'diffusers.os.system', which is not a diffusers scheduler"):
+    with pytest.raises(BundleError, match=r"'scheduler._class_name' names 'diffusers.os.system', which is not a "
+                                          r"diffusers scheduler"):
         load_bundle(bundle)
 
 
@@ -144,7 +148,8 @@ def test_absolute_and_parent_paths_are_refused(bundle, tmp_path):
         target = tmp_path / f"case_{abs(hash(name))}"
         shutil.copytree(bundle, target)
         edit_manifest(target, lambda m: m["files"].__setitem__(name, entry(b"secret")))
-        with pytest.raises(BundleError, match=rf"'files' names {re.escape(repr(name))}, which is not a plain relative path"):
+        with pytest.raises(BundleError,
+                           match=rf"'files' names {re.escape(repr(name))}, which is not a plain relative path"):
             load_bundle(target)
 
 
@@ -159,7 +164,8 @@ def test_a_symlink_leading_out_of_the_bundle_is_refused(bundle, tmp_path):
 
 def test_architecture_naming_weights_outside_its_directory_is_refused(bundle):
     edit_architecture(bundle, 0, lambda a: a["weights"].update(file="../expert_1/model.safetensors"))
-    with pytest.raises(BundleError, match=r"names weights '../expert_1/model.safetensors' that the manifest's 'files' does not list"):
+    with pytest.raises(BundleError, match=r"names weights '../expert_1/model.safetensors' that the manifest's 'files' "
+                                          r"does not list"):
         load_bundle(bundle)
 
 
@@ -178,14 +184,16 @@ def test_changed_weights_of_the_same_size_fail_the_manifest_hash(bundle):
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     edit_architecture(bundle, 0, lambda a: a["weights"].update(sha256=hashlib.sha256(data).hexdigest()))
-    with pytest.raises(BundleError, match=r"names weights 'model.safetensors' that the manifest's 'files' does not list with the same sha256"):
+    with pytest.raises(BundleError, match=r"names weights 'model.safetensors' that the manifest's 'files' does not "
+                                          r"list with the same sha256"):
         load_bundle(bundle)
 
 
 def test_any_other_listed_file_is_hashed(bundle):
     (bundle / "notes.txt").write_text("hello")
     edit_manifest(bundle, lambda m: m["files"].__setitem__("notes.txt", entry(b"hellO")))
-    with pytest.raises(BundleError, match=r"bundle file .*notes.txt is corrupted: its sha256 does not match the manifest"):
+    with pytest.raises(BundleError,
+                       match=r"bundle file .*notes.txt is corrupted: its sha256 does not match the manifest"):
         load_bundle(bundle)
 
 
@@ -200,40 +208,53 @@ def set_groups(edges):
 
 @pytest.mark.parametrize("change, message", [
     (lambda m: m.pop("files"), "key 'files' is missing"),
-    (lambda m: m.update(files=["expert_0/model.safetensors"]), r"'files' must map each file's path to \{bytes, sha256\}, got list"),
-    (lambda m: m["files"].update({"expert_0/model.safetensors": {"bytes": "1"}}), r"'files' entry 'expert_0/model.safetensors' must be"),
-    (lambda m: m["grouping"].update(boundaries=[1000, 500, 0]), r"'grouping.boundaries' must be integers rising strictly from 0 to T=1000"),
+    (lambda m: m.update(files=["expert_0/model.safetensors"]),
+     r"'files' must map each file's path to \{bytes, sha256\}, got list"),
+    (lambda m: m["files"].update({"expert_0/model.safetensors": {"bytes": "1"}}),
+     r"'files' entry 'expert_0/model.safetensors' must be"),
+    (lambda m: m["grouping"].update(boundaries=[1000, 500, 0]),
+     r"'grouping.boundaries' must be integers rising strictly from 0 to T=1000"),
     (set_groups([1000, 500, 0]), "'grouping.boundaries' must be integers rising strictly"),
-    (set_groups([0, 200, 400, 600, 800, 1000]), r"'grouping' has 5 groups but 'files' lists the expert directories \['expert_0', 'expert_1'\]"),
-    (lambda m: m.update(expert_flops=[10]), r"'expert_flops' must hold one FLOPs count .* per group, 2 in all, got \[10\]"),
+    (set_groups([0, 200, 400, 600, 800, 1000]),
+     r"'grouping' has 5 groups but 'files' lists the expert directories \['expert_0', 'expert_1'\]"),
+    (lambda m: m.update(expert_flops=[10]),
+     r"'expert_flops' must hold one FLOPs count .* per group, 2 in all, got \[10\]"),
     (lambda m: m.update(expert_flops=[10, -1]), "'expert_flops' must hold one FLOPs count"),
     (lambda m: m.update(budgets=[1]), "'budgets' must be null or one finite number >= 0 per group"),
-    (lambda m: m.update(budgets=[float("nan"), 1.0]), r"'budgets' must be null or one finite number >= 0 per group, 2 in all, got \[nan"),
-    (lambda m: m.update(sample_shape=[1, 8]), r"'sample_shape' must be \[channels, height, width\], 3 positive integers"),
+    (lambda m: m.update(budgets=[float("nan"), 1.0]),
+     r"'budgets' must be null or one finite number >= 0 per group, 2 in all, got \[nan"),
+    (lambda m: m.update(sample_shape=[1, 8]),
+     r"'sample_shape' must be \[channels, height, width\], 3 positive integers"),
     (lambda m: m.update(sample_shape=[1, 8, 0]), "'sample_shape' must be"),
-    (lambda m: m.update(sample_shape=[1, 16, 16]), r"'sample_shape' is \[1, 16, 16\] but expert 0 was built for 8x8 inputs .*set 'sample_shape' to \[1, 8, 8\]"),
+    (lambda m: m.update(sample_shape=[1, 16, 16]),
+     r"'sample_shape' is \[1, 16, 16\] but expert 0 was built for 8x8 inputs .*set 'sample_shape' to \[1, 8, 8\]"),
     (lambda m: m.update(sample_shape=[3, 8, 8]), r"expert 0 takes 1-channel input .*set 'sample_shape' to \[1, 8, 8\]"),
     (lambda m: m["scheduler"].update(prediction_type="v_prediction"),
      r"'scheduler.prediction_type' is 'v_prediction' but expert 0 was trained to predict 'epsilon'"),
     (lambda m: m["expert_training"][1].update(prediction_type="sample"), "expert 1 was trained to predict 'sample'"),
     (lambda m: m.update(expert_training=[]), "'expert_training' must hold one record per group, 2 in all"),
     (lambda m: m["scheduler"].update(bogus=3), r"DDPMScheduler takes no argument\(s\) \['bogus'\]"),
-    (lambda m: m["scheduler"].update(clip_sample="yes"), r"argument 'clip_sample' must be of type bool \(its default is True\), got 'yes'"),
+    (lambda m: m["scheduler"].update(clip_sample="yes"),
+     r"argument 'clip_sample' must be of type bool \(its default is True\), got 'yes'"),
     (lambda m: m["scheduler"].update(num_train_timesteps=1000.5), "argument 'num_train_timesteps' must be of type int"),
     (lambda m: m["scheduler"].update(variance_type="garbage"), r"'scheduler.variance_type' must be one of \("),
     (lambda m: m["scheduler"].update(timestep_spacing="zz"), r"'scheduler.timestep_spacing' must be one of"),
     (lambda m: m["scheduler"].update(beta_schedule="x"), r"'scheduler' cannot be built \(NotImplementedError"),
-    (lambda m: m["scheduler"].update(beta_end=2.0, _use_default_values=[]), r"noise levels \(alphas_cumprod\) that are not finite and falling"),
+    (lambda m: m["scheduler"].update(beta_end=2.0, _use_default_values=[]),
+     r"noise levels \(alphas_cumprod\) that are not finite and falling"),
     (lambda m: m["scheduler"].update(beta_schedule="squaredcos_cap_v2", _use_default_values=["beta_schedule"]),
      r"'scheduler' settings \['beta_schedule'\] do not survive rebuilding DDPMScheduler"),
     (lambda m: m["scheduler"].update(num_train_timesteps=500), "scheduler T=500 but groups cover T=1000"),
-    (lambda m: m.update(format="tdcdiff-bundle/1"), "has format 'tdcdiff-bundle/1', this tdcdiff reads 'tdcdiff-bundle/2'; re-export"),
+    (lambda m: m.update(format="tdcdiff-bundle/1"),
+     "has format 'tdcdiff-bundle/1', this tdcdiff reads 'tdcdiff-bundle/2'; re-export"),
     (lambda m: m["scheduler"].update(trained_betas=[0.01] * 10, _use_default_values=[]),
      r"'scheduler' has 10 noise levels \('trained_betas'\) for num_train_timesteps=1000; give one beta per timestep"),
     (lambda m: m.update(expert_flops=[1, m["expert_flops"][1]]),
      r"'expert_flops'\[0\] is 1 but expert 0 costs \d+ FLOPs per forward pass \(counted on load\)"),
-    (lambda m: m.update(conditioning=[1, 2]), r"'conditioning' is \[1, 2\] but the experts have no class embedding; set it to null"),
-    (lambda m: m.update(conditioning={"null_class": 5, "num_classes": 3}), "'conditioning' is .* but the experts have no class"),
+    (lambda m: m.update(conditioning=[1, 2]),
+     r"'conditioning' is \[1, 2\] but the experts have no class embedding; set it to null"),
+    (lambda m: m.update(conditioning={"null_class": 5, "num_classes": 3}),
+     "'conditioning' is .* but the experts have no class"),
 ])
 def test_an_inconsistent_manifest_is_refused_naming_the_key(bundle, change, message):
     edit_manifest(bundle, change)
@@ -264,7 +285,8 @@ def test_save_refuses_pieces_that_do_not_fit(good, tmp_path):
         save_bundle(tmp_path / "b", experts, grouping, scheduler, expert_flops=[1, 1], **common,
                     expert_training=[{"prediction_type": "sample"}] * 2)
     with pytest.raises(BundleError, match=r"'sample_shape' is \[1, 16, 16\] but expert 0 was built for 8x8"):
-        save_bundle(tmp_path / "b", experts, grouping, scheduler, expert_flops=[1, 1], sample_shape=(1, 16, 16), base_flops=1)
+        save_bundle(tmp_path / "b", experts, grouping, scheduler, expert_flops=[1, 1], sample_shape=(1, 16, 16),
+                    base_flops=1)
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
@@ -315,13 +337,16 @@ def test_registered_user_class_round_trip_and_unregistered_refused(tmp_path, reg
     path = write_bundle(tmp_path / "bundle", experts)
     classes = [json.loads((path / f"expert_{i}" / "architecture.json").read_text())["class"] for i in range(2)]
     assert classes == ["test_surgery.TinyTimeNet", "test_bundle_security.SubclassedUNet"]
-    with pytest.raises(BundleError, match=r"cannot load expert 0 .*names class 'test_surgery.TinyTimeNet', which tdcdiff "
+    with pytest.raises(BundleError,
+                       match=r"cannot load expert 0 .*names class 'test_surgery.TinyTimeNet', which tdcdiff "
                                           r"does not rebuild.*call `tdcdiff.register_model_class\(TinyTimeNet\)`"):
         load_bundle(path)
     import tdcdiff
 
     tdcdiff.register_model_class(TinyTimeNet)
-    with pytest.raises(BundleError, match=r"expert 1 .*'test_bundle_security.SubclassedUNet'.*register_model_class\(SubclassedUNet\)"):
+    with pytest.raises(BundleError,
+                       match=r"expert 1 .*'test_bundle_security.SubclassedUNet'.*"
+                             r"register_model_class\(SubclassedUNet\)"):
         load_bundle(path)
     tdcdiff.register_model_class(SubclassedUNet)
     loaded = load_bundle(path)
@@ -336,10 +361,12 @@ def test_registered_class_arguments_are_checked(tmp_path, registry):
     serialization.register_model_class(TinyTimeNet)
     path = write_bundle(tmp_path / "bundle", [TinyTimeNet().eval()])
     edit_architecture(path, 0, lambda a: a["kwargs"].update(depth=3))
-    with pytest.raises(BundleError, match=r"TinyTimeNet takes no argument\(s\) \['depth'\]; its arguments are \['channels', 'width'\]"):
+    with pytest.raises(BundleError, match=r"TinyTimeNet takes no argument\(s\) \['depth'\]; its arguments are "
+                                          r"\['channels', 'width'\]"):
         load_bundle(path)
     edit_architecture(path, 0, lambda a: a.update(kwargs=[1, 16]))
-    with pytest.raises(BundleError, match="'kwargs' must be a mapping of TinyTimeNet's constructor arguments, got list"):
+    with pytest.raises(BundleError,
+                       match="'kwargs' must be a mapping of TinyTimeNet's constructor arguments, got list"):
         load_bundle(path)
 
 
@@ -353,7 +380,8 @@ def test_classes_that_cannot_be_imported_are_refused_at_save_time(tmp_path):
         pass
 
     with pytest.raises(ValueError, match=r"cannot save a test_bundle_security.*LocalNet: it cannot be imported by "
-                                         r"that name; define the class at the top level of module test_bundle_security"):
+                                         r"that name; define the class at the top level of module "
+                                         r"test_bundle_security"):
         write_bundle(tmp_path / "bundle", [LocalNet().eval()])
     assert not (tmp_path / "bundle").exists()
 
@@ -404,7 +432,8 @@ def test_conditioning_of_a_conditional_bundle_is_checked(tmp_path):
     assert load_bundle(write_bundle(tmp_path / "ok", [expert], conditioning=good)).null_class == 10
     path = write_bundle(tmp_path / "bad", [expert], conditioning=good)
     edit_manifest(path, lambda m: m["conditioning"].update(null_class="x"))
-    with pytest.raises(BundleError, match=r"'conditioning' must be null or \{\"num_class_embeds\": 11, \"num_classes\": null "
+    with pytest.raises(BundleError,
+                       match=r"'conditioning' must be null or \{\"num_class_embeds\": 11, \"num_classes\": null "
                                           r"or 1..11, \"null_class\": null or 0..10\} .*got .*'null_class': 'x'"):
         load_bundle(path)
 

@@ -23,7 +23,8 @@ class LogTimeNet(nn.Module):
         self.nan_when_training = nan_when_training
 
     def forward(self, x, t):
-        emb = self.embed(torch.log(t.float()).view(-1, 1) if not self.nan_when_training else (t.float() / 1000).view(-1, 1))
+        emb = self.embed(torch.log(t.float()).view(-1, 1) if not self.nan_when_training else (t.float() / 1000).view(-1,
+                                                                                                                     1))
         out = self.conv(x) + emb[:, :, None, None]
         return out * float("nan") if self.nan_when_training and self.training else out
 
@@ -60,7 +61,8 @@ def pipeline_dir(tmp_path):
     variance (2 output channels for 1) + DDPMScheduler."""
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    scheduler = DDPMScheduler(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+    scheduler = DDPMScheduler(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2",
+                              prediction_type="v_prediction",
                               variance_type="learned_range")
     DDPMPipeline(unet=_tiny_unet(out_channels=2), scheduler=scheduler).save_pretrained(tmp_path / "pipe")
     return tmp_path / "pipe"
@@ -83,7 +85,8 @@ def test_ddpm_uses_the_learned_variance_half(scheduler):
         other.conv_out.bias[1] += 1.0  # channel 1 is the variance half of a 1-channel model
     runs = {}
     for sampler in ("ddpm", "ddim"):
-        a, b = (sample(m, scheduler, sample_shape=(1, 8, 8), sampler=sampler, steps=5, num_images=2, progress=False).images
+        a, b = (sample(m, scheduler, sample_shape=(1, 8, 8), sampler=sampler, steps=5, num_images=2,
+                       progress=False).images
                 for m in (model, other))
         runs[sampler] = (a - b).abs().max().item()
     assert runs["ddim"] == 0 and runs["ddpm"] > 1e-4
@@ -185,7 +188,8 @@ def test_class_conditional_model_with_label_dropout_through_every_stage(tmp_path
                   guidance_scale=3.0).images
     again = pipe(batch_size=4, num_inference_steps=5, output_type="pt", progress=False, class_labels=[0, 1, 2, 3],
                  guidance_scale=3.0).images
-    plain = pipe(batch_size=4, num_inference_steps=5, output_type="pt", progress=False, class_labels=[0, 1, 2, 3]).images
+    plain = pipe(batch_size=4, num_inference_steps=5, output_type="pt", progress=False,
+                 class_labels=[0, 1, 2, 3]).images
     assert torch.isfinite(guided).all()
     torch.testing.assert_close(guided, again, rtol=0, atol=0)
     assert (guided - plain).abs().max() > 1e-3
@@ -223,7 +227,8 @@ def test_class_count_that_does_not_fit_the_model_is_named(tmp_path, digits, sche
                                          r"\(id 9 is the null class\)"):
         Run(tmp_path / "run", config, progress=False, base=tmp_path / "model").train_base()
     with pytest.raises(ValueError, match=r"class-conditional \(10 class ids\) but the data has no labels"):
-        train(_conditional_unet(10), digits.images, scheduler, TrainConfig(steps=1, **FAST), tmp_path / "t", progress=False)
+        train(_conditional_unet(10), digits.images, scheduler, TrainConfig(steps=1, **FAST), tmp_path / "t",
+              progress=False)
     with pytest.raises(ValueError, match="guidance_scale != 1 needs null_class"):
         sample(_conditional_unet(10), scheduler, sample_shape=(1, 8, 8), steps=2, num_images=2, class_labels=1,
                guidance_scale=2.0, progress=False)
@@ -306,7 +311,8 @@ def test_router_passes_class_labels_to_each_expert(scheduler):
     y = torch.tensor([1, 2, 3, 4])
     with torch.no_grad():
         routed = router(x, t, y)
-        by_hand = torch.cat([as_denoiser(experts[g])(x[i:i + 1], t[i:i + 1], y[i:i + 1]) for i, g in enumerate([0, 1, 0, 1])])
+        by_hand = torch.cat([as_denoiser(experts[g])(x[i:i + 1], t[i:i + 1], y[i:i + 1])
+                             for i, g in enumerate([0, 1, 0, 1])])
         other_labels = router(x, t, y + 1)
     torch.testing.assert_close(routed, by_hand)
     assert (routed - other_labels).abs().max() > 1e-4

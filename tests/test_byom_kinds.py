@@ -128,7 +128,8 @@ def test_latent_diffusion_pipeline_runs_in_latent_space_and_its_bundle_decodes(t
     architecture = tampered / "vae" / "architecture.json"
     architecture.write_text(architecture.read_text().replace('"diffusers.AutoencoderKL"', '"diffusers.UNet2DModel"'))
     manifest = json.loads((tampered / "manifest.json").read_text())
-    manifest["files"]["vae/architecture.json"] = {"bytes": architecture.stat().st_size, "sha256": sha256_file(architecture)}
+    manifest["files"]["vae/architecture.json"] = {"bytes": architecture.stat().st_size,
+                                                  "sha256": sha256_file(architecture)}
     (tampered / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"names class 'diffusers.UNet2DModel'; a bundle's VAE must be one of "
                                           r"diffusers.AutoencoderKL"):

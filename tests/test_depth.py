@@ -120,9 +120,12 @@ def test_fit_keeps_removed_layers_and_fits_the_rest_by_width():
     assert fit.decision["down_blocks.0.resnets.1"] == 1.0 and fit.decision["down_blocks.0"] > 0
     again = prune(base, fit.decision, shape)  # the repaired decision rebuilds the same shapes
     assert [p.shape for p in again.parameters()] == [p.shape for p in fit.model.parameters()]
-    # Removing down_blocks.0.resnets.1 alone gives 0.86 < 0.97: that removal is undone, last first, and width pruning fits.
-    near = fit_to_budget(base, {"mid_block.resnets.0": 1.0, "down_blocks.0.resnets.1": 1.0}, int(0.97 * full), shape)
-    assert near.decision["down_blocks.0.resnets.1"] == 0.0 and near.decision["mid_block.resnets.0"] == 1.0 and abs(near.flops / (0.97 * full) - 1) <= 0.03
+    # Removing down_blocks.0.resnets.1 alone gives 0.86 < 0.97: that removal is undone, last first, and width pruning
+    # fits.
+    near = fit_to_budget(base, {"mid_block.resnets.0": 1.0, "down_blocks.0.resnets.1": 1.0}, int(0.97 * full),
+                         shape)
+    assert near.decision["down_blocks.0.resnets.1"] == 0.0 and near.decision["mid_block.resnets.0"] == 1.0 \
+        and abs(near.flops / (0.97 * full) - 1) <= 0.03
 
 
 def test_time_budget_fits_the_latency_table_estimate():

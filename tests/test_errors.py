@@ -29,7 +29,8 @@ CLI_CASES = [
      r"the easiest group's budget \(1/N \+ \(N-1\)/N k\), 0.0210 of the base's FLOPs, is below the smallest"),
     ("no groups", ["run", "--groups", "0"], r"--groups must be >= 1 \(N, the number of timestep groups\), got 0"),
     ("tune names the flag too", ["tune", "--base-steps", "0"], r"error: --base-steps must be >= 1, got 0"),
-    ("tune names a stage-2 flag", ["tune", "--finetune-lr", "5"], r"error: --finetune-lr \(the peak learning rate\) must"),
+    ("tune names a stage-2 flag", ["tune", "--finetune-lr", "5"],
+     r"error: --finetune-lr \(the peak learning rate\) must"),
     ("unknown curve objective", ["tune", "--curves", "--curve-objective", "fid"],
      r"error: --curve-objective must be one or more of share, relative, each once, got \['fid'\]"),
     ("curve objective without curves", ["tune", "--curve-objective", "relative"],
@@ -41,7 +42,8 @@ CLI_CASES = [
     ("ten billion timesteps", ["run", "--timesteps", "10000000000"],
      r"num_train_timesteps \(--timesteps\) must be at most 1000000, got 10000000000 \(typical: 1000\)"),
     ("zero sampling steps", ["run", "--steps", "0"], "sampling steps must be between 1 and T=1000"),
-    ("learning rate too large", ["run", "--base-lr", "5"], r"error: --base-lr \(the peak learning rate\) must be in \(0, 1\)"),
+    ("learning rate too large", ["run", "--base-lr", "5"],
+     r"error: --base-lr \(the peak learning rate\) must be in \(0, 1\)"),
     ("zero stage-1 steps", ["run", "--base-steps", "0"], "error: --base-steps must be >= 1, got 0"),
     ("zero stage-2 steps", ["finetune", "--finetune-steps", "0"], "error: --finetune-steps must be >= 1, got 0"),
     ("zero search rounds", ["prune", "--rounds", "0"], "error: --rounds must be >= 1, got 0"),
@@ -64,14 +66,17 @@ CLI_CASES = [
     ("unknown budget unit", ["run", "--budget-unit", "seconds"], "unknown budget unit 'seconds'"),
     ("latency batch zero", ["run", "--latency-batch", "0"], "error: --latency-batch must be >= 1, got 0"),
     ("latency batch zero in the plan", ["plan", "--latency-batch", "0"], "error: --latency-batch must be >= 1, got 0"),
-    ("missing data path", ["run", "--data", "/no/such/images"], r"/no/such/images. is neither a known dataset name .* nor an existing path"),
+    ("missing data path", ["run", "--data", "/no/such/images"],
+     r"/no/such/images. is neither a known dataset name .* nor an existing path"),
     ("missing config file", ["run", "--config", "/no/such.yaml"], "config file /no/such.yaml does not exist"),
     ("plan before training", ["plan"], "no trained base model at"),
     ("missing bundle", ["sample", "--bundle", "/no/such/bundle"], "no bundle at /no/such/bundle"),
     ("image size the UNet cannot halve", ["run", "--image-size", "7"],
-     r"images of size 7 do not fit the UNet preset 'digits-8': its 2 levels need a size divisible by 2; resize them to 6 or 8"),
+     r"images of size 7 do not fit the UNet preset 'digits-8': its 2 levels need a size divisible by 2; resize them to "
+     r"6 or 8"),
     ("one-pixel images", ["run", "--image-size", "1"], "resize them to 2 [(]--image-size"),
-    ("size off a 3-level preset", ["run", "--image-size", "10"], "'gray-32': its 3 levels need a size divisible by 4; resize them to 8 or 12"),
+    ("size off a 3-level preset", ["run", "--image-size", "10"],
+     "'gray-32': its 3 levels need a size divisible by 4; resize them to 8 or 12"),
     ("negative seed", ["run", "--seed", "-1"], r"seed must be between 0 and 4294967295 \(2\*\*32 - 1\), got -1"),
     ("huge seed", ["run", "--seed", str(2**32)], "seed must be between 0 and 4294967295"),
     ("too few images", ["run", "--limit", "1"],
@@ -79,10 +84,13 @@ CLI_CASES = [
     ("sampling steps above a small T",
      ["run", "--timesteps", "10", "--schedule", "squaredcos_cap_v2", "--steps", "50"],
      r"sampling steps must be between 1 and T=10, got 50 \(--steps, sample_steps; unset: min\(50, T\)\)"),
-    ("zero steps when sampling", ["sample", "--bundle", "/no/such/bundle", "--steps", "0"], "--steps must be >= 1, got 0"),
+    ("zero steps when sampling", ["sample", "--bundle", "/no/such/bundle", "--steps", "0"],
+     "--steps must be >= 1, got 0"),
     ("zero images when sampling", ["sample", "--bundle", "/no/such/bundle", "--num", "0"], "--num must be >= 1, got 0"),
-    ("negative seed when sampling", ["sample", "--bundle", "/no/such/bundle", "--seed", "-1"], "--seed must be between 0 and"),
-    ("sample output is a directory", ["sample", "--bundle", "/no/such/bundle", "--output", "/"], "--output / is a directory, not a file"),
+    ("negative seed when sampling", ["sample", "--bundle", "/no/such/bundle", "--seed", "-1"],
+     "--seed must be between 0 and"),
+    ("sample output is a directory", ["sample", "--bundle", "/no/such/bundle", "--output", "/"],
+     "--output / is a directory, not a file"),
     ("one image in the report", ["report", "--num", "1"], "--num must be >= 2, got 1"),
     ("more images in a grid than its stated maximum", ["run", "--num", str(10**12)],
      r"error: --num must be at most 10000, got 1000000000000 \(a stated maximum: a sample grid is one PNG to look at"),
@@ -137,15 +145,23 @@ CONFIG_CASES = [
     ("bool for a number", "k: true\n", ".yaml", "setting 'k' must be a number, got True"),
     ("fraction for the seed", "seed: 1.5\n", ".yaml", "setting 'seed' must be an integer, got 1.5"),
     ("repeated key", "groups: 2\ngroups: 3\n", ".yaml",
-     r"config file .*config.yaml is not valid YAML \(key\(s\) \['groups'\] appear more than once in one mapping; keep one"),
+     r"config file .*config.yaml is not valid YAML \(key\(s\) \['groups'\] appear more than once in one mapping; keep "
+     r"one"),
     ("repeated section", "base: {steps: 3}\nbase: {lr: 0.1}\n", ".yaml", r"key\(s\) \['base'\] appear more than once"),
-    ("repeated JSON key", '{"k": 0.3, "k": 0.5}', ".json", r"is not valid JSON \(key\(s\) \['k'\] appear more than once"),
-    ("number for a section", "base: 5\n", ".yaml", r"config section 'base' must be a mapping of settings \(batch_size, .*\), got 5"),
-    ("key inside a plain setting", "k:\n  x: 1\n", ".yaml", "unknown setting 'k.x': 'k' is a single setting, not a section"),
-    ("text for a bool", "search:\n  memory: 'yes'\n", ".yaml", "setting 'search.memory' must be true or false, got 'yes'"),
-    ("text where null is allowed", "base:\n  ema_decay: x\n", ".yaml", "setting 'base.ema_decay' must be a number or null, got 'x'"),
-    ("malformed YAML", "k: [\n", ".yaml", r"config file .*config\.yaml is not valid YAML \(.*line 2.*\); fix it and rerun"),
-    ("malformed JSON", '{"k": \n', ".json", r"config file .*config\.json is not valid JSON \(Expecting value: line 2 column 1 .*\); fix it"),
+    ("repeated JSON key", '{"k": 0.3, "k": 0.5}', ".json",
+     r"is not valid JSON \(key\(s\) \['k'\] appear more than once"),
+    ("number for a section", "base: 5\n", ".yaml",
+     r"config section 'base' must be a mapping of settings \(batch_size, .*\), got 5"),
+    ("key inside a plain setting", "k:\n  x: 1\n", ".yaml",
+     "unknown setting 'k.x': 'k' is a single setting, not a section"),
+    ("text for a bool", "search:\n  memory: 'yes'\n", ".yaml",
+     "setting 'search.memory' must be true or false, got 'yes'"),
+    ("text where null is allowed", "base:\n  ema_decay: x\n", ".yaml",
+     "setting 'base.ema_decay' must be a number or null, got 'x'"),
+    ("malformed YAML", "k: [\n", ".yaml",
+     r"config file .*config\.yaml is not valid YAML \(.*line 2.*\); fix it and rerun"),
+    ("malformed JSON", '{"k": \n', ".json",
+     r"config file .*config\.json is not valid JSON \(Expecting value: line 2 column 1 .*\); fix it"),
     ("malformed TOML", "k = \n", ".toml", r"config file .*config\.toml is not valid TOML \(.*line 1.*\); fix it"),
     ("config not a mapping", "- 1\n", ".yaml", r"config file .*config\.yaml must hold a mapping of settings, got list"),
     ("plan fractions that do not fit", "groups: 2\nplan_fractions: [0.5]\n", ".yaml",
@@ -180,7 +196,8 @@ def test_config_values_are_typed_where_they_are_read():
     from tdcdiff.run import RunConfig
 
     config = RunConfig.from_dict({"groups": 2.0, "k": "0.3", "base": {"lr": "1e-3", "steps": "1e3", "ema_decay": None}})
-    assert (config.groups, config.k, config.base.lr, config.base.steps, config.base.ema_decay) == (2, 0.3, 1e-3, 1000, None)
+    assert (config.groups, config.k, config.base.lr, config.base.steps, config.base.ema_decay) == (2, 0.3, 1e-3, 1000,
+                                                                                                   None)
     assert type(config.groups) is int and type(config.k) is float
     with pytest.raises(ValueError, match="setting 'k' must be a number, got True"):
         RunConfig(k=True).validate()  # a config built in code is checked by validate()
@@ -208,7 +225,8 @@ def test_damaged_run_config_names_the_file(tmp_path):
     (run / "config.json").write_text('{"k": 0.4, "gro')
     result = CliRunner().invoke(app, ["plan", "--out", str(run)])
     assert result.exit_code == 2, result.output
-    assert re.search(rf"{run / 'config.json'} is damaged \(Unterminated string .*\); restore it, or delete it and rerun", result.output)
+    assert re.search(rf"{run / 'config.json'} is damaged \(Unterminated string .*\); restore it, or delete it and "
+                     r"rerun", result.output)
     (run / "config.json").write_text('{"k": "high"}')
     result = CliRunner().invoke(app, ["plan", "--out", str(run)])
     assert f"{run / 'config.json'} is damaged (setting 'k' must be a number, got 'high')" in result.output
@@ -268,7 +286,8 @@ def test_read_only_outputs_are_refused_before_work(tmp_path, monkeypatch):
     monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) != read_only and real_access(path, mode))
     result = CliRunner().invoke(app, ["run", "--out", str(read_only / "run")])
     assert result.exit_code == 2, result.output
-    assert f"--out {read_only}/run cannot be written: {read_only} is read-only (read-only file system or no permission)" in result.output
+    assert (f"--out {read_only}/run cannot be written: {read_only} is read-only (read-only file system or "
+            "no permission)") in result.output
     result = CliRunner().invoke(app, ["sample", "--bundle", "/no/such/bundle", "--output", str(read_only / "grid.png")])
     assert result.exit_code == 2 and f"--output {read_only}/grid.png cannot be written" in result.output, result.output
     assert list(read_only.iterdir()) == []
@@ -283,7 +302,8 @@ def test_operating_system_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "atomic_write_text", refuse)
     result = CliRunner().invoke(app, ["train-base", "--out", str(tmp_path / "run"), "--limit", "20"])
     assert result.exit_code == 2, result.output
-    assert result.output == f"error: Permission denied: {tmp_path}/run/config.json; check that path and its permissions, or choose another\n"
+    assert result.output == (f"error: Permission denied: {tmp_path}/run/config.json; check that path and its "
+                             "permissions, or choose another\n")
 
 
 def _train_one_step(out):
@@ -306,7 +326,8 @@ def test_full_disk_at_a_training_checkpoint_names_it(tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     checkpoint = tmp_path / "run" / "base" / "checkpoint"
     assert re.fullmatch(rf"error: no space left on device while writing {checkpoint}; nothing was half-written "
-                        r"there\. Free some space .* and rerun: finished stages are kept\n", result.output), result.output
+                        r"there\. Free some space .* and rerun: finished stages are kept\n",
+                        result.output), result.output
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["log.jsonl"]
 
 
@@ -332,7 +353,8 @@ def test_image_files_the_run_cannot_train_on(tmp_path, count, size, message):
 
 @pytest.mark.parametrize("folders, size, message", [
     (("",), (8, 8), r"data set '.*imgs' has 0 labelled images, but the report's FID feature net is a classifier "
-                    r"trained on the data's labels and needs at least 20: give labelled data .*or stop before the report"),
+                    r"trained on the data's labels and needs at least 20: give labelled data .*or stop before the "
+                    r"report"),
     (("a", "b"), (8, 8), "has 12 labelled images, but the report's FID feature net .* needs at least 20"),
     (("a",), (12, 8), r"has 12x8 images, but the report's FID feature net takes square ones; resize them with "
                       r"--image-size \(image_size\), e.g. --image-size 8"),
@@ -355,7 +377,8 @@ def test_diverged_training_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "training_target", lambda scheduler, x0, noise, t: torch.full_like(x0, float("nan")))
     result = _train_one_step(tmp_path / "run")
     assert result.exit_code == 2, result.output
-    assert re.fullmatch(r"error: loss became nan at step 1; the last good checkpoint is kept in .*checkpoint \(step 0\)\. "
+    assert re.fullmatch(r"error: loss became nan at step 1; the last good checkpoint is kept in .*checkpoint \(step "
+                        r"0\)\. "
                         r"Lower the learning rate or enable grad_clip, then rerun\n", result.output), result.output
 
 
@@ -389,7 +412,8 @@ def test_model_whose_output_shape_differs_from_its_input(scheduler):
         def forward(self, x, t):
             return x.mean(dim=1, keepdim=True).repeat(1, 3, 1, 1)  # 2 x 1 channels would be a learned variance
 
-    with pytest.raises(ValueError, match=r"denoiser output has shape \(64, 3, 8, 8\) but its input has shape \(64, 1, 8, 8\)"):
+    with pytest.raises(ValueError,
+                       match=r"denoiser output has shape \(64, 3, 8, 8\) but its input has shape \(64, 1, 8, 8\)"):
         sample(Squash(), scheduler, sample_shape=(1, 8, 8), steps=2, progress=False)
 
 
@@ -398,7 +422,8 @@ def test_data_with_the_wrong_channel_count_for_the_model(tmp_path, digits, sched
     from tdcdiff.train import TrainConfig, train
 
     with pytest.raises(ValueError, match="takes 3-channel images but the data has 1 channels"):
-        train(build_unet("digits-8", in_channels=3), digits.images, scheduler, TrainConfig(steps=1), tmp_path, progress=False)
+        train(build_unet("digits-8", in_channels=3), digits.images, scheduler, TrainConfig(steps=1), tmp_path,
+              progress=False)
 
 
 def test_full_disk_names_the_file_and_leaves_nothing_half_written(tmp_path, monkeypatch):

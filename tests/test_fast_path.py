@@ -35,7 +35,8 @@ def test_auto_traces_diffusers_models_only(tiny_unet, scheduler):
     assert SamplingModel(tiny_unet).compile == "trace"
     assert SamplingModel(Plain()).compile == "none"
     assert SamplingModel(Router([tiny_unet, Plain()], make_groups("uniform", 2, scheduler))).compile == "trace+none"
-    assert sample(tiny_unet, scheduler, sample_shape=(1, 8, 8), steps=2, num_images=1, progress=False).compile == "trace"
+    assert sample(tiny_unet, scheduler, sample_shape=(1, 8, 8), steps=2, num_images=1,
+                  progress=False).compile == "trace"
 
 
 def test_a_graph_that_differs_from_eager_is_not_used(scheduler):

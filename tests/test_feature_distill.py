@@ -22,7 +22,8 @@ def narrow_unet():
 
 
 @pytest.mark.slow
-def test_feature_distillation_learns_and_keeps_the_projections_out_of_the_expert(tmp_path, digits, scheduler, tiny_unet):
+def test_feature_distillation_learns_and_keeps_the_projections_out_of_the_expert(tmp_path, digits, scheduler,
+                                                                                 tiny_unet):
     from tdcdiff.serialization import load_model
 
     student = narrow_unet()
@@ -117,9 +118,11 @@ def test_adm_and_diffusers_dit_blocks_are_points():
     from models_zoo import AdmUNet, diffusers_dit
 
     adm = FeatureDistiller(AdmUNet(width=16), AdmUNet(width=32), (1, 8, 8))
-    assert adm.points == [f"input_blocks.{i}" for i in range(4)] + ["middle_block"] + [f"output_blocks.{i}" for i in range(4)]
+    assert adm.points == [f"input_blocks.{i}" for i in range(4)] + ["middle_block"] \
+        + [f"output_blocks.{i}" for i in range(4)]
     assert adm.projections[0].weight.shape == (32, 16, 1, 1)
-    assert FeatureDistiller(diffusers_dit(), diffusers_dit(), (1, 8, 8)).points == ["transformer_blocks.0", "transformer_blocks.1"]
+    assert FeatureDistiller(diffusers_dit(), diffusers_dit(), (1, 8, 8)).points == ["transformer_blocks.0",
+                                                                                    "transformer_blocks.1"]
 
 
 TWO_PROCESS_SCRIPT = """

@@ -96,7 +96,8 @@ def test_good_answer_is_used_and_request_carries_budget_memory_and_key(serve):
     proposer = proposer_for(server)
     decisions = proposer.propose(UNITS, MEMORY, 2, random.Random(0))
 
-    assert decisions[0] == {"down_blocks.0": 0.1, "down_blocks.1": 0.0, "mid_block": 0.0, "up_blocks.0": 0.0, "up_blocks.1": 0.5}
+    assert decisions[0] == {"down_blocks.0": 0.1, "down_blocks.1": 0.0, "mid_block": 0.0, "up_blocks.0": 0.0,
+                            "up_blocks.1": 0.5}
     assert decisions[1] == {u: 0.3 for u in UNITS}
     assert proposer.fallbacks == 0 and proposer.last_source == "llm"
     (request,) = server.requests
@@ -120,7 +121,8 @@ def test_retry_after_one_bad_answer_needs_no_fallback(serve):
 
 def test_garbage_answers_are_retried_then_fall_back_to_evolution(serve, caplog):
     invalid = {"decisions": [{"conv_out": 0.3}, {"mid_block": 1.5}, {"mid_block": "lots"}, {"mid_block": True}, [0.2]]}
-    server = serve(chat_answer("I think you should prune the mid block."), chat_answer(json.dumps(invalid)), (500, "boom"))
+    server = serve(chat_answer("I think you should prune the mid block."), chat_answer(json.dumps(invalid)),
+                   (500, "boom"))
     proposer = proposer_for(server, retries=2)
     with caplog.at_level(logging.INFO, logger="tdcdiff"):
         decisions = proposer.propose(UNITS, MEMORY, 3, random.Random(7))
@@ -157,7 +159,8 @@ def test_api_key_never_in_logs_or_errors(serve, caplog):
 
 
 def test_settings_from_environment(monkeypatch):
-    for name in ("TDCDIFF_LLM_BASE_URL", "TDCDIFF_LLM_MODEL", "TDCDIFF_LLM_API_KEY", "OPENAI_BASE_URL", "OPENAI_API_KEY"):
+    for name in ("TDCDIFF_LLM_BASE_URL", "TDCDIFF_LLM_MODEL", "TDCDIFF_LLM_API_KEY", "OPENAI_BASE_URL",
+                 "OPENAI_API_KEY"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="TDCDIFF_LLM_BASE_URL"):
         LLMProposer(model="m")
@@ -178,7 +181,8 @@ def test_settings_from_environment(monkeypatch):
     [
         ('{"decisions": [{"mid_block": 0.2}]}', [{"a": 0.0, "mid_block": 0.2}]),
         ('[{"a": 0.95, "mid_block": 0}]', [{"a": 0.95, "mid_block": 0.0}]),
-        ('Sure! {"decisions": [{"a": 0.1}, {"a": -0.1}, {}]} Hope it helps.', [{"a": 0.1, "mid_block": 0.0}, {"a": 0.0, "mid_block": 0.0}]),
+        ('Sure! {"decisions": [{"a": 0.1}, {"a": -0.1}, {}]} Hope it helps.',
+         [{"a": 0.1, "mid_block": 0.0}, {"a": 0.0, "mid_block": 0.0}]),
         ('```\n{"decisions": [{"a": 0.5, "mid_block": 0.25}]}\n```', [{"a": 0.5, "mid_block": 0.25}]),
     ],
 )

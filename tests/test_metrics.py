@@ -125,7 +125,8 @@ def test_bad_inputs(digits, trained, tmp_path):
     bad[3, 0, 2, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         compute_fid(x[:10], bad, net)
-    with pytest.raises(ValueError, match="has 0 labelled images, but the report's FID feature net .* needs at least 20"):
+    with pytest.raises(ValueError,
+                       match="has 0 labelled images, but the report's FID feature net .* needs at least 20"):
         feature_net_for(x, torch.full_like(y, -1), cache_dir=tmp_path, name="unlabeled")
 
     missing = tmp_path / "pt_inception-2015-12-05-6726825d.pth"

@@ -7,7 +7,8 @@ from tdcdiff.pipeline import SAMPLERS, TDCPipeline, sample, save_grid
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("steps", [3, 8])
 def test_each_sampler_runs_at_two_step_counts(sampler, steps, tiny_unet, scheduler):
-    result = sample(tiny_unet, scheduler, sample_shape=(1, 8, 8), sampler=sampler, steps=steps, num_images=5, batch_size=2, progress=False)
+    result = sample(tiny_unet, scheduler, sample_shape=(1, 8, 8), sampler=sampler, steps=steps, num_images=5,
+                    batch_size=2, progress=False)
     assert result.images.shape == (5, 1, 8, 8)
     assert result.images.min() >= -1 and result.images.max() <= 1
     assert len(result.timesteps) == steps and result.timesteps == sorted(result.timesteps, reverse=True)

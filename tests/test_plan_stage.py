@@ -31,7 +31,8 @@ def test_a_mean_budget_below_what_pruning_reaches_is_refused_before_measuring(tm
     smallest = smallest_fraction(run.base_model(), run.sample_shape)
     assert 0 < smallest < 0.2
     low = run_module.Stages(tmp_path / "run", tiny_config(mean_budget=smallest / 2), progress=False, base=str(base_dir))
-    with pytest.raises(ValueError, match=r"the mean budget .* is below the smallest that pruning reaches \(0\.\d+: every "
+    with pytest.raises(ValueError,
+                       match=r"the mean budget .* is below the smallest that pruning reaches \(0\.\d+: every "
                                          r"layer at its largest pruning ratio\); raise --mean-budget$"):
         low.plan()
     assert not (tmp_path / "run" / "plan" / "plan.json").exists()
@@ -41,7 +42,8 @@ def test_given_fractions_skip_the_trial_pruning_and_the_unit_is_a_plan_setting(t
     from tdcdiff.run import stages as run_module
 
     monkeypatch.setattr(run_module, "measure_sensitivity", lambda *a, **k: pytest.fail("trial pruning ran"))
-    run = run_module.Stages(tmp_path / "run", tiny_config(plan_fractions=[0.6, 1.0]), progress=False, base=str(base_dir))
+    run = run_module.Stages(tmp_path / "run", tiny_config(plan_fractions=[0.6, 1.0]), progress=False,
+                            base=str(base_dir))
     run.train_base()
     plan = run.plan()
     saved = json.loads((tmp_path / "run" / "plan" / "plan.json").read_text())

@@ -23,7 +23,8 @@ KINDS = {"adm": AdmUNet, "dit": TinyDiT, "diffusers-class": class_conditional_un
 # Layers every block reads, or that make the output: never in a unit.
 SHARED = {"adm": ("time_embed", "label_emb", "out."), "dit": ("x_embedder", "t_embedder", "y_embedder", "final_"),
           "diffusers-class": ("time_embedding", "class_embedding", "conv_out"),
-          "diffusers-dit": ("pos_embed", "proj_out_", "transformer_blocks.0.norm1.emb", "transformer_blocks.1.norm1.emb")}
+          "diffusers-dit": ("pos_embed", "proj_out_", "transformer_blocks.0.norm1.emb",
+                            "transformer_blocks.1.norm1.emb")}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -52,7 +53,8 @@ def out_widths(model: nn.Module, prefixes: tuple[str, ...]) -> dict[str, int]:
 
 def test_units_of_each_kind():
     names = {kind: [u.name for u in prunable_units(make(kind))] for kind in KINDS}
-    assert names["adm"] == [f"input_blocks.{i}" for i in range(4)] + ["middle_block"] + [f"output_blocks.{i}" for i in range(4)]
+    assert names["adm"] == [f"input_blocks.{i}" for i in range(4)] + ["middle_block"] \
+        + [f"output_blocks.{i}" for i in range(4)]
     assert names["dit"] == ["blocks.0.attn.heads", "blocks.0.mlp", "blocks.1.attn.heads", "blocks.1.mlp"]
     assert names["diffusers-class"] == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
     assert names["diffusers-dit"] == [f"transformer_blocks.{i}.{u}" for i in range(2) for u in ("attn1.heads", "mlp")]
@@ -132,7 +134,8 @@ class AttentionNet(nn.Module):
 
 
 def _out_projection(net: AttentionNet) -> nn.Module:
-    return {"adm": lambda a: a.proj_out, "dit": lambda a: a.proj, "diffusers": lambda a: a.to_out[0]}[net.kind](net.attn)
+    return {"adm": lambda a: a.proj_out, "dit": lambda a: a.proj,
+            "diffusers": lambda a: a.to_out[0]}[net.kind](net.attn)
 
 
 @pytest.mark.parametrize("kind", ["adm", "dit", "diffusers"])
@@ -146,7 +149,8 @@ def test_half_of_8_heads_leaves_4_whole_heads(kind):
     # Exactly the base with the other 4 heads' outputs removed: find the kept heads by their weights.
     kept_columns = _out_projection(pruned).weight.detach()
     base_columns = _out_projection(base).weight.detach()
-    kept = [next(h for h in range(8) if torch.equal(base_columns[:, h * 8:(h + 1) * 8], kept_columns[:, k * 8:(k + 1) * 8]))
+    kept = [next(h for h in range(8) if torch.equal(base_columns[:, h * 8:(h + 1) * 8],
+                                                    kept_columns[:, k * 8:(k + 1) * 8]))
             for k in range(4)]
     masked = copy.deepcopy(base)
     with torch.no_grad():
@@ -188,7 +192,8 @@ def test_declared_heads():
 
 def test_declared_units_and_ignored_layers():
     dit = make("dit")
-    units = prunable_units(dit, units={"attention": ["blocks.0.attn", "blocks.1.attn"], "mlps": ["blocks.0.mlp", "blocks.1.mlp"]})
+    units = prunable_units(dit, units={"attention": ["blocks.0.attn", "blocks.1.attn"],
+                                       "mlps": ["blocks.0.mlp", "blocks.1.mlp"]})
     assert [u.name for u in units] == ["attention", "mlps"]
     assert units[1].modules == ["blocks.0.mlp.0", "blocks.0.mlp.2", "blocks.1.mlp.0", "blocks.1.mlp.2"]
     declared = prunable_units(dit, units=lambda net: {"first": ["blocks.0"]})
@@ -227,7 +232,8 @@ class FixedWidthNet(nn.Module):
 
 def test_an_unappliable_decision_names_the_unit_and_layer():
     torch.manual_seed(0)
-    with pytest.raises(PruningError, match=r"cannot prune unit 'block': layer 'block\.1' fails .*ignored_layers=\['block'\]"):
+    with pytest.raises(PruningError,
+                       match=r"cannot prune unit 'block': layer 'block\.1' fails .*ignored_layers=\['block'\]"):
         prune(FixedWidthNet(), {"stem": 0.5, "block": 0.5}, SHAPE)
     pruned = prune(FixedWidthNet(), {"stem": 0.5}, SHAPE, ignored_layers=["block"])  # the fix the message gives
     assert pruned.stem.out_channels == 8 and pruned.block[0].out_channels == 32

@@ -81,7 +81,8 @@ def lost_argument():
 
 
 @pytest.mark.parametrize("function, message", [
-    ("instance_kwargs", r"a InstanceKwargsUNet rebuilt from its saved arguments has no tdcdiff_init_kwargs, so a pruned "
+    ("instance_kwargs",
+     r"a InstanceKwargsUNet rebuilt from its saved arguments has no tdcdiff_init_kwargs, so a pruned "
                         r"model could not be saved; set self.tdcdiff_init_kwargs in InstanceKwargsUNet.__init__"),
     ("tuple_arguments", r"every stage rebuilds the model as TupleModel\(\*\*tdcdiff_init_kwargs\) from JSON, and that "
                         r"fails \(TypeError: can only concatenate tuple \(not \"list\"\) to tuple\); record arguments"),

@@ -76,7 +76,8 @@ def test_run_killed_in_stage_two_resumes_to_the_same_bundle(tmp_path, config_fil
     run_to_end(["run", "--out", "straight", "--config", str(config_file)], tmp_path)
     killed = tmp_path / "killed"
     assert kill_when(["run", "--out", "killed", "--config", str(config_file)], tmp_path,
-                     killed / "finetune" / "group_0" / "checkpoint" / "state.json"), "the run finished before it could be killed"
+                     killed / "finetune" / "group_0" / "checkpoint" / "state.json"), \
+        "the run finished before it could be killed"
     assert not (killed / "bundle").exists()
     run_to_end(["run", "--out", "killed", "--config", str(config_file)], tmp_path)
     for group in (0, 1):

@@ -29,7 +29,8 @@ def test_run_all_produces_a_cheaper_bundle(finished_run):
 def test_rerun_skips_finished_stages(finished_run):
     run, _ = finished_run
     outputs = [run.dir / "base/final/model.safetensors", run.dir / "plan/plan.json", run.dir / "bundle/manifest.json",
-               *run.dir.glob("prune/group_*/model.safetensors"), *run.dir.glob("finetune/group_*/final/model.safetensors")]
+               *run.dir.glob("prune/group_*/model.safetensors"),
+               *run.dir.glob("finetune/group_*/final/model.safetensors")]
     before = {path: path.stat().st_mtime_ns for path in outputs}
     again = Run(run.dir, tiny_config(), progress=False).run_all()
     assert {path: path.stat().st_mtime_ns for path in outputs} == before
@@ -39,7 +40,8 @@ def test_rerun_skips_finished_stages(finished_run):
 @pytest.mark.slow
 def test_changed_setting_of_a_finished_stage_is_refused(finished_run):
     run, _ = finished_run
-    with pytest.raises(ValueError, match=r"setting 'k' differs .* delete .*plan .*prune .*finetune .*bundle to redo it"):
+    with pytest.raises(ValueError,
+                       match=r"setting 'k' differs .* delete .*plan .*prune .*finetune .*bundle to redo it"):
         Run(run.dir, overrides={"k": 0.9})
     # a setting of a stage not run yet may change (sampling happens on demand)
     assert Run(run.dir, overrides={"num_samples": 4}).config.num_samples == 4

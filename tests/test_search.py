@@ -71,7 +71,8 @@ def evolution(base, budget, proxy, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uniform(base, budget, proxy):
-    return search(base, budget, SHAPE, proxy, SearchConfig(rounds=3, candidates_per_round=3, proposer="uniform"), progress=False)
+    return search(base, budget, SHAPE, proxy, SearchConfig(rounds=3, candidates_per_round=3, proposer="uniform"),
+                  progress=False)
 
 
 # --- proxy ---------------------------------------------------------------------------------------------
@@ -175,7 +176,8 @@ def test_search_is_deterministic(base, budget, proxy, evolution):
     first, _, _ = evolution
     again = search(base, budget, SHAPE, proxy, EVOLUTION, progress=False)
     assert again.decision == first.decision and again.score == first.score
-    assert [(e.decision, e.score) for e in again.memory.entries] == [(e.decision, e.score) for e in first.memory.entries]
+    assert [(e.decision, e.score) for e in again.memory.entries] == [(e.decision,
+                                                                      e.score) for e in first.memory.entries]
 
 
 @pytest.mark.slow
@@ -252,14 +254,17 @@ def test_llm_proposer_gets_the_task_context(base, budget, proxy, monkeypatch):
 
     def answer(self, messages):  # stands in for the endpoint (HTTP is covered by test_llm_proposer.py)
         prompts.append(messages[-1]["content"])
-        return json.dumps({"decisions": [{"down_blocks.0": 0.4, "up_blocks.1": 0.2}, {"mid_block": 0.5, "up_blocks.0": 0.3}]})
+        return json.dumps({"decisions": [{"down_blocks.0": 0.4, "up_blocks.1": 0.2},
+                                         {"mid_block": 0.5, "up_blocks.0": 0.3}]})
 
     monkeypatch.setattr(LLMProposer, "_ask", answer)
     proposer = LLMProposer("http://127.0.0.1:9/v1", "test-model", "sk-unused")
-    result = search(base, budget, SHAPE, proxy, SearchConfig(rounds=3, candidates_per_round=2), proposer=proposer, progress=False)
+    result = search(base, budget, SHAPE, proxy, SearchConfig(rounds=3, candidates_per_round=2), proposer=proposer,
+                    progress=False)
     assert [e.proposer for e in result.memory.entries] == ["llm", "llm"]
     assert len(prompts) == 2  # round 1 repeated round 0's answer: nothing new, so the search stopped
-    assert "FLOPs budget is 0.600 of the unpruned" in prompts[0] and "up_blocks.0 (channels=64, flops_share=0.39)" in prompts[0]
+    assert "FLOPs budget is 0.600 of the unpruned" in prompts[0] \
+        and "up_blocks.0 (channels=64, flops_share=0.39)" in prompts[0]
     assert "(no candidates evaluated yet)" in prompts[0] and f"{result.score:.4f}" in prompts[1]
 
 
@@ -276,7 +281,8 @@ def test_llm_fallback_rounds_are_labelled_in_the_memory_bank(base, budget, proxy
     monkeypatch.setattr(LLMProposer, "_ask", answer)
     proposer = LLMProposer("http://127.0.0.1:9/v1", "test-model", "sk-unused", retries=0,
                             fallback=EvolutionProposer(sigma=0.3))  # big steps: children that repair to new shapes
-    result = search(base, budget, SHAPE, proxy, SearchConfig(rounds=3, candidates_per_round=4), proposer=proposer, progress=False)
+    result = search(base, budget, SHAPE, proxy, SearchConfig(rounds=3, candidates_per_round=4), proposer=proposer,
+                    progress=False)
     sources = [(e.round, e.proposer) for e in result.memory.entries]
     assert sources[0] == (0, "llm") and sources[1:] and {s for r, s in sources[1:]} == {"evolution (llm fallback)"}
     assert proposer.fallbacks == 2
@@ -288,7 +294,8 @@ def test_search_with_depth_proposes_and_remembers_layer_units(base, proxy, budge
     0/1, and the winner's removed layers are gone from its modules."""
     from tdcdiff.surgery.depth import removed_units
 
-    result = search(base, budget, SHAPE, proxy, SearchConfig(rounds=2, candidates_per_round=4, depth=True), progress=False)
+    result = search(base, budget, SHAPE, proxy, SearchConfig(rounds=2, candidates_per_round=4, depth=True),
+                    progress=False)
     layers = ["mid_block.resnets.0", "mid_block.resnets.1"]
     for entry in result.memory.entries:
         assert set(layers) <= set(entry.decision) and {entry.decision[u] for u in layers} <= {0.0, 1.0}

@@ -149,17 +149,20 @@ def test_load_model_never_imports_what_the_file_names(tmp_path):
     architecture = tmp_path / "m" / ARCHITECTURE_FILE
     description = json.loads(architecture.read_text())
     marker = tmp_path / "marker"
-    architecture.write_text(json.dumps({**description, "class": "subprocess.Popen", "kwargs": {"args": ["touch", str(marker)]}}))
+    architecture.write_text(json.dumps({**description, "class": "subprocess.Popen",
+                                        "kwargs": {"args": ["touch", str(marker)]}}))
     with pytest.raises(ValueError, match=r"names class 'subprocess.Popen', which tdcdiff does not rebuild"):
         load_model(tmp_path / "m")
     assert not marker.exists()
     (tmp_path / "outside.safetensors").write_bytes((tmp_path / "m" / WEIGHTS_FILE).read_bytes())
-    for name, message in [("../outside.safetensors", "not a plain relative path"), (str(tmp_path / "outside.safetensors"), "not a plain relative path")]:
+    for name, message in [("../outside.safetensors", "not a plain relative path"),
+                          (str(tmp_path / "outside.safetensors"), "not a plain relative path")]:
         architecture.write_text(json.dumps({**description, "weights": {**description["weights"], "file": name}}))
         with pytest.raises(ValueError, match=f"'weights.file' names .*{message}"):
             load_model(tmp_path / "m")
     (tmp_path / "m" / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
-    architecture.write_text(json.dumps({**description, "weights": {**description["weights"], "file": "link.safetensors"}}))
+    architecture.write_text(json.dumps({**description,
+                                        "weights": {**description["weights"], "file": "link.safetensors"}}))
     with pytest.raises(ValueError, match="'weights.file' names 'link.safetensors', which leads outside"):
         load_model(tmp_path / "m")
     architecture.write_text(json.dumps({**description, "weights": {**description["weights"], "sha256": "x"}}))

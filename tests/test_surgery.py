@@ -184,7 +184,8 @@ def test_each_unit_ratio_sets_its_own_widths():
     assert mid.attentions[0].to_q.out_features == base_mid.attentions[0].to_q.out_features // 2
     # Whole heads go: half of them, each keeping its dimension.
     assert mid.attentions[0].heads == base_mid.attentions[0].heads // 2
-    assert mid.attentions[0].inner_dim // mid.attentions[0].heads == base_mid.attentions[0].inner_dim // base_mid.attentions[0].heads
+    assert mid.attentions[0].inner_dim // mid.attentions[0].heads \
+        == base_mid.attentions[0].inner_dim // base_mid.attentions[0].heads
     # The residual stream through the mid block follows down_blocks.1, which is not pruned.
     assert mid.resnets[0].conv2.out_channels == base_mid.resnets[0].conv2.out_channels
     assert all(a.shape == b.shape for a, b in zip(pruned.down_blocks.parameters(), base.down_blocks.parameters()))

@@ -15,7 +15,8 @@ FAST = dict(batch_size=32, lr=2e-3, warmup_steps=2, log_every=5, checkpoint_ever
 
 @pytest.mark.slow
 def test_a_few_steps_lower_the_loss(tmp_path, digits, scheduler, tiny_unet):
-    result = train(tiny_unet, digits.images, scheduler, TrainConfig(steps=60, ema_decay=None, **FAST), tmp_path, progress=False)
+    result = train(tiny_unet, digits.images, scheduler, TrainConfig(steps=60, ema_decay=None, **FAST), tmp_path,
+                   progress=False)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < 0.6 * log[0]["loss"]
     assert len(log[0]["loss_by_t_bucket"]) == 10
@@ -49,7 +50,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, digits,
     resumed = build_unet("digits-8")
     result = train(resumed, digits.images, scheduler, config, tmp_path / "b", progress=False)
     assert result.resumed_from == 5
-    a, b = load_file(tmp_path / "a" / "final" / "model.safetensors"), load_file(tmp_path / "b" / "final" / "model.safetensors")
+    a, b = (load_file(tmp_path / "a" / "final" / "model.safetensors"),
+            load_file(tmp_path / "b" / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
@@ -63,7 +65,8 @@ def test_timestep_subset_and_changed_settings(tmp_path, digits, scheduler, tiny_
     log = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert log["loss_by_t_bucket"][0] is not None and all(v is None for v in log["loss_by_t_bucket"][1:])
     with pytest.raises(ValueError, match="different training settings"):
-        train(tiny_unet, digits.images, scheduler, TrainConfig(steps=10, **{**FAST, "lr": 1e-3}), tmp_path, timesteps=subset, progress=False)
+        train(tiny_unet, digits.images, scheduler, TrainConfig(steps=10, **{**FAST, "lr": 1e-3}), tmp_path,
+              timesteps=subset, progress=False)
 
 
 def test_nan_images_are_named_before_training(tmp_path, digits, scheduler, tiny_unet):
@@ -76,7 +79,8 @@ def test_nan_images_are_named_before_training(tmp_path, digits, scheduler, tiny_
 @pytest.mark.parametrize(
     "change, message",
     [({"steps": 0}, "steps"), ({"lr": 5.0}, "learning rate"), ({"lr": 0}, "learning rate"),
-     ({"ema_decay": 1.5}, "ema_decay"), ({"mix_fraction": 2}, "mix_fraction"), ({"mixed_precision": "fp8"}, "mixed_precision")],
+     ({"ema_decay": 1.5}, "ema_decay"), ({"mix_fraction": 2}, "mix_fraction"),
+     ({"mixed_precision": "fp8"}, "mixed_precision")],
 )
 def test_bad_settings_are_named(change, message):
     with pytest.raises(ValueError, match=message):
@@ -91,7 +95,8 @@ from tdcdiff.schedule import make_scheduler
 from tdcdiff.train import TrainConfig, train
 torch.manual_seed(0)
 result = train(build_unet("digits-8"), load_dataset("digits").images, make_scheduler(1000),
-               TrainConfig(steps=4, batch_size=16, warmup_steps=1, checkpoint_every=2, log_every=2), sys.argv[1], progress=False)
+               TrainConfig(steps=4, batch_size=16, warmup_steps=1, checkpoint_every=2, log_every=2), sys.argv[1], \
+progress=False)
 """
 
 

@@ -133,7 +133,8 @@ def test_curves_candidates_take_their_fractions_instead_of_a_variants_mean_budge
     with pytest.raises(ValueError, match=r"TDC curves k=0.4 N=2 snr budget_unit=time: --curves measures group sizes "
                                          r"as fractions of the base's FLOPs, but its budget unit is time; drop"):
         Tune(tmp_path / "v", TuneConfig(widths=(), ks=(0.4,), groups=(2,), curves=True,
-                                        tdc_variants=({"budget_unit": "time"},)), run_config=tiny_config(), progress=False)
+                                        tdc_variants=({"budget_unit": "time"},)), run_config=tiny_config(),
+             progress=False)
 
 
 def test_a_rerun_without_a_candidate_kind_the_directory_was_tuned_with_names_it(tmp_path):
@@ -492,7 +493,8 @@ def test_a_measure_is_measured_again_when_its_protocol_changed_and_the_other_kep
     bpd = measured["bpd"]
     old = {"protocol": {"measure": bpd["protocol"]["name"], "images": bpd["protocol"]["images"], "strata": 16,
                         "seed": bpd["protocol"]["seed"], "second": "held-out denoising loss"},
-           "unit": bpd["unit"], "values": {n: {**v, "value": 7.0, "held_out_loss": 0.5} for n, v in bpd["values"].items()}}
+           "unit": bpd["unit"],
+           "values": {n: {**v, "value": 7.0, "held_out_loss": 0.5} for n, v in bpd["values"].items()}}
     path.write_text(json.dumps(old))
     screened = tune.screen(models)
     assert all(screened[n][m]["value"] == measured[m]["values"][n]["value"] for n in models for m in ("bpd", "loss"))
@@ -574,7 +576,8 @@ def test_cli_tune_bad_input_is_one_line(tmp_path):
     done = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "t"), "--base-from", str(tmp_path / "none")])
     assert done.exit_code == 2 and "no finished stage-1 base there" in done.output
     done = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "t"), "--screening", "fid"])
-    assert done.exit_code == 2 and done.output.strip() == ("error: unknown --screening 'fid'; choose from loss (held-out "
+    assert done.exit_code == 2 and done.output.strip() == ("error: unknown --screening 'fid'; choose from loss "
+                                                           "(held-out "
                                                            "denoising loss), bpd (held-out bits/dim bound)")
     assert not (tmp_path / "t").exists()
 

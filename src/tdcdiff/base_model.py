@@ -38,8 +38,8 @@ MAX_CONFIG_BYTES = 1 << 20  # a diffusers config.json or model_index.json is a f
 # of a few bytes (layers_per_block: 20000) would otherwise spend minutes building modules before any check.
 MAX_MODULES = 10_000
 SAVE_HINT = "write the directory with save_pretrained"
-# check(model, vae, text_encoder): called with the denoiser (built on the meta device when it comes from a directory: its
-# weights not read yet) and the pipeline's VAE (None in pixel space); raises to refuse the model.
+# check(model, vae, text_encoder): called with the denoiser (built on the meta device when it comes from a directory:
+# its weights not read yet) and the pipeline's VAE (None in pixel space); raises to refuse the model.
 Check = Callable[[nn.Module, "nn.Module | None", "TextEncoder | None"], None]
 
 
@@ -296,8 +296,8 @@ def load_base_model(spec: str, check: Check | None = None) -> BaseModel:
         diffusion: BaseModel.vae), `module:function` (called with no arguments, must return an nn.Module; only
         after trust_function(spec) in this process), or a Hugging Face Hub name "org/name" (downloaded, then read
         as a directory).
-    check: called as check(model, vae, text_encoder) before a directory's weights are read, with the model built on the meta
-        device from its config (see Check; e.g. check_fits_data): a model that does not fit costs no memory.
+    check: called as check(model, vae, text_encoder) before a directory's weights are read, with the model built on the
+        meta device from its config (see Check; e.g. check_fits_data): a model that does not fit costs no memory.
         A function's model is checked once it returned it.
     A directory's model (and VAE) whose weights would not fit in memory is refused before they are read.
     Raises BaseModelError naming the problem and the fix.

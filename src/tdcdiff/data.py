@@ -380,8 +380,8 @@ def _check_fits(count: int, shape: tuple[int, ...], name: str, extra: int = 0) -
 
 def _from_files(items: list[Item], classes: list[str], *, source: str, size, channels, limit, seed,
                 name, captions: list[str] | None = None) -> ImageDataset:
-    """Decode the seeded `limit` subset of `items` (captions: one per item, or None) into an ImageDataset, once the first image shows that all of
-    them fit in memory as float32."""
+    """Decode the seeded `limit` subset of `items` (captions: one per item, or None) into an ImageDataset, once the
+    first image shows that all of them fit in memory as float32."""
     if not items:
         raise DataError(f"no images found in {source} (searched recursively for "
                         f"{', '.join(IMAGE_EXTENSIONS)}); add image files, optionally one subfolder per class")

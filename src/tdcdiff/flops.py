@@ -44,4 +44,5 @@ def count_flops(model: torch.nn.Module, sample_shape: tuple[int, ...], timestep:
 def flops_by_module(model: torch.nn.Module, sample_shape: tuple[int, ...], timestep: int = 500) -> dict[str, int]:
     """FLOPs of one forward pass at batch 1 per module, keyed by qualified name as FlopCounterMode gives it
     ("Global" for the total, "<ClassName>.<path>" for submodules)."""
-    return {name: int(sum(ops.values())) for name, ops in _count(model, sample_shape, timestep).get_flop_counts().items()}
+    return {name: int(sum(ops.values()))
+            for name, ops in _count(model, sample_shape, timestep).get_flop_counts().items()}

@@ -198,8 +198,8 @@ class Denoiser(nn.Module):
         elif isinstance(out, (tuple, list)):
             out = out[0]
         channels = x.shape[1]
-        if not isinstance(out, torch.Tensor) or out.shape[1] not in (channels, 2 * channels) or out.shape[2:] != x.shape[2:] \
-                or out.shape[0] != x.shape[0]:
+        if not isinstance(out, torch.Tensor) or out.shape[1] not in (channels, 2 * channels) \
+                or out.shape[2:] != x.shape[2:] or out.shape[0] != x.shape[0]:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
                 f"denoiser output has shape {got} but its input has shape {tuple(x.shape)}; a denoiser "

@@ -69,8 +69,8 @@ def _is_number(value) -> bool:
 # A range rule judges numbers only: a value of another type is the type check's to name (Settings.validate).
 def at_least(minimum: float, *, about: str = "", note: str = "", typical: str = "") -> Rule:
     """value >= minimum."""
-    return Rule(lambda v: not _is_number(v) or (math.isfinite(v) and v >= minimum), f"must be >= {minimum}", about, note,
-                typical)
+    return Rule(lambda v: not _is_number(v) or (math.isfinite(v) and v >= minimum), f"must be >= {minimum}", about,
+                note, typical)
 
 
 def at_most(maximum: float, *, about: str = "", typical: str = "") -> Rule:

@@ -118,5 +118,5 @@ def describe(result: dict, unit: str = "FID", digits: int = 2) -> str:
     low, high = result["interval"]
     worse = " (resolved worse, within the margin)" if result["verdict"] == "non-inferior" and low > 0 else ""
     return (f"{result['verdict']}{worse}: {result['mean']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] "
-            f"({result['confidence'] * 100:g}% interval, {result['pairs']} pairs), margin {result['margin']:.{digits}f} "
-            f"{unit}; resolves gaps over {result['half_width']:.{digits}f}")
+            f"({result['confidence'] * 100:g}% interval, {result['pairs']} pairs), margin "
+            f"{result['margin']:.{digits}f} {unit}; resolves gaps over {result['half_width']:.{digits}f}")

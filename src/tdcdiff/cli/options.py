@@ -89,7 +89,8 @@ def _option(*decls: str, help: str, default=None, **kwargs):
 
 RUN_DEFAULT = "runs/digits"
 RunDir = Annotated[Path, typer.Option("--out", "--run", "-o", parser=_run_dir, metavar="DIR",
-                                      help=f"Run directory: every stage reads and writes here. [default: {RUN_DEFAULT}]",
+                                      help="Run directory: every stage reads and writes here. [default: "
+                                           f"{RUN_DEFAULT}]",
                                       show_default=False)]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", metavar="FILE",
                                                     help="YAML, TOML or JSON file of settings (flags override it).")]
@@ -99,7 +100,8 @@ ImageSize = Annotated[Optional[int], _option("--image-size", help="Resize images
                                              default="the data's")]
 Channels = Annotated[Optional[int], _option(help="1 = grayscale, 3 = RGB.", default="the data's")]
 Limit = Annotated[Optional[int], _option(help="Use at most this many images (a seeded subset).", default="all")]
-Model = Annotated[Optional[str], _option(help="UNet preset: digits-8, gray-28, gray-32, rgb-32.", default="by image size")]
+Model = Annotated[Optional[str],
+                  _option(help="UNet preset: digits-8, gray-28, gray-32, rgb-32.", default="by image size")]
 Attention = Annotated[Optional[bool], _option("--attention/--no-attention",
                                               help="Self-attention at the lowest resolution.", default="off")]
 Timesteps = Annotated[Optional[int], _option("--timesteps", help="T, the number of training timesteps.", default=1000)]

@@ -35,12 +35,14 @@ def sample_command(
         parser=path_parser("--bundle", "the bundle's directory, e.g. --bundle runs/digits/bundle"),
         help="Sample from this bundle instead of the run's base model.")] = None,
     output: Annotated[Optional[Path], typer.Option(
-        "--output", help="PNG file for the grid. [default: samples.png for a bundle, else <run>/samples/base.png]")] = None,
+        "--output",
+        help="PNG file for the grid. [default: samples.png for a bundle, else <run>/samples/base.png]")] = None,
     sampler: Sampler = None, sample_steps: SampleSteps = None, num_samples: SampleNum = None, seed: SampleSeed = None,
     class_id: Annotated[Optional[int], typer.Option(
         "--class", help="Class id of every image (class-conditional models). [default: all classes in turn]")] = None,
     guidance: Annotated[float, typer.Option(
-        "--guidance", help="Classifier-free guidance scale (1: none; needs a model trained with label dropout).")] = 1.0,
+        "--guidance",
+        help="Classifier-free guidance scale (1: none; needs a model trained with label dropout).")] = 1.0,
     compile: Annotated[str, typer.Option(
         "--compile", help="Sampling path: auto (trace diffusers models), none (eager), trace, inductor "
         "(torch.compile).")] = "auto",
@@ -144,7 +146,8 @@ def report_command(
     seeds: Annotated[Optional[list[int]], typer.Option(
         "--seed", help="Sampling seed (repeat for several). [default: 0 1]")] = None,
     num_samples: Annotated[Optional[int], typer.Option(
-        "--num", help="Images per model and seed for FID/KID. [default: 512]")] = None, sampler: Sampler = None, sample_steps: SampleSteps = None, base: TrustBase = None,
+        "--num", help="Images per model and seed for FID/KID. [default: 512]")] = None, sampler: Sampler = None,
+    sample_steps: SampleSteps = None, base: TrustBase = None,
     quiet: Quiet = False,
 ):
     """FID/KID, FLOPs, time, memory and training compute of the run's base vs its TDC bundle, as report.html."""
@@ -155,7 +158,8 @@ def report_command(
         check_options(seeds or (), most={"--num": (num_samples, MAX_FID_IMAGES, FID_LIMIT)},
                       **{"--steps": (sample_steps, 1), "--num": (num_samples, 2)})
         check_writable(out, "--out", directory=True)
-        path = report_for_run(out, seeds=tuple(seeds or (0, 1)), num_samples=512 if num_samples is None else num_samples,
+        path = report_for_run(out, seeds=tuple(seeds or (0, 1)),
+                              num_samples=512 if num_samples is None else num_samples,
                               sampler=sampler, steps=sample_steps, progress=not quiet, base=base)
     except USER_ERRORS as err:
         fail(err)

@@ -62,9 +62,12 @@ def run_command(
     channels: Channels = None, limit: Limit = None, model: Model = None, attention: Attention = None,
     timesteps: Timesteps = None, schedule: Schedule = None, prediction: Prediction = None,
     base_steps: BaseSteps = None, base_lr: BaseLr = None, batch_size: BatchSize = None, groups: Groups = None,
-    grouping: Grouping = None, k: K = None, mean_budget: MeanBudget = None, ordering: Ordering = None, proposer: Proposer = None,
+    grouping: Grouping = None, k: K = None, mean_budget: MeanBudget = None, ordering: Ordering = None,
+    proposer: Proposer = None,
     rounds: Rounds = None, candidates: Candidates = None, memory: Memory = None, importance: Importance = None,
-    budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None, depth: Depth = None, finetune_steps: FtSteps = None, finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None, feature_distill: FeatureDistill = None,
+    budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None, depth: Depth = None,
+    finetune_steps: FtSteps = None, finetune_lr: FtLr = None, mix: Mix = None, distill: Distill = None,
+    feature_distill: FeatureDistill = None,
     sampler: Sampler = None, sample_steps: SampleSteps = None, num_samples: NumSamples = None, seed: Seed = None,
     base: BaseModelSpec = None, device: Device = None, dry_run: DryRun = False, quiet: Quiet = False,
 ):
@@ -109,13 +112,15 @@ def train_base_command(
 
 def plan_command(
     out: RunDir = Path(RUN_DEFAULT), groups: Groups = None, grouping: Grouping = None, k: K = None,
-    mean_budget: MeanBudget = None, ordering: Ordering = None, budget_unit: BudgetUnit = None, latency_batch: LatencyBatch = None,
+    mean_budget: MeanBudget = None, ordering: Ordering = None, budget_unit: BudgetUnit = None,
+    latency_batch: LatencyBatch = None,
     depth: Depth = None, base: TrustBase = None, device: Device = None, quiet: Quiet = False,
 ):
     """Group the timesteps and assign budgets (needs a trained base in the run directory)."""
     try:
-        run = open_run(out, None, not quiet, groups=groups, grouping=grouping, k=k, mean_budget=mean_budget, ordering=ordering,
-                        budget_unit=budget_unit, latency_batch=latency_batch, depth=depth, base=base, device=device)
+        run = open_run(out, None, not quiet, groups=groups, grouping=grouping, k=k, mean_budget=mean_budget,
+                       ordering=ordering,
+                       budget_unit=budget_unit, latency_batch=latency_batch, depth=depth, base=base, device=device)
         plan = run.plan()
         timed = plan.budget_unit == "time"
         base_ms = run.latency_table(run.base_model()).base_seconds * 1000 if timed else None
@@ -149,7 +154,8 @@ def prune_command(
         summaries = run.prune(group)
     except USER_ERRORS as err:
         fail(err)
-    typer.echo(f"{'group':>5} {'unit':>5} {'budget':>7} {'FLOPs':>7} {'time':>7} {'@batch':>6} {'error':>7} {'proxy':>7}")
+    typer.echo(f"{'group':>5} {'unit':>5} {'budget':>7} {'FLOPs':>7} {'time':>7} {'@batch':>6} {'error':>7} "
+               f"{'proxy':>7}")
     for s in summaries:
         unit = s.get("budget_unit", "flops")
         got = s["time_ratio"] if unit == "time" else s["flops_ratio"]
@@ -168,8 +174,8 @@ def finetune_command(
 ):
     """Stage 2: fine-tune each group's pruned model on its timesteps (--group i runs one group alone)."""
     try:
-        run = open_run(out, None, not quiet, finetune_steps=finetune_steps, finetune_lr=finetune_lr, mix=mix, distill=distill,
-                        feature_distill=feature_distill, base=base, device=device)
+        run = open_run(out, None, not quiet, finetune_steps=finetune_steps, finetune_lr=finetune_lr, mix=mix,
+                       distill=distill, feature_distill=feature_distill, base=base, device=device)
         results = run.finetune(group)
     except USER_ERRORS as err:
         fail(err)

@@ -31,37 +31,86 @@ from .options import (
     settings_flags,
 )
 
+Out = Annotated[Path, typer.Option(
+    "--out", "-o", help="Tune directory: the plan, candidates, tables, plot and chosen bundle.")]
+BaseFrom = Annotated[Optional[Path], typer.Option(
+    "--base-from", help="Start from this run directory's trained stage-1 base instead of training one.")]
+TuneSteps = Annotated[int, typer.Option(
+    "--tune-steps", help="Each candidate's training compute: this many stage-2 steps of the base model (FLOPs).")]
+Width = Annotated[Optional[list[float]], typer.Option(
+    "--width", help="Uniform-pruning level, fraction of the base's FLOPs (repeat; default 0.8 0.6 0.4).")]
+K = Annotated[Optional[list[float]], typer.Option(
+    "-k", "--k", help="TDC budget slope k (repeat; default 0.1 0.3 0.5).")]
+Groups = Annotated[Optional[list[int]], typer.Option(
+    "--groups", "-n", help="TDC number of groups N (repeat; default 2 4).")]
+Grouping = Annotated[Optional[list[str]], typer.Option(
+    "--grouping", help="TDC grouping: snr, uniform, loss (repeat; default snr).")]
+Variant = Annotated[Optional[list[str]], typer.Option(
+    "--variant", help="Also try every TDC grid point with these settings, KEY=VALUE[,KEY=VALUE] (repeat), e.g. "
+    "finetune.mix_fraction=0.2.")]
+TimeBudget = Annotated[Optional[list[float]], typer.Option(
+    "--time-budget", help="Also TDC candidates whose mean sampling time is this fraction of the base's, measured "
+    "(repeat, e.g. --time-budget 0.8 --time-budget 0.6).")]
+UniformTimeBudget = Annotated[Optional[list[float]], typer.Option(
+    "--uniform-time-budget", help="Also uniform pruning fitted to this fraction of the base's measured forward time "
+    "(repeat).")]
+Depth = Annotated[bool, typer.Option(
+    "--depth", help="Also try every TDC candidate with depth pruning (whole layers kept or removed).")]
+Curves = Annotated[bool, typer.Option(
+    "--curves", help="Also, per TDC grid point, the same mean budget split across groups by measured quality curves "
+    "(budget.allocate_from_curves).")]
+CurveObjective = Annotated[Optional[list[str]], typer.Option(
+    "--curve-objective", help="With --curves: what the allocation minimises, one candidate each (repeat): share (the "
+    "measure's total change) or relative (each group's measure relative to the base's, weighted by its timesteps); "
+    "default share.")]
+CurveSteps = Annotated[int, typer.Option(
+    "--curve-steps", help="With --curves: stage-2 steps behind each point of a group's curve (counted in the "
+    "candidate's compute).")]
+Candidate = Annotated[Optional[int], typer.Option(
+    "--candidate", help="Train only this candidate (0-based, see candidates.json), e.g. one job each.")]
+Screening = Annotated[str, typer.Option(
+    "--screening", help="What ranks candidates before FID (finalists, --max-quality-loss): loss (held-out denoising "
+    "loss) or bpd (held-out bits/dim bound); the other is shown beside it.")]
+Finalists = Annotated[int, typer.Option(
+    help="Candidates (best by the screening measure) that get paired-seed FID/KID.")]
+FidSeeds = Annotated[int, typer.Option(
+    "--fid-seeds", help="Sampling seeds every finalist starts with for FID/KID (>= 2: the paired rule).")]
+MaxFidSeeds = Annotated[int, typer.Option(
+    "--max-fid-seeds", help="Add seeds one at a time, up to this many, until each finalist's FID verdict is decided.")]
+Margin = Annotated[Optional[float], typer.Option(
+    "--margin", help="Non-inferiority margin in FID units: the largest FID loss that counts as none. [default: the "
+    "real-vs-real spread of FID at --fid-samples images]")]
+SamplingSettings = Annotated[Optional[list[str]], typer.Option(
+    "--settings", help="The ladder of sampling settings sampler:steps[:cN[:dD]] the base and the best candidates are "
+    "also sampled with, space- or comma-separated (repeat too), e.g. 'dpm-solver++:20 dpm-solver++:10 unipc:10 "
+    "ddim:50:c3'; none: only the reference. [default: dpm-solver++:20 dpm-solver++:10 unipc:10 dpm-solver++:6 "
+    "ddim:50:c3]")]
+Reference = Annotated[Optional[str], typer.Option(
+    "--reference", help="Your current sampling setting, sampler:steps[:cN]: every point is judged against the base "
+    "sampled with it. [default: the run's --sampler:--sample-steps, ddim:50]")]
+ScreenSamples = Annotated[int, typer.Option(
+    "--screen-samples", help="Images per (model, setting) in the sample screen that picks the settings going to FID.")]
+MaxQualityLoss = Annotated[Optional[float], typer.Option(
+    "--max-quality-loss", help="Also accept a candidate at most this much worse than the base on the screening measure "
+    "(--screening; relative, 0.02 = 2%).")]
+PricePerHour = Annotated[Optional[float], typer.Option(
+    "--price-per-hour", help="Machine price per hour: adds the cost per 1,000 images before and after.")]
+
 
 def tune_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Tune directory: the plan, candidates, tables, plot and chosen bundle.")] = Path("runs/tune"),
-    base_from: Annotated[Optional[Path], typer.Option("--base-from", help="Start from this run directory's trained stage-1 base instead of training one.")] = None,
+    out: Out = Path("runs/tune"), base_from: BaseFrom = None,
     config: ConfigFile = None, data: Data = None, image_size: ImageSize = None, base_steps: BaseSteps = None,
     batch_size: BatchSize = None, finetune_lr: FtLr = None, rounds: Rounds = None, candidates: Candidates = None,
     sampler: Sampler = None, sample_steps: SampleSteps = None, seed: Seed = None, base: TrustBase = None,
-    tune_steps: Annotated[int, typer.Option("--tune-steps", help="Each candidate's training compute: this many stage-2 steps of the base model (FLOPs).")] = 1000,
-    width: Annotated[Optional[list[float]], typer.Option("--width", help="Uniform-pruning level, fraction of the base's FLOPs (repeat; default 0.8 0.6 0.4).")] = None,
-    k: Annotated[Optional[list[float]], typer.Option("-k", "--k", help="TDC budget slope k (repeat; default 0.1 0.3 0.5).")] = None,
-    groups: Annotated[Optional[list[int]], typer.Option("--groups", "-n", help="TDC number of groups N (repeat; default 2 4).")] = None,
-    grouping: Annotated[Optional[list[str]], typer.Option("--grouping", help="TDC grouping: snr, uniform, loss (repeat; default snr).")] = None,
-    variant: Annotated[Optional[list[str]], typer.Option("--variant", help="Also try every TDC grid point with these settings, KEY=VALUE[,KEY=VALUE] (repeat), e.g. finetune.mix_fraction=0.2.")] = None,
-    time_budget: Annotated[Optional[list[float]], typer.Option("--time-budget", help="Also TDC candidates whose mean sampling time is this fraction of the base's, measured (repeat, e.g. --time-budget 0.8 --time-budget 0.6).")] = None,
-    uniform_time_budget: Annotated[Optional[list[float]], typer.Option("--uniform-time-budget", help="Also uniform pruning fitted to this fraction of the base's measured forward time (repeat).")] = None,
-    depth: Annotated[bool, typer.Option("--depth", help="Also try every TDC candidate with depth pruning (whole layers kept or removed).")] = False,
-    curves: Annotated[bool, typer.Option("--curves", help="Also, per TDC grid point, the same mean budget split across groups by measured quality curves (budget.allocate_from_curves).")] = False,
-    curve_objective: Annotated[Optional[list[str]], typer.Option("--curve-objective", help="With --curves: what the allocation minimises, one candidate each (repeat): share (the measure's total change) or relative (each group's measure relative to the base's, weighted by its timesteps); default share.")] = None,
-    curve_steps: Annotated[int, typer.Option("--curve-steps", help="With --curves: stage-2 steps behind each point of a group's curve (counted in the candidate's compute).")] = 50,
-    candidate: Annotated[Optional[int], typer.Option("--candidate", help="Train only this candidate (0-based, see candidates.json), e.g. one job each.")] = None,
-    screening: Annotated[str, typer.Option("--screening", help="What ranks candidates before FID (finalists, --max-quality-loss): loss (held-out denoising loss) or bpd (held-out bits/dim bound); the other is shown beside it.")] = "loss",
-    finalists: Annotated[int, typer.Option(help="Candidates (best by the screening measure) that get paired-seed FID/KID.")] = 3,
-    fid_seeds: Annotated[int, typer.Option("--fid-seeds", help="Sampling seeds every finalist starts with for FID/KID (>= 2: the paired rule).")] = 3,
-    max_fid_seeds: Annotated[int, typer.Option("--max-fid-seeds", help="Add seeds one at a time, up to this many, until each finalist's FID verdict is decided.")] = 8,
-    margin: Annotated[Optional[float], typer.Option("--margin", help="Non-inferiority margin in FID units: the largest FID loss that counts as none. [default: the real-vs-real spread of FID at --fid-samples images]")] = None,
+    tune_steps: TuneSteps = 1000, width: Width = None, k: K = None, groups: Groups = None, grouping: Grouping = None,
+    variant: Variant = None, time_budget: TimeBudget = None, uniform_time_budget: UniformTimeBudget = None,
+    depth: Depth = False, curves: Curves = False, curve_objective: CurveObjective = None, curve_steps: CurveSteps = 50,
+    candidate: Candidate = None, screening: Screening = "loss", finalists: Finalists = 3, fid_seeds: FidSeeds = 3,
+    max_fid_seeds: MaxFidSeeds = 8, margin: Margin = None,
     fid_samples: Annotated[int, typer.Option("--fid-samples", help="Images per model and seed for FID/KID.")] = 512,
-    sampling_settings: Annotated[Optional[list[str]], typer.Option("--settings", help="The ladder of sampling settings sampler:steps[:cN[:dD]] the base and the best candidates are also sampled with, space- or comma-separated (repeat too), e.g. 'dpm-solver++:20 dpm-solver++:10 unipc:10 ddim:50:c3'; none: only the reference. [default: dpm-solver++:20 dpm-solver++:10 unipc:10 dpm-solver++:6 ddim:50:c3]")] = None,
-    reference: Annotated[Optional[str], typer.Option("--reference", help="Your current sampling setting, sampler:steps[:cN]: every point is judged against the base sampled with it. [default: the run's --sampler:--sample-steps, ddim:50]")] = None, screen_samples: Annotated[int, typer.Option("--screen-samples", help="Images per (model, setting) in the sample screen that picks the settings going to FID.")] = 64,
+    sampling_settings: SamplingSettings = None, reference: Reference = None, screen_samples: ScreenSamples = 64,
     batch: Annotated[int, typer.Option("--batch", help="Your sampling batch size: the frontier's time axis.")] = 64,
-    max_quality_loss: Annotated[Optional[float], typer.Option("--max-quality-loss", help="Also accept a candidate at most this much worse than the base on the screening measure (--screening; relative, 0.02 = 2%).")] = None,
-    price_per_hour: Annotated[Optional[float], typer.Option("--price-per-hour", help="Machine price per hour: adds the cost per 1,000 images before and after.")] = None,
+    max_quality_loss: MaxQualityLoss = None, price_per_hour: PricePerHour = None,
     dry_run: DryRun = False, quiet: Quiet = False,
 ):
     """The quality-speed frontier of one base and the fastest candidate as good as it, with its cost and return.
@@ -76,7 +125,8 @@ def tune_command(
 
     flags = {k_: v for k_, v in settings_flags(locals()).items() if k_ not in ("k", "groups", "grouping", "depth")}
     settings = TuneConfig(tune_steps=tune_steps, screening=screening, finalists=finalists, fid_seeds=fid_seeds,
-                          max_fid_seeds=max_fid_seeds, margin=margin, fid_samples=fid_samples, batch=batch, max_quality_loss=max_quality_loss, price_per_hour=price_per_hour, depth=depth,
+                          max_fid_seeds=max_fid_seeds, margin=margin, fid_samples=fid_samples, batch=batch,
+                          max_quality_loss=max_quality_loss, price_per_hour=price_per_hour, depth=depth,
                           curves=curves, curve_steps=curve_steps, reference=reference, screen_samples=screen_samples)
     for name, value in (("widths", width), ("ks", k), ("groups", groups), ("groupings", grouping),
                         ("time_budgets", time_budget), ("uniform_time_budgets", uniform_time_budget),
@@ -123,7 +173,8 @@ def _print_results(results: dict, out: Path, price_per_hour: float | None) -> No
     """The frontier table, the judge, the choice and its cost, as `tdcdiff tune` prints them."""
     from ..tune import cost_rows, format_rows, judge_line, table_rows
 
-    typer.echo("\n" + format_rows(table_rows(results["rows"], results["choice"]["name"], results["screening_measure"]["key"])))
+    typer.echo("\n" + format_rows(table_rows(results["rows"], results["choice"]["name"],
+                                             results["screening_measure"]["key"])))
     for item in results["failed"]:
         typer.echo(f"failed: {item['name']}: {item['failed']}")
     typer.echo(f"screening: {results['screening_measure']['name']}; time: {results['time']}")
@@ -143,5 +194,6 @@ def _print_results(results: dict, out: Path, price_per_hour: float | None) -> No
         typer.echo("\n" + format_rows(phases) + "\n\n" + format_rows(returns))
         if results["cost"]["tuning_cost"] is not None:
             typer.echo(f"tuning cost at {price_per_hour:g} per hour: {results['cost']['tuning_cost']:.4f}")
-    typer.echo(f"\nfrontier: {out / 'frontier.png'}  table: {out / 'table.csv'}  cost: {out / 'cost.csv'}, {out / 'return.csv'}"
+    typer.echo(f"\nfrontier: {out / 'frontier.png'}  table: {out / 'table.csv'}  cost: {out / 'cost.csv'}, "
+               f"{out / 'return.csv'}"
                + (f"  chosen bundle: {out / 'chosen'}" if results["choice"]["name"] else ""))

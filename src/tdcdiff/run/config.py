@@ -122,7 +122,8 @@ class RunConfig(Settings):
         check_mean_budget(self.mean_budget)
 
     def checks(self):
-        make_scheduler(self.num_train_timesteps, self.beta_schedule, self.prediction_type, version=self.schedule_version)
+        make_scheduler(self.num_train_timesteps, self.beta_schedule, self.prediction_type,
+                       version=self.schedule_version)
         check_device(self.torch_device)
         for section in ("base", "finetune", "search"):
             _validate_section(getattr(self, section), section)

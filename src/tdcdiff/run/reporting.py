@@ -62,7 +62,8 @@ def _check_bundle_is_the_runs(run, bundle) -> None:
     found = []
     plan = run.plan()
     if list(bundle.router.grouping.boundaries) != list(plan.grouping.boundaries):
-        found.append(f"group edges {list(bundle.router.grouping.boundaries)} (the run's plan: {plan.grouping.boundaries})")
+        found.append(f"group edges {list(bundle.router.grouping.boundaries)} (the run's plan: "
+                     f"{plan.grouping.boundaries})")
     if tuple(bundle.sample_shape) != tuple(run.sample_shape):
         found.append(f"image shape {tuple(bundle.sample_shape)} (the run's data: {tuple(run.sample_shape)})")
     provenance = bundle.manifest.get("provenance")

@@ -378,7 +378,8 @@ class Stages(RunInputs):
                 raise FileNotFoundError(f"no pruned model for group {i} at {pruned_dir}; run `tdcdiff prune` first")
             model = self.load(pruned_dir)
             config = replace(c.finetune, seed=c.seed * 100 + i + 1,
-                             label_dropout=c.finetune.label_dropout or c.base.label_dropout, null_class=self.null_class(model))
+                             label_dropout=c.finetune.label_dropout or c.base.label_dropout,
+                             null_class=self.null_class(model))
             results.append(
                 train(
                     model, train_images, self.scheduler, config, self.dir / "finetune" / f"group_{i}",

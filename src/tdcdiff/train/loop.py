@@ -147,7 +147,8 @@ class Trainer:
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log = TrainingLog(self.out_dir / LOG_FILE if main else None, self.num_train)
-        self.bar = progress_bar(total=c.steps, initial=self.start, desc=self.description, enabled=self.progress and main)
+        self.bar = progress_bar(total=c.steps, initial=self.start, desc=self.description,
+                                enabled=self.progress and main)
 
     def run_loop(self) -> TrainResult:
         """Run the steps from `start` to config.steps, then `finish`."""
