@@ -1,6 +1,14 @@
 import pytest
 import torch
 
+# The longest test (the README's quick start: one default `tdcdiff run`, about 15 CPU-minutes) goes first, so that
+# with `-n 2` (CI) one process runs it while the other runs the rest, instead of starting it last.
+FIRST = ("tests/test_readme.py",)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))
+
 
 @pytest.fixture(scope="session")
 def digits():
