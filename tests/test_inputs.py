@@ -94,8 +94,13 @@ def test_given_config_of_too_many_modules_is_stopped_while_it_is_built(tmp_path)
         load_base_model(str(given))
 
 
-def test_training_that_needs_more_memory_than_the_machine_has(tmp_path):
-    """The run's own preset at --image-size 4096: 1 M parameters, but one batch's activations are terabytes."""
+def test_training_that_needs_more_memory_than_the_machine_has(tmp_path, monkeypatch):
+    """The run's own preset at --image-size 4096: 1 M parameters, but one batch's activations are terabytes. The
+    machine is given 16 GiB available: with less (a busy machine), an earlier check (the latency batch's 8 GiB)
+    would speak first."""
+    from tdcdiff import capacity
+
+    monkeypatch.setattr(capacity, "available_memory", lambda: 16 << 30)
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["train-base", "--image-size", "4096", "--limit", "4", "--out", str(out), "-q"])
     assert result.exit_code == 2, result.output
