@@ -227,6 +227,10 @@ def typed(key: str, value, hint, default):
         hint = next(a for a in args if a is not type(None))
     if is_dataclass(hint):
         return _typed_section(key, value, hint, default)
+    if hint is dict:  # a free-form mapping (tune's RunConfig overrides per variant), checked where it is used
+        if isinstance(value, dict):
+            return value
+        raise ValueError(f"setting '{key}' must be a mapping, got {shown(value)}")
     origin, items = typing.get_origin(hint), typing.get_args(hint)
     if origin in (list, tuple) and isinstance(value, (list, tuple)):
         values = [typed(f"{key}[{i}]", v, items[0], None) for i, v in enumerate(value)]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 from ..budget import budget_fractions
 from ..capacity import FID_LIMIT, MAX_FID_IMAGES, MAX_FID_SEEDS, SEEDS_LIMIT
 from ..grouping import STRATEGIES
 from ..run.config import STAGE_OF_SETTING
+from ..settings import Settings
 from .curves import CURVE_OBJECTIVES
 from .ladder import DEFAULT_LADDER, parse_settings
 from .measures import SCREENING_MEASURES
@@ -20,7 +22,7 @@ GRID_SETTINGS = ("k", "groups", "grouping")
 
 
 @dataclass
-class TuneConfig:
+class TuneConfig(Settings):
     """What `tdcdiff tune` tries and how it measures.
 
     tune_steps: each candidate's training compute, as this many stage-2 steps of the BASE model (at the run's
@@ -102,8 +104,9 @@ class TuneConfig:
     max_quality_loss: float | None = None
     price_per_hour: float | None = None
 
-    def validate(self) -> None:
-        """Raise ValueError naming the flag of the first bad setting."""
+    def validate(self, prefix: str = "") -> None:
+        """Raise ValueError naming the flag of the first bad setting: repeated values, variants, the sampling
+        settings and the TDC grid's budgets, then the settings mechanism's types and `checks()`."""
         self._check_repeats()
         self._check_variants()
         parse_settings(self.settings, "--settings")
@@ -112,7 +115,11 @@ class TuneConfig:
         for n in self.groups:
             for k in self.ks:
                 budget_fractions(n, k)
-        checks = [
+        super().validate(prefix)
+
+    def checks(self) -> Iterable[tuple[bool, str]]:
+        """(ok, message) per range and choice, each message naming its flag."""
+        return [
             (self.tune_steps >= 1, f"--tune-steps must be >= 1, got {self.tune_steps}"),
             (all(0 < w < 1 for w in self.widths),
              f"--width values must be in (0, 1) (fractions of the base's FLOPs), got {list(self.widths)}"),
@@ -164,9 +171,6 @@ class TuneConfig:
              "--price-per-hour must be a finite number >= 0 (the machine's price per hour), got "
              f"{self.price_per_hour}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
     def _check_repeats(self) -> None:
         """Refuse a value given twice in a repeated option: each is one candidate (or curve point), and a repeat
