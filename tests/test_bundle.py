@@ -135,7 +135,14 @@ def test_a_bundle_samples_with_its_recorded_setting_unless_told_otherwise(bundle
 @pytest.mark.parametrize("sampling, message", [
     ({"sampler": "heun", "steps": 5}, r"'sampling': unknown sampler 'heun'"),
     ({"sampler": "ddim", "steps": 5000}, r"ddim:5000 takes 5000 steps, more than the schedule's T=1000"),
-    ({"sampler": "ddim", "steps": 5, "cache_interval": 0}, r"cache_interval \(--cache-interval\) must be an integer"),
+    ({"sampler": "ddim", "steps": 5, "cache_interval": 0}, r"'sampling.cache_interval' must be an integer >= 1, got 0"),
+    ({"sampler": "ddim", "steps": True}, r"'sampling.steps' must be an integer >= 1, got True"),
+    ({"sampler": "ddim", "steps": 5, "cache_interval": 2, "cache_depth": -3},
+     r"'sampling.cache_depth' must be an integer >= 1, got -3"),
+    ({"sampler": "ddim", "steps": 5, "cache_depth": 2},
+     r"'sampling.cache_depth' is 2 but 'sampling.cache_interval' is 1"),
+    ({"sampler": "ddim", "steps": 5, "cache_interval": 2, "cache_depth": 3},
+     r"manifest.json: 'sampling.cache_depth' is 3 but expert 0 is a UNet of 2 levels \(down blocks\); set it to 1..2"),
     ({"sampler": "ddim", "steps": 5, "eta": 1}, r"'sampling' must be \{\"sampler\", \"steps\""),
     ("ddim:5", r"'sampling' must be"),
 ])

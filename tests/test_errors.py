@@ -238,7 +238,11 @@ def test_a_run_config_value_out_of_range_names_the_file(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     for text, problem in [('{"k": 1e400}', "k must be in (0, 1] (the easiest group's share grows with k), got inf"),
-                          ('{"base": {"ema_decay": NaN}}', "base.ema_decay must be in (0, 1) or None, got nan")]:
+                          ('{"base": {"ema_decay": NaN}}', "base.ema_decay must be in (0, 1) or None, got nan"),
+                          # a check across settings (T), not one setting's own range
+                          ('{"sample_steps": 1e30}', "sampling steps must be between 1 and T=1000, got "
+                                                     f"{int(1e30)} (--steps, sample_steps; unset: min(50, T))"),
+                          ('{"groups": 20, "num_train_timesteps": 10}', "number of groups N=20 exceeds T=10")]:
         (run / "config.json").write_text(text)
         result = CliRunner().invoke(app, ["sample", "--out", str(run), "--num", "2"])
         assert result.exit_code == 2, result.output

@@ -175,6 +175,17 @@ def test_guidance_with_a_null_class_that_is_a_class_of_the_data(tmp_path, schedu
                null_class=3, num_classes=10, progress=False)
 
 
+def test_a_model_on_the_meta_device_is_refused_before_sampling(tmp_path, scheduler):
+    from tdcdiff.pipeline import sample
+
+    with pytest.raises(ValueError, match=r"the model is on the meta device, which holds no weights: load them first"):
+        sample(_conditional(tmp_path).to("meta"), scheduler, sample_shape=(1, 8, 8), steps=2, num_images=2,
+               class_labels=3, progress=False)
+    result = sample(_conditional(tmp_path), scheduler, sample_shape=(1, 8, 8), steps=2, num_images=2, class_labels=3,
+                    progress=False, device="cpu:0")  # the same device, written with an index
+    assert result.images.shape == (2, 1, 8, 8)
+
+
 def test_sampling_more_images_than_memory_holds(tiny_unet, scheduler):
     from tdcdiff.pipeline import sample
 
@@ -269,6 +280,9 @@ def test_unconditional_given_model_with_label_dropout(tmp_path):
     ({"guidance_scale": 2.0, "null_class": True}, "null_class must be an integer class id, got True"),
     ({"guidance_scale": 1e30, "null_class": 10}, r"sampling produced NaN/inf pixels \(guidance_scale 1e\+30\); lower "
                                                  "the guidance scale"),
+    ({"device": "meta"}, r"device 'meta' holds no data: sample on the model's device \(cpu\), or leave device out"),
+    ({"device": "cuda:1"}, r"device 'cuda:1' is not the model's device \(cpu\): move the model there first"),
+    ({"device": "gpu0"}, r"device 'gpu0' is not a torch device \(.*\); give e.g. 'cpu' or 'cuda:0'"),
 ])
 def test_sample_arguments_it_cannot_use(tmp_path, scheduler, changes, message):
     from tdcdiff.pipeline import sample

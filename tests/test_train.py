@@ -69,6 +69,13 @@ def test_timestep_subset_and_changed_settings(tmp_path, digits, scheduler, tiny_
               timesteps=subset, progress=False)
 
 
+def test_a_warmup_as_long_as_the_training_is_warned_about(tmp_path, digits, scheduler, tiny_unet):
+    config = TrainConfig(steps=4, **{**FAST, "warmup_steps": 8})
+    with pytest.warns(UserWarning, match=r"warmup_steps 8 is not below its 4 steps, so the learning rate rises for the "
+                                         r"whole run and never reaches lr 0.002 \(it ends at 0.001\)"):
+        train(tiny_unet, digits.images, scheduler, config, tmp_path, progress=False)
+
+
 def test_nan_images_are_named_before_training(tmp_path, digits, scheduler, tiny_unet):
     images = digits.images.clone()
     images[:3] = float("nan")

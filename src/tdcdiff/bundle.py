@@ -39,6 +39,7 @@ from .manifest import (
     BundleError,
     build_scheduler,
     check_conditioning,
+    check_default_caching,
     check_manifest,
     check_records,
     check_text_entry,
@@ -369,6 +370,7 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu") -> Bund
         _check_input(expert, i, manifest["sample_shape"], f"{where}: ")
         experts.append(expert)
     check_trained_shape(manifest, where)
+    check_default_caching(manifest, experts, where)
     _check_class_ids(experts, f"{where}: ", REEXPORT)
     text = _load_text(path, manifest) if manifest.get("text") is not None else None
     _check_text(experts, text.width if text is not None else None, f"{where}: ")

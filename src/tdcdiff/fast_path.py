@@ -9,8 +9,8 @@ import warnings
 import torch
 from torch import nn
 
-from .feature_cache import DeepCacheUNet, FeatureCache, FullPass, ShallowPass
-from .models import Denoiser, as_denoiser, network
+from .feature_cache import FeatureCache, FullPass, ShallowPass, split_unet
+from .models import Denoiser, as_denoiser
 from .router import Router, integer_timestep
 
 COMPILE_MODES = ("auto", "none", "trace", "inductor")
@@ -160,17 +160,11 @@ class SamplingModel:
 
         Raises ValueError, naming the expert, unless each is a diffusers UNet2DModel that DeepCacheUNet can split
         at this depth."""
-        from diffusers import UNet2DModel
-
         for index, denoiser in enumerate(self._denoisers):
             if (index, depth) in self._cached_passes:
                 continue
-            unet = network(denoiser)
-            if not isinstance(unet, UNet2DModel):
-                which = f"expert {index} of the router" if self.router is not None else "the model"
-                raise ValueError(f"feature caching (cache_interval > 1) needs diffusers UNet2DModel denoisers, but "
-                                 f"{which} is a {type(unet).__name__}; sample it with cache_interval=1")
-            core = DeepCacheUNet(unet, depth)
+            which = f"expert {index} of the router" if self.router is not None else "the model"
+            core = split_unet(denoiser, depth, which)
             mode = self._modes[index]
             self._cached_passes[index, depth] = (self._compiled(FullPass(core), mode),
                                                  self._compiled(ShallowPass(core), mode))

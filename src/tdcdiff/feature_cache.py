@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .models import num_class_embeds
+from .models import network, num_class_embeds
 
 
 def _skips_made(block: nn.Module) -> int:
@@ -158,6 +158,20 @@ class ShallowPass(_Pass):
                 *, with_variance: bool = False) -> torch.Tensor:
         sample, class_labels = self._inputs(x, class_labels)
         return self._prediction(self.core.shallow(sample, t, deep, class_labels), x, with_variance)
+
+
+def split_unet(denoiser: nn.Module, depth: int, which: str) -> DeepCacheUNet:
+    """DeepCacheUNet of the diffusers UNet2DModel that `denoiser` is or wraps, at branch depth `depth`.
+
+    which: how messages name the model ("the model", "expert 1 of the router"). Raises ValueError for a denoiser
+    that is not a UNet2DModel, and DeepCacheUNet's for a depth or a block layout it cannot split."""
+    from diffusers import UNet2DModel
+
+    unet = network(denoiser)
+    if not isinstance(unet, UNet2DModel):
+        raise ValueError(f"feature caching (cache_interval > 1) needs diffusers UNet2DModel denoisers, but "
+                         f"{which} is a {type(unet).__name__}; sample it with cache_interval=1")
+    return DeepCacheUNet(unet, depth)
 
 
 @dataclass

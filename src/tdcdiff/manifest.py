@@ -15,9 +15,10 @@ import re
 
 import torch
 
+from .feature_cache import split_unet
 from .files import brief, is_count, is_sha256, json_safe
 from .grouping import Grouping
-from .models import CLIP_TOKENS
+from .models import CLIP_TOKENS, network
 from .samplers import SamplingSetting
 from .schedule import MAX_TIMESTEPS, PREDICTION_TYPES
 from .serialization import ARCHITECTURE_FILE, allowed_class, check_arguments
@@ -134,7 +135,7 @@ def sampling_setting(manifest: dict, num_train_timesteps: int) -> SamplingSettin
     'sampling' that names no sampler of this tdcdiff or more steps than T."""
     if manifest.get("sampling") is None:
         return SamplingSetting("ddim", min(50, num_train_timesteps))
-    return SamplingSetting.from_dict(manifest["sampling"], "'sampling'").check(num_train_timesteps)
+    return SamplingSetting.from_dict(manifest["sampling"], "sampling").check(num_train_timesteps)
 
 
 def _check_grouping(data: object, fail) -> Grouping:
@@ -287,6 +288,27 @@ def check_trained_shape(manifest: dict, where) -> None:
             raise BundleError(f"{where}: 'sample_shape' is {shape} but expert {i} was trained on "
                               f"{record['sample_shape']} samples ('expert_training'); set 'sample_shape' to "
                               f"{record['sample_shape']} or {REEXPORT}")
+
+
+def check_default_caching(manifest: dict, experts: list, where) -> None:
+    """The bundle's default feature caching ('sampling' with cache_interval >= 2) fits every expert: checked at load,
+    naming the manifest's key, rather than at the first sample under a flag the user did not give."""
+    if manifest.get("sampling") is None:
+        return
+    setting = SamplingSetting.from_dict(manifest["sampling"], "sampling")
+    if setting.cache_interval in (None, 1):
+        return
+    depth = 1 if setting.cache_depth is None else setting.cache_depth
+    for i, expert in enumerate(experts):
+        levels = len(getattr(network(expert), "down_blocks", ()))
+        if levels and depth > levels:
+            raise BundleError(f"{where}: 'sampling.cache_depth' is {depth} but expert {i} is a UNet of {levels} levels "
+                              f"(down blocks); set it to 1..{levels} (1 caches the most) or {REEXPORT}")
+        try:
+            split_unet(expert, depth, f"expert {i}")
+        except ValueError as err:
+            raise BundleError(f"{where}: 'sampling' caches features (cache_interval {setting.cache_interval}) but "
+                              f"{err}") from None
 
 
 def check_conditioning(conditioning: object, classes: int | None, where) -> None:

@@ -98,8 +98,9 @@ def _check_settings(train_scheduler, sample_shape: tuple[int, int, int], sampler
     return visited, depth
 
 
-def _check_model(model: nn.Module, train_scheduler, sample_shape: tuple[int, int, int]) -> None:
-    """A router's groups must cover the schedule's T, and the model must take the data's channels and size."""
+def _check_model(model: nn.Module, train_scheduler, sample_shape: tuple[int, int, int], device) -> torch.device:
+    """A router's groups must cover the schedule's T, and the model must take the data's channels and size.
+    Returns the device to sample on (_sampling_device)."""
     grouping = getattr(model, "grouping", None)
     num_train = train_scheduler.config.num_train_timesteps
     if grouping is not None and grouping.num_train_timesteps != num_train:
@@ -109,6 +110,29 @@ def _check_model(model: nn.Module, train_scheduler, sample_shape: tuple[int, int
         )
     check_denoiser(model, sample_shape)
     _check_sample_size(model, sample_shape)
+    return _sampling_device(model, device)
+
+
+def _sampling_device(model: nn.Module, device) -> torch.device:
+    """The device the noise and labels go to: the model's (its first parameter's; CPU for a model without any),
+    which `device`, when given, must name. Raises ValueError for a device torch does not know, another device than
+    the model's, or the meta device (it holds no weights, so nothing could be sampled)."""
+    own = device_of(model)
+    try:
+        chosen = own if device is None else torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device ({err}); give e.g. 'cpu' or 'cuda:0'") from None
+    if chosen.type == "meta":
+        raise ValueError("the model is on the meta device, which holds no weights: load them first (e.g. "
+                         "model.to_empty(device='cpu') and load_state_dict) and sample on 'cpu' or 'cuda'"
+                         if own.type == "meta" else "device 'meta' holds no data: sample on the model's device "
+                         f"({own}), or leave device out")
+    has_weights = next(model.parameters(), None) is not None
+    other_index = None not in (chosen.index, own.index) and chosen.index != own.index
+    if has_weights and (chosen.type != own.type or other_index):
+        raise ValueError(f"device {str(chosen)!r} is not the model's device ({own}): move the model there first "
+                         f"(model.to({str(chosen)!r})), or leave device out")
+    return chosen
 
 
 def _trajectory(runner: SamplingModel, scheduler, x: torch.Tensor, visited: list[int], labels, *, sampler: str,
@@ -217,20 +241,20 @@ def sample(
         a full pass every cache_interval steps (1, the default: none), between them the shallow branch of depth
         cache_depth (1..the UNet's levels; default 1) on the last full pass's deep features; a step of another
         expert (group) than the cached one runs a full pass. Traced as the model is; ValueError for other models.
-    decode: for latent diffusion, maps the final latents (sample_shape) to images in [-1, 1] (latent.Decoder);
-        the images are then decoded, and the latents are not clamped.
+    device: the model's (the default; ValueError for another). decode: for latent diffusion, maps the final latents
+        (sample_shape) to images in [-1, 1] (latent.Decoder); the images are then decoded, and not clamped.
     """
     visited, depth = _check_settings(train_scheduler, sample_shape, sampler, steps, num_images, batch_size, seed,
                                      guidance_scale, cache_interval, cache_depth, (compile, precision))
     runner = model if isinstance(model, SamplingModel) else None
     model = runner.model if runner is not None else model
-    _check_model(model, train_scheduler, sample_shape)
+    device = _check_model(model, train_scheduler, sample_shape, device)
     labels, null = sample_conditions(model, num_images, guidance_scale, class_labels, null_class, num_classes,
                                      prompt_embeds, negative_prompt_embeds)
     scheduler, runner = make_sampler(sampler, train_scheduler), runner or SamplingModel(model, compile, precision)
     if depth is not None:
         runner.prepare_cache(depth)
-    device, generator = device_of(model) if device is None else device, torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator().manual_seed(int(seed))
     noise = torch.randn((num_images, *sample_shape), generator=generator)
     outputs, cache, batches = [], None, range(0, num_images, batch_size)
     bar = progress_bar(total=len(batches) * steps, desc=f"sample {sampler}-{steps}", enabled=progress)

@@ -463,13 +463,22 @@ class SamplingSetting:
                 "cache_depth": self.cache_depth}
 
     @classmethod
-    def from_dict(cls, data: object, what: str) -> SamplingSetting:
-        """The setting in a mapping read from a file (untrusted). Raises ValueError naming `what`."""
+    def from_dict(cls, data: object, key: str) -> SamplingSetting:
+        """The setting stored under `key` in a file (untrusted), e.g. a bundle manifest's "sampling". Raises
+        ValueError naming the file's keys ('sampling.cache_depth'), not the command-line flags."""
         keys = ("sampler", "steps", "cache_interval", "cache_depth")
         if not isinstance(data, dict) or not set(data) <= set(keys) or not {"sampler", "steps"} <= set(data):
-            raise ValueError(f"{what} must be {{\"sampler\", \"steps\"[, \"cache_interval\", \"cache_depth\"]}}, "
+            raise ValueError(f"'{key}' must be {{\"sampler\", \"steps\"[, \"cache_interval\", \"cache_depth\"]}}, "
                              f"got {str(data)[:120]}")
+        given = {name: data[name] for name in ("steps", "cache_interval", "cache_depth")
+                 if name in data and not (name == "cache_depth" and data[name] is None)}
+        for name, value in given.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"'{key}.{name}' must be an integer >= 1, got {value!r}")
+        if "cache_depth" in given and given.get("cache_interval", 1) == 1:
+            raise ValueError(f"'{key}.cache_depth' is {given['cache_depth']} but '{key}.cache_interval' is 1 (no "
+                             "feature caching); set cache_interval >= 2 or remove cache_depth")
         try:
             return cls(**data)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{what}: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"'{key}': {err}") from None

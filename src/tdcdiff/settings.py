@@ -162,20 +162,30 @@ class Settings:
         """(ok, message) pairs for what ties several fields together; the fields' own rules are checked first."""
         return ()
 
+    def machine_checks(self) -> None:
+        """Raise ValueError for what this machine lacks (a device, an endpoint). validate runs it; check_values does
+        not: a saved file's values are judged apart from the machine that reads them."""
+
     def validate(self, prefix: str = "") -> None:
         """Check every field's Rule (nested settings with their dotted prefix), every value's type (as from_dict
-        does, for settings built in code), then checks(). Raises ValueError with the first failure's message."""
+        does, for settings built in code), machine_checks(), then checks(). Raises ValueError with the first
+        failure's message."""
         self._check_rules(prefix)
         if not prefix:
             self._check_types()
+        self.machine_checks()
+        self._check_pairs()
+
+    def check_values(self) -> None:
+        """Each field's own Rule (nested settings too) and checks(), not machine_checks(): what a saved file's values
+        are judged by. Raises ValueError with the first failure's message."""
+        self._check_rules("")
+        self._check_pairs()
+
+    def _check_pairs(self) -> None:
         for ok, message in self.checks():
             if not ok:
                 raise ValueError(message)
-
-    def check_values(self) -> None:
-        """Each field's own Rule (nested settings too), not checks(): what a saved file's values are judged by
-        apart from this machine (a device, an endpoint). Raises ValueError with the first failure's message."""
-        self._check_rules("")
 
     def _check_types(self) -> None:
         """Raise ValueError for a value of the wrong type: what from_dict refuses, and what it would only take

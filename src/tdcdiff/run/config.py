@@ -121,14 +121,16 @@ class RunConfig(Settings):
         budget_fractions(min(self.groups, self.num_train_timesteps), self.k)  # N capped: it allocates per group
         check_mean_budget(self.mean_budget)
 
+    def machine_checks(self) -> None:
+        check_device(self.torch_device)
+        if self.search.proposer == "llm":
+            get_proposer("llm")  # endpoint and model come from the environment: check them before training
+
     def checks(self):
         make_scheduler(self.num_train_timesteps, self.beta_schedule, self.prediction_type,
                        version=self.schedule_version)
-        check_device(self.torch_device)
         for section in ("base", "finetune", "search"):
             _validate_section(getattr(self, section), section)
-        if self.search.proposer == "llm":
-            get_proposer("llm")  # endpoint and model come from the environment: check them before training
         return [
             (self.num_samples <= MAX_GRID_IMAGES,
              f"num_samples must be at most {MAX_GRID_IMAGES}, got {self.num_samples} ({GRID_LIMIT})"),

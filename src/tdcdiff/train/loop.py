@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -111,6 +112,11 @@ class Trainer:
         from diffusers.training_utils import EMAModel
 
         c = self.config
+        if c.warmup_steps >= c.steps:  # allowed (a deliberate ramp), but rarely what was meant
+            warnings.warn(f"training {self.out_dir}: warmup_steps {c.warmup_steps} is not below its {c.steps} steps, "
+                          f"so the learning rate rises for the whole run and never reaches lr {c.lr:g} (it ends at "
+                          f"{c.lr * c.steps / c.warmup_steps:.3g}); lower warmup_steps or train for more steps",
+                          stacklevel=2)
         self.accelerator = Accelerator(**accelerator_device(self.device), mixed_precision=c.mixed_precision)
         world = self.accelerator.num_processes
         if c.batch_size % world:
