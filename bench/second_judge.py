@@ -18,6 +18,7 @@ from pathlib import Path
 from tdcdiff.evaluate import default_cache_dir, judge_protocol, score_seeds
 from tdcdiff.features import DEFAULT_FEATURE_NET, FEATURE_NETS, feature_net_for
 from tdcdiff.pipeline import SamplingModel
+from tdcdiff.samplers import SamplingSetting
 from tdcdiff.tune import Tune, TuneConfig
 from tdcdiff.verdict import judge
 
@@ -33,15 +34,17 @@ def open_tune(folder: Path) -> Tune:
 
 
 def rescore(folder: Path, design: str, *, say=print) -> dict:
-    """Per-seed FID of every model of tune output `folder` that has FID, in feature network `design`'s space.
+    """Per-seed FID of every point (model at a sampling setting) of tune output `folder` that has FID, in feature
+    network `design`'s space, each sampled at its own setting.
 
     Returns {"default": name -> the tune's per-seed FIDs, "second": name -> the second network's, over the same
     seeds; "margins": {"default", "second"}; "nets": {"default", "second"}: descriptions; "second_judge":
-    evaluate.judge_protocol's dict for the second network}. design: a key of SECOND_JUDGES.
+    evaluate.judge_protocol's dict for the second network}. design: a key of SECOND_JUDGES (or the default
+    network's, which must give the tune's own FIDs back: the same images in the same space).
     """
     results = json.loads((folder / "results.json").read_text())
     tune = open_tune(folder)
-    run, c = tune.base_run, tune.base_run.config
+    run = tune.base_run
     name = Path(run.data.name).name
     net = feature_net_for(run.data.images, run.data.labels, cache_dir=default_cache_dir() / "features", name=name,
                           design=design)
@@ -49,14 +52,16 @@ def rescore(folder: Path, design: str, *, say=print) -> dict:
     second_judge = judge_protocol(run.data.images, net, samples)
     say(f"second judge: {net.description}; margin {second_judge['margin']:.3f} ({second_judge['margin_from']})")
     models = tune.models()
-    default = {row["name"]: row["fid"] for row in results["rows"] if row.get("fid")}
-    second = {}
-    for model_name, scores in default.items():
-        fids, _, _ = score_seeds(model_name, SamplingModel(models[model_name][0]), run.scheduler, run.data.images,
-                                 net, seeds=range(len(scores)), sample_shape=run.sample_shape, sampler=c.sampler,
-                                 steps=c.sampling_steps, num_samples=samples, reference_name=name,
-                                 num_classes=run.data.num_classes, say=say)
-        second[model_name] = [f.fid for f in fids]
+    points = [row for row in results["rows"] if row.get("fid")]  # a model at a setting: "base @ dpm-solver++:10"
+    default, second = {row["name"]: row["fid"] for row in points}, {}
+    for row in points:
+        point, scores, setting = row["name"], row["fid"], SamplingSetting.parse(row["setting"])
+        fids, _, _ = score_seeds(point, SamplingModel(models[row["model"]][0]), run.scheduler, run.data.images, net,
+                                 seeds=range(len(scores)), sample_shape=run.sample_shape, sampler=setting.sampler,
+                                 steps=setting.steps, num_samples=samples, reference_name=name,
+                                 num_classes=run.data.num_classes, say=say, cache_interval=setting.cache_interval,
+                                 cache_depth=setting.cache_depth)
+        second[point] = [f.fid for f in fids]
     return {"default": default, "second": second,
             "margins": {"default": results["fid_protocol"]["judge"]["margin"], "second": second_judge["margin"]},
             "nets": {"default": results["fid_protocol"]["feature_net"], "second": net.description},

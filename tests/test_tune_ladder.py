@@ -167,3 +167,18 @@ def test_dry_run_counts_the_settings_sampling(laddered):
     config = tiny_tune(ks=(), finalists=1, settings=LADDER)
     text = estimate_tune(root / "dry", config, candidate_list(config), base_from=root / "run")
     assert "sampling settings" in text and "x 3 settings" in text
+
+
+@pytest.mark.slow
+def test_the_second_judge_samples_each_point_at_its_own_setting(laddered):
+    # bench/second_judge.rescore sampled every row at the run's sampler (and failed on "model @ setting" rows):
+    # in the default network's space it must give the tune's own per-seed FIDs back (the same images).
+    from second_judge import rescore
+    from tdcdiff.features import DEFAULT_FEATURE_NET
+
+    root, _, results = laddered
+    scores = rescore(root / "tune", DEFAULT_FEATURE_NET, say=lambda line: None)
+    crossed = [r["name"] for r in results["rows"] if r["fid"] and r["name"] != r["model"]]
+    assert crossed and set(scores["second"]) == {r["name"] for r in results["rows"] if r["fid"]}
+    for name, fids in scores["default"].items():
+        assert scores["second"][name] == pytest.approx(fids, rel=1e-4), name
