@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .files import is_count
 from .models import network, num_class_embeds
 
 
@@ -42,7 +43,7 @@ class DeepCacheUNet(nn.Module):
     def __init__(self, unet: nn.Module, depth: int):
         super().__init__()
         levels = len(unet.down_blocks)
-        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= levels:
+        if not is_count(depth, 1) or depth > levels:
             raise ValueError(f"cache_depth (--cache-depth) must be between 1 and the UNet's {levels} levels (down "
                              f"blocks), got {depth!r}; 1 caches the most (the shallowest branch)")
         skip_blocks = [type(b).__name__ for b in (*unet.down_blocks, *unet.up_blocks) if hasattr(b, "skip_conv")]

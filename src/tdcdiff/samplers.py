@@ -21,6 +21,8 @@ from typing import Callable
 
 import numpy as np
 
+from .files import is_count
+
 LEARNED_VARIANCES = ("learned", "learned_range")
 # "trailing": the first step is at t = T-1 and the steps are evenly spaced below it, for every step count
 # (diffusers' "leading" starts 1-step sampling at t=0; its "linspace" repeats a timestep at steps = T, which
@@ -399,7 +401,7 @@ def check_cache_settings(cache_interval, cache_depth) -> int | None:
     Raises ValueError for an interval below 1 or a depth given without caching (the depth is checked against each
     UNet by DeepCacheUNet).
     """
-    if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
+    if not is_count(cache_interval, 1):
         raise ValueError(f"cache_interval (--cache-interval) must be an integer >= 1, got {cache_interval!r}: one "
                          "full UNet pass every that many steps (1: no feature caching)")
     if cache_interval == 1:
@@ -428,7 +430,7 @@ class SamplingSetting:
 
     def __post_init__(self):
         sampler_kind(self.sampler)
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+        if not is_count(self.steps, 1):
             raise ValueError(f"sampling steps must be an integer >= 1, got {self.steps!r}")
         check_cache_settings(self.cache_interval, self.cache_depth)
 
@@ -473,7 +475,7 @@ class SamplingSetting:
         given = {name: data[name] for name in ("steps", "cache_interval", "cache_depth")
                  if name in data and not (name == "cache_depth" and data[name] is None)}
         for name, value in given.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_count(value, 1):
                 raise ValueError(f"'{key}.{name}' must be an integer >= 1, got {value!r}")
         if "cache_depth" in given and given.get("cache_interval", 1) == 1:
             raise ValueError(f"'{key}.cache_depth' is {given['cache_depth']} but '{key}.cache_interval' is 1 (no "
