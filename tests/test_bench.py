@@ -544,3 +544,40 @@ def test_agreement_counts_a_resolved_pair_of_a_copied_benchmark_once(tmp_path, m
     # single < uniform and single < TDC are resolved (gaps 0.5 and 1.1, 1.0-1.2); uniform < TDC too (0.5-0.7)
     assert "pairs of arms whose FID gap is real (paired rule over seeds, 95%): 3" in out
     assert "within-run pairs (same base), ordered like FID: 9 pairs" in out
+
+
+def tune_point(name, model, setting, time_ratio, time_1_ratio, verdict=None, mean=0.1):
+    gap = None if verdict is None else {"mean": mean, "interval": [mean - 0.3, mean + 0.3], "verdict": verdict}
+    return {"name": name, "model": model, "setting": setting, "time_ratio": time_ratio, "time_1_ratio": time_1_ratio,
+            "fid_gap": gap}
+
+
+def test_tune_seeds_splits_each_tune_into_free_and_model_and_pools_the_factors(tmp_path, monkeypatch, capsys):
+    tune_seeds = load_script("tune_seeds", monkeypatch)
+    outputs = []
+    for seed, (prune_64, prune_1) in enumerate([(0.10, 0.18), (0.16, 0.20)]):
+        rows = [tune_point("base", "base", "ddim:50", 1.0, 1.0),
+                tune_point("base @ dpm:10", "base", "dpm:10", 0.2, 0.25, "non-inferior"),
+                tune_point("base @ dpm:6", "base", "dpm:6", 0.12, 0.15, "inferior"),
+                tune_point("u", "u", "ddim:50", 0.6, 0.8, "non-inferior"),
+                tune_point("u @ dpm:10", "u", "dpm:10", prune_64, prune_1, "non-inferior"),
+                tune_point("tdc", "tdc", "ddim:50", 0.5, 0.7, "inferior"),
+                tune_point("depth", "depth", "ddim:50", 0.5, 0.7)]
+        headline = {"chosen": "u @ dpm:10", "best_free": "base @ dpm:10", "by_batch": {
+            b: {"free": 1 / free, "model": free / pruned, "total": 1 / pruned}
+            for b, free, pruned in (("1", 0.25, prune_1), ("64", 0.2, prune_64))}}
+        outputs.append(write_output(tmp_path / f"t{seed}", {"rows": rows, "headline": headline,
+                                                              "choice": {"reason": "the fastest non-inferior"}}))
+    assert tune_seeds.main([str(o) for o in outputs]) == 0
+    out = capsys.readouterr().out
+    assert "batch  64: 10.00x the reference = 5.00x free x 2.00x model" in out
+    assert "u                        fastest non-inferior: dpm:10" in out
+    assert "over the free setting 2.00x at batch 64, 1.39x at batch 1" in out
+    assert "tdc                      no non-inferior point" in out and "depth                    -: no FID" in out
+    assert "model  at batch  64: median 1.62x (range 1.25-2.00x, n=2)" in out
+    assert "u                        over the free setting at batch 64: median 1.62x" in out
+    assert "non-inferior in 2 of 2, >= 1.5x in 1" in out and "tdc                      over the free setting at " \
+        "batch 64: never non-inferior; non-inferior in 0 of 2" in out
+    unfinished = write_output(tmp_path / "unfinished", {"rows": []})
+    with pytest.raises(SystemExit, match="has no headline: finish the tune"):
+        tune_seeds.main([str(unfinished)])
