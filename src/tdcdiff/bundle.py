@@ -47,7 +47,7 @@ from .manifest import (
     sampling_setting,
     training_records,
 )
-from .models import Denoiser, num_class_embeds, text_width, with_null_text
+from .models import Denoiser, num_class_embeds, text_width, torch_device, with_null_text
 from .pipeline import TDCPipeline
 from .router import Router
 from .samplers import SamplingSetting
@@ -328,9 +328,10 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu") -> Bund
     """Load a bundle: returns Bundle(router, scheduler, manifest); `.pipeline()` gives a sampling pipeline.
 
     The experts keep the dtype they were saved in. Raises BundleError (a ValueError), one line naming the
-    file, key or class and the fix, for a missing, corrupted, inconsistent or tampered bundle.
+    file, key or class and the fix, for a missing, corrupted, inconsistent or tampered bundle; ValueError for a
+    device that is not usable here (models.torch_device: unknown, 'meta', or CUDA not visible), before any read.
     """
-    path = Path(path)
+    path, device = Path(path), torch_device(device)
     where = path / MANIFEST
     manifest = _read_manifest(path)
     grouping = check_manifest(manifest, where)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .schedule import snr_db
+from .settings import as_integer
 
 STRATEGIES = ("snr", "uniform", "loss")
 
@@ -170,14 +171,19 @@ def make_groups(
     min_size: the fewest timesteps a group may have (default T // (4N)), so the cosine schedule's extreme
         tail does not leave near-empty groups.
     loss_per_t: array of T per-timestep losses, for strategy "loss" (see `per_timestep_loss`).
+    Raises ValueError for an unknown strategy, an N or min_size that is not an integer (numpy's are taken) or out of
+    range, or loss_per_t of another length or holding NaN/inf.
     """
     num_train = scheduler.config.num_train_timesteps
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown grouping strategy {strategy!r}; choose one of {STRATEGIES}")
+    num_groups = as_integer("number of groups N", num_groups)
     if not 1 <= num_groups <= num_train:
         raise ValueError(f"number of groups N must be between 1 and T={num_train}, got {num_groups}")
+    if min_size is not None:
+        min_size = as_integer("min_size", min_size, 1, note="the fewest timesteps a group may have")
     min_size = max(1, num_train // (4 * num_groups)) if min_size is None else min_size
-    if min_size < 1 or min_size * num_groups > num_train:
+    if min_size * num_groups > num_train:
         raise ValueError(
             f"min_size {min_size} x {num_groups} groups exceeds T={num_train}; lower min_size or the number of groups"
         )
@@ -189,7 +195,12 @@ def make_groups(
     else:
         if loss_per_t is None or len(loss_per_t) != num_train:
             raise ValueError(f"strategy 'loss' needs loss_per_t with one value per timestep (T={num_train})")
-        boundaries = _loss_boundaries(np.asarray(loss_per_t, dtype=np.float64), num_groups, min_size)
+        losses = np.asarray(loss_per_t, dtype=np.float64)
+        if not np.isfinite(losses).all():
+            bad = np.flatnonzero(~np.isfinite(losses))
+            raise ValueError(f"loss_per_t holds NaN/inf at {len(bad)} timestep(s) (first: t={bad[0]}); measure the "
+                             "base model's per-timestep loss again (per_timestep_loss) with a finite model")
+        boundaries = _loss_boundaries(losses, num_groups, min_size)
     boundaries = _enforce_min_size(boundaries, min_size)
     edges = zip(boundaries, boundaries[1:])
     groups = [Group(i, s, e, float(levels[s]), float(levels[e - 1])) for i, (s, e) in enumerate(edges)]

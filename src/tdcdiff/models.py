@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .settings import as_integer, is_integer
 
 
 @dataclass(frozen=True)
@@ -42,18 +46,24 @@ def build_unet(
 
     preset: one of PRESETS ("digits-8", "gray-28", "gray-32", "rgb-32").
     attention: put self-attention in the lowest-resolution down/up blocks and the mid block.
-    sample_size, in_channels: override the preset's image size (int, or (height, width)) / channel count.
+    sample_size, in_channels: override the preset's image size (int, or (height, width)) / channel count; None
+        (the default) keeps the preset's. Integers >= 1 (numpy's are taken).
     num_train_timesteps: stored in the model config for provenance only.
-    Raises ValueError for an unknown preset or an image size the UNet cannot halve at every level.
+    Raises ValueError for an unknown preset, a size or channel count that is not a positive integer, or an image
+    size the UNet cannot halve at every level.
     """
     from diffusers import UNet2DModel
 
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
+    sample_size = p.sample_size if sample_size is None else _image_size(sample_size)
+    channels = p.in_channels if in_channels is None else as_integer("in_channels", in_channels, 1)
+    if num_train_timesteps is not None:
+        num_train_timesteps = as_integer("num_train_timesteps", num_train_timesteps, 2)
     levels = len(p.block_out_channels)
     factor = 2 ** (levels - 1)  # each level but the last halves the image; the up path must meet the same sizes
-    for size in (sample_size,) if isinstance(sample_size, int) else sample_size or ():
+    for size in (sample_size,) if isinstance(sample_size, int) else sample_size:
         if size % factor:
             lower, upper = size - size % factor, size - size % factor + factor
             sizes = f"{lower} or {upper}" if lower else f"{upper}"
@@ -66,9 +76,8 @@ def build_unet(
     if attention:
         down[-1] = "AttnDownBlock2D"
         up[0] = "AttnUpBlock2D"
-    channels = in_channels or p.in_channels
     return UNet2DModel(
-        sample_size=sample_size or p.sample_size,
+        sample_size=sample_size,
         in_channels=channels,
         out_channels=channels,
         block_out_channels=p.block_out_channels,
@@ -80,6 +89,15 @@ def build_unet(
         add_attention=attention,  # without this the mid block keeps an attention layer
         num_train_timesteps=num_train_timesteps,
     )
+
+
+def _image_size(size) -> int | tuple[int, int]:
+    """build_unet's sample_size as plain ints: one integer >= 1, or (height, width) of two."""
+    if is_integer(size):
+        return as_integer("sample_size", size, 1)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(is_integer(n) and n >= 1 for n in size):
+        return tuple(int(n) for n in size)
+    raise ValueError(f"sample_size must be an integer >= 1 or (height, width) of two, got {size!r}")
 
 
 def preset_for(image_size: int, channels: int) -> str:
@@ -262,18 +280,14 @@ def check_finite(model: nn.Module, images: torch.Tensor, alphas_cumprod: torch.T
     x0 = images[:batch].to(device)
     y = None if labels is None else labels[:batch].to(device)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
-    was_training = denoiser.training
-    denoiser.eval()
     failed = []
-    try:
+    with evaluating(denoiser):
         for t_value in (0, len(alphas_cumprod) - 1):
             a = alphas_cumprod[t_value].to(device)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
             t = torch.full((len(x0),), t_value, dtype=torch.long, device=device)
             if not torch.isfinite(denoiser(x_t, t, y, with_variance=True)).all():
                 failed.append(t_value)
-    finally:
-        denoiser.train(was_training)
     last = len(alphas_cumprod) - 1
     if failed == [0]:
         raise NonFiniteDenoiser(
@@ -290,6 +304,62 @@ def check_finite(model: nn.Module, images: torch.Tensor, alphas_cumprod: torch.T
             f"the model's output is not finite at t=0 and t={last} on a batch of the data: the model itself "
             "produces NaN/inf (check its forward pass, e.g. a division or log of its input)"
         )
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """model.eval() for the block; afterwards each module's own training flag is restored (also on error), so a
+    preview sampled inside a training loop leaves dropout and norms as the caller had them."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def torch_device(device, name: str = "device", *, fix: str = "give 'cpu' or 'cuda'", visible: bool = True
+                 ) -> torch.device:
+    """`device` (a str or torch.device) as a torch.device, for an argument `name` of the public API. Raises
+    ValueError for a device torch does not know ("CPU"), the meta device (it holds no data; `fix` says what to give
+    instead), or, with `visible`, a CUDA device this process cannot see (no CUDA build, no GPU, an index past the
+    last)."""
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{name} {device!r} is not a torch device ({err}); give e.g. 'cpu' or 'cuda:0'") from None
+    if chosen.type == "meta":
+        raise ValueError(f"{name} 'meta' holds no data: {fix}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible and chosen.type == "cuda" and (chosen.index or 0) >= count:
+        raise ValueError(f"{name} {str(chosen)!r} is not visible here: torch sees {count} CUDA device(s) "
+                         f"(torch.cuda.is_available() is {torch.cuda.is_available()}); use 'cpu', or a CUDA build of "
+                         "torch on a machine with a GPU")
+    return chosen
+
+
+def check_sample_size(model: nn.Module, sample_shape: tuple[int, int, int]) -> None:
+    """Raise ValueError unless sample_shape (C, H, W) is the input size a model (each expert of a Router) was built
+    for, where its config states one (sample_size): a convolutional model runs at other sizes, and would silently
+    give images of another size, or fail deep inside (a UNet on a size it cannot halve)."""
+    for expert in getattr(model, "experts", None) or [model]:
+        inner = network(expert)
+        size = getattr(getattr(inner, "config", None), "sample_size", None)
+        size = [size, size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else None
+        if size is not None and size != list(sample_shape[1:]):
+            raise ValueError(f"sample_shape {tuple(sample_shape)} is not the {size[0]}x{size[1]} input the model was "
+                             f"built for (its config's sample_size); sample at "
+                             f"({sample_shape[0]}, {size[0]}, {size[1]})")
+
+
+def check_sample_shape(sample_shape) -> tuple[int, int, int]:
+    """sample_shape as (channels, height, width) of Python ints; ValueError unless 3 positive integers (numpy's and
+    a torch.Size are taken)."""
+    if not (isinstance(sample_shape, (tuple, list)) and len(sample_shape) == 3
+            and all(is_integer(n) and n >= 1 for n in sample_shape)):
+        raise ValueError(f"sample_shape must be (channels, height, width), 3 positive integers, got {sample_shape!r}")
+    return tuple(int(n) for n in sample_shape)
 
 
 def network(model: nn.Module) -> nn.Module:

@@ -23,9 +23,8 @@ from .feature_cache import FeatureCache
 from .files import atomic_write_bytes
 from .latency import device_of
 from .latent import Decoder
-from .models import Denoiser, check_denoiser
+from .models import check_denoiser, check_sample_shape, check_sample_size, evaluating, torch_device
 from .progress import progress_bar
-from .router import Router
 from .samplers import (
     LEARNED_VARIANCES,
     TIMESTEP_SPACING,
@@ -38,7 +37,7 @@ from .samplers import (
 )
 from .samplers import SAMPLERS as SAMPLERS  # re-exported: callers import the sampler names from here too
 from .schedule import check_sampling_schedule
-from .settings import check_seed, is_integer
+from .settings import check_seed, is_integer, is_real
 
 
 @dataclass
@@ -88,9 +87,7 @@ def _check_settings(train_scheduler, sample_shape: tuple[int, int, int], sampler
     sampler_kind(sampler)
     SamplingModel.check_path(*path)
     _check_arguments(steps, num_images, batch_size, seed, guidance_scale)
-    if not (isinstance(sample_shape, (tuple, list)) and len(sample_shape) == 3
-            and all(is_integer(n) and n >= 1 for n in sample_shape)):
-        raise ValueError(f"sample_shape must be (channels, height, width), 3 positive integers, got {sample_shape!r}")
+    check_sample_shape(sample_shape)
     visited = visited_timesteps(steps, train_scheduler.config.num_train_timesteps)
     check_sampling_memory(num_images, sample_shape)  # noise and images of all of them are kept
     depth = check_cache_settings(cache_interval, cache_depth)
@@ -109,7 +106,7 @@ def _check_model(model: nn.Module, train_scheduler, sample_shape: tuple[int, int
             f"T={grouping.num_train_timesteps}; sample with the bundle's own scheduler"
         )
     check_denoiser(model, sample_shape)
-    _check_sample_size(model, sample_shape)
+    check_sample_size(model, sample_shape)
     return _sampling_device(model, device)
 
 
@@ -118,15 +115,11 @@ def _sampling_device(model: nn.Module, device) -> torch.device:
     which `device`, when given, must name. Raises ValueError for a device torch does not know, another device than
     the model's, or the meta device (it holds no weights, so nothing could be sampled)."""
     own = device_of(model)
-    try:
-        chosen = own if device is None else torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device {device!r} is not a torch device ({err}); give e.g. 'cpu' or 'cuda:0'") from None
-    if chosen.type == "meta":
+    if own.type == "meta":
         raise ValueError("the model is on the meta device, which holds no weights: load them first (e.g. "
-                         "model.to_empty(device='cpu') and load_state_dict) and sample on 'cpu' or 'cuda'"
-                         if own.type == "meta" else "device 'meta' holds no data: sample on the model's device "
-                         f"({own}), or leave device out")
+                         "model.to_empty(device='cpu') and load_state_dict) and sample on 'cpu' or 'cuda'")
+    chosen = own if device is None else torch_device(
+        device, fix=f"sample on the model's device ({own}), or leave device out", visible=False)  # own is visible
     has_weights = next(model.parameters(), None) is not None
     other_index = None not in (chosen.index, own.index) and chosen.index != own.index
     if has_weights and (chosen.type != own.type or other_index):
@@ -163,8 +156,7 @@ def _check_arguments(steps, num_images: int, batch_size: int, seed: int, guidanc
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
     check_seed("seed", seed)
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-            or not math.isfinite(guidance_scale):
+    if not is_real(guidance_scale) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number (1: no guidance), got {guidance_scale!r}")
 
 
@@ -174,19 +166,6 @@ def _finite(images: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         raise ValueError(f"sampling produced NaN/inf pixels (guidance_scale {guidance_scale}); lower the guidance "
                          "scale, or check the model: its outputs at the visited timesteps are not all finite")
     return images
-
-
-def _check_sample_size(model: nn.Module, sample_shape: tuple[int, int, int]) -> None:
-    """A model (each expert of a Router) whose config states its input size samples at that size: a
-    convolutional model runs at any size, and would silently give images of another."""
-    for expert in model.experts if isinstance(model, Router) else [model]:
-        inner = expert.model if isinstance(expert, Denoiser) else expert
-        size = getattr(getattr(inner, "config", None), "sample_size", None)
-        size = [size, size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else None
-        if size is not None and size != list(sample_shape[1:]):
-            raise ValueError(f"sample_shape {tuple(sample_shape)} is not the {size[0]}x{size[1]} input the model was "
-                             f"built for (its config's sample_size); sample at "
-                             f"({sample_shape[0]}, {size[0]}, {size[1]})")
 
 
 @torch.no_grad()
@@ -251,13 +230,29 @@ def sample(
     device = _check_model(model, train_scheduler, sample_shape, device)
     labels, null = sample_conditions(model, num_images, guidance_scale, class_labels, null_class, num_classes,
                                      prompt_embeds, negative_prompt_embeds)
-    scheduler, runner = make_sampler(sampler, train_scheduler), runner or SamplingModel(model, compile, precision)
-    if depth is not None:
-        runner.prepare_cache(depth)
     generator = torch.Generator().manual_seed(int(seed))
     noise = torch.randn((num_images, *sample_shape), generator=generator)
-    outputs, cache, batches = [], None, range(0, num_images, batch_size)
-    bar = progress_bar(total=len(batches) * steps, desc=f"sample {sampler}-{steps}", enabled=progress)
+    with evaluating(model):  # the caller's training flags come back afterwards (a preview inside a training loop)
+        runner = runner or SamplingModel(model, compile, precision)
+        if depth is not None:
+            runner.prepare_cache(depth)
+        images, cache = _sample_batches(runner, noise, labels, null, visited, device, batch_size, progress,
+                                        sampler=sampler, train_scheduler=train_scheduler, generator=generator,
+                                        guidance_scale=guidance_scale, decode=decode,
+                                        caching=(cache_interval, depth))
+    return SampleResult(_finite(images, guidance_scale), visited, sampler, steps, seed, TIMESTEP_SPACING,
+                        runner.compile, runner.precision, cache_interval, depth,
+                        cache.shallow_steps if cache is not None else [])
+
+
+def _sample_batches(runner: SamplingModel, noise: torch.Tensor, labels, null, visited: list[int], device,
+                    batch_size: int, progress: bool, *, sampler: str, train_scheduler, generator: torch.Generator,
+                    guidance_scale: float, decode, caching: tuple[int, int | None]):
+    """(the images of every batch, on the CPU, the last batch's FeatureCache or None): sample()'s loop over batches
+    of the initial noise."""
+    scheduler, (cache_interval, depth) = make_sampler(sampler, train_scheduler), caching
+    outputs, cache, batches = [], None, range(0, len(noise), batch_size)
+    bar = progress_bar(total=len(batches) * len(visited), desc=f"sample {sampler}-{len(visited)}", enabled=progress)
     for start in batches:
         cache = FeatureCache(cache_interval, depth) if depth is not None else None
         part = slice(start, start + batch_size)
@@ -267,9 +262,7 @@ def sample(
                                    cache=cache, bar=bar, guidance_scale=guidance_scale, null=batch_null)
         outputs.append(decode(x) if decode is not None else x.clamp(-1, 1).cpu())
     bar.close()
-    return SampleResult(_finite(torch.cat(outputs), guidance_scale), visited, sampler, steps, seed, TIMESTEP_SPACING,
-                        runner.compile, runner.precision, cache_interval, depth,
-                        cache.shallow_steps if cache is not None else [])
+    return torch.cat(outputs), cache
 
 
 class TDCPipeline:

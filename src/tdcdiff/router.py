@@ -113,8 +113,18 @@ class Router(nn.Module):
         return out
 
     def trajectory_flops(self, timesteps: list[int]) -> int:
-        """FLOPs one image costs along a sampling trajectory: the sum over the steps actually taken."""
+        """FLOPs one image costs along a sampling trajectory: the sum over the steps actually taken.
+
+        timesteps: the training timesteps visited (SampleResult.visited), integers in 0..T-1 (see
+        integer_timestep). Raises ValueError for a router without expert_flops, or a fractional or out-of-range t
+        (no expert was trained at it, so no step of a real trajectory costs it)."""
         if self.expert_flops is None:
             raise ValueError("this router was built without expert_flops; pass them to count trajectory FLOPs")
-        groups = self.group_of(torch.as_tensor(timesteps, dtype=torch.long))
-        return int(sum(self.expert_flops[g] for g in groups.tolist()))
+        total = 0
+        for t in timesteps:
+            t = integer_timestep(t)
+            if not 0 <= t < len(self._group_at):
+                raise ValueError(f"timestep {t} is outside the router's 0..{len(self._group_at) - 1}: give the "
+                                 "training timesteps the sampler visits (SampleResult.visited)")
+            total += self.expert_flops[self._group_at[t]]
+        return int(total)

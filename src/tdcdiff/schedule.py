@@ -8,6 +8,8 @@ import warnings
 import torch
 from diffusers import DDPMScheduler
 
+from .settings import as_integer
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # 1: diffusers' linear and scaled_linear betas (1e-4 to 0.02, set for T=1000) at every T, as runs made before the
@@ -38,9 +40,11 @@ def make_scheduler(
     version: SCHEDULE_VERSIONS; None for the current one (SCHEDULE_VERSION). From version 2 the linear and
         scaled_linear betas, 1e-4..0.02 at T=1000, are scaled by 1000/T (improved-diffusion,
         gaussian_diffusion.get_named_beta_schedule); the same at T=1000 in every version.
-    Raises ValueError for an unknown setting, T < 2, or (version 2) a T so small that a scaled beta reaches 1.
+    Raises ValueError for an unknown setting, a T that is not an integer (numpy's are taken) or < 2, or (version 2)
+    a T so small that a scaled beta reaches 1.
     """
     version = SCHEDULE_VERSION if version is None else version
+    num_train_timesteps = as_integer("num_train_timesteps", num_train_timesteps, note="T")
     if beta_schedule not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta_schedule {beta_schedule!r}; choose one of {BETA_SCHEDULES}")
     if prediction_type not in PREDICTION_TYPES:

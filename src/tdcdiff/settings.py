@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import numbers
 import operator
 import types
 import typing
@@ -63,7 +64,7 @@ class Rule:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return is_real(value)
 
 
 # A range rule judges numbers only: a value of another type is the type check's to name (Settings.validate).
@@ -132,6 +133,34 @@ def is_integer(value) -> bool:
     return True
 
 
+def is_real(value) -> bool:
+    """Whether value is a real number: a Python or numpy int or float (numbers.Real); never a bool, a tensor or
+    text. The public API takes numpy scalars wherever it takes a Python number, as torch and diffusers do."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def as_integer(name: str, value, minimum: int | None = None, *, note: str = "") -> int:
+    """value as a Python int, for an argument `name` of the public API (note: what it is, shown in the message).
+    Takes what is_integer takes (Python and numpy ints); raises ValueError for anything else (a bool, a float, 2.0)
+    or a value below `minimum`."""
+    about = f" ({note})" if note else ""
+    if not is_integer(value):
+        raise ValueError(f"{name}{about} must be an integer, got {value!r}")
+    value = operator.index(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}{about} must be >= {minimum}, got {value}")
+    return value
+
+
+def as_real(name: str, value, *, note: str = "") -> float:
+    """value as a finite Python float, for an argument `name` of the public API (note: what it is). Takes what
+    is_real takes; raises ValueError for anything else (a bool, a tensor, text) or NaN/inf."""
+    if not is_real(value) or not math.isfinite(value):
+        about = f" ({note})" if note else ""
+        raise ValueError(f"{name}{about} must be a finite number (a Python or numpy int or float), got {value!r}")
+    return float(value)
+
+
 SEED = Rule(lambda v: is_integer(v) and 0 <= v < SEED_LIMIT, f"must be between 0 and {SEED_LIMIT - 1} (2**32 - 1)")
 
 
@@ -149,7 +178,8 @@ class Settings:
     """Base of the settings dataclasses: typed reading (from_dict), validation (validate), dotted overrides."""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as plain values (a numpy scalar given in code becomes its Python int or float)."""
+        return asdict(self, dict_factory=lambda pairs: {k: _plain(v) for k, v in pairs})
 
     @classmethod
     def from_dict(cls, data: dict):
@@ -192,8 +222,8 @@ class Settings:
         after converting it (a number written as text, in settings built in code)."""
         given = flatten(self.to_dict())
         for key, read in flatten(type(self).from_dict(self.to_dict()).to_dict()).items():
-            numbers = _is_number(given[key]) and _is_number(read) and given[key] == read  # 2 for 2.0: as from_dict
-            if type(given[key]) is not type(read) and not numbers:
+            same_number = _is_number(given[key]) and _is_number(read) and given[key] == read  # 2 for 2.0: as from_dict
+            if type(given[key]) is not type(read) and not same_number:
                 raise ValueError(f"setting '{key}' must be {_DESCRIBE.get(type(read), 'a ' + type(read).__name__)}, "
                                  f"got {shown(given[key])}")
 
@@ -207,13 +237,19 @@ class Settings:
                 value._check_rules(f"{prefix}{f.name}.")
 
 
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value.item() if is_real(value) and not isinstance(value, (int, float)) else value
+
+
 _DESCRIBE = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _number(value) -> int | float | None:
     """A number, or a number written as text (YAML reads 1e-3 as a string); None for anything else."""
-    if isinstance(value, (int, float)):
-        return value
+    if is_real(value):  # numpy scalars too
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
     for parse in (int, float) if isinstance(value, str) else ():
         try:
             return parse(value)

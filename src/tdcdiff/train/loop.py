@@ -40,11 +40,50 @@ from .log import TrainingLog, truncate_log
 
 
 def _checked_timesteps(timesteps: torch.Tensor | None, num_train: int) -> torch.Tensor:
-    """The timesteps to train on as a flat int64 tensor (all T when None); ValueError unless a subset of 0..T-1."""
-    timesteps = torch.arange(num_train) if timesteps is None else torch.as_tensor(timesteps, dtype=torch.long).flatten()
-    if timesteps.numel() == 0 or timesteps.min() < 0 or timesteps.max() >= num_train:
+    """The timesteps to train on as a flat int64 tensor (all T when None); ValueError unless integers (not bools,
+    not floats: truncating 5.5 would train at another noise level than asked) forming a subset of 0..T-1."""
+    if timesteps is None:
+        return torch.arange(num_train)
+    given = torch.as_tensor(timesteps).flatten()
+    if given.dtype == torch.bool or given.is_floating_point() or given.is_complex():
+        raise ValueError(f"timesteps must be integers 0..{num_train - 1} (an integer tensor or a list of ints), got "
+                         f"{given.dtype} values {given[:3].tolist()}: diffusion timesteps are the integer training "
+                         "timesteps")
+    if given.numel() == 0 or given.min() < 0 or given.max() >= num_train:
         raise ValueError(f"timesteps must be a non-empty subset of 0..{num_train - 1}")
-    return timesteps
+    return given.long()
+
+
+_RANGE_SLACK = 1e-3  # what resizing and float rounding may leave past [-1, 1]
+
+
+def _check_images(images: torch.Tensor) -> None:
+    """Raise ValueError for training images train() cannot use as given: not a non-empty NCHW float tensor
+    (uint8 pixels would be learned as 0..255), NaN/inf, or pixel values 0..255 in a float tensor. Data in [-1, 1]
+    passes, and so do a VAE's zero-centred latents (latent diffusion trains on those, in no fixed range)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) == 0:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"training images must be a non-empty NCHW tensor, got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"training images must be floating point in [-1, 1], got {images.dtype}; scale to [-1, 1]: "
+                         "x / 127.5 - 1")
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    if not finite.all():
+        raise ValueError(f"{int((~finite).sum())} of the {len(images)} training images hold NaN/inf; fix or drop them")
+    low, high = float(images.min()), float(images.max())
+    if low >= -_RANGE_SLACK and high > 1 + _RANGE_SLACK:  # all non-negative, past 1: pixels not yet scaled
+        raise ValueError(f"training images must be in [-1, 1], got values {low:.4g}..{high:.4g}; scale to [-1, 1]: "
+                         "x / 127.5 - 1 (pixels 0..255)")
+
+
+def _check_weights(model: nn.Module) -> None:
+    """Refuse half-precision weights: float16 weights overflow and lose small updates, which reads as a diverged
+    learning rate several steps in; mixed precision keeps float32 master weights instead."""
+    half = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                   if p.dtype in (torch.float16, torch.bfloat16)})
+    if half:
+        raise ValueError(f"the model's weights are {', '.join(half)}: training needs float32 weights; keep fp32 "
+                         "weights (model.float()) and use mixed_precision 'fp16' or 'bf16' (TrainConfig) for speed")
 
 
 class Trainer:
@@ -65,16 +104,12 @@ class Trainer:
         self.resume_allowed, self.progress, self.description = resume, progress, description
         self.num_train = scheduler.config.num_train_timesteps
         self.timesteps = _checked_timesteps(timesteps, self.num_train)
-        if images.ndim != 4 or len(images) == 0:
-            raise ValueError(f"training images must be a non-empty NCHW tensor, got shape {tuple(images.shape)}")
+        _check_images(images)
+        _check_weights(model)
         if teacher is None and config.uses_teacher:
             raise ValueError("distill_weight and feature_distill_weight > 0 need a teacher model (stage 2: the base)")
         sample_shape = tuple(images.shape[1:])
         check_denoiser(model, sample_shape)
-        finite = torch.isfinite(images).flatten(1).all(dim=1)
-        if not finite.all():
-            raise ValueError(f"{int((~finite).sum())} of the {len(images)} training images hold NaN/inf; "
-                             "fix or drop them")
         self.labels, self.null = conditioning(model, labels, len(images), config, null_text)
         self.null_class = self.null if isinstance(self.null, int) else None  # what train.json records
         check_finite(model, images, scheduler.alphas_cumprod, self.labels)

@@ -1,0 +1,222 @@
+"""The Python API's arguments checked at the door (docs/attack-2026-12-07b.md rows 91-124): counts, sizes, fractions,
+timesteps and devices get one ValueError naming the problem and the fix before any work; numpy scalars are taken
+wherever a Python number is, as torch and diffusers take them; the caller's model comes back as it was given."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tdcdiff.budget import make_plan
+from tdcdiff.bundle import load_bundle
+from tdcdiff.flops import count_flops
+from tdcdiff.grouping import make_groups
+from tdcdiff.models import build_unet, torch_device
+from tdcdiff.pipeline import sample
+from tdcdiff.router import Router
+from tdcdiff.schedule import make_scheduler
+from tdcdiff.settings import as_integer, as_real
+from tdcdiff.train import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = dict(batch_size=8, lr=1e-3, warmup_steps=1, log_every=1, checkpoint_every=2, ema_decay=None)
+
+
+def test_shared_number_helpers_take_numpy_scalars_and_refuse_the_rest():
+    assert as_integer("n", np.int64(3)) == 3 and type(as_integer("n", np.int64(3))) is int
+    assert type(as_integer("n", torch.tensor(3))) is int  # what operator.index takes
+    assert as_real("k", np.float32(0.5)) == 0.5 and type(as_real("k", np.float32(0.5))) is float
+    for value in (True, 2.0, "2", None):
+        with pytest.raises(ValueError, match=r"^n must be an integer, got "):
+            as_integer("n", value)
+    with pytest.raises(ValueError, match=r"^n \(a count\) must be >= 1, got 0$"):
+        as_integer("n", 0, 1, note="a count")
+    for value in (float("nan"), float("inf"), torch.tensor(0.5), True, "0.5"):
+        with pytest.raises(ValueError, match=r"^k must be a finite number \(a Python or numpy int or float\), got "):
+            as_real("k", value)
+
+
+def test_settings_take_numpy_scalars_as_plain_numbers(tmp_path):
+    """Row 116: RunConfig(groups=np.int64(2)) and overrides of numpy scalars were refused as not integers."""
+    from tdcdiff.run import Run, RunConfig
+
+    run = Run(tmp_path / "r", RunConfig(groups=np.int64(2), k=np.float32(0.5)),
+              overrides={"finetune.steps": np.int64(5)})
+    assert (run.config.groups, run.config.finetune.steps) == (2, 5)
+    assert json.loads(json.dumps(RunConfig(groups=np.int64(2)).to_dict()))["groups"] == 2  # saved as plain JSON
+    with pytest.raises(ValueError, match=r"setting 'groups' must be an integer, got True"):
+        RunConfig(groups=True).validate()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s: make_groups("snr", 2.0, s), r"^number of groups N must be an integer, got 2.0$"),  # row 91
+    (lambda s: make_groups("snr", True, s), r"^number of groups N must be an integer, got True$"),  # row 92
+    (lambda s: make_groups("uniform", 3, s, min_size=0),  # row 94
+     r"^min_size \(the fewest timesteps a group may have\) must be >= 1, got 0$"),
+    (lambda s: make_groups("loss", 2, s, loss_per_t=np.full(1000, np.nan)),  # row 95
+     r"^loss_per_t holds NaN/inf at 1000 timestep\(s\) \(first: t=0\); measure the base model's per-timestep loss"),
+    (lambda s: make_groups("loss", 2, s, loss_per_t=np.r_[np.ones(999), np.inf]), r"NaN/inf at 1 timestep\(s\) "
+                                                                                   r"\(first: t=999\)"),
+])
+def test_make_groups_refuses(scheduler, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(scheduler)
+
+
+def test_make_groups_and_scheduler_store_plain_ints(scheduler):
+    """Rows 96, 98: a numpy or torch integer T or N is stored as a Python int (a tensor T leaked into boundaries)."""
+    for t in (np.int64(100), torch.tensor(100)):
+        made = make_scheduler(t, "squaredcos_cap_v2")
+        assert type(made.config.num_train_timesteps) is int
+        grouping = make_groups("snr", np.int64(2), made)
+        assert all(type(b) is int for b in grouping.boundaries) and grouping.boundaries[-1] == 100
+    with pytest.raises(ValueError, match=r"^num_train_timesteps \(T\) must be an integer, got 100.0$"):  # row 97
+        make_scheduler(100.0, "squaredcos_cap_v2")
+
+
+def test_build_unet_sizes():
+    """Rows 99-101: numpy sizes taken; 0 and negatives refused (0 was read as "not given")."""
+    assert build_unet(sample_size=np.int64(8)).config.sample_size == 8
+    assert build_unet(in_channels=np.int64(3)).config.in_channels == 3
+    for changes, message in [({"sample_size": 0}, r"^sample_size must be >= 1, got 0$"),
+                             ({"sample_size": -8}, r"^sample_size must be >= 1, got -8$"),
+                             ({"in_channels": 0}, r"^in_channels must be >= 1, got 0$"),
+                             ({"sample_size": (8, 0)}, r"^sample_size must be an integer >= 1 or \(height, width\)"),
+                             ({"sample_size": 8.0}, r"^sample_size must be an integer >= 1 or \(height, width\)")]:
+        with pytest.raises(ValueError, match=message):
+            build_unet(**changes)
+
+
+def test_count_flops_checks_the_shape_and_takes_half_precision(tiny_unet):
+    """Rows 102-103: a 2-element or wrong-size shape failed inside torch; a float16 model failed on float32 input."""
+    full = count_flops(tiny_unet, (1, 8, 8))
+    assert count_flops(build_unet().half(), np.array([1, 8, 8]).tolist()) == full
+    with pytest.raises(ValueError, match=r"^sample_shape must be \(channels, height, width\), 3 positive integers"):
+        count_flops(tiny_unet, (8, 8))
+    with pytest.raises(ValueError, match=r"^sample_shape \(1, 7, 7\) is not the 8x8 input the model was built for"):
+        count_flops(tiny_unet, (1, 7, 7))
+
+
+def _plan(scheduler, **changes):
+    grouping = make_groups("uniform", 2, scheduler)
+    arguments = {"k": 0.5, "ordering": "snr-low-hard", "base_flops": 10**6, "sample_shape": (1, 8, 8), **changes}
+    return make_plan(grouping, **arguments)
+
+
+def test_make_plan_arguments(scheduler, tmp_path):
+    """Rows 104-106."""
+    plan = _plan(scheduler, k=np.float32(0.5), base_flops=np.int64(10**6), mean_budget=np.float64(0.8))
+    plan.save(tmp_path / "plan.json")  # failed only here with np.float32 k
+    assert type(plan.k) is float and type(plan.base_flops) is int
+    for changes, message in [
+        ({"base_flops": 0}, r"^base_flops \(the base model's FLOPs per forward pass, flops.count_flops\) must be "
+                            r">= 1, got 0$"),
+        ({"base_flops": -100}, r"^base_flops .* must be >= 1, got -100$"),
+        ({"k": torch.tensor(0.5)}, r"^k \(the easiest group's budget fraction\) must be a finite number"),
+        ({"ordering": "measured", "sensitivity": [float("nan"), 1.0]}, r"^sensitivity\[0\] .* must be a finite "
+                                                                       r"number .*, got nan$"),
+        ({"mean_budget": float("nan")}, r"^mean_budget \(--mean-budget\) must be in \(0, 1\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            _plan(scheduler, **changes)
+
+
+def test_router_trajectory_flops_refuses_timesteps_outside_the_schedule(scheduler):
+    """Row 124: t=1000 and t=-1 were counted as the last and first group's."""
+    router = Router([build_unet(), build_unet()], make_groups("uniform", 2, scheduler), expert_flops=[1, 2])
+    assert router.trajectory_flops([999, 500, 499, 0]) == 6
+    assert router.trajectory_flops(torch.tensor([999, 0])) == 3
+    for timesteps in ([1000], [-1]):
+        with pytest.raises(ValueError, match=r"^timestep -?\d+ is outside the router's 0..999: give the training "
+                                             r"timesteps the sampler visits"):
+            router.trajectory_flops(timesteps)
+    with pytest.raises(ValueError, match=r"timestep 5.5 is not an integer"):
+        router.trajectory_flops([5.5])
+
+
+def test_sample_restores_the_callers_training_flags(scheduler):
+    """Row 111: a preview inside a training loop turned dropout off for the rest of training."""
+    model = build_unet()
+    model.train()
+    model.mid_block.eval()  # a module the caller keeps in eval stays so
+    arguments = dict(sample_shape=(1, 8, 8), steps=2, num_images=1, progress=False)
+    sample(model, scheduler, **arguments)
+    assert model.training and not model.mid_block.training
+    assert all(m.training for m in model.down_blocks.modules())
+
+    def decode(latents):  # an error raised inside the sampling loop
+        raise RuntimeError("decoder failed")
+
+    with pytest.raises(RuntimeError, match="decoder failed"):
+        sample(model, scheduler, **arguments, decode=decode)
+    assert model.training and not model.mid_block.training
+
+
+def test_sample_takes_numpy_guidance_scale_and_names_bad_devices(scheduler, tiny_unet):
+    """Rows 112-114."""
+    arguments = dict(sample_shape=(1, 8, 8), steps=2, num_images=1, progress=False)
+    assert sample(tiny_unet, scheduler, **arguments, guidance_scale=np.float32(1.0)).images.shape == (1, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"^device 'CPU' is not a torch device \(.*\); give e.g. 'cpu' or 'cuda:0'$"):
+        sample(tiny_unet, scheduler, **arguments, device="CPU")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^device 'cuda' is not the model's device \(cpu\)"):
+            sample(tiny_unet, scheduler, **arguments, device="cuda")
+
+
+def test_torch_device_and_load_bundle_refuse_unusable_devices(tmp_path):
+    """Row 113: load_bundle(device="cuda") without CUDA gave torch's AssertionError after reading the whole bundle,
+    device="meta" a RuntimeError; now one ValueError before any read (the path here does not even exist)."""
+    assert torch_device("cpu") == torch.device("cpu")
+    missing = tmp_path / "no-bundle"
+    with pytest.raises(ValueError, match=r"^device 'meta' holds no data: give 'cpu' or 'cuda'$"):
+        load_bundle(missing, device="meta")
+    with pytest.raises(ValueError, match=r"^device 'CPU' is not a torch device"):
+        load_bundle(missing, device="CPU")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match=rf"^device 'cuda:{count}' is not visible here: torch sees {count} CUDA "
+                                         r"device\(s\) .*; use 'cpu', or a CUDA build of torch"):
+        load_bundle(missing, device=f"cuda:{count}")
+
+
+@pytest.mark.parametrize("images, message", [
+    (lambda d: ((d + 1) * 127.5).round().to(torch.uint8),  # row 118
+     r"^training images must be floating point in \[-1, 1\], got torch.uint8; scale to \[-1, 1\]: x / 127.5 - 1$"),
+    (lambda d: (d + 1) * 127.5,
+     r"^training images must be in \[-1, 1\], got values 0..255; scale to \[-1, 1\]: x / 127.5 - 1"),
+    (lambda d: d[0], r"^training images must be a non-empty NCHW tensor, got \(1, 8, 8\)$"),
+])
+def test_train_refuses_images_not_in_minus_one_to_one(tmp_path, scheduler, tiny_unet, digits, images, message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny_unet, images(digits.images[:16]), scheduler, TrainConfig(steps=2, **FAST), tmp_path / "t",
+              progress=False)
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("timesteps, message", [
+    (torch.tensor([5.5, 6.0]), r"^timesteps must be integers 0..999 \(an integer tensor or a list of ints\), got "
+                               r"torch.float32 values \[5.5, 6.0\]"),  # row 119
+    ([5.0, 6.0], r"got torch.float32 values"),
+    (torch.tensor([True]), r"got torch.bool values"),
+    ([5000, 6000], r"^timesteps must be a non-empty subset of 0..999$"),
+])
+def test_train_refuses_fractional_or_outside_timesteps(tmp_path, scheduler, tiny_unet, digits, timesteps, message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny_unet, digits.images[:16], scheduler, TrainConfig(steps=2, **FAST), tmp_path / "t",
+              timesteps=timesteps, progress=False)
+    assert not (tmp_path / "t").exists()
+
+
+def test_train_refuses_half_precision_weights_and_takes_latent_like_data(tmp_path, scheduler, digits):
+    """Row 120: a float16 model was reported as a diverged learning rate two steps in. Zero-centred data beyond
+    [-1, 1] (a VAE's scaled latents) still trains, and so do numpy-integer timesteps."""
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match=rf"^the model's weights are {str(dtype)[6:]}: training needs float32 "
+                                             r"weights; keep fp32 weights \(model.float\(\)\) and use mixed_precision"):
+            train(build_unet().to(dtype), digits.images[:16], scheduler, TrainConfig(steps=2, **FAST),
+                  tmp_path / "h", progress=False)
+    assert not (tmp_path / "h").exists()
+    result = train(build_unet(), digits.images[:16] * 3, scheduler, TrainConfig(steps=2, **FAST), tmp_path / "l",
+                   timesteps=np.arange(10, 20), progress=False)
+    assert result.steps == 2
