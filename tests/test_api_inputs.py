@@ -13,7 +13,7 @@ from tdcdiff.bundle import load_bundle
 from tdcdiff.flops import count_flops
 from tdcdiff.grouping import make_groups
 from tdcdiff.models import build_unet, torch_device
-from tdcdiff.pipeline import sample
+from tdcdiff.pipeline import TDCPipeline, sample
 from tdcdiff.router import Router
 from tdcdiff.schedule import make_scheduler
 from tdcdiff.settings import as_integer, as_real
@@ -152,6 +152,9 @@ def test_sample_restores_the_callers_training_flags(scheduler):
     with pytest.raises(RuntimeError, match="decoder failed"):
         sample(model, scheduler, **arguments, decode=decode)
     assert model.training and not model.mid_block.training
+    pipe = TDCPipeline(model, scheduler, (1, 8, 8))  # building one, and calling it
+    pipe(num_inference_steps=2, progress=False)
+    assert model.training and not model.mid_block.training
 
 
 def test_sample_takes_numpy_guidance_scale_and_names_bad_devices(scheduler, tiny_unet):
@@ -217,6 +220,11 @@ def test_train_refuses_half_precision_weights_and_takes_latent_like_data(tmp_pat
             train(build_unet().to(dtype), digits.images[:16], scheduler, TrainConfig(steps=2, **FAST),
                   tmp_path / "h", progress=False)
     assert not (tmp_path / "h").exists()
+    for device, message in [("CPU", r"^device 'CPU' is not a torch device"), ("meta", r"^device 'meta' holds no data")]:
+        with pytest.raises(ValueError, match=message):
+            train(build_unet(), digits.images[:16], scheduler, TrainConfig(steps=2, **FAST), tmp_path / "d",
+                  device=device, progress=False)
+    assert not (tmp_path / "d").exists()
     result = train(build_unet(), digits.images[:16] * 3, scheduler, TrainConfig(steps=2, **FAST), tmp_path / "l",
                    timesteps=np.arange(10, 20), progress=False)
     assert result.steps == 2

@@ -292,7 +292,8 @@ class TDCPipeline:
         self.null_class = null_class
         self.num_classes = num_classes
         self.defaults = defaults or SamplingSetting("ddim", min(50, scheduler.config.num_train_timesteps))
-        self.runner = SamplingModel(denoiser, compile, precision)
+        with evaluating(denoiser):  # SamplingModel puts the experts in eval mode: the caller's flags come back
+            self.runner = SamplingModel(denoiser, compile, precision)
 
     def __call__(
         self,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import as_denoiser, check_denoiser, check_finite
+from ..models import as_denoiser, check_denoiser, check_finite, torch_device
 from ..progress import progress_bar
 from ..schedule import training_target
 from .batch import Batch, TrainingBatches, conditioning
@@ -99,7 +99,7 @@ class Trainer:
                  timesteps: torch.Tensor | None = None, teacher: nn.Module | None = None, resume: bool = True,
                  progress: bool = True, description: str = "train", device: str | None = None):
         config.validate()
-        self.device = device
+        self.device = None if device is None else torch_device(device)
         self.config, self.scheduler, self.out_dir = config, scheduler, Path(out_dir)
         self.resume_allowed, self.progress, self.description = resume, progress, description
         self.num_train = scheduler.config.num_train_timesteps
@@ -354,7 +354,8 @@ def train(
     """Train a denoiser with the standard diffusion loss and return what it cost.
 
     model: the denoiser (diffusers UNet2DModel, a pruned copy, or any `model(x, t)`); trained in place.
-    images: training images, float NCHW in [-1, 1].
+    images: training images, float NCHW in [-1, 1] (or a VAE's zero-centred latents); the model's weights float32
+        (mixed_precision runs them in half precision).
     labels: the images' conditions (see `conditioning`): (N,) class ids for a class-conditional model (the null
         class used for label dropout is returned in TrainResult.extra["null_class"] and train.json), or (N, L, width)
         text embeddings for a text-conditional one.
@@ -371,8 +372,9 @@ def train(
     progress: show a progress bar labelled `description` (main process only).
     device: "cpu", "cuda" or "cuda:N" (see accelerator_device); None: the GPU when there is one, else the CPU.
 
-    Raises ValueError naming the problem before anything is written (bad settings, timesteps, images, labels,
-    a damaged or another run's checkpoint), and TrainingDiverged when the loss becomes NaN or inf.
+    Raises ValueError naming the problem before anything is written (bad settings, timesteps, images, labels, a
+    device that is not usable here, half-precision weights, a damaged or another run's checkpoint), and
+    TrainingDiverged when the loss becomes NaN or inf.
     """
     return Trainer(model, images, scheduler, config, out_dir, labels=labels, null_text=null_text, timesteps=timesteps,
                    teacher=teacher, resume=resume, progress=progress, description=description, device=device).run()
