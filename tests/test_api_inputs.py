@@ -115,8 +115,8 @@ def test_make_plan_arguments(scheduler, tmp_path):
                             r">= 1, got 0$"),
         ({"base_flops": -100}, r"^base_flops .* must be >= 1, got -100$"),
         ({"k": torch.tensor(0.5)}, r"^k \(the easiest group's budget fraction\) must be a finite number"),
-        ({"ordering": "measured", "sensitivity": [float("nan"), 1.0]}, r"^sensitivity\[0\] .* must be a finite "
-                                                                       r"number .*, got nan$"),
+        ({"ordering": "measured", "sensitivity": [float("nan"), 1.0]},
+         r"^sensitivity\[0\] \(group 0's relative loss .*\) must be a finite number .*, got nan$"),
         ({"mean_budget": float("nan")}, r"^mean_budget \(--mean-budget\) must be in \(0, 1\]"),
     ]:
         with pytest.raises(ValueError, match=message):

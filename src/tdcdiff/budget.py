@@ -205,7 +205,7 @@ def make_plan(
     check_mean_budget(mean_budget)
     mean_budget = None if mean_budget is None else float(mean_budget)
     if sensitivity is not None:
-        sensitivity = [as_real(f"sensitivity[{g}]", v, note="group g's relative loss increase under trial pruning")
+        sensitivity = [as_real(f"sensitivity[{g}]", v, note=f"group {g}'s relative loss increase under trial pruning")
                        for g, v in enumerate(sensitivity)]
     ranks = difficulty_ranks(ordering, len(grouping), sensitivity)
     fractions = [fractions_by_rank[r - 1] for r in ranks]
