@@ -293,3 +293,54 @@ def test_grid_replaced_by_something_else_is_redrawn(finished_run, tmp_path):
     again = Run(copy, progress=False)
     assert again.sample_grid("base", again.base_model(), source=copy / "base" / FINAL_DIR / ARCHITECTURE_FILE) == grid
     assert grid.read_bytes() == original  # same weights, settings and seed: the same grid again
+
+
+# -- an atomic directory write replaces only its own earlier output (attack 2026-12-07b row 121) ---------------
+def test_save_bundle_into_a_folder_of_the_users_refuses_and_keeps_its_files(tmp_path):
+    import torch
+
+    from tdcdiff.bundle import save_bundle
+    from tdcdiff.grouping import make_groups
+    from tdcdiff.models import build_unet
+    from tdcdiff.schedule import make_scheduler
+
+    torch.manual_seed(0)
+    scheduler = make_scheduler(1000)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"mine")
+
+    def save(path):
+        return save_bundle(path, [build_unet("digits-8")], make_groups("uniform", 1, scheduler), scheduler,
+                           sample_shape=(1, 8, 8), expert_flops=[1], base_flops=1)
+
+    with pytest.raises(ValueError, match=r"photos already exists and is not a tdcdiff bundle .*choose another path, "
+                                         r"or delete it first"):
+        save(folder)
+    assert [p.name for p in folder.iterdir()] == ["holiday.jpg"] and (folder / "holiday.jpg").read_bytes() == b"mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["photos"]  # no temporary left beside it
+    bundle = save(tmp_path / "bundle")
+    (bundle / "note.txt").write_text("a bundle of ours, edited")
+    assert save(bundle) == bundle and not (bundle / "note.txt").exists()  # our own bundle is replaced
+    (tmp_path / "empty").mkdir()
+    assert save(tmp_path / "empty").joinpath("manifest.json").exists()
+
+
+def test_atomic_dir_replaces_only_what_its_caller_calls_its_own(tmp_path):
+    from tdcdiff.files import holds_only
+
+    (tmp_path / "a.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"a.txt already exists and is not empty; writing there would delete"):
+        with atomic_dir(tmp_path / "a.txt") as tmp:
+            (tmp / "x").write_text("new")
+    model = tmp_path / "model"
+    with atomic_dir(model, holds_only("x"), "a model") as tmp:
+        (tmp / "x").write_text("1")
+    with atomic_dir(model, holds_only("x"), "a model") as tmp:  # its own output: replaced
+        (tmp / "x").write_text("2")
+    (model / "thesis.tex").write_text("mine")
+    with pytest.raises(ValueError, match=r"model already exists and is not a model"):
+        with atomic_dir(model, holds_only("x"), "a model") as tmp:
+            raise AssertionError("never runs")
+    assert (tmp_path / "a.txt").read_text() == "mine" and (model / "thesis.tex").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "model"]

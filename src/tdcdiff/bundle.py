@@ -32,6 +32,7 @@ from .flops import count_flops
 from .grouping import Grouping
 from .latent import VAE_CLASSES, Decoder
 from .manifest import (
+    A_BUNDLE,
     FORMAT,
     MANIFEST,
     MAX_MANIFEST_BYTES,
@@ -44,6 +45,7 @@ from .manifest import (
     check_records,
     check_text_entry,
     check_trained_shape,
+    is_bundle,
     sampling_setting,
     training_records,
 )
@@ -111,7 +113,7 @@ def save_bundle(
     config = _scheduler_config(scheduler)
     _check_class_ids(experts, "", "give experts with one class embedding (the same num_class_embeds)")
     _check_text(experts, text_encoder.width if text_encoder is not None else None, "")
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, is_bundle, A_BUNDLE) as tmp:
         files, weights = {}, []
         for i, expert in enumerate(experts):
             _check_input(expert, i, list(sample_shape), "")

@@ -17,7 +17,7 @@ import shutil
 import stat
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -51,9 +51,40 @@ def _disk_full_names(path: Path) -> Iterator[None]:
         raise
 
 
-# The temporaries below, by name: ".NAME.<random>.tmp" files, ".NAME.tmp-<random>" folders and ".NAME.old-<hex>"
-# entries moved aside. A kill leaves them behind; remove_stale_temporaries matches exactly these names.
-_TEMPORARY = re.compile(r"\..+\.(?:[a-z0-9_]+\.tmp|tmp-[a-z0-9_]+|old-[0-9a-f]{32})")
+# The temporaries below, by name: ".NAME.<random>-<pid>.tmp" files, ".NAME.tmp-<random>-<pid>" folders and
+# ".NAME.old-<hex>-<pid>" entries moved aside (pid: the writer's process; older versions wrote no pid). A kill
+# leaves them behind: the next write of NAME removes those of a dead writer (_remove_dead_siblings), and
+# remove_stale_temporaries matches exactly these names.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:[a-z0-9_]+(?:-(?P<pid>\d+))?\.tmp|tmp-[a-z0-9_]+?(?:-(?P<pid2>\d+))?"
+                        r"|old-[0-9a-f]{32}(?:-(?P<pid3>\d+))?)")
+
+
+def _dead(pid: int) -> bool:
+    """Whether no process `pid` runs on this machine (one that exists but is another user's counts as alive)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
+def _remove_dead_siblings(path: Path) -> None:
+    """Remove the temporaries that writers of `path` killed before finishing left beside it: those naming a pid
+    no longer running (a live writer's, or one without a pid, are left alone)."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(path.parent):
+            match = _TEMPORARY.fullmatch(entry.name)
+            pid = match and (match["pid"] or match["pid2"] or match["pid3"])
+            if match and match["name"] == path.name and pid and _dead(int(pid)):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
 
 
 def _umask() -> int:
@@ -74,7 +105,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_dead_siblings(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f"-{os.getpid()}.tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with _disk_full_names(path), os.fdopen(fd, "wb") as f:
@@ -94,18 +126,47 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def holds_only(*names: str) -> Callable[[Path], bool]:
+    """An `ours` test for atomic_dir: a directory whose entries all have one of these names (what the write makes)."""
+    return lambda directory: all(entry.name in names for entry in directory.iterdir())
+
+
+def check_replaceable(path: str | Path, ours: Callable[[Path], bool] | None, what: str) -> None:
+    """Refuse to let an atomic_dir write replace something that is not its own earlier output.
+
+    path may be absent, an empty directory, or a directory for which ours(path) is true (e.g. a bundle's
+    manifest.json of our format). Anything else (a file, a folder of the user's) raises ValueError, one line
+    naming path, `what` the write makes, and the fix: replacing it would delete what it holds.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir():
+        with contextlib.suppress(OSError):
+            if not any(path.iterdir()) or (ours is not None and ours(path)):
+                return
+    raise ValueError(f"{path} already exists and is not {what}; writing there would delete what it holds: "
+                     "choose another path, or delete it first")
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, ours: Callable[[Path], bool] | None = None, what: str = "empty") -> Iterator[Path]:
     """Build a directory in a temporary sibling that replaces `path` whole when the block succeeds.
 
     Yields the temporary directory to write into. On success its files are fsynced and it is renamed to
-    `path` (an existing `path` is replaced); if the block raises, it is removed and `path` is untouched.
+    `path`. An existing `path` is replaced only when it is an empty directory or ours(path) says it is what
+    this write makes (its own earlier output: `what` describes it); anything else raises ValueError before the
+    block runs (check_replaceable), and again before the rename should it have changed meanwhile. If the block
+    raises, the temporary is removed and `path` is untouched.
     Every folder and file in it gets the usual permissions, 0o777 / 0o666 less the umask: mkdtemp makes
     the folder 0o700, and safetensors writes its files 0o600, which would keep others from reading a bundle.
+    A killed writer's temporary is removed by the next atomic_dir of the same path (see remove_stale_temporaries).
     """
     path = Path(path)
+    check_replaceable(path, ours, what)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    _remove_dead_siblings(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=f"-{os.getpid()}"))
     try:
         with _disk_full_names(path):
             yield tmp
@@ -117,6 +178,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
                         os.fsync(f.fileno())
                 os.chmod(root, 0o777 & ~umask)
                 _fsync_dir(Path(root))
+            check_replaceable(path, ours, what)
             _replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -127,7 +189,7 @@ def _replace(new: Path, path: Path) -> None:
     """Rename `new` to `path`; an existing `path` is moved aside first (a directory cannot be renamed over)."""
     old = None
     if path.exists() or path.is_symlink():
-        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}-{os.getpid()}")
         os.rename(path, old)
     try:
         os.rename(new, path)

@@ -12,11 +12,12 @@ import hashlib
 import json
 import math
 import re
+from pathlib import Path
 
 import torch
 
 from .feature_cache import split_unet
-from .files import brief, is_count, is_sha256, json_safe
+from .files import brief, is_count, is_sha256, json_safe, parse_json, read_untrusted
 from .grouping import Grouping
 from .models import CLIP_TOKENS, network
 from .samplers import SamplingSetting
@@ -52,6 +53,20 @@ _SCHEDULER_RANGES = {
 
 class BundleError(ValueError):
     """A bundle directory is missing, incomplete, corrupted, tampered with or of another format version."""
+
+
+def is_bundle(directory: Path) -> bool:
+    """Whether directory holds a tdcdiff bundle (a manifest.json of format tdcdiff-bundle/...), which a new
+    save_bundle may replace: any other folder is the user's (files.atomic_dir refuses to replace it)."""
+    try:
+        manifest = parse_json(read_untrusted(directory, MANIFEST, f"bundle {directory}", max_bytes=MAX_MANIFEST_BYTES,
+                                             hint=""), directory / MANIFEST, "")
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("tdcdiff-bundle/")
+
+
+A_BUNDLE = "a tdcdiff bundle (a folder with a manifest.json of format tdcdiff-bundle/N), nor empty"
 
 
 def training_records(config: dict, grouping: Grouping, sample_shape: list, weights: list[str],

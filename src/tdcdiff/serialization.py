@@ -26,7 +26,17 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
-from .files import atomic_dir, brief, is_count, is_sha256, json_safe, parse_json, read_untrusted, sha256_file
+from .files import (
+    atomic_dir,
+    brief,
+    holds_only,
+    is_count,
+    is_sha256,
+    json_safe,
+    parse_json,
+    read_untrusted,
+    sha256_file,
+)
 from .models import Denoiser
 from .surgery.attributes import sync_module_attributes
 from .surgery.depth import remove
@@ -153,7 +163,8 @@ def save_model(model: nn.Module, directory: str | Path, *, extra: dict | None = 
         # safetensors refuses tensors that share memory (a module registered under two names).
         tensors[key] = tensor.clone() if storage in storages else tensor
         storages.add(storage)
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, holds_only(ARCHITECTURE_FILE, WEIGHTS_FILE),
+                    f"a saved model (only {ARCHITECTURE_FILE} and {WEIGHTS_FILE}), nor empty") as tmp:
         weights = tmp / WEIGHTS_FILE
         save_file(tensors, weights)
         size, digest = weights.stat().st_size, sha256_file(weights)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import atomic_dir, atomic_write_text
+from ..files import atomic_dir, atomic_write_text, holds_only
 from ..serialization import load_model, save_model
 from .config import TrainConfig
 
@@ -30,6 +30,11 @@ CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "final"
 LOG_FILE = "log.jsonl"
 SUMMARY_FILE = "train.json"
+
+# What save_checkpoint writes: an existing checkpoint folder holding anything else is not replaced.
+_CHECKPOINT_FILES = ("model.safetensors", "projections.safetensors", "optimizer.safetensors", "ema.safetensors",
+                     "state.json")
+_OURS = holds_only(*_CHECKPOINT_FILES)
 
 
 def fingerprint(config: TrainConfig, timesteps: torch.Tensor, num_images: int, teacher: bool, model: nn.Module) -> str:
@@ -71,7 +76,7 @@ def save_checkpoint(out_dir: Path, step: int, loss: float, fingerprint: str, mod
     """Replace out_dir/checkpoint, whole, with the state after `step` steps (ema: diffusers EMAModel or None)."""
     from safetensors.torch import save_file  # looked up at call time, so a test can stand in a full disk
 
-    with atomic_dir(out_dir / CHECKPOINT_DIR) as tmp:
+    with atomic_dir(out_dir / CHECKPOINT_DIR, _OURS, "a training checkpoint, nor empty") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         if distiller is not None:  # trained with the model, so a resumed run needs them; never in final/
             save_file({k: v.detach().cpu().contiguous() for k, v in distiller.state_dict().items()},

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..bundle import save_bundle
 from ..files import atomic_dir
 from ..grouping import make_groups
-from ..manifest import MANIFEST
+from ..manifest import A_BUNDLE, MANIFEST, is_bundle
 from ..samplers import SamplingSetting
 
 
@@ -26,7 +26,7 @@ def write_chosen(tune, row: dict, setting: SamplingSetting, path: Path) -> Path:
                            provenance={"tune": "the base, unchanged: a free setting chosen",
                                        "data": run.data.describe()},
                            conditioning=run.conditioning(model), sampling=setting)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, is_bundle, A_BUNDLE) as tmp:
         shutil.copytree(row["bundle"], tmp, dirs_exist_ok=True)
         manifest = json.loads((tmp / MANIFEST).read_text())
         manifest["sampling"] = setting.to_dict()
