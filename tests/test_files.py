@@ -344,3 +344,41 @@ def test_atomic_dir_replaces_only_what_its_caller_calls_its_own(tmp_path):
             raise AssertionError("never runs")
     assert (tmp_path / "a.txt").read_text() == "mine" and (model / "thesis.tex").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "model"]
+
+
+# -- a tune directory is locked like a run directory (attack 2026-12-07b row 126) ------------------------------
+@pytest.mark.slow
+def test_a_second_tune_of_a_held_directory_is_refused_before_writing(held, finished_run):
+    from tdcdiff.tune import Tune, TuneConfig
+
+    tune_dir, pid, _ = held
+    before = sorted(p.name for p in tune_dir.iterdir())
+    done = subprocess.run([sys.executable, "-m", "tdcdiff.cli", "tune", "--out", str(tune_dir), "--base-from",
+                           str(finished_run[0].dir), "-q"], capture_output=True, text=True, env=_env())
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith(f"error: tune directory {tune_dir} is in use by process {pid}"), done.stderr
+    with pytest.raises(RunDirectoryBusy, match=rf"tune directory {tune_dir} is in use by process {pid}"):
+        Tune(tune_dir, TuneConfig(), base_from=finished_run[0].dir, progress=False)  # copies the base: refused
+    assert sorted(p.name for p in tune_dir.iterdir()) == before  # nothing written
+
+
+# -- a killed writer's temporaries go at the next write (attack 2026-12-07b row 128) ----------------------------
+def test_the_next_write_removes_what_a_killed_writer_left_and_keeps_a_live_ones(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that has ended
+    train = tmp_path / "candidates" / "uniform_0" / "train"
+    train.mkdir(parents=True)
+    left = [train / f".checkpoint.tmp-k2j_x9a-{dead}", train / f".log.json.q8w2e_1-{dead}.tmp",
+            train / f".checkpoint.old-{'a' * 32}-{dead}"]
+    live = [train / f".checkpoint.tmp-abc-{os.getpid()}", train / ".checkpoint.tmp-nopid"]  # a writer now, or unknown
+    for path in left[::2] + live:
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"half")
+    left[1].write_bytes(b"half")
+    with atomic_dir(train / "checkpoint", lambda d: True, "a checkpoint") as tmp:
+        (tmp / "state.json").write_text("{}")
+    assert [p for p in left if p.name.startswith(".checkpoint") and p.exists()] == []
+    assert left[1].exists()  # another file's temporary: removed when that file is next written
+    atomic_write_bytes(train / "log.json", b"{}")
+    assert not left[1].exists() and all(p.exists() for p in live)
+    assert sorted(p.name for p in train.iterdir() if p not in live) == ["checkpoint", "log.json"]

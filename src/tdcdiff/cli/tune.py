@@ -121,6 +121,7 @@ def tune_command(
     Writes frontier.png, table.csv, results.json, cost.csv, return.csv and chosen/ into the tune directory.
     Rerunning skips finished candidates.
     """
+    from ..run import lock_run_dir
     from ..tune import Tune, TuneConfig, candidate_list, check_candidate
 
     flags = {k_: v for k_, v in settings_flags(locals()).items() if k_ not in ("k", "groups", "grouping", "depth")}
@@ -148,17 +149,19 @@ def tune_command(
             settings.validate()
             return typer.echo(estimate_tune(out, settings, candidate_list(settings), base_from=base_from,
                                             overrides=overrides(config, **flags)))
-        try:
-            tune = Tune(out, settings, overrides=overrides(config, **flags), base_from=base_from, progress=not quiet)
-        except ValueError as err:  # the base run's settings: name the flag given, as _open_run does
-            err.args = (as_flag(str(err), flags),)
-            raise
-        if candidate is not None:
-            record = tune.run_candidate(candidate)
-            typer.echo(f"candidate {candidate} ({record['name']}): "
-                       + (f"failed: {record['failed']}" if "failed" in record else f"{out / record['dir']}"))
-            return
-        results = tune.run_all()
+        with lock_run_dir(out, what="tune directory"):  # the whole tune: a second one on --out is refused at once
+            try:
+                tune = Tune(out, settings, overrides=overrides(config, **flags), base_from=base_from,
+                            progress=not quiet)
+            except ValueError as err:  # the base run's settings: name the flag given, as _open_run does
+                err.args = (as_flag(str(err), flags),)
+                raise
+            if candidate is not None:
+                record = tune.run_candidate(candidate)
+                typer.echo(f"candidate {candidate} ({record['name']}): "
+                           + (f"failed: {record['failed']}" if "failed" in record else f"{out / record['dir']}"))
+                return
+            results = tune.run_all()
     except USER_ERRORS as err:
         fail(err)
     _print_results(results, out, price_per_hour)

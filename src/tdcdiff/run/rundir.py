@@ -28,12 +28,13 @@ class RunDirectoryBusy(ValueError):
 
 
 @contextlib.contextmanager
-def lock_run_dir(run_dir: str | Path) -> Iterator[None]:
+def lock_run_dir(run_dir: str | Path, what: str = "run directory") -> Iterator[None]:
     """Hold run_dir's lock for the block (created if missing); reentrant within a thread of one process.
 
     The outermost hold records this process in .tdcdiff.lock.owner and removes stale temporaries (no other
     writer can be active then). Raises RunDirectoryBusy at once, naming the holder, if another process (or
-    thread) holds it: waiting silently behind a run of hours would look like a hang.
+    thread) holds it: waiting silently behind a run of hours would look like a hang. what: the directory's kind,
+    for that message (a tune directory is locked the same way).
     """
     from filelock import FileLock, Timeout  # imported when a run is written, not for `tdcdiff --help`
 
@@ -47,8 +48,8 @@ def lock_run_dir(run_dir: str | Path) -> Iterator[None]:
         lock.acquire(blocking=False)
     except Timeout:
         raise RunDirectoryBusy(
-            f"run directory {run_dir} is in use by {_holder(run_dir)}; wait for it to finish, or use another "
-            "output directory (--out). One process at a time writes a run directory"
+            f"{what} {run_dir} is in use by {_holder(run_dir)}; wait for it to finish, or use another "
+            f"output directory (--out). One process at a time writes a {what}"
         ) from None
     owner = run_dir / OWNER_FILE
     try:

@@ -12,7 +12,7 @@ from ..evaluate import TIMING_CLOCK, default_feature_net
 from ..files import atomic_write_text
 from ..flops import count_flops
 from ..prune.fit import BudgetError
-from ..run import Run, copy_stages
+from ..run import Run, copy_stages, lock_run_dir
 from ..train import FINAL_DIR
 from .config import TuneConfig
 from .cost import write_cost
@@ -79,8 +79,15 @@ class Tune:
             self.config, self.base_run, self.base_run.base_model() if trained.exists() else None)
         self.points: dict = {}  # row name -> (model name, samplers.SamplingSetting), set by run_all
         if source is not None:
-            copy_stages(source, here, ("config.json", "base"))
+            with self.locked():
+                copy_stages(source, here, ("config.json", "base"))
             self.base_run = Run(here, run_config, overrides=overrides, progress=progress)
+
+    def locked(self):
+        """Hold the tune directory's lock (run.lock_run_dir, reentrant in this process) for a `with` block: every
+        method that writes here does, so a second tune of the same directory is refused at once, naming the
+        holder, instead of training the same candidates at the same time. Raises RunDirectoryBusy."""
+        return lock_run_dir(self.dir, what="tune directory")
 
     def _check_saved_plan(self) -> None:
         """Refuse a tune directory whose saved candidate list (tune.json) was made with other settings."""
@@ -141,25 +148,26 @@ class Tune:
         A candidate whose budget cannot be reached (prune.fit.BudgetError) is recorded as failed. Raises
         ValueError for an index outside the candidate list or a kind the registry lacks, before any work.
         """
-        check_candidate(index, self.candidates, self.dir / "candidates.json")
-        spec = self.candidates[index]
-        kind = kind_of(spec["kind"])
-        done = self.result(index)
-        if done is not None:
-            note = kind.finished_note(self, spec, done)
-            self.say(f"[{index}] {spec['name']}: finished earlier, skipped" + (f" ({note})" if note else ""))
-            return done
-        self.ensure_base()  # its refusals (the data, the model's fit) before the candidate list is written
-        self.write_candidate_list()
-        out = self.dir / spec["dir"]
-        try:
-            record = kind.train(self, spec, out)
-        except BudgetError as err:
-            record = {"failed": str(err)}
-            self.say(f"[{index}] {spec['name']}: failed: {err}")
-        record = {**spec, **record}
-        atomic_write_text(out / "result.json", json.dumps(record, indent=2))
-        return record
+        with self.locked():
+            check_candidate(index, self.candidates, self.dir / "candidates.json")
+            spec = self.candidates[index]
+            kind = kind_of(spec["kind"])
+            done = self.result(index)
+            if done is not None:
+                note = kind.finished_note(self, spec, done)
+                self.say(f"[{index}] {spec['name']}: finished earlier, skipped" + (f" ({note})" if note else ""))
+                return done
+            self.ensure_base()  # its refusals (the data, the model's fit) before the candidate list is written
+            self.write_candidate_list()
+            out = self.dir / spec["dir"]
+            try:
+                record = kind.train(self, spec, out)
+            except BudgetError as err:
+                record = {"failed": str(err)}
+                self.say(f"[{index}] {spec['name']}: failed: {err}")
+            record = {**spec, **record}
+            atomic_write_text(out / "result.json", json.dumps(record, indent=2))
+            return record
 
     # -- measuring (measures.py, curves.py) ------------------------------------------------------------------------
     def models(self) -> dict:
@@ -184,6 +192,13 @@ class Tune:
 
     # -- everything ------------------------------------------------------------------------------------------------
     def run_all(self) -> dict:
+        """Every candidate, then the measures, the frontier and the choice, under the tune directory's lock (see
+        locked and _run_all); returns the results dict (also in results.json). Raises RunDirectoryBusy at once
+        when another process tunes this directory."""
+        with self.locked():
+            return self._run_all()
+
+    def _run_all(self) -> dict:
         """Every candidate (finished ones skipped), screening, the joint space (the base and the best candidates by
         screening crossed with the ladder of sampling settings; every point timed at batch 1 and the user's batch),
         the sample screen picking each model's settings for FID, the finalists' FID, the frontier, the choice, the
