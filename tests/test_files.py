@@ -382,3 +382,57 @@ def test_the_next_write_removes_what_a_killed_writer_left_and_keeps_a_live_ones(
     atomic_write_bytes(train / "log.json", b"{}")
     assert not left[1].exists() and all(p.exists() for p in live)
     assert sorted(p.name for p in train.iterdir() if p not in live) == ["checkpoint", "log.json"]
+
+
+# -- a file-size limit or a quota while saving: one line, as a full disk (attack 2026-12-07b row 46) -----------
+@pytest.mark.parametrize("code, message", [
+    (27, r"file too large for this process's file-size limit \(`ulimit -f`\) or the file system while writing "
+         r".*checkpoint; nothing was half-written there\. Raise the limit \(`ulimit -f unlimited`\)"),
+    (122, r"disk quota exceeded while writing .*checkpoint; nothing was half-written there\. Free some space within "
+          r"your quota"),
+])
+def test_a_file_size_limit_or_quota_while_saving_names_the_file(tmp_path, monkeypatch, code, message):
+    import errno
+
+    import safetensors.torch
+    import torch
+
+    from tdcdiff.train.checkpoint import save_checkpoint
+    from tdcdiff.train.log import TrainingLog
+
+    assert code == {27: errno.EFBIG, 122: errno.EDQUOT}[code]
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def limited(tensors, path, *args, **kwargs):  # what safetensors raises under `ulimit -f` (os error 27)
+        raise safetensors.SafetensorError(f"Error while serializing: I/O error: File too large (os error {code})")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", limited)
+    with pytest.raises(OSError, match=message) as caught:
+        save_checkpoint(tmp_path, 1, 0.5, "f", model, optimizer, None, None)
+    assert caught.value.errno == code and list(tmp_path.iterdir()) == []
+    log = TrainingLog(tmp_path / "log.jsonl", 1000)
+    monkeypatch.setattr(log.file, "write", lambda text: (_ for _ in ()).throw(OSError(code, os.strerror(code))))
+    log.add(0.5, torch.tensor([3]), torch.tensor([0.5]))
+    with pytest.raises(OSError, match=r"while writing .*log\.jsonl\. "):  # appended: may be half-written
+        log.write(1, 0.1)
+    log.close()
+
+
+def test_a_real_file_size_limit_while_saving_a_checkpoint_is_one_line(tmp_path):
+    script = textwrap.dedent("""
+        import resource, sys, torch
+        from pathlib import Path
+        from tdcdiff.train.checkpoint import save_checkpoint
+        model = torch.nn.Linear(64, 64)  # 16 KiB of weights: over the 4 KiB limit
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        try:
+            save_checkpoint(Path(sys.argv[1]), 1, 0.5, "f", model, torch.optim.SGD(model.parameters(), lr=0.1),
+                            None, None)
+        except OSError as err:
+            print(err.errno, err.strerror)
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=_env())
+    assert done.stdout.startswith("27 file too large for this process's file-size limit (`ulimit -f`) or the file "
+                                  f"system while writing {tmp_path / 'checkpoint'}; nothing was half-written"), done
+    assert list(tmp_path.iterdir()) == []

@@ -33,21 +33,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Write failures that are the disk's or the process's limits, not a bug: what was full, and the fix.
+_LIMITS = {
+    errno.ENOSPC: ("no space left on device", "Free some space (or choose another output directory)"),
+    errno.EFBIG: ("file too large for this process's file-size limit (`ulimit -f`) or the file system",
+                  "Raise the limit (`ulimit -f unlimited`) or choose another output directory"),
+}
+if hasattr(errno, "EDQUOT"):  # POSIX
+    _LIMITS[errno.EDQUOT] = ("disk quota exceeded", "Free some space within your quota (or choose another output "
+                                                    "directory)")
+
+
 @contextlib.contextmanager
-def _disk_full_names(path: Path) -> Iterator[None]:
-    # A bare "[Errno 28] No space left on device" does not say what was being written. safetensors' writer
-    # reports the same as SafetensorError("Error while serializing: I/O error: ... (os error 28)").
+def name_write_errors(path: Path, *, atomic: bool = True) -> Iterator[None]:
+    """Turn a full disk, an exceeded quota or a file-size limit (ENOSPC, EDQUOT, EFBIG) while writing `path` into
+    one OSError naming path and the fix; other errors pass unchanged. atomic: path is written whole or not at all
+    (the message says nothing was half-written there).
+
+    A bare "[Errno 28] No space left on device" does not say what was being written. safetensors' writer reports
+    the same as SafetensorError("Error while serializing: I/O error: ... (os error 28)").
+    """
     try:
         yield
     except (OSError, SafetensorError) as err:
         rust = re.search(r"\(os error (\d+)\)", str(err))
         code = err.errno if isinstance(err, OSError) else rust and int(rust.group(1))
-        if code == errno.ENOSPC:
-            raise OSError(
-                errno.ENOSPC,
-                f"no space left on device while writing {path}; nothing was half-written there. "
-                "Free some space (or choose another output directory) and rerun: finished stages are kept",
-            ) from err
+        if code in _LIMITS:
+            problem, fix = _LIMITS[code]
+            kept = "; nothing was half-written there" if atomic else ""
+            raise OSError(code, f"{problem} while writing {path}{kept}. {fix} and rerun: finished stages are kept"
+                          ) from err
         raise
 
 
@@ -109,7 +124,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f"-{os.getpid()}.tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())
-        with _disk_full_names(path), os.fdopen(fd, "wb") as f:
+        with name_write_errors(path), os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -168,7 +183,7 @@ def atomic_dir(path: str | Path, ours: Callable[[Path], bool] | None = None, wha
     _remove_dead_siblings(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=f"-{os.getpid()}"))
     try:
-        with _disk_full_names(path):
+        with name_write_errors(path):
             yield tmp
             umask = _umask()
             for root, _, files in os.walk(tmp):

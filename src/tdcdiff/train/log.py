@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, name_write_errors
 
 LOSS_BUCKETS = 10
 
@@ -33,6 +33,7 @@ class TrainingLog:
     """
 
     def __init__(self, path: Path | None, num_train_timesteps: int):
+        self.path = path
         self.file = open(path, "a") if path is not None else None
         self.num_train_timesteps = num_train_timesteps
         self._reset()
@@ -61,8 +62,9 @@ class TrainingLog:
                 **({"feature_loss": sum(self.feature_losses) / len(self.feature_losses)}
                    if self.feature_losses else {}),
             }
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            with name_write_errors(self.path, atomic=False):  # a full disk or `ulimit -f`: one line naming the log
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
         self._reset()
 
     def close(self) -> None:
