@@ -462,3 +462,34 @@ def test_a_config_naming_huge_widths_costs_no_memory_before_it_is_refused(bundle
     edit_architecture(bundle, 0, lambda a: a["config"].update(block_out_channels=[32768, 65536]))
     with pytest.raises(BundleError, match=r"it fails on a \[1, 8, 8\] input at t=0 .*do not fit together: re-export"):
         load_bundle(bundle)
+
+
+# -- unclear messages of the second attack (docs/attack-2026-12-07b.md rows 7, 12-13, 16) ------------------------
+def test_an_upper_case_sha256_is_refused_saying_lower_case(bundle):
+    name = "expert_0/model.safetensors"
+    edit_manifest(bundle, lambda m: m["files"][name].update(sha256=m["files"][name]["sha256"].upper()))
+    with pytest.raises(BundleError, match=r"'files' entry 'expert_0/model.safetensors' must be \{\"bytes\": <integer>, "
+                                          r"\"sha256\": <64 lower-case hex digits>\}"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_integer_or_bool_weights_are_blamed_on_the_weights_file(bundle, dtype):
+    edit_weights(bundle, 1, lambda s: s.__setitem__("conv_in.bias", s["conv_in.bias"].to(dtype)))
+    with pytest.raises(BundleError, match=rf"cannot load expert 1 .*expert_1/model.safetensors holds tensor "
+                                          rf"'conv_in.bias' as {dtype}, where the model built from .*expert_1/"
+                                          r"architecture.json has torch.float32: the weights file was edited or "
+                                          r"corrupted; re-run the stage that wrote it"):
+        load_bundle(bundle)
+
+
+def test_a_diffusers_class_under_its_full_module_path_is_the_same_class(bundle):
+    full = f"{UNet2DModel.__module__}.{UNet2DModel.__qualname__}"
+    assert full == "diffusers.models.unets.unet_2d.UNet2DModel"
+    edit_architecture(bundle, 0, lambda a: a.update({"class": full}))
+    assert isinstance(load_bundle(bundle).router.experts[0].model, UNet2DModel)
+    edit_architecture(bundle, 1, lambda a: a.update({"class": "diffusers.models.unets.unet_1d.UNet2DModel"}))
+    with pytest.raises(BundleError, match=r"names class 'diffusers.models.unets.unet_1d.UNet2DModel', which tdcdiff "
+                                          r"does not rebuild: .*diffusers model classes \(named 'diffusers.<Name>', "
+                                          r"e.g. 'diffusers.UNet2DModel', or by the class's own module path\)"):
+        load_bundle(bundle)

@@ -327,23 +327,26 @@ def test_save_bundle_into_a_folder_of_the_users_refuses_and_keeps_its_files(tmp_
 
 
 def test_atomic_dir_replaces_only_what_its_caller_calls_its_own(tmp_path):
-    from tdcdiff.files import holds_only
+    from tdcdiff.files import holds
 
     (tmp_path / "a.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"a.txt already exists and is not empty; writing there would delete"):
         with atomic_dir(tmp_path / "a.txt") as tmp:
             (tmp / "x").write_text("new")
     model = tmp_path / "model"
-    with atomic_dir(model, holds_only("x"), "a model") as tmp:
+    with atomic_dir(model, holds("x"), "a model") as tmp:
         (tmp / "x").write_text("1")
-    with atomic_dir(model, holds_only("x"), "a model") as tmp:  # its own output: replaced
+    (model / "y").write_text("left by an older version")
+    with atomic_dir(model, holds("x"), "a model") as tmp:  # its own output: replaced whole
         (tmp / "x").write_text("2")
-    (model / "thesis.tex").write_text("mine")
-    with pytest.raises(ValueError, match=r"model already exists and is not a model"):
-        with atomic_dir(model, holds_only("x"), "a model") as tmp:
+    assert [p.name for p in model.iterdir()] == ["x"] and (model / "x").read_text() == "2"
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "thesis.tex").write_text("mine")
+    with pytest.raises(ValueError, match=r"thesis already exists and is not a model"):
+        with atomic_dir(tmp_path / "thesis", holds("x"), "a model") as tmp:
             raise AssertionError("never runs")
-    assert (tmp_path / "a.txt").read_text() == "mine" and (model / "thesis.tex").read_text() == "mine"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "model"]
+    assert (tmp_path / "a.txt").read_text() == "mine" and (tmp_path / "thesis" / "thesis.tex").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "model", "thesis"]
 
 
 # -- a tune directory is locked like a run directory (attack 2026-12-07b row 126) ------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tdcdiff.files import atomic_dir, atomic_write_text
+from tdcdiff.files import atomic_dir, atomic_write_text, holds
 from tdcdiff.models import Denoiser, as_denoiser, build_unet
 from tdcdiff.prune.engine import prune
 from tdcdiff.prune.units import prunable_units
@@ -126,7 +126,7 @@ def test_atomic_dir_leaves_nothing_when_the_body_raises(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("previous")
     with pytest.raises(RuntimeError):
-        with atomic_dir(tmp_path / "out") as tmp:
+        with atomic_dir(tmp_path / "out", holds("keep.txt")) as tmp:
             (tmp / "half.txt").write_text("partial")
             raise RuntimeError("interrupted")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -141,9 +141,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def holds_only(*names: str) -> Callable[[Path], bool]:
-    """An `ours` test for atomic_dir: a directory whose entries all have one of these names (what the write makes)."""
-    return lambda directory: all(entry.name in names for entry in directory.iterdir())
+def holds(*names: str) -> Callable[[Path], bool]:
+    """An `ours` test for atomic_dir: a directory holding all these files (what the write makes, e.g. a saved
+    model's architecture.json and weights): an earlier output of the same write, which it may replace whole."""
+    return lambda directory: all((directory / name).is_file() for name in names)
 
 
 def check_replaceable(path: str | Path, ours: Callable[[Path], bool] | None, what: str) -> None:

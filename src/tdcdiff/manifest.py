@@ -106,8 +106,8 @@ def check_manifest(manifest: object, where) -> Grouping:
     for name, entry in files.items():
         if (not isinstance(entry, dict) or set(entry) != {"bytes", "sha256"} or not is_count(entry["bytes"])
                 or not is_sha256(entry["sha256"])):
-            fail(f"'files' entry {brief(name)} must be {{\"bytes\": <integer>, \"sha256\": <64 hex digits>}}, "
-                 f"got {brief(entry)}; {REEXPORT}")
+            fail(f"'files' entry {brief(name)} must be {{\"bytes\": <integer>, \"sha256\": <64 lower-case hex "
+                 f"digits>}}, got {brief(entry)}; {REEXPORT}")
     grouping = _check_grouping(manifest["grouping"], fail)
     n = len(grouping)
     directories = sorted({name.split("/")[0] for name in files if re.fullmatch(r"expert_\d+/.+", name)})
@@ -198,8 +198,8 @@ def _check_record_structure(training: object, n: int, fail) -> None:
             fail(f"'expert_training'[{i}].timesteps must be [start, end], got {brief(span)}; {REEXPORT}")
         check_sample_shape(record["sample_shape"], f"'expert_training'[{i}].sample_shape", fail)
         if not is_sha256(record["weights_sha256"]):
-            fail(f"'expert_training'[{i}].weights_sha256 must be 64 hex digits, got {brief(record['weights_sha256'])}; "
-                 f"{REEXPORT}")
+            fail(f"'expert_training'[{i}].weights_sha256 must be 64 lower-case hex digits, got "
+                 f"{brief(record['weights_sha256'])}; {REEXPORT}")
 
 
 def build_scheduler(config: dict, where):

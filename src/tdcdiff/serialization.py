@@ -29,7 +29,7 @@ from torch import nn
 from .files import (
     atomic_dir,
     brief,
-    holds_only,
+    holds,
     is_count,
     is_sha256,
     json_safe,
@@ -163,8 +163,8 @@ def save_model(model: nn.Module, directory: str | Path, *, extra: dict | None = 
         # safetensors refuses tensors that share memory (a module registered under two names).
         tensors[key] = tensor.clone() if storage in storages else tensor
         storages.add(storage)
-    with atomic_dir(directory, holds_only(ARCHITECTURE_FILE, WEIGHTS_FILE),
-                    f"a saved model (only {ARCHITECTURE_FILE} and {WEIGHTS_FILE}), nor empty") as tmp:
+    with atomic_dir(directory, holds(ARCHITECTURE_FILE, WEIGHTS_FILE),
+                    f"a saved model (with {ARCHITECTURE_FILE} and {WEIGHTS_FILE}), nor empty") as tmp:
         weights = tmp / WEIGHTS_FILE
         save_file(tensors, weights)
         size, digest = weights.stat().st_size, sha256_file(weights)
@@ -190,7 +190,8 @@ def _diffusers_export(name: str, base: str) -> type | None:
 
 def allowed_class(name: object, base: str, what: str) -> type:
     """The class saved as `name`, when it may be rebuilt: a `diffusers.<Name>` subclass of diffusers.<base>
-    ("ModelMixin" or "SchedulerMixin"), or (for models) a class given to register_model_class.
+    ("ModelMixin" or "SchedulerMixin"), also named by its own module path ('diffusers.models.unets.unet_2d.
+    UNet2DModel': the same class object, nothing imported), or (for models) a class given to register_model_class.
 
     Raises ValueError naming the class, `what` (the file and key) and how to allow it.
     """
@@ -204,16 +205,17 @@ def allowed_class(name: object, base: str, what: str) -> type:
         import transformers
 
         return getattr(transformers, attr)
-    cls = _diffusers_export(attr, base) if prefix == "diffusers" else None
-    if cls is not None:
-        return cls
+    cls = _diffusers_export(attr.rpartition(".")[2], base) if prefix == "diffusers" else None
+    if cls is not None and attr in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}".partition(".")[2]):
+        return cls  # diffusers.<Name>, or the same class under its full module path (nothing else is imported)
     if base != "ModelMixin":
-        raise ValueError(f"{what} names {brief(name)}, which is not a diffusers scheduler class (diffusers.<Name>); "
-                         "the file was edited or corrupted")
+        raise ValueError(f"{what} names {brief(name)}, which is not a diffusers scheduler class (diffusers.<Name>, or "
+                         "the class's own module path); the file was edited or corrupted")
     short = name.rpartition(".")[2]
     raise ValueError(
         f"{what} names class {brief(name)}, which tdcdiff does not rebuild: saved files are untrusted, so only "
-        f"diffusers model classes and registered classes are. If you trust this file and {name} is your model "
+        "diffusers model classes (named 'diffusers.<Name>', e.g. 'diffusers.UNet2DModel', or by the class's own "
+        f"module path) and registered classes are. If you trust this file and {name} is your model "
         f"class, call `tdcdiff.register_model_class({short})` (after importing it) before loading"
     )
 
@@ -277,8 +279,10 @@ def _rebuild(description: dict, source: Path) -> nn.Module:
     return Denoiser(model) if wrapped == "Denoiser" else model
 
 
-def _resize_to(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Give every parameter and buffer of the model the shape and dtype it has in a saved state dict."""
+def _resize_to(model: nn.Module, state: dict[str, torch.Tensor], source: Path, weights_path: Path) -> None:
+    """Give every parameter and buffer of the model the shape and dtype it has in a saved state dict (read from
+    weights_path; the model was built from source, its architecture.json)."""
+    fix = "re-run the stage that wrote it"
     for key, saved in state.items():
         owner_name, _, leaf = key.rpartition(".")
         try:
@@ -287,15 +291,16 @@ def _resize_to(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -
             owner = None
         current = getattr(owner, leaf, None)
         if not isinstance(current, torch.Tensor):
-            raise ValueError(f"{source}: saved tensor {brief(key)} has no counterpart in the rebuilt model")
+            raise ValueError(f"{weights_path}: saved tensor {brief(key)} has no counterpart in the model built from "
+                             f"{source}; {fix}")
         if current.is_floating_point() != saved.is_floating_point():
-            raise ValueError(f"{source}: saved tensor {brief(key)} is {saved.dtype}, the model's is {current.dtype}")
+            raise ValueError(f"{weights_path} holds tensor {brief(key)} as {saved.dtype}, where the model built from "
+                             f"{source} has {current.dtype}: the weights file was edited or corrupted; {fix}")
         if current.shape == saved.shape and current.dtype == saved.dtype:
             continue
         if current.dim() != saved.dim():
-            raise ValueError(
-                f"{source}: cannot resize {brief(key)} from {tuple(current.shape)} to the saved {tuple(saved.shape)}"
-            )
+            raise ValueError(f"{weights_path}: cannot resize {brief(key)} from {tuple(current.shape)} (as built from "
+                             f"{source}) to the saved {tuple(saved.shape)}; {fix}")
         new = torch.empty(saved.shape, dtype=saved.dtype, device=current.device)
         setattr(owner, leaf, nn.Parameter(new, current.requires_grad) if isinstance(current, nn.Parameter) else new)
 
@@ -310,7 +315,8 @@ def read_architecture(data: bytes, source: Path) -> dict:
     weights = description.get("weights") if isinstance(description, dict) else None
     if (not isinstance(weights, dict) or not isinstance(weights.get("file"), str)
             or not is_count(weights.get("bytes")) or not is_sha256(weights.get("sha256"))):
-        raise ValueError(f"{source} does not describe a weights file ('weights': {{file, bytes, sha256}}); "
+        raise ValueError(f"{source} does not describe a weights file ('weights': {{file, bytes, sha256}}) with the "
+                         "sha256 as 64 lower-case hex digits; "
                          "re-run the stage that wrote it")
     return description
 
@@ -349,7 +355,7 @@ def build_model(description: dict, data: bytes, source: Path, weights_path: Path
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1 and dtypes != {torch.get_default_dtype()}:  # keep the saved precision, buffers included
         model.to(dtypes.pop())
-    _resize_to(model, state, source)
+    _resize_to(model, state, source, weights_path)
     sync_module_attributes(model)
     try:
         # assign: the loaded tensors become the parameters (a meta-built model has no storage to copy into)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import atomic_dir, brief, holds_only, read_untrusted
+from .files import atomic_dir, brief, holds, read_untrusted
 from .models import CLIP_TOKENS
 
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")  # as a pipeline's model_index.json may name it
@@ -162,7 +162,7 @@ def tokenizer_data(tokenizer) -> dict[str, bytes]:
 
 def save_tokenizer(tokenizer, directory: Path) -> None:
     """Write tokenizer_data(tokenizer) into directory, atomically."""
-    with atomic_dir(directory, holds_only(*TOKENIZER_FILES), f"a saved tokenizer (only {', '.join(TOKENIZER_FILES)}), "
+    with atomic_dir(directory, holds(*TOKENIZER_FILES), f"a saved tokenizer (with {', '.join(TOKENIZER_FILES)}), "
                     "nor empty") as tmp:
         for name, data in tokenizer_data(tokenizer).items():
             (tmp / name).write_bytes(data)

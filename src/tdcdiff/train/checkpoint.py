@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import atomic_dir, atomic_write_text, holds_only
+from ..files import atomic_dir, atomic_write_text, holds
 from ..serialization import load_model, save_model
 from .config import TrainConfig
 
@@ -31,10 +31,8 @@ FINAL_DIR = "final"
 LOG_FILE = "log.jsonl"
 SUMMARY_FILE = "train.json"
 
-# What save_checkpoint writes: an existing checkpoint folder holding anything else is not replaced.
-_CHECKPOINT_FILES = ("model.safetensors", "projections.safetensors", "optimizer.safetensors", "ema.safetensors",
-                     "state.json")
-_OURS = holds_only(*_CHECKPOINT_FILES)
+# An existing checkpoint folder is replaced only when it is one (save_checkpoint's state.json and weights).
+_OURS = holds("state.json", "model.safetensors")
 
 
 def fingerprint(config: TrainConfig, timesteps: torch.Tensor, num_images: int, teacher: bool, model: nn.Module) -> str:

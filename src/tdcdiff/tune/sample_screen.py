@@ -21,7 +21,7 @@ import torch
 
 from ..evaluate import balanced_labels
 from ..features import DEFAULT_FEATURE_NET, FEATURES_VERSION
-from ..files import atomic_dir, atomic_write_text, holds_only
+from ..files import atomic_dir, atomic_write_text, holds
 from ..metrics import features_of
 from ..pipeline import SamplingModel, sample
 from ..samplers import SamplingSetting
@@ -64,8 +64,7 @@ def _target(tune, models: dict, protocol: dict, base_id: str) -> torch.Tensor:
         return torch.load(folder / "target.pt", weights_only=True)
     tune.say(f"sample screen: the base's target images ({protocol['target']}, {protocol['images']} images)")
     images = _sample(tune, models["base"][0], SamplingSetting.parse(protocol["target"]))
-    ours = holds_only("target.pt", "target.json")
-    with atomic_dir(folder, ours, "the sample screen's target images, nor empty") as tmp:
+    with atomic_dir(folder, holds("target.json"), "the sample screen's target images, nor empty") as tmp:
         torch.save(images, tmp / "target.pt")
         (tmp / "target.json").write_text(json.dumps({"protocol": protocol, "model": base_id}))
     return images
