@@ -439,3 +439,45 @@ def test_a_real_file_size_limit_while_saving_a_checkpoint_is_one_line(tmp_path):
     assert done.stdout.startswith("27 file too large for this process's file-size limit (`ulimit -f`) or the file "
                                   f"system while writing {tmp_path / 'checkpoint'}; nothing was half-written"), done
     assert list(tmp_path.iterdir()) == []
+
+
+# -- a damaged JSON record of a run or tune directory is named with the fix (attack 2026-12-07b rows 40, 42) ----
+def test_a_damaged_record_is_named_with_its_fix(tmp_path):
+    from tdcdiff.report import expert_rows
+    from tdcdiff.train.checkpoint import finished_summary
+    from tdcdiff.tune.records import read_json
+
+    prune = tmp_path / "prune"
+    prune.mkdir()
+    (prune / "summary_0.json").write_text("{")
+    with pytest.raises(ValueError, match=rf"^{prune / 'summary_0.json'} is not valid JSON \(Expecting property name.*"
+                                         rf"\); delete {prune} \(and the stages after it\) to prune again$"):
+        expert_rows(tmp_path)
+    (prune / "summary_0.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"summary_0.json holds a list, not an object: it was edited or damaged; "):
+        expert_rows(tmp_path)
+    (tmp_path / "final").mkdir()
+    (tmp_path / "train.json").write_text("")
+    with pytest.raises(ValueError, match=r"train.json is not valid JSON \(Expecting value.*\); delete .*train.json: "
+                                         r"this stage is then trained again"):
+        finished_summary(tmp_path, "f")
+    (tmp_path / "result.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match=r"result.json is not valid JSON .*; delete .*result.json: the tune makes it "
+                                         r"again"):
+        read_json(tmp_path / "result.json")
+
+
+def test_a_damaged_training_log_is_named_and_a_cut_last_line_dropped(tmp_path):
+    from tdcdiff.train.log import truncate_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.9}\n{"step": 30, "lo')  # killed mid-line
+    truncate_log(log, 20)
+    assert log.read_text() == '{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.9}\n'
+    log.write_text('{"step": 10, "loss": 1.0}\ngarbage\n')
+    with pytest.raises(ValueError, match=rf"^{log} line 2 is not valid JSON \(Expecting value.*\); delete {log} \(the "
+                                         r"loss log; training resumes from its checkpoint without its earlier lines\)$"):
+        truncate_log(log, 20)
+    log.write_text('[10]\n')
+    with pytest.raises(ValueError, match=r"log.jsonl line 1 is not a log record"):
+        truncate_log(log, 20)

@@ -368,6 +368,27 @@ def parse_json(data: bytes, source: Path, hint: str, *, problem: str = "is not v
         raise ValueError(f"{source} {problem} ({brief(detail, 200, quote=False)}); {hint}") from None
 
 
+MAX_RECORD_BYTES = 64 << 20  # a run's or tune's JSON records are kilobytes; a log.jsonl of 10^5 lines some MiB
+
+
+def read_json_file(path: str | Path, hint: str, *, kind: type | None = dict) -> object:
+    """The JSON value of a record we wrote and now read back (a run's or tune's *.json), read as untrusted input
+    (read_untrusted, parse_json): a damaged file is named with the fix instead of the bare parser message.
+
+    hint: the fix, ending every message. kind: the type the value must have (None: any).
+    Raises FileNotFoundError when it is missing and ValueError ("{path} is not valid JSON (...); {hint}", "{path}
+    holds a JSON list, not an object; {hint}") for anything else.
+    """
+    path = Path(path)
+    value = parse_json(read_untrusted(path.parent, path.name, str(path), max_bytes=MAX_RECORD_BYTES, hint=hint),
+                       path, hint)
+    if kind is not None and not isinstance(value, kind):
+        names = {dict: "an object", list: "a list"}
+        raise ValueError(f"{path} holds {names.get(type(value), 'a JSON ' + type(value).__name__)}, not "
+                         f"{names.get(kind, kind.__name__)}: it was edited or damaged; {hint}")
+    return value
+
+
 def brief(value: object, limit: int = 120, *, quote: bool = True) -> str:
     """repr(value) (str(value) when quote is False) cut to about `limit` characters, for messages that show a
     value read from an untrusted file: a huge value must not become a huge message."""

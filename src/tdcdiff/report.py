@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from .evaluate import slug
-from .files import atomic_write_text
+from .files import atomic_write_text, read_json_file
 from .plots import plot_fid_vs_flops
 from .verdict import describe, judge
 
@@ -247,7 +247,7 @@ def expert_rows(run_dir: str | Path) -> list[dict[str, str]]:
     time measured side by side with the base, as fractions of the base's, and the layers it removed."""
     rows = []
     for path in sorted(Path(run_dir, "prune").glob("summary_*.json"), key=lambda p: int(p.stem.split("_")[1])):
-        s = json.loads(path.read_text())
+        s = read_json_file(path, f"delete {path.parent} (and the stages after it) to prune again")
         if "time_ratio" not in s:  # pruned before times were recorded
             continue
         rows.append({

@@ -3,12 +3,11 @@ needs a run directory is here)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..bundle import MANIFEST, load_bundle
 from ..evaluate import ModelEntry, evaluate
-from ..files import sha256_file
+from ..files import read_json_file, sha256_file
 from ..grouping import Grouping
 from ..losses import per_timestep_loss
 from ..plots import plot_budgets, plot_grouping, plot_loss_per_t
@@ -25,7 +24,7 @@ def run_figures(run_dir: str | Path, out_dir: str | Path) -> list[tuple[str, str
     """Draw into out_dir the figures only a finished TDC run directory can give: grouping, budgets and
     per-timestep loss; returns their (file, caption) pairs, for report.write_report."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    plan = json.loads((run_dir / "plan" / "plan.json").read_text())
+    plan = read_json_file(run_dir / "plan" / "plan.json", f"delete {run_dir / 'plan'} and run `tdcdiff plan` again")
     run = Stages(run_dir, progress=False)
     bundle = load_bundle(run_dir / "bundle", device=run.device)
     grouping = Grouping.from_dict(plan["grouping"])

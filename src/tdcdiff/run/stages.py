@@ -32,7 +32,7 @@ from ..budget import (
 )
 from ..bundle import BundleError, check_bundle_scheduler, save_bundle
 from ..capacity import check_sampling_memory, check_training_memory
-from ..files import atomic_write_text, sha256_file
+from ..files import atomic_write_text, read_json_file, sha256_file
 from ..flops import count_flops
 from ..grouping import make_groups
 from ..latency import ExpertTimer, clock, timing_batch
@@ -300,7 +300,7 @@ class Stages(RunInputs):
         out, summary_path = self.dir / "prune" / f"group_{i}", self.dir / "prune" / f"summary_{i}.json"
         if not (summary_path.exists() and out.exists()):
             return None
-        summary = json.loads(summary_path.read_text())
+        summary = read_json_file(summary_path, f"delete {summary_path.parent} (and the stages after it) to prune again")
         was = (summary.get("budget_unit", "flops"), summary.get("fraction", summary["budget"] / plan.base_flops))
         if was[0] != c.budget_unit or abs(was[1] - plan.fractions[i]) > 1e-9:
             raise ValueError(
@@ -402,8 +402,9 @@ class Stages(RunInputs):
             if not path.exists():
                 raise FileNotFoundError(f"group {i} is not fine-tuned yet ({path} missing); run `tdcdiff finetune`")
             experts.append(self.load(path))
-            summary = path.parent / "train.json"
-            summary = json.loads(summary.read_text()) if summary.exists() else {}
+            record = path.parent / "train.json"
+            summary = read_json_file(record, f"delete {path.parent} to fine-tune group {i} again") if record.exists() \
+                else {}
             training.append({k: summary[k] for k in ("steps", "final_loss", "fingerprint") if k in summary})
         train_flops = self.training_flops()
         return save_bundle(
@@ -424,7 +425,7 @@ class Stages(RunInputs):
         path = self.dir / "base" / SCHEDULER_FILE
         if not path.exists():
             return {}
-        given = json.loads(path.read_text())
+        given = read_json_file(path, f"delete {path.parent} and run `tdcdiff train-base` again to copy it from --base")
         name = given.get("_class_name")
         if not name or self.config.sampler != PIPELINE_SAMPLERS.get(name):
             note = f"sampled with {self.config.sampler} (the run's sampler setting)"
@@ -435,7 +436,9 @@ class Stages(RunInputs):
     def training_flops(self) -> dict:
         """Training compute of stage 1 and of each group's stage 2, from the runs' own records."""
         def recorded(path: Path) -> int:
-            return json.loads((path / "train.json").read_text())["train_flops"] if (path / "train.json").exists() else 0
+            if not (path / "train.json").exists():
+                return 0
+            return read_json_file(path / "train.json", f"delete {path} to train this stage again")["train_flops"]
 
         stage2 = [recorded(self.dir / "finetune" / f"group_{i}") for i in range(len(self.plan().grouping))]
         stage1 = recorded(self.dir / "base")

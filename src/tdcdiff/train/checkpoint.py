@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import atomic_dir, atomic_write_text, holds
+from ..files import atomic_dir, atomic_write_text, holds, read_json_file
 from ..serialization import load_model, save_model
 from .config import TrainConfig
 
@@ -132,7 +132,8 @@ def finished_summary(out_dir: Path, fingerprint: str) -> dict | None:
     summary_path = out_dir / SUMMARY_FILE
     if not ((out_dir / FINAL_DIR).exists() and summary_path.exists()):
         return None
-    done = json.loads(summary_path.read_text())
+    done = read_json_file(summary_path, f"delete {summary_path}: this stage is then trained again (from its "
+                                        "checkpoint when there is one)")
     return done if done.get("fingerprint") == fingerprint else None
 
 

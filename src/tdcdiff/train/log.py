@@ -12,16 +12,33 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_write_text, name_write_errors
+from ..files import MAX_RECORD_BYTES, atomic_write_text, is_count, name_write_errors, parse_json, read_untrusted
 
 LOSS_BUCKETS = 10
 
 
 def truncate_log(path: Path, last_step: int) -> None:
-    """Drop the lines after `last_step`: those a crashed run wrote after its last checkpoint."""
+    """Drop the lines after `last_step`: those a crashed run wrote after its last checkpoint (and a last line cut
+    short by a kill or a full disk).
+
+    Raises ValueError naming the file, the line and the fix for any other line that is not a log record.
+    """
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    hint = f"delete {path} (the loss log; training resumes from its checkpoint without its earlier lines)"
+    text = read_untrusted(path.parent, path.name, str(path), max_bytes=MAX_RECORD_BYTES, hint=hint).decode(
+        "utf-8", "replace")
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):  # a line whose writing was cut short
+        lines.pop()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            record = parse_json(line, f"{path} line {number}", hint)
+            if not isinstance(record, dict) or not is_count(record.get("step")):
+                raise ValueError(f"{path} line {number} is not a log record ({{\"step\": <integer>, ...}}); {hint}")
+            if record["step"] <= last_step:
+                kept.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 

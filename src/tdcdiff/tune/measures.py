@@ -19,7 +19,7 @@ import torch
 from ..bundle import load_bundle
 from ..evaluate import BPD_SAMPLES, HELD_OUT_IMAGES, default_feature_net, judge_protocol, score_seeds, time_sampling
 from ..features import DEFAULT_FEATURE_NET, FEATURES_VERSION
-from ..files import atomic_write_text, sha256_tree
+from ..files import atomic_write_text, read_json_file, sha256_tree
 from ..grouping import make_groups
 from ..likelihood import nll_bound
 from ..losses import per_image_loss
@@ -127,7 +127,8 @@ def model_ids(tune) -> dict:
     for spec in tune.candidates:
         record = tune.result(spec["index"])
         if record is not None and "failed" not in record:
-            manifest = json.loads((tune.dir / spec["dir"] / record["bundle"] / "manifest.json").read_text())
+            manifest = read_json_file(tune.dir / spec["dir"] / record["bundle"] / "manifest.json",
+                                      f"delete {tune.dir / spec['dir']} to train candidate {spec['name']} again")
             ids[spec["name"]] = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
     return ids
 

@@ -7,12 +7,16 @@ import json
 import time
 from pathlib import Path
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, read_json_file
 
 
 def read_json(path: Path, default=None):
-    """The JSON value in `path`, or `default` when the file does not exist."""
-    return json.loads(path.read_text()) if path.exists() else default
+    """The JSON value in `path` (a record of the tune directory), or `default` when the file does not exist.
+    Raises ValueError naming the file and the fix when it is damaged (files.read_json_file)."""
+    if not path.exists():
+        return default
+    return read_json_file(path, f"delete {path}: the tune makes it again (a candidate's result.json: by training "
+                                "it again)", kind=None)
 
 
 def clock() -> dict:
