@@ -475,8 +475,9 @@ def test_a_damaged_training_log_is_named_and_a_cut_last_line_dropped(tmp_path):
     truncate_log(log, 20)
     assert log.read_text() == '{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.9}\n'
     log.write_text('{"step": 10, "loss": 1.0}\ngarbage\n')
-    with pytest.raises(ValueError, match=rf"^{log} line 2 is not valid JSON \(Expecting value.*\); delete {log} \(the "
-                                         r"loss log; training resumes from its checkpoint without its earlier lines\)$"):
+    with pytest.raises(ValueError, match=rf"^{log} line 2 is not valid JSON \(Expecting value.*\); delete {log} "
+                                         r"\(the loss log; training resumes from its checkpoint without its earlier "
+                                         r"lines\)$"):
         truncate_log(log, 20)
     log.write_text('[10]\n')
     with pytest.raises(ValueError, match=r"log.jsonl line 1 is not a log record"):
