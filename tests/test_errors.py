@@ -473,3 +473,48 @@ def test_nothing_is_unpickled():
         assert "import pickle" not in text and "pickle.load" not in text, path
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{path}: {call}"
+
+
+def _write_plan(run: Path, **changes) -> Path:
+    """A valid 2-group plan.json in run/plan, with `changes` to its fields."""
+    import json
+
+    from tdcdiff.budget import make_plan
+    from tdcdiff.grouping import make_groups
+    from tdcdiff.schedule import make_scheduler
+
+    plan = make_plan(make_groups("uniform", 2, make_scheduler(1000)), k=0.5, ordering="snr-high-hard",
+                     base_flops=1000, sample_shape=(1, 8, 8))
+    path = run / "plan" / "plan.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({**plan.to_dict(), **changes}))
+    return path
+
+
+@pytest.mark.parametrize("changes, problem", [
+    # a text fraction or a short list was a TypeError / IndexError traceback at `tdcdiff prune`, NaN "cannot
+    # convert float NaN to integer", base_flops 0 "budget_flops must be > 0" (no file, no fix)
+    ({"fractions": ["0.5", 1.0]}, "'fractions' must be one budget fraction in (0, 1] per group (2 groups), got "
+                                  "['0.5', 1.0]"),
+    ({"fractions": [0.7]}, "'fractions' must be one budget fraction in (0, 1] per group (2 groups), got [0.7]"),
+    ({"fractions": [float("nan"), 1.0]}, "'fractions' must be one budget fraction in (0, 1] per group (2 groups), "
+                                         "got [nan, 1.0]"),
+    ({"base_flops": 0}, "'base_flops' must be a positive integer (the base's FLOPs per forward), got 0"),
+    ({"ranks": [1, "2"]}, "'ranks' must be the difficulty ranks 1..2, one per group, got [1, '2']"),
+    ({"sample_shape": [1, 8]}, "'sample_shape' must be 3 positive integers (channels, height, width), got [1, 8]"),
+    ({"ordering": "random"}, "'ordering' must be null or one of ('measured', 'snr-high-hard', 'snr-low-hard'), got "
+                             "'random'"),
+    ({"grouping": None}, "'grouping' must be a mapping, got NoneType"),
+    ({"format": None}, "format 'None', expected 'tdcdiff-plan/1'"),
+])
+def test_a_damaged_plan_names_the_file_and_the_field(tmp_path, changes, problem):
+    run = tmp_path / "run"
+    path = _write_plan(run, **changes)
+    result = CliRunner().invoke(app, ["prune", "--out", str(run)])
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: {path} is damaged ({problem}); restore it, or delete {path.parent} and rerun "
+                             "`tdcdiff plan` (then redo the stages after it, which were made for the old plan)\n")
+    assert not (run / "prune").exists()
+    (run / "plan" / "plan.json").write_text("[1, 2]")
+    result = CliRunner().invoke(app, ["prune", "--out", str(run)])
+    assert "is damaged (it holds a list, not a JSON object)" in result.output

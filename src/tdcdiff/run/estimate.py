@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..base_model import load_base_model
-from ..budget import BudgetPlan, budget_fractions
+from ..budget import budget_fractions
 from ..evaluate import BPD_SAMPLES, HELD_OUT_IMAGES
 from ..flops import count_flops
 from ..latency import LONG_FORWARD_REPEATS, LONG_FORWARD_SECONDS, one_thread, timing_batch
@@ -34,6 +34,7 @@ from ..prune.units import prunable_units
 from ..samplers import SamplingSetting
 from ..settings import apply_overrides
 from ..train import FINAL_DIR
+from .plan_file import load_plan
 from .stages import Stages
 
 CPU_BATCH = 8  # samples per measured forward and step on a CPU (a big model's per-sample cost is flat above a few)
@@ -151,7 +152,7 @@ def fractions_of(config, plan: Path | None = None) -> list[float]:
     settings' (the given fractions, or the paper's formula scaled to the mean budget, the groups taken as equally
     long)."""
     if plan is not None and plan.exists():
-        return list(BudgetPlan.load(plan).fractions)
+        return list(load_plan(plan).fractions)
     if config.plan_fractions is not None:
         return list(config.plan_fractions)
     fractions = budget_fractions(config.groups, config.k)

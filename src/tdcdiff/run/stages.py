@@ -54,6 +54,7 @@ from ..text import save_tokenizer
 from ..train import FINAL_DIR, TrainResult, train
 from .config import SCHEDULER_FILE, RunConfig, check_unchanged, load_saved_config, with_pipeline_schedule
 from .inputs import TEXT_ENCODER_DIR, TOKENIZER_DIR, VAE_DIR, RunInputs
+from .plan_file import load_plan
 from .rundir import lock_run_dir, record_inputs, up_to_date, writes
 
 
@@ -218,7 +219,7 @@ class Stages(RunInputs):
         path = self.dir / "plan" / "plan.json"
         c = self.config
         if path.exists():
-            plan = BudgetPlan.load(path)  # written before the unit was recorded: the run's (a plan setting since)
+            plan = load_plan(path)  # written before the unit was recorded: the run's (a plan setting since)
             return plan if plan.budget_unit is not None else replace(plan, budget_unit=c.budget_unit)
         self._save_config()
         base = self.base_model()
