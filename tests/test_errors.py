@@ -518,3 +518,26 @@ def test_a_damaged_plan_names_the_file_and_the_field(tmp_path, changes, problem)
     (run / "plan" / "plan.json").write_text("[1, 2]")
     result = CliRunner().invoke(app, ["prune", "--out", str(run)])
     assert "is damaged (it holds a list, not a JSON object)" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    # 10^8 candidates filled memory after stage 1 (a MemoryError traceback) and --dry-run estimated 1.8e12 CPU-hours
+    (["run", "--dry-run", "--candidates", "100000000"], "error: --candidates must be at most 256 (each candidate is "
+                                                        "pruned and scored, seconds each, and kept in memory), got "
+                                                        "100000000\n"),
+    (["prune", "--rounds", "257"], "error: --rounds must be at most 256 (each round's candidates are pruned and "
+                                   "scored, seconds each), got 257\n"),
+])
+def test_search_counts_have_a_maximum(tmp_path, args, message):
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and result.output == message, result.output
+    assert not (tmp_path / "run").exists()
+    config = tmp_path / "c.yaml"
+    config.write_text("search:\n  candidates_per_round: 100000000\n")
+    result = CliRunner().invoke(app, ["run", "--dry-run", "--config", str(config), "--out", str(tmp_path / "run")])
+    assert result.output.startswith("error: search.candidates_per_round must be at most 256"), result.output
+    from tdcdiff.prune.search import SearchConfig
+
+    with pytest.raises(ValueError, match=r"^rounds must be at most 256 \(each round's"):
+        SearchConfig(rounds=10**8).validate()
+    SearchConfig(rounds=256, candidates_per_round=256).validate()
