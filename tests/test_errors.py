@@ -541,3 +541,15 @@ def test_search_counts_have_a_maximum(tmp_path, args, message):
     with pytest.raises(ValueError, match=r"^rounds must be at most 256 \(each round's"):
         SearchConfig(rounds=10**8).validate()
     SearchConfig(rounds=256, candidates_per_round=256).validate()
+
+
+@pytest.mark.parametrize("values", [[""], [" , ", ""]])
+def test_an_empty_settings_ladder_is_refused(tmp_path, values):
+    # `tune --settings ""` (an unset shell variable) ran the default 5-setting ladder: an empty value read as not given
+    args = [a for v in values for a in ("--settings", v)]
+    result = CliRunner().invoke(app, ["tune", *args, "--dry-run", "--out", str(tmp_path / "tune")])
+    assert result.exit_code == 2, result.output
+    assert result.output == ("error: --settings is empty; give sampling settings, e.g. --settings 'dpm-solver++:20 "
+                             "unipc:10', or --settings none for only the reference (leave the flag out for the "
+                             "default ladder)\n")
+    assert not (tmp_path / "tune").exists()
