@@ -553,3 +553,21 @@ def test_an_empty_settings_ladder_is_refused(tmp_path, values):
                              "unipc:10', or --settings none for only the reference (leave the flag out for the "
                              "default ladder)\n")
     assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.parametrize("args, problem", [
+    # was Python's "invalid literal for int() with base 10: ''"
+    (["--reference", "dpm-solver++:"], "--reference 'dpm-solver++:': sampling steps must be an integer >= 1, got "
+                                       "nothing"),
+    (["--settings", "ddim:10:cx"], "--settings 'ddim:10:cx': the number after ':c' must be an integer >= 1, got 'x'"),
+    # was "cache_depth (--cache-depth) 1 was given without feature caching; give cache_interval (--cache-interval)"
+    (["--reference", "ddim:4:d1"], "--reference 'ddim:4:d1': :d1 (cache_depth) was given without feature caching; "
+                                   "add :cN with N >= 2 (cache_interval), e.g. ddim:4:c2:d1, or drop it"),
+    (["--settings", "ddim:10:c0"], "--settings 'ddim:10:c0': the number after ':c' must be an integer >= 1, got '0'"),
+])
+def test_a_sampling_setting_text_is_judged_in_its_own_terms(tmp_path, args, problem):
+    result = CliRunner().invoke(app, ["tune", *args, "--dry-run", "--out", str(tmp_path / "tune")])
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: {problem} (e.g. ddim:50, dpm-solver++:20:c3; samplers: ddpm, ddim, "
+                             "dpm-solver++, unipc, deis, pndm, euler)\n")
+    assert "--cache" not in result.output and not (tmp_path / "tune").exists()
