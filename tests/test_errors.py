@@ -571,3 +571,13 @@ def test_a_sampling_setting_text_is_judged_in_its_own_terms(tmp_path, args, prob
     assert result.output == (f"error: {problem} (e.g. ddim:50, dpm-solver++:20:c3; samplers: ddpm, ddim, "
                              "dpm-solver++, unipc, deis, pndm, euler)\n")
     assert "--cache" not in result.output and not (tmp_path / "tune").exists()
+
+
+@pytest.mark.parametrize("name", [".png", ".PNG"])
+def test_a_grid_path_with_no_file_name(tmp_path, name):
+    # was "give a path ending in .png" for a path that ends in .png: a hidden name without a stem
+    result = CliRunner().invoke(app, ["sample", "--bundle", str(tmp_path / "b"), "--output", str(tmp_path / name)])
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: --output {tmp_path / name}: the file name is empty (only the .png extension); "
+                             f"give a name, e.g. {tmp_path / 'samples.png'}\n")
+    assert list(tmp_path.iterdir()) == []

@@ -79,6 +79,9 @@ def sample_command(
         # A bundle's default is never inside the bundle: its manifest lists every file.
         output = output or (Path("samples.png") if bundle is not None else out / "samples" / "base.png")
         check_writable(output, "--output", directory=False)
+        if output.name.lower() == ".png":  # a hidden file with no stem: Path says it has no suffix
+            raise ValueError(f"--output {output}: the file name is empty (only the .png extension); give a name, "
+                             f"e.g. {output.with_name('samples.png')}")
         if output.suffix.lower() != ".png":  # save_grid writes PNG: o.jpg would be a PNG under another name
             raise ValueError(f"--output {output}: sample grids are written as PNG; give a path ending in .png")
         model, scheduler, shape, decode, null_class, data_classes, defaults = _source(bundle, out, base, quiet)
