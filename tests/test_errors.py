@@ -581,3 +581,13 @@ def test_a_grid_path_with_no_file_name(tmp_path, name):
     assert result.output == (f"error: --output {tmp_path / name}: the file name is empty (only the .png extension); "
                              f"give a name, e.g. {tmp_path / 'samples.png'}\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dry_run_refuses_what_the_run_would(tmp_path):
+    # `run --batch-size 100000000 --dry-run` estimated 3,008 CPU-hours where the run refuses at once for memory
+    result = CliRunner().invoke(app, ["run", "--batch-size", "100000000", "--dry-run", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert re.fullmatch(r"error: training the UNet preset 'digits-8' \(.*\) needs about [\d.]+ GiB, more than the "
+                        r".* GiB of memory this machine has available now; lower --batch-size \(base.batch_size, "
+                        r"finetune.batch_size\) or --image-size\n", result.output), result.output
+    assert not (tmp_path / "r").exists()

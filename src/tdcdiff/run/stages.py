@@ -128,9 +128,7 @@ class Stages(RunInputs):
             in_channels=self.data.channels, num_train_timesteps=c.num_train_timesteps,
         )
         train_images, _ = self.split()
-        self._check_report_data()
-        self._check_training_memory(model, f"the UNet preset {preset!r}")  # activations grow with --image-size
-        self._check_budgets_reachable(model)  # the architecture is known now: don't train for a doomed plan
+        self.check_new_base(model, f"the UNet preset {preset!r}")
         self._save_config()  # after the checks above: a refused run leaves nothing behind
         config = replace(c.base, seed=c.seed * 100)  # stage 2 of group i uses c.seed * 100 + i + 1
         return train(model, train_images, self.scheduler, config, self.dir / "base", labels=self.labels(model)[0],
@@ -178,6 +176,15 @@ class Stages(RunInputs):
                          description="stage 1: continue the given model", device=c.torch_device)
         save_model(model, out / FINAL_DIR, extra={"source": loaded.source})
         return TrainResult(out, 0, float("nan"), 0, 0)
+
+    def check_new_base(self, model, what: str) -> None:
+        """The checks stage 1 makes before training a new base `model` (what: how messages name it), which
+        `--dry-run` makes too: the report's data (under run_all), the training memory (activations grow with
+        --image-size) and the budgets' reachability (the architecture is known now: no training for a doomed
+        plan). Raises ValueError."""
+        self._check_report_data()
+        self._check_training_memory(model, what)
+        self._check_budgets_reachable(model)
 
     def _check_given_model(self, model, vae, text_encoder) -> None:
         """--base's denoiser against the data (check_fits_data) and this machine's memory, before its weights are
