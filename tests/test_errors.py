@@ -488,6 +488,7 @@ def _write_plan(run: Path, **changes) -> Path:
     path = run / "plan" / "plan.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({**plan.to_dict(), **changes}))
+    (run / "config.json").write_text("{}")  # the defaults: 2 groups
     return path
 
 
@@ -591,3 +592,30 @@ def test_a_dry_run_refuses_what_the_run_would(tmp_path):
                         r".* GiB of memory this machine has available now; lower --batch-size \(base.batch_size, "
                         r"finetune.batch_size\) or --image-size\n", result.output), result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_a_report_before_the_bundle_names_the_command(tmp_path):
+    # was "no bundle at R/bundle: the directory does not exist", where the other stages say what to run first
+    run = tmp_path / "run"
+    (run / "base").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    result = CliRunner().invoke(app, ["report", "--out", str(run)])
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: no bundle at {run / 'bundle'}; run `tdcdiff bundle --out {run}` first (or "
+                             f"`tdcdiff run --out {run}`, which makes every missing stage)\n")
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["base", "config.json"]
+
+
+@pytest.mark.parametrize("command", [["report"], ["sample", "--num", "2"], ["prune"]])
+def test_a_run_whose_config_json_is_gone(tmp_path, command):
+    # a deleted config.json was reported as "R/bundle was not made by this run ... Delete R/bundle and rerun":
+    # the defaults stood in for the settings the run was made with, and the advice deleted a good bundle
+    run = tmp_path / "run"
+    for name in ("base", "bundle"):
+        (run / name).mkdir(parents=True)
+    result = CliRunner().invoke(app, [*command, "--out", str(run)])
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: {run / 'config.json'} is missing, but {run} holds a run's outputs (base/, "
+                             "bundle/): the settings they were made with are unknown; restore config.json (a bundle's "
+                             "manifest.json keeps them under provenance.config), or use a new output directory\n")
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["base", "bundle"]

@@ -57,6 +57,19 @@ from .inputs import TEXT_ENCODER_DIR, TOKENIZER_DIR, VAE_DIR, RunInputs
 from .plan_file import load_plan
 from .rundir import lock_run_dir, record_inputs, up_to_date, writes
 
+STAGE_OUTPUTS = ("base", "plan", "prune", "finetune", "bundle")  # what a run writes only after its config.json
+
+
+def _check_settings_known(run_dir: Path) -> None:
+    """Refuse a run directory whose config.json is gone but whose stage outputs are there: the defaults would
+    pass for the settings they were made with (a report would call the run's own bundle "not made by this run")."""
+    made = [f"{name}/" for name in STAGE_OUTPUTS if (run_dir / name).exists()]
+    if made:
+        raise ValueError(
+            f"{run_dir / 'config.json'} is missing, but {run_dir} holds a run's outputs ({', '.join(made)}): the "
+            "settings they were made with are unknown; restore config.json (a bundle's manifest.json keeps them "
+            "under provenance.config), or use a new output directory")
+
 
 class Stages(RunInputs):
     """One run directory and its config; each stage method is idempotent (see the module docstring).
@@ -75,6 +88,8 @@ class Stages(RunInputs):
         run_dir = Path(run_dir)
         saved_path = run_dir / "config.json"
         saved = load_saved_config(saved_path) if saved_path.exists() else None
+        if saved is None and config is None:
+            _check_settings_known(run_dir)
         overrides = dict(overrides or {}) | ({"base_model": str(base)} if base is not None else {})
         named = overrides.get("base_model", config.base_model if config is not None else None)
         config = apply_overrides(config or saved or RunConfig(), overrides)
