@@ -619,3 +619,25 @@ def test_a_run_whose_config_json_is_gone(tmp_path, command):
                              "bundle/): the settings they were made with are unknown; restore config.json (a bundle's "
                              "manifest.json keeps them under provenance.config), or use a new output directory\n")
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["base", "bundle"]
+
+
+def test_a_changed_setting_of_a_finished_stage_is_named_by_its_key(tmp_path):
+    # a changed stage-2 flag printed both whole `finetune` sections (17 keys each, 700+ characters)
+    from dataclasses import replace
+
+    from tdcdiff.run.config import RunConfig, check_unchanged
+
+    (tmp_path / "finetune").mkdir()
+    saved = RunConfig()
+    tail = (f"from the one{{s}} {tmp_path} was run with ({{values}}) and stage 'finetune' has already run; use a new "
+            f"output directory, or delete {tmp_path / 'finetune'} to redo it and the stages after it")
+    one = replace(saved, finetune=replace(saved.finetune, distill_weight=0.5))
+    with pytest.raises(ValueError) as err:
+        check_unchanged(tmp_path, saved, one)
+    assert str(err.value) == "setting 'finetune.distill_weight' differs " + tail.format(s="", values="0.0 -> 0.5")
+    two = replace(one, finetune=replace(one.finetune, steps=7))
+    with pytest.raises(ValueError) as err:
+        check_unchanged(tmp_path, saved, two)
+    assert str(err.value) == "settings 'finetune.distill_weight', 'finetune.steps' differ " + tail.format(
+        s="s", values="finetune.distill_weight: 0.0 -> 0.5; finetune.steps: 400 -> 7")
+    check_unchanged(tmp_path, saved, replace(saved, num_samples=8))  # shapes no stage's output

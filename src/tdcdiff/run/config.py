@@ -15,7 +15,7 @@ from ..pipeline import SAMPLERS
 from ..prune.search import SearchConfig, get_proposer
 from ..samplers import sampler_for_scheduler
 from ..schedule import BETA_SCHEDULES, MAX_TIMESTEPS, make_scheduler
-from ..settings import SEED, Rule, Settings, at_least, at_most, one_of, setting
+from ..settings import SEED, Rule, Settings, at_least, at_most, one_of, setting, shown
 from ..train import TrainConfig
 
 BUDGET_UNITS = ("flops", "time")
@@ -243,21 +243,39 @@ def stage_settings(config: RunConfig, stage: str) -> dict:
 
 
 def check_unchanged(run_dir: Path, saved: RunConfig, config: RunConfig) -> None:
-    """Refuse a setting that differs from the saved one when the stage it shapes has already written output."""
-    old, new = saved.to_dict(), config.to_dict()
+    """Refuse a setting that differs from the saved one when the stage it shapes has already written output. A
+    section's settings (finetune, search, base) are named by their own dotted keys ('finetune.distill_weight'),
+    not the whole section."""
+    old, new = _by_key(saved.to_dict()), _by_key(config.to_dict())
+    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k, _UNSET) != new.get(k, _UNSET)]
     stages = list(STAGE_OUTPUT)
-    for key in sorted(k for k in new if new[k] != old[k]):
-        stage = STAGE_OF_SETTING.get(key)
-        if stage is None:
-            continue
+    for stage in stages:
+        keys = [k for k in changed if STAGE_OF_SETTING.get(k.split(".")[0]) == stage]
         stale = [run_dir / STAGE_OUTPUT[s] for s in stages[stages.index(stage):]]
         stale = [str(path) for path in stale if path.exists()]
-        if stale:
+        if keys and stale:
+            names = ", ".join(f"'{k}'" for k in keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            values = "; ".join(f"{k}: " * (len(keys) > 1) + f"{_shown(old, k)} -> {_shown(new, k)}" for k in keys[:4])
+            many = len(keys) > 1
             raise ValueError(
-                f"setting '{key}' differs from the one {run_dir} was run with ({old[key]!r} -> {new[key]!r}) "
-                f"and stage '{stage}' has already run; use a new output directory, or delete "
+                f"setting{'s' * many} {names} differ{'s' * (not many)} from the one{'s' * many} {run_dir} was run "
+                f"with ({values}) and stage '{stage}' has already run; use a new output directory, or delete "
                 f"{' '.join(stale)} to redo it and the stages after it"
             )
+
+
+_UNSET = object()  # a key only one side has
+
+
+def _by_key(settings: dict) -> dict:
+    """A config's settings by dotted key, one level deep as a config file's sections are ("finetune.steps"); a
+    setting's own mapping (search.units) stays whole."""
+    return {f"{k}.{name}" if isinstance(v, dict) else k: value
+            for k, v in settings.items() for name, value in (v.items() if isinstance(v, dict) else [(k, v)])}
+
+
+def _shown(values: dict, key: str) -> str:
+    return shown(values[key]) if key in values else "unset"
 
 
 MAX_SAVED_CONFIG_BYTES = 1 << 20  # config.json of a run is a few kilobytes
