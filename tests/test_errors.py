@@ -641,3 +641,15 @@ def test_a_changed_setting_of_a_finished_stage_is_named_by_its_key(tmp_path):
     assert str(err.value) == "settings 'finetune.distill_weight', 'finetune.steps' differ " + tail.format(
         s="s", values="finetune.distill_weight: 0.0 -> 0.5; finetune.steps: 400 -> 7")
     check_unchanged(tmp_path, saved, replace(saved, num_samples=8))  # shapes no stage's output
+
+
+def test_captions_behind_a_byte_order_mark_are_read(tmp_path):
+    # metadata.jsonl saved by Windows Notepad (a UTF-8 BOM first) was "line 1 is not a JSON object"
+    from tdcdiff.data import load_dataset
+    from text_pipeline import captioned_folder
+
+    folder = captioned_folder(tmp_path / "data")
+    wanted = load_dataset(str(folder)).captions
+    metadata = folder / "metadata.jsonl"
+    metadata.write_bytes(b"\xef\xbb\xbf" + metadata.read_bytes())
+    assert load_dataset(str(folder)).captions == wanted
