@@ -653,3 +653,19 @@ def test_captions_behind_a_byte_order_mark_are_read(tmp_path):
     metadata = folder / "metadata.jsonl"
     metadata.write_bytes(b"\xef\xbb\xbf" + metadata.read_bytes())
     assert load_dataset(str(folder)).captions == wanted
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible here")
+def test_a_saved_device_this_machine_lacks_names_the_file(tmp_path):
+    # config.json's "device": "cuda" was reported as "device 'cuda' (--device)", a flag `sample` does not even take
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"device": "cuda"}')
+    result = CliRunner().invoke(app, ["sample", "--out", str(run), "--num", "2"])
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: device 'cuda' (from {run / 'config.json'}) is not visible here: torch sees 0 "
+                             "CUDA device(s) (torch.cuda.is_available() is False); set its \"device\" to \"auto\" or "
+                             "\"cpu\", or pass --device cpu to a command that takes it, or install a CUDA build of "
+                             "torch on a machine with a GPU\n")
+    result = CliRunner().invoke(app, ["plan", "--out", str(run), "--device", "cpu"])  # the flag takes over
+    assert "is not visible" not in result.output and "no trained base model" in result.output, result.output

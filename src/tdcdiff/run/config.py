@@ -165,8 +165,9 @@ class RunConfig(Settings):
         ]
 
 
-def check_device(device: str) -> None:
-    """Refuse a CUDA device this process cannot see (before any work). Raises ValueError naming the fix."""
+def check_device(device: str, source: str = "--device", fix: str = "use --device cpu") -> None:
+    """Refuse a CUDA device this process cannot see (before any work). source: where the setting came from and
+    fix: how to change it there, for the message (the flag, or a run's config.json). Raises ValueError."""
     if not device.startswith("cuda"):
         return
     import torch
@@ -174,9 +175,9 @@ def check_device(device: str) -> None:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     index = int(device.partition(":")[2] or 0)
     if index >= count:
-        raise ValueError(f"device {device!r} (--device) is not visible here: torch sees {count} CUDA device(s) "
-                         f"(torch.cuda.is_available() is {torch.cuda.is_available()}); use --device cpu, or install "
-                         "a CUDA build of torch on a machine with a GPU")
+        raise ValueError(f"device {device!r} ({source}) is not visible here: torch sees {count} CUDA device(s) "
+                         f"(torch.cuda.is_available() is {torch.cuda.is_available()}); {fix}, or install a CUDA "
+                         "build of torch on a machine with a GPU")
 
 
 def _validate_section(section, name: str) -> None:

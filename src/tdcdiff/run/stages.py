@@ -52,7 +52,14 @@ from ..serialization import save_model
 from ..settings import apply_overrides
 from ..text import save_tokenizer
 from ..train import FINAL_DIR, TrainResult, train
-from .config import SCHEDULER_FILE, RunConfig, check_unchanged, load_saved_config, with_pipeline_schedule
+from .config import (
+    SCHEDULER_FILE,
+    RunConfig,
+    check_device,
+    check_unchanged,
+    load_saved_config,
+    with_pipeline_schedule,
+)
 from .inputs import TEXT_ENCODER_DIR, TOKENIZER_DIR, VAE_DIR, RunInputs
 from .plan_file import load_plan
 from .rundir import lock_run_dir, record_inputs, up_to_date, writes
@@ -96,6 +103,11 @@ class Stages(RunInputs):
         if config.schedule_version is None:  # a run resumes with the schedule it was made with
             config = replace(config, schedule_version=saved.schedule_version if saved else SCHEDULE_VERSION)
         config = with_pipeline_schedule(config)
+        if saved is not None and config.device == saved.device and "device" not in overrides:
+            # a machine without the GPU the run was made on: name the file the device came from (the device
+            # shapes no stage's output, so it may change)
+            check_device(config.torch_device, source=f"from {saved_path}",
+                         fix='set its "device" to "auto" or "cpu", or pass --device cpu to a command that takes it')
         config.validate()
         clock()  # a bad $TDCDIFF_CLOCK fails now, not at the prune stage after stage 1
         if saved is not None:
