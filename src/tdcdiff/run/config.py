@@ -180,6 +180,15 @@ def check_device(device: str, source: str = "--device", fix: str = "use --device
                          "build of torch on a machine with a GPU")
 
 
+def check_saved_device(run_dir: Path, saved: RunConfig | None, config: RunConfig, overrides: dict) -> None:
+    """check_device for a device that came from the run's config.json (`saved`; not overridden), naming that file
+    and how to change it there: a machine without the GPU the run was made on (the device shapes no stage's
+    output, so it may change). Raises ValueError."""
+    if saved is not None and config.device == saved.device and "device" not in overrides:
+        check_device(config.torch_device, source=f"from {run_dir / 'config.json'}",
+                     fix='set its "device" to "auto" or "cpu", or pass --device cpu to a command that takes it')
+
+
 def _validate_section(section, name: str) -> None:
     """section.validate(), its message naming the setting by its dotted key ("steps must be ..." -> "base.steps
     must be ...")."""
@@ -284,6 +293,23 @@ MAX_SAVED_CONFIG_BYTES = 1 << 20  # config.json of a run is a few kilobytes
 
 DAMAGED = ("restore it, or delete it and rerun with the settings the run was made with (or use a new output "
            "directory)")
+
+
+def saved_config(run_dir: Path, *, given: bool) -> RunConfig | None:
+    """The run directory's config.json (load_saved_config), or None when there is none. given: the settings
+    were passed in code (Stages' config). Raises ValueError when config.json is gone but the stage outputs it was
+    written before are there, and the settings are not given: the defaults would pass for the ones they were
+    made with (a report would call the run's own bundle "not made by this run")."""
+    path = run_dir / "config.json"
+    if path.exists():
+        return load_saved_config(path)
+    made = [f"{name}/" for name in STAGE_OUTPUT.values() if (run_dir / name).exists()]
+    if made and not given:
+        raise ValueError(
+            f"{path} is missing, but {run_dir} holds a run's outputs ({', '.join(made)}): the settings they were "
+            "made with are unknown; restore config.json (a bundle's manifest.json keeps them under "
+            "provenance.config), or use a new output directory")
+    return None
 
 
 def load_saved_config(path: Path) -> RunConfig:

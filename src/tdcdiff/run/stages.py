@@ -52,30 +52,10 @@ from ..serialization import save_model
 from ..settings import apply_overrides
 from ..text import save_tokenizer
 from ..train import FINAL_DIR, TrainResult, train
-from .config import (
-    SCHEDULER_FILE,
-    RunConfig,
-    check_device,
-    check_unchanged,
-    load_saved_config,
-    with_pipeline_schedule,
-)
+from .config import SCHEDULER_FILE, RunConfig, check_saved_device, check_unchanged, saved_config, with_pipeline_schedule
 from .inputs import TEXT_ENCODER_DIR, TOKENIZER_DIR, VAE_DIR, RunInputs
 from .plan_file import load_plan
 from .rundir import lock_run_dir, record_inputs, up_to_date, writes
-
-STAGE_OUTPUTS = ("base", "plan", "prune", "finetune", "bundle")  # what a run writes only after its config.json
-
-
-def _check_settings_known(run_dir: Path) -> None:
-    """Refuse a run directory whose config.json is gone but whose stage outputs are there: the defaults would
-    pass for the settings they were made with (a report would call the run's own bundle "not made by this run")."""
-    made = [f"{name}/" for name in STAGE_OUTPUTS if (run_dir / name).exists()]
-    if made:
-        raise ValueError(
-            f"{run_dir / 'config.json'} is missing, but {run_dir} holds a run's outputs ({', '.join(made)}): the "
-            "settings they were made with are unknown; restore config.json (a bundle's manifest.json keeps them "
-            "under provenance.config), or use a new output directory")
 
 
 class Stages(RunInputs):
@@ -93,21 +73,14 @@ class Stages(RunInputs):
     def __init__(self, run_dir: str | Path, config: RunConfig | None = None, *, overrides: dict | None = None,
                  progress: bool = True, base: str | None = None):
         run_dir = Path(run_dir)
-        saved_path = run_dir / "config.json"
-        saved = load_saved_config(saved_path) if saved_path.exists() else None
-        if saved is None and config is None:
-            _check_settings_known(run_dir)
+        saved = saved_config(run_dir, given=config is not None)
         overrides = dict(overrides or {}) | ({"base_model": str(base)} if base is not None else {})
         named = overrides.get("base_model", config.base_model if config is not None else None)
         config = apply_overrides(config or saved or RunConfig(), overrides)
         if config.schedule_version is None:  # a run resumes with the schedule it was made with
             config = replace(config, schedule_version=saved.schedule_version if saved else SCHEDULE_VERSION)
         config = with_pipeline_schedule(config)
-        if saved is not None and config.device == saved.device and "device" not in overrides:
-            # a machine without the GPU the run was made on: name the file the device came from (the device
-            # shapes no stage's output, so it may change)
-            check_device(config.torch_device, source=f"from {saved_path}",
-                         fix='set its "device" to "auto" or "cpu", or pass --device cpu to a command that takes it')
+        check_saved_device(run_dir, saved, config, overrides)
         config.validate()
         clock()  # a bad $TDCDIFF_CLOCK fails now, not at the prune stage after stage 1
         if saved is not None:
@@ -130,9 +103,9 @@ class Stages(RunInputs):
         a stage with other settings between this Run's opening and now.
         """
         with lock_run_dir(self.dir):
-            saved = self.dir / "config.json"
-            if saved.exists():
-                check_unchanged(self.dir, load_saved_config(saved), self.config)
+            saved = saved_config(self.dir, given=True)
+            if saved is not None:
+                check_unchanged(self.dir, saved, self.config)
             yield
 
     # -- stages ------------------------------------------------------------------------------
