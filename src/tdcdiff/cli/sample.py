@@ -29,7 +29,6 @@ SampleSeed = Annotated[Optional[int], typer.Option(help="Sampling seed: the init
                                                         "[default: 0]")]
 
 
-
 def _check_output(output: Path) -> None:
     """Refuse a grid path that cannot be written or is not a .png file name. Raises ValueError naming --output."""
     check_writable(output, "--output", directory=False)
