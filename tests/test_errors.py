@@ -537,10 +537,13 @@ def test_search_counts_have_a_maximum(tmp_path, args, message):
     config.write_text("search:\n  candidates_per_round: 100000000\n")
     result = CliRunner().invoke(app, ["run", "--dry-run", "--config", str(config), "--out", str(tmp_path / "run")])
     assert result.output.startswith("error: search.candidates_per_round must be at most 256"), result.output
+    import numpy as np
+
     from tdcdiff.prune.search import SearchConfig
 
-    with pytest.raises(ValueError, match=r"^rounds must be at most 256 \(each round's"):
-        SearchConfig(rounds=10**8).validate()
+    for rounds in (10**8, np.int64(300)):  # a numpy integer is a number too
+        with pytest.raises(ValueError, match=r"^rounds must be at most 256 \(each round's"):
+            SearchConfig(rounds=rounds).validate()
     SearchConfig(rounds=256, candidates_per_round=256).validate()
 
 

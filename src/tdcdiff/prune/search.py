@@ -22,7 +22,7 @@ from torch import nn
 from ..flops import count_flops, flops_by_module
 from ..models import as_denoiser, network
 from ..progress import progress_bar
-from ..settings import SEED, Rule, Settings, at_least, between, one_of, setting
+from ..settings import SEED, Rule, Settings, at_least, at_most, between, one_of, setting
 from ..surgery.depth import depth_units
 from .fit import BudgetError, FitResult, fit_to_budget
 from .importance import IMPORTANCES, get_importance
@@ -56,9 +56,8 @@ class _Count(Rule):
 
 
 def _count(maximum: int, reason: str) -> _Count:
-    low = at_least(1)
-    return _Count(lambda v: low.ok(v) and (not isinstance(v, (int, float)) or v <= maximum), low.expectation,
-                  maximum=maximum, reason=reason)
+    low, high = at_least(1), at_most(maximum)  # numbers only: a value of another type is the type check's
+    return _Count(lambda v: low.ok(v) and high.ok(v), low.expectation, maximum=maximum, reason=reason)
 
 
 def get_proposer(name: str, **kwargs) -> Proposer:
