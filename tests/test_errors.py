@@ -473,3 +473,202 @@ def test_nothing_is_unpickled():
         assert "import pickle" not in text and "pickle.load" not in text, path
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{path}: {call}"
+
+
+def _write_plan(run: Path, **changes) -> Path:
+    """A valid 2-group plan.json in run/plan, with `changes` to its fields."""
+    import json
+
+    from tdcdiff.budget import make_plan
+    from tdcdiff.grouping import make_groups
+    from tdcdiff.schedule import make_scheduler
+
+    plan = make_plan(make_groups("uniform", 2, make_scheduler(1000)), k=0.5, ordering="snr-high-hard",
+                     base_flops=1000, sample_shape=(1, 8, 8))
+    path = run / "plan" / "plan.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({**plan.to_dict(), **changes}))
+    (run / "config.json").write_text("{}")  # the defaults: 2 groups
+    return path
+
+
+@pytest.mark.parametrize("changes, problem", [
+    # a text fraction or a short list was a TypeError / IndexError traceback at `tdcdiff prune`, NaN "cannot
+    # convert float NaN to integer", base_flops 0 "budget_flops must be > 0" (no file, no fix)
+    ({"fractions": ["0.5", 1.0]}, "'fractions' must be one budget fraction in (0, 1] per group (2 groups), got "
+                                  "['0.5', 1.0]"),
+    ({"fractions": [0.7]}, "'fractions' must be one budget fraction in (0, 1] per group (2 groups), got [0.7]"),
+    ({"fractions": [float("nan"), 1.0]}, "'fractions' must be one budget fraction in (0, 1] per group (2 groups), "
+                                         "got [nan, 1.0]"),
+    ({"base_flops": 0}, "'base_flops' must be a positive integer (the base's FLOPs per forward), got 0"),
+    ({"ranks": [1, "2"]}, "'ranks' must be the difficulty ranks 1..2, one per group, got [1, '2']"),
+    ({"sample_shape": [1, 8]}, "'sample_shape' must be 3 positive integers (channels, height, width), got [1, 8]"),
+    ({"ordering": "random"}, "'ordering' must be null or one of ('measured', 'snr-high-hard', 'snr-low-hard'), got "
+                             "'random'"),
+    ({"grouping": None}, "'grouping' must be a mapping, got NoneType"),
+    ({"format": None}, "format 'None', expected 'tdcdiff-plan/1'"),
+])
+def test_a_damaged_plan_names_the_file_and_the_field(tmp_path, changes, problem):
+    run = tmp_path / "run"
+    path = _write_plan(run, **changes)
+    result = CliRunner().invoke(app, ["prune", "--out", str(run)])
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: {path} is damaged ({problem}); restore it, or delete {path.parent} and rerun "
+                             "`tdcdiff plan` (then redo the stages after it, which were made for the old plan)\n")
+    assert not (run / "prune").exists()
+    (run / "plan" / "plan.json").write_text("[1, 2]")
+    result = CliRunner().invoke(app, ["prune", "--out", str(run)])
+    assert "is damaged (it holds a list, not a JSON object)" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    # 10^8 candidates filled memory after stage 1 (a MemoryError traceback) and --dry-run estimated 1.8e12 CPU-hours
+    (["run", "--dry-run", "--candidates", "100000000"], "error: --candidates must be at most 256 (each candidate is "
+                                                        "pruned and scored, seconds each, and kept in memory), got "
+                                                        "100000000\n"),
+    (["prune", "--rounds", "257"], "error: --rounds must be at most 256 (each round's candidates are pruned and "
+                                   "scored, seconds each), got 257\n"),
+])
+def test_search_counts_have_a_maximum(tmp_path, args, message):
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and result.output == message, result.output
+    assert not (tmp_path / "run").exists()
+    config = tmp_path / "c.yaml"
+    config.write_text("search:\n  candidates_per_round: 100000000\n")
+    result = CliRunner().invoke(app, ["run", "--dry-run", "--config", str(config), "--out", str(tmp_path / "run")])
+    assert result.output.startswith("error: search.candidates_per_round must be at most 256"), result.output
+    import numpy as np
+
+    from tdcdiff.prune.search import SearchConfig
+
+    for rounds in (10**8, np.int64(300)):  # a numpy integer is a number too
+        with pytest.raises(ValueError, match=r"^rounds must be at most 256 \(each round's"):
+            SearchConfig(rounds=rounds).validate()
+    SearchConfig(rounds=256, candidates_per_round=256).validate()
+
+
+@pytest.mark.parametrize("values", [[""], [" , ", ""]])
+def test_an_empty_settings_ladder_is_refused(tmp_path, values):
+    # `tune --settings ""` (an unset shell variable) ran the default 5-setting ladder: an empty value read as not given
+    args = [a for v in values for a in ("--settings", v)]
+    result = CliRunner().invoke(app, ["tune", *args, "--dry-run", "--out", str(tmp_path / "tune")])
+    assert result.exit_code == 2, result.output
+    assert result.output == ("error: --settings is empty; give sampling settings, e.g. --settings 'dpm-solver++:20 "
+                             "unipc:10', or --settings none for only the reference (leave the flag out for the "
+                             "default ladder)\n")
+    assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.parametrize("args, problem", [
+    # was Python's "invalid literal for int() with base 10: ''"
+    (["--reference", "dpm-solver++:"], "--reference 'dpm-solver++:': sampling steps must be an integer >= 1, got "
+                                       "nothing"),
+    (["--settings", "ddim:10:cx"], "--settings 'ddim:10:cx': the number after ':c' must be an integer >= 1, got 'x'"),
+    # was "cache_depth (--cache-depth) 1 was given without feature caching; give cache_interval (--cache-interval)"
+    (["--reference", "ddim:4:d1"], "--reference 'ddim:4:d1': :d1 (cache_depth) was given without feature caching; "
+                                   "add :cN with N >= 2 (cache_interval), e.g. ddim:4:c2:d1, or drop it"),
+    (["--settings", "ddim:10:c0"], "--settings 'ddim:10:c0': the number after ':c' must be an integer >= 1, got '0'"),
+])
+def test_a_sampling_setting_text_is_judged_in_its_own_terms(tmp_path, args, problem):
+    result = CliRunner().invoke(app, ["tune", *args, "--dry-run", "--out", str(tmp_path / "tune")])
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: {problem} (e.g. ddim:50, dpm-solver++:20:c3; samplers: ddpm, ddim, "
+                             "dpm-solver++, unipc, deis, pndm, euler)\n")
+    assert "--cache" not in result.output and not (tmp_path / "tune").exists()
+
+
+@pytest.mark.parametrize("name", [".png", ".PNG"])
+def test_a_grid_path_with_no_file_name(tmp_path, name):
+    # was "give a path ending in .png" for a path that ends in .png: a hidden name without a stem
+    result = CliRunner().invoke(app, ["sample", "--bundle", str(tmp_path / "b"), "--output", str(tmp_path / name)])
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: --output {tmp_path / name}: the file name is empty (only the .png extension); "
+                             f"give a name, e.g. {tmp_path / 'samples.png'}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dry_run_refuses_what_the_run_would(tmp_path):
+    # `run --batch-size 100000000 --dry-run` estimated 3,008 CPU-hours where the run refuses at once for memory
+    result = CliRunner().invoke(app, ["run", "--batch-size", "100000000", "--dry-run", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert re.fullmatch(r"error: training the UNet preset 'digits-8' \(.*\) needs about [\d.]+ GiB, more than the "
+                        r".* GiB of memory this machine has available now; lower --batch-size \(base.batch_size, "
+                        r"finetune.batch_size\) or --image-size\n", result.output), result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_report_before_the_bundle_names_the_command(tmp_path):
+    # was "no bundle at R/bundle: the directory does not exist", where the other stages say what to run first
+    run = tmp_path / "run"
+    (run / "base").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    result = CliRunner().invoke(app, ["report", "--out", str(run)])
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: no bundle at {run / 'bundle'}; run `tdcdiff bundle --out {run}` first (or "
+                             f"`tdcdiff run --out {run}`, which makes every missing stage)\n")
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["base", "config.json"]
+
+
+@pytest.mark.parametrize("command", [["report"], ["sample", "--num", "2"], ["prune"]])
+def test_a_run_whose_config_json_is_gone(tmp_path, command):
+    # a deleted config.json was reported as "R/bundle was not made by this run ... Delete R/bundle and rerun":
+    # the defaults stood in for the settings the run was made with, and the advice deleted a good bundle
+    run = tmp_path / "run"
+    for name in ("base", "bundle"):
+        (run / name).mkdir(parents=True)
+    result = CliRunner().invoke(app, [*command, "--out", str(run)])
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: {run / 'config.json'} is missing, but {run} holds a run's outputs (base/, "
+                             "bundle/): the settings they were made with are unknown; restore config.json (a bundle's "
+                             "manifest.json keeps them under provenance.config), or use a new output directory\n")
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["base", "bundle"]
+
+
+def test_a_changed_setting_of_a_finished_stage_is_named_by_its_key(tmp_path):
+    # a changed stage-2 flag printed both whole `finetune` sections (17 keys each, 700+ characters)
+    from dataclasses import replace
+
+    from tdcdiff.run.config import RunConfig, check_unchanged
+
+    (tmp_path / "finetune").mkdir()
+    saved = RunConfig()
+    tail = (f"from the one{{s}} {tmp_path} was run with ({{values}}) and stage 'finetune' has already run; use a new "
+            f"output directory, or delete {tmp_path / 'finetune'} to redo it and the stages after it")
+    one = replace(saved, finetune=replace(saved.finetune, distill_weight=0.5))
+    with pytest.raises(ValueError) as err:
+        check_unchanged(tmp_path, saved, one)
+    assert str(err.value) == "setting 'finetune.distill_weight' differs " + tail.format(s="", values="0.0 -> 0.5")
+    two = replace(one, finetune=replace(one.finetune, steps=7))
+    with pytest.raises(ValueError) as err:
+        check_unchanged(tmp_path, saved, two)
+    assert str(err.value) == "settings 'finetune.distill_weight', 'finetune.steps' differ " + tail.format(
+        s="s", values="finetune.distill_weight: 0.0 -> 0.5; finetune.steps: 400 -> 7")
+    check_unchanged(tmp_path, saved, replace(saved, num_samples=8))  # shapes no stage's output
+
+
+def test_captions_behind_a_byte_order_mark_are_read(tmp_path):
+    # metadata.jsonl saved by Windows Notepad (a UTF-8 BOM first) was "line 1 is not a JSON object"
+    from tdcdiff.data import load_dataset
+    from text_pipeline import captioned_folder
+
+    folder = captioned_folder(tmp_path / "data")
+    wanted = load_dataset(str(folder)).captions
+    metadata = folder / "metadata.jsonl"
+    metadata.write_bytes(b"\xef\xbb\xbf" + metadata.read_bytes())
+    assert load_dataset(str(folder)).captions == wanted
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible here")
+def test_a_saved_device_this_machine_lacks_names_the_file(tmp_path):
+    # config.json's "device": "cuda" was reported as "device 'cuda' (--device)", a flag `sample` does not even take
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"device": "cuda"}')
+    result = CliRunner().invoke(app, ["sample", "--out", str(run), "--num", "2"])
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: device 'cuda' (from {run / 'config.json'}) is not visible here: torch sees 0 "
+                             "CUDA device(s) (torch.cuda.is_available() is False); set its \"device\" to \"auto\" or "
+                             "\"cpu\", or pass --device cpu to a command that takes it, or install a CUDA build of "
+                             "torch on a machine with a GPU\n")
+    result = CliRunner().invoke(app, ["plan", "--out", str(run), "--device", "cpu"])  # the flag takes over
+    assert "is not visible" not in result.output and "no trained base model" in result.output, result.output

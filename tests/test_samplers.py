@@ -430,7 +430,8 @@ def test_a_sampling_setting_reads_and_writes_its_text(text, setting):
 
 @pytest.mark.parametrize("text, message", [
     ("ddim", "takes sampler:steps"), ("heun:10", "unknown sampler 'heun'"), ("ddim:0", "steps must be an integer >= 1"),
-    ("ddim:ten", "invalid literal"), ("ddim:10:x3", "takes sampler:steps"), ("ddim:10:d2", "cache_depth"),
+    ("ddim:ten", "sampling steps must be an integer >= 1, got 'ten'"), ("ddim:10:x3", "takes sampler:steps"),
+    ("ddim:10:d2", "cache_depth"),
 ])
 def test_a_bad_sampling_setting_is_one_line(text, message):
     from tdcdiff.samplers import SamplingSetting

@@ -154,7 +154,7 @@ def _caption_entries(meta: str, data: bytes, source: str) -> dict[str, str]:
     where = f"{meta} in {source}"
     folder = posixpath.dirname(meta)
     try:
-        lines = data.decode("utf-8").splitlines()
+        lines = data.decode("utf-8-sig").splitlines()  # -sig: a BOM (Windows Notepad) is not text
     except UnicodeDecodeError as err:
         raise DataError(f"{where} is not UTF-8 text ({err}); save it as UTF-8") from None
     found = {}

@@ -412,6 +412,15 @@ def check_cache_settings(cache_interval, cache_depth) -> int | None:
     return 1 if cache_depth is None else cache_depth
 
 
+def _whole(text: str, what: str) -> int:
+    """The integer >= 1 written in decimal digits as `text` (no sign or underscore, which int() takes).
+    Raises ValueError "{what} must be an integer >= 1, got '...'"."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit() and int(text) >= 1):
+        raise ValueError(f"{what} must be an integer >= 1, got {repr(text) if text else 'nothing'}")
+    return int(text)
+
+
 @dataclass(frozen=True)
 class SamplingSetting:
     """How a model is sampled: the sampler (a name of SAMPLERS), its number of steps, and feature caching (a full
@@ -436,15 +445,20 @@ class SamplingSetting:
 
     @classmethod
     def parse(cls, text: str, option: str = "a sampling setting") -> SamplingSetting:
-        """The setting written as `text` ("sampler:steps[:cN[:dD]]"). Raises ValueError naming `option`."""
+        """The setting written as `text` ("sampler:steps[:cN[:dD]]"). Raises ValueError naming `option` and the
+        part of the text that is wrong, in the text's own terms (":d2"), not the sampling flags'."""
         parts = str(text).strip().split(":")
         form = "sampler:steps, with :cN for feature caching every N steps and :dD for its depth"
         try:
-            extra = {"c": "cache_interval", "d": "cache_depth"}
-            options = {extra[p[0]]: int(p[1:]) for p in parts[2:] if p[:1] in extra}
-            if len(parts) < 2 or len(options) != len(parts) - 2:
+            letters = [p[:1] for p in parts[2:]]
+            if len(parts) < 2 or not set(letters) <= {"c", "d"} or len(set(letters)) != len(letters):
                 raise ValueError(f"takes {form}")
-            return cls(parts[0], int(parts[1]), **options)
+            steps = _whole(parts[1], "sampling steps")
+            cache = {p[0]: _whole(p[1:], f"the number after ':{p[0]}'") for p in parts[2:]}
+            if "d" in cache and cache.get("c", 1) == 1:
+                raise ValueError(f":d{cache['d']} (cache_depth) was given without feature caching; add :cN with "
+                                 f"N >= 2 (cache_interval), e.g. {parts[0]}:{steps}:c2:d{cache['d']}, or drop it")
+            return cls(parts[0], steps, cache.get("c", 1), cache.get("d"))
         except ValueError as err:
             raise ValueError(f"{option} {text!r}: {err} (e.g. ddim:50, dpm-solver++:20:c3; samplers: "
                              f"{', '.join(SAMPLERS)})") from None

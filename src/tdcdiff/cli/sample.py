@@ -29,6 +29,16 @@ SampleSeed = Annotated[Optional[int], typer.Option(help="Sampling seed: the init
                                                         "[default: 0]")]
 
 
+def _check_output(output: Path) -> None:
+    """Refuse a grid path that cannot be written or is not a .png file name. Raises ValueError naming --output."""
+    check_writable(output, "--output", directory=False)
+    if output.name.lower() == ".png":  # a hidden file with no stem: Path says it has no suffix
+        raise ValueError(f"--output {output}: the file name is empty (only the .png extension); give a name, "
+                         f"e.g. {output.with_name('samples.png')}")
+    if output.suffix.lower() != ".png":  # save_grid writes PNG: o.jpg would be a PNG under another name
+        raise ValueError(f"--output {output}: sample grids are written as PNG; give a path ending in .png")
+
+
 def sample_command(
     out: RunDir = Path(RUN_DEFAULT),
     bundle: Annotated[Optional[Path], typer.Option(
@@ -78,9 +88,7 @@ def sample_command(
             check_cache_settings(cache_interval or 1, cache_depth)
         # A bundle's default is never inside the bundle: its manifest lists every file.
         output = output or (Path("samples.png") if bundle is not None else out / "samples" / "base.png")
-        check_writable(output, "--output", directory=False)
-        if output.suffix.lower() != ".png":  # save_grid writes PNG: o.jpg would be a PNG under another name
-            raise ValueError(f"--output {output}: sample grids are written as PNG; give a path ending in .png")
+        _check_output(output)
         model, scheduler, shape, decode, null_class, data_classes, defaults = _source(bundle, out, base, quiet)
         sampler, steps = sampler or defaults.sampler, sample_steps or defaults.steps
         if cache_interval is None and cache_depth is None:

@@ -83,8 +83,8 @@ Margin = Annotated[Optional[float], typer.Option(
 SamplingSettings = Annotated[Optional[list[str]], typer.Option(
     "--settings", help="The ladder of sampling settings sampler:steps[:cN[:dD]] the base and the best candidates are "
     "also sampled with, space- or comma-separated (repeat too), e.g. 'dpm-solver++:20 dpm-solver++:10 unipc:10 "
-    "ddim:50:c3'; none: only the reference. [default: dpm-solver++:20 dpm-solver++:10 unipc:10 dpm-solver++:6 "
-    "ddim:50:c3]")]
+    "ddim:50:c3'; none: only the reference; an empty value is refused. [default: dpm-solver++:20 "
+    "dpm-solver++:10 unipc:10 dpm-solver++:6 ddim:50:c3]")]
 Reference = Annotated[Optional[str], typer.Option(
     "--reference", help="Your current sampling setting, sampler:steps[:cN]: every point is judged against the base "
     "sampled with it. [default: the run's --sampler:--sample-steps, ddim:50]")]
@@ -168,8 +168,15 @@ def tune_command(
 
 
 def _ladder(values: list[str] | None) -> list[str] | None:
-    """--settings as given (repeated, each space- or comma-separated) -> one setting per item; ["none"]: no ladder."""
-    return [t for v in values for t in v.replace(",", " ").split()] if values else None
+    """--settings as given (repeated, each space- or comma-separated) -> one setting per item; ["none"]: no ladder.
+    None when not given. An empty value (an unset shell variable) is refused, not read as "not given"."""
+    if values is None:
+        return None
+    items = [t for v in values for t in v.replace(",", " ").split()]
+    if not items:
+        fail("--settings is empty; give sampling settings, e.g. --settings 'dpm-solver++:20 unipc:10', or "
+             "--settings none for only the reference (leave the flag out for the default ladder)")
+    return items
 
 
 def _print_results(results: dict, out: Path, price_per_hour: float | None) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from ..flops import count_flops, flops_by_module
 from ..models import as_denoiser, network
 from ..progress import progress_bar
-from ..settings import SEED, Rule, Settings, at_least, between, one_of, setting
+from ..settings import SEED, Rule, Settings, at_least, at_most, between, one_of, setting
 from ..surgery.depth import depth_units
 from .fit import BudgetError, FitResult, fit_to_budget
 from .importance import IMPORTANCES, get_importance
@@ -36,6 +36,28 @@ log = logging.getLogger("tdcdiff")
 
 
 PROPOSERS = {"evolution": EvolutionProposer, "uniform": UniformProposer, "llm": LLMProposer}
+# Each candidate is pruned and scored by the proxy (forward passes on a batch, seconds each) and kept in the memory
+# bank: 256 rounds of 256 is 65,536 candidates per group, days of search; 10^8 filled memory before the first score.
+MAX_ROUNDS = 256
+MAX_CANDIDATES_PER_ROUND = 256
+
+
+@dataclass(frozen=True)
+class _Count(Rule):
+    """An integer count in [1, maximum], its message saying which bound it misses and, above, why the ceiling."""
+
+    maximum: int = 1
+    reason: str = ""
+
+    def message(self, name: str, value, field_name: str) -> str:
+        if value >= 1:
+            return f"{name} must be at most {self.maximum} ({self.reason}), got {value}"
+        return super().message(name, value, field_name)
+
+
+def _count(maximum: int, reason: str) -> _Count:
+    low, high = at_least(1), at_most(maximum)  # numbers only: a value of another type is the type check's
+    return _Count(lambda v: low.ok(v) and high.ok(v), low.expectation, maximum=maximum, reason=reason)
 
 
 def get_proposer(name: str, **kwargs) -> Proposer:
@@ -53,8 +75,8 @@ def get_proposer(name: str, **kwargs) -> Proposer:
 class SearchConfig(Settings):
     """Settings of one pruning search.
 
-    rounds: proposal rounds (R in the paper).
-    candidates_per_round: decisions asked of the proposer each round.
+    rounds: proposal rounds (R in the paper), 1 to MAX_ROUNDS.
+    candidates_per_round: decisions asked of the proposer each round, 1 to MAX_CANDIDATES_PER_ROUND.
     proposer: "evolution" (default, offline), "uniform" (the Diff-Pruning-style baseline) or "llm".
     memory: show the proposer the memory bank of past candidates (False: the no-memory ablation).
     importance: which channels go within a layer: "magnitude" or "taylor" (gradients on the group's timesteps).
@@ -69,8 +91,9 @@ class SearchConfig(Settings):
     depth: decisions also keep or remove whole ResNet layers and attention blocks (surgery/depth.py).
     """
 
-    rounds: int = setting(4, rule=at_least(1))
-    candidates_per_round: int = setting(4, rule=at_least(1))
+    rounds: int = setting(4, rule=_count(MAX_ROUNDS, "each round's candidates are pruned and scored, seconds each"))
+    candidates_per_round: int = setting(4, rule=_count(
+        MAX_CANDIDATES_PER_ROUND, "each candidate is pruned and scored, seconds each, and kept in memory"))
     proposer: str = setting("evolution", rule=one_of(PROPOSERS, what="proposer"))
     memory: bool = True
     importance: str = setting("magnitude", rule=one_of(IMPORTANCES, what="importance"))

@@ -15,7 +15,7 @@ from ..pipeline import SAMPLERS
 from ..prune.search import SearchConfig, get_proposer
 from ..samplers import sampler_for_scheduler
 from ..schedule import BETA_SCHEDULES, MAX_TIMESTEPS, make_scheduler
-from ..settings import SEED, Rule, Settings, at_least, at_most, one_of, setting
+from ..settings import SEED, Rule, Settings, at_least, at_most, one_of, setting, shown
 from ..train import TrainConfig
 
 BUDGET_UNITS = ("flops", "time")
@@ -165,8 +165,9 @@ class RunConfig(Settings):
         ]
 
 
-def check_device(device: str) -> None:
-    """Refuse a CUDA device this process cannot see (before any work). Raises ValueError naming the fix."""
+def check_device(device: str, source: str = "--device", fix: str = "use --device cpu") -> None:
+    """Refuse a CUDA device this process cannot see (before any work). source: where the setting came from and
+    fix: how to change it there, for the message (the flag, or a run's config.json). Raises ValueError."""
     if not device.startswith("cuda"):
         return
     import torch
@@ -174,9 +175,18 @@ def check_device(device: str) -> None:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     index = int(device.partition(":")[2] or 0)
     if index >= count:
-        raise ValueError(f"device {device!r} (--device) is not visible here: torch sees {count} CUDA device(s) "
-                         f"(torch.cuda.is_available() is {torch.cuda.is_available()}); use --device cpu, or install "
-                         "a CUDA build of torch on a machine with a GPU")
+        raise ValueError(f"device {device!r} ({source}) is not visible here: torch sees {count} CUDA device(s) "
+                         f"(torch.cuda.is_available() is {torch.cuda.is_available()}); {fix}, or install a CUDA "
+                         "build of torch on a machine with a GPU")
+
+
+def check_saved_device(run_dir: Path, saved: RunConfig | None, config: RunConfig, overrides: dict) -> None:
+    """check_device for a device that came from the run's config.json (`saved`; not overridden), naming that file
+    and how to change it there: a machine without the GPU the run was made on (the device shapes no stage's
+    output, so it may change). Raises ValueError."""
+    if saved is not None and config.device == saved.device and "device" not in overrides:
+        check_device(config.torch_device, source=f"from {run_dir / 'config.json'}",
+                     fix='set its "device" to "auto" or "cpu", or pass --device cpu to a command that takes it')
 
 
 def _validate_section(section, name: str) -> None:
@@ -243,21 +253,39 @@ def stage_settings(config: RunConfig, stage: str) -> dict:
 
 
 def check_unchanged(run_dir: Path, saved: RunConfig, config: RunConfig) -> None:
-    """Refuse a setting that differs from the saved one when the stage it shapes has already written output."""
-    old, new = saved.to_dict(), config.to_dict()
+    """Refuse a setting that differs from the saved one when the stage it shapes has already written output. A
+    section's settings (finetune, search, base) are named by their own dotted keys ('finetune.distill_weight'),
+    not the whole section."""
+    old, new = _by_key(saved.to_dict()), _by_key(config.to_dict())
+    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k, _UNSET) != new.get(k, _UNSET)]
     stages = list(STAGE_OUTPUT)
-    for key in sorted(k for k in new if new[k] != old[k]):
-        stage = STAGE_OF_SETTING.get(key)
-        if stage is None:
-            continue
+    for stage in stages:
+        keys = [k for k in changed if STAGE_OF_SETTING.get(k.split(".")[0]) == stage]
         stale = [run_dir / STAGE_OUTPUT[s] for s in stages[stages.index(stage):]]
         stale = [str(path) for path in stale if path.exists()]
-        if stale:
+        if keys and stale:
+            names = ", ".join(f"'{k}'" for k in keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            values = "; ".join(f"{k}: " * (len(keys) > 1) + f"{_shown(old, k)} -> {_shown(new, k)}" for k in keys[:4])
+            many = len(keys) > 1
             raise ValueError(
-                f"setting '{key}' differs from the one {run_dir} was run with ({old[key]!r} -> {new[key]!r}) "
-                f"and stage '{stage}' has already run; use a new output directory, or delete "
+                f"setting{'s' * many} {names} differ{'s' * (not many)} from the one{'s' * many} {run_dir} was run "
+                f"with ({values}) and stage '{stage}' has already run; use a new output directory, or delete "
                 f"{' '.join(stale)} to redo it and the stages after it"
             )
+
+
+_UNSET = object()  # a key only one side has
+
+
+def _by_key(settings: dict) -> dict:
+    """A config's settings by dotted key, one level deep as a config file's sections are ("finetune.steps"); a
+    setting's own mapping (search.units) stays whole."""
+    return {f"{k}.{name}" if isinstance(v, dict) else k: value
+            for k, v in settings.items() for name, value in (v.items() if isinstance(v, dict) else [(k, v)])}
+
+
+def _shown(values: dict, key: str) -> str:
+    return shown(values[key]) if key in values else "unset"
 
 
 MAX_SAVED_CONFIG_BYTES = 1 << 20  # config.json of a run is a few kilobytes
@@ -265,6 +293,23 @@ MAX_SAVED_CONFIG_BYTES = 1 << 20  # config.json of a run is a few kilobytes
 
 DAMAGED = ("restore it, or delete it and rerun with the settings the run was made with (or use a new output "
            "directory)")
+
+
+def saved_config(run_dir: Path, *, given: bool) -> RunConfig | None:
+    """The run directory's config.json (load_saved_config), or None when there is none. given: the settings
+    were passed in code (Stages' config). Raises ValueError when config.json is gone but the stage outputs it was
+    written before are there, and the settings are not given: the defaults would pass for the ones they were
+    made with (a report would call the run's own bundle "not made by this run")."""
+    path = run_dir / "config.json"
+    if path.exists():
+        return load_saved_config(path)
+    made = [f"{name}/" for name in STAGE_OUTPUT.values() if (run_dir / name).exists()]
+    if made and not given:
+        raise ValueError(
+            f"{path} is missing, but {run_dir} holds a run's outputs ({', '.join(made)}): the settings they were "
+            "made with are unknown; restore config.json (a bundle's manifest.json keeps them under "
+            "provenance.config), or use a new output directory")
+    return None
 
 
 def load_saved_config(path: Path) -> RunConfig:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..base_model import load_base_model
-from ..budget import BudgetPlan, budget_fractions
+from ..budget import budget_fractions
 from ..evaluate import BPD_SAMPLES, HELD_OUT_IMAGES
 from ..flops import count_flops
 from ..latency import LONG_FORWARD_REPEATS, LONG_FORWARD_SECONDS, one_thread, timing_batch
@@ -34,6 +34,7 @@ from ..prune.units import prunable_units
 from ..samplers import SamplingSetting
 from ..settings import apply_overrides
 from ..train import FINAL_DIR
+from .plan_file import load_plan
 from .stages import Stages
 
 CPU_BATCH = 8  # samples per measured forward and step on a CPU (a big model's per-sample cost is flat above a few)
@@ -151,7 +152,7 @@ def fractions_of(config, plan: Path | None = None) -> list[float]:
     settings' (the given fractions, or the paper's formula scaled to the mean budget, the groups taken as equally
     long)."""
     if plan is not None and plan.exists():
-        return list(BudgetPlan.load(plan).fractions)
+        return list(load_plan(plan).fractions)
     if config.plan_fractions is not None:
         return list(config.plan_fractions)
     fractions = budget_fractions(config.groups, config.k)
@@ -163,7 +164,8 @@ def fractions_of(config, plan: Path | None = None) -> list[float]:
 
 def base_for_estimate(stages: Stages):
     """(the run's base: trained, given, or built untrained (time does not depend on the weights), its sample
-    shape)."""
+    shape). A base built here passes stage 1's checks first (Stages.check_new_base): raises ValueError as the
+    run would."""
     c = stages.config
     if (stages.dir / "base" / FINAL_DIR).exists():
         return stages.base_model(), stages.sample_shape
@@ -175,9 +177,10 @@ def base_for_estimate(stages: Stages):
             shape = (loaded.vae.config.latent_channels, shape[1] // factor, shape[2] // factor)
         return loaded.model, shape
     height, width = stages.data.images.shape[2:]
-    model = build_unet(c.model or preset_for(stages.data.image_size, stages.data.channels), attention=c.attention,
-                       sample_size=height if height == width else (height, width), in_channels=stages.data.channels,
-                       num_train_timesteps=c.num_train_timesteps)
+    preset = c.model or preset_for(stages.data.image_size, stages.data.channels)
+    model = build_unet(preset, attention=c.attention, sample_size=height if height == width else (height, width),
+                       in_channels=stages.data.channels, num_train_timesteps=c.num_train_timesteps)
+    stages.check_new_base(model, f"the UNet preset {preset!r}")  # what the run would refuse, refused here too
     return model, stages.sample_shape
 
 
@@ -273,7 +276,9 @@ def format_phases(title: str, phases: list[Phase], u: UnitCosts) -> str:
 
 
 def estimate_run(stages: Stages) -> str:
-    """`tdcdiff run --dry-run`: the expected compute of each phase of this run (see the module doc)."""
+    """`tdcdiff run --dry-run`: the expected compute of each phase of this run (see the module doc). Raises
+    ValueError where the run would refuse to start (Stages.check_new_base, the report's data included)."""
+    stages.report_follows = True  # `tdcdiff run` ends with the report
     u, base, shape = unit_costs_for(stages)
     return format_phases(f"expected compute of `tdcdiff run` in {stages.dir}", run_phases(stages, u, base, shape), u)
 

@@ -113,6 +113,9 @@ def report_for_run(
     with lock_run_dir(run_dir):  # it writes run_dir/report/
         run = Stages(run_dir, progress=progress, base=base)
         c = run.config
+        if not (run_dir / "bundle").exists():  # the stages before it say which command makes what they need too
+            raise FileNotFoundError(f"no bundle at {run_dir / 'bundle'}; run `tdcdiff bundle --out {run_dir}` first "
+                                    f"(or `tdcdiff run --out {run_dir}`, which makes every missing stage)")
         bundle = load_bundle(run_dir / "bundle", device=run.device)
         _check_bundle_is_the_runs(run, bundle)
         inputs = {

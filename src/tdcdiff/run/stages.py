@@ -52,8 +52,9 @@ from ..serialization import save_model
 from ..settings import apply_overrides
 from ..text import save_tokenizer
 from ..train import FINAL_DIR, TrainResult, train
-from .config import SCHEDULER_FILE, RunConfig, check_unchanged, load_saved_config, with_pipeline_schedule
+from .config import SCHEDULER_FILE, RunConfig, check_saved_device, check_unchanged, saved_config, with_pipeline_schedule
 from .inputs import TEXT_ENCODER_DIR, TOKENIZER_DIR, VAE_DIR, RunInputs
+from .plan_file import load_plan
 from .rundir import lock_run_dir, record_inputs, up_to_date, writes
 
 
@@ -72,14 +73,14 @@ class Stages(RunInputs):
     def __init__(self, run_dir: str | Path, config: RunConfig | None = None, *, overrides: dict | None = None,
                  progress: bool = True, base: str | None = None):
         run_dir = Path(run_dir)
-        saved_path = run_dir / "config.json"
-        saved = load_saved_config(saved_path) if saved_path.exists() else None
+        saved = saved_config(run_dir, given=config is not None)
         overrides = dict(overrides or {}) | ({"base_model": str(base)} if base is not None else {})
         named = overrides.get("base_model", config.base_model if config is not None else None)
         config = apply_overrides(config or saved or RunConfig(), overrides)
         if config.schedule_version is None:  # a run resumes with the schedule it was made with
             config = replace(config, schedule_version=saved.schedule_version if saved else SCHEDULE_VERSION)
         config = with_pipeline_schedule(config)
+        check_saved_device(run_dir, saved, config, overrides)
         config.validate()
         clock()  # a bad $TDCDIFF_CLOCK fails now, not at the prune stage after stage 1
         if saved is not None:
@@ -102,9 +103,9 @@ class Stages(RunInputs):
         a stage with other settings between this Run's opening and now.
         """
         with lock_run_dir(self.dir):
-            saved = self.dir / "config.json"
-            if saved.exists():
-                check_unchanged(self.dir, load_saved_config(saved), self.config)
+            saved = saved_config(self.dir, given=True)
+            if saved is not None:
+                check_unchanged(self.dir, saved, self.config)
             yield
 
     # -- stages ------------------------------------------------------------------------------
@@ -127,9 +128,7 @@ class Stages(RunInputs):
             in_channels=self.data.channels, num_train_timesteps=c.num_train_timesteps,
         )
         train_images, _ = self.split()
-        self._check_report_data()
-        self._check_training_memory(model, f"the UNet preset {preset!r}")  # activations grow with --image-size
-        self._check_budgets_reachable(model)  # the architecture is known now: don't train for a doomed plan
+        self.check_new_base(model, f"the UNet preset {preset!r}")
         self._save_config()  # after the checks above: a refused run leaves nothing behind
         config = replace(c.base, seed=c.seed * 100)  # stage 2 of group i uses c.seed * 100 + i + 1
         return train(model, train_images, self.scheduler, config, self.dir / "base", labels=self.labels(model)[0],
@@ -178,6 +177,15 @@ class Stages(RunInputs):
         save_model(model, out / FINAL_DIR, extra={"source": loaded.source})
         return TrainResult(out, 0, float("nan"), 0, 0)
 
+    def check_new_base(self, model, what: str) -> None:
+        """The checks stage 1 makes before training a new base `model` (what: how messages name it), which
+        `--dry-run` makes too: the report's data (under run_all), the training memory (activations grow with
+        --image-size) and the budgets' reachability (the architecture is known now: no training for a doomed
+        plan). Raises ValueError."""
+        self._check_report_data()
+        self._check_training_memory(model, what)
+        self._check_budgets_reachable(model)
+
     def _check_given_model(self, model, vae, text_encoder) -> None:
         """--base's denoiser against the data (check_fits_data) and this machine's memory, before its weights are
         read (a directory's model is built on the meta device for it). vae: a latent pipeline's VAE, or None;
@@ -218,7 +226,7 @@ class Stages(RunInputs):
         path = self.dir / "plan" / "plan.json"
         c = self.config
         if path.exists():
-            plan = BudgetPlan.load(path)  # written before the unit was recorded: the run's (a plan setting since)
+            plan = load_plan(path)  # written before the unit was recorded: the run's (a plan setting since)
             return plan if plan.budget_unit is not None else replace(plan, budget_unit=c.budget_unit)
         self._save_config()
         base = self.base_model()
