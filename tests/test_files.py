@@ -25,6 +25,12 @@ HOLDER = textwrap.dedent("""
 """)
 
 
+def _ended_pid() -> str:
+    """The pid of a process that has ended."""
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+
+
 def _env():
     return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
@@ -144,17 +150,22 @@ def test_stale_temporaries_are_removed_when_a_stage_starts(finished_run, tmp_pat
     copy = tmp_path / "run"
     shutil.copytree(run.dir, copy)
     outputs = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
-    folders = [copy / ".bundle.tmp-abc123_x",  # atomic_dir killed while writing the bundle
-               copy / "finetune" / "group_0" / ".checkpoint.tmp-k9zz_q1w",
-               copy / "base" / f".final.old-{'0a' * 16}"]  # _replace killed after moving the old copy aside
+    dead = _ended_pid()
+    folders = [copy / f".bundle.tmp-abc123_x-{dead}",  # atomic_dir killed while writing the bundle
+               copy / f".base.old-{'0a' * 16}-{dead}"]  # _replace killed after moving the old copy aside
     for folder in folders:
         (folder / "expert_0").mkdir(parents=True)
         (folder / "expert_0" / "model.safetensors").write_bytes(b"half")
-    files = [copy / "prune" / ".summary_0.json.x1y2z3ab.tmp", copy / "report" / ".report.html.q_8v0w2e.tmp"]
+    files = [copy / f".config.json.x1y2z3ab-{dead}.tmp"]
     for file in files:
         file.write_bytes(b"half")
-    keep = [copy / ".hidden.tmp.notes", copy / "notes.tmp", copy / "samples" / "my.old-copy", copy / ".tmp-x"]
+    # Not a dead writer's temporary of this folder: a live writer's, names without a pid, anything in a subfolder
+    # (removed at the next write of its target instead: attack 2026-12-07c rows 144, 145).
+    keep = [copy / ".hidden.tmp.notes", copy / "notes.tmp", copy / "samples" / "my.old-copy", copy / ".tmp-x",
+            copy / ".cache.tmp-abc", copy / f".plan.tmp-abc-{os.getpid()}", copy / "src" / ".main.py.tmp",
+            copy / "finetune" / "group_0" / f".checkpoint.tmp-k9zz_q1w-{dead}"]
     for file in keep:
+        file.parent.mkdir(parents=True, exist_ok=True)
         file.write_text("mine")
 
     assert Run(copy, progress=False).export_bundle() == copy / "bundle"  # a stage with nothing left to do
@@ -194,7 +205,12 @@ def test_remove_stale_temporaries_matches_what_killed_writers_leave(tmp_path, mo
 
     left = sorted(p.name for p in tmp_path.iterdir())
     assert [name.split(".")[1] for name in left] == ["bundle", "model", "plan"], left
-    assert sorted(p.name for p in remove_stale_temporaries(tmp_path)) == left
+    assert remove_stale_temporaries(tmp_path) == []  # their writer (this process) still runs
+    dead = _ended_pid()
+    for name in left:  # as the killed writer would have named them
+        os.rename(tmp_path / name, tmp_path / name.replace(str(os.getpid()), dead))
+    assert sorted(p.name for p in remove_stale_temporaries(tmp_path)) == [n.replace(str(os.getpid()), dead)
+                                                                           for n in left]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -320,8 +336,12 @@ def test_save_bundle_into_a_folder_of_the_users_refuses_and_keeps_its_files(tmp_
     assert [p.name for p in folder.iterdir()] == ["holiday.jpg"] and (folder / "holiday.jpg").read_bytes() == b"mine"
     assert [p.name for p in tmp_path.iterdir()] == ["photos"]  # no temporary left beside it
     bundle = save(tmp_path / "bundle")
-    (bundle / "note.txt").write_text("a bundle of ours, edited")
-    assert save(bundle) == bundle and not (bundle / "note.txt").exists()  # our own bundle is replaced
+    assert save(bundle) == bundle  # our own bundle, holding nothing else, is replaced
+    (bundle / "note.txt").write_text("a bundle of ours, with the user's note added")
+    with pytest.raises(ValueError, match=r"bundle already exists and holds note.txt besides the files of a "
+                                         r"tdcdiff bundle"):
+        save(bundle)  # the note would go with it (attack 2026-12-07c row 131)
+    assert (bundle / "note.txt").read_text() == "a bundle of ours, with the user's note added"
     (tmp_path / "empty").mkdir()
     assert save(tmp_path / "empty").joinpath("manifest.json").exists()
 
@@ -336,10 +356,16 @@ def test_atomic_dir_replaces_only_what_its_caller_calls_its_own(tmp_path):
     model = tmp_path / "model"
     with atomic_dir(model, holds("x"), "a model") as tmp:
         (tmp / "x").write_text("1")
-    (model / "y").write_text("left by an older version")
     with atomic_dir(model, holds("x"), "a model") as tmp:  # its own output: replaced whole
         (tmp / "x").write_text("2")
     assert [p.name for p in model.iterdir()] == ["x"] and (model / "x").read_text() == "2"
+    (model / "y").write_text("the user's, added")
+    with pytest.raises(ValueError, match=r"model already exists and holds y besides the files of a model; "
+                                         r"writing there would delete them: move them out of it, or choose another "
+                                         r"path$"):
+        with atomic_dir(model, holds("x"), "a model") as tmp:
+            raise AssertionError("never runs")
+    (model / "y").unlink()
     (tmp_path / "thesis").mkdir()
     (tmp_path / "thesis" / "thesis.tex").write_text("mine")
     with pytest.raises(ValueError, match=r"thesis already exists and is not a model"):
@@ -482,3 +508,118 @@ def test_a_damaged_training_log_is_named_and_a_cut_last_line_dropped(tmp_path):
     log.write_text('[10]\n')
     with pytest.raises(ValueError, match=r"log.jsonl line 1 is not a log record"):
         truncate_log(log, 20)
+
+
+# -- a folder is replaced only when everything in it is our earlier output (attack 2026-12-07c rows 131-134) ----
+def _saved_model(path):
+    from tdcdiff.models import build_unet
+    from tdcdiff.serialization import save_model
+
+    return save_model(build_unet("digits-8"), path)
+
+
+def test_save_model_refuses_a_model_folder_holding_the_users_files(tmp_path):
+    from tdcdiff.models import build_unet
+    from tdcdiff.serialization import save_model
+
+    model = tmp_path / "m"
+    _saved_model(model)
+    _saved_model(model)  # our own output, nothing else: replaced
+    (model / "README.md").write_text("mine")  # row 133
+    with pytest.raises(ValueError, match=r"m already exists and holds README.md besides the files of a saved model "
+                                         r"\(with architecture.json and model.safetensors\); writing there would "
+                                         r"delete them: move them out of it, or choose another path$"):
+        save_model(build_unet("digits-8"), model)
+    assert (model / "README.md").read_text() == "mine"
+    fake = tmp_path / "fake"  # row 134: our file names, but not our content
+    fake.mkdir()
+    for name in ("architecture.json", "model.safetensors", "data.csv"):
+        (fake / name).write_text("")
+    with pytest.raises(ValueError, match=r"fake already exists and is not a saved model .*delete it first$"):
+        save_model(build_unet("digits-8"), fake)
+    assert sorted(p.name for p in fake.iterdir()) == ["architecture.json", "data.csv", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake", "m"]  # no temporary left
+
+
+def test_a_manifest_of_another_format_or_unlisted_files_keep_a_folder(tmp_path):
+    from tdcdiff.manifest import A_BUNDLE, is_bundle
+
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"format": "tdcdiff-bundle/999", "files": {}}))  # row 132
+    (folder / "thesis.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"p already exists and is not a tdcdiff bundle"):
+        with atomic_dir(folder, is_bundle, A_BUNDLE):
+            raise AssertionError("never runs")
+    listing = {"expert_0/model.safetensors": {}, "expert_0/architecture.json": {}}
+    (folder / "manifest.json").write_text(json.dumps({"format": "tdcdiff-bundle/2", "files": listing}))
+    (folder / "expert_0").mkdir()
+    (folder / "expert_0" / "model.safetensors").write_text("w")
+    (folder / "expert_0" / "notes").mkdir()
+    (folder / "figs").mkdir()
+    (folder / "figs" / "f.png").write_text("mine")
+    with pytest.raises(ValueError, match=r"p already exists and holds figs/, thesis.txt, expert_0/notes/ besides "
+                                         r"the files of a tdcdiff bundle"):
+        with atomic_dir(folder, is_bundle, A_BUNDLE):
+            raise AssertionError("never runs")
+    for extra in ("thesis.txt", "figs/f.png", "figs", "expert_0/notes"):
+        (folder / extra).rmdir() if (folder / extra).is_dir() else (folder / extra).unlink()
+    with atomic_dir(folder, is_bundle, A_BUNDLE) as tmp:  # exactly what the manifest lists: ours, replaced
+        (tmp / "manifest.json").write_text("{}")
+    assert [p.name for p in folder.iterdir()] == ["manifest.json"]
+
+
+def test_a_checkpoint_folder_with_the_users_file_is_refused(tmp_path):
+    from tdcdiff.train.checkpoint import A_CHECKPOINT, CHECKPOINT_FILES
+
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    for name in ("state.json", "model.safetensors", "ema.safetensors", "mine.txt"):
+        (folder / name).write_text("{}")
+    with pytest.raises(ValueError, match=r"checkpoint already exists and holds mine.txt besides the files of a "
+                                         r"training checkpoint"):
+        with atomic_dir(folder, CHECKPOINT_FILES, A_CHECKPOINT):
+            raise AssertionError("never runs")
+    (folder / "mine.txt").unlink()
+    with atomic_dir(folder, CHECKPOINT_FILES, A_CHECKPOINT) as tmp:
+        (tmp / "state.json").write_text("{}")
+    assert [p.name for p in folder.iterdir()] == ["state.json"]
+
+
+# -- a symlink to a folder is written through, the link kept (attack 2026-12-07c row 135) ----------------------
+def test_atomic_dir_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
+    from tdcdiff.files import holds
+
+    shared = tmp_path / "shared" / "model"
+    with atomic_dir(shared, holds("x"), "a model") as tmp:
+        (tmp / "x").write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to(shared, target_is_directory=True)
+    with atomic_dir(link, holds("x"), "a model") as tmp:
+        (tmp / "x").write_text("new")
+    assert link.is_symlink() and (shared / "x").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "shared"]
+    assert [p.name for p in shared.parent.iterdir()] == ["model"]
+
+
+# -- the stale-temporary sweep removes only a dead writer's, in the folder itself (2026-12-07c rows 144, 145) ---
+def test_the_lock_sweep_keeps_user_files_live_writers_and_subfolders(tmp_path):
+    dead = _ended_pid()
+    proj = tmp_path / "proj"
+    mine = [proj / "paper.tex", proj / "src" / ".main.py.tmp", proj / ".git" / ".index.lock.tmp",
+            proj / ".cache.tmp-abc" / "blob", proj / ".notes.txt.tmp",
+            proj / "tune" / "candidates" / "00-single" / "train" / f".checkpoint.tmp-abcd1234-{os.getpid()}" / "m",
+            proj / "tune" / f".tune.json.abcd1234-{dead}.tmp",  # a nested tune's: its own lock sweeps it
+            proj / f".config.json.ab12cd34-{os.getpid()}.tmp"]  # a live writer's
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    stale = [proj / f".config.json.ab12cd34-{dead}.tmp", proj / f".base.tmp-abcd1234-{dead}",
+             proj / f".base.old-{'0f' * 16}-{dead}"]
+    stale[0].write_text("half")
+    for folder in stale[1:]:
+        (folder / "expert_0").mkdir(parents=True)
+    with lock_run_dir(proj):
+        pass
+    assert [p for p in stale if p.exists()] == []
+    assert all(p.read_text() == "mine" for p in mine)

@@ -17,8 +17,8 @@ import shutil
 import stat
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path, PurePosixPath
 
 from safetensors import SafetensorError
 
@@ -67,11 +67,25 @@ def name_write_errors(path: Path, *, atomic: bool = True) -> Iterator[None]:
 
 
 # The temporaries below, by name: ".NAME.<random>-<pid>.tmp" files, ".NAME.tmp-<random>-<pid>" folders and
-# ".NAME.old-<hex>-<pid>" entries moved aside (pid: the writer's process; older versions wrote no pid). A kill
-# leaves them behind: the next write of NAME removes those of a dead writer (_remove_dead_siblings), and
-# remove_stale_temporaries matches exactly these names.
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:[a-z0-9_]+(?:-(?P<pid>\d+))?\.tmp|tmp-[a-z0-9_]+?(?:-(?P<pid2>\d+))?"
-                        r"|old-[0-9a-f]{32}(?:-(?P<pid3>\d+))?)")
+# ".NAME.old-<hex>-<pid>" entries moved aside (pid: the writer's process). A kill leaves them behind: the next write
+# of NAME removes those of a dead writer (_remove_dead_siblings), and remove_stale_temporaries those of a folder.
+# A name without a pid (older versions wrote none, and a user's ".cache.tmp-abc" looks the same) is never removed.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:[a-z0-9_]+-(?P<pid>\d+)\.tmp|tmp-[a-z0-9_]+?-(?P<pid2>\d+)"
+                        r"|old-[0-9a-f]{32}-(?P<pid3>\d+))")
+
+
+def _stale(name: str) -> re.Match | None:
+    """The match of `name` when it is one of our temporaries whose writer no longer runs, else None."""
+    match = _TEMPORARY.fullmatch(name)
+    return match if match and _dead(int(match["pid"] or match["pid2"] or match["pid3"])) else None
+
+
+def _remove(entry: os.DirEntry) -> None:
+    if entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(entry.path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
 
 
 def _dead(pid: int) -> bool:
@@ -92,14 +106,9 @@ def _remove_dead_siblings(path: Path) -> None:
     no longer running (a live writer's, or one without a pid, are left alone)."""
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(path.parent):
-            match = _TEMPORARY.fullmatch(entry.name)
-            pid = match and (match["pid"] or match["pid2"] or match["pid3"])
-            if match and match["name"] == path.name and pid and _dead(int(pid)):
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
+            match = _stale(entry.name)
+            if match and match["name"] == path.name:
+                _remove(entry)
 
 
 def _umask() -> int:
@@ -141,44 +150,102 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def holds(*names: str) -> Callable[[Path], bool]:
-    """An `ours` test for atomic_dir: a directory holding all these files (what the write makes, e.g. a saved
-    model's architecture.json and weights): an earlier output of the same write, which it may replace whole."""
-    return lambda directory: all((directory / name).is_file() for name in names)
+def holds(*names: str, optional: tuple[str, ...] = ()) -> Callable[[Path], list[str] | None]:
+    """An `ours` test for atomic_dir: an earlier output of the same write holds all these regular files (what the
+    write makes, e.g. a saved model's architecture.json and weights), and maybe the `optional` ones. Returns the
+    files of ours present, or None when one of `names` is missing."""
+    def ours(directory: Path) -> list[str] | None:
+        if not all(_regular(directory / name) for name in names):
+            return None
+        return [*names, *(name for name in optional if _regular(directory / name))]
+
+    return ours
 
 
-def check_replaceable(path: str | Path, ours: Callable[[Path], bool] | None, what: str) -> None:
-    """Refuse to let an atomic_dir write replace something that is not its own earlier output.
+def lists(manifest: str, version: str, max_bytes: int = 64 << 20) -> Callable[[Path], list[str] | None]:
+    """An `ours` test for atomic_dir: an earlier output of the same write holds a JSON `manifest` file whose
+    "format" is `version` and whose "files" object lists the other files it made (a bundle's manifest.json).
+    Returns the manifest and the files it lists, or None when there is no such manifest."""
+    def ours(directory: Path) -> list[str] | None:
+        try:
+            value = parse_json(read_untrusted(directory, manifest, str(directory), max_bytes=max_bytes, hint=""),
+                               directory / manifest, "")
+        except (OSError, ValueError):
+            return None
+        if not isinstance(value, dict) or value.get("format") != version or not isinstance(value.get("files"), dict):
+            return None
+        return [manifest, *(name for name in value["files"] if isinstance(name, str))]
 
-    path may be absent, an empty directory, or a directory for which ours(path) is true (e.g. a bundle's
-    manifest.json of our format). Anything else (a file, a folder of the user's) raises ValueError, one line
-    naming path, `what` the write makes, and the fix: replacing it would delete what it holds.
+    return ours
+
+
+def _regular(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _foreign(directory: Path, ours: list[str]) -> list[str]:
+    """What directory holds besides the files `ours` (relative POSIX paths) and the folders holding them, as
+    relative POSIX paths (a folder's with a trailing /; a symlink is never ours). Symlinks are not followed."""
+    allowed = set(ours) | {parent.as_posix() for name in ours for parent in PurePosixPath(name).parents}
+    foreign = []
+    for root, dirs, files in os.walk(directory):
+        for name in sorted(dirs) + sorted(files):
+            entry = Path(root, name)
+            relative = entry.relative_to(directory).as_posix()
+            if relative not in allowed or entry.is_symlink():
+                foreign.append(relative + ("/" if name in dirs and not entry.is_symlink() else ""))
+        dirs[:] = [d for d in dirs if Path(root, d).relative_to(directory).as_posix() in allowed]
+    return foreign
+
+
+def check_replaceable(path: str | Path, ours: Callable[[Path], Iterable[str] | None] | None, what: str) -> None:
+    """Refuse to let an atomic_dir write replace something that is not wholly its own earlier output.
+
+    path may be absent, an empty directory, or a directory for which ours(path) names the files an earlier write
+    of the same kind made (e.g. a bundle's manifest.json of our format and the files it lists) and which holds
+    nothing else (no other file or folder: replacing it would delete them). Anything else (a file, a folder of the
+    user's, our output with the user's files added) raises ValueError, one line naming path, `what` the write
+    makes, the entries in the way (the first few) and the fix.
     """
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return
-    if path.is_dir():
+    foreign = []
+    if path.is_dir() and not path.is_symlink():
         with contextlib.suppress(OSError):
-            if not any(path.iterdir()) or (ours is not None and ours(path)):
+            if not any(path.iterdir()):
                 return
+            mine = ours(path) if ours is not None else None
+            foreign = _foreign(path, list(mine)) if mine is not None else []
+            if mine is not None and not foreign:
+                return
+    if foreign:
+        raise ValueError(f"{path} already exists and holds {brief(', '.join(foreign), 160, quote=False)} besides the "
+                         f"files of {what.removesuffix(', nor empty')}; writing there would delete them: move them "
+                         "out of it, or choose another path")
     raise ValueError(f"{path} already exists and is not {what}; writing there would delete what it holds: "
                      "choose another path, or delete it first")
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, ours: Callable[[Path], bool] | None = None, what: str = "empty") -> Iterator[Path]:
+def atomic_dir(path: str | Path, ours: Callable[[Path], Iterable[str] | None] | None = None,
+               what: str = "empty") -> Iterator[Path]:
     """Build a directory in a temporary sibling that replaces `path` whole when the block succeeds.
 
     Yields the temporary directory to write into. On success its files are fsynced and it is renamed to
-    `path`. An existing `path` is replaced only when it is an empty directory or ours(path) says it is what
-    this write makes (its own earlier output: `what` describes it); anything else raises ValueError before the
+    `path`. An existing `path` is replaced only when it is an empty directory or holds exactly the files ours(path)
+    names (its own earlier output, nothing else: `what` describes it); anything else raises ValueError before the
     block runs (check_replaceable), and again before the rename should it have changed meanwhile. If the block
     raises, the temporary is removed and `path` is untouched.
+    A `path` that is a symlink to a directory is followed: the write replaces the directory it points to (the link
+    stays, e.g. to shared storage); a symlink to anything else, or to nothing, is refused as a file is.
     Every folder and file in it gets the usual permissions, 0o777 / 0o666 less the umask: mkdtemp makes
     the folder 0o700, and safetensors writes its files 0o600, which would keep others from reading a bundle.
     A killed writer's temporary is removed by the next atomic_dir of the same path (see remove_stale_temporaries).
     """
     path = Path(path)
+    if path.is_symlink() and path.is_dir():
+        path = path.resolve()
     check_replaceable(path, ours, what)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_siblings(path)
@@ -221,23 +288,20 @@ def _replace(new: Path, path: Path) -> None:
             old.unlink()
 
 
-def remove_stale_temporaries(root: str | Path) -> list[Path]:
-    """Delete what atomic_write_bytes, atomic_dir and _replace leave behind when killed, anywhere under root.
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete what atomic_write_bytes, atomic_dir and _replace left in `folder` (itself, not its subfolders) when
+    killed: entries named exactly as they name their temporaries, with the pid of a writer no longer running.
 
-    Only call this while no other process can be writing under root (e.g. holding its lock): a live writer's
-    temporaries look the same. Returns the removed paths.
+    A live writer's temporaries (its pid runs), names without a pid and everything in subfolders (a user's
+    src/.main.py.tmp, a nested tune's writer) are kept: a temporary in a subfolder goes at the next write of its
+    target (_remove_dead_siblings). Returns the removed paths.
     """
     removed = []
-    for parent, dirs, files in os.walk(root):
-        for name in [*dirs, *files]:
-            if _TEMPORARY.fullmatch(name):
-                path = Path(parent, name)
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-                removed.append(path)
-        dirs[:] = [d for d in dirs if not _TEMPORARY.fullmatch(d)]
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(folder):
+            if _stale(entry.name):
+                _remove(entry)
+                removed.append(Path(entry.path))
     return removed
 
 

@@ -12,12 +12,11 @@ import hashlib
 import json
 import math
 import re
-from pathlib import Path
 
 import torch
 
 from .feature_cache import split_unet
-from .files import brief, is_count, is_sha256, json_safe, parse_json, read_untrusted
+from .files import brief, is_count, is_sha256, json_safe, lists
 from .grouping import Grouping
 from .models import CLIP_TOKENS, network
 from .samplers import SamplingSetting
@@ -55,17 +54,9 @@ class BundleError(ValueError):
     """A bundle directory is missing, incomplete, corrupted, tampered with or of another format version."""
 
 
-def is_bundle(directory: Path) -> bool:
-    """Whether directory holds a tdcdiff bundle (a manifest.json of format tdcdiff-bundle/...), which a new
-    save_bundle may replace: any other folder is the user's (files.atomic_dir refuses to replace it)."""
-    try:
-        manifest = parse_json(read_untrusted(directory, MANIFEST, f"bundle {directory}", max_bytes=MAX_MANIFEST_BYTES,
-                                             hint=""), directory / MANIFEST, "")
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("tdcdiff-bundle/")
-
-
+# Whether a folder is a tdcdiff bundle that a new save_bundle may replace (files.atomic_dir's `ours` test): its
+# manifest.json of this version and the files it lists, nothing else; any other folder is the user's.
+is_bundle = lists(MANIFEST, FORMAT, MAX_MANIFEST_BYTES)
 A_BUNDLE = "a tdcdiff bundle (a folder with a manifest.json of format tdcdiff-bundle/N), nor empty"
 
 

@@ -29,7 +29,6 @@ from torch import nn
 from .files import (
     atomic_dir,
     brief,
-    holds,
     is_count,
     is_sha256,
     json_safe,
@@ -43,6 +42,21 @@ from .surgery.depth import remove
 
 ARCHITECTURE_FILE = "architecture.json"
 WEIGHTS_FILE = "model.safetensors"
+A_SAVED_MODEL = f"a saved model (with {ARCHITECTURE_FILE} and {WEIGHTS_FILE}), nor empty"
+
+
+def saved_model_files(directory: Path) -> list[str] | None:
+    """The files of an earlier save_model output in directory (an `ours` test for files.atomic_dir, which may
+    replace it when it holds nothing else): architecture.json, a JSON object naming a "class", and
+    model.safetensors, both regular files. None when it is not one."""
+    if not (directory / WEIGHTS_FILE).is_file() or (directory / WEIGHTS_FILE).is_symlink():
+        return None
+    try:
+        data = read_untrusted(directory, ARCHITECTURE_FILE, str(directory), max_bytes=MAX_ARCHITECTURE_BYTES, hint="")
+        description = parse_json(data, directory / ARCHITECTURE_FILE, "")
+    except (OSError, ValueError):
+        return None
+    return [ARCHITECTURE_FILE, WEIGHTS_FILE] if isinstance(description, dict) and "class" in description else None
 MAX_ARCHITECTURE_BYTES = 4 << 20  # a config, a list of removed layers: kilobytes
 # Floating dtypes torch computes with on every device; float8 and complex weights are refused on load.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -163,8 +177,7 @@ def save_model(model: nn.Module, directory: str | Path, *, extra: dict | None = 
         # safetensors refuses tensors that share memory (a module registered under two names).
         tensors[key] = tensor.clone() if storage in storages else tensor
         storages.add(storage)
-    with atomic_dir(directory, holds(ARCHITECTURE_FILE, WEIGHTS_FILE),
-                    f"a saved model (with {ARCHITECTURE_FILE} and {WEIGHTS_FILE}), nor empty") as tmp:
+    with atomic_dir(directory, saved_model_files, A_SAVED_MODEL) as tmp:
         weights = tmp / WEIGHTS_FILE
         save_file(tensors, weights)
         size, digest = weights.stat().st_size, sha256_file(weights)

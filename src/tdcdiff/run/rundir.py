@@ -31,8 +31,9 @@ class RunDirectoryBusy(ValueError):
 def lock_run_dir(run_dir: str | Path, what: str = "run directory") -> Iterator[None]:
     """Hold run_dir's lock for the block (created if missing); reentrant within a thread of one process.
 
-    The outermost hold records this process in .tdcdiff.lock.owner and removes stale temporaries (no other
-    writer can be active then). Raises RunDirectoryBusy at once, naming the holder, if another process (or
+    The outermost hold records this process in .tdcdiff.lock.owner and removes the temporaries that killed writers
+    left in run_dir itself (files.remove_stale_temporaries: a dead writer's only, never in subfolders).
+    Raises RunDirectoryBusy at once, naming the holder, if another process (or
     thread) holds it: waiting silently behind a run of hours would look like a hang. what: the directory's kind,
     for that message (a tune directory is locked the same way).
     """

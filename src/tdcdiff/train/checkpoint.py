@@ -31,8 +31,10 @@ FINAL_DIR = "final"
 LOG_FILE = "log.jsonl"
 SUMMARY_FILE = "train.json"
 
-# An existing checkpoint folder is replaced only when it is one (save_checkpoint's state.json and weights).
-_OURS = holds("state.json", "model.safetensors")
+# An existing checkpoint folder is replaced only when it is one: save_checkpoint's files and nothing else.
+CHECKPOINT_FILES = holds("state.json", "model.safetensors", optional=("optimizer.safetensors",
+                                                                      "projections.safetensors", "ema.safetensors"))
+A_CHECKPOINT = "a training checkpoint, nor empty"
 
 
 def fingerprint(config: TrainConfig, timesteps: torch.Tensor, num_images: int, teacher: bool, model: nn.Module) -> str:
@@ -74,7 +76,7 @@ def save_checkpoint(out_dir: Path, step: int, loss: float, fingerprint: str, mod
     """Replace out_dir/checkpoint, whole, with the state after `step` steps (ema: diffusers EMAModel or None)."""
     from safetensors.torch import save_file  # looked up at call time, so a test can stand in a full disk
 
-    with atomic_dir(out_dir / CHECKPOINT_DIR, _OURS, "a training checkpoint, nor empty") as tmp:
+    with atomic_dir(out_dir / CHECKPOINT_DIR, CHECKPOINT_FILES, A_CHECKPOINT) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         if distiller is not None:  # trained with the model, so a resumed run needs them; never in final/
             save_file({k: v.detach().cpu().contiguous() for k, v in distiller.state_dict().items()},

@@ -64,7 +64,8 @@ def _target(tune, models: dict, protocol: dict, base_id: str) -> torch.Tensor:
         return torch.load(folder / "target.pt", weights_only=True)
     tune.say(f"sample screen: the base's target images ({protocol['target']}, {protocol['images']} images)")
     images = _sample(tune, models["base"][0], SamplingSetting.parse(protocol["target"]))
-    with atomic_dir(folder, holds("target.json"), "the sample screen's target images, nor empty") as tmp:
+    with atomic_dir(folder, holds("target.json", optional=("target.pt",)),
+                    "the sample screen's target images, nor empty") as tmp:
         torch.save(images, tmp / "target.pt")
         (tmp / "target.json").write_text(json.dumps({"protocol": protocol, "model": base_id}))
     return images
