@@ -623,3 +623,17 @@ def test_the_lock_sweep_keeps_user_files_live_writers_and_subfolders(tmp_path):
         pass
     assert [p for p in stale if p.exists()] == []
     assert all(p.read_text() == "mine" for p in mine)
+
+
+# -- train() checks the folders it will replace before its first step (attack 2026-12-07c row 141) -------------
+@pytest.mark.parametrize("folder", ["final", "checkpoint"])
+def test_train_into_a_final_or_checkpoint_folder_of_the_users_refuses_before_training(tmp_path, digits, scheduler,
+                                                                                      tiny_unet, folder):
+    from tdcdiff.train import TrainConfig, train
+
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "mine.txt").write_text("mine")
+    what = "a saved model" if folder == "final" else "a training checkpoint"
+    with pytest.raises(ValueError, match=rf"{folder} already exists and is not {what}"):
+        train(tiny_unet, digits.images, scheduler, TrainConfig(steps=2, batch_size=8), tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [folder, "mine.txt"]  # no log, no checkpoint written

@@ -208,6 +208,8 @@ def check_replaceable(path: str | Path, ours: Callable[[Path], Iterable[str] | N
     makes, the entries in the way (the first few) and the fix.
     """
     path = Path(path)
+    if path.is_symlink() and path.is_dir():  # atomic_dir writes into the folder a link points to
+        path = path.resolve()
     if not path.exists() and not path.is_symlink():
         return
     foreign = []

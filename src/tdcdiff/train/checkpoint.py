@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import atomic_dir, atomic_write_text, holds, read_json_file
-from ..serialization import load_model, save_model
+from ..files import atomic_dir, atomic_write_text, check_replaceable, holds, read_json_file
+from ..serialization import A_SAVED_MODEL, load_model, save_model, saved_model_files
 from .config import TrainConfig
 
 CHECKPOINT_DIR = "checkpoint"
@@ -69,6 +69,14 @@ def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> 
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def check_outputs(out_dir: Path) -> None:
+    """Refuse before training when a folder the run will replace whole, out_dir/checkpoint or out_dir/final, is
+    not its own earlier output (e.g. holds the user's files): files.check_replaceable's ValueError, which would
+    otherwise come after all the steps."""
+    check_replaceable(out_dir / CHECKPOINT_DIR, CHECKPOINT_FILES, A_CHECKPOINT)
+    check_replaceable(out_dir / FINAL_DIR, saved_model_files, A_SAVED_MODEL)
 
 
 def save_checkpoint(out_dir: Path, step: int, loss: float, fingerprint: str, model: nn.Module, optimizer, ema,

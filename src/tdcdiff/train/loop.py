@@ -26,6 +26,7 @@ from .batch import Batch, TrainingBatches, conditioning
 from .checkpoint import (
     CHECKPOINT_DIR,
     LOG_FILE,
+    check_outputs,
     fingerprint,
     finished_summary,
     load_checkpoint,
@@ -126,6 +127,7 @@ class Trainer:
         the same fingerprint returns at once, its final weights loaded into the model."""
         if self.resume_allowed and (done := self.finished()) is not None:
             return done
+        check_outputs(self.out_dir)
         self.setup()
         self.resume()
         self.prepare()
@@ -373,8 +375,9 @@ def train(
     device: "cpu", "cuda" or "cuda:N" (see accelerator_device); None: the GPU when there is one, else the CPU.
 
     Raises ValueError naming the problem before anything is written (bad settings, timesteps, images, labels, a
-    device that is not usable here, half-precision weights, a damaged or another run's checkpoint), and
-    TrainingDiverged when the loss becomes NaN or inf.
+    device that is not usable here, half-precision weights, a damaged or another run's checkpoint, a checkpoint/ or
+    final/ folder holding anything but this run's earlier output), and TrainingDiverged when the loss becomes NaN
+    or inf.
     """
     return Trainer(model, images, scheduler, config, out_dir, labels=labels, null_text=null_text, timesteps=timesteps,
                    teacher=teacher, resume=resume, progress=progress, description=description, device=device).run()
