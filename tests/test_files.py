@@ -637,3 +637,23 @@ def test_train_into_a_final_or_checkpoint_folder_of_the_users_refuses_before_tra
     with pytest.raises(ValueError, match=rf"{folder} already exists and is not {what}"):
         train(tiny_unet, digits.images, scheduler, TrainConfig(steps=2, batch_size=8), tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.rglob("*")) == [folder, "mine.txt"]  # no log, no checkpoint written
+
+
+# -- a run command on a tune directory says it is one (attack 2026-12-07c row 147) -----------------------------
+@pytest.mark.parametrize("command", [["run"], ["sample", "--num", "1"], ["report"]])
+@pytest.mark.parametrize("record", ["tune.json", "candidates.json"])
+def test_a_run_command_on_a_tune_directory_names_it(tmp_path, command, record):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    tune = tmp_path / "t"
+    (tune / "base" / "base").mkdir(parents=True)  # the tune's base run, as `tdcdiff tune` makes it
+    (tune / record).write_text("{}")
+    before = sorted(tune.rglob("*"))
+    result = CliRunner().invoke(app, [*command, "--out", str(tune)])
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"error: {tune} is a tdcdiff tune directory (it holds {record}), not a run directory: "
+                             f"to continue that tune use `tdcdiff tune --out {tune}`; for a run, use another output "
+                             "directory (--out)\n")
+    assert sorted(p for p in tune.rglob("*") if p.name != LOCK_FILE) == before  # `report` takes the lock first

@@ -299,10 +299,16 @@ def saved_config(run_dir: Path, *, given: bool) -> RunConfig | None:
     """The run directory's config.json (load_saved_config), or None when there is none. given: the settings
     were passed in code (Stages' config). Raises ValueError when config.json is gone but the stage outputs it was
     written before are there, and the settings are not given: the defaults would pass for the ones they were
-    made with (a report would call the run's own bundle "not made by this run")."""
+    made with (a report would call the run's own bundle "not made by this run"), and when run_dir is a tune
+    directory (tune.json or candidates.json, no config.json): its base/ is not a run's stage output."""
     path = run_dir / "config.json"
     if path.exists():
         return load_saved_config(path)
+    tune = [name for name in ("tune.json", "candidates.json") if (run_dir / name).exists()]
+    if tune:
+        raise ValueError(f"{run_dir} is a tdcdiff tune directory (it holds {tune[0]}), not a run directory: to "
+                         f"continue that tune use `tdcdiff tune --out {run_dir}`; for a run, use another output "
+                         "directory (--out)")
     made = [f"{name}/" for name in STAGE_OUTPUT.values() if (run_dir / name).exists()]
     if made and not given:
         raise ValueError(
