@@ -657,3 +657,27 @@ def test_a_run_command_on_a_tune_directory_names_it(tmp_path, command, record):
                              f"to continue that tune use `tdcdiff tune --out {tune}`; for a run, use another output "
                              "directory (--out)\n")
     assert sorted(p for p in tune.rglob("*") if p.name != LOCK_FILE) == before  # `report` takes the lock first
+
+
+def test_save_bundle_through_a_symlink_updates_the_linked_bundle(tmp_path):
+    import torch
+
+    from tdcdiff.bundle import save_bundle
+    from tdcdiff.grouping import make_groups
+    from tdcdiff.models import build_unet
+    from tdcdiff.schedule import make_scheduler
+
+    torch.manual_seed(0)
+    scheduler = make_scheduler(1000)
+
+    def save(path, flops):
+        return save_bundle(path, [build_unet("digits-8")], make_groups("uniform", 1, scheduler), scheduler,
+                           sample_shape=(1, 8, 8), expert_flops=[flops], base_flops=flops)
+
+    shared = tmp_path / "shared" / "bundle"
+    save(shared, 1)
+    link = tmp_path / "bundle"
+    link.symlink_to(shared, target_is_directory=True)
+    assert save(link, 2) == link
+    assert link.is_symlink() and json.loads((shared / "manifest.json").read_text())["expert_flops"] == [2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "shared"]

@@ -87,7 +87,7 @@ def save_bundle(
     sampling: SamplingSetting | None = None,
     text_encoder: TextEncoder | None = None,
 ) -> Path:
-    """Write a bundle atomically (a temporary directory renamed into place; nothing is left on failure).
+    """Write a bundle atomically (files.atomic_dir: nothing left on failure; a symlink to a folder: written there).
 
     experts: the group models, in group order. grouping: their timestep groups.
     scheduler: the training noise schedule, a diffusers DDPMScheduler (its full config is stored, so the same

@@ -163,7 +163,9 @@ def architecture_of(model: nn.Module) -> dict:
 def save_model(model: nn.Module, directory: str | Path, *, extra: dict | None = None) -> dict:
     """Save a (possibly pruned) model as directory/architecture.json + directory/model.safetensors.
 
-    model: anything architecture_of() describes. directory: replaced atomically (never half-written).
+    model: anything architecture_of() describes. directory: replaced atomically (never half-written) when absent,
+    empty or an earlier save_model output holding nothing else, else ValueError before any write (files.atomic_dir);
+    a symlink to a folder is written through, the link kept.
     extra: JSON-able provenance stored under "extra" in architecture.json.
     Returns the content of architecture.json.
     """
