@@ -681,3 +681,18 @@ def test_save_bundle_through_a_symlink_updates_the_linked_bundle(tmp_path):
     assert save(link, 2) == link
     assert link.is_symlink() and json.loads((shared / "manifest.json").read_text())["expert_flops"] == [2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "shared"]
+
+
+def test_the_refusal_names_the_first_few_entries_in_the_way(tmp_path):
+    from tdcdiff.files import holds
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "x").write_text("ours")
+    for i in range(7):
+        (model / f"mine_{i}.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"model already exists and holds mine_0.txt, mine_1.txt, mine_2.txt, "
+                                         r"mine_3.txt, mine_4.txt and 2 more besides the files of a model;"):
+        with atomic_dir(model, holds("x"), "a model"):
+            raise AssertionError("never runs")
+    assert len(list(model.iterdir())) == 8

@@ -222,7 +222,9 @@ def check_replaceable(path: str | Path, ours: Callable[[Path], Iterable[str] | N
             if mine is not None and not foreign:
                 return
     if foreign:
-        raise ValueError(f"{path} already exists and holds {brief(', '.join(foreign), 160, quote=False)} besides the "
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        shown = ", ".join(brief(name, 60, quote=False) for name in foreign[:5]) + more
+        raise ValueError(f"{path} already exists and holds {shown} besides the "
                          f"files of {what.removesuffix(', nor empty')}; writing there would delete them: move them "
                          "out of it, or choose another path")
     raise ValueError(f"{path} already exists and is not {what}; writing there would delete what it holds: "
