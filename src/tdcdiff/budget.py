@@ -18,6 +18,7 @@ import numpy as np
 
 from .files import atomic_write_text
 from .grouping import Grouping
+from .models import check_sample_shape
 from .settings import as_integer, as_real, is_real
 
 ORDERINGS = ("measured", "snr-high-hard", "snr-low-hard")
@@ -194,13 +195,14 @@ def make_plan(
     their role, the ratios between uncapped groups, and the total is what is asked.
     budget_unit: what the fractions are of, "flops" or "time" (recorded; see BudgetPlan).
     smallest: the smallest FLOPs fraction pruning can reach (see check_reachable), or None when not known.
-    Numbers are Python or numpy ones (stored as Python floats, so the plan saves as JSON).
+    Numbers are Python or numpy ones, or 0-d tensors (stored as Python numbers, so the plan saves as JSON);
+    sample_shape is checked as models.check_sample_shape does.
     Raises ValueError for k outside (0, 1] or not a number, base_flops that is not an integer >= 1, mean_budget
     outside (0, 1], a bad ordering, a sensitivity that is not one finite number per group, or a group budget no
     pruning can meet (check_reachable).
     """
     k = as_real("k", k, note="the easiest group's budget fraction")
-    base_flops = _base_flops(base_flops)
+    base_flops, sample_shape = _base_flops(base_flops), check_sample_shape(sample_shape)
     fractions_by_rank = budget_fractions(len(grouping), k)
     check_mean_budget(mean_budget)
     mean_budget = None if mean_budget is None else float(mean_budget)
@@ -237,7 +239,8 @@ def plan_from_fractions(
     """
     if len(fractions) != len(grouping):
         raise ValueError(f"{len(fractions)} budget fractions for {len(grouping)} groups; give one per group")
-    base_flops = _base_flops(base_flops)
+    base_flops, sample_shape = _base_flops(base_flops), check_sample_shape(sample_shape)
+    fractions = [as_real(f"fractions[{g}]", f, note=f"group {g}'s budget fraction") for g, f in enumerate(fractions)]
     check_reachable(fractions, base_flops, budget_unit, smallest, fix="raise the smallest plan_fractions")
     return BudgetPlan(grouping, None, None, base_flops, tuple(sample_shape),
                 difficulty_ranks("measured", len(grouping), list(fractions)), list(fractions), None,
