@@ -3,6 +3,7 @@ timesteps and devices get one ValueError naming the problem and the fix before a
 wherever a Python number is, as torch and diffusers take them; the caller's model comes back as it was given."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -318,3 +319,33 @@ def test_sampling_setting_text_states_the_ascii_digit_rule(text, part):
     with pytest.raises(ValueError, match=rf"{part} must be an integer >= 1, got .* \(ASCII digits 0-9 only: "
                                          r"no sign, no other digits\)"):
         SamplingSetting.parse(text, "--reference")
+
+
+@pytest.mark.parametrize("key, value", [("grouping", "T500"), ("base_flops", 1), ("base_flops", 10**15),
+                                        ("sample_shape", [3, 8, 8])])
+def test_a_plan_that_contradicts_its_run_is_refused_before_prune(tmp_path, key, value):
+    """Rows 158-160: a plan.json whose values pass their own checks but not the run (a grouping over T=500 in a
+    T=1000 run was pruned and fine-tuned, then refused at bundle naming the manifest; base_flops 1e15 pruned
+    nothing and the bundle claimed a 3e7x cheaper model) is refused naming plan.json, before prune writes."""
+    from conftest import tiny_config
+    from tdcdiff.run import Run
+
+    config = tiny_config()
+    config.base = TrainConfig(steps=2, **FAST)
+    run = Run(tmp_path / "r", config, progress=False)
+    run.train_base()
+    plan = run.plan()
+    path = run.dir / "plan" / "plan.json"
+    data = json.loads(path.read_text())
+    if value == "T500":
+        value = make_groups("uniform", 2, make_scheduler(500)).to_dict()
+        shown, what, key = 500, "the run's is 1000", "grouping.num_train_timesteps"
+    else:
+        shown, what = value, (f"the base model's counted FLOPs is {plan.base_flops}" if key == "base_flops"
+                              else "the run's is [1, 8, 8]")
+    path.write_text(json.dumps({**data, key.split(".")[0]: value}))
+    with pytest.raises(ValueError, match=re.escape(
+            f"{path}: '{key}' is {shown} but {what} (the plan was made for another run, or edited); delete "
+            f"{path.parent} and rerun `tdcdiff plan`")):
+        Run(run.dir, progress=False).prune()
+    assert not (run.dir / "prune").exists()

@@ -54,7 +54,7 @@ from ..text import save_tokenizer
 from ..train import FINAL_DIR, TrainResult, train
 from .config import SCHEDULER_FILE, RunConfig, check_saved_device, check_unchanged, saved_config, with_pipeline_schedule
 from .inputs import TEXT_ENCODER_DIR, TOKENIZER_DIR, VAE_DIR, RunInputs
-from .plan_file import load_plan
+from .plan_file import check_plan_fits, load_plan
 from .rundir import lock_run_dir, record_inputs, up_to_date, writes
 
 
@@ -227,6 +227,7 @@ class Stages(RunInputs):
         c = self.config
         if path.exists():
             plan = load_plan(path)  # written before the unit was recorded: the run's (a plan setting since)
+            check_plan_fits(plan, path, self)
             return plan if plan.budget_unit is not None else replace(plan, budget_unit=c.budget_unit)
         self._save_config()
         base = self.base_model()
