@@ -228,7 +228,7 @@ def test_train_refuses_half_precision_weights_and_takes_latent_like_data(tmp_pat
                   device=device, progress=False)
     assert not (tmp_path / "d").exists()
     result = train(build_unet(), digits.images[:16] * 3, scheduler, TrainConfig(steps=2, **FAST), tmp_path / "l",
-                   timesteps=np.arange(10, 20), progress=False)
+                   timesteps=np.arange(10, 20), progress=False, data_range=None)  # latents: told so (row 188)
     assert result.steps == 2
 
 
@@ -349,3 +349,26 @@ def test_a_plan_that_contradicts_its_run_is_refused_before_prune(tmp_path, key, 
             f"{path.parent} and rerun `tdcdiff plan`")):
         Run(run.dir, progress=False).prune()
     assert not (run.dir / "prune").exists()
+
+
+@pytest.mark.parametrize("images, message", [
+    (lambda d: torch.where(torch.arange(d.numel()).view_as(d) == 0, -0.5, (d + 1) * 127.5),  # row 188: one < 0
+     r"^training images must be in \[-1, 1\], got values -0.5..255; scale to \[-1, 1\]: x / 127.5 - 1 for pixels "
+     r"0..255, or pass data_range=None for a VAE's latents \(no fixed range\)$"),
+    (lambda d: d * 3, r"^training images must be in \[-1, 1\], got values -3..3; .* or pass data_range=None"),
+])
+def test_train_refuses_images_outside_their_range_unless_told_latents(tmp_path, scheduler, tiny_unet, digits, images,
+                                                                      message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny_unet, images(digits.images[:16]), scheduler, TrainConfig(steps=2, **FAST), tmp_path / "t",
+              progress=False)
+    assert not (tmp_path / "t").exists()
+
+
+def test_train_warns_about_images_in_zero_to_one(tmp_path, scheduler, digits):
+    """Row 187: images in [0, 1] (torchvision's ToTensor) trained without a word."""
+    with pytest.warns(UserWarning, match=r"training images are all >= 0 \(values 0..1\): they look like \[0, 1\] "
+                                         r"\(torchvision's ToTensor\), not \[-1, 1\]; scale with x \* 2 - 1"):
+        result = train(build_unet(), (digits.images[:16] + 1) / 2, scheduler, TrainConfig(steps=2, **FAST),
+                       tmp_path / "t", progress=False)
+    assert result.steps == 2

@@ -132,7 +132,8 @@ class Stages(RunInputs):
         self._save_config()  # after the checks above: a refused run leaves nothing behind
         config = replace(c.base, seed=c.seed * 100)  # stage 2 of group i uses c.seed * 100 + i + 1
         return train(model, train_images, self.scheduler, config, self.dir / "base", labels=self.labels(model)[0],
-                     progress=self.progress, description="stage 1: base", device=c.torch_device)
+                     progress=self.progress, description="stage 1: base", device=c.torch_device,
+                     data_range=self.data_range)
 
     def _import_base(self):
         """Stage 1 from a trained model: check it fits the data, save it as base/final (or continue training
@@ -173,7 +174,8 @@ class Stages(RunInputs):
             config = replace(c.base, steps=c.base_model_steps, seed=c.seed * 100)
             return train(model, train_images, scheduler, config, out, labels=train_labels,
                          null_text=self.empty_prompt(model), progress=self.progress,
-                         description="stage 1: continue the given model", device=c.torch_device)
+                         description="stage 1: continue the given model", device=c.torch_device,
+                         data_range=self.data_range)
         save_model(model, out / FINAL_DIR, extra={"source": loaded.source})
         return TrainResult(out, 0, float("nan"), 0, 0)
 
@@ -394,7 +396,7 @@ class Stages(RunInputs):
                     model, train_images, self.scheduler, config, self.dir / "finetune" / f"group_{i}",
                     labels=self.labels(model)[0], null_text=self.empty_prompt(model),
                     timesteps=plan.grouping.timesteps(i), teacher=teacher, progress=self.progress,
-                    description=f"stage 2: group {i}", device=c.torch_device,
+                    description=f"stage 2: group {i}", device=c.torch_device, data_range=self.data_range,
                 )
             )
         return results
