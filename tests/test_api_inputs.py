@@ -262,8 +262,9 @@ def test_plain_number_rule_table():
 
 def test_make_plan_and_train_config_store_plain_numbers(scheduler, tmp_path):
     """Rows 163, 175: np.array sample_shape and numpy TrainConfig fields were taken, then failed writing JSON."""
-    plan = _plan(scheduler, sample_shape=np.array([1, 8, 8]), k=torch.tensor(0.5))
+    plan = _plan(scheduler, sample_shape=np.array([1, 8, 8]), k=torch.tensor(0.5), mean_budget=torch.tensor(0.8))
     assert plan.sample_shape == (1, 8, 8) and _as_plain(plan.sample_shape) and type(plan.k) is float
+    assert type(plan.mean_budget) is float
     plan.save(tmp_path / "plan.json")
     config = TrainConfig(steps=np.int64(2), lr=np.float32(1e-3), batch_size=np.int64(8))
     assert _as_plain(config.to_dict()) and type(config.steps) is int and type(config.lr) is float

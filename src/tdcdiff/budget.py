@@ -19,7 +19,7 @@ import numpy as np
 from .files import atomic_write_text
 from .grouping import Grouping
 from .models import check_sample_shape
-from .settings import as_integer, as_real, is_real
+from .settings import as_integer, as_real, is_real, plain_number
 
 ORDERINGS = ("measured", "snr-high-hard", "snr-low-hard")
 RAISE_BUDGET = "raise --mean-budget or --k"  # the fix for a budget the formula makes too small
@@ -60,7 +60,8 @@ def scale_to_mean(fractions: list[float], weights: list[float], mean_budget: flo
 
 
 def check_mean_budget(mean_budget: float | None) -> None:
-    """Raise ValueError unless mean_budget is None or in (0, 1]."""
+    """Raise ValueError unless mean_budget is None or in (0, 1] (a numpy scalar or 0-d tensor too)."""
+    mean_budget = plain_number(mean_budget)
     if mean_budget is not None and not (is_real(mean_budget) and 0 < mean_budget <= 1):
         raise ValueError(f"mean_budget (--mean-budget) must be in (0, 1], the timestep-weighted mean fraction of the "
                          f"base that sampling costs, got {mean_budget}; e.g. 0.6, or leave it unset for the paper's "
@@ -205,7 +206,7 @@ def make_plan(
     base_flops, sample_shape = _base_flops(base_flops), check_sample_shape(sample_shape)
     fractions_by_rank = budget_fractions(len(grouping), k)
     check_mean_budget(mean_budget)
-    mean_budget = None if mean_budget is None else float(mean_budget)
+    mean_budget = None if mean_budget is None else float(plain_number(mean_budget))
     if sensitivity is not None:
         sensitivity = [as_real(f"sensitivity[{g}]", v, note=f"group {g}'s relative loss increase under trial pruning")
                        for g, v in enumerate(sensitivity)]
