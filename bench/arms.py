@@ -109,7 +109,8 @@ def train_further(model, run, extra_flops: int, out_dir: Path, description: str,
     config = c.finetune.plain(steps=max(1, round(extra_flops / per_step)), seed=c.seed * 100)
     say(f"  {description}: {config.steps} steps on all timesteps -> {out_dir}")
     train_images, _ = run.split()
-    result = train(model, train_images, run.scheduler, config, out_dir, progress=progress, description=description)
+    result = train(model, train_images, run.scheduler, config, out_dir, progress=progress, description=description,
+                   data_range=run.data_range)
     return result, load_model(out_dir / FINAL_DIR)
 
 

@@ -132,7 +132,7 @@ def run_budget(run, base, base_bound, fraction: float, args, grouping, key: str,
             model = load_model(budget_dir / "pruned")
             trained = train(model, train_images, run.scheduler, replace(config, seed=seed * 100 + 1), out,
                             timesteps=timesteps, teacher=base if config.uses_teacher else None, progress=progress,
-                            description=f"{fraction:g} {name}")
+                            description=f"{fraction:g} {name}", data_range=run.data_range)
             expert = load_model(out / FINAL_DIR).eval()
             metrics, bounds[name] = measure(expert, run, held, grouping, key, args.eval_seed, args.bpd_samples)
             results[name].append({"seed": seed, "steps": config.steps, "train_flops": trained.train_flops,

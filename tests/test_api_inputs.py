@@ -3,6 +3,7 @@ timesteps and devices get one ValueError naming the problem and the fix before a
 wherever a Python number is, as torch and diffusers take them; the caller's model comes back as it was given."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def test_shared_number_helpers_take_numpy_scalars_and_refuse_the_rest():
             as_integer("n", value)
     with pytest.raises(ValueError, match=r"^n \(a count\) must be >= 1, got 0$"):
         as_integer("n", 0, 1, note="a count")
-    for value in (float("nan"), float("inf"), torch.tensor(0.5), True, "0.5"):
+    for value in (float("nan"), float("inf"), torch.tensor([0.5]), True, "0.5"):  # a 0-d tensor is taken (row 167)
         with pytest.raises(ValueError, match=r"^k must be a finite number \(a Python or numpy int or float\), got "):
             as_real("k", value)
 
@@ -114,7 +115,7 @@ def test_make_plan_arguments(scheduler, tmp_path):
         ({"base_flops": 0}, r"^base_flops \(the base model's FLOPs per forward pass, flops.count_flops\) must be "
                             r">= 1, got 0$"),
         ({"base_flops": -100}, r"^base_flops .* must be >= 1, got -100$"),
-        ({"k": torch.tensor(0.5)}, r"^k \(the easiest group's budget fraction\) must be a finite number"),
+        ({"k": torch.tensor([0.5])}, r"^k \(the easiest group's budget fraction\) must be a finite number"),
         ({"ordering": "measured", "sensitivity": [float("nan"), 1.0]},
          r"^sensitivity\[0\] \(group 0's relative loss .*\) must be a finite number .*, got nan$"),
         ({"mean_budget": float("nan")}, r"^mean_budget \(--mean-budget\) must be in \(0, 1\]"),
@@ -163,9 +164,10 @@ def test_sample_takes_numpy_guidance_scale_and_names_bad_devices(scheduler, tiny
     assert sample(tiny_unet, scheduler, **arguments, guidance_scale=np.float32(1.0)).images.shape == (1, 1, 8, 8)
     with pytest.raises(ValueError, match=r"^device 'CPU' is not a torch device \(.*\); give e.g. 'cpu' or 'cuda:0'$"):
         sample(tiny_unet, scheduler, **arguments, device="CPU")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=r"^device 'cuda' is not the model's device \(cpu\)"):
-            sample(tiny_unet, scheduler, **arguments, device="cuda")
+    if not torch.cuda.is_available():  # rows 113, 170: not "move the model there", which cannot work here
+        for device in ("cuda", torch.device("cuda:0")):
+            with pytest.raises(ValueError, match=r"^device 'cuda(:0)?' is not visible here: torch sees 0 CUDA device"):
+                sample(tiny_unet, scheduler, **arguments, device=device)
 
 
 def test_torch_device_and_load_bundle_refuse_unusable_devices(tmp_path):
@@ -226,5 +228,148 @@ def test_train_refuses_half_precision_weights_and_takes_latent_like_data(tmp_pat
                   device=device, progress=False)
     assert not (tmp_path / "d").exists()
     result = train(build_unet(), digits.images[:16] * 3, scheduler, TrainConfig(steps=2, **FAST), tmp_path / "l",
-                   timesteps=np.arange(10, 20), progress=False)
+                   timesteps=np.arange(10, 20), progress=False, data_range=None)  # latents: told so (row 188)
+    assert result.steps == 2
+
+
+# -- third attack (docs/attack-2026-12-07c.md): numpy scalars and 0-d tensors wherever a Python number is taken --
+def _as_plain(value):
+    """True when value holds only Python numbers (nested lists/tuples/dicts): what JSON writes."""
+    if isinstance(value, dict):
+        return all(_as_plain(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_as_plain(v) for v in value)
+    return value is None or type(value) in (int, float, str, bool)
+
+
+def test_plain_number_rule_table():
+    """The one rule (settings.plain_number): numpy scalars and 0-d arrays/tensors become Python numbers; anything
+    else (a bool, a 1-element tensor, text) is left for the argument's own check to refuse."""
+    from tdcdiff.models import check_sample_shape
+    from tdcdiff.settings import plain_number, plain_values
+
+    for given, plain in [(np.int64(3), 3), (np.float32(0.5), 0.5), (torch.tensor(2), 2), (torch.tensor(1.5), 1.5),
+                         (np.array(4), 4), (3, 3), (2.5, 2.5)]:
+        assert plain_number(given) == plain and type(plain_number(given)) is type(plain)
+    for kept in (True, np.True_, torch.tensor(True), torch.tensor([1]), np.array([1, 2]), "3", None):
+        assert plain_number(kept) is kept
+    assert plain_values(np.array([5, 6])) == [5, 6] and plain_values((np.int64(1), [np.float64(2)])) == (1, [2.0])
+    for shape in (np.array([1, 8, 8]), torch.Size([1, 8, 8]), (np.int64(1), 8, torch.tensor(8))):
+        assert check_sample_shape(shape) == (1, 8, 8) and _as_plain(check_sample_shape(shape))
+    with pytest.raises(ValueError, match=r"^sample_shape must be \(channels, height, width\), 3 positive integers"):
+        check_sample_shape(np.array([1, 8]))
+
+
+def test_make_plan_and_train_config_store_plain_numbers(scheduler, tmp_path):
+    """Rows 163, 175: np.array sample_shape and numpy TrainConfig fields were taken, then failed writing JSON."""
+    plan = _plan(scheduler, sample_shape=np.array([1, 8, 8]), k=torch.tensor(0.5), mean_budget=torch.tensor(0.8))
+    assert plan.sample_shape == (1, 8, 8) and _as_plain(plan.sample_shape) and type(plan.k) is float
+    assert type(plan.mean_budget) is float
+    plan.save(tmp_path / "plan.json")
+    config = TrainConfig(steps=np.int64(2), lr=np.float32(1e-3), batch_size=np.int64(8))
+    assert _as_plain(config.to_dict()) and type(config.steps) is int and type(config.lr) is float
+    json.dumps(config.to_dict())
+
+
+def test_make_scheduler_caps_the_timesteps():
+    """Row 182: make_scheduler(np.int64(10**12)) asked torch for 4 TB; any T over MAX_TIMESTEPS gets one line."""
+    from tdcdiff.schedule import MAX_TIMESTEPS
+
+    for steps in (np.int64(10**12), MAX_TIMESTEPS + 1):
+        with pytest.raises(ValueError, match=rf"^num_train_timesteps must be at most {MAX_TIMESTEPS} \(T; typical: "
+                                             rf"1000\), got {int(steps)}$"):
+            make_scheduler(steps)
+    assert make_scheduler(np.int64(50)).config.num_train_timesteps == 50
+
+
+def test_sample_takes_numpy_and_0d_tensor_numbers(scheduler, tiny_unet):
+    """Rows 165, 167, 168: np.int64(10**18) images skipped the memory check; a 0-d guidance tensor and numpy cache
+    settings were refused."""
+    arguments = dict(sample_shape=(1, 8, 8), progress=False)
+    result = sample(tiny_unet, scheduler, **arguments, sampler="ddim", steps=torch.tensor(4),
+                    num_images=np.int64(1), batch_size=np.int64(1), seed=np.int64(0),
+                    guidance_scale=torch.tensor(1.0), cache_interval=np.int64(2), cache_depth=np.int64(1))
+    assert result.images.shape == (1, 1, 8, 8) and type(result.steps) is int
+    with pytest.raises(ValueError, match=r"GiB"):
+        sample(tiny_unet, scheduler, **arguments, steps=2, num_images=np.int64(10**18))
+
+
+def test_load_dataset_and_save_bundle_take_numpy_numbers(tmp_path, scheduler, tiny_unet):
+    """Rows 184, 186 (and 172: load_bundle(device=None) is the default device, as sample's)."""
+    from tdcdiff.bundle import save_bundle
+    from tdcdiff.data import load_dataset
+
+    assert tuple(load_dataset("digits", size=np.int64(8), limit=np.int64(4)).images.shape) == (4, 1, 8, 8)
+    grouping = make_groups("uniform", 2, scheduler)
+    flops = count_flops(tiny_unet, (1, 8, 8))
+    save_bundle(tmp_path / "b", [tiny_unet, tiny_unet], grouping, scheduler, sample_shape=np.array([1, 8, 8]),
+                expert_flops=[np.int64(flops)] * 2, base_flops=np.int64(flops), budgets=np.array([flops, flops]))
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["budgets"] == [flops, flops] and manifest["base_flops"] == flops
+    assert next(load_bundle(tmp_path / "b", device=None).router.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("text, part", [("ddim:+5", "sampling steps"), ("ddim:５", "sampling steps"),
+                                        ("ddim:٥", "sampling steps"), ("ddim:²", "sampling steps"),
+                                        ("ddim:5:c+2", "the number after ':c'"),
+                                        ("ddim:5:c²", "the number after ':c'")])
+def test_sampling_setting_text_states_the_ascii_digit_rule(text, part):
+    """Row 192: '+5' and other scripts' digits each read as an integer >= 1; the message states the rule."""
+    from tdcdiff.samplers import SamplingSetting
+
+    with pytest.raises(ValueError, match=rf"{part} must be an integer >= 1, got .* \(ASCII digits 0-9 only: "
+                                         r"no sign, no other digits\)"):
+        SamplingSetting.parse(text, "--reference")
+
+
+@pytest.mark.parametrize("key, value", [("grouping", "T500"), ("base_flops", 1), ("base_flops", 10**15),
+                                        ("sample_shape", [3, 8, 8])])
+def test_a_plan_that_contradicts_its_run_is_refused_before_prune(tmp_path, key, value):
+    """Rows 158-160: a plan.json whose values pass their own checks but not the run (a grouping over T=500 in a
+    T=1000 run was pruned and fine-tuned, then refused at bundle naming the manifest; base_flops 1e15 pruned
+    nothing and the bundle claimed a 3e7x cheaper model) is refused naming plan.json, before prune writes."""
+    from conftest import tiny_config
+    from tdcdiff.run import Run
+
+    config = tiny_config()
+    config.base = TrainConfig(steps=2, **FAST)
+    run = Run(tmp_path / "r", config, progress=False)
+    run.train_base()
+    plan = run.plan()
+    path = run.dir / "plan" / "plan.json"
+    data = json.loads(path.read_text())
+    if value == "T500":
+        value = make_groups("uniform", 2, make_scheduler(500)).to_dict()
+        shown, what, key = 500, "the run's is 1000", "grouping.num_train_timesteps"
+    else:
+        shown, what = value, (f"the base model's counted FLOPs is {plan.base_flops}" if key == "base_flops"
+                              else "the run's is [1, 8, 8]")
+    path.write_text(json.dumps({**data, key.split(".")[0]: value}))
+    with pytest.raises(ValueError, match=re.escape(
+            f"{path}: '{key}' is {shown} but {what} (the plan was made for another run, or edited); delete "
+            f"{path.parent} and rerun `tdcdiff plan`")):
+        Run(run.dir, progress=False).prune()
+    assert not (run.dir / "prune").exists()
+
+
+@pytest.mark.parametrize("images, message", [
+    (lambda d: torch.where(torch.arange(d.numel()).view_as(d) == 0, -0.5, (d + 1) * 127.5),  # row 188: one < 0
+     r"^training images must be in \[-1, 1\], got values -0.5..255; scale to \[-1, 1\]: x / 127.5 - 1 for pixels "
+     r"0..255, or pass data_range=None for a VAE's latents \(no fixed range\)$"),
+    (lambda d: d * 3, r"^training images must be in \[-1, 1\], got values -3..3; .* or pass data_range=None"),
+])
+def test_train_refuses_images_outside_their_range_unless_told_latents(tmp_path, scheduler, tiny_unet, digits, images,
+                                                                      message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny_unet, images(digits.images[:16]), scheduler, TrainConfig(steps=2, **FAST), tmp_path / "t",
+              progress=False)
+    assert not (tmp_path / "t").exists()
+
+
+def test_train_warns_about_images_in_zero_to_one(tmp_path, scheduler, digits):
+    """Row 187: images in [0, 1] (torchvision's ToTensor) trained without a word."""
+    with pytest.warns(UserWarning, match=r"training images are all >= 0 \(values 0..1\): they look like \[0, 1\] "
+                                         r"\(torchvision's ToTensor\), not \[-1, 1\]; scale with x \* 2 - 1"):
+        result = train(build_unet(), (digits.images[:16] + 1) / 2, scheduler, TrainConfig(steps=2, **FAST),
+                       tmp_path / "t", progress=False)
     assert result.steps == 2

@@ -281,7 +281,9 @@ def test_unconditional_given_model_with_label_dropout(tmp_path):
     ({"guidance_scale": 1e30, "null_class": 10}, r"sampling produced NaN/inf pixels \(guidance_scale 1e\+30\); lower "
                                                  "the guidance scale"),
     ({"device": "meta"}, r"device 'meta' holds no data: sample on the model's device \(cpu\), or leave device out"),
-    ({"device": "cuda:1"}, r"device 'cuda:1' is not the model's device \(cpu\): move the model there first"),
+    # with 2+ GPUs: another device than the model's; else not visible (attack c row 170: never "move the model")
+    ({"device": "cuda:1"}, r"device 'cuda:1' is (not the model's device \(cpu\): move the model there first|not "
+                           r"visible here: torch sees [01] CUDA device)"),
     ({"device": "gpu0"}, r"device 'gpu0' is not a torch device \(.*\); give e.g. 'cpu' or 'cuda:0'"),
 ])
 def test_sample_arguments_it_cannot_use(tmp_path, scheduler, changes, message):

@@ -18,7 +18,8 @@ import numpy as np
 
 from .files import atomic_write_text
 from .grouping import Grouping
-from .settings import as_integer, as_real, is_real
+from .models import check_sample_shape
+from .settings import as_integer, as_real, is_real, plain_number
 
 ORDERINGS = ("measured", "snr-high-hard", "snr-low-hard")
 RAISE_BUDGET = "raise --mean-budget or --k"  # the fix for a budget the formula makes too small
@@ -59,7 +60,8 @@ def scale_to_mean(fractions: list[float], weights: list[float], mean_budget: flo
 
 
 def check_mean_budget(mean_budget: float | None) -> None:
-    """Raise ValueError unless mean_budget is None or in (0, 1]."""
+    """Raise ValueError unless mean_budget is None or in (0, 1] (a numpy scalar or 0-d tensor too)."""
+    mean_budget = plain_number(mean_budget)
     if mean_budget is not None and not (is_real(mean_budget) and 0 < mean_budget <= 1):
         raise ValueError(f"mean_budget (--mean-budget) must be in (0, 1], the timestep-weighted mean fraction of the "
                          f"base that sampling costs, got {mean_budget}; e.g. 0.6, or leave it unset for the paper's "
@@ -194,16 +196,17 @@ def make_plan(
     their role, the ratios between uncapped groups, and the total is what is asked.
     budget_unit: what the fractions are of, "flops" or "time" (recorded; see BudgetPlan).
     smallest: the smallest FLOPs fraction pruning can reach (see check_reachable), or None when not known.
-    Numbers are Python or numpy ones (stored as Python floats, so the plan saves as JSON).
+    Numbers are Python or numpy ones, or 0-d tensors (stored as Python numbers, so the plan saves as JSON);
+    sample_shape is checked as models.check_sample_shape does.
     Raises ValueError for k outside (0, 1] or not a number, base_flops that is not an integer >= 1, mean_budget
     outside (0, 1], a bad ordering, a sensitivity that is not one finite number per group, or a group budget no
     pruning can meet (check_reachable).
     """
     k = as_real("k", k, note="the easiest group's budget fraction")
-    base_flops = _base_flops(base_flops)
+    base_flops, sample_shape = _base_flops(base_flops), check_sample_shape(sample_shape)
     fractions_by_rank = budget_fractions(len(grouping), k)
     check_mean_budget(mean_budget)
-    mean_budget = None if mean_budget is None else float(mean_budget)
+    mean_budget = None if mean_budget is None else float(plain_number(mean_budget))
     if sensitivity is not None:
         sensitivity = [as_real(f"sensitivity[{g}]", v, note=f"group {g}'s relative loss increase under trial pruning")
                        for g, v in enumerate(sensitivity)]
@@ -237,7 +240,8 @@ def plan_from_fractions(
     """
     if len(fractions) != len(grouping):
         raise ValueError(f"{len(fractions)} budget fractions for {len(grouping)} groups; give one per group")
-    base_flops = _base_flops(base_flops)
+    base_flops, sample_shape = _base_flops(base_flops), check_sample_shape(sample_shape)
+    fractions = [as_real(f"fractions[{g}]", f, note=f"group {g}'s budget fraction") for g, f in enumerate(fractions)]
     check_reachable(fractions, base_flops, budget_unit, smallest, fix="raise the smallest plan_fractions")
     return BudgetPlan(grouping, None, None, base_flops, tuple(sample_shape),
                 difficulty_ranks("measured", len(grouping), list(fractions)), list(fractions), None,

@@ -49,7 +49,7 @@ from .manifest import (
     sampling_setting,
     training_records,
 )
-from .models import Denoiser, num_class_embeds, text_width, torch_device, with_null_text
+from .models import Denoiser, check_sample_shape, num_class_embeds, text_width, torch_device, with_null_text
 from .pipeline import TDCPipeline
 from .router import Router
 from .samplers import SamplingSetting
@@ -62,6 +62,7 @@ from .serialization import (
     read_architecture,
     save_model,
 )
+from .settings import plain_values
 from .text import MAX_TOKENIZER_BYTES, TOKENIZER_FILES, TextEncoder, save_tokenizer, tokenizer_from_files
 
 _VAE_NAMES = tuple(f"diffusers.{name}" for name in VAE_CLASSES)
@@ -89,11 +90,10 @@ def save_bundle(
 ) -> Path:
     """Write a bundle atomically (files.atomic_dir: nothing left on failure; a symlink to a folder: written there).
 
-    experts: the group models, in group order. grouping: their timestep groups.
-    scheduler: the training noise schedule, a diffusers DDPMScheduler (its full config is stored, so the same
-    scheduler is rebuilt on load). sample_shape: (C, H, W) of the data the experts were trained on.
-    expert_flops: measured FLOPs per expert forward (batch 1); base_flops: the unpruned model's.
-    budgets: the planned FLOPs budget per group. provenance: data, steps, seeds... (free-form JSON).
+    experts: the group models, in group order. grouping: their timestep groups. scheduler: the training schedule, a
+    diffusers DDPMScheduler (its full config is stored: rebuilt on load). sample_shape: (C, H, W) of the data.
+    expert_flops: measured FLOPs per expert forward (batch 1); base_flops: the unpruned model's; budgets: the planned
+    FLOPs budget per group (numpy numbers, arrays, 0-d tensors taken). provenance: data, steps... (free-form JSON).
     expert_training: per expert, a JSON record of how it was trained (e.g. its train.json summary). The
     record stored also names the schedule it was trained with (manifest.SCHEDULE_KEYS, from the scheduler),
     its group's timesteps [start, end), sample_shape and its weights' sha256; values the caller's record gives
@@ -109,8 +109,8 @@ def save_bundle(
     Raises ValueError (BundleError) when the pieces do not fit together (counts, shapes, class ids, schedule,
     training records), before or instead of writing anything.
     """
-    path = Path(path)
-    config = _scheduler_config(scheduler)
+    path, config, sample_shape = Path(path), _scheduler_config(scheduler), check_sample_shape(sample_shape)
+    expert_flops, base_flops, budgets = plain_values((expert_flops, base_flops, budgets))  # as Python numbers
     _check_class_ids(experts, "", "give experts with one class embedding (the same num_class_embeds)")
     _check_text(experts, text_encoder.width if text_encoder is not None else None, "")
     with atomic_dir(path, is_bundle, A_BUNDLE) as tmp:
@@ -326,14 +326,14 @@ class Bundle:
         return (self.manifest.get("conditioning") or {}).get("null_class")
 
 
-def load_bundle(path: str | Path, *, device: str | torch.device = "cpu") -> Bundle:
+def load_bundle(path: str | Path, *, device: str | torch.device | None = "cpu") -> Bundle:
     """Load a bundle: returns Bundle(router, scheduler, manifest); `.pipeline()` gives a sampling pipeline.
 
-    The experts keep the dtype they were saved in. Raises BundleError (a ValueError), one line naming the
-    file, key or class and the fix, for a missing, corrupted, inconsistent or tampered bundle; ValueError for a
-    device that is not usable here (models.torch_device: unknown, 'meta', or CUDA not visible), before any read.
+    The experts keep the dtype they were saved in, on `device` (None: 'cpu'). Raises BundleError (a ValueError),
+    one line naming the file, key or class and the fix, for a missing, corrupted, inconsistent or tampered bundle;
+    ValueError for a device that is not usable here (models.torch_device: unknown, 'meta', CUDA not visible).
     """
-    path, device = Path(path), torch_device(device)
+    path, device = Path(path), torch_device("cpu" if device is None else device)  # None: the default, as sample's
     where = path / MANIFEST
     manifest = _read_manifest(path)
     grouping = check_manifest(manifest, where)

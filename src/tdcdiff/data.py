@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from .capacity import check_memory, tensor_bytes
-from .settings import SEED
+from .settings import SEED, plain_number
 
 __all__ = ["DataError", "ImageDataset", "load_dataset", "KNOWN_DATASETS", "IMAGE_EXTENSIONS", "METADATA_FILE"]
 
@@ -93,7 +93,9 @@ def load_dataset(spec: str = "digits", *, size: int | None = None, channels: int
     channels: 1 (grayscale) or 3 (RGB); None keeps the source's channels.
     limit: keep at most this many images, a subset chosen by `seed` before decoding.
     seed: seed for the `limit` subset, so the same arguments give the same images.
+    Numbers may be numpy ones or 0-d tensors (settings.plain_number).
     """
+    size, channels, limit, seed = (plain_number(v) for v in (size, channels, limit, seed))  # numpy ints too
     for opt, value in (("size", size), ("limit", limit)):  # bools are ints to Python, never a size here
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise DataError(f"{opt}={value!r} is invalid: {opt} must be an integer >= 1 (or None)")

@@ -354,12 +354,12 @@ def check_sample_size(model: nn.Module, sample_shape: tuple[int, int, int]) -> N
 
 
 def check_sample_shape(sample_shape) -> tuple[int, int, int]:
-    """sample_shape as (channels, height, width) of Python ints; ValueError unless 3 positive integers (numpy's and
-    a torch.Size are taken)."""
-    if not (isinstance(sample_shape, (tuple, list)) and len(sample_shape) == 3
-            and all(is_integer(n) and n >= 1 for n in sample_shape)):
+    """sample_shape as (channels, height, width) of Python ints; ValueError unless 3 positive integers (numpy's,
+    0-d tensors, a torch.Size, a 1-d numpy array or tensor are taken: settings.plain_number's rule)."""
+    listed = sample_shape.tolist() if callable(getattr(sample_shape, "tolist", None)) else sample_shape
+    if not (isinstance(listed, (tuple, list)) and len(listed) == 3 and all(is_integer(n) and n >= 1 for n in listed)):
         raise ValueError(f"sample_shape must be (channels, height, width), 3 positive integers, got {sample_shape!r}")
-    return tuple(int(n) for n in sample_shape)
+    return tuple(int(n) for n in listed)
 
 
 def network(model: nn.Module) -> nn.Module:

@@ -37,7 +37,7 @@ from .samplers import (
 )
 from .samplers import SAMPLERS as SAMPLERS  # re-exported: callers import the sampler names from here too
 from .schedule import check_sampling_schedule
-from .settings import check_seed, is_integer, is_real
+from .settings import check_seed, is_integer, is_real, plain_number
 
 
 @dataclass
@@ -118,8 +118,8 @@ def _sampling_device(model: nn.Module, device) -> torch.device:
     if own.type == "meta":
         raise ValueError("the model is on the meta device, which holds no weights: load them first (e.g. "
                          "model.to_empty(device='cpu') and load_state_dict) and sample on 'cpu' or 'cuda'")
-    chosen = own if device is None else torch_device(
-        device, fix=f"sample on the model's device ({own}), or leave device out", visible=False)  # own is visible
+    chosen = own if device is None else torch_device(  # a CUDA device not visible here: no advice to move the model
+        device, fix=f"sample on the model's device ({own}), or leave device out")
     has_weights = next(model.parameters(), None) is not None
     other_index = None not in (chosen.index, own.index) and chosen.index != own.index
     if has_weights and (chosen.type != own.type or other_index):
@@ -223,6 +223,8 @@ def sample(
     device: the model's (the default; ValueError for another). decode: for latent diffusion, maps the final latents
         (sample_shape) to images in [-1, 1] (latent.Decoder); the images are then decoded, and not clamped.
     """
+    steps, num_images, batch_size, seed, guidance_scale, cache_interval, cache_depth = (plain_number(v) for v in (
+        steps, num_images, batch_size, seed, guidance_scale, cache_interval, cache_depth))  # numpy / 0-d tensors
     visited, depth = _check_settings(train_scheduler, sample_shape, sampler, steps, num_images, batch_size, seed,
                                      guidance_scale, cache_interval, cache_depth, (compile, precision))
     runner = model if isinstance(model, SamplingModel) else None

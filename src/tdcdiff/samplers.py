@@ -413,11 +413,11 @@ def check_cache_settings(cache_interval, cache_depth) -> int | None:
 
 
 def _whole(text: str, what: str) -> int:
-    """The integer >= 1 written in decimal digits as `text` (no sign or underscore, which int() takes).
-    Raises ValueError "{what} must be an integer >= 1, got '...'"."""
+    """The integer >= 1 written in ASCII digits as `text` (int() also takes a sign, '_', other scripts); ValueError."""
     text = text.strip()
     if not (text.isascii() and text.isdigit() and int(text) >= 1):
-        raise ValueError(f"{what} must be an integer >= 1, got {repr(text) if text else 'nothing'}")
+        rule = " (ASCII digits 0-9 only: no sign, no other digits)" * any(c in "+-" or not c.isascii() for c in text)
+        raise ValueError(f"{what} must be an integer >= 1, got {repr(text) if text else 'nothing'}{rule}")
     return int(text)
 
 

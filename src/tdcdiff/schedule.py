@@ -40,8 +40,8 @@ def make_scheduler(
     version: SCHEDULE_VERSIONS; None for the current one (SCHEDULE_VERSION). From version 2 the linear and
         scaled_linear betas, 1e-4..0.02 at T=1000, are scaled by 1000/T (improved-diffusion,
         gaussian_diffusion.get_named_beta_schedule); the same at T=1000 in every version.
-    Raises ValueError for an unknown setting, a T that is not an integer (numpy's are taken) or < 2, or (version 2)
-    a T so small that a scaled beta reaches 1.
+    Raises ValueError for an unknown setting, a T that is not an integer (numpy's are taken), < 2 or >
+    MAX_TIMESTEPS, or (version 2) a T so small that a scaled beta reaches 1.
     """
     version = SCHEDULE_VERSION if version is None else version
     num_train_timesteps = as_integer("num_train_timesteps", num_train_timesteps, note="T")
@@ -54,6 +54,9 @@ def make_scheduler(
                          f"{SCHEDULE_VERSION})")
     if num_train_timesteps < 2:
         raise ValueError(f"num_train_timesteps must be at least 2, got {num_train_timesteps}")
+    if num_train_timesteps > MAX_TIMESTEPS:  # the schedule allocates per timestep: refuse before torch does
+        raise ValueError(f"num_train_timesteps must be at most {MAX_TIMESTEPS} (T; typical: 1000), "
+                         f"got {num_train_timesteps}")
     scale = 1000 / num_train_timesteps if version >= 2 and beta_schedule != "squaredcos_cap_v2" else 1.0
     if scale * BETA_END >= 1:
         raise ValueError(

@@ -122,6 +122,18 @@ def require(checks: Iterable[tuple[bool, str]]) -> None:
             raise ValueError(message)
 
 
+def plain_number(value):
+    """A numpy scalar, or a 0-d numpy array or torch tensor of a number, as its Python int or float; anything else
+    unchanged. The public API's rule for numbers: wherever a Python number is taken, these are too (as torch and
+    diffusers take them), and they are stored as Python numbers (so that settings and records save as JSON)."""
+    if isinstance(value, (bool, int, float)) or not callable(getattr(value, "item", None)):
+        return value
+    if getattr(value, "ndim", None) != 0 and not isinstance(value, numbers.Number):
+        return value  # a list-like of several numbers, or something else with an item()
+    plain = value.item()
+    return plain if isinstance(plain, (int, float)) and not isinstance(plain, bool) else value
+
+
 def is_integer(value) -> bool:
     """Whether value is an integer (a Python or numpy int: what operator.index takes; never a bool or a float)."""
     if isinstance(value, bool):
@@ -141,9 +153,10 @@ def is_real(value) -> bool:
 
 def as_integer(name: str, value, minimum: int | None = None, *, note: str = "") -> int:
     """value as a Python int, for an argument `name` of the public API (note: what it is, shown in the message).
-    Takes what is_integer takes (Python and numpy ints); raises ValueError for anything else (a bool, a float, 2.0)
-    or a value below `minimum`."""
+    Takes what is_integer takes (Python and numpy ints) and 0-d integer tensors (plain_number); raises ValueError
+    for anything else (a bool, a float, 2.0) or a value below `minimum`."""
     about = f" ({note})" if note else ""
+    value = plain_number(value)
     if not is_integer(value):
         raise ValueError(f"{name}{about} must be an integer, got {value!r}")
     value = operator.index(value)
@@ -154,7 +167,8 @@ def as_integer(name: str, value, minimum: int | None = None, *, note: str = "") 
 
 def as_real(name: str, value, *, note: str = "") -> float:
     """value as a finite Python float, for an argument `name` of the public API (note: what it is). Takes what
-    is_real takes; raises ValueError for anything else (a bool, a tensor, text) or NaN/inf."""
+    is_real takes, and 0-d tensors (plain_number); raises ValueError for anything else (a bool, text) or NaN/inf."""
+    value = plain_number(value)
     if not is_real(value) or not math.isfinite(value):
         about = f" ({note})" if note else ""
         raise ValueError(f"{name}{about} must be a finite number (a Python or numpy int or float), got {value!r}")
@@ -175,11 +189,16 @@ def check_seed(name: str, seed: int) -> None:
 
 # -- settings classes ------------------------------------------------------------------------------------------
 class Settings:
-    """Base of the settings dataclasses: typed reading (from_dict), validation (validate), dotted overrides."""
+    """Base of the settings dataclasses: typed reading (from_dict), validation (validate), dotted overrides.
+    Numbers given in code as numpy scalars or 0-d tensors are stored as Python numbers (plain_number)."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, plain_values(getattr(self, f.name)))
 
     def to_dict(self) -> dict:
         """The settings as plain values (a numpy scalar given in code becomes its Python int or float)."""
-        return asdict(self, dict_factory=lambda pairs: {k: _plain(v) for k, v in pairs})
+        return asdict(self, dict_factory=lambda pairs: {k: plain_values(v) for k, v in pairs})
 
     @classmethod
     def from_dict(cls, data: dict):
@@ -237,10 +256,14 @@ class Settings:
                 value._check_rules(f"{prefix}{f.name}.")
 
 
-def _plain(value):
+def plain_values(value):
+    """value with plain_number applied to it and, in a list or tuple, to each item (nested); a 1-d or deeper numpy
+    array or tensor becomes a list of Python numbers."""
+    if getattr(value, "ndim", 0) and callable(getattr(value, "tolist", None)):
+        return value.tolist()
     if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    return value.item() if is_real(value) and not isinstance(value, (int, float)) else value
+        return type(value)(plain_values(v) for v in value)
+    return plain_number(value)
 
 
 _DESCRIBE = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}

@@ -57,6 +57,11 @@ class RunInputs:
         return self._data
 
     @property
+    def data_range(self) -> tuple[float, float] | None:
+        """What train() checks the training data against (its data_range): [-1, 1] images, or None for latents."""
+        return (-1.0, 1.0) if self.vae is None else None
+
+    @property
     def vae(self):
         """Latent diffusion's VAE (saved as base/vae when the base pipeline has one), or None."""
         if self._vae is None:

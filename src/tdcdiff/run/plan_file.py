@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..budget import ORDERINGS, BudgetPlan
 from ..files import parse_json, read_untrusted
+from ..flops import count_flops
 from ..grouping import Grouping
 from ..settings import is_integer
 from .config import BUDGET_UNITS
@@ -79,3 +80,24 @@ def load_plan(path: Path) -> BudgetPlan:
     except ValueError as err:
         raise ValueError(f"{path} is damaged ({err}); {fix}") from None
     return BudgetPlan.from_dict(data)
+
+
+def check_plan_fits(plan: BudgetPlan, path: Path, run) -> None:
+    """Refuse a plan whose values pass their own checks (load_plan) but contradict the run `run` (a Stages), made
+    for another run or edited: its grouping's T against the run's num_train_timesteps, its sample_shape against the
+    run's, its base_flops against the base model's counted FLOPs (flops.count_flops of base/final at the run's
+    sample shape; not checked before stage 1). Raises ValueError naming plan.json, the field and the fix."""
+    checks = [("grouping.num_train_timesteps", plan.grouping.num_train_timesteps,
+               lambda: run.scheduler.config.num_train_timesteps),
+              ("sample_shape", list(plan.sample_shape), lambda: list(run.sample_shape)),
+              ("base_flops", plan.base_flops, lambda: count_flops(run.base_model(), run.sample_shape))]
+    for key, given, actual in checks:
+        try:
+            value = actual()
+        except FileNotFoundError:  # no base model yet: a plan given before stage 1 is checked once there is one
+            continue
+        if given != value:
+            what = "the base model's counted FLOPs" if key == "base_flops" else "the run's"
+            raise ValueError(f"{path}: '{key}' is {given} but {what} is {value} (the plan was made for another run, "
+                             f"or edited); delete {path.parent} and rerun `tdcdiff plan` (then redo the stages after "
+                             "it, which were made for the old plan)")

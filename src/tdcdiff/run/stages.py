@@ -54,7 +54,7 @@ from ..text import save_tokenizer
 from ..train import FINAL_DIR, TrainResult, train
 from .config import SCHEDULER_FILE, RunConfig, check_saved_device, check_unchanged, saved_config, with_pipeline_schedule
 from .inputs import TEXT_ENCODER_DIR, TOKENIZER_DIR, VAE_DIR, RunInputs
-from .plan_file import load_plan
+from .plan_file import check_plan_fits, load_plan
 from .rundir import lock_run_dir, record_inputs, up_to_date, writes
 
 
@@ -132,7 +132,8 @@ class Stages(RunInputs):
         self._save_config()  # after the checks above: a refused run leaves nothing behind
         config = replace(c.base, seed=c.seed * 100)  # stage 2 of group i uses c.seed * 100 + i + 1
         return train(model, train_images, self.scheduler, config, self.dir / "base", labels=self.labels(model)[0],
-                     progress=self.progress, description="stage 1: base", device=c.torch_device)
+                     progress=self.progress, description="stage 1: base", device=c.torch_device,
+                     data_range=self.data_range)
 
     def _import_base(self):
         """Stage 1 from a trained model: check it fits the data, save it as base/final (or continue training
@@ -173,7 +174,8 @@ class Stages(RunInputs):
             config = replace(c.base, steps=c.base_model_steps, seed=c.seed * 100)
             return train(model, train_images, scheduler, config, out, labels=train_labels,
                          null_text=self.empty_prompt(model), progress=self.progress,
-                         description="stage 1: continue the given model", device=c.torch_device)
+                         description="stage 1: continue the given model", device=c.torch_device,
+                         data_range=self.data_range)
         save_model(model, out / FINAL_DIR, extra={"source": loaded.source})
         return TrainResult(out, 0, float("nan"), 0, 0)
 
@@ -227,6 +229,7 @@ class Stages(RunInputs):
         c = self.config
         if path.exists():
             plan = load_plan(path)  # written before the unit was recorded: the run's (a plan setting since)
+            check_plan_fits(plan, path, self)
             return plan if plan.budget_unit is not None else replace(plan, budget_unit=c.budget_unit)
         self._save_config()
         base = self.base_model()
@@ -393,7 +396,7 @@ class Stages(RunInputs):
                     model, train_images, self.scheduler, config, self.dir / "finetune" / f"group_{i}",
                     labels=self.labels(model)[0], null_text=self.empty_prompt(model),
                     timesteps=plan.grouping.timesteps(i), teacher=teacher, progress=self.progress,
-                    description=f"stage 2: group {i}", device=c.torch_device,
+                    description=f"stage 2: group {i}", device=c.torch_device, data_range=self.data_range,
                 )
             )
         return results

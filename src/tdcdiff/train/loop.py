@@ -58,10 +58,11 @@ def _checked_timesteps(timesteps: torch.Tensor | None, num_train: int) -> torch.
 _RANGE_SLACK = 1e-3  # what resizing and float rounding may leave past [-1, 1]
 
 
-def _check_images(images: torch.Tensor) -> None:
+def _check_images(images: torch.Tensor, data_range: tuple[float, float] | None) -> None:
     """Raise ValueError for training images train() cannot use as given: not a non-empty NCHW float tensor
-    (uint8 pixels would be learned as 0..255), NaN/inf, or pixel values 0..255 in a float tensor. Data in [-1, 1]
-    passes, and so do a VAE's zero-centred latents (latent diffusion trains on those, in no fixed range)."""
+    (uint8 pixels would be learned as 0..255), NaN/inf, or values outside data_range (with a slack for resizing;
+    None: a VAE's zero-centred latents, in no fixed range). Warn (UserWarning) when images that should reach down
+    to -1 are all >= 0: [0, 1] images (torchvision's ToTensor) train, but on the wrong range."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) == 0:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"training images must be a non-empty NCHW tensor, got {shape}")
@@ -72,9 +73,17 @@ def _check_images(images: torch.Tensor) -> None:
     if not finite.all():
         raise ValueError(f"{int((~finite).sum())} of the {len(images)} training images hold NaN/inf; fix or drop them")
     low, high = float(images.min()), float(images.max())
-    if low >= -_RANGE_SLACK and high > 1 + _RANGE_SLACK:  # all non-negative, past 1: pixels not yet scaled
-        raise ValueError(f"training images must be in [-1, 1], got values {low:.4g}..{high:.4g}; scale to [-1, 1]: "
-                         "x / 127.5 - 1 (pixels 0..255)")
+    if data_range is None:
+        return
+    lo, hi = data_range
+    if low < lo - _RANGE_SLACK or high > hi + _RANGE_SLACK:
+        fix = "x / 127.5 - 1 (pixels 0..255)" if low >= -_RANGE_SLACK else "x / 127.5 - 1 for pixels 0..255"
+        raise ValueError(f"training images must be in [{lo:g}, {hi:g}], got values {low:.4g}..{high:.4g}; scale to "
+                         f"[{lo:g}, {hi:g}]: {fix}, or pass data_range=None for a VAE's latents (no fixed range)")
+    if lo < 0 <= low:
+        warnings.warn(f"training images are all >= 0 (values {low:.4g}..{high:.4g}): they look like [0, 1] "
+                      f"(torchvision's ToTensor), not [{lo:g}, {hi:g}]; scale with x * 2 - 1", UserWarning,
+                      stacklevel=4)
 
 
 def _check_weights(model: nn.Module) -> None:
@@ -98,14 +107,15 @@ class Trainer:
     def __init__(self, model: nn.Module, images: torch.Tensor, scheduler, config: TrainConfig, out_dir: str | Path, *,
                  labels: torch.Tensor | None = None, null_text: torch.Tensor | None = None,
                  timesteps: torch.Tensor | None = None, teacher: nn.Module | None = None, resume: bool = True,
-                 progress: bool = True, description: str = "train", device: str | None = None):
+                 progress: bool = True, description: str = "train", device: str | None = None,
+                 data_range: tuple[float, float] | None = (-1.0, 1.0)):
         config.validate()
         self.device = None if device is None else torch_device(device)
         self.config, self.scheduler, self.out_dir = config, scheduler, Path(out_dir)
         self.resume_allowed, self.progress, self.description = resume, progress, description
         self.num_train = scheduler.config.num_train_timesteps
         self.timesteps = _checked_timesteps(timesteps, self.num_train)
-        _check_images(images)
+        _check_images(images, data_range)
         _check_weights(model)
         if teacher is None and config.uses_teacher:
             raise ValueError("distill_weight and feature_distill_weight > 0 need a teacher model (stage 2: the base)")
@@ -352,11 +362,13 @@ def train(
     progress: bool = True,
     description: str = "train",
     device: str | None = None,
+    data_range: tuple[float, float] | None = (-1.0, 1.0),
 ) -> TrainResult:
     """Train a denoiser with the standard diffusion loss and return what it cost.
 
     model: the denoiser (diffusers UNet2DModel, a pruned copy, or any `model(x, t)`); trained in place.
-    images: training images, float NCHW in [-1, 1] (or a VAE's zero-centred latents); the model's weights float32
+    images: training images, float NCHW in data_range, [-1, 1] by default (data_range=None: a VAE's zero-centred
+        latents, in no fixed range); all >= 0 warns ([0, 1] images: x * 2 - 1). The model's weights float32
         (mixed_precision runs them in half precision).
     labels: the images' conditions (see `conditioning`): (N,) class ids for a class-conditional model (the null
         class used for label dropout is returned in TrainResult.extra["null_class"] and train.json), or (N, L, width)
@@ -380,4 +392,5 @@ def train(
     or inf.
     """
     return Trainer(model, images, scheduler, config, out_dir, labels=labels, null_text=null_text, timesteps=timesteps,
-                   teacher=teacher, resume=resume, progress=progress, description=description, device=device).run()
+                   teacher=teacher, resume=resume, progress=progress, description=description, device=device,
+                   data_range=data_range).run()

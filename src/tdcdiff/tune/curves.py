@@ -268,7 +268,7 @@ def _trained(tune, run, base, shares: _Shares, out: Path, start: dict, grouping:
             tune.say(f"curves: N={groups} {grouping}: group {g} at {size:g} of the base, {config.steps} steps")
             trained = train(model, train_images, run.scheduler, config, _expert_dir(out, size, g), labels=train_labels,
                             timesteps=plan.grouping.timesteps(g), progress=tune.progress,
-                            description=f"curve group {g} size {size:g}")
+                            description=f"curve group {g} size {size:g}", data_range=run.data_range)
             flops += trained.train_flops
             expert = load_model(_expert_dir(out, size, g) / FINAL_DIR)
             points[g].append({"fraction": size, "flops_ratio": count_flops(expert, run.sample_shape) / plan.base_flops,

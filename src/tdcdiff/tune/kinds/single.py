@@ -43,7 +43,7 @@ def train_one_model(tune, spec: dict, out: Path, model, search: dict | None = No
     tune.say(f"[{i}] {spec['name']}: stage 2, {steps} steps on all timesteps ({flops / base_flops:.0%} FLOPs)")
     start = clock()
     trained = train(model, run.split()[0], run.scheduler, config, out / "train", labels=run.labels(model)[0],
-                    progress=tune.progress, description=f"tune {spec['name']}")
+                    progress=tune.progress, description=f"tune {spec['name']}", data_range=run.data_range)
     stage2 = since(start, trained.train_flops)
     expert = load_model(out / "train" / FINAL_DIR)
     grouping = make_groups("uniform", 1, run.scheduler)
