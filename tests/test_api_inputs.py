@@ -366,6 +366,17 @@ def test_train_refuses_images_outside_their_range_unless_told_latents(tmp_path, 
     assert not (tmp_path / "t").exists()
 
 
+@pytest.mark.parametrize("data_range", [(1, -1), (0, 0), (float("nan"), float("nan")), (float("nan"), 1.0),
+                                        (-1, 0, 1), "ab", 5, (None, None), [], (True, 2)])
+def test_train_refuses_a_data_range_it_cannot_check_against(tmp_path, scheduler, tiny_unet, digits, data_range):
+    # attack 2026-12-07d rows 220-231: NaN trained unchecked, others gave Python's unpacking errors or blamed images
+    with pytest.raises(ValueError, match=r"^data_range must be \(low, high\), two finite numbers with low < high "
+                                         r"\(e.g. \(-1, 1\)\), or None for a VAE's latents, got "):
+        train(tiny_unet, digits.images[:16], scheduler, TrainConfig(steps=2, **FAST), tmp_path / "t", progress=False,
+              data_range=data_range)
+    assert not (tmp_path / "t").exists()
+
+
 def test_train_warns_about_images_in_zero_to_one(tmp_path, scheduler, digits):
     """Row 187: images in [0, 1] (torchvision's ToTensor) trained without a word."""
     with pytest.warns(UserWarning, match=r"training images are all >= 0 \(values 0..1\): they look like \[0, 1\] "

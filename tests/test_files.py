@@ -87,7 +87,7 @@ def held_copy(finished_run, tmp_path):
                               stdout=subprocess.PIPE, text=True, env=_env())
     try:
         assert holder.stdout.readline() == "locked\n"
-        checkpoint = copy / "finetune" / "group_0" / ".checkpoint.tmp-k9zz_q1w"  # the holder's, mid-write
+        checkpoint = copy / "finetune" / "group_0" / ".checkpoint.tdcdiff-tmp-k9zz_q1w"  # the holder's, mid-write
         checkpoint.mkdir()
         (checkpoint / "model.safetensors").write_bytes(b"half")
         yield copy, holder.pid, checkpoint
@@ -151,19 +151,22 @@ def test_stale_temporaries_are_removed_when_a_stage_starts(finished_run, tmp_pat
     shutil.copytree(run.dir, copy)
     outputs = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     dead = _ended_pid()
-    folders = [copy / f".bundle.tmp-abc123_x-{dead}",  # atomic_dir killed while writing the bundle
-               copy / f".base.old-{'0a' * 16}-{dead}"]  # _replace killed after moving the old copy aside
+    folders = [copy / f".bundle.tdcdiff-tmp-abc123_x-{dead}",  # atomic_dir killed while writing the bundle
+               copy / f".base.tdcdiff-old-{'0a' * 16}-{dead}"]  # _replace killed after moving the old copy aside
     for folder in folders:
         (folder / "expert_0").mkdir(parents=True)
         (folder / "expert_0" / "model.safetensors").write_bytes(b"half")
-    files = [copy / f".config.json.x1y2z3ab-{dead}.tmp"]
+    files = [copy / f".config.json.tdcdiff-x1y2z3ab-{dead}.tmp"]
     for file in files:
         file.write_bytes(b"half")
     # Not a dead writer's temporary of this folder: a live writer's, names without a pid, anything in a subfolder
     # (removed at the next write of its target instead: attack 2026-12-07c rows 144, 145).
     keep = [copy / ".hidden.tmp.notes", copy / "notes.tmp", copy / "samples" / "my.old-copy", copy / ".tmp-x",
-            copy / ".cache.tmp-abc", copy / f".plan.tmp-abc-{os.getpid()}", copy / "src" / ".main.py.tmp",
-            copy / "finetune" / "group_0" / f".checkpoint.tmp-k9zz_q1w-{dead}"]
+            copy / ".cache.tmp-abc", copy / f".plan.tdcdiff-tmp-abcdefgh-{os.getpid()}", copy / "src" / ".main.py.tmp",
+            copy / "finetune" / "group_0" / f".checkpoint.tdcdiff-tmp-k9zz_q1w-{dead}",
+            # a user's names that only look like ours (attack 2026-12-07d rows 216, 270): no marker, or no such pid
+            copy / f".x.tmp-mydata-{dead}", copy / f".notes.draft-{dead}.tmp",
+            copy / f".bundle.tdcdiff-tmp-abc123_x-{10**12}"]
     for file in keep:
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_text("mine")
@@ -397,9 +400,10 @@ def test_the_next_write_removes_what_a_killed_writer_left_and_keeps_a_live_ones(
                           text=True).stdout.strip()  # a process that has ended
     train = tmp_path / "candidates" / "uniform_0" / "train"
     train.mkdir(parents=True)
-    left = [train / f".checkpoint.tmp-k2j_x9a-{dead}", train / f".log.json.q8w2e_1-{dead}.tmp",
-            train / f".checkpoint.old-{'a' * 32}-{dead}"]
-    live = [train / f".checkpoint.tmp-abc-{os.getpid()}", train / ".checkpoint.tmp-nopid"]  # a writer now, or unknown
+    left = [train / f".checkpoint.tdcdiff-tmp-k2j_x9ab-{dead}", train / f".log.json.tdcdiff-q8w2e_1a-{dead}.tmp",
+            train / f".checkpoint.tdcdiff-old-{'a' * 32}-{dead}"]
+    live = [train / f".checkpoint.tdcdiff-tmp-abcdefgh-{os.getpid()}", train / ".checkpoint.tdcdiff-tmp-nopid",
+            train / f".checkpoint.tmp-mydata-{dead}"]  # a writer now, or unknown
     for path in left[::2] + live:
         path.mkdir()
         (path / "model.safetensors").write_bytes(b"half")
@@ -608,14 +612,15 @@ def test_the_lock_sweep_keeps_user_files_live_writers_and_subfolders(tmp_path):
     proj = tmp_path / "proj"
     mine = [proj / "paper.tex", proj / "src" / ".main.py.tmp", proj / ".git" / ".index.lock.tmp",
             proj / ".cache.tmp-abc" / "blob", proj / ".notes.txt.tmp",
-            proj / "tune" / "candidates" / "00-single" / "train" / f".checkpoint.tmp-abcd1234-{os.getpid()}" / "m",
-            proj / "tune" / f".tune.json.abcd1234-{dead}.tmp",  # a nested tune's: its own lock sweeps it
-            proj / f".config.json.ab12cd34-{os.getpid()}.tmp"]  # a live writer's
+            proj / "tune" / "candidates" / "00-single" / "train"
+            / f".checkpoint.tdcdiff-tmp-abcd1234-{os.getpid()}" / "m",
+            proj / "tune" / f".tune.json.tdcdiff-abcd1234-{dead}.tmp",  # a nested tune's: its own lock sweeps it
+            proj / f".config.json.tdcdiff-ab12cd34-{os.getpid()}.tmp"]  # a live writer's
     for path in mine:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("mine")
-    stale = [proj / f".config.json.ab12cd34-{dead}.tmp", proj / f".base.tmp-abcd1234-{dead}",
-             proj / f".base.old-{'0f' * 16}-{dead}"]
+    stale = [proj / f".config.json.tdcdiff-ab12cd34-{dead}.tmp", proj / f".base.tdcdiff-tmp-abcd1234-{dead}",
+             proj / f".base.tdcdiff-old-{'0f' * 16}-{dead}"]
     stale[0].write_text("half")
     for folder in stale[1:]:
         (folder / "expert_0").mkdir(parents=True)

@@ -66,18 +66,29 @@ def name_write_errors(path: Path, *, atomic: bool = True) -> Iterator[None]:
         raise
 
 
-# The temporaries below, by name: ".NAME.<random>-<pid>.tmp" files, ".NAME.tmp-<random>-<pid>" folders and
-# ".NAME.old-<hex>-<pid>" entries moved aside (pid: the writer's process). A kill leaves them behind: the next write
-# of NAME removes those of a dead writer (_remove_dead_siblings), and remove_stale_temporaries those of a folder.
-# A name without a pid (older versions wrote none, and a user's ".cache.tmp-abc" looks the same) is never removed.
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:[a-z0-9_]+-(?P<pid>\d+)\.tmp|tmp-[a-z0-9_]+?-(?P<pid2>\d+)"
+# The temporaries below, by name: ".NAME.tdcdiff-<random>-<pid>.tmp" files, ".NAME.tdcdiff-tmp-<random>-<pid>"
+# folders and ".NAME.tdcdiff-old-<hex>-<pid>" entries moved aside (random: mkstemp's 8 characters; pid: the writer's
+# process). A kill leaves them behind: the next write of NAME removes those of a dead writer
+# (_remove_dead_siblings), and remove_stale_temporaries those of a folder. Only names of exactly this form are ever
+# removed (the "tdcdiff-" marker, the random part's length, a pid this machine can have): a user's
+# ".x.tmp-mydata-999999" or ".notes.draft-1234.tmp" is never taken for one.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.tdcdiff-(?:[a-z0-9_]{8}-(?P<pid>\d+)\.tmp|tmp-[a-z0-9_]{8}-(?P<pid2>\d+)"
                         r"|old-[0-9a-f]{32}-(?P<pid3>\d+))")
+_TEMP_FILE, _TEMP_DIR, _MOVED_ASIDE = "tdcdiff-", "tdcdiff-tmp-", "tdcdiff-old-"
+
+
+def _pid_max() -> int:
+    """The largest pid this machine hands out (Linux's /proc/sys/kernel/pid_max; 2**22, its ceiling, elsewhere)."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    return 1 << 22
 
 
 def _stale(name: str) -> re.Match | None:
     """The match of `name` when it is one of our temporaries whose writer no longer runs, else None."""
     match = _TEMPORARY.fullmatch(name)
-    return match if match and _dead(int(match["pid"] or match["pid2"] or match["pid3"])) else None
+    pid = int(match["pid"] or match["pid2"] or match["pid3"]) if match else 0
+    return match if match and 0 < pid <= _pid_max() and _dead(pid) else None
 
 
 def _remove(entry: os.DirEntry) -> None:
@@ -130,7 +141,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_siblings(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f"-{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_TEMP_FILE}", suffix=f"-{os.getpid()}.tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with name_write_errors(path), os.fdopen(fd, "wb") as f:
@@ -253,7 +264,7 @@ def atomic_dir(path: str | Path, ours: Callable[[Path], Iterable[str] | None] | 
     check_replaceable(path, ours, what)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_siblings(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=f"-{os.getpid()}"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{_TEMP_DIR}", suffix=f"-{os.getpid()}"))
     try:
         with name_write_errors(path):
             yield tmp
@@ -276,7 +287,7 @@ def _replace(new: Path, path: Path) -> None:
     """Rename `new` to `path`; an existing `path` is moved aside first (a directory cannot be renamed over)."""
     old = None
     if path.exists() or path.is_symlink():
-        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}-{os.getpid()}")
+        old = path.with_name(f".{path.name}.{_MOVED_ASIDE}{uuid.uuid4().hex}-{os.getpid()}")
         os.rename(path, old)
     try:
         os.rename(new, path)

@@ -22,6 +22,7 @@ from torch import nn
 from ..models import as_denoiser, check_denoiser, check_finite, torch_device
 from ..progress import progress_bar
 from ..schedule import training_target
+from ..settings import is_real
 from .batch import Batch, TrainingBatches, conditioning
 from .checkpoint import (
     CHECKPOINT_DIR,
@@ -63,6 +64,11 @@ def _check_images(images: torch.Tensor, data_range: tuple[float, float] | None) 
     (uint8 pixels would be learned as 0..255), NaN/inf, or values outside data_range (with a slack for resizing;
     None: a VAE's zero-centred latents, in no fixed range). Warn (UserWarning) when images that should reach down
     to -1 are all >= 0: [0, 1] images (torchvision's ToTensor) train, but on the wrong range."""
+    if data_range is not None and not (isinstance(data_range, (tuple, list)) and len(data_range) == 2
+                                       and all(is_real(v) and math.isfinite(v) for v in data_range)
+                                       and data_range[0] < data_range[1]):
+        raise ValueError(f"data_range must be (low, high), two finite numbers with low < high (e.g. (-1, 1)), or None "
+                         f"for a VAE's latents, got {data_range!r}")
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) == 0:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"training images must be a non-empty NCHW tensor, got {shape}")
