@@ -361,7 +361,7 @@ def build_model(description: dict, data: bytes, source: Path, weights_path: Path
     if str(description.get("class")).startswith("transformers."):  # never pruned: weights of the config's shapes
         state = _text_model_keys(state, model)
         built = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        odd = next((k for k, v in state.items() if k in built and built[k] != tuple(v.shape)), None)
+        odd = next((k for k in sorted(state) if k in built and built[k] != tuple(state[k].shape)), None)
         if odd is not None:
             raise ValueError(f"{weights_path} does not fit the architecture in {source}: {brief(odd)} is "
                              f"{tuple(state[odd].shape)}, its config makes it {built[odd]}")
