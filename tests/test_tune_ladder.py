@@ -25,6 +25,20 @@ def test_pick_settings_takes_the_two_fastest_within_the_screens_slack():
     assert pick_settings({ref: 1.0, slow: 0.5}, {ref: 5.0, slow: 10.0}, ref) == [slow]
 
 
+def test_fid_points_judge_the_base_at_every_setting_a_candidate_is_picked_at():
+    from tdcdiff.samplers import SamplingSetting
+    from tdcdiff.tune.ladder import fid_points
+
+    ref, d10, d6, c3 = (SamplingSetting.parse(t)
+                        for t in ("ddim:50", "dpm-solver++:10", "dpm-solver++:6", "ddim:50:c3"))
+    # the screen passed the base only at c3 and the candidates at dps10/dps6: the base goes to FID at all three
+    picks = {"base": [c3], "tdc": [d6, d10], "uniform": [d10]}
+    assert fid_points(picks, ref) == ["base @ ddim:50:c3", "base @ dpm-solver++:6", "base @ dpm-solver++:10",
+                                      "tdc", "tdc @ dpm-solver++:6", "tdc @ dpm-solver++:10",
+                                      "uniform", "uniform @ dpm-solver++:10"]
+    assert fid_points({"base": [], "single": []}, ref) == ["single"]
+
+
 def test_headline_splits_the_speed_into_the_free_setting_and_the_model():
     from tdcdiff.tune.ladder import headline
 
@@ -100,6 +114,9 @@ def test_the_ladder_crosses_the_base_and_the_best_candidate_with_every_setting(l
     assert rows["base @ ddim:1"]["screen_features"] > 0
     assert not any(n.endswith("@ ddim:1") for n in results["finalists"])
     assert all(rows[n]["fid_gap"] is not None for n in results["finalists"])
+    # the base is judged at every setting a candidate is, so the headline splits free and model on the same settings
+    assert {rows[n]["setting"] for n in results["finalists"]} <= {rows[n]["setting"] for n in results["finalists"]
+                                                                 if rows[n]["model"] == "base"} | {"ddim:4"}
     screen = results["sample_screen"]
     assert screen["target"] == "ddim:200" and screen["images"] == 16 and screen["pairs"] >= 2
     assert screen["spearman_vs_fid"] is None or -1 <= screen["spearman_vs_fid"] <= 1

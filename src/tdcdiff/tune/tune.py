@@ -19,7 +19,16 @@ from .cost import write_cost
 from .curves import curves_allocation, measure_curves
 from .judge import JUDGE_RULE, choose
 from .kinds import candidate_list, check_candidate, kind_of
-from .ladder import headline, pick_settings, point_name, resolve_ladder, spearman
+from .ladder import (
+    SCREEN_PICKS,
+    SCREEN_SLACK,
+    fid_points,
+    headline,
+    pick_settings,
+    point_name,
+    resolve_ladder,
+    spearman,
+)
 from .measures import (
     SCREENING_MEASURES,
     fid,
@@ -261,15 +270,13 @@ class Tune:
                                   name=Path(self.base_run.data.name).name)
         crossed_points = {n: p for n, p in self.points.items() if p[0] in crossed}
         distances = measure_screen(self, models, crossed_points, self.reference, net, model_ids(self))
-        finalists = []
+        picks = {}
         for m in crossed:
             mine = {s: distances[point_name(m, s, self.reference)]["distance"]
                     for s in (self.reference, *self.settings)}
             at = {s: times[point_name(m, s, self.reference)][self.config.batch] for s in mine}
-            # a candidate is judged at the reference too (the base is the reference)
-            finalists += [point_name(m, s, self.reference)
-                          for s in ([] if m == "base" else [self.reference]) + pick_settings(mine, at, self.reference)]
-        return distances, finalists
+            picks[m] = pick_settings(mine, at, self.reference)
+        return distances, fid_points(picks, self.reference)
 
     def _results(self, rows: list[dict], finalists: list[str], fid_cache: dict, choice: dict) -> dict:
         """results.json: the settings, how each measure was taken, the rows, the failed candidates, the
@@ -312,5 +319,6 @@ class Tune:
         both = [r for r in rows if r["screen_distance"] is not None and r["fid"]]
         rho = spearman([r["screen_distance"] for r in both], [statistics.fmean(r["fid"]) for r in both])
         return {**sample_screen_protocol(self, self.reference), "spearman_vs_fid": rho, "pairs": len(both),
-                "pick": "per crossed model: the fastest setting whose screen distance is at most the model's own at "
-                        "the reference setting, and the setting of the lowest distance"}
+                "pick": f"per crossed model: the {SCREEN_PICKS} fastest settings whose screen distance is at most "
+                        f"{SCREEN_SLACK}x the model's own at the reference setting; the base also at every setting "
+                        "a candidate is picked at, so the free setting and the model are split on the same settings"}
