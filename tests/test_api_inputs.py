@@ -181,7 +181,7 @@ def test_torch_device_and_load_bundle_refuse_unusable_devices(tmp_path):
         load_bundle(missing, device="CPU")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     with pytest.raises(ValueError, match=rf"^device 'cuda:{count}' is not visible here: torch sees {count} CUDA "
-                                         r"device\(s\) .*; use 'cpu', or a CUDA build of torch"):
+                                         r"device\(s\) .*; use 'cpu', or install a CUDA build of torch"):
         load_bundle(missing, device=f"cuda:{count}")
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .devices import check_cuda_visible
 from .settings import as_integer, is_integer
 
 
@@ -331,11 +332,8 @@ def torch_device(device, name: str = "device", *, fix: str = "give 'cpu' or 'cud
         raise ValueError(f"{name} {device!r} is not a torch device ({err}); give e.g. 'cpu' or 'cuda:0'") from None
     if chosen.type == "meta":
         raise ValueError(f"{name} 'meta' holds no data: {fix}")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if visible and chosen.type == "cuda" and (chosen.index or 0) >= count:
-        raise ValueError(f"{name} {str(chosen)!r} is not visible here: torch sees {count} CUDA device(s) "
-                         f"(torch.cuda.is_available() is {torch.cuda.is_available()}); use 'cpu', or a CUDA build of "
-                         "torch on a machine with a GPU")
+    if visible and chosen.type == "cuda":
+        check_cuda_visible(chosen.index or 0, f"{name} {str(chosen)!r}", "use 'cpu'")
     return chosen
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..base_model import pipeline_scheduler_class
 from ..budget import ORDERINGS, budget_fractions, check_mean_budget
 from ..capacity import FID_LIMIT, GRID_LIMIT, MAX_FID_IMAGES, MAX_FID_SEEDS, MAX_GRID_IMAGES, SEEDS_LIMIT
+from ..devices import check_cuda_visible
 from ..files import parse_json, read_untrusted
 from ..grouping import STRATEGIES
 from ..pipeline import SAMPLERS
@@ -168,16 +169,8 @@ class RunConfig(Settings):
 def check_device(device: str, source: str = "--device", fix: str = "use --device cpu") -> None:
     """Refuse a CUDA device this process cannot see (before any work). source: where the setting came from and
     fix: how to change it there, for the message (the flag, or a run's config.json). Raises ValueError."""
-    if not device.startswith("cuda"):
-        return
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    index = int(device.partition(":")[2] or 0)
-    if index >= count:
-        raise ValueError(f"device {device!r} ({source}) is not visible here: torch sees {count} CUDA device(s) "
-                         f"(torch.cuda.is_available() is {torch.cuda.is_available()}); {fix}, or install a CUDA "
-                         "build of torch on a machine with a GPU")
+    if device.startswith("cuda"):
+        check_cuda_visible(int(device.partition(":")[2] or 0), f"device {device!r} ({source})", fix)
 
 
 def check_saved_device(run_dir: Path, saved: RunConfig | None, config: RunConfig, overrides: dict) -> None:
