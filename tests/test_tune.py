@@ -13,7 +13,7 @@ def tiny_tune(**changes):
     from tdcdiff.tune import TuneConfig
 
     settings = dict(tune_steps=4, widths=(0.6,), ks=(0.4,), groups=(2,), finalists=2, fid_seeds=2, max_fid_seeds=2,
-                    fid_samples=16, batch=4, timing_repeats=1, settings=())
+                    fid_samples=16, batch=4, timing_repeats=1, settings=(), min_model_speedup=0.0)
     return TuneConfig(**{**settings, **changes})
 
 
@@ -171,6 +171,8 @@ def test_tdc_variants_cross_the_grid_with_run_settings():
     ({"margin": float("nan")}, "--margin must be a finite number >= 0"),
     ({"groupings": ("equal",)}, "unknown grouping in ['equal']"),
     ({"max_quality_loss": -0.1}, "--max-quality-loss must be a finite number >= 0"),
+    ({"min_model_speedup": -1.0}, "--min-model-speedup must be a finite number >= 0"),
+    ({"min_model_speedup": float("nan")}, "--min-model-speedup must be a finite number >= 0"),
     ({"max_quality_loss": float("inf")}, "--max-quality-loss must be a finite number >= 0 (a relative loss, 0.02 = "
                                          "2%), got inf"),
     ({"price_per_hour": float("inf")}, "--price-per-hour must be a finite number >= 0 (the machine's price per "
@@ -250,6 +252,25 @@ def test_choice_is_the_fastest_non_inferior_by_paired_fid_and_an_undecided_one_i
     # The old rule's tie (the interval contains 0) with the upper bound past the margin: undecided, not shipped.
     assert choose([{"name": "wide", "time_s": 0.1, "quality_ratio": 1.0, "fid_gap": gap(0.3, -0.1, 0.7)}])[
         "name"] is None
+
+
+def test_another_model_is_shipped_only_when_min_model_speedup_times_faster_than_the_best_free_setting():
+    from tdcdiff.tune import choose
+
+    free = {"name": "base @ dpm-solver++:10", "model": "base", "time_s": 1.0, "quality_ratio": 1.0,
+            "fid_gap": gap(0.1, -0.3, 0.5)}
+    pruned = {"name": "uniform 0.6 @ dpm-solver++:10", "model": "uniform 0.6", "time_s": 0.9, "quality_ratio": 1.0,
+              "fid_gap": gap(0.2, -0.2, 0.5)}
+    choice = choose([free, pruned], free=free, min_model_speedup=1.2)  # 1.11x faster: under the bar
+    assert choice["name"] == free["name"]
+    assert ("uniform 0.6 @ dpm-solver++:10 also qualifies but is not 1.2x faster than the best free setting "
+            "(base @ dpm-solver++:10, --min-model-speedup)") in choice["reason"]
+    assert choose([free, {**pruned, "time_s": 0.8}], free=free, min_model_speedup=1.2)["name"] == pruned["name"]
+    assert choose([free, pruned], free=free, min_model_speedup=0)["name"] == pruned["name"]  # 0: any faster model
+    # the free setting is the reference itself (not a candidate row): nothing is shipped, and the reason says why
+    none = choose([pruned], free={**free, "name": "base"}, min_model_speedup=1.2)
+    assert none["name"] is None and "keep the base" in none["reason"] and "(base, --min-model-speedup)" in none[
+        "reason"]
 
 
 def test_choice_by_max_quality_loss_and_when_nothing_qualifies():
@@ -551,7 +572,7 @@ def test_cli_tune_prints_the_table_and_the_cost(tmp_path, monkeypatch):
     args = ["tune", "--out", str(tmp_path / "tune"), "--base-from", str(tmp_path / "run"), "--tune-steps", "3",
             "--width", "0.6", "--k", "0.4", "--groups", "2", "--finalists", "3", "--fid-seeds", "2",
             "--fid-samples", "16", "--batch", "2", "--max-quality-loss", "10", "--price-per-hour", "2", "--screening",
-            "bpd", "-q"]
+            "bpd", "--min-model-speedup", "0", "-q"]
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
     assert "FID - base (paired)" in done.output and "held-out loss (- base, paired)" in done.output

@@ -56,6 +56,8 @@ def test_headline_splits_the_speed_into_the_free_setting_and_the_model():
     assert "10.00x faster than the reference" in head["text"] and "5.00x from the sampler/steps alone" in head["text"]
     free = headline(rows, "base @ dpm-solver++:10", 64)
     assert free["by_batch"]["1"]["model"] == 1.0 and "tune ships the free setting" in free["text"]
+    assert "beats the best free setting by 1.2x (--min-model-speedup)" in headline(
+        rows, "base @ dpm-solver++:10", 64, min_model_speedup=1.2)["text"]
     assert headline(rows[:1] + rows[2:3], None, 64)["best_free"] == "base"  # the reference is always a free row
 
 

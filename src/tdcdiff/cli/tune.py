@@ -93,6 +93,9 @@ ScreenSamples = Annotated[int, typer.Option(
 MaxQualityLoss = Annotated[Optional[float], typer.Option(
     "--max-quality-loss", help="Also accept a candidate at most this much worse than the base on the screening measure "
     "(--screening; relative, 0.02 = 2%).")]
+MinModelSpeedup = Annotated[float, typer.Option(
+    "--min-model-speedup", help="Ship another model than yours only when this much faster than your model's best "
+    "free setting (its fastest sampler/steps as good as --reference) at --batch; 0: any faster one.")]
 PricePerHour = Annotated[Optional[float], typer.Option(
     "--price-per-hour", help="Machine price per hour: adds the cost per 1,000 images before and after.")]
 
@@ -110,7 +113,8 @@ def tune_command(
     fid_samples: Annotated[int, typer.Option("--fid-samples", help="Images per model and seed for FID/KID.")] = 512,
     sampling_settings: SamplingSettings = None, reference: Reference = None, screen_samples: ScreenSamples = 64,
     batch: Annotated[int, typer.Option("--batch", help="Your sampling batch size: the frontier's time axis.")] = 64,
-    max_quality_loss: MaxQualityLoss = None, price_per_hour: PricePerHour = None,
+    max_quality_loss: MaxQualityLoss = None, min_model_speedup: MinModelSpeedup = 1.2,
+    price_per_hour: PricePerHour = None,
     dry_run: DryRun = False, quiet: Quiet = False,
 ):
     """The quality-speed frontier of one base and the fastest candidate as good as it, with its cost and return.
@@ -127,7 +131,8 @@ def tune_command(
     flags = {k_: v for k_, v in settings_flags(locals()).items() if k_ not in ("k", "groups", "grouping", "depth")}
     settings = TuneConfig(tune_steps=tune_steps, screening=screening, finalists=finalists, fid_seeds=fid_seeds,
                           max_fid_seeds=max_fid_seeds, margin=margin, fid_samples=fid_samples, batch=batch,
-                          max_quality_loss=max_quality_loss, price_per_hour=price_per_hour, depth=depth,
+                          max_quality_loss=max_quality_loss, min_model_speedup=min_model_speedup,
+                          price_per_hour=price_per_hour, depth=depth,
                           curves=curves, curve_steps=curve_steps, reference=reference, screen_samples=screen_samples)
     for name, value in (("widths", width), ("ks", k), ("groups", groups), ("groupings", grouping),
                         ("time_budgets", time_budget), ("uniform_time_budgets", uniform_time_budget),

@@ -74,6 +74,10 @@ class TuneConfig(Settings):
     max_quality_loss: also accept a candidate without a FID verdict (not a finalist) whose screening value (of the
         `screening` measure) is at most this much worse than the base's, relatively (0.02 = 2%); None: only the
         FID verdicts choose.
+    min_model_speedup: how much faster than the best free setting (the base at its fastest setting as good as the
+        reference) another model must be at `batch` to be shipped; 0: any faster one. Default 1.2: the same points
+        timed by two tunes differed by up to 18% at batch 64 on a shared CPU (docs/tune.md), and a smaller gain is
+        not worth shipping new weights judged only to within the margin.
     price_per_hour: price of one machine hour, for the cost per 1,000 images (None: not shown).
     """
 
@@ -102,6 +106,7 @@ class TuneConfig(Settings):
     batch: int = 64
     timing_repeats: int = 3
     max_quality_loss: float | None = None
+    min_model_speedup: float = 1.2
     price_per_hour: float | None = None
 
     def validate(self, prefix: str = "") -> None:
@@ -167,6 +172,9 @@ class TuneConfig(Settings):
             (self.max_quality_loss is None or 0 <= self.max_quality_loss < math.inf,
              "--max-quality-loss must be a finite number >= 0 (a relative loss, 0.02 = 2%), got "
              f"{self.max_quality_loss}"),
+            (0 <= self.min_model_speedup < math.inf,
+             "--min-model-speedup must be a finite number >= 0 (how much faster than the best free setting a model "
+             f"must be to be shipped; 0: any), got {self.min_model_speedup}"),
             (self.price_per_hour is None or 0 <= self.price_per_hour < math.inf,
              "--price-per-hour must be a finite number >= 0 (the machine's price per hour), got "
              f"{self.price_per_hour}"),

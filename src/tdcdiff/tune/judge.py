@@ -30,34 +30,61 @@ JUDGE_RULE = ("each finalist's per-seed FID minus the base's, paired by sampling
               "above the margin; undecided: neither (never shipped)")
 
 
-def choose(rows: list[dict], max_quality_loss: float | None = None) -> dict:
+def choose(rows: list[dict], max_quality_loss: float | None = None, free: dict | None = None,
+           min_model_speedup: float = 0.0) -> dict:
     """The fastest candidate whose FID is better than or non-inferior to the base's (verdict.QUALIFY).
 
     rows: one per candidate: name, time_s (sampling time at the user's batch), quality_ratio (screening value /
         the base's; lower is better), fid_gap (the verdict.judge or verdict.sequential judgement of the
-        candidate's per-seed FID against the base's, or None when it was not a finalist) and optionally failed
-        (True: not trained).
+        candidate's per-seed FID against the base's, or None when it was not a finalist), optionally model (the
+        model a point samples: "base" for the user's own model at any setting) and failed (True: not trained).
     max_quality_loss: also accept a candidate without a FID verdict whose quality_ratio is at most
         1 + max_quality_loss. A FID verdict of "inferior" or "undecided" always rules a candidate out: the
         screening measure cannot overrule it, and an undecided candidate is never shipped.
+    free, min_model_speedup: the best free setting's row (ladder.best_free) and how much faster than it another
+        model than the base must be to be shipped (time_s x min_model_speedup <= free's time_s; 0: any). A
+        smaller gain is not worth new weights: it is within the timing's reproducibility (docs/tune.md).
     A pure function of the rows. Returns {"name": ... or None, "rule": "paired FID" | "max-quality-loss" | None,
     "reason": one sentence, with the verdict's interval and margin}.
     """
+    passed_over = []  # as good, and faster than the choice, but not min_model_speedup x faster than the free setting
     for row in sorted((r for r in rows if not r.get("failed")), key=lambda r: (r["time_s"], r["quality_ratio"])):
-        gap = row.get("fid_gap")
-        if gap is not None:
-            if gap["verdict"] in QUALIFY:
-                relation = "better than" if gap["verdict"] == "better" else "non-inferior to"
-                return {"name": row["name"], "rule": "paired FID",
-                        "reason": f"the fastest candidate whose FID is {relation} the base's "
-                                  f"({describe(gap, digits=3)})"}
-            continue  # inferior or undecided by FID: the screening measure cannot overrule it
-        if max_quality_loss is not None and row["quality_ratio"] - 1 <= max_quality_loss:
-            return {"name": row["name"], "rule": "max-quality-loss",
-                    "reason": f"the fastest candidate within --max-quality-loss {max_quality_loss:g} of the base on "
-                              f"the screening measure ({row['quality_ratio'] - 1:+.1%}; no FID verdict against it)"}
+        accepted = _accepts(row, max_quality_loss)
+        if accepted is None:
+            continue
+        if (free is not None and row.get("model", "base") != "base"
+                and row["time_s"] * min_model_speedup > free["time_s"]):
+            passed_over.append(row["name"])
+            continue
+        return {"name": row["name"], "rule": accepted[0], "reason": accepted[1] + _passed_over(passed_over, free,
+                                                                                                min_model_speedup)}
     rules = "better than or non-inferior to the base by paired FID" + (
         f", or within --max-quality-loss {max_quality_loss:g}" if max_quality_loss is not None else "")
     return {"name": None, "rule": None,
             "reason": f"no candidate is {rules}: keep the base (or raise --max-fid-seeds to decide undecided "
-                      "finalists, --tune-steps, --finalists or --max-quality-loss)"}
+                      "finalists, --tune-steps, --finalists or --max-quality-loss)"
+                      + _passed_over(passed_over, free, min_model_speedup)}
+
+
+def _accepts(row: dict, max_quality_loss: float | None) -> tuple[str, str] | None:
+    """(rule, reason) when `row` is as good as the base by choose's rules, else None."""
+    gap = row.get("fid_gap")
+    if gap is not None:
+        if gap["verdict"] not in QUALIFY:
+            return None  # inferior or undecided by FID: the screening measure cannot overrule it
+        relation = "better than" if gap["verdict"] == "better" else "non-inferior to"
+        return "paired FID", f"the fastest candidate whose FID is {relation} the base's ({describe(gap, digits=3)})"
+    if max_quality_loss is not None and row["quality_ratio"] - 1 <= max_quality_loss:
+        return "max-quality-loss", (f"the fastest candidate within --max-quality-loss {max_quality_loss:g} of the base "
+                                    f"on the screening measure ({row['quality_ratio'] - 1:+.1%}; no FID verdict "
+                                    "against it)")
+    return None
+
+
+def _passed_over(names: list[str], free: dict | None, min_model_speedup: float) -> str:
+    """The choice's note on the models passed over for the speed bar (empty when none)."""
+    if not names:
+        return ""
+    one = len(names) == 1
+    return (f"; {', '.join(names)} also qualif{'ies' if one else 'y'} but {'is' if one else 'are'} not "
+            f"{min_model_speedup:g}x faster than the best free setting ({free['name']}, --min-model-speedup)")

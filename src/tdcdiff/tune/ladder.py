@@ -122,10 +122,11 @@ def best_free(rows: list[dict]) -> dict:
     return min(free, key=lambda r: (r["time_s"], r["name"] != "base"))
 
 
-def headline(rows: list[dict], chosen: str | None, batch: int) -> dict:
+def headline(rows: list[dict], chosen: str | None, batch: int, min_model_speedup: float = 0.0) -> dict:
     """Where the chosen row's speed comes from, at batch 1 and the user's batch: X = the reference's time / the
     chosen's, Y = the reference's / the best free setting's (the sampler and steps alone), Z = the best free
     setting's / the chosen's (what the model adds); X = Y x Z. Without a choice the reference itself is shipped.
+    min_model_speedup: the choice's bar for another model over the free setting (judge.choose), for the text.
     Returns {"chosen", "best_free", "by_batch": {batch: {"total", "free", "model"}}, "text"}."""
     by_name = {r["name"]: r for r in rows}
     ref, free = by_name["base"], best_free(rows)
@@ -139,6 +140,7 @@ def headline(rows: list[dict], chosen: str | None, batch: int) -> dict:
              for b, v in out.items()]
     text = "; ".join(parts)
     if shipped["model"] == "base":
-        text += (f". No pruned model beats the best free setting: tune ships the free setting (the base at "
-                 f"{shipped['setting']})")
+        bar = f" by {min_model_speedup:g}x (--min-model-speedup)" if min_model_speedup > 1 else ""
+        text += (f". No pruned model as good beats the best free setting{bar}: tune ships the free setting (the base "
+                 f"at {shipped['setting']})")
     return {"chosen": shipped["name"], "best_free": free["name"], "by_batch": out, "text": text}

@@ -22,6 +22,7 @@ from .kinds import candidate_list, check_candidate, kind_of
 from .ladder import (
     SCREEN_PICKS,
     SCREEN_SLACK,
+    best_free,
     fid_points,
     headline,
     pick_settings,
@@ -234,7 +235,7 @@ class Tune:
         rows = frontier_rows(models, self.points, records, screening, fid_cache, times, distances, key, self.dir)
         # A setting other than the reference qualifies by FID only: the screening measure cannot see solver error.
         eligible = [r for r in rows if r["name"] != "base" and (r["fid_gap"] or r["setting"] == str(self.reference))]
-        choice = choose(eligible, self.config.max_quality_loss)
+        choice = choose(eligible, self.config.max_quality_loss, best_free(rows), self.config.min_model_speedup)
         results = self._results(rows, finalists, fid_cache, choice)
         atomic_write_text(self.dir / "results.json", json.dumps(results, indent=2))
         write_table_csv(rows, self.dir / "table.csv", key)
@@ -304,7 +305,7 @@ class Tune:
                     "point's trajectory measured, none derived from per-forward times",
             "reference": str(self.reference), "ladder": [str(s) for s in self.settings],
             "ladder_notes": self.ladder_notes, "sample_screen": self._screen_record(rows),
-            "headline": headline(rows, choice["name"], self.config.batch),
+            "headline": headline(rows, choice["name"], self.config.batch, self.config.min_model_speedup),
             "compute": f"every candidate: {self.training_flops_per_candidate():.4g} training FLOPs "
                        f"({self.config.tune_steps} stage-2 steps of the base); the pruning search's proxy forwards "
                        "are not counted",
