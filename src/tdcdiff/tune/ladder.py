@@ -14,11 +14,13 @@ from ..verdict import QUALIFY
 
 # Solver changes first (what a user can do for free), then feature caching (DeepCache, CVPR 2024, interval 3).
 DEFAULT_LADDER = ("dpm-solver++:20", "dpm-solver++:10", "unipc:10", "dpm-solver++:6", "ddim:50:c3")
-# The sample screen's slack over the reference setting's own distance to the high-step target. Measured on digits
-# (tune of /work/runs/digits-s0, pixel RMSE to DDIM-200): the base at DDIM-50 0.131, DPM-Solver++ 20 / 10 / 6
-# 1.21x / 1.30x / 1.41x of it, while the issue's FID table has DPM-Solver++ 20 better, 10 tied: a screen at 1x
-# sent no setting to FID. 1.5x keeps every sensible rung and drops a broken one (ddim:2: 2x and more).
-SCREEN_SLACK = 1.5
+# The sample screen's slack over the model's own distance (to the base's high-step target) at the reference
+# setting. It drops broken settings (ddim:2: 2x and more), not merely worse ones: FID decides among the rest. On
+# digits, 3 training seeds (tunes of /work/runs/digits-s{0,1,2}, base at DDIM-50 as the reference), the base's
+# DPM-Solver++ 10 / UniPC 10 were at 1.30-1.59x and non-inferior by FID in every seed, its DPM-Solver++ 6 at
+# 1.42-1.81x and never decided: no slack separates the two, so the slack sits above the largest setting FID passed
+# (1.5, calibrated on seed 0 alone, kept seed 2's DPM-Solver++ 10 out).
+SCREEN_SLACK = 1.75
 SCREEN_PICKS = 2  # settings per model sent to FID: the fastest passing one, and the next in case it loses
 
 
