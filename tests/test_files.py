@@ -760,3 +760,28 @@ def test_the_current_directory_is_refused_before_any_work_and_a_new_folder_in_it
     assert (empty / "out" / ("manifest.json" if writer == "save_bundle" else "architecture.json")).is_file()
     assert [p.name for p in empty.iterdir()] == ["out"]
 
+# -- a tune on a run directory says it is one, before any write (attack 2026-12-07d row 290) ----------------------
+@pytest.mark.parametrize("made", ["config.json", "plan", "bundle"])
+@pytest.mark.parametrize("flags", [[], ["--dry-run"], ["--candidate", "0"]])
+def test_a_tune_on_a_run_directory_names_it(tmp_path, made, flags):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+    from tdcdiff.run import check_not_a_run
+
+    run = tmp_path / "r"
+    (run / "base" / "final").mkdir(parents=True)
+    (run / made).write_text("{}") if made.endswith(".json") else (run / made).mkdir()
+    before = sorted(run.rglob("*"))
+    result = CliRunner().invoke(app, ["tune", "--out", str(run), *flags])
+    assert result.exit_code == 2, result.output
+    shown = made if made.endswith(".json") else made + "/"
+    assert result.output == (f"error: {run} is a tdcdiff run directory (it holds {shown}), not a tune directory: a "
+                             "tune there would mix its files into the run; use another --out (to tune from that "
+                             f"run's base model, give --base-from {run})\n")
+    assert sorted(run.rglob("*")) == before
+    tune = tmp_path / "t"  # a tune directory: its base/ is its base run, with that run's config.json
+    (tune / "base" / "base").mkdir(parents=True)
+    (tune / "base" / "config.json").write_text("{}")
+    (tune / "tune.json").write_text("{}")
+    check_not_a_run(tune)
