@@ -352,6 +352,42 @@ def test_a_plan_that_contradicts_its_run_is_refused_before_prune(tmp_path, key, 
     assert not (run.dir / "prune").exists()
 
 
+
+def test_a_plan_whose_grouping_or_budget_settings_contradict_the_run_is_refused_before_prune(tmp_path):
+    """Row 286 of attack 2026-12-07d: a plan.json with grouping.strategy 'uniform' in a grouping 'snr' run was
+    pruned, fine-tuned and bundled, the manifest and report saying 'uniform'. Every plan field the run's settings
+    also give (strategy, number of groups, k, ordering, mean_budget, budget_unit) is checked, naming plan.json."""
+    from conftest import tiny_config
+    from tdcdiff.run import Run
+
+    config = tiny_config()
+    config.base = TrainConfig(steps=2, **FAST)
+    run = Run(tmp_path / "r", config, progress=False)
+    run.train_base()
+    run.plan()
+    path = run.dir / "plan" / "plan.json"
+    original = json.loads(path.read_text())
+    three = make_groups("snr", 3, make_scheduler(1000)).to_dict()
+    edits = [("grouping.strategy", {"grouping": {**original["grouping"], "strategy": "uniform"}}, "'uniform'",
+              "'snr'"),
+             ("grouping.groups' count", {"grouping": three, "fractions": [1.0, 0.7, 0.4], "ranks": [1, 2, 3],
+                                         "sensitivity": None}, 3, 2),
+             ("k", {"k": 0.7}, 0.7, 0.4),
+             ("ordering", {"ordering": "snr-low-hard"}, "'snr-low-hard'", "'measured'"),
+             ("mean_budget", {"mean_budget": 0.5}, 0.5, None),
+             ("budget_unit", {"budget_unit": "time"}, "'time'", "'flops'")]
+    for key, edit, shown, runs in edits:
+        path.write_text(json.dumps({**original, **edit}))
+        with pytest.raises(ValueError) as refused:
+            Run(run.dir, progress=False).prune()
+        assert str(refused.value) == (
+            f"{path}: '{key}' is {shown} but the run's is {runs} (the plan was made for another run, or edited); "
+            f"delete {path.parent} and rerun `tdcdiff plan` (then redo the stages after it, which were made for "
+            "the old plan)")
+        assert not (run.dir / "prune").exists()
+    path.write_text(json.dumps(original))  # the plan as made fits its run
+    assert Run(run.dir, progress=False).plan().grouping.strategy == "snr"
+
 @pytest.mark.parametrize("images, message", [
     (lambda d: torch.where(torch.arange(d.numel()).view_as(d) == 0, -0.5, (d + 1) * 127.5),  # row 188: one < 0
      r"^training images must be in \[-1, 1\], got values -0.5..255; scale to \[-1, 1\]: x / 127.5 - 1 for pixels "
