@@ -132,8 +132,8 @@ def _umask() -> int:
 
 
 def output_path(path: str | Path, *, directory: bool, option: str | None = None) -> Path:
-    """The absolute path an atomic write makes (atomic_dir: directory=True; atomic_write_bytes: False), checked
-    before any work. "." and ".." are resolved (they name no entry of their parent); a symlink is left to the write.
+    """The path an atomic write makes (atomic_dir: directory=True; atomic_write_bytes: False), checked before any
+    work: as given, but "." and "x/.." resolved (they name no entry of a parent); a symlink is left to the write.
 
     Raises ValueError, one line naming the path (as `option` when given, e.g. "--out") and the fix, when the path is
     empty, is the root, is a folder where a file is written, or cannot be created (a folder on the way is a file,
@@ -142,8 +142,8 @@ def output_path(path: str | Path, *, directory: bool, option: str | None = None)
     label, fix = (f"{option} ", f"choose another {option}") if option else ("", "choose another path")
     if not str(path).strip():
         raise ValueError(f"{label or 'path '}is empty; give {'a folder' if directory else 'a file'}")
-    target = Path(path).absolute()
-    target = target.resolve() if ".." in target.parts or not target.name else target
+    target = Path(path)
+    target = target.resolve() if target.name in ("", "..") else target
     if not target.name:
         raise ValueError(f"{label}{target} is the root folder; give a folder inside it")
     if not directory and target.is_dir():
