@@ -44,9 +44,10 @@ from arms import (
 )
 from tdcdiff.budget import BudgetPlan
 from tdcdiff.bundle import load_bundle
+from tdcdiff.content_hash import sha256_tree
 from tdcdiff.data import load_dataset
 from tdcdiff.evaluate import FORMAT, ModelEntry, evaluate, pool
-from tdcdiff.files import atomic_write_text, resolve_inside, sha256_tree
+from tdcdiff.files import atomic_write_text, resolve_inside
 from tdcdiff.prune.fit import uniform_fit
 from tdcdiff.report import bpd_rows, format_table, loss_rows, verdicts
 from tdcdiff.run import RunConfig, apply_overrides, parse_settings, write_run_report

@@ -213,6 +213,21 @@ def test_train_refuses_fractional_or_outside_timesteps(tmp_path, scheduler, tiny
     assert not (tmp_path / "t").exists()
 
 
+
+@pytest.mark.parametrize("batch_size", [10**15, np.int64(10**15), 10**30])
+def test_train_refuses_a_batch_that_cannot_fit_in_memory_before_writing(tmp_path, scheduler, tiny_unet, digits,
+                                                                       batch_size):
+    """Row 175 of attack 2026-12-07d: train() with batch_size 10**15 ended in torch's "DefaultCPUAllocator: can't
+    allocate memory" after writing log.jsonl; the run's up-front estimate (capacity.check_training_memory) now
+    names the batch size, the estimate and the fix first (10**30: beyond torch's sizes, the batch's own tensors)."""
+    config = TrainConfig(steps=2, **{**FAST, "batch_size": batch_size})
+    with pytest.raises(ValueError, match=rf"^training with batch_size {int(batch_size)} \(.* parameters: .*; one "
+                                         rf"batch of {int(batch_size)} images of 1x8x8: about .* GiB of activations\) "
+                                         r"needs about .* GiB, more than the .* of memory this machine has available "
+                                         r"now; give a smaller batch_size \(TrainConfig.batch_size\)$"):
+        train(tiny_unet, digits.images[:16], scheduler, config, tmp_path / "t", progress=False)
+    assert not (tmp_path / "t").exists()
+
 def test_train_refuses_half_precision_weights_and_takes_latent_like_data(tmp_path, scheduler, digits):
     """Row 120: a float16 model was reported as a diverged learning rate two steps in. Zero-centred data beyond
     [-1, 1] (a VAE's scaled latents) still trains, and so do numpy-integer timesteps."""
@@ -352,6 +367,42 @@ def test_a_plan_that_contradicts_its_run_is_refused_before_prune(tmp_path, key, 
     assert not (run.dir / "prune").exists()
 
 
+
+def test_a_plan_whose_grouping_or_budget_settings_contradict_the_run_is_refused_before_prune(tmp_path):
+    """Row 286 of attack 2026-12-07d: a plan.json with grouping.strategy 'uniform' in a grouping 'snr' run was
+    pruned, fine-tuned and bundled, the manifest and report saying 'uniform'. Every plan field the run's settings
+    also give (strategy, number of groups, k, ordering, mean_budget, budget_unit) is checked, naming plan.json."""
+    from conftest import tiny_config
+    from tdcdiff.run import Run
+
+    config = tiny_config()
+    config.base = TrainConfig(steps=2, **FAST)
+    run = Run(tmp_path / "r", config, progress=False)
+    run.train_base()
+    run.plan()
+    path = run.dir / "plan" / "plan.json"
+    original = json.loads(path.read_text())
+    three = make_groups("snr", 3, make_scheduler(1000)).to_dict()
+    edits = [("grouping.strategy", {"grouping": {**original["grouping"], "strategy": "uniform"}}, "'uniform'",
+              "'snr'"),
+             ("grouping.groups' count", {"grouping": three, "fractions": [1.0, 0.7, 0.4], "ranks": [1, 2, 3],
+                                         "sensitivity": None}, 3, 2),
+             ("k", {"k": 0.7}, 0.7, 0.4),
+             ("ordering", {"ordering": "snr-low-hard"}, "'snr-low-hard'", "'measured'"),
+             ("mean_budget", {"mean_budget": 0.5}, 0.5, None),
+             ("budget_unit", {"budget_unit": "time"}, "'time'", "'flops'")]
+    for key, edit, shown, runs in edits:
+        path.write_text(json.dumps({**original, **edit}))
+        with pytest.raises(ValueError) as refused:
+            Run(run.dir, progress=False).prune()
+        assert str(refused.value) == (
+            f"{path}: '{key}' is {shown} but the run's is {runs} (the plan was made for another run, or edited); "
+            f"delete {path.parent} and rerun `tdcdiff plan` (then redo the stages after it, which were made for "
+            "the old plan)")
+        assert not (run.dir / "prune").exists()
+    path.write_text(json.dumps(original))  # the plan as made fits its run
+    assert Run(run.dir, progress=False).plan().grouping.strategy == "snr"
+
 @pytest.mark.parametrize("images, message", [
     (lambda d: torch.where(torch.arange(d.numel()).view_as(d) == 0, -0.5, (d + 1) * 127.5),  # row 188: one < 0
      r"^training images must be in \[-1, 1\], got values -0.5..255; scale to \[-1, 1\]: x / 127.5 - 1 for pixels "
@@ -384,3 +435,20 @@ def test_train_warns_about_images_in_zero_to_one(tmp_path, scheduler, digits):
         result = train(build_unet(), (digits.images[:16] + 1) / 2, scheduler, TrainConfig(steps=2, **FAST),
                        tmp_path / "t", progress=False)
     assert result.steps == 2
+
+
+def test_user_warnings_point_at_the_callers_line(tmp_path, scheduler, tiny_unet, digits):
+    """Row 291 of attack 2026-12-07d: a training warning was shown at tdcdiff's own line (train/loop.py:141,
+    `self.setup()`); each user-facing warning now names the line that called the public function (here, this file)."""
+    from diffusers import DDPMScheduler
+
+    from tdcdiff.schedule import check_given_schedule
+
+    config = TrainConfig(steps=2, **{**FAST, "warmup_steps": 2})
+    with pytest.warns(UserWarning) as caught:
+        train(tiny_unet, (digits.images[:16] + 1) / 2, scheduler, config, tmp_path / "t", progress=False)
+    with pytest.warns(UserWarning) as caught_schedule:
+        check_given_schedule(DDPMScheduler(num_train_timesteps=100), "a pipeline")
+    warned = [(str(w.message).split(" (")[0].split(":")[0], w.filename) for w in [*caught, *caught_schedule]]
+    assert warned == [("training images are all >= 0", __file__), (f"training {tmp_path / 't'}", __file__),
+                      ("the noise schedule of a pipeline ends at alpha_bar = 0.364 at t=T-1", __file__)]

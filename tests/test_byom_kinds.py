@@ -122,7 +122,7 @@ def test_latent_diffusion_pipeline_runs_in_latent_space_and_its_bundle_decodes(t
     import shutil
 
     from tdcdiff.bundle import BundleError
-    from tdcdiff.files import sha256_file
+    from tdcdiff.content_hash import sha256_file
 
     tampered = shutil.copytree(run.dir / "bundle", tmp_path / "tampered")
     architecture = tampered / "vae" / "architecture.json"

@@ -282,12 +282,12 @@ def test_unusable_run_directory(tmp_path, monkeypatch, out, message):
 
 
 def test_read_only_outputs_are_refused_before_work(tmp_path, monkeypatch):
-    from tdcdiff.cli import options as cli
+    from tdcdiff import files  # the check, shared with every atomic writer
 
     read_only = tmp_path / "ro"
     read_only.mkdir()
-    real_access = cli.os.access
-    monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) != read_only and real_access(path, mode))
+    real_access = files.os.access
+    monkeypatch.setattr(files.os, "access", lambda path, mode: Path(path) != read_only and real_access(path, mode))
     result = CliRunner().invoke(app, ["run", "--out", str(read_only / "run")])
     assert result.exit_code == 2, result.output
     assert (f"--out {read_only}/run cannot be written: {read_only} is read-only (read-only file system or "

@@ -701,3 +701,87 @@ def test_the_refusal_names_the_first_few_entries_in_the_way(tmp_path):
         with atomic_dir(model, holds("x"), "a model"):
             raise AssertionError("never runs")
     assert len(list(model.iterdir())) == 8
+
+
+# -- every atomic writer checks its path before any work (attack 2026-12-07d rows 212, 214, 215) --------------
+def _writers():
+    import torch
+
+    from tdcdiff.bundle import save_bundle
+    from tdcdiff.files import atomic_write_text
+    from tdcdiff.grouping import make_groups
+    from tdcdiff.models import build_unet
+    from tdcdiff.schedule import make_scheduler
+    from tdcdiff.serialization import save_model
+
+    torch.manual_seed(0)
+    scheduler, unet = make_scheduler(1000), build_unet("digits-8")
+    return {"save_bundle": lambda p: save_bundle(p, [unet], make_groups("uniform", 1, scheduler), scheduler,
+                                                 sample_shape=(1, 8, 8), expert_flops=[1], base_flops=1),
+            "save_model": lambda p: save_model(unet, p),
+            "atomic_write_text": lambda p: atomic_write_text(p, "x")}
+
+
+@pytest.mark.parametrize("writer", ["save_bundle", "save_model", "atomic_write_text"])
+def test_a_path_under_a_file_or_empty_is_refused_before_any_work(tmp_path, monkeypatch, writer):
+    write = _writers()[writer]
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(ValueError) as under_a_file:
+        write(tmp_path / "afile" / "b")
+    assert str(under_a_file.value) == (f"{tmp_path}/afile/b cannot be created: {tmp_path}/afile is a file; choose "
+                                       "another path")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as relative:  # named as given
+        write("afile/c/d")
+    assert str(relative.value) == "afile/c/d cannot be created: afile is a file; choose another path"
+    for empty in ["", "  "]:
+        with pytest.raises(ValueError) as nothing:
+            write(empty)
+        assert str(nothing.value) == f"path is empty; give {'a file' if writer == 'atomic_write_text' else 'a folder'}"
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"] and (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("writer", ["save_bundle", "save_model"])
+def test_the_current_directory_is_refused_before_any_work_and_a_new_folder_in_it_written(tmp_path, monkeypatch,
+                                                                                        writer):
+    write = _writers()[writer]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    for path in [".", "..", "../empty"]:  # replacing the folder whole would leave the process in a deleted one
+        with pytest.raises(ValueError) as current:
+            write(path)
+        shown = {".": empty, "..": tmp_path}.get(path, path)  # "." and ".." resolved, others as given
+        assert str(current.value) == (f"{shown} is or holds the current directory, which this write would replace "
+                                      f"whole; give a new folder inside it (e.g. {shown}/out), or choose another "
+                                      "path")
+    assert list(empty.iterdir()) == [] and os.getcwd() == str(empty)
+    write("out")
+    assert (empty / "out" / ("manifest.json" if writer == "save_bundle" else "architecture.json")).is_file()
+    assert [p.name for p in empty.iterdir()] == ["out"]
+
+# -- a tune on a run directory says it is one, before any write (attack 2026-12-07d row 290) ----------------------
+@pytest.mark.parametrize("made", ["config.json", "plan", "bundle"])
+@pytest.mark.parametrize("flags", [[], ["--dry-run"], ["--candidate", "0"]])
+def test_a_tune_on_a_run_directory_names_it(tmp_path, made, flags):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+    from tdcdiff.run import check_not_a_run
+
+    run = tmp_path / "r"
+    (run / "base" / "final").mkdir(parents=True)
+    (run / made).write_text("{}") if made.endswith(".json") else (run / made).mkdir()
+    before = sorted(run.rglob("*"))
+    result = CliRunner().invoke(app, ["tune", "--out", str(run), *flags])
+    assert result.exit_code == 2, result.output
+    shown = made if made.endswith(".json") else made + "/"
+    assert result.output == (f"error: {run} is a tdcdiff run directory (it holds {shown}), not a tune directory: a "
+                             "tune there would mix its files into the run; use another --out (to tune from that "
+                             f"run's base model, give --base-from {run})\n")
+    assert sorted(run.rglob("*")) == before
+    tune = tmp_path / "t"  # a tune directory: its base/ is its base run, with that run's config.json
+    (tune / "base" / "base").mkdir(parents=True)
+    (tune / "base" / "config.json").write_text("{}")
+    (tune / "tune.json").write_text("{}")
+    check_not_a_run(tune)

@@ -172,7 +172,7 @@ def test_load_model_never_imports_what_the_file_names(tmp_path):
 def test_a_folder_identity_covers_every_file_and_keeps_the_flat_value_caches_were_keyed_by(tmp_path):
     import hashlib
 
-    from tdcdiff.files import sha256_file, sha256_tree
+    from tdcdiff.content_hash import sha256_file, sha256_tree
 
     (tmp_path / "model.safetensors").write_bytes(b"weights")
     (tmp_path / "architecture.json").write_text("{}")

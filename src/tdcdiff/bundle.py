@@ -18,7 +18,6 @@ tokenizer is built from its vocabulary and merges, text.py). Every problem is a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import atomic_dir, brief, is_count, json_safe, parse_json, read_untrusted, resolve_inside, sha256_file
+from .content_hash import sha256_bytes, sha256_file
+from .files import atomic_dir, brief, is_count, json_safe, output_path, parse_json, read_untrusted, resolve_inside
 from .flops import count_flops
 from .grouping import Grouping
 from .latent import VAE_CLASSES, Decoder
@@ -107,9 +107,10 @@ def save_bundle(
     text_encoder: for text-conditional experts (required there), the text.TextEncoder (CLIP tokenizer and text
         encoder) whose embeddings they were trained on; stored in the bundle, so its pipeline takes prompts.
     Raises ValueError (BundleError) when the pieces do not fit together (counts, shapes, class ids, schedule,
-    training records), before or instead of writing anything.
+    training records) or the path cannot be written (files.atomic_dir), before or instead of writing anything.
     """
-    path, config, sample_shape = Path(path), _scheduler_config(scheduler), check_sample_shape(sample_shape)
+    path = output_path(path, directory=True)  # an empty or unwritable path is refused before any work
+    config, sample_shape = _scheduler_config(scheduler), check_sample_shape(sample_shape)
     expert_flops, base_flops, budgets = plain_values((expert_flops, base_flops, budgets))  # as Python numbers
     _check_class_ids(experts, "", "give experts with one class embedding (the same num_class_embeds)")
     _check_text(experts, text_encoder.width if text_encoder is not None else None, "")
@@ -138,11 +139,10 @@ def save_bundle(
             "sampling": sampling.to_dict() if sampling is not None else None,
             "files": files,
         }
-        # The checks load_bundle makes, before anything is kept.
-        check_records(manifest, build_scheduler(config, path / MANIFEST), check_manifest(manifest, path / MANIFEST),
-                      path / MANIFEST)
-        check_trained_shape(manifest, path / MANIFEST)
-        check_conditioning(conditioning, num_class_embeds(experts[0]) if experts else None, path / MANIFEST)
+        where = path / MANIFEST  # the checks load_bundle makes, before anything is kept
+        check_records(manifest, build_scheduler(config, where), check_manifest(manifest, where), where)
+        check_trained_shape(manifest, where)
+        check_conditioning(conditioning, num_class_embeds(experts[0]) if experts else None, where)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return path
 
@@ -275,7 +275,7 @@ def _read_listed(path: Path, name: str, entry: dict, *, max_bytes: int | None = 
                               max_bytes=entry["bytes"] if max_bytes is None else max_bytes)
     except (ValueError, OSError) as err:
         raise BundleError(str(err)) from None
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+    if sha256_bytes(data) != entry["sha256"]:
         raise BundleError(f"bundle file {path / name} is corrupted: its sha256 does not match the manifest")
     return data
 

@@ -25,6 +25,8 @@ GRID_LIMIT = (f"a stated maximum: a sample grid is one PNG to look at, and {MAX_
 FID_LIMIT = f"a stated maximum: {MAX_FID_IMAGES:,} images per seed is FID-50k, the field's usual count"
 # weights, gradients, AdamW's two moments and the EMA copy: what training keeps per parameter
 TRAINING_COPIES = 5
+# one training batch's own tensors, each of the batch's shape: clean images, noise, noisy inputs, targets, outputs
+BATCH_TENSORS = 5
 
 
 def available_memory() -> int | None:
@@ -93,8 +95,8 @@ def activation_bytes(model: nn.Module, sample_shape: tuple[int, int, int], batch
                      class_labels: bool = False) -> int | None:
     """Bytes of the outputs of every leaf module in one forward pass of `batch_size` samples: about what autograd
     keeps for the backward pass. Run on the meta device (no memory, no compute; the weights are swapped for meta
-    tensors for the call), so any size can be asked for. None when the model cannot run on meta tensors (e.g. it
-    makes tensors of its own on the CPU)."""
+    tensors for the call), so any size can be asked for; the model's own forward hooks do not run. None when the
+    model cannot run on meta tensors (e.g. it makes tensors of its own on the CPU)."""
     from torch.func import functional_call
 
     total = 0
@@ -106,19 +108,24 @@ def activation_bytes(model: nn.Module, sample_shape: tuple[int, int, int], batch
                 total += out.numel() * out.element_size()
 
     meta = {name: torch.empty_like(t, device="meta") for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    handles = [m.register_forward_hook(count) for m in leaves]
-    x = torch.empty((batch_size, *sample_shape), device="meta")
-    t = torch.full((batch_size,), timestep, dtype=torch.long, device="meta")
-    kwargs = {"class_labels": torch.zeros(batch_size, dtype=torch.long, device="meta")} if class_labels else {}
-    try:
+    # The caller's own forward hooks are set aside for this pass: they count or record real calls, not estimates.
+    modules = [(m, m._forward_pre_hooks, m._forward_hooks) for m in model.modules()]
+    for m, _, _ in modules:
+        m._forward_pre_hooks, m._forward_hooks = type(m._forward_pre_hooks)(), type(m._forward_hooks)()
+    for m, _, _ in modules:
+        if not any(True for _ in m.children()):
+            m.register_forward_hook(count)
+    try:  # a batch too large for torch's sizes (over 2**63 bytes) has no estimate either
+        x = torch.empty((batch_size, *sample_shape), device="meta")
+        t = torch.full((batch_size,), timestep, dtype=torch.long, device="meta")
+        kwargs = {"class_labels": torch.zeros(batch_size, dtype=torch.long, device="meta")} if class_labels else {}
         with torch.no_grad():
             functional_call(model, meta, (x, t), kwargs)
     except Exception:  # noqa: BLE001 - any model code may refuse meta tensors; then there is no estimate
         return None
     finally:
-        for handle in handles:
-            handle.remove()
+        for m, pre_hooks, hooks in modules:
+            m._forward_pre_hooks, m._forward_hooks = pre_hooks, hooks
     return total
 
 
@@ -126,11 +133,13 @@ def check_training_memory(model: nn.Module, sample_shape: tuple[int, int, int], 
                           fix: str, class_labels: bool = False) -> None:
     """Refuse (ValueError naming `what` and `fix`) training `model` on batches of `batch_size` samples of
     `sample_shape` when its weights, gradients, AdamW moments and EMA (TRAINING_COPIES float32 copies of every
-    parameter) and one batch's activations (activation_bytes) need more memory than this machine has available.
+    parameter) and one batch's activations (activation_bytes; at least the batch's own BATCH_TENSORS tensors, also
+    where the model gives no estimate) need more memory than this machine has available.
     `model` may live on the meta device (built there to be checked before its weights exist)."""
     params = sum(p.numel() for p in model.parameters())
     state = params * FLOAT_BYTES * TRAINING_COPIES
-    activations = activation_bytes(model, sample_shape, batch_size, class_labels=class_labels) or 0
+    activations = max(activation_bytes(model, sample_shape, batch_size, class_labels=class_labels) or 0,
+                      tensor_bytes(BATCH_TENSORS * int(batch_size), sample_shape))  # at least the batch's
     shape = "x".join(str(d) for d in sample_shape)
     check_memory(state + activations,
                  f"training {what} ({params:,} parameters: {gib(state)} for weights, gradients, AdamW moments and "

@@ -12,6 +12,7 @@ from torch import nn
 from .feature_cache import FeatureCache, FullPass, ShallowPass, split_unet
 from .models import Denoiser, as_denoiser
 from .router import Router, integer_timestep
+from .user_warnings import warn
 
 COMPILE_MODES = ("auto", "none", "trace", "inductor")
 PRECISIONS = ("fp32", "bf16")
@@ -80,8 +81,8 @@ class CompiledExpert(nn.Module):
             if diff <= tolerance:
                 return graph
             reason = f"its output differs from the eager model's by {diff:.2g}"
-        warnings.warn(f"--compile {self.mode} is not used for {type(self.denoiser).__name__} at input shape "
-                      f"{tuple(x.shape)} ({reason}); sampling it eagerly", stacklevel=2)
+        warn(f"--compile {self.mode} is not used for {type(self.denoiser).__name__} at input shape "
+             f"{tuple(x.shape)} ({reason}); sampling it eagerly")
         return call
 
 

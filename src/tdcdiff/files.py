@@ -1,7 +1,7 @@
 """Files written so that a crash never leaves half of one, and files read as untrusted input.
 
 Atomic writes (a file or a whole directory replaced at once), the temporaries a killed writer leaves and their
-cleanup, content hashes (the identity of saved weights), and safe reads: paths kept inside their folder, only
+cleanup, and safe reads: paths kept inside their folder, only
 regular files of the expected size. Imports nothing of tdcdiff: every layer above writes through here.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
@@ -132,13 +131,41 @@ def _umask() -> int:
     return mask
 
 
+def output_path(path: str | Path, *, directory: bool, option: str | None = None) -> Path:
+    """The path an atomic write makes (atomic_dir: directory=True; atomic_write_bytes: False), checked before any
+    work: as given, but "." and "x/.." resolved (they name no entry of a parent); a symlink is left to the write.
+
+    Raises ValueError, one line naming the path (as `option` when given, e.g. "--out") and the fix, when the path is
+    empty, is the root, is a folder where a file is written, or cannot be created (a folder on the way is a file,
+    or the nearest existing one is read-only).
+    """
+    label, fix = (f"{option} ", f"choose another {option}") if option else ("", "choose another path")
+    if not str(path).strip():
+        raise ValueError(f"{label or 'path '}is empty; give {'a folder' if directory else 'a file'}")
+    target = Path(path)
+    target = target.resolve() if target.name in ("", "..") else target
+    if not target.name:
+        raise ValueError(f"{label}{target} is the root folder; give a folder inside it")
+    if not directory and target.is_dir():
+        raise ValueError(f"{label}{target} is a folder, not a file; {fix}")
+    way = (target, *target.parents) if directory and target.is_dir() else target.parents
+    existing = next(p for p in way if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise ValueError(f"{label}{target} cannot be created: {existing} is "
+                         f"{'a file' if existing.is_file() else 'not a folder'}; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{label}{target} cannot be written: {existing} is read-only (read-only file system or no "
+                         f"permission); {fix}")
+    return target
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file so that readers see either the old content or the new one, never a partial file.
 
-    path: the target file (parent directories are created); it gets the usual permissions, 0o666 less the
-    umask (mkstemp alone would make it 0o600). data: its new content.
+    path: the target file (parent directories are created; checked first, see output_path); it gets the usual
+    permissions, 0o666 less the umask (mkstemp alone would make it 0o600). data: its new content.
     """
-    path = Path(path)
+    path = output_path(path, directory=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_siblings(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_TEMP_FILE}", suffix=f"-{os.getpid()}.tmp")
@@ -257,8 +284,13 @@ def atomic_dir(path: str | Path, ours: Callable[[Path], Iterable[str] | None] | 
     Every folder and file in it gets the usual permissions, 0o777 / 0o666 less the umask: mkdtemp makes
     the folder 0o700, and safetensors writes its files 0o600, which would keep others from reading a bundle.
     A killed writer's temporary is removed by the next atomic_dir of the same path (see remove_stale_temporaries).
+    A path that cannot be written (output_path: empty, under a file...) or that is or holds the current directory
+    (replaced whole, it would leave this process and your shell in a deleted folder) raises ValueError first.
     """
-    path = Path(path)
+    path = output_path(path, directory=True)
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise ValueError(f"{path} is or holds the current directory, which this write would replace whole; give a "
+                         f"new folder inside it (e.g. {path / 'out'}), or choose another path")
     if path.is_symlink() and path.is_dir():
         path = path.resolve()
     check_replaceable(path, ours, what)
@@ -329,25 +361,6 @@ def json_safe(value):
     if hasattr(value, "tolist"):  # numpy arrays and scalars (a scheduler's trained_betas)
         return value.tolist()
     return value
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_tree(directory: Path) -> str:
-    """Hex sha256 of a directory's files: of the JSON of {path relative to directory: sha256_file}, keys sorted.
-    Any file added, removed, renamed or changed gives another value (used as the identity of saved weights).
-    Raises FileNotFoundError when directory is not a directory (no identity for weights that are not there)."""
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is not a directory of saved files")
-    files = {f.relative_to(directory).as_posix(): sha256_file(f) for f in sorted(directory.rglob("*")) if f.is_file()}
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def resolve_inside(root: Path, name: object, what: str) -> Path:

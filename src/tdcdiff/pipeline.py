@@ -406,5 +406,5 @@ def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return Path(path)

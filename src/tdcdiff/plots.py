@@ -32,7 +32,7 @@ def save_figure(fig, path: str | Path, *, dpi: int = 110) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     pyplot().close(fig)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from diffusers import DDPMScheduler
 
 from .settings import as_integer
+from .user_warnings import warn
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -97,11 +97,10 @@ def check_given_schedule(scheduler, source: str) -> None:
     check_sampling_schedule(scheduler)
     last = terminal_alpha_bar(scheduler)
     if last > MAX_TERMINAL_ALPHA_BAR:
-        warnings.warn(
+        warn(
             f"the noise schedule of {source} ends at alpha_bar = {last:.3g} at t=T-1 (x_(T-1) keeps "
             f"{math.sqrt(last):.0%} of the image), but sampling starts from pure noise there; samples start from the "
-            f"wrong distribution. A schedule whose betas fit its T (e.g. linear betas scaled by 1000/T) ends near 0",
-            stacklevel=2,
+            f"wrong distribution. A schedule whose betas fit its T (e.g. linear betas scaled by 1000/T) ends near 0"
         )
 
 

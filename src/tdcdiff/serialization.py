@@ -26,15 +26,16 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
+from .content_hash import sha256_file
 from .files import (
     atomic_dir,
     brief,
     is_count,
     is_sha256,
     json_safe,
+    output_path,
     parse_json,
     read_untrusted,
-    sha256_file,
 )
 from .models import Denoiser
 from .surgery.attributes import sync_module_attributes
@@ -169,6 +170,7 @@ def save_model(model: nn.Module, directory: str | Path, *, extra: dict | None = 
     extra: JSON-able provenance stored under "extra" in architecture.json.
     Returns the content of architecture.json.
     """
+    directory = output_path(directory, directory=True)  # an empty or unwritable path is refused before any work
     description = architecture_of(model)
     if extra is not None:
         description["extra"] = extra

@@ -7,13 +7,13 @@ RunConfig's (tests/test_cli.py holds them to it).
 
 from __future__ import annotations
 
-import os
 import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from ..files import output_path
 from ..samplers import describe_samplers
 
 USER_ERRORS = (ValueError, OSError, KeyError)  # OSError: disk full, read-only, permissions (named by the message)
@@ -54,12 +54,7 @@ def check_writable(path: Path, option: str, *, directory: bool) -> None:
     if path.is_dir() != directory and path.exists():
         kind = "a file, not a directory" if directory else "a directory, not a file"
         raise ValueError(f"{option} {path} is {kind}; choose another {option}")
-    existing = next(p for p in (path if directory else path.parent, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"{option} {path} cannot be created: {existing} is a file; choose another {option}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path} cannot be written: {existing} is read-only (read-only file system or "
-                         f"no permission); choose another {option}")
+    output_path(path, directory=directory, option=option)
 
 
 def check_options(seeds=(), most: dict[str, tuple[int | None, int, str]] | None = None,

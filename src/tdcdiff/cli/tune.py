@@ -125,7 +125,7 @@ def tune_command(
     Writes frontier.png, table.csv, results.json, cost.csv, return.csv and chosen/ into the tune directory.
     Rerunning skips finished candidates.
     """
-    from ..run import lock_run_dir
+    from ..run import check_not_a_run, lock_run_dir
     from ..tune import Tune, TuneConfig, candidate_list, check_candidate
 
     flags = {k_: v for k_, v in settings_flags(locals()).items() if k_ not in ("k", "groups", "grouping", "depth")}
@@ -142,6 +142,7 @@ def tune_command(
     if curve_objective and not curves:  # even the default "share": what was asked for would not happen
         fail("--curve-objective chooses how --curves candidates allocate: add --curves")
     try:
+        check_not_a_run(out)  # before any write, --dry-run and --candidate included (attack 2026-12-07d row 290)
         if variant:
             settings = replace(settings, tdc_variants=({}, *(
                 parse_settings(v.split(","), "--variant", form="KEY=VALUE[,KEY=VALUE...]",

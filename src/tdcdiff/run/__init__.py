@@ -34,7 +34,7 @@ never imported or called (see Stages).
 
 from ..settings import apply_overrides, check_seed, load_config_file, parse_settings
 from .all import Run
-from .config import BUDGET_UNITS, MAX_TIMESTEPS, SCHEDULER_FILE, RunConfig, stage_settings
+from .config import BUDGET_UNITS, MAX_TIMESTEPS, SCHEDULER_FILE, RunConfig, check_not_a_run, stage_settings
 from .inputs import VAE_DIR
 from .reporting import report_for_run, run_figures, write_run_report
 from .rundir import LOCK_FILE, OWNER_FILE, RunDirectoryBusy, copy_stages, lock_run_dir, record_inputs, up_to_date
@@ -42,7 +42,7 @@ from .stages import Stages
 
 __all__ = [
     "BUDGET_UNITS", "LOCK_FILE", "MAX_TIMESTEPS", "OWNER_FILE", "SCHEDULER_FILE", "VAE_DIR", "Run", "RunConfig",
-    "RunDirectoryBusy", "Stages", "apply_overrides", "check_seed", "copy_stages", "load_config_file", "lock_run_dir",
-    "parse_settings", "record_inputs", "report_for_run", "run_figures", "stage_settings", "up_to_date",
-    "write_run_report",
+    "RunDirectoryBusy", "Stages", "apply_overrides", "check_not_a_run", "check_seed", "copy_stages",
+    "load_config_file", "lock_run_dir", "parse_settings", "record_inputs", "report_for_run", "run_figures",
+    "stage_settings", "up_to_date", "write_run_report",
 ]

@@ -311,6 +311,19 @@ def saved_config(run_dir: Path, *, given: bool) -> RunConfig | None:
     return None
 
 
+
+def check_not_a_run(tune_dir: Path) -> None:
+    """Refuse a run directory as a tune's directory (the converse of saved_config's refusal), before any write: the
+    tune's files would be mixed into the run, and its base run nested in the run's base/. A run directory holds
+    config.json or a stage output after base/ (a tune directory's base/ is its base run's).
+    Raises ValueError naming tune_dir and the fix."""
+    made = [name for name in ("config.json", *(f"{d}/" for d in STAGE_OUTPUT.values() if d != "base"))
+            if (tune_dir / name).exists()]
+    if made:
+        raise ValueError(f"{tune_dir} is a tdcdiff run directory (it holds {made[0]}), not a tune directory: a tune "
+                         f"there would mix its files into the run; use another --out (to tune from that run's base "
+                         f"model, give --base-from {tune_dir})")
+
 def load_saved_config(path: Path) -> RunConfig:
     """A run directory's config.json (untrusted: read with a size cap, every value typed and checked).
 

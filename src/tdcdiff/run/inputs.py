@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from ..base_model import FUNCTION_SPEC, scheduler_from_config
+from ..content_hash import sha256_file, sha256_tree
 from ..data import ImageDataset, load_dataset
 from ..evaluate import balanced_labels
-from ..files import atomic_write_bytes, sha256_file, sha256_tree
+from ..files import atomic_write_bytes
 from ..latent import Decoder, encode
 from ..models import num_class_embeds, text_width, with_null_text
 from ..schedule import make_scheduler

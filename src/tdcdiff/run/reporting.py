@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..bundle import MANIFEST, load_bundle
+from ..content_hash import sha256_file
 from ..evaluate import ModelEntry, evaluate
-from ..files import read_json_file, sha256_file
+from ..files import read_json_file
 from ..grouping import Grouping
 from ..losses import per_timestep_loss
 from ..plots import plot_budgets, plot_grouping, plot_loss_per_t

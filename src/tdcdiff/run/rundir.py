@@ -15,7 +15,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..files import atomic_dir, atomic_write_bytes, atomic_write_text, remove_stale_temporaries, sha256_file
+from ..content_hash import sha256_file
+from ..files import atomic_dir, atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 
 log = logging.getLogger("tdcdiff")
 

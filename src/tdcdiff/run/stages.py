@@ -32,7 +32,8 @@ from ..budget import (
 )
 from ..bundle import BundleError, check_bundle_scheduler, save_bundle
 from ..capacity import check_sampling_memory, check_training_memory
-from ..files import atomic_write_text, read_json_file, sha256_file
+from ..content_hash import sha256_file
+from ..files import atomic_write_text, read_json_file
 from ..flops import count_flops
 from ..grouping import make_groups
 from ..latency import ExpertTimer, clock, timing_batch

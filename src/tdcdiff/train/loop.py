@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -19,10 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import as_denoiser, check_denoiser, check_finite, torch_device
+from ..capacity import check_training_memory
+from ..models import as_denoiser, check_denoiser, check_finite, num_class_embeds, torch_device
 from ..progress import progress_bar
 from ..schedule import training_target
 from ..settings import is_real
+from ..user_warnings import warn
 from .batch import Batch, TrainingBatches, conditioning
 from .checkpoint import (
     CHECKPOINT_DIR,
@@ -87,9 +88,8 @@ def _check_images(images: torch.Tensor, data_range: tuple[float, float] | None) 
         raise ValueError(f"training images must be in [{lo:g}, {hi:g}], got values {low:.4g}..{high:.4g}; scale to "
                          f"[{lo:g}, {hi:g}]: {fix}, or pass data_range=None for a VAE's latents (no fixed range)")
     if lo < 0 <= low:
-        warnings.warn(f"training images are all >= 0 (values {low:.4g}..{high:.4g}): they look like [0, 1] "
-                      f"(torchvision's ToTensor), not [{lo:g}, {hi:g}]; scale with x * 2 - 1", UserWarning,
-                      stacklevel=4)
+        warn(f"training images are all >= 0 (values {low:.4g}..{high:.4g}): they look like [0, 1] "
+             f"(torchvision's ToTensor), not [{lo:g}, {hi:g}]; scale with x * 2 - 1")
 
 
 def _check_weights(model: nn.Module) -> None:
@@ -127,6 +127,10 @@ class Trainer:
             raise ValueError("distill_weight and feature_distill_weight > 0 need a teacher model (stage 2: the base)")
         sample_shape = tuple(images.shape[1:])
         check_denoiser(model, sample_shape)
+        # The run's up-front estimate (Stages), here too: torch's allocator error would come after log.jsonl.
+        check_training_memory(model, sample_shape, config.batch_size, what=f"with batch_size {config.batch_size}",
+                              fix="give a smaller batch_size (TrainConfig.batch_size)",
+                              class_labels=num_class_embeds(model) is not None)
         self.labels, self.null = conditioning(model, labels, len(images), config, null_text)
         self.null_class = self.null if isinstance(self.null, int) else None  # what train.json records
         check_finite(model, images, scheduler.alphas_cumprod, self.labels)
@@ -166,10 +170,9 @@ class Trainer:
 
         c = self.config
         if c.warmup_steps >= c.steps:  # allowed (a deliberate ramp), but rarely what was meant
-            warnings.warn(f"training {self.out_dir}: warmup_steps {c.warmup_steps} is not below its {c.steps} steps, "
-                          f"so the learning rate rises for the whole run and never reaches lr {c.lr:g} (it ends at "
-                          f"{c.lr * c.steps / c.warmup_steps:.3g}); lower warmup_steps or train for more steps",
-                          stacklevel=2)
+            warn(f"training {self.out_dir}: warmup_steps {c.warmup_steps} is not below its {c.steps} steps, so the "
+                 f"learning rate rises for the whole run and never reaches lr {c.lr:g} (it ends at "
+                 f"{c.lr * c.steps / c.warmup_steps:.3g}); lower warmup_steps or train for more steps")
         self.accelerator = Accelerator(**accelerator_device(self.device), mixed_precision=c.mixed_precision)
         world = self.accelerator.num_processes
         if c.batch_size % world:
@@ -393,6 +396,7 @@ def train(
     device: "cpu", "cuda" or "cuda:N" (see accelerator_device); None: the GPU when there is one, else the CPU.
 
     Raises ValueError naming the problem before anything is written (bad settings, timesteps, images, labels, a
+    batch_size whose training state and activations do not fit in memory (capacity.check_training_memory), a
     device that is not usable here, half-precision weights, a damaged or another run's checkpoint, a checkpoint/ or
     final/ folder holding anything but this run's earlier output), and TrainingDiverged when the loss becomes NaN
     or inf.

@@ -17,9 +17,10 @@ from typing import Callable
 import torch
 
 from ..bundle import load_bundle
+from ..content_hash import sha256_tree
 from ..evaluate import BPD_SAMPLES, HELD_OUT_IMAGES, default_feature_net, judge_protocol, score_seeds, time_sampling
 from ..features import DEFAULT_FEATURE_NET, FEATURES_VERSION
-from ..files import atomic_write_text, read_json_file, sha256_tree
+from ..files import atomic_write_text, read_json_file
 from ..grouping import make_groups
 from ..likelihood import nll_bound
 from ..losses import per_image_loss

@@ -1,0 +1,23 @@
+"""Warnings to the user of the library, pointing at their own line.
+
+A fixed `stacklevel` points wherever the call happens to be nested (train() -> Trainer.run -> setup), usually
+inside tdcdiff; warn() walks out of the package instead, so Python shows the caller's file and line (their
+`train(...)` or `sample(...)` call). Imports nothing of tdcdiff.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn(message, category) attributed to the innermost caller outside tdcdiff (the outermost frame
+    when every frame is tdcdiff's)."""
+    frame, level = sys._getframe(1), 2  # level 2: warn()'s caller
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
