@@ -760,6 +760,7 @@ def test_the_current_directory_is_refused_before_any_work_and_a_new_folder_in_it
     assert (empty / "out" / ("manifest.json" if writer == "save_bundle" else "architecture.json")).is_file()
     assert [p.name for p in empty.iterdir()] == ["out"]
 
+
 # -- a tune on a run directory says it is one, before any write (attack 2026-12-07d row 290) ----------------------
 @pytest.mark.parametrize("made", ["config.json", "plan", "bundle"])
 @pytest.mark.parametrize("flags", [[], ["--dry-run"], ["--candidate", "0"]])
@@ -779,6 +780,11 @@ def test_a_tune_on_a_run_directory_names_it(tmp_path, made, flags):
     assert result.output == (f"error: {run} is a tdcdiff run directory (it holds {shown}), not a tune directory: a "
                              "tune there would mix its files into the run; use another --out (to tune from that "
                              f"run's base model, give --base-from {run})\n")
+    assert sorted(run.rglob("*")) == before
+    from tdcdiff.tune import Tune
+
+    with pytest.raises(ValueError, match="is a tdcdiff run directory"):  # the Python API too
+        Tune(run, progress=False)
     assert sorted(run.rglob("*")) == before
     tune = tmp_path / "t"  # a tune directory: its base/ is its base run, with that run's config.json
     (tune / "base" / "base").mkdir(parents=True)

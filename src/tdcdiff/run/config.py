@@ -324,6 +324,7 @@ def check_not_a_run(tune_dir: Path) -> None:
                          f"there would mix its files into the run; use another --out (to tune from that run's base "
                          f"model, give --base-from {tune_dir})")
 
+
 def load_saved_config(path: Path) -> RunConfig:
     """A run directory's config.json (untrusted: read with a size cap, every value typed and checked).
 

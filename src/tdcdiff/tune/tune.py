@@ -12,7 +12,7 @@ from ..evaluate import TIMING_CLOCK, default_feature_net
 from ..files import atomic_write_text
 from ..flops import count_flops
 from ..prune.fit import BudgetError
-from ..run import Run, copy_stages, lock_run_dir
+from ..run import Run, check_not_a_run, copy_stages, lock_run_dir
 from ..train import FINAL_DIR
 from .config import TuneConfig
 from .cost import write_cost
@@ -66,6 +66,7 @@ class Tune:
     def __init__(self, tune_dir: str | Path, config: TuneConfig | None = None, *, run_config=None,
                  overrides: dict | None = None, base_from: str | Path | None = None, progress: bool = True):
         self.dir = Path(tune_dir)
+        check_not_a_run(self.dir)
         self.config = config or TuneConfig()
         self.config.validate()
         self.progress = progress
