@@ -489,7 +489,9 @@ def brief(value: object, limit: int = 120, *, quote: bool = True) -> str:
 
 
 def is_count(value: object, minimum: int = 0) -> bool:
-    """Whether value is an integer (not a bool) >= minimum, e.g. a byte or FLOPs count from a saved file."""
+    """Whether value is an integer (not a bool) >= minimum, e.g. a byte or FLOPs count from a saved file: parsed
+    JSON, so a Python int only. Numbers the public API takes (numpy's and 0-d tensors too) go through
+    settings.is_integer / settings.as_integer instead."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 

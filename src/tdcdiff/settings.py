@@ -135,7 +135,8 @@ def plain_number(value):
 
 
 def is_integer(value) -> bool:
-    """Whether value is an integer (a Python or numpy int: what operator.index takes; never a bool or a float)."""
+    """Whether value is an integer (a Python or numpy int: what operator.index takes; never a bool or a float).
+    as_integer converts one (0-d tensors too) with a message; files.is_count checks a count read from a file."""
     if isinstance(value, bool):
         return False
     try:
