@@ -1,7 +1,9 @@
 """Budget allocation from measured quality curves (budget.allocate_from_curves) against hand-made answers."""
 
 import itertools
+import json
 import random
+import re
 
 import pytest
 
@@ -150,6 +152,28 @@ def test_the_plan_records_its_budget_unit_and_old_plans_load_without_one():
     assert data["budget_unit"] == "time" and BudgetPlan.from_dict(data) == plan
     del data["budget_unit"]  # a plan.json written before the unit was recorded: Run.plan fills in the run's
     assert BudgetPlan.from_dict(data).budget_unit is None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"fractions": "abc"}, "'fractions' must be one budget fraction in (0, 1] per group"),
+    ({"grouping": 5}, "grouping"),
+    ({"base_flops": True}, "'base_flops' must be a positive integer"),
+    ({"sample_shape": [1, 8]}, "'sample_shape' must be 3 positive integers"),
+    ({"format": "tdcdiff-plan/9"}, "format 'tdcdiff-plan/9', expected 'tdcdiff-plan/1'"),
+])
+def test_a_saved_plan_is_read_as_untrusted_by_the_api_too(tmp_path, change, message):
+    path = _plan().save(tmp_path / "plan.json")
+    data = json.loads(path.read_text()) | change
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"^{path} is damaged \(.*{re.escape(message)}.*; restore it, or make it "
+                                         r"again \(`tdcdiff plan`, or make_plan\(\.\.\.\)\.save\)$"):
+        BudgetPlan.load(path)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        BudgetPlan.from_dict(data)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="it holds a list, not a JSON object"):
+        BudgetPlan.load(path)
+    assert BudgetPlan.load(_plan().save(tmp_path / "good.json")) == _plan()
 
 
 def test_given_fractions_make_a_plan_without_k_or_ordering():

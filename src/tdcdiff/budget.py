@@ -16,12 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write_text
+from .files import atomic_write_text, parse_json, read_untrusted
 from .grouping import Grouping
 from .models import check_sample_shape
-from .settings import as_integer, as_real, is_real, plain_number
+from .settings import as_integer, as_real, is_integer, is_real, plain_number
 
 ORDERINGS = ("measured", "snr-high-hard", "snr-low-hard")
+BUDGET_UNITS = ("flops", "time")  # what a budget fraction is of: the base's FLOPs, or its measured forward time
+PLAN_FORMAT = "tdcdiff-plan/1"
+MAX_PLAN_BYTES = 256 << 20  # one entry of about 150 bytes per group, at most T = 10^6 groups
 RAISE_BUDGET = "raise --mean-budget or --k"  # the fix for a budget the formula makes too small
 
 
@@ -125,7 +128,7 @@ class BudgetPlan:
 
     def to_dict(self) -> dict:
         return {
-            "format": "tdcdiff-plan/1",
+            "format": PLAN_FORMAT,
             "grouping": self.grouping.to_dict(),
             "k": self.k,
             "mean_budget": self.mean_budget,
@@ -143,9 +146,18 @@ class BudgetPlan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> BudgetPlan:
-        if data.get("format") != "tdcdiff-plan/1":
-            raise ValueError(f"not a tdcdiff plan (format {data.get('format')!r}, expected 'tdcdiff-plan/1')")
+    def from_dict(cls, data) -> BudgetPlan:
+        """The plan in `data` (to_dict's form; untrusted, e.g. parsed from a plan.json: every field typed and
+        checked). Raises ValueError naming the first problem: not a mapping, another format, a grouping that is
+        not N contiguous groups (Grouping.from_dict), fractions not one number in (0, 1] per group, ranks not
+        1..N, base FLOPs not a positive integer, an unknown ordering or budget unit."""
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a {type(data).__name__}, not a JSON object")
+        if data.get("format") != PLAN_FORMAT:
+            raise ValueError(f"format {str(data.get('format'))[:100]!r}, expected {PLAN_FORMAT!r}")
+        problem = _plan_problem(data)
+        if problem is not None:
+            raise ValueError(problem)
         return cls(
             Grouping.from_dict(data["grouping"]),
             data["k"],
@@ -165,14 +177,59 @@ class BudgetPlan:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> BudgetPlan:
+    def load(cls, path: str | Path, fix: str = "restore it, or make it again (`tdcdiff plan`, or make_plan(...)"
+                                              ".save)") -> BudgetPlan:
+        """The plan saved at `path` (untrusted: read with a size cap, then from_dict's checks). fix: what the
+        message tells the user to do. Raises FileNotFoundError when it is missing, and ValueError, one line naming
+        the file, the problem and `fix`, for anything else."""
         path = Path(path)
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            raw = read_untrusted(path.parent, path.name, str(path), max_bytes=MAX_PLAN_BYTES, hint=fix)
         except FileNotFoundError:
             raise FileNotFoundError(f"no plan at {path}; run `tdcdiff plan` first") from None
-        except (ValueError, KeyError) as err:
-            raise ValueError(f"plan file {path} is invalid ({err}); rerun `tdcdiff plan`") from err
+        data = parse_json(raw, path, fix, problem="is damaged")
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path} is damaged ({err}); {fix}") from None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _numbers(value, count: int) -> bool:
+    return isinstance(value, list) and len(value) == count and all(map(_number, value))
+
+
+def _plan_problem(data: dict) -> str | None:
+    """What is wrong with a plan's fields (the first problem found), or None. Raises ValueError for a grouping
+    that is not N contiguous groups (Grouping.from_dict)."""
+    n = len(Grouping.from_dict(data.get("grouping")))
+    k, ordering, mean_budget = data.get("k"), data.get("ordering"), data.get("mean_budget")
+    base_flops, shape, unit = data.get("base_flops"), data.get("sample_shape"), data.get("budget_unit")
+    fractions, ranks, sensitivity = data.get("fractions"), data.get("ranks"), data.get("sensitivity")
+    checks = [
+        (_numbers(fractions, n) and all(0 < f <= 1 for f in fractions),
+         f"'fractions' must be one budget fraction in (0, 1] per group ({n} groups), got {str(fractions)[:200]}"),
+        (isinstance(ranks, list) and all(map(is_integer, ranks)) and sorted(ranks) == list(range(1, n + 1)),
+         f"'ranks' must be the difficulty ranks 1..{n}, one per group, got {str(ranks)[:200]}"),
+        (is_integer(base_flops) and base_flops > 0,
+         f"'base_flops' must be a positive integer (the base's FLOPs per forward), got {base_flops!r}"),
+        (isinstance(shape, list) and len(shape) == 3 and all(is_integer(s) and s > 0 for s in shape),
+         f"'sample_shape' must be 3 positive integers (channels, height, width), got {str(shape)[:200]}"),
+        (k is None or (_number(k) and 0 < k <= 1), f"'k' must be null or in (0, 1], got {k!r}"),
+        (mean_budget is None or (_number(mean_budget) and 0 < mean_budget <= 1),
+         f"'mean_budget' must be null or in (0, 1], got {mean_budget!r}"),
+        (ordering is None or ordering in ORDERINGS, f"'ordering' must be null or one of {ORDERINGS}, got "
+                                                     f"{str(ordering)[:100]!r}"),
+        (unit is None or unit in BUDGET_UNITS, f"'budget_unit' must be null or one of {BUDGET_UNITS}, got "
+                                               f"{str(unit)[:100]!r}"),
+        (sensitivity is None or _numbers(sensitivity, n),
+         f"'sensitivity' must be null or one finite number per group ({n} groups), got {str(sensitivity)[:200]}"),
+        (isinstance(data.get("provenance", {}), dict), "'provenance' must be a mapping"),
+    ]
+    return next((message for ok, message in checks if not ok), None)
 
 
 def make_plan(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ..base_model import pipeline_scheduler_class
-from ..budget import ORDERINGS, budget_fractions, check_mean_budget
+from ..budget import BUDGET_UNITS, ORDERINGS, budget_fractions, check_mean_budget
 from ..capacity import FID_LIMIT, GRID_LIMIT, MAX_FID_IMAGES, MAX_FID_SEEDS, MAX_GRID_IMAGES, SEEDS_LIMIT
 from ..devices import check_cuda_visible
 from ..files import parse_json, read_untrusted
@@ -19,7 +19,6 @@ from ..schedule import BETA_SCHEDULES, MAX_TIMESTEPS, make_scheduler
 from ..settings import SEED, Rule, Settings, at_least, at_most, one_of, setting, shown
 from ..train import TrainConfig
 
-BUDGET_UNITS = ("flops", "time")
 SCHEDULER_FILE = "scheduler_config.json"
 MAX_SCHEDULER_BYTES = 1 << 20  # a scheduler config is under a kilobyte
 FIX_PIPELINE = "pass a diffusers pipeline saved with save_pretrained"
