@@ -18,7 +18,7 @@ from pathlib import Path
 from tdcdiff.evaluate import default_cache_dir, judge_protocol, score_seeds
 from tdcdiff.features import DEFAULT_FEATURE_NET, FEATURE_NETS, feature_net_for
 from tdcdiff.pipeline import SamplingModel
-from tdcdiff.samplers import SamplingSetting
+from tdcdiff.sampling_setting import SamplingSetting
 from tdcdiff.tune import Tune, TuneConfig
 from tdcdiff.verdict import judge
 

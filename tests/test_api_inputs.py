@@ -330,7 +330,7 @@ def test_load_dataset_and_save_bundle_take_numpy_numbers(tmp_path, scheduler, ti
                                         ("ddim:5:c²", "the number after ':c'")])
 def test_sampling_setting_text_states_the_ascii_digit_rule(text, part):
     """Row 192: '+5' and other scripts' digits each read as an integer >= 1; the message states the rule."""
-    from tdcdiff.samplers import SamplingSetting
+    from tdcdiff.sampling_setting import SamplingSetting
 
     with pytest.raises(ValueError, match=rf"{part} must be an integer >= 1, got .* \(ASCII digits 0-9 only: "
                                          r"no sign, no other digits\)"):

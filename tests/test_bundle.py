@@ -112,7 +112,7 @@ def test_a_bundle_samples_with_its_recorded_setting_unless_told_otherwise(bundle
     from typer.testing import CliRunner
 
     from tdcdiff.cli import app
-    from tdcdiff.samplers import SamplingSetting
+    from tdcdiff.sampling_setting import SamplingSetting
 
     path, experts, scheduler = bundle_dir
     assert load_bundle(path).sampling == SamplingSetting("ddim", 50)  # a bundle without one: DDIM, min(50, T)

@@ -421,7 +421,7 @@ def test_half_precision_models_sample(dtype, sampler, tiny_unet, scheduler):
     ("unipc:10:c2:d2", ("unipc", 10, 2, 2)),
 ])
 def test_a_sampling_setting_reads_and_writes_its_text(text, setting):
-    from tdcdiff.samplers import SamplingSetting
+    from tdcdiff.sampling_setting import SamplingSetting
 
     parsed = SamplingSetting.parse(text)
     assert (parsed.sampler, parsed.steps, parsed.cache_interval, parsed.cache_depth) == setting
@@ -434,7 +434,7 @@ def test_a_sampling_setting_reads_and_writes_its_text(text, setting):
     ("ddim:10:d2", "cache_depth"),
 ])
 def test_a_bad_sampling_setting_is_one_line(text, message):
-    from tdcdiff.samplers import SamplingSetting
+    from tdcdiff.sampling_setting import SamplingSetting
 
     with pytest.raises(ValueError, match=message):
         SamplingSetting.parse(text, "--reference")

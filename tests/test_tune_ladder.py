@@ -13,7 +13,7 @@ LADDER = ("ddim:1", "dpm-solver++:4", "ddim:8:c2")  # ddim:1: a deliberately bad
 
 
 def test_pick_settings_takes_the_two_fastest_within_the_screens_slack():
-    from tdcdiff.samplers import SamplingSetting
+    from tdcdiff.sampling_setting import SamplingSetting
     from tdcdiff.tune.ladder import SCREEN_SLACK, pick_settings
 
     ref, fast, faster, bad, slow = (SamplingSetting.parse(t) for t in
@@ -26,7 +26,7 @@ def test_pick_settings_takes_the_two_fastest_within_the_screens_slack():
 
 
 def test_fid_points_judge_the_base_at_every_setting_a_candidate_is_picked_at():
-    from tdcdiff.samplers import SamplingSetting
+    from tdcdiff.sampling_setting import SamplingSetting
     from tdcdiff.tune.ladder import fid_points
 
     ref, d10, d6, c3 = (SamplingSetting.parse(t)
@@ -153,7 +153,7 @@ def test_the_chosen_bundle_samples_with_the_chosen_setting_by_default(laddered, 
 def test_a_free_setting_ships_as_the_base_with_that_sampling(laddered, tmp_path):
     from tdcdiff.bundle import load_bundle
     from tdcdiff.cli import app
-    from tdcdiff.samplers import SamplingSetting
+    from tdcdiff.sampling_setting import SamplingSetting
     from tdcdiff.tune.ship import write_chosen
 
     _, tune, _ = laddered

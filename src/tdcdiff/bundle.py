@@ -52,7 +52,7 @@ from .manifest import (
 from .models import Denoiser, check_sample_shape, num_class_embeds, text_width, torch_device, with_null_text
 from .pipeline import TDCPipeline
 from .router import Router
-from .samplers import SamplingSetting
+from .sampling_setting import SamplingSetting
 from .serialization import (
     ARCHITECTURE_FILE,
     MAX_ARCHITECTURE_BYTES,
@@ -102,7 +102,7 @@ def save_bundle(
         "null_class" (the id for dropped labels, needed for guidance; None without label dropout)}.
     vae: for latent diffusion, the VAE (a diffusers AutoencoderKL) whose scaled latents the experts denoise
         (sample_shape is the latents' shape); it is stored in the bundle, so the bundle decodes on its own.
-    sampling: how the bundle is sampled unless told otherwise (samplers.SamplingSetting: sampler, steps, feature
+    sampling: how the bundle is sampled unless told otherwise (sampling_setting.SamplingSetting: sampler, steps, feature
         caching); None: DDIM at min(50, T) steps. `Bundle.pipeline()` and `tdcdiff sample --bundle` use it.
     text_encoder: for text-conditional experts (required there), the text.TextEncoder (CLIP tokenizer and text
         encoder) whose embeddings they were trained on; stored in the bundle, so its pipeline takes prompts.

@@ -19,7 +19,7 @@ from .feature_cache import split_unet
 from .files import brief, is_count, is_sha256, json_safe, lists
 from .grouping import Grouping
 from .models import CLIP_TOKENS, network
-from .samplers import SamplingSetting
+from .sampling_setting import SamplingSetting
 from .schedule import MAX_TIMESTEPS, PREDICTION_TYPES
 from .serialization import ARCHITECTURE_FILE, allowed_class, check_arguments
 from .text import TOKENIZER_FILES

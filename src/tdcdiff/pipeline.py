@@ -28,14 +28,13 @@ from .progress import progress_bar
 from .samplers import (
     LEARNED_VARIANCES,
     TIMESTEP_SPACING,
-    SamplingSetting,
-    check_cache_settings,
     make_sampler,
     sampler_kind,
     step_takes_generator,
     visited_timesteps,
 )
 from .samplers import SAMPLERS as SAMPLERS  # re-exported: callers import the sampler names from here too
+from .sampling_setting import SamplingSetting, check_cache_settings
 from .schedule import check_sampling_schedule
 from .settings import check_seed, is_integer, is_real, plain_number
 

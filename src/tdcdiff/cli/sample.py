@@ -78,7 +78,7 @@ def sample_command(
     from ..evaluate import balanced_labels
     from ..pipeline import sample, save_grid
     from ..run import lock_run_dir
-    from ..samplers import check_cache_settings
+    from ..sampling_setting import check_cache_settings
 
     try:
         check_options(() if seed is None else (seed,), most={"--num": (num_samples, MAX_GRID_IMAGES, GRID_LIMIT)},
@@ -121,7 +121,7 @@ def sample_command(
 def _source(bundle: Path | None, out: Path, base: str | None, quiet: bool):
     """What `tdcdiff sample` samples: a bundle's router, or the run's base, with (scheduler, sample shape, decoder,
     null class, the data's class count, its default sampling setting)."""
-    from ..samplers import SamplingSetting
+    from ..sampling_setting import SamplingSetting
 
     if bundle is not None:
         from ..base_model import trust_function

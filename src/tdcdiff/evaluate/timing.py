@@ -92,7 +92,7 @@ def time_sampling(models: list, scheduler, *, sample_shape, sampler, steps, batc
     Interleaved: there are repeats + 1 rounds and each round runs every model once, in order, with the round's
     seed (the same noise for every model); the first round warms caches and allocators up and is not counted,
     so slow drift of a shared machine hits every model alike.
-    settings: one samplers.SamplingSetting per model (sampler, steps, feature caching), instead of sampler and
+    settings: one sampling_setting.SamplingSetting per model (sampler, steps, feature caching), instead of sampler and
         steps for all: each model is timed at its own.
     Raises what pipeline.sample raises (e.g. ValueError for an unknown sampler).
     """

@@ -31,7 +31,7 @@ from ..prune.engine import prune_kept
 from ..prune.importance import BY_POSITION
 from ..prune.plan import plan_for
 from ..prune.units import prunable_units
-from ..samplers import SamplingSetting
+from ..sampling_setting import SamplingSetting
 from ..settings import apply_overrides
 from ..train import FINAL_DIR
 from .plan_file import load_plan

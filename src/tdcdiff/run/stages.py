@@ -47,7 +47,8 @@ from ..prune.importance import get_importance
 from ..prune.proxy import Proxy, ProxyBatch
 from ..prune.search import search
 from ..prune.sensitivity import measure_sensitivity
-from ..samplers import PIPELINE_SAMPLERS, SamplingSetting, sampler_for_scheduler
+from ..samplers import PIPELINE_SAMPLERS, sampler_for_scheduler
+from ..sampling_setting import SamplingSetting
 from ..schedule import SCHEDULE_VERSION, check_given_schedule
 from ..serialization import save_model
 from ..settings import apply_overrides

@@ -61,7 +61,7 @@ class TuneConfig(Settings):
     fid_samples: images per seed for FID/KID.
     margin: the judge's non-inferiority margin in FID units (the largest loss that counts as none); None: the
         real-vs-real spread of FID at fid_samples images (evaluate.judge_protocol).
-    settings: the ladder of sampling settings ("sampler:steps[:cN[:dD]]", samplers.SamplingSetting) every model
+    settings: the ladder of sampling settings ("sampler:steps[:cN[:dD]]", sampling_setting.SamplingSetting) every model
         is also sampled with: the base and the `finalists` best candidates by the screening measure are crossed
         with them (the other candidates stay at the reference). Default: ladder.DEFAULT_LADDER, less what the base
         cannot take (a setting given is refused instead).

@@ -9,7 +9,7 @@ reference setting (so "base" is the reference itself) and "<model> @ <setting>" 
 from __future__ import annotations
 
 from ..pipeline import SamplingModel
-from ..samplers import SamplingSetting
+from ..sampling_setting import SamplingSetting
 from ..verdict import QUALIFY
 
 # Solver changes first (what a user can do for free), then feature caching (DeepCache, CVPR 2024, interval 3).

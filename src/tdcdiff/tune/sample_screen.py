@@ -24,7 +24,7 @@ from ..features import DEFAULT_FEATURE_NET, FEATURES_VERSION
 from ..files import atomic_dir, atomic_write_text, holds
 from ..metrics import features_of
 from ..pipeline import SamplingModel, sample
-from ..samplers import SamplingSetting
+from ..sampling_setting import SamplingSetting
 from .judge import mean_se
 from .records import clock, read_json, record_phase, since
 

@@ -11,7 +11,7 @@ from ..bundle import save_bundle
 from ..files import atomic_dir
 from ..grouping import make_groups
 from ..manifest import A_BUNDLE, MANIFEST, is_bundle
-from ..samplers import SamplingSetting
+from ..sampling_setting import SamplingSetting
 
 
 def write_chosen(tune, row: dict, setting: SamplingSetting, path: Path) -> Path:

@@ -88,7 +88,7 @@ class Tune:
         trained = self.base_run.dir / "base" / FINAL_DIR
         self.reference, self.settings, self.ladder_notes = resolve_ladder(
             self.config, self.base_run, self.base_run.base_model() if trained.exists() else None)
-        self.points: dict = {}  # row name -> (model name, samplers.SamplingSetting), set by run_all
+        self.points: dict = {}  # row name -> (model name, sampling_setting.SamplingSetting), set by run_all
         if source is not None:
             with self.locked():
                 copy_stages(source, here, ("config.json", "base"))
