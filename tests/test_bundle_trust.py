@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 from typer.testing import CliRunner
 
 from tdcdiff.bundle import BundleError, load_bundle, save_bundle
@@ -82,6 +82,12 @@ def used(key, value):
      r"'scheduler._class_name' is 'DDIMScheduler'; a bundle's scheduler is the DDPMScheduler its experts were trained"),
     ([lambda m: m["expert_training"][1].update(beta_schedule="squaredcos_cap_v2")],
      r"'scheduler.beta_schedule' is 'linear' but expert 1 was trained with 'squaredcos_cap_v2'"),
+    ([used("variance_type", "fixed_large_log")],  # diffusers' DDPM takes sqrt(log beta): NaN at every step
+     r"'scheduler': the noise schedule's variance_type is 'fixed_large_log', which tdcdiff's samplers cannot use "
+     r"\(diffusers' DDPMScheduler.step takes the square root .*\); set variance_type to 'fixed_large' .*re-export"),
+    ([used("rescale_betas_zero_snr", True),
+      lambda m: [r.update(rescale_betas_zero_snr=True) for r in m["expert_training"]]],
+     r"'scheduler': the noise schedule has zero terminal SNR .* predicts epsilon.*re-export the bundle"),
 ])
 def test_scheduler_settings_that_ruin_images_are_refused_whatever_use_default_values_says(bundle, changes, message):
     for change in changes:
@@ -98,6 +104,23 @@ def test_scheduler_settings_sampling_can_use_still_load_and_sample(bundle):
     images = sample(loaded.router, loaded.scheduler, sample_shape=loaded.sample_shape, steps=3, num_images=2,
                     progress=False).images
     assert torch.isfinite(images).all() and images.std() > 0
+
+
+@pytest.mark.parametrize("scheduler, message", [
+    (DDPMScheduler(variance_type="fixed_large_log"), r"variance_type is 'fixed_large_log', which tdcdiff's samplers "
+                                                     r"cannot use .*set variance_type to 'fixed_large'"),
+    (DDPMScheduler(rescale_betas_zero_snr=True), r"zero terminal SNR .* predicts epsilon"),
+])
+def test_a_schedule_no_sampler_can_use_is_refused_by_save_bundle_and_sample(scheduler, message, tmp_path):
+    """Refused when the bundle is written (nothing left), and by sample() for a user's scheduler, before any step
+    (the samplers' own check, made earlier: rows 349, 421, 423 of docs/attack-2026-12-07e.md)."""
+    experts = [build_unet("digits-8").eval() for _ in range(2)]
+    with pytest.raises(BundleError, match=message):
+        write_bundle(tmp_path / "b", experts, scheduler)
+    assert not (tmp_path / "b").exists()
+    for sampler in ("ddpm", "ddim"):
+        with pytest.raises(ValueError, match=message):
+            sample(experts[0], scheduler, sample_shape=SHAPE, sampler=sampler, steps=2, num_images=1, progress=False)
 
 
 def test_the_cli_refuses_a_ruinous_scheduler_before_sampling(bundle, tmp_path):

@@ -110,6 +110,7 @@ def save_bundle(
     """
     path = output_path(path, directory=True)  # an empty or unwritable path is refused before any work
     config, sample_shape = _scheduler_config(scheduler), check_sample_shape(sample_shape)
+    rebuilt = build_scheduler(config, path / MANIFEST)  # the schedule load_bundle takes, checked before any write
     expert_flops, base_flops, budgets = plain_values((expert_flops, base_flops, budgets))  # as Python numbers
     check_class_ids(experts, "", "give experts with one class embedding (the same num_class_embeds)")
     check_text(experts, text_encoder.width if text_encoder is not None else None, "")
@@ -139,7 +140,7 @@ def save_bundle(
             "files": files,
         }
         where = path / MANIFEST  # the checks load_bundle makes, before anything is kept
-        check_records(manifest, build_scheduler(config, where), check_manifest(manifest, where), where)
+        check_records(manifest, rebuilt, check_manifest(manifest, where), where)
         check_trained_shape(manifest, where)
         check_conditioning(conditioning, num_class_embeds(experts[0]) if experts else None, where)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -20,7 +20,7 @@ from .files import brief, is_count, is_sha256, json_safe, lists
 from .grouping import Grouping
 from .models import CLIP_TOKENS, network
 from .sampling_setting import SamplingSetting
-from .schedule import MAX_TIMESTEPS, PREDICTION_TYPES
+from .schedule import MAX_TIMESTEPS, PREDICTION_TYPES, VARIANCE_TYPES, check_sampling_schedule
 from .serialization import ARCHITECTURE_FILE, allowed_class, check_arguments
 from .text import TOKENIZER_FILES
 
@@ -40,7 +40,7 @@ _RECORD_KEYS = (*SCHEDULE_KEYS, "timesteps", "sample_shape", "weights_sha256")
 _SCHEDULER_CHOICES = {
     "prediction_type": PREDICTION_TYPES,
     "timestep_spacing": ("linspace", "leading", "trailing"),
-    "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"),
+    "variance_type": VARIANCE_TYPES,  # the unusable ones are refused by check_sampling_schedule, with their fix
 }
 # Number settings every sampler applies to every image: (low, high, inclusive low) and what a bad value does.
 _SCHEDULER_RANGES = {
@@ -221,6 +221,10 @@ def build_scheduler(config: dict, where):
         raise BundleError(f"{where}: 'scheduler' settings {brief(changed)} do not survive rebuilding {name} "
                           f"(overridden by '_use_default_values' or missing); {REEXPORT}")
     _check_noise_levels(scheduler, where)
+    try:  # what every sampler would refuse, refused when the bundle is written and loaded
+        check_sampling_schedule(scheduler)
+    except ValueError as err:
+        raise BundleError(f"{where}: 'scheduler': {err}, and {REEXPORT}") from None
     return scheduler
 
 

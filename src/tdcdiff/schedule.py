@@ -23,6 +23,12 @@ BETA_START, BETA_END = 1e-4, 0.02  # DDPM's (Ho et al. 2020) for T=1000; diffuse
 # the unscaled linear one at T=100 at 0.364.
 MAX_TERMINAL_ALPHA_BAR = 0.01
 MAX_TIMESTEPS = 1_000_000  # T: far beyond any schedule in use; the schedule and the router allocate per timestep
+# diffusers' DDPMScheduler variance types and those tdcdiff's samplers cannot use, with why.
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+UNUSABLE_VARIANCES = {
+    "fixed_large_log": "diffusers' DDPMScheduler.step takes the square root of this variance, log(beta_t) < 0: every "
+                       "DDPM sample is NaN",
+}
 
 
 def make_scheduler(
@@ -80,8 +86,16 @@ def terminal_alpha_bar(scheduler) -> float:
 
 
 def check_sampling_schedule(scheduler) -> None:
-    """Raise ValueError if sampling cannot run on this schedule: epsilon prediction with zero terminal SNR
-    (alpha_bar_{T-1} = 0), where x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) divides by 0."""
+    """Raise ValueError if sampling cannot run on this schedule: a variance_type of UNUSABLE_VARIANCES, or epsilon
+    prediction with zero terminal SNR (alpha_bar_{T-1} = 0), where x0 = (x_t - sqrt(1 - alpha_bar) eps) /
+    sqrt(alpha_bar) divides by 0."""
+    variance = scheduler.config.get("variance_type")
+    if variance in UNUSABLE_VARIANCES:
+        raise ValueError(
+            f"the noise schedule's variance_type is {variance!r}, which tdcdiff's samplers cannot use "
+            f"({UNUSABLE_VARIANCES[variance]}); set variance_type to 'fixed_large' (the same variance beta_t, not "
+            f"its log) or 'fixed_small' (the default)"
+        )
     if scheduler.config.prediction_type == "epsilon" and terminal_alpha_bar(scheduler) == 0:
         raise ValueError(
             "the noise schedule has zero terminal SNR (alpha_bar is 0 at t=T-1, e.g. rescale_betas_zero_snr) and the "
