@@ -203,3 +203,37 @@ def test_the_second_judge_samples_each_point_at_its_own_setting(laddered):
     assert crossed and set(scores["second"]) == {r["name"] for r in results["rows"] if r["fid"]}
     for name, fids in scores["default"].items():
         assert scores["second"][name] == pytest.approx(fids, rel=1e-4), name
+
+
+def test_cli_a_batch_beyond_memory_is_refused_before_any_work_in_the_run_and_the_dry_run(tmp_path):
+    """`--batch` is the timing phase's sampling batch: refused naming --batch before training anything, by
+    `--dry-run` alike (attack 2026-12-07e row 431: refused after all training, naming --num)."""
+    from tdcdiff.cli import app
+
+    out = tmp_path / "tune"
+    for dry in ([], ["--dry-run"]):
+        done = CliRunner().invoke(app, ["tune", "--out", str(out), "--batch", "100000000000", *dry])
+        assert done.exit_code == 2 and len(done.output.strip().splitlines()) == 1, done.output
+        assert done.output.startswith("error: timing sampling at --batch 100000000000 (the noise and images of "
+                                      "100000000000 samples of 1x8x8, float32) needs about 47683.7 GiB"), done.output
+        assert done.output.strip().endswith("; lower --batch (your sampling batch size)") and not out.exists()
+    done = CliRunner().invoke(app, ["tune", "--out", str(out), "--base-from", str(tmp_path / "none"), "--dry-run"])
+    assert done.exit_code == 2 and done.output.startswith(f"error: --base-from {tmp_path / 'none'}: no finished "
+                                                          "stage-1 base there"), done.output
+
+
+def test_cli_the_dry_run_refuses_a_cache_depth_the_base_cannot_take_as_the_run_does(tmp_path, monkeypatch):
+    """':d9' on a 2-level UNet: the real run refuses it before writing (on the trained base), and so does
+    `--dry-run` (attack 2026-12-07e, noticed: it passed the dry run)."""
+    from tdcdiff.cli import app
+    from tdcdiff.run import Run
+
+    monkeypatch.setenv("TDCDIFF_CACHE", str(tmp_path / "cache"))
+    Run(tmp_path / "run", tiny_config(), progress=False).train_base()
+    out = tmp_path / "tune"
+    for dry in (["--dry-run"], []):
+        done = CliRunner().invoke(app, ["tune", "--out", str(out), "--base-from", str(tmp_path / "run"),
+                                        "--settings", "ddim:4:c2:d9", *dry])
+        assert done.exit_code == 2 and len(done.output.strip().splitlines()) == 1, done.output
+        assert done.output.startswith("error: --settings ddim:4:c2:d9: "), done.output
+        assert not (out / "base").exists()

@@ -126,7 +126,7 @@ def tune_command(
     Rerunning skips finished candidates.
     """
     from ..run import check_not_a_run, lock_run_dir
-    from ..tune import Tune, TuneConfig, candidate_list, check_candidate
+    from ..tune import Tune, TuneConfig, candidate_list, check_candidate, check_tune
 
     flags = {k_: v for k_, v in settings_flags(locals()).items() if k_ not in ("k", "groups", "grouping", "depth")}
     settings = TuneConfig(tune_steps=tune_steps, screening=screening, finalists=finalists, fid_seeds=fid_seeds,
@@ -152,7 +152,7 @@ def tune_command(
             check_candidate(candidate, candidate_list(settings), out / "candidates.json")
         if dry_run:  # nothing written: the base run is only opened
             from ..run.estimate import estimate_tune
-            settings.validate()
+            check_tune(out, settings, overrides=overrides(config, **flags), base_from=base_from)
             return typer.echo(estimate_tune(out, settings, candidate_list(settings), base_from=base_from,
                                             overrides=overrides(config, **flags)))
         with lock_run_dir(out, what="tune directory"):  # the whole tune: a second one on --out is refused at once

@@ -41,7 +41,8 @@ from .judge import choose
 from .kinds import KINDS, Kind, candidate_list, check_candidate, kind_of
 from .measures import SCREENING_MEASURES
 from .output import format_rows, judge_line, table_rows
-from .tune import Tune
+from .tune import Tune, check_tune
 
 __all__ = ["KINDS", "SCREENING_MEASURES", "Kind", "Tune", "TuneConfig", "candidate_list", "check_candidate",
+           "check_tune",
            "choose", "cost_rows", "format_rows", "judge_line", "kind_of", "table_rows"]

@@ -8,6 +8,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
+from ..capacity import check_sampling_memory
 from ..evaluate import TIMING_CLOCK, default_feature_net
 from ..files import atomic_write_text
 from ..flops import count_flops
@@ -50,6 +51,47 @@ CANDIDATES_FORMAT = "tdcdiff-tune-plan/1"  # of tune.json and candidates.json (n
 RESULTS_FORMAT = "tdcdiff-tune/3"  # /3: rows are points (model, setting), "headline"; /2: rows' second measure
 
 
+def check_base_from(base_from: str | Path | None) -> Path | None:
+    """--base-from as a Path (None: not given). Raises FileNotFoundError where it holds no finished stage-1 base."""
+    if base_from is None:
+        return None
+    source = Path(base_from)
+    if not (source / "base" / FINAL_DIR).exists() or not (source / "config.json").exists():
+        raise FileNotFoundError(f"--base-from {source}: no finished stage-1 base there (base/{FINAL_DIR} and "
+                                "config.json); point it at a run directory after `tdcdiff train-base`")
+    return source
+
+
+def checked_base(tune_dir: Path, base_from: str | Path | None) -> Path:
+    """The run directory whose config.json a tune uses: the tune's base/ (kept once there), else --base-from's."""
+    here = Path(tune_dir) / "base"
+    return here if base_from is None or (here / "config.json").exists() else Path(base_from)
+
+
+def check_base_run(config: TuneConfig, candidates: list[dict], base_run: Run) -> tuple:
+    """What a tune refuses before any write (and `tdcdiff tune --dry-run` alike), on the base run's settings: each
+    candidate's kind (a bad setting fails now, not after stage 1 and other candidates), --batch against memory (the
+    timing phase samples that many images at once: capacity.check_sampling_memory), and the ladder (resolve_ladder,
+    feature caching checked on the trained base when there is one). Returns resolve_ladder's."""
+    for spec in candidates:
+        kind_of(spec["kind"]).check(spec, base_run.config)
+    check_sampling_memory(config.batch, base_run.sample_shape, fix="lower --batch (your sampling batch size)",
+                          what=f"timing sampling at --batch {config.batch} (the noise and images of "
+                               f"{config.batch} samples of {'x'.join(map(str, base_run.sample_shape))}, float32)")
+    trained = base_run.dir / "base" / FINAL_DIR
+    return resolve_ladder(config, base_run, base_run.base_model() if trained.exists() else None)
+
+
+def check_tune(tune_dir: str | Path, config: TuneConfig, *, overrides: dict | None = None,
+               base_from: str | Path | None = None) -> None:
+    """Raise what Tune(tune_dir, config, ...) would refuse before writing, writing nothing (`tdcdiff tune
+    --dry-run`): the settings, --base-from, and check_base_run on the base run."""
+    config.validate()
+    check_base_from(base_from)
+    base = Run(checked_base(Path(tune_dir), base_from), overrides=overrides, progress=False)
+    check_base_run(config, candidate_list(config), base)
+
+
 class Tune:
     """One tune directory (see the package docstring).
 
@@ -70,24 +112,14 @@ class Tune:
         self.config = config or TuneConfig()
         self.config.validate()
         self.progress = progress
-        source = None
-        if base_from is not None:
-            source = Path(base_from)
-            if not (source / "base" / FINAL_DIR).exists() or not (source / "config.json").exists():
-                raise FileNotFoundError(f"--base-from {source}: no finished stage-1 base there (base/{FINAL_DIR} and "
-                                        "config.json); point it at a run directory after `tdcdiff train-base`")
+        source = check_base_from(base_from)
         self.candidates = candidate_list(self.config)
         self._check_saved_plan()
         # Every refusal before anything is copied: the base run's settings on the config.json that will be used
         # (copy_stages keeps one the tune directory has), and each candidate's on top of them.
         here = self.dir / "base"
-        checked = here if source is None or (here / "config.json").exists() else source
-        self.base_run = Run(checked, run_config, overrides=overrides, progress=progress)
-        for spec in self.candidates:  # a bad setting must fail now, not after stage 1 and other candidates
-            kind_of(spec["kind"]).check(spec, self.base_run.config)
-        trained = self.base_run.dir / "base" / FINAL_DIR
-        self.reference, self.settings, self.ladder_notes = resolve_ladder(
-            self.config, self.base_run, self.base_run.base_model() if trained.exists() else None)
+        self.base_run = Run(checked_base(self.dir, base_from), run_config, overrides=overrides, progress=progress)
+        self.reference, self.settings, self.ladder_notes = check_base_run(self.config, self.candidates, self.base_run)
         self.points: dict = {}  # row name -> (model name, sampling_setting.SamplingSetting), set by run_all
         if source is not None:
             with self.locked():
