@@ -90,6 +90,31 @@ def test_a_given_schedule_that_leaves_signal_at_T_warns():
         check_given_schedule(DDPMScheduler(rescale_betas_zero_snr=True), "a pipeline")
 
 
+def test_a_schedule_passed_to_the_api_gets_the_same_rule_once_where_it_enters(tmp_path):
+    """sample(), TDCPipeline and train() check a schedule the user's code passes as --base does (attack 2026-12-07e
+    row 313: alpha_bar(T-1) = 0.99999 sampled with no word); tdcdiff's own inner calls do not warn again."""
+    from tdcdiff.models import build_unet
+    from tdcdiff.pipeline import TDCPipeline, sample
+    from tdcdiff.train import TrainConfig, train
+
+    far = DDPMScheduler(num_train_timesteps=100)  # ends at alpha_bar 0.364
+    unet = build_unet("digits-8").eval()
+    ends = r"ends at alpha_bar = 0.364 at t=T-1 \(x_\(T-1\) keeps 60% of the image\)"
+    with pytest.warns(UserWarning, match=f"the noise schedule of the train_scheduler given to sample\\(\\) {ends}"):
+        sample(unet, far, sample_shape=(1, 8, 8), steps=2, num_images=1, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TDCPipeline(unet, far, (1, 8, 8))(1, 2, output_type="pt", progress=False)  # its sample() call: no second
+    assert [str(w.message)[:61] for w in caught] == ["the noise schedule of the scheduler given to TDCPipeline ends"]
+    assert caught[0].filename == __file__  # the user's line, through sample()'s torch.no_grad wrapper
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    with pytest.warns(UserWarning, match=f"the noise schedule of the scheduler given to train\\(\\) {ends}"):
+        train(unet, images, far, TrainConfig(steps=1, batch_size=2, warmup_steps=0), tmp_path / "t", progress=False)
+    with pytest.raises(ValueError, match=r"zero terminal SNR .* predicts epsilon"):  # before anything is written
+        train(unet, images, DDPMScheduler(rescale_betas_zero_snr=True), TrainConfig(steps=1), tmp_path / "z")
+    assert not (tmp_path / "z").exists()
+
+
 def pipeline(directory, scheduler):
     """A diffusers pipeline directory (save_pretrained) with a tiny UNet2DModel for 1x8x8 images."""
     torch.manual_seed(0)

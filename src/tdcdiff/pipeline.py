@@ -35,8 +35,9 @@ from .samplers import (
 )
 from .samplers import SAMPLERS as SAMPLERS  # re-exported: callers import the sampler names from here too
 from .sampling_setting import SamplingSetting, check_cache_settings
-from .schedule import check_sampling_schedule
+from .schedule import check_given_schedule, check_sampling_schedule
 from .settings import check_seed, is_integer, is_real, plain_number
+from .user_warnings import called_by_user
 
 
 @dataclass
@@ -196,8 +197,9 @@ def sample(
 
     model: called as model(x, t); a diffusers UNet2DModel, any denoiser, a tdcdiff Router, or a
         SamplingModel built once from one of those (then compile and precision are its own).
-    train_scheduler: the training schedule (gives betas, T and the prediction type). Raises ValueError for an
-        epsilon-prediction schedule with zero terminal SNR (schedule.check_sampling_schedule).
+    train_scheduler: the training schedule (gives betas, T and the prediction type). Raises ValueError for a
+        schedule no sampler can use (schedule.check_sampling_schedule); warns, when the user's code passed it, for
+        one that ends far from noise (schedule.check_given_schedule).
     sample_shape: (C, H, W) of one image, at the size the model's config states (sample_size), if it does.
     sampler: one of SAMPLERS (samplers.describe_samplers()): "ddpm", "ddim", "dpm-solver++", "unipc", "deis",
         "pndm", "euler".
@@ -226,6 +228,8 @@ def sample(
         steps, num_images, batch_size, seed, guidance_scale, cache_interval, cache_depth))  # numpy / 0-d tensors
     visited, depth = _check_settings(train_scheduler, sample_shape, sampler, steps, num_images, batch_size, seed,
                                      guidance_scale, cache_interval, cache_depth, (compile, precision))
+    if called_by_user():  # a schedule tdcdiff made or checked where it entered is not warned about again
+        check_given_schedule(train_scheduler, "the train_scheduler given to sample()")
     runner = model if isinstance(model, SamplingModel) else None
     model = runner.model if runner is not None else model
     device = _check_model(model, train_scheduler, sample_shape, device)
@@ -284,8 +288,9 @@ class TDCPipeline:
     def __init__(self, denoiser: nn.Module, scheduler, sample_shape: tuple[int, int, int], *,
                  null_class: int | None = None, compile: str = "auto", precision: str = "fp32", vae=None,
                  num_classes: int | None = None, defaults: SamplingSetting | None = None, text_encoder=None):
+        if called_by_user():  # a bundle's pipeline (Bundle.pipeline) was checked when the bundle was written
+            check_given_schedule(scheduler, "the scheduler given to TDCPipeline")
         self.text_encoder = text_encoder
-
         self.decode = Decoder(vae) if vae is not None else None
         self.denoiser = denoiser
         self.scheduler = scheduler

@@ -21,9 +21,9 @@ from torch import nn
 from ..capacity import check_training_memory
 from ..models import as_denoiser, check_denoiser, check_finite, num_class_embeds, torch_device
 from ..progress import progress_bar
-from ..schedule import training_target
+from ..schedule import check_given_schedule, training_target
 from ..settings import is_real
-from ..user_warnings import warn
+from ..user_warnings import called_by_user, warn
 from .batch import Batch, TrainingBatches, conditioning
 from .checkpoint import (
     CHECKPOINT_DIR,
@@ -400,7 +400,11 @@ def train(
     device that is not usable here, half-precision weights, a damaged or another run's checkpoint, a checkpoint/ or
     final/ folder holding anything but this run's earlier output), and TrainingDiverged when the loss becomes NaN
     or inf.
+    A schedule no sampler can use is refused, and one that ends far from noise warned about, when the user's code
+    passed it (schedule.check_given_schedule).
     """
+    if called_by_user():  # a run's schedule was made or checked where it entered
+        check_given_schedule(scheduler, "the scheduler given to train()")
     return Trainer(model, images, scheduler, config, out_dir, labels=labels, null_text=null_text, timesteps=timesteps,
                    teacher=teacher, resume=resume, progress=progress, description=description, device=device,
                    data_range=data_range).run()
