@@ -10,6 +10,7 @@ from tdcdiff.models import build_unet
 from tdcdiff.pipeline import sample
 from tdcdiff.prune.fit import fit_to_budget
 from tdcdiff.prune.units import prunable_units, uniform_decision
+from tdcdiff.sampling_setting import SamplingSetting
 from tdcdiff.schedule import make_scheduler
 
 
@@ -153,3 +154,32 @@ def test_a_recorded_setting_sampling_cannot_use_is_refused_on_load(bundle_dir, t
     (target / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=message):
         load_bundle(target)
+
+
+@pytest.mark.parametrize("sampling", [SamplingSetting("unipc", 61), "unipc:61", {"sampler": "unipc", "steps": 61}])
+def test_save_bundle_takes_a_setting_its_text_or_its_manifest_dict(bundle_dir, tmp_path, sampling):
+    """save_bundle(sampling=...) as a SamplingSetting, "sampler:steps" or the manifest's dict (attack 2026-12-07e
+    row 420: a dict gave AttributeError: 'dict' object has no attribute 'to_dict')."""
+    path, experts, scheduler = bundle_dir
+    save_bundle(tmp_path / "b", experts, load_bundle(path).router.grouping, scheduler, sample_shape=(1, 8, 8),
+                sampling=sampling, expert_flops=[count_flops(e, (1, 8, 8)) for e in experts],
+                base_flops=count_flops(experts[1], (1, 8, 8)))
+    assert load_bundle(tmp_path / "b").sampling == SamplingSetting("unipc", 61)
+
+
+@pytest.mark.parametrize("sampling, message", [
+    (("unipc", 61), r"^sampling must be a SamplingSetting, its text \(sampler:steps\[:cN\[:dD\]\], e.g. 'ddim:50'\) or "
+                    r"a dict \{\"sampler\", \"steps\"\[, \"cache_interval\", \"cache_depth\"\]\}, got a tuple"),
+    ({"cache_depth": 5}, r"^'sampling' must be \{\"sampler\", \"steps\""),
+    ("unipc", r"^sampling 'unipc': takes sampler:steps"),
+    ("ddim:5000", r"^ddim:5000 takes 5000 steps, more than the schedule's T=1000"),
+    (SamplingSetting("ddim", 5, 2, 5),  # the experts are 2-level UNets: refused on save, as load would
+     r"'sampling.cache_depth' is 5 but expert 0 is a UNet of 2 levels \(down blocks\); set it to 1..2"),
+])
+def test_save_bundle_refuses_any_other_sampling_with_one_value_error(bundle_dir, tmp_path, sampling, message):
+    path, experts, scheduler = bundle_dir
+    with pytest.raises(ValueError, match=message):
+        save_bundle(tmp_path / "b", experts, load_bundle(path).router.grouping, scheduler, sample_shape=(1, 8, 8),
+                    sampling=sampling, expert_flops=[count_flops(e, (1, 8, 8)) for e in experts],
+                    base_flops=count_flops(experts[1], (1, 8, 8)))
+    assert not (tmp_path / "b").exists()

@@ -84,7 +84,7 @@ def save_bundle(
     expert_training: list[dict] | None = None,
     conditioning: dict | None = None,
     vae: nn.Module | None = None,
-    sampling: SamplingSetting | None = None,
+    sampling: SamplingSetting | str | dict | None = None,
     text_encoder: TextEncoder | None = None,
 ) -> Path:
     """Write a bundle atomically (files.atomic_dir: nothing left on failure; a symlink to a folder: written there).
@@ -102,7 +102,8 @@ def save_bundle(
     vae: for latent diffusion, the VAE (a diffusers AutoencoderKL) whose scaled latents the experts denoise
         (sample_shape is the latents' shape); it is stored in the bundle, so the bundle decodes on its own.
     sampling: how the bundle is sampled unless told otherwise (sampling_setting.SamplingSetting: sampler, steps, feature
-        caching); None: DDIM at min(50, T) steps. `Bundle.pipeline()` and `tdcdiff sample --bundle` use it.
+        caching; or its text "unipc:10", or its dict as the manifest holds it: SamplingSetting.of); None: DDIM at
+        min(50, T) steps. `Bundle.pipeline()` and `tdcdiff sample --bundle` use it.
     text_encoder: for text-conditional experts (required there), the text.TextEncoder (CLIP tokenizer and text
         encoder) whose embeddings they were trained on; stored in the bundle, so its pipeline takes prompts.
     Raises ValueError (BundleError) when the pieces do not fit together (counts, shapes, class ids, schedule,
@@ -111,6 +112,8 @@ def save_bundle(
     path = output_path(path, directory=True)  # an empty or unwritable path is refused before any work
     config, sample_shape = _scheduler_config(scheduler), check_sample_shape(sample_shape)
     rebuilt = build_scheduler(config, path / MANIFEST)  # the schedule load_bundle takes, checked before any write
+    if sampling is not None:
+        sampling = SamplingSetting.of(sampling, "sampling").check(config["num_train_timesteps"])
     expert_flops, base_flops, budgets = plain_values((expert_flops, base_flops, budgets))  # as Python numbers
     check_class_ids(experts, "", "give experts with one class embedding (the same num_class_embeds)")
     check_text(experts, text_encoder.width if text_encoder is not None else None, "")
@@ -142,6 +145,7 @@ def save_bundle(
         where = path / MANIFEST  # the checks load_bundle makes, before anything is kept
         check_records(manifest, rebuilt, check_manifest(manifest, where), where)
         check_trained_shape(manifest, where)
+        check_default_caching(manifest, experts, where)
         check_conditioning(conditioning, num_class_embeds(experts[0]) if experts else None, where)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return path

@@ -279,7 +279,8 @@ class TDCPipeline:
     it is built here, once, and reused by every call, so build a new pipeline after changing the weights.
     vae: for latent diffusion, the VAE whose latents (sample_shape) the denoiser works on; images are decoded.
     num_classes: the data's class count (class labels must be below it), when known.
-    defaults: the sampling setting a call uses for what it does not give (a bundle's: Bundle.sampling); None:
+    defaults: the sampling setting a call uses for what it does not give (a bundle's: Bundle.sampling; a
+        SamplingSetting, its text or its dict: SamplingSetting.of); None:
         DDIM at min(50, T) steps, no feature caching.
     text_encoder: for a text-conditional denoiser, the text.TextEncoder (CLIP tokenizer and text encoder) that turns
         a call's prompts into its conditions (a bundle carries it).
@@ -287,7 +288,8 @@ class TDCPipeline:
 
     def __init__(self, denoiser: nn.Module, scheduler, sample_shape: tuple[int, int, int], *,
                  null_class: int | None = None, compile: str = "auto", precision: str = "fp32", vae=None,
-                 num_classes: int | None = None, defaults: SamplingSetting | None = None, text_encoder=None):
+                 num_classes: int | None = None, defaults: SamplingSetting | str | dict | None = None,
+                 text_encoder=None):
         if called_by_user():  # a bundle's pipeline (Bundle.pipeline) was checked when the bundle was written
             check_given_schedule(scheduler, "the scheduler given to TDCPipeline")
         self.text_encoder = text_encoder
@@ -297,7 +299,8 @@ class TDCPipeline:
         self.sample_shape = tuple(sample_shape)
         self.null_class = null_class
         self.num_classes = num_classes
-        self.defaults = defaults or SamplingSetting("ddim", min(50, scheduler.config.num_train_timesteps))
+        self.defaults = (SamplingSetting("ddim", min(50, scheduler.config.num_train_timesteps)) if defaults is None
+                         else SamplingSetting.of(defaults, "defaults"))
         with evaluating(denoiser):  # SamplingModel puts the experts in eval mode: the caller's flags come back
             self.runner = SamplingModel(denoiser, compile, precision)
 

@@ -90,6 +90,20 @@ class SamplingSetting:
             raise ValueError(f"{self} takes {self.steps} steps, more than the schedule's T={num_train_timesteps}")
         return self
 
+    @classmethod
+    def of(cls, value: object, key: str) -> SamplingSetting:
+        """A setting given in code: a SamplingSetting, its text ("ddim:50", parse) or its dict in to_dict's form
+        (from_dict, as a bundle's manifest holds it). Raises ValueError naming `key` for anything else."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value, key)
+        if isinstance(value, dict):
+            return cls.from_dict(value, key)
+        raise ValueError(f"{key} must be a SamplingSetting, its text (sampler:steps[:cN[:dD]], e.g. 'ddim:50') or a "
+                         f"dict {{\"sampler\", \"steps\"[, \"cache_interval\", \"cache_depth\"]}}, got a "
+                         f"{type(value).__name__} ({str(value)[:80]})")
+
     def to_dict(self) -> dict:
         return {"sampler": self.sampler, "steps": self.steps, "cache_interval": self.cache_interval,
                 "cache_depth": self.cache_depth}
