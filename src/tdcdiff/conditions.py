@@ -46,14 +46,7 @@ def _class_labels(model: nn.Module, class_labels, num_images: int, guidance_scal
     if labels.min() < 0 or labels.max() >= classes:
         raise ValueError(f"class labels must be in 0..{classes - 1} (the model embeds {classes} ids), "
                          f"got {labels.min().item()}..{labels.max().item()}")
-    upper = classes if num_classes is None else min(classes, num_classes)
-    upper -= null_class == upper - 1  # the null class last: the ids below it are the data's
-    if labels.max() >= upper or (null_class is not None and bool((labels == null_class).any())):
-        null = "" if null_class is None else f", id {null_class} the null class for dropped labels"
-        raise ValueError(f"class labels must be classes of the data, 0..{upper - 1} (the model embeds {classes} ids"
-                         f"{null}: no image was labelled with the others), got "
-                         f"{labels.min().item()}..{labels.max().item()}")
-    if guidance_scale != 1.0:
+    if guidance_scale != 1.0:  # null_class first: one of the data's classes is its fault, not the labels'
         if null_class is not None and not is_integer(null_class):
             raise ValueError(f"null_class must be an integer class id, got {null_class!r}")
         if null_class is None:
@@ -67,6 +60,13 @@ def _class_labels(model: nn.Module, class_labels, num_images: int, guidance_scal
             raise ValueError(f"null_class {null_class} is also a class of the data (0..{num_classes - 1}): guidance "
                              "would steer from that class, not from no class; give the id the model was trained with "
                              "for dropped labels")
+    upper = classes if num_classes is None else min(classes, num_classes)
+    upper -= null_class == upper - 1  # the null class last: the ids below it are the data's
+    if labels.max() >= upper or (null_class is not None and bool((labels == null_class).any())):
+        null = "" if null_class is None else f", id {null_class} the null class for dropped labels"
+        raise ValueError(f"class labels must be classes of the data, 0..{upper - 1} (the model embeds {classes} ids"
+                         f"{null}: no image was labelled with the others), got "
+                         f"{labels.min().item()}..{labels.max().item()}")
     return labels
 
 
