@@ -83,6 +83,24 @@ def test_missing_manifest_and_missing_file(bundle_dir, tmp_path):
         load_bundle(tmp_path / "nowhere")
 
 
+def test_a_diffusers_folder_given_as_a_bundle_says_what_it_is_and_how_to_use_it(tmp_path):
+    """A DDPMPipeline's save_pretrained folder, or its unet/, read as "not a complete bundle" (attack 2026-12-07e
+    row 418); the line says it is diffusers' and points at --base. The CLI prints the same line."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    DDPMPipeline(unet=build_unet("digits-8"), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "p")
+    for folder, what in ((tmp_path / "p", r"a diffusers pipeline \(model_index.json\)"),
+                         (tmp_path / "p" / "unet", r"a diffusers model \(config.json and diffusion_pytorch_model")):
+        with pytest.raises(BundleError, match=f"manifest.json is missing: {folder} is not a complete tdcdiff bundle: "
+                                              f"it is {what}.*, `tdcdiff run --base {folder}` \\(or Run"):
+            load_bundle(folder)
+    shown = CliRunner().invoke(app, ["sample", "--bundle", str(tmp_path / "p"), "--num", "1"])
+    assert shown.exit_code == 2 and len(shown.output.splitlines()) == 1 and "a diffusers pipeline" in shown.output
+
+
 def test_wrong_format_version(bundle_dir, tmp_path):
     target = copy_bundle(bundle_dir[0], tmp_path)
     manifest = json.loads((target / "manifest.json").read_text())

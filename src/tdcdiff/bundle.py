@@ -245,9 +245,22 @@ def _read_manifest(path: Path) -> object:
                               hint=f"the bundle is corrupted: {REEXPORT}")
         return parse_json(data, path / MANIFEST, f"the bundle is corrupted: {REEXPORT}")
     except FileNotFoundError:
-        raise BundleError(f"{path / MANIFEST} is missing: {path} is not a complete tdcdiff bundle") from None
+        raise BundleError(f"{path / MANIFEST} is missing: {path} is not a complete tdcdiff bundle"
+                          f"{_diffusers_hint(path)}") from None
     except ValueError as err:
         raise BundleError(str(err)) from None
+
+
+def _diffusers_hint(path: Path) -> str:
+    """What to do with a diffusers pipeline or model folder given as a bundle (by the files that name one)."""
+    if (path / "model_index.json").is_file():
+        what = "a diffusers pipeline (model_index.json)"
+    elif (path / "config.json").is_file() and any(path.glob("diffusion_pytorch_model.*")):
+        what = "a diffusers model (config.json and diffusion_pytorch_model weights)"
+    else:
+        return ""
+    return (f": it is {what}, which tdcdiff takes as the trained model to prune, `tdcdiff run --base {path}` (or "
+            f"Run(..., base=...)); sample the bundle that run makes (its bundle/ folder)")
 
 
 @dataclass
