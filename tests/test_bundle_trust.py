@@ -88,6 +88,14 @@ def used(key, value):
     ([used("rescale_betas_zero_snr", True),
       lambda m: [r.update(rescale_betas_zero_snr=True) for r in m["expert_training"]]],
      r"'scheduler': the noise schedule has zero terminal SNR .* predicts epsilon.*re-export the bundle"),
+    # attack 2026-12-07e rows 329, 337 and their siblings: the real problem, and the fix
+    ([used("beta_start", float("nan"))], r"'scheduler.beta_start' holds nan, which is not a finite number; re-export"),
+    ([used("trained_betas", [float("nan")] * 1000)], r"'scheduler.trained_betas' holds nan, which is not a finite "),
+    ([used("num_train_timesteps", 500)], r"scheduler T=500 but groups cover T=1000 \('scheduler.num_train_timesteps' "
+                                         r"and 'grouping' must name one T\): the bundle was edited; re-export the"),
+    ([lambda m: m["scheduler"].update(_class_name="os.system")],
+     r"names 'diffusers.os.system', which is not a diffusers scheduler class .*; re-export the bundle"),
+    ([used("beta_start", "x")], r"argument 'beta_start' must be a number \(its default is 0.0001\), got 'x'"),
 ])
 def test_scheduler_settings_that_ruin_images_are_refused_whatever_use_default_values_says(bundle, changes, message):
     for change in changes:

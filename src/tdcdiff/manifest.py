@@ -206,8 +206,8 @@ def build_scheduler(config: dict, where):
                               f"DDPMScheduler its experts were trained with: {REEXPORT}")
         settings = check_arguments(cls, {k: v for k, v in config.items() if not k.startswith("_")},
                                    f"{where} 'scheduler'", check_types=True)
-    except ValueError as err:
-        raise BundleError(str(err)) from None
+    except ValueError as err:  # serialization's lines: the fix for a bundle is to re-export it
+        raise BundleError(str(err) if "re-export" in str(err) else f"{err}; {REEXPORT}") from None
     _check_settings(settings, where)
     try:
         # Without the bookkeeping keys save_bundle adds, the rebuilt config equals the saved one exactly.
@@ -219,7 +219,7 @@ def build_scheduler(config: dict, where):
     changed = sorted(k for k in settings.keys() | rebuilt.keys() if settings.get(k) != rebuilt.get(k))
     if changed:
         raise BundleError(f"{where}: 'scheduler' settings {brief(changed)} do not survive rebuilding {name} "
-                          f"(overridden by '_use_default_values' or missing); {REEXPORT}")
+                          f"(overridden by '_use_default_values', or missing from it); {REEXPORT}")
     _check_noise_levels(scheduler, where)
     try:  # what every sampler would refuse, refused when the bundle is written and loaded
         check_sampling_schedule(scheduler)
@@ -249,6 +249,11 @@ def _check_settings(settings: dict, where) -> None:
     if offset is not None and not (is_count(offset) and offset < steps):
         raise BundleError(f"{where}: 'scheduler.steps_offset' must be an integer from 0 to T-1={steps - 1}, got "
                           f"{brief(offset)}; {REEXPORT}")
+    for key, value in settings.items():  # any other NaN would fail the rebuild comparison (NaN != NaN) unexplained
+        values = value if isinstance(value, list) else [value]
+        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise BundleError(f"{where}: 'scheduler.{key}' holds {bad[0]}, which is not a finite number; {REEXPORT}")
 
 
 def _check_noise_levels(scheduler, where) -> None:
@@ -272,7 +277,8 @@ def check_records(manifest: dict, scheduler, grouping: Grouping, where) -> None:
     config["trained_betas_sha256"] = _betas_sha256(config.get("trained_betas"))
     if config["num_train_timesteps"] != grouping.num_train_timesteps:
         raise BundleError(f"{where}: scheduler T={config['num_train_timesteps']} but groups cover "
-                          f"T={grouping.num_train_timesteps}")
+                          f"T={grouping.num_train_timesteps} ('scheduler.num_train_timesteps' and 'grouping' must name "
+                          f"one T): the bundle was edited; {REEXPORT}")
     for i, (record, group) in enumerate(zip(manifest["expert_training"], grouping.groups)):
         for key in SCHEDULE_KEYS:
             if record[key] != config[key]:

@@ -263,7 +263,8 @@ def check_arguments(cls: type, arguments: object, what: str, *, check_types: boo
                  else (int, float) if isinstance(default, float) else (str,) if isinstance(default, str)
                  else (list, tuple) if isinstance(default, (list, tuple)) else (object,))
         if not isinstance(value, kinds) or (isinstance(value, bool) and not isinstance(default, bool)):
-            raise ValueError(f"{what}: {name} argument {key!r} must be of type {kinds[0].__name__} (its default is "
+            kind = "a number" if float in kinds else f"of type {kinds[0].__name__}"  # an int is a float's value too
+            raise ValueError(f"{what}: {name} argument {key!r} must be {kind} (its default is "
                              f"{default!r}), got {brief(value)}; the file was edited or corrupted: re-export it")
     return arguments
 
