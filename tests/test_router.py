@@ -82,6 +82,17 @@ def test_route_takes_integer_timesteps_only(routed, t, error, message):
     assert router.samples_routed == [0, 0, 0]
 
 
+def test_the_fractional_line_names_every_sampler_of_the_registry(routed):
+    """Every sampler tdcdiff registers samples at integer timesteps, not 3 of them (attack 2026-12-07e row 414)."""
+    from tdcdiff.samplers import SAMPLERS
+
+    router, _, _ = routed
+    with pytest.raises(ValueError) as caught:
+        router(torch.zeros(2, 1, 8, 8), torch.tensor([5.5, 5.5]))
+    assert f"sample with integer timesteps: tdcdiff's samplers ({', '.join(SAMPLERS)}) or your" in str(caught.value)
+    assert len(SAMPLERS) >= 7 and {"pndm", "unipc", "deis", "euler"} <= set(SAMPLERS)
+
+
 def test_route_takes_integral_values_of_any_type(routed):
     """Groups [0, 333), [333, 667), [667, 1000)."""
     import numpy as np

@@ -7,6 +7,7 @@ from torch import nn
 
 from .grouping import Grouping
 from .models import as_denoiser
+from .samplers import SAMPLERS
 
 # Why a fractional timestep is refused rather than mapped: every expert is trained on the integer timesteps of
 # its group only, so a t between two groups' edges (249.5 with groups [0, 250) and [250, 1000)) belongs to no
@@ -14,7 +15,7 @@ from .models import as_denoiser
 # loop asked for. No map is exact; the loop is told instead.
 FRACTIONAL = ("diffusion timesteps here are the integer training timesteps 0..T-1 (a sigma-space loop such as "
               "Euler with Karras sigmas gives fractional ones, between the integers the models were trained at); "
-              "sample with integer timesteps: tdcdiff's samplers (ddpm, ddim, dpm-solver++) or your loop's rounded")
+              f"sample with integer timesteps: tdcdiff's samplers ({', '.join(SAMPLERS)}) or your loop's rounded")
 
 
 def integer_timestep(t) -> int:
