@@ -237,3 +237,19 @@ def test_cli_the_dry_run_refuses_a_cache_depth_the_base_cannot_take_as_the_run_d
         assert done.exit_code == 2 and len(done.output.strip().splitlines()) == 1, done.output
         assert done.output.startswith("error: --settings ddim:4:c2:d9: "), done.output
         assert not (out / "base").exists()
+
+
+@pytest.mark.parametrize("flag, count", [("--fid-samples", "50000"), ("--screen-samples", "50000")])
+def test_cli_each_phase_s_image_count_beyond_memory_is_refused_before_any_work(tmp_path, monkeypatch, flag, count):
+    """The siblings of --batch: FID's sets and the sample screen keep all their images too (a machine with 5 MiB
+    available: 50000 images of 1x8x8 need 24.4 MiB)."""
+    from tdcdiff import capacity
+    from tdcdiff.cli import app
+
+    monkeypatch.setattr(capacity, "available_memory", lambda: 5 << 20)
+    out = tmp_path / "tune"
+    for dry in ([], ["--dry-run"]):
+        done = CliRunner().invoke(app, ["tune", "--out", str(out), flag, count, *dry])
+        assert done.exit_code == 2 and len(done.output.strip().splitlines()) == 1, done.output
+        assert f"{flag} {count} (the noise and images of {count} samples of 1x8x8, float32) needs about 24.4 MiB" \
+            in done.output and done.output.strip().endswith(f"; lower {flag}") and not out.exists(), done.output

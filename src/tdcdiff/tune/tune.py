@@ -70,14 +70,19 @@ def checked_base(tune_dir: Path, base_from: str | Path | None) -> Path:
 
 def check_base_run(config: TuneConfig, candidates: list[dict], base_run: Run) -> tuple:
     """What a tune refuses before any write (and `tdcdiff tune --dry-run` alike), on the base run's settings: each
-    candidate's kind (a bad setting fails now, not after stage 1 and other candidates), --batch against memory (the
-    timing phase samples that many images at once: capacity.check_sampling_memory), and the ladder (resolve_ladder,
-    feature caching checked on the trained base when there is one). Returns resolve_ladder's."""
+    candidate's kind (a bad setting fails now, not after stage 1 and other candidates), --batch, --screen-samples
+    and --fid-samples against memory (each phase keeps that many images at once: capacity.check_sampling_memory),
+    and the ladder (resolve_ladder, feature caching checked on the trained base when there is one). Returns
+    resolve_ladder's."""
     for spec in candidates:
         kind_of(spec["kind"]).check(spec, base_run.config)
-    check_sampling_memory(config.batch, base_run.sample_shape, fix="lower --batch (your sampling batch size)",
-                          what=f"timing sampling at --batch {config.batch} (the noise and images of "
-                               f"{config.batch} samples of {'x'.join(map(str, base_run.sample_shape))}, float32)")
+    shape = base_run.sample_shape
+    for count, flag, what, why in ((config.batch, "--batch", "timing sampling at", " (your sampling batch size)"),
+                                   (config.screen_samples, "--screen-samples", "the sample screen's", ""),
+                                   (config.fid_samples, "--fid-samples", "FID's sets of", "")):
+        check_sampling_memory(count, shape, fix=f"lower {flag}{why}",
+                              what=f"{what} {flag} {count} (the noise and images of {count} samples of "
+                                   f"{'x'.join(map(str, shape))}, float32)")
     trained = base_run.dir / "base" / FINAL_DIR
     return resolve_ladder(config, base_run, base_run.base_model() if trained.exists() else None)
 
