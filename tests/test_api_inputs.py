@@ -383,25 +383,26 @@ def test_a_plan_whose_grouping_or_budget_settings_contradict_the_run_is_refused_
     path = run.dir / "plan" / "plan.json"
     original = json.loads(path.read_text())
     three = make_groups("snr", 3, make_scheduler(1000)).to_dict()
-    edits = [("grouping.strategy", {"grouping": {**original["grouping"], "strategy": "uniform"}}, "'uniform'",
+    edits = [("'grouping.strategy'", {"grouping": {**original["grouping"], "strategy": "uniform"}}, "'uniform'",
               "'snr'"),
-             ("grouping.groups' count", {"grouping": three, "fractions": [1.0, 0.7, 0.4], "ranks": [1, 2, 3],
-                                         "sensitivity": None}, 3, 2),
-             ("k", {"k": 0.7}, 0.7, 0.4),
-             ("ordering", {"ordering": "snr-low-hard"}, "'snr-low-hard'", "'measured'"),
-             ("mean_budget", {"mean_budget": 0.5}, 0.5, None),
-             ("budget_unit", {"budget_unit": "time"}, "'time'", "'flops'")]
+             ("the number of groups in 'grouping'", {"grouping": three, "fractions": [1.0, 0.7, 0.4],
+                                                     "ranks": [1, 2, 3], "sensitivity": None}, 3, 2),
+             ("'k'", {"k": 0.7}, 0.7, 0.4),
+             ("'ordering'", {"ordering": "snr-low-hard"}, "'snr-low-hard'", "'measured'"),
+             ("'mean_budget'", {"mean_budget": 0.5}, 0.5, None),
+             ("'budget_unit'", {"budget_unit": "time"}, "'time'", "'flops'")]
     for key, edit, shown, runs in edits:
         path.write_text(json.dumps({**original, **edit}))
         with pytest.raises(ValueError) as refused:
             Run(run.dir, progress=False).prune()
         assert str(refused.value) == (
-            f"{path}: '{key}' is {shown} but the run's is {runs} (the plan was made for another run, or edited); "
+            f"{path}: {key} is {shown} but the run's is {runs} (the plan was made for another run, or edited); "
             f"delete {path.parent} and rerun `tdcdiff plan` (then redo the stages after it, which were made for "
             "the old plan)")
         assert not (run.dir / "prune").exists()
     path.write_text(json.dumps(original))  # the plan as made fits its run
     assert Run(run.dir, progress=False).plan().grouping.strategy == "snr"
+
 
 @pytest.mark.parametrize("images, message", [
     (lambda d: torch.where(torch.arange(d.numel()).view_as(d) == 0, -0.5, (d + 1) * 127.5),  # row 188: one < 0

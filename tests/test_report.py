@@ -52,15 +52,35 @@ def test_report_page_states_the_protocol(report):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("setting, value, found", [("k", 0.9, "setting 'k' 0.4 (the run's: 0.9)"),
-                                                   ("groups", 3, "setting 'groups' 2 (the run's: 3)")])
-def test_a_bundle_made_with_other_settings_is_refused_before_sampling(finished_run, tmp_path, setting, value, found):
+@pytest.mark.parametrize("setting, value, found", [("k", 0.9, "'k' is 0.4 but the run's is 0.9"),
+                                                   ("groups", 3, "the number of groups in 'grouping' is 2 but the "
+                                                                 "run's is 3")])
+def test_a_run_whose_settings_changed_after_its_plan_is_refused_before_sampling(finished_run, tmp_path, setting,
+                                                                                value, found):
+    # The plan is the first stage the change invalidates: the message names it, and everything after it is redone.
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run[0].dir, run_dir, ignore=shutil.ignore_patterns("report"))
     config = json.loads((run_dir / "config.json").read_text())
     (run_dir / "config.json").write_text(json.dumps({**config, setting: value}))
     with pytest.raises(ValueError) as err:
         report_for_run(run_dir, num_samples=4, progress=False)
+    plan = run_dir / "plan"
+    assert str(err.value) == (f"{plan / 'plan.json'}: {found} (the plan was made for another run, or edited); "
+                              f"delete {plan} and rerun `tdcdiff plan` (then redo the stages after it, which were "
+                              "made for the old plan)")
+    assert not (run_dir / "report").exists()
+
+
+@pytest.mark.slow
+def test_a_bundle_made_with_other_settings_is_refused_before_sampling(finished_run, tmp_path):
+    # A setting after the plan (the pruning search's latency batch): the plan still fits, the bundle does not.
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0].dir, run_dir, ignore=shutil.ignore_patterns("report"))
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "latency_batch": config["latency_batch"] + 1}))
+    with pytest.raises(ValueError) as err:
+        report_for_run(run_dir, num_samples=4, progress=False)
+    found = f"setting 'latency_batch' {config['latency_batch']} (the run's: {config['latency_batch'] + 1})"
     assert str(err.value) == (f"{run_dir / 'bundle'} was not made by this run: its {found}. Delete "
                               f"{run_dir / 'bundle'} and rerun `tdcdiff bundle --out {run_dir}` to rebuild it from "
                               "this run, or report on the run that made it")

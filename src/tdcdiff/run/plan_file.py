@@ -25,25 +25,25 @@ def check_plan_fits(plan: BudgetPlan, path: Path, run) -> None:
     naming plan.json, the field and the fix."""
     c = run.config
     given = c.plan_fractions is not None  # then k, the ordering and the mean budget do not apply: recorded as null
-    checks = [("grouping.num_train_timesteps", plan.grouping.num_train_timesteps,
+    checks = [("'grouping.num_train_timesteps'", plan.grouping.num_train_timesteps,
                lambda: run.scheduler.config.num_train_timesteps),
-              ("grouping.strategy", plan.grouping.strategy, lambda: c.grouping),
-              ("grouping.groups' count", len(plan.grouping), lambda: c.groups),
-              ("k", plan.k, lambda: None if given else c.k),
-              ("ordering", plan.ordering, lambda: None if given else c.ordering),
-              ("mean_budget", plan.mean_budget, lambda: None if given else c.mean_budget),
-              ("fractions", plan.fractions, lambda: list(c.plan_fractions) if given else plan.fractions),
-              ("budget_unit", plan.budget_unit, lambda: plan.budget_unit and c.budget_unit),  # null: made before it
-              ("sample_shape", list(plan.sample_shape), lambda: list(run.sample_shape)),
-              ("base_flops", plan.base_flops, lambda: count_flops(run.base_model(), run.sample_shape))]
+              ("'grouping.strategy'", plan.grouping.strategy, lambda: c.grouping),
+              ("the number of groups in 'grouping'", len(plan.grouping), lambda: c.groups),
+              ("'k'", plan.k, lambda: None if given else c.k),
+              ("'ordering'", plan.ordering, lambda: None if given else c.ordering),
+              ("'mean_budget'", plan.mean_budget, lambda: None if given else c.mean_budget),
+              ("'fractions'", plan.fractions, lambda: list(c.plan_fractions) if given else plan.fractions),
+              ("'budget_unit'", plan.budget_unit, lambda: plan.budget_unit and c.budget_unit),  # null: made before it
+              ("'sample_shape'", list(plan.sample_shape), lambda: list(run.sample_shape)),
+              ("'base_flops'", plan.base_flops, lambda: count_flops(run.base_model(), run.sample_shape))]
     for key, mine, actual in checks:
         try:
             value = actual()
         except FileNotFoundError:  # no base model yet: a plan given before stage 1 is checked once there is one
             continue
         if mine != value:
-            what = "the base model's counted FLOPs" if key == "base_flops" else "the run's"
-            raise ValueError(f"{path}: '{key}' is {_shown(mine)} but {what} is {_shown(value)} (the plan was made for "
+            what = "the base model's counted FLOPs" if key == "'base_flops'" else "the run's"
+            raise ValueError(f"{path}: {key} is {_shown(mine)} but {what} is {_shown(value)} (the plan was made for "
                              f"another run, or edited); delete {path.parent} and rerun `tdcdiff plan` (then redo the "
                              "stages after it, which were made for the old plan)")
 
