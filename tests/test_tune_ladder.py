@@ -131,6 +131,28 @@ def test_the_ladder_crosses_the_base_and_the_best_candidate_with_every_setting(l
 
 
 @pytest.mark.slow
+def test_a_rerun_that_ships_nothing_removes_the_last_choice(laddered, tmp_path):
+    # attack 2026-12-07f row 504: chosen/ and chosen.json of an earlier run stayed, ready to be deployed
+    import shutil
+
+    from tdcdiff.tune import Tune
+
+    root, _, results = laddered
+    assert results["choice"]["name"] is not None  # the fixture's run shipped something
+    out = tmp_path / "tune"
+    shutil.copytree(root / "tune", out)
+    config = tiny_tune(ks=(), finalists=1, settings=LADDER, screen_samples=16, max_quality_loss=10.0,
+                       min_model_speedup=1000.0)
+    again = Tune(out, config, base_from=root / "run", progress=False).run_all()
+    if again["choice"]["name"] is None:  # the free setting could still be shipped: it is under no bar
+        assert not any((out / name).exists() for name in ("chosen", "chosen.json", "cost.json", "cost.csv",
+                                                           "return.csv"))
+    else:
+        assert again["choice"]["name"].startswith("base @ ")
+        assert json.loads((out / "chosen.json").read_text())["name"] == again["choice"]["name"]
+
+
+@pytest.mark.slow
 def test_the_chosen_bundle_samples_with_the_chosen_setting_by_default(laddered, tmp_path):
     from tdcdiff.bundle import load_bundle
     from tdcdiff.cli import app

@@ -95,7 +95,7 @@ MaxQualityLoss = Annotated[Optional[float], typer.Option(
     "(--screening; relative, 0.02 = 2%).")]
 MinModelSpeedup = Annotated[float, typer.Option(
     "--min-model-speedup", help="Ship another model than yours only when this much faster than your model's best "
-    "free setting (its fastest sampler/steps as good as --reference) at --batch; 0: any faster one.")]
+    "free setting (its fastest sampler/steps as good as --reference) at --batch; 0: no bar, even a slower model.")]
 PricePerHour = Annotated[Optional[float], typer.Option(
     "--price-per-hour", help="Machine price per hour: adds the cost per 1,000 images before and after.")]
 

@@ -42,7 +42,7 @@ def choose(rows: list[dict], max_quality_loss: float | None = None, free: dict |
         1 + max_quality_loss. A FID verdict of "inferior" or "undecided" always rules a candidate out: the
         screening measure cannot overrule it, and an undecided candidate is never shipped.
     free, min_model_speedup: the best free setting's row (ladder.best_free) and how much faster than it another
-        model than the base must be to be shipped (time_s x min_model_speedup <= free's time_s; 0: any). A
+        model than the base must be to be shipped (time_s x min_model_speedup <= free's time_s; 0: no bar). A
         smaller gain is not worth new weights: it is within the timing's reproducibility (docs/tune.md).
     A pure function of the rows. Returns {"name": ... or None, "rule": "paired FID" | "max-quality-loss" | None,
     "reason": one sentence, with the verdict's interval and margin}.

@@ -4,6 +4,7 @@ package docstring for the directory's layout)."""
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from dataclasses import asdict
 from pathlib import Path
@@ -284,9 +285,20 @@ class Tune:
             atomic_write_text(self.dir / "chosen.json", json.dumps({**choice, "bundle": chosen["bundle"],
                                                                     "sampling": chosen["setting"]}, indent=2))
             results["cost"] = write_cost(self, models, chosen)
+        else:
+            self._drop_last_choice()
         self.say(f"headline: {results['headline']['text']}")
         atomic_write_text(self.dir / "results.json", json.dumps(results, indent=2))
         return results
+
+    def _drop_last_choice(self) -> None:
+        """Remove an earlier run's chosen bundle and its records when this run chooses nothing: a script deploying
+        chosen/ would otherwise ship a model this run rejected (chosen.json first, so that no half-removed choice
+        reads as made)."""
+        for name in ("chosen.json", "cost.json", "cost.csv", "return.csv"):
+            (self.dir / name).unlink(missing_ok=True)
+        if (self.dir / "chosen").is_dir():
+            shutil.rmtree(self.dir / "chosen")
 
     def time_points(self, models: dict) -> dict:
         """name -> {batch: median seconds of one sampling run} for every point, at batch 1 and the user's batch
