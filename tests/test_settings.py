@@ -95,3 +95,17 @@ def test_a_huge_config_file_is_refused_before_it_is_read(tmp_path):
     path.write_bytes(b"{" + b" " * (2 << 20) + b"}")
     with pytest.raises(ValueError, match=r"is larger than 1048576 bytes"):
         load_config_file(path)
+
+
+@pytest.mark.parametrize("kind, changes, message", [
+    ("tune", {"min_model_speedup": 10**400}, "setting 'min_model_speedup' must be a number, got 1000"),
+    ("train", {"lr": -(10**400)}, r"lr \(the peak learning rate\) must be in \(0, 1\), got -1000"),
+    ("train", {"lr": 10**400}, r"lr \(the peak learning rate\) must be in \(0, 1\), got 1000"),
+])
+def test_an_integer_past_a_floats_range_is_one_error_not_an_overflow(kind, changes, message):
+    # attack 2026-12-07f row 646: OverflowError (int too large to convert to float) from the settings mechanism
+    from tdcdiff.train import TrainConfig
+    from tdcdiff.tune import TuneConfig
+
+    with pytest.raises(ValueError, match=rf"^{message}"):
+        (TuneConfig if kind == "tune" else TrainConfig)(**changes).validate()

@@ -91,7 +91,7 @@ def between(interval: str, *, about: str = "", typical: str = "", optional: bool
     def ok(v) -> bool:
         if not _is_number(v):
             return True
-        if not math.isfinite(v):
+        if isinstance(v, float) and not math.isfinite(v):  # an int is finite, however large (no float for it)
             return False
         above = v >= low if low_bracket == "[" else v > low
         below = v <= high if high_bracket == "]" else v < high
@@ -317,8 +317,8 @@ def typed(key: str, value, hint, default):
             return value
     elif not isinstance(value, bool):  # int or float: bools are not numbers
         number = _number(value)
-        if number is not None and hint is float:
-            return float(number)
+        if number is not None and hint is float:  # an int past a float's range is +-inf: each range check says so
+            return float(number) if abs(number) < 2**1024 else math.inf if number > 0 else -math.inf
         if isinstance(number, int) or isinstance(number, float) and number.is_integer():
             return int(number)
     wanted = _DESCRIBE[hint] + (" or null" if type(None) in args else "")
