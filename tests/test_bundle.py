@@ -29,6 +29,22 @@ def bundle_dir(tmp_path_factory):
     return path, experts, scheduler
 
 
+@pytest.mark.parametrize("provenance, message", [
+    ({"x": float("nan")}, "Out of range float values are not JSON compliant"),
+    ({"when": object()}, "Object of type object is not JSON serializable"),
+])
+def test_provenance_that_is_not_plain_json_is_refused_before_writing(bundle_dir, tmp_path, provenance, message):
+    # attack 2026-12-07f row 681: a NaN literal was written into manifest.json, which is then not valid JSON
+    _, experts, scheduler = bundle_dir
+    grouping = make_groups("uniform", 2, scheduler)
+    flops = [count_flops(e, (1, 8, 8)) for e in experts]
+    with pytest.raises(ValueError, match=rf"^provenance must be plain JSON \(text, finite numbers, lists, mappings\): "
+                                         rf"{message}.*; convert or drop that value$"):
+        save_bundle(tmp_path / "b", experts, grouping, scheduler, sample_shape=(1, 8, 8), expert_flops=flops,
+                    base_flops=max(flops), provenance=provenance)
+    assert not (tmp_path / "b").exists()
+
+
 def test_save_load_sample_gives_identical_images(bundle_dir):
     from tdcdiff.router import Router
 
