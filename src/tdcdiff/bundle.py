@@ -92,8 +92,7 @@ def save_bundle(
     experts: the group models, in group order. grouping: their timestep groups. scheduler: the training schedule, a
     diffusers DDPMScheduler (its full config is stored: rebuilt on load). sample_shape: (C, H, W) of the data.
     expert_flops: measured FLOPs per expert forward (batch 1); base_flops: the unpruned model's; budgets: the planned
-    FLOPs budget per group (numpy numbers, arrays, 0-d tensors taken). provenance: data, steps... (free-form JSON:
-        text, finite numbers, lists, mappings).
+    FLOPs budget per group (numpy numbers, arrays, 0-d tensors taken). provenance: data, steps... (plain JSON).
     expert_training: per expert, a JSON record of how it was trained (e.g. its train.json summary). The
     record stored also names the schedule it was trained with (manifest.SCHEDULE_KEYS, from the scheduler),
     its group's timesteps [start, end), sample_shape and its weights' sha256; values the caller's record gives
@@ -116,11 +115,7 @@ def save_bundle(
     if sampling is not None:
         sampling = SamplingSetting.of(sampling, "sampling").check(config["num_train_timesteps"])
     expert_flops, base_flops, budgets = plain_values((expert_flops, base_flops, budgets))  # as Python numbers
-    try:  # free-form, but manifest.json must stay valid JSON: no NaN/inf literal, no object json cannot write
-        json.dumps(provenance or {}, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"provenance must be plain JSON (text, finite numbers, lists, mappings): {err}; convert "
-                         "or drop that value") from None
+    _check_provenance(provenance)
     check_class_ids(experts, "", "give experts with one class embedding (the same num_class_embeds)")
     check_text(experts, text_encoder.width if text_encoder is not None else None, "")
     with atomic_dir(path, is_bundle, A_BUNDLE) as tmp:
@@ -155,6 +150,15 @@ def save_bundle(
         check_conditioning(conditioning, num_class_embeds(experts[0]) if experts else None, where)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False))
     return path
+
+
+def _check_provenance(provenance: dict | None) -> None:
+    """Free-form, but manifest.json must stay valid JSON: no NaN/inf literal, no object json cannot write."""
+    try:
+        json.dumps(provenance or {}, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"provenance must be plain JSON (text, finite numbers, lists, mappings): {err}; convert "
+                         "or drop that value") from None
 
 
 def _save_companions(tmp: Path, files: dict, vae: nn.Module | None, text_encoder: TextEncoder | None) -> tuple:

@@ -318,7 +318,8 @@ def typed(key: str, value, hint, default):
     elif not isinstance(value, bool):  # int or float: bools are not numbers
         number = _number(value)
         if number is not None and hint is float:  # an int past a float's range is +-inf: each range check says so
-            return float(number) if abs(number) < 2**1024 else math.inf if number > 0 else -math.inf
+            return (math.inf if number > 0 else -math.inf) if isinstance(number, int) and abs(number) >= 2**1024 \
+                else float(number)
         if isinstance(number, int) or isinstance(number, float) and number.is_integer():
             return int(number)
     wanted = _DESCRIBE[hint] + (" or null" if type(None) in args else "")
