@@ -19,6 +19,7 @@ tokenizer is built from its vocabulary and merges, text.py). Every problem is a 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,22 +93,22 @@ def save_bundle(
     experts: the group models, in group order. grouping: their timestep groups. scheduler: the training schedule, a
     diffusers DDPMScheduler (its full config is stored: rebuilt on load). sample_shape: (C, H, W) of the data.
     expert_flops: measured FLOPs per expert forward (batch 1); base_flops: the unpruned model's; budgets: the planned
-    FLOPs budget per group (numpy numbers, arrays, 0-d tensors taken). provenance: data, steps... (plain JSON).
+    FLOPs budget per group (numpy numbers, arrays, 0-d tensors taken). provenance: data, steps... (JSON; NaN/inf
+    kept as text such as "-Infinity", which diffusers' configs hold: manifest.json stays valid JSON).
     expert_training: per expert, a JSON record of how it was trained (e.g. its train.json summary). The
     record stored also names the schedule it was trained with (manifest.SCHEDULE_KEYS, from the scheduler),
     its group's timesteps [start, end), sample_shape and its weights' sha256; values the caller's record gives
     for these must agree, and load_bundle checks them all against the bundle.
-    conditioning: for class-conditional experts, {"num_class_embeds", "num_classes" (of the data),
-        "null_class" (the id for dropped labels, needed for guidance; None without label dropout)}.
+    conditioning: for class-conditional experts, {"num_class_embeds", "num_classes" (of the data), "null_class"
+        (the id for dropped labels, needed for guidance; None without label dropout)}.
     vae: for latent diffusion, the VAE (a diffusers AutoencoderKL) whose scaled latents the experts denoise
-        (sample_shape is the latents' shape); it is stored in the bundle, so the bundle decodes on its own.
-    sampling: how the bundle is sampled unless told otherwise (sampling_setting.SamplingSetting: sampler, steps, feature
-        caching; or its text "unipc:10", or its dict as the manifest holds it: SamplingSetting.of); None: DDIM at
-        min(50, T) steps. `Bundle.pipeline()` and `tdcdiff sample --bundle` use it.
+        (sample_shape is the latents' shape); stored in the bundle, so the bundle decodes on its own.
+    sampling: how `Bundle.pipeline()` and `tdcdiff sample --bundle` sample by default (a SamplingSetting, its text
+        "unipc:10" or its manifest dict: SamplingSetting.of); None: DDIM at min(50, T) steps.
     text_encoder: for text-conditional experts (required there), the text.TextEncoder (CLIP tokenizer and text
         encoder) whose embeddings they were trained on; stored in the bundle, so its pipeline takes prompts.
-    Raises ValueError (BundleError) when the pieces do not fit together (counts, shapes, class ids, schedule,
-    training records) or the path cannot be written (files.atomic_dir), before or instead of writing anything.
+    Raises ValueError (BundleError) when the pieces do not fit together (counts, shapes, class ids, schedule, training
+    records, provenance) or the path cannot be written (files.atomic_dir), before or instead of writing anything.
     """
     path = output_path(path, directory=True)  # an empty or unwritable path is refused before any work
     config, sample_shape = _scheduler_config(scheduler), check_sample_shape(sample_shape)
@@ -115,7 +116,7 @@ def save_bundle(
     if sampling is not None:
         sampling = SamplingSetting.of(sampling, "sampling").check(config["num_train_timesteps"])
     expert_flops, base_flops, budgets = plain_values((expert_flops, base_flops, budgets))  # as Python numbers
-    _check_provenance(provenance)
+    provenance = _plain_provenance(provenance)
     check_class_ids(experts, "", "give experts with one class embedding (the same num_class_embeds)")
     check_text(experts, text_encoder.width if text_encoder is not None else None, "")
     with atomic_dir(path, is_bundle, A_BUNDLE) as tmp:
@@ -136,7 +137,7 @@ def save_bundle(
                                                           expert_training)),
             "base_flops": base_flops,
             "flops_convention": "2 x multiply-accumulates, one forward pass, batch 1",
-            "provenance": provenance or {},
+            "provenance": provenance,
             "conditioning": conditioning,
             "latent": latent,
             "text": text,
@@ -152,13 +153,21 @@ def save_bundle(
     return path
 
 
-def _check_provenance(provenance: dict | None) -> None:
-    """Free-form, but manifest.json must stay valid JSON: no NaN/inf literal, no object json cannot write."""
+def _plain_provenance(provenance: dict | None) -> dict:
+    """provenance as plain JSON: NaN and infinities become the text json writes for them ("NaN", "Infinity",
+    "-Infinity"). Raises ValueError for an object json cannot write."""
+    def plain(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return json.dumps(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
     try:
-        json.dumps(provenance or {}, allow_nan=False)
+        return json.loads(json.dumps(plain(provenance or {}), allow_nan=False))
     except (TypeError, ValueError) as err:
-        raise ValueError(f"provenance must be plain JSON (text, finite numbers, lists, mappings): {err}; convert "
-                         "or drop that value") from None
+        raise ValueError(f"provenance must be plain JSON (text, numbers, lists, mappings): {err}; convert or drop "
+                         "that value") from None
 
 
 def _save_companions(tmp: Path, files: dict, vae: nn.Module | None, text_encoder: TextEncoder | None) -> tuple:
