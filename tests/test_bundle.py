@@ -41,8 +41,9 @@ def test_provenance_keeps_nan_and_infinities_as_text_and_refuses_what_json_canno
     json.loads((path / "manifest.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN literal
     assert load_bundle(path).manifest["provenance"] == {
         "x": "NaN", "scheduler": {"lambda_min_clipped": "-Infinity", "steps": [1, "Infinity"]}}
-    with pytest.raises(ValueError, match=r"^provenance must be plain JSON \(text, numbers, lists, mappings\): "
-                                         r"Object of type object is not JSON serializable; convert or drop that value$"):
+    refused = (r"^provenance must be plain JSON \(text, numbers, lists, mappings\): Object of type object is not JSON "
+               r"serializable; convert or drop that value$")
+    with pytest.raises(ValueError, match=refused):
         save_bundle(tmp_path / "c", experts, grouping, scheduler, sample_shape=(1, 8, 8), expert_flops=flops,
                     base_flops=max(flops), provenance={"when": object()})
     assert not (tmp_path / "c").exists()

@@ -254,23 +254,39 @@ def test_choice_is_the_fastest_non_inferior_by_paired_fid_and_an_undecided_one_i
         "name"] is None
 
 
-def test_another_model_is_shipped_only_when_min_model_speedup_times_faster_than_the_best_free_setting():
+def test_another_model_is_shipped_only_when_measured_min_model_speedup_times_faster_than_the_free_setting():
     from tdcdiff.tune import choose
+    from tdcdiff.tune.judge import model_speedup
 
     free = {"name": "base @ dpm-solver++:10", "model": "base", "time_s": 1.0, "quality_ratio": 1.0,
-            "fid_gap": gap(0.1, -0.3, 0.5)}
-    pruned = {"name": "uniform 0.6 @ dpm-solver++:10", "model": "uniform 0.6", "time_s": 0.9, "quality_ratio": 1.0,
-              "fid_gap": gap(0.2, -0.2, 0.5)}
-    choice = choose([free, pruned], free=free, min_model_speedup=1.2)  # 1.11x faster: under the bar
+            "fid_gap": gap(0.1, -0.3, 0.5), "time_rounds": [1.0, 1.0, 1.1, 0.9, 1.0]}
+    steady = [0.75, 0.76, 0.83, 0.68, 0.74]  # 1.33x in every round
+    pruned = {"name": "uniform 0.6 @ dpm-solver++:10", "model": "uniform 0.6", "time_s": 0.75, "quality_ratio": 1.0,
+              "fid_gap": gap(0.2, -0.2, 0.5), "time_rounds": steady}
+    speed = model_speedup(pruned, free)
+    assert speed["rounds"] == 5 and 1.30 < speed["low"] < speed["speedup"] < speed["high"] < 1.37
+    choice = choose([free, pruned], free=free, min_model_speedup=1.1)
+    assert choice["name"] == pruned["name"] and "1.33x [1.3" in choice["reason"] and "over 5 paired timing rounds" \
+        in choice["reason"]
+    # the same median, but the rounds disagree (noise): its lower bound is under 1.1, the free setting ships
+    noisy = {**pruned, "time_rounds": [0.75, 1.05, 0.6, 1.0, 0.7]}
+    assert model_speedup(noisy, free)["low"] < 1.1
+    choice = choose([free, noisy], free=free, min_model_speedup=1.1)
     assert choice["name"] == free["name"]
-    assert ("uniform 0.6 @ dpm-solver++:10 also qualifies but is not 1.2x faster than the best free setting "
-            "(base @ dpm-solver++:10, --min-model-speedup)") in choice["reason"]
-    assert choose([free, {**pruned, "time_s": 0.8}], free=free, min_model_speedup=1.2)["name"] == pruned["name"]
-    assert choose([free, pruned], free=free, min_model_speedup=0)["name"] == pruned["name"]  # 0: no bar
+    assert ("uniform 0.6 @ dpm-solver++:10 (1.2" in choice["reason"] and "also qualifies but is not measurably 1.1x "
+            "faster than the best free setting (base @ dpm-solver++:10; the lower 95% bound must reach "
+            "--min-model-speedup)" in choice["reason"])
+    assert choose([free, noisy], free=free, min_model_speedup=0)["name"] == pruned["name"]  # 0: no bar
+    # one timing round gives no interval: never measurably faster
+    once = {**free, "time_rounds": [1.0]}
+    one = choose([once, {**pruned, "time_rounds": [0.5]}], free=once, min_model_speedup=1.1)
+    assert one["name"] == free["name"] and "1 timing round: no interval; time with timing_repeats >= 2" in one["reason"]
     # the free setting is the reference itself (not a candidate row): nothing is shipped, and the reason says why
-    none = choose([pruned], free={**free, "name": "base"}, min_model_speedup=1.2)
-    assert none["name"] is None and "keep the base" in none["reason"] and "(base, --min-model-speedup)" in none[
+    none = choose([noisy], free={**free, "name": "base"}, min_model_speedup=1.1)
+    assert none["name"] is None and "keep the base" in none["reason"] and "(base; the lower 95% bound" in none[
         "reason"]
+    with pytest.raises(ValueError, match="cannot pair 2 timing rounds with 5"):
+        model_speedup({**pruned, "time_rounds": [1.0, 1.0]}, free)
 
 
 def test_choice_by_max_quality_loss_and_when_nothing_qualifies():

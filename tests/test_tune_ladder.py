@@ -2,6 +2,7 @@
 settings for FID, the headline (free setting vs model), the shipped bundle's default sampling, and reruns."""
 
 import json
+import statistics
 
 import pytest
 from typer.testing import CliRunner
@@ -56,8 +57,8 @@ def test_headline_splits_the_speed_into_the_free_setting_and_the_model():
     assert "10.00x faster than the reference" in head["text"] and "5.00x from the sampler/steps alone" in head["text"]
     free = headline(rows, "base @ dpm-solver++:10", 64)
     assert free["by_batch"]["1"]["model"] == 1.0 and "tune ships the free setting" in free["text"]
-    assert "beats the best free setting by 1.2x (--min-model-speedup)" in headline(
-        rows, "base @ dpm-solver++:10", 64, min_model_speedup=1.2)["text"]
+    assert ("beats the best free setting by a measured 1.1x (the lower 95% bound over paired timing rounds, "
+            "--min-model-speedup)") in headline(rows, "base @ dpm-solver++:10", 64, min_model_speedup=1.1)["text"]
     assert headline(rows[:1] + rows[2:3], None, 64)["best_free"] == "base"  # the reference is always a free row
 
 
@@ -93,7 +94,7 @@ def laddered(tmp_path_factory):
     root = tmp_path_factory.mktemp("ladder")
     os.environ["TDCDIFF_CACHE"] = str(root / "cache")
     Run(root / "run", tiny_config(), progress=False).train_base()
-    config = tiny_tune(ks=(), finalists=1, settings=LADDER, screen_samples=16, max_quality_loss=10.0)
+    config = tiny_tune(ks=(), finalists=1, settings=LADDER, screen_samples=16, max_quality_loss=10.0, timing_repeats=2)
     tune = Tune(root / "tune", config, base_from=root / "run", progress=False)
     return root, tune, tune.run_all()
 
@@ -109,8 +110,10 @@ def test_the_ladder_crosses_the_base_and_the_best_candidate_with_every_setting(l
     crossed = {f"{m} @ {s}" for m in ("base", best) for s in LADDER}
     assert set(rows) == {"base", "single", "uniform 0.6"} | crossed
     assert all(rows[f"base @ {s}"]["model"] == "base" and rows[f"base @ {s}"]["setting"] == s for s in LADDER)
-    # every point timed at the user's batch and at 1; FLOPs follow the steps
+    # every point timed at the user's batch and at 1, the rounds kept for the speed bar; FLOPs follow the steps
     assert all(r["time_s"] > 0 and r["time_1_s"] > 0 for r in rows.values())
+    assert all(len(r["time_rounds"]) == tune.config.timing_repeats and r["time_s"] == statistics.median(
+        r["time_rounds"]) for r in rows.values())
     assert rows["base @ ddim:1"]["sampling_flops"] * 4 == rows["base"]["sampling_flops"]
     # the sample screen: measured for the crossed models' points only, the bad setting far off and never a finalist
     assert all((rows[n]["screen_distance"] is not None) == (rows[n]["model"] in ("base", best)) for n in rows)

@@ -94,8 +94,9 @@ MaxQualityLoss = Annotated[Optional[float], typer.Option(
     "--max-quality-loss", help="Also accept a candidate at most this much worse than the base on the screening measure "
     "(--screening; relative, 0.02 = 2%).")]
 MinModelSpeedup = Annotated[float, typer.Option(
-    "--min-model-speedup", help="Ship another model than yours only when this much faster than your model's best "
-    "free setting (its fastest sampler/steps as good as --reference) at --batch; 0: no bar, even a slower model.")]
+    "--min-model-speedup", help="Ship another model than yours only when measured this much faster than your model's "
+    "best free setting (its fastest sampler/steps as good as --reference) at --batch: the lower 95% bound of the "
+    "speedup paired over timing rounds; 0: no bar, even a slower model.")]
 PricePerHour = Annotated[Optional[float], typer.Option(
     "--price-per-hour", help="Machine price per hour: adds the cost per 1,000 images before and after.")]
 
@@ -113,7 +114,7 @@ def tune_command(
     fid_samples: Annotated[int, typer.Option("--fid-samples", help="Images per model and seed for FID/KID.")] = 512,
     sampling_settings: SamplingSettings = None, reference: Reference = None, screen_samples: ScreenSamples = 64,
     batch: Annotated[int, typer.Option("--batch", help="Your sampling batch size: the frontier's time axis.")] = 64,
-    max_quality_loss: MaxQualityLoss = None, min_model_speedup: MinModelSpeedup = 1.2,
+    max_quality_loss: MaxQualityLoss = None, min_model_speedup: MinModelSpeedup = 1.1,
     price_per_hour: PricePerHour = None,
     dry_run: DryRun = False, quiet: Quiet = False,
 ):

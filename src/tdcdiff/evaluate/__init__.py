@@ -10,7 +10,7 @@ this runs on are shared and noisy.
     entry.py     ModelEntry, slug, default_cache_dir, balanced_labels, trajectory_flops
     fid.py       sampling + FID/KID/precision/recall per seed; the judge's margin (real-vs-real)
     held_out.py  held-out loss and bits/dim
-    timing.py    time_sampling, memory
+    timing.py    time_sampling, time_rounds, memory
     protocol.py  the protocol dict, FORMAT, pool
 """
 
@@ -37,14 +37,15 @@ from .timing import (
     TIMING_CLOCK,
     _peak_forward_bytes,  # noqa: F401  (tests probe it in a fresh process)
     memory_record,
+    time_rounds,
     time_sampling,
     weight_bytes,
 )
 
 __all__ = ["BPD_SAMPLES", "FLOPS_CONVENTION", "FORMAT", "HELD_OUT_IMAGES", "ModelEntry", "TIMING_CLOCK",
            "balanced_labels", "default_cache_dir", "default_feature_net", "evaluate", "held_out_loss",
-           "held_out_loss_se", "judge_protocol", "pool", "sample_scores", "score_seeds", "slug", "time_sampling",
-           "trajectory_flops", "weight_bytes"]
+           "held_out_loss_se", "judge_protocol", "pool", "sample_scores", "score_seeds", "slug", "time_rounds",
+           "time_sampling", "trajectory_flops", "weight_bytes"]
 
 
 def _check(entries: list[ModelEntry], seeds) -> None:

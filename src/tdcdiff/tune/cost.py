@@ -4,6 +4,7 @@ sizes, payback in images and, with a price, the cost per 1,000 images."""
 from __future__ import annotations
 
 import json
+import statistics
 
 from ..files import atomic_write_text
 from .measures import time_models
@@ -85,7 +86,8 @@ def write_cost(tune, models: dict, chosen: dict) -> dict:
     tune.say(f"timing: base vs chosen at batches {batches}")
     throughput = []
     for b in batches:
-        t = time_models(tune, models, ["base", chosen["name"]], b)
+        rounds = time_models(tune, models, ["base", chosen["name"]], b)
+        t = {n: statistics.median(r) for n, r in rounds.items()}
         base_s, chosen_s = t["base"] / b, t[chosen["name"]] / b
         item = {"batch": b, "base_images_per_s": 1 / base_s, "chosen_images_per_s": 1 / chosen_s,
                 "speedup": base_s / chosen_s, "payback_images": payback_images(tuning["cpu_s"], base_s, chosen_s)}

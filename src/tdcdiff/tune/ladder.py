@@ -142,7 +142,8 @@ def headline(rows: list[dict], chosen: str | None, batch: int, min_model_speedup
              for b, v in out.items()]
     text = "; ".join(parts)
     if shipped["model"] == "base":
-        bar = f" by {min_model_speedup:g}x (--min-model-speedup)" if min_model_speedup > 1 else ""
+        bar = (f" by a measured {min_model_speedup:g}x (the lower 95% bound over paired timing rounds, "
+               "--min-model-speedup)" if min_model_speedup > 0 else "")
         text += (f". No pruned model as good beats the best free setting{bar}: tune ships the free setting (the base "
                  f"at {shipped['setting']})")
     return {"chosen": shipped["name"], "best_free": free["name"], "by_batch": out, "text": text}

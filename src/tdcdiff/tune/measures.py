@@ -18,7 +18,7 @@ import torch
 
 from ..bundle import load_bundle
 from ..content_hash import sha256_tree
-from ..evaluate import BPD_SAMPLES, HELD_OUT_IMAGES, default_feature_net, judge_protocol, score_seeds, time_sampling
+from ..evaluate import BPD_SAMPLES, HELD_OUT_IMAGES, default_feature_net, judge_protocol, score_seeds, time_rounds
 from ..features import DEFAULT_FEATURE_NET, FEATURES_VERSION
 from ..files import atomic_write_text, read_json_file
 from ..grouping import make_groups
@@ -283,12 +283,13 @@ def fid(tune, models: dict, names: list[str]) -> dict:
 
 
 def time_models(tune, models: dict, names: list[str], batch: int) -> dict:
-    """Median seconds of one full sampling run at `batch` per point (tune.point: row name -> (model name,
-    setting); evaluate.time_sampling: every point measured, interleaved, after a warm-up; class-balanced labels for
-    a class-conditional base); thread CPU seconds with one thread on a CPU, wall seconds on a GPU."""
+    """name -> the seconds of one full sampling run at `batch` in each timed round (TuneConfig.timing_repeats of
+    them) per point (tune.point: row name -> (model name, setting); evaluate.time_rounds: every point measured,
+    interleaved, after a warm-up, round r of every point a pair; class-balanced labels for a class-conditional
+    base); thread CPU seconds with one thread on a CPU, wall seconds on a GPU."""
     run, points = tune.base_run, [tune.point(n) for n in names]
     runners = {m: SamplingModel(models[m][0]) for m in dict.fromkeys(m for m, _ in points)}
-    times = time_sampling([runners[m] for m, _ in points], run.scheduler, sample_shape=run.sample_shape,
-                          sampler=None, steps=None, batch=batch, repeats=tune.config.timing_repeats,
-                          num_classes=run.data.num_classes, settings=[s for _, s in points])
+    times = time_rounds([runners[m] for m, _ in points], run.scheduler, sample_shape=run.sample_shape,
+                        sampler=None, steps=None, batch=batch, repeats=tune.config.timing_repeats,
+                        num_classes=run.data.num_classes, settings=[s for _, s in points])
     return dict(zip(names, times))

@@ -301,13 +301,13 @@ class Tune:
             shutil.rmtree(self.dir / "chosen")
 
     def time_points(self, models: dict) -> dict:
-        """name -> {batch: median seconds of one sampling run} for every point, at batch 1 and the user's batch
-        (measures.time_models: measured, interleaved)."""
+        """name -> {batch: seconds of one sampling run in each timed round} for every point, at batch 1 and the
+        user's batch (measures.time_models: measured, interleaved)."""
         times = {}
         for b in dict.fromkeys([self.config.batch, 1]):
             self.say(f"timing: sampling at batch {b}, {len(self.points)} points (model, setting) interleaved")
-            for name, seconds in time_models(self, models, list(self.points), b).items():
-                times.setdefault(name, {})[b] = seconds
+            for name, rounds in time_models(self, models, list(self.points), b).items():
+                times.setdefault(name, {})[b] = rounds
         return times
 
     def pick_finalists(self, models: dict, crossed: list[str], times: dict) -> tuple[dict, list[str]]:
@@ -325,7 +325,7 @@ class Tune:
         for m in crossed:
             mine = {s: distances[point_name(m, s, self.reference)]["distance"]
                     for s in (self.reference, *self.settings)}
-            at = {s: times[point_name(m, s, self.reference)][self.config.batch] for s in mine}
+            at = {s: statistics.median(times[point_name(m, s, self.reference)][self.config.batch]) for s in mine}
             picks[m] = pick_settings(mine, at, self.reference)
         return distances, fid_points(picks, self.reference)
 
