@@ -438,3 +438,24 @@ def test_a_bad_sampling_setting_is_one_line(text, message):
 
     with pytest.raises(ValueError, match=message):
         SamplingSetting.parse(text, "--reference")
+
+
+def test_a_router_refuses_a_scheduler_of_another_prediction_type(tmp_path, tiny_unet):
+    # attack 2026-12-07f row 569: an epsilon bundle's router sampled with a v_prediction scheduler read every
+    # epsilon as v, with no word; a bundle's router records its experts' prediction type
+    from tdcdiff.bundle import load_bundle, save_bundle
+    from tdcdiff.flops import count_flops
+
+    scheduler = make_scheduler(1000)
+    flops = count_flops(tiny_unet, (1, 8, 8))
+    path = save_bundle(tmp_path / "b", [tiny_unet, tiny_unet], make_groups("uniform", 2, scheduler), scheduler,
+                       sample_shape=(1, 8, 8), expert_flops=[flops, flops], base_flops=flops)
+    router = load_bundle(path).router
+    assert router.prediction_type == "epsilon"
+    with pytest.raises(ValueError, match=r"^the scheduler's prediction_type is 'v_prediction' but the router's "
+                                         r"experts predict 'epsilon' \(they were trained so\); sample with the "
+                                         r"bundle's own scheduler \(Bundle.scheduler\), or one with "
+                                         r"prediction_type='epsilon'$"):
+        sample(router, DDPMScheduler(prediction_type="v_prediction"), sample_shape=(1, 8, 8), steps=2,
+               progress=False)
+    assert sample(router, DDPMScheduler(), sample_shape=(1, 8, 8), steps=2, num_images=1, progress=False)

@@ -96,14 +96,22 @@ def _check_settings(train_scheduler, sample_shape: tuple[int, int, int], sampler
 
 
 def _check_model(model: nn.Module, train_scheduler, sample_shape: tuple[int, int, int], device) -> torch.device:
-    """A router's groups must cover the schedule's T, and the model must take the data's channels and size.
-    Returns the device to sample on (_sampling_device)."""
+    """A router's groups must cover the schedule's T and its experts predict what the schedule says (a bundle's router
+    records it: epsilon read as v gives wrong images, no error), and the model must take the data's channels and
+    size. Returns the device to sample on (_sampling_device)."""
     grouping = getattr(model, "grouping", None)
     num_train = train_scheduler.config.num_train_timesteps
     if grouping is not None and grouping.num_train_timesteps != num_train:
         raise ValueError(
             f"the scheduler has T={num_train} training timesteps but the router's groups cover "
             f"T={grouping.num_train_timesteps}; sample with the bundle's own scheduler"
+        )
+    predicts, scheduled = getattr(model, "prediction_type", None), train_scheduler.config.prediction_type
+    if predicts is not None and predicts != scheduled:
+        raise ValueError(
+            f"the scheduler's prediction_type is {scheduled!r} but the router's experts predict {predicts!r} (they "
+            f"were trained so); sample with the bundle's own scheduler (Bundle.scheduler), or one with "
+            f"prediction_type={predicts!r}"
         )
     check_denoiser(model, sample_shape)
     check_sample_size(model, sample_shape)
