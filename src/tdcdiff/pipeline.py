@@ -28,6 +28,7 @@ from .progress import progress_bar
 from .samplers import (
     LEARNED_VARIANCES,
     TIMESTEP_SPACING,
+    check_train_scheduler,
     make_sampler,
     sampler_kind,
     step_takes_generator,
@@ -84,6 +85,7 @@ def _check_settings(train_scheduler, sample_shape: tuple[int, int, int], sampler
                     cache_depth: int | None, path: tuple[str, str]) -> tuple[list[int], int | None]:
     """(the timesteps the sampler visits, the feature cache's depth or None) after checking sample()'s settings;
     path: (compile, precision), checked even where a given SamplingModel keeps its own."""
+    check_train_scheduler(train_scheduler)
     sampler_kind(sampler)
     SamplingModel.check_path(*path)
     _check_arguments(steps, num_images, batch_size, seed, guidance_scale)
@@ -206,6 +208,7 @@ def sample(
     model: called as model(x, t); a diffusers UNet2DModel, any denoiser, a tdcdiff Router, or a
         SamplingModel built once from one of those (then compile and precision are its own).
     train_scheduler: the training schedule (gives betas, T and the prediction type). Raises ValueError for a
+        scheduler without betas (samplers.check_train_scheduler: flow matching, variance exploding, None), a
         schedule no sampler can use (schedule.check_sampling_schedule); warns, when the user's code passed it, for
         one that ends far from noise (schedule.check_given_schedule).
     sample_shape: (C, H, W) of one image, at the size the model's config states (sample_size), if it does.
@@ -298,6 +301,7 @@ class TDCPipeline:
                  null_class: int | None = None, compile: str = "auto", precision: str = "fp32", vae=None,
                  num_classes: int | None = None, defaults: SamplingSetting | str | dict | None = None,
                  text_encoder=None):
+        check_train_scheduler(scheduler, "scheduler")
         if called_by_user():  # a bundle's pipeline (Bundle.pipeline) was checked when the bundle was written
             check_given_schedule(scheduler, "the scheduler given to TDCPipeline")
         self.text_encoder = text_encoder

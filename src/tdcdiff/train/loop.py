@@ -21,6 +21,7 @@ from torch import nn
 from ..capacity import check_training_memory
 from ..models import as_denoiser, check_denoiser, check_finite, num_class_embeds, torch_device
 from ..progress import progress_bar
+from ..samplers import check_train_scheduler
 from ..schedule import check_given_schedule, training_target
 from ..settings import is_real
 from ..user_warnings import called_by_user, warn
@@ -384,7 +385,8 @@ def train(
         text embeddings for a text-conditional one.
     null_text: (L, width), the empty prompt's embedding: a text-conditional model's dropped captions
         (config.label_dropout > 0, classifier-free guidance's unconditional case).
-    scheduler: the training noise schedule (diffusers DDPMScheduler); its prediction type sets the target.
+    scheduler: the training noise schedule (diffusers DDPMScheduler); its prediction type sets the target. A
+        scheduler without betas (flow matching, None) is refused (samplers.check_train_scheduler).
     config: TrainConfig.
     out_dir: where `checkpoint/`, `final/` (weights to use: EMA when enabled), `log.jsonl` and `train.json` go.
     timesteps: the timesteps to draw t from (stage 2: one group's); None means all T.
@@ -403,6 +405,7 @@ def train(
     A schedule no sampler can use is refused, and one that ends far from noise warned about, when the user's code
     passed it (schedule.check_given_schedule).
     """
+    check_train_scheduler(scheduler, "scheduler")
     if called_by_user():  # a run's schedule was made or checked where it entered
         check_given_schedule(scheduler, "the scheduler given to train()")
     return Trainer(model, images, scheduler, config, out_dir, labels=labels, null_text=null_text, timesteps=timesteps,
