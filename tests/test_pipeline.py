@@ -64,3 +64,17 @@ def test_sample_takes_numpy_integers_and_refuses_a_malformed_shape_or_sampling_p
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):  # ignored (fp32) by a built SamplingModel
         sample(TDCPipeline(tiny_unet, scheduler, (1, 8, 8)).runner, scheduler, sample_shape=(1, 8, 8), steps=2,
                precision="fp16", progress=False)
+
+
+def test_class_labels_on_the_meta_device_are_one_error(scheduler):
+    # attack 2026-12-07f row 573: torch's "Tensor.item() cannot be called on meta tensors" (RuntimeError)
+    from diffusers import UNet2DModel
+
+    from tdcdiff.models import build_unet
+
+    config = {k: v for k, v in build_unet("digits-8").config.items() if not k.startswith("_")}
+    model = UNet2DModel.from_config({**config, "num_class_embeds": 11})
+    with pytest.raises(ValueError, match=r"^class_labels are on device 'meta', which holds no data: give them on the "
+                                         r"CPU or the model's device \(they are moved to the model's\)$"):
+        sample(model, scheduler, sample_shape=(1, 8, 8), steps=2, num_images=2, progress=False,
+               class_labels=torch.tensor([3, 1], device="meta"))

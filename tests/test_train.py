@@ -124,3 +124,24 @@ def test_two_process_accelerate_run(tmp_path):
     summary = json.loads((tmp_path / "run" / "train.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 4
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("given", ["images", "labels", "timesteps"])
+def test_training_inputs_on_the_meta_device_are_one_error_before_any_write(given, tmp_path, scheduler):
+    # attack 2026-12-07f row 596: images on the meta device gave torch's "Tensor.item() cannot be called on meta
+    # tensors" (RuntimeError)
+    from diffusers import UNet2DModel
+
+    from tdcdiff.models import build_unet
+
+    config = {k: v for k, v in build_unet("digits-8").config.items() if not k.startswith("_")}
+    model = UNet2DModel.from_config({**config, "num_class_embeds": 3} if given == "labels" else config)
+    inputs = {"images": torch.zeros(4, 1, 8, 8), "labels": torch.zeros(4, dtype=torch.long) if given == "labels"
+              else None, "timesteps": torch.arange(10)}
+    inputs[given] = inputs[given].to("meta")
+    name = "training images" if given == "images" else given
+    with pytest.raises(ValueError, match=rf"^{name} are on device 'meta', which holds no data: give them on the CPU "
+                                         r"or the training device \(each batch is moved there\)$"):
+        train(model, inputs["images"], scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t",
+              labels=inputs["labels"], timesteps=inputs["timesteps"], progress=False)
+    assert not (tmp_path / "t").exists()

@@ -1,5 +1,6 @@
-"""The one check that a CUDA device is visible to this process, shared by the run's settings (run/config.py,
-which must not import torch at module level: `tdcdiff --help` stays fast) and the public API (models.torch_device)."""
+"""The device checks shared by the run's settings (run/config.py, which must not import torch at module level:
+`tdcdiff --help` stays fast) and the public API (models.torch_device): a CUDA device visible to this process, and
+inputs that hold data (not on the meta device)."""
 
 from __future__ import annotations
 
@@ -15,3 +16,11 @@ def check_cuda_visible(index: int, label: str, fix: str) -> None:
     if index >= count:
         raise ValueError(f"{label} is not visible here: torch sees {count} CUDA device(s) (torch.cuda.is_available() "
                          f"is {available}); {fix}, or install a CUDA build of torch on a machine with a GPU")
+
+
+def check_holds_data(inputs: dict, fix: str) -> None:
+    """Raise ValueError for a tensor among `inputs` (name -> value; other values are skipped) on the meta device,
+    which has shapes but no values (torch's Tensor.item raised deep inside). fix: what to give instead."""
+    for name, value in inputs.items():
+        if getattr(getattr(value, "device", None), "type", None) == "meta":
+            raise ValueError(f"{name} are on device 'meta', which holds no data: {fix}")

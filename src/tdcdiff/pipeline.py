@@ -18,6 +18,7 @@ from torch import nn
 
 from .capacity import check_sampling_memory
 from .conditions import sample_conditions
+from .devices import check_holds_data
 from .fast_path import SamplingModel
 from .feature_cache import FeatureCache
 from .files import atomic_write_bytes
@@ -244,6 +245,9 @@ def sample(
     runner = model if isinstance(model, SamplingModel) else None
     model = runner.model if runner is not None else model
     device = _check_model(model, train_scheduler, sample_shape, device)
+    check_holds_data({"class_labels": class_labels, "prompt_embeds": prompt_embeds,
+                      "negative_prompt_embeds": negative_prompt_embeds},
+                     "give them on the CPU or the model's device (they are moved to the model's)")
     labels, null = sample_conditions(model, num_images, guidance_scale, class_labels, null_class, num_classes,
                                      prompt_embeds, negative_prompt_embeds)
     generator = torch.Generator().manual_seed(int(seed))

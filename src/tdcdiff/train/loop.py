@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..capacity import check_training_memory
+from ..devices import check_holds_data
 from ..models import as_denoiser, check_denoiser, check_finite, num_class_embeds, torch_device
 from ..progress import progress_bar
 from ..samplers import check_train_scheduler
@@ -121,6 +122,8 @@ class Trainer:
         self.config, self.scheduler, self.out_dir = config, scheduler, Path(out_dir)
         self.resume_allowed, self.progress, self.description = resume, progress, description
         self.num_train = scheduler.config.num_train_timesteps
+        check_holds_data({"training images": images, "labels": labels, "null_text": null_text, "timesteps": timesteps},
+                         "give them on the CPU or the training device (each batch is moved there)")
         self.timesteps = _checked_timesteps(timesteps, self.num_train)
         _check_images(images, data_range)
         _check_weights(model)
