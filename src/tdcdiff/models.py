@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .devices import check_cuda_visible
+from .devices import check_device_usable
 from .settings import as_integer, is_integer
 
 
@@ -324,16 +324,16 @@ def torch_device(device, name: str = "device", *, fix: str = "give 'cpu' or 'cud
                  ) -> torch.device:
     """`device` (a str or torch.device) as a torch.device, for an argument `name` of the public API. Raises
     ValueError for a device torch does not know ("CPU"), the meta device (it holds no data; `fix` says what to give
-    instead), or, with `visible`, a CUDA device this process cannot see (no CUDA build, no GPU, an index past the
-    last)."""
+    instead), or, with `visible`, a device this process cannot use (devices.check_device_usable: a CUDA device it
+    cannot see, or 'mps' and the like on a torch build or machine without them), before any work."""
     try:
         chosen = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"{name} {device!r} is not a torch device ({err}); give e.g. 'cpu' or 'cuda:0'") from None
     if chosen.type == "meta":
         raise ValueError(f"{name} 'meta' holds no data: {fix}")
-    if visible and chosen.type == "cuda":
-        check_cuda_visible(chosen.index or 0, f"{name} {str(chosen)!r}", "use 'cpu'")
+    if visible:
+        check_device_usable(chosen, f"{name} {str(chosen)!r}", "use 'cpu'")
     return chosen
 
 
