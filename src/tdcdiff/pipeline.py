@@ -325,9 +325,11 @@ class TDCPipeline:
         batch_size: int = 1,
         num_inference_steps: int | None = None,
         *,
+        generator: torch.Generator | None = None,
         sampler: str | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         output_type: str = "pil",
+        return_dict: bool = True,
         progress: bool = True,
         class_labels=None,
         guidance_scale: float = 1.0,
@@ -335,15 +337,21 @@ class TDCPipeline:
         cache_depth: int | None = None,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
+        **unsupported,
     ):
         """Sample `batch_size` images; output_type "pil" (list of PIL images), "np" (NHWC uint8) or "pt"
         (NCHW float in [-1, 1]). class_labels, guidance_scale, cache_interval, cache_depth (feature caching):
         see `sample`. num_inference_steps, sampler and the cache settings not given are the pipeline's
         `defaults` (feature caching from the defaults only when neither cache setting is given).
+        seed or generator (diffusers' argument: one torch.Generator, from which the seed is drawn, so the same
+        generator state gives the same images): what the noise is drawn from (neither: seed 0).
         prompt: for a text-conditional pipeline (required there): one prompt for all `batch_size` images, or a list
         of one prompt per image (batch_size 1 takes its length). negative_prompt: guidance's unconditional prompt,
         one or one per image (default "", classifier-free guidance as in Stable Diffusion).
-        Returns diffusers' ImagePipelineOutput."""
+        Returns diffusers' ImagePipelineOutput, or with return_dict=False the tuple (images,), as diffusers'
+        pipelines do. Raises ValueError for an argument it does not take (eta, num_images_per_prompt, ...), naming
+        the one to use."""
+        _check_call(batch_size, num_inference_steps, unsupported, self.text_encoder is not None)
         batch_size, text = self._prompts(prompt, negative_prompt, batch_size, guidance_scale)
         d = self.defaults
         if cache_interval is None and cache_depth is None:
@@ -355,19 +363,19 @@ class TDCPipeline:
             self.runner, self.scheduler, sample_shape=self.sample_shape,
             sampler=d.sampler if sampler is None else sampler,
             steps=d.steps if num_inference_steps is None else num_inference_steps, num_images=batch_size,
-            batch_size=batch_size, seed=seed, progress=progress, class_labels=class_labels,
+            batch_size=batch_size, seed=_seed(seed, generator), progress=progress, class_labels=class_labels,
             guidance_scale=guidance_scale, null_class=self.null_class, decode=self.decode, num_classes=self.num_classes,
             cache_interval=1 if cache_interval is None else cache_interval, cache_depth=cache_depth, **text,
         )
         if output_type == "pt":
-            return ImagePipelineOutput(images=result.images)
-        pixels = to_uint8(result.images)
-        if output_type == "np":
-            return ImagePipelineOutput(images=pixels)
-        if output_type == "pil":
-            return ImagePipelineOutput(images=[Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels])
-        raise ValueError(f"unknown output_type {output_type!r}; choose 'pil', 'np' or 'pt'")
-
+            images = result.images
+        elif output_type in ("np", "pil"):
+            images = to_uint8(result.images)
+            if output_type == "pil":
+                images = [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in images]
+        else:
+            raise ValueError(f"unknown output_type {output_type!r}; choose 'pil', 'np' or 'pt'")
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     def _prompts(self, prompt, negative_prompt, batch_size: int, guidance_scale: float) -> tuple[int, dict]:
         """(images to sample, sample()'s prompt_embeds and negative_prompt_embeds from the prompts)."""
@@ -384,6 +392,48 @@ class TDCPipeline:
             negative = "" if negative_prompt is None else negative_prompt
             text["negative_prompt_embeds"] = self.text_encoder(_prompt_list(negative, len(prompts), "negative_prompt"))
         return len(prompts), text
+
+
+# diffusers pipeline arguments TDCPipeline does not take, with the one that does what they do
+_INSTEAD = {
+    "eta": "tdcdiff's DDIM is deterministic, eta 0; sampler='ddpm' samples stochastically",
+    "num_images_per_prompt": "batch_size is the number of images; one prompt serves all of them",
+    "callback_on_step_end": "per-step callbacks are not supported; progress=True shows a progress bar",
+    "callback": "per-step callbacks are not supported; progress=True shows a progress bar",
+}
+CALL_ARGUMENTS = ("batch_size", "num_inference_steps", "generator", "sampler", "seed", "output_type", "return_dict",
+                  "progress", "class_labels", "guidance_scale", "cache_interval", "cache_depth", "prompt",
+                  "negative_prompt")
+
+
+def _check_call(batch_size, num_inference_steps, unsupported: dict, text: bool) -> None:
+    """Refuse TDCPipeline call arguments named as diffusers' pipelines name them that it does not take, and a
+    batch_size or num_inference_steps that is not an integer, by their own names (sample() calls them num_images
+    and steps). text: the pipeline takes prompts."""
+    if unsupported:
+        name = next(iter(unsupported))
+        why = f" ({_INSTEAD[name]})" if name in _INSTEAD else ""
+        raise ValueError(f"TDCPipeline takes no {name!r} argument{why}; it takes: {', '.join(CALL_ARGUMENTS)}")
+    if isinstance(batch_size, str):
+        fix = (f"pass the text as prompt={batch_size!r:.40}" if text else
+               "this pipeline's model is not text-conditional, so it takes no prompt")
+        raise ValueError(f"TDCPipeline's first argument is batch_size (the number of images), got the text "
+                         f"{batch_size!r:.40}; {fix}")
+    for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
+        if value is not None and not is_integer(value):
+            raise ValueError(f"{name} must be an integer, got {value!r:.40}")
+
+
+def _seed(seed: int | None, generator) -> int:
+    """The seed to sample with: `seed`, one drawn from a torch.Generator (diffusers' way to seed a pipeline), or 0."""
+    if generator is None:
+        return 0 if seed is None else seed
+    if seed is not None:
+        raise ValueError("give seed or generator, not both")
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be one torch.Generator (a list of one per image, as diffusers takes, is "
+                         f"not: the batch is drawn from one seed), got {type(generator).__name__}; or give seed=")
+    return int(torch.randint(0, 2**32, (1,), generator=generator, device=generator.device))
 
 
 def _prompt_list(prompt, batch_size: int, name: str) -> list[str]:
