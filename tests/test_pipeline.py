@@ -110,3 +110,15 @@ def test_the_pipeline_takes_diffusers_generator_and_return_dict_and_names_what_i
     ]:
         with pytest.raises(ValueError, match=message):
             pipe(**{**call, **given})
+
+
+def test_a_sample_shape_of_other_channels_names_sample_shape_not_the_clis_flag(tiny_unet, scheduler):
+    # attack 2026-12-07f row 559: "load the data with channels=1 (--channels)" to an API caller, who has no data
+    from tdcdiff.flops import count_flops
+
+    message = r"^the model takes 1-channel images but sample_shape \(3, 8, 8\) has 3 channels; give sample_shape " \
+              r"\(1, 8, 8\)$"
+    with pytest.raises(ValueError, match=message):
+        sample(tiny_unet, scheduler, sample_shape=(3, 8, 8), steps=2, progress=False)
+    with pytest.raises(ValueError, match=message):
+        count_flops(tiny_unet, (3, 8, 8))

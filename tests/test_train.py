@@ -145,3 +145,13 @@ def test_training_inputs_on_the_meta_device_are_one_error_before_any_write(given
         train(model, inputs["images"], scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t",
               labels=inputs["labels"], timesteps=inputs["timesteps"], progress=False)
     assert not (tmp_path / "t").exists()
+
+
+def test_images_of_another_size_than_the_model_name_both_sizes_and_the_fix(tmp_path, scheduler, tiny_unet):
+    # attack 2026-12-07f row 593: a training call was told to "sample at (1, 8, 8)"
+    with pytest.raises(ValueError, match=r"^the training images are 16x16 but the model was built for 8x8 inputs "
+                                         r"\(its config's sample_size\); resize the images to 8x8, or build the model "
+                                         r"with sample_size=16$"):
+        train(tiny_unet, torch.zeros(4, 1, 16, 16), scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t",
+              progress=False)
+    assert not (tmp_path / "t").exists()

@@ -116,7 +116,7 @@ def _check_model(model: nn.Module, train_scheduler, sample_shape: tuple[int, int
             f"were trained so); sample with the bundle's own scheduler (Bundle.scheduler), or one with "
             f"prediction_type={predicts!r}"
         )
-    check_denoiser(model, sample_shape)
+    check_denoiser(model, sample_shape, source="sample_shape")
     check_sample_size(model, sample_shape)
     return _sampling_device(model, device)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..capacity import check_training_memory
 from ..devices import check_holds_data
-from ..models import as_denoiser, check_denoiser, check_finite, num_class_embeds, torch_device
+from ..models import as_denoiser, check_denoiser, check_finite, check_sample_size, num_class_embeds, torch_device
 from ..progress import progress_bar
 from ..samplers import check_train_scheduler
 from ..schedule import check_given_schedule, training_target
@@ -131,6 +131,7 @@ class Trainer:
             raise ValueError("distill_weight and feature_distill_weight > 0 need a teacher model (stage 2: the base)")
         sample_shape = tuple(images.shape[1:])
         check_denoiser(model, sample_shape)
+        check_sample_size(model, sample_shape, source="data")
         # The run's up-front estimate (Stages), here too: torch's allocator error would come after log.jsonl.
         check_training_memory(model, sample_shape, config.batch_size, what=f"with batch_size {config.batch_size}",
                               fix="give a smaller batch_size (TrainConfig.batch_size)",
