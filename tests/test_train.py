@@ -155,3 +155,23 @@ def test_images_of_another_size_than_the_model_name_both_sizes_and_the_fix(tmp_p
         train(tiny_unet, torch.zeros(4, 1, 16, 16), scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t",
               progress=False)
     assert not (tmp_path / "t").exists()
+
+
+def test_an_out_dir_that_is_empty_or_not_a_folder_is_one_error_before_any_write(tmp_path, monkeypatch, scheduler,
+                                                                                  tiny_unet):
+    # attack 2026-12-07f rows 599 (out_dir "" trained into the current folder) and 598 (a file: FileExistsError)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    monkeypatch.chdir(tmp_path)
+    for out_dir, message in [
+        ("", "^out_dir is empty; give a folder$"), (" ", "^out_dir is empty; give a folder$"),
+        (tmp_path / "afile", f"^out_dir {tmp_path}/afile is a file, not a folder; choose another out_dir$"),
+        (tmp_path / "afile" / "sub", f"^out_dir {tmp_path}/afile/sub cannot be created: {tmp_path}/afile is a file; "
+                                     "choose another out_dir$"),
+        (tmp_path / "dangling", rf"^out_dir {tmp_path}/dangling is a link that leads to no folder \(dangling, or a "
+                                r"loop\), not a folder; choose another out_dir$"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            train(tiny_unet, torch.zeros(4, 1, 8, 8), scheduler, TrainConfig(steps=1, batch_size=2), out_dir,
+                  progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dangling"]

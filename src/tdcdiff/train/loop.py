@@ -20,6 +20,7 @@ from torch import nn
 
 from ..capacity import check_training_memory
 from ..devices import check_holds_data
+from ..files import output_path
 from ..models import as_denoiser, check_denoiser, check_finite, check_sample_size, num_class_embeds, torch_device
 from ..progress import progress_bar
 from ..samplers import check_train_scheduler
@@ -57,6 +58,16 @@ def _checked_timesteps(timesteps: torch.Tensor | None, num_train: int) -> torch.
     if given.numel() == 0 or given.min() < 0 or given.max() >= num_train:
         raise ValueError(f"timesteps must be a non-empty subset of 0..{num_train - 1}")
     return given.long()
+
+
+def _checked_out_dir(out_dir: str | Path) -> Path:
+    """out_dir as a Path after files.output_path's checks (not empty: "" was the current folder; creatable,
+    writable), and, since the run makes files inside it, not a file or a link that leads to no folder."""
+    path = output_path(out_dir, directory=True, option="out_dir")
+    if (path.exists() or path.is_symlink()) and not path.is_dir():
+        what = "a file" if path.is_file() else "a link that leads to no folder (dangling, or a loop)"
+        raise ValueError(f"out_dir {path} is {what}, not a folder; choose another out_dir")
+    return path
 
 
 _RANGE_SLACK = 1e-3  # what resizing and float rounding may leave past [-1, 1]
@@ -119,7 +130,7 @@ class Trainer:
                  data_range: tuple[float, float] | None = (-1.0, 1.0)):
         config.validate()
         self.device = None if device is None else torch_device(device)
-        self.config, self.scheduler, self.out_dir = config, scheduler, Path(out_dir)
+        self.config, self.scheduler, self.out_dir = config, scheduler, _checked_out_dir(out_dir)
         self.resume_allowed, self.progress, self.description = resume, progress, description
         self.num_train = scheduler.config.num_train_timesteps
         check_holds_data({"training images": images, "labels": labels, "null_text": null_text, "timesteps": timesteps},
