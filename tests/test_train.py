@@ -175,3 +175,18 @@ def test_an_out_dir_that_is_empty_or_not_a_folder_is_one_error_before_any_write(
             train(tiny_unet, torch.zeros(4, 1, 8, 8), scheduler, TrainConfig(steps=1, batch_size=2), out_dir,
                   progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dangling"]
+
+
+def test_conditions_an_unconditional_model_cannot_take_are_refused(tmp_path, scheduler, tiny_unet):
+    # attack 2026-12-07f row 597: labels for an unconditional model were ignored with no word (sample() refuses them)
+    for given, message in [
+        ({"labels": torch.zeros(4, dtype=torch.long)}, r"^labels were given but the model has no class embedding "
+                                                       r"\(nor cross-attention\), so it would train without them; drop "
+                                                       r"them, or train a class-conditional model"),
+        ({"null_text": torch.zeros(77, 8)}, r"^null_text was given but the model is not text-conditional \(it has no "
+                                            r"cross-attention\); drop it$"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            train(tiny_unet, torch.zeros(4, 1, 8, 8), scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t",
+                  progress=False, **given)
+    assert not (tmp_path / "t").exists()
