@@ -190,3 +190,29 @@ def test_conditions_an_unconditional_model_cannot_take_are_refused(tmp_path, sch
             train(tiny_unet, torch.zeros(4, 1, 8, 8), scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t",
                   progress=False, **given)
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("images, data_range, message", [
+    (torch.rand(4, 1, 8, 8) * 2 - 1, (0.0, 1.0), r"^training images must be in \[0, 1\], got values .*; scale to "
+                                                 r"\[0, 1\]: x / 255 for pixels 0..255, or pass data_range=None"),
+    (torch.full((4, 1, 8, 8), 200.0), (0, 1), r"^training images must be in \[0, 1\], got values 200..200; scale to "
+                                              r"\[0, 1\]: x / 255 \(pixels 0..255\), or pass data_range=None"),
+    (torch.zeros(4, 1, 8, 8, dtype=torch.uint8), (0, 1), r"^training images must be floating point in \[0, 1\], got "
+                                                         r"torch.uint8; scale to \[0, 1\]: x / 255$"),
+    (torch.full((4, 1, 8, 8), 200.0), (-2, 2), r"scale to \[-2, 2\]: x / 63.75 - 2 \(pixels 0..255\)"),
+])
+def test_the_scaling_a_range_error_gives_maps_pixels_onto_that_range(images, data_range, message, tmp_path, scheduler,
+                                                                      tiny_unet):
+    # attack 2026-12-07f row 594: data_range=(0, 1) was told "scale to [0, 1]: x / 127.5 - 1", which gives [-1, 1]
+    with pytest.raises(ValueError, match=message):
+        train(tiny_unet, images, scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t", data_range=data_range,
+              progress=False)
+
+
+@pytest.mark.parametrize("top, data_range", [(255, (-1, 1)), (255, (0, 1)), (1, (-1, 1)), (255, (-2, 2)), (1, (0, 1)),
+                                             (255, (0.5, 3))])
+def test_the_scaling_formula_maps_its_input_range_onto_the_data_range(top, data_range):
+    from tdcdiff.train.loop import _scaling
+
+    formula = _scaling(top, *data_range)
+    assert [eval(formula, {"x": x}) for x in (0, top)] == pytest.approx(list(data_range))

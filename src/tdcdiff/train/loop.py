@@ -86,23 +86,32 @@ def _check_images(images: torch.Tensor, data_range: tuple[float, float] | None) 
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) == 0:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"training images must be a non-empty NCHW tensor, got {shape}")
+    lo, hi = data_range if data_range is not None else (-1.0, 1.0)  # the pixels' usual range, for the fixes
     if not images.is_floating_point():
-        raise ValueError(f"training images must be floating point in [-1, 1], got {images.dtype}; scale to [-1, 1]: "
-                         "x / 127.5 - 1")
+        raise ValueError(f"training images must be floating point in [{lo:g}, {hi:g}], got {images.dtype}; scale to "
+                         f"[{lo:g}, {hi:g}]: {_scaling(255, lo, hi)}")
     finite = torch.isfinite(images).flatten(1).all(dim=1)
     if not finite.all():
         raise ValueError(f"{int((~finite).sum())} of the {len(images)} training images hold NaN/inf; fix or drop them")
     low, high = float(images.min()), float(images.max())
     if data_range is None:
         return
-    lo, hi = data_range
     if low < lo - _RANGE_SLACK or high > hi + _RANGE_SLACK:
-        fix = "x / 127.5 - 1 (pixels 0..255)" if low >= -_RANGE_SLACK else "x / 127.5 - 1 for pixels 0..255"
+        pixels = _scaling(255, lo, hi)
+        fix = f"{pixels} (pixels 0..255)" if low >= -_RANGE_SLACK else f"{pixels} for pixels 0..255"
         raise ValueError(f"training images must be in [{lo:g}, {hi:g}], got values {low:.4g}..{high:.4g}; scale to "
                          f"[{lo:g}, {hi:g}]: {fix}, or pass data_range=None for a VAE's latents (no fixed range)")
     if lo < 0 <= low:
         warn(f"training images are all >= 0 (values {low:.4g}..{high:.4g}): they look like [0, 1] "
-             f"(torchvision's ToTensor), not [{lo:g}, {hi:g}]; scale with x * 2 - 1")
+             f"(torchvision's ToTensor), not [{lo:g}, {hi:g}]; scale with {_scaling(1, lo, hi)}")
+
+
+def _scaling(top: float, lo: float, hi: float) -> str:
+    """The formula that maps x in [0, top] onto [lo, hi]: "x / 127.5 - 1" for 0..255 onto [-1, 1], "x / 255" onto
+    [0, 1], "x * 2 - 1" for [0, 1] onto [-1, 1]."""
+    factor = (hi - lo) / top
+    term = "x" if factor == 1 else f"x * {factor:g}" if factor > 1 else f"x / {1 / factor:g}"
+    return term + (f" + {lo:g}" if lo > 0 else f" - {-lo:g}" if lo < 0 else "")
 
 
 def _check_weights(model: nn.Module) -> None:
