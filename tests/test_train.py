@@ -74,6 +74,12 @@ def test_a_warmup_as_long_as_the_training_is_warned_about(tmp_path, digits, sche
     with pytest.warns(UserWarning, match=r"warmup_steps 8 is not below its 4 steps, so the learning rate rises for the "
                                          r"whole run and never reaches lr 0.002 \(it ends at 0.001\)"):
         train(tiny_unet, digits.images, scheduler, config, tmp_path, progress=False)
+    # attack 2026-12-07f row 657: at warmup_steps = steps the line said "never reaches lr 0.002 (it ends at 0.002)"
+    config = TrainConfig(steps=4, **{**FAST, "warmup_steps": 4})
+    assert config.lr_at(3) == config.lr
+    with pytest.warns(UserWarning, match=r"warmup_steps 4 is not below its 4 steps, so the learning rate rises for the "
+                                         r"whole run and reaches lr 0.002 only at its last step; lower warmup_steps"):
+        train(tiny_unet, digits.images, scheduler, config, tmp_path / "equal", progress=False)
 
 
 def test_nan_images_are_named_before_training(tmp_path, digits, scheduler, tiny_unet):

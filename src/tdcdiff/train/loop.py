@@ -195,9 +195,11 @@ class Trainer:
 
         c = self.config
         if c.warmup_steps >= c.steps:  # allowed (a deliberate ramp), but rarely what was meant
+            # the last step's rate is lr * steps / warmup_steps (TrainConfig.lr_at): the peak only when they are equal
+            reach = (f"reaches lr {c.lr:g} only at its last step" if c.warmup_steps == c.steps else
+                     f"never reaches lr {c.lr:g} (it ends at {c.lr * c.steps / c.warmup_steps:.3g})")
             warn(f"training {self.out_dir}: warmup_steps {c.warmup_steps} is not below its {c.steps} steps, so the "
-                 f"learning rate rises for the whole run and never reaches lr {c.lr:g} (it ends at "
-                 f"{c.lr * c.steps / c.warmup_steps:.3g}); lower warmup_steps or train for more steps")
+                 f"learning rate rises for the whole run and {reach}; lower warmup_steps or train for more steps")
         self.accelerator = Accelerator(**accelerator_device(self.device), mixed_precision=c.mixed_precision)
         world = self.accelerator.num_processes
         if c.batch_size % world:
