@@ -98,10 +98,11 @@ def _check_settings(train_scheduler, sample_shape: tuple[int, int, int], sampler
     return visited, depth
 
 
-def _check_model(model: nn.Module, train_scheduler, sample_shape: tuple[int, int, int], device) -> torch.device:
+def _check_model(model: nn.Module, train_scheduler, sample_shape: tuple[int, int, int], device,
+                 conditions: dict) -> torch.device:
     """A router's groups must cover the schedule's T and its experts predict what the schedule says (a bundle's router
-    records it: epsilon read as v gives wrong images, no error), and the model must take the data's channels and
-    size. Returns the device to sample on (_sampling_device)."""
+    records it: epsilon read as v gives wrong images, no error), the model must take the data's channels and size,
+    and the conditions (name -> value) must hold data. Returns the device to sample on (_sampling_device)."""
     grouping = getattr(model, "grouping", None)
     num_train = train_scheduler.config.num_train_timesteps
     if grouping is not None and grouping.num_train_timesteps != num_train:
@@ -118,6 +119,7 @@ def _check_model(model: nn.Module, train_scheduler, sample_shape: tuple[int, int
         )
     check_denoiser(model, sample_shape, source="sample_shape")
     check_sample_size(model, sample_shape)
+    check_holds_data(conditions, "give them on the CPU or the model's device (they are moved to the model's)")
     return _sampling_device(model, device)
 
 
@@ -208,10 +210,9 @@ def sample(
 
     model: called as model(x, t); a diffusers UNet2DModel, any denoiser, a tdcdiff Router, or a
         SamplingModel built once from one of those (then compile and precision are its own).
-    train_scheduler: the training schedule (gives betas, T and the prediction type). Raises ValueError for a
-        scheduler without betas (samplers.check_train_scheduler: flow matching, variance exploding, None), a
-        schedule no sampler can use (schedule.check_sampling_schedule); warns, when the user's code passed it, for
-        one that ends far from noise (schedule.check_given_schedule).
+    train_scheduler: the training schedule (gives betas, T and the prediction type). Raises ValueError for one
+        without betas (samplers.check_train_scheduler) or that no sampler can use (schedule.check_sampling_schedule);
+        warns, when the user's code passed it, for one that ends far from noise (schedule.check_given_schedule).
     sample_shape: (C, H, W) of one image, at the size the model's config states (sample_size), if it does.
     sampler: one of SAMPLERS (samplers.describe_samplers()): "ddpm", "ddim", "dpm-solver++", "unipc", "deis",
         "pndm", "euler".
@@ -244,10 +245,8 @@ def sample(
         check_given_schedule(train_scheduler, "the train_scheduler given to sample()")
     runner = model if isinstance(model, SamplingModel) else None
     model = runner.model if runner is not None else model
-    device = _check_model(model, train_scheduler, sample_shape, device)
-    check_holds_data({"class_labels": class_labels, "prompt_embeds": prompt_embeds,
-                      "negative_prompt_embeds": negative_prompt_embeds},
-                     "give them on the CPU or the model's device (they are moved to the model's)")
+    device = _check_model(model, train_scheduler, sample_shape, device, {
+        "class_labels": class_labels, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds})
     labels, null = sample_conditions(model, num_images, guidance_scale, class_labels, null_class, num_classes,
                                      prompt_embeds, negative_prompt_embeds)
     generator = torch.Generator().manual_seed(int(seed))
