@@ -78,3 +78,23 @@ def test_training_and_sampling_are_handed_the_runs_device(trained, monkeypatch):
     with pytest.raises(StopIteration):
         run.sample_grid("base", run.base_model())
     assert calls["sample"]["device"] == torch.device("meta") and calls["sample"]["precision"] == "fp32"
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available() or (hasattr(torch, "accelerator") and getattr(
+    torch.accelerator.current_accelerator(), "type", None) == "mps"), reason="this machine has MPS")
+def test_a_device_type_this_torch_build_lacks_is_one_error_before_reading(tmp_path, tiny_unet, scheduler):
+    # attack 2026-12-07f row 552: load_bundle(device="mps") read and checked the whole bundle, then torch's
+    # RuntimeError "PyTorch is not linked with support for mps devices" from Module.to
+    from tdcdiff.bundle import load_bundle
+    from tdcdiff.pipeline import sample
+    from tdcdiff.train import TrainConfig, train
+
+    message = r"^device 'mps' is not available here: this torch build and machine have 'cpu'.*; use 'cpu'$"
+    with pytest.raises(ValueError, match=message):
+        load_bundle(tmp_path / "nowhere", device="mps")  # the device first: no "no bundle at ..."
+    with pytest.raises(ValueError, match=message):
+        sample(tiny_unet, scheduler, sample_shape=(1, 8, 8), steps=2, device="mps", progress=False)
+    with pytest.raises(ValueError, match=message):
+        train(tiny_unet, torch.zeros(4, 1, 8, 8), scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t",
+              device="mps", progress=False)
+    assert not (tmp_path / "t").exists()

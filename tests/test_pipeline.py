@@ -64,3 +64,61 @@ def test_sample_takes_numpy_integers_and_refuses_a_malformed_shape_or_sampling_p
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):  # ignored (fp32) by a built SamplingModel
         sample(TDCPipeline(tiny_unet, scheduler, (1, 8, 8)).runner, scheduler, sample_shape=(1, 8, 8), steps=2,
                precision="fp16", progress=False)
+
+
+def test_class_labels_on_the_meta_device_are_one_error(scheduler):
+    # attack 2026-12-07f row 573: torch's "Tensor.item() cannot be called on meta tensors" (RuntimeError)
+    from diffusers import UNet2DModel
+
+    from tdcdiff.models import build_unet
+
+    config = {k: v for k, v in build_unet("digits-8").config.items() if not k.startswith("_")}
+    model = UNet2DModel.from_config({**config, "num_class_embeds": 11})
+    with pytest.raises(ValueError, match=r"^class_labels are on device 'meta', which holds no data: give them on the "
+                                         r"CPU or the model's device \(they are moved to the model's\)$"):
+        sample(model, scheduler, sample_shape=(1, 8, 8), steps=2, num_images=2, progress=False,
+               class_labels=torch.tensor([3, 1], device="meta"))
+
+
+def test_the_pipeline_takes_diffusers_generator_and_return_dict_and_names_what_it_does_not_take(tiny_unet, scheduler):
+    # attack 2026-12-07f rows 580/581: generator= and return_dict=False were Python's TypeError, pipe("a cat") and
+    # pipe(batch_size=2.0) said "num_images must be an integer"
+    pipe = TDCPipeline(tiny_unet, scheduler, (1, 8, 8))
+    call = dict(num_inference_steps=2, output_type="pt", progress=False)
+    a = pipe(2, generator=torch.Generator().manual_seed(0), **call).images
+    b = pipe(2, generator=torch.Generator().manual_seed(0), **call).images
+    c = pipe(2, generator=torch.Generator().manual_seed(1), **call).images
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    (images,) = pipe(2, return_dict=False, **call)  # a tuple, as diffusers' pipelines return
+    assert torch.equal(images, pipe(2, seed=0, **call).images) and torch.equal(images, pipe(2, **call).images)
+    takes = ("it takes: batch_size, num_inference_steps, generator, sampler, seed, output_type, return_dict, progress, "
+             "class_labels, guidance_scale, cache_interval, cache_depth, prompt, negative_prompt$")
+    for given, message in [
+        ({"generator": [torch.Generator()] * 2}, r"^generator must be one torch.Generator \(a list of one per image, "
+                                                 r"as diffusers takes, is not: the batch is drawn from one seed\), got "
+                                                 r"list; or give seed=$"),
+        ({"generator": torch.Generator(), "seed": 3}, "^give seed or generator, not both$"),
+        ({"eta": 0.0}, r"^TDCPipeline takes no 'eta' argument \(tdcdiff's DDIM is deterministic, eta 0; "
+                       r"sampler='ddpm' samples stochastically\); " + takes),
+        ({"num_images_per_prompt": 2}, r"^TDCPipeline takes no 'num_images_per_prompt' argument \(batch_size is the "
+                                       r"number of images; one prompt serves all of them\); " + takes),
+        ({"guidance": 2}, "^TDCPipeline takes no 'guidance' argument; " + takes),
+        ({"batch_size": "a cat"}, r"^TDCPipeline's first argument is batch_size \(the number of images\), got the text "
+                                  r"'a cat'; this pipeline's model is not text-conditional, so it takes no prompt$"),
+        ({"batch_size": 2.0}, "^batch_size must be an integer, got 2.0$"),
+        ({"num_inference_steps": 2.5}, "^num_inference_steps must be an integer, got 2.5$"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pipe(**{**call, **given})
+
+
+def test_a_sample_shape_of_other_channels_names_sample_shape_not_the_clis_flag(tiny_unet, scheduler):
+    # attack 2026-12-07f row 559: "load the data with channels=1 (--channels)" to an API caller, who has no data
+    from tdcdiff.flops import count_flops
+
+    message = r"^the model takes 1-channel images but sample_shape \(3, 8, 8\) has 3 channels; give sample_shape " \
+              r"\(1, 8, 8\)$"
+    with pytest.raises(ValueError, match=message):
+        sample(tiny_unet, scheduler, sample_shape=(3, 8, 8), steps=2, progress=False)
+    with pytest.raises(ValueError, match=message):
+        count_flops(tiny_unet, (3, 8, 8))

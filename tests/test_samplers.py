@@ -438,3 +438,59 @@ def test_a_bad_sampling_setting_is_one_line(text, message):
 
     with pytest.raises(ValueError, match=message):
         SamplingSetting.parse(text, "--reference")
+
+
+def test_a_router_refuses_a_scheduler_of_another_prediction_type(tmp_path, tiny_unet):
+    # attack 2026-12-07f row 569: an epsilon bundle's router sampled with a v_prediction scheduler read every
+    # epsilon as v, with no word; a bundle's router records its experts' prediction type
+    from tdcdiff.bundle import load_bundle, save_bundle
+    from tdcdiff.flops import count_flops
+
+    scheduler = make_scheduler(1000)
+    flops = count_flops(tiny_unet, (1, 8, 8))
+    path = save_bundle(tmp_path / "b", [tiny_unet, tiny_unet], make_groups("uniform", 2, scheduler), scheduler,
+                       sample_shape=(1, 8, 8), expert_flops=[flops, flops], base_flops=flops)
+    router = load_bundle(path).router
+    assert router.prediction_type == "epsilon"
+    with pytest.raises(ValueError, match=r"^the scheduler's prediction_type is 'v_prediction' but the router's "
+                                         r"experts predict 'epsilon' \(they were trained so\); sample with the "
+                                         r"bundle's own scheduler \(Bundle.scheduler\), or one with "
+                                         r"prediction_type='epsilon'$"):
+        sample(router, DDPMScheduler(prediction_type="v_prediction"), sample_shape=(1, 8, 8), steps=2,
+               progress=False)
+    assert sample(router, DDPMScheduler(), sample_shape=(1, 8, 8), steps=2, num_images=1, progress=False)
+
+
+@pytest.mark.parametrize("given, lacks", [
+    ("FlowMatchEulerDiscreteScheduler", "config.prediction_type, betas, alphas_cumprod"),
+    ("ScoreSdeVeScheduler", "config.prediction_type, betas, alphas_cumprod"),
+    ("KarrasVeScheduler", "config.num_train_timesteps, config.prediction_type, betas, alphas_cumprod"),
+    (None, "config.num_train_timesteps, config.prediction_type, betas, alphas_cumprod"),
+    ("dict", "config.num_train_timesteps, config.prediction_type, betas, alphas_cumprod; build it from a config dict "
+             r"with DDPMScheduler.from_config\(config\)"),
+])
+def test_a_scheduler_without_betas_is_one_error_naming_what_sampling_and_training_take(given, lacks, tiny_unet,
+                                                                                       tmp_path):
+    # attack 2026-12-07f rows 566/567: AttributeError ('FrozenDict' object has no attribute 'prediction_type')
+    import diffusers
+
+    from tdcdiff.pipeline import TDCPipeline
+    from tdcdiff.train import TrainConfig, train
+
+    scheduler = dict(make_scheduler(1000).config) if given == "dict" else given and getattr(diffusers, given)()
+    got = {None: "None", "dict": "a dict"}.get(given, f"a {given}")
+
+    def message(name):
+        return (rf"^{name} must be the training noise schedule, a diffusers scheduler of betas over T training "
+                rf"timesteps \(e.g. DDPMScheduler: a bundle's Bundle.scheduler, or make_scheduler\(T\)\), got {got}, "
+                rf"which has no {lacks}$")
+
+    with pytest.raises(ValueError, match=message("train_scheduler")):
+        sample(tiny_unet, scheduler, sample_shape=(1, 8, 8), steps=2, progress=False)
+    with pytest.raises(ValueError, match=message("train_scheduler")):
+        make_sampler("ddim", scheduler)
+    with pytest.raises(ValueError, match=message("scheduler")):
+        TDCPipeline(tiny_unet, scheduler, (1, 8, 8))
+    with pytest.raises(ValueError, match=message("scheduler")):
+        train(tiny_unet, torch.zeros(4, 1, 8, 8), scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t")
+    assert not (tmp_path / "t").exists()

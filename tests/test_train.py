@@ -74,6 +74,12 @@ def test_a_warmup_as_long_as_the_training_is_warned_about(tmp_path, digits, sche
     with pytest.warns(UserWarning, match=r"warmup_steps 8 is not below its 4 steps, so the learning rate rises for the "
                                          r"whole run and never reaches lr 0.002 \(it ends at 0.001\)"):
         train(tiny_unet, digits.images, scheduler, config, tmp_path, progress=False)
+    # attack 2026-12-07f row 657: at warmup_steps = steps the line said "never reaches lr 0.002 (it ends at 0.002)"
+    config = TrainConfig(steps=4, **{**FAST, "warmup_steps": 4})
+    assert config.lr_at(3) == config.lr
+    with pytest.warns(UserWarning, match=r"warmup_steps 4 is not below its 4 steps, so the learning rate rises for the "
+                                         r"whole run and reaches lr 0.002 only at its last step; lower warmup_steps"):
+        train(tiny_unet, digits.images, scheduler, config, tmp_path / "equal", progress=False)
 
 
 def test_nan_images_are_named_before_training(tmp_path, digits, scheduler, tiny_unet):
@@ -124,3 +130,95 @@ def test_two_process_accelerate_run(tmp_path):
     summary = json.loads((tmp_path / "run" / "train.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 4
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("given", ["images", "labels", "timesteps"])
+def test_training_inputs_on_the_meta_device_are_one_error_before_any_write(given, tmp_path, scheduler):
+    # attack 2026-12-07f row 596: images on the meta device gave torch's "Tensor.item() cannot be called on meta
+    # tensors" (RuntimeError)
+    from diffusers import UNet2DModel
+
+    from tdcdiff.models import build_unet
+
+    config = {k: v for k, v in build_unet("digits-8").config.items() if not k.startswith("_")}
+    model = UNet2DModel.from_config({**config, "num_class_embeds": 3} if given == "labels" else config)
+    inputs = {"images": torch.zeros(4, 1, 8, 8), "labels": torch.zeros(4, dtype=torch.long) if given == "labels"
+              else None, "timesteps": torch.arange(10)}
+    inputs[given] = inputs[given].to("meta")
+    name = "training images" if given == "images" else given
+    with pytest.raises(ValueError, match=rf"^{name} are on device 'meta', which holds no data: give them on the CPU "
+                                         r"or the training device \(each batch is moved there\)$"):
+        train(model, inputs["images"], scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t",
+              labels=inputs["labels"], timesteps=inputs["timesteps"], progress=False)
+    assert not (tmp_path / "t").exists()
+
+
+def test_images_of_another_size_than_the_model_name_both_sizes_and_the_fix(tmp_path, scheduler, tiny_unet):
+    # attack 2026-12-07f row 593: a training call was told to "sample at (1, 8, 8)"
+    with pytest.raises(ValueError, match=r"^the training images are 16x16 but the model was built for 8x8 inputs "
+                                         r"\(its config's sample_size\); resize the images to 8x8, or build the model "
+                                         r"with sample_size=16$"):
+        train(tiny_unet, torch.zeros(4, 1, 16, 16), scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t",
+              progress=False)
+    assert not (tmp_path / "t").exists()
+
+
+def test_an_out_dir_that_is_empty_or_not_a_folder_is_one_error_before_any_write(tmp_path, monkeypatch, scheduler,
+                                                                                  tiny_unet):
+    # attack 2026-12-07f rows 599 (out_dir "" trained into the current folder) and 598 (a file: FileExistsError)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    monkeypatch.chdir(tmp_path)
+    for out_dir, message in [
+        ("", "^out_dir is empty; give a folder$"), (" ", "^out_dir is empty; give a folder$"),
+        (tmp_path / "afile", f"^out_dir {tmp_path}/afile is a file, not a folder; choose another out_dir$"),
+        (tmp_path / "afile" / "sub", f"^out_dir {tmp_path}/afile/sub cannot be created: {tmp_path}/afile is a file; "
+                                     "choose another out_dir$"),
+        (tmp_path / "dangling", rf"^out_dir {tmp_path}/dangling is a link that leads to no folder \(dangling, or a "
+                                r"loop\), not a folder; choose another out_dir$"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            train(tiny_unet, torch.zeros(4, 1, 8, 8), scheduler, TrainConfig(steps=1, batch_size=2), out_dir,
+                  progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dangling"]
+
+
+def test_conditions_an_unconditional_model_cannot_take_are_refused(tmp_path, scheduler, tiny_unet):
+    # attack 2026-12-07f row 597: labels for an unconditional model were ignored with no word (sample() refuses them)
+    for given, message in [
+        ({"labels": torch.zeros(4, dtype=torch.long)}, r"^labels were given but the model has no class embedding "
+                                                       r"\(nor cross-attention\), so it would train without them; drop "
+                                                       r"them, or train a class-conditional model"),
+        ({"null_text": torch.zeros(77, 8)}, r"^null_text was given but the model is not text-conditional \(it has no "
+                                            r"cross-attention\); drop it$"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            train(tiny_unet, torch.zeros(4, 1, 8, 8), scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t",
+                  progress=False, **given)
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("images, data_range, message", [
+    (torch.rand(4, 1, 8, 8) * 2 - 1, (0.0, 1.0), r"^training images must be in \[0, 1\], got values .*; scale to "
+                                                 r"\[0, 1\]: x / 255 for pixels 0..255, or pass data_range=None"),
+    (torch.full((4, 1, 8, 8), 200.0), (0, 1), r"^training images must be in \[0, 1\], got values 200..200; scale to "
+                                              r"\[0, 1\]: x / 255 \(pixels 0..255\), or pass data_range=None"),
+    (torch.zeros(4, 1, 8, 8, dtype=torch.uint8), (0, 1), r"^training images must be floating point in \[0, 1\], got "
+                                                         r"torch.uint8; scale to \[0, 1\]: x / 255$"),
+    (torch.full((4, 1, 8, 8), 200.0), (-2, 2), r"scale to \[-2, 2\]: x / 63.75 - 2 \(pixels 0..255\)"),
+])
+def test_the_scaling_a_range_error_gives_maps_pixels_onto_that_range(images, data_range, message, tmp_path, scheduler,
+                                                                      tiny_unet):
+    # attack 2026-12-07f row 594: data_range=(0, 1) was told "scale to [0, 1]: x / 127.5 - 1", which gives [-1, 1]
+    with pytest.raises(ValueError, match=message):
+        train(tiny_unet, images, scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t", data_range=data_range,
+              progress=False)
+
+
+@pytest.mark.parametrize("top, data_range", [(255, (-1, 1)), (255, (0, 1)), (1, (-1, 1)), (255, (-2, 2)), (1, (0, 1)),
+                                             (255, (0.5, 3))])
+def test_the_scaling_formula_maps_its_input_range_onto_the_data_range(top, data_range):
+    from tdcdiff.train.loop import _scaling
+
+    formula = _scaling(top, *data_range)
+    assert [eval(formula, {"x": x}) for x in (0, top)] == pytest.approx(list(data_range))

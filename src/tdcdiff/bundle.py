@@ -368,7 +368,8 @@ def load_bundle(path: str | Path, *, device: str | torch.device | None = "cpu") 
     if text is not None:  # a call without a prompt is the unconditional one: the empty prompt's
         empty = text.empty()
         experts = [with_null_text(e, empty) for e in experts]
-    router = Router(experts, grouping, manifest["expert_flops"]).to(device).eval()
+    router = Router(experts, grouping, manifest["expert_flops"],
+                    prediction_type=scheduler.config.prediction_type).to(device).eval()
     check_conditioning(manifest.get("conditioning"), num_class_embeds(router), where)
     probe(router, grouping, manifest["sample_shape"], manifest["expert_flops"], path)
     vae = _load_vae(path, manifest) if manifest.get("latent") is not None else None

@@ -20,7 +20,7 @@ _CUSTOM = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flas
 @torch.no_grad()
 def _count(model: torch.nn.Module, sample_shape: tuple[int, ...], timestep: int) -> FlopCounterMode:
     sample_shape = check_sample_shape(sample_shape)
-    check_denoiser(model, sample_shape)
+    check_denoiser(model, sample_shape, source="sample_shape")
     check_sample_size(model, sample_shape)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .devices import check_cuda_visible
+from .devices import check_device_usable
 from .settings import as_integer, is_integer
 
 
@@ -243,18 +243,25 @@ def as_denoiser(model: nn.Module) -> Denoiser:
     return Denoiser(model)
 
 
-def check_denoiser(model: nn.Module, sample_shape: tuple[int, int, int]) -> None:
+def check_denoiser(model: nn.Module, sample_shape: tuple[int, int, int], *, source: str = "data") -> None:
     """Fail early, with the fix, when a model takes another channel count than the data has.
 
-    (A model whose output shape differs from its input is caught by Denoiser on its first call.)
+    source: where sample_shape came from, for the fix: "data" (the data's images: --channels) or "sample_shape"
+    (the API argument of sample() and count_flops). (A model whose output shape differs from its input is caught
+    by Denoiser on its first call.)
     """
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first_conv is not None and first_conv.in_channels != sample_shape[0]:
-        raise ValueError(
-            f"the model takes {first_conv.in_channels}-channel images but the data has {sample_shape[0]} channels; "
-            f"load the data with channels={first_conv.in_channels} (--channels) or build the model with "
-            f"in_channels={sample_shape[0]}"
-        )
+    if first_conv is None or first_conv.in_channels == sample_shape[0]:
+        return
+    channels = first_conv.in_channels
+    if source == "sample_shape":
+        raise ValueError(f"the model takes {channels}-channel images but sample_shape {tuple(sample_shape)} has "
+                         f"{sample_shape[0]} channels; give sample_shape {(channels, *sample_shape[1:])}")
+    raise ValueError(
+        f"the model takes {channels}-channel images but the data has {sample_shape[0]} channels; "
+        f"load the data with channels={channels} (--channels) or build the model with "
+        f"in_channels={sample_shape[0]}"
+    )
 
 
 class NonFiniteDenoiser(ValueError):
@@ -324,31 +331,37 @@ def torch_device(device, name: str = "device", *, fix: str = "give 'cpu' or 'cud
                  ) -> torch.device:
     """`device` (a str or torch.device) as a torch.device, for an argument `name` of the public API. Raises
     ValueError for a device torch does not know ("CPU"), the meta device (it holds no data; `fix` says what to give
-    instead), or, with `visible`, a CUDA device this process cannot see (no CUDA build, no GPU, an index past the
-    last)."""
+    instead), or, with `visible`, a device this process cannot use (devices.check_device_usable: a CUDA device it
+    cannot see, or 'mps' and the like on a torch build or machine without them), before any work."""
     try:
         chosen = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"{name} {device!r} is not a torch device ({err}); give e.g. 'cpu' or 'cuda:0'") from None
     if chosen.type == "meta":
         raise ValueError(f"{name} 'meta' holds no data: {fix}")
-    if visible and chosen.type == "cuda":
-        check_cuda_visible(chosen.index or 0, f"{name} {str(chosen)!r}", "use 'cpu'")
+    if visible:
+        check_device_usable(chosen, f"{name} {str(chosen)!r}", "use 'cpu'")
     return chosen
 
 
-def check_sample_size(model: nn.Module, sample_shape: tuple[int, int, int]) -> None:
+def check_sample_size(model: nn.Module, sample_shape: tuple[int, int, int], *, source: str = "sample_shape") -> None:
     """Raise ValueError unless sample_shape (C, H, W) is the input size a model (each expert of a Router) was built
     for, where its config states one (sample_size): a convolutional model runs at other sizes, and would silently
-    give images of another size, or fail deep inside (a UNet on a size it cannot halve)."""
+    give images of another size, or fail deep inside (a UNet on a size it cannot halve). source: where the shape
+    came from, for the fix: "sample_shape" (sample's argument) or "data" (training images)."""
     for expert in getattr(model, "experts", None) or [model]:
         inner = network(expert)
         size = getattr(getattr(inner, "config", None), "sample_size", None)
         size = [size, size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else None
-        if size is not None and size != list(sample_shape[1:]):
-            raise ValueError(f"sample_shape {tuple(sample_shape)} is not the {size[0]}x{size[1]} input the model was "
-                             f"built for (its config's sample_size); sample at "
-                             f"({sample_shape[0]}, {size[0]}, {size[1]})")
+        if size is None or size == list(sample_shape[1:]):
+            continue
+        if source == "data":
+            h, w = sample_shape[1:]
+            raise ValueError(f"the training images are {h}x{w} but the model was built for {size[0]}x{size[1]} "
+                             f"inputs (its config's sample_size); resize the images to {size[0]}x{size[1]}, or "
+                             f"build the model with sample_size={h if h == w else (h, w)}")
+        raise ValueError(f"sample_shape {tuple(sample_shape)} is not the {size[0]}x{size[1]} input the model was "
+                         f"built for (its config's sample_size); sample at ({sample_shape[0]}, {size[0]}, {size[1]})")
 
 
 def check_sample_shape(sample_shape) -> tuple[int, int, int]:

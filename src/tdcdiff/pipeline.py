@@ -18,6 +18,7 @@ from torch import nn
 
 from .capacity import check_sampling_memory
 from .conditions import sample_conditions
+from .devices import check_holds_data
 from .fast_path import SamplingModel
 from .feature_cache import FeatureCache
 from .files import atomic_write_bytes
@@ -28,6 +29,7 @@ from .progress import progress_bar
 from .samplers import (
     LEARNED_VARIANCES,
     TIMESTEP_SPACING,
+    check_train_scheduler,
     make_sampler,
     sampler_kind,
     step_takes_generator,
@@ -84,6 +86,7 @@ def _check_settings(train_scheduler, sample_shape: tuple[int, int, int], sampler
                     cache_depth: int | None, path: tuple[str, str]) -> tuple[list[int], int | None]:
     """(the timesteps the sampler visits, the feature cache's depth or None) after checking sample()'s settings;
     path: (compile, precision), checked even where a given SamplingModel keeps its own."""
+    check_train_scheduler(train_scheduler)
     sampler_kind(sampler)
     SamplingModel.check_path(*path)
     _check_arguments(steps, num_images, batch_size, seed, guidance_scale)
@@ -95,9 +98,11 @@ def _check_settings(train_scheduler, sample_shape: tuple[int, int, int], sampler
     return visited, depth
 
 
-def _check_model(model: nn.Module, train_scheduler, sample_shape: tuple[int, int, int], device) -> torch.device:
-    """A router's groups must cover the schedule's T, and the model must take the data's channels and size.
-    Returns the device to sample on (_sampling_device)."""
+def _check_model(model: nn.Module, train_scheduler, sample_shape: tuple[int, int, int], device,
+                 conditions: dict) -> torch.device:
+    """A router's groups must cover the schedule's T and its experts predict what the schedule says (a bundle's router
+    records it: epsilon read as v gives wrong images, no error), the model must take the data's channels and size,
+    and the conditions (name -> value) must hold data. Returns the device to sample on (_sampling_device)."""
     grouping = getattr(model, "grouping", None)
     num_train = train_scheduler.config.num_train_timesteps
     if grouping is not None and grouping.num_train_timesteps != num_train:
@@ -105,8 +110,16 @@ def _check_model(model: nn.Module, train_scheduler, sample_shape: tuple[int, int
             f"the scheduler has T={num_train} training timesteps but the router's groups cover "
             f"T={grouping.num_train_timesteps}; sample with the bundle's own scheduler"
         )
-    check_denoiser(model, sample_shape)
+    predicts, scheduled = getattr(model, "prediction_type", None), train_scheduler.config.prediction_type
+    if predicts is not None and predicts != scheduled:
+        raise ValueError(
+            f"the scheduler's prediction_type is {scheduled!r} but the router's experts predict {predicts!r} (they "
+            f"were trained so); sample with the bundle's own scheduler (Bundle.scheduler), or one with "
+            f"prediction_type={predicts!r}"
+        )
+    check_denoiser(model, sample_shape, source="sample_shape")
     check_sample_size(model, sample_shape)
+    check_holds_data(conditions, "give them on the CPU or the model's device (they are moved to the model's)")
     return _sampling_device(model, device)
 
 
@@ -197,9 +210,9 @@ def sample(
 
     model: called as model(x, t); a diffusers UNet2DModel, any denoiser, a tdcdiff Router, or a
         SamplingModel built once from one of those (then compile and precision are its own).
-    train_scheduler: the training schedule (gives betas, T and the prediction type). Raises ValueError for a
-        schedule no sampler can use (schedule.check_sampling_schedule); warns, when the user's code passed it, for
-        one that ends far from noise (schedule.check_given_schedule).
+    train_scheduler: the training schedule (gives betas, T and the prediction type). Raises ValueError for one
+        without betas (samplers.check_train_scheduler) or that no sampler can use (schedule.check_sampling_schedule);
+        warns, when the user's code passed it, for one that ends far from noise (schedule.check_given_schedule).
     sample_shape: (C, H, W) of one image, at the size the model's config states (sample_size), if it does.
     sampler: one of SAMPLERS (samplers.describe_samplers()): "ddpm", "ddim", "dpm-solver++", "unipc", "deis",
         "pndm", "euler".
@@ -232,7 +245,8 @@ def sample(
         check_given_schedule(train_scheduler, "the train_scheduler given to sample()")
     runner = model if isinstance(model, SamplingModel) else None
     model = runner.model if runner is not None else model
-    device = _check_model(model, train_scheduler, sample_shape, device)
+    device = _check_model(model, train_scheduler, sample_shape, device, {
+        "class_labels": class_labels, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds})
     labels, null = sample_conditions(model, num_images, guidance_scale, class_labels, null_class, num_classes,
                                      prompt_embeds, negative_prompt_embeds)
     generator = torch.Generator().manual_seed(int(seed))
@@ -290,6 +304,7 @@ class TDCPipeline:
                  null_class: int | None = None, compile: str = "auto", precision: str = "fp32", vae=None,
                  num_classes: int | None = None, defaults: SamplingSetting | str | dict | None = None,
                  text_encoder=None):
+        check_train_scheduler(scheduler, "scheduler")
         if called_by_user():  # a bundle's pipeline (Bundle.pipeline) was checked when the bundle was written
             check_given_schedule(scheduler, "the scheduler given to TDCPipeline")
         self.text_encoder = text_encoder
@@ -309,9 +324,11 @@ class TDCPipeline:
         batch_size: int = 1,
         num_inference_steps: int | None = None,
         *,
+        generator: torch.Generator | None = None,
         sampler: str | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         output_type: str = "pil",
+        return_dict: bool = True,
         progress: bool = True,
         class_labels=None,
         guidance_scale: float = 1.0,
@@ -319,15 +336,21 @@ class TDCPipeline:
         cache_depth: int | None = None,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
+        **unsupported,
     ):
         """Sample `batch_size` images; output_type "pil" (list of PIL images), "np" (NHWC uint8) or "pt"
         (NCHW float in [-1, 1]). class_labels, guidance_scale, cache_interval, cache_depth (feature caching):
         see `sample`. num_inference_steps, sampler and the cache settings not given are the pipeline's
         `defaults` (feature caching from the defaults only when neither cache setting is given).
+        seed or generator (diffusers' argument: one torch.Generator, from which the seed is drawn, so the same
+        generator state gives the same images): what the noise is drawn from (neither: seed 0).
         prompt: for a text-conditional pipeline (required there): one prompt for all `batch_size` images, or a list
         of one prompt per image (batch_size 1 takes its length). negative_prompt: guidance's unconditional prompt,
         one or one per image (default "", classifier-free guidance as in Stable Diffusion).
-        Returns diffusers' ImagePipelineOutput."""
+        Returns diffusers' ImagePipelineOutput, or with return_dict=False the tuple (images,), as diffusers'
+        pipelines do. Raises ValueError for an argument it does not take (eta, num_images_per_prompt, ...), naming
+        the one to use."""
+        _check_call(batch_size, num_inference_steps, unsupported, self.text_encoder is not None)
         batch_size, text = self._prompts(prompt, negative_prompt, batch_size, guidance_scale)
         d = self.defaults
         if cache_interval is None and cache_depth is None:
@@ -339,19 +362,19 @@ class TDCPipeline:
             self.runner, self.scheduler, sample_shape=self.sample_shape,
             sampler=d.sampler if sampler is None else sampler,
             steps=d.steps if num_inference_steps is None else num_inference_steps, num_images=batch_size,
-            batch_size=batch_size, seed=seed, progress=progress, class_labels=class_labels,
+            batch_size=batch_size, seed=_seed(seed, generator), progress=progress, class_labels=class_labels,
             guidance_scale=guidance_scale, null_class=self.null_class, decode=self.decode, num_classes=self.num_classes,
             cache_interval=1 if cache_interval is None else cache_interval, cache_depth=cache_depth, **text,
         )
         if output_type == "pt":
-            return ImagePipelineOutput(images=result.images)
-        pixels = to_uint8(result.images)
-        if output_type == "np":
-            return ImagePipelineOutput(images=pixels)
-        if output_type == "pil":
-            return ImagePipelineOutput(images=[Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels])
-        raise ValueError(f"unknown output_type {output_type!r}; choose 'pil', 'np' or 'pt'")
-
+            images = result.images
+        elif output_type in ("np", "pil"):
+            images = to_uint8(result.images)
+            if output_type == "pil":
+                images = [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in images]
+        else:
+            raise ValueError(f"unknown output_type {output_type!r}; choose 'pil', 'np' or 'pt'")
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     def _prompts(self, prompt, negative_prompt, batch_size: int, guidance_scale: float) -> tuple[int, dict]:
         """(images to sample, sample()'s prompt_embeds and negative_prompt_embeds from the prompts)."""
@@ -368,6 +391,48 @@ class TDCPipeline:
             negative = "" if negative_prompt is None else negative_prompt
             text["negative_prompt_embeds"] = self.text_encoder(_prompt_list(negative, len(prompts), "negative_prompt"))
         return len(prompts), text
+
+
+# diffusers pipeline arguments TDCPipeline does not take, with the one that does what they do
+_INSTEAD = {
+    "eta": "tdcdiff's DDIM is deterministic, eta 0; sampler='ddpm' samples stochastically",
+    "num_images_per_prompt": "batch_size is the number of images; one prompt serves all of them",
+    "callback_on_step_end": "per-step callbacks are not supported; progress=True shows a progress bar",
+    "callback": "per-step callbacks are not supported; progress=True shows a progress bar",
+}
+CALL_ARGUMENTS = ("batch_size", "num_inference_steps", "generator", "sampler", "seed", "output_type", "return_dict",
+                  "progress", "class_labels", "guidance_scale", "cache_interval", "cache_depth", "prompt",
+                  "negative_prompt")
+
+
+def _check_call(batch_size, num_inference_steps, unsupported: dict, text: bool) -> None:
+    """Refuse TDCPipeline call arguments named as diffusers' pipelines name them that it does not take, and a
+    batch_size or num_inference_steps that is not an integer, by their own names (sample() calls them num_images
+    and steps). text: the pipeline takes prompts."""
+    if unsupported:
+        name = next(iter(unsupported))
+        why = f" ({_INSTEAD[name]})" if name in _INSTEAD else ""
+        raise ValueError(f"TDCPipeline takes no {name!r} argument{why}; it takes: {', '.join(CALL_ARGUMENTS)}")
+    if isinstance(batch_size, str):
+        fix = (f"pass the text as prompt={batch_size!r:.40}" if text else
+               "this pipeline's model is not text-conditional, so it takes no prompt")
+        raise ValueError(f"TDCPipeline's first argument is batch_size (the number of images), got the text "
+                         f"{batch_size!r:.40}; {fix}")
+    for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
+        if value is not None and not is_integer(value):
+            raise ValueError(f"{name} must be an integer, got {value!r:.40}")
+
+
+def _seed(seed: int | None, generator) -> int:
+    """The seed to sample with: `seed`, one drawn from a torch.Generator (diffusers' way to seed a pipeline), or 0."""
+    if generator is None:
+        return 0 if seed is None else seed
+    if seed is not None:
+        raise ValueError("give seed or generator, not both")
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be one torch.Generator (a list of one per image, as diffusers takes, is "
+                         f"not: the batch is drawn from one seed), got {type(generator).__name__}; or give seed=")
+    return int(torch.randint(0, 2**32, (1,), generator=generator, device=generator.device))
 
 
 def _prompt_list(prompt, batch_size: int, name: str) -> list[str]:

@@ -41,6 +41,9 @@ class Router(nn.Module):
     experts: one denoiser per group, in group (timestep) order.
     grouping: the timestep groups the experts were specialised on.
     expert_flops: FLOPs of one forward pass of each expert (batch 1), for exact trajectory accounting.
+    prediction_type: what the experts predict ("epsilon", "v_prediction" or "sample": their training schedule's
+        prediction type; a bundle's router records it), so that sampling with a schedule of another type is
+        refused; None: unknown (not checked).
 
     A batch whose items have different t is split by group and put back in order. `samples_routed[i]`
     counts the samples expert i has processed since the last `reset_counts()`. The sampling loop, whose
@@ -49,8 +52,10 @@ class Router(nn.Module):
 
     is_denoiser = True
 
-    def __init__(self, experts: list[nn.Module], grouping: Grouping, expert_flops: list[int] | None = None):
+    def __init__(self, experts: list[nn.Module], grouping: Grouping, expert_flops: list[int] | None = None, *,
+                 prediction_type: str | None = None):
         super().__init__()
+        self.prediction_type = prediction_type
         if len(experts) != len(grouping):
             raise ValueError(f"{len(experts)} experts for {len(grouping)} groups; give one expert per group")
         self.experts = nn.ModuleList(as_denoiser(e) for e in experts)

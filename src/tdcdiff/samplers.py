@@ -51,6 +51,28 @@ def visited_timesteps(steps: int, num_train_timesteps: int) -> list[int]:
     return (trailing.astype(np.int64) - 1).tolist()
 
 
+# What every sampler reads from the training schedule (make_sampler builds from its config and betas; sampling reads
+# alpha_bar and the prediction type)
+_SCHEDULE_NEEDS = ("config.num_train_timesteps", "config.prediction_type", "betas", "alphas_cumprod")
+
+
+def check_train_scheduler(scheduler, name: str = "train_scheduler") -> None:
+    """Raise ValueError unless `scheduler` is a discrete-time diffusers noise schedule of betas over T training
+    timesteps (DDPMScheduler, as schedule.make_scheduler builds; DDIM's, Euler's and the other beta schedulers'
+    carry the same), which the samplers, training and bundles read. A flow-matching or variance-exploding
+    scheduler (FlowMatchEulerDiscreteScheduler, ScoreSdeVeScheduler, KarrasVeScheduler), a scheduler config as a
+    dict, or None have no betas; name: the argument, for the message."""
+    config = getattr(scheduler, "config", None)
+    missing = [need for need in _SCHEDULE_NEEDS
+               if not hasattr(config if need.startswith("config.") else scheduler, need.removeprefix("config."))]
+    if missing:
+        got = "None" if scheduler is None else f"a {type(scheduler).__name__}"
+        fix = "; build it from a config dict with DDPMScheduler.from_config(config)" * isinstance(scheduler, dict)
+        raise ValueError(f"{name} must be the training noise schedule, a diffusers scheduler of betas over T training "
+                         f"timesteps (e.g. DDPMScheduler: a bundle's Bundle.scheduler, or make_scheduler(T)), got "
+                         f"{got}, which has no {', '.join(missing)}{fix}")
+
+
 def _check_timesteps(timesteps: list[int], num_train_timesteps: int) -> None:
     if not timesteps or sorted(set(timesteps), reverse=True) != timesteps or timesteps[-1] < 0 \
             or timesteps[0] >= num_train_timesteps:
@@ -381,8 +403,10 @@ def make_sampler(name: str, train_scheduler, timesteps: list[int] | None = None,
     Every sampler visits exactly the given timesteps and ends at x0, whatever else the training scheduler's
     config (e.g. a pipeline's) says: trailing spacing, DDIM's set_alpha_to_one, the solvers' sigma spacings and
     final sigma are set here; UniPC is bh2 and UniPC and DEIS are order 2 (diffusers' defaults).
-    Raises ValueError for an unknown name, or timesteps that are not distinct and descending within 0..T-1.
+    Raises ValueError for an unknown name, a train_scheduler without betas (check_train_scheduler), or timesteps that
+    are not distinct and descending within 0..T-1.
     """
+    check_train_scheduler(train_scheduler)
     scheduler = sampler_kind(name).build(train_scheduler, learned_variance)
     if timesteps is not None:
         timesteps = [int(t) for t in timesteps]

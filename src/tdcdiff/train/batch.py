@@ -22,12 +22,20 @@ def conditioning(model: nn.Module, labels: torch.Tensor | None, num_images: int,
     A class-conditional model takes (N,) class ids in `labels` and drops them to the null class id; a
     text-conditional one (models.text_width) takes (N, L, width) text embeddings in `labels` and drops them to
     `null_text` (L, width), the empty prompt's embedding (config.label_dropout is then caption dropout). An
-    unconditional model gets (None, None) whatever the labels. Raises ValueError naming both sides when the
-    conditions do not fit the model.
+    unconditional model gets (None, None). Raises ValueError naming both sides when the conditions do not fit the
+    model: labels for an unconditional model, or null_text for one that is not text-conditional, included (the
+    model would have trained without them, as sample() refuses them).
     """
     if text_width(model) is not None:
         return _text_conditioning(text_width(model), labels, num_images, config, null_text)
+    if null_text is not None:
+        raise ValueError("null_text was given but the model is not text-conditional (it has no cross-attention); "
+                         "drop it")
     classes = num_class_embeds(model)
+    if classes is None and labels is not None:
+        raise ValueError("labels were given but the model has no class embedding (nor cross-attention), so it would "
+                         "train without them; drop them, or train a class-conditional model (e.g. UNet2DModel "
+                         "num_class_embeds)")
     if classes is None:
         if config.label_dropout > 0:
             raise ValueError("label_dropout > 0 needs a class- or text-conditional model (e.g. UNet2DModel "

@@ -19,8 +19,11 @@ import torch
 from torch import nn
 
 from ..capacity import check_training_memory
-from ..models import as_denoiser, check_denoiser, check_finite, num_class_embeds, torch_device
+from ..devices import check_holds_data
+from ..files import output_path
+from ..models import as_denoiser, check_denoiser, check_finite, check_sample_size, num_class_embeds, torch_device
 from ..progress import progress_bar
+from ..samplers import check_train_scheduler
 from ..schedule import check_given_schedule, training_target
 from ..settings import is_real
 from ..user_warnings import called_by_user, warn
@@ -57,6 +60,16 @@ def _checked_timesteps(timesteps: torch.Tensor | None, num_train: int) -> torch.
     return given.long()
 
 
+def _checked_out_dir(out_dir: str | Path) -> Path:
+    """out_dir as a Path after files.output_path's checks (not empty: "" was the current folder; creatable,
+    writable), and, since the run makes files inside it, not a file or a link that leads to no folder."""
+    path = output_path(out_dir, directory=True, option="out_dir")
+    if (path.exists() or path.is_symlink()) and not path.is_dir():
+        what = "a file" if path.is_file() else "a link that leads to no folder (dangling, or a loop)"
+        raise ValueError(f"out_dir {path} is {what}, not a folder; choose another out_dir")
+    return path
+
+
 _RANGE_SLACK = 1e-3  # what resizing and float rounding may leave past [-1, 1]
 
 
@@ -73,23 +86,32 @@ def _check_images(images: torch.Tensor, data_range: tuple[float, float] | None) 
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) == 0:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"training images must be a non-empty NCHW tensor, got {shape}")
+    lo, hi = data_range if data_range is not None else (-1.0, 1.0)  # the pixels' usual range, for the fixes
     if not images.is_floating_point():
-        raise ValueError(f"training images must be floating point in [-1, 1], got {images.dtype}; scale to [-1, 1]: "
-                         "x / 127.5 - 1")
+        raise ValueError(f"training images must be floating point in [{lo:g}, {hi:g}], got {images.dtype}; scale to "
+                         f"[{lo:g}, {hi:g}]: {_scaling(255, lo, hi)}")
     finite = torch.isfinite(images).flatten(1).all(dim=1)
     if not finite.all():
         raise ValueError(f"{int((~finite).sum())} of the {len(images)} training images hold NaN/inf; fix or drop them")
     low, high = float(images.min()), float(images.max())
     if data_range is None:
         return
-    lo, hi = data_range
     if low < lo - _RANGE_SLACK or high > hi + _RANGE_SLACK:
-        fix = "x / 127.5 - 1 (pixels 0..255)" if low >= -_RANGE_SLACK else "x / 127.5 - 1 for pixels 0..255"
+        pixels = _scaling(255, lo, hi)
+        fix = f"{pixels} (pixels 0..255)" if low >= -_RANGE_SLACK else f"{pixels} for pixels 0..255"
         raise ValueError(f"training images must be in [{lo:g}, {hi:g}], got values {low:.4g}..{high:.4g}; scale to "
                          f"[{lo:g}, {hi:g}]: {fix}, or pass data_range=None for a VAE's latents (no fixed range)")
     if lo < 0 <= low:
         warn(f"training images are all >= 0 (values {low:.4g}..{high:.4g}): they look like [0, 1] "
-             f"(torchvision's ToTensor), not [{lo:g}, {hi:g}]; scale with x * 2 - 1")
+             f"(torchvision's ToTensor), not [{lo:g}, {hi:g}]; scale with {_scaling(1, lo, hi)}")
+
+
+def _scaling(top: float, lo: float, hi: float) -> str:
+    """The formula that maps x in [0, top] onto [lo, hi]: "x / 127.5 - 1" for 0..255 onto [-1, 1], "x / 255" onto
+    [0, 1], "x * 2 - 1" for [0, 1] onto [-1, 1]."""
+    factor = (hi - lo) / top
+    term = "x" if factor == 1 else f"x * {factor:g}" if factor > 1 else f"x / {1 / factor:g}"
+    return term + (f" + {lo:g}" if lo > 0 else f" - {-lo:g}" if lo < 0 else "")
 
 
 def _check_weights(model: nn.Module) -> None:
@@ -117,9 +139,11 @@ class Trainer:
                  data_range: tuple[float, float] | None = (-1.0, 1.0)):
         config.validate()
         self.device = None if device is None else torch_device(device)
-        self.config, self.scheduler, self.out_dir = config, scheduler, Path(out_dir)
+        self.config, self.scheduler, self.out_dir = config, scheduler, _checked_out_dir(out_dir)
         self.resume_allowed, self.progress, self.description = resume, progress, description
         self.num_train = scheduler.config.num_train_timesteps
+        check_holds_data({"training images": images, "labels": labels, "null_text": null_text, "timesteps": timesteps},
+                         "give them on the CPU or the training device (each batch is moved there)")
         self.timesteps = _checked_timesteps(timesteps, self.num_train)
         _check_images(images, data_range)
         _check_weights(model)
@@ -127,6 +151,7 @@ class Trainer:
             raise ValueError("distill_weight and feature_distill_weight > 0 need a teacher model (stage 2: the base)")
         sample_shape = tuple(images.shape[1:])
         check_denoiser(model, sample_shape)
+        check_sample_size(model, sample_shape, source="data")
         # The run's up-front estimate (Stages), here too: torch's allocator error would come after log.jsonl.
         check_training_memory(model, sample_shape, config.batch_size, what=f"with batch_size {config.batch_size}",
                               fix="give a smaller batch_size (TrainConfig.batch_size)",
@@ -170,9 +195,11 @@ class Trainer:
 
         c = self.config
         if c.warmup_steps >= c.steps:  # allowed (a deliberate ramp), but rarely what was meant
+            # the last step's rate is lr * steps / warmup_steps (TrainConfig.lr_at): the peak only when they are equal
+            reach = (f"reaches lr {c.lr:g} only at its last step" if c.warmup_steps == c.steps else
+                     f"never reaches lr {c.lr:g} (it ends at {c.lr * c.steps / c.warmup_steps:.3g})")
             warn(f"training {self.out_dir}: warmup_steps {c.warmup_steps} is not below its {c.steps} steps, so the "
-                 f"learning rate rises for the whole run and never reaches lr {c.lr:g} (it ends at "
-                 f"{c.lr * c.steps / c.warmup_steps:.3g}); lower warmup_steps or train for more steps")
+                 f"learning rate rises for the whole run and {reach}; lower warmup_steps or train for more steps")
         self.accelerator = Accelerator(**accelerator_device(self.device), mixed_precision=c.mixed_precision)
         world = self.accelerator.num_processes
         if c.batch_size % world:
@@ -384,7 +411,8 @@ def train(
         text embeddings for a text-conditional one.
     null_text: (L, width), the empty prompt's embedding: a text-conditional model's dropped captions
         (config.label_dropout > 0, classifier-free guidance's unconditional case).
-    scheduler: the training noise schedule (diffusers DDPMScheduler); its prediction type sets the target.
+    scheduler: the training noise schedule (diffusers DDPMScheduler); its prediction type sets the target. A
+        scheduler without betas (flow matching, None) is refused (samplers.check_train_scheduler).
     config: TrainConfig.
     out_dir: where `checkpoint/`, `final/` (weights to use: EMA when enabled), `log.jsonl` and `train.json` go.
     timesteps: the timesteps to draw t from (stage 2: one group's); None means all T.
@@ -403,6 +431,7 @@ def train(
     A schedule no sampler can use is refused, and one that ends far from noise warned about, when the user's code
     passed it (schedule.check_given_schedule).
     """
+    check_train_scheduler(scheduler, "scheduler")
     if called_by_user():  # a run's schedule was made or checked where it entered
         check_given_schedule(scheduler, "the scheduler given to train()")
     return Trainer(model, images, scheduler, config, out_dir, labels=labels, null_text=null_text, timesteps=timesteps,
