@@ -113,8 +113,9 @@ def save_bundle(
     path = output_path(path, directory=True)  # an empty or unwritable path is refused before any work
     config, sample_shape = _scheduler_config(scheduler), check_sample_shape(sample_shape)
     rebuilt = build_scheduler(config, path / MANIFEST)  # the schedule load_bundle takes, checked before any write
-    if sampling is not None:
-        sampling = SamplingSetting.of(sampling, "sampling").check(config["num_train_timesteps"])
+    if sampling is not None:  # checked as load_bundle would, naming the argument, before any expert is written
+        sampling = SamplingSetting.of(sampling, "sampling").check(config["num_train_timesteps"], "sampling")
+        check_default_caching({"sampling": sampling.to_dict()}, experts, f"save_bundle(sampling={sampling})", None)
     expert_flops, base_flops, budgets = plain_values((expert_flops, base_flops, budgets))  # as Python numbers
     provenance = _plain_provenance(provenance)
     check_class_ids(experts, "", "give experts with one class embedding (the same num_class_embeds)")
@@ -147,7 +148,6 @@ def save_bundle(
         where = path / MANIFEST  # the checks load_bundle makes, before anything is kept
         check_records(manifest, rebuilt, check_manifest(manifest, where), where)
         check_trained_shape(manifest, where)
-        check_default_caching(manifest, experts, where)
         check_conditioning(conditioning, num_class_embeds(experts[0]) if experts else None, where)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False))
     return path
