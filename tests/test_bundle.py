@@ -240,3 +240,13 @@ def test_save_bundle_names_its_sampling_argument_and_what_it_may_be(bundle_dir, 
                     base_flops=count_flops(experts[1], (1, 8, 8)))
     assert str(refused.value) == message
     assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []  # before anything is written
+
+
+def test_a_budget_past_a_floats_range_is_an_integer_not_a_traceback(bundle_dir, tmp_path):
+    # A sibling of attack f row 510: 'budgets' were checked with math.isfinite, which raised OverflowError on an
+    # integer of 401 digits, in save_bundle and in load_bundle (a manifest is untrusted).
+    path, experts, scheduler = bundle_dir
+    save_bundle(tmp_path / "b", experts, load_bundle(path).router.grouping, scheduler, sample_shape=(1, 8, 8),
+                expert_flops=[count_flops(e, (1, 8, 8)) for e in experts],
+                base_flops=count_flops(experts[1], (1, 8, 8)), budgets=[10**400, 1])
+    assert load_bundle(tmp_path / "b").manifest["budgets"] == [10**400, 1]

@@ -115,8 +115,8 @@ def check_manifest(manifest: object, where) -> Grouping:
         fail(f"'base_flops' must be an integer >= 0, got {brief(manifest['base_flops'])}; {REEXPORT}")
     budgets = manifest.get("budgets")
     if budgets is not None and (not isinstance(budgets, list) or len(budgets) != n
-                                or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
-                                           and math.isfinite(b) and b >= 0 for b in budgets)):
+                                or not all(is_count(b) or (isinstance(b, float) and math.isfinite(b) and b >= 0)
+                                           for b in budgets)):  # an int is never NaN; a huge one overflows isfinite
         fail(f"'budgets' must be null or one finite number >= 0 per group, {n} in all, got {brief(budgets)}; "
              f"{REEXPORT}")
     check_sample_shape(manifest["sample_shape"], "'sample_shape'", fail)
