@@ -6,8 +6,17 @@ import random
 import re
 
 import pytest
+from typer.testing import CliRunner
 
-from tdcdiff.budget import BudgetPlan, allocate_from_curves, budget_fractions, curve_loss, make_plan
+from tdcdiff.budget import (
+    BudgetPlan,
+    allocate_from_curves,
+    budget_fractions,
+    curve_loss,
+    formula_problem,
+    make_plan,
+)
+from tdcdiff.cli import app
 from tdcdiff.grouping import make_groups
 from tdcdiff.schedule import make_scheduler
 
@@ -136,7 +145,8 @@ def test_a_mean_budget_is_saved_in_the_plan_and_old_plans_still_load():
     plan = _plan(mean_budget=0.6)
     data = plan.to_dict()
     assert data["mean_budget"] == 0.6 and BudgetPlan.from_dict(data) == plan
-    del data["mean_budget"]  # a plan.json written before mean budgets existed
+    data = _plan().to_dict()  # a plan.json written before mean budgets existed: the formula's fractions, unscaled
+    del data["mean_budget"]
     assert BudgetPlan.from_dict(data).mean_budget is None
 
 
@@ -199,3 +209,104 @@ def test_a_budget_no_pruning_reaches_is_refused_in_the_plan(kwargs, message):
         _plan(**kwargs)
     assert _plan(mean_budget=0.5, smallest=0.3).fractions[0] >= 0.3
     assert _plan(mean_budget=0.2, smallest=0.3, budget_unit="time")  # time fractions: not a FLOPs floor
+
+
+def _edited(plan, **change):
+    return plan.to_dict() | change
+
+
+def _snr_plan(**kwargs):
+    return make_plan(make_groups("snr", 4, make_scheduler(1000)), k=0.5, ordering="measured", base_flops=1000,
+                     sample_shape=(1, 8, 8), sensitivity=[0.3, 0.1, 0.4, 0.2], **kwargs)
+
+
+@pytest.mark.parametrize("data, message", [
+    # attack f row 515: a k-plan's fractions edited against its k were pruned to without a word
+    (_edited(_snr_plan(), fractions=[0.3, 0.625, 1.0, 0.75]),
+     r"'fractions' are \[0.3, 0.625, 1.0, 0.75\] but k 0.5, the ranks and mean_budget None give \[0.875, 0.625, 1.0, "
+     r"0.75\] \(a plan of other fractions records k and ordering as null: plan_from_fractions, --plan-fractions\)"),
+    (_edited(_plan(mean_budget=0.6), mean_budget=0.7), r"'fractions' are \[0.4615.*\] but k 0.5, the ranks and "
+                                                       r"mean_budget 0.7 give \[0.5384"),
+    (_edited(_plan(), ranks=[2, 1, 3, 4], fractions=[0.75, 0.625, 0.875, 1.0]),
+     r"'ranks' are \[2, 1, 3, 4\] but ordering 'snr-low-hard' gives \[1, 2, 3, 4\]"),
+    (_edited(_plan(), k=None), r"'k' is None and 'ordering' 'snr-low-hard': both are set \(a plan from the formula\) "
+                               r"or both null \(a plan of given fractions\)"),
+    (_edited(_plan(), k=None, ordering=None), r"'k' and 'ordering' are null, but 'provenance' does not say the "
+                                              r"fractions were given \(\"fractions\": \"plan_fractions\"\)"),
+    (_edited(_plan(), ordering="measured"), r"'ordering' is 'measured' but 'sensitivity' is null"),
+])
+def test_a_plan_that_contradicts_itself_is_named_with_both(data, message):
+    assert formula_problem(BudgetPlan.from_dict(data)) is not None
+    assert re.match(message, formula_problem(BudgetPlan.from_dict(data)))
+    assert formula_problem(_snr_plan()) is None and formula_problem(_plan(mean_budget=0.6)) is None
+
+
+def test_a_runs_plan_edited_against_its_k_is_refused_before_prune(tmp_path):
+    # Attack f row 515: R/plan/plan.json with fractions [0.3, 1.0] (the run's k 0.4 gives [0.7, 1.0]) was pruned to.
+    run = tmp_path / "run"
+    (run / "plan").mkdir(parents=True)
+    (run / "config.json").write_text("{}")  # the defaults: 4 snr groups, k 0.5, measured ordering
+    path = run / "plan" / "plan.json"
+    path.write_text(json.dumps(_edited(_snr_plan(), fractions=[0.3, 0.625, 1.0, 0.75])))
+    result = CliRunner().invoke(app, ["prune", "--out", str(run)])
+    assert result.exit_code == 2 and result.output == (
+        f"error: {path}: 'fractions' are [0.3, 0.625, 1.0, 0.75] but k 0.5, the ranks and mean_budget None give "
+        "[0.875, 0.625, 1.0, 0.75] (a plan of other fractions records k and ordering as null: plan_from_fractions, "
+        f"--plan-fractions) (the plan was edited); delete {path.parent} and rerun `tdcdiff plan` (then redo the "
+        "stages after it, which were made for the old plan)\n")
+    assert not (run / "prune").exists()
+
+
+@pytest.mark.parametrize("data, message", [
+    # row 514: a fraction of 1e-300 passed "(0, 1]" and became "budget_flops must be > 0, got 0" at prune
+    (_edited(_plan(), fractions=[1e-300, 0.75, 0.875, 1.0]),
+     r"'fractions' gives group 0 1e-300 of the base's 1,000 FLOPs, a budget of 0 FLOPs no pruning reaches"),
+    # row 510: a 401-digit base_flops loaded, then to_dict raised OverflowError
+    (_edited(_plan(), base_flops=10**400), r"'base_flops' is 1000000000.*\(401 characters\), more than 2\^63 - 1: no "
+                                           r"model's forward pass counts that many"),
+])
+def test_a_plan_with_a_budget_no_pruning_reaches_or_past_int64_is_damaged(tmp_path, data, message):
+    with pytest.raises(ValueError, match=message):
+        BudgetPlan.from_dict(data)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"^{path} is damaged \({message}\); restore it"):
+        BudgetPlan.load(path)
+
+
+def test_a_given_fractions_plan_keeps_its_fractions_and_a_formula_plan_its_sensitivity():
+    from tdcdiff.budget import plan_from_fractions
+
+    grouping = make_groups("uniform", 4, make_scheduler(1000))
+    given = plan_from_fractions(grouping, [0.9, 0.5, 1.0, 0.7], base_flops=1000, sample_shape=(1, 8, 8)).to_dict()
+    assert BudgetPlan.from_dict(given | {"fractions": [0.8, 0.5, 1.0, 0.6]}).fractions == [0.8, 0.5, 1.0, 0.6]
+    assert formula_problem(BudgetPlan.from_dict(given | {"fractions": [0.1, 0.5, 1.0, 0.7]})) == (
+        "'ranks' are [3, 1, 4, 2] but ordering 'measured' gives [1, 2, 4, 3]")  # the ranks order the given budgets
+    measured = make_plan(grouping, k=0.5, ordering="measured", base_flops=1000, sample_shape=(1, 8, 8),
+                         sensitivity=[0.3, 0.1, 0.4, 0.2])
+    assert BudgetPlan.from_dict(measured.to_dict()) == measured
+
+
+def test_huge_base_flops_are_refused_by_every_plan_maker():
+    from tdcdiff.budget import plan_from_fractions
+
+    grouping = make_groups("uniform", 4, make_scheduler(1000))
+    message = r"base_flops \(the base model's FLOPs per forward pass, flops.count_flops\) must be at most 2\^63 - 1"
+    with pytest.raises(ValueError, match=message):
+        make_plan(grouping, k=0.5, ordering="snr-low-hard", base_flops=10**400, sample_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match=message):
+        plan_from_fractions(grouping, [1.0] * 4, base_flops=2**63, sample_shape=(1, 8, 8))
+    assert make_plan(grouping, k=0.5, ordering="snr-low-hard", base_flops=2**63 - 1,
+                     sample_shape=(1, 8, 8)).to_dict()["budgets"][-1] == 2**63  # float rounding; JSON holds it
+
+
+def test_a_plan_path_that_is_a_folder_is_named(tmp_path):
+    # Attack f rows 512/513: IsADirectoryError "Is a directory: 3" (a file descriptor), naming no path.
+    from tdcdiff.run.plan_file import load_plan
+
+    (tmp_path / "plan.json").mkdir()
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/plan.json is a folder; restore it, or make it again"):
+        BudgetPlan.load(tmp_path / "plan.json")
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/plan.json is a folder; restore it, or delete {tmp_path} and "
+                                         r"rerun `tdcdiff plan`"):
+        load_plan(tmp_path / "plan.json")

@@ -221,3 +221,32 @@ def test_save_bundle_refuses_any_other_sampling_with_one_value_error(bundle_dir,
                     sampling=sampling, expert_flops=[count_flops(e, (1, 8, 8)) for e in experts],
                     base_flops=count_flops(experts[1], (1, 8, 8)))
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("sampling, message", [
+    # attack f row 663: "re-export the bundle" told a save_bundle caller to redo what it was doing
+    (SamplingSetting("ddim", 2000), "ddim:2000 takes 2000 steps, more than the schedule's T=1000; give sampling "
+                                    "1..1000 steps"),
+    # row 664: a depth past the experts' levels was written, and refused only by load_bundle
+    (SamplingSetting("ddim", 4, cache_interval=2, cache_depth=9),
+     "save_bundle(sampling=ddim:4:c2:d9): 'sampling.cache_depth' is 9 but expert 0 is a UNet of 2 levels (down "
+     "blocks); set it to 1..2 (1 caches the most)"),
+])
+def test_save_bundle_names_its_sampling_argument_and_what_it_may_be(bundle_dir, tmp_path, sampling, message):
+    path, experts, scheduler = bundle_dir
+    with pytest.raises(ValueError) as refused:
+        save_bundle(tmp_path / "b", experts, load_bundle(path).router.grouping, scheduler, sample_shape=(1, 8, 8),
+                    sampling=sampling, expert_flops=[count_flops(e, (1, 8, 8)) for e in experts],
+                    base_flops=count_flops(experts[1], (1, 8, 8)))
+    assert str(refused.value) == message
+    assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []  # before anything is written
+
+
+def test_a_budget_past_a_floats_range_is_an_integer_not_a_traceback(bundle_dir, tmp_path):
+    # A sibling of attack f row 510: 'budgets' were checked with math.isfinite, which raised OverflowError on an
+    # integer of 401 digits, in save_bundle and in load_bundle (a manifest is untrusted).
+    path, experts, scheduler = bundle_dir
+    save_bundle(tmp_path / "b", experts, load_bundle(path).router.grouping, scheduler, sample_shape=(1, 8, 8),
+                expert_flops=[count_flops(e, (1, 8, 8)) for e in experts],
+                base_flops=count_flops(experts[1], (1, 8, 8)), budgets=[10**400, 1])
+    assert load_bundle(tmp_path / "b").manifest["budgets"] == [10**400, 1]

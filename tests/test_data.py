@@ -362,3 +362,18 @@ def test_data_path_that_is_not_a_regular_file(tmp_path):
     images = write_idx(tmp_path / "g-images-idx3-ubyte", np.zeros((2, 3, 3), np.uint8))
     os.mkfifo(tmp_path / "g-labels-idx1-ubyte")  # a label "file" that is a FIFO is not read: no labels
     assert load_dataset(str(images)).num_classes is None
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("hf:", r"^hf: names no dataset; give its Hugging Face Hub id, hf:<name>\[:<split>\] \(e.g. hf:mnist"),
+    ("hf: :test", r"^hf: names no dataset"),
+    ("hf:../../etc/passwd", r"^hf:../../etc/passwd is not a Hugging Face Hub dataset id \(Repo id must be in the form "
+                            r"'repo_name' or 'namespace/repo_name': '../../etc/passwd'.\); give hf:<name> or "
+                            r"hf:<owner>/<name>, or pass a local data set's path without hf:$"),
+    ("hf:/etc", r"^hf:/etc is not a Hugging Face Hub dataset id \(Repo id must use alphanumeric chars"),
+])
+def test_an_hf_spec_without_a_hub_id_is_named_before_datasets_is_needed(monkeypatch, spec, message):
+    # Attack f row 688: `--data hf:` said "needs the datasets package", which only moved the user to the next error.
+    monkeypatch.setitem(sys.modules, "datasets", None)  # the name is checked first, with or without the package
+    with pytest.raises(DataError, match=message):
+        load_dataset(spec)

@@ -1,9 +1,13 @@
+import json
+import shutil
 import time
 
 import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from tdcdiff import latency
+from tdcdiff.evaluate import default_cache_dir, default_feature_net
 from tdcdiff.metrics import (
     FeatureNet,
     FidResult,
@@ -240,3 +244,63 @@ def test_the_second_feature_network_is_another_design(digits, trained, tmp_path)
     assert second.info["seed"] != trained[0].info["seed"]
     with pytest.raises(ValueError, match="unknown feature network 'nope'; choose from classifier-128"):
         feature_net_for(*digits, cache_dir=tmp_path, name="digits", design="nope")
+
+
+def _damage_truncate(entry):
+    (entry / "model.safetensors").write_bytes((entry / "model.safetensors").read_bytes()[:100])
+
+
+def _damage_cut_info(entry):
+    (entry / "info.json").write_text('{"name": ')
+
+
+def _damage_other_classes(entry):
+    info = json.loads((entry / "info.json").read_text())
+    (entry / "info.json").write_text(json.dumps({**info, "num_classes": 11}))
+
+
+def _damage_to_a_file(entry):
+    shutil.rmtree(entry)
+    entry.write_text("not a folder")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (_damage_truncate, r"model.safetensors is damaged \(Error while deserializing"),
+    (_damage_cut_info, r"info.json is damaged \(Expecting value"),
+    (_damage_other_classes, r"info.json is not this data's classifier \(got \{'num_classes': 11\}, expected "
+                            r"\{'num_classes': 10\}\)"),
+    (_damage_to_a_file, "info.json is missing"),
+])
+def test_a_damaged_cache_entry_is_named_and_rebuilt(digits, tmp_path, damage, problem):
+    # Attack f rows 633-635: a cut or foreign cache entry raised SafetensorError, "Expecting value" or a size mismatch.
+    x, y = digits[0][:200], digits[1][:200]  # a small set: trained in well under a second
+    first = feature_net_for(x, y, cache_dir=tmp_path, name="small")
+    (entry,) = tmp_path.iterdir()
+    damage(entry)
+    with pytest.warns(UserWarning, match=f"the cached FID feature classifier is damaged or not this data's: "
+                                         f"{tmp_path}/small-\\w+/?.*{problem}.*; retraining the classifier and "
+                                         f"replacing {entry}$"):
+        again = feature_net_for(x, y, cache_dir=tmp_path, name="small")
+    assert again.info["from_cache"] is False and [p.name for p in tmp_path.iterdir()] == [entry.name]
+    with torch.no_grad():
+        assert torch.equal(again(x[:8]), first(x[:8]))  # the same seed and data: the same classifier
+    assert feature_net_for(x, y, cache_dir=tmp_path, name="small").info["from_cache"] is True  # replaced, valid
+
+
+def test_a_cache_folder_that_cannot_be_one_is_named_before_training(digits, tmp_path, monkeypatch):
+    # Attack f rows 630/631: TDCDIFF_CACHE a file was found after training the classifier, the variable not named.
+    a_file = tmp_path / "cachefile"
+    a_file.write_text("x")
+    monkeypatch.setenv("TDCDIFF_CACHE", str(a_file))
+    message = (f"TDCDIFF_CACHE is {a_file}, which cannot be used as a folder \\(it is a file, not a folder\\); point "
+               "TDCDIFF_CACHE at a folder you can write \\(or unset it: the default is ~/.cache/tdcdiff\\)")
+    for where in (default_cache_dir, latency.default_cache_dir):
+        with pytest.raises(ValueError, match=message):
+            where()
+    monkeypatch.setenv("TDCDIFF_CACHE", str(a_file / "under"))
+    with pytest.raises(ValueError, match=f"TDCDIFF_CACHE is {a_file}/under, .* \\(Not a directory\\); point"):
+        default_feature_net(*digits, name="digits")
+    with pytest.raises(ValueError, match=f"the feature cache folder \\(cache_dir\\) is {a_file}, which cannot be used "
+                                         "as a folder \\(it is a file, not a folder\\); give a folder you can write"):
+        feature_net_for(*digits, cache_dir=a_file, name="digits")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cachefile"]

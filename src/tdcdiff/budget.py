@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write_text, parse_json, read_untrusted
+from .files import atomic_write_text, brief, parse_json, read_untrusted
 from .grouping import Grouping
 from .models import check_sample_shape
 from .settings import as_integer, as_real, is_integer, is_real, plain_number
@@ -26,6 +26,7 @@ BUDGET_UNITS = ("flops", "time")  # what a budget fraction is of: the base's FLO
 PLAN_FORMAT = "tdcdiff-plan/1"
 MAX_PLAN_BYTES = 256 << 20  # one entry of about 150 bytes per group, at most T = 10^6 groups
 RAISE_BUDGET = "raise --mean-budget or --k"  # the fix for a budget the formula makes too small
+MAX_FLOPS = 2**63 - 1  # a FLOPs count an int64 holds (torch's and numpy's integers), far above any model's forward
 
 
 def budget_fractions(num_groups: int, k: float) -> list[float]:
@@ -155,7 +156,7 @@ class BudgetPlan:
             raise ValueError(f"it holds a {type(data).__name__}, not a JSON object")
         if data.get("format") != PLAN_FORMAT:
             raise ValueError(f"format {str(data.get('format'))[:100]!r}, expected {PLAN_FORMAT!r}")
-        problem = _plan_problem(data)
+        problem = _plan_problem(data) or _zero_budget(data["fractions"], data["base_flops"])
         if problem is not None:
             raise ValueError(problem)
         return cls(
@@ -215,7 +216,9 @@ def _plan_problem(data: dict) -> str | None:
         (isinstance(ranks, list) and all(map(is_integer, ranks)) and sorted(ranks) == list(range(1, n + 1)),
          f"'ranks' must be the difficulty ranks 1..{n}, one per group, got {str(ranks)[:200]}"),
         (is_integer(base_flops) and base_flops > 0,
-         f"'base_flops' must be a positive integer (the base's FLOPs per forward), got {base_flops!r}"),
+         f"'base_flops' must be a positive integer (the base's FLOPs per forward), got {brief(base_flops, 60)}"),
+        (not is_integer(base_flops) or base_flops <= MAX_FLOPS,
+         f"'base_flops' is {brief(base_flops, 60)}, more than 2^63 - 1: no model's forward pass counts that many"),
         (isinstance(shape, list) and len(shape) == 3 and all(is_integer(s) and s > 0 for s in shape),
          f"'sample_shape' must be 3 positive integers (channels, height, width), got {str(shape)[:200]}"),
         (k is None or (_number(k) and 0 < k <= 1), f"'k' must be null or in (0, 1], got {k!r}"),
@@ -230,6 +233,54 @@ def _plan_problem(data: dict) -> str | None:
         (isinstance(data.get("provenance", {}), dict), "'provenance' must be a mapping"),
     ]
     return next((message for ok, message in checks if not ok), None)
+
+
+def _zero_budget(fractions: list[float], base_flops: int) -> str | None:
+    low = min(range(len(fractions)), key=lambda g: fractions[g])
+    if round(fractions[low] * base_flops) < 1:
+        return (f"'fractions' gives group {low} {fractions[low]:.3g} of the base's {base_flops:,} FLOPs, a budget of "
+                "0 FLOPs no pruning reaches")
+    return None
+
+
+def formula_problem(plan: BudgetPlan) -> str | None:
+    """What contradicts itself in a plan, or None: a plan from k (make_plan) whose ranks or fractions are not what
+    its k, ordering, sensitivity and mean_budget give, a plan of given fractions (plan_from_fractions: k and ordering
+    null) that does not say so in its provenance or whose ranks do not order them, or k set without an ordering
+    (or the reverse). A plan.json edited by hand is refused with it (run.plan_file.check_plan_fits)."""
+    k, ordering, fractions, ranks = plan.k, plan.ordering, plan.fractions, plan.ranks
+    if (k is None) != (ordering is None):
+        return (f"'k' is {k!r} and 'ordering' {ordering!r}: both are set (a plan from the formula) or both null (a "
+                "plan of given fractions)")
+    sensitivity = plan.sensitivity
+    if k is None:
+        if plan.provenance.get("fractions") != "plan_fractions":
+            return ("'k' and 'ordering' are null, but 'provenance' does not say the fractions were given "
+                    "(\"fractions\": \"plan_fractions\")")
+        ordering, sensitivity = "measured", fractions  # the ranks order the given budgets
+    if ordering == "measured" and sensitivity is None:
+        return "'ordering' is 'measured' but 'sensitivity' is null: the ranks come from one value per group"
+    expected_ranks = difficulty_ranks(ordering, len(plan.grouping), sensitivity)
+    if ranks != expected_ranks:
+        return f"'ranks' are {ranks} but ordering {ordering!r} gives {expected_ranks}"
+    if k is None:
+        return None
+    expected = _formula_fractions(plan.grouping, k, ranks, plan.mean_budget)
+    if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(fractions, expected)):
+        return (f"'fractions' are {brief(fractions, 200)} but k {k}, the ranks and mean_budget {plan.mean_budget} "
+                f"give {brief(expected, 200)} (a plan of other fractions records k and ordering as null: "
+                "plan_from_fractions, --plan-fractions)")
+    return None
+
+
+def _formula_fractions(grouping: Grouping, k: float, ranks: list[int], mean_budget: float | None) -> list[float]:
+    """Each group's fraction from the paper's formula by its rank, scaled to mean_budget when given (make_plan)."""
+    by_rank = budget_fractions(len(grouping), k)
+    fractions = [by_rank[r - 1] for r in ranks]
+    if mean_budget is None:
+        return fractions
+    total = grouping.num_train_timesteps
+    return scale_to_mean(fractions, [g.size / total for g in grouping.groups], mean_budget)
 
 
 def make_plan(
@@ -261,24 +312,25 @@ def make_plan(
     """
     k = as_real("k", k, note="the easiest group's budget fraction")
     base_flops, sample_shape = _base_flops(base_flops), check_sample_shape(sample_shape)
-    fractions_by_rank = budget_fractions(len(grouping), k)
+    budget_fractions(len(grouping), k)  # its checks of N and k come first
     check_mean_budget(mean_budget)
     mean_budget = None if mean_budget is None else float(plain_number(mean_budget))
     if sensitivity is not None:
         sensitivity = [as_real(f"sensitivity[{g}]", v, note=f"group {g}'s relative loss increase under trial pruning")
                        for g, v in enumerate(sensitivity)]
     ranks = difficulty_ranks(ordering, len(grouping), sensitivity)
-    fractions = [fractions_by_rank[r - 1] for r in ranks]
-    if mean_budget is not None:
-        total = grouping.num_train_timesteps
-        fractions = scale_to_mean(fractions, [g.size / total for g in grouping.groups], mean_budget)
+    fractions = _formula_fractions(grouping, k, ranks, mean_budget)
     check_reachable(fractions, base_flops, budget_unit, smallest)
     return BudgetPlan(grouping, k, ordering, base_flops, tuple(sample_shape), ranks, fractions, sensitivity,
                 provenance or {}, mean_budget, budget_unit)
 
 
 def _base_flops(base_flops) -> int:
-    return as_integer("base_flops", base_flops, 1, note="the base model's FLOPs per forward pass, flops.count_flops")
+    value = as_integer("base_flops", base_flops, 1, note="the base model's FLOPs per forward pass, flops.count_flops")
+    if value > MAX_FLOPS:
+        raise ValueError(f"base_flops (the base model's FLOPs per forward pass, flops.count_flops) must be at most "
+                         f"2^63 - 1, got {brief(value, 60)}; give the count flops.count_flops makes")
+    return value
 
 
 def plan_from_fractions(

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bundle_checks import check_class_ids, check_input, check_text, probe, probe_vae
+from .bundle_checks import check_class_ids, check_given, check_input, check_text, probe, probe_vae
 from .content_hash import sha256_bytes, sha256_file
 from .files import atomic_dir, brief, json_safe, output_path, parse_json, read_untrusted, resolve_inside
 from .grouping import Grouping
@@ -113,16 +113,15 @@ def save_bundle(
     path = output_path(path, directory=True)  # an empty or unwritable path is refused before any work
     config, sample_shape = _scheduler_config(scheduler), check_sample_shape(sample_shape)
     rebuilt = build_scheduler(config, path / MANIFEST)  # the schedule load_bundle takes, checked before any write
-    if sampling is not None:
-        sampling = SamplingSetting.of(sampling, "sampling").check(config["num_train_timesteps"])
+    if sampling is not None:  # checked as load_bundle would, naming the argument, before any expert is written
+        sampling = SamplingSetting.of(sampling, "sampling").check(config["num_train_timesteps"], "sampling")
+        check_default_caching({"sampling": sampling.to_dict()}, experts, f"save_bundle(sampling={sampling})", None)
     expert_flops, base_flops, budgets = plain_values((expert_flops, base_flops, budgets))  # as Python numbers
     provenance = _plain_provenance(provenance)
-    check_class_ids(experts, "", "give experts with one class embedding (the same num_class_embeds)")
-    check_text(experts, text_encoder.width if text_encoder is not None else None, "")
+    check_given(experts, list(sample_shape), text_encoder.width if text_encoder is not None else None)
     with atomic_dir(path, is_bundle, A_BUNDLE) as tmp:
         files, weights = {}, []
         for i, expert in enumerate(experts):
-            check_input(expert, i, list(sample_shape), "")
             weights.append(save_model(expert, tmp / f"expert_{i}")["weights"]["sha256"])
             files.update(_listing(tmp, f"expert_{i}"))
         latent, text = _save_companions(tmp, files, vae, text_encoder)
@@ -147,7 +146,6 @@ def save_bundle(
         where = path / MANIFEST  # the checks load_bundle makes, before anything is kept
         check_records(manifest, rebuilt, check_manifest(manifest, where), where)
         check_trained_shape(manifest, where)
-        check_default_caching(manifest, experts, where)
         check_conditioning(conditioning, num_class_embeds(experts[0]) if experts else None, where)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False))
     return path

@@ -68,6 +68,16 @@ def check_input(expert: nn.Module, i: int, shape: list, where: str) -> None:
                               f"[{shape[0]}, {size[0]}, {size[1]}]")
 
 
+def check_given(experts: list[nn.Module], shape: list, width: int | None) -> None:
+    """save_bundle's checks of its experts, before anything is written: one class embedding and one text width
+    (`width`: the text encoder's, None without one) for every expert, and the sample shape each takes. Raises
+    BundleError."""
+    check_class_ids(experts, "", "give experts with one class embedding (the same num_class_embeds)")
+    check_text(experts, width, "")
+    for i, expert in enumerate(experts):
+        check_input(expert, i, shape, "")
+
+
 @torch.no_grad()
 def probe_vae(vae: nn.Module, manifest: dict, path: Path) -> None:
     """The VAE's latent scale is the one the experts' latents were made with (the manifest's, written at export)

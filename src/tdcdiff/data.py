@@ -315,12 +315,13 @@ def _load_idx(path: Path, **opts) -> ImageDataset:
 
 
 def _load_hf(ref: str, **opts) -> ImageDataset:
+    name, _, split = ref.partition(":")
+    split = split or "train"
+    _check_hub_id(name)
     try:
         import datasets
     except ImportError as e:
         raise DataError(f"hf:{ref} needs the Hugging Face `datasets` package: pip install datasets") from e
-    name, _, split = ref.partition(":")
-    split = split or "train"
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # datasets raises many types (network, missing split, ...); keep its message
@@ -334,6 +335,22 @@ def _load_hf(ref: str, **opts) -> ImageDataset:
     classes = ds.features[label_col].names if label_col else []
     items = [(f"hf:{name}:{split} row {i}", lab, lambda i=i: ds[i][image_col]) for i, lab in enumerate(labels)]
     return _from_files(items, classes, source=f"hf:{ref}", **opts)
+
+
+def _check_hub_id(name: str) -> None:
+    """Raise DataError unless `name` is a Hugging Face Hub dataset id (huggingface_hub's validate_repo_id: `name` or
+    `owner/name`): checked before `datasets` is needed, and so that no local path (hf:../x) reaches load_dataset."""
+    from huggingface_hub.utils import validate_repo_id  # lazy: a dependency of diffusers, slow to import
+
+    if not name.strip():
+        raise DataError("hf: names no dataset; give its Hugging Face Hub id, hf:<name>[:<split>] (e.g. hf:mnist or "
+                        "hf:uoft-cs/cifar10:test)")
+    try:
+        validate_repo_id(name)
+    except ValueError as err:
+        detail = str(err).split(" Use `repo_type`")[0]  # huggingface_hub's hint is about an argument we set
+        raise DataError(f"hf:{name} is not a Hugging Face Hub dataset id ({detail}); give hf:<name> or "
+                        "hf:<owner>/<name>, or pass a local data set's path without hf:") from None
 
 
 def _decode(item: Item, size: int | None, channels: int | None) -> np.ndarray:

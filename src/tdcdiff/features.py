@@ -10,6 +10,7 @@ bench/agreement.py uses as an independent judge.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,8 +22,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
+
+from .cache_home import writable_folder
+from .files import brief, parse_json, read_untrusted
+from .settings import is_real
+from .user_warnings import warn
 
 # Part of every cache key: a change of the networks' design or training changes it, so no old entry is reused.
 FEATURES_VERSION = 2
@@ -158,12 +164,12 @@ def feature_net_for(images: torch.Tensor, labels: torch.Tensor, *, cache_dir, na
     keep = labels >= 0
     x, y = images[keep].float(), labels[keep].long()
     entry = Path(cache_dir) / f"{name}-{_cache_key(x, y, spec)}"
-    if (entry / "info.json").is_file() and (entry / "model.safetensors").is_file():
-        info = json.loads((entry / "info.json").read_text())
-        net = _build(spec, info["image_shape"], info["num_classes"])
-        net.load_state_dict(load_file(entry / "model.safetensors"))
-        net.info = {**info, "from_cache": True}
-        return net.eval()
+    expected = {"name": name, "design": design, "version": FEATURES_VERSION, "num_features": spec.num_features,
+                "image_shape": list(x.shape[1:]), "num_classes": int(y.max()) + 1}
+    cached = _cached(entry, spec, expected)
+    if cached is not None:
+        return cached
+    writable_folder(Path(cache_dir), "the feature cache folder (cache_dir)", "give a folder you can write")
 
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(spec.seed)
@@ -183,16 +189,66 @@ def feature_net_for(images: torch.Tensor, labels: torch.Tensor, *, cache_dir, na
             "train_seconds": round(time.perf_counter() - t0, 2)}
 
     # Build the entry in a temporary folder and rename it into place, so a reader never sees half a cache.
-    entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / "model.safetensors")
     (tmp / "info.json").write_text(json.dumps(info, indent=2))
+    _discard(entry)  # a damaged entry _cached warned about
     try:
         os.replace(tmp, entry)
     except OSError:  # another process finished the same entry first; theirs is equivalent
         shutil.rmtree(tmp, ignore_errors=True)
     net.info = {**info, "from_cache": False}
     return net
+
+
+MAX_ENTRY_BYTES = 64 << 20  # the default classifier's weights are about 0.5 MB, its info.json under 1 kB
+
+
+def _cached(entry: Path, spec: FeatureSpec, expected: dict) -> FeatureNet | None:
+    """The classifier cached in `entry` (read as untrusted input), or None when there is none, or when the entry is
+    damaged or foreign (a file cut short, info.json not JSON or not of this data, design and FEATURES_VERSION,
+    weights of other shapes): then a warning names the entry and what is wrong, and the caller retrains and
+    replaces it. A cache holds only what tdcdiff rebuilds from its inputs (the same seed and data give the same
+    classifier), so rebuilding loses nothing, and a user told to delete the folder would do the same by hand."""
+    if not os.path.lexists(entry):
+        return None
+    fix = f"retraining the classifier and replacing {entry}"
+    try:
+        info = parse_json(read_untrusted(entry, "info.json", str(entry / "info.json"), max_bytes=MAX_ENTRY_BYTES,
+                                         hint=fix), entry / "info.json", fix, problem="is damaged")
+        if not isinstance(info, dict):
+            raise ValueError(f"{entry / 'info.json'} holds a {type(info).__name__}, not a JSON object; {fix}")
+        wrong = {k: v for k, v in expected.items()
+                 if info.get(k) != v or type(info.get(k)) is not type(v)}  # 11 != 10 classes, and true != 1
+        if not (is_real(info.get("accuracy")) and 0 <= info["accuracy"] <= 1):
+            wrong["accuracy"] = "a number in [0, 1]"
+        if wrong:
+            raise ValueError(f"{entry / 'info.json'} is not this data's classifier (got "
+                             f"{brief({k: info.get(k) for k in wrong}, 200)}, expected {brief(wrong, 200)}); {fix}")
+        weights = read_untrusted(entry, "model.safetensors", str(entry / "model.safetensors"),
+                                 max_bytes=MAX_ENTRY_BYTES, hint=fix)
+        net = _build(spec, info["image_shape"], info["num_classes"])
+        try:
+            net.load_state_dict(load(weights))
+        except Exception as err:  # safetensors' SafetensorError (a cut file), torch's size or key mismatch
+            raise ValueError(f"{entry / 'model.safetensors'} is damaged ({brief(str(err), 200, quote=False)}); "
+                             f"{fix}") from None
+    except (ValueError, FileNotFoundError) as err:
+        warn(f"the cached FID feature classifier is damaged or not this data's: {err}")
+        return None
+    net.info = {**info, "from_cache": True}
+    return net.eval()
+
+
+def _discard(entry: Path) -> None:
+    """Remove a damaged cache entry (a folder, a file or a link; not what a link points to), if there is one: moved
+    aside first, so that another process never sees it half deleted."""
+    if not os.path.lexists(entry):
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".stale-{entry.name}-", dir=entry.parent))
+    with contextlib.suppress(FileNotFoundError):  # another process discarded it first
+        os.replace(entry, aside / "entry")
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 class InceptionFeatures(nn.Module):

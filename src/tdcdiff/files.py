@@ -398,8 +398,7 @@ def read_untrusted(root: Path, name: str, what: str, *, max_bytes: int, hint: st
     checked on the open descriptor before anything is read: a regular file (a FIFO would block, a device such
     as /dev/zero never end) of at most max_bytes, of exactly expected_bytes when given, and not sparse beyond
     64 MiB (mostly holes: a few kilobytes on disk that read as gigabytes). Then it is read once, and nothing
-    beyond its size.
-    what: the file and key that named `name`, for messages. hint: the fix, ending every message.
+    beyond its size. what: the file and key that named `name`, for messages. hint: the fix, ending every message.
     Raises FileNotFoundError when it is missing and ValueError for anything else.
     """
     path = resolve_inside(root, name, what)
@@ -411,10 +410,11 @@ def read_untrusted(root: Path, name: str, what: str, *, max_bytes: int, hint: st
         raise FileNotFoundError(f"{shown} is missing; {hint}") from None
     except OSError as err:  # e.g. a symlink swapped in after resolve_inside (O_NOFOLLOW), or no permission
         raise ValueError(f"{shown} cannot be opened ({err.strerror}); {hint}") from None
+    info = os.fstat(fd)  # before open(fd), which refuses a folder as "Is a directory: <fd>" and leaks fd
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ValueError(f"{shown} is {'a folder' if stat.S_ISDIR(info.st_mode) else 'not a regular file'}; {hint}")
     with open(fd, "rb") as f:  # closes fd
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{shown} is not a regular file; {hint}")
         size = info.st_size
         if expected_bytes is not None and size != expected_bytes:
             raise ValueError(f"{shown} is truncated or corrupted: expected {expected_bytes} bytes, found {size}; "

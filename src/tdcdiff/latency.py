@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cache_home import cache_home
 from .files import atomic_write_text
 from .flops import count_flops
 from .models import as_denoiser
@@ -106,10 +107,9 @@ def cache_key(model: nn.Module, sample_shape: Sequence[int], batch: int, device:
 
 
 def default_cache_dir() -> Path:
-    """$TDCDIFF_CACHE/latency, else $XDG_CACHE_HOME/tdcdiff/latency, else ~/.cache/tdcdiff/latency."""
-    if os.environ.get("TDCDIFF_CACHE"):
-        return Path(os.environ["TDCDIFF_CACHE"]) / "latency"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tdcdiff" / "latency"
+    """$TDCDIFF_CACHE/latency, else $XDG_CACHE_HOME/tdcdiff/latency, else ~/.cache/tdcdiff/latency. Raises
+    ValueError naming TDCDIFF_CACHE when it cannot be a writable folder (cache_home.cache_home)."""
+    return cache_home() / "latency"
 
 
 @contextlib.contextmanager

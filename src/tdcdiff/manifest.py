@@ -115,8 +115,8 @@ def check_manifest(manifest: object, where) -> Grouping:
         fail(f"'base_flops' must be an integer >= 0, got {brief(manifest['base_flops'])}; {REEXPORT}")
     budgets = manifest.get("budgets")
     if budgets is not None and (not isinstance(budgets, list) or len(budgets) != n
-                                or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
-                                           and math.isfinite(b) and b >= 0 for b in budgets)):
+                                or not all(is_count(b) or (isinstance(b, float) and math.isfinite(b) and b >= 0)
+                                           for b in budgets)):  # an int is never NaN; a huge one overflows isfinite
         fail(f"'budgets' must be null or one finite number >= 0 per group, {n} in all, got {brief(budgets)}; "
              f"{REEXPORT}")
     check_sample_shape(manifest["sample_shape"], "'sample_shape'", fail)
@@ -306,9 +306,10 @@ def check_trained_shape(manifest: dict, where) -> None:
                               f"{record['sample_shape']} or {REEXPORT}")
 
 
-def check_default_caching(manifest: dict, experts: list, where) -> None:
+def check_default_caching(manifest: dict, experts: list, where, fix: str | None = REEXPORT) -> None:
     """The bundle's default feature caching ('sampling' with cache_interval >= 2) fits every expert: checked at load,
-    naming the manifest's key, rather than at the first sample under a flag the user did not give."""
+    naming the manifest's key, rather than at the first sample under a flag the user did not give; and by
+    save_bundle on its `sampling` before writing (where: the call, fix None: no re-export to advise)."""
     if manifest.get("sampling") is None:
         return
     setting = SamplingSetting.from_dict(manifest["sampling"], "sampling")
@@ -318,8 +319,9 @@ def check_default_caching(manifest: dict, experts: list, where) -> None:
     for i, expert in enumerate(experts):
         levels = len(getattr(network(expert), "down_blocks", ()))
         if levels and depth > levels:
+            tail = f" or {fix}" if fix else ""
             raise BundleError(f"{where}: 'sampling.cache_depth' is {depth} but expert {i} is a UNet of {levels} levels "
-                              f"(down blocks); set it to 1..{levels} (1 caches the most) or {REEXPORT}")
+                              f"(down blocks); set it to 1..{levels} (1 caches the most){tail}")
         try:
             split_unet(expert, depth, f"expert {i}")
         except ValueError as err:

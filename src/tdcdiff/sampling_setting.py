@@ -84,10 +84,13 @@ class SamplingSetting:
         depth = f":d{self.cache_depth}" if self.cache_depth is not None else ""
         return f"{self.sampler}:{self.steps}{cache}{depth}"
 
-    def check(self, num_train_timesteps: int) -> SamplingSetting:
-        """self, after checking its steps against a schedule of T = num_train_timesteps. Raises ValueError."""
+    def check(self, num_train_timesteps: int, key: str | None = None) -> SamplingSetting:
+        """self, after checking its steps against a schedule of T = num_train_timesteps. key: the argument that gave
+        the setting (e.g. save_bundle's "sampling"), named in the message with the steps it may take. Raises
+        ValueError."""
         if self.steps > num_train_timesteps:
-            raise ValueError(f"{self} takes {self.steps} steps, more than the schedule's T={num_train_timesteps}")
+            fix = f"; give {key} 1..{num_train_timesteps} steps" if key else ""
+            raise ValueError(f"{self} takes {self.steps} steps, more than the schedule's T={num_train_timesteps}{fix}")
         return self
 
     @classmethod

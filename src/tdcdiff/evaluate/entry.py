@@ -3,7 +3,6 @@ feature cache folder, class-balanced labels and the sampling FLOPs along a traje
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..cache_home import cache_home
 from ..flops import count_flops
 from ..models import num_class_embeds
 
@@ -37,10 +37,9 @@ class ModelEntry:
 
 
 def default_cache_dir() -> Path:
-    """Where feature networks are cached: $TDCDIFF_CACHE, else $XDG_CACHE_HOME/tdcdiff, else ~/.cache/tdcdiff."""
-    if os.environ.get("TDCDIFF_CACHE"):
-        return Path(os.environ["TDCDIFF_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tdcdiff"
+    """Where feature networks are cached: $TDCDIFF_CACHE, else $XDG_CACHE_HOME/tdcdiff, else ~/.cache/tdcdiff (made
+    if missing). Raises ValueError naming TDCDIFF_CACHE when it cannot be a writable folder (cache_home.cache_home)."""
+    return cache_home()
 
 
 def slug(name: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..budget import BudgetPlan
+from ..budget import BudgetPlan, formula_problem
 from ..flops import count_flops
 
 
@@ -12,8 +12,7 @@ def load_plan(path: Path) -> BudgetPlan:
     """The BudgetPlan in a run's plan.json (untrusted: BudgetPlan.load's checks), its message telling how to make
     the run's plan again. Raises FileNotFoundError when it is missing, ValueError naming the file and the field."""
     path = Path(path)
-    return BudgetPlan.load(path, fix=f"restore it, or delete {path.parent} and rerun `tdcdiff plan` (then redo the "
-                                     "stages after it, which were made for the old plan)")
+    return BudgetPlan.load(path, fix=f"restore it, or {_remake(path)}")
 
 
 def check_plan_fits(plan: BudgetPlan, path: Path, run) -> None:
@@ -21,8 +20,9 @@ def check_plan_fits(plan: BudgetPlan, path: Path, run) -> None:
     for another run or edited: its grouping's T, strategy and number of groups, its k, ordering, mean_budget and
     budget_unit (a plan from plan_fractions records k, ordering and mean_budget as null, and those fractions),
     its sample_shape against the run's settings, its base_flops against the base model's counted FLOPs
-    (flops.count_flops of base/final at the run's sample shape; not checked before stage 1). Raises ValueError
-    naming plan.json, the field and the fix."""
+    (flops.count_flops of base/final at the run's sample shape; not checked before stage 1), then its fractions and
+    ranks against its own k, ordering and mean_budget (budget.formula_problem). Raises ValueError naming plan.json,
+    the field and the fix."""
     c = run.config
     given = c.plan_fractions is not None  # then k, the ordering and the mean budget do not apply: recorded as null
     checks = [("'grouping.num_train_timesteps'", plan.grouping.num_train_timesteps,
@@ -44,8 +44,15 @@ def check_plan_fits(plan: BudgetPlan, path: Path, run) -> None:
         if mine != value:
             what = "the base model's counted FLOPs" if key == "'base_flops'" else "the run's"
             raise ValueError(f"{path}: {key} is {_shown(mine)} but {what} is {_shown(value)} (the plan was made for "
-                             f"another run, or edited); delete {path.parent} and rerun `tdcdiff plan` (then redo the "
-                             "stages after it, which were made for the old plan)")
+                             f"another run, or edited); {_remake(path)}")
+    problem = formula_problem(plan)  # after the run's settings: a changed k is named as that
+    if problem is not None:
+        raise ValueError(f"{path}: {problem} (the plan was edited); {_remake(path)}")
+
+
+def _remake(path: Path) -> str:
+    return (f"delete {path.parent} and rerun `tdcdiff plan` (then redo the stages after it, which were made for the "
+            "old plan)")
 
 
 def _shown(value) -> str:
