@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -791,3 +792,47 @@ def test_a_tune_on_a_run_directory_names_it(tmp_path, made, flags):
     (tune / "base" / "config.json").write_text("{}")
     (tune / "tune.json").write_text("{}")
     check_not_a_run(tune)
+
+
+# -- a symlink loop or to nothing, a name or path too long, a file system refusing mkdir (/proc): one ValueError
+# naming the path and the fix, before any work, from every atomic writer (attack 2026-12-07f rows 533, 534, 536, 537)
+@pytest.mark.parametrize("writer", ["save_bundle", "save_model", "atomic_write_text"])
+def test_unusable_output_paths_are_named_before_any_work(tmp_path, monkeypatch, writer):
+    write, folder = _writers()[writer], writer != "atomic_write_text"
+    monkeypatch.chdir(tmp_path)
+    os.symlink("loop", "loop")
+    os.symlink("nowhere/deeper", "dangling")
+    cases = {"loop/x": "loop/x cannot be created: loop is a symlink loop (loop -> loop, which leads back to itself); "
+                       "choose another path",
+             "n" * 300: f"{'n' * 120}... (300 characters) is too long for the file system (File name too long); "
+                        "choose a shorter path",
+             "/".join(["d" * 200] * 25): f"{'d' * 120}... (5024 characters) is too long for the file system (File "
+                                         "name too long); choose a shorter path",
+             "m" * 240: f"{'m' * 120}... (240 characters) cannot be created: its name is 240 bytes, "
+                        f"{294 if folder else 270} with the temporary name a write gives it first; the file system "
+                        "allows at most 255 per name: choose a shorter name"}
+    if folder:  # a file write replaces a link (os.replace), as it replaces a file
+        cases |= {"loop": "loop is a symlink loop (loop -> loop, which leads back to itself): nothing can be written "
+                          "through it; fix or remove the link, or choose another path",
+                  "dangling": "dangling is a symlink to nowhere/deeper, which does not exist: nothing can be written "
+                              "through it; fix or remove the link, or choose another path"}
+    if Path("/proc/self").is_dir() and os.access("/proc", os.W_OK):  # procfs as root: access says yes, mkdir no
+        cases["/proc/x"] = ("/proc/x cannot be written: /proc refuses new entries (No such file or directory: a "
+                            "pseudo file system such as /proc or /sys, or a read-only one); choose another path")
+    for path, message in cases.items():
+        with pytest.raises(ValueError) as refused:
+            write(path)
+        assert str(refused.value) == message, path
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "loop"]  # nothing written, no temporary left
+    assert not Path("/proc/x").exists()
+
+
+def test_check_replaceable_says_a_dangling_link_is_one(tmp_path):
+    from tdcdiff.files import check_replaceable
+
+    (tmp_path / "final").symlink_to(tmp_path / "gone")  # e.g. train()'s out_dir/final
+    with pytest.raises(ValueError) as refused:
+        check_replaceable(tmp_path / "final", None, "a saved model, nor empty")
+    assert str(refused.value) == (f"{tmp_path}/final is a symlink to {tmp_path}/gone, which does not exist, not a "
+                                  "saved model: nothing can be written through it; fix or remove the link, or choose "
+                                  "another path")

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from safetensors import SafetensorError
 
-from .output_paths import MOVED_ASIDE, TEMP_DIR, TEMP_FILE, brief, output_path
+from .output_paths import MOVED_ASIDE, TEMP_DIR, TEMP_FILE, brief, broken_link, output_path
 
 
 def _fsync_dir(path: Path) -> None:
@@ -238,6 +238,10 @@ def check_replaceable(path: str | Path, ours: Callable[[Path], Iterable[str] | N
         raise ValueError(f"{path} already exists and holds {shown} besides the "
                          f"files of {what.removesuffix(', nor empty')}; writing there would delete them: move them "
                          "out of it, or choose another path")
+    link = broken_link(path)
+    if link:  # nothing is held there: say what it is
+        raise ValueError(f"{path} is {link}, not {what.removesuffix(', nor empty')}: nothing can be written through "
+                         "it; fix or remove the link, or choose another path")
     raise ValueError(f"{path} already exists and is not {what}; writing there would delete what it holds: "
                      "choose another path, or delete it first")
 
