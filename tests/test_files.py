@@ -836,3 +836,75 @@ def test_check_replaceable_says_a_dangling_link_is_one(tmp_path):
     assert str(refused.value) == (f"{tmp_path}/final is a symlink to {tmp_path}/gone, which does not exist, not a "
                                   "saved model: nothing can be written through it; fix or remove the link, or choose "
                                   "another path")
+
+
+# -- one rule for a run's or tune's --out: missing, empty or a folder of the same kind, its path writable; --dry-run
+# refuses what the run refuses (attack 2026-12-07f rows 533, 541, 620-623) ----------------------------------------
+def _outs(tmp_path):
+    """{--out: the message after "error: "} for run and tune (None: the tune's differs, see below)."""
+    os.symlink("loop", tmp_path / "loop")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "b").mkdir()  # a bundle: its manifest.json
+    (tmp_path / "b" / "manifest.json").write_text("{}")
+    (tmp_path / "r" / "base" / "final").mkdir(parents=True)  # a run, its stage-1 output and a stage folder
+    (tmp_path / "r" / "config.json").write_text("{}")
+    (tmp_path / "r" / "plan").mkdir()
+    (tmp_path / "r" / "plan" / "plan.json").write_text("{}")
+    (tmp_path / "m").mkdir()  # a saved model
+    (tmp_path / "m" / "architecture.json").write_text("{}")
+    mixed = "not a {what}: a {kind} there would mix its files into it; use a new or empty --out"
+    return {"loop": f"--out {tmp_path}/loop is a symlink loop ({tmp_path}/loop -> loop, which leads back to "
+                    "itself): nothing can be written through it; fix or remove the link, or choose another --out",
+            "dangling": f"--out {tmp_path}/dangling is a symlink to {tmp_path}/nowhere, which does not exist: nothing "
+                        "can be written through it; fix or remove the link, or choose another --out",
+            "afile": f"--out {tmp_path}/afile is a file, not a directory; choose another --out",
+            "b": f"--out {tmp_path}/b is a tdcdiff bundle (it holds manifest.json), {mixed}",
+            "m": f"--out {tmp_path}/m is a saved model (it holds architecture.json), {mixed}",
+            "r/base": f"--out {tmp_path}/r/base is a training output folder, such as a run's base/ (it holds final/), "
+                      f"{mixed}",
+            "r/plan": f"--out {tmp_path}/r/plan is the plan/ stage folder of run {tmp_path}/r, {mixed}"}
+
+
+@pytest.mark.parametrize("command", ["run", "tune"])
+def test_an_out_of_another_kind_is_refused_before_any_work_also_by_a_dry_run(tmp_path, command):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    outs = _outs(tmp_path)
+    what, kind = {"run": ("run directory", "run"), "tune": ("tune directory", "tune")}[command]
+    before = sorted(tmp_path.rglob("*"))
+    for out, message in outs.items():
+        for flags in [["--dry-run"], []]:
+            result = CliRunner().invoke(app, [command, "--out", str(tmp_path / out), "--base-steps", "1", *flags])
+            assert result.exit_code == 2, (out, flags, result.output)
+            assert result.output == f"error: {message.format(what=what, kind=kind)}\n", (out, flags)
+    empty = CliRunner().invoke(app, [command, "--out", "", "--dry-run"])  # not the current folder (row 620)
+    assert empty.exit_code == 2 and empty.output == (f"error: --out is empty; give the {what}, e.g. --out "
+                                                     f"runs/{'digits' if command == 'run' else 'tune'}\n")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_the_api_refuses_the_same_outs_before_any_write(tmp_path):
+    from tdcdiff.run.rundir import check_out_dir
+    from tdcdiff.tune import Tune, TuneConfig, check_tune
+
+    outs = _outs(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    for out, message in outs.items():
+        expected = message.replace("--out ", "").replace("another --out", "another path" if out in ("loop", "dangling")
+                                                         else "another directory").replace("empty --out",
+                                                                                           "empty directory")
+        for what, kind, calls in [("tune directory", "tune", [lambda p: Tune(p, progress=False),
+                                                              lambda p: check_tune(p, TuneConfig())]),
+                                  ("run directory", "run", [lambda p: Run(p, progress=False).train_base()])]:
+            for call in calls:
+                with pytest.raises(ValueError) as refused:
+                    call(tmp_path / out)
+                assert str(refused.value) == expected.format(what=what, kind=kind), (out, what)
+    with pytest.raises(ValueError, match=r"^path is empty; give a folder$"):
+        Tune("", progress=False)
+    assert sorted(tmp_path.rglob("*")) == before
+    check_out_dir(tmp_path / "r", "run directory")  # the same kind, or a new folder
+    check_out_dir(tmp_path / "new" / "t", "tune directory")

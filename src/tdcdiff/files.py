@@ -312,6 +312,11 @@ def _replace(new: Path, path: Path) -> None:
             old.unlink()
 
 
+def is_temporary(name: str) -> bool:
+    """Whether `name` is named as one of the temporaries above (a live writer's or a dead one's)."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete what atomic_write_bytes, atomic_dir and _replace left in `folder` (itself, not its subfolders) when
     killed: entries named exactly as they name their temporaries, with the pid of a writer no longer running.

@@ -235,9 +235,10 @@ def open_run(out: Path, config_file: Path | None, progress: bool, *, writes: boo
     """A Run with the settings from the config file, then the flags given, on top of the run's saved or default
     config. writes: the command writes into the run directory (checked before any work)."""
     from ..run import Run
+    from ..run.rundir import check_out_dir
 
-    if writes:
-        check_writable(out, "--out", directory=True)
+    if writes:  # empty, missing or a run directory, whose path can be written
+        check_out_dir(out, "run directory", "--out")
     settings = overrides(config_file, **flags)
     try:
         return Run(out, overrides=settings, progress=progress)
