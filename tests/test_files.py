@@ -908,3 +908,22 @@ def test_the_api_refuses_the_same_outs_before_any_write(tmp_path):
     assert sorted(tmp_path.rglob("*")) == before
     check_out_dir(tmp_path / "r", "run directory")  # the same kind, or a new folder
     check_out_dir(tmp_path / "new" / "t", "tune directory")
+
+
+def test_sample_output_too_long_or_under_proc_is_named_before_any_work(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    name = "n" * 300 + ".png"
+    result = CliRunner().invoke(app, ["sample", "--bundle", "/no/such/bundle", "--output", name])
+    assert result.exit_code == 2 and result.output == (f"error: --output {'n' * 120}... (304 characters) is too long "
+                                                       "for the file system (File name too long); choose a shorter "
+                                                       "path\n"), result.output
+    if Path("/proc/self").is_dir() and os.access("/proc", os.W_OK):  # procfs as root
+        result = CliRunner().invoke(app, ["sample", "--bundle", "/no/such/bundle", "--output", "/proc/x.png"])
+        assert result.output == ("error: --output /proc/x.png cannot be written: /proc refuses new entries (No such "
+                                 "file or directory: a pseudo file system such as /proc or /sys, or a read-only one); "
+                                 "choose another --output\n")
+    assert list(tmp_path.iterdir()) == []
