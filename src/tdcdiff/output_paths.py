@@ -44,9 +44,10 @@ def output_path(path: str | Path, *, directory: bool, option: str | None = None)
             raise ValueError(f"{label}{target} is the root folder; give a folder inside it")
         if not directory and target.is_dir():
             raise ValueError(f"{label}{target} is a folder, not a file; {fix}")
-        if directory and broken_link(target):
-            raise ValueError(f"{label}{target} is {broken_link(target)}: nothing can be written through it; fix or "
-                             f"remove the link, or {fix}")
+        link = directory and broken_link(target)  # a file write replaces a link, as it replaces a file
+        if link:
+            raise ValueError(f"{label}{target} is {link}: nothing can be written through it; fix or remove the link, "
+                             f"or {fix}")
         way = (target, *target.parents) if directory and target.is_dir() else target.parents
         existing = next(p for p in way if p.exists() or p.is_symlink())
         if not existing.is_dir():
