@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -791,3 +792,138 @@ def test_a_tune_on_a_run_directory_names_it(tmp_path, made, flags):
     (tune / "base" / "config.json").write_text("{}")
     (tune / "tune.json").write_text("{}")
     check_not_a_run(tune)
+
+
+# -- a symlink loop or to nothing, a name or path too long, a file system refusing mkdir (/proc): one ValueError
+# naming the path and the fix, before any work, from every atomic writer (attack 2026-12-07f rows 533, 534, 536, 537)
+@pytest.mark.parametrize("writer", ["save_bundle", "save_model", "atomic_write_text"])
+def test_unusable_output_paths_are_named_before_any_work(tmp_path, monkeypatch, writer):
+    write, folder = _writers()[writer], writer != "atomic_write_text"
+    monkeypatch.chdir(tmp_path)
+    os.symlink("loop", "loop")
+    os.symlink("nowhere/deeper", "dangling")
+    cases = {"loop/x": "loop/x cannot be created: loop is a symlink loop (loop -> loop, which leads back to itself); "
+                       "choose another path",
+             "n" * 300: f"{'n' * 120}... (300 characters) is too long for the file system (File name too long); "
+                        "choose a shorter path",
+             "/".join(["d" * 200] * 25): f"{'d' * 120}... (5024 characters) is too long for the file system (File "
+                                         "name too long); choose a shorter path",
+             "m" * 240: f"{'m' * 120}... (240 characters) cannot be created: its name is 240 bytes, "
+                        f"{294 if folder else 270} with the temporary name a write gives it first; the file system "
+                        "allows at most 255 per name: choose a shorter name"}
+    if folder:  # a file write replaces a link (os.replace), as it replaces a file
+        cases |= {"loop": "loop is a symlink loop (loop -> loop, which leads back to itself): nothing can be written "
+                          "through it; fix or remove the link, or choose another path",
+                  "dangling": "dangling is a symlink to nowhere/deeper, which does not exist: nothing can be written "
+                              "through it; fix or remove the link, or choose another path"}
+    if Path("/proc/self").is_dir() and os.access("/proc", os.W_OK):  # procfs as root: access says yes, mkdir no
+        cases["/proc/x"] = ("/proc/x cannot be written: /proc refuses new entries (No such file or directory: a "
+                            "pseudo file system such as /proc or /sys, or a read-only one); choose another path")
+    for path, message in cases.items():
+        with pytest.raises(ValueError) as refused:
+            write(path)
+        assert str(refused.value) == message, path
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "loop"]  # nothing written, no temporary left
+    assert not Path("/proc/x").exists()
+
+
+def test_check_replaceable_says_a_dangling_link_is_one(tmp_path):
+    from tdcdiff.files import check_replaceable
+
+    (tmp_path / "final").symlink_to(tmp_path / "gone")  # e.g. train()'s out_dir/final
+    with pytest.raises(ValueError) as refused:
+        check_replaceable(tmp_path / "final", None, "a saved model, nor empty")
+    assert str(refused.value) == (f"{tmp_path}/final is a symlink to {tmp_path}/gone, which does not exist, not a "
+                                  "saved model: nothing can be written through it; fix or remove the link, or choose "
+                                  "another path")
+
+
+# -- one rule for a run's or tune's --out: missing, empty or a folder of the same kind, its path writable; --dry-run
+# refuses what the run refuses (attack 2026-12-07f rows 533, 541, 620-623) ----------------------------------------
+def _outs(tmp_path):
+    """{--out: the message after "error: "} for run and tune (None: the tune's differs, see below)."""
+    os.symlink("loop", tmp_path / "loop")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "b").mkdir()  # a bundle: its manifest.json
+    (tmp_path / "b" / "manifest.json").write_text("{}")
+    (tmp_path / "r" / "base" / "final").mkdir(parents=True)  # a run, its stage-1 output and a stage folder
+    (tmp_path / "r" / "config.json").write_text("{}")
+    (tmp_path / "r" / "plan").mkdir()
+    (tmp_path / "r" / "plan" / "plan.json").write_text("{}")
+    (tmp_path / "m").mkdir()  # a saved model
+    (tmp_path / "m" / "architecture.json").write_text("{}")
+    mixed = "not a {what}: a {kind} there would mix its files into it; use a new or empty --out"
+    return {"loop": f"--out {tmp_path}/loop is a symlink loop ({tmp_path}/loop -> loop, which leads back to "
+                    "itself): nothing can be written through it; fix or remove the link, or choose another --out",
+            "dangling": f"--out {tmp_path}/dangling is a symlink to {tmp_path}/nowhere, which does not exist: nothing "
+                        "can be written through it; fix or remove the link, or choose another --out",
+            "afile": f"--out {tmp_path}/afile is a file, not a directory; choose another --out",
+            "b": f"--out {tmp_path}/b is a tdcdiff bundle (it holds manifest.json), {mixed}",
+            "m": f"--out {tmp_path}/m is a saved model (it holds architecture.json), {mixed}",
+            "r/base": f"--out {tmp_path}/r/base is a training output folder, such as a run's base/ (it holds final/), "
+                      f"{mixed}",
+            "r/plan": f"--out {tmp_path}/r/plan is the plan/ stage folder of run {tmp_path}/r, {mixed}"}
+
+
+@pytest.mark.parametrize("command", ["run", "tune"])
+def test_an_out_of_another_kind_is_refused_before_any_work_also_by_a_dry_run(tmp_path, command):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    outs = _outs(tmp_path)
+    what, kind = {"run": ("run directory", "run"), "tune": ("tune directory", "tune")}[command]
+    before = sorted(tmp_path.rglob("*"))
+    for out, message in outs.items():
+        for flags in [["--dry-run"], []]:
+            result = CliRunner().invoke(app, [command, "--out", str(tmp_path / out), "--base-steps", "1", *flags])
+            assert result.exit_code == 2, (out, flags, result.output)
+            assert result.output == f"error: {message.format(what=what, kind=kind)}\n", (out, flags)
+    empty = CliRunner().invoke(app, [command, "--out", "", "--dry-run"])  # not the current folder (row 620)
+    assert empty.exit_code == 2 and empty.output == (f"error: --out is empty; give the {what}, e.g. --out "
+                                                     f"runs/{'digits' if command == 'run' else 'tune'}\n")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_the_api_refuses_the_same_outs_before_any_write(tmp_path):
+    from tdcdiff.run.rundir import check_out_dir
+    from tdcdiff.tune import Tune, TuneConfig, check_tune
+
+    outs = _outs(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    for out, message in outs.items():
+        expected = message.replace("--out ", "").replace("another --out", "another path" if out in ("loop", "dangling")
+                                                         else "another directory").replace("empty --out",
+                                                                                           "empty directory")
+        for what, kind, calls in [("tune directory", "tune", [lambda p: Tune(p, progress=False),
+                                                              lambda p: check_tune(p, TuneConfig())]),
+                                  ("run directory", "run", [lambda p: Run(p, progress=False).train_base()])]:
+            for call in calls:
+                with pytest.raises(ValueError) as refused:
+                    call(tmp_path / out)
+                assert str(refused.value) == expected.format(what=what, kind=kind), (out, what)
+    with pytest.raises(ValueError, match=r"^path is empty; give a folder$"):
+        Tune("", progress=False)
+    assert sorted(tmp_path.rglob("*")) == before
+    check_out_dir(tmp_path / "r", "run directory")  # the same kind, or a new folder
+    check_out_dir(tmp_path / "new" / "t", "tune directory")
+
+
+def test_sample_output_too_long_or_under_proc_is_named_before_any_work(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    name = "n" * 300 + ".png"
+    result = CliRunner().invoke(app, ["sample", "--bundle", "/no/such/bundle", "--output", name])
+    assert result.exit_code == 2 and result.output == (f"error: --output {'n' * 120}... (304 characters) is too long "
+                                                       "for the file system (File name too long); choose a shorter "
+                                                       "path\n"), result.output
+    if Path("/proc/self").is_dir() and os.access("/proc", os.W_OK):  # procfs as root
+        result = CliRunner().invoke(app, ["sample", "--bundle", "/no/such/bundle", "--output", "/proc/x.png"])
+        assert result.output == ("error: --output /proc/x.png cannot be written: /proc refuses new entries (No such "
+                                 "file or directory: a pseudo file system such as /proc or /sys, or a read-only one); "
+                                 "choose another --output\n")
+    assert list(tmp_path.iterdir()) == []

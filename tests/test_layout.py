@@ -103,7 +103,8 @@ def _inside(module: str, *packages: str) -> bool:
 
 
 GROUND = ["tdcdiff.files", "tdcdiff.settings", "tdcdiff.content_hash",  # import nothing of ours
-          "tdcdiff.user_warnings"]
+          "tdcdiff.user_warnings", "tdcdiff.output_paths"]
+BELOW = {"tdcdiff.files": {"tdcdiff.output_paths"}}  # but the ground under them (files' output_path, split off)
 NEVER = [  # (modules, what they never import)
     (["tdcdiff.bundle", "tdcdiff.manifest", "tdcdiff.serialization", "tdcdiff.files", "tdcdiff.surgery"],
      ["tdcdiff.prune"]),
@@ -117,7 +118,7 @@ TOP = {"tdcdiff.run": ["tdcdiff.run", "tdcdiff.tune", "tdcdiff.cli", "tdcdiff"],
 
 @pytest.mark.parametrize("module", GROUND)
 def test_the_ground_imports_nothing_of_ours(module):
-    assert GRAPH[module] == set()
+    assert GRAPH[module] - BELOW.get(module, set()) == set()
 
 
 @pytest.mark.parametrize("modules, forbidden", NEVER, ids=[",".join(m) for m, _ in NEVER])

@@ -21,6 +21,8 @@ from pathlib import Path, PurePosixPath
 
 from safetensors import SafetensorError
 
+from .output_paths import MOVED_ASIDE, TEMP_DIR, TEMP_FILE, brief, broken_link, output_path
+
 
 def _fsync_dir(path: Path) -> None:
     if os.name != "posix":  # directories cannot be opened for fsync elsewhere
@@ -73,7 +75,6 @@ def name_write_errors(path: Path, *, atomic: bool = True) -> Iterator[None]:
 # ".x.tmp-mydata-999999" or ".notes.draft-1234.tmp" is never taken for one.
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.tdcdiff-(?:[a-z0-9_]{8}-(?P<pid>\d+)\.tmp|tmp-[a-z0-9_]{8}-(?P<pid2>\d+)"
                         r"|old-[0-9a-f]{32}-(?P<pid3>\d+))")
-_TEMP_FILE, _TEMP_DIR, _MOVED_ASIDE = "tdcdiff-", "tdcdiff-tmp-", "tdcdiff-old-"
 
 
 def _pid_max() -> int:
@@ -131,34 +132,6 @@ def _umask() -> int:
     return mask
 
 
-def output_path(path: str | Path, *, directory: bool, option: str | None = None) -> Path:
-    """The path an atomic write makes (atomic_dir: directory=True; atomic_write_bytes: False), checked before any
-    work: as given, but "." and "x/.." resolved (they name no entry of a parent); a symlink is left to the write.
-
-    Raises ValueError, one line naming the path (as `option` when given, e.g. "--out") and the fix, when the path is
-    empty, is the root, is a folder where a file is written, or cannot be created (a folder on the way is a file,
-    or the nearest existing one is read-only).
-    """
-    label, fix = (f"{option} ", f"choose another {option}") if option else ("", "choose another path")
-    if not str(path).strip():
-        raise ValueError(f"{label or 'path '}is empty; give {'a folder' if directory else 'a file'}")
-    target = Path(path)
-    target = target.resolve() if target.name in ("", "..") else target
-    if not target.name:
-        raise ValueError(f"{label}{target} is the root folder; give a folder inside it")
-    if not directory and target.is_dir():
-        raise ValueError(f"{label}{target} is a folder, not a file; {fix}")
-    way = (target, *target.parents) if directory and target.is_dir() else target.parents
-    existing = next(p for p in way if p.exists() or p.is_symlink())
-    if not existing.is_dir():
-        raise ValueError(f"{label}{target} cannot be created: {existing} is "
-                         f"{'a file' if existing.is_file() else 'not a folder'}; {fix}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{label}{target} cannot be written: {existing} is read-only (read-only file system or no "
-                         f"permission); {fix}")
-    return target
-
-
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file so that readers see either the old content or the new one, never a partial file.
 
@@ -168,7 +141,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = output_path(path, directory=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_siblings(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_TEMP_FILE}", suffix=f"-{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{TEMP_FILE}", suffix=f"-{os.getpid()}.tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with name_write_errors(path), os.fdopen(fd, "wb") as f:
@@ -265,6 +238,10 @@ def check_replaceable(path: str | Path, ours: Callable[[Path], Iterable[str] | N
         raise ValueError(f"{path} already exists and holds {shown} besides the "
                          f"files of {what.removesuffix(', nor empty')}; writing there would delete them: move them "
                          "out of it, or choose another path")
+    link = broken_link(path)
+    if link:  # nothing is held there: say what it is
+        raise ValueError(f"{path} is {link}, not {what.removesuffix(', nor empty')}: nothing can be written through "
+                         "it; fix or remove the link, or choose another path")
     raise ValueError(f"{path} already exists and is not {what}; writing there would delete what it holds: "
                      "choose another path, or delete it first")
 
@@ -296,7 +273,7 @@ def atomic_dir(path: str | Path, ours: Callable[[Path], Iterable[str] | None] | 
     check_replaceable(path, ours, what)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_siblings(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{_TEMP_DIR}", suffix=f"-{os.getpid()}"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{TEMP_DIR}", suffix=f"-{os.getpid()}"))
     try:
         with name_write_errors(path):
             yield tmp
@@ -319,7 +296,7 @@ def _replace(new: Path, path: Path) -> None:
     """Rename `new` to `path`; an existing `path` is moved aside first (a directory cannot be renamed over)."""
     old = None
     if path.exists() or path.is_symlink():
-        old = path.with_name(f".{path.name}.{_MOVED_ASIDE}{uuid.uuid4().hex}-{os.getpid()}")
+        old = path.with_name(f".{path.name}.{MOVED_ASIDE}{uuid.uuid4().hex}-{os.getpid()}")
         os.rename(path, old)
     try:
         os.rename(new, path)
@@ -333,6 +310,11 @@ def _replace(new: Path, path: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink()
+
+
+def is_temporary(name: str) -> bool:
+    """Whether `name` is named as one of the temporaries above (a live writer's or a dead one's)."""
+    return _TEMPORARY.fullmatch(name) is not None
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
@@ -479,13 +461,6 @@ def read_json_file(path: str | Path, hint: str, *, kind: type | None = dict) -> 
         raise ValueError(f"{path} holds {names.get(type(value), 'a JSON ' + type(value).__name__)}, not "
                          f"{names.get(kind, kind.__name__)}: it was edited or damaged; {hint}")
     return value
-
-
-def brief(value: object, limit: int = 120, *, quote: bool = True) -> str:
-    """repr(value) (str(value) when quote is False) cut to about `limit` characters, for messages that show a
-    value read from an untrusted file: a huge value must not become a huge message."""
-    text = repr(value) if quote else str(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def is_count(value: object, minimum: int = 0) -> bool:

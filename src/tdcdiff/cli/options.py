@@ -7,6 +7,7 @@ RunConfig's (tests/test_cli.py holds them to it).
 
 from __future__ import annotations
 
+import os
 import typing
 from pathlib import Path
 from typing import Annotated, Optional
@@ -51,7 +52,7 @@ _run_dir = path_parser("--out", "the run directory, e.g. --out runs/digits")
 
 def check_writable(path: Path, option: str, *, directory: bool) -> None:
     """Refuse, before any work, an output path that is the wrong kind of file or cannot be written."""
-    if path.is_dir() != directory and path.exists():
+    if os.path.isdir(path) != directory and os.path.exists(path):  # os.path: a name too long is output_path's
         kind = "a file, not a directory" if directory else "a directory, not a file"
         raise ValueError(f"{option} {path} is {kind}; choose another {option}")
     output_path(path, directory=directory, option=option)
@@ -235,9 +236,10 @@ def open_run(out: Path, config_file: Path | None, progress: bool, *, writes: boo
     """A Run with the settings from the config file, then the flags given, on top of the run's saved or default
     config. writes: the command writes into the run directory (checked before any work)."""
     from ..run import Run
+    from ..run.rundir import check_out_dir
 
-    if writes:
-        check_writable(out, "--out", directory=True)
+    if writes:  # empty, missing or a run directory, whose path can be written
+        check_out_dir(out, "run directory", "--out")
     settings = overrides(config_file, **flags)
     try:
         return Run(out, overrides=settings, progress=progress)

@@ -79,7 +79,7 @@ def run_command(
     """
     flags = settings_flags(locals())
     try:
-        run = open_run(out, config, not quiet, writes=not dry_run, **flags)
+        run = open_run(out, config, not quiet, **flags)  # --dry-run refuses the --out the run would
         if dry_run:
             from ..run.estimate import estimate_run
 

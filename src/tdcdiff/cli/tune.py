@@ -28,11 +28,13 @@ from .options import (
     as_flag,
     fail,
     overrides,
+    path_parser,
     settings_flags,
 )
 
 Out = Annotated[Path, typer.Option(
-    "--out", "-o", help="Tune directory: the plan, candidates, tables, plot and chosen bundle.")]
+    "--out", "-o", parser=path_parser("--out", "the tune directory, e.g. --out runs/tune"), metavar="DIR",
+    help="Tune directory: the plan, candidates, tables, plot and chosen bundle.")]
 BaseFrom = Annotated[Optional[Path], typer.Option(
     "--base-from", help="Start from this run directory's trained stage-1 base instead of training one.")]
 TuneSteps = Annotated[int, typer.Option(
@@ -126,7 +128,8 @@ def tune_command(
     Writes frontier.png, table.csv, results.json, cost.csv, return.csv and chosen/ into the tune directory.
     Rerunning skips finished candidates.
     """
-    from ..run import check_not_a_run, lock_run_dir
+    from ..run import lock_run_dir
+    from ..run.rundir import check_out_dir
     from ..tune import Tune, TuneConfig, candidate_list, check_candidate, check_tune
 
     flags = {k_: v for k_, v in settings_flags(locals()).items() if k_ not in ("k", "groups", "grouping", "depth")}
@@ -143,7 +146,8 @@ def tune_command(
     if curve_objective and not curves:  # even the default "share": what was asked for would not happen
         fail("--curve-objective chooses how --curves candidates allocate: add --curves")
     try:
-        check_not_a_run(out)  # before any write, --dry-run and --candidate included (attack 2026-12-07d row 290)
+        # before any write, --dry-run and --candidate included (attack 2026-12-07d row 290, -f rows 541, 621-623)
+        check_out_dir(out, "tune directory", "--out")
         if variant:
             settings = replace(settings, tdc_variants=({}, *(
                 parse_settings(v.split(","), "--variant", form="KEY=VALUE[,KEY=VALUE...]",

@@ -16,7 +16,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..content_hash import sha256_file
-from ..files import atomic_dir, atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from ..files import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_text,
+    is_temporary,
+    output_path,
+    remove_stale_temporaries,
+)
+from ..manifest import MANIFEST
+from ..serialization import ARCHITECTURE_FILE
+from ..train.checkpoint import CHECKPOINT_DIR, FINAL_DIR
+from .config import STAGE_OUTPUT, check_not_a_run
 
 log = logging.getLogger("tdcdiff")
 
@@ -28,9 +39,58 @@ class RunDirectoryBusy(ValueError):
     """Another process is writing the run directory."""
 
 
+# What a folder holding one of these entries is (the first found names it), when it is not the directory asked for.
+_KINDS = ((MANIFEST, "a tdcdiff bundle"), (ARCHITECTURE_FILE, "a saved model"),
+          (f"{FINAL_DIR}/", "a training output folder, such as a run's base/"),
+          (f"{CHECKPOINT_DIR}/", "a training output folder, such as a run's base/"))
+
+
+def check_out_dir(path: str | Path, what: str = "run directory", option: str | None = None) -> Path:
+    """Refuse, before any work or write, a folder a run or a tune (`what`: "run directory" or "tune directory")
+    cannot use as its directory. The rule: it is missing, empty (but for our lock and temporaries), or a folder of
+    the same kind, never another tdcdiff output; and its path can be written (files.output_path: not a symlink loop
+    or a link to nothing, not too long, on a file system that makes folders). A file, a bundle, a saved model, a
+    training output (a run's base/) or a run's stage folder (R/plan) is refused, naming what it is: the run's or
+    tune's files would be mixed into it. A run directory given for a tune is refused by check_not_a_run, a tune
+    directory given for a run by config.saved_config (with their fixes). The user's own files beside it are left
+    alone (as the lock's sweep leaves them). option: the flag that gave path (e.g. "--out").
+    Returns path as output_path does. Raises ValueError."""
+    path = output_path(path, directory=True, option=option)
+    label, flag = (f"{option} ", option) if option else ("", "directory")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{label}{path} is a file, not a directory; choose another {flag}")
+    if what == "tune directory":
+        check_not_a_run(path)
+    other = _other_kind(path, what)
+    if other:
+        raise ValueError(f"{label}{path} is {other}, not a {what}: a {what.split()[0]} there would mix its files into "
+                         f"it; use a new or empty {flag}")
+    return path
+
+
+def _other_kind(path: Path, what: str) -> str | None:
+    """What the folder `path` is, with the entry that shows it, when it is neither empty nor a `what`; else None."""
+    try:
+        names = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in os.scandir(path)
+                       if entry.name not in (LOCK_FILE, OWNER_FILE) and not is_temporary(entry.name))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    tune = {"tune.json", "candidates.json"} & set(names) or (path / "base" / "config.json").is_file()
+    run = "config.json" in names or {f"{d}/" for d in STAGE_OUTPUT.values()} & set(names)
+    if not names or tune or (run and what == "run directory"):  # the other kind: saved_config names it
+        return None
+    for entry, kind in _KINDS:
+        if entry in names:
+            return f"{kind} (it holds {entry})"
+    if path.name in STAGE_OUTPUT.values() and (path.parent / "config.json").is_file():
+        return f"the {path.name}/ stage folder of run {path.parent}"
+    return None  # the user's own files: kept, as the lock's sweep keeps them (remove_stale_temporaries)
+
+
 @contextlib.contextmanager
 def lock_run_dir(run_dir: str | Path, what: str = "run directory") -> Iterator[None]:
-    """Hold run_dir's lock for the block (created if missing); reentrant within a thread of one process.
+    """Hold run_dir's lock for the block (created if missing); reentrant within a thread of one process. A folder
+    that is not a `what` (check_out_dir: a bundle, a file, a symlink loop...) is refused first.
 
     The outermost hold records this process in .tdcdiff.lock.owner and removes the temporaries that killed writers
     left in run_dir itself (files.remove_stale_temporaries: a dead writer's only, never in subfolders).
@@ -41,6 +101,7 @@ def lock_run_dir(run_dir: str | Path, what: str = "run directory") -> Iterator[N
     from filelock import FileLock, Timeout  # imported when a run is written, not for `tdcdiff --help`
 
     run_dir = Path(run_dir)
+    check_out_dir(run_dir, what)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     # One instance per path in this process: nested stages (run_all -> report) re-enter it instead of blocking.

@@ -14,7 +14,8 @@ from ..evaluate import TIMING_CLOCK, default_feature_net
 from ..files import atomic_write_text
 from ..flops import count_flops
 from ..prune.fit import BudgetError
-from ..run import Run, check_not_a_run, copy_stages, lock_run_dir
+from ..run import Run, copy_stages, lock_run_dir
+from ..run.rundir import check_out_dir
 from ..train import FINAL_DIR
 from .config import TuneConfig
 from .cost import write_cost
@@ -92,6 +93,7 @@ def check_tune(tune_dir: str | Path, config: TuneConfig, *, overrides: dict | No
                base_from: str | Path | None = None) -> None:
     """Raise what Tune(tune_dir, config, ...) would refuse before writing, writing nothing (`tdcdiff tune
     --dry-run`): the settings, --base-from, and check_base_run on the base run."""
+    check_out_dir(tune_dir, "tune directory")
     config.validate()
     check_base_from(base_from)
     base = Run(checked_base(Path(tune_dir), base_from), overrides=overrides, progress=False)
@@ -113,8 +115,8 @@ class Tune:
 
     def __init__(self, tune_dir: str | Path, config: TuneConfig | None = None, *, run_config=None,
                  overrides: dict | None = None, base_from: str | Path | None = None, progress: bool = True):
+        check_out_dir(tune_dir, "tune directory")  # empty, missing or a tune directory, before any write ("" too)
         self.dir = Path(tune_dir)
-        check_not_a_run(self.dir)
         self.config = config or TuneConfig()
         self.config.validate()
         self.progress = progress
