@@ -903,8 +903,9 @@ def test_the_api_refuses_the_same_outs_before_any_write(tmp_path):
                 with pytest.raises(ValueError) as refused:
                     call(tmp_path / out)
                 assert str(refused.value) == expected.format(what=what, kind=kind), (out, what)
-    with pytest.raises(ValueError, match=r"^path is empty; give a folder$"):
-        Tune("", progress=False)
+    for make in (lambda: Tune("", progress=False), lambda: Run(" ", progress=False)):  # Path("") would be "."
+        with pytest.raises(ValueError, match=r"^path is empty; give a folder$"):
+            make()
     assert sorted(tmp_path.rglob("*")) == before
     check_out_dir(tmp_path / "r", "run directory")  # the same kind, or a new folder
     check_out_dir(tmp_path / "new" / "t", "tune directory")

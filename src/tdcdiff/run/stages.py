@@ -57,7 +57,7 @@ from ..train import FINAL_DIR, TrainResult, train
 from .config import SCHEDULER_FILE, RunConfig, check_saved_device, check_unchanged, saved_config, with_pipeline_schedule
 from .inputs import TEXT_ENCODER_DIR, TOKENIZER_DIR, VAE_DIR, RunInputs
 from .plan_file import check_plan_fits, load_plan
-from .rundir import lock_run_dir, record_inputs, up_to_date, writes
+from .rundir import check_out_dir, lock_run_dir, record_inputs, up_to_date, writes
 
 
 class Stages(RunInputs):
@@ -74,7 +74,7 @@ class Stages(RunInputs):
 
     def __init__(self, run_dir: str | Path, config: RunConfig | None = None, *, overrides: dict | None = None,
                  progress: bool = True, base: str | None = None):
-        run_dir = Path(run_dir)
+        run_dir = Path(run_dir) if str(run_dir).strip() else check_out_dir(run_dir)  # refused: Path("") is "."
         saved = saved_config(run_dir, given=config is not None)
         overrides = dict(overrides or {}) | ({"base_model": str(base)} if base is not None else {})
         named = overrides.get("base_model", config.base_model if config is not None else None)

@@ -109,7 +109,8 @@ def load_models(tune) -> dict:
     """name -> (Router, sampling FLOPs per image) for the base and every finished, not failed candidate."""
     run, c = tune.base_run, tune.base_run.config
     visited = visited_timesteps(c.sampling_steps, run.scheduler.config.num_train_timesteps)
-    base = Router([run.base_model()], make_groups("uniform", 1, run.scheduler), [tune.base_flops()])
+    base = Router([run.base_model()], make_groups("uniform", 1, run.scheduler), [tune.base_flops()],
+                  prediction_type=run.scheduler.config.prediction_type)
     models = {"base": (base.eval(), base.trajectory_flops(visited))}
     for spec in tune.candidates:
         record = tune.result(spec["index"])
