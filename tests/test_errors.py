@@ -375,6 +375,18 @@ def test_data_the_report_cannot_measure_fails_before_training(tmp_path, folders,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command", [["run"], ["run", "--dry-run"], ["tune", "--dry-run"], ["tune"]])
+def test_a_cache_folder_fid_cannot_write_is_named_before_training(tmp_path, monkeypatch, command):
+    # attack 2026-12-07f rows 630/631: `tdcdiff run` named TDCDIFF_CACHE only at the report, tune after every candidate
+    cache = tmp_path / "cachefile"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("TDCDIFF_CACHE", str(cache))
+    result = CliRunner().invoke(app, [*command, "--image-size", "8", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and (f"TDCDIFF_CACHE is {cache}, which cannot be used as a folder (it is a file, "
+                                      "not a folder); point TDCDIFF_CACHE at a folder you can write") in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_diverged_training_is_one_line(tmp_path, monkeypatch):
     from tdcdiff.train import loop
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..pipeline import SamplingModel
 from .entry import ModelEntry, balanced_labels, default_cache_dir, slug, trajectory_flops
-from .fid import default_feature_net, judge_protocol, score_seeds
+from .fid import check_feature_net, default_feature_net, judge_protocol, score_seeds
 from .held_out import (
     BPD_SAMPLES,
     HELD_OUT_IMAGES,
@@ -43,9 +43,9 @@ from .timing import (
 )
 
 __all__ = ["BPD_SAMPLES", "FLOPS_CONVENTION", "FORMAT", "HELD_OUT_IMAGES", "ModelEntry", "TIMING_CLOCK",
-           "balanced_labels", "default_cache_dir", "default_feature_net", "evaluate", "held_out_loss",
-           "held_out_loss_se", "judge_protocol", "pool", "sample_scores", "score_seeds", "slug", "time_rounds",
-           "time_sampling", "trajectory_flops", "weight_bytes"]
+           "balanced_labels", "check_feature_net", "default_cache_dir", "default_feature_net", "evaluate",
+           "held_out_loss", "held_out_loss_se", "judge_protocol", "pool", "sample_scores", "score_seeds", "slug",
+           "time_rounds", "time_sampling", "trajectory_flops", "weight_bytes"]
 
 
 def _check(entries: list[ModelEntry], seeds) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..features import feature_net_for
+from ..features import check_reference, feature_net_for
 from ..metrics import PR_NEIGHBOURS, compute_fid, real_vs_real
 from ..pipeline import sample, save_grid
 from ..verdict import ALPHA
@@ -22,6 +22,14 @@ def default_feature_net(reference_images: torch.Tensor, reference_labels: torch.
     default_cache_dir()/features)."""
     return feature_net_for(reference_images, reference_labels, cache_dir=Path(cache_dir or default_cache_dir() /
                                                                               "features"), name=name)
+
+
+def check_feature_net(reference_images: torch.Tensor, reference_labels: torch.Tensor | None, name: str) -> None:
+    """What default_feature_net needs, checked before hours of training that end in FID: labelled square images
+    (features.check_reference) and a cache folder it can write (default_cache_dir: TDCDIFF_CACHE named when not).
+    Raises ValueError naming the fix."""
+    check_reference(reference_images, reference_labels, name)
+    default_cache_dir()
 
 
 def score_seeds(name: str, runner, scheduler, reference_images: torch.Tensor, net: nn.Module, *, seeds, sample_shape,

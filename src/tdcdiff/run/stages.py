@@ -33,12 +33,12 @@ from ..budget import (
 from ..bundle import BundleError, check_bundle_scheduler, save_bundle
 from ..capacity import check_sampling_memory, check_training_memory
 from ..content_hash import sha256_file
+from ..evaluate import check_feature_net
 from ..files import atomic_write_text, read_json_file
 from ..flops import count_flops
 from ..grouping import make_groups
 from ..latency import ExpertTimer, clock, timing_batch
 from ..losses import per_timestep_loss
-from ..metrics import check_reference
 from ..models import build_unet, check_finite, num_class_embeds, preset_for, text_width
 from ..pipeline import sample, save_grid
 from ..plots import plot_grouping
@@ -112,9 +112,9 @@ class Stages(RunInputs):
 
     # -- stages ------------------------------------------------------------------------------
     def _check_report_data(self) -> None:
-        """Under run_all, fail before training when the report's FID cannot be computed on this data."""
+        """Under run_all, fail before training when the report's FID cannot run (the data, TDCDIFF_CACHE)."""
         if self.report_follows:
-            check_reference(self.data.images, self.data.labels, self.data.name)
+            check_feature_net(self.data.images, self.data.labels, self.data.name)
 
     @writes
     def train_base(self):

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..capacity import check_sampling_memory
-from ..evaluate import TIMING_CLOCK, default_feature_net
+from ..evaluate import TIMING_CLOCK, check_feature_net, default_feature_net
 from ..files import atomic_write_text
 from ..flops import count_flops
 from ..prune.fit import BudgetError
@@ -72,12 +72,14 @@ def checked_base(tune_dir: Path, base_from: str | Path | None) -> Path:
 
 def check_base_run(config: TuneConfig, candidates: list[dict], base_run: Run) -> tuple:
     """What a tune refuses before any write (and `tdcdiff tune --dry-run` alike), on the base run's settings: each
-    candidate's kind (a bad setting fails now, not after stage 1 and other candidates), --batch, --screen-samples
+    candidate's kind (a bad setting fails now, not after stage 1 and other candidates), what its FID judge needs
+    (evaluate.check_feature_net: labelled data, a writable TDCDIFF_CACHE), --batch, --screen-samples
     and --fid-samples against memory (each phase keeps that many images at once: capacity.check_sampling_memory),
     and the ladder (resolve_ladder, feature caching checked on the trained base when there is one). Returns
     resolve_ladder's."""
     for spec in candidates:
         kind_of(spec["kind"]).check(spec, base_run.config)
+    check_feature_net(base_run.data.images, base_run.data.labels, base_run.data.name)  # the judge's FID
     shape = base_run.sample_shape
     for count, flag, what, why in ((config.batch, "--batch", "timing sampling at", " (your sampling batch size)"),
                                    (config.screen_samples, "--screen-samples", "the sample screen's", ""),
