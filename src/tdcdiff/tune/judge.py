@@ -77,7 +77,7 @@ def choose(rows: list[dict], max_quality_loss: float | None = None, free: dict |
             if speed["low"] is None or speed["low"] < min_model_speedup:
                 passed_over.append((row["name"], speed))
                 continue
-        note = f"; {_speed_text(speed)} faster than the best free setting ({free['name']})" if speed else ""
+        note = f"; faster than the best free setting ({free['name']}) by {_speed_text(speed)}" if speed else ""
         return {"name": row["name"], "rule": accepted[0],
                 "reason": accepted[1] + note + _passed_over(passed_over, free, min_model_speedup)}
     rules = "better than or non-inferior to the base by paired FID" + (
@@ -104,11 +104,11 @@ def _accepts(row: dict, max_quality_loss: float | None) -> tuple[str, str] | Non
 
 
 def _speed_text(speed: dict) -> str:
-    """A measured speedup as text: '1.31x [1.18, 1.45] over 5 paired timing rounds'."""
+    """A measured speedup as text: '1.31x (95% interval [1.18, 1.45], 5 paired timing rounds)'."""
     if speed["low"] is None:
         return f"{speed['speedup']:.2f}x (1 timing round: no interval; time with timing_repeats >= 2)"
-    return (f"{speed['speedup']:.2f}x [{speed['low']:.2f}, {speed['high']:.2f}] over {speed['rounds']} paired "
-            "timing rounds")
+    return (f"{speed['speedup']:.2f}x (95% interval [{speed['low']:.2f}, {speed['high']:.2f}], {speed['rounds']} "
+            "paired timing rounds)")
 
 
 def _passed_over(passed: list[tuple[str, dict]], free: dict | None, min_model_speedup: float) -> str:
