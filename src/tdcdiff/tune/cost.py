@@ -77,12 +77,13 @@ def _phase_rows(tune, chosen: str) -> list[dict]:
 def write_cost(tune, models: dict, chosen: dict) -> dict:
     """Cost and return of the chosen bundle (`chosen`: its results.json row, a point of tune.points; models:
     measures.load_models'), against the reference (the base at the reference setting):
-    time and FLOPs per phase, throughput gained at batch 1 and 64 (and TuneConfig.batch), payback in images,
+    time and FLOPs per phase, throughput gained at batch 1 and TuneConfig.batch (the headline's batches: a batch
+    the user did not ask for may not fit in memory, and check_base_run checked only theirs), payback in images,
     and with TuneConfig.price_per_hour, the cost per 1,000 images before and after. Writes cost.json, cost.csv
     (per phase) and return.csv (per batch size) into tune.dir; returns cost.json's dict."""
     rows = _phase_rows(tune, chosen["model"])
     tuning, price = rows[-1], tune.config.price_per_hour
-    batches = sorted({1, 64, tune.config.batch})
+    batches = sorted({1, tune.config.batch})
     tune.say(f"timing: base vs chosen at batches {batches}")
     throughput = []
     for b in batches:
