@@ -245,19 +245,22 @@ def test_cli_a_batch_beyond_memory_is_refused_before_any_work_in_the_run_and_the
 
 def test_cli_the_dry_run_refuses_a_cache_depth_the_base_cannot_take_as_the_run_does(tmp_path, monkeypatch):
     """':d9' on a 2-level UNet: the real run refuses it before writing (on the trained base), and so does
-    `--dry-run` (attack 2026-12-07e, noticed: it passed the dry run)."""
+    `--dry-run` (attack 2026-12-07e, noticed: it passed the dry run); a fresh tune (no base yet) refuses it before
+    training stage 1, on the architecture stage 1 would train."""
     from tdcdiff.cli import app
     from tdcdiff.run import Run
 
     monkeypatch.setenv("TDCDIFF_CACHE", str(tmp_path / "cache"))
     Run(tmp_path / "run", tiny_config(), progress=False).train_base()
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_config().to_dict()))
     out = tmp_path / "tune"
-    for dry in (["--dry-run"], []):
-        done = CliRunner().invoke(app, ["tune", "--out", str(out), "--base-from", str(tmp_path / "run"),
-                                        "--settings", "ddim:4:c2:d9", *dry])
-        assert done.exit_code == 2 and len(done.output.strip().splitlines()) == 1, done.output
-        assert done.output.startswith("error: --settings ddim:4:c2:d9: "), done.output
-        assert not (out / "base").exists()
+    for base in (["--base-from", str(tmp_path / "run")], ["--config", str(config)]):
+        for dry in (["--dry-run"], []):
+            done = CliRunner().invoke(app, ["tune", "--out", str(out), *base, "--settings", "ddim:4:c2:d9", *dry])
+            assert done.exit_code == 2 and len(done.output.strip().splitlines()) == 1, done.output
+            assert done.output.startswith("error: --settings ddim:4:c2:d9: "), done.output
+            assert not out.exists()
 
 
 @pytest.mark.parametrize("flag, count", [("--fid-samples", "50000"), ("--screen-samples", "50000")])

@@ -15,6 +15,7 @@ from ..files import atomic_write_text
 from ..flops import count_flops
 from ..prune.fit import BudgetError
 from ..run import Run, copy_stages, lock_run_dir
+from ..run.estimate import base_for_estimate
 from ..run.rundir import check_out_dir
 from ..train import FINAL_DIR
 from .config import TuneConfig
@@ -75,7 +76,8 @@ def check_base_run(config: TuneConfig, candidates: list[dict], base_run: Run) ->
     candidate's kind (a bad setting fails now, not after stage 1 and other candidates), what its FID judge needs
     (evaluate.check_feature_net: labelled data, a writable TDCDIFF_CACHE), --batch, --screen-samples
     and --fid-samples against memory (each phase keeps that many images at once: capacity.check_sampling_memory),
-    and the ladder (resolve_ladder, feature caching checked on the trained base when there is one). Returns
+    and the ladder (resolve_ladder, feature caching checked on the base, trained or not yet: run.estimate's
+    base_for_estimate). Returns
     resolve_ladder's."""
     for spec in candidates:
         kind_of(spec["kind"]).check(spec, base_run.config)
@@ -87,8 +89,8 @@ def check_base_run(config: TuneConfig, candidates: list[dict], base_run: Run) ->
         check_sampling_memory(count, shape, fix=f"lower {flag}{why}",
                               what=f"{what} {flag} {count} (the noise and images of {count} samples of "
                                    f"{'x'.join(map(str, shape))}, float32)")
-    trained = base_run.dir / "base" / FINAL_DIR
-    return resolve_ladder(config, base_run, base_run.base_model() if trained.exists() else None)
+    # feature caching is checked on the base's architecture: the trained base, else the one stage 1 would train
+    return resolve_ladder(config, base_run, base_for_estimate(base_run)[0])
 
 
 def check_tune(tune_dir: str | Path, config: TuneConfig, *, overrides: dict | None = None,
