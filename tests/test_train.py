@@ -174,8 +174,9 @@ def test_an_out_dir_that_is_empty_or_not_a_folder_is_one_error_before_any_write(
         (tmp_path / "afile", f"^out_dir {tmp_path}/afile is a file, not a folder; choose another out_dir$"),
         (tmp_path / "afile" / "sub", f"^out_dir {tmp_path}/afile/sub cannot be created: {tmp_path}/afile is a file; "
                                      "choose another out_dir$"),
-        (tmp_path / "dangling", rf"^out_dir {tmp_path}/dangling is a link that leads to no folder \(dangling, or a "
-                                r"loop\), not a folder; choose another out_dir$"),
+        (tmp_path / "dangling", rf"^out_dir {tmp_path}/dangling is a symlink to {tmp_path}/nowhere, which does not "
+                                r"exist: nothing can be written through it; fix or remove the link, or choose another "
+                                r"out_dir$"),
     ]:
         with pytest.raises(ValueError, match=message):
             train(tiny_unet, torch.zeros(4, 1, 8, 8), scheduler, TrainConfig(steps=1, batch_size=2), out_dir,

@@ -62,11 +62,10 @@ def _checked_timesteps(timesteps: torch.Tensor | None, num_train: int) -> torch.
 
 def _checked_out_dir(out_dir: str | Path) -> Path:
     """out_dir as a Path after files.output_path's checks (not empty: "" was the current folder; creatable,
-    writable), and, since the run makes files inside it, not a file or a link that leads to no folder."""
+    writable; not a dangling link or a loop), and, since the run makes files inside it, not a file."""
     path = output_path(out_dir, directory=True, option="out_dir")
-    if (path.exists() or path.is_symlink()) and not path.is_dir():
-        what = "a file" if path.is_file() else "a link that leads to no folder (dangling, or a loop)"
-        raise ValueError(f"out_dir {path} is {what}, not a folder; choose another out_dir")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"out_dir {path} is a file, not a folder; choose another out_dir")
     return path
 
 
