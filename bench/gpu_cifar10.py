@@ -60,7 +60,7 @@ def settings(toy: bool, data: str, limit: int, steps: int, device: str) -> tuple
     if toy:
         run |= {"base_model": "gpu_cifar10:toy_unet", "image_size": 8, "base.batch_size": 32, "finetune.batch_size": 32}
         tune = TuneConfig(tune_steps=4, widths=(0.6,), ks=(0.3,), groups=(2,), finalists=2, fid_seeds=2, fid_samples=16,
-                          batch=4, timing_repeats=1)
+                          batch=4, timing_repeats=2)
     else:
         run |= {"base_model": "gpu_cifar10:ddpm_cifar10_unet", "image_size": 32, "base.batch_size": 128,
                 "finetune.batch_size": 128, "base.mixed_precision": "bf16", "finetune.mixed_precision": "bf16",

@@ -173,6 +173,9 @@ def test_tdc_variants_cross_the_grid_with_run_settings():
     ({"max_quality_loss": -0.1}, "--max-quality-loss must be a finite number >= 0"),
     ({"min_model_speedup": -1.0}, "--min-model-speedup must be a finite number >= 0"),
     ({"min_model_speedup": float("nan")}, "--min-model-speedup must be a finite number >= 0"),
+    ({"min_model_speedup": 1.1, "timing_repeats": 1}, "--min-model-speedup 1.1 needs timing_repeats >= 2 (the bar is "
+     "the lower bound of an interval over paired timing rounds; one round has none), got 1; raise timing_repeats, or "
+     "set --min-model-speedup 0 (no bar)"),
     ({"max_quality_loss": float("inf")}, "--max-quality-loss must be a finite number >= 0 (a relative loss, 0.02 = "
                                          "2%), got inf"),
     ({"price_per_hour": float("inf")}, "--price-per-hour must be a finite number >= 0 (the machine's price per "
@@ -288,6 +291,11 @@ def test_another_model_is_shipped_only_when_measured_min_model_speedup_times_fas
         "reason"]
     with pytest.raises(ValueError, match="cannot pair 2 timing rounds with 5"):
         model_speedup({**pruned, "time_rounds": [1.0, 1.0]}, free)
+    for bad in ([], None, [0.0] * 5, [-1.0] * 5, [float("nan")] * 5, [float("inf")] * 5, ["1"] * 5):
+        # attack 2026-12-07g rows 730-732: ZeroDivisionError, math domain error, IndexError, KeyError
+        with pytest.raises(ValueError, match=r"^row 'uniform 0.6 @ dpm-solver\+\+:10': time_rounds must be one or more "
+                                             r"finite times in seconds > 0 \(one per timing round"):
+            choose([free, {**pruned, "time_rounds": bad}], free=free, min_model_speedup=1.1)
 
 
 def test_choice_by_max_quality_loss_and_when_nothing_qualifies():

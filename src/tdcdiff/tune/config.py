@@ -178,6 +178,10 @@ class TuneConfig(Settings):
             (0 <= self.min_model_speedup < math.inf,
              "--min-model-speedup must be a finite number >= 0 (how much faster than the best free setting a model "
              f"must be measured to be shipped; 0: no bar), got {self.min_model_speedup}"),
+            (self.min_model_speedup == 0 or self.timing_repeats >= 2,
+             f"--min-model-speedup {self.min_model_speedup:g} needs timing_repeats >= 2 (the bar is the lower bound of "
+             f"an interval over paired timing rounds; one round has none), got {self.timing_repeats}; raise "
+             "timing_repeats, or set --min-model-speedup 0 (no bar)"),
             (self.price_per_hour is None or 0 <= self.price_per_hour < math.inf,
              "--price-per-hour must be a finite number >= 0 (the machine's price per hour), got "
              f"{self.price_per_hour}"),

@@ -35,8 +35,13 @@ def model_speedup(row: dict, free: dict, confidence: float = 0.95) -> dict:
     sampling run in each round of one interleaved timing, evaluate.time_rounds) give per-round log ratios
     log(free / row), whose paired t interval (verdict.paired_gap) is taken back to a ratio. Rounds pair because
     both points ran in the same pass: the machine's drift hits both. Returns {"speedup" (the geometric mean ratio),
-    "low", "high" (the interval at `confidence`, two-sided; None below 2 rounds), "rounds"}."""
-    model, base = row["time_rounds"], free["time_rounds"]
+    "low", "high" (the interval at `confidence`, two-sided; None below 2 rounds), "rounds"}. Raises ValueError
+    when a row has no rounds, a time that is not a finite number of seconds > 0, or the two differ in count."""
+    model, base = row.get("time_rounds") or [], free.get("time_rounds") or []
+    for name, times in ((row.get("name"), model), (free.get("name"), base)):
+        if not times or not all(isinstance(t, (int, float)) and 0 < t < math.inf for t in times):
+            raise ValueError(f"row {name!r}: time_rounds must be one or more finite times in seconds > 0 (one per "
+                             f"timing round, evaluate.time_rounds), got {times!r}")
     if len(model) != len(base):
         raise ValueError(f"cannot pair {len(model)} timing rounds with {len(base)}; time both points in one pass")
     ratios = [math.log(b / m) for b, m in zip(base, model)]
