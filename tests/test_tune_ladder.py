@@ -145,10 +145,22 @@ def test_a_rerun_that_ships_nothing_removes_the_last_choice(laddered, tmp_path):
     out = tmp_path / "tune"
     shutil.copytree(root / "tune", out)
     # no ladder: the only free setting is the reference itself, never shipped; no model is 1000x faster than it
-    config = tiny_tune(ks=(), finalists=1, settings=(), max_quality_loss=10.0, min_model_speedup=1000.0)
+    config = tiny_tune(ks=(), finalists=1, settings=(), max_quality_loss=10.0, min_model_speedup=1000.0,
+                       timing_repeats=2)
+    # attack 2026-12-07g row 739: chosen/ a symlink made the rerun fail in rmtree after all its work
+    (out / "chosen").rename(tmp_path / "deployed")
+    (out / "chosen").symlink_to(tmp_path / "deployed")
     again = Tune(out, config, base_from=root / "run", progress=False).run_all()
     assert again["choice"]["name"] is None and "--min-model-speedup" in again["choice"]["reason"]
-    assert not any((out / name).exists() for name in ("chosen", "chosen.json", "cost.json", "cost.csv", "return.csv"))
+    assert not any((out / name).exists() or (out / name).is_symlink()
+                   for name in ("chosen", "chosen.json", "cost.json", "cost.csv", "return.csv"))
+    assert (tmp_path / "deployed" / "manifest.json").exists()  # the link is removed, not what it points at
+    # attack 2026-12-07g row 780: a tune.json that is not a mapping with a 'plan' was a TypeError
+    for damaged in ("[]", '{"plan": null}'):
+        (out / "tune.json").write_text(damaged)
+        with pytest.raises(ValueError, match=r"tune.json is damaged \(no mapping under 'plan'\); delete it: the tune "
+                                             r"makes it again$"):
+            Tune(out, config, base_from=root / "run", progress=False)
 
 
 @pytest.mark.slow

@@ -148,6 +148,9 @@ class Tune:
         """Refuse a tune directory whose saved candidate list (tune.json) was made with other settings."""
         saved = read_json(self.dir / "tune.json")
         here = self.config.candidate_settings()
+        if saved is not None and not (isinstance(saved, dict) and isinstance(saved.get("plan"), dict)):
+            raise ValueError(f"{self.dir / 'tune.json'} is damaged (no mapping under 'plan'); delete it: the tune "
+                             "makes it again")
         if saved is not None and saved["plan"] != here:
             # a candidate kind left at its default is absent from candidate_settings: compare over both sides' keys
             differ = [f"{k}: {saved['plan'].get(k, 'unset')} there, {here.get(k, 'unset')} here"
@@ -303,7 +306,9 @@ class Tune:
         reads as made)."""
         for name in ("chosen.json", "cost.json", "cost.csv", "return.csv"):
             (self.dir / name).unlink(missing_ok=True)
-        if (self.dir / "chosen").is_dir():
+        if (self.dir / "chosen").is_symlink():  # the user's link: removed, what it points at left alone
+            (self.dir / "chosen").unlink()
+        elif (self.dir / "chosen").is_dir():
             shutil.rmtree(self.dir / "chosen")
 
     def time_points(self, models: dict) -> dict:
