@@ -107,6 +107,7 @@ def test_the_pipeline_takes_diffusers_generator_and_return_dict_and_names_what_i
                                   r"'a cat'; this pipeline's model is not text-conditional, so it takes no prompt$"),
         ({"batch_size": 2.0}, "^batch_size must be an integer, got 2.0$"),
         ({"num_inference_steps": 2.5}, "^num_inference_steps must be an integer, got 2.5$"),
+        ({"output_type": "latent", "sampler": "nope"}, r"^unknown output_type 'latent'; choose 'pil', 'np' or 'pt'$"),
     ]:
         with pytest.raises(ValueError, match=message):
             pipe(**{**call, **given})

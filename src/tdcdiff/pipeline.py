@@ -350,7 +350,7 @@ class TDCPipeline:
         Returns diffusers' ImagePipelineOutput, or with return_dict=False the tuple (images,), as diffusers'
         pipelines do. Raises ValueError for an argument it does not take (eta, num_images_per_prompt, ...), naming
         the one to use."""
-        _check_call(batch_size, num_inference_steps, unsupported, self.text_encoder is not None)
+        _check_call(batch_size, num_inference_steps, output_type, unsupported, self.text_encoder is not None)
         batch_size, text = self._prompts(prompt, negative_prompt, batch_size, guidance_scale)
         d = self.defaults
         if cache_interval is None and cache_depth is None:
@@ -366,14 +366,9 @@ class TDCPipeline:
             guidance_scale=guidance_scale, null_class=self.null_class, decode=self.decode, num_classes=self.num_classes,
             cache_interval=1 if cache_interval is None else cache_interval, cache_depth=cache_depth, **text,
         )
-        if output_type == "pt":
-            images = result.images
-        elif output_type in ("np", "pil"):
-            images = to_uint8(result.images)
-            if output_type == "pil":
-                images = [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in images]
-        else:
-            raise ValueError(f"unknown output_type {output_type!r}; choose 'pil', 'np' or 'pt'")
+        images = result.images if output_type == "pt" else to_uint8(result.images)
+        if output_type == "pil":
+            images = [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in images]
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     def _prompts(self, prompt, negative_prompt, batch_size: int, guidance_scale: float) -> tuple[int, dict]:
@@ -405,10 +400,12 @@ CALL_ARGUMENTS = ("batch_size", "num_inference_steps", "generator", "sampler", "
                   "negative_prompt")
 
 
-def _check_call(batch_size, num_inference_steps, unsupported: dict, text: bool) -> None:
-    """Refuse TDCPipeline call arguments named as diffusers' pipelines name them that it does not take, and a
-    batch_size or num_inference_steps that is not an integer, by their own names (sample() calls them num_images
-    and steps). text: the pipeline takes prompts."""
+def _check_call(batch_size, num_inference_steps, output_type, unsupported: dict, text: bool) -> None:
+    """Refuse, before sampling, TDCPipeline call arguments named as diffusers' pipelines name them that it does not
+    take, an unknown output_type, and a batch_size or num_inference_steps that is not an integer, by their own names
+    (sample() calls them num_images and steps). text: the pipeline takes prompts."""
+    if output_type not in ("pil", "np", "pt"):
+        raise ValueError(f"unknown output_type {output_type!r}; choose 'pil', 'np' or 'pt'")
     if unsupported:
         name = next(iter(unsupported))
         why = f" ({_INSTEAD[name]})" if name in _INSTEAD else ""
