@@ -259,6 +259,19 @@ def _damage_other_classes(entry):
     (entry / "info.json").write_text(json.dumps({**info, "num_classes": 11}))
 
 
+def _damage_float_shape(entry):
+    info = json.loads((entry / "info.json").read_text())
+    (entry / "info.json").write_text(json.dumps({**info, "image_shape": [float(d) for d in info["image_shape"]]}))
+
+
+def _damage_nan_weights(entry):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(entry / "model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()},
+              entry / "model.safetensors")
+
+
 def _damage_to_a_file(entry):
     shutil.rmtree(entry)
     entry.write_text("not a folder")
@@ -270,6 +283,9 @@ def _damage_to_a_file(entry):
     (_damage_other_classes, r"info.json is not this data's classifier \(got \{'num_classes': 11\}, expected "
                             r"\{'num_classes': 10\}\)"),
     (_damage_to_a_file, "info.json is missing"),
+    # attack g rows 752 (a float image_shape: TypeError in the report) and 753 (NaN weights: a segmentation fault)
+    (_damage_float_shape, r"info.json is not this data's classifier \(got \{'image_shape': \[1.0, 8.0, 8.0\]\}"),
+    (_damage_nan_weights, "model.safetensors holds weights that are not finite numbers"),
 ])
 def test_a_damaged_cache_entry_is_named_and_rebuilt(digits, tmp_path, damage, problem):
     # Attack f rows 633-635: a cut or foreign cache entry raised SafetensorError, "Expecting value" or a size mismatch.

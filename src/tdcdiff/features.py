@@ -218,8 +218,8 @@ def _cached(entry: Path, spec: FeatureSpec, expected: dict) -> FeatureNet | None
                                          hint=fix), entry / "info.json", fix, problem="is damaged")
         if not isinstance(info, dict):
             raise ValueError(f"{entry / 'info.json'} holds a {type(info).__name__}, not a JSON object; {fix}")
-        wrong = {k: v for k, v in expected.items()
-                 if info.get(k) != v or type(info.get(k)) is not type(v)}  # 11 != 10 classes, and true != 1
+        # compared as JSON text: 11 != 10 classes, and true != 1, and [1.0, 8, 8] != [1, 8, 8] (a float shape)
+        wrong = {k: v for k, v in expected.items() if json.dumps(info.get(k)) != json.dumps(v)}
         if not (is_real(info.get("accuracy")) and 0 <= info["accuracy"] <= 1):
             wrong["accuracy"] = "a number in [0, 1]"
         if wrong:
@@ -229,10 +229,14 @@ def _cached(entry: Path, spec: FeatureSpec, expected: dict) -> FeatureNet | None
                                  max_bytes=MAX_ENTRY_BYTES, hint=fix)
         net = _build(spec, info["image_shape"], info["num_classes"])
         try:
-            net.load_state_dict(load(weights))
+            state = load(weights)
+            net.load_state_dict(state)
         except Exception as err:  # safetensors' SafetensorError (a cut file), torch's size or key mismatch
             raise ValueError(f"{entry / 'model.safetensors'} is damaged ({brief(str(err), 200, quote=False)}); "
                              f"{fix}") from None
+        if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
+            # NaN weights crashed oneMKL in the features' matmul (a segmentation fault, attack g row 753)
+            raise ValueError(f"{entry / 'model.safetensors'} holds weights that are not finite numbers; {fix}")
     except (ValueError, FileNotFoundError) as err:
         warn(f"the cached FID feature classifier is damaged or not this data's: {err}")
         return None
