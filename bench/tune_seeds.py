@@ -65,8 +65,10 @@ def summarize(folder: Path, results: dict) -> tuple[list[str], dict]:
              f"  {results['choice']['reason']}"]
     factors = {k: {b: v[k] for b, v in head["by_batch"].items()} for k in ("total", "free", "model")}
     for batch, v in head["by_batch"].items():
+        split = (f" (= {v['setting']:.2f}x from its setting x {v['architecture']:.2f}x from its architecture)"
+                 if "architecture" in v else "")
         lines.append(f"  batch {batch:>3}: {v['total']:.2f}x the reference = {v['free']:.2f}x free x "
-                     f"{v['model']:.2f}x model")
+                     f"{v['model']:.2f}x model{split}")
     factors["over_free"] = {}
     best = fastest_non_inferior(results)
     for model in dict.fromkeys(r["model"] for r in results["rows"] if r["model"] not in best):
@@ -85,6 +87,9 @@ def summarize(folder: Path, results: dict) -> tuple[list[str], dict]:
     screen = results.get("sample_screen") or {}
     if screen.get("spearman_vs_fid") is not None:
         lines.append(f"  sample screen vs FID: Spearman {screen['spearman_vs_fid']:+.2f} over {screen['pairs']} points")
+    if screen.get("within_model"):
+        lines.append(f"  settings of the same model ordered alike by the screen and FID: "
+                     f"{screen['within_model']['agree']} of {screen['within_model']['pairs']} pairs")
     return lines, factors
 
 

@@ -43,23 +43,48 @@ def test_fid_points_judge_the_base_at_every_setting_a_candidate_is_picked_at():
 def test_headline_splits_the_speed_into_the_free_setting_and_the_model():
     from tdcdiff.tune.ladder import headline
 
-    def row(name, model, setting, t, verdict=None):
+    def row(name, model, setting, t, verdict=None, flops=1.0):
         gap = {"verdict": verdict} if verdict else None
-        return {"name": name, "model": model, "setting": setting, "time_s": t, "time_1_s": t * 2, "fid_gap": gap}
+        return {"name": name, "model": model, "setting": setting, "time_s": t, "time_1_s": t * 2, "fid_gap": gap,
+                "flops_ratio": flops}
 
     rows = [row("base", "base", "ddim:50", 10.0), row("base @ dpm-solver++:10", "base", "dpm-solver++:10", 2.0,
-                                                      "non-inferior"),
+                                                      "non-inferior", flops=0.2),
             row("base @ ddim:2", "base", "ddim:2", 0.5, "inferior"),
-            row("u @ dpm-solver++:10", "u", "dpm-solver++:10", 1.0, "better")]
+            row("u @ dpm-solver++:10", "u", "dpm-solver++:10", 1.0, "better", flops=0.1),
+            row("base @ dpm-solver++:6", "base", "dpm-solver++:6", 1.25, "undecided", flops=0.12),
+            row("single @ dpm-solver++:6", "single", "dpm-solver++:6", 1.25, "non-inferior", flops=0.12)]
     head = headline(rows, "u @ dpm-solver++:10", 64)
     assert head["best_free"] == "base @ dpm-solver++:10"
-    assert head["by_batch"]["64"] == {"total": 10.0, "free": 5.0, "model": 2.0}
+    # the model's 2x is all architecture: it is sampled at the free setting itself
+    assert head["by_batch"]["64"] == {"total": 10.0, "free": 5.0, "model": 2.0, "setting": 1.0, "architecture": 2.0}
+    assert "(u: 2.00x from its architecture, 50% of the base's FLOPs, x 1.00x from sampling at dpm-solver++:10)" \
+        in head["text"]
+    # an unpruned model trained longer gains only from the fewer steps it holds quality at
+    longer = headline(rows, "single @ dpm-solver++:6", 64)["by_batch"]["64"]
+    assert longer == {"total": 8.0, "free": 5.0, "model": 1.6, "setting": 1.6, "architecture": 1.0}
+    assert ("(single: 1.00x from its architecture, 100% of the base's FLOPs, x 1.60x from sampling at "
+            "dpm-solver++:6, where the base alone was not judged as good)") in headline(
+                rows, "single @ dpm-solver++:6", 64)["text"]
     assert "10.00x faster than the reference" in head["text"] and "5.00x from the sampler/steps alone" in head["text"]
     free = headline(rows, "base @ dpm-solver++:10", 64)
     assert free["by_batch"]["1"]["model"] == 1.0 and "tune ships the free setting" in free["text"]
     assert ("beats the best free setting by a measured 1.1x (the lower 95% bound over paired timing rounds, "
             "--min-model-speedup)") in headline(rows, "base @ dpm-solver++:10", 64, min_model_speedup=1.1)["text"]
     assert headline(rows[:1] + rows[2:3], None, 64)["best_free"] == "base"  # the reference is always a free row
+
+
+def test_within_model_agreement_counts_the_pairs_of_settings_the_screen_orders_like_fid():
+    from tdcdiff.tune.ladder import within_model_agreement
+
+    def row(model, distance, fid):
+        return {"model": model, "screen_distance": distance, "fid": fid}
+
+    # MNIST-16 seed 0's kind: a solver further from the DDIM target than DDIM-50 but better by FID
+    rows = [row("base", 0.155, [1.3, 1.2]), row("base", 0.210, [0.7, 0.8]), row("base", 0.215, [1.7]),
+            row("u", 0.17, [0.9]), row("u", 0.23, [1.7]), row("u", None, [0.1]), row("v", 0.5, [])]
+    assert within_model_agreement(rows) == {"agree": 3, "pairs": 4}  # base: 2 of 3 pairs, u: 1 of 1
+    assert within_model_agreement(rows[:1] + rows[3:4]) == {"agree": 0, "pairs": 0}  # no two of one model
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -127,6 +152,7 @@ def test_the_ladder_crosses_the_base_and_the_best_candidate_with_every_setting(l
     screen = results["sample_screen"]
     assert screen["target"] == "ddim:200" and screen["images"] == 16 and screen["pairs"] >= 2
     assert screen["spearman_vs_fid"] is None or -1 <= screen["spearman_vs_fid"] <= 1
+    assert 0 <= screen["within_model"]["agree"] <= screen["within_model"]["pairs"]
     head = results["headline"]
     assert head["best_free"] in rows and rows[head["best_free"]]["model"] == "base"
     for v in head["by_batch"].values():

@@ -208,7 +208,9 @@ def _print_results(results: dict, out: Path, price_per_hour: float | None) -> No
         rho = screen["spearman_vs_fid"]
         typer.echo(f"sample screen ({screen['images']} images per point, target {screen['target']}): rank agreement "
                    f"with FID over {screen['pairs']} points: Spearman "
-                   + ("- (too few points)" if rho is None else f"{rho:+.2f}"))
+                   + ("- (too few points)" if rho is None else f"{rho:+.2f}")
+                   + (f"; settings of the same model ordered as by FID in {pairs['agree']} of {pairs['pairs']} pairs"
+                      if (pairs := screen.get("within_model")) else ""))
     typer.echo(f"reference {results['reference']}: {results['headline']['text']}")
     if "cost" in results:
         phases, returns = cost_rows(results["cost"], price_per_hour is not None)

@@ -116,6 +116,22 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return float(spearmanr(xs, ys).statistic)
 
 
+def within_model_agreement(rows: list[dict]) -> dict:
+    """How often the sample screen orders two settings of the same model as FID does (mean FID over seeds): the
+    screen picks settings per model (pick_settings), so these are the pairs it decides. rows: tune rows with
+    "model", "screen_distance" and "fid" (a list per seed); rows missing either are left out.
+    Returns {"agree": pairs ordered alike, "pairs": pairs compared} (ties in either measure count as not alike)."""
+    both = [r for r in rows if r["screen_distance"] is not None and r["fid"]]
+    agree = pairs = 0
+    for i, a in enumerate(both):
+        for b in both[i + 1:]:
+            if a["model"] == b["model"]:
+                pairs += 1
+                fid_order = sum(a["fid"]) / len(a["fid"]) - sum(b["fid"]) / len(b["fid"])
+                agree += (a["screen_distance"] - b["screen_distance"]) * fid_order > 0
+    return {"agree": agree, "pairs": pairs}
+
+
 def best_free(rows: list[dict]) -> dict:
     """The best free setting: the fastest row of the base (any setting) whose FID is better than or non-inferior
     to the reference's, else the reference row itself ("base")."""
@@ -128,18 +144,35 @@ def headline(rows: list[dict], chosen: str | None, batch: int, min_model_speedup
     """Where the chosen row's speed comes from, at batch 1 and the user's batch: X = the reference's time / the
     chosen's, Y = the reference's / the best free setting's (the sampler and steps alone), Z = the best free
     setting's / the chosen's (what the model adds); X = Y x Z. Without a choice the reference itself is shipped.
-    min_model_speedup: the choice's bar for another model over the free setting (judge.choose), for the text.
-    Returns {"chosen", "best_free", "by_batch": {batch: {"total", "free", "model"}}, "text"}."""
+    When the base was also timed at the chosen's setting, Z is split further: Z = S x A, S = the free setting's
+    time / the base's at the chosen's setting (the steps the model holds quality at and the base does not: a model
+    fine-tuned longer can gain here with no pruning at all), A = the base's / the chosen's at that setting (its
+    architecture: pruning). min_model_speedup: the choice's bar for another model over the free setting
+    (judge.choose), for the text.
+    Returns {"chosen", "best_free", "by_batch": {batch: {"total", "free", "model"[, "setting", "architecture"]}},
+    "text"}."""
     by_name = {r["name"]: r for r in rows}
     ref, free = by_name["base"], best_free(rows)
     shipped = by_name[chosen] if chosen is not None else ref
+    base_there = next((r for r in rows if r["model"] == "base" and r["setting"] == shipped["setting"]), None)
+    split = shipped["model"] != "base" and base_there is not None
     out = {}
     for b, key in ((1, "time_1_s"), (batch, "time_s")):
         out[str(b)] = {"total": ref[key] / shipped[key], "free": ref[key] / free[key],
                        "model": free[key] / shipped[key]}
-    parts = [f"at batch {b}: {v['total']:.2f}x faster than the reference at equal quality: {v['free']:.2f}x from "
-             f"the sampler/steps alone ({free['setting']}), {v['model']:.2f}x more from the model"
-             for b, v in out.items()]
+        if split:
+            out[str(b)].update(setting=free[key] / base_there[key], architecture=base_there[key] / shipped[key])
+    parts = []
+    for b, v in out.items():
+        part = (f"at batch {b}: {v['total']:.2f}x faster than the reference at equal quality: {v['free']:.2f}x from "
+                f"the sampler/steps alone ({free['setting']}), {v['model']:.2f}x more from the model")
+        if split:
+            flops = shipped["flops_ratio"] / base_there["flops_ratio"]
+            part += (f" ({shipped['model']}: {v['architecture']:.2f}x from its architecture, {flops:.0%} of the "
+                     f"base's FLOPs, x {v['setting']:.2f}x from sampling at {shipped['setting']}"
+                     + (", where the base alone was not judged as good)" if shipped["setting"] != free["setting"]
+                        else ")"))
+        parts.append(part)
     text = "; ".join(parts)
     if shipped["model"] == "base":
         bar = (f" by a measured {min_model_speedup:g}x (the lower 95% bound over paired timing rounds, "

@@ -33,6 +33,7 @@ from .ladder import (
     point_name,
     resolve_ladder,
     spearman,
+    within_model_agreement,
 )
 from .measures import (
     SCREENING_MEASURES,
@@ -374,13 +375,15 @@ class Tune:
         }
 
     def _screen_record(self, rows: list[dict]) -> dict | None:
-        """results.json's "sample_screen": its protocol and its rank agreement with FID (Spearman, over the rows
-        with both: the finalists and the reference); None without a ladder."""
+        """results.json's "sample_screen": its protocol and its rank agreement with FID (Spearman over the rows
+        with both, the finalists and the reference; and over pairs of settings of the same model, the choices the
+        screen makes); None without a ladder."""
         if not self.settings:
             return None
         both = [r for r in rows if r["screen_distance"] is not None and r["fid"]]
         rho = spearman([r["screen_distance"] for r in both], [statistics.fmean(r["fid"]) for r in both])
         return {**sample_screen_protocol(self, self.reference), "spearman_vs_fid": rho, "pairs": len(both),
+                "within_model": within_model_agreement(rows),
                 "pick": f"per crossed model: the {SCREEN_PICKS} fastest settings whose screen distance is at most "
                         f"{SCREEN_SLACK}x the model's own at the reference setting; the base also at every setting "
                         "a candidate is picked at, so the free setting and the model are split on the same settings"}
