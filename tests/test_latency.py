@@ -176,3 +176,82 @@ def test_a_timing_batch_larger_than_memory_is_one_line(unets):
     with pytest.raises(ValueError, match=r"not enough memory for a timing batch of 10000000000 samples .*lower "
                                          r"--latency-batch"):
         forward_seconds(plain, DIGITS, 10**10)
+
+
+DAMAGED_BASE_SECONDS = ["0", "0.0", "NaN", "-0.5", "1e-12", "Infinity", '"0.03"', "true", "null"]
+
+
+@pytest.mark.parametrize("value", DAMAGED_BASE_SECONDS)
+def test_a_damaged_cached_base_time_is_warned_about_measured_again_and_replaced(unets, tmp_path, monkeypatch, value):
+    """Attack g rows 758, 759: a cached base_seconds of 0 divided by zero after the search, NaN / -0.5 / 1e-12
+    became the run's time ratio; now every field is checked, the entry named in a warning and re-measured."""
+    from tdcdiff.flops import count_flops
+    from tdcdiff.latency import ExpertTimer, base_seconds
+
+    plain, attention = unets
+    monkeypatch.setenv("TDCDIFF_CLOCK", "flops")
+    monkeypatch.setenv("TDCDIFF_CACHE", str(tmp_path))
+    truth = count_flops(plain, DIGITS) * 2 / COUNTED_FLOPS_PER_SECOND
+    key = cache_key(plain, DIGITS, 2, "cpu")
+    path = tmp_path / "latency" / f"{key}.json"
+    path.parent.mkdir()
+    good = LatencyTable(key, truth, {"u": {0.5: -truth / 4}}).to_json()
+    path.write_text(good.replace(f'"base_seconds": {truth!r}', f'"base_seconds": {value}'))
+    message = (f"the cached latency table of the base is damaged or not this model's: {path} is damaged "
+               f"\\(base_seconds .* is not a forward time, a finite number of seconds >= 1e-07\\); measuring the base "
+               f"again and replacing {path}$")
+    with pytest.warns(UserWarning, match=message):
+        timer = ExpertTimer(plain, DIGITS, 2)  # before any search: the run's prune stage makes it first
+    assert timer.base_time == truth
+    assert timer.ratio(attention) == pytest.approx(count_flops(attention, DIGITS) / count_flops(plain, DIGITS))
+    assert LatencyTable.from_json(path.read_text()).base_seconds == truth  # replaced
+    path.write_text(good.replace(f'"base_seconds": {truth!r}', f'"base_seconds": {value}'))
+    with pytest.warns(UserWarning, match=message):
+        assert base_seconds(plain, DIGITS, 2) == truth
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ("folder", r"\.json is a folder"),  # row 784: it named no cache, and came after the search
+    ("link", r"\.json is a symlink \(to .*elsewhere\.json\), not a file tdcdiff wrote"),
+    ("[]", r"\.json holds a list, not a JSON object"),
+    ("{", r"\.json is damaged \(Expecting property name"),
+    ("other key", r"\.json holds the table of key 'k', not this model's"),
+    ("version 1.0", r"\.json is damaged \(version 1\.0, expected 1\)"),
+    ("level 2", r"\.json is damaged \(deltas of 'u': level 2\.0 is not a width ratio in \(0, 1\]\)"),
+    ("change NaN", r"\.json is damaged \(deltas of 'u': the change nan at level 0\.5 is not a finite number"),
+])
+def test_a_damaged_or_foreign_latency_cache_entry_is_warned_about_and_replaced(unets, tmp_path, monkeypatch, entry,
+                                                                               problem):
+    plain, _ = unets
+    monkeypatch.setenv("TDCDIFF_CLOCK", "flops")
+    key = cache_key(plain, DIGITS, 1, "cpu")
+    cache, elsewhere = tmp_path / "cache", tmp_path / "elsewhere.json"
+    path = cache / f"{key}.json"
+    good = LatencyTable(key, 0.5, {"u": {0.5: -0.1}})
+    edits = {"other key": LatencyTable("k", 0.5).to_json(), "[]": "[]", "{": "{",
+             "version 1.0": good.to_json().replace('"version": 1', '"version": 1.0'),
+             "level 2": good.to_json().replace("0.5,", "2.0,"),
+             "change NaN": good.to_json().replace("-0.1", "NaN")}
+    cache.mkdir()
+    if entry == "folder":
+        (path / "inside").mkdir(parents=True)
+    elif entry == "link":
+        elsewhere.write_text(good.to_json())
+        path.symlink_to(elsewhere)
+    else:
+        path.write_text(edits[entry])
+    with pytest.warns(UserWarning, match=f"is damaged or not this model's: .*{problem}.*; measuring the base again "
+                                         f"and replacing {path}$"):
+        table = measure_table(plain, {"u": {0.5: lambda: build_unet("digits-8").eval()}}, DIGITS, 1, cache_dir=cache)
+    assert path.is_file() and not path.is_symlink() and LatencyTable.from_json(path.read_text()) == table
+    assert table.key == key and 0.5 in table.deltas["u"] and [p.name for p in cache.iterdir()] == [path.name]
+    assert elsewhere.read_text() == good.to_json() if entry == "link" else not elsewhere.exists()
+
+
+def test_expert_timer_refuses_a_base_time_that_is_not_a_forward_time(unets):
+    from tdcdiff.latency import ExpertTimer
+
+    for bad in (0.0, float("nan"), -1.0, 1e-12, True, "0.1"):
+        with pytest.raises(ValueError, match=r"^base_time must be the base's seconds per forward, a finite number "
+                                             r">= 1e-07, got "):
+            ExpertTimer(unets[0], DIGITS, 1, base_time=bad)

@@ -10,7 +10,6 @@ bench/agreement.py uses as an independent judge.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -25,10 +24,9 @@ import torch.nn.functional as F
 from safetensors.torch import load, save_file
 from torch import nn
 
-from .cache_home import writable_folder
-from .files import brief, parse_json, read_untrusted
+from .cache_home import cached_entry, discard, entry_json, writable_folder
+from .files import brief, read_untrusted
 from .settings import is_real
-from .user_warnings import warn
 
 # Part of every cache key: a change of the networks' design or training changes it, so no old entry is reused.
 FEATURES_VERSION = 2
@@ -192,7 +190,7 @@ def feature_net_for(images: torch.Tensor, labels: torch.Tensor, *, cache_dir, na
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / "model.safetensors")
     (tmp / "info.json").write_text(json.dumps(info, indent=2))
-    _discard(entry)  # a damaged entry _cached warned about
+    discard(entry)  # a damaged entry _cached warned about
     try:
         os.replace(tmp, entry)
     except OSError:  # another process finished the same entry first; theirs is equivalent
@@ -208,51 +206,36 @@ def _cached(entry: Path, spec: FeatureSpec, expected: dict) -> FeatureNet | None
     """The classifier cached in `entry` (read as untrusted input), or None when there is none, or when the entry is
     damaged or foreign (a file cut short, info.json not JSON or not of this data, design and FEATURES_VERSION,
     weights of other shapes): then a warning names the entry and what is wrong, and the caller retrains and
-    replaces it. A cache holds only what tdcdiff rebuilds from its inputs (the same seed and data give the same
-    classifier), so rebuilding loses nothing, and a user told to delete the folder would do the same by hand."""
-    if not os.path.lexists(entry):
-        return None
+    replaces it (cache_home.cached_entry)."""
+    return cached_entry(entry, "the cached FID feature classifier is damaged or not this data's",
+                        lambda: _read_entry(entry, spec, expected))
+
+
+def _read_entry(entry: Path, spec: FeatureSpec, expected: dict) -> FeatureNet:
+    """The classifier in cache entry `entry`; raises ValueError / FileNotFoundError naming what is wrong with it."""
     fix = f"retraining the classifier and replacing {entry}"
+    info = entry_json(entry, "info.json", fix, MAX_ENTRY_BYTES)
+    # compared as JSON text: 11 != 10 classes, and true != 1, and [1.0, 8, 8] != [1, 8, 8] (a float shape)
+    wrong = {k: v for k, v in expected.items() if json.dumps(info.get(k)) != json.dumps(v)}
+    if not (is_real(info.get("accuracy")) and 0 <= info["accuracy"] <= 1):
+        wrong["accuracy"] = "a number in [0, 1]"
+    if wrong:
+        raise ValueError(f"{entry / 'info.json'} is not this data's classifier (got "
+                         f"{brief({k: info.get(k) for k in wrong}, 200)}, expected {brief(wrong, 200)}); {fix}")
+    weights = read_untrusted(entry, "model.safetensors", str(entry / "model.safetensors"),
+                             max_bytes=MAX_ENTRY_BYTES, hint=fix)
+    net = _build(spec, info["image_shape"], info["num_classes"])
     try:
-        info = parse_json(read_untrusted(entry, "info.json", str(entry / "info.json"), max_bytes=MAX_ENTRY_BYTES,
-                                         hint=fix), entry / "info.json", fix, problem="is damaged")
-        if not isinstance(info, dict):
-            raise ValueError(f"{entry / 'info.json'} holds a {type(info).__name__}, not a JSON object; {fix}")
-        # compared as JSON text: 11 != 10 classes, and true != 1, and [1.0, 8, 8] != [1, 8, 8] (a float shape)
-        wrong = {k: v for k, v in expected.items() if json.dumps(info.get(k)) != json.dumps(v)}
-        if not (is_real(info.get("accuracy")) and 0 <= info["accuracy"] <= 1):
-            wrong["accuracy"] = "a number in [0, 1]"
-        if wrong:
-            raise ValueError(f"{entry / 'info.json'} is not this data's classifier (got "
-                             f"{brief({k: info.get(k) for k in wrong}, 200)}, expected {brief(wrong, 200)}); {fix}")
-        weights = read_untrusted(entry, "model.safetensors", str(entry / "model.safetensors"),
-                                 max_bytes=MAX_ENTRY_BYTES, hint=fix)
-        net = _build(spec, info["image_shape"], info["num_classes"])
-        try:
-            state = load(weights)
-            net.load_state_dict(state)
-        except Exception as err:  # safetensors' SafetensorError (a cut file), torch's size or key mismatch
-            raise ValueError(f"{entry / 'model.safetensors'} is damaged ({brief(str(err), 200, quote=False)}); "
-                             f"{fix}") from None
-        if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
-            # NaN weights crashed oneMKL in the features' matmul (a segmentation fault, attack g row 753)
-            raise ValueError(f"{entry / 'model.safetensors'} holds weights that are not finite numbers; {fix}")
-    except (ValueError, FileNotFoundError) as err:
-        warn(f"the cached FID feature classifier is damaged or not this data's: {err}")
-        return None
+        state = load(weights)
+        net.load_state_dict(state)
+    except Exception as err:  # safetensors' SafetensorError (a cut file), torch's size or key mismatch
+        raise ValueError(f"{entry / 'model.safetensors'} is damaged ({brief(str(err), 200, quote=False)}); "
+                         f"{fix}") from None
+    if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
+        # NaN weights crashed oneMKL in the features' matmul (a segmentation fault, attack g row 753)
+        raise ValueError(f"{entry / 'model.safetensors'} holds weights that are not finite numbers; {fix}")
     net.info = {**info, "from_cache": True}
     return net.eval()
-
-
-def _discard(entry: Path) -> None:
-    """Remove a damaged cache entry (a folder, a file or a link; not what a link points to), if there is one: moved
-    aside first, so that another process never sees it half deleted."""
-    if not os.path.lexists(entry):
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".stale-{entry.name}-", dir=entry.parent))
-    with contextlib.suppress(FileNotFoundError):  # another process discarded it first
-        os.replace(entry, aside / "entry")
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 class InceptionFeatures(nn.Module):

@@ -35,10 +35,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cache_home import cache_home
+from .cache_home import cache_home, cached_entry, discard, entry_json
 from .files import atomic_write_text
 from .flops import count_flops
 from .models import as_denoiser
+from .settings import is_real
 
 TABLE_VERSION = 1
 # A forward at least this long (big models at large batches: the DDPM CIFAR-10 UNet takes ~13 CPU-s at batch 64) is
@@ -52,6 +53,10 @@ TIMING_FLOPS = 2e11
 CLOCK_VARIABLE = "TDCDIFF_CLOCK"
 CLOCKS = ("measured", "flops")
 COUNTED_FLOPS_PER_SECOND = 1e9  # nominal: budgets and ratios are fractions, so only FLOPs ratios matter
+# No denoiser's forward is shorter (a torch module call alone takes microseconds; counted, 100 FLOPs): a cached base
+# time below it is damage, which would make every ratio against it huge.
+MIN_FORWARD_SECONDS = 1e-7
+MAX_TABLE_BYTES = 16 << 20  # a table is about 40 bytes per unit and level: a few kB for the DDPM CIFAR-10 UNet
 
 
 def clock() -> str:
@@ -282,17 +287,51 @@ class LatencyTable:
 
     @classmethod
     def from_json(cls, text: str) -> "LatencyTable":
-        """Rebuild a table written by to_json(). Raises ValueError for anything else."""
+        """Rebuild a table written by to_json(). Raises ValueError "not a tdcdiff latency table (...)" for anything
+        else: text that is not JSON, or a value table_problem refuses."""
         try:
             data = json.loads(text)
-            if data.get("version") != TABLE_VERSION:
-                raise ValueError(f"version {data.get('version')!r}, expected {TABLE_VERSION}")
-            deltas = {
-                str(u): {float(level): float(d) for level, d in items} for u, items in data["deltas"].items()
-            }
-            return cls(str(data["key"]), float(data["base_seconds"]), deltas, dict(data.get("meta", {})))
-        except (ValueError, TypeError, KeyError, AttributeError) as err:
-            raise ValueError(f"not a tdcdiff latency table ({err})") from None
+        except ValueError as err:
+            raise ValueError(f"not a tdcdiff latency table (not JSON: {err})") from None
+        problem = table_problem(data)
+        if problem:
+            raise ValueError(f"not a tdcdiff latency table ({problem})")
+        return cls._from_checked(data)
+
+    @classmethod
+    def _from_checked(cls, data: dict) -> "LatencyTable":
+        """The table of parsed JSON that table_problem found nothing wrong with."""
+        deltas = {u: {float(level): float(d) for level, d in items} for u, items in data["deltas"].items()}
+        return cls(data["key"], float(data["base_seconds"]), deltas, dict(data.get("meta", {})))
+
+
+def table_problem(data: object) -> str | None:
+    """What is wrong with parsed JSON as a latency table of to_json()'s form, or None: each field of the right type,
+    base_seconds a finite forward time >= MIN_FORWARD_SECONDS, every level a width ratio in (0, 1] and every
+    change finite and above -base_seconds (no pruning takes the whole forward time)."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    if json.dumps(data.get("version")) != json.dumps(TABLE_VERSION):
+        return f"version {data.get('version')!r}, expected {TABLE_VERSION}"
+    base, deltas = data.get("base_seconds"), data.get("deltas")
+    if not isinstance(data.get("key"), str):
+        return f"key {data.get('key')!r} is not text"
+    if not (is_real(base) and math.isfinite(base) and base >= MIN_FORWARD_SECONDS):
+        return f"base_seconds {base!r} is not a forward time, a finite number of seconds >= {MIN_FORWARD_SECONDS:g}"
+    if not isinstance(data.get("meta", {}), dict):
+        return "meta is not an object"
+    if not isinstance(deltas, dict):
+        return "deltas is not an object"
+    for unit, items in deltas.items():
+        if not (isinstance(items, list) and all(isinstance(i, list) and len(i) == 2 for i in items)):
+            return f"deltas of {unit!r} are not a list of [level, change] pairs"
+        for level, change in items:
+            if not (is_real(level) and 0 < level <= 1):
+                return f"deltas of {unit!r}: level {level!r} is not a width ratio in (0, 1]"
+            if not (is_real(change) and math.isfinite(change) and change > -base):
+                return (f"deltas of {unit!r}: the change {change!r} at level {level!r} is not a finite number of "
+                        f"seconds above -base_seconds ({base!r})")
+    return None
 
 
 def measure_table(
@@ -331,20 +370,38 @@ def measure_table(
         if progress:
             progress(f"latency table: {unit} at {len(missing)} levels")
     if changed:
-        atomic_write_text(path, table.to_json())
+        _store(path, table)
     return table
 
 
 def _cached_table(base: nn.Module, sample_shape: Sequence[int], batch: int,
                   cache_dir: str | Path | None) -> tuple[Path, LatencyTable | None]:
-    """(the cache file of base's latency table, the table it holds, or None when there is none for base)."""
+    """(the cache file of base's latency table, the table it holds, or None when there is none for base). An entry
+    that is damaged or foreign (not a table's JSON, a field table_problem refuses, another model's key, a folder or
+    a link) is warned about and None (cache_home.cached_entry): the caller measures again and replaces it (_store)."""
     key = cache_key(base, sample_shape, batch, device_of(base))
-    path = Path(cache_dir or default_cache_dir()) / f"{key}.json"
-    table = None
-    if path.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            table = LatencyTable.from_json(path.read_text())
-    return path, table if table is not None and table.key == key else None
+    folder = Path(cache_dir or default_cache_dir())
+    path = folder / f"{key}.json"
+
+    def read() -> LatencyTable:
+        fix = f"measuring the base again and replacing {path}"
+        data = entry_json(folder, path.name, fix, MAX_TABLE_BYTES)
+        problem = table_problem(data)
+        if problem:
+            raise ValueError(f"{path} is damaged ({problem}); {fix}")
+        if data["key"] != key:
+            raise ValueError(f"{path} holds the table of key {data['key']!r}, not this model's {key!r}; {fix}")
+        return LatencyTable._from_checked(data)
+
+    return path, cached_entry(path, "the cached latency table of the base is damaged or not this model's", read)
+
+
+def _store(path: Path, table: LatencyTable) -> None:
+    """Write a table to its cache file atomically, over a damaged entry that is a folder or a link (which
+    _cached_table warned about, and atomic_write_text would not write over)."""
+    if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):
+        discard(path)
+    atomic_write_text(path, table.to_json())
 
 
 def _new_table(base: nn.Module, sample_shape: Sequence[int], batch: int, **kwargs) -> LatencyTable:
@@ -365,7 +422,7 @@ def base_seconds(base: nn.Module, sample_shape: Sequence[int], batch: int, *, ca
     path, table = _cached_table(base, sample_shape, batch, cache_dir)
     if table is None:
         table = _new_table(base, sample_shape, batch, **kwargs)
-        atomic_write_text(path, table.to_json())
+        _store(path, table)
     return table.base_seconds
 
 
@@ -389,13 +446,19 @@ class ExpertTimer:
 
     base: the unpruned model; sample_shape: (C, H, W); batch: samples per forward; base_time: the base's seconds
     per forward when known (a latency table's base_seconds, so that ratios agree with its estimates), else
-    base_seconds(); kwargs: as for compare().
+    base_seconds() (cached, else measured), taken here, before any search; kwargs: as for compare(). Raises
+    ValueError for a base_time that is not a finite number of seconds >= MIN_FORWARD_SECONDS.
     """
 
     def __init__(self, base: nn.Module, sample_shape: Sequence[int], batch: int, *, base_time: float | None = None,
                  **kwargs):
         self.base, self.sample_shape, self.batch, self.kwargs = base, tuple(sample_shape), batch, kwargs
         self.base_key = architecture_hash(base, sample_shape)
+        if base_time is None:  # here, before any search, so that a damaged cache entry is said at once
+            base_time = base_seconds(base, sample_shape, batch, **kwargs)
+        elif not (is_real(base_time) and math.isfinite(base_time) and base_time >= MIN_FORWARD_SECONDS):
+            raise ValueError(f"base_time must be the base's seconds per forward, a finite number >= "
+                             f"{MIN_FORWARD_SECONDS:g}, got {base_time!r}")
         self.base_time = base_time
         self.seconds: dict[str, float] = {}
 
@@ -406,6 +469,4 @@ class ExpertTimer:
             return 1.0
         if key not in self.seconds:
             self.seconds[key] = forward_seconds(model, self.sample_shape, self.batch, **self.kwargs)
-        if self.base_time is None:
-            self.base_time = base_seconds(self.base, self.sample_shape, self.batch, **self.kwargs)
         return self.seconds[key] / self.base_time
