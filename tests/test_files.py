@@ -845,14 +845,17 @@ def _outs(tmp_path):
     os.symlink("loop", tmp_path / "loop")
     os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
     (tmp_path / "afile").write_text("mine")
-    (tmp_path / "b").mkdir()  # a bundle: its manifest.json
-    (tmp_path / "b" / "manifest.json").write_text("{}")
-    (tmp_path / "r" / "base" / "final").mkdir(parents=True)  # a run, its stage-1 output and a stage folder
-    (tmp_path / "r" / "config.json").write_text("{}")
+    from tdcdiff.manifest import FORMAT
+
+    (tmp_path / "b").mkdir()  # a bundle: its manifest.json, told by its format (attack 2026-12-07g row 708)
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps({"format": FORMAT, "files": {}}))
+    for model in (tmp_path / "m", tmp_path / "r" / "base" / "final"):  # a saved model; a run's stage-1 output
+        model.mkdir(parents=True)
+        (model / "architecture.json").write_text('{"class": "UNet2DModel"}')
+        (model / "model.safetensors").write_text("")
+    (tmp_path / "r" / "config.json").write_text("{}")  # a run, and a stage folder of it
     (tmp_path / "r" / "plan").mkdir()
     (tmp_path / "r" / "plan" / "plan.json").write_text("{}")
-    (tmp_path / "m").mkdir()  # a saved model
-    (tmp_path / "m" / "architecture.json").write_text("{}")
     mixed = "not a {what}: a {kind} there would mix its files into it; use a new or empty --out"
     return {"loop": f"--out {tmp_path}/loop is a symlink loop ({tmp_path}/loop -> loop, which leads back to "
                     "itself): nothing can be written through it; fix or remove the link, or choose another --out",

@@ -61,6 +61,24 @@ class BaseModel:
     text_encoder: TextEncoder | None = None  # a text-conditional pipeline's tokenizer and text encoder
 
 
+def diffusers_folder(path: Path) -> str | None:
+    """What folder `path` is when it is a diffusers save_pretrained output, by the files that name one, for messages
+    that tell it from tdcdiff's own folders: "a diffusers pipeline (model_index.json)", "a diffusers model
+    (config.json and diffusion_pytorch_model weights)" or "a diffusers model (its config.json names _class_name
+    'X')"; None for anything else (a config.json that cannot be read or names no class included)."""
+    if (path / "model_index.json").is_file():
+        return "a diffusers pipeline (model_index.json)"
+    if not (path / "config.json").is_file():
+        return None
+    if any(path.glob("diffusion_pytorch_model.*")):
+        return "a diffusers model (config.json and diffusion_pytorch_model weights)"
+    try:
+        name = _read_json(path / "config.json").get("_class_name")
+    except ValueError:  # BaseModelError: not a diffusers config
+        return None
+    return f"a diffusers model (its config.json names _class_name {brief(name, 60)})" if name is not None else None
+
+
 def _read_json(path: Path) -> dict:
     """A diffusers JSON file, read as untrusted input: a regular file of at most MAX_CONFIG_BYTES (a FIFO, a device
     or a huge file is refused before it is read), holding one JSON object."""

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .base_model import diffusers_folder
 from .bundle_checks import check_class_ids, check_given, check_input, check_text, probe, probe_vae
 from .content_hash import sha256_bytes, sha256_file
 from .files import atomic_dir, brief, json_safe, output_path, parse_json, read_untrusted, resolve_inside
@@ -270,11 +271,8 @@ def _read_manifest(path: Path) -> object:
 
 def _diffusers_hint(path: Path) -> str:
     """What to do with a diffusers pipeline or model folder given as a bundle (by the files that name one)."""
-    if (path / "model_index.json").is_file():
-        what = "a diffusers pipeline (model_index.json)"
-    elif (path / "config.json").is_file() and any(path.glob("diffusion_pytorch_model.*")):
-        what = "a diffusers model (config.json and diffusion_pytorch_model weights)"
-    else:
+    what = diffusers_folder(path)
+    if what is None:
         return ""
     return (f": it is {what}, which tdcdiff takes as the trained model to prune, `tdcdiff run --base {path}` (or "
             f"Run(..., base=...)); sample the bundle that run makes (its bundle/ folder)")

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from ..base_model import pipeline_scheduler_class
+from ..base_model import diffusers_folder, pipeline_scheduler_class
 from ..budget import BUDGET_UNITS, ORDERINGS, budget_fractions, check_mean_budget
 from ..capacity import FID_LIMIT, GRID_LIMIT, MAX_FID_IMAGES, MAX_FID_SEEDS, MAX_GRID_IMAGES, SEEDS_LIMIT
 from ..devices import check_cuda_visible
@@ -294,6 +294,7 @@ def saved_config(run_dir: Path, *, given: bool) -> RunConfig | None:
     made with (a report would call the run's own bundle "not made by this run"), and when run_dir is a tune
     directory (tune.json or candidates.json, no config.json): its base/ is not a run's stage output."""
     path = run_dir / "config.json"
+    check_not_diffusers(run_dir, "run directory")
     if path.exists():
         return load_saved_config(path)
     tune = [name for name in ("tune.json", "candidates.json") if (run_dir / name).exists()]
@@ -309,6 +310,19 @@ def saved_config(run_dir: Path, *, given: bool) -> RunConfig | None:
             "provenance.config), or use a new output directory")
     return None
 
+
+
+def check_not_diffusers(path: Path, what: str, option: str | None = None) -> None:
+    """Refuse a diffusers model or pipeline folder (base_model.diffusers_folder) as a run's or tune's directory
+    (`what`), naming it and its use: the trained model to prune, `--base`. option: the flag that gave path, for
+    the message. Raises ValueError."""
+    diffusers = diffusers_folder(path)
+    if diffusers:
+        label, flag = (f"{option} ", option) if option else ("", "directory")
+        then = "" if what == "run directory" else ", then give that run as --base-from of `tdcdiff tune`"
+        raise ValueError(f"{label}{path} is {diffusers}, not a {what}: tdcdiff takes it as the trained model to "
+                         f"prune, `tdcdiff run --base {path}` (or Run(..., base=...)){then}; use a new or empty "
+                         f"{flag}")
 
 
 def check_not_a_run(tune_dir: Path) -> None:

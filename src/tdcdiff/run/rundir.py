@@ -24,10 +24,10 @@ from ..files import (
     output_path,
     remove_stale_temporaries,
 )
-from ..manifest import MANIFEST
-from ..serialization import ARCHITECTURE_FILE
-from ..train.checkpoint import CHECKPOINT_DIR, FINAL_DIR
-from .config import STAGE_OUTPUT, check_not_a_run
+from ..manifest import MANIFEST, is_bundle
+from ..serialization import ARCHITECTURE_FILE, saved_model_files
+from ..train.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILES, FINAL_DIR
+from .config import STAGE_OUTPUT, check_not_a_run, check_not_diffusers
 
 log = logging.getLogger("tdcdiff")
 
@@ -39,37 +39,48 @@ class RunDirectoryBusy(ValueError):
     """Another process is writing the run directory."""
 
 
-# What a folder holding one of these entries is (the first found names it), when it is not the directory asked for.
-_KINDS = ((MANIFEST, "a tdcdiff bundle"), (ARCHITECTURE_FILE, "a saved model"),
-          (f"{FINAL_DIR}/", "a training output folder, such as a run's base/"),
-          (f"{CHECKPOINT_DIR}/", "a training output folder, such as a run's base/"))
+# A run's folders besides its stage outputs (STAGE_OUTPUT), and a tune's folder of candidate runs.
+RUN_FOLDERS = {"samples": "its sample grids", "report": "its report"}
+TUNE_CANDIDATES = "candidates"
+# The entries of tdcdiff's own outputs, by their format (files.atomic_dir's `ours` tests), and what each is.
+_KINDS = ((MANIFEST, is_bundle, "a tdcdiff bundle", "a tdcdiff bundle's manifest"),
+          (ARCHITECTURE_FILE, saved_model_files, "a saved model", "a saved model's"),
+          (f"{FINAL_DIR}/", lambda p: saved_model_files(p / FINAL_DIR), "a training output folder, such as a run's "
+           "base/", "a saved model"),
+          (f"{CHECKPOINT_DIR}/", lambda p: CHECKPOINT_FILES(p / CHECKPOINT_DIR), "a training output folder, such as "
+           "a run's base/", "a training checkpoint"))
 
 
 def check_out_dir(path: str | Path, what: str = "run directory", option: str | None = None) -> Path:
     """Refuse, before any work or write, a folder a run or a tune (`what`: "run directory" or "tune directory")
     cannot use as its directory. The rule: it is missing, empty (but for our lock and temporaries), or a folder of
     the same kind, never another tdcdiff output; and its path can be written (files.output_path: not a symlink loop
-    or a link to nothing, not too long, on a file system that makes folders). A file, a bundle, a saved model, a
-    training output (a run's base/) or a run's stage folder (R/plan) is refused, naming what it is: the run's or
-    tune's files would be mixed into it. A run directory given for a tune is refused by check_not_a_run, a tune
-    directory given for a run by config.saved_config (with their fixes). The user's own files beside it are left
-    alone (as the lock's sweep leaves them). option: the flag that gave path (e.g. "--out").
+    or a link to nothing, not too long, on a file system that makes folders). Refused, naming what it is (the run's
+    or tune's files would be mixed into it): a file; a tdcdiff bundle, saved model or training output (a run's
+    base/), each told by its format; a run's stage folder (R/plan), samples/ or report/; a tune's candidates/; a
+    diffusers model or pipeline folder (with the way to use it: `--base`); and a folder holding one of those
+    outputs' entries (manifest.json, architecture.json, final/, checkpoint/) not in their format, as "not empty and
+    not a tdcdiff <what>". A run directory given for a tune is refused by check_not_a_run, a tune directory given
+    for a run by config.saved_config (with their fixes). The user's own files beside it are left alone (as the
+    lock's sweep leaves them). option: the flag that gave path (e.g. "--out").
     Returns path as output_path does. Raises ValueError."""
     path = output_path(path, directory=True, option=option)
     label, flag = (f"{option} ", option) if option else ("", "directory")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{label}{path} is a file, not a directory; choose another {flag}")
+    check_not_diffusers(path, what, option)
     if what == "tune directory":
         check_not_a_run(path)
     other = _other_kind(path, what)
     if other:
-        raise ValueError(f"{label}{path} is {other}, not a {what}: a {what.split()[0]} there would mix its files into "
-                         f"it; use a new or empty {flag}")
+        raise ValueError(f"{label}{path} {other}: a {what.split()[0]} there would mix its files into it; use a new "
+                         f"or empty {flag}")
     return path
 
 
 def _other_kind(path: Path, what: str) -> str | None:
-    """What the folder `path` is, with the entry that shows it, when it is neither empty nor a `what`; else None."""
+    """"is <what the folder `path` is>, not a `what`" when it is neither missing, empty, a `what`, nor holds only the
+    user's own files; else None."""
     try:
         names = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in os.scandir(path)
                        if entry.name not in (LOCK_FILE, OWNER_FILE) and not is_temporary(entry.name))
@@ -79,11 +90,19 @@ def _other_kind(path: Path, what: str) -> str | None:
     run = "config.json" in names or {f"{d}/" for d in STAGE_OUTPUT.values()} & set(names)
     if not names or tune or (run and what == "run directory"):  # the other kind: saved_config names it
         return None
-    for entry, kind in _KINDS:
+    for entry, ours, kind, _ in _KINDS:
+        if entry in names and ours(path) is not None:
+            return f"is {kind} (it holds {entry}), not a {what}"
+    parent = path.parent
+    if (parent / "config.json").is_file() and path.name in STAGE_OUTPUT.values():
+        return f"is the {path.name}/ stage folder of run {parent}, not a {what}"
+    if (parent / "config.json").is_file() and path.name in RUN_FOLDERS:
+        return f"is the {path.name}/ folder of run {parent} ({RUN_FOLDERS[path.name]}), not a {what}"
+    if path.name == TUNE_CANDIDATES and {"tune.json", "candidates.json"} & {p.name for p in parent.iterdir()}:
+        return f"is the {TUNE_CANDIDATES}/ folder of tune {parent} (its candidate runs), not a {what}"
+    for entry, _, _, not_ours in _KINDS:
         if entry in names:
-            return f"{kind} (it holds {entry})"
-    if path.name in STAGE_OUTPUT.values() and (path.parent / "config.json").is_file():
-        return f"the {path.name}/ stage folder of run {path.parent}"
+            return f"is not empty and not a tdcdiff {what} (it holds {entry}, which is not {not_ours})"
     return None  # the user's own files: kept, as the lock's sweep keeps them (remove_stale_temporaries)
 
 
