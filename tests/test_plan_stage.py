@@ -96,3 +96,54 @@ def test_plan_fractions_no_pruning_reaches_are_refused_before_training(tmp_path,
     deep_run = Run(tmp_path / "deep", deep, progress=False, base=str(base_dir))
     deep_run.train_base()
     assert deep_run.plan().fractions == [0.01, 1.0]
+
+
+def _edit_boundaries(path, boundaries, snr_end_0=None):
+    """Edit plan.json's grouping boundaries by hand, each group's start, end and size made consistent."""
+    saved = json.loads(path.read_text())
+    grouping = saved["grouping"]
+    grouping["boundaries"] = boundaries
+    for group, start, end in zip(grouping["groups"], boundaries, boundaries[1:]):
+        group.update(start=start, end=end, size=end - start)
+    if snr_end_0 is not None:
+        grouping["groups"][0]["snr_db_end"] = snr_end_0
+    path.write_text(json.dumps(saved))
+
+
+@pytest.mark.parametrize("strategy", ["snr", "uniform", "loss"])
+def test_a_plan_whose_grouping_boundaries_were_edited_is_refused_by_every_stage(tmp_path, base_dir, strategy):
+    """Attack 2026-12-07g row 743: boundaries [0, 500, 1000] with the groups made consistent passed, and the run's
+    experts were fine-tuned and bundled on the edited split. The run's grouping is made again and compared."""
+    from tdcdiff.run import stages as run_module
+
+    config = tiny_config(plan_fractions=[0.6, 1.0], grouping=strategy)
+    run = run_module.Stages(tmp_path / "run", config, progress=False, base=str(base_dir))
+    run.train_base()
+    made = run.plan().grouping
+    path = tmp_path / "run" / "plan" / "plan.json"
+    original = path.read_text()
+    fix = (f"(the plan was edited); delete {path.parent} and rerun `tdcdiff plan` (then redo the stages after it, "
+           "which were made for the old plan)")
+    edited = [0, made.boundaries[1] + 7, 1000]
+    if strategy == "loss":  # from a measured loss, not measured again: held to the least size T // 4N and the SNR
+        _edit_boundaries(path, [0, 100, 1000])
+        message = (f"{path}: 'grouping.boundaries' [0, 100, 1000] give group 0 100 timesteps, fewer than the 125 "
+                   f"(T // 4N) every loss grouping of the run has {fix}")
+    else:
+        _edit_boundaries(path, edited)
+        message = (f"{path}: 'grouping.boundaries' are {edited} but the run's '{strategy}' grouping of T=1000 into 2 "
+                   f"groups gives {made.boundaries} {fix}")
+    for stage in ("prune", "finetune", "export_bundle"):  # each reads the plan first, before any work or write
+        with pytest.raises(ValueError) as refused:
+            getattr(run_module.Stages(tmp_path / "run", progress=False), stage)()
+        assert str(refused.value) == message
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == \
+        ["base", "config.json", "plan"]
+    path.write_text(original)
+    _edit_boundaries(path, made.boundaries, snr_end_0=12.5)  # the same split, its SNR range edited
+    with pytest.raises(ValueError, match=rf"^{path}: group 0 of 'grouping.groups' spans SNR .*\.\.12\.5 dB but the "
+                                         rf"run's schedule gives .*\.\.{made.groups[0].snr_db_end} dB at its timesteps "
+                                         rf"0\.\.{made.boundaries[1] - 1} \(the plan was edited\)"):
+        run_module.Stages(tmp_path / "run", progress=False).plan()
+    path.write_text(original)
+    assert run_module.Stages(tmp_path / "run", progress=False).plan().grouping == made

@@ -201,7 +201,13 @@ def make_groups(
             raise ValueError(f"loss_per_t holds NaN/inf at {len(bad)} timestep(s) (first: t={bad[0]}); measure the "
                              "base model's per-timestep loss again (per_timestep_loss) with a finite model")
         boundaries = _loss_boundaries(losses, num_groups, min_size)
-    boundaries = _enforce_min_size(boundaries, min_size)
+    return grouping_of(strategy, _enforce_min_size(boundaries, min_size), scheduler)
+
+
+def grouping_of(strategy: str, boundaries: list[int], scheduler) -> Grouping:
+    """The Grouping of `strategy` with these boundaries (N+1 edges from 0 to T, rising) over scheduler's timesteps:
+    each group's SNR range from the schedule's finite SNR-dB levels (finite_snr_db)."""
+    levels = finite_snr_db(scheduler)
     edges = zip(boundaries, boundaries[1:])
     groups = [Group(i, s, e, float(levels[s]), float(levels[e - 1])) for i, (s, e) in enumerate(edges)]
-    return Grouping(strategy, num_train, boundaries, groups)
+    return Grouping(strategy, scheduler.config.num_train_timesteps, list(boundaries), groups)
