@@ -87,6 +87,13 @@ def _check_settings(train_scheduler, sample_shape: tuple[int, int, int], sampler
                     cache_depth: int | None, path: tuple[str, str]) -> tuple[list[int], int | None]:
     """(the timesteps the sampler visits, the feature cache's depth or None) after checking sample()'s settings;
     path: (compile, precision), checked even where a given SamplingModel keeps its own."""
+    named = isinstance(train_scheduler, str) and train_scheduler in SAMPLERS
+    if named or isinstance(train_scheduler, nn.Module):  # sample(model, "ddim") / sample(scheduler, model)
+        got, fix = ((f"the sampler name {train_scheduler!r}", f"pass sampler={train_scheduler!r} by name") if named
+                    else (f"a model ({type(train_scheduler).__name__})", "sample(model, train_scheduler, ...) takes "
+                          "the model first"))
+        raise ValueError(f"sample()'s second argument is train_scheduler (the training noise schedule, e.g. a bundle's "
+                         f"Bundle.scheduler), got {got}; {fix}")
     check_train_scheduler(train_scheduler)
     sampler_kind(sampler)
     SamplingModel.check_path(*path)

@@ -1,11 +1,12 @@
 """The arguments of `TDCPipeline.__call__` as diffusers' pipelines name them: the ones it does not take (with the one
-that does what they do), batch_size and num_inference_steps that are not integers, the seed from a torch.Generator,
-and prompts as one per image."""
+that does what they do), batch_size and num_inference_steps that are not integers or hold another argument's value
+(diffusers' positionals differ), the seed from a torch.Generator, and prompts as one per image."""
 
 from __future__ import annotations
 
 import torch
 
+from .samplers import SAMPLERS
 from .settings import is_integer
 
 # diffusers pipeline arguments TDCPipeline does not take, with the one that does what they do
@@ -30,14 +31,31 @@ def check_call(batch_size, num_inference_steps, output_type, unsupported: dict, 
         name = next(iter(unsupported))
         why = f" ({_INSTEAD[name]})" if name in _INSTEAD else ""
         raise ValueError(f"TDCPipeline takes no {name!r} argument{why}; it takes: {', '.join(CALL_ARGUMENTS)}")
-    if isinstance(batch_size, str):
-        fix = (f"pass the text as prompt={batch_size!r:.40}" if text else
-               "this pipeline's model is not text-conditional, so it takes no prompt")
-        raise ValueError(f"TDCPipeline's first argument is batch_size (the number of images), got the text "
-                         f"{batch_size!r:.40}; {fix}")
     for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
+        _check_positional(name, value, text)
         if value is not None and not is_integer(value):
             raise ValueError(f"{name} must be an integer, got {value!r:.40}")
+
+
+def _check_positional(name: str, value, text: bool) -> None:
+    """Refuse a value of TDCPipeline's two positionals that has the type of another argument, naming that argument:
+    diffusers' DDPMPipeline takes (batch_size, generator, num_inference_steps, output_type), its text pipelines
+    (prompt, ...); pipe(2, g) read the generator as a step count."""
+    many = isinstance(value, (list, tuple)) and len(value) > 0
+    by_name = " (only batch_size and num_inference_steps are taken by position)"
+    if isinstance(value, torch.Generator) or many and all(isinstance(g, torch.Generator) for g in value):
+        got, fix = f"a {type(value).__name__} of torch.Generator" if many else "a torch.Generator", "generator=..."
+    elif isinstance(value, str) and (value in ("pil", "np", "pt") or value in SAMPLERS):
+        got, fix = repr(value), f"{'sampler' if value in SAMPLERS else 'output_type'}={value!r}"
+    elif isinstance(value, str):
+        got, fix, by_name = f"the text {value!r:.40}", "", (f"pass the text as prompt={value!r:.40}" if text else
+                                                             "this pipeline's model is not text-conditional, so it "
+                                                             "takes no prompt")
+    else:
+        return
+    what = ("first argument is batch_size (the number of images)" if name == "batch_size" else
+            "second argument is num_inference_steps (the number of sampling steps)")
+    raise ValueError(f"TDCPipeline's {what}, got {got}; " + (f"pass it by name: {fix}{by_name}" if fix else by_name))
 
 
 def seed_of(seed: int | None, generator) -> int:
