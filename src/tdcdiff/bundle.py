@@ -52,6 +52,7 @@ from .manifest import (
 from .models import check_sample_shape, num_class_embeds, torch_device, with_null_text
 from .pipeline import TDCPipeline
 from .router import Router
+from .samplers import check_train_scheduler
 from .sampling_setting import SamplingSetting
 from .serialization import (
     ARCHITECTURE_FILE,
@@ -111,6 +112,7 @@ def save_bundle(
     records, provenance) or the path cannot be written (files.atomic_dir), before or instead of writing anything.
     """
     path = output_path(path, directory=True)  # an empty or unwritable path is refused before any work
+    check_train_scheduler(scheduler, "scheduler")  # named as the caller's argument, not as a manifest to re-export
     config, sample_shape = _scheduler_config(scheduler), check_sample_shape(sample_shape)
     rebuilt = build_scheduler(config, path / MANIFEST)  # the schedule load_bundle takes, checked before any write
     if sampling is not None:  # checked as load_bundle would, naming the argument, before any expert is written
