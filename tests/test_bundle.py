@@ -250,3 +250,59 @@ def test_a_budget_past_a_floats_range_is_an_integer_not_a_traceback(bundle_dir, 
                 expert_flops=[count_flops(e, (1, 8, 8)) for e in experts],
                 base_flops=count_flops(experts[1], (1, 8, 8)), budgets=[10**400, 1])
     assert load_bundle(tmp_path / "b").manifest["budgets"] == [10**400, 1]
+
+
+def test_a_run_or_tune_directory_given_as_a_bundle_names_where_its_bundle_is(bundle_dir, tmp_path, monkeypatch):
+    """A run directory R read as "R/manifest.json is missing: R is not a complete tdcdiff bundle" (attack 2026-12-07g
+    row 770); so did a stage folder, a tune directory, a tune's base/ and a candidate. The line says where the
+    bundle is, and the path it names loads. The CLI prints the same line."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    run, tune = tmp_path / "r", tmp_path / "t"
+    for folder in (run / "base", run / "prune", tune / "base" / "base", tune / "candidates" / "00-single"):
+        folder.mkdir(parents=True)
+    for config in (run / "config.json", tune / "base" / "config.json"):
+        config.write_text("{}")
+    (tune / "tune.json").write_text("{}")
+    missing = " is not a complete tdcdiff bundle: "
+    expect = {
+        run: f"it is a tdcdiff run directory, which has made no bundle yet \\({run / 'bundle'}: `tdcdiff run --out "
+             f"{run}` finishes the run\\)$",
+        tune: f"it is a tdcdiff tune directory, which has shipped no bundle \\({tune / 'chosen'} does not exist: "
+              f"`tdcdiff tune --out {tune}` ships one\\); each candidate's bundle is {tune / 'candidates'}/<name>/"
+              "bundle$",
+    }
+    for folder, message in expect.items():
+        with pytest.raises(BundleError, match=f"^{folder / 'manifest.json'} is missing: {folder}{missing}{message}"):
+            load_bundle(folder)
+    shutil.copytree(bundle_dir[0], run / "bundle")
+    shutil.copytree(bundle_dir[0], tune / "chosen")
+    shutil.copytree(bundle_dir[0], tune / "candidates" / "00-single" / "bundle")
+    for folder, message, bundle in [
+        (run, "it is a tdcdiff run directory, whose bundle is {}: give that$", run / "bundle"),
+        (run / "prune", f"it is the prune/ folder of the tdcdiff run directory {run}, whose bundle is {{}}: give "
+                        "that$", run / "bundle"),
+        (tune, "it is a tdcdiff tune directory, whose chosen bundle is {}: give that$", tune / "chosen"),
+        (tune / "base", f"it is the base/ folder of the tdcdiff tune directory {tune}, whose chosen bundle is {{}}: "
+                        "give that$", tune / "chosen"),
+        (tune / "candidates" / "00-single", "the bundle is the folder inside it, {}: give that$",
+         tune / "candidates" / "00-single" / "bundle"),
+    ]:
+        with pytest.raises(BundleError, match=f"^{folder / 'manifest.json'} is missing: {folder}{missing}"
+                                              + message.format(bundle)):
+            load_bundle(folder)
+        assert load_bundle(bundle).manifest["provenance"]["data"] == "test"
+    monkeypatch.chdir(run / "prune")  # "." has the stage folder's name
+    with pytest.raises(BundleError, match=f"it is the prune/ folder of the tdcdiff run directory {run}, whose"):
+        load_bundle(".")
+    shown = CliRunner().invoke(app, ["sample", "--bundle", str(run), "--num", "1"])
+    assert shown.exit_code == 2 and len(shown.output.splitlines()) == 1 and f"whose bundle is {run / 'bundle'}: give " \
+                                                                             "that" in shown.output
+    (run / "bundle" / "manifest.json").unlink()  # a run's own bundle/, damaged: no other folder to point at
+    with pytest.raises(BundleError, match=r"^\.\./bundle/manifest.json is missing: \.\./bundle is not a complete "
+                                          r"tdcdiff bundle$"):
+        load_bundle("../bundle")

@@ -377,3 +377,38 @@ def test_an_hf_spec_without_a_hub_id_is_named_before_datasets_is_needed(monkeypa
     monkeypatch.setitem(sys.modules, "datasets", None)  # the name is checked first, with or without the package
     with pytest.raises(DataError, match=message):
         load_dataset(spec)
+
+
+SPEC = r"give hf:<name>\[:<split>\] \(e\.g\. hf:mnist or hf:uoft-cs/cifar10:test\)$"
+NOT_A_SPLIT = (r"is not a split of a Hugging Face dataset \(a name such as train or test, sliced as train\[:10%\] or "
+               r"train\[10:20\], or joined as train\+test\); " + SPEC)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("hf:https://huggingface.co/datasets/mnist",
+     r"^hf:https://huggingface.co/datasets/mnist is a web address; give the dataset's Hub id instead: hf:mnist$"),
+    ("hf:https://huggingface.co/datasets/uoft-cs/cifar10/tree/main", r"is a web address; give the dataset's Hub id "
+                                                                      r"instead: hf:uoft-cs/cifar10$"),
+    ("hf:https://huggingface.co/datasets/mnist/viewer", "instead: hf:mnist$"),
+    ("hf:https://example.com/data", r"^hf:https://example.com/data is a web address; give the dataset's Hub id \(the "
+                                    r"<owner>/<name> after huggingface.co/datasets/\): hf:<name>"),
+    ("hf:C:\\data", r"^hf:C:\\data is a local path, not a Hugging Face Hub id; pass a local data set's path without "
+                    r"hf: \(its folder, zip or IDX file\)$"),
+    ("hf:C:/data", r"^hf:C:/data is a local path"),
+    ("hf:mnist:test:extra", r"^hf:mnist:test:extra has more than two ':'-separated parts; " + SPEC),
+    ("hf:mnist:train[:10%]:x", r"^hf:mnist:train\[:10%\]:x has more than two ':'-separated parts"),
+    ("hf:mnist:../../x", r"^hf:mnist:../../x: '../../x' " + NOT_A_SPLIT),
+    ("hf:mnist:test ", r"^hf:mnist:test : 'test ' " + NOT_A_SPLIT),
+    # datasets' own split specs pass the check and reach the package
+    ("hf:mnist", r"^hf:mnist needs the Hugging Face `datasets` package"),
+    ("hf:mnist:", r"^hf:mnist: needs the Hugging Face `datasets` package"),
+    ("hf:mnist:train[:10%]", r"^hf:mnist:train\[:10%\] needs"),
+    ("hf:mnist:train[10:20]+test", r"^hf:mnist:train\[10:20\]\+test needs"),
+    ("hf:mnist:train[-20%:](closest)", r"^hf:mnist:train\[-20%:\]\(closest\) needs"),
+])
+def test_the_whole_hf_spec_is_checked_before_the_datasets_package(monkeypatch, spec, message):
+    # attack 2026-12-07g row 762: the spec was split at its first colon and "needs the `datasets` package" came first
+    # (a web address became the dataset "https", a Windows path the dataset "C", and the split was never checked)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match=message):
+        load_dataset(spec)

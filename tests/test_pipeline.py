@@ -123,3 +123,30 @@ def test_a_sample_shape_of_other_channels_names_sample_shape_not_the_clis_flag(t
         sample(tiny_unet, scheduler, sample_shape=(3, 8, 8), steps=2, progress=False)
     with pytest.raises(ValueError, match=message):
         count_flops(tiny_unet, (3, 8, 8))
+
+
+def test_a_positional_holding_another_arguments_value_is_named_by_that_argument(tiny_unet, scheduler):
+    # attack 2026-12-07g row 717: pipe(2, g) (diffusers' DDPMPipeline takes the generator second) said
+    # "num_inference_steps must be an integer, got <torch._C.Generator ...>"; sample()'s two positionals likewise
+    pipe = TDCPipeline(tiny_unet, scheduler, (1, 8, 8))
+    by_name = r" \(only batch_size and num_inference_steps are taken by position\)$"
+    second = r"^TDCPipeline's second argument is num_inference_steps \(the number of sampling steps\), got "
+    for args, message in [
+        ((2, torch.Generator()), second + "a torch.Generator; pass it by name: generator=..." + by_name),
+        ((2, [torch.Generator()] * 2), second + "a list of torch.Generator; pass it by name: generator=..." + by_name),
+        ((torch.Generator(),), r"^TDCPipeline's first argument is batch_size \(the number of images\), got a "
+                               r"torch.Generator; pass it by name: generator=\.\.\." + by_name),
+        ((2, "np"), second + "'np'; pass it by name: output_type='np'" + by_name),
+        ((2, "ddpm"), second + "'ddpm'; pass it by name: sampler='ddpm'" + by_name),
+        ((2, "a cat"), second + "the text 'a cat'; this pipeline's model is not text-conditional, so it takes no "
+                                "prompt$"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pipe(*args, progress=False)
+    first = r"^sample\(\)'s second argument is train_scheduler \(the training noise schedule, e.g. a bundle's " \
+            r"Bundle.scheduler\), got "
+    with pytest.raises(ValueError, match=first + r"a model \(UNet2DModel\); sample\(model, train_scheduler, \.\.\.\) "
+                                              r"takes the model first$"):
+        sample(scheduler, tiny_unet, sample_shape=(1, 8, 8), steps=2, progress=False)
+    with pytest.raises(ValueError, match=first + "the sampler name 'ddim'; pass sampler='ddim' by name$"):
+        sample(tiny_unet, "ddim", sample_shape=(1, 8, 8), steps=2, progress=False)

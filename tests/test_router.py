@@ -112,3 +112,36 @@ def test_forward_refuses_fractional_and_out_of_range_timesteps(routed):
             router(x, torch.tensor(t))
     assert not any(e.seen for e in experts)
     torch.testing.assert_close(router(x, torch.tensor([10.0, 500.0, 700.0])), router(x, torch.tensor([10, 500, 700])))
+
+
+@pytest.mark.parametrize("kind", ["v", 1, "epsilon ", "flow_prediction"])
+def test_a_prediction_type_diffusers_does_not_take_is_refused_where_it_is_given(routed, tmp_path, kind):
+    # attack 2026-12-07g row 722: Router(prediction_type="v") was accepted, and sampling then asked for "a scheduler
+    # with prediction_type='v'"; a scheduler of such a type failed inside diffusers' step() after a model call
+    # (sample, TDCPipeline), was trained on as if it were "sample" (train), or was called a manifest to re-export
+    from diffusers import DDPMScheduler
+
+    from tdcdiff.bundle import save_bundle
+    from tdcdiff.pipeline import TDCPipeline
+    from tdcdiff.train import TrainConfig, train
+
+    router, experts, grouping = routed
+    valid = (r" must be one of 'epsilon', 'v_prediction', 'sample' \(diffusers' names: v-prediction is "
+             rf"'v_prediction'\), got {kind!r}$")
+    with pytest.raises(ValueError, match="^prediction_type" + valid):
+        Router(experts, grouping, prediction_type=kind)
+    with pytest.raises(ValueError, match="^prediction_type" + valid):
+        make_scheduler(1000, "linear", kind)
+    scheduler = DDPMScheduler(prediction_type=kind)
+    with pytest.raises(ValueError, match=r"^train_scheduler\.config\.prediction_type" + valid):
+        sample(experts[0], scheduler, sample_shape=(1, 8, 8), steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"^scheduler\.config\.prediction_type" + valid):
+        TDCPipeline(experts[0], scheduler, (1, 8, 8))
+    with pytest.raises(ValueError, match=r"^scheduler\.config\.prediction_type" + valid):
+        train(experts[0], torch.zeros(4, 1, 8, 8), scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t")
+    with pytest.raises(ValueError, match=r"^scheduler\.config\.prediction_type" + valid):
+        save_bundle(tmp_path / "b", experts, grouping, scheduler, sample_shape=(1, 8, 8), expert_flops=[1, 1, 1],
+                    base_flops=1)
+    assert not (tmp_path / "t").exists() and not (tmp_path / "b").exists()
+    for taken in ("epsilon", "v_prediction", "sample", None):
+        assert Router(experts, grouping, prediction_type=taken).prediction_type == taken

@@ -53,6 +53,7 @@ from .manifest import (
 from .models import check_sample_shape, num_class_embeds, torch_device, with_null_text
 from .pipeline import TDCPipeline
 from .router import Router
+from .samplers import check_train_scheduler
 from .sampling_setting import SamplingSetting
 from .serialization import (
     ARCHITECTURE_FILE,
@@ -112,6 +113,7 @@ def save_bundle(
     records, provenance) or the path cannot be written (files.atomic_dir), before or instead of writing anything.
     """
     path = output_path(path, directory=True)  # an empty or unwritable path is refused before any work
+    check_train_scheduler(scheduler, "scheduler")  # named as the caller's argument, not as a manifest to re-export
     config, sample_shape = _scheduler_config(scheduler), check_sample_shape(sample_shape)
     rebuilt = build_scheduler(config, path / MANIFEST)  # the schedule load_bundle takes, checked before any write
     if sampling is not None:  # checked as load_bundle would, naming the argument, before any expert is written
@@ -264,7 +266,7 @@ def _read_manifest(path: Path) -> object:
         return parse_json(data, path / MANIFEST, f"the bundle is corrupted: {REEXPORT}")
     except FileNotFoundError:
         raise BundleError(f"{path / MANIFEST} is missing: {path} is not a complete tdcdiff bundle"
-                          f"{_diffusers_hint(path)}") from None
+                          f"{_diffusers_hint(path) or _tdcdiff_folder_hint(path)}") from None
     except ValueError as err:
         raise BundleError(str(err)) from None
 
@@ -276,6 +278,41 @@ def _diffusers_hint(path: Path) -> str:
         return ""
     return (f": it is {what}, which tdcdiff takes as the trained model to prune, `tdcdiff run --base {path}` (or "
             f"Run(..., base=...)); sample the bundle that run makes (its bundle/ folder)")
+
+
+def _tdcdiff_folder_hint(path: Path) -> str:
+    """Where the bundle is, for a tdcdiff run or tune directory, a folder inside one, or a folder holding a bundle/,
+    given as a bundle (attack g row 770); known by the files that mark them: a run's config.json beside its base/ or
+    bundle/, a tune's tune.json or candidates.json."""
+    def is_tune(folder: Path) -> bool:
+        return (folder / "tune.json").is_file() or (folder / "candidates.json").is_file()
+
+    def is_run(folder: Path) -> bool:
+        return (folder / "config.json").is_file() and ((folder / "base").is_dir() or (folder / "bundle").is_dir())
+
+    def tune_bundle(tune: Path) -> str:
+        if (tune / "chosen" / MANIFEST).is_file():
+            return f"whose chosen bundle is {tune / 'chosen'}: give that"
+        return (f"which has shipped no bundle ({tune / 'chosen'} does not exist: `tdcdiff tune --out {tune}` ships "
+                f"one); each candidate's bundle is {tune / 'candidates'}/<name>/bundle")
+
+    def run_bundle(run: Path) -> str:
+        if (run / "bundle" / MANIFEST).is_file():
+            return f"whose bundle is {run / 'bundle'}: give that"
+        return f"which has made no bundle yet ({run / 'bundle'}: `tdcdiff run --out {run}` finishes the run)"
+
+    name, parent = path.resolve().name, path.resolve().parent  # "." inside a run's stage folder has a name too
+    if is_tune(path):
+        return f": it is a tdcdiff tune directory, {tune_bundle(path)}"
+    if is_tune(parent):
+        return f": it is the {name}/ folder of the tdcdiff tune directory {parent}, {tune_bundle(parent)}"
+    if is_run(path):
+        return f": it is a tdcdiff run directory, {run_bundle(path)}"
+    if (path / "bundle" / MANIFEST).is_file():  # a tune's candidate (bundle/, result.json)
+        return f": the bundle is the folder inside it, {path / 'bundle'}: give that"
+    if is_run(parent) and name != "bundle":
+        return f": it is the {name}/ folder of the tdcdiff run directory {parent}, {run_bundle(parent)}"
+    return ""
 
 
 @dataclass

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import posixpath
+import re
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -315,9 +316,7 @@ def _load_idx(path: Path, **opts) -> ImageDataset:
 
 
 def _load_hf(ref: str, **opts) -> ImageDataset:
-    name, _, split = ref.partition(":")
-    split = split or "train"
-    _check_hub_id(name)
+    name, split = _hf_parts(ref)
     try:
         import datasets
     except ImportError as e:
@@ -335,6 +334,37 @@ def _load_hf(ref: str, **opts) -> ImageDataset:
     classes = ds.features[label_col].names if label_col else []
     items = [(f"hf:{name}:{split} row {i}", lab, lambda i=i: ds[i][image_col]) for i, lab in enumerate(labels)]
     return _from_files(items, classes, source=f"hf:{ref}", **opts)
+
+
+# datasets' split grammar (arrow_reader.py, _SUB_SPEC_RE joined by "+"): a split name, an optional [from:to] slice
+# of rows or percents, an optional (rounding)
+_SPLIT = r"\w+(\.\w+)*(\[((-?[\d_]+)%?)?:((-?[\d_]+)%?)?\])?(\([^)]*\))?"
+_SPLIT_SPEC = re.compile(rf"{_SPLIT}(\s*\+\s*{_SPLIT})*")
+_HF_SPEC = "hf:<name>[:<split>] (e.g. hf:mnist or hf:uoft-cs/cifar10:test)"
+_HUB_PAGES = ("tree", "blob", "resolve", "viewer", "discussions", "commits", "edit")  # .../datasets/<id>/<page>
+
+
+def _hf_parts(ref: str) -> tuple[str, str]:
+    """(Hub id, split) of the data spec hf:<ref>, the whole spec checked before `datasets` is needed (it was split at
+    its first colon: a web address became the dataset "https"). Raises DataError for a web address (naming the id
+    in a huggingface.co one), a local path, more than two ':'-separated parts, a name that is not a Hub id
+    (_check_hub_id) or a split that is not one of datasets' split specs (train, test[:10%], train+test, ...)."""
+    if "://" in ref or ref.startswith(("www.", "huggingface.co/")):
+        page = re.search(r"huggingface\.co/datasets/([\w.-]+)(?:/([\w.-]+))?", ref)
+        hub_id = page and page[1] + (f"/{page[2]}" if page[2] and page[2] not in _HUB_PAGES else "")
+        raise DataError(f"hf:{ref} is a web address; give the dataset's Hub id " + (
+            f"instead: hf:{hub_id}" if hub_id else f"(the <owner>/<name> after huggingface.co/datasets/): {_HF_SPEC}"))
+    if re.match(r"[A-Za-z]:[\\/]", ref) or "\\" in ref:
+        raise DataError(f"hf:{ref} is a local path, not a Hugging Face Hub id; pass a local data set's path without "
+                        "hf: (its folder, zip or IDX file)")
+    name, _, split = ref.partition(":")
+    _check_hub_id(name)
+    if split and not _SPLIT_SPEC.fullmatch(split):
+        if ":" in re.sub(r"\[[^\]]*\]", "", split):  # a colon outside a slice: hf:mnist:test:extra
+            raise DataError(f"hf:{ref} has more than two ':'-separated parts; give {_HF_SPEC}")
+        raise DataError(f"hf:{ref}: {split!r} is not a split of a Hugging Face dataset (a name such as train or "
+                        f"test, sliced as train[:10%] or train[10:20], or joined as train+test); give {_HF_SPEC}")
+    return name, split or "train"
 
 
 def _check_hub_id(name: str) -> None:

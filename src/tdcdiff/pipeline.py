@@ -25,6 +25,7 @@ from .files import atomic_write_bytes
 from .latency import device_of
 from .latent import Decoder
 from .models import check_denoiser, check_sample_shape, check_sample_size, evaluating, torch_device
+from .pipeline_call import check_call, prompt_list, seed_of
 from .progress import progress_bar
 from .samplers import (
     LEARNED_VARIANCES,
@@ -86,6 +87,13 @@ def _check_settings(train_scheduler, sample_shape: tuple[int, int, int], sampler
                     cache_depth: int | None, path: tuple[str, str]) -> tuple[list[int], int | None]:
     """(the timesteps the sampler visits, the feature cache's depth or None) after checking sample()'s settings;
     path: (compile, precision), checked even where a given SamplingModel keeps its own."""
+    named = isinstance(train_scheduler, str) and train_scheduler in SAMPLERS
+    if named or isinstance(train_scheduler, nn.Module):  # sample(model, "ddim") / sample(scheduler, model)
+        got, fix = ((f"the sampler name {train_scheduler!r}", f"pass sampler={train_scheduler!r} by name") if named
+                    else (f"a model ({type(train_scheduler).__name__})", "sample(model, train_scheduler, ...) takes "
+                          "the model first"))
+        raise ValueError(f"sample()'s second argument is train_scheduler (the training noise schedule, e.g. a bundle's "
+                         f"Bundle.scheduler), got {got}; {fix}")
     check_train_scheduler(train_scheduler)
     sampler_kind(sampler)
     SamplingModel.check_path(*path)
@@ -350,7 +358,7 @@ class TDCPipeline:
         Returns diffusers' ImagePipelineOutput, or with return_dict=False the tuple (images,), as diffusers'
         pipelines do. Raises ValueError for an argument it does not take (eta, num_images_per_prompt, ...), naming
         the one to use."""
-        _check_call(batch_size, num_inference_steps, output_type, unsupported, self.text_encoder is not None)
+        check_call(batch_size, num_inference_steps, output_type, unsupported, self.text_encoder is not None)
         batch_size, text = self._prompts(prompt, negative_prompt, batch_size, guidance_scale)
         d = self.defaults
         if cache_interval is None and cache_depth is None:
@@ -362,7 +370,7 @@ class TDCPipeline:
             self.runner, self.scheduler, sample_shape=self.sample_shape,
             sampler=d.sampler if sampler is None else sampler,
             steps=d.steps if num_inference_steps is None else num_inference_steps, num_images=batch_size,
-            batch_size=batch_size, seed=_seed(seed, generator), progress=progress, class_labels=class_labels,
+            batch_size=batch_size, seed=seed_of(seed, generator), progress=progress, class_labels=class_labels,
             guidance_scale=guidance_scale, null_class=self.null_class, decode=self.decode, num_classes=self.num_classes,
             cache_interval=1 if cache_interval is None else cache_interval, cache_depth=cache_depth, **text,
         )
@@ -380,69 +388,12 @@ class TDCPipeline:
             return batch_size, {}
         if prompt is None:
             raise ValueError("this pipeline is text-conditional: pass prompt=... (one string, or one per image)")
-        prompts = _prompt_list(prompt, batch_size, "prompt")
+        prompts = prompt_list(prompt, batch_size, "prompt")
         text = {"prompt_embeds": self.text_encoder(prompts)}
         if guidance_scale != 1.0:
             negative = "" if negative_prompt is None else negative_prompt
-            text["negative_prompt_embeds"] = self.text_encoder(_prompt_list(negative, len(prompts), "negative_prompt"))
+            text["negative_prompt_embeds"] = self.text_encoder(prompt_list(negative, len(prompts), "negative_prompt"))
         return len(prompts), text
-
-
-# diffusers pipeline arguments TDCPipeline does not take, with the one that does what they do
-_INSTEAD = {
-    "eta": "tdcdiff's DDIM is deterministic, eta 0; sampler='ddpm' samples stochastically",
-    "num_images_per_prompt": "batch_size is the number of images; one prompt serves all of them",
-    "callback_on_step_end": "per-step callbacks are not supported; progress=True shows a progress bar",
-    "callback": "per-step callbacks are not supported; progress=True shows a progress bar",
-}
-CALL_ARGUMENTS = ("batch_size", "num_inference_steps", "generator", "sampler", "seed", "output_type", "return_dict",
-                  "progress", "class_labels", "guidance_scale", "cache_interval", "cache_depth", "prompt",
-                  "negative_prompt")
-
-
-def _check_call(batch_size, num_inference_steps, output_type, unsupported: dict, text: bool) -> None:
-    """Refuse, before sampling, TDCPipeline call arguments named as diffusers' pipelines name them that it does not
-    take, an unknown output_type, and a batch_size or num_inference_steps that is not an integer, by their own names
-    (sample() calls them num_images and steps). text: the pipeline takes prompts."""
-    if output_type not in ("pil", "np", "pt"):
-        raise ValueError(f"unknown output_type {output_type!r}; choose 'pil', 'np' or 'pt'")
-    if unsupported:
-        name = next(iter(unsupported))
-        why = f" ({_INSTEAD[name]})" if name in _INSTEAD else ""
-        raise ValueError(f"TDCPipeline takes no {name!r} argument{why}; it takes: {', '.join(CALL_ARGUMENTS)}")
-    if isinstance(batch_size, str):
-        fix = (f"pass the text as prompt={batch_size!r:.40}" if text else
-               "this pipeline's model is not text-conditional, so it takes no prompt")
-        raise ValueError(f"TDCPipeline's first argument is batch_size (the number of images), got the text "
-                         f"{batch_size!r:.40}; {fix}")
-    for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
-        if value is not None and not is_integer(value):
-            raise ValueError(f"{name} must be an integer, got {value!r:.40}")
-
-
-def _seed(seed: int | None, generator) -> int:
-    """The seed to sample with: `seed`, one drawn from a torch.Generator (diffusers' way to seed a pipeline), or 0."""
-    if generator is None:
-        return 0 if seed is None else seed
-    if seed is not None:
-        raise ValueError("give seed or generator, not both")
-    if not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be one torch.Generator (a list of one per image, as diffusers takes, is "
-                         f"not: the batch is drawn from one seed), got {type(generator).__name__}; or give seed=")
-    return int(torch.randint(0, 2**32, (1,), generator=generator, device=generator.device))
-
-
-def _prompt_list(prompt, batch_size: int, name: str) -> list[str]:
-    """One prompt per image: a string repeated batch_size times, or a list of batch_size strings (any length when
-    batch_size is 1)."""
-    if isinstance(prompt, str):
-        return [prompt] * batch_size
-    if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(p, str) for p in prompt):
-        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
-    if batch_size not in (1, len(prompt)):
-        raise ValueError(f"{len(prompt)} prompts in {name} for batch_size {batch_size}; give one prompt per image "
-                         "(or one string for all)")
-    return list(prompt)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -8,6 +8,7 @@ from torch import nn
 from .grouping import Grouping
 from .models import as_denoiser
 from .samplers import SAMPLERS
+from .schedule import check_prediction_type
 
 # Why a fractional timestep is refused rather than mapped: every expert is trained on the integer timesteps of
 # its group only, so a t between two groups' edges (249.5 with groups [0, 250) and [250, 1000)) belongs to no
@@ -43,7 +44,7 @@ class Router(nn.Module):
     expert_flops: FLOPs of one forward pass of each expert (batch 1), for exact trajectory accounting.
     prediction_type: what the experts predict ("epsilon", "v_prediction" or "sample": their training schedule's
         prediction type; a bundle's router records it), so that sampling with a schedule of another type is
-        refused; None: unknown (not checked).
+        refused; None: unknown (not checked). Raises ValueError for another value (schedule.check_prediction_type).
 
     A batch whose items have different t is split by group and put back in order. `samples_routed[i]`
     counts the samples expert i has processed since the last `reset_counts()`. The sampling loop, whose
@@ -55,6 +56,8 @@ class Router(nn.Module):
     def __init__(self, experts: list[nn.Module], grouping: Grouping, expert_flops: list[int] | None = None, *,
                  prediction_type: str | None = None):
         super().__init__()
+        if prediction_type is not None:  # a value diffusers takes: sampling's check compares it to the scheduler's
+            check_prediction_type(prediction_type)
         self.prediction_type = prediction_type
         if len(experts) != len(grouping):
             raise ValueError(f"{len(experts)} experts for {len(grouping)} groups; give one expert per group")

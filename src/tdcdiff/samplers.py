@@ -21,6 +21,8 @@ from typing import Callable
 
 import numpy as np
 
+from .schedule import check_prediction_type
+
 LEARNED_VARIANCES = ("learned", "learned_range")
 # "trailing": the first step is at t = T-1 and the steps are evenly spaced below it, for every step count
 # (diffusers' "leading" starts 1-step sampling at t=0; its "linspace" repeats a timestep at steps = T, which
@@ -61,7 +63,8 @@ def check_train_scheduler(scheduler, name: str = "train_scheduler") -> None:
     timesteps (DDPMScheduler, as schedule.make_scheduler builds; DDIM's, Euler's and the other beta schedulers'
     carry the same), which the samplers, training and bundles read. A flow-matching or variance-exploding
     scheduler (FlowMatchEulerDiscreteScheduler, ScoreSdeVeScheduler, KarrasVeScheduler), a scheduler config as a
-    dict, or None have no betas; name: the argument, for the message."""
+    dict, or None have no betas; a prediction_type diffusers does not take is refused too (schedule.
+    check_prediction_type). name: the argument, for the message."""
     config = getattr(scheduler, "config", None)
     missing = [need for need in _SCHEDULE_NEEDS
                if not hasattr(config if need.startswith("config.") else scheduler, need.removeprefix("config."))]
@@ -71,6 +74,7 @@ def check_train_scheduler(scheduler, name: str = "train_scheduler") -> None:
         raise ValueError(f"{name} must be the training noise schedule, a diffusers scheduler of betas over T training "
                          f"timesteps (e.g. DDPMScheduler: a bundle's Bundle.scheduler, or make_scheduler(T)), got "
                          f"{got}, which has no {', '.join(missing)}{fix}")
+    check_prediction_type(config.prediction_type, f"{name}.config.prediction_type")
 
 
 def _check_timesteps(timesteps: list[int], num_train_timesteps: int) -> None:

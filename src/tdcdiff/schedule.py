@@ -31,6 +31,14 @@ UNUSABLE_VARIANCES = {
 }
 
 
+def check_prediction_type(value, name: str = "prediction_type") -> None:
+    """Raise ValueError unless value is one of PREDICTION_TYPES, the ones diffusers' beta schedulers take (they check
+    it only inside step(), after a model call; a training target took any other value for "sample")."""
+    if not isinstance(value, str) or value not in PREDICTION_TYPES:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, PREDICTION_TYPES))} (diffusers' names: "
+                         f"v-prediction is 'v_prediction'), got {value!r}")
+
+
 def make_scheduler(
     num_train_timesteps: int = 1000,
     beta_schedule: str = "linear",
@@ -53,8 +61,7 @@ def make_scheduler(
     num_train_timesteps = as_integer("num_train_timesteps", num_train_timesteps, note="T")
     if beta_schedule not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta_schedule {beta_schedule!r}; choose one of {BETA_SCHEDULES}")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
+    check_prediction_type(prediction_type)
     if version not in SCHEDULE_VERSIONS:
         raise ValueError(f"unknown schedule_version {version}; choose one of {SCHEDULE_VERSIONS} (current: "
                          f"{SCHEDULE_VERSION})")
