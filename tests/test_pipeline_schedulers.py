@@ -150,3 +150,74 @@ def test_a_pipeline_goes_from_run_base_to_a_bundle_that_samples_with_its_schedul
     shown = CliRunner().invoke(app, ["sample", "--bundle", str(out / "bundle"), "--num", "2", "--output", str(grid),
                                      "--quiet"])
     assert shown.exit_code == 0 and grid.exists() and f"{sampler} 4 steps" in shown.output, shown.output
+
+
+def test_a_bundle_of_sigmoid_betas_samples_with_every_sampler_from_the_cli(tmp_path, tiny_unet):
+    """Attack 2026-12-07g row 724: save_bundle took DDPMScheduler(beta_schedule="sigmoid") and `tdcdiff sample
+    --bundle` ended in diffusers' NotImplementedError for ddim and dpm-solver++, whose classes lack the schedule;
+    every sampler is now given its betas."""
+    from diffusers import DDPMScheduler
+    from typer.testing import CliRunner
+
+    from tdcdiff.bundle import load_bundle, save_bundle
+    from tdcdiff.cli import app
+    from tdcdiff.flops import count_flops
+    from tdcdiff.grouping import make_groups
+
+    scheduler = DDPMScheduler(beta_schedule="sigmoid")
+    flops = count_flops(tiny_unet, (1, 8, 8))
+    path = save_bundle(tmp_path / "b", [tiny_unet, tiny_unet], make_groups("uniform", 2, scheduler), scheduler,
+                       sample_shape=(1, 8, 8), expert_flops=[flops, flops], base_flops=flops)
+    assert load_bundle(path).scheduler.config.beta_schedule == "sigmoid"
+    for sampler in SAMPLERS:
+        grid = tmp_path / f"{sampler}.png"
+        result = CliRunner().invoke(app, ["sample", "--bundle", str(path), "--sampler", sampler, "--steps", "3",
+                                          "--num", "2", "--output", str(grid), "--quiet"])
+        assert result.exit_code == 0 and grid.exists(), (sampler, result.output)
+
+
+def test_a_pipeline_of_sigmoid_betas_is_trained_and_sampled_with_any_sampler(tmp_path):
+    """Attack 2026-12-07g row 775: `tdcdiff run --base P --sampler ddim`, P's DDPMScheduler of sigmoid betas, trained
+    every stage, then failed at the samples stage: the run's schedule is the pipeline's betas, and each sampler
+    follows them."""
+    from diffusers import DDPMScheduler
+
+    from tdcdiff.run import Run
+
+    given = DDPMScheduler(num_train_timesteps=100, beta_schedule="sigmoid", beta_start=1e-3, beta_end=0.2)
+    pipe = _save_pipeline(tmp_path / "pipe", given)
+    for sampler in SAMPLERS:
+        run = Run(tmp_path / sampler, overrides={"sampler": sampler}, base=str(pipe), progress=False)
+        assert run.config.sampler == sampler
+    train = scheduler_from_config(json.loads((pipe / "scheduler" / "scheduler_config.json").read_text()))
+    check_bundle_scheduler(train, "the pipeline")
+    visited = visited_timesteps(7, 100)
+    for sampler in SAMPLERS:
+        torch.testing.assert_close(make_sampler(sampler, train, visited).alphas_cumprod, given.alphas_cumprod,
+                                   rtol=0, atol=0, msg=sampler)
+
+
+@pytest.mark.slow
+def test_run_base_with_sigmoid_betas_and_sampler_ddim_ends_with_samples(tmp_path):
+    """Row 775 end to end: the dry run, then the whole run with --sampler ddim, then the bundle sampled with
+    dpm-solver++ (the other sampler whose class lacks sigmoid betas)."""
+    from diffusers import DDPMScheduler
+    from typer.testing import CliRunner
+
+    from conftest import tiny_config
+    from tdcdiff.cli import app
+
+    pipe = _save_pipeline(tmp_path / "pipe", DDPMScheduler(num_train_timesteps=100, beta_schedule="sigmoid",
+                                                           beta_start=1e-3, beta_end=0.2))
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_config().to_dict()))
+    out = tmp_path / "run"
+    command = ["run", "--base", str(pipe), "--config", str(config), "--out", str(out), "--sampler", "ddim", "--quiet"]
+    dry = CliRunner().invoke(app, [*command, "--dry-run"])
+    assert dry.exit_code == 0 and not out.exists(), dry.output
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0 and (out / "bundle").is_dir(), result.output
+    grid = tmp_path / "grid.png"
+    shown = CliRunner().invoke(app, ["sample", "--bundle", str(out / "bundle"), "--sampler", "dpm-solver++",
+                                     "--num", "2", "--output", str(grid), "--quiet"])
+    assert shown.exit_code == 0 and grid.exists(), shown.output

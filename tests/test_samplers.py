@@ -22,16 +22,19 @@ MU, SD = 0.5, 0.2
 N = 4
 SHAPE = (1, 4, 4)
 BATCH = 256  # 4096 pixels: the standard error of the mean is about SD / 64 = 0.003
-SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "zero-snr")
+SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "zero-snr", "sigmoid")
 
 
 def training_schedule(T, schedule, prediction_type):
     """make_scheduler's schedule (linear betas scaled by 1000/T, so x_{T-1} is pure noise at every T, which is
     what every sampler starts from); "zero-snr": the linear one with diffusers' rescale_betas_zero_snr, as a
-    pipeline's scheduler config with that key gives (alpha_bar = 0 at t=T-1)."""
-    if schedule == "zero-snr":
+    pipeline's scheduler config with that key gives (alpha_bar = 0 at t=T-1); "sigmoid": diffusers'
+    DDPMScheduler's sigmoid betas between the same scaled ends, a schedule a pipeline may carry and DDIM's,
+    DPM-Solver's, PNDM's and Euler's scheduler classes lack (the samplers are given its betas)."""
+    if schedule in ("zero-snr", "sigmoid"):
         linear = make_scheduler(T, "linear", prediction_type)
-        return DDPMScheduler.from_config(linear.config, rescale_betas_zero_snr=True)
+        changes = {"rescale_betas_zero_snr": True} if schedule == "zero-snr" else {"beta_schedule": "sigmoid"}
+        return DDPMScheduler.from_config(linear.config, **changes)
     return make_scheduler(T, schedule, prediction_type)
 
 
@@ -362,6 +365,30 @@ def test_a_pipeline_scheduler_config_moves_neither_the_visited_timesteps_nor_the
     visited = visited_timesteps(13, 1000)
     for name in SAMPLERS:
         assert_visits_and_ends_at_x0(make_sampler(name, scheduler, visited), visited, name)
+
+
+@pytest.mark.parametrize("schedule", ["sigmoid", "zero-snr", "random"])
+def test_every_sampler_follows_the_training_betas_exactly(schedule):
+    """Every sampler is given the training schedule's own betas (diffusers' trained_betas), so any betas a
+    DDPMScheduler holds are followed to the bit: a beta_schedule the sampler's own class lacks (attack 2026-12-07g
+    rows 724, 775: DDIMScheduler and DPMSolverMultistepScheduler raised NotImplementedError on "sigmoid"), a zero
+    terminal SNR (not rescaled a second time) and hand-given betas."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if schedule == "random":
+        betas = np.sort(np.random.default_rng(0).uniform(1e-4, 0.05, 1000))
+        train = DDPMScheduler(trained_betas=betas, prediction_type="sample")
+    else:
+        train = training_schedule(1000, schedule, "sample")
+    if schedule == "sigmoid":
+        for lacking in (DDIMScheduler, DPMSolverMultistepScheduler):
+            with pytest.raises(NotImplementedError, match="sigmoid is not implemented"):
+                lacking.from_config(train.config)
+    visited = visited_timesteps(13, 1000)
+    for name in SAMPLERS:
+        sampler = make_sampler(name, train, visited)
+        torch.testing.assert_close(sampler.alphas_cumprod, train.alphas_cumprod, rtol=0, atol=0, msg=name)
+        assert_visits_and_ends_at_x0(sampler, visited, f"{name}, {schedule}")
 
 
 @pytest.mark.parametrize("timesteps", [[5, 5], [3, 7], [100, 3], [3, -1], []])

@@ -5,7 +5,9 @@ Every sampler is given the visited timesteps by `set_timesteps(timesteps=...)`, 
 argument (DDPMScheduler and DPMSolverMultistepScheduler have it in diffusers 0.42.1). A diffusers scheduler
 without it gets a mixin that adds it (DDIMScheduler, PNDMScheduler, UniPCMultistepScheduler,
 DEISMultistepScheduler and EulerDiscreteScheduler here), and an entry in _SAMPLERS: the sampling loop then treats
-every sampler alike, one model call per visited timestep. A sampler's name is matched here only;
+every sampler alike, one model call per visited timestep. Every sampler is built from the training schedule's own
+betas (`trained_betas`), so it follows whatever betas the training DDPMScheduler holds, also a beta_schedule its
+own diffusers class lacks (e.g. "sigmoid"). A sampler's name is matched here only;
 `sampler_for_scheduler` maps a pipeline's diffusers scheduler class to it.
 
 This module imports neither torch nor diffusers (the CLI's help lists the samplers, and those imports take
@@ -126,9 +128,10 @@ class _NextVisitedDDIM:
 
 class _VisitedSigmas:
     """set_timesteps(timesteps=...) for a diffusers multistep solver whose step reads `timesteps` and `sigmas`
-    (UniPCMultistepScheduler, DEISMultistepScheduler in diffusers 0.42.1): the solver's own set_timesteps resets
-    its history, then the visited timesteps and their sigmas, sqrt((1 - alpha_bar) / alpha_bar) as diffusers
-    computes them, replace its own, with a last sigma of 0: the step from the last visited timestep goes to x0.
+    (DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler in diffusers 0.42.1): the
+    solver's own set_timesteps resets its history, then the visited timesteps and their sigmas,
+    sqrt((1 - alpha_bar) / alpha_bar) as diffusers computes them (a zero alpha_bar at ZERO_SNR_ALPHA_BAR), replace
+    its own, with a last sigma of 0: the step from the last visited timestep goes to x0.
     """
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None,
@@ -260,6 +263,15 @@ def _scheduler_class(base: str, mixin: type) -> type:
     return type(f"Visited{base}", (mixin, getattr(diffusers, base)), {"__module__": __name__, "__doc__": mixin.__doc__})
 
 
+def _own_betas(train) -> dict:
+    """The settings that give a sampler the training schedule's own betas, exactly: diffusers' `trained_betas`
+    (every beta scheduler takes them). Rebuilt from the config instead, a beta_schedule the sampler's class lacks
+    raises NotImplementedError (e.g. "sigmoid", which DDPMScheduler has and DDIM's, DPM-Solver's, PNDM's and
+    Euler's schedulers do not, diffusers 0.42.1), and trained betas stay the training ones: a zero terminal SNR is
+    in them already, so rescale_betas_zero_snr is off (DEIS and PNDM have no such setting: ignored there)."""
+    return {"trained_betas": train.betas.tolist(), "rescale_betas_zero_snr": False}
+
+
 def _ddpm(train, learned_variance: bool):
     from diffusers import DDPMScheduler
 
@@ -268,55 +280,51 @@ def _ddpm(train, learned_variance: bool):
         variance = declared if declared in LEARNED_VARIANCES else "learned_range"
     else:
         variance = "fixed_small" if declared in LEARNED_VARIANCES else declared
-    return DDPMScheduler.from_config(train.config, variance_type=variance, timestep_spacing=TIMESTEP_SPACING)
+    return DDPMScheduler.from_config(train.config, **_own_betas(train), variance_type=variance,
+                                     timestep_spacing=TIMESTEP_SPACING)
 
 
 def _ddim(train, learned_variance: bool):
     # set_alpha_to_one=False (Stable Diffusion's DDIM config) would end at alpha_bar_0 instead of x0
     return _scheduler_class("DDIMScheduler", _NextVisitedDDIM).from_config(
-        train.config, timestep_spacing=TIMESTEP_SPACING, set_alpha_to_one=True)
+        train.config, **_own_betas(train), timestep_spacing=TIMESTEP_SPACING, set_alpha_to_one=True)
 
 
 def _dpm_solver(train, learned_variance: bool):
     # Its own sigma spacings (which refuse given timesteps) and a last step to sigma_min instead of x0 are off,
-    # whatever a pipeline's scheduler config says.
-    from diffusers import DPMSolverMultistepScheduler
-
-    return DPMSolverMultistepScheduler.from_config(train.config, algorithm_type="dpmsolver++", variance_type=None,
-                                                   timestep_spacing=TIMESTEP_SPACING, final_sigmas_type="zero",
-                                                   **_OWN_SIGMAS_OFF)
-
-
-def _unipc(train, learned_variance: bool):
-    # The training schedule's own betas (a pipeline's beta_schedule may be one UniPC lacks; a zero terminal SNR is
-    # in them already, so no second rescaling); bh2 at order 2, diffusers' defaults, whatever a config says.
-    return _scheduler_class("UniPCMultistepScheduler", _VisitedSigmas).from_config(
-        train.config, trained_betas=train.betas.tolist(), rescale_betas_zero_snr=False, solver_order=2,
-        solver_type="bh2", predict_x0=True, lower_order_final=True, disable_corrector=[], solver_p=None,
+    # whatever a pipeline's scheduler config says; its sigmas are the visited timesteps' (_VisitedSigmas, which
+    # puts a zero terminal SNR at ZERO_SNR_ALPHA_BAR as diffusers' rescale_betas_zero_snr does).
+    return _scheduler_class("DPMSolverMultistepScheduler", _VisitedSigmas).from_config(
+        train.config, **_own_betas(train), algorithm_type="dpmsolver++", variance_type=None,
         timestep_spacing=TIMESTEP_SPACING, final_sigmas_type="zero", **_OWN_SIGMAS_OFF)
 
 
+def _unipc(train, learned_variance: bool):
+    # bh2 at order 2, diffusers' defaults, whatever a config says.
+    return _scheduler_class("UniPCMultistepScheduler", _VisitedSigmas).from_config(
+        train.config, **_own_betas(train), solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
+        disable_corrector=[], solver_p=None, timestep_spacing=TIMESTEP_SPACING, final_sigmas_type="zero",
+        **_OWN_SIGMAS_OFF)
+
+
 def _deis(train, learned_variance: bool):
-    # DEISMultistepScheduler (0.42.1) has no rescale_betas_zero_snr (from_config drops it silently): the training
-    # schedule's own betas give it the same alphas.
     return _scheduler_class("DEISMultistepScheduler", _DEISToX0).from_config(
-        train.config, trained_betas=train.betas.tolist(), solver_order=2, algorithm_type="deis",
-        solver_type="logrho", lower_order_final=True, timestep_spacing=TIMESTEP_SPACING, **_OWN_SIGMAS_OFF)
+        train.config, **_own_betas(train), solver_order=2, algorithm_type="deis", solver_type="logrho",
+        lower_order_final=True, timestep_spacing=TIMESTEP_SPACING, **_OWN_SIGMAS_OFF)
 
 
 def _pndm(train, learned_variance: bool):
-    # The training schedule's own betas (PNDM lacks the sigmoid schedule and zero-SNR rescaling)
     return _scheduler_class("PNDMScheduler", _PLMS).from_config(
-        train.config, trained_betas=train.betas.tolist(), skip_prk_steps=True, set_alpha_to_one=True,
+        train.config, **_own_betas(train), skip_prk_steps=True, set_alpha_to_one=True,
         timestep_spacing=TIMESTEP_SPACING)
 
 
 def _euler(train, learned_variance: bool):
-    # The training schedule's own betas (Euler lacks the sigmoid schedule), no churn (deterministic), linear
-    # interpolation of sigmas at the given timesteps, whatever a pipeline's config says.
+    # No churn (deterministic), linear interpolation of sigmas at the given timesteps, whatever a pipeline's config
+    # says.
     return _scheduler_class("EulerDiscreteScheduler", _EulerVisited).from_config(
-        train.config, trained_betas=train.betas.tolist(), rescale_betas_zero_snr=False, interpolation_type="linear",
-        timestep_type="discrete", timestep_spacing=TIMESTEP_SPACING, final_sigmas_type="zero", **_OWN_SIGMAS_OFF)
+        train.config, **_own_betas(train), interpolation_type="linear", timestep_type="discrete",
+        timestep_spacing=TIMESTEP_SPACING, final_sigmas_type="zero", **_OWN_SIGMAS_OFF)
 
 
 @dataclass(frozen=True)
@@ -404,9 +412,10 @@ def make_sampler(name: str, train_scheduler, timesteps: list[int] | None = None,
     learned_variance: the model outputs a variance half; DDPM then uses it (diffusers' "learned_range",
         unless the schedule says "learned"). The other samplers never see it (`sample` passes them the
         prediction only), so DPM-Solver's own learned-variance slicing (`[:, :3]`, RGB only) is switched off.
-    Every sampler visits exactly the given timesteps and ends at x0, whatever else the training scheduler's
-    config (e.g. a pipeline's) says: trailing spacing, DDIM's set_alpha_to_one, the solvers' sigma spacings and
-    final sigma are set here; UniPC is bh2 and UniPC and DEIS are order 2 (diffusers' defaults).
+    Every sampler follows the training schedule's betas exactly (diffusers' `trained_betas`), visits exactly the
+    given timesteps and ends at x0, whatever else the training scheduler's config (e.g. a pipeline's) says:
+    trailing spacing, DDIM's set_alpha_to_one, the solvers' sigma spacings and final sigma are set here; UniPC is
+    bh2 and UniPC and DEIS are order 2 (diffusers' defaults).
     Raises ValueError for an unknown name, a train_scheduler without betas (check_train_scheduler), or timesteps that
     are not distinct and descending within 0..T-1.
     """
