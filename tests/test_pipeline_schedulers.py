@@ -221,3 +221,55 @@ def test_run_base_with_sigmoid_betas_and_sampler_ddim_ends_with_samples(tmp_path
     shown = CliRunner().invoke(app, ["sample", "--bundle", str(out / "bundle"), "--sampler", "dpm-solver++",
                                      "--num", "2", "--output", str(grid), "--quiet"])
     assert shown.exit_code == 0 and grid.exists(), shown.output
+
+
+@pytest.mark.parametrize("class_name", ["FlowMatchEulerDiscreteScheduler", "EDMEulerScheduler", "ScoreSdeVeScheduler"])
+def test_a_pipeline_scheduler_without_betas_is_refused_whatever_the_sampler(tmp_path, class_name):
+    """Attack 2026-12-07g row 774: a flow-matching --base was refused with "pass --sampler", and with --sampler ddim
+    its model was trained as an epsilon DDPM of default linear betas without a word. A scheduler without betas is
+    refused before any work, sampler or not, in the dry run too, and by load_base_model, naming the class and why."""
+    import diffusers
+    from typer.testing import CliRunner
+
+    from tdcdiff.base_model import BaseModelError, load_base_model
+    from tdcdiff.cli import app
+    from tdcdiff.run import Run
+
+    pipe = _save_pipeline(tmp_path / "pipe", getattr(diffusers, class_name)())
+    out = tmp_path / "run"
+    message = (rf"samples with {class_name}, which takes no betas \(a flow-matching or sigma-only schedule\): its "
+               r"model was trained for another objective than tdcdiff's DDPM losses \(epsilon, v or x0 targets over a "
+               r"schedule of betas\), and no --sampler changes that; start from a diffusers pipeline whose scheduler "
+               r"has betas \(e.g. DDPMScheduler, DDIMScheduler, .*\)$")
+    for extra in ([], ["--sampler", "ddim"], ["--sampler", "unipc", "--dry-run"], ["--dry-run"]):
+        result = CliRunner().invoke(app, ["run", "--base", str(pipe), "--out", str(out), "--quiet", *extra])
+        shown = " ".join(result.output.split())
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, (extra, result.output)
+        assert shown.startswith(f"error: --base {pipe} samples with {class_name}, which takes no betas"), shown
+        assert "pass --sampler" not in shown and not out.exists(), extra
+    with pytest.raises(BaseModelError, match=rf"^--base {pipe} {message}"):
+        Run(out, overrides={"sampler": "ddim"}, base=str(pipe), progress=False)
+    with pytest.raises(BaseModelError, match=rf"^{pipe} {message}"):
+        load_base_model(str(pipe))
+    assert not out.exists()
+
+
+def test_a_scheduler_class_diffusers_lacks_is_read_by_its_config(tmp_path):
+    """A scheduler class diffusers does not have (another library's, or renamed): with betas in its config a sampler
+    can be named for it (the run trains on those betas); without any it is refused, as a schedule without betas."""
+    from diffusers import DDPMScheduler
+
+    from tdcdiff.base_model import BaseModelError
+    from tdcdiff.run import Run
+
+    pipe = _save_pipeline(tmp_path / "pipe", DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2"))
+    index = pipe / "model_index.json"
+    index.write_text(index.read_text().replace('"DDPMScheduler"', '"MyScheduler"'))
+    config = pipe / "scheduler" / "scheduler_config.json"
+    run = Run(tmp_path / "a", overrides={"sampler": "ddim"}, base=str(pipe), progress=False)
+    assert (run.config.sampler, run.config.beta_schedule) == ("ddim", "squaredcos_cap_v2")
+    config.write_text(json.dumps({"_class_name": "MyScheduler", "num_train_timesteps": 100}))
+    with pytest.raises(BaseModelError, match=r"samples with MyScheduler, which is not a diffusers scheduler class, and "
+                                             r"its config names no betas \(none of trained_betas, beta_schedule, "
+                                             r"beta_start, beta_end\): its model was trained for another objective"):
+        Run(tmp_path / "b", overrides={"sampler": "ddim"}, base=str(pipe), progress=False)

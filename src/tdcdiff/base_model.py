@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import re
 import threading
@@ -24,7 +25,15 @@ from .capacity import FLOAT_BYTES, check_memory
 from .files import brief, parse_json, read_untrusted
 from .latent import VAE_CLASSES
 from .models import check_denoiser, num_class_embeds, text_width
-from .serialization import TRANSFORMERS_CLASSES, architecture_of, build_model, check_arguments, register_model_class
+from .samplers import PIPELINE_SAMPLERS
+from .serialization import (
+    TRANSFORMERS_CLASSES,
+    allowed_class,
+    architecture_of,
+    build_model,
+    check_arguments,
+    register_model_class,
+)
 from .text import TOKENIZER_CLASSES, TextEncoder, TextError, check_widths, read_tokenizer
 
 # The diffusers model classes a directory may name: denoisers called as model(x, t[, class_labels]), or with
@@ -189,6 +198,7 @@ def _load_pipeline(directory: Path, check: Check | None) -> BaseModel:
     model = _load_diffusers_model(directory / key, class_name,
                                   check=None if check is None else lambda skeleton: check(skeleton, vae, text))
     scheduler = _read_json(directory / "scheduler" / "scheduler_config.json")
+    check_beta_scheduler(pipeline_scheduler_class(index, scheduler), scheduler, str(directory))
     if "num_train_timesteps" not in scheduler:
         raise BaseModelError(f"{directory / 'scheduler' / 'scheduler_config.json'} has no num_train_timesteps")
     if text is not None:
@@ -207,6 +217,37 @@ def pipeline_scheduler_class(index: dict, scheduler: dict) -> str | None:
     entry = index.get("scheduler")
     name = entry[1] if isinstance(entry, list) and len(entry) == 2 else scheduler.get("_class_name")
     return name if isinstance(name, str) else None
+
+
+# The scheduler settings that define betas: a config of a class diffusers does not have, with none of them, holds no
+# schedule of betas (DDPMScheduler.from_config would make it the default linear one without a word).
+BETA_KEYS = ("trained_betas", "beta_schedule", "beta_start", "beta_end")
+
+
+def check_beta_scheduler(class_name: str | None, config: dict, source: str) -> None:
+    """Raise BaseModelError unless a pipeline's scheduler is a noise schedule of betas, which is what tdcdiff
+    trains (DDPM losses: epsilon, v or x0 targets at alpha_bar_t = prod(1 - beta)) and samples, with any sampler:
+    a diffusers scheduler class that takes `trained_betas` or a `beta_schedule` (DDPM, DDIM, PNDM, DPM-Solver,
+    UniPC, DEIS, Euler, LMS, Heun, LCM, UnCLIP, ...; None: DDPMScheduler), or, for a class diffusers does not have,
+    a config with BETA_KEYS.
+    A flow-matching scheduler (FlowMatchEulerDiscreteScheduler) or one of noise levels sigma alone (EDM's,
+    ScoreSdeVe's, consistency models') takes no betas: its model was trained for another objective, which no
+    --sampler changes. class_name: model_index.json's (pipeline_scheduler_class); config: scheduler_config.json's;
+    source: the pipeline, for the message."""
+    try:
+        cls = allowed_class(f"diffusers.{class_name or 'DDPMScheduler'}", "SchedulerMixin", source)
+    except ValueError:  # not a diffusers scheduler class: only its config can say
+        cls = None
+    if cls is not None and {"trained_betas", "beta_schedule"} & set(inspect.signature(cls.__init__).parameters):
+        return
+    if cls is None and any(key in config for key in BETA_KEYS):
+        return
+    why = ("which takes no betas (a flow-matching or sigma-only schedule)" if cls is not None else
+           f"which is not a diffusers scheduler class, and its config names no betas (none of {', '.join(BETA_KEYS)})")
+    raise BaseModelError(
+        f"{source} samples with {class_name}, {why}: its model was trained for another objective than tdcdiff's DDPM "
+        f"losses (epsilon, v or x0 targets over a schedule of betas), and no --sampler changes that; start from a "
+        f"diffusers pipeline whose scheduler has betas (e.g. {', '.join(PIPELINE_SAMPLERS)})")
 
 
 def check_text_unet(model: nn.Module, source: str) -> None:
@@ -461,8 +502,6 @@ def scheduler_from_config(config: dict):
     (DDIM's set_alpha_to_one, PNDM's skip_prk_steps, ...) are left out: DDPMScheduler.from_config would keep them
     in its config, where a bundle refuses them. So are unset (null) ones: DPM-Solver's variance_type null means
     "no learned variance", which a DDPMScheduler spells as its default."""
-    import inspect
-
     from diffusers import DDPMScheduler
 
     takes = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from ..base_model import diffusers_folder, pipeline_scheduler_class
+from ..base_model import check_beta_scheduler, diffusers_folder, pipeline_scheduler_class
 from ..budget import BUDGET_UNITS, ORDERINGS, budget_fractions, check_mean_budget
 from ..capacity import FID_LIMIT, GRID_LIMIT, MAX_FID_IMAGES, MAX_FID_SEEDS, MAX_GRID_IMAGES, SEEDS_LIMIT
 from ..devices import check_cuda_visible
@@ -198,7 +198,8 @@ def _validate_section(section, name: str) -> None:
 def with_pipeline_schedule(config: RunConfig) -> RunConfig:
     """With a diffusers pipeline as base_model, the run's schedule settings are its scheduler's, and an unset
     sampler is the one of its scheduler class (samplers.sampler_for_scheduler); otherwise an unset sampler is
-    "ddim". Raises ValueError, before any work, for a pipeline scheduler class that no sampler follows (unless a
+    "ddim". Raises ValueError, before any work, for a pipeline scheduler without betas (base_model.
+    check_beta_scheduler: flow matching, whatever the sampler) or of a class that no sampler follows (unless a
     sampler is given)."""
     ddim = replace(config, sampler=config.sampler or "ddim")
     if not config.base_model:
@@ -217,11 +218,12 @@ def with_pipeline_schedule(config: RunConfig) -> RunConfig:
                "prediction_type": scheduler.get("prediction_type", config.prediction_type)}
     if scheduler.get("beta_schedule") in BETA_SCHEDULES:
         changes["beta_schedule"] = scheduler["beta_schedule"]
+    index = path.parent.parent / "model_index.json"
+    index = parse_json(read_untrusted(index.parent, index.name, str(index), max_bytes=MAX_SCHEDULER_BYTES,
+                                      hint=FIX_PIPELINE), index, FIX_PIPELINE)
+    name = pipeline_scheduler_class(index if isinstance(index, dict) else {}, scheduler)
+    check_beta_scheduler(name, scheduler, f"--base {config.base_model}")  # whatever the sampler: training needs betas
     if config.sampler is None:
-        index = path.parent.parent / "model_index.json"
-        index = parse_json(read_untrusted(index.parent, index.name, str(index), max_bytes=MAX_SCHEDULER_BYTES,
-                                          hint=FIX_PIPELINE), index, FIX_PIPELINE)
-        name = pipeline_scheduler_class(index if isinstance(index, dict) else {}, scheduler)
         changes["sampler"] = sampler_for_scheduler(name or "DDPMScheduler", f"--base {config.base_model}")[0]
     return replace(config, **changes)
 
