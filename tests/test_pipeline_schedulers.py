@@ -2,6 +2,7 @@
 its training schedule is checked before any work, and the bundle keeps the scheduler and samples with it."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -273,3 +274,33 @@ def test_a_scheduler_class_diffusers_lacks_is_read_by_its_config(tmp_path):
                                              r"its config names no betas \(none of trained_betas, beta_schedule, "
                                              r"beta_start, beta_end\): its model was trained for another objective"):
         Run(tmp_path / "b", overrides={"sampler": "ddim"}, base=str(pipe), progress=False)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"trained_betas": [0.01] * 50 + [1.5] + [0.01] * 49},
+     r"^error: the noise schedule's betas give noise levels alpha_bar that are not finite and falling from below 1 "
+     r"to above 0: alpha_bar at t=50 is -0.303 \(beta 1.5\); .* \(the schedule of --base \S+: fix its scheduler "
+     r"config\)$"),
+    ({"beta_schedule": "cosine"},
+     r"^error: --base \S+: its scheduler config gives no DDPMScheduler \(NotImplementedError: cosine is not "
+     r"implemented for .*\); fix the pipeline's scheduler config$"),
+])
+def test_a_pipeline_schedule_no_sampler_follows_is_refused_in_the_dry_run(tmp_path, change, message):
+    """Betas that give no falling noise levels, or a beta_schedule diffusers does not build: the dry run and the run
+    say so in one line before any work (the run refused the first at stage 1 only; the second was diffusers'
+    NotImplementedError traceback)."""
+    from diffusers import DDPMScheduler
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    pipe = _save_pipeline(tmp_path / "pipe", DDPMScheduler(num_train_timesteps=100))
+    config = pipe / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    out = tmp_path / "run"
+    for extra in (["--dry-run"], []):
+        result = CliRunner().invoke(app, ["run", "--base", str(pipe), "--out", str(out), "--quiet", *extra])
+        shown = " ".join(result.output.split())
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, (extra, result.output)
+        assert re.match(message, shown), shown
+        assert not out.exists()

@@ -521,3 +521,31 @@ def test_a_scheduler_without_betas_is_one_error_naming_what_sampling_and_trainin
     with pytest.raises(ValueError, match=message("scheduler")):
         train(tiny_unet, torch.zeros(4, 1, 8, 8), scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t")
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("betas, where", [
+    (np.r_[np.full(50, 0.01), [1.5], np.full(49, 0.01)], r"alpha_bar at t=50 is -0.303 \(beta 1.5\)"),
+    (np.r_[np.full(50, 0.01), [-0.5], np.full(49, 0.01)], r"alpha_bar at t=50 is 0.908 \(beta -0.5\)"),
+    (np.r_[np.full(50, 0.01), [np.nan], np.full(49, 0.01)], r"alpha_bar at t=50 is nan \(beta nan\)"),
+    (np.r_[np.full(50, 0.01), [1.0], np.full(49, 0.01)], r"alpha_bar at t=50 is 0 \(beta 1\)"),
+    (np.zeros(100), r"alpha_bar at t=0 is 1 \(beta 0\)"),
+])
+def test_betas_no_sampler_can_follow_are_one_error_where_a_schedule_is_given(betas, where, tiny_unet, tmp_path):
+    """Noise levels that are not finite and falling from below 1 to above 0 (a beta above 1, below 0, NaN, 1 before
+    t=T-1, or all 0): sample() ended in "NaN/inf pixels ... check the model", train() in a non-finite output blamed on
+    the time embedding, or trained and warned; now one error, before any sampling or writing."""
+    from tdcdiff.pipeline import TDCPipeline
+    from tdcdiff.train import TrainConfig, train
+
+    scheduler = DDPMScheduler(num_train_timesteps=100, trained_betas=betas, prediction_type="v_prediction")
+    message = (rf"^the noise schedule's betas give noise levels alpha_bar that are not finite and falling from below 1 "
+               rf"to above 0: {where}; every beta must be in \[0, 1\), the first above 0, and 1 only at t=T-1 \(zero "
+               rf"terminal SNR\); e.g. make_scheduler\(T\) or DDPMScheduler\(beta_schedule=...\)$")
+    with pytest.raises(ValueError, match=message):
+        sample(tiny_unet, scheduler, sample_shape=(1, 8, 8), steps=2, progress=False)
+    with pytest.raises(ValueError, match=message):
+        TDCPipeline(tiny_unet, scheduler, (1, 8, 8))
+    with pytest.raises(ValueError, match=message):
+        train(tiny_unet, torch.zeros(4, 1, 8, 8), scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t",
+              progress=False)
+    assert not (tmp_path / "t").exists()

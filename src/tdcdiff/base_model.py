@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from .capacity import FLOAT_BYTES, check_memory
-from .files import brief, parse_json, read_untrusted
+from .files import brief, is_count, parse_json, read_untrusted
 from .latent import VAE_CLASSES
 from .models import check_denoiser, num_class_embeds, text_width
 from .samplers import PIPELINE_SAMPLERS
+from .schedule import MAX_TIMESTEPS, check_sampling_schedule
 from .serialization import (
     TRANSFORMERS_CLASSES,
     allowed_class,
@@ -198,7 +199,7 @@ def _load_pipeline(directory: Path, check: Check | None) -> BaseModel:
     model = _load_diffusers_model(directory / key, class_name,
                                   check=None if check is None else lambda skeleton: check(skeleton, vae, text))
     scheduler = _read_json(directory / "scheduler" / "scheduler_config.json")
-    check_beta_scheduler(pipeline_scheduler_class(index, scheduler), scheduler, str(directory))
+    check_pipeline_schedule(pipeline_scheduler_class(index, scheduler), scheduler, str(directory))
     if "num_train_timesteps" not in scheduler:
         raise BaseModelError(f"{directory / 'scheduler' / 'scheduler_config.json'} has no num_train_timesteps")
     if text is not None:
@@ -219,35 +220,44 @@ def pipeline_scheduler_class(index: dict, scheduler: dict) -> str | None:
     return name if isinstance(name, str) else None
 
 
-# The scheduler settings that define betas: a config of a class diffusers does not have, with none of them, holds no
-# schedule of betas (DDPMScheduler.from_config would make it the default linear one without a word).
+# Settings that define betas: without any, DDPMScheduler.from_config would give a config its default linear ones.
 BETA_KEYS = ("trained_betas", "beta_schedule", "beta_start", "beta_end")
 
 
-def check_beta_scheduler(class_name: str | None, config: dict, source: str) -> None:
-    """Raise BaseModelError unless a pipeline's scheduler is a noise schedule of betas, which is what tdcdiff
-    trains (DDPM losses: epsilon, v or x0 targets at alpha_bar_t = prod(1 - beta)) and samples, with any sampler:
-    a diffusers scheduler class that takes `trained_betas` or a `beta_schedule` (DDPM, DDIM, PNDM, DPM-Solver,
-    UniPC, DEIS, Euler, LMS, Heun, LCM, UnCLIP, ...; None: DDPMScheduler), or, for a class diffusers does not have,
-    a config with BETA_KEYS.
-    A flow-matching scheduler (FlowMatchEulerDiscreteScheduler) or one of noise levels sigma alone (EDM's,
-    ScoreSdeVe's, consistency models') takes no betas: its model was trained for another objective, which no
-    --sampler changes. class_name: model_index.json's (pipeline_scheduler_class); config: scheduler_config.json's;
-    source: the pipeline, for the message."""
+def check_pipeline_schedule(class_name: str | None, config: dict, source: str) -> None:
+    """Raise BaseModelError unless a pipeline's scheduler is a noise schedule of betas, which tdcdiff trains (DDPM
+    losses: epsilon, v or x0 targets at alpha_bar_t = prod(1 - beta)) and samples with every sampler: a diffusers
+    class taking `trained_betas` or a `beta_schedule` (DDPM, DDIM, PNDM, DPM-Solver, UniPC, Euler, LMS, ...; None:
+    DDPMScheduler), or a class diffusers lacks whose config has BETA_KEYS, not flow matching or sigmas alone (EDM,
+    score SDE, consistency): no --sampler changes what such a model was trained for. Its betas must build a
+    DDPMScheduler (scheduler_from_config) that schedule.check_sampling_schedule passes; a T outside
+    2..MAX_TIMESTEPS is left to the settings' check. class_name: model_index.json's (pipeline_scheduler_class);
+    config: scheduler_config.json's; source: the pipeline, for the message."""
     try:
         cls = allowed_class(f"diffusers.{class_name or 'DDPMScheduler'}", "SchedulerMixin", source)
     except ValueError:  # not a diffusers scheduler class: only its config can say
         cls = None
-    if cls is not None and {"trained_betas", "beta_schedule"} & set(inspect.signature(cls.__init__).parameters):
+    betas = (bool({"trained_betas", "beta_schedule"} & set(inspect.signature(cls.__init__).parameters))
+             if cls is not None else any(key in config for key in BETA_KEYS))
+    if not betas:
+        why = ("which takes no betas (a flow-matching or sigma-only schedule)" if cls is not None else "which is not "
+               f"a diffusers scheduler class, and its config names no betas (none of {', '.join(BETA_KEYS)})")
+        raise BaseModelError(
+            f"{source} samples with {class_name}, {why}: its model was trained for another objective than tdcdiff's "
+            f"DDPM losses (epsilon, v or x0 targets over a schedule of betas), and no --sampler changes that; start "
+            f"from a diffusers pipeline whose scheduler has betas (e.g. {', '.join(PIPELINE_SAMPLERS)})")
+    steps = config.get("num_train_timesteps", 1000)
+    if not is_count(steps, 2) or steps > MAX_TIMESTEPS:
         return
-    if cls is None and any(key in config for key in BETA_KEYS):
-        return
-    why = ("which takes no betas (a flow-matching or sigma-only schedule)" if cls is not None else
-           f"which is not a diffusers scheduler class, and its config names no betas (none of {', '.join(BETA_KEYS)})")
-    raise BaseModelError(
-        f"{source} samples with {class_name}, {why}: its model was trained for another objective than tdcdiff's DDPM "
-        f"losses (epsilon, v or x0 targets over a schedule of betas), and no --sampler changes that; start from a "
-        f"diffusers pipeline whose scheduler has betas (e.g. {', '.join(PIPELINE_SAMPLERS)})")
+    try:
+        scheduler = scheduler_from_config(config)
+    except (ValueError, TypeError, NotImplementedError) as err:  # diffusers' refusals of a setting
+        raise BaseModelError(f"{source}: its scheduler config gives no DDPMScheduler ({type(err).__name__}: "
+                             f"{brief(str(err), 200, quote=False)}); fix the pipeline's scheduler config") from None
+    try:
+        check_sampling_schedule(scheduler)
+    except ValueError as err:
+        raise BaseModelError(f"{err} (the schedule of {source}: fix its scheduler config)") from None
 
 
 def check_text_unet(model: nn.Module, source: str) -> None:

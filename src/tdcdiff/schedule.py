@@ -92,10 +92,32 @@ def terminal_alpha_bar(scheduler) -> float:
     return float(scheduler.alphas_cumprod[-1])
 
 
+def check_noise_levels(scheduler) -> None:
+    """Raise ValueError unless the schedule's betas give one noise level per training timestep, alpha_bar_t =
+    prod_{s<=t} (1 - beta_s), finite and falling from below 1 to above 0 (the last may be 0: zero terminal SNR),
+    which training (x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps) and every sampler assume. A beta outside
+    [0, 1) or NaN, a first beta of 0 (no noise at t=0) or a beta of 1 before t=T-1 break it: sampling then ends in
+    NaN pixels, or training in a non-finite loss, blamed on the model."""
+    alphas, steps = scheduler.alphas_cumprod, scheduler.config.num_train_timesteps
+    if len(alphas) != steps:
+        raise ValueError(f"the noise schedule has {len(alphas)} betas for num_train_timesteps={steps}; give one beta "
+                         f"per training timestep")
+    inside = torch.isfinite(alphas) & (alphas < 1) & torch.cat([alphas[:-1] > 0, alphas[-1:] >= 0])
+    bad = (~inside | torch.cat([torch.zeros(1, dtype=torch.bool), alphas[1:] > alphas[:-1]])).nonzero()
+    if len(bad):
+        t = int(bad[0])
+        raise ValueError(
+            f"the noise schedule's betas give noise levels alpha_bar that are not finite and falling from below 1 to "
+            f"above 0: alpha_bar at t={t} is {float(alphas[t]):.3g} (beta {float(scheduler.betas[t]):.3g}); every "
+            f"beta must be in [0, 1), the first above 0, and 1 only at t=T-1 (zero terminal SNR); e.g. "
+            f"make_scheduler(T) or DDPMScheduler(beta_schedule=...)")
+
+
 def check_sampling_schedule(scheduler) -> None:
-    """Raise ValueError if sampling cannot run on this schedule: a variance_type of UNUSABLE_VARIANCES, or epsilon
-    prediction with zero terminal SNR (alpha_bar_{T-1} = 0), where x0 = (x_t - sqrt(1 - alpha_bar) eps) /
-    sqrt(alpha_bar) divides by 0."""
+    """Raise ValueError if sampling cannot run on this schedule: noise levels that are not finite and falling within
+    (0, 1] (check_noise_levels), a variance_type of UNUSABLE_VARIANCES, or epsilon prediction with zero terminal
+    SNR (alpha_bar_{T-1} = 0), where x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) divides by 0."""
+    check_noise_levels(scheduler)
     variance = scheduler.config.get("variance_type")
     if variance in UNUSABLE_VARIANCES:
         raise ValueError(

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from ..base_model import check_beta_scheduler, diffusers_folder, pipeline_scheduler_class
+from ..base_model import check_pipeline_schedule, diffusers_folder, pipeline_scheduler_class
 from ..budget import BUDGET_UNITS, ORDERINGS, budget_fractions, check_mean_budget
 from ..capacity import FID_LIMIT, GRID_LIMIT, MAX_FID_IMAGES, MAX_FID_SEEDS, MAX_GRID_IMAGES, SEEDS_LIMIT
 from ..devices import check_cuda_visible
@@ -198,9 +198,9 @@ def _validate_section(section, name: str) -> None:
 def with_pipeline_schedule(config: RunConfig) -> RunConfig:
     """With a diffusers pipeline as base_model, the run's schedule settings are its scheduler's, and an unset
     sampler is the one of its scheduler class (samplers.sampler_for_scheduler); otherwise an unset sampler is
-    "ddim". Raises ValueError, before any work, for a pipeline scheduler without betas (base_model.
-    check_beta_scheduler: flow matching, whatever the sampler) or of a class that no sampler follows (unless a
-    sampler is given)."""
+    "ddim". Raises ValueError, before any work, for a pipeline scheduler without betas (flow matching, whatever the
+    sampler) or whose betas no sampler follows (base_model.check_pipeline_schedule), or of a class that no sampler
+    follows (unless a sampler is given)."""
     ddim = replace(config, sampler=config.sampler or "ddim")
     if not config.base_model:
         return ddim
@@ -222,7 +222,7 @@ def with_pipeline_schedule(config: RunConfig) -> RunConfig:
     index = parse_json(read_untrusted(index.parent, index.name, str(index), max_bytes=MAX_SCHEDULER_BYTES,
                                       hint=FIX_PIPELINE), index, FIX_PIPELINE)
     name = pipeline_scheduler_class(index if isinstance(index, dict) else {}, scheduler)
-    check_beta_scheduler(name, scheduler, f"--base {config.base_model}")  # whatever the sampler: training needs betas
+    check_pipeline_schedule(name, scheduler, f"--base {config.base_model}")  # whatever the sampler
     if config.sampler is None:
         changes["sampler"] = sampler_for_scheduler(name or "DDPMScheduler", f"--base {config.base_model}")[0]
     return replace(config, **changes)
