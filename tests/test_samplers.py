@@ -549,3 +549,24 @@ def test_betas_no_sampler_can_follow_are_one_error_where_a_schedule_is_given(bet
         train(tiny_unet, torch.zeros(4, 1, 8, 8), scheduler, TrainConfig(steps=1, batch_size=2), tmp_path / "t",
               progress=False)
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("class_name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                                        "EulerDiscreteScheduler"])
+def test_a_zero_snr_schedule_of_a_class_that_clips_alpha_bar_is_judged_by_its_betas(class_name):
+    """diffusers' DPM-Solver, UniPC and Euler classes put alpha_bar_{T-1} = 2^-24 where their rescaled betas give 0.
+    The samplers follow the betas, so such a schedule given as the training schedule is zero terminal SNR: an
+    epsilon model is refused as on a DDPMScheduler (DDIM divided by 0 at t=T-1), and a v-prediction one samples with
+    every sampler (a check of its own clipped alpha_bar called the last level rising)."""
+    import diffusers
+
+    given = getattr(diffusers, class_name)
+    assert given(rescale_betas_zero_snr=True).alphas_cumprod[-1] == 2.0**-24
+    with pytest.raises(ValueError, match=r"^the noise schedule has zero terminal SNR \(alpha_bar is 0 at t=T-1"):
+        sample(ExactGaussianDenoiser(given(rescale_betas_zero_snr=True)), given(rescale_betas_zero_snr=True),
+               sample_shape=SHAPE, steps=3, progress=False)
+    scheduler = given(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    for name in SAMPLERS:
+        images = sample(ExactGaussianDenoiser(scheduler), scheduler, sample_shape=SHAPE, sampler=name, steps=7,
+                        num_images=8, progress=False).images
+        assert torch.isfinite(images).all() and abs(images.mean().item() - MU) < 0.1, name

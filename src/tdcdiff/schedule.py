@@ -87,9 +87,16 @@ def make_scheduler(
     )
 
 
+def sampled_alphas_cumprod(scheduler) -> torch.Tensor:
+    """(T,) float32 alpha_bar_t = prod_{s<=t} (1 - beta_s) as every sampler builds it from the schedule's betas
+    (samplers.make_sampler gives them `trained_betas`). A scheduler's own alphas_cumprod may differ at t=T-1:
+    diffusers' DPM-Solver, UniPC and Euler classes put a zero terminal alpha_bar at 2^-24."""
+    return torch.cumprod(1.0 - scheduler.betas, dim=0)
+
+
 def terminal_alpha_bar(scheduler) -> float:
-    """alpha_bar at t=T-1: 0 for a zero-terminal-SNR schedule (diffusers' rescale_betas_zero_snr)."""
-    return float(scheduler.alphas_cumprod[-1])
+    """alpha_bar at t=T-1, as the samplers build it: 0 for a zero-terminal-SNR schedule (rescale_betas_zero_snr)."""
+    return float(sampled_alphas_cumprod(scheduler)[-1])
 
 
 def check_noise_levels(scheduler) -> None:
@@ -98,7 +105,7 @@ def check_noise_levels(scheduler) -> None:
     which training (x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps) and every sampler assume. A beta outside
     [0, 1) or NaN, a first beta of 0 (no noise at t=0) or a beta of 1 before t=T-1 break it: sampling then ends in
     NaN pixels, or training in a non-finite loss, blamed on the model."""
-    alphas, steps = scheduler.alphas_cumprod, scheduler.config.num_train_timesteps
+    alphas, steps = sampled_alphas_cumprod(scheduler), scheduler.config.num_train_timesteps
     if len(alphas) != steps:
         raise ValueError(f"the noise schedule has {len(alphas)} betas for num_train_timesteps={steps}; give one beta "
                          f"per training timestep")
