@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from tdcdiff.base_model import scheduler_from_config
 from tdcdiff.bundle import check_bundle_scheduler
+from tdcdiff.pipeline_schedule import scheduler_from_config
 from tdcdiff.samplers import PIPELINE_SAMPLERS, SAMPLERS, make_sampler, sampler_for_scheduler, visited_timesteps
 
 
@@ -248,7 +248,7 @@ def test_a_pipeline_scheduler_without_betas_is_refused_whatever_the_sampler(tmp_
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, (extra, result.output)
         assert shown.startswith(f"error: --base {pipe} samples with {class_name}, which takes no betas"), shown
         assert "pass --sampler" not in shown and not out.exists(), extra
-    with pytest.raises(BaseModelError, match=rf"^--base {pipe} {message}"):
+    with pytest.raises(ValueError, match=rf"^--base {pipe} {message}"):
         Run(out, overrides={"sampler": "ddim"}, base=str(pipe), progress=False)
     with pytest.raises(BaseModelError, match=rf"^{pipe} {message}"):
         load_base_model(str(pipe))
@@ -260,7 +260,6 @@ def test_a_scheduler_class_diffusers_lacks_is_read_by_its_config(tmp_path):
     can be named for it (the run trains on those betas); without any it is refused, as a schedule without betas."""
     from diffusers import DDPMScheduler
 
-    from tdcdiff.base_model import BaseModelError
     from tdcdiff.run import Run
 
     pipe = _save_pipeline(tmp_path / "pipe", DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2"))
@@ -270,7 +269,7 @@ def test_a_scheduler_class_diffusers_lacks_is_read_by_its_config(tmp_path):
     run = Run(tmp_path / "a", overrides={"sampler": "ddim"}, base=str(pipe), progress=False)
     assert (run.config.sampler, run.config.beta_schedule) == ("ddim", "squaredcos_cap_v2")
     config.write_text(json.dumps({"_class_name": "MyScheduler", "num_train_timesteps": 100}))
-    with pytest.raises(BaseModelError, match=r"samples with MyScheduler, which is not a diffusers scheduler class, and "
+    with pytest.raises(ValueError, match=r"samples with MyScheduler, which is not a diffusers scheduler class, and "
                                              r"its config names no betas \(none of trained_betas, beta_schedule, "
                                              r"beta_start, beta_end\): its model was trained for another objective"):
         Run(tmp_path / "b", overrides={"sampler": "ddim"}, base=str(pipe), progress=False)

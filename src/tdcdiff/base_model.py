@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import inspect
 import json
 import re
 import threading
@@ -22,14 +21,12 @@ import torch
 from torch import nn
 
 from .capacity import FLOAT_BYTES, check_memory
-from .files import brief, is_count, parse_json, read_untrusted
+from .files import brief, parse_json, read_untrusted
 from .latent import VAE_CLASSES
 from .models import check_denoiser, num_class_embeds, text_width
-from .samplers import PIPELINE_SAMPLERS
-from .schedule import MAX_TIMESTEPS, check_sampling_schedule
+from .pipeline_schedule import check_pipeline_schedule, pipeline_scheduler_class
 from .serialization import (
     TRANSFORMERS_CLASSES,
-    allowed_class,
     architecture_of,
     build_model,
     check_arguments,
@@ -199,7 +196,10 @@ def _load_pipeline(directory: Path, check: Check | None) -> BaseModel:
     model = _load_diffusers_model(directory / key, class_name,
                                   check=None if check is None else lambda skeleton: check(skeleton, vae, text))
     scheduler = _read_json(directory / "scheduler" / "scheduler_config.json")
-    check_pipeline_schedule(pipeline_scheduler_class(index, scheduler), scheduler, str(directory))
+    try:
+        check_pipeline_schedule(pipeline_scheduler_class(index, scheduler), scheduler, str(directory))
+    except ValueError as err:
+        raise BaseModelError(str(err)) from None
     if "num_train_timesteps" not in scheduler:
         raise BaseModelError(f"{directory / 'scheduler' / 'scheduler_config.json'} has no num_train_timesteps")
     if text is not None:
@@ -210,54 +210,6 @@ def _load_pipeline(directory: Path, check: Check | None) -> BaseModel:
             raise BaseModelError(str(err)) from None
     return BaseModel(model, {k: v for k, v in scheduler.items() if not k.startswith("_")}, str(directory), vae,
                      pipeline_scheduler_class(index, scheduler), text)
-
-
-def pipeline_scheduler_class(index: dict, scheduler: dict) -> str | None:
-    """The scheduler class a pipeline samples with: model_index.json's ["diffusers", class] entry, else its
-    scheduler_config.json's _class_name (None when neither names one)."""
-    entry = index.get("scheduler")
-    name = entry[1] if isinstance(entry, list) and len(entry) == 2 else scheduler.get("_class_name")
-    return name if isinstance(name, str) else None
-
-
-# Settings that define betas: without any, DDPMScheduler.from_config would give a config its default linear ones.
-BETA_KEYS = ("trained_betas", "beta_schedule", "beta_start", "beta_end")
-
-
-def check_pipeline_schedule(class_name: str | None, config: dict, source: str) -> None:
-    """Raise BaseModelError unless a pipeline's scheduler is a noise schedule of betas, which tdcdiff trains (DDPM
-    losses: epsilon, v or x0 targets at alpha_bar_t = prod(1 - beta)) and samples with every sampler: a diffusers
-    class taking `trained_betas` or a `beta_schedule` (DDPM, DDIM, PNDM, DPM-Solver, UniPC, Euler, LMS, ...; None:
-    DDPMScheduler), or a class diffusers lacks whose config has BETA_KEYS, not flow matching or sigmas alone (EDM,
-    score SDE, consistency): no --sampler changes what such a model was trained for. Its betas must build a
-    DDPMScheduler (scheduler_from_config) that schedule.check_sampling_schedule passes; a T outside
-    2..MAX_TIMESTEPS is left to the settings' check. class_name: model_index.json's (pipeline_scheduler_class);
-    config: scheduler_config.json's; source: the pipeline, for the message."""
-    try:
-        cls = allowed_class(f"diffusers.{class_name or 'DDPMScheduler'}", "SchedulerMixin", source)
-    except ValueError:  # not a diffusers scheduler class: only its config can say
-        cls = None
-    betas = (bool({"trained_betas", "beta_schedule"} & set(inspect.signature(cls.__init__).parameters))
-             if cls is not None else any(key in config for key in BETA_KEYS))
-    if not betas:
-        why = ("which takes no betas (a flow-matching or sigma-only schedule)" if cls is not None else "which is not "
-               f"a diffusers scheduler class, and its config names no betas (none of {', '.join(BETA_KEYS)})")
-        raise BaseModelError(
-            f"{source} samples with {class_name}, {why}: its model was trained for another objective than tdcdiff's "
-            f"DDPM losses (epsilon, v or x0 targets over a schedule of betas), and no --sampler changes that; start "
-            f"from a diffusers pipeline whose scheduler has betas (e.g. {', '.join(PIPELINE_SAMPLERS)})")
-    steps = config.get("num_train_timesteps", 1000)
-    if not is_count(steps, 2) or steps > MAX_TIMESTEPS:
-        return
-    try:
-        scheduler = scheduler_from_config(config)
-    except (ValueError, TypeError, NotImplementedError) as err:  # diffusers' refusals of a setting
-        raise BaseModelError(f"{source}: its scheduler config gives no DDPMScheduler ({type(err).__name__}: "
-                             f"{brief(str(err), 200, quote=False)}); fix the pipeline's scheduler config") from None
-    try:
-        check_sampling_schedule(scheduler)
-    except ValueError as err:
-        raise BaseModelError(f"{err} (the schedule of {source}: fix its scheduler config)") from None
 
 
 def check_text_unet(model: nn.Module, source: str) -> None:
@@ -503,16 +455,3 @@ def _check_text_inputs(model: nn.Module, source: str, data_name: str, captioned:
     if not captioned:
         raise BaseModelError(f"--base {source} is text-conditional but the data {data_name!r} has no captions; add a "
                              "metadata.jsonl to the image folder, one {\"file_name\": ..., \"text\": ...} per image")
-
-
-def scheduler_from_config(config: dict):
-    """The training DDPMScheduler of a pipeline's scheduler config, of whatever diffusers class (DDIM, PNDM,
-    DPM-Solver, Euler, ...): its betas (beta_schedule, beta_start, beta_end, trained_betas, rescale_betas_zero_snr),
-    T, prediction type and the other settings a DDPMScheduler takes. The settings of the sampling class alone
-    (DDIM's set_alpha_to_one, PNDM's skip_prk_steps, ...) are left out: DDPMScheduler.from_config would keep them
-    in its config, where a bundle refuses them. So are unset (null) ones: DPM-Solver's variance_type null means
-    "no learned variance", which a DDPMScheduler spells as its default."""
-    from diffusers import DDPMScheduler
-
-    takes = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
-    return DDPMScheduler.from_config({k: v for k, v in config.items() if k in takes and v is not None})

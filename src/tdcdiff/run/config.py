@@ -6,13 +6,14 @@ import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from ..base_model import check_pipeline_schedule, diffusers_folder, pipeline_scheduler_class
+from ..base_model import diffusers_folder
 from ..budget import BUDGET_UNITS, ORDERINGS, budget_fractions, check_mean_budget
 from ..capacity import FID_LIMIT, GRID_LIMIT, MAX_FID_IMAGES, MAX_FID_SEEDS, MAX_GRID_IMAGES, SEEDS_LIMIT
 from ..devices import check_cuda_visible
 from ..files import parse_json, read_untrusted
 from ..grouping import STRATEGIES
 from ..pipeline import SAMPLERS
+from ..pipeline_schedule import check_pipeline_schedule, pipeline_scheduler_class
 from ..prune.search import SearchConfig, get_proposer
 from ..samplers import sampler_for_scheduler
 from ..schedule import BETA_SCHEDULES, MAX_TIMESTEPS, make_scheduler
@@ -199,8 +200,8 @@ def with_pipeline_schedule(config: RunConfig) -> RunConfig:
     """With a diffusers pipeline as base_model, the run's schedule settings are its scheduler's, and an unset
     sampler is the one of its scheduler class (samplers.sampler_for_scheduler); otherwise an unset sampler is
     "ddim". Raises ValueError, before any work, for a pipeline scheduler without betas (flow matching, whatever the
-    sampler) or whose betas no sampler follows (base_model.check_pipeline_schedule), or of a class that no sampler
-    follows (unless a sampler is given)."""
+    sampler) or whose betas no sampler follows (pipeline_schedule.check_pipeline_schedule), or of a class that no
+    sampler follows (unless a sampler is given)."""
     ddim = replace(config, sampler=config.sampler or "ddim")
     if not config.base_model:
         return ddim

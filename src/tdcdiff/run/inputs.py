@@ -9,13 +9,14 @@ from pathlib import Path
 
 import torch
 
-from ..base_model import FUNCTION_SPEC, scheduler_from_config
+from ..base_model import FUNCTION_SPEC
 from ..content_hash import sha256_file, sha256_tree
 from ..data import ImageDataset, load_dataset
 from ..evaluate import balanced_labels
 from ..files import atomic_write_bytes
 from ..latent import Decoder, encode
 from ..models import num_class_embeds, text_width, with_null_text
+from ..pipeline_schedule import scheduler_from_config
 from ..schedule import make_scheduler
 from ..serialization import ARCHITECTURE_FILE, load_model
 from ..text import TextEncoder, read_tokenizer

@@ -19,7 +19,6 @@ from ..base_model import (
     check_fits_data,
     check_saveable,
     load_base_model,
-    scheduler_from_config,
     trust_function,
 )
 from ..budget import (
@@ -41,6 +40,7 @@ from ..latency import ExpertTimer, clock, timing_batch
 from ..losses import per_timestep_loss
 from ..models import build_unet, check_finite, num_class_embeds, preset_for, text_width
 from ..pipeline import sample, save_grid
+from ..pipeline_schedule import scheduler_from_config
 from ..plots import plot_grouping
 from ..prune.fit import FitResult, fit_to_measured_time, measure_latency_table, smallest_fraction
 from ..prune.importance import get_importance
