@@ -220,8 +220,7 @@ def build_scheduler(config: dict, where):
     if changed:
         raise BundleError(f"{where}: 'scheduler' settings {brief(changed)} do not survive rebuilding {name} "
                           f"(overridden by '_use_default_values', or missing from it); {REEXPORT}")
-    _check_noise_levels(scheduler, where)
-    try:  # what every sampler would refuse, refused when the bundle is written and loaded
+    try:  # what every sampler would refuse (noise levels too), refused when the bundle is written and loaded
         check_sampling_schedule(scheduler)
     except ValueError as err:
         raise BundleError(f"{where}: 'scheduler': {err}, and {REEXPORT}") from None
@@ -254,20 +253,6 @@ def _check_settings(settings: dict, where) -> None:
         bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise BundleError(f"{where}: 'scheduler.{key}' holds {bad[0]}, which is not a finite number; {REEXPORT}")
-
-
-def _check_noise_levels(scheduler, where) -> None:
-    alphas = getattr(scheduler, "alphas_cumprod", None)
-    if isinstance(alphas, torch.Tensor) and len(alphas) != scheduler.config.num_train_timesteps:
-        raise BundleError(f"{where}: 'scheduler' has {len(alphas)} noise levels ('trained_betas') for "
-                          f"num_train_timesteps={scheduler.config.num_train_timesteps}; give one beta per timestep "
-                          f"or {REEXPORT}")
-    if (not isinstance(alphas, torch.Tensor) or not bool(torch.isfinite(alphas).all())
-            or not bool(((alphas[:-1] > 0) & (alphas[:-1] <= 1)).all()) or not 0 <= alphas[-1] <= 1
-            or bool((alphas[1:] > alphas[:-1]).any())):
-        # the last may be 0: a zero-terminal-SNR schedule (rescale_betas_zero_snr)
-        raise BundleError(f"{where}: 'scheduler' gives noise levels (alphas_cumprod) that are not finite and "
-                          f"falling within (0, 1]; check its beta settings or {REEXPORT}")
 
 
 def check_records(manifest: dict, scheduler, grouping: Grouping, where) -> None:
