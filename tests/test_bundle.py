@@ -242,6 +242,23 @@ def test_save_bundle_names_its_sampling_argument_and_what_it_may_be(bundle_dir, 
     assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []  # before anything is written
 
 
+def test_save_bundle_names_another_scheduler_class_and_the_conversion(bundle_dir, tmp_path):
+    # fix-20j's note: a DDIMScheduler holding the training betas was refused as a manifest to "re-export"
+    from diffusers import DDIMScheduler
+
+    path, experts, scheduler = bundle_dir
+    with pytest.raises(ValueError) as refused:
+        save_bundle(tmp_path / "b", experts, load_bundle(path).router.grouping,
+                    DDIMScheduler.from_config(scheduler.config), sample_shape=(1, 8, 8),
+                    expert_flops=[count_flops(e, (1, 8, 8)) for e in experts],
+                    base_flops=count_flops(experts[1], (1, 8, 8)))
+    assert str(refused.value) == (
+        "scheduler must be the training schedule as a diffusers DDPMScheduler (every sampler is built from its "
+        "config), got a DDIMScheduler; give DDPMScheduler.from_config(scheduler.config), which keeps its betas and "
+        "prediction type")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_budget_past_a_floats_range_is_an_integer_not_a_traceback(bundle_dir, tmp_path):
     # A sibling of attack f row 510: 'budgets' were checked with math.isfinite, which raised OverflowError on an
     # integer of 401 digits, in save_bundle and in load_bundle (a manifest is untrusted).

@@ -114,6 +114,10 @@ def save_bundle(
     """
     path = output_path(path, directory=True)  # an empty or unwritable path is refused before any work
     check_train_scheduler(scheduler, "scheduler")  # named as the caller's argument, not as a manifest to re-export
+    if type(scheduler).__name__ != "DDPMScheduler":  # the one class a manifest holds (manifest.build_scheduler)
+        raise BundleError(f"scheduler must be the training schedule as a diffusers DDPMScheduler (every sampler is "
+                          f"built from its config), got a {type(scheduler).__name__}; give "
+                          f"DDPMScheduler.from_config(scheduler.config), which keeps its betas and prediction type")
     config, sample_shape = _scheduler_config(scheduler), check_sample_shape(sample_shape)
     rebuilt = build_scheduler(config, path / MANIFEST)  # the schedule load_bundle takes, checked before any write
     if sampling is not None:  # checked as load_bundle would, naming the argument, before any expert is written
