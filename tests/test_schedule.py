@@ -73,6 +73,12 @@ def test_old_runs_keep_the_unscaled_schedule_and_new_runs_get_the_current_one(tm
     new = Run(tmp_path / "new", RunConfig(num_train_timesteps=100), progress=False)
     assert new.config.schedule_version == SCHEDULE_VERSION == 2
     assert torch.equal(new.scheduler.betas, make_scheduler(100).betas)
+    # attack 2026-12-08 row 851: null was read as the current version, a missing key as 1
+    settings["schedule_version"] = None
+    (old / "config.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=r"config.json is damaged \('schedule_version' is null, which a run never "
+                                         r"writes: it would sample with another schedule's betas"):
+        Run(old, progress=False)
 
 
 def test_a_given_schedule_that_leaves_signal_at_T_warns():

@@ -349,6 +349,9 @@ def load_saved_config(path: Path) -> RunConfig:
                                      hint=DAMAGED), path, DAMAGED, problem="is damaged")
     if isinstance(data, dict):
         data.setdefault("schedule_version", 1)  # saved before the version was: the unscaled betas it ran with
+        if data["schedule_version"] is None:  # a run always writes its version: null would pick another schedule
+            raise ValueError(f"{path} is damaged ('schedule_version' is null, which a run never writes: it would "
+                             f"sample with another schedule's betas than the run trained with); {DAMAGED}")
     try:
         config = RunConfig.from_dict(data)
         config.check_values()  # a value out of range ('k': 1e400) names this file, not a flag the user never gave
