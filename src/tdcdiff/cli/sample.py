@@ -64,15 +64,15 @@ def sample_command(
         "steps, only the shallow branch in between (1: off). [default: the bundle's setting, else 1]")] = None,
     cache_depth: Annotated[Optional[int], typer.Option(
         "--cache-depth", help="Depth of the shallow branch that feature caching runs: 1 (the shallowest, fastest) "
-        "up to the UNet's levels. [default: 1]")] = None,
+        "up to the UNet's levels. [default: the bundle's setting, else 1]")] = None,
     base: TrustBase = None, quiet: Quiet = False,
 ):
     """Write a grid of samples from a bundle (--bundle) or from the run's base model.
 
-    Sampler, steps and feature caching default to the bundle's sampling setting (what `tdcdiff tune` chose, or the
-    run's sampler and steps; DDIM at min(50, T) steps for an older bundle), or for the base to the run's sampler
-    and steps. 64 images, seed 0, written to samples.png (a bundle) or <run>/samples/base.png; class-conditional
-    models: all classes in turn.
+    Sampler, steps, cache interval and cache depth not given are the bundle's sampling setting's, item by item
+    (what `tdcdiff tune` chose, or the run's sampler and steps; DDIM at min(50, T) steps for an older bundle), or
+    for the base the run's sampler and steps. 64 images, seed 0, written to samples.png (a bundle) or
+    <run>/samples/base.png; class-conditional models: all classes in turn.
     """
     from ..capacity import GRID_LIMIT, MAX_GRID_IMAGES
     from ..evaluate import balanced_labels
@@ -83,17 +83,15 @@ def sample_command(
     try:
         check_options(() if seed is None else (seed,), most={"--num": (num_samples, MAX_GRID_IMAGES, GRID_LIMIT)},
                       **{"--steps": (sample_steps, 1), "--num": (num_samples, 1),
-                         "--cache-interval": (cache_interval, 1)})
-        if cache_interval is not None or cache_depth is not None:  # given ones replace the bundle's: check now
-            check_cache_settings(cache_interval or 1, cache_depth)
+                         "--cache-interval": (cache_interval, 1), "--cache-depth": (cache_depth, 1)})
+        if cache_interval is not None:  # a depth alone takes the bundle's interval: checked once that is known
+            check_cache_settings(cache_interval, cache_depth)
         # A bundle's default is never inside the bundle: its manifest lists every file.
         output = output or (Path("samples.png") if bundle is not None else out / "samples" / "base.png")
         _check_output(output)
         model, scheduler, shape, decode, null_class, data_classes, defaults = _source(bundle, out, base, quiet)
         sampler, steps = sampler or defaults.sampler, sample_steps or defaults.steps
-        if cache_interval is None and cache_depth is None:
-            cache_interval, cache_depth = defaults.cache_interval, defaults.cache_depth
-        cache_interval = cache_interval or 1
+        cache_interval, cache_depth = defaults.caching_with(cache_interval, cache_depth)
         count = 64 if num_samples is None else num_samples
         labels = class_id if class_id is not None else balanced_labels(model, count, data_classes)
         # A grid written into a run directory is written by its one writer (a stage's cleanup would take a
