@@ -107,3 +107,16 @@ def test_a_cache_depth_where_the_setting_does_not_cache_is_one_error(caching_bun
     assert result.output == ("error: cache_depth (--cache-depth) 2 was given without feature caching; give "
                              "cache_interval (--cache-interval) >= 2 too, or drop cache_depth\n")
     assert not (tmp_path / "g.png").exists()
+
+
+def test_the_sample_summary_counts_one_step_and_one_image_in_the_singular(caching_bundles, tmp_path):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    # attack 2026-12-08 (noticed, row 816): "ddim 1 steps", "at 0 of 1 steps"
+    result = CliRunner().invoke(app, ["sample", "--bundle", str(caching_bundles[0]), "--num", "1", "--steps", "1",
+                                      "-q", "--output", str(tmp_path / "g.png")])
+    assert result.exit_code == 0, result.output
+    assert f"samples: {tmp_path / 'g.png'} (1 image, ddim 1 step (trailing spacing), seed 0, feature cache: a full " \
+           "pass every 2 steps, the depth-2 shallow branch alone at 0 of 1 step; " in result.output

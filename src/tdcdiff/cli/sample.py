@@ -136,13 +136,19 @@ def _source(bundle: Path | None, out: Path, base: str | None, quiet: bool):
             SamplingSetting(run.config.sampler, run.config.sampling_steps))
 
 
+def _counted(number: int, noun: str) -> str:
+    """'1 step', '4 steps'."""
+    return f"{number} {noun}{'s' * (number != 1)}"
+
+
 def _sample_summary(path: Path, result, router, seconds: float) -> str:
     """`tdcdiff sample`'s line: what was sampled how, a bundle's FLOPs per image (router given), and the speed."""
     flops = f", {router.trajectory_flops(result.timesteps) / 1e6:.1f} MFLOPs per image" if router is not None else ""
     if result.cache_depth is not None:  # trajectory_flops counts full passes: a cached step costs less
         flops = (f", feature cache: a full pass every {result.cache_interval} steps, the depth-{result.cache_depth} "
-                 f"shallow branch alone at {len(result.shallow_steps)} of {result.steps} steps")
-    return (f"samples: {path} ({len(result.images)} images, {result.sampler} {result.steps} steps "
+                 f"shallow branch alone at {len(result.shallow_steps)} of {_counted(result.steps, 'step')}")
+    return (f"samples: {path} ({_counted(len(result.images), 'image')}, {result.sampler} "
+            f"{_counted(result.steps, 'step')} "
             f"({result.timestep_spacing} spacing), seed {result.seed}{flops}; {len(result.images) / seconds:.1f} "
             f"images/s wall-clock on path {result.compile}/{result.precision}, graph building included)")
 
