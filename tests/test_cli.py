@@ -53,3 +53,70 @@ def test_help_is_plain_and_imports_no_torch():
     shown = subprocess.run([sys.executable, "-m", "tdcdiff.cli", "run", "--help"], capture_output=True, text=True)
     assert shown.returncode == 0 and "<bool>" not in shown.stdout and "╭" not in shown.stdout
     assert "--base-steps <int>" in shown.stdout and "[default: 3000]" in shown.stdout
+
+
+@pytest.fixture(scope="module")
+def caching_bundles(tmp_path_factory):
+    """Two bundles of the tiny UNet (two experts, uniform groups): one recording ddim:4:c2:d2, one ddim:4."""
+    import torch
+
+    from tdcdiff.bundle import save_bundle
+    from tdcdiff.flops import count_flops
+    from tdcdiff.grouping import make_groups
+    from tdcdiff.models import build_unet
+    from tdcdiff.schedule import make_scheduler
+
+    torch.manual_seed(0)
+    tiny_unet, scheduler = build_unet("digits-8"), make_scheduler(1000)
+    flops = count_flops(tiny_unet, (1, 8, 8))
+    folder = tmp_path_factory.mktemp("bundles")
+    return [save_bundle(folder / name, [tiny_unet, tiny_unet], make_groups("uniform", 2, scheduler), scheduler,
+                        sample_shape=(1, 8, 8), expert_flops=[flops, flops], base_flops=flops, sampling=sampling)
+            for name, sampling in (("cached", "ddim:4:c2:d2"), ("plain", "ddim:4"))]
+
+
+@pytest.mark.parametrize("args, shown", [
+    # attack 2026-12-08 row 871: --cache-depth alone was refused on a bundle that caches every 2 steps
+    (["--cache-depth", "1"], "a full pass every 2 steps, the depth-1 shallow branch alone at 2 of 4 steps"),
+    (["--cache-interval", "3"], "a full pass every 3 steps, the depth-2 shallow branch alone at 2 of 4 steps"),
+    (["--sampler", "unipc"], "unipc 4 steps (trailing spacing), seed 0, feature cache: a full pass every 2 steps, "
+                             "the depth-2 shallow branch alone at 2 of 4 steps"),
+    (["--cache-interval", "1"], "ddim 4 steps (trailing spacing), seed 0, "),
+])
+def test_sample_options_not_given_are_the_bundles_item_by_item(caching_bundles, tmp_path, args, shown):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    result = CliRunner().invoke(app, ["sample", "--bundle", str(caching_bundles[0]), "--num", "2", "-q",
+                                      "--output", str(tmp_path / "g.png"), *args])
+    assert result.exit_code == 0 and shown in result.output, result.output
+    assert ("feature cache" in result.output) == (args != ["--cache-interval", "1"])
+
+
+@pytest.mark.parametrize("bundle, args", [(1, ["--cache-depth", "2"]),
+                                          (0, ["--cache-interval", "1", "--cache-depth", "2"])])
+def test_a_cache_depth_where_the_setting_does_not_cache_is_one_error(caching_bundles, tmp_path, bundle, args):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    result = CliRunner().invoke(app, ["sample", "--bundle", str(caching_bundles[bundle]), "--num", "2", "-q",
+                                      "--output", str(tmp_path / "g.png"), *args])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output == ("error: cache_depth (--cache-depth) 2 was given without feature caching; give "
+                             "cache_interval (--cache-interval) >= 2 too, or drop cache_depth\n")
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_the_sample_summary_counts_one_step_and_one_image_in_the_singular(caching_bundles, tmp_path):
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+
+    # attack 2026-12-08 (noticed, row 816): "ddim 1 steps", "at 0 of 1 steps"
+    result = CliRunner().invoke(app, ["sample", "--bundle", str(caching_bundles[0]), "--num", "1", "--steps", "1",
+                                      "-q", "--output", str(tmp_path / "g.png")])
+    assert result.exit_code == 0, result.output
+    assert f"samples: {tmp_path / 'g.png'} (1 image, ddim 1 step (trailing spacing), seed 0, feature cache: a full " \
+           "pass every 2 steps, the depth-2 shallow branch alone at 0 of 1 step; " in result.output

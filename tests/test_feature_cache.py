@@ -199,8 +199,11 @@ def test_bad_cache_settings(tiny_unet, scheduler):
 
 @pytest.mark.parametrize("args, message", [
     (["--cache-interval", "0"], "error: --cache-interval must be >= 1, got 0"),
-    (["--cache-depth", "2"], r"error: cache_depth \(--cache-depth\) 2 was given without feature caching; give "
-                             r"cache_interval \(--cache-interval\) >= 2 too"),
+    # a depth alone takes the bundle's interval (tests/test_cli.py), so only a depth beside interval 1 is refused here
+    (["--cache-interval", "1", "--cache-depth", "2"],
+     r"error: cache_depth \(--cache-depth\) 2 was given without feature caching; give cache_interval "
+     r"\(--cache-interval\) >= 2"),
+    (["--cache-depth", "0"], "error: --cache-depth must be >= 1, got 0"),
 ])
 def test_cli_refuses_bad_cache_settings_before_loading(args, message):
     result = CliRunner().invoke(app, ["sample", "--bundle", "/no/such/bundle", *args])

@@ -171,3 +171,36 @@ def test_per_image_loss_is_each_images_denoising_loss_at_the_measured_timesteps(
     assert curve[points] == pytest.approx(losses.double().mean(1).numpy(), rel=1e-5)
     # more images asked for than given: all of them, each once
     assert per_image_loss(model, images[:6], scheduler, num_points=2, images_per_point=8)[1].shape == (2, 6)
+
+
+def test_a_dry_run_refuses_an_edited_plan_as_the_run_does_before_measuring(tmp_path, tiny_unet, monkeypatch):
+    """`tdcdiff run --dry-run` estimated from plan.json's fractions without the plan stage's check
+    (run/plan_file.check_plan_fits): an edited plan (here its grouping boundaries, then its fractions) gave an
+    estimate of a run that then refuses it. The dry run refuses it with the same message, before timing anything."""
+    import json
+
+    from conftest import tiny_config
+    from tdcdiff.run import estimate
+    from tdcdiff.run.stages import Stages
+
+    tiny_unet.save_pretrained(tmp_path / "unet")
+    run = Stages(tmp_path / "run", tiny_config(plan_fractions=[0.6, 1.0]), progress=False, base=str(tmp_path / "unet"))
+    run.train_base()
+    made = run.plan().grouping
+    path = tmp_path / "run" / "plan" / "plan.json"
+    original = json.loads(path.read_text())
+    monkeypatch.setattr(estimate, "measure_unit_costs", lambda *a, **k: pytest.fail("measured an edited plan's run"))
+    edited = json.loads(json.dumps(original))
+    boundaries = edited["grouping"]["boundaries"] = [0, made.boundaries[1] + 7, 1000]
+    for group, start, end in zip(edited["grouping"]["groups"], boundaries, boundaries[1:]):
+        group.update(start=start, end=end, size=end - start)
+    for plan in (edited, original | {"fractions": [0.05, 0.05]}):
+        path.write_text(json.dumps(plan))
+        with pytest.raises(ValueError) as by_the_run:
+            Stages(tmp_path / "run", progress=False).prune()
+        with pytest.raises(ValueError) as by_the_dry_run:
+            estimate.estimate_run(Stages(tmp_path / "run", progress=False))
+        assert str(by_the_dry_run.value) == str(by_the_run.value)
+        assert str(by_the_run.value).startswith(f"{path}: ") and "(the plan was " in str(by_the_run.value)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == \
+        ["base", "config.json", "plan"]

@@ -1,9 +1,11 @@
 """The bits/dim bound (likelihood.py) on Gaussian data, where the exact denoiser is known in closed form."""
 
 import math
+import warnings
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from torch import nn
 
 from tdcdiff.grouping import make_groups
@@ -166,6 +168,17 @@ def test_strata_follow_log_snr_and_the_group_edges(cosine50):
     edges = timestep_strata(cosine50, 6, [20, 35])
     assert edges[0] == 1 and edges[-1] == 50 and {20, 35} <= set(edges) and len(edges) <= 6 + 2 + 1
     assert edges == sorted(set(edges))
+
+
+def test_strata_on_a_zero_terminal_snr_schedule_span_its_finite_levels():
+    # log-SNR at t=T-1 is -inf; the 16 strata are of equal log-SNR width over t = 0..T-2 (hand-checked with
+    # numpy: the first t whose log-SNR is below each level), not collapsed onto the group edges
+    scheduler = DDPMScheduler(rescale_betas_zero_snr=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        edges = timestep_strata(scheduler, 16, [103, 695])
+    assert edges == [1, 4, 14, 41, 103, 229, 403, 564, 695, 799, 880, 935, 969, 986, 994, 997, 1000]
+    assert timestep_strata(scheduler, 16, [500]) == sorted({*edges, 500})
 
 
 @pytest.mark.parametrize("change, message", [

@@ -150,3 +150,26 @@ def test_a_positional_holding_another_arguments_value_is_named_by_that_argument(
         sample(scheduler, tiny_unet, sample_shape=(1, 8, 8), steps=2, progress=False)
     with pytest.raises(ValueError, match=first + "the sampler name 'ddim'; pass sampler='ddim' by name$"):
         sample(tiny_unet, "ddim", sample_shape=(1, 8, 8), steps=2, progress=False)
+
+
+def test_pipeline_cache_settings_not_given_are_the_defaults_item_by_item(tiny_unet, scheduler):
+    # attack 2026-12-08 row 871: cache_depth alone on defaults that cache every 2 steps was refused as "given
+    # without feature caching"; it takes the defaults' interval, as an interval alone takes their depth
+    def reference(**cache):
+        return sample(tiny_unet, scheduler, sample_shape=(1, 8, 8), steps=4, num_images=2, seed=3, compile="none",
+                      progress=False, **cache).images
+
+    pipe = TDCPipeline(tiny_unet, scheduler, (1, 8, 8), compile="none", defaults="ddim:4:c2:d2")
+    call = dict(batch_size=2, seed=3, output_type="pt", progress=False)
+    by_depth, by_interval, off = (pipe(**call, **cache).images for cache in (
+        dict(cache_depth=1), dict(cache_interval=3), dict(cache_interval=1)))
+    assert torch.equal(by_depth, reference(cache_interval=2, cache_depth=1))
+    assert torch.equal(by_interval, reference(cache_interval=3, cache_depth=2))
+    assert torch.equal(off, reference())
+    assert not torch.equal(by_depth, off) and not torch.equal(by_interval, by_depth)
+    uncached = TDCPipeline(tiny_unet, scheduler, (1, 8, 8), compile="none", defaults="ddim:4")
+    with pytest.raises(ValueError, match=r"^cache_depth \(--cache-depth\) 2 was given without feature caching; give "
+                                         r"cache_interval \(--cache-interval\) >= 2 too, or drop cache_depth$"):
+        uncached(**call, cache_depth=2)
+    with pytest.raises(ValueError, match=r"^cache_depth \(--cache-depth\) 2 was given without feature caching"):
+        pipe(**call, cache_interval=1, cache_depth=2)

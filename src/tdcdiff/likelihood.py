@@ -41,9 +41,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .grouping import Grouping
+from .grouping import Grouping, finite_snr_db
 from .models import as_denoiser
-from .schedule import alphas_cumprod64, predict_x0, snr
+from .schedule import alphas_cumprod64, predict_x0
 
 VARIANCES = ("fixed_small", "fixed_large")
 LN2 = math.log(2.0)
@@ -229,15 +229,18 @@ def timestep_strata(scheduler, samples: int | None, cuts: list[int] = ()) -> lis
     and a denoiser's x_0 error grows about like 1/SNR(t) at low noise, so L_t is about proportional to the
     log-SNR step; equal log-SNR strata hold about equal shares of the bound, which keeps the estimate's variance
     low. Equal-count strata put t = 1..T/K in one stratum, whose terms differ by orders of magnitude.
+    The levels are the schedule's finite ones (grouping.finite_snr_db; SNR-dB is log-SNR times 10 / ln 10, so
+    equal widths are the same): on a zero-terminal-SNR schedule t = T-1 counts as the last finite level.
+    Raises ValueError if no level is finite.
     """
     num_train = scheduler.config.num_train_timesteps
     if samples is None or samples >= num_train - 1:
         edges = range(1, num_train + 1)
     else:
-        log_snr = torch.log(snr(scheduler, torch.arange(num_train))).numpy()
-        # a stratum edge e means t = e is the first step whose log-SNR is below the level
-        levels = np.linspace(log_snr[0], log_snr[-1], samples + 1)[1:-1]
-        edges = [1, *np.searchsorted(-log_snr, -levels).clip(2, num_train - 1).tolist(), num_train]
+        levels_db = finite_snr_db(scheduler)
+        # a stratum edge e means t = e is the first step whose SNR is below the level
+        levels = np.linspace(levels_db[0], levels_db[-1], samples + 1)[1:-1]
+        edges = [1, *np.searchsorted(-levels_db, -levels).clip(2, num_train - 1).tolist(), num_train]
     return sorted({*edges, *(c for c in cuts if 1 < c < num_train)})
 
 

@@ -349,7 +349,7 @@ class TDCPipeline:
         """Sample `batch_size` images; output_type "pil" (list of PIL images), "np" (NHWC uint8) or "pt"
         (NCHW float in [-1, 1]). class_labels, guidance_scale, cache_interval, cache_depth (feature caching):
         see `sample`. num_inference_steps, sampler and the cache settings not given are the pipeline's
-        `defaults` (feature caching from the defaults only when neither cache setting is given).
+        `defaults`, item by item (SamplingSetting.caching_with: cache_depth alone keeps the defaults' interval).
         seed or generator (diffusers' argument: one torch.Generator, from which the seed is drawn, so the same
         generator state gives the same images): what the noise is drawn from (neither: seed 0).
         prompt: for a text-conditional pipeline (required there): one prompt for all `batch_size` images, or a list
@@ -361,8 +361,7 @@ class TDCPipeline:
         check_call(batch_size, num_inference_steps, output_type, unsupported, self.text_encoder is not None)
         batch_size, text = self._prompts(prompt, negative_prompt, batch_size, guidance_scale)
         d = self.defaults
-        if cache_interval is None and cache_depth is None:
-            cache_interval, cache_depth = d.cache_interval, d.cache_depth
+        cache_interval, cache_depth = d.caching_with(cache_interval, cache_depth)
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
         from PIL import Image
 
@@ -372,7 +371,7 @@ class TDCPipeline:
             steps=d.steps if num_inference_steps is None else num_inference_steps, num_images=batch_size,
             batch_size=batch_size, seed=seed_of(seed, generator), progress=progress, class_labels=class_labels,
             guidance_scale=guidance_scale, null_class=self.null_class, decode=self.decode, num_classes=self.num_classes,
-            cache_interval=1 if cache_interval is None else cache_interval, cache_depth=cache_depth, **text,
+            cache_interval=cache_interval, cache_depth=cache_depth, **text,
         )
         images = result.images if output_type == "pt" else to_uint8(result.images)
         if output_type == "pil":

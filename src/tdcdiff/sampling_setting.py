@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .files import is_count
 from .samplers import SAMPLERS, sampler_kind
+from .settings import is_integer
 
 
 def check_cache_settings(cache_interval, cache_depth) -> int | None:
@@ -106,6 +107,16 @@ class SamplingSetting:
         raise ValueError(f"{key} must be a SamplingSetting, its text (sampler:steps[:cN[:dD]], e.g. 'ddim:50') or a "
                          f"dict {{\"sampler\", \"steps\"[, \"cache_interval\", \"cache_depth\"]}}, got a "
                          f"{type(value).__name__} ({str(value)[:80]})")
+
+    def caching_with(self, cache_interval, cache_depth) -> tuple[object, object]:
+        """(cache_interval, cache_depth) of a sampling call that gives either, both or neither (None: not given) over
+        this default setting, item by item as the sampler and steps are: a depth given alone takes this setting's
+        interval, an interval given alone its depth (none where that interval is 1: nothing is cached). The values
+        are checked by the sampling call (check_cache_settings there refuses a given depth with interval 1)."""
+        interval = self.cache_interval if cache_interval is None else cache_interval
+        if cache_depth is None and (cache_interval is None or is_integer(cache_interval) and cache_interval != 1):
+            cache_depth = self.cache_depth
+        return interval, cache_depth
 
     def to_dict(self) -> dict:
         return {"sampler": self.sampler, "steps": self.steps, "cache_interval": self.cache_interval,

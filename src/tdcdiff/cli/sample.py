@@ -64,15 +64,15 @@ def sample_command(
         "steps, only the shallow branch in between (1: off). [default: the bundle's setting, else 1]")] = None,
     cache_depth: Annotated[Optional[int], typer.Option(
         "--cache-depth", help="Depth of the shallow branch that feature caching runs: 1 (the shallowest, fastest) "
-        "up to the UNet's levels. [default: 1]")] = None,
+        "up to the UNet's levels. [default: the bundle's setting, else 1]")] = None,
     base: TrustBase = None, quiet: Quiet = False,
 ):
     """Write a grid of samples from a bundle (--bundle) or from the run's base model.
 
-    Sampler, steps and feature caching default to the bundle's sampling setting (what `tdcdiff tune` chose, or the
-    run's sampler and steps; DDIM at min(50, T) steps for an older bundle), or for the base to the run's sampler
-    and steps. 64 images, seed 0, written to samples.png (a bundle) or <run>/samples/base.png; class-conditional
-    models: all classes in turn.
+    Sampler, steps, cache interval and cache depth not given are the bundle's sampling setting's, item by item
+    (what `tdcdiff tune` chose, or the run's sampler and steps; DDIM at min(50, T) steps for an older bundle), or
+    for the base the run's sampler and steps. 64 images, seed 0, written to samples.png (a bundle) or
+    <run>/samples/base.png; class-conditional models: all classes in turn.
     """
     from ..capacity import GRID_LIMIT, MAX_GRID_IMAGES
     from ..evaluate import balanced_labels
@@ -83,17 +83,15 @@ def sample_command(
     try:
         check_options(() if seed is None else (seed,), most={"--num": (num_samples, MAX_GRID_IMAGES, GRID_LIMIT)},
                       **{"--steps": (sample_steps, 1), "--num": (num_samples, 1),
-                         "--cache-interval": (cache_interval, 1)})
-        if cache_interval is not None or cache_depth is not None:  # given ones replace the bundle's: check now
-            check_cache_settings(cache_interval or 1, cache_depth)
+                         "--cache-interval": (cache_interval, 1), "--cache-depth": (cache_depth, 1)})
+        if cache_interval is not None:  # a depth alone takes the bundle's interval: checked once that is known
+            check_cache_settings(cache_interval, cache_depth)
         # A bundle's default is never inside the bundle: its manifest lists every file.
         output = output or (Path("samples.png") if bundle is not None else out / "samples" / "base.png")
         _check_output(output)
         model, scheduler, shape, decode, null_class, data_classes, defaults = _source(bundle, out, base, quiet)
         sampler, steps = sampler or defaults.sampler, sample_steps or defaults.steps
-        if cache_interval is None and cache_depth is None:
-            cache_interval, cache_depth = defaults.cache_interval, defaults.cache_depth
-        cache_interval = cache_interval or 1
+        cache_interval, cache_depth = defaults.caching_with(cache_interval, cache_depth)
         count = 64 if num_samples is None else num_samples
         labels = class_id if class_id is not None else balanced_labels(model, count, data_classes)
         # A grid written into a run directory is written by its one writer (a stage's cleanup would take a
@@ -138,13 +136,19 @@ def _source(bundle: Path | None, out: Path, base: str | None, quiet: bool):
             SamplingSetting(run.config.sampler, run.config.sampling_steps))
 
 
+def _counted(number: int, noun: str) -> str:
+    """'1 step', '4 steps'."""
+    return f"{number} {noun}{'s' * (number != 1)}"
+
+
 def _sample_summary(path: Path, result, router, seconds: float) -> str:
     """`tdcdiff sample`'s line: what was sampled how, a bundle's FLOPs per image (router given), and the speed."""
     flops = f", {router.trajectory_flops(result.timesteps) / 1e6:.1f} MFLOPs per image" if router is not None else ""
     if result.cache_depth is not None:  # trajectory_flops counts full passes: a cached step costs less
         flops = (f", feature cache: a full pass every {result.cache_interval} steps, the depth-{result.cache_depth} "
-                 f"shallow branch alone at {len(result.shallow_steps)} of {result.steps} steps")
-    return (f"samples: {path} ({len(result.images)} images, {result.sampler} {result.steps} steps "
+                 f"shallow branch alone at {len(result.shallow_steps)} of {_counted(result.steps, 'step')}")
+    return (f"samples: {path} ({_counted(len(result.images), 'image')}, {result.sampler} "
+            f"{_counted(result.steps, 'step')} "
             f"({result.timestep_spacing} spacing), seed {result.seed}{flops}; {len(result.images) / seconds:.1f} "
             f"images/s wall-clock on path {result.compile}/{result.precision}, graph building included)")
 

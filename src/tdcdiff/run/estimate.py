@@ -34,7 +34,7 @@ from ..prune.units import prunable_units
 from ..sampling_setting import SamplingSetting
 from ..settings import apply_overrides
 from ..train import FINAL_DIR
-from .plan_file import load_plan
+from .plan_file import check_plan_fits, load_plan
 from .stages import Stages
 
 CPU_BATCH = 8  # samples per measured forward and step on a CPU (a big model's per-sample cost is flat above a few)
@@ -147,12 +147,16 @@ def timed_forwards(seconds_per_forward: float, repeats: int = 7, warmup: int = 2
     return warmup + repeats + 1
 
 
-def fractions_of(config, plan: Path | None = None) -> list[float]:
-    """Each group's budget as a fraction of the base: the plan's when `plan` (a plan.json) exists, else the
-    settings' (the given fractions, or the paper's formula scaled to the mean budget, the groups taken as equally
-    long)."""
-    if plan is not None and plan.exists():
-        return list(load_plan(plan).fractions)
+def fractions_of(config, run: Stages | None = None) -> list[float]:
+    """Each group's budget as a fraction of the base: the plan's when the run `run` (of settings `config`) has a
+    plan.json, checked as its plan stage checks it (plan_file.check_plan_fits: an edited plan or one of another run
+    raises ValueError), else the settings' (the given fractions, or the paper's formula scaled to the mean budget,
+    the groups taken as equally long)."""
+    path = None if run is None else run.dir / "plan" / "plan.json"
+    if path is not None and path.exists():
+        plan = load_plan(path)
+        check_plan_fits(plan, path, run)
+        return list(plan.fractions)
     if config.plan_fractions is not None:
         return list(config.plan_fractions)
     fractions = budget_fractions(config.groups, config.k)
@@ -226,11 +230,10 @@ def sampling_seconds(u: UnitCosts, images: int, steps: int, fraction: float = 1.
     return images * steps * fraction * u.forward
 
 
-def run_phases(stages: Stages, u: UnitCosts, base, sample_shape) -> list[Phase]:
-    """The phases of `tdcdiff run` in these settings: stage 1, plan, prune search, stage 2, bundle, samples and
-    report (a phase whose output exists costs nothing)."""
+def run_phases(stages: Stages, u: UnitCosts, base, sample_shape, fractions: list[float]) -> list[Phase]:
+    """The phases of `tdcdiff run` in these settings, the groups' budgets at `fractions` (fractions_of): stage 1,
+    plan, prune search, stage 2, bundle, samples and report (a phase whose output exists costs nothing)."""
     c, out = stages.config, stages.dir
-    fractions = fractions_of(c, out / "plan" / "plan.json")
     mean = sum(fractions) / len(fractions)  # sampling: the groups' FLOPs, the steps spread over them
     steps = c.base_model_steps if c.base_model else c.base.steps
     phases = [Phase("stage 1", f"{steps} steps at batch {c.base.batch_size}", u.training(steps, c.base.batch_size)),
@@ -277,10 +280,13 @@ def format_phases(title: str, phases: list[Phase], u: UnitCosts) -> str:
 
 def estimate_run(stages: Stages) -> str:
     """`tdcdiff run --dry-run`: the expected compute of each phase of this run (see the module doc). Raises
-    ValueError where the run would refuse to start (Stages.check_new_base, the report's data included)."""
+    ValueError where the run would refuse to start (Stages.check_new_base, the report's data included) or its plan
+    stage would refuse its plan.json (plan_file.check_plan_fits), before measuring anything."""
     stages.report_follows = True  # `tdcdiff run` ends with the report
+    fractions = fractions_of(stages.config, stages)  # an existing plan checked first, as its stage would
     u, base, shape = unit_costs_for(stages)
-    return format_phases(f"expected compute of `tdcdiff run` in {stages.dir}", run_phases(stages, u, base, shape), u)
+    phases = run_phases(stages, u, base, shape, fractions)
+    return format_phases(f"expected compute of `tdcdiff run` in {stages.dir}", phases, u)
 
 
 def unit_costs_for(stages: Stages) -> tuple[UnitCosts, object, tuple[int, int, int]]:
