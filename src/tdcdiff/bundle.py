@@ -114,10 +114,6 @@ def save_bundle(
     """
     path = output_path(path, directory=True)  # an empty or unwritable path is refused before any work
     check_train_scheduler(scheduler, "scheduler")  # named as the caller's argument, not as a manifest to re-export
-    if type(scheduler).__name__ != "DDPMScheduler":  # the one class a manifest holds (manifest.build_scheduler)
-        raise BundleError(f"scheduler must be the training schedule as a diffusers DDPMScheduler (every sampler is "
-                          f"built from its config), got a {type(scheduler).__name__}; give "
-                          f"DDPMScheduler.from_config(scheduler.config), which keeps its betas and prediction type")
     config, sample_shape = _scheduler_config(scheduler), check_sample_shape(sample_shape)
     rebuilt = build_scheduler(config, path / MANIFEST)  # the schedule load_bundle takes, checked before any write
     if sampling is not None:  # checked as load_bundle would, naming the argument, before any expert is written
@@ -196,9 +192,13 @@ def _save_companions(tmp: Path, files: dict, vae: nn.Module | None, text_encoder
 
 def _scheduler_config(scheduler) -> dict:
     """The manifest's 'scheduler': the diffusers scheduler's full config, its class and diffusers' version first.
-    Raises BundleError for a scheduler that is not diffusers'."""
+    Raises BundleError for a scheduler that is not diffusers' DDPMScheduler."""
     if not class_path(type(scheduler)).startswith("diffusers."):
         raise BundleError(f"cannot bundle a {class_path(type(scheduler))}: the scheduler must be a diffusers scheduler")
+    if type(scheduler).__name__ != "DDPMScheduler":  # the one class a manifest holds (manifest.build_scheduler)
+        raise BundleError(f"scheduler must be the training schedule as a diffusers DDPMScheduler (every sampler is "
+                          f"built from its config), got a {type(scheduler).__name__}; give "
+                          f"DDPMScheduler.from_config(scheduler.config), which keeps its betas and prediction type")
     config = {k: json_safe(v) for k, v in dict(scheduler.config).items()}
     if "_use_default_values" in config:  # a set in diffusers: sorted, the same bundle is the same bytes
         config["_use_default_values"] = sorted(config["_use_default_values"])

@@ -13,14 +13,13 @@ import json
 import math
 import re
 
-import torch
-
 from .feature_cache import split_unet
 from .files import brief, is_count, is_sha256, json_safe, lists
 from .grouping import Grouping
 from .models import CLIP_TOKENS, network
+from .prediction import PREDICTION_TYPES
 from .sampling_setting import SamplingSetting
-from .schedule import MAX_TIMESTEPS, PREDICTION_TYPES, VARIANCE_TYPES, check_sampling_schedule
+from .schedule import MAX_TIMESTEPS, VARIANCE_TYPES, check_sampling_schedule
 from .serialization import ARCHITECTURE_FILE, allowed_class, check_arguments
 from .text import TOKENIZER_FILES
 

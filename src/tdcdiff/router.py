@@ -7,8 +7,8 @@ from torch import nn
 
 from .grouping import Grouping
 from .models import as_denoiser
+from .prediction import check_prediction_type
 from .samplers import SAMPLERS
-from .schedule import check_prediction_type
 
 # Why a fractional timestep is refused rather than mapped: every expert is trained on the integer timesteps of
 # its group only, so a t between two groups' edges (249.5 with groups [0, 250) and [250, 1000)) belongs to no

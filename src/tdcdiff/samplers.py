@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from .schedule import check_prediction_type
+from .prediction import check_prediction_type
 
 LEARNED_VARIANCES = ("learned", "learned_range")
 # "trailing": the first step is at t = T-1 and the steps are evenly spaced below it, for every step count

@@ -7,11 +7,11 @@ import math
 import torch
 from diffusers import DDPMScheduler
 
+from .prediction import check_prediction_type
 from .settings import as_integer
 from .user_warnings import warn
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # 1: diffusers' linear and scaled_linear betas (1e-4 to 0.02, set for T=1000) at every T, as runs made before the
 #    version was recorded have them; 2: those betas scaled by 1000/T, as improved-diffusion's
 #    get_named_beta_schedule scales the linear ones, so alpha_bar falls to about the same level at every T.
@@ -29,14 +29,6 @@ UNUSABLE_VARIANCES = {
     "fixed_large_log": "diffusers' DDPMScheduler.step takes the square root of this variance, log(beta_t) < 0: every "
                        "DDPM sample is NaN",
 }
-
-
-def check_prediction_type(value, name: str = "prediction_type") -> None:
-    """Raise ValueError unless value is one of PREDICTION_TYPES, the ones diffusers' beta schedulers take (they check
-    it only inside step(), after a model call; a training target took any other value for "sample")."""
-    if not isinstance(value, str) or value not in PREDICTION_TYPES:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, PREDICTION_TYPES))} (diffusers' names: "
-                         f"v-prediction is 'v_prediction'), got {value!r}")
 
 
 def make_scheduler(
