@@ -446,7 +446,8 @@ class ExpertTimer:
 
     base: the unpruned model; sample_shape: (C, H, W); batch: samples per forward; base_time: the base's seconds
     per forward when known (a latency table's base_seconds, so that ratios agree with its estimates), else
-    base_seconds() (cached, else measured), taken here, before any search; kwargs: as for compare(). Raises
+    base_seconds() (its cache entry read here, before any search; measured at the first expert of another
+    architecture when there is none); kwargs: as for compare(). Raises
     ValueError for a base_time that is not a finite number of seconds >= MIN_FORWARD_SECONDS.
     """
 
@@ -454,8 +455,10 @@ class ExpertTimer:
                  **kwargs):
         self.base, self.sample_shape, self.batch, self.kwargs = base, tuple(sample_shape), batch, kwargs
         self.base_key = architecture_hash(base, sample_shape)
-        if base_time is None:  # here, before any search, so that a damaged cache entry is said at once
-            base_time = base_seconds(base, sample_shape, batch, **kwargs)
+        if base_time is None:  # the cache read here, before any search, so that a damaged entry is said at once;
+            # the base is timed only when an expert of another architecture needs it (k=1 times nothing)
+            self.base_entry, cached = _cached_table(base, sample_shape, batch, None)
+            base_time = cached.base_seconds if cached is not None else None
         elif not (is_real(base_time) and math.isfinite(base_time) and base_time >= MIN_FORWARD_SECONDS):
             raise ValueError(f"base_time must be the base's seconds per forward, a finite number >= "
                              f"{MIN_FORWARD_SECONDS:g}, got {base_time!r}")
@@ -467,6 +470,10 @@ class ExpertTimer:
         key = architecture_hash(model, self.sample_shape)
         if key == self.base_key:
             return 1.0
+        if self.base_time is None:  # as base_seconds() does, without reading (and warning about) the entry again
+            table = _new_table(self.base, self.sample_shape, self.batch, **self.kwargs)
+            _store(self.base_entry, table)
+            self.base_time = table.base_seconds
         if key not in self.seconds:
             self.seconds[key] = forward_seconds(model, self.sample_shape, self.batch, **self.kwargs)
         return self.seconds[key] / self.base_time
