@@ -946,3 +946,25 @@ def test_a_rerun_measures_again_what_its_records_hold_damaged_and_reuses_the_res
     assert after == pytest.approx(before[1], rel=1e-5)
     assert {n: v for n, v in json.loads((copy / "fid.json").read_text())["models"].items() if n != "base"} == kept
 
+
+def test_a_chosen_folder_holding_the_users_files_is_refused_at_start(tmp_path):
+    """Row 834: chosen/ that write_chosen could not replace (the user's files in it) is refused by Tune(), by
+    `tdcdiff tune` and its --dry-run before any work, with write_chosen's own message, and left as it was."""
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+    from tdcdiff.tune import Tune
+
+    out = tmp_path / "t"
+    (out / "chosen").mkdir(parents=True)
+    (out / "chosen" / "notes.txt").write_text("mine")
+    message = (f"{out / 'chosen'} already exists and is not a tdcdiff bundle (a folder with a manifest.json of format "
+               "tdcdiff-bundle/N), nor empty; writing there would delete what it holds: choose another path, or "
+               "delete it first")
+    with pytest.raises(ValueError, match=r"chosen already exists and is not a tdcdiff bundle"):
+        Tune(out, tiny_tune(), run_config=tiny_config(), progress=False)
+    for dry in ([], ["--dry-run"]):
+        done = CliRunner().invoke(app, ["tune", "--out", str(out), "--width", "0.6", *dry])
+        assert done.exit_code == 2 and done.output.replace("\n", "").startswith(f"error: {message}"), done.output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not p.name.startswith(".")) == \
+           ["chosen", "chosen/notes.txt"]

@@ -8,10 +8,17 @@ import shutil
 from pathlib import Path
 
 from ..bundle import save_bundle
-from ..files import atomic_dir
+from ..files import atomic_dir, check_replaceable
 from ..grouping import make_groups
 from ..manifest import A_BUNDLE, MANIFEST, is_bundle
 from ..sampling_setting import SamplingSetting
+
+
+def check_chosen(tune_dir: Path) -> None:
+    """Refuse, before any work, a tune directory whose chosen/ write_chosen could not replace: one holding files
+    besides a bundle's (the user's notes), or a file. write_chosen (files.atomic_dir) refuses it only at the end, after
+    a rerun's timing and FID. Raises ValueError with atomic_dir's message (files.check_replaceable)."""
+    check_replaceable(Path(tune_dir) / "chosen", is_bundle, A_BUNDLE)
 
 
 def write_chosen(tune, row: dict, setting: SamplingSetting, path: Path) -> Path:
