@@ -284,7 +284,7 @@ class Tune:
         distances, finalists = self.pick_finalists(models, crossed, times)
         fid_cache = self.fid(models, finalists)
         records = {spec["name"]: self.result(spec["index"]) for spec in self.candidates}
-        rows = frontier_rows(models, self.points, records, screening, fid_cache, times, distances, key, self.dir)
+        rows = frontier_rows(models, self.points, records, screening, fid_cache, times, distances, key)
         # A setting other than the reference qualifies by FID only: the screening measure cannot see solver error.
         eligible = [r for r in rows if r["name"] != "base" and (r["fid_gap"] or r["setting"] == str(self.reference))]
         choice = choose(eligible, self.config.max_quality_loss, best_free(rows), self.config.min_model_speedup)
