@@ -652,8 +652,9 @@ def test_cli_tune_out_of_range_candidate_is_refused_before_anything_is_written(t
     done = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "t"), "--base-from", str(source), "--width", "0.6",
                                     "--k", "0.4", "--groups", "2", "--candidate", index])
     assert done.exit_code == 2, done.output
-    assert f"error: --candidate must be between 0 and 2 (the plan in {tmp_path / 't' / 'candidates.json'} has 3), " \
-           f"got {index}" in done.output.replace("\n", "")
+    # attack 2026-12-08 row 865: a new folder has no candidates.json to name; what was counted is the settings' plan
+    assert f"error: --candidate must be between 0 and 2 (the settings given plan 3), got {index}" in \
+           done.output.replace("\n", "")
     assert not (tmp_path / "t").exists()
 
 
