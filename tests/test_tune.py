@@ -652,8 +652,9 @@ def test_cli_tune_out_of_range_candidate_is_refused_before_anything_is_written(t
     done = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "t"), "--base-from", str(source), "--width", "0.6",
                                     "--k", "0.4", "--groups", "2", "--candidate", index])
     assert done.exit_code == 2, done.output
-    assert f"error: --candidate must be between 0 and 2 (the plan in {tmp_path / 't' / 'candidates.json'} has 3), " \
-           f"got {index}" in done.output.replace("\n", "")
+    # attack 2026-12-08 row 865: a new folder has no candidates.json to name; what was counted is the settings' plan
+    assert f"error: --candidate must be between 0 and 2 (the settings given plan 3), got {index}" in \
+           done.output.replace("\n", "")
     assert not (tmp_path / "t").exists()
 
 
@@ -847,3 +848,124 @@ def test_old_bits_per_dim_curves_get_the_loss_measured_without_training_again(cu
     assert "the curve experts' weights are gone, so their loss cannot be measured" in capsys.readouterr().out
     assert curves["measures"] == ["loss", "bpd"] and "remeasured" not in curves and curves["train_flops"] > 0
     assert (tmp_path / "t" / "curves" / "N2-snr" / "train" / "size-0.6-group-1" / "final").exists()
+
+
+# -- the tune's own measurement records, read back as caches (attack 2026-12-08 rows 831, 832, 863) ------------
+def test_a_measurement_records_entries_the_tune_would_not_write_are_named_and_measured_again(tmp_path):
+    """fid.json's points, screening.json's values, sample_screen.json's points and phases.json's phases: each entry
+    whose values are not finite numbers of the right type, sign and length is warned about (file and entry) and
+    left out, so the tune measures it again; the sound ones are kept."""
+    from tdcdiff.tune import measures, sample_screen
+    from tdcdiff.tune.records import phase_problem, sound_entries
+
+    nan, sha = float("nan"), "a" * 64
+    good = {"model": sha, "setting": "ddim:2", "fid": [5.9, 6.0], "kid": [-0.01, 0.02], "precision": [1.0, 1.0],
+            "recall": [0.5, 0.25]}
+    point = {"distance": 0.88, "se": 0.02, "features": 1.5, "setting": "ddim:2", "model": sha}
+    phase = {"wall_s": 1.5, "cpu_s": 2.0, "flops": None}
+    cases = [
+        (measures._point_problem, "point", good, {
+            "nan": ({**good, "fid": [nan, 6.0]}, "'fid' holds nan, not a finite number in [0, inf]"),
+            "text": ({**good, "fid": [5.9, "6.0"]}, "'fid' holds '6.0', not a finite number in [0, inf]"),
+            "short": ({**good, "kid": [0.01]}, "'kid' must be a list of 2 numbers, got [0.01]"),
+            "recall": ({**good, "recall": [1.5, 0.2]}, "'recall' holds 1.5, not a finite number in [0, 1]"),
+            "unnamed": ({**good, "model": None}, "no 'model' (the weights' identity) or 'setting'"),
+            "list": ([5.9], "a list, not a record")}),
+        (sample_screen._point_problem, "point", point, {
+            "negative": ({**point, "distance": -5.0, "se": nan},
+                         "'distance' must be a finite number >= 0 (a distance), got -5.0"),
+            "nan se": ({**point, "se": nan}, "'se' must be a finite number >= 0 (a distance), got nan"),
+            "bool": ({**point, "features": True}, "'features' must be a finite number >= 0 (a distance), got True")}),
+        (phase_problem, "phase", phase, {
+            "negative": ({**phase, "cpu_s": -1}, "wall_s and cpu_s must be finite seconds >= 0, got 1.5 and -1"),
+            "flops": ({**phase, "flops": 1.5}, "flops must be a count >= 0 or null, got 1.5")}),
+    ]
+    for check, what, sound, damaged in cases:
+        path = tmp_path / f"{what}.json"
+        with pytest.warns(UserWarning) as caught:
+            kept = sound_entries(path, {"sound": sound, **{k: v for k, (v, _) in damaged.items()}}, check, what)
+        assert kept == {"sound": sound}
+        assert [str(w.message) for w in caught] == [f"{path}: {what} {name!r} is damaged ({problem}); measuring it "
+                                                    "again" for name, (_, problem) in damaged.items()]
+
+
+def test_a_damaged_measurement_record_file_is_warned_about_and_none():
+    """A measurement record that is not JSON, or whose shared values (fid.json's judge) are not what the tune
+    writes, is named in a warning and read as absent: the tune measures it again and writes over it."""
+    import tempfile
+    from pathlib import Path
+
+    from tdcdiff.tune import measures
+    from tdcdiff.tune.records import measurement_cache
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "fid.json"
+        path.write_text("{not json")
+        with pytest.warns(UserWarning, match=rf"{path} is not valid JSON .*; measuring it again and replacing it"):
+            assert measurement_cache(path, measures._fid_problem) is None
+        judge = {"margin": "x", "margin_from": "given", "alpha": 0.025,
+                 "real_vs_real": {"n": 16, "fid_mean": 3.5, "fid_sd": 1.7}}
+        path.write_text(json.dumps({"format": measures.FID_FORMAT, "judge": judge, "reference": {"name": "d"}}))
+        with pytest.warns(UserWarning, match=rf"{path} is damaged \('judge' must hold a margin \(a finite FID >= 0\)"):
+            assert measurement_cache(path, measures._fid_problem) is None
+        path.write_text(json.dumps({"format": measures.FID_FORMAT, "judge": {**judge, "margin": 0.6},
+                                    "reference": {"name": "d"}, "models": {}}))
+        assert measurement_cache(path, measures._fid_problem)["judge"]["margin"] == 0.6
+        assert measurement_cache(Path(folder) / "none.json", measures._fid_problem) is None
+
+
+@pytest.mark.slow
+def test_a_rerun_measures_again_what_its_records_hold_damaged_and_reuses_the_rest(tuned, tmp_path):
+    """Rows 831-832: a NaN or text FID in fid.json and a text per-image value in screening.json are warned about by
+    file and entry and measured again (the same seeds and images give the same values), not read as results; the
+    other entries are reused."""
+    import math
+    import shutil
+
+    from tdcdiff.tune import Tune
+
+    out, *_ = tuned
+    copy = tmp_path / "damaged"
+    shutil.copytree(out, copy)
+    fid, screening = (json.loads((copy / name).read_text()) for name in ("fid.json", "screening.json"))
+    before = list(fid["models"]["base"]["fid"]), list(screening["measures"]["loss"]["values"]["single"]["per_image"])
+    fid["models"]["base"]["fid"] = [float("nan"), "6.0"]
+    screening["measures"]["loss"]["values"]["single"]["per_image"][0] = "0.1"
+    (copy / "fid.json").write_text(json.dumps(fid))
+    (copy / "screening.json").write_text(json.dumps(screening))
+    kept = {name: v for name, v in json.loads((out / "fid.json").read_text())["models"].items() if name != "base"}
+    with pytest.warns(UserWarning) as caught:
+        results = Tune(copy, tiny_tune(), progress=False).run_all()
+    said = [str(w.message) for w in caught]
+    assert f"{copy / 'fid.json'}: point 'base' is damaged ('fid' holds nan, not a finite number in [0, inf]); " \
+           "measuring it again" in said
+    assert f"{copy / 'screening.json'}: the loss value of model 'single' is damaged ('per_image' holds '0.1', not a " \
+           "finite number in [0, inf]); measuring it again" in said
+    rows = {r["name"]: r for r in results["rows"]}
+    assert rows["base"]["fid"] == pytest.approx(before[0], rel=1e-4) and all(map(math.isfinite, rows["base"]["fid"]))
+    after = json.loads((copy / "screening.json").read_text())["measures"]["loss"]["values"]["single"]["per_image"]
+    assert after == pytest.approx(before[1], rel=1e-5)
+    assert {n: v for n, v in json.loads((copy / "fid.json").read_text())["models"].items() if n != "base"} == kept
+
+
+def test_a_chosen_folder_holding_the_users_files_is_refused_at_start(tmp_path):
+    """Row 834: chosen/ that write_chosen could not replace (the user's files in it) is refused by Tune(), by
+    `tdcdiff tune` and its --dry-run before any work, with write_chosen's own message, and left as it was."""
+    from typer.testing import CliRunner
+
+    from tdcdiff.cli import app
+    from tdcdiff.tune import Tune
+
+    out = tmp_path / "t"
+    (out / "chosen").mkdir(parents=True)
+    (out / "chosen" / "notes.txt").write_text("mine")
+    message = (f"{out / 'chosen'} already exists and is not a tdcdiff bundle (a folder with a manifest.json of format "
+               "tdcdiff-bundle/N), nor empty; writing there would delete what it holds: choose another path, or "
+               "delete it first")
+    with pytest.raises(ValueError, match=r"chosen already exists and is not a tdcdiff bundle"):
+        Tune(out, tiny_tune(), run_config=tiny_config(), progress=False)
+    for dry in ([], ["--dry-run"]):
+        done = CliRunner().invoke(app, ["tune", "--out", str(out), "--width", "0.6", *dry])
+        assert done.exit_code == 2 and done.output.replace("\n", "").startswith(f"error: {message}"), done.output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not p.name.startswith(".")) == \
+           ["chosen", "chosen/notes.txt"]

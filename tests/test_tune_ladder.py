@@ -315,3 +315,44 @@ def test_cli_each_phase_s_image_count_beyond_memory_is_refused_before_any_work(t
         assert done.exit_code == 2 and len(done.output.strip().splitlines()) == 1, done.output
         assert f"{flag} {count} (the noise and images of {count} samples of 1x8x8, float32) needs about 24.4 MiB" \
             in done.output and done.output.strip().endswith(f"; lower {flag}") and not out.exists(), done.output
+
+
+@pytest.mark.slow
+def test_a_rerun_samples_again_a_damaged_screen_point_and_chosen_json_names_the_bundle_in_the_tune(laddered,
+                                                                                                   tmp_path):
+    """Rows 863, 833, 834 on a copy: a screen point with a negative distance and a NaN SE is warned about and
+    sampled again (the same noise: the same distance), not carried into the rows; chosen.json's bundle is relative
+    to the tune directory, so it holds from anywhere; the user's file in chosen/ is refused before any work."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    from tdcdiff.tune import Tune
+
+    root, _, results = laddered
+    chosen = json.loads((root / "tune" / "chosen.json").read_text())
+    row = next(r for r in results["rows"] if r["name"] == chosen["name"])
+    assert chosen["bundle"] == row["bundle"] and (row["model"] == "base") == (row["bundle"] is None)
+    assert all(not Path(r["bundle"]).is_absolute() and (root / "tune" / r["bundle"] / "manifest.json").exists()
+               for r in results["rows"] if r["bundle"] is not None)
+    out = tmp_path / "tune"
+    shutil.copytree(root / "tune", out)
+    screen = json.loads((out / "sample_screen.json").read_text())
+    name = f"base @ {LADDER[1]}"
+    before = screen["points"][name]["distance"]
+    screen["points"][name].update(distance=-5.0, se=float("nan"))
+    (out / "sample_screen.json").write_text(json.dumps(screen))
+    config = tiny_tune(ks=(), finalists=1, settings=LADDER, screen_samples=16, max_quality_loss=10.0,
+                       timing_repeats=2)
+    said = re.escape(f"sample_screen.json: point '{name}' is damaged ('distance' must be a finite number >= 0 (a "
+                     "distance), got -5.0); measuring it again")
+    with pytest.warns(UserWarning, match=said):
+        again = Tune(out, config, base_from=root / "run", progress=False).run_all()
+    rows = {r["name"]: r for r in again["rows"]}
+    assert rows[name]["screen_distance"] == pytest.approx(before, rel=1e-4) and rows[name]["screen_se"] >= 0
+    (out / "chosen" / "notes.txt").write_text("mine")
+    stamp = (out / "results.json").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"chosen already exists and holds notes.txt besides the files of a tdcdiff "
+                                         "bundle"):
+        Tune(out, config, base_from=root / "run", progress=False)
+    assert (out / "results.json").stat().st_mtime_ns == stamp and (out / "chosen" / "notes.txt").exists()

@@ -24,9 +24,11 @@ or non-inferior to the base, or, without a FID verdict, within `max_quality_loss
                            fid.json: FID/KID/precision/recall per seed, the judge's real-vs-real FID
       results.json, table.csv, frontier.png    the frontier: quality against sampling time and FLOPs
       cost.json, cost.csv, return.csv    what the chosen bundle cost and returns
-      chosen/ + chosen.json    the chosen bundle (a copy) and which rule chose it
+      chosen/ + chosen.json    the chosen bundle (a copy) and which rule chose it (its "bundle", as the rows':
+                           the source bundle's folder relative to the tune directory)
 
-A rerun skips finished candidates and cached measurements; `Tune.run_candidate(i)` (`tdcdiff tune
+A rerun skips finished candidates and cached measurements (each record's values checked: an entry the tune would
+not write is warned about and measured again); `Tune.run_candidate(i)` (`tdcdiff tune
 --candidate i`) runs one candidate alone, e.g. as a separate job.
 
 The modules: config (TuneConfig), kinds/ (the registry of candidate kinds: each kind's candidates, checks,

@@ -9,7 +9,7 @@ import statistics
 from ..files import atomic_write_text
 from .measures import time_models
 from .output import write_csv
-from .records import read_json
+from .records import read_phases
 
 
 def payback_images(tuning_seconds: float, base_seconds_per_image: float,
@@ -52,7 +52,7 @@ def _total(items: list[dict | None]) -> dict:
 def _phase_rows(tune, chosen: str) -> list[dict]:
     """The cost table: stage 1, the chosen candidate's search and stage 2 (none when the base was chosen, at a
     free setting), the other candidates, the measurements, and the total of tuning (everything after stage 1)."""
-    phases = read_json(tune.dir / "phases.json", {})
+    phases = read_phases(tune.dir)
     records = [r for s in tune.candidates if (r := tune.result(s["index"])) is not None and "failed" not in r]
     mine = next((r for r in records if r["name"] == chosen), {"phases": {"search": None, "stage2": None}})
     others = [r for r in records if r["name"] != chosen]

@@ -9,6 +9,7 @@ tune.say, tune.progress, tune.base_flops): see tune.Tune.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from ..serialization import load_model, save_model
 from ..train import FINAL_DIR, train
 from .judge import paired
 from .measures import SCREENING_MEASURES, held_out_losses
-from .records import clock, read_json, since
+from .records import clock, is_number, measurement_cache, numbers_problem, since
 
 CURVES_FORMAT = "tdcdiff-tune-curves/2"
 # What a quality curve's point is in each measure (measure_curves), by key of SCREENING_MEASURES.
@@ -166,7 +167,7 @@ def measure_curves(tune, groups: int, grouping: str) -> dict:
     Raises BudgetError when no curve size can be pruned.
     """
     out = tune.dir / "curves" / f"N{groups}-{slug(grouping)}"
-    cached = read_json(out / "curves.json")
+    cached = measurement_cache(out / "curves.json", _curves_problem)
     curves = None if cached is None else _upgraded(cached)
     missing = list(SCREENING_MEASURES) if curves is None else [k for k in SCREENING_MEASURES
                                                                   if k not in curves["measures"]]
@@ -193,6 +194,35 @@ def measure_curves(tune, groups: int, grouping: str) -> dict:
     if curves != cached:
         atomic_write_text(out / "curves.json", json.dumps(curves, indent=2))
     return curves
+
+
+def _curves_problem(curves: dict) -> str | None:
+    """What is wrong with curves.json's values (as measure_curves writes them, or the older bits/dim-only layout
+    _upgraded reads: per group a list of points, each a fraction of the base's FLOPs in (0, 1], a finite FLOPs ratio,
+    each measured measure's paired gap and share finite, and the base's shares one finite number per group); None
+    when sound."""
+    points = curves.get("points")
+    if not (isinstance(points, list) and points
+            and all(isinstance(g, list) and g and all(isinstance(p, dict) for p in g) for g in points)):
+        return "'points' must hold, per group, a list of point records"
+    current = curves.get("format") == CURVES_FORMAT
+    keys = curves.get("measures") if current else ["bpd"]
+    if not (isinstance(keys, list) and keys and set(keys) <= set(SCREENING_MEASURES)):
+        return f"'measures' must list measured keys of {sorted(SCREENING_MEASURES)}, got {keys!r:.80}"
+    for key in keys:
+        gap, share, base = ((f"{key}_gap", f"{key}_share", f"base_{key}_shares") if current
+                            else ("se", "share", "base_shares"))
+        problem = numbers_problem(curves, [base], count=len(points))
+        if problem:
+            return problem
+        for p in (p for group in points for p in group):
+            values = p.get(gap) if current else {"mean": p.get("loss"), "se": p.get("se")}
+            se = values.get("se") if isinstance(values, dict) else None
+            if not (is_number(p.get("fraction"), 0, 1) and p["fraction"] > 0 and is_number(p.get("flops_ratio"), 0)
+                    and isinstance(values, dict) and is_number(values.get("mean")) and is_number(p.get(share))
+                    and (is_number(se, 0) or (isinstance(se, float) and math.isnan(se)))):
+                return f"a point of fraction {p.get('fraction')!r:.20} holds no finite {key} gap, share or size"
+    return None
 
 
 def _expert_dir(out: Path, size: float, group: int) -> Path:

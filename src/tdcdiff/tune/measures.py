@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,7 +31,7 @@ from ..samplers import visited_timesteps
 from ..train import FINAL_DIR
 from ..verdict import describe, sequential
 from .judge import mean_se, paired
-from .records import clock, read_json, record_phase, since
+from .records import clock, is_number, measurement_cache, numbers_problem, record_phase, since, sound_entries
 
 SCREENING_FORMAT = "tdcdiff-tune-screening/2"
 FID_FORMAT = "tdcdiff-tune-fid/3"  # /3: per point (model, setting); /2: seeds added until decided, the judge
@@ -55,6 +56,7 @@ class ScreeningMeasure:
     decimals: int
     settings: dict
     measure: Callable[..., dict]
+    lowest: float = -math.inf  # the smallest value a measurement gives (a loss: 0); a cached one below is damaged
 
 
 LOSS_TIMESTEPS = 100  # evenly spaced timesteps per image in the held-out loss (as evaluate.held_out_loss)
@@ -89,7 +91,7 @@ def screen_bpd(model, held_out: torch.Tensor, scheduler, *, seed: int, labels: t
 HELD_OUT_LOSS = ScreeningMeasure(
     "held-out denoising loss", "held-out loss", "MSE of the training target per held-out image, mean over "
     f"{LOSS_TIMESTEPS} evenly spaced t (grouping.per_image_loss on evaluate.HELD_OUT_IMAGES images picked by the "
-    "seed, fixed noise)", 5, {"timesteps": LOSS_TIMESTEPS}, screen_loss)
+    "seed, fixed noise)", 5, {"timesteps": LOSS_TIMESTEPS}, screen_loss, lowest=0.0)
 BITS_PER_DIM = ScreeningMeasure(
     "held-out bits/dim bound", "bits/dim", "bits/dim (variational bound on the NLL of 8-bit images; "
     "likelihood.nll_bound on the first evaluate.HELD_OUT_IMAGES held-out images, evaluate.BPD_SAMPLES log-SNR "
@@ -145,12 +147,41 @@ def screen_protocol(run, key: str) -> dict:
 
 
 def _screening_cache(directory: Path, run) -> dict:
-    """screening.json's measures whose protocol still holds (key -> {"protocol", "unit", "values"}); a file
-    of an older layout holds no model identities and is measured again."""
-    cache = read_json(directory / "screening.json", {})
+    """screening.json's measures whose protocol still holds (key -> {"protocol", "unit", "values"}), each model's
+    value checked as a cache entry (_value_problem: a damaged one is warned about and measured again); a file of an
+    older layout holds no model identities and is measured again."""
+    path = directory / "screening.json"
+    cache = measurement_cache(path, _screening_problem) or {}
     measures = cache["measures"] if cache.get("format") == SCREENING_FORMAT else {}
-    return {key: m for key, m in measures.items()
-            if key in SCREENING_MEASURES and m["protocol"] == screen_protocol(run, key)}
+    return {key: {**m, "values": sound_entries(path, m["values"], lambda v, key=key: _value_problem(v, key, run),
+                                               f"the {key} value of model")}
+            for key, m in measures.items() if key in SCREENING_MEASURES and m["protocol"] == screen_protocol(run, key)}
+
+
+def _screening_problem(data: dict) -> str | None:
+    """What is wrong with the layout of screening.json (as screen writes it); None when sound or of another format
+    (measured again anyway)."""
+    measures = data.get("measures")
+    if data.get("format") == SCREENING_FORMAT and not (isinstance(measures, dict) and all(
+            isinstance(m, dict) and {"protocol", "unit", "values"} <= set(m) for m in measures.values())):
+        return "'measures' must map each measure to {'protocol', 'unit', 'values'}"
+    return None
+
+
+def _value_problem(value: dict, key: str, run) -> str | None:
+    """What is wrong with one model's cached value of measure `key` (ScreeningMeasure.measure's dict and the
+    weights' "model" identity: a value and a per-image list of the protocol's length, finite and not below what the
+    measure gives, an SE >= 0, NaN only for one image); None when sound."""
+    images, lowest = screen_protocol(run, key)["images"], SCREENING_MEASURES[key].lowest
+    problem = numbers_problem(value, ["per_image"], minimum=lowest, count=images)
+    if problem:
+        return problem
+    if not is_number(value.get("value"), lowest):
+        return f"'value' must be a finite number >= {lowest:g}, got {value.get('value')!r}"
+    se = value.get("se")
+    if not (is_number(se, 0) or (images == 1 and isinstance(se, float) and math.isnan(se))):
+        return f"'se' must be a finite number >= 0, got {se!r}"
+    return None if isinstance(value.get("model"), str) else "no 'model' (the weights' identity)"
 
 
 def screen(tune, models: dict) -> dict:
@@ -203,15 +234,42 @@ def fid_protocol(tune) -> dict:
 
 def _fid_cache(tune, net) -> dict:
     """fid.json when its format and protocol still hold (a changed feature network, sampler or sample count
-    starts over: its FIDs are in another unit), else a new one with the judge's real-vs-real FID measured."""
-    run, protocol = tune.base_run, fid_protocol(tune)
-    cache = read_json(tune.dir / "fid.json", {})
+    starts over: its FIDs are in another unit), each point's scores checked as a cache entry (_point_problem: a
+    damaged one is warned about and measured again), else a new one with the judge's real-vs-real FID measured."""
+    run, protocol, path = tune.base_run, fid_protocol(tune), tune.dir / "fid.json"
+    cache = measurement_cache(path, _fid_problem) or {}
     if cache.get("format") == FID_FORMAT and cache.get("protocol") == protocol:
-        return cache
+        return {**cache, "models": sound_entries(path, cache.get("models"), _point_problem, "point")}
     return {"format": FID_FORMAT, "protocol": protocol, "models": {},
             "feature_net": getattr(net, "description", type(net).__name__),
             "reference": {"name": Path(run.data.name).name, "count": len(run.data.images)},
             "judge": judge_protocol(run.data.images, net, tune.config.fid_samples)}
+
+
+def _fid_problem(data: dict) -> str | None:
+    """What is wrong with fid.json's judge and reference (as _fid_cache writes them: the margin a finite FID >= 0,
+    the real-vs-real record, the reference data's name); None when sound or of another format."""
+    if data.get("format") != FID_FORMAT:
+        return None
+    judge, reference = data.get("judge"), data.get("reference")
+    real = judge.get("real_vs_real") if isinstance(judge, dict) else None
+    if not (isinstance(real, dict) and is_number(judge.get("margin"), 0) and is_number(judge.get("alpha"), 0, 1)
+            and isinstance(judge.get("margin_from"), str) and is_number(real.get("n"), 1)
+            and is_number(real.get("fid_mean"), 0) and is_number(real.get("fid_sd"), 0)):
+        return "'judge' must hold a margin (a finite FID >= 0), its source, alpha and the real-vs-real FID"
+    if not (isinstance(reference, dict) and isinstance(reference.get("name"), str)):
+        return "'reference' must name the reference data"
+    return None
+
+
+def _point_problem(entry: dict) -> str | None:
+    """What is wrong with one point's cached per-seed scores (_measure_seeds': FID >= 0, KID, precision and recall
+    in [0, 1], one of each per seed, finite; the weights' identity and the setting); None when sound."""
+    if not (isinstance(entry.get("model"), str) and isinstance(entry.get("setting"), str)):
+        return "no 'model' (the weights' identity) or 'setting'"
+    seeds = len(entry["fid"]) if isinstance(entry.get("fid"), list) else None
+    return (numbers_problem(entry, ["fid"], minimum=0.0, count=seeds) or numbers_problem(entry, ["kid"], count=seeds)
+            or numbers_problem(entry, ["precision", "recall"], minimum=0.0, maximum=1.0, count=seeds))
 
 
 def _measure_seeds(tune, cache: dict, models: dict, names: list[str], seeds: int, net, ids: dict) -> int:

@@ -17,7 +17,7 @@ BASE_STYLE = ("k", "*")  # the base's point in the frontier plot; candidates are
 
 
 def frontier_rows(models: dict, points: dict, records: dict, screening: dict, fid: dict, times: dict,
-                  distances: dict, key: str, directory: Path) -> list[dict]:
+                  distances: dict, key: str) -> list[dict]:
     """One row per point (model, sampling setting) of the frontier (results.json's "rows"), the reference ("base":
     the base at the reference setting) first.
 
@@ -28,8 +28,9 @@ def frontier_rows(models: dict, points: dict, records: dict, screening: dict, fi
     sampling run in each timed round} at the user's batch and 1 (rows: their medians, and the rounds at the user's
     batch as "time_rounds", which judge.choose pairs); distances: row name -> sample_screen.measure_screen's record
     (points not screened: absent). key: the screening measure that ranks (the other is the rows' "second").
-    directory: the tune directory (a row's bundle path is under it). sampling_flops count every step as a full pass
-    (an upper bound for a cached setting, whose shallow passes cost less).
+    A candidate's row names its bundle folder relative to the tune directory ("bundle": the tune reads and writes
+    it from anywhere; None for the base). sampling_flops count every step as a full pass (an upper bound for a
+    cached setting, whose shallow passes cost less).
     """
     other, base = second_measure(key), screening["base"]
     batch = next(b for b in times["base"] if b != 1) if len(times["base"]) > 1 else 1
@@ -58,7 +59,7 @@ def frontier_rows(models: dict, points: dict, records: dict, screening: dict, fi
             **{k: scores[k] if scores else None for k in ("fid", "kid", "precision", "recall")},
             "fid_gap": {k: (list(v) if isinstance(v, tuple) else v) for k, v in gap.items()} if gap else None,
             "train_flops": record["train_flops"] if record else 0,
-            "bundle": str(directory / record["dir"] / record["bundle"]) if record else None,
+            "bundle": (Path(record["dir"]) / record["bundle"]).as_posix() if record else None,
         })
     return rows
 

@@ -25,8 +25,9 @@ from ..files import atomic_dir, atomic_write_text, holds
 from ..metrics import features_of
 from ..pipeline import SamplingModel, sample
 from ..sampling_setting import SamplingSetting
+from ..user_warnings import warn
 from .judge import mean_se
-from .records import clock, read_json, record_phase, since
+from .records import clock, is_number, measurement_cache, record_phase, since, sound_entries
 
 SCREEN_FORMAT = "tdcdiff-tune-sample-screen/1"
 SCREEN_SEED = 10_000  # the screen's noise: apart from the FID seeds (0, 1, ...)
@@ -59,9 +60,12 @@ def _sample(tune, model, setting: SamplingSetting) -> torch.Tensor:
 def _target(tune, models: dict, protocol: dict, base_id: str) -> torch.Tensor:
     """The target's images: read from sample_screen/target.pt when made under this protocol from these base
     weights, else sampled and written."""
-    folder, record = tune.dir / "sample_screen", read_json(tune.dir / "sample_screen" / "target.json")
+    folder, record = tune.dir / "sample_screen", measurement_cache(tune.dir / "sample_screen" / "target.json",
+                                                                  lambda data: None)
     if record == {"protocol": protocol, "model": base_id}:
-        return torch.load(folder / "target.pt", weights_only=True)
+        images = _saved_target(tune, folder / "target.pt")
+        if images is not None:
+            return images
     tune.say(f"sample screen: the base's target images ({protocol['target']}, {protocol['images']} images)")
     images = _sample(tune, models["base"][0], SamplingSetting.parse(protocol["target"]))
     with atomic_dir(folder, holds("target.json", optional=("target.pt",)),
@@ -69,6 +73,36 @@ def _target(tune, models: dict, protocol: dict, base_id: str) -> torch.Tensor:
         torch.save(images, tmp / "target.pt")
         (tmp / "target.json").write_text(json.dumps({"protocol": protocol, "model": base_id}))
     return images
+
+
+def _saved_target(tune, path) -> torch.Tensor | None:
+    """The target's images saved in `path` (target.pt), or None, after a warning naming it, when they are not what
+    _target writes (a float tensor of screen_samples finite images of the run's sample shape): sampled again."""
+    shape = (tune.config.screen_samples, *tune.base_run.sample_shape)
+    try:
+        images = torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 (torch.load raises many kinds for a damaged file)
+        problem = f"not a tensor file torch can load ({type(err).__name__})"
+    else:
+        ok = isinstance(images, torch.Tensor) and images.is_floating_point() and tuple(images.shape) == shape
+        if ok and bool(images.isfinite().all()):
+            return images
+        problem = (f"not {'x'.join(map(str, shape))} finite float images, got "
+                   + (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else
+                      type(images).__name__))
+    warn(f"{path} is damaged ({problem}); sampling the sample screen's target again and replacing it")
+    return None
+
+
+def _point_problem(point: dict) -> str | None:
+    """What is wrong with one cached screen point (as measure_screen writes it: distance, SE and feature distance
+    finite numbers >= 0, the setting and the weights' identity); None when sound."""
+    for key in ("distance", "se", "features"):
+        if not is_number(point.get(key), 0):
+            return f"{key!r} must be a finite number >= 0 (a distance), got {point.get(key)!r}"
+    if not (isinstance(point.get("setting"), str) and isinstance(point.get("model"), str)):
+        return "no 'setting' or 'model' (the weights' identity)"
+    return None
 
 
 def measure_screen(tune, models: dict, points: dict, reference: SamplingSetting, net, ids: dict) -> dict:
@@ -80,9 +114,11 @@ def measure_screen(tune, models: dict, points: dict, reference: SamplingSetting,
     sample_screen.json under the same protocol, weights and setting are reused; the rest are sampled.
     """
     protocol = screen_protocol(tune, reference)
-    cache = read_json(tune.dir / "sample_screen.json", {})
+    path = tune.dir / "sample_screen.json"
+    cache = measurement_cache(path, lambda data: None) or {}
     if cache.get("format") != SCREEN_FORMAT or cache.get("protocol") != protocol:
         cache = {"format": SCREEN_FORMAT, "protocol": protocol, "points": {}}
+    cache["points"] = sound_entries(path, cache.get("points"), _point_problem, "point")
     missing = [name for name, (model, setting) in points.items()
                if cache["points"].get(name, {}).get("model") != ids[model]
                or cache["points"][name].get("setting") != str(setting)]

@@ -49,7 +49,7 @@ from .output import frontier_rows, plot_frontier, write_table_csv
 from .records import clock, read_json, record_phase, since
 from .sample_screen import measure_screen
 from .sample_screen import screen_protocol as sample_screen_protocol
-from .ship import write_chosen
+from .ship import check_chosen, write_chosen
 
 CANDIDATES_FORMAT = "tdcdiff-tune-plan/1"  # of tune.json and candidates.json (named before "candidate list")
 RESULTS_FORMAT = "tdcdiff-tune/3"  # /3: rows are points (model, setting), "headline"; /2: rows' second measure
@@ -97,9 +97,11 @@ def check_base_run(config: TuneConfig, candidates: list[dict], base_run: Run) ->
 def check_tune(tune_dir: str | Path, config: TuneConfig, *, overrides: dict | None = None,
                base_from: str | Path | None = None) -> None:
     """Raise what Tune(tune_dir, config, ...) would refuse before writing, writing nothing (`tdcdiff tune
-    --dry-run`): the settings, --base-from, and check_base_run on the base run."""
+    --dry-run`): the settings, a chosen/ holding the user's files (ship.check_chosen), --base-from, and
+    check_base_run on the base run."""
     check_out_dir(tune_dir, "tune directory")
     config.validate()
+    check_chosen(Path(tune_dir))
     check_base_from(base_from)
     base = Run(checked_base(Path(tune_dir), base_from), overrides=overrides, progress=False)
     check_base_run(config, candidate_list(config), base)
@@ -113,9 +115,9 @@ class Tune:
         candidate's training; search settings to the TDC candidates'.
     config: TuneConfig. base_from: a run directory whose finished stage-1 base (and config.json) to start from
         instead of training one here. progress: print one line per candidate and phase, and the stages' bars.
-    Raises ValueError when the directory's saved candidate list was made with other settings, or when a
-    candidate cannot be trained with the base run's settings (kinds.Kind.check); FileNotFoundError when
-    base_from holds no finished base.
+    Raises ValueError when the directory's saved candidate list was made with other settings, when its chosen/
+    holds files besides a bundle's (ship.check_chosen), or when a candidate cannot be trained with the base run's
+    settings (kinds.Kind.check); FileNotFoundError when base_from holds no finished base.
     """
 
     def __init__(self, tune_dir: str | Path, config: TuneConfig | None = None, *, run_config=None,
@@ -124,6 +126,7 @@ class Tune:
         self.dir = Path(tune_dir)
         self.config = config or TuneConfig()
         self.config.validate()
+        check_chosen(self.dir)  # known now: write_chosen would refuse it only after the timing and FID
         self.progress = progress
         source = check_base_from(base_from)
         self.candidates = candidate_list(self.config)
@@ -281,7 +284,7 @@ class Tune:
         distances, finalists = self.pick_finalists(models, crossed, times)
         fid_cache = self.fid(models, finalists)
         records = {spec["name"]: self.result(spec["index"]) for spec in self.candidates}
-        rows = frontier_rows(models, self.points, records, screening, fid_cache, times, distances, key, self.dir)
+        rows = frontier_rows(models, self.points, records, screening, fid_cache, times, distances, key)
         # A setting other than the reference qualifies by FID only: the screening measure cannot see solver error.
         eligible = [r for r in rows if r["name"] != "base" and (r["fid_gap"] or r["setting"] == str(self.reference))]
         choice = choose(eligible, self.config.max_quality_loss, best_free(rows), self.config.min_model_speedup)

@@ -47,10 +47,12 @@ def candidate_list(config) -> list[dict]:
 
 
 def check_candidate(index: int, candidates: list[dict], path: Path) -> None:
-    """Raise ValueError unless `index` names one of `candidates` (the candidate list saved at `path`)."""
+    """Raise ValueError unless `index` names one of `candidates` (the candidate list of the settings given, saved at
+    `path` once a tune has started there; the message names the file only when it exists)."""
     if not 0 <= index < len(candidates):
-        raise ValueError(f"--candidate must be between 0 and {len(candidates) - 1} (the plan in {path} has "
-                         f"{len(candidates)}), got {index}")
+        where = f"the plan in {path} has" if path.exists() else "the settings given plan"
+        raise ValueError(f"--candidate must be between 0 and {len(candidates) - 1} ({where} {len(candidates)}), "
+                         f"got {index}")
 
 
 __all__ = ["KINDS", "TIME_BUDGET_K", "Kind", "candidate_list", "check_candidate", "kind_of"]
