@@ -701,13 +701,13 @@ def test_class_conditional_base_is_tuned_with_its_labels(tmp_path, monkeypatch):
     rows = {r["name"]: r for r in results["rows"]}
     assert set(rows) == {"base", "single", "uniform 0.6", "TDC k=0.4 N=2 snr"} and not results["failed"]
     for name in ("single", "uniform 0.6", "TDC k=0.4 N=2 snr"):
-        bundle = load_bundle(rows[name]["bundle"])
+        bundle = load_bundle(tmp_path / "tune" / rows[name]["bundle"])
         assert bundle.manifest["conditioning"] == {"num_class_embeds": 10, "num_classes": 10, "null_class": None}
     finalist = results["finalists"][0]
     assert len(rows[finalist]["fid"]) == 2 and len(rows["base"]["fid"]) == 2
     # Screening measured the held-out images with their own labels.
     run = tune.base_run
-    router = load_bundle(rows["single"]["bundle"]).router.eval()
+    router = load_bundle(tmp_path / "tune" / rows["single"]["bundle"]).router.eval()
     _, held_out = run.split()
     for measure, column in ((screen_loss, "screening"), (screen_bpd, "second")):
         labelled = measure(router, held_out, run.scheduler, seed=run.config.seed, labels=run.labels(router)[1])
